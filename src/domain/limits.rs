@@ -1,0 +1,278 @@
+//! What a workspace is allowed: its identity, its four optional limits and the
+//! fraction at which it starts warning. Validation lives here so that every
+//! entry point (REST, CLI, TOML) rejects the same things with the same words.
+
+use std::fmt;
+use std::str::FromStr;
+
+use chrono_tz::Tz;
+
+/// The four limits a workspace can have. A limit counts either requests or
+/// tokens, over either a sliding minute or the workspace's calendar day.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum LimitKind {
+    RequestsPerMinute,
+    RequestsPerDay,
+    TokensPerMinute,
+    TokensPerDay,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    Requests,
+    Tokens,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Span {
+    Minute,
+    Day,
+}
+
+impl LimitKind {
+    pub const ALL: [LimitKind; 4] = [
+        LimitKind::RequestsPerMinute,
+        LimitKind::RequestsPerDay,
+        LimitKind::TokensPerMinute,
+        LimitKind::TokensPerDay,
+    ];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            LimitKind::RequestsPerMinute => "requests_per_minute",
+            LimitKind::RequestsPerDay => "requests_per_day",
+            LimitKind::TokensPerMinute => "tokens_per_minute",
+            LimitKind::TokensPerDay => "tokens_per_day",
+        }
+    }
+
+    pub const fn unit(self) -> Unit {
+        match self {
+            LimitKind::RequestsPerMinute | LimitKind::RequestsPerDay => Unit::Requests,
+            LimitKind::TokensPerMinute | LimitKind::TokensPerDay => Unit::Tokens,
+        }
+    }
+
+    pub const fn span(self) -> Span {
+        match self {
+            LimitKind::RequestsPerMinute | LimitKind::TokensPerMinute => Span::Minute,
+            LimitKind::RequestsPerDay | LimitKind::TokensPerDay => Span::Day,
+        }
+    }
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|kind| kind.name() == name)
+    }
+}
+
+impl fmt::Display for LimitKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl Unit {
+    pub const fn noun(self) -> &'static str {
+        match self {
+            Unit::Requests => "requests",
+            Unit::Tokens => "tokens",
+        }
+    }
+}
+
+/// A value per limit kind, indexed by [`LimitKind::index`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PerLimit<T>(pub [T; 4]);
+
+impl<T: Copy> PerLimit<T> {
+    pub fn get(&self, kind: LimitKind) -> T {
+        self.0[kind.index()]
+    }
+
+    pub fn set(&mut self, kind: LimitKind, value: T) {
+        self.0[kind.index()] = value;
+    }
+}
+
+/// The configured maximum per limit kind; `None` means unlimited.
+pub type Limits = PerLimit<Option<u64>>;
+
+impl Limits {
+    /// The limits that are set, with their maximum.
+    pub fn configured(&self) -> impl Iterator<Item = (LimitKind, u64)> + '_ {
+        LimitKind::ALL
+            .into_iter()
+            .filter_map(|kind| self.get(kind).map(|max| (kind, max)))
+    }
+}
+
+/// A workspace id: `[a-z0-9][a-z0-9_-]{0,62}`.
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct WorkspaceId(String);
+
+impl WorkspaceId {
+    pub fn as_str(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Display for WorkspaceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.0)
+    }
+}
+
+impl FromStr for WorkspaceId {
+    type Err = ValidationError;
+
+    fn from_str(id: &str) -> Result<Self, Self::Err> {
+        let mut chars = id.chars();
+        let first_ok = chars
+            .next()
+            .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
+        let rest_ok =
+            chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
+        if first_ok && rest_ok && id.len() <= 63 {
+            Ok(Self(id.to_owned()))
+        } else {
+            Err(ValidationError::new(
+                "id",
+                format!(
+                    "workspace id {id:?} is invalid: use 1-63 characters of a-z, 0-9, '_' and '-', starting with a letter or digit"
+                ),
+            ))
+        }
+    }
+}
+
+/// A rejected value, naming the field it came from.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{message}")]
+pub struct ValidationError {
+    pub field: &'static str,
+    pub message: String,
+}
+
+impl ValidationError {
+    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            field,
+            message: message.into(),
+        }
+    }
+}
+
+pub const DEFAULT_WARN_AT: f64 = 0.8;
+
+/// How far utilisation must fall below `warn_at` before a warning clears, so
+/// that usage hovering around the threshold does not flap the status.
+pub const WARNING_HYSTERESIS: f64 = 0.05;
+
+/// Everything that defines a workspace, as configured by an operator.
+#[derive(Clone, Debug, PartialEq)]
+pub struct WorkspaceConfig {
+    pub id: WorkspaceId,
+    pub name: String,
+    pub timezone: Tz,
+    pub limits: Limits,
+    pub warn_at: f64,
+}
+
+impl WorkspaceConfig {
+    pub fn new(id: WorkspaceId, limits: Limits) -> Self {
+        Self {
+            name: id.as_str().to_owned(),
+            id,
+            timezone: Tz::UTC,
+            limits,
+            warn_at: DEFAULT_WARN_AT,
+        }
+    }
+}
+
+pub fn parse_timezone(name: &str) -> Result<Tz, ValidationError> {
+    name.parse::<Tz>().map_err(|_| {
+        ValidationError::new(
+            "timezone",
+            format!("timezone {name:?} is not an IANA timezone name such as \"UTC\" or \"Europe/Berlin\""),
+        )
+    })
+}
+
+pub fn validate_warn_at(warn_at: f64) -> Result<f64, ValidationError> {
+    if warn_at > WARNING_HYSTERESIS && warn_at <= 1.0 {
+        Ok(warn_at)
+    } else {
+        Err(ValidationError::new(
+            "warn_at",
+            format!("warn_at must be a fraction above {WARNING_HYSTERESIS} and at most 1.0, got {warn_at}"),
+        ))
+    }
+}
+
+pub fn validate_name(name: &str) -> Result<String, ValidationError> {
+    let trimmed = name.trim();
+    if trimmed.is_empty() || trimmed.chars().count() > 200 {
+        Err(ValidationError::new(
+            "name",
+            "name must be 1-200 characters and not only spaces",
+        ))
+    } else {
+        Ok(trimmed.to_owned())
+    }
+}
+
+/// A limit of zero would refuse everything forever; an operator who wants
+/// that deletes the workspace or revokes its keys instead.
+pub fn validate_limit(kind: LimitKind, max: Option<u64>) -> Result<Option<u64>, ValidationError> {
+    match max {
+        Some(0) => Err(ValidationError::new(
+            kind.name(),
+            format!(
+                "{kind} must be a positive number, or null for unlimited"
+            ),
+        )),
+        other => Ok(other),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn workspace_ids_follow_the_documented_pattern() {
+        for good in ["a", "0", "acme", "acme-prod_2", &"a".repeat(63)] {
+            assert!(good.parse::<WorkspaceId>().is_ok(), "{good}");
+        }
+        for bad in ["", "-a", "_a", "Acme", "a b", "a/b", "ä", &"a".repeat(64)] {
+            let err = bad.parse::<WorkspaceId>().expect_err(bad);
+            assert_eq!(err.field, "id");
+        }
+    }
+
+    #[test]
+    fn limit_names_round_trip() {
+        for kind in LimitKind::ALL {
+            assert_eq!(LimitKind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(LimitKind::from_name("requests_per_hour"), None);
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        assert_eq!(validate_warn_at(1.5).expect_err("too high").field, "warn_at");
+        assert_eq!(validate_warn_at(0.0).expect_err("too low").field, "warn_at");
+        assert_eq!(validate_warn_at(0.9), Ok(0.9));
+        assert_eq!(parse_timezone("Mars/Olympus").expect_err("bad").field, "timezone");
+        assert_eq!(
+            validate_limit(LimitKind::TokensPerDay, Some(0)).expect_err("zero").field,
+            "tokens_per_day"
+        );
+        assert_eq!(validate_name("  ").expect_err("blank").field, "name");
+    }
+}

@@ -1,0 +1,426 @@
+//! Notifications: what people are told when a workspace's situation changes.
+//! One notification exists per active cause; it is raised when the cause
+//! appears, resolved when it ends, and never duplicated per request. The texts
+//! carry the numbers and the concrete next steps, because an alert that only
+//! says "quota exceeded" sends its reader searching.
+
+use super::limits::{LimitKind, Span, WorkspaceConfig};
+use super::status::{Cause, Facts};
+use super::time::{Timestamp, humanize_duration};
+use super::upstream::BillingCode;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Severity {
+    Info,
+    Warning,
+    Critical,
+}
+
+impl Severity {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Severity::Info => "info",
+            Severity::Warning => "warning",
+            Severity::Critical => "critical",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Severity::Info, Severity::Warning, Severity::Critical]
+            .into_iter()
+            .find(|severity| severity.name() == name)
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum NotificationKind {
+    ApproachingLimit,
+    RateLimited,
+    DailyQuotaExhausted,
+    UpstreamRateLimited,
+    UpstreamQuotaExhausted,
+    UpstreamErrors,
+    /// Service-wide: quotawatch cannot persist what it counts.
+    StorageUnavailable,
+}
+
+impl NotificationKind {
+    pub const fn name(self) -> &'static str {
+        match self {
+            NotificationKind::ApproachingLimit => "approaching_limit",
+            NotificationKind::RateLimited => "rate_limited",
+            NotificationKind::DailyQuotaExhausted => "daily_quota_exhausted",
+            NotificationKind::UpstreamRateLimited => "upstream_rate_limited",
+            NotificationKind::UpstreamQuotaExhausted => "upstream_quota_exhausted",
+            NotificationKind::UpstreamErrors => "upstream_errors",
+            NotificationKind::StorageUnavailable => "storage_unavailable",
+        }
+    }
+}
+
+#[derive(Clone, Debug, PartialEq)]
+pub struct Notification {
+    pub id: String,
+    /// `None` for service-wide notifications, which every workspace sees.
+    pub workspace: Option<super::limits::WorkspaceId>,
+    /// The workspace cause this notification reports; `None` for
+    /// service-wide notifications.
+    pub cause: Option<Cause>,
+    pub severity: Severity,
+    pub kind: NotificationKind,
+    pub title: String,
+    pub message: String,
+    pub suggested_actions: Vec<String>,
+    pub limit: Option<LimitKind>,
+    pub created_at: Timestamp,
+    /// When the cause is expected to end by itself, if that is known.
+    pub resolves_at: Option<Timestamp>,
+    pub resolved_at: Option<Timestamp>,
+}
+
+impl Notification {
+    pub fn is_active(&self) -> bool {
+        self.resolved_at.is_none()
+    }
+}
+
+/// Writes the notification for `cause` as things stand at `now`.
+pub fn describe(
+    id: String,
+    workspace: &WorkspaceConfig,
+    cause: Cause,
+    facts: &Facts,
+    now: Timestamp,
+) -> Notification {
+    let ws = workspace.id.as_str();
+    let text = match cause {
+        Cause::Approaching(kind) => approaching(workspace, kind, facts, now),
+        Cause::LimitExhausted(kind) => exhausted(workspace, kind, facts, now),
+        Cause::UpstreamRateLimited => upstream_rate_limited(ws, facts, now),
+        Cause::UpstreamQuotaExhausted => upstream_quota_exhausted(ws, facts),
+        Cause::UpstreamErrorRate => upstream_error_rate(ws, facts),
+        Cause::UpstreamKeyRejected => upstream_key_rejected(ws),
+    };
+    Notification {
+        id,
+        workspace: Some(workspace.id.clone()),
+        cause: Some(cause),
+        severity: severity_of(cause),
+        kind: kind_of(cause),
+        title: text.title,
+        message: text.message,
+        suggested_actions: text.actions,
+        limit: match cause {
+            Cause::Approaching(kind) | Cause::LimitExhausted(kind) => Some(kind),
+            _ => None,
+        },
+        created_at: now,
+        resolves_at: text.resolves_at,
+        resolved_at: None,
+    }
+}
+
+/// The service-wide notification raised while the database refuses writes.
+pub fn describe_storage_unavailable(id: String, error: &str, now: Timestamp) -> Notification {
+    let text = storage_unavailable(error, now);
+    Notification {
+        id,
+        workspace: None,
+        cause: None,
+        severity: Severity::Critical,
+        kind: NotificationKind::StorageUnavailable,
+        title: text.title,
+        message: text.message,
+        suggested_actions: text.actions,
+        limit: None,
+        created_at: now,
+        resolves_at: None,
+        resolved_at: None,
+    }
+}
+
+fn severity_of(cause: Cause) -> Severity {
+    match cause {
+        Cause::Approaching(kind) if kind.span() == Span::Minute => Severity::Info,
+        Cause::Approaching(_) => Severity::Warning,
+        Cause::LimitExhausted(kind) if kind.span() == Span::Minute => Severity::Warning,
+        Cause::LimitExhausted(_) => Severity::Critical,
+        Cause::UpstreamRateLimited | Cause::UpstreamErrorRate => Severity::Warning,
+        Cause::UpstreamQuotaExhausted | Cause::UpstreamKeyRejected => Severity::Critical,
+    }
+}
+
+fn kind_of(cause: Cause) -> NotificationKind {
+    match cause {
+        Cause::Approaching(_) => NotificationKind::ApproachingLimit,
+        Cause::LimitExhausted(kind) if kind.span() == Span::Minute => NotificationKind::RateLimited,
+        Cause::LimitExhausted(_) => NotificationKind::DailyQuotaExhausted,
+        Cause::UpstreamRateLimited => NotificationKind::UpstreamRateLimited,
+        Cause::UpstreamQuotaExhausted => NotificationKind::UpstreamQuotaExhausted,
+        Cause::UpstreamErrorRate | Cause::UpstreamKeyRejected => NotificationKind::UpstreamErrors,
+    }
+}
+
+struct Text {
+    title: String,
+    message: String,
+    actions: Vec<String>,
+    resolves_at: Option<Timestamp>,
+}
+
+/// `12345` -> `12,345`, so that large limits stay readable in messages.
+pub fn group_digits(n: u64) -> String {
+    let digits = n.to_string();
+    let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
+    for (i, c) in digits.chars().enumerate() {
+        if i > 0 && (digits.len() - i) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(c);
+    }
+    grouped
+}
+
+fn when(at: Timestamp, now: Timestamp) -> String {
+    format!("in {} (at {at})", humanize_duration(now.until(at)))
+}
+
+fn period(kind: LimitKind) -> &'static str {
+    match kind.span() {
+        Span::Minute => "in the last 60 seconds",
+        Span::Day => "today",
+    }
+}
+
+fn approaching(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: Timestamp) -> Text {
+    let ws = workspace.id.as_str();
+    let limit = facts.limit(kind);
+    let unit = kind.unit().noun();
+    let percent = (limit.utilization() * 100.0).floor();
+    let resets = match (kind.span(), limit.resets_at) {
+        (Span::Day, Some(at)) => format!(
+            " The daily count resets at midnight {} {}.",
+            workspace.timezone.name(),
+            when(at, now)
+        ),
+        (_, Some(at)) => format!(" The window is fully clear again {}.", when(at, now)),
+        (_, None) => String::new(),
+    };
+    let actions = match kind.span() {
+        Span::Day => vec![
+            format!("If this volume is expected, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws})."),
+            "Otherwise reduce volume: cache repeated answers, batch calls, or route simple tasks to a smaller model.".to_owned(),
+        ],
+        Span::Minute => vec![
+            "Spread requests more evenly: lower client concurrency or pace calls through a queue.".to_owned(),
+            format!("If the upstream allows more, raise {kind} for workspace {ws}."),
+        ],
+    };
+    Text {
+        title: format!("Workspace {ws} is approaching its {kind} limit"),
+        message: format!(
+            "Workspace {ws} has used {} of {} {unit} {} ({percent}%), above its warning threshold of {}%.{resets}",
+            group_digits(limit.used),
+            group_digits(limit.max),
+            period(kind),
+            (workspace.warn_at * 100.0).round(),
+        ),
+        actions,
+        resolves_at: limit.resets_at,
+    }
+}
+
+fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: Timestamp) -> Text {
+    let ws = workspace.id.as_str();
+    let limit = facts.limit(kind);
+    let unit = kind.unit().noun();
+    let used = format!(
+        "Workspace {ws} has used {} of {} {unit} {}",
+        group_digits(limit.used),
+        group_digits(limit.max),
+        period(kind)
+    );
+    match kind.span() {
+        Span::Minute => Text {
+            title: format!("Workspace {ws} hit its {kind} limit"),
+            message: format!(
+                "{used}. Requests are refused with HTTP 429 until room frees up{}.",
+                limit.frees_at.map(|at| format!(" {}", when(at, now))).unwrap_or_default()
+            ),
+            actions: vec![
+                "Retry after the time in the retry-after header; the official OpenAI SDKs do this by themselves.".to_owned(),
+                "Smooth bursts: lower client concurrency or pace calls through a queue.".to_owned(),
+                format!("If the upstream allows more, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws})."),
+            ],
+            resolves_at: limit.frees_at,
+        },
+        Span::Day => Text {
+            title: format!("Workspace {ws} used up its daily {unit} quota"),
+            message: format!(
+                "{used}. Requests are refused with HTTP 429 (x-should-retry: false) until the quota resets at midnight {}{}.",
+                workspace.timezone.name(),
+                limit.resets_at.map(|at| format!(", {}", when(at, now))).unwrap_or_default()
+            ),
+            actions: vec![
+                format!("If this volume is expected, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws})."),
+                "Reduce volume: cache repeated answers, batch calls, or route simple tasks to a smaller model.".to_owned(),
+                format!("To unblock now, an admin can reset the workspace's usage (POST /api/quota/reset with {{\"workspace\":\"{ws}\"}})."),
+            ],
+            resolves_at: limit.resets_at,
+        },
+    }
+}
+
+fn upstream_detail(facts: &Facts) -> String {
+    match &facts.last_error {
+        Some(error) => {
+            let code = error
+                .code
+                .as_deref()
+                .or(error.error_type.as_deref())
+                .unwrap_or("no code");
+            let message: String = error.message.as_deref().unwrap_or("").chars().take(240).collect();
+            if message.is_empty() {
+                format!("HTTP {} ({code})", error.status_code)
+            } else {
+                format!("HTTP {} ({code}): \"{message}\"", error.status_code)
+            }
+        }
+        None => "HTTP 429".to_owned(),
+    }
+}
+
+fn upstream_rate_limited(ws: &str, facts: &Facts, now: Timestamp) -> Text {
+    let until = facts.upstream_blocked_until;
+    let hold = until
+        .map(|at| format!(" quotawatch holds this workspace's requests {} so that retries do not prolong the limit.", when(at, now)))
+        .unwrap_or_default();
+    let upstream_limits = match (facts.upstream.requests.and_then(|b| b.limit), facts.upstream.tokens.and_then(|b| b.limit)) {
+        (Some(requests), Some(tokens)) => format!(" (OpenAI reports {} requests and {} tokens per minute)", group_digits(requests), group_digits(tokens)),
+        (Some(requests), None) => format!(" (OpenAI reports {} requests per minute)", group_digits(requests)),
+        (None, Some(tokens)) => format!(" (OpenAI reports {} tokens per minute)", group_digits(tokens)),
+        (None, None) => String::new(),
+    };
+    Text {
+        title: format!("OpenAI rate-limited workspace {ws}"),
+        message: format!("OpenAI answered {}.{hold}", upstream_detail(facts)),
+        actions: vec![
+            "Nothing to do for a single occurrence: requests resume by themselves when the hold ends.".to_owned(),
+            format!("If it repeats, set workspace {ws}'s requests_per_minute and tokens_per_minute a little below the upstream limits{upstream_limits}, so quotawatch paces requests before OpenAI refuses them."),
+            "For a lasting need, request a higher usage tier from OpenAI.".to_owned(),
+        ],
+        resolves_at: until,
+    }
+}
+
+fn billing_actions(code: BillingCode) -> Vec<String> {
+    const BILLING: &str = "https://platform.openai.com/settings/organization/billing";
+    const LIMITS: &str = "https://platform.openai.com/settings/organization/limits";
+    match code {
+        BillingCode::InsufficientQuota => vec![
+            format!("Check the plan and billing details in the OpenAI billing settings ({BILLING})."),
+            "Add credits or raise the usage limit there; on a free trial, add a payment method.".to_owned(),
+        ],
+        BillingCode::CreditBalanceExhausted => vec![
+            format!("Add credits in the OpenAI billing settings ({BILLING})."),
+            "Turn on auto-recharge there so the balance does not run out again.".to_owned(),
+        ],
+        BillingCode::OrganizationSpendLimitExceeded => vec![
+            format!("Raise the organization's monthly spend limit in the OpenAI limits settings ({LIMITS}), or wait for the next billing period."),
+        ],
+        BillingCode::ProjectSpendLimitExceeded => vec![
+            "Raise the project's monthly budget in the project's limits settings on platform.openai.com, or wait for the next billing period.".to_owned(),
+        ],
+        BillingCode::OrganizationUsageLimitExceeded => vec![
+            format!("Raise the organization's usage limit in the OpenAI limits settings ({LIMITS}), or wait for the next billing period."),
+        ],
+    }
+}
+
+fn upstream_quota_exhausted(ws: &str, facts: &Facts) -> Text {
+    let code = facts.billing_code.unwrap_or(BillingCode::InsufficientQuota);
+    let mut actions = billing_actions(code);
+    actions.push(format!(
+        "After fixing billing, an admin can resume at once with POST /api/quota/reset {{\"workspace\":\"{ws}\"}}; otherwise the next probe resumes the workspace by itself."
+    ));
+    Text {
+        title: format!("OpenAI billing quota exhausted for workspace {ws}"),
+        message: format!(
+            "OpenAI refused a request with {} ({}). Retrying cannot help until billing changes, so quotawatch refuses this workspace's requests locally with HTTP 429 and x-should-retry: false, and lets one probe request through every {} to notice when billing is fixed.",
+            upstream_detail(facts),
+            code.code(),
+            humanize_duration(facts.probe_interval),
+        ),
+        actions,
+        resolves_at: None,
+    }
+}
+
+fn upstream_error_rate(ws: &str, facts: &Facts) -> Text {
+    let outcomes = facts.upstream_outcomes;
+    let percent = if outcomes.total == 0 { 0 } else { outcomes.failed * 100 / outcomes.total };
+    Text {
+        title: format!("OpenAI is failing for workspace {ws}"),
+        message: format!(
+            "{} of {} upstream requests in the last minute failed with server errors or timeouts ({percent}%). Latest: {}.",
+            outcomes.failed,
+            outcomes.total,
+            upstream_detail(facts)
+        ),
+        actions: vec![
+            "Check https://status.openai.com for an ongoing incident.".to_owned(),
+            "Keep retries with back-off for these errors (the official SDKs retry them by themselves), and avoid adding retries on top.".to_owned(),
+            "If it persists, fail over to another model or deployment.".to_owned(),
+        ],
+        resolves_at: None,
+    }
+}
+
+fn upstream_key_rejected(ws: &str) -> Text {
+    Text {
+        title: format!("OpenAI rejected the API key used for workspace {ws}"),
+        message: "The upstream answered HTTP 401 invalid_api_key: every request of this workspace fails until the key quotawatch sends upstream is fixed.".to_owned(),
+        actions: vec![
+            "Check OPENAI_API_KEY (or the variable named by the workspace's upstream key setting) in quotawatch's environment.".to_owned(),
+            "If the key was revoked or rotated, create a new one at https://platform.openai.com/api-keys and restart quotawatch with it.".to_owned(),
+        ],
+        resolves_at: None,
+    }
+}
+
+fn storage_unavailable(error: &str, now: Timestamp) -> Text {
+    Text {
+        title: "quotawatch cannot write to its database".to_owned(),
+        message: format!(
+            "Writes to the database have failed since {now}: {error}. Limits are still enforced from memory and pending writes are retried every flush interval; usage counted since then is lost if the process stops before the database recovers."
+        ),
+        actions: vec![
+            "Check free disk space, permissions and locks on the database file, or that the database server is reachable.".to_owned(),
+            "Avoid restarting quotawatch until writes succeed again (GET /readyz answers 200 then).".to_owned(),
+        ],
+        resolves_at: None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn groups_digits_in_threes() {
+        assert_eq!(group_digits(0), "0");
+        assert_eq!(group_digits(999), "999");
+        assert_eq!(group_digits(1000), "1,000");
+        assert_eq!(group_digits(1_234_567), "1,234,567");
+    }
+
+    #[test]
+    fn every_billing_code_has_concrete_actions() {
+        for code in BillingCode::ALL {
+            let actions = billing_actions(code);
+            assert!(!actions.is_empty());
+            assert!(actions.iter().all(|a| a.ends_with('.')), "{code:?}");
+        }
+        assert!(billing_actions(BillingCode::CreditBalanceExhausted)[0].contains("Add credits"));
+    }
+}

@@ -1,0 +1,375 @@
+//! The status machine: from what is observed about a workspace (usage against
+//! each limit, upstream blocks and errors) to a status with reasons, and to
+//! the notifications that tell people about each cause.
+//!
+//! Every status is the highest level among the active causes. Causes are
+//! compared as a bit set on every evaluation, so the common case (nothing
+//! changed) costs a few comparisons and no allocation; notification texts are
+//! only written when a cause appears.
+
+use std::time::Duration;
+
+use super::limits::{LimitKind, PerLimit, Span, WARNING_HYSTERESIS};
+use super::notification::Notification;
+use super::time::Timestamp;
+use super::upstream::{BillingCode, LastError, Outcomes, UpstreamView};
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Status {
+    Normal,
+    Warning,
+    RateLimited,
+    QuotaExceeded,
+}
+
+impl Status {
+    pub const fn name(self) -> &'static str {
+        match self {
+            Status::Normal => "normal",
+            Status::Warning => "warning",
+            Status::RateLimited => "rate_limited",
+            Status::QuotaExceeded => "quota_exceeded",
+        }
+    }
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        [Status::Normal, Status::Warning, Status::RateLimited, Status::QuotaExceeded]
+            .into_iter()
+            .find(|status| status.name() == name)
+    }
+}
+
+/// One reason for a workspace not to be `normal`. Each active cause has
+/// exactly one notification.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Cause {
+    /// Utilisation of the limit reached `warn_at` (and has not yet fallen
+    /// below `warn_at - 0.05`).
+    Approaching(LimitKind),
+    /// The limit is used up: a minute limit rate-limits, a day limit exhausts
+    /// the quota.
+    LimitExhausted(LimitKind),
+    /// The upstream answered a transient 429; requests are held until it frees.
+    UpstreamRateLimited,
+    /// The upstream reported a billing problem; requests are held until a
+    /// probe succeeds or an admin resets the workspace.
+    UpstreamQuotaExhausted,
+    /// Over 20 % of the last minute's upstream answers were server errors.
+    UpstreamErrorRate,
+    /// The upstream rejected quotawatch's key for this workspace.
+    UpstreamKeyRejected,
+}
+
+impl Cause {
+    /// Every cause, in the order reasons are listed within one level.
+    const ALL: [Cause; 12] = [
+        Cause::LimitExhausted(LimitKind::RequestsPerDay),
+        Cause::LimitExhausted(LimitKind::TokensPerDay),
+        Cause::UpstreamQuotaExhausted,
+        Cause::LimitExhausted(LimitKind::RequestsPerMinute),
+        Cause::LimitExhausted(LimitKind::TokensPerMinute),
+        Cause::UpstreamRateLimited,
+        Cause::Approaching(LimitKind::RequestsPerMinute),
+        Cause::Approaching(LimitKind::RequestsPerDay),
+        Cause::Approaching(LimitKind::TokensPerMinute),
+        Cause::Approaching(LimitKind::TokensPerDay),
+        Cause::UpstreamKeyRejected,
+        Cause::UpstreamErrorRate,
+    ];
+
+    pub fn level(self) -> Status {
+        match self {
+            Cause::LimitExhausted(kind) if kind.span() == Span::Day => Status::QuotaExceeded,
+            Cause::UpstreamQuotaExhausted => Status::QuotaExceeded,
+            Cause::LimitExhausted(_) | Cause::UpstreamRateLimited => Status::RateLimited,
+            Cause::Approaching(_) | Cause::UpstreamErrorRate | Cause::UpstreamKeyRejected => {
+                Status::Warning
+            }
+        }
+    }
+
+    fn bit(self) -> u16 {
+        let position = Self::ALL
+            .iter()
+            .position(|cause| *cause == self)
+            .unwrap_or_default();
+        1 << position
+    }
+
+    /// The machine-readable reason listed in the status document.
+    pub fn reason(self, billing: Option<BillingCode>) -> String {
+        match self {
+            Cause::Approaching(kind) => format!("{kind}_approaching"),
+            Cause::LimitExhausted(kind) => format!("{kind}_exhausted"),
+            Cause::UpstreamRateLimited => "upstream_rate_limited".to_owned(),
+            Cause::UpstreamQuotaExhausted => format!(
+                "upstream_{}",
+                billing.unwrap_or(BillingCode::InsufficientQuota).code()
+            ),
+            Cause::UpstreamErrorRate => "upstream_error_rate".to_owned(),
+            Cause::UpstreamKeyRejected => "upstream_key_rejected".to_owned(),
+        }
+    }
+
+    /// A stable key for storage.
+    pub fn key(self) -> String {
+        match self {
+            Cause::Approaching(kind) => format!("approaching:{kind}"),
+            Cause::LimitExhausted(kind) => format!("exhausted:{kind}"),
+            Cause::UpstreamRateLimited => "upstream_rate_limited".to_owned(),
+            Cause::UpstreamQuotaExhausted => "upstream_quota_exhausted".to_owned(),
+            Cause::UpstreamErrorRate => "upstream_error_rate".to_owned(),
+            Cause::UpstreamKeyRejected => "upstream_key_rejected".to_owned(),
+        }
+    }
+
+    pub fn from_key(key: &str) -> Option<Self> {
+        Self::ALL.into_iter().find(|cause| cause.key() == key)
+    }
+}
+
+/// A set of causes as a bit mask over [`Cause::ALL`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CauseSet(u16);
+
+impl CauseSet {
+    pub fn insert(&mut self, cause: Cause) {
+        self.0 |= cause.bit();
+    }
+
+    pub fn contains(self, cause: Cause) -> bool {
+        self.0 & cause.bit() != 0
+    }
+
+    pub fn iter(self) -> impl Iterator<Item = Cause> {
+        Cause::ALL.into_iter().filter(move |cause| self.contains(*cause))
+    }
+
+    pub fn level(self) -> Status {
+        self.iter().map(Cause::level).max().unwrap_or(Status::Normal)
+    }
+
+    /// Reasons of the active causes, highest level first.
+    pub fn reasons(self, billing: Option<BillingCode>) -> Vec<String> {
+        let mut causes: Vec<Cause> = self.iter().collect();
+        causes.sort_by_key(|cause| std::cmp::Reverse(cause.level()));
+        causes.into_iter().map(|cause| cause.reason(billing)).collect()
+    }
+}
+
+/// The cheap observations a status is derived from, gathered on every
+/// admission.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Observation {
+    /// `(used, max)` per configured limit.
+    pub usage: PerLimit<Option<(u64, u64)>>,
+    pub warn_at: f64,
+    pub upstream_rate_limited: bool,
+    pub upstream_quota_exhausted: bool,
+    pub upstream_error_rate: bool,
+    pub upstream_key_rejected: bool,
+}
+
+/// How one limit stands, with the timing details that notification texts need.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct LimitFacts {
+    pub max: u64,
+    pub used: u64,
+    /// When all current usage has left the window (minute limits) or the day
+    /// ends (day limits); `None` for a minute window with nothing in it.
+    pub resets_at: Option<Timestamp>,
+    /// The earliest time a one-request, zero-token call fits again; `None`
+    /// when it fits now.
+    pub frees_at: Option<Timestamp>,
+}
+
+impl LimitFacts {
+    pub fn utilization(&self) -> f64 {
+        if self.max == 0 { 1.0 } else { self.used as f64 / self.max as f64 }
+    }
+
+    pub fn remaining(&self) -> u64 {
+        self.max.saturating_sub(self.used)
+    }
+}
+
+/// Everything a notification text may mention, computed only when one is
+/// written.
+#[derive(Clone, Debug)]
+pub struct Facts<'a> {
+    pub limits: PerLimit<Option<LimitFacts>>,
+    pub upstream_blocked_until: Option<Timestamp>,
+    pub billing_code: Option<BillingCode>,
+    pub upstream_outcomes: Outcomes,
+    pub last_error: Option<&'a LastError>,
+    pub upstream: &'a UpstreamView,
+    pub probe_interval: Duration,
+}
+
+impl Facts<'_> {
+    pub fn limit(&self, kind: LimitKind) -> LimitFacts {
+        self.limits.get(kind).unwrap_or_default()
+    }
+}
+
+/// What an evaluation changed, for the caller to publish, log and persist.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Change {
+    /// The level or its reasons changed.
+    Status { from: Status, to: Status },
+    Raised(Notification),
+    Resolved(Notification),
+}
+
+/// The status of one workspace and its active notifications.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StatusTracker {
+    status: Status,
+    since: Timestamp,
+    causes: CauseSet,
+    /// Which limits are in warning, kept separately because leaving a warning
+    /// takes a lower threshold than entering it.
+    approaching: PerLimit<bool>,
+    active: Vec<Notification>,
+}
+
+impl StatusTracker {
+    pub fn new(now: Timestamp) -> Self {
+        Self {
+            status: Status::Normal,
+            since: now,
+            causes: CauseSet::default(),
+            approaching: PerLimit::default(),
+            active: Vec::new(),
+        }
+    }
+
+    /// Rebuilds a tracker from persisted parts. Causes are those of the active
+    /// notifications; the next evaluation resolves whatever no longer holds.
+    pub fn restore(status: Status, since: Timestamp, active: Vec<Notification>) -> Self {
+        let mut causes = CauseSet::default();
+        let mut approaching = PerLimit::default();
+        for cause in active.iter().filter_map(|n| n.cause) {
+            causes.insert(cause);
+            if let Cause::Approaching(kind) = cause {
+                approaching.set(kind, true);
+            }
+        }
+        Self {
+            status,
+            since,
+            causes,
+            approaching,
+            active,
+        }
+    }
+
+    pub fn status(&self) -> Status {
+        self.status
+    }
+
+    pub fn since(&self) -> Timestamp {
+        self.since
+    }
+
+    pub fn causes(&self) -> CauseSet {
+        self.causes
+    }
+
+    pub fn active(&self) -> &[Notification] {
+        &self.active
+    }
+
+    fn observed_causes(&mut self, observation: &Observation) -> CauseSet {
+        let mut causes = CauseSet::default();
+        for kind in LimitKind::ALL {
+            let Some((used, max)) = observation.usage.get(kind) else {
+                self.approaching.set(kind, false);
+                continue;
+            };
+            if used >= max {
+                causes.insert(Cause::LimitExhausted(kind));
+            }
+            let utilization = used as f64 / max as f64;
+            let threshold = if self.approaching.get(kind) {
+                observation.warn_at - WARNING_HYSTERESIS
+            } else {
+                observation.warn_at
+            };
+            let approaching = utilization >= threshold;
+            self.approaching.set(kind, approaching);
+            if approaching {
+                causes.insert(Cause::Approaching(kind));
+            }
+        }
+        let flags = [
+            (observation.upstream_rate_limited, Cause::UpstreamRateLimited),
+            (observation.upstream_quota_exhausted, Cause::UpstreamQuotaExhausted),
+            (observation.upstream_error_rate, Cause::UpstreamErrorRate),
+            (observation.upstream_key_rejected, Cause::UpstreamKeyRejected),
+        ];
+        for (active, cause) in flags {
+            if active {
+                causes.insert(cause);
+            }
+        }
+        causes
+    }
+
+    /// Re-derives the status from `observation`. `raise` writes the
+    /// notification for a cause that just appeared.
+    pub fn evaluate(
+        &mut self,
+        observation: &Observation,
+        now: Timestamp,
+        mut raise: impl FnMut(Cause) -> Notification,
+    ) -> Vec<Change> {
+        let causes = self.observed_causes(observation);
+        if causes == self.causes {
+            return Vec::new();
+        }
+        let (mut changes, appeared) = self.move_to(causes, now);
+        for cause in appeared {
+            let notification = raise(cause);
+            self.active.push(notification.clone());
+            changes.push(Change::Raised(notification));
+        }
+        changes
+    }
+
+    /// Forgets every cause (an admin reset), resolving their notifications.
+    pub fn clear(&mut self, now: Timestamp) -> Vec<Change> {
+        self.approaching = PerLimit::default();
+        if self.causes == CauseSet::default() {
+            return Vec::new();
+        }
+        self.move_to(CauseSet::default(), now).0
+    }
+
+    /// Switches to `causes`: resolves the notifications of causes that ended
+    /// and updates the level. Returns the changes so far and the causes that
+    /// appeared, whose notifications the caller raises.
+    fn move_to(&mut self, causes: CauseSet, now: Timestamp) -> (Vec<Change>, Vec<Cause>) {
+        let previous = std::mem::replace(&mut self.causes, causes);
+        let from = self.status;
+        self.status = causes.level();
+        if self.status != from {
+            self.since = now;
+        }
+        let mut changes = vec![Change::Status {
+            from,
+            to: self.status,
+        }];
+        let (ended, kept): (Vec<Notification>, Vec<Notification>) =
+            std::mem::take(&mut self.active)
+                .into_iter()
+                .partition(|n| n.cause.is_some_and(|cause| !causes.contains(cause)));
+        self.active = kept;
+        for mut notification in ended {
+            notification.resolved_at = Some(now);
+            changes.push(Change::Resolved(notification));
+        }
+        let appeared = causes.iter().filter(|cause| !previous.contains(*cause)).collect();
+        (changes, appeared)
+    }
+}

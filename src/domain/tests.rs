@@ -1,0 +1,647 @@
+//! Behaviour of a workspace as a whole, with time injected: admission at the
+//! edges of windows and days, settlement, expiry, every status transition with
+//! its notification, and hysteresis.
+
+use std::time::Duration;
+
+use chrono::DateTime;
+use chrono_tz::Tz;
+
+use super::limits::{LimitKind, Limits, WorkspaceConfig};
+use super::notification::{NotificationKind, Severity};
+use super::status::{Change, Status};
+use super::time::Timestamp;
+use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
+use super::workspace::{
+    Admission, RefusalCause, Request, Settings, UpstreamReport, WorkspaceState,
+};
+
+use LimitKind::*;
+
+fn ts(rfc3339: &str) -> Timestamp {
+    Timestamp::from_millis(
+        DateTime::parse_from_rfc3339(rfc3339)
+            .expect("valid timestamp")
+            .timestamp_millis(),
+    )
+}
+
+/// A workspace plus a clock and an id counter, so tests read as a script.
+struct Script {
+    state: WorkspaceState,
+    now: Timestamp,
+    settings: Settings,
+    next_id: u64,
+}
+
+impl Script {
+    fn new(limits: &[(LimitKind, u64)]) -> Self {
+        Self::with_config(limits, "UTC", ts("2026-05-04T10:00:00Z"))
+    }
+
+    fn with_config(limits: &[(LimitKind, u64)], tz: &str, now: Timestamp) -> Self {
+        let mut all = Limits::default();
+        for &(kind, max) in limits {
+            all.set(kind, Some(max));
+        }
+        let mut config = WorkspaceConfig::new("acme".parse().expect("id"), all);
+        config.timezone = tz.parse::<Tz>().expect("zone");
+        Self {
+            state: WorkspaceState::new(config, now),
+            now,
+            settings: Settings::default(),
+            next_id: 0,
+        }
+    }
+
+    fn at(&mut self, rfc3339: &str) -> &mut Self {
+        self.now = ts(rfc3339);
+        self
+    }
+
+    fn after(&mut self, millis: i64) -> &mut Self {
+        self.now = Timestamp::from_millis(self.now.millis() + millis);
+        self
+    }
+
+    fn admit(&mut self, tokens: u64) -> Admission {
+        let mut next_id = self.next_id;
+        let admission = self.state.admit(
+            Request {
+                estimated_tokens: tokens,
+                model: None,
+            },
+            self.now,
+            &self.settings,
+            &mut || {
+                next_id += 1;
+                next_id
+            },
+        );
+        self.next_id = next_id;
+        admission
+    }
+
+    fn admitted(&mut self, tokens: u64) -> u64 {
+        match self.admit(tokens).result {
+            Ok(reservation) => reservation.id,
+            Err(refusal) => panic!("refused at {}: {refusal:?}", self.now),
+        }
+    }
+
+    fn refused(&mut self, tokens: u64) -> super::workspace::Refusal {
+        match self.admit(tokens).result {
+            Ok(_) => panic!("admitted at {}", self.now),
+            Err(refusal) => refusal,
+        }
+    }
+
+    fn settle(&mut self, id: u64, actual: u64) -> bool {
+        let mut next_id = self.next_id;
+        let settlement =
+            self.state
+                .settle(id, actual, self.now, &self.settings, &mut || {
+                    next_id += 1;
+                    next_id
+                });
+        self.next_id = next_id;
+        settlement.reservation.is_some()
+    }
+
+    fn upstream(&mut self, status: u16, error_type: &str, code: Option<&str>, headers: &[(&str, &str)]) -> Vec<Change> {
+        let mut next_id = self.next_id;
+        let report = UpstreamReport {
+            status,
+            error: ErrorFields {
+                error_type: Some(error_type).filter(|t| !t.is_empty()),
+                code,
+                message: Some("upstream says no"),
+            },
+            headers: RateLimitHeaders::parse(headers.iter().copied()),
+            admitted_at: Some(self.now),
+        };
+        let (_, changes) =
+            self.state
+                .record_upstream(&report, self.now, &self.settings, &mut || {
+                    next_id += 1;
+                    next_id
+                });
+        self.next_id = next_id;
+        changes
+    }
+
+    fn success(&mut self) -> Vec<Change> {
+        self.upstream(200, "", None, &[])
+    }
+
+    fn tick(&mut self) -> Vec<Change> {
+        let mut next_id = self.next_id;
+        let (_, _, changes) = self.state.tick(self.now, &self.settings, &mut || {
+            next_id += 1;
+            next_id
+        });
+        self.next_id = next_id;
+        changes
+    }
+
+    fn used(&self, kind: LimitKind) -> u64 {
+        self.state
+            .snapshot(self.now)
+            .limits
+            .iter()
+            .find(|(k, _)| *k == kind)
+            .map(|(_, facts)| facts.used)
+            .expect("limit configured")
+    }
+
+    fn status(&self) -> Status {
+        self.state.status()
+    }
+
+    fn active_kinds(&self) -> Vec<(NotificationKind, Option<LimitKind>)> {
+        self.state
+            .active_notifications()
+            .iter()
+            .map(|n| (n.kind, n.limit))
+            .collect()
+    }
+}
+
+fn raised(changes: &[Change]) -> Vec<NotificationKind> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Raised(n) => Some(n.kind),
+            _ => None,
+        })
+        .collect()
+}
+
+fn resolved(changes: &[Change]) -> Vec<NotificationKind> {
+    changes
+        .iter()
+        .filter_map(|c| match c {
+            Change::Resolved(n) => Some(n.kind),
+            _ => None,
+        })
+        .collect()
+}
+
+#[test]
+fn a_minute_limit_holds_over_every_sixty_second_span() {
+    // Table: (seconds after 10:00:00, expected admitted?) for a limit of 3.
+    let mut script = Script::new(&[(RequestsPerMinute, 3)]);
+    let steps = [
+        (59.0, true),
+        (59.5, true),
+        (59.9, true),
+        // A new calendar minute starts, but the last 60 seconds are full.
+        (60.0, false),
+        (61.0, false),
+        (118.9, false),
+        // Second 59, with all three, leaves the window at 119.
+        (119.0, true),
+        (119.1, true),
+        (119.2, true),
+        (119.3, false),
+    ];
+    for (seconds, expect_admitted) in steps {
+        script.at("2026-05-04T10:00:00Z").after((seconds * 1000.0) as i64);
+        let admitted = script.admit(0).result.is_ok();
+        assert_eq!(admitted, expect_admitted, "at +{seconds}s");
+    }
+}
+
+#[test]
+fn a_refusal_names_the_limit_and_when_it_frees() {
+    let mut script = Script::new(&[(RequestsPerMinute, 2)]);
+    script.at("2026-05-04T10:00:10Z").admitted(0);
+    script.at("2026-05-04T10:00:20Z").admitted(0);
+    let refusal = script.at("2026-05-04T10:00:30Z").refused(0);
+    assert_eq!(refusal.cause, RefusalCause::Limit(RequestsPerMinute));
+    assert_eq!((refusal.used, refusal.max), (2, 2));
+    assert_eq!(refusal.retry_at, Some(ts("2026-05-04T10:01:10Z")));
+    assert!(refusal.retryable);
+}
+
+#[test]
+fn a_day_limit_resets_at_local_midnight_in_a_non_utc_timezone() {
+    // Tokyo is UTC+9: local midnight of 5 May is 15:00 UTC on 4 May.
+    let mut script = Script::with_config(&[(RequestsPerDay, 2)], "Asia/Tokyo", ts("2026-05-04T14:58:00Z"));
+    script.admitted(0);
+    script.after(1000).admitted(0);
+    let refusal = script.at("2026-05-04T14:59:59.999Z").refused(0);
+    assert_eq!(refusal.cause, RefusalCause::Limit(RequestsPerDay));
+    assert_eq!(refusal.retry_at, Some(ts("2026-05-04T15:00:00Z")));
+    assert!(!refusal.retryable, "waiting for midnight is not a short wait");
+    assert_eq!(script.status(), Status::QuotaExceeded);
+    script.at("2026-05-04T15:00:00Z").admitted(0);
+    assert_eq!(script.used(RequestsPerDay), 1);
+    assert_eq!(script.status(), Status::Normal);
+    let snapshot = script.state.snapshot(script.now);
+    let (_, day) = snapshot.limits[0];
+    assert_eq!(day.resets_at, Some(ts("2026-05-05T15:00:00Z")));
+}
+
+#[test]
+fn admission_is_atomic_across_all_limits() {
+    let mut script = Script::new(&[
+        (RequestsPerMinute, 10),
+        (RequestsPerDay, 100),
+        (TokensPerMinute, 1000),
+        (TokensPerDay, 5000),
+    ]);
+    script.admitted(900);
+    // The token limit has no room for 200 more: nothing may be charged.
+    let refusal = script.refused(200);
+    assert_eq!(refusal.cause, RefusalCause::Limit(TokensPerMinute));
+    assert_eq!(script.used(RequestsPerMinute), 1);
+    assert_eq!(script.used(RequestsPerDay), 1);
+    assert_eq!(script.used(TokensPerMinute), 900);
+    assert_eq!(script.used(TokensPerDay), 900);
+    // A request that fits everywhere is charged everywhere.
+    script.admitted(100);
+    assert_eq!(script.used(RequestsPerMinute), 2);
+    assert_eq!(script.used(RequestsPerDay), 2);
+    assert_eq!(script.used(TokensPerMinute), 1000);
+    assert_eq!(script.used(TokensPerDay), 1000);
+}
+
+#[test]
+fn a_request_larger_than_a_whole_limit_is_refused_without_retry() {
+    let mut script = Script::new(&[(TokensPerMinute, 1000)]);
+    let refusal = script.refused(1001);
+    assert_eq!(refusal.cause, RefusalCause::TooLarge(TokensPerMinute));
+    assert!(!refusal.retryable);
+    assert_eq!(refusal.retry_at, None);
+    assert_eq!(script.status(), Status::Normal, "an oversized request blocks nobody");
+}
+
+#[test]
+fn settlement_replaces_the_estimate_with_the_actual_count() {
+    let mut script = Script::new(&[(TokensPerMinute, 10_000), (TokensPerDay, 100_000)]);
+    let id = script.admitted(1000);
+    assert_eq!(script.used(TokensPerMinute), 1000);
+    assert!(script.after(2000).settle(id, 250));
+    assert_eq!(script.used(TokensPerMinute), 250);
+    assert_eq!(script.used(TokensPerDay), 250);
+    assert!(!script.settle(id, 250), "a reservation settles once");
+
+    let id = script.admitted(100);
+    assert!(script.after(500).settle(id, 400));
+    assert_eq!(script.used(TokensPerMinute), 650);
+    assert_eq!(script.used(TokensPerDay), 650);
+}
+
+#[test]
+fn settlement_after_the_window_moved_on_charges_only_extra_tokens_now() {
+    let mut script = Script::new(&[(TokensPerMinute, 10_000), (TokensPerDay, 100_000)]);
+    let id = script.admitted(1000);
+    // A long stream: settled 90 s later, when its second has left the window.
+    assert!(script.after(90_000).settle(id, 1500));
+    assert_eq!(script.used(TokensPerMinute), 500);
+    assert_eq!(script.used(TokensPerDay), 1500);
+}
+
+#[test]
+fn an_unsettled_reservation_expires_and_keeps_its_estimate() {
+    let mut script = Script::new(&[(TokensPerDay, 100_000)]);
+    let id = script.admitted(700);
+    script.after(Duration::from_secs(599).as_millis() as i64);
+    assert!(script.state.snapshot(script.now).limits[0].1.used == 700);
+    let (_, expired, _) = {
+        let mut counter = 100;
+        script.after(1000);
+        script.state.tick(script.now, &script.settings, &mut || {
+            counter += 1;
+            counter
+        })
+    };
+    assert_eq!(expired.len(), 1);
+    assert_eq!(expired[0].tokens, 700);
+    assert!(!script.settle(id, 10), "expired reservations cannot be settled");
+    assert_eq!(script.used(TokensPerDay), 700);
+}
+
+#[test]
+fn warning_has_hysteresis() {
+    // warn_at 0.8, clears below 0.75.
+    let mut script = Script::new(&[(RequestsPerDay, 100)]);
+    for _ in 0..79 {
+        script.admitted(0);
+    }
+    assert_eq!(script.status(), Status::Normal);
+    let changes = script.admit(0).changes;
+    assert_eq!(script.status(), Status::Warning);
+    assert_eq!(raised(&changes), vec![NotificationKind::ApproachingLimit]);
+    let notification = &script.state.active_notifications()[0];
+    assert_eq!(notification.severity, Severity::Warning);
+    assert_eq!(notification.limit, Some(RequestsPerDay));
+    assert!(notification.message.contains("80 of 100 requests today"), "{}", notification.message);
+    assert!(notification.suggested_actions.iter().any(|a| a.contains("raise requests_per_day")));
+    assert!(notification.suggested_actions.iter().any(|a| a.contains("reduce volume")));
+
+    // Usage reported lower (settling never lowers requests, so use a fresh
+    // script on minutes): utilisation between 0.75 and 0.8 keeps the warning.
+    let mut script = Script::new(&[(RequestsPerMinute, 100)]);
+    for _ in 0..40 {
+        script.admitted(0);
+    }
+    script.after(30_000);
+    for _ in 0..40 {
+        script.admitted(0);
+    }
+    assert_eq!(script.status(), Status::Warning);
+    // At +60 s the first 40 leave: 40 % is below 75 %, warning clears.
+    script.after(30_000);
+    let changes = script.tick();
+    assert_eq!(script.status(), Status::Normal);
+    assert_eq!(resolved(&changes), vec![NotificationKind::ApproachingLimit]);
+
+    // Now hover: 80 in the window, then 77 (above 0.75): stays in warning.
+    let mut script = Script::new(&[(RequestsPerMinute, 100)]);
+    for _ in 0..3 {
+        script.admitted(0);
+    }
+    script.after(1000);
+    for _ in 0..77 {
+        script.admitted(0);
+    }
+    assert_eq!(script.status(), Status::Warning);
+    script.after(59_000);
+    assert!(script.tick().is_empty(), "77 % is above the 75 % clearing line");
+    assert_eq!(script.status(), Status::Warning);
+}
+
+#[test]
+fn minute_exhaustion_rate_limits_and_clears_when_the_window_frees() {
+    let mut script = Script::new(&[(RequestsPerMinute, 5)]);
+    for _ in 0..4 {
+        script.admitted(0);
+    }
+    assert_eq!(script.status(), Status::Warning);
+    let changes = script.admit(0).changes;
+    assert_eq!(script.status(), Status::RateLimited);
+    assert_eq!(
+        changes[0],
+        Change::Status {
+            from: Status::Warning,
+            to: Status::RateLimited
+        }
+    );
+    assert_eq!(raised(&changes), vec![NotificationKind::RateLimited]);
+    let snapshot = script.state.snapshot(script.now);
+    assert!(snapshot.blocked);
+    assert_eq!(
+        snapshot.reasons,
+        vec!["requests_per_minute_exhausted", "requests_per_minute_approaching"]
+    );
+    let rate_limited = script
+        .state
+        .active_notifications()
+        .iter()
+        .find(|n| n.kind == NotificationKind::RateLimited)
+        .expect("raised");
+    assert_eq!(rate_limited.resolves_at, Some(ts("2026-05-04T10:01:00Z")));
+    assert!(rate_limited.message.contains("5 of 5 requests in the last 60 seconds"));
+
+    // Refusals do not raise a second notification.
+    for _ in 0..10 {
+        assert!(raised(&script.admit(0).changes).is_empty());
+    }
+    assert_eq!(script.state.active_notifications().len(), 2);
+
+    script.at("2026-05-04T10:01:00Z");
+    let changes = script.tick();
+    assert_eq!(script.status(), Status::Normal);
+    assert_eq!(
+        resolved(&changes),
+        vec![NotificationKind::ApproachingLimit, NotificationKind::RateLimited]
+    );
+}
+
+#[test]
+fn daily_exhaustion_is_critical_and_tells_how_to_unblock() {
+    let mut script = Script::new(&[(RequestsPerDay, 3)]);
+    for _ in 0..3 {
+        script.admitted(0);
+    }
+    assert_eq!(script.status(), Status::QuotaExceeded);
+    let kinds = script.active_kinds();
+    assert!(kinds.contains(&(NotificationKind::DailyQuotaExhausted, Some(RequestsPerDay))));
+    let exhausted = script
+        .state
+        .active_notifications()
+        .iter()
+        .find(|n| n.kind == NotificationKind::DailyQuotaExhausted)
+        .expect("raised");
+    assert_eq!(exhausted.severity, Severity::Critical);
+    assert_eq!(exhausted.resolves_at, Some(ts("2026-05-05T00:00:00Z")));
+    assert!(exhausted.message.contains("3 of 3 requests today"));
+    assert!(exhausted.suggested_actions.iter().any(|a| a.contains("POST /api/quota/reset")));
+
+    let changes = script.state.reset(script.now);
+    assert_eq!(script.status(), Status::Normal);
+    assert_eq!(resolved(&changes).len(), 2);
+    assert!(script.state.active_notifications().is_empty());
+    script.admitted(0);
+}
+
+#[test]
+fn an_upstream_rate_limit_holds_requests_until_retry_after() {
+    let mut script = Script::new(&[(RequestsPerMinute, 100)]);
+    let changes = script.upstream(
+        429,
+        "requests",
+        Some("rate_limit_exceeded"),
+        &[("retry-after", "20"), ("x-ratelimit-limit-requests", "3"), ("x-ratelimit-remaining-requests", "0")],
+    );
+    assert_eq!(script.status(), Status::RateLimited);
+    assert_eq!(raised(&changes), vec![NotificationKind::UpstreamRateLimited]);
+    let refusal = script.after(5000).refused(0);
+    assert_eq!(refusal.cause, RefusalCause::UpstreamRateLimited);
+    assert_eq!(refusal.retry_at, Some(ts("2026-05-04T10:00:20Z")));
+    assert!(refusal.retryable);
+    let upstream = script.state.snapshot(script.now).upstream.expect("headers observed");
+    assert_eq!(upstream.requests.and_then(|b| b.remaining), Some(0));
+
+    script.at("2026-05-04T10:00:20Z");
+    let changes = script.tick();
+    assert_eq!(script.status(), Status::Normal);
+    assert_eq!(resolved(&changes), vec![NotificationKind::UpstreamRateLimited]);
+    script.admitted(0);
+}
+
+#[test]
+fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval() {
+    for code in BillingCode::ALL {
+        let mut script = Script::new(&[(RequestsPerMinute, 100)]);
+        let changes = script.upstream(429, "insufficient_quota", Some(code.code()), &[]);
+        assert_eq!(script.status(), Status::QuotaExceeded, "{code:?}");
+        assert_eq!(raised(&changes), vec![NotificationKind::UpstreamQuotaExhausted]);
+        let notification = &script.state.active_notifications()[0];
+        assert_eq!(notification.severity, Severity::Critical);
+        assert_eq!(notification.resolves_at, None);
+        let snapshot = script.state.snapshot(script.now);
+        assert_eq!(snapshot.reasons, vec![format!("upstream_{}", code.code())]);
+        assert!(snapshot.blocked);
+        assert_eq!(snapshot.retry_at, None, "no time is known for billing");
+
+        let refusal = script.after(1000).refused(0);
+        assert_eq!(refusal.cause, RefusalCause::UpstreamQuota(code));
+        assert!(!refusal.retryable);
+        assert_eq!(refusal.retry_at, None);
+
+        // After the probe interval exactly one request goes through.
+        script.at("2026-05-04T10:01:00Z");
+        let probe = script.admit(0).result.expect("probe admitted");
+        assert!(probe.probe);
+        script.refused(0);
+        // The probe failed again: the next probe is one interval later.
+        script.upstream(429, "insufficient_quota", Some(code.code()), &[]);
+        script.after(59_000).refused(0);
+        script.after(1000).admitted(0);
+        // This probe succeeded: the block ends.
+        let changes = script.success();
+        assert_eq!(script.status(), Status::Normal);
+        assert_eq!(resolved(&changes), vec![NotificationKind::UpstreamQuotaExhausted]);
+        script.admitted(0);
+    }
+}
+
+#[test]
+fn billing_messages_name_the_fix() {
+    let mut script = Script::new(&[]);
+    script.upstream(429, "insufficient_quota", Some("credit_balance_exhausted"), &[]);
+    let notification = &script.state.active_notifications()[0];
+    assert!(notification.suggested_actions[0].contains("Add credits in the OpenAI billing settings"));
+    assert!(notification.message.contains("credit_balance_exhausted"));
+}
+
+#[test]
+fn a_success_admitted_before_a_billing_block_does_not_lift_it() {
+    let mut script = Script::new(&[]);
+    let before = script.now;
+    script.after(1000).upstream(429, "insufficient_quota", None, &[]);
+    let report = UpstreamReport {
+        status: 200,
+        admitted_at: Some(before),
+        ..UpstreamReport::default()
+    };
+    script.after(1000);
+    script.state.record_upstream(&report, script.now, &script.settings, &mut || 1);
+    assert_eq!(script.status(), Status::QuotaExceeded);
+}
+
+#[test]
+fn request_too_large_from_upstream_blocks_nobody() {
+    let mut script = Script::new(&[]);
+    let changes = script.upstream(429, "tokens", Some("rate_limit_exceeded"), &[]);
+    assert_eq!(script.status(), Status::RateLimited, "a plain 429 does block");
+    drop(changes);
+    let mut script = Script::new(&[]);
+    let report = UpstreamReport {
+        status: 429,
+        error: ErrorFields {
+            error_type: Some("tokens"),
+            code: Some("rate_limit_exceeded"),
+            message: Some("Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 31538."),
+        },
+        ..UpstreamReport::default()
+    };
+    let (class, changes) = script.state.record_upstream(&report, script.now, &script.settings, &mut || 1);
+    assert_eq!(class, super::upstream::UpstreamClass::RequestTooLarge);
+    assert!(changes.is_empty());
+    assert_eq!(script.status(), Status::Normal);
+}
+
+#[test]
+fn upstream_errors_alarm_above_twenty_percent_and_at_least_five() {
+    let mut script = Script::new(&[]);
+    for _ in 0..16 {
+        script.success();
+    }
+    for _ in 0..4 {
+        assert!(script.upstream(500, "server_error", None, &[]).is_empty());
+    }
+    // 5 of 21 is 23.8 %: the alarm goes off.
+    let changes = script.upstream(503, "service_unavailable_error", Some("server_is_overloaded"), &[]);
+    assert_eq!(raised(&changes), vec![NotificationKind::UpstreamErrors]);
+    assert_eq!(script.status(), Status::Warning);
+    let notification = &script.state.active_notifications()[0];
+    assert!(notification.message.contains("5 of 21 upstream requests"), "{}", notification.message);
+    // A minute later the failures have left the window.
+    script.after(60_000);
+    let changes = script.tick();
+    assert_eq!(resolved(&changes), vec![NotificationKind::UpstreamErrors]);
+    let errors = script.state.snapshot(script.now).errors;
+    assert_eq!(errors.server_error, 5, "the hour's error history keeps them");
+}
+
+#[test]
+fn a_rejected_upstream_key_is_critical_until_a_success() {
+    let mut script = Script::new(&[]);
+    let changes = script.upstream(401, "invalid_request_error", Some("invalid_api_key"), &[]);
+    assert_eq!(raised(&changes), vec![NotificationKind::UpstreamErrors]);
+    assert_eq!(script.state.active_notifications()[0].severity, Severity::Critical);
+    let changes = script.success();
+    assert_eq!(resolved(&changes), vec![NotificationKind::UpstreamErrors]);
+}
+
+#[test]
+fn the_highest_cause_wins_and_since_moves_only_with_the_level() {
+    let mut script = Script::new(&[(RequestsPerMinute, 2), (RequestsPerDay, 3)]);
+    script.admitted(0);
+    script.admitted(0);
+    assert_eq!(script.status(), Status::RateLimited);
+    let since = script.state.snapshot(script.now).since;
+    script.after(61_000).admitted(0);
+    assert_eq!(script.status(), Status::QuotaExceeded);
+    assert_eq!(script.state.snapshot(script.now).since, script.now);
+    assert!(script.now > since);
+}
+
+#[test]
+fn a_timezone_change_keeps_todays_count() {
+    let mut script = Script::new(&[(RequestsPerDay, 10)]);
+    script.admitted(0);
+    let mut config = script.state.config().clone();
+    config.timezone = "Europe/Berlin".parse().expect("zone");
+    script.state.reconfigure(config, script.now, &script.settings, &mut || 1);
+    assert_eq!(script.used(RequestsPerDay), 1);
+    let snapshot = script.state.snapshot(script.now);
+    assert_eq!(snapshot.limits[0].1.resets_at, Some(ts("2026-05-04T22:00:00Z")));
+}
+
+#[test]
+fn lowering_a_limit_changes_the_status_at_once() {
+    let mut script = Script::new(&[(RequestsPerDay, 10)]);
+    for _ in 0..5 {
+        script.admitted(0);
+    }
+    let mut config = script.state.config().clone();
+    config.limits.set(RequestsPerDay, Some(5));
+    let changes = script.state.reconfigure(config, script.now, &script.settings, &mut || 7);
+    assert_eq!(script.status(), Status::QuotaExceeded);
+    assert!(raised(&changes).contains(&NotificationKind::DailyQuotaExhausted));
+}
+
+#[test]
+fn saved_state_restores_counters_blocks_and_status() {
+    let mut script = Script::new(&[(RequestsPerDay, 10), (TokensPerMinute, 1000)]);
+    let id = script.admitted(300);
+    script.upstream(429, "insufficient_quota", Some("credit_balance_exhausted"), &[]);
+    let saved = script.state.save();
+    let notifications = script.state.active_notifications().to_vec();
+    let config = script.state.config().clone();
+    script.after(5000);
+    let mut restored = WorkspaceState::restore(config, saved, notifications, script.now);
+    assert_eq!(restored.status(), Status::QuotaExceeded);
+    let snapshot = restored.snapshot(script.now);
+    assert_eq!(snapshot.limits[0].1.used, 1);
+    assert_eq!(snapshot.limits[1].1.used, 300);
+    assert!(snapshot.blocked);
+    let settlement = restored.settle(id, 100, script.now, &script.settings, &mut || 9);
+    assert!(settlement.reservation.is_some(), "reservations survive");
+    assert_eq!(restored.snapshot(script.now).limits[1].1.used, 100);
+}

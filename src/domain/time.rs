@@ -1,0 +1,236 @@
+//! Time as the domain sees it: a millisecond timestamp, calendar days in a
+//! workspace's timezone, and the Go-style duration strings OpenAI uses in its
+//! `x-ratelimit-reset-*` headers (which also serve as our configuration syntax).
+//!
+//! Nothing here reads a clock: every function takes the instant it reasons about.
+
+use std::fmt;
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDate, NaiveTime, SecondsFormat, TimeZone, Utc};
+use chrono_tz::Tz;
+
+/// Milliseconds since the Unix epoch (UTC).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct Timestamp(pub i64);
+
+impl Timestamp {
+    pub const fn from_millis(ms: i64) -> Self {
+        Self(ms)
+    }
+
+    pub const fn millis(self) -> i64 {
+        self.0
+    }
+
+    pub fn plus(self, duration: Duration) -> Self {
+        Self(self.0.saturating_add(duration_millis(duration)))
+    }
+
+    /// How long from `self` until `later`; zero when `later` is not later.
+    pub fn until(self, later: Timestamp) -> Duration {
+        Duration::from_millis(later.0.saturating_sub(self.0).max(0) as u64)
+    }
+
+    pub fn to_utc(self) -> DateTime<Utc> {
+        DateTime::from_timestamp_millis(self.0).unwrap_or(DateTime::UNIX_EPOCH)
+    }
+
+    /// RFC 3339 with millisecond precision and a `Z` suffix, the only textual
+    /// form timestamps take on the wire.
+    pub fn to_rfc3339(self) -> String {
+        self.to_utc().to_rfc3339_opts(SecondsFormat::Millis, true)
+    }
+}
+
+impl fmt::Display for Timestamp {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.to_rfc3339())
+    }
+}
+
+pub fn duration_millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+/// The calendar day containing `now` in `tz`, as `[start, end)`.
+///
+/// A day is usually 24 hours, but 23 or 25 around daylight-saving changes; both
+/// ends are computed from the local calendar, never by adding 86 400 seconds.
+pub fn day_bounds(now: Timestamp, tz: Tz) -> (Timestamp, Timestamp) {
+    let today = now.to_utc().with_timezone(&tz).date_naive();
+    let tomorrow = today.succ_opt().unwrap_or(today);
+    (local_day_start(today, tz), local_day_start(tomorrow, tz))
+}
+
+/// The first instant of `date` in `tz`. A few zones skip midnight itself when
+/// daylight saving starts, so the day then begins at the first local time that
+/// exists.
+fn local_day_start(date: NaiveDate, tz: Tz) -> Timestamp {
+    let midnight = date.and_time(NaiveTime::MIN);
+    (0..=24 * 60)
+        .find_map(|minutes| {
+            let local = midnight + chrono::Duration::minutes(minutes);
+            tz.from_local_datetime(&local).earliest()
+        })
+        .map(|start| Timestamp(start.timestamp_millis()))
+        .unwrap_or_else(|| Timestamp(midnight.and_utc().timestamp_millis()))
+}
+
+/// Parses a duration as OpenAI and Azure send it in rate-limit headers: a Go
+/// duration string (`120ms`, `2.572s`, `1h23m31s`, decimals allowed in every
+/// part) or Azure's plain number of seconds (`20`). Returns `None` for anything
+/// else, including negative values.
+pub fn parse_duration(text: &str) -> Option<Duration> {
+    let text = text.trim();
+    if text.is_empty() {
+        return None;
+    }
+    if let Ok(seconds) = text.parse::<f64>() {
+        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+    }
+    let mut rest = text;
+    let mut total_seconds = 0.0_f64;
+    while !rest.is_empty() {
+        let number_len = rest
+            .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+            .unwrap_or(rest.len());
+        if number_len == 0 {
+            return None;
+        }
+        let number: f64 = rest[..number_len].parse().ok()?;
+        rest = &rest[number_len..];
+        let unit_len = rest
+            .find(|c: char| c.is_ascii_digit() || c == '.')
+            .unwrap_or(rest.len());
+        let seconds_per_unit = match &rest[..unit_len] {
+            "h" => 3600.0,
+            "m" => 60.0,
+            "s" => 1.0,
+            "ms" => 1e-3,
+            "us" | "µs" | "μs" => 1e-6,
+            "ns" => 1e-9,
+            _ => return None,
+        };
+        rest = &rest[unit_len..];
+        total_seconds += number * seconds_per_unit;
+    }
+    Some(Duration::from_secs_f64(total_seconds))
+}
+
+/// Formats a duration the way OpenAI's `x-ratelimit-reset-*` headers do
+/// (`0s`, `120ms`, `2.5s`, `6m0s`, `1h23m31s`), so clients that parse
+/// OpenAI's headers can parse ours.
+pub fn format_duration(duration: Duration) -> String {
+    let millis = duration.as_millis();
+    if millis == 0 {
+        return "0s".to_owned();
+    }
+    if millis < 1000 {
+        return format!("{millis}ms");
+    }
+    let hours = millis / 3_600_000;
+    let minutes = (millis / 60_000) % 60;
+    let seconds = (millis % 60_000) as f64 / 1000.0;
+    let seconds = format!("{seconds}s");
+    match (hours, minutes) {
+        (0, 0) => seconds,
+        (0, m) => format!("{m}m{seconds}"),
+        (h, m) => format!("{h}h{m}m{seconds}"),
+    }
+}
+
+/// Formats a duration for people, coarsely: `45s`, `12m`, `3h 12m`, `2d 4h`.
+pub fn humanize_duration(duration: Duration) -> String {
+    let secs = duration.as_secs() + u64::from(duration.subsec_millis() > 0);
+    match secs {
+        0..=59 => format!("{secs}s"),
+        60..=3599 => format!("{}m", secs.div_ceil(60)),
+        3600..=86_399 => format!("{}h {}m", secs / 3600, (secs % 3600) / 60),
+        _ => format!("{}d {}h", secs / 86_400, (secs % 86_400) / 3600),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ts(rfc3339: &str) -> Timestamp {
+        Timestamp(
+            DateTime::parse_from_rfc3339(rfc3339)
+                .expect("valid timestamp")
+                .timestamp_millis(),
+        )
+    }
+
+    #[test]
+    fn parses_every_reset_value_openai_and_azure_send() {
+        let fixtures = include_str!("../../tests/fixtures/openai/ratelimit_reset_values.txt");
+        let mut checked = 0;
+        for line in fixtures.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+            let (value, seconds) = line.split_once(' ').expect("two columns");
+            let expected: f64 = seconds.parse().expect("seconds column");
+            let parsed = parse_duration(value).unwrap_or_else(|| panic!("{value} parses"));
+            assert!(
+                (parsed.as_secs_f64() - expected).abs() < 1e-9,
+                "{value}: {parsed:?} != {expected}"
+            );
+            checked += 1;
+        }
+        assert!(checked >= 10);
+    }
+
+    #[test]
+    fn rejects_invalid_durations() {
+        for bad in ["", "s", "10x", "-5", "1h-2m", "abc", "1.2.3s"] {
+            assert_eq!(parse_duration(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn formats_like_go_and_round_trips() {
+        let cases = [
+            (0, "0s"),
+            (120, "120ms"),
+            (2_572, "2.572s"),
+            (20_000, "20s"),
+            (360_000, "6m0s"),
+            (86_400, "1m26.4s"),
+            (5_011_000, "1h23m31s"),
+        ];
+        for (millis, text) in cases {
+            let duration = Duration::from_millis(millis);
+            assert_eq!(format_duration(duration), text);
+            assert_eq!(parse_duration(text), Some(duration));
+        }
+    }
+
+    #[test]
+    fn humanizes_for_messages() {
+        assert_eq!(humanize_duration(Duration::from_millis(1500)), "2s");
+        assert_eq!(humanize_duration(Duration::from_secs(61)), "2m");
+        assert_eq!(humanize_duration(Duration::from_secs(3 * 3600 + 12 * 60)), "3h 12m");
+        assert_eq!(humanize_duration(Duration::from_secs(2 * 86_400 + 3600)), "2d 1h");
+    }
+
+    #[test]
+    fn day_bounds_follow_the_local_calendar() {
+        let tz: Tz = "America/New_York".parse().expect("zone");
+        // 03:30 UTC on 10 March 2026 is still 9 March in New York (UTC-4 after DST).
+        let (start, end) = day_bounds(ts("2026-03-10T03:30:00Z"), tz);
+        assert_eq!(start, ts("2026-03-09T04:00:00Z"));
+        assert_eq!(end, ts("2026-03-10T04:00:00Z"));
+        // The day DST starts (8 March 2026) has 23 hours.
+        let (start, end) = day_bounds(ts("2026-03-08T12:00:00Z"), tz);
+        assert_eq!(start, ts("2026-03-08T05:00:00Z"));
+        assert_eq!(end.millis() - start.millis(), 23 * 3_600_000);
+    }
+
+    #[test]
+    fn day_starts_at_first_existing_time_when_midnight_is_skipped() {
+        // Santiago skipped 00:00-01:00 on 7 September 2025 (clocks jumped to 01:00, UTC-3).
+        let tz: Tz = "America/Santiago".parse().expect("zone");
+        let (start, _) = day_bounds(ts("2025-09-07T15:00:00Z"), tz);
+        assert_eq!(start, ts("2025-09-07T04:00:00Z"));
+    }
+}

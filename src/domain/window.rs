@@ -1,0 +1,311 @@
+//! Counting over time: a sliding window of fixed-width buckets (the per-minute
+//! limits use 60 one-second buckets, the error history 60 one-minute buckets)
+//! and a calendar-day counter that resets at local midnight.
+
+use std::ops::{Add, AddAssign};
+
+use chrono_tz::Tz;
+
+use super::time::{Timestamp, day_bounds};
+
+/// A count that can be summed into buckets and taken out again when a bucket
+/// leaves the window.
+pub trait Tally: Copy + Default + PartialEq + AddAssign {
+    /// `self - other`, never below zero in any field.
+    fn saturating_sub(self, other: Self) -> Self;
+}
+
+/// Requests and tokens, the two units every limit is expressed in.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Usage {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+impl Usage {
+    pub fn requests(n: u64) -> Self {
+        Self {
+            requests: n,
+            tokens: 0,
+        }
+    }
+
+    pub fn tokens(n: u64) -> Self {
+        Self {
+            requests: 0,
+            tokens: n,
+        }
+    }
+
+    pub fn of(self, unit: super::limits::Unit) -> u64 {
+        match unit {
+            super::limits::Unit::Requests => self.requests,
+            super::limits::Unit::Tokens => self.tokens,
+        }
+    }
+}
+
+impl Add for Usage {
+    type Output = Usage;
+    fn add(self, other: Usage) -> Usage {
+        Usage {
+            requests: self.requests.saturating_add(other.requests),
+            tokens: self.tokens.saturating_add(other.tokens),
+        }
+    }
+}
+
+impl AddAssign for Usage {
+    fn add_assign(&mut self, other: Usage) {
+        *self = *self + other;
+    }
+}
+
+impl Tally for Usage {
+    fn saturating_sub(self, other: Self) -> Self {
+        Usage {
+            requests: self.requests.saturating_sub(other.requests),
+            tokens: self.tokens.saturating_sub(other.tokens),
+        }
+    }
+}
+
+/// `N` buckets of `bucket_ms` each; the window is the newest bucket (the one
+/// containing "now") and the `N - 1` before it. Any run of `N` consecutive
+/// buckets therefore holds at most what an admission check against `total`
+/// allowed, which is what makes a per-minute limit hold over *every* 60-second
+/// span rather than per calendar minute.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SlidingWindow<T, const N: usize> {
+    bucket_ms: i64,
+    buckets: [T; N],
+    /// Absolute index (`time / bucket_ms`) of the newest bucket.
+    newest: i64,
+    total: T,
+}
+
+impl<T: Tally, const N: usize> SlidingWindow<T, N> {
+    pub fn new(bucket_ms: i64) -> Self {
+        Self {
+            bucket_ms,
+            buckets: [T::default(); N],
+            newest: 0,
+            total: T::default(),
+        }
+    }
+
+    fn bucket_of(&self, at: Timestamp) -> i64 {
+        at.millis().div_euclid(self.bucket_ms)
+    }
+
+    fn slot(index: i64) -> usize {
+        index.rem_euclid(N as i64) as usize
+    }
+
+    /// Moves the window forward to `now`, dropping buckets that left it. Time
+    /// that goes backwards (a clock step) leaves the window where it is.
+    pub fn advance(&mut self, now: Timestamp) {
+        let target = self.bucket_of(now);
+        if target <= self.newest {
+            return;
+        }
+        if target - self.newest >= N as i64 {
+            self.buckets = [T::default(); N];
+            self.total = T::default();
+        } else {
+            for index in self.newest + 1..=target {
+                let slot = Self::slot(index);
+                self.total = self.total.saturating_sub(self.buckets[slot]);
+                self.buckets[slot] = T::default();
+            }
+        }
+        self.newest = target;
+    }
+
+    /// The sum over the window as of the last `advance`.
+    pub fn total(&self) -> T {
+        self.total
+    }
+
+    pub fn add(&mut self, now: Timestamp, amount: T) {
+        self.advance(now);
+        // After `advance` the newest bucket is the one holding `now` (or a later
+        // one, if the clock stepped back), so that is where the amount goes.
+        self.buckets[Self::slot(self.newest)] += amount;
+        self.total += amount;
+    }
+
+    /// Applies a correction to the bucket that holds `at`, if that bucket is
+    /// still inside the window, and says whether it was; once a bucket has
+    /// left, corrections to it no longer matter for this window.
+    pub fn correct(&mut self, at: Timestamp, add: T, remove: T) -> bool {
+        let index = self.bucket_of(at);
+        if index > self.newest || index <= self.newest - N as i64 {
+            return false;
+        }
+        let slot = Self::slot(index);
+        let before = self.buckets[slot];
+        let mut after = before.saturating_sub(remove);
+        after += add;
+        self.buckets[slot] = after;
+        self.total = self.total.saturating_sub(before);
+        self.total += after;
+        true
+    }
+
+    /// Non-empty buckets from oldest to newest, with the instant each one
+    /// leaves the window.
+    pub fn expiring(&self) -> impl Iterator<Item = (Timestamp, T)> + '_ {
+        (self.newest - N as i64 + 1..=self.newest).filter_map(move |index| {
+            let value = self.buckets[Self::slot(index)];
+            (value != T::default())
+                .then(|| (Timestamp::from_millis((index + N as i64) * self.bucket_ms), value))
+        })
+    }
+
+    /// The non-empty buckets as `(absolute index, value)`, for persistence.
+    pub fn to_entries(&self) -> Vec<(i64, T)> {
+        (self.newest - N as i64 + 1..=self.newest)
+            .map(|index| (index, self.buckets[Self::slot(index)]))
+            .filter(|(_, value)| *value != T::default())
+            .collect()
+    }
+
+    /// Rebuilds a window from [`to_entries`](Self::to_entries); entries that
+    /// have since left the window at `now` are dropped.
+    pub fn from_entries(bucket_ms: i64, entries: &[(i64, T)], now: Timestamp) -> Self {
+        let mut window = Self::new(bucket_ms);
+        window.newest = window.bucket_of(now);
+        for &(index, value) in entries {
+            if index <= window.newest && index > window.newest - N as i64 {
+                window.buckets[Self::slot(index)] += value;
+                window.total += value;
+            }
+        }
+        window
+    }
+}
+
+/// Counts for one calendar day in a timezone, reset when the day ends.
+#[derive(Clone, Debug, PartialEq)]
+pub struct DayCounter {
+    pub start: Timestamp,
+    pub end: Timestamp,
+    pub used: Usage,
+}
+
+impl DayCounter {
+    pub fn new(now: Timestamp, tz: Tz) -> Self {
+        let (start, end) = day_bounds(now, tz);
+        Self {
+            start,
+            end,
+            used: Usage::default(),
+        }
+    }
+
+    /// Starts a new day when `now` has passed the end of the current one (or,
+    /// after a timezone change or clock step, lies before its start).
+    pub fn roll(&mut self, now: Timestamp, tz: Tz) {
+        if now >= self.end || now < self.start {
+            *self = Self::new(now, tz);
+        }
+    }
+
+    pub fn contains(&self, at: Timestamp) -> bool {
+        self.start <= at && at < self.end
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    type Minute = SlidingWindow<Usage, 60>;
+
+    fn at(seconds: f64) -> Timestamp {
+        Timestamp::from_millis((seconds * 1000.0) as i64)
+    }
+
+    #[test]
+    fn counts_the_last_sixty_seconds_including_the_current_one() {
+        let mut window = Minute::new(1000);
+        window.add(at(100.0), Usage::requests(3));
+        window.add(at(130.5), Usage::requests(2));
+        window.advance(at(159.999));
+        assert_eq!(window.total().requests, 5);
+        // The bucket of second 100 leaves the window when second 160 begins.
+        window.advance(at(160.0));
+        assert_eq!(window.total().requests, 2);
+        window.advance(at(190.0));
+        assert_eq!(window.total().requests, 0);
+    }
+
+    #[test]
+    fn a_long_gap_empties_the_window() {
+        let mut window = Minute::new(1000);
+        window.add(at(1.0), Usage::tokens(500));
+        window.advance(at(10_000.0));
+        assert_eq!(window.total(), Usage::default());
+        assert_eq!(window.expiring().count(), 0);
+    }
+
+    #[test]
+    fn clock_going_backwards_keeps_counts() {
+        let mut window = Minute::new(1000);
+        window.add(at(100.0), Usage::requests(1));
+        window.add(at(95.0), Usage::requests(1));
+        assert_eq!(window.total().requests, 2);
+    }
+
+    #[test]
+    fn corrections_apply_only_inside_the_window() {
+        let mut window = Minute::new(1000);
+        window.add(at(100.0), Usage::tokens(100));
+        assert!(window.correct(at(100.2), Usage::tokens(30), Usage::default()));
+        assert_eq!(window.total().tokens, 130);
+        window.correct(at(100.2), Usage::default(), Usage::tokens(500));
+        assert_eq!(window.total().tokens, 0, "saturates at zero");
+        window.add(at(100.0), Usage::tokens(10));
+        window.advance(at(170.0));
+        assert!(!window.correct(at(100.0), Usage::tokens(1000), Usage::default()));
+        assert_eq!(window.total().tokens, 0, "expired bucket is not resurrected");
+    }
+
+    #[test]
+    fn expiring_lists_buckets_oldest_first_with_their_expiry() {
+        let mut window = Minute::new(1000);
+        window.add(at(10.0), Usage::requests(1));
+        window.add(at(20.0), Usage::requests(2));
+        let expiring: Vec<_> = window.expiring().collect();
+        assert_eq!(
+            expiring,
+            vec![(at(70.0), Usage::requests(1)), (at(80.0), Usage::requests(2))]
+        );
+    }
+
+    #[test]
+    fn round_trips_through_entries() {
+        let mut window = Minute::new(1000);
+        window.add(at(10.0), Usage::requests(1));
+        window.add(at(50.0), Usage::requests(2));
+        let restored = Minute::from_entries(1000, &window.to_entries(), at(69.0));
+        assert_eq!(restored.total().requests, 3);
+        let restored = Minute::from_entries(1000, &window.to_entries(), at(70.0));
+        assert_eq!(restored.total().requests, 2, "second 10 leaves the window at 70");
+    }
+
+    #[test]
+    fn day_counter_rolls_at_local_midnight() {
+        let tz: Tz = "Asia/Tokyo".parse().expect("zone");
+        // 2026-01-01T14:59:59Z is 23:59:59 in Tokyo (UTC+9).
+        let before = Timestamp::from_millis(1_767_279_599_000);
+        let mut day = DayCounter::new(before, tz);
+        day.used += Usage::requests(7);
+        day.roll(before, tz);
+        assert_eq!(day.used.requests, 7);
+        day.roll(Timestamp::from_millis(before.millis() + 1000), tz);
+        assert_eq!(day.used.requests, 0);
+        assert_eq!(day.start.millis(), 1_767_279_600_000);
+    }
+}

@@ -1,0 +1,689 @@
+//! One workspace's live state and the operations on it: admission (atomic
+//! across all limits), settlement of token reservations, upstream reports,
+//! the passage of time and admin resets. Each operation takes `now`, changes
+//! the state, re-evaluates the status and returns what changed.
+
+use std::collections::{HashMap, VecDeque};
+use std::time::Duration;
+
+use super::limits::{LimitKind, PerLimit, Span, WorkspaceConfig};
+use super::notification::{Notification, describe};
+use super::status::{Change, Facts, LimitFacts, Observation, StatusTracker};
+use super::time::Timestamp;
+use super::upstream::{
+    BillingCode, ErrorFields, ErrorTally, LastError, Outcomes, RateLimitHeaders, UpstreamClass,
+    UpstreamView, classify, error_rate_alarming,
+};
+use super::window::{DayCounter, SlidingWindow, Usage};
+
+/// Requests and tokens over the last 60 seconds, in one-second buckets.
+pub type MinuteWindow = SlidingWindow<Usage, 60>;
+/// Upstream answers over the last 60 seconds, for the error-rate alarm.
+pub type OutcomeWindow = SlidingWindow<Outcomes, 60>;
+/// Errors and refusals over the last hour, in one-minute buckets.
+pub type ErrorHistory = SlidingWindow<ErrorTally, 60>;
+
+pub const SECOND_MS: i64 = 1000;
+pub const MINUTE_MS: i64 = 60 * SECOND_MS;
+
+/// Engine-wide settings that the domain needs.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Settings {
+    /// How long an unsettled reservation lives before its estimate becomes final.
+    pub reservation_ttl: Duration,
+    /// How often one request may probe the upstream while billing blocks it.
+    pub probe_interval: Duration,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Self {
+            reservation_ttl: Duration::from_secs(600),
+            probe_interval: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Tokens charged at admission, to be settled with the actual count.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Reservation {
+    pub id: u64,
+    pub charged_at: Timestamp,
+    pub estimated_tokens: u64,
+    pub expires_at: Timestamp,
+    pub model: Option<String>,
+    /// Admitted as the one probe allowed through a billing block.
+    pub probe: bool,
+}
+
+/// The upstream reported a billing problem.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BillingBlock {
+    pub code: BillingCode,
+    pub since: Timestamp,
+    pub next_probe_at: Timestamp,
+}
+
+/// Why a request was refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum RefusalCause {
+    /// The limit has no room for the request now.
+    Limit(LimitKind),
+    /// The request alone needs more than the whole limit; it must shrink.
+    TooLarge(LimitKind),
+    UpstreamRateLimited,
+    UpstreamQuota(BillingCode),
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Refusal {
+    pub cause: RefusalCause,
+    /// Usage and maximum of the limit concerned (zero for upstream causes).
+    pub used: u64,
+    pub max: u64,
+    /// When a retry can succeed, if that is known.
+    pub retry_at: Option<Timestamp>,
+    /// False when no short wait helps (a day limit, billing, a request larger
+    /// than a limit): clients must not retry automatically.
+    pub retryable: bool,
+}
+
+/// What a request asks for at admission.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Request {
+    pub estimated_tokens: u64,
+    pub model: Option<String>,
+}
+
+/// A request that ended and is ready to be counted in history.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Finished {
+    pub charged_at: Timestamp,
+    pub model: Option<String>,
+    pub tokens: u64,
+}
+
+/// Everything the status document shows for one workspace.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Snapshot {
+    pub config: WorkspaceConfig,
+    pub status: super::status::Status,
+    pub since: Timestamp,
+    pub reasons: Vec<String>,
+    pub blocked: bool,
+    pub retry_at: Option<Timestamp>,
+    pub limits: Vec<(LimitKind, LimitFacts)>,
+    pub upstream: Option<UpstreamView>,
+    pub billing: Option<BillingBlock>,
+    pub errors: ErrorTally,
+    pub last_error: Option<LastError>,
+    pub at: Timestamp,
+}
+
+/// The persisted form of a workspace's live state; notifications are stored
+/// separately.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Saved {
+    pub minute: Vec<(i64, Usage)>,
+    pub day: DayCounter,
+    pub reservations: Vec<Reservation>,
+    pub rate_block_until: Option<Timestamp>,
+    pub billing_block: Option<BillingBlock>,
+    pub upstream_view: UpstreamView,
+    pub errors: Vec<(i64, ErrorTally)>,
+    pub last_error: Option<LastError>,
+    pub key_rejected: bool,
+    pub status: super::status::Status,
+    pub since: Timestamp,
+}
+
+/// The upstream's answer to one request, as far as it is known.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct UpstreamReport<'a> {
+    /// HTTP status; 0 when there was no answer (unreachable, timeout).
+    pub status: u16,
+    pub error: ErrorFields<'a>,
+    pub headers: RateLimitHeaders,
+    /// When the request was admitted, if it went through admission.
+    pub admitted_at: Option<Timestamp>,
+}
+
+pub struct WorkspaceState {
+    config: WorkspaceConfig,
+    minute: MinuteWindow,
+    day: DayCounter,
+    reservations: HashMap<u64, Reservation>,
+    /// Reservation ids in order of expiry (the TTL is the same for all).
+    expiry: VecDeque<(Timestamp, u64)>,
+    rate_block_until: Option<Timestamp>,
+    billing_block: Option<BillingBlock>,
+    upstream_view: UpstreamView,
+    outcomes: OutcomeWindow,
+    errors: ErrorHistory,
+    last_error: Option<LastError>,
+    key_rejected: bool,
+    tracker: StatusTracker,
+}
+
+/// "Fits" means the limit still has room and the request's cost fits in it;
+/// a zero-token request still needs one token of room.
+fn fits(used: u64, cost: u64, max: u64) -> bool {
+    used.saturating_add(cost.max(1)) <= max
+}
+
+impl WorkspaceState {
+    pub fn new(config: WorkspaceConfig, now: Timestamp) -> Self {
+        let day = DayCounter::new(now, config.timezone);
+        Self {
+            config,
+            minute: MinuteWindow::new(SECOND_MS),
+            day,
+            reservations: HashMap::new(),
+            expiry: VecDeque::new(),
+            rate_block_until: None,
+            billing_block: None,
+            upstream_view: UpstreamView::default(),
+            outcomes: OutcomeWindow::new(SECOND_MS),
+            errors: ErrorHistory::new(MINUTE_MS),
+            last_error: None,
+            key_rejected: false,
+            tracker: StatusTracker::new(now),
+        }
+    }
+
+    pub fn restore(
+        config: WorkspaceConfig,
+        saved: Saved,
+        active: Vec<Notification>,
+        now: Timestamp,
+    ) -> Self {
+        let mut state = Self::new(config, now);
+        state.minute = MinuteWindow::from_entries(SECOND_MS, &saved.minute, now);
+        state.day = saved.day;
+        state.day.roll(now, state.config.timezone);
+        for reservation in saved.reservations {
+            state.expiry.push_back((reservation.expires_at, reservation.id));
+            state.reservations.insert(reservation.id, reservation);
+        }
+        state.expiry.make_contiguous().sort();
+        state.rate_block_until = saved.rate_block_until;
+        state.billing_block = saved.billing_block;
+        state.upstream_view = saved.upstream_view;
+        state.errors = ErrorHistory::from_entries(MINUTE_MS, &saved.errors, now);
+        state.last_error = saved.last_error;
+        state.key_rejected = saved.key_rejected;
+        state.tracker = StatusTracker::restore(saved.status, saved.since, active);
+        state
+    }
+
+    pub fn save(&self) -> Saved {
+        Saved {
+            minute: self.minute.to_entries(),
+            day: self.day.clone(),
+            reservations: self.reservations.values().cloned().collect(),
+            rate_block_until: self.rate_block_until,
+            billing_block: self.billing_block,
+            upstream_view: self.upstream_view,
+            errors: self.errors.to_entries(),
+            last_error: self.last_error.clone(),
+            key_rejected: self.key_rejected,
+            status: self.tracker.status(),
+            since: self.tracker.since(),
+        }
+    }
+
+    pub fn config(&self) -> &WorkspaceConfig {
+        &self.config
+    }
+
+    pub fn status(&self) -> super::status::Status {
+        self.tracker.status()
+    }
+
+    pub fn active_notifications(&self) -> &[Notification] {
+        self.tracker.active()
+    }
+
+    /// Brings windows, reservations and blocks up to `now`. Returns the
+    /// reservations that expired: their estimates are now final.
+    fn advance(&mut self, now: Timestamp) -> Vec<Finished> {
+        self.minute.advance(now);
+        self.outcomes.advance(now);
+        self.errors.advance(now);
+        self.day.roll(now, self.config.timezone);
+        if self.rate_block_until.is_some_and(|until| until <= now) {
+            self.rate_block_until = None;
+        }
+        let mut expired = Vec::new();
+        while let Some(&(expires_at, id)) = self.expiry.front() {
+            if expires_at > now {
+                break;
+            }
+            self.expiry.pop_front();
+            if let Some(reservation) = self.reservations.remove(&id) {
+                expired.push(Finished {
+                    charged_at: reservation.charged_at,
+                    model: reservation.model,
+                    tokens: reservation.estimated_tokens,
+                });
+            }
+        }
+        expired
+    }
+
+    fn used(&self, kind: LimitKind) -> u64 {
+        match kind.span() {
+            Span::Minute => self.minute.total().of(kind.unit()),
+            Span::Day => self.day.used.of(kind.unit()),
+        }
+    }
+
+    /// When a request costing `cost` of the limit's unit fits again.
+    fn frees_at(&self, kind: LimitKind, cost: u64, max: u64) -> Option<Timestamp> {
+        let mut used = self.used(kind);
+        if fits(used, cost, max) {
+            return None;
+        }
+        match kind.span() {
+            Span::Day => Some(self.day.end),
+            Span::Minute => {
+                let mut last = None;
+                for (expires_at, bucket) in self.minute.expiring() {
+                    used = used.saturating_sub(bucket.of(kind.unit()));
+                    last = Some(expires_at);
+                    if fits(used, cost, max) {
+                        break;
+                    }
+                }
+                last
+            }
+        }
+    }
+
+    fn limit_facts(&self, kind: LimitKind, max: u64) -> LimitFacts {
+        let minimal_cost = match kind.unit() {
+            super::limits::Unit::Requests => 1,
+            super::limits::Unit::Tokens => 0,
+        };
+        let resets_at = match kind.span() {
+            Span::Day => Some(self.day.end),
+            Span::Minute => self
+                .minute
+                .expiring()
+                .filter(|(_, bucket)| bucket.of(kind.unit()) > 0)
+                .map(|(expires_at, _)| expires_at)
+                .last(),
+        };
+        LimitFacts {
+            max,
+            used: self.used(kind),
+            resets_at,
+            frees_at: self.frees_at(kind, minimal_cost, max),
+        }
+    }
+
+    /// Decides whether a request costing `cost` may go ahead now, without
+    /// changing anything. `probe_due` says whether a billing block would let
+    /// this request through as its probe.
+    fn verdict(&self, cost: Usage, now: Timestamp, probe_due: bool) -> Result<(), Refusal> {
+        let upstream = |cause, retry_at, retryable| Refusal {
+            cause,
+            used: 0,
+            max: 0,
+            retry_at,
+            retryable,
+        };
+        let mut retryable: Option<Refusal> = None;
+        let mut keep_latest = |refusal: Refusal| {
+            if retryable.is_none_or(|kept| refusal.retry_at > kept.retry_at) {
+                retryable = Some(refusal);
+            }
+        };
+        for (kind, max) in self.config.limits.configured() {
+            let used = self.used(kind);
+            let cost = cost.of(kind.unit());
+            let refusal = |cause, retry_at, retryable| Refusal {
+                cause,
+                used,
+                max,
+                retry_at,
+                retryable,
+            };
+            if cost > max {
+                return Err(refusal(RefusalCause::TooLarge(kind), None, false));
+            }
+            if fits(used, cost, max) {
+                continue;
+            }
+            let retry_at = self.frees_at(kind, cost, max);
+            match kind.span() {
+                Span::Day => return Err(refusal(RefusalCause::Limit(kind), retry_at, false)),
+                Span::Minute => keep_latest(refusal(RefusalCause::Limit(kind), retry_at, true)),
+            }
+        }
+        if let Some(block) = self.billing_block
+            && !probe_due
+        {
+            return Err(upstream(RefusalCause::UpstreamQuota(block.code), None, false));
+        }
+        if let Some(until) = self.rate_block_until.filter(|until| *until > now) {
+            keep_latest(upstream(RefusalCause::UpstreamRateLimited, Some(until), true));
+        }
+        retryable.map_or(Ok(()), Err)
+    }
+
+    fn observation(&self, now: Timestamp) -> Observation {
+        let mut usage = PerLimit::default();
+        for (kind, max) in self.config.limits.configured() {
+            usage.set(kind, Some((self.used(kind), max)));
+        }
+        Observation {
+            usage,
+            warn_at: self.config.warn_at,
+            upstream_rate_limited: self.rate_block_until.is_some_and(|until| until > now),
+            upstream_quota_exhausted: self.billing_block.is_some(),
+            upstream_error_rate: error_rate_alarming(self.outcomes.total()),
+            upstream_key_rejected: self.key_rejected,
+        }
+    }
+
+    fn facts(&self, settings: &Settings) -> Facts<'_> {
+        let mut limits = PerLimit::default();
+        for (kind, max) in self.config.limits.configured() {
+            limits.set(kind, Some(self.limit_facts(kind, max)));
+        }
+        Facts {
+            limits,
+            upstream_blocked_until: self.rate_block_until,
+            billing_code: self.billing_block.map(|block| block.code),
+            upstream_outcomes: self.outcomes.total(),
+            last_error: self.last_error.as_ref(),
+            upstream: &self.upstream_view,
+            probe_interval: settings.probe_interval,
+        }
+    }
+
+    fn evaluate(
+        &mut self,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Vec<Change> {
+        let observation = self.observation(now);
+        // The tracker is taken out for the evaluation so that notification
+        // texts can read the rest of the state while it changes.
+        let mut tracker = std::mem::replace(&mut self.tracker, StatusTracker::new(now));
+        let changes = tracker.evaluate(&observation, now, |cause| {
+            let id = format!("ntf_{:016x}", fresh_id());
+            describe(id, &self.config, cause, &self.facts(settings), now)
+        });
+        self.tracker = tracker;
+        changes
+    }
+
+    /// Admits the request if every limit has room and no block applies, and
+    /// then charges all limits at once; a refused request charges nothing.
+    pub fn admit(
+        &mut self,
+        request: Request,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Admission {
+        let expired = self.advance(now);
+        let cost = Usage {
+            requests: 1,
+            tokens: request.estimated_tokens,
+        };
+        let probe_due = self
+            .billing_block
+            .is_some_and(|block| now >= block.next_probe_at);
+        let result = match self.verdict(cost, now, probe_due) {
+            Ok(()) => {
+                self.minute.add(now, cost);
+                self.day.used += cost;
+                let probe = self.billing_block.is_some();
+                if let Some(block) = &mut self.billing_block {
+                    block.next_probe_at = now.plus(settings.probe_interval);
+                }
+                let reservation = Reservation {
+                    id: fresh_id(),
+                    charged_at: now,
+                    estimated_tokens: request.estimated_tokens,
+                    expires_at: now.plus(settings.reservation_ttl),
+                    model: request.model,
+                    probe,
+                };
+                self.expiry.push_back((reservation.expires_at, reservation.id));
+                self.reservations.insert(reservation.id, reservation.clone());
+                Ok(reservation)
+            }
+            Err(refusal) => {
+                self.errors.add(now, ErrorTally::refusal());
+                Err(refusal)
+            }
+        };
+        Admission {
+            result,
+            expired,
+            changes: self.evaluate(now, settings, fresh_id),
+        }
+    }
+
+    /// Replaces a reservation's estimate with the actual token count. The
+    /// correction lands in the second the request was charged, as long as that
+    /// second is still in the window; extra tokens beyond it are charged now.
+    pub fn settle(
+        &mut self,
+        reservation_id: u64,
+        actual_tokens: u64,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Settlement {
+        let expired = self.advance(now);
+        let Some(reservation) = self.reservations.remove(&reservation_id) else {
+            return Settlement {
+                reservation: None,
+                expired,
+                changes: Vec::new(),
+            };
+        };
+        let extra = actual_tokens.saturating_sub(reservation.estimated_tokens);
+        let unused = reservation.estimated_tokens.saturating_sub(actual_tokens);
+        let corrected = self.minute.correct(
+            reservation.charged_at,
+            Usage::tokens(extra),
+            Usage::tokens(unused),
+        );
+        if !corrected && extra > 0 {
+            self.minute.add(now, Usage::tokens(extra));
+        }
+        self.day.used.tokens = self.day.used.tokens.saturating_add(extra);
+        if self.day.contains(reservation.charged_at) {
+            self.day.used.tokens = self.day.used.tokens.saturating_sub(unused);
+        }
+        Settlement {
+            reservation: Some(reservation),
+            expired,
+            changes: self.evaluate(now, settings, fresh_id),
+        }
+    }
+
+    /// Counts a request that did not go through admission (reported after the
+    /// fact): it happened, so it is charged even beyond the limits.
+    pub fn record_unreserved(
+        &mut self,
+        tokens: u64,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> (Vec<Finished>, Vec<Change>) {
+        let expired = self.advance(now);
+        let usage = Usage {
+            requests: 1,
+            tokens,
+        };
+        self.minute.add(now, usage);
+        self.day.used += usage;
+        (expired, self.evaluate(now, settings, fresh_id))
+    }
+
+    /// Folds in what the upstream answered to one request.
+    pub fn record_upstream(
+        &mut self,
+        report: &UpstreamReport<'_>,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> (UpstreamClass, Vec<Change>) {
+        self.advance(now);
+        if !report.headers.is_empty() {
+            self.upstream_view.observe(&report.headers, now);
+        }
+        let class = classify(report.status, report.error);
+        let failed = u64::from(class == UpstreamClass::ServerError);
+        self.outcomes.add(now, Outcomes { total: 1, failed });
+        self.errors.add(now, ErrorTally::of_class(class));
+        if class != UpstreamClass::Success {
+            self.last_error = Some(LastError {
+                at: now,
+                status_code: report.status,
+                error_type: report.error.error_type.map(str::to_owned),
+                code: report.error.code.map(str::to_owned),
+                message: report.error.message.map(str::to_owned),
+            });
+        }
+        match class {
+            UpstreamClass::Success => {
+                self.key_rejected = false;
+                // A request admitted before the block began says nothing about
+                // whether billing has been fixed since.
+                let admitted_during_block = |block: BillingBlock| {
+                    report
+                        .admitted_at
+                        .is_none_or(|admitted| admitted >= block.since)
+                };
+                if self.billing_block.is_some_and(admitted_during_block) {
+                    self.billing_block = None;
+                }
+            }
+            UpstreamClass::RateLimited => {
+                let until = now.plus(report.headers.backoff());
+                self.rate_block_until = self.rate_block_until.max(Some(until));
+            }
+            UpstreamClass::QuotaExhausted(code) => {
+                let since = self.billing_block.map_or(now, |block| block.since);
+                self.billing_block = Some(BillingBlock {
+                    code,
+                    since,
+                    next_probe_at: now.plus(settings.probe_interval),
+                });
+            }
+            UpstreamClass::KeyRejected => self.key_rejected = true,
+            UpstreamClass::RequestTooLarge
+            | UpstreamClass::ServerError
+            | UpstreamClass::ClientError => {}
+        }
+        (class, self.evaluate(now, settings, fresh_id))
+    }
+
+    /// Lets time pass: windows slide, blocks and reservations expire. Returns
+    /// whether the counted usage changed, the expired reservations and the
+    /// status changes.
+    pub fn tick(
+        &mut self,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> (bool, Vec<Finished>, Vec<Change>) {
+        let before = (self.minute.total(), self.day.used);
+        let expired = self.advance(now);
+        let usage_changed = before != (self.minute.total(), self.day.used);
+        (usage_changed, expired, self.evaluate(now, settings, fresh_id))
+    }
+
+    /// An admin reset: clears counters, upstream blocks and active
+    /// notifications. Requests in flight keep their reservations, now charged
+    /// nothing, so that their settlement counts their actual usage afresh.
+    pub fn reset(&mut self, now: Timestamp) -> Vec<Change> {
+        self.minute = MinuteWindow::new(SECOND_MS);
+        self.day = DayCounter::new(now, self.config.timezone);
+        for reservation in self.reservations.values_mut() {
+            reservation.charged_at = now;
+            reservation.estimated_tokens = 0;
+        }
+        self.rate_block_until = None;
+        self.billing_block = None;
+        self.key_rejected = false;
+        self.outcomes = OutcomeWindow::new(SECOND_MS);
+        self.tracker.clear(now)
+    }
+
+    /// Applies new settings; the status follows at once.
+    pub fn reconfigure(
+        &mut self,
+        config: WorkspaceConfig,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Vec<Change> {
+        if config.timezone != self.config.timezone {
+            // Today's count carries over; only the day's bounds move.
+            let used = self.day.used;
+            self.day = DayCounter::new(now, config.timezone);
+            self.day.used = used;
+        }
+        self.config = config;
+        self.advance(now);
+        self.evaluate(now, settings, fresh_id)
+    }
+
+    pub fn snapshot(&self, now: Timestamp) -> Snapshot {
+        let limits = self
+            .config
+            .limits
+            .configured()
+            .map(|(kind, max)| (kind, self.limit_facts(kind, max)))
+            .collect();
+        let minimal = Usage {
+            requests: 1,
+            tokens: 0,
+        };
+        let verdict = self.verdict(minimal, now, false);
+        Snapshot {
+            config: self.config.clone(),
+            status: self.tracker.status(),
+            since: self.tracker.since(),
+            reasons: self
+                .tracker
+                .causes()
+                .reasons(self.billing_block.map(|block| block.code)),
+            blocked: verdict.is_err(),
+            retry_at: verdict.err().and_then(|refusal| refusal.retry_at),
+            limits,
+            upstream: self.upstream_view.is_known().then_some(self.upstream_view),
+            billing: self.billing_block,
+            errors: self.errors.total(),
+            last_error: self.last_error.clone(),
+            at: now,
+        }
+    }
+}
+
+/// The result of [`WorkspaceState::admit`].
+#[derive(Debug)]
+pub struct Admission {
+    pub result: Result<Reservation, Refusal>,
+    pub expired: Vec<Finished>,
+    pub changes: Vec<Change>,
+}
+
+/// The result of [`WorkspaceState::settle`]; `reservation` is `None` when the
+/// id was unknown or had expired.
+#[derive(Debug)]
+pub struct Settlement {
+    pub reservation: Option<Reservation>,
+    pub expired: Vec<Finished>,
+    pub changes: Vec<Change>,
+}
