@@ -1,4 +1,14 @@
 //! quotawatch: watches and enforces OpenAI API quotas for many workspaces.
-//! See ARCHITECTURE.md for the map of this crate.
+//! ARCHITECTURE.md has the map of this crate; in short, imports point inward:
+//! `domain` <- `store` <- `engine` <- `admin` / `api` <- `app` <- `cli`.
 
+pub mod admin;
+pub mod api;
+pub mod app;
+pub mod cli;
+pub mod config;
 pub mod domain;
+pub mod engine;
+pub mod keys;
+pub mod store;
+pub mod telemetry;

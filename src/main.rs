@@ -1,3 +1,16 @@
-fn main() {
-    println!("Hello, world!");
+//! The `quotawatch` binary: parse the command line, run it, report failure.
+
+use clap::Parser;
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    quotawatch::telemetry::install_crypto_provider();
+    let cli = quotawatch::cli::Cli::parse();
+    match quotawatch::cli::run(cli).await {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(error) => {
+            eprintln!("quotawatch: {error}");
+            std::process::ExitCode::FAILURE
+        }
+    }
 }

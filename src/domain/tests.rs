@@ -97,6 +97,7 @@ impl Script {
     }
 
     fn settle(&mut self, id: u64, actual: u64) -> bool {
+        let actual = Some(actual);
         let mut next_id = self.next_id;
         let settlement =
             self.state
@@ -641,7 +642,7 @@ fn saved_state_restores_counters_blocks_and_status() {
     assert_eq!(snapshot.limits[0].1.used, 1);
     assert_eq!(snapshot.limits[1].1.used, 300);
     assert!(snapshot.blocked);
-    let settlement = restored.settle(id, 100, script.now, &script.settings, &mut || 9);
+    let settlement = restored.settle(id, Some(100), script.now, &script.settings, &mut || 9);
     assert!(settlement.reservation.is_some(), "reservations survive");
     assert_eq!(restored.snapshot(script.now).limits[1].1.used, 100);
 }

@@ -79,7 +79,8 @@ fn local_day_start(date: NaiveDate, tz: Tz) -> Timestamp {
 
 /// Parses a duration as OpenAI and Azure send it in rate-limit headers: a Go
 /// duration string (`120ms`, `2.572s`, `1h23m31s`, decimals allowed in every
-/// part) or Azure's plain number of seconds (`20`). Returns `None` for anything
+/// part) or Azure's plain number of seconds (`20`). Days (`7d`) are accepted
+/// too, for configuration and history windows. Returns `None` for anything
 /// else, including negative values.
 pub fn parse_duration(text: &str) -> Option<Duration> {
     let text = text.trim();
@@ -104,6 +105,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
             .find(|c: char| c.is_ascii_digit() || c == '.')
             .unwrap_or(rest.len());
         let seconds_per_unit = match &rest[..unit_len] {
+            "d" => 86_400.0,
             "h" => 3600.0,
             "m" => 60.0,
             "s" => 1.0,

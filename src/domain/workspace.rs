@@ -470,13 +470,14 @@ impl WorkspaceState {
         }
     }
 
-    /// Replaces a reservation's estimate with the actual token count. The
-    /// correction lands in the second the request was charged, as long as that
-    /// second is still in the window; extra tokens beyond it are charged now.
+    /// Replaces a reservation's estimate with the actual token count (`None`
+    /// keeps the estimate). The correction lands in the second the request
+    /// was charged, as long as that second is still in the window; extra
+    /// tokens beyond it are charged now.
     pub fn settle(
         &mut self,
         reservation_id: u64,
-        actual_tokens: u64,
+        actual_tokens: Option<u64>,
         now: Timestamp,
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
@@ -489,6 +490,7 @@ impl WorkspaceState {
                 changes: Vec::new(),
             };
         };
+        let actual_tokens = actual_tokens.unwrap_or(reservation.estimated_tokens);
         let extra = actual_tokens.saturating_sub(reservation.estimated_tokens);
         let unused = reservation.estimated_tokens.saturating_sub(actual_tokens);
         let corrected = self.minute.correct(
@@ -639,6 +641,32 @@ impl WorkspaceState {
         self.evaluate(now, settings, fresh_id)
     }
 
+    /// The tightest request limit and the tightest token limit (least
+    /// remaining), for `x-ratelimit-*` headers.
+    pub fn headroom(&self) -> Headroom {
+        let tightest = |unit| {
+            self.config
+                .limits
+                .configured()
+                .filter(|(kind, _)| kind.unit() == unit)
+                .min_by_key(|&(kind, max)| max.saturating_sub(self.used(kind)))
+                .map(|(kind, max)| (kind, self.limit_facts(kind, max)))
+        };
+        Headroom {
+            requests: tightest(super::limits::Unit::Requests),
+            tokens: tightest(super::limits::Unit::Tokens),
+        }
+    }
+
+    /// What is left of each configured limit.
+    pub fn remaining(&self) -> Vec<(LimitKind, u64)> {
+        self.config
+            .limits
+            .configured()
+            .map(|(kind, max)| (kind, max.saturating_sub(self.used(kind))))
+            .collect()
+    }
+
     pub fn snapshot(&self, now: Timestamp) -> Snapshot {
         let limits = self
             .config
@@ -669,6 +697,13 @@ impl WorkspaceState {
             at: now,
         }
     }
+}
+
+/// The limits closest to running out, per unit.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Headroom {
+    pub requests: Option<(LimitKind, LimitFacts)>,
+    pub tokens: Option<(LimitKind, LimitFacts)>,
 }
 
 /// The result of [`WorkspaceState::admit`].

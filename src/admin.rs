@@ -1,0 +1,232 @@
+//! Managing workspaces and keys: validation, the database write, and (when a
+//! server is running in this process) the engine update. The REST admin API
+//! and the CLI both go through here, so they accept and reject the same
+//! things.
+
+use std::sync::Arc;
+
+use crate::domain::limits::{
+    LimitKind, PerLimit, ValidationError, WorkspaceConfig, WorkspaceId, parse_timezone,
+    validate_limit, validate_name, validate_warn_at,
+};
+use crate::engine::{Engine, WorkspaceDefaults};
+use crate::keys::{PlainKey, new_id};
+use crate::store::{KeyRecord, Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error(transparent)]
+    Invalid(#[from] ValidationError),
+    #[error("workspace {0} does not exist")]
+    WorkspaceNotFound(WorkspaceId),
+    #[error("workspace {workspace} has no active key {key_id}")]
+    KeyNotFound { workspace: WorkspaceId, key_id: String },
+    #[error("{0}")]
+    Conflict(String),
+    #[error(transparent)]
+    Store(StoreError),
+}
+
+impl From<StoreError> for AdminError {
+    fn from(error: StoreError) -> Self {
+        match error {
+            StoreError::Conflict(message) => AdminError::Conflict(message),
+            other => AdminError::Store(other),
+        }
+    }
+}
+
+/// The settable parts of a workspace. Every field is optional: on creation
+/// an absent field takes its default, on update it stays as it is. For
+/// limits, `Some(None)` means "unlimited" and `None` means "not given".
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct WorkspaceSpec {
+    pub name: Option<String>,
+    pub timezone: Option<String>,
+    pub limits: PerLimit<Option<Option<u64>>>,
+    pub warn_at: Option<f64>,
+}
+
+impl WorkspaceSpec {
+    /// Applies this spec on top of `base`, validating every given field.
+    pub fn apply_to(&self, mut base: WorkspaceConfig) -> Result<WorkspaceConfig, ValidationError> {
+        if let Some(name) = &self.name {
+            base.name = validate_name(name)?;
+        }
+        if let Some(timezone) = &self.timezone {
+            base.timezone = parse_timezone(timezone)?;
+        }
+        for kind in LimitKind::ALL {
+            if let Some(value) = self.limits.get(kind) {
+                base.limits.set(kind, validate_limit(kind, value)?);
+            }
+        }
+        if let Some(warn_at) = self.warn_at {
+            base.warn_at = validate_warn_at(warn_at)?;
+        }
+        Ok(base)
+    }
+}
+
+pub struct Admin {
+    store: Store,
+    engine: Option<Arc<Engine>>,
+    defaults: WorkspaceDefaults,
+}
+
+impl Admin {
+    /// `engine` is the running server's engine, if there is one in this
+    /// process; the CLI has none and relies on the server polling the
+    /// catalog generation.
+    pub fn new(store: Store, engine: Option<Arc<Engine>>, defaults: WorkspaceDefaults) -> Self {
+        Self {
+            store,
+            engine,
+            defaults,
+        }
+    }
+
+    fn now(&self) -> crate::domain::time::Timestamp {
+        match &self.engine {
+            Some(engine) => engine.now(),
+            None => crate::engine::Clock::now(&crate::engine::SystemClock),
+        }
+    }
+
+    fn note(&self, generation: i64) {
+        if let Some(engine) = &self.engine {
+            engine.note_own_change(generation);
+        }
+    }
+
+    pub async fn list_workspaces(&self) -> Result<Vec<WorkspaceConfig>, AdminError> {
+        Ok(self.store.load_catalog().await?.workspaces)
+    }
+
+    pub async fn workspace(&self, id: &WorkspaceId) -> Result<WorkspaceConfig, AdminError> {
+        self.store
+            .workspace(id)
+            .await?
+            .ok_or_else(|| AdminError::WorkspaceNotFound(id.clone()))
+    }
+
+    pub async fn create_workspace(
+        &self,
+        id: &str,
+        spec: &WorkspaceSpec,
+    ) -> Result<WorkspaceConfig, AdminError> {
+        let id: WorkspaceId = id.parse()?;
+        let mut base = WorkspaceConfig::new(id, self.defaults.limits);
+        base.warn_at = self.defaults.warn_at;
+        let config = spec.apply_to(base)?;
+        let generation = self.store.insert_workspace(&config, self.now()).await?;
+        self.note(generation);
+        if let Some(engine) = &self.engine {
+            engine.upsert_workspace(config.clone());
+        }
+        tracing::info!(workspace = %config.id, "workspace created");
+        Ok(config)
+    }
+
+    pub async fn update_workspace(
+        &self,
+        id: &WorkspaceId,
+        spec: &WorkspaceSpec,
+    ) -> Result<WorkspaceConfig, AdminError> {
+        let config = spec.apply_to(self.workspace(id).await?)?;
+        let generation = self
+            .store
+            .update_workspace(&config, self.now())
+            .await?
+            .ok_or_else(|| AdminError::WorkspaceNotFound(id.clone()))?;
+        self.note(generation);
+        if let Some(engine) = &self.engine {
+            engine.upsert_workspace(config.clone());
+        }
+        tracing::info!(workspace = %config.id, "workspace updated");
+        Ok(config)
+    }
+
+    /// Creates the workspace, or updates it to match `spec` if it exists
+    /// (used for workspaces declared in the configuration file).
+    pub async fn declare_workspace(
+        &self,
+        id: &str,
+        spec: &WorkspaceSpec,
+    ) -> Result<WorkspaceConfig, AdminError> {
+        let parsed: WorkspaceId = id.parse()?;
+        match self.store.workspace(&parsed).await? {
+            Some(existing) if spec.apply_to(existing.clone())? == existing => Ok(existing),
+            Some(_) => self.update_workspace(&parsed, spec).await,
+            None => self.create_workspace(id, spec).await,
+        }
+    }
+
+    pub async fn delete_workspace(&self, id: &WorkspaceId) -> Result<(), AdminError> {
+        let generation = self
+            .store
+            .delete_workspace(id)
+            .await?
+            .ok_or_else(|| AdminError::WorkspaceNotFound(id.clone()))?;
+        self.note(generation);
+        if let Some(engine) = &self.engine {
+            engine.remove_workspace(id);
+        }
+        tracing::info!(workspace = %id, "workspace deleted");
+        Ok(())
+    }
+
+    /// Creates a key. The plaintext is returned once and never stored.
+    pub async fn create_key(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<(KeyRecord, PlainKey), AdminError> {
+        self.workspace(workspace).await?;
+        let key = PlainKey::generate();
+        let record = KeyRecord {
+            id: new_id("key"),
+            workspace: workspace.clone(),
+            hash: key.hash(),
+            prefix: key.display_prefix(),
+            created_at: self.now(),
+            revoked_at: None,
+        };
+        let generation = self.store.insert_key(&record).await?;
+        self.note(generation);
+        if let Some(engine) = &self.engine {
+            engine.add_key(record.hash, workspace.clone());
+        }
+        tracing::info!(workspace = %workspace, key_id = %record.id, "key created");
+        Ok((record, key))
+    }
+
+    pub async fn revoke_key(&self, workspace: &WorkspaceId, key_id: &str) -> Result<(), AdminError> {
+        let keys = self.store.list_keys(workspace).await?;
+        let record = keys
+            .iter()
+            .find(|key| key.id == key_id && key.revoked_at.is_none())
+            .ok_or_else(|| AdminError::KeyNotFound {
+                workspace: workspace.clone(),
+                key_id: key_id.to_owned(),
+            })?;
+        let generation = self
+            .store
+            .revoke_key(workspace, key_id, self.now())
+            .await?
+            .ok_or_else(|| AdminError::KeyNotFound {
+                workspace: workspace.clone(),
+                key_id: key_id.to_owned(),
+            })?;
+        self.note(generation);
+        if let Some(engine) = &self.engine {
+            engine.remove_key(&record.hash);
+        }
+        tracing::info!(workspace = %workspace, key_id, "key revoked");
+        Ok(())
+    }
+
+    pub async fn list_keys(&self, workspace: &WorkspaceId) -> Result<Vec<KeyRecord>, AdminError> {
+        self.workspace(workspace).await?;
+        Ok(self.store.list_keys(workspace).await?)
+    }
+}

@@ -1,0 +1,596 @@
+//! Every JSON shape of the REST and WebSocket API, and the conversions from
+//! domain values. Serde and OpenAPI derive live here and nowhere else.
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Deserializer, Serialize};
+use utoipa::ToSchema;
+
+use crate::domain::limits::{LimitKind, PerLimit, WorkspaceConfig};
+use crate::domain::notification::Notification;
+use crate::domain::status::LimitFacts;
+use crate::domain::time::Timestamp;
+use crate::domain::upstream::UpstreamBucket;
+use crate::domain::workspace::Snapshot;
+use crate::store::KeyRecord;
+
+/// Reads a field that may be absent (`None`), null (`Some(None)`) or set.
+fn tri_state<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<u64>>, D::Error> {
+    Option::<u64>::deserialize(deserializer).map(Some)
+}
+
+fn rfc3339(at: Timestamp) -> String {
+    at.to_rfc3339()
+}
+
+// ----- errors -----------------------------------------------------------------
+
+/// The error shape of every non-2xx answer, the same as OpenAI's.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ErrorDetail {
+    /// What went wrong, for people.
+    pub message: String,
+    /// The error class, e.g. `invalid_request_error` or `requests`.
+    #[serde(rename = "type")]
+    pub error_type: String,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+    /// A machine-readable code, e.g. `invalid_json` or `rate_limit_exceeded`.
+    pub code: Option<String>,
+}
+
+// ----- status -------------------------------------------------------------------
+
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct LimitDoc {
+    pub limit: u64,
+    pub used: u64,
+    pub remaining: u64,
+    /// `used / limit`, between 0 and 1 (above 1 when usage reported after the
+    /// fact overshot the limit).
+    pub utilization: f64,
+    /// When the window is clear again (minute limits, null when empty) or
+    /// the day ends (day limits).
+    pub resets_at: Option<String>,
+}
+
+impl From<LimitFacts> for LimitDoc {
+    fn from(facts: LimitFacts) -> Self {
+        Self {
+            limit: facts.max,
+            used: facts.used,
+            remaining: facts.remaining(),
+            utilization: (facts.utilization() * 10_000.0).round() / 10_000.0,
+            resets_at: facts.resets_at.map(rfc3339),
+        }
+    }
+}
+
+/// One entry per configured limit; unlimited kinds are left out.
+#[derive(Serialize, ToSchema, Clone, Debug, Default)]
+pub struct LimitsDoc {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_minute: Option<LimitDoc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub requests_per_day: Option<LimitDoc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_minute: Option<LimitDoc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tokens_per_day: Option<LimitDoc>,
+}
+
+impl LimitsDoc {
+    fn slot(&mut self, kind: LimitKind) -> &mut Option<LimitDoc> {
+        match kind {
+            LimitKind::RequestsPerMinute => &mut self.requests_per_minute,
+            LimitKind::RequestsPerDay => &mut self.requests_per_day,
+            LimitKind::TokensPerMinute => &mut self.tokens_per_minute,
+            LimitKind::TokensPerDay => &mut self.tokens_per_day,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct UpstreamBucketDoc {
+    pub limit: Option<u64>,
+    pub remaining: Option<u64>,
+    pub resets_at: Option<String>,
+    pub observed_at: String,
+}
+
+impl From<UpstreamBucket> for UpstreamBucketDoc {
+    fn from(bucket: UpstreamBucket) -> Self {
+        Self {
+            limit: bucket.limit,
+            remaining: bucket.remaining,
+            resets_at: bucket.resets_at.map(rfc3339),
+            observed_at: rfc3339(bucket.observed_at),
+        }
+    }
+}
+
+/// The upstream's own headroom, from its last `x-ratelimit-*` headers.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct UpstreamDoc {
+    pub requests: Option<UpstreamBucketDoc>,
+    pub tokens: Option<UpstreamBucketDoc>,
+}
+
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct LastErrorDoc {
+    pub at: String,
+    pub status_code: u16,
+    #[serde(rename = "type")]
+    pub error_type: Option<String>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+}
+
+/// Upstream errors and local refusals over the last hour.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct ErrorsDoc {
+    pub window_seconds: u32,
+    pub rate_limited: u64,
+    pub insufficient_quota: u64,
+    pub server_error: u64,
+    pub other: u64,
+    /// Requests quotawatch refused itself.
+    pub refused: u64,
+    pub last: Option<LastErrorDoc>,
+}
+
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct BillingBlockDoc {
+    pub code: String,
+    pub since: String,
+    pub next_probe_at: String,
+}
+
+/// Where a workspace stands.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct StatusDoc {
+    pub workspace: String,
+    pub name: String,
+    /// `normal`, `warning`, `rate_limited` or `quota_exceeded`.
+    pub status: String,
+    pub since: String,
+    /// Machine-readable causes, highest first, e.g. `requests_per_day_exhausted`.
+    pub reasons: Vec<String>,
+    /// Whether a request would be refused right now.
+    pub blocked: bool,
+    /// Seconds until a request can succeed, when blocked and known.
+    pub retry_after_seconds: Option<f64>,
+    pub limits: LimitsDoc,
+    pub upstream: Option<UpstreamDoc>,
+    pub billing_block: Option<BillingBlockDoc>,
+    pub errors: ErrorsDoc,
+    pub updated_at: String,
+}
+
+impl From<&Snapshot> for StatusDoc {
+    fn from(snapshot: &Snapshot) -> Self {
+        let mut limits = LimitsDoc::default();
+        for (kind, facts) in &snapshot.limits {
+            *limits.slot(*kind) = Some(LimitDoc::from(*facts));
+        }
+        let errors = snapshot.errors;
+        Self {
+            workspace: snapshot.config.id.to_string(),
+            name: snapshot.config.name.clone(),
+            status: snapshot.status.name().to_owned(),
+            since: rfc3339(snapshot.since),
+            reasons: snapshot.reasons.clone(),
+            blocked: snapshot.blocked,
+            retry_after_seconds: snapshot
+                .retry_at
+                .map(|at| snapshot.at.until(at).as_millis() as f64 / 1000.0),
+            limits,
+            upstream: snapshot.upstream.map(|view| UpstreamDoc {
+                requests: view.requests.map(Into::into),
+                tokens: view.tokens.map(Into::into),
+            }),
+            billing_block: snapshot.billing.map(|block| BillingBlockDoc {
+                code: block.code.code().to_owned(),
+                since: rfc3339(block.since),
+                next_probe_at: rfc3339(block.next_probe_at),
+            }),
+            errors: ErrorsDoc {
+                window_seconds: 3600,
+                rate_limited: errors.rate_limited,
+                insufficient_quota: errors.insufficient_quota,
+                server_error: errors.server_error,
+                other: errors.other,
+                refused: errors.refused,
+                last: snapshot.last_error.as_ref().map(|e| LastErrorDoc {
+                    at: rfc3339(e.at),
+                    status_code: e.status_code,
+                    error_type: e.error_type.clone(),
+                    code: e.code.clone(),
+                    message: e.message.clone(),
+                }),
+            },
+            updated_at: rfc3339(snapshot.at),
+        }
+    }
+}
+
+/// The admin's view without `?workspace`: every workspace, worst first.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct StatusListDoc {
+    pub workspaces: Vec<StatusDoc>,
+}
+
+// ----- notifications -------------------------------------------------------------
+
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct NotificationDoc {
+    pub id: String,
+    /// Null for service-wide notifications.
+    pub workspace: Option<String>,
+    /// `info`, `warning` or `critical`.
+    pub severity: String,
+    /// `approaching_limit`, `rate_limited`, `daily_quota_exhausted`,
+    /// `upstream_rate_limited`, `upstream_quota_exhausted`, `upstream_errors`
+    /// or `storage_unavailable`.
+    pub kind: String,
+    pub title: String,
+    pub message: String,
+    pub suggested_actions: Vec<String>,
+    pub limit: Option<String>,
+    pub created_at: String,
+    /// When the cause is expected to end by itself, if known.
+    pub resolves_at: Option<String>,
+    /// When the cause ended; null while active.
+    pub resolved_at: Option<String>,
+}
+
+impl From<&Notification> for NotificationDoc {
+    fn from(n: &Notification) -> Self {
+        Self {
+            id: n.id.clone(),
+            workspace: n.workspace.as_ref().map(ToString::to_string),
+            severity: n.severity.name().to_owned(),
+            kind: n.kind.name().to_owned(),
+            title: n.title.clone(),
+            message: n.message.clone(),
+            suggested_actions: n.suggested_actions.clone(),
+            limit: n.limit.map(|kind| kind.name().to_owned()),
+            created_at: rfc3339(n.created_at),
+            resolves_at: n.resolves_at.map(rfc3339),
+            resolved_at: n.resolved_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct NotificationsDoc {
+    pub workspace: String,
+    pub status: String,
+    /// Active notifications, most severe first; with `?include=history`
+    /// resolved ones follow, newest first.
+    pub notifications: Vec<NotificationDoc>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct NotificationsListDoc {
+    pub workspaces: Vec<NotificationsDoc>,
+}
+
+// ----- check and usage -------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct CheckRequest {
+    /// Tokens the call will use at most (prompt plus maximum completion);
+    /// charged now and settled when usage is reported.
+    pub estimated_tokens: Option<u64>,
+    pub model: Option<String>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct CheckResponse {
+    pub allowed: bool,
+    /// Pass this to `POST /api/quota/usage` to settle the estimate.
+    pub reservation_id: String,
+    /// When an unsettled reservation becomes final with its estimate.
+    pub expires_at: String,
+    /// True when this call is the one probe let through a billing block:
+    /// report its outcome so the block can lift.
+    pub probe: bool,
+    /// What is left of each configured limit after this call.
+    pub remaining: BTreeMap<String, u64>,
+}
+
+/// Token counts in either OpenAI shape: chat/completions/embeddings
+/// (`prompt_tokens`, `completion_tokens`) or the Responses API
+/// (`input_tokens`, `output_tokens`). Unknown fields are ignored, so a
+/// response's `usage` object can be passed as it is.
+#[derive(Deserialize, ToSchema, Debug, Default)]
+pub struct UsageDoc {
+    pub prompt_tokens: Option<u64>,
+    pub completion_tokens: Option<u64>,
+    pub input_tokens: Option<u64>,
+    pub output_tokens: Option<u64>,
+    pub total_tokens: Option<u64>,
+    pub prompt_tokens_details: Option<PromptDetails>,
+    pub input_tokens_details: Option<PromptDetails>,
+    pub completion_tokens_details: Option<CompletionDetails>,
+    pub output_tokens_details: Option<CompletionDetails>,
+}
+
+#[derive(Deserialize, ToSchema, Debug, Default)]
+pub struct PromptDetails {
+    pub cached_tokens: Option<u64>,
+}
+
+#[derive(Deserialize, ToSchema, Debug, Default)]
+pub struct CompletionDetails {
+    pub reasoning_tokens: Option<u64>,
+}
+
+/// The `error` object of an OpenAI error body.
+#[derive(Deserialize, ToSchema, Debug, Default)]
+pub struct UpstreamErrorDoc {
+    #[serde(rename = "type")]
+    pub error_type: Option<String>,
+    pub code: Option<String>,
+    pub message: Option<String>,
+    pub param: Option<String>,
+}
+
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UsageRequest {
+    /// From `POST /api/quota/check`; without it the call counts as one
+    /// request plus its tokens.
+    pub reservation_id: Option<String>,
+    pub model: Option<String>,
+    pub usage: Option<UsageDoc>,
+    /// The upstream's HTTP status (default 200, or 429 when `error` is given).
+    pub status_code: Option<u16>,
+    pub error: Option<UpstreamErrorDoc>,
+    /// The upstream's response headers; `x-ratelimit-*`, `retry-after` and
+    /// `retry-after-ms` are read.
+    #[schema(value_type = Option<Object>)]
+    pub headers: Option<BTreeMap<String, String>>,
+    /// How long the call took, for history.
+    pub latency_ms: Option<u64>,
+}
+
+// ----- reset -----------------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ResetRequest {
+    pub workspace: Option<String>,
+    pub all: Option<bool>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct ResetResponse {
+    pub reset: Vec<String>,
+}
+
+// ----- history -----------------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema, Debug, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// `1h`, `24h`, `7d`, `30d`, ... (default `24h`).
+    pub window: Option<String>,
+    /// `1m` (windows up to 48h), `1h` (up to 35d) or `1d` (up to 400d; days
+    /// in the workspace's timezone). Default `1m`.
+    pub step: Option<String>,
+    /// Admin only: the workspace to show.
+    pub workspace: Option<String>,
+}
+
+#[derive(Serialize, ToSchema, Debug, Clone, Copy, Default)]
+pub struct HistoryPoint {
+    /// Start of the step, milliseconds since the Unix epoch.
+    pub t: i64,
+    pub requests: i64,
+    pub tokens: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub errors: i64,
+    pub refused: i64,
+    /// Mean latency of the step's reported calls, in milliseconds.
+    pub avg_latency_ms: Option<f64>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct HistoryDoc {
+    pub workspace: String,
+    pub window: String,
+    pub step: String,
+    pub points: Vec<HistoryPoint>,
+}
+
+// ----- workspaces and keys -------------------------------------------------------------
+
+/// Limits as configured; null means unlimited.
+#[derive(Serialize, ToSchema, Debug, Clone)]
+pub struct LimitSettingsDoc {
+    pub requests_per_minute: Option<u64>,
+    pub requests_per_day: Option<u64>,
+    pub tokens_per_minute: Option<u64>,
+    pub tokens_per_day: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema, Debug, Clone)]
+pub struct WorkspaceDoc {
+    pub id: String,
+    pub name: String,
+    pub timezone: String,
+    pub limits: LimitSettingsDoc,
+    pub warn_at: f64,
+}
+
+impl From<&WorkspaceConfig> for WorkspaceDoc {
+    fn from(config: &WorkspaceConfig) -> Self {
+        let l = config.limits;
+        Self {
+            id: config.id.to_string(),
+            name: config.name.clone(),
+            timezone: config.timezone.name().to_owned(),
+            limits: LimitSettingsDoc {
+                requests_per_minute: l.get(LimitKind::RequestsPerMinute),
+                requests_per_day: l.get(LimitKind::RequestsPerDay),
+                tokens_per_minute: l.get(LimitKind::TokensPerMinute),
+                tokens_per_day: l.get(LimitKind::TokensPerDay),
+            },
+            warn_at: config.warn_at,
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct WorkspaceListDoc {
+    pub workspaces: Vec<WorkspaceDoc>,
+}
+
+/// Limits to set: a number, null for unlimited, or left out (on creation:
+/// the server default; on update: unchanged).
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsInput {
+    #[serde(default, deserialize_with = "tri_state")]
+    #[schema(value_type = Option<u64>)]
+    pub requests_per_minute: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "tri_state")]
+    #[schema(value_type = Option<u64>)]
+    pub requests_per_day: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "tri_state")]
+    #[schema(value_type = Option<u64>)]
+    pub tokens_per_minute: Option<Option<u64>>,
+    #[serde(default, deserialize_with = "tri_state")]
+    #[schema(value_type = Option<u64>)]
+    pub tokens_per_day: Option<Option<u64>>,
+}
+
+impl LimitsInput {
+    pub fn to_per_limit(&self) -> PerLimit<Option<Option<u64>>> {
+        PerLimit([
+            self.requests_per_minute,
+            self.requests_per_day,
+            self.tokens_per_minute,
+            self.tokens_per_day,
+        ])
+    }
+}
+
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct CreateWorkspaceRequest {
+    pub id: String,
+    pub name: Option<String>,
+    /// An IANA timezone name; the day limits reset at its midnight. Default UTC.
+    pub timezone: Option<String>,
+    pub limits: Option<LimitsInput>,
+    pub warn_at: Option<f64>,
+}
+
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct UpdateWorkspaceRequest {
+    /// May be given, but must match the id in the path.
+    pub id: Option<String>,
+    pub name: Option<String>,
+    pub timezone: Option<String>,
+    pub limits: Option<LimitsInput>,
+    pub warn_at: Option<f64>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct CreatedKeyDoc {
+    pub id: String,
+    /// The key itself. It is shown this once and cannot be retrieved again.
+    pub key: String,
+    pub workspace: String,
+    pub prefix: String,
+    pub created_at: String,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct KeyDoc {
+    pub id: String,
+    pub prefix: String,
+    pub created_at: String,
+    pub revoked_at: Option<String>,
+}
+
+impl From<&KeyRecord> for KeyDoc {
+    fn from(key: &KeyRecord) -> Self {
+        Self {
+            id: key.id.clone(),
+            prefix: key.prefix.clone(),
+            created_at: rfc3339(key.created_at),
+            revoked_at: key.revoked_at.map(rfc3339),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct KeyListDoc {
+    pub keys: Vec<KeyDoc>,
+}
+
+// ----- WebSocket ----------------------------------------------------------------------
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct TicketDoc {
+    /// Pass as `?ticket=` to `GET /api/quota/ws`; valid once, for 60 seconds.
+    pub ticket: String,
+    pub expires_at: String,
+}
+
+/// Messages the server sends on the WebSocket.
+#[derive(Serialize, Debug)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum ServerMessage<'a> {
+    /// The full status, on connect, on every status change, and after a
+    /// client fell behind (`resync: true`).
+    Status {
+        workspace: &'a str,
+        data: &'a StatusDoc,
+        #[serde(skip_serializing_if = "std::ops::Not::not")]
+        resync: bool,
+    },
+    /// Usage moved; at most twice a second per workspace.
+    Usage { workspace: &'a str, data: &'a StatusDoc },
+    /// A notification was raised or resolved.
+    Notification {
+        workspace: Option<&'a str>,
+        event: &'a str,
+        data: &'a NotificationDoc,
+    },
+    /// The workspace was deleted.
+    Removed { workspace: &'a str },
+    Pong { ts: i64 },
+    Subscribed { workspaces: Vec<&'a str> },
+    Error { message: &'a str },
+}
+
+/// Messages clients send on the WebSocket.
+#[derive(Deserialize, Debug)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum ClientMessage {
+    Ping,
+    /// Admin only: `"*"` or a list of workspace ids.
+    Subscribe { workspaces: SubscribeTarget },
+}
+
+#[derive(Deserialize, Debug)]
+#[serde(untagged)]
+pub enum SubscribeTarget {
+    All(String),
+    Some(Vec<String>),
+}

@@ -1,0 +1,210 @@
+//! Errors at the HTTP edge: every typed error from the layers below becomes a
+//! status code and an OpenAI-shaped JSON body here, and only here. The JSON
+//! and query extractors are wrapped so that malformed input gets the same
+//! shape instead of axum's plain-text rejections.
+
+use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::{FromRequest, FromRequestParts};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+
+use super::dto::{ErrorBody, ErrorDetail};
+use crate::admin::AdminError;
+use crate::engine::EngineError;
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub error_type: &'static str,
+    pub code: &'static str,
+    pub message: String,
+    pub param: Option<String>,
+    pub headers: HeaderMap,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, error_type: &'static str, code: &'static str, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            error_type,
+            code,
+            message: message.into(),
+            param: None,
+            headers: HeaderMap::new(),
+        }
+    }
+
+    pub fn with_param(mut self, param: impl Into<String>) -> Self {
+        self.param = Some(param.into());
+        self
+    }
+
+    pub fn with_header(mut self, name: &'static str, value: impl AsRef<str>) -> Self {
+        if let Ok(value) = HeaderValue::from_str(value.as_ref()) {
+            self.headers.insert(name, value);
+        }
+        self
+    }
+
+    pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    }
+
+    pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", code, message)
+    }
+
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "permission_error", "admin_key_required", message)
+    }
+
+    /// The same answer for a workspace that does not exist and one the
+    /// caller may not see, so that existence does not leak.
+    pub fn workspace_not_found(id: &str) -> Self {
+        Self::new(
+            StatusCode::NOT_FOUND,
+            "invalid_request_error",
+            "workspace_not_found",
+            format!("workspace {id:?} does not exist"),
+        )
+        .with_param("workspace")
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body = ErrorBody {
+            error: ErrorDetail {
+                message: self.message,
+                error_type: self.error_type.to_owned(),
+                param: self.param,
+                code: Some(self.code.to_owned()),
+            },
+        };
+        let mut response = (self.status, axum::Json(body)).into_response();
+        response.headers_mut().extend(self.headers);
+        response
+    }
+}
+
+impl From<EngineError> for ApiError {
+    fn from(error: EngineError) -> Self {
+        match &error {
+            EngineError::UnknownWorkspace(id) => ApiError::workspace_not_found(id.as_str()),
+            EngineError::UnknownReservation(_) => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "reservation_not_found",
+                error.to_string(),
+            )
+            .with_param("reservation_id"),
+        }
+    }
+}
+
+impl From<AdminError> for ApiError {
+    fn from(error: AdminError) -> Self {
+        match error {
+            AdminError::Invalid(invalid) => {
+                ApiError::bad_request("invalid_value", invalid.message).with_param(invalid.field)
+            }
+            AdminError::WorkspaceNotFound(id) => ApiError::workspace_not_found(id.as_str()),
+            AdminError::KeyNotFound { workspace, key_id } => ApiError::new(
+                StatusCode::NOT_FOUND,
+                "invalid_request_error",
+                "key_not_found",
+                format!("workspace {workspace} has no active key {key_id}"),
+            )
+            .with_param("key_id"),
+            AdminError::Conflict(message) => {
+                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "conflict", message)
+            }
+            AdminError::Store(store) => {
+                tracing::error!(error = %store, "database operation failed");
+                ApiError::new(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "service_unavailable_error",
+                    "database_unavailable",
+                    format!("the database could not complete the operation: {store}"),
+                )
+                .with_header("retry-after", "1")
+            }
+        }
+    }
+}
+
+impl From<JsonRejection> for ApiError {
+    fn from(rejection: JsonRejection) -> Self {
+        let detail = rejection.body_text();
+        match rejection {
+            JsonRejection::JsonDataError(_) => Self::new(
+                StatusCode::UNPROCESSABLE_ENTITY,
+                "invalid_request_error",
+                "invalid_field",
+                format!("the JSON body does not have the expected fields or types: {detail}"),
+            ),
+            JsonRejection::JsonSyntaxError(_) => {
+                Self::bad_request("invalid_json", format!("the body is not valid JSON: {detail}"))
+            }
+            JsonRejection::MissingJsonContentType(_) => Self::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "invalid_request_error",
+                "unsupported_media_type",
+                "send the body as JSON with the header Content-Type: application/json",
+            ),
+            other if other.status() == StatusCode::PAYLOAD_TOO_LARGE => Self::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+                "the request body is larger than this endpoint accepts (see QUOTAWATCH_MAX_BODY_BYTES)",
+            ),
+            other => Self::bad_request("unreadable_body", format!("the body could not be read: {}", other.body_text())),
+        }
+    }
+}
+
+impl From<QueryRejection> for ApiError {
+    fn from(rejection: QueryRejection) -> Self {
+        Self::bad_request(
+            "invalid_query",
+            format!("the query string is invalid: {}", rejection.body_text()),
+        )
+    }
+}
+
+/// `axum::Json` with this API's error shape for bad input.
+#[derive(FromRequest)]
+#[from_request(via(axum::Json), rejection(ApiError))]
+pub struct Json<T>(pub T);
+
+impl<T: serde::Serialize> IntoResponse for Json<T> {
+    fn into_response(self) -> Response {
+        axum::Json(self.0).into_response()
+    }
+}
+
+/// `axum::extract::Query` with this API's error shape for bad input.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Query), rejection(ApiError))]
+pub struct Query<T>(pub T);
+
+/// An optional JSON body: a request without a `Content-Type` is taken as
+/// having none (as `curl -X POST` sends it); one with a body must be JSON.
+impl<T, S> axum::extract::OptionalFromRequest<S> for Json<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Option<Self>, ApiError> {
+        if !req.headers().contains_key(axum::http::header::CONTENT_TYPE) {
+            return Ok(None);
+        }
+        <Json<T> as FromRequest<S>>::from_request(req, state).await.map(Some)
+    }
+}

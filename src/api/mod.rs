@@ -1,0 +1,191 @@
+//! The HTTP edge: routes, authentication, JSON shapes and error mapping for
+//! `/api/*`, the WebSocket, and the health endpoints.
+//!
+//! Architecture invariant: handlers stay thin. They authenticate, convert
+//! JSON to engine types and back, and call the engine or the admin service;
+//! rules about quotas live in `domain`, never here.
+
+pub mod auth;
+pub mod dto;
+pub mod error;
+pub mod quota;
+pub mod refusal;
+pub mod workspaces;
+pub mod ws;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+use crate::admin::Admin;
+use crate::engine::Engine;
+use crate::engine::flush::FlushHandle;
+use crate::store::Store;
+use error::{ApiError, Json};
+
+/// Everything handlers need, cheap to clone.
+#[derive(Clone)]
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
+    pub engine: Arc<Engine>,
+    pub store: Store,
+    pub admin: Admin,
+    pub flush: FlushHandle,
+    pub tickets: ws::Tickets,
+    pub hub: ws::Hub,
+    pub ws_ping_interval: Duration,
+    pub openapi_json: String,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
+}
+
+impl AppState {
+    pub fn new(shared: Shared) -> Self {
+        Self(Arc::new(shared))
+    }
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "quotawatch",
+        description = "Watches and enforces OpenAI API quotas per workspace. Every error has OpenAI's shape: {\"error\":{\"message\",\"type\",\"param\",\"code\"}}."
+    ),
+    modifiers(&BearerAuth),
+    tags(
+        (name = "quota", description = "Status, checks, usage reports and live updates"),
+        (name = "workspaces", description = "Admin: workspaces and keys"),
+        (name = "health", description = "Liveness and readiness"),
+    )
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .description(Some("A workspace key (qw_...) or the admin key"))
+                    .build(),
+            ),
+        );
+    }
+}
+
+/// The `/api` routes with their OpenAPI description.
+fn documented_routes() -> OpenApiRouter<AppState> {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(quota::status))
+        .routes(routes!(quota::notifications))
+        .routes(routes!(quota::check))
+        .routes(routes!(quota::usage))
+        .routes(routes!(quota::reset))
+        .routes(routes!(quota::history))
+        .routes(routes!(quota::ws_ticket))
+        .routes(routes!(ws::connect))
+        .routes(routes!(workspaces::create, workspaces::list))
+        .routes(routes!(workspaces::get, workspaces::update, workspaces::delete))
+        .routes(routes!(workspaces::create_key, workspaces::list_keys))
+        .routes(routes!(workspaces::revoke_key))
+        .routes(routes!(openapi))
+        .routes(routes!(healthz))
+        .routes(routes!(readyz))
+}
+
+/// The OpenAPI document of every `/api` route, as JSON.
+pub fn openapi_json() -> String {
+    let (_, api) = documented_routes().split_for_parts();
+    api.to_pretty_json().unwrap_or_default()
+}
+
+pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+    let (routes, _) = documented_routes().split_for_parts();
+    routes
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(state)
+}
+
+async fn not_found(uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "unknown_route",
+        format!("no route {}; see GET /api/openapi.json for the API", uri.path()),
+    )
+}
+
+#[utoipa::path(get, path = "/api/openapi.json", tag = "health",
+    responses((status = 200, description = "This OpenAPI 3.1 document")))]
+pub async fn openapi(State(state): State<AppState>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        state.openapi_json.clone(),
+    )
+        .into_response()
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct Health {
+    pub status: &'static str,
+    /// Why the service is not ready, when it is not.
+    pub reason: Option<String>,
+}
+
+#[utoipa::path(get, path = "/healthz", tag = "health",
+    responses((status = 200, description = "The process is alive", body = Health)))]
+pub async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok",
+        reason: None,
+    })
+}
+
+#[utoipa::path(get, path = "/readyz", tag = "health",
+    responses(
+        (status = 200, description = "The database answers and accepts writes", body = Health),
+        (status = 503, description = "Not ready; `reason` says why", body = Health),
+    ))]
+pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
+    let problem = match state.store.ping().await {
+        Err(error) => Some(format!("the database does not answer: {error}")),
+        Ok(()) => state.engine.storage_problem(),
+    };
+    match problem {
+        None => (
+            StatusCode::OK,
+            Json(Health {
+                status: "ready",
+                reason: None,
+            }),
+        ),
+        Some(reason) => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(Health {
+                status: "not_ready",
+                reason: Some(reason),
+            }),
+        ),
+    }
+}

@@ -1,0 +1,482 @@
+//! `/api/quota/*`: status, notifications, pre-flight checks, usage reports,
+//! resets and history. Handlers authenticate, translate between JSON and the
+//! engine's types, and nothing more.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::{IntoParams, ToSchema};
+
+use super::AppState;
+use super::auth::{Auth, Scope};
+use super::dto::*;
+use super::error::{ApiError, Json, Query};
+use super::refusal::{ratelimit_headers, refusal_error};
+use crate::domain::limits::WorkspaceId;
+use crate::domain::time::{Timestamp, day_bounds, duration_millis, format_duration, parse_duration};
+use crate::domain::upstream::RateLimitHeaders;
+use crate::domain::workspace::Request;
+use crate::engine::{Principal, TokenUsage, UsageReport};
+use crate::store::Resolution;
+
+#[derive(Deserialize, IntoParams, Debug)]
+#[into_params(parameter_in = Query)]
+pub struct WorkspaceQuery {
+    /// Admin only: the workspace to act on.
+    pub workspace: Option<String>,
+}
+
+#[derive(Deserialize, IntoParams, Debug)]
+#[into_params(parameter_in = Query)]
+pub struct NotificationsQuery {
+    /// Admin only: the workspace to show (default: all).
+    pub workspace: Option<String>,
+    /// `history` adds resolved notifications.
+    pub include: Option<String>,
+}
+
+/// One workspace's status, or with the admin key and no `?workspace`, all.
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum StatusAnswer {
+    One(StatusDoc),
+    All(StatusListDoc),
+}
+
+#[utoipa::path(get, path = "/api/quota/status", tag = "quota",
+    params(WorkspaceQuery),
+    responses(
+        (status = 200, description = "The status document", body = StatusAnswer),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn status(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(query): Query<WorkspaceQuery>,
+) -> Result<Json<StatusAnswer>, ApiError> {
+    let answer = match auth.scope(&state.engine, query.workspace.as_deref())? {
+        Scope::One(id) => StatusAnswer::One(StatusDoc::from(&state.engine.snapshot(&id)?)),
+        Scope::All => StatusAnswer::All(StatusListDoc {
+            workspaces: state.engine.snapshots().iter().map(StatusDoc::from).collect(),
+        }),
+    };
+    Ok(Json(answer))
+}
+
+#[derive(Serialize, ToSchema)]
+#[serde(untagged)]
+pub enum NotificationsAnswer {
+    One(NotificationsDoc),
+    All(NotificationsListDoc),
+}
+
+#[utoipa::path(get, path = "/api/quota/notifications", tag = "quota",
+    params(NotificationsQuery),
+    responses(
+        (status = 200, description = "Active notifications (and history on request)", body = NotificationsAnswer),
+        (status = 400, description = "Invalid `include`", body = ErrorBody),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn notifications(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(query): Query<NotificationsQuery>,
+) -> Result<Json<NotificationsAnswer>, ApiError> {
+    let with_history = match query.include.as_deref() {
+        None | Some("") => false,
+        Some("history") => true,
+        Some(other) => {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                format!("include={other:?} is not supported; use include=history"),
+            )
+            .with_param("include"));
+        }
+    };
+    if with_history {
+        // Notifications resolved in the last flush interval are not written
+        // yet; history should include them.
+        let _ = state.flush.flush().await;
+    }
+    let answer = match auth.scope(&state.engine, query.workspace.as_deref())? {
+        Scope::One(id) => NotificationsAnswer::One(notifications_of(&state, &id, with_history).await?),
+        Scope::All => {
+            let mut workspaces = Vec::new();
+            for id in state.engine.workspace_ids() {
+                workspaces.push(notifications_of(&state, &id, with_history).await?);
+            }
+            NotificationsAnswer::All(NotificationsListDoc { workspaces })
+        }
+    };
+    Ok(Json(answer))
+}
+
+/// How many resolved notifications `?include=history` returns at most.
+const HISTORY_LIMIT: i64 = 200;
+
+async fn notifications_of(
+    state: &AppState,
+    id: &WorkspaceId,
+    with_history: bool,
+) -> Result<NotificationsDoc, ApiError> {
+    let status = state.engine.snapshot(id)?.status;
+    let mut notifications: Vec<NotificationDoc> = state
+        .engine
+        .active_notifications(id)?
+        .iter()
+        .map(NotificationDoc::from)
+        .collect();
+    if with_history {
+        let stored = state
+            .store
+            .notifications(Some(id), true, HISTORY_LIMIT)
+            .await
+            .map_err(|error| ApiError::internal(format!("could not read notification history: {error}")))?;
+        notifications.extend(
+            stored
+                .iter()
+                .filter(|n| !n.is_active())
+                .map(NotificationDoc::from),
+        );
+    }
+    Ok(NotificationsDoc {
+        workspace: id.to_string(),
+        status: status.name().to_owned(),
+        notifications,
+    })
+}
+
+#[utoipa::path(post, path = "/api/quota/check", tag = "quota",
+    params(WorkspaceQuery),
+    request_body = CheckRequest,
+    responses(
+        (status = 200, description = "Admitted; the estimate is reserved", body = CheckResponse),
+        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Wrong field types", body = ErrorBody),
+        (status = 429, description = "Refused; see retry-after and x-should-retry", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn check(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(query): Query<WorkspaceQuery>,
+    body: Option<Json<CheckRequest>>,
+) -> Result<Response, ApiError> {
+    let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
+    let request = body.map(|Json(body)| body).unwrap_or_default();
+    let now = state.engine.now();
+    let decision = state.engine.check(
+        &workspace,
+        Request {
+            estimated_tokens: request.estimated_tokens.unwrap_or(0),
+            model: request.model,
+        },
+    )?;
+    match decision.result {
+        Ok(reservation) => {
+            let answer = CheckResponse {
+                allowed: true,
+                reservation_id: format!("rsv_{:016x}", reservation.id),
+                expires_at: reservation.expires_at.to_rfc3339(),
+                probe: reservation.probe,
+                remaining: decision
+                    .remaining
+                    .iter()
+                    .map(|(kind, left)| (kind.name().to_owned(), *left))
+                    .collect::<BTreeMap<_, _>>(),
+            };
+            Ok((ratelimit_headers(&decision.headroom, now), Json(answer)).into_response())
+        }
+        Err(refusal) => Err(refusal_error(
+            &workspace,
+            &refusal,
+            &decision.headroom,
+            now,
+            state.engine.settings().probe_interval,
+        )),
+    }
+}
+
+fn parse_reservation(id: &str) -> Result<u64, ApiError> {
+    id.strip_prefix("rsv_")
+        .filter(|hex| hex.len() == 16)
+        .and_then(|hex| u64::from_str_radix(hex, 16).ok())
+        .ok_or_else(|| {
+            ApiError::bad_request(
+                "invalid_value",
+                format!("reservation_id {id:?} is not an id returned by POST /api/quota/check (rsv_ and 16 hex digits)"),
+            )
+            .with_param("reservation_id")
+        })
+}
+
+fn token_usage(usage: &UsageDoc) -> TokenUsage {
+    let prompt = usage.prompt_tokens.or(usage.input_tokens);
+    let completion = usage.completion_tokens.or(usage.output_tokens);
+    // Embeddings report prompt and total only; a bare total is all prompt.
+    let prompt = prompt.or(usage.total_tokens.filter(|_| completion.is_none()));
+    let cached = usage
+        .prompt_tokens_details
+        .as_ref()
+        .or(usage.input_tokens_details.as_ref())
+        .and_then(|d| d.cached_tokens);
+    let reasoning = usage
+        .completion_tokens_details
+        .as_ref()
+        .or(usage.output_tokens_details.as_ref())
+        .and_then(|d| d.reasoning_tokens);
+    TokenUsage {
+        prompt: prompt.unwrap_or(0),
+        completion: completion.unwrap_or(0),
+        cached: cached.unwrap_or(0),
+        reasoning: reasoning.unwrap_or(0),
+    }
+}
+
+#[utoipa::path(post, path = "/api/quota/usage", tag = "quota",
+    params(WorkspaceQuery),
+    request_body = UsageRequest,
+    responses(
+        (status = 202, description = "Recorded; the new status", body = StatusDoc),
+        (status = 400, description = "Malformed JSON or invalid value", body = ErrorBody),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 404, description = "Unknown or expired reservation", body = ErrorBody),
+        (status = 413, description = "Body too large", body = ErrorBody),
+        (status = 422, description = "Wrong field types", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn usage(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(query): Query<WorkspaceQuery>,
+    Json(body): Json<UsageRequest>,
+) -> Result<(StatusCode, Json<StatusDoc>), ApiError> {
+    let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
+    let reservation = body.reservation_id.as_deref().map(parse_reservation).transpose()?;
+    if let Some(code) = body.status_code
+        && !(100..=599).contains(&code)
+    {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            format!("status_code {code} is not an HTTP status"),
+        )
+        .with_param("status_code"));
+    }
+    let headers = body
+        .headers
+        .as_ref()
+        .map(|map| RateLimitHeaders::parse(map.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
+        .unwrap_or_default();
+    let error = body.error.unwrap_or_default();
+    let report = UsageReport {
+        reservation,
+        model: body.model,
+        tokens: body.usage.as_ref().map(token_usage),
+        status_code: body.status_code,
+        error_type: error.error_type,
+        error_code: error.code,
+        error_message: error.message,
+        headers,
+        latency_ms: body.latency_ms,
+    };
+    let snapshot = state.engine.report(&workspace, report)?;
+    Ok((StatusCode::ACCEPTED, Json(StatusDoc::from(&snapshot))))
+}
+
+#[utoipa::path(post, path = "/api/quota/reset", tag = "quota",
+    request_body = ResetRequest,
+    responses(
+        (status = 200, description = "Reset done; the new status is pushed to listeners", body = ResetResponse),
+        (status = 400, description = "Neither or both of workspace and all", body = ErrorBody),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "A workspace key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn reset(
+    State(state): State<AppState>,
+    auth: Auth,
+    Json(body): Json<ResetRequest>,
+) -> Result<Json<ResetResponse>, ApiError> {
+    if let Principal::Workspace(workspace) = &auth.0 {
+        tracing::warn!(caller = %workspace, "reset refused: a workspace key cannot reset");
+    }
+    auth.require_admin("resetting usage")?;
+    let target = match (body.workspace.as_deref(), body.all) {
+        (Some(name), None | Some(false)) => {
+            let id: WorkspaceId = name.parse().map_err(|_| ApiError::workspace_not_found(name))?;
+            Some(id)
+        }
+        (None, Some(true)) => None,
+        _ => {
+            return Err(ApiError::bad_request(
+                "invalid_value",
+                "send either {\"workspace\":\"ID\"} or {\"all\":true}",
+            ));
+        }
+    };
+    let reset = state.engine.reset(target.as_ref())?;
+    tracing::info!(workspaces = ?reset.iter().map(ToString::to_string).collect::<Vec<_>>(), "usage reset by admin");
+    Ok(Json(ResetResponse {
+        reset: reset.iter().map(ToString::to_string).collect(),
+    }))
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Step {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Step {
+    fn parse(text: &str) -> Option<Self> {
+        match text {
+            "1m" => Some(Step::Minute),
+            "1h" => Some(Step::Hour),
+            "1d" => Some(Step::Day),
+            _ => None,
+        }
+    }
+
+    fn resolution(self) -> Resolution {
+        match self {
+            Step::Minute => Resolution::Minute,
+            Step::Hour => Resolution::Hour,
+            Step::Day => Resolution::Day,
+        }
+    }
+
+    fn length(self) -> Duration {
+        Duration::from_secs(match self {
+            Step::Minute => 60,
+            Step::Hour => 3600,
+            Step::Day => 86_400,
+        })
+    }
+}
+
+/// Bucket starts for `count` steps ending with the one containing `now`.
+fn bucket_starts(step: Step, count: u64, now: Timestamp, tz: chrono_tz::Tz) -> Vec<i64> {
+    match step {
+        Step::Minute | Step::Hour => {
+            let length = duration_millis(step.length());
+            let current = now.millis() - now.millis().rem_euclid(length);
+            (0..count as i64).rev().map(|i| current - i * length).collect()
+        }
+        Step::Day => {
+            // Local days vary in length around DST changes; walk them back.
+            let mut starts = vec![day_bounds(now, tz).0.millis()];
+            while (starts.len() as u64) < count {
+                let earlier = Timestamp::from_millis(starts[starts.len() - 1] - 1);
+                starts.push(day_bounds(earlier, tz).0.millis());
+            }
+            starts.reverse();
+            starts
+        }
+    }
+}
+
+#[utoipa::path(get, path = "/api/quota/history", tag = "quota",
+    params(HistoryQuery),
+    responses(
+        (status = 200, description = "Requests, tokens and errors per step", body = HistoryDoc),
+        (status = 400, description = "Unsupported window or step", body = ErrorBody),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn history(
+    State(state): State<AppState>,
+    auth: Auth,
+    Query(query): Query<HistoryQuery>,
+) -> Result<Json<HistoryDoc>, ApiError> {
+    let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
+    let window_text = query.window.as_deref().unwrap_or("24h");
+    let step_text = query.step.as_deref().unwrap_or("1m");
+    let step = Step::parse(step_text).ok_or_else(|| {
+        ApiError::bad_request("invalid_value", format!("step={step_text:?} is not supported; use 1m, 1h or 1d"))
+            .with_param("step")
+    })?;
+    let window = parse_duration(window_text)
+        .filter(|w| !w.is_zero())
+        .ok_or_else(|| {
+            ApiError::bad_request("invalid_value", format!("window={window_text:?} is not a duration such as 1h, 24h, 7d or 30d"))
+                .with_param("window")
+        })?;
+    let step_ms = step.length().as_millis();
+    if window.as_millis() % step_ms != 0 || window > step.resolution().retention() {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            format!(
+                "window={window_text} must be a whole number of {step_text} steps and at most {} for that step",
+                format_duration(step.resolution().retention())
+            ),
+        )
+        .with_param("window"));
+    }
+    let count = (window.as_millis() / step_ms) as u64;
+    let now = state.engine.now();
+    let tz = state.engine.snapshot(&workspace)?.config.timezone;
+    let starts = bucket_starts(step, count, now, tz);
+    let from = starts.first().copied().unwrap_or(now.millis());
+    let to = now.millis() + duration_millis(step.length()) + 1;
+    // Requests finished in the last flush interval are not written yet.
+    let _ = state.flush.flush().await;
+    let rows = state
+        .store
+        .history(&workspace, step.resolution(), from, to)
+        .await
+        .map_err(|error| ApiError::internal(format!("could not read history: {error}")))?;
+    let by_bucket: BTreeMap<i64, _> = rows.into_iter().map(|row| (row.bucket, row.totals)).collect();
+    let points = starts
+        .into_iter()
+        .map(|t| {
+            let totals = by_bucket.get(&t).copied().unwrap_or_default();
+            HistoryPoint {
+                t,
+                requests: totals.requests,
+                tokens: totals.tokens,
+                prompt_tokens: totals.prompt_tokens,
+                completion_tokens: totals.completion_tokens,
+                cached_tokens: totals.cached_tokens,
+                reasoning_tokens: totals.reasoning_tokens,
+                errors: totals.errors,
+                refused: totals.refused,
+                avg_latency_ms: (totals.requests > 0 && totals.latency_ms_sum > 0)
+                    .then(|| totals.latency_ms_sum as f64 / totals.requests as f64),
+            }
+        })
+        .collect();
+    Ok(Json(HistoryDoc {
+        workspace: workspace.to_string(),
+        window: window_text.to_owned(),
+        step: step_text.to_owned(),
+        points,
+    }))
+}
+
+#[utoipa::path(post, path = "/api/quota/ws-ticket", tag = "quota",
+    params(WorkspaceQuery),
+    responses(
+        (status = 200, description = "A single-use ticket for the WebSocket, valid 60 s", body = TicketDoc),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn ws_ticket(State(state): State<AppState>, auth: Auth) -> Json<TicketDoc> {
+    let (ticket, expires_at) = state.tickets.issue(auth.0, state.engine.now());
+    Json(TicketDoc {
+        ticket,
+        expires_at: expires_at.to_rfc3339(),
+    })
+}

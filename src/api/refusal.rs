@@ -1,0 +1,127 @@
+//! How a refusal looks on the wire: HTTP 429 in OpenAI's error shape, with
+//! the headers the official SDKs act on. `retry-after`/`retry-after-ms` say
+//! when to come back; `x-should-retry: false` stops the SDKs from retrying
+//! what no short wait can fix. The proxy answers with the same responses.
+
+use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
+
+use super::error::ApiError;
+use crate::domain::limits::{LimitKind, Span, WorkspaceId};
+use crate::domain::notification::group_digits;
+use crate::domain::status::LimitFacts;
+use crate::domain::time::{Timestamp, format_duration, humanize_duration};
+use crate::domain::workspace::{Headroom, Refusal, RefusalCause};
+
+fn insert(headers: &mut HeaderMap, name: &'static str, value: String) {
+    if let Ok(value) = HeaderValue::from_str(&value) {
+        headers.insert(HeaderName::from_static(name), value);
+    }
+}
+
+/// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the
+/// workspace's tightest request and token limits, in OpenAI's format.
+pub fn ratelimit_headers(headroom: &Headroom, now: Timestamp) -> HeaderMap {
+    let mut headers = HeaderMap::new();
+    let mut add = |names: [&'static str; 3], limit: Option<(LimitKind, LimitFacts)>| {
+        if let Some((_, facts)) = limit {
+            let reset = facts.resets_at.map_or(std::time::Duration::ZERO, |at| now.until(at));
+            insert(&mut headers, names[0], facts.max.to_string());
+            insert(&mut headers, names[1], facts.remaining().to_string());
+            insert(&mut headers, names[2], format_duration(reset));
+        }
+    };
+    add(
+        [
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+        ],
+        headroom.requests,
+    );
+    add(
+        [
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+        ],
+        headroom.tokens,
+    );
+    headers
+}
+
+fn when(at: Option<Timestamp>, now: Timestamp) -> String {
+    match at {
+        Some(at) => format!("in {} (at {at})", humanize_duration(now.until(at))),
+        None => "at an unknown time".to_owned(),
+    }
+}
+
+/// The 429 for a refused request, naming the workspace, the limit and when it
+/// frees.
+pub fn refusal_error(
+    workspace: &WorkspaceId,
+    refusal: &Refusal,
+    headroom: &Headroom,
+    now: Timestamp,
+    probe_interval: std::time::Duration,
+) -> ApiError {
+    let used = group_digits(refusal.used);
+    let max = group_digits(refusal.max);
+    let (error_type, code, message) = match refusal.cause {
+        RefusalCause::Limit(kind) if kind.span() == Span::Minute => (
+            kind.unit().noun(),
+            "rate_limit_exceeded",
+            format!(
+                "Workspace {workspace} reached its {kind} limit ({used} of {max} {} in the last 60 seconds, enforced by quotawatch). Room frees up {}; retry then.",
+                kind.unit().noun(),
+                when(refusal.retry_at, now)
+            ),
+        ),
+        RefusalCause::Limit(kind) => (
+            kind.unit().noun(),
+            "daily_limit_exceeded",
+            format!(
+                "Workspace {workspace} used up its {kind} quota ({used} of {max} {} today, enforced by quotawatch). It resets {}; retrying earlier cannot succeed.",
+                kind.unit().noun(),
+                when(refusal.retry_at, now)
+            ),
+        ),
+        RefusalCause::TooLarge(kind) => (
+            kind.unit().noun(),
+            "request_too_large",
+            format!(
+                "This request needs more {} than workspace {workspace}'s whole {kind} limit of {max}, so it can never be admitted; reduce the prompt or max_tokens.",
+                kind.unit().noun()
+            ),
+        ),
+        RefusalCause::UpstreamRateLimited => (
+            "requests",
+            "upstream_rate_limited",
+            format!(
+                "OpenAI rate-limited workspace {workspace}; quotawatch holds its requests until the upstream limit frees, {}.",
+                when(refusal.retry_at, now)
+            ),
+        ),
+        RefusalCause::UpstreamQuota(billing) => (
+            "insufficient_quota",
+            billing.code(),
+            format!(
+                "OpenAI reported {} for workspace {workspace}: its requests are refused until billing is fixed (quotawatch lets one probe request through every {}). See GET /api/quota/notifications for what to do.",
+                billing.code(),
+                humanize_duration(probe_interval)
+            ),
+        ),
+    };
+    let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, error_type, code, message);
+    error.headers = ratelimit_headers(headroom, now);
+    if let Some(retry_at) = refusal.retry_at {
+        let wait = now.until(retry_at);
+        let seconds = wait.as_millis().div_ceil(1000).max(1);
+        insert(&mut error.headers, "retry-after", seconds.to_string());
+        insert(&mut error.headers, "retry-after-ms", wait.as_millis().max(1).to_string());
+    }
+    if !refusal.retryable {
+        insert(&mut error.headers, "x-should-retry", "false".to_owned());
+    }
+    error
+}

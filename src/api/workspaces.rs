@@ -1,0 +1,204 @@
+//! `/api/workspaces`: the admin API for workspaces and their keys.
+
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+
+use super::AppState;
+use super::auth::Auth;
+use super::dto::*;
+use super::error::{ApiError, Json};
+use crate::admin::WorkspaceSpec;
+use crate::domain::limits::WorkspaceId;
+
+fn parse_id(id: &str) -> Result<WorkspaceId, ApiError> {
+    id.parse().map_err(|_| ApiError::workspace_not_found(id))
+}
+
+fn spec(name: Option<String>, timezone: Option<String>, limits: Option<LimitsInput>, warn_at: Option<f64>) -> WorkspaceSpec {
+    WorkspaceSpec {
+        name,
+        timezone,
+        limits: limits.map(|l| l.to_per_limit()).unwrap_or_default(),
+        warn_at,
+    }
+}
+
+#[utoipa::path(post, path = "/api/workspaces", tag = "workspaces",
+    request_body = CreateWorkspaceRequest,
+    responses(
+        (status = 201, description = "Created", body = WorkspaceDoc),
+        (status = 400, description = "Invalid value (the field is named in `param`)", body = ErrorBody),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody),
+        (status = 409, description = "The id is taken", body = ErrorBody),
+        (status = 422, description = "Wrong field types or unknown fields", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn create(
+    State(state): State<AppState>,
+    auth: Auth,
+    Json(body): Json<CreateWorkspaceRequest>,
+) -> Result<(StatusCode, Json<WorkspaceDoc>), ApiError> {
+    auth.require_admin("creating a workspace")?;
+    let spec = spec(body.name, body.timezone, body.limits, body.warn_at);
+    let config = state.admin.create_workspace(&body.id, &spec).await?;
+    Ok((StatusCode::CREATED, Json(WorkspaceDoc::from(&config))))
+}
+
+#[utoipa::path(get, path = "/api/workspaces", tag = "workspaces",
+    responses(
+        (status = 200, description = "All workspaces", body = WorkspaceListDoc),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<WorkspaceListDoc>, ApiError> {
+    auth.require_admin("listing workspaces")?;
+    let workspaces = state.admin.list_workspaces().await?;
+    Ok(Json(WorkspaceListDoc {
+        workspaces: workspaces.iter().map(WorkspaceDoc::from).collect(),
+    }))
+}
+
+#[utoipa::path(get, path = "/api/workspaces/{id}", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id")),
+    responses(
+        (status = 200, description = "The workspace", body = WorkspaceDoc),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn get(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<WorkspaceDoc>, ApiError> {
+    // A workspace key may read its own workspace's settings.
+    let id = auth.workspace(&state.engine, Some(&id))?;
+    let config = state.admin.workspace(&id).await?;
+    Ok(Json(WorkspaceDoc::from(&config)))
+}
+
+#[utoipa::path(patch, path = "/api/workspaces/{id}", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id")),
+    request_body = UpdateWorkspaceRequest,
+    responses(
+        (status = 200, description = "Updated", body = WorkspaceDoc),
+        (status = 400, description = "Invalid value", body = ErrorBody),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+        (status = 422, description = "Wrong field types or unknown fields", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn update(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+    Json(body): Json<UpdateWorkspaceRequest>,
+) -> Result<Json<WorkspaceDoc>, ApiError> {
+    auth.require_admin("changing a workspace")?;
+    let id = parse_id(&id)?;
+    if let Some(body_id) = &body.id
+        && body_id != id.as_str()
+    {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            format!("the body's id {body_id:?} differs from the path's {id:?}; ids cannot be changed"),
+        )
+        .with_param("id"));
+    }
+    let spec = spec(body.name, body.timezone, body.limits, body.warn_at);
+    let config = state.admin.update_workspace(&id, &spec).await?;
+    Ok(Json(WorkspaceDoc::from(&config)))
+}
+
+#[utoipa::path(delete, path = "/api/workspaces/{id}", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id")),
+    responses(
+        (status = 204, description = "Deleted with its keys, state and history"),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn delete(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<StatusCode, ApiError> {
+    auth.require_admin("deleting a workspace")?;
+    state.admin.delete_workspace(&parse_id(&id)?).await?;
+    Ok(StatusCode::NO_CONTENT)
+}
+
+#[utoipa::path(post, path = "/api/workspaces/{id}/keys", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id")),
+    responses(
+        (status = 201, description = "Created; the key is shown this once", body = CreatedKeyDoc),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn create_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<(StatusCode, Json<CreatedKeyDoc>), ApiError> {
+    auth.require_admin("creating a key")?;
+    let (record, key) = state.admin.create_key(&parse_id(&id)?).await?;
+    Ok((
+        StatusCode::CREATED,
+        Json(CreatedKeyDoc {
+            id: record.id,
+            key: key.expose().to_owned(),
+            workspace: record.workspace.to_string(),
+            prefix: record.prefix,
+            created_at: record.created_at.to_rfc3339(),
+        }),
+    ))
+}
+
+#[utoipa::path(get, path = "/api/workspaces/{id}/keys", tag = "workspaces",
+    params(("id" = String, Path, description = "Workspace id")),
+    responses(
+        (status = 200, description = "The workspace's keys (never the keys themselves)", body = KeyListDoc),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn list_keys(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path(id): Path<String>,
+) -> Result<Json<KeyListDoc>, ApiError> {
+    auth.require_admin("listing keys")?;
+    let keys = state.admin.list_keys(&parse_id(&id)?).await?;
+    Ok(Json(KeyListDoc {
+        keys: keys.iter().map(KeyDoc::from).collect(),
+    }))
+}
+
+#[utoipa::path(delete, path = "/api/workspaces/{id}/keys/{key_id}", tag = "workspaces",
+    params(
+        ("id" = String, Path, description = "Workspace id"),
+        ("key_id" = String, Path, description = "Key id, as returned at creation"),
+    ),
+    responses(
+        (status = 204, description = "Revoked; the key stops working at once"),
+        (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "Not the admin key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace or key", body = ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn revoke_key(
+    State(state): State<AppState>,
+    auth: Auth,
+    Path((id, key_id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    auth.require_admin("revoking a key")?;
+    state.admin.revoke_key(&parse_id(&id)?, &key_id).await?;
+    Ok(StatusCode::NO_CONTENT)
+}

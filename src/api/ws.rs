@@ -1,0 +1,421 @@
+//! The live WebSocket, `GET /api/quota/ws`.
+//!
+//! A hub task turns engine events into JSON once and rebroadcasts them; each
+//! connection filters what its subscription wants. Every connection reads from
+//! a bounded broadcast queue: when it falls behind (a slow network, a stuck
+//! browser tab), older messages are dropped for it alone and it receives a
+//! fresh snapshot instead, so neither the engine nor other clients ever wait
+//! for it. A peer that stops answering pings, or cannot take a message for
+//! [`SEND_TIMEOUT`], is disconnected.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Mutex;
+use std::time::Duration;
+
+use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
+use axum::extract::{FromRequestParts, State};
+use axum::http::HeaderMap;
+use axum::http::request::Parts;
+use axum::response::Response;
+use base64::Engine as _;
+use futures_util::{SinkExt, StreamExt};
+use serde::Deserialize;
+use tokio::sync::broadcast;
+use tokio::time::Instant;
+use utoipa::IntoParams;
+
+use super::AppState;
+use super::auth::{authenticate, bearer};
+use super::dto::{ClientMessage, NotificationDoc, ServerMessage, StatusDoc, SubscribeTarget};
+use super::error::{ApiError, Query};
+use crate::domain::limits::WorkspaceId;
+use crate::domain::time::Timestamp;
+use crate::engine::{Engine, Event, Principal};
+
+/// How long a ticket stays valid.
+const TICKET_TTL: Duration = Duration::from_secs(60);
+/// How long one message may take to send before the peer counts as stuck.
+const SEND_TIMEOUT: Duration = Duration::from_secs(10);
+/// How many messages a connection may fall behind before it is resynced.
+const HUB_CAPACITY: usize = 256;
+
+/// Single-use tickets that let a browser open the WebSocket without putting
+/// a key in the URL.
+#[derive(Default)]
+pub struct Tickets {
+    issued: Mutex<HashMap<String, (Principal, Timestamp)>>,
+}
+
+impl Tickets {
+    pub fn issue(&self, principal: Principal, now: Timestamp) -> (String, Timestamp) {
+        let bytes: [u8; 24] = rand::random();
+        let ticket = format!(
+            "wst_{}",
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
+        );
+        let expires_at = now.plus(TICKET_TTL);
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        issued.retain(|_, (_, expiry)| *expiry > now);
+        issued.insert(ticket.clone(), (principal, expires_at));
+        (ticket, expires_at)
+    }
+
+    /// Redeems a ticket; it cannot be used again.
+    pub fn redeem(&self, ticket: &str, now: Timestamp) -> Option<Principal> {
+        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        let (principal, expires_at) = issued.remove(ticket)?;
+        (expires_at > now).then_some(principal)
+    }
+}
+
+/// A message ready to send, and whom it concerns (`None`: everybody).
+#[derive(Clone, Debug)]
+pub enum Wire {
+    Message {
+        workspace: Option<WorkspaceId>,
+        text: Utf8Bytes,
+    },
+    /// The hub itself fell behind: every connection resynchronises.
+    Resync,
+}
+
+/// Fans engine events out to WebSocket connections, serialised once.
+#[derive(Clone)]
+pub struct Hub {
+    sender: broadcast::Sender<Wire>,
+}
+
+fn to_text(message: &ServerMessage<'_>) -> Utf8Bytes {
+    serde_json::to_string(message).unwrap_or_default().into()
+}
+
+fn event_wire(event: &Event) -> Wire {
+    match event {
+        Event::Status(snapshot) | Event::Usage(snapshot) => {
+            let doc = StatusDoc::from(snapshot.as_ref());
+            let workspace = snapshot.config.id.as_str();
+            let message = match event {
+                Event::Usage(_) => ServerMessage::Usage { workspace, data: &doc },
+                _ => ServerMessage::Status { workspace, data: &doc, resync: false },
+            };
+            Wire::Message {
+                workspace: Some(snapshot.config.id.clone()),
+                text: to_text(&message),
+            }
+        }
+        Event::Notification(notification) => {
+            let doc = NotificationDoc::from(notification.as_ref());
+            let message = ServerMessage::Notification {
+                workspace: doc.workspace.as_deref(),
+                event: if notification.is_active() { "raised" } else { "resolved" },
+                data: &doc,
+            };
+            Wire::Message {
+                workspace: notification.workspace.clone(),
+                text: to_text(&message),
+            }
+        }
+        Event::Removed(id) => Wire::Message {
+            workspace: Some(id.clone()),
+            text: to_text(&ServerMessage::Removed { workspace: id.as_str() }),
+        },
+    }
+}
+
+impl Hub {
+    /// Starts the hub; it ends when the engine is dropped.
+    pub fn spawn(engine: &Engine) -> (Self, tokio::task::JoinHandle<()>) {
+        let (sender, _) = broadcast::channel(HUB_CAPACITY);
+        let hub = Self { sender };
+        let mut events = engine.subscribe();
+        let out = hub.sender.clone();
+        let task = tokio::spawn(async move {
+            loop {
+                let wire = match events.recv().await {
+                    Ok(event) => event_wire(&event),
+                    Err(broadcast::error::RecvError::Lagged(_)) => Wire::Resync,
+                    Err(broadcast::error::RecvError::Closed) => return,
+                };
+                let _ = out.send(wire);
+            }
+        });
+        (hub, task)
+    }
+
+    fn subscribe(&self) -> broadcast::Receiver<Wire> {
+        self.sender.subscribe()
+    }
+}
+
+/// Which workspaces a connection follows.
+enum Subscription {
+    All,
+    Some(HashSet<WorkspaceId>),
+}
+
+impl Subscription {
+    fn wants(&self, workspace: Option<&WorkspaceId>) -> bool {
+        match (self, workspace) {
+            (_, None) | (Subscription::All, _) => true,
+            (Subscription::Some(set), Some(id)) => set.contains(id),
+        }
+    }
+
+    fn workspaces(&self, engine: &Engine) -> Vec<WorkspaceId> {
+        match self {
+            Subscription::All => engine.workspace_ids(),
+            Subscription::Some(set) => {
+                let mut ids: Vec<WorkspaceId> = set.iter().cloned().collect();
+                ids.sort();
+                ids
+            }
+        }
+    }
+}
+
+#[derive(Deserialize, IntoParams, Debug)]
+#[into_params(parameter_in = Query)]
+pub struct WsQuery {
+    /// A ticket from `POST /api/quota/ws-ticket`, for clients that cannot
+    /// set headers (browsers).
+    pub ticket: Option<String>,
+    /// Admin only: follow one workspace instead of all.
+    pub workspace: Option<String>,
+}
+
+/// `WebSocketUpgrade`, answering a plain HTTP request with this API's error
+/// shape.
+pub struct Upgrade(WebSocketUpgrade);
+
+impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, ApiError> {
+        WebSocketUpgrade::from_request_parts(parts, state)
+            .await
+            .map(Upgrade)
+            .map_err(|rejection| {
+                ApiError::bad_request(
+                    "websocket_required",
+                    format!("this endpoint speaks WebSocket: {}", rejection.body_text()),
+                )
+            })
+    }
+}
+
+#[utoipa::path(get, path = "/api/quota/ws", tag = "quota",
+    params(WsQuery),
+    responses(
+        (status = 101, description = "Switching to the WebSocket protocol (see README for messages)"),
+        (status = 400, description = "Not a WebSocket request", body = super::dto::ErrorBody),
+        (status = 401, description = "Missing or invalid key or ticket", body = super::dto::ErrorBody),
+        (status = 404, description = "Unknown workspace", body = super::dto::ErrorBody),
+    ),
+    security(("bearer" = [])))]
+pub async fn connect(
+    State(state): State<AppState>,
+    Query(query): Query<WsQuery>,
+    headers: HeaderMap,
+    upgrade: Result<Upgrade, ApiError>,
+) -> Result<Response, ApiError> {
+    // Authentication first: an unauthenticated caller learns nothing else.
+    let principal = match query.ticket.as_deref() {
+        Some(ticket) => state
+            .tickets
+            .redeem(ticket, state.engine.now())
+            .ok_or_else(|| ApiError::unauthorized("invalid_ticket", "the ticket is unknown, used or expired; get a new one from POST /api/quota/ws-ticket"))?,
+        None => authenticate(&state.engine, bearer(&headers))?,
+    };
+    let subscription = match (&principal, query.workspace.as_deref()) {
+        (Principal::Workspace(own), None) => Subscription::Some(HashSet::from([own.clone()])),
+        (Principal::Workspace(own), Some(name)) if name == own.as_str() => {
+            Subscription::Some(HashSet::from([own.clone()]))
+        }
+        (Principal::Workspace(_), Some(name)) => return Err(ApiError::workspace_not_found(name)),
+        (Principal::Admin, None) => Subscription::All,
+        (Principal::Admin, Some(name)) => {
+            let id: WorkspaceId = name.parse().map_err(|_| ApiError::workspace_not_found(name))?;
+            if !state.engine.contains(&id) {
+                return Err(ApiError::workspace_not_found(name));
+            }
+            Subscription::Some(HashSet::from([id]))
+        }
+    };
+    let Upgrade(upgrade) = upgrade?;
+    Ok(upgrade.on_upgrade(move |socket| async move {
+        Connection {
+            state,
+            principal,
+            subscription,
+        }
+        .run(socket)
+        .await
+    }))
+}
+
+struct Connection {
+    state: AppState,
+    principal: Principal,
+    subscription: Subscription,
+}
+
+/// The connection ended (the peer left, stalled, or broke the protocol).
+struct Gone;
+
+impl Connection {
+    async fn run(mut self, socket: WebSocket) {
+        let (mut sink, mut stream) = socket.split();
+        // Subscribe before the first snapshot so that no change between the
+        // two is missed.
+        let mut wire = self.state.hub.subscribe();
+        let interval = self.state.ws_ping_interval;
+        let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
+        let mut last_heard = Instant::now();
+        if self.send_snapshots(&mut sink, false).await.is_err() {
+            return;
+        }
+        loop {
+            let step = tokio::select! {
+                inbound = stream.next() => match inbound {
+                    Some(Ok(message)) => {
+                        last_heard = Instant::now();
+                        self.handle(message, &mut sink).await
+                    }
+                    Some(Err(_)) | None => Err(Gone),
+                },
+                outbound = wire.recv() => match outbound {
+                    Ok(Wire::Message { workspace, text }) => {
+                        if self.subscription.wants(workspace.as_ref()) {
+                            send(&mut sink, Message::Text(text)).await
+                        } else {
+                            Ok(())
+                        }
+                    }
+                    Ok(Wire::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        self.send_snapshots(&mut sink, true).await
+                    }
+                    Err(broadcast::error::RecvError::Closed) => Err(Gone),
+                },
+                _ = ping.tick() => {
+                    if last_heard.elapsed() > interval * 2 {
+                        tracing::debug!("closing a WebSocket peer that stopped answering pings");
+                        let _ = send(&mut sink, Message::Close(None)).await;
+                        Err(Gone)
+                    } else {
+                        send(&mut sink, Message::Ping(Default::default())).await
+                    }
+                }
+            };
+            if step.is_err() {
+                return;
+            }
+        }
+    }
+
+    async fn handle(
+        &mut self,
+        message: Message,
+        sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    ) -> Result<(), Gone> {
+        let text = match message {
+            Message::Text(text) => text,
+            Message::Close(_) => return Err(Gone),
+            _ => return Ok(()),
+        };
+        match serde_json::from_str::<ClientMessage>(&text) {
+            Ok(ClientMessage::Ping) => {
+                let ts = self.state.engine.now().millis();
+                send(sink, Message::Text(to_text(&ServerMessage::Pong { ts }))).await
+            }
+            Ok(ClientMessage::Subscribe { workspaces }) => self.subscribe(workspaces, sink).await,
+            Err(error) => {
+                let message = format!("unknown message ({error}); send {{\"type\":\"ping\"}} or {{\"type\":\"subscribe\",\"workspaces\":[...]}}");
+                send(sink, Message::Text(to_text(&ServerMessage::Error { message: &message }))).await
+            }
+        }
+    }
+
+    async fn subscribe(
+        &mut self,
+        target: SubscribeTarget,
+        sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    ) -> Result<(), Gone> {
+        let error = |message: &str| Message::Text(to_text(&ServerMessage::Error { message }));
+        if self.principal != Principal::Admin {
+            return send(sink, error("only the admin key can change subscriptions")).await;
+        }
+        let subscription = match target {
+            SubscribeTarget::All(star) if star == "*" => Subscription::All,
+            SubscribeTarget::All(other) => {
+                return send(sink, error(&format!("{other:?} is neither \"*\" nor a list of workspace ids"))).await;
+            }
+            SubscribeTarget::Some(names) => {
+                let mut set = HashSet::new();
+                for name in names {
+                    match name.parse::<WorkspaceId>() {
+                        Ok(id) if self.state.engine.contains(&id) => {
+                            set.insert(id);
+                        }
+                        _ => return send(sink, error(&format!("workspace {name:?} does not exist"))).await,
+                    }
+                }
+                Subscription::Some(set)
+            }
+        };
+        self.subscription = subscription;
+        let ids = self.subscription.workspaces(&self.state.engine);
+        let names: Vec<&str> = ids.iter().map(WorkspaceId::as_str).collect();
+        send(sink, Message::Text(to_text(&ServerMessage::Subscribed { workspaces: names }))).await?;
+        self.send_snapshots(sink, false).await
+    }
+
+    /// Sends the current status of every followed workspace.
+    async fn send_snapshots(
+        &self,
+        sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+        resync: bool,
+    ) -> Result<(), Gone> {
+        for id in self.subscription.workspaces(&self.state.engine) {
+            let Ok(snapshot) = self.state.engine.snapshot(&id) else {
+                continue;
+            };
+            let doc = StatusDoc::from(&snapshot);
+            let message = ServerMessage::Status {
+                workspace: id.as_str(),
+                data: &doc,
+                resync,
+            };
+            send(sink, Message::Text(to_text(&message))).await?;
+        }
+        Ok(())
+    }
+}
+
+async fn send(
+    sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    message: Message,
+) -> Result<(), Gone> {
+    match tokio::time::timeout(SEND_TIMEOUT, sink.send(message)).await {
+        Ok(Ok(())) => Ok(()),
+        _ => Err(Gone),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tickets_are_single_use_and_expire() {
+        let tickets = Tickets::default();
+        let now = Timestamp::from_millis(1_000_000);
+        let (ticket, expires_at) = tickets.issue(Principal::Admin, now);
+        assert_eq!(expires_at, now.plus(TICKET_TTL));
+        assert_eq!(tickets.redeem(&ticket, now), Some(Principal::Admin));
+        assert_eq!(tickets.redeem(&ticket, now), None, "single use");
+
+        let (ticket, _) = tickets.issue(Principal::Admin, now);
+        assert_eq!(tickets.redeem(&ticket, now.plus(TICKET_TTL)), None, "expired");
+        assert_eq!(tickets.redeem("wst_made_up", now), None);
+    }
+}

@@ -1,0 +1,196 @@
+//! Assembly: opens the database, bootstraps a fresh installation, builds the
+//! engine, starts the background tasks and serves HTTP. This is the only
+//! place that picks concrete backends and the only place tasks are spawned
+//! for the life of the server; `Running::shutdown` stops them all.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
+
+use crate::admin::{Admin, AdminError, WorkspaceSpec};
+use crate::api::{self, AppState, Shared};
+use crate::config::Config;
+use crate::engine::flush::{self, FlushHandle};
+use crate::engine::{Engine, SystemClock};
+use crate::keys::{KeyHash, PlainKey};
+use crate::store::{Store, StoreError};
+
+/// How often time-driven changes (windows sliding, blocks expiring) are
+/// evaluated.
+const TICK: Duration = Duration::from_millis(250);
+/// Usage events are sent at most once per this interval per workspace.
+const USAGE_PUBLISH_EVERY: u32 = 2;
+
+const ADMIN_KEY_META: &str = "admin_key_sha256";
+const DEFAULT_WORKSPACE: &str = "default";
+
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("cannot open the database: {0}")]
+    Store(#[from] StoreError),
+    #[error("cannot apply a workspace declared in the configuration: {0}")]
+    Declared(#[from] AdminError),
+    #[error("cannot serve: {0}")]
+    Io(#[from] std::io::Error),
+}
+
+/// Keys created during start-up. They exist only here, to be shown once.
+#[derive(Default)]
+pub struct Bootstrap {
+    pub default_workspace_key: Option<PlainKey>,
+    pub generated_admin_key: Option<PlainKey>,
+}
+
+/// A started server.
+pub struct Running {
+    addr: SocketAddr,
+    stop_serving: oneshot::Sender<()>,
+    server: JoinHandle<std::io::Result<()>>,
+    background: Vec<JoinHandle<()>>,
+    flush: FlushHandle,
+    store: Store,
+    engine: Arc<Engine>,
+}
+
+/// Makes sure the admin key exists: the configured one, or a generated one
+/// whose hash is kept in the database (the key itself is returned to be
+/// shown once).
+async fn admin_key(config: &Config, store: &Store) -> Result<(KeyHash, Option<PlainKey>), StoreError> {
+    if let Some(key) = &config.admin_key {
+        return Ok((KeyHash::of(key.expose()), None));
+    }
+    if let Some(hash) = store.meta(ADMIN_KEY_META).await?.as_deref().and_then(KeyHash::from_hex) {
+        return Ok((hash, None));
+    }
+    let key = PlainKey::generate();
+    store.set_meta(ADMIN_KEY_META, &key.hash().to_hex()).await?;
+    Ok((key.hash(), Some(key)))
+}
+
+/// Applies the configuration file's workspaces, and on a first start with no
+/// workspace at all creates `default` with one key.
+async fn bootstrap_workspaces(config: &Config, admin: &Admin, store: &Store) -> Result<Option<PlainKey>, StartError> {
+    for (id, spec) in &config.workspaces {
+        admin.declare_workspace(id, spec).await?;
+    }
+    if !store.load_catalog().await?.workspaces.is_empty() {
+        return Ok(None);
+    }
+    admin
+        .create_workspace(DEFAULT_WORKSPACE, &WorkspaceSpec::default())
+        .await?;
+    let id = DEFAULT_WORKSPACE.parse().map_err(AdminError::from)?;
+    let (_, key) = admin.create_key(&id).await?;
+    Ok(Some(key))
+}
+
+/// Opens everything and starts serving on `listener`.
+pub async fn start(config: Config, listener: TcpListener) -> Result<(Running, Bootstrap), StartError> {
+    let store = Store::open(&config.database_url).await?;
+    let (admin_hash, generated_admin_key) = admin_key(&config, &store).await?;
+    let offline_admin = Admin::new(store.clone(), None, config.defaults);
+    let default_workspace_key = bootstrap_workspaces(&config, &offline_admin, &store).await?;
+
+    let engine = Arc::new(Engine::new(config.engine, config.defaults, Arc::new(SystemClock)));
+    let catalog = store.load_catalog().await?;
+    let states = store.load_states().await?;
+    let active = store.notifications(None, false, i64::MAX).await?;
+    engine.load(catalog, states, active);
+    engine.set_admin_key(admin_hash);
+
+    let (flush, flush_task) = flush::spawn(engine.clone(), store.clone(), config.flush_interval);
+    let (hub, hub_task) = api::ws::Hub::spawn(&engine);
+    let ticker = tokio::spawn(tick(engine.clone()));
+
+    let state = AppState::new(Shared {
+        engine: engine.clone(),
+        store: store.clone(),
+        admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults),
+        flush: flush.clone(),
+        tickets: api::ws::Tickets::default(),
+        hub,
+        ws_ping_interval: config.ws_ping_interval,
+        openapi_json: api::openapi_json(),
+    });
+    let router = api::router(state, config.max_body_bytes);
+    let addr = listener.local_addr()?;
+    let (stop_serving, stopped) = oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, router)
+            .with_graceful_shutdown(async {
+                let _ = stopped.await;
+            })
+            .await
+    });
+    tracing::info!(%addr, database = ?store.backend(), "quotawatch serving");
+    Ok((
+        Running {
+            addr,
+            stop_serving,
+            server,
+            background: vec![flush_task, hub_task, ticker],
+            flush,
+            store,
+            engine,
+        },
+        Bootstrap {
+            default_workspace_key,
+            generated_admin_key,
+        },
+    ))
+}
+
+async fn tick(engine: Arc<Engine>) {
+    let mut interval = tokio::time::interval(TICK);
+    interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut ticks = 0u32;
+    loop {
+        interval.tick().await;
+        engine.tick();
+        ticks = ticks.wrapping_add(1);
+        if ticks % USAGE_PUBLISH_EVERY == 0 {
+            engine.publish_usage();
+        }
+    }
+}
+
+impl Running {
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn engine(&self) -> &Arc<Engine> {
+        &self.engine
+    }
+
+    /// Stops accepting requests, lets in-flight ones finish, writes
+    /// everything to the database and closes it.
+    pub async fn shutdown(self) {
+        let _ = self.stop_serving.send(());
+        match self.server.await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => tracing::error!(%error, "server stopped with an error"),
+            Err(error) => tracing::error!(%error, "server task failed"),
+        }
+        self.flush.stop().await;
+        for task in self.background {
+            task.abort();
+        }
+        self.store.close().await;
+        tracing::info!("quotawatch stopped; everything counted is written");
+    }
+
+    /// Stops without the final flush, as a crash would; for tests of what
+    /// survives one.
+    pub async fn abort(self) {
+        for task in self.background {
+            task.abort();
+        }
+        self.server.abort();
+        self.store.close().await;
+    }
+}

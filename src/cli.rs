@@ -1,0 +1,369 @@
+//! The command line: `serve`, `check-config`, workspace and key management on
+//! the database, and `status` against a running server.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser, Subcommand};
+
+use crate::admin::{Admin, WorkspaceSpec};
+use crate::config::{self, CliOverrides, Config, Sources};
+use crate::domain::limits::{LimitKind, PerLimit, WorkspaceId};
+use crate::domain::time::{Timestamp, humanize_duration};
+use crate::store::Store;
+
+#[derive(Parser, Debug)]
+#[command(name = "quotawatch", version, about = "Watches and enforces OpenAI API quotas for many workspaces.")]
+pub struct Cli {
+    /// A TOML file with settings and declared workspaces.
+    #[arg(long, global = true, value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// Overrides QUOTAWATCH_DATABASE_URL.
+    #[arg(long, global = true, value_name = "URL")]
+    database_url: Option<String>,
+    /// Overrides QUOTAWATCH_LOG_FORMAT (pretty or json).
+    #[arg(long, global = true, value_name = "FORMAT")]
+    log_format: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run the server.
+    Serve {
+        /// Overrides QUOTAWATCH_LISTEN.
+        #[arg(long, value_name = "ADDR")]
+        listen: Option<String>,
+    },
+    /// Validate the configuration and print it, secrets masked.
+    CheckConfig,
+    /// Manage workspaces in the database.
+    #[command(subcommand)]
+    Workspace(WorkspaceCommand),
+    /// Manage API keys in the database.
+    #[command(subcommand)]
+    Key(KeyCommand),
+    /// Print every workspace's status from a running server. The key comes
+    /// from QUOTAWATCH_KEY, or is asked for.
+    Status {
+        /// The server's base URL (default: from QUOTAWATCH_LISTEN).
+        #[arg(long)]
+        url: Option<String>,
+    },
+}
+
+#[derive(Subcommand, Debug)]
+enum WorkspaceCommand {
+    /// Create a workspace.
+    Add {
+        id: String,
+        #[command(flatten)]
+        settings: WorkspaceArgs,
+    },
+    /// List workspaces.
+    List,
+    /// Change a workspace's settings.
+    Set {
+        id: String,
+        #[command(flatten)]
+        settings: WorkspaceArgs,
+    },
+    /// Delete a workspace with its keys, state and history.
+    Remove { id: String },
+}
+
+#[derive(Subcommand, Debug)]
+enum KeyCommand {
+    /// Create a key for a workspace and print it once.
+    Create { workspace: String },
+    /// Revoke a key.
+    Revoke { workspace: String, key_id: String },
+}
+
+#[derive(Args, Debug, Default)]
+struct WorkspaceArgs {
+    #[arg(long)]
+    name: Option<String>,
+    /// An IANA timezone, e.g. Europe/Berlin.
+    #[arg(long)]
+    timezone: Option<String>,
+    /// A number, or "unlimited".
+    #[arg(long, value_parser = parse_limit)]
+    requests_per_minute: Option<Option<u64>>,
+    #[arg(long, value_parser = parse_limit)]
+    requests_per_day: Option<Option<u64>>,
+    #[arg(long, value_parser = parse_limit)]
+    tokens_per_minute: Option<Option<u64>>,
+    #[arg(long, value_parser = parse_limit)]
+    tokens_per_day: Option<Option<u64>>,
+    #[arg(long)]
+    warn_at: Option<f64>,
+}
+
+fn parse_limit(text: &str) -> Result<Option<u64>, String> {
+    match text {
+        "unlimited" | "none" => Ok(None),
+        number => number
+            .parse()
+            .map(Some)
+            .map_err(|_| format!("{number:?} is neither a whole number nor \"unlimited\"")),
+    }
+}
+
+impl WorkspaceArgs {
+    fn into_spec(self) -> WorkspaceSpec {
+        WorkspaceSpec {
+            name: self.name,
+            timezone: self.timezone,
+            limits: PerLimit([
+                self.requests_per_minute,
+                self.requests_per_day,
+                self.tokens_per_minute,
+                self.tokens_per_day,
+            ]),
+            warn_at: self.warn_at,
+        }
+    }
+}
+
+type Failure = Box<dyn std::error::Error>;
+
+impl Cli {
+    fn overrides(&self) -> CliOverrides {
+        let mut overrides = Vec::new();
+        if let Some(url) = &self.database_url {
+            overrides.push(("database_url", url.clone()));
+        }
+        if let Some(format) = &self.log_format {
+            overrides.push(("log_format", format.clone()));
+        }
+        if let Command::Serve { listen: Some(listen) } = &self.command {
+            overrides.push(("listen", listen.clone()));
+        }
+        overrides
+    }
+
+    pub fn load_config(&self) -> Result<Config, config::ConfigError> {
+        config::load(Sources::process(self.config.as_deref(), self.overrides()))
+    }
+}
+
+/// Runs the parsed command line; the error is what to print before exiting
+/// with status 1.
+pub async fn run(cli: Cli) -> Result<(), Failure> {
+    let config = cli.load_config()?;
+    crate::telemetry::init(config.log_format, &config.log_level);
+    match cli.command {
+        Command::Serve { .. } => serve(config).await,
+        Command::CheckConfig => {
+            print!("{}", config.describe());
+            println!("configuration is valid");
+            Ok(())
+        }
+        Command::Workspace(command) => workspace(config, command).await,
+        Command::Key(command) => key(config, command).await,
+        Command::Status { url } => status(&config, url).await,
+    }
+}
+
+async fn serve(config: Config) -> Result<(), Failure> {
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {} (QUOTAWATCH_LISTEN): {e}", config.listen))?;
+    let (running, bootstrap) = crate::app::start(config, listener).await?;
+    let mut out = std::io::stdout().lock();
+    if let Some(key) = &bootstrap.generated_admin_key {
+        writeln!(out, "Generated admin key (shown once; set QUOTA_ADMIN_RESET_KEY to choose your own):")?;
+        writeln!(out, "  {}", key.expose())?;
+    }
+    if let Some(key) = &bootstrap.default_workspace_key {
+        writeln!(out, "Created workspace \"default\" with this API key (shown once; store it now):")?;
+        writeln!(out, "  {}", key.expose())?;
+    }
+    writeln!(out, "quotawatch listening on http://{}", running.local_addr())?;
+    out.flush()?;
+    drop(out);
+    drop(bootstrap);
+    shutdown_signal().await;
+    tracing::info!("shutting down");
+    running.shutdown().await;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let terminate = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut signal) => {
+                signal.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let terminate = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = terminate => {},
+    }
+}
+
+async fn offline_admin(config: &Config) -> Result<Admin, Failure> {
+    let store = Store::open(&config.database_url).await?;
+    Ok(Admin::new(store, None, config.defaults))
+}
+
+fn limit_cell(value: Option<u64>) -> String {
+    value.map_or_else(|| "unlimited".to_owned(), |n| n.to_string())
+}
+
+async fn workspace(config: Config, command: WorkspaceCommand) -> Result<(), Failure> {
+    let admin = offline_admin(&config).await?;
+    match command {
+        WorkspaceCommand::Add { id, settings } => {
+            let created = admin.create_workspace(&id, &settings.into_spec()).await?;
+            println!("created workspace {}", created.id);
+        }
+        WorkspaceCommand::Set { id, settings } => {
+            let id: WorkspaceId = id.parse()?;
+            let updated = admin.update_workspace(&id, &settings.into_spec()).await?;
+            println!("updated workspace {}", updated.id);
+        }
+        WorkspaceCommand::Remove { id } => {
+            admin.delete_workspace(&id.parse()?).await?;
+            println!("removed workspace {id}");
+        }
+        WorkspaceCommand::List => {
+            let mut rows = vec![vec![
+                "ID".to_owned(),
+                "NAME".to_owned(),
+                "TIMEZONE".to_owned(),
+                "REQ/MIN".to_owned(),
+                "REQ/DAY".to_owned(),
+                "TOK/MIN".to_owned(),
+                "TOK/DAY".to_owned(),
+                "WARN_AT".to_owned(),
+            ]];
+            for ws in admin.list_workspaces().await? {
+                let mut row = vec![ws.id.to_string(), ws.name.clone(), ws.timezone.name().to_owned()];
+                row.extend(LimitKind::ALL.iter().map(|kind| limit_cell(ws.limits.get(*kind))));
+                row.push(ws.warn_at.to_string());
+                rows.push(row);
+            }
+            print!("{}", table(&rows));
+        }
+    }
+    Ok(())
+}
+
+async fn key(config: Config, command: KeyCommand) -> Result<(), Failure> {
+    let admin = offline_admin(&config).await?;
+    match command {
+        KeyCommand::Create { workspace } => {
+            let (record, key) = admin.create_key(&workspace.parse()?).await?;
+            println!("created key {} for workspace {workspace} (shown once; store it now):", record.id);
+            println!("  {}", key.expose());
+        }
+        KeyCommand::Revoke { workspace, key_id } => {
+            admin.revoke_key(&workspace.parse()?, &key_id).await?;
+            println!("revoked key {key_id}");
+        }
+    }
+    Ok(())
+}
+
+/// Lays out rows as left-aligned columns.
+fn table(rows: &[Vec<String>]) -> String {
+    let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> = (0..columns)
+        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|cell| cell.chars().count()).max().unwrap_or(0))
+        .collect();
+    let mut out = String::new();
+    for row in rows {
+        let cells: Vec<String> = row
+            .iter()
+            .enumerate()
+            .map(|(c, cell)| format!("{cell:<width$}", width = widths[c]))
+            .collect();
+        out.push_str(cells.join("  ").trim_end());
+        out.push('\n');
+    }
+    out
+}
+
+fn status_rows(docs: &[serde_json::Value], now: Timestamp) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "WORKSPACE".to_owned(),
+        "STATUS".to_owned(),
+        "REQ/MIN".to_owned(),
+        "REQ/DAY".to_owned(),
+        "TOK/MIN".to_owned(),
+        "TOK/DAY".to_owned(),
+    ]];
+    for doc in docs {
+        let mut row = vec![
+            doc["workspace"].as_str().unwrap_or("?").to_owned(),
+            doc["status"].as_str().unwrap_or("?").to_owned(),
+        ];
+        for kind in LimitKind::ALL {
+            let limit = &doc["limits"][kind.name()];
+            let cell = match (limit["used"].as_u64(), limit["limit"].as_u64()) {
+                (Some(used), Some(max)) => {
+                    let resets = limit["resets_at"]
+                        .as_str()
+                        .and_then(|at| chrono::DateTime::parse_from_rfc3339(at).ok())
+                        .map(|at| {
+                            let at = Timestamp::from_millis(at.timestamp_millis());
+                            format!(" resets in {}", humanize_duration(now.until(at)))
+                        })
+                        .unwrap_or_default();
+                    format!("{used}/{max}{resets}")
+                }
+                _ => "-".to_owned(),
+            };
+            row.push(cell);
+        }
+        rows.push(row);
+    }
+    rows
+}
+
+async fn status(config: &Config, url: Option<String>) -> Result<(), Failure> {
+    let key = match std::env::var("QUOTAWATCH_KEY") {
+        Ok(key) if !key.is_empty() => key,
+        _ => rpassword::prompt_password("API key (admin or workspace): ")?,
+    };
+    let base = url.unwrap_or_else(|| {
+        let mut addr = config.listen;
+        if addr.ip().is_unspecified() {
+            addr.set_ip(std::net::Ipv4Addr::LOCALHOST.into());
+        }
+        format!("http://{addr}")
+    });
+    crate::telemetry::install_crypto_provider();
+    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let response = client
+        .get(format!("{}/api/quota/status", base.trim_end_matches('/')))
+        .bearer_auth(key.trim())
+        .send()
+        .await
+        .map_err(|e| format!("cannot reach quotawatch at {base}: {e}"))?;
+    let code = response.status();
+    let body: serde_json::Value = response.json().await?;
+    if !code.is_success() {
+        let message = body["error"]["message"].as_str().unwrap_or("unknown error");
+        return Err(format!("{base} answered {code}: {message}").into());
+    }
+    let docs = match body.get("workspaces").and_then(|w| w.as_array()) {
+        Some(list) => list.clone(),
+        None => vec![body],
+    };
+    let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
+    print!("{}", table(&status_rows(&docs, now)));
+    Ok(())
+}

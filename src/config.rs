@@ -1,0 +1,636 @@
+//! Configuration: every setting, where it came from, and its validated value.
+//!
+//! Sources, in rising precedence: built-in defaults, the TOML file given with
+//! `--config`, a `.env` file in the working directory, environment variables,
+//! command-line flags. All of them are collected as text first and parsed
+//! once at the end, so an invalid value fails the same way wherever it came
+//! from, with a message naming the setting and its source.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+use crate::admin::WorkspaceSpec;
+use crate::domain::limits::{
+    LimitKind, Limits, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
+};
+use crate::domain::time::{format_duration, parse_duration};
+use crate::domain::workspace::Settings;
+use crate::engine::WorkspaceDefaults;
+
+/// One setting: its key in the TOML file, its environment variable, its
+/// default and what it does.
+pub struct SettingDef {
+    pub key: &'static str,
+    pub env: &'static str,
+    pub default: Option<&'static str>,
+    pub secret: bool,
+    pub help: &'static str,
+}
+
+/// Every setting quotawatch reads. README.md documents the same table.
+pub const SETTINGS: &[SettingDef] = &[
+    SettingDef { key: "listen", env: "QUOTAWATCH_LISTEN", default: Some("127.0.0.1:8000"), secret: false, help: "address and port to listen on" },
+    SettingDef { key: "database_url", env: "QUOTAWATCH_DATABASE_URL", default: Some("sqlite://quotawatch.db"), secret: false, help: "sqlite://PATH (created if missing) or postgres://..." },
+    SettingDef { key: "default_requests_per_minute", env: "OPENAI_RATE_LIMIT_PER_MINUTE", default: Some("500"), secret: false, help: "requests-per-minute limit of new workspaces (\"unlimited\" for none)" },
+    SettingDef { key: "default_requests_per_day", env: "OPENAI_RATE_LIMIT_PER_DAY", default: Some("10000"), secret: false, help: "requests-per-day limit of new workspaces" },
+    SettingDef { key: "default_tokens_per_minute", env: "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE", default: Some("unlimited"), secret: false, help: "tokens-per-minute limit of new workspaces" },
+    SettingDef { key: "default_tokens_per_day", env: "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY", default: Some("unlimited"), secret: false, help: "tokens-per-day limit of new workspaces" },
+    SettingDef { key: "default_warn_at", env: "QUOTAWATCH_DEFAULT_WARN_AT", default: Some("0.8"), secret: false, help: "utilisation at which new workspaces start warning" },
+    SettingDef { key: "admin_key", env: "QUOTA_ADMIN_RESET_KEY", default: None, secret: true, help: "the admin key; when unset, one is generated on first start and printed once" },
+    SettingDef { key: "reservation_ttl", env: "QUOTAWATCH_RESERVATION_TTL", default: Some("10m"), secret: false, help: "how long an unsettled token reservation lives" },
+    SettingDef { key: "probe_interval", env: "QUOTAWATCH_PROBE_INTERVAL", default: Some("60s"), secret: false, help: "how often one request may probe the upstream during a billing block" },
+    SettingDef { key: "flush_interval", env: "QUOTAWATCH_FLUSH_INTERVAL", default: Some("1s"), secret: false, help: "how often counted usage is written to the database (the most a kill -9 can lose)" },
+    SettingDef { key: "max_body_bytes", env: "QUOTAWATCH_MAX_BODY_BYTES", default: Some("65536"), secret: false, help: "largest request body the /api routes accept" },
+    SettingDef { key: "ws_ping_interval", env: "QUOTAWATCH_WS_PING_INTERVAL", default: Some("30s"), secret: false, help: "how often the server pings WebSocket clients; silent peers are closed after two" },
+    SettingDef { key: "log_format", env: "QUOTAWATCH_LOG_FORMAT", default: Some("pretty"), secret: false, help: "pretty or json" },
+    SettingDef { key: "log_level", env: "QUOTAWATCH_LOG", default: Some("info"), secret: false, help: "a tracing filter such as info or quotawatch=debug" },
+];
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Source {
+    Default,
+    File(PathBuf),
+    DotEnv,
+    Environment,
+    CommandLine,
+}
+
+impl fmt::Display for Source {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Default => f.write_str("default"),
+            Source::File(path) => write!(f, "{}", path.display()),
+            Source::DotEnv => f.write_str(".env"),
+            Source::Environment => f.write_str("environment"),
+            Source::CommandLine => f.write_str("command line"),
+        }
+    }
+}
+
+/// A setting that could not be used, named by its environment variable.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid configuration: {setting} (from {source_name}): {message}")]
+pub struct ConfigError {
+    pub setting: String,
+    pub source_name: String,
+    pub message: String,
+}
+
+impl ConfigError {
+    fn new(setting: impl Into<String>, source: &Source, message: impl Into<String>) -> Self {
+        Self {
+            setting: setting.into(),
+            source_name: source.to_string(),
+            message: message.into(),
+        }
+    }
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LogFormat {
+    Pretty,
+    Json,
+}
+
+/// A secret that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl fmt::Debug for Secret {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str("Secret(********)")
+    }
+}
+
+/// A setting as it ended up, for `check-config`.
+#[derive(Clone, Debug)]
+pub struct Effective {
+    pub env: &'static str,
+    pub key: &'static str,
+    pub shown: String,
+    pub source: Source,
+}
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub listen: SocketAddr,
+    pub database_url: String,
+    pub defaults: WorkspaceDefaults,
+    pub admin_key: Option<Secret>,
+    pub engine: Settings,
+    pub flush_interval: Duration,
+    pub max_body_bytes: usize,
+    pub ws_ping_interval: Duration,
+    pub log_format: LogFormat,
+    pub log_level: String,
+    /// Workspaces declared in the TOML file, applied at start-up.
+    pub workspaces: Vec<(String, WorkspaceSpec)>,
+    pub effective: Vec<Effective>,
+}
+
+/// Overrides given as command-line flags, by setting key.
+pub type CliOverrides = Vec<(&'static str, String)>;
+
+/// Where to read configuration from. `env` is the one way environment
+/// variables are read, so tests can supply their own.
+pub struct Sources<'a> {
+    pub file: Option<&'a Path>,
+    pub dotenv: Option<&'a Path>,
+    pub env: &'a dyn Fn(&str) -> Option<String>,
+    pub cli: CliOverrides,
+}
+
+impl<'a> Sources<'a> {
+    /// The process's real sources: its environment and `./.env`.
+    pub fn process(file: Option<&'a Path>, cli: CliOverrides) -> Self {
+        Self {
+            file,
+            dotenv: Some(Path::new(".env")),
+            env: &|name| std::env::var(name).ok(),
+            cli,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileWorkspace {
+    id: String,
+    name: Option<String>,
+    timezone: Option<String>,
+    warn_at: Option<f64>,
+    #[serde(default)]
+    limits: HashMap<String, FileLimit>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum FileLimit {
+    Count(u64),
+    Word(String),
+}
+
+fn def(key: &str) -> &'static SettingDef {
+    SETTINGS
+        .iter()
+        .find(|setting| setting.key == key)
+        .unwrap_or(&SETTINGS[0])
+}
+
+pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
+    let mut values: HashMap<&'static str, (String, Source)> = SETTINGS
+        .iter()
+        .filter_map(|s| s.default.map(|d| (s.key, (d.to_owned(), Source::Default))))
+        .collect();
+    let mut declared = Vec::new();
+
+    if let Some(path) = sources.file {
+        let source = Source::File(path.to_owned());
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| ConfigError::new("--config", &source, format!("cannot read the file: {e}")))?;
+        let table: toml::Table = text
+            .parse()
+            .map_err(|e| ConfigError::new("--config", &source, format!("not valid TOML: {e}")))?;
+        for (key, value) in table {
+            if key == "workspaces" {
+                let list: Vec<FileWorkspace> = value.try_into().map_err(|e| {
+                    ConfigError::new("workspaces", &source, format!("{e}"))
+                })?;
+                declared = list;
+                continue;
+            }
+            let setting = SETTINGS
+                .iter()
+                .find(|s| s.key == key || s.env == key)
+                .ok_or_else(|| {
+                    let known: Vec<&str> = SETTINGS.iter().map(|s| s.key).collect();
+                    ConfigError::new(
+                        key.clone(),
+                        &source,
+                        format!("unknown setting; known settings are {}", known.join(", ")),
+                    )
+                })?;
+            let text = match value {
+                toml::Value::String(text) => text,
+                toml::Value::Integer(n) => n.to_string(),
+                toml::Value::Float(x) => x.to_string(),
+                toml::Value::Boolean(b) => b.to_string(),
+                other => {
+                    return Err(ConfigError::new(
+                        setting.env,
+                        &source,
+                        format!("expected a string or a number, got {}", other.type_str()),
+                    ));
+                }
+            };
+            values.insert(setting.key, (text, source.clone()));
+        }
+    }
+
+    if let Some(path) = sources.dotenv.filter(|path| path.exists()) {
+        let entries = dotenvy::from_path_iter(path)
+            .map_err(|e| ConfigError::new(".env", &Source::DotEnv, format!("cannot read: {e}")))?;
+        for entry in entries {
+            let (name, value) = entry
+                .map_err(|e| ConfigError::new(".env", &Source::DotEnv, format!("cannot parse: {e}")))?;
+            if let Some(setting) = SETTINGS.iter().find(|s| s.env == name) {
+                values.insert(setting.key, (value, Source::DotEnv));
+            }
+        }
+    }
+
+    for setting in SETTINGS {
+        if let Some(value) = (sources.env)(setting.env) {
+            values.insert(setting.key, (value, Source::Environment));
+        }
+    }
+    for (key, value) in sources.cli {
+        values.insert(key, (value, Source::CommandLine));
+    }
+
+    build(values, declared)
+}
+
+fn build(
+    values: HashMap<&'static str, (String, Source)>,
+    declared: Vec<FileWorkspace>,
+) -> Result<Config, ConfigError> {
+    let get = |key: &str| values.get(key).map(|(value, source)| (value.trim(), source));
+    let required = |key: &str| -> (&str, &Source) {
+        get(key).unwrap_or(("", &Source::Default))
+    };
+    let fail = |key: &str, source: &Source, message: String| ConfigError::new(def(key).env, source, message);
+
+    let duration = |key: &str| -> Result<Duration, ConfigError> {
+        let (text, source) = required(key);
+        parse_duration(text)
+            .filter(|d| !d.is_zero())
+            .ok_or_else(|| fail(key, source, format!("{text:?} is not a positive duration such as 500ms, 10s, 10m or 1h")))
+    };
+    let limit = |key: &str, kind: LimitKind| -> Result<Option<u64>, ConfigError> {
+        let (text, source) = required(key);
+        let value = match text {
+            "" | "unlimited" | "none" => None,
+            number => Some(number.parse::<u64>().map_err(|_| {
+                fail(key, source, format!("{number:?} is not a whole number (or \"unlimited\")"))
+            })?),
+        };
+        validate_limit(kind, value).map_err(|e| fail(key, source, e.message))
+    };
+
+    let (listen_text, listen_source) = required("listen");
+    let listen = listen_text.parse::<SocketAddr>().map_err(|_| {
+        fail("listen", listen_source, format!("{listen_text:?} is not an address such as 127.0.0.1:8000"))
+    })?;
+
+    let (database_url, database_source) = required("database_url");
+    if !(database_url.starts_with("sqlite:")
+        || database_url.starts_with("postgres://")
+        || database_url.starts_with("postgresql://"))
+    {
+        return Err(fail(
+            "database_url",
+            database_source,
+            format!("{database_url:?} must start with sqlite:, postgres:// or postgresql://"),
+        ));
+    }
+
+    let mut limits = Limits::default();
+    for (key, kind) in [
+        ("default_requests_per_minute", LimitKind::RequestsPerMinute),
+        ("default_requests_per_day", LimitKind::RequestsPerDay),
+        ("default_tokens_per_minute", LimitKind::TokensPerMinute),
+        ("default_tokens_per_day", LimitKind::TokensPerDay),
+    ] {
+        limits.set(kind, limit(key, kind)?);
+    }
+    let (warn_text, warn_source) = required("default_warn_at");
+    let warn_at = warn_text
+        .parse::<f64>()
+        .map_err(|_| fail("default_warn_at", warn_source, format!("{warn_text:?} is not a number")))
+        .and_then(|w| validate_warn_at(w).map_err(|e| fail("default_warn_at", warn_source, e.message)))?;
+
+    let admin_key = match get("admin_key") {
+        None | Some(("", _)) => None,
+        Some((key, source)) if key.len() < 16 => {
+            return Err(fail("admin_key", source, "the admin key must be at least 16 characters".to_owned()));
+        }
+        Some((key, _)) => Some(Secret(key.to_owned())),
+    };
+
+    let (body_text, body_source) = required("max_body_bytes");
+    let max_body_bytes = body_text
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n >= 1024)
+        .ok_or_else(|| fail("max_body_bytes", body_source, format!("{body_text:?} is not a byte count of at least 1024")))?;
+
+    let (format_text, format_source) = required("log_format");
+    let log_format = match format_text {
+        "pretty" => LogFormat::Pretty,
+        "json" => LogFormat::Json,
+        other => {
+            return Err(fail("log_format", format_source, format!("{other:?} is neither pretty nor json")));
+        }
+    };
+    let (level_text, level_source) = required("log_level");
+    tracing_subscriber::EnvFilter::try_new(level_text)
+        .map_err(|e| fail("log_level", level_source, format!("{level_text:?} is not a log filter: {e}")))?;
+
+    let workspaces = declared
+        .into_iter()
+        .enumerate()
+        .map(|(index, declared)| file_workspace(index, declared, limits, warn_at))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let effective = SETTINGS
+        .iter()
+        .map(|setting| {
+            let (value, source) = values
+                .get(setting.key)
+                .cloned()
+                .unwrap_or_else(|| (String::new(), Source::Default));
+            let shown = match (setting.secret, value.is_empty()) {
+                (_, true) => "(unset)".to_owned(),
+                (true, false) => "******** (set)".to_owned(),
+                (false, false) if setting.key == "database_url" => mask_password(&value),
+                (false, false) => value,
+            };
+            Effective {
+                env: setting.env,
+                key: setting.key,
+                shown,
+                source,
+            }
+        })
+        .collect();
+
+    Ok(Config {
+        listen,
+        database_url: database_url.to_owned(),
+        defaults: WorkspaceDefaults { limits, warn_at },
+        admin_key,
+        engine: Settings {
+            reservation_ttl: duration("reservation_ttl")?,
+            probe_interval: duration("probe_interval")?,
+        },
+        flush_interval: duration("flush_interval")?,
+        max_body_bytes,
+        ws_ping_interval: duration("ws_ping_interval")?,
+        log_format,
+        log_level: level_text.to_owned(),
+        workspaces,
+        effective,
+    })
+}
+
+fn file_workspace(
+    index: usize,
+    declared: FileWorkspace,
+    default_limits: Limits,
+    default_warn_at: f64,
+) -> Result<(String, WorkspaceSpec), ConfigError> {
+    let source = Source::Default;
+    let at = |field: &str| format!("workspaces[{index}].{field}");
+    let mut limits: PerLimit<Option<Option<u64>>> = PerLimit::default();
+    for (name, value) in declared.limits {
+        let kind = LimitKind::from_name(&name).ok_or_else(|| {
+            ConfigError::new(at(&format!("limits.{name}")), &source, "unknown limit; use requests_per_minute, requests_per_day, tokens_per_minute or tokens_per_day")
+        })?;
+        let value = match value {
+            FileLimit::Count(n) => Some(n),
+            FileLimit::Word(word) if word == "unlimited" => None,
+            FileLimit::Word(word) => {
+                return Err(ConfigError::new(at(&format!("limits.{name}")), &source, format!("{word:?} is neither a number nor \"unlimited\"")));
+            }
+        };
+        limits.set(kind, Some(value));
+    }
+    let spec = WorkspaceSpec {
+        name: declared.name,
+        timezone: declared.timezone,
+        limits,
+        warn_at: declared.warn_at,
+    };
+    // Validate now, so that check-config and start-up fail before serving.
+    let id = declared.id.parse().map_err(|e: crate::domain::limits::ValidationError| {
+        ConfigError::new(at("id"), &source, e.message)
+    })?;
+    let mut base = WorkspaceConfig::new(id, default_limits);
+    base.warn_at = default_warn_at;
+    spec.apply_to(base)
+        .map_err(|e| ConfigError::new(at(e.field), &source, e.message))?;
+    Ok((declared.id, spec))
+}
+
+/// `postgres://user:secret@host/db` -> `postgres://user:********@host/db`.
+fn mask_password(url: &str) -> String {
+    let Some((scheme, rest)) = url.split_once("://") else {
+        return url.to_owned();
+    };
+    match rest.split_once('@') {
+        Some((credentials, host)) => match credentials.split_once(':') {
+            Some((user, _)) => format!("{scheme}://{user}:********@{host}"),
+            None => url.to_owned(),
+        },
+        None => url.to_owned(),
+    }
+}
+
+impl Config {
+    /// The effective configuration as `check-config` prints it.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        let width = self.effective.iter().map(|e| e.env.len()).max().unwrap_or(0);
+        for setting in &self.effective {
+            out.push_str(&format!(
+                "{:width$}  {}  ({})\n",
+                setting.env, setting.shown, setting.source
+            ));
+        }
+        for (id, spec) in &self.workspaces {
+            out.push_str(&format!("declared workspace {id}: {}\n", describe_spec(spec)));
+        }
+        out.push_str(&format!(
+            "engine: reservation_ttl={}, probe_interval={}, flush_interval={}\n",
+            format_duration(self.engine.reservation_ttl),
+            format_duration(self.engine.probe_interval),
+            format_duration(self.flush_interval)
+        ));
+        out
+    }
+}
+
+fn describe_spec(spec: &WorkspaceSpec) -> String {
+    let mut parts = Vec::new();
+    if let Some(name) = &spec.name {
+        parts.push(format!("name={name:?}"));
+    }
+    if let Some(tz) = &spec.timezone {
+        parts.push(format!("timezone={tz}"));
+    }
+    for kind in LimitKind::ALL {
+        match spec.limits.get(kind) {
+            Some(Some(n)) => parts.push(format!("{kind}={n}")),
+            Some(None) => parts.push(format!("{kind}=unlimited")),
+            None => {}
+        }
+    }
+    if let Some(warn_at) = spec.warn_at {
+        parts.push(format!("warn_at={warn_at}"));
+    }
+    if parts.is_empty() {
+        "defaults".to_owned()
+    } else {
+        parts.join(", ")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn load_with(
+        file: Option<&str>,
+        dotenv: Option<&str>,
+        env: &[(&str, &str)],
+        cli: CliOverrides,
+    ) -> Result<Config, ConfigError> {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let file_path = dir.path().join("quotawatch.toml");
+        let dotenv_path = dir.path().join(".env");
+        if let Some(text) = file {
+            std::fs::write(&file_path, text).expect("write toml");
+        }
+        if let Some(text) = dotenv {
+            std::fs::write(&dotenv_path, text).expect("write .env");
+        }
+        let env: HashMap<String, String> = env
+            .iter()
+            .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+            .collect();
+        let lookup = move |name: &str| env.get(name).cloned();
+        load(Sources {
+            file: file.map(|_| file_path.as_path()),
+            dotenv: Some(dotenv_path.as_path()),
+            env: &lookup,
+            cli,
+        })
+    }
+
+    #[test]
+    fn defaults_match_the_documentation() {
+        let config = load_with(None, None, &[], vec![]).expect("defaults are valid");
+        assert_eq!(config.listen.to_string(), "127.0.0.1:8000");
+        assert_eq!(config.database_url, "sqlite://quotawatch.db");
+        assert_eq!(config.defaults.limits.get(LimitKind::RequestsPerMinute), Some(500));
+        assert_eq!(config.defaults.limits.get(LimitKind::RequestsPerDay), Some(10_000));
+        assert_eq!(config.defaults.limits.get(LimitKind::TokensPerDay), None);
+        assert_eq!(config.defaults.warn_at, 0.8);
+        assert_eq!(config.engine.reservation_ttl, Duration::from_secs(600));
+        assert_eq!(config.engine.probe_interval, Duration::from_secs(60));
+        assert_eq!(config.flush_interval, Duration::from_secs(1));
+        assert!(config.admin_key.is_none());
+    }
+
+    #[test]
+    fn sources_apply_in_rising_precedence() {
+        let file = "default_requests_per_minute = 100\ndefault_requests_per_day = 200\ndefault_warn_at = 0.5\nlisten = \"127.0.0.1:9001\"\n";
+        let dotenv = "OPENAI_RATE_LIMIT_PER_DAY=300\nQUOTAWATCH_DEFAULT_WARN_AT=0.6\nQUOTAWATCH_LISTEN=127.0.0.1:9002\n";
+        let env = [("QUOTAWATCH_DEFAULT_WARN_AT", "0.7"), ("QUOTAWATCH_LISTEN", "127.0.0.1:9003")];
+        let cli = vec![("listen", "127.0.0.1:9004".to_owned())];
+        let config = load_with(Some(file), Some(dotenv), &env, cli).expect("valid");
+        assert_eq!(config.defaults.limits.get(LimitKind::RequestsPerMinute), Some(100), "file over default");
+        assert_eq!(config.defaults.limits.get(LimitKind::RequestsPerDay), Some(300), ".env over file");
+        assert_eq!(config.defaults.warn_at, 0.7, "environment over .env");
+        assert_eq!(config.listen.port(), 9004, "command line over environment");
+        let listen = config.effective.iter().find(|e| e.key == "listen").expect("listed");
+        assert_eq!(listen.source, Source::CommandLine);
+    }
+
+    #[test]
+    fn invalid_values_name_the_setting_and_source() {
+        let error = load_with(None, None, &[("OPENAI_RATE_LIMIT_PER_MINUTE", "lots")], vec![])
+            .expect_err("invalid");
+        assert_eq!(error.setting, "OPENAI_RATE_LIMIT_PER_MINUTE");
+        assert_eq!(error.source_name, "environment");
+        assert!(error.to_string().contains("\"lots\""));
+
+        let error = load_with(None, Some("QUOTAWATCH_FLUSH_INTERVAL=soon\n"), &[], vec![]).expect_err("invalid");
+        assert_eq!((error.setting.as_str(), error.source_name.as_str()), ("QUOTAWATCH_FLUSH_INTERVAL", ".env"));
+
+        let error = load_with(Some("colour = \"blue\"\n"), None, &[], vec![]).expect_err("unknown");
+        assert_eq!(error.setting, "colour");
+        assert!(error.message.contains("unknown setting"));
+
+        let error = load_with(None, None, &[("QUOTA_ADMIN_RESET_KEY", "short")], vec![]).expect_err("short");
+        assert_eq!(error.setting, "QUOTA_ADMIN_RESET_KEY");
+        assert!(!error.to_string().contains("short\""), "the key itself is not echoed");
+
+        for (name, value) in [
+            ("QUOTAWATCH_LISTEN", "localhost"),
+            ("QUOTAWATCH_DATABASE_URL", "mysql://x"),
+            ("QUOTAWATCH_DEFAULT_WARN_AT", "2"),
+            ("QUOTAWATCH_LOG_FORMAT", "xml"),
+            ("OPENAI_RATE_LIMIT_PER_DAY", "0"),
+        ] {
+            let error = load_with(None, None, &[(name, value)], vec![]).expect_err(name);
+            assert_eq!(error.setting, name);
+        }
+    }
+
+    #[test]
+    fn secrets_are_masked() {
+        let config = load_with(
+            None,
+            None,
+            &[
+                ("QUOTA_ADMIN_RESET_KEY", "super-secret-admin-key"),
+                ("QUOTAWATCH_DATABASE_URL", "postgres://app:hunter2@db/quota"),
+            ],
+            vec![],
+        )
+        .expect("valid");
+        let described = config.describe();
+        assert!(!described.contains("super-secret-admin-key"));
+        assert!(!described.contains("hunter2"));
+        assert!(described.contains("******** (set)"));
+        assert!(described.contains("postgres://app:********@db/quota"));
+        assert!(!format!("{config:?}").contains("super-secret-admin-key"));
+    }
+
+    #[test]
+    fn declared_workspaces_are_validated() {
+        let file = r#"
+[[workspaces]]
+id = "acme"
+name = "Acme"
+timezone = "Europe/Berlin"
+[workspaces.limits]
+requests_per_minute = 60
+tokens_per_day = "unlimited"
+"#;
+        let config = load_with(Some(file), None, &[], vec![]).expect("valid");
+        let (id, spec) = &config.workspaces[0];
+        assert_eq!(id, "acme");
+        assert_eq!(spec.limits.get(LimitKind::RequestsPerMinute), Some(Some(60)));
+        assert_eq!(spec.limits.get(LimitKind::TokensPerDay), Some(None));
+
+        let bad = "[[workspaces]]\nid = \"acme\"\ntimezone = \"Nowhere/Special\"\n";
+        let error = load_with(Some(bad), None, &[], vec![]).expect_err("bad zone");
+        assert_eq!(error.setting, "workspaces[0].timezone");
+        let bad = "[[workspaces]]\nid = \"Acme!\"\n";
+        assert_eq!(load_with(Some(bad), None, &[], vec![]).expect_err("bad id").setting, "workspaces[0].id");
+    }
+}

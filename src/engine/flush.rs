@@ -1,0 +1,150 @@
+//! The background task that makes the engine durable: every flush interval
+//! it writes what changed in one transaction, picks up catalog changes made by
+//! other writers, and prunes old history.
+//!
+//! Failure mode: when a write fails, the batch is kept and merged with the
+//! next one, the engine raises a service-wide notification and `/readyz`
+//! reports the problem; enforcement goes on from memory. Nothing counted is
+//! dropped until the process ends, so a `kill -9` loses at most one interval
+//! (or the whole outage, if the database never came back).
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+use tokio::time::{Instant, MissedTickBehavior};
+
+use super::Engine;
+use crate::store::{Batch, Store};
+
+/// How often old rollups and notifications are pruned.
+const PRUNE_EVERY: Duration = Duration::from_secs(3600);
+
+enum Command {
+    Flush(oneshot::Sender<Result<(), String>>),
+    Stop(oneshot::Sender<()>),
+}
+
+/// Asks the flush task to write now, or to write one last time and stop.
+#[derive(Clone)]
+pub struct FlushHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl FlushHandle {
+    /// Writes everything pending and returns once it is in the database.
+    pub async fn flush(&self) -> Result<(), String> {
+        let (reply, answer) = oneshot::channel();
+        self.commands
+            .send(Command::Flush(reply))
+            .await
+            .map_err(|_| "the flush task has stopped".to_owned())?;
+        answer
+            .await
+            .unwrap_or_else(|_| Err("the flush task has stopped".to_owned()))
+    }
+
+    /// Writes everything pending and stops the task.
+    pub async fn stop(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.commands.send(Command::Stop(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+struct Flusher {
+    engine: Arc<Engine>,
+    store: Store,
+    /// Writes that failed, kept until they succeed.
+    unwritten: Batch,
+}
+
+pub fn spawn(engine: Arc<Engine>, store: Store, interval: Duration) -> (FlushHandle, JoinHandle<()>) {
+    let (commands, receiver) = mpsc::channel(64);
+    let flusher = Flusher {
+        engine,
+        store,
+        unwritten: Batch::default(),
+    };
+    let task = tokio::spawn(flusher.run(receiver, interval));
+    (FlushHandle { commands }, task)
+}
+
+impl Flusher {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>, interval: Duration) {
+        let mut ticker = tokio::time::interval(interval);
+        ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
+        let mut next_prune = Instant::now() + Duration::from_secs(60);
+        loop {
+            let reply = tokio::select! {
+                _ = ticker.tick() => None,
+                command = commands.recv() => match command {
+                    Some(Command::Flush(reply)) => Some(reply),
+                    Some(Command::Stop(done)) => {
+                        if let Err(error) = self.flush().await {
+                            tracing::error!(%error, "final flush failed; unwritten changes are lost");
+                        }
+                        let _ = done.send(());
+                        return;
+                    }
+                    None => {
+                        let _ = self.flush().await;
+                        return;
+                    }
+                },
+            };
+            let result = self.flush().await;
+            if let Some(reply) = reply {
+                let _ = reply.send(result);
+            }
+            self.follow_catalog().await;
+            if Instant::now() >= next_prune {
+                next_prune = Instant::now() + PRUNE_EVERY;
+                match self.store.prune(self.engine.now()).await {
+                    Ok(deleted) => tracing::debug!(deleted, "pruned old history"),
+                    Err(error) => tracing::warn!(%error, "pruning history failed"),
+                }
+            }
+        }
+    }
+
+    async fn flush(&mut self) -> Result<(), String> {
+        self.unwritten.absorb(self.engine.take_batch());
+        if self.unwritten.is_empty() {
+            return Ok(());
+        }
+        match self.store.write_batch(&self.unwritten, self.engine.now()).await {
+            Ok(()) => {
+                self.unwritten = Batch::default();
+                self.engine.storage_recovered();
+                Ok(())
+            }
+            Err(error) => {
+                let error = error.to_string();
+                tracing::warn!(%error, pending = self.unwritten.len(), "flush failed; will retry");
+                self.engine.storage_failed(&error);
+                Err(error)
+            }
+        }
+    }
+
+    /// Reloads workspaces and keys when someone else changed them.
+    async fn follow_catalog(&self) {
+        let generation = match self.store.catalog_generation().await {
+            Ok(generation) => generation,
+            Err(error) => {
+                tracing::debug!(%error, "could not read the catalog generation");
+                return;
+            }
+        };
+        if generation == self.engine.known_generation() {
+            return;
+        }
+        match self.store.load_catalog().await {
+            Ok(catalog) => self.engine.apply_catalog(catalog),
+            Err(error) => tracing::warn!(%error, "could not reload workspaces and keys"),
+        }
+    }
+}

@@ -1,0 +1,776 @@
+//! The engine: every workspace's live state in memory, the keyring, and the
+//! event stream that the WebSocket and (later) other instances listen to.
+//!
+//! Request path, as it runs through here:
+//! 1. `authenticate` maps a presented key to a principal (hash, then a
+//!    constant-time comparison);
+//! 2. `check` admits or refuses under the workspace's lock, atomically across
+//!    all its limits;
+//! 3. `report` settles the reservation and folds in the upstream's answer;
+//! 4. changes are published as events after the lock is released, and the
+//!    workspace is marked dirty for the next batched flush (see `flush`).
+//!
+//! Architecture invariants: a workspace's lock is a plain mutex held only for
+//! in-memory work, never across an await or IO; the request path never waits
+//! for the database; publishing never blocks (a broadcast channel drops
+//! stale events for slow listeners, who then resynchronise from a snapshot).
+
+pub mod flush;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+
+use tokio::sync::broadcast;
+
+use crate::domain::limits::{LimitKind, WorkspaceConfig, WorkspaceId};
+use crate::domain::notification::{Notification, describe_storage_unavailable};
+use crate::domain::status::Change;
+use crate::domain::time::{Timestamp, day_bounds};
+use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
+use crate::domain::workspace::{
+    Finished, Headroom, Refusal, Request, Reservation, Settings, Snapshot, UpstreamReport,
+    WorkspaceState,
+};
+use crate::keys::KeyHash;
+use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
+
+/// Where "now" comes from; tests substitute their own.
+pub trait Clock: Send + Sync {
+    fn now(&self) -> Timestamp;
+}
+
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now(&self) -> Timestamp {
+        Timestamp::from_millis(chrono::Utc::now().timestamp_millis())
+    }
+}
+
+/// Who a request speaks for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Principal {
+    Admin,
+    Workspace(WorkspaceId),
+}
+
+/// What listeners are told. Snapshots are taken when the change happens.
+#[derive(Clone, Debug)]
+pub enum Event {
+    /// The status level or its reasons changed, or an admin reset or
+    /// reconfigured the workspace.
+    Status(Arc<Snapshot>),
+    /// Usage moved; sent at most once per publishing interval per workspace.
+    Usage(Arc<Snapshot>),
+    /// A notification was raised, or resolved (then `resolved_at` is set).
+    Notification(Arc<Notification>),
+    Removed(WorkspaceId),
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum EngineError {
+    #[error("workspace {0} does not exist")]
+    UnknownWorkspace(WorkspaceId),
+    #[error("reservation {0} is unknown, already settled, or expired (an expired reservation keeps its estimate)")]
+    UnknownReservation(String),
+}
+
+/// The answer to an admission check.
+#[derive(Debug)]
+pub struct Decision {
+    pub result: Result<Reservation, Refusal>,
+    pub headroom: Headroom,
+    pub remaining: Vec<(LimitKind, u64)>,
+}
+
+/// Token counts of a finished request, as the upstream reported them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenUsage {
+    pub prompt: u64,
+    pub completion: u64,
+    pub cached: u64,
+    pub reasoning: u64,
+}
+
+impl TokenUsage {
+    pub fn total(&self) -> u64 {
+        self.prompt.saturating_add(self.completion)
+    }
+}
+
+/// A finished call, reported by the app (`POST /api/quota/usage`) or by the
+/// proxy.
+#[derive(Clone, Debug, Default)]
+pub struct UsageReport {
+    pub reservation: Option<u64>,
+    pub model: Option<String>,
+    /// `None` when the call's usage is unknown (a reservation then keeps its
+    /// estimate).
+    pub tokens: Option<TokenUsage>,
+    /// The upstream's HTTP status; absent means success unless `error` says
+    /// otherwise.
+    pub status_code: Option<u16>,
+    pub error_type: Option<String>,
+    pub error_code: Option<String>,
+    pub error_message: Option<String>,
+    pub headers: RateLimitHeaders,
+    pub latency_ms: Option<u64>,
+}
+
+impl UsageReport {
+    fn has_error(&self) -> bool {
+        self.error_type.is_some() || self.error_code.is_some() || self.error_message.is_some()
+    }
+
+    /// The status to classify: as given, else 429 for a bare error body (the
+    /// one status whose errors change a workspace's state), else success.
+    fn effective_status(&self) -> u16 {
+        self.status_code
+            .unwrap_or(if self.has_error() { 429 } else { 200 })
+    }
+}
+
+/// Defaults for workspaces created without explicit limits.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct WorkspaceDefaults {
+    pub limits: crate::domain::limits::Limits,
+    pub warn_at: f64,
+}
+
+struct Cell {
+    state: WorkspaceState,
+    /// Finished requests not yet flushed, by (minute start, model).
+    rollups: HashMap<(i64, String), RollupDelta>,
+}
+
+struct Slot {
+    cell: Mutex<Cell>,
+    /// The state changed since the last flush.
+    dirty: AtomicBool,
+    /// Usage changed since the last usage event.
+    usage_dirty: AtomicBool,
+}
+
+impl Slot {
+    fn new(state: WorkspaceState) -> Arc<Self> {
+        Arc::new(Self {
+            cell: Mutex::new(Cell {
+                state,
+                rollups: HashMap::new(),
+            }),
+            dirty: AtomicBool::new(true),
+            usage_dirty: AtomicBool::new(false),
+        })
+    }
+
+    /// Locks the cell. A panic while holding the lock cannot leave the state
+    /// half-updated in a way later operations cannot handle (every operation
+    /// re-derives the status), so a poisoned lock is used as is.
+    fn lock(&self) -> MutexGuard<'_, Cell> {
+        self.cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+}
+
+#[derive(Default)]
+struct Keyring {
+    admin: Option<KeyHash>,
+    keys: HashMap<KeyHash, WorkspaceId>,
+}
+
+#[derive(Default)]
+struct ServiceHealth {
+    storage: Option<Notification>,
+}
+
+pub struct Engine {
+    settings: Settings,
+    defaults: WorkspaceDefaults,
+    clock: Arc<dyn Clock>,
+    slots: RwLock<HashMap<WorkspaceId, Arc<Slot>>>,
+    keyring: RwLock<Keyring>,
+    events: broadcast::Sender<Event>,
+    pending_notifications: Mutex<Vec<Notification>>,
+    service: Mutex<ServiceHealth>,
+    known_generation: AtomicI64,
+}
+
+/// How many events a listener may fall behind before it is told to resync.
+const EVENT_CAPACITY: usize = 1024;
+
+fn fresh_id() -> u64 {
+    rand::random()
+}
+
+fn minute_of(at: Timestamp) -> i64 {
+    at.millis() - at.millis().rem_euclid(60_000)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+impl Engine {
+    pub fn new(settings: Settings, defaults: WorkspaceDefaults, clock: Arc<dyn Clock>) -> Self {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Self {
+            settings,
+            defaults,
+            clock,
+            slots: RwLock::new(HashMap::new()),
+            keyring: RwLock::new(Keyring::default()),
+            events,
+            pending_notifications: Mutex::new(Vec::new()),
+            service: Mutex::new(ServiceHealth::default()),
+            known_generation: AtomicI64::new(-1),
+        }
+    }
+
+    pub fn now(&self) -> Timestamp {
+        self.clock.now()
+    }
+
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    pub fn defaults(&self) -> WorkspaceDefaults {
+        self.defaults
+    }
+
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
+    }
+
+    fn slot(&self, workspace: &WorkspaceId) -> Result<Arc<Slot>, EngineError> {
+        self.slots
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .get(workspace)
+            .cloned()
+            .ok_or_else(|| EngineError::UnknownWorkspace(workspace.clone()))
+    }
+
+    fn all_slots(&self) -> Vec<(WorkspaceId, Arc<Slot>)> {
+        self.slots
+            .read()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .iter()
+            .map(|(id, slot)| (id.clone(), slot.clone()))
+            .collect()
+    }
+
+    pub fn workspace_ids(&self) -> Vec<WorkspaceId> {
+        let mut ids: Vec<WorkspaceId> = self.all_slots().into_iter().map(|(id, _)| id).collect();
+        ids.sort();
+        ids
+    }
+
+    pub fn contains(&self, workspace: &WorkspaceId) -> bool {
+        self.slot(workspace).is_ok()
+    }
+
+    // ----- start-up and catalog -------------------------------------------
+
+    /// Fills the engine from the database at start-up: workspaces with their
+    /// saved state and active notifications, and the keyring.
+    pub fn load(
+        &self,
+        catalog: Catalog,
+        mut states: HashMap<WorkspaceId, crate::domain::workspace::Saved>,
+        notifications: Vec<Notification>,
+    ) {
+        let now = self.now();
+        let mut active: HashMap<WorkspaceId, Vec<Notification>> = HashMap::new();
+        for notification in notifications {
+            if let Some(workspace) = notification.workspace.clone() {
+                active.entry(workspace).or_default().push(notification);
+            } else if notification.is_active() {
+                // A storage problem from a previous run that never got to be
+                // resolved: this run wrote to the database, so it is over.
+                let mut resolved = notification;
+                resolved.resolved_at = Some(now);
+                lock(&self.pending_notifications).push(resolved);
+            }
+        }
+        let mut slots = HashMap::new();
+        for config in catalog.workspaces {
+            let id = config.id.clone();
+            let notifications = active.remove(&id).unwrap_or_default();
+            let state = match states.remove(&id) {
+                Some(saved) => WorkspaceState::restore(config, saved, notifications, now),
+                None => WorkspaceState::new(config, now),
+            };
+            slots.insert(id, Slot::new(state));
+        }
+        *self.slots.write().unwrap_or_else(|p| p.into_inner()) = slots;
+        self.replace_keys(&catalog.keys);
+        self.known_generation.store(catalog.generation, Ordering::SeqCst);
+    }
+
+    pub fn set_admin_key(&self, hash: KeyHash) {
+        self.keyring.write().unwrap_or_else(|p| p.into_inner()).admin = Some(hash);
+    }
+
+    fn replace_keys(&self, keys: &[crate::store::KeyRecord]) {
+        let map = keys
+            .iter()
+            .filter(|key| key.revoked_at.is_none())
+            .map(|key| (key.hash, key.workspace.clone()))
+            .collect();
+        self.keyring.write().unwrap_or_else(|p| p.into_inner()).keys = map;
+    }
+
+    /// The catalog generation this engine reflects.
+    pub fn known_generation(&self) -> i64 {
+        self.known_generation.load(Ordering::SeqCst)
+    }
+
+    /// Records that a change this engine made itself moved the catalog to
+    /// `generation`. If another writer changed it in between, the generation
+    /// is left behind so that the next poll reloads everything.
+    pub fn note_own_change(&self, generation: i64) {
+        let _ = self.known_generation.compare_exchange(
+            generation - 1,
+            generation,
+            Ordering::SeqCst,
+            Ordering::SeqCst,
+        );
+    }
+
+    /// Brings workspaces and keys in line with the database after another
+    /// writer (the CLI, another instance) changed them.
+    pub fn apply_catalog(&self, catalog: Catalog) {
+        let now = self.now();
+        let mut wanted: HashMap<WorkspaceId, WorkspaceConfig> = catalog
+            .workspaces
+            .into_iter()
+            .map(|config| (config.id.clone(), config))
+            .collect();
+        for (id, _) in self.all_slots() {
+            match wanted.remove(&id) {
+                Some(config) => self.upsert_workspace(config),
+                None => self.remove_workspace(&id),
+            }
+        }
+        for (_, config) in wanted {
+            self.upsert_workspace(config);
+        }
+        self.replace_keys(&catalog.keys);
+        self.known_generation.store(catalog.generation, Ordering::SeqCst);
+        tracing::debug!(generation = catalog.generation, at = %now, "catalog reloaded");
+    }
+
+    /// Adds a workspace, or applies new settings to an existing one.
+    pub fn upsert_workspace(&self, config: WorkspaceConfig) {
+        let now = self.now();
+        let existing = self.slot(&config.id).ok();
+        match existing {
+            Some(slot) => {
+                let mut cell = slot.lock();
+                if *cell.state.config() == config {
+                    return;
+                }
+                let changes = cell
+                    .state
+                    .reconfigure(config, now, &self.settings, &mut fresh_id);
+                let snapshot = Arc::new(cell.state.snapshot(now));
+                drop(cell);
+                slot.dirty.store(true, Ordering::Release);
+                self.publish_changes(&snapshot, changes);
+                let _ = self.events.send(Event::Status(snapshot));
+            }
+            None => {
+                let id = config.id.clone();
+                let state = WorkspaceState::new(config, now);
+                let snapshot = Arc::new(state.snapshot(now));
+                self.slots
+                    .write()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .insert(id, Slot::new(state));
+                let _ = self.events.send(Event::Status(snapshot));
+            }
+        }
+    }
+
+    pub fn remove_workspace(&self, id: &WorkspaceId) {
+        let removed = self
+            .slots
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(id);
+        if removed.is_some() {
+            self.keyring
+                .write()
+                .unwrap_or_else(|p| p.into_inner())
+                .keys
+                .retain(|_, workspace| workspace != id);
+            let _ = self.events.send(Event::Removed(id.clone()));
+        }
+    }
+
+    pub fn add_key(&self, hash: KeyHash, workspace: WorkspaceId) {
+        self.keyring
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys
+            .insert(hash, workspace);
+    }
+
+    pub fn remove_key(&self, hash: &KeyHash) {
+        self.keyring
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .keys
+            .remove(hash);
+    }
+
+    // ----- the request path -------------------------------------------------
+
+    /// Maps a presented key to whom it speaks for.
+    pub fn authenticate(&self, presented: &str) -> Option<Principal> {
+        let hash = KeyHash::of(presented);
+        let keyring = self.keyring.read().unwrap_or_else(|p| p.into_inner());
+        if keyring.admin.is_some_and(|admin| admin.matches(&hash)) {
+            return Some(Principal::Admin);
+        }
+        // The map finds the entry by hash; the stored hash is then compared
+        // again in constant time, so no timing reveals a near miss.
+        keyring
+            .keys
+            .get_key_value(&hash)
+            .filter(|(stored, _)| stored.matches(&hash))
+            .map(|(_, workspace)| Principal::Workspace(workspace.clone()))
+    }
+
+    /// Admission: reserves one request and `request.estimated_tokens` against
+    /// every limit of the workspace, or refuses without charging anything.
+    pub fn check(&self, workspace: &WorkspaceId, request: Request) -> Result<Decision, EngineError> {
+        let slot = self.slot(workspace)?;
+        let now = self.now();
+        let model = request.model.clone();
+        let mut cell = slot.lock();
+        let admission = cell.state.admit(request, now, &self.settings, &mut fresh_id);
+        if admission.result.is_err() {
+            let key = (minute_of(now), model.unwrap_or_default());
+            cell.rollups.entry(key).or_default().refused += 1;
+        } else {
+            slot.usage_dirty.store(true, Ordering::Release);
+        }
+        record_expired(&mut cell, admission.expired);
+        let decision = Decision {
+            headroom: cell.state.headroom(),
+            remaining: cell.state.remaining(),
+            result: admission.result,
+        };
+        let snapshot = (!admission.changes.is_empty()).then(|| Arc::new(cell.state.snapshot(now)));
+        drop(cell);
+        slot.dirty.store(true, Ordering::Release);
+        if let Some(snapshot) = snapshot {
+            self.publish_changes(&snapshot, admission.changes);
+        }
+        Ok(decision)
+    }
+
+    /// Records a finished call: settles its reservation (or counts it as an
+    /// unreserved request), folds in the upstream's answer, and returns the
+    /// workspace's new status.
+    pub fn report(&self, workspace: &WorkspaceId, report: UsageReport) -> Result<Snapshot, EngineError> {
+        let slot = self.slot(workspace)?;
+        let now = self.now();
+        let mut cell = slot.lock();
+        // Set before anything can return early: even a refused settlement may
+        // have expired other reservations, which the flush must write.
+        slot.dirty.store(true, Ordering::Release);
+        let actual = report.tokens.map(|tokens| tokens.total());
+        let (charged_at, model, tokens, mut changes) = match report.reservation {
+            Some(id) => {
+                let settlement = cell
+                    .state
+                    .settle(id, actual, now, &self.settings, &mut fresh_id);
+                record_expired(&mut cell, settlement.expired);
+                let reservation = settlement
+                    .reservation
+                    .ok_or_else(|| EngineError::UnknownReservation(format!("rsv_{id:016x}")))?;
+                let model = report.model.clone().or(reservation.model);
+                (
+                    Some(reservation.charged_at),
+                    model,
+                    actual.unwrap_or(reservation.estimated_tokens),
+                    settlement.changes,
+                )
+            }
+            None => {
+                let tokens = actual.unwrap_or(0);
+                let (expired, changes) =
+                    cell.state
+                        .record_unreserved(tokens, now, &self.settings, &mut fresh_id);
+                record_expired(&mut cell, expired);
+                (None, report.model.clone(), tokens, changes)
+            }
+        };
+        let status = report.effective_status();
+        let upstream = UpstreamReport {
+            status,
+            error: ErrorFields {
+                error_type: report.error_type.as_deref(),
+                code: report.error_code.as_deref(),
+                message: report.error_message.as_deref(),
+            },
+            headers: report.headers,
+            admitted_at: charged_at,
+        };
+        let (class, upstream_changes) =
+            cell.state
+                .record_upstream(&upstream, now, &self.settings, &mut fresh_id);
+        changes.extend(upstream_changes);
+        if class != UpstreamClass::Success {
+            tracing::warn!(
+                workspace = %workspace,
+                status,
+                class = ?class,
+                code = report.error_code.as_deref().unwrap_or(""),
+                "upstream error reported"
+            );
+        }
+        let breakdown = report.tokens.unwrap_or_default();
+        let delta = RollupDelta {
+            requests: 1,
+            tokens: i64::try_from(tokens).unwrap_or(i64::MAX),
+            prompt_tokens: breakdown.prompt as i64,
+            completion_tokens: breakdown.completion as i64,
+            cached_tokens: breakdown.cached as i64,
+            reasoning_tokens: breakdown.reasoning as i64,
+            errors: i64::from(class != UpstreamClass::Success),
+            refused: 0,
+            latency_ms_sum: report.latency_ms.unwrap_or(0) as i64,
+        };
+        let key = (minute_of(charged_at.unwrap_or(now)), model.unwrap_or_default());
+        *cell.rollups.entry(key).or_default() += delta;
+        let snapshot = cell.state.snapshot(now);
+        drop(cell);
+        slot.usage_dirty.store(true, Ordering::Release);
+        if !changes.is_empty() {
+            self.publish_changes(&Arc::new(snapshot.clone()), changes);
+        }
+        Ok(snapshot)
+    }
+
+    pub fn snapshot(&self, workspace: &WorkspaceId) -> Result<Snapshot, EngineError> {
+        let slot = self.slot(workspace)?;
+        let now = self.now();
+        let snapshot = slot.lock().state.snapshot(now);
+        Ok(snapshot)
+    }
+
+    /// Snapshots of every workspace, worst status first, then by id.
+    pub fn snapshots(&self) -> Vec<Snapshot> {
+        let now = self.now();
+        let mut all: Vec<Snapshot> = self
+            .all_slots()
+            .into_iter()
+            .map(|(_, slot)| slot.lock().state.snapshot(now))
+            .collect();
+        all.sort_by(|a, b| b.status.cmp(&a.status).then_with(|| a.config.id.cmp(&b.config.id)));
+        all
+    }
+
+    /// Active notifications of a workspace, service-wide ones included.
+    pub fn active_notifications(&self, workspace: &WorkspaceId) -> Result<Vec<Notification>, EngineError> {
+        let slot = self.slot(workspace)?;
+        let mut notifications = self.service_notifications();
+        notifications.extend(slot.lock().state.active_notifications().iter().cloned());
+        notifications.sort_by(|a, b| {
+            b.severity
+                .cmp(&a.severity)
+                .then_with(|| b.created_at.cmp(&a.created_at))
+        });
+        Ok(notifications)
+    }
+
+    pub fn service_notifications(&self) -> Vec<Notification> {
+        lock(&self.service).storage.iter().cloned().collect()
+    }
+
+    /// Clears counters, blocks and active notifications of one workspace (or
+    /// all), and pushes the new status.
+    pub fn reset(&self, workspace: Option<&WorkspaceId>) -> Result<Vec<WorkspaceId>, EngineError> {
+        let targets = match workspace {
+            Some(id) => vec![(id.clone(), self.slot(id)?)],
+            None => self.all_slots(),
+        };
+        let now = self.now();
+        let mut done = Vec::with_capacity(targets.len());
+        for (id, slot) in targets {
+            let mut cell = slot.lock();
+            let changes = cell.state.reset(now);
+            let snapshot = Arc::new(cell.state.snapshot(now));
+            drop(cell);
+            slot.dirty.store(true, Ordering::Release);
+            slot.usage_dirty.store(true, Ordering::Release);
+            self.publish_changes(&snapshot, changes);
+            let _ = self.events.send(Event::Status(snapshot));
+            done.push(id);
+        }
+        Ok(done)
+    }
+
+    // ----- time and publishing ---------------------------------------------
+
+    /// Lets time pass for every workspace: windows slide, blocks and
+    /// reservations expire, statuses follow.
+    pub fn tick(&self) {
+        let now = self.now();
+        for (_, slot) in self.all_slots() {
+            let mut cell = slot.lock();
+            let (usage_changed, expired, changes) =
+                cell.state.tick(now, &self.settings, &mut fresh_id);
+            let touched = usage_changed || !expired.is_empty() || !changes.is_empty();
+            record_expired(&mut cell, expired);
+            let snapshot = (!changes.is_empty()).then(|| Arc::new(cell.state.snapshot(now)));
+            drop(cell);
+            if touched {
+                slot.dirty.store(true, Ordering::Release);
+            }
+            if usage_changed {
+                slot.usage_dirty.store(true, Ordering::Release);
+            }
+            if let Some(snapshot) = snapshot {
+                self.publish_changes(&snapshot, changes);
+            }
+        }
+    }
+
+    /// Sends a usage event for every workspace whose usage moved since the
+    /// last call. Called on a fixed interval, which bounds the event rate per
+    /// workspace.
+    pub fn publish_usage(&self) {
+        if self.events.receiver_count() == 0 {
+            return;
+        }
+        let now = self.now();
+        for (_, slot) in self.all_slots() {
+            if slot.usage_dirty.swap(false, Ordering::AcqRel) {
+                let snapshot = slot.lock().state.snapshot(now);
+                let _ = self.events.send(Event::Usage(Arc::new(snapshot)));
+            }
+        }
+    }
+
+    fn publish_changes(&self, snapshot: &Arc<Snapshot>, changes: Vec<Change>) {
+        let workspace = &snapshot.config.id;
+        let mut status_changed = false;
+        for change in changes {
+            match change {
+                Change::Status { from, to } => {
+                    status_changed = true;
+                    if from != to {
+                        tracing::info!(
+                            workspace = %workspace,
+                            from = from.name(),
+                            to = to.name(),
+                            reasons = ?snapshot.reasons,
+                            "status changed"
+                        );
+                    }
+                }
+                Change::Raised(notification) | Change::Resolved(notification) => {
+                    tracing::info!(
+                        workspace = %workspace,
+                        kind = notification.kind.name(),
+                        severity = notification.severity.name(),
+                        resolved = notification.resolved_at.is_some(),
+                        "notification {}",
+                        if notification.resolved_at.is_some() { "resolved" } else { "raised" }
+                    );
+                    lock(&self.pending_notifications).push(notification.clone());
+                    let _ = self.events.send(Event::Notification(Arc::new(notification)));
+                }
+            }
+        }
+        if status_changed {
+            let _ = self.events.send(Event::Status(snapshot.clone()));
+        }
+    }
+
+    // ----- persistence -------------------------------------------------------
+
+    /// Takes everything changed since the last call, for the flush to write.
+    pub fn take_batch(&self) -> Batch {
+        let mut batch = Batch::default();
+        for (id, slot) in self.all_slots() {
+            if !slot.dirty.swap(false, Ordering::AcqRel) {
+                continue;
+            }
+            let (saved, rollups, tz) = {
+                let mut cell = slot.lock();
+                (
+                    cell.state.save(),
+                    std::mem::take(&mut cell.rollups),
+                    cell.state.config().timezone,
+                )
+            };
+            for ((minute, model), delta) in rollups {
+                let (day, _) = day_bounds(Timestamp::from_millis(minute), tz);
+                let key = RollupKey {
+                    workspace: id.clone(),
+                    minute,
+                    day: day.millis(),
+                    model,
+                };
+                *batch.rollups.entry(key).or_default() += delta;
+            }
+            batch.states.insert(id, saved_to_json(&saved));
+        }
+        for notification in std::mem::take(&mut *lock(&self.pending_notifications)) {
+            batch.notifications.insert(notification.id.clone(), notification);
+        }
+        batch
+    }
+
+    /// The database refuses writes: raise the service-wide notification once.
+    pub fn storage_failed(&self, error: &str) {
+        let mut service = lock(&self.service);
+        if service.storage.is_some() {
+            return;
+        }
+        let notification = describe_storage_unavailable(
+            format!("ntf_{:016x}", fresh_id()),
+            error,
+            self.now(),
+        );
+        tracing::error!(error, "database writes failing; enforcing from memory and retrying");
+        service.storage = Some(notification.clone());
+        drop(service);
+        let _ = self.events.send(Event::Notification(Arc::new(notification)));
+    }
+
+    /// Writes succeed again: resolve the notification and keep it in history.
+    pub fn storage_recovered(&self) {
+        let Some(mut notification) = lock(&self.service).storage.take() else {
+            return;
+        };
+        tracing::info!("database writes succeed again");
+        notification.resolved_at = Some(self.now());
+        lock(&self.pending_notifications).push(notification.clone());
+        let _ = self.events.send(Event::Notification(Arc::new(notification)));
+    }
+
+    /// Why the database is not usable, if it is not.
+    pub fn storage_problem(&self) -> Option<String> {
+        lock(&self.service)
+            .storage
+            .as_ref()
+            .map(|notification| notification.message.clone())
+    }
+}
+
+/// Expired reservations are finished requests whose estimate became final.
+fn record_expired(cell: &mut Cell, expired: Vec<Finished>) {
+    for finished in expired {
+        let key = (minute_of(finished.charged_at), finished.model.unwrap_or_default());
+        let delta = cell.rollups.entry(key).or_default();
+        delta.requests += 1;
+        delta.tokens += i64::try_from(finished.tokens).unwrap_or(i64::MAX);
+    }
+}

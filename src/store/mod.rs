@@ -1,0 +1,756 @@
+//! Durable state: workspaces, key hashes, each workspace's live state,
+//! notifications and usage rollups, in SQLite (the embedded default) or
+//! PostgreSQL.
+//!
+//! Both backends sit behind this one type. Every query is written once, in
+//! the SQL the two databases share (`$1` parameters, `ON CONFLICT` upserts,
+//! `CAST` around aggregates), and the [`on_pool!`] macro runs it on whichever
+//! pool was chosen at start-up. The conformance tests in `tests/it/store.rs`
+//! run the same checks against both.
+//!
+//! Architecture invariant: nothing here is called on the request path except
+//! through the batched flush; handlers that change the catalog (admin
+//! operations) write through directly because they are rare.
+
+mod saved;
+
+use std::collections::HashMap;
+use std::str::FromStr;
+use std::time::Duration;
+
+use sqlx::postgres::{PgPool, PgPoolOptions};
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+
+use crate::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId, parse_timezone};
+use crate::domain::notification::{Notification, NotificationKind, Severity};
+use crate::domain::status::Cause;
+use crate::domain::time::Timestamp;
+use crate::domain::workspace::Saved;
+use crate::keys::KeyHash;
+
+pub use saved::{from_json as saved_from_json, to_json as saved_to_json};
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("database error: {0}")]
+    Database(#[from] sqlx::Error),
+    #[error("database migration failed: {0}")]
+    Migration(#[from] sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
+    UnsupportedUrl(String),
+}
+
+pub type Result<T> = std::result::Result<T, StoreError>;
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Backend {
+    Sqlite,
+    Postgres,
+}
+
+#[derive(Clone)]
+enum Pool {
+    Sqlite(SqlitePool),
+    Postgres(PgPool),
+}
+
+/// Runs `$body` with `$pool` bound to the concrete pool, so that one query
+/// text serves both databases.
+macro_rules! on_pool {
+    ($store:expr, |$pool:ident| $body:expr) => {
+        match &$store.pool {
+            Pool::Sqlite($pool) => $body,
+            Pool::Postgres($pool) => $body,
+        }
+    };
+}
+
+/// Marks a change to workspaces or keys inside the transaction `$tx`, and
+/// evaluates to the new catalog generation.
+macro_rules! bump_generation {
+    ($tx:ident) => {
+        sqlx::query_as::<_, (i64,)>(
+            "UPDATE catalog SET generation = generation + 1 WHERE id = 1 RETURNING generation",
+        )
+        .fetch_one(&mut *$tx)
+        .await?
+        .0
+    };
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// An API key as stored: never the key itself.
+#[derive(Clone, Debug, PartialEq)]
+pub struct KeyRecord {
+    pub id: String,
+    pub workspace: WorkspaceId,
+    pub hash: KeyHash,
+    pub prefix: String,
+    pub created_at: Timestamp,
+    pub revoked_at: Option<Timestamp>,
+}
+
+/// Everything needed to authenticate and to know the workspaces.
+#[derive(Clone, Debug, Default)]
+pub struct Catalog {
+    pub generation: i64,
+    pub workspaces: Vec<WorkspaceConfig>,
+    pub keys: Vec<KeyRecord>,
+}
+
+/// Counts of finished requests in one minute, added to the stored rollups.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RollupDelta {
+    pub requests: i64,
+    pub tokens: i64,
+    pub prompt_tokens: i64,
+    pub completion_tokens: i64,
+    pub cached_tokens: i64,
+    pub reasoning_tokens: i64,
+    pub errors: i64,
+    pub refused: i64,
+    pub latency_ms_sum: i64,
+}
+
+impl std::ops::AddAssign for RollupDelta {
+    fn add_assign(&mut self, o: Self) {
+        self.requests += o.requests;
+        self.tokens += o.tokens;
+        self.prompt_tokens += o.prompt_tokens;
+        self.completion_tokens += o.completion_tokens;
+        self.cached_tokens += o.cached_tokens;
+        self.reasoning_tokens += o.reasoning_tokens;
+        self.errors += o.errors;
+        self.refused += o.refused;
+        self.latency_ms_sum += o.latency_ms_sum;
+    }
+}
+
+/// Where a rollup delta belongs: the workspace, the start of its minute, the
+/// start of the workspace's local day containing that minute, and the model.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+pub struct RollupKey {
+    pub workspace: WorkspaceId,
+    pub minute: i64,
+    pub day: i64,
+    pub model: String,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Resolution {
+    Minute,
+    Hour,
+    Day,
+}
+
+impl Resolution {
+    fn code(self) -> &'static str {
+        match self {
+            Resolution::Minute => "m",
+            Resolution::Hour => "h",
+            Resolution::Day => "d",
+        }
+    }
+
+    /// How long rollups of this resolution are kept.
+    pub fn retention(self) -> Duration {
+        const DAY: u64 = 86_400;
+        Duration::from_secs(match self {
+            Resolution::Minute => 2 * DAY,
+            Resolution::Hour => 35 * DAY,
+            Resolution::Day => 400 * DAY,
+        })
+    }
+}
+
+/// One bucket of history, summed over models.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct HistoryRow {
+    pub bucket: i64,
+    pub totals: RollupDelta,
+}
+
+/// Writes gathered by one flush, applied in one transaction.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub states: HashMap<WorkspaceId, String>,
+    pub notifications: HashMap<String, Notification>,
+    pub rollups: HashMap<RollupKey, RollupDelta>,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.states.is_empty() && self.notifications.is_empty() && self.rollups.is_empty()
+    }
+
+    pub fn len(&self) -> usize {
+        self.states.len() + self.notifications.len() + self.rollups.len()
+    }
+
+    /// Folds a newer batch into this one: newer states and notification
+    /// versions replace older ones, rollup deltas add up.
+    pub fn absorb(&mut self, newer: Batch) {
+        self.states.extend(newer.states);
+        self.notifications.extend(newer.notifications);
+        for (key, delta) in newer.rollups {
+            *self.rollups.entry(key).or_default() += delta;
+        }
+    }
+}
+
+type WorkspaceRow = (
+    String,
+    String,
+    String,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+    f64,
+);
+
+type NotificationRow = (
+    String,
+    Option<String>,
+    Option<String>,
+    String,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+);
+
+/// The columns of `notifications`, as a literal so that queries stay
+/// `&'static str` (sqlx refuses SQL assembled at run time).
+macro_rules! notification_columns {
+    () => {
+        "id, workspace_id, cause, severity, kind, title, message, suggested_actions, limit_name, created_at, resolves_at, resolved_at"
+    };
+}
+
+fn limit_value(value: Option<u64>) -> Option<i64> {
+    value.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
+    let (id, name, timezone, rpm, rpd, tpm, tpd, warn_at) = row;
+    let mut limits = Limits::default();
+    let values = [rpm, rpd, tpm, tpd];
+    for (kind, value) in LimitKind::ALL.into_iter().zip(values) {
+        limits.set(kind, value.and_then(|v| u64::try_from(v).ok()));
+    }
+    Some(WorkspaceConfig {
+        id: id.parse().ok()?,
+        name,
+        timezone: parse_timezone(&timezone).ok()?,
+        limits,
+        warn_at,
+    })
+}
+
+const KIND_NAMES: [NotificationKind; 7] = [
+    NotificationKind::ApproachingLimit,
+    NotificationKind::RateLimited,
+    NotificationKind::DailyQuotaExhausted,
+    NotificationKind::UpstreamRateLimited,
+    NotificationKind::UpstreamQuotaExhausted,
+    NotificationKind::UpstreamErrors,
+    NotificationKind::StorageUnavailable,
+];
+
+fn notification_from_row(row: NotificationRow) -> Option<Notification> {
+    let (
+        id,
+        workspace,
+        cause,
+        severity,
+        kind,
+        title,
+        message,
+        actions,
+        limit,
+        created_at,
+        resolves_at,
+        resolved_at,
+    ) = row;
+    Some(Notification {
+        id,
+        workspace: workspace.and_then(|w| w.parse().ok()),
+        cause: cause.as_deref().and_then(Cause::from_key),
+        severity: Severity::from_name(&severity)?,
+        kind: KIND_NAMES.into_iter().find(|k| k.name() == kind)?,
+        title,
+        message,
+        suggested_actions: serde_json::from_str(&actions).unwrap_or_default(),
+        limit: limit.as_deref().and_then(LimitKind::from_name),
+        created_at: Timestamp::from_millis(created_at),
+        resolves_at: resolves_at.map(Timestamp::from_millis),
+        resolved_at: resolved_at.map(Timestamp::from_millis),
+    })
+}
+
+fn is_unique_violation(error: &sqlx::Error) -> bool {
+    matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
+}
+
+#[derive(Clone)]
+pub struct Store {
+    pool: Pool,
+}
+
+impl Store {
+    /// Opens (and for SQLite creates) the database at `url` and applies the
+    /// embedded migrations.
+    pub async fn open(url: &str) -> Result<Self> {
+        let pool = if url.starts_with("sqlite:") {
+            let options = SqliteConnectOptions::from_str(url)?
+                .create_if_missing(true)
+                .journal_mode(SqliteJournalMode::Wal)
+                // In WAL mode, NORMAL loses nothing on a process crash; only
+                // an operating-system crash can drop the last transactions.
+                .synchronous(SqliteSynchronous::Normal)
+                .busy_timeout(Duration::from_millis(500))
+                .foreign_keys(true);
+            Pool::Sqlite(
+                SqlitePoolOptions::new()
+                    .max_connections(4)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect_with(options)
+                    .await?,
+            )
+        } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+            Pool::Postgres(
+                PgPoolOptions::new()
+                    .max_connections(8)
+                    .acquire_timeout(Duration::from_secs(5))
+                    .connect(url)
+                    .await?,
+            )
+        } else {
+            return Err(StoreError::UnsupportedUrl(url.to_owned()));
+        };
+        let store = Self { pool };
+        on_pool!(store, |pool| MIGRATOR.run(pool).await)?;
+        Ok(store)
+    }
+
+    pub fn backend(&self) -> Backend {
+        match self.pool {
+            Pool::Sqlite(_) => Backend::Sqlite,
+            Pool::Postgres(_) => Backend::Postgres,
+        }
+    }
+
+    pub async fn close(&self) {
+        on_pool!(self, |pool| pool.close().await);
+    }
+
+    /// Succeeds when the database answers a query.
+    pub async fn ping(&self) -> Result<()> {
+        on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        Ok(())
+    }
+
+    pub async fn catalog_generation(&self) -> Result<i64> {
+        let (generation,): (i64,) = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT generation FROM catalog WHERE id = 1"
+        )
+        .fetch_one(pool)
+        .await)?;
+        Ok(generation)
+    }
+
+    pub async fn load_catalog(&self) -> Result<Catalog> {
+        let generation = self.catalog_generation().await?;
+        let workspace_rows: Vec<WorkspaceRow> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at FROM workspaces ORDER BY id"
+        )
+        .fetch_all(pool)
+        .await)?;
+        let key_rows: Vec<(String, String, String, String, i64, Option<i64>)> =
+            on_pool!(self, |pool| sqlx::query_as(
+                "SELECT id, workspace_id, key_hash, prefix, created_at, revoked_at FROM api_keys WHERE revoked_at IS NULL"
+            )
+            .fetch_all(pool)
+            .await)?;
+        Ok(Catalog {
+            generation,
+            workspaces: workspace_rows.into_iter().filter_map(workspace_from_row).collect(),
+            keys: key_rows.into_iter().filter_map(key_from_row).collect(),
+        })
+    }
+
+    pub async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceConfig>> {
+        let row: Option<WorkspaceRow> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at FROM workspaces WHERE id = $1"
+        )
+        .bind(id.as_str())
+        .fetch_optional(pool)
+        .await)?;
+        Ok(row.and_then(workspace_from_row))
+    }
+
+    /// Creates a workspace; fails with [`StoreError::Conflict`] if the id is
+    /// taken. Returns the new catalog generation.
+    pub async fn insert_workspace(&self, ws: &WorkspaceConfig, now: Timestamp) -> Result<i64> {
+        let limits = ws.limits;
+        let result = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO workspaces (id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+            )
+            .bind(ws.id.as_str())
+            .bind(&ws.name)
+            .bind(ws.timezone.name())
+            .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
+            .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
+            .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
+            .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
+            .bind(ws.warn_at)
+            .bind(now.millis())
+            .execute(&mut *tx)
+            .await?;
+            let generation = bump_generation!(tx);
+            tx.commit().await?;
+            Ok::<i64, sqlx::Error>(generation)
+        });
+        result.map_err(|error| {
+            if is_unique_violation(&error) {
+                StoreError::Conflict(format!("workspace {} already exists", ws.id))
+            } else {
+                error.into()
+            }
+        })
+    }
+
+    /// Replaces a workspace's settings; `None` if it does not exist.
+    pub async fn update_workspace(&self, ws: &WorkspaceConfig, now: Timestamp) -> Result<Option<i64>> {
+        let limits = ws.limits;
+        let generation = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let updated = sqlx::query(
+                "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, updated_at = $9 WHERE id = $1",
+            )
+            .bind(ws.id.as_str())
+            .bind(&ws.name)
+            .bind(ws.timezone.name())
+            .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
+            .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
+            .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
+            .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
+            .bind(ws.warn_at)
+            .bind(now.millis())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if updated == 0 {
+                return Ok(None);
+            }
+            let generation = bump_generation!(tx);
+            tx.commit().await?;
+            Ok::<Option<i64>, sqlx::Error>(Some(generation))
+        })?;
+        Ok(generation)
+    }
+
+    /// Deletes a workspace with its keys, state, notifications and history;
+    /// `None` if it did not exist.
+    pub async fn delete_workspace(&self, id: &WorkspaceId) -> Result<Option<i64>> {
+        let generation = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let deleted = sqlx::query("DELETE FROM workspaces WHERE id = $1")
+                .bind(id.as_str())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected();
+            if deleted == 0 {
+                return Ok(None);
+            }
+            for statement in [
+                "DELETE FROM api_keys WHERE workspace_id = $1",
+                "DELETE FROM workspace_state WHERE workspace_id = $1",
+                "DELETE FROM notifications WHERE workspace_id = $1",
+                "DELETE FROM rollups WHERE workspace_id = $1",
+            ] {
+                sqlx::query(statement)
+                    .bind(id.as_str())
+                    .execute(&mut *tx)
+                    .await?;
+            }
+            let generation = bump_generation!(tx);
+            tx.commit().await?;
+            Ok::<Option<i64>, sqlx::Error>(Some(generation))
+        })?;
+        Ok(generation)
+    }
+
+    pub async fn insert_key(&self, key: &KeyRecord) -> Result<i64> {
+        let generation = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            sqlx::query(
+                "INSERT INTO api_keys (id, workspace_id, key_hash, prefix, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, NULL)",
+            )
+            .bind(&key.id)
+            .bind(key.workspace.as_str())
+            .bind(key.hash.to_hex())
+            .bind(&key.prefix)
+            .bind(key.created_at.millis())
+            .execute(&mut *tx)
+            .await?;
+            let generation = bump_generation!(tx);
+            tx.commit().await?;
+            Ok::<i64, sqlx::Error>(generation)
+        })?;
+        Ok(generation)
+    }
+
+    /// Revokes a key of a workspace; `None` if there is no such active key.
+    pub async fn revoke_key(
+        &self,
+        workspace: &WorkspaceId,
+        key_id: &str,
+        now: Timestamp,
+    ) -> Result<Option<i64>> {
+        let generation = on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            let revoked = sqlx::query(
+                "UPDATE api_keys SET revoked_at = $3 WHERE id = $1 AND workspace_id = $2 AND revoked_at IS NULL",
+            )
+            .bind(key_id)
+            .bind(workspace.as_str())
+            .bind(now.millis())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected();
+            if revoked == 0 {
+                return Ok(None);
+            }
+            let generation = bump_generation!(tx);
+            tx.commit().await?;
+            Ok::<Option<i64>, sqlx::Error>(Some(generation))
+        })?;
+        Ok(generation)
+    }
+
+    /// All keys of a workspace, revoked ones included, newest first.
+    pub async fn list_keys(&self, workspace: &WorkspaceId) -> Result<Vec<KeyRecord>> {
+        let rows: Vec<(String, String, String, String, i64, Option<i64>)> =
+            on_pool!(self, |pool| sqlx::query_as(
+                "SELECT id, workspace_id, key_hash, prefix, created_at, revoked_at FROM api_keys WHERE workspace_id = $1 ORDER BY created_at DESC, id"
+            )
+            .bind(workspace.as_str())
+            .fetch_all(pool)
+            .await)?;
+        Ok(rows.into_iter().filter_map(key_from_row).collect())
+    }
+
+    pub async fn meta(&self, key: &str) -> Result<Option<String>> {
+        let row: Option<(String,)> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT value FROM meta WHERE key = $1"
+        )
+        .bind(key)
+        .fetch_optional(pool)
+        .await)?;
+        Ok(row.map(|(value,)| value))
+    }
+
+    pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
+        on_pool!(self, |pool| sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        )
+        .bind(key)
+        .bind(value)
+        .execute(pool)
+        .await
+        .map(|_| ()))?;
+        Ok(())
+    }
+
+    /// The saved live state of every workspace that has one.
+    pub async fn load_states(&self) -> Result<HashMap<WorkspaceId, Saved>> {
+        let rows: Vec<(String, String)> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT workspace_id, state FROM workspace_state"
+        )
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, state)| Some((id.parse().ok()?, saved_from_json(&state)?)))
+            .collect())
+    }
+
+    /// Notifications, newest first. `workspace` narrows to one workspace (and
+    /// the service-wide ones); `include_resolved` adds history.
+    pub async fn notifications(
+        &self,
+        workspace: Option<&WorkspaceId>,
+        include_resolved: bool,
+        limit: i64,
+    ) -> Result<Vec<Notification>> {
+        let rows: Vec<NotificationRow> = on_pool!(self, |pool| sqlx::query_as(concat!(
+            "SELECT ",
+            notification_columns!(),
+            " FROM notifications WHERE ($1 IS NULL OR workspace_id = $1 OR workspace_id IS NULL) AND ($2 = 1 OR resolved_at IS NULL) ORDER BY created_at DESC, id LIMIT $3"
+        ))
+            .bind(workspace.map(WorkspaceId::as_str))
+            .bind(i64::from(include_resolved))
+            .bind(limit)
+            .fetch_all(pool)
+            .await)?;
+        Ok(rows.into_iter().filter_map(notification_from_row).collect())
+    }
+
+    /// Applies a flush in one transaction: all of it lands, or none.
+    pub async fn write_batch(&self, batch: &Batch, now: Timestamp) -> Result<()> {
+        if batch.is_empty() {
+            return Ok(());
+        }
+        on_pool!(self, |pool| {
+            let mut tx = pool.begin().await?;
+            for (workspace, state) in &batch.states {
+                sqlx::query(
+                    "INSERT INTO workspace_state (workspace_id, state, updated_at) VALUES ($1, $2, $3) ON CONFLICT (workspace_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                )
+                .bind(workspace.as_str())
+                .bind(state)
+                .bind(now.millis())
+                .execute(&mut *tx)
+                .await?;
+            }
+            for n in batch.notifications.values() {
+                sqlx::query(concat!(
+                    "INSERT INTO notifications (",
+                    notification_columns!(),
+                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO UPDATE SET resolves_at = excluded.resolves_at, resolved_at = excluded.resolved_at, message = excluded.message"
+                ))
+                .bind(&n.id)
+                .bind(n.workspace.as_ref().map(WorkspaceId::as_str))
+                .bind(n.cause.map(Cause::key))
+                .bind(n.severity.name())
+                .bind(n.kind.name())
+                .bind(&n.title)
+                .bind(&n.message)
+                .bind(serde_json::to_string(&n.suggested_actions).unwrap_or_default())
+                .bind(n.limit.map(LimitKind::name))
+                .bind(n.created_at.millis())
+                .bind(n.resolves_at.map(Timestamp::millis))
+                .bind(n.resolved_at.map(Timestamp::millis))
+                .execute(&mut *tx)
+                .await?;
+            }
+            for (key, delta) in &batch.rollups {
+                let hour = key.minute - key.minute.rem_euclid(3_600_000);
+                for (resolution, bucket) in [
+                    (Resolution::Minute, key.minute),
+                    (Resolution::Hour, hour),
+                    (Resolution::Day, key.day),
+                ] {
+                    sqlx::query(
+                        "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, refused, latency_ms_sum) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET requests = rollups.requests + excluded.requests, tokens = rollups.tokens + excluded.tokens, prompt_tokens = rollups.prompt_tokens + excluded.prompt_tokens, completion_tokens = rollups.completion_tokens + excluded.completion_tokens, cached_tokens = rollups.cached_tokens + excluded.cached_tokens, reasoning_tokens = rollups.reasoning_tokens + excluded.reasoning_tokens, errors = rollups.errors + excluded.errors, refused = rollups.refused + excluded.refused, latency_ms_sum = rollups.latency_ms_sum + excluded.latency_ms_sum",
+                    )
+                    .bind(key.workspace.as_str())
+                    .bind(resolution.code())
+                    .bind(bucket)
+                    .bind(&key.model)
+                    .bind(delta.requests)
+                    .bind(delta.tokens)
+                    .bind(delta.prompt_tokens)
+                    .bind(delta.completion_tokens)
+                    .bind(delta.cached_tokens)
+                    .bind(delta.reasoning_tokens)
+                    .bind(delta.errors)
+                    .bind(delta.refused)
+                    .bind(delta.latency_ms_sum)
+                    .execute(&mut *tx)
+                    .await?;
+                }
+            }
+            tx.commit().await
+        })?;
+        Ok(())
+    }
+
+    /// History buckets of one resolution in `[from, to)`, summed over models.
+    pub async fn history(
+        &self,
+        workspace: &WorkspaceId,
+        resolution: Resolution,
+        from: i64,
+        to: i64,
+    ) -> Result<Vec<HistoryRow>> {
+        type Row = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
+        let rows: Vec<Row> = on_pool!(self, |pool| sqlx::query_as(
+            "SELECT bucket, CAST(SUM(requests) AS BIGINT), CAST(SUM(tokens) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(errors) AS BIGINT), CAST(SUM(refused) AS BIGINT), CAST(SUM(latency_ms_sum) AS BIGINT) FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 GROUP BY bucket ORDER BY bucket"
+        )
+        .bind(workspace.as_str())
+        .bind(resolution.code())
+        .bind(from)
+        .bind(to)
+        .fetch_all(pool)
+        .await)?;
+        Ok(rows
+            .into_iter()
+            .map(|r| HistoryRow {
+                bucket: r.0,
+                totals: RollupDelta {
+                    requests: r.1,
+                    tokens: r.2,
+                    prompt_tokens: r.3,
+                    completion_tokens: r.4,
+                    cached_tokens: r.5,
+                    reasoning_tokens: r.6,
+                    errors: r.7,
+                    refused: r.8,
+                    latency_ms_sum: r.9,
+                },
+            })
+            .collect())
+    }
+
+    /// Deletes rollups older than their resolution's retention and resolved
+    /// notifications older than the longest one.
+    pub async fn prune(&self, now: Timestamp) -> Result<u64> {
+        let mut deleted = 0;
+        for resolution in [Resolution::Minute, Resolution::Hour, Resolution::Day] {
+            let cutoff = now.millis() - crate::domain::time::duration_millis(resolution.retention());
+            deleted += on_pool!(self, |pool| sqlx::query(
+                "DELETE FROM rollups WHERE resolution = $1 AND bucket < $2"
+            )
+            .bind(resolution.code())
+            .bind(cutoff)
+            .execute(pool)
+            .await
+            .map(|done| done.rows_affected()))?;
+        }
+        let cutoff = now.millis() - crate::domain::time::duration_millis(Resolution::Day.retention());
+        deleted += on_pool!(self, |pool| sqlx::query(
+            "DELETE FROM notifications WHERE resolved_at IS NOT NULL AND resolved_at < $1"
+        )
+        .bind(cutoff)
+        .execute(pool)
+        .await
+        .map(|done| done.rows_affected()))?;
+        Ok(deleted)
+    }
+}
+
+fn key_from_row(row: (String, String, String, String, i64, Option<i64>)) -> Option<KeyRecord> {
+    let (id, workspace, hash, prefix, created_at, revoked_at) = row;
+    Some(KeyRecord {
+        id,
+        workspace: workspace.parse().ok()?,
+        hash: KeyHash::from_hex(&hash)?,
+        prefix,
+        created_at: Timestamp::from_millis(created_at),
+        revoked_at: revoked_at.map(Timestamp::from_millis),
+    })
+}
