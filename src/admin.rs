@@ -20,7 +20,10 @@ pub enum AdminError {
     #[error("workspace {0} does not exist")]
     WorkspaceNotFound(WorkspaceId),
     #[error("workspace {workspace} has no active key {key_id}")]
-    KeyNotFound { workspace: WorkspaceId, key_id: String },
+    KeyNotFound {
+        workspace: WorkspaceId,
+        key_id: String,
+    },
     #[error("{0}")]
     Conflict(String),
     #[error(transparent)]
@@ -93,6 +96,14 @@ impl Admin {
         }
     }
 
+    /// Serialises this change with catalog reloads of a running engine.
+    async fn lock(&self) -> Option<tokio::sync::MutexGuard<'_, ()>> {
+        match &self.engine {
+            Some(engine) => Some(engine.catalog_lock().await),
+            None => None,
+        }
+    }
+
     fn note(&self, generation: i64) {
         if let Some(engine) = &self.engine {
             engine.note_own_change(generation);
@@ -119,6 +130,7 @@ impl Admin {
         let mut base = WorkspaceConfig::new(id, self.defaults.limits);
         base.warn_at = self.defaults.warn_at;
         let config = spec.apply_to(base)?;
+        let _catalog = self.lock().await;
         let generation = self.store.insert_workspace(&config, self.now()).await?;
         self.note(generation);
         if let Some(engine) = &self.engine {
@@ -133,6 +145,7 @@ impl Admin {
         id: &WorkspaceId,
         spec: &WorkspaceSpec,
     ) -> Result<WorkspaceConfig, AdminError> {
+        let _catalog = self.lock().await;
         let config = spec.apply_to(self.workspace(id).await?)?;
         let generation = self
             .store
@@ -163,6 +176,7 @@ impl Admin {
     }
 
     pub async fn delete_workspace(&self, id: &WorkspaceId) -> Result<(), AdminError> {
+        let _catalog = self.lock().await;
         let generation = self
             .store
             .delete_workspace(id)
@@ -191,6 +205,7 @@ impl Admin {
             created_at: self.now(),
             revoked_at: None,
         };
+        let _catalog = self.lock().await;
         let generation = self.store.insert_key(&record).await?;
         self.note(generation);
         if let Some(engine) = &self.engine {
@@ -200,7 +215,12 @@ impl Admin {
         Ok((record, key))
     }
 
-    pub async fn revoke_key(&self, workspace: &WorkspaceId, key_id: &str) -> Result<(), AdminError> {
+    pub async fn revoke_key(
+        &self,
+        workspace: &WorkspaceId,
+        key_id: &str,
+    ) -> Result<(), AdminError> {
+        let _catalog = self.lock().await;
         let keys = self.store.list_keys(workspace).await?;
         let record = keys
             .iter()

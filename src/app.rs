@@ -59,11 +59,19 @@ pub struct Running {
 /// Makes sure the admin key exists: the configured one, or a generated one
 /// whose hash is kept in the database (the key itself is returned to be
 /// shown once).
-async fn admin_key(config: &Config, store: &Store) -> Result<(KeyHash, Option<PlainKey>), StoreError> {
+async fn admin_key(
+    config: &Config,
+    store: &Store,
+) -> Result<(KeyHash, Option<PlainKey>), StoreError> {
     if let Some(key) = &config.admin_key {
         return Ok((KeyHash::of(key.expose()), None));
     }
-    if let Some(hash) = store.meta(ADMIN_KEY_META).await?.as_deref().and_then(KeyHash::from_hex) {
+    if let Some(hash) = store
+        .meta(ADMIN_KEY_META)
+        .await?
+        .as_deref()
+        .and_then(KeyHash::from_hex)
+    {
         return Ok((hash, None));
     }
     let key = PlainKey::generate();
@@ -73,7 +81,11 @@ async fn admin_key(config: &Config, store: &Store) -> Result<(KeyHash, Option<Pl
 
 /// Applies the configuration file's workspaces, and on a first start with no
 /// workspace at all creates `default` with one key.
-async fn bootstrap_workspaces(config: &Config, admin: &Admin, store: &Store) -> Result<Option<PlainKey>, StartError> {
+async fn bootstrap_workspaces(
+    config: &Config,
+    admin: &Admin,
+    store: &Store,
+) -> Result<Option<PlainKey>, StartError> {
     for (id, spec) in &config.workspaces {
         admin.declare_workspace(id, spec).await?;
     }
@@ -89,13 +101,20 @@ async fn bootstrap_workspaces(config: &Config, admin: &Admin, store: &Store) -> 
 }
 
 /// Opens everything and starts serving on `listener`.
-pub async fn start(config: Config, listener: TcpListener) -> Result<(Running, Bootstrap), StartError> {
+pub async fn start(
+    config: Config,
+    listener: TcpListener,
+) -> Result<(Running, Bootstrap), StartError> {
     let store = Store::open(&config.database_url).await?;
     let (admin_hash, generated_admin_key) = admin_key(&config, &store).await?;
     let offline_admin = Admin::new(store.clone(), None, config.defaults);
     let default_workspace_key = bootstrap_workspaces(&config, &offline_admin, &store).await?;
 
-    let engine = Arc::new(Engine::new(config.engine, config.defaults, Arc::new(SystemClock)));
+    let engine = Arc::new(Engine::new(
+        config.engine,
+        config.defaults,
+        Arc::new(SystemClock),
+    ));
     let catalog = store.load_catalog().await?;
     let states = store.load_states().await?;
     let active = store.notifications(None, false, i64::MAX).await?;
@@ -152,7 +171,7 @@ async fn tick(engine: Arc<Engine>) {
         interval.tick().await;
         engine.tick();
         ticks = ticks.wrapping_add(1);
-        if ticks % USAGE_PUBLISH_EVERY == 0 {
+        if ticks.is_multiple_of(USAGE_PUBLISH_EVERY) {
             engine.publish_usage();
         }
     }

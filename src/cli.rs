@@ -14,7 +14,11 @@ use crate::domain::time::{Timestamp, humanize_duration};
 use crate::store::Store;
 
 #[derive(Parser, Debug)]
-#[command(name = "quotawatch", version, about = "Watches and enforces OpenAI API quotas for many workspaces.")]
+#[command(
+    name = "quotawatch",
+    version,
+    about = "Watches and enforces OpenAI API quotas for many workspaces."
+)]
 pub struct Cli {
     /// A TOML file with settings and declared workspaces.
     #[arg(long, global = true, value_name = "FILE")]
@@ -91,23 +95,27 @@ struct WorkspaceArgs {
     timezone: Option<String>,
     /// A number, or "unlimited".
     #[arg(long, value_parser = parse_limit)]
-    requests_per_minute: Option<Option<u64>>,
+    requests_per_minute: Option<LimitArg>,
     #[arg(long, value_parser = parse_limit)]
-    requests_per_day: Option<Option<u64>>,
+    requests_per_day: Option<LimitArg>,
     #[arg(long, value_parser = parse_limit)]
-    tokens_per_minute: Option<Option<u64>>,
+    tokens_per_minute: Option<LimitArg>,
     #[arg(long, value_parser = parse_limit)]
-    tokens_per_day: Option<Option<u64>>,
+    tokens_per_day: Option<LimitArg>,
     #[arg(long)]
     warn_at: Option<f64>,
 }
 
-fn parse_limit(text: &str) -> Result<Option<u64>, String> {
+/// A limit given on the command line: a number, or `None` for "unlimited".
+#[derive(Clone, Copy, Debug)]
+struct LimitArg(Option<u64>);
+
+fn parse_limit(text: &str) -> Result<LimitArg, String> {
     match text {
-        "unlimited" | "none" => Ok(None),
+        "unlimited" | "none" => Ok(LimitArg(None)),
         number => number
             .parse()
-            .map(Some)
+            .map(|n| LimitArg(Some(n)))
             .map_err(|_| format!("{number:?} is neither a whole number nor \"unlimited\"")),
     }
 }
@@ -117,12 +125,15 @@ impl WorkspaceArgs {
         WorkspaceSpec {
             name: self.name,
             timezone: self.timezone,
-            limits: PerLimit([
-                self.requests_per_minute,
-                self.requests_per_day,
-                self.tokens_per_minute,
-                self.tokens_per_day,
-            ]),
+            limits: PerLimit(
+                [
+                    self.requests_per_minute,
+                    self.requests_per_day,
+                    self.tokens_per_minute,
+                    self.tokens_per_day,
+                ]
+                .map(|limit| limit.map(|LimitArg(value)| value)),
+            ),
             warn_at: self.warn_at,
         }
     }
@@ -139,7 +150,10 @@ impl Cli {
         if let Some(format) = &self.log_format {
             overrides.push(("log_format", format.clone()));
         }
-        if let Command::Serve { listen: Some(listen) } = &self.command {
+        if let Command::Serve {
+            listen: Some(listen),
+        } = &self.command
+        {
             overrides.push(("listen", listen.clone()));
         }
         overrides
@@ -171,18 +185,33 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
 async fn serve(config: Config) -> Result<(), Failure> {
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
-        .map_err(|e| format!("cannot listen on {} (QUOTAWATCH_LISTEN): {e}", config.listen))?;
+        .map_err(|e| {
+            format!(
+                "cannot listen on {} (QUOTAWATCH_LISTEN): {e}",
+                config.listen
+            )
+        })?;
     let (running, bootstrap) = crate::app::start(config, listener).await?;
     let mut out = std::io::stdout().lock();
     if let Some(key) = &bootstrap.generated_admin_key {
-        writeln!(out, "Generated admin key (shown once; set QUOTA_ADMIN_RESET_KEY to choose your own):")?;
+        writeln!(
+            out,
+            "Generated admin key (shown once; set QUOTA_ADMIN_RESET_KEY to choose your own):"
+        )?;
         writeln!(out, "  {}", key.expose())?;
     }
     if let Some(key) = &bootstrap.default_workspace_key {
-        writeln!(out, "Created workspace \"default\" with this API key (shown once; store it now):")?;
+        writeln!(
+            out,
+            "Created workspace \"default\" with this API key (shown once; store it now):"
+        )?;
         writeln!(out, "  {}", key.expose())?;
     }
-    writeln!(out, "quotawatch listening on http://{}", running.local_addr())?;
+    writeln!(
+        out,
+        "quotawatch listening on http://{}",
+        running.local_addr()
+    )?;
     out.flush()?;
     drop(out);
     drop(bootstrap);
@@ -250,8 +279,16 @@ async fn workspace(config: Config, command: WorkspaceCommand) -> Result<(), Fail
                 "WARN_AT".to_owned(),
             ]];
             for ws in admin.list_workspaces().await? {
-                let mut row = vec![ws.id.to_string(), ws.name.clone(), ws.timezone.name().to_owned()];
-                row.extend(LimitKind::ALL.iter().map(|kind| limit_cell(ws.limits.get(*kind))));
+                let mut row = vec![
+                    ws.id.to_string(),
+                    ws.name.clone(),
+                    ws.timezone.name().to_owned(),
+                ];
+                row.extend(
+                    LimitKind::ALL
+                        .iter()
+                        .map(|kind| limit_cell(ws.limits.get(*kind))),
+                );
                 row.push(ws.warn_at.to_string());
                 rows.push(row);
             }
@@ -266,7 +303,10 @@ async fn key(config: Config, command: KeyCommand) -> Result<(), Failure> {
     match command {
         KeyCommand::Create { workspace } => {
             let (record, key) = admin.create_key(&workspace.parse()?).await?;
-            println!("created key {} for workspace {workspace} (shown once; store it now):", record.id);
+            println!(
+                "created key {} for workspace {workspace} (shown once; store it now):",
+                record.id
+            );
             println!("  {}", key.expose());
         }
         KeyCommand::Revoke { workspace, key_id } => {
@@ -281,7 +321,13 @@ async fn key(config: Config, command: KeyCommand) -> Result<(), Failure> {
 fn table(rows: &[Vec<String>]) -> String {
     let columns = rows.iter().map(Vec::len).max().unwrap_or(0);
     let widths: Vec<usize> = (0..columns)
-        .map(|c| rows.iter().filter_map(|r| r.get(c)).map(|cell| cell.chars().count()).max().unwrap_or(0))
+        .map(|c| {
+            rows.iter()
+                .filter_map(|r| r.get(c))
+                .map(|cell| cell.chars().count())
+                .max()
+                .unwrap_or(0)
+        })
         .collect();
     let mut out = String::new();
     for row in rows {
@@ -346,7 +392,9 @@ async fn status(config: &Config, url: Option<String>) -> Result<(), Failure> {
         format!("http://{addr}")
     });
     crate::telemetry::install_crypto_provider();
-    let client = reqwest::Client::builder().timeout(Duration::from_secs(10)).build()?;
+    let client = reqwest::Client::builder()
+        .timeout(Duration::from_secs(10))
+        .build()?;
     let response = client
         .get(format!("{}/api/quota/status", base.trim_end_matches('/')))
         .bearer_auth(key.trim())

@@ -34,21 +34,111 @@ pub struct SettingDef {
 
 /// Every setting quotawatch reads. README.md documents the same table.
 pub const SETTINGS: &[SettingDef] = &[
-    SettingDef { key: "listen", env: "QUOTAWATCH_LISTEN", default: Some("127.0.0.1:8000"), secret: false, help: "address and port to listen on" },
-    SettingDef { key: "database_url", env: "QUOTAWATCH_DATABASE_URL", default: Some("sqlite://quotawatch.db"), secret: false, help: "sqlite://PATH (created if missing) or postgres://..." },
-    SettingDef { key: "default_requests_per_minute", env: "OPENAI_RATE_LIMIT_PER_MINUTE", default: Some("500"), secret: false, help: "requests-per-minute limit of new workspaces (\"unlimited\" for none)" },
-    SettingDef { key: "default_requests_per_day", env: "OPENAI_RATE_LIMIT_PER_DAY", default: Some("10000"), secret: false, help: "requests-per-day limit of new workspaces" },
-    SettingDef { key: "default_tokens_per_minute", env: "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE", default: Some("unlimited"), secret: false, help: "tokens-per-minute limit of new workspaces" },
-    SettingDef { key: "default_tokens_per_day", env: "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY", default: Some("unlimited"), secret: false, help: "tokens-per-day limit of new workspaces" },
-    SettingDef { key: "default_warn_at", env: "QUOTAWATCH_DEFAULT_WARN_AT", default: Some("0.8"), secret: false, help: "utilisation at which new workspaces start warning" },
-    SettingDef { key: "admin_key", env: "QUOTA_ADMIN_RESET_KEY", default: None, secret: true, help: "the admin key; when unset, one is generated on first start and printed once" },
-    SettingDef { key: "reservation_ttl", env: "QUOTAWATCH_RESERVATION_TTL", default: Some("10m"), secret: false, help: "how long an unsettled token reservation lives" },
-    SettingDef { key: "probe_interval", env: "QUOTAWATCH_PROBE_INTERVAL", default: Some("60s"), secret: false, help: "how often one request may probe the upstream during a billing block" },
-    SettingDef { key: "flush_interval", env: "QUOTAWATCH_FLUSH_INTERVAL", default: Some("1s"), secret: false, help: "how often counted usage is written to the database (the most a kill -9 can lose)" },
-    SettingDef { key: "max_body_bytes", env: "QUOTAWATCH_MAX_BODY_BYTES", default: Some("65536"), secret: false, help: "largest request body the /api routes accept" },
-    SettingDef { key: "ws_ping_interval", env: "QUOTAWATCH_WS_PING_INTERVAL", default: Some("30s"), secret: false, help: "how often the server pings WebSocket clients; silent peers are closed after two" },
-    SettingDef { key: "log_format", env: "QUOTAWATCH_LOG_FORMAT", default: Some("pretty"), secret: false, help: "pretty or json" },
-    SettingDef { key: "log_level", env: "QUOTAWATCH_LOG", default: Some("info"), secret: false, help: "a tracing filter such as info or quotawatch=debug" },
+    SettingDef {
+        key: "listen",
+        env: "QUOTAWATCH_LISTEN",
+        default: Some("127.0.0.1:8000"),
+        secret: false,
+        help: "address and port to listen on",
+    },
+    SettingDef {
+        key: "database_url",
+        env: "QUOTAWATCH_DATABASE_URL",
+        default: Some("sqlite://quotawatch.db"),
+        secret: false,
+        help: "sqlite://PATH (created if missing) or postgres://...",
+    },
+    SettingDef {
+        key: "default_requests_per_minute",
+        env: "OPENAI_RATE_LIMIT_PER_MINUTE",
+        default: Some("500"),
+        secret: false,
+        help: "requests-per-minute limit of new workspaces (\"unlimited\" for none)",
+    },
+    SettingDef {
+        key: "default_requests_per_day",
+        env: "OPENAI_RATE_LIMIT_PER_DAY",
+        default: Some("10000"),
+        secret: false,
+        help: "requests-per-day limit of new workspaces",
+    },
+    SettingDef {
+        key: "default_tokens_per_minute",
+        env: "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE",
+        default: Some("unlimited"),
+        secret: false,
+        help: "tokens-per-minute limit of new workspaces",
+    },
+    SettingDef {
+        key: "default_tokens_per_day",
+        env: "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY",
+        default: Some("unlimited"),
+        secret: false,
+        help: "tokens-per-day limit of new workspaces",
+    },
+    SettingDef {
+        key: "default_warn_at",
+        env: "QUOTAWATCH_DEFAULT_WARN_AT",
+        default: Some("0.8"),
+        secret: false,
+        help: "utilisation at which new workspaces start warning",
+    },
+    SettingDef {
+        key: "admin_key",
+        env: "QUOTA_ADMIN_RESET_KEY",
+        default: None,
+        secret: true,
+        help: "the admin key; when unset, one is generated on first start and printed once",
+    },
+    SettingDef {
+        key: "reservation_ttl",
+        env: "QUOTAWATCH_RESERVATION_TTL",
+        default: Some("10m"),
+        secret: false,
+        help: "how long an unsettled token reservation lives",
+    },
+    SettingDef {
+        key: "probe_interval",
+        env: "QUOTAWATCH_PROBE_INTERVAL",
+        default: Some("60s"),
+        secret: false,
+        help: "how often one request may probe the upstream during a billing block",
+    },
+    SettingDef {
+        key: "flush_interval",
+        env: "QUOTAWATCH_FLUSH_INTERVAL",
+        default: Some("1s"),
+        secret: false,
+        help: "how often counted usage is written to the database (the most a kill -9 can lose)",
+    },
+    SettingDef {
+        key: "max_body_bytes",
+        env: "QUOTAWATCH_MAX_BODY_BYTES",
+        default: Some("65536"),
+        secret: false,
+        help: "largest request body the /api routes accept",
+    },
+    SettingDef {
+        key: "ws_ping_interval",
+        env: "QUOTAWATCH_WS_PING_INTERVAL",
+        default: Some("30s"),
+        secret: false,
+        help: "how often the server pings WebSocket clients; silent peers are closed after two",
+    },
+    SettingDef {
+        key: "log_format",
+        env: "QUOTAWATCH_LOG_FORMAT",
+        default: Some("pretty"),
+        secret: false,
+        help: "pretty or json",
+    },
+    SettingDef {
+        key: "log_level",
+        env: "QUOTAWATCH_LOG",
+        default: Some("info"),
+        secret: false,
+        help: "a tracing filter such as info or quotawatch=debug",
+    },
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -197,16 +287,17 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
 
     if let Some(path) = sources.file {
         let source = Source::File(path.to_owned());
-        let text = std::fs::read_to_string(path)
-            .map_err(|e| ConfigError::new("--config", &source, format!("cannot read the file: {e}")))?;
+        let text = std::fs::read_to_string(path).map_err(|e| {
+            ConfigError::new("--config", &source, format!("cannot read the file: {e}"))
+        })?;
         let table: toml::Table = text
             .parse()
             .map_err(|e| ConfigError::new("--config", &source, format!("not valid TOML: {e}")))?;
         for (key, value) in table {
             if key == "workspaces" {
-                let list: Vec<FileWorkspace> = value.try_into().map_err(|e| {
-                    ConfigError::new("workspaces", &source, format!("{e}"))
-                })?;
+                let list: Vec<FileWorkspace> = value
+                    .try_into()
+                    .map_err(|e| ConfigError::new("workspaces", &source, format!("{e}")))?;
                 declared = list;
                 continue;
             }
@@ -242,8 +333,9 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
         let entries = dotenvy::from_path_iter(path)
             .map_err(|e| ConfigError::new(".env", &Source::DotEnv, format!("cannot read: {e}")))?;
         for entry in entries {
-            let (name, value) = entry
-                .map_err(|e| ConfigError::new(".env", &Source::DotEnv, format!("cannot parse: {e}")))?;
+            let (name, value) = entry.map_err(|e| {
+                ConfigError::new(".env", &Source::DotEnv, format!("cannot parse: {e}"))
+            })?;
             if let Some(setting) = SETTINGS.iter().find(|s| s.env == name) {
                 values.insert(setting.key, (value, Source::DotEnv));
             }
@@ -266,24 +358,38 @@ fn build(
     values: HashMap<&'static str, (String, Source)>,
     declared: Vec<FileWorkspace>,
 ) -> Result<Config, ConfigError> {
-    let get = |key: &str| values.get(key).map(|(value, source)| (value.trim(), source));
-    let required = |key: &str| -> (&str, &Source) {
-        get(key).unwrap_or(("", &Source::Default))
+    let get = |key: &str| {
+        values
+            .get(key)
+            .map(|(value, source)| (value.trim(), source))
     };
-    let fail = |key: &str, source: &Source, message: String| ConfigError::new(def(key).env, source, message);
+    let required = |key: &str| -> (&str, &Source) { get(key).unwrap_or(("", &Source::Default)) };
+    let fail = |key: &str, source: &Source, message: String| {
+        ConfigError::new(def(key).env, source, message)
+    };
 
     let duration = |key: &str| -> Result<Duration, ConfigError> {
         let (text, source) = required(key);
         parse_duration(text)
             .filter(|d| !d.is_zero())
-            .ok_or_else(|| fail(key, source, format!("{text:?} is not a positive duration such as 500ms, 10s, 10m or 1h")))
+            .ok_or_else(|| {
+                fail(
+                    key,
+                    source,
+                    format!("{text:?} is not a positive duration such as 500ms, 10s, 10m or 1h"),
+                )
+            })
     };
     let limit = |key: &str, kind: LimitKind| -> Result<Option<u64>, ConfigError> {
         let (text, source) = required(key);
         let value = match text {
             "" | "unlimited" | "none" => None,
             number => Some(number.parse::<u64>().map_err(|_| {
-                fail(key, source, format!("{number:?} is not a whole number (or \"unlimited\")"))
+                fail(
+                    key,
+                    source,
+                    format!("{number:?} is not a whole number (or \"unlimited\")"),
+                )
             })?),
         };
         validate_limit(kind, value).map_err(|e| fail(key, source, e.message))
@@ -291,7 +397,11 @@ fn build(
 
     let (listen_text, listen_source) = required("listen");
     let listen = listen_text.parse::<SocketAddr>().map_err(|_| {
-        fail("listen", listen_source, format!("{listen_text:?} is not an address such as 127.0.0.1:8000"))
+        fail(
+            "listen",
+            listen_source,
+            format!("{listen_text:?} is not an address such as 127.0.0.1:8000"),
+        )
     })?;
 
     let (database_url, database_source) = required("database_url");
@@ -318,13 +428,25 @@ fn build(
     let (warn_text, warn_source) = required("default_warn_at");
     let warn_at = warn_text
         .parse::<f64>()
-        .map_err(|_| fail("default_warn_at", warn_source, format!("{warn_text:?} is not a number")))
-        .and_then(|w| validate_warn_at(w).map_err(|e| fail("default_warn_at", warn_source, e.message)))?;
+        .map_err(|_| {
+            fail(
+                "default_warn_at",
+                warn_source,
+                format!("{warn_text:?} is not a number"),
+            )
+        })
+        .and_then(|w| {
+            validate_warn_at(w).map_err(|e| fail("default_warn_at", warn_source, e.message))
+        })?;
 
     let admin_key = match get("admin_key") {
         None | Some(("", _)) => None,
         Some((key, source)) if key.len() < 16 => {
-            return Err(fail("admin_key", source, "the admin key must be at least 16 characters".to_owned()));
+            return Err(fail(
+                "admin_key",
+                source,
+                "the admin key must be at least 16 characters".to_owned(),
+            ));
         }
         Some((key, _)) => Some(Secret(key.to_owned())),
     };
@@ -334,19 +456,34 @@ fn build(
         .parse::<usize>()
         .ok()
         .filter(|n| *n >= 1024)
-        .ok_or_else(|| fail("max_body_bytes", body_source, format!("{body_text:?} is not a byte count of at least 1024")))?;
+        .ok_or_else(|| {
+            fail(
+                "max_body_bytes",
+                body_source,
+                format!("{body_text:?} is not a byte count of at least 1024"),
+            )
+        })?;
 
     let (format_text, format_source) = required("log_format");
     let log_format = match format_text {
         "pretty" => LogFormat::Pretty,
         "json" => LogFormat::Json,
         other => {
-            return Err(fail("log_format", format_source, format!("{other:?} is neither pretty nor json")));
+            return Err(fail(
+                "log_format",
+                format_source,
+                format!("{other:?} is neither pretty nor json"),
+            ));
         }
     };
     let (level_text, level_source) = required("log_level");
-    tracing_subscriber::EnvFilter::try_new(level_text)
-        .map_err(|e| fail("log_level", level_source, format!("{level_text:?} is not a log filter: {e}")))?;
+    tracing_subscriber::EnvFilter::try_new(level_text).map_err(|e| {
+        fail(
+            "log_level",
+            level_source,
+            format!("{level_text:?} is not a log filter: {e}"),
+        )
+    })?;
 
     let workspaces = declared
         .into_iter()
@@ -412,7 +549,11 @@ fn file_workspace(
             FileLimit::Count(n) => Some(n),
             FileLimit::Word(word) if word == "unlimited" => None,
             FileLimit::Word(word) => {
-                return Err(ConfigError::new(at(&format!("limits.{name}")), &source, format!("{word:?} is neither a number nor \"unlimited\"")));
+                return Err(ConfigError::new(
+                    at(&format!("limits.{name}")),
+                    &source,
+                    format!("{word:?} is neither a number nor \"unlimited\""),
+                ));
             }
         };
         limits.set(kind, Some(value));
@@ -424,9 +565,12 @@ fn file_workspace(
         warn_at: declared.warn_at,
     };
     // Validate now, so that check-config and start-up fail before serving.
-    let id = declared.id.parse().map_err(|e: crate::domain::limits::ValidationError| {
-        ConfigError::new(at("id"), &source, e.message)
-    })?;
+    let id = declared
+        .id
+        .parse()
+        .map_err(|e: crate::domain::limits::ValidationError| {
+            ConfigError::new(at("id"), &source, e.message)
+        })?;
     let mut base = WorkspaceConfig::new(id, default_limits);
     base.warn_at = default_warn_at;
     spec.apply_to(base)
@@ -452,7 +596,12 @@ impl Config {
     /// The effective configuration as `check-config` prints it.
     pub fn describe(&self) -> String {
         let mut out = String::new();
-        let width = self.effective.iter().map(|e| e.env.len()).max().unwrap_or(0);
+        let width = self
+            .effective
+            .iter()
+            .map(|e| e.env.len())
+            .max()
+            .unwrap_or(0);
         for setting in &self.effective {
             out.push_str(&format!(
                 "{:width$}  {}  ({})\n",
@@ -460,7 +609,10 @@ impl Config {
             ));
         }
         for (id, spec) in &self.workspaces {
-            out.push_str(&format!("declared workspace {id}: {}\n", describe_spec(spec)));
+            out.push_str(&format!(
+                "declared workspace {id}: {}\n",
+                describe_spec(spec)
+            ));
         }
         out.push_str(&format!(
             "engine: reservation_ttl={}, probe_interval={}, flush_interval={}\n",
@@ -534,8 +686,14 @@ mod tests {
         let config = load_with(None, None, &[], vec![]).expect("defaults are valid");
         assert_eq!(config.listen.to_string(), "127.0.0.1:8000");
         assert_eq!(config.database_url, "sqlite://quotawatch.db");
-        assert_eq!(config.defaults.limits.get(LimitKind::RequestsPerMinute), Some(500));
-        assert_eq!(config.defaults.limits.get(LimitKind::RequestsPerDay), Some(10_000));
+        assert_eq!(
+            config.defaults.limits.get(LimitKind::RequestsPerMinute),
+            Some(500)
+        );
+        assert_eq!(
+            config.defaults.limits.get(LimitKind::RequestsPerDay),
+            Some(10_000)
+        );
         assert_eq!(config.defaults.limits.get(LimitKind::TokensPerDay), None);
         assert_eq!(config.defaults.warn_at, 0.8);
         assert_eq!(config.engine.reservation_ttl, Duration::from_secs(600));
@@ -548,35 +706,63 @@ mod tests {
     fn sources_apply_in_rising_precedence() {
         let file = "default_requests_per_minute = 100\ndefault_requests_per_day = 200\ndefault_warn_at = 0.5\nlisten = \"127.0.0.1:9001\"\n";
         let dotenv = "OPENAI_RATE_LIMIT_PER_DAY=300\nQUOTAWATCH_DEFAULT_WARN_AT=0.6\nQUOTAWATCH_LISTEN=127.0.0.1:9002\n";
-        let env = [("QUOTAWATCH_DEFAULT_WARN_AT", "0.7"), ("QUOTAWATCH_LISTEN", "127.0.0.1:9003")];
+        let env = [
+            ("QUOTAWATCH_DEFAULT_WARN_AT", "0.7"),
+            ("QUOTAWATCH_LISTEN", "127.0.0.1:9003"),
+        ];
         let cli = vec![("listen", "127.0.0.1:9004".to_owned())];
         let config = load_with(Some(file), Some(dotenv), &env, cli).expect("valid");
-        assert_eq!(config.defaults.limits.get(LimitKind::RequestsPerMinute), Some(100), "file over default");
-        assert_eq!(config.defaults.limits.get(LimitKind::RequestsPerDay), Some(300), ".env over file");
+        assert_eq!(
+            config.defaults.limits.get(LimitKind::RequestsPerMinute),
+            Some(100),
+            "file over default"
+        );
+        assert_eq!(
+            config.defaults.limits.get(LimitKind::RequestsPerDay),
+            Some(300),
+            ".env over file"
+        );
         assert_eq!(config.defaults.warn_at, 0.7, "environment over .env");
         assert_eq!(config.listen.port(), 9004, "command line over environment");
-        let listen = config.effective.iter().find(|e| e.key == "listen").expect("listed");
+        let listen = config
+            .effective
+            .iter()
+            .find(|e| e.key == "listen")
+            .expect("listed");
         assert_eq!(listen.source, Source::CommandLine);
     }
 
     #[test]
     fn invalid_values_name_the_setting_and_source() {
-        let error = load_with(None, None, &[("OPENAI_RATE_LIMIT_PER_MINUTE", "lots")], vec![])
-            .expect_err("invalid");
+        let error = load_with(
+            None,
+            None,
+            &[("OPENAI_RATE_LIMIT_PER_MINUTE", "lots")],
+            vec![],
+        )
+        .expect_err("invalid");
         assert_eq!(error.setting, "OPENAI_RATE_LIMIT_PER_MINUTE");
         assert_eq!(error.source_name, "environment");
         assert!(error.to_string().contains("\"lots\""));
 
-        let error = load_with(None, Some("QUOTAWATCH_FLUSH_INTERVAL=soon\n"), &[], vec![]).expect_err("invalid");
-        assert_eq!((error.setting.as_str(), error.source_name.as_str()), ("QUOTAWATCH_FLUSH_INTERVAL", ".env"));
+        let error = load_with(None, Some("QUOTAWATCH_FLUSH_INTERVAL=soon\n"), &[], vec![])
+            .expect_err("invalid");
+        assert_eq!(
+            (error.setting.as_str(), error.source_name.as_str()),
+            ("QUOTAWATCH_FLUSH_INTERVAL", ".env")
+        );
 
         let error = load_with(Some("colour = \"blue\"\n"), None, &[], vec![]).expect_err("unknown");
         assert_eq!(error.setting, "colour");
         assert!(error.message.contains("unknown setting"));
 
-        let error = load_with(None, None, &[("QUOTA_ADMIN_RESET_KEY", "short")], vec![]).expect_err("short");
+        let error = load_with(None, None, &[("QUOTA_ADMIN_RESET_KEY", "short")], vec![])
+            .expect_err("short");
         assert_eq!(error.setting, "QUOTA_ADMIN_RESET_KEY");
-        assert!(!error.to_string().contains("short\""), "the key itself is not echoed");
+        assert!(
+            !error.to_string().contains("short\""),
+            "the key itself is not echoed"
+        );
 
         for (name, value) in [
             ("QUOTAWATCH_LISTEN", "localhost"),
@@ -624,13 +810,21 @@ tokens_per_day = "unlimited"
         let config = load_with(Some(file), None, &[], vec![]).expect("valid");
         let (id, spec) = &config.workspaces[0];
         assert_eq!(id, "acme");
-        assert_eq!(spec.limits.get(LimitKind::RequestsPerMinute), Some(Some(60)));
+        assert_eq!(
+            spec.limits.get(LimitKind::RequestsPerMinute),
+            Some(Some(60))
+        );
         assert_eq!(spec.limits.get(LimitKind::TokensPerDay), Some(None));
 
         let bad = "[[workspaces]]\nid = \"acme\"\ntimezone = \"Nowhere/Special\"\n";
         let error = load_with(Some(bad), None, &[], vec![]).expect_err("bad zone");
         assert_eq!(error.setting, "workspaces[0].timezone");
         let bad = "[[workspaces]]\nid = \"Acme!\"\n";
-        assert_eq!(load_with(Some(bad), None, &[], vec![]).expect_err("bad id").setting, "workspaces[0].id");
+        assert_eq!(
+            load_with(Some(bad), None, &[], vec![])
+                .expect_err("bad id")
+                .setting,
+            "workspaces[0].id"
+        );
     }
 }

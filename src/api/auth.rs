@@ -41,7 +41,10 @@ pub fn authenticate(engine: &Engine, presented: Option<&str>) -> Result<Principa
 impl FromRequestParts<AppState> for Auth {
     type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, Self::Rejection> {
+    async fn from_request_parts(
+        parts: &mut Parts,
+        state: &AppState,
+    ) -> Result<Self, Self::Rejection> {
         let result = authenticate(&state.engine, bearer(&parts.headers));
         if let Err(error) = &result {
             tracing::info!(path = %parts.uri.path(), code = error.code, "request refused: not authenticated");
@@ -63,11 +66,15 @@ impl Auth {
     pub fn scope(&self, engine: &Engine, requested: Option<&str>) -> Result<Scope, ApiError> {
         match (&self.0, requested) {
             (Principal::Workspace(own), None) => Ok(Scope::One(own.clone())),
-            (Principal::Workspace(own), Some(name)) if name == own.as_str() => Ok(Scope::One(own.clone())),
+            (Principal::Workspace(own), Some(name)) if name == own.as_str() => {
+                Ok(Scope::One(own.clone()))
+            }
             (Principal::Workspace(_), Some(name)) => Err(ApiError::workspace_not_found(name)),
             (Principal::Admin, None) => Ok(Scope::All),
             (Principal::Admin, Some(name)) => {
-                let id: WorkspaceId = name.parse().map_err(|_| ApiError::workspace_not_found(name))?;
+                let id: WorkspaceId = name
+                    .parse()
+                    .map_err(|_| ApiError::workspace_not_found(name))?;
                 if engine.contains(&id) {
                     Ok(Scope::One(id))
                 } else {
@@ -78,7 +85,11 @@ impl Auth {
     }
 
     /// Like [`scope`](Self::scope) for operations on exactly one workspace.
-    pub fn workspace(&self, engine: &Engine, requested: Option<&str>) -> Result<WorkspaceId, ApiError> {
+    pub fn workspace(
+        &self,
+        engine: &Engine,
+        requested: Option<&str>,
+    ) -> Result<WorkspaceId, ApiError> {
         match self.scope(engine, requested)? {
             Scope::One(id) => Ok(id),
             Scope::All => Err(ApiError::bad_request(
@@ -92,7 +103,9 @@ impl Auth {
     pub fn require_admin(&self, action: &str) -> Result<(), ApiError> {
         match &self.0 {
             Principal::Admin => Ok(()),
-            Principal::Workspace(_) => Err(ApiError::forbidden(format!("{action} needs the admin key"))),
+            Principal::Workspace(_) => {
+                Err(ApiError::forbidden(format!("{action} needs the admin key")))
+            }
         }
     }
 }

@@ -565,7 +565,10 @@ pub enum ServerMessage<'a> {
         resync: bool,
     },
     /// Usage moved; at most twice a second per workspace.
-    Usage { workspace: &'a str, data: &'a StatusDoc },
+    Usage {
+        workspace: &'a str,
+        data: &'a StatusDoc,
+    },
     /// A notification was raised or resolved.
     Notification {
         workspace: Option<&'a str>,
@@ -573,10 +576,18 @@ pub enum ServerMessage<'a> {
         data: &'a NotificationDoc,
     },
     /// The workspace was deleted.
-    Removed { workspace: &'a str },
-    Pong { ts: i64 },
-    Subscribed { workspaces: Vec<&'a str> },
-    Error { message: &'a str },
+    Removed {
+        workspace: &'a str,
+    },
+    Pong {
+        ts: i64,
+    },
+    Subscribed {
+        workspaces: Vec<&'a str>,
+    },
+    Error {
+        message: &'a str,
+    },
 }
 
 /// Messages clients send on the WebSocket.
@@ -585,7 +596,9 @@ pub enum ServerMessage<'a> {
 pub enum ClientMessage {
     Ping,
     /// Admin only: `"*"` or a list of workspace ids.
-    Subscribe { workspaces: SubscribeTarget },
+    Subscribe {
+        workspaces: SubscribeTarget,
+    },
 }
 
 #[derive(Deserialize, Debug)]

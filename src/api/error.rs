@@ -12,8 +12,13 @@ use super::dto::{ErrorBody, ErrorDetail};
 use crate::admin::AdminError;
 use crate::engine::EngineError;
 
+/// An error answer: status, OpenAI-shaped body fields and extra headers.
+/// Boxed, so that the `Result`s carrying it stay small.
 #[derive(Debug)]
-pub struct ApiError {
+pub struct ApiError(Box<ErrorParts>);
+
+#[derive(Debug)]
+pub struct ErrorParts {
     pub status: StatusCode,
     pub error_type: &'static str,
     pub code: &'static str,
@@ -22,16 +27,34 @@ pub struct ApiError {
     pub headers: HeaderMap,
 }
 
+impl std::ops::Deref for ApiError {
+    type Target = ErrorParts;
+    fn deref(&self) -> &ErrorParts {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for ApiError {
+    fn deref_mut(&mut self) -> &mut ErrorParts {
+        &mut self.0
+    }
+}
+
 impl ApiError {
-    pub fn new(status: StatusCode, error_type: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        Self {
+    pub fn new(
+        status: StatusCode,
+        error_type: &'static str,
+        code: &'static str,
+        message: impl Into<String>,
+    ) -> Self {
+        Self(Box::new(ErrorParts {
             status,
             error_type,
             code,
             message: message.into(),
             param: None,
             headers: HeaderMap::new(),
-        }
+        }))
     }
 
     pub fn with_param(mut self, param: impl Into<String>) -> Self {
@@ -47,15 +70,30 @@ impl ApiError {
     }
 
     pub fn bad_request(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+        Self::new(
+            StatusCode::BAD_REQUEST,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 
     pub fn unauthorized(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::UNAUTHORIZED, "invalid_request_error", code, message)
+        Self::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_request_error",
+            code,
+            message,
+        )
     }
 
     pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::FORBIDDEN, "permission_error", "admin_key_required", message)
+        Self::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "admin_key_required",
+            message,
+        )
     }
 
     /// The same answer for a workspace that does not exist and one the
@@ -71,22 +109,28 @@ impl ApiError {
     }
 
     pub fn internal(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal_error", message)
+        Self::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "server_error",
+            "internal_error",
+            message,
+        )
     }
 }
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        let parts = *self.0;
         let body = ErrorBody {
             error: ErrorDetail {
-                message: self.message,
-                error_type: self.error_type.to_owned(),
-                param: self.param,
-                code: Some(self.code.to_owned()),
+                message: parts.message,
+                error_type: parts.error_type.to_owned(),
+                param: parts.param,
+                code: Some(parts.code.to_owned()),
             },
         };
-        let mut response = (self.status, axum::Json(body)).into_response();
-        response.headers_mut().extend(self.headers);
+        let mut response = (parts.status, axum::Json(body)).into_response();
+        response.headers_mut().extend(parts.headers);
         response
     }
 }
@@ -120,9 +164,12 @@ impl From<AdminError> for ApiError {
                 format!("workspace {workspace} has no active key {key_id}"),
             )
             .with_param("key_id"),
-            AdminError::Conflict(message) => {
-                ApiError::new(StatusCode::CONFLICT, "invalid_request_error", "conflict", message)
-            }
+            AdminError::Conflict(message) => ApiError::new(
+                StatusCode::CONFLICT,
+                "invalid_request_error",
+                "conflict",
+                message,
+            ),
             AdminError::Store(store) => {
                 tracing::error!(error = %store, "database operation failed");
                 ApiError::new(
@@ -147,9 +194,10 @@ impl From<JsonRejection> for ApiError {
                 "invalid_field",
                 format!("the JSON body does not have the expected fields or types: {detail}"),
             ),
-            JsonRejection::JsonSyntaxError(_) => {
-                Self::bad_request("invalid_json", format!("the body is not valid JSON: {detail}"))
-            }
+            JsonRejection::JsonSyntaxError(_) => Self::bad_request(
+                "invalid_json",
+                format!("the body is not valid JSON: {detail}"),
+            ),
             JsonRejection::MissingJsonContentType(_) => Self::new(
                 StatusCode::UNSUPPORTED_MEDIA_TYPE,
                 "invalid_request_error",
@@ -162,7 +210,10 @@ impl From<JsonRejection> for ApiError {
                 "body_too_large",
                 "the request body is larger than this endpoint accepts (see QUOTAWATCH_MAX_BODY_BYTES)",
             ),
-            other => Self::bad_request("unreadable_body", format!("the body could not be read: {}", other.body_text())),
+            other => Self::bad_request(
+                "unreadable_body",
+                format!("the body could not be read: {}", other.body_text()),
+            ),
         }
     }
 }
@@ -201,10 +252,15 @@ where
 {
     type Rejection = ApiError;
 
-    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Option<Self>, ApiError> {
+    async fn from_request(
+        req: axum::extract::Request,
+        state: &S,
+    ) -> Result<Option<Self>, ApiError> {
         if !req.headers().contains_key(axum::http::header::CONTENT_TYPE) {
             return Ok(None);
         }
-        <Json<T> as FromRequest<S>>::from_request(req, state).await.map(Some)
+        <Json<T> as FromRequest<S>>::from_request(req, state)
+            .await
+            .map(Some)
     }
 }

@@ -104,7 +104,11 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(quota::ws_ticket))
         .routes(routes!(ws::connect))
         .routes(routes!(workspaces::create, workspaces::list))
-        .routes(routes!(workspaces::get, workspaces::update, workspaces::delete))
+        .routes(routes!(
+            workspaces::get,
+            workspaces::update,
+            workspaces::delete
+        ))
         .routes(routes!(workspaces::create_key, workspaces::list_keys))
         .routes(routes!(workspaces::revoke_key))
         .routes(routes!(openapi))
@@ -132,7 +136,10 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
         StatusCode::NOT_FOUND,
         "invalid_request_error",
         "unknown_route",
-        format!("no route {}; see GET /api/openapi.json for the API", uri.path()),
+        format!(
+            "no route {}; see GET /api/openapi.json for the API",
+            uri.path()
+        ),
     )
 }
 

@@ -16,8 +16,10 @@ use super::auth::{Auth, Scope};
 use super::dto::*;
 use super::error::{ApiError, Json, Query};
 use super::refusal::{ratelimit_headers, refusal_error};
-use crate::domain::limits::WorkspaceId;
-use crate::domain::time::{Timestamp, day_bounds, duration_millis, format_duration, parse_duration};
+use crate::domain::limits::{LimitKind, WorkspaceId};
+use crate::domain::time::{
+    Timestamp, day_bounds, duration_millis, format_duration, parse_duration,
+};
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::workspace::Request;
 use crate::engine::{Principal, TokenUsage, UsageReport};
@@ -43,7 +45,7 @@ pub struct NotificationsQuery {
 #[derive(Serialize, ToSchema)]
 #[serde(untagged)]
 pub enum StatusAnswer {
-    One(StatusDoc),
+    One(Box<StatusDoc>),
     All(StatusListDoc),
 }
 
@@ -61,9 +63,16 @@ pub async fn status(
     Query(query): Query<WorkspaceQuery>,
 ) -> Result<Json<StatusAnswer>, ApiError> {
     let answer = match auth.scope(&state.engine, query.workspace.as_deref())? {
-        Scope::One(id) => StatusAnswer::One(StatusDoc::from(&state.engine.snapshot(&id)?)),
+        Scope::One(id) => {
+            StatusAnswer::One(Box::new(StatusDoc::from(&state.engine.snapshot(&id)?)))
+        }
         Scope::All => StatusAnswer::All(StatusListDoc {
-            workspaces: state.engine.snapshots().iter().map(StatusDoc::from).collect(),
+            workspaces: state
+                .engine
+                .snapshots()
+                .iter()
+                .map(StatusDoc::from)
+                .collect(),
         }),
     };
     Ok(Json(answer))
@@ -107,7 +116,9 @@ pub async fn notifications(
         let _ = state.flush.flush().await;
     }
     let answer = match auth.scope(&state.engine, query.workspace.as_deref())? {
-        Scope::One(id) => NotificationsAnswer::One(notifications_of(&state, &id, with_history).await?),
+        Scope::One(id) => {
+            NotificationsAnswer::One(notifications_of(&state, &id, with_history).await?)
+        }
         Scope::All => {
             let mut workspaces = Vec::new();
             for id in state.engine.workspace_ids() {
@@ -139,7 +150,9 @@ async fn notifications_of(
             .store
             .notifications(Some(id), true, HISTORY_LIMIT)
             .await
-            .map_err(|error| ApiError::internal(format!("could not read notification history: {error}")))?;
+            .map_err(|error| {
+                ApiError::internal(format!("could not read notification history: {error}"))
+            })?;
         notifications.extend(
             stored
                 .iter()
@@ -179,7 +192,7 @@ pub async fn check(
         &workspace,
         Request {
             estimated_tokens: request.estimated_tokens.unwrap_or(0),
-            model: request.model,
+            model: request.model.map(Into::into),
         },
     )?;
     match decision.result {
@@ -189,10 +202,11 @@ pub async fn check(
                 reservation_id: format!("rsv_{:016x}", reservation.id),
                 expires_at: reservation.expires_at.to_rfc3339(),
                 probe: reservation.probe,
-                remaining: decision
-                    .remaining
-                    .iter()
-                    .map(|(kind, left)| (kind.name().to_owned(), *left))
+                remaining: LimitKind::ALL
+                    .into_iter()
+                    .filter_map(|kind| {
+                        Some((kind.name().to_owned(), decision.remaining.get(kind)?))
+                    })
                     .collect::<BTreeMap<_, _>>(),
             };
             Ok((ratelimit_headers(&decision.headroom, now), Json(answer)).into_response())
@@ -262,7 +276,11 @@ pub async fn usage(
     Json(body): Json<UsageRequest>,
 ) -> Result<(StatusCode, Json<StatusDoc>), ApiError> {
     let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
-    let reservation = body.reservation_id.as_deref().map(parse_reservation).transpose()?;
+    let reservation = body
+        .reservation_id
+        .as_deref()
+        .map(parse_reservation)
+        .transpose()?;
     if let Some(code) = body.status_code
         && !(100..=599).contains(&code)
     {
@@ -280,7 +298,7 @@ pub async fn usage(
     let error = body.error.unwrap_or_default();
     let report = UsageReport {
         reservation,
-        model: body.model,
+        model: body.model.map(Into::into),
         tokens: body.usage.as_ref().map(token_usage),
         status_code: body.status_code,
         error_type: error.error_type,
@@ -289,7 +307,8 @@ pub async fn usage(
         headers,
         latency_ms: body.latency_ms,
     };
-    let snapshot = state.engine.report(&workspace, report)?;
+    state.engine.report(&workspace, report)?;
+    let snapshot = state.engine.snapshot(&workspace)?;
     Ok((StatusCode::ACCEPTED, Json(StatusDoc::from(&snapshot))))
 }
 
@@ -314,7 +333,9 @@ pub async fn reset(
     auth.require_admin("resetting usage")?;
     let target = match (body.workspace.as_deref(), body.all) {
         (Some(name), None | Some(false)) => {
-            let id: WorkspaceId = name.parse().map_err(|_| ApiError::workspace_not_found(name))?;
+            let id: WorkspaceId = name
+                .parse()
+                .map_err(|_| ApiError::workspace_not_found(name))?;
             Some(id)
         }
         (None, Some(true)) => None,
@@ -372,7 +393,10 @@ fn bucket_starts(step: Step, count: u64, now: Timestamp, tz: chrono_tz::Tz) -> V
         Step::Minute | Step::Hour => {
             let length = duration_millis(step.length());
             let current = now.millis() - now.millis().rem_euclid(length);
-            (0..count as i64).rev().map(|i| current - i * length).collect()
+            (0..count as i64)
+                .rev()
+                .map(|i| current - i * length)
+                .collect()
         }
         Step::Day => {
             // Local days vary in length around DST changes; walk them back.
@@ -405,14 +429,20 @@ pub async fn history(
     let window_text = query.window.as_deref().unwrap_or("24h");
     let step_text = query.step.as_deref().unwrap_or("1m");
     let step = Step::parse(step_text).ok_or_else(|| {
-        ApiError::bad_request("invalid_value", format!("step={step_text:?} is not supported; use 1m, 1h or 1d"))
-            .with_param("step")
+        ApiError::bad_request(
+            "invalid_value",
+            format!("step={step_text:?} is not supported; use 1m, 1h or 1d"),
+        )
+        .with_param("step")
     })?;
     let window = parse_duration(window_text)
         .filter(|w| !w.is_zero())
         .ok_or_else(|| {
-            ApiError::bad_request("invalid_value", format!("window={window_text:?} is not a duration such as 1h, 24h, 7d or 30d"))
-                .with_param("window")
+            ApiError::bad_request(
+                "invalid_value",
+                format!("window={window_text:?} is not a duration such as 1h, 24h, 7d or 30d"),
+            )
+            .with_param("window")
         })?;
     let step_ms = step.length().as_millis();
     if window.as_millis() % step_ms != 0 || window > step.resolution().retention() {
@@ -438,7 +468,10 @@ pub async fn history(
         .history(&workspace, step.resolution(), from, to)
         .await
         .map_err(|error| ApiError::internal(format!("could not read history: {error}")))?;
-    let by_bucket: BTreeMap<i64, _> = rows.into_iter().map(|row| (row.bucket, row.totals)).collect();
+    let by_bucket: BTreeMap<i64, _> = rows
+        .into_iter()
+        .map(|row| (row.bucket, row.totals))
+        .collect();
     let points = starts
         .into_iter()
         .map(|t| {

@@ -6,11 +6,10 @@
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::error::ApiError;
-use crate::domain::limits::{LimitKind, Span, WorkspaceId};
+use crate::domain::limits::{Span, WorkspaceId};
 use crate::domain::notification::group_digits;
-use crate::domain::status::LimitFacts;
 use crate::domain::time::{Timestamp, format_duration, humanize_duration};
-use crate::domain::workspace::{Headroom, Refusal, RefusalCause};
+use crate::domain::workspace::{Headroom, LimitHeadroom, Refusal, RefusalCause};
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: String) {
     if let Ok(value) = HeaderValue::from_str(&value) {
@@ -22,11 +21,13 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: String) {
 /// workspace's tightest request and token limits, in OpenAI's format.
 pub fn ratelimit_headers(headroom: &Headroom, now: Timestamp) -> HeaderMap {
     let mut headers = HeaderMap::new();
-    let mut add = |names: [&'static str; 3], limit: Option<(LimitKind, LimitFacts)>| {
-        if let Some((_, facts)) = limit {
-            let reset = facts.resets_at.map_or(std::time::Duration::ZERO, |at| now.until(at));
-            insert(&mut headers, names[0], facts.max.to_string());
-            insert(&mut headers, names[1], facts.remaining().to_string());
+    let mut add = |names: [&'static str; 3], limit: Option<LimitHeadroom>| {
+        if let Some(limit) = limit {
+            let reset = limit
+                .resets_at
+                .map_or(std::time::Duration::ZERO, |at| now.until(at));
+            insert(&mut headers, names[0], limit.max.to_string());
+            insert(&mut headers, names[1], limit.remaining.to_string());
             insert(&mut headers, names[2], format_duration(reset));
         }
     };
@@ -118,7 +119,11 @@ pub fn refusal_error(
         let wait = now.until(retry_at);
         let seconds = wait.as_millis().div_ceil(1000).max(1);
         insert(&mut error.headers, "retry-after", seconds.to_string());
-        insert(&mut error.headers, "retry-after-ms", wait.as_millis().max(1).to_string());
+        insert(
+            &mut error.headers,
+            "retry-after-ms",
+            wait.as_millis().max(1).to_string(),
+        );
     }
     if !refusal.retryable {
         insert(&mut error.headers, "x-should-retry", "false".to_owned());

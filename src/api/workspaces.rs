@@ -14,7 +14,12 @@ fn parse_id(id: &str) -> Result<WorkspaceId, ApiError> {
     id.parse().map_err(|_| ApiError::workspace_not_found(id))
 }
 
-fn spec(name: Option<String>, timezone: Option<String>, limits: Option<LimitsInput>, warn_at: Option<f64>) -> WorkspaceSpec {
+fn spec(
+    name: Option<String>,
+    timezone: Option<String>,
+    limits: Option<LimitsInput>,
+    warn_at: Option<f64>,
+) -> WorkspaceSpec {
     WorkspaceSpec {
         name,
         timezone,
@@ -52,7 +57,10 @@ pub async fn create(
         (status = 403, description = "Not the admin key", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-pub async fn list(State(state): State<AppState>, auth: Auth) -> Result<Json<WorkspaceListDoc>, ApiError> {
+pub async fn list(
+    State(state): State<AppState>,
+    auth: Auth,
+) -> Result<Json<WorkspaceListDoc>, ApiError> {
     auth.require_admin("listing workspaces")?;
     let workspaces = state.admin.list_workspaces().await?;
     Ok(Json(WorkspaceListDoc {
@@ -104,7 +112,9 @@ pub async fn update(
     {
         return Err(ApiError::bad_request(
             "invalid_value",
-            format!("the body's id {body_id:?} differs from the path's {id:?}; ids cannot be changed"),
+            format!(
+                "the body's id {body_id:?} differs from the path's {id:?}; ids cannot be changed"
+            ),
         )
         .with_param("id"));
     }

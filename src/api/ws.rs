@@ -95,8 +95,15 @@ fn event_wire(event: &Event) -> Wire {
             let doc = StatusDoc::from(snapshot.as_ref());
             let workspace = snapshot.config.id.as_str();
             let message = match event {
-                Event::Usage(_) => ServerMessage::Usage { workspace, data: &doc },
-                _ => ServerMessage::Status { workspace, data: &doc, resync: false },
+                Event::Usage(_) => ServerMessage::Usage {
+                    workspace,
+                    data: &doc,
+                },
+                _ => ServerMessage::Status {
+                    workspace,
+                    data: &doc,
+                    resync: false,
+                },
             };
             Wire::Message {
                 workspace: Some(snapshot.config.id.clone()),
@@ -107,7 +114,11 @@ fn event_wire(event: &Event) -> Wire {
             let doc = NotificationDoc::from(notification.as_ref());
             let message = ServerMessage::Notification {
                 workspace: doc.workspace.as_deref(),
-                event: if notification.is_active() { "raised" } else { "resolved" },
+                event: if notification.is_active() {
+                    "raised"
+                } else {
+                    "resolved"
+                },
                 data: &doc,
             };
             Wire::Message {
@@ -117,7 +128,9 @@ fn event_wire(event: &Event) -> Wire {
         }
         Event::Removed(id) => Wire::Message {
             workspace: Some(id.clone()),
-            text: to_text(&ServerMessage::Removed { workspace: id.as_str() }),
+            text: to_text(&ServerMessage::Removed {
+                workspace: id.as_str(),
+            }),
         },
     }
 }
@@ -234,7 +247,9 @@ pub async fn connect(
         (Principal::Workspace(_), Some(name)) => return Err(ApiError::workspace_not_found(name)),
         (Principal::Admin, None) => Subscription::All,
         (Principal::Admin, Some(name)) => {
-            let id: WorkspaceId = name.parse().map_err(|_| ApiError::workspace_not_found(name))?;
+            let id: WorkspaceId = name
+                .parse()
+                .map_err(|_| ApiError::workspace_not_found(name))?;
             if !state.engine.contains(&id) {
                 return Err(ApiError::workspace_not_found(name));
             }
@@ -329,8 +344,14 @@ impl Connection {
             }
             Ok(ClientMessage::Subscribe { workspaces }) => self.subscribe(workspaces, sink).await,
             Err(error) => {
-                let message = format!("unknown message ({error}); send {{\"type\":\"ping\"}} or {{\"type\":\"subscribe\",\"workspaces\":[...]}}");
-                send(sink, Message::Text(to_text(&ServerMessage::Error { message: &message }))).await
+                let message = format!(
+                    "unknown message ({error}); send {{\"type\":\"ping\"}} or {{\"type\":\"subscribe\",\"workspaces\":[...]}}"
+                );
+                send(
+                    sink,
+                    Message::Text(to_text(&ServerMessage::Error { message: &message })),
+                )
+                .await
             }
         }
     }
@@ -347,7 +368,13 @@ impl Connection {
         let subscription = match target {
             SubscribeTarget::All(star) if star == "*" => Subscription::All,
             SubscribeTarget::All(other) => {
-                return send(sink, error(&format!("{other:?} is neither \"*\" nor a list of workspace ids"))).await;
+                return send(
+                    sink,
+                    error(&format!(
+                        "{other:?} is neither \"*\" nor a list of workspace ids"
+                    )),
+                )
+                .await;
             }
             SubscribeTarget::Some(names) => {
                 let mut set = HashSet::new();
@@ -356,7 +383,13 @@ impl Connection {
                         Ok(id) if self.state.engine.contains(&id) => {
                             set.insert(id);
                         }
-                        _ => return send(sink, error(&format!("workspace {name:?} does not exist"))).await,
+                        _ => {
+                            return send(
+                                sink,
+                                error(&format!("workspace {name:?} does not exist")),
+                            )
+                            .await;
+                        }
                     }
                 }
                 Subscription::Some(set)
@@ -365,7 +398,11 @@ impl Connection {
         self.subscription = subscription;
         let ids = self.subscription.workspaces(&self.state.engine);
         let names: Vec<&str> = ids.iter().map(WorkspaceId::as_str).collect();
-        send(sink, Message::Text(to_text(&ServerMessage::Subscribed { workspaces: names }))).await?;
+        send(
+            sink,
+            Message::Text(to_text(&ServerMessage::Subscribed { workspaces: names })),
+        )
+        .await?;
         self.send_snapshots(sink, false).await
     }
 
@@ -415,7 +452,11 @@ mod tests {
         assert_eq!(tickets.redeem(&ticket, now), None, "single use");
 
         let (ticket, _) = tickets.issue(Principal::Admin, now);
-        assert_eq!(tickets.redeem(&ticket, now.plus(TICKET_TTL)), None, "expired");
+        assert_eq!(
+            tickets.redeem(&ticket, now.plus(TICKET_TTL)),
+            None,
+            "expired"
+        );
         assert_eq!(tickets.redeem("wst_made_up", now), None);
     }
 }

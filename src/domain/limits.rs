@@ -110,19 +110,54 @@ impl Limits {
     }
 }
 
+/// The longest workspace id.
+const MAX_ID_LEN: usize = 63;
+
 /// A workspace id: `[a-z0-9][a-z0-9_-]{0,62}`.
-#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct WorkspaceId(String);
+///
+/// Stored inline rather than on the heap: ids are short by definition, and
+/// finding a workspace by id happens on every request, where following a
+/// pointer to compare the text would cost a cache miss.
+#[derive(Clone, PartialEq, Eq)]
+pub struct WorkspaceId {
+    len: u8,
+    bytes: [u8; MAX_ID_LEN],
+}
 
 impl WorkspaceId {
     pub fn as_str(&self) -> &str {
-        &self.0
+        // Only validated ASCII is ever stored.
+        std::str::from_utf8(&self.bytes[..usize::from(self.len)]).unwrap_or_default()
+    }
+}
+
+impl std::hash::Hash for WorkspaceId {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+impl PartialOrd for WorkspaceId {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for WorkspaceId {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.as_str().cmp(other.as_str())
+    }
+}
+
+impl fmt::Debug for WorkspaceId {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "WorkspaceId({:?})", self.as_str())
     }
 }
 
 impl fmt::Display for WorkspaceId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
+        f.write_str(self.as_str())
     }
 }
 
@@ -136,8 +171,13 @@ impl FromStr for WorkspaceId {
             .is_some_and(|c| c.is_ascii_lowercase() || c.is_ascii_digit());
         let rest_ok =
             chars.all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_' || c == '-');
-        if first_ok && rest_ok && id.len() <= 63 {
-            Ok(Self(id.to_owned()))
+        if first_ok && rest_ok && id.len() <= MAX_ID_LEN {
+            let mut bytes = [0u8; MAX_ID_LEN];
+            bytes[..id.len()].copy_from_slice(id.as_bytes());
+            Ok(Self {
+                len: id.len() as u8,
+                bytes,
+            })
         } else {
             Err(ValidationError::new(
                 "id",
@@ -209,7 +249,9 @@ pub fn validate_warn_at(warn_at: f64) -> Result<f64, ValidationError> {
     } else {
         Err(ValidationError::new(
             "warn_at",
-            format!("warn_at must be a fraction above {WARNING_HYSTERESIS} and at most 1.0, got {warn_at}"),
+            format!(
+                "warn_at must be a fraction above {WARNING_HYSTERESIS} and at most 1.0, got {warn_at}"
+            ),
         ))
     }
 }
@@ -232,9 +274,7 @@ pub fn validate_limit(kind: LimitKind, max: Option<u64>) -> Result<Option<u64>, 
     match max {
         Some(0) => Err(ValidationError::new(
             kind.name(),
-            format!(
-                "{kind} must be a positive number, or null for unlimited"
-            ),
+            format!("{kind} must be a positive number, or null for unlimited"),
         )),
         other => Ok(other),
     }
@@ -247,8 +287,14 @@ mod tests {
     #[test]
     fn workspace_ids_follow_the_documented_pattern() {
         for good in ["a", "0", "acme", "acme-prod_2", &"a".repeat(63)] {
-            assert!(good.parse::<WorkspaceId>().is_ok(), "{good}");
+            let id = good
+                .parse::<WorkspaceId>()
+                .unwrap_or_else(|e| panic!("{good}: {e}"));
+            assert_eq!(id.as_str(), good);
         }
+        let (a, b): (WorkspaceId, WorkspaceId) =
+            ("ab".parse().expect("id"), "b".parse().expect("id"));
+        assert!(a < b, "ordered as text");
         for bad in ["", "-a", "_a", "Acme", "a b", "a/b", "ä", &"a".repeat(64)] {
             let err = bad.parse::<WorkspaceId>().expect_err(bad);
             assert_eq!(err.field, "id");
@@ -265,12 +311,20 @@ mod tests {
 
     #[test]
     fn validation_names_the_field() {
-        assert_eq!(validate_warn_at(1.5).expect_err("too high").field, "warn_at");
+        assert_eq!(
+            validate_warn_at(1.5).expect_err("too high").field,
+            "warn_at"
+        );
         assert_eq!(validate_warn_at(0.0).expect_err("too low").field, "warn_at");
         assert_eq!(validate_warn_at(0.9), Ok(0.9));
-        assert_eq!(parse_timezone("Mars/Olympus").expect_err("bad").field, "timezone");
         assert_eq!(
-            validate_limit(LimitKind::TokensPerDay, Some(0)).expect_err("zero").field,
+            parse_timezone("Mars/Olympus").expect_err("bad").field,
+            "timezone"
+        );
+        assert_eq!(
+            validate_limit(LimitKind::TokensPerDay, Some(0))
+                .expect_err("zero")
+                .field,
             "tokens_per_day"
         );
         assert_eq!(validate_name("  ").expect_err("blank").field, "name");

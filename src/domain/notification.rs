@@ -173,7 +173,7 @@ pub fn group_digits(n: u64) -> String {
     let digits = n.to_string();
     let mut grouped = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
-        if i > 0 && (digits.len() - i) % 3 == 0 {
+        if i > 0 && (digits.len() - i).is_multiple_of(3) {
             grouped.push(',');
         }
         grouped.push(c);
@@ -192,7 +192,12 @@ fn period(kind: LimitKind) -> &'static str {
     }
 }
 
-fn approaching(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: Timestamp) -> Text {
+fn approaching(
+    workspace: &WorkspaceConfig,
+    kind: LimitKind,
+    facts: &Facts,
+    now: Timestamp,
+) -> Text {
     let ws = workspace.id.as_str();
     let limit = facts.limit(kind);
     let unit = kind.unit().noun();
@@ -279,7 +284,13 @@ fn upstream_detail(facts: &Facts) -> String {
                 .as_deref()
                 .or(error.error_type.as_deref())
                 .unwrap_or("no code");
-            let message: String = error.message.as_deref().unwrap_or("").chars().take(240).collect();
+            let message: String = error
+                .message
+                .as_deref()
+                .unwrap_or("")
+                .chars()
+                .take(240)
+                .collect();
             if message.is_empty() {
                 format!("HTTP {} ({code})", error.status_code)
             } else {
@@ -295,10 +306,23 @@ fn upstream_rate_limited(ws: &str, facts: &Facts, now: Timestamp) -> Text {
     let hold = until
         .map(|at| format!(" quotawatch holds this workspace's requests {} so that retries do not prolong the limit.", when(at, now)))
         .unwrap_or_default();
-    let upstream_limits = match (facts.upstream.requests.and_then(|b| b.limit), facts.upstream.tokens.and_then(|b| b.limit)) {
-        (Some(requests), Some(tokens)) => format!(" (OpenAI reports {} requests and {} tokens per minute)", group_digits(requests), group_digits(tokens)),
-        (Some(requests), None) => format!(" (OpenAI reports {} requests per minute)", group_digits(requests)),
-        (None, Some(tokens)) => format!(" (OpenAI reports {} tokens per minute)", group_digits(tokens)),
+    let upstream_limits = match (
+        facts.upstream.requests.and_then(|b| b.limit),
+        facts.upstream.tokens.and_then(|b| b.limit),
+    ) {
+        (Some(requests), Some(tokens)) => format!(
+            " (OpenAI reports {} requests and {} tokens per minute)",
+            group_digits(requests),
+            group_digits(tokens)
+        ),
+        (Some(requests), None) => format!(
+            " (OpenAI reports {} requests per minute)",
+            group_digits(requests)
+        ),
+        (None, Some(tokens)) => format!(
+            " (OpenAI reports {} tokens per minute)",
+            group_digits(tokens)
+        ),
         (None, None) => String::new(),
     };
     Text {
@@ -358,7 +382,9 @@ fn upstream_quota_exhausted(ws: &str, facts: &Facts) -> Text {
 
 fn upstream_error_rate(ws: &str, facts: &Facts) -> Text {
     let outcomes = facts.upstream_outcomes;
-    let percent = if outcomes.total == 0 { 0 } else { outcomes.failed * 100 / outcomes.total };
+    let percent = (outcomes.failed * 100)
+        .checked_div(outcomes.total)
+        .unwrap_or(0);
     Text {
         title: format!("OpenAI is failing for workspace {ws}"),
         message: format!(

@@ -33,9 +33,14 @@ impl Status {
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
-        [Status::Normal, Status::Warning, Status::RateLimited, Status::QuotaExceeded]
-            .into_iter()
-            .find(|status| status.name() == name)
+        [
+            Status::Normal,
+            Status::Warning,
+            Status::RateLimited,
+            Status::QuotaExceeded,
+        ]
+        .into_iter()
+        .find(|status| status.name() == name)
     }
 }
 
@@ -142,18 +147,26 @@ impl CauseSet {
     }
 
     pub fn iter(self) -> impl Iterator<Item = Cause> {
-        Cause::ALL.into_iter().filter(move |cause| self.contains(*cause))
+        Cause::ALL
+            .into_iter()
+            .filter(move |cause| self.contains(*cause))
     }
 
     pub fn level(self) -> Status {
-        self.iter().map(Cause::level).max().unwrap_or(Status::Normal)
+        self.iter()
+            .map(Cause::level)
+            .max()
+            .unwrap_or(Status::Normal)
     }
 
     /// Reasons of the active causes, highest level first.
     pub fn reasons(self, billing: Option<BillingCode>) -> Vec<String> {
         let mut causes: Vec<Cause> = self.iter().collect();
         causes.sort_by_key(|cause| std::cmp::Reverse(cause.level()));
-        causes.into_iter().map(|cause| cause.reason(billing)).collect()
+        causes
+            .into_iter()
+            .map(|cause| cause.reason(billing))
+            .collect()
     }
 }
 
@@ -185,7 +198,11 @@ pub struct LimitFacts {
 
 impl LimitFacts {
     pub fn utilization(&self) -> f64 {
-        if self.max == 0 { 1.0 } else { self.used as f64 / self.max as f64 }
+        if self.max == 0 {
+            1.0
+        } else {
+            self.used as f64 / self.max as f64
+        }
     }
 
     pub fn remaining(&self) -> u64 {
@@ -216,7 +233,10 @@ impl Facts<'_> {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Change {
     /// The level or its reasons changed.
-    Status { from: Status, to: Status },
+    Status {
+        from: Status,
+        to: Status,
+    },
     Raised(Notification),
     Resolved(Notification),
 }
@@ -303,10 +323,19 @@ impl StatusTracker {
             }
         }
         let flags = [
-            (observation.upstream_rate_limited, Cause::UpstreamRateLimited),
-            (observation.upstream_quota_exhausted, Cause::UpstreamQuotaExhausted),
+            (
+                observation.upstream_rate_limited,
+                Cause::UpstreamRateLimited,
+            ),
+            (
+                observation.upstream_quota_exhausted,
+                Cause::UpstreamQuotaExhausted,
+            ),
             (observation.upstream_error_rate, Cause::UpstreamErrorRate),
-            (observation.upstream_key_rejected, Cause::UpstreamKeyRejected),
+            (
+                observation.upstream_key_rejected,
+                Cause::UpstreamKeyRejected,
+            ),
         ];
         for (active, cause) in flags {
             if active {
@@ -316,41 +345,29 @@ impl StatusTracker {
         causes
     }
 
-    /// Re-derives the status from `observation`. `raise` writes the
-    /// notification for a cause that just appeared.
-    pub fn evaluate(
-        &mut self,
-        observation: &Observation,
-        now: Timestamp,
-        mut raise: impl FnMut(Cause) -> Notification,
-    ) -> Vec<Change> {
+    /// Re-derives the causes from `observation`. Returns the new set when
+    /// it differs from the current one; the caller then writes the
+    /// notifications of the causes that [`appeared`](Self::appeared) and
+    /// completes the change with [`transition`](Self::transition).
+    pub fn observe(&mut self, observation: &Observation) -> Option<CauseSet> {
         let causes = self.observed_causes(observation);
-        if causes == self.causes {
-            return Vec::new();
-        }
-        let (mut changes, appeared) = self.move_to(causes, now);
-        for cause in appeared {
-            let notification = raise(cause);
-            self.active.push(notification.clone());
-            changes.push(Change::Raised(notification));
-        }
-        changes
+        (causes != self.causes).then_some(causes)
     }
 
-    /// Forgets every cause (an admin reset), resolving their notifications.
-    pub fn clear(&mut self, now: Timestamp) -> Vec<Change> {
-        self.approaching = PerLimit::default();
-        if self.causes == CauseSet::default() {
-            return Vec::new();
-        }
-        self.move_to(CauseSet::default(), now).0
+    /// The causes in `causes` that are not active yet.
+    pub fn appeared(&self, causes: CauseSet) -> impl Iterator<Item = Cause> + '_ {
+        causes.iter().filter(|cause| !self.causes.contains(*cause))
     }
 
-    /// Switches to `causes`: resolves the notifications of causes that ended
-    /// and updates the level. Returns the changes so far and the causes that
-    /// appeared, whose notifications the caller raises.
-    fn move_to(&mut self, causes: CauseSet, now: Timestamp) -> (Vec<Change>, Vec<Cause>) {
-        let previous = std::mem::replace(&mut self.causes, causes);
+    /// Switches to `causes`: resolves the notifications of causes that ended,
+    /// adds `raised` (one per appeared cause) and updates the level.
+    pub fn transition(
+        &mut self,
+        causes: CauseSet,
+        raised: Vec<Notification>,
+        now: Timestamp,
+    ) -> Vec<Change> {
+        self.causes = causes;
         let from = self.status;
         self.status = causes.level();
         if self.status != from {
@@ -369,7 +386,19 @@ impl StatusTracker {
             notification.resolved_at = Some(now);
             changes.push(Change::Resolved(notification));
         }
-        let appeared = causes.iter().filter(|cause| !previous.contains(*cause)).collect();
-        (changes, appeared)
+        for notification in raised {
+            self.active.push(notification.clone());
+            changes.push(Change::Raised(notification));
+        }
+        changes
+    }
+
+    /// Forgets every cause (an admin reset), resolving their notifications.
+    pub fn clear(&mut self, now: Timestamp) -> Vec<Change> {
+        self.approaching = PerLimit::default();
+        if self.causes == CauseSet::default() {
+            return Vec::new();
+        }
+        self.transition(CauseSet::default(), Vec::new(), now)
     }
 }

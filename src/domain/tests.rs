@@ -13,7 +13,8 @@ use super::status::{Change, Status};
 use super::time::Timestamp;
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::workspace::{
-    Admission, RefusalCause, Request, Settings, UpstreamReport, WorkspaceState,
+    Admission, Outcome, Recorded, RefusalCause, Request, Settings, UnknownReservation,
+    WorkspaceState,
 };
 
 use LimitKind::*;
@@ -67,7 +68,7 @@ impl Script {
     fn admit(&mut self, tokens: u64) -> Admission {
         let mut next_id = self.next_id;
         let admission = self.state.admit(
-            Request {
+            &Request {
                 estimated_tokens: tokens,
                 model: None,
             },
@@ -84,7 +85,7 @@ impl Script {
 
     fn admitted(&mut self, tokens: u64) -> u64 {
         match self.admit(tokens).result {
-            Ok(reservation) => reservation.id,
+            Ok(admitted) => admitted.id,
             Err(refusal) => panic!("refused at {}: {refusal:?}", self.now),
         }
     }
@@ -96,22 +97,39 @@ impl Script {
         }
     }
 
-    fn settle(&mut self, id: u64, actual: u64) -> bool {
-        let actual = Some(actual);
+    fn record(&mut self, outcome: &Outcome<'_>) -> Result<Recorded, UnknownReservation> {
         let mut next_id = self.next_id;
-        let settlement =
-            self.state
-                .settle(id, actual, self.now, &self.settings, &mut || {
-                    next_id += 1;
-                    next_id
-                });
+        let recorded = self
+            .state
+            .record(outcome, self.now, &self.settings, &mut || {
+                next_id += 1;
+                next_id
+            });
         self.next_id = next_id;
-        settlement.reservation.is_some()
+        recorded
     }
 
-    fn upstream(&mut self, status: u16, error_type: &str, code: Option<&str>, headers: &[(&str, &str)]) -> Vec<Change> {
-        let mut next_id = self.next_id;
-        let report = UpstreamReport {
+    /// Settles a reservation with a successful answer; false when the
+    /// reservation was unknown.
+    fn settle(&mut self, id: u64, actual: u64) -> bool {
+        self.record(&Outcome {
+            reservation: Some(id),
+            tokens: Some(actual),
+            status: 200,
+            ..Outcome::default()
+        })
+        .is_ok()
+    }
+
+    /// Reports an upstream answer for a call without reservation.
+    fn upstream(
+        &mut self,
+        status: u16,
+        error_type: &str,
+        code: Option<&str>,
+        headers: &[(&str, &str)],
+    ) -> Vec<Change> {
+        let outcome = Outcome {
             status,
             error: ErrorFields {
                 error_type: Some(error_type).filter(|t| !t.is_empty()),
@@ -119,16 +137,11 @@ impl Script {
                 message: Some("upstream says no"),
             },
             headers: RateLimitHeaders::parse(headers.iter().copied()),
-            admitted_at: Some(self.now),
+            ..Outcome::default()
         };
-        let (_, changes) =
-            self.state
-                .record_upstream(&report, self.now, &self.settings, &mut || {
-                    next_id += 1;
-                    next_id
-                });
-        self.next_id = next_id;
-        changes
+        self.record(&outcome)
+            .expect("no reservation involved")
+            .changes
     }
 
     fn success(&mut self) -> Vec<Change> {
@@ -207,7 +220,9 @@ fn a_minute_limit_holds_over_every_sixty_second_span() {
         (119.3, false),
     ];
     for (seconds, expect_admitted) in steps {
-        script.at("2026-05-04T10:00:00Z").after((seconds * 1000.0) as i64);
+        script
+            .at("2026-05-04T10:00:00Z")
+            .after((seconds * 1000.0) as i64);
         let admitted = script.admit(0).result.is_ok();
         assert_eq!(admitted, expect_admitted, "at +{seconds}s");
     }
@@ -228,13 +243,20 @@ fn a_refusal_names_the_limit_and_when_it_frees() {
 #[test]
 fn a_day_limit_resets_at_local_midnight_in_a_non_utc_timezone() {
     // Tokyo is UTC+9: local midnight of 5 May is 15:00 UTC on 4 May.
-    let mut script = Script::with_config(&[(RequestsPerDay, 2)], "Asia/Tokyo", ts("2026-05-04T14:58:00Z"));
+    let mut script = Script::with_config(
+        &[(RequestsPerDay, 2)],
+        "Asia/Tokyo",
+        ts("2026-05-04T14:58:00Z"),
+    );
     script.admitted(0);
     script.after(1000).admitted(0);
     let refusal = script.at("2026-05-04T14:59:59.999Z").refused(0);
     assert_eq!(refusal.cause, RefusalCause::Limit(RequestsPerDay));
     assert_eq!(refusal.retry_at, Some(ts("2026-05-04T15:00:00Z")));
-    assert!(!refusal.retryable, "waiting for midnight is not a short wait");
+    assert!(
+        !refusal.retryable,
+        "waiting for midnight is not a short wait"
+    );
     assert_eq!(script.status(), Status::QuotaExceeded);
     script.at("2026-05-04T15:00:00Z").admitted(0);
     assert_eq!(script.used(RequestsPerDay), 1);
@@ -275,7 +297,11 @@ fn a_request_larger_than_a_whole_limit_is_refused_without_retry() {
     assert_eq!(refusal.cause, RefusalCause::TooLarge(TokensPerMinute));
     assert!(!refusal.retryable);
     assert_eq!(refusal.retry_at, None);
-    assert_eq!(script.status(), Status::Normal, "an oversized request blocks nobody");
+    assert_eq!(
+        script.status(),
+        Status::Normal,
+        "an oversized request blocks nobody"
+    );
 }
 
 #[test]
@@ -320,7 +346,10 @@ fn an_unsettled_reservation_expires_and_keeps_its_estimate() {
     };
     assert_eq!(expired.len(), 1);
     assert_eq!(expired[0].tokens, 700);
-    assert!(!script.settle(id, 10), "expired reservations cannot be settled");
+    assert!(
+        !script.settle(id, 10),
+        "expired reservations cannot be settled"
+    );
     assert_eq!(script.used(TokensPerDay), 700);
 }
 
@@ -338,9 +367,23 @@ fn warning_has_hysteresis() {
     let notification = &script.state.active_notifications()[0];
     assert_eq!(notification.severity, Severity::Warning);
     assert_eq!(notification.limit, Some(RequestsPerDay));
-    assert!(notification.message.contains("80 of 100 requests today"), "{}", notification.message);
-    assert!(notification.suggested_actions.iter().any(|a| a.contains("raise requests_per_day")));
-    assert!(notification.suggested_actions.iter().any(|a| a.contains("reduce volume")));
+    assert!(
+        notification.message.contains("80 of 100 requests today"),
+        "{}",
+        notification.message
+    );
+    assert!(
+        notification
+            .suggested_actions
+            .iter()
+            .any(|a| a.contains("raise requests_per_day"))
+    );
+    assert!(
+        notification
+            .suggested_actions
+            .iter()
+            .any(|a| a.contains("reduce volume"))
+    );
 
     // Usage reported lower (settling never lowers requests, so use a fresh
     // script on minutes): utilisation between 0.75 and 0.8 keeps the warning.
@@ -370,7 +413,10 @@ fn warning_has_hysteresis() {
     }
     assert_eq!(script.status(), Status::Warning);
     script.after(59_000);
-    assert!(script.tick().is_empty(), "77 % is above the 75 % clearing line");
+    assert!(
+        script.tick().is_empty(),
+        "77 % is above the 75 % clearing line"
+    );
     assert_eq!(script.status(), Status::Warning);
 }
 
@@ -395,7 +441,10 @@ fn minute_exhaustion_rate_limits_and_clears_when_the_window_frees() {
     assert!(snapshot.blocked);
     assert_eq!(
         snapshot.reasons,
-        vec!["requests_per_minute_exhausted", "requests_per_minute_approaching"]
+        vec![
+            "requests_per_minute_exhausted",
+            "requests_per_minute_approaching"
+        ]
     );
     let rate_limited = script
         .state
@@ -404,7 +453,11 @@ fn minute_exhaustion_rate_limits_and_clears_when_the_window_frees() {
         .find(|n| n.kind == NotificationKind::RateLimited)
         .expect("raised");
     assert_eq!(rate_limited.resolves_at, Some(ts("2026-05-04T10:01:00Z")));
-    assert!(rate_limited.message.contains("5 of 5 requests in the last 60 seconds"));
+    assert!(
+        rate_limited
+            .message
+            .contains("5 of 5 requests in the last 60 seconds")
+    );
 
     // Refusals do not raise a second notification.
     for _ in 0..10 {
@@ -417,7 +470,10 @@ fn minute_exhaustion_rate_limits_and_clears_when_the_window_frees() {
     assert_eq!(script.status(), Status::Normal);
     assert_eq!(
         resolved(&changes),
-        vec![NotificationKind::ApproachingLimit, NotificationKind::RateLimited]
+        vec![
+            NotificationKind::ApproachingLimit,
+            NotificationKind::RateLimited
+        ]
     );
 }
 
@@ -439,7 +495,12 @@ fn daily_exhaustion_is_critical_and_tells_how_to_unblock() {
     assert_eq!(exhausted.severity, Severity::Critical);
     assert_eq!(exhausted.resolves_at, Some(ts("2026-05-05T00:00:00Z")));
     assert!(exhausted.message.contains("3 of 3 requests today"));
-    assert!(exhausted.suggested_actions.iter().any(|a| a.contains("POST /api/quota/reset")));
+    assert!(
+        exhausted
+            .suggested_actions
+            .iter()
+            .any(|a| a.contains("POST /api/quota/reset"))
+    );
 
     let changes = script.state.reset(script.now);
     assert_eq!(script.status(), Status::Normal);
@@ -455,21 +516,35 @@ fn an_upstream_rate_limit_holds_requests_until_retry_after() {
         429,
         "requests",
         Some("rate_limit_exceeded"),
-        &[("retry-after", "20"), ("x-ratelimit-limit-requests", "3"), ("x-ratelimit-remaining-requests", "0")],
+        &[
+            ("retry-after", "20"),
+            ("x-ratelimit-limit-requests", "3"),
+            ("x-ratelimit-remaining-requests", "0"),
+        ],
     );
     assert_eq!(script.status(), Status::RateLimited);
-    assert_eq!(raised(&changes), vec![NotificationKind::UpstreamRateLimited]);
+    assert_eq!(
+        raised(&changes),
+        vec![NotificationKind::UpstreamRateLimited]
+    );
     let refusal = script.after(5000).refused(0);
     assert_eq!(refusal.cause, RefusalCause::UpstreamRateLimited);
     assert_eq!(refusal.retry_at, Some(ts("2026-05-04T10:00:20Z")));
     assert!(refusal.retryable);
-    let upstream = script.state.snapshot(script.now).upstream.expect("headers observed");
+    let upstream = script
+        .state
+        .snapshot(script.now)
+        .upstream
+        .expect("headers observed");
     assert_eq!(upstream.requests.and_then(|b| b.remaining), Some(0));
 
     script.at("2026-05-04T10:00:20Z");
     let changes = script.tick();
     assert_eq!(script.status(), Status::Normal);
-    assert_eq!(resolved(&changes), vec![NotificationKind::UpstreamRateLimited]);
+    assert_eq!(
+        resolved(&changes),
+        vec![NotificationKind::UpstreamRateLimited]
+    );
     script.admitted(0);
 }
 
@@ -479,7 +554,10 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
         let mut script = Script::new(&[(RequestsPerMinute, 100)]);
         let changes = script.upstream(429, "insufficient_quota", Some(code.code()), &[]);
         assert_eq!(script.status(), Status::QuotaExceeded, "{code:?}");
-        assert_eq!(raised(&changes), vec![NotificationKind::UpstreamQuotaExhausted]);
+        assert_eq!(
+            raised(&changes),
+            vec![NotificationKind::UpstreamQuotaExhausted]
+        );
         let notification = &script.state.active_notifications()[0];
         assert_eq!(notification.severity, Severity::Critical);
         assert_eq!(notification.resolves_at, None);
@@ -505,7 +583,10 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
         // This probe succeeded: the block ends.
         let changes = script.success();
         assert_eq!(script.status(), Status::Normal);
-        assert_eq!(resolved(&changes), vec![NotificationKind::UpstreamQuotaExhausted]);
+        assert_eq!(
+            resolved(&changes),
+            vec![NotificationKind::UpstreamQuotaExhausted]
+        );
         script.admitted(0);
     }
 }
@@ -513,24 +594,28 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
 #[test]
 fn billing_messages_name_the_fix() {
     let mut script = Script::new(&[]);
-    script.upstream(429, "insufficient_quota", Some("credit_balance_exhausted"), &[]);
+    script.upstream(
+        429,
+        "insufficient_quota",
+        Some("credit_balance_exhausted"),
+        &[],
+    );
     let notification = &script.state.active_notifications()[0];
-    assert!(notification.suggested_actions[0].contains("Add credits in the OpenAI billing settings"));
+    assert!(
+        notification.suggested_actions[0].contains("Add credits in the OpenAI billing settings")
+    );
     assert!(notification.message.contains("credit_balance_exhausted"));
 }
 
 #[test]
 fn a_success_admitted_before_a_billing_block_does_not_lift_it() {
     let mut script = Script::new(&[]);
-    let before = script.now;
-    script.after(1000).upstream(429, "insufficient_quota", None, &[]);
-    let report = UpstreamReport {
-        status: 200,
-        admitted_at: Some(before),
-        ..UpstreamReport::default()
-    };
-    script.after(1000);
-    script.state.record_upstream(&report, script.now, &script.settings, &mut || 1);
+    let early = script.admitted(0);
+    script
+        .after(1000)
+        .upstream(429, "insufficient_quota", None, &[]);
+    // The early request's success says nothing about billing since the block.
+    assert!(script.after(1000).settle(early, 10));
     assert_eq!(script.status(), Status::QuotaExceeded);
 }
 
@@ -538,21 +623,29 @@ fn a_success_admitted_before_a_billing_block_does_not_lift_it() {
 fn request_too_large_from_upstream_blocks_nobody() {
     let mut script = Script::new(&[]);
     let changes = script.upstream(429, "tokens", Some("rate_limit_exceeded"), &[]);
-    assert_eq!(script.status(), Status::RateLimited, "a plain 429 does block");
+    assert_eq!(
+        script.status(),
+        Status::RateLimited,
+        "a plain 429 does block"
+    );
     drop(changes);
     let mut script = Script::new(&[]);
-    let report = UpstreamReport {
-        status: 429,
-        error: ErrorFields {
-            error_type: Some("tokens"),
-            code: Some("rate_limit_exceeded"),
-            message: Some("Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 31538."),
-        },
-        ..UpstreamReport::default()
-    };
-    let (class, changes) = script.state.record_upstream(&report, script.now, &script.settings, &mut || 1);
-    assert_eq!(class, super::upstream::UpstreamClass::RequestTooLarge);
-    assert!(changes.is_empty());
+    let recorded = script
+        .record(&Outcome {
+            status: 429,
+            error: ErrorFields {
+                error_type: Some("tokens"),
+                code: Some("rate_limit_exceeded"),
+                message: Some("Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 31538."),
+            },
+            ..Outcome::default()
+        })
+        .expect("no reservation involved");
+    assert_eq!(
+        recorded.class,
+        super::upstream::UpstreamClass::RequestTooLarge
+    );
+    assert!(recorded.changes.is_empty());
     assert_eq!(script.status(), Status::Normal);
 }
 
@@ -566,17 +659,29 @@ fn upstream_errors_alarm_above_twenty_percent_and_at_least_five() {
         assert!(script.upstream(500, "server_error", None, &[]).is_empty());
     }
     // 5 of 21 is 23.8 %: the alarm goes off.
-    let changes = script.upstream(503, "service_unavailable_error", Some("server_is_overloaded"), &[]);
+    let changes = script.upstream(
+        503,
+        "service_unavailable_error",
+        Some("server_is_overloaded"),
+        &[],
+    );
     assert_eq!(raised(&changes), vec![NotificationKind::UpstreamErrors]);
     assert_eq!(script.status(), Status::Warning);
     let notification = &script.state.active_notifications()[0];
-    assert!(notification.message.contains("5 of 21 upstream requests"), "{}", notification.message);
+    assert!(
+        notification.message.contains("5 of 21 upstream requests"),
+        "{}",
+        notification.message
+    );
     // A minute later the failures have left the window.
     script.after(60_000);
     let changes = script.tick();
     assert_eq!(resolved(&changes), vec![NotificationKind::UpstreamErrors]);
     let errors = script.state.snapshot(script.now).errors;
-    assert_eq!(errors.server_error, 5, "the hour's error history keeps them");
+    assert_eq!(
+        errors.server_error, 5,
+        "the hour's error history keeps them"
+    );
 }
 
 #[test]
@@ -584,7 +689,10 @@ fn a_rejected_upstream_key_is_critical_until_a_success() {
     let mut script = Script::new(&[]);
     let changes = script.upstream(401, "invalid_request_error", Some("invalid_api_key"), &[]);
     assert_eq!(raised(&changes), vec![NotificationKind::UpstreamErrors]);
-    assert_eq!(script.state.active_notifications()[0].severity, Severity::Critical);
+    assert_eq!(
+        script.state.active_notifications()[0].severity,
+        Severity::Critical
+    );
     let changes = script.success();
     assert_eq!(resolved(&changes), vec![NotificationKind::UpstreamErrors]);
 }
@@ -608,10 +716,15 @@ fn a_timezone_change_keeps_todays_count() {
     script.admitted(0);
     let mut config = script.state.config().clone();
     config.timezone = "Europe/Berlin".parse().expect("zone");
-    script.state.reconfigure(config, script.now, &script.settings, &mut || 1);
+    script
+        .state
+        .reconfigure(config, script.now, &script.settings, &mut || 1);
     assert_eq!(script.used(RequestsPerDay), 1);
     let snapshot = script.state.snapshot(script.now);
-    assert_eq!(snapshot.limits[0].1.resets_at, Some(ts("2026-05-04T22:00:00Z")));
+    assert_eq!(
+        snapshot.limits[0].1.resets_at,
+        Some(ts("2026-05-04T22:00:00Z"))
+    );
 }
 
 #[test]
@@ -622,7 +735,9 @@ fn lowering_a_limit_changes_the_status_at_once() {
     }
     let mut config = script.state.config().clone();
     config.limits.set(RequestsPerDay, Some(5));
-    let changes = script.state.reconfigure(config, script.now, &script.settings, &mut || 7);
+    let changes = script
+        .state
+        .reconfigure(config, script.now, &script.settings, &mut || 7);
     assert_eq!(script.status(), Status::QuotaExceeded);
     assert!(raised(&changes).contains(&NotificationKind::DailyQuotaExhausted));
 }
@@ -631,7 +746,12 @@ fn lowering_a_limit_changes_the_status_at_once() {
 fn saved_state_restores_counters_blocks_and_status() {
     let mut script = Script::new(&[(RequestsPerDay, 10), (TokensPerMinute, 1000)]);
     let id = script.admitted(300);
-    script.upstream(429, "insufficient_quota", Some("credit_balance_exhausted"), &[]);
+    script.upstream(
+        429,
+        "insufficient_quota",
+        Some("credit_balance_exhausted"),
+        &[],
+    );
     let saved = script.state.save();
     let notifications = script.state.active_notifications().to_vec();
     let config = script.state.config().clone();
@@ -639,10 +759,19 @@ fn saved_state_restores_counters_blocks_and_status() {
     let mut restored = WorkspaceState::restore(config, saved, notifications, script.now);
     assert_eq!(restored.status(), Status::QuotaExceeded);
     let snapshot = restored.snapshot(script.now);
-    assert_eq!(snapshot.limits[0].1.used, 1);
+    assert_eq!(
+        snapshot.limits[0].1.used, 2,
+        "the admitted call and the reported one"
+    );
     assert_eq!(snapshot.limits[1].1.used, 300);
     assert!(snapshot.blocked);
-    let settlement = restored.settle(id, Some(100), script.now, &script.settings, &mut || 9);
-    assert!(settlement.reservation.is_some(), "reservations survive");
+    let outcome = Outcome {
+        reservation: Some(id),
+        tokens: Some(100),
+        status: 200,
+        ..Outcome::default()
+    };
+    let recorded = restored.record(&outcome, script.now, &script.settings, &mut || 9);
+    assert!(recorded.is_ok(), "reservations survive");
     assert_eq!(restored.snapshot(script.now).limits[1].1.used, 100);
 }

@@ -169,7 +169,10 @@ mod tests {
     fn parses_every_reset_value_openai_and_azure_send() {
         let fixtures = include_str!("../../tests/fixtures/openai/ratelimit_reset_values.txt");
         let mut checked = 0;
-        for line in fixtures.lines().filter(|l| !l.starts_with('#') && !l.is_empty()) {
+        for line in fixtures
+            .lines()
+            .filter(|l| !l.starts_with('#') && !l.is_empty())
+        {
             let (value, seconds) = line.split_once(' ').expect("two columns");
             let expected: f64 = seconds.parse().expect("seconds column");
             let parsed = parse_duration(value).unwrap_or_else(|| panic!("{value} parses"));
@@ -211,8 +214,14 @@ mod tests {
     fn humanizes_for_messages() {
         assert_eq!(humanize_duration(Duration::from_millis(1500)), "2s");
         assert_eq!(humanize_duration(Duration::from_secs(61)), "2m");
-        assert_eq!(humanize_duration(Duration::from_secs(3 * 3600 + 12 * 60)), "3h 12m");
-        assert_eq!(humanize_duration(Duration::from_secs(2 * 86_400 + 3600)), "2d 1h");
+        assert_eq!(
+            humanize_duration(Duration::from_secs(3 * 3600 + 12 * 60)),
+            "3h 12m"
+        );
+        assert_eq!(
+            humanize_duration(Duration::from_secs(2 * 86_400 + 3600)),
+            "2d 1h"
+        );
     }
 
     #[test]

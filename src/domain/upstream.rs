@@ -132,7 +132,12 @@ impl RateLimitHeaders {
         for (name, value) in headers {
             let name = name.to_ascii_lowercase();
             let value = value.trim();
-            let count = || value.parse::<i64>().ok().and_then(|n| u64::try_from(n).ok());
+            let count = || {
+                value
+                    .parse::<i64>()
+                    .ok()
+                    .and_then(|n| u64::try_from(n).ok())
+            };
             match name.as_str() {
                 "x-ratelimit-limit-requests" => parsed.requests.limit = count(),
                 "x-ratelimit-remaining-requests" => parsed.requests.remaining = count(),
@@ -267,7 +272,9 @@ impl Tally for ErrorTally {
     fn saturating_sub(self, other: Self) -> Self {
         Self {
             rate_limited: self.rate_limited.saturating_sub(other.rate_limited),
-            insufficient_quota: self.insufficient_quota.saturating_sub(other.insufficient_quota),
+            insufficient_quota: self
+                .insufficient_quota
+                .saturating_sub(other.insufficient_quota),
             server_error: self.server_error.saturating_sub(other.server_error),
             other: self.other.saturating_sub(other.other),
             refused: self.refused.saturating_sub(other.refused),
@@ -320,7 +327,10 @@ mod tests {
     use super::*;
 
     fn fixture_error(name: &str) -> (Option<String>, Option<String>, Option<String>) {
-        let path = format!("{}/tests/fixtures/openai/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/openai/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let text = std::fs::read_to_string(&path).expect("fixture exists");
         let value: serde_json::Value = serde_json::from_str(&text).expect("fixture is JSON");
         let field = |key: &str| value["error"][key].as_str().map(str::to_owned);
@@ -344,12 +354,20 @@ mod tests {
         use UpstreamClass::*;
         let cases = [
             (429, "error_429_rate_limit_requests.json", RateLimited),
-            (429, "error_429_rate_limit_requests_per_day.json", RateLimited),
+            (
+                429,
+                "error_429_rate_limit_requests_per_day.json",
+                RateLimited,
+            ),
             (429, "error_429_rate_limit_tokens.json", RateLimited),
             (429, "error_429_slow_down.json", RateLimited),
             (429, "azure_error_429.json", RateLimited),
             (429, "error_429_request_too_large.json", RequestTooLarge),
-            (429, "error_429_insufficient_quota.json", QuotaExhausted(BillingCode::InsufficientQuota)),
+            (
+                429,
+                "error_429_insufficient_quota.json",
+                QuotaExhausted(BillingCode::InsufficientQuota),
+            ),
             (
                 429,
                 "error_429_insufficient_quota_legacy_null_code.json",
@@ -384,9 +402,16 @@ mod tests {
     }
 
     fn header_fixture(name: &str) -> RateLimitHeaders {
-        let path = format!("{}/tests/fixtures/openai/{name}", env!("CARGO_MANIFEST_DIR"));
+        let path = format!(
+            "{}/tests/fixtures/openai/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        );
         let text = std::fs::read_to_string(&path).expect("fixture exists");
-        RateLimitHeaders::parse(text.lines().skip(1).filter_map(|line| line.split_once(": ")))
+        RateLimitHeaders::parse(
+            text.lines()
+                .skip(1)
+                .filter_map(|line| line.split_once(": ")),
+        )
     }
 
     #[test]
@@ -412,7 +437,10 @@ mod tests {
             ("x-ratelimit-reset-requests", "1m0s"),
         ]);
         assert_eq!(headers.backoff(), Duration::from_millis(9816));
-        assert_eq!(RateLimitHeaders::default().backoff(), DEFAULT_UPSTREAM_BACKOFF);
+        assert_eq!(
+            RateLimitHeaders::default().backoff(),
+            DEFAULT_UPSTREAM_BACKOFF
+        );
         let azure = RateLimitHeaders::parse([("Retry-After", "10"), ("retry-after-ms", "10500")]);
         assert_eq!(azure.backoff(), Duration::from_millis(10500));
     }
@@ -434,17 +462,32 @@ mod tests {
         let now = Timestamp::from_millis(1_000_000);
         view.observe(&header_fixture("chat_completion.headers"), now);
         let later = Timestamp::from_millis(2_000_000);
-        view.observe(&RateLimitHeaders::parse([("x-ratelimit-remaining-requests", "10")]), later);
+        view.observe(
+            &RateLimitHeaders::parse([("x-ratelimit-remaining-requests", "10")]),
+            later,
+        );
         let requests = view.requests.expect("requests known");
-        assert_eq!((requests.remaining, requests.observed_at), (Some(10), later));
+        assert_eq!(
+            (requests.remaining, requests.observed_at),
+            (Some(10), later)
+        );
         let tokens = view.tokens.expect("tokens kept");
         assert_eq!(tokens.resets_at, Some(Timestamp::from_millis(1_002_572)));
     }
 
     #[test]
     fn error_rate_needs_both_share_and_count() {
-        assert!(!error_rate_alarming(Outcomes { total: 4, failed: 4 }));
-        assert!(error_rate_alarming(Outcomes { total: 24, failed: 5 }));
-        assert!(!error_rate_alarming(Outcomes { total: 25, failed: 5 }));
+        assert!(!error_rate_alarming(Outcomes {
+            total: 4,
+            failed: 4
+        }));
+        assert!(error_rate_alarming(Outcomes {
+            total: 24,
+            failed: 5
+        }));
+        assert!(!error_rate_alarming(Outcomes {
+            total: 25,
+            failed: 5
+        }));
     }
 }

@@ -75,13 +75,17 @@ impl Tally for Usage {
 /// buckets therefore holds at most what an admission check against `total`
 /// allowed, which is what makes a per-minute limit hold over *every* 60-second
 /// span rather than per calendar minute.
+///
+/// The fields every operation reads (`newest`, `total`) come first, so that
+/// they share a cache line with the start of the buckets.
 #[derive(Clone, Debug, PartialEq)]
+#[repr(C)]
 pub struct SlidingWindow<T, const N: usize> {
-    bucket_ms: i64,
-    buckets: [T; N],
     /// Absolute index (`time / bucket_ms`) of the newest bucket.
     newest: i64,
     total: T,
+    bucket_ms: i64,
+    buckets: [T; N],
 }
 
 impl<T: Tally, const N: usize> SlidingWindow<T, N> {
@@ -158,9 +162,23 @@ impl<T: Tally, const N: usize> SlidingWindow<T, N> {
     pub fn expiring(&self) -> impl Iterator<Item = (Timestamp, T)> + '_ {
         (self.newest - N as i64 + 1..=self.newest).filter_map(move |index| {
             let value = self.buckets[Self::slot(index)];
-            (value != T::default())
-                .then(|| (Timestamp::from_millis((index + N as i64) * self.bucket_ms), value))
+            (value != T::default()).then(|| {
+                (
+                    Timestamp::from_millis((index + N as i64) * self.bucket_ms),
+                    value,
+                )
+            })
         })
+    }
+
+    /// When the newest bucket matching `wanted` leaves the window: the time
+    /// by which everything it counts has expired. Scans from the newest
+    /// bucket, so it is quick while the window is in use.
+    pub fn clear_at(&self, wanted: impl Fn(&T) -> bool) -> Option<Timestamp> {
+        (self.newest - N as i64 + 1..=self.newest)
+            .rev()
+            .find(|index| wanted(&self.buckets[Self::slot(*index)]))
+            .map(|index| Timestamp::from_millis((index + N as i64) * self.bucket_ms))
     }
 
     /// The non-empty buckets as `(absolute index, value)`, for persistence.
@@ -269,7 +287,11 @@ mod tests {
         window.add(at(100.0), Usage::tokens(10));
         window.advance(at(170.0));
         assert!(!window.correct(at(100.0), Usage::tokens(1000), Usage::default()));
-        assert_eq!(window.total().tokens, 0, "expired bucket is not resurrected");
+        assert_eq!(
+            window.total().tokens,
+            0,
+            "expired bucket is not resurrected"
+        );
     }
 
     #[test]
@@ -280,8 +302,21 @@ mod tests {
         let expiring: Vec<_> = window.expiring().collect();
         assert_eq!(
             expiring,
-            vec![(at(70.0), Usage::requests(1)), (at(80.0), Usage::requests(2))]
+            vec![
+                (at(70.0), Usage::requests(1)),
+                (at(80.0), Usage::requests(2))
+            ]
         );
+    }
+
+    #[test]
+    fn clear_at_is_when_the_newest_matching_bucket_leaves() {
+        let mut window = Minute::new(1000);
+        assert_eq!(window.clear_at(|u| u.requests > 0), None);
+        window.add(at(10.0), Usage::requests(1));
+        window.add(at(20.0), Usage::tokens(5));
+        assert_eq!(window.clear_at(|u| u.requests > 0), Some(at(70.0)));
+        assert_eq!(window.clear_at(|u| u.tokens > 0), Some(at(80.0)));
     }
 
     #[test]
@@ -292,7 +327,11 @@ mod tests {
         let restored = Minute::from_entries(1000, &window.to_entries(), at(69.0));
         assert_eq!(restored.total().requests, 3);
         let restored = Minute::from_entries(1000, &window.to_entries(), at(70.0));
-        assert_eq!(restored.total().requests, 2, "second 10 leaves the window at 70");
+        assert_eq!(
+            restored.total().requests,
+            2,
+            "second 10 leaves the window at 70"
+        );
     }
 
     #[test]

@@ -3,7 +3,9 @@
 //! the passage of time and admin resets. Each operation takes `now`, changes
 //! the state, re-evaluates the status and returns what changed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
+
+use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use super::limits::{LimitKind, PerLimit, Span, WorkspaceConfig};
@@ -25,6 +27,10 @@ pub type ErrorHistory = SlidingWindow<ErrorTally, 60>;
 
 pub const SECOND_MS: i64 = 1000;
 pub const MINUTE_MS: i64 = 60 * SECOND_MS;
+
+/// A model name, shared rather than copied: it travels from the request into
+/// the reservation and on to history.
+pub type Model = std::sync::Arc<str>;
 
 /// Engine-wide settings that the domain needs.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -51,7 +57,7 @@ pub struct Reservation {
     pub charged_at: Timestamp,
     pub estimated_tokens: u64,
     pub expires_at: Timestamp,
-    pub model: Option<String>,
+    pub model: Option<Model>,
     /// Admitted as the one probe allowed through a billing block.
     pub probe: bool,
 }
@@ -92,14 +98,26 @@ pub struct Refusal {
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Request {
     pub estimated_tokens: u64,
-    pub model: Option<String>,
+    pub model: Option<Model>,
 }
 
-/// A request that ended and is ready to be counted in history.
-#[derive(Clone, Debug, PartialEq)]
-pub struct Finished {
+/// A request admitted: what the caller needs to settle it later.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Admitted {
+    pub id: u64,
     pub charged_at: Timestamp,
-    pub model: Option<String>,
+    pub expires_at: Timestamp,
+    /// Let through a billing block as its one probe: its outcome decides
+    /// whether the block lifts.
+    pub probe: bool,
+}
+
+/// A reservation that expired unsettled: its estimate is now final, and the
+/// request counts in history as it is.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Expired {
+    pub charged_at: Timestamp,
+    pub model: Option<Model>,
     pub tokens: u64,
 }
 
@@ -137,32 +155,64 @@ pub struct Saved {
     pub since: Timestamp,
 }
 
-/// The upstream's answer to one request, as far as it is known.
+/// How a call ended, as far as it is known.
 #[derive(Clone, Copy, Debug, Default)]
-pub struct UpstreamReport<'a> {
-    /// HTTP status; 0 when there was no answer (unreachable, timeout).
+pub struct Outcome<'a> {
+    /// The reservation made at admission; `None` for a call that did not go
+    /// through admission, which then counts as one request now.
+    pub reservation: Option<u64>,
+    /// The actual token count; `None` keeps the reservation's estimate (or
+    /// counts no tokens for a call without reservation).
+    pub tokens: Option<u64>,
+    /// The upstream's HTTP status; 0 when there was no answer (unreachable,
+    /// timeout).
     pub status: u16,
     pub error: ErrorFields<'a>,
     pub headers: RateLimitHeaders,
-    /// When the request was admitted, if it went through admission.
-    pub admitted_at: Option<Timestamp>,
 }
 
+/// What [`WorkspaceState::record`] did.
+#[derive(Debug)]
+pub struct Recorded {
+    /// The settled reservation, if the call had one.
+    pub reservation: Option<Reservation>,
+    /// The tokens the call finally counts for.
+    pub tokens: u64,
+    pub class: UpstreamClass,
+    pub expired: Vec<Expired>,
+    pub changes: Vec<Change>,
+}
+
+/// The outcome named a reservation that is unknown, already settled or
+/// expired; nothing was recorded.
+#[derive(Debug)]
+pub struct UnknownReservation {
+    pub expired: Vec<Expired>,
+}
+
+/// Fields are laid out in declaration order (`repr(C)`), those every
+/// admission touches first, so that an admission reads few cache lines even
+/// when thousands of workspaces compete for the cache.
+#[repr(C)]
 pub struct WorkspaceState {
     config: WorkspaceConfig,
-    minute: MinuteWindow,
     day: DayCounter,
-    reservations: HashMap<u64, Reservation>,
-    /// Reservation ids in order of expiry (the TTL is the same for all).
-    expiry: VecDeque<(Timestamp, u64)>,
     rate_block_until: Option<Timestamp>,
     billing_block: Option<BillingBlock>,
-    upstream_view: UpstreamView,
+    key_rejected: bool,
+    /// Whether the last minute's upstream answers are failing too often;
+    /// follows `outcomes`, kept here so that admission need not read it.
+    upstream_error_rate: bool,
+    tracker: StatusTracker,
+    /// Reservation ids come from a CSPRNG, so the fast hasher is safe.
+    reservations: FxHashMap<u64, Reservation>,
+    /// Reservation ids in order of expiry (the TTL is the same for all).
+    expiry: VecDeque<(Timestamp, u64)>,
+    minute: MinuteWindow,
     outcomes: OutcomeWindow,
     errors: ErrorHistory,
+    upstream_view: UpstreamView,
     last_error: Option<LastError>,
-    key_rejected: bool,
-    tracker: StatusTracker,
 }
 
 /// "Fits" means the limit still has room and the request's cost fits in it;
@@ -178,7 +228,7 @@ impl WorkspaceState {
             config,
             minute: MinuteWindow::new(SECOND_MS),
             day,
-            reservations: HashMap::new(),
+            reservations: FxHashMap::default(),
             expiry: VecDeque::new(),
             rate_block_until: None,
             billing_block: None,
@@ -187,6 +237,7 @@ impl WorkspaceState {
             errors: ErrorHistory::new(MINUTE_MS),
             last_error: None,
             key_rejected: false,
+            upstream_error_rate: false,
             tracker: StatusTracker::new(now),
         }
     }
@@ -202,7 +253,9 @@ impl WorkspaceState {
         state.day = saved.day;
         state.day.roll(now, state.config.timezone);
         for reservation in saved.reservations {
-            state.expiry.push_back((reservation.expires_at, reservation.id));
+            state
+                .expiry
+                .push_back((reservation.expires_at, reservation.id));
             state.reservations.insert(reservation.id, reservation);
         }
         state.expiry.make_contiguous().sort();
@@ -244,12 +297,25 @@ impl WorkspaceState {
         self.tracker.active()
     }
 
-    /// Brings windows, reservations and blocks up to `now`. Returns the
-    /// reservations that expired: their estimates are now final.
-    fn advance(&mut self, now: Timestamp) -> Vec<Finished> {
-        self.minute.advance(now);
+    /// Brings everything up to `now`. Returns the reservations that expired:
+    /// their estimates are now final.
+    fn advance(&mut self, now: Timestamp) -> Vec<Expired> {
+        self.advance_upstream(now);
+        self.advance_limits(now)
+    }
+
+    /// Slides the upstream error windows. Admission leaves them alone (it
+    /// changes nothing there, and touching them would cost cache misses on
+    /// every request); reports and ticks bring them up to date.
+    fn advance_upstream(&mut self, now: Timestamp) {
         self.outcomes.advance(now);
         self.errors.advance(now);
+        self.upstream_error_rate = error_rate_alarming(self.outcomes.total());
+    }
+
+    /// Brings limit windows, blocks and reservations up to `now`.
+    fn advance_limits(&mut self, now: Timestamp) -> Vec<Expired> {
+        self.minute.advance(now);
         self.day.roll(now, self.config.timezone);
         if self.rate_block_until.is_some_and(|until| until <= now) {
             self.rate_block_until = None;
@@ -261,7 +327,7 @@ impl WorkspaceState {
             }
             self.expiry.pop_front();
             if let Some(reservation) = self.reservations.remove(&id) {
-                expired.push(Finished {
+                expired.push(Expired {
                     charged_at: reservation.charged_at,
                     model: reservation.model,
                     tokens: reservation.estimated_tokens,
@@ -305,20 +371,20 @@ impl WorkspaceState {
             super::limits::Unit::Requests => 1,
             super::limits::Unit::Tokens => 0,
         };
-        let resets_at = match kind.span() {
-            Span::Day => Some(self.day.end),
-            Span::Minute => self
-                .minute
-                .expiring()
-                .filter(|(_, bucket)| bucket.of(kind.unit()) > 0)
-                .map(|(expires_at, _)| expires_at)
-                .last(),
-        };
         LimitFacts {
             max,
             used: self.used(kind),
-            resets_at,
+            resets_at: self.resets_at(kind),
             frees_at: self.frees_at(kind, minimal_cost, max),
+        }
+    }
+
+    /// When the limit's count is back to zero: the day's end, or when the
+    /// newest counted second leaves the minute window.
+    fn resets_at(&self, kind: LimitKind) -> Option<Timestamp> {
+        match kind.span() {
+            Span::Day => Some(self.day.end),
+            Span::Minute => self.minute.clear_at(|bucket| bucket.of(kind.unit()) > 0),
         }
     }
 
@@ -364,10 +430,18 @@ impl WorkspaceState {
         if let Some(block) = self.billing_block
             && !probe_due
         {
-            return Err(upstream(RefusalCause::UpstreamQuota(block.code), None, false));
+            return Err(upstream(
+                RefusalCause::UpstreamQuota(block.code),
+                None,
+                false,
+            ));
         }
         if let Some(until) = self.rate_block_until.filter(|until| *until > now) {
-            keep_latest(upstream(RefusalCause::UpstreamRateLimited, Some(until), true));
+            keep_latest(upstream(
+                RefusalCause::UpstreamRateLimited,
+                Some(until),
+                true,
+            ));
         }
         retryable.map_or(Ok(()), Err)
     }
@@ -382,7 +456,7 @@ impl WorkspaceState {
             warn_at: self.config.warn_at,
             upstream_rate_limited: self.rate_block_until.is_some_and(|until| until > now),
             upstream_quota_exhausted: self.billing_block.is_some(),
-            upstream_error_rate: error_rate_alarming(self.outcomes.total()),
+            upstream_error_rate: self.upstream_error_rate,
             upstream_key_rejected: self.key_rejected,
         }
     }
@@ -403,6 +477,8 @@ impl WorkspaceState {
         }
     }
 
+    /// Re-derives the status; notification texts are written only for
+    /// causes that just appeared.
     fn evaluate(
         &mut self,
         now: Timestamp,
@@ -410,27 +486,31 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
         let observation = self.observation(now);
-        // The tracker is taken out for the evaluation so that notification
-        // texts can read the rest of the state while it changes.
-        let mut tracker = std::mem::replace(&mut self.tracker, StatusTracker::new(now));
-        let changes = tracker.evaluate(&observation, now, |cause| {
-            let id = format!("ntf_{:016x}", fresh_id());
-            describe(id, &self.config, cause, &self.facts(settings), now)
-        });
-        self.tracker = tracker;
-        changes
+        let Some(causes) = self.tracker.observe(&observation) else {
+            return Vec::new();
+        };
+        let facts = self.facts(settings);
+        let raised = self
+            .tracker
+            .appeared(causes)
+            .map(|cause| {
+                let id = format!("ntf_{:016x}", fresh_id());
+                describe(id, &self.config, cause, &facts, now)
+            })
+            .collect();
+        self.tracker.transition(causes, raised, now)
     }
 
     /// Admits the request if every limit has room and no block applies, and
     /// then charges all limits at once; a refused request charges nothing.
     pub fn admit(
         &mut self,
-        request: Request,
+        request: &Request,
         now: Timestamp,
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Admission {
-        let expired = self.advance(now);
+        let expired = self.advance_limits(now);
         let cost = Usage {
             requests: 1,
             tokens: request.estimated_tokens,
@@ -446,17 +526,25 @@ impl WorkspaceState {
                 if let Some(block) = &mut self.billing_block {
                     block.next_probe_at = now.plus(settings.probe_interval);
                 }
-                let reservation = Reservation {
+                let admitted = Admitted {
                     id: fresh_id(),
                     charged_at: now,
-                    estimated_tokens: request.estimated_tokens,
                     expires_at: now.plus(settings.reservation_ttl),
-                    model: request.model,
                     probe,
                 };
-                self.expiry.push_back((reservation.expires_at, reservation.id));
-                self.reservations.insert(reservation.id, reservation.clone());
-                Ok(reservation)
+                self.expiry.push_back((admitted.expires_at, admitted.id));
+                self.reservations.insert(
+                    admitted.id,
+                    Reservation {
+                        id: admitted.id,
+                        charged_at: now,
+                        estimated_tokens: request.estimated_tokens,
+                        expires_at: admitted.expires_at,
+                        model: request.model.clone(),
+                        probe,
+                    },
+                );
+                Ok(admitted)
             }
             Err(refusal) => {
                 self.errors.add(now, ErrorTally::refusal());
@@ -470,27 +558,53 @@ impl WorkspaceState {
         }
     }
 
-    /// Replaces a reservation's estimate with the actual token count (`None`
-    /// keeps the estimate). The correction lands in the second the request
-    /// was charged, as long as that second is still in the window; extra
-    /// tokens beyond it are charged now.
-    pub fn settle(
+    /// Records how a call ended: settles its reservation (or counts it as
+    /// one request now, if it had none) and folds in the upstream's answer.
+    pub fn record(
         &mut self,
-        reservation_id: u64,
-        actual_tokens: Option<u64>,
+        outcome: &Outcome<'_>,
         now: Timestamp,
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
-    ) -> Settlement {
+    ) -> Result<Recorded, UnknownReservation> {
         let expired = self.advance(now);
-        let Some(reservation) = self.reservations.remove(&reservation_id) else {
-            return Settlement {
-                reservation: None,
-                expired,
-                changes: Vec::new(),
-            };
+        let (reservation, tokens) = match outcome.reservation {
+            Some(id) => {
+                let Some(reservation) = self.reservations.remove(&id) else {
+                    return Err(UnknownReservation { expired });
+                };
+                let tokens = outcome.tokens.unwrap_or(reservation.estimated_tokens);
+                self.settle(&reservation, tokens, now);
+                (Some(reservation), tokens)
+            }
+            None => {
+                // It happened, so it is charged even beyond the limits.
+                let tokens = outcome.tokens.unwrap_or(0);
+                let usage = Usage {
+                    requests: 1,
+                    tokens,
+                };
+                self.minute.add(now, usage);
+                self.day.used += usage;
+                (None, tokens)
+            }
         };
-        let actual_tokens = actual_tokens.unwrap_or(reservation.estimated_tokens);
+        let admitted_at = reservation.as_ref().map(|r| r.charged_at);
+        let class = self.observe_upstream(outcome, admitted_at, now, settings);
+        Ok(Recorded {
+            reservation,
+            tokens,
+            class,
+            expired,
+            changes: self.evaluate(now, settings, fresh_id),
+        })
+    }
+
+    /// Replaces a reservation's estimate with the actual token count. The
+    /// correction lands in the second the request was charged, as long as
+    /// that second is still in the window; extra tokens beyond it are charged
+    /// now.
+    fn settle(&mut self, reservation: &Reservation, actual_tokens: u64, now: Timestamp) {
         let extra = actual_tokens.saturating_sub(reservation.estimated_tokens);
         let unused = reservation.estimated_tokens.saturating_sub(actual_tokens);
         let corrected = self.minute.correct(
@@ -505,41 +619,17 @@ impl WorkspaceState {
         if self.day.contains(reservation.charged_at) {
             self.day.used.tokens = self.day.used.tokens.saturating_sub(unused);
         }
-        Settlement {
-            reservation: Some(reservation),
-            expired,
-            changes: self.evaluate(now, settings, fresh_id),
-        }
     }
 
-    /// Counts a request that did not go through admission (reported after the
-    /// fact): it happened, so it is charged even beyond the limits.
-    pub fn record_unreserved(
+    /// Folds in what the upstream answered to one call admitted at
+    /// `admitted_at` (if it went through admission).
+    fn observe_upstream(
         &mut self,
-        tokens: u64,
+        report: &Outcome<'_>,
+        admitted_at: Option<Timestamp>,
         now: Timestamp,
         settings: &Settings,
-        fresh_id: &mut dyn FnMut() -> u64,
-    ) -> (Vec<Finished>, Vec<Change>) {
-        let expired = self.advance(now);
-        let usage = Usage {
-            requests: 1,
-            tokens,
-        };
-        self.minute.add(now, usage);
-        self.day.used += usage;
-        (expired, self.evaluate(now, settings, fresh_id))
-    }
-
-    /// Folds in what the upstream answered to one request.
-    pub fn record_upstream(
-        &mut self,
-        report: &UpstreamReport<'_>,
-        now: Timestamp,
-        settings: &Settings,
-        fresh_id: &mut dyn FnMut() -> u64,
-    ) -> (UpstreamClass, Vec<Change>) {
-        self.advance(now);
+    ) -> UpstreamClass {
         if !report.headers.is_empty() {
             self.upstream_view.observe(&report.headers, now);
         }
@@ -547,6 +637,7 @@ impl WorkspaceState {
         let failed = u64::from(class == UpstreamClass::ServerError);
         self.outcomes.add(now, Outcomes { total: 1, failed });
         self.errors.add(now, ErrorTally::of_class(class));
+        self.upstream_error_rate = error_rate_alarming(self.outcomes.total());
         if class != UpstreamClass::Success {
             self.last_error = Some(LastError {
                 at: now,
@@ -562,9 +653,7 @@ impl WorkspaceState {
                 // A request admitted before the block began says nothing about
                 // whether billing has been fixed since.
                 let admitted_during_block = |block: BillingBlock| {
-                    report
-                        .admitted_at
-                        .is_none_or(|admitted| admitted >= block.since)
+                    admitted_at.is_none_or(|admitted| admitted >= block.since)
                 };
                 if self.billing_block.is_some_and(admitted_during_block) {
                     self.billing_block = None;
@@ -587,7 +676,7 @@ impl WorkspaceState {
             | UpstreamClass::ServerError
             | UpstreamClass::ClientError => {}
         }
-        (class, self.evaluate(now, settings, fresh_id))
+        class
     }
 
     /// Lets time pass: windows slide, blocks and reservations expire. Returns
@@ -598,11 +687,15 @@ impl WorkspaceState {
         now: Timestamp,
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
-    ) -> (bool, Vec<Finished>, Vec<Change>) {
+    ) -> (bool, Vec<Expired>, Vec<Change>) {
         let before = (self.minute.total(), self.day.used);
         let expired = self.advance(now);
         let usage_changed = before != (self.minute.total(), self.day.used);
-        (usage_changed, expired, self.evaluate(now, settings, fresh_id))
+        (
+            usage_changed,
+            expired,
+            self.evaluate(now, settings, fresh_id),
+        )
     }
 
     /// An admin reset: clears counters, upstream blocks and active
@@ -619,6 +712,7 @@ impl WorkspaceState {
         self.billing_block = None;
         self.key_rejected = false;
         self.outcomes = OutcomeWindow::new(SECOND_MS);
+        self.upstream_error_rate = false;
         self.tracker.clear(now)
     }
 
@@ -649,8 +743,14 @@ impl WorkspaceState {
                 .limits
                 .configured()
                 .filter(|(kind, _)| kind.unit() == unit)
-                .min_by_key(|&(kind, max)| max.saturating_sub(self.used(kind)))
-                .map(|(kind, max)| (kind, self.limit_facts(kind, max)))
+                .map(|(kind, max)| (kind, max, max.saturating_sub(self.used(kind))))
+                .min_by_key(|&(_, _, remaining)| remaining)
+                .map(|(kind, max, remaining)| LimitHeadroom {
+                    kind,
+                    max,
+                    remaining,
+                    resets_at: self.resets_at(kind),
+                })
         };
         Headroom {
             requests: tightest(super::limits::Unit::Requests),
@@ -659,12 +759,12 @@ impl WorkspaceState {
     }
 
     /// What is left of each configured limit.
-    pub fn remaining(&self) -> Vec<(LimitKind, u64)> {
-        self.config
-            .limits
-            .configured()
-            .map(|(kind, max)| (kind, max.saturating_sub(self.used(kind))))
-            .collect()
+    pub fn remaining(&self) -> PerLimit<Option<u64>> {
+        let mut remaining = PerLimit::default();
+        for (kind, max) in self.config.limits.configured() {
+            remaining.set(kind, Some(max.saturating_sub(self.used(kind))));
+        }
+        remaining
     }
 
     pub fn snapshot(&self, now: Timestamp) -> Snapshot {
@@ -699,26 +799,26 @@ impl WorkspaceState {
     }
 }
 
+/// One limit's room, as `x-ratelimit-*` headers report it.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct LimitHeadroom {
+    pub kind: LimitKind,
+    pub max: u64,
+    pub remaining: u64,
+    pub resets_at: Option<Timestamp>,
+}
+
 /// The limits closest to running out, per unit.
 #[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Headroom {
-    pub requests: Option<(LimitKind, LimitFacts)>,
-    pub tokens: Option<(LimitKind, LimitFacts)>,
+    pub requests: Option<LimitHeadroom>,
+    pub tokens: Option<LimitHeadroom>,
 }
 
 /// The result of [`WorkspaceState::admit`].
 #[derive(Debug)]
 pub struct Admission {
-    pub result: Result<Reservation, Refusal>,
-    pub expired: Vec<Finished>,
-    pub changes: Vec<Change>,
-}
-
-/// The result of [`WorkspaceState::settle`]; `reservation` is `None` when the
-/// id was unknown or had expired.
-#[derive(Debug)]
-pub struct Settlement {
-    pub reservation: Option<Reservation>,
-    pub expired: Vec<Finished>,
+    pub result: Result<Admitted, Refusal>,
+    pub expired: Vec<Expired>,
     pub changes: Vec<Change>,
 }

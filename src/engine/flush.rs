@@ -61,7 +61,11 @@ struct Flusher {
     unwritten: Batch,
 }
 
-pub fn spawn(engine: Arc<Engine>, store: Store, interval: Duration) -> (FlushHandle, JoinHandle<()>) {
+pub fn spawn(
+    engine: Arc<Engine>,
+    store: Store,
+    interval: Duration,
+) -> (FlushHandle, JoinHandle<()>) {
     let (commands, receiver) = mpsc::channel(64);
     let flusher = Flusher {
         engine,
@@ -115,7 +119,11 @@ impl Flusher {
         if self.unwritten.is_empty() {
             return Ok(());
         }
-        match self.store.write_batch(&self.unwritten, self.engine.now()).await {
+        match self
+            .store
+            .write_batch(&self.unwritten, self.engine.now())
+            .await
+        {
             Ok(()) => {
                 self.unwritten = Batch::default();
                 self.engine.storage_recovered();
@@ -132,6 +140,7 @@ impl Flusher {
 
     /// Reloads workspaces and keys when someone else changed them.
     async fn follow_catalog(&self) {
+        let _catalog = self.engine.catalog_lock().await;
         let generation = match self.store.catalog_generation().await {
             Ok(generation) => generation,
             Err(error) => {

@@ -21,15 +21,16 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
+use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
-use crate::domain::limits::{LimitKind, WorkspaceConfig, WorkspaceId};
+use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::{Notification, describe_storage_unavailable};
 use crate::domain::status::Change;
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{
-    Finished, Headroom, Refusal, Request, Reservation, Settings, Snapshot, UpstreamReport,
+    Admitted, Expired, Headroom, Model, Outcome, Refusal, Request, Settings, Snapshot,
     WorkspaceState,
 };
 use crate::keys::KeyHash;
@@ -44,7 +45,10 @@ pub struct SystemClock;
 
 impl Clock for SystemClock {
     fn now(&self) -> Timestamp {
-        Timestamp::from_millis(chrono::Utc::now().timestamp_millis())
+        let since_epoch = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap_or_default();
+        Timestamp::from_millis(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
     }
 }
 
@@ -72,16 +76,19 @@ pub enum Event {
 pub enum EngineError {
     #[error("workspace {0} does not exist")]
     UnknownWorkspace(WorkspaceId),
-    #[error("reservation {0} is unknown, already settled, or expired (an expired reservation keeps its estimate)")]
+    #[error(
+        "reservation {0} is unknown, already settled, or expired (an expired reservation keeps its estimate)"
+    )]
     UnknownReservation(String),
 }
 
 /// The answer to an admission check.
 #[derive(Debug)]
 pub struct Decision {
-    pub result: Result<Reservation, Refusal>,
+    pub result: Result<Admitted, Refusal>,
     pub headroom: Headroom,
-    pub remaining: Vec<(LimitKind, u64)>,
+    /// What is left of each configured limit after this decision.
+    pub remaining: PerLimit<Option<u64>>,
 }
 
 /// Token counts of a finished request, as the upstream reported them.
@@ -104,7 +111,7 @@ impl TokenUsage {
 #[derive(Clone, Debug, Default)]
 pub struct UsageReport {
     pub reservation: Option<u64>,
-    pub model: Option<String>,
+    pub model: Option<Model>,
     /// `None` when the call's usage is unknown (a reservation then keeps its
     /// estimate).
     pub tokens: Option<TokenUsage>,
@@ -141,7 +148,7 @@ pub struct WorkspaceDefaults {
 struct Cell {
     state: WorkspaceState,
     /// Finished requests not yet flushed, by (minute start, model).
-    rollups: HashMap<(i64, String), RollupDelta>,
+    rollups: FxHashMap<(i64, Option<Model>), RollupDelta>,
 }
 
 struct Slot {
@@ -157,7 +164,7 @@ impl Slot {
         Arc::new(Self {
             cell: Mutex::new(Cell {
                 state,
-                rollups: HashMap::new(),
+                rollups: FxHashMap::default(),
             }),
             dirty: AtomicBool::new(true),
             usage_dirty: AtomicBool::new(false),
@@ -168,7 +175,9 @@ impl Slot {
     /// half-updated in a way later operations cannot handle (every operation
     /// re-derives the status), so a poisoned lock is used as is.
     fn lock(&self) -> MutexGuard<'_, Cell> {
-        self.cell.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+        self.cell
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
     }
 }
 
@@ -187,12 +196,17 @@ pub struct Engine {
     settings: Settings,
     defaults: WorkspaceDefaults,
     clock: Arc<dyn Clock>,
-    slots: RwLock<HashMap<WorkspaceId, Arc<Slot>>>,
+    /// Workspace ids are chosen by admins, not by callers, so the fast
+    /// non-randomised hasher is safe here.
+    slots: RwLock<FxHashMap<WorkspaceId, Arc<Slot>>>,
     keyring: RwLock<Keyring>,
     events: broadcast::Sender<Event>,
     pending_notifications: Mutex<Vec<Notification>>,
     service: Mutex<ServiceHealth>,
     known_generation: AtomicI64,
+    /// Serialises catalog changes made here with reloads of the catalog, so
+    /// that a reload never applies a state older than a change already made.
+    catalog_lock: tokio::sync::Mutex<()>,
 }
 
 /// How many events a listener may fall behind before it is told to resync.
@@ -207,7 +221,9 @@ fn minute_of(at: Timestamp) -> i64 {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Engine {
@@ -217,12 +233,13 @@ impl Engine {
             settings,
             defaults,
             clock,
-            slots: RwLock::new(HashMap::new()),
+            slots: RwLock::new(FxHashMap::default()),
             keyring: RwLock::new(Keyring::default()),
             events,
             pending_notifications: Mutex::new(Vec::new()),
             service: Mutex::new(ServiceHealth::default()),
             known_generation: AtomicI64::new(-1),
+            catalog_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -293,7 +310,7 @@ impl Engine {
                 lock(&self.pending_notifications).push(resolved);
             }
         }
-        let mut slots = HashMap::new();
+        let mut slots = FxHashMap::default();
         for config in catalog.workspaces {
             let id = config.id.clone();
             let notifications = active.remove(&id).unwrap_or_default();
@@ -305,11 +322,15 @@ impl Engine {
         }
         *self.slots.write().unwrap_or_else(|p| p.into_inner()) = slots;
         self.replace_keys(&catalog.keys);
-        self.known_generation.store(catalog.generation, Ordering::SeqCst);
+        self.known_generation
+            .store(catalog.generation, Ordering::SeqCst);
     }
 
     pub fn set_admin_key(&self, hash: KeyHash) {
-        self.keyring.write().unwrap_or_else(|p| p.into_inner()).admin = Some(hash);
+        self.keyring
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .admin = Some(hash);
     }
 
     fn replace_keys(&self, keys: &[crate::store::KeyRecord]) {
@@ -319,6 +340,12 @@ impl Engine {
             .map(|key| (key.hash, key.workspace.clone()))
             .collect();
         self.keyring.write().unwrap_or_else(|p| p.into_inner()).keys = map;
+    }
+
+    /// Held while changing the catalog (database and engine together) or
+    /// reloading it.
+    pub async fn catalog_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.catalog_lock.lock().await
     }
 
     /// The catalog generation this engine reflects.
@@ -357,7 +384,8 @@ impl Engine {
             self.upsert_workspace(config);
         }
         self.replace_keys(&catalog.keys);
-        self.known_generation.store(catalog.generation, Ordering::SeqCst);
+        self.known_generation
+            .store(catalog.generation, Ordering::SeqCst);
         tracing::debug!(generation = catalog.generation, at = %now, "catalog reloaded");
     }
 
@@ -445,14 +473,19 @@ impl Engine {
 
     /// Admission: reserves one request and `request.estimated_tokens` against
     /// every limit of the workspace, or refuses without charging anything.
-    pub fn check(&self, workspace: &WorkspaceId, request: Request) -> Result<Decision, EngineError> {
+    pub fn check(
+        &self,
+        workspace: &WorkspaceId,
+        request: Request,
+    ) -> Result<Decision, EngineError> {
         let slot = self.slot(workspace)?;
         let now = self.now();
-        let model = request.model.clone();
         let mut cell = slot.lock();
-        let admission = cell.state.admit(request, now, &self.settings, &mut fresh_id);
+        let admission = cell
+            .state
+            .admit(&request, now, &self.settings, &mut fresh_id);
         if admission.result.is_err() {
-            let key = (minute_of(now), model.unwrap_or_default());
+            let key = (minute_of(now), request.model);
             cell.rollups.entry(key).or_default().refused += 1;
         } else {
             slot.usage_dirty.store(true, Ordering::Release);
@@ -473,44 +506,19 @@ impl Engine {
     }
 
     /// Records a finished call: settles its reservation (or counts it as an
-    /// unreserved request), folds in the upstream's answer, and returns the
-    /// workspace's new status.
-    pub fn report(&self, workspace: &WorkspaceId, report: UsageReport) -> Result<Snapshot, EngineError> {
+    /// unreserved request) and folds in the upstream's answer. Returns what
+    /// the answer meant.
+    pub fn report(
+        &self,
+        workspace: &WorkspaceId,
+        report: UsageReport,
+    ) -> Result<UpstreamClass, EngineError> {
         let slot = self.slot(workspace)?;
         let now = self.now();
-        let mut cell = slot.lock();
-        // Set before anything can return early: even a refused settlement may
-        // have expired other reservations, which the flush must write.
-        slot.dirty.store(true, Ordering::Release);
-        let actual = report.tokens.map(|tokens| tokens.total());
-        let (charged_at, model, tokens, mut changes) = match report.reservation {
-            Some(id) => {
-                let settlement = cell
-                    .state
-                    .settle(id, actual, now, &self.settings, &mut fresh_id);
-                record_expired(&mut cell, settlement.expired);
-                let reservation = settlement
-                    .reservation
-                    .ok_or_else(|| EngineError::UnknownReservation(format!("rsv_{id:016x}")))?;
-                let model = report.model.clone().or(reservation.model);
-                (
-                    Some(reservation.charged_at),
-                    model,
-                    actual.unwrap_or(reservation.estimated_tokens),
-                    settlement.changes,
-                )
-            }
-            None => {
-                let tokens = actual.unwrap_or(0);
-                let (expired, changes) =
-                    cell.state
-                        .record_unreserved(tokens, now, &self.settings, &mut fresh_id);
-                record_expired(&mut cell, expired);
-                (None, report.model.clone(), tokens, changes)
-            }
-        };
         let status = report.effective_status();
-        let upstream = UpstreamReport {
+        let outcome = Outcome {
+            reservation: report.reservation,
+            tokens: report.tokens.map(|tokens| tokens.total()),
             status,
             error: ErrorFields {
                 error_type: report.error_type.as_deref(),
@@ -518,12 +526,24 @@ impl Engine {
                 message: report.error_message.as_deref(),
             },
             headers: report.headers,
-            admitted_at: charged_at,
         };
-        let (class, upstream_changes) =
-            cell.state
-                .record_upstream(&upstream, now, &self.settings, &mut fresh_id);
-        changes.extend(upstream_changes);
+        let mut cell = slot.lock();
+        // Set before anything can return early: even a refused settlement may
+        // have expired other reservations, which the flush must write.
+        slot.dirty.store(true, Ordering::Release);
+        let recorded = match cell
+            .state
+            .record(&outcome, now, &self.settings, &mut fresh_id)
+        {
+            Ok(recorded) => recorded,
+            Err(unknown) => {
+                record_expired(&mut cell, unknown.expired);
+                let id = report.reservation.unwrap_or_default();
+                return Err(EngineError::UnknownReservation(format!("rsv_{id:016x}")));
+            }
+        };
+        record_expired(&mut cell, recorded.expired);
+        let class = recorded.class;
         if class != UpstreamClass::Success {
             tracing::warn!(
                 workspace = %workspace,
@@ -533,10 +553,13 @@ impl Engine {
                 "upstream error reported"
             );
         }
+        let reservation = recorded.reservation;
+        let charged_at = reservation.as_ref().map_or(now, |r| r.charged_at);
+        let model = report.model.or_else(|| reservation.and_then(|r| r.model));
         let breakdown = report.tokens.unwrap_or_default();
         let delta = RollupDelta {
             requests: 1,
-            tokens: i64::try_from(tokens).unwrap_or(i64::MAX),
+            tokens: i64::try_from(recorded.tokens).unwrap_or(i64::MAX),
             prompt_tokens: breakdown.prompt as i64,
             completion_tokens: breakdown.completion as i64,
             cached_tokens: breakdown.cached as i64,
@@ -545,15 +568,18 @@ impl Engine {
             refused: 0,
             latency_ms_sum: report.latency_ms.unwrap_or(0) as i64,
         };
-        let key = (minute_of(charged_at.unwrap_or(now)), model.unwrap_or_default());
-        *cell.rollups.entry(key).or_default() += delta;
-        let snapshot = cell.state.snapshot(now);
+        *cell
+            .rollups
+            .entry((minute_of(charged_at), model))
+            .or_default() += delta;
+        let changes = recorded.changes;
+        let snapshot = (!changes.is_empty()).then(|| Arc::new(cell.state.snapshot(now)));
         drop(cell);
         slot.usage_dirty.store(true, Ordering::Release);
-        if !changes.is_empty() {
-            self.publish_changes(&Arc::new(snapshot.clone()), changes);
+        if let Some(snapshot) = snapshot {
+            self.publish_changes(&snapshot, changes);
         }
-        Ok(snapshot)
+        Ok(class)
     }
 
     pub fn snapshot(&self, workspace: &WorkspaceId) -> Result<Snapshot, EngineError> {
@@ -571,12 +597,19 @@ impl Engine {
             .into_iter()
             .map(|(_, slot)| slot.lock().state.snapshot(now))
             .collect();
-        all.sort_by(|a, b| b.status.cmp(&a.status).then_with(|| a.config.id.cmp(&b.config.id)));
+        all.sort_by(|a, b| {
+            b.status
+                .cmp(&a.status)
+                .then_with(|| a.config.id.cmp(&b.config.id))
+        });
         all
     }
 
     /// Active notifications of a workspace, service-wide ones included.
-    pub fn active_notifications(&self, workspace: &WorkspaceId) -> Result<Vec<Notification>, EngineError> {
+    pub fn active_notifications(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<Vec<Notification>, EngineError> {
         let slot = self.slot(workspace)?;
         let mut notifications = self.service_notifications();
         notifications.extend(slot.lock().state.active_notifications().iter().cloned());
@@ -684,7 +717,9 @@ impl Engine {
                         if notification.resolved_at.is_some() { "resolved" } else { "raised" }
                     );
                     lock(&self.pending_notifications).push(notification.clone());
-                    let _ = self.events.send(Event::Notification(Arc::new(notification)));
+                    let _ = self
+                        .events
+                        .send(Event::Notification(Arc::new(notification)));
                 }
             }
         }
@@ -716,14 +751,16 @@ impl Engine {
                     workspace: id.clone(),
                     minute,
                     day: day.millis(),
-                    model,
+                    model: model.as_deref().unwrap_or_default().to_owned(),
                 };
                 *batch.rollups.entry(key).or_default() += delta;
             }
             batch.states.insert(id, saved_to_json(&saved));
         }
         for notification in std::mem::take(&mut *lock(&self.pending_notifications)) {
-            batch.notifications.insert(notification.id.clone(), notification);
+            batch
+                .notifications
+                .insert(notification.id.clone(), notification);
         }
         batch
     }
@@ -734,15 +771,17 @@ impl Engine {
         if service.storage.is_some() {
             return;
         }
-        let notification = describe_storage_unavailable(
-            format!("ntf_{:016x}", fresh_id()),
+        let notification =
+            describe_storage_unavailable(format!("ntf_{:016x}", fresh_id()), error, self.now());
+        tracing::error!(
             error,
-            self.now(),
+            "database writes failing; enforcing from memory and retrying"
         );
-        tracing::error!(error, "database writes failing; enforcing from memory and retrying");
         service.storage = Some(notification.clone());
         drop(service);
-        let _ = self.events.send(Event::Notification(Arc::new(notification)));
+        let _ = self
+            .events
+            .send(Event::Notification(Arc::new(notification)));
     }
 
     /// Writes succeed again: resolve the notification and keep it in history.
@@ -753,7 +792,9 @@ impl Engine {
         tracing::info!("database writes succeed again");
         notification.resolved_at = Some(self.now());
         lock(&self.pending_notifications).push(notification.clone());
-        let _ = self.events.send(Event::Notification(Arc::new(notification)));
+        let _ = self
+            .events
+            .send(Event::Notification(Arc::new(notification)));
     }
 
     /// Why the database is not usable, if it is not.
@@ -766,9 +807,9 @@ impl Engine {
 }
 
 /// Expired reservations are finished requests whose estimate became final.
-fn record_expired(cell: &mut Cell, expired: Vec<Finished>) {
+fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
     for finished in expired {
-        let key = (minute_of(finished.charged_at), finished.model.unwrap_or_default());
+        let key = (minute_of(finished.charged_at), finished.model);
         let delta = cell.rollups.entry(key).or_default();
         delta.requests += 1;
         delta.tokens += i64::try_from(finished.tokens).unwrap_or(i64::MAX);

@@ -356,7 +356,10 @@ impl Store {
 
     /// Succeeds when the database answers a query.
     pub async fn ping(&self) -> Result<()> {
-        on_pool!(self, |pool| sqlx::query("SELECT 1").execute(pool).await.map(|_| ()))?;
+        on_pool!(self, |pool| sqlx::query("SELECT 1")
+            .execute(pool)
+            .await
+            .map(|_| ()))?;
         Ok(())
     }
 
@@ -369,33 +372,56 @@ impl Store {
         Ok(generation)
     }
 
+    /// Workspaces and active keys, with the generation they reflect. The
+    /// generation is read before and after; if a writer slipped in between,
+    /// the read is repeated, so the result is always one consistent state.
     pub async fn load_catalog(&self) -> Result<Catalog> {
-        let generation = self.catalog_generation().await?;
-        let workspace_rows: Vec<WorkspaceRow> = on_pool!(self, |pool| sqlx::query_as(
+        loop {
+            let before = self.catalog_generation().await?;
+            let catalog = self.read_catalog(before).await?;
+            if self.catalog_generation().await? == before {
+                return Ok(catalog);
+            }
+        }
+    }
+
+    async fn read_catalog(&self, generation: i64) -> Result<Catalog> {
+        let workspace_rows: Vec<WorkspaceRow> = on_pool!(self, |pool| {
+            sqlx::query_as(
             "SELECT id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at FROM workspaces ORDER BY id"
         )
         .fetch_all(pool)
-        .await)?;
-        let key_rows: Vec<(String, String, String, String, i64, Option<i64>)> =
-            on_pool!(self, |pool| sqlx::query_as(
+        .await
+        })?;
+        let key_rows: Vec<(String, String, String, String, i64, Option<i64>)> = on_pool!(
+            self,
+            |pool| {
+                sqlx::query_as(
                 "SELECT id, workspace_id, key_hash, prefix, created_at, revoked_at FROM api_keys WHERE revoked_at IS NULL"
             )
             .fetch_all(pool)
-            .await)?;
+            .await
+            }
+        )?;
         Ok(Catalog {
             generation,
-            workspaces: workspace_rows.into_iter().filter_map(workspace_from_row).collect(),
+            workspaces: workspace_rows
+                .into_iter()
+                .filter_map(workspace_from_row)
+                .collect(),
             keys: key_rows.into_iter().filter_map(key_from_row).collect(),
         })
     }
 
     pub async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceConfig>> {
-        let row: Option<WorkspaceRow> = on_pool!(self, |pool| sqlx::query_as(
+        let row: Option<WorkspaceRow> = on_pool!(self, |pool| {
+            sqlx::query_as(
             "SELECT id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at FROM workspaces WHERE id = $1"
         )
         .bind(id.as_str())
         .fetch_optional(pool)
-        .await)?;
+        .await
+        })?;
         Ok(row.and_then(workspace_from_row))
     }
 
@@ -404,6 +430,7 @@ impl Store {
     pub async fn insert_workspace(&self, ws: &WorkspaceConfig, now: Timestamp) -> Result<i64> {
         let limits = ws.limits;
         let result = on_pool!(self, |pool| {
+            async {
             let mut tx = pool.begin().await?;
             sqlx::query(
                 "INSERT INTO workspaces (id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
@@ -422,6 +449,8 @@ impl Store {
             let generation = bump_generation!(tx);
             tx.commit().await?;
             Ok::<i64, sqlx::Error>(generation)
+        }
+        .await
         });
         result.map_err(|error| {
             if is_unique_violation(&error) {
@@ -433,9 +462,14 @@ impl Store {
     }
 
     /// Replaces a workspace's settings; `None` if it does not exist.
-    pub async fn update_workspace(&self, ws: &WorkspaceConfig, now: Timestamp) -> Result<Option<i64>> {
+    pub async fn update_workspace(
+        &self,
+        ws: &WorkspaceConfig,
+        now: Timestamp,
+    ) -> Result<Option<i64>> {
         let limits = ws.limits;
         let generation = on_pool!(self, |pool| {
+            async {
             let mut tx = pool.begin().await?;
             let updated = sqlx::query(
                 "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, updated_at = $9 WHERE id = $1",
@@ -453,11 +487,13 @@ impl Store {
             .await?
             .rows_affected();
             if updated == 0 {
-                return Ok(None);
+                return Ok::<Option<i64>, sqlx::Error>(None);
             }
             let generation = bump_generation!(tx);
             tx.commit().await?;
             Ok::<Option<i64>, sqlx::Error>(Some(generation))
+        }
+        .await
         })?;
         Ok(generation)
     }
@@ -465,7 +501,7 @@ impl Store {
     /// Deletes a workspace with its keys, state, notifications and history;
     /// `None` if it did not exist.
     pub async fn delete_workspace(&self, id: &WorkspaceId) -> Result<Option<i64>> {
-        let generation = on_pool!(self, |pool| {
+        let generation = on_pool!(self, |pool| async {
             let mut tx = pool.begin().await?;
             let deleted = sqlx::query("DELETE FROM workspaces WHERE id = $1")
                 .bind(id.as_str())
@@ -473,7 +509,7 @@ impl Store {
                 .await?
                 .rows_affected();
             if deleted == 0 {
-                return Ok(None);
+                return Ok::<Option<i64>, sqlx::Error>(None);
             }
             for statement in [
                 "DELETE FROM api_keys WHERE workspace_id = $1",
@@ -489,12 +525,14 @@ impl Store {
             let generation = bump_generation!(tx);
             tx.commit().await?;
             Ok::<Option<i64>, sqlx::Error>(Some(generation))
-        })?;
+        }
+        .await)?;
         Ok(generation)
     }
 
     pub async fn insert_key(&self, key: &KeyRecord) -> Result<i64> {
         let generation = on_pool!(self, |pool| {
+            async {
             let mut tx = pool.begin().await?;
             sqlx::query(
                 "INSERT INTO api_keys (id, workspace_id, key_hash, prefix, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, NULL)",
@@ -509,6 +547,8 @@ impl Store {
             let generation = bump_generation!(tx);
             tx.commit().await?;
             Ok::<i64, sqlx::Error>(generation)
+        }
+        .await
         })?;
         Ok(generation)
     }
@@ -521,6 +561,7 @@ impl Store {
         now: Timestamp,
     ) -> Result<Option<i64>> {
         let generation = on_pool!(self, |pool| {
+            async {
             let mut tx = pool.begin().await?;
             let revoked = sqlx::query(
                 "UPDATE api_keys SET revoked_at = $3 WHERE id = $1 AND workspace_id = $2 AND revoked_at IS NULL",
@@ -532,24 +573,30 @@ impl Store {
             .await?
             .rows_affected();
             if revoked == 0 {
-                return Ok(None);
+                return Ok::<Option<i64>, sqlx::Error>(None);
             }
             let generation = bump_generation!(tx);
             tx.commit().await?;
             Ok::<Option<i64>, sqlx::Error>(Some(generation))
+        }
+        .await
         })?;
         Ok(generation)
     }
 
     /// All keys of a workspace, revoked ones included, newest first.
     pub async fn list_keys(&self, workspace: &WorkspaceId) -> Result<Vec<KeyRecord>> {
-        let rows: Vec<(String, String, String, String, i64, Option<i64>)> =
-            on_pool!(self, |pool| sqlx::query_as(
+        let rows: Vec<(String, String, String, String, i64, Option<i64>)> = on_pool!(
+            self,
+            |pool| {
+                sqlx::query_as(
                 "SELECT id, workspace_id, key_hash, prefix, created_at, revoked_at FROM api_keys WHERE workspace_id = $1 ORDER BY created_at DESC, id"
             )
             .bind(workspace.as_str())
             .fetch_all(pool)
-            .await)?;
+            .await
+            }
+        )?;
         Ok(rows.into_iter().filter_map(key_from_row).collect())
     }
 
@@ -564,14 +611,16 @@ impl Store {
     }
 
     pub async fn set_meta(&self, key: &str, value: &str) -> Result<()> {
-        on_pool!(self, |pool| sqlx::query(
+        on_pool!(self, |pool| {
+            sqlx::query(
             "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
         )
         .bind(key)
         .bind(value)
         .execute(pool)
         .await
-        .map(|_| ()))?;
+        .map(|_| ())
+        })?;
         Ok(())
     }
 
@@ -596,7 +645,8 @@ impl Store {
         include_resolved: bool,
         limit: i64,
     ) -> Result<Vec<Notification>> {
-        let rows: Vec<NotificationRow> = on_pool!(self, |pool| sqlx::query_as(concat!(
+        let rows: Vec<NotificationRow> = on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
             "SELECT ",
             notification_columns!(),
             " FROM notifications WHERE ($1 IS NULL OR workspace_id = $1 OR workspace_id IS NULL) AND ($2 = 1 OR resolved_at IS NULL) ORDER BY created_at DESC, id LIMIT $3"
@@ -605,7 +655,8 @@ impl Store {
             .bind(i64::from(include_resolved))
             .bind(limit)
             .fetch_all(pool)
-            .await)?;
+            .await
+        })?;
         Ok(rows.into_iter().filter_map(notification_from_row).collect())
     }
 
@@ -615,6 +666,7 @@ impl Store {
             return Ok(());
         }
         on_pool!(self, |pool| {
+            async {
             let mut tx = pool.begin().await?;
             for (workspace, state) in &batch.states {
                 sqlx::query(
@@ -675,6 +727,8 @@ impl Store {
                 }
             }
             tx.commit().await
+        }
+        .await
         })?;
         Ok(())
     }
@@ -688,7 +742,8 @@ impl Store {
         to: i64,
     ) -> Result<Vec<HistoryRow>> {
         type Row = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
-        let rows: Vec<Row> = on_pool!(self, |pool| sqlx::query_as(
+        let rows: Vec<Row> = on_pool!(self, |pool| {
+            sqlx::query_as(
             "SELECT bucket, CAST(SUM(requests) AS BIGINT), CAST(SUM(tokens) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(errors) AS BIGINT), CAST(SUM(refused) AS BIGINT), CAST(SUM(latency_ms_sum) AS BIGINT) FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 GROUP BY bucket ORDER BY bucket"
         )
         .bind(workspace.as_str())
@@ -696,7 +751,8 @@ impl Store {
         .bind(from)
         .bind(to)
         .fetch_all(pool)
-        .await)?;
+        .await
+        })?;
         Ok(rows
             .into_iter()
             .map(|r| HistoryRow {
@@ -721,7 +777,8 @@ impl Store {
     pub async fn prune(&self, now: Timestamp) -> Result<u64> {
         let mut deleted = 0;
         for resolution in [Resolution::Minute, Resolution::Hour, Resolution::Day] {
-            let cutoff = now.millis() - crate::domain::time::duration_millis(resolution.retention());
+            let cutoff =
+                now.millis() - crate::domain::time::duration_millis(resolution.retention());
             deleted += on_pool!(self, |pool| sqlx::query(
                 "DELETE FROM rollups WHERE resolution = $1 AND bucket < $2"
             )
@@ -731,7 +788,8 @@ impl Store {
             .await
             .map(|done| done.rows_affected()))?;
         }
-        let cutoff = now.millis() - crate::domain::time::duration_millis(Resolution::Day.retention());
+        let cutoff =
+            now.millis() - crate::domain::time::duration_millis(Resolution::Day.retention());
         deleted += on_pool!(self, |pool| sqlx::query(
             "DELETE FROM notifications WHERE resolved_at IS NOT NULL AND resolved_at < $1"
         )

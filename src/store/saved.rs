@@ -99,7 +99,7 @@ pub fn to_json(saved: &Saved) -> String {
                 charged_at: r.charged_at.millis(),
                 estimated_tokens: r.estimated_tokens,
                 expires_at: r.expires_at.millis(),
-                model: r.model.clone(),
+                model: r.model.as_deref().map(str::to_owned),
                 probe: r.probe,
             })
             .collect(),
@@ -117,7 +117,13 @@ pub fn to_json(saved: &Saved) -> String {
             .map(|(minute, t)| {
                 (
                     *minute,
-                    [t.rate_limited, t.insufficient_quota, t.server_error, t.other, t.refused],
+                    [
+                        t.rate_limited,
+                        t.insufficient_quota,
+                        t.server_error,
+                        t.other,
+                        t.refused,
+                    ],
                 )
             })
             .collect(),
@@ -171,7 +177,7 @@ pub fn from_json(text: &str) -> Option<Saved> {
                 charged_at: ts(r.charged_at),
                 estimated_tokens: r.estimated_tokens,
                 expires_at: ts(r.expires_at),
-                model: r.model,
+                model: r.model.map(Into::into),
                 probe: r.probe,
             })
             .collect(),
@@ -190,18 +196,29 @@ pub fn from_json(text: &str) -> Option<Saved> {
         errors: json
             .errors
             .into_iter()
-            .map(|(minute, [rate_limited, insufficient_quota, server_error, other, refused])| {
-                (
+            .map(
+                |(
                     minute,
-                    ErrorTally {
+                    [
                         rate_limited,
                         insufficient_quota,
                         server_error,
                         other,
                         refused,
-                    },
-                )
-            })
+                    ],
+                )| {
+                    (
+                        minute,
+                        ErrorTally {
+                            rate_limited,
+                            insufficient_quota,
+                            server_error,
+                            other,
+                            refused,
+                        },
+                    )
+                },
+            )
             .collect(),
         last_error: json.last_error.map(|e| LastError {
             at: ts(e.at),

@@ -1,1 +1,12 @@
+//! Integration tests: the real server on 127.0.0.1:0 with real SQLite files
+//! (and PostgreSQL where `QUOTAWATCH_TEST_DATABASE_URL` is set).
 
+mod api;
+mod auth;
+mod bad_input;
+mod cli;
+mod concurrency;
+mod durability;
+mod store;
+mod support;
+mod websocket;

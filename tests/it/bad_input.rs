@@ -1,0 +1,161 @@
+//! Bad input gets a clear error, loses nothing, and leaves the server working.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::{ADMIN_KEY, TestServer};
+
+async fn raw(
+    server: &TestServer,
+    path: &str,
+    key: &str,
+    content_type: &str,
+    body: Vec<u8>,
+) -> (StatusCode, Value) {
+    let response = server
+        .client
+        .post(server.url(path))
+        .bearer_auth(key)
+        .header("content-type", content_type)
+        .body(body)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.json().await.expect("every error is JSON"))
+}
+
+#[tokio::test]
+async fn malformed_bodies_are_answered_with_json_naming_the_problem() {
+    let server = TestServer::start(&[("QUOTAWATCH_MAX_BODY_BYTES", "4096")]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"requests_per_day": 100}}))
+        .await;
+    let json_type = "application/json";
+    let cases: Vec<(&str, &str, Vec<u8>, StatusCode, &str)> = vec![
+        (
+            "/api/quota/check",
+            json_type,
+            b"{\"estimated_tokens\": ".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_json",
+        ),
+        (
+            "/api/quota/check",
+            json_type,
+            b"{\"estimated_tokens\": \"many\"}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "/api/quota/check",
+            json_type,
+            b"{\"estimated_tokens\": -5}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "/api/quota/check",
+            json_type,
+            b"{\"estimatd_tokens\": 5}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "/api/quota/check",
+            "text/plain",
+            b"hello".to_vec(),
+            StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            "unsupported_media_type",
+        ),
+        (
+            "/api/quota/usage",
+            json_type,
+            b"[1,2,3]".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "/api/quota/usage",
+            json_type,
+            b"{\"usage\": {\"prompt_tokens\": 1.5}}".to_vec(),
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_field",
+        ),
+        (
+            "/api/quota/usage",
+            json_type,
+            b"{\"status_code\": 1000}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            "/api/quota/usage",
+            json_type,
+            b"{\"reservation_id\": \"abc\"}".to_vec(),
+            StatusCode::BAD_REQUEST,
+            "invalid_value",
+        ),
+        (
+            "/api/quota/usage",
+            json_type,
+            b"{\"reservation_id\": \"rsv_0000000000000001\"}".to_vec(),
+            StatusCode::NOT_FOUND,
+            "reservation_not_found",
+        ),
+        (
+            "/api/quota/usage",
+            json_type,
+            format!("{{\"model\": \"{}\"}}", "x".repeat(8000)).into_bytes(),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "body_too_large",
+        ),
+    ];
+    for (path, content_type, body, expected_status, expected_code) in cases {
+        let shown = String::from_utf8_lossy(&body)
+            .chars()
+            .take(60)
+            .collect::<String>();
+        let (status, error) = raw(&server, path, &key, content_type, body).await;
+        assert_eq!(status, expected_status, "{path} {shown}: {error}");
+        assert_eq!(error["error"]["code"], expected_code, "{path} {shown}");
+        assert!(!error["error"]["message"].as_str().unwrap_or("").is_empty());
+    }
+    let (status, error) = raw(
+        &server,
+        "/api/quota/usage",
+        &key,
+        json_type,
+        b"{\"reservation_id\": \"abc\"}".to_vec(),
+    )
+    .await;
+    assert_eq!(
+        (status, error["error"]["param"].as_str()),
+        (StatusCode::BAD_REQUEST, Some("reservation_id"))
+    );
+
+    // Nothing bad was counted, and the server still answers.
+    let status = server.status(&key).await;
+    assert_eq!(status["limits"]["requests_per_day"]["used"], 0);
+    assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn unknown_workspaces_and_routes_answer_404_in_json() {
+    let server = TestServer::start(&[]).await;
+    for path in [
+        "/api/quota/status?workspace=nope",
+        "/api/quota/status?workspace=NOT%20VALID",
+        "/api/workspaces/nope",
+        "/api/nothing/here",
+    ] {
+        let response = server.get(path, ADMIN_KEY).await;
+        assert_eq!(response.status, StatusCode::NOT_FOUND, "{path}");
+        assert!(response.body["error"]["message"].is_string(), "{path}");
+    }
+    let ws_over_http = server.get("/api/quota/ws", ADMIN_KEY).await;
+    assert_eq!(ws_over_http.status, StatusCode::BAD_REQUEST);
+    assert_eq!(ws_over_http.error_code(), "websocket_required");
+    server.stop().await;
+}

@@ -1,0 +1,356 @@
+//! The command line, run as a real process.
+
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::Value;
+
+use crate::support::binary::{Server, run};
+use crate::support::{ADMIN_KEY, TestServer, client, eventually};
+
+async fn get(base: &str, path: &str, key: &str) -> (StatusCode, Value) {
+    let response = client()
+        .get(format!("{base}{path}"))
+        .bearer_auth(key)
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn the_first_start_prints_each_key_once_and_never_again() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("sqlite://{}", dir.path().join("fresh.db").display());
+    let env = [("QUOTAWATCH_DATABASE_URL", db.as_str())];
+    let server = Server::start(dir.path(), &env).await;
+    let keys = server.printed_keys();
+    assert_eq!(
+        keys.len(),
+        2,
+        "an admin key and the default workspace's key: {:?}",
+        server.printed
+    );
+    let (admin, workspace) = (keys[0].clone(), keys[1].clone());
+    assert!(server.printed.iter().any(|l| l.contains("admin key")));
+    let (status, list) = get(&server.base, "/api/workspaces", &admin).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(list["workspaces"][0]["id"], "default");
+    assert_eq!(list["workspaces"][0]["limits"]["requests_per_minute"], 500);
+    assert_eq!(list["workspaces"][0]["limits"]["requests_per_day"], 10000);
+    let (status, doc) = get(&server.base, "/api/quota/status", &workspace).await;
+    assert_eq!(
+        (status, doc["workspace"].as_str()),
+        (StatusCode::OK, Some("default"))
+    );
+    let first_log = server.stderr();
+    assert!(server.terminate().await.success());
+
+    let again = Server::start(dir.path(), &env).await;
+    assert!(again.printed_keys().is_empty(), "{:?}", again.printed);
+    assert_eq!(
+        get(&again.base, "/api/workspaces", &admin).await.0,
+        StatusCode::OK,
+        "the generated admin key persists"
+    );
+    assert_eq!(
+        get(&again.base, "/api/quota/status", &workspace).await.0,
+        StatusCode::OK
+    );
+    let log = format!("{first_log}{}", again.stderr());
+    assert!(
+        !log.contains(&admin) && !log.contains(&workspace),
+        "keys never reach the logs"
+    );
+    // Only the hash is stored.
+    let file = std::fs::read(dir.path().join("fresh.db")).expect("database file");
+    let wal = std::fs::read(dir.path().join("fresh.db-wal")).unwrap_or_default();
+    for key in [&admin, &workspace] {
+        let needle = key.as_bytes();
+        assert!(
+            !file.windows(needle.len()).any(|w| w == needle)
+                && !wal.windows(needle.len()).any(|w| w == needle)
+        );
+    }
+    again.terminate().await;
+}
+
+#[tokio::test]
+async fn check_config_prints_the_effective_settings_with_secrets_masked() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("quotawatch.toml"),
+        "default_requests_per_minute = 120\n[[workspaces]]\nid = \"acme\"\ntimezone = \"Europe/Berlin\"\n[workspaces.limits]\nrequests_per_day = 5000\n",
+    )
+    .expect("toml");
+    std::fs::write(dir.path().join(".env"), "OPENAI_RATE_LIMIT_PER_DAY=777\n").expect(".env");
+    let env = [
+        ("QUOTA_ADMIN_RESET_KEY", "a-very-secret-admin-key"),
+        (
+            "QUOTAWATCH_DATABASE_URL",
+            "postgres://app:hunter2@db.internal/quota",
+        ),
+    ];
+    let (ok, out, err) = run(
+        dir.path(),
+        &env,
+        &["--config", "quotawatch.toml", "check-config"],
+    )
+    .await;
+    assert!(ok, "{err}");
+    assert!(out.contains("configuration is valid"));
+    assert!(
+        !out.contains("a-very-secret-admin-key") && !out.contains("hunter2"),
+        "{out}"
+    );
+    let line = |name: &str| {
+        out.lines()
+            .find(|l| l.starts_with(name))
+            .unwrap_or_default()
+            .to_owned()
+    };
+    assert!(
+        line("OPENAI_RATE_LIMIT_PER_MINUTE").contains("120")
+            && line("OPENAI_RATE_LIMIT_PER_MINUTE").contains("quotawatch.toml")
+    );
+    assert!(
+        line("OPENAI_RATE_LIMIT_PER_DAY").contains("777")
+            && line("OPENAI_RATE_LIMIT_PER_DAY").contains(".env")
+    );
+    assert!(line("QUOTA_ADMIN_RESET_KEY").contains("********"));
+    assert!(out.contains("declared workspace acme"));
+
+    let (ok, _, err) = run(
+        dir.path(),
+        &[("OPENAI_RATE_LIMIT_PER_MINUTE", "fast")],
+        &["check-config"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(
+        err.contains("OPENAI_RATE_LIMIT_PER_MINUTE") && err.contains("environment"),
+        "{err}"
+    );
+    let (ok, _, err) = run(dir.path(), &[], &["--database-url", "ftp://nope", "serve"]).await;
+    assert!(!ok, "invalid settings fail start-up");
+    assert!(
+        err.contains("QUOTAWATCH_DATABASE_URL") && err.contains("command line"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn workspaces_declared_in_the_config_file_are_applied_at_start() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("qw.toml"),
+        "[[workspaces]]\nid = \"acme\"\nname = \"Acme\"\n[workspaces.limits]\nrequests_per_minute = 7\ntokens_per_day = \"unlimited\"\n",
+    )
+    .expect("toml");
+    let db = format!("sqlite://{}", dir.path().join("qw.db").display());
+    let env = [
+        ("QUOTAWATCH_DATABASE_URL", db.as_str()),
+        ("QUOTA_ADMIN_RESET_KEY", ADMIN_KEY),
+    ];
+    let mut command = crate::support::binary::command(dir.path(), &env);
+    command
+        .args(["--config", "qw.toml", "check-config"])
+        .stdout(std::process::Stdio::null());
+    assert!(command.status().await.expect("runs").success());
+    let server = {
+        let mut env = env.to_vec();
+        env.push(("QUOTAWATCH_LISTEN", "127.0.0.1:0"));
+        // `serve` with --config: the file is read and its workspaces applied.
+        let mut child = crate::support::binary::command(dir.path(), &env)
+            .args(["--config", "qw.toml", "serve"])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let stdout = child.stdout.take().expect("stdout");
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(stdout));
+        let base = loop {
+            let line = lines.next_line().await.expect("read").expect("a line");
+            if let Some(url) = line.strip_prefix("quotawatch listening on ") {
+                break url.to_owned();
+            }
+        };
+        (child, base)
+    };
+    let (_child, base) = server;
+    let (status, acme) = get(&base, "/api/workspaces/acme", ADMIN_KEY).await;
+    assert_eq!(status, StatusCode::OK);
+    assert_eq!(acme["name"], "Acme");
+    assert_eq!(acme["limits"]["requests_per_minute"], 7);
+    assert_eq!(acme["limits"]["tokens_per_day"], Value::Null);
+    let (_, list) = get(&base, "/api/workspaces", ADMIN_KEY).await;
+    assert_eq!(
+        list["workspaces"].as_array().map(Vec::len),
+        Some(1),
+        "no default workspace when one is declared"
+    );
+}
+
+#[tokio::test]
+async fn cli_changes_reach_a_running_server() {
+    let server = TestServer::start(&[]).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let env = [("QUOTAWATCH_DATABASE_URL", server.database_url.as_str())];
+    let cli = |args: Vec<&str>| {
+        let args: Vec<String> = args.into_iter().map(str::to_owned).collect();
+        let dir = dir.path().to_owned();
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            let (ok, out, err) = run(&dir, &env, &args).await;
+            assert!(ok, "quotawatch {args:?} failed: {err}");
+            out
+        }
+    };
+    cli(vec![
+        "workspace",
+        "add",
+        "team",
+        "--name",
+        "The Team",
+        "--requests-per-minute",
+        "2",
+        "--tokens-per-day",
+        "unlimited",
+    ])
+    .await;
+    let created = cli(vec!["key", "create", "team"]).await;
+    let key = created
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("qw_"))
+        .expect("key printed")
+        .to_owned();
+    let key_id = created
+        .split_whitespace()
+        .find(|w| w.starts_with("key_"))
+        .expect("key id printed")
+        .to_owned();
+    let doc = eventually(
+        "the server to accept the CLI's key",
+        Duration::from_secs(10),
+        || async {
+            let response = server.get("/api/quota/status", &key).await;
+            (response.status == StatusCode::OK).then_some(response.body)
+        },
+    )
+    .await;
+    assert_eq!(doc["limits"]["requests_per_minute"]["limit"], 2);
+
+    cli(vec![
+        "workspace",
+        "set",
+        "team",
+        "--requests-per-minute",
+        "5",
+        "--timezone",
+        "Asia/Tokyo",
+    ])
+    .await;
+    eventually("the new limit", Duration::from_secs(10), || async {
+        (server.status(&key).await["limits"]["requests_per_minute"]["limit"] == 5).then_some(())
+    })
+    .await;
+    let list = cli(vec!["workspace", "list"]).await;
+    let row = list
+        .lines()
+        .find(|l| l.starts_with("team"))
+        .expect("team listed");
+    assert!(
+        row.contains("The Team") && row.contains("Asia/Tokyo") && row.contains('5'),
+        "{row}"
+    );
+
+    cli(vec!["key", "revoke", "team", &key_id]).await;
+    eventually(
+        "the revoked key to stop working",
+        Duration::from_secs(10),
+        || async {
+            (server.get("/api/quota/status", &key).await.status == StatusCode::UNAUTHORIZED)
+                .then_some(())
+        },
+    )
+    .await;
+    cli(vec!["workspace", "remove", "team"]).await;
+    eventually(
+        "the workspace to disappear",
+        Duration::from_secs(10),
+        || async {
+            (server
+                .get("/api/quota/status?workspace=team", ADMIN_KEY)
+                .await
+                .status
+                == StatusCode::NOT_FOUND)
+                .then_some(())
+        },
+    )
+    .await;
+
+    let (ok, _, err) = run(dir.path(), &env, &["workspace", "add", "Not Valid!"]).await;
+    assert!(!ok);
+    assert!(err.contains("workspace id"), "{err}");
+    let (ok, _, err) = run(
+        dir.path(),
+        &env,
+        &["workspace", "add", "x", "--requests-per-minute", "lots"],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("lots"), "{err}");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_status_command_prints_a_table_from_a_running_server() {
+    let server = TestServer::start(&[]).await;
+    let key = server.workspace(serde_json::json!({"id": "acme", "limits": {"requests_per_minute": 10, "requests_per_day": 100}})).await;
+    server.check(&key, 0).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let (ok, out, err) = run(
+        dir.path(),
+        &[("QUOTAWATCH_KEY", ADMIN_KEY)],
+        &["status", "--url", &server.base],
+    )
+    .await;
+    assert!(ok, "{err}");
+    let header = out.lines().next().expect("header");
+    assert!(
+        header.starts_with("WORKSPACE") && header.contains("STATUS") && header.contains("REQ/DAY"),
+        "{out}"
+    );
+    let acme = out
+        .lines()
+        .find(|l| l.starts_with("acme"))
+        .expect("acme row");
+    assert!(
+        acme.contains("normal") && acme.contains("1/10") && acme.contains("1/100 resets in"),
+        "{acme}"
+    );
+    assert!(out.lines().any(|l| l.starts_with("default")));
+    let (ok, out, _) = run(
+        dir.path(),
+        &[("QUOTAWATCH_KEY", &key)],
+        &["status", "--url", &server.base],
+    )
+    .await;
+    assert!(ok);
+    assert_eq!(
+        out.lines().count(),
+        2,
+        "a workspace key sees one row: {out}"
+    );
+    let (ok, _, err) = run(
+        dir.path(),
+        &[("QUOTAWATCH_KEY", "qw_wrong")],
+        &["status", "--url", &server.base],
+    )
+    .await;
+    assert!(!ok);
+    assert!(err.contains("401"), "{err}");
+    server.stop().await;
+}

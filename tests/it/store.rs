@@ -1,0 +1,426 @@
+//! Storage conformance: every check runs against SQLite and PostgreSQL, so
+//! both backends behave the same. PostgreSQL checks need
+//! `QUOTAWATCH_TEST_DATABASE_URL`; each gets a fresh database.
+
+use std::future::Future;
+
+use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::notification::{Notification, NotificationKind, Severity};
+use quotawatch::domain::status::{Cause, Status};
+use quotawatch::domain::time::Timestamp;
+use quotawatch::domain::window::{DayCounter, Usage};
+use quotawatch::domain::workspace::{Reservation, Saved};
+use quotawatch::keys::PlainKey;
+use quotawatch::store::{Batch, KeyRecord, Resolution, RollupDelta, RollupKey, Store, StoreError};
+use serde_json::json;
+
+use crate::support::postgres::TestDatabase;
+use crate::support::{ADMIN_KEY, TestServer};
+
+async fn on_sqlite<F, Fut>(check: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("store.db").display());
+    let store = Store::open(&url).await.expect("open SQLite");
+    check(store.clone()).await;
+    store.close().await;
+}
+
+async fn on_postgres<F, Fut>(test: &str, check: F)
+where
+    F: FnOnce(Store) -> Fut,
+    Fut: Future<Output = ()>,
+{
+    let Some(database) = TestDatabase::create(test).await else {
+        return;
+    };
+    let store = Store::open(&database.url).await.expect("open PostgreSQL");
+    check(store.clone()).await;
+    store.close().await;
+    database.drop_database().await;
+}
+
+/// Runs one conformance check against each backend.
+macro_rules! conformance {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test]
+            async fn sqlite() {
+                super::on_sqlite(super::$name).await;
+            }
+
+            #[tokio::test]
+            async fn postgres() {
+                super::on_postgres(concat!("store::", stringify!($name)), super::$name).await;
+            }
+        }
+    };
+}
+
+fn id(name: &str) -> WorkspaceId {
+    name.parse().expect("valid id")
+}
+
+fn workspace(name: &str) -> WorkspaceConfig {
+    let mut limits = Limits::default();
+    limits.set(LimitKind::RequestsPerMinute, Some(60));
+    limits.set(LimitKind::TokensPerDay, Some(u64::from(u32::MAX) * 4));
+    let mut config = WorkspaceConfig::new(id(name), limits);
+    config.name = format!("Workspace {name}");
+    config.timezone = "America/Sao_Paulo".parse().expect("zone");
+    config.warn_at = 0.75;
+    config
+}
+
+const T0: Timestamp = Timestamp::from_millis(1_780_000_000_000);
+
+async fn workspaces_round_trip(store: Store) {
+    let acme = workspace("acme");
+    let g1 = store.insert_workspace(&acme, T0).await.expect("insert");
+    assert!(matches!(
+        store.insert_workspace(&acme, T0).await,
+        Err(StoreError::Conflict(_))
+    ));
+    assert_eq!(
+        store.workspace(&id("acme")).await.expect("read"),
+        Some(acme.clone())
+    );
+    let mut changed = acme.clone();
+    changed.limits.set(LimitKind::RequestsPerMinute, None);
+    changed.name = "Renamed".into();
+    let g2 = store
+        .update_workspace(&changed, T0)
+        .await
+        .expect("update")
+        .expect("exists");
+    assert!(g2 > g1, "every change moves the catalog generation");
+    assert_eq!(
+        store.workspace(&id("acme")).await.expect("read"),
+        Some(changed)
+    );
+    assert_eq!(
+        store
+            .update_workspace(&workspace("ghost"), T0)
+            .await
+            .expect("update"),
+        None
+    );
+    assert_eq!(store.catalog_generation().await.expect("generation"), g2);
+    let g3 = store
+        .delete_workspace(&id("acme"))
+        .await
+        .expect("delete")
+        .expect("existed");
+    assert!(g3 > g2);
+    assert_eq!(
+        store.delete_workspace(&id("acme")).await.expect("delete"),
+        None
+    );
+    assert_eq!(
+        store.load_catalog().await.expect("catalog").workspaces,
+        vec![]
+    );
+}
+conformance!(workspaces_round_trip);
+
+async fn keys_are_stored_hashed_and_revocable(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let key = PlainKey::generate();
+    let record = KeyRecord {
+        id: "key_1".into(),
+        workspace: id("acme"),
+        hash: key.hash(),
+        prefix: key.display_prefix(),
+        created_at: T0,
+        revoked_at: None,
+    };
+    store.insert_key(&record).await.expect("insert key");
+    let catalog = store.load_catalog().await.expect("catalog");
+    assert_eq!(catalog.keys, vec![record.clone()]);
+    assert!(catalog.keys[0].hash.matches(&key.hash()));
+    let later = Timestamp::from_millis(T0.millis() + 1000);
+    assert!(
+        store
+            .revoke_key(&id("acme"), "key_1", later)
+            .await
+            .expect("revoke")
+            .is_some()
+    );
+    assert!(
+        store
+            .revoke_key(&id("acme"), "key_1", later)
+            .await
+            .expect("revoke")
+            .is_none()
+    );
+    assert!(store.load_catalog().await.expect("catalog").keys.is_empty());
+    let listed = store.list_keys(&id("acme")).await.expect("list");
+    assert_eq!(listed[0].revoked_at, Some(later));
+    store.delete_workspace(&id("acme")).await.expect("delete");
+    assert!(
+        store.list_keys(&id("acme")).await.expect("list").is_empty(),
+        "keys go with the workspace"
+    );
+}
+conformance!(keys_are_stored_hashed_and_revocable);
+
+fn saved() -> Saved {
+    Saved {
+        minute: vec![(
+            1_780_000_000,
+            Usage {
+                requests: 3,
+                tokens: 300,
+            },
+        )],
+        day: DayCounter {
+            start: Timestamp::from_millis(T0.millis() - 3_600_000),
+            end: Timestamp::from_millis(T0.millis() + 3_600_000),
+            used: Usage {
+                requests: 42,
+                tokens: 4200,
+            },
+        },
+        reservations: vec![Reservation {
+            id: u64::MAX - 1,
+            charged_at: T0,
+            estimated_tokens: 100,
+            expires_at: Timestamp::from_millis(T0.millis() + 600_000),
+            model: Some("gpt-4o".into()),
+            probe: false,
+        }],
+        rate_block_until: Some(Timestamp::from_millis(T0.millis() + 20_000)),
+        billing_block: None,
+        upstream_view: Default::default(),
+        errors: vec![],
+        last_error: None,
+        key_rejected: false,
+        status: Status::RateLimited,
+        since: T0,
+    }
+}
+
+fn notification(workspace: Option<&str>, at: i64, resolved: Option<i64>) -> Notification {
+    Notification {
+        id: format!("ntf_{at}"),
+        workspace: workspace.map(id),
+        cause: workspace.map(|_| Cause::LimitExhausted(LimitKind::RequestsPerDay)),
+        severity: Severity::Critical,
+        kind: NotificationKind::DailyQuotaExhausted,
+        title: "title".into(),
+        message: "message with numbers: 10 of 10".into(),
+        suggested_actions: vec!["raise requests_per_day".into(), "reduce volume".into()],
+        limit: Some(LimitKind::RequestsPerDay),
+        created_at: Timestamp::from_millis(at),
+        resolves_at: Some(Timestamp::from_millis(at + 1000)),
+        resolved_at: resolved.map(Timestamp::from_millis),
+    }
+}
+
+async fn batches_write_state_and_notifications(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let mut batch = Batch::default();
+    batch
+        .states
+        .insert(id("acme"), quotawatch::store::saved_to_json(&saved()));
+    let raised = notification(Some("acme"), T0.millis(), None);
+    batch
+        .notifications
+        .insert(raised.id.clone(), raised.clone());
+    let service = notification(None, T0.millis() + 5, None);
+    batch
+        .notifications
+        .insert(service.id.clone(), service.clone());
+    store.write_batch(&batch, T0).await.expect("write");
+    assert_eq!(
+        store.load_states().await.expect("states").get(&id("acme")),
+        Some(&saved())
+    );
+    let active = store
+        .notifications(Some(&id("acme")), false, 10)
+        .await
+        .expect("read");
+    assert_eq!(
+        active,
+        vec![service.clone(), raised.clone()],
+        "newest first, service-wide included"
+    );
+
+    // A resolved version replaces the active one.
+    let mut resolved = raised.clone();
+    resolved.resolved_at = Some(Timestamp::from_millis(T0.millis() + 10));
+    let mut batch = Batch::default();
+    batch
+        .notifications
+        .insert(resolved.id.clone(), resolved.clone());
+    store.write_batch(&batch, T0).await.expect("write");
+    let active = store
+        .notifications(Some(&id("acme")), false, 10)
+        .await
+        .expect("read");
+    assert_eq!(active, vec![service.clone()]);
+    let all = store
+        .notifications(Some(&id("acme")), true, 10)
+        .await
+        .expect("read");
+    assert_eq!(all, vec![service, resolved]);
+    assert!(
+        store
+            .notifications(Some(&id("other")), false, 10)
+            .await
+            .expect("read")
+            .iter()
+            .all(|n| n.workspace.is_none())
+    );
+}
+conformance!(batches_write_state_and_notifications);
+
+async fn rollups_add_up_per_resolution(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let minute = T0.millis() - T0.millis().rem_euclid(60_000);
+    let day = minute - 5 * 3_600_000;
+    let delta = RollupDelta {
+        requests: 1,
+        tokens: 30,
+        prompt_tokens: 20,
+        completion_tokens: 10,
+        errors: 0,
+        refused: 0,
+        latency_ms_sum: 100,
+        ..Default::default()
+    };
+    for (offset, model) in [(0, "gpt-4o"), (0, "gpt-4o-mini"), (60_000, "gpt-4o")] {
+        let mut batch = Batch::default();
+        let key = RollupKey {
+            workspace: id("acme"),
+            minute: minute + offset,
+            day,
+            model: model.into(),
+        };
+        batch.rollups.insert(key.clone(), delta);
+        store.write_batch(&batch, T0).await.expect("write");
+        // Writing the same delta again adds, it does not replace.
+        let mut again = Batch::default();
+        again.rollups.insert(
+            key,
+            RollupDelta {
+                refused: 1,
+                ..Default::default()
+            },
+        );
+        store.write_batch(&again, T0).await.expect("write");
+    }
+    let minutes = store
+        .history(&id("acme"), Resolution::Minute, minute, minute + 120_000)
+        .await
+        .expect("history");
+    assert_eq!(minutes.len(), 2);
+    assert_eq!(
+        (
+            minutes[0].bucket,
+            minutes[0].totals.requests,
+            minutes[0].totals.tokens
+        ),
+        (minute, 2, 60),
+        "summed over models"
+    );
+    assert_eq!(minutes[0].totals.refused, 2);
+    assert_eq!(minutes[1].totals.requests, 1);
+    let days = store
+        .history(&id("acme"), Resolution::Day, day, day + 1)
+        .await
+        .expect("history");
+    assert_eq!(
+        (
+            days.len(),
+            days[0].totals.requests,
+            days[0].totals.latency_ms_sum
+        ),
+        (1, 3, 300)
+    );
+    let hour = minute - minute.rem_euclid(3_600_000);
+    let hours = store
+        .history(&id("acme"), Resolution::Hour, hour, hour + 7_200_000)
+        .await
+        .expect("history");
+    assert_eq!(hours.iter().map(|h| h.totals.requests).sum::<i64>(), 3);
+    // Minute rollups older than two days are pruned; days are kept.
+    let much_later = Timestamp::from_millis(T0.millis() + 3 * 86_400_000);
+    assert!(store.prune(much_later).await.expect("prune") >= 2);
+    assert!(
+        store
+            .history(&id("acme"), Resolution::Minute, minute, minute + 120_000)
+            .await
+            .expect("history")
+            .is_empty()
+    );
+    assert_eq!(
+        store
+            .history(&id("acme"), Resolution::Day, day, day + 1)
+            .await
+            .expect("history")
+            .len(),
+        1
+    );
+}
+conformance!(rollups_add_up_per_resolution);
+
+async fn meta_values_upsert(store: Store) {
+    assert_eq!(store.meta("admin_key_sha256").await.expect("read"), None);
+    store
+        .set_meta("admin_key_sha256", "one")
+        .await
+        .expect("write");
+    store
+        .set_meta("admin_key_sha256", "two")
+        .await
+        .expect("write");
+    assert_eq!(
+        store
+            .meta("admin_key_sha256")
+            .await
+            .expect("read")
+            .as_deref(),
+        Some("two")
+    );
+    store.ping().await.expect("ping");
+}
+conformance!(meta_values_upsert);
+
+/// The whole server on PostgreSQL: counts survive a restart as on SQLite.
+#[tokio::test]
+async fn the_server_runs_on_postgres() {
+    let Some(database) = TestDatabase::create("store::the_server_runs_on_postgres").await else {
+        return;
+    };
+    let mut server = TestServer::start_on(database.url.clone(), None, &[]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"requests_per_day": 5}}))
+        .await;
+    for _ in 0..5 {
+        server.check(&key, 10).await;
+    }
+    assert_eq!(server.status(&key).await["status"], "quota_exceeded");
+    server.restart().await;
+    let status = server.status(&key).await;
+    assert_eq!(status["status"], "quota_exceeded");
+    assert_eq!(status["limits"]["requests_per_day"]["used"], 5);
+    let history = server
+        .get("/api/quota/notifications?include=history", ADMIN_KEY)
+        .await;
+    assert!(history.status.is_success());
+    server.stop().await;
+    database.drop_database().await;
+}

@@ -1,0 +1,267 @@
+//! Test support: a real quotawatch server on `127.0.0.1:0` with a fresh SQLite
+//! file, an HTTP client, and a way to wait for conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use quotawatch::app::{self, Running};
+use quotawatch::config::{self, Sources};
+use reqwest::StatusCode;
+use reqwest::header::HeaderMap;
+use serde_json::{Value, json};
+
+pub mod binary;
+pub mod postgres;
+
+pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
+
+/// Waits until `check` returns `Some`, polling, and fails the test when
+/// `deadline` passes first.
+pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let until = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        assert!(
+            tokio::time::Instant::now() < until,
+            "timed out after {deadline:?} waiting for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+pub struct Response {
+    pub status: StatusCode,
+    pub headers: HeaderMap,
+    pub body: Value,
+}
+
+impl Response {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.headers.get(name).and_then(|v| v.to_str().ok())
+    }
+
+    pub fn error_code(&self) -> &str {
+        self.body["error"]["code"].as_str().unwrap_or("")
+    }
+}
+
+pub struct TestServer {
+    pub base: String,
+    pub client: reqwest::Client,
+    pub database_url: String,
+    pub default_key: Option<String>,
+    env: Vec<(String, String)>,
+    running: Option<Running>,
+    dir: Option<tempfile::TempDir>,
+}
+
+pub fn client() -> reqwest::Client {
+    quotawatch::telemetry::install_crypto_provider();
+    reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client")
+}
+
+impl TestServer {
+    /// A server with a fresh SQLite database and the given settings on top of
+    /// the test defaults (admin key, fast flushes).
+    pub async fn start(settings: &[(&str, &str)]) -> Self {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let database_url = format!("sqlite://{}", dir.path().join("quotawatch.db").display());
+        Self::start_on(database_url, Some(dir), settings).await
+    }
+
+    pub async fn start_on(
+        database_url: String,
+        dir: Option<tempfile::TempDir>,
+        settings: &[(&str, &str)],
+    ) -> Self {
+        let mut env: Vec<(String, String)> = vec![
+            ("QUOTA_ADMIN_RESET_KEY".into(), ADMIN_KEY.into()),
+            ("QUOTAWATCH_DATABASE_URL".into(), database_url.clone()),
+            ("QUOTAWATCH_FLUSH_INTERVAL".into(), "100ms".into()),
+        ];
+        env.extend(
+            settings
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned())),
+        );
+        let mut server = Self {
+            base: String::new(),
+            client: client(),
+            database_url,
+            default_key: None,
+            env,
+            running: None,
+            dir,
+        };
+        server.launch().await;
+        server
+    }
+
+    async fn launch(&mut self) {
+        let vars: HashMap<String, String> = self.env.iter().cloned().collect();
+        let lookup = move |name: &str| vars.get(name).cloned();
+        let config = config::load(Sources {
+            file: None,
+            dotenv: None,
+            env: &lookup,
+            cli: vec![],
+        })
+        .expect("test configuration is valid");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let (running, bootstrap) = app::start(config, listener).await.expect("server starts");
+        self.base = format!("http://{}", running.local_addr());
+        if let Some(key) = bootstrap.default_workspace_key {
+            self.default_key = Some(key.expose().to_owned());
+        }
+        self.running = Some(running);
+    }
+
+    pub fn database_path(&self) -> PathBuf {
+        PathBuf::from(self.database_url.trim_start_matches("sqlite://"))
+    }
+
+    pub fn running(&self) -> &Running {
+        self.running.as_ref().expect("running")
+    }
+
+    /// Graceful shutdown (as on SIGTERM), then a fresh start on the same
+    /// database.
+    pub async fn restart(&mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+        self.launch().await;
+    }
+
+    pub async fn stop(mut self) {
+        if let Some(running) = self.running.take() {
+            running.shutdown().await;
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base)
+    }
+
+    async fn read(response: reqwest::Response) -> Response {
+        let status = response.status();
+        let headers = response.headers().clone();
+        let text = response.text().await.expect("body");
+        let body = if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text).unwrap_or_else(|_| panic!("JSON body, got {text:?}"))
+        };
+        Response {
+            status,
+            headers,
+            body,
+        }
+    }
+
+    pub async fn get(&self, path: &str, key: &str) -> Response {
+        Self::read(
+            self.client
+                .get(self.url(path))
+                .bearer_auth(key)
+                .send()
+                .await
+                .expect("request"),
+        )
+        .await
+    }
+
+    pub async fn send(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        body: Option<Value>,
+    ) -> Response {
+        let mut request = self.client.request(method, self.url(path)).bearer_auth(key);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        Self::read(request.send().await.expect("request")).await
+    }
+
+    pub async fn post(&self, path: &str, key: &str, body: Value) -> Response {
+        self.send(reqwest::Method::POST, path, key, Some(body))
+            .await
+    }
+
+    /// Creates a workspace as admin and returns a key for it.
+    pub async fn workspace(&self, body: Value) -> String {
+        let id = body["id"].as_str().expect("id").to_owned();
+        let created = self.post("/api/workspaces", ADMIN_KEY, body).await;
+        assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+        let key = self
+            .post(&format!("/api/workspaces/{id}/keys"), ADMIN_KEY, json!({}))
+            .await;
+        assert_eq!(key.status, StatusCode::CREATED, "{:?}", key.body);
+        key.body["key"].as_str().expect("key").to_owned()
+    }
+
+    pub async fn status(&self, key: &str) -> Value {
+        let response = self.get("/api/quota/status", key).await;
+        assert_eq!(response.status, StatusCode::OK, "{:?}", response.body);
+        response.body
+    }
+
+    pub async fn check(&self, key: &str, tokens: u64) -> Response {
+        self.post("/api/quota/check", key, json!({"estimated_tokens": tokens}))
+            .await
+    }
+}
+
+impl Drop for TestServer {
+    fn drop(&mut self) {
+        if let Some(running) = self.running.take() {
+            // A test that ends without stopping its server: stop it in the
+            // background rather than leak the tasks.
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(running.shutdown());
+            }
+        }
+        let _ = self.dir.take();
+    }
+}
+
+/// Reads a fixture of OpenAI's wire format.
+pub fn fixture(name: &str) -> String {
+    let path = format!(
+        "{}/tests/fixtures/openai/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read_to_string(&path).unwrap_or_else(|e| panic!("fixture {path}: {e}"))
+}
+
+pub fn fixture_json(name: &str) -> Value {
+    serde_json::from_str(&fixture(name)).expect("fixture is JSON")
+}
+
+/// The headers of a `.headers` fixture as a JSON object.
+pub fn fixture_headers(name: &str) -> Value {
+    let map: serde_json::Map<String, Value> = fixture(name)
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(": "))
+        .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
+        .collect();
+    Value::Object(map)
+}
