@@ -69,16 +69,28 @@ macro_rules! on_pool {
     };
 }
 
-/// Marks a change to workspaces or keys inside the transaction `$tx`, and
-/// evaluates to the new catalog generation.
-macro_rules! bump_generation {
-    ($tx:ident) => {
-        sqlx::query_as::<_, (i64,)>(
-            "UPDATE catalog SET generation = generation + 1 WHERE id = 1 RETURNING generation",
-        )
-        .fetch_one(&mut *$tx)
-        .await?
-        .0
+/// Runs `$body` (which evaluates to the number of rows it changed) in a
+/// transaction bound to `$tx`. When rows changed, the catalog generation is
+/// bumped in the same transaction, so other instances and a running server
+/// notice; evaluates to `Ok(Some(new generation))`, or `Ok(None)` when
+/// nothing changed.
+macro_rules! change_catalog {
+    ($store:expr, |$tx:ident| $body:expr) => {
+        on_pool!($store, |pool| async {
+            let mut $tx = pool.begin().await?;
+            let changed: u64 = $body;
+            if changed == 0 {
+                return Ok::<Option<i64>, sqlx::Error>(None);
+            }
+            let (generation,) = sqlx::query_as::<_, (i64,)>(
+                "UPDATE catalog SET generation = generation + 1 WHERE id = 1 RETURNING generation",
+            )
+            .fetch_one(&mut *$tx)
+            .await?;
+            $tx.commit().await?;
+            Ok(Some(generation))
+        }
+        .await)
     };
 }
 
@@ -429,36 +441,31 @@ impl Store {
     /// taken. Returns the new catalog generation.
     pub async fn insert_workspace(&self, ws: &WorkspaceConfig, now: Timestamp) -> Result<i64> {
         let limits = ws.limits;
-        let result = on_pool!(self, |pool| {
-            async {
-            let mut tx = pool.begin().await?;
+        let inserted = change_catalog!(self, |tx| {
             sqlx::query(
-                "INSERT INTO workspaces (id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
-            )
-            .bind(ws.id.as_str())
-            .bind(&ws.name)
-            .bind(ws.timezone.name())
-            .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
-            .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
-            .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
-            .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
-            .bind(ws.warn_at)
-            .bind(now.millis())
-            .execute(&mut *tx)
-            .await?;
-            let generation = bump_generation!(tx);
-            tx.commit().await?;
-            Ok::<i64, sqlx::Error>(generation)
-        }
-        .await
+            "INSERT INTO workspaces (id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+        )
+        .bind(ws.id.as_str())
+        .bind(&ws.name)
+        .bind(ws.timezone.name())
+        .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
+        .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
+        .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
+        .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
+        .bind(ws.warn_at)
+        .bind(now.millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
         });
-        result.map_err(|error| {
-            if is_unique_violation(&error) {
-                StoreError::Conflict(format!("workspace {} already exists", ws.id))
-            } else {
-                error.into()
-            }
-        })
+        match inserted {
+            Ok(generation) => Ok(generation.unwrap_or_default()),
+            Err(error) if is_unique_violation(&error) => Err(StoreError::Conflict(format!(
+                "workspace {} already exists",
+                ws.id
+            ))),
+            Err(error) => Err(error.into()),
+        }
     }
 
     /// Replaces a workspace's settings; `None` if it does not exist.
@@ -468,49 +475,34 @@ impl Store {
         now: Timestamp,
     ) -> Result<Option<i64>> {
         let limits = ws.limits;
-        let generation = on_pool!(self, |pool| {
-            async {
-            let mut tx = pool.begin().await?;
-            let updated = sqlx::query(
-                "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, updated_at = $9 WHERE id = $1",
-            )
-            .bind(ws.id.as_str())
-            .bind(&ws.name)
-            .bind(ws.timezone.name())
-            .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
-            .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
-            .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
-            .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
-            .bind(ws.warn_at)
-            .bind(now.millis())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if updated == 0 {
-                return Ok::<Option<i64>, sqlx::Error>(None);
-            }
-            let generation = bump_generation!(tx);
-            tx.commit().await?;
-            Ok::<Option<i64>, sqlx::Error>(Some(generation))
-        }
-        .await
-        })?;
-        Ok(generation)
+        Ok(change_catalog!(self, |tx| {
+            sqlx::query(
+            "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, updated_at = $9 WHERE id = $1",
+        )
+        .bind(ws.id.as_str())
+        .bind(&ws.name)
+        .bind(ws.timezone.name())
+        .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
+        .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
+        .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
+        .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
+        .bind(ws.warn_at)
+        .bind(now.millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        })?)
     }
 
     /// Deletes a workspace with its keys, state, notifications and history;
     /// `None` if it did not exist.
     pub async fn delete_workspace(&self, id: &WorkspaceId) -> Result<Option<i64>> {
-        let generation = on_pool!(self, |pool| async {
-            let mut tx = pool.begin().await?;
+        Ok(change_catalog!(self, |tx| {
             let deleted = sqlx::query("DELETE FROM workspaces WHERE id = $1")
                 .bind(id.as_str())
                 .execute(&mut *tx)
                 .await?
                 .rows_affected();
-            if deleted == 0 {
-                return Ok::<Option<i64>, sqlx::Error>(None);
-            }
             for statement in [
                 "DELETE FROM api_keys WHERE workspace_id = $1",
                 "DELETE FROM workspace_state WHERE workspace_id = $1",
@@ -522,35 +514,25 @@ impl Store {
                     .execute(&mut *tx)
                     .await?;
             }
-            let generation = bump_generation!(tx);
-            tx.commit().await?;
-            Ok::<Option<i64>, sqlx::Error>(Some(generation))
-        }
-        .await)?;
-        Ok(generation)
+            deleted
+        })?)
     }
 
     pub async fn insert_key(&self, key: &KeyRecord) -> Result<i64> {
-        let generation = on_pool!(self, |pool| {
-            async {
-            let mut tx = pool.begin().await?;
+        let generation = change_catalog!(self, |tx| {
             sqlx::query(
-                "INSERT INTO api_keys (id, workspace_id, key_hash, prefix, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, NULL)",
-            )
-            .bind(&key.id)
-            .bind(key.workspace.as_str())
-            .bind(key.hash.to_hex())
-            .bind(&key.prefix)
-            .bind(key.created_at.millis())
-            .execute(&mut *tx)
-            .await?;
-            let generation = bump_generation!(tx);
-            tx.commit().await?;
-            Ok::<i64, sqlx::Error>(generation)
-        }
-        .await
+            "INSERT INTO api_keys (id, workspace_id, key_hash, prefix, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, NULL)",
+        )
+        .bind(&key.id)
+        .bind(key.workspace.as_str())
+        .bind(key.hash.to_hex())
+        .bind(&key.prefix)
+        .bind(key.created_at.millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
         })?;
-        Ok(generation)
+        Ok(generation.unwrap_or_default())
     }
 
     /// Revokes a key of a workspace; `None` if there is no such active key.
@@ -560,28 +542,17 @@ impl Store {
         key_id: &str,
         now: Timestamp,
     ) -> Result<Option<i64>> {
-        let generation = on_pool!(self, |pool| {
-            async {
-            let mut tx = pool.begin().await?;
-            let revoked = sqlx::query(
-                "UPDATE api_keys SET revoked_at = $3 WHERE id = $1 AND workspace_id = $2 AND revoked_at IS NULL",
-            )
-            .bind(key_id)
-            .bind(workspace.as_str())
-            .bind(now.millis())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected();
-            if revoked == 0 {
-                return Ok::<Option<i64>, sqlx::Error>(None);
-            }
-            let generation = bump_generation!(tx);
-            tx.commit().await?;
-            Ok::<Option<i64>, sqlx::Error>(Some(generation))
-        }
-        .await
-        })?;
-        Ok(generation)
+        Ok(change_catalog!(self, |tx| {
+            sqlx::query(
+            "UPDATE api_keys SET revoked_at = $3 WHERE id = $1 AND workspace_id = $2 AND revoked_at IS NULL",
+        )
+        .bind(key_id)
+        .bind(workspace.as_str())
+        .bind(now.millis())
+        .execute(&mut *tx)
+        .await?
+        .rows_affected()
+        })?)
     }
 
     /// All keys of a workspace, revoked ones included, newest first.
