@@ -16,8 +16,10 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::time::Timestamp;
-use quotawatch::domain::workspace::{Model, Outcome, Request, Settings, WorkspaceState};
-use quotawatch::engine::{Engine, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults};
+use quotawatch::domain::workspace::{Answer, Model, Outcome, Request, Settings, WorkspaceState};
+use quotawatch::engine::{
+    Engine, SystemClock, TokenUsage, UpstreamAnswer, UsageReport, WorkspaceDefaults,
+};
 use quotawatch::store::Catalog;
 
 const WORKSPACES: usize = 10_000;
@@ -88,7 +90,10 @@ fn one_round(engine: &Engine, id: &WorkspaceId, model: &Model) {
                     cached: 0,
                     reasoning: 0,
                 }),
-                status_code: Some(200),
+                answer: Some(UpstreamAnswer {
+                    status: 200,
+                    ..UpstreamAnswer::default()
+                }),
                 ..UsageReport::default()
             },
         )
@@ -118,8 +123,7 @@ fn domain_admit_settle(bencher: divan::Bencher) {
         let outcome = Outcome {
             reservation: Some(admission.result.expect("admitted").id),
             tokens: Some(950),
-            status: 200,
-            ..Outcome::default()
+            answer: Some(Answer::success()),
         };
         state
             .record(&outcome, at, &settings, &mut fresh)

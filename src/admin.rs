@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::domain::limits::{
     LimitKind, PerLimit, ValidationError, WorkspaceConfig, WorkspaceId, parse_timezone,
-    validate_limit, validate_name, validate_warn_at,
+    validate_env_name, validate_limit, validate_name, validate_warn_at,
 };
 use crate::engine::{Engine, WorkspaceDefaults};
 use crate::keys::{PlainKey, new_id};
@@ -48,6 +48,8 @@ pub struct WorkspaceSpec {
     pub timezone: Option<String>,
     pub limits: PerLimit<Option<Option<u64>>>,
     pub warn_at: Option<f64>,
+    /// `Some(None)` returns the workspace to the server's upstream key.
+    pub upstream_key_env: Option<Option<String>>,
 }
 
 impl WorkspaceSpec {
@@ -66,6 +68,9 @@ impl WorkspaceSpec {
         }
         if let Some(warn_at) = self.warn_at {
             base.warn_at = validate_warn_at(warn_at)?;
+        }
+        if let Some(env) = &self.upstream_key_env {
+            base.upstream_key_env = env.as_deref().map(validate_env_name).transpose()?;
         }
         Ok(base)
     }

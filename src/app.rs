@@ -125,8 +125,13 @@ pub async fn start(
     let (hub, hub_task) = api::ws::Hub::spawn(&engine);
     let ticker = tokio::spawn(tick(engine.clone()));
 
+    let proxy = crate::proxy::Proxy::new(&config.upstream, env_lookup())
+        .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
     let state = AppState::new(Shared {
         engine: engine.clone(),
+        proxy,
+        metrics: crate::metrics::Metrics::new(&config.metrics_models),
+        metrics_public: config.metrics_public,
         store: store.clone(),
         admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults),
         flush: flush.clone(),
@@ -161,6 +166,15 @@ pub async fn start(
             generated_admin_key,
         },
     ))
+}
+
+/// Looks up the environment variables that workspaces name for their
+/// upstream keys: the process environment first, then `./.env`.
+fn env_lookup() -> crate::proxy::EnvLookup {
+    let dotenv: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
+        .map(|entries| entries.filter_map(Result::ok).collect())
+        .unwrap_or_default();
+    Box::new(move |name| std::env::var(name).ok().or_else(|| dotenv.get(name).cloned()))
 }
 
 async fn tick(engine: Arc<Engine>) {

@@ -56,6 +56,39 @@ enum Command {
         #[arg(long)]
         url: Option<String>,
     },
+    /// A fake OpenAI upstream for tests, demos and benchmarks (never for
+    /// production): answers /v1/* from recorded OpenAI responses.
+    MockUpstream(MockArgs),
+}
+
+#[derive(Args, Debug)]
+struct MockArgs {
+    #[arg(long, default_value = "127.0.0.1:9000")]
+    listen: String,
+    /// Wait before the response headers, e.g. 20ms.
+    #[arg(long, value_parser = parse_duration_arg, default_value = "0s")]
+    latency: Duration,
+    /// Wait between streamed events, e.g. 10ms.
+    #[arg(long, value_parser = parse_duration_arg, default_value = "0s")]
+    chunk_delay: Duration,
+    /// The answer to requests that name none with the x-mock-scenario header:
+    /// ok, timeout, stream_break, stream_stall, stream_error, or an error
+    /// such as insufficient_quota or rate_limit_requests (see README).
+    #[arg(long, default_value = "ok")]
+    scenario: String,
+    /// The share of requests (0 to 1) answered with --error-scenario.
+    #[arg(long, default_value_t = 0.0)]
+    error_rate: f64,
+    #[arg(long, default_value = "server_error")]
+    error_scenario: String,
+    /// Answer 401 unless requests carry this key.
+    #[arg(long)]
+    require_key: Option<String>,
+}
+
+fn parse_duration_arg(text: &str) -> Result<Duration, String> {
+    crate::domain::time::parse_duration(text)
+        .ok_or_else(|| format!("{text:?} is not a duration such as 20ms or 1s"))
 }
 
 #[derive(Subcommand, Debug)]
@@ -104,6 +137,10 @@ struct WorkspaceArgs {
     tokens_per_day: Option<LimitArg>,
     #[arg(long)]
     warn_at: Option<f64>,
+    /// The environment variable holding this workspace's own OpenAI key, or
+    /// "none" for the server's OPENAI_API_KEY.
+    #[arg(long, value_name = "NAME")]
+    upstream_key_env: Option<String>,
 }
 
 /// A limit given on the command line: a number, or `None` for "unlimited".
@@ -135,6 +172,9 @@ impl WorkspaceArgs {
                 .map(|limit| limit.map(|LimitArg(value)| value)),
             ),
             warn_at: self.warn_at,
+            upstream_key_env: self
+                .upstream_key_env
+                .map(|name| (name != "none").then_some(name)),
         }
     }
 }
@@ -167,6 +207,9 @@ impl Cli {
 /// Runs the parsed command line; the error is what to print before exiting
 /// with status 1.
 pub async fn run(cli: Cli) -> Result<(), Failure> {
+    if let Command::MockUpstream(args) = cli.command {
+        return mock_upstream(args).await;
+    }
     let config = cli.load_config()?;
     crate::telemetry::init(config.log_format, &config.log_level);
     match cli.command {
@@ -179,7 +222,34 @@ pub async fn run(cli: Cli) -> Result<(), Failure> {
         Command::Workspace(command) => workspace(config, command).await,
         Command::Key(command) => key(config, command).await,
         Command::Status { url } => status(&config, url).await,
+        Command::MockUpstream(_) => Ok(()),
     }
+}
+
+async fn mock_upstream(args: MockArgs) -> Result<(), Failure> {
+    for scenario in [&args.scenario, &args.error_scenario] {
+        if !crate::mock::scenarios().contains(&scenario.as_str()) {
+            return Err(format!(
+                "unknown scenario {scenario:?}; known: {}",
+                crate::mock::scenarios().join(", ")
+            )
+            .into());
+        }
+    }
+    let listener = tokio::net::TcpListener::bind(&args.listen)
+        .await
+        .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
+    println!("mock OpenAI upstream listening on http://{}/v1", listener.local_addr()?);
+    let options = crate::mock::MockOptions {
+        latency: args.latency,
+        chunk_delay: args.chunk_delay,
+        scenario: args.scenario,
+        error_rate: args.error_rate.clamp(0.0, 1.0),
+        error_scenario: args.error_scenario,
+        require_key: args.require_key,
+    };
+    crate::mock::serve(listener, options, shutdown_signal()).await?;
+    Ok(())
 }
 
 async fn serve(config: Config) -> Result<(), Failure> {

@@ -33,112 +33,32 @@ pub struct SettingDef {
 }
 
 /// Every setting quotawatch reads. README.md documents the same table.
+#[rustfmt::skip]
 pub const SETTINGS: &[SettingDef] = &[
-    SettingDef {
-        key: "listen",
-        env: "QUOTAWATCH_LISTEN",
-        default: Some("127.0.0.1:8000"),
-        secret: false,
-        help: "address and port to listen on",
-    },
-    SettingDef {
-        key: "database_url",
-        env: "QUOTAWATCH_DATABASE_URL",
-        default: Some("sqlite://quotawatch.db"),
-        secret: false,
-        help: "sqlite://PATH (created if missing) or postgres://...",
-    },
-    SettingDef {
-        key: "default_requests_per_minute",
-        env: "OPENAI_RATE_LIMIT_PER_MINUTE",
-        default: Some("500"),
-        secret: false,
-        help: "requests-per-minute limit of new workspaces (\"unlimited\" for none)",
-    },
-    SettingDef {
-        key: "default_requests_per_day",
-        env: "OPENAI_RATE_LIMIT_PER_DAY",
-        default: Some("10000"),
-        secret: false,
-        help: "requests-per-day limit of new workspaces",
-    },
-    SettingDef {
-        key: "default_tokens_per_minute",
-        env: "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE",
-        default: Some("unlimited"),
-        secret: false,
-        help: "tokens-per-minute limit of new workspaces",
-    },
-    SettingDef {
-        key: "default_tokens_per_day",
-        env: "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY",
-        default: Some("unlimited"),
-        secret: false,
-        help: "tokens-per-day limit of new workspaces",
-    },
-    SettingDef {
-        key: "default_warn_at",
-        env: "QUOTAWATCH_DEFAULT_WARN_AT",
-        default: Some("0.8"),
-        secret: false,
-        help: "utilisation at which new workspaces start warning",
-    },
-    SettingDef {
-        key: "admin_key",
-        env: "QUOTA_ADMIN_RESET_KEY",
-        default: None,
-        secret: true,
-        help: "the admin key; when unset, one is generated on first start and printed once",
-    },
-    SettingDef {
-        key: "reservation_ttl",
-        env: "QUOTAWATCH_RESERVATION_TTL",
-        default: Some("10m"),
-        secret: false,
-        help: "how long an unsettled token reservation lives",
-    },
-    SettingDef {
-        key: "probe_interval",
-        env: "QUOTAWATCH_PROBE_INTERVAL",
-        default: Some("60s"),
-        secret: false,
-        help: "how often one request may probe the upstream during a billing block",
-    },
-    SettingDef {
-        key: "flush_interval",
-        env: "QUOTAWATCH_FLUSH_INTERVAL",
-        default: Some("1s"),
-        secret: false,
-        help: "how often counted usage is written to the database (the most a kill -9 can lose)",
-    },
-    SettingDef {
-        key: "max_body_bytes",
-        env: "QUOTAWATCH_MAX_BODY_BYTES",
-        default: Some("65536"),
-        secret: false,
-        help: "largest request body the /api routes accept",
-    },
-    SettingDef {
-        key: "ws_ping_interval",
-        env: "QUOTAWATCH_WS_PING_INTERVAL",
-        default: Some("30s"),
-        secret: false,
-        help: "how often the server pings WebSocket clients; silent peers are closed after two",
-    },
-    SettingDef {
-        key: "log_format",
-        env: "QUOTAWATCH_LOG_FORMAT",
-        default: Some("pretty"),
-        secret: false,
-        help: "pretty or json",
-    },
-    SettingDef {
-        key: "log_level",
-        env: "QUOTAWATCH_LOG",
-        default: Some("info"),
-        secret: false,
-        help: "a tracing filter such as info or quotawatch=debug",
-    },
+    SettingDef { key: "listen", env: "QUOTAWATCH_LISTEN", default: Some("127.0.0.1:8000"), secret: false, help: "address and port to listen on" },
+    SettingDef { key: "database_url", env: "QUOTAWATCH_DATABASE_URL", default: Some("sqlite://quotawatch.db"), secret: false, help: "sqlite://PATH (created if missing) or postgres://..." },
+    SettingDef { key: "default_requests_per_minute", env: "OPENAI_RATE_LIMIT_PER_MINUTE", default: Some("500"), secret: false, help: "requests-per-minute limit of new workspaces (\"unlimited\" for none)" },
+    SettingDef { key: "default_requests_per_day", env: "OPENAI_RATE_LIMIT_PER_DAY", default: Some("10000"), secret: false, help: "requests-per-day limit of new workspaces" },
+    SettingDef { key: "default_tokens_per_minute", env: "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE", default: Some("unlimited"), secret: false, help: "tokens-per-minute limit of new workspaces" },
+    SettingDef { key: "default_tokens_per_day", env: "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY", default: Some("unlimited"), secret: false, help: "tokens-per-day limit of new workspaces" },
+    SettingDef { key: "default_warn_at", env: "QUOTAWATCH_DEFAULT_WARN_AT", default: Some("0.8"), secret: false, help: "utilisation at which new workspaces start warning" },
+    SettingDef { key: "admin_key", env: "QUOTA_ADMIN_RESET_KEY", default: None, secret: true, help: "the admin key; when unset, one is generated on first start and printed once" },
+    SettingDef { key: "reservation_ttl", env: "QUOTAWATCH_RESERVATION_TTL", default: Some("10m"), secret: false, help: "how long an unsettled token reservation lives" },
+    SettingDef { key: "probe_interval", env: "QUOTAWATCH_PROBE_INTERVAL", default: Some("60s"), secret: false, help: "how often one request may probe the upstream during a billing block" },
+    SettingDef { key: "flush_interval", env: "QUOTAWATCH_FLUSH_INTERVAL", default: Some("1s"), secret: false, help: "how often counted usage is written to the database (the most a kill -9 can lose)" },
+    SettingDef { key: "max_body_bytes", env: "QUOTAWATCH_MAX_BODY_BYTES", default: Some("65536"), secret: false, help: "largest request body the /api routes accept" },
+    SettingDef { key: "ws_ping_interval", env: "QUOTAWATCH_WS_PING_INTERVAL", default: Some("30s"), secret: false, help: "how often the server pings WebSocket clients; silent peers are closed after two" },
+    SettingDef { key: "log_format", env: "QUOTAWATCH_LOG_FORMAT", default: Some("pretty"), secret: false, help: "pretty or json" },
+    SettingDef { key: "log_level", env: "QUOTAWATCH_LOG", default: Some("info"), secret: false, help: "a tracing filter such as info or quotawatch=debug" },
+    SettingDef { key: "upstream_url", env: "QUOTAWATCH_UPSTREAM_URL", default: Some("https://api.openai.com/v1"), secret: false, help: "where /v1/* is forwarded (deliberately not OPENAI_BASE_URL, which apps point at quotawatch)" },
+    SettingDef { key: "upstream_api_key", env: "OPENAI_API_KEY", default: None, secret: true, help: "the key sent upstream, unless a workspace names its own variable" },
+    SettingDef { key: "upstream_connect_timeout", env: "QUOTAWATCH_UPSTREAM_CONNECT_TIMEOUT", default: Some("10s"), secret: false, help: "time to connect to the upstream" },
+    SettingDef { key: "upstream_headers_timeout", env: "QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", default: Some("600s"), secret: false, help: "time until the upstream's response headers" },
+    SettingDef { key: "upstream_idle_timeout", env: "QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", default: Some("300s"), secret: false, help: "longest gap between chunks of a streamed response (there is no total timeout)" },
+    SettingDef { key: "proxy_max_body_bytes", env: "QUOTAWATCH_PROXY_MAX_BODY_BYTES", default: Some("33554432"), secret: false, help: "largest request body /v1/* accepts" },
+    SettingDef { key: "default_max_tokens", env: "QUOTAWATCH_DEFAULT_MAX_TOKENS", default: Some("1024"), secret: false, help: "completion tokens reserved when a request sets no max_tokens" },
+    SettingDef { key: "metrics_models", env: "QUOTAWATCH_METRICS_MODELS", default: Some("gpt-5,gpt-5-mini,gpt-5-nano,gpt-4.1,gpt-4.1-mini,gpt-4.1-nano,gpt-4o,gpt-4o-mini,o3,o4-mini,text-embedding-3-small,text-embedding-3-large"), secret: false, help: "models that get their own metrics label; others are counted as other" },
+    SettingDef { key: "metrics_public", env: "QUOTAWATCH_METRICS_PUBLIC", default: Some("false"), secret: false, help: "serve /metrics without the admin key" },
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -212,6 +132,19 @@ pub struct Effective {
     pub source: Source,
 }
 
+/// How `/v1/*` reaches the upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// The base URL, without a trailing slash (e.g. `https://api.openai.com/v1`).
+    pub url: String,
+    pub api_key: Option<Secret>,
+    pub connect_timeout: Duration,
+    pub headers_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub default_max_tokens: u64,
+}
+
 #[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
@@ -224,6 +157,10 @@ pub struct Config {
     pub ws_ping_interval: Duration,
     pub log_format: LogFormat,
     pub log_level: String,
+    pub upstream: UpstreamConfig,
+    /// Models that get their own metrics label.
+    pub metrics_models: Vec<String>,
+    pub metrics_public: bool,
     /// Workspaces declared in the TOML file, applied at start-up.
     pub workspaces: Vec<(String, WorkspaceSpec)>,
     pub effective: Vec<Effective>,
@@ -260,6 +197,7 @@ struct FileWorkspace {
     name: Option<String>,
     timezone: Option<String>,
     warn_at: Option<f64>,
+    upstream_key_env: Option<String>,
     #[serde(default)]
     limits: HashMap<String, FileLimit>,
 }
@@ -451,18 +389,41 @@ fn build(
         Some((key, _)) => Some(Secret(key.to_owned())),
     };
 
-    let (body_text, body_source) = required("max_body_bytes");
-    let max_body_bytes = body_text
-        .parse::<usize>()
-        .ok()
-        .filter(|n| *n >= 1024)
-        .ok_or_else(|| {
-            fail(
-                "max_body_bytes",
-                body_source,
-                format!("{body_text:?} is not a byte count of at least 1024"),
-            )
-        })?;
+    let byte_count = |key: &str| -> Result<usize, ConfigError> {
+        let (text, source) = required(key);
+        text.parse::<usize>()
+            .ok()
+            .filter(|n| *n >= 1024)
+            .ok_or_else(|| fail(key, source, format!("{text:?} is not a byte count of at least 1024")))
+    };
+    let max_body_bytes = byte_count("max_body_bytes")?;
+
+    let (url_text, url_source) = required("upstream_url");
+    let upstream_url = url_text.trim_end_matches('/');
+    if !(upstream_url.starts_with("http://") || upstream_url.starts_with("https://")) {
+        return Err(fail("upstream_url", url_source, format!("{url_text:?} is not an http:// or https:// URL")));
+    }
+    let (tokens_text, tokens_source) = required("default_max_tokens");
+    let default_max_tokens = tokens_text
+        .parse::<u64>()
+        .map_err(|_| fail("default_max_tokens", tokens_source, format!("{tokens_text:?} is not a whole number")))?;
+    let (public_text, public_source) = required("metrics_public");
+    let metrics_public = match public_text {
+        "true" | "1" | "yes" => true,
+        "false" | "0" | "no" => false,
+        other => return Err(fail("metrics_public", public_source, format!("{other:?} is neither true nor false"))),
+    };
+    let metrics_models = required("metrics_models")
+        .0
+        .split(',')
+        .map(str::trim)
+        .filter(|model| !model.is_empty())
+        .map(str::to_owned)
+        .collect();
+    let upstream_api_key = match get("upstream_api_key") {
+        None | Some(("", _)) => None,
+        Some((key, _)) => Some(Secret(key.to_owned())),
+    };
 
     let (format_text, format_source) = required("log_format");
     let log_format = match format_text {
@@ -527,6 +488,17 @@ fn build(
         ws_ping_interval: duration("ws_ping_interval")?,
         log_format,
         log_level: level_text.to_owned(),
+        upstream: UpstreamConfig {
+            url: upstream_url.to_owned(),
+            api_key: upstream_api_key,
+            connect_timeout: duration("upstream_connect_timeout")?,
+            headers_timeout: duration("upstream_headers_timeout")?,
+            idle_timeout: duration("upstream_idle_timeout")?,
+            max_body_bytes: byte_count("proxy_max_body_bytes")?,
+            default_max_tokens,
+        },
+        metrics_models,
+        metrics_public,
         workspaces,
         effective,
     })
@@ -563,6 +535,7 @@ fn file_workspace(
         timezone: declared.timezone,
         limits,
         warn_at: declared.warn_at,
+        upstream_key_env: declared.upstream_key_env.map(Some),
     };
     // Validate now, so that check-config and start-up fail before serving.
     let id = declared
@@ -641,6 +614,9 @@ fn describe_spec(spec: &WorkspaceSpec) -> String {
     }
     if let Some(warn_at) = spec.warn_at {
         parts.push(format!("warn_at={warn_at}"));
+    }
+    if let Some(Some(env)) = &spec.upstream_key_env {
+        parts.push(format!("upstream_key_env={env}"));
     }
     if parts.is_empty() {
         "defaults".to_owned()

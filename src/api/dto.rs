@@ -15,8 +15,12 @@ use crate::domain::workspace::Snapshot;
 use crate::store::KeyRecord;
 
 /// Reads a field that may be absent (`None`), null (`Some(None)`) or set.
-fn tri_state<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<Option<u64>>, D::Error> {
-    Option::<u64>::deserialize(deserializer).map(Some)
+fn tri_state<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+where
+    D: Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<T>::deserialize(deserializer).map(Some)
 }
 
 fn rfc3339(at: Timestamp) -> String {
@@ -306,43 +310,6 @@ pub struct CheckResponse {
     pub remaining: BTreeMap<String, u64>,
 }
 
-/// Token counts in either OpenAI shape: chat/completions/embeddings
-/// (`prompt_tokens`, `completion_tokens`) or the Responses API
-/// (`input_tokens`, `output_tokens`). Unknown fields are ignored, so a
-/// response's `usage` object can be passed as it is.
-#[derive(Deserialize, ToSchema, Debug, Default)]
-pub struct UsageDoc {
-    pub prompt_tokens: Option<u64>,
-    pub completion_tokens: Option<u64>,
-    pub input_tokens: Option<u64>,
-    pub output_tokens: Option<u64>,
-    pub total_tokens: Option<u64>,
-    pub prompt_tokens_details: Option<PromptDetails>,
-    pub input_tokens_details: Option<PromptDetails>,
-    pub completion_tokens_details: Option<CompletionDetails>,
-    pub output_tokens_details: Option<CompletionDetails>,
-}
-
-#[derive(Deserialize, ToSchema, Debug, Default)]
-pub struct PromptDetails {
-    pub cached_tokens: Option<u64>,
-}
-
-#[derive(Deserialize, ToSchema, Debug, Default)]
-pub struct CompletionDetails {
-    pub reasoning_tokens: Option<u64>,
-}
-
-/// The `error` object of an OpenAI error body.
-#[derive(Deserialize, ToSchema, Debug, Default)]
-pub struct UpstreamErrorDoc {
-    #[serde(rename = "type")]
-    pub error_type: Option<String>,
-    pub code: Option<String>,
-    pub message: Option<String>,
-    pub param: Option<String>,
-}
-
 #[derive(Deserialize, ToSchema, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct UsageRequest {
@@ -350,10 +317,10 @@ pub struct UsageRequest {
     /// request plus its tokens.
     pub reservation_id: Option<String>,
     pub model: Option<String>,
-    pub usage: Option<UsageDoc>,
+    pub usage: Option<crate::openai::Usage>,
     /// The upstream's HTTP status (default 200, or 429 when `error` is given).
     pub status_code: Option<u16>,
-    pub error: Option<UpstreamErrorDoc>,
+    pub error: Option<crate::openai::ErrorObject>,
     /// The upstream's response headers; `x-ratelimit-*`, `retry-after` and
     /// `retry-after-ms` are read.
     #[schema(value_type = Option<Object>)]
@@ -432,6 +399,9 @@ pub struct WorkspaceDoc {
     pub timezone: String,
     pub limits: LimitSettingsDoc,
     pub warn_at: f64,
+    /// The environment variable holding this workspace's own OpenAI key, or
+    /// null for the server's `OPENAI_API_KEY`. The key itself is never shown.
+    pub upstream_key_env: Option<String>,
 }
 
 impl From<&WorkspaceConfig> for WorkspaceDoc {
@@ -448,6 +418,7 @@ impl From<&WorkspaceConfig> for WorkspaceDoc {
                 tokens_per_day: l.get(LimitKind::TokensPerDay),
             },
             warn_at: config.warn_at,
+            upstream_key_env: config.upstream_key_env.clone(),
         }
     }
 }
@@ -487,26 +458,38 @@ impl LimitsInput {
     }
 }
 
-#[derive(Deserialize, ToSchema, Debug)]
+/// A workspace's settings, for `POST` (where `id` is required) and `PATCH`
+/// (where every field is optional, and `id`, if given, must match the path).
+#[derive(Deserialize, ToSchema, Debug, Default)]
 #[serde(deny_unknown_fields)]
-pub struct CreateWorkspaceRequest {
-    pub id: String,
+pub struct WorkspaceInput {
+    pub id: Option<String>,
     pub name: Option<String>,
     /// An IANA timezone name; the day limits reset at its midnight. Default UTC.
     pub timezone: Option<String>,
     pub limits: Option<LimitsInput>,
     pub warn_at: Option<f64>,
+    /// The environment variable holding this workspace's own OpenAI key;
+    /// null for the server's `OPENAI_API_KEY`.
+    #[serde(default, deserialize_with = "tri_state")]
+    #[schema(value_type = Option<String>)]
+    pub upstream_key_env: Option<Option<String>>,
 }
 
-#[derive(Deserialize, ToSchema, Debug, Default)]
-#[serde(deny_unknown_fields)]
-pub struct UpdateWorkspaceRequest {
-    /// May be given, but must match the id in the path.
-    pub id: Option<String>,
-    pub name: Option<String>,
-    pub timezone: Option<String>,
-    pub limits: Option<LimitsInput>,
-    pub warn_at: Option<f64>,
+impl WorkspaceInput {
+    pub fn to_spec(&self) -> crate::admin::WorkspaceSpec {
+        crate::admin::WorkspaceSpec {
+            name: self.name.clone(),
+            timezone: self.timezone.clone(),
+            limits: self
+                .limits
+                .as_ref()
+                .map(LimitsInput::to_per_limit)
+                .unwrap_or_default(),
+            warn_at: self.warn_at,
+            upstream_key_env: self.upstream_key_env.clone(),
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema, Debug)]

@@ -38,6 +38,9 @@ pub struct AppState(Arc<Shared>);
 
 pub struct Shared {
     pub engine: Arc<Engine>,
+    pub proxy: crate::proxy::Proxy,
+    pub metrics: crate::metrics::Metrics,
+    pub metrics_public: bool,
     pub store: Store,
     pub admin: Admin,
     pub flush: FlushHandle,
@@ -125,6 +128,8 @@ pub fn openapi_json() -> String {
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let (routes, _) = documented_routes().split_for_parts();
     routes
+        .route("/v1/{*path}", axum::routing::any(crate::proxy::forward))
+        .route("/metrics", axum::routing::get(metrics))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(tower_http::trace::TraceLayer::new_for_http())
@@ -151,6 +156,25 @@ pub async fn openapi(State(state): State<AppState>) -> Response {
         state.openapi_json.clone(),
     )
         .into_response()
+}
+
+/// `GET /metrics`: Prometheus metrics, for the admin key unless
+/// `QUOTAWATCH_METRICS_PUBLIC` is set.
+async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
+    if !state.metrics_public {
+        let principal = auth::authenticate(&state.engine, auth::bearer(&headers))?;
+        if principal != crate::engine::Principal::Admin {
+            return Err(ApiError::forbidden("metrics need the admin key (or QUOTAWATCH_METRICS_PUBLIC=true)"));
+        }
+    }
+    Ok((
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        state.metrics.render(&state.engine),
+    )
+        .into_response())
 }
 
 #[derive(Serialize, ToSchema)]

@@ -22,7 +22,7 @@ use crate::domain::time::{
 };
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::workspace::Request;
-use crate::engine::{Principal, TokenUsage, UsageReport};
+use crate::engine::{Principal, UpstreamAnswer, UsageReport};
 use crate::store::Resolution;
 
 #[derive(Deserialize, IntoParams, Debug)]
@@ -234,29 +234,6 @@ fn parse_reservation(id: &str) -> Result<u64, ApiError> {
         })
 }
 
-fn token_usage(usage: &UsageDoc) -> TokenUsage {
-    let prompt = usage.prompt_tokens.or(usage.input_tokens);
-    let completion = usage.completion_tokens.or(usage.output_tokens);
-    // Embeddings report prompt and total only; a bare total is all prompt.
-    let prompt = prompt.or(usage.total_tokens.filter(|_| completion.is_none()));
-    let cached = usage
-        .prompt_tokens_details
-        .as_ref()
-        .or(usage.input_tokens_details.as_ref())
-        .and_then(|d| d.cached_tokens);
-    let reasoning = usage
-        .completion_tokens_details
-        .as_ref()
-        .or(usage.output_tokens_details.as_ref())
-        .and_then(|d| d.reasoning_tokens);
-    TokenUsage {
-        prompt: prompt.unwrap_or(0),
-        completion: completion.unwrap_or(0),
-        cached: cached.unwrap_or(0),
-        reasoning: reasoning.unwrap_or(0),
-    }
-}
-
 #[utoipa::path(post, path = "/api/quota/usage", tag = "quota",
     params(WorkspaceQuery),
     request_body = UsageRequest,
@@ -295,16 +272,23 @@ pub async fn usage(
         .as_ref()
         .map(|map| RateLimitHeaders::parse(map.iter().map(|(k, v)| (k.as_str(), v.as_str()))))
         .unwrap_or_default();
+    // A bare error body is most likely a 429: the one status whose errors
+    // change a workspace's state. Without either, the call succeeded.
+    let status = body
+        .status_code
+        .unwrap_or(if body.error.is_some() { 429 } else { 200 });
     let error = body.error.unwrap_or_default();
     let report = UsageReport {
         reservation,
         model: body.model.map(Into::into),
-        tokens: body.usage.as_ref().map(token_usage),
-        status_code: body.status_code,
-        error_type: error.error_type,
-        error_code: error.code,
-        error_message: error.message,
-        headers,
+        tokens: body.usage.as_ref().map(crate::openai::Usage::tokens),
+        answer: Some(UpstreamAnswer {
+            status,
+            error_type: error.error_type,
+            error_code: error.code,
+            error_message: error.message,
+            headers,
+        }),
         latency_ms: body.latency_ms,
     };
     state.engine.report(&workspace, report)?;

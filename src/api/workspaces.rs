@@ -7,29 +7,14 @@ use super::AppState;
 use super::auth::Auth;
 use super::dto::*;
 use super::error::{ApiError, Json};
-use crate::admin::WorkspaceSpec;
 use crate::domain::limits::WorkspaceId;
 
 fn parse_id(id: &str) -> Result<WorkspaceId, ApiError> {
     id.parse().map_err(|_| ApiError::workspace_not_found(id))
 }
 
-fn spec(
-    name: Option<String>,
-    timezone: Option<String>,
-    limits: Option<LimitsInput>,
-    warn_at: Option<f64>,
-) -> WorkspaceSpec {
-    WorkspaceSpec {
-        name,
-        timezone,
-        limits: limits.map(|l| l.to_per_limit()).unwrap_or_default(),
-        warn_at,
-    }
-}
-
 #[utoipa::path(post, path = "/api/workspaces", tag = "workspaces",
-    request_body = CreateWorkspaceRequest,
+    request_body(content = WorkspaceInput, description = "The new workspace; `id` is required"),
     responses(
         (status = 201, description = "Created", body = WorkspaceDoc),
         (status = 400, description = "Invalid value (the field is named in `param`)", body = ErrorBody),
@@ -42,11 +27,13 @@ fn spec(
 pub async fn create(
     State(state): State<AppState>,
     auth: Auth,
-    Json(body): Json<CreateWorkspaceRequest>,
+    Json(body): Json<WorkspaceInput>,
 ) -> Result<(StatusCode, Json<WorkspaceDoc>), ApiError> {
     auth.require_admin("creating a workspace")?;
-    let spec = spec(body.name, body.timezone, body.limits, body.warn_at);
-    let config = state.admin.create_workspace(&body.id, &spec).await?;
+    let Some(id) = body.id.as_deref() else {
+        return Err(ApiError::bad_request("invalid_value", "a new workspace needs an id").with_param("id"));
+    };
+    let config = state.admin.create_workspace(id, &body.to_spec()).await?;
     Ok((StatusCode::CREATED, Json(WorkspaceDoc::from(&config))))
 }
 
@@ -89,7 +76,7 @@ pub async fn get(
 
 #[utoipa::path(patch, path = "/api/workspaces/{id}", tag = "workspaces",
     params(("id" = String, Path, description = "Workspace id")),
-    request_body = UpdateWorkspaceRequest,
+    request_body(content = WorkspaceInput, description = "Any subset of the settings"),
     responses(
         (status = 200, description = "Updated", body = WorkspaceDoc),
         (status = 400, description = "Invalid value", body = ErrorBody),
@@ -103,7 +90,7 @@ pub async fn update(
     State(state): State<AppState>,
     auth: Auth,
     Path(id): Path<String>,
-    Json(body): Json<UpdateWorkspaceRequest>,
+    Json(body): Json<WorkspaceInput>,
 ) -> Result<Json<WorkspaceDoc>, ApiError> {
     auth.require_admin("changing a workspace")?;
     let id = parse_id(&id)?;
@@ -118,8 +105,7 @@ pub async fn update(
         )
         .with_param("id"));
     }
-    let spec = spec(body.name, body.timezone, body.limits, body.warn_at);
-    let config = state.admin.update_workspace(&id, &spec).await?;
+    let config = state.admin.update_workspace(&id, &body.to_spec()).await?;
     Ok(Json(WorkspaceDoc::from(&config)))
 }
 

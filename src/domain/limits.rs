@@ -220,6 +220,9 @@ pub struct WorkspaceConfig {
     pub timezone: Tz,
     pub limits: Limits,
     pub warn_at: f64,
+    /// The environment variable holding this workspace's own upstream key;
+    /// `None` for the server's. Only the proxy reads it.
+    pub upstream_key_env: Option<String>,
 }
 
 impl WorkspaceConfig {
@@ -230,7 +233,26 @@ impl WorkspaceConfig {
             timezone: Tz::UTC,
             limits,
             warn_at: DEFAULT_WARN_AT,
+            upstream_key_env: None,
         }
+    }
+}
+
+/// An environment variable name as shells accept it: `[A-Za-z_][A-Za-z0-9_]*`.
+pub fn validate_env_name(name: &str) -> Result<String, ValidationError> {
+    let mut chars = name.chars();
+    let valid = chars
+        .next()
+        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
+        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
+        && name.len() <= 128;
+    if valid {
+        Ok(name.to_owned())
+    } else {
+        Err(ValidationError::new(
+            "upstream_key_env",
+            format!("{name:?} is not an environment variable name (letters, digits and _, not starting with a digit)"),
+        ))
     }
 }
 

@@ -13,7 +13,7 @@ use super::status::{Change, Status};
 use super::time::Timestamp;
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::workspace::{
-    Admission, Outcome, Recorded, RefusalCause, Request, Settings, UnknownReservation,
+    Admission, Answer, Outcome, Recorded, RefusalCause, Request, Settings, UnknownReservation,
     WorkspaceState,
 };
 
@@ -115,8 +115,7 @@ impl Script {
         self.record(&Outcome {
             reservation: Some(id),
             tokens: Some(actual),
-            status: 200,
-            ..Outcome::default()
+            answer: Some(Answer::success()),
         })
         .is_ok()
     }
@@ -130,13 +129,15 @@ impl Script {
         headers: &[(&str, &str)],
     ) -> Vec<Change> {
         let outcome = Outcome {
-            status,
-            error: ErrorFields {
-                error_type: Some(error_type).filter(|t| !t.is_empty()),
-                code,
-                message: Some("upstream says no"),
-            },
-            headers: RateLimitHeaders::parse(headers.iter().copied()),
+            answer: Some(Answer {
+                status,
+                error: ErrorFields {
+                    error_type: Some(error_type).filter(|t| !t.is_empty()),
+                    code,
+                    message: Some("upstream says no"),
+                },
+                headers: RateLimitHeaders::parse(headers.iter().copied()),
+            }),
             ..Outcome::default()
         };
         self.record(&outcome)
@@ -592,6 +593,26 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
 }
 
 #[test]
+fn a_call_without_an_answer_settles_but_says_nothing_about_the_upstream() {
+    let mut script = Script::new(&[(TokensPerMinute, 10_000)]);
+    script.upstream(429, "insufficient_quota", None, &[]);
+    script.at("2026-05-04T10:01:00Z");
+    let probe = script.admitted(500);
+    // The client went away before the upstream answered: the estimate stays
+    // charged, and the billing block neither lifts nor counts an error.
+    let recorded = script
+        .record(&Outcome {
+            reservation: Some(probe),
+            tokens: None,
+            answer: None,
+        })
+        .expect("known reservation");
+    assert_eq!((recorded.tokens, recorded.class), (500, None));
+    assert_eq!(script.status(), Status::QuotaExceeded);
+    assert_eq!(script.state.snapshot(script.now).errors.server_error, 0);
+}
+
+#[test]
 fn billing_messages_name_the_fix() {
     let mut script = Script::new(&[]);
     script.upstream(
@@ -632,18 +653,21 @@ fn request_too_large_from_upstream_blocks_nobody() {
     let mut script = Script::new(&[]);
     let recorded = script
         .record(&Outcome {
-            status: 429,
-            error: ErrorFields {
-                error_type: Some("tokens"),
-                code: Some("rate_limit_exceeded"),
-                message: Some("Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 31538."),
-            },
+            answer: Some(Answer {
+                status: 429,
+                error: ErrorFields {
+                    error_type: Some("tokens"),
+                    code: Some("rate_limit_exceeded"),
+                    message: Some("Request too large for gpt-4o in organization org-x on tokens per min (TPM): Limit 30000, Requested 31538."),
+                },
+                ..Answer::default()
+            }),
             ..Outcome::default()
         })
         .expect("no reservation involved");
     assert_eq!(
         recorded.class,
-        super::upstream::UpstreamClass::RequestTooLarge
+        Some(super::upstream::UpstreamClass::RequestTooLarge)
     );
     assert!(recorded.changes.is_empty());
     assert_eq!(script.status(), Status::Normal);
@@ -768,8 +792,7 @@ fn saved_state_restores_counters_blocks_and_status() {
     let outcome = Outcome {
         reservation: Some(id),
         tokens: Some(100),
-        status: 200,
-        ..Outcome::default()
+        answer: Some(Answer::success()),
     };
     let recorded = restored.record(&outcome, script.now, &script.settings, &mut || 9);
     assert!(recorded.is_ok(), "reservations survive");

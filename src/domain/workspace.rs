@@ -164,11 +164,27 @@ pub struct Outcome<'a> {
     /// The actual token count; `None` keeps the reservation's estimate (or
     /// counts no tokens for a call without reservation).
     pub tokens: Option<u64>,
-    /// The upstream's HTTP status; 0 when there was no answer (unreachable,
-    /// timeout).
+    /// What the upstream answered; `None` when the call ended before the
+    /// upstream said anything (the client went away first).
+    pub answer: Option<Answer<'a>>,
+}
+
+/// The upstream's answer to one call.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Answer<'a> {
+    /// HTTP status; 0 when there was no answer (unreachable, timed out).
     pub status: u16,
     pub error: ErrorFields<'a>,
     pub headers: RateLimitHeaders,
+}
+
+impl Answer<'_> {
+    pub fn success() -> Self {
+        Self {
+            status: 200,
+            ..Self::default()
+        }
+    }
 }
 
 /// What [`WorkspaceState::record`] did.
@@ -178,7 +194,8 @@ pub struct Recorded {
     pub reservation: Option<Reservation>,
     /// The tokens the call finally counts for.
     pub tokens: u64,
-    pub class: UpstreamClass,
+    /// What the upstream's answer meant, if there was one.
+    pub class: Option<UpstreamClass>,
     pub expired: Vec<Expired>,
     pub changes: Vec<Change>,
 }
@@ -590,7 +607,9 @@ impl WorkspaceState {
             }
         };
         let admitted_at = reservation.as_ref().map(|r| r.charged_at);
-        let class = self.observe_upstream(outcome, admitted_at, now, settings);
+        let class = outcome
+            .answer
+            .map(|answer| self.observe_upstream(&answer, admitted_at, now, settings));
         Ok(Recorded {
             reservation,
             tokens,
@@ -625,7 +644,7 @@ impl WorkspaceState {
     /// `admitted_at` (if it went through admission).
     fn observe_upstream(
         &mut self,
-        report: &Outcome<'_>,
+        report: &Answer<'_>,
         admitted_at: Option<Timestamp>,
         now: Timestamp,
         settings: &Settings,

@@ -30,7 +30,7 @@ use crate::domain::status::Change;
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{
-    Admitted, Expired, Headroom, Model, Outcome, Refusal, Request, Settings, Snapshot,
+    Admitted, Answer, Expired, Headroom, Model, Outcome, Refusal, Request, Settings, Snapshot,
     WorkspaceState,
 };
 use crate::keys::KeyHash;
@@ -115,26 +115,34 @@ pub struct UsageReport {
     /// `None` when the call's usage is unknown (a reservation then keeps its
     /// estimate).
     pub tokens: Option<TokenUsage>,
-    /// The upstream's HTTP status; absent means success unless `error` says
-    /// otherwise.
-    pub status_code: Option<u16>,
+    /// What the upstream answered; `None` when the call ended before it said
+    /// anything (the client went away).
+    pub answer: Option<UpstreamAnswer>,
+    pub latency_ms: Option<u64>,
+}
+
+/// The upstream's answer, owned (see [`crate::domain::workspace::Answer`]).
+#[derive(Clone, Debug, Default)]
+pub struct UpstreamAnswer {
+    /// HTTP status; 0 when the upstream was unreachable or timed out.
+    pub status: u16,
     pub error_type: Option<String>,
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub headers: RateLimitHeaders,
-    pub latency_ms: Option<u64>,
 }
 
-impl UsageReport {
-    fn has_error(&self) -> bool {
-        self.error_type.is_some() || self.error_code.is_some() || self.error_message.is_some()
-    }
-
-    /// The status to classify: as given, else 429 for a bare error body (the
-    /// one status whose errors change a workspace's state), else success.
-    fn effective_status(&self) -> u16 {
-        self.status_code
-            .unwrap_or(if self.has_error() { 429 } else { 200 })
+impl UpstreamAnswer {
+    fn as_answer(&self) -> Answer<'_> {
+        Answer {
+            status: self.status,
+            error: ErrorFields {
+                error_type: self.error_type.as_deref(),
+                code: self.error_code.as_deref(),
+                message: self.error_message.as_deref(),
+            },
+            headers: self.headers,
+        }
     }
 }
 
@@ -512,29 +520,19 @@ impl Engine {
         &self,
         workspace: &WorkspaceId,
         report: UsageReport,
-    ) -> Result<UpstreamClass, EngineError> {
+    ) -> Result<Option<UpstreamClass>, EngineError> {
         let slot = self.slot(workspace)?;
         let now = self.now();
-        let status = report.effective_status();
         let outcome = Outcome {
             reservation: report.reservation,
             tokens: report.tokens.map(|tokens| tokens.total()),
-            status,
-            error: ErrorFields {
-                error_type: report.error_type.as_deref(),
-                code: report.error_code.as_deref(),
-                message: report.error_message.as_deref(),
-            },
-            headers: report.headers,
+            answer: report.answer.as_ref().map(UpstreamAnswer::as_answer),
         };
         let mut cell = slot.lock();
         // Set before anything can return early: even a refused settlement may
         // have expired other reservations, which the flush must write.
         slot.dirty.store(true, Ordering::Release);
-        let recorded = match cell
-            .state
-            .record(&outcome, now, &self.settings, &mut fresh_id)
-        {
+        let recorded = match cell.state.record(&outcome, now, &self.settings, &mut fresh_id) {
             Ok(recorded) => recorded,
             Err(unknown) => {
                 record_expired(&mut cell, unknown.expired);
@@ -544,13 +542,14 @@ impl Engine {
         };
         record_expired(&mut cell, recorded.expired);
         let class = recorded.class;
-        if class != UpstreamClass::Success {
+        let failed = class.is_some_and(|class| class != UpstreamClass::Success);
+        if let (true, Some(answer)) = (failed, &report.answer) {
             tracing::warn!(
                 workspace = %workspace,
-                status,
+                status = answer.status,
                 class = ?class,
-                code = report.error_code.as_deref().unwrap_or(""),
-                "upstream error reported"
+                code = answer.error_code.as_deref().unwrap_or(""),
+                "upstream error"
             );
         }
         let reservation = recorded.reservation;
@@ -564,7 +563,7 @@ impl Engine {
             completion_tokens: breakdown.completion as i64,
             cached_tokens: breakdown.cached as i64,
             reasoning_tokens: breakdown.reasoning as i64,
-            errors: i64::from(class != UpstreamClass::Success),
+            errors: i64::from(failed),
             refused: 0,
             latency_ms_sum: report.latency_ms.unwrap_or(0) as i64,
         };
@@ -580,6 +579,13 @@ impl Engine {
             self.publish_changes(&snapshot, changes);
         }
         Ok(class)
+    }
+
+    /// The environment variable holding the workspace's own upstream key.
+    pub fn upstream_key_env(&self, workspace: &WorkspaceId) -> Result<Option<String>, EngineError> {
+        let slot = self.slot(workspace)?;
+        let variable = slot.lock().state.config().upstream_key_env.clone();
+        Ok(variable)
     }
 
     pub fn snapshot(&self, workspace: &WorkspaceId) -> Result<Snapshot, EngineError> {

@@ -224,7 +224,16 @@ type WorkspaceRow = (
     Option<i64>,
     Option<i64>,
     f64,
+    Option<String>,
 );
+
+/// The columns of `workspaces` that make a [`WorkspaceConfig`], in the order
+/// of [`WorkspaceRow`].
+macro_rules! workspace_columns {
+    () => {
+        "id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, upstream_key_env"
+    };
+}
 
 type NotificationRow = (
     String,
@@ -254,7 +263,7 @@ fn limit_value(value: Option<u64>) -> Option<i64> {
 }
 
 fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
-    let (id, name, timezone, rpm, rpd, tpm, tpd, warn_at) = row;
+    let (id, name, timezone, rpm, rpd, tpm, tpd, warn_at, upstream_key_env) = row;
     let mut limits = Limits::default();
     let values = [rpm, rpd, tpm, tpd];
     for (kind, value) in LimitKind::ALL.into_iter().zip(values) {
@@ -266,6 +275,7 @@ fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
         timezone: parse_timezone(&timezone).ok()?,
         limits,
         warn_at,
+        upstream_key_env,
     })
 }
 
@@ -400,7 +410,7 @@ impl Store {
     async fn read_catalog(&self, generation: i64) -> Result<Catalog> {
         let workspace_rows: Vec<WorkspaceRow> = on_pool!(self, |pool| {
             sqlx::query_as(
-            "SELECT id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at FROM workspaces ORDER BY id"
+            concat!("SELECT ", workspace_columns!(), " FROM workspaces ORDER BY id")
         )
         .fetch_all(pool)
         .await
@@ -428,7 +438,7 @@ impl Store {
     pub async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceConfig>> {
         let row: Option<WorkspaceRow> = on_pool!(self, |pool| {
             sqlx::query_as(
-            "SELECT id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at FROM workspaces WHERE id = $1"
+            concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE id = $1")
         )
         .bind(id.as_str())
         .fetch_optional(pool)
@@ -443,7 +453,7 @@ impl Store {
         let limits = ws.limits;
         let inserted = change_catalog!(self, |tx| {
             sqlx::query(
-            "INSERT INTO workspaces (id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $9)",
+            concat!("INSERT INTO workspaces (", workspace_columns!(), ", created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)"),
         )
         .bind(ws.id.as_str())
         .bind(&ws.name)
@@ -453,6 +463,7 @@ impl Store {
         .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
         .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
         .bind(ws.warn_at)
+        .bind(ws.upstream_key_env.as_deref())
         .bind(now.millis())
         .execute(&mut *tx)
         .await?
@@ -477,7 +488,7 @@ impl Store {
         let limits = ws.limits;
         Ok(change_catalog!(self, |tx| {
             sqlx::query(
-            "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, updated_at = $9 WHERE id = $1",
+            "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, upstream_key_env = $9, updated_at = $10 WHERE id = $1",
         )
         .bind(ws.id.as_str())
         .bind(&ws.name)
@@ -487,6 +498,7 @@ impl Store {
         .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
         .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
         .bind(ws.warn_at)
+        .bind(ws.upstream_key_env.as_deref())
         .bind(now.millis())
         .execute(&mut *tx)
         .await?

@@ -1,0 +1,297 @@
+//! Prometheus metrics, served at `GET /metrics`.
+//!
+//! Label values stay bounded: workspaces are those of the catalog (a caller
+//! can only name its own), models are those listed in
+//! `QUOTAWATCH_METRICS_MODELS` and everything else is `other`; every other
+//! label takes a fixed set of values. Gauges that describe current state
+//! (status, utilisation, upstream headroom) are computed from the engine at
+//! scrape time, so they are never stale and vanish with their workspace.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use prometheus_client::registry::Registry;
+
+use crate::domain::limits::WorkspaceId;
+use crate::domain::status::Status;
+use crate::domain::upstream::UpstreamClass;
+use crate::domain::workspace::RefusalCause;
+use crate::engine::{Engine, TokenUsage};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RequestLabels {
+    workspace: Arc<str>,
+    endpoint: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TokenLabels {
+    workspace: Arc<str>,
+    model: Arc<str>,
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusalLabels {
+    workspace: Arc<str>,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ClassLabels {
+    class: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WorkspaceLabels {
+    workspace: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabels {
+    workspace: Arc<str>,
+    limit: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct UpstreamLabels {
+    workspace: Arc<str>,
+    bucket: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct PhaseLabels {
+    phase: &'static str,
+}
+
+/// Where quotawatch's own time is spent, for the overhead histogram.
+#[derive(Clone, Copy, Debug)]
+pub enum Phase {
+    /// From the request's arrival to the upstream call.
+    Request,
+    /// From the upstream's response headers to ours.
+    Response,
+}
+
+/// How a proxied request ended, as counted in `quotawatch_requests_total`.
+#[derive(Clone, Copy, Debug)]
+pub enum RequestOutcome {
+    /// Refused locally, without reaching the upstream.
+    Refused,
+    /// The upstream answered; by class.
+    Upstream(UpstreamClass),
+    /// The client left before the upstream answered.
+    Abandoned,
+}
+
+impl RequestOutcome {
+    fn label(self) -> &'static str {
+        match self {
+            RequestOutcome::Refused => "refused",
+            RequestOutcome::Abandoned => "abandoned",
+            RequestOutcome::Upstream(class) => class_label(class),
+        }
+    }
+}
+
+fn class_label(class: UpstreamClass) -> &'static str {
+    match class {
+        UpstreamClass::Success => "success",
+        UpstreamClass::RateLimited => "rate_limited",
+        UpstreamClass::RequestTooLarge => "request_too_large",
+        UpstreamClass::QuotaExhausted(_) => "insufficient_quota",
+        UpstreamClass::ServerError => "server_error",
+        UpstreamClass::KeyRejected => "key_rejected",
+        UpstreamClass::ClientError => "client_error",
+    }
+}
+
+fn refusal_label(cause: RefusalCause) -> &'static str {
+    match cause {
+        RefusalCause::Limit(kind) | RefusalCause::TooLarge(kind) => kind.name(),
+        RefusalCause::UpstreamRateLimited => "upstream_rate_limited",
+        RefusalCause::UpstreamQuota(_) => "upstream_quota",
+    }
+}
+
+/// From 50 µs to about 3 s: quotawatch's own time is small, but the tail
+/// matters.
+fn overhead_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.000_05, 2.0, 16))
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: Family<RequestLabels, Counter>,
+    tokens: Family<TokenLabels, Counter>,
+    refusals: Family<RefusalLabels, Counter>,
+    upstream_errors: Family<ClassLabels, Counter>,
+    status: Family<WorkspaceLabels, Gauge>,
+    utilization: Family<LimitLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    upstream_remaining: Family<UpstreamLabels, Gauge>,
+    overhead: Family<PhaseLabels, Histogram>,
+    upstream_latency: Histogram,
+    models: HashSet<String>,
+    other: Arc<str>,
+}
+
+impl Metrics {
+    pub fn new(models: &[String]) -> Self {
+        let mut registry = Registry::with_prefix("quotawatch");
+        let requests = Family::default();
+        let tokens = Family::default();
+        let refusals = Family::default();
+        let upstream_errors = Family::default();
+        let status = Family::default();
+        let utilization = Family::default();
+        let upstream_remaining = Family::default();
+        // From 50 µs to about 3 s: quotawatch's own time is small, but the
+        // tail matters.
+        let overhead: Family<PhaseLabels, Histogram> =
+            Family::new_with_constructor(overhead_histogram);
+        let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 16));
+        registry.register("requests", "Proxied requests by workspace, endpoint and outcome", requests.clone());
+        registry.register("tokens", "Tokens used, by workspace, model and kind (prompt, completion, cached, reasoning)", tokens.clone());
+        registry.register("refusals", "Requests refused locally, by workspace and limit", refusals.clone());
+        registry.register("upstream_errors", "Upstream errors by class", upstream_errors.clone());
+        registry.register("workspace_status", "Status per workspace: 0 normal, 1 warning, 2 rate_limited, 3 quota_exceeded", status.clone());
+        registry.register("limit_utilization", "Used share of each configured limit", utilization.clone());
+        registry.register("upstream_remaining", "What the upstream last reported as remaining, by bucket (requests, tokens)", upstream_remaining.clone());
+        registry.register("overhead_seconds", "Time quotawatch adds to a proxied request, by phase (request: arrival to upstream call; response: upstream headers to ours)", overhead.clone());
+        registry.register("upstream_latency_seconds", "Time from the upstream call to its response headers", upstream_latency.clone());
+        Self {
+            registry,
+            requests,
+            tokens,
+            refusals,
+            upstream_errors,
+            status,
+            utilization,
+            upstream_remaining,
+            overhead,
+            upstream_latency,
+            models: models.iter().cloned().collect(),
+            other: Arc::from("other"),
+        }
+    }
+
+    fn model_label(&self, model: Option<&str>) -> Arc<str> {
+        match model {
+            Some(model) if self.models.contains(model) => Arc::from(model),
+            _ => self.other.clone(),
+        }
+    }
+
+    pub fn request(&self, workspace: &WorkspaceId, endpoint: &'static str, outcome: RequestOutcome) {
+        self.requests
+            .get_or_create(&RequestLabels {
+                workspace: Arc::from(workspace.as_str()),
+                endpoint,
+                outcome: outcome.label(),
+            })
+            .inc();
+        if let RequestOutcome::Upstream(class) = outcome
+            && class != UpstreamClass::Success
+        {
+            self.upstream_errors
+                .get_or_create(&ClassLabels { class: class_label(class) })
+                .inc();
+        }
+    }
+
+    pub fn refusal(&self, workspace: &WorkspaceId, cause: RefusalCause) {
+        self.refusals
+            .get_or_create(&RefusalLabels {
+                workspace: Arc::from(workspace.as_str()),
+                limit: refusal_label(cause),
+            })
+            .inc();
+    }
+
+    pub fn tokens(&self, workspace: &WorkspaceId, model: Option<&str>, usage: TokenUsage) {
+        let workspace: Arc<str> = Arc::from(workspace.as_str());
+        let model = self.model_label(model);
+        for (kind, count) in [
+            ("prompt", usage.prompt),
+            ("completion", usage.completion),
+            ("cached", usage.cached),
+            ("reasoning", usage.reasoning),
+        ] {
+            if count > 0 {
+                self.tokens
+                    .get_or_create(&TokenLabels {
+                        workspace: workspace.clone(),
+                        model: model.clone(),
+                        kind,
+                    })
+                    .inc_by(count);
+            }
+        }
+    }
+
+    pub fn overhead(&self, phase: Phase, took: Duration) {
+        let phase = match phase {
+            Phase::Request => "request",
+            Phase::Response => "response",
+        };
+        self.overhead
+            .get_or_create(&PhaseLabels { phase })
+            .observe(took.as_secs_f64());
+    }
+
+    pub fn upstream_latency(&self, took: Duration) {
+        self.upstream_latency.observe(took.as_secs_f64());
+    }
+
+    /// The metrics in OpenMetrics text, with state gauges taken from `engine`
+    /// now.
+    pub fn render(&self, engine: &Engine) -> String {
+        self.status.clear();
+        self.utilization.clear();
+        self.upstream_remaining.clear();
+        for snapshot in engine.snapshots() {
+            let workspace: Arc<str> = Arc::from(snapshot.config.id.as_str());
+            let level = match snapshot.status {
+                Status::Normal => 0,
+                Status::Warning => 1,
+                Status::RateLimited => 2,
+                Status::QuotaExceeded => 3,
+            };
+            self.status
+                .get_or_create(&WorkspaceLabels { workspace: workspace.clone() })
+                .set(level);
+            for (kind, facts) in &snapshot.limits {
+                self.utilization
+                    .get_or_create(&LimitLabels {
+                        workspace: workspace.clone(),
+                        limit: kind.name(),
+                    })
+                    .set(facts.utilization());
+            }
+            let buckets = snapshot
+                .upstream
+                .map(|view| [("requests", view.requests), ("tokens", view.tokens)]);
+            for (bucket, state) in buckets.into_iter().flatten() {
+                if let Some(remaining) = state.and_then(|state| state.remaining) {
+                    self.upstream_remaining
+                        .get_or_create(&UpstreamLabels {
+                            workspace: workspace.clone(),
+                            bucket,
+                        })
+                        .set(i64::try_from(remaining).unwrap_or(i64::MAX));
+                }
+            }
+        }
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);
+        out
+    }
+}

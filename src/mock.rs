@@ -1,0 +1,369 @@
+//! A fake OpenAI upstream, for tests, demos and benchmarks — never for
+//! production. It answers `/v1/*` the way OpenAI does, from the recorded
+//! wire format in `tests/fixtures/openai/` (compiled in): JSON bodies with
+//! `x-ratelimit-*` headers, SSE streams (with or without the usage chunk, as
+//! the request asks), and each documented error with its status and headers.
+//!
+//! Scenarios choose the answer: per request with the header
+//! `x-mock-scenario: NAME`, or for every request with
+//! `POST /mock/scenario {"scenario": "NAME"}` (or `--scenario NAME`). Knobs:
+//! latency before the headers, a delay between streamed events, and a share
+//! of requests that fail with a given scenario. `GET /mock/stats` counts
+//! requests per path; `GET /mock/last` shows the last request as received;
+//! `POST /mock/reset` clears both and the scenario.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Router;
+use axum::body::{Body, Bytes};
+use axum::extract::{Request, State};
+use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{any, get, post};
+use futures_util::stream;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+macro_rules! fixture {
+    ($name:literal) => {
+        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openai/", $name))
+    };
+}
+
+const CHAT: &str = fixture!("chat_completion.json");
+const CHAT_HEADERS: &str = fixture!("chat_completion.headers");
+const CHAT_STREAM: &str = fixture!("chat_completion_stream.sse");
+const CHAT_STREAM_USAGE: &str = fixture!("chat_completion_stream_include_usage.sse");
+const EMBEDDINGS: &str = fixture!("embeddings.json");
+const RESPONSES: &str = fixture!("responses.json");
+const RESPONSES_STREAM: &str = fixture!("responses_stream.sse");
+
+/// An error answer: status, body and headers beyond `content-type`.
+struct ErrorAnswer {
+    status: u16,
+    body: &'static str,
+    headers: &'static [(&'static str, &'static str)],
+}
+
+/// Every error the mock can answer, by scenario name.
+const ERRORS: &[(&str, ErrorAnswer)] = &[
+    ("rate_limit_requests", ErrorAnswer { status: 429, body: fixture!("error_429_rate_limit_requests.json"), headers: &[("retry-after", "20"), ("x-ratelimit-limit-requests", "3"), ("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "20s")] }),
+    ("rate_limit_requests_per_day", ErrorAnswer { status: 429, body: fixture!("error_429_rate_limit_requests_per_day.json"), headers: &[("retry-after", "432")] }),
+    ("rate_limit_tokens", ErrorAnswer { status: 429, body: fixture!("error_429_rate_limit_tokens.json"), headers: &[("retry-after", "10"), ("x-ratelimit-limit-tokens", "10000"), ("x-ratelimit-remaining-tokens", "0"), ("x-ratelimit-reset-tokens", "9.816s")] }),
+    ("slow_down", ErrorAnswer { status: 429, body: fixture!("error_429_slow_down.json"), headers: &[("retry-after", "1")] }),
+    ("request_too_large", ErrorAnswer { status: 429, body: fixture!("error_429_request_too_large.json"), headers: &[] }),
+    ("insufficient_quota", ErrorAnswer { status: 429, body: fixture!("error_429_insufficient_quota.json"), headers: &[] }),
+    ("insufficient_quota_legacy", ErrorAnswer { status: 429, body: fixture!("error_429_insufficient_quota_legacy_null_code.json"), headers: &[] }),
+    ("credit_balance_exhausted", ErrorAnswer { status: 429, body: fixture!("error_429_credit_balance_exhausted.json"), headers: &[] }),
+    ("organization_spend_limit_exceeded", ErrorAnswer { status: 429, body: fixture!("error_429_organization_spend_limit_exceeded.json"), headers: &[] }),
+    ("project_spend_limit_exceeded", ErrorAnswer { status: 429, body: fixture!("error_429_project_spend_limit_exceeded.json"), headers: &[] }),
+    ("azure_429", ErrorAnswer { status: 429, body: fixture!("azure_error_429.json"), headers: &[("retry-after", "10"), ("retry-after-ms", "10000")] }),
+    ("server_error", ErrorAnswer { status: 500, body: fixture!("error_500_server_error.json"), headers: &[] }),
+    ("overloaded", ErrorAnswer { status: 503, body: fixture!("error_503_server_is_overloaded.json"), headers: &[("retry-after", "1")] }),
+    ("overloaded_legacy", ErrorAnswer { status: 503, body: fixture!("error_503_legacy_overloaded.json"), headers: &[] }),
+    ("invalid_api_key", ErrorAnswer { status: 401, body: fixture!("error_401_invalid_api_key.json"), headers: &[] }),
+    ("context_length_exceeded", ErrorAnswer { status: 400, body: fixture!("error_400_context_length_exceeded.json"), headers: &[] }),
+];
+
+/// Scenarios that shape the answer rather than replace it.
+const BEHAVIOURS: &[&str] = &["ok", "timeout", "stream_break", "stream_stall", "stream_error"];
+
+pub fn scenarios() -> Vec<&'static str> {
+    BEHAVIOURS
+        .iter()
+        .copied()
+        .chain(ERRORS.iter().map(|(name, _)| *name))
+        .collect()
+}
+
+fn is_scenario(name: &str) -> bool {
+    scenarios().contains(&name)
+}
+
+/// Settings of the mock.
+#[derive(Clone, Debug)]
+pub struct MockOptions {
+    /// Wait before the response headers.
+    pub latency: Duration,
+    /// Wait between streamed events.
+    pub chunk_delay: Duration,
+    /// The scenario of requests that name none.
+    pub scenario: String,
+    /// The share of requests (0 to 1) answered with `error_scenario` instead.
+    pub error_rate: f64,
+    pub error_scenario: String,
+    /// When set, requests must carry `Authorization: Bearer <this>`, or get
+    /// OpenAI's 401.
+    pub require_key: Option<String>,
+}
+
+impl Default for MockOptions {
+    fn default() -> Self {
+        Self {
+            latency: Duration::ZERO,
+            chunk_delay: Duration::ZERO,
+            scenario: "ok".to_owned(),
+            error_rate: 0.0,
+            error_scenario: "server_error".to_owned(),
+            require_key: None,
+        }
+    }
+}
+
+#[derive(Default)]
+struct Recorded {
+    hits: BTreeMap<String, u64>,
+    last: Option<Value>,
+}
+
+#[derive(Clone)]
+struct Mock {
+    options: Arc<Mutex<MockOptions>>,
+    recorded: Arc<Mutex<Recorded>>,
+}
+
+/// The mock upstream's routes.
+pub fn router(options: MockOptions) -> Router {
+    let mock = Mock {
+        options: Arc::new(Mutex::new(options)),
+        recorded: Arc::new(Mutex::new(Recorded::default())),
+    };
+    Router::new()
+        .route("/mock/scenario", post(set_scenario))
+        .route("/mock/stats", get(stats))
+        .route("/mock/last", get(last))
+        .route("/mock/reset", post(reset))
+        .route("/v1/{*path}", any(answer))
+        .with_state(mock)
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+#[derive(Deserialize)]
+struct ScenarioBody {
+    scenario: String,
+}
+
+async fn set_scenario(State(mock): State<Mock>, axum::Json(body): axum::Json<ScenarioBody>) -> Response {
+    if !is_scenario(&body.scenario) {
+        let known = scenarios().join(", ");
+        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": format!("unknown scenario; known: {known}")})))
+            .into_response();
+    }
+    lock(&mock.options).scenario = body.scenario.clone();
+    axum::Json(json!({"scenario": body.scenario})).into_response()
+}
+
+async fn stats(State(mock): State<Mock>) -> axum::Json<Value> {
+    let recorded = lock(&mock.recorded);
+    let total: u64 = recorded.hits.values().sum();
+    axum::Json(json!({"total": total, "requests": recorded.hits}))
+}
+
+async fn last(State(mock): State<Mock>) -> axum::Json<Value> {
+    axum::Json(lock(&mock.recorded).last.clone().unwrap_or(Value::Null))
+}
+
+async fn reset(State(mock): State<Mock>) -> StatusCode {
+    *lock(&mock.recorded) = Recorded::default();
+    lock(&mock.options).scenario = "ok".to_owned();
+    StatusCode::NO_CONTENT
+}
+
+fn headers_of(lines: &str) -> Vec<(String, String)> {
+    lines
+        .lines()
+        .skip(1)
+        .filter_map(|line| line.split_once(": "))
+        .filter(|(name, _)| !name.eq_ignore_ascii_case("content-type"))
+        .map(|(name, value)| (name.to_owned(), value.to_owned()))
+        .collect()
+}
+
+fn with_headers(mut response: Response, headers: impl IntoIterator<Item = (String, String)>) -> Response {
+    for (name, value) in headers {
+        if let (Ok(name), Ok(value)) = (
+            axum::http::HeaderName::try_from(name),
+            HeaderValue::try_from(value),
+        ) {
+            response.headers_mut().insert(name, value);
+        }
+    }
+    response
+}
+
+fn json_response(status: u16, body: String) -> Response {
+    let mut response = Response::new(Body::from(body));
+    *response.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::OK);
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    response
+}
+
+/// An SSE body sent event by event, with `delay` between events; `ending`
+/// decides what happens after `cut_after` events (if set).
+fn event_stream(text: &'static str, delay: Duration, cut: Option<(usize, Ending)>) -> Response {
+    let events: Vec<String> = text
+        .split_inclusive("\n\n")
+        .map(str::to_owned)
+        .collect();
+    let stream = stream::unfold((events.into_iter(), 0usize), move |(mut events, sent)| async move {
+        if !delay.is_zero() && sent > 0 {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some((after, ending)) = cut
+            && sent == after
+        {
+            return match ending {
+                Ending::Break => Some((Err(std::io::Error::other("connection reset by mock")), (events, usize::MAX))),
+                Ending::Stall => {
+                    std::future::pending::<()>().await;
+                    None
+                }
+                Ending::Error => Some((
+                    Ok(Bytes::from_static(b"data: {\"error\":{\"message\":\"The server had an error while processing your request.\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n")),
+                    (Vec::new().into_iter(), usize::MAX),
+                )),
+            };
+        }
+        if sent == usize::MAX {
+            return None;
+        }
+        events.next().map(|event| (Ok(Bytes::from(event)), (events, sent + 1)))
+    });
+    let mut response = Response::new(Body::from_stream(stream));
+    response.headers_mut().insert(
+        axum::http::header::CONTENT_TYPE,
+        HeaderValue::from_static("text/event-stream; charset=utf-8"),
+    );
+    response
+}
+
+#[derive(Clone, Copy)]
+enum Ending {
+    Break,
+    Stall,
+    Error,
+}
+
+fn not_found(path: &str) -> Response {
+    json_response(
+        404,
+        json!({"error": {"message": format!("Invalid URL (POST /v1{path})"), "type": "invalid_request_error", "param": null, "code": null}}).to_string(),
+    )
+}
+
+async fn answer(State(mock): State<Mock>, request: Request) -> Response {
+    let (parts, body) = request.into_parts();
+    let body = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let path = parts.uri.path().trim_start_matches("/v1").to_owned();
+    let headers: BTreeMap<String, String> = parts
+        .headers
+        .iter()
+        .map(|(name, value)| (name.to_string(), value.to_str().unwrap_or("").to_owned()))
+        .collect();
+    {
+        let mut recorded = lock(&mock.recorded);
+        *recorded.hits.entry(path.clone()).or_default() += 1;
+        recorded.last = Some(json!({
+            "method": parts.method.as_str(),
+            "path": parts.uri.path(),
+            "query": parts.uri.query(),
+            "headers": headers,
+            "body": String::from_utf8_lossy(&body),
+        }));
+    }
+    let options = lock(&mock.options).clone();
+    if !options.latency.is_zero() {
+        tokio::time::sleep(options.latency).await;
+    }
+    if let Some(expected) = &options.require_key
+        && !authorized(&parts.headers, expected)
+    {
+        return error_answer("invalid_api_key");
+    }
+    let mut scenario = parts
+        .headers
+        .get("x-mock-scenario")
+        .and_then(|value| value.to_str().ok())
+        .unwrap_or(&options.scenario)
+        .to_owned();
+    if options.error_rate > 0.0 && rand::random::<f64>() < options.error_rate {
+        scenario = options.error_scenario.clone();
+    }
+    if scenario == "timeout" {
+        std::future::pending::<()>().await;
+    }
+    if ERRORS.iter().any(|(name, _)| *name == scenario) {
+        return error_answer(&scenario);
+    }
+    let json: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+    let streaming = json.get("stream") == Some(&Value::Bool(true));
+    let cut = match scenario.as_str() {
+        "stream_break" => Some((2, Ending::Break)),
+        "stream_stall" => Some((2, Ending::Stall)),
+        "stream_error" => Some((2, Ending::Error)),
+        _ => None,
+    };
+    let response = match (path.as_str(), streaming) {
+        ("/chat/completions", true) => {
+            let with_usage = json.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
+            event_stream(if with_usage { CHAT_STREAM_USAGE } else { CHAT_STREAM }, options.chunk_delay, cut)
+        }
+        ("/chat/completions", false) => json_response(200, CHAT.to_owned()),
+        ("/completions", _) => json_response(
+            200,
+            json!({"id": "cmpl-mock", "object": "text_completion", "created": 1761564674,
+                "model": json.get("model").cloned().unwrap_or(json!("gpt-3.5-turbo-instruct")),
+                "choices": [{"text": "Hello there!", "index": 0, "logprobs": null, "finish_reason": "stop"}],
+                "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
+            .to_string(),
+        ),
+        ("/embeddings", _) => json_response(200, EMBEDDINGS.to_owned()),
+        ("/responses", true) => event_stream(RESPONSES_STREAM, options.chunk_delay, cut),
+        ("/responses", false) => json_response(200, RESPONSES.to_owned()),
+        ("/models", _) => json_response(
+            200,
+            json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}]}).to_string(),
+        ),
+        _ => return not_found(&path),
+    };
+    with_headers(response, headers_of(CHAT_HEADERS))
+}
+
+fn authorized(headers: &HeaderMap, expected: &str) -> bool {
+    headers
+        .get(axum::http::header::AUTHORIZATION)
+        .and_then(|value| value.to_str().ok())
+        .and_then(|value| value.strip_prefix("Bearer "))
+        == Some(expected)
+}
+
+fn error_answer(scenario: &str) -> Response {
+    let Some((_, answer)) = ERRORS.iter().find(|(name, _)| *name == scenario) else {
+        return not_found(scenario);
+    };
+    let headers = answer
+        .headers
+        .iter()
+        .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
+        .chain([("x-request-id".to_owned(), "req_mock".to_owned())]);
+    with_headers(json_response(answer.status, answer.body.to_owned()), headers)
+}
+
+/// Serves the mock on `listener` until `shutdown` completes.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    options: MockOptions,
+    shutdown: impl std::future::Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(listener, router(options))
+        .with_graceful_shutdown(shutdown)
+        .await
+}

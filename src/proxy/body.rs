@@ -1,0 +1,223 @@
+//! Settling a proxied call, whatever way it ends.
+//!
+//! A [`SettleGuard`] is created as soon as a request is admitted and settles
+//! it exactly once: when the upstream's error answer is read, when the
+//! streamed body ends, breaks or stalls, or — through `Drop` — when the
+//! client goes away first. Dropping the body also drops the upstream
+//! response, which cancels the upstream request.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use futures_util::Stream;
+use tokio::time::Sleep;
+
+use super::estimate::{Endpoint, Estimate};
+use super::scan::{Findings, Scanner};
+use crate::api::AppState;
+use crate::domain::limits::WorkspaceId;
+use crate::domain::upstream::UpstreamClass;
+use crate::domain::workspace::Model;
+use crate::engine::{EngineError, TokenUsage, UpstreamAnswer, UsageReport};
+use crate::metrics::RequestOutcome;
+
+/// Everything needed to settle one admitted call.
+pub struct Settlement {
+    pub state: AppState,
+    pub workspace: WorkspaceId,
+    pub reservation: u64,
+    pub model: Option<Model>,
+    pub endpoint: Endpoint,
+    pub estimate: Estimate,
+    pub arrived: Instant,
+}
+
+impl Settlement {
+    /// Reports the call to the engine and the metrics. `tokens: None` keeps
+    /// the estimate; `answer: None` means the upstream never answered.
+    fn finish(self, tokens: Option<TokenUsage>, answer: Option<UpstreamAnswer>) -> Option<UpstreamClass> {
+        let report = UsageReport {
+            reservation: Some(self.reservation),
+            model: self.model.clone(),
+            tokens,
+            answer,
+            latency_ms: Some(self.arrived.elapsed().as_millis() as u64),
+        };
+        let class = match self.state.engine.report(&self.workspace, report) {
+            Ok(class) => class,
+            Err(error @ (EngineError::UnknownReservation(_) | EngineError::UnknownWorkspace(_))) => {
+                // The workspace was deleted, or reset and its reservation
+                // expired, while the call ran: nothing is left to settle.
+                tracing::debug!(workspace = %self.workspace, %error, "nothing to settle");
+                None
+            }
+        };
+        let outcome = class.map_or(RequestOutcome::Abandoned, RequestOutcome::Upstream);
+        let metrics = &self.state.metrics;
+        metrics.request(&self.workspace, self.endpoint.label(), outcome);
+        if let Some(tokens) = tokens {
+            metrics.tokens(&self.workspace, self.model.as_deref(), tokens);
+        }
+        class
+    }
+
+    /// Tokens for a stream that stopped early: the prompt as estimated, and
+    /// the text generated so far at four bytes per token.
+    fn seen_so_far(&self, findings: &Findings) -> TokenUsage {
+        findings.usage.as_ref().map_or(
+            TokenUsage {
+                prompt: self.estimate.prompt,
+                completion: findings.output_bytes.div_ceil(4),
+                ..TokenUsage::default()
+            },
+            |usage| usage.tokens(),
+        )
+    }
+}
+
+/// Settles its call exactly once; if nothing else did, dropping it does,
+/// keeping the estimate (the client left before the upstream answered).
+pub struct SettleGuard(Option<Settlement>);
+
+impl SettleGuard {
+    pub fn new(settlement: Settlement) -> Self {
+        Self(Some(settlement))
+    }
+
+    pub fn settle(&mut self, tokens: Option<TokenUsage>, answer: Option<UpstreamAnswer>) -> Option<UpstreamClass> {
+        self.0.take().and_then(|settlement| settlement.finish(tokens, answer))
+    }
+
+    /// Hands the settlement over to a body stream, which settles it from now on.
+    pub fn into_settlement(mut self) -> Option<Settlement> {
+        self.0.take()
+    }
+}
+
+impl Drop for SettleGuard {
+    fn drop(&mut self) {
+        self.settle(None, None);
+    }
+}
+
+/// A response body on its way from the upstream to the client: scanned for
+/// usage, cut when the upstream stalls, and settled when it ends.
+pub struct MeteredBody {
+    upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    scanner: Scanner,
+    settlement: Option<Settlement>,
+    answer: UpstreamAnswer,
+    idle: Duration,
+    deadline: Pin<Box<Sleep>>,
+}
+
+impl MeteredBody {
+    pub fn new(
+        upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+        scanner: Scanner,
+        settlement: Option<Settlement>,
+        answer: UpstreamAnswer,
+        idle: Duration,
+    ) -> Self {
+        Self {
+            upstream,
+            scanner,
+            settlement,
+            answer,
+            idle,
+            deadline: Box::pin(tokio::time::sleep(idle)),
+        }
+    }
+
+    /// The body ended as the upstream meant it to.
+    fn complete(&mut self) -> Bytes {
+        let (rest, findings) = self.scanner.finish();
+        if let Some(settlement) = self.settlement.take() {
+            let mut answer = std::mem::take(&mut self.answer);
+            if let Some(error) = findings.error {
+                // An error event inside a 200 stream: the SDKs raise it; it
+                // counts as the server error it is.
+                answer.status = 500;
+                answer.error_type = error.error_type;
+                answer.error_code = error.code;
+                answer.error_message = error.message;
+            }
+            let tokens = findings.usage.as_ref().map(|usage| usage.tokens());
+            settlement.finish(tokens, Some(answer));
+        }
+        rest
+    }
+
+    /// The upstream broke off or stalled: settled with the estimate, and
+    /// counted as a server error.
+    fn broken(&mut self, reason: &str) {
+        if let Some(settlement) = self.settlement.take() {
+            tracing::warn!(workspace = %settlement.workspace, reason, "upstream stream broke off");
+            let answer = UpstreamAnswer {
+                status: 0,
+                error_type: Some("upstream_stream_broken".to_owned()),
+                error_message: Some(reason.to_owned()),
+                headers: self.answer.headers,
+                ..UpstreamAnswer::default()
+            };
+            settlement.finish(None, Some(answer));
+        }
+    }
+}
+
+impl Stream for MeteredBody {
+    type Item = Result<Bytes, std::io::Error>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        let this = &mut *self;
+        loop {
+            if this.settlement.is_none() {
+                return Poll::Ready(None);
+            }
+            match this.upstream.as_mut().poll_next(cx) {
+                Poll::Ready(Some(Ok(chunk))) => {
+                    let deadline = tokio::time::Instant::now() + this.idle;
+                    this.deadline.as_mut().reset(deadline);
+                    let out = this.scanner.feed(chunk);
+                    if !out.is_empty() {
+                        return Poll::Ready(Some(Ok(out)));
+                    }
+                }
+                Poll::Ready(Some(Err(error))) => {
+                    this.broken(&error.to_string());
+                    return Poll::Ready(Some(Err(std::io::Error::other(error))));
+                }
+                Poll::Ready(None) => {
+                    let rest = this.complete();
+                    return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
+                }
+                Poll::Pending => {
+                    if this.deadline.as_mut().poll(cx).is_ready() {
+                        let reason = format!("no data from the upstream for {:?}", this.idle);
+                        this.broken(&reason);
+                        return Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            reason,
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+            }
+        }
+    }
+}
+
+impl Drop for MeteredBody {
+    /// The client went away mid-body: the upstream answered fine, so it is
+    /// settled as a success with the usage seen so far.
+    fn drop(&mut self) {
+        if let Some(settlement) = self.settlement.take() {
+            let tokens = settlement.seen_so_far(&self.scanner.findings_so_far());
+            let answer = std::mem::take(&mut self.answer);
+            settlement.finish(Some(tokens), Some(answer));
+        }
+    }
+}

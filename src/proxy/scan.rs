@@ -1,0 +1,440 @@
+//! Reading usage out of response bodies while they pass through.
+//!
+//! A JSON body is kept whole up to [`WHOLE_BODY_LIMIT`] and parsed at its
+//! end; a larger one (a big embeddings batch) keeps only its tail, where
+//! OpenAI puts `usage`. A server-sent-event stream is read line by line:
+//! chat streams carry usage in a final chunk with `"usage":{...}`, Responses
+//! streams in the terminal `response.completed`/`incomplete`/`failed` event.
+//!
+//! When quotawatch itself asked a chat stream for usage (the client did not),
+//! the scanner also removes what that added — the final usage chunk and the
+//! `"usage":null` field of every other chunk — so that the client receives
+//! exactly the stream it asked for. Chunks pass through untouched otherwise.
+
+use bytes::{Bytes, BytesMut};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::estimate::Endpoint;
+use crate::openai::{ErrorEnvelope, ErrorObject, Usage};
+
+/// JSON bodies up to this size are kept whole for parsing.
+const WHOLE_BODY_LIMIT: usize = 1 << 20;
+/// How much of a larger body's end is kept to find `usage` in.
+const TAIL: usize = 64 << 10;
+
+/// What a body said about the call.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub struct Findings {
+    pub usage: Option<Usage>,
+    /// An error event inside a stream.
+    pub error: Option<ErrorObject>,
+    /// Bytes of generated text seen so far, for a stream cut short.
+    pub output_bytes: u64,
+}
+
+pub enum Scanner {
+    Json(JsonScanner),
+    Sse(SseScanner),
+}
+
+impl Scanner {
+    /// The scanner for a body of `content_type`.
+    pub fn new(endpoint: Endpoint, content_type: &str, strip_injected_usage: bool) -> Self {
+        if content_type.starts_with("text/event-stream") {
+            Scanner::Sse(SseScanner::new(endpoint, strip_injected_usage))
+        } else {
+            Scanner::Json(JsonScanner::default())
+        }
+    }
+
+    /// Takes in the next chunk and returns what to pass on.
+    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+        match self {
+            Scanner::Json(json) => {
+                json.feed(&chunk);
+                chunk
+            }
+            Scanner::Sse(sse) => sse.feed(chunk),
+        }
+    }
+
+    /// The end of the body: returns anything still held back, and what was
+    /// found.
+    pub fn finish(&mut self) -> (Bytes, Findings) {
+        match self {
+            Scanner::Json(json) => (Bytes::new(), json.findings()),
+            Scanner::Sse(sse) => (sse.flush(), sse.findings.clone()),
+        }
+    }
+
+    /// What was found so far (the body did not end).
+    pub fn findings_so_far(&self) -> Findings {
+        match self {
+            Scanner::Json(_) => Findings::default(),
+            Scanner::Sse(sse) => sse.findings.clone(),
+        }
+    }
+}
+
+#[derive(Default)]
+pub struct JsonScanner {
+    head: BytesMut,
+    /// Set once the body outgrew the head; from then on only the tail is kept.
+    tail: Option<BytesMut>,
+}
+
+impl JsonScanner {
+    fn feed(&mut self, chunk: &[u8]) {
+        match &mut self.tail {
+            None if self.head.len() + chunk.len() <= WHOLE_BODY_LIMIT => {
+                self.head.extend_from_slice(chunk);
+            }
+            None => {
+                let mut tail = std::mem::take(&mut self.head);
+                tail.extend_from_slice(chunk);
+                self.tail = Some(keep_end(tail));
+            }
+            Some(tail) => {
+                tail.extend_from_slice(chunk);
+                if tail.len() > 2 * TAIL {
+                    *tail = keep_end(std::mem::take(tail));
+                }
+            }
+        }
+    }
+
+    fn findings(&self) -> Findings {
+        #[derive(Deserialize)]
+        struct WithUsage {
+            usage: Option<Usage>,
+        }
+        let usage = match &self.tail {
+            None => serde_json::from_slice::<WithUsage>(&self.head)
+                .ok()
+                .and_then(|body| body.usage),
+            Some(tail) => usage_in_tail(tail),
+        };
+        Findings {
+            usage,
+            ..Findings::default()
+        }
+    }
+}
+
+fn keep_end(mut buffer: BytesMut) -> BytesMut {
+    if buffer.len() > TAIL {
+        let _ = buffer.split_to(buffer.len() - TAIL);
+    }
+    buffer
+}
+
+/// Finds the last `"usage": {...}` object in a piece of JSON.
+fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
+    let key = b"\"usage\"";
+    let at = tail.windows(key.len()).rposition(|window| window == key)?;
+    let rest = &tail[at + key.len()..];
+    let start = rest.iter().position(|b| *b == b'{')?;
+    let between = &rest[..start];
+    if !between.iter().all(|b| b.is_ascii_whitespace() || *b == b':') {
+        return None;
+    }
+    serde_json::Deserializer::from_slice(&rest[start..])
+        .into_iter::<Usage>()
+        .next()?
+        .ok()
+}
+
+pub struct SseScanner {
+    endpoint: Endpoint,
+    strip: bool,
+    /// An incomplete line (or, when stripping, an incomplete event).
+    pending: BytesMut,
+    findings: Findings,
+}
+
+/// A chat chunk's generated text, for counting what a cut-short stream
+/// produced.
+#[derive(Deserialize)]
+struct ChatChunk {
+    #[serde(default)]
+    choices: Vec<ChatChoice>,
+}
+
+#[derive(Deserialize)]
+struct ChatChoice {
+    delta: Option<ChatDelta>,
+}
+
+#[derive(Deserialize)]
+struct ChatDelta {
+    content: Option<String>,
+}
+
+impl SseScanner {
+    fn new(endpoint: Endpoint, strip: bool) -> Self {
+        Self {
+            endpoint,
+            strip,
+            pending: BytesMut::new(),
+            findings: Findings::default(),
+        }
+    }
+
+    fn feed(&mut self, chunk: Bytes) -> Bytes {
+        if !self.strip {
+            self.pending.extend_from_slice(&chunk);
+            while let Some(line) = take_line(&mut self.pending) {
+                self.inspect(&line);
+            }
+            return chunk;
+        }
+        self.pending.extend_from_slice(&chunk);
+        let mut out = BytesMut::new();
+        while let Some(event) = take_event(&mut self.pending) {
+            self.pass_event(&event, &mut out);
+        }
+        out.freeze()
+    }
+
+    /// Everything still held back at the end of the stream.
+    fn flush(&mut self) -> Bytes {
+        let rest = std::mem::take(&mut self.pending);
+        if !self.strip {
+            if !rest.is_empty() {
+                self.inspect(&rest);
+            }
+            return Bytes::new();
+        }
+        let mut out = BytesMut::new();
+        if !rest.is_empty() {
+            self.pass_event(&rest, &mut out);
+        }
+        out.freeze()
+    }
+
+    /// Reads one event and writes it to `out` without what quotawatch added.
+    fn pass_event(&mut self, event: &[u8], out: &mut BytesMut) {
+        let mut injected_usage_chunk = false;
+        for line in event.split_inclusive(|b| *b == b'\n') {
+            if self.inspect(line) {
+                injected_usage_chunk = true;
+            }
+        }
+        if injected_usage_chunk {
+            return;
+        }
+        out.extend_from_slice(&remove_all(event, b",\"usage\":null"));
+    }
+
+    /// Looks at one line; returns whether it is a chat usage chunk.
+    fn inspect(&mut self, line: &[u8]) -> bool {
+        let Some(data) = line.strip_prefix(b"data:") else {
+            return false;
+        };
+        let data = data.trim_ascii();
+        if !data.starts_with(b"{") {
+            return false;
+        }
+        if data.starts_with(b"{\"error\"") {
+            self.findings.error = ErrorEnvelope::parse(data);
+            return false;
+        }
+        match self.endpoint {
+            Endpoint::Responses => self.inspect_responses_event(data),
+            _ => return self.inspect_chat_chunk(data),
+        }
+        false
+    }
+
+    fn inspect_chat_chunk(&mut self, data: &[u8]) -> bool {
+        if contains(data, b"\"usage\":{") {
+            #[derive(Deserialize)]
+            struct UsageChunk {
+                usage: Option<Usage>,
+            }
+            if let Ok(UsageChunk { usage: Some(usage) }) = serde_json::from_slice(data) {
+                self.findings.usage = Some(usage);
+                return true;
+            }
+        }
+        if let Ok(chunk) = serde_json::from_slice::<ChatChunk>(data) {
+            let bytes: usize = chunk
+                .choices
+                .iter()
+                .filter_map(|choice| choice.delta.as_ref()?.content.as_ref())
+                .map(String::len)
+                .sum();
+            self.findings.output_bytes += bytes as u64;
+        }
+        false
+    }
+
+    fn inspect_responses_event(&mut self, data: &[u8]) {
+        let Ok(event) = serde_json::from_slice::<Value>(data) else {
+            return;
+        };
+        match event.get("type").and_then(Value::as_str) {
+            Some("response.output_text.delta") => {
+                let delta = event.get("delta").and_then(Value::as_str).unwrap_or("");
+                self.findings.output_bytes += delta.len() as u64;
+            }
+            Some("response.completed" | "response.incomplete" | "response.failed") => {
+                if let Some(usage) = event
+                    .pointer("/response/usage")
+                    .and_then(|usage| serde_json::from_value(usage.clone()).ok())
+                {
+                    self.findings.usage = Some(usage);
+                }
+            }
+            Some("error") => {
+                self.findings.error = serde_json::from_value(event.clone()).ok();
+            }
+            _ => {}
+        }
+    }
+}
+
+fn contains(haystack: &[u8], needle: &[u8]) -> bool {
+    haystack.windows(needle.len()).any(|window| window == needle)
+}
+
+/// `text` without any occurrence of `needle`.
+fn remove_all(text: &[u8], needle: &[u8]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(text.len());
+    let mut rest = text;
+    while let Some(at) = rest.windows(needle.len()).position(|window| window == needle) {
+        out.extend_from_slice(&rest[..at]);
+        rest = &rest[at + needle.len()..];
+    }
+    out.extend_from_slice(rest);
+    out
+}
+
+/// Takes one complete line (with its `\n`) off the front of `buffer`.
+fn take_line(buffer: &mut BytesMut) -> Option<BytesMut> {
+    let end = buffer.iter().position(|b| *b == b'\n')?;
+    Some(buffer.split_to(end + 1))
+}
+
+/// Takes one complete event (its lines and the blank line ending it) off
+/// the front of `buffer`. Lines may end in `\r\n`.
+fn take_event(buffer: &mut BytesMut) -> Option<BytesMut> {
+    let mut start = 0;
+    while let Some(offset) = buffer[start..].iter().position(|b| *b == b'\n') {
+        let line_end = start + offset + 1;
+        let line = &buffer[start..line_end];
+        if line == b"\n" || line == b"\r\n" {
+            return Some(buffer.split_to(line_end));
+        }
+        start = line_end;
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn fixture(name: &str) -> Vec<u8> {
+        std::fs::read(format!("{}/tests/fixtures/openai/{name}", env!("CARGO_MANIFEST_DIR")))
+            .expect("fixture")
+    }
+
+    /// Feeds `body` in chunks of `size` bytes and collects the output.
+    fn run(scanner: &mut Scanner, body: &[u8], size: usize) -> (Vec<u8>, Findings) {
+        let mut out = Vec::new();
+        for chunk in body.chunks(size) {
+            out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(chunk)));
+        }
+        let (rest, findings) = scanner.finish();
+        out.extend_from_slice(&rest);
+        (out, findings)
+    }
+
+    #[test]
+    fn a_chat_stream_with_usage_passes_unchanged_and_yields_its_usage() {
+        let body = fixture("chat_completion_stream_include_usage.sse");
+        for size in [1, 7, 100, body.len()] {
+            let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", false);
+            let (out, findings) = run(&mut scanner, &body, size);
+            assert_eq!(out, body, "chunks of {size}");
+            let tokens = findings.usage.expect("usage").tokens();
+            assert_eq!((tokens.prompt, tokens.completion), (10, 5));
+        }
+    }
+
+    #[test]
+    fn injected_usage_is_removed_so_the_client_sees_the_stream_it_asked_for() {
+        let with_usage = fixture("chat_completion_stream_include_usage.sse");
+        let without = fixture("chat_completion_stream.sse");
+        for size in [1, 13, 4096] {
+            let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream; charset=utf-8", true);
+            let (out, findings) = run(&mut scanner, &with_usage, size);
+            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&without), "chunks of {size}");
+            assert_eq!(findings.usage.expect("usage").tokens().total(), 15);
+        }
+    }
+
+    #[test]
+    fn crlf_line_endings_are_understood() {
+        let body = String::from_utf8(fixture("chat_completion_stream_include_usage.sse"))
+            .expect("utf-8")
+            .replace('\n', "\r\n");
+        let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", true);
+        let (out, findings) = run(&mut scanner, body.as_bytes(), 50);
+        assert!(findings.usage.is_some());
+        assert!(!String::from_utf8_lossy(&out).contains("usage"));
+    }
+
+    #[test]
+    fn a_responses_stream_yields_the_terminal_usage() {
+        let body = fixture("responses_stream.sse");
+        let mut scanner = Scanner::new(Endpoint::Responses, "text/event-stream", false);
+        let (out, findings) = run(&mut scanner, &body, 33);
+        assert_eq!(out, body);
+        let tokens = findings.usage.expect("usage").tokens();
+        assert_eq!((tokens.prompt, tokens.completion), (9, 2));
+        assert_eq!(findings.output_bytes, "Hi!".len() as u64);
+    }
+
+    #[test]
+    fn a_cut_stream_reports_the_text_seen_so_far() {
+        let body = fixture("chat_completion_stream.sse");
+        let half = &body[..body.len() / 2];
+        let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", false);
+        for chunk in half.chunks(64) {
+            scanner.feed(Bytes::copy_from_slice(chunk));
+        }
+        let findings = scanner.findings_so_far();
+        assert!(findings.usage.is_none());
+        assert!(findings.output_bytes > 0);
+    }
+
+    #[test]
+    fn an_error_event_inside_a_stream_is_noticed() {
+        let body = b"data: {\"id\":\"x\",\"choices\":[]}\n\ndata: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
+        let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", false);
+        let (_, findings) = run(&mut scanner, body, 10);
+        assert_eq!(findings.error.expect("error").error_type.as_deref(), Some("server_error"));
+    }
+
+    #[test]
+    fn json_bodies_yield_usage_whole_or_from_the_tail() {
+        for name in ["chat_completion.json", "embeddings.json", "responses.json"] {
+            let body = fixture(name);
+            let mut scanner = Scanner::new(Endpoint::Other, "application/json", false);
+            let (out, findings) = run(&mut scanner, &body, 100);
+            assert_eq!(out.len(), 0, "JSON chunks pass through feed, not finish");
+            assert!(findings.usage.is_some(), "{name}");
+        }
+        // A body too large to keep whole: usage is found in the tail.
+        let big = format!(
+            "{{\"object\":\"list\",\"data\":[{}],\"model\":\"text-embedding-3-small\",\"usage\":{{\"prompt_tokens\":4096,\"total_tokens\":4096}}}}",
+            vec!["0.0123456789"; 300_000].join(",")
+        );
+        let mut scanner = Scanner::new(Endpoint::Embeddings, "application/json", false);
+        let (_, findings) = run(&mut scanner, big.as_bytes(), 16 << 10);
+        assert_eq!(findings.usage.expect("usage").tokens().prompt, 4096);
+    }
+}
