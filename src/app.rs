@@ -22,10 +22,9 @@ use crate::store::{Store, StoreError};
 /// How often time-driven changes (windows sliding, blocks expiring) are
 /// evaluated.
 const TICK: Duration = Duration::from_millis(250);
-/// Usage events are sent at most once per this interval per workspace.
-const USAGE_PUBLISH_EVERY: u32 = 2;
 
 const ADMIN_KEY_META: &str = "admin_key_sha256";
+const BOOTSTRAPPED_META: &str = "bootstrapped";
 const DEFAULT_WORKSPACE: &str = "default";
 
 #[derive(Debug, thiserror::Error)]
@@ -56,9 +55,10 @@ pub struct Running {
     engine: Arc<Engine>,
 }
 
-/// Makes sure the admin key exists: the configured one, or a generated one
-/// whose hash is kept in the database (the key itself is returned to be
-/// shown once).
+/// The admin key's hash: the configured key's, or the stored hash of a
+/// generated one. On a first start without either, a key is generated and
+/// returned to be shown once; its hash is stored only when start-up is
+/// otherwise complete, so a failed start never leaves a key nobody saw.
 async fn admin_key(
     config: &Config,
     store: &Store,
@@ -75,12 +75,13 @@ async fn admin_key(
         return Ok((hash, None));
     }
     let key = PlainKey::generate();
-    store.set_meta(ADMIN_KEY_META, &key.hash().to_hex()).await?;
     Ok((key.hash(), Some(key)))
 }
 
-/// Applies the configuration file's workspaces, and on a first start with no
-/// workspace at all creates `default` with one key.
+/// Applies the configuration file's workspaces, and on the very first start
+/// with no workspace at all creates `default` with one key. A database that
+/// had workspaces once is not bootstrapped again, even if they were all
+/// deleted since.
 async fn bootstrap_workspaces(
     config: &Config,
     admin: &Admin,
@@ -89,15 +90,21 @@ async fn bootstrap_workspaces(
     for (id, spec) in &config.workspaces {
         admin.declare_workspace(id, spec).await?;
     }
-    if !store.load_catalog().await?.workspaces.is_empty() {
-        return Ok(None);
+    let bootstrapped = store.meta(BOOTSTRAPPED_META).await?.is_some();
+    let empty = store.load_catalog().await?.workspaces.is_empty();
+    let key = if !bootstrapped && empty {
+        admin
+            .create_workspace(DEFAULT_WORKSPACE, &WorkspaceSpec::default())
+            .await?;
+        let id = DEFAULT_WORKSPACE.parse().map_err(AdminError::from)?;
+        Some(admin.create_key(&id).await?.1)
+    } else {
+        None
+    };
+    if !bootstrapped {
+        store.set_meta(BOOTSTRAPPED_META, "1").await?;
     }
-    admin
-        .create_workspace(DEFAULT_WORKSPACE, &WorkspaceSpec::default())
-        .await?;
-    let id = DEFAULT_WORKSPACE.parse().map_err(AdminError::from)?;
-    let (_, key) = admin.create_key(&id).await?;
-    Ok(Some(key))
+    Ok(key)
 }
 
 /// Opens everything and starts serving on `listener`.
@@ -122,7 +129,7 @@ pub async fn start(
     engine.set_admin_key(admin_hash);
 
     let (flush, flush_task) = flush::spawn(engine.clone(), store.clone(), config.flush_interval);
-    let (hub, hub_task) = api::ws::Hub::spawn(&engine);
+    let (hub, hub_task) = api::ws::Hub::spawn(engine.clone());
     let ticker = tokio::spawn(tick(engine.clone()));
 
     let proxy = crate::proxy::Proxy::new(&config.upstream, env_lookup())
@@ -134,13 +141,15 @@ pub async fn start(
         metrics_public: config.metrics_public,
         store: store.clone(),
         admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults),
-        flush: flush.clone(),
         tickets: api::ws::Tickets::default(),
         hub,
         ws_ping_interval: config.ws_ping_interval,
         openapi_json: api::openapi_json(),
     });
     let router = api::router(state, config.max_body_bytes);
+    if let Some(key) = &generated_admin_key {
+        store.set_meta(ADMIN_KEY_META, &key.hash().to_hex()).await?;
+    }
     let addr = listener.local_addr()?;
     let (stop_serving, stopped) = oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -174,20 +183,19 @@ fn env_lookup() -> crate::proxy::EnvLookup {
     let dotenv: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
         .map(|entries| entries.filter_map(Result::ok).collect())
         .unwrap_or_default();
-    Box::new(move |name| std::env::var(name).ok().or_else(|| dotenv.get(name).cloned()))
+    Box::new(move |name| {
+        std::env::var(name)
+            .ok()
+            .or_else(|| dotenv.get(name).cloned())
+    })
 }
 
 async fn tick(engine: Arc<Engine>) {
     let mut interval = tokio::time::interval(TICK);
     interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    let mut ticks = 0u32;
     loop {
         interval.tick().await;
         engine.tick();
-        ticks = ticks.wrapping_add(1);
-        if ticks.is_multiple_of(USAGE_PUBLISH_EVERY) {
-            engine.publish_usage();
-        }
     }
 }
 

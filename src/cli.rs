@@ -239,7 +239,10 @@ async fn mock_upstream(args: MockArgs) -> Result<(), Failure> {
     let listener = tokio::net::TcpListener::bind(&args.listen)
         .await
         .map_err(|e| format!("cannot listen on {}: {e}", args.listen))?;
-    println!("mock OpenAI upstream listening on http://{}/v1", listener.local_addr()?);
+    println!(
+        "mock OpenAI upstream listening on http://{}/v1",
+        listener.local_addr()?
+    );
     let options = crate::mock::MockOptions {
         latency: args.latency,
         chunk_delay: args.chunk_delay,

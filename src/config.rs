@@ -209,11 +209,12 @@ enum FileLimit {
     Word(String),
 }
 
-fn def(key: &str) -> &'static SettingDef {
+/// The environment variable of a setting, by which errors name it.
+fn env_name(key: &str) -> &str {
     SETTINGS
         .iter()
         .find(|setting| setting.key == key)
-        .unwrap_or(&SETTINGS[0])
+        .map_or(key, |setting| setting.env)
 }
 
 pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
@@ -221,7 +222,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
         .iter()
         .filter_map(|s| s.default.map(|d| (s.key, (d.to_owned(), Source::Default))))
         .collect();
-    let mut declared = Vec::new();
+    let mut declared = (Vec::new(), Source::Default);
 
     if let Some(path) = sources.file {
         let source = Source::File(path.to_owned());
@@ -236,7 +237,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
                 let list: Vec<FileWorkspace> = value
                     .try_into()
                     .map_err(|e| ConfigError::new("workspaces", &source, format!("{e}")))?;
-                declared = list;
+                declared = (list, source.clone());
                 continue;
             }
             let setting = SETTINGS
@@ -294,7 +295,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
 
 fn build(
     values: HashMap<&'static str, (String, Source)>,
-    declared: Vec<FileWorkspace>,
+    (declared, declared_in): (Vec<FileWorkspace>, Source),
 ) -> Result<Config, ConfigError> {
     let get = |key: &str| {
         values
@@ -303,7 +304,7 @@ fn build(
     };
     let required = |key: &str| -> (&str, &Source) { get(key).unwrap_or(("", &Source::Default)) };
     let fail = |key: &str, source: &Source, message: String| {
-        ConfigError::new(def(key).env, source, message)
+        ConfigError::new(env_name(key), source, message)
     };
 
     let duration = |key: &str| -> Result<Duration, ConfigError> {
@@ -394,24 +395,44 @@ fn build(
         text.parse::<usize>()
             .ok()
             .filter(|n| *n >= 1024)
-            .ok_or_else(|| fail(key, source, format!("{text:?} is not a byte count of at least 1024")))
+            .ok_or_else(|| {
+                fail(
+                    key,
+                    source,
+                    format!("{text:?} is not a byte count of at least 1024"),
+                )
+            })
     };
     let max_body_bytes = byte_count("max_body_bytes")?;
 
     let (url_text, url_source) = required("upstream_url");
     let upstream_url = url_text.trim_end_matches('/');
     if !(upstream_url.starts_with("http://") || upstream_url.starts_with("https://")) {
-        return Err(fail("upstream_url", url_source, format!("{url_text:?} is not an http:// or https:// URL")));
+        return Err(fail(
+            "upstream_url",
+            url_source,
+            format!("{url_text:?} is not an http:// or https:// URL"),
+        ));
     }
     let (tokens_text, tokens_source) = required("default_max_tokens");
-    let default_max_tokens = tokens_text
-        .parse::<u64>()
-        .map_err(|_| fail("default_max_tokens", tokens_source, format!("{tokens_text:?} is not a whole number")))?;
+    let default_max_tokens = tokens_text.parse::<u64>().map_err(|_| {
+        fail(
+            "default_max_tokens",
+            tokens_source,
+            format!("{tokens_text:?} is not a whole number"),
+        )
+    })?;
     let (public_text, public_source) = required("metrics_public");
     let metrics_public = match public_text {
         "true" | "1" | "yes" => true,
         "false" | "0" | "no" => false,
-        other => return Err(fail("metrics_public", public_source, format!("{other:?} is neither true nor false"))),
+        other => {
+            return Err(fail(
+                "metrics_public",
+                public_source,
+                format!("{other:?} is neither true nor false"),
+            ));
+        }
     };
     let metrics_models = required("metrics_models")
         .0
@@ -449,7 +470,7 @@ fn build(
     let workspaces = declared
         .into_iter()
         .enumerate()
-        .map(|(index, declared)| file_workspace(index, declared, limits, warn_at))
+        .map(|(index, declared)| file_workspace(index, declared, &declared_in, limits, warn_at))
         .collect::<Result<Vec<_>, _>>()?;
 
     let effective = SETTINGS
@@ -507,15 +528,15 @@ fn build(
 fn file_workspace(
     index: usize,
     declared: FileWorkspace,
+    source: &Source,
     default_limits: Limits,
     default_warn_at: f64,
 ) -> Result<(String, WorkspaceSpec), ConfigError> {
-    let source = Source::Default;
     let at = |field: &str| format!("workspaces[{index}].{field}");
     let mut limits: PerLimit<Option<Option<u64>>> = PerLimit::default();
     for (name, value) in declared.limits {
         let kind = LimitKind::from_name(&name).ok_or_else(|| {
-            ConfigError::new(at(&format!("limits.{name}")), &source, "unknown limit; use requests_per_minute, requests_per_day, tokens_per_minute or tokens_per_day")
+            ConfigError::new(at(&format!("limits.{name}")), source, "unknown limit; use requests_per_minute, requests_per_day, tokens_per_minute or tokens_per_day")
         })?;
         let value = match value {
             FileLimit::Count(n) => Some(n),
@@ -523,7 +544,7 @@ fn file_workspace(
             FileLimit::Word(word) => {
                 return Err(ConfigError::new(
                     at(&format!("limits.{name}")),
-                    &source,
+                    source,
                     format!("{word:?} is neither a number nor \"unlimited\""),
                 ));
             }
@@ -542,12 +563,12 @@ fn file_workspace(
         .id
         .parse()
         .map_err(|e: crate::domain::limits::ValidationError| {
-            ConfigError::new(at("id"), &source, e.message)
+            ConfigError::new(at("id"), source, e.message)
         })?;
     let mut base = WorkspaceConfig::new(id, default_limits);
     base.warn_at = default_warn_at;
     spec.apply_to(base)
-        .map_err(|e| ConfigError::new(at(e.field), &source, e.message))?;
+        .map_err(|e| ConfigError::new(at(e.field), source, e.message))?;
     Ok((declared.id, spec))
 }
 

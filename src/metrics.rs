@@ -157,15 +157,47 @@ impl Metrics {
         let overhead: Family<PhaseLabels, Histogram> =
             Family::new_with_constructor(overhead_histogram);
         let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 16));
-        registry.register("requests", "Proxied requests by workspace, endpoint and outcome", requests.clone());
-        registry.register("tokens", "Tokens used, by workspace, model and kind (prompt, completion, cached, reasoning)", tokens.clone());
-        registry.register("refusals", "Requests refused locally, by workspace and limit", refusals.clone());
-        registry.register("upstream_errors", "Upstream errors by class", upstream_errors.clone());
-        registry.register("workspace_status", "Status per workspace: 0 normal, 1 warning, 2 rate_limited, 3 quota_exceeded", status.clone());
-        registry.register("limit_utilization", "Used share of each configured limit", utilization.clone());
-        registry.register("upstream_remaining", "What the upstream last reported as remaining, by bucket (requests, tokens)", upstream_remaining.clone());
+        registry.register(
+            "requests",
+            "Proxied requests by workspace, endpoint and outcome",
+            requests.clone(),
+        );
+        registry.register(
+            "tokens",
+            "Tokens used, by workspace, model and kind (prompt, completion, cached, reasoning)",
+            tokens.clone(),
+        );
+        registry.register(
+            "refusals",
+            "Requests refused locally, by workspace and limit",
+            refusals.clone(),
+        );
+        registry.register(
+            "upstream_errors",
+            "Upstream errors by class",
+            upstream_errors.clone(),
+        );
+        registry.register(
+            "workspace_status",
+            "Status per workspace: 0 normal, 1 warning, 2 rate_limited, 3 quota_exceeded",
+            status.clone(),
+        );
+        registry.register(
+            "limit_utilization",
+            "Used share of each configured limit",
+            utilization.clone(),
+        );
+        registry.register(
+            "upstream_remaining",
+            "What the upstream last reported as remaining, by bucket (requests, tokens)",
+            upstream_remaining.clone(),
+        );
         registry.register("overhead_seconds", "Time quotawatch adds to a proxied request, by phase (request: arrival to upstream call; response: upstream headers to ours)", overhead.clone());
-        registry.register("upstream_latency_seconds", "Time from the upstream call to its response headers", upstream_latency.clone());
+        registry.register(
+            "upstream_latency_seconds",
+            "Time from the upstream call to its response headers",
+            upstream_latency.clone(),
+        );
         Self {
             registry,
             requests,
@@ -189,7 +221,12 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, workspace: &WorkspaceId, endpoint: &'static str, outcome: RequestOutcome) {
+    pub fn request(
+        &self,
+        workspace: &WorkspaceId,
+        endpoint: &'static str,
+        outcome: RequestOutcome,
+    ) {
         self.requests
             .get_or_create(&RequestLabels {
                 workspace: Arc::from(workspace.as_str()),
@@ -201,7 +238,9 @@ impl Metrics {
             && class != UpstreamClass::Success
         {
             self.upstream_errors
-                .get_or_create(&ClassLabels { class: class_label(class) })
+                .get_or_create(&ClassLabels {
+                    class: class_label(class),
+                })
                 .inc();
         }
     }
@@ -265,7 +304,9 @@ impl Metrics {
                 Status::QuotaExceeded => 3,
             };
             self.status
-                .get_or_create(&WorkspaceLabels { workspace: workspace.clone() })
+                .get_or_create(&WorkspaceLabels {
+                    workspace: workspace.clone(),
+                })
                 .set(level);
             for (kind, facts) in &snapshot.limits {
                 self.utilization

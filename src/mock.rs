@@ -28,7 +28,11 @@ use serde_json::{Value, json};
 
 macro_rules! fixture {
     ($name:literal) => {
-        include_str!(concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/openai/", $name))
+        include_str!(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/tests/fixtures/openai/",
+            $name
+        ))
     };
 }
 
@@ -49,26 +53,154 @@ struct ErrorAnswer {
 
 /// Every error the mock can answer, by scenario name.
 const ERRORS: &[(&str, ErrorAnswer)] = &[
-    ("rate_limit_requests", ErrorAnswer { status: 429, body: fixture!("error_429_rate_limit_requests.json"), headers: &[("retry-after", "20"), ("x-ratelimit-limit-requests", "3"), ("x-ratelimit-remaining-requests", "0"), ("x-ratelimit-reset-requests", "20s")] }),
-    ("rate_limit_requests_per_day", ErrorAnswer { status: 429, body: fixture!("error_429_rate_limit_requests_per_day.json"), headers: &[("retry-after", "432")] }),
-    ("rate_limit_tokens", ErrorAnswer { status: 429, body: fixture!("error_429_rate_limit_tokens.json"), headers: &[("retry-after", "10"), ("x-ratelimit-limit-tokens", "10000"), ("x-ratelimit-remaining-tokens", "0"), ("x-ratelimit-reset-tokens", "9.816s")] }),
-    ("slow_down", ErrorAnswer { status: 429, body: fixture!("error_429_slow_down.json"), headers: &[("retry-after", "1")] }),
-    ("request_too_large", ErrorAnswer { status: 429, body: fixture!("error_429_request_too_large.json"), headers: &[] }),
-    ("insufficient_quota", ErrorAnswer { status: 429, body: fixture!("error_429_insufficient_quota.json"), headers: &[] }),
-    ("insufficient_quota_legacy", ErrorAnswer { status: 429, body: fixture!("error_429_insufficient_quota_legacy_null_code.json"), headers: &[] }),
-    ("credit_balance_exhausted", ErrorAnswer { status: 429, body: fixture!("error_429_credit_balance_exhausted.json"), headers: &[] }),
-    ("organization_spend_limit_exceeded", ErrorAnswer { status: 429, body: fixture!("error_429_organization_spend_limit_exceeded.json"), headers: &[] }),
-    ("project_spend_limit_exceeded", ErrorAnswer { status: 429, body: fixture!("error_429_project_spend_limit_exceeded.json"), headers: &[] }),
-    ("azure_429", ErrorAnswer { status: 429, body: fixture!("azure_error_429.json"), headers: &[("retry-after", "10"), ("retry-after-ms", "10000")] }),
-    ("server_error", ErrorAnswer { status: 500, body: fixture!("error_500_server_error.json"), headers: &[] }),
-    ("overloaded", ErrorAnswer { status: 503, body: fixture!("error_503_server_is_overloaded.json"), headers: &[("retry-after", "1")] }),
-    ("overloaded_legacy", ErrorAnswer { status: 503, body: fixture!("error_503_legacy_overloaded.json"), headers: &[] }),
-    ("invalid_api_key", ErrorAnswer { status: 401, body: fixture!("error_401_invalid_api_key.json"), headers: &[] }),
-    ("context_length_exceeded", ErrorAnswer { status: 400, body: fixture!("error_400_context_length_exceeded.json"), headers: &[] }),
+    (
+        "rate_limit_requests",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_rate_limit_requests.json"),
+            headers: &[
+                ("retry-after", "20"),
+                ("x-ratelimit-limit-requests", "3"),
+                ("x-ratelimit-remaining-requests", "0"),
+                ("x-ratelimit-reset-requests", "20s"),
+            ],
+        },
+    ),
+    (
+        "rate_limit_requests_per_day",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_rate_limit_requests_per_day.json"),
+            headers: &[("retry-after", "432")],
+        },
+    ),
+    (
+        "rate_limit_tokens",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_rate_limit_tokens.json"),
+            headers: &[
+                ("retry-after", "10"),
+                ("x-ratelimit-limit-tokens", "10000"),
+                ("x-ratelimit-remaining-tokens", "0"),
+                ("x-ratelimit-reset-tokens", "9.816s"),
+            ],
+        },
+    ),
+    (
+        "slow_down",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_slow_down.json"),
+            headers: &[("retry-after", "1")],
+        },
+    ),
+    (
+        "request_too_large",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_request_too_large.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "insufficient_quota",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_insufficient_quota.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "insufficient_quota_legacy",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_insufficient_quota_legacy_null_code.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "credit_balance_exhausted",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_credit_balance_exhausted.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "organization_spend_limit_exceeded",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_organization_spend_limit_exceeded.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "project_spend_limit_exceeded",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("error_429_project_spend_limit_exceeded.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "azure_429",
+        ErrorAnswer {
+            status: 429,
+            body: fixture!("azure_error_429.json"),
+            headers: &[("retry-after", "10"), ("retry-after-ms", "10000")],
+        },
+    ),
+    (
+        "server_error",
+        ErrorAnswer {
+            status: 500,
+            body: fixture!("error_500_server_error.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "overloaded",
+        ErrorAnswer {
+            status: 503,
+            body: fixture!("error_503_server_is_overloaded.json"),
+            headers: &[("retry-after", "1")],
+        },
+    ),
+    (
+        "overloaded_legacy",
+        ErrorAnswer {
+            status: 503,
+            body: fixture!("error_503_legacy_overloaded.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "invalid_api_key",
+        ErrorAnswer {
+            status: 401,
+            body: fixture!("error_401_invalid_api_key.json"),
+            headers: &[],
+        },
+    ),
+    (
+        "context_length_exceeded",
+        ErrorAnswer {
+            status: 400,
+            body: fixture!("error_400_context_length_exceeded.json"),
+            headers: &[],
+        },
+    ),
 ];
 
 /// Scenarios that shape the answer rather than replace it.
-const BEHAVIOURS: &[&str] = &["ok", "timeout", "stream_break", "stream_stall", "stream_error"];
+const BEHAVIOURS: &[&str] = &[
+    "ok",
+    "timeout",
+    "stream_break",
+    "stream_stall",
+    "stream_error",
+];
 
 pub fn scenarios() -> Vec<&'static str> {
     BEHAVIOURS
@@ -140,7 +272,9 @@ pub fn router(options: MockOptions) -> Router {
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[derive(Deserialize)]
@@ -148,10 +282,16 @@ struct ScenarioBody {
     scenario: String,
 }
 
-async fn set_scenario(State(mock): State<Mock>, axum::Json(body): axum::Json<ScenarioBody>) -> Response {
+async fn set_scenario(
+    State(mock): State<Mock>,
+    axum::Json(body): axum::Json<ScenarioBody>,
+) -> Response {
     if !is_scenario(&body.scenario) {
         let known = scenarios().join(", ");
-        return (StatusCode::BAD_REQUEST, axum::Json(json!({"error": format!("unknown scenario; known: {known}")})))
+        return (
+            StatusCode::BAD_REQUEST,
+            axum::Json(json!({"error": format!("unknown scenario; known: {known}")})),
+        )
             .into_response();
     }
     lock(&mock.options).scenario = body.scenario.clone();
@@ -184,7 +324,10 @@ fn headers_of(lines: &str) -> Vec<(String, String)> {
         .collect()
 }
 
-fn with_headers(mut response: Response, headers: impl IntoIterator<Item = (String, String)>) -> Response {
+fn with_headers(
+    mut response: Response,
+    headers: impl IntoIterator<Item = (String, String)>,
+) -> Response {
     for (name, value) in headers {
         if let (Ok(name), Ok(value)) = (
             axum::http::HeaderName::try_from(name),
@@ -209,18 +352,17 @@ fn json_response(status: u16, body: String) -> Response {
 /// An SSE body sent event by event, with `delay` between events; `ending`
 /// decides what happens after `cut_after` events (if set).
 fn event_stream(text: &'static str, delay: Duration, cut: Option<(usize, Ending)>) -> Response {
-    let events: Vec<String> = text
-        .split_inclusive("\n\n")
-        .map(str::to_owned)
-        .collect();
-    let stream = stream::unfold((events.into_iter(), 0usize), move |(mut events, sent)| async move {
-        if !delay.is_zero() && sent > 0 {
-            tokio::time::sleep(delay).await;
-        }
-        if let Some((after, ending)) = cut
-            && sent == after
-        {
-            return match ending {
+    let events: Vec<String> = text.split_inclusive("\n\n").map(str::to_owned).collect();
+    let stream = stream::unfold(
+        (events.into_iter(), 0usize),
+        move |(mut events, sent)| async move {
+            if !delay.is_zero() && sent > 0 {
+                tokio::time::sleep(delay).await;
+            }
+            if let Some((after, ending)) = cut
+                && sent == after
+            {
+                return match ending {
                 Ending::Break => Some((Err(std::io::Error::other("connection reset by mock")), (events, usize::MAX))),
                 Ending::Stall => {
                     std::future::pending::<()>().await;
@@ -231,12 +373,15 @@ fn event_stream(text: &'static str, delay: Duration, cut: Option<(usize, Ending)
                     (Vec::new().into_iter(), usize::MAX),
                 )),
             };
-        }
-        if sent == usize::MAX {
-            return None;
-        }
-        events.next().map(|event| (Ok(Bytes::from(event)), (events, sent + 1)))
-    });
+            }
+            if sent == usize::MAX {
+                return None;
+            }
+            events
+                .next()
+                .map(|event| (Ok(Bytes::from(event)), (events, sent + 1)))
+        },
+    );
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,
@@ -261,7 +406,9 @@ fn not_found(path: &str) -> Response {
 
 async fn answer(State(mock): State<Mock>, request: Request) -> Response {
     let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, 64 << 20).await.unwrap_or_default();
+    let body = axum::body::to_bytes(body, 64 << 20)
+        .await
+        .unwrap_or_default();
     let path = parts.uri.path().trim_start_matches("/v1").to_owned();
     let headers: BTreeMap<String, String> = parts
         .headers
@@ -354,7 +501,10 @@ fn error_answer(scenario: &str) -> Response {
         .iter()
         .map(|(name, value)| ((*name).to_owned(), (*value).to_owned()))
         .chain([("x-request-id".to_owned(), "req_mock".to_owned())]);
-    with_headers(json_response(answer.status, answer.body.to_owned()), headers)
+    with_headers(
+        json_response(answer.status, answer.body.to_owned()),
+        headers,
+    )
 }
 
 /// Serves the mock on `listener` until `shutdown` completes.

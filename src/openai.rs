@@ -74,7 +74,9 @@ pub struct ErrorObject {
     pub param: Option<String>,
 }
 
-fn code_as_string<'de, D: serde::Deserializer<'de>>(deserializer: D) -> Result<Option<String>, D::Error> {
+fn code_as_string<'de, D: serde::Deserializer<'de>>(
+    deserializer: D,
+) -> Result<Option<String>, D::Error> {
     let value = Option::<serde_json::Value>::deserialize(deserializer)?;
     Ok(match value {
         Some(serde_json::Value::String(code)) => Some(code),
@@ -103,8 +105,11 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!("{}/tests/fixtures/openai/{name}", env!("CARGO_MANIFEST_DIR")))
-            .expect("fixture")
+        std::fs::read(format!(
+            "{}/tests/fixtures/openai/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture")
     }
 
     fn usage_of(name: &str) -> TokenUsage {
@@ -127,15 +132,27 @@ mod tests {
         )
         .expect("usage");
         let tokens = details.tokens();
-        assert_eq!((tokens.cached, tokens.reasoning, tokens.total()), (64, 30, 150));
+        assert_eq!(
+            (tokens.cached, tokens.reasoning, tokens.total()),
+            (64, 30, 150)
+        );
     }
 
     #[test]
     fn reads_error_bodies_including_azure() {
-        let error = ErrorEnvelope::parse(&fixture("error_429_insufficient_quota_legacy_null_code.json")).expect("error");
-        assert_eq!((error.error_type.as_deref(), error.code), (Some("insufficient_quota"), None));
+        let error = ErrorEnvelope::parse(&fixture(
+            "error_429_insufficient_quota_legacy_null_code.json",
+        ))
+        .expect("error");
+        assert_eq!(
+            (error.error_type.as_deref(), error.code),
+            (Some("insufficient_quota"), None)
+        );
         let azure = ErrorEnvelope::parse(&fixture("azure_error_429.json")).expect("error");
-        assert_eq!((azure.error_type, azure.code.as_deref()), (None, Some("429")));
+        assert_eq!(
+            (azure.error_type, azure.code.as_deref()),
+            (None, Some("429"))
+        );
         assert!(ErrorEnvelope::parse(b"<html>Bad gateway</html>").is_none());
     }
 }

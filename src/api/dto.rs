@@ -138,7 +138,7 @@ pub struct LastErrorDoc {
 /// Upstream errors and local refusals over the last hour.
 #[derive(Serialize, ToSchema, Clone, Debug)]
 pub struct ErrorsDoc {
-    pub window_seconds: u32,
+    pub window_seconds: u64,
     pub rate_limited: u64,
     pub insufficient_quota: u64,
     pub server_error: u64,
@@ -204,7 +204,7 @@ impl From<&Snapshot> for StatusDoc {
                 next_probe_at: rfc3339(block.next_probe_at),
             }),
             errors: ErrorsDoc {
-                window_seconds: 3600,
+                window_seconds: crate::domain::workspace::ERROR_HISTORY.as_secs(),
                 rate_limited: errors.rate_limited,
                 insufficient_quota: errors.insufficient_quota,
                 server_error: errors.server_error,

@@ -3,7 +3,7 @@
 //! and query extractors are wrapped so that malformed input gets the same
 //! shape instead of axum's plain-text rejections.
 
-use axum::extract::rejection::{JsonRejection, QueryRejection};
+use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
 use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
@@ -237,6 +237,20 @@ impl<T: serde::Serialize> IntoResponse for Json<T> {
         axum::Json(self.0).into_response()
     }
 }
+
+impl From<PathRejection> for ApiError {
+    fn from(rejection: PathRejection) -> Self {
+        Self::bad_request(
+            "invalid_path",
+            format!("the URL path is invalid: {}", rejection.body_text()),
+        )
+    }
+}
+
+/// `axum::extract::Path` with this API's error shape for bad input.
+#[derive(FromRequestParts)]
+#[from_request(via(axum::extract::Path), rejection(ApiError))]
+pub struct Path<T>(pub T);
 
 /// `axum::extract::Query` with this API's error shape for bad input.
 #[derive(FromRequestParts)]

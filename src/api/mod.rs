@@ -28,7 +28,6 @@ use utoipa_axum::routes;
 
 use crate::admin::Admin;
 use crate::engine::Engine;
-use crate::engine::flush::FlushHandle;
 use crate::store::Store;
 use error::{ApiError, Json};
 
@@ -43,7 +42,6 @@ pub struct Shared {
     pub metrics_public: bool,
     pub store: Store,
     pub admin: Admin,
-    pub flush: FlushHandle,
     pub tickets: ws::Tickets,
     pub hub: ws::Hub,
     pub ws_ping_interval: Duration,
@@ -131,6 +129,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .route("/v1/{*path}", axum::routing::any(crate::proxy::forward))
         .route("/metrics", axum::routing::get(metrics))
         .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .with_state(state)
@@ -148,6 +147,18 @@ async fn not_found(uri: axum::http::Uri) -> ApiError {
     )
 }
 
+async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!(
+            "{method} is not allowed on {}; see GET /api/openapi.json for the API",
+            uri.path()
+        ),
+    )
+}
+
 #[utoipa::path(get, path = "/api/openapi.json", tag = "health",
     responses((status = 200, description = "This OpenAPI 3.1 document")))]
 pub async fn openapi(State(state): State<AppState>) -> Response {
@@ -160,11 +171,16 @@ pub async fn openapi(State(state): State<AppState>) -> Response {
 
 /// `GET /metrics`: Prometheus metrics, for the admin key unless
 /// `QUOTAWATCH_METRICS_PUBLIC` is set.
-async fn metrics(State(state): State<AppState>, headers: axum::http::HeaderMap) -> Result<Response, ApiError> {
+async fn metrics(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Response, ApiError> {
     if !state.metrics_public {
         let principal = auth::authenticate(&state.engine, auth::bearer(&headers))?;
         if principal != crate::engine::Principal::Admin {
-            return Err(ApiError::forbidden("metrics need the admin key (or QUOTAWATCH_METRICS_PUBLIC=true)"));
+            return Err(ApiError::forbidden(
+                "metrics need the admin key (or QUOTAWATCH_METRICS_PUBLIC=true)",
+            ));
         }
     }
     Ok((
@@ -199,8 +215,8 @@ pub async fn healthz() -> Json<Health> {
         (status = 503, description = "Not ready; `reason` says why", body = Health),
     ))]
 pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>) {
-    let problem = match state.store.ping().await {
-        Err(error) => Some(format!("the database does not answer: {error}")),
+    let problem = match state.store.probe(state.engine.now()).await {
+        Err(error) => Some(format!("the database does not accept writes: {error}")),
         Ok(()) => state.engine.storage_problem(),
     };
     match problem {

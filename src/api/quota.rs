@@ -23,7 +23,7 @@ use crate::domain::time::{
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::workspace::Request;
 use crate::engine::{Principal, UpstreamAnswer, UsageReport};
-use crate::store::Resolution;
+use crate::store::{Resolution, RollupDelta};
 
 #[derive(Deserialize, IntoParams, Debug)]
 #[into_params(parameter_in = Query)]
@@ -110,11 +110,6 @@ pub async fn notifications(
             .with_param("include"));
         }
     };
-    if with_history {
-        // Notifications resolved in the last flush interval are not written
-        // yet; history should include them.
-        let _ = state.flush.flush().await;
-    }
     let answer = match auth.scope(&state.engine, query.workspace.as_deref())? {
         Scope::One(id) => {
             NotificationsAnswer::One(notifications_of(&state, &id, with_history).await?)
@@ -153,12 +148,17 @@ async fn notifications_of(
             .map_err(|error| {
                 ApiError::internal(format!("could not read notification history: {error}"))
             })?;
-        notifications.extend(
-            stored
-                .iter()
-                .filter(|n| !n.is_active())
-                .map(NotificationDoc::from),
-        );
+        // Notifications resolved since the last flush are only in memory.
+        let mut resolved = state.engine.unflushed_notifications(id);
+        resolved.retain(|n| !n.is_active());
+        for notification in stored {
+            if !notification.is_active() && resolved.iter().all(|n| n.id != notification.id) {
+                resolved.push(notification);
+            }
+        }
+        resolved.sort_by_key(|n| std::cmp::Reverse(n.created_at));
+        resolved.truncate(HISTORY_LIMIT as usize);
+        notifications.extend(resolved.iter().map(NotificationDoc::from));
     }
     Ok(NotificationsDoc {
         workspace: id.to_string(),
@@ -187,11 +187,13 @@ pub async fn check(
 ) -> Result<Response, ApiError> {
     let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
     let request = body.map(|Json(body)| body).unwrap_or_default();
+    let estimated_tokens =
+        plausible_tokens(request.estimated_tokens.unwrap_or(0), "estimated_tokens")?;
     let now = state.engine.now();
     let decision = state.engine.check(
         &workspace,
         Request {
-            estimated_tokens: request.estimated_tokens.unwrap_or(0),
+            estimated_tokens,
             model: request.model.map(Into::into),
         },
     )?;
@@ -211,13 +213,34 @@ pub async fn check(
             };
             Ok((ratelimit_headers(&decision.headroom, now), Json(answer)).into_response())
         }
-        Err(refusal) => Err(refusal_error(
-            &workspace,
-            &refusal,
-            &decision.headroom,
-            now,
-            state.engine.settings().probe_interval,
-        )),
+        Err(refusal) => {
+            state.metrics.refusal(&workspace, refusal.cause);
+            Err(refusal_error(
+                &workspace,
+                &refusal,
+                &decision.headroom,
+                now,
+                state.engine.settings().probe_interval,
+            ))
+        }
+    }
+}
+
+/// More tokens than any single call can use: a client bug, refused before
+/// it can distort counters and history.
+const MAX_TOKENS_PER_CALL: u64 = 10_000_000_000;
+
+fn plausible_tokens(tokens: u64, param: &'static str) -> Result<u64, ApiError> {
+    if tokens <= MAX_TOKENS_PER_CALL {
+        Ok(tokens)
+    } else {
+        Err(ApiError::bad_request(
+            "invalid_value",
+            format!(
+                "{param} of {tokens} is more than any call can use (at most {MAX_TOKENS_PER_CALL})"
+            ),
+        )
+        .with_param(param))
     }
 }
 
@@ -253,6 +276,20 @@ pub async fn usage(
     Json(body): Json<UsageRequest>,
 ) -> Result<(StatusCode, Json<StatusDoc>), ApiError> {
     let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
+    let tokens = body.usage.as_ref().map(crate::openai::Usage::tokens);
+    if let Some(tokens) = tokens {
+        for (count, param) in [
+            (tokens.prompt, "usage.prompt_tokens"),
+            (tokens.completion, "usage.completion_tokens"),
+            (tokens.cached, "usage.prompt_tokens_details.cached_tokens"),
+            (
+                tokens.reasoning,
+                "usage.completion_tokens_details.reasoning_tokens",
+            ),
+        ] {
+            plausible_tokens(count, param)?;
+        }
+    }
     let reservation = body
         .reservation_id
         .as_deref()
@@ -281,7 +318,7 @@ pub async fn usage(
     let report = UsageReport {
         reservation,
         model: body.model.map(Into::into),
-        tokens: body.usage.as_ref().map(crate::openai::Usage::tokens),
+        tokens,
         answer: Some(UpstreamAnswer {
             status,
             error_type: error.error_type,
@@ -445,34 +482,40 @@ pub async fn history(
     let starts = bucket_starts(step, count, now, tz);
     let from = starts.first().copied().unwrap_or(now.millis());
     let to = now.millis() + duration_millis(step.length()) + 1;
-    // Requests finished in the last flush interval are not written yet.
-    let _ = state.flush.flush().await;
-    let rows = state
+    let stored = state
         .store
         .history(&workspace, step.resolution(), from, to)
         .await
         .map_err(|error| ApiError::internal(format!("could not read history: {error}")))?;
-    let by_bucket: BTreeMap<i64, _> = rows
+    // Requests finished since the last flush are still in memory; rows are
+    // binned into the step that holds them (after a timezone change, stored
+    // days no longer start where today's days do).
+    let unflushed = state.engine.unflushed_rollups(&workspace)?;
+    let mut totals = vec![RollupDelta::default(); starts.len()];
+    let rows = stored
         .into_iter()
         .map(|row| (row.bucket, row.totals))
-        .collect();
+        .chain(unflushed);
+    for (at, delta) in rows {
+        if let Some(index) = starts.partition_point(|start| *start <= at).checked_sub(1) {
+            totals[index] += delta;
+        }
+    }
     let points = starts
         .into_iter()
-        .map(|t| {
-            let totals = by_bucket.get(&t).copied().unwrap_or_default();
-            HistoryPoint {
-                t,
-                requests: totals.requests,
-                tokens: totals.tokens,
-                prompt_tokens: totals.prompt_tokens,
-                completion_tokens: totals.completion_tokens,
-                cached_tokens: totals.cached_tokens,
-                reasoning_tokens: totals.reasoning_tokens,
-                errors: totals.errors,
-                refused: totals.refused,
-                avg_latency_ms: (totals.requests > 0 && totals.latency_ms_sum > 0)
-                    .then(|| totals.latency_ms_sum as f64 / totals.requests as f64),
-            }
+        .zip(totals)
+        .map(|(t, totals)| HistoryPoint {
+            t,
+            requests: totals.requests,
+            tokens: totals.tokens,
+            prompt_tokens: totals.prompt_tokens,
+            completion_tokens: totals.completion_tokens,
+            cached_tokens: totals.cached_tokens,
+            reasoning_tokens: totals.reasoning_tokens,
+            errors: totals.errors,
+            refused: totals.refused,
+            avg_latency_ms: (totals.requests > 0 && totals.latency_ms_sum > 0)
+                .then(|| totals.latency_ms_sum as f64 / totals.requests as f64),
         })
         .collect();
     Ok(Json(HistoryDoc {
@@ -484,16 +527,23 @@ pub async fn history(
 }
 
 #[utoipa::path(post, path = "/api/quota/ws-ticket", tag = "quota",
-    params(WorkspaceQuery),
     responses(
         (status = 200, description = "A single-use ticket for the WebSocket, valid 60 s", body = TicketDoc),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
     ),
     security(("bearer" = [])))]
-pub async fn ws_ticket(State(state): State<AppState>, auth: Auth) -> Json<TicketDoc> {
-    let (ticket, expires_at) = state.tickets.issue(auth.0, state.engine.now());
-    Json(TicketDoc {
+pub async fn ws_ticket(
+    State(state): State<AppState>,
+    headers: axum::http::HeaderMap,
+) -> Result<Json<TicketDoc>, ApiError> {
+    // The ticket stands for the key itself, so that revoking the key also
+    // ends what was opened with the ticket.
+    let presented = super::auth::bearer(&headers);
+    super::auth::authenticate(&state.engine, presented)?;
+    let credential = crate::keys::KeyHash::of(presented.unwrap_or_default());
+    let (ticket, expires_at) = state.tickets.issue(credential, state.engine.now());
+    Ok(Json(TicketDoc {
         ticket,
         expires_at: expires_at.to_rfc3339(),
-    })
+    }))
 }

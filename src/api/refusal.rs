@@ -8,7 +8,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 use super::error::ApiError;
 use crate::domain::limits::{Span, WorkspaceId};
 use crate::domain::notification::group_digits;
-use crate::domain::time::{Timestamp, format_duration, humanize_duration};
+use crate::domain::time::{Timestamp, format_duration, humanize_duration, in_time};
 use crate::domain::workspace::{Headroom, LimitHeadroom, Refusal, RefusalCause};
 
 fn insert(headers: &mut HeaderMap, name: &'static str, value: String) {
@@ -51,10 +51,7 @@ pub fn ratelimit_headers(headroom: &Headroom, now: Timestamp) -> HeaderMap {
 }
 
 fn when(at: Option<Timestamp>, now: Timestamp) -> String {
-    match at {
-        Some(at) => format!("in {} (at {at})", humanize_duration(now.until(at))),
-        None => "at an unknown time".to_owned(),
-    }
+    at.map_or_else(|| "at an unknown time".to_owned(), |at| in_time(at, now))
 }
 
 /// The 429 for a refused request, naming the workspace, the limit and when it

@@ -1,12 +1,12 @@
 //! `/api/workspaces`: the admin API for workspaces and their keys.
 
-use axum::extract::{Path, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 
 use super::AppState;
 use super::auth::Auth;
 use super::dto::*;
-use super::error::{ApiError, Json};
+use super::error::{ApiError, Json, Path};
 use crate::domain::limits::WorkspaceId;
 
 fn parse_id(id: &str) -> Result<WorkspaceId, ApiError> {
@@ -31,7 +31,9 @@ pub async fn create(
 ) -> Result<(StatusCode, Json<WorkspaceDoc>), ApiError> {
     auth.require_admin("creating a workspace")?;
     let Some(id) = body.id.as_deref() else {
-        return Err(ApiError::bad_request("invalid_value", "a new workspace needs an id").with_param("id"));
+        return Err(
+            ApiError::bad_request("invalid_value", "a new workspace needs an id").with_param("id"),
+        );
     };
     let config = state.admin.create_workspace(id, &body.to_spec()).await?;
     Ok((StatusCode::CREATED, Json(WorkspaceDoc::from(&config))))

@@ -9,7 +9,7 @@
 //! [`SEND_TIMEOUT`], is disconnected.
 
 use std::collections::{HashMap, HashSet};
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
@@ -25,29 +25,33 @@ use tokio::time::Instant;
 use utoipa::IntoParams;
 
 use super::AppState;
-use super::auth::{authenticate, bearer};
+use super::auth::{Auth, Scope, authenticate, bearer};
 use super::dto::{ClientMessage, NotificationDoc, ServerMessage, StatusDoc, SubscribeTarget};
 use super::error::{ApiError, Query};
 use crate::domain::limits::WorkspaceId;
 use crate::domain::time::Timestamp;
 use crate::engine::{Engine, Event, Principal};
+use crate::keys::KeyHash;
 
 /// How long a ticket stays valid.
 const TICKET_TTL: Duration = Duration::from_secs(60);
 /// How long one message may take to send before the peer counts as stuck.
 const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 /// How many messages a connection may fall behind before it is resynced.
-const HUB_CAPACITY: usize = 256;
+const HUB_CAPACITY: usize = 4096;
+/// How often usage movements are sent: at most twice a second per workspace.
+const USAGE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Single-use tickets that let a browser open the WebSocket without putting
 /// a key in the URL.
 #[derive(Default)]
 pub struct Tickets {
-    issued: Mutex<HashMap<String, (Principal, Timestamp)>>,
+    issued: Mutex<HashMap<String, (KeyHash, Timestamp)>>,
 }
 
 impl Tickets {
-    pub fn issue(&self, principal: Principal, now: Timestamp) -> (String, Timestamp) {
+    /// Issues a ticket standing for the key whose hash is `credential`.
+    pub fn issue(&self, credential: KeyHash, now: Timestamp) -> (String, Timestamp) {
         let bytes: [u8; 24] = rand::random();
         let ticket = format!(
             "wst_{}",
@@ -56,15 +60,16 @@ impl Tickets {
         let expires_at = now.plus(TICKET_TTL);
         let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
         issued.retain(|_, (_, expiry)| *expiry > now);
-        issued.insert(ticket.clone(), (principal, expires_at));
+        issued.insert(ticket.clone(), (credential, expires_at));
         (ticket, expires_at)
     }
 
-    /// Redeems a ticket; it cannot be used again.
-    pub fn redeem(&self, ticket: &str, now: Timestamp) -> Option<Principal> {
+    /// Redeems a ticket for the credential it stands for; it cannot be used
+    /// again.
+    pub fn redeem(&self, ticket: &str, now: Timestamp) -> Option<KeyHash> {
         let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
-        let (principal, expires_at) = issued.remove(ticket)?;
-        (expires_at > now).then_some(principal)
+        let (credential, expires_at) = issued.remove(ticket)?;
+        (expires_at > now).then_some(credential)
     }
 }
 
@@ -77,6 +82,8 @@ pub enum Wire {
     },
     /// The hub itself fell behind: every connection resynchronises.
     Resync,
+    /// Keys changed: every connection checks that its key still counts.
+    Recheck,
 }
 
 /// Fans engine events out to WebSocket connections, serialised once.
@@ -132,22 +139,34 @@ fn event_wire(event: &Event) -> Wire {
                 workspace: id.as_str(),
             }),
         },
+        Event::CredentialsChanged => Wire::Recheck,
     }
 }
 
 impl Hub {
-    /// Starts the hub; it ends when the engine is dropped.
-    pub fn spawn(engine: &Engine) -> (Self, tokio::task::JoinHandle<()>) {
+    /// Starts the hub. It also drives the usage updates, and only while
+    /// someone is connected: nobody pays for snapshots nobody reads.
+    pub fn spawn(engine: Arc<Engine>) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, _) = broadcast::channel(HUB_CAPACITY);
         let hub = Self { sender };
         let mut events = engine.subscribe();
         let out = hub.sender.clone();
         let task = tokio::spawn(async move {
+            let mut usage = tokio::time::interval(USAGE_INTERVAL);
+            usage.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let wire = match events.recv().await {
-                    Ok(event) => event_wire(&event),
-                    Err(broadcast::error::RecvError::Lagged(_)) => Wire::Resync,
-                    Err(broadcast::error::RecvError::Closed) => return,
+                let wire = tokio::select! {
+                    event = events.recv() => match event {
+                        Ok(event) => event_wire(&event),
+                        Err(broadcast::error::RecvError::Lagged(_)) => Wire::Resync,
+                        Err(broadcast::error::RecvError::Closed) => return,
+                    },
+                    _ = usage.tick() => {
+                        if out.receiver_count() > 0 {
+                            engine.publish_usage();
+                        }
+                        continue;
+                    }
                 };
                 let _ = out.send(wire);
             }
@@ -232,35 +251,36 @@ pub async fn connect(
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
     // Authentication first: an unauthenticated caller learns nothing else.
-    let principal = match query.ticket.as_deref() {
-        Some(ticket) => state
-            .tickets
-            .redeem(ticket, state.engine.now())
-            .ok_or_else(|| ApiError::unauthorized("invalid_ticket", "the ticket is unknown, used or expired; get a new one from POST /api/quota/ws-ticket"))?,
-        None => authenticate(&state.engine, bearer(&headers))?,
+    let (principal, credential) = match query.ticket.as_deref() {
+        Some(ticket) => {
+            let credential = state.tickets.redeem(ticket, state.engine.now()).ok_or_else(|| {
+                ApiError::unauthorized(
+                    "invalid_ticket",
+                    "the ticket is unknown, used or expired; get a new one from POST /api/quota/ws-ticket",
+                )
+            })?;
+            let principal = state.engine.authenticate_hash(credential).ok_or_else(|| {
+                ApiError::unauthorized("invalid_api_key", "the key behind this ticket was revoked")
+            })?;
+            (principal, credential)
+        }
+        None => {
+            let presented = bearer(&headers);
+            let principal = authenticate(&state.engine, presented)?;
+            (principal, KeyHash::of(presented.unwrap_or_default()))
+        }
     };
-    let subscription = match (&principal, query.workspace.as_deref()) {
-        (Principal::Workspace(own), None) => Subscription::Some(HashSet::from([own.clone()])),
-        (Principal::Workspace(own), Some(name)) if name == own.as_str() => {
-            Subscription::Some(HashSet::from([own.clone()]))
-        }
-        (Principal::Workspace(_), Some(name)) => return Err(ApiError::workspace_not_found(name)),
-        (Principal::Admin, None) => Subscription::All,
-        (Principal::Admin, Some(name)) => {
-            let id: WorkspaceId = name
-                .parse()
-                .map_err(|_| ApiError::workspace_not_found(name))?;
-            if !state.engine.contains(&id) {
-                return Err(ApiError::workspace_not_found(name));
-            }
-            Subscription::Some(HashSet::from([id]))
-        }
+    let auth = Auth(principal);
+    let subscription = match auth.scope(&state.engine, query.workspace.as_deref())? {
+        Scope::One(id) => Subscription::Some(HashSet::from([id])),
+        Scope::All => Subscription::All,
     };
     let Upgrade(upgrade) = upgrade?;
     Ok(upgrade.on_upgrade(move |socket| async move {
         Connection {
             state,
-            principal,
+            principal: auth.0,
+            credential,
             subscription,
         }
         .run(socket)
@@ -271,6 +291,9 @@ pub async fn connect(
 struct Connection {
     state: AppState,
     principal: Principal,
+    /// The key the connection was opened with, checked again whenever keys
+    /// change.
+    credential: KeyHash,
     subscription: Subscription,
 }
 
@@ -309,6 +332,7 @@ impl Connection {
                     Ok(Wire::Resync) | Err(broadcast::error::RecvError::Lagged(_)) => {
                         self.send_snapshots(&mut sink, true).await
                     }
+                    Ok(Wire::Recheck) => self.recheck(&mut sink).await,
                     Err(broadcast::error::RecvError::Closed) => Err(Gone),
                 },
                 _ = ping.tick() => {
@@ -406,6 +430,30 @@ impl Connection {
         self.send_snapshots(sink, false).await
     }
 
+    /// Ends the connection if its key was revoked (or its workspace deleted).
+    async fn recheck(
+        &mut self,
+        sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
+    ) -> Result<(), Gone> {
+        if self
+            .state
+            .engine
+            .authenticate_hash(self.credential)
+            .as_ref()
+            == Some(&self.principal)
+        {
+            return Ok(());
+        }
+        let message = "this connection's key was revoked or its workspace deleted";
+        let _ = send(
+            sink,
+            Message::Text(to_text(&ServerMessage::Error { message })),
+        )
+        .await;
+        let _ = send(sink, Message::Close(None)).await;
+        Err(Gone)
+    }
+
     /// Sends the current status of every followed workspace.
     async fn send_snapshots(
         &self,
@@ -446,12 +494,13 @@ mod tests {
     fn tickets_are_single_use_and_expire() {
         let tickets = Tickets::default();
         let now = Timestamp::from_millis(1_000_000);
-        let (ticket, expires_at) = tickets.issue(Principal::Admin, now);
+        let credential = KeyHash::of("qw_some_key");
+        let (ticket, expires_at) = tickets.issue(credential, now);
         assert_eq!(expires_at, now.plus(TICKET_TTL));
-        assert_eq!(tickets.redeem(&ticket, now), Some(Principal::Admin));
+        assert_eq!(tickets.redeem(&ticket, now), Some(credential));
         assert_eq!(tickets.redeem(&ticket, now), None, "single use");
 
-        let (ticket, _) = tickets.issue(Principal::Admin, now);
+        let (ticket, _) = tickets.issue(credential, now);
         assert_eq!(
             tickets.redeem(&ticket, now.plus(TICKET_TTL)),
             None,

@@ -251,7 +251,9 @@ pub fn validate_env_name(name: &str) -> Result<String, ValidationError> {
     } else {
         Err(ValidationError::new(
             "upstream_key_env",
-            format!("{name:?} is not an environment variable name (letters, digits and _, not starting with a digit)"),
+            format!(
+                "{name:?} is not an environment variable name (letters, digits and _, not starting with a digit)"
+            ),
         ))
     }
 }

@@ -6,7 +6,7 @@
 
 use super::limits::{LimitKind, Span, WorkspaceConfig};
 use super::status::{Cause, Facts};
-use super::time::{Timestamp, humanize_duration};
+use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -181,10 +181,6 @@ pub fn group_digits(n: u64) -> String {
     grouped
 }
 
-fn when(at: Timestamp, now: Timestamp) -> String {
-    format!("in {} (at {at})", humanize_duration(now.until(at)))
-}
-
 fn period(kind: LimitKind) -> &'static str {
     match kind.span() {
         Span::Minute => "in the last 60 seconds",
@@ -206,9 +202,9 @@ fn approaching(
         (Span::Day, Some(at)) => format!(
             " The daily count resets at midnight {} {}.",
             workspace.timezone.name(),
-            when(at, now)
+            in_time(at, now)
         ),
-        (_, Some(at)) => format!(" The window is fully clear again {}.", when(at, now)),
+        (_, Some(at)) => format!(" The window is fully clear again {}.", in_time(at, now)),
         (_, None) => String::new(),
     };
     let actions = match kind.span() {
@@ -250,7 +246,7 @@ fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: T
             title: format!("Workspace {ws} hit its {kind} limit"),
             message: format!(
                 "{used}. Requests are refused with HTTP 429 until room frees up{}.",
-                limit.frees_at.map(|at| format!(" {}", when(at, now))).unwrap_or_default()
+                limit.frees_at.map(|at| format!(" {}", in_time(at, now))).unwrap_or_default()
             ),
             actions: vec![
                 "Retry after the time in the retry-after header; the official OpenAI SDKs do this by themselves.".to_owned(),
@@ -264,7 +260,7 @@ fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: T
             message: format!(
                 "{used}. Requests are refused with HTTP 429 (x-should-retry: false) until the quota resets at midnight {}{}.",
                 workspace.timezone.name(),
-                limit.resets_at.map(|at| format!(", {}", when(at, now))).unwrap_or_default()
+                limit.resets_at.map(|at| format!(", {}", in_time(at, now))).unwrap_or_default()
             ),
             actions: vec![
                 format!("If this volume is expected, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws})."),
@@ -304,7 +300,7 @@ fn upstream_detail(facts: &Facts) -> String {
 fn upstream_rate_limited(ws: &str, facts: &Facts, now: Timestamp) -> Text {
     let until = facts.upstream_blocked_until;
     let hold = until
-        .map(|at| format!(" quotawatch holds this workspace's requests {} so that retries do not prolong the limit.", when(at, now)))
+        .map(|at| format!(" quotawatch holds this workspace's requests {} so that retries do not prolong the limit.", in_time(at, now)))
         .unwrap_or_default();
     let upstream_limits = match (
         facts.upstream.requests.and_then(|b| b.limit),

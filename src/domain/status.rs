@@ -93,11 +93,22 @@ impl Cause {
         }
     }
 
-    fn bit(self) -> u16 {
-        let position = Self::ALL
-            .iter()
-            .position(|cause| *cause == self)
-            .unwrap_or_default();
+    /// The cause's bit in a [`CauseSet`]: its position in [`Cause::ALL`].
+    const fn bit(self) -> u16 {
+        let position = match self {
+            Cause::LimitExhausted(LimitKind::RequestsPerDay) => 0,
+            Cause::LimitExhausted(LimitKind::TokensPerDay) => 1,
+            Cause::UpstreamQuotaExhausted => 2,
+            Cause::LimitExhausted(LimitKind::RequestsPerMinute) => 3,
+            Cause::LimitExhausted(LimitKind::TokensPerMinute) => 4,
+            Cause::UpstreamRateLimited => 5,
+            Cause::Approaching(LimitKind::RequestsPerMinute) => 6,
+            Cause::Approaching(LimitKind::RequestsPerDay) => 7,
+            Cause::Approaching(LimitKind::TokensPerMinute) => 8,
+            Cause::Approaching(LimitKind::TokensPerDay) => 9,
+            Cause::UpstreamKeyRejected => 10,
+            Cause::UpstreamErrorRate => 11,
+        };
         1 << position
     }
 
@@ -131,6 +142,21 @@ impl Cause {
     pub fn from_key(key: &str) -> Option<Self> {
         Self::ALL.into_iter().find(|cause| cause.key() == key)
     }
+}
+
+/// How long a used-up minute limit keeps counting as used up once it has
+/// room again. A workspace running at its limit gets room back every second
+/// and fills it at once; without this hold its status (and notifications)
+/// would flap between `rate_limited` and `warning` every second.
+pub const RATE_LIMIT_HOLD: Duration = Duration::from_secs(2);
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Exhaustion {
+    #[default]
+    Free,
+    UsedUp,
+    /// Has room again, but counts as used up until then.
+    HeldUntil(Timestamp),
 }
 
 /// A set of causes as a bit mask over [`Cause::ALL`].
@@ -250,6 +276,9 @@ pub struct StatusTracker {
     /// Which limits are in warning, kept separately because leaving a warning
     /// takes a lower threshold than entering it.
     approaching: PerLimit<bool>,
+    /// Whether each limit is used up, or held as such for a moment after
+    /// (see [`RATE_LIMIT_HOLD`]).
+    exhaustion: PerLimit<Exhaustion>,
     active: Vec<Notification>,
 }
 
@@ -260,6 +289,7 @@ impl StatusTracker {
             since: now,
             causes: CauseSet::default(),
             approaching: PerLimit::default(),
+            exhaustion: PerLimit::default(),
             active: Vec::new(),
         }
     }
@@ -280,6 +310,7 @@ impl StatusTracker {
             since,
             causes,
             approaching,
+            exhaustion: PerLimit::default(),
             active,
         }
     }
@@ -300,14 +331,15 @@ impl StatusTracker {
         &self.active
     }
 
-    fn observed_causes(&mut self, observation: &Observation) -> CauseSet {
+    fn observed_causes(&mut self, observation: &Observation, now: Timestamp) -> CauseSet {
         let mut causes = CauseSet::default();
         for kind in LimitKind::ALL {
             let Some((used, max)) = observation.usage.get(kind) else {
                 self.approaching.set(kind, false);
+                self.exhaustion.set(kind, Exhaustion::Free);
                 continue;
             };
-            if used >= max {
+            if self.exhausted(kind, used >= max, now) {
                 causes.insert(Cause::LimitExhausted(kind));
             }
             let utilization = used as f64 / max as f64;
@@ -345,12 +377,27 @@ impl StatusTracker {
         causes
     }
 
+    /// Whether the limit counts as used up: it is, or it is a minute limit
+    /// that was within the last [`RATE_LIMIT_HOLD`].
+    fn exhausted(&mut self, kind: LimitKind, used_up: bool, now: Timestamp) -> bool {
+        let next = match (used_up, self.exhaustion.get(kind)) {
+            (true, _) => Exhaustion::UsedUp,
+            (false, Exhaustion::UsedUp) if kind.span() == Span::Minute => {
+                Exhaustion::HeldUntil(now.plus(RATE_LIMIT_HOLD))
+            }
+            (false, Exhaustion::HeldUntil(until)) if now < until => Exhaustion::HeldUntil(until),
+            (false, _) => Exhaustion::Free,
+        };
+        self.exhaustion.set(kind, next);
+        next != Exhaustion::Free
+    }
+
     /// Re-derives the causes from `observation`. Returns the new set when
     /// it differs from the current one; the caller then writes the
     /// notifications of the causes that [`appeared`](Self::appeared) and
     /// completes the change with [`transition`](Self::transition).
-    pub fn observe(&mut self, observation: &Observation) -> Option<CauseSet> {
-        let causes = self.observed_causes(observation);
+    pub fn observe(&mut self, observation: &Observation, now: Timestamp) -> Option<CauseSet> {
+        let causes = self.observed_causes(observation, now);
         (causes != self.causes).then_some(causes)
     }
 
@@ -400,5 +447,18 @@ impl StatusTracker {
             return Vec::new();
         }
         self.transition(CauseSet::default(), Vec::new(), now)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cause_has_its_own_bit_in_the_listed_order() {
+        for (position, cause) in Cause::ALL.iter().enumerate() {
+            assert_eq!(cause.bit(), 1 << position, "{cause:?}");
+            assert_eq!(Cause::from_key(&cause.key()), Some(*cause));
+        }
     }
 }

@@ -259,7 +259,12 @@ fn a_day_limit_resets_at_local_midnight_in_a_non_utc_timezone() {
         "waiting for midnight is not a short wait"
     );
     assert_eq!(script.status(), Status::QuotaExceeded);
-    script.at("2026-05-04T15:00:00Z").admitted(0);
+    // At local midnight the quota is back, and its notification resolves.
+    script.at("2026-05-04T15:00:00Z");
+    let changes = script.tick();
+    assert_eq!(script.status(), Status::Normal);
+    assert!(resolved(&changes).contains(&NotificationKind::DailyQuotaExhausted));
+    script.admitted(0);
     assert_eq!(script.used(RequestsPerDay), 1);
     assert_eq!(script.status(), Status::Normal);
     let snapshot = script.state.snapshot(script.now);
@@ -466,16 +471,51 @@ fn minute_exhaustion_rate_limits_and_clears_when_the_window_frees() {
     }
     assert_eq!(script.state.active_notifications().len(), 2);
 
+    // The window is empty at 10:01:00; the limit counts as used up for the
+    // hold, and then the status is normal again.
     script.at("2026-05-04T10:01:00Z");
     let changes = script.tick();
+    assert_eq!(script.status(), Status::RateLimited);
+    assert_eq!(resolved(&changes), vec![NotificationKind::ApproachingLimit]);
+    script.at("2026-05-04T10:01:02Z");
+    let changes = script.tick();
     assert_eq!(script.status(), Status::Normal);
+    assert_eq!(resolved(&changes), vec![NotificationKind::RateLimited]);
+}
+
+#[test]
+fn a_workspace_running_at_its_minute_limit_does_not_flap() {
+    // 60 per minute, and a client sending one request every half second:
+    // each second a slot frees up and is taken again at once.
+    let mut script = Script::new(&[(RequestsPerMinute, 60)]);
+    let mut raised_total = Vec::new();
+    let mut resolved_total = Vec::new();
+    let mut statuses = std::collections::BTreeSet::new();
+    for step in 0..600 {
+        script.at("2026-05-04T10:00:00Z").after(step * 500);
+        raised_total.extend(raised(&script.tick()));
+        raised_total.extend(raised(&script.admit(0).changes));
+        if step >= 120 {
+            statuses.insert(script.status());
+        }
+    }
     assert_eq!(
-        resolved(&changes),
-        vec![
-            NotificationKind::ApproachingLimit,
-            NotificationKind::RateLimited
-        ]
+        statuses.into_iter().collect::<Vec<_>>(),
+        vec![Status::RateLimited]
     );
+    let rate_limited = raised_total
+        .iter()
+        .filter(|k| **k == NotificationKind::RateLimited)
+        .count();
+    assert_eq!(rate_limited, 1, "one notification for the whole episode");
+    // When the client stops, the episode ends once: the window drains, and
+    // the hold runs out.
+    script.after(62_000);
+    resolved_total.extend(resolved(&script.tick()));
+    script.after(2_000);
+    resolved_total.extend(resolved(&script.tick()));
+    assert_eq!(script.status(), Status::Normal);
+    assert!(resolved_total.contains(&NotificationKind::RateLimited));
 }
 
 #[test]
@@ -580,9 +620,19 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
         // The probe failed again: the next probe is one interval later.
         script.upstream(429, "insufficient_quota", Some(code.code()), &[]);
         script.after(59_000).refused(0);
-        script.after(1000).admitted(0);
-        // This probe succeeded: the block ends.
-        let changes = script.success();
+        let probe = script.after(1000).admitted(0);
+        // A success reported without a reservation says nothing about
+        // billing; the probe's own success ends the block.
+        script.success();
+        assert_eq!(script.status(), Status::QuotaExceeded);
+        let changes = script
+            .record(&Outcome {
+                reservation: Some(probe),
+                tokens: Some(5),
+                answer: Some(Answer::success()),
+            })
+            .expect("the probe's reservation")
+            .changes;
         assert_eq!(script.status(), Status::Normal);
         assert_eq!(
             resolved(&changes),

@@ -88,7 +88,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         return None;
     }
     if let Ok(seconds) = text.parse::<f64>() {
-        return (seconds.is_finite() && seconds >= 0.0).then(|| Duration::from_secs_f64(seconds));
+        return Duration::try_from_secs_f64(seconds).ok();
     }
     let mut rest = text;
     let mut total_seconds = 0.0_f64;
@@ -117,7 +117,7 @@ pub fn parse_duration(text: &str) -> Option<Duration> {
         rest = &rest[unit_len..];
         total_seconds += number * seconds_per_unit;
     }
-    Some(Duration::from_secs_f64(total_seconds))
+    Duration::try_from_secs_f64(total_seconds).ok()
 }
 
 /// Formats a duration the way OpenAI's `x-ratelimit-reset-*` headers do
@@ -140,6 +140,11 @@ pub fn format_duration(duration: Duration) -> String {
         (0, m) => format!("{m}m{seconds}"),
         (h, m) => format!("{h}h{m}m{seconds}"),
     }
+}
+
+/// "in 3h 12m (at 2026-…Z)": when `at` comes, as seen from `now`.
+pub fn in_time(at: Timestamp, now: Timestamp) -> String {
+    format!("in {} (at {at})", humanize_duration(now.until(at)))
 }
 
 /// Formats a duration for people, coarsely: `45s`, `12m`, `3h 12m`, `2d 4h`.
@@ -187,7 +192,9 @@ mod tests {
 
     #[test]
     fn rejects_invalid_durations() {
-        for bad in ["", "s", "10x", "-5", "1h-2m", "abc", "1.2.3s"] {
+        for bad in [
+            "", "s", "10x", "-5", "1h-2m", "abc", "1.2.3s", "1e30", "NaN", "inf",
+        ] {
             assert_eq!(parse_duration(bad), None, "{bad:?}");
         }
     }

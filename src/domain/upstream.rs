@@ -12,6 +12,11 @@ use super::window::Tally;
 /// How long to hold back after an upstream rate limit that named no time.
 pub const DEFAULT_UPSTREAM_BACKOFF: Duration = Duration::from_secs(5);
 
+/// The longest hold an upstream's rate limit can impose: a day (OpenAI's
+/// longest window). A larger `retry-after` is a broken header, and must not
+/// block a workspace for years.
+pub const MAX_UPSTREAM_BACKOFF: Duration = Duration::from_secs(86_400);
+
 /// The billing codes OpenAI sends with `type: insufficient_quota`. Waiting
 /// never clears any of them; someone has to change billing settings.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -150,8 +155,7 @@ impl RateLimitHeaders {
                     retry_after_ms = value
                         .parse::<f64>()
                         .ok()
-                        .filter(|ms| ms.is_finite() && *ms >= 0.0)
-                        .map(|ms| Duration::from_secs_f64(ms / 1000.0));
+                        .and_then(|ms| Duration::try_from_secs_f64(ms / 1000.0).ok());
                 }
                 _ => {}
             }
@@ -182,6 +186,7 @@ impl RateLimitHeaders {
             .or(empty_bucket_reset)
             .or(any_reset)
             .unwrap_or(DEFAULT_UPSTREAM_BACKOFF)
+            .min(MAX_UPSTREAM_BACKOFF)
     }
 }
 
@@ -443,6 +448,12 @@ mod tests {
         );
         let azure = RateLimitHeaders::parse([("Retry-After", "10"), ("retry-after-ms", "10500")]);
         assert_eq!(azure.backoff(), Duration::from_millis(10500));
+        let absurd = RateLimitHeaders::parse([("retry-after", "99999999999")]);
+        assert_eq!(absurd.backoff(), MAX_UPSTREAM_BACKOFF);
+        assert_eq!(
+            RateLimitHeaders::parse([("retry-after-ms", "1e300")]).retry_after,
+            None
+        );
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub type OutcomeWindow = SlidingWindow<Outcomes, 60>;
 /// Errors and refusals over the last hour, in one-minute buckets.
 pub type ErrorHistory = SlidingWindow<ErrorTally, 60>;
 
+/// How far back the error history in the status document reaches.
+pub const ERROR_HISTORY: Duration = Duration::from_secs(3600);
+
 pub const SECOND_MS: i64 = 1000;
 pub const MINUTE_MS: i64 = 60 * SECOND_MS;
 
@@ -503,7 +506,7 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
         let observation = self.observation(now);
-        let Some(causes) = self.tracker.observe(&observation) else {
+        let Some(causes) = self.tracker.observe(&observation, now) else {
             return Vec::new();
         };
         let facts = self.facts(settings);
@@ -669,10 +672,11 @@ impl WorkspaceState {
         match class {
             UpstreamClass::Success => {
                 self.key_rejected = false;
-                // A request admitted before the block began says nothing about
-                // whether billing has been fixed since.
+                // Only a request admitted during the block (its probe) tells
+                // whether billing has been fixed since; one admitted earlier,
+                // or reported without a reservation, does not.
                 let admitted_during_block = |block: BillingBlock| {
-                    admitted_at.is_none_or(|admitted| admitted >= block.since)
+                    admitted_at.is_some_and(|admitted| admitted >= block.since)
                 };
                 if self.billing_block.is_some_and(admitted_during_block) {
                     self.billing_block = None;

@@ -22,29 +22,16 @@ use crate::store::{Batch, Store};
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
 enum Command {
-    Flush(oneshot::Sender<Result<(), String>>),
     Stop(oneshot::Sender<()>),
 }
 
-/// Asks the flush task to write now, or to write one last time and stop.
+/// Asks the flush task to write one last time and stop.
 #[derive(Clone)]
 pub struct FlushHandle {
     commands: mpsc::Sender<Command>,
 }
 
 impl FlushHandle {
-    /// Writes everything pending and returns once it is in the database.
-    pub async fn flush(&self) -> Result<(), String> {
-        let (reply, answer) = oneshot::channel();
-        self.commands
-            .send(Command::Flush(reply))
-            .await
-            .map_err(|_| "the flush task has stopped".to_owned())?;
-        answer
-            .await
-            .unwrap_or_else(|_| Err("the flush task has stopped".to_owned()))
-    }
-
     /// Writes everything pending and stops the task.
     pub async fn stop(&self) {
         let (done, finished) = oneshot::channel();
@@ -82,10 +69,9 @@ impl Flusher {
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut next_prune = Instant::now() + Duration::from_secs(60);
         loop {
-            let reply = tokio::select! {
-                _ = ticker.tick() => None,
+            tokio::select! {
+                _ = ticker.tick() => {}
                 command = commands.recv() => match command {
-                    Some(Command::Flush(reply)) => Some(reply),
                     Some(Command::Stop(done)) => {
                         if let Err(error) = self.flush().await {
                             tracing::error!(%error, "final flush failed; unwritten changes are lost");
@@ -98,11 +84,9 @@ impl Flusher {
                         return;
                     }
                 },
-            };
-            let result = self.flush().await;
-            if let Some(reply) = reply {
-                let _ = reply.send(result);
             }
+            // A failure is reported by `flush` itself and retried next time.
+            let _ = self.flush().await;
             self.follow_catalog().await;
             if Instant::now() >= next_prune {
                 next_prune = Instant::now() + PRUNE_EVERY;

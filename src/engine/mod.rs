@@ -19,14 +19,15 @@ pub mod flush;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
 use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::{Notification, describe_storage_unavailable};
-use crate::domain::status::Change;
+use crate::domain::notification::{NotificationKind, Severity};
+use crate::domain::status::{Change, Status};
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{
@@ -70,6 +71,9 @@ pub enum Event {
     /// A notification was raised, or resolved (then `resolved_at` is set).
     Notification(Arc<Notification>),
     Removed(WorkspaceId),
+    /// Keys were revoked or reloaded: holders of long-lived sessions
+    /// (WebSockets) must check that their key still counts.
+    CredentialsChanged,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -179,13 +183,8 @@ impl Slot {
         })
     }
 
-    /// Locks the cell. A panic while holding the lock cannot leave the state
-    /// half-updated in a way later operations cannot handle (every operation
-    /// re-derives the status), so a poisoned lock is used as is.
     fn lock(&self) -> MutexGuard<'_, Cell> {
-        self.cell
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        lock(&self.cell)
     }
 }
 
@@ -228,9 +227,22 @@ fn minute_of(at: Timestamp) -> i64 {
     at.millis() - at.millis().rem_euclid(60_000)
 }
 
+// The engine's locks guard data that every operation re-derives from, so a
+// panic elsewhere while one was held leaves nothing later operations cannot
+// handle: a poisoned lock is used as it is.
+
 fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex
         .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write()
         .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
@@ -268,18 +280,14 @@ impl Engine {
     }
 
     fn slot(&self, workspace: &WorkspaceId) -> Result<Arc<Slot>, EngineError> {
-        self.slots
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        read(&self.slots)
             .get(workspace)
             .cloned()
             .ok_or_else(|| EngineError::UnknownWorkspace(workspace.clone()))
     }
 
     fn all_slots(&self) -> Vec<(WorkspaceId, Arc<Slot>)> {
-        self.slots
-            .read()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+        read(&self.slots)
             .iter()
             .map(|(id, slot)| (id.clone(), slot.clone()))
             .collect()
@@ -328,17 +336,14 @@ impl Engine {
             };
             slots.insert(id, Slot::new(state));
         }
-        *self.slots.write().unwrap_or_else(|p| p.into_inner()) = slots;
+        *write(&self.slots) = slots;
         self.replace_keys(&catalog.keys);
         self.known_generation
             .store(catalog.generation, Ordering::SeqCst);
     }
 
     pub fn set_admin_key(&self, hash: KeyHash) {
-        self.keyring
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .admin = Some(hash);
+        write(&self.keyring).admin = Some(hash);
     }
 
     fn replace_keys(&self, keys: &[crate::store::KeyRecord]) {
@@ -347,7 +352,8 @@ impl Engine {
             .filter(|key| key.revoked_at.is_none())
             .map(|key| (key.hash, key.workspace.clone()))
             .collect();
-        self.keyring.write().unwrap_or_else(|p| p.into_inner()).keys = map;
+        write(&self.keyring).keys = map;
+        let _ = self.events.send(Event::CredentialsChanged);
     }
 
     /// Held while changing the catalog (database and engine together) or
@@ -410,63 +416,51 @@ impl Engine {
                 let changes = cell
                     .state
                     .reconfigure(config, now, &self.settings, &mut fresh_id);
-                let snapshot = Arc::new(cell.state.snapshot(now));
+                let published = self.publish(&cell.state, now, changes, true);
                 drop(cell);
                 slot.dirty.store(true, Ordering::Release);
-                self.publish_changes(&snapshot, changes);
-                let _ = self.events.send(Event::Status(snapshot));
+                published.log();
             }
             None => {
                 let id = config.id.clone();
                 let state = WorkspaceState::new(config, now);
                 let snapshot = Arc::new(state.snapshot(now));
-                self.slots
-                    .write()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .insert(id, Slot::new(state));
+                write(&self.slots).insert(id, Slot::new(state));
                 let _ = self.events.send(Event::Status(snapshot));
             }
         }
     }
 
     pub fn remove_workspace(&self, id: &WorkspaceId) {
-        let removed = self
-            .slots
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(id);
+        let removed = write(&self.slots).remove(id);
         if removed.is_some() {
-            self.keyring
-                .write()
-                .unwrap_or_else(|p| p.into_inner())
+            write(&self.keyring)
                 .keys
                 .retain(|_, workspace| workspace != id);
             let _ = self.events.send(Event::Removed(id.clone()));
+            let _ = self.events.send(Event::CredentialsChanged);
         }
     }
 
     pub fn add_key(&self, hash: KeyHash, workspace: WorkspaceId) {
-        self.keyring
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys
-            .insert(hash, workspace);
+        write(&self.keyring).keys.insert(hash, workspace);
     }
 
     pub fn remove_key(&self, hash: &KeyHash) {
-        self.keyring
-            .write()
-            .unwrap_or_else(|p| p.into_inner())
-            .keys
-            .remove(hash);
+        write(&self.keyring).keys.remove(hash);
+        let _ = self.events.send(Event::CredentialsChanged);
     }
 
     // ----- the request path -------------------------------------------------
 
     /// Maps a presented key to whom it speaks for.
     pub fn authenticate(&self, presented: &str) -> Option<Principal> {
-        let hash = KeyHash::of(presented);
-        let keyring = self.keyring.read().unwrap_or_else(|p| p.into_inner());
+        self.authenticate_hash(KeyHash::of(presented))
+    }
+
+    /// Like [`authenticate`](Self::authenticate), for a key already hashed.
+    pub fn authenticate_hash(&self, hash: KeyHash) -> Option<Principal> {
+        let keyring = read(&self.keyring);
         if keyring.admin.is_some_and(|admin| admin.matches(&hash)) {
             return Some(Principal::Admin);
         }
@@ -504,12 +498,10 @@ impl Engine {
             remaining: cell.state.remaining(),
             result: admission.result,
         };
-        let snapshot = (!admission.changes.is_empty()).then(|| Arc::new(cell.state.snapshot(now)));
+        let published = self.publish(&cell.state, now, admission.changes, false);
         drop(cell);
         slot.dirty.store(true, Ordering::Release);
-        if let Some(snapshot) = snapshot {
-            self.publish_changes(&snapshot, admission.changes);
-        }
+        published.log();
         Ok(decision)
     }
 
@@ -532,7 +524,10 @@ impl Engine {
         // Set before anything can return early: even a refused settlement may
         // have expired other reservations, which the flush must write.
         slot.dirty.store(true, Ordering::Release);
-        let recorded = match cell.state.record(&outcome, now, &self.settings, &mut fresh_id) {
+        let recorded = match cell
+            .state
+            .record(&outcome, now, &self.settings, &mut fresh_id)
+        {
             Ok(recorded) => recorded,
             Err(unknown) => {
                 record_expired(&mut cell, unknown.expired);
@@ -543,6 +538,29 @@ impl Engine {
         record_expired(&mut cell, recorded.expired);
         let class = recorded.class;
         let failed = class.is_some_and(|class| class != UpstreamClass::Success);
+        let reservation = recorded.reservation;
+        let charged_at = reservation.as_ref().map_or(now, |r| r.charged_at);
+        let model = report.model.or_else(|| reservation.and_then(|r| r.model));
+        let breakdown = report.tokens.unwrap_or_default();
+        let delta = RollupDelta {
+            requests: 1,
+            tokens: count(recorded.tokens),
+            prompt_tokens: count(breakdown.prompt),
+            completion_tokens: count(breakdown.completion),
+            cached_tokens: count(breakdown.cached),
+            reasoning_tokens: count(breakdown.reasoning),
+            errors: i64::from(failed),
+            refused: 0,
+            latency_ms_sum: count(report.latency_ms.unwrap_or(0)),
+        };
+        *cell
+            .rollups
+            .entry((minute_of(charged_at), model))
+            .or_default() += delta;
+        let published = self.publish(&cell.state, now, recorded.changes, false);
+        drop(cell);
+        slot.usage_dirty.store(true, Ordering::Release);
+        published.log();
         if let (true, Some(answer)) = (failed, &report.answer) {
             tracing::warn!(
                 workspace = %workspace,
@@ -551,32 +569,6 @@ impl Engine {
                 code = answer.error_code.as_deref().unwrap_or(""),
                 "upstream error"
             );
-        }
-        let reservation = recorded.reservation;
-        let charged_at = reservation.as_ref().map_or(now, |r| r.charged_at);
-        let model = report.model.or_else(|| reservation.and_then(|r| r.model));
-        let breakdown = report.tokens.unwrap_or_default();
-        let delta = RollupDelta {
-            requests: 1,
-            tokens: i64::try_from(recorded.tokens).unwrap_or(i64::MAX),
-            prompt_tokens: breakdown.prompt as i64,
-            completion_tokens: breakdown.completion as i64,
-            cached_tokens: breakdown.cached as i64,
-            reasoning_tokens: breakdown.reasoning as i64,
-            errors: i64::from(failed),
-            refused: 0,
-            latency_ms_sum: report.latency_ms.unwrap_or(0) as i64,
-        };
-        *cell
-            .rollups
-            .entry((minute_of(charged_at), model))
-            .or_default() += delta;
-        let changes = recorded.changes;
-        let snapshot = (!changes.is_empty()).then(|| Arc::new(cell.state.snapshot(now)));
-        drop(cell);
-        slot.usage_dirty.store(true, Ordering::Release);
-        if let Some(snapshot) = snapshot {
-            self.publish_changes(&snapshot, changes);
         }
         Ok(class)
     }
@@ -643,12 +635,11 @@ impl Engine {
         for (id, slot) in targets {
             let mut cell = slot.lock();
             let changes = cell.state.reset(now);
-            let snapshot = Arc::new(cell.state.snapshot(now));
+            let published = self.publish(&cell.state, now, changes, true);
             drop(cell);
             slot.dirty.store(true, Ordering::Release);
             slot.usage_dirty.store(true, Ordering::Release);
-            self.publish_changes(&snapshot, changes);
-            let _ = self.events.send(Event::Status(snapshot));
+            published.log();
             done.push(id);
         }
         Ok(done)
@@ -666,7 +657,7 @@ impl Engine {
                 cell.state.tick(now, &self.settings, &mut fresh_id);
             let touched = usage_changed || !expired.is_empty() || !changes.is_empty();
             record_expired(&mut cell, expired);
-            let snapshot = (!changes.is_empty()).then(|| Arc::new(cell.state.snapshot(now)));
+            let published = self.publish(&cell.state, now, changes, false);
             drop(cell);
             if touched {
                 slot.dirty.store(true, Ordering::Release);
@@ -674,19 +665,14 @@ impl Engine {
             if usage_changed {
                 slot.usage_dirty.store(true, Ordering::Release);
             }
-            if let Some(snapshot) = snapshot {
-                self.publish_changes(&snapshot, changes);
-            }
+            published.log();
         }
     }
 
     /// Sends a usage event for every workspace whose usage moved since the
     /// last call. Called on a fixed interval, which bounds the event rate per
-    /// workspace.
+    /// workspace, and only while someone listens.
     pub fn publish_usage(&self) {
-        if self.events.receiver_count() == 0 {
-            return;
-        }
         let now = self.now();
         for (_, slot) in self.all_slots() {
             if slot.usage_dirty.swap(false, Ordering::AcqRel) {
@@ -696,32 +682,39 @@ impl Engine {
         }
     }
 
-    fn publish_changes(&self, snapshot: &Arc<Snapshot>, changes: Vec<Change>) {
-        let workspace = &snapshot.config.id;
-        let mut status_changed = false;
+    /// Publishes what an operation on a workspace changed: notification
+    /// versions for the flush, and events for listeners (a status event when
+    /// the status changed, or always with `always_status`). Called while the
+    /// workspace's lock is held, so that events and stored versions keep the
+    /// order in which the changes happened; sending never blocks. What to log
+    /// is returned, to be logged once the lock is released.
+    fn publish(
+        &self,
+        state: &WorkspaceState,
+        now: Timestamp,
+        changes: Vec<Change>,
+        always_status: bool,
+    ) -> Published {
+        let mut published = Published {
+            workspace: state.config().id.clone(),
+            transition: None,
+            notifications: Vec::new(),
+        };
+        let mut status_changed = always_status;
         for change in changes {
             match change {
                 Change::Status { from, to } => {
                     status_changed = true;
                     if from != to {
-                        tracing::info!(
-                            workspace = %workspace,
-                            from = from.name(),
-                            to = to.name(),
-                            reasons = ?snapshot.reasons,
-                            "status changed"
-                        );
+                        published.transition = Some((from, to, Vec::new()));
                     }
                 }
                 Change::Raised(notification) | Change::Resolved(notification) => {
-                    tracing::info!(
-                        workspace = %workspace,
-                        kind = notification.kind.name(),
-                        severity = notification.severity.name(),
-                        resolved = notification.resolved_at.is_some(),
-                        "notification {}",
-                        if notification.resolved_at.is_some() { "resolved" } else { "raised" }
-                    );
+                    published.notifications.push((
+                        notification.kind,
+                        notification.severity,
+                        notification.resolved_at.is_some(),
+                    ));
                     lock(&self.pending_notifications).push(notification.clone());
                     let _ = self
                         .events
@@ -730,11 +723,47 @@ impl Engine {
             }
         }
         if status_changed {
-            let _ = self.events.send(Event::Status(snapshot.clone()));
+            let snapshot = Arc::new(state.snapshot(now));
+            if let Some((_, _, reasons)) = &mut published.transition {
+                reasons.clone_from(&snapshot.reasons);
+            }
+            let _ = self.events.send(Event::Status(snapshot));
         }
+        published
     }
 
     // ----- persistence -------------------------------------------------------
+
+    /// Finished requests of a workspace not yet written, by minute start.
+    pub fn unflushed_rollups(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<Vec<(i64, RollupDelta)>, EngineError> {
+        let slot = self.slot(workspace)?;
+        let cell = slot.lock();
+        Ok(cell
+            .rollups
+            .iter()
+            .map(|((minute, _), delta)| (*minute, *delta))
+            .collect())
+    }
+
+    /// Notification versions of a workspace (and service-wide ones) not yet
+    /// written, newest version of each.
+    pub fn unflushed_notifications(&self, workspace: &WorkspaceId) -> Vec<Notification> {
+        let pending = lock(&self.pending_notifications);
+        let mut latest: Vec<Notification> = Vec::new();
+        for notification in pending.iter().rev() {
+            let concerns = notification
+                .workspace
+                .as_ref()
+                .is_none_or(|w| w == workspace);
+            if concerns && latest.iter().all(|n| n.id != notification.id) {
+                latest.push(notification.clone());
+            }
+        }
+        latest
+    }
 
     /// Takes everything changed since the last call, for the flush to write.
     pub fn take_batch(&self) -> Batch {
@@ -812,12 +841,49 @@ impl Engine {
     }
 }
 
+/// What an operation changed, to be logged outside the workspace's lock.
+#[must_use]
+struct Published {
+    workspace: WorkspaceId,
+    transition: Option<(Status, Status, Vec<String>)>,
+    notifications: Vec<(NotificationKind, Severity, bool)>,
+}
+
+impl Published {
+    fn log(self) {
+        let workspace = &self.workspace;
+        if let Some((from, to, reasons)) = &self.transition {
+            tracing::info!(
+                workspace = %workspace,
+                from = from.name(),
+                to = to.name(),
+                reasons = ?reasons,
+                "status changed"
+            );
+        }
+        for (kind, severity, resolved) in self.notifications {
+            tracing::info!(
+                workspace = %workspace,
+                kind = kind.name(),
+                severity = severity.name(),
+                "notification {}",
+                if resolved { "resolved" } else { "raised" }
+            );
+        }
+    }
+}
+
+/// A count as stored, where counts are signed.
+fn count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
 /// Expired reservations are finished requests whose estimate became final.
 fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
     for finished in expired {
         let key = (minute_of(finished.charged_at), finished.model);
         let delta = cell.rollups.entry(key).or_default();
         delta.requests += 1;
-        delta.tokens += i64::try_from(finished.tokens).unwrap_or(i64::MAX);
+        delta.tokens = delta.tokens.saturating_add(count(finished.tokens));
     }
 }

@@ -38,7 +38,11 @@ pub struct Settlement {
 impl Settlement {
     /// Reports the call to the engine and the metrics. `tokens: None` keeps
     /// the estimate; `answer: None` means the upstream never answered.
-    fn finish(self, tokens: Option<TokenUsage>, answer: Option<UpstreamAnswer>) -> Option<UpstreamClass> {
+    fn finish(
+        self,
+        tokens: Option<TokenUsage>,
+        answer: Option<UpstreamAnswer>,
+    ) -> Option<UpstreamClass> {
         let report = UsageReport {
             reservation: Some(self.reservation),
             model: self.model.clone(),
@@ -48,7 +52,9 @@ impl Settlement {
         };
         let class = match self.state.engine.report(&self.workspace, report) {
             Ok(class) => class,
-            Err(error @ (EngineError::UnknownReservation(_) | EngineError::UnknownWorkspace(_))) => {
+            Err(
+                error @ (EngineError::UnknownReservation(_) | EngineError::UnknownWorkspace(_)),
+            ) => {
                 // The workspace was deleted, or reset and its reservation
                 // expired, while the call ran: nothing is left to settle.
                 tracing::debug!(workspace = %self.workspace, %error, "nothing to settle");
@@ -87,8 +93,14 @@ impl SettleGuard {
         Self(Some(settlement))
     }
 
-    pub fn settle(&mut self, tokens: Option<TokenUsage>, answer: Option<UpstreamAnswer>) -> Option<UpstreamClass> {
-        self.0.take().and_then(|settlement| settlement.finish(tokens, answer))
+    pub fn settle(
+        &mut self,
+        tokens: Option<TokenUsage>,
+        answer: Option<UpstreamAnswer>,
+    ) -> Option<UpstreamClass> {
+        self.0
+            .take()
+            .and_then(|settlement| settlement.finish(tokens, answer))
     }
 
     /// Hands the settlement over to a body stream, which settles it from now on.

@@ -117,8 +117,22 @@ const LOW_DETAIL_IMAGE_TOKENS: u64 = 85;
 /// Keys whose string values are not text the model reads (identifiers,
 /// enumerations, encoded media), and so are not counted.
 const NOT_TEXT: &[&str] = &[
-    "type", "role", "id", "call_id", "tool_call_id", "file_id", "file_data", "detail",
-    "format", "data", "url", "image_url", "image", "input_audio", "audio", "status",
+    "type",
+    "role",
+    "id",
+    "call_id",
+    "tool_call_id",
+    "file_id",
+    "file_data",
+    "detail",
+    "format",
+    "data",
+    "url",
+    "image_url",
+    "image",
+    "input_audio",
+    "audio",
+    "status",
 ];
 
 impl Estimator {
@@ -177,13 +191,20 @@ impl Estimator {
     fn count_text(&self, encoding: Encoding, value: &Value) -> u64 {
         match value {
             Value::String(text) => self.count(encoding, text),
-            Value::Array(items) => items.iter().map(|item| self.count_text(encoding, item)).sum(),
+            Value::Array(items) => items
+                .iter()
+                .map(|item| self.count_text(encoding, item))
+                .sum(),
             Value::Object(fields) => fields
                 .iter()
                 .map(|(key, value)| match key.as_str() {
                     "image_url" | "image" => {
                         let low = value.get("detail").and_then(Value::as_str) == Some("low");
-                        if low { LOW_DETAIL_IMAGE_TOKENS } else { IMAGE_TOKENS }
+                        if low {
+                            LOW_DETAIL_IMAGE_TOKENS
+                        } else {
+                            IMAGE_TOKENS
+                        }
                     }
                     key if NOT_TEXT.contains(&key) => 0,
                     _ => self.count_text(encoding, value),
@@ -197,7 +218,10 @@ impl Estimator {
     fn count_input(&self, encoding: Encoding, input: &Value) -> u64 {
         match input {
             Value::Array(items) if items.iter().all(Value::is_number) => items.len() as u64,
-            Value::Array(items) => items.iter().map(|item| self.count_input(encoding, item)).sum(),
+            Value::Array(items) => items
+                .iter()
+                .map(|item| self.count_input(encoding, item))
+                .sum(),
             other => self.count_text(encoding, other),
         }
     }
@@ -221,13 +245,19 @@ impl Estimator {
                     .sum::<u64>();
                 per_message + REPLY_PRIMING + tools
             }
-            Endpoint::Completions => body.get("prompt").map_or(0, |p| self.count_input(encoding, p)),
-            Endpoint::Embeddings => body.get("input").map_or(0, |i| self.count_input(encoding, i)),
+            Endpoint::Completions => body
+                .get("prompt")
+                .map_or(0, |p| self.count_input(encoding, p)),
+            Endpoint::Embeddings => body
+                .get("input")
+                .map_or(0, |i| self.count_input(encoding, i)),
             Endpoint::Responses => {
                 let instructions = body
                     .get("instructions")
                     .map_or(0, |i| self.count_text(encoding, i));
-                let input = body.get("input").map_or(0, |i| self.count_text(encoding, i));
+                let input = body
+                    .get("input")
+                    .map_or(0, |i| self.count_text(encoding, i));
                 let tools = body
                     .get("tools")
                     .map_or(0, |tools| self.count(encoding, &tools.to_string()));
@@ -274,7 +304,10 @@ mod tests {
 
     #[test]
     fn endpoints_are_recognised_by_path() {
-        assert_eq!(Endpoint::of_path("/chat/completions"), Endpoint::ChatCompletions);
+        assert_eq!(
+            Endpoint::of_path("/chat/completions"),
+            Endpoint::ChatCompletions
+        );
         assert_eq!(Endpoint::of_path("/responses"), Endpoint::Responses);
         assert_eq!(Endpoint::of_path("/embeddings/"), Endpoint::Embeddings);
         assert_eq!(Endpoint::of_path("/models"), Endpoint::Other);
@@ -286,13 +319,23 @@ mod tests {
         let body = json!({"model": "gpt-4o-mini", "n": 2, "max_tokens": 100,
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]});
         let estimate = estimator.estimate(Endpoint::ChatCompletions, &body);
-        // "Be brief." is 4 tokens and "Hello there!" 3 in o200k_base.
-        assert_eq!(estimate.prompt, 2 * PER_MESSAGE + 4 + 3 + REPLY_PRIMING);
+        // "Be brief." and "Hello there!" are 3 tokens each in o200k_base.
+        assert_eq!(estimate.prompt, 2 * PER_MESSAGE + 3 + 3 + REPLY_PRIMING);
         assert_eq!(estimate.completion, 200);
         let newer = json!({"model": "gpt-4o-mini", "max_completion_tokens": 50, "messages": []});
-        assert_eq!(estimator.estimate(Endpoint::ChatCompletions, &newer).completion, 50);
+        assert_eq!(
+            estimator
+                .estimate(Endpoint::ChatCompletions, &newer)
+                .completion,
+            50
+        );
         let unset = json!({"model": "gpt-4o-mini", "messages": []});
-        assert_eq!(estimator.estimate(Endpoint::ChatCompletions, &unset).completion, 1024);
+        assert_eq!(
+            estimator
+                .estimate(Endpoint::ChatCompletions, &unset)
+                .completion,
+            1024
+        );
     }
 
     #[test]
@@ -311,28 +354,53 @@ mod tests {
     #[test]
     fn embeddings_and_completions_accept_text_lists_and_token_ids() {
         let estimator = loaded();
-        let texts = json!({"model": "text-embedding-3-small", "input": ["Hello there!", "Hello there!"]});
-        assert_eq!(estimator.estimate(Endpoint::Embeddings, &texts), Estimate { prompt: 6, completion: 0 });
+        let texts =
+            json!({"model": "text-embedding-3-small", "input": ["Hello there!", "Hello there!"]});
+        assert_eq!(
+            estimator.estimate(Endpoint::Embeddings, &texts),
+            Estimate {
+                prompt: 6,
+                completion: 0
+            }
+        );
         let ids = json!({"model": "text-embedding-3-small", "input": [1, 2, 3, 4]});
         assert_eq!(estimator.estimate(Endpoint::Embeddings, &ids).prompt, 4);
-        let legacy = json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Hello there!", "max_tokens": 7});
-        assert_eq!(estimator.estimate(Endpoint::Completions, &legacy).completion, 7);
+        let legacy =
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Hello there!", "max_tokens": 7});
+        assert_eq!(
+            estimator
+                .estimate(Endpoint::Completions, &legacy)
+                .completion,
+            7
+        );
     }
 
     #[test]
     fn responses_count_instructions_input_and_max_output_tokens() {
         let estimator = loaded();
         let body = json!({"model": "gpt-4.1", "instructions": "Be brief.", "input": "Hello there!", "max_output_tokens": 64});
-        assert_eq!(estimator.estimate(Endpoint::Responses, &body), Estimate { prompt: 7, completion: 64 });
+        assert_eq!(
+            estimator.estimate(Endpoint::Responses, &body),
+            Estimate {
+                prompt: 6,
+                completion: 64
+            }
+        );
         let items = json!({"model": "gpt-4.1", "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hello there!"}]}]});
         assert_eq!(estimator.estimate(Endpoint::Responses, &items).prompt, 3);
     }
 
     #[test]
     fn the_encoding_follows_the_model_and_falls_back_to_o200k() {
-        assert_eq!(Encoding::of_model("gpt-4o-mini-2024-07-18"), Encoding::O200k);
+        assert_eq!(
+            Encoding::of_model("gpt-4o-mini-2024-07-18"),
+            Encoding::O200k
+        );
         assert_eq!(Encoding::of_model("gpt-4"), Encoding::Cl100k);
-        assert_eq!(Encoding::of_model("text-embedding-3-small"), Encoding::Cl100k);
+        assert_eq!(
+            Encoding::of_model("text-embedding-3-small"),
+            Encoding::Cl100k
+        );
         assert_eq!(Encoding::of_model("some-future-model"), Encoding::O200k);
     }
 

@@ -38,7 +38,7 @@ use crate::domain::workspace::{Model, Request as Admission};
 use crate::engine::{Principal, TokenUsage, UpstreamAnswer};
 use crate::metrics::{Phase, RequestOutcome};
 use crate::openai::ErrorEnvelope;
-use body::{MeteredBody, Settlement, SettleGuard};
+use body::{MeteredBody, SettleGuard, Settlement};
 use estimate::{Endpoint, Estimate, Estimator};
 
 /// Largest error body read from the upstream; error bodies are small.
@@ -109,7 +109,11 @@ impl Proxy {
         match variable {
             Some(name) => (self.env)(name)
                 .filter(|key| !key.is_empty())
-                .ok_or_else(|| missing(format!("the environment variable {name} named by the workspace is not set"))),
+                .ok_or_else(|| {
+                    missing(format!(
+                        "the environment variable {name} named by the workspace is not set"
+                    ))
+                }),
             None => self
                 .default_key
                 .clone()
@@ -162,7 +166,9 @@ fn apply_headroom(headers: &mut HeaderMap, ours: HeaderMap) {
 fn overhead_header(response: &mut Response, overhead: Duration) {
     let millis = format!("{:.3}", overhead.as_secs_f64() * 1000.0);
     if let Ok(value) = HeaderValue::from_str(&millis) {
-        response.headers_mut().insert("x-quotawatch-overhead-ms", value);
+        response
+            .headers_mut()
+            .insert("x-quotawatch-overhead-ms", value);
     }
 }
 
@@ -205,7 +211,12 @@ struct Call {
     inject_usage: bool,
 }
 
-fn understand(proxy: &Proxy, path: &str, headers: &HeaderMap, body: &Bytes) -> (Call, Option<Value>) {
+fn understand(
+    proxy: &Proxy,
+    path: &str,
+    headers: &HeaderMap,
+    body: &Bytes,
+) -> (Call, Option<Value>) {
     let endpoint = Endpoint::of_path(path);
     let is_json = headers
         .get(header::CONTENT_TYPE)
@@ -239,7 +250,9 @@ fn body_too_large(limit: usize) -> ApiError {
         StatusCode::PAYLOAD_TOO_LARGE,
         "invalid_request_error",
         "request_too_large",
-        format!("the request body is larger than quotawatch accepts ({limit} bytes; see QUOTAWATCH_PROXY_MAX_BODY_BYTES)"),
+        format!(
+            "the request body is larger than quotawatch accepts ({limit} bytes; see QUOTAWATCH_PROXY_MAX_BODY_BYTES)"
+        ),
     )
 }
 
@@ -256,7 +269,11 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Respons
     }
 }
 
-async fn forward_admitted(state: &AppState, request: Request, arrived: Instant) -> Result<Response, ApiError> {
+async fn forward_admitted(
+    state: &AppState,
+    request: Request,
+    arrived: Instant,
+) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
     let (parts, body) = request.into_parts();
     let workspace = match authenticate(&state.engine, bearer(&parts.headers))? {
@@ -279,15 +296,20 @@ async fn forward_admitted(state: &AppState, request: Request, arrived: Instant) 
     if declared_length.is_some_and(|length| length > proxy.max_body_bytes) {
         return Err(body_too_large(proxy.max_body_bytes));
     }
-    let body = axum::body::to_bytes(body, proxy.max_body_bytes).await.map_err(|error| {
-        let too_large = std::error::Error::source(&error)
-            .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-        if too_large {
-            body_too_large(proxy.max_body_bytes)
-        } else {
-            ApiError::bad_request("unreadable_body", format!("the request body could not be read: {error}"))
-        }
-    })?;
+    let body = axum::body::to_bytes(body, proxy.max_body_bytes)
+        .await
+        .map_err(|error| {
+            let too_large = std::error::Error::source(&error)
+                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
+            if too_large {
+                body_too_large(proxy.max_body_bytes)
+            } else {
+                ApiError::bad_request(
+                    "unreadable_body",
+                    format!("the request body could not be read: {error}"),
+                )
+            }
+        })?;
 
     let path = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let (call, json) = understand(proxy, path, &parts.headers, &body);
@@ -329,27 +351,50 @@ async fn forward_admitted(state: &AppState, request: Request, arrived: Instant) 
         (Some(json), true) => with_usage_requested(&body, json),
         _ => body,
     };
-    let query = parts.uri.query().map(|q| format!("?{q}")).unwrap_or_default();
+    let query = parts
+        .uri
+        .query()
+        .map(|q| format!("?{q}"))
+        .unwrap_or_default();
     let url = format!("{}{path}{query}", proxy.base);
     let mut headers = end_to_end(
         &parts.headers,
-        &[header::HOST, header::AUTHORIZATION, header::CONTENT_LENGTH, header::ACCEPT_ENCODING],
+        &[
+            header::HOST,
+            header::AUTHORIZATION,
+            header::CONTENT_LENGTH,
+            header::ACCEPT_ENCODING,
+        ],
     );
     // Bodies are read for usage on the way back, so they must come plain.
-    headers.insert(header::ACCEPT_ENCODING, HeaderValue::from_static("identity"));
-    let mut authorization = HeaderValue::try_from(format!("Bearer {key}"))
-        .map_err(|_| ApiError::internal("the upstream key contains characters not allowed in a header"))?;
+    headers.insert(
+        header::ACCEPT_ENCODING,
+        HeaderValue::from_static("identity"),
+    );
+    let mut authorization = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
+        ApiError::internal("the upstream key contains characters not allowed in a header")
+    })?;
     authorization.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, authorization);
     let method = Method::from_bytes(parts.method.as_str().as_bytes()).unwrap_or(Method::POST);
-    let upstream_request = proxy.client.request(method, url).headers(headers).body(body);
+    let upstream_request = proxy
+        .client
+        .request(method, url)
+        .headers(headers)
+        .body(body);
 
     let sent = Instant::now();
     state.metrics.overhead(Phase::Request, sent - arrived);
     let answer = tokio::time::timeout(proxy.headers_timeout, upstream_request.send()).await;
     let response = match answer {
         Ok(Ok(response)) => response,
-        Ok(Err(error)) => return Err(unreachable(&mut guard, &error.to_string(), error.is_timeout())),
+        Ok(Err(error)) => {
+            return Err(unreachable(
+                &mut guard,
+                &error.to_string(),
+                error.is_timeout(),
+            ));
+        }
         Err(_) => return Err(unreachable(&mut guard, "no response headers in time", true)),
     };
     let answered = Instant::now();
@@ -436,7 +481,9 @@ async fn read_error_body(response: reqwest::Response, within: Duration) -> Bytes
         }
         Bytes::from(body)
     };
-    tokio::time::timeout(within, collect).await.unwrap_or_default()
+    tokio::time::timeout(within, collect)
+        .await
+        .unwrap_or_default()
 }
 
 /// The upstream could not be reached or did not answer in time: counted as a
@@ -452,11 +499,24 @@ fn unreachable(guard: &mut SettleGuard, reason: &str, timed_out: bool) -> ApiErr
         }),
     );
     let (status, code, what) = if timed_out {
-        (StatusCode::GATEWAY_TIMEOUT, "upstream_timeout", "did not answer in time")
+        (
+            StatusCode::GATEWAY_TIMEOUT,
+            "upstream_timeout",
+            "did not answer in time",
+        )
     } else {
-        (StatusCode::BAD_GATEWAY, "upstream_unreachable", "could not be reached")
+        (
+            StatusCode::BAD_GATEWAY,
+            "upstream_unreachable",
+            "could not be reached",
+        )
     };
     tracing::warn!(code, reason, "upstream {what}");
-    ApiError::new(status, "server_error", code, format!("the upstream {what}: {reason}"))
-        .with_header("x-should-retry", "true")
+    ApiError::new(
+        status,
+        "server_error",
+        code,
+        format!("the upstream {what}: {reason}"),
+    )
+    .with_header("x-should-retry", "true")
 }

@@ -35,14 +35,14 @@ pub struct Findings {
 
 pub enum Scanner {
     Json(JsonScanner),
-    Sse(SseScanner),
+    Sse(Box<SseScanner>),
 }
 
 impl Scanner {
     /// The scanner for a body of `content_type`.
     pub fn new(endpoint: Endpoint, content_type: &str, strip_injected_usage: bool) -> Self {
         if content_type.starts_with("text/event-stream") {
-            Scanner::Sse(SseScanner::new(endpoint, strip_injected_usage))
+            Scanner::Sse(Box::new(SseScanner::new(endpoint, strip_injected_usage)))
         } else {
             Scanner::Json(JsonScanner::default())
         }
@@ -136,7 +136,10 @@ fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
     let rest = &tail[at + key.len()..];
     let start = rest.iter().position(|b| *b == b'{')?;
     let between = &rest[..start];
-    if !between.iter().all(|b| b.is_ascii_whitespace() || *b == b':') {
+    if !between
+        .iter()
+        .all(|b| b.is_ascii_whitespace() || *b == b':')
+    {
         return None;
     }
     serde_json::Deserializer::from_slice(&rest[start..])
@@ -296,14 +299,19 @@ impl SseScanner {
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|window| window == needle)
+    haystack
+        .windows(needle.len())
+        .any(|window| window == needle)
 }
 
 /// `text` without any occurrence of `needle`.
 fn remove_all(text: &[u8], needle: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
     let mut rest = text;
-    while let Some(at) = rest.windows(needle.len()).position(|window| window == needle) {
+    while let Some(at) = rest
+        .windows(needle.len())
+        .position(|window| window == needle)
+    {
         out.extend_from_slice(&rest[..at]);
         rest = &rest[at + needle.len()..];
     }
@@ -337,8 +345,11 @@ mod tests {
     use super::*;
 
     fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!("{}/tests/fixtures/openai/{name}", env!("CARGO_MANIFEST_DIR")))
-            .expect("fixture")
+        std::fs::read(format!(
+            "{}/tests/fixtures/openai/{name}",
+            env!("CARGO_MANIFEST_DIR")
+        ))
+        .expect("fixture")
     }
 
     /// Feeds `body` in chunks of `size` bytes and collects the output.
@@ -369,9 +380,17 @@ mod tests {
         let with_usage = fixture("chat_completion_stream_include_usage.sse");
         let without = fixture("chat_completion_stream.sse");
         for size in [1, 13, 4096] {
-            let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream; charset=utf-8", true);
+            let mut scanner = Scanner::new(
+                Endpoint::ChatCompletions,
+                "text/event-stream; charset=utf-8",
+                true,
+            );
             let (out, findings) = run(&mut scanner, &with_usage, size);
-            assert_eq!(String::from_utf8_lossy(&out), String::from_utf8_lossy(&without), "chunks of {size}");
+            assert_eq!(
+                String::from_utf8_lossy(&out),
+                String::from_utf8_lossy(&without),
+                "chunks of {size}"
+            );
             assert_eq!(findings.usage.expect("usage").tokens().total(), 15);
         }
     }
@@ -416,7 +435,10 @@ mod tests {
         let body = b"data: {\"id\":\"x\",\"choices\":[]}\n\ndata: {\"error\":{\"message\":\"The server had an error\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n";
         let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", false);
         let (_, findings) = run(&mut scanner, body, 10);
-        assert_eq!(findings.error.expect("error").error_type.as_deref(), Some("server_error"));
+        assert_eq!(
+            findings.error.expect("error").error_type.as_deref(),
+            Some("server_error")
+        );
     }
 
     #[test]
@@ -425,7 +447,7 @@ mod tests {
             let body = fixture(name);
             let mut scanner = Scanner::new(Endpoint::Other, "application/json", false);
             let (out, findings) = run(&mut scanner, &body, 100);
-            assert_eq!(out.len(), 0, "JSON chunks pass through feed, not finish");
+            assert_eq!(out, body, "JSON bodies pass unchanged");
             assert!(findings.usage.is_some(), "{name}");
         }
         // A body too large to keep whole: usage is found in the tail.

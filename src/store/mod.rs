@@ -42,6 +42,8 @@ pub enum StoreError {
     Conflict(String),
     #[error("unsupported database URL {0:?}: use sqlite://PATH or postgres://...")]
     UnsupportedUrl(String),
+    #[error("{0}")]
+    FileGone(String),
 }
 
 pub type Result<T> = std::result::Result<T, StoreError>;
@@ -130,16 +132,18 @@ pub struct RollupDelta {
 }
 
 impl std::ops::AddAssign for RollupDelta {
+    /// Saturating: a count stuck at its maximum is wrong, but an overflow
+    /// would be wrong and also fail every later write of the row.
     fn add_assign(&mut self, o: Self) {
-        self.requests += o.requests;
-        self.tokens += o.tokens;
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.cached_tokens += o.cached_tokens;
-        self.reasoning_tokens += o.reasoning_tokens;
-        self.errors += o.errors;
-        self.refused += o.refused;
-        self.latency_ms_sum += o.latency_ms_sum;
+        self.requests = self.requests.saturating_add(o.requests);
+        self.tokens = self.tokens.saturating_add(o.tokens);
+        self.prompt_tokens = self.prompt_tokens.saturating_add(o.prompt_tokens);
+        self.completion_tokens = self.completion_tokens.saturating_add(o.completion_tokens);
+        self.cached_tokens = self.cached_tokens.saturating_add(o.cached_tokens);
+        self.reasoning_tokens = self.reasoning_tokens.saturating_add(o.reasoning_tokens);
+        self.errors = self.errors.saturating_add(o.errors);
+        self.refused = self.refused.saturating_add(o.refused);
+        self.latency_ms_sum = self.latency_ms_sum.saturating_add(o.latency_ms_sum);
     }
 }
 
@@ -327,6 +331,35 @@ fn is_unique_violation(error: &sqlx::Error) -> bool {
 #[derive(Clone)]
 pub struct Store {
     pool: Pool,
+    /// The SQLite file, to notice when it is removed or replaced.
+    file: Option<SqliteFile>,
+}
+
+#[derive(Clone, Debug)]
+struct SqliteFile {
+    path: std::path::PathBuf,
+    identity: (u64, u64),
+}
+
+/// The file behind a `sqlite:` URL and its current identity.
+fn sqlite_file(url: &str) -> Option<SqliteFile> {
+    let options = SqliteConnectOptions::from_str(url).ok()?;
+    let path = options.get_filename().to_owned();
+    let identity = file_identity(&path)?;
+    Some(SqliteFile { path, identity })
+}
+
+/// Device and inode: what tells one file from another at the same path.
+#[cfg(unix)]
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    use std::os::unix::fs::MetadataExt;
+    let metadata = std::fs::metadata(path).ok()?;
+    Some((metadata.dev(), metadata.ino()))
+}
+
+#[cfg(not(unix))]
+fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
+    std::fs::metadata(path).ok().map(|_| (0, 0))
 }
 
 impl Store {
@@ -360,9 +393,29 @@ impl Store {
         } else {
             return Err(StoreError::UnsupportedUrl(url.to_owned()));
         };
-        let store = Self { pool };
+        let file = sqlite_file(url);
+        let store = Self { pool, file };
         on_pool!(store, |pool| MIGRATOR.run(pool).await)?;
         Ok(store)
+    }
+
+    /// Fails when the SQLite file was removed or replaced since it was
+    /// opened: writes would then go to a file nobody will ever read again.
+    fn check_file(&self) -> Result<()> {
+        let Some(file) = &self.file else {
+            return Ok(());
+        };
+        match file_identity(&file.path) {
+            Some(identity) if identity == file.identity => Ok(()),
+            Some(_) => Err(StoreError::FileGone(format!(
+                "the database file {} was replaced after quotawatch opened it; restart quotawatch to use the new file",
+                file.path.display()
+            ))),
+            None => Err(StoreError::FileGone(format!(
+                "the database file {} was removed; restore it (or restart quotawatch to start afresh)",
+                file.path.display()
+            ))),
+        }
     }
 
     pub fn backend(&self) -> Backend {
@@ -377,11 +430,19 @@ impl Store {
     }
 
     /// Succeeds when the database answers a query.
-    pub async fn ping(&self) -> Result<()> {
-        on_pool!(self, |pool| sqlx::query("SELECT 1")
-            .execute(pool)
-            .await
-            .map(|_| ()))?;
+    /// Succeeds when the database accepts a write: a database that answers
+    /// reads but not writes (disk full, locked, read-only) is not ready.
+    pub async fn probe(&self, now: Timestamp) -> Result<()> {
+        self.check_file()?;
+        on_pool!(self, |pool| {
+            sqlx::query(
+            "INSERT INTO meta (key, value) VALUES ('ready_probe', $1) ON CONFLICT (key) DO UPDATE SET value = excluded.value"
+        )
+        .bind(now.millis().to_string())
+        .execute(pool)
+        .await
+        .map(|_| ())
+        })?;
         Ok(())
     }
 
@@ -409,11 +470,13 @@ impl Store {
 
     async fn read_catalog(&self, generation: i64) -> Result<Catalog> {
         let workspace_rows: Vec<WorkspaceRow> = on_pool!(self, |pool| {
-            sqlx::query_as(
-            concat!("SELECT ", workspace_columns!(), " FROM workspaces ORDER BY id")
-        )
-        .fetch_all(pool)
-        .await
+            sqlx::query_as(concat!(
+                "SELECT ",
+                workspace_columns!(),
+                " FROM workspaces ORDER BY id"
+            ))
+            .fetch_all(pool)
+            .await
         })?;
         let key_rows: Vec<(String, String, String, String, i64, Option<i64>)> = on_pool!(
             self,
@@ -437,12 +500,14 @@ impl Store {
 
     pub async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceConfig>> {
         let row: Option<WorkspaceRow> = on_pool!(self, |pool| {
-            sqlx::query_as(
-            concat!("SELECT ", workspace_columns!(), " FROM workspaces WHERE id = $1")
-        )
-        .bind(id.as_str())
-        .fetch_optional(pool)
-        .await
+            sqlx::query_as(concat!(
+                "SELECT ",
+                workspace_columns!(),
+                " FROM workspaces WHERE id = $1"
+            ))
+            .bind(id.as_str())
+            .fetch_optional(pool)
+            .await
         })?;
         Ok(row.and_then(workspace_from_row))
     }
@@ -452,22 +517,24 @@ impl Store {
     pub async fn insert_workspace(&self, ws: &WorkspaceConfig, now: Timestamp) -> Result<i64> {
         let limits = ws.limits;
         let inserted = change_catalog!(self, |tx| {
-            sqlx::query(
-            concat!("INSERT INTO workspaces (", workspace_columns!(), ", created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)"),
-        )
-        .bind(ws.id.as_str())
-        .bind(&ws.name)
-        .bind(ws.timezone.name())
-        .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
-        .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
-        .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
-        .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
-        .bind(ws.warn_at)
-        .bind(ws.upstream_key_env.as_deref())
-        .bind(now.millis())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+            sqlx::query(concat!(
+                "INSERT INTO workspaces (",
+                workspace_columns!(),
+                ", created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)"
+            ))
+            .bind(ws.id.as_str())
+            .bind(&ws.name)
+            .bind(ws.timezone.name())
+            .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
+            .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
+            .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
+            .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
+            .bind(ws.warn_at)
+            .bind(ws.upstream_key_env.as_deref())
+            .bind(now.millis())
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
         });
         match inserted {
             Ok(generation) => Ok(generation.unwrap_or_default()),
@@ -648,12 +715,15 @@ impl Store {
         if batch.is_empty() {
             return Ok(());
         }
+        self.check_file()?;
         on_pool!(self, |pool| {
             async {
             let mut tx = pool.begin().await?;
             for (workspace, state) in &batch.states {
                 sqlx::query(
-                    "INSERT INTO workspace_state (workspace_id, state, updated_at) VALUES ($1, $2, $3) ON CONFLICT (workspace_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
+                    // Rows of a workspace deleted meanwhile are dropped, so
+                    // that a re-created workspace does not inherit them.
+                    "INSERT INTO workspace_state (workspace_id, state, updated_at) SELECT $1, $2, $3 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id) DO UPDATE SET state = excluded.state, updated_at = excluded.updated_at",
                 )
                 .bind(workspace.as_str())
                 .bind(state)
@@ -665,7 +735,7 @@ impl Store {
                 sqlx::query(concat!(
                     "INSERT INTO notifications (",
                     notification_columns!(),
-                    ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12) ON CONFLICT (id) DO UPDATE SET resolves_at = excluded.resolves_at, resolved_at = excluded.resolved_at, message = excluded.message"
+                    ") SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 WHERE $2 IS NULL OR EXISTS (SELECT 1 FROM workspaces WHERE id = $2) ON CONFLICT (id) DO UPDATE SET resolves_at = excluded.resolves_at, resolved_at = excluded.resolved_at, message = excluded.message"
                 ))
                 .bind(&n.id)
                 .bind(n.workspace.as_ref().map(WorkspaceId::as_str))
@@ -690,7 +760,7 @@ impl Store {
                     (Resolution::Day, key.day),
                 ] {
                     sqlx::query(
-                        "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, refused, latency_ms_sum) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET requests = rollups.requests + excluded.requests, tokens = rollups.tokens + excluded.tokens, prompt_tokens = rollups.prompt_tokens + excluded.prompt_tokens, completion_tokens = rollups.completion_tokens + excluded.completion_tokens, cached_tokens = rollups.cached_tokens + excluded.cached_tokens, reasoning_tokens = rollups.reasoning_tokens + excluded.reasoning_tokens, errors = rollups.errors + excluded.errors, refused = rollups.refused + excluded.refused, latency_ms_sum = rollups.latency_ms_sum + excluded.latency_ms_sum",
+                        "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, refused, latency_ms_sum) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET requests = rollups.requests + excluded.requests, tokens = rollups.tokens + excluded.tokens, prompt_tokens = rollups.prompt_tokens + excluded.prompt_tokens, completion_tokens = rollups.completion_tokens + excluded.completion_tokens, cached_tokens = rollups.cached_tokens + excluded.cached_tokens, reasoning_tokens = rollups.reasoning_tokens + excluded.reasoning_tokens, errors = rollups.errors + excluded.errors, refused = rollups.refused + excluded.refused, latency_ms_sum = rollups.latency_ms_sum + excluded.latency_ms_sum",
                     )
                     .bind(key.workspace.as_str())
                     .bind(resolution.code())

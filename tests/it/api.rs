@@ -3,7 +3,9 @@
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
-use crate::support::{ADMIN_KEY, TestServer, fixture_headers, fixture_json};
+use std::time::Duration;
+
+use crate::support::{ADMIN_KEY, TestServer, eventually, fixture_headers, fixture_json};
 
 #[tokio::test]
 async fn the_status_document_has_every_documented_field() {
@@ -470,9 +472,23 @@ async fn history_counts_requests_tokens_and_errors_per_step() {
     server
         .post("/api/quota/usage", &key, json!({"status_code": 500, "error": fixture_json("error_500_server_error.json")["error"]}))
         .await;
-    let minutes = server
-        .get("/api/quota/history?window=1h&step=1m", &key)
-        .await;
+    // A write in flight can hide the newest requests for a moment.
+    let minutes = eventually(
+        "all three requests in history",
+        Duration::from_secs(5),
+        || async {
+            let minutes = server
+                .get("/api/quota/history?window=1h&step=1m", &key)
+                .await;
+            let requests: i64 = minutes.body["points"]
+                .as_array()?
+                .iter()
+                .map(|p| p["requests"].as_i64().unwrap_or(0))
+                .sum();
+            (requests == 3).then_some(minutes)
+        },
+    )
+    .await;
     assert_eq!(minutes.status, StatusCode::OK, "{:?}", minutes.body);
     let points = minutes.body["points"].as_array().expect("points");
     assert_eq!(points.len(), 60);
@@ -719,5 +735,168 @@ async fn workspaces_and_keys_are_managed_by_the_admin() {
             .status,
         StatusCode::NOT_FOUND
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn one_probe_per_interval_goes_through_a_billing_block_and_its_success_lifts_it() {
+    let server = TestServer::start(&[("QUOTAWATCH_PROBE_INTERVAL", "1s")]).await;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    let billing = json!({"status_code": 429, "error": fixture_json("error_429_insufficient_quota.json")["error"]});
+    server.post("/api/quota/usage", &key, billing).await;
+    assert_eq!(
+        server.check(&key, 0).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // A success reported without a reservation says nothing about billing.
+    let unreserved = server
+        .post("/api/quota/usage", &key, json!({"status_code": 200}))
+        .await;
+    assert_eq!(unreserved.body["status"], "quota_exceeded");
+    let probe = eventually(
+        "a probe to be let through",
+        Duration::from_secs(5),
+        || async {
+            let check = server.check(&key, 0).await;
+            (check.status == StatusCode::OK).then_some(check.body)
+        },
+    )
+    .await;
+    assert_eq!(probe["probe"], true);
+    assert_eq!(
+        server.check(&key, 0).await.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "one probe per interval"
+    );
+    let lifted = server
+        .post(
+            "/api/quota/usage",
+            &key,
+            json!({"reservation_id": probe["reservation_id"], "status_code": 200}),
+        )
+        .await;
+    assert_eq!(lifted.body["status"], "normal");
+    assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn implausible_values_are_refused_without_harm() {
+    let server = TestServer::start(&[]).await;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    let huge = server
+        .post(
+            "/api/quota/usage",
+            &key,
+            json!({"usage": {"prompt_tokens": 9_000_000_000_000_000_000u64}}),
+        )
+        .await;
+    assert_eq!(huge.status, StatusCode::BAD_REQUEST);
+    assert_eq!(huge.body["error"]["param"], "usage.prompt_tokens");
+    let estimate = server.check(&key, 1 << 60).await;
+    assert_eq!(estimate.body["error"]["param"], "estimated_tokens");
+    // An absurd retry-after from an upstream holds the workspace a day at most.
+    let absurd = server
+        .post("/api/quota/usage", &key, json!({"status_code": 429, "error": {"type": "requests", "code": "rate_limit_exceeded"}, "headers": {"retry-after": "1e300"}}))
+        .await;
+    assert_eq!(absurd.status, StatusCode::ACCEPTED);
+    let long = server
+        .post("/api/quota/usage", &key, json!({"status_code": 429, "error": {"type": "requests", "code": "rate_limit_exceeded"}, "headers": {"retry-after": "999999999999"}}))
+        .await;
+    let seconds = long.body["retry_after_seconds"]
+        .as_f64()
+        .expect("retry after");
+    assert!(seconds <= 86_400.0, "{seconds}");
+    let history = server
+        .get("/api/quota/history?window=1e30&step=1h", &key)
+        .await;
+    assert_eq!(history.status, StatusCode::BAD_REQUEST);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn history_survives_a_timezone_change_and_deleted_workspaces_leave_nothing_behind() {
+    let server = TestServer::start(&[]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "timezone": "Pacific/Kiritimati"}))
+        .await;
+    server
+        .post(
+            "/api/quota/usage",
+            &key,
+            json!({"usage": {"prompt_tokens": 10}}),
+        )
+        .await;
+    let requests = |body: &Value| {
+        body["points"].as_array().map_or(0, |p| {
+            p.iter()
+                .map(|p| p["requests"].as_i64().unwrap_or(0))
+                .sum::<i64>()
+        })
+    };
+    eventually(
+        "the request in daily history",
+        Duration::from_secs(5),
+        || async {
+            (requests(
+                &server
+                    .get("/api/quota/history?window=30d&step=1d", &key)
+                    .await
+                    .body,
+            ) == 1)
+                .then_some(())
+        },
+    )
+    .await;
+    // Kiritimati is UTC+14: moving to UTC shifts where days start.
+    server
+        .send(
+            Method::PATCH,
+            "/api/workspaces/acme",
+            ADMIN_KEY,
+            Some(json!({"timezone": "UTC"})),
+        )
+        .await;
+    eventually(
+        "the stored day to be binned into the new days",
+        Duration::from_secs(5),
+        || async {
+            (requests(
+                &server
+                    .get("/api/quota/history?window=30d&step=1d", &key)
+                    .await
+                    .body,
+            ) == 1)
+                .then_some(())
+        },
+    )
+    .await;
+
+    server
+        .send(Method::DELETE, "/api/workspaces/acme", ADMIN_KEY, None)
+        .await;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    let fresh = server.status(&key).await;
+    assert_eq!(fresh["limits"]["requests_per_day"]["used"], 0);
+    assert_eq!(
+        requests(
+            &server
+                .get("/api/quota/history?window=1h&step=1m", &key)
+                .await
+                .body
+        ),
+        0
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn wrong_methods_get_json_errors() {
+    let server = TestServer::start(&[]).await;
+    let response = server
+        .send(Method::DELETE, "/api/quota/status", ADMIN_KEY, None)
+        .await;
+    assert_eq!(response.status, StatusCode::METHOD_NOT_ALLOWED);
+    assert_eq!(response.error_code(), "method_not_allowed");
     server.stop().await;
 }

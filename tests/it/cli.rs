@@ -58,7 +58,21 @@ async fn the_first_start_prints_each_key_once_and_never_again() {
         get(&again.base, "/api/quota/status", &workspace).await.0,
         StatusCode::OK
     );
-    let log = format!("{first_log}{}", again.stderr());
+    // Deleting every workspace does not make the next start bootstrap again.
+    let deleted = client()
+        .delete(format!("{}/api/workspaces/default", again.base))
+        .bearer_auth(&admin)
+        .send()
+        .await
+        .expect("delete");
+    assert_eq!(deleted.status(), StatusCode::NO_CONTENT);
+    let second_log = again.stderr();
+    assert!(again.terminate().await.success());
+    let third = Server::start(dir.path(), &env).await;
+    assert!(third.printed_keys().is_empty(), "{:?}", third.printed);
+    let (_, list) = get(&third.base, "/api/workspaces", &admin).await;
+    assert_eq!(list["workspaces"], serde_json::json!([]));
+    let log = format!("{first_log}{second_log}{}", third.stderr());
     assert!(
         !log.contains(&admin) && !log.contains(&workspace),
         "keys never reach the logs"
@@ -73,7 +87,122 @@ async fn the_first_start_prints_each_key_once_and_never_again() {
                 && !wal.windows(needle.len()).any(|w| w == needle)
         );
     }
-    again.terminate().await;
+    third.terminate().await;
+}
+
+#[tokio::test]
+async fn logs_record_transitions_and_resets_as_json_without_keys() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("sqlite://{}", dir.path().join("logs.db").display());
+    let env = [
+        ("QUOTAWATCH_DATABASE_URL", db.as_str()),
+        ("QUOTA_ADMIN_RESET_KEY", ADMIN_KEY),
+        ("QUOTAWATCH_LOG_FORMAT", "json"),
+    ];
+    let server = Server::start(dir.path(), &env).await;
+    let http = client();
+    let created = http
+        .post(format!("{}/api/workspaces", server.base))
+        .bearer_auth(ADMIN_KEY)
+        .json(&serde_json::json!({"id": "acme", "limits": {"requests_per_minute": 1}}))
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let key: Value = http
+        .post(format!("{}/api/workspaces/acme/keys", server.base))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("key")
+        .json()
+        .await
+        .expect("JSON");
+    let key = key["key"].as_str().expect("key").to_owned();
+    for _ in 0..2 {
+        http.post(format!("{}/api/quota/check", server.base))
+            .bearer_auth(&key)
+            .send()
+            .await
+            .expect("check");
+    }
+    let reset = |bearer: String| {
+        let http = http.clone();
+        let url = format!("{}/api/quota/reset", server.base);
+        async move {
+            http.post(url)
+                .bearer_auth(bearer)
+                .json(&serde_json::json!({"workspace": "acme"}))
+                .send()
+                .await
+                .expect("reset")
+                .status()
+        }
+    };
+    assert_eq!(reset(key.clone()).await, StatusCode::FORBIDDEN);
+    assert_eq!(
+        reset("qw_not_a_key".to_owned()).await,
+        StatusCode::UNAUTHORIZED
+    );
+    assert_eq!(reset(ADMIN_KEY.to_owned()).await, StatusCode::OK);
+    let stderr_path = server.stderr_path.clone();
+    assert!(server.terminate().await.success());
+    let log = std::fs::read_to_string(stderr_path).expect("log");
+    let lines: Vec<Value> = log
+        .lines()
+        .map(|line| {
+            serde_json::from_str(line).unwrap_or_else(|_| panic!("not a JSON log line: {line}"))
+        })
+        .collect();
+    let find = |message: &str| {
+        lines
+            .iter()
+            .filter(|line| {
+                line["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains(message))
+            })
+            .cloned()
+            .collect::<Vec<_>>()
+    };
+    let transitions = find("status changed");
+    let to_limited = transitions
+        .iter()
+        .find(|line| line["to"] == "rate_limited")
+        .expect("the transition to rate_limited is logged");
+    assert_eq!(
+        (
+            to_limited["workspace"].as_str(),
+            to_limited["from"].as_str(),
+            to_limited["level"].as_str()
+        ),
+        (Some("acme"), Some("normal"), Some("INFO"))
+    );
+    assert!(
+        to_limited["reasons"]
+            .as_str()
+            .expect("reasons")
+            .contains("requests_per_minute_exhausted")
+    );
+    assert!(
+        transitions
+            .iter()
+            .any(|line| line["from"] == "rate_limited" && line["to"] == "normal"),
+        "the reset's transition"
+    );
+    assert_eq!(find("usage reset by admin").len(), 1);
+    assert_eq!(
+        find("reset refused").len(),
+        1,
+        "the workspace key's attempt"
+    );
+    assert!(
+        !find("not authenticated").is_empty(),
+        "the wrong key's attempt"
+    );
+    for secret in [ADMIN_KEY, key.as_str(), "qw_not_a_key"] {
+        assert!(!log.contains(secret), "a key reached the log");
+    }
 }
 
 #[tokio::test]

@@ -227,14 +227,20 @@ async fn an_unwritable_database_degrades_gracefully_and_recovers() {
             .contains("database"),
         "{not_ready}"
     );
-    let notifications = server.get("/api/quota/notifications", &key).await.body;
-    let storage = notifications["notifications"]
-        .as_array()
-        .expect("list")
-        .iter()
-        .find(|n| n["kind"] == "storage_unavailable")
-        .cloned()
-        .expect("a storage notification is raised");
+    // The flush fails too, and says so.
+    let storage = eventually(
+        "a storage notification",
+        Duration::from_secs(10),
+        || async {
+            let notifications = server.get("/api/quota/notifications", &key).await.body;
+            notifications["notifications"]
+                .as_array()?
+                .iter()
+                .find(|n| n["kind"] == "storage_unavailable")
+                .cloned()
+        },
+    )
+    .await;
     assert_eq!(storage["severity"], "critical");
     assert_eq!(storage["workspace"], Value::Null);
 
@@ -274,5 +280,43 @@ async fn an_unwritable_database_degrades_gracefully_and_recovers() {
         server.status(&key).await["limits"]["requests_per_day"]["used"],
         3
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_removed_database_file_is_noticed() {
+    let server = TestServer::start(&[]).await;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    std::fs::remove_file(server.database_path()).expect("remove the database file");
+    let not_ready = eventually("readyz to notice", Duration::from_secs(10), || async {
+        let ready = server.get("/readyz", "").await;
+        (ready.status == StatusCode::SERVICE_UNAVAILABLE).then_some(ready.body)
+    })
+    .await;
+    assert!(
+        not_ready["reason"]
+            .as_str()
+            .expect("reason")
+            .contains("was removed"),
+        "{not_ready}"
+    );
+    // Enforcement goes on, and the pending writes raise the alarm.
+    assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    eventually(
+        "a storage notification",
+        Duration::from_secs(10),
+        || async {
+            let body = server.get("/api/quota/notifications", &key).await.body;
+            body["notifications"]
+                .as_array()?
+                .iter()
+                .any(|n| {
+                    n["kind"] == "storage_unavailable"
+                        && n["message"].as_str().unwrap_or("").contains("removed")
+                })
+                .then_some(())
+        },
+    )
+    .await;
     server.stop().await;
 }

@@ -395,7 +395,7 @@ async fn meta_values_upsert(store: Store) {
             .as_deref(),
         Some("two")
     );
-    store.ping().await.expect("ping");
+    store.probe(T0).await.expect("a write probe succeeds");
 }
 conformance!(meta_values_upsert);
 

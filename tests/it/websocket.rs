@@ -349,6 +349,52 @@ async fn subscriptions_follow_the_key() {
     server.stop().await;
 }
 
+#[tokio::test]
+async fn revoking_a_key_closes_its_connections() {
+    let server = TestServer::start(&[]).await;
+    let created = server
+        .post("/api/workspaces", ADMIN_KEY, json!({"id": "acme"}))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED);
+    let key = server
+        .post("/api/workspaces/acme/keys", ADMIN_KEY, json!({}))
+        .await
+        .body;
+    let (plaintext, key_id) = (
+        key["key"].as_str().expect("key"),
+        key["id"].as_str().expect("id"),
+    );
+    let mut ws = connect(&server, plaintext, "").await;
+    next_json(&mut ws, Duration::from_secs(1)).await;
+    let revoked = server
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/workspaces/acme/keys/{key_id}"),
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    let error = wait_for(&mut ws, Duration::from_secs(2), |m| m["type"] == "error").await;
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains("revoked")
+    );
+    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(_)) => {}
+            }
+        }
+    })
+    .await;
+    assert!(closed.is_ok(), "the connection is closed");
+    server.stop().await;
+}
+
 /// Opens a WebSocket by hand and never answers pings.
 async fn silent_peer(server: &TestServer) -> tokio::net::TcpStream {
     let addr = server.base.trim_start_matches("http://");
