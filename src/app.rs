@@ -107,10 +107,13 @@ async fn bootstrap_workspaces(
     Ok(key)
 }
 
-/// Opens everything and starts serving on `listener`.
+/// Opens everything and starts serving on `listener`. `env` looks up the
+/// environment variables that workspaces name for their upstream keys
+/// ([`process_env`] in production).
 pub async fn start(
     config: Config,
     listener: TcpListener,
+    env: crate::proxy::EnvLookup,
 ) -> Result<(Running, Bootstrap), StartError> {
     let store = Store::open(&config.database_url).await?;
     let (admin_hash, generated_admin_key) = admin_key(&config, &store).await?;
@@ -132,7 +135,7 @@ pub async fn start(
     let (hub, hub_task) = api::ws::Hub::spawn(engine.clone());
     let ticker = tokio::spawn(tick(engine.clone()));
 
-    let proxy = crate::proxy::Proxy::new(&config.upstream, env_lookup())
+    let proxy = crate::proxy::Proxy::new(&config.upstream, env)
         .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
     let state = AppState::new(Shared {
         engine: engine.clone(),
@@ -179,7 +182,7 @@ pub async fn start(
 
 /// Looks up the environment variables that workspaces name for their
 /// upstream keys: the process environment first, then `./.env`.
-fn env_lookup() -> crate::proxy::EnvLookup {
+pub fn process_env() -> crate::proxy::EnvLookup {
     let dotenv: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
         .map(|entries| entries.filter_map(Result::ok).collect())
         .unwrap_or_default();

@@ -13,6 +13,7 @@
 //! `POST /mock/reset` clears both and the scenario.
 
 use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -254,6 +255,7 @@ struct Recorded {
 struct Mock {
     options: Arc<Mutex<MockOptions>>,
     recorded: Arc<Mutex<Recorded>>,
+    streams: Arc<StreamCounts>,
 }
 
 /// The mock upstream's routes.
@@ -261,6 +263,7 @@ pub fn router(options: MockOptions) -> Router {
     let mock = Mock {
         options: Arc::new(Mutex::new(options)),
         recorded: Arc::new(Mutex::new(Recorded::default())),
+        streams: Arc::default(),
     };
     Router::new()
         .route("/mock/scenario", post(set_scenario))
@@ -301,7 +304,16 @@ async fn set_scenario(
 async fn stats(State(mock): State<Mock>) -> axum::Json<Value> {
     let recorded = lock(&mock.recorded);
     let total: u64 = recorded.hits.values().sum();
-    axum::Json(json!({"total": total, "requests": recorded.hits}))
+    let streams = &mock.streams;
+    axum::Json(json!({
+        "total": total,
+        "requests": recorded.hits,
+        "streams": {
+            "started": streams.started.load(Ordering::Relaxed),
+            "finished": streams.finished.load(Ordering::Relaxed),
+            "abandoned": streams.abandoned.load(Ordering::Relaxed),
+        },
+    }))
 }
 
 async fn last(State(mock): State<Mock>) -> axum::Json<Value> {
@@ -349,39 +361,99 @@ fn json_response(status: u16, body: String) -> Response {
     response
 }
 
-/// An SSE body sent event by event, with `delay` between events; `ending`
-/// decides what happens after `cut_after` events (if set).
-fn event_stream(text: &'static str, delay: Duration, cut: Option<(usize, Ending)>) -> Response {
-    let events: Vec<String> = text.split_inclusive("\n\n").map(str::to_owned).collect();
-    let stream = stream::unfold(
-        (events.into_iter(), 0usize),
-        move |(mut events, sent)| async move {
-            if !delay.is_zero() && sent > 0 {
-                tokio::time::sleep(delay).await;
-            }
-            if let Some((after, ending)) = cut
-                && sent == after
-            {
-                return match ending {
-                Ending::Break => Some((Err(std::io::Error::other("connection reset by mock")), (events, usize::MAX))),
+/// How streams ended: completely, or dropped early because the reader went
+/// away (which is how a proxy cancelling its upstream request looks here).
+#[derive(Default)]
+struct StreamCounts {
+    started: AtomicU64,
+    finished: AtomicU64,
+    abandoned: AtomicU64,
+}
+
+/// Counts its stream as abandoned unless it was marked finished.
+struct StreamGuard {
+    counts: Arc<StreamCounts>,
+    finished: bool,
+}
+
+impl StreamGuard {
+    fn finish(&mut self) {
+        self.finished = true;
+    }
+}
+
+impl Drop for StreamGuard {
+    fn drop(&mut self) {
+        let counter = if self.finished { &self.counts.finished } else { &self.counts.abandoned };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+struct StreamState {
+    events: std::vec::IntoIter<String>,
+    sent: usize,
+    ended: bool,
+    guard: StreamGuard,
+}
+
+/// An SSE body sent event by event, with `delay` between events; `cut`
+/// decides what happens instead of the event at that position, if set.
+fn event_stream(
+    text: &'static str,
+    delay: Duration,
+    cut: Option<(usize, Ending)>,
+    counts: Arc<StreamCounts>,
+) -> Response {
+    counts.started.fetch_add(1, Ordering::Relaxed);
+    let state = StreamState {
+        events: text
+            .split_inclusive("\n\n")
+            .map(str::to_owned)
+            .collect::<Vec<_>>()
+            .into_iter(),
+        sent: 0,
+        ended: false,
+        guard: StreamGuard {
+            counts,
+            finished: false,
+        },
+    };
+    let stream = stream::unfold(state, move |mut state| async move {
+        if state.ended {
+            return None;
+        }
+        if !delay.is_zero() && state.sent > 0 {
+            tokio::time::sleep(delay).await;
+        }
+        if let Some((after, ending)) = cut
+            && state.sent == after
+        {
+            state.ended = true;
+            // Let what was sent so far reach the reader before the ending.
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            return match ending {
+                Ending::Break => Some((Err(std::io::Error::other("connection reset by mock")), state)),
                 Ending::Stall => {
                     std::future::pending::<()>().await;
                     None
                 }
                 Ending::Error => Some((
                     Ok(Bytes::from_static(b"data: {\"error\":{\"message\":\"The server had an error while processing your request.\",\"type\":\"server_error\",\"param\":null,\"code\":null}}\n\n")),
-                    (Vec::new().into_iter(), usize::MAX),
+                    state,
                 )),
             };
+        }
+        match state.events.next() {
+            Some(event) => {
+                state.sent += 1;
+                Some((Ok(Bytes::from(event)), state))
             }
-            if sent == usize::MAX {
-                return None;
+            None => {
+                state.guard.finish();
+                None
             }
-            events
-                .next()
-                .map(|event| (Ok(Bytes::from(event)), (events, sent + 1)))
-        },
-    );
+        }
+    });
     let mut response = Response::new(Body::from_stream(stream));
     response.headers_mut().insert(
         axum::http::header::CONTENT_TYPE,
@@ -461,7 +533,8 @@ async fn answer(State(mock): State<Mock>, request: Request) -> Response {
     let response = match (path.as_str(), streaming) {
         ("/chat/completions", true) => {
             let with_usage = json.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-            event_stream(if with_usage { CHAT_STREAM_USAGE } else { CHAT_STREAM }, options.chunk_delay, cut)
+            let text = if with_usage { CHAT_STREAM_USAGE } else { CHAT_STREAM };
+            event_stream(text, options.chunk_delay, cut, mock.streams.clone())
         }
         ("/chat/completions", false) => json_response(200, CHAT.to_owned()),
         ("/completions", _) => json_response(
@@ -473,7 +546,9 @@ async fn answer(State(mock): State<Mock>, request: Request) -> Response {
             .to_string(),
         ),
         ("/embeddings", _) => json_response(200, EMBEDDINGS.to_owned()),
-        ("/responses", true) => event_stream(RESPONSES_STREAM, options.chunk_delay, cut),
+        ("/responses", true) => {
+            event_stream(RESPONSES_STREAM, options.chunk_delay, cut, mock.streams.clone())
+        }
         ("/responses", false) => json_response(200, RESPONSES.to_owned()),
         ("/models", _) => json_response(
             200,

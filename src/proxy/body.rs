@@ -223,11 +223,15 @@ impl Stream for MeteredBody {
 }
 
 impl Drop for MeteredBody {
-    /// The client went away mid-body: the upstream answered fine, so it is
-    /// settled as a success with the usage seen so far.
+    /// The body was dropped before it ended: either the client went away,
+    /// or the server stopped polling because the client had every byte a
+    /// `content-length` announced. Either way the upstream answered fine, so
+    /// the call settles as a success, with its usage if that arrived and with
+    /// what was seen so far otherwise.
     fn drop(&mut self) {
         if let Some(settlement) = self.settlement.take() {
-            let tokens = settlement.seen_so_far(&self.scanner.findings_so_far());
+            let (_, findings) = self.scanner.finish();
+            let tokens = settlement.seen_so_far(&findings);
             let answer = std::mem::take(&mut self.answer);
             settlement.finish(Some(tokens), Some(answer));
         }

@@ -67,14 +67,6 @@ impl Scanner {
             Scanner::Sse(sse) => (sse.flush(), sse.findings.clone()),
         }
     }
-
-    /// What was found so far (the body did not end).
-    pub fn findings_so_far(&self) -> Findings {
-        match self {
-            Scanner::Json(_) => Findings::default(),
-            Scanner::Sse(sse) => sse.findings.clone(),
-        }
-    }
 }
 
 #[derive(Default)]
@@ -425,7 +417,7 @@ mod tests {
         for chunk in half.chunks(64) {
             scanner.feed(Bytes::copy_from_slice(chunk));
         }
-        let findings = scanner.findings_so_far();
+        let (_, findings) = scanner.finish();
         assert!(findings.usage.is_none());
         assert!(findings.output_bytes > 0);
     }

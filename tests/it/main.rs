@@ -7,6 +7,7 @@ mod bad_input;
 mod cli;
 mod concurrency;
 mod durability;
+mod proxy;
 mod store;
 mod support;
 mod websocket;

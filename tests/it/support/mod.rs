@@ -112,6 +112,7 @@ impl TestServer {
 
     async fn launch(&mut self) {
         let vars: HashMap<String, String> = self.env.iter().cloned().collect();
+        let upstream_vars = vars.clone();
         let lookup = move |name: &str| vars.get(name).cloned();
         let config = config::load(Sources {
             file: None,
@@ -123,7 +124,8 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let (running, bootstrap) = app::start(config, listener).await.expect("server starts");
+        let env: quotawatch::proxy::EnvLookup = Box::new(move |name| upstream_vars.get(name).cloned());
+        let (running, bootstrap) = app::start(config, listener, env).await.expect("server starts");
         self.base = format!("http://{}", running.local_addr());
         if let Some(key) = bootstrap.default_workspace_key {
             self.default_key = Some(key.expose().to_owned());
@@ -264,4 +266,111 @@ pub fn fixture_headers(name: &str) -> Value {
         .map(|(k, v)| (k.to_owned(), Value::String(v.to_owned())))
         .collect();
     Value::Object(map)
+}
+
+/// The key the mock upstream expects: what quotawatch must send upstream.
+pub const UPSTREAM_KEY: &str = "sk-upstream-test-key";
+
+/// The fake OpenAI upstream on `127.0.0.1:0`.
+pub struct Upstream {
+    /// Base URL including `/v1`, as `QUOTAWATCH_UPSTREAM_URL` takes it.
+    pub url: String,
+    base: String,
+    client: reqwest::Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+}
+
+impl Upstream {
+    pub async fn start(options: quotawatch::mock::MockOptions) -> Self {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let base = format!("http://{}", listener.local_addr().expect("address"));
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(quotawatch::mock::serve(listener, options, async {
+            let _ = stopped.await;
+        }));
+        Self {
+            url: format!("{base}/v1"),
+            base,
+            client: client(),
+            stop: Some(stop),
+        }
+    }
+
+    /// A mock that demands [`UPSTREAM_KEY`].
+    pub async fn strict() -> Self {
+        Self::start(quotawatch::mock::MockOptions {
+            require_key: Some(UPSTREAM_KEY.to_owned()),
+            ..Default::default()
+        })
+        .await
+    }
+
+    pub async fn stats(&self) -> Value {
+        self.client
+            .get(format!("{}/mock/stats", self.base))
+            .send()
+            .await
+            .expect("stats")
+            .json()
+            .await
+            .expect("JSON")
+    }
+
+    /// Requests the upstream received on `path` (under `/v1`).
+    pub async fn hits(&self, path: &str) -> u64 {
+        self.stats().await["requests"][path].as_u64().unwrap_or(0)
+    }
+
+    pub async fn last(&self) -> Value {
+        self.client
+            .get(format!("{}/mock/last", self.base))
+            .send()
+            .await
+            .expect("last")
+            .json()
+            .await
+            .expect("JSON")
+    }
+
+    pub async fn set_scenario(&self, scenario: &str) {
+        let response = self
+            .client
+            .post(format!("{}/mock/scenario", self.base))
+            .json(&json!({"scenario": scenario}))
+            .send()
+            .await
+            .expect("scenario");
+        assert!(response.status().is_success(), "unknown scenario {scenario}");
+    }
+}
+
+impl Drop for Upstream {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+impl TestServer {
+    /// A server proxying to `upstream` with [`UPSTREAM_KEY`].
+    pub async fn proxying(upstream: &Upstream, settings: &[(&str, &str)]) -> Self {
+        let mut all = vec![
+            ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+            ("OPENAI_API_KEY", UPSTREAM_KEY),
+        ];
+        all.extend_from_slice(settings);
+        Self::start(&all).await
+    }
+
+    /// Sends a JSON request to `/v1{path}` with `key`.
+    pub async fn openai(&self, path: &str, key: &str, body: Value) -> reqwest::Response {
+        self.client
+            .post(self.url(&format!("/v1{path}")))
+            .bearer_auth(key)
+            .json(&body)
+            .send()
+            .await
+            .expect("request")
+    }
 }
