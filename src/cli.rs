@@ -264,7 +264,8 @@ async fn serve(config: Config) -> Result<(), Failure> {
                 config.listen
             )
         })?;
-    let (running, bootstrap) = crate::app::start(config, listener, crate::app::process_env()).await?;
+    let (running, bootstrap) =
+        crate::app::start(config, listener, crate::app::process_env()).await?;
     let mut out = std::io::stdout().lock();
     if let Some(key) = &bootstrap.generated_admin_key {
         writeln!(

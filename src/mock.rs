@@ -384,7 +384,11 @@ impl StreamGuard {
 
 impl Drop for StreamGuard {
     fn drop(&mut self) {
-        let counter = if self.finished { &self.counts.finished } else { &self.counts.abandoned };
+        let counter = if self.finished {
+            &self.counts.finished
+        } else {
+            &self.counts.abandoned
+        };
         counter.fetch_add(1, Ordering::Relaxed);
     }
 }

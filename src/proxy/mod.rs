@@ -152,7 +152,9 @@ fn end_to_end(headers: &HeaderMap, also_drop: &[HeaderName]) -> HeaderMap {
 fn apply_headroom(headers: &mut HeaderMap, ours: HeaderMap) {
     for (name, value) in ours {
         let Some(name) = name else { continue };
-        let renamed = name.as_str().replacen("x-ratelimit-", "x-upstream-ratelimit-", 1);
+        let renamed = name
+            .as_str()
+            .replacen("x-ratelimit-", "x-upstream-ratelimit-", 1);
         if let Some(upstream) = headers.get(&name)
             && *upstream != value
             && let Ok(renamed) = HeaderName::try_from(renamed)

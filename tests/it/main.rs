@@ -8,6 +8,7 @@ mod cli;
 mod concurrency;
 mod durability;
 mod proxy;
+mod sdk;
 mod store;
 mod support;
 mod websocket;

@@ -9,7 +9,9 @@ use quotawatch::mock::MockOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, eventually, fixture, fixture_json};
+use crate::support::{
+    ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, eventually, fixture, fixture_json,
+};
 
 fn chat(stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 50, "stream": stream})
@@ -23,9 +25,11 @@ async fn used_tokens(server: &TestServer, key: &str) -> u64 {
 
 /// Waits until the workspace's day count of tokens settles at `expected`.
 async fn tokens_settle_at(server: &TestServer, key: &str, expected: u64) {
-    eventually(&format!("{expected} tokens to be counted"), Duration::from_secs(5), || async {
-        (used_tokens(server, key).await == expected).then_some(())
-    })
+    eventually(
+        &format!("{expected} tokens to be counted"),
+        Duration::from_secs(5),
+        || async { (used_tokens(server, key).await == expected).then_some(()) },
+    )
     .await;
 }
 
@@ -51,27 +55,60 @@ async fn a_chat_completion_is_forwarded_with_the_upstream_key_and_comes_back_unc
     assert_eq!(response.status(), StatusCode::OK);
     let headers = response.headers().clone();
     let body = response.text().await.expect("body");
-    assert_eq!(body, fixture("chat_completion.json"), "the body comes back byte for byte");
-    let header = |name: &str| headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_owned);
-    assert_eq!(header("x-request-id").as_deref(), Some("req_33432b46a09d2e3e4918cdc085747825"));
+    assert_eq!(
+        body,
+        fixture("chat_completion.json"),
+        "the body comes back byte for byte"
+    );
+    let header = |name: &str| {
+        headers
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(
+        header("x-request-id").as_deref(),
+        Some("req_33432b46a09d2e3e4918cdc085747825")
+    );
     assert_eq!(header("openai-processing-ms").as_deref(), Some("1531"));
     // The workspace's own headroom, and the upstream's where it differs.
     assert_eq!(header("x-ratelimit-limit-requests").as_deref(), Some("100"));
-    assert_eq!(header("x-ratelimit-remaining-requests").as_deref(), Some("99"));
-    assert_eq!(header("x-upstream-ratelimit-limit-requests").as_deref(), Some("500"));
-    assert_eq!(header("x-upstream-ratelimit-remaining-tokens").as_deref(), Some("28713"));
-    let overhead: f64 = header("x-quotawatch-overhead-ms").expect("overhead").parse().expect("a number");
+    assert_eq!(
+        header("x-ratelimit-remaining-requests").as_deref(),
+        Some("99")
+    );
+    assert_eq!(
+        header("x-upstream-ratelimit-limit-requests").as_deref(),
+        Some("500")
+    );
+    assert_eq!(
+        header("x-upstream-ratelimit-remaining-tokens").as_deref(),
+        Some("28713")
+    );
+    let overhead: f64 = header("x-quotawatch-overhead-ms")
+        .expect("overhead")
+        .parse()
+        .expect("a number");
     assert!(overhead >= 0.0);
 
     let seen = upstream.last().await;
     assert_eq!(seen["path"], "/v1/chat/completions");
     assert_eq!(seen["query"], "api-version=2024-10-21");
-    assert_eq!(seen["headers"]["authorization"], format!("Bearer {UPSTREAM_KEY}"));
+    assert_eq!(
+        seen["headers"]["authorization"],
+        format!("Bearer {UPSTREAM_KEY}")
+    );
     assert_eq!(seen["headers"]["openai-organization"], "org-test");
     assert_eq!(seen["headers"]["openai-project"], "proj_test");
     assert_eq!(seen["headers"]["x-stainless-retry-count"], "0");
-    assert!(seen["headers"].get("proxy-authorization").is_none(), "hop-by-hop headers are dropped");
-    assert!(!seen.to_string().contains(&key), "the workspace key never goes upstream");
+    assert!(
+        seen["headers"].get("proxy-authorization").is_none(),
+        "hop-by-hop headers are dropped"
+    );
+    assert!(
+        !seen.to_string().contains(&key),
+        "the workspace key never goes upstream"
+    );
     let sent: Value = serde_json::from_str(seen["body"].as_str().expect("body")).expect("JSON");
     assert_eq!(sent, chat(false), "the body goes upstream as sent");
 
@@ -91,7 +128,9 @@ async fn streams_pass_through_as_they_arrive_with_usage_counted() {
     })
     .await;
     let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}})).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
+        .await;
 
     // Without include_usage: quotawatch asks for it upstream, and removes it
     // again, so the client sees exactly the stream it asked for.
@@ -99,7 +138,10 @@ async fn streams_pass_through_as_they_arrive_with_usage_counted() {
     let response = server.openai("/chat/completions", &key, chat(true)).await;
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(
-        response.headers().get("content-type").and_then(|v| v.to_str().ok()),
+        response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok()),
         Some("text/event-stream; charset=utf-8")
     );
     let mut body = response.bytes_stream();
@@ -110,18 +152,34 @@ async fn streams_pass_through_as_they_arrive_with_usage_counted() {
         received.extend_from_slice(&chunk.expect("chunk"));
     }
     let total = started.elapsed();
-    assert_eq!(String::from_utf8_lossy(&received), fixture("chat_completion_stream.sse"));
+    assert_eq!(
+        String::from_utf8_lossy(&received),
+        fixture("chat_completion_stream.sse")
+    );
     // Eleven gaps of 150 ms upstream: the first chunk came long before the end.
     let first = first_chunk_at.expect("chunks");
-    assert!(first + Duration::from_millis(1000) < total, "first chunk at {first:?} of {total:?}");
+    assert!(
+        first + Duration::from_millis(1000) < total,
+        "first chunk at {first:?} of {total:?}"
+    );
     let sent = upstream.last().await;
-    assert!(sent["body"].as_str().expect("body").contains(r#""stream_options":{"include_usage":true}"#));
+    assert!(
+        sent["body"]
+            .as_str()
+            .expect("body")
+            .contains(r#""stream_options":{"include_usage":true}"#)
+    );
     tokens_settle_at(&server, &key, 15).await;
 
     // With include_usage: passed through unchanged.
     let mut asked = chat(true);
     asked["stream_options"] = json!({"include_usage": true});
-    let body = server.openai("/chat/completions", &key, asked).await.text().await.expect("body");
+    let body = server
+        .openai("/chat/completions", &key, asked)
+        .await
+        .text()
+        .await
+        .expect("body");
     assert_eq!(body, fixture("chat_completion_stream_include_usage.sse"));
     tokens_settle_at(&server, &key, 30).await;
     server.stop().await;
@@ -131,16 +189,38 @@ async fn streams_pass_through_as_they_arrive_with_usage_counted() {
 async fn embeddings_responses_and_legacy_completions_are_counted() {
     let upstream = Upstream::start(MockOptions::default()).await;
     let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}})).await;
-    let embeddings = server
-        .openai("/embeddings", &key, json!({"model": "text-embedding-3-small", "input": "Hello"}))
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
         .await;
-    assert_eq!(embeddings.text().await.expect("body"), fixture("embeddings.json"));
+    let embeddings = server
+        .openai(
+            "/embeddings",
+            &key,
+            json!({"model": "text-embedding-3-small", "input": "Hello"}),
+        )
+        .await;
+    assert_eq!(
+        embeddings.text().await.expect("body"),
+        fixture("embeddings.json")
+    );
     tokens_settle_at(&server, &key, 8).await;
-    server.openai("/responses", &key, json!({"model": "gpt-4.1", "input": "Hi"})).await.text().await.expect("body");
+    server
+        .openai(
+            "/responses",
+            &key,
+            json!({"model": "gpt-4.1", "input": "Hi"}),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
     tokens_settle_at(&server, &key, 8 + 11).await;
     let streamed = server
-        .openai("/responses", &key, json!({"model": "gpt-4.1", "input": "Hi", "stream": true}))
+        .openai(
+            "/responses",
+            &key,
+            json!({"model": "gpt-4.1", "input": "Hi", "stream": true}),
+        )
         .await
         .text()
         .await
@@ -148,19 +228,35 @@ async fn embeddings_responses_and_legacy_completions_are_counted() {
     assert_eq!(streamed, fixture("responses_stream.sse"));
     tokens_settle_at(&server, &key, 8 + 11 + 11).await;
     server
-        .openai("/completions", &key, json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Hi", "max_tokens": 5}))
+        .openai(
+            "/completions",
+            &key,
+            json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Hi", "max_tokens": 5}),
+        )
         .await
         .text()
         .await
         .expect("body");
     tokens_settle_at(&server, &key, 8 + 11 + 11 + 8).await;
     let history = eventually("history by model", Duration::from_secs(5), || async {
-        let body = server.get("/api/quota/history?window=1h&step=1m", &key).await.body;
-        let requests: i64 = body["points"].as_array()?.iter().map(|p| p["requests"].as_i64().unwrap_or(0)).sum();
+        let body = server
+            .get("/api/quota/history?window=1h&step=1m", &key)
+            .await
+            .body;
+        let requests: i64 = body["points"]
+            .as_array()?
+            .iter()
+            .map(|p| p["requests"].as_i64().unwrap_or(0))
+            .sum();
         (requests == 4).then_some(body)
     })
     .await;
-    let prompt: i64 = history["points"].as_array().expect("points").iter().map(|p| p["prompt_tokens"].as_i64().unwrap_or(0)).sum();
+    let prompt: i64 = history["points"]
+        .as_array()
+        .expect("points")
+        .iter()
+        .map(|p| p["prompt_tokens"].as_i64().unwrap_or(0))
+        .sum();
     assert_eq!(prompt, 8 + 9 + 9 + 5);
     server.stop().await;
 }
@@ -173,17 +269,24 @@ async fn a_client_that_leaves_mid_stream_cancels_upstream_and_is_charged_what_it
     })
     .await;
     let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}})).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
+        .await;
     let mut request = chat(true);
     request["max_tokens"] = json!(5000);
     let response = server.openai("/chat/completions", &key, request).await;
     let mut body = response.bytes_stream();
     body.next().await.expect("a first chunk").expect("chunk");
-    assert!(used_tokens(&server, &key).await > 5000, "the estimate is reserved while the stream runs");
+    assert!(
+        used_tokens(&server, &key).await > 5000,
+        "the estimate is reserved while the stream runs"
+    );
     drop(body);
-    eventually("the upstream stream to be dropped", Duration::from_secs(5), || async {
-        (upstream.stats().await["streams"]["abandoned"] == 1).then_some(())
-    })
+    eventually(
+        "the upstream stream to be dropped",
+        Duration::from_secs(5),
+        || async { (upstream.stats().await["streams"]["abandoned"] == 1).then_some(()) },
+    )
     .await;
     // Settled with the prompt estimate and what was streamed, not the 5000
     // completion tokens reserved.
@@ -199,8 +302,11 @@ async fn a_client_that_leaves_mid_stream_cancels_upstream_and_is_charged_what_it
 #[tokio::test]
 async fn broken_and_stalled_streams_settle_with_the_estimate_and_count_as_errors() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[("QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", "300ms")]).await;
-    let key = server.workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}})).await;
+    let server =
+        TestServer::proxying(&upstream, &[("QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", "300ms")]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
+        .await;
     let estimate = {
         let check = server.check(&key, 0).await;
         server.post("/api/quota/usage", &key, json!({"reservation_id": check.body["reservation_id"], "usage": {"prompt_tokens": 0}})).await;
@@ -218,7 +324,10 @@ async fn broken_and_stalled_streams_settle_with_the_estimate_and_count_as_errors
             .await
             .expect("request");
         assert_eq!(response.status(), StatusCode::OK, "the stream had begun");
-        assert!(response.bytes().await.is_err(), "{scenario}: the client sees the stream break");
+        assert!(
+            response.bytes().await.is_err(),
+            "{scenario}: the client sees the stream break"
+        );
     }
     let status = eventually("both failures counted", Duration::from_secs(5), || async {
         let status = server.status(&key).await;
@@ -226,28 +335,46 @@ async fn broken_and_stalled_streams_settle_with_the_estimate_and_count_as_errors
     })
     .await;
     // Prompt estimate plus the 50 max_tokens, twice: the estimate stands.
-    let used = status["limits"]["tokens_per_day"]["used"].as_u64().expect("used");
+    let used = status["limits"]["tokens_per_day"]["used"]
+        .as_u64()
+        .expect("used");
     assert!(used >= 100, "{used}");
     server.stop().await;
 }
 
 #[tokio::test]
 async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
-    let closed = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let closed = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let dead = format!("http://{}/v1", closed.local_addr().expect("address"));
     drop(closed);
-    let server = TestServer::start(&[("QUOTAWATCH_UPSTREAM_URL", &dead), ("OPENAI_API_KEY", UPSTREAM_KEY)]).await;
+    let server = TestServer::start(&[
+        ("QUOTAWATCH_UPSTREAM_URL", &dead),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+    ])
+    .await;
     let key = server.workspace(json!({"id": "acme"})).await;
     let response = server.openai("/chat/completions", &key, chat(false)).await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(response.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("true"));
+    assert_eq!(
+        response
+            .headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "upstream_unreachable");
     assert_eq!(server.status(&key).await["errors"]["server_error"], 1);
     server.stop().await;
 
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[("QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", "300ms")]).await;
+    let server = TestServer::proxying(
+        &upstream,
+        &[("QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", "300ms")],
+    )
+    .await;
     let key = server.workspace(json!({"id": "acme"})).await;
     let response = server
         .client
@@ -259,7 +386,13 @@ async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
         .await
         .expect("request");
     assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
-    assert_eq!(response.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("true"));
+    assert_eq!(
+        response
+            .headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("true")
+    );
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "upstream_timeout");
     assert_eq!(server.status(&key).await["errors"]["server_error"], 1);
@@ -269,23 +402,40 @@ async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
 #[tokio::test]
 async fn bad_requests_are_answered_in_openai_shape() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[("QUOTAWATCH_PROXY_MAX_BODY_BYTES", "4096")]).await;
+    let server =
+        TestServer::proxying(&upstream, &[("QUOTAWATCH_PROXY_MAX_BODY_BYTES", "4096")]).await;
     let key = server.workspace(json!({"id": "acme"})).await;
     let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x".repeat(10_000)}]});
     let response = server.openai("/chat/completions", &key, big).await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "request_too_large");
-    for (bearer, status, code) in [("", StatusCode::UNAUTHORIZED, "missing_api_key"), ("qw_wrong", StatusCode::UNAUTHORIZED, "invalid_api_key"), (ADMIN_KEY, StatusCode::FORBIDDEN, "workspace_key_required")] {
-        let response = server.openai("/chat/completions", bearer, chat(false)).await;
+    for (bearer, status, code) in [
+        ("", StatusCode::UNAUTHORIZED, "missing_api_key"),
+        ("qw_wrong", StatusCode::UNAUTHORIZED, "invalid_api_key"),
+        (ADMIN_KEY, StatusCode::FORBIDDEN, "workspace_key_required"),
+    ] {
+        let response = server
+            .openai("/chat/completions", bearer, chat(false))
+            .await;
         assert_eq!(response.status(), status, "{bearer}");
         let body: Value = response.json().await.expect("JSON");
         assert_eq!(body["error"]["code"], code);
         assert!(body["error"]["type"].is_string());
     }
-    assert_eq!(upstream.stats().await["total"], 0, "none of these reached the upstream");
+    assert_eq!(
+        upstream.stats().await["total"],
+        0,
+        "none of these reached the upstream"
+    );
     // A model listing passes through like anything else under /v1.
-    let models = server.client.get(server.url("/v1/models")).bearer_auth(&key).send().await.expect("request");
+    let models = server
+        .client
+        .get(server.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
     assert_eq!(models.status(), StatusCode::OK);
     server.stop().await;
 
@@ -295,7 +445,12 @@ async fn bad_requests_are_answered_in_openai_shape() {
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "upstream_key_missing");
-    assert!(body["error"]["message"].as_str().expect("message").contains("OPENAI_API_KEY"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("OPENAI_API_KEY")
+    );
     server.stop().await;
 }
 
@@ -307,14 +462,25 @@ async fn a_workspace_can_use_its_own_upstream_key() {
     })
     .await;
     let server = TestServer::proxying(&upstream, &[("ACME_OPENAI_KEY", "sk-acme-own")]).await;
-    let key = server.workspace(json!({"id": "acme", "upstream_key_env": "ACME_OPENAI_KEY"})).await;
+    let key = server
+        .workspace(json!({"id": "acme", "upstream_key_env": "ACME_OPENAI_KEY"}))
+        .await;
     let response = server.openai("/chat/completions", &key, chat(false)).await;
     assert_eq!(response.status(), StatusCode::OK);
-    let other = server.workspace(json!({"id": "other", "upstream_key_env": "NOT_SET_ANYWHERE"})).await;
-    let response = server.openai("/chat/completions", &other, chat(false)).await;
+    let other = server
+        .workspace(json!({"id": "other", "upstream_key_env": "NOT_SET_ANYWHERE"}))
+        .await;
+    let response = server
+        .openai("/chat/completions", &other, chat(false))
+        .await;
     assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
     let body: Value = response.json().await.expect("JSON");
-    assert!(body["error"]["message"].as_str().expect("message").contains("NOT_SET_ANYWHERE"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("NOT_SET_ANYWHERE")
+    );
     server.stop().await;
 }
 
@@ -322,9 +488,19 @@ async fn a_workspace_can_use_its_own_upstream_key() {
 async fn refused_requests_never_reach_the_upstream() {
     let upstream = Upstream::start(MockOptions::default()).await;
     let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}})).await;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}}),
+        )
+        .await;
     for _ in 0..2 {
-        assert_eq!(server.openai("/chat/completions", &key, chat(false)).await.status(), StatusCode::OK);
+        assert_eq!(
+            server
+                .openai("/chat/completions", &key, chat(false))
+                .await
+                .status(),
+            StatusCode::OK
+        );
     }
     let refused = server.openai("/chat/completions", &key, chat(false)).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -332,15 +508,28 @@ async fn refused_requests_never_reach_the_upstream() {
     assert!(refused.headers().get("x-quotawatch-overhead-ms").is_some());
     let body: Value = refused.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "rate_limit_exceeded");
-    assert!(body["error"]["message"].as_str().expect("message").contains("acme"));
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("acme")
+    );
     assert_eq!(upstream.hits("/chat/completions").await, 2);
     // A request whose estimate exceeds a whole token limit is refused for good.
-    let small = server.workspace(json!({"id": "small", "limits": {"tokens_per_minute": 100}})).await;
+    let small = server
+        .workspace(json!({"id": "small", "limits": {"tokens_per_minute": 100}}))
+        .await;
     let mut greedy = chat(false);
     greedy["max_tokens"] = json!(500);
     let refused = server.openai("/chat/completions", &small, greedy).await;
     assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(refused.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("false")
+    );
     server.stop().await;
 }
 
@@ -360,7 +549,11 @@ async fn with_scenario(server: &TestServer, key: &str, scenario: &str) -> reqwes
 #[tokio::test]
 async fn a_transient_upstream_429_holds_the_workspace_until_retry_after() {
     for (scenario, fixture_name, hold) in [
-        ("rate_limit_requests", "error_429_rate_limit_requests.json", 20),
+        (
+            "rate_limit_requests",
+            "error_429_rate_limit_requests.json",
+            20,
+        ),
         ("rate_limit_tokens", "error_429_rate_limit_tokens.json", 10),
         ("slow_down", "error_429_slow_down.json", 1),
         ("azure_429", "azure_error_429.json", 10),
@@ -370,17 +563,37 @@ async fn a_transient_upstream_429_holds_the_workspace_until_retry_after() {
         let key = server.workspace(json!({"id": "acme"})).await;
         let answer = with_scenario(&server, &key, scenario).await;
         assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS, "{scenario}");
-        assert_eq!(answer.headers().get("retry-after").and_then(|v| v.to_str().ok()), Some(hold.to_string().as_str()));
-        assert!(answer.headers().get("x-should-retry").is_none(), "{scenario}: the SDKs may retry after the wait");
-        assert_eq!(answer.text().await.expect("body"), fixture(fixture_name), "{scenario}: the upstream's body is passed on");
+        assert_eq!(
+            answer
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()),
+            Some(hold.to_string().as_str())
+        );
+        assert!(
+            answer.headers().get("x-should-retry").is_none(),
+            "{scenario}: the SDKs may retry after the wait"
+        );
+        assert_eq!(
+            answer.text().await.expect("body"),
+            fixture(fixture_name),
+            "{scenario}: the upstream's body is passed on"
+        );
         let status = server.status(&key).await;
         assert_eq!(status["status"], "rate_limited", "{scenario}");
         assert_eq!(status["reasons"], json!(["upstream_rate_limited"]));
         // The next request is held back locally, not sent.
         let held = server.openai("/chat/completions", &key, chat(false)).await;
         assert_eq!(held.status(), StatusCode::TOO_MANY_REQUESTS);
-        let retry_after: u64 = held.headers().get("retry-after").and_then(|v| v.to_str().ok()?.parse().ok()).expect("retry-after");
-        assert!(retry_after <= hold && retry_after >= 1, "{scenario}: {retry_after}");
+        let retry_after: u64 = held
+            .headers()
+            .get("retry-after")
+            .and_then(|v| v.to_str().ok()?.parse().ok())
+            .expect("retry-after");
+        assert!(
+            retry_after <= hold && retry_after >= 1,
+            "{scenario}: {retry_after}"
+        );
         let body: Value = held.json().await.expect("JSON");
         assert_eq!(body["error"]["code"], "upstream_rate_limited");
         assert_eq!(upstream.hits("/chat/completions").await, 1, "{scenario}");
@@ -395,10 +608,25 @@ async fn request_too_large_is_passed_on_without_blocking_anyone() {
     let key = server.workspace(json!({"id": "acme"})).await;
     let answer = with_scenario(&server, &key, "request_too_large").await;
     assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
-    assert_eq!(answer.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
-    assert_eq!(answer.text().await.expect("body"), fixture("error_429_request_too_large.json"));
+    assert_eq!(
+        answer
+            .headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("false")
+    );
+    assert_eq!(
+        answer.text().await.expect("body"),
+        fixture("error_429_request_too_large.json")
+    );
     assert_eq!(server.status(&key).await["status"], "normal");
-    assert_eq!(server.openai("/chat/completions", &key, chat(false)).await.status(), StatusCode::OK);
+    assert_eq!(
+        server
+            .openai("/chat/completions", &key, chat(false))
+            .await
+            .status(),
+        StatusCode::OK
+    );
     server.stop().await;
 }
 
@@ -408,8 +636,14 @@ async fn a_billing_429_blocks_locally_and_one_probe_per_interval_finds_it_fixed(
         ("insufficient_quota", "insufficient_quota"),
         ("insufficient_quota_legacy", "insufficient_quota"),
         ("credit_balance_exhausted", "credit_balance_exhausted"),
-        ("organization_spend_limit_exceeded", "organization_spend_limit_exceeded"),
-        ("project_spend_limit_exceeded", "project_spend_limit_exceeded"),
+        (
+            "organization_spend_limit_exceeded",
+            "organization_spend_limit_exceeded",
+        ),
+        (
+            "project_spend_limit_exceeded",
+            "project_spend_limit_exceeded",
+        ),
     ] {
         let upstream = Upstream::start(MockOptions::default()).await;
         let server = TestServer::proxying(&upstream, &[("QUOTAWATCH_PROBE_INTERVAL", "1s")]).await;
@@ -417,28 +651,56 @@ async fn a_billing_429_blocks_locally_and_one_probe_per_interval_finds_it_fixed(
         upstream.set_scenario(scenario).await;
         let answer = server.openai("/chat/completions", &key, chat(false)).await;
         assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(answer.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"), "{scenario}");
+        assert_eq!(
+            answer
+                .headers()
+                .get("x-should-retry")
+                .and_then(|v| v.to_str().ok()),
+            Some("false"),
+            "{scenario}"
+        );
         let status = server.status(&key).await;
         assert_eq!(status["status"], "quota_exceeded", "{scenario}");
         assert_eq!(status["reasons"], json!([format!("upstream_{code}")]));
         let notifications = server.get("/api/quota/notifications", &key).await.body;
-        assert_eq!(notifications["notifications"][0]["kind"], "upstream_quota_exhausted");
+        assert_eq!(
+            notifications["notifications"][0]["kind"],
+            "upstream_quota_exhausted"
+        );
 
         // Refused locally while blocked: no retry, no time.
         let held = server.openai("/chat/completions", &key, chat(false)).await;
         assert_eq!(held.status(), StatusCode::TOO_MANY_REQUESTS);
-        assert_eq!(held.headers().get("x-should-retry").and_then(|v| v.to_str().ok()), Some("false"));
+        assert_eq!(
+            held.headers()
+                .get("x-should-retry")
+                .and_then(|v| v.to_str().ok()),
+            Some("false")
+        );
         assert!(held.headers().get("retry-after").is_none());
         assert_eq!(upstream.hits("/chat/completions").await, 1);
 
         // Billing is fixed upstream; the next probe finds out.
         upstream.set_scenario("ok").await;
-        eventually("a probe to lift the block", Duration::from_secs(5), || async {
-            (server.openai("/chat/completions", &key, chat(false)).await.status() == StatusCode::OK).then_some(())
-        })
+        eventually(
+            "a probe to lift the block",
+            Duration::from_secs(5),
+            || async {
+                (server
+                    .openai("/chat/completions", &key, chat(false))
+                    .await
+                    .status()
+                    == StatusCode::OK)
+                    .then_some(())
+            },
+        )
         .await;
         assert_eq!(server.status(&key).await["status"], "normal", "{scenario}");
-        assert_eq!(upstream.hits("/chat/completions").await, 2, "{scenario}: exactly one probe went upstream");
+        assert_eq!(
+            upstream.hits("/chat/completions").await,
+            2,
+            "{scenario}: exactly one probe went upstream"
+        );
         server.stop().await;
     }
 }
@@ -449,17 +711,42 @@ async fn failing_upstream_calls_raise_one_upstream_errors_notification() {
     let server = TestServer::proxying(&upstream, &[]).await;
     let key = server.workspace(json!({"id": "acme"})).await;
     for _ in 0..4 {
-        assert_eq!(server.openai("/chat/completions", &key, chat(false)).await.status(), StatusCode::OK);
+        assert_eq!(
+            server
+                .openai("/chat/completions", &key, chat(false))
+                .await
+                .status(),
+            StatusCode::OK
+        );
     }
-    for scenario in ["server_error", "overloaded", "overloaded_legacy", "server_error", "server_error"] {
+    for scenario in [
+        "server_error",
+        "overloaded",
+        "overloaded_legacy",
+        "server_error",
+        "server_error",
+    ] {
         let answer = with_scenario(&server, &key, scenario).await;
         assert!(answer.status().is_server_error());
-        assert!(answer.headers().get("x-should-retry").is_none(), "5xx are the SDKs' to retry");
+        assert!(
+            answer.headers().get("x-should-retry").is_none(),
+            "5xx are the SDKs' to retry"
+        );
     }
     let notifications = server.get("/api/quota/notifications", &key).await.body;
-    let errors: Vec<&Value> = notifications["notifications"].as_array().expect("list").iter().filter(|n| n["kind"] == "upstream_errors").collect();
+    let errors: Vec<&Value> = notifications["notifications"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .filter(|n| n["kind"] == "upstream_errors")
+        .collect();
     assert_eq!(errors.len(), 1);
-    assert!(errors[0]["message"].as_str().expect("message").contains("5 of 9"));
+    assert!(
+        errors[0]["message"]
+            .as_str()
+            .expect("message")
+            .contains("5 of 9")
+    );
     assert_eq!(server.status(&key).await["errors"]["server_error"], 5);
     server.stop().await;
 }
@@ -471,11 +758,25 @@ async fn a_rejected_upstream_key_raises_a_critical_notification() {
     let key = server.workspace(json!({"id": "acme"})).await;
     let answer = with_scenario(&server, &key, "invalid_api_key").await;
     assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(answer.json::<Value>().await.expect("JSON"), fixture_json("error_401_invalid_api_key.json"));
+    assert_eq!(
+        answer.json::<Value>().await.expect("JSON"),
+        fixture_json("error_401_invalid_api_key.json")
+    );
     let notifications = server.get("/api/quota/notifications", &key).await.body;
     let notification = &notifications["notifications"][0];
-    assert_eq!((notification["kind"].as_str(), notification["severity"].as_str()), (Some("upstream_errors"), Some("critical")));
-    assert!(notification["title"].as_str().expect("title").contains("rejected"));
+    assert_eq!(
+        (
+            notification["kind"].as_str(),
+            notification["severity"].as_str()
+        ),
+        (Some("upstream_errors"), Some("critical"))
+    );
+    assert!(
+        notification["title"]
+            .as_str()
+            .expect("title")
+            .contains("rejected")
+    );
     // The client's own mistakes (a 400) block nobody.
     let bad = with_scenario(&server, &key, "context_length_exceeded").await;
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
@@ -486,14 +787,52 @@ async fn a_rejected_upstream_key_raises_a_critical_notification() {
 async fn metrics_describe_requests_tokens_refusals_status_and_overhead() {
     let upstream = Upstream::start(MockOptions::default()).await;
     let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}})).await;
-    server.openai("/chat/completions", &key, chat(false)).await.text().await.expect("body");
-    server.openai("/chat/completions", &key, json!({"model": "my-fine-tune", "messages": []})).await.text().await.expect("body");
-    server.openai("/chat/completions", &key, chat(false)).await.text().await.expect("body");
-    let forbidden = server.client.get(server.url("/metrics")).bearer_auth(&key).send().await.expect("request");
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}}),
+        )
+        .await;
+    server
+        .openai("/chat/completions", &key, chat(false))
+        .await
+        .text()
+        .await
+        .expect("body");
+    server
+        .openai(
+            "/chat/completions",
+            &key,
+            json!({"model": "my-fine-tune", "messages": []}),
+        )
+        .await
+        .text()
+        .await
+        .expect("body");
+    server
+        .openai("/chat/completions", &key, chat(false))
+        .await
+        .text()
+        .await
+        .expect("body");
+    let forbidden = server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
     let text = eventually("the metrics", Duration::from_secs(5), || async {
-        let text = server.client.get(server.url("/metrics")).bearer_auth(ADMIN_KEY).send().await.ok()?.text().await.ok()?;
+        let text = server
+            .client
+            .get(server.url("/metrics"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .ok()?
+            .text()
+            .await
+            .ok()?;
         text.contains("quotawatch_tokens_total").then_some(text)
     })
     .await;
@@ -511,6 +850,9 @@ async fn metrics_describe_requests_tokens_refusals_status_and_overhead() {
     ] {
         assert!(text.contains(expected), "missing {expected} in\n{text}");
     }
-    assert!(!text.contains("my-fine-tune"), "unknown models are not labels");
+    assert!(
+        !text.contains("my-fine-tune"),
+        "unknown models are not labels"
+    );
     server.stop().await;
 }

@@ -124,8 +124,11 @@ impl TestServer {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
-        let env: quotawatch::proxy::EnvLookup = Box::new(move |name| upstream_vars.get(name).cloned());
-        let (running, bootstrap) = app::start(config, listener, env).await.expect("server starts");
+        let env: quotawatch::proxy::EnvLookup =
+            Box::new(move |name| upstream_vars.get(name).cloned());
+        let (running, bootstrap) = app::start(config, listener, env)
+            .await
+            .expect("server starts");
         self.base = format!("http://{}", running.local_addr());
         if let Some(key) = bootstrap.default_workspace_key {
             self.default_key = Some(key.expose().to_owned());
@@ -282,7 +285,9 @@ pub struct Upstream {
 
 impl Upstream {
     pub async fn start(options: quotawatch::mock::MockOptions) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
         let base = format!("http://{}", listener.local_addr().expect("address"));
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         tokio::spawn(quotawatch::mock::serve(listener, options, async {
@@ -340,7 +345,10 @@ impl Upstream {
             .send()
             .await
             .expect("scenario");
-        assert!(response.status().is_success(), "unknown scenario {scenario}");
+        assert!(
+            response.status().is_success(),
+            "unknown scenario {scenario}"
+        );
     }
 }
 
