@@ -135,6 +135,14 @@ impl RateLimitHeaders {
         let mut parsed = Self::default();
         let mut retry_after_ms = None;
         for (name, value) in headers {
+            // Every header of every answer passes here: skip the unrelated
+            // ones without looking further.
+            let prefix = name.as_bytes().get(..11).unwrap_or_default();
+            let relevant = prefix.eq_ignore_ascii_case(b"x-ratelimit")
+                || prefix.eq_ignore_ascii_case(b"retry-after");
+            if !relevant {
+                continue;
+            }
             let name = name.to_ascii_lowercase();
             let value = value.trim();
             let count = || {
@@ -459,6 +467,8 @@ mod tests {
     #[test]
     fn tolerates_absent_and_invalid_values() {
         let headers = RateLimitHeaders::parse([
+            ("x-ratelimït-limit-requests", "5"),
+            ("é", "1"),
             ("x-ratelimit-limit-requests", "lots"),
             ("x-ratelimit-remaining-requests", "-1"),
             ("x-ratelimit-reset-requests", "soon"),

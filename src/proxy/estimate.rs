@@ -12,7 +12,7 @@ use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
 use tiktoken_rs::CoreBPE;
-use tiktoken_rs::tokenizer::{Tokenizer, get_tokenizer};
+use tiktoken_rs::tokenizer::{Tokenizer as ModelTokenizer, get_tokenizer};
 
 /// Which OpenAI API a request is for, by its path under `/v1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -63,11 +63,11 @@ impl Encoding {
     /// encoding of every current OpenAI model.
     fn of_model(model: &str) -> Self {
         match get_tokenizer(model) {
-            Some(Tokenizer::Cl100kBase) => Encoding::Cl100k,
-            Some(Tokenizer::P50kBase | Tokenizer::P50kEdit) => Encoding::P50k,
-            Some(Tokenizer::R50kBase | Tokenizer::Gpt2) => Encoding::R50k,
-            Some(Tokenizer::O200kHarmony) => Encoding::O200kHarmony,
-            Some(Tokenizer::O200kBase) | None => Encoding::O200k,
+            Some(ModelTokenizer::Cl100kBase) => Encoding::Cl100k,
+            Some(ModelTokenizer::P50kBase | ModelTokenizer::P50kEdit) => Encoding::P50k,
+            Some(ModelTokenizer::R50kBase | ModelTokenizer::Gpt2) => Encoding::R50k,
+            Some(ModelTokenizer::O200kHarmony) => Encoding::O200kHarmony,
+            Some(ModelTokenizer::O200kBase) | None => Encoding::O200k,
         }
     }
 
@@ -101,9 +101,21 @@ struct Slot {
     loading: AtomicBool,
 }
 
+/// How prompts are counted.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Tokenizer {
+    /// With the model's tiktoken encoding (exact; about 45 MiB of memory per
+    /// encoding in use).
+    Tiktoken,
+    /// At four bytes per token, as OpenAI's own rate limiter approximates
+    /// (no memory; estimates are settled with actual usage anyway).
+    Bytes,
+}
+
 #[derive(Clone)]
 pub struct Estimator {
     default_max_tokens: u64,
+    tokenizer: Tokenizer,
     slots: Arc<[Slot; Encoding::COUNT]>,
 }
 
@@ -136,13 +148,14 @@ const NOT_TEXT: &[&str] = &[
 ];
 
 impl Estimator {
-    pub fn new(default_max_tokens: u64) -> Self {
+    pub fn new(default_max_tokens: u64, tokenizer: Tokenizer) -> Self {
         let slot = || Slot {
             encoder: OnceLock::new(),
             loading: AtomicBool::new(false),
         };
         Self {
             default_max_tokens,
+            tokenizer,
             slots: Arc::new([slot(), slot(), slot(), slot(), slot()]),
         }
     }
@@ -165,6 +178,9 @@ impl Estimator {
     /// The encoder if it is loaded; otherwise starts loading it in the
     /// background (once) and returns `None`.
     fn encoder(&self, encoding: Encoding) -> Option<&CoreBPE> {
+        if self.tokenizer == Tokenizer::Bytes {
+            return None;
+        }
         let slot = self.slot(encoding);
         if let Some(encoder) = slot.encoder.get() {
             return Some(encoder);
@@ -296,7 +312,7 @@ mod tests {
     use serde_json::json;
 
     fn loaded() -> Estimator {
-        let estimator = Estimator::new(1024);
+        let estimator = Estimator::new(1024, Tokenizer::Tiktoken);
         estimator.load_now("gpt-4o-mini");
         estimator.load_now("gpt-4");
         estimator
@@ -406,8 +422,23 @@ mod tests {
 
     #[test]
     fn before_the_tokenizer_is_loaded_four_bytes_count_as_one_token() {
-        let estimator = Estimator::new(0);
+        let estimator = Estimator::new(0, Tokenizer::Tiktoken);
         let body = json!({"model": "gpt-4o", "input": "abcdefgh"});
         assert_eq!(estimator.estimate(Endpoint::Embeddings, &body).prompt, 2);
+    }
+
+    #[test]
+    fn the_bytes_tokenizer_never_loads_an_encoding() {
+        let estimator = Estimator::new(0, Tokenizer::Bytes);
+        let body = json!({"model": "gpt-4o", "input": "abcdefgh"});
+        for _ in 0..3 {
+            assert_eq!(estimator.estimate(Endpoint::Embeddings, &body).prompt, 2);
+        }
+        assert!(
+            estimator
+                .slots
+                .iter()
+                .all(|slot| !slot.loading.load(Ordering::Acquire))
+        );
     }
 }

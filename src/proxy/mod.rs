@@ -91,7 +91,7 @@ impl Proxy {
             headers_timeout: config.headers_timeout,
             idle_timeout: config.idle_timeout,
             max_body_bytes: config.max_body_bytes,
-            estimator: Estimator::new(config.default_max_tokens),
+            estimator: Estimator::new(config.default_max_tokens, config.tokenizer),
         })
     }
 
