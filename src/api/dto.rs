@@ -367,7 +367,13 @@ pub struct HistoryPoint {
     pub completion_tokens: i64,
     pub cached_tokens: i64,
     pub reasoning_tokens: i64,
+    /// Calls that did not succeed upstream, of any kind.
     pub errors: i64,
+    /// Calls the upstream answered with a 4xx (including 429s).
+    pub client_errors: i64,
+    /// Calls the upstream answered with a 5xx, or that got no answer at all.
+    pub server_errors: i64,
+    /// Calls quotawatch refused before they reached the upstream.
     pub refused: i64,
     /// Mean latency of the step's reported calls, in milliseconds.
     pub avg_latency_ms: Option<f64>,

@@ -22,7 +22,7 @@ use crate::domain::time::{
 };
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::workspace::Request;
-use crate::engine::{Principal, UpstreamAnswer, UsageReport};
+use crate::engine::{EngineError, Principal, UpstreamAnswer, UsageReport};
 use crate::store::{Resolution, RollupDelta};
 
 #[derive(Deserialize, IntoParams, Debug)]
@@ -328,7 +328,14 @@ pub async fn usage(
         }),
         latency_ms: body.latency_ms,
     };
-    state.engine.report(&workspace, report)?;
+    let reported = state.engine.report(&workspace, report)?;
+    if reported.missing_reservation {
+        // The upstream's answer counted all the same; only the settlement
+        // could not happen.
+        return Err(
+            EngineError::UnknownReservation(body.reservation_id.unwrap_or_default()).into(),
+        );
+    }
     let snapshot = state.engine.snapshot(&workspace)?;
     Ok((StatusCode::ACCEPTED, Json(StatusDoc::from(&snapshot))))
 }
@@ -513,6 +520,8 @@ pub async fn history(
             cached_tokens: totals.cached_tokens,
             reasoning_tokens: totals.reasoning_tokens,
             errors: totals.errors,
+            client_errors: totals.client_errors,
+            server_errors: totals.server_errors,
             refused: totals.refused,
             avg_latency_ms: (totals.requests > 0 && totals.latency_ms_sum > 0)
                 .then(|| totals.latency_ms_sum as f64 / totals.requests as f64),

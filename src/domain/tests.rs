@@ -13,8 +13,7 @@ use super::status::{Change, Status};
 use super::time::Timestamp;
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::workspace::{
-    Admission, Answer, Outcome, Recorded, RefusalCause, Request, Settings, UnknownReservation,
-    WorkspaceState,
+    Admission, Answer, Outcome, Recorded, RefusalCause, Request, Settings, Settled, WorkspaceState,
 };
 
 use LimitKind::*;
@@ -97,7 +96,7 @@ impl Script {
         }
     }
 
-    fn record(&mut self, outcome: &Outcome<'_>) -> Result<Recorded, UnknownReservation> {
+    fn record(&mut self, outcome: &Outcome<'_>) -> Recorded {
         let mut next_id = self.next_id;
         let recorded = self
             .state
@@ -117,7 +116,8 @@ impl Script {
             tokens: Some(actual),
             answer: Some(Answer::success()),
         })
-        .is_ok()
+        .settled
+            != Settled::Missing
     }
 
     /// Reports an upstream answer for a call without reservation.
@@ -140,9 +140,7 @@ impl Script {
             }),
             ..Outcome::default()
         };
-        self.record(&outcome)
-            .expect("no reservation involved")
-            .changes
+        self.record(&outcome).changes
     }
 
     fn success(&mut self) -> Vec<Change> {
@@ -631,7 +629,6 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
                 tokens: Some(5),
                 answer: Some(Answer::success()),
             })
-            .expect("the probe's reservation")
             .changes;
         assert_eq!(script.status(), Status::Normal);
         assert_eq!(
@@ -650,16 +647,41 @@ fn a_call_without_an_answer_settles_but_says_nothing_about_the_upstream() {
     let probe = script.admitted(500);
     // The client went away before the upstream answered: the estimate stays
     // charged, and the billing block neither lifts nor counts an error.
-    let recorded = script
-        .record(&Outcome {
-            reservation: Some(probe),
-            tokens: None,
-            answer: None,
-        })
-        .expect("known reservation");
+    let recorded = script.record(&Outcome {
+        reservation: Some(probe),
+        tokens: None,
+        answer: None,
+    });
+    assert!(matches!(recorded.settled, Settled::Reservation(_)));
     assert_eq!((recorded.tokens, recorded.class), (500, None));
     assert_eq!(script.status(), Status::QuotaExceeded);
     assert_eq!(script.state.snapshot(script.now).errors.server_error, 0);
+}
+
+#[test]
+fn an_answer_for_a_missing_reservation_still_counts() {
+    let mut script = Script::new(&[(TokensPerDay, 10_000)]);
+    let id = script.admitted(300);
+    script.after(601_000);
+    script.tick();
+    // The reservation expired with its estimate; the billing answer that
+    // comes late still blocks the workspace, and nothing is charged again.
+    let recorded = script.record(&Outcome {
+        reservation: Some(id),
+        tokens: Some(10),
+        answer: Some(Answer {
+            status: 429,
+            error: ErrorFields {
+                error_type: Some("insufficient_quota"),
+                code: Some("insufficient_quota"),
+                message: None,
+            },
+            ..Answer::default()
+        }),
+    });
+    assert_eq!(recorded.settled, Settled::Missing);
+    assert_eq!(script.status(), Status::QuotaExceeded);
+    assert_eq!(script.used(TokensPerDay), 300);
 }
 
 #[test]
@@ -713,8 +735,7 @@ fn request_too_large_from_upstream_blocks_nobody() {
                 ..Answer::default()
             }),
             ..Outcome::default()
-        })
-        .expect("no reservation involved");
+        });
     assert_eq!(
         recorded.class,
         Some(super::upstream::UpstreamClass::RequestTooLarge)
@@ -845,6 +866,9 @@ fn saved_state_restores_counters_blocks_and_status() {
         answer: Some(Answer::success()),
     };
     let recorded = restored.record(&outcome, script.now, &script.settings, &mut || 9);
-    assert!(recorded.is_ok(), "reservations survive");
+    assert!(
+        matches!(recorded.settled, Settled::Reservation(_)),
+        "reservations survive"
+    );
     assert_eq!(restored.snapshot(script.now).limits[1].1.used, 100);
 }

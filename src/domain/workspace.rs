@@ -190,24 +190,29 @@ impl Answer<'_> {
     }
 }
 
+/// What became of a recorded call's reservation.
+#[derive(Debug, PartialEq)]
+pub enum Settled {
+    /// Its reservation, now settled.
+    Reservation(Reservation),
+    /// The call had none: it was charged as one request now.
+    Unreserved,
+    /// Its reservation was unknown, already settled or expired (an expired
+    /// one keeps its estimate): nothing was charged or corrected, but the
+    /// upstream's answer still counted.
+    Missing,
+}
+
 /// What [`WorkspaceState::record`] did.
 #[derive(Debug)]
 pub struct Recorded {
-    /// The settled reservation, if the call had one.
-    pub reservation: Option<Reservation>,
+    pub settled: Settled,
     /// The tokens the call finally counts for.
     pub tokens: u64,
     /// What the upstream's answer meant, if there was one.
     pub class: Option<UpstreamClass>,
     pub expired: Vec<Expired>,
     pub changes: Vec<Change>,
-}
-
-/// The outcome named a reservation that is unknown, already settled or
-/// expired; nothing was recorded.
-#[derive(Debug)]
-pub struct UnknownReservation {
-    pub expired: Vec<Expired>,
 }
 
 /// Fields are laid out in declaration order (`repr(C)`), those every
@@ -586,17 +591,17 @@ impl WorkspaceState {
         now: Timestamp,
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
-    ) -> Result<Recorded, UnknownReservation> {
+    ) -> Recorded {
         let expired = self.advance(now);
-        let (reservation, tokens) = match outcome.reservation {
-            Some(id) => {
-                let Some(reservation) = self.reservations.remove(&id) else {
-                    return Err(UnknownReservation { expired });
-                };
-                let tokens = outcome.tokens.unwrap_or(reservation.estimated_tokens);
-                self.settle(&reservation, tokens, now);
-                (Some(reservation), tokens)
-            }
+        let (settled, tokens) = match outcome.reservation {
+            Some(id) => match self.reservations.remove(&id) {
+                Some(reservation) => {
+                    let tokens = outcome.tokens.unwrap_or(reservation.estimated_tokens);
+                    self.settle(&reservation, tokens, now);
+                    (Settled::Reservation(reservation), tokens)
+                }
+                None => (Settled::Missing, outcome.tokens.unwrap_or(0)),
+            },
             None => {
                 // It happened, so it is charged even beyond the limits.
                 let tokens = outcome.tokens.unwrap_or(0);
@@ -606,20 +611,23 @@ impl WorkspaceState {
                 };
                 self.minute.add(now, usage);
                 self.day.used += usage;
-                (None, tokens)
+                (Settled::Unreserved, tokens)
             }
         };
-        let admitted_at = reservation.as_ref().map(|r| r.charged_at);
+        let admitted_at = match &settled {
+            Settled::Reservation(reservation) => Some(reservation.charged_at),
+            Settled::Unreserved | Settled::Missing => None,
+        };
         let class = outcome
             .answer
             .map(|answer| self.observe_upstream(&answer, admitted_at, now, settings));
-        Ok(Recorded {
-            reservation,
+        Recorded {
+            settled,
             tokens,
             class,
             expired,
             changes: self.evaluate(now, settings, fresh_id),
-        })
+        }
     }
 
     /// Replaces a reservation's estimate with the actual token count. The

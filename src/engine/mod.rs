@@ -31,8 +31,8 @@ use crate::domain::status::{Change, Status};
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{
-    Admitted, Answer, Expired, Headroom, Model, Outcome, Refusal, Request, Settings, Snapshot,
-    WorkspaceState,
+    Admitted, Answer, Expired, Headroom, Model, Outcome, Refusal, Request, Settings, Settled,
+    Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
@@ -148,6 +148,16 @@ impl UpstreamAnswer {
             headers: self.headers,
         }
     }
+}
+
+/// What [`Engine::report`] did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Reported {
+    /// What the upstream's answer meant, if there was one.
+    pub class: Option<UpstreamClass>,
+    /// The call named a reservation that was unknown, settled or expired:
+    /// nothing was charged, though the upstream's answer still counted.
+    pub missing_reservation: bool,
 }
 
 /// Defaults for workspaces created without explicit limits.
@@ -506,13 +516,13 @@ impl Engine {
     }
 
     /// Records a finished call: settles its reservation (or counts it as an
-    /// unreserved request) and folds in the upstream's answer. Returns what
-    /// the answer meant.
+    /// unreserved request) and folds in the upstream's answer. It fails only
+    /// for an unknown workspace; a missing reservation is part of the result.
     pub fn report(
         &self,
         workspace: &WorkspaceId,
         report: UsageReport,
-    ) -> Result<Option<UpstreamClass>, EngineError> {
+    ) -> Result<Reported, EngineError> {
         let slot = self.slot(workspace)?;
         let now = self.now();
         let outcome = Outcome {
@@ -521,44 +531,44 @@ impl Engine {
             answer: report.answer.as_ref().map(UpstreamAnswer::as_answer),
         };
         let mut cell = slot.lock();
-        // Set before anything can return early: even a refused settlement may
-        // have expired other reservations, which the flush must write.
-        slot.dirty.store(true, Ordering::Release);
-        let recorded = match cell
+        let recorded = cell
             .state
-            .record(&outcome, now, &self.settings, &mut fresh_id)
-        {
-            Ok(recorded) => recorded,
-            Err(unknown) => {
-                record_expired(&mut cell, unknown.expired);
-                let id = report.reservation.unwrap_or_default();
-                return Err(EngineError::UnknownReservation(format!("rsv_{id:016x}")));
-            }
-        };
+            .record(&outcome, now, &self.settings, &mut fresh_id);
         record_expired(&mut cell, recorded.expired);
         let class = recorded.class;
         let failed = class.is_some_and(|class| class != UpstreamClass::Success);
-        let reservation = recorded.reservation;
-        let charged_at = reservation.as_ref().map_or(now, |r| r.charged_at);
-        let model = report.model.or_else(|| reservation.and_then(|r| r.model));
-        let breakdown = report.tokens.unwrap_or_default();
-        let delta = RollupDelta {
-            requests: 1,
-            tokens: count(recorded.tokens),
-            prompt_tokens: count(breakdown.prompt),
-            completion_tokens: count(breakdown.completion),
-            cached_tokens: count(breakdown.cached),
-            reasoning_tokens: count(breakdown.reasoning),
-            errors: i64::from(failed),
-            refused: 0,
-            latency_ms_sum: count(report.latency_ms.unwrap_or(0)),
+        let settled = match recorded.settled {
+            Settled::Reservation(reservation) => Some((reservation.charged_at, reservation.model)),
+            Settled::Unreserved => Some((now, None)),
+            // An expired reservation was counted in history when it expired.
+            Settled::Missing => None,
         };
-        *cell
-            .rollups
-            .entry((minute_of(charged_at), model))
-            .or_default() += delta;
+        let missing_reservation = settled.is_none();
+        if let Some((charged_at, reserved_model)) = settled {
+            let breakdown = report.tokens.unwrap_or_default();
+            let status = report.answer.as_ref().map_or(200, |answer| answer.status);
+            let delta = RollupDelta {
+                requests: 1,
+                tokens: count(recorded.tokens),
+                prompt_tokens: count(breakdown.prompt),
+                completion_tokens: count(breakdown.completion),
+                cached_tokens: count(breakdown.cached),
+                reasoning_tokens: count(breakdown.reasoning),
+                errors: i64::from(failed),
+                client_errors: i64::from((400..500).contains(&status)),
+                server_errors: i64::from(status == 0 || status >= 500),
+                refused: 0,
+                latency_ms_sum: count(report.latency_ms.unwrap_or(0)),
+            };
+            let model = report.model.or(reserved_model);
+            *cell
+                .rollups
+                .entry((minute_of(charged_at), model))
+                .or_default() += delta;
+        }
         let published = self.publish(&cell.state, now, recorded.changes, false);
         drop(cell);
+        slot.dirty.store(true, Ordering::Release);
         slot.usage_dirty.store(true, Ordering::Release);
         published.log();
         if let (true, Some(answer)) = (failed, &report.answer) {
@@ -570,7 +580,10 @@ impl Engine {
                 "upstream error"
             );
         }
-        Ok(class)
+        Ok(Reported {
+            class,
+            missing_reservation,
+        })
     }
 
     /// The environment variable holding the workspace's own upstream key.

@@ -21,7 +21,7 @@ use crate::api::AppState;
 use crate::domain::limits::WorkspaceId;
 use crate::domain::upstream::UpstreamClass;
 use crate::domain::workspace::Model;
-use crate::engine::{EngineError, TokenUsage, UpstreamAnswer, UsageReport};
+use crate::engine::{TokenUsage, UpstreamAnswer, UsageReport};
 use crate::metrics::RequestOutcome;
 
 /// Everything needed to settle one admitted call.
@@ -51,12 +51,17 @@ impl Settlement {
             latency_ms: Some(self.arrived.elapsed().as_millis() as u64),
         };
         let class = match self.state.engine.report(&self.workspace, report) {
-            Ok(class) => class,
-            Err(
-                error @ (EngineError::UnknownReservation(_) | EngineError::UnknownWorkspace(_)),
-            ) => {
-                // The workspace was deleted, or reset and its reservation
-                // expired, while the call ran: nothing is left to settle.
+            Ok(reported) => {
+                if reported.missing_reservation {
+                    // The reservation expired while the call ran (or a reset
+                    // cleared it); its estimate stays charged.
+                    tracing::debug!(workspace = %self.workspace, "reservation gone before settling");
+                }
+                reported.class
+            }
+            Err(error) => {
+                // The workspace was deleted while the call ran (the only way
+                // a report fails): nothing is left to settle.
                 tracing::debug!(workspace = %self.workspace, %error, "nothing to settle");
                 None
             }

@@ -147,6 +147,23 @@ const NOT_TEXT: &[&str] = &[
     "status",
 ];
 
+/// Text up to this size is counted exactly; BPE merging slows down sharply
+/// on long runs without whitespace, and one request must not stall a
+/// worker, so longer texts (and longer runs) count at four bytes per token.
+const EXACT_TEXT_LIMIT: usize = 32 << 10;
+const EXACT_RUN_LIMIT: usize = 1 << 10;
+/// How much of one request's text is counted exactly at most.
+const EXACT_BUDGET: usize = 256 << 10;
+
+fn bytes_estimate(text: &str) -> u64 {
+    text.len().div_ceil(4) as u64
+}
+
+fn has_long_run(text: &str) -> bool {
+    text.split(|c: char| c.is_whitespace())
+        .any(|run| run.len() > EXACT_RUN_LIMIT)
+}
+
 impl Estimator {
     pub fn new(default_max_tokens: u64, tokenizer: Tokenizer) -> Self {
         let slot = || Slot {
@@ -164,8 +181,8 @@ impl Estimator {
         &self.slots[encoding as usize]
     }
 
-    /// Loads the encoding for `model` now, on this thread (for tests and
-    /// warm-up).
+    /// Loads the encoding for `model` now, on this thread, so that counts
+    /// are exact from the first call (tests use this).
     pub fn load_now(&self, model: &str) {
         let slot = self.slot(Encoding::of_model(model));
         if slot.encoder.get().is_none()
@@ -196,87 +213,36 @@ impl Estimator {
         None
     }
 
-    fn count(&self, encoding: Encoding, text: &str) -> u64 {
-        match self.encoder(encoding) {
-            Some(encoder) => encoder.encode_ordinary(text).len() as u64,
-            None => text.len().div_ceil(4) as u64,
-        }
-    }
-
-    /// Tokens of every text string in `value`, skipping identifiers and media.
-    fn count_text(&self, encoding: Encoding, value: &Value) -> u64 {
-        match value {
-            Value::String(text) => self.count(encoding, text),
-            Value::Array(items) => items
-                .iter()
-                .map(|item| self.count_text(encoding, item))
-                .sum(),
-            Value::Object(fields) => fields
-                .iter()
-                .map(|(key, value)| match key.as_str() {
-                    "image_url" | "image" => {
-                        let low = value.get("detail").and_then(Value::as_str) == Some("low");
-                        if low {
-                            LOW_DETAIL_IMAGE_TOKENS
-                        } else {
-                            IMAGE_TOKENS
-                        }
-                    }
-                    key if NOT_TEXT.contains(&key) => 0,
-                    _ => self.count_text(encoding, value),
-                })
-                .sum(),
-            Value::Number(_) | Value::Bool(_) | Value::Null => 0,
-        }
-    }
-
-    /// Prompt input given as text, a list of texts, or token ids.
-    fn count_input(&self, encoding: Encoding, input: &Value) -> u64 {
-        match input {
-            Value::Array(items) if items.iter().all(Value::is_number) => items.len() as u64,
-            Value::Array(items) => items
-                .iter()
-                .map(|item| self.count_input(encoding, item))
-                .sum(),
-            other => self.count_text(encoding, other),
-        }
-    }
-
     /// The charge for a request to `endpoint` with JSON `body`.
     pub fn estimate(&self, endpoint: Endpoint, body: &Value) -> Estimate {
         let model = body.get("model").and_then(Value::as_str).unwrap_or("");
-        let encoding = Encoding::of_model(model);
+        let mut counting = Counting {
+            encoder: self.encoder(Encoding::of_model(model)),
+            budget: EXACT_BUDGET,
+        };
         let prompt = match endpoint {
             Endpoint::ChatCompletions => {
                 let messages = body.get("messages").and_then(Value::as_array);
                 let per_message: u64 = messages
                     .into_iter()
                     .flatten()
-                    .map(|message| PER_MESSAGE + self.count_text(encoding, message))
+                    .map(|message| PER_MESSAGE + counting.text(message))
                     .sum();
-                let tools = ["tools", "functions"]
+                let tools: u64 = ["tools", "functions"]
                     .iter()
                     .filter_map(|key| body.get(*key))
-                    .map(|tools| self.count(encoding, &tools.to_string()))
-                    .sum::<u64>();
+                    .map(|tools| counting.count(&tools.to_string()))
+                    .sum();
                 per_message + REPLY_PRIMING + tools
             }
-            Endpoint::Completions => body
-                .get("prompt")
-                .map_or(0, |p| self.count_input(encoding, p)),
-            Endpoint::Embeddings => body
-                .get("input")
-                .map_or(0, |i| self.count_input(encoding, i)),
+            Endpoint::Completions => body.get("prompt").map_or(0, |p| counting.input(p)),
+            Endpoint::Embeddings => body.get("input").map_or(0, |i| counting.input(i)),
             Endpoint::Responses => {
-                let instructions = body
-                    .get("instructions")
-                    .map_or(0, |i| self.count_text(encoding, i));
-                let input = body
-                    .get("input")
-                    .map_or(0, |i| self.count_text(encoding, i));
+                let instructions = body.get("instructions").map_or(0, |i| counting.text(i));
+                let input = body.get("input").map_or(0, |i| counting.text(i));
                 let tools = body
                     .get("tools")
-                    .map_or(0, |tools| self.count(encoding, &tools.to_string()));
+                    .map_or(0, |tools| counting.count(&tools.to_string()));
                 instructions + input + tools
             }
             Endpoint::Other => 0,
@@ -298,11 +264,59 @@ impl Estimator {
         };
         Estimate { prompt, completion }
     }
+}
 
-    /// Tokens in a piece of generated text, for settling a stream the client
-    /// abandoned before its usage arrived.
-    pub fn count_output(&self, model: &str, text: &str) -> u64 {
-        self.count(Encoding::of_model(model), text)
+/// Counting the texts of one request, within its budget of exact counting.
+struct Counting<'a> {
+    encoder: Option<&'a CoreBPE>,
+    budget: usize,
+}
+
+impl Counting<'_> {
+    fn count(&mut self, text: &str) -> u64 {
+        let exact = self.encoder.filter(|_| {
+            text.len() <= EXACT_TEXT_LIMIT && text.len() <= self.budget && !has_long_run(text)
+        });
+        match exact {
+            Some(encoder) => {
+                self.budget -= text.len();
+                encoder.encode_ordinary(text).len() as u64
+            }
+            None => bytes_estimate(text),
+        }
+    }
+
+    /// Tokens of every text string in `value`, skipping identifiers and media.
+    fn text(&mut self, value: &Value) -> u64 {
+        match value {
+            Value::String(text) => self.count(text),
+            Value::Array(items) => items.iter().map(|item| self.text(item)).sum(),
+            Value::Object(fields) => fields
+                .iter()
+                .map(|(key, value)| match key.as_str() {
+                    "image_url" | "image" => {
+                        let low = value.get("detail").and_then(Value::as_str) == Some("low");
+                        if low {
+                            LOW_DETAIL_IMAGE_TOKENS
+                        } else {
+                            IMAGE_TOKENS
+                        }
+                    }
+                    key if NOT_TEXT.contains(&key) => 0,
+                    _ => self.text(value),
+                })
+                .sum(),
+            Value::Number(_) | Value::Bool(_) | Value::Null => 0,
+        }
+    }
+
+    /// Prompt input given as text, a list of texts, or token ids.
+    fn input(&mut self, input: &Value) -> u64 {
+        match input {
+            Value::Array(items) if items.iter().all(Value::is_number) => items.len() as u64,
+            Value::Array(items) => items.iter().map(|item| self.input(item)).sum(),
+            other => self.text(other),
+        }
     }
 }
 
@@ -425,6 +439,32 @@ mod tests {
         let estimator = Estimator::new(0, Tokenizer::Tiktoken);
         let body = json!({"model": "gpt-4o", "input": "abcdefgh"});
         assert_eq!(estimator.estimate(Endpoint::Embeddings, &body).prompt, 2);
+    }
+
+    #[test]
+    fn long_texts_and_runs_are_estimated_by_bytes() {
+        let estimator = loaded();
+        let run = "x".repeat(EXACT_RUN_LIMIT + 1);
+        let body = json!({"model": "gpt-4o", "input": run});
+        assert_eq!(
+            estimator.estimate(Endpoint::Embeddings, &body).prompt,
+            bytes_estimate(&run)
+        );
+        let long = "word ".repeat(EXACT_TEXT_LIMIT / 5 + 1);
+        let body = json!({"model": "gpt-4o", "input": long});
+        assert_eq!(
+            estimator.estimate(Endpoint::Embeddings, &body).prompt,
+            bytes_estimate(&long)
+        );
+        // Past the request's budget, the rest is estimated by bytes.
+        let chunk = "Hello there! ".repeat(1000);
+        let many: Vec<&str> = vec![&chunk; 40];
+        let body = json!({"model": "gpt-4o", "input": many});
+        let estimate = estimator.estimate(Endpoint::Embeddings, &body).prompt;
+        assert!(
+            estimate > 40 * 3000 && estimate < 40 * bytes_estimate(&chunk),
+            "{estimate}"
+        );
     }
 
     #[test]

@@ -199,9 +199,29 @@ fn with_usage_requested(body: &Bytes, json: &Value) -> Bytes {
         patched.extend_from_slice(rest);
         return Bytes::from(patched);
     }
+    // `stream_options` is there but lacks `include_usage` (the caller checked
+    // it is an object): set it, re-serialising in the same key order.
     let mut json = json.clone();
-    json["stream_options"]["include_usage"] = Value::Bool(true);
+    if let Some(options) = json
+        .get_mut("stream_options")
+        .and_then(Value::as_object_mut)
+    {
+        options.insert("include_usage".to_owned(), Value::Bool(true));
+    }
     Bytes::from(json.to_string())
+}
+
+/// Model names as clients send them become history rows and metrics
+/// labels; longer ones are cut, so a client cannot grow either at will.
+const MAX_MODEL_NAME: usize = 100;
+
+fn model_of(json: &Value) -> Option<Model> {
+    let model = json.get("model")?.as_str()?;
+    let end = model
+        .char_indices()
+        .nth(MAX_MODEL_NAME)
+        .map_or(model.len(), |(at, _)| at);
+    Some(Model::from(&model[..end]))
 }
 
 /// What the proxy learned from the request before forwarding it.
@@ -221,22 +241,27 @@ fn understand(
     body: &Bytes,
 ) -> (Call, Option<Value>) {
     let endpoint = Endpoint::of_path(path);
-    let is_json = headers
+    // The body is read as JSON whatever its declared type says, so that a
+    // missing or odd Content-Type cannot dodge the token charge; multipart
+    // uploads (files, audio) are the bodies that are not JSON objects.
+    let is_multipart = headers
         .get(header::CONTENT_TYPE)
         .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("application/json"));
-    let json = is_json
+        .is_some_and(|value| value.starts_with("multipart/"));
+    let json = (!is_multipart)
         .then(|| serde_json::from_slice::<Value>(body).ok())
         .flatten()
         .filter(Value::is_object);
     let call = match &json {
         Some(json) => Call {
             endpoint,
-            model: json.get("model").and_then(Value::as_str).map(Model::from),
+            model: model_of(json),
             estimate: proxy.estimator.estimate(endpoint, json),
             inject_usage: endpoint == Endpoint::ChatCompletions
                 && json.get("stream") == Some(&Value::Bool(true))
-                && json.pointer("/stream_options/include_usage") != Some(&Value::Bool(true)),
+                && json.pointer("/stream_options/include_usage") != Some(&Value::Bool(true))
+                // Options that are not an object are the upstream's to refuse.
+                && json.get("stream_options").is_none_or(Value::is_object),
         },
         None => Call {
             endpoint,

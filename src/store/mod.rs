@@ -126,7 +126,12 @@ pub struct RollupDelta {
     pub completion_tokens: i64,
     pub cached_tokens: i64,
     pub reasoning_tokens: i64,
+    /// Every call that did not succeed upstream.
     pub errors: i64,
+    /// Calls the upstream answered with a 4xx.
+    pub client_errors: i64,
+    /// Calls the upstream answered with a 5xx, or never answered.
+    pub server_errors: i64,
     pub refused: i64,
     pub latency_ms_sum: i64,
 }
@@ -142,6 +147,8 @@ impl std::ops::AddAssign for RollupDelta {
         self.cached_tokens = self.cached_tokens.saturating_add(o.cached_tokens);
         self.reasoning_tokens = self.reasoning_tokens.saturating_add(o.reasoning_tokens);
         self.errors = self.errors.saturating_add(o.errors);
+        self.client_errors = self.client_errors.saturating_add(o.client_errors);
+        self.server_errors = self.server_errors.saturating_add(o.server_errors);
         self.refused = self.refused.saturating_add(o.refused);
         self.latency_ms_sum = self.latency_ms_sum.saturating_add(o.latency_ms_sum);
     }
@@ -760,7 +767,7 @@ impl Store {
                     (Resolution::Day, key.day),
                 ] {
                     sqlx::query(
-                        "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, refused, latency_ms_sum) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET requests = rollups.requests + excluded.requests, tokens = rollups.tokens + excluded.tokens, prompt_tokens = rollups.prompt_tokens + excluded.prompt_tokens, completion_tokens = rollups.completion_tokens + excluded.completion_tokens, cached_tokens = rollups.cached_tokens + excluded.cached_tokens, reasoning_tokens = rollups.reasoning_tokens + excluded.reasoning_tokens, errors = rollups.errors + excluded.errors, refused = rollups.refused + excluded.refused, latency_ms_sum = rollups.latency_ms_sum + excluded.latency_ms_sum",
+                        "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET requests = rollups.requests + excluded.requests, tokens = rollups.tokens + excluded.tokens, prompt_tokens = rollups.prompt_tokens + excluded.prompt_tokens, completion_tokens = rollups.completion_tokens + excluded.completion_tokens, cached_tokens = rollups.cached_tokens + excluded.cached_tokens, reasoning_tokens = rollups.reasoning_tokens + excluded.reasoning_tokens, errors = rollups.errors + excluded.errors, client_errors = rollups.client_errors + excluded.client_errors, server_errors = rollups.server_errors + excluded.server_errors, refused = rollups.refused + excluded.refused, latency_ms_sum = rollups.latency_ms_sum + excluded.latency_ms_sum",
                     )
                     .bind(key.workspace.as_str())
                     .bind(resolution.code())
@@ -773,6 +780,8 @@ impl Store {
                     .bind(delta.cached_tokens)
                     .bind(delta.reasoning_tokens)
                     .bind(delta.errors)
+                    .bind(delta.client_errors)
+                    .bind(delta.server_errors)
                     .bind(delta.refused)
                     .bind(delta.latency_ms_sum)
                     .execute(&mut *tx)
@@ -794,10 +803,10 @@ impl Store {
         from: i64,
         to: i64,
     ) -> Result<Vec<HistoryRow>> {
-        type Row = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
+        type Row = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
         let rows: Vec<Row> = on_pool!(self, |pool| {
             sqlx::query_as(
-            "SELECT bucket, CAST(SUM(requests) AS BIGINT), CAST(SUM(tokens) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(errors) AS BIGINT), CAST(SUM(refused) AS BIGINT), CAST(SUM(latency_ms_sum) AS BIGINT) FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 GROUP BY bucket ORDER BY bucket"
+            "SELECT bucket, CAST(SUM(requests) AS BIGINT), CAST(SUM(tokens) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(errors) AS BIGINT), CAST(SUM(client_errors) AS BIGINT), CAST(SUM(server_errors) AS BIGINT), CAST(SUM(refused) AS BIGINT), CAST(SUM(latency_ms_sum) AS BIGINT) FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 GROUP BY bucket ORDER BY bucket"
         )
         .bind(workspace.as_str())
         .bind(resolution.code())
@@ -818,8 +827,10 @@ impl Store {
                     cached_tokens: r.5,
                     reasoning_tokens: r.6,
                     errors: r.7,
-                    refused: r.8,
-                    latency_ms_sum: r.9,
+                    client_errors: r.8,
+                    server_errors: r.9,
+                    refused: r.10,
+                    latency_ms_sum: r.11,
                 },
             })
             .collect())

@@ -296,7 +296,9 @@ async fn rollups_add_up_per_resolution(store: Store) {
         tokens: 30,
         prompt_tokens: 20,
         completion_tokens: 10,
-        errors: 0,
+        errors: 2,
+        client_errors: 1,
+        server_errors: 1,
         refused: 0,
         latency_ms_sum: 100,
         ..Default::default()
@@ -337,6 +339,15 @@ async fn rollups_add_up_per_resolution(store: Store) {
         "summed over models"
     );
     assert_eq!(minutes[0].totals.refused, 2);
+    assert_eq!(
+        (
+            minutes[0].totals.errors,
+            minutes[0].totals.client_errors,
+            minutes[0].totals.server_errors
+        ),
+        (4, 2, 2),
+        "error counts add up by kind"
+    );
     assert_eq!(minutes[1].totals.requests, 1);
     let days = store
         .history(&id("acme"), Resolution::Day, day, day + 1)
