@@ -8,7 +8,7 @@
 //! scrape time, so they are never stale and vanish with their workspace.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -87,6 +87,9 @@ pub enum RequestOutcome {
     Refused,
     /// The upstream answered; by class.
     Upstream(UpstreamClass),
+    /// The upstream could not be reached, did not answer in time, or broke
+    /// off its answer.
+    UpstreamFailed,
     /// The client left before the upstream answered.
     Abandoned,
 }
@@ -97,6 +100,16 @@ impl RequestOutcome {
             RequestOutcome::Refused => "refused",
             RequestOutcome::Abandoned => "abandoned",
             RequestOutcome::Upstream(class) => class_label(class),
+            RequestOutcome::UpstreamFailed => "upstream_failed",
+        }
+    }
+
+    /// Whether the outcome counts in `quotawatch_upstream_errors_total`.
+    fn is_upstream_error(self) -> bool {
+        match self {
+            RequestOutcome::Upstream(class) => class != UpstreamClass::Success,
+            RequestOutcome::UpstreamFailed => true,
+            RequestOutcome::Refused | RequestOutcome::Abandoned => false,
         }
     }
 }
@@ -140,6 +153,9 @@ pub struct Metrics {
     upstream_latency: Histogram,
     models: HashSet<String>,
     other: Arc<str>,
+    /// Rendering clears and refills the state gauges; two scrapes at once
+    /// would each see the other's half-filled families.
+    rendering: Mutex<()>,
 }
 
 impl Metrics {
@@ -152,8 +168,6 @@ impl Metrics {
         let status = Family::default();
         let utilization = Family::default();
         let upstream_remaining = Family::default();
-        // From 50 µs to about 3 s: quotawatch's own time is small, but the
-        // tail matters.
         let overhead: Family<PhaseLabels, Histogram> =
             Family::new_with_constructor(overhead_histogram);
         let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 16));
@@ -174,7 +188,7 @@ impl Metrics {
         );
         registry.register(
             "upstream_errors",
-            "Upstream errors by class",
+            "Upstream errors by class (upstream_failed: no answer, a timeout, or a broken body)",
             upstream_errors.clone(),
         );
         registry.register(
@@ -211,6 +225,7 @@ impl Metrics {
             upstream_latency,
             models: models.iter().cloned().collect(),
             other: Arc::from("other"),
+            rendering: Mutex::new(()),
         }
     }
 
@@ -234,12 +249,10 @@ impl Metrics {
                 outcome: outcome.label(),
             })
             .inc();
-        if let RequestOutcome::Upstream(class) = outcome
-            && class != UpstreamClass::Success
-        {
+        if outcome.is_upstream_error() {
             self.upstream_errors
                 .get_or_create(&ClassLabels {
-                    class: class_label(class),
+                    class: outcome.label(),
                 })
                 .inc();
         }
@@ -292,6 +305,10 @@ impl Metrics {
     /// The metrics in OpenMetrics text, with state gauges taken from `engine`
     /// now.
     pub fn render(&self, engine: &Engine) -> String {
+        let _rendering = self
+            .rendering
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
         self.status.clear();
         self.utilization.clear();
         self.upstream_remaining.clear();

@@ -20,7 +20,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::{Request, State};
-use axum::http::{HeaderMap, HeaderValue, StatusCode};
+use axum::http::{HeaderMap, HeaderValue, Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{any, get, post};
 use futures_util::stream;
@@ -201,6 +201,8 @@ const BEHAVIOURS: &[&str] = &[
     "stream_break",
     "stream_stall",
     "stream_error",
+    "usage_details",
+    "hop_headers",
 ];
 
 pub fn scenarios() -> Vec<&'static str> {
@@ -540,6 +542,9 @@ async fn answer(State(mock): State<Mock>, request: Request) -> Response {
             let text = if with_usage { CHAT_STREAM_USAGE } else { CHAT_STREAM };
             event_stream(text, options.chunk_delay, cut, mock.streams.clone())
         }
+        ("/chat/completions", false) if scenario == "usage_details" => {
+            json_response(200, chat_with_usage_details())
+        }
         ("/chat/completions", false) => json_response(200, CHAT.to_owned()),
         ("/completions", _) => json_response(
             200,
@@ -558,9 +563,46 @@ async fn answer(State(mock): State<Mock>, request: Request) -> Response {
             200,
             json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}]}).to_string(),
         ),
+        ("/files", _) if parts.method == Method::POST => json_response(
+            200,
+            json!({"id": "file-mock", "object": "file", "bytes": body.len(), "created_at": 1761564674,
+                "filename": "upload.jsonl", "purpose": "batch", "status": "processed"})
+            .to_string(),
+        ),
+        (file, _) if parts.method == Method::DELETE && file.starts_with("/files/") => json_response(
+            200,
+            json!({"id": &file["/files/".len()..], "object": "file", "deleted": true}).to_string(),
+        ),
         _ => return not_found(&path),
     };
-    with_headers(response, headers_of(CHAT_HEADERS))
+    let response = with_headers(response, headers_of(CHAT_HEADERS));
+    if scenario == "hop_headers" {
+        // Headers of one connection, which a proxy must not pass on: the
+        // standard ones, and one the `Connection` header names.
+        return with_headers(
+            response,
+            [
+                ("connection", "x-mock-hop"),
+                ("x-mock-hop", "this connection only"),
+                ("keep-alive", "timeout=5"),
+            ]
+            .map(|(name, value)| (name.to_owned(), value.to_owned())),
+        );
+    }
+    response
+}
+
+/// The chat fixture with cached prompt tokens and reasoning tokens in its
+/// usage, as a reasoning model with a cached prompt prefix reports them.
+fn chat_with_usage_details() -> String {
+    let mut chat: Value = serde_json::from_str(CHAT).unwrap_or(Value::Null);
+    chat["usage"] = json!({
+        "prompt_tokens": 200, "completion_tokens": 50, "total_tokens": 250,
+        "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0},
+        "completion_tokens_details": {"reasoning_tokens": 30, "audio_tokens": 0,
+            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+    });
+    chat.to_string()
 }
 
 fn authorized(headers: &HeaderMap, expected: &str) -> bool {

@@ -7,13 +7,16 @@
 //! 2. `check` admits or refuses under the workspace's lock, atomically across
 //!    all its limits;
 //! 3. `report` settles the reservation and folds in the upstream's answer;
-//! 4. changes are published as events after the lock is released, and the
-//!    workspace is marked dirty for the next batched flush (see `flush`).
+//! 4. changes are published as events while the workspace's lock is still
+//!    held (so listeners see them in the order they happened), logged after
+//!    it is released, and the workspace is marked dirty for the next batched
+//!    flush (see `flush`).
 //!
 //! Architecture invariants: a workspace's lock is a plain mutex held only for
 //! in-memory work, never across an await or IO; the request path never waits
 //! for the database; publishing never blocks (a broadcast channel drops
-//! stale events for slow listeners, who then resynchronise from a snapshot).
+//! stale events for slow listeners, who then resynchronise from a snapshot),
+//! which is what makes sending under the lock safe.
 
 pub mod flush;
 
@@ -128,7 +131,7 @@ pub struct UsageReport {
 /// The upstream's answer, owned (see [`crate::domain::workspace::Answer`]).
 #[derive(Clone, Debug, Default)]
 pub struct UpstreamAnswer {
-    /// HTTP status; 0 when the upstream was unreachable or timed out.
+    /// HTTP status; [`UpstreamAnswer::MISSING`] when there was no answer.
     pub status: u16,
     pub error_type: Option<String>,
     pub error_code: Option<String>,
@@ -137,6 +140,26 @@ pub struct UpstreamAnswer {
 }
 
 impl UpstreamAnswer {
+    /// The status of a call the upstream never answered in full: it could
+    /// not be reached, timed out, or broke off its body. It counts as a
+    /// server error.
+    pub const MISSING: u16 = 0;
+
+    /// A call without an answer; `kind` names why, for logs and history.
+    pub fn missing(kind: &str, reason: &str, headers: RateLimitHeaders) -> Self {
+        Self {
+            status: Self::MISSING,
+            error_type: Some(kind.to_owned()),
+            error_message: Some(reason.to_owned()),
+            headers,
+            ..Self::default()
+        }
+    }
+
+    pub fn is_missing(&self) -> bool {
+        self.status == Self::MISSING
+    }
+
     fn as_answer(&self) -> Answer<'_> {
         Answer {
             status: self.status,
@@ -556,7 +579,7 @@ impl Engine {
                 reasoning_tokens: count(breakdown.reasoning),
                 errors: i64::from(failed),
                 client_errors: i64::from((400..500).contains(&status)),
-                server_errors: i64::from(status == 0 || status >= 500),
+                server_errors: i64::from(status == UpstreamAnswer::MISSING || status >= 500),
                 refused: 0,
                 latency_ms_sum: count(report.latency_ms.unwrap_or(0)),
             };

@@ -43,6 +43,7 @@ impl Settlement {
         tokens: Option<TokenUsage>,
         answer: Option<UpstreamAnswer>,
     ) -> Option<UpstreamClass> {
+        let no_answer = answer.as_ref().is_some_and(UpstreamAnswer::is_missing);
         let report = UsageReport {
             reservation: Some(self.reservation),
             model: self.model.clone(),
@@ -66,7 +67,11 @@ impl Settlement {
                 None
             }
         };
-        let outcome = class.map_or(RequestOutcome::Abandoned, RequestOutcome::Upstream);
+        let outcome = match class {
+            None => RequestOutcome::Abandoned,
+            Some(_) if no_answer => RequestOutcome::UpstreamFailed,
+            Some(class) => RequestOutcome::Upstream(class),
+        };
         let metrics = &self.state.metrics;
         metrics.request(&self.workspace, self.endpoint.label(), outcome);
         if let Some(tokens) = tokens {
@@ -173,13 +178,8 @@ impl MeteredBody {
     fn broken(&mut self, reason: &str) {
         if let Some(settlement) = self.settlement.take() {
             tracing::warn!(workspace = %settlement.workspace, reason, "upstream stream broke off");
-            let answer = UpstreamAnswer {
-                status: 0,
-                error_type: Some("upstream_stream_broken".to_owned()),
-                error_message: Some(reason.to_owned()),
-                headers: self.answer.headers,
-                ..UpstreamAnswer::default()
-            };
+            let answer =
+                UpstreamAnswer::missing("upstream_stream_broken", reason, self.answer.headers);
             settlement.finish(None, Some(answer));
         }
     }
@@ -231,14 +231,20 @@ impl Drop for MeteredBody {
     /// The body was dropped before it ended: either the client went away,
     /// or the server stopped polling because the client had every byte a
     /// `content-length` announced. Either way the upstream answered fine, so
-    /// the call settles as a success, with its usage if that arrived and with
-    /// what was seen so far otherwise.
+    /// the call settles as a success, with its usage if that arrived. A
+    /// stream cut short is charged for the text seen so far (the upstream
+    /// stops generating when it is cancelled); a JSON answer without usage
+    /// keeps the estimate, since the upstream generated all of it.
     fn drop(&mut self) {
         if let Some(settlement) = self.settlement.take() {
             let (_, findings) = self.scanner.finish();
-            let tokens = settlement.seen_so_far(&findings);
+            let tokens = if self.scanner.is_stream() {
+                Some(settlement.seen_so_far(&findings))
+            } else {
+                findings.usage.as_ref().map(|usage| usage.tokens())
+            };
             let answer = std::mem::take(&mut self.answer);
-            settlement.finish(Some(tokens), Some(answer));
+            settlement.finish(tokens, Some(answer));
         }
     }
 }

@@ -22,8 +22,8 @@ use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
+use axum::http::StatusCode;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
-use axum::http::{Method, StatusCode};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use serde_json::Value;
@@ -284,23 +284,49 @@ fn body_too_large(limit: usize) -> ApiError {
     )
 }
 
-/// `ANY /v1/*`: forwards to the upstream, enforcing and accounting.
-pub async fn forward(State(state): State<AppState>, request: Request) -> Response {
-    let arrived = Instant::now();
-    match forward_admitted(&state, request, arrived).await {
-        Ok(response) => response,
-        Err(error) => {
-            let mut response = error.into_response();
-            overhead_header(&mut response, arrived.elapsed());
-            response
+/// Time quotawatch itself spends on a request: the wall time since arrival
+/// without the waits on others (the client's upload, the upstream's answer),
+/// which a proxy cannot make shorter and which would hide its own cost.
+struct OwnTime {
+    arrived: Instant,
+    waited: Duration,
+}
+
+impl OwnTime {
+    fn start() -> Self {
+        Self {
+            arrived: Instant::now(),
+            waited: Duration::ZERO,
         }
     }
+
+    /// Awaits `wait`, leaving its time out of the count.
+    async fn excluding<F: Future>(&mut self, wait: F) -> F::Output {
+        let started = Instant::now();
+        let output = wait.await;
+        self.waited += started.elapsed();
+        output
+    }
+
+    fn so_far(&self) -> Duration {
+        self.arrived.elapsed().saturating_sub(self.waited)
+    }
+}
+
+/// `ANY /v1/*`: forwards to the upstream, enforcing and accounting.
+pub async fn forward(State(state): State<AppState>, request: Request) -> Response {
+    let mut own_time = OwnTime::start();
+    let mut response = forward_admitted(&state, request, &mut own_time)
+        .await
+        .unwrap_or_else(IntoResponse::into_response);
+    overhead_header(&mut response, own_time.so_far());
+    response
 }
 
 async fn forward_admitted(
     state: &AppState,
     request: Request,
-    arrived: Instant,
+    own_time: &mut OwnTime,
 ) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
     let (parts, body) = request.into_parts();
@@ -324,7 +350,8 @@ async fn forward_admitted(
     if declared_length.is_some_and(|length| length > proxy.max_body_bytes) {
         return Err(body_too_large(proxy.max_body_bytes));
     }
-    let body = axum::body::to_bytes(body, proxy.max_body_bytes)
+    let body = own_time
+        .excluding(axum::body::to_bytes(body, proxy.max_body_bytes))
         .await
         .map_err(|error| {
             let too_large = std::error::Error::source(&error)
@@ -372,7 +399,7 @@ async fn forward_admitted(
         model: call.model.clone(),
         endpoint: call.endpoint,
         estimate: call.estimate,
-        arrived,
+        arrived: own_time.arrived,
     });
 
     let body = match (&json, call.inject_usage) {
@@ -404,29 +431,34 @@ async fn forward_admitted(
     })?;
     authorization.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, authorization);
-    let method = Method::from_bytes(parts.method.as_str().as_bytes()).unwrap_or(Method::POST);
     let upstream_request = proxy
         .client
-        .request(method, url)
+        .request(parts.method, url)
         .headers(headers)
         .body(body);
 
+    let request_phase = own_time.so_far();
+    state.metrics.overhead(Phase::Request, request_phase);
     let sent = Instant::now();
-    state.metrics.overhead(Phase::Request, sent - arrived);
-    let answer = tokio::time::timeout(proxy.headers_timeout, upstream_request.send()).await;
+    let answer = own_time
+        .excluding(tokio::time::timeout(
+            proxy.headers_timeout,
+            upstream_request.send(),
+        ))
+        .await;
+    state.metrics.upstream_latency(sent.elapsed());
     let response = match answer {
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
-            return Err(unreachable(
-                &mut guard,
-                &error.to_string(),
-                error.is_timeout(),
-            ));
+            let timed_out = error.is_timeout();
+            let reason = error.without_url().to_string();
+            return Ok(upstream_failed(&mut guard, &reason, timed_out, headroom));
         }
-        Err(_) => return Err(unreachable(&mut guard, "no response headers in time", true)),
+        Err(_) => {
+            let reason = "no response headers in time";
+            return Ok(upstream_failed(&mut guard, reason, true, headroom));
+        }
     };
-    let answered = Instant::now();
-    state.metrics.upstream_latency(answered - sent);
 
     let status = response.status();
     let upstream_headers = response.headers().clone();
@@ -438,7 +470,7 @@ async fn forward_admitted(
     let mut client_headers = end_to_end(&upstream_headers, &[]);
     apply_headroom(&mut client_headers, headroom);
 
-    let mut reply = if status.is_success() {
+    let reply = if status.is_success() {
         let content_type = upstream_headers
             .get(header::CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
@@ -464,7 +496,9 @@ async fn forward_admitted(
         *reply.headers_mut() = client_headers;
         reply
     } else {
-        let error_body = read_error_body(response, proxy.idle_timeout).await;
+        let error_body = own_time
+            .excluding(read_error_body(response, proxy.idle_timeout))
+            .await;
         let error = ErrorEnvelope::parse(&error_body).unwrap_or_default();
         let class = guard.settle(
             Some(TokenUsage::default()),
@@ -488,9 +522,9 @@ async fn forward_admitted(
         }
         reply
     };
-    let responding = answered.elapsed();
-    state.metrics.overhead(Phase::Response, responding);
-    overhead_header(&mut reply, (sent - arrived) + responding);
+    state
+        .metrics
+        .overhead(Phase::Response, own_time.so_far() - request_phase);
     Ok(reply)
 }
 
@@ -515,17 +549,14 @@ async fn read_error_body(response: reqwest::Response, within: Duration) -> Bytes
 }
 
 /// The upstream could not be reached or did not answer in time: counted as a
-/// server error, answered 502 or 504 so that clients retry with back-off.
-fn unreachable(guard: &mut SettleGuard, reason: &str, timed_out: bool) -> ApiError {
-    guard.settle(
-        None,
-        Some(UpstreamAnswer {
-            status: 0,
-            error_type: Some("upstream_unreachable".to_owned()),
-            error_message: Some(reason.to_owned()),
-            ..UpstreamAnswer::default()
-        }),
-    );
+/// server error, answered 502 or 504 so that clients retry with back-off,
+/// with the workspace's own `x-ratelimit-*` headers like any other answer.
+fn upstream_failed(
+    guard: &mut SettleGuard,
+    reason: &str,
+    timed_out: bool,
+    headroom: HeaderMap,
+) -> Response {
     let (status, code, what) = if timed_out {
         (
             StatusCode::GATEWAY_TIMEOUT,
@@ -539,12 +570,17 @@ fn unreachable(guard: &mut SettleGuard, reason: &str, timed_out: bool) -> ApiErr
             "could not be reached",
         )
     };
+    let answer = UpstreamAnswer::missing(code, reason, RateLimitHeaders::default());
+    guard.settle(None, Some(answer));
     tracing::warn!(code, reason, "upstream {what}");
-    ApiError::new(
+    let mut response = ApiError::new(
         status,
         "server_error",
         code,
         format!("the upstream {what}: {reason}"),
     )
     .with_header("x-should-retry", "true")
+    .into_response();
+    apply_headroom(response.headers_mut(), headroom);
+    response
 }

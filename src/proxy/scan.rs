@@ -48,6 +48,11 @@ impl Scanner {
         }
     }
 
+    /// Whether the body is an event stream, whose text arrives piece by piece.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Scanner::Sse(_))
+    }
+
     /// Takes in the next chunk and returns what to pass on.
     pub fn feed(&mut self, chunk: Bytes) -> Bytes {
         match self {
@@ -148,12 +153,14 @@ pub struct SseScanner {
     findings: Findings,
 }
 
-/// A chat chunk's generated text, for counting what a cut-short stream
-/// produced.
+/// The parts of a chat chunk the scanner needs: the generated text, for
+/// counting what a cut-short stream produced, and the usage.
 #[derive(Deserialize)]
 struct ChatChunk {
     #[serde(default)]
     choices: Vec<ChatChoice>,
+    #[serde(default)]
+    usage: Option<Usage>,
 }
 
 #[derive(Deserialize)]
@@ -164,6 +171,15 @@ struct ChatChoice {
 #[derive(Deserialize)]
 struct ChatDelta {
     content: Option<String>,
+}
+
+/// What stripping does with one line of an event.
+enum LineFate {
+    Keep,
+    /// Replace the line's data with this JSON.
+    Rewrite(Vec<u8>),
+    /// The line is the usage chunk quotawatch asked for: its whole event goes.
+    DropEvent,
 }
 
 impl SseScanner {
@@ -177,14 +193,15 @@ impl SseScanner {
     }
 
     fn feed(&mut self, chunk: Bytes) -> Bytes {
+        self.pending.extend_from_slice(&chunk);
         if !self.strip {
-            self.pending.extend_from_slice(&chunk);
+            // Lines are only read; the chunk goes on as it came.
             while let Some(line) = take_line(&mut self.pending) {
-                self.inspect(&line);
+                self.read_line(&line);
             }
             return chunk;
         }
-        self.pending.extend_from_slice(&chunk);
+        // Stripping may drop a whole event, so output waits for complete ones.
         let mut out = BytesMut::new();
         while let Some(event) = take_event(&mut self.pending) {
             self.pass_event(&event, &mut out);
@@ -195,77 +212,88 @@ impl SseScanner {
     /// Everything still held back at the end of the stream.
     fn flush(&mut self) -> Bytes {
         let rest = std::mem::take(&mut self.pending);
-        if !self.strip {
-            if !rest.is_empty() {
-                self.inspect(&rest);
-            }
-            return Bytes::new();
-        }
         let mut out = BytesMut::new();
-        if !rest.is_empty() {
+        // An unterminated last line still counts (both calls do nothing
+        // with an empty rest).
+        if self.strip {
             self.pass_event(&rest, &mut out);
+        } else {
+            self.read_line(&rest);
         }
         out.freeze()
     }
 
     /// Reads one event and writes it to `out` without what quotawatch added.
     fn pass_event(&mut self, event: &[u8], out: &mut BytesMut) {
-        let mut injected_usage_chunk = false;
+        let start = out.len();
         for line in event.split_inclusive(|b| *b == b'\n') {
-            if self.inspect(line) {
-                injected_usage_chunk = true;
+            match self.read_line(line) {
+                LineFate::Keep => out.extend_from_slice(line),
+                LineFate::Rewrite(data) => {
+                    let ending = if line.ends_with(b"\r\n") {
+                        "\r\n"
+                    } else {
+                        "\n"
+                    };
+                    out.extend_from_slice(b"data: ");
+                    out.extend_from_slice(&data);
+                    out.extend_from_slice(ending.as_bytes());
+                }
+                LineFate::DropEvent => {
+                    out.truncate(start);
+                    return;
+                }
             }
         }
-        if injected_usage_chunk {
-            return;
-        }
-        out.extend_from_slice(&remove_all(event, b",\"usage\":null"));
     }
 
-    /// Looks at one line; returns whether it is a chat usage chunk.
-    fn inspect(&mut self, line: &[u8]) -> bool {
+    /// Reads one line, noting usage, errors and generated text.
+    fn read_line(&mut self, line: &[u8]) -> LineFate {
         let Some(data) = line.strip_prefix(b"data:") else {
-            return false;
+            return LineFate::Keep;
         };
         let data = data.trim_ascii();
         if !data.starts_with(b"{") {
-            return false;
+            return LineFate::Keep;
         }
         if data.starts_with(b"{\"error\"") {
             self.findings.error = ErrorEnvelope::parse(data);
-            return false;
+            return LineFate::Keep;
         }
-        match self.endpoint {
-            Endpoint::Responses => self.inspect_responses_event(data),
-            _ => return self.inspect_chat_chunk(data),
+        if self.endpoint == Endpoint::Responses {
+            self.read_responses_event(data);
+            return LineFate::Keep;
         }
-        false
+        self.read_chat_chunk(data)
     }
 
-    fn inspect_chat_chunk(&mut self, data: &[u8]) -> bool {
-        if contains(data, b"\"usage\":{") {
-            #[derive(Deserialize)]
-            struct UsageChunk {
-                usage: Option<Usage>,
-            }
-            if let Ok(UsageChunk { usage: Some(usage) }) = serde_json::from_slice(data) {
-                self.findings.usage = Some(usage);
-                return true;
-            }
+    fn read_chat_chunk(&mut self, data: &[u8]) -> LineFate {
+        let Ok(chunk) = serde_json::from_slice::<ChatChunk>(data) else {
+            return LineFate::Keep;
+        };
+        let text: usize = chunk
+            .choices
+            .iter()
+            .filter_map(|choice| choice.delta.as_ref()?.content.as_ref())
+            .map(String::len)
+            .sum();
+        self.findings.output_bytes += text as u64;
+        let had_usage = chunk.usage.is_some();
+        if let Some(usage) = chunk.usage {
+            self.findings.usage = Some(usage);
         }
-        if let Ok(chunk) = serde_json::from_slice::<ChatChunk>(data) {
-            let bytes: usize = chunk
-                .choices
-                .iter()
-                .filter_map(|choice| choice.delta.as_ref()?.content.as_ref())
-                .map(String::len)
-                .sum();
-            self.findings.output_bytes += bytes as u64;
+        if !self.strip {
+            LineFate::Keep
+        } else if had_usage && chunk.choices.is_empty() {
+            LineFate::DropEvent
+        } else {
+            // Every other chunk carries `"usage":null` (or, from some
+            // servers, usage next to the last choices): the field goes.
+            without_usage_field(data).map_or(LineFate::Keep, LineFate::Rewrite)
         }
-        false
     }
 
-    fn inspect_responses_event(&mut self, data: &[u8]) {
+    fn read_responses_event(&mut self, data: &[u8]) {
         let Ok(event) = serde_json::from_slice::<Value>(data) else {
             return;
         };
@@ -288,6 +316,25 @@ impl SseScanner {
             _ => {}
         }
     }
+}
+
+/// A chat chunk without its top-level `usage` field, or `None` when it has
+/// none. An unescaped `"usage"` cannot occur inside a JSON string, so a
+/// byte search finds the key; OpenAI's compact `,"usage":null` is cut out
+/// directly, and any other spelling goes through a re-serialisation that
+/// keeps the order of the other fields.
+fn without_usage_field(data: &[u8]) -> Option<Vec<u8>> {
+    const KEY: &[u8] = b"\"usage\"";
+    if !contains(data, KEY) {
+        return None;
+    }
+    let compact = remove_all(data, b",\"usage\":null");
+    if !contains(&compact, KEY) {
+        return Some(compact);
+    }
+    let mut chunk: Value = serde_json::from_slice(data).ok()?;
+    chunk.as_object_mut()?.shift_remove("usage")?;
+    serde_json::to_vec(&chunk).ok()
 }
 
 fn contains(haystack: &[u8], needle: &[u8]) -> bool {
@@ -385,6 +432,38 @@ mod tests {
             );
             assert_eq!(findings.usage.expect("usage").tokens().total(), 15);
         }
+    }
+
+    #[test]
+    fn usage_is_found_and_stripped_whatever_the_spacing() {
+        let body = concat!(
+            "data: { \"id\": \"a\", \"choices\": [{\"index\": 0, \"delta\": {\"content\": \"Hi\"}}], \"usage\" : null }\n\n",
+            "data: {\"id\":\"a\",\"choices\":[],\"usage\": {\"prompt_tokens\": 7, \"completion_tokens\": 1, \"total_tokens\": 8}}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", true);
+        let (out, findings) = run(&mut scanner, body.as_bytes(), 9);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            concat!(
+                "data: {\"id\":\"a\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+                "data: [DONE]\n\n",
+            )
+        );
+        assert_eq!(findings.usage.expect("usage").tokens().total(), 8);
+        assert_eq!(findings.output_bytes, 2);
+    }
+
+    #[test]
+    fn usage_next_to_choices_keeps_the_choices() {
+        let body = "data: {\"id\":\"a\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"usage\"}}],\"usage\":{\"prompt_tokens\":3,\"completion_tokens\":1,\"total_tokens\":4}}\n\n";
+        let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", true);
+        let (out, findings) = run(&mut scanner, body.as_bytes(), 1000);
+        assert_eq!(
+            String::from_utf8_lossy(&out),
+            "data: {\"id\":\"a\",\"choices\":[{\"index\":0,\"delta\":{\"content\":\"usage\"}}]}\n\n"
+        );
+        assert_eq!(findings.usage.expect("usage").tokens().total(), 4);
     }
 
     #[test]

@@ -6,7 +6,7 @@ use reqwest::StatusCode;
 use serde_json::Value;
 
 use crate::support::binary::{Server, run};
-use crate::support::{ADMIN_KEY, TestServer, client, eventually};
+use crate::support::{ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, client, eventually};
 
 async fn get(base: &str, path: &str, key: &str) -> (StatusCode, Value) {
     let response = client()
@@ -202,6 +202,74 @@ async fn logs_record_transitions_and_resets_as_json_without_keys() {
     );
     for secret in [ADMIN_KEY, key.as_str(), "qw_not_a_key"] {
         assert!(!log.contains(secret), "a key reached the log");
+    }
+}
+
+#[tokio::test]
+async fn proxy_logs_at_debug_level_hold_no_keys_and_no_prompts() {
+    let upstream = Upstream::start(quotawatch::mock::MockOptions::default()).await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("sqlite://{}", dir.path().join("logs.db").display());
+    let env = [
+        ("QUOTAWATCH_DATABASE_URL", db.as_str()),
+        ("QUOTA_ADMIN_RESET_KEY", ADMIN_KEY),
+        ("QUOTAWATCH_LOG", "debug"),
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+    ];
+    let server = Server::start(dir.path(), &env).await;
+    let http = client();
+    http.post(format!("{}/api/workspaces", server.base))
+        .bearer_auth(ADMIN_KEY)
+        .json(&serde_json::json!({"id": "acme"}))
+        .send()
+        .await
+        .expect("create");
+    let key: Value = http
+        .post(format!("{}/api/workspaces/acme/keys", server.base))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("key")
+        .json()
+        .await
+        .expect("JSON");
+    let key = key["key"].as_str().expect("key").to_owned();
+    let prompt = "the secret plan is 7f3a9c";
+    for (scenario, stream) in [
+        ("ok", false),
+        ("ok", true),
+        ("server_error", false),
+        ("stream_break", true),
+    ] {
+        let response = http
+            .post(format!("{}/v1/chat/completions", server.base))
+            .bearer_auth(&key)
+            .header("x-mock-scenario", scenario)
+            .json(&serde_json::json!({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": prompt}]}))
+            .send()
+            .await
+            .expect("request");
+        let _ = response.bytes().await;
+    }
+    eventually(
+        "the calls to be settled",
+        Duration::from_secs(5),
+        || async {
+            let (_, status) = get(&server.base, "/api/quota/status", &key).await;
+            (status["errors"]["server_error"] == 2).then_some(())
+        },
+    )
+    .await;
+    let stderr_path = server.stderr_path.clone();
+    assert!(server.terminate().await.success());
+    let log = std::fs::read_to_string(stderr_path).expect("log");
+    assert!(
+        log.contains("upstream error"),
+        "the failure is logged:\n{log}"
+    );
+    for secret in [ADMIN_KEY, key.as_str(), UPSTREAM_KEY, prompt] {
+        assert!(!log.contains(secret), "{secret:?} reached the log");
     }
 }
 

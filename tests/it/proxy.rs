@@ -329,10 +329,27 @@ async fn broken_and_stalled_streams_settle_with_the_estimate_and_count_as_errors
             "{scenario}: the client sees the stream break"
         );
     }
-    let status = eventually("both failures counted", Duration::from_secs(5), || async {
-        let status = server.status(&key).await;
-        (status["errors"]["server_error"] == 2).then_some(status)
-    })
+    // An error event inside a 200 stream ends it cleanly for the client
+    // (the SDKs raise it), and counts as the server error it reports.
+    let response = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-mock-scenario", "stream_error")
+        .json(&chat(true))
+        .send()
+        .await
+        .expect("request");
+    let text = response.text().await.expect("the stream ends cleanly");
+    assert!(text.contains(r#"{"error":{"message":"The server had an error"#));
+    let status = eventually(
+        "the three failures counted",
+        Duration::from_secs(5),
+        || async {
+            let status = server.status(&key).await;
+            (status["errors"]["server_error"] == 3).then_some(status)
+        },
+    )
     .await;
     // Prompt estimate plus the 50 max_tokens, twice: the estimate stands.
     let used = status["limits"]["tokens_per_day"]["used"]
@@ -354,19 +371,51 @@ async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
         ("OPENAI_API_KEY", UPSTREAM_KEY),
     ])
     .await;
-    let key = server.workspace(json!({"id": "acme"})).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"requests_per_minute": 100}}))
+        .await;
     let response = server.openai("/chat/completions", &key, chat(false)).await;
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
-    assert_eq!(
+    let header = |name: &str| {
         response
             .headers()
-            .get("x-should-retry")
-            .and_then(|v| v.to_str().ok()),
-        Some("true")
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    assert_eq!(header("x-should-retry").as_deref(), Some("true"));
+    assert_eq!(
+        header("x-ratelimit-remaining-requests").as_deref(),
+        Some("99"),
+        "the workspace's headroom comes with failures too"
     );
+    let overhead: f64 = header("x-quotawatch-overhead-ms")
+        .expect("overhead")
+        .parse()
+        .expect("a number");
+    assert!(overhead >= 0.0);
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "upstream_unreachable");
     assert_eq!(server.status(&key).await["errors"]["server_error"], 1);
+    let metrics = server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for expected in [
+        r#"quotawatch_upstream_errors_total{class="upstream_failed"} 1"#,
+        r#"quotawatch_requests_total{workspace="acme",endpoint="chat.completions",outcome="upstream_failed"} 1"#,
+    ] {
+        assert!(
+            metrics.contains(expected),
+            "missing {expected} in\n{metrics}"
+        );
+    }
     server.stop().await;
 
     let upstream = Upstream::start(MockOptions::default()).await;
@@ -406,7 +455,28 @@ async fn bad_requests_are_answered_in_openai_shape() {
         TestServer::proxying(&upstream, &[("QUOTAWATCH_PROXY_MAX_BODY_BYTES", "4096")]).await;
     let key = server.workspace(json!({"id": "acme"})).await;
     let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x".repeat(10_000)}]});
-    let response = server.openai("/chat/completions", &key, big).await;
+    let response = server.openai("/chat/completions", &key, big.clone()).await;
+    assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "request_too_large");
+    // The same body sent chunked, without a Content-Length to judge by.
+    let chunks: Vec<Result<Vec<u8>, std::io::Error>> = big
+        .to_string()
+        .into_bytes()
+        .chunks(1000)
+        .map(|chunk| Ok(chunk.to_vec()))
+        .collect();
+    let response = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("content-type", "application/json")
+        .body(reqwest::Body::wrap_stream(futures_util::stream::iter(
+            chunks,
+        )))
+        .send()
+        .await
+        .expect("request");
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "request_too_large");
@@ -846,6 +916,7 @@ async fn metrics_describe_requests_tokens_refusals_status_and_overhead() {
         r#"quotawatch_limit_utilization{workspace="acme",limit="requests_per_minute"} 1.0"#,
         r#"quotawatch_upstream_remaining{workspace="acme",bucket="requests"} 499"#,
         r#"quotawatch_overhead_seconds_count{phase="request"} 2"#,
+        r#"quotawatch_overhead_seconds_count{phase="response"} 2"#,
         r#"quotawatch_upstream_latency_seconds_count 2"#,
     ] {
         assert!(text.contains(expected), "missing {expected} in\n{text}");
@@ -854,5 +925,259 @@ async fn metrics_describe_requests_tokens_refusals_status_and_overhead() {
         !text.contains("my-fine-tune"),
         "unknown models are not labels"
     );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn other_methods_and_multipart_uploads_are_forwarded_as_sent() {
+    let upstream = Upstream::strict().await;
+    let server = TestServer::proxying(&upstream, &[]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
+        .await;
+
+    let models = server
+        .client
+        .get(server.url("/v1/models"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(models.status(), StatusCode::OK);
+    let listed: Value = models.json().await.expect("JSON");
+    assert_eq!(listed["object"], "list");
+    assert_eq!(upstream.last().await["method"], "GET");
+
+    let deleted = server
+        .client
+        .delete(server.url("/v1/files/file-abc123"))
+        .bearer_auth(&key)
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(deleted.status(), StatusCode::OK);
+    let deleted: Value = deleted.json().await.expect("JSON");
+    assert_eq!(
+        (&deleted["id"], &deleted["deleted"]),
+        (&json!("file-abc123"), &json!(true))
+    );
+    let seen = upstream.last().await;
+    assert_eq!(
+        (&seen["method"], &seen["path"]),
+        (&json!("DELETE"), &json!("/v1/files/file-abc123"))
+    );
+
+    let boundary = "quotawatch-test-boundary";
+    let upload = format!(
+        "--{boundary}\r\nContent-Disposition: form-data; name=\"purpose\"\r\n\r\nbatch\r\n--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"upload.jsonl\"\r\nContent-Type: application/jsonl\r\n\r\n{{\"custom_id\":\"1\",\"method\":\"POST\",\"url\":\"/v1/chat/completions\"}}\r\n--{boundary}--\r\n"
+    );
+    let content_type = format!("multipart/form-data; boundary={boundary}");
+    let created = server
+        .client
+        .post(server.url("/v1/files"))
+        .bearer_auth(&key)
+        .header("content-type", &content_type)
+        .body(upload.clone())
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(created.status(), StatusCode::OK);
+    let created: Value = created.json().await.expect("JSON");
+    assert_eq!(created["bytes"], upload.len());
+    let seen = upstream.last().await;
+    assert_eq!(seen["method"], "POST");
+    assert_eq!(seen["headers"]["content-type"], content_type.as_str());
+    assert_eq!(
+        seen["body"],
+        upload.as_str(),
+        "the upload goes upstream byte for byte"
+    );
+
+    // Three requests counted, none with tokens: none of them generates any.
+    let status = server.status(&key).await;
+    assert_eq!(status["limits"]["tokens_per_day"]["used"], 0);
+    assert_eq!(status["limits"]["requests_per_day"]["used"], 3);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn connection_headers_stop_at_the_proxy_in_both_directions() {
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let server = TestServer::proxying(&upstream, &[]).await;
+    let key = server.workspace(json!({"id": "acme"})).await;
+
+    // The mock does send them, so their absence below is the proxy's doing.
+    let direct = server
+        .client
+        .post(format!("{}/chat/completions", upstream.url))
+        .header("x-mock-scenario", "hop_headers")
+        .json(&chat(false))
+        .send()
+        .await
+        .expect("request");
+    assert!(direct.headers().contains_key("x-mock-hop"));
+
+    let response = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .header("x-mock-scenario", "hop_headers")
+        .header("connection", "x-client-hop")
+        .header("x-client-hop", "this connection only")
+        .json(&chat(false))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(response.status(), StatusCode::OK);
+    for name in ["x-mock-hop", "keep-alive"] {
+        assert!(!response.headers().contains_key(name), "{name} came back");
+    }
+    assert!(response.headers().contains_key("x-request-id"));
+    let seen = upstream.last().await;
+    assert!(
+        seen["headers"].get("x-client-hop").is_none(),
+        "a header the client's Connection named went upstream"
+    );
+    assert_eq!(seen["headers"]["x-mock-scenario"], "hop_headers");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_stream_may_run_longer_than_the_headers_timeout() {
+    let upstream = Upstream::start(MockOptions {
+        chunk_delay: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let server = TestServer::proxying(
+        &upstream,
+        &[("QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", "300ms")],
+    )
+    .await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
+        .await;
+    let started = Instant::now();
+    let body = server
+        .openai("/chat/completions", &key, chat(true))
+        .await
+        .text()
+        .await
+        .expect("the whole stream");
+    assert!(started.elapsed() > Duration::from_millis(300));
+    assert_eq!(body, fixture("chat_completion_stream.sse"));
+    tokens_settle_at(&server, &key, 15).await;
+    assert_eq!(server.status(&key).await["errors"]["server_error"], 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn bodies_without_a_json_content_type_or_with_odd_options_are_still_charged() {
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let server = TestServer::proxying(&upstream, &[]).await;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"tokens_per_minute": 1000, "tokens_per_day": 1000000}}),
+        )
+        .await;
+    // A request whose max_tokens alone exceeds the minute's tokens is refused
+    // by its estimate, whatever its Content-Type says.
+    let mut greedy = chat(false);
+    greedy["max_tokens"] = json!(5000);
+    for content_type in [None, Some("text/plain")] {
+        let mut request = server
+            .client
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(&key)
+            .body(greedy.to_string());
+        if let Some(content_type) = content_type {
+            request = request.header("content-type", content_type);
+        }
+        let response = request.send().await.expect("request");
+        assert_eq!(
+            response.status(),
+            StatusCode::TOO_MANY_REQUESTS,
+            "{content_type:?}"
+        );
+    }
+    assert_eq!(upstream.stats().await["total"], 0);
+
+    // `stream_options` that is not an object is the upstream's to judge;
+    // quotawatch forwards it as sent and asks for nothing.
+    let mut odd = chat(true);
+    odd["stream_options"] = json!("yes");
+    let response = server.openai("/chat/completions", &key, odd.clone()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.expect("body"),
+        fixture("chat_completion_stream.sse")
+    );
+    let sent: Value =
+        serde_json::from_str(upstream.last().await["body"].as_str().expect("body")).expect("JSON");
+    assert_eq!(sent, odd);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn cached_and_reasoning_tokens_reach_history_and_metrics() {
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let server =
+        TestServer::proxying(&upstream, &[("QUOTAWATCH_METRICS_MODELS", "gpt-4o-mini")]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
+        .await;
+    let response = with_scenario(&server, &key, "usage_details").await;
+    assert_eq!(response.status(), StatusCode::OK);
+    response.text().await.expect("body");
+    let failed = with_scenario(&server, &key, "server_error").await;
+    assert_eq!(failed.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    tokens_settle_at(&server, &key, 250).await;
+
+    let point = eventually("the history", Duration::from_secs(5), || async {
+        let history = server
+            .get("/api/quota/history?window=1h&step=1m", &key)
+            .await;
+        let points = history.body["points"].as_array()?.clone();
+        points.into_iter().find(|point| point["requests"] == 2)
+    })
+    .await;
+    assert_eq!(
+        (
+            &point["tokens"],
+            &point["prompt_tokens"],
+            &point["completion_tokens"],
+            &point["cached_tokens"],
+            &point["reasoning_tokens"]
+        ),
+        (&json!(250), &json!(200), &json!(50), &json!(64), &json!(30))
+    );
+    assert_eq!(
+        (
+            &point["errors"],
+            &point["client_errors"],
+            &point["server_errors"]
+        ),
+        (&json!(1), &json!(0), &json!(1))
+    );
+
+    let text = server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text");
+    for expected in [
+        r#"quotawatch_tokens_total{workspace="acme",model="gpt-4o-mini",kind="cached"} 64"#,
+        r#"quotawatch_tokens_total{workspace="acme",model="gpt-4o-mini",kind="reasoning"} 30"#,
+        r#"quotawatch_upstream_errors_total{class="server_error"} 1"#,
+        r#"quotawatch_requests_total{workspace="acme",endpoint="chat.completions",outcome="server_error"} 1"#,
+        r#"quotawatch_overhead_seconds_count{phase="response"} 2"#,
+    ] {
+        assert!(text.contains(expected), "missing {expected} in\n{text}");
+    }
     server.stop().await;
 }
