@@ -90,6 +90,30 @@ async fn the_first_start_prints_each_key_once_and_never_again() {
     third.terminate().await;
 }
 
+/// Creates a workspace through the admin API and returns a new key for it.
+async fn create_workspace(base: &str, workspace: Value) -> String {
+    let http = client();
+    let id = workspace["id"].as_str().expect("an id").to_owned();
+    let created = http
+        .post(format!("{base}/api/workspaces"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&workspace)
+        .send()
+        .await
+        .expect("create");
+    assert_eq!(created.status(), StatusCode::CREATED);
+    let key: Value = http
+        .post(format!("{base}/api/workspaces/{id}/keys"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("key")
+        .json()
+        .await
+        .expect("JSON");
+    key["key"].as_str().expect("key").to_owned()
+}
+
 #[tokio::test]
 async fn logs_record_transitions_and_resets_as_json_without_keys() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -101,24 +125,11 @@ async fn logs_record_transitions_and_resets_as_json_without_keys() {
     ];
     let server = Server::start(dir.path(), &env).await;
     let http = client();
-    let created = http
-        .post(format!("{}/api/workspaces", server.base))
-        .bearer_auth(ADMIN_KEY)
-        .json(&serde_json::json!({"id": "acme", "limits": {"requests_per_minute": 1}}))
-        .send()
-        .await
-        .expect("create");
-    assert_eq!(created.status(), StatusCode::CREATED);
-    let key: Value = http
-        .post(format!("{}/api/workspaces/acme/keys", server.base))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .expect("key")
-        .json()
-        .await
-        .expect("JSON");
-    let key = key["key"].as_str().expect("key").to_owned();
+    let key = create_workspace(
+        &server.base,
+        serde_json::json!({"id": "acme", "limits": {"requests_per_minute": 1}}),
+    )
+    .await;
     for _ in 0..2 {
         http.post(format!("{}/api/quota/check", server.base))
             .bearer_auth(&key)
@@ -219,22 +230,7 @@ async fn proxy_logs_at_debug_level_hold_no_keys_and_no_prompts() {
     ];
     let server = Server::start(dir.path(), &env).await;
     let http = client();
-    http.post(format!("{}/api/workspaces", server.base))
-        .bearer_auth(ADMIN_KEY)
-        .json(&serde_json::json!({"id": "acme"}))
-        .send()
-        .await
-        .expect("create");
-    let key: Value = http
-        .post(format!("{}/api/workspaces/acme/keys", server.base))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .expect("key")
-        .json()
-        .await
-        .expect("JSON");
-    let key = key["key"].as_str().expect("key").to_owned();
+    let key = create_workspace(&server.base, serde_json::json!({"id": "acme"})).await;
     let prompt = "the secret plan is 7f3a9c";
     for (scenario, stream) in [
         ("ok", false),

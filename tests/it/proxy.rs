@@ -397,16 +397,7 @@ async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "upstream_unreachable");
     assert_eq!(server.status(&key).await["errors"]["server_error"], 1);
-    let metrics = server
-        .client
-        .get(server.url("/metrics"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let metrics = metrics(&server).await;
     for expected in [
         r#"quotawatch_upstream_errors_total{class="upstream_failed"} 1"#,
         r#"quotawatch_requests_total{workspace="acme",endpoint="chat.completions",outcome="upstream_failed"} 1"#,
@@ -604,6 +595,20 @@ async fn refused_requests_never_reach_the_upstream() {
 }
 
 /// Sends one chat request answered with `scenario`.
+/// The Prometheus metrics as the admin reads them.
+async fn metrics(server: &TestServer) -> String {
+    server
+        .client
+        .get(server.url("/metrics"))
+        .bearer_auth(ADMIN_KEY)
+        .send()
+        .await
+        .expect("metrics")
+        .text()
+        .await
+        .expect("text")
+}
+
 async fn with_scenario(server: &TestServer, key: &str, scenario: &str) -> reqwest::Response {
     server
         .client
@@ -893,16 +898,7 @@ async fn metrics_describe_requests_tokens_refusals_status_and_overhead() {
         .expect("request");
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
     let text = eventually("the metrics", Duration::from_secs(5), || async {
-        let text = server
-            .client
-            .get(server.url("/metrics"))
-            .bearer_auth(ADMIN_KEY)
-            .send()
-            .await
-            .ok()?
-            .text()
-            .await
-            .ok()?;
+        let text = metrics(&server).await;
         text.contains("quotawatch_tokens_total").then_some(text)
     })
     .await;
@@ -1160,16 +1156,7 @@ async fn cached_and_reasoning_tokens_reach_history_and_metrics() {
         (&json!(1), &json!(0), &json!(1))
     );
 
-    let text = server
-        .client
-        .get(server.url("/metrics"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text");
+    let text = metrics(&server).await;
     for expected in [
         r#"quotawatch_tokens_total{workspace="acme",model="gpt-4o-mini",kind="cached"} 64"#,
         r#"quotawatch_tokens_total{workspace="acme",model="gpt-4o-mini",kind="reasoning"} 30"#,
