@@ -57,7 +57,7 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { key: "upstream_idle_timeout", env: "QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", default: Some("300s"), secret: false, help: "longest gap between chunks of a streamed response (there is no total timeout)" },
     SettingDef { key: "proxy_max_body_bytes", env: "QUOTAWATCH_PROXY_MAX_BODY_BYTES", default: Some("33554432"), secret: false, help: "largest request body /v1/* accepts" },
     SettingDef { key: "default_max_tokens", env: "QUOTAWATCH_DEFAULT_MAX_TOKENS", default: Some("1024"), secret: false, help: "completion tokens reserved when a request sets no max_tokens" },
-    SettingDef { key: "tokenizer", env: "QUOTAWATCH_TOKENIZER", default: Some("tiktoken"), secret: false, help: "how prompts are counted at admission: tiktoken (exact, ~45 MiB per encoding) or bytes (4 bytes per token)" },
+    SettingDef { key: "tokenizer", env: "QUOTAWATCH_TOKENIZER", default: Some("tiktoken"), secret: false, help: "how prompts are counted at admission: tiktoken (exact, ~4 MiB per encoding) or bytes (4 bytes per token)" },
     SettingDef { key: "metrics_models", env: "QUOTAWATCH_METRICS_MODELS", default: Some("gpt-5,gpt-5-mini,gpt-5-nano,gpt-4.1,gpt-4.1-mini,gpt-4.1-nano,gpt-4o,gpt-4o-mini,o3,o4-mini,text-embedding-3-small,text-embedding-3-large"), secret: false, help: "models that get their own metrics label; others are counted as other" },
     SettingDef { key: "metrics_public", env: "QUOTAWATCH_METRICS_PUBLIC", default: Some("false"), secret: false, help: "serve /metrics without the admin key" },
 ];

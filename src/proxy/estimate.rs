@@ -2,17 +2,18 @@
 //! OpenAI charges it: the prompt's tokens (with the model's tokenizer) plus
 //! `n` times the completion limit the request sets (or a configured default).
 //!
-//! Tokenizers are large (o200k_base alone takes about 45 MiB and a quarter
-//! of a second to load), so each is loaded on first need, in the background;
-//! until it is ready, prompts are estimated at four bytes per token, which is
-//! how OpenAI's own rate limiter approximates them.
+//! Each vocabulary (about 4 MiB, in the compact form of `vocabulary`) is
+//! indexed on first need, in the background; until it is ready, prompts are
+//! estimated at four bytes per token, which is how OpenAI's own rate limiter
+//! approximates them.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
 use serde_json::Value;
-use tiktoken_rs::CoreBPE;
 use tiktoken_rs::tokenizer::{Tokenizer as ModelTokenizer, get_tokenizer};
+
+use super::vocabulary::{CL100K_BASE, O200K_BASE, P50K_BASE, R50K_BASE, Vocabulary};
 
 /// Which OpenAI API a request is for, by its path under `/v1`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,36 +51,40 @@ impl Endpoint {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Encoding {
     O200k,
-    O200kHarmony,
     Cl100k,
     P50k,
     R50k,
 }
 
 impl Encoding {
-    const COUNT: usize = 5;
+    const COUNT: usize = 4;
 
     /// The model's encoding; unknown models fall back to o200k_base, the
-    /// encoding of every current OpenAI model.
+    /// encoding of every current OpenAI model. o200k_harmony differs from
+    /// o200k_base only in special tokens, which ordinary text never yields.
     fn of_model(model: &str) -> Self {
         match get_tokenizer(model) {
             Some(ModelTokenizer::Cl100kBase) => Encoding::Cl100k,
             Some(ModelTokenizer::P50kBase | ModelTokenizer::P50kEdit) => Encoding::P50k,
             Some(ModelTokenizer::R50kBase | ModelTokenizer::Gpt2) => Encoding::R50k,
-            Some(ModelTokenizer::O200kHarmony) => Encoding::O200kHarmony,
-            Some(ModelTokenizer::O200kBase) | None => Encoding::O200k,
+            Some(ModelTokenizer::O200kBase | ModelTokenizer::O200kHarmony) | None => {
+                Encoding::O200k
+            }
         }
     }
 
-    fn load(self) -> Option<CoreBPE> {
-        match self {
-            Encoding::O200k => tiktoken_rs::o200k_base(),
-            Encoding::O200kHarmony => tiktoken_rs::o200k_harmony(),
-            Encoding::Cl100k => tiktoken_rs::cl100k_base(),
-            Encoding::P50k => tiktoken_rs::p50k_base(),
-            Encoding::R50k => tiktoken_rs::r50k_base(),
-        }
-        .ok()
+    fn load(self) -> Option<Vocabulary> {
+        let table = match self {
+            Encoding::O200k => &O200K_BASE,
+            Encoding::Cl100k => &CL100K_BASE,
+            Encoding::P50k => &P50K_BASE,
+            Encoding::R50k => &R50K_BASE,
+        };
+        Vocabulary::new(table)
+            .inspect_err(|error| {
+                tracing::error!(encoding = ?self, %error, "cannot load a tokenizer; prompts count by bytes");
+            })
+            .ok()
     }
 }
 
@@ -97,14 +102,14 @@ impl Estimate {
 }
 
 struct Slot {
-    encoder: OnceLock<CoreBPE>,
+    encoder: OnceLock<Vocabulary>,
     loading: AtomicBool,
 }
 
 /// How prompts are counted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Tokenizer {
-    /// With the model's tiktoken encoding (exact; about 45 MiB of memory per
+    /// With the model's tiktoken encoding (exact; about 4 MiB of memory per
     /// encoding in use).
     Tiktoken,
     /// At four bytes per token, as OpenAI's own rate limiter approximates
@@ -173,7 +178,7 @@ impl Estimator {
         Self {
             default_max_tokens,
             tokenizer,
-            slots: Arc::new([slot(), slot(), slot(), slot(), slot()]),
+            slots: Arc::new([slot(), slot(), slot(), slot()]),
         }
     }
 
@@ -194,7 +199,7 @@ impl Estimator {
 
     /// The encoder if it is loaded; otherwise starts loading it in the
     /// background (once) and returns `None`.
-    fn encoder(&self, encoding: Encoding) -> Option<&CoreBPE> {
+    fn encoder(&self, encoding: Encoding) -> Option<&Vocabulary> {
         if self.tokenizer == Tokenizer::Bytes {
             return None;
         }
@@ -268,7 +273,7 @@ impl Estimator {
 
 /// Counting the texts of one request, within its budget of exact counting.
 struct Counting<'a> {
-    encoder: Option<&'a CoreBPE>,
+    encoder: Option<&'a Vocabulary>,
     budget: usize,
 }
 
@@ -280,7 +285,7 @@ impl Counting<'_> {
         match exact {
             Some(encoder) => {
                 self.budget -= text.len();
-                encoder.encode_ordinary(text).len() as u64
+                encoder.count(text) as u64
             }
             None => bytes_estimate(text),
         }

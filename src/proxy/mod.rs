@@ -17,6 +17,7 @@
 mod body;
 pub mod estimate;
 pub mod scan;
+pub mod vocabulary;
 
 use std::time::{Duration, Instant};
 
