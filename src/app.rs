@@ -53,6 +53,7 @@ pub struct Running {
     flush: FlushHandle,
     store: Store,
     engine: Arc<Engine>,
+    hub: api::ws::Hub,
 }
 
 /// The admin key's hash: the configured key's, or the stored hash of a
@@ -133,6 +134,7 @@ pub async fn start(
 
     let (flush, flush_task) = flush::spawn(engine.clone(), store.clone(), config.flush_interval);
     let (hub, hub_task) = api::ws::Hub::spawn(engine.clone());
+    let hub_handle = hub.clone();
     let ticker = tokio::spawn(tick(engine.clone()));
 
     let proxy = crate::proxy::Proxy::new(&config.upstream, env)
@@ -169,6 +171,7 @@ pub async fn start(
             stop_serving,
             server,
             background: vec![flush_task, hub_task, ticker],
+            hub: hub_handle,
             flush,
             store,
             engine,
@@ -215,6 +218,7 @@ impl Running {
     /// everything to the database and closes it.
     pub async fn shutdown(self) {
         let _ = self.stop_serving.send(());
+        self.hub.close_all();
         match self.server.await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => tracing::error!(%error, "server stopped with an error"),
@@ -231,6 +235,7 @@ impl Running {
     /// Stops without the final flush, as a crash would; for tests of what
     /// survives one.
     pub async fn abort(self) {
+        self.hub.close_all();
         for task in self.background {
             task.abort();
         }

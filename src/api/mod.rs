@@ -5,6 +5,7 @@
 //! JSON to engine types and back, and call the engine or the admin service;
 //! rules about quotas live in `domain`, never here.
 
+mod assets;
 pub mod auth;
 pub mod dto;
 pub mod error;
@@ -128,6 +129,9 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     routes
         .route("/v1/{*path}", axum::routing::any(crate::proxy::forward))
         .route("/metrics", axum::routing::get(metrics))
+        .route("/", axum::routing::get(assets::serve))
+        .route("/dashboard/{file}", axum::routing::get(assets::serve))
+        .route("/sdk/{file}", axum::routing::get(assets::serve))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))

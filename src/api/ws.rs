@@ -90,6 +90,9 @@ pub enum Wire {
 #[derive(Clone)]
 pub struct Hub {
     sender: broadcast::Sender<Wire>,
+    /// Set when the server shuts down. A watch rather than a broadcast
+    /// message, so that a client that fell behind cannot miss it.
+    closing: tokio::sync::watch::Sender<bool>,
 }
 
 fn to_text(message: &ServerMessage<'_>) -> Utf8Bytes {
@@ -148,7 +151,10 @@ impl Hub {
     /// someone is connected: nobody pays for snapshots nobody reads.
     pub fn spawn(engine: Arc<Engine>) -> (Self, tokio::task::JoinHandle<()>) {
         let (sender, _) = broadcast::channel(HUB_CAPACITY);
-        let hub = Self { sender };
+        let hub = Self {
+            sender,
+            closing: tokio::sync::watch::Sender::new(false),
+        };
         let mut events = engine.subscribe();
         let out = hub.sender.clone();
         let task = tokio::spawn(async move {
@@ -176,6 +182,12 @@ impl Hub {
 
     fn subscribe(&self) -> broadcast::Receiver<Wire> {
         self.sender.subscribe()
+    }
+
+    /// Closes every connection (1001, going away): the server is stopping,
+    /// and upgraded connections outlive the HTTP server's graceful shutdown.
+    pub fn close_all(&self) {
+        self.closing.send_replace(true);
     }
 }
 
@@ -306,6 +318,7 @@ impl Connection {
         // Subscribe before the first snapshot so that no change between the
         // two is missed.
         let mut wire = self.state.hub.subscribe();
+        let mut closing = self.state.hub.closing.subscribe();
         let interval = self.state.ws_ping_interval;
         let mut ping = tokio::time::interval_at(Instant::now() + interval, interval);
         let mut last_heard = Instant::now();
@@ -335,6 +348,17 @@ impl Connection {
                     Ok(Wire::Recheck) => self.recheck(&mut sink).await,
                     Err(broadcast::error::RecvError::Closed) => Err(Gone),
                 },
+                // The flag only ever turns on, so any change means closing.
+                _ = closing.changed() => {
+                    // 1001, going away: clients reconnect, to this server
+                    // once it is back or to another replica.
+                    let close = axum::extract::ws::CloseFrame {
+                        code: axum::extract::ws::close_code::AWAY,
+                        reason: "quotawatch is shutting down".into(),
+                    };
+                    let _ = send(&mut sink, Message::Close(Some(close))).await;
+                    Err(Gone)
+                }
                 _ = ping.tick() => {
                     if last_heard.elapsed() > interval * 2 {
                         tracing::debug!("closing a WebSocket peer that stopped answering pings");
@@ -450,7 +474,13 @@ impl Connection {
             Message::Text(to_text(&ServerMessage::Error { message })),
         )
         .await;
-        let _ = send(sink, Message::Close(None)).await;
+        // 1008, policy violation: tells clients that reconnecting with the
+        // same key is pointless.
+        let close = axum::extract::ws::CloseFrame {
+            code: axum::extract::ws::close_code::POLICY,
+            reason: "key revoked or workspace deleted".into(),
+        };
+        let _ = send(sink, Message::Close(Some(close))).await;
         Err(Gone)
     }
 

@@ -6,6 +6,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod concurrency;
+mod dashboard;
 mod durability;
 mod proxy;
 mod sdk;

@@ -382,16 +382,22 @@ async fn revoking_a_key_closes_its_connections() {
             .expect("message")
             .contains("revoked")
     );
-    let closed = tokio::time::timeout(Duration::from_secs(2), async {
+    let close = tokio::time::timeout(Duration::from_secs(2), async {
         loop {
             match ws.next().await {
-                Some(Ok(Message::Close(_))) | None | Some(Err(_)) => return,
+                Some(Ok(Message::Close(frame))) => return frame,
+                None | Some(Err(_)) => return None,
                 Some(Ok(_)) => {}
             }
         }
     })
-    .await;
-    assert!(closed.is_ok(), "the connection is closed");
+    .await
+    .expect("the connection is closed");
+    assert_eq!(
+        close.map(|frame| u16::from(frame.code)),
+        Some(1008),
+        "closed as a policy violation, so clients do not reconnect"
+    );
     server.stop().await;
 }
 

@@ -15,6 +15,7 @@ use reqwest::header::HeaderMap;
 use serde_json::{Value, json};
 
 pub mod binary;
+pub mod browser;
 pub mod postgres;
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
@@ -121,9 +122,9 @@ impl TestServer {
             cli: vec![],
         })
         .expect("test configuration is valid");
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind");
+        // A restart keeps the address, so that clients can reconnect.
+        let address = self.base.strip_prefix("http://").unwrap_or("127.0.0.1:0");
+        let listener = tokio::net::TcpListener::bind(address).await.expect("bind");
         let env: quotawatch::proxy::EnvLookup =
             Box::new(move |name| upstream_vars.get(name).cloned());
         let (running, bootstrap) = app::start(config, listener, env)
@@ -145,7 +146,7 @@ impl TestServer {
     }
 
     /// Graceful shutdown (as on SIGTERM), then a fresh start on the same
-    /// database.
+    /// database and address.
     pub async fn restart(&mut self) {
         if let Some(running) = self.running.take() {
             running.shutdown().await;

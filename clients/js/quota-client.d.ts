@@ -1,0 +1,168 @@
+// Types for quota-client.js: the quotawatch status document, notifications,
+// and the QuotaMonitor that follows them live.
+
+export type Status = "normal" | "warning" | "rate_limited" | "quota_exceeded";
+export type LimitName =
+  | "requests_per_minute"
+  | "requests_per_day"
+  | "tokens_per_minute"
+  | "tokens_per_day";
+
+export interface LimitState {
+  limit: number;
+  used: number;
+  remaining: number;
+  /** Used share of the limit, 0 to 1 (or more after an over-report). */
+  utilization: number;
+  /** When the window frees up (RFC 3339), or null when nothing is used. */
+  resets_at: string | null;
+}
+
+export interface UpstreamBucket {
+  limit: number | null;
+  remaining: number | null;
+  resets_at: string | null;
+  observed_at: string;
+}
+
+export interface UpstreamError {
+  at: string;
+  status_code: number;
+  type: string | null;
+  code: string | null;
+  message: string | null;
+}
+
+export interface StatusDocument {
+  workspace: string;
+  name: string;
+  status: Status;
+  since: string;
+  /** Machine-readable causes, highest first, e.g. `requests_per_day_exhausted`. */
+  reasons: string[];
+  /** Whether a request would be refused right now. */
+  blocked: boolean;
+  retry_after_seconds: number | null;
+  limits: Partial<Record<LimitName, LimitState>>;
+  upstream: { requests: UpstreamBucket | null; tokens: UpstreamBucket | null } | null;
+  billing_block: { code: string; since: string; next_probe_at: string } | null;
+  errors: {
+    window_seconds: number;
+    rate_limited: number;
+    insufficient_quota: number;
+    server_error: number;
+    other: number;
+    refused: number;
+    last: UpstreamError | null;
+  };
+  updated_at: string;
+}
+
+export type Severity = "info" | "warning" | "critical";
+
+export interface Notification {
+  id: string;
+  workspace: string | null;
+  severity: Severity;
+  kind:
+    | "approaching_limit"
+    | "rate_limited"
+    | "daily_quota_exhausted"
+    | "upstream_rate_limited"
+    | "upstream_quota_exhausted"
+    | "upstream_errors"
+    | "storage_unavailable";
+  title: string;
+  message: string;
+  suggested_actions: string[];
+  limit: LimitName | null;
+  created_at: string;
+  resolves_at: string | null;
+  resolved_at: string | null;
+}
+
+export interface NotificationsDocument {
+  workspace: string;
+  status: Status;
+  notifications: Notification[];
+}
+
+export interface StatusEvent {
+  workspace: string;
+  data: StatusDocument;
+  /** `snapshot` on (re)connect and resync, `change` on a status change,
+   * reset or settings change, `usage` when usage moved. */
+  reason: "snapshot" | "change" | "usage";
+}
+
+export type NotificationEvent =
+  | { workspace: string | null; event: "raised" | "resolved"; data: Notification }
+  | { workspace: string | null; event: "snapshot"; notifications: Notification[] };
+
+export interface RemovedEvent {
+  workspace: string;
+}
+
+export interface ConnectionEvent {
+  state: "connecting" | "open" | "reconnecting" | "closed";
+  attempt?: number;
+  delayMs?: number;
+  error?: Error;
+}
+
+export interface QuotaEventMap {
+  status: StatusEvent;
+  notification: NotificationEvent;
+  removed: RemovedEvent;
+  connection: ConnectionEvent;
+}
+
+export type AnyQuotaEvent = {
+  [K in keyof QuotaEventMap]: { type: K } & QuotaEventMap[K];
+}[keyof QuotaEventMap];
+
+export interface QuotaMonitorOptions {
+  /** Where quotawatch listens, e.g. `https://quota.example.com`. */
+  baseUrl: string;
+  /** A workspace key, or the admin key. Sent only in the Authorization header. */
+  token: string;
+  /** With the admin key: the one workspace to follow (default: all). */
+  workspace?: string;
+  /** How often to ping; a connection silent for two intervals is re-opened. Default 15000. */
+  heartbeatMs?: number;
+  /** Reconnect delays: exponential from `initialMs` up to `maxMs`, with jitter. */
+  backoff?: { initialMs?: number; maxMs?: number };
+  /** Implementations to use instead of the globals (tests, older runtimes). */
+  fetch?: typeof fetch;
+  WebSocket?: typeof WebSocket;
+}
+
+export class QuotaApiError extends Error {
+  readonly status: number;
+  readonly code: string | null;
+  readonly type: string | null;
+}
+
+export function backoffDelay(
+  attempt: number,
+  backoff: { initialMs: number; maxMs: number },
+  random?: () => number,
+): number;
+
+export class QuotaMonitor extends EventTarget {
+  constructor(options: QuotaMonitorOptions);
+  readonly baseUrl: string;
+  readonly workspace: string | null;
+  /** Whether the WebSocket is open right now. */
+  readonly connected: boolean;
+  /** One status document; for the admin key without a workspace, all of them. */
+  getStatus(): Promise<StatusDocument | { workspaces: StatusDocument[] }>;
+  getNotifications(options?: {
+    history?: boolean;
+  }): Promise<NotificationsDocument | { workspaces: NotificationsDocument[] }>;
+  on<K extends keyof QuotaEventMap>(type: K, listener: (event: QuotaEventMap[K]) => void): () => void;
+  /** Opens the live connection (once) and passes every event to `listener`. */
+  subscribe(listener?: (event: AnyQuotaEvent) => void): () => void;
+  /** Closes the connection for good. */
+  close(): void;
+}

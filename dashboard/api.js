@@ -1,0 +1,71 @@
+// The REST calls the dashboard makes beyond what QuotaMonitor covers: the
+// workspace catalog, keys, history and reset. Errors carry the API's own
+// message, which names the problem.
+
+import { QuotaApiError } from "/sdk/quota-client.js";
+
+export class Api {
+  #token;
+
+  constructor(token) {
+    this.#token = token;
+  }
+
+  async request(method, path, body) {
+    const headers = { Authorization: `Bearer ${this.#token}`, Accept: "application/json" };
+    if (body !== undefined) headers["Content-Type"] = "application/json";
+    const response = await fetch(path, {
+      method,
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+    });
+    const answer = response.status === 204 ? null : await response.json().catch(() => null);
+    if (!response.ok) throw new QuotaApiError(response.status, answer);
+    return answer;
+  }
+
+  workspaces() {
+    return this.request("GET", "/api/workspaces");
+  }
+
+  workspace(id) {
+    return this.request("GET", `/api/workspaces/${encodeURIComponent(id)}`);
+  }
+
+  createWorkspace(settings) {
+    return this.request("POST", "/api/workspaces", settings);
+  }
+
+  updateWorkspace(id, changes) {
+    return this.request("PATCH", `/api/workspaces/${encodeURIComponent(id)}`, changes);
+  }
+
+  keys(id) {
+    return this.request("GET", `/api/workspaces/${encodeURIComponent(id)}/keys`);
+  }
+
+  createKey(id) {
+    return this.request("POST", `/api/workspaces/${encodeURIComponent(id)}/keys`, {});
+  }
+
+  revokeKey(id, keyId) {
+    return this.request(
+      "DELETE",
+      `/api/workspaces/${encodeURIComponent(id)}/keys/${encodeURIComponent(keyId)}`,
+    );
+  }
+
+  reset(id) {
+    return this.request("POST", "/api/quota/reset", { workspace: id });
+  }
+
+  history(id, window, step) {
+    const query = new URLSearchParams({ workspace: id, window, step });
+    return this.request("GET", `/api/quota/history?${query}`);
+  }
+
+  notifications(id) {
+    const query = new URLSearchParams({ workspace: id, include: "history" });
+    return this.request("GET", `/api/quota/notifications?${query}`);
+  }
+}

@@ -1,0 +1,352 @@
+//! The dashboard in a real headless Chromium, against a real quotawatch
+//! proxying the mock upstream: sign-in, live gauges, a billing block with
+//! its toast and suggested actions, reset, admin actions, isolation between
+//! workspace keys, reconnecting, phone width and dark mode. Screenshots go
+//! to `target/screenshots/`.
+
+use std::time::{Duration, Instant};
+
+use quotawatch::mock::MockOptions;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::browser::{Browser, PATIENCE};
+use crate::support::{ADMIN_KEY, TestServer, Upstream};
+
+fn chat() -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 20})
+}
+
+/// A proxied chat completion with `key`; `scenario` picks the mock's answer.
+async fn call(server: &TestServer, key: &str, scenario: &str) -> StatusCode {
+    let response = server
+        .client
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(key)
+        .header("x-mock-scenario", scenario)
+        .json(&chat())
+        .send()
+        .await
+        .expect("request");
+    let status = response.status();
+    response.bytes().await.expect("body");
+    status
+}
+
+async fn setup() -> (Upstream, TestServer, String, String) {
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let server = TestServer::proxying(&upstream, &[]).await;
+    let acme = server
+        .workspace(json!({"id": "acme", "name": "Acme Corp", "limits": {"requests_per_minute": 100, "tokens_per_day": 100000}}))
+        .await;
+    let beta = server
+        .workspace(
+            json!({"id": "beta", "name": "Beta Labs", "limits": {"requests_per_minute": 50}}),
+        )
+        .await;
+    (upstream, server, acme, beta)
+}
+
+async fn sign_in(browser: &Browser, server: &TestServer, key: &str) {
+    browser
+        .client
+        .goto(&server.url("/"))
+        .await
+        .expect("open the dashboard");
+    browser.type_into("#key", key).await;
+    browser.click("form.sign-in button[type=submit]").await;
+    browser
+        .wait_text("#connection", PATIENCE, |text| text.contains("Live"))
+        .await;
+}
+
+fn card(workspace: &str) -> String {
+    format!("li.card[data-workspace=\"{workspace}\"]")
+}
+
+#[tokio::test]
+async fn the_dashboard_follows_usage_blocks_and_resets_live() {
+    let Some(browser) = Browser::start("the_dashboard_follows_usage_blocks_and_resets_live").await
+    else {
+        return;
+    };
+    let (_upstream, server, acme, _beta) = setup().await;
+    sign_in(&browser, &server, ADMIN_KEY).await;
+    browser.find(&card("beta")).await;
+    let usage = format!(
+        "{} [data-limit=requests_per_minute] [data-role=usage]",
+        card("acme")
+    );
+    browser
+        .wait_text(&usage, PATIENCE, |text| text.starts_with("0 / 100"))
+        .await;
+
+    // A call through the proxy moves the gauge without a reload, within a
+    // second of the call's end (usage is pushed twice a second).
+    assert_eq!(call(&server, &acme, "ok").await, StatusCode::OK);
+    let (_, took) = browser
+        .wait_text(&usage, Duration::from_secs(1), |text| {
+            text.starts_with("1 / 100")
+        })
+        .await;
+    println!("the gauge moved {took:?} after the call ended");
+
+    // OpenAI's billing 429 blocks the workspace: badge, toast, worst first.
+    assert_eq!(
+        call(&server, &acme, "insufficient_quota").await,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    browser
+        .wait_text(&format!("{} .badge", card("acme")), PATIENCE, |text| {
+            text.contains("Quota exceeded")
+        })
+        .await;
+    let (toast, _) = browser
+        .wait_text(".toast[data-workspace=acme]", PATIENCE, |text| {
+            text.contains("quota exceeded")
+        })
+        .await;
+    assert!(toast.contains("Acme Corp"), "{toast}");
+    assert!(toast.contains("OpenAI billing quota exhausted"), "{toast}");
+    let first = browser
+        .script("return document.querySelector('li.card:not([hidden])').dataset.workspace")
+        .await;
+    assert_eq!(first, json!("acme"), "the blocked workspace comes first");
+    browser.screenshot("overview-desktop").await;
+
+    // The detail page explains what to do.
+    browser.click(&format!("{} h2 a", card("acme"))).await;
+    let (actions, _) = browser
+        .wait_text(
+            ".notification[data-kind=upstream_quota_exhausted] .suggested-actions",
+            PATIENCE,
+            |text| !text.is_empty(),
+        )
+        .await;
+    assert!(actions.contains("billing settings"), "{actions}");
+    browser.find(".chart-figure svg").await;
+    browser.screenshot("detail-desktop").await;
+
+    // Reset from the UI, after a confirmation, returns it to normal.
+    browser.click("button.danger").await;
+    browser.click("dialog[open] button[value=confirm]").await;
+    browser
+        .wait_text("[data-role=status] .badge", PATIENCE, |text| {
+            text.contains("Normal")
+        })
+        .await;
+    browser
+        .wait_text(".toast[data-workspace=acme]", PATIENCE, |text| {
+            text.contains("back to normal")
+        })
+        .await;
+    let status: Value = server.status(&acme).await;
+    assert_eq!(status["status"], "normal");
+    assert_eq!(
+        call(&server, &acme, "ok").await,
+        StatusCode::OK,
+        "requests flow again"
+    );
+
+    // The phone layout: one column, nothing wider than the screen.
+    browser
+        .client
+        .goto(&server.url("/#/"))
+        .await
+        .expect("overview");
+    browser.viewport(390, 844, true).await;
+    browser.find(&card("acme")).await;
+    let width = browser
+        .script("return document.documentElement.scrollWidth")
+        .await;
+    assert!(
+        width.as_i64().expect("a number") <= 390,
+        "the page is {width}px wide"
+    );
+    browser.screenshot("overview-mobile").await;
+
+    // Dark mode follows the system setting.
+    browser.color_scheme("dark").await;
+    let background = browser
+        .script("return getComputedStyle(document.body).backgroundColor")
+        .await;
+    assert_eq!(background, json!("rgb(17, 19, 24)"));
+    browser.screenshot("overview-mobile-dark").await;
+    browser.viewport(1280, 900, false).await;
+    browser.screenshot("overview-desktop-dark").await;
+    browser.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn admins_create_workspaces_change_limits_and_manage_keys_from_the_ui() {
+    let Some(browser) =
+        Browser::start("admins_create_workspaces_change_limits_and_manage_keys_from_the_ui").await
+    else {
+        return;
+    };
+    let (_upstream, server, _acme, _beta) = setup().await;
+    sign_in(&browser, &server, ADMIN_KEY).await;
+
+    browser.click("main .toolbar button").await;
+    browser
+        .type_into("dialog[open] input[name=id]", "gamma")
+        .await;
+    browser
+        .type_into("dialog[open] input[name=name]", "Gamma Inc")
+        .await;
+    browser
+        .type_into("dialog[open] input[name=tokens_per_minute]", "5000")
+        .await;
+    browser.click("dialog[open] button[type=submit]").await;
+    let (first_key, _) = browser
+        .wait_text("dialog[open] code.secret-value", PATIENCE, |text| {
+            text.starts_with("qw_")
+        })
+        .await;
+    let seen = server.get("/api/quota/status", &first_key).await;
+    assert_eq!(seen.status, StatusCode::OK);
+    assert_eq!(seen.body["workspace"], "gamma", "the key shown works");
+    assert_eq!(seen.body["limits"]["tokens_per_minute"]["limit"], 5000);
+    browser.click("dialog[open] .actions button").await;
+    browser.wait_gone("dialog[open]").await;
+    browser.find(&card("gamma")).await;
+
+    // Change a limit.
+    browser.click(&format!("{} h2 a", card("gamma"))).await;
+    browser.click(".detail-head button.subtle").await;
+    browser
+        .type_into("dialog[open] input[name=requests_per_minute]", "7")
+        .await;
+    browser.click("dialog[open] button[type=submit]").await;
+    browser.wait_gone("dialog[open]").await;
+    browser
+        .wait_text(
+            "[data-limit=requests_per_minute] [data-role=usage]",
+            PATIENCE,
+            |text| text.contains("/ 7 "),
+        )
+        .await;
+    let config = server.get("/api/workspaces/gamma", ADMIN_KEY).await;
+    assert_eq!(config.body["limits"]["requests_per_minute"], 7);
+    assert_eq!(
+        config.body["limits"]["tokens_per_minute"], 5000,
+        "other limits kept"
+    );
+
+    // Revoke the first key, create another one.
+    let prefix = &first_key[..7];
+    browser
+        .wait_text("table.keys tbody", PATIENCE, |text| text.contains(prefix))
+        .await;
+    browser.click("table.keys button").await;
+    browser.click("dialog[open] button[value=confirm]").await;
+    browser
+        .wait_text("table.keys tbody", PATIENCE, |text| {
+            text.contains("revoked")
+        })
+        .await;
+    let refused = server.get("/api/quota/status", &first_key).await;
+    assert_eq!(
+        refused.status,
+        StatusCode::UNAUTHORIZED,
+        "the revoked key is refused"
+    );
+    browser.click(".panel .actions button").await;
+    let (second_key, _) = browser
+        .wait_text("dialog[open] code.secret-value", PATIENCE, |text| {
+            text.starts_with("qw_")
+        })
+        .await;
+    assert_ne!(second_key, first_key);
+    assert_eq!(
+        server.get("/api/quota/status", &second_key).await.status,
+        StatusCode::OK
+    );
+    browser.click("dialog[open] .actions button").await;
+    browser.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_workspace_key_sees_only_its_workspace() {
+    let Some(browser) = Browser::start("a_workspace_key_sees_only_its_workspace").await else {
+        return;
+    };
+    let (_upstream, server, _acme, beta) = setup().await;
+    sign_in(&browser, &server, &beta).await;
+    browser.find(&card("beta")).await;
+    let cards = browser
+        .script("return document.querySelectorAll('li.card').length")
+        .await;
+    assert_eq!(cards, json!(1));
+    let admin_buttons = browser
+        .script("return document.querySelectorAll('main .toolbar button, button.danger').length")
+        .await;
+    assert_eq!(
+        admin_buttons,
+        json!(0),
+        "no admin actions for a workspace key"
+    );
+    browser
+        .client
+        .goto(&server.url("/#/w/acme"))
+        .await
+        .expect("navigate");
+    browser
+        .wait_text("main h1", PATIENCE, |text| text.contains("not found"))
+        .await;
+    let page = browser.script("return document.body.innerText").await;
+    assert!(
+        !page.as_str().expect("text").contains("Acme"),
+        "nothing of acme shows"
+    );
+    browser.screenshot("workspace-key-desktop").await;
+
+    // Every form control has a label, and the key never reaches the URL.
+    let unlabelled = browser
+        .script("return [...document.querySelectorAll('input, select, textarea')].filter(e => !e.labels || e.labels.length === 0).length")
+        .await;
+    assert_eq!(unlabelled, json!(0));
+    let url = browser.client.current_url().await.expect("url");
+    assert!(!url.as_str().contains(&beta));
+    browser.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_dashboard_reconnects_and_resyncs_after_the_server_restarts() {
+    let Some(browser) =
+        Browser::start("the_dashboard_reconnects_and_resyncs_after_the_server_restarts").await
+    else {
+        return;
+    };
+    let (_upstream, mut server, acme, _beta) = setup().await;
+    sign_in(&browser, &server, ADMIN_KEY).await;
+    browser.find(&card("acme")).await;
+    let started = Instant::now();
+    server.restart().await;
+    browser
+        .wait_text("#connection", PATIENCE, |text| {
+            text.contains("Reconnecting") || text.contains("Connecting")
+        })
+        .await;
+    browser
+        .wait_text("#connection", PATIENCE, |text| text.contains("Live"))
+        .await;
+    println!(
+        "reconnected {:?} after the restart began",
+        started.elapsed()
+    );
+    // Live again: a call after the reconnect moves the gauge.
+    assert_eq!(call(&server, &acme, "ok").await, StatusCode::OK);
+    let usage = format!(
+        "{} [data-limit=requests_per_minute] [data-role=usage]",
+        card("acme")
+    );
+    browser
+        .wait_text(&usage, PATIENCE, |text| text.starts_with("1 / 100"))
+        .await;
+    browser.close().await;
+    server.stop().await;
+}
