@@ -12,14 +12,18 @@ export class Api {
   }
 
   async request(method, path, body) {
-    const headers = { Authorization: `Bearer ${this.#token}`, Accept: "application/json" };
+    const headers = {
+      Authorization: `Bearer ${this.#token}`,
+      Accept: "application/json",
+    };
     if (body !== undefined) headers["Content-Type"] = "application/json";
     const response = await fetch(path, {
       method,
       headers,
       body: body === undefined ? undefined : JSON.stringify(body),
     });
-    const answer = response.status === 204 ? null : await response.json().catch(() => null);
+    const answer =
+      response.status === 204 ? null : await response.json().catch(() => null);
     if (!response.ok) throw new QuotaApiError(response.status, answer);
     return answer;
   }
@@ -37,15 +41,26 @@ export class Api {
   }
 
   updateWorkspace(id, changes) {
-    return this.request("PATCH", `/api/workspaces/${encodeURIComponent(id)}`, changes);
+    return this.request(
+      "PATCH",
+      `/api/workspaces/${encodeURIComponent(id)}`,
+      changes,
+    );
   }
 
   keys(id) {
-    return this.request("GET", `/api/workspaces/${encodeURIComponent(id)}/keys`);
+    return this.request(
+      "GET",
+      `/api/workspaces/${encodeURIComponent(id)}/keys`,
+    );
   }
 
   createKey(id) {
-    return this.request("POST", `/api/workspaces/${encodeURIComponent(id)}/keys`, {});
+    return this.request(
+      "POST",
+      `/api/workspaces/${encodeURIComponent(id)}/keys`,
+      {},
+    );
   }
 
   revokeKey(id, keyId) {

@@ -48,7 +48,11 @@ class App {
       await this.signIn(token);
     } catch (error) {
       sessionStorage.removeItem(KEY_STORAGE);
-      this.showSignIn(error instanceof QuotaApiError && error.status === 401 ? "Your key is no longer valid." : error.message);
+      this.showSignIn(
+        error instanceof QuotaApiError && error.status === 401
+          ? "Your key is no longer valid."
+          : error.message,
+      );
     }
   }
 
@@ -57,8 +61,20 @@ class App {
     this.who.hidden = true;
     this.signOutButton.hidden = true;
     this.setConnection({ state: "closed" }, "Signed out");
-    const error = h("p", { class: "form-error", role: "alert", hidden: !problem }, problem ?? "");
-    const input = h("input", { id: "key", name: "key", type: "password", required: true, autocomplete: "off", spellcheck: "false", "aria-describedby": "key-hint" });
+    const error = h(
+      "p",
+      { class: "form-error", role: "alert", hidden: !problem },
+      problem ?? "",
+    );
+    const input = h("input", {
+      id: "key",
+      name: "key",
+      type: "password",
+      required: true,
+      autocomplete: "off",
+      spellcheck: "false",
+      "aria-describedby": "key-hint",
+    });
     const submit = h("button", { type: "submit", class: "button" }, "Sign in");
     const form = h(
       "form",
@@ -69,7 +85,11 @@ class App {
         { class: "field" },
         h("label", { for: "key" }, "API key"),
         input,
-        h("p", { class: "hint", id: "key-hint" }, "The admin key shows every workspace; a workspace key shows its own. The key stays in this tab only."),
+        h(
+          "p",
+          { class: "hint", id: "key-hint" },
+          "The admin key shows every workspace; a workspace key shows its own. The key stays in this tab only.",
+        ),
       ),
       error,
       submit,
@@ -97,7 +117,10 @@ class App {
   }
 
   async signIn(token) {
-    const monitor = new QuotaMonitor({ baseUrl: window.location.origin, token });
+    const monitor = new QuotaMonitor({
+      baseUrl: window.location.origin,
+      token,
+    });
     const status = await monitor.getStatus();
     this.monitor = monitor;
     this.api = new Api(token);
@@ -105,9 +128,12 @@ class App {
     this.statuses.clear();
     this.notifications.clear();
     this.configs.clear();
-    for (const doc of this.isAdmin ? status.workspaces : [status]) this.statuses.set(doc.workspace, doc);
+    for (const doc of this.isAdmin ? status.workspaces : [status])
+      this.statuses.set(doc.workspace, doc);
     if (this.isAdmin) await this.refreshCatalog();
-    this.who.textContent = this.isAdmin ? "Admin" : `Workspace ${status.workspace}`;
+    this.who.textContent = this.isAdmin
+      ? "Admin"
+      : `Workspace ${status.workspace}`;
     this.who.hidden = false;
     this.signOutButton.hidden = false;
     monitor.on("status", (event) => this.onStatus(event));
@@ -141,7 +167,8 @@ class App {
     this.statuses.set(workspace, data);
     // A snapshot after reconnecting can also reveal a transition that
     // happened while the connection was down.
-    if (previous && previous.status !== data.status) this.toasts.transition(previous.status, data);
+    if (previous && previous.status !== data.status)
+      this.toasts.transition(previous.status, data);
     if (!this.configs.has(workspace) && this.isAdmin && reason !== "usage") {
       this.refreshCatalog().catch(() => {});
     }
@@ -153,7 +180,9 @@ class App {
     if (event === "snapshot") {
       this.notifications.set(workspace, notifications);
     } else {
-      const active = (this.notifications.get(workspace) ?? []).filter((item) => item.id !== data.id);
+      const active = (this.notifications.get(workspace) ?? []).filter(
+        (item) => item.id !== data.id,
+      );
       if (event === "raised") active.push(data);
       this.notifications.set(workspace, active);
     }
@@ -176,7 +205,9 @@ class App {
     if (event.state === "closed" && event.error) {
       // The key was revoked (or the workspace deleted): nothing more to show.
       this.signOut();
-      this.showSignIn("The connection was closed: the key was revoked or its workspace deleted.");
+      this.showSignIn(
+        "The connection was closed: the key was revoked or its workspace deleted.",
+      );
       return;
     }
     this.setConnection(event);
@@ -190,7 +221,8 @@ class App {
       closed: "Not connected",
     };
     this.connection.dataset.state = event.state;
-    this.connection.querySelector(".connection-text").textContent = text ?? labels[event.state];
+    this.connection.querySelector(".connection-text").textContent =
+      text ?? labels[event.state];
   }
 
   closePage() {
@@ -208,13 +240,17 @@ class App {
       this.page = {
         element: detail.element,
         update: (workspace) => workspace === id && detail.update(),
-        notificationsChanged: (workspace) => workspace === id && detail.renderNotifications(),
+        notificationsChanged: (workspace) =>
+          workspace === id && detail.renderNotifications(),
         close: () => detail.close(),
       };
       document.title = `${id} · quotawatch`;
     } else {
       const overview = new Overview(this);
-      this.page = { element: overview.element, update: (workspace) => overview.update(workspace) };
+      this.page = {
+        element: overview.element,
+        update: (workspace) => overview.update(workspace),
+      };
       document.title = "quotawatch";
     }
     fill(this.main, this.page.element);

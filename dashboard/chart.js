@@ -68,7 +68,11 @@ export function usageChart({ title, points, tick }) {
       i % labelEvery === 0
         ? svg(
             "text",
-            { x: (PAD.left + i * slot + slot / 2).toFixed(1), y: HEIGHT - 6, "text-anchor": "middle" },
+            {
+              x: (PAD.left + i * slot + slot / 2).toFixed(1),
+              y: HEIGHT - 6,
+              "text-anchor": "middle",
+            },
             tick(point.t),
           )
         : null,
@@ -81,8 +85,19 @@ export function usageChart({ title, points, tick }) {
 
   const picture = svg(
     "svg",
-    { class: "chart", viewBox: `0 0 ${WIDTH} ${HEIGHT}`, role: "img", "aria-label": summary },
-    svg("line", { class: "axis", x1: PAD.left, y1: PAD.top + plotHeight, x2: WIDTH - PAD.right, y2: PAD.top + plotHeight }),
+    {
+      class: "chart",
+      viewBox: `0 0 ${WIDTH} ${HEIGHT}`,
+      role: "img",
+      "aria-label": summary,
+    },
+    svg("line", {
+      class: "axis",
+      x1: PAD.left,
+      y1: PAD.top + plotHeight,
+      x2: WIDTH - PAD.right,
+      y2: PAD.top + plotHeight,
+    }),
     [0.5, 1].map((share) =>
       svg("line", {
         class: "grid",
@@ -92,9 +107,21 @@ export function usageChart({ title, points, tick }) {
         y2: y(maxRequests * share, maxRequests).toFixed(1),
       }),
     ),
-    svg("text", { x: PAD.left - 6, y: PAD.top + 4, "text-anchor": "end" }, compact(maxRequests)),
-    svg("text", { x: PAD.left - 6, y: PAD.top + plotHeight, "text-anchor": "end" }, "0"),
-    svg("text", { x: WIDTH - PAD.right + 6, y: PAD.top + 4 }, compact(maxTokens)),
+    svg(
+      "text",
+      { x: PAD.left - 6, y: PAD.top + 4, "text-anchor": "end" },
+      compact(maxRequests),
+    ),
+    svg(
+      "text",
+      { x: PAD.left - 6, y: PAD.top + plotHeight, "text-anchor": "end" },
+      "0",
+    ),
+    svg(
+      "text",
+      { x: WIDTH - PAD.right + 6, y: PAD.top + 4 },
+      compact(maxTokens),
+    ),
     bars,
     points.length > 0 ? svg("path", { class: "series-tokens", d: line }) : null,
     ticks,
@@ -103,13 +130,33 @@ export function usageChart({ title, points, tick }) {
     "table",
     { class: "visually-hidden" },
     h("caption", {}, title),
-    h("thead", {}, h("tr", {}, h("th", {}, "Time"), h("th", {}, "Requests"), h("th", {}, "Tokens"), h("th", {}, "Errors"))),
+    h(
+      "thead",
+      {},
+      h(
+        "tr",
+        {},
+        h("th", {}, "Time"),
+        h("th", {}, "Requests"),
+        h("th", {}, "Tokens"),
+        h("th", {}, "Errors"),
+      ),
+    ),
     h(
       "tbody",
       {},
       points
         .filter((p) => p.requests || p.tokens || p.errors)
-        .map((p) => h("tr", {}, h("td", {}, tick(p.t)), h("td", {}, number(p.requests)), h("td", {}, number(p.tokens)), h("td", {}, number(p.errors)))),
+        .map((p) =>
+          h(
+            "tr",
+            {},
+            h("td", {}, tick(p.t)),
+            h("td", {}, number(p.requests)),
+            h("td", {}, number(p.tokens)),
+            h("td", {}, number(p.errors)),
+          ),
+        ),
     ),
   );
   return h(
@@ -120,9 +167,19 @@ export function usageChart({ title, points, tick }) {
     h(
       "ul",
       { class: "legend" },
-      h("li", {}, h("span", { class: "swatch-requests" }), `Requests (left scale, max ${compact(maxRequests)})`),
+      h(
+        "li",
+        {},
+        h("span", { class: "swatch-requests" }),
+        `Requests (left scale, max ${compact(maxRequests)})`,
+      ),
       h("li", {}, h("span", { class: "swatch-errors" }), "Errors"),
-      h("li", {}, h("span", { class: "swatch-tokens" }), `Tokens (right scale, max ${compact(maxTokens)})`),
+      h(
+        "li",
+        {},
+        h("span", { class: "swatch-tokens" }),
+        `Tokens (right scale, max ${compact(maxTokens)})`,
+      ),
     ),
     table,
   );

@@ -26,12 +26,31 @@ export function confirmDialog({ title, text, confirmLabel, danger = false }) {
         h(
           "div",
           { class: "actions" },
-          h("button", { type: "submit", value: "confirm", class: danger ? "button danger" : "button" }, confirmLabel),
-          h("button", { type: "submit", value: "cancel", class: "button subtle", autofocus: true }, "Cancel"),
+          h(
+            "button",
+            {
+              type: "submit",
+              value: "confirm",
+              class: danger ? "button danger" : "button",
+            },
+            confirmLabel,
+          ),
+          h(
+            "button",
+            {
+              type: "submit",
+              value: "cancel",
+              class: "button subtle",
+              autofocus: true,
+            },
+            "Cancel",
+          ),
         ),
       ),
     );
-    dialog.addEventListener("close", () => resolve(dialog.returnValue === "confirm"));
+    dialog.addEventListener("close", () =>
+      resolve(dialog.returnValue === "confirm"),
+    );
     openDialog(dialog);
   });
 }
@@ -78,19 +97,33 @@ export function formDialog({ title, fields, submitLabel, onSubmit }) {
     "form",
     {},
     h("h2", { id: titleId }, title),
-    h("div", { class: "fields-grid" }, inputs.map((entry) => entry.element)),
+    h(
+      "div",
+      { class: "fields-grid" },
+      inputs.map((entry) => entry.element),
+    ),
     error,
     h(
       "div",
       { class: "actions" },
       submit,
-      h("button", { type: "button", class: "button subtle", onclick: () => dialog.close() }, "Cancel"),
+      h(
+        "button",
+        {
+          type: "button",
+          class: "button subtle",
+          onclick: () => dialog.close(),
+        },
+        "Cancel",
+      ),
     ),
   );
   const dialog = h("dialog", { "aria-labelledby": titleId }, form);
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
-    const values = Object.fromEntries(inputs.map(({ field, input }) => [field.name, input.value.trim()]));
+    const values = Object.fromEntries(
+      inputs.map(({ field, input }) => [field.name, input.value.trim()]),
+    );
     submit.disabled = true;
     error.hidden = true;
     try {
@@ -137,7 +170,19 @@ export function secretDialog({ title, text, secret }) {
     h("p", {}, text),
     h("div", { class: "secret" }, code, copy),
     copied,
-    h("div", { class: "actions" }, h("button", { type: "button", class: "button subtle", onclick: () => dialog.close() }, "Done")),
+    h(
+      "div",
+      { class: "actions" },
+      h(
+        "button",
+        {
+          type: "button",
+          class: "button subtle",
+          onclick: () => dialog.close(),
+        },
+        "Done",
+      ),
+    ),
   );
   return openDialog(dialog);
 }

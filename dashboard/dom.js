@@ -34,7 +34,8 @@ function append(element, children) {
 export function svg(tag, attributes = {}, ...children) {
   const element = document.createElementNS("http://www.w3.org/2000/svg", tag);
   for (const [name, value] of Object.entries(attributes)) {
-    if (value !== null && value !== undefined) element.setAttribute(name, String(value));
+    if (value !== null && value !== undefined)
+      element.setAttribute(name, String(value));
   }
   for (const child of children.flat()) {
     if (child !== null && child !== undefined) element.append(child);

@@ -8,10 +8,20 @@ export const STATUS_LABELS = {
 };
 
 // A symbol beside the word, so that status never depends on colour alone.
-const STATUS_SYMBOLS = { normal: "✓", warning: "!", rate_limited: "⏸", quota_exceeded: "✕" };
+const STATUS_SYMBOLS = {
+  normal: "✓",
+  warning: "!",
+  rate_limited: "⏸",
+  quota_exceeded: "✕",
+};
 
 /** Worst first, for sorting. */
-export const STATUS_RANK = { quota_exceeded: 0, rate_limited: 1, warning: 2, normal: 3 };
+export const STATUS_RANK = {
+  quota_exceeded: 0,
+  rate_limited: 1,
+  warning: 2,
+  normal: 3,
+};
 
 export const LIMIT_LABELS = {
   requests_per_minute: "Requests / minute",
@@ -31,14 +41,21 @@ export function statusSymbol(status) {
 }
 
 const numberFormat = new Intl.NumberFormat("en");
-const compactFormat = new Intl.NumberFormat("en", { notation: "compact", maximumFractionDigits: 1 });
+const compactFormat = new Intl.NumberFormat("en", {
+  notation: "compact",
+  maximumFractionDigits: 1,
+});
 
 export function number(value) {
-  return value === null || value === undefined ? "—" : numberFormat.format(value);
+  return value === null || value === undefined
+    ? "—"
+    : numberFormat.format(value);
 }
 
 export function compact(value) {
-  return value === null || value === undefined ? "—" : compactFormat.format(value);
+  return value === null || value === undefined
+    ? "—"
+    : compactFormat.format(value);
 }
 
 export function percent(fraction) {
@@ -75,7 +92,10 @@ export function resetsIn(instant, now = Date.now()) {
 
 export function dateTime(instant) {
   if (!instant) return "—";
-  return new Date(instant).toLocaleString("en", { dateStyle: "medium", timeStyle: "short" });
+  return new Date(instant).toLocaleString("en", {
+    dateStyle: "medium",
+    timeStyle: "short",
+  });
 }
 
 export function timeAgo(instant, now = Date.now()) {
@@ -93,8 +113,10 @@ const REASONS = {
 export function reasonText(reason) {
   if (REASONS[reason]) return REASONS[reason];
   for (const [name, label] of Object.entries(LIMIT_LABELS)) {
-    if (reason === `${name}_exhausted`) return `${label.toLowerCase()} exhausted`;
-    if (reason === `${name}_approaching`) return `${label.toLowerCase()} nearly used`;
+    if (reason === `${name}_exhausted`)
+      return `${label.toLowerCase()} exhausted`;
+    if (reason === `${name}_approaching`)
+      return `${label.toLowerCase()} nearly used`;
   }
   // The remaining upstream reasons name OpenAI's billing code.
   if (reason.startsWith("upstream_")) {

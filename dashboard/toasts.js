@@ -27,16 +27,40 @@ export class Toasts {
       doc.status === "normal"
         ? `Was ${statusLabel(previous).toLowerCase()}; requests flow again.`
         : `${cause ? `Cause: ${cause}.` : ""} ${doc.blocked ? "Requests are refused." : ""}`.trim();
-    this.show({ workspace: doc.workspace, status: doc.status, title, text, sticky });
+    this.show({
+      workspace: doc.workspace,
+      status: doc.status,
+      title,
+      text,
+      sticky,
+    });
   }
 
   show({ workspace, status, title, text, sticky }) {
     this.byWorkspace.get(workspace)?.dismiss();
     const toast = h(
       "div",
-      { class: "toast", role: sticky ? "alert" : "status", dataset: { status, workspace } },
-      h("div", {}, h("p", { class: "title" }, title), text ? h("p", {}, text) : null),
-      h("button", { type: "button", class: "button subtle", "aria-label": `Dismiss: ${title}`, onclick: () => entry.dismiss() }, "Dismiss"),
+      {
+        class: "toast",
+        role: sticky ? "alert" : "status",
+        dataset: { status, workspace },
+      },
+      h(
+        "div",
+        {},
+        h("p", { class: "title" }, title),
+        text ? h("p", {}, text) : null,
+      ),
+      h(
+        "button",
+        {
+          type: "button",
+          class: "button subtle",
+          "aria-label": `Dismiss: ${title}`,
+          onclick: () => entry.dismiss(),
+        },
+        "Dismiss",
+      ),
     );
     const entry = {
       element: toast,
@@ -44,13 +68,15 @@ export class Toasts {
       dismiss: () => {
         clearTimeout(entry.timer);
         toast.remove();
-        if (this.byWorkspace.get(workspace) === entry) this.byWorkspace.delete(workspace);
+        if (this.byWorkspace.get(workspace) === entry)
+          this.byWorkspace.delete(workspace);
       },
     };
     this.byWorkspace.set(workspace, entry);
     this.region.append(toast);
     // The map keeps insertion order, so its first entry is the oldest toast.
-    while (this.byWorkspace.size > MAX_TOASTS) this.byWorkspace.values().next().value.dismiss();
+    while (this.byWorkspace.size > MAX_TOASTS)
+      this.byWorkspace.values().next().value.dismiss();
   }
 
   clear() {

@@ -32,14 +32,20 @@ export function badge(status) {
 /** Used / limit for each configured limit, as labelled bars. */
 export function gauges(limits) {
   const names = LIMIT_NAMES.filter((name) => limits[name]);
-  if (names.length === 0) return h("p", { class: "empty" }, "No limits: everything is admitted.");
+  if (names.length === 0)
+    return h("p", { class: "empty" }, "No limits: everything is admitted.");
   return h(
     "ul",
     { class: "gauges" },
     names.map((name) => {
       const limit = limits[name];
       const share = Math.min(limit.utilization, 1);
-      const level = limit.utilization >= 1 ? "full" : limit.utilization >= 0.8 ? "warn" : "ok";
+      const level =
+        limit.utilization >= 1
+          ? "full"
+          : limit.utilization >= 0.8
+            ? "warn"
+            : "ok";
       const fill = h("span");
       fill.style.width = `${(share * 100).toFixed(1)}%`;
       const label = `${LIMIT_LABELS[name]}: ${number(limit.used)} of ${number(limit.limit)} used`;
@@ -70,7 +76,11 @@ export function gauges(limits) {
           fill,
         ),
         limit.resets_at
-          ? h("span", { class: "resets", dataset: { resetsAt: limit.resets_at } }, resetsIn(limit.resets_at))
+          ? h(
+              "span",
+              { class: "resets", dataset: { resetsAt: limit.resets_at } },
+              resetsIn(limit.resets_at),
+            )
           : h("span", { class: "resets" }, "nothing used in this window"),
       );
     }),
@@ -86,14 +96,21 @@ function upstreamText(upstream) {
   ]) {
     const state = upstream[bucket];
     if (state && state.remaining !== null && state.limit !== null) {
-      parts.push(`${compact(state.remaining)} / ${compact(state.limit)} ${label} left`);
+      parts.push(
+        `${compact(state.remaining)} / ${compact(state.limit)} ${label} left`,
+      );
     }
   }
   return parts.length > 0 ? parts.join(", ") : "not known yet";
 }
 
 function errorCount(errors) {
-  return errors.rate_limited + errors.insufficient_quota + errors.server_error + errors.other;
+  return (
+    errors.rate_limited +
+    errors.insufficient_quota +
+    errors.server_error +
+    errors.other
+  );
 }
 
 // ----- overview -------------------------------------------------------------------------------
@@ -123,9 +140,22 @@ export class Overview {
         "div",
         { class: "toolbar" },
         h("h1", { id: "overview-title" }, "Workspaces"),
-        h("div", { class: "field" }, h("label", { for: filterId }, "Filter workspaces"), this.filter),
+        h(
+          "div",
+          { class: "field" },
+          h("label", { for: filterId }, "Filter workspaces"),
+          this.filter,
+        ),
         app.isAdmin
-          ? h("button", { type: "button", class: "button", onclick: () => this.createWorkspace() }, "New workspace")
+          ? h(
+              "button",
+              {
+                type: "button",
+                class: "button",
+                onclick: () => this.createWorkspace(),
+              },
+              "New workspace",
+            )
           : null,
       ),
       this.summary,
@@ -145,7 +175,10 @@ export class Overview {
       return;
     }
     let card = this.cards.get(id);
-    const orderChanged = !card || card.dataset.status !== doc.status || card.dataset.name !== doc.name;
+    const orderChanged =
+      !card ||
+      card.dataset.status !== doc.status ||
+      card.dataset.name !== doc.name;
     if (!card) {
       card = h("li", { class: "panel card", dataset: { workspace: id } });
       this.cards.set(id, card);
@@ -153,24 +186,45 @@ export class Overview {
     card.dataset.status = doc.status;
     card.dataset.name = doc.name;
     const errors = errorCount(doc.errors);
-    fill(card,
+    fill(
+      card,
       h(
         "div",
         { class: "card-head" },
-        h("div", {}, h("h2", {}, h("a", { href: `#/w/${encodeURIComponent(id)}` }, doc.name)), h("p", { class: "id" }, id)),
+        h(
+          "div",
+          {},
+          h(
+            "h2",
+            {},
+            h("a", { href: `#/w/${encodeURIComponent(id)}` }, doc.name),
+          ),
+          h("p", { class: "id" }, id),
+        ),
         badge(doc.status),
       ),
-      doc.reasons.length > 0 ? h("p", { class: "reasons" }, doc.reasons.map(reasonText).join("; ")) : null,
+      doc.reasons.length > 0
+        ? h("p", { class: "reasons" }, doc.reasons.map(reasonText).join("; "))
+        : null,
       gauges(doc.limits),
       h(
         "dl",
         { class: "facts" },
-        h("div", {}, h("dt", {}, "OpenAI headroom"), h("dd", {}, upstreamText(doc.upstream))),
+        h(
+          "div",
+          {},
+          h("dt", {}, "OpenAI headroom"),
+          h("dd", {}, upstreamText(doc.upstream)),
+        ),
         h(
           "div",
           {},
           h("dt", {}, "Errors, last hour"),
-          h("dd", { dataset: { role: "errors" } }, `${number(errors)}${doc.errors.refused ? ` (+${number(doc.errors.refused)} refused)` : ""}`),
+          h(
+            "dd",
+            { dataset: { role: "errors" } },
+            `${number(errors)}${doc.errors.refused ? ` (+${number(doc.errors.refused)} refused)` : ""}`,
+          ),
         ),
       ),
     );
@@ -182,17 +236,24 @@ export class Overview {
   arrange() {
     const needle = this.app.filter.trim().toLowerCase();
     const docs = [...this.app.statuses.values()].sort(
-      (a, b) => STATUS_RANK[a.status] - STATUS_RANK[b.status] || a.name.localeCompare(b.name),
+      (a, b) =>
+        STATUS_RANK[a.status] - STATUS_RANK[b.status] ||
+        a.name.localeCompare(b.name),
     );
     let shown = 0;
     let previous = null;
     for (const doc of docs) {
       const card = this.cards.get(doc.workspace);
       if (!card) continue;
-      const visible = !needle || doc.name.toLowerCase().includes(needle) || doc.workspace.includes(needle);
+      const visible =
+        !needle ||
+        doc.name.toLowerCase().includes(needle) ||
+        doc.workspace.includes(needle);
       card.hidden = !visible;
       shown += visible ? 1 : 0;
-      const expected = previous ? previous.nextElementSibling : this.list.firstElementChild;
+      const expected = previous
+        ? previous.nextElementSibling
+        : this.list.firstElementChild;
       if (expected !== card) {
         if (previous) previous.after(card);
         else this.list.prepend(card);
@@ -212,11 +273,31 @@ export class Overview {
       title: "New workspace",
       submitLabel: "Create workspace",
       fields: [
-        { name: "id", label: "Id", required: true, pattern: "[a-z0-9][a-z0-9_-]{0,62}", hint: "Lower-case letters, digits, - and _; up to 63 characters." },
+        {
+          name: "id",
+          label: "Id",
+          required: true,
+          pattern: "[a-z0-9][a-z0-9_-]{0,62}",
+          hint: "Lower-case letters, digits, - and _; up to 63 characters.",
+        },
         { name: "name", label: "Display name", hint: "Defaults to the id." },
-        { name: "timezone", label: "Timezone", value: "UTC", hint: "IANA name; days are counted in it." },
+        {
+          name: "timezone",
+          label: "Timezone",
+          value: "UTC",
+          hint: "IANA name; days are counted in it.",
+        },
         ...limitFields({}, "Empty: the server's default."),
-        { name: "warn_at", label: "Warn at", type: "number", min: 0, max: 1, step: 0.01, value: "0.8", hint: "Share of a limit that raises a warning." },
+        {
+          name: "warn_at",
+          label: "Warn at",
+          type: "number",
+          min: 0,
+          max: 1,
+          step: 0.01,
+          value: "0.8",
+          hint: "Share of a limit that raises a warning.",
+        },
       ],
       onSubmit: async (values) => {
         const settings = { id: values.id, limits: {} };
@@ -255,20 +336,33 @@ function limitFields(current, emptyMeans) {
 // ----- detail ---------------------------------------------------------------------------------
 
 const MINUTE = 60_000;
-const minuteTick = (t) => new Date(t).toLocaleTimeString("en", { hour: "2-digit", minute: "2-digit" });
-const dayTick = (t) => new Date(t).toLocaleDateString("en", { month: "short", day: "numeric" });
+const minuteTick = (t) =>
+  new Date(t).toLocaleTimeString("en", { hour: "2-digit", minute: "2-digit" });
+const dayTick = (t) =>
+  new Date(t).toLocaleDateString("en", { month: "short", day: "numeric" });
 
 export class Detail {
   constructor(app, id) {
     this.app = app;
     this.id = id;
     this.head = h("div");
-    this.limitsPanel = h("section", { class: "panel", "aria-labelledby": "limits-title" });
-    this.notificationsPanel = h("section", { class: "panel", "aria-labelledby": "notifications-title" });
-    this.upstreamPanel = h("section", { class: "panel", "aria-labelledby": "upstream-title" });
+    this.limitsPanel = h("section", {
+      class: "panel",
+      "aria-labelledby": "limits-title",
+    });
+    this.notificationsPanel = h("section", {
+      class: "panel",
+      "aria-labelledby": "notifications-title",
+    });
+    this.upstreamPanel = h("section", {
+      class: "panel",
+      "aria-labelledby": "upstream-title",
+    });
     this.hourChart = h("div", {}, h("p", { class: "empty" }, "Loading…"));
     this.dayChart = h("div", {}, h("p", { class: "empty" }, "Loading…"));
-    this.keysPanel = app.isAdmin ? h("section", { class: "panel", "aria-labelledby": "keys-title" }) : null;
+    this.keysPanel = app.isAdmin
+      ? h("section", { class: "panel", "aria-labelledby": "keys-title" })
+      : null;
     this.timers = [];
     this.element = h(
       "section",
@@ -317,7 +411,8 @@ export class Detail {
   update() {
     const doc = this.doc;
     if (!doc) {
-      fill(this.head,
+      fill(
+        this.head,
         h("h1", {}, "Workspace not found"),
         h("p", {}, `There is no workspace “${this.id}” that this key can see.`),
       );
@@ -335,7 +430,8 @@ export class Detail {
 
   renderHead(doc) {
     const app = this.app;
-    fill(this.head,
+    fill(
+      this.head,
       h(
         "div",
         { class: "detail-head" },
@@ -344,18 +440,45 @@ export class Detail {
           {},
           h("h1", {}, doc.name),
           h("p", { class: "id" }, doc.workspace),
-          h("p", { class: "status-line", dataset: { role: "status" } }, badge(doc.status), h("span", { class: "resets" }, ` since ${timeAgo(doc.since)}`)),
+          h(
+            "p",
+            { class: "status-line", dataset: { role: "status" } },
+            badge(doc.status),
+            h("span", { class: "resets" }, ` since ${timeAgo(doc.since)}`),
+          ),
         ),
         app.isAdmin
           ? h(
               "div",
               { class: "actions" },
-              h("button", { type: "button", class: "button danger", onclick: () => this.reset() }, "Reset usage"),
-              h("button", { type: "button", class: "button subtle", onclick: () => this.edit() }, "Edit settings"),
+              h(
+                "button",
+                {
+                  type: "button",
+                  class: "button danger",
+                  onclick: () => this.reset(),
+                },
+                "Reset usage",
+              ),
+              h(
+                "button",
+                {
+                  type: "button",
+                  class: "button subtle",
+                  onclick: () => this.edit(),
+                },
+                "Edit settings",
+              ),
             )
           : null,
       ),
-      doc.reasons.length > 0 ? h("p", { class: "reasons" }, `Why: ${doc.reasons.map(reasonText).join("; ")}.`) : null,
+      doc.reasons.length > 0
+        ? h(
+            "p",
+            { class: "reasons" },
+            `Why: ${doc.reasons.map(reasonText).join("; ")}.`,
+          )
+        : null,
       doc.blocked
         ? h(
             "p",
@@ -371,10 +494,20 @@ export class Detail {
   renderLimits(doc) {
     const config = this.app.configs.get(doc.workspace);
     const rows = LIMIT_NAMES.map((name) =>
-      h("tr", {}, h("th", { scope: "row" }, LIMIT_LABELS[name]), h("td", { class: "num" }, doc.limits[name] ? number(doc.limits[name].limit) : "unlimited")),
+      h(
+        "tr",
+        {},
+        h("th", { scope: "row" }, LIMIT_LABELS[name]),
+        h(
+          "td",
+          { class: "num" },
+          doc.limits[name] ? number(doc.limits[name].limit) : "unlimited",
+        ),
+      ),
     );
     this.limitsPanel.hidden = false;
-    fill(this.limitsPanel,
+    fill(
+      this.limitsPanel,
       h("h2", { id: "limits-title" }, "Usage and limits"),
       gauges(doc.limits),
       h(
@@ -384,12 +517,27 @@ export class Detail {
         h(
           "table",
           {},
-          h("tbody", {}, rows, config
-            ? [
-                h("tr", {}, h("th", { scope: "row" }, "Warn at"), h("td", { class: "num" }, percent(config.warn_at))),
-                h("tr", {}, h("th", { scope: "row" }, "Timezone"), h("td", { class: "num" }, config.timezone)),
-              ]
-            : null),
+          h(
+            "tbody",
+            {},
+            rows,
+            config
+              ? [
+                  h(
+                    "tr",
+                    {},
+                    h("th", { scope: "row" }, "Warn at"),
+                    h("td", { class: "num" }, percent(config.warn_at)),
+                  ),
+                  h(
+                    "tr",
+                    {},
+                    h("th", { scope: "row" }, "Timezone"),
+                    h("td", { class: "num" }, config.timezone),
+                  ),
+                ]
+              : null,
+          ),
         ),
       ),
     );
@@ -400,7 +548,8 @@ export class Detail {
     this.notificationsPanel.hidden = false;
     // Notifications need room to be read; an empty list does not.
     this.notificationsPanel.classList.toggle("wide", active.length > 0);
-    fill(this.notificationsPanel,
+    fill(
+      this.notificationsPanel,
       h("h2", { id: "notifications-title" }, "Active notifications"),
       active.length === 0
         ? h("p", { class: "empty" }, "None: all is well.")
@@ -410,17 +559,36 @@ export class Detail {
             active.map((notification) =>
               h(
                 "li",
-                { class: "notification", dataset: { severity: notification.severity, kind: notification.kind } },
+                {
+                  class: "notification",
+                  dataset: {
+                    severity: notification.severity,
+                    kind: notification.kind,
+                  },
+                },
                 h("p", { class: "severity" }, notification.severity),
                 h("h3", {}, notification.title),
                 h("p", {}, notification.message),
                 notification.suggested_actions.length > 0
                   ? [
                       h("p", {}, h("strong", {}, "What to do")),
-                      h("ol", { class: "suggested-actions" }, notification.suggested_actions.map((action) => h("li", {}, action))),
+                      h(
+                        "ol",
+                        { class: "suggested-actions" },
+                        notification.suggested_actions.map((action) =>
+                          h("li", {}, action),
+                        ),
+                      ),
                     ]
                   : null,
-                h("p", { class: "resets" }, `Since ${dateTime(notification.created_at)}`, notification.resolves_at ? `; resolves ${dateTime(notification.resolves_at)}` : ""),
+                h(
+                  "p",
+                  { class: "resets" },
+                  `Since ${dateTime(notification.created_at)}`,
+                  notification.resolves_at
+                    ? `; resolves ${dateTime(notification.resolves_at)}`
+                    : "",
+                ),
               ),
             ),
           ),
@@ -434,14 +602,23 @@ export class Detail {
       return h(
         "tr",
         {},
-        h("th", { scope: "row" }, bucket === "requests" ? "Requests" : "Tokens"),
-        h("td", { class: "num" }, state ? `${number(state.remaining)} / ${number(state.limit)}` : "—"),
+        h(
+          "th",
+          { scope: "row" },
+          bucket === "requests" ? "Requests" : "Tokens",
+        ),
+        h(
+          "td",
+          { class: "num" },
+          state ? `${number(state.remaining)} / ${number(state.limit)}` : "—",
+        ),
         h("td", {}, state?.resets_at ? resetsIn(state.resets_at) : "—"),
       );
     });
     const last = errors.last;
     this.upstreamPanel.hidden = false;
-    fill(this.upstreamPanel,
+    fill(
+      this.upstreamPanel,
       h("h2", { id: "upstream-title" }, "OpenAI"),
       h(
         "div",
@@ -449,8 +626,22 @@ export class Detail {
         h(
           "table",
           {},
-          h("caption", { class: "visually-hidden" }, "What OpenAI last reported as remaining"),
-          h("thead", {}, h("tr", {}, h("th", {}, "Headroom"), h("th", { class: "num" }, "Remaining / limit"), h("th", {}, "Resets"))),
+          h(
+            "caption",
+            { class: "visually-hidden" },
+            "What OpenAI last reported as remaining",
+          ),
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              h("th", {}, "Headroom"),
+              h("th", { class: "num" }, "Remaining / limit"),
+              h("th", {}, "Resets"),
+            ),
+          ),
           h("tbody", {}, upstreamRows),
         ),
       ),
@@ -474,7 +665,14 @@ export class Detail {
             ["Server errors and timeouts", errors.server_error],
             ["Other errors", errors.other],
             ["Refused by quotawatch", errors.refused],
-          ].map(([label, count]) => h("tr", {}, h("th", { scope: "row" }, label), h("td", { class: "num" }, number(count)))),
+          ].map(([label, count]) =>
+            h(
+              "tr",
+              {},
+              h("th", { scope: "row" }, label),
+              h("td", { class: "num" }, number(count)),
+            ),
+          ),
         ),
       ),
       last
@@ -482,7 +680,13 @@ export class Detail {
             "div",
             { class: "last-error" },
             h("h3", {}, "Most recent upstream error"),
-            h("p", {}, `${dateTime(last.at)}: HTTP ${last.status_code}`, last.code ? ` (${last.code})` : "", last.type && last.type !== last.code ? `, ${last.type}` : ""),
+            h(
+              "p",
+              {},
+              `${dateTime(last.at)}: HTTP ${last.status_code}`,
+              last.code ? ` (${last.code})` : "",
+              last.type && last.type !== last.code ? `, ${last.type}` : "",
+            ),
             last.message ? h("p", {}, h("code", {}, last.message)) : null,
           )
         : h("p", { class: "empty" }, "No upstream errors recorded."),
@@ -505,12 +709,25 @@ export class Detail {
         const history = await api.history(this.id, window, step);
         fill(target, usageChart({ title, points: history.points, tick }));
       } catch (error) {
-        fill(target, h("p", { class: "form-error" }, `History unavailable: ${error.message}`));
+        fill(
+          target,
+          h(
+            "p",
+            { class: "form-error" },
+            `History unavailable: ${error.message}`,
+          ),
+        );
       }
     };
     const jobs = [];
-    if (which !== "days") jobs.push(load(this.hourChart, "1h", "1m", "Last hour, per minute", minuteTick));
-    if (which !== "hour") jobs.push(load(this.dayChart, "30d", "1d", "Last 30 days, per day", dayTick));
+    if (which !== "days")
+      jobs.push(
+        load(this.hourChart, "1h", "1m", "Last hour, per minute", minuteTick),
+      );
+    if (which !== "hour")
+      jobs.push(
+        load(this.dayChart, "30d", "1d", "Last 30 days, per day", dayTick),
+      );
     await Promise.all(jobs);
   }
 
@@ -520,10 +737,15 @@ export class Detail {
     try {
       keys = (await this.app.api.keys(this.id)).keys;
     } catch (error) {
-      fill(this.keysPanel, h("h2", { id: "keys-title" }, "API keys"), h("p", { class: "form-error" }, error.message));
+      fill(
+        this.keysPanel,
+        h("h2", { id: "keys-title" }, "API keys"),
+        h("p", { class: "form-error" }, error.message),
+      );
       return;
     }
-    fill(this.keysPanel,
+    fill(
+      this.keysPanel,
       h("h2", { id: "keys-title" }, "API keys"),
       h(
         "div",
@@ -531,7 +753,18 @@ export class Detail {
         h(
           "table",
           { class: "keys" },
-          h("thead", {}, h("tr", {}, h("th", {}, "Key"), h("th", {}, "Created"), h("th", {}, "State"), h("th", {}, h("span", { class: "visually-hidden" }, "Actions")))),
+          h(
+            "thead",
+            {},
+            h(
+              "tr",
+              {},
+              h("th", {}, "Key"),
+              h("th", {}, "Created"),
+              h("th", {}, "State"),
+              h("th", {}, h("span", { class: "visually-hidden" }, "Actions")),
+            ),
+          ),
           h(
             "tbody",
             {},
@@ -541,20 +774,43 @@ export class Detail {
                 { dataset: { key: key.id } },
                 h("td", {}, h("code", {}, `${key.prefix}…`)),
                 h("td", {}, dateTime(key.created_at)),
-                h("td", {}, key.revoked_at ? `revoked ${dateTime(key.revoked_at)}` : "active"),
+                h(
+                  "td",
+                  {},
+                  key.revoked_at
+                    ? `revoked ${dateTime(key.revoked_at)}`
+                    : "active",
+                ),
                 h(
                   "td",
                   {},
                   key.revoked_at
                     ? null
-                    : h("button", { type: "button", class: "button subtle", "aria-label": `Revoke key ${key.prefix}…`, onclick: () => this.revoke(key) }, "Revoke"),
+                    : h(
+                        "button",
+                        {
+                          type: "button",
+                          class: "button subtle",
+                          "aria-label": `Revoke key ${key.prefix}…`,
+                          onclick: () => this.revoke(key),
+                        },
+                        "Revoke",
+                      ),
                 ),
               ),
             ),
           ),
         ),
       ),
-      h("div", { class: "actions" }, h("button", { type: "button", class: "button", onclick: () => this.createKey() }, "Create key")),
+      h(
+        "div",
+        { class: "actions" },
+        h(
+          "button",
+          { type: "button", class: "button", onclick: () => this.createKey() },
+          "Create key",
+        ),
+      ),
     );
   }
 
@@ -570,7 +826,13 @@ export class Detail {
     try {
       await this.app.api.reset(this.id);
     } catch (error) {
-      this.app.toasts.show({ workspace: this.id, status: "error", title: "Reset failed", text: error.message, sticky: true });
+      this.app.toasts.show({
+        workspace: this.id,
+        status: "error",
+        title: "Reset failed",
+        text: error.message,
+        sticky: true,
+      });
     }
   }
 
@@ -581,13 +843,38 @@ export class Detail {
       title: `Settings of ${config.name}`,
       submitLabel: "Save",
       fields: [
-        { name: "name", label: "Display name", value: config.name, required: true },
-        { name: "timezone", label: "Timezone", value: config.timezone, required: true, hint: "IANA name; days are counted in it." },
+        {
+          name: "name",
+          label: "Display name",
+          value: config.name,
+          required: true,
+        },
+        {
+          name: "timezone",
+          label: "Timezone",
+          value: config.timezone,
+          required: true,
+          hint: "IANA name; days are counted in it.",
+        },
         ...limitFields(config.limits, "Empty: unlimited."),
-        { name: "warn_at", label: "Warn at", type: "number", min: 0, max: 1, step: 0.01, value: String(config.warn_at), hint: "Share of a limit that raises a warning." },
+        {
+          name: "warn_at",
+          label: "Warn at",
+          type: "number",
+          min: 0,
+          max: 1,
+          step: 0.01,
+          value: String(config.warn_at),
+          hint: "Share of a limit that raises a warning.",
+        },
       ],
       onSubmit: async (values) => {
-        const limits = Object.fromEntries(LIMIT_NAMES.map((name) => [name, values[name] === "" ? null : Number(values[name])]));
+        const limits = Object.fromEntries(
+          LIMIT_NAMES.map((name) => [
+            name,
+            values[name] === "" ? null : Number(values[name]),
+          ]),
+        );
         await this.app.api.updateWorkspace(this.id, {
           name: values.name,
           timezone: values.timezone,
@@ -609,7 +896,13 @@ export class Detail {
         secret: key.key,
       });
     } catch (error) {
-      this.app.toasts.show({ workspace: this.id, status: "error", title: "Key not created", text: error.message, sticky: true });
+      this.app.toasts.show({
+        workspace: this.id,
+        status: "error",
+        title: "Key not created",
+        text: error.message,
+        sticky: true,
+      });
     }
     await this.loadKeys();
   }
@@ -625,7 +918,13 @@ export class Detail {
     try {
       await this.app.api.revokeKey(this.id, key.id);
     } catch (error) {
-      this.app.toasts.show({ workspace: this.id, status: "error", title: "Key not revoked", text: error.message, sticky: true });
+      this.app.toasts.show({
+        workspace: this.id,
+        status: "error",
+        title: "Key not revoked",
+        text: error.message,
+        sticky: true,
+      });
     }
     await this.loadKeys();
   }

@@ -2,11 +2,7 @@
 // and the QuotaMonitor that follows them live.
 
 export type Status = "normal" | "warning" | "rate_limited" | "quota_exceeded";
-export type LimitName =
-  | "requests_per_minute"
-  | "requests_per_day"
-  | "tokens_per_minute"
-  | "tokens_per_day";
+export type LimitName = "requests_per_minute" | "requests_per_day" | "tokens_per_minute" | "tokens_per_day";
 
 export interface LimitState {
   limit: number;

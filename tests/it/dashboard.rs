@@ -350,3 +350,85 @@ async fn the_dashboard_reconnects_and_resyncs_after_the_server_restarts() {
     browser.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn the_dashboard_and_client_library_are_served_from_the_binary() {
+    let server = TestServer::start(&[]).await;
+    let page = server
+        .client
+        .get(server.url("/"))
+        .send()
+        .await
+        .expect("page");
+    assert_eq!(page.status(), StatusCode::OK);
+    let header = |response: &reqwest::Response, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned)
+            .unwrap_or_default()
+    };
+    assert!(header(&page, "content-type").starts_with("text/html"));
+    let policy = header(&page, "content-security-policy");
+    assert!(
+        policy.contains("script-src 'self'") && policy.contains("frame-ancestors 'none'"),
+        "{policy}"
+    );
+    assert_eq!(header(&page, "x-content-type-options"), "nosniff");
+    assert!(
+        page.text()
+            .await
+            .expect("html")
+            .contains("/dashboard/app.js")
+    );
+
+    for (path, content_type, needle) in [
+        (
+            "/sdk/quota-client.js",
+            "text/javascript",
+            "export class QuotaMonitor",
+        ),
+        (
+            "/sdk/quota-client.d.ts",
+            "application/typescript",
+            "export class QuotaMonitor",
+        ),
+        ("/dashboard/app.js", "text/javascript", "QuotaMonitor"),
+        (
+            "/dashboard/style.css",
+            "text/css",
+            "prefers-color-scheme: dark",
+        ),
+    ] {
+        let response = server
+            .client
+            .get(server.url(path))
+            .send()
+            .await
+            .expect("asset");
+        assert_eq!(response.status(), StatusCode::OK, "{path}");
+        assert!(
+            header(&response, "content-type").starts_with(content_type),
+            "{path}"
+        );
+        let etag = header(&response, "etag");
+        assert!(
+            response.text().await.expect("text").contains(needle),
+            "{path}"
+        );
+        // Unchanged: the browser's cached copy is confirmed, not sent again.
+        let again = server
+            .client
+            .get(server.url(path))
+            .header("if-none-match", &etag)
+            .send()
+            .await
+            .expect("asset");
+        assert_eq!(again.status(), StatusCode::NOT_MODIFIED, "{path}");
+    }
+    let missing = server.get("/dashboard/nope.js", "").await;
+    assert_eq!(missing.status, StatusCode::NOT_FOUND);
+    assert_eq!(missing.error_code(), "unknown_route");
+    server.stop().await;
+}

@@ -382,21 +382,45 @@ async fn revoking_a_key_closes_its_connections() {
             .expect("message")
             .contains("revoked")
     );
-    let close = tokio::time::timeout(Duration::from_secs(2), async {
+    assert_eq!(
+        close_code(&mut ws).await,
+        Some(1008),
+        "closed as a policy violation, so clients do not reconnect"
+    );
+    server.stop().await;
+}
+
+/// Waits for the server to close `ws`; returns the close frame's code.
+async fn close_code(ws: &mut Ws) -> Option<u16> {
+    tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match ws.next().await {
-                Some(Ok(Message::Close(frame))) => return frame,
+                Some(Ok(Message::Close(frame))) => return frame.map(|frame| u16::from(frame.code)),
                 None | Some(Err(_)) => return None,
                 Some(Ok(_)) => {}
             }
         }
     })
     .await
-    .expect("the connection is closed");
+    .expect("the connection is closed")
+}
+
+#[tokio::test]
+async fn shutting_down_closes_connections_as_going_away() {
+    let mut server = TestServer::start(&[]).await;
+    let mut ws = connect(&server, ADMIN_KEY, "").await;
+    next_json(&mut ws, Duration::from_secs(1)).await;
+    server.restart().await;
     assert_eq!(
-        close.map(|frame| u16::from(frame.code)),
-        Some(1008),
-        "closed as a policy violation, so clients do not reconnect"
+        close_code(&mut ws).await,
+        Some(1001),
+        "going away: clients reconnect, here or to another replica"
+    );
+    // The restarted server, on the same address, takes connections again.
+    let mut again = connect(&server, ADMIN_KEY, "").await;
+    assert_eq!(
+        next_json(&mut again, Duration::from_secs(2)).await["type"],
+        "status"
     );
     server.stop().await;
 }

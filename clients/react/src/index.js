@@ -1,0 +1,185 @@
+// React pieces for showing quotawatch state inside an app:
+//
+//   const quota = useQuotaMonitor({ baseUrl, token });
+//   <QuotaNotification {...quota} />
+//   <QuotaToast {...quota} />
+//
+// Written with createElement rather than JSX, so the package needs no build
+// step. Components render plain elements with `quota-*` class names and
+// data attributes, for the app's own styles.
+
+import { createElement as h, useEffect, useRef, useState } from "react";
+import { QuotaMonitor } from "@quotawatch/client";
+
+const SEVERITY_RANK = { critical: 0, warning: 1, info: 2 };
+
+const STATUS_LABELS = {
+  normal: "back to normal",
+  warning: "approaching a limit",
+  rate_limited: "rate limited",
+  quota_exceeded: "quota exceeded",
+};
+
+/** The active notifications after `event` (raised, resolved or snapshot). */
+export function applyNotificationEvent(active, event) {
+  if (event.event === "snapshot") return event.notifications;
+  const others = active.filter((notification) => notification.id !== event.data.id);
+  return event.event === "raised" ? [...others, event.data] : others;
+}
+
+/**
+ * Follows one workspace live: `{status, notifications, connected, error}`.
+ * Pass `{baseUrl, token}` (a workspace key; with the admin key, also
+ * `workspace`), or `{monitor}` to share a QuotaMonitor you manage.
+ */
+export function useQuotaMonitor({ baseUrl, token, workspace, monitor: shared } = {}) {
+  const [state, setState] = useState({
+    status: null,
+    notifications: [],
+    connected: false,
+    error: null,
+  });
+  useEffect(() => {
+    if (!shared && (!baseUrl || !token)) return undefined;
+    const monitor = shared ?? new QuotaMonitor({ baseUrl, token, workspace });
+    let mounted = true;
+    const update = (change) => {
+      if (mounted) setState((current) => ({ ...current, ...change(current) }));
+    };
+    const stops = [
+      monitor.on("status", ({ data }) => update(() => ({ status: data }))),
+      monitor.on("notification", (event) =>
+        update((current) => ({ notifications: applyNotificationEvent(current.notifications, event) })),
+      ),
+      monitor.on("connection", ({ state: connection, error }) =>
+        update((current) => ({
+          connected: connection === "open",
+          error: connection === "open" ? null : (error ?? current.error),
+        })),
+      ),
+    ];
+    monitor
+      .getStatus()
+      .then((status) => update((current) => ({ status: current.status ?? status })))
+      .catch((error) => update(() => ({ error })));
+    monitor.subscribe();
+    return () => {
+      mounted = false;
+      for (const stop of stops) stop();
+      if (!shared) monitor.close();
+    };
+  }, [baseUrl, token, workspace, shared]);
+  return state;
+}
+
+/** The most pressing active notification: the most severe, then the newest. */
+export function pressingNotification(notifications) {
+  return [...notifications].sort(
+    (a, b) =>
+      (SEVERITY_RANK[a.severity] ?? 3) - (SEVERITY_RANK[b.severity] ?? 3) ||
+      Date.parse(b.created_at) - Date.parse(a.created_at),
+  )[0];
+}
+
+/**
+ * A banner for the most pressing active notification, with its suggested
+ * actions; renders nothing while the workspace is normal.
+ */
+export function QuotaNotification({ status, notifications = [], className }) {
+  const notification = pressingNotification(notifications);
+  if (!notification || !status || status.status === "normal") return null;
+  return h(
+    "div",
+    {
+      className: ["quota-notification", className].filter(Boolean).join(" "),
+      role: notification.severity === "critical" ? "alert" : "status",
+      "data-severity": notification.severity,
+      "data-kind": notification.kind,
+    },
+    h("strong", { className: "quota-notification-title" }, notification.title),
+    h("p", { className: "quota-notification-message" }, notification.message),
+    notification.suggested_actions.length > 0
+      ? h(
+          "ul",
+          { className: "quota-notification-actions" },
+          notification.suggested_actions.map((action) => h("li", { key: action }, action)),
+        )
+      : null,
+  );
+}
+
+let nextToastId = 0;
+
+/**
+ * Toasts on status transitions. They dismiss themselves after `timeoutMs`,
+ * except `quota_exceeded`, which waits for the user: someone has to act.
+ */
+export function QuotaToast({ status, timeoutMs = 6000, className }) {
+  const [toasts, setToasts] = useState([]);
+  const previous = useRef(null);
+  const timers = useRef(new Map());
+
+  const dismiss = (id) => {
+    clearTimeout(timers.current.get(id));
+    timers.current.delete(id);
+    setToasts((current) => current.filter((toast) => toast.id !== id));
+  };
+
+  useEffect(() => {
+    if (!status) return;
+    const before = previous.current;
+    previous.current = status.status;
+    if (!before || before === status.status) return;
+    nextToastId += 1;
+    const toast = {
+      id: nextToastId,
+      status: status.status,
+      title: `${status.name}: ${STATUS_LABELS[status.status] ?? status.status}`,
+      reasons: status.reasons,
+    };
+    setToasts((current) => [...current, toast]);
+    if (status.status !== "quota_exceeded") {
+      timers.current.set(
+        toast.id,
+        setTimeout(() => dismiss(toast.id), timeoutMs),
+      );
+    }
+  }, [status, timeoutMs]);
+
+  useEffect(() => {
+    const pending = timers.current;
+    return () => {
+      for (const timer of pending.values()) clearTimeout(timer);
+    };
+  }, []);
+
+  return h(
+    "div",
+    { className: ["quota-toasts", className].filter(Boolean).join(" "), "aria-live": "polite" },
+    toasts.map((toast) =>
+      h(
+        "div",
+        {
+          key: toast.id,
+          className: "quota-toast",
+          role: toast.status === "quota_exceeded" ? "alert" : "status",
+          "data-status": toast.status,
+        },
+        h("span", { className: "quota-toast-title" }, toast.title),
+        toast.reasons.length > 0
+          ? h("span", { className: "quota-toast-reasons" }, ` (${toast.reasons.join(", ")})`)
+          : null,
+        h(
+          "button",
+          {
+            type: "button",
+            className: "quota-toast-dismiss",
+            onClick: () => dismiss(toast.id),
+            "aria-label": `Dismiss: ${toast.title}`,
+          },
+          "Dismiss",
+        ),
+      ),
+    ),
+  );
+}
