@@ -60,6 +60,33 @@ async fn sign_in(browser: &Browser, server: &TestServer, key: &str) {
         .await;
 }
 
+/// The lowest contrast ratio (WCAG) between the text and the background of
+/// the page's text elements.
+const LOWEST_CONTRAST: &str = r#"
+const luminance = (color) => {
+  const [r, g, b] = color.match(/[\d.]+/g).slice(0, 3).map(Number).map((v) => {
+    v /= 255;
+    return v <= 0.03928 ? v / 12.92 : ((v + 0.055) / 1.055) ** 2.4;
+  });
+  return 0.2126 * r + 0.7152 * g + 0.0722 * b;
+};
+const background = (element) => {
+  for (; element; element = element.parentElement) {
+    const color = getComputedStyle(element).backgroundColor;
+    if (color !== "rgba(0, 0, 0, 0)" && color !== "transparent") return color;
+  }
+  return "rgb(255, 255, 255)";
+};
+const ratio = (a, b) => {
+  const [light, dark] = [luminance(a), luminance(b)].sort((x, y) => y - x);
+  return (light + 0.05) / (dark + 0.05);
+};
+const texts = document.querySelectorAll(
+  ".badge, .card h2 a, .id, .resets, .facts dt, .facts dd, .gauge-label, .summary, .button, label, .toast p, .connection-text"
+);
+return Math.min(...[...texts].map((e) => ratio(getComputedStyle(e).color, background(e))));
+"#;
+
 fn card(workspace: &str) -> String {
     format!("li.card[data-workspace=\"{workspace}\"]")
 }
@@ -112,6 +139,34 @@ async fn the_dashboard_follows_usage_blocks_and_resets_live() {
         .script("return document.querySelector('li.card:not([hidden])').dataset.workspace")
         .await;
     assert_eq!(first, json!("acme"), "the blocked workspace comes first");
+    let contrast = browser.script(LOWEST_CONTRAST).await;
+    assert!(
+        contrast.as_f64().expect("a ratio") >= 4.5,
+        "contrast {contrast}"
+    );
+
+    // Filtering by name hides the others.
+    browser.type_into("#workspace-filter", "beta l").await;
+    browser
+        .wait_text(".summary", PATIENCE, |text| text.starts_with("1 of 3"))
+        .await;
+    let visible = browser
+        .script("return [...document.querySelectorAll('li.card:not([hidden])')].map(c => c.dataset.workspace)")
+        .await;
+    assert_eq!(visible, json!(["beta"]));
+    // Cleared as a user does (WebDriver's clear fires no input event):
+    // select all, then delete.
+    browser
+        .find("#workspace-filter")
+        .await
+        .send_keys("\u{e009}a\u{e000}\u{e003}")
+        .await
+        .expect("clear the filter");
+    browser
+        .wait_text(".summary", PATIENCE, |text| {
+            text.starts_with("3 workspaces")
+        })
+        .await;
     browser.screenshot("overview-desktop").await;
 
     // The detail page explains what to do.
@@ -142,6 +197,8 @@ async fn the_dashboard_follows_usage_blocks_and_resets_live() {
         .await;
     let status: Value = server.status(&acme).await;
     assert_eq!(status["status"], "normal");
+    // Good news dismisses itself.
+    browser.wait_gone(".toast[data-workspace=acme]").await;
     assert_eq!(
         call(&server, &acme, "ok").await,
         StatusCode::OK,
@@ -171,6 +228,11 @@ async fn the_dashboard_follows_usage_blocks_and_resets_live() {
         .script("return getComputedStyle(document.body).backgroundColor")
         .await;
     assert_eq!(background, json!("rgb(17, 19, 24)"));
+    let contrast = browser.script(LOWEST_CONTRAST).await;
+    assert!(
+        contrast.as_f64().expect("a ratio") >= 4.5,
+        "dark contrast {contrast}"
+    );
     browser.screenshot("overview-mobile-dark").await;
     browser.viewport(1280, 900, false).await;
     browser.screenshot("overview-desktop-dark").await;
@@ -208,6 +270,14 @@ async fn admins_create_workspaces_change_limits_and_manage_keys_from_the_ui() {
     assert_eq!(seen.status, StatusCode::OK);
     assert_eq!(seen.body["workspace"], "gamma", "the key shown works");
     assert_eq!(seen.body["limits"]["tokens_per_minute"]["limit"], 5000);
+    // Copy puts the key on the clipboard, or, where the browser refuses,
+    // selects it for copying by hand.
+    browser.click("dialog[open] .secret button").await;
+    browser
+        .wait_text("dialog[open] [role=status]", PATIENCE, |text| {
+            text.contains("Copied") || text.contains("Selected")
+        })
+        .await;
     browser.click("dialog[open] .actions button").await;
     browser.wait_gone("dialog[open]").await;
     browser.find(&card("gamma")).await;
@@ -274,7 +344,16 @@ async fn a_workspace_key_sees_only_its_workspace() {
         return;
     };
     let (_upstream, server, _acme, beta) = setup().await;
-    sign_in(&browser, &server, &beta).await;
+    // Signed in with the keyboard alone: the key, then Enter.
+    browser
+        .client
+        .goto(&server.url("/"))
+        .await
+        .expect("open the dashboard");
+    browser.type_into("#key", &format!("{beta}\u{e007}")).await;
+    browser
+        .wait_text("#connection", PATIENCE, |text| text.contains("Live"))
+        .await;
     browser.find(&card("beta")).await;
     let cards = browser
         .script("return document.querySelectorAll('li.card').length")
@@ -288,6 +367,17 @@ async fn a_workspace_key_sees_only_its_workspace() {
         json!(0),
         "no admin actions for a workspace key"
     );
+    // Links work from the keyboard, and the page shows no admin actions.
+    browser
+        .find(&format!("{} h2 a", card("beta")))
+        .await
+        .send_keys("\u{e007}")
+        .await
+        .expect("Enter on the link");
+    browser
+        .wait_text("main h1", PATIENCE, |text| text == "Beta Labs")
+        .await;
+    assert!(browser.text(".detail-head .actions").await.is_none());
     browser
         .client
         .goto(&server.url("/#/w/acme"))
