@@ -15,8 +15,9 @@ use crate::admin::{Admin, AdminError, WorkspaceSpec};
 use crate::api::{self, AppState, Shared};
 use crate::config::Config;
 use crate::engine::flush::{self, FlushHandle};
-use crate::engine::{Engine, SystemClock};
+use crate::engine::{Engine, SharedCounting, SystemClock};
 use crate::keys::{KeyHash, PlainKey};
+use crate::shared::{RedisCounters, SharedError};
 use crate::store::{Store, StoreError};
 
 /// How often time-driven changes (windows sliding, blocks expiring) are
@@ -33,6 +34,8 @@ pub enum StartError {
     Store(#[from] StoreError),
     #[error("cannot apply a workspace declared in the configuration: {0}")]
     Declared(#[from] AdminError),
+    #[error("cannot use Redis: {0}")]
+    Shared(#[from] SharedError),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -121,11 +124,12 @@ pub async fn start(
     let offline_admin = Admin::new(store.clone(), None, config.defaults);
     let default_workspace_key = bootstrap_workspaces(&config, &offline_admin, &store).await?;
 
-    let engine = Arc::new(Engine::new(
-        config.engine,
-        config.defaults,
-        Arc::new(SystemClock),
-    ));
+    let mut engine = Engine::new(config.engine, config.defaults, Arc::new(SystemClock));
+    if let Some(redis) = &config.redis {
+        let counters = RedisCounters::new(&redis.url, &redis.prefix, redis.timeout)?;
+        engine.share_counters(SharedCounting::new(counters, redis.on_store_error));
+    }
+    let engine = Arc::new(engine);
     let catalog = store.load_catalog().await?;
     let states = store.load_states().await?;
     let active = store.notifications(None, false, i64::MAX).await?;
@@ -202,6 +206,7 @@ async fn tick(engine: Arc<Engine>) {
     loop {
         interval.tick().await;
         engine.tick();
+        engine.probe_shared_store().await;
     }
 }
 

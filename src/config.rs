@@ -16,7 +16,7 @@ use serde::Deserialize;
 
 use crate::admin::WorkspaceSpec;
 use crate::domain::limits::{
-    LimitKind, Limits, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
+    LimitKind, Limits, OnStoreError, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
 };
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
@@ -60,6 +60,11 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { key: "tokenizer", env: "QUOTAWATCH_TOKENIZER", default: Some("tiktoken"), secret: false, help: "how prompts are counted at admission: tiktoken (exact, ~4 MiB per encoding) or bytes (4 bytes per token)" },
     SettingDef { key: "metrics_models", env: "QUOTAWATCH_METRICS_MODELS", default: Some("gpt-5,gpt-5-mini,gpt-5-nano,gpt-4.1,gpt-4.1-mini,gpt-4.1-nano,gpt-4o,gpt-4o-mini,o3,o4-mini,text-embedding-3-small,text-embedding-3-large"), secret: false, help: "models that get their own metrics label; others are counted as other" },
     SettingDef { key: "metrics_public", env: "QUOTAWATCH_METRICS_PUBLIC", default: Some("false"), secret: false, help: "serve /metrics without the admin key" },
+    SettingDef { key: "redis_url", env: "QUOTAWATCH_REDIS_URL", default: None, secret: false, help: "redis://HOST:PORT/DB: share counters, blocks and live events with other instances (unset: this instance counts alone)" },
+    SettingDef { key: "redis_prefix", env: "QUOTAWATCH_REDIS_PREFIX", default: Some("quotawatch:"), secret: false, help: "prefix of every Redis key and channel; instances that share limits use the same one" },
+    SettingDef { key: "redis_timeout", env: "QUOTAWATCH_REDIS_TIMEOUT", default: Some("50ms"), secret: false, help: "longest wait for any Redis call before the on_store_error fallback applies" },
+    SettingDef { key: "on_store_error", env: "QUOTAWATCH_ON_STORE_ERROR", default: Some("local"), secret: false, help: "while Redis is unreachable: local (each instance enforces limit/replicas), closed (refuse with 503) or open (admit, count locally)" },
+    SettingDef { key: "replicas", env: "QUOTAWATCH_REPLICAS", default: Some("1"), secret: false, help: "how many instances share the limits; each enforces 1/replicas of them while Redis is unreachable" },
 ];
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -148,6 +153,14 @@ pub struct UpstreamConfig {
 }
 
 #[derive(Clone, Debug)]
+pub struct RedisConfig {
+    pub url: String,
+    pub prefix: String,
+    pub timeout: Duration,
+    pub on_store_error: OnStoreError,
+}
+
+#[derive(Clone, Debug)]
 pub struct Config {
     pub listen: SocketAddr,
     pub database_url: String,
@@ -163,6 +176,8 @@ pub struct Config {
     /// Models that get their own metrics label.
     pub metrics_models: Vec<String>,
     pub metrics_public: bool,
+    /// Counters shared with other instances, when configured.
+    pub redis: Option<RedisConfig>,
     /// Workspaces declared in the TOML file, applied at start-up.
     pub workspaces: Vec<(String, WorkspaceSpec)>,
     pub effective: Vec<Effective>,
@@ -481,6 +496,50 @@ fn build(
         )
     })?;
 
+    let (replicas_text, replicas_source) = required("replicas");
+    let instances = replicas_text
+        .parse::<u32>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| {
+            fail(
+                "replicas",
+                replicas_source,
+                format!("{replicas_text:?} is not a whole number of at least 1"),
+            )
+        })?;
+    let (on_error_text, on_error_source) = required("on_store_error");
+    let on_store_error = match on_error_text {
+        "local" => OnStoreError::Local { instances },
+        "closed" => OnStoreError::Closed,
+        "open" => OnStoreError::Open,
+        other => {
+            return Err(fail(
+                "on_store_error",
+                on_error_source,
+                format!("{other:?} is none of local, closed and open"),
+            ));
+        }
+    };
+    let redis = match get("redis_url") {
+        None | Some(("", _)) => None,
+        Some((url, source)) => {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err(fail(
+                    "redis_url",
+                    source,
+                    format!("{:?} is not a redis:// URL", mask_password(url)),
+                ));
+            }
+            Some(RedisConfig {
+                url: url.to_owned(),
+                prefix: required("redis_prefix").0.to_owned(),
+                timeout: duration("redis_timeout")?,
+                on_store_error,
+            })
+        }
+    };
+
     let workspaces = declared
         .into_iter()
         .enumerate()
@@ -497,7 +556,7 @@ fn build(
             let shown = match (setting.secret, value.is_empty()) {
                 (_, true) => "(unset)".to_owned(),
                 (true, false) => "******** (set)".to_owned(),
-                (false, false) if setting.key == "database_url" => mask_password(&value),
+                (false, false) if setting.key.ends_with("_url") => mask_password(&value),
                 (false, false) => value,
             };
             Effective {
@@ -535,6 +594,7 @@ fn build(
         },
         metrics_models,
         metrics_public,
+        redis,
         workspaces,
         effective,
     })

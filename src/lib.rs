@@ -14,5 +14,6 @@ pub mod metrics;
 pub mod mock;
 pub mod openai;
 pub mod proxy;
+pub mod shared;
 pub mod store;
 pub mod telemetry;

@@ -36,6 +36,8 @@ export interface StatusDocument {
   since: string;
   /** Machine-readable causes, highest first, e.g. `requests_per_day_exhausted`. */
   reasons: string[];
+  /** True while this instance cannot reach the shared counters and enforces limits on its own. */
+  degraded: boolean;
   /** Whether a request would be refused right now. */
   blocked: boolean;
   retry_after_seconds: number | null;
@@ -67,7 +69,8 @@ export interface Notification {
     | "upstream_rate_limited"
     | "upstream_quota_exhausted"
     | "upstream_errors"
-    | "storage_unavailable";
+    | "storage_unavailable"
+    | "shared_store_unavailable";
   title: string;
   message: string;
   suggested_actions: string[];

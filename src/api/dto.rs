@@ -165,6 +165,10 @@ pub struct StatusDoc {
     pub since: String,
     /// Machine-readable causes, highest first, e.g. `requests_per_day_exhausted`.
     pub reasons: Vec<String>,
+    /// True while this instance cannot reach the shared counters (Redis)
+    /// and enforces limits on its own, as `QUOTAWATCH_ON_STORE_ERROR` says;
+    /// `reasons` then includes `shared_store_unreachable`.
+    pub degraded: bool,
     /// Whether a request would be refused right now.
     pub blocked: bool,
     /// Seconds until a request can succeed, when blocked and known.
@@ -189,6 +193,7 @@ impl From<&Snapshot> for StatusDoc {
             status: snapshot.status.name().to_owned(),
             since: rfc3339(snapshot.since),
             reasons: snapshot.reasons.clone(),
+            degraded: snapshot.degraded,
             blocked: snapshot.blocked,
             retry_after_seconds: snapshot
                 .retry_at
@@ -239,8 +244,8 @@ pub struct NotificationDoc {
     /// `info`, `warning` or `critical`.
     pub severity: String,
     /// `approaching_limit`, `rate_limited`, `daily_quota_exhausted`,
-    /// `upstream_rate_limited`, `upstream_quota_exhausted`, `upstream_errors`
-    /// or `storage_unavailable`.
+    /// `upstream_rate_limited`, `upstream_quota_exhausted`, `upstream_errors`,
+    /// `storage_unavailable` or `shared_store_unavailable`.
     pub kind: String,
     pub title: String,
     pub message: String,

@@ -146,6 +146,14 @@ impl From<EngineError> for ApiError {
                 error.to_string(),
             )
             .with_param("reservation_id"),
+            // A short outage of the shared counters: retrying soon helps.
+            EngineError::SharedStore(_) => ApiError::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "server_error",
+                "shared_store_unavailable",
+                error.to_string(),
+            )
+            .with_header("x-should-retry", "true"),
         }
     }
 }

@@ -64,6 +64,7 @@ pub async fn status(
 ) -> Result<Json<StatusAnswer>, ApiError> {
     let answer = match auth.scope(&state.engine, query.workspace.as_deref())? {
         Scope::One(id) => {
+            state.engine.refresh(&id).await?;
             StatusAnswer::One(Box::new(StatusDoc::from(&state.engine.snapshot(&id)?)))
         }
         Scope::All => StatusAnswer::All(StatusListDoc {
@@ -190,13 +191,16 @@ pub async fn check(
     let estimated_tokens =
         plausible_tokens(request.estimated_tokens.unwrap_or(0), "estimated_tokens")?;
     let now = state.engine.now();
-    let decision = state.engine.check(
-        &workspace,
-        Request {
-            estimated_tokens,
-            model: request.model.map(Into::into),
-        },
-    )?;
+    let decision = state
+        .engine
+        .admit(
+            &workspace,
+            Request {
+                estimated_tokens,
+                model: request.model.map(Into::into),
+            },
+        )
+        .await?;
     match decision.result {
         Ok(reservation) => {
             let answer = CheckResponse {
@@ -328,7 +332,7 @@ pub async fn usage(
         }),
         latency_ms: body.latency_ms,
     };
-    let reported = state.engine.report(&workspace, report)?;
+    let reported = state.engine.settle(&workspace, report).await?;
     if reported.missing_reservation {
         // The upstream's answer counted all the same; only the settlement
         // could not happen.
@@ -374,7 +378,7 @@ pub async fn reset(
             ));
         }
     };
-    let reset = state.engine.reset(target.as_ref())?;
+    let reset = state.engine.reset_everywhere(target.as_ref()).await?;
     tracing::info!(workspaces = ?reset.iter().map(ToString::to_string).collect::<Vec<_>>(), "usage reset by admin");
     Ok(Json(ResetResponse {
         reset: reset.iter().map(ToString::to_string).collect(),

@@ -4,7 +4,7 @@
 //! carry the numbers and the concrete next steps, because an alert that only
 //! says "quota exceeded" sends its reader searching.
 
-use super::limits::{LimitKind, Span, WorkspaceConfig};
+use super::limits::{LimitKind, OnStoreError, Span, WorkspaceConfig};
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
@@ -42,6 +42,8 @@ pub enum NotificationKind {
     UpstreamErrors,
     /// Service-wide: quotawatch cannot persist what it counts.
     StorageUnavailable,
+    /// Service-wide: the counters shared by all instances are unreachable.
+    SharedStoreUnavailable,
 }
 
 impl NotificationKind {
@@ -54,6 +56,7 @@ impl NotificationKind {
             NotificationKind::UpstreamQuotaExhausted => "upstream_quota_exhausted",
             NotificationKind::UpstreamErrors => "upstream_errors",
             NotificationKind::StorageUnavailable => "storage_unavailable",
+            NotificationKind::SharedStoreUnavailable => "shared_store_unavailable",
         }
     }
 }
@@ -122,13 +125,37 @@ pub fn describe(
 
 /// The service-wide notification raised while the database refuses writes.
 pub fn describe_storage_unavailable(id: String, error: &str, now: Timestamp) -> Notification {
-    let text = storage_unavailable(error, now);
+    service_problem(
+        id,
+        NotificationKind::StorageUnavailable,
+        storage_unavailable(error, now),
+        now,
+    )
+}
+
+/// The service-wide notification raised while the shared counters (Redis)
+/// cannot be reached, saying what this instance does meanwhile.
+pub fn describe_shared_store_unavailable(
+    id: String,
+    error: &str,
+    fallback: OnStoreError,
+    now: Timestamp,
+) -> Notification {
+    service_problem(
+        id,
+        NotificationKind::SharedStoreUnavailable,
+        shared_store_unavailable(error, fallback, now),
+        now,
+    )
+}
+
+fn service_problem(id: String, kind: NotificationKind, text: Text, now: Timestamp) -> Notification {
     Notification {
         id,
         workspace: None,
         cause: None,
         severity: Severity::Critical,
-        kind: NotificationKind::StorageUnavailable,
+        kind,
         title: text.title,
         message: text.message,
         suggested_actions: text.actions,
@@ -419,6 +446,27 @@ fn storage_unavailable(error: &str, now: Timestamp) -> Text {
         actions: vec![
             "Check free disk space, permissions and locks on the database file, or that the database server is reachable.".to_owned(),
             "Avoid restarting quotawatch until writes succeed again (GET /readyz answers 200 then).".to_owned(),
+        ],
+        resolves_at: None,
+    }
+}
+
+fn shared_store_unavailable(error: &str, fallback: OnStoreError, now: Timestamp) -> Text {
+    let meanwhile = match fallback {
+        OnStoreError::Local { instances } => format!(
+            "Each instance now enforces 1/{instances} of every limit on its own (QUOTAWATCH_ON_STORE_ERROR=local), so together they stay within the limits; usage counted meanwhile is added to the shared counters when they return."
+        ),
+        OnStoreError::Closed => "Requests are refused with 503 until it returns (QUOTAWATCH_ON_STORE_ERROR=closed).".to_owned(),
+        OnStoreError::Open => "Requests are admitted without enforcing limits and counted by each instance alone (QUOTAWATCH_ON_STORE_ERROR=open), so workspaces may exceed their limits.".to_owned(),
+    };
+    Text {
+        title: "quotawatch cannot reach its shared counters".to_owned(),
+        message: format!("Redis has not answered since {now}: {error}. {meanwhile}"),
+        actions: vec![
+            "Check that Redis is running and reachable from every instance (QUOTAWATCH_REDIS_URL)."
+                .to_owned(),
+            "Shared counting resumes by itself once Redis answers; no restart is needed."
+                .to_owned(),
         ],
         resolves_at: None,
     }

@@ -443,6 +443,8 @@ impl StatusTracker {
     /// Forgets every cause (an admin reset), resolving their notifications.
     pub fn clear(&mut self, now: Timestamp) -> Vec<Change> {
         self.approaching = PerLimit::default();
+        // A reset frees the limits at once: no hold against flapping.
+        self.exhaustion = PerLimit::default();
         if self.causes == CauseSet::default() {
             return Vec::new();
         }

@@ -131,6 +131,9 @@ pub struct Snapshot {
     pub status: super::status::Status,
     pub since: Timestamp,
     pub reasons: Vec<String>,
+    /// Cut off from the shared counters: limits are enforced by this
+    /// instance alone (see [`Enforcement`]).
+    pub degraded: bool,
     pub blocked: bool,
     pub retry_at: Option<Timestamp>,
     pub limits: Vec<(LimitKind, LimitFacts)>,
@@ -156,6 +159,46 @@ pub struct Saved {
     pub key_rejected: bool,
     pub status: super::status::Status,
     pub since: Timestamp,
+}
+
+/// One workspace's counters and upstream blocks as a store shared by several
+/// instances holds them (see `engine::shared`). That store decides
+/// admissions and applies settlements; each instance loads its answers to
+/// derive the status, the notifications and the headers from the same rules
+/// it would use alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct SharedCounters {
+    /// Raised by every change in the store; a state never goes back to an
+    /// older version, since answers can arrive out of order.
+    pub version: u64,
+    /// The store's clock when it answered.
+    pub at: Timestamp,
+    /// Requests and tokens by absolute second, as `MinuteWindow` counts them.
+    pub minute: Vec<(i64, Usage)>,
+    /// The start of the day that `day_used` counts.
+    pub day_start: Timestamp,
+    pub day_used: Usage,
+    pub hold_until: Option<Timestamp>,
+    pub billing: Option<BillingBlock>,
+}
+
+/// The reason a degraded workspace's status gives.
+pub const SHARED_STORE_UNREACHABLE: &str = "shared_store_unreachable";
+
+/// How this instance enforces a workspace's limits on its own.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Enforcement {
+    /// The whole limits: alone, or with counters shared with every other
+    /// instance.
+    #[default]
+    Whole,
+    /// Cut off from the shared counters while `n` instances serve: each
+    /// enforces `1/n` of every limit, starting from `1/n` of the usage last
+    /// seen, so that together they stay within the whole.
+    Share(u32),
+    /// Cut off from the shared counters, and told to admit: usage is counted
+    /// and shown, but no limit refuses (upstream blocks still do).
+    CountOnly,
 }
 
 /// How a call ended, as far as it is known.
@@ -228,6 +271,7 @@ pub struct WorkspaceState {
     /// Whether the last minute's upstream answers are failing too often;
     /// follows `outcomes`, kept here so that admission need not read it.
     upstream_error_rate: bool,
+    enforcement: Enforcement,
     tracker: StatusTracker,
     /// Reservation ids come from a CSPRNG, so the fast hasher is safe.
     reservations: FxHashMap<u64, Reservation>,
@@ -238,6 +282,8 @@ pub struct WorkspaceState {
     errors: ErrorHistory,
     upstream_view: UpstreamView,
     last_error: Option<LastError>,
+    /// The version of the shared counters last loaded (0: none).
+    shared_version: u64,
 }
 
 /// "Fits" means the limit still has room and the request's cost fits in it;
@@ -263,7 +309,9 @@ impl WorkspaceState {
             last_error: None,
             key_rejected: false,
             upstream_error_rate: false,
+            enforcement: Enforcement::Whole,
             tracker: StatusTracker::new(now),
+            shared_version: 0,
         }
     }
 
@@ -362,6 +410,19 @@ impl WorkspaceState {
         expired
     }
 
+    /// The configured limits as this instance enforces them (see
+    /// [`Enforcement::Share`]).
+    fn limits(&self) -> impl Iterator<Item = (LimitKind, u64)> + '_ {
+        let share = match self.enforcement {
+            Enforcement::Share(instances) => u64::from(instances.max(1)),
+            Enforcement::Whole | Enforcement::CountOnly => 1,
+        };
+        self.config
+            .limits
+            .configured()
+            .map(move |(kind, max)| (kind, max / share))
+    }
+
     fn used(&self, kind: LimitKind) -> u64 {
         match kind.span() {
             Span::Minute => self.minute.total().of(kind.unit()),
@@ -430,7 +491,8 @@ impl WorkspaceState {
                 retryable = Some(refusal);
             }
         };
-        for (kind, max) in self.config.limits.configured() {
+        let enforced = self.enforcement != Enforcement::CountOnly;
+        for (kind, max) in self.limits().filter(|_| enforced) {
             let used = self.used(kind);
             let cost = cost.of(kind.unit());
             let refusal = |cause, retry_at, retryable| Refusal {
@@ -473,7 +535,7 @@ impl WorkspaceState {
 
     fn observation(&self, now: Timestamp) -> Observation {
         let mut usage = PerLimit::default();
-        for (kind, max) in self.config.limits.configured() {
+        for (kind, max) in self.limits() {
             usage.set(kind, Some((self.used(kind), max)));
         }
         Observation {
@@ -488,7 +550,7 @@ impl WorkspaceState {
 
     fn facts(&self, settings: &Settings) -> Facts<'_> {
         let mut limits = PerLimit::default();
-        for (kind, max) in self.config.limits.configured() {
+        for (kind, max) in self.limits() {
             limits.set(kind, Some(self.limit_facts(kind, max)));
         }
         Facts {
@@ -571,16 +633,151 @@ impl WorkspaceState {
                 );
                 Ok(admitted)
             }
-            Err(refusal) => {
-                self.errors.add(now, ErrorTally::refusal());
-                Err(refusal)
-            }
+            Err(refusal) => Err(self.refused(refusal, now)),
         };
         Admission {
             result,
             expired,
             changes: self.evaluate(now, settings, fresh_id),
         }
+    }
+
+    /// Counts a refusal in the error history.
+    fn refused(&mut self, refusal: Refusal, now: Timestamp) -> Refusal {
+        self.errors.add(now, ErrorTally::refusal());
+        refusal
+    }
+
+    /// Takes a shared store's counters and blocks, unless a newer version
+    /// was loaded already. Returns whether it did.
+    pub fn load_shared(&mut self, counters: &SharedCounters) -> bool {
+        if counters.version < self.shared_version {
+            return false;
+        }
+        self.shared_version = counters.version;
+        self.minute = MinuteWindow::from_entries(SECOND_MS, &counters.minute, counters.at);
+        let mut day = DayCounter::new(counters.at, self.config.timezone);
+        if day.start == counters.day_start {
+            day.used = counters.day_used;
+        }
+        self.day = day;
+        self.rate_block_until = counters.hold_until.filter(|until| *until > counters.at);
+        self.billing_block = counters.billing;
+        true
+    }
+
+    /// Whether the reservation `id` was made here, rather than in a shared
+    /// store.
+    pub fn has_reservation(&self, id: u64) -> bool {
+        self.reservations.contains_key(&id)
+    }
+
+    /// Switches how limits are enforced. Entering [`Enforcement::Share`]
+    /// keeps this instance's share of the usage counted so far; returning to
+    /// [`Enforcement::Whole`] keeps the counts until shared ones are loaded.
+    pub fn set_enforcement(
+        &mut self,
+        enforcement: Enforcement,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Vec<Change> {
+        if let (Enforcement::Whole, Enforcement::Share(instances)) = (self.enforcement, enforcement)
+        {
+            let share = |usage: Usage| Usage {
+                requests: usage.requests / u64::from(instances.max(1)),
+                tokens: usage.tokens / u64::from(instances.max(1)),
+            };
+            let entries: Vec<(i64, Usage)> = self
+                .minute
+                .to_entries()
+                .into_iter()
+                .map(|(second, usage)| (second, share(usage)))
+                .collect();
+            self.minute = MinuteWindow::from_entries(SECOND_MS, &entries, now);
+            self.day.used = share(self.day.used);
+        }
+        self.enforcement = enforcement;
+        self.evaluate(now, settings, fresh_id)
+    }
+
+    /// The upstream blocks, which a shared store holds for every instance.
+    pub fn shared_blocks(&self) -> (Option<Timestamp>, Option<BillingBlock>) {
+        (self.rate_block_until, self.billing_block)
+    }
+
+    /// Loads a shared store's counters and lets the status follow them.
+    pub fn refresh_shared(
+        &mut self,
+        counters: &SharedCounters,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Vec<Change> {
+        self.load_shared(counters);
+        self.advance_upstream(now);
+        self.evaluate(now, settings, fresh_id)
+    }
+
+    /// Concludes an admission a shared store decided, once its answer is
+    /// loaded: `decided` is the admission it charged, or `None` for a
+    /// refusal, which the loaded counters explain.
+    pub fn conclude_shared_admission(
+        &mut self,
+        decided: Option<Admitted>,
+        request: &Request,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Admission {
+        let result = match decided {
+            Some(admitted) => Ok(admitted),
+            None => {
+                let refusal = self.explain_refusal(request, now);
+                Err(self.refused(refusal, now))
+            }
+        };
+        Admission {
+            result,
+            expired: Vec::new(),
+            changes: self.evaluate(now, settings, fresh_id),
+        }
+    }
+
+    /// Why the shared store refused `request`, from the counters it answered
+    /// with: the same verdict it reached. Should a newer state loaded
+    /// meanwhile have room after all, the refusal names the fullest limit
+    /// and asks for a retry in a second.
+    fn explain_refusal(&self, request: &Request, now: Timestamp) -> Refusal {
+        let cost = Usage {
+            requests: 1,
+            tokens: request.estimated_tokens,
+        };
+        let probe_due = self
+            .billing_block
+            .is_some_and(|block| now >= block.next_probe_at);
+        self.verdict(cost, now, probe_due).err().unwrap_or_else(|| {
+            let retry_at = Some(now.plus(Duration::from_secs(1)));
+            let fullest = self
+                .limits()
+                .min_by_key(|&(kind, max)| max.saturating_sub(self.used(kind)));
+            match fullest {
+                Some((kind, max)) => Refusal {
+                    cause: RefusalCause::Limit(kind),
+                    used: self.used(kind),
+                    max,
+                    retry_at,
+                    retryable: true,
+                },
+                None => Refusal {
+                    cause: RefusalCause::UpstreamRateLimited,
+                    used: 0,
+                    max: 0,
+                    retry_at,
+                    retryable: true,
+                },
+            }
+        })
     }
 
     /// Records how a call ended: settles its reservation (or counts it as
@@ -614,6 +811,36 @@ impl WorkspaceState {
                 (Settled::Unreserved, tokens)
             }
         };
+        let mut recorded = self.conclude_record(outcome, settled, tokens, now, settings, fresh_id);
+        recorded.expired = expired;
+        recorded
+    }
+
+    /// Concludes a call a shared store settled (`settled` as it reported,
+    /// counting `tokens`), once its answer is loaded: folds in the
+    /// upstream's answer and re-evaluates.
+    pub fn conclude_shared_record(
+        &mut self,
+        outcome: &Outcome<'_>,
+        settled: Settled,
+        tokens: u64,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Recorded {
+        self.advance_upstream(now);
+        self.conclude_record(outcome, settled, tokens, now, settings, fresh_id)
+    }
+
+    fn conclude_record(
+        &mut self,
+        outcome: &Outcome<'_>,
+        settled: Settled,
+        tokens: u64,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Recorded {
         let admitted_at = match &settled {
             Settled::Reservation(reservation) => Some(reservation.charged_at),
             Settled::Unreserved | Settled::Missing => None,
@@ -625,7 +852,7 @@ impl WorkspaceState {
             settled,
             tokens,
             class,
-            expired,
+            expired: Vec::new(),
             changes: self.evaluate(now, settings, fresh_id),
         }
     }
@@ -770,9 +997,7 @@ impl WorkspaceState {
     /// remaining), for `x-ratelimit-*` headers.
     pub fn headroom(&self) -> Headroom {
         let tightest = |unit| {
-            self.config
-                .limits
-                .configured()
+            self.limits()
                 .filter(|(kind, _)| kind.unit() == unit)
                 .map(|(kind, max)| (kind, max, max.saturating_sub(self.used(kind))))
                 .min_by_key(|&(_, _, remaining)| remaining)
@@ -792,7 +1017,7 @@ impl WorkspaceState {
     /// What is left of each configured limit.
     pub fn remaining(&self) -> PerLimit<Option<u64>> {
         let mut remaining = PerLimit::default();
-        for (kind, max) in self.config.limits.configured() {
+        for (kind, max) in self.limits() {
             remaining.set(kind, Some(max.saturating_sub(self.used(kind))));
         }
         remaining
@@ -800,9 +1025,7 @@ impl WorkspaceState {
 
     pub fn snapshot(&self, now: Timestamp) -> Snapshot {
         let limits = self
-            .config
-            .limits
-            .configured()
+            .limits()
             .map(|(kind, max)| (kind, self.limit_facts(kind, max)))
             .collect();
         let minimal = Usage {
@@ -810,14 +1033,20 @@ impl WorkspaceState {
             tokens: 0,
         };
         let verdict = self.verdict(minimal, now, false);
+        let degraded = self.enforcement != Enforcement::Whole;
+        let mut reasons = self
+            .tracker
+            .causes()
+            .reasons(self.billing_block.map(|block| block.code));
+        if degraded {
+            reasons.push(SHARED_STORE_UNREACHABLE.to_owned());
+        }
         Snapshot {
             config: self.config.clone(),
             status: self.tracker.status(),
             since: self.tracker.since(),
-            reasons: self
-                .tracker
-                .causes()
-                .reasons(self.billing_block.map(|block| block.code)),
+            reasons,
+            degraded,
             blocked: verdict.is_err(),
             retry_at: verdict.err().and_then(|refusal| refusal.retry_at),
             limits,

@@ -19,6 +19,9 @@
 //! which is what makes sending under the lock safe.
 
 pub mod flush;
+mod sharing;
+
+pub use sharing::SharedCounting;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
@@ -33,9 +36,10 @@ use crate::domain::notification::{NotificationKind, Severity};
 use crate::domain::status::{Change, Status};
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
+use crate::domain::window::Usage;
 use crate::domain::workspace::{
-    Admitted, Answer, Expired, Headroom, Model, Outcome, Refusal, Request, Settings, Settled,
-    Snapshot, WorkspaceState,
+    Admission, Admitted, Answer, Expired, Headroom, Model, Outcome, Recorded, Refusal, Request,
+    Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
@@ -87,6 +91,8 @@ pub enum EngineError {
         "reservation {0} is unknown, already settled, or expired (an expired reservation keeps its estimate)"
     )]
     UnknownReservation(String),
+    #[error("the shared counters are unreachable: {0}")]
+    SharedStore(String),
 }
 
 /// The answer to an admission check.
@@ -126,6 +132,16 @@ pub struct UsageReport {
     /// anything (the client went away).
     pub answer: Option<UpstreamAnswer>,
     pub latency_ms: Option<u64>,
+}
+
+impl UsageReport {
+    fn outcome(&self) -> Outcome<'_> {
+        Outcome {
+            reservation: self.reservation,
+            tokens: self.tokens.map(|tokens| tokens.total()),
+            answer: self.answer.as_ref().map(UpstreamAnswer::as_answer),
+        }
+    }
 }
 
 /// The upstream's answer, owned (see [`crate::domain::workspace::Answer`]).
@@ -194,6 +210,9 @@ struct Cell {
     state: WorkspaceState,
     /// Finished requests not yet flushed, by (minute start, model).
     rollups: FxHashMap<(i64, Option<Model>), RollupDelta>,
+    /// Usage admitted here while the shared counters were unreachable, to
+    /// be added to them when they return.
+    offline: Usage,
 }
 
 struct Slot {
@@ -210,6 +229,7 @@ impl Slot {
             cell: Mutex::new(Cell {
                 state,
                 rollups: FxHashMap::default(),
+                offline: Usage::default(),
             }),
             dirty: AtomicBool::new(true),
             usage_dirty: AtomicBool::new(false),
@@ -230,6 +250,7 @@ struct Keyring {
 #[derive(Default)]
 struct ServiceHealth {
     storage: Option<Notification>,
+    shared_store: Option<Notification>,
 }
 
 pub struct Engine {
@@ -247,6 +268,8 @@ pub struct Engine {
     /// Serialises catalog changes made here with reloads of the catalog, so
     /// that a reload never applies a state older than a change already made.
     catalog_lock: tokio::sync::Mutex<()>,
+    /// Counters shared with other instances, when configured.
+    shared: Option<Arc<SharedCounting>>,
 }
 
 /// How many events a listener may fall behind before it is told to resync.
@@ -293,6 +316,7 @@ impl Engine {
             service: Mutex::new(ServiceHealth::default()),
             known_generation: AtomicI64::new(-1),
             catalog_lock: tokio::sync::Mutex::new(()),
+            shared: None,
         }
     }
 
@@ -519,8 +543,27 @@ impl Engine {
         let admission = cell
             .state
             .admit(&request, now, &self.settings, &mut fresh_id);
+        if admission.result.is_ok() && self.degraded() {
+            cell.offline += Usage {
+                requests: 1,
+                tokens: request.estimated_tokens,
+            };
+        }
+        Ok(self.conclude_check(&slot, cell, now, request.model, admission))
+    }
+
+    /// What every admission does after the decision, wherever it was made:
+    /// history, the answer's headroom, events.
+    fn conclude_check(
+        &self,
+        slot: &Slot,
+        mut cell: MutexGuard<'_, Cell>,
+        now: Timestamp,
+        model: Option<Model>,
+        admission: Admission,
+    ) -> Decision {
         if admission.result.is_err() {
-            let key = (minute_of(now), request.model);
+            let key = (minute_of(now), model);
             cell.rollups.entry(key).or_default().refused += 1;
         } else {
             slot.usage_dirty.store(true, Ordering::Release);
@@ -535,7 +578,7 @@ impl Engine {
         drop(cell);
         slot.dirty.store(true, Ordering::Release);
         published.log();
-        Ok(decision)
+        decision
     }
 
     /// Records a finished call: settles its reservation (or counts it as an
@@ -548,15 +591,30 @@ impl Engine {
     ) -> Result<Reported, EngineError> {
         let slot = self.slot(workspace)?;
         let now = self.now();
-        let outcome = Outcome {
-            reservation: report.reservation,
-            tokens: report.tokens.map(|tokens| tokens.total()),
-            answer: report.answer.as_ref().map(UpstreamAnswer::as_answer),
-        };
         let mut cell = slot.lock();
         let recorded = cell
             .state
-            .record(&outcome, now, &self.settings, &mut fresh_id);
+            .record(&report.outcome(), now, &self.settings, &mut fresh_id);
+        if matches!(recorded.settled, Settled::Unreserved) && self.degraded() {
+            cell.offline += Usage {
+                requests: 1,
+                tokens: recorded.tokens,
+            };
+        }
+        Ok(self.conclude_report(&slot, cell, now, workspace, &report, recorded))
+    }
+
+    /// What every report does after settling, wherever that happened:
+    /// history, events, logs.
+    fn conclude_report(
+        &self,
+        slot: &Slot,
+        mut cell: MutexGuard<'_, Cell>,
+        now: Timestamp,
+        workspace: &WorkspaceId,
+        report: &UsageReport,
+        recorded: Recorded,
+    ) -> Reported {
         record_expired(&mut cell, recorded.expired);
         let class = recorded.class;
         let failed = class.is_some_and(|class| class != UpstreamClass::Success);
@@ -583,7 +641,7 @@ impl Engine {
                 refused: 0,
                 latency_ms_sum: count(report.latency_ms.unwrap_or(0)),
             };
-            let model = report.model.or(reserved_model);
+            let model = report.model.clone().or(reserved_model);
             *cell
                 .rollups
                 .entry((minute_of(charged_at), model))
@@ -603,10 +661,10 @@ impl Engine {
                 "upstream error"
             );
         }
-        Ok(Reported {
+        Reported {
             class,
             missing_reservation,
-        })
+        }
     }
 
     /// The environment variable holding the workspace's own upstream key.
@@ -656,7 +714,13 @@ impl Engine {
     }
 
     pub fn service_notifications(&self) -> Vec<Notification> {
-        lock(&self.service).storage.iter().cloned().collect()
+        let service = lock(&self.service);
+        service
+            .storage
+            .iter()
+            .chain(service.shared_store.iter())
+            .cloned()
+            .collect()
     }
 
     /// Clears counters, blocks and active notifications of one workspace (or

@@ -21,7 +21,7 @@ use crate::api::AppState;
 use crate::domain::limits::WorkspaceId;
 use crate::domain::upstream::UpstreamClass;
 use crate::domain::workspace::Model;
-use crate::engine::{TokenUsage, UpstreamAnswer, UsageReport};
+use crate::engine::{EngineError, Reported, TokenUsage, UpstreamAnswer, UsageReport};
 use crate::metrics::RequestOutcome;
 
 /// Everything needed to settle one admitted call.
@@ -38,20 +38,59 @@ pub struct Settlement {
 impl Settlement {
     /// Reports the call to the engine and the metrics. `tokens: None` keeps
     /// the estimate; `answer: None` means the upstream never answered.
-    fn finish(
+    /// Bodies end (and are dropped) outside async code, so where the
+    /// settlement must travel to shared counters it goes in a task of its
+    /// own.
+    fn finish(self, tokens: Option<TokenUsage>, answer: Option<UpstreamAnswer>) {
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) if self.state.engine.shared_counting().is_some() => {
+                runtime.spawn(self.finish_now(tokens, answer));
+            }
+            _ => {
+                let report = self.report(tokens, answer);
+                let reported = self.state.engine.report(&self.workspace, report.clone());
+                self.account(reported, &report);
+            }
+        }
+    }
+
+    /// Like [`finish`](Self::finish), waiting for the settlement; answers
+    /// what the upstream's answer meant.
+    pub async fn finish_now(
         self,
         tokens: Option<TokenUsage>,
         answer: Option<UpstreamAnswer>,
     ) -> Option<UpstreamClass> {
-        let no_answer = answer.as_ref().is_some_and(UpstreamAnswer::is_missing);
-        let report = UsageReport {
+        let report = self.report(tokens, answer);
+        let reported = self
+            .state
+            .engine
+            .settle(&self.workspace, report.clone())
+            .await;
+        self.account(reported, &report)
+    }
+
+    fn report(&self, tokens: Option<TokenUsage>, answer: Option<UpstreamAnswer>) -> UsageReport {
+        UsageReport {
             reservation: Some(self.reservation),
             model: self.model.clone(),
             tokens,
             answer,
             latency_ms: Some(self.arrived.elapsed().as_millis() as u64),
-        };
-        let class = match self.state.engine.report(&self.workspace, report) {
+        }
+    }
+
+    fn account(
+        &self,
+        reported: Result<Reported, EngineError>,
+        report: &UsageReport,
+    ) -> Option<UpstreamClass> {
+        let no_answer = report
+            .answer
+            .as_ref()
+            .is_some_and(UpstreamAnswer::is_missing);
+        let tokens = report.tokens;
+        let class = match reported {
             Ok(reported) => {
                 if reported.missing_reservation {
                     // The reservation expired while the call ran (or a reset
@@ -103,14 +142,17 @@ impl SettleGuard {
         Self(Some(settlement))
     }
 
-    pub fn settle(
+    /// Settles now, waiting for the settlement; answers what the upstream's
+    /// answer meant.
+    pub async fn settle(
         &mut self,
         tokens: Option<TokenUsage>,
         answer: Option<UpstreamAnswer>,
     ) -> Option<UpstreamClass> {
-        self.0
-            .take()
-            .and_then(|settlement| settlement.finish(tokens, answer))
+        match self.0.take() {
+            Some(settlement) => settlement.finish_now(tokens, answer).await,
+            None => None,
+        }
     }
 
     /// Hands the settlement over to a body stream, which settles it from now on.
@@ -121,7 +163,9 @@ impl SettleGuard {
 
 impl Drop for SettleGuard {
     fn drop(&mut self) {
-        self.settle(None, None);
+        if let Some(settlement) = self.0.take() {
+            settlement.finish(None, None);
+        }
     }
 }
 

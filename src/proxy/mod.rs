@@ -369,13 +369,16 @@ async fn forward_admitted(
 
     let path = parts.uri.path().strip_prefix("/v1").unwrap_or("");
     let (call, json) = understand(proxy, path, &parts.headers, &body);
-    let decision = state.engine.check(
-        &workspace,
-        Admission {
-            estimated_tokens: call.estimate.total(),
-            model: call.model.clone(),
-        },
-    )?;
+    let decision = state
+        .engine
+        .admit(
+            &workspace,
+            Admission {
+                estimated_tokens: call.estimate.total(),
+                model: call.model.clone(),
+            },
+        )
+        .await?;
     let admitted = match decision.result {
         Ok(admitted) => admitted,
         Err(refusal) => {
@@ -453,11 +456,11 @@ async fn forward_admitted(
         Ok(Err(error)) => {
             let timed_out = error.is_timeout();
             let reason = error.without_url().to_string();
-            return Ok(upstream_failed(&mut guard, &reason, timed_out, headroom));
+            return Ok(upstream_failed(&mut guard, &reason, timed_out, headroom).await);
         }
         Err(_) => {
             let reason = "no response headers in time";
-            return Ok(upstream_failed(&mut guard, reason, true, headroom));
+            return Ok(upstream_failed(&mut guard, reason, true, headroom).await);
         }
     };
 
@@ -501,16 +504,18 @@ async fn forward_admitted(
             .excluding(read_error_body(response, proxy.idle_timeout))
             .await;
         let error = ErrorEnvelope::parse(&error_body).unwrap_or_default();
-        let class = guard.settle(
-            Some(TokenUsage::default()),
-            Some(UpstreamAnswer {
-                status: status.as_u16(),
-                error_type: error.error_type,
-                error_code: error.code,
-                error_message: error.message,
-                headers: rate,
-            }),
-        );
+        let class = guard
+            .settle(
+                Some(TokenUsage::default()),
+                Some(UpstreamAnswer {
+                    status: status.as_u16(),
+                    error_type: error.error_type,
+                    error_code: error.code,
+                    error_message: error.message,
+                    headers: rate,
+                }),
+            )
+            .await;
         client_headers.remove(header::CONTENT_LENGTH);
         let mut reply = Response::new(Body::from(error_body));
         *reply.status_mut() = status;
@@ -552,7 +557,7 @@ async fn read_error_body(response: reqwest::Response, within: Duration) -> Bytes
 /// The upstream could not be reached or did not answer in time: counted as a
 /// server error, answered 502 or 504 so that clients retry with back-off,
 /// with the workspace's own `x-ratelimit-*` headers like any other answer.
-fn upstream_failed(
+async fn upstream_failed(
     guard: &mut SettleGuard,
     reason: &str,
     timed_out: bool,
@@ -572,7 +577,7 @@ fn upstream_failed(
         )
     };
     let answer = UpstreamAnswer::missing(code, reason, RateLimitHeaders::default());
-    guard.settle(None, Some(answer));
+    guard.settle(None, Some(answer)).await;
     tracing::warn!(code, reason, "upstream {what}");
     let mut response = ApiError::new(
         status,

@@ -290,7 +290,7 @@ fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
     })
 }
 
-const KIND_NAMES: [NotificationKind; 7] = [
+const KIND_NAMES: [NotificationKind; 8] = [
     NotificationKind::ApproachingLimit,
     NotificationKind::RateLimited,
     NotificationKind::DailyQuotaExhausted,
@@ -298,6 +298,7 @@ const KIND_NAMES: [NotificationKind; 7] = [
     NotificationKind::UpstreamQuotaExhausted,
     NotificationKind::UpstreamErrors,
     NotificationKind::StorageUnavailable,
+    NotificationKind::SharedStoreUnavailable,
 ];
 
 fn notification_from_row(row: NotificationRow) -> Option<Notification> {

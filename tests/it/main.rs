@@ -1,11 +1,12 @@
 //! Integration tests: the real server on 127.0.0.1:0 with real SQLite files
-//! (and PostgreSQL where `QUOTAWATCH_TEST_DATABASE_URL` is set).
+//! (and PostgreSQL and Redis where `QUOTAWATCH_TEST_DATABASE_URL` and
+//! `QUOTAWATCH_TEST_REDIS_URL` are set).
 
 mod api;
 mod auth;
 mod bad_input;
 mod cli;
-mod concurrency;
+mod conformance;
 mod dashboard;
 mod durability;
 mod proxy;

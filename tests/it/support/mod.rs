@@ -17,6 +17,7 @@ use serde_json::{Value, json};
 pub mod binary;
 pub mod browser;
 pub mod postgres;
+pub mod redis;
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
 

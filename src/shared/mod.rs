@@ -1,0 +1,394 @@
+//! Counters shared by several instances, in Redis.
+//!
+//! Every operation on a workspace's counters is one call of one Lua script
+//! (`counters.lua`), which Redis runs atomically: an admission checks and
+//! charges every limit at once, with Redis's own clock, so instances with
+//! skewed clocks agree. Each call answers the workspace's whole counter state,
+//! which the engine loads into its in-memory `WorkspaceState` to derive the
+//! status, the notifications and the headers with the same rules it uses
+//! alone. One round trip per operation.
+//!
+//! Every call is bounded by a short timeout, and after a failure calls fail
+//! at once for a moment (`RETRY_AFTER_FAILURE`) instead of each waiting out
+//! the timeout again: a dead Redis must never make requests hang. The engine
+//! decides what a failure means (`QUOTAWATCH_ON_STORE_ERROR`).
+
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::{Script, Value};
+
+use crate::domain::limits::{LimitKind, Limits, WorkspaceId};
+use crate::domain::time::{Timestamp, day_bounds};
+use crate::domain::upstream::BillingCode;
+use crate::domain::window::Usage;
+use crate::domain::workspace::{
+    Admitted, BillingBlock, Expired, Model, Reservation, SharedCounters,
+};
+
+/// After a failed call, how long calls fail at once before one tries again.
+const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
+
+#[derive(Debug, thiserror::Error, Clone, PartialEq, Eq)]
+pub enum SharedError {
+    #[error("the shared store did not answer within {0:?}")]
+    Timeout(Duration),
+    #[error("the shared store is unreachable: {0}")]
+    Unreachable(String),
+    #[error("the shared store answered something unexpected: {0}")]
+    Protocol(String),
+}
+
+/// The script's answer to one operation.
+#[derive(Debug)]
+pub struct Reply {
+    /// Whether the operation did what it was asked (admitted, settled).
+    pub done: bool,
+    pub counters: SharedCounters,
+    /// Reservations that expired unsettled; their estimates are final.
+    pub expired: Vec<Expired>,
+    extra: Vec<Value>,
+}
+
+/// What an admission needs to know besides the workspace.
+pub struct AdmitArgs<'a> {
+    pub limits: &'a Limits,
+    pub tokens: u64,
+    pub reservation: u64,
+    pub reservation_ttl: Duration,
+    pub probe_interval: Duration,
+    pub model: Option<&'a str>,
+}
+
+pub struct RedisCounters {
+    manager: ConnectionManager,
+    script: Script,
+    prefix: String,
+    timeout: Duration,
+    failing_since: Mutex<Option<Instant>>,
+}
+
+impl RedisCounters {
+    /// Prepares the connection; nothing is sent until the first operation,
+    /// so an instance starts even while Redis is down.
+    pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, SharedError> {
+        let client = redis::Client::open(url)
+            .map_err(|error| SharedError::Unreachable(error.to_string()))?;
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(timeout))
+            .set_response_timeout(Some(timeout))
+            .set_number_of_retries(1)
+            .set_max_delay(Duration::from_millis(100));
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|error| SharedError::Unreachable(error.to_string()))?;
+        Ok(Self {
+            manager,
+            script: Script::new(include_str!("counters.lua")),
+            prefix: prefix.to_owned(),
+            timeout,
+            failing_since: Mutex::new(None),
+        })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.prefix
+    }
+
+    /// A connection to the same server, for publishing and subscribing.
+    pub fn connection(&self) -> ConnectionManager {
+        self.manager.clone()
+    }
+
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
+    pub async fn admit(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        args: AdmitArgs<'_>,
+    ) -> Result<(Option<Admitted>, Reply), SharedError> {
+        let limit = |kind| args.limits.get(kind).map_or(-1, clamp);
+        let mut invocation = self.invocation(workspace, "admit", timezone, now);
+        invocation
+            .arg(limit(LimitKind::RequestsPerMinute))
+            .arg(limit(LimitKind::RequestsPerDay))
+            .arg(limit(LimitKind::TokensPerMinute))
+            .arg(limit(LimitKind::TokensPerDay))
+            .arg(clamp(args.tokens))
+            .arg(args.reservation.to_string())
+            .arg(millis(args.reservation_ttl))
+            .arg(millis(args.probe_interval))
+            .arg(args.model.unwrap_or_default());
+        let reply = self.run(invocation).await?;
+        let admitted = reply.done.then(|| Admitted {
+            id: args.reservation,
+            charged_at: reply.counters.at,
+            expires_at: reply.counters.at.plus(args.reservation_ttl),
+            probe: reply.int(0) == 1,
+        });
+        Ok((admitted, reply))
+    }
+
+    /// Settles a reservation with the actual token count (`None`: keep the
+    /// estimate). Answers the reservation as it was, if it was still open.
+    pub async fn settle(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        reservation: u64,
+        tokens: Option<u64>,
+    ) -> Result<(Option<Reservation>, Reply), SharedError> {
+        let mut invocation = self.invocation(workspace, "settle", timezone, now);
+        invocation
+            .arg(reservation.to_string())
+            .arg(tokens.map_or(-1, clamp));
+        let reply = self.run(invocation).await?;
+        let settled = reply.done.then(|| Reservation {
+            id: reservation,
+            charged_at: Timestamp::from_millis(reply.int(0)),
+            estimated_tokens: count(reply.int(1)),
+            expires_at: Timestamp::from_millis(reply.int(0)),
+            model: model(&reply.text(3)),
+            probe: reply.int(2) == 1,
+        });
+        Ok((settled, reply))
+    }
+
+    /// Counts a call that had no reservation: it happened, so it is charged
+    /// whatever the limits say.
+    pub async fn count(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        usage: Usage,
+    ) -> Result<Reply, SharedError> {
+        let mut invocation = self.invocation(workspace, "count", timezone, now);
+        invocation
+            .arg(clamp(usage.requests))
+            .arg(clamp(usage.tokens));
+        self.run(invocation).await
+    }
+
+    /// The current state, changing nothing but expiring what is due.
+    pub async fn peek(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+    ) -> Result<Reply, SharedError> {
+        self.run(self.invocation(workspace, "peek", timezone, now))
+            .await
+    }
+
+    /// Clears counters and blocks; open reservations stay, charged nothing.
+    pub async fn reset(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+    ) -> Result<Reply, SharedError> {
+        self.run(self.invocation(workspace, "reset", timezone, now))
+            .await
+    }
+
+    /// Stores the upstream blocks this instance's rules decided on.
+    pub async fn block(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        hold_until: Option<Timestamp>,
+        billing: Option<BillingBlock>,
+    ) -> Result<Reply, SharedError> {
+        let mut invocation = self.invocation(workspace, "block", timezone, now);
+        invocation
+            .arg(hold_until.map_or(0, Timestamp::millis))
+            .arg(billing.map_or("", |block| block.code.code()))
+            .arg(billing.map_or(0, |block| block.since.millis()))
+            .arg(billing.map_or(0, |block| block.next_probe_at.millis()));
+        self.run(invocation).await
+    }
+
+    /// An invocation with the workspace's keys and the day bounds around
+    /// `now` (yesterday, today, tomorrow): Redis picks the one holding its
+    /// own time, so a caller whose clock is off by a little still counts
+    /// into the right day.
+    fn invocation(
+        &self,
+        workspace: &WorkspaceId,
+        op: &str,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+    ) -> redis::ScriptInvocation<'_> {
+        let (today, tomorrow) = day_bounds(now, timezone);
+        let (yesterday, _) = day_bounds(Timestamp::from_millis(today.millis() - 1), timezone);
+        let (_, after_tomorrow) = day_bounds(tomorrow, timezone);
+        let mut invocation = self.script.prepare_invoke();
+        // The braces make every key of a workspace hash to one cluster slot.
+        let base = format!("{}{{{}}}", self.prefix, workspace.as_str());
+        for part in ["m", "d", "res", "exp", "hold", "bill", "v"] {
+            invocation.key(format!("{base}:{part}"));
+        }
+        invocation
+            .arg(op)
+            .arg(yesterday.millis())
+            .arg(today.millis())
+            .arg(today.millis())
+            .arg(tomorrow.millis())
+            .arg(tomorrow.millis())
+            .arg(after_tomorrow.millis());
+        invocation
+    }
+
+    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Reply, SharedError> {
+        if let Some(since) = *lock(&self.failing_since)
+            && since.elapsed() < RETRY_AFTER_FAILURE
+        {
+            return Err(SharedError::Unreachable(
+                "an earlier call failed moments ago".to_owned(),
+            ));
+        }
+        let mut connection = self.manager.clone();
+        let answer = tokio::time::timeout(
+            self.timeout,
+            invocation.invoke_async::<Value>(&mut connection),
+        )
+        .await;
+        let result = match answer {
+            Err(_) => Err(SharedError::Timeout(self.timeout)),
+            Ok(Err(error)) if error.is_io_error() || error.is_timeout() => {
+                Err(SharedError::Unreachable(error.to_string()))
+            }
+            Ok(Err(error)) => Err(SharedError::Protocol(error.to_string())),
+            Ok(Ok(value)) => parse_reply(value),
+        };
+        let mut failing_since = lock(&self.failing_since);
+        match &result {
+            Err(SharedError::Timeout(_) | SharedError::Unreachable(_)) => {
+                *failing_since = Some(Instant::now());
+            }
+            _ => *failing_since = None,
+        }
+        result
+    }
+}
+
+impl Reply {
+    fn int(&self, index: usize) -> i64 {
+        self.extra.get(index).map_or(0, as_int)
+    }
+
+    fn text(&self, index: usize) -> String {
+        self.extra.get(index).map_or_else(String::new, text)
+    }
+}
+
+fn parse_reply(value: Value) -> Result<Reply, SharedError> {
+    let Value::Array(mut fields) = value else {
+        return Err(SharedError::Protocol(format!("not an array: {value:?}")));
+    };
+    if fields.len() < 12 {
+        return Err(SharedError::Protocol(format!(
+            "{} fields instead of at least 12",
+            fields.len()
+        )));
+    }
+    let extra = fields.split_off(12);
+    let expired = flat(&fields[11])
+        .chunks_exact(3)
+        .map(|record| Expired {
+            charged_at: Timestamp::from_millis(as_int(&record[0])),
+            tokens: count(as_int(&record[1])),
+            model: model(&text(&record[2])),
+        })
+        .collect();
+    let minute = flat(&fields[10])
+        .chunks_exact(3)
+        .map(|bucket| {
+            let usage = Usage {
+                requests: count(as_int(&bucket[1])),
+                tokens: count(as_int(&bucket[2])),
+            };
+            (as_int(&bucket[0]), usage)
+        })
+        .collect();
+    let int = |index: usize| as_int(&fields[index]);
+    let billing = BillingCode::from_code(&text(&fields[7])).map(|code| BillingBlock {
+        code,
+        since: Timestamp::from_millis(int(8)),
+        next_probe_at: Timestamp::from_millis(int(9)),
+    });
+    let counters = SharedCounters {
+        version: u64::try_from(int(2)).unwrap_or(0),
+        at: Timestamp::from_millis(int(1)),
+        minute,
+        day_start: Timestamp::from_millis(int(3)),
+        day_used: Usage {
+            requests: count(int(4)),
+            tokens: count(int(5)),
+        },
+        hold_until: (int(6) > 0).then(|| Timestamp::from_millis(int(6))),
+        billing,
+    };
+    Ok(Reply {
+        done: int(0) == 1,
+        counters,
+        expired,
+        extra,
+    })
+}
+
+fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+fn flat(value: &Value) -> &[Value] {
+    match value {
+        Value::Array(values) => values,
+        _ => &[],
+    }
+}
+
+fn as_int(value: &Value) -> i64 {
+    match value {
+        Value::Int(number) => *number,
+        Value::BulkString(bytes) => std::str::from_utf8(bytes)
+            .ok()
+            .and_then(|text| text.parse().ok())
+            .unwrap_or(0),
+        _ => 0,
+    }
+}
+
+fn text(value: &Value) -> String {
+    match value {
+        Value::BulkString(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+        _ => String::new(),
+    }
+}
+
+fn model(name: &str) -> Option<Model> {
+    (!name.is_empty()).then(|| Model::from(name))
+}
+
+/// Lua numbers are doubles: counts beyond 2^53 would lose precision, and
+/// no real limit comes near that.
+fn clamp(value: u64) -> i64 {
+    i64::try_from(value.min(1 << 53)).unwrap_or(i64::MAX)
+}
+
+fn count(value: i64) -> u64 {
+    u64::try_from(value).unwrap_or(0)
+}
+
+fn millis(duration: Duration) -> i64 {
+    i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}

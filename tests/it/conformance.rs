@@ -1,0 +1,370 @@
+//! Admission conformance: every check runs against the in-process engine and
+//! against counters shared in Redis, through the same REST API, so both
+//! backends admit, refuse, settle and block alike. Redis checks need
+//! `QUOTAWATCH_TEST_REDIS_URL`; each uses a key prefix of its own.
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::redis::{clean, fresh_prefix, server_url};
+use crate::support::{ADMIN_KEY, TestServer, fixture_json};
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    Local,
+    Redis,
+}
+
+/// A server on one backend, and what to clean up after it.
+struct Setup {
+    server: TestServer,
+    redis: Option<(String, String)>,
+}
+
+impl Setup {
+    async fn start(backend: Backend, test: &str, settings: &[(&str, &str)]) -> Option<Self> {
+        let redis = match backend {
+            Backend::Local => None,
+            Backend::Redis => Some((server_url(test)?, fresh_prefix())),
+        };
+        let mut all: Vec<(&str, &str)> = settings.to_vec();
+        if let Some((url, prefix)) = &redis {
+            all.push(("QUOTAWATCH_REDIS_URL", url));
+            all.push(("QUOTAWATCH_REDIS_PREFIX", prefix));
+            // Shared test machines can be slow; outages are tested elsewhere.
+            all.push(("QUOTAWATCH_REDIS_TIMEOUT", "2s"));
+        }
+        let server = TestServer::start(&all).await;
+        Some(Self { server, redis })
+    }
+
+    async fn finish(self) {
+        self.server.stop().await;
+        if let Some((url, prefix)) = self.redis {
+            clean(&url, &prefix).await;
+        }
+    }
+}
+
+/// Runs one conformance check against each backend.
+macro_rules! conformance {
+    ($name:ident) => {
+        mod $name {
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn local() {
+                super::$name(
+                    super::Backend::Local,
+                    concat!("conformance::", stringify!($name)),
+                )
+                .await;
+            }
+
+            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn redis() {
+                super::$name(
+                    super::Backend::Redis,
+                    concat!("conformance::", stringify!($name)),
+                )
+                .await;
+            }
+        }
+    };
+}
+
+fn used(status: &Value, limit: &str) -> u64 {
+    status["limits"][limit]["used"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{limit} in {status}"))
+}
+
+conformance!(a_minute_limit_admits_its_count_then_refuses_with_headers);
+async fn a_minute_limit_admits_its_count_then_refuses_with_headers(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 5, "requests_per_day": null}}),
+        )
+        .await;
+    for remaining in (0..5).rev() {
+        let admitted = server.check(&key, 10).await;
+        assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+        assert_eq!(admitted.body["remaining"]["requests_per_minute"], remaining);
+        assert_eq!(
+            admitted.header("x-ratelimit-remaining-requests"),
+            Some(remaining.to_string().as_str())
+        );
+    }
+    let refused = server.check(&key, 10).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.body["error"]["type"], "requests");
+    assert_eq!(refused.header("x-ratelimit-limit-requests"), Some("5"));
+    assert_eq!(refused.header("x-ratelimit-remaining-requests"), Some("0"));
+    let retry_after: u64 = refused
+        .header("retry-after")
+        .expect("retry-after")
+        .parse()
+        .expect("seconds");
+    assert!((1..=60).contains(&retry_after), "retry-after {retry_after}");
+    assert_ne!(refused.header("x-should-retry"), Some("false"));
+    let status = server.status(&key).await;
+    assert_eq!(used(&status, "requests_per_minute"), 5);
+    assert_eq!(status["status"], "rate_limited");
+    assert_eq!(status["errors"]["refused"], 1);
+    setup.finish().await;
+}
+
+conformance!(admission_is_all_or_nothing_across_limits);
+async fn admission_is_all_or_nothing_across_limits(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {
+            "requests_per_minute": 10, "requests_per_day": 100,
+            "tokens_per_minute": 1000, "tokens_per_day": 5000}}))
+        .await;
+    assert_eq!(server.check(&key, 900).await.status, StatusCode::OK);
+    let refused = server.check(&key, 200).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.body["error"]["type"], "tokens");
+    assert_eq!(server.check(&key, 50).await.status, StatusCode::OK);
+    let status = server.status(&key).await;
+    assert_eq!(
+        used(&status, "requests_per_minute"),
+        2,
+        "the refusal charged nothing"
+    );
+    assert_eq!(used(&status, "requests_per_day"), 2);
+    assert_eq!(used(&status, "tokens_per_minute"), 950);
+    assert_eq!(used(&status, "tokens_per_day"), 950);
+    setup.finish().await;
+}
+
+conformance!(a_request_larger_than_a_limit_is_refused_for_good);
+async fn a_request_larger_than_a_limit_is_refused_for_good(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_minute": 1000}}))
+        .await;
+    let refused = server.check(&key, 1500).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+    let status = server.status(&key).await;
+    assert_eq!(used(&status, "tokens_per_minute"), 0);
+    assert_eq!(used(&status, "requests_per_minute"), 0);
+    setup.finish().await;
+}
+
+conformance!(a_day_limit_refuses_without_retry_until_local_midnight);
+async fn a_day_limit_refuses_without_retry_until_local_midnight(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "timezone": "Asia/Kolkata",
+            "limits": {"requests_per_minute": null, "requests_per_day": 2}}))
+        .await;
+    for _ in 0..2 {
+        assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    }
+    let refused = server.check(&key, 0).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+    let status = server.status(&key).await;
+    assert_eq!(status["status"], "quota_exceeded");
+    let resets_at = status["limits"]["requests_per_day"]["resets_at"]
+        .as_str()
+        .expect("resets_at");
+    // Midnight in Kolkata (UTC+05:30) is 18:30 UTC.
+    assert!(resets_at.contains("T18:30:00"), "{resets_at}");
+    setup.finish().await;
+}
+
+conformance!(settlement_replaces_the_estimate_once);
+async fn settlement_replaces_the_estimate_once(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"tokens_per_minute": 10000, "tokens_per_day": 100000}}),
+        )
+        .await;
+    let admitted = server.check(&key, 500).await;
+    assert_eq!(admitted.status, StatusCode::OK);
+    let reservation = admitted.body["reservation_id"].clone();
+    let report = json!({"reservation_id": reservation, "model": "gpt-4o-mini",
+        "usage": {"prompt_tokens": 60, "completion_tokens": 40}});
+    let settled = server.post("/api/quota/usage", &key, report.clone()).await;
+    assert_eq!(settled.status, StatusCode::ACCEPTED, "{:?}", settled.body);
+    assert_eq!(used(&settled.body, "tokens_per_minute"), 100);
+    assert_eq!(used(&settled.body, "tokens_per_day"), 100);
+    let again = server.post("/api/quota/usage", &key, report).await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    assert_eq!(again.error_code(), "reservation_not_found");
+    let status = server.status(&key).await;
+    assert_eq!(used(&status, "tokens_per_day"), 100, "settled once only");
+    assert_eq!(used(&status, "requests_per_day"), 1);
+    setup.finish().await;
+}
+
+conformance!(a_report_without_reservation_counts_even_beyond_the_limits);
+async fn a_report_without_reservation_counts_even_beyond_the_limits(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 1, "requests_per_day": null}}),
+        )
+        .await;
+    assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    let report = json!({"usage": {"prompt_tokens": 7, "completion_tokens": 3}});
+    let counted = server.post("/api/quota/usage", &key, report).await;
+    assert_eq!(counted.status, StatusCode::ACCEPTED, "{:?}", counted.body);
+    let status = server.status(&key).await;
+    assert_eq!(used(&status, "requests_per_minute"), 2);
+    setup.finish().await;
+}
+
+conformance!(a_reset_clears_counters_and_blocks);
+async fn a_reset_clears_counters_and_blocks(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}}),
+        )
+        .await;
+    for _ in 0..2 {
+        assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    }
+    let billing = json!({"status_code": 429,
+        "error": fixture_json("error_429_insufficient_quota.json")["error"]});
+    server.post("/api/quota/usage", &key, billing).await;
+    assert_eq!(
+        server.check(&key, 0).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    let reset = server
+        .post("/api/quota/reset", ADMIN_KEY, json!({"workspace": "acme"}))
+        .await;
+    assert_eq!(reset.status, StatusCode::OK, "{:?}", reset.body);
+    let status = server.status(&key).await;
+    assert_eq!(status["status"], "normal", "{status}");
+    assert_eq!(used(&status, "requests_per_minute"), 0);
+    assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    let status = server.status(&key).await;
+    assert_eq!(
+        status["status"], "normal",
+        "no hold after a reset: {status}"
+    );
+    setup.finish().await;
+}
+
+conformance!(an_exhausted_billing_quota_blocks_without_retry);
+async fn an_exhausted_billing_quota_blocks_without_retry(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    let admitted = server.check(&key, 10).await;
+    let billing = json!({"reservation_id": admitted.body["reservation_id"], "status_code": 429,
+        "error": fixture_json("error_429_insufficient_quota.json")["error"]});
+    let reported = server.post("/api/quota/usage", &key, billing).await;
+    assert_eq!(reported.body["status"], "quota_exceeded");
+    let refused = server.check(&key, 0).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.body["error"]["type"], "insufficient_quota");
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+    assert_eq!(refused.header("retry-after"), None);
+    let status = server.status(&key).await;
+    assert_eq!(status["billing_block"]["code"], "insufficient_quota");
+    setup.finish().await;
+}
+
+conformance!(a_transient_upstream_rate_limit_holds_requests_until_it_frees);
+async fn a_transient_upstream_rate_limit_holds_requests_until_it_frees(
+    backend: Backend,
+    test: &str,
+) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    let admitted = server.check(&key, 10).await;
+    let limited = json!({"reservation_id": admitted.body["reservation_id"], "status_code": 429,
+        "error": fixture_json("error_429_rate_limit_requests.json")["error"],
+        "headers": {"retry-after": "30"}});
+    server.post("/api/quota/usage", &key, limited).await;
+    let refused = server.check(&key, 0).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    let retry_after: u64 = refused
+        .header("retry-after")
+        .expect("retry-after")
+        .parse()
+        .expect("seconds");
+    assert!(
+        (28..=30).contains(&retry_after),
+        "retry-after {retry_after}"
+    );
+    assert_eq!(server.status(&key).await["status"], "rate_limited");
+    setup.finish().await;
+}
+
+conformance!(concurrent_checks_never_exceed_the_limit);
+async fn concurrent_checks_never_exceed_the_limit(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 50, "requests_per_day": null}}),
+        )
+        .await;
+    let calls: Vec<_> = (0..200)
+        .map(|_| {
+            let client = server.client.clone();
+            let url = server.url("/api/quota/check");
+            let key = key.clone();
+            tokio::spawn(async move {
+                client
+                    .post(url)
+                    .bearer_auth(key)
+                    .json(&json!({"estimated_tokens": 10}))
+                    .send()
+                    .await
+                    .expect("request")
+                    .status()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for call in calls {
+        match call.await.expect("task") {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => {}
+            other => panic!("unexpected {other}"),
+        }
+    }
+    assert_eq!(admitted, 50);
+    let status = server.status(&key).await;
+    assert_eq!(used(&status, "requests_per_minute"), 50);
+    assert_eq!(status["errors"]["refused"], 150);
+    setup.finish().await;
+}
