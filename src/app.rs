@@ -140,6 +140,7 @@ pub async fn start(
     let (hub, hub_task) = api::ws::Hub::spawn(engine.clone());
     let hub_handle = hub.clone();
     let ticker = tokio::spawn(tick(engine.clone()));
+    let follower = tokio::spawn(engine.clone().follow_other_instances());
 
     let proxy = crate::proxy::Proxy::new(&config.upstream, env)
         .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
@@ -150,7 +151,7 @@ pub async fn start(
         metrics_public: config.metrics_public,
         store: store.clone(),
         admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults),
-        tickets: api::ws::Tickets::default(),
+        tickets: api::ws::Tickets::new(engine.shared_counting().cloned()),
         hub,
         ws_ping_interval: config.ws_ping_interval,
         openapi_json: api::openapi_json(),
@@ -174,7 +175,7 @@ pub async fn start(
             addr,
             stop_serving,
             server,
-            background: vec![flush_task, hub_task, ticker],
+            background: vec![flush_task, hub_task, ticker, follower],
             hub: hub_handle,
             flush,
             store,

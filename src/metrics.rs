@@ -151,6 +151,8 @@ pub struct Metrics {
     upstream_remaining: Family<UpstreamLabels, Gauge>,
     overhead: Family<PhaseLabels, Histogram>,
     upstream_latency: Histogram,
+    shared_store_degraded: Gauge,
+    shared_store_errors: Counter,
     models: HashSet<String>,
     other: Arc<str>,
     /// Rendering clears and refills the state gauges; two scrapes at once
@@ -171,6 +173,18 @@ impl Metrics {
         let overhead: Family<PhaseLabels, Histogram> =
             Family::new_with_constructor(overhead_histogram);
         let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 16));
+        let shared_store_degraded = Gauge::default();
+        let shared_store_errors = Counter::default();
+        registry.register(
+            "shared_store_degraded",
+            "1 while this instance cannot reach the shared counters (Redis) and enforces limits on its own",
+            shared_store_degraded.clone(),
+        );
+        registry.register(
+            "shared_store_errors",
+            "Calls to the shared counters (Redis) that failed or timed out",
+            shared_store_errors.clone(),
+        );
         registry.register(
             "requests",
             "Proxied requests by workspace, endpoint and outcome",
@@ -223,6 +237,8 @@ impl Metrics {
             upstream_remaining,
             overhead,
             upstream_latency,
+            shared_store_degraded,
+            shared_store_errors,
             models: models.iter().cloned().collect(),
             other: Arc::from("other"),
             rendering: Mutex::new(()),
@@ -347,6 +363,10 @@ impl Metrics {
                 }
             }
         }
+        self.shared_store_degraded.set(i64::from(engine.degraded()));
+        let errors = engine.shared_store_errors();
+        self.shared_store_errors
+            .inc_by(errors.saturating_sub(self.shared_store_errors.get()));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

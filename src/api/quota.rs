@@ -554,7 +554,7 @@ pub async fn ws_ticket(
     let presented = super::auth::bearer(&headers);
     super::auth::authenticate(&state.engine, presented)?;
     let credential = crate::keys::KeyHash::of(presented.unwrap_or_default());
-    let (ticket, expires_at) = state.tickets.issue(credential, state.engine.now());
+    let (ticket, expires_at) = state.tickets.issue(credential, state.engine.now()).await;
     Ok(Json(TicketDoc {
         ticket,
         expires_at: expires_at.to_rfc3339(),

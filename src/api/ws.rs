@@ -30,7 +30,7 @@ use super::dto::{ClientMessage, NotificationDoc, ServerMessage, StatusDoc, Subsc
 use super::error::{ApiError, Query};
 use crate::domain::limits::WorkspaceId;
 use crate::domain::time::Timestamp;
-use crate::engine::{Engine, Event, Principal};
+use crate::engine::{Engine, Event, Principal, SharedCounting};
 use crate::keys::KeyHash;
 
 /// How long a ticket stays valid.
@@ -43,34 +43,84 @@ const HUB_CAPACITY: usize = 4096;
 const USAGE_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Single-use tickets that let a browser open the WebSocket without putting
-/// a key in the URL.
+/// a key in the URL. With several instances behind a load balancer, the
+/// ticket and the socket may reach different instances, so tickets are also
+/// kept in Redis, where redeeming one takes it for good.
 #[derive(Default)]
 pub struct Tickets {
-    issued: Mutex<HashMap<String, (KeyHash, Timestamp)>>,
+    issued: Mutex<HashMap<String, Issued>>,
+    shared: Option<Arc<SharedCounting>>,
+}
+
+struct Issued {
+    credential: KeyHash,
+    expires_at: Timestamp,
+    /// Also stored in Redis: redeeming it there decides single use.
+    shared: bool,
 }
 
 impl Tickets {
+    pub fn new(shared: Option<Arc<SharedCounting>>) -> Self {
+        Self {
+            issued: Mutex::default(),
+            shared,
+        }
+    }
+
     /// Issues a ticket standing for the key whose hash is `credential`.
-    pub fn issue(&self, credential: KeyHash, now: Timestamp) -> (String, Timestamp) {
+    pub async fn issue(&self, credential: KeyHash, now: Timestamp) -> (String, Timestamp) {
         let bytes: [u8; 24] = rand::random();
         let ticket = format!(
             "wst_{}",
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         );
         let expires_at = now.plus(TICKET_TTL);
+        let shared = match &self.shared {
+            Some(shared) => shared
+                .counters()
+                .put(&ticket_name(&ticket), &credential.to_hex(), TICKET_TTL)
+                .await
+                .is_ok(),
+            None => false,
+        };
         let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
-        issued.retain(|_, (_, expiry)| *expiry > now);
-        issued.insert(ticket.clone(), (credential, expires_at));
+        issued.retain(|_, issued| issued.expires_at > now);
+        let entry = Issued {
+            credential,
+            expires_at,
+            shared,
+        };
+        issued.insert(ticket.clone(), entry);
         (ticket, expires_at)
     }
 
     /// Redeems a ticket for the credential it stands for; it cannot be used
-    /// again.
-    pub fn redeem(&self, ticket: &str, now: Timestamp) -> Option<KeyHash> {
-        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
-        let (credential, expires_at) = issued.remove(ticket)?;
-        (expires_at > now).then_some(credential)
+    /// again, on this instance or another.
+    pub async fn redeem(&self, ticket: &str, now: Timestamp) -> Option<KeyHash> {
+        let local = self
+            .issued
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(ticket)
+            .filter(|issued| issued.expires_at > now);
+        let Some(shared) = &self.shared else {
+            return local.map(|issued| issued.credential);
+        };
+        match shared.counters().take(&ticket_name(ticket)).await {
+            // Redis expires tickets by itself.
+            Ok(Some(hex)) => KeyHash::from_hex(&hex),
+            // Used elsewhere, or never stored there.
+            Ok(None) => local
+                .filter(|issued| !issued.shared)
+                .map(|issued| issued.credential),
+            // Redis unreachable: this instance's own tickets still work.
+            Err(_) => local.map(|issued| issued.credential),
+        }
     }
+}
+
+fn ticket_name(ticket: &str) -> String {
+    format!("ticket:{ticket}")
 }
 
 /// A message ready to send, and whom it concerns (`None`: everybody).
@@ -265,7 +315,8 @@ pub async fn connect(
     // Authentication first: an unauthenticated caller learns nothing else.
     let (principal, credential) = match query.ticket.as_deref() {
         Some(ticket) => {
-            let credential = state.tickets.redeem(ticket, state.engine.now()).ok_or_else(|| {
+            let redeemed = state.tickets.redeem(ticket, state.engine.now()).await;
+            let credential = redeemed.ok_or_else(|| {
                 ApiError::unauthorized(
                     "invalid_ticket",
                     "the ticket is unknown, used or expired; get a new one from POST /api/quota/ws-ticket",
@@ -520,22 +571,22 @@ async fn send(
 mod tests {
     use super::*;
 
-    #[test]
-    fn tickets_are_single_use_and_expire() {
+    #[tokio::test]
+    async fn tickets_are_single_use_and_expire() {
         let tickets = Tickets::default();
         let now = Timestamp::from_millis(1_000_000);
         let credential = KeyHash::of("qw_some_key");
-        let (ticket, expires_at) = tickets.issue(credential, now);
+        let (ticket, expires_at) = tickets.issue(credential, now).await;
         assert_eq!(expires_at, now.plus(TICKET_TTL));
-        assert_eq!(tickets.redeem(&ticket, now), Some(credential));
-        assert_eq!(tickets.redeem(&ticket, now), None, "single use");
+        assert_eq!(tickets.redeem(&ticket, now).await, Some(credential));
+        assert_eq!(tickets.redeem(&ticket, now).await, None, "single use");
 
-        let (ticket, _) = tickets.issue(credential, now);
+        let (ticket, _) = tickets.issue(credential, now).await;
         assert_eq!(
-            tickets.redeem(&ticket, now.plus(TICKET_TTL)),
+            tickets.redeem(&ticket, now.plus(TICKET_TTL)).await,
             None,
             "expired"
         );
-        assert_eq!(tickets.redeem("wst_made_up", now), None);
+        assert_eq!(tickets.redeem("wst_made_up", now).await, None);
     }
 }

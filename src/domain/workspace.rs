@@ -16,7 +16,7 @@ use super::upstream::{
     BillingCode, ErrorFields, ErrorTally, LastError, Outcomes, RateLimitHeaders, UpstreamClass,
     UpstreamView, classify, error_rate_alarming,
 };
-use super::window::{DayCounter, SlidingWindow, Usage};
+use super::window::{DayCounter, SlidingWindow, Tally, Usage};
 
 /// Requests and tokens over the last 60 seconds, in one-second buckets.
 pub type MinuteWindow = SlidingWindow<Usage, 60>;
@@ -598,14 +598,8 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Admission {
         let expired = self.advance_limits(now);
-        let cost = Usage {
-            requests: 1,
-            tokens: request.estimated_tokens,
-        };
-        let probe_due = self
-            .billing_block
-            .is_some_and(|block| now >= block.next_probe_at);
-        let result = match self.verdict(cost, now, probe_due) {
+        let (cost, verdict) = self.judge(request, now);
+        let result = match verdict {
             Ok(()) => {
                 self.minute.add(now, cost);
                 self.day.used += cost;
@@ -642,6 +636,19 @@ impl WorkspaceState {
         }
     }
 
+    /// What `request` costs, and whether it may go ahead now (a billing
+    /// block lets it through when its probe is due).
+    fn judge(&self, request: &Request, now: Timestamp) -> (Usage, Result<(), Refusal>) {
+        let cost = Usage {
+            requests: 1,
+            tokens: request.estimated_tokens,
+        };
+        let probe_due = self
+            .billing_block
+            .is_some_and(|block| now >= block.next_probe_at);
+        (cost, self.verdict(cost, now, probe_due))
+    }
+
     /// Counts a refusal in the error history.
     fn refused(&mut self, refusal: Refusal, now: Timestamp) -> Refusal {
         self.errors.add(now, ErrorTally::refusal());
@@ -666,6 +673,11 @@ impl WorkspaceState {
         true
     }
 
+    /// The version of the shared counters last loaded (0: none).
+    pub fn shared_version(&self) -> u64 {
+        self.shared_version
+    }
+
     /// Whether the reservation `id` was made here, rather than in a shared
     /// store.
     pub fn has_reservation(&self, id: u64) -> bool {
@@ -684,15 +696,27 @@ impl WorkspaceState {
     ) -> Vec<Change> {
         if let (Enforcement::Whole, Enforcement::Share(instances)) = (self.enforcement, enforcement)
         {
+            // Shares round up, so that together they never exceed the whole;
+            // the minute's buckets are scaled on their running sum, so that
+            // many small buckets do not round away to nothing.
+            let instances = u64::from(instances.max(1));
             let share = |usage: Usage| Usage {
-                requests: usage.requests / u64::from(instances.max(1)),
-                tokens: usage.tokens / u64::from(instances.max(1)),
+                requests: usage.requests.div_ceil(instances),
+                tokens: usage.tokens.div_ceil(instances),
             };
+            let mut running = Usage::default();
+            let mut scaled_so_far = Usage::default();
             let entries: Vec<(i64, Usage)> = self
                 .minute
                 .to_entries()
                 .into_iter()
-                .map(|(second, usage)| (second, share(usage)))
+                .map(|(second, usage)| {
+                    running += usage;
+                    let scaled = share(running);
+                    let bucket = scaled.saturating_sub(scaled_so_far);
+                    scaled_so_far = scaled;
+                    (second, bucket)
+                })
                 .collect();
             self.minute = MinuteWindow::from_entries(SECOND_MS, &entries, now);
             self.day.used = share(self.day.used);
@@ -749,14 +773,7 @@ impl WorkspaceState {
     /// meanwhile have room after all, the refusal names the fullest limit
     /// and asks for a retry in a second.
     fn explain_refusal(&self, request: &Request, now: Timestamp) -> Refusal {
-        let cost = Usage {
-            requests: 1,
-            tokens: request.estimated_tokens,
-        };
-        let probe_due = self
-            .billing_block
-            .is_some_and(|block| now >= block.next_probe_at);
-        self.verdict(cost, now, probe_due).err().unwrap_or_else(|| {
+        self.judge(request, now).1.err().unwrap_or_else(|| {
             let retry_at = Some(now.plus(Duration::from_secs(1)));
             let fullest = self
                 .limits()
@@ -816,10 +833,10 @@ impl WorkspaceState {
         recorded
     }
 
-    /// Concludes a call a shared store settled (`settled` as it reported,
-    /// counting `tokens`), once its answer is loaded: folds in the
+    /// Concludes a call once it is settled (here, or by a shared store as it
+    /// reported, counting `tokens`, with its answer loaded): folds in the
     /// upstream's answer and re-evaluates.
-    pub fn conclude_shared_record(
+    pub fn conclude_record(
         &mut self,
         outcome: &Outcome<'_>,
         settled: Settled,
@@ -829,18 +846,6 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Recorded {
         self.advance_upstream(now);
-        self.conclude_record(outcome, settled, tokens, now, settings, fresh_id)
-    }
-
-    fn conclude_record(
-        &mut self,
-        outcome: &Outcome<'_>,
-        settled: Settled,
-        tokens: u64,
-        now: Timestamp,
-        settings: &Settings,
-        fresh_id: &mut dyn FnMut() -> u64,
-    ) -> Recorded {
         let admitted_at = match &settled {
             Settled::Reservation(reservation) => Some(reservation.charged_at),
             Settled::Unreserved | Settled::Missing => None,

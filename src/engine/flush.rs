@@ -85,6 +85,9 @@ impl Flusher {
                     }
                 },
             }
+            if self.engine.took_over_notifications() {
+                self.reconcile_notifications().await;
+            }
             // A failure is reported by `flush` itself and retried next time.
             let _ = self.flush().await;
             self.follow_catalog().await;
@@ -120,6 +123,32 @@ impl Flusher {
                 Err(error)
             }
         }
+    }
+
+    /// After taking over writing notifications from another instance:
+    /// what that instance left active, and this one does not hold, ended
+    /// without anyone writing it; it is resolved now. This instance's own
+    /// active notifications are written with the next flush.
+    async fn reconcile_notifications(&mut self) {
+        let stored = match self.store.notifications(None, false, i64::MAX).await {
+            Ok(stored) => stored,
+            Err(error) => {
+                tracing::warn!(%error, "could not read active notifications to reconcile");
+                return;
+            }
+        };
+        let held = self.engine.active_notification_ids();
+        let now = self.engine.now();
+        for mut notification in stored {
+            if notification.workspace.is_none() || held.contains(&notification.id) {
+                continue;
+            }
+            notification.resolved_at = Some(now);
+            self.unwritten
+                .notifications
+                .insert(notification.id.clone(), notification);
+        }
+        self.engine.requeue_active_notifications();
     }
 
     /// Reloads workspaces and keys when someone else changed them.

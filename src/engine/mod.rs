@@ -221,6 +221,9 @@ struct Slot {
     dirty: AtomicBool,
     /// Usage changed since the last usage event.
     usage_dirty: AtomicBool,
+    /// Another instance changed the shared counters since they were last
+    /// loaded here.
+    shared_stale: AtomicBool,
 }
 
 impl Slot {
@@ -233,6 +236,7 @@ impl Slot {
             }),
             dirty: AtomicBool::new(true),
             usage_dirty: AtomicBool::new(false),
+            shared_stale: AtomicBool::new(false),
         })
     }
 
@@ -892,7 +896,11 @@ impl Engine {
             }
             batch.states.insert(id, saved_to_json(&saved));
         }
+        let writes_workspace_notifications = self.writes_workspace_notifications();
         for notification in std::mem::take(&mut *lock(&self.pending_notifications)) {
+            if notification.workspace.is_some() && !writes_workspace_notifications {
+                continue;
+            }
             batch
                 .notifications
                 .insert(notification.id.clone(), notification);

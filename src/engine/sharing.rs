@@ -17,12 +17,15 @@
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
 
 use super::{
     Decision, Engine, EngineError, Reported, Slot, UsageReport, fresh_id, lock, record_expired,
 };
 use crate::domain::limits::{OnStoreError, WorkspaceId};
-use crate::domain::notification::describe_shared_store_unavailable;
+use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{Enforcement, Request, Settled};
 use crate::shared::{AdmitArgs, RedisCounters, SharedError};
@@ -37,7 +40,22 @@ pub struct SharedCounting {
     errors: AtomicU64,
     /// Serialises the switch back after an outage.
     recovery: tokio::sync::Mutex<()>,
+    /// This instance holds the lease for writing workspace notifications.
+    leader: AtomicBool,
+    /// Leadership was just taken: notifications an earlier leader left
+    /// active must be reconciled with this instance's.
+    took_over: AtomicBool,
 }
+
+/// How often workspaces changed by other instances are reloaded: well
+/// within the second in which their clients must see the change.
+const FOLLOW_INTERVAL: Duration = Duration::from_millis(200);
+
+/// How long the notification writer's lease lasts; renewed every second.
+const LEASE: Duration = Duration::from_secs(3);
+
+/// How many workspaces are reloaded at once.
+const RELOAD_CONCURRENCY: usize = 16;
 
 impl SharedCounting {
     pub fn new(counters: RedisCounters, on_error: OnStoreError) -> Self {
@@ -47,6 +65,8 @@ impl SharedCounting {
             degraded: AtomicBool::new(false),
             errors: AtomicU64::new(0),
             recovery: tokio::sync::Mutex::new(()),
+            leader: AtomicBool::new(false),
+            took_over: AtomicBool::new(false),
         }
     }
 
@@ -81,6 +101,133 @@ impl Engine {
         self.shared
             .as_ref()
             .is_some_and(|shared| shared.degraded.load(Ordering::Acquire))
+    }
+
+    /// Whether this instance writes workspace notifications to the database.
+    /// Every instance raises them for its own listeners, but with shared
+    /// counters only one (the lease holder) writes them, so that history
+    /// holds one per cause. Cut off from Redis, every instance writes its
+    /// own rather than lose them.
+    pub fn writes_workspace_notifications(&self) -> bool {
+        self.shared.as_ref().is_none_or(|shared| {
+            shared.leader.load(Ordering::Acquire) || shared.degraded.load(Ordering::Acquire)
+        })
+    }
+
+    /// True once after this instance took over writing notifications.
+    pub fn took_over_notifications(&self) -> bool {
+        self.shared
+            .as_ref()
+            .is_some_and(|shared| shared.took_over.swap(false, Ordering::AcqRel))
+    }
+
+    /// Ids of every workspace notification active here.
+    pub fn active_notification_ids(&self) -> std::collections::HashSet<String> {
+        self.all_slots()
+            .into_iter()
+            .flat_map(|(_, slot)| {
+                let cell = slot.lock();
+                cell.state
+                    .active_notifications()
+                    .iter()
+                    .map(|notification| notification.id.clone())
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
+    /// Queues every active workspace notification for writing, as a new
+    /// writer must.
+    pub fn requeue_active_notifications(&self) {
+        let active: Vec<Notification> = self
+            .all_slots()
+            .into_iter()
+            .flat_map(|(_, slot)| slot.lock().state.active_notifications().to_vec())
+            .collect();
+        lock(&self.pending_notifications).extend(active);
+    }
+
+    /// Follows what other instances change, for the life of the server:
+    /// announcements mark workspaces stale and stale ones are reloaded every
+    /// `FOLLOW_INTERVAL`, so local listeners see every instance's changes;
+    /// meanwhile it keeps (or takes) the notification writer's lease.
+    pub async fn follow_other_instances(self: Arc<Self>) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let instance = format!("{:016x}", fresh_id());
+        let mut reload = tokio::time::interval(FOLLOW_INTERVAL);
+        let mut lease = tokio::time::interval(Duration::from_secs(1));
+        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let changes = match shared.counters.changes().await {
+                Ok(changes) => changes,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot follow other instances yet");
+                    shared.leader.store(false, Ordering::Release);
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            // Announcements made while not subscribed are lost: reload all.
+            for (_, slot) in self.all_slots() {
+                slot.shared_stale.store(true, Ordering::Release);
+            }
+            let mut changes = std::pin::pin!(changes);
+            loop {
+                tokio::select! {
+                    change = changes.next() => match change {
+                        Some((workspace, version)) => self.note_change(&workspace, version),
+                        None => break,
+                    },
+                    _ = reload.tick() => self.reload_stale().await,
+                    _ = lease.tick() => self.renew_lease(&shared, &instance).await,
+                }
+            }
+            tracing::debug!("lost the subscription to other instances' changes");
+        }
+    }
+
+    fn note_change(&self, workspace: &str, version: u64) {
+        let Some(slot) = workspace
+            .parse::<WorkspaceId>()
+            .ok()
+            .and_then(|id| self.slot(&id).ok())
+        else {
+            return;
+        };
+        if slot.lock().state.shared_version() < version {
+            slot.shared_stale.store(true, Ordering::Release);
+        }
+    }
+
+    async fn reload_stale(&self) {
+        let stale: Vec<WorkspaceId> = self
+            .all_slots()
+            .into_iter()
+            .filter(|(_, slot)| slot.shared_stale.swap(false, Ordering::AcqRel))
+            .map(|(id, _)| id)
+            .collect();
+        futures_util::stream::iter(stale)
+            .for_each_concurrent(RELOAD_CONCURRENCY, |id| async move {
+                // A workspace removed meanwhile has nothing left to reload.
+                let _ = self.refresh(&id).await;
+            })
+            .await;
+    }
+
+    async fn renew_lease(&self, shared: &SharedCounting, instance: &str) {
+        let held = shared
+            .counters
+            .hold_lease(instance, LEASE)
+            .await
+            .unwrap_or(false);
+        let was_leader = shared.leader.swap(held, Ordering::AcqRel);
+        if held && !was_leader {
+            tracing::info!("this instance now writes workspace notifications");
+            shared.took_over.store(true, Ordering::Release);
+        }
     }
 
     /// Failed calls to the shared store since start-up.
@@ -209,7 +356,7 @@ impl Engine {
                 Settled::Reservation(reservation) => tokens.unwrap_or(reservation.estimated_tokens),
                 Settled::Unreserved | Settled::Missing => tokens.unwrap_or(0),
             };
-            let mut recorded = cell.state.conclude_shared_record(
+            let mut recorded = cell.state.conclude_record(
                 &report.outcome(),
                 settled,
                 counted,

@@ -62,9 +62,13 @@ pub struct AdmitArgs<'a> {
 }
 
 pub struct RedisCounters {
+    client: redis::Client,
     manager: ConnectionManager,
     script: Script,
+    lease: Script,
     prefix: String,
+    /// Where changes to any workspace are announced.
+    channel: String,
     timeout: Duration,
     failing_since: Mutex<Option<Instant>>,
 }
@@ -80,12 +84,23 @@ impl RedisCounters {
             .set_response_timeout(Some(timeout))
             .set_number_of_retries(1)
             .set_max_delay(Duration::from_millis(100));
-        let manager = ConnectionManager::new_lazy_with_config(client, config)
+        let manager = ConnectionManager::new_lazy_with_config(client.clone(), config)
             .map_err(|error| SharedError::Unreachable(error.to_string()))?;
         Ok(Self {
+            client,
             manager,
             script: Script::new(include_str!("counters.lua")),
+            lease: Script::new(
+                r"
+                if redis.call('GET', KEYS[1]) == ARGV[1] then
+                  redis.call('PEXPIRE', KEYS[1], ARGV[2])
+                  return 1
+                end
+                if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
+                return 0",
+            ),
             prefix: prefix.to_owned(),
+            channel: format!("{prefix}changes"),
             timeout,
             failing_since: Mutex::new(None),
         })
@@ -95,13 +110,81 @@ impl RedisCounters {
         &self.prefix
     }
 
-    /// A connection to the same server, for publishing and subscribing.
-    pub fn connection(&self) -> ConnectionManager {
-        self.manager.clone()
+    /// Follows the announcements of changes: each is a workspace id and the
+    /// version its counters reached. The stream ends when the connection
+    /// drops; announcements made meanwhile are lost, so the caller reloads
+    /// everything after subscribing again.
+    pub async fn changes(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = (String, u64)> + use<>, SharedError> {
+        use futures_util::StreamExt;
+        let connect = async {
+            let mut pubsub = self.client.get_async_pubsub().await?;
+            pubsub.subscribe(&self.channel).await?;
+            Ok::<_, redis::RedisError>(pubsub)
+        };
+        let pubsub = tokio::time::timeout(self.timeout.max(Duration::from_secs(1)), connect)
+            .await
+            .map_err(|_| SharedError::Timeout(self.timeout))?
+            .map_err(|error| SharedError::Unreachable(error.to_string()))?;
+        Ok(pubsub.into_on_message().filter_map(|message| async move {
+            let payload: String = message.get_payload().ok()?;
+            let (workspace, version) = payload.rsplit_once(' ')?;
+            Some((workspace.to_owned(), version.parse().ok()?))
+        }))
     }
 
-    pub fn timeout(&self) -> Duration {
-        self.timeout
+    /// Takes or keeps the lease that makes `instance` the one instance doing
+    /// the work only one should do (writing notifications). Answers whether
+    /// `instance` holds it for `ttl` from now.
+    pub async fn hold_lease(&self, instance: &str, ttl: Duration) -> Result<bool, SharedError> {
+        let mut invocation = self.lease.prepare_invoke();
+        invocation
+            .key(format!("{}leader", self.prefix))
+            .arg(instance)
+            .arg(millis(ttl));
+        let mut connection = self.manager.clone();
+        let held: i64 = self
+            .bounded(invocation.invoke_async(&mut connection))
+            .await?;
+        Ok(held == 1)
+    }
+
+    /// Stores `value` under `name` for `ttl`, for any instance to
+    /// [`take`](Self::take).
+    pub async fn put(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError> {
+        let mut connection = self.manager.clone();
+        let mut command = redis::cmd("SET");
+        command
+            .arg(format!("{}{name}", self.prefix))
+            .arg(value)
+            .arg("PX")
+            .arg(millis(ttl));
+        self.bounded(command.query_async(&mut connection)).await
+    }
+
+    /// Reads and deletes what [`put`](Self::put) stored under `name`, so
+    /// that only one caller ever gets it.
+    pub async fn take(&self, name: &str) -> Result<Option<String>, SharedError> {
+        let mut connection = self.manager.clone();
+        let mut command = redis::cmd("GETDEL");
+        command.arg(format!("{}{name}", self.prefix));
+        self.bounded(command.query_async(&mut connection)).await
+    }
+
+    /// Bounds a call by the timeout and names its failure.
+    async fn bounded<T>(
+        &self,
+        call: impl std::future::Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, SharedError> {
+        match tokio::time::timeout(self.timeout, call).await {
+            Err(_) => Err(SharedError::Timeout(self.timeout)),
+            Ok(Err(error)) if error.is_io_error() || error.is_timeout() => {
+                Err(SharedError::Unreachable(error.to_string()))
+            }
+            Ok(Err(error)) => Err(SharedError::Protocol(error.to_string())),
+            Ok(Ok(value)) => Ok(value),
+        }
     }
 
     pub async fn admit(
@@ -209,7 +292,7 @@ impl RedisCounters {
         let mut invocation = self.invocation(workspace, "block", timezone, now);
         invocation
             .arg(hold_until.map_or(0, Timestamp::millis))
-            .arg(billing.map_or("", |block| block.code.code()))
+            .arg(billing_number(billing.map(|block| block.code)))
             .arg(billing.map_or(0, |block| block.since.millis()))
             .arg(billing.map_or(0, |block| block.next_probe_at.millis()));
         self.run(invocation).await
@@ -232,7 +315,7 @@ impl RedisCounters {
         let mut invocation = self.script.prepare_invoke();
         // The braces make every key of a workspace hash to one cluster slot.
         let base = format!("{}{{{}}}", self.prefix, workspace.as_str());
-        for part in ["m", "d", "res", "exp", "hold", "bill", "v"] {
+        for part in ["state", "res", "exp"] {
             invocation.key(format!("{base}:{part}"));
         }
         invocation
@@ -242,7 +325,9 @@ impl RedisCounters {
             .arg(today.millis())
             .arg(tomorrow.millis())
             .arg(tomorrow.millis())
-            .arg(after_tomorrow.millis());
+            .arg(after_tomorrow.millis())
+            .arg(&self.channel)
+            .arg(workspace.as_str());
         invocation
     }
 
@@ -255,19 +340,10 @@ impl RedisCounters {
             ));
         }
         let mut connection = self.manager.clone();
-        let answer = tokio::time::timeout(
-            self.timeout,
-            invocation.invoke_async::<Value>(&mut connection),
-        )
-        .await;
-        let result = match answer {
-            Err(_) => Err(SharedError::Timeout(self.timeout)),
-            Ok(Err(error)) if error.is_io_error() || error.is_timeout() => {
-                Err(SharedError::Unreachable(error.to_string()))
-            }
-            Ok(Err(error)) => Err(SharedError::Protocol(error.to_string())),
-            Ok(Ok(value)) => parse_reply(value),
-        };
+        let result = self
+            .bounded(invocation.invoke_async::<Value>(&mut connection))
+            .await
+            .and_then(parse_reply);
         let mut failing_since = lock(&self.failing_since);
         match &result {
             Err(SharedError::Timeout(_) | SharedError::Unreachable(_)) => {
@@ -293,14 +369,14 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
     let Value::Array(mut fields) = value else {
         return Err(SharedError::Protocol(format!("not an array: {value:?}")));
     };
-    if fields.len() < 12 {
+    if fields.len() < 4 {
         return Err(SharedError::Protocol(format!(
-            "{} fields instead of at least 12",
+            "{} fields instead of at least 4",
             fields.len()
         )));
     }
-    let extra = fields.split_off(12);
-    let expired = flat(&fields[11])
+    let extra = fields.split_off(4);
+    let expired = flat(&fields[3])
         .chunks_exact(3)
         .map(|record| Expired {
             charged_at: Timestamp::from_millis(as_int(&record[0])),
@@ -308,40 +384,85 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
             model: model(&text(&record[2])),
         })
         .collect();
-    let minute = flat(&fields[10])
+    let at = Timestamp::from_millis(as_int(&fields[1]));
+    let Value::BulkString(packed) = &fields[2] else {
+        return Err(SharedError::Protocol(
+            "the state is not a string".to_owned(),
+        ));
+    };
+    let state = unpack_state(packed)?;
+    let now_second = at.millis().div_euclid(1000);
+    let minute = state[STATE_HEADER..]
         .chunks_exact(3)
-        .map(|bucket| {
+        .filter(|slot| slot[0] as i64 > now_second - 60 && (slot[1] > 0.0 || slot[2] > 0.0))
+        .map(|slot| {
             let usage = Usage {
-                requests: count(as_int(&bucket[1])),
-                tokens: count(as_int(&bucket[2])),
+                requests: slot[1] as u64,
+                tokens: slot[2] as u64,
             };
-            (as_int(&bucket[0]), usage)
+            (slot[0] as i64, usage)
         })
         .collect();
-    let int = |index: usize| as_int(&fields[index]);
-    let billing = BillingCode::from_code(&text(&fields[7])).map(|code| BillingBlock {
+    let millis = |index: usize| Timestamp::from_millis(state[index] as i64);
+    let billing = billing_code(state[8]).map(|code| BillingBlock {
         code,
-        since: Timestamp::from_millis(int(8)),
-        next_probe_at: Timestamp::from_millis(int(9)),
+        since: millis(9),
+        next_probe_at: millis(10),
     });
     let counters = SharedCounters {
-        version: u64::try_from(int(2)).unwrap_or(0),
-        at: Timestamp::from_millis(int(1)),
+        version: state[0] as u64,
+        at,
         minute,
-        day_start: Timestamp::from_millis(int(3)),
+        day_start: millis(1),
         day_used: Usage {
-            requests: count(int(4)),
-            tokens: count(int(5)),
+            requests: state[2] as u64,
+            tokens: state[3] as u64,
         },
-        hold_until: (int(6) > 0).then(|| Timestamp::from_millis(int(6))),
+        hold_until: Some(millis(4)).filter(|until| *until > at),
         billing,
     };
     Ok(Reply {
-        done: int(0) == 1,
+        done: as_int(&fields[0]) == 1,
         counters,
         expired,
         extra,
     })
+}
+
+/// A billing code as the script stores it: its place in
+/// [`BillingCode::ALL`] plus one, zero for none.
+fn billing_number(code: Option<BillingCode>) -> usize {
+    code.and_then(|code| BillingCode::ALL.iter().position(|known| *known == code))
+        .map_or(0, |index| index + 1)
+}
+
+fn billing_code(number: f64) -> Option<BillingCode> {
+    (number as usize)
+        .checked_sub(1)
+        .and_then(|index| BillingCode::ALL.get(index).copied())
+}
+
+/// The numbers before the minute's slots in a workspace's state (see
+/// `counters.lua` for each).
+const STATE_HEADER: usize = 13;
+
+/// How many numbers the script packs into a workspace's state.
+const STATE_FIELDS: usize = STATE_HEADER + 3 * 60;
+
+/// The state as the script packs it: little-endian doubles, which hold
+/// every count below 2^53 exactly.
+fn unpack_state(packed: &[u8]) -> Result<Vec<f64>, SharedError> {
+    if packed.len() != STATE_FIELDS * 8 {
+        return Err(SharedError::Protocol(format!(
+            "a state of {} bytes instead of {}",
+            packed.len(),
+            STATE_FIELDS * 8
+        )));
+    }
+    Ok(packed
+        .chunks_exact(8)
+        .map(|bytes| f64::from_le_bytes(bytes.try_into().unwrap_or_default()))
+        .collect())
 }
 
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {

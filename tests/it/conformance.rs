@@ -7,7 +7,7 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::redis::{clean, fresh_prefix, server_url};
-use crate::support::{ADMIN_KEY, TestServer, fixture_json};
+use crate::support::{ADMIN_KEY, TestServer, concurrent_checks, fixture_json};
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -337,32 +337,8 @@ async fn concurrent_checks_never_exceed_the_limit(backend: Backend, test: &str) 
             json!({"id": "acme", "limits": {"requests_per_minute": 50, "requests_per_day": null}}),
         )
         .await;
-    let calls: Vec<_> = (0..200)
-        .map(|_| {
-            let client = server.client.clone();
-            let url = server.url("/api/quota/check");
-            let key = key.clone();
-            tokio::spawn(async move {
-                client
-                    .post(url)
-                    .bearer_auth(key)
-                    .json(&json!({"estimated_tokens": 10}))
-                    .send()
-                    .await
-                    .expect("request")
-                    .status()
-            })
-        })
-        .collect();
-    let mut admitted = 0;
-    for call in calls {
-        match call.await.expect("task") {
-            StatusCode::OK => admitted += 1,
-            StatusCode::TOO_MANY_REQUESTS => {}
-            other => panic!("unexpected {other}"),
-        }
-    }
-    assert_eq!(admitted, 50);
+    let (admitted, refused) = concurrent_checks(&[server], &key, 200).await;
+    assert_eq!((admitted, refused), (50, 150));
     let status = server.status(&key).await;
     assert_eq!(used(&status, "requests_per_minute"), 50);
     assert_eq!(status["errors"]["refused"], 150);

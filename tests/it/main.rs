@@ -9,6 +9,7 @@ mod cli;
 mod conformance;
 mod dashboard;
 mod durability;
+mod instances;
 mod proxy;
 mod sdk;
 mod store;

@@ -397,7 +397,7 @@ async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "upstream_unreachable");
     assert_eq!(server.status(&key).await["errors"]["server_error"], 1);
-    let metrics = metrics(&server).await;
+    let metrics = server.metrics().await;
     for expected in [
         r#"quotawatch_upstream_errors_total{class="upstream_failed"} 1"#,
         r#"quotawatch_requests_total{workspace="acme",endpoint="chat.completions",outcome="upstream_failed"} 1"#,
@@ -595,20 +595,6 @@ async fn refused_requests_never_reach_the_upstream() {
 }
 
 /// Sends one chat request answered with `scenario`.
-/// The Prometheus metrics as the admin reads them.
-async fn metrics(server: &TestServer) -> String {
-    server
-        .client
-        .get(server.url("/metrics"))
-        .bearer_auth(ADMIN_KEY)
-        .send()
-        .await
-        .expect("metrics")
-        .text()
-        .await
-        .expect("text")
-}
-
 async fn with_scenario(server: &TestServer, key: &str, scenario: &str) -> reqwest::Response {
     server
         .client
@@ -898,7 +884,7 @@ async fn metrics_describe_requests_tokens_refusals_status_and_overhead() {
         .expect("request");
     assert_eq!(forbidden.status(), StatusCode::FORBIDDEN);
     let text = eventually("the metrics", Duration::from_secs(5), || async {
-        let text = metrics(&server).await;
+        let text = server.metrics().await;
         text.contains("quotawatch_tokens_total").then_some(text)
     })
     .await;
@@ -1156,7 +1142,7 @@ async fn cached_and_reasoning_tokens_reach_history_and_metrics() {
         (&json!(1), &json!(0), &json!(1))
     );
 
-    let text = metrics(&server).await;
+    let text = server.metrics().await;
     for expected in [
         r#"quotawatch_tokens_total{workspace="acme",model="gpt-4o-mini",kind="cached"} 64"#,
         r#"quotawatch_tokens_total{workspace="acme",model="gpt-4o-mini",kind="reasoning"} 30"#,

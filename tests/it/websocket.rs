@@ -13,7 +13,7 @@ use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use crate::support::{ADMIN_KEY, TestServer, fixture_json};
 
-type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
+pub(crate) type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
 fn ws_url(server: &TestServer, query: &str) -> String {
     format!(
@@ -22,7 +22,7 @@ fn ws_url(server: &TestServer, query: &str) -> String {
     )
 }
 
-async fn connect(server: &TestServer, key: &str, query: &str) -> Ws {
+pub(crate) async fn connect(server: &TestServer, key: &str, query: &str) -> Ws {
     let mut request = ws_url(server, query)
         .into_client_request()
         .expect("request");
@@ -54,7 +54,11 @@ async fn next_json(ws: &mut Ws, deadline: Duration) -> Value {
 }
 
 /// The first message satisfying `wanted`, skipping others.
-async fn wait_for(ws: &mut Ws, deadline: Duration, wanted: impl Fn(&Value) -> bool) -> Value {
+pub(crate) async fn wait_for(
+    ws: &mut Ws,
+    deadline: Duration,
+    wanted: impl Fn(&Value) -> bool,
+) -> Value {
     let until = tokio::time::Instant::now() + deadline;
     loop {
         let left = until.saturating_duration_since(tokio::time::Instant::now());
@@ -67,7 +71,7 @@ async fn wait_for(ws: &mut Ws, deadline: Duration, wanted: impl Fn(&Value) -> bo
 
 /// Waits until every predicate has matched a message, in whatever order the
 /// messages come; returns the matches in the predicates' order.
-async fn wait_for_all(
+pub(crate) async fn wait_for_all(
     ws: &mut Ws,
     deadline: Duration,
     wanted: &[&dyn Fn(&Value) -> bool],

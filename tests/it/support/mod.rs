@@ -230,10 +230,59 @@ impl TestServer {
         response.body
     }
 
+    /// Every notification of the workspace, active and resolved.
+    pub async fn notification_history(&self, key: &str) -> Vec<Value> {
+        let history = self
+            .get("/api/quota/notifications?include=history", key)
+            .await;
+        history.body["notifications"]
+            .as_array()
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    /// The Prometheus metrics as the admin reads them.
+    pub async fn metrics(&self) -> String {
+        self.client
+            .get(self.url("/metrics"))
+            .bearer_auth(ADMIN_KEY)
+            .send()
+            .await
+            .expect("metrics")
+            .text()
+            .await
+            .expect("text")
+    }
+
     pub async fn check(&self, key: &str, tokens: u64) -> Response {
         self.post("/api/quota/check", key, json!({"estimated_tokens": tokens}))
             .await
     }
+}
+
+/// Sends `count` admission checks at once, spread over `servers` in turn,
+/// and answers how many were admitted and how many refused.
+pub async fn concurrent_checks(servers: &[&TestServer], key: &str, count: usize) -> (u32, u32) {
+    let calls: Vec<_> = (0..count)
+        .map(|i| {
+            let server = servers[i % servers.len()];
+            let request = server
+                .client
+                .post(server.url("/api/quota/check"))
+                .bearer_auth(key)
+                .json(&json!({"estimated_tokens": 5}));
+            tokio::spawn(async move { request.send().await.expect("request").status() })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (0, 0);
+    for call in calls {
+        match call.await.expect("task") {
+            StatusCode::OK => admitted += 1,
+            StatusCode::TOO_MANY_REQUESTS => refused += 1,
+            other => panic!("unexpected {other}"),
+        }
+    }
+    (admitted, refused)
 }
 
 impl Drop for TestServer {

@@ -1,0 +1,191 @@
+//! Admissions per second through the engine with counters shared in Redis,
+//! for `bench/redis.sh`.
+//!
+//! Loads `--workspaces` workspaces with limits nothing reaches, then keeps
+//! `--concurrency` admissions in flight for `--duration`, each one the
+//! engine's real path (`Engine::admit`: one script call, the answer loaded
+//! into the workspace's state). Redis's own count of script calls is read
+//! before and after, to show how many round trips an admission takes.
+//!
+//! Prints one JSON line: admissions, admissions/s, script calls per
+//! admission, p50/p99 latency in ms.
+//!
+//! `cargo run --release --example shared_admissions -- --redis URL
+//!  [--concurrency 64] [--workspaces 100] [--duration 5s]`
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use quotawatch::domain::limits::{LimitKind, Limits, OnStoreError, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::workspace::{Request, Settings};
+use quotawatch::engine::{Engine, SharedCounting, SystemClock, WorkspaceDefaults};
+use quotawatch::shared::RedisCounters;
+use quotawatch::store::Catalog;
+
+struct Args {
+    redis: String,
+    concurrency: usize,
+    workspaces: usize,
+    duration: Duration,
+}
+
+fn parse_args() -> Result<Args, String> {
+    let mut args = std::env::args().skip(1);
+    let mut parsed = Args {
+        redis: "redis://127.0.0.1:6379".to_owned(),
+        concurrency: 64,
+        workspaces: 100,
+        duration: Duration::from_secs(5),
+    };
+    while let Some(flag) = args.next() {
+        let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
+        let number = || {
+            value
+                .parse::<usize>()
+                .map_err(|_| format!("{flag} takes a number"))
+        };
+        match flag.as_str() {
+            "--redis" => parsed.redis = value.clone(),
+            "--concurrency" => parsed.concurrency = number()?.max(1),
+            "--workspaces" => parsed.workspaces = number()?.max(1),
+            "--duration" => {
+                parsed.duration = quotawatch::domain::time::parse_duration(&value)
+                    .ok_or_else(|| format!("{value:?} is not a duration"))?;
+            }
+            other => return Err(format!("unknown flag {other}")),
+        }
+    }
+    Ok(parsed)
+}
+
+fn limits() -> Limits {
+    let mut limits = Limits::default();
+    for kind in LimitKind::ALL {
+        limits.set(kind, Some(1 << 50));
+    }
+    limits
+}
+
+/// Redis's count of script calls (`EVALSHA` and `EVAL`) so far.
+async fn script_calls(client: &redis::Client) -> Result<u64, redis::RedisError> {
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut connection)
+        .await?;
+    Ok(stats
+        .lines()
+        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter_map(|line| {
+            line.split(['=', ','])
+                .nth(1)
+                .and_then(|calls| calls.parse::<u64>().ok())
+        })
+        .sum())
+}
+
+async fn remove_keys(client: &redis::Client, prefix: &str) -> Result<(), redis::RedisError> {
+    let mut connection = client.get_multiplexed_async_connection().await?;
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{prefix}*"))
+        .query_async(&mut connection)
+        .await?;
+    for chunk in keys.chunks(1000) {
+        let _: () = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(&mut connection)
+            .await?;
+    }
+    Ok(())
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let args = parse_args()?;
+    let prefix = format!("qwbench:{:08x}:", rand::random::<u32>());
+    let counters = RedisCounters::new(&args.redis, &prefix, Duration::from_secs(2))?;
+    let mut engine = Engine::new(
+        Settings::default(),
+        WorkspaceDefaults {
+            limits: limits(),
+            warn_at: 0.8,
+        },
+        Arc::new(SystemClock),
+    );
+    engine.share_counters(SharedCounting::new(counters, OnStoreError::Closed));
+    let ids: Vec<WorkspaceId> = (0..args.workspaces)
+        .map(|i| format!("bench{i:05}").parse().expect("valid id"))
+        .collect();
+    engine.load(
+        Catalog {
+            generation: 1,
+            workspaces: ids
+                .iter()
+                .map(|id| WorkspaceConfig::new(id.clone(), limits()))
+                .collect(),
+            keys: vec![],
+        },
+        Default::default(),
+        vec![],
+    );
+    let engine = Arc::new(engine);
+    let ids = Arc::new(ids);
+    // Warm up: the script is loaded once and connections are open.
+    engine.admit(&ids[0], Request::default()).await?;
+
+    let client = redis::Client::open(args.redis.as_str())?;
+    let calls_before = script_calls(&client).await?;
+    let started = Instant::now();
+    let deadline = started + args.duration;
+    let workers: Vec<_> = (0..args.concurrency)
+        .map(|worker| {
+            let engine = engine.clone();
+            let ids = ids.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::new();
+                let mut next = worker;
+                while Instant::now() < deadline {
+                    let id = &ids[next % ids.len()];
+                    next += args.concurrency;
+                    let sent = Instant::now();
+                    let decision = engine
+                        .admit(
+                            id,
+                            Request {
+                                estimated_tokens: 100,
+                                model: None,
+                            },
+                        )
+                        .await;
+                    assert!(decision.is_ok_and(|d| d.result.is_ok()), "admitted");
+                    latencies.push(sent.elapsed());
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut latencies = Vec::new();
+    for worker in workers {
+        latencies.extend(worker.await?);
+    }
+    let elapsed = started.elapsed();
+    let calls = script_calls(&client).await? - calls_before;
+    remove_keys(&client, &prefix).await?;
+
+    latencies.sort();
+    let percentile = |p: f64| {
+        let index = ((latencies.len() as f64 - 1.0) * p).round() as usize;
+        latencies
+            .get(index)
+            .map_or(0.0, |latency| latency.as_secs_f64() * 1000.0)
+    };
+    let admissions = latencies.len();
+    println!(
+        "{{\"admissions\":{admissions},\"per_second\":{:.0},\"script_calls_per_admission\":{:.3},\"p50_ms\":{:.3},\"p99_ms\":{:.3}}}",
+        admissions as f64 / elapsed.as_secs_f64(),
+        calls as f64 / admissions.max(1) as f64,
+        percentile(0.5),
+        percentile(0.99),
+    );
+    Ok(())
+}

@@ -1,0 +1,366 @@
+//! Several instances sharing Redis and PostgreSQL: limits hold across them,
+//! live events reach every instance's clients, a Redis outage behaves as
+//! `QUOTAWATCH_ON_STORE_ERROR` says, and a restart of all loses nothing.
+//! Needs `QUOTAWATCH_TEST_REDIS_URL` and `QUOTAWATCH_TEST_DATABASE_URL`.
+
+use std::time::{Duration, Instant};
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::support::postgres::TestDatabase;
+use crate::support::redis::{Relay, clean, fresh_prefix, server_url};
+use crate::support::{
+    ADMIN_KEY, Response, TestServer, concurrent_checks, eventually, fixture_json,
+};
+use crate::websocket::{connect, wait_for, wait_for_all};
+
+/// Two instances on one fresh PostgreSQL database and one Redis key prefix.
+struct Cluster {
+    a: TestServer,
+    b: TestServer,
+    redis_url: String,
+    prefix: String,
+    database: TestDatabase,
+    /// Between the instances and Redis, when the test cuts it.
+    relay: Option<Relay>,
+}
+
+impl Cluster {
+    async fn start(test: &str, relayed: bool, settings: &[(&str, &str)]) -> Option<Self> {
+        let redis_url = server_url(test)?;
+        let database = TestDatabase::create(test).await?;
+        let prefix = fresh_prefix();
+        let relay = if relayed {
+            Some(Relay::start(&redis_url).await)
+        } else {
+            None
+        };
+        let url = relay
+            .as_ref()
+            .map_or(redis_url.clone(), |relay| relay.url.clone());
+        let mut all: Vec<(&str, &str)> = vec![
+            ("QUOTAWATCH_REDIS_URL", &url),
+            ("QUOTAWATCH_REDIS_PREFIX", &prefix),
+            ("QUOTAWATCH_REPLICAS", "2"),
+            // A debug build serving 400 requests at once on a shared
+            // machine can take longer than the 50 ms default to hear back,
+            // and would then fall back as in an outage; outages are tested
+            // with a cut connection, which fails at once.
+            ("QUOTAWATCH_REDIS_TIMEOUT", "2s"),
+        ];
+        all.extend_from_slice(settings);
+        // One after the other: the first creates the schema.
+        let a = TestServer::start_on(database.url.clone(), None, &all).await;
+        let b = TestServer::start_on(database.url.clone(), None, &all).await;
+        Some(Self {
+            a,
+            b,
+            redis_url,
+            prefix,
+            database,
+            relay,
+        })
+    }
+
+    /// Creates a workspace through A and waits until B knows it too.
+    async fn workspace(&self, body: Value) -> String {
+        let key = self.a.workspace(body).await;
+        eventually("B knows the new key", Duration::from_secs(5), || async {
+            (self.b.get("/api/quota/status", &key).await.status == StatusCode::OK).then_some(())
+        })
+        .await;
+        key
+    }
+
+    async fn finish(self) {
+        self.a.stop().await;
+        self.b.stop().await;
+        clean(&self.redis_url, &self.prefix).await;
+        self.database.drop_database().await;
+    }
+}
+
+fn used(status: &Value, limit: &str) -> u64 {
+    status["limits"][limit]["used"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("{limit} in {status}"))
+}
+
+/// How many `upstream_quota_exhausted` notifications the history holds.
+async fn billing_notifications(server: &TestServer, key: &str) -> usize {
+    let history = server.notification_history(key).await;
+    history
+        .iter()
+        .filter(|n| n["kind"] == "upstream_quota_exhausted")
+        .count()
+}
+
+/// A check that must answer promptly, whatever state Redis is in.
+async fn prompt_check(server: &TestServer, key: &str) -> Response {
+    tokio::time::timeout(Duration::from_secs(5), server.check(key, 0))
+        .await
+        .expect("the check answers instead of hanging")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn four_hundred_requests_across_two_instances_admit_exactly_the_limit() {
+    let Some(cluster) = Cluster::start("instances::four_hundred", false, &[]).await else {
+        return;
+    };
+    let key = cluster
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 100, "requests_per_day": null}}),
+        )
+        .await;
+    let (admitted, refused) = concurrent_checks(&[&cluster.a, &cluster.b], &key, 400).await;
+    assert_eq!((admitted, refused), (100, 300));
+    for server in [&cluster.a, &cluster.b] {
+        let status = server.status(&key).await;
+        assert_eq!(used(&status, "requests_per_minute"), 100);
+        assert_eq!(status["status"], "rate_limited");
+    }
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_websocket_on_one_instance_sees_a_billing_block_caused_through_the_other() {
+    let Some(cluster) = Cluster::start("instances::websocket", false, &[]).await else {
+        return;
+    };
+    let key = cluster.workspace(json!({"id": "acme"})).await;
+    let mut ws = connect(&cluster.a, &key, "").await;
+    wait_for(&mut ws, Duration::from_secs(2), |m| {
+        m["type"] == "status" && m["data"]["status"] == "normal"
+    })
+    .await;
+
+    let admitted = cluster.b.check(&key, 10).await;
+    assert_eq!(admitted.status, StatusCode::OK);
+    let billing = json!({"reservation_id": admitted.body["reservation_id"], "status_code": 429,
+        "error": fixture_json("error_429_insufficient_quota.json")["error"]});
+    let caused = Instant::now();
+    let reported = cluster.b.post("/api/quota/usage", &key, billing).await;
+    assert_eq!(reported.body["status"], "quota_exceeded");
+
+    // The promise: within a second on every instance.
+    let seen = wait_for_all(
+        &mut ws,
+        Duration::from_secs(1),
+        &[
+            &|m| m["type"] == "status" && m["data"]["status"] == "quota_exceeded",
+            &|m| m["type"] == "notification" && m["data"]["kind"] == "upstream_quota_exhausted",
+        ],
+    )
+    .await;
+    println!(
+        "instance A's client saw B's block after {:?}",
+        caused.elapsed()
+    );
+    assert_eq!(seen[1]["data"]["severity"], "critical");
+
+    // The block itself is shared: A refuses without asking the upstream.
+    let refused = cluster.a.check(&key, 0).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.body["error"]["type"], "insufficient_quota");
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+
+    // Every instance raised it for its own clients; once the writes settle,
+    // history holds it once, whichever instance is asked.
+    eventually(
+        "one notification per cause in history",
+        Duration::from_secs(5),
+        || async {
+            let counts = [
+                billing_notifications(&cluster.a, &key).await,
+                billing_notifications(&cluster.b, &key).await,
+            ];
+            (counts == [1, 1]).then_some(())
+        },
+    )
+    .await;
+    cluster.finish().await;
+}
+
+/// Cuts Redis off for both instances, runs `during` against instance A
+/// (which answers how many requests A admitted), restores Redis and checks
+/// that counting is shared again: what A admitted meanwhile counts on B too.
+async fn outage(mode: &str, during: impl AsyncFnOnce(&Cluster, &str) -> u64) {
+    let test = format!("instances::outage_{mode}");
+    let settings = [("QUOTAWATCH_ON_STORE_ERROR", mode)];
+    let Some(cluster) = Cluster::start(&test, true, &settings).await else {
+        return;
+    };
+    let key = cluster
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 10, "requests_per_day": 1000}}),
+        )
+        .await;
+    for _ in 0..2 {
+        assert_eq!(cluster.a.check(&key, 0).await.status, StatusCode::OK);
+    }
+    let relay = cluster.relay.as_ref().expect("relay");
+    relay.cut();
+    let admitted_alone = during(&cluster, &key).await;
+
+    relay.restore();
+    let status = eventually(
+        "A counts in Redis again",
+        Duration::from_secs(10),
+        || async {
+            let status = cluster.a.status(&key).await;
+            (status["degraded"] == false).then_some(status)
+        },
+    )
+    .await;
+    eventually(
+        "B counts in Redis again",
+        Duration::from_secs(10),
+        || async { (cluster.b.status(&key).await["degraded"] == false).then_some(()) },
+    )
+    .await;
+    assert!(
+        !status["reasons"]
+            .as_array()
+            .expect("reasons")
+            .contains(&json!("shared_store_unreachable"))
+    );
+    let resolved = cluster.a.get("/api/quota/notifications", &key).await.body["notifications"]
+        .as_array()
+        .expect("list")
+        .iter()
+        .all(|n| n["kind"] != "shared_store_unavailable");
+    assert!(resolved, "the outage notification resolves");
+    // Shared again: B sees A's count, including what A counted alone.
+    assert_eq!(
+        used(&cluster.b.status(&key).await, "requests_per_day"),
+        2 + admitted_alone
+    );
+    let report = json!({"usage": {"prompt_tokens": 1, "completion_tokens": 1}});
+    let reported = cluster.a.post("/api/quota/usage", &key, report).await;
+    assert_eq!(reported.status, StatusCode::ACCEPTED);
+    assert_eq!(
+        used(&cluster.b.status(&key).await, "requests_per_day"),
+        3 + admitted_alone,
+        "a call reported to A counts on B at once"
+    );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_local_mode_enforces_each_instances_share() {
+    outage("local", async |cluster, key| {
+        // 2 of 10 were used, so each of the 2 instances has 1 + 4 = 5 of 5:
+        // it admits 4 more alone.
+        let mut admitted = 0;
+        for _ in 0..8 {
+            let response = prompt_check(&cluster.a, key).await;
+            match response.status {
+                StatusCode::OK => admitted += 1,
+                StatusCode::TOO_MANY_REQUESTS => {}
+                other => panic!("unexpected {other}: {:?}", response.body),
+            }
+        }
+        assert_eq!(admitted, 4);
+        let status = cluster.a.status(key).await;
+        assert_eq!(status["degraded"], true);
+        assert!(
+            status["reasons"]
+                .as_array()
+                .expect("reasons")
+                .contains(&json!("shared_store_unreachable"))
+        );
+        assert_eq!(status["limits"]["requests_per_minute"]["limit"], 5);
+        let notifications = cluster.a.get("/api/quota/notifications", key).await;
+        let outage = notifications.body["notifications"]
+            .as_array()
+            .expect("list")
+            .iter()
+            .find(|n| n["kind"] == "shared_store_unavailable")
+            .cloned()
+            .expect("an outage notification");
+        assert_eq!(outage["severity"], "critical");
+        assert!(
+            cluster
+                .a
+                .metrics()
+                .await
+                .contains("quotawatch_shared_store_degraded 1")
+        );
+        admitted
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_closed_mode_refuses_with_503_and_retry() {
+    outage("closed", async |cluster, key| {
+        for _ in 0..3 {
+            let refused = prompt_check(&cluster.a, key).await;
+            assert_eq!(refused.status, StatusCode::SERVICE_UNAVAILABLE);
+            assert_eq!(refused.error_code(), "shared_store_unavailable");
+            assert_eq!(refused.header("x-should-retry"), Some("true"));
+        }
+        assert_eq!(cluster.a.status(key).await["degraded"], true);
+        0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn without_redis_open_mode_admits_and_counts() {
+    outage("open", async |cluster, key| {
+        for _ in 0..12 {
+            let admitted = prompt_check(&cluster.a, key).await;
+            assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+        }
+        let status = cluster.a.status(key).await;
+        assert_eq!(status["degraded"], true);
+        assert_eq!(used(&status, "requests_per_day"), 14);
+        12
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn restarting_both_instances_loses_nothing() {
+    let Some(mut cluster) = Cluster::start("instances::restart", false, &[]).await else {
+        return;
+    };
+    let key = cluster
+        .workspace(json!({"id": "acme", "limits": {"requests_per_day": 1000}}))
+        .await;
+    for server in [&cluster.a, &cluster.b] {
+        for _ in 0..3 {
+            assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+        }
+    }
+    let billing = json!({"status_code": 429,
+        "error": fixture_json("error_429_insufficient_quota.json")["error"]});
+    cluster.b.post("/api/quota/usage", &key, billing).await;
+    eventually(
+        "the notification is written",
+        Duration::from_secs(5),
+        || async { (billing_notifications(&cluster.a, &key).await == 1).then_some(()) },
+    )
+    .await;
+
+    cluster.a.restart().await;
+    cluster.b.restart().await;
+
+    for server in [&cluster.a, &cluster.b] {
+        let status = server.status(&key).await;
+        assert_eq!(
+            used(&status, "requests_per_day"),
+            7,
+            "6 checks and 1 report"
+        );
+        assert_eq!(status["status"], "quota_exceeded");
+        let history = server.notification_history(&key).await;
+        assert_eq!(history.len(), 1, "{history:?}");
+        assert_eq!(history[0]["kind"], "upstream_quota_exhausted");
+    }
+    let workspaces = cluster.b.get("/api/workspaces", ADMIN_KEY).await;
+    assert!(workspaces.body.to_string().contains("\"acme\""));
+    cluster.finish().await;
+}
