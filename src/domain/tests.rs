@@ -12,8 +12,10 @@ use super::notification::{NotificationKind, Severity};
 use super::status::{Change, Status};
 use super::time::Timestamp;
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
+use super::window::Usage;
 use super::workspace::{
-    Admission, Answer, Outcome, Recorded, RefusalCause, Request, Settings, Settled, WorkspaceState,
+    Admission, Answer, Enforcement, Outcome, Recorded, RefusalCause, Request, Settings, Settled,
+    SharedCounters, WorkspaceState,
 };
 
 use LimitKind::*;
@@ -871,4 +873,111 @@ fn saved_state_restores_counters_blocks_and_status() {
         "reservations survive"
     );
     assert_eq!(restored.snapshot(script.now).limits[1].1.used, 100);
+}
+
+impl Script {
+    fn enforce(&mut self, enforcement: Enforcement) -> Vec<Change> {
+        let mut next_id = self.next_id;
+        let changes =
+            self.state
+                .set_enforcement(enforcement, self.now, &self.settings, &mut || {
+                    next_id += 1;
+                    next_id
+                });
+        self.next_id = next_id;
+        changes
+    }
+}
+
+#[test]
+fn a_share_of_the_limits_starts_from_a_share_of_the_usage_rounded_up() {
+    let mut script = Script::new(&[(RequestsPerMinute, 10), (RequestsPerDay, 1000)]);
+    // Three requests in three different seconds: 3 / 2 rounds up to 2, not
+    // down to nothing second by second.
+    for _ in 0..3 {
+        script.admitted(0);
+        script.after(1000);
+    }
+    script.enforce(Enforcement::Share(2));
+    let snapshot = script.state.snapshot(script.now);
+    assert!(snapshot.degraded);
+    assert!(
+        snapshot
+            .reasons
+            .contains(&"shared_store_unreachable".to_owned())
+    );
+    let minute = snapshot
+        .limits
+        .iter()
+        .find(|(kind, _)| *kind == RequestsPerMinute)
+        .map(|(_, facts)| *facts)
+        .expect("minute limit");
+    assert_eq!((minute.used, minute.max), (2, 5));
+    for _ in 0..3 {
+        script.admitted(0);
+    }
+    let refusal = script.refused(0);
+    assert_eq!(refusal.cause, RefusalCause::Limit(RequestsPerMinute));
+    assert_eq!(refusal.max, 5);
+
+    script.enforce(Enforcement::Whole);
+    assert!(!script.state.snapshot(script.now).degraded);
+    script.admitted(0);
+}
+
+#[test]
+fn counting_only_admits_beyond_the_limits_but_not_through_a_billing_block() {
+    let mut script = Script::new(&[(RequestsPerMinute, 2)]);
+    script.enforce(Enforcement::CountOnly);
+    for _ in 0..4 {
+        script.admitted(0);
+    }
+    assert_eq!(
+        script.state.snapshot(script.now).status,
+        Status::RateLimited
+    );
+    script.upstream(429, "insufficient_quota", Some("insufficient_quota"), &[]);
+    let refusal = script.refused(0);
+    assert_eq!(
+        refusal.cause,
+        RefusalCause::UpstreamQuota(BillingCode::InsufficientQuota)
+    );
+}
+
+#[test]
+fn shared_counters_load_unless_older_than_what_is_loaded() {
+    let mut script = Script::new(&[(RequestsPerMinute, 10), (RequestsPerDay, 100)]);
+    let second = script.now.millis() / 1000;
+    let counters = |version, requests| SharedCounters {
+        version,
+        at: script.now,
+        minute: vec![(second, Usage::requests(requests))],
+        day_start: ts("2026-05-04T00:00:00Z"),
+        day_used: Usage::requests(requests),
+        hold_until: None,
+        billing: None,
+    };
+    assert!(script.state.load_shared(&counters(5, 7)));
+    assert!(
+        !script.state.load_shared(&counters(4, 1)),
+        "an older answer"
+    );
+    let snapshot = script.state.snapshot(script.now);
+    let used: Vec<u64> = snapshot
+        .limits
+        .iter()
+        .map(|(_, facts)| facts.used)
+        .collect();
+    assert_eq!(used, vec![7, 7]);
+    // A day that is over counts nothing today.
+    let mut yesterday = counters(6, 9);
+    yesterday.day_start = ts("2026-05-03T00:00:00Z");
+    assert!(script.state.load_shared(&yesterday));
+    let snapshot = script.state.snapshot(script.now);
+    let used: Vec<u64> = snapshot
+        .limits
+        .iter()
+        .map(|(_, facts)| facts.used)
+        .collect();
+    assert_eq!(used, vec![9, 0]);
 }

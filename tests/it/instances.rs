@@ -13,7 +13,7 @@ use crate::support::redis::{Relay, clean, fresh_prefix, server_url};
 use crate::support::{
     ADMIN_KEY, Response, TestServer, concurrent_checks, eventually, fixture_json,
 };
-use crate::websocket::{connect, wait_for, wait_for_all};
+use crate::websocket::{connect, wait_for, wait_for_all, ws_url};
 
 /// Two instances on one fresh PostgreSQL database and one Redis key prefix.
 struct Cluster {
@@ -179,6 +179,36 @@ async fn a_websocket_on_one_instance_sees_a_billing_block_caused_through_the_oth
         },
     )
     .await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_ticket_from_one_instance_opens_a_socket_on_the_other_once() {
+    let Some(cluster) = Cluster::start("instances::tickets", false, &[]).await else {
+        return;
+    };
+    let key = cluster.workspace(json!({"id": "acme"})).await;
+    let ticket = cluster
+        .a
+        .post("/api/quota/ws-ticket", &key, json!({}))
+        .await;
+    assert_eq!(ticket.status, StatusCode::OK);
+    let query = format!(
+        "?ticket={}",
+        ticket.body["ticket"].as_str().expect("ticket")
+    );
+    let (mut ws, _) = tokio_tungstenite::connect_async(ws_url(&cluster.b, &query).as_str())
+        .await
+        .expect("B accepts A's ticket");
+    wait_for(&mut ws, Duration::from_secs(2), |m| m["type"] == "status").await;
+    for server in [&cluster.a, &cluster.b] {
+        match tokio_tungstenite::connect_async(ws_url(server, &query).as_str()).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(response)) => {
+                assert_eq!(response.status(), 401);
+            }
+            other => panic!("a used ticket must be refused everywhere, got {other:?}"),
+        }
+    }
     cluster.finish().await;
 }
 

@@ -15,7 +15,7 @@ use crate::support::{ADMIN_KEY, TestServer, fixture_json};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
-fn ws_url(server: &TestServer, query: &str) -> String {
+pub(crate) fn ws_url(server: &TestServer, query: &str) -> String {
     format!(
         "{}/api/quota/ws{query}",
         server.base.replacen("http", "ws", 1)
