@@ -465,31 +465,6 @@ fn unpack_state(packed: &[u8]) -> Result<Vec<f64>, SharedError> {
         .collect())
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn billing_codes_survive_the_trip_through_a_number() {
-        assert_eq!(billing_number(None), 0);
-        assert_eq!(billing_code(0.0), None);
-        for code in BillingCode::ALL {
-            let number = billing_number(Some(code));
-            assert_eq!(billing_code(number as f64), Some(code));
-        }
-    }
-
-    #[test]
-    fn a_state_of_the_wrong_size_is_a_protocol_error() {
-        assert!(matches!(
-            unpack_state(&[0; 16]),
-            Err(SharedError::Protocol(_))
-        ));
-        let empty = unpack_state(&[0; STATE_FIELDS * 8]).expect("zeros");
-        assert!(empty.iter().all(|number| *number == 0.0));
-    }
-}
-
 fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     mutex
         .lock()
@@ -537,4 +512,29 @@ fn count(value: i64) -> u64 {
 
 fn millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn billing_codes_survive_the_trip_through_a_number() {
+        assert_eq!(billing_number(None), 0);
+        assert_eq!(billing_code(0.0), None);
+        for code in BillingCode::ALL {
+            let number = billing_number(Some(code));
+            assert_eq!(billing_code(number as f64), Some(code));
+        }
+    }
+
+    #[test]
+    fn a_state_of_the_wrong_size_is_a_protocol_error() {
+        assert!(matches!(
+            unpack_state(&[0; 16]),
+            Err(SharedError::Protocol(_))
+        ));
+        let empty = unpack_state(&[0; STATE_FIELDS * 8]).expect("zeros");
+        assert!(empty.iter().all(|number| *number == 0.0));
+    }
 }
