@@ -772,6 +772,23 @@ mod tests {
         assert_eq!(config.engine.probe_interval, Duration::from_secs(60));
         assert_eq!(config.flush_interval, Duration::from_secs(1));
         assert!(config.admin_key.is_none());
+        assert!(config.redis.is_none(), "counts alone unless Redis is named");
+    }
+
+    #[test]
+    fn redis_settings_take_their_defaults_and_mask_a_password() {
+        let env = [
+            ("QUOTAWATCH_REDIS_URL", "redis://:hunter2@cache:6379/0"),
+            ("QUOTAWATCH_REPLICAS", "3"),
+        ];
+        let config = load_with(None, None, &env, vec![]).expect("valid");
+        let redis = config.redis.as_ref().expect("redis");
+        assert_eq!(redis.prefix, "quotawatch:");
+        assert_eq!(redis.timeout, Duration::from_millis(50));
+        assert_eq!(redis.on_store_error, OnStoreError::Local { instances: 3 });
+        let described = config.describe();
+        assert!(described.contains("redis://:********@cache:6379/0"));
+        assert!(!described.contains("hunter2"));
     }
 
     #[test]
@@ -842,6 +859,9 @@ mod tests {
             ("QUOTAWATCH_DEFAULT_WARN_AT", "2"),
             ("QUOTAWATCH_LOG_FORMAT", "xml"),
             ("OPENAI_RATE_LIMIT_PER_DAY", "0"),
+            ("QUOTAWATCH_REDIS_URL", "http://cache:6379"),
+            ("QUOTAWATCH_ON_STORE_ERROR", "sometimes"),
+            ("QUOTAWATCH_REPLICAS", "0"),
         ] {
             let error = load_with(None, None, &[(name, value)], vec![]).expect_err(name);
             assert_eq!(error.setting, name);
