@@ -207,7 +207,7 @@ async fn tick(engine: Arc<Engine>) {
     loop {
         interval.tick().await;
         engine.tick();
-        engine.probe_shared_store().await;
+        engine.tend_shared_store().await;
     }
 }
 

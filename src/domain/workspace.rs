@@ -658,7 +658,9 @@ impl WorkspaceState {
     /// Takes a shared store's counters and blocks, unless a newer version
     /// was loaded already. Returns whether it did.
     pub fn load_shared(&mut self, counters: &SharedCounters) -> bool {
-        if counters.version < self.shared_version {
+        // Cut off from the store, this instance counts on its own: a late
+        // answer must not replace its share with the whole.
+        if counters.version < self.shared_version || self.enforcement != Enforcement::Whole {
             return false;
         }
         self.shared_version = counters.version;
@@ -678,10 +680,12 @@ impl WorkspaceState {
         self.shared_version
     }
 
-    /// Whether the reservation `id` was made here, rather than in a shared
-    /// store.
-    pub fn has_reservation(&self, id: u64) -> bool {
-        self.reservations.contains_key(&id)
+    /// The estimate of reservation `id`, if it was made here rather than in
+    /// a shared store.
+    pub fn reservation_estimate(&self, id: u64) -> Option<u64> {
+        self.reservations
+            .get(&id)
+            .map(|reservation| reservation.estimated_tokens)
     }
 
     /// Switches how limits are enforced. Entering [`Enforcement::Share`]

@@ -137,10 +137,10 @@ impl Flusher {
                 return;
             }
         };
-        let held = self.engine.active_notification_ids();
+        let held = self.engine.active_workspace_notifications();
         let now = self.engine.now();
         for mut notification in stored {
-            if notification.workspace.is_none() || held.contains(&notification.id) {
+            if notification.workspace.is_none() || held.iter().any(|n| n.id == notification.id) {
                 continue;
             }
             notification.resolved_at = Some(now);
@@ -148,7 +148,11 @@ impl Flusher {
                 .notifications
                 .insert(notification.id.clone(), notification);
         }
-        self.engine.requeue_active_notifications();
+        for notification in held {
+            self.unwritten
+                .notifications
+                .insert(notification.id.clone(), notification);
+        }
     }
 
     /// Reloads workspaces and keys when someone else changed them.

@@ -38,8 +38,8 @@ use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
-    Admission, Admitted, Answer, Expired, Headroom, Model, Outcome, Recorded, Refusal, Request,
-    Settings, Settled, Snapshot, WorkspaceState,
+    Admission, Admitted, Answer, BillingBlock, Expired, Headroom, Model, Outcome, Recorded,
+    Refusal, Request, Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
@@ -213,6 +213,11 @@ struct Cell {
     /// Usage admitted here while the shared counters were unreachable, to
     /// be added to them when they return.
     offline: Usage,
+    /// The upstream blocks when the shared counters became unreachable, to
+    /// tell at their return what this instance saw alone.
+    outage_blocks: Option<(Option<Timestamp>, Option<BillingBlock>)>,
+    /// Blocks seen alone during an outage, to be written with the merge.
+    offline_blocks: Option<crate::shared::BlockChange>,
 }
 
 struct Slot {
@@ -233,6 +238,8 @@ impl Slot {
                 state,
                 rollups: FxHashMap::default(),
                 offline: Usage::default(),
+                outage_blocks: None,
+                offline_blocks: None,
             }),
             dirty: AtomicBool::new(true),
             usage_dirty: AtomicBool::new(false),

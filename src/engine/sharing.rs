@@ -3,21 +3,22 @@
 //!
 //! The shared store decides: an admission is one script call that checks
 //! and charges every limit, a settlement one that corrects the charge. Its
-//! answer carries the workspace's whole counter state, which is loaded into
-//! the local `WorkspaceState` so that status, notifications and headers come
-//! from the same rules as on a single instance. What the upstream says is
-//! applied locally and, when it moves a block, written back, so one
-//! instance's `insufficient_quota` blocks the workspace on all.
+//! answer carries the workspace's whole counter state and Redis's clock,
+//! which are loaded into the local `WorkspaceState` so that status,
+//! notifications and headers come from the same rules as on a single
+//! instance, timed by the same clock on every instance. What the upstream
+//! says is applied locally and, when it moves a block, the change is written
+//! back, so one instance's `insufficient_quota` blocks the workspace on all.
 //!
 //! When the store cannot be reached, `OnStoreError` decides: refuse
 //! (`closed`), or fall back to the local engine with a share of each limit
 //! (`local`) or without enforcing limits (`open`). The first success after
-//! an outage switches back and adds what was admitted meanwhile to the
-//! shared counters.
+//! an outage switches back; the ticker then adds what was counted meanwhile
+//! to the shared counters, off the request path.
 
-use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::time::Duration;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
@@ -28,23 +29,30 @@ use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{Enforcement, Request, Settled};
-use crate::shared::{AdmitArgs, RedisCounters, SharedError};
+use crate::shared::{AdmitArgs, BlockChange, RedisCounters, Reply, SharedError};
 
 /// Counters shared with other instances, and how this instance copes while
 /// they are out of reach.
 pub struct SharedCounting {
     counters: RedisCounters,
     on_error: OnStoreError,
+    /// Cut off from the store. Changed only under `switching`, together
+    /// with every workspace's enforcement, so the two always agree.
     degraded: AtomicBool,
+    switching: Mutex<()>,
+    /// Usage counted alone during an outage waits to be added to the store.
+    merge_pending: AtomicBool,
     /// Failed calls to the shared store, for the metrics.
     errors: AtomicU64,
-    /// Serialises the switch back after an outage.
-    recovery: tokio::sync::Mutex<()>,
-    /// This instance holds the lease for writing workspace notifications.
-    leader: AtomicBool,
+    /// Until when this instance holds the lease for writing workspace
+    /// notifications.
+    leader_until: Mutex<Option<Instant>>,
     /// Leadership was just taken: notifications an earlier leader left
     /// active must be reconciled with this instance's.
     took_over: AtomicBool,
+    /// Wakes the follower to subscribe again, after an outage that may have
+    /// left its connection silently dead.
+    resubscribe: tokio::sync::Notify,
 }
 
 /// How often workspaces changed by other instances are reloaded: well
@@ -63,10 +71,12 @@ impl SharedCounting {
             counters,
             on_error,
             degraded: AtomicBool::new(false),
+            switching: Mutex::new(()),
+            merge_pending: AtomicBool::new(false),
             errors: AtomicU64::new(0),
-            recovery: tokio::sync::Mutex::new(()),
-            leader: AtomicBool::new(false),
+            leader_until: Mutex::new(None),
             took_over: AtomicBool::new(false),
+            resubscribe: tokio::sync::Notify::new(),
         }
     }
 
@@ -82,6 +92,10 @@ impl SharedCounting {
             OnStoreError::Closed => Enforcement::Share(1),
             OnStoreError::Open => Enforcement::CountOnly,
         }
+    }
+
+    fn leads(&self) -> bool {
+        lock(&self.leader_until).is_some_and(|until| Instant::now() < until)
     }
 }
 
@@ -103,15 +117,22 @@ impl Engine {
             .is_some_and(|shared| shared.degraded.load(Ordering::Acquire))
     }
 
+    /// Failed calls to the shared store since start-up.
+    pub fn shared_store_errors(&self) -> u64 {
+        self.shared
+            .as_ref()
+            .map_or(0, |shared| shared.errors.load(Ordering::Relaxed))
+    }
+
     /// Whether this instance writes workspace notifications to the database.
     /// Every instance raises them for its own listeners, but with shared
     /// counters only one (the lease holder) writes them, so that history
     /// holds one per cause. Cut off from Redis, every instance writes its
     /// own rather than lose them.
     pub fn writes_workspace_notifications(&self) -> bool {
-        self.shared.as_ref().is_none_or(|shared| {
-            shared.leader.load(Ordering::Acquire) || shared.degraded.load(Ordering::Acquire)
-        })
+        self.shared
+            .as_ref()
+            .is_none_or(|shared| shared.leads() || shared.degraded.load(Ordering::Acquire))
     }
 
     /// True once after this instance took over writing notifications.
@@ -121,120 +142,12 @@ impl Engine {
             .is_some_and(|shared| shared.took_over.swap(false, Ordering::AcqRel))
     }
 
-    /// Ids of every workspace notification active here.
-    pub fn active_notification_ids(&self) -> std::collections::HashSet<String> {
+    /// Every workspace notification active here.
+    pub fn active_workspace_notifications(&self) -> Vec<Notification> {
         self.all_slots()
             .into_iter()
-            .flat_map(|(_, slot)| {
-                let cell = slot.lock();
-                cell.state
-                    .active_notifications()
-                    .iter()
-                    .map(|notification| notification.id.clone())
-                    .collect::<Vec<_>>()
-            })
-            .collect()
-    }
-
-    /// Queues every active workspace notification for writing, as a new
-    /// writer must.
-    pub fn requeue_active_notifications(&self) {
-        let active: Vec<Notification> = self
-            .all_slots()
-            .into_iter()
             .flat_map(|(_, slot)| slot.lock().state.active_notifications().to_vec())
-            .collect();
-        lock(&self.pending_notifications).extend(active);
-    }
-
-    /// Follows what other instances change, for the life of the server:
-    /// announcements mark workspaces stale and stale ones are reloaded every
-    /// `FOLLOW_INTERVAL`, so local listeners see every instance's changes;
-    /// meanwhile it keeps (or takes) the notification writer's lease.
-    pub async fn follow_other_instances(self: Arc<Self>) {
-        let Some(shared) = self.shared.clone() else {
-            return;
-        };
-        let instance = format!("{:016x}", fresh_id());
-        let mut reload = tokio::time::interval(FOLLOW_INTERVAL);
-        let mut lease = tokio::time::interval(Duration::from_secs(1));
-        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            let changes = match shared.counters.changes().await {
-                Ok(changes) => changes,
-                Err(error) => {
-                    tracing::debug!(%error, "cannot follow other instances yet");
-                    shared.leader.store(false, Ordering::Release);
-                    tokio::time::sleep(Duration::from_millis(500)).await;
-                    continue;
-                }
-            };
-            // Announcements made while not subscribed are lost: reload all.
-            for (_, slot) in self.all_slots() {
-                slot.shared_stale.store(true, Ordering::Release);
-            }
-            let mut changes = std::pin::pin!(changes);
-            loop {
-                tokio::select! {
-                    change = changes.next() => match change {
-                        Some((workspace, version)) => self.note_change(&workspace, version),
-                        None => break,
-                    },
-                    _ = reload.tick() => self.reload_stale().await,
-                    _ = lease.tick() => self.renew_lease(&shared, &instance).await,
-                }
-            }
-            tracing::debug!("lost the subscription to other instances' changes");
-        }
-    }
-
-    fn note_change(&self, workspace: &str, version: u64) {
-        let Some(slot) = workspace
-            .parse::<WorkspaceId>()
-            .ok()
-            .and_then(|id| self.slot(&id).ok())
-        else {
-            return;
-        };
-        if slot.lock().state.shared_version() < version {
-            slot.shared_stale.store(true, Ordering::Release);
-        }
-    }
-
-    async fn reload_stale(&self) {
-        let stale: Vec<WorkspaceId> = self
-            .all_slots()
-            .into_iter()
-            .filter(|(_, slot)| slot.shared_stale.swap(false, Ordering::AcqRel))
-            .map(|(id, _)| id)
-            .collect();
-        futures_util::stream::iter(stale)
-            .for_each_concurrent(RELOAD_CONCURRENCY, |id| async move {
-                // A workspace removed meanwhile has nothing left to reload.
-                let _ = self.refresh(&id).await;
-            })
-            .await;
-    }
-
-    async fn renew_lease(&self, shared: &SharedCounting, instance: &str) {
-        let held = shared
-            .counters
-            .hold_lease(instance, LEASE)
-            .await
-            .unwrap_or(false);
-        let was_leader = shared.leader.swap(held, Ordering::AcqRel);
-        if held && !was_leader {
-            tracing::info!("this instance now writes workspace notifications");
-            shared.took_over.store(true, Ordering::Release);
-        }
-    }
-
-    /// Failed calls to the shared store since start-up.
-    pub fn shared_store_errors(&self) -> u64 {
-        self.shared
-            .as_ref()
-            .map_or(0, |shared| shared.errors.load(Ordering::Relaxed))
+            .collect()
     }
 
     /// Admission, wherever the counters live: the local engine's
@@ -266,8 +179,8 @@ impl Engine {
             .await;
         match answer {
             Ok((decided, reply)) => {
-                self.store_answered().await;
-                let now = self.now();
+                self.store_answered();
+                let now = reply.counters.at;
                 let mut cell = slot.lock();
                 cell.state.load_shared(&reply.counters);
                 let mut admission = cell.state.conclude_shared_admission(
@@ -292,10 +205,10 @@ impl Engine {
         }
     }
 
-    /// Settlement, wherever the reservation lives: here (made locally, also
-    /// during an outage) or in the shared store. It fails only for an
-    /// unknown workspace; an unreachable store leaves the estimate charged
-    /// there and records the answer locally.
+    /// Settlement, wherever the reservation lives: here (made during an
+    /// outage) or in the shared store. It fails only for an unknown
+    /// workspace; an unreachable store leaves the estimate charged there and
+    /// records the answer locally.
     pub async fn settle(
         &self,
         workspace: &WorkspaceId,
@@ -307,13 +220,13 @@ impl Engine {
         let slot = self.slot(workspace)?;
         let (timezone, reserved_here) = {
             let cell = slot.lock();
-            let reserved_here = report
+            let estimate = report
                 .reservation
-                .is_some_and(|id| cell.state.has_reservation(id));
-            (cell.state.config().timezone, reserved_here)
+                .and_then(|id| cell.state.reservation_estimate(id));
+            (cell.state.config().timezone, estimate)
         };
-        if reserved_here {
-            return self.report(workspace, report);
+        if let Some(estimate) = reserved_here {
+            return self.settle_here(&slot, workspace, report, estimate);
         }
         let tokens = report.tokens.map(|tokens| tokens.total());
         let answer = match report.reservation {
@@ -346,9 +259,9 @@ impl Engine {
                 return self.report(workspace, report);
             }
         };
-        self.store_answered().await;
-        let now = self.now();
-        let (reported, moved_blocks) = {
+        self.store_answered();
+        let now = reply.counters.at;
+        let (reported, change) = {
             let mut cell = slot.lock();
             cell.state.load_shared(&reply.counters);
             let blocks_before = cell.state.shared_blocks();
@@ -365,42 +278,79 @@ impl Engine {
                 &mut fresh_id,
             );
             recorded.expired = reply.expired;
-            let blocks_after = cell.state.shared_blocks();
+            let change = BlockChange::between(blocks_before, cell.state.shared_blocks());
             let reported = self.conclude_report(&slot, cell, now, workspace, &report, recorded);
-            (
-                reported,
-                (blocks_after != blocks_before).then_some(blocks_after),
-            )
+            (reported, change)
         };
-        if let Some((hold_until, billing)) = moved_blocks {
-            match shared
-                .counters
-                .block(workspace, timezone, now, hold_until, billing)
-                .await
-            {
-                Ok(reply) => self.load_reply(&slot, &reply),
-                Err(error) => self.store_failed(&error),
-            }
+        if let Some(change) = change {
+            self.write_blocks(&slot, workspace, change).await;
         }
         Ok(reported)
+    }
+
+    /// Settles a reservation made here during an outage. What the store
+    /// must learn (tokens beyond the estimate, blocks) waits with the
+    /// usage counted alone, for the merge.
+    fn settle_here(
+        &self,
+        slot: &Slot,
+        workspace: &WorkspaceId,
+        report: UsageReport,
+        estimate: u64,
+    ) -> Result<Reported, EngineError> {
+        let beyond_estimate = report
+            .tokens
+            .map_or(0, |tokens| tokens.total().saturating_sub(estimate));
+        let reported = self.report(workspace, report)?;
+        slot.lock().offline.tokens += beyond_estimate;
+        if let Some(shared) = &self.shared {
+            shared.merge_pending.store(true, Ordering::Release);
+        }
+        Ok(reported)
+    }
+
+    /// Writes a change of the upstream blocks to the store, and loads its
+    /// answer.
+    async fn write_blocks(&self, slot: &Slot, workspace: &WorkspaceId, change: BlockChange) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        let timezone = slot.lock().state.config().timezone;
+        match shared
+            .counters
+            .block(workspace, timezone, self.now(), change)
+            .await
+        {
+            Ok(reply) => self.load_reply(slot, &reply),
+            Err(error) => self.store_failed(&error),
+        }
     }
 
     /// Brings a workspace's state up to the shared counters, so that what it
     /// shows includes what other instances counted.
     pub async fn refresh(&self, workspace: &WorkspaceId) -> Result<(), EngineError> {
-        let Some(shared) = &self.shared else {
-            return Ok(());
-        };
         let slot = self.slot(workspace)?;
+        self.reload(workspace, &slot).await;
+        Ok(())
+    }
+
+    /// Loads a workspace from the store; answers whether it could.
+    async fn reload(&self, workspace: &WorkspaceId, slot: &Slot) -> bool {
+        let Some(shared) = &self.shared else {
+            return true;
+        };
         let timezone = slot.lock().state.config().timezone;
         match shared.counters.peek(workspace, timezone, self.now()).await {
             Ok(reply) => {
-                self.store_answered().await;
-                self.load_reply(&slot, &reply);
+                self.store_answered();
+                self.load_reply(slot, &reply);
+                true
             }
-            Err(error) => self.store_failed(&error),
+            Err(error) => {
+                self.store_failed(&error);
+                false
+            }
         }
-        Ok(())
     }
 
     /// Resets one workspace (or all) here and in the shared counters.
@@ -428,21 +378,62 @@ impl Engine {
         self.reset(workspace)
     }
 
-    /// While cut off, tries the store once per call (the ticker calls this),
-    /// so that shared counting resumes even when no request comes.
-    pub async fn probe_shared_store(&self) {
-        if !self.degraded() {
+    /// Called by the ticker: while cut off, tries the store, so that shared
+    /// counting resumes even when no request comes; once back, adds what
+    /// was counted alone meanwhile. Requests never wait for either.
+    pub async fn tend_shared_store(&self) {
+        let Some(shared) = &self.shared else {
             return;
-        }
-        if let Some((id, _)) = self.all_slots().into_iter().next() {
-            let _ = self.refresh(&id).await;
+        };
+        if shared.degraded.load(Ordering::Acquire) {
+            if let Some((id, slot)) = self.all_slots().into_iter().next() {
+                self.reload(&id, &slot).await;
+            }
+        } else if shared.merge_pending.swap(false, Ordering::AcqRel) {
+            self.merge_offline(shared).await;
         }
     }
 
-    /// Loads a reply that changed nothing this instance asked for, and lets
-    /// the status follow it.
-    fn load_reply(&self, slot: &Slot, reply: &crate::shared::Reply) {
-        let now = self.now();
+    /// Adds usage counted alone, and blocks seen alone, to the store.
+    async fn merge_offline(&self, shared: &SharedCounting) {
+        for (id, slot) in self.all_slots() {
+            let (offline, blocks, timezone) = {
+                let mut cell = slot.lock();
+                let offline = std::mem::take(&mut cell.offline);
+                (
+                    offline,
+                    std::mem::take(&mut cell.offline_blocks),
+                    cell.state.config().timezone,
+                )
+            };
+            if offline != Usage::default() {
+                match shared
+                    .counters
+                    .count(&id, timezone, self.now(), offline)
+                    .await
+                {
+                    Ok(reply) => self.load_reply(&slot, &reply),
+                    Err(error) => {
+                        let mut cell = slot.lock();
+                        cell.offline += offline;
+                        cell.offline_blocks = cell.offline_blocks.or(blocks);
+                        drop(cell);
+                        shared.merge_pending.store(true, Ordering::Release);
+                        self.store_failed(&error);
+                        return;
+                    }
+                }
+            }
+            if let Some(change) = blocks {
+                self.write_blocks(&slot, &id, change).await;
+            }
+        }
+    }
+
+    /// Loads a store's answer and lets the status follow it; its clock is
+    /// the one every instance uses.
+    fn load_reply(&self, slot: &Slot, reply: &Reply) {
+        let now = reply.counters.at;
         let mut cell = slot.lock();
         let changes =
             cell.state
@@ -462,6 +453,10 @@ impl Engine {
             return;
         };
         shared.errors.fetch_add(1, Ordering::Relaxed);
+        if shared.degraded.load(Ordering::Acquire) {
+            return;
+        }
+        let _switching = lock(&shared.switching);
         if shared.degraded.swap(true, Ordering::AcqRel) {
             return;
         }
@@ -486,15 +481,16 @@ impl Engine {
     }
 
     /// A call to the shared store succeeded: after an outage, switch back to
-    /// the shared counters and add to them what was admitted meanwhile.
-    async fn store_answered(&self) {
+    /// the shared counters, reload every workspace, and leave the merge of
+    /// what was counted alone to the ticker.
+    fn store_answered(&self) {
         let Some(shared) = &self.shared else {
             return;
         };
         if !shared.degraded.load(Ordering::Acquire) {
             return;
         }
-        let _recovering = shared.recovery.lock().await;
+        let _switching = lock(&shared.switching);
         if !shared.degraded.swap(false, Ordering::AcqRel) {
             return;
         }
@@ -507,44 +503,123 @@ impl Engine {
                 .events
                 .send(super::Event::Notification(Arc::new(notification)));
         }
-        for (id, slot) in self.all_slots() {
-            let (offline, timezone) = {
-                let mut cell = slot.lock();
-                (
-                    std::mem::take(&mut cell.offline),
-                    cell.state.config().timezone,
-                )
-            };
-            if offline == Usage::default() {
-                continue;
-            }
-            let merged = shared
-                .counters
-                .count(&id, timezone, self.now(), offline)
-                .await;
-            match merged {
-                Ok(reply) => self.load_reply(&slot, &reply),
-                Err(error) => {
-                    slot.lock().offline += offline;
-                    self.store_failed(&error);
-                    return;
-                }
-            }
+        for (_, slot) in self.all_slots() {
+            slot.shared_stale.store(true, Ordering::Release);
         }
+        shared.merge_pending.store(true, Ordering::Release);
+        shared.resubscribe.notify_one();
     }
 
+    /// Sets every workspace's enforcement; under `switching`.
     fn set_enforcement(&self, enforcement: Enforcement) {
         let now = self.now();
         for (_, slot) in self.all_slots() {
             let mut cell = slot.lock();
+            let blocks_before = cell.state.shared_blocks();
             let changes =
                 cell.state
                     .set_enforcement(enforcement, now, &self.settings, &mut fresh_id);
+            if enforcement == Enforcement::Whole {
+                // Blocks this instance saw alone are written with the merge.
+                cell.offline_blocks = cell.offline_blocks.or(BlockChange::between(
+                    cell.outage_blocks.take().unwrap_or(blocks_before),
+                    blocks_before,
+                ));
+            } else {
+                cell.outage_blocks = Some(blocks_before);
+            }
             // Always a status event: `degraded` changed.
             let published = self.publish(&cell.state, now, changes, true);
             drop(cell);
             slot.dirty.store(true, Ordering::Release);
             published.log();
+        }
+    }
+
+    /// Follows what other instances change, for the life of the server:
+    /// announcements mark workspaces stale and stale ones are reloaded every
+    /// `FOLLOW_INTERVAL`, so local listeners see every instance's changes;
+    /// meanwhile it keeps (or takes) the notification writer's lease.
+    pub async fn follow_other_instances(self: Arc<Self>) {
+        let Some(shared) = self.shared.clone() else {
+            return;
+        };
+        let instance = format!("{:016x}", fresh_id());
+        let mut reload = tokio::time::interval(FOLLOW_INTERVAL);
+        let mut lease = tokio::time::interval(Duration::from_secs(1));
+        reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            let changes = match shared.counters.changes().await {
+                Ok(changes) => changes,
+                Err(error) => {
+                    tracing::debug!(%error, "cannot follow other instances yet");
+                    tokio::time::sleep(Duration::from_millis(500)).await;
+                    continue;
+                }
+            };
+            // Announcements made while not subscribed are lost: reload all.
+            for (_, slot) in self.all_slots() {
+                slot.shared_stale.store(true, Ordering::Release);
+            }
+            let mut changes = std::pin::pin!(changes);
+            loop {
+                tokio::select! {
+                    change = changes.next() => match change {
+                        Some((workspace, version)) => self.note_change(&workspace, version),
+                        None => break,
+                    },
+                    _ = reload.tick() => self.reload_stale().await,
+                    _ = lease.tick() => self.renew_lease(&shared, &instance).await,
+                    () = shared.resubscribe.notified() => break,
+                }
+            }
+            tracing::debug!("subscribing again to other instances' changes");
+        }
+    }
+
+    fn note_change(&self, workspace: &str, version: u64) {
+        let Some(slot) = workspace
+            .parse::<WorkspaceId>()
+            .ok()
+            .and_then(|id| self.slot(&id).ok())
+        else {
+            return;
+        };
+        if slot.lock().state.shared_version() < version {
+            slot.shared_stale.store(true, Ordering::Release);
+        }
+    }
+
+    async fn reload_stale(&self) {
+        let stale: Vec<(WorkspaceId, Arc<Slot>)> = self
+            .all_slots()
+            .into_iter()
+            .filter(|(_, slot)| slot.shared_stale.swap(false, Ordering::AcqRel))
+            .collect();
+        futures_util::stream::iter(stale)
+            .for_each_concurrent(RELOAD_CONCURRENCY, |(id, slot)| async move {
+                if !self.reload(&id, &slot).await {
+                    slot.shared_stale.store(true, Ordering::Release);
+                }
+            })
+            .await;
+    }
+
+    async fn renew_lease(&self, shared: &SharedCounting, instance: &str) {
+        let asked = Instant::now();
+        let held = shared
+            .counters
+            .hold_lease(instance, LEASE)
+            .await
+            .unwrap_or(false);
+        // The lease runs from when it was asked for, by this clock.
+        let until = held.then(|| asked + LEASE);
+        let was_leader = std::mem::replace(&mut *lock(&shared.leader_until), until)
+            .is_some_and(|until| asked < until);
+        if held && !was_leader {
+            tracing::info!("this instance now writes workspace notifications");
+            shared.took_over.store(true, Ordering::Release);
         }
     }
 }

@@ -128,6 +128,9 @@ local function save()
   h[1] = math.max(h[1] + 1, now_us)
   blob = struct.pack(HEADER, unpack(h, 1, HEADER_FIELDS)) .. string.sub(blob, HEADER_BYTES + 1)
   local keep = math.max(day_end, h[5]) - now + 60000
+  -- A billing block lasts until a probe succeeds or an admin resets it,
+  -- however many days that takes; each probe admitted stores it again.
+  if h[9] > 0 then keep = math.max(keep, 30 * 86400000) end
   redis.call('SET', KEYS[1], blob, 'PX', keep)
   -- Other instances reload the workspace when they hear of a version newer
   -- than theirs; published from here, it costs no extra round trip.
@@ -269,15 +272,17 @@ elseif op == 'reset' then
   return reply(1, {})
 
 elseif op == 'block' then
-  -- The upstream's answers moved the blocks: arg(1) hold until (ms, 0:
-  -- none), arg(2) billing code number (0 to lift the block), 3 since, 4
-  -- next probe. A hold only ever extends; a billing block keeps its first
-  -- `since`, and takes the next probe the caller's rules decided.
+  -- The upstream's answers moved the blocks. arg(1): hold until (ms; 0 for
+  -- no change); a hold only ever extends. arg(2): the billing block's
+  -- change: -1 none; a code number to set it (3 since, 4 next probe), which
+  -- keeps the first `since` and takes the next probe the caller's rules
+  -- decided; 0 to lift it, only if it is still the block that started at
+  -- arg(3), so that a late lift cannot undo a newer block.
   h[5] = math.max(h[5], tonumber(arg(1)))
   local code, since = tonumber(arg(2)), tonumber(arg(3))
   if code == 0 then
-    h[9], h[10], h[11] = 0, 0, 0
-  else
+    if h[10] == since then h[9], h[10], h[11] = 0, 0, 0 end
+  elseif code > 0 then
     if h[9] > 0 then since = math.min(since, h[10]) end
     h[9], h[10], h[11] = code, since, tonumber(arg(4))
   end

@@ -51,6 +51,47 @@ pub struct Reply {
     extra: Vec<Value>,
 }
 
+/// How one instance's rules moved a workspace's upstream blocks: only the
+/// change is sent, so that it cannot undo what another instance stored
+/// meanwhile.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct BlockChange {
+    /// A hold until this time (holds only ever extend).
+    pub hold_until: Option<Timestamp>,
+    pub billing: BillingChange,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum BillingChange {
+    Unchanged,
+    Set(BillingBlock),
+    /// Lifts the block that started at `since`, if it is still the one.
+    Lift {
+        since: Timestamp,
+    },
+}
+
+impl BlockChange {
+    /// The change from `before` to `after` (hold, billing block), if any.
+    pub fn between(
+        before: (Option<Timestamp>, Option<BillingBlock>),
+        after: (Option<Timestamp>, Option<BillingBlock>),
+    ) -> Option<Self> {
+        // A hold that ended needs no write: it expires by itself.
+        let hold_until = after.0.filter(|_| after.0 != before.0);
+        let billing = match (before.1, after.1) {
+            (None, Some(block)) => BillingChange::Set(block),
+            (Some(old), Some(new)) if old != new => BillingChange::Set(new),
+            (Some(old), None) => BillingChange::Lift { since: old.since },
+            _ => BillingChange::Unchanged,
+        };
+        (hold_until.is_some() || billing != BillingChange::Unchanged).then_some(Self {
+            hold_until,
+            billing,
+        })
+    }
+}
+
 /// What an admission needs to know besides the workspace.
 pub struct AdmitArgs<'a> {
     pub limits: &'a Limits,
@@ -286,15 +327,23 @@ impl RedisCounters {
         workspace: &WorkspaceId,
         timezone: chrono_tz::Tz,
         now: Timestamp,
-        hold_until: Option<Timestamp>,
-        billing: Option<BillingBlock>,
+        change: BlockChange,
     ) -> Result<Reply, SharedError> {
+        let (billing, since, next_probe) = match change.billing {
+            BillingChange::Unchanged => (-1, 0, 0),
+            BillingChange::Set(block) => (
+                billing_number(Some(block.code)) as i64,
+                block.since.millis(),
+                block.next_probe_at.millis(),
+            ),
+            BillingChange::Lift { since } => (0, since.millis(), 0),
+        };
         let mut invocation = self.invocation(workspace, "block", timezone, now);
         invocation
-            .arg(hold_until.map_or(0, Timestamp::millis))
-            .arg(billing_number(billing.map(|block| block.code)))
-            .arg(billing.map_or(0, |block| block.since.millis()))
-            .arg(billing.map_or(0, |block| block.next_probe_at.millis()));
+            .arg(change.hold_until.map_or(0, Timestamp::millis))
+            .arg(billing)
+            .arg(since)
+            .arg(next_probe);
         self.run(invocation).await
     }
 
@@ -526,6 +575,38 @@ mod tests {
             let number = billing_number(Some(code));
             assert_eq!(billing_code(number as f64), Some(code));
         }
+    }
+
+    #[test]
+    fn only_what_moved_is_written_back() {
+        let t = Timestamp::from_millis;
+        let block = |since| BillingBlock {
+            code: BillingCode::InsufficientQuota,
+            since: t(since),
+            next_probe_at: t(since + 60_000),
+        };
+        assert_eq!(BlockChange::between((None, None), (None, None)), None);
+        // A hold that ended expires by itself; one that moved is written.
+        assert_eq!(BlockChange::between((Some(t(5)), None), (None, None)), None);
+        let held = BlockChange::between((None, Some(block(1))), (Some(t(9)), Some(block(1))));
+        assert_eq!(
+            held,
+            Some(BlockChange {
+                hold_until: Some(t(9)),
+                billing: BillingChange::Unchanged
+            })
+        );
+        // A lift names the block it lifts, so it cannot undo a newer one.
+        let lifted = BlockChange::between((None, Some(block(1))), (None, None));
+        assert_eq!(
+            lifted.map(|change| change.billing),
+            Some(BillingChange::Lift { since: t(1) })
+        );
+        let set = BlockChange::between((None, None), (None, Some(block(2))));
+        assert_eq!(
+            set.map(|change| change.billing),
+            Some(BillingChange::Set(block(2)))
+        );
     }
 
     #[test]

@@ -213,9 +213,10 @@ async fn a_ticket_from_one_instance_opens_a_socket_on_the_other_once() {
 }
 
 /// Cuts Redis off for both instances, runs `during` against instance A
-/// (which answers how many requests A admitted), restores Redis and checks
-/// that counting is shared again: what A admitted meanwhile counts on B too.
-async fn outage(mode: &str, during: impl AsyncFnOnce(&Cluster, &str) -> u64) {
+/// (which answers how many requests and tokens A counted alone), restores
+/// Redis and checks that counting is shared again: what A counted meanwhile
+/// counts on B too.
+async fn outage(mode: &str, during: impl AsyncFnOnce(&Cluster, &str) -> (u64, u64)) {
     let test = format!("instances::outage_{mode}");
     let settings = [("QUOTAWATCH_ON_STORE_ERROR", mode)];
     let Some(cluster) = Cluster::start(&test, true, &settings).await else {
@@ -223,7 +224,8 @@ async fn outage(mode: &str, during: impl AsyncFnOnce(&Cluster, &str) -> u64) {
     };
     let key = cluster
         .workspace(
-            json!({"id": "acme", "limits": {"requests_per_minute": 10, "requests_per_day": 1000}}),
+            json!({"id": "acme", "limits": {"requests_per_minute": 10, "requests_per_day": 1000,
+                "tokens_per_day": 1_000_000}}),
         )
         .await;
     for _ in 0..2 {
@@ -231,7 +233,7 @@ async fn outage(mode: &str, during: impl AsyncFnOnce(&Cluster, &str) -> u64) {
     }
     let relay = cluster.relay.as_ref().expect("relay");
     relay.cut();
-    let admitted_alone = during(&cluster, &key).await;
+    let (admitted_alone, tokens_alone) = during(&cluster, &key).await;
 
     relay.restore();
     let status = eventually(
@@ -261,11 +263,21 @@ async fn outage(mode: &str, during: impl AsyncFnOnce(&Cluster, &str) -> u64) {
         .iter()
         .all(|n| n["kind"] != "shared_store_unavailable");
     assert!(resolved, "the outage notification resolves");
-    // Shared again: B sees A's count, including what A counted alone.
-    assert_eq!(
-        used(&cluster.b.status(&key).await, "requests_per_day"),
-        2 + admitted_alone
-    );
+    // Shared again: B sees A's count, including what A counted alone
+    // (added in the background, off the request path).
+    eventually(
+        "B sees what A counted alone",
+        Duration::from_secs(5),
+        || async {
+            let status = cluster.b.status(&key).await;
+            let counts = (
+                used(&status, "requests_per_day"),
+                used(&status, "tokens_per_day"),
+            );
+            (counts == (2 + admitted_alone, tokens_alone)).then_some(())
+        },
+    )
+    .await;
     let report = json!({"usage": {"prompt_tokens": 1, "completion_tokens": 1}});
     let reported = cluster.a.post("/api/quota/usage", &key, report).await;
     assert_eq!(reported.status, StatusCode::ACCEPTED);
@@ -281,9 +293,16 @@ async fn outage(mode: &str, during: impl AsyncFnOnce(&Cluster, &str) -> u64) {
 async fn without_redis_local_mode_enforces_each_instances_share() {
     outage("local", async |cluster, key| {
         // 2 of 10 were used, so each of the 2 instances has 1 + 4 = 5 of 5:
-        // it admits 4 more alone.
-        let mut admitted = 0;
-        for _ in 0..8 {
+        // it admits 4 more alone. The first one's call uses more tokens than
+        // estimated, which must reach Redis too.
+        let first = cluster.a.check(key, 10).await;
+        assert_eq!(first.status, StatusCode::OK);
+        let report = json!({"reservation_id": first.body["reservation_id"],
+            "usage": {"prompt_tokens": 300, "completion_tokens": 200}});
+        let settled = cluster.a.post("/api/quota/usage", key, report).await;
+        assert_eq!(settled.status, StatusCode::ACCEPTED, "{:?}", settled.body);
+        let mut admitted = 1;
+        for _ in 0..7 {
             let response = prompt_check(&cluster.a, key).await;
             match response.status {
                 StatusCode::OK => admitted += 1,
@@ -317,7 +336,7 @@ async fn without_redis_local_mode_enforces_each_instances_share() {
                 .await
                 .contains("quotawatch_shared_store_degraded 1")
         );
-        admitted
+        (admitted, 500)
     })
     .await;
 }
@@ -332,7 +351,7 @@ async fn without_redis_closed_mode_refuses_with_503_and_retry() {
             assert_eq!(refused.header("x-should-retry"), Some("true"));
         }
         assert_eq!(cluster.a.status(key).await["degraded"], true);
-        0
+        (0, 0)
     })
     .await;
 }
@@ -347,7 +366,7 @@ async fn without_redis_open_mode_admits_and_counts() {
         let status = cluster.a.status(key).await;
         assert_eq!(status["degraded"], true);
         assert_eq!(used(&status, "requests_per_day"), 14);
-        12
+        (12, 0)
     })
     .await;
 }

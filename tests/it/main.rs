@@ -12,6 +12,7 @@ mod durability;
 mod instances;
 mod proxy;
 mod sdk;
+mod shared;
 mod store;
 mod support;
 mod websocket;
