@@ -23,7 +23,7 @@
 --   3 expiry   ZSET  reservation id scored by when it expires (ms)
 --
 -- ARGV[1] is the operation and ARGV[2] the channel that changes are
--- announced on.
+-- announced on, as "id version" per changed workspace, comma-separated.
 --
 -- `admit` takes a batch: ARGV[3] is how many admissions follow, each as
 -- ADMISSION_ARGS arguments (see `admit_one`). Instances send the
@@ -137,9 +137,12 @@ local function add_day(w, requests, tokens)
   h[4] = math.max(h[4] + tokens, 0)
 end
 
--- Stores the state with a new version, announces the change, and keeps it
--- for as long as any of it counts: the day, or a hold beyond it.
-local function save(w)
+-- Stores the state with a new version and keeps it for as long as any of
+-- it counts: the day, or a hold beyond it. Answers the announcement of the
+-- change, "id version"; other instances reload the workspace when they hear
+-- of a version newer than theirs. Published from here, it costs no extra
+-- round trip.
+local function stored(w)
   local h = w.h
   h[1] = math.max(h[1] + 1, now_us)
   local parts, at = { struct.pack(HEADER, unpack(h, 1, HEADER_FIELDS)) }, HEADER_BYTES + 1
@@ -170,9 +173,7 @@ local function save(w)
   -- however many days that takes; each probe admitted stores it again.
   if h[9] > 0 then keep = math.max(keep, 30 * 86400000) end
   redis.call('SET', w.state, w.blob, 'PX', keep)
-  -- Other instances reload the workspace when they hear of a version newer
-  -- than theirs; published from here, it costs no extra round trip.
-  redis.call('PUBLISH', channel, w.id .. ' ' .. string.format('%d', h[1]))
+  return w.id .. ' ' .. string.format('%d', h[1])
 end
 
 local function parse_reservation(record)
@@ -263,11 +264,15 @@ if op == 'admit' then
     local admitted, probe = admit_one(w, a)
     table.insert(outcomes, { admitted, probe })
   end
-  local states = {}
+  local states, announcements = {}, {}
   for _, k in ipairs(opened) do
     local w = workspaces[k]
-    if w.changed then save(w) end
+    if w.changed then table.insert(announcements, stored(w)) end
     table.insert(states, { k, w.blob, w.expired })
+  end
+  -- One announcement for the whole call.
+  if #announcements > 0 then
+    redis.call('PUBLISH', channel, table.concat(announcements, ','))
   end
   return { now, outcomes, states }
 end
@@ -275,6 +280,10 @@ end
 -- The operations on one workspace.
 local w = open(1, ARGV[9], 3)
 local function arg(i) return ARGV[9 + i] end
+
+local function save()
+  redis.call('PUBLISH', channel, stored(w))
+end
 
 -- The stored state goes back as it is; the caller reads the same layout.
 local function reply(outcome, expired, extra)
@@ -309,7 +318,7 @@ if op == 'settle' then
   local correction = actual - estimate
   if charged < w.day_start then correction = math.max(correction, 0) end
   if correction ~= 0 then add_day(w, 0, correction) end
-  save(w)
+  save()
   return reply(1, expired, { charged, estimate, probe, model, actual })
 
 elseif op == 'count' then
@@ -319,7 +328,7 @@ elseif op == 'count' then
   local requests, tokens = tonumber(arg(1)), tonumber(arg(2))
   add_minute(w, w.second, requests, tokens)
   add_day(w, requests, tokens)
-  save(w)
+  save()
   return reply(1, expired)
 
 elseif op == 'peek' then
@@ -337,7 +346,7 @@ elseif op == 'reset' then
   w.slots = {}
   w.h = { struct.unpack(HEADER, w.blob) }
   w.h[1], w.h[6], w.h[12] = version, w.second, keys_expire_at
-  save(w)
+  save()
   return reply(1, {})
 
 elseif op == 'block' then
@@ -356,7 +365,7 @@ elseif op == 'block' then
     if h[9] > 0 then since = math.min(since, h[10]) end
     h[9], h[10], h[11] = code, since, tonumber(arg(4))
   end
-  save(w)
+  save()
   return reply(1, {})
 end
 

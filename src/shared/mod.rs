@@ -165,7 +165,7 @@ impl RedisCounters {
     }
 
     /// Follows the announcements of changes: each is a workspace id and the
-    /// version its counters reached. The stream ends when the connection
+    /// version its counters reached (one message may carry several). The stream ends when the connection
     /// drops; announcements made meanwhile are lost, so the caller reloads
     /// everything after subscribing again.
     pub async fn changes(
@@ -373,10 +373,16 @@ impl Link {
             .await
             .map_err(|_| SharedError::Timeout(self.timeout))?
             .map_err(|error| SharedError::Unreachable(error.to_string()))?;
-        Ok(pubsub.into_on_message().filter_map(|message| async move {
-            let payload: String = message.get_payload().ok()?;
-            let (workspace, version) = payload.rsplit_once(' ')?;
-            Some((workspace.to_owned(), version.parse().ok()?))
+        Ok(pubsub.into_on_message().flat_map(|message| {
+            let payload: String = message.get_payload().unwrap_or_default();
+            let changes: Vec<(String, u64)> = payload
+                .split(',')
+                .filter_map(|change| {
+                    let (workspace, version) = change.rsplit_once(' ')?;
+                    Some((workspace.to_owned(), version.parse().ok()?))
+                })
+                .collect();
+            futures_util::stream::iter(changes)
         }))
     }
 
