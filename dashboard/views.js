@@ -281,23 +281,13 @@ export class Overview {
           hint: "Lower-case letters, digits, - and _; up to 63 characters.",
         },
         { name: "name", label: "Display name", hint: "Defaults to the id." },
-        {
-          name: "timezone",
-          label: "Timezone",
-          value: "UTC",
-          hint: "IANA name; days are counted in it.",
-        },
-        ...limitFields({}, "Empty: the server's default."),
-        {
-          name: "warn_at",
-          label: "Warn at",
-          type: "number",
-          min: 0,
-          max: 1,
-          step: 0.01,
-          value: "0.8",
-          hint: "Share of a limit that raises a warning.",
-        },
+        ...quotaFields(
+          { timezone: "UTC", limits: {}, warnAt: 0.8 },
+          {
+            emptyMeans: "Empty: the server's default.",
+            timezoneRequired: false,
+          },
+        ),
       ],
       onSubmit: async (values) => {
         const settings = { id: values.id, limits: {} };
@@ -320,17 +310,40 @@ export class Overview {
   }
 }
 
-function limitFields(current, emptyMeans) {
-  return LIMIT_NAMES.map((name) => ({
-    name,
-    label: LIMIT_LABELS[name],
-    type: "number",
-    min: 1,
-    step: 1,
-    value: current[name] ?? "",
-    placeholder: "unlimited",
-    hint: emptyMeans,
-  }));
+/** The fields a workspace's quota is set with: timezone, limits, warning share. */
+function quotaFields(
+  { timezone, limits, warnAt },
+  { emptyMeans, timezoneRequired },
+) {
+  return [
+    {
+      name: "timezone",
+      label: "Timezone",
+      value: timezone,
+      required: timezoneRequired,
+      hint: "IANA name; days are counted in it.",
+    },
+    ...LIMIT_NAMES.map((name) => ({
+      name,
+      label: LIMIT_LABELS[name],
+      type: "number",
+      min: 1,
+      step: 1,
+      value: limits[name] ?? "",
+      placeholder: "unlimited",
+      hint: emptyMeans,
+    })),
+    {
+      name: "warn_at",
+      label: "Warn at",
+      type: "number",
+      min: 0,
+      max: 1,
+      step: 0.01,
+      value: String(warnAt),
+      hint: "Share of a limit that raises a warning.",
+    },
+  ];
 }
 
 // ----- detail ---------------------------------------------------------------------------------
@@ -849,24 +862,14 @@ export class Detail {
           value: config.name,
           required: true,
         },
-        {
-          name: "timezone",
-          label: "Timezone",
-          value: config.timezone,
-          required: true,
-          hint: "IANA name; days are counted in it.",
-        },
-        ...limitFields(config.limits, "Empty: unlimited."),
-        {
-          name: "warn_at",
-          label: "Warn at",
-          type: "number",
-          min: 0,
-          max: 1,
-          step: 0.01,
-          value: String(config.warn_at),
-          hint: "Share of a limit that raises a warning.",
-        },
+        ...quotaFields(
+          {
+            timezone: config.timezone,
+            limits: config.limits,
+            warnAt: config.warn_at,
+          },
+          { emptyMeans: "Empty: unlimited.", timezoneRequired: true },
+        ),
       ],
       onSubmit: async (values) => {
         const limits = Object.fromEntries(

@@ -104,13 +104,7 @@ impl ErrorEnvelope {
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/tests/fixtures/openai/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .expect("fixture")
-    }
+    use crate::domain::openai_fixture as fixture;
 
     fn usage_of(name: &str) -> TokenUsage {
         let body: serde_json::Value = serde_json::from_slice(&fixture(name)).expect("JSON");

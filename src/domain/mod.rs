@@ -16,3 +16,14 @@ pub mod workspace;
 
 #[cfg(test)]
 mod tests;
+
+/// A file of OpenAI's wire format from `tests/fixtures/openai/`, for unit
+/// tests anywhere in the crate.
+#[cfg(test)]
+pub(crate) fn openai_fixture(name: &str) -> Vec<u8> {
+    let path = format!(
+        "{}/tests/fixtures/openai/{name}",
+        env!("CARGO_MANIFEST_DIR")
+    );
+    std::fs::read(&path).unwrap_or_else(|error| panic!("fixture {path}: {error}"))
+}

@@ -9,7 +9,7 @@ use chrono_tz::Tz;
 
 use super::limits::{LimitKind, Limits, WorkspaceConfig};
 use super::notification::{NotificationKind, Severity};
-use super::status::{Change, Status};
+use super::status::{Change, LimitFacts, Status};
 use super::time::Timestamp;
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::window::Usage;
@@ -159,14 +159,18 @@ impl Script {
         changes
     }
 
-    fn used(&self, kind: LimitKind) -> u64 {
+    fn facts(&self, kind: LimitKind) -> LimitFacts {
         self.state
             .snapshot(self.now)
             .limits
             .iter()
             .find(|(k, _)| *k == kind)
-            .map(|(_, facts)| facts.used)
+            .map(|(_, facts)| *facts)
             .expect("limit configured")
+    }
+
+    fn used(&self, kind: LimitKind) -> u64 {
+        self.facts(kind).used
     }
 
     fn status(&self) -> Status {
@@ -906,12 +910,7 @@ fn a_share_of_the_limits_starts_from_a_share_of_the_usage_rounded_up() {
             .reasons
             .contains(&"shared_store_unreachable".to_owned())
     );
-    let minute = snapshot
-        .limits
-        .iter()
-        .find(|(kind, _)| *kind == RequestsPerMinute)
-        .map(|(_, facts)| *facts)
-        .expect("minute limit");
+    let minute = script.facts(RequestsPerMinute);
     assert_eq!((minute.used, minute.max), (2, 5));
     for _ in 0..3 {
         script.admitted(0);
@@ -962,22 +961,16 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
         !script.state.load_shared(&counters(4, 1)),
         "an older answer"
     );
-    let snapshot = script.state.snapshot(script.now);
-    let used: Vec<u64> = snapshot
-        .limits
-        .iter()
-        .map(|(_, facts)| facts.used)
-        .collect();
-    assert_eq!(used, vec![7, 7]);
+    assert_eq!(
+        (script.used(RequestsPerMinute), script.used(RequestsPerDay)),
+        (7, 7)
+    );
     // A day that is over counts nothing today.
     let mut yesterday = counters(6, 9);
     yesterday.day_start = ts("2026-05-03T00:00:00Z");
     assert!(script.state.load_shared(&yesterday));
-    let snapshot = script.state.snapshot(script.now);
-    let used: Vec<u64> = snapshot
-        .limits
-        .iter()
-        .map(|(_, facts)| facts.used)
-        .collect();
-    assert_eq!(used, vec![9, 0]);
+    assert_eq!(
+        (script.used(RequestsPerMinute), script.used(RequestsPerDay)),
+        (9, 0)
+    );
 }

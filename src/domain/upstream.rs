@@ -340,12 +340,8 @@ mod tests {
     use super::*;
 
     fn fixture_error(name: &str) -> (Option<String>, Option<String>, Option<String>) {
-        let path = format!(
-            "{}/tests/fixtures/openai/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let text = std::fs::read_to_string(&path).expect("fixture exists");
-        let value: serde_json::Value = serde_json::from_str(&text).expect("fixture is JSON");
+        let value: serde_json::Value =
+            serde_json::from_slice(&crate::domain::openai_fixture(name)).expect("fixture is JSON");
         let field = |key: &str| value["error"][key].as_str().map(str::to_owned);
         (field("type"), field("code"), field("message"))
     }
@@ -415,11 +411,7 @@ mod tests {
     }
 
     fn header_fixture(name: &str) -> RateLimitHeaders {
-        let path = format!(
-            "{}/tests/fixtures/openai/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        );
-        let text = std::fs::read_to_string(&path).expect("fixture exists");
+        let text = String::from_utf8(crate::domain::openai_fixture(name)).expect("UTF-8");
         RateLimitHeaders::parse(
             text.lines()
                 .skip(1)

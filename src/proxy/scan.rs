@@ -383,13 +383,7 @@ fn take_event(buffer: &mut BytesMut) -> Option<BytesMut> {
 mod tests {
     use super::*;
 
-    fn fixture(name: &str) -> Vec<u8> {
-        std::fs::read(format!(
-            "{}/tests/fixtures/openai/{name}",
-            env!("CARGO_MANIFEST_DIR")
-        ))
-        .expect("fixture")
-    }
+    use crate::domain::openai_fixture as fixture;
 
     /// Feeds `body` in chunks of `size` bytes and collects the output.
     fn run(scanner: &mut Scanner, body: &[u8], size: usize) -> (Vec<u8>, Findings) {

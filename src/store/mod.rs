@@ -240,6 +240,26 @@ type WorkspaceRow = (
 
 /// The columns of `workspaces` that make a [`WorkspaceConfig`], in the order
 /// of [`WorkspaceRow`].
+/// Binds a workspace's columns, in `workspace_columns!` order, then `now`:
+/// parameters $1 to $10 of the queries that write a workspace.
+macro_rules! bind_workspace {
+    ($query:expr, $ws:expr, $now:expr) => {{
+        let ws: &WorkspaceConfig = $ws;
+        let limits = ws.limits;
+        $query
+            .bind(ws.id.as_str())
+            .bind(&ws.name)
+            .bind(ws.timezone.name())
+            .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
+            .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
+            .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
+            .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
+            .bind(ws.warn_at)
+            .bind(ws.upstream_key_env.as_deref())
+            .bind($now.millis())
+    }};
+}
+
 macro_rules! workspace_columns {
     () => {
         "id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, upstream_key_env"
@@ -523,26 +543,16 @@ impl Store {
     /// Creates a workspace; fails with [`StoreError::Conflict`] if the id is
     /// taken. Returns the new catalog generation.
     pub async fn insert_workspace(&self, ws: &WorkspaceConfig, now: Timestamp) -> Result<i64> {
-        let limits = ws.limits;
         let inserted = change_catalog!(self, |tx| {
-            sqlx::query(concat!(
+            let insert = sqlx::query(concat!(
                 "INSERT INTO workspaces (",
                 workspace_columns!(),
                 ", created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)"
-            ))
-            .bind(ws.id.as_str())
-            .bind(&ws.name)
-            .bind(ws.timezone.name())
-            .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
-            .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
-            .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
-            .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
-            .bind(ws.warn_at)
-            .bind(ws.upstream_key_env.as_deref())
-            .bind(now.millis())
-            .execute(&mut *tx)
-            .await?
-            .rows_affected()
+            ));
+            bind_workspace!(insert, ws, now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
         });
         match inserted {
             Ok(generation) => Ok(generation.unwrap_or_default()),
@@ -560,24 +570,14 @@ impl Store {
         ws: &WorkspaceConfig,
         now: Timestamp,
     ) -> Result<Option<i64>> {
-        let limits = ws.limits;
         Ok(change_catalog!(self, |tx| {
-            sqlx::query(
-            "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, upstream_key_env = $9, updated_at = $10 WHERE id = $1",
-        )
-        .bind(ws.id.as_str())
-        .bind(&ws.name)
-        .bind(ws.timezone.name())
-        .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
-        .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
-        .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
-        .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
-        .bind(ws.warn_at)
-        .bind(ws.upstream_key_env.as_deref())
-        .bind(now.millis())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+            let update = sqlx::query(
+                "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, upstream_key_env = $9, updated_at = $10 WHERE id = $1",
+            );
+            bind_workspace!(update, ws, now)
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
         })?)
     }
 

@@ -10,8 +10,22 @@ use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::{
-    ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, eventually, fixture, fixture_json,
+    ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, eventually, fixture, fixture_json, proxied,
 };
+
+/// Workspace `acme` with room for every test's tokens.
+fn roomy_workspace() -> Value {
+    json!({"id": "acme", "limits": {"tokens_per_day": 1000000}})
+}
+
+/// A fake upstream that waits `millis` between streamed events.
+async fn streaming_upstream(millis: u64) -> Upstream {
+    Upstream::start(MockOptions {
+        chunk_delay: Duration::from_millis(millis),
+        ..Default::default()
+    })
+    .await
+}
 
 fn chat(stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 50, "stream": stream})
@@ -36,10 +50,7 @@ async fn tokens_settle_at(server: &TestServer, key: &str, expected: u64) {
 #[tokio::test]
 async fn a_chat_completion_is_forwarded_with_the_upstream_key_and_comes_back_unchanged() {
     let upstream = Upstream::strict().await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(json!({"id": "acme", "limits": {"requests_per_minute": 100, "tokens_per_minute": 100000, "tokens_per_day": 1000000}}))
-        .await;
+    let (server, key) = proxied(&upstream, &[], json!({"id": "acme", "limits": {"requests_per_minute": 100, "tokens_per_minute": 100000, "tokens_per_day": 1000000}})).await;
     let response = server
         .client
         .post(server.url("/v1/chat/completions?api-version=2024-10-21"))
@@ -122,15 +133,8 @@ async fn a_chat_completion_is_forwarded_with_the_upstream_key_and_comes_back_unc
 
 #[tokio::test]
 async fn streams_pass_through_as_they_arrive_with_usage_counted() {
-    let upstream = Upstream::start(MockOptions {
-        chunk_delay: Duration::from_millis(150),
-        ..Default::default()
-    })
-    .await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
-        .await;
+    let upstream = streaming_upstream(150).await;
+    let (server, key) = proxied(&upstream, &[], roomy_workspace()).await;
 
     // Without include_usage: quotawatch asks for it upstream, and removes it
     // again, so the client sees exactly the stream it asked for.
@@ -188,10 +192,7 @@ async fn streams_pass_through_as_they_arrive_with_usage_counted() {
 #[tokio::test]
 async fn embeddings_responses_and_legacy_completions_are_counted() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
-        .await;
+    let (server, key) = proxied(&upstream, &[], roomy_workspace()).await;
     let embeddings = server
         .openai(
             "/embeddings",
@@ -263,15 +264,8 @@ async fn embeddings_responses_and_legacy_completions_are_counted() {
 
 #[tokio::test]
 async fn a_client_that_leaves_mid_stream_cancels_upstream_and_is_charged_what_it_got() {
-    let upstream = Upstream::start(MockOptions {
-        chunk_delay: Duration::from_millis(200),
-        ..Default::default()
-    })
-    .await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
-        .await;
+    let upstream = streaming_upstream(200).await;
+    let (server, key) = proxied(&upstream, &[], roomy_workspace()).await;
     let mut request = chat(true);
     request["max_tokens"] = json!(5000);
     let response = server.openai("/chat/completions", &key, request).await;
@@ -302,11 +296,12 @@ async fn a_client_that_leaves_mid_stream_cancels_upstream_and_is_charged_what_it
 #[tokio::test]
 async fn broken_and_stalled_streams_settle_with_the_estimate_and_count_as_errors() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server =
-        TestServer::proxying(&upstream, &[("QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", "300ms")]).await;
-    let key = server
-        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
-        .await;
+    let (server, key) = proxied(
+        &upstream,
+        &[("QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", "300ms")],
+        roomy_workspace(),
+    )
+    .await;
     let estimate = {
         let check = server.check(&key, 0).await;
         server.post("/api/quota/usage", &key, json!({"reservation_id": check.body["reservation_id"], "usage": {"prompt_tokens": 0}})).await;
@@ -410,12 +405,12 @@ async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
     server.stop().await;
 
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(
+    let (server, key) = proxied(
         &upstream,
         &[("QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", "300ms")],
+        json!({"id": "acme"}),
     )
     .await;
-    let key = server.workspace(json!({"id": "acme"})).await;
     let response = server
         .client
         .post(server.url("/v1/chat/completions"))
@@ -442,9 +437,12 @@ async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
 #[tokio::test]
 async fn bad_requests_are_answered_in_openai_shape() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server =
-        TestServer::proxying(&upstream, &[("QUOTAWATCH_PROXY_MAX_BODY_BYTES", "4096")]).await;
-    let key = server.workspace(json!({"id": "acme"})).await;
+    let (server, key) = proxied(
+        &upstream,
+        &[("QUOTAWATCH_PROXY_MAX_BODY_BYTES", "4096")],
+        json!({"id": "acme"}),
+    )
+    .await;
     let big = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "x".repeat(10_000)}]});
     let response = server.openai("/chat/completions", &key, big.clone()).await;
     assert_eq!(response.status(), StatusCode::PAYLOAD_TOO_LARGE);
@@ -522,10 +520,12 @@ async fn a_workspace_can_use_its_own_upstream_key() {
         ..Default::default()
     })
     .await;
-    let server = TestServer::proxying(&upstream, &[("ACME_OPENAI_KEY", "sk-acme-own")]).await;
-    let key = server
-        .workspace(json!({"id": "acme", "upstream_key_env": "ACME_OPENAI_KEY"}))
-        .await;
+    let (server, key) = proxied(
+        &upstream,
+        &[("ACME_OPENAI_KEY", "sk-acme-own")],
+        json!({"id": "acme", "upstream_key_env": "ACME_OPENAI_KEY"}),
+    )
+    .await;
     let response = server.openai("/chat/completions", &key, chat(false)).await;
     assert_eq!(response.status(), StatusCode::OK);
     let other = server
@@ -548,12 +548,12 @@ async fn a_workspace_can_use_its_own_upstream_key() {
 #[tokio::test]
 async fn refused_requests_never_reach_the_upstream() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(
-            json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}}),
-        )
-        .await;
+    let (server, key) = proxied(
+        &upstream,
+        &[],
+        json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}}),
+    )
+    .await;
     for _ in 0..2 {
         assert_eq!(
             server
@@ -620,8 +620,7 @@ async fn a_transient_upstream_429_holds_the_workspace_until_retry_after() {
         ("azure_429", "azure_error_429.json", 10),
     ] {
         let upstream = Upstream::start(MockOptions::default()).await;
-        let server = TestServer::proxying(&upstream, &[]).await;
-        let key = server.workspace(json!({"id": "acme"})).await;
+        let (server, key) = proxied(&upstream, &[], json!({"id": "acme"})).await;
         let answer = with_scenario(&server, &key, scenario).await;
         assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS, "{scenario}");
         assert_eq!(
@@ -665,8 +664,7 @@ async fn a_transient_upstream_429_holds_the_workspace_until_retry_after() {
 #[tokio::test]
 async fn request_too_large_is_passed_on_without_blocking_anyone() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme"})).await;
+    let (server, key) = proxied(&upstream, &[], json!({"id": "acme"})).await;
     let answer = with_scenario(&server, &key, "request_too_large").await;
     assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
     assert_eq!(
@@ -707,8 +705,12 @@ async fn a_billing_429_blocks_locally_and_one_probe_per_interval_finds_it_fixed(
         ),
     ] {
         let upstream = Upstream::start(MockOptions::default()).await;
-        let server = TestServer::proxying(&upstream, &[("QUOTAWATCH_PROBE_INTERVAL", "1s")]).await;
-        let key = server.workspace(json!({"id": "acme"})).await;
+        let (server, key) = proxied(
+            &upstream,
+            &[("QUOTAWATCH_PROBE_INTERVAL", "1s")],
+            json!({"id": "acme"}),
+        )
+        .await;
         upstream.set_scenario(scenario).await;
         let answer = server.openai("/chat/completions", &key, chat(false)).await;
         assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
@@ -769,8 +771,7 @@ async fn a_billing_429_blocks_locally_and_one_probe_per_interval_finds_it_fixed(
 #[tokio::test]
 async fn failing_upstream_calls_raise_one_upstream_errors_notification() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme"})).await;
+    let (server, key) = proxied(&upstream, &[], json!({"id": "acme"})).await;
     for _ in 0..4 {
         assert_eq!(
             server
@@ -815,8 +816,7 @@ async fn failing_upstream_calls_raise_one_upstream_errors_notification() {
 #[tokio::test]
 async fn a_rejected_upstream_key_raises_a_critical_notification() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme"})).await;
+    let (server, key) = proxied(&upstream, &[], json!({"id": "acme"})).await;
     let answer = with_scenario(&server, &key, "invalid_api_key").await;
     assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
     assert_eq!(
@@ -847,12 +847,12 @@ async fn a_rejected_upstream_key_raises_a_critical_notification() {
 #[tokio::test]
 async fn metrics_describe_requests_tokens_refusals_status_and_overhead() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(
-            json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}}),
-        )
-        .await;
+    let (server, key) = proxied(
+        &upstream,
+        &[],
+        json!({"id": "acme", "limits": {"requests_per_minute": 2, "requests_per_day": null}}),
+    )
+    .await;
     server
         .openai("/chat/completions", &key, chat(false))
         .await
@@ -913,10 +913,7 @@ async fn metrics_describe_requests_tokens_refusals_status_and_overhead() {
 #[tokio::test]
 async fn other_methods_and_multipart_uploads_are_forwarded_as_sent() {
     let upstream = Upstream::strict().await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
-        .await;
+    let (server, key) = proxied(&upstream, &[], roomy_workspace()).await;
 
     let models = server
         .client
@@ -985,8 +982,7 @@ async fn other_methods_and_multipart_uploads_are_forwarded_as_sent() {
 #[tokio::test]
 async fn connection_headers_stop_at_the_proxy_in_both_directions() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server.workspace(json!({"id": "acme"})).await;
+    let (server, key) = proxied(&upstream, &[], json!({"id": "acme"})).await;
 
     // The mock does send them, so their absence below is the proxy's doing.
     let direct = server
@@ -1026,19 +1022,13 @@ async fn connection_headers_stop_at_the_proxy_in_both_directions() {
 
 #[tokio::test]
 async fn a_stream_may_run_longer_than_the_headers_timeout() {
-    let upstream = Upstream::start(MockOptions {
-        chunk_delay: Duration::from_millis(100),
-        ..Default::default()
-    })
-    .await;
-    let server = TestServer::proxying(
+    let upstream = streaming_upstream(100).await;
+    let (server, key) = proxied(
         &upstream,
         &[("QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", "300ms")],
+        roomy_workspace(),
     )
     .await;
-    let key = server
-        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
-        .await;
     let started = Instant::now();
     let body = server
         .openai("/chat/completions", &key, chat(true))
@@ -1056,12 +1046,12 @@ async fn a_stream_may_run_longer_than_the_headers_timeout() {
 #[tokio::test]
 async fn bodies_without_a_json_content_type_or_with_odd_options_are_still_charged() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(
-            json!({"id": "acme", "limits": {"tokens_per_minute": 1000, "tokens_per_day": 1000000}}),
-        )
-        .await;
+    let (server, key) = proxied(
+        &upstream,
+        &[],
+        json!({"id": "acme", "limits": {"tokens_per_minute": 1000, "tokens_per_day": 1000000}}),
+    )
+    .await;
     // A request whose max_tokens alone exceeds the minute's tokens is refused
     // by its estimate, whatever its Content-Type says.
     let mut greedy = chat(false);
@@ -1103,11 +1093,12 @@ async fn bodies_without_a_json_content_type_or_with_odd_options_are_still_charge
 #[tokio::test]
 async fn cached_and_reasoning_tokens_reach_history_and_metrics() {
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server =
-        TestServer::proxying(&upstream, &[("QUOTAWATCH_METRICS_MODELS", "gpt-4o-mini")]).await;
-    let key = server
-        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
-        .await;
+    let (server, key) = proxied(
+        &upstream,
+        &[("QUOTAWATCH_METRICS_MODELS", "gpt-4o-mini")],
+        roomy_workspace(),
+    )
+    .await;
     let response = with_scenario(&server, &key, "usage_details").await;
     assert_eq!(response.status(), StatusCode::OK);
     response.text().await.expect("body");

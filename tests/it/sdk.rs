@@ -7,7 +7,7 @@ use std::time::Duration;
 use quotawatch::mock::MockOptions;
 use serde_json::{Value, json};
 
-use crate::support::{TestServer, Upstream};
+use crate::support::{Upstream, proxied};
 
 #[tokio::test]
 async fn the_official_python_sdk_works_through_the_proxy() {
@@ -21,12 +21,12 @@ async fn the_official_python_sdk_works_through_the_proxy() {
         return;
     };
     let upstream = Upstream::start(MockOptions::default()).await;
-    let server = TestServer::proxying(&upstream, &[]).await;
-    let key = server
-        .workspace(
-            json!({"id": "sdk", "limits": {"requests_per_day": 1000, "tokens_per_day": 1000000}}),
-        )
-        .await;
+    let (server, key) = proxied(
+        &upstream,
+        &[],
+        json!({"id": "sdk", "limits": {"requests_per_day": 1000, "tokens_per_day": 1000000}}),
+    )
+    .await;
     let tight = server
         .workspace(json!({"id": "tight", "limits": {"requests_per_day": 1}}))
         .await;

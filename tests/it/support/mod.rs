@@ -411,6 +411,18 @@ impl Drop for Upstream {
     }
 }
 
+/// A server proxying to `upstream` (see [`TestServer::proxying`]) and a key
+/// of a workspace created from `workspace`.
+pub async fn proxied(
+    upstream: &Upstream,
+    settings: &[(&str, &str)],
+    workspace: Value,
+) -> (TestServer, String) {
+    let server = TestServer::proxying(upstream, settings).await;
+    let key = server.workspace(workspace).await;
+    (server, key)
+}
+
 impl TestServer {
     /// A server proxying to `upstream` with [`UPSTREAM_KEY`].
     pub async fn proxying(upstream: &Upstream, settings: &[(&str, &str)]) -> Self {
