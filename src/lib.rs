@@ -16,4 +16,5 @@ pub mod openai;
 pub mod proxy;
 pub mod shared;
 pub mod store;
+pub mod sync;
 pub mod telemetry;

@@ -321,10 +321,7 @@ impl Metrics {
     /// The metrics in OpenMetrics text, with state gauges taken from `engine`
     /// now.
     pub fn render(&self, engine: &Engine) -> String {
-        let _rendering = self
-            .rendering
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let _rendering = crate::sync::lock(&self.rendering);
         self.status.clear();
         self.utilization.clear();
         self.upstream_remaining.clear();

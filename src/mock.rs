@@ -27,6 +27,8 @@ use futures_util::stream;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use crate::sync::lock;
+
 macro_rules! fixture {
     ($name:literal) => {
         include_str!(concat!(
@@ -274,12 +276,6 @@ pub fn router(options: MockOptions) -> Router {
         .route("/mock/reset", post(reset))
         .route("/v1/{*path}", any(answer))
         .with_state(mock)
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 #[derive(Deserialize)]

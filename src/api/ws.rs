@@ -32,6 +32,7 @@ use crate::domain::limits::WorkspaceId;
 use crate::domain::time::Timestamp;
 use crate::engine::{Engine, Event, Principal, SharedCounting};
 use crate::keys::KeyHash;
+use crate::sync::lock;
 
 /// How long a ticket stays valid.
 const TICKET_TTL: Duration = Duration::from_secs(60);
@@ -83,7 +84,7 @@ impl Tickets {
                 .is_ok(),
             None => false,
         };
-        let mut issued = self.issued.lock().unwrap_or_else(|p| p.into_inner());
+        let mut issued = lock(&self.issued);
         issued.retain(|_, issued| issued.expires_at > now);
         let entry = Issued {
             credential,
@@ -97,10 +98,7 @@ impl Tickets {
     /// Redeems a ticket for the credential it stands for; it cannot be used
     /// again, on this instance or another.
     pub async fn redeem(&self, ticket: &str, now: Timestamp) -> Option<KeyHash> {
-        let local = self
-            .issued
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+        let local = lock(&self.issued)
             .remove(ticket)
             .filter(|issued| issued.expires_at > now);
         let Some(shared) = &self.shared else {

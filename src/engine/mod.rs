@@ -25,7 +25,7 @@ pub use sharing::SharedCounting;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
@@ -43,6 +43,7 @@ use crate::domain::workspace::{
 };
 use crate::keys::KeyHash;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
+use crate::sync::{lock, read, write};
 
 /// Where "now" comes from; tests substitute their own.
 pub trait Clock: Send + Sync {
@@ -292,25 +293,6 @@ fn fresh_id() -> u64 {
 
 fn minute_of(at: Timestamp) -> i64 {
     at.millis() - at.millis().rem_euclid(60_000)
-}
-
-// The engine's locks guard data that every operation re-derives from, so a
-// panic elsewhere while one was held leaves nothing later operations cannot
-// handle: a poisoned lock is used as it is.
-
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn read<T>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
-    lock.read().unwrap_or_else(|poisoned| poisoned.into_inner())
-}
-
-fn write<T>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
-    lock.write()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 impl Engine {

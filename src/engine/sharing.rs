@@ -22,14 +22,13 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::{
-    Decision, Engine, EngineError, Reported, Slot, UsageReport, fresh_id, lock, record_expired,
-};
+use super::{Decision, Engine, EngineError, Reported, Slot, UsageReport, fresh_id, record_expired};
 use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{Enforcement, Request, Settled};
 use crate::shared::{AdmitArgs, BlockChange, RedisCounters, Reply, SharedError};
+use crate::sync::lock;
 
 /// Counters shared with other instances, and how this instance copes while
 /// they are out of reach.

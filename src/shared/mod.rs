@@ -31,6 +31,7 @@ use crate::domain::window::Usage;
 use crate::domain::workspace::{
     Admitted, BillingBlock, Expired, Model, Reservation, SharedCounters,
 };
+use crate::sync::lock;
 
 /// After a failed call, how long calls fail at once before one tries again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
@@ -794,12 +795,6 @@ fn unpack_state(packed: &[u8]) -> Result<Vec<f64>, SharedError> {
         .chunks_exact(8)
         .map(|bytes| f64::from_le_bytes(bytes.try_into().unwrap_or_default()))
         .collect())
-}
-
-fn lock<T>(mutex: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    mutex
-        .lock()
-        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn flat(value: &Value) -> &[Value] {
