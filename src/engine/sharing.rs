@@ -26,7 +26,7 @@ use super::{Decision, Engine, EngineError, Reported, Slot, UsageReport, fresh_id
 use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
-use crate::domain::workspace::{Enforcement, Request, Settled};
+use crate::domain::workspace::{Enforcement, Expired, Request, Settled};
 use crate::shared::{AdmitArgs, BlockChange, RedisCounters, Reply, SharedError};
 use crate::sync::lock;
 
@@ -179,17 +179,17 @@ impl Engine {
         match answer {
             Ok((decided, reply)) => {
                 self.store_answered();
+                self.record_shared_expired(reply.expired);
                 let now = reply.counters.at;
                 let mut cell = slot.lock();
                 cell.state.load_shared(&reply.counters);
-                let mut admission = cell.state.conclude_shared_admission(
+                let admission = cell.state.conclude_shared_admission(
                     decided,
                     &request,
                     now,
                     &self.settings,
                     &mut fresh_id,
                 );
-                admission.expired = reply.expired;
                 Ok(self.conclude_check(&slot, cell, now, request.model, admission))
             }
             Err(error) => {
@@ -259,6 +259,7 @@ impl Engine {
             }
         };
         self.store_answered();
+        self.record_shared_expired(reply.expired);
         let now = reply.counters.at;
         let (reported, change) = {
             let mut cell = slot.lock();
@@ -268,7 +269,7 @@ impl Engine {
                 Settled::Reservation(reservation) => tokens.unwrap_or(reservation.estimated_tokens),
                 Settled::Unreserved | Settled::Missing => tokens.unwrap_or(0),
             };
-            let mut recorded = cell.state.conclude_record(
+            let recorded = cell.state.conclude_record(
                 &report.outcome(),
                 settled,
                 counted,
@@ -276,7 +277,6 @@ impl Engine {
                 &self.settings,
                 &mut fresh_id,
             );
-            recorded.expired = reply.expired;
             let change = BlockChange::between(blocks_before, cell.state.shared_blocks());
             let reported = self.conclude_report(&slot, cell, now, workspace, &report, recorded);
             (reported, change)
@@ -432,17 +432,28 @@ impl Engine {
     /// Loads a store's answer and lets the status follow it; its clock is
     /// the one every instance uses.
     fn load_reply(&self, slot: &Slot, reply: &Reply) {
+        self.record_shared_expired(reply.expired.clone());
         let now = reply.counters.at;
         let mut cell = slot.lock();
         let changes =
             cell.state
                 .refresh_shared(&reply.counters, now, &self.settings, &mut fresh_id);
-        record_expired(&mut cell, reply.expired.clone());
         let published = self.publish(&cell.state, now, changes, false);
         drop(cell);
         slot.usage_dirty.store(true, Ordering::Release);
         slot.dirty.store(true, Ordering::Release);
         published.log();
+    }
+
+    /// Records reservations that expired unsettled in the shared store, which
+    /// any call may answer, in the history of the workspace each belongs to.
+    fn record_shared_expired(&self, expired: Vec<(WorkspaceId, Expired)>) {
+        for (workspace, finished) in expired {
+            if let Ok(slot) = self.slot(&workspace) {
+                record_expired(&mut slot.lock(), vec![finished]);
+                slot.usage_dirty.store(true, Ordering::Release);
+            }
+        }
     }
 
     /// A call to the shared store failed: on the first failure of an outage,

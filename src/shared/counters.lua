@@ -1,48 +1,63 @@
 -- quotawatch's shared counters: each workspace's minute window, calendar
--- day, reservations and upstream blocks, changed atomically. Every instance
--- runs the same operations here, so a limit holds across all of them, and
--- every instance reads time from Redis (TIME), so skewed clocks agree.
+-- day and upstream blocks, and every open reservation, changed
+-- atomically. Every instance runs the same operations here, so a limit
+-- holds across all of them, and every instance reads time from Redis
+-- (TIME), so skewed clocks agree.
 --
--- KEYS, three per workspace (for one workspace, all in one cluster slot):
---   1 state    STRING the counters as little-endian doubles: a header of
+-- KEYS: 1 and 2 are shared by every workspace, the rest are one per
+-- workspace:
+--   1 reservations  HASH "workspace|reservation id" -> "charged_ms|tokens|probe|model"
+--   2 expiries      ZSET the same fields, scored by when they expire (ms)
+--   3.. state       STRING a workspace's counters as little-endian doubles:
+--                a header of
 --                1 version (raised by every change, never going back),
 --                2 day start (ms), 3 day requests, 4 day tokens,
 --                5 hold until (ms; the upstream said to wait),
 --                6 newest second counted, 7 minute requests, 8 minute tokens,
 --                9 billing block (0: none, else the caller's code number),
 --                10 its start (ms), 11 its next probe (ms),
---                12 when the reservation keys expire (ms),
---                13 when expired reservations are next looked for (ms),
+--                12 last reset (ms), 13 day end (ms),
 --              then 60 slots (second % 60) of: second, requests, tokens.
 --              An operation reads the header and the slots it touches, and
 --              writes them back in place: one GET and one SET whatever the
 --              traffic, without unpacking the whole window (a hash of
 --              per-second fields, or unpacking every slot, cost several
 --              times as much).
---   2 res      HASH  reservation id -> "charged_ms|tokens|probe|model"
---   3 expiry   ZSET  reservation id scored by when it expires (ms)
+-- The reservations are kept together, not per workspace, so that a batch
+-- of admissions writes them in one HSET and one ZADD, and one look for
+-- expired ones serves every workspace: each redis.call costs the script
+-- microseconds.
 --
 -- ARGV[1] is the operation and ARGV[2] the channel that changes are
 -- announced on, as "id version" per changed workspace, comma-separated.
+-- A workspace is described by its id and its day bounds (ms), one string
+-- of the starts of yesterday, today, tomorrow and the day after in its
+-- timezone around the caller's now: the day holding Redis's now applies,
+-- so a caller whose clock is off by a little still counts into the right
+-- day. The bounds are parsed only when the stored day is over.
 --
--- `admit` takes a batch: ARGV[3] is how many admissions follow, each as
--- ADMISSION_ARGS arguments (see `admit_one`). Instances send the
--- admissions that arrive while an earlier call is on its way in one call,
--- so that the fixed costs (the call, TIME, each workspace's GET, SET and
--- announcement) are shared: every redis.call inside a script costs
--- microseconds. It answers {now, {outcome, probe} per admission,
--- {KEYS index, state, expired} per workspace}.
+-- `admit` takes a batch: ARGV[3] is how many workspaces it concerns and
+-- ARGV[4] how many admissions. Then come WORKSPACE_ARGS arguments per
+-- workspace (the n-th one's state is KEYS[2 + n]): its id, day bounds,
+-- requests/minute, requests/day, tokens/minute and tokens/day (-1: no
+-- limit). Then ADMISSION_ARGS per admission: its workspace's number,
+-- estimated tokens, reservation id, reservation TTL (ms), probe interval
+-- (ms) and model. Instances send the admissions that arrive while an
+-- earlier call is on its way in one call, so that the fixed costs (the
+-- call, TIME, each workspace's GET, SET and announcement) are shared, and
+-- what describes a workspace is sent and parsed once per call: the
+-- script's time, not the network, bounds how many admissions one Redis
+-- takes. It answers {now, outcomes, states, expired}: outcomes holds a byte
+-- per admission ('0' refused, '1' admitted, '2' admitted as the probe of a
+-- billing block), states the state of each workspace (as stored).
 --
--- The other operations concern one workspace (KEYS[1..3]): ARGV[3..8] are
--- its day bounds (ms) around the caller's now (yesterday, today and
--- tomorrow in its timezone; the one holding Redis's now applies) and
--- ARGV[9] its id; arg(1) onwards depends on the operation. They answer
--- {outcome, now, state (as stored), expired (flat: charged, tokens, model,
--- ...), extra...}.
+-- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
+-- and ARGV[4] its day bounds; arg(1) onwards depends on the operation.
+-- They answer {outcome, now, state (as stored), expired, extra...}.
 --
--- Housekeeping is rationed through the header: expired reservations are
--- looked for at most once a second, and the reservation keys' expiry is
--- pushed out once per TTL.
+-- Every call first removes reservations past their expiry (their
+-- estimates stay charged), some at a time, and answers them as `expired`,
+-- flat: workspace, charged (ms), tokens, model, ...
 
 local MINUTE_S = 60
 local HEADER_FIELDS = 13
@@ -51,13 +66,19 @@ local HEADER_BYTES = 8 * HEADER_FIELDS
 local SLOT = '<ddd'
 local SLOT_BYTES = 24
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
-local ADMISSION_ARGS = 17
+local WORKSPACE_ARGS = 6
+local ADMISSION_ARGS = 6
+-- The most expired reservations one call removes; the rest wait for the
+-- next calls, so that no call takes long.
+local EXPIRED_PER_CALL = 256
+local RESERVATIONS, EXPIRIES = KEYS[1], KEYS[2]
 local op = ARGV[1]
 local channel = ARGV[2]
 
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now_text = string.format('%d', now)
 
 local function slot_at(at_second)
   return HEADER_BYTES + (at_second % MINUTE_S) * SLOT_BYTES + 1
@@ -76,22 +97,32 @@ local function write_slot(w, at_second, requests, tokens)
   w.slots[at_second % MINUTE_S] = { at_second, requests, tokens }
 end
 
--- Opens a workspace: its keys from KEYS[k], its id, and its day bounds from
--- ARGV[b..b+5], of which the day holding now applies. The window slides to
--- now: a slot holds the second it was last written for, so a slot whose
--- second is a whole minute behind is one that leaves the totals.
-local function open(k, id, b)
-  local w = { state = KEYS[k], res = KEYS[k + 1], exp = KEYS[k + 2], id = id, slots = {},
-    reservations = {}, expiries = {} }
-  w.day_start, w.day_end = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  for i = b, b + 4, 2 do
-    local s, e = tonumber(ARGV[i]), tonumber(ARGV[i + 1])
-    if s <= now and now < e then w.day_start, w.day_end = s, e end
+-- Moves the stored day to the one holding now, from the caller's bounds,
+-- when it is over; a new day counts nothing yet.
+local function roll_day(h, days)
+  if h[2] <= now and now < h[13] then return end
+  local bounds = {}
+  for bound in string.gmatch(days, '%-?%d+') do bounds[#bounds + 1] = tonumber(bound) end
+  -- Should none hold now, the caller's today applies.
+  local start, finish = bounds[2], bounds[3]
+  for i = 1, #bounds - 1 do
+    if bounds[i] <= now and now < bounds[i + 1] then start, finish = bounds[i], bounds[i + 1] end
   end
+  if h[2] ~= start then h[3], h[4] = 0, 0 end
+  h[2], h[13] = start, finish
+end
+
+-- Opens a workspace: its state from KEYS[k], its id and day bounds. The
+-- window slides to now: a slot holds the second it was last written for,
+-- so a slot whose second is a whole minute behind is one that leaves the
+-- totals.
+local function open(k, id, days)
+  local w = { state = KEYS[k], id = id, slots = {} }
   -- All zero bytes are all zero doubles: an empty state.
   w.blob = redis.call('GET', w.state) or string.rep('\0', STATE_BYTES)
   local h = { struct.unpack(HEADER, w.blob) }
   w.h = h
+  roll_day(h, days)
   -- Should Redis's clock step back, counting goes on in the newest second.
   w.second = math.max(math.floor(now / 1000), h[6])
   if w.second - h[6] >= MINUTE_S then
@@ -124,15 +155,8 @@ local function add_minute(w, at_second, requests, tokens)
   write_slot(w, at_second, new_requests, new_tokens)
 end
 
--- Today's counts; a stored day that is over counts nothing.
-local function day_counts(w)
-  if w.h[2] ~= w.day_start then return 0, 0 end
-  return w.h[3], w.h[4]
-end
-
 local function add_day(w, requests, tokens)
   local h = w.h
-  if h[2] ~= w.day_start then h[2], h[3], h[4] = w.day_start, 0, 0 end
   h[3] = math.max(h[3] + requests, 0)
   h[4] = math.max(h[4] + tokens, 0)
 end
@@ -150,30 +174,33 @@ local function stored(w)
     local slot = w.slots[index]
     if slot then
       local start = HEADER_BYTES + index * SLOT_BYTES + 1
-      table.insert(parts, string.sub(w.blob, at, start - 1))
-      table.insert(parts, struct.pack(SLOT, slot[1], slot[2], slot[3]))
+      parts[#parts + 1] = string.sub(w.blob, at, start - 1)
+      parts[#parts + 1] = struct.pack(SLOT, slot[1], slot[2], slot[3])
       at = start + SLOT_BYTES
     end
   end
-  table.insert(parts, string.sub(w.blob, at))
+  parts[#parts + 1] = string.sub(w.blob, at)
   w.blob = table.concat(parts)
   w.slots = {}
-  if #w.reservations > 0 then
-    redis.call('HSET', w.res, unpack(w.reservations))
-    redis.call('ZADD', w.exp, unpack(w.expiries))
-    w.reservations, w.expiries = {}, {}
-  end
-  if w.keys_expire then
-    redis.call('PEXPIREAT', w.res, h[12])
-    redis.call('PEXPIREAT', w.exp, h[12])
-    w.keys_expire = false
-  end
-  local keep = math.max(w.day_end, h[5]) - now + 60000
+  local keep = math.max(h[13], h[5], now) - now + 60000
   -- A billing block lasts until a probe succeeds or an admin resets it,
   -- however many days that takes; each probe admitted stores it again.
   if h[9] > 0 then keep = math.max(keep, 30 * 86400000) end
-  redis.call('SET', w.state, w.blob, 'PX', keep)
+  redis.call('SET', w.state, w.blob, 'PX', string.format('%d', keep))
   return w.id .. ' ' .. string.format('%d', h[1])
+end
+
+-- Reservations written during this call, for one HSET and one ZADD.
+local new_reservations, new_expiries, keep_reservations = {}, {}, 0
+
+local function save_reservations()
+  if #new_reservations == 0 then return end
+  redis.call('HSET', RESERVATIONS, unpack(new_reservations))
+  redis.call('ZADD', EXPIRIES, unpack(new_expiries))
+  -- The keys outlive their newest reservation.
+  for _, key in ipairs({ RESERVATIONS, EXPIRIES }) do
+    redis.call('PEXPIRE', key, string.format('%d', keep_reservations))
+  end
 end
 
 local function parse_reservation(record)
@@ -181,114 +208,126 @@ local function parse_reservation(record)
   return tonumber(charged), tonumber(tokens), probe, model
 end
 
--- Removes reservations past their expiry (their estimates stay charged),
--- at most once a second unless `always`.
-local function expire_reservations(w, always)
-  if not always and now < w.h[13] then return {} end
-  w.h[13] = now + 1000
-  local ids = redis.call('ZRANGEBYSCORE', w.exp, '-inf', now)
+-- Removes reservations past their expiry; answers them flat (workspace,
+-- charged, tokens, model, ...).
+local function expire_reservations()
+  local fields = redis.call('ZRANGE', EXPIRIES, '-inf', now, 'BYSCORE', 'LIMIT', 0,
+    EXPIRED_PER_CALL)
+  if #fields == 0 then return {} end
+  local records = redis.call('HMGET', RESERVATIONS, unpack(fields))
   local expired = {}
-  for _, id in ipairs(ids) do
-    local record = redis.call('HGET', w.res, id)
+  for i, field in ipairs(fields) do
+    local record = records[i]
     if record then
       local charged, tokens, _, model = parse_reservation(record)
-      table.insert(expired, charged)
-      table.insert(expired, tokens)
-      table.insert(expired, model)
-      redis.call('HDEL', w.res, id)
+      expired[#expired + 1] = string.match(field, '^(.*)|')
+      expired[#expired + 1] = charged
+      expired[#expired + 1] = tokens
+      expired[#expired + 1] = model
     end
   end
-  if #ids > 0 then redis.call('ZREMRANGEBYSCORE', w.exp, '-inf', now) end
+  redis.call('HDEL', RESERVATIONS, unpack(fields))
+  redis.call('ZREM', EXPIRIES, unpack(fields))
   return expired
 end
 
-local function fits(used, cost, max)
-  return used + math.max(cost, 1) <= max
+local expired = expire_reservations()
+
+-- Whether `cost` more stays within `max` (-1: no limit) after `used`.
+-- A request that alone exceeds a limit never fits.
+local function fits(max, used, cost)
+  return max < 0 or (cost <= max and used + math.max(cost, 1) <= max)
 end
 
--- One admission, from ARGV[a..a+ADMISSION_ARGS-1]: KEYS index, day bounds
--- (6), workspace id, requests/minute, requests/day, tokens/minute,
--- tokens/day (-1: no limit), estimated tokens, reservation id, reservation
--- TTL (ms), probe interval (ms), model. Charges every limit or none.
+-- Opens the n-th workspace of an admission batch, from ARGV[b..]. Its
+-- limits are parsed once, for all its admissions.
+local function open_for_admissions(n, b)
+  local w = open(2 + n, ARGV[b], ARGV[b + 1])
+  w.limits = { tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]),
+    tonumber(ARGV[b + 5]) }
+  return w
+end
+
+-- Every admission's reservation expires after its TTL: the scores are
+-- formatted once per TTL.
+local expiry_at = {}
+
+-- One admission, from ARGV[a..]: charges every limit or none. Answers its
+-- outcome byte.
 local function admit_one(w, a)
-  local h = w.h
-  local tokens = tonumber(ARGV[a + 12])
-  local day_r, day_t = day_counts(w)
-  local checks = {
-    { tonumber(ARGV[a + 8]), h[7], 1 },
-    { tonumber(ARGV[a + 9]), day_r, 1 },
-    { tonumber(ARGV[a + 10]), h[8], tokens },
-    { tonumber(ARGV[a + 11]), day_t, tokens },
-  }
-  for _, check in ipairs(checks) do
-    local max, used, cost = check[1], check[2], check[3]
-    if max >= 0 and (cost > max or not fits(used, cost, max)) then return 0, 0 end
+  local h, limits = w.h, w.limits
+  local tokens_text = ARGV[a + 1]
+  local tokens = tonumber(tokens_text)
+  if not (fits(limits[1], h[7], 1) and fits(limits[2], h[3], 1)
+      and fits(limits[3], h[8], tokens) and fits(limits[4], h[4], tokens)) then
+    return '0'
   end
-  if h[5] > now then return 0, 0 end
-  local probe = 0
+  if h[5] > now then return '0' end
+  local probe = '0'
   if h[9] > 0 then
-    if now < h[11] then return 0, 0 end
-    probe = 1
-    h[11] = now + tonumber(ARGV[a + 15])
+    if now < h[11] then return '0' end
+    probe = '1'
+    h[11] = now + tonumber(ARGV[a + 4])
   end
   add_minute(w, w.second, 1, tokens)
   add_day(w, 1, tokens)
-  local id, ttl = ARGV[a + 13], tonumber(ARGV[a + 14])
-  -- Written with the state, in one HSET and one ZADD per workspace.
-  table.insert(w.reservations, id)
-  table.insert(w.reservations, now .. '|' .. tokens .. '|' .. probe .. '|' .. ARGV[a + 16])
-  table.insert(w.expiries, now + ttl)
-  table.insert(w.expiries, id)
-  -- The keys outlive their newest reservation by up to one TTL more.
-  if h[12] < now + ttl + 60000 then
-    h[12] = now + 2 * ttl + 60000
-    w.keys_expire = true
+  local field = w.id .. '|' .. ARGV[a + 2]
+  new_reservations[#new_reservations + 1] = field
+  new_reservations[#new_reservations + 1] =
+    now_text .. '|' .. tokens_text .. '|' .. probe .. '|' .. ARGV[a + 5]
+  local ttl = ARGV[a + 3]
+  local expires = expiry_at[ttl]
+  if not expires then
+    local ttl_ms = tonumber(ttl)
+    expires = string.format('%d', now + ttl_ms)
+    expiry_at[ttl] = expires
+    keep_reservations = math.max(keep_reservations, 2 * ttl_ms + 60000)
   end
+  new_expiries[#new_expiries + 1] = expires
+  new_expiries[#new_expiries + 1] = field
   w.changed = true
-  return 1, probe
+  if probe == '1' then return '2' end
+  return '1'
 end
 
 if op == 'admit' then
-  local workspaces, opened = {}, {}
+  local count, admissions = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local workspaces = {}
+  for n = 1, count do
+    workspaces[n] = open_for_admissions(n, 5 + (n - 1) * WORKSPACE_ARGS)
+  end
   local outcomes = {}
-  for j = 1, tonumber(ARGV[3]) do
-    local a = 4 + (j - 1) * ADMISSION_ARGS
-    local k = tonumber(ARGV[a])
-    local w = workspaces[k]
-    if not w then
-      w = open(k, ARGV[a + 7], a + 1)
-      w.expired = expire_reservations(w)
-      workspaces[k] = w
-      table.insert(opened, k)
-    end
-    local admitted, probe = admit_one(w, a)
-    table.insert(outcomes, { admitted, probe })
+  local a = 5 + count * WORKSPACE_ARGS
+  for j = 1, admissions do
+    outcomes[j] = admit_one(workspaces[tonumber(ARGV[a])], a)
+    a = a + ADMISSION_ARGS
   end
   local states, announcements = {}, {}
-  for _, k in ipairs(opened) do
-    local w = workspaces[k]
-    if w.changed then table.insert(announcements, stored(w)) end
-    table.insert(states, { k, w.blob, w.expired })
+  for n = 1, count do
+    local w = workspaces[n]
+    if w.changed then announcements[#announcements + 1] = stored(w) end
+    states[n] = w.blob
   end
+  save_reservations()
   -- One announcement for the whole call.
   if #announcements > 0 then
     redis.call('PUBLISH', channel, table.concat(announcements, ','))
   end
-  return { now, outcomes, states }
+  return { now, table.concat(outcomes), states, expired }
 end
 
 -- The operations on one workspace.
-local w = open(1, ARGV[9], 3)
-local function arg(i) return ARGV[9 + i] end
+local w = open(3, ARGV[3], ARGV[4])
+local function arg(i) return ARGV[4 + i] end
 
 local function save()
   redis.call('PUBLISH', channel, stored(w))
 end
 
 -- The stored state goes back as it is; the caller reads the same layout.
-local function reply(outcome, expired, extra)
+local function reply(outcome, extra)
   local answer = { outcome, now, w.blob, expired }
-  for _, value in ipairs(extra or {}) do table.insert(answer, value) end
+  for _, value in ipairs(extra or {}) do answer[#answer + 1] = value end
   return answer
 end
 
@@ -296,58 +335,57 @@ if op == 'settle' then
   -- arg: 1 reservation id, 2 actual tokens (-1: keep the estimate).
   -- Answers outcome 1 with the reservation (charged, tokens, probe, model)
   -- appended, or 0 when it is unknown, settled or expired.
-  local expired = expire_reservations(w)
-  local id = arg(1)
-  local record = redis.call('HGET', w.res, id)
-  if not record then return reply(0, expired) end
-  redis.call('HDEL', w.res, id)
-  redis.call('ZREM', w.exp, id)
+  local field = w.id .. '|' .. arg(1)
+  local record = redis.call('HGET', RESERVATIONS, field)
+  if not record then return reply(0) end
+  redis.call('HDEL', RESERVATIONS, field)
+  redis.call('ZREM', EXPIRIES, field)
   local charged, estimate, probe, model = parse_reservation(record)
   local actual = tonumber(arg(2))
   if actual < 0 then actual = estimate end
+  -- A reset since the admission charged nothing of it from then on.
+  local since_reset = charged < w.h[12]
+  if since_reset then charged = w.h[12] end
+  local charged_estimate = since_reset and 0 or estimate
   -- The correction lands in the second the request was charged while that
   -- second is in the window; extra tokens beyond it are charged now.
+  local correction = actual - charged_estimate
   local charged_second = math.floor(charged / 1000)
   if charged_second > w.second - MINUTE_S and read_slot(w, charged_second) == charged_second then
-    add_minute(w, charged_second, 0, actual - estimate)
-  elseif actual > estimate then
-    add_minute(w, w.second, 0, actual - estimate)
+    add_minute(w, charged_second, 0, correction)
+  elseif correction > 0 then
+    add_minute(w, w.second, 0, correction)
   end
   -- Today's count gains the extra tokens, and loses the unused ones if the
   -- request was charged today.
-  local correction = actual - estimate
-  if charged < w.day_start then correction = math.max(correction, 0) end
+  if charged < w.h[2] then correction = math.max(correction, 0) end
   if correction ~= 0 then add_day(w, 0, correction) end
   save()
-  return reply(1, expired, { charged, estimate, probe, model, actual })
+  return reply(1, { charged, charged_estimate, probe, model, actual })
 
 elseif op == 'count' then
   -- Calls that happened without a reservation: arg(1) requests and
   -- arg(2) tokens now, whatever the limits.
-  local expired = expire_reservations(w)
   local requests, tokens = tonumber(arg(1)), tonumber(arg(2))
   add_minute(w, w.second, requests, tokens)
   add_day(w, requests, tokens)
   save()
-  return reply(1, expired)
+  return reply(1)
 
 elseif op == 'peek' then
-  return reply(1, expire_reservations(w, true))
+  return reply(1)
 
 elseif op == 'reset' then
-  -- Requests in flight keep their reservations, charged nothing from now on.
-  local records = redis.call('HGETALL', w.res)
-  for i = 1, #records, 2 do
-    local _, _, probe, model = parse_reservation(records[i + 1])
-    redis.call('HSET', w.res, records[i], now .. '|0|' .. probe .. '|' .. model)
-  end
-  local version, keys_expire_at = w.h[1], w.h[12]
+  -- Requests in flight keep their reservations, charged nothing from the
+  -- reset on (see `settle`).
+  local h = w.h
+  local fresh = { struct.unpack(HEADER, string.rep('\0', HEADER_BYTES)) }
+  fresh[1], fresh[2], fresh[6], fresh[12], fresh[13] = h[1], h[2], w.second, now, h[13]
+  w.h = fresh
   w.blob = string.rep('\0', STATE_BYTES)
   w.slots = {}
-  w.h = { struct.unpack(HEADER, w.blob) }
-  w.h[1], w.h[6], w.h[12] = version, w.second, keys_expire_at
   save()
-  return reply(1, {})
+  return reply(1)
 
 elseif op == 'block' then
   -- The upstream's answers moved the blocks. arg(1): hold until (ms; 0 for
@@ -366,7 +404,7 @@ elseif op == 'block' then
     h[9], h[10], h[11] = code, since, tonumber(arg(4))
   end
   save()
-  return reply(1, {})
+  return reply(1)
 end
 
 return redis.error_reply('unknown operation ' .. tostring(op))

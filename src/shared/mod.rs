@@ -52,8 +52,9 @@ pub struct Reply {
     /// Whether the operation did what it was asked (admitted, settled).
     pub done: bool,
     pub counters: SharedCounters,
-    /// Reservations that expired unsettled; their estimates are final.
-    pub expired: Vec<Expired>,
+    /// Reservations that expired unsettled, of any workspace; their
+    /// estimates are final.
+    pub expired: Vec<(WorkspaceId, Expired)>,
     extra: Vec<Value>,
 }
 
@@ -455,35 +456,48 @@ impl Link {
         batch: &[Pending],
     ) -> Result<Vec<(Option<Admitted>, Reply)>, SharedError> {
         self.breaker()?;
-        let mut invocation = self.script.prepare_invoke();
-        invocation.arg("admit").arg(&self.channel).arg(batch.len());
-        // Each workspace's three keys once, in order of first appearance.
-        let mut key_index: Vec<(&WorkspaceId, usize)> = Vec::new();
-        for pending in batch {
-            let index = match key_index.iter().find(|(id, _)| *id == &pending.workspace) {
-                Some((_, index)) => *index,
-                None => {
-                    let index = 1 + 3 * key_index.len();
-                    for key in self.keys(&pending.workspace) {
-                        invocation.key(key);
+        // Each workspace once, in order of first appearance, described by
+        // its first admission: admissions moments apart see the same
+        // configuration.
+        let mut workspaces: Vec<&Pending> = Vec::new();
+        let numbers: Vec<usize> = batch
+            .iter()
+            .map(|pending| {
+                match workspaces
+                    .iter()
+                    .position(|seen| seen.workspace == pending.workspace)
+                {
+                    Some(index) => index + 1,
+                    None => {
+                        workspaces.push(pending);
+                        workspaces.len()
                     }
-                    key_index.push((&pending.workspace, index));
-                    index
                 }
-            };
+            })
+            .collect();
+        let mut invocation = self.script.prepare_invoke();
+        self.shared_keys(&mut invocation);
+        invocation
+            .arg("admit")
+            .arg(&self.channel)
+            .arg(workspaces.len())
+            .arg(batch.len());
+        for pending in &workspaces {
+            invocation.key(self.state_key(&pending.workspace));
             let limit = |kind| pending.limits.get(kind).map_or(-1, clamp);
-            invocation.arg(index);
-            for bound in day_args(pending.timezone, pending.now) {
-                invocation.arg(bound);
-            }
             invocation
                 .arg(pending.workspace.as_str())
+                .arg(day_bounds_arg(pending.timezone, pending.now))
                 .arg(limit(LimitKind::RequestsPerMinute))
                 .arg(limit(LimitKind::RequestsPerDay))
                 .arg(limit(LimitKind::TokensPerMinute))
-                .arg(limit(LimitKind::TokensPerDay))
+                .arg(limit(LimitKind::TokensPerDay));
+        }
+        for (pending, number) in batch.iter().zip(numbers) {
+            invocation
+                .arg(number)
                 .arg(clamp(pending.tokens))
-                .arg(pending.reservation.to_string())
+                .arg(pending.reservation)
                 .arg(millis(pending.reservation_ttl))
                 .arg(millis(pending.probe_interval))
                 .arg(pending.model.as_deref().unwrap_or_default());
@@ -520,8 +534,8 @@ impl Link {
         Ok((settled, reply))
     }
 
-    /// An invocation of a one-workspace operation: its keys, the channel,
-    /// the day bounds around `now` and its id.
+    /// An invocation of a one-workspace operation: the keys, the channel,
+    /// its id and the day bounds around `now`.
     fn invocation(
         &self,
         workspace: &WorkspaceId,
@@ -530,22 +544,27 @@ impl Link {
         now: Timestamp,
     ) -> redis::ScriptInvocation<'_> {
         let mut invocation = self.script.prepare_invoke();
-        for key in self.keys(workspace) {
-            invocation.key(key);
-        }
-        invocation.arg(op).arg(&self.channel);
-        for bound in day_args(timezone, now) {
-            invocation.arg(bound);
-        }
-        invocation.arg(workspace.as_str());
+        self.shared_keys(&mut invocation);
+        invocation
+            .key(self.state_key(workspace))
+            .arg(op)
+            .arg(&self.channel)
+            .arg(workspace.as_str())
+            .arg(day_bounds_arg(timezone, now));
         invocation
     }
 
-    /// A workspace's keys: state, reservations, expiry. The braces make them
-    /// hash to one cluster slot.
-    fn keys(&self, workspace: &WorkspaceId) -> [String; 3] {
-        let base = format!("{}{{{}}}", self.prefix, workspace.as_str());
-        ["state", "res", "exp"].map(|part| format!("{base}:{part}"))
+    /// The keys every call names first: the open reservations of every
+    /// workspace, and their expiries.
+    fn shared_keys(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+        invocation
+            .key(format!("{}reservations", self.prefix))
+            .key(format!("{}reservations:expiry", self.prefix));
+    }
+
+    /// A workspace's counters.
+    fn state_key(&self, workspace: &WorkspaceId) -> String {
+        format!("{}state:{}", self.prefix, workspace.as_str())
     }
 
     /// Fails at once while an earlier call failed moments ago.
@@ -593,21 +612,21 @@ impl Link {
     }
 }
 
-/// The day bounds (ms) around `now` in `timezone`: yesterday, today and
-/// tomorrow. Redis picks the one holding its own time, so a caller whose
-/// clock is off by a little still counts into the right day.
-fn day_args(timezone: chrono_tz::Tz, now: Timestamp) -> [i64; 6] {
+/// The starts (ms) of yesterday, today, tomorrow and the day after around
+/// `now` in `timezone`, in one argument. Redis picks the day holding its
+/// own time, so a caller whose clock is off by a little still counts into
+/// the right day.
+fn day_bounds_arg(timezone: chrono_tz::Tz, now: Timestamp) -> String {
     let (today, tomorrow) = day_bounds(now, timezone);
     let (yesterday, _) = day_bounds(Timestamp::from_millis(today.millis() - 1), timezone);
     let (_, after_tomorrow) = day_bounds(tomorrow, timezone);
-    [
+    format!(
+        "{} {} {} {}",
         yesterday.millis(),
         today.millis(),
-        today.millis(),
         tomorrow.millis(),
-        tomorrow.millis(),
-        after_tomorrow.millis(),
-    ]
+        after_tomorrow.millis()
+    )
 }
 
 impl Reply {
@@ -642,8 +661,8 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
     })
 }
 
-/// Reads the answer to a batch of admissions: {now, {outcome, probe} per
-/// admission, {KEYS index, state, expired} per workspace}.
+/// Reads the answer to a batch of admissions: {now, an outcome byte per
+/// admission, the state of each workspace, expired reservations}.
 fn parse_admissions(
     value: Value,
     batch: &[Pending],
@@ -652,14 +671,23 @@ fn parse_admissions(
     let Value::Array(fields) = value else {
         return Err(protocol("the admissions' answer is not an array"));
     };
-    let [now, Value::Array(outcomes), Value::Array(states)] = fields.as_slice() else {
+    let [
+        now,
+        Value::BulkString(outcomes),
+        Value::Array(states),
+        expired,
+    ] = fields.as_slice()
+    else {
         return Err(protocol(
-            "the admissions' answer is not {now, outcomes, states}",
+            "the admissions' answer is not {now, outcomes, states, expired}",
         ));
     };
     if outcomes.len() != batch.len() {
         return Err(protocol("not one outcome per admission"));
     }
+    // Expired reservations go with the first admission only, so that they
+    // are recorded once.
+    let mut expired = Some(expired_from(expired));
     let at = Timestamp::from_millis(as_int(now));
     // The script answers the workspaces in the order they first appear.
     let mut order: Vec<&str> = Vec::new();
@@ -672,31 +700,23 @@ fn parse_admissions(
         return Err(protocol("not one state per workspace"));
     }
     let mut workspaces = Vec::with_capacity(states.len());
-    for (name, state) in order.into_iter().zip(states) {
-        let [_, packed, expired] = flat(state) else {
-            return Err(protocol(
-                "a workspace's state is not {index, state, expired}",
-            ));
-        };
-        workspaces.push((name, counters_from(at, packed)?, expired_from(expired)));
+    for (name, packed) in order.into_iter().zip(states) {
+        workspaces.push((name, counters_from(at, packed)?));
     }
     let mut answers = Vec::with_capacity(batch.len());
     for (pending, outcome) in batch.iter().zip(outcomes) {
-        let outcome = flat(outcome);
-        let done = outcome.first().map(as_int) == Some(1);
-        let probe = outcome.get(1).map(as_int) == Some(1);
-        let Some((_, counters, expired)) = workspaces
-            .iter_mut()
-            .find(|(name, _, _)| *name == pending.workspace.as_str())
+        let done = *outcome != b'0';
+        let probe = *outcome == b'2';
+        let Some((_, counters)) = workspaces
+            .iter()
+            .find(|(name, _)| *name == pending.workspace.as_str())
         else {
             return Err(protocol("an admission without its workspace's state"));
         };
         let reply = Reply {
             done,
             counters: counters.clone(),
-            // Expired reservations go with the first admission only, so that
-            // they are recorded once.
-            expired: std::mem::take(expired),
+            expired: expired.take().unwrap_or_default(),
             extra: Vec::new(),
         };
         let admitted = done.then(|| Admitted {
@@ -750,13 +770,19 @@ fn counters_from(at: Timestamp, packed: &Value) -> Result<SharedCounters, Shared
     })
 }
 
-fn expired_from(value: &Value) -> Vec<Expired> {
+/// Expired reservations, flat: workspace, charged, tokens, model, ...
+/// Those of a workspace whose id no longer parses are dropped.
+fn expired_from(value: &Value) -> Vec<(WorkspaceId, Expired)> {
     flat(value)
-        .chunks_exact(3)
-        .map(|record| Expired {
-            charged_at: Timestamp::from_millis(as_int(&record[0])),
-            tokens: count(as_int(&record[1])),
-            model: model(&text(&record[2])),
+        .chunks_exact(4)
+        .filter_map(|record| {
+            let workspace = text(&record[0]).parse().ok()?;
+            let expired = Expired {
+                charged_at: Timestamp::from_millis(as_int(&record[1])),
+                tokens: count(as_int(&record[2])),
+                model: model(&text(&record[3])),
+            };
+            Some((workspace, expired))
         })
         .collect()
 }

@@ -1,6 +1,9 @@
 //! The Redis script's own rules, called through `RedisCounters` directly:
-//! every key expires by itself, billing blocks last beyond the day, and a
-//! late lift cannot undo a newer block. Needs `QUOTAWATCH_TEST_REDIS_URL`.
+//! every key expires by itself, billing blocks last beyond the day, a late
+//! lift cannot undo a newer block, unsettled reservations expire into the
+//! history of their own workspace whichever call finds them, and a reset
+//! charges requests in flight only what they use from then on. Needs
+//! `QUOTAWATCH_TEST_REDIS_URL`.
 
 use std::time::Duration;
 
@@ -8,8 +11,9 @@ use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceId};
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::upstream::BillingCode;
 use quotawatch::domain::workspace::BillingBlock;
-use quotawatch::shared::{AdmitArgs, BillingChange, BlockChange, RedisCounters};
+use quotawatch::shared::{AdmitArgs, BillingChange, BlockChange, RedisCounters, Reply};
 
+use crate::support::eventually;
 use crate::support::redis::{clean, fresh_prefix, server_url};
 
 struct Store {
@@ -38,6 +42,26 @@ impl Store {
             .duration_since(std::time::UNIX_EPOCH)
             .expect("clock");
         Timestamp::from_millis(since_epoch.as_millis() as i64)
+    }
+
+    /// Admits `tokens` into `workspace` with reservation `id`.
+    async fn admit(&self, workspace: &WorkspaceId, id: u64, tokens: u64, ttl: Duration) -> Reply {
+        let limits = Limits::default();
+        let args = AdmitArgs {
+            limits: &limits,
+            tokens,
+            reservation: id,
+            reservation_ttl: ttl,
+            probe_interval: Duration::from_secs(60),
+            model: Some("gpt-4o-mini"),
+        };
+        let (admitted, reply) = self
+            .counters
+            .admit(workspace, chrono_tz::UTC, Self::now(), args)
+            .await
+            .expect("admit");
+        assert!(admitted.is_some(), "admitted");
+        reply
     }
 
     async fn block(&self, billing: BillingChange) -> Option<BillingBlock> {
@@ -128,7 +152,7 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
         .lifetimes()
         .await
         .into_iter()
-        .find(|(key, _)| key.ends_with(":state"))
+        .find(|(key, _)| key.contains("state:"))
         .expect("state key");
     assert!(state.1 > 29 * day, "a billing block lives {} ms", state.1);
     store.finish().await;
@@ -156,5 +180,79 @@ async fn a_late_lift_does_not_undo_a_newer_billing_block() {
         store.block(BillingChange::Lift { since: newer }).await,
         None
     );
+    store.finish().await;
+}
+
+#[tokio::test]
+async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_it() {
+    let Some(store) = Store::open("shared::reservation_expiry") else {
+        return;
+    };
+    let other: WorkspaceId = "other".parse().expect("id");
+    store
+        .admit(&store.workspace, 7, 120, Duration::from_millis(1))
+        .await;
+    // A call about another workspace finds it expired, and names its owner.
+    let expired = eventually(
+        "the reservation to expire",
+        Duration::from_secs(5),
+        || async {
+            let reply = store.admit(&other, 8, 1, Duration::from_secs(600)).await;
+            (!reply.expired.is_empty()).then_some(reply.expired)
+        },
+    )
+    .await;
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    let (workspace, finished) = &expired[0];
+    assert_eq!(workspace, &store.workspace);
+    assert_eq!(finished.tokens, 120, "the estimate is final");
+    assert_eq!(finished.model.as_deref(), Some("gpt-4o-mini"));
+    // It is found once, and can no longer be settled.
+    let (settled, reply) = store
+        .counters
+        .settle(&store.workspace, chrono_tz::UTC, Store::now(), 7, Some(10))
+        .await
+        .expect("settle");
+    assert!(settled.is_none(), "an expired reservation is not settled");
+    assert!(reply.expired.is_empty(), "{:?}", reply.expired);
+    assert_eq!(
+        reply.counters.day_used.tokens, 120,
+        "its estimate stays charged"
+    );
+    store.finish().await;
+}
+
+#[tokio::test]
+async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
+    let Some(store) = Store::open("shared::settle_after_reset") else {
+        return;
+    };
+    store
+        .admit(&store.workspace, 7, 100, Duration::from_secs(600))
+        .await;
+    let reset = store
+        .counters
+        .reset(&store.workspace, chrono_tz::UTC, Store::now())
+        .await
+        .expect("reset");
+    assert_eq!(reset.counters.day_used.tokens, 0);
+    let (settled, reply) = store
+        .counters
+        .settle(&store.workspace, chrono_tz::UTC, Store::now(), 7, Some(30))
+        .await
+        .expect("settle");
+    let settled = settled.expect("the reservation outlives the reset");
+    assert_eq!(
+        settled.estimated_tokens, 0,
+        "nothing of it counts since the reset"
+    );
+    assert_eq!(reply.counters.day_used.tokens, 30);
+    let minute: u64 = reply
+        .counters
+        .minute
+        .iter()
+        .map(|(_, usage)| usage.tokens)
+        .sum();
+    assert_eq!(minute, 30);
     store.finish().await;
 }
