@@ -6,7 +6,7 @@
 --
 -- KEYS: 1 and 2 are shared by every workspace, the rest are one per
 -- workspace:
---   1 reservations  HASH "workspace|reservation id" -> "charged_ms|tokens|probe|model"
+--   1 reservations  HASH "workspace|reservation id" -> "charged_us|tokens|probe|model"
 --   2 expiries      ZSET the same fields, scored by when they expire (ms)
 --   3.. state       STRING a workspace's counters as little-endian doubles:
 --                a header of
@@ -16,13 +16,19 @@
 --                6 newest second counted, 7 minute requests, 8 minute tokens,
 --                9 billing block (0: none, else the caller's code number),
 --                10 its start (ms), 11 its next probe (ms),
---                12 last reset (ms), 13 day end (ms),
+--                12 last reset (microseconds, to tell it from an admission in
+--                the same millisecond), 13 day end (ms),
+--                14 when the key expires (ms),
 --              then 60 slots (second % 60) of: second, requests, tokens.
---              An operation reads the header and the slots it touches, and
---              writes them back in place: one GET and one SET whatever the
---              traffic, without unpacking the whole window (a hash of
---              per-second fields, or unpacking every slot, cost several
---              times as much).
+--              An operation reads the state with one GET, unpacks only the
+--              header and the slots it touches, and overwrites only those
+--              with SETRANGE: rebuilding the whole string, unpacking every
+--              slot, or a hash of per-second fields cost several times as
+--              much. Every call answers a workspace's state as {as read,
+--              changes}: the changes are the new header followed by each
+--              slot written (its index, second, requests, tokens), for the
+--              caller to apply, so that the script never builds the whole
+--              string again.
 -- The reservations are kept together, not per workspace, so that a batch
 -- of admissions writes them in one HSET and one ZADD, and one look for
 -- expired ones serves every workspace: each redis.call costs the script
@@ -49,21 +55,22 @@
 -- script's time, not the network, bounds how many admissions one Redis
 -- takes. It answers {now, outcomes, states, expired}: outcomes holds a byte
 -- per admission ('0' refused, '1' admitted, '2' admitted as the probe of a
--- billing block), states the state of each workspace (as stored).
+-- billing block), states the state of each workspace.
 --
 -- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
 -- and ARGV[4] its day bounds; arg(1) onwards depends on the operation.
--- They answer {outcome, now, state (as stored), expired, extra...}.
+-- They answer {outcome, now, state, expired, extra...}.
 --
 -- Every call first removes reservations past their expiry (their
 -- estimates stay charged), some at a time, and answers them as `expired`,
 -- flat: workspace, charged (ms), tokens, model, ...
 
 local MINUTE_S = 60
-local HEADER_FIELDS = 13
+local HEADER_FIELDS = 14
 local HEADER = '<' .. string.rep('d', HEADER_FIELDS)
 local HEADER_BYTES = 8 * HEADER_FIELDS
 local SLOT = '<ddd'
+local SLOT_CHANGE = '<dddd'
 local SLOT_BYTES = 24
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
 local WORKSPACE_ARGS = 6
@@ -78,7 +85,7 @@ local channel = ARGV[2]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local now_text = string.format('%d', now)
+local now_text, now_us_text = string.format('%d', now), string.format('%d', now_us)
 
 local function slot_at(at_second)
   return HEADER_BYTES + (at_second % MINUTE_S) * SLOT_BYTES + 1
@@ -94,7 +101,13 @@ local function read_slot(w, at_second)
 end
 
 local function write_slot(w, at_second, requests, tokens)
-  w.slots[at_second % MINUTE_S] = { at_second, requests, tokens }
+  local index = at_second % MINUTE_S
+  local slot = w.slots[index]
+  if slot then
+    slot[1], slot[2], slot[3] = at_second, requests, tokens
+  else
+    w.slots[index] = { at_second, requests, tokens }
+  end
 end
 
 -- Moves the stored day to the one holding now, from the caller's bounds,
@@ -117,11 +130,16 @@ end
 -- so a slot whose second is a whole minute behind is one that leaves the
 -- totals.
 local function open(k, id, days)
-  local w = { state = KEYS[k], id = id, slots = {} }
-  -- All zero bytes are all zero doubles: an empty state.
-  w.blob = redis.call('GET', w.state) or string.rep('\0', STATE_BYTES)
-  local h = { struct.unpack(HEADER, w.blob) }
-  w.h = h
+  local blob = redis.call('GET', KEYS[k])
+  -- All zero bytes are all zero doubles: an empty state, written whole.
+  local new = not blob
+  if new then blob = string.rep('\0', STATE_BYTES) end
+  local h = { struct.unpack(HEADER, blob) }
+  -- Every field is named here, so that the table is allocated once: each
+  -- field added later would grow it.
+  local w = { state = KEYS[k], id = id, slots = {}, blob = blob, new = new, changes = '', h = h,
+    second = 0, changed = false, requests_per_minute = -1, requests_per_day = -1,
+    tokens_per_minute = -1, tokens_per_day = -1 }
   roll_day(h, days)
   -- Should Redis's clock step back, counting goes on in the newest second.
   w.second = math.max(math.floor(now / 1000), h[6])
@@ -169,24 +187,41 @@ end
 local function stored(w)
   local h = w.h
   h[1] = math.max(h[1] + 1, now_us)
-  local parts, at = { struct.pack(HEADER, unpack(h, 1, HEADER_FIELDS)) }, HEADER_BYTES + 1
-  for index = 0, MINUTE_S - 1 do
-    local slot = w.slots[index]
-    if slot then
-      local start = HEADER_BYTES + index * SLOT_BYTES + 1
-      parts[#parts + 1] = string.sub(w.blob, at, start - 1)
-      parts[#parts + 1] = struct.pack(SLOT, slot[1], slot[2], slot[3])
-      at = start + SLOT_BYTES
-    end
-  end
-  parts[#parts + 1] = string.sub(w.blob, at)
-  w.blob = table.concat(parts)
-  w.slots = {}
-  local keep = math.max(h[13], h[5], now) - now + 60000
+  local keep_until = math.max(h[13], h[5], now) + 60000
   -- A billing block lasts until a probe succeeds or an admin resets it,
   -- however many days that takes; each probe admitted stores it again.
-  if h[9] > 0 then keep = math.max(keep, 30 * 86400000) end
-  redis.call('SET', w.state, w.blob, 'PX', string.format('%d', keep))
+  if h[9] > 0 then keep_until = math.max(keep_until, now + 30 * 86400000) end
+  -- The expiry moves about once a day: with the day, a hold or a block.
+  local expiry_moved = keep_until > h[14] or w.new
+  if expiry_moved then h[14] = keep_until end
+  local header = struct.pack(HEADER, unpack(h, 1, HEADER_FIELDS))
+  if w.new then
+    -- Written whole, once: SETRANGE would leave it short.
+    local parts, at = { header }, HEADER_BYTES + 1
+    for index = 0, MINUTE_S - 1 do
+      local slot = w.slots[index]
+      if slot then
+        local start = HEADER_BYTES + index * SLOT_BYTES + 1
+        parts[#parts + 1] = string.sub(w.blob, at, start - 1)
+        parts[#parts + 1] = struct.pack(SLOT, slot[1], slot[2], slot[3])
+        at = start + SLOT_BYTES
+      end
+    end
+    parts[#parts + 1] = string.sub(w.blob, at)
+    w.blob, w.new = table.concat(parts), false
+    redis.call('SET', w.state, w.blob, 'PXAT', string.format('%d', h[14]))
+  else
+    redis.call('SETRANGE', w.state, 0, header)
+    local changes = { header }
+    for index, slot in pairs(w.slots) do
+      redis.call('SETRANGE', w.state, HEADER_BYTES + index * SLOT_BYTES,
+        struct.pack(SLOT, slot[1], slot[2], slot[3]))
+      changes[#changes + 1] = struct.pack(SLOT_CHANGE, index, slot[1], slot[2], slot[3])
+    end
+    w.changes = table.concat(changes)
+    if expiry_moved then redis.call('PEXPIREAT', w.state, string.format('%d', h[14])) end
+  end
+  w.slots = {}
   return w.id .. ' ' .. string.format('%d', h[1])
 end
 
@@ -211,7 +246,7 @@ end
 -- Removes reservations past their expiry; answers them flat (workspace,
 -- charged, tokens, model, ...).
 local function expire_reservations()
-  local fields = redis.call('ZRANGE', EXPIRIES, '-inf', now, 'BYSCORE', 'LIMIT', 0,
+  local fields = redis.call('ZRANGE', EXPIRIES, '-inf', now_text, 'BYSCORE', 'LIMIT', 0,
     EXPIRED_PER_CALL)
   if #fields == 0 then return {} end
   local records = redis.call('HMGET', RESERVATIONS, unpack(fields))
@@ -219,9 +254,9 @@ local function expire_reservations()
   for i, field in ipairs(fields) do
     local record = records[i]
     if record then
-      local charged, tokens, _, model = parse_reservation(record)
+      local charged_us, tokens, _, model = parse_reservation(record)
       expired[#expired + 1] = string.match(field, '^(.*)|')
-      expired[#expired + 1] = charged
+      expired[#expired + 1] = math.floor(charged_us / 1000)
       expired[#expired + 1] = tokens
       expired[#expired + 1] = model
     end
@@ -236,15 +271,15 @@ local expired = expire_reservations()
 -- Whether `cost` more stays within `max` (-1: no limit) after `used`.
 -- A request that alone exceeds a limit never fits.
 local function fits(max, used, cost)
-  return max < 0 or (cost <= max and used + math.max(cost, 1) <= max)
+  return max < 0 or (cost <= max and used + (cost > 1 and cost or 1) <= max)
 end
 
 -- Opens the n-th workspace of an admission batch, from ARGV[b..]. Its
 -- limits are parsed once, for all its admissions.
 local function open_for_admissions(n, b)
   local w = open(2 + n, ARGV[b], ARGV[b + 1])
-  w.limits = { tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3]), tonumber(ARGV[b + 4]),
-    tonumber(ARGV[b + 5]) }
+  w.requests_per_minute, w.requests_per_day = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
+  w.tokens_per_minute, w.tokens_per_day = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
   return w
 end
 
@@ -255,11 +290,11 @@ local expiry_at = {}
 -- One admission, from ARGV[a..]: charges every limit or none. Answers its
 -- outcome byte.
 local function admit_one(w, a)
-  local h, limits = w.h, w.limits
+  local h = w.h
   local tokens_text = ARGV[a + 1]
   local tokens = tonumber(tokens_text)
-  if not (fits(limits[1], h[7], 1) and fits(limits[2], h[3], 1)
-      and fits(limits[3], h[8], tokens) and fits(limits[4], h[4], tokens)) then
+  if not (fits(w.requests_per_minute, h[7], 1) and fits(w.requests_per_day, h[3], 1)
+      and fits(w.tokens_per_minute, h[8], tokens) and fits(w.tokens_per_day, h[4], tokens)) then
     return '0'
   end
   if h[5] > now then return '0' end
@@ -274,7 +309,7 @@ local function admit_one(w, a)
   local field = w.id .. '|' .. ARGV[a + 2]
   new_reservations[#new_reservations + 1] = field
   new_reservations[#new_reservations + 1] =
-    now_text .. '|' .. tokens_text .. '|' .. probe .. '|' .. ARGV[a + 5]
+    now_us_text .. '|' .. tokens_text .. '|' .. probe .. '|' .. ARGV[a + 5]
   local ttl = ARGV[a + 3]
   local expires = expiry_at[ttl]
   if not expires then
@@ -306,7 +341,7 @@ if op == 'admit' then
   for n = 1, count do
     local w = workspaces[n]
     if w.changed then announcements[#announcements + 1] = stored(w) end
-    states[n] = w.blob
+    states[n] = { w.blob, w.changes }
   end
   save_reservations()
   -- One announcement for the whole call.
@@ -326,7 +361,7 @@ end
 
 -- The stored state goes back as it is; the caller reads the same layout.
 local function reply(outcome, extra)
-  local answer = { outcome, now, w.blob, expired }
+  local answer = { outcome, now, { w.blob, w.changes }, expired }
   for _, value in ipairs(extra or {}) do answer[#answer + 1] = value end
   return answer
 end
@@ -340,12 +375,12 @@ if op == 'settle' then
   if not record then return reply(0) end
   redis.call('HDEL', RESERVATIONS, field)
   redis.call('ZREM', EXPIRIES, field)
-  local charged, estimate, probe, model = parse_reservation(record)
+  local charged_us, estimate, probe, model = parse_reservation(record)
   local actual = tonumber(arg(2))
   if actual < 0 then actual = estimate end
   -- A reset since the admission charged nothing of it from then on.
-  local since_reset = charged < w.h[12]
-  if since_reset then charged = w.h[12] end
+  local since_reset = charged_us < w.h[12]
+  local charged = math.floor(math.max(charged_us, w.h[12]) / 1000)
   local charged_estimate = since_reset and 0 or estimate
   -- The correction lands in the second the request was charged while that
   -- second is in the window; extra tokens beyond it are charged now.
@@ -380,9 +415,9 @@ elseif op == 'reset' then
   -- reset on (see `settle`).
   local h = w.h
   local fresh = { struct.unpack(HEADER, string.rep('\0', HEADER_BYTES)) }
-  fresh[1], fresh[2], fresh[6], fresh[12], fresh[13] = h[1], h[2], w.second, now, h[13]
+  fresh[1], fresh[2], fresh[6], fresh[12], fresh[13] = h[1], h[2], w.second, now_us, h[13]
   w.h = fresh
-  w.blob = string.rep('\0', STATE_BYTES)
+  w.blob, w.new = string.rep('\0', STATE_BYTES), true
   w.slots = {}
   save()
   return reply(1)

@@ -111,7 +111,7 @@ pub struct AdmitArgs<'a> {
 
 /// Admission calls on their way to Redis at once; admissions arriving
 /// meanwhile wait for the next call.
-const CALLS_IN_FLIGHT: usize = 2;
+const CALLS_IN_FLIGHT: usize = 3;
 
 /// The most admissions one call carries.
 const MAX_BATCH: usize = 128;
@@ -313,6 +313,10 @@ async fn send_admissions(link: Arc<Link>, mut pending: mpsc::UnboundedReceiver<P
         let Ok(permit) = calls.clone().acquire_owned().await else {
             return;
         };
+        // A call just answered: let the requests it released queue their
+        // next admissions before this batch closes, or it would leave with
+        // a few and the next with the rest.
+        tokio::task::yield_now().await;
         let Some(first) = pending.recv().await else {
             return;
         };
@@ -730,14 +734,16 @@ fn parse_admissions(
     Ok(answers)
 }
 
-/// A workspace's counters from the state the script stores.
-fn counters_from(at: Timestamp, packed: &Value) -> Result<SharedCounters, SharedError> {
-    let Value::BulkString(packed) = packed else {
+/// A workspace's counters from the script's answer: the state as it read
+/// it, and what it changed.
+fn counters_from(at: Timestamp, answered: &Value) -> Result<SharedCounters, SharedError> {
+    let [Value::BulkString(packed), Value::BulkString(changes)] = flat(answered) else {
         return Err(SharedError::Protocol(
-            "the state is not a string".to_owned(),
+            "a state is not {as read, changes}".to_owned(),
         ));
     };
-    let state = unpack_state(packed)?;
+    let mut state = unpack_state(packed)?;
+    apply_changes(&mut state, changes)?;
     let now_second = at.millis().div_euclid(1000);
     let minute = state[STATE_HEADER..]
         .chunks_exact(3)
@@ -802,10 +808,13 @@ fn billing_code(number: f64) -> Option<BillingCode> {
 
 /// The numbers before the minute's slots in a workspace's state (see
 /// `counters.lua` for each).
-const STATE_HEADER: usize = 13;
+const STATE_HEADER: usize = 14;
 
 /// How many numbers the script packs into a workspace's state.
-const STATE_FIELDS: usize = STATE_HEADER + 3 * 60;
+const STATE_FIELDS: usize = STATE_HEADER + 3 * MINUTE_SLOTS;
+
+/// The minute's one-second slots.
+const MINUTE_SLOTS: usize = 60;
 
 /// The state as the script packs it: little-endian doubles, which hold
 /// every count below 2^53 exactly.
@@ -817,10 +826,41 @@ fn unpack_state(packed: &[u8]) -> Result<Vec<f64>, SharedError> {
             STATE_FIELDS * 8
         )));
     }
-    Ok(packed
+    Ok(doubles(packed).collect())
+}
+
+/// Applies what a call changed to the state it read: nothing, or the new
+/// header followed by each slot written as {index, second, requests,
+/// tokens}.
+fn apply_changes(state: &mut [f64], changes: &[u8]) -> Result<(), SharedError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let numbers: Vec<f64> = doubles(changes).collect();
+    let malformed = || SharedError::Protocol(format!("changes of {} bytes", changes.len()));
+    if changes.len() % 8 != 0 || numbers.len() < STATE_HEADER {
+        return Err(malformed());
+    }
+    let (header, slots) = numbers.split_at(STATE_HEADER);
+    if slots.len() % 4 != 0 {
+        return Err(malformed());
+    }
+    state[..STATE_HEADER].copy_from_slice(header);
+    for slot in slots.chunks_exact(4) {
+        let index = slot[0] as usize;
+        if index >= MINUTE_SLOTS {
+            return Err(malformed());
+        }
+        let at = STATE_HEADER + 3 * index;
+        state[at..at + 3].copy_from_slice(&slot[1..]);
+    }
+    Ok(())
+}
+
+fn doubles(bytes: &[u8]) -> impl Iterator<Item = f64> + '_ {
+    bytes
         .chunks_exact(8)
         .map(|bytes| f64::from_le_bytes(bytes.try_into().unwrap_or_default()))
-        .collect())
 }
 
 fn flat(value: &Value) -> &[Value] {
@@ -910,6 +950,27 @@ mod tests {
             set.map(|change| change.billing),
             Some(BillingChange::Set(block(2)))
         );
+    }
+
+    #[test]
+    fn changes_replace_the_header_and_the_slots_written() {
+        let mut state = vec![0.0; STATE_FIELDS];
+        let header: Vec<f64> = (1..=STATE_HEADER).map(|n| n as f64).collect();
+        let mut changes: Vec<f64> = header.clone();
+        changes.extend([59.0, 1_000.0, 2.0, 300.0]);
+        let bytes: Vec<u8> = changes.iter().flat_map(|n| n.to_le_bytes()).collect();
+        apply_changes(&mut state, &bytes).expect("well formed");
+        assert_eq!(state[..STATE_HEADER], header[..]);
+        assert_eq!(state[STATE_FIELDS - 3..], [1_000.0, 2.0, 300.0]);
+        let untouched = &state[STATE_HEADER..STATE_FIELDS - 3];
+        assert!(untouched.iter().all(|n| *n == 0.0));
+        // No changes leave the state as read; torn or out-of-range ones fail.
+        apply_changes(&mut state, &[]).expect("nothing changed");
+        assert!(apply_changes(&mut state, &bytes[..bytes.len() - 8]).is_err());
+        let mut outside = changes.clone();
+        outside[STATE_HEADER] = 60.0;
+        let outside: Vec<u8> = outside.iter().flat_map(|n| n.to_le_bytes()).collect();
+        assert!(apply_changes(&mut state, &outside).is_err());
     }
 
     #[test]

@@ -80,20 +80,26 @@ impl Relay {
                     let Ok((client, _)) = listener.accept().await else {
                         continue;
                     };
+                    // Subscribed before the flag is read, so that a cut
+                    // made in between still ends this connection.
+                    let mut cuts = generation.subscribe();
                     if cut.load(Ordering::Acquire) {
                         drop(client);
                         continue;
                     }
                     let target = target.clone();
-                    let mut cuts = generation.subscribe();
                     tokio::spawn(async move {
                         let Ok(server) = TcpStream::connect(&target).await else {
                             return;
                         };
                         let (mut client, mut server) = (client, server);
+                        // The cut is looked at first whenever the connection
+                        // wakes: nothing sent after `cut` returned reaches
+                        // Redis, as when a cable is pulled.
                         tokio::select! {
-                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
+                            biased;
                             _ = cuts.changed() => {}
+                            _ = tokio::io::copy_bidirectional(&mut client, &mut server) => {}
                         }
                     });
                 }
