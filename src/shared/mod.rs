@@ -838,11 +838,11 @@ fn apply_changes(state: &mut [f64], changes: &[u8]) -> Result<(), SharedError> {
     }
     let numbers: Vec<f64> = doubles(changes).collect();
     let malformed = || SharedError::Protocol(format!("changes of {} bytes", changes.len()));
-    if changes.len() % 8 != 0 || numbers.len() < STATE_HEADER {
+    if !changes.len().is_multiple_of(8) || numbers.len() < STATE_HEADER {
         return Err(malformed());
     }
     let (header, slots) = numbers.split_at(STATE_HEADER);
-    if slots.len() % 4 != 0 {
+    if !slots.len().is_multiple_of(4) {
         return Err(malformed());
     }
     state[..STATE_HEADER].copy_from_slice(header);
