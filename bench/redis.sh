@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Measures admissions per second with counters shared in Redis, against the
 # ceiling of the same Redis server in the same run: redis-benchmark calling a
-# trivial script (EVALSHA of "return 1") with the same concurrency. The
+# trivial script (EVALSHA of "return 1") with the same concurrency, before
+# and after the admissions (the mean is the ceiling: a shared machine's
+# speed drifts within a run). The
 # admissions go to 1, 10 and 100 workspaces: each workspace an admission
 # call touches costs Redis more than each admission, so spread traffic is
 # the harder case.
@@ -40,20 +42,26 @@ sha=$(redis-cli -h "$host" -p "$port" SCRIPT LOAD "return 1")
 # redis-benchmark runs a count, not a time: size it from a short probe.
 probe=$(redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n 20000 --csv EVALSHA "$sha" 0 |
     awk -F'"' 'NR==2 {print int($4)}')
-ceiling=$(redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n $((probe * duration)) --csv \
-    EVALSHA "$sha" 0 | awk -F'"' 'NR==2 {print $4}')
+ceiling() {
+    redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n $((probe * duration)) --csv \
+        EVALSHA "$sha" 0 | awk -F'"' 'NR==2 {print $4}'
+}
+before=$(ceiling)
 runs=()
 for workspaces in 1 10 100; do
     runs+=("$("$admissions" --redis "$url" --concurrency "$concurrency" --workspaces "$workspaces" \
         --duration "${duration}s")")
 done
+after=$(ceiling)
 
-python3 - "$ceiling" "$profile" "$concurrency" "${runs[@]}" <<'PY'
+python3 - "$before" "$after" "$profile" "$concurrency" "${runs[@]}" <<'PY'
 import json, sys
-ceiling, profile, concurrency = float(sys.argv[1]), sys.argv[2], sys.argv[3]
-runs = [json.loads(run) for run in sys.argv[4:]]
+before, after, profile, concurrency = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
+ceiling = (before + after) / 2
+runs = [json.loads(run) for run in sys.argv[5:]]
 print(f"shared-counter admissions ({profile} build, {concurrency} in flight, same Redis server)")
-print(f"  redis-benchmark, trivial EVALSHA (ceiling): {ceiling:10.0f} calls/s")
+print(f"  redis-benchmark, trivial EVALSHA (ceiling): {ceiling:10.0f} calls/s "
+      f"(before {before:.0f}, after {after:.0f})")
 failures = []
 for workspaces, run in zip([1, 10, 100], runs):
     ratio = run["per_second"] / ceiling

@@ -91,7 +91,9 @@ async fn remove_keys(client: &redis::Client, prefix: &str) -> Result<(), redis::
         .query_async(&mut connection)
         .await?;
     for chunk in keys.chunks(1000) {
-        let _: () = redis::cmd("DEL")
+        // UNLINK: the reservations hash of a long run is large, and DEL would
+        // free it while Redis waits.
+        let _: () = redis::cmd("UNLINK")
             .arg(chunk)
             .query_async(&mut connection)
             .await?;

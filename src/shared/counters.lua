@@ -19,12 +19,15 @@
 --                12 last reset (microseconds, to tell it from an admission in
 --                the same millisecond), 13 day end (ms),
 --                14 when the key expires (ms),
+--                15 requests and 16 tokens of the newest second (6), which
+--                go to its slot only when a newer second comes,
 --              then 60 slots (second % 60) of: second, requests, tokens.
 --              An operation reads the state with one GET, unpacks only the
 --              header and the slots it touches, and overwrites only those
 --              with SETRANGE: rebuilding the whole string, unpacking every
 --              slot, or a hash of per-second fields cost several times as
---              much. Every call answers a workspace's state as {as read,
+--              much. Keeping the newest second in the header makes most
+--              calls write the header alone. Every call answers a workspace's state as {as read,
 --              changes}: the changes are the new header followed by each
 --              slot written (its index, second, requests, tokens), for the
 --              caller to apply, so that the script never builds the whole
@@ -66,7 +69,7 @@
 -- flat: workspace, charged (ms), tokens, model, ...
 
 local MINUTE_S = 60
-local HEADER_FIELDS = 14
+local HEADER_FIELDS = 16
 local HEADER = '<' .. string.rep('d', HEADER_FIELDS)
 local HEADER_BYTES = 8 * HEADER_FIELDS
 local SLOT = '<ddd'
@@ -94,6 +97,7 @@ end
 -- Slots written during this call stay in `w.slots` until `save`, so that
 -- many admissions in one call rebuild the stored string once.
 local function read_slot(w, at_second)
+  if at_second == w.h[6] then return at_second, w.h[15], w.h[16] end
   local slot = w.slots[at_second % MINUTE_S]
   if slot then return slot[1], slot[2], slot[3] end
   local sec, requests, tokens = struct.unpack(SLOT, w.blob, slot_at(at_second))
@@ -101,6 +105,10 @@ local function read_slot(w, at_second)
 end
 
 local function write_slot(w, at_second, requests, tokens)
+  if at_second == w.h[6] then
+    w.h[15], w.h[16] = requests, tokens
+    return
+  end
   local index = at_second % MINUTE_S
   local slot = w.slots[index]
   if slot then
@@ -145,7 +153,9 @@ local function open(k, id, days)
   w.second = math.max(math.floor(now / 1000), h[6])
   if w.second - h[6] >= MINUTE_S then
     h[7], h[8] = 0, 0
-  else
+  elseif w.second > h[6] then
+    -- The newest second is no longer the newest: it moves to its slot.
+    w.slots[h[6] % MINUTE_S] = { h[6], h[15], h[16] }
     for s = h[6] + 1, w.second do
       local sec, requests, tokens = read_slot(w, s)
       if sec == s - MINUTE_S then
@@ -154,7 +164,7 @@ local function open(k, id, days)
       end
     end
   end
-  h[6] = w.second
+  if w.second > h[6] then h[6], h[15], h[16] = w.second, 0, 0 end
   return w
 end
 

@@ -744,6 +744,11 @@ fn counters_from(at: Timestamp, answered: &Value) -> Result<SharedCounters, Shar
     };
     let mut state = unpack_state(packed)?;
     apply_changes(&mut state, changes)?;
+    // The header holds the newest second's counts; its slot may be older.
+    let newest = state[5];
+    let slot = STATE_HEADER + 3 * (newest as usize % MINUTE_SLOTS);
+    let newest_counts = [newest, state[14], state[15]];
+    state[slot..slot + 3].copy_from_slice(&newest_counts);
     let now_second = at.millis().div_euclid(1000);
     let minute = state[STATE_HEADER..]
         .chunks_exact(3)
@@ -808,7 +813,7 @@ fn billing_code(number: f64) -> Option<BillingCode> {
 
 /// The numbers before the minute's slots in a workspace's state (see
 /// `counters.lua` for each).
-const STATE_HEADER: usize = 14;
+const STATE_HEADER: usize = 16;
 
 /// How many numbers the script packs into a workspace's state.
 const STATE_FIELDS: usize = STATE_HEADER + 3 * MINUTE_SLOTS;

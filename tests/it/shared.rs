@@ -1,8 +1,9 @@
 //! The Redis script's own rules, called through `RedisCounters` directly:
 //! every key expires by itself, billing blocks last beyond the day, a late
 //! lift cannot undo a newer block, unsettled reservations expire into the
-//! history of their own workspace whichever call finds them, and a reset
-//! charges requests in flight only what they use from then on. Needs
+//! history of their own workspace whichever call finds them, a reset
+//! charges requests in flight only what they use from then on, and each
+//! second of the minute keeps its own count. Needs
 //! `QUOTAWATCH_TEST_REDIS_URL`.
 
 use std::time::Duration;
@@ -254,5 +255,40 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         .map(|(_, usage)| usage.tokens)
         .sum();
     assert_eq!(minute, 30);
+    store.finish().await;
+}
+
+#[tokio::test]
+async fn each_second_keeps_its_own_count_in_the_minute() {
+    let Some(store) = Store::open("shared::seconds") else {
+        return;
+    };
+    let second = |reply: &Reply| reply.counters.at.millis().div_euclid(1000);
+    let first = store
+        .admit(&store.workspace, 1, 10, Duration::from_secs(600))
+        .await;
+    eventually("Redis's clock to reach the next second", Duration::from_secs(3), || async {
+        let reply = store
+            .counters
+            .peek(&store.workspace, chrono_tz::UTC, Store::now())
+            .await
+            .expect("peek");
+        (second(&reply) > second(&first)).then_some(())
+    })
+    .await;
+    let next = store
+        .admit(&store.workspace, 2, 5, Duration::from_secs(600))
+        .await;
+    let mut minute = next.counters.minute.clone();
+    minute.sort_by_key(|(at, _)| *at);
+    let counts: Vec<(i64, u64, u64)> = minute
+        .iter()
+        .map(|(at, usage)| (*at, usage.requests, usage.tokens))
+        .collect();
+    assert_eq!(
+        counts,
+        vec![(second(&first), 1, 10), (second(&next), 1, 5)],
+        "an earlier second moves to its slot when a newer one comes"
+    );
     store.finish().await;
 }
