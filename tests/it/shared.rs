@@ -267,14 +267,18 @@ async fn each_second_keeps_its_own_count_in_the_minute() {
     let first = store
         .admit(&store.workspace, 1, 10, Duration::from_secs(600))
         .await;
-    eventually("Redis's clock to reach the next second", Duration::from_secs(3), || async {
-        let reply = store
-            .counters
-            .peek(&store.workspace, chrono_tz::UTC, Store::now())
-            .await
-            .expect("peek");
-        (second(&reply) > second(&first)).then_some(())
-    })
+    eventually(
+        "Redis's clock to reach the next second",
+        Duration::from_secs(3),
+        || async {
+            let reply = store
+                .counters
+                .peek(&store.workspace, chrono_tz::UTC, Store::now())
+                .await
+                .expect("peek");
+            (second(&reply) > second(&first)).then_some(())
+        },
+    )
     .await;
     let next = store
         .admit(&store.workspace, 2, 5, Duration::from_secs(600))
