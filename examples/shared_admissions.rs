@@ -7,11 +7,17 @@
 //! into the workspace's state). Redis's own count of script calls is read
 //! before and after, to show how many round trips an admission takes.
 //!
+//! Each admission leaves its reservation open for `--reservation-ttl`
+//! (default 5 s, a chat completion's time), as the request it admits would
+//! be in flight that long; it then expires in Redis, which removes it as a
+//! settlement would. So Redis holds as many open reservations as a real
+//! deployment at that rate, not every admission of the run.
+//!
 //! Prints one JSON line: admissions, admissions/s, script calls per
 //! admission, p50/p99 latency in ms.
 //!
 //! `cargo run --release --example shared_admissions -- --redis URL
-//!  [--concurrency 64] [--workspaces 100] [--duration 5s]`
+//!  [--concurrency 64] [--workspaces 100] [--duration 5s] [--reservation-ttl 5s]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +33,7 @@ struct Args {
     concurrency: usize,
     workspaces: usize,
     duration: Duration,
+    reservation_ttl: Duration,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -36,6 +43,7 @@ fn parse_args() -> Result<Args, String> {
         concurrency: 64,
         workspaces: 100,
         duration: Duration::from_secs(5),
+        reservation_ttl: Duration::from_secs(5),
     };
     while let Some(flag) = args.next() {
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
@@ -48,9 +56,14 @@ fn parse_args() -> Result<Args, String> {
             "--redis" => parsed.redis = value.clone(),
             "--concurrency" => parsed.concurrency = number()?.max(1),
             "--workspaces" => parsed.workspaces = number()?.max(1),
-            "--duration" => {
-                parsed.duration = quotawatch::domain::time::parse_duration(&value)
+            "--duration" | "--reservation-ttl" => {
+                let duration = quotawatch::domain::time::parse_duration(&value)
                     .ok_or_else(|| format!("{value:?} is not a duration"))?;
+                if flag == "--duration" {
+                    parsed.duration = duration;
+                } else {
+                    parsed.reservation_ttl = duration;
+                }
             }
             other => return Err(format!("unknown flag {other}")),
         }
@@ -107,7 +120,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let prefix = format!("qwbench:{:08x}:", rand::random::<u32>());
     let counters = RedisCounters::new(&args.redis, &prefix, Duration::from_secs(2))?;
     let mut engine = Engine::new(
-        Settings::default(),
+        Settings {
+            reservation_ttl: args.reservation_ttl,
+            ..Settings::default()
+        },
         WorkspaceDefaults {
             limits: limits(),
             warn_at: 0.8,

@@ -58,11 +58,12 @@
 -- script's time, not the network, bounds how many admissions one Redis
 -- takes. It answers {now, outcomes, states, expired}: outcomes holds a byte
 -- per admission ('0' refused, '1' admitted, '2' admitted as the probe of a
--- billing block), states the state of each workspace.
+-- billing block), states the state of each workspace, flat (as read,
+-- changes, as read, changes, ...).
 --
 -- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
 -- and ARGV[4] its day bounds; arg(1) onwards depends on the operation.
--- They answer {outcome, now, state, expired, extra...}.
+-- They answer {outcome, now, state as read, changes, expired, extra...}.
 --
 -- Every call first removes reservations past their expiry (their
 -- estimates stay charged), some at a time, and answers them as `expired`,
@@ -88,6 +89,7 @@ local channel = ARGV[2]
 local time = redis.call('TIME')
 local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
+local now_second = math.floor(now / 1000)
 local now_text, now_us_text = string.format('%d', now), string.format('%d', now_us)
 
 local function slot_at(at_second)
@@ -150,7 +152,7 @@ local function open(k, id, days)
     tokens_per_minute = -1, tokens_per_day = -1 }
   roll_day(h, days)
   -- Should Redis's clock step back, counting goes on in the newest second.
-  w.second = math.max(math.floor(now / 1000), h[6])
+  w.second = math.max(now_second, h[6])
   if w.second - h[6] >= MINUTE_S then
     h[7], h[8] = 0, 0
   elseif w.second > h[6] then
@@ -351,7 +353,7 @@ if op == 'admit' then
   for n = 1, count do
     local w = workspaces[n]
     if w.changed then announcements[#announcements + 1] = stored(w) end
-    states[n] = { w.blob, w.changes }
+    states[2 * n - 1], states[2 * n] = w.blob, w.changes
   end
   save_reservations()
   -- One announcement for the whole call.
@@ -371,7 +373,7 @@ end
 
 -- The stored state goes back as it is; the caller reads the same layout.
 local function reply(outcome, extra)
-  local answer = { outcome, now, { w.blob, w.changes }, expired }
+  local answer = { outcome, now, w.blob, w.changes, expired }
   for _, value in ipairs(extra or {}) do answer[#answer + 1] = value end
   return answer
 end

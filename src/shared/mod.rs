@@ -647,16 +647,16 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
     let Value::Array(mut fields) = value else {
         return Err(SharedError::Protocol(format!("not an array: {value:?}")));
     };
-    if fields.len() < 4 {
+    if fields.len() < 5 {
         return Err(SharedError::Protocol(format!(
-            "{} fields instead of at least 4",
+            "{} fields instead of at least 5",
             fields.len()
         )));
     }
-    let extra = fields.split_off(4);
-    let expired = expired_from(&fields[3]);
+    let extra = fields.split_off(5);
+    let expired = expired_from(&fields[4]);
     let at = Timestamp::from_millis(as_int(&fields[1]));
-    let counters = counters_from(at, &fields[2])?;
+    let counters = counters_from(at, &fields[2], &fields[3])?;
     Ok(Reply {
         done: as_int(&fields[0]) == 1,
         counters,
@@ -700,12 +700,12 @@ fn parse_admissions(
             order.push(pending.workspace.as_str());
         }
     }
-    if order.len() != states.len() {
+    if 2 * order.len() != states.len() {
         return Err(protocol("not one state per workspace"));
     }
-    let mut workspaces = Vec::with_capacity(states.len());
-    for (name, packed) in order.into_iter().zip(states) {
-        workspaces.push((name, counters_from(at, packed)?));
+    let mut workspaces = Vec::with_capacity(order.len());
+    for (name, state) in order.into_iter().zip(states.chunks_exact(2)) {
+        workspaces.push((name, counters_from(at, &state[0], &state[1])?));
     }
     let mut answers = Vec::with_capacity(batch.len());
     for (pending, outcome) in batch.iter().zip(outcomes) {
@@ -736,10 +736,14 @@ fn parse_admissions(
 
 /// A workspace's counters from the script's answer: the state as it read
 /// it, and what it changed.
-fn counters_from(at: Timestamp, answered: &Value) -> Result<SharedCounters, SharedError> {
-    let [Value::BulkString(packed), Value::BulkString(changes)] = flat(answered) else {
+fn counters_from(
+    at: Timestamp,
+    packed: &Value,
+    changes: &Value,
+) -> Result<SharedCounters, SharedError> {
+    let (Value::BulkString(packed), Value::BulkString(changes)) = (packed, changes) else {
         return Err(SharedError::Protocol(
-            "a state is not {as read, changes}".to_owned(),
+            "a state is not two strings: as read, and changes".to_owned(),
         ));
     };
     let mut state = unpack_state(packed)?;
