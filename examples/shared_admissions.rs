@@ -11,20 +11,25 @@
 //! (default 5 s, a chat completion's time), as the request it admits would
 //! be in flight that long; it then expires in Redis, which removes it as a
 //! settlement would. So Redis holds as many open reservations as a real
-//! deployment at that rate, not every admission of the run.
+//! deployment at that rate, not every admission of the run. With
+//! `--settle`, each admission is settled right after, as the proxy does
+//! when a call ends: the numbers are then whole requests (admission and
+//! settlement), which share calls too.
 //!
 //! Prints one JSON line: admissions, admissions/s, script calls per
 //! admission, p50/p99 latency in ms.
 //!
 //! `cargo run --release --example shared_admissions -- --redis URL
-//!  [--concurrency 64] [--workspaces 100] [--duration 5s] [--reservation-ttl 5s]`
+//!  [--concurrency 64] [--workspaces 100] [--duration 5s] [--reservation-ttl 5s] [--settle]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quotawatch::domain::limits::{LimitKind, Limits, OnStoreError, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::workspace::{Request, Settings};
-use quotawatch::engine::{Engine, SharedCounting, SystemClock, WorkspaceDefaults};
+use quotawatch::engine::{
+    Engine, SharedCounting, SystemClock, TokenUsage, UpstreamAnswer, UsageReport, WorkspaceDefaults,
+};
 use quotawatch::shared::RedisCounters;
 use quotawatch::store::Catalog;
 
@@ -34,6 +39,7 @@ struct Args {
     workspaces: usize,
     duration: Duration,
     reservation_ttl: Duration,
+    settle: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -44,8 +50,13 @@ fn parse_args() -> Result<Args, String> {
         workspaces: 100,
         duration: Duration::from_secs(5),
         reservation_ttl: Duration::from_secs(5),
+        settle: false,
     };
     while let Some(flag) = args.next() {
+        if flag == "--settle" {
+            parsed.settle = true;
+            continue;
+        }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = || {
             value
@@ -175,7 +186,30 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             },
                         )
                         .await;
-                    assert!(decision.is_ok_and(|d| d.result.is_ok()), "admitted");
+                    let admitted = decision
+                        .ok()
+                        .and_then(|decision| decision.result.ok())
+                        .expect("admitted");
+                    if args.settle {
+                        let report = UsageReport {
+                            reservation: Some(admitted.id),
+                            model: None,
+                            tokens: Some(TokenUsage {
+                                prompt: 60,
+                                completion: 20,
+                                ..TokenUsage::default()
+                            }),
+                            answer: Some(UpstreamAnswer {
+                                status: 200,
+                                error_type: None,
+                                error_code: None,
+                                error_message: None,
+                                headers: Default::default(),
+                            }),
+                            latency_ms: None,
+                        };
+                        engine.settle(id, report).await.expect("settled");
+                    }
                     latencies.push(sent.elapsed());
                 }
                 latencies

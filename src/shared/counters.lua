@@ -45,21 +45,26 @@
 -- so a caller whose clock is off by a little still counts into the right
 -- day. The bounds are parsed only when the stored day is over.
 --
--- `admit` takes a batch: ARGV[3] is how many workspaces it concerns and
--- ARGV[4] how many admissions. Then come WORKSPACE_ARGS arguments per
--- workspace (the n-th one's state is KEYS[2 + n]): its id, day bounds,
--- requests/minute, requests/day, tokens/minute and tokens/day (-1: no
--- limit). Then ADMISSION_ARGS per admission: its workspace's number,
--- estimated tokens, reservation id, reservation TTL (ms), probe interval
--- (ms) and model. Instances send the admissions that arrive while an
--- earlier call is on its way in one call, so that the fixed costs (the
--- call, TIME, each workspace's GET, SET and announcement) are shared, and
--- what describes a workspace is sent and parsed once per call: the
--- script's time, not the network, bounds how many admissions one Redis
--- takes. It answers {now, outcomes, states, expired}: outcomes holds a byte
--- per admission ('0' refused, '1' admitted, '2' admitted as the probe of a
--- billing block), states the state of each workspace, flat (as read,
--- changes, as read, changes, ...).
+-- `batch` admits and settles: ARGV[3] is how many workspaces it concerns,
+-- ARGV[4] how many admissions and ARGV[5] how many settlements. Then come
+-- WORKSPACE_ARGS arguments per workspace (the n-th one's state is
+-- KEYS[2 + n]): its id, day bounds, requests/minute, requests/day,
+-- tokens/minute and tokens/day (-1: no limit). Then ADMISSION_ARGS per
+-- admission: its workspace's number, estimated tokens, reservation id,
+-- reservation TTL (ms), probe interval (ms) and model. Then
+-- SETTLEMENT_ARGS per settlement: its workspace's number, reservation id
+-- and actual tokens (-1: keep the estimate). Instances send what arrives
+-- while an earlier call is on its way in one call, so that the fixed costs
+-- (the call, TIME, each workspace's GET, write and announcement) are
+-- shared, and what describes a workspace is sent and parsed once per call:
+-- the script's time, not the network, bounds how many requests one Redis
+-- takes. It answers {now, outcomes, states, expired, settled}: outcomes
+-- holds a byte per admission ('0' refused, '1' admitted, '2' admitted as
+-- the probe of a billing block), states the state of each workspace, flat
+-- (as read, changes, as read, changes, ...), and settled five values per
+-- settlement: 1 if its reservation was still open (else 0 and the rest 0),
+-- when it was charged (ms), the estimate charged for it, whether it was a
+-- probe, its model.
 --
 -- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
 -- and ARGV[4] its day bounds; arg(1) onwards depends on the operation.
@@ -79,6 +84,7 @@ local SLOT_BYTES = 24
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
 local WORKSPACE_ARGS = 6
 local ADMISSION_ARGS = 6
+local SETTLEMENT_ARGS = 3
 -- The most expired reservations one call removes; the rest wait for the
 -- next calls, so that no call takes long.
 local EXPIRED_PER_CALL = 256
@@ -286,9 +292,9 @@ local function fits(max, used, cost)
   return max < 0 or (cost <= max and used + (cost > 1 and cost or 1) <= max)
 end
 
--- Opens the n-th workspace of an admission batch, from ARGV[b..]. Its
--- limits are parsed once, for all its admissions.
-local function open_for_admissions(n, b)
+-- Opens the n-th workspace of a batch, from ARGV[b..]. Its limits are
+-- parsed once, for all its admissions.
+local function open_in_batch(n, b)
   local w = open(2 + n, ARGV[b], ARGV[b + 1])
   w.requests_per_minute, w.requests_per_day = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   w.tokens_per_minute, w.tokens_per_day = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
@@ -337,58 +343,12 @@ local function admit_one(w, a)
   return '1'
 end
 
-if op == 'admit' then
-  local count, admissions = tonumber(ARGV[3]), tonumber(ARGV[4])
-  local workspaces = {}
-  for n = 1, count do
-    workspaces[n] = open_for_admissions(n, 5 + (n - 1) * WORKSPACE_ARGS)
-  end
-  local outcomes = {}
-  local a = 5 + count * WORKSPACE_ARGS
-  for j = 1, admissions do
-    outcomes[j] = admit_one(workspaces[tonumber(ARGV[a])], a)
-    a = a + ADMISSION_ARGS
-  end
-  local states, announcements = {}, {}
-  for n = 1, count do
-    local w = workspaces[n]
-    if w.changed then announcements[#announcements + 1] = stored(w) end
-    states[2 * n - 1], states[2 * n] = w.blob, w.changes
-  end
-  save_reservations()
-  -- One announcement for the whole call.
-  if #announcements > 0 then
-    redis.call('PUBLISH', channel, table.concat(announcements, ','))
-  end
-  return { now, table.concat(outcomes), states, expired }
-end
-
--- The operations on one workspace.
-local w = open(3, ARGV[3], ARGV[4])
-local function arg(i) return ARGV[4 + i] end
-
-local function save()
-  redis.call('PUBLISH', channel, stored(w))
-end
-
--- The stored state goes back as it is; the caller reads the same layout.
-local function reply(outcome, extra)
-  local answer = { outcome, now, w.blob, w.changes, expired }
-  for _, value in ipairs(extra or {}) do answer[#answer + 1] = value end
-  return answer
-end
-
-if op == 'settle' then
-  -- arg: 1 reservation id, 2 actual tokens (-1: keep the estimate).
-  -- Answers outcome 1 with the reservation (charged, tokens, probe, model)
-  -- appended, or 0 when it is unknown, settled or expired.
-  local field = w.id .. '|' .. arg(1)
-  local record = redis.call('HGET', RESERVATIONS, field)
-  if not record then return reply(0) end
-  redis.call('HDEL', RESERVATIONS, field)
-  redis.call('ZREM', EXPIRIES, field)
+-- Settles a reservation from its record: the correction of its estimate
+-- by the `actual` tokens (-1: keep the estimate). Answers when it was
+-- charged (ms), the estimate charged for it, whether it was a probe, and
+-- its model.
+local function settle_one(w, record, actual)
   local charged_us, estimate, probe, model = parse_reservation(record)
-  local actual = tonumber(arg(2))
   if actual < 0 then actual = estimate end
   -- A reset since the admission charged nothing of it from then on.
   local since_reset = charged_us < w.h[12]
@@ -407,10 +367,86 @@ if op == 'settle' then
   -- request was charged today.
   if charged < w.h[2] then correction = math.max(correction, 0) end
   if correction ~= 0 then add_day(w, 0, correction) end
-  save()
-  return reply(1, { charged, charged_estimate, probe, model, actual })
+  w.changed = true
+  return charged, charged_estimate, probe, model
+end
 
-elseif op == 'count' then
+-- Settles the batch's settlements, from ARGV[s..]; answers them flat (see
+-- `batch`). Their records are read, and removed, together.
+local function settle_all(workspaces, s, count)
+  local settled = {}
+  if count == 0 then return settled end
+  local fields = {}
+  for j = 1, count do
+    local b = s + (j - 1) * SETTLEMENT_ARGS
+    fields[j] = workspaces[tonumber(ARGV[b])].id .. '|' .. ARGV[b + 1]
+  end
+  local records = redis.call('HMGET', RESERVATIONS, unpack(fields))
+  local done = {}
+  for j = 1, count do
+    local b = s + (j - 1) * SETTLEMENT_ARGS
+    local field, record = fields[j], records[j]
+    -- A reservation named twice settles once.
+    if record and not done[field] then
+      done[field] = true
+      done[#done + 1] = field
+      local charged, estimate, probe, model =
+        settle_one(workspaces[tonumber(ARGV[b])], record, tonumber(ARGV[b + 2]))
+      for _, value in ipairs({ 1, charged, estimate, tonumber(probe), model }) do
+        settled[#settled + 1] = value
+      end
+    else
+      for _ = 1, 5 do settled[#settled + 1] = 0 end
+    end
+  end
+  if #done > 0 then
+    redis.call('HDEL', RESERVATIONS, unpack(done))
+    redis.call('ZREM', EXPIRIES, unpack(done))
+  end
+  return settled
+end
+
+if op == 'batch' then
+  local count, admissions, settlements = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local workspaces = {}
+  for n = 1, count do
+    workspaces[n] = open_in_batch(n, 6 + (n - 1) * WORKSPACE_ARGS)
+  end
+  local a = 6 + count * WORKSPACE_ARGS
+  -- Settlements first: what they give back is there for the admissions.
+  local settled = settle_all(workspaces, a + admissions * ADMISSION_ARGS, settlements)
+  local outcomes = {}
+  for j = 1, admissions do
+    outcomes[j] = admit_one(workspaces[tonumber(ARGV[a])], a)
+    a = a + ADMISSION_ARGS
+  end
+  local states, announcements = {}, {}
+  for n = 1, count do
+    local w = workspaces[n]
+    if w.changed then announcements[#announcements + 1] = stored(w) end
+    states[2 * n - 1], states[2 * n] = w.blob, w.changes
+  end
+  save_reservations()
+  -- One announcement for the whole call.
+  if #announcements > 0 then
+    redis.call('PUBLISH', channel, table.concat(announcements, ','))
+  end
+  return { now, table.concat(outcomes), states, expired, settled }
+end
+
+-- The operations on one workspace.
+local w = open(3, ARGV[3], ARGV[4])
+local function arg(i) return ARGV[4 + i] end
+
+local function save()
+  redis.call('PUBLISH', channel, stored(w))
+end
+
+local function reply(outcome)
+  return { outcome, now, w.blob, w.changes, expired }
+end
+
+if op == 'count' then
   -- Calls that happened without a reservation: arg(1) requests and
   -- arg(2) tokens now, whatever the limits.
   local requests, tokens = tonumber(arg(1)), tonumber(arg(2))

@@ -55,7 +55,6 @@ pub struct Reply {
     /// Reservations that expired unsettled, of any workspace; their
     /// estimates are final.
     pub expired: Vec<(WorkspaceId, Expired)>,
-    extra: Vec<Value>,
 }
 
 /// How one instance's rules moved a workspace's upstream blocks: only the
@@ -109,33 +108,48 @@ pub struct AdmitArgs<'a> {
     pub model: Option<&'a str>,
 }
 
-/// Admission calls on their way to Redis at once; admissions arriving
-/// meanwhile wait for the next call.
+/// Batch calls on their way to Redis at once; admissions and settlements
+/// arriving meanwhile wait for the next call.
 const CALLS_IN_FLIGHT: usize = 3;
 
-/// The most admissions one call carries.
+/// The most admissions and settlements one call carries.
 const MAX_BATCH: usize = 128;
 
 pub struct RedisCounters {
     link: Arc<Link>,
-    admissions: mpsc::UnboundedSender<Pending>,
+    queue: mpsc::UnboundedSender<Pending>,
 }
 
-/// An admission waiting for the next call.
+/// An admission or a settlement waiting for the next call.
 struct Pending {
     workspace: WorkspaceId,
     timezone: chrono_tz::Tz,
     now: Timestamp,
-    limits: Limits,
-    tokens: u64,
-    reservation: u64,
-    reservation_ttl: Duration,
-    probe_interval: Duration,
-    model: Option<String>,
-    answer: oneshot::Sender<AdmitResult>,
+    work: Work,
+    answer: oneshot::Sender<Result<(Outcome, Reply), SharedError>>,
 }
 
-type AdmitResult = Result<(Option<Admitted>, Reply), SharedError>;
+enum Work {
+    Admit {
+        limits: Limits,
+        tokens: u64,
+        reservation: u64,
+        reservation_ttl: Duration,
+        probe_interval: Duration,
+        model: Option<String>,
+    },
+    Settle {
+        reservation: u64,
+        /// `None` keeps the estimate.
+        tokens: Option<u64>,
+    },
+}
+
+enum Outcome {
+    Admitted(Option<Admitted>),
+    /// The reservation as it was, if it was still open.
+    Settled(Option<Reservation>),
+}
 
 /// The connection and the script, shared with the task that sends
 /// admissions.
@@ -157,9 +171,9 @@ impl RedisCounters {
     /// sends admissions, so it must be called within the Tokio runtime.
     pub fn new(url: &str, prefix: &str, timeout: Duration) -> Result<Self, SharedError> {
         let link = Arc::new(Link::new(url, prefix, timeout)?);
-        let (admissions, pending) = mpsc::unbounded_channel();
-        tokio::spawn(send_admissions(link.clone(), pending));
-        Ok(Self { link, admissions })
+        let (queue, pending) = mpsc::unbounded_channel();
+        tokio::spawn(send_batches(link.clone(), pending));
+        Ok(Self { link, queue })
     }
 
     pub fn prefix(&self) -> &str {
@@ -202,33 +216,24 @@ impl RedisCounters {
         timezone: chrono_tz::Tz,
         now: Timestamp,
         args: AdmitArgs<'_>,
-    ) -> AdmitResult {
-        self.link.breaker()?;
-        let (answer, answered) = oneshot::channel();
-        let pending = Pending {
-            workspace: workspace.clone(),
-            timezone,
-            now,
+    ) -> Result<(Option<Admitted>, Reply), SharedError> {
+        let work = Work::Admit {
             limits: *args.limits,
             tokens: args.tokens,
             reservation: args.reservation,
             reservation_ttl: args.reservation_ttl,
             probe_interval: args.probe_interval,
             model: args.model.map(str::to_owned),
-            answer,
         };
-        let gone = || SharedError::Unreachable("the admission task stopped".to_owned());
-        self.admissions.send(pending).map_err(|_| gone())?;
-        // Bounded from the moment the admission was queued.
-        match tokio::time::timeout(self.link.timeout, answered).await {
-            Err(_) => Err(SharedError::Timeout(self.link.timeout)),
-            Ok(Err(_)) => Err(gone()),
-            Ok(Ok(result)) => result,
+        match self.queued(workspace, timezone, now, work).await? {
+            (Outcome::Admitted(admitted), reply) => Ok((admitted, reply)),
+            (Outcome::Settled(_), _) => Err(mismatched()),
         }
     }
 
     /// Settles a reservation with the actual token count (`None`: keep the
-    /// estimate). Answers the reservation as it was, if it was still open.
+    /// estimate), in the next call to Redis. Answers the reservation as it
+    /// was, if it was still open.
     pub async fn settle(
         &self,
         workspace: &WorkspaceId,
@@ -237,9 +242,41 @@ impl RedisCounters {
         reservation: u64,
         tokens: Option<u64>,
     ) -> Result<(Option<Reservation>, Reply), SharedError> {
-        self.link
-            .settle(workspace, timezone, now, reservation, tokens)
-            .await
+        let work = Work::Settle {
+            reservation,
+            tokens,
+        };
+        match self.queued(workspace, timezone, now, work).await? {
+            (Outcome::Settled(settled), reply) => Ok((settled, reply)),
+            (Outcome::Admitted(_), _) => Err(mismatched()),
+        }
+    }
+
+    /// Queues work for the next batch call and waits for its answer.
+    async fn queued(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        work: Work,
+    ) -> Result<(Outcome, Reply), SharedError> {
+        self.link.breaker()?;
+        let (answer, answered) = oneshot::channel();
+        let pending = Pending {
+            workspace: workspace.clone(),
+            timezone,
+            now,
+            work,
+            answer,
+        };
+        let gone = || SharedError::Unreachable("the batching task stopped".to_owned());
+        self.queue.send(pending).map_err(|_| gone())?;
+        // Bounded from the moment the work was queued.
+        match tokio::time::timeout(self.link.timeout, answered).await {
+            Err(_) => Err(SharedError::Timeout(self.link.timeout)),
+            Ok(Err(_)) => Err(gone()),
+            Ok(Ok(result)) => result,
+        }
     }
 
     /// Counts calls that had no reservation: they happened, so they are
@@ -305,9 +342,14 @@ impl RedisCounters {
     }
 }
 
-/// Sends queued admissions to Redis for the life of the counters, as many
-/// as are waiting in each call, with `CALLS_IN_FLIGHT` calls at most.
-async fn send_admissions(link: Arc<Link>, mut pending: mpsc::UnboundedReceiver<Pending>) {
+fn mismatched() -> SharedError {
+    SharedError::Protocol("an answer of the wrong kind".to_owned())
+}
+
+/// Sends queued admissions and settlements to Redis for the life of the
+/// counters, as many as are waiting in each call, with `CALLS_IN_FLIGHT`
+/// calls at most.
+async fn send_batches(link: Arc<Link>, mut pending: mpsc::UnboundedReceiver<Pending>) {
     let calls = Arc::new(tokio::sync::Semaphore::new(CALLS_IN_FLIGHT));
     loop {
         let Ok(permit) = calls.clone().acquire_owned().await else {
@@ -329,7 +371,7 @@ async fn send_admissions(link: Arc<Link>, mut pending: mpsc::UnboundedReceiver<P
         }
         let link = link.clone();
         tokio::spawn(async move {
-            link.admit_batch(batch).await;
+            link.send_batch(batch).await;
             drop(permit);
         });
     }
@@ -438,12 +480,11 @@ impl Link {
         }
     }
 
-    /// Sends a batch of admissions in one call and answers each.
-    async fn admit_batch(&self, batch: Vec<Pending>) {
-        let result = self.call_admissions(&batch).await;
-        match result {
-            Ok(mut answers) => {
-                for (pending, answer) in batch.into_iter().zip(answers.drain(..)) {
+    /// Sends a batch in one call and answers each of its parts.
+    async fn send_batch(&self, batch: Vec<Pending>) {
+        match self.call_batch(&batch).await {
+            Ok(answers) => {
+                for (pending, answer) in batch.into_iter().zip(answers) {
                     let _ = pending.answer.send(Ok(answer));
                 }
             }
@@ -455,40 +496,47 @@ impl Link {
         }
     }
 
-    async fn call_admissions(
-        &self,
-        batch: &[Pending],
-    ) -> Result<Vec<(Option<Admitted>, Reply)>, SharedError> {
+    async fn call_batch(&self, batch: &[Pending]) -> Result<Vec<(Outcome, Reply)>, SharedError> {
         self.breaker()?;
-        // Each workspace once, in order of first appearance, described by
-        // its first admission: admissions moments apart see the same
-        // configuration.
-        let mut workspaces: Vec<&Pending> = Vec::new();
-        let numbers: Vec<usize> = batch
-            .iter()
-            .map(|pending| {
-                match workspaces
-                    .iter()
-                    .position(|seen| seen.workspace == pending.workspace)
-                {
-                    Some(index) => index + 1,
-                    None => {
-                        workspaces.push(pending);
-                        workspaces.len()
-                    }
+        // Each workspace once, in order of first appearance, with the limits
+        // of its first admission: admissions moments apart see the same
+        // configuration. Settlements need no limits.
+        let mut workspaces: Vec<(&Pending, Option<&Limits>)> = Vec::new();
+        let mut numbers = Vec::with_capacity(batch.len());
+        for pending in batch {
+            let limits = match &pending.work {
+                Work::Admit { limits, .. } => Some(limits),
+                Work::Settle { .. } => None,
+            };
+            let index = match workspaces
+                .iter()
+                .position(|(seen, _)| seen.workspace == pending.workspace)
+            {
+                Some(index) => index,
+                None => {
+                    workspaces.push((pending, None));
+                    workspaces.len() - 1
                 }
-            })
-            .collect();
+            };
+            let described = &mut workspaces[index].1;
+            *described = described.or(limits);
+            numbers.push(index + 1);
+        }
+        let admissions = batch
+            .iter()
+            .filter(|pending| matches!(pending.work, Work::Admit { .. }))
+            .count();
         let mut invocation = self.script.prepare_invoke();
         self.shared_keys(&mut invocation);
         invocation
-            .arg("admit")
+            .arg("batch")
             .arg(&self.channel)
             .arg(workspaces.len())
-            .arg(batch.len());
-        for pending in &workspaces {
+            .arg(admissions)
+            .arg(batch.len() - admissions);
+        for (pending, limits) in &workspaces {
             invocation.key(self.state_key(&pending.workspace));
-            let limit = |kind| pending.limits.get(kind).map_or(-1, clamp);
+            let limit = |kind| limits.and_then(|limits| limits.get(kind)).map_or(-1, clamp);
             invocation
                 .arg(pending.workspace.as_str())
                 .arg(day_bounds_arg(pending.timezone, pending.now))
@@ -497,45 +545,43 @@ impl Link {
                 .arg(limit(LimitKind::TokensPerMinute))
                 .arg(limit(LimitKind::TokensPerDay));
         }
-        for (pending, number) in batch.iter().zip(numbers) {
-            invocation
-                .arg(number)
-                .arg(clamp(pending.tokens))
-                .arg(pending.reservation)
-                .arg(millis(pending.reservation_ttl))
-                .arg(millis(pending.probe_interval))
-                .arg(pending.model.as_deref().unwrap_or_default());
+        for (pending, number) in batch.iter().zip(&numbers) {
+            if let Work::Admit {
+                tokens,
+                reservation,
+                reservation_ttl,
+                probe_interval,
+                model,
+                ..
+            } = &pending.work
+            {
+                invocation
+                    .arg(number)
+                    .arg(clamp(*tokens))
+                    .arg(reservation)
+                    .arg(millis(*reservation_ttl))
+                    .arg(millis(*probe_interval))
+                    .arg(model.as_deref().unwrap_or_default());
+            }
+        }
+        for (pending, number) in batch.iter().zip(&numbers) {
+            if let Work::Settle {
+                reservation,
+                tokens,
+            } = &pending.work
+            {
+                invocation
+                    .arg(number)
+                    .arg(reservation)
+                    .arg(tokens.map_or(-1, clamp));
+            }
         }
         let mut connection = self.manager.clone();
         let answer = self
             .bounded(invocation.invoke_async::<Value>(&mut connection))
             .await;
         self.note(&answer);
-        parse_admissions(answer?, batch)
-    }
-
-    async fn settle(
-        &self,
-        workspace: &WorkspaceId,
-        timezone: chrono_tz::Tz,
-        now: Timestamp,
-        reservation: u64,
-        tokens: Option<u64>,
-    ) -> Result<(Option<Reservation>, Reply), SharedError> {
-        let mut invocation = self.invocation(workspace, "settle", timezone, now);
-        invocation
-            .arg(reservation.to_string())
-            .arg(tokens.map_or(-1, clamp));
-        let reply = self.run(invocation).await?;
-        let settled = reply.done.then(|| Reservation {
-            id: reservation,
-            charged_at: Timestamp::from_millis(reply.int(0)),
-            estimated_tokens: count(reply.int(1)),
-            expires_at: Timestamp::from_millis(reply.int(0)),
-            model: model(&reply.text(3)),
-            probe: reply.int(2) == 1,
-        });
-        Ok((settled, reply))
+        parse_batch(answer?, batch)
     }
 
     /// An invocation of a one-workspace operation: the keys, the channel,
@@ -633,27 +679,18 @@ fn day_bounds_arg(timezone: chrono_tz::Tz, now: Timestamp) -> String {
     )
 }
 
-impl Reply {
-    fn int(&self, index: usize) -> i64 {
-        self.extra.get(index).map_or(0, as_int)
-    }
-
-    fn text(&self, index: usize) -> String {
-        self.extra.get(index).map_or_else(String::new, text)
-    }
-}
-
+/// Reads the answer to a one-workspace operation: {outcome, now, state as
+/// read, changes, expired}.
 fn parse_reply(value: Value) -> Result<Reply, SharedError> {
-    let Value::Array(mut fields) = value else {
+    let Value::Array(fields) = value else {
         return Err(SharedError::Protocol(format!("not an array: {value:?}")));
     };
-    if fields.len() < 5 {
+    if fields.len() != 5 {
         return Err(SharedError::Protocol(format!(
-            "{} fields instead of at least 5",
+            "{} fields instead of 5",
             fields.len()
         )));
     }
-    let extra = fields.split_off(5);
     let expired = expired_from(&fields[4]);
     let at = Timestamp::from_millis(as_int(&fields[1]));
     let counters = counters_from(at, &fields[2], &fields[3])?;
@@ -661,36 +698,39 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
         done: as_int(&fields[0]) == 1,
         counters,
         expired,
-        extra,
     })
 }
 
-/// Reads the answer to a batch of admissions: {now, an outcome byte per
-/// admission, the state of each workspace, expired reservations}.
-fn parse_admissions(
-    value: Value,
-    batch: &[Pending],
-) -> Result<Vec<(Option<Admitted>, Reply)>, SharedError> {
+/// Reads the answer to a batch: {now, an outcome byte per admission, the
+/// state of each workspace, expired reservations, five values per
+/// settlement}.
+fn parse_batch(value: Value, batch: &[Pending]) -> Result<Vec<(Outcome, Reply)>, SharedError> {
     let protocol = |what: &str| SharedError::Protocol(what.to_owned());
     let Value::Array(fields) = value else {
-        return Err(protocol("the admissions' answer is not an array"));
+        return Err(protocol("the batch's answer is not an array"));
     };
     let [
         now,
         Value::BulkString(outcomes),
         Value::Array(states),
         expired,
+        settled,
     ] = fields.as_slice()
     else {
         return Err(protocol(
-            "the admissions' answer is not {now, outcomes, states, expired}",
+            "the batch's answer is not {now, outcomes, states, expired, settled}",
         ));
     };
-    if outcomes.len() != batch.len() {
-        return Err(protocol("not one outcome per admission"));
+    let settled = flat(settled);
+    let admissions = batch
+        .iter()
+        .filter(|pending| matches!(pending.work, Work::Admit { .. }))
+        .count();
+    if outcomes.len() != admissions || settled.len() != 5 * (batch.len() - admissions) {
+        return Err(protocol("not one answer per admission and settlement"));
     }
-    // Expired reservations go with the first admission only, so that they
-    // are recorded once.
+    // Expired reservations go with the first answer only, so that they are
+    // recorded once.
     let mut expired = Some(expired_from(expired));
     let at = Timestamp::from_millis(as_int(now));
     // The script answers the workspaces in the order they first appear.
@@ -707,29 +747,55 @@ fn parse_admissions(
     for (name, state) in order.into_iter().zip(states.chunks_exact(2)) {
         workspaces.push((name, counters_from(at, &state[0], &state[1])?));
     }
+    let mut outcomes = outcomes.iter();
+    let mut settled = settled.chunks_exact(5);
     let mut answers = Vec::with_capacity(batch.len());
-    for (pending, outcome) in batch.iter().zip(outcomes) {
-        let done = *outcome != b'0';
-        let probe = *outcome == b'2';
+    for pending in batch {
         let Some((_, counters)) = workspaces
             .iter()
             .find(|(name, _)| *name == pending.workspace.as_str())
         else {
-            return Err(protocol("an admission without its workspace's state"));
+            return Err(protocol("an answer without its workspace's state"));
+        };
+        let (outcome, done) = match &pending.work {
+            Work::Admit {
+                reservation,
+                reservation_ttl,
+                ..
+            } => {
+                let outcome = outcomes.next().copied().unwrap_or(b'0');
+                let admitted = (outcome != b'0').then(|| Admitted {
+                    id: *reservation,
+                    charged_at: at,
+                    expires_at: at.plus(*reservation_ttl),
+                    probe: outcome == b'2',
+                });
+                let done = admitted.is_some();
+                (Outcome::Admitted(admitted), done)
+            }
+            Work::Settle { reservation, .. } => {
+                let record = settled.next().unwrap_or_default();
+                let reservation = (record.first().map(as_int) == Some(1)).then(|| {
+                    let charged_at = Timestamp::from_millis(as_int(&record[1]));
+                    Reservation {
+                        id: *reservation,
+                        charged_at,
+                        estimated_tokens: count(as_int(&record[2])),
+                        expires_at: charged_at,
+                        model: model(&text(&record[4])),
+                        probe: as_int(&record[3]) == 1,
+                    }
+                });
+                let done = reservation.is_some();
+                (Outcome::Settled(reservation), done)
+            }
         };
         let reply = Reply {
             done,
             counters: counters.clone(),
             expired: expired.take().unwrap_or_default(),
-            extra: Vec::new(),
         };
-        let admitted = done.then(|| Admitted {
-            id: pending.reservation,
-            charged_at: at,
-            expires_at: at.plus(pending.reservation_ttl),
-            probe,
-        });
-        answers.push((admitted, reply));
+        answers.push((outcome, reply));
     }
     Ok(answers)
 }

@@ -2,9 +2,9 @@
 //! every key expires by itself, billing blocks last beyond the day, a late
 //! lift cannot undo a newer block, unsettled reservations expire into the
 //! history of their own workspace whichever call finds them, a reset
-//! charges requests in flight only what they use from then on, and each
-//! second of the minute keeps its own count. Needs
-//! `QUOTAWATCH_TEST_REDIS_URL`.
+//! charges requests in flight only what they use from then on, each second
+//! of the minute keeps its own count, and a reservation settled twice at
+//! once is settled once. Needs `QUOTAWATCH_TEST_REDIS_URL`.
 
 use std::time::Duration;
 
@@ -294,5 +294,34 @@ async fn each_second_keeps_its_own_count_in_the_minute() {
         vec![(second(&first), 1, 10), (second(&next), 1, 5)],
         "an earlier second moves to its slot when a newer one comes"
     );
+    store.finish().await;
+}
+
+#[tokio::test]
+async fn a_reservation_settled_twice_at_once_is_settled_once() {
+    let Some(store) = Store::open("shared::settled_twice") else {
+        return;
+    };
+    store
+        .admit(&store.workspace, 7, 100, Duration::from_secs(600))
+        .await;
+    let settle = || {
+        store
+            .counters
+            .settle(&store.workspace, chrono_tz::UTC, Store::now(), 7, Some(40))
+    };
+    // Sent together, they share one call or follow each other.
+    let (first, second) = tokio::join!(settle(), settle());
+    let (first, second) = (first.expect("settle"), second.expect("settle"));
+    let settled = [&first, &second]
+        .iter()
+        .filter(|(reservation, _)| reservation.is_some())
+        .count();
+    assert_eq!(settled, 1, "{first:?} {second:?}");
+    let day = [first.1.counters.day_used, second.1.counters.day_used]
+        .into_iter()
+        .map(|used| used.tokens)
+        .min();
+    assert_eq!(day, Some(40), "the estimate is replaced once");
     store.finish().await;
 }
