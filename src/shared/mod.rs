@@ -6,10 +6,10 @@
 //! skewed clocks agree. Each call answers the workspace's whole counter state,
 //! which the engine loads into its in-memory `WorkspaceState` to derive the
 //! status, the notifications and the headers with the same rules it uses
-//! alone. One round trip per operation at most: admissions that arrive
-//! while earlier ones are on their way go together in the next call (as a
-//! database groups commits), because the script's fixed costs, not the
-//! network, bound how many admissions one Redis can take.
+//! alone. One round trip per operation at most: admissions and settlements
+//! that arrive while earlier ones are on their way go together in the next
+//! call (as a database groups commits), because the script's fixed costs,
+//! not the network, bound how many requests one Redis can take.
 //!
 //! Every call is bounded by a short timeout, and after a failure calls fail
 //! at once for a moment (`RETRY_AFTER_FAILURE`) instead of each waiting out
