@@ -14,8 +14,8 @@ use super::time::Timestamp;
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::window::Usage;
 use super::workspace::{
-    Admission, Answer, Enforcement, Outcome, Recorded, RefusalCause, Request, Settings, Settled,
-    SharedCounters, WorkspaceState,
+    Admission, Answer, Enforcement, Expired, Outcome, Recorded, RefusalCause, Request, Settings,
+    Settled, SharedCounters, WorkspaceState,
 };
 
 use LimitKind::*;
@@ -955,6 +955,7 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
         day_used: Usage::requests(requests),
         hold_until: None,
         billing: None,
+        last_reset: None,
     };
     assert!(script.state.load_shared(&counters(5, 7)));
     assert!(
@@ -973,4 +974,31 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
         (script.used(RequestsPerMinute), script.used(RequestsPerDay)),
         (9, 0)
     );
+}
+
+#[test]
+fn a_shared_reservation_charged_before_a_reset_expires_counting_nothing() {
+    let mut script = Script::new(&[(RequestsPerMinute, 10)]);
+    let reset = script.now;
+    script.state.load_shared(&SharedCounters {
+        version: 1,
+        at: script.now,
+        minute: Vec::new(),
+        day_start: ts("2026-05-04T00:00:00Z"),
+        day_used: Usage::default(),
+        hold_until: None,
+        billing: None,
+        last_reset: Some(reset),
+    });
+    let expired = |charged_at| Expired {
+        charged_at,
+        model: None,
+        tokens: 40,
+    };
+    let before = script
+        .state
+        .expired_in_shared_store(expired(Timestamp::from_millis(reset.millis() - 1000)));
+    assert_eq!((before.charged_at, before.tokens), (reset, 0));
+    let after = expired(reset.plus(Duration::from_secs(1)));
+    assert_eq!(script.state.expired_in_shared_store(after.clone()), after);
 }

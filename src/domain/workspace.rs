@@ -180,6 +180,9 @@ pub struct SharedCounters {
     pub day_used: Usage,
     pub hold_until: Option<Timestamp>,
     pub billing: Option<BillingBlock>,
+    /// The last admin reset, if any: reservations charged before it count
+    /// nothing (see [`WorkspaceState::reset`]).
+    pub last_reset: Option<Timestamp>,
 }
 
 /// The reason a degraded workspace's status gives.
@@ -284,6 +287,8 @@ pub struct WorkspaceState {
     last_error: Option<LastError>,
     /// The version of the shared counters last loaded (0: none).
     shared_version: u64,
+    /// When the shared counters were last reset, as last loaded.
+    shared_reset_at: Option<Timestamp>,
 }
 
 /// "Fits" means the limit still has room and the request's cost fits in it;
@@ -312,6 +317,7 @@ impl WorkspaceState {
             enforcement: Enforcement::Whole,
             tracker: StatusTracker::new(now),
             shared_version: 0,
+            shared_reset_at: None,
         }
     }
 
@@ -672,7 +678,22 @@ impl WorkspaceState {
         self.day = day;
         self.rate_block_until = counters.hold_until.filter(|until| *until > counters.at);
         self.billing_block = counters.billing;
+        self.shared_reset_at = counters.last_reset;
         true
+    }
+
+    /// A reservation that expired in the shared store, as this workspace's
+    /// history counts it: one charged before the last reset counts nothing
+    /// from the reset on, as a reservation held here would (see `reset`).
+    pub fn expired_in_shared_store(&self, expired: Expired) -> Expired {
+        match self.shared_reset_at {
+            Some(reset) if expired.charged_at < reset => Expired {
+                charged_at: reset,
+                tokens: 0,
+                ..expired
+            },
+            _ => expired,
+        }
     }
 
     /// The version of the shared counters last loaded (0: none).

@@ -450,7 +450,9 @@ impl Engine {
     fn record_shared_expired(&self, expired: Vec<(WorkspaceId, Expired)>) {
         for (workspace, finished) in expired {
             if let Ok(slot) = self.slot(&workspace) {
-                record_expired(&mut slot.lock(), vec![finished]);
+                let mut cell = slot.lock();
+                let finished = cell.state.expired_in_shared_store(finished);
+                record_expired(&mut cell, vec![finished]);
                 slot.usage_dirty.store(true, Ordering::Release);
             }
         }

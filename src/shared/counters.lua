@@ -127,9 +127,12 @@ local function write_slot(w, at_second, requests, tokens)
 end
 
 -- Moves the stored day to the one holding now, from the caller's bounds,
--- when it is over; a new day counts nothing yet.
+-- when it is over; a new day counts nothing yet. Only forward: should
+-- Redis's clock step back past the day's start, today's count stays, as
+-- zeroing it twice (now, and again when the clock returns) would let the
+-- day's usage through twice.
 local function roll_day(h, days)
-  if h[2] <= now and now < h[13] then return end
+  if now < h[13] then return end
   local bounds = {}
   for bound in string.gmatch(days, '%-?%d+') do bounds[#bounds + 1] = tonumber(bound) end
   -- Should none hold now, the caller's today applies.
@@ -243,8 +246,11 @@ local function stored(w)
   return w.id .. ' ' .. string.format('%d', h[1])
 end
 
--- Reservations written during this call, for one HSET and one ZADD.
-local new_reservations, new_expiries, keep_reservations = {}, {}, 0
+-- Reservations written during this call, for one HSET and one ZADD. The
+-- keys they are kept in live at least a day past the newest, so that an
+-- instance with a shorter reservation TTL than another's cannot expire the
+-- other's reservations with them.
+local new_reservations, new_expiries, keep_reservations = {}, {}, 86400000
 
 local function save_reservations()
   if #new_reservations == 0 then return end
@@ -349,11 +355,12 @@ end
 -- its model.
 local function settle_one(w, record, actual)
   local charged_us, estimate, probe, model = parse_reservation(record)
-  if actual < 0 then actual = estimate end
-  -- A reset since the admission charged nothing of it from then on.
+  -- A reset since the admission charged nothing of it from then on, so
+  -- the estimate it keeps is nothing too.
   local since_reset = charged_us < w.h[12]
   local charged = math.floor(math.max(charged_us, w.h[12]) / 1000)
   local charged_estimate = since_reset and 0 or estimate
+  if actual < 0 then actual = charged_estimate end
   -- The correction lands in the second the request was charged while that
   -- second is in the window; extra tokens beyond it are charged now.
   local correction = actual - charged_estimate

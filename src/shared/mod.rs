@@ -163,6 +163,9 @@ struct Link {
     channel: String,
     timeout: Duration,
     failing_since: Mutex<Option<Instant>>,
+    /// Expired reservations from a batch whose callers had all stopped
+    /// waiting: Redis removed them already, so the next answer carries them.
+    unclaimed: Mutex<Vec<(WorkspaceId, Expired)>>,
 }
 
 impl RedisCounters {
@@ -405,6 +408,7 @@ impl Link {
             channel: format!("{prefix}changes"),
             timeout,
             failing_since: Mutex::new(None),
+            unclaimed: Mutex::new(Vec::new()),
         })
     }
 
@@ -481,12 +485,27 @@ impl Link {
     }
 
     /// Sends a batch in one call and answers each of its parts.
-    async fn send_batch(&self, batch: Vec<Pending>) {
+    async fn send_batch(&self, mut batch: Vec<Pending>) {
+        // Work whose caller stopped waiting (it timed out, or its client
+        // went away) is not sent: an admission would charge a request that
+        // never goes upstream, and a settlement the caller already counted
+        // on its own.
+        batch.retain(|pending| !pending.answer.is_closed());
+        if batch.is_empty() {
+            return;
+        }
         match self.call_batch(&batch).await {
-            Ok(answers) => {
-                for (pending, answer) in batch.into_iter().zip(answers) {
-                    let _ = pending.answer.send(Ok(answer));
+            Ok((answers, expired)) => {
+                // The expired reservations go with one answer, so that they
+                // are recorded once: the first whose caller still waits.
+                let mut expired = self.with_unclaimed(expired);
+                for (pending, (outcome, mut reply)) in batch.into_iter().zip(answers) {
+                    reply.expired = std::mem::take(&mut expired);
+                    if let Err(Ok((_, reply))) = pending.answer.send(Ok((outcome, reply))) {
+                        expired = reply.expired;
+                    }
                 }
+                lock(&self.unclaimed).extend(expired);
             }
             Err(error) => {
                 for pending in batch {
@@ -496,7 +515,19 @@ impl Link {
         }
     }
 
-    async fn call_batch(&self, batch: &[Pending]) -> Result<Vec<(Outcome, Reply)>, SharedError> {
+    /// `expired` and those no caller took before.
+    fn with_unclaimed(
+        &self,
+        mut expired: Vec<(WorkspaceId, Expired)>,
+    ) -> Vec<(WorkspaceId, Expired)> {
+        let mut unclaimed = lock(&self.unclaimed);
+        if !unclaimed.is_empty() {
+            expired.append(&mut unclaimed);
+        }
+        expired
+    }
+
+    async fn call_batch(&self, batch: &[Pending]) -> Result<BatchAnswer, SharedError> {
         self.breaker()?;
         // Each workspace once, in order of first appearance, with the limits
         // of its first admission: admissions moments apart see the same
@@ -658,7 +689,10 @@ impl Link {
             .await
             .and_then(parse_reply);
         self.note(&result);
-        result
+        result.map(|mut reply| {
+            reply.expired = self.with_unclaimed(std::mem::take(&mut reply.expired));
+            reply
+        })
     }
 }
 
@@ -701,10 +735,14 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
     })
 }
 
+/// A batch's answers, in the order of its parts, and the reservations that
+/// expired meanwhile, of any workspace.
+type BatchAnswer = (Vec<(Outcome, Reply)>, Vec<(WorkspaceId, Expired)>);
+
 /// Reads the answer to a batch: {now, an outcome byte per admission, the
 /// state of each workspace, expired reservations, five values per
 /// settlement}.
-fn parse_batch(value: Value, batch: &[Pending]) -> Result<Vec<(Outcome, Reply)>, SharedError> {
+fn parse_batch(value: Value, batch: &[Pending]) -> Result<BatchAnswer, SharedError> {
     let protocol = |what: &str| SharedError::Protocol(what.to_owned());
     let Value::Array(fields) = value else {
         return Err(protocol("the batch's answer is not an array"));
@@ -729,9 +767,6 @@ fn parse_batch(value: Value, batch: &[Pending]) -> Result<Vec<(Outcome, Reply)>,
     if outcomes.len() != admissions || settled.len() != 5 * (batch.len() - admissions) {
         return Err(protocol("not one answer per admission and settlement"));
     }
-    // Expired reservations go with the first answer only, so that they are
-    // recorded once.
-    let mut expired = Some(expired_from(expired));
     let at = Timestamp::from_millis(as_int(now));
     // The script answers the workspaces in the order they first appear.
     let mut order: Vec<&str> = Vec::new();
@@ -793,11 +828,11 @@ fn parse_batch(value: Value, batch: &[Pending]) -> Result<Vec<(Outcome, Reply)>,
         let reply = Reply {
             done,
             counters: counters.clone(),
-            expired: expired.take().unwrap_or_default(),
+            expired: Vec::new(),
         };
         answers.push((outcome, reply));
     }
-    Ok(answers)
+    Ok((answers, expired_from(expired)))
 }
 
 /// A workspace's counters from the script's answer: the state as it read
@@ -848,6 +883,9 @@ fn counters_from(
         },
         hold_until: Some(millis(4)).filter(|until| *until > at),
         billing,
+        // Kept in microseconds, to tell a reset from an admission in the
+        // same millisecond.
+        last_reset: (state[11] > 0.0).then(|| Timestamp::from_millis((state[11] / 1000.0) as i64)),
     })
 }
 

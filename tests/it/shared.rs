@@ -228,9 +228,11 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
     let Some(store) = Store::open("shared::settle_after_reset") else {
         return;
     };
-    store
-        .admit(&store.workspace, 7, 100, Duration::from_secs(600))
-        .await;
+    for id in [7, 8] {
+        store
+            .admit(&store.workspace, id, 100, Duration::from_secs(600))
+            .await;
+    }
     let reset = store
         .counters
         .reset(&store.workspace, chrono_tz::UTC, Store::now())
@@ -255,6 +257,16 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         .map(|(_, usage)| usage.tokens)
         .sum();
     assert_eq!(minute, 30);
+    // Settled without a count, it keeps its estimate: nothing, since the
+    // reset charged nothing of it.
+    let (settled, reply) = store
+        .counters
+        .settle(&store.workspace, chrono_tz::UTC, Store::now(), 8, None)
+        .await
+        .expect("settle");
+    assert_eq!(settled.map(|settled| settled.estimated_tokens), Some(0));
+    assert_eq!(reply.counters.day_used.tokens, 30);
+    assert!(reply.counters.last_reset.is_some(), "the reset is known");
     store.finish().await;
 }
 
