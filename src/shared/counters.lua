@@ -21,17 +21,22 @@
 --                14 when the key expires (ms),
 --                15 requests and 16 tokens of the newest second (6), which
 --                go to its slot only when a newer second comes,
+--                17 the version at which a slot last changed,
 --              then 60 slots (second % 60) of: second, requests, tokens.
---              An operation reads the state with one GET, unpacks only the
---              header and the slots it touches, and overwrites only those
---              with SETRANGE: rebuilding the whole string, unpacking every
---              slot, or a hash of per-second fields cost several times as
---              much. Keeping the newest second in the header makes most
---              calls write the header alone. Every call answers a workspace's state as {as read,
---              changes}: the changes are the new header followed by each
---              slot written (its index, second, requests, tokens), for the
---              caller to apply, so that the script never builds the whole
---              string again.
+--              An operation reads the header alone (GETRANGE), the whole
+--              state only when it needs a slot, and overwrites only what
+--              it changed with SETRANGE: rebuilding the whole string,
+--              unpacking every slot, or a hash of per-second fields cost
+--              several times as much. Keeping the newest second in the
+--              header makes most calls read and write the header alone:
+--              the slots change about once a second.
+--              A call answers a workspace's state as {base, changes}: the
+--              changes are the new header followed by each slot written
+--              (its index, second, requests, tokens), for the caller to
+--              apply to the base, which is the state as read, or nothing
+--              when the caller said it holds the slots of the version they
+--              last changed at (17): then it applies them to its own copy.
+--              A new state, written whole, is answered as {state, nothing}.
 -- The reservations are kept together, not per workspace, so that a batch
 -- of admissions writes them in one HSET and one ZADD, and one look for
 -- expired ones serves every workspace: each redis.call costs the script
@@ -49,7 +54,8 @@
 -- ARGV[4] how many admissions and ARGV[5] how many settlements. Then come
 -- WORKSPACE_ARGS arguments per workspace (the n-th one's state is
 -- KEYS[2 + n]): its id, day bounds, requests/minute, requests/day,
--- tokens/minute and tokens/day (-1: no limit). Then ADMISSION_ARGS per
+-- tokens/minute, tokens/day (-1: no limit) and the version of the slots
+-- the caller holds (-1: none). Then ADMISSION_ARGS per
 -- admission: its workspace's number, estimated tokens, reservation id,
 -- reservation TTL (ms), probe interval (ms) and model. Then
 -- SETTLEMENT_ARGS per settlement: its workspace's number, reservation id
@@ -68,21 +74,22 @@
 --
 -- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
 -- and ARGV[4] its day bounds; arg(1) onwards depends on the operation.
--- They answer {outcome, now, state as read, changes, expired, extra...}.
+-- They answer {outcome, now, base, changes, expired}, the base always
+-- there.
 --
 -- Every call first removes reservations past their expiry (their
 -- estimates stay charged), some at a time, and answers them as `expired`,
 -- flat: workspace, charged (ms), tokens, model, ...
 
 local MINUTE_S = 60
-local HEADER_FIELDS = 16
+local HEADER_FIELDS = 17
 local HEADER = '<' .. string.rep('d', HEADER_FIELDS)
 local HEADER_BYTES = 8 * HEADER_FIELDS
 local SLOT = '<ddd'
 local SLOT_CHANGE = '<dddd'
 local SLOT_BYTES = 24
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
-local WORKSPACE_ARGS = 6
+local WORKSPACE_ARGS = 7
 local ADMISSION_ARGS = 6
 local SETTLEMENT_ARGS = 3
 -- The most expired reservations one call removes; the rest wait for the
@@ -102,13 +109,19 @@ local function slot_at(at_second)
   return HEADER_BYTES + (at_second % MINUTE_S) * SLOT_BYTES + 1
 end
 
+-- The whole state as read, fetched the first time a slot is needed.
+local function whole(w)
+  if not w.blob then w.blob = redis.call('GET', w.state) end
+  return w.blob
+end
+
 -- Slots written during this call stay in `w.slots` until `save`, so that
 -- many admissions in one call rebuild the stored string once.
 local function read_slot(w, at_second)
   if at_second == w.h[6] then return at_second, w.h[15], w.h[16] end
   local slot = w.slots[at_second % MINUTE_S]
   if slot then return slot[1], slot[2], slot[3] end
-  local sec, requests, tokens = struct.unpack(SLOT, w.blob, slot_at(at_second))
+  local sec, requests, tokens = struct.unpack(SLOT, whole(w), slot_at(at_second))
   return sec, requests, tokens
 end
 
@@ -149,16 +162,22 @@ end
 -- so a slot whose second is a whole minute behind is one that leaves the
 -- totals.
 local function open(k, id, days)
-  local blob = redis.call('GET', KEYS[k])
-  -- All zero bytes are all zero doubles: an empty state, written whole.
-  local new = not blob
-  if new then blob = string.rep('\0', STATE_BYTES) end
-  local h = { struct.unpack(HEADER, blob) }
+  local header = redis.call('GETRANGE', KEYS[k], 0, HEADER_BYTES - 1)
+  -- A key that does not exist reads as nothing; all zero bytes are all
+  -- zero doubles: an empty state, written whole.
+  local new = header == ''
+  local blob, changes = false, header
+  if new then
+    blob, changes = string.rep('\0', STATE_BYTES), ''
+    header = string.sub(blob, 1, HEADER_BYTES)
+  end
+  local h = { struct.unpack(HEADER, header) }
   -- Every field is named here, so that the table is allocated once: each
-  -- field added later would grow it.
-  local w = { state = KEYS[k], id = id, slots = {}, blob = blob, new = new, changes = '', h = h,
-    second = 0, changed = false, requests_per_minute = -1, requests_per_day = -1,
-    tokens_per_minute = -1, tokens_per_day = -1 }
+  -- field added later would grow it. Until it is stored, the changes are
+  -- the header as read.
+  local w = { state = KEYS[k], id = id, slots = {}, blob = blob, new = new, changes = changes,
+    h = h, slots_version = h[17], known = -1, second = 0, changed = false, requests_per_minute = -1,
+    requests_per_day = -1, tokens_per_minute = -1, tokens_per_day = -1 }
   roll_day(h, days)
   -- Should Redis's clock step back, counting goes on in the newest second.
   w.second = math.max(now_second, h[6])
@@ -208,6 +227,7 @@ end
 local function stored(w)
   local h = w.h
   h[1] = math.max(h[1] + 1, now_us)
+  if w.new or next(w.slots) then h[17] = h[1] end
   local keep_until = math.max(h[13], h[5], now) + 60000
   -- A billing block lasts until a probe succeeds or an admin resets it,
   -- however many days that takes; each probe admitted stores it again.
@@ -229,7 +249,7 @@ local function stored(w)
       end
     end
     parts[#parts + 1] = string.sub(w.blob, at)
-    w.blob, w.new = table.concat(parts), false
+    w.blob, w.changes = table.concat(parts), ''
     redis.call('SET', w.state, w.blob, 'PXAT', string.format('%d', h[14]))
   else
     redis.call('SETRANGE', w.state, 0, header)
@@ -244,6 +264,15 @@ local function stored(w)
   end
   w.slots = {}
   return w.id .. ' ' .. string.format('%d', h[1])
+end
+
+-- A workspace's state as answered, {base, changes} (see the top): the base
+-- is left out when the caller holds the slots of `known`, the version they
+-- last changed at before this call.
+local function answer_state(w, known)
+  if w.new then return w.blob, '' end
+  if known == w.slots_version then return '', w.changes end
+  return whole(w), w.changes
 end
 
 -- Reservations written during this call, for one HSET and one ZADD. The
@@ -302,6 +331,7 @@ end
 -- parsed once, for all its admissions.
 local function open_in_batch(n, b)
   local w = open(2 + n, ARGV[b], ARGV[b + 1])
+  w.known = tonumber(ARGV[b + 6])
   w.requests_per_minute, w.requests_per_day = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
   w.tokens_per_minute, w.tokens_per_day = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
   return w
@@ -431,7 +461,7 @@ if op == 'batch' then
   for n = 1, count do
     local w = workspaces[n]
     if w.changed then announcements[#announcements + 1] = stored(w) end
-    states[2 * n - 1], states[2 * n] = w.blob, w.changes
+    states[2 * n - 1], states[2 * n] = answer_state(w, w.known)
   end
   save_reservations()
   -- One announcement for the whole call.
@@ -450,7 +480,8 @@ local function save()
 end
 
 local function reply(outcome)
-  return { outcome, now, w.blob, w.changes, expired }
+  local base, changes = answer_state(w, -1)
+  return { outcome, now, base, changes, expired }
 end
 
 if op == 'count' then

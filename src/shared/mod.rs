@@ -16,6 +16,8 @@
 //! the timeout again: a dead Redis must never make requests hang. The engine
 //! decides what a failure means (`QUOTAWATCH_ON_STORE_ERROR`).
 
+mod state;
+
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -26,12 +28,12 @@ use redis::{Script, Value};
 
 use crate::domain::limits::{LimitKind, Limits, WorkspaceId};
 use crate::domain::time::{Timestamp, day_bounds};
-use crate::domain::upstream::BillingCode;
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
     Admitted, BillingBlock, Expired, Model, Reservation, SharedCounters,
 };
 use crate::sync::lock;
+use state::{StateCache, billing_number, counters_from};
 
 /// After a failed call, how long calls fail at once before one tries again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
@@ -166,6 +168,7 @@ struct Link {
     /// Expired reservations from a batch whose callers had all stopped
     /// waiting: Redis removed them already, so the next answer carries them.
     unclaimed: Mutex<Vec<(WorkspaceId, Expired)>>,
+    states: StateCache,
 }
 
 impl RedisCounters {
@@ -295,7 +298,7 @@ impl RedisCounters {
         invocation
             .arg(clamp(usage.requests))
             .arg(clamp(usage.tokens));
-        self.link.run(invocation).await
+        self.link.run(workspace, invocation).await
     }
 
     /// The current state, changing nothing but expiring what is due.
@@ -341,7 +344,7 @@ impl RedisCounters {
             .arg(billing)
             .arg(since)
             .arg(next_probe);
-        self.link.run(invocation).await
+        self.link.run(workspace, invocation).await
     }
 }
 
@@ -409,6 +412,7 @@ impl Link {
             timeout,
             failing_since: Mutex::new(None),
             unclaimed: Mutex::new(Vec::new()),
+            states: StateCache::default(),
         })
     }
 
@@ -565,8 +569,10 @@ impl Link {
             .arg(workspaces.len())
             .arg(admissions)
             .arg(batch.len() - admissions);
+        let mut known = Vec::with_capacity(workspaces.len());
         for (pending, limits) in &workspaces {
             invocation.key(self.state_key(&pending.workspace));
+            known.push(self.states.slots_version(&pending.workspace));
             let limit = |kind| limits.and_then(|limits| limits.get(kind)).map_or(-1, clamp);
             invocation
                 .arg(pending.workspace.as_str())
@@ -574,7 +580,8 @@ impl Link {
                 .arg(limit(LimitKind::RequestsPerMinute))
                 .arg(limit(LimitKind::RequestsPerDay))
                 .arg(limit(LimitKind::TokensPerMinute))
-                .arg(limit(LimitKind::TokensPerDay));
+                .arg(limit(LimitKind::TokensPerDay))
+                .arg(known[known.len() - 1]);
         }
         for (pending, number) in batch.iter().zip(&numbers) {
             if let Work::Admit {
@@ -612,7 +619,7 @@ impl Link {
             .bounded(invocation.invoke_async::<Value>(&mut connection))
             .await;
         self.note(&answer);
-        parse_batch(answer?, batch)
+        parse_batch(answer?, batch, &self.states, &known)
     }
 
     /// An invocation of a one-workspace operation: the keys, the channel,
@@ -645,7 +652,9 @@ impl Link {
 
     /// A workspace's counters.
     fn state_key(&self, workspace: &WorkspaceId) -> String {
-        format!("{}state:{}", self.prefix, workspace.as_str())
+        // The name says the layout, so that instances of an older one,
+        // during an upgrade, never read this one.
+        format!("{}state2:{}", self.prefix, workspace.as_str())
     }
 
     /// Fails at once while an earlier call failed moments ago.
@@ -677,17 +686,21 @@ impl Link {
         timezone: chrono_tz::Tz,
         now: Timestamp,
     ) -> Result<Reply, SharedError> {
-        self.run(self.invocation(workspace, op, timezone, now))
+        self.run(workspace, self.invocation(workspace, op, timezone, now))
             .await
     }
 
-    async fn run(&self, invocation: redis::ScriptInvocation<'_>) -> Result<Reply, SharedError> {
+    async fn run(
+        &self,
+        workspace: &WorkspaceId,
+        invocation: redis::ScriptInvocation<'_>,
+    ) -> Result<Reply, SharedError> {
         self.breaker()?;
         let mut connection = self.manager.clone();
         let result = self
             .bounded(invocation.invoke_async::<Value>(&mut connection))
             .await
-            .and_then(parse_reply);
+            .and_then(|answer| parse_reply(answer, workspace, &self.states));
         self.note(&result);
         result.map(|mut reply| {
             reply.expired = self.with_unclaimed(std::mem::take(&mut reply.expired));
@@ -715,7 +728,11 @@ fn day_bounds_arg(timezone: chrono_tz::Tz, now: Timestamp) -> String {
 
 /// Reads the answer to a one-workspace operation: {outcome, now, state as
 /// read, changes, expired}.
-fn parse_reply(value: Value) -> Result<Reply, SharedError> {
+fn parse_reply(
+    value: Value,
+    workspace: &WorkspaceId,
+    states: &StateCache,
+) -> Result<Reply, SharedError> {
     let Value::Array(fields) = value else {
         return Err(SharedError::Protocol(format!("not an array: {value:?}")));
     };
@@ -727,7 +744,8 @@ fn parse_reply(value: Value) -> Result<Reply, SharedError> {
     }
     let expired = expired_from(&fields[4]);
     let at = Timestamp::from_millis(as_int(&fields[1]));
-    let counters = counters_from(at, &fields[2], &fields[3])?;
+    let state = states.load(workspace, -1, bytes(&fields[2])?, bytes(&fields[3])?)?;
+    let counters = counters_from(at, &state);
     Ok(Reply {
         done: as_int(&fields[0]) == 1,
         counters,
@@ -742,7 +760,12 @@ type BatchAnswer = (Vec<(Outcome, Reply)>, Vec<(WorkspaceId, Expired)>);
 /// Reads the answer to a batch: {now, an outcome byte per admission, the
 /// state of each workspace, expired reservations, five values per
 /// settlement}.
-fn parse_batch(value: Value, batch: &[Pending]) -> Result<BatchAnswer, SharedError> {
+fn parse_batch(
+    value: Value,
+    batch: &[Pending],
+    states: &StateCache,
+    known: &[i64],
+) -> Result<BatchAnswer, SharedError> {
     let protocol = |what: &str| SharedError::Protocol(what.to_owned());
     let Value::Array(fields) = value else {
         return Err(protocol("the batch's answer is not an array"));
@@ -750,7 +773,7 @@ fn parse_batch(value: Value, batch: &[Pending]) -> Result<BatchAnswer, SharedErr
     let [
         now,
         Value::BulkString(outcomes),
-        Value::Array(states),
+        Value::Array(answered),
         expired,
         settled,
     ] = fields.as_slice()
@@ -769,18 +792,25 @@ fn parse_batch(value: Value, batch: &[Pending]) -> Result<BatchAnswer, SharedErr
     }
     let at = Timestamp::from_millis(as_int(now));
     // The script answers the workspaces in the order they first appear.
-    let mut order: Vec<&str> = Vec::new();
+    let mut order: Vec<&WorkspaceId> = Vec::new();
     for pending in batch {
-        if !order.contains(&pending.workspace.as_str()) {
-            order.push(pending.workspace.as_str());
+        if !order.contains(&&pending.workspace) {
+            order.push(&pending.workspace);
         }
     }
-    if 2 * order.len() != states.len() {
+    if 2 * order.len() != answered.len() || order.len() != known.len() {
         return Err(protocol("not one state per workspace"));
     }
     let mut workspaces = Vec::with_capacity(order.len());
-    for (name, state) in order.into_iter().zip(states.chunks_exact(2)) {
-        workspaces.push((name, counters_from(at, &state[0], &state[1])?));
+    for ((workspace, answered), known) in order.into_iter().zip(answered.chunks_exact(2)).zip(known)
+    {
+        let state = states.load(
+            workspace,
+            *known,
+            bytes(&answered[0])?,
+            bytes(&answered[1])?,
+        )?;
+        workspaces.push((workspace, counters_from(at, &state)));
     }
     let mut outcomes = outcomes.iter();
     let mut settled = settled.chunks_exact(5);
@@ -788,7 +818,7 @@ fn parse_batch(value: Value, batch: &[Pending]) -> Result<BatchAnswer, SharedErr
     for pending in batch {
         let Some((_, counters)) = workspaces
             .iter()
-            .find(|(name, _)| *name == pending.workspace.as_str())
+            .find(|(workspace, _)| **workspace == pending.workspace)
         else {
             return Err(protocol("an answer without its workspace's state"));
         };
@@ -835,60 +865,6 @@ fn parse_batch(value: Value, batch: &[Pending]) -> Result<BatchAnswer, SharedErr
     Ok((answers, expired_from(expired)))
 }
 
-/// A workspace's counters from the script's answer: the state as it read
-/// it, and what it changed.
-fn counters_from(
-    at: Timestamp,
-    packed: &Value,
-    changes: &Value,
-) -> Result<SharedCounters, SharedError> {
-    let (Value::BulkString(packed), Value::BulkString(changes)) = (packed, changes) else {
-        return Err(SharedError::Protocol(
-            "a state is not two strings: as read, and changes".to_owned(),
-        ));
-    };
-    let mut state = unpack_state(packed)?;
-    apply_changes(&mut state, changes)?;
-    // The header holds the newest second's counts; its slot may be older.
-    let newest = state[5];
-    let slot = STATE_HEADER + 3 * (newest as usize % MINUTE_SLOTS);
-    let newest_counts = [newest, state[14], state[15]];
-    state[slot..slot + 3].copy_from_slice(&newest_counts);
-    let now_second = at.millis().div_euclid(1000);
-    let minute = state[STATE_HEADER..]
-        .chunks_exact(3)
-        .filter(|slot| slot[0] as i64 > now_second - 60 && (slot[1] > 0.0 || slot[2] > 0.0))
-        .map(|slot| {
-            let usage = Usage {
-                requests: slot[1] as u64,
-                tokens: slot[2] as u64,
-            };
-            (slot[0] as i64, usage)
-        })
-        .collect();
-    let millis = |index: usize| Timestamp::from_millis(state[index] as i64);
-    let billing = billing_code(state[8]).map(|code| BillingBlock {
-        code,
-        since: millis(9),
-        next_probe_at: millis(10),
-    });
-    Ok(SharedCounters {
-        version: state[0] as u64,
-        at,
-        minute,
-        day_start: millis(1),
-        day_used: Usage {
-            requests: state[2] as u64,
-            tokens: state[3] as u64,
-        },
-        hold_until: Some(millis(4)).filter(|until| *until > at),
-        billing,
-        // Kept in microseconds, to tell a reset from an admission in the
-        // same millisecond.
-        last_reset: (state[11] > 0.0).then(|| Timestamp::from_millis((state[11] / 1000.0) as i64)),
-    })
-}
-
 /// Expired reservations, flat: workspace, charged, tokens, model, ...
 /// Those of a workspace whose id no longer parses are dropped.
 fn expired_from(value: &Value) -> Vec<(WorkspaceId, Expired)> {
@@ -906,74 +882,13 @@ fn expired_from(value: &Value) -> Vec<(WorkspaceId, Expired)> {
         .collect()
 }
 
-/// A billing code as the script stores it: its place in
-/// [`BillingCode::ALL`] plus one, zero for none.
-fn billing_number(code: Option<BillingCode>) -> usize {
-    code.and_then(|code| BillingCode::ALL.iter().position(|known| *known == code))
-        .map_or(0, |index| index + 1)
-}
-
-fn billing_code(number: f64) -> Option<BillingCode> {
-    (number as usize)
-        .checked_sub(1)
-        .and_then(|index| BillingCode::ALL.get(index).copied())
-}
-
-/// The numbers before the minute's slots in a workspace's state (see
-/// `counters.lua` for each).
-const STATE_HEADER: usize = 16;
-
-/// How many numbers the script packs into a workspace's state.
-const STATE_FIELDS: usize = STATE_HEADER + 3 * MINUTE_SLOTS;
-
-/// The minute's one-second slots.
-const MINUTE_SLOTS: usize = 60;
-
-/// The state as the script packs it: little-endian doubles, which hold
-/// every count below 2^53 exactly.
-fn unpack_state(packed: &[u8]) -> Result<Vec<f64>, SharedError> {
-    if packed.len() != STATE_FIELDS * 8 {
-        return Err(SharedError::Protocol(format!(
-            "a state of {} bytes instead of {}",
-            packed.len(),
-            STATE_FIELDS * 8
-        )));
+fn bytes(value: &Value) -> Result<&[u8], SharedError> {
+    match value {
+        Value::BulkString(bytes) => Ok(bytes),
+        _ => Err(SharedError::Protocol(format!(
+            "a state is not a string: {value:?}"
+        ))),
     }
-    Ok(doubles(packed).collect())
-}
-
-/// Applies what a call changed to the state it read: nothing, or the new
-/// header followed by each slot written as {index, second, requests,
-/// tokens}.
-fn apply_changes(state: &mut [f64], changes: &[u8]) -> Result<(), SharedError> {
-    if changes.is_empty() {
-        return Ok(());
-    }
-    let numbers: Vec<f64> = doubles(changes).collect();
-    let malformed = || SharedError::Protocol(format!("changes of {} bytes", changes.len()));
-    if !changes.len().is_multiple_of(8) || numbers.len() < STATE_HEADER {
-        return Err(malformed());
-    }
-    let (header, slots) = numbers.split_at(STATE_HEADER);
-    if !slots.len().is_multiple_of(4) {
-        return Err(malformed());
-    }
-    state[..STATE_HEADER].copy_from_slice(header);
-    for slot in slots.chunks_exact(4) {
-        let index = slot[0] as usize;
-        if index >= MINUTE_SLOTS {
-            return Err(malformed());
-        }
-        let at = STATE_HEADER + 3 * index;
-        state[at..at + 3].copy_from_slice(&slot[1..]);
-    }
-    Ok(())
-}
-
-fn doubles(bytes: &[u8]) -> impl Iterator<Item = f64> + '_ {
-    bytes
-        .chunks_exact(8)
-        .map(|bytes| f64::from_le_bytes(bytes.try_into().unwrap_or_default()))
 }
 
 fn flat(value: &Value) -> &[Value] {
@@ -1022,16 +937,7 @@ fn millis(duration: Duration) -> i64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn billing_codes_survive_the_trip_through_a_number() {
-        assert_eq!(billing_number(None), 0);
-        assert_eq!(billing_code(0.0), None);
-        for code in BillingCode::ALL {
-            let number = billing_number(Some(code));
-            assert_eq!(billing_code(number as f64), Some(code));
-        }
-    }
+    use crate::domain::upstream::BillingCode;
 
     #[test]
     fn only_what_moved_is_written_back() {
@@ -1063,36 +969,5 @@ mod tests {
             set.map(|change| change.billing),
             Some(BillingChange::Set(block(2)))
         );
-    }
-
-    #[test]
-    fn changes_replace_the_header_and_the_slots_written() {
-        let mut state = vec![0.0; STATE_FIELDS];
-        let header: Vec<f64> = (1..=STATE_HEADER).map(|n| n as f64).collect();
-        let mut changes: Vec<f64> = header.clone();
-        changes.extend([59.0, 1_000.0, 2.0, 300.0]);
-        let bytes: Vec<u8> = changes.iter().flat_map(|n| n.to_le_bytes()).collect();
-        apply_changes(&mut state, &bytes).expect("well formed");
-        assert_eq!(state[..STATE_HEADER], header[..]);
-        assert_eq!(state[STATE_FIELDS - 3..], [1_000.0, 2.0, 300.0]);
-        let untouched = &state[STATE_HEADER..STATE_FIELDS - 3];
-        assert!(untouched.iter().all(|n| *n == 0.0));
-        // No changes leave the state as read; torn or out-of-range ones fail.
-        apply_changes(&mut state, &[]).expect("nothing changed");
-        assert!(apply_changes(&mut state, &bytes[..bytes.len() - 8]).is_err());
-        let mut outside = changes.clone();
-        outside[STATE_HEADER] = 60.0;
-        let outside: Vec<u8> = outside.iter().flat_map(|n| n.to_le_bytes()).collect();
-        assert!(apply_changes(&mut state, &outside).is_err());
-    }
-
-    #[test]
-    fn a_state_of_the_wrong_size_is_a_protocol_error() {
-        assert!(matches!(
-            unpack_state(&[0; 16]),
-            Err(SharedError::Protocol(_))
-        ));
-        let empty = unpack_state(&[0; STATE_FIELDS * 8]).expect("zeros");
-        assert!(empty.iter().all(|number| *number == 0.0));
     }
 }

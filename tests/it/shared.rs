@@ -153,7 +153,7 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
         .lifetimes()
         .await
         .into_iter()
-        .find(|(key, _)| key.contains("state:"))
+        .find(|(key, _)| key.contains("state2:"))
         .expect("state key");
     assert!(state.1 > 29 * day, "a billing block lives {} ms", state.1);
     store.finish().await;

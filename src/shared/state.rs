@@ -1,0 +1,327 @@
+//! A workspace's state as the script stores and answers it (see
+//! `counters.lua`): little-endian doubles, a header and the minute's
+//! one-second slots. Each instance holds the last state it read of each
+//! workspace, so that an answer need not carry the slots again while they
+//! have not changed: they change about once a second, the header with every
+//! admission.
+
+use std::sync::Mutex;
+
+use rustc_hash::FxHashMap;
+
+use super::SharedError;
+use crate::domain::limits::WorkspaceId;
+use crate::domain::time::Timestamp;
+use crate::domain::upstream::BillingCode;
+use crate::domain::window::Usage;
+use crate::domain::workspace::{BillingBlock, SharedCounters};
+use crate::sync::lock;
+
+/// The header's fields this side reads, by index (see `counters.lua`).
+const VERSION: usize = 0;
+const NEWEST_SECOND: usize = 5;
+const SLOTS_VERSION: usize = 16;
+
+/// The last state read of each workspace.
+#[derive(Default)]
+pub(super) struct StateCache {
+    states: Mutex<FxHashMap<WorkspaceId, Vec<f64>>>,
+}
+
+impl StateCache {
+    /// The version of the slots held for `workspace`, for the script to
+    /// compare with its own: -1 when none is held.
+    pub(super) fn slots_version(&self, workspace: &WorkspaceId) -> i64 {
+        lock(&self.states)
+            .get(workspace)
+            .map_or(-1, |state| state[SLOTS_VERSION] as i64)
+    }
+
+    /// A workspace's state from an answer to a call that said it held the
+    /// slots of version `known`: the `base` the answer carries, or else the
+    /// state held, with the answer's `changes` applied. Kept when it is newer
+    /// than the state held.
+    pub(super) fn load(
+        &self,
+        workspace: &WorkspaceId,
+        known: i64,
+        base: &[u8],
+        changes: &[u8],
+    ) -> Result<Vec<f64>, SharedError> {
+        let mut states = lock(&self.states);
+        let held = states.get(workspace);
+        let mut state = if !base.is_empty() {
+            unpack_state(base)?
+        } else {
+            match held {
+                Some(held) if held[SLOTS_VERSION] as i64 == known => held.clone(),
+                // The slots held changed since the call left: an answer to
+                // a later call came back first, so the state held is newer
+                // than this answer's.
+                Some(held) => return Ok(held.clone()),
+                None => {
+                    return Err(SharedError::Protocol(
+                        "changes to a state this instance does not hold".to_owned(),
+                    ));
+                }
+            }
+        };
+        apply_changes(&mut state, changes)?;
+        if held.is_none_or(|held| held[VERSION] < state[VERSION]) {
+            states.insert(workspace.clone(), state.clone());
+        }
+        Ok(state)
+    }
+}
+
+/// A workspace's counters from its state, as of the store's clock `at`.
+pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> SharedCounters {
+    // The header holds the newest second's counts; its slot may be older.
+    let newest = state[NEWEST_SECOND];
+    let newest_slot = newest as usize % MINUTE_SLOTS;
+    let now_second = at.millis().div_euclid(1000);
+    let minute = state[STATE_HEADER..]
+        .chunks_exact(3)
+        .enumerate()
+        .map(|(index, slot)| {
+            if index == newest_slot {
+                [newest, state[14], state[15]]
+            } else {
+                [slot[0], slot[1], slot[2]]
+            }
+        })
+        .filter(|slot| slot[0] as i64 > now_second - 60 && (slot[1] > 0.0 || slot[2] > 0.0))
+        .map(|slot| {
+            let usage = Usage {
+                requests: slot[1] as u64,
+                tokens: slot[2] as u64,
+            };
+            (slot[0] as i64, usage)
+        })
+        .collect();
+    let millis = |index: usize| Timestamp::from_millis(state[index] as i64);
+    let billing = billing_code(state[8]).map(|code| BillingBlock {
+        code,
+        since: millis(9),
+        next_probe_at: millis(10),
+    });
+    SharedCounters {
+        version: state[VERSION] as u64,
+        at,
+        minute,
+        day_start: millis(1),
+        day_used: Usage {
+            requests: state[2] as u64,
+            tokens: state[3] as u64,
+        },
+        hold_until: Some(millis(4)).filter(|until| *until > at),
+        billing,
+        // Kept in microseconds, to tell a reset from an admission in the
+        // same millisecond.
+        last_reset: (state[11] > 0.0).then(|| Timestamp::from_millis((state[11] / 1000.0) as i64)),
+    }
+}
+
+/// A billing code as the script stores it: its place in
+/// [`BillingCode::ALL`] plus one, zero for none.
+pub(super) fn billing_number(code: Option<BillingCode>) -> usize {
+    code.and_then(|code| BillingCode::ALL.iter().position(|known| *known == code))
+        .map_or(0, |index| index + 1)
+}
+
+fn billing_code(number: f64) -> Option<BillingCode> {
+    (number as usize)
+        .checked_sub(1)
+        .and_then(|index| BillingCode::ALL.get(index).copied())
+}
+
+/// The numbers before the minute's slots in a workspace's state (see
+/// `counters.lua` for each).
+const STATE_HEADER: usize = 17;
+
+/// How many numbers the script packs into a workspace's state.
+const STATE_FIELDS: usize = STATE_HEADER + 3 * MINUTE_SLOTS;
+
+/// The minute's one-second slots.
+const MINUTE_SLOTS: usize = 60;
+
+/// The state as the script packs it: little-endian doubles, which hold
+/// every count below 2^53 exactly.
+fn unpack_state(packed: &[u8]) -> Result<Vec<f64>, SharedError> {
+    if packed.len() != STATE_FIELDS * 8 {
+        return Err(SharedError::Protocol(format!(
+            "a state of {} bytes instead of {}",
+            packed.len(),
+            STATE_FIELDS * 8
+        )));
+    }
+    Ok(doubles(packed).collect())
+}
+
+/// Applies what a call changed to the state it read: nothing, or the new
+/// header followed by each slot written as {index, second, requests,
+/// tokens}.
+fn apply_changes(state: &mut [f64], changes: &[u8]) -> Result<(), SharedError> {
+    if changes.is_empty() {
+        return Ok(());
+    }
+    let numbers: Vec<f64> = doubles(changes).collect();
+    let malformed = || SharedError::Protocol(format!("changes of {} bytes", changes.len()));
+    if !changes.len().is_multiple_of(8) || numbers.len() < STATE_HEADER {
+        return Err(malformed());
+    }
+    let (header, slots) = numbers.split_at(STATE_HEADER);
+    if !slots.len().is_multiple_of(4) {
+        return Err(malformed());
+    }
+    state[..STATE_HEADER].copy_from_slice(header);
+    for slot in slots.chunks_exact(4) {
+        let index = slot[0] as usize;
+        if index >= MINUTE_SLOTS {
+            return Err(malformed());
+        }
+        let at = STATE_HEADER + 3 * index;
+        state[at..at + 3].copy_from_slice(&slot[1..]);
+    }
+    Ok(())
+}
+
+fn doubles(bytes: &[u8]) -> impl Iterator<Item = f64> + '_ {
+    bytes
+        .chunks_exact(8)
+        .map(|bytes| f64::from_le_bytes(bytes.try_into().unwrap_or_default()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn billing_codes_survive_the_trip_through_a_number() {
+        assert_eq!(billing_number(None), 0);
+        assert_eq!(billing_code(0.0), None);
+        for code in BillingCode::ALL {
+            let number = billing_number(Some(code));
+            assert_eq!(billing_code(number as f64), Some(code));
+        }
+    }
+
+    #[test]
+    fn changes_replace_the_header_and_the_slots_written() {
+        let mut state = vec![0.0; STATE_FIELDS];
+        let header: Vec<f64> = (1..=STATE_HEADER).map(|n| n as f64).collect();
+        let mut changes: Vec<f64> = header.clone();
+        changes.extend([59.0, 1_000.0, 2.0, 300.0]);
+        let bytes: Vec<u8> = changes.iter().flat_map(|n| n.to_le_bytes()).collect();
+        apply_changes(&mut state, &bytes).expect("well formed");
+        assert_eq!(state[..STATE_HEADER], header[..]);
+        assert_eq!(state[STATE_FIELDS - 3..], [1_000.0, 2.0, 300.0]);
+        let untouched = &state[STATE_HEADER..STATE_FIELDS - 3];
+        assert!(untouched.iter().all(|n| *n == 0.0));
+        // No changes leave the state as read; torn or out-of-range ones fail.
+        apply_changes(&mut state, &[]).expect("nothing changed");
+        assert!(apply_changes(&mut state, &bytes[..bytes.len() - 8]).is_err());
+        let mut outside = changes.clone();
+        outside[STATE_HEADER] = 60.0;
+        let outside: Vec<u8> = outside.iter().flat_map(|n| n.to_le_bytes()).collect();
+        assert!(apply_changes(&mut state, &outside).is_err());
+    }
+
+    #[test]
+    fn a_state_of_the_wrong_size_is_a_protocol_error() {
+        assert!(matches!(
+            unpack_state(&[0; 16]),
+            Err(SharedError::Protocol(_))
+        ));
+        let empty = unpack_state(&[0; STATE_FIELDS * 8]).expect("zeros");
+        assert!(empty.iter().all(|number| *number == 0.0));
+    }
+
+    fn packed(numbers: &[f64]) -> Vec<u8> {
+        numbers.iter().flat_map(|n| n.to_le_bytes()).collect()
+    }
+
+    /// A header of `version` whose slots last changed at `slots_version`.
+    fn header(version: f64, slots_version: f64) -> Vec<f64> {
+        let mut header = vec![0.0; STATE_HEADER];
+        header[VERSION] = version;
+        header[SLOTS_VERSION] = slots_version;
+        header
+    }
+
+    #[test]
+    fn an_answer_without_a_base_changes_the_state_held() {
+        let cache = StateCache::default();
+        let workspace: WorkspaceId = "acme".parse().expect("id");
+        assert_eq!(cache.slots_version(&workspace), -1, "nothing held");
+        let mut base = vec![0.0; STATE_FIELDS];
+        base[..STATE_HEADER].copy_from_slice(&header(10.0, 10.0));
+        base[STATE_HEADER + 3..STATE_HEADER + 6].copy_from_slice(&[61.0, 1.0, 5.0]);
+        cache
+            .load(&workspace, -1, &packed(&base), &[])
+            .expect("a whole state");
+        assert_eq!(cache.slots_version(&workspace), 10);
+        // The next answer carries the header and one slot written.
+        let mut changes = header(12.0, 12.0);
+        changes.extend([2.0, 62.0, 1.0, 7.0]);
+        let state = cache
+            .load(&workspace, 10, &[], &packed(&changes))
+            .expect("changes to the state held");
+        assert_eq!(
+            state[STATE_HEADER + 3..STATE_HEADER + 9],
+            [61.0, 1.0, 5.0, 62.0, 1.0, 7.0]
+        );
+        assert_eq!(cache.slots_version(&workspace), 12);
+        // An answer to a call sent before that one, which came back later,
+        // finds newer slots held: the newer state stands.
+        let late = cache
+            .load(&workspace, 10, &[], &packed(&header(11.0, 10.0)))
+            .expect("a late answer");
+        assert_eq!(late[VERSION], 12.0);
+        // An older whole state does not replace a newer one.
+        cache
+            .load(&workspace, -1, &packed(&base), &[])
+            .expect("an older state");
+        assert_eq!(cache.slots_version(&workspace), 12);
+        // Changes to a state never held cannot be applied.
+        let stranger: WorkspaceId = "other".parse().expect("id");
+        assert!(matches!(
+            cache.load(&stranger, 10, &[], &packed(&changes)),
+            Err(SharedError::Protocol(_))
+        ));
+    }
+
+    #[test]
+    fn the_newest_second_counts_from_the_header() {
+        let mut state = vec![0.0; STATE_FIELDS];
+        state[..STATE_HEADER].copy_from_slice(&header(1.0, 1.0));
+        // Second 1_000 is the newest: its slot holds an older second, 940.
+        state[NEWEST_SECOND] = 1_000.0;
+        state[14] = 3.0;
+        state[15] = 30.0;
+        let slot = STATE_HEADER + 3 * (1_000 % MINUTE_SLOTS);
+        state[slot..slot + 3].copy_from_slice(&[940.0, 9.0, 90.0]);
+        let before = STATE_HEADER + 3 * (999 % MINUTE_SLOTS);
+        state[before..before + 3].copy_from_slice(&[999.0, 1.0, 10.0]);
+        let counters = counters_from(Timestamp::from_millis(1_000_500), &state);
+        assert_eq!(
+            counters.minute,
+            vec![
+                (
+                    999,
+                    Usage {
+                        requests: 1,
+                        tokens: 10
+                    }
+                ),
+                (
+                    1_000,
+                    Usage {
+                        requests: 3,
+                        tokens: 30
+                    }
+                )
+            ]
+        );
+    }
+}
