@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Measures admissions per second with counters shared in Redis, against the
 # ceiling of the same Redis server in the same run: redis-benchmark calling a
-# trivial script (EVALSHA of "return 1") with the same concurrency, before
-# and after the admissions (the mean is the ceiling: a shared machine's
-# speed drifts within a run). The
+# trivial script (EVALSHA of "return 1") with the same concurrency, measured
+# between the runs: each run's ceiling is the mean of the measurements just
+# before and just after it, as a shared machine's speed drifts within
+# seconds. The
 # admissions go to 1, 10 and 100 workspaces: each workspace an admission
 # call touches costs Redis more than each admission, so spread traffic is
 # the harder case. A last run settles each admission, as the proxy does.
@@ -42,35 +43,39 @@ sha=$(redis-cli -h "$host" -p "$port" SCRIPT LOAD "return 1")
 # redis-benchmark runs a count, not a time: size it from a short probe.
 probe=$(redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n 20000 --csv EVALSHA "$sha" 0 |
     awk -F'"' 'NR==2 {print int($4)}')
+# A ceiling measurement takes a third of a run's time.
 ceiling() {
-    redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n $((probe * duration)) --csv \
+    redis-benchmark -h "$host" -p "$port" -c "$concurrency" -n $((probe * duration / 3 + 1)) --csv \
         EVALSHA "$sha" 0 | awk -F'"' 'NR==2 {print $4}'
 }
-before=$(ceiling)
+ceilings=("$(ceiling)")
 runs=()
 for workspaces in 1 10 100; do
     runs+=("$("$admissions" --redis "$url" --concurrency "$concurrency" --workspaces "$workspaces" \
         --duration "${duration}s")")
+    ceilings+=("$(ceiling)")
 done
 # Whole requests: each admission settled right after, as the proxy does.
 settled=$("$admissions" --redis "$url" --concurrency "$concurrency" --workspaces 100 \
     --duration "${duration}s" --settle)
-after=$(ceiling)
+ceilings+=("$(ceiling)")
 
-python3 - "$before" "$after" "$profile" "$concurrency" "$settled" "${runs[@]}" <<'PY'
+python3 - "$profile" "$concurrency" "$settled" "${ceilings[*]}" "${runs[@]}" <<'PY'
 import json, sys
-before, after, profile, concurrency = float(sys.argv[1]), float(sys.argv[2]), sys.argv[3], sys.argv[4]
-ceiling = (before + after) / 2
-settled = json.loads(sys.argv[5])
-runs = [json.loads(run) for run in sys.argv[6:]]
+profile, concurrency = sys.argv[1], sys.argv[2]
+settled = json.loads(sys.argv[3])
+ceilings = [float(c) for c in sys.argv[4].split()]
+runs = [json.loads(run) for run in sys.argv[5:]]
+# Run i sits between ceiling measurements i and i + 1.
+around = [(ceilings[i] + ceilings[i + 1]) / 2 for i in range(len(ceilings) - 1)]
 print(f"shared-counter admissions ({profile} build, {concurrency} in flight, same Redis server)")
-print(f"  redis-benchmark, trivial EVALSHA (ceiling): {ceiling:10.0f} calls/s "
-      f"(before {before:.0f}, after {after:.0f})")
+print("  redis-benchmark, trivial EVALSHA (ceiling), between the runs: "
+      + ", ".join(f"{c:.0f}" for c in ceilings) + " calls/s")
 failures = []
-for workspaces, run in zip([1, 10, 100], runs):
+for workspaces, run, ceiling in zip([1, 10, 100], runs, around):
     ratio = run["per_second"] / ceiling
-    print(f"  {workspaces:3} workspaces: {run['per_second']:8.0f} admissions/s, ratio {ratio:.2f}, "
-          f"{run['script_calls_per_admission']:.3f} script calls per admission "
+    print(f"  {workspaces:3} workspaces: {run['per_second']:8.0f} admissions/s, ceiling {ceiling:.0f}, "
+          f"ratio {ratio:.2f}, {run['script_calls_per_admission']:.3f} script calls per admission "
           f"(p50 {run['p50_ms']:.3f} ms, p99 {run['p99_ms']:.3f} ms)")
     if run["script_calls_per_admission"] > 1.0:
         failures.append(f"more than one script call per admission with {workspaces} workspaces")
@@ -79,7 +84,7 @@ for workspaces, run in zip([1, 10, 100], runs):
 # A settled request is two operations (admission, settlement), which
 # share calls with others as admissions do.
 print(f"  100 workspaces, each admission settled: {settled['per_second']:8.0f} requests/s, "
-      f"ratio {settled['per_second'] / ceiling:.2f}, "
+      f"ceiling {around[-1]:.0f}, ratio {settled['per_second'] / around[-1]:.2f}, "
       f"{settled['script_calls_per_admission']:.3f} script calls per request "
       f"(p50 {settled['p50_ms']:.3f} ms, p99 {settled['p99_ms']:.3f} ms)")
 if settled["script_calls_per_admission"] > 2.0:

@@ -7,7 +7,9 @@
 -- KEYS: 1 and 2 are shared by every workspace, the rest are one per
 -- workspace:
 --   1 reservations  HASH "workspace|reservation id" -> "charged_us|tokens|probe|model"
---   2 expiries      ZSET the same fields, scored by when they expire (ms)
+--   2 expiries      ZSET "workspace|reservation id|record" (the field and its
+--                   value), scored by when it expires (ms): the members
+--                   due carry all an expiry answers, and go by rank
 --   3.. state       STRING a workspace's counters as little-endian doubles:
 --                a header of
 --                1 version (raised by every change, never going back),
@@ -78,8 +80,9 @@
 -- there.
 --
 -- Every call first removes reservations past their expiry (their
--- estimates stay charged), some at a time, and answers them as `expired`,
--- flat: workspace, charged (ms), tokens, model, ...
+-- estimates stay charged), some at a time, and answers them as `expired`:
+-- their expiry members, "workspace|reservation id|charged (microseconds)|
+-- tokens|probe|model".
 
 local MINUTE_S = 60
 local HEADER_FIELDS = 17
@@ -296,27 +299,19 @@ local function parse_reservation(record)
   return tonumber(charged), tonumber(tokens), probe, model
 end
 
--- Removes reservations past their expiry; answers them flat (workspace,
--- charged, tokens, model, ...).
+-- Removes reservations past their expiry; answers their expiry members
+-- as they are, for the caller to read.
 local function expire_reservations()
-  local fields = redis.call('ZRANGE', EXPIRIES, '-inf', now_text, 'BYSCORE', 'LIMIT', 0,
+  local due = redis.call('ZRANGE', EXPIRIES, '-inf', now_text, 'BYSCORE', 'LIMIT', 0,
     EXPIRED_PER_CALL)
-  if #fields == 0 then return {} end
-  local records = redis.call('HMGET', RESERVATIONS, unpack(fields))
-  local expired = {}
-  for i, field in ipairs(fields) do
-    local record = records[i]
-    if record then
-      local charged_us, tokens, _, model = parse_reservation(record)
-      expired[#expired + 1] = string.match(field, '^(.*)|')
-      expired[#expired + 1] = math.floor(charged_us / 1000)
-      expired[#expired + 1] = tokens
-      expired[#expired + 1] = model
-    end
-  end
+  if #due == 0 then return due end
+  local fields = {}
+  for i, member in ipairs(due) do fields[i] = string.match(member, '^[^|]*|[^|]*') end
   redis.call('HDEL', RESERVATIONS, unpack(fields))
-  redis.call('ZREM', EXPIRIES, unpack(fields))
-  return expired
+  -- The members due are the lowest ranks: removed together, not looked up
+  -- one by one.
+  redis.call('ZREMRANGEBYRANK', EXPIRIES, 0, #due - 1)
+  return due
 end
 
 local expired = expire_reservations()
@@ -361,9 +356,9 @@ local function admit_one(w, a)
   add_minute(w, w.second, 1, tokens)
   add_day(w, 1, tokens)
   local field = w.id .. '|' .. ARGV[a + 2]
+  local record = now_us_text .. '|' .. tokens_text .. '|' .. probe .. '|' .. ARGV[a + 5]
   new_reservations[#new_reservations + 1] = field
-  new_reservations[#new_reservations + 1] =
-    now_us_text .. '|' .. tokens_text .. '|' .. probe .. '|' .. ARGV[a + 5]
+  new_reservations[#new_reservations + 1] = record
   local ttl = ARGV[a + 3]
   local expires = expiry_at[ttl]
   if not expires then
@@ -373,7 +368,7 @@ local function admit_one(w, a)
     keep_reservations = math.max(keep_reservations, 2 * ttl_ms + 60000)
   end
   new_expiries[#new_expiries + 1] = expires
-  new_expiries[#new_expiries + 1] = field
+  new_expiries[#new_expiries + 1] = field .. '|' .. record
   w.changed = true
   if probe == '1' then return '2' end
   return '1'
@@ -419,7 +414,7 @@ local function settle_all(workspaces, s, count)
     fields[j] = workspaces[tonumber(ARGV[b])].id .. '|' .. ARGV[b + 1]
   end
   local records = redis.call('HMGET', RESERVATIONS, unpack(fields))
-  local done = {}
+  local done, members = {}, {}
   for j = 1, count do
     local b = s + (j - 1) * SETTLEMENT_ARGS
     local field, record = fields[j], records[j]
@@ -427,6 +422,7 @@ local function settle_all(workspaces, s, count)
     if record and not done[field] then
       done[field] = true
       done[#done + 1] = field
+      members[#members + 1] = field .. '|' .. record
       local charged, estimate, probe, model =
         settle_one(workspaces[tonumber(ARGV[b])], record, tonumber(ARGV[b + 2]))
       for _, value in ipairs({ 1, charged, estimate, tonumber(probe), model }) do
@@ -438,7 +434,7 @@ local function settle_all(workspaces, s, count)
   end
   if #done > 0 then
     redis.call('HDEL', RESERVATIONS, unpack(done))
-    redis.call('ZREM', EXPIRIES, unpack(done))
+    redis.call('ZREM', EXPIRIES, unpack(members))
   end
   return settled
 end

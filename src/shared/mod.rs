@@ -865,21 +865,29 @@ fn parse_batch(
     Ok((answers, expired_from(expired)))
 }
 
-/// Expired reservations, flat: workspace, charged, tokens, model, ...
-/// Those of a workspace whose id no longer parses are dropped.
+/// Expired reservations, as the script stores them: "workspace|reservation
+/// id|charged (microseconds)|tokens|probe|model". One that does not parse,
+/// or whose workspace id no longer does, is dropped.
 fn expired_from(value: &Value) -> Vec<(WorkspaceId, Expired)> {
     flat(value)
-        .chunks_exact(4)
-        .filter_map(|record| {
-            let workspace = text(&record[0]).parse().ok()?;
-            let expired = Expired {
-                charged_at: Timestamp::from_millis(as_int(&record[1])),
-                tokens: count(as_int(&record[2])),
-                model: model(&text(&record[3])),
-            };
-            Some((workspace, expired))
-        })
+        .iter()
+        .filter_map(|member| expired_member(&text(member)))
         .collect()
+}
+
+fn expired_member(member: &str) -> Option<(WorkspaceId, Expired)> {
+    let mut parts = member.splitn(6, '|');
+    let workspace = parts.next()?.parse().ok()?;
+    let _reservation = parts.next()?;
+    let charged_us: i64 = parts.next()?.parse().ok()?;
+    let tokens = parts.next()?.parse().ok()?;
+    let _probe = parts.next()?;
+    let expired = Expired {
+        charged_at: Timestamp::from_millis(charged_us.div_euclid(1000)),
+        tokens,
+        model: model(parts.next()?),
+    };
+    Some((workspace, expired))
 }
 
 fn bytes(value: &Value) -> Result<&[u8], SharedError> {
@@ -938,6 +946,20 @@ fn millis(duration: Duration) -> i64 {
 mod tests {
     use super::*;
     use crate::domain::upstream::BillingCode;
+
+    #[test]
+    fn an_expiry_member_names_its_workspace_and_what_it_charged() {
+        let (workspace, expired) =
+            expired_member("acme|7|1700000000123456|120|0|gpt-4o-mini").expect("well formed");
+        assert_eq!(workspace.as_str(), "acme");
+        assert_eq!(expired.charged_at, Timestamp::from_millis(1_700_000_000_123));
+        assert_eq!(expired.tokens, 120);
+        assert_eq!(expired.model.as_deref(), Some("gpt-4o-mini"));
+        let (_, unnamed) = expired_member("acme|8|1000|5|1|").expect("no model");
+        assert_eq!(unnamed.model, None);
+        assert!(expired_member("Not An Id|7|1000|5|0|").is_none());
+        assert!(expired_member("acme|7|soon|5|0|").is_none());
+    }
 
     #[test]
     fn only_what_moved_is_written_back() {
