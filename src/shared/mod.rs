@@ -952,7 +952,10 @@ mod tests {
         let (workspace, expired) =
             expired_member("acme|7|1700000000123456|120|0|gpt-4o-mini").expect("well formed");
         assert_eq!(workspace.as_str(), "acme");
-        assert_eq!(expired.charged_at, Timestamp::from_millis(1_700_000_000_123));
+        assert_eq!(
+            expired.charged_at,
+            Timestamp::from_millis(1_700_000_000_123)
+        );
         assert_eq!(expired.tokens, 120);
         assert_eq!(expired.model.as_deref(), Some("gpt-4o-mini"));
         let (_, unnamed) = expired_member("acme|8|1000|5|1|").expect("no model");
