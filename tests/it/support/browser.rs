@@ -153,12 +153,18 @@ impl Browser {
             .unwrap_or_else(|error| panic!("no element {css}: {error}"))
     }
 
+    /// Clicks the element matching `css`. The live dashboard may replace
+    /// it between finding and clicking, when an update arrives: then the
+    /// new one is found and clicked, until `PATIENCE` runs out.
     pub async fn click(&self, css: &str) {
-        self.find(css)
-            .await
-            .click()
-            .await
-            .unwrap_or_else(|error| panic!("click {css}: {error}"));
+        let deadline = Instant::now() + PATIENCE;
+        loop {
+            match self.find(css).await.click().await {
+                Ok(_) => return,
+                Err(error) if error.is_stale_element_reference() && Instant::now() < deadline => {}
+                Err(error) => panic!("click {css}: {error}"),
+            }
+        }
     }
 
     pub async fn type_into(&self, css: &str, text: &str) {
