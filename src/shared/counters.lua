@@ -294,6 +294,12 @@ local function save_reservations()
   end
 end
 
+-- A reservation's member of the expiries: its field and its record, which
+-- is all an expiry answers (see the top).
+local function expiry_member(field, record)
+  return field .. '|' .. record
+end
+
 local function parse_reservation(record)
   local charged, tokens, probe, model = string.match(record, '^(%d+)|(%d+)|(%d)|(.*)$')
   return tonumber(charged), tonumber(tokens), probe, model
@@ -368,7 +374,7 @@ local function admit_one(w, a)
     keep_reservations = math.max(keep_reservations, 2 * ttl_ms + 60000)
   end
   new_expiries[#new_expiries + 1] = expires
-  new_expiries[#new_expiries + 1] = field .. '|' .. record
+  new_expiries[#new_expiries + 1] = expiry_member(field, record)
   w.changed = true
   if probe == '1' then return '2' end
   return '1'
@@ -422,7 +428,7 @@ local function settle_all(workspaces, s, count)
     if record and not done[field] then
       done[field] = true
       done[#done + 1] = field
-      members[#members + 1] = field .. '|' .. record
+      members[#members + 1] = expiry_member(field, record)
       local charged, estimate, probe, model =
         settle_one(workspaces[tonumber(ARGV[b])], record, tonumber(ARGV[b + 2]))
       for _, value in ipairs({ 1, charged, estimate, tonumber(probe), model }) do

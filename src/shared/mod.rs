@@ -3,7 +3,8 @@
 //! Every operation on a workspace's counters is one call of one Lua script
 //! (`counters.lua`), which Redis runs atomically: an admission checks and
 //! charges every limit at once, with Redis's own clock, so instances with
-//! skewed clocks agree. Each call answers the workspace's whole counter state,
+//! skewed clocks agree. Each call answers the workspace's counter state (the
+//! slots only when this instance does not hold them as they are: `state`),
 //! which the engine loads into its in-memory `WorkspaceState` to derive the
 //! status, the notifications and the headers with the same rules it uses
 //! alone. One round trip per operation at most: admissions and settlements
@@ -569,10 +570,12 @@ impl Link {
             .arg(workspaces.len())
             .arg(admissions)
             .arg(batch.len() - admissions);
-        let mut known = Vec::with_capacity(workspaces.len());
+        // Each workspace with the version of the slots held of it.
+        let mut held = Vec::with_capacity(workspaces.len());
         for (pending, limits) in &workspaces {
             invocation.key(self.state_key(&pending.workspace));
-            known.push(self.states.slots_version(&pending.workspace));
+            let slots_version = self.states.slots_version(&pending.workspace);
+            held.push((&pending.workspace, slots_version));
             let limit = |kind| limits.and_then(|limits| limits.get(kind)).map_or(-1, clamp);
             invocation
                 .arg(pending.workspace.as_str())
@@ -581,7 +584,7 @@ impl Link {
                 .arg(limit(LimitKind::RequestsPerDay))
                 .arg(limit(LimitKind::TokensPerMinute))
                 .arg(limit(LimitKind::TokensPerDay))
-                .arg(known[known.len() - 1]);
+                .arg(slots_version);
         }
         for (pending, number) in batch.iter().zip(&numbers) {
             if let Work::Admit {
@@ -619,7 +622,7 @@ impl Link {
             .bounded(invocation.invoke_async::<Value>(&mut connection))
             .await;
         self.note(&answer);
-        parse_batch(answer?, batch, &self.states, &known)
+        parse_batch(answer?, batch, &numbers, &held, &self.states)
     }
 
     /// An invocation of a one-workspace operation: the keys, the channel,
@@ -726,8 +729,8 @@ fn day_bounds_arg(timezone: chrono_tz::Tz, now: Timestamp) -> String {
     )
 }
 
-/// Reads the answer to a one-workspace operation: {outcome, now, state as
-/// read, changes, expired}.
+/// Reads the answer to a one-workspace operation: {outcome, now, base,
+/// changes, expired}; the base is always there.
 fn parse_reply(
     value: Value,
     workspace: &WorkspaceId,
@@ -759,12 +762,14 @@ type BatchAnswer = (Vec<(Outcome, Reply)>, Vec<(WorkspaceId, Expired)>);
 
 /// Reads the answer to a batch: {now, an outcome byte per admission, the
 /// state of each workspace, expired reservations, five values per
-/// settlement}.
+/// settlement}. `numbers` gives each part's workspace (from 1) in `held`,
+/// the workspaces as sent, each with the version of the slots held of it.
 fn parse_batch(
     value: Value,
     batch: &[Pending],
+    numbers: &[usize],
+    held: &[(&WorkspaceId, i64)],
     states: &StateCache,
-    known: &[i64],
 ) -> Result<BatchAnswer, SharedError> {
     let protocol = |what: &str| SharedError::Protocol(what.to_owned());
     let Value::Array(fields) = value else {
@@ -791,35 +796,24 @@ fn parse_batch(
         return Err(protocol("not one answer per admission and settlement"));
     }
     let at = Timestamp::from_millis(as_int(now));
-    // The script answers the workspaces in the order they first appear.
-    let mut order: Vec<&WorkspaceId> = Vec::new();
-    for pending in batch {
-        if !order.contains(&&pending.workspace) {
-            order.push(&pending.workspace);
-        }
-    }
-    if 2 * order.len() != answered.len() || order.len() != known.len() {
+    if 2 * held.len() != answered.len() {
         return Err(protocol("not one state per workspace"));
     }
-    let mut workspaces = Vec::with_capacity(order.len());
-    for ((workspace, answered), known) in order.into_iter().zip(answered.chunks_exact(2)).zip(known)
-    {
+    let mut workspaces = Vec::with_capacity(held.len());
+    for ((workspace, slots_version), answered) in held.iter().zip(answered.chunks_exact(2)) {
         let state = states.load(
             workspace,
-            *known,
+            *slots_version,
             bytes(&answered[0])?,
             bytes(&answered[1])?,
         )?;
-        workspaces.push((workspace, counters_from(at, &state)));
+        workspaces.push(counters_from(at, &state));
     }
     let mut outcomes = outcomes.iter();
     let mut settled = settled.chunks_exact(5);
     let mut answers = Vec::with_capacity(batch.len());
-    for pending in batch {
-        let Some((_, counters)) = workspaces
-            .iter()
-            .find(|(workspace, _)| **workspace == pending.workspace)
-        else {
+    for (pending, number) in batch.iter().zip(numbers) {
+        let Some(counters) = workspaces.get(number - 1) else {
             return Err(protocol("an answer without its workspace's state"));
         };
         let (outcome, done) = match &pending.work {
