@@ -75,6 +75,7 @@ fn one_round(engine: &Engine, id: &WorkspaceId, model: &Model) {
             Request {
                 estimated_tokens: 1200,
                 model: Some(model.clone()),
+                ..Request::default()
             },
         )
         .expect("known workspace");
@@ -118,6 +119,7 @@ fn domain_admit_settle(bencher: divan::Bencher) {
         let request = Request {
             estimated_tokens: 1200,
             model: None,
+            ..Request::default()
         };
         let admission = state.admit(&request, at, &settings, &mut fresh);
         let outcome = Outcome {
@@ -164,6 +166,7 @@ fn engine_check(bencher: divan::Bencher) {
                 Request {
                     estimated_tokens: 1200,
                     model: Some(model.clone()),
+                    ..Request::default()
                 },
             )
             .expect("known workspace")

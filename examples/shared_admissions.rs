@@ -9,18 +9,22 @@
 //!
 //! Each admission leaves its reservation open for `--reservation-ttl`
 //! (default 5 s, a chat completion's time), as the request it admits would
-//! be in flight that long; it then expires in Redis, which removes it as a
-//! settlement would. So Redis holds as many open reservations as a real
-//! deployment at that rate, not every admission of the run. With
-//! `--settle`, each admission is settled right after, as the proxy does
-//! when a call ends: the numbers are then whole requests (admission and
-//! settlement), which share calls too.
+//! be in flight that long; it then expires, as a settlement would remove
+//! it. Admissions are the proxy's: the instance holds each reservation, and
+//! expires it on its ticker as the server does. With `--settled-anywhere`
+//! they are the REST API's, whose reservations Redis records for any
+//! instance to settle and expires itself: Redis then holds as many open
+//! reservations as a real deployment at that rate. With `--settle`, each
+//! admission is settled right after, as the proxy does when a call ends:
+//! the numbers are then whole requests (admission and settlement), which
+//! share calls too.
 //!
 //! Prints one JSON line: admissions, admissions/s, script calls per
 //! admission, p50/p99 latency in ms.
 //!
 //! `cargo run --release --example shared_admissions -- --redis URL
-//!  [--concurrency 64] [--workspaces 100] [--duration 5s] [--reservation-ttl 5s] [--settle]`
+//!  [--concurrency 64] [--workspaces 100] [--duration 5s] [--reservation-ttl 5s] [--settle]
+//!  [--settled-anywhere]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -40,6 +44,7 @@ struct Args {
     duration: Duration,
     reservation_ttl: Duration,
     settle: bool,
+    settled_anywhere: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -51,11 +56,19 @@ fn parse_args() -> Result<Args, String> {
         duration: Duration::from_secs(5),
         reservation_ttl: Duration::from_secs(5),
         settle: false,
+        settled_anywhere: false,
     };
     while let Some(flag) = args.next() {
-        if flag == "--settle" {
-            parsed.settle = true;
-            continue;
+        match flag.as_str() {
+            "--settle" => {
+                parsed.settle = true;
+                continue;
+            }
+            "--settled-anywhere" => {
+                parsed.settled_anywhere = true;
+                continue;
+            }
+            _ => {}
         }
         let value = args.next().ok_or_else(|| format!("{flag} needs a value"))?;
         let number = || {
@@ -166,6 +179,17 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let calls_before = script_calls(&client).await?;
     let started = Instant::now();
     let deadline = started + args.duration;
+    // The server's ticker, which expires the reservations held here.
+    let ticker = tokio::spawn({
+        let engine = engine.clone();
+        async move {
+            let mut interval = tokio::time::interval(Duration::from_millis(250));
+            loop {
+                interval.tick().await;
+                engine.tick();
+            }
+        }
+    });
     let workers: Vec<_> = (0..args.concurrency)
         .map(|worker| {
             let engine = engine.clone();
@@ -183,6 +207,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                             Request {
                                 estimated_tokens: 100,
                                 model: None,
+                                settled_anywhere: args.settled_anywhere,
                             },
                         )
                         .await;
@@ -221,6 +246,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         latencies.extend(worker.await?);
     }
     let elapsed = started.elapsed();
+    ticker.abort();
     let calls = script_calls(&client).await? - calls_before;
     remove_keys(&client, &prefix).await?;
 

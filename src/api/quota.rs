@@ -198,6 +198,8 @@ pub async fn check(
             Request {
                 estimated_tokens,
                 model: request.model.map(Into::into),
+                // The app may report the call to another instance.
+                settled_anywhere: true,
             },
         )
         .await?;

@@ -14,8 +14,8 @@ use super::time::Timestamp;
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::window::Usage;
 use super::workspace::{
-    Admission, Answer, Enforcement, Expired, Outcome, Recorded, RefusalCause, Request, Settings,
-    Settled, SharedCounters, WorkspaceState,
+    Admission, Admitted, Answer, Enforcement, Expired, Outcome, Recorded, RefusalCause, Request,
+    Settings, Settled, SharedCounters, WorkspaceState,
 };
 
 use LimitKind::*;
@@ -72,6 +72,7 @@ impl Script {
             &Request {
                 estimated_tokens: tokens,
                 model: None,
+                ..Request::default()
             },
             self.now,
             &self.settings,
@@ -976,20 +977,27 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
     );
 }
 
-#[test]
-fn a_shared_reservation_charged_before_a_reset_expires_counting_nothing() {
-    let mut script = Script::new(&[(RequestsPerMinute, 10)]);
-    let reset = script.now;
-    script.state.load_shared(&SharedCounters {
-        version: 1,
-        at: script.now,
+/// Shared counters of version `version` at `at`, empty but for `last_reset`.
+fn shared_counters(version: u64, at: Timestamp, last_reset: Option<Timestamp>) -> SharedCounters {
+    SharedCounters {
+        version,
+        at,
         minute: Vec::new(),
         day_start: ts("2026-05-04T00:00:00Z"),
         day_used: Usage::default(),
         hold_until: None,
         billing: None,
-        last_reset: Some(reset),
-    });
+        last_reset,
+    }
+}
+
+#[test]
+fn a_shared_reservation_charged_before_a_reset_expires_counting_nothing() {
+    let mut script = Script::new(&[(RequestsPerMinute, 10)]);
+    let reset = script.now;
+    script
+        .state
+        .load_shared(&shared_counters(1, script.now, Some(reset)));
     let expired = |charged_at| Expired {
         charged_at,
         model: None,
@@ -1001,4 +1009,76 @@ fn a_shared_reservation_charged_before_a_reset_expires_counting_nothing() {
     assert_eq!((before.charged_at, before.tokens), (reset, 0));
     let after = expired(reset.plus(Duration::from_secs(1)));
     assert_eq!(script.state.expired_in_shared_store(after.clone()), after);
+}
+
+#[test]
+fn a_reservation_held_for_a_shared_store_is_taken_once_and_expires_as_the_store_counts() {
+    let mut script = Script::new(&[(TokensPerMinute, 10_000)]);
+    script
+        .state
+        .load_shared(&shared_counters(1, script.now, None));
+    let now = script.now;
+    let settings = script.settings;
+    let conclude = |state: &mut WorkspaceState, id, settled_anywhere| {
+        let admitted = Admitted {
+            id,
+            charged_at: now,
+            expires_at: now.plus(settings.reservation_ttl),
+            probe: false,
+        };
+        let request = Request {
+            estimated_tokens: 40,
+            model: None,
+            settled_anywhere,
+        };
+        let charged_us = now.millis() * 1000 + 250;
+        let admission = state.conclude_shared_admission(
+            Some(admitted),
+            &request,
+            charged_us,
+            now,
+            &settings,
+            &mut || 99,
+        );
+        assert!(admission.result.is_ok());
+    };
+    // The proxy's reservation is held here, to be settled in the store.
+    conclude(&mut script.state, 1, false);
+    assert_eq!(
+        script.state.reservation_estimate(1),
+        None,
+        "not charged here"
+    );
+    let (held, charged_us) = script.state.take_shared_reservation(1).expect("held");
+    assert_eq!(
+        (held.estimated_tokens, charged_us),
+        (40, now.millis() * 1000 + 250)
+    );
+    assert!(
+        script.state.take_shared_reservation(1).is_none(),
+        "taken once"
+    );
+    // The REST API's is left to the store, which any instance asks.
+    conclude(&mut script.state, 2, true);
+    assert!(script.state.take_shared_reservation(2).is_none());
+    // One held over a reset made elsewhere expires counting nothing.
+    conclude(&mut script.state, 3, false);
+    let reset = script.now.plus(Duration::from_secs(1));
+    script
+        .state
+        .load_shared(&shared_counters(2, reset, Some(reset)));
+    script.after(settings.reservation_ttl.as_millis() as i64 + 1);
+    let mut next_id = 100;
+    let (_, expired, _) = script.state.tick(script.now, &settings, &mut || {
+        next_id += 1;
+        next_id
+    });
+    assert_eq!(
+        expired,
+        vec![Expired {
+            charged_at: reset,
+            model: None,
+            tokens: 0,
+        }]
+    );
 }

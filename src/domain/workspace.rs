@@ -63,6 +63,11 @@ pub struct Reservation {
     pub model: Option<Model>,
     /// Admitted as the one probe allowed through a billing block.
     pub probe: bool,
+    /// Charged by a store shared with other instances, at this instant of
+    /// its clock in microseconds (which tells it from a reset in the same
+    /// millisecond), and held here, to be settled there; `None` when it was
+    /// charged here alone.
+    pub shared_charge_us: Option<i64>,
 }
 
 /// The upstream reported a billing problem.
@@ -102,6 +107,11 @@ pub struct Refusal {
 pub struct Request {
     pub estimated_tokens: u64,
     pub model: Option<Model>,
+    /// The caller may settle it through any instance (the REST API, behind
+    /// a load balancer), so a shared store keeps its reservation where every
+    /// instance finds it. Otherwise the instance that admits it holds the
+    /// reservation: the proxy settles every call it admits itself.
+    pub settled_anywhere: bool,
 }
 
 /// A request admitted: what the caller needs to settle it later.
@@ -406,10 +416,14 @@ impl WorkspaceState {
             }
             self.expiry.pop_front();
             if let Some(reservation) = self.reservations.remove(&id) {
-                expired.push(Expired {
+                let finished = Expired {
                     charged_at: reservation.charged_at,
                     model: reservation.model,
                     tokens: reservation.estimated_tokens,
+                };
+                expired.push(match reservation.shared_charge_us {
+                    Some(_) => self.expired_in_shared_store(finished),
+                    None => finished,
                 });
             }
         }
@@ -619,18 +633,7 @@ impl WorkspaceState {
                     expires_at: now.plus(settings.reservation_ttl),
                     probe,
                 };
-                self.expiry.push_back((admitted.expires_at, admitted.id));
-                self.reservations.insert(
-                    admitted.id,
-                    Reservation {
-                        id: admitted.id,
-                        charged_at: now,
-                        estimated_tokens: request.estimated_tokens,
-                        expires_at: admitted.expires_at,
-                        model: request.model.clone(),
-                        probe,
-                    },
-                );
+                self.hold(&admitted, request, None);
                 Ok(admitted)
             }
             Err(refusal) => Err(self.refused(refusal, now)),
@@ -640,6 +643,24 @@ impl WorkspaceState {
             expired,
             changes: self.evaluate(now, settings, fresh_id),
         }
+    }
+
+    /// Keeps the reservation of an admitted request until it is settled or
+    /// expires; `shared_charge_us` as in [`Reservation`].
+    fn hold(&mut self, admitted: &Admitted, request: &Request, shared_charge_us: Option<i64>) {
+        self.expiry.push_back((admitted.expires_at, admitted.id));
+        self.reservations.insert(
+            admitted.id,
+            Reservation {
+                id: admitted.id,
+                charged_at: admitted.charged_at,
+                estimated_tokens: request.estimated_tokens,
+                expires_at: admitted.expires_at,
+                model: request.model.clone(),
+                probe: admitted.probe,
+                shared_charge_us,
+            },
+        );
     }
 
     /// What `request` costs, and whether it may go ahead now (a billing
@@ -701,12 +722,28 @@ impl WorkspaceState {
         self.shared_version
     }
 
-    /// The estimate of reservation `id`, if it was made here rather than in
-    /// a shared store.
+    /// The estimate of reservation `id`, if it was charged here rather than
+    /// in a shared store.
     pub fn reservation_estimate(&self, id: u64) -> Option<u64> {
         self.reservations
             .get(&id)
+            .filter(|reservation| reservation.shared_charge_us.is_none())
             .map(|reservation| reservation.estimated_tokens)
+    }
+
+    /// Takes out reservation `id` if it is held here and charged in a shared
+    /// store, with when the store charged it (see [`Reservation`]), to be
+    /// settled there: once, as it is no longer here.
+    pub fn take_shared_reservation(&mut self, id: u64) -> Option<(Reservation, i64)> {
+        let charged_us = self.reservations.get(&id)?.shared_charge_us?;
+        let reservation = self.reservations.remove(&id)?;
+        Some((reservation, charged_us))
+    }
+
+    /// Puts back a reservation [taken](Self::take_shared_reservation) that
+    /// could not be settled in the shared store, to be settled here.
+    pub fn return_reservation(&mut self, reservation: Reservation) {
+        self.reservations.insert(reservation.id, reservation);
     }
 
     /// Switches how limits are enforced. Entering [`Enforcement::Share`]
@@ -771,16 +808,26 @@ impl WorkspaceState {
     /// Concludes an admission a shared store decided, once its answer is
     /// loaded: `decided` is the admission it charged, or `None` for a
     /// refusal, which the loaded counters explain.
+    ///
+    /// The reservation of an admitted request is held here, charged at
+    /// `charged_us` of the store's clock, unless the request may be settled
+    /// through any instance: then the store keeps it.
     pub fn conclude_shared_admission(
         &mut self,
         decided: Option<Admitted>,
         request: &Request,
+        charged_us: i64,
         now: Timestamp,
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Admission {
         let result = match decided {
-            Some(admitted) => Ok(admitted),
+            Some(admitted) => {
+                if !request.settled_anywhere {
+                    self.hold(&admitted, request, Some(charged_us));
+                }
+                Ok(admitted)
+            }
             None => {
                 let refusal = self.explain_refusal(request, now);
                 Err(self.refused(refusal, now))

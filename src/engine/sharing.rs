@@ -27,7 +27,7 @@ use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{Enforcement, Expired, Request, Settled};
-use crate::shared::{AdmitArgs, BlockChange, RedisCounters, Reply, SharedError};
+use crate::shared::{AdmitArgs, BlockChange, Held, RedisCounters, Reply, SharedError};
 use crate::sync::lock;
 
 /// Counters shared with other instances, and how this instance copes while
@@ -171,6 +171,7 @@ impl Engine {
             reservation_ttl: self.settings.reservation_ttl,
             probe_interval: self.settings.probe_interval,
             model: request.model.as_deref(),
+            record: request.settled_anywhere,
         };
         let answer = shared
             .counters
@@ -186,6 +187,7 @@ impl Engine {
                 let admission = cell.state.conclude_shared_admission(
                     decided,
                     &request,
+                    reply.at_us,
                     now,
                     &self.settings,
                     &mut fresh_id,
@@ -204,10 +206,11 @@ impl Engine {
         }
     }
 
-    /// Settlement, wherever the reservation lives: here (made during an
-    /// outage) or in the shared store. It fails only for an unknown
-    /// workspace; an unreachable store leaves the estimate charged there and
-    /// records the answer locally.
+    /// Settlement, wherever the reservation lives: here (charged here during
+    /// an outage, or held here and charged in the shared store) or in the
+    /// shared store. It fails only for an unknown workspace; an unreachable
+    /// store leaves the estimate charged there and records the answer
+    /// locally.
     pub async fn settle(
         &self,
         workspace: &WorkspaceId,
@@ -217,19 +220,45 @@ impl Engine {
             return self.report(workspace, report);
         };
         let slot = self.slot(workspace)?;
-        let (timezone, reserved_here) = {
-            let cell = slot.lock();
+        let (timezone, charged_here, held) = {
+            let mut cell = slot.lock();
             let estimate = report
                 .reservation
                 .and_then(|id| cell.state.reservation_estimate(id));
-            (cell.state.config().timezone, estimate)
+            let held = report
+                .reservation
+                .and_then(|id| cell.state.take_shared_reservation(id));
+            (cell.state.config().timezone, estimate, held)
         };
-        if let Some(estimate) = reserved_here {
+        if let Some(estimate) = charged_here {
             return self.settle_here(&slot, workspace, report, estimate);
         }
         let tokens = report.tokens.map(|tokens| tokens.total());
-        let answer = match report.reservation {
-            Some(id) => shared
+        let answer = match (report.reservation, held) {
+            (_, Some((reservation, charged_us))) => {
+                let held = Held {
+                    charged_us,
+                    estimate: reservation.estimated_tokens,
+                };
+                match shared
+                    .counters
+                    .settle_held(workspace, timezone, self.now(), held, tokens)
+                    .await
+                {
+                    Ok(reply) => Ok((Settled::Reservation(reservation), reply)),
+                    Err(error) => {
+                        // Settled here instead, as if charged here during
+                        // the outage: the call still counts in history, and
+                        // the store learns of tokens beyond its estimate
+                        // with the merge.
+                        self.store_failed(&error);
+                        let estimate = reservation.estimated_tokens;
+                        slot.lock().state.return_reservation(reservation);
+                        return self.settle_here(&slot, workspace, report, estimate);
+                    }
+                }
+            }
+            (Some(id), None) => shared
                 .counters
                 .settle(workspace, timezone, self.now(), id, tokens)
                 .await
@@ -239,7 +268,7 @@ impl Engine {
                         reply,
                     )
                 }),
-            None => {
+            (None, None) => {
                 let usage = Usage {
                     requests: 1,
                     tokens: tokens.unwrap_or(0),

@@ -376,6 +376,8 @@ async fn forward_admitted(
             Admission {
                 estimated_tokens: call.estimate.total(),
                 model: call.model.clone(),
+                // The guard below settles the call here, however it ends.
+                settled_anywhere: false,
             },
         )
         .await?;

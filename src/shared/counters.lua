@@ -6,7 +6,10 @@
 --
 -- KEYS: 1 and 2 are shared by every workspace, the rest are one per
 -- workspace:
---   1 reservations  HASH "workspace|reservation id" -> "charged_us|tokens|probe|model"
+--   1 reservations  HASH "workspace|reservation id" -> "charged_us|tokens|probe|model",
+--                   those any instance may settle (the REST API's); the
+--                   proxy's are held by the instance that admits them,
+--                   which settles them itself, saying what they charged
 --   2 expiries      ZSET "workspace|reservation id|record" (the field and its
 --                   value), scored by when it expires (ms): the members
 --                   due carry all an expiry answers, and go by rank
@@ -53,31 +56,41 @@
 -- day. The bounds are parsed only when the stored day is over.
 --
 -- `batch` admits and settles: ARGV[3] is how many workspaces it concerns,
--- ARGV[4] how many admissions and ARGV[5] how many settlements. Then come
+-- ARGV[4] how many admissions, ARGV[5] how many settlements of recorded
+-- reservations and ARGV[6] how many of held ones. Then come
 -- WORKSPACE_ARGS arguments per workspace (the n-th one's state is
 -- KEYS[2 + n]): its id, day bounds, requests/minute, requests/day,
 -- tokens/minute, tokens/day (-1: no limit) and the version of the slots
 -- the caller holds (-1: none). Then ADMISSION_ARGS per
 -- admission: its workspace's number, estimated tokens, reservation id,
--- reservation TTL (ms), probe interval (ms) and model. Then
--- SETTLEMENT_ARGS per settlement: its workspace's number, reservation id
--- and actual tokens (-1: keep the estimate). Instances send what arrives
+-- reservation TTL (ms), probe interval (ms), model, and whether to record
+-- the reservation ('1') or leave it to the caller to hold ('0'). Then
+-- SETTLEMENT_ARGS per settlement of a recorded reservation: its
+-- workspace's number, reservation id and actual tokens (-1: keep the
+-- estimate). Then HELD_SETTLEMENT_ARGS per settlement of a held one: its
+-- workspace's number, when it was charged (Redis's microseconds, as
+-- answered), its estimate and actual tokens (-1: keep the estimate).
+-- Recording a reservation, and finding, removing or expiring it later,
+-- costs the script more than all else an admission does, so what the
+-- caller can hold it holds. Instances send what arrives
 -- while an earlier call is on its way in one call, so that the fixed costs
 -- (the call, TIME, each workspace's GET, write and announcement) are
 -- shared, and what describes a workspace is sent and parsed once per call:
 -- the script's time, not the network, bounds how many requests one Redis
--- takes. It answers {now, outcomes, states, expired, settled}: outcomes
+-- takes. It answers {now (microseconds: what a held reservation was
+-- charged at), outcomes, states, expired, settled}: outcomes
 -- holds a byte per admission ('0' refused, '1' admitted, '2' admitted as
 -- the probe of a billing block), states the state of each workspace, flat
 -- (as read, changes, as read, changes, ...), and settled five values per
--- settlement: 1 if its reservation was still open (else 0 and the rest 0),
+-- settlement of a recorded reservation: 1 if it was still open (else 0 and
+-- the rest 0),
 -- when it was charged (ms), the estimate charged for it, whether it was a
 -- probe, its model.
 --
 -- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
 -- and ARGV[4] its day bounds; arg(1) onwards depends on the operation.
--- They answer {outcome, now, base, changes, expired}, the base always
--- there.
+-- They answer {outcome, now (microseconds), base, changes, expired}, the
+-- base always there.
 --
 -- Every call first removes reservations past their expiry (their
 -- estimates stay charged), some at a time, and answers them as `expired`:
@@ -93,8 +106,9 @@ local SLOT_CHANGE = '<dddd'
 local SLOT_BYTES = 24
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
 local WORKSPACE_ARGS = 7
-local ADMISSION_ARGS = 6
+local ADMISSION_ARGS = 7
 local SETTLEMENT_ARGS = 3
+local HELD_SETTLEMENT_ARGS = 4
 -- The most expired reservations one call removes; the rest wait for the
 -- next calls, so that no call takes long.
 local EXPIRED_PER_CALL = 256
@@ -361,6 +375,10 @@ local function admit_one(w, a)
   end
   add_minute(w, w.second, 1, tokens)
   add_day(w, 1, tokens)
+  w.changed = true
+  local outcome = probe == '1' and '2' or '1'
+  -- A reservation the caller holds is not recorded (see `batch`).
+  if ARGV[a + 6] ~= '1' then return outcome end
   local field = w.id .. '|' .. ARGV[a + 2]
   local record = now_us_text .. '|' .. tokens_text .. '|' .. probe .. '|' .. ARGV[a + 5]
   new_reservations[#new_reservations + 1] = field
@@ -375,17 +393,14 @@ local function admit_one(w, a)
   end
   new_expiries[#new_expiries + 1] = expires
   new_expiries[#new_expiries + 1] = expiry_member(field, record)
-  w.changed = true
-  if probe == '1' then return '2' end
-  return '1'
+  return outcome
 end
 
--- Settles a reservation from its record: the correction of its estimate
--- by the `actual` tokens (-1: keep the estimate). Answers when it was
--- charged (ms), the estimate charged for it, whether it was a probe, and
--- its model.
-local function settle_one(w, record, actual)
-  local charged_us, estimate, probe, model = parse_reservation(record)
+-- Settles a reservation charged at `charged_us` for `estimate` tokens:
+-- the correction of its estimate by the `actual` tokens (-1: keep the
+-- estimate). Answers when it was charged (ms) and the estimate charged
+-- for it.
+local function settle_one(w, charged_us, estimate, actual)
   -- A reset since the admission charged nothing of it from then on, so
   -- the estimate it keeps is nothing too.
   local since_reset = charged_us < w.h[12]
@@ -406,7 +421,7 @@ local function settle_one(w, record, actual)
   if charged < w.h[2] then correction = math.max(correction, 0) end
   if correction ~= 0 then add_day(w, 0, correction) end
   w.changed = true
-  return charged, charged_estimate, probe, model
+  return charged, charged_estimate
 end
 
 -- Settles the batch's settlements, from ARGV[s..]; answers them flat (see
@@ -429,9 +444,10 @@ local function settle_all(workspaces, s, count)
       done[field] = true
       done[#done + 1] = field
       members[#members + 1] = expiry_member(field, record)
-      local charged, estimate, probe, model =
-        settle_one(workspaces[tonumber(ARGV[b])], record, tonumber(ARGV[b + 2]))
-      for _, value in ipairs({ 1, charged, estimate, tonumber(probe), model }) do
+      local charged_us, estimate, probe, model = parse_reservation(record)
+      local charged, charged_estimate =
+        settle_one(workspaces[tonumber(ARGV[b])], charged_us, estimate, tonumber(ARGV[b + 2]))
+      for _, value in ipairs({ 1, charged, charged_estimate, tonumber(probe), model }) do
         settled[#settled + 1] = value
       end
     else
@@ -445,15 +461,28 @@ local function settle_all(workspaces, s, count)
   return settled
 end
 
+-- Settles the batch's held reservations, from ARGV[s..]: the caller says
+-- what each charged, and answers for itself that it settles once.
+local function settle_held(workspaces, s, count)
+  for j = 1, count do
+    local b = s + (j - 1) * HELD_SETTLEMENT_ARGS
+    settle_one(workspaces[tonumber(ARGV[b])], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]),
+      tonumber(ARGV[b + 3]))
+  end
+end
+
 if op == 'batch' then
-  local count, admissions, settlements = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  local count, admissions = tonumber(ARGV[3]), tonumber(ARGV[4])
+  local settlements, held_settlements = tonumber(ARGV[5]), tonumber(ARGV[6])
   local workspaces = {}
   for n = 1, count do
-    workspaces[n] = open_in_batch(n, 6 + (n - 1) * WORKSPACE_ARGS)
+    workspaces[n] = open_in_batch(n, 7 + (n - 1) * WORKSPACE_ARGS)
   end
-  local a = 6 + count * WORKSPACE_ARGS
+  local a = 7 + count * WORKSPACE_ARGS
   -- Settlements first: what they give back is there for the admissions.
-  local settled = settle_all(workspaces, a + admissions * ADMISSION_ARGS, settlements)
+  local s = a + admissions * ADMISSION_ARGS
+  local settled = settle_all(workspaces, s, settlements)
+  settle_held(workspaces, s + settlements * SETTLEMENT_ARGS, held_settlements)
   local outcomes = {}
   for j = 1, admissions do
     outcomes[j] = admit_one(workspaces[tonumber(ARGV[a])], a)
@@ -470,7 +499,7 @@ if op == 'batch' then
   if #announcements > 0 then
     redis.call('PUBLISH', channel, table.concat(announcements, ','))
   end
-  return { now, table.concat(outcomes), states, expired, settled }
+  return { now_us, table.concat(outcomes), states, expired, settled }
 end
 
 -- The operations on one workspace.
@@ -483,7 +512,7 @@ end
 
 local function reply(outcome)
   local base, changes = answer_state(w, -1)
-  return { outcome, now, base, changes, expired }
+  return { outcome, now_us, base, changes, expired }
 end
 
 if op == 'count' then

@@ -55,6 +55,10 @@ pub struct Reply {
     /// Whether the operation did what it was asked (admitted, settled).
     pub done: bool,
     pub counters: SharedCounters,
+    /// Redis's clock when it answered, in microseconds: what a reservation
+    /// this instance holds was charged at, to tell it from a reset in the
+    /// same millisecond.
+    pub at_us: i64,
     /// Reservations that expired unsettled, of any workspace; their
     /// estimates are final.
     pub expired: Vec<(WorkspaceId, Expired)>,
@@ -109,6 +113,20 @@ pub struct AdmitArgs<'a> {
     pub reservation_ttl: Duration,
     pub probe_interval: Duration,
     pub model: Option<&'a str>,
+    /// Records the reservation in Redis, for any instance to settle (the
+    /// REST API's, behind a load balancer). Otherwise the caller holds it,
+    /// and settles it with [`RedisCounters::settle_held`]: recording it,
+    /// and finding, removing or expiring it later, would cost the script
+    /// more than the admission itself.
+    pub record: bool,
+}
+
+/// A reservation this instance holds, as the shared counters charged it.
+#[derive(Clone, Copy, Debug)]
+pub struct Held {
+    /// Redis's clock at the charge, in microseconds ([`Reply::at_us`]).
+    pub charged_us: i64,
+    pub estimate: u64,
 }
 
 /// Batch calls on their way to Redis at once; admissions and settlements
@@ -140,9 +158,15 @@ enum Work {
         reservation_ttl: Duration,
         probe_interval: Duration,
         model: Option<String>,
+        record: bool,
     },
     Settle {
         reservation: u64,
+        /// `None` keeps the estimate.
+        tokens: Option<u64>,
+    },
+    SettleHeld {
+        held: Held,
         /// `None` keeps the estimate.
         tokens: Option<u64>,
     },
@@ -152,6 +176,7 @@ enum Outcome {
     Admitted(Option<Admitted>),
     /// The reservation as it was, if it was still open.
     Settled(Option<Reservation>),
+    SettledHeld,
 }
 
 /// The connection and the script, shared with the task that sends
@@ -231,10 +256,11 @@ impl RedisCounters {
             reservation_ttl: args.reservation_ttl,
             probe_interval: args.probe_interval,
             model: args.model.map(str::to_owned),
+            record: args.record,
         };
         match self.queued(workspace, timezone, now, work).await? {
             (Outcome::Admitted(admitted), reply) => Ok((admitted, reply)),
-            (Outcome::Settled(_), _) => Err(mismatched()),
+            _ => Err(mismatched()),
         }
     }
 
@@ -255,7 +281,26 @@ impl RedisCounters {
         };
         match self.queued(workspace, timezone, now, work).await? {
             (Outcome::Settled(settled), reply) => Ok((settled, reply)),
-            (Outcome::Admitted(_), _) => Err(mismatched()),
+            _ => Err(mismatched()),
+        }
+    }
+
+    /// Settles a reservation this instance holds with the actual token count
+    /// (`None`: keep the estimate), in the next call to Redis. The caller
+    /// answers for settling it once: it took the reservation out of its
+    /// own keeping first.
+    pub async fn settle_held(
+        &self,
+        workspace: &WorkspaceId,
+        timezone: chrono_tz::Tz,
+        now: Timestamp,
+        held: Held,
+        tokens: Option<u64>,
+    ) -> Result<Reply, SharedError> {
+        let work = Work::SettleHeld { held, tokens };
+        match self.queued(workspace, timezone, now, work).await? {
+            (Outcome::SettledHeld, reply) => Ok(reply),
+            _ => Err(mismatched()),
         }
     }
 
@@ -542,7 +587,7 @@ impl Link {
         for pending in batch {
             let limits = match &pending.work {
                 Work::Admit { limits, .. } => Some(limits),
-                Work::Settle { .. } => None,
+                Work::Settle { .. } | Work::SettleHeld { .. } => None,
             };
             let index = match workspaces
                 .iter()
@@ -558,18 +603,16 @@ impl Link {
             *described = described.or(limits);
             numbers.push(index + 1);
         }
-        let admissions = batch
-            .iter()
-            .filter(|pending| matches!(pending.work, Work::Admit { .. }))
-            .count();
+        let kinds = Kinds::of(batch);
         let mut invocation = self.script.prepare_invoke();
         self.shared_keys(&mut invocation);
         invocation
             .arg("batch")
             .arg(&self.channel)
             .arg(workspaces.len())
-            .arg(admissions)
-            .arg(batch.len() - admissions);
+            .arg(kinds.admissions)
+            .arg(kinds.settlements)
+            .arg(kinds.held_settlements);
         // Each workspace with the version of the slots held of it.
         let mut held = Vec::with_capacity(workspaces.len());
         for (pending, limits) in &workspaces {
@@ -593,6 +636,7 @@ impl Link {
                 reservation_ttl,
                 probe_interval,
                 model,
+                record,
                 ..
             } = &pending.work
             {
@@ -602,7 +646,8 @@ impl Link {
                     .arg(reservation)
                     .arg(millis(*reservation_ttl))
                     .arg(millis(*probe_interval))
-                    .arg(model.as_deref().unwrap_or_default());
+                    .arg(model.as_deref().unwrap_or_default())
+                    .arg(if *record { "1" } else { "0" });
             }
         }
         for (pending, number) in batch.iter().zip(&numbers) {
@@ -614,6 +659,15 @@ impl Link {
                 invocation
                     .arg(number)
                     .arg(reservation)
+                    .arg(tokens.map_or(-1, clamp));
+            }
+        }
+        for (pending, number) in batch.iter().zip(&numbers) {
+            if let Work::SettleHeld { held, tokens } = &pending.work {
+                invocation
+                    .arg(number)
+                    .arg(held.charged_us)
+                    .arg(clamp(held.estimate))
                     .arg(tokens.map_or(-1, clamp));
             }
         }
@@ -746,12 +800,13 @@ fn parse_reply(
         )));
     }
     let expired = expired_from(&fields[4]);
-    let at = Timestamp::from_millis(as_int(&fields[1]));
+    let at_us = as_int(&fields[1]);
     let state = states.load(workspace, -1, bytes(&fields[2])?, bytes(&fields[3])?)?;
-    let counters = counters_from(at, &state);
+    let counters = counters_from(millis_of(at_us), &state);
     Ok(Reply {
         done: as_int(&fields[0]) == 1,
         counters,
+        at_us,
         expired,
     })
 }
@@ -788,14 +843,12 @@ fn parse_batch(
         ));
     };
     let settled = flat(settled);
-    let admissions = batch
-        .iter()
-        .filter(|pending| matches!(pending.work, Work::Admit { .. }))
-        .count();
-    if outcomes.len() != admissions || settled.len() != 5 * (batch.len() - admissions) {
+    let kinds = Kinds::of(batch);
+    if outcomes.len() != kinds.admissions || settled.len() != 5 * kinds.settlements {
         return Err(protocol("not one answer per admission and settlement"));
     }
-    let at = Timestamp::from_millis(as_int(now));
+    let at_us = as_int(now);
+    let at = millis_of(at_us);
     if 2 * held.len() != answered.len() {
         return Err(protocol("not one state per workspace"));
     }
@@ -843,20 +896,56 @@ fn parse_batch(
                         expires_at: charged_at,
                         model: model(&text(&record[4])),
                         probe: as_int(&record[3]) == 1,
+                        // Settled, it is held nowhere any more.
+                        shared_charge_us: None,
                     }
                 });
                 let done = reservation.is_some();
                 (Outcome::Settled(reservation), done)
             }
+            Work::SettleHeld { .. } => (Outcome::SettledHeld, true),
         };
         let reply = Reply {
             done,
             counters: counters.clone(),
+            at_us,
             expired: Vec::new(),
         };
         answers.push((outcome, reply));
     }
     Ok((answers, expired_from(expired)))
+}
+
+/// How many of each kind of work a batch holds, as the script takes them.
+struct Kinds {
+    admissions: usize,
+    /// Of reservations recorded in Redis.
+    settlements: usize,
+    /// Of reservations this instance holds.
+    held_settlements: usize,
+}
+
+impl Kinds {
+    fn of(batch: &[Pending]) -> Self {
+        let mut kinds = Self {
+            admissions: 0,
+            settlements: 0,
+            held_settlements: 0,
+        };
+        for pending in batch {
+            match pending.work {
+                Work::Admit { .. } => kinds.admissions += 1,
+                Work::Settle { .. } => kinds.settlements += 1,
+                Work::SettleHeld { .. } => kinds.held_settlements += 1,
+            }
+        }
+        kinds
+    }
+}
+
+/// Redis's microseconds as a timestamp.
+fn millis_of(micros: i64) -> Timestamp {
+    Timestamp::from_millis(micros.div_euclid(1000))
 }
 
 /// Expired reservations, as the script stores them: "workspace|reservation
@@ -877,7 +966,7 @@ fn expired_member(member: &str) -> Option<(WorkspaceId, Expired)> {
     let tokens = parts.next()?.parse().ok()?;
     let _probe = parts.next()?;
     let expired = Expired {
-        charged_at: Timestamp::from_millis(charged_us.div_euclid(1000)),
+        charged_at: millis_of(charged_us),
         tokens,
         model: model(parts.next()?),
     };

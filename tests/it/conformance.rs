@@ -1,13 +1,18 @@
 //! Admission conformance: every check runs against the in-process engine and
-//! against counters shared in Redis, through the same REST API, so both
+//! against counters shared in Redis, through the same REST API (and one
+//! through the proxy, whose reservations the instance holds), so both
 //! backends admit, refuse, settle and block alike. Redis checks need
 //! `QUOTAWATCH_TEST_REDIS_URL`; each uses a key prefix of its own.
+
+use std::time::Duration;
 
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
 use crate::support::redis::{clean, fresh_prefix, server_url};
-use crate::support::{ADMIN_KEY, TestServer, concurrent_checks, fixture_json};
+use crate::support::{
+    ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, concurrent_checks, eventually, fixture_json,
+};
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
@@ -213,6 +218,38 @@ async fn settlement_replaces_the_estimate_once(backend: Backend, test: &str) {
     assert_eq!(again.error_code(), "reservation_not_found");
     let status = server.status(&key).await;
     assert_eq!(used(&status, "tokens_per_day"), 100, "settled once only");
+    assert_eq!(used(&status, "requests_per_day"), 1);
+    setup.finish().await;
+}
+
+conformance!(a_proxied_call_settles_its_actual_usage);
+async fn a_proxied_call_settles_its_actual_usage(backend: Backend, test: &str) {
+    let upstream = Upstream::strict().await;
+    let proxying = [
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+    ];
+    let Some(setup) = Setup::start(backend, test, &proxying).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_minute": 100000, "tokens_per_day": 1000000}}))
+        .await;
+    // Estimated at its prompt plus max_tokens, more than it will use.
+    let chat = json!({"model": "gpt-4o-mini", "max_tokens": 500,
+        "messages": [{"role": "user", "content": "Say hello"}]});
+    let response = server.openai("/chat/completions", &key, chat).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.expect("JSON");
+    let actual = answer["usage"]["total_tokens"].as_u64().expect("usage");
+    assert!(actual < 500);
+    let status = eventually("the call to settle", Duration::from_secs(10), || async {
+        let status = server.status(&key).await;
+        (used(&status, "tokens_per_day") == actual).then_some(status)
+    })
+    .await;
+    assert_eq!(used(&status, "tokens_per_minute"), actual);
     assert_eq!(used(&status, "requests_per_day"), 1);
     setup.finish().await;
 }

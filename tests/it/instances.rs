@@ -11,7 +11,8 @@ use serde_json::{Value, json};
 use crate::support::postgres::TestDatabase;
 use crate::support::redis::{Relay, clean, fresh_prefix, server_url};
 use crate::support::{
-    ADMIN_KEY, Response, TestServer, concurrent_checks, eventually, fixture_json,
+    ADMIN_KEY, Response, TestServer, UPSTREAM_KEY, Upstream, concurrent_checks, eventually,
+    fixture_json,
 };
 use crate::websocket::{connect, wait_for, wait_for_all, ws_url};
 
@@ -286,6 +287,73 @@ async fn outage(mode: &str, during: impl AsyncFnOnce(&Cluster, &str) -> (u64, u6
         3 + admitted_alone,
         "a call reported to A counts on B at once"
     );
+    cluster.finish().await;
+}
+
+/// The proxy's reservations are held by the instance that admits them; one
+/// whose settlement cannot reach Redis is settled by the instance alone, so
+/// the call still counts.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_proxied_call_in_flight_when_redis_goes_away_still_counts() {
+    let upstream = Upstream::start(quotawatch::mock::MockOptions {
+        chunk_delay: Duration::from_millis(100),
+        ..Default::default()
+    })
+    .await;
+    let proxying = [
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+    ];
+    let Some(cluster) = Cluster::start("instances::proxied_over_outage", true, &proxying).await
+    else {
+        return;
+    };
+    let key = cluster
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1_000_000}}))
+        .await;
+    let chat = json!({"model": "gpt-4o-mini", "max_tokens": 500, "stream": true,
+        "stream_options": {"include_usage": true},
+        "messages": [{"role": "user", "content": "Say hello"}]});
+    // Admitted while Redis is reachable; the stream then takes a second.
+    let response = cluster.a.openai("/chat/completions", &key, chat).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let relay = cluster.relay.as_ref().expect("relay");
+    relay.cut();
+    let stream = response.text().await.expect("the stream");
+    let actual = stream
+        .lines()
+        .filter_map(|line| line.strip_prefix("data: "))
+        .filter_map(|data| serde_json::from_str::<Value>(data).ok())
+        .find_map(|chunk| chunk["usage"]["total_tokens"].as_u64())
+        .expect("usage in the stream");
+    eventually(
+        "the call in A's history, with its actual tokens",
+        Duration::from_secs(10),
+        || async {
+            let history = cluster
+                .a
+                .get("/api/quota/history?window=1h&step=1m", &key)
+                .await;
+            let total = |field: &str| -> i64 {
+                history.body["points"]
+                    .as_array()
+                    .map(|points| points.iter().map(|p| p[field].as_i64().unwrap_or(0)).sum())
+                    .unwrap_or(0)
+            };
+            (total("requests") == 1 && total("tokens") == actual as i64).then_some(())
+        },
+    )
+    .await;
+    relay.restore();
+    // Redis charged the admission before the outage and keeps its estimate,
+    // which is more than the call used.
+    eventually("B sees the admission", Duration::from_secs(10), || async {
+        let status = cluster.b.status(&key).await;
+        (status["degraded"] == false && used(&status, "requests_per_day") == 1)
+            .then(|| used(&status, "tokens_per_day"))
+            .filter(|tokens| *tokens > actual)
+    })
+    .await;
     cluster.finish().await;
 }
 

@@ -3,8 +3,9 @@
 //! lift cannot undo a newer block, unsettled reservations expire into the
 //! history of their own workspace whichever call finds them, a reset
 //! charges requests in flight only what they use from then on, each second
-//! of the minute keeps its own count, and a reservation settled twice at
-//! once is settled once. Needs `QUOTAWATCH_TEST_REDIS_URL`.
+//! of the minute keeps its own count, a reservation settled twice at once
+//! is settled once, and one the instance holds is never recorded and
+//! settles by what it charged. Needs `QUOTAWATCH_TEST_REDIS_URL`.
 
 use std::time::Duration;
 
@@ -12,7 +13,7 @@ use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceId};
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::upstream::BillingCode;
 use quotawatch::domain::workspace::BillingBlock;
-use quotawatch::shared::{AdmitArgs, BillingChange, BlockChange, RedisCounters, Reply};
+use quotawatch::shared::{AdmitArgs, BillingChange, BlockChange, Held, RedisCounters, Reply};
 
 use crate::support::eventually;
 use crate::support::redis::{clean, fresh_prefix, server_url};
@@ -45,8 +46,20 @@ impl Store {
         Timestamp::from_millis(since_epoch.as_millis() as i64)
     }
 
-    /// Admits `tokens` into `workspace` with reservation `id`.
+    /// Admits `tokens` into `workspace` with reservation `id`, recorded
+    /// for any instance to settle.
     async fn admit(&self, workspace: &WorkspaceId, id: u64, tokens: u64, ttl: Duration) -> Reply {
+        self.admit_as(workspace, id, tokens, ttl, true).await
+    }
+
+    async fn admit_as(
+        &self,
+        workspace: &WorkspaceId,
+        id: u64,
+        tokens: u64,
+        ttl: Duration,
+        record: bool,
+    ) -> Reply {
         let limits = Limits::default();
         let args = AdmitArgs {
             limits: &limits,
@@ -55,6 +68,7 @@ impl Store {
             reservation_ttl: ttl,
             probe_interval: Duration::from_secs(60),
             model: Some("gpt-4o-mini"),
+            record,
         };
         let (admitted, reply) = self
             .counters
@@ -130,6 +144,7 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
         reservation_ttl: Duration::from_secs(600),
         probe_interval: Duration::from_secs(60),
         model: Some("gpt-4o-mini"),
+        record: true,
     };
     let (admitted, _) = store
         .counters
@@ -335,5 +350,59 @@ async fn a_reservation_settled_twice_at_once_is_settled_once() {
         .map(|used| used.tokens)
         .min();
     assert_eq!(day, Some(40), "the estimate is replaced once");
+    store.finish().await;
+}
+
+#[tokio::test]
+async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
+    let Some(store) = Store::open("shared::held") else {
+        return;
+    };
+    let held = async |id| {
+        let reply = store
+            .admit_as(&store.workspace, id, 100, Duration::from_secs(600), false)
+            .await;
+        Held {
+            charged_us: reply.at_us,
+            estimate: 100,
+        }
+    };
+    let settle = async |held, tokens| {
+        store
+            .counters
+            .settle_held(&store.workspace, chrono_tz::UTC, Store::now(), held, tokens)
+            .await
+            .expect("settle")
+            .counters
+    };
+    let first = held(1).await;
+    let keys: Vec<String> = store
+        .lifetimes()
+        .await
+        .into_iter()
+        .map(|(key, _)| key)
+        .collect();
+    assert!(
+        keys.iter().all(|key| !key.contains("reservations")),
+        "nothing recorded: {keys:?}"
+    );
+    let counters = settle(first, Some(40)).await;
+    assert_eq!(counters.day_used.tokens, 40, "the estimate is replaced");
+    let minute: u64 = counters.minute.iter().map(|(_, usage)| usage.tokens).sum();
+    assert_eq!(minute, 40);
+    // Over a reset it counts what it used since, as a recorded one does.
+    let in_flight = held(2).await;
+    store
+        .counters
+        .reset(&store.workspace, chrono_tz::UTC, Store::now())
+        .await
+        .expect("reset");
+    assert_eq!(settle(in_flight, Some(30)).await.day_used.tokens, 30);
+    let after_reset = held(3).await;
+    assert_eq!(
+        settle(after_reset, None).await.day_used.tokens,
+        130,
+        "kept, its estimate stays charged"
+    );
     store.finish().await;
 }
