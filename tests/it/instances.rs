@@ -1,6 +1,7 @@
 //! Several instances sharing Redis and PostgreSQL: limits hold across them,
 //! live events reach every instance's clients, a Redis outage behaves as
-//! `QUOTAWATCH_ON_STORE_ERROR` says, and a restart of all loses nothing.
+//! `QUOTAWATCH_ON_STORE_ERROR` says (a proxied call in flight still counts),
+//! and a restart of all loses nothing.
 //! Needs `QUOTAWATCH_TEST_REDIS_URL` and `QUOTAWATCH_TEST_DATABASE_URL`.
 
 use std::time::{Duration, Instant};
