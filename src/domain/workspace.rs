@@ -362,7 +362,16 @@ impl WorkspaceState {
         Saved {
             minute: self.minute.to_entries(),
             day: self.day.clone(),
-            reservations: self.reservations.values().cloned().collect(),
+            // Not those held for a shared store: instances share the saved
+            // state, and one that restored another's would count them in
+            // history again when they expire. Their calls end with this
+            // process, and the store keeps their estimates.
+            reservations: self
+                .reservations
+                .values()
+                .filter(|reservation| reservation.shared_charge_us.is_none())
+                .cloned()
+                .collect(),
             rate_block_until: self.rate_block_until,
             billing_block: self.billing_block,
             upstream_view: self.upstream_view,

@@ -43,7 +43,6 @@ struct ReservationJson {
     expires_at: i64,
     model: Option<String>,
     probe: bool,
-    shared_charge_us: Option<i64>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -102,7 +101,6 @@ pub fn to_json(saved: &Saved) -> String {
                 expires_at: r.expires_at.millis(),
                 model: r.model.as_deref().map(str::to_owned),
                 probe: r.probe,
-                shared_charge_us: r.shared_charge_us,
             })
             .collect(),
         rate_block_until: saved.rate_block_until.map(Timestamp::millis),
@@ -181,7 +179,8 @@ pub fn from_json(text: &str) -> Option<Saved> {
                 expires_at: ts(r.expires_at),
                 model: r.model.map(Into::into),
                 probe: r.probe,
-                shared_charge_us: r.shared_charge_us,
+                // Held for a shared store, it is never saved.
+                shared_charge_us: None,
             })
             .collect(),
         rate_block_until: json.rate_block_until.map(ts),
