@@ -15,7 +15,7 @@ use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::window::Usage;
 use super::workspace::{
     Admission, Admitted, Answer, Enforcement, Expired, Outcome, Recorded, RefusalCause, Request,
-    Settings, Settled, SharedCounters, WorkspaceState,
+    Reservation, Settings, Settled, SharedCounters, WorkspaceState,
 };
 
 use LimitKind::*;
@@ -956,7 +956,7 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
         day_used: Usage::requests(requests),
         hold_until: None,
         billing: None,
-        last_reset: None,
+        last_reset_us: None,
     };
     assert!(script.state.load_shared(&counters(5, 7)));
     assert!(
@@ -977,8 +977,9 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
     );
 }
 
-/// Shared counters of version `version` at `at`, empty but for `last_reset`.
-fn shared_counters(version: u64, at: Timestamp, last_reset: Option<Timestamp>) -> SharedCounters {
+/// Shared counters of version `version` at `at`, empty but for the last
+/// reset (microseconds).
+fn shared_counters(version: u64, at: Timestamp, last_reset_us: Option<i64>) -> SharedCounters {
     SharedCounters {
         version,
         at,
@@ -987,28 +988,55 @@ fn shared_counters(version: u64, at: Timestamp, last_reset: Option<Timestamp>) -
         day_used: Usage::default(),
         hold_until: None,
         billing: None,
-        last_reset,
+        last_reset_us,
     }
 }
 
 #[test]
-fn a_shared_reservation_charged_before_a_reset_expires_counting_nothing() {
+fn a_shared_reservation_charged_before_a_reset_ends_counting_nothing() {
     let mut script = Script::new(&[(RequestsPerMinute, 10)]);
     let reset = script.now;
+    // Microseconds tell the reset from charges in the same millisecond.
+    let reset_us = reset.millis() * 1000 + 500;
     script
         .state
-        .load_shared(&shared_counters(1, script.now, Some(reset)));
-    let expired = |charged_at| Expired {
-        charged_at,
+        .load_shared(&shared_counters(1, script.now, Some(reset_us)));
+    let expired = Expired {
+        charged_at: reset,
         model: None,
         tokens: 40,
     };
     let before = script
         .state
-        .expired_in_shared_store(expired(Timestamp::from_millis(reset.millis() - 1000)));
+        .expired_in_shared_store(expired.clone(), reset_us - 100);
     assert_eq!((before.charged_at, before.tokens), (reset, 0));
-    let after = expired(reset.plus(Duration::from_secs(1)));
-    assert_eq!(script.state.expired_in_shared_store(after.clone()), after);
+    assert_eq!(
+        script
+            .state
+            .expired_in_shared_store(expired.clone(), reset_us + 100),
+        expired
+    );
+    // Settled, it is charged as the store settles it: from the reset on,
+    // with nothing of its estimate left to keep.
+    let reservation = Reservation {
+        id: 1,
+        charged_at: Timestamp::from_millis(reset.millis() - 1000),
+        estimated_tokens: 40,
+        expires_at: reset.plus(Duration::from_secs(600)),
+        model: None,
+        probe: false,
+        shared_charge_us: None,
+    };
+    let settled = script
+        .state
+        .settled_in_shared_store(reservation.clone(), (reset.millis() - 1000) * 1000);
+    assert_eq!((settled.charged_at, settled.estimated_tokens), (reset, 0));
+    assert_eq!(
+        script
+            .state
+            .settled_in_shared_store(reservation.clone(), reset_us + 1),
+        reservation
+    );
 }
 
 #[test]
@@ -1049,18 +1077,18 @@ fn a_reservation_held_for_a_shared_store_is_taken_once_and_expires_as_the_store_
         None,
         "not charged here"
     );
-    let (held, charged_us) = script.state.take_shared_reservation(1).expect("held");
+    let (held, charged_us) = script.state.take_shared_reservation(1, now).expect("held");
     assert_eq!(
         (held.estimated_tokens, charged_us),
         (40, now.millis() * 1000 + 250)
     );
     assert!(
-        script.state.take_shared_reservation(1).is_none(),
+        script.state.take_shared_reservation(1, now).is_none(),
         "taken once"
     );
     // The REST API's is left to the store, which any instance asks.
     conclude(&mut script.state, 2, true);
-    assert!(script.state.take_shared_reservation(2).is_none());
+    assert!(script.state.take_shared_reservation(2, now).is_none());
     // One held over a reset made elsewhere expires counting nothing. It is
     // not saved, as other instances may restore what this one saves.
     conclude(&mut script.state, 3, false);
@@ -1068,8 +1096,15 @@ fn a_reservation_held_for_a_shared_store_is_taken_once_and_expires_as_the_store_
     let reset = script.now.plus(Duration::from_secs(1));
     script
         .state
-        .load_shared(&shared_counters(2, reset, Some(reset)));
+        .load_shared(&shared_counters(2, reset, Some(reset.millis() * 1000)));
     script.after(settings.reservation_ttl.as_millis() as i64 + 1);
+    // Its time is up: it is not taken to be settled, but left to expire.
+    assert!(
+        script
+            .state
+            .take_shared_reservation(3, script.now)
+            .is_none()
+    );
     let mut next_id = 100;
     let (_, expired, _) = script.state.tick(script.now, &settings, &mut || {
         next_id += 1;

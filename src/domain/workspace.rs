@@ -70,6 +70,17 @@ pub struct Reservation {
     pub shared_charge_us: Option<i64>,
 }
 
+impl Reservation {
+    /// This reservation unsettled for good: its estimate is final.
+    pub fn expired(self) -> Expired {
+        Expired {
+            charged_at: self.charged_at,
+            model: self.model,
+            tokens: self.estimated_tokens,
+        }
+    }
+}
+
 /// The upstream reported a billing problem.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BillingBlock {
@@ -190,9 +201,11 @@ pub struct SharedCounters {
     pub day_used: Usage,
     pub hold_until: Option<Timestamp>,
     pub billing: Option<BillingBlock>,
-    /// The last admin reset, if any: reservations charged before it count
-    /// nothing (see [`WorkspaceState::reset`]).
-    pub last_reset: Option<Timestamp>,
+    /// The last admin reset, in microseconds of the store's clock (which
+    /// tells it from an admission in the same millisecond), if any:
+    /// reservations charged before it count nothing (see
+    /// [`WorkspaceState::reset`]).
+    pub last_reset_us: Option<i64>,
 }
 
 /// The reason a degraded workspace's status gives.
@@ -297,8 +310,9 @@ pub struct WorkspaceState {
     last_error: Option<LastError>,
     /// The version of the shared counters last loaded (0: none).
     shared_version: u64,
-    /// When the shared counters were last reset, as last loaded.
-    shared_reset_at: Option<Timestamp>,
+    /// When the shared counters were last reset (microseconds of the
+    /// store's clock), as last loaded.
+    shared_reset_us: Option<i64>,
 }
 
 /// "Fits" means the limit still has room and the request's cost fits in it;
@@ -327,7 +341,7 @@ impl WorkspaceState {
             enforcement: Enforcement::Whole,
             tracker: StatusTracker::new(now),
             shared_version: 0,
-            shared_reset_at: None,
+            shared_reset_us: None,
         }
     }
 
@@ -425,13 +439,10 @@ impl WorkspaceState {
             }
             self.expiry.pop_front();
             if let Some(reservation) = self.reservations.remove(&id) {
-                let finished = Expired {
-                    charged_at: reservation.charged_at,
-                    model: reservation.model,
-                    tokens: reservation.estimated_tokens,
-                };
-                expired.push(match reservation.shared_charge_us {
-                    Some(_) => self.expired_in_shared_store(finished),
+                let charged_us = reservation.shared_charge_us;
+                let finished = reservation.expired();
+                expired.push(match charged_us {
+                    Some(charged_us) => self.expired_in_shared_store(finished, charged_us),
                     None => finished,
                 });
             }
@@ -708,22 +719,49 @@ impl WorkspaceState {
         self.day = day;
         self.rate_block_until = counters.hold_until.filter(|until| *until > counters.at);
         self.billing_block = counters.billing;
-        self.shared_reset_at = counters.last_reset;
+        self.shared_reset_us = counters.last_reset_us;
         true
     }
 
-    /// A reservation that expired in the shared store, as this workspace's
-    /// history counts it: one charged before the last reset counts nothing
-    /// from the reset on, as a reservation held here would (see `reset`).
-    pub fn expired_in_shared_store(&self, expired: Expired) -> Expired {
-        match self.shared_reset_at {
-            Some(reset) if expired.charged_at < reset => Expired {
+    /// A reservation the shared store charged at `charged_us` that expired,
+    /// as this workspace's history counts it: one charged before the last
+    /// reset counts nothing from the reset on, as a reservation held here
+    /// would (see `reset`).
+    pub fn expired_in_shared_store(&self, expired: Expired, charged_us: i64) -> Expired {
+        match self.shared_reset_since(charged_us) {
+            Some(reset) => Expired {
                 charged_at: reset,
                 tokens: 0,
                 ..expired
             },
-            _ => expired,
+            None => expired,
         }
+    }
+
+    /// A reservation the shared store charged at `charged_us`, as the store
+    /// settled it: one charged before the last reset had its estimate
+    /// cleared then, as the reservations held here have (see `reset`).
+    pub fn settled_in_shared_store(
+        &self,
+        reservation: Reservation,
+        charged_us: i64,
+    ) -> Reservation {
+        match self.shared_reset_since(charged_us) {
+            Some(reset) => Reservation {
+                charged_at: reset,
+                estimated_tokens: 0,
+                ..reservation
+            },
+            None => reservation,
+        }
+    }
+
+    /// When the shared store was last reset, if that came after a charge at
+    /// `charged_us`.
+    fn shared_reset_since(&self, charged_us: i64) -> Option<Timestamp> {
+        self.shared_reset_us
+            .filter(|reset_us| charged_us < *reset_us)
+            .map(|reset_us| Timestamp::from_millis(reset_us.div_euclid(1000)))
     }
 
     /// The version of the shared counters last loaded (0: none).
@@ -742,9 +780,19 @@ impl WorkspaceState {
 
     /// Takes out reservation `id` if it is held here and charged in a shared
     /// store, with when the store charged it (see [`Reservation`]), to be
-    /// settled there: once, as it is no longer here.
-    pub fn take_shared_reservation(&mut self, id: u64) -> Option<(Reservation, i64)> {
-        let charged_us = self.reservations.get(&id)?.shared_charge_us?;
+    /// settled there: once, as it is no longer here. One whose time is up
+    /// at `now` stays, to expire: the store keeps its estimate, as a
+    /// reservation charged here keeps it once expired (see `record`).
+    pub fn take_shared_reservation(
+        &mut self,
+        id: u64,
+        now: Timestamp,
+    ) -> Option<(Reservation, i64)> {
+        let reservation = self.reservations.get(&id)?;
+        let charged_us = reservation.shared_charge_us?;
+        if reservation.expires_at <= now {
+            return None;
+        }
         let reservation = self.reservations.remove(&id)?;
         Some((reservation, charged_us))
     }

@@ -26,8 +26,10 @@ use super::{Decision, Engine, EngineError, Reported, Slot, UsageReport, fresh_id
 use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
-use crate::domain::workspace::{Enforcement, Expired, Request, Settled};
-use crate::shared::{AdmitArgs, BlockChange, Held, RedisCounters, Reply, SharedError};
+use crate::domain::workspace::{Enforcement, Expired, Request, Reservation, Settled};
+use crate::shared::{
+    AdmitArgs, BlockChange, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
+};
 use crate::sync::lock;
 
 /// Counters shared with other instances, and how this instance copes while
@@ -220,6 +222,7 @@ impl Engine {
             return self.report(workspace, report);
         };
         let slot = self.slot(workspace)?;
+        let now = self.now();
         let (timezone, charged_here, held) = {
             let mut cell = slot.lock();
             let estimate = report
@@ -227,31 +230,39 @@ impl Engine {
                 .and_then(|id| cell.state.reservation_estimate(id));
             let held = report
                 .reservation
-                .and_then(|id| cell.state.take_shared_reservation(id));
+                .and_then(|id| cell.state.take_shared_reservation(id, now));
             (cell.state.config().timezone, estimate, held)
         };
         if let Some(estimate) = charged_here {
             return self.settle_here(&slot, workspace, report, estimate);
         }
         let tokens = report.tokens.map(|tokens| tokens.total());
+        // When the store charged a held reservation, to take a reset there
+        // into account once its answer is loaded.
+        let mut held_charged_us = None;
         let answer = match (report.reservation, held) {
             (_, Some((reservation, charged_us))) => {
                 let held = Held {
                     charged_us,
                     estimate: reservation.estimated_tokens,
                 };
+                let in_settlement = HeldInSettlement::new(&slot, reservation, charged_us);
                 match shared
                     .counters
-                    .settle_held(workspace, timezone, self.now(), held, tokens)
+                    .settle_held(workspace, timezone, now, held, tokens)
                     .await
                 {
-                    Ok(reply) => Ok((Settled::Reservation(reservation), reply)),
+                    Ok(reply) => {
+                        held_charged_us = Some(charged_us);
+                        Ok((Settled::Reservation(in_settlement.settled()), reply))
+                    }
                     Err(error) => {
                         // Settled here instead, as if charged here during
                         // the outage: the call still counts in history, and
                         // the store learns of tokens beyond its estimate
                         // with the merge.
                         self.store_failed(&error);
+                        let reservation = in_settlement.settled();
                         let estimate = reservation.estimated_tokens;
                         slot.lock().state.return_reservation(reservation);
                         return self.settle_here(&slot, workspace, report, estimate);
@@ -260,7 +271,7 @@ impl Engine {
             }
             (Some(id), None) => shared
                 .counters
-                .settle(workspace, timezone, self.now(), id, tokens)
+                .settle(workspace, timezone, now, id, tokens)
                 .await
                 .map(|(reservation, reply)| {
                     (
@@ -275,7 +286,7 @@ impl Engine {
                 };
                 shared
                     .counters
-                    .count(workspace, timezone, self.now(), usage)
+                    .count(workspace, timezone, now, usage)
                     .await
                     .map(|reply| (Settled::Unreserved, reply))
             }
@@ -289,10 +300,16 @@ impl Engine {
         };
         self.store_answered();
         self.record_shared_expired(reply.expired);
-        let now = reply.counters.at;
+        let answered_at = reply.counters.at;
         let (reported, change) = {
             let mut cell = slot.lock();
             cell.state.load_shared(&reply.counters);
+            let settled = match (settled, held_charged_us) {
+                (Settled::Reservation(reservation), Some(charged_us)) => Settled::Reservation(
+                    cell.state.settled_in_shared_store(reservation, charged_us),
+                ),
+                (settled, _) => settled,
+            };
             let blocks_before = cell.state.shared_blocks();
             let counted = match &settled {
                 Settled::Reservation(reservation) => tokens.unwrap_or(reservation.estimated_tokens),
@@ -302,12 +319,13 @@ impl Engine {
                 &report.outcome(),
                 settled,
                 counted,
-                now,
+                answered_at,
                 &self.settings,
                 &mut fresh_id,
             );
             let change = BlockChange::between(blocks_before, cell.state.shared_blocks());
-            let reported = self.conclude_report(&slot, cell, now, workspace, &report, recorded);
+            let reported =
+                self.conclude_report(&slot, cell, answered_at, workspace, &report, recorded);
             (reported, change)
         };
         if let Some(change) = change {
@@ -476,13 +494,10 @@ impl Engine {
 
     /// Records reservations that expired unsettled in the shared store, which
     /// any call may answer, in the history of the workspace each belongs to.
-    fn record_shared_expired(&self, expired: Vec<(WorkspaceId, Expired)>) {
-        for (workspace, finished) in expired {
-            if let Ok(slot) = self.slot(&workspace) {
-                let mut cell = slot.lock();
-                let finished = cell.state.expired_in_shared_store(finished);
-                record_expired(&mut cell, vec![finished]);
-                slot.usage_dirty.store(true, Ordering::Release);
+    fn record_shared_expired(&self, expired: Vec<ExpiredInStore>) {
+        for finished in expired {
+            if let Ok(slot) = self.slot(&finished.workspace) {
+                record_expired_in_shared_store(&slot, finished.expired, finished.charged_us);
             }
         }
     }
@@ -663,4 +678,49 @@ impl Engine {
             shared.took_over.store(true, Ordering::Release);
         }
     }
+}
+
+/// A reservation held here, taken out to be settled in the shared store.
+/// Should the settlement stop before the store answers (its caller went
+/// away), the call still counts in history, with its estimate, as if the
+/// reservation had expired: the store may have applied the settlement or
+/// not, so it is not settled again.
+struct HeldInSettlement<'a> {
+    slot: &'a Slot,
+    reservation: Option<Reservation>,
+    charged_us: i64,
+}
+
+impl<'a> HeldInSettlement<'a> {
+    fn new(slot: &'a Slot, reservation: Reservation, charged_us: i64) -> Self {
+        Self {
+            slot,
+            reservation: Some(reservation),
+            charged_us,
+        }
+    }
+
+    /// The store answered: the settlement goes on with the reservation.
+    fn settled(mut self) -> Reservation {
+        self.reservation
+            .take()
+            .expect("a reservation in settlement until settled")
+    }
+}
+
+impl Drop for HeldInSettlement<'_> {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            record_expired_in_shared_store(self.slot, reservation.expired(), self.charged_us);
+        }
+    }
+}
+
+/// Records in a workspace's history a reservation the shared store charged
+/// at `charged_us` that ended unsettled.
+fn record_expired_in_shared_store(slot: &Slot, expired: Expired, charged_us: i64) {
+    let mut cell = slot.lock();
+    let finished = cell.state.expired_in_shared_store(expired, charged_us);
+    record_expired(&mut cell, vec![finished]);
+    slot.usage_dirty.store(true, Ordering::Release);
 }

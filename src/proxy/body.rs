@@ -149,10 +149,17 @@ impl SettleGuard {
         tokens: Option<TokenUsage>,
         answer: Option<UpstreamAnswer>,
     ) -> Option<UpstreamClass> {
-        match self.0.take() {
-            Some(settlement) => settlement.finish_now(tokens, answer).await,
-            None => None,
+        let settlement = self.0.take()?;
+        if settlement.state.engine.shared_counting().is_none() {
+            return settlement.finish_now(tokens, answer).await;
         }
+        // A settlement that travels to shared counters runs as a task of its
+        // own: the client may leave while it waits for the store, and that
+        // must not stop it halfway.
+        tokio::spawn(settlement.finish_now(tokens, answer))
+            .await
+            .ok()
+            .flatten()
     }
 
     /// Hands the settlement over to a body stream, which settles it from now on.

@@ -1,6 +1,6 @@
 -- quotawatch's shared counters: each workspace's minute window, calendar
--- day and upstream blocks, and every open reservation, changed
--- atomically. Every instance runs the same operations here, so a limit
+-- day and upstream blocks, and the open reservations any instance may
+-- settle, changed atomically. Every instance runs the same operations here, so a limit
 -- holds across all of them, and every instance reads time from Redis
 -- (TIME), so skewed clocks agree.
 --

@@ -61,7 +61,17 @@ pub struct Reply {
     pub at_us: i64,
     /// Reservations that expired unsettled, of any workspace; their
     /// estimates are final.
-    pub expired: Vec<(WorkspaceId, Expired)>,
+    pub expired: Vec<ExpiredInStore>,
+}
+
+/// A reservation recorded in the store that expired unsettled.
+#[derive(Clone, Debug, PartialEq)]
+pub struct ExpiredInStore {
+    pub workspace: WorkspaceId,
+    pub expired: Expired,
+    /// When the store charged it, in microseconds (see
+    /// [`Reservation::shared_charge_us`]).
+    pub charged_us: i64,
 }
 
 /// How one instance's rules moved a workspace's upstream blocks: only the
@@ -193,7 +203,7 @@ struct Link {
     failing_since: Mutex<Option<Instant>>,
     /// Expired reservations from a batch whose callers had all stopped
     /// waiting: Redis removed them already, so the next answer carries them.
-    unclaimed: Mutex<Vec<(WorkspaceId, Expired)>>,
+    unclaimed: Mutex<Vec<ExpiredInStore>>,
     states: StateCache,
 }
 
@@ -566,10 +576,7 @@ impl Link {
     }
 
     /// `expired` and those no caller took before.
-    fn with_unclaimed(
-        &self,
-        mut expired: Vec<(WorkspaceId, Expired)>,
-    ) -> Vec<(WorkspaceId, Expired)> {
+    fn with_unclaimed(&self, mut expired: Vec<ExpiredInStore>) -> Vec<ExpiredInStore> {
         let mut unclaimed = lock(&self.unclaimed);
         if !unclaimed.is_empty() {
             expired.append(&mut unclaimed);
@@ -813,7 +820,7 @@ fn parse_reply(
 
 /// A batch's answers, in the order of its parts, and the reservations that
 /// expired meanwhile, of any workspace.
-type BatchAnswer = (Vec<(Outcome, Reply)>, Vec<(WorkspaceId, Expired)>);
+type BatchAnswer = (Vec<(Outcome, Reply)>, Vec<ExpiredInStore>);
 
 /// Reads the answer to a batch: {now, an outcome byte per admission, the
 /// state of each workspace, expired reservations, five values per
@@ -951,14 +958,14 @@ fn millis_of(micros: i64) -> Timestamp {
 /// Expired reservations, as the script stores them: "workspace|reservation
 /// id|charged (microseconds)|tokens|probe|model". One that does not parse,
 /// or whose workspace id no longer does, is dropped.
-fn expired_from(value: &Value) -> Vec<(WorkspaceId, Expired)> {
+fn expired_from(value: &Value) -> Vec<ExpiredInStore> {
     flat(value)
         .iter()
         .filter_map(|member| expired_member(&text(member)))
         .collect()
 }
 
-fn expired_member(member: &str) -> Option<(WorkspaceId, Expired)> {
+fn expired_member(member: &str) -> Option<ExpiredInStore> {
     let mut parts = member.splitn(6, '|');
     let workspace = parts.next()?.parse().ok()?;
     let _reservation = parts.next()?;
@@ -970,7 +977,11 @@ fn expired_member(member: &str) -> Option<(WorkspaceId, Expired)> {
         tokens,
         model: model(parts.next()?),
     };
-    Some((workspace, expired))
+    Some(ExpiredInStore {
+        workspace,
+        expired,
+        charged_us,
+    })
 }
 
 fn bytes(value: &Value) -> Result<&[u8], SharedError> {
@@ -1032,17 +1043,19 @@ mod tests {
 
     #[test]
     fn an_expiry_member_names_its_workspace_and_what_it_charged() {
-        let (workspace, expired) =
+        let member =
             expired_member("acme|7|1700000000123456|120|0|gpt-4o-mini").expect("well formed");
-        assert_eq!(workspace.as_str(), "acme");
+        assert_eq!(member.workspace.as_str(), "acme");
+        assert_eq!(member.charged_us, 1_700_000_000_123_456);
+        let expired = member.expired;
         assert_eq!(
             expired.charged_at,
             Timestamp::from_millis(1_700_000_000_123)
         );
         assert_eq!(expired.tokens, 120);
         assert_eq!(expired.model.as_deref(), Some("gpt-4o-mini"));
-        let (_, unnamed) = expired_member("acme|8|1000|5|1|").expect("no model");
-        assert_eq!(unnamed.model, None);
+        let unnamed = expired_member("acme|8|1000|5|1|").expect("no model");
+        assert_eq!(unnamed.expired.model, None);
         assert!(expired_member("Not An Id|7|1000|5|0|").is_none());
         assert!(expired_member("acme|7|soon|5|0|").is_none());
     }

@@ -116,9 +116,7 @@ pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> SharedCounters {
         },
         hold_until: Some(millis(4)).filter(|until| *until > at),
         billing,
-        // Kept in microseconds, to tell a reset from an admission in the
-        // same millisecond.
-        last_reset: (state[11] > 0.0).then(|| Timestamp::from_millis((state[11] / 1000.0) as i64)),
+        last_reset_us: (state[11] > 0.0).then_some(state[11] as i64),
     }
 }
 

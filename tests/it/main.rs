@@ -9,6 +9,7 @@ mod cli;
 mod conformance;
 mod dashboard;
 mod durability;
+mod held;
 mod instances;
 mod proxy;
 mod sdk;

@@ -219,8 +219,8 @@ async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_i
     )
     .await;
     assert_eq!(expired.len(), 1, "{expired:?}");
-    let (workspace, finished) = &expired[0];
-    assert_eq!(workspace, &store.workspace);
+    assert_eq!(expired[0].workspace, store.workspace);
+    let finished = &expired[0].expired;
     assert_eq!(finished.tokens, 120, "the estimate is final");
     assert_eq!(finished.model.as_deref(), Some("gpt-4o-mini"));
     // It is found once, and can no longer be settled.
@@ -281,7 +281,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         .expect("settle");
     assert_eq!(settled.map(|settled| settled.estimated_tokens), Some(0));
     assert_eq!(reply.counters.day_used.tokens, 30);
-    assert!(reply.counters.last_reset.is_some(), "the reset is known");
+    assert!(reply.counters.last_reset_us.is_some(), "the reset is known");
     store.finish().await;
 }
 
