@@ -334,7 +334,10 @@ pub async fn usage(
         }),
         latency_ms: body.latency_ms,
     };
-    let reported = state.engine.settle(&workspace, report).await?;
+    let reported = state
+        .engine
+        .settle_to_the_end(workspace.clone(), report)
+        .await?;
     if reported.missing_reservation {
         // The upstream's answer counted all the same; only the settlement
         // could not happen.

@@ -15,7 +15,7 @@ use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::window::Usage;
 use super::workspace::{
     Admission, Admitted, Answer, Enforcement, Expired, Outcome, Recorded, RefusalCause, Request,
-    Reservation, Settings, Settled, SharedCounters, WorkspaceState,
+    Reservation, Returned, Settings, Settled, SharedCounters, WorkspaceState,
 };
 
 use LimitKind::*;
@@ -892,6 +892,31 @@ impl Script {
         self.next_id = next_id;
         changes
     }
+
+    /// Concludes reservation `id` of 40 tokens, admitted now by a shared
+    /// store at `charged_us` of its clock.
+    fn admit_in_shared_store(&mut self, id: u64, settled_anywhere: bool, charged_us: i64) {
+        let admitted = Admitted {
+            id,
+            charged_at: self.now,
+            expires_at: self.now.plus(self.settings.reservation_ttl),
+            probe: false,
+        };
+        let request = Request {
+            estimated_tokens: 40,
+            model: None,
+            settled_anywhere,
+        };
+        let admission = self.state.conclude_shared_admission(
+            Some(admitted),
+            &request,
+            charged_us,
+            self.now,
+            &self.settings,
+            &mut || 99,
+        );
+        assert!(admission.result.is_ok());
+    }
 }
 
 #[test]
@@ -1017,7 +1042,8 @@ fn a_shared_reservation_charged_before_a_reset_ends_counting_nothing() {
         expired
     );
     // Settled, it is charged as the store settles it: from the reset on,
-    // with nothing of its estimate left to keep.
+    // with nothing of its estimate left to keep. The reset is the one the
+    // store's answer knows, not a later one loaded first.
     let reservation = Reservation {
         id: 1,
         charged_at: Timestamp::from_millis(reset.millis() - 1000),
@@ -1027,15 +1053,67 @@ fn a_shared_reservation_charged_before_a_reset_ends_counting_nothing() {
         probe: false,
         shared_charge_us: None,
     };
-    let settled = script
-        .state
-        .settled_in_shared_store(reservation.clone(), (reset.millis() - 1000) * 1000);
+    let charged_before_us = (reset.millis() - 1000) * 1000;
+    let settled = reservation
+        .clone()
+        .as_in_shared_store(charged_before_us, Some(reset_us));
     assert_eq!((settled.charged_at, settled.estimated_tokens), (reset, 0));
     assert_eq!(
-        script
-            .state
-            .settled_in_shared_store(reservation.clone(), reset_us + 1),
         reservation
+            .clone()
+            .as_in_shared_store(reset_us + 1, Some(reset_us)),
+        reservation
+    );
+    assert_eq!(
+        reservation
+            .clone()
+            .as_in_shared_store(charged_before_us, None),
+        reservation,
+        "settled before any reset"
+    );
+}
+
+#[test]
+fn a_reset_leaves_the_reservations_a_shared_store_charged_to_its_own_reset() {
+    let mut script = Script::new(&[(TokensPerMinute, 10_000)]);
+    script
+        .state
+        .load_shared(&shared_counters(1, script.now, None));
+    let now = script.now;
+    let charged_us = now.millis() * 1000 + 250;
+    script.admit_in_shared_store(1, false, charged_us);
+    script.admit_in_shared_store(2, false, charged_us);
+    // The store's reset came just before this admission reached it: the
+    // local reset that follows must not clear what the store charged.
+    let reset_us = charged_us - 1;
+    script
+        .state
+        .load_shared(&shared_counters(2, now, Some(reset_us)));
+    script.state.reset(now);
+    let (held, taken_us) = script.state.take_shared_reservation(1, now).expect("held");
+    assert_eq!(held.estimated_tokens, 40, "charged after the store's reset");
+    // Put back, unsettled there, it keeps its estimate to settle here;
+    // one whose time ran out while it was out ends, keeping it.
+    assert_eq!(
+        script.state.return_reservation(held, taken_us, now),
+        Returned::Held { estimate: 40 }
+    );
+    let (held, taken_us) = script.state.take_shared_reservation(2, now).expect("held");
+    let later = now.plus(script.settings.reservation_ttl);
+    match script.state.return_reservation(held, taken_us, later) {
+        Returned::Expired(expired) => assert_eq!(expired.tokens, 40),
+        held => panic!("expected it to expire, got {held:?}"),
+    }
+    assert!(script.state.take_shared_reservation(2, now).is_none());
+    // A later reset in the store clears the one put back, as it was
+    // charged before it.
+    let (held, taken_us) = script.state.take_shared_reservation(1, now).expect("back");
+    script
+        .state
+        .load_shared(&shared_counters(3, now, Some(charged_us + 1)));
+    assert_eq!(
+        script.state.return_reservation(held, taken_us, now),
+        Returned::Held { estimate: 0 }
     );
 }
 
@@ -1047,31 +1125,9 @@ fn a_reservation_held_for_a_shared_store_is_taken_once_and_expires_as_the_store_
         .load_shared(&shared_counters(1, script.now, None));
     let now = script.now;
     let settings = script.settings;
-    let conclude = |state: &mut WorkspaceState, id, settled_anywhere| {
-        let admitted = Admitted {
-            id,
-            charged_at: now,
-            expires_at: now.plus(settings.reservation_ttl),
-            probe: false,
-        };
-        let request = Request {
-            estimated_tokens: 40,
-            model: None,
-            settled_anywhere,
-        };
-        let charged_us = now.millis() * 1000 + 250;
-        let admission = state.conclude_shared_admission(
-            Some(admitted),
-            &request,
-            charged_us,
-            now,
-            &settings,
-            &mut || 99,
-        );
-        assert!(admission.result.is_ok());
-    };
+    let charged_us = now.millis() * 1000 + 250;
     // The proxy's reservation is held here, to be settled in the store.
-    conclude(&mut script.state, 1, false);
+    script.admit_in_shared_store(1, false, charged_us);
     assert_eq!(
         script.state.reservation_estimate(1),
         None,
@@ -1087,11 +1143,11 @@ fn a_reservation_held_for_a_shared_store_is_taken_once_and_expires_as_the_store_
         "taken once"
     );
     // The REST API's is left to the store, which any instance asks.
-    conclude(&mut script.state, 2, true);
+    script.admit_in_shared_store(2, true, charged_us);
     assert!(script.state.take_shared_reservation(2, now).is_none());
     // One held over a reset made elsewhere expires counting nothing. It is
     // not saved, as other instances may restore what this one saves.
-    conclude(&mut script.state, 3, false);
+    script.admit_in_shared_store(3, false, charged_us);
     assert!(script.state.save().reservations.is_empty());
     let reset = script.now.plus(Duration::from_secs(1));
     script

@@ -79,6 +79,41 @@ impl Reservation {
             tokens: self.estimated_tokens,
         }
     }
+
+    /// This reservation, charged in a shared store at `charged_us`, as the
+    /// store settles it when its last reset is `last_reset_us`: one charged
+    /// before that reset had its estimate cleared then, as the reservations
+    /// held here have (see [`WorkspaceState::reset`]), and counts from the
+    /// reset on.
+    pub fn as_in_shared_store(self, charged_us: i64, last_reset_us: Option<i64>) -> Reservation {
+        match reset_since(charged_us, last_reset_us) {
+            Some(reset) => Reservation {
+                charged_at: reset,
+                estimated_tokens: 0,
+                ..self
+            },
+            None => self,
+        }
+    }
+}
+
+/// When a shared store was last reset (`last_reset_us`), if that came after
+/// a charge at `charged_us`. Both are its clock's microseconds, which tell
+/// a reset from a charge in the same millisecond.
+fn reset_since(charged_us: i64, last_reset_us: Option<i64>) -> Option<Timestamp> {
+    last_reset_us
+        .filter(|reset_us| charged_us < *reset_us)
+        .map(|reset_us| Timestamp::from_millis(reset_us.div_euclid(1000)))
+}
+
+/// What became of a reservation put back to be settled here (see
+/// [`WorkspaceState::return_reservation`]).
+#[derive(Clone, Debug, PartialEq)]
+pub enum Returned {
+    /// Held here again, with this estimate left to settle.
+    Held { estimate: u64 },
+    /// Its time ran out meanwhile: it ended unsettled.
+    Expired(Expired),
 }
 
 /// The upstream reported a billing problem.
@@ -728,7 +763,7 @@ impl WorkspaceState {
     /// reset counts nothing from the reset on, as a reservation held here
     /// would (see `reset`).
     pub fn expired_in_shared_store(&self, expired: Expired, charged_us: i64) -> Expired {
-        match self.shared_reset_since(charged_us) {
+        match reset_since(charged_us, self.shared_reset_us) {
             Some(reset) => Expired {
                 charged_at: reset,
                 tokens: 0,
@@ -736,32 +771,6 @@ impl WorkspaceState {
             },
             None => expired,
         }
-    }
-
-    /// A reservation the shared store charged at `charged_us`, as the store
-    /// settled it: one charged before the last reset had its estimate
-    /// cleared then, as the reservations held here have (see `reset`).
-    pub fn settled_in_shared_store(
-        &self,
-        reservation: Reservation,
-        charged_us: i64,
-    ) -> Reservation {
-        match self.shared_reset_since(charged_us) {
-            Some(reset) => Reservation {
-                charged_at: reset,
-                estimated_tokens: 0,
-                ..reservation
-            },
-            None => reservation,
-        }
-    }
-
-    /// When the shared store was last reset, if that came after a charge at
-    /// `charged_us`.
-    fn shared_reset_since(&self, charged_us: i64) -> Option<Timestamp> {
-        self.shared_reset_us
-            .filter(|reset_us| charged_us < *reset_us)
-            .map(|reset_us| Timestamp::from_millis(reset_us.div_euclid(1000)))
     }
 
     /// The version of the shared counters last loaded (0: none).
@@ -798,9 +807,24 @@ impl WorkspaceState {
     }
 
     /// Puts back a reservation [taken](Self::take_shared_reservation) that
-    /// could not be settled in the shared store, to be settled here.
-    pub fn return_reservation(&mut self, reservation: Reservation) {
+    /// could not be settled in the shared store, to be settled here as the
+    /// store left it (a reset there cleared what it charged before). One
+    /// whose time ran out at `now`, while the store was tried, is not put
+    /// back but ends unsettled, keeping its estimate: the expiry it was due
+    /// may have passed it by while it was out.
+    pub fn return_reservation(
+        &mut self,
+        reservation: Reservation,
+        charged_us: i64,
+        now: Timestamp,
+    ) -> Returned {
+        let reservation = reservation.as_in_shared_store(charged_us, self.shared_reset_us);
+        if reservation.expires_at <= now {
+            return Returned::Expired(reservation.expired());
+        }
+        let estimate = reservation.estimated_tokens;
         self.reservations.insert(reservation.id, reservation);
+        Returned::Held { estimate }
     }
 
     /// Switches how limits are enforced. Entering [`Enforcement::Share`]
@@ -1093,10 +1117,19 @@ impl WorkspaceState {
     /// An admin reset: clears counters, upstream blocks and active
     /// notifications. Requests in flight keep their reservations, now charged
     /// nothing, so that their settlement counts their actual usage afresh.
+    /// Those a shared store charged are left as they are: the store's own
+    /// reset cleared them there, and its time, loaded with its answer, tells
+    /// which (see [`Reservation::as_in_shared_store`]); one whose admission
+    /// reached the store just after its reset keeps its estimate, or its
+    /// settlement would charge it there twice.
     pub fn reset(&mut self, now: Timestamp) -> Vec<Change> {
         self.minute = MinuteWindow::new(SECOND_MS);
         self.day = DayCounter::new(now, self.config.timezone);
-        for reservation in self.reservations.values_mut() {
+        let charged_here = self
+            .reservations
+            .values_mut()
+            .filter(|reservation| reservation.shared_charge_us.is_none());
+        for reservation in charged_here {
             reservation.charged_at = now;
             reservation.estimated_tokens = 0;
         }

@@ -26,7 +26,7 @@ use super::{Decision, Engine, EngineError, Reported, Slot, UsageReport, fresh_id
 use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
-use crate::domain::workspace::{Enforcement, Expired, Request, Reservation, Settled};
+use crate::domain::workspace::{Enforcement, Expired, Request, Reservation, Returned, Settled};
 use crate::shared::{
     AdmitArgs, BlockChange, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
 };
@@ -238,7 +238,7 @@ impl Engine {
         }
         let tokens = report.tokens.map(|tokens| tokens.total());
         // When the store charged a held reservation, to take a reset there
-        // into account once its answer is loaded.
+        // into account with its answer.
         let mut held_charged_us = None;
         let answer = match (report.reservation, held) {
             (_, Some((reservation, charged_us))) => {
@@ -262,10 +262,20 @@ impl Engine {
                         // the store learns of tokens beyond its estimate
                         // with the merge.
                         self.store_failed(&error);
-                        let reservation = in_settlement.settled();
-                        let estimate = reservation.estimated_tokens;
-                        slot.lock().state.return_reservation(reservation);
-                        return self.settle_here(&slot, workspace, report, estimate);
+                        let returned = slot.lock().state.return_reservation(
+                            in_settlement.settled(),
+                            charged_us,
+                            self.now(),
+                        );
+                        return match returned {
+                            Returned::Held { estimate } => {
+                                self.settle_here(&slot, workspace, report, estimate)
+                            }
+                            Returned::Expired(expired) => {
+                                record_expired_in_shared_store(&slot, expired, charged_us);
+                                self.report(workspace, report)
+                            }
+                        };
                     }
                 }
             }
@@ -301,15 +311,17 @@ impl Engine {
         self.store_answered();
         self.record_shared_expired(reply.expired);
         let answered_at = reply.counters.at;
+        // Judged by the reset the answer knows: one made after the store
+        // settled this call, and loaded first, did not touch it.
+        let settled = match (settled, held_charged_us) {
+            (Settled::Reservation(reservation), Some(charged_us)) => Settled::Reservation(
+                reservation.as_in_shared_store(charged_us, reply.counters.last_reset_us),
+            ),
+            (settled, _) => settled,
+        };
         let (reported, change) = {
             let mut cell = slot.lock();
             cell.state.load_shared(&reply.counters);
-            let settled = match (settled, held_charged_us) {
-                (Settled::Reservation(reservation), Some(charged_us)) => Settled::Reservation(
-                    cell.state.settled_in_shared_store(reservation, charged_us),
-                ),
-                (settled, _) => settled,
-            };
             let blocks_before = cell.state.shared_blocks();
             let counted = match &settled {
                 Settled::Reservation(reservation) => tokens.unwrap_or(reservation.estimated_tokens),
@@ -334,6 +346,27 @@ impl Engine {
         Ok(reported)
     }
 
+    /// [`settle`](Self::settle), carried to its end even if its caller
+    /// stops waiting (a client that leaves): the shared store may apply the
+    /// settlement after that, and the call must still count here. So one
+    /// that travels to the store runs as a task of its own.
+    pub async fn settle_to_the_end(
+        self: &Arc<Self>,
+        workspace: WorkspaceId,
+        report: UsageReport,
+    ) -> Result<Reported, EngineError> {
+        if self.shared.is_none() {
+            return self.settle(&workspace, report).await;
+        }
+        let engine = Arc::clone(self);
+        let task = tokio::spawn(async move { engine.settle(&workspace, report).await });
+        match task.await {
+            Ok(reported) => reported,
+            // Nothing cancels it: what can end it early is a panic, passed on.
+            Err(error) => std::panic::resume_unwind(error.into_panic()),
+        }
+    }
+
     /// Settles a reservation made here during an outage. What the store
     /// must learn (tokens beyond the estimate, blocks) waits with the
     /// usage counted alone, for the merge.
@@ -348,7 +381,10 @@ impl Engine {
             .tokens
             .map_or(0, |tokens| tokens.total().saturating_sub(estimate));
         let reported = self.report(workspace, report)?;
-        slot.lock().offline.tokens += beyond_estimate;
+        // One that expired first kept its estimate, and no more.
+        if !reported.missing_reservation {
+            slot.lock().offline.tokens += beyond_estimate;
+        }
         if let Some(shared) = &self.shared {
             shared.merge_pending.store(true, Ordering::Release);
         }
@@ -411,7 +447,7 @@ impl Engine {
             };
             for (id, slot) in targets {
                 let timezone = slot.lock().state.config().timezone;
-                shared
+                let reply = shared
                     .counters
                     .reset(&id, timezone, self.now())
                     .await
@@ -419,6 +455,9 @@ impl Engine {
                         self.store_failed(&error);
                         EngineError::SharedStore(error.to_string())
                     })?;
+                // The reset's time, loaded, tells the reservations held here
+                // that it cleared from those charged after it.
+                self.load_reply(&slot, &reply);
             }
         }
         self.reset(workspace)
