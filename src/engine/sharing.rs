@@ -262,17 +262,22 @@ impl Engine {
                         // the store learns of tokens beyond its estimate
                         // with the merge.
                         self.store_failed(&error);
-                        let returned = slot.lock().state.return_reservation(
+                        let mut cell = slot.lock();
+                        let returned = cell.state.return_reservation(
                             in_settlement.settled(),
                             charged_us,
                             self.now(),
                         );
                         return match returned {
                             Returned::Held { estimate } => {
+                                drop(cell);
                                 self.settle_here(&slot, workspace, report, estimate)
                             }
                             Returned::Expired(expired) => {
-                                record_expired_in_shared_store(&slot, expired, charged_us);
+                                // Counted as it ended; the report then
+                                // finds it gone and counts nothing more.
+                                record_expired(&mut cell, vec![expired]);
+                                drop(cell);
                                 self.report(workspace, report)
                             }
                         };
@@ -347,21 +352,32 @@ impl Engine {
     }
 
     /// [`settle`](Self::settle), carried to its end even if its caller
-    /// stops waiting (a client that leaves): the shared store may apply the
-    /// settlement after that, and the call must still count here. So one
-    /// that travels to the store runs as a task of its own.
+    /// stops waiting (see [`to_the_end`](Self::to_the_end)).
     pub async fn settle_to_the_end(
         self: &Arc<Self>,
         workspace: WorkspaceId,
         report: UsageReport,
     ) -> Result<Reported, EngineError> {
-        if self.shared.is_none() {
-            return self.settle(&workspace, report).await;
-        }
         let engine = Arc::clone(self);
-        let task = tokio::spawn(async move { engine.settle(&workspace, report).await });
-        match task.await {
-            Ok(reported) => reported,
+        self.to_the_end(async move { engine.settle(&workspace, report).await })
+            .await
+    }
+
+    /// Runs `work` that settles calls to its end even if its caller stops
+    /// waiting (a client that leaves): the shared store may apply a
+    /// settlement after that, and the call must still count here. So work
+    /// that travels to the store runs as a task of its own; without one,
+    /// settling never waits, and nothing can stop it halfway.
+    pub async fn to_the_end<F>(&self, work: F) -> F::Output
+    where
+        F: Future + Send + 'static,
+        F::Output: Send + 'static,
+    {
+        if self.shared.is_none() {
+            return work.await;
+        }
+        match tokio::spawn(work).await {
+            Ok(output) => output,
             // Nothing cancels it: what can end it early is a panic, passed on.
             Err(error) => std::panic::resume_unwind(error.into_panic()),
         }

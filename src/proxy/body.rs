@@ -150,16 +150,12 @@ impl SettleGuard {
         answer: Option<UpstreamAnswer>,
     ) -> Option<UpstreamClass> {
         let settlement = self.0.take()?;
-        if settlement.state.engine.shared_counting().is_none() {
-            return settlement.finish_now(tokens, answer).await;
-        }
-        // A settlement that travels to shared counters runs as a task of its
-        // own: the client may leave while it waits for the store, and that
-        // must not stop it halfway.
-        tokio::spawn(settlement.finish_now(tokens, answer))
+        // The client may leave while the settlement waits for the store; it
+        // goes on, with its metrics.
+        let engine = settlement.state.engine.clone();
+        engine
+            .to_the_end(settlement.finish_now(tokens, answer))
             .await
-            .ok()
-            .flatten()
     }
 
     /// Hands the settlement over to a body stream, which settles it from now on.
