@@ -71,7 +71,7 @@ struct MockArgs {
     /// Wait between streamed events, e.g. 10ms.
     #[arg(long, value_parser = parse_duration_arg, default_value = "0s")]
     chunk_delay: Duration,
-    /// The answer to requests that name none with the x-mock-scenario header:
+    /// The answer to requests that name none with ?mock_scenario=NAME:
     /// ok, timeout, stream_break, stream_stall, stream_error, or an error
     /// such as insufficient_quota or rate_limit_requests (see README).
     #[arg(long, default_value = "ok")]

@@ -4,8 +4,9 @@
 //! `x-ratelimit-*` headers, SSE streams (with or without the usage chunk, as
 //! the request asks), and each documented error with its status and headers.
 //!
-//! Scenarios choose the answer: per request with the header
-//! `x-mock-scenario: NAME`, or for every request with
+//! Scenarios choose the answer: per request with the query parameter
+//! `mock_scenario=NAME` (a query reaches the upstream through quotawatch as
+//! sent, where an unknown header would not), or for every request with
 //! `POST /mock/scenario {"scenario": "NAME"}` (or `--scenario NAME`). Knobs:
 //! latency before the headers, a delay between streamed events, and a share
 //! of requests that fail with a given scenario. `GET /mock/stats` counts
@@ -510,9 +511,11 @@ async fn answer(State(mock): State<Mock>, request: Request) -> Response {
         return error_answer("invalid_api_key");
     }
     let mut scenario = parts
-        .headers
-        .get("x-mock-scenario")
-        .and_then(|value| value.to_str().ok())
+        .uri
+        .query()
+        .into_iter()
+        .flat_map(|query| query.split('&'))
+        .find_map(|pair| pair.strip_prefix("mock_scenario="))
         .unwrap_or(&options.scenario)
         .to_owned();
     if options.error_rate > 0.0 && rand::random::<f64>() < options.error_rate {

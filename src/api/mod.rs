@@ -7,6 +7,7 @@
 
 mod assets;
 pub mod auth;
+mod drain;
 pub mod dto;
 pub mod error;
 pub mod quota;
@@ -136,6 +137,7 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(axum::middleware::from_fn(drain::keep_connection_usable))
         .with_state(state)
 }
 

@@ -260,21 +260,30 @@ impl WorkspaceConfig {
     }
 }
 
-/// An environment variable name as shells accept it: `[A-Za-z_][A-Za-z0-9_]*`.
+/// The prefix of the variables a workspace may name for its upstream key.
+pub const UPSTREAM_KEY_PREFIX: &str = "QUOTAWATCH_UPSTREAM_KEY_";
+
+/// The variable a workspace names for its upstream key: `OPENAI_API_KEY` or
+/// `QUOTAWATCH_UPSTREAM_KEY_<NAME>` (letters, digits and `_`). Whoever edits
+/// a workspace must not be able to send any other variable of the process
+/// (the admin key, a database password) upstream as a bearer token.
 pub fn validate_env_name(name: &str) -> Result<String, ValidationError> {
-    let mut chars = name.chars();
-    let valid = chars
-        .next()
-        .is_some_and(|c| c.is_ascii_alphabetic() || c == '_')
-        && chars.all(|c| c.is_ascii_alphanumeric() || c == '_')
-        && name.len() <= 128;
+    let suffix = name.strip_prefix(UPSTREAM_KEY_PREFIX);
+    let valid = name == "OPENAI_API_KEY"
+        || suffix.is_some_and(|suffix| {
+            !suffix.is_empty()
+                && suffix.len() <= 100
+                && suffix
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_')
+        });
     if valid {
         Ok(name.to_owned())
     } else {
         Err(ValidationError::new(
             "upstream_key_env",
             format!(
-                "{name:?} is not an environment variable name (letters, digits and _, not starting with a digit)"
+                "{name:?} cannot hold an upstream key: name OPENAI_API_KEY or a variable {UPSTREAM_KEY_PREFIX}<NAME> (letters, digits and _)"
             ),
         ))
     }

@@ -700,6 +700,24 @@ impl WorkspaceState {
         }
     }
 
+    /// Whether [`admit`](Self::admit) refuses any request now, whatever it
+    /// costs: a billing block whose probe is not due, or a day limit used
+    /// up. The proxy asks this before it reads a request's body, so that a
+    /// workspace that cannot be admitted costs no more than authenticating.
+    pub fn refuses_any_request(&self, now: Timestamp) -> bool {
+        if self
+            .billing_block
+            .is_some_and(|block| now < block.next_probe_at)
+        {
+            return true;
+        }
+        self.enforcement != Enforcement::CountOnly
+            && self.day.contains(now)
+            && self
+                .limits()
+                .any(|(kind, max)| kind.span() == Span::Day && max > 0 && self.used(kind) >= max)
+    }
+
     /// Keeps the reservation of an admitted request until it is settled or
     /// expires; `shared_charge_us` as in [`Reservation`].
     fn hold(&mut self, admitted: &Admitted, request: &Request, shared_charge_us: Option<i64>) {

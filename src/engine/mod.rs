@@ -545,6 +545,29 @@ impl Engine {
         Ok(self.conclude_check(&slot, cell, now, request.model, admission))
     }
 
+    /// Refuses now what would be refused whatever it costs (see
+    /// `WorkspaceState::refuses_any_request`), counted like any refusal;
+    /// `None` when the request must be read and admitted as usual.
+    pub fn refuse_early(&self, workspace: &WorkspaceId) -> Result<Option<Decision>, EngineError> {
+        let slot = self.slot(workspace)?;
+        let now = self.now();
+        let mut cell = slot.lock();
+        if !cell.state.refuses_any_request(now) {
+            return Ok(None);
+        }
+        // The cheapest request there is, refused for the same reason as any.
+        let cheapest = Request {
+            estimated_tokens: 1,
+            model: None,
+            settled_anywhere: false,
+        };
+        let admission = cell
+            .state
+            .admit(&cheapest, now, &self.settings, &mut fresh_id);
+        debug_assert!(admission.result.is_err(), "refused whatever it costs");
+        Ok(Some(self.conclude_check(&slot, cell, now, None, admission)))
+    }
+
     /// What every admission does after the decision, wherever it was made:
     /// history, the answer's headroom, events.
     fn conclude_check(

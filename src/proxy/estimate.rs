@@ -10,7 +10,13 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, OnceLock};
 
-use serde_json::Value;
+use std::fmt;
+
+use axum::http::Method;
+
+use serde::Deserialize;
+use serde::de::{self, DeserializeSeed, Deserializer, MapAccess, SeqAccess, Visitor};
+use serde_json::value::RawValue;
 use tiktoken_rs::tokenizer::{Tokenizer as ModelTokenizer, get_tokenizer};
 
 use super::vocabulary::{CL100K_BASE, O200K_BASE, P50K_BASE, R50K_BASE, Vocabulary};
@@ -26,14 +32,31 @@ pub enum Endpoint {
 }
 
 impl Endpoint {
-    pub fn of_path(path: &str) -> Self {
-        match path.trim_end_matches('/') {
-            "/chat/completions" => Endpoint::ChatCompletions,
-            "/completions" => Endpoint::Completions,
-            "/embeddings" => Endpoint::Embeddings,
-            "/responses" => Endpoint::Responses,
-            _ => Endpoint::Other,
+    /// The endpoint of a request by its method and canonical path (see
+    /// `path::normalise`). Only requests that carry a body are priced: a
+    /// `GET /v1/chat/completions` lists stored completions. Letter case is
+    /// ignored, so that a case-insensitive upstream could not serve an
+    /// unpriced completion.
+    pub fn of(method: &Method, path: &str) -> Self {
+        if !carries_body(method) {
+            return Endpoint::Other;
         }
+        let under_v1 = path.strip_prefix("/v1").unwrap_or(path);
+        [
+            ("/chat/completions", Endpoint::ChatCompletions),
+            ("/completions", Endpoint::Completions),
+            ("/embeddings", Endpoint::Embeddings),
+            ("/responses", Endpoint::Responses),
+        ]
+        .into_iter()
+        .find(|(known, _)| under_v1.eq_ignore_ascii_case(known))
+        .map_or(Endpoint::Other, |(_, endpoint)| endpoint)
+    }
+
+    /// Whether requests to this endpoint are priced, and so must carry a
+    /// JSON object.
+    pub fn is_priced(self) -> bool {
+        self != Endpoint::Other
     }
 
     /// A bounded label for metrics.
@@ -46,6 +69,12 @@ impl Endpoint {
             Endpoint::Other => "other",
         }
     }
+}
+
+/// Whether requests of this method carry a body: the others are forwarded
+/// without one.
+pub fn carries_body(method: &Method) -> bool {
+    matches!(*method, Method::POST | Method::PUT | Method::PATCH)
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -218,57 +247,48 @@ impl Estimator {
         None
     }
 
-    /// The charge for a request to `endpoint` with JSON `body`.
-    pub fn estimate(&self, endpoint: Endpoint, body: &Value) -> Estimate {
-        let model = body.get("model").and_then(Value::as_str).unwrap_or("");
+    /// The charge for a request to `endpoint` whose JSON `body` was read
+    /// into `sizing`. The body is walked once more to count its texts,
+    /// without building a tree of it: memory stays bounded by the largest
+    /// string with escapes in it, whatever the body's size. Every string is
+    /// decoded on the way, so the walk also refuses what is not valid JSON
+    /// text (a lone surrogate escape, for one).
+    pub fn estimate(
+        &self,
+        endpoint: Endpoint,
+        sizing: &Sizing,
+        body: &[u8],
+    ) -> Result<Estimate, serde_json::Error> {
         let mut counting = Counting {
-            encoder: self.encoder(Encoding::of_model(model)),
+            encoder: self.encoder(Encoding::of_model(sizing.model.unwrap_or(""))),
             budget: EXACT_BUDGET,
         };
-        let prompt = match endpoint {
-            Endpoint::ChatCompletions => {
-                let messages = body.get("messages").and_then(Value::as_array);
-                let per_message: u64 = messages
-                    .into_iter()
-                    .flatten()
-                    .map(|message| PER_MESSAGE + counting.text(message))
-                    .sum();
-                let tools: u64 = ["tools", "functions"]
-                    .iter()
-                    .filter_map(|key| body.get(*key))
-                    .map(|tools| counting.count(&tools.to_string()))
-                    .sum();
-                per_message + REPLY_PRIMING + tools
-            }
-            Endpoint::Completions => body.get("prompt").map_or(0, |p| counting.input(p)),
-            Endpoint::Embeddings => body.get("input").map_or(0, |i| counting.input(i)),
-            Endpoint::Responses => {
-                let instructions = body.get("instructions").map_or(0, |i| counting.text(i));
-                let input = body.get("input").map_or(0, |i| counting.text(i));
-                let tools = body
-                    .get("tools")
-                    .map_or(0, |tools| counting.count(&tools.to_string()));
-                instructions + input + tools
-            }
-            Endpoint::Other => 0,
-        };
+        let mut deserializer = serde_json::Deserializer::from_slice(body);
+        let prompt = Prompt {
+            endpoint,
+            counting: &mut counting,
+        }
+        .deserialize(&mut deserializer)?;
+        deserializer.end()?;
         let completion = match endpoint {
             Endpoint::ChatCompletions | Endpoint::Completions | Endpoint::Responses => {
-                let limit = ["max_completion_tokens", "max_tokens", "max_output_tokens"]
-                    .iter()
-                    .find_map(|key| body.get(*key).and_then(Value::as_u64))
-                    .unwrap_or(self.default_max_tokens);
-                let n = body
-                    .get("n")
-                    .and_then(Value::as_u64)
-                    .filter(|n| *n >= 1)
-                    .unwrap_or(1);
+                let limit = sizing.completion_limit.unwrap_or(self.default_max_tokens);
+                let n = sizing.n.filter(|n| *n >= 1).unwrap_or(1);
                 limit.saturating_mul(n)
             }
             Endpoint::Embeddings | Endpoint::Other => 0,
         };
-        Estimate { prompt, completion }
+        Ok(Estimate { prompt, completion })
     }
+}
+
+/// The scalars of a request that size its estimate besides its texts.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct Sizing<'a> {
+    pub model: Option<&'a str>,
+    /// `max_completion_tokens`, `max_tokens` or `max_output_tokens`.
+    pub completion_limit: Option<u64>,
+    pub n: Option<u64>,
 }
 
 /// Counting the texts of one request, within its budget of exact counting.
@@ -290,45 +310,415 @@ impl Counting<'_> {
             None => bytes_estimate(text),
         }
     }
+}
 
-    /// Tokens of every text string in `value`, skipping identifiers and media.
-    fn text(&mut self, value: &Value) -> u64 {
-        match value {
-            Value::String(text) => self.count(text),
-            Value::Array(items) => items.iter().map(|item| self.text(item)).sum(),
-            Value::Object(fields) => fields
-                .iter()
-                .map(|(key, value)| match key.as_str() {
-                    "image_url" | "image" => {
-                        let low = value.get("detail").and_then(Value::as_str) == Some("low");
-                        if low {
-                            LOW_DETAIL_IMAGE_TOKENS
-                        } else {
-                            IMAGE_TOKENS
-                        }
-                    }
-                    key if NOT_TEXT.contains(&key) => 0,
-                    _ => self.text(value),
-                })
-                .sum(),
-            Value::Number(_) | Value::Bool(_) | Value::Null => 0,
+// The walkers below read a request body as a stream of JSON events (serde's
+// visitors), each knowing what its part of the body means for the count.
+// None of them keeps a value: strings are counted where they lie, and what
+// does not count is still walked through, so that every string is decoded.
+
+/// Any JSON value, walked and dropped.
+pub struct Valid;
+
+impl<'de> Deserialize<'de> for Valid {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(Valid)
+    }
+}
+
+impl<'de> Visitor<'de> for Valid {
+    type Value = Valid;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("any JSON value")
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_unit<E>(self) -> Result<Valid, E> {
+        Ok(Valid)
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
+        while seq.next_element::<Valid>()?.is_some() {}
+        Ok(Valid)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<Valid, A::Error> {
+        while map.next_key::<Valid>()?.is_some() {
+            map.next_value::<Valid>()?;
         }
+        Ok(Valid)
+    }
+}
+
+/// The top-level object of a request to one endpoint: the prompt's tokens.
+struct Prompt<'c, 'v> {
+    endpoint: Endpoint,
+    counting: &'c mut Counting<'v>,
+}
+
+impl<'de> DeserializeSeed<'de> for Prompt<'_, '_> {
+    type Value = u64;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+        deserializer.deserialize_map(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Prompt<'_, '_> {
+    type Value = u64;
+
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a JSON object")
     }
 
-    /// Prompt input given as text, a list of texts, or token ids.
-    fn input(&mut self, input: &Value) -> u64 {
-        match input {
-            Value::Array(items) if items.iter().all(Value::is_number) => items.len() as u64,
-            Value::Array(items) => items.iter().map(|item| self.input(item)).sum(),
-            other => self.text(other),
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        let counting = self.counting;
+        let mut tokens = match self.endpoint {
+            Endpoint::ChatCompletions => REPLY_PRIMING,
+            _ => 0,
+        };
+        while let Some(key) = map.next_key::<Key>()? {
+            let key = key.0.as_deref().unwrap_or("");
+            tokens += match (self.endpoint, key) {
+                (Endpoint::ChatCompletions, "messages") => {
+                    map.next_value_seed(Messages(counting))?
+                }
+                (Endpoint::ChatCompletions, "tools" | "functions")
+                | (Endpoint::Responses, "tools") => {
+                    // Tool definitions count as their JSON text, which is
+                    // how they reach the model.
+                    let raw = map.next_value::<&RawValue>()?;
+                    serde_json::from_str::<Valid>(raw.get()).map_err(de::Error::custom)?;
+                    counting.count(raw.get())
+                }
+                (Endpoint::Completions, "prompt") | (Endpoint::Embeddings, "input") => {
+                    map.next_value_seed(Input(counting))?.tokens()
+                }
+                (Endpoint::Responses, "instructions" | "input") => {
+                    map.next_value_seed(Text(counting))?
+                }
+                _ => {
+                    map.next_value::<Valid>()?;
+                    0
+                }
+            };
         }
+        Ok(tokens)
+    }
+}
+
+/// A key of an object, kept only when it is short enough to be one the
+/// walkers look for.
+struct Key(Option<String>);
+
+impl<'de> Deserialize<'de> for Key {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_str(KeyVisitor)
+    }
+}
+
+struct KeyVisitor;
+
+impl Visitor<'_> for KeyVisitor {
+    type Value = Key;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a key")
+    }
+    fn visit_str<E>(self, key: &str) -> Result<Key, E> {
+        Ok(Key((key.len() <= 32).then(|| key.to_owned())))
+    }
+}
+
+/// Chat messages: each counts its texts plus OpenAI's per-message overhead.
+struct Messages<'c, 'v>(&'c mut Counting<'v>);
+
+impl<'de> DeserializeSeed<'de> for Messages<'_, '_> {
+    type Value = u64;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Messages<'_, '_> {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("a list of messages")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        let mut tokens = 0u64;
+        while let Some(message) = seq.next_element_seed(Text(self.0))? {
+            tokens = tokens.saturating_add(PER_MESSAGE + message);
+        }
+        Ok(tokens)
+    }
+    // Anything else is not a list of messages: the upstream refuses it, so
+    // it counts nothing, but it is still read through.
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<u64, A::Error> {
+        Valid.visit_map(map).map(|_| 0)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_unit<E>(self) -> Result<u64, E> {
+        Ok(0)
+    }
+}
+
+/// Tokens of every text string in a value, skipping identifiers and media.
+struct Text<'c, 'v>(&'c mut Counting<'v>);
+
+impl<'de> DeserializeSeed<'de> for Text<'_, '_> {
+    type Value = u64;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Text<'_, '_> {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("text")
+    }
+    fn visit_str<E>(self, text: &str) -> Result<u64, E> {
+        Ok(self.0.count(text))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<u64, A::Error> {
+        let mut tokens = 0u64;
+        while let Some(item) = seq.next_element_seed(Text(self.0))? {
+            tokens = tokens.saturating_add(item);
+        }
+        Ok(tokens)
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        let mut tokens = 0u64;
+        while let Some(key) = map.next_key::<Key>()? {
+            let counted = match key.0.as_deref().unwrap_or("") {
+                "image_url" | "image" => map.next_value_seed(Image)?,
+                key if NOT_TEXT.contains(&key) => {
+                    map.next_value::<Valid>()?;
+                    0
+                }
+                _ => map.next_value_seed(Text(self.0))?,
+            };
+            tokens = tokens.saturating_add(counted);
+        }
+        Ok(tokens)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
+        Ok(0)
+    }
+    fn visit_unit<E>(self) -> Result<u64, E> {
+        Ok(0)
+    }
+}
+
+/// An image: a fixed amount by its detail, its data never read as text.
+struct Image;
+
+impl<'de> DeserializeSeed<'de> for Image {
+    type Value = u64;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<u64, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Image {
+    type Value = u64;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an image")
+    }
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<u64, A::Error> {
+        let mut low = false;
+        while let Some(key) = map.next_key::<Key>()? {
+            if key.0.as_deref() == Some("detail") {
+                low = map.next_value::<Detail>()?.0;
+            } else {
+                map.next_value::<Valid>()?;
+            }
+        }
+        Ok(if low {
+            LOW_DETAIL_IMAGE_TOKENS
+        } else {
+            IMAGE_TOKENS
+        })
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<u64, A::Error> {
+        Valid.visit_seq(seq).map(|_| IMAGE_TOKENS)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<u64, E> {
+        Ok(IMAGE_TOKENS)
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<u64, E> {
+        Ok(IMAGE_TOKENS)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<u64, E> {
+        Ok(IMAGE_TOKENS)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
+        Ok(IMAGE_TOKENS)
+    }
+    fn visit_str<E>(self, _: &str) -> Result<u64, E> {
+        Ok(IMAGE_TOKENS)
+    }
+    fn visit_unit<E>(self) -> Result<u64, E> {
+        Ok(IMAGE_TOKENS)
+    }
+}
+
+/// Whether an image's `detail` is `"low"`.
+struct Detail(bool);
+
+impl<'de> Deserialize<'de> for Detail {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        deserializer.deserialize_any(DetailVisitor)
+    }
+}
+
+struct DetailVisitor;
+
+impl<'de> Visitor<'de> for DetailVisitor {
+    type Value = Detail;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("an image detail")
+    }
+    fn visit_str<E>(self, detail: &str) -> Result<Detail, E> {
+        Ok(Detail(detail == "low"))
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<Detail, E> {
+        Ok(Detail(false))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<Detail, E> {
+        Ok(Detail(false))
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<Detail, E> {
+        Ok(Detail(false))
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<Detail, E> {
+        Ok(Detail(false))
+    }
+    fn visit_unit<E>(self) -> Result<Detail, E> {
+        Ok(Detail(false))
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Detail, A::Error> {
+        Valid.visit_seq(seq).map(|_| Detail(false))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<Detail, A::Error> {
+        Valid.visit_map(map).map(|_| Detail(false))
+    }
+}
+
+/// Prompt input given as text, a list of texts, or token ids.
+struct Input<'c, 'v>(&'c mut Counting<'v>);
+
+/// What one input item counts.
+enum InputTokens {
+    /// A token id, which counts as one token when the whole list is ids.
+    Id,
+    Tokens(u64),
+}
+
+impl InputTokens {
+    fn tokens(self) -> u64 {
+        match self {
+            InputTokens::Id => 0,
+            InputTokens::Tokens(tokens) => tokens,
+        }
+    }
+}
+
+impl<'de> DeserializeSeed<'de> for Input<'_, '_> {
+    type Value = InputTokens;
+    fn deserialize<D: Deserializer<'de>>(self, deserializer: D) -> Result<InputTokens, D::Error> {
+        deserializer.deserialize_any(self)
+    }
+}
+
+impl<'de> Visitor<'de> for Input<'_, '_> {
+    type Value = InputTokens;
+    fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        f.write_str("prompt input")
+    }
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<InputTokens, A::Error> {
+        let (mut items, mut tokens, mut all_ids) = (0u64, 0u64, true);
+        while let Some(item) = seq.next_element_seed(Input(self.0))? {
+            items += 1;
+            all_ids &= matches!(item, InputTokens::Id);
+            tokens = tokens.saturating_add(item.tokens());
+        }
+        Ok(InputTokens::Tokens(if all_ids { items } else { tokens }))
+    }
+    fn visit_i64<E>(self, _: i64) -> Result<InputTokens, E> {
+        Ok(InputTokens::Id)
+    }
+    fn visit_u64<E>(self, _: u64) -> Result<InputTokens, E> {
+        Ok(InputTokens::Id)
+    }
+    fn visit_f64<E>(self, _: f64) -> Result<InputTokens, E> {
+        Ok(InputTokens::Id)
+    }
+    fn visit_str<E>(self, text: &str) -> Result<InputTokens, E> {
+        Ok(InputTokens::Tokens(self.0.count(text)))
+    }
+    fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<InputTokens, A::Error> {
+        Text(self.0).visit_map(map).map(InputTokens::Tokens)
+    }
+    fn visit_bool<E>(self, _: bool) -> Result<InputTokens, E> {
+        Ok(InputTokens::Tokens(0))
+    }
+    fn visit_unit<E>(self) -> Result<InputTokens, E> {
+        Ok(InputTokens::Tokens(0))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use serde_json::json;
+    use serde_json::{Value, json};
+
+    /// Estimates a request given as JSON, read as the proxy reads it.
+    trait EstimateJson {
+        fn estimate_json(&self, endpoint: Endpoint, body: &Value) -> Estimate;
+    }
+
+    impl EstimateJson for Estimator {
+        fn estimate_json(&self, endpoint: Endpoint, body: &Value) -> Estimate {
+            crate::proxy::request::read(self, endpoint, body.to_string().as_bytes())
+                .expect("a valid request")
+                .estimate
+        }
+    }
 
     fn loaded() -> Estimator {
         let estimator = Estimator::new(1024, Tokenizer::Tiktoken);
@@ -338,14 +728,18 @@ mod tests {
     }
 
     #[test]
-    fn endpoints_are_recognised_by_path() {
+    fn endpoints_are_recognised_by_method_and_path() {
+        let post = |path| Endpoint::of(&Method::POST, path);
+        assert_eq!(post("/v1/chat/completions"), Endpoint::ChatCompletions);
+        assert_eq!(post("/v1/Chat/Completions"), Endpoint::ChatCompletions);
+        assert_eq!(post("/v1/responses"), Endpoint::Responses);
+        assert_eq!(post("/v1/embeddings"), Endpoint::Embeddings);
+        assert_eq!(post("/v1/models"), Endpoint::Other);
         assert_eq!(
-            Endpoint::of_path("/chat/completions"),
-            Endpoint::ChatCompletions
+            Endpoint::of(&Method::GET, "/v1/chat/completions"),
+            Endpoint::Other,
+            "listing stored completions costs nothing"
         );
-        assert_eq!(Endpoint::of_path("/responses"), Endpoint::Responses);
-        assert_eq!(Endpoint::of_path("/embeddings/"), Endpoint::Embeddings);
-        assert_eq!(Endpoint::of_path("/models"), Endpoint::Other);
     }
 
     #[test]
@@ -353,21 +747,21 @@ mod tests {
         let estimator = loaded();
         let body = json!({"model": "gpt-4o-mini", "n": 2, "max_tokens": 100,
             "messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hello there!"}]});
-        let estimate = estimator.estimate(Endpoint::ChatCompletions, &body);
+        let estimate = estimator.estimate_json(Endpoint::ChatCompletions, &body);
         // "Be brief." and "Hello there!" are 3 tokens each in o200k_base.
         assert_eq!(estimate.prompt, 2 * PER_MESSAGE + 3 + 3 + REPLY_PRIMING);
         assert_eq!(estimate.completion, 200);
         let newer = json!({"model": "gpt-4o-mini", "max_completion_tokens": 50, "messages": []});
         assert_eq!(
             estimator
-                .estimate(Endpoint::ChatCompletions, &newer)
+                .estimate_json(Endpoint::ChatCompletions, &newer)
                 .completion,
             50
         );
         let unset = json!({"model": "gpt-4o-mini", "messages": []});
         assert_eq!(
             estimator
-                .estimate(Endpoint::ChatCompletions, &unset)
+                .estimate_json(Endpoint::ChatCompletions, &unset)
                 .completion,
             1024
         );
@@ -381,7 +775,7 @@ mod tests {
             {"type": "text", "text": "What is this?"},
             {"type": "image_url", "image_url": {"url": format!("data:image/png;base64,{huge}"), "detail": "low"}}
         ]}]});
-        let estimate = estimator.estimate(Endpoint::ChatCompletions, &body);
+        let estimate = estimator.estimate_json(Endpoint::ChatCompletions, &body);
         assert!(estimate.prompt < 200, "{estimate:?}");
         assert!(estimate.prompt >= LOW_DETAIL_IMAGE_TOKENS);
     }
@@ -392,19 +786,22 @@ mod tests {
         let texts =
             json!({"model": "text-embedding-3-small", "input": ["Hello there!", "Hello there!"]});
         assert_eq!(
-            estimator.estimate(Endpoint::Embeddings, &texts),
+            estimator.estimate_json(Endpoint::Embeddings, &texts),
             Estimate {
                 prompt: 6,
                 completion: 0
             }
         );
         let ids = json!({"model": "text-embedding-3-small", "input": [1, 2, 3, 4]});
-        assert_eq!(estimator.estimate(Endpoint::Embeddings, &ids).prompt, 4);
+        assert_eq!(
+            estimator.estimate_json(Endpoint::Embeddings, &ids).prompt,
+            4
+        );
         let legacy =
             json!({"model": "gpt-3.5-turbo-instruct", "prompt": "Hello there!", "max_tokens": 7});
         assert_eq!(
             estimator
-                .estimate(Endpoint::Completions, &legacy)
+                .estimate_json(Endpoint::Completions, &legacy)
                 .completion,
             7
         );
@@ -415,14 +812,17 @@ mod tests {
         let estimator = loaded();
         let body = json!({"model": "gpt-4.1", "instructions": "Be brief.", "input": "Hello there!", "max_output_tokens": 64});
         assert_eq!(
-            estimator.estimate(Endpoint::Responses, &body),
+            estimator.estimate_json(Endpoint::Responses, &body),
             Estimate {
                 prompt: 6,
                 completion: 64
             }
         );
         let items = json!({"model": "gpt-4.1", "input": [{"role": "user", "content": [{"type": "input_text", "text": "Hello there!"}]}]});
-        assert_eq!(estimator.estimate(Endpoint::Responses, &items).prompt, 3);
+        assert_eq!(
+            estimator.estimate_json(Endpoint::Responses, &items).prompt,
+            3
+        );
     }
 
     #[test]
@@ -443,7 +843,10 @@ mod tests {
     fn before_the_tokenizer_is_loaded_four_bytes_count_as_one_token() {
         let estimator = Estimator::new(0, Tokenizer::Tiktoken);
         let body = json!({"model": "gpt-4o", "input": "abcdefgh"});
-        assert_eq!(estimator.estimate(Endpoint::Embeddings, &body).prompt, 2);
+        assert_eq!(
+            estimator.estimate_json(Endpoint::Embeddings, &body).prompt,
+            2
+        );
     }
 
     #[test]
@@ -452,20 +855,20 @@ mod tests {
         let run = "x".repeat(EXACT_RUN_LIMIT + 1);
         let body = json!({"model": "gpt-4o", "input": run});
         assert_eq!(
-            estimator.estimate(Endpoint::Embeddings, &body).prompt,
+            estimator.estimate_json(Endpoint::Embeddings, &body).prompt,
             bytes_estimate(&run)
         );
         let long = "word ".repeat(EXACT_TEXT_LIMIT / 5 + 1);
         let body = json!({"model": "gpt-4o", "input": long});
         assert_eq!(
-            estimator.estimate(Endpoint::Embeddings, &body).prompt,
+            estimator.estimate_json(Endpoint::Embeddings, &body).prompt,
             bytes_estimate(&long)
         );
         // Past the request's budget, the rest is estimated by bytes.
         let chunk = "Hello there! ".repeat(1000);
         let many: Vec<&str> = vec![&chunk; 40];
         let body = json!({"model": "gpt-4o", "input": many});
-        let estimate = estimator.estimate(Endpoint::Embeddings, &body).prompt;
+        let estimate = estimator.estimate_json(Endpoint::Embeddings, &body).prompt;
         assert!(
             estimate > 40 * 3000 && estimate < 40 * bytes_estimate(&chunk),
             "{estimate}"
@@ -477,7 +880,10 @@ mod tests {
         let estimator = Estimator::new(0, Tokenizer::Bytes);
         let body = json!({"model": "gpt-4o", "input": "abcdefgh"});
         for _ in 0..3 {
-            assert_eq!(estimator.estimate(Endpoint::Embeddings, &body).prompt, 2);
+            assert_eq!(
+                estimator.estimate_json(Endpoint::Embeddings, &body).prompt,
+                2
+            );
         }
         assert!(
             estimator

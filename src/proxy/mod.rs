@@ -16,6 +16,9 @@
 
 mod body;
 pub mod estimate;
+mod headers;
+pub mod path;
+pub mod request;
 pub mod scan;
 pub mod vocabulary;
 
@@ -27,7 +30,6 @@ use axum::http::StatusCode;
 use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
-use serde_json::Value;
 
 use crate::api::AppState;
 use crate::api::auth::{authenticate, bearer};
@@ -44,20 +46,6 @@ use estimate::{Endpoint, Estimate, Estimator};
 
 /// Largest error body read from the upstream; error bodies are small.
 const MAX_ERROR_BODY: usize = 1 << 20;
-
-/// Headers that describe one connection, not the message, and so are never
-/// forwarded (RFC 9110 section 7.6.1).
-const HOP_BY_HOP: &[&str] = &[
-    "connection",
-    "keep-alive",
-    "proxy-connection",
-    "proxy-authenticate",
-    "proxy-authorization",
-    "te",
-    "trailer",
-    "transfer-encoding",
-    "upgrade",
-];
 
 /// Where environment variables named by workspaces are looked up.
 pub type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
@@ -123,31 +111,6 @@ impl Proxy {
     }
 }
 
-fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
-    headers
-        .get_all(header::CONNECTION)
-        .iter()
-        .filter_map(|value| value.to_str().ok())
-        .flat_map(|value| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
-        .collect()
-}
-
-/// The headers that describe the message, without those of one connection.
-fn end_to_end(headers: &HeaderMap, also_drop: &[HeaderName]) -> HeaderMap {
-    let named = connection_tokens(headers);
-    let mut kept = HeaderMap::with_capacity(headers.len());
-    for (name, value) in headers {
-        let drop = HOP_BY_HOP.contains(&name.as_str())
-            || named.iter().any(|token| token == name.as_str())
-            || also_drop.contains(name);
-        if !drop {
-            kept.append(name.clone(), value.clone());
-        }
-    }
-    kept
-}
-
 /// Puts the workspace's own `x-ratelimit-*` values on a response; where the
 /// upstream's differ, the upstream's stay available as `x-upstream-ratelimit-*`.
 fn apply_headroom(headers: &mut HeaderMap, ours: HeaderMap) {
@@ -180,98 +143,6 @@ fn should_not_retry(response: &mut Response) {
     response
         .headers_mut()
         .insert("x-should-retry", HeaderValue::from_static("false"));
-}
-
-/// Adds `"stream_options":{"include_usage":true}` to a chat request. The
-/// common case (no `stream_options` at all) is a byte insertion after the
-/// opening brace, so the rest of the body goes upstream exactly as sent.
-fn with_usage_requested(body: &Bytes, json: &Value) -> Bytes {
-    if json.get("stream_options").is_none()
-        && let Some(open) = body.iter().position(|b| *b == b'{')
-    {
-        let mut patched = Vec::with_capacity(body.len() + 40);
-        patched.extend_from_slice(&body[..=open]);
-        patched.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
-        let rest = &body[open + 1..];
-        // `{}` has nothing after the insertion: drop its trailing comma.
-        if rest.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'}') {
-            patched.pop();
-        }
-        patched.extend_from_slice(rest);
-        return Bytes::from(patched);
-    }
-    // `stream_options` is there but lacks `include_usage` (the caller checked
-    // it is an object): set it, re-serialising in the same key order.
-    let mut json = json.clone();
-    if let Some(options) = json
-        .get_mut("stream_options")
-        .and_then(Value::as_object_mut)
-    {
-        options.insert("include_usage".to_owned(), Value::Bool(true));
-    }
-    Bytes::from(json.to_string())
-}
-
-/// Model names as clients send them become history rows and metrics
-/// labels; longer ones are cut, so a client cannot grow either at will.
-const MAX_MODEL_NAME: usize = 100;
-
-fn model_of(json: &Value) -> Option<Model> {
-    let model = json.get("model")?.as_str()?;
-    let end = model
-        .char_indices()
-        .nth(MAX_MODEL_NAME)
-        .map_or(model.len(), |(at, _)| at);
-    Some(Model::from(&model[..end]))
-}
-
-/// What the proxy learned from the request before forwarding it.
-struct Call {
-    endpoint: Endpoint,
-    model: Option<Model>,
-    estimate: Estimate,
-    /// A chat stream that did not ask for usage: quotawatch asks instead and
-    /// hides the answer.
-    inject_usage: bool,
-}
-
-fn understand(
-    proxy: &Proxy,
-    path: &str,
-    headers: &HeaderMap,
-    body: &Bytes,
-) -> (Call, Option<Value>) {
-    let endpoint = Endpoint::of_path(path);
-    // The body is read as JSON whatever its declared type says, so that a
-    // missing or odd Content-Type cannot dodge the token charge; multipart
-    // uploads (files, audio) are the bodies that are not JSON objects.
-    let is_multipart = headers
-        .get(header::CONTENT_TYPE)
-        .and_then(|value| value.to_str().ok())
-        .is_some_and(|value| value.starts_with("multipart/"));
-    let json = (!is_multipart)
-        .then(|| serde_json::from_slice::<Value>(body).ok())
-        .flatten()
-        .filter(Value::is_object);
-    let call = match &json {
-        Some(json) => Call {
-            endpoint,
-            model: model_of(json),
-            estimate: proxy.estimator.estimate(endpoint, json),
-            inject_usage: endpoint == Endpoint::ChatCompletions
-                && json.get("stream") == Some(&Value::Bool(true))
-                && json.pointer("/stream_options/include_usage") != Some(&Value::Bool(true))
-                // Options that are not an object are the upstream's to refuse.
-                && json.get("stream_options").is_none_or(Value::is_object),
-        },
-        None => Call {
-            endpoint,
-            model: None,
-            estimate: Estimate::default(),
-            inject_usage: false,
-        },
-    };
-    (call, json)
 }
 
 fn body_too_large(limit: usize) -> ApiError {
@@ -324,6 +195,122 @@ pub async fn forward(State(state): State<AppState>, request: Request) -> Respons
     response
 }
 
+/// What the proxy learned from a request before forwarding it.
+struct Call {
+    endpoint: Endpoint,
+    model: Option<Model>,
+    estimate: Estimate,
+    inject_usage: bool,
+    /// The body to forward, in pieces of the one received.
+    body: Vec<Bytes>,
+}
+
+/// Reads what the request is and what it costs: a priced endpoint's body
+/// must be one JSON object (see `request`); others pass as they are, and
+/// requests of a method without a body must not have one.
+fn understand(
+    proxy: &Proxy,
+    method: &axum::http::Method,
+    endpoint: Endpoint,
+    body: Bytes,
+) -> Result<Call, ApiError> {
+    if !estimate::carries_body(method) && !body.is_empty() {
+        return Err(ApiError::bad_request(
+            "unexpected_body",
+            format!("a {method} request to the OpenAI API carries no body"),
+        ));
+    }
+    if !endpoint.is_priced() {
+        return Ok(Call {
+            endpoint,
+            model: None,
+            estimate: Estimate::default(),
+            inject_usage: false,
+            body: vec![body],
+        });
+    }
+    let read = request::read(&proxy.estimator, endpoint, &body).map_err(|error| {
+        let refused = ApiError::bad_request("invalid_body", error.to_string());
+        match error.field() {
+            Some(field) => refused.with_param(field),
+            None => refused,
+        }
+    })?;
+    Ok(Call {
+        endpoint,
+        model: read.model.as_deref().map(clip_model),
+        estimate: read.estimate,
+        inject_usage: read.inject_usage,
+        body: read.forwarded(body),
+    })
+}
+
+/// Model names as clients send them become history rows and metrics
+/// labels; longer ones are cut, so a client cannot grow either at will.
+const MAX_MODEL_NAME: usize = 100;
+
+fn clip_model(model: &str) -> Model {
+    let end = model
+        .char_indices()
+        .nth(MAX_MODEL_NAME)
+        .map_or(model.len(), |(at, _)| at);
+    Model::from(&model[..end])
+}
+
+/// Reads a request body up to `limit` bytes into one buffer, sized from
+/// `Content-Length` when the client declared it, so that a large body is
+/// held once rather than in pieces and then again whole.
+async fn read_body(body: Body, declared: Option<usize>, limit: usize) -> Result<Bytes, ApiError> {
+    use http_body_util::BodyExt;
+    let mut body = http_body_util::Limited::new(body, limit);
+    let mut buffer = Vec::with_capacity(declared.unwrap_or(0).min(limit));
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|error| {
+            if error.is::<http_body_util::LengthLimitError>() {
+                body_too_large(limit)
+            } else {
+                ApiError::bad_request(
+                    "unreadable_body",
+                    format!("the request body could not be read: {error}"),
+                )
+            }
+        })?;
+        if let Ok(data) = frame.into_data() {
+            buffer.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buffer))
+}
+
+/// The 400 for a path that cannot be forwarded.
+fn invalid_path(error: path::PathError) -> ApiError {
+    ApiError::bad_request(
+        "invalid_path",
+        format!("{error}; quotawatch forwards paths under /v1/ only, as OpenAI spells them"),
+    )
+}
+
+/// A refusal by the engine, counted and answered as a 429.
+fn refused(
+    state: &AppState,
+    workspace: &crate::domain::limits::WorkspaceId,
+    endpoint: Endpoint,
+    decision: &crate::engine::Decision,
+    refusal: &crate::domain::workspace::Refusal,
+) -> ApiError {
+    state.metrics.refusal(workspace, refusal.cause);
+    state
+        .metrics
+        .request(workspace, endpoint.label(), RequestOutcome::Refused);
+    refusal_error(
+        workspace,
+        refusal,
+        &decision.headroom,
+        state.engine.now(),
+        state.engine.settings().probe_interval,
+    )
+}
+
 async fn forward_admitted(
     state: &AppState,
     request: Request,
@@ -342,6 +329,16 @@ async fn forward_admitted(
             ));
         }
     };
+    // The one reading of the path: classified, priced and forwarded alike.
+    let path = path::normalise(parts.uri.path()).map_err(invalid_path)?;
+    let endpoint = Endpoint::of(&parts.method, &path);
+    // Cheap before expensive: a workspace that cannot be admitted whatever
+    // the request costs is refused before its body is read.
+    if let Some(decision) = state.engine.refuse_early(&workspace)?
+        && let Err(refusal) = &decision.result
+    {
+        return Err(refused(state, &workspace, endpoint, &decision, refusal));
+    }
     let key = proxy.upstream_key(state.engine.upstream_key_env(&workspace)?.as_deref())?;
 
     let declared_length = parts
@@ -352,23 +349,10 @@ async fn forward_admitted(
         return Err(body_too_large(proxy.max_body_bytes));
     }
     let body = own_time
-        .excluding(axum::body::to_bytes(body, proxy.max_body_bytes))
-        .await
-        .map_err(|error| {
-            let too_large = std::error::Error::source(&error)
-                .is_some_and(|source| source.is::<http_body_util::LengthLimitError>());
-            if too_large {
-                body_too_large(proxy.max_body_bytes)
-            } else {
-                ApiError::bad_request(
-                    "unreadable_body",
-                    format!("the request body could not be read: {error}"),
-                )
-            }
-        })?;
+        .excluding(read_body(body, declared_length, proxy.max_body_bytes))
+        .await?;
+    let call = understand(proxy, &parts.method, endpoint, body)?;
 
-    let path = parts.uri.path().strip_prefix("/v1").unwrap_or("");
-    let (call, json) = understand(proxy, path, &parts.headers, &body);
     let decision = state
         .engine
         .admit(
@@ -381,21 +365,9 @@ async fn forward_admitted(
             },
         )
         .await?;
-    let admitted = match decision.result {
+    let admitted = match &decision.result {
         Ok(admitted) => admitted,
-        Err(refusal) => {
-            state.metrics.refusal(&workspace, refusal.cause);
-            state
-                .metrics
-                .request(&workspace, call.endpoint.label(), RequestOutcome::Refused);
-            return Err(refusal_error(
-                &workspace,
-                &refusal,
-                &decision.headroom,
-                state.engine.now(),
-                state.engine.settings().probe_interval,
-            ));
-        }
+        Err(refusal) => return Err(refused(state, &workspace, endpoint, &decision, refusal)),
     };
     let headroom = ratelimit_headers(&decision.headroom, state.engine.now());
     let mut guard = SettleGuard::new(Settlement {
@@ -408,25 +380,21 @@ async fn forward_admitted(
         arrived: own_time.arrived,
     });
 
-    let body = match (&json, call.inject_usage) {
-        (Some(json), true) => with_usage_requested(&body, json),
-        _ => body,
-    };
     let query = parts
         .uri
         .query()
         .map(|q| format!("?{q}"))
         .unwrap_or_default();
-    let url = format!("{}{path}{query}", proxy.base);
-    let mut headers = end_to_end(
-        &parts.headers,
-        &[
-            header::HOST,
-            header::AUTHORIZATION,
-            header::CONTENT_LENGTH,
-            header::ACCEPT_ENCODING,
-        ],
-    );
+    let under_v1 = path.strip_prefix("/v1").unwrap_or(&path);
+    let url = format!("{}{under_v1}{query}", proxy.base);
+    let mut headers = headers::to_upstream(&parts.headers);
+    if endpoint.is_priced() {
+        // The body was read as JSON whatever its declared type: it goes as JSON.
+        headers.insert(
+            header::CONTENT_TYPE,
+            HeaderValue::from_static("application/json"),
+        );
+    }
     // Bodies are read for usage on the way back, so they must come plain.
     headers.insert(
         header::ACCEPT_ENCODING,
@@ -437,6 +405,17 @@ async fn forward_admitted(
     })?;
     authorization.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, authorization);
+    let length: usize = call.body.iter().map(Bytes::len).sum();
+    let body = match <[Bytes; 1]>::try_from(call.body) {
+        Ok([whole]) => reqwest::Body::from(whole),
+        Err(pieces) => {
+            // Pieces of one buffer go as they are, with their total length
+            // declared, rather than copied into a second buffer.
+            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
+            let pieces = pieces.into_iter().map(Ok::<Bytes, std::io::Error>);
+            reqwest::Body::wrap_stream(futures_util::stream::iter(pieces))
+        }
+    };
     let upstream_request = proxy
         .client
         .request(parts.method, url)
@@ -473,7 +452,7 @@ async fn forward_admitted(
             .iter()
             .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
     );
-    let mut client_headers = end_to_end(&upstream_headers, &[]);
+    let mut client_headers = headers::to_client(&upstream_headers);
     apply_headroom(&mut client_headers, headroom);
 
     let reply = if status.is_success() {

@@ -239,9 +239,8 @@ async fn proxy_logs_at_debug_level_hold_no_keys_and_no_prompts() {
         ("stream_break", true),
     ] {
         let response = http
-            .post(format!("{}/v1/chat/completions", server.base))
+            .post(format!("{}/v1/chat/completions?mock_scenario={scenario}", server.base))
             .bearer_auth(&key)
-            .header("x-mock-scenario", scenario)
             .json(&serde_json::json!({"model": "gpt-4o-mini", "stream": stream, "messages": [{"role": "user", "content": prompt}]}))
             .send()
             .await

@@ -21,9 +21,8 @@ fn chat() -> Value {
 async fn call(server: &TestServer, key: &str, scenario: &str) -> StatusCode {
     let response = server
         .client
-        .post(server.url("/v1/chat/completions"))
+        .post(server.url(&format!("/v1/chat/completions?mock_scenario={scenario}")))
         .bearer_auth(key)
-        .header("x-mock-scenario", scenario)
         .json(&chat())
         .send()
         .await

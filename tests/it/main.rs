@@ -10,6 +10,7 @@ mod conformance;
 mod dashboard;
 mod durability;
 mod held;
+mod hostile;
 mod instances;
 mod proxy;
 mod sdk;

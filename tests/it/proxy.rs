@@ -109,8 +109,11 @@ async fn a_chat_completion_is_forwarded_with_the_upstream_key_and_comes_back_unc
         seen["headers"]["authorization"],
         format!("Bearer {UPSTREAM_KEY}")
     );
-    assert_eq!(seen["headers"]["openai-organization"], "org-test");
-    assert_eq!(seen["headers"]["openai-project"], "proj_test");
+    assert!(
+        seen["headers"].get("openai-organization").is_none()
+            && seen["headers"].get("openai-project").is_none(),
+        "a tenant does not choose which of the operator's organizations or projects is billed"
+    );
     assert_eq!(seen["headers"]["x-stainless-retry-count"], "0");
     assert!(
         seen["headers"].get("proxy-authorization").is_none(),
@@ -311,9 +314,8 @@ async fn broken_and_stalled_streams_settle_with_the_estimate_and_count_as_errors
     for scenario in ["stream_break", "stream_stall"] {
         let response = server
             .client
-            .post(server.url("/v1/chat/completions"))
+            .post(server.url(&format!("/v1/chat/completions?mock_scenario={scenario}")))
             .bearer_auth(&key)
-            .header("x-mock-scenario", scenario)
             .json(&chat(true))
             .send()
             .await
@@ -328,9 +330,8 @@ async fn broken_and_stalled_streams_settle_with_the_estimate_and_count_as_errors
     // (the SDKs raise it), and counts as the server error it reports.
     let response = server
         .client
-        .post(server.url("/v1/chat/completions"))
+        .post(server.url("/v1/chat/completions?mock_scenario=stream_error"))
         .bearer_auth(&key)
-        .header("x-mock-scenario", "stream_error")
         .json(&chat(true))
         .send()
         .await
@@ -413,9 +414,8 @@ async fn an_unreachable_or_silent_upstream_gets_502_or_504_with_retry() {
     .await;
     let response = server
         .client
-        .post(server.url("/v1/chat/completions"))
+        .post(server.url("/v1/chat/completions?mock_scenario=timeout"))
         .bearer_auth(&key)
-        .header("x-mock-scenario", "timeout")
         .json(&chat(false))
         .send()
         .await
@@ -522,14 +522,14 @@ async fn a_workspace_can_use_its_own_upstream_key() {
     .await;
     let (server, key) = proxied(
         &upstream,
-        &[("ACME_OPENAI_KEY", "sk-acme-own")],
-        json!({"id": "acme", "upstream_key_env": "ACME_OPENAI_KEY"}),
+        &[("QUOTAWATCH_UPSTREAM_KEY_ACME", "sk-acme-own")],
+        json!({"id": "acme", "upstream_key_env": "QUOTAWATCH_UPSTREAM_KEY_ACME"}),
     )
     .await;
     let response = server.openai("/chat/completions", &key, chat(false)).await;
     assert_eq!(response.status(), StatusCode::OK);
     let other = server
-        .workspace(json!({"id": "other", "upstream_key_env": "NOT_SET_ANYWHERE"}))
+        .workspace(json!({"id": "other", "upstream_key_env": "QUOTAWATCH_UPSTREAM_KEY_NOT_SET"}))
         .await;
     let response = server
         .openai("/chat/completions", &other, chat(false))
@@ -540,7 +540,7 @@ async fn a_workspace_can_use_its_own_upstream_key() {
         body["error"]["message"]
             .as_str()
             .expect("message")
-            .contains("NOT_SET_ANYWHERE")
+            .contains("QUOTAWATCH_UPSTREAM_KEY_NOT_SET")
     );
     server.stop().await;
 }
@@ -598,9 +598,8 @@ async fn refused_requests_never_reach_the_upstream() {
 async fn with_scenario(server: &TestServer, key: &str, scenario: &str) -> reqwest::Response {
     server
         .client
-        .post(server.url("/v1/chat/completions"))
+        .post(server.url(&format!("/v1/chat/completions?mock_scenario={scenario}")))
         .bearer_auth(key)
-        .header("x-mock-scenario", scenario)
         .json(&chat(false))
         .send()
         .await
@@ -987,8 +986,10 @@ async fn connection_headers_stop_at_the_proxy_in_both_directions() {
     // The mock does send them, so their absence below is the proxy's doing.
     let direct = server
         .client
-        .post(format!("{}/chat/completions", upstream.url))
-        .header("x-mock-scenario", "hop_headers")
+        .post(format!(
+            "{}/chat/completions?mock_scenario=hop_headers",
+            upstream.url
+        ))
         .json(&chat(false))
         .send()
         .await
@@ -997,9 +998,8 @@ async fn connection_headers_stop_at_the_proxy_in_both_directions() {
 
     let response = server
         .client
-        .post(server.url("/v1/chat/completions"))
+        .post(server.url("/v1/chat/completions?mock_scenario=hop_headers"))
         .bearer_auth(&key)
-        .header("x-mock-scenario", "hop_headers")
         .header("connection", "x-client-hop")
         .header("x-client-hop", "this connection only")
         .json(&chat(false))
@@ -1016,7 +1016,7 @@ async fn connection_headers_stop_at_the_proxy_in_both_directions() {
         seen["headers"].get("x-client-hop").is_none(),
         "a header the client's Connection named went upstream"
     );
-    assert_eq!(seen["headers"]["x-mock-scenario"], "hop_headers");
+    assert_eq!(seen["query"], "mock_scenario=hop_headers");
     server.stop().await;
 }
 
@@ -1074,19 +1074,30 @@ async fn bodies_without_a_json_content_type_or_with_odd_options_are_still_charge
     }
     assert_eq!(upstream.stats().await["total"], 0);
 
-    // `stream_options` that is not an object is the upstream's to judge;
-    // quotawatch forwards it as sent and asks for nothing.
-    let mut odd = chat(true);
-    odd["stream_options"] = json!("yes");
-    let response = server.openai("/chat/completions", &key, odd.clone()).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.expect("body"),
-        fixture("chat_completion_stream.sse")
-    );
-    let sent: Value =
-        serde_json::from_str(upstream.last().await["body"].as_str().expect("body")).expect("JSON");
-    assert_eq!(sent, odd);
+    // `stream_options` that is null or not an object counts as absent: usage
+    // is asked for in its place (so the stream is charged what it used),
+    // and removed again before the client sees the stream.
+    for options in [json!(null), json!("yes"), json!([true])] {
+        let mut odd = chat(true);
+        odd["stream_options"] = options.clone();
+        let before = used_tokens(&server, &key).await;
+        let response = server.openai("/chat/completions", &key, odd.clone()).await;
+        assert_eq!(response.status(), StatusCode::OK);
+        assert_eq!(
+            response.text().await.expect("body"),
+            fixture("chat_completion_stream.sse"),
+            "{options}"
+        );
+        let sent: Value =
+            serde_json::from_str(upstream.last().await["body"].as_str().expect("body"))
+                .expect("JSON");
+        assert_eq!(
+            sent["stream_options"],
+            json!({"include_usage": true}),
+            "{options}"
+        );
+        tokens_settle_at(&server, &key, before + 15).await;
+    }
     server.stop().await;
 }
 

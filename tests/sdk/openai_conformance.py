@@ -85,7 +85,7 @@ def check_billing(key):
         billing.chat.completions.create(
             model="gpt-4o-mini",
             messages=[{"role": "user", "content": "hello"}],
-            extra_headers={"x-mock-scenario": "insufficient_quota"},
+            extra_query={"mock_scenario": "insufficient_quota"},
         )
     except openai.RateLimitError as error:
         assert error.code == "insufficient_quota", error.code
