@@ -100,8 +100,49 @@ impl ErrorEnvelope {
     }
 }
 
+/// Whether `model` is of a reasoning family (o1, o3, o4, gpt-5), which
+/// spends hidden reasoning tokens that OpenAI bills as output before and
+/// between the text it streams. A fine-tuned model (`ft:o4-mini:…`) is of
+/// its base's family.
+pub fn is_reasoning_model(model: &str) -> bool {
+    let base = model.strip_prefix("ft:").unwrap_or(model);
+    let family = |prefix: &str| {
+        base.strip_prefix(prefix)
+            .is_some_and(|rest| rest.is_empty() || rest.starts_with(['-', ':', '.']))
+    };
+    ["o1", "o3", "o4"].into_iter().any(family) || base.starts_with("gpt-5")
+}
+
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn reasoning_families_are_recognised_by_name() {
+        for model in [
+            "o1",
+            "o1-mini",
+            "o3",
+            "o3-pro-2025-06-10",
+            "o4-mini",
+            "gpt-5",
+            "gpt-5-mini",
+            "gpt-5.1",
+            "ft:o4-mini:acme::abc",
+        ] {
+            assert!(is_reasoning_model(model), "{model}");
+        }
+        for model in [
+            "gpt-4o",
+            "gpt-4.1-mini",
+            "o10",
+            "text-embedding-3-small",
+            "omni-moderation-latest",
+            "ft:gpt-4o-mini:acme::x",
+        ] {
+            assert!(!is_reasoning_model(model), "{model}");
+        }
+    }
+
     use super::*;
 
     use crate::domain::openai_fixture as fixture;

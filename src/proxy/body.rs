@@ -119,17 +119,14 @@ impl Settlement {
         class
     }
 
-    /// Tokens for a stream that stopped early: the prompt as estimated, and
-    /// the text generated so far at four bytes per token.
+    /// Tokens for a stream that stopped early without usage: the prompt as
+    /// estimated, and the text generated so far at four bytes per token.
     fn seen_so_far(&self, findings: &Findings) -> TokenUsage {
-        findings.usage.as_ref().map_or(
-            TokenUsage {
-                prompt: self.estimate.prompt,
-                completion: findings.output_bytes.div_ceil(4),
-                ..TokenUsage::default()
-            },
-            |usage| usage.tokens(),
-        )
+        TokenUsage {
+            prompt: self.estimate.prompt,
+            completion: findings.output_bytes.div_ceil(4),
+            ..TokenUsage::default()
+        }
     }
 }
 
@@ -245,9 +242,14 @@ impl Stream for MeteredBody {
                 Poll::Ready(Some(Ok(chunk))) => {
                     let deadline = tokio::time::Instant::now() + this.idle;
                     this.deadline.as_mut().reset(deadline);
-                    let out = this.scanner.feed(chunk);
-                    if !out.is_empty() {
-                        return Poll::Ready(Some(Ok(out)));
+                    match this.scanner.feed(chunk) {
+                        Ok(out) if out.is_empty() => {}
+                        Ok(out) => return Poll::Ready(Some(Ok(out))),
+                        Err(too_long) => {
+                            let reason = too_long.to_string();
+                            this.broken(&reason);
+                            return Poll::Ready(Some(Err(std::io::Error::other(reason))));
+                        }
                     }
                 }
                 Poll::Ready(Some(Err(error))) => {
@@ -278,17 +280,28 @@ impl Drop for MeteredBody {
     /// The body was dropped before it ended: either the client went away,
     /// or the server stopped polling because the client had every byte a
     /// `content-length` announced. Either way the upstream answered fine, so
-    /// the call settles as a success, with its usage if that arrived. A
-    /// stream cut short is charged for the text seen so far (the upstream
-    /// stops generating when it is cancelled); a JSON answer without usage
-    /// keeps the estimate, since the upstream generated all of it.
+    /// the call settles as a success, with its usage if that arrived.
+    /// Without usage:
+    /// - a stream of a reasoning model keeps its whole estimate: the model
+    ///   may have spent its whole allowance on hidden reasoning, which
+    ///   OpenAI bills and no text shows;
+    /// - another stream is charged for the text seen so far (the upstream
+    ///   stops generating when it is cancelled);
+    /// - a JSON answer keeps the estimate, since the upstream generated all
+    ///   of it.
     fn drop(&mut self) {
         if let Some(settlement) = self.settlement.take() {
             let (_, findings) = self.scanner.finish();
-            let tokens = if self.scanner.is_stream() {
-                Some(settlement.seen_so_far(&findings))
-            } else {
-                findings.usage.as_ref().map(|usage| usage.tokens())
+            let reasoning = settlement
+                .model
+                .as_deref()
+                .is_some_and(crate::openai::is_reasoning_model);
+            let tokens = match &findings.usage {
+                Some(usage) => Some(usage.tokens()),
+                None if self.scanner.is_stream() && !reasoning => {
+                    Some(settlement.seen_so_far(&findings))
+                }
+                None => None,
             };
             let answer = std::mem::take(&mut self.answer);
             settlement.finish(tokens, Some(answer));

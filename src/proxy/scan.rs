@@ -22,6 +22,16 @@ use crate::openai::{ErrorEnvelope, ErrorObject, Usage};
 const WHOLE_BODY_LIMIT: usize = 1 << 20;
 /// How much of a larger body's end is kept to find `usage` in.
 const TAIL: usize = 64 << 10;
+/// The largest event (or line) of a stream held while it arrives. OpenAI's
+/// largest, the Responses API's final event with the whole output in it,
+/// stays far below; a stream that goes past it is treated as broken, so
+/// that no upstream can make quotawatch hold an unbounded event.
+pub const MAX_EVENT_BYTES: usize = 4 << 20;
+
+/// A stream's event outgrew [`MAX_EVENT_BYTES`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("an event of the upstream's stream is longer than {MAX_EVENT_BYTES} bytes")]
+pub struct EventTooLong;
 
 /// What a body said about the call.
 #[derive(Debug, Default, Clone, PartialEq)]
@@ -54,11 +64,11 @@ impl Scanner {
     }
 
     /// Takes in the next chunk and returns what to pass on.
-    pub fn feed(&mut self, chunk: Bytes) -> Bytes {
+    pub fn feed(&mut self, chunk: Bytes) -> Result<Bytes, EventTooLong> {
         match self {
             Scanner::Json(json) => {
                 json.feed(&chunk);
-                chunk
+                Ok(chunk)
             }
             Scanner::Sse(sse) => sse.feed(chunk),
         }
@@ -150,6 +160,11 @@ pub struct SseScanner {
     strip: bool,
     /// An incomplete line (or, when stripping, an incomplete event).
     pending: BytesMut,
+    /// How far `pending` was searched for line ends: no byte is searched
+    /// twice, however the stream is cut.
+    searched: usize,
+    /// Where the incomplete line of an incomplete event starts in `pending`.
+    line_start: usize,
     findings: Findings,
 }
 
@@ -188,30 +203,41 @@ impl SseScanner {
             endpoint,
             strip,
             pending: BytesMut::new(),
+            searched: 0,
+            line_start: 0,
             findings: Findings::default(),
         }
     }
 
-    fn feed(&mut self, chunk: Bytes) -> Bytes {
+    fn feed(&mut self, chunk: Bytes) -> Result<Bytes, EventTooLong> {
         self.pending.extend_from_slice(&chunk);
-        if !self.strip {
+        let out = if self.strip {
+            // Stripping may drop a whole event, so output waits for complete ones.
+            let mut out = BytesMut::new();
+            while let Some(event) =
+                take_event(&mut self.pending, &mut self.line_start, &mut self.searched)
+            {
+                self.pass_event(&event, &mut out);
+            }
+            out.freeze()
+        } else {
             // Lines are only read; the chunk goes on as it came.
-            while let Some(line) = take_line(&mut self.pending) {
+            while let Some(line) = take_line(&mut self.pending, &mut self.searched) {
                 self.read_line(&line);
             }
-            return chunk;
+            chunk
+        };
+        if self.pending.len() > MAX_EVENT_BYTES {
+            return Err(EventTooLong);
         }
-        // Stripping may drop a whole event, so output waits for complete ones.
-        let mut out = BytesMut::new();
-        while let Some(event) = take_event(&mut self.pending) {
-            self.pass_event(&event, &mut out);
-        }
-        out.freeze()
+        Ok(out)
     }
 
     /// Everything still held back at the end of the stream.
     fn flush(&mut self) -> Bytes {
         let rest = std::mem::take(&mut self.pending);
+        self.searched = 0;
+        self.line_start = 0;
         let mut out = BytesMut::new();
         // An unterminated last line still counts (both calls do nothing
         // with an empty rest).
@@ -358,24 +384,43 @@ fn remove_all(text: &[u8], needle: &[u8]) -> Vec<u8> {
     out
 }
 
-/// Takes one complete line (with its `\n`) off the front of `buffer`.
-fn take_line(buffer: &mut BytesMut) -> Option<BytesMut> {
-    let end = buffer.iter().position(|b| *b == b'\n')?;
-    Some(buffer.split_to(end + 1))
+/// Takes one complete line (with its `\n`) off the front of `buffer`,
+/// searching from `searched` on, and leaving there how far it searched.
+fn take_line(buffer: &mut BytesMut, searched: &mut usize) -> Option<BytesMut> {
+    match buffer[*searched..].iter().position(|b| *b == b'\n') {
+        Some(offset) => {
+            let end = *searched + offset;
+            *searched = 0;
+            Some(buffer.split_to(end + 1))
+        }
+        None => {
+            *searched = buffer.len();
+            None
+        }
+    }
 }
 
 /// Takes one complete event (its lines and the blank line ending it) off
-/// the front of `buffer`. Lines may end in `\r\n`.
-fn take_event(buffer: &mut BytesMut) -> Option<BytesMut> {
-    let mut start = 0;
-    while let Some(offset) = buffer[start..].iter().position(|b| *b == b'\n') {
-        let line_end = start + offset + 1;
-        let line = &buffer[start..line_end];
-        if line == b"\n" || line == b"\r\n" {
+/// the front of `buffer`. Lines may end in `\r\n`. `searched` is how far
+/// the buffer was searched for line ends already, `line_start` where the
+/// last incomplete line starts: the search goes on there.
+fn take_event(
+    buffer: &mut BytesMut,
+    line_start: &mut usize,
+    searched: &mut usize,
+) -> Option<BytesMut> {
+    while let Some(offset) = buffer[*searched..].iter().position(|b| *b == b'\n') {
+        let line_end = *searched + offset + 1;
+        let blank = matches!(&buffer[*line_start..line_end], b"\n" | b"\r\n");
+        *line_start = line_end;
+        *searched = line_end;
+        if blank {
+            *line_start = 0;
+            *searched = 0;
             return Some(buffer.split_to(line_end));
         }
-        start = line_end;
     }
+    *searched = buffer.len();
     None
 }
 
@@ -389,7 +434,11 @@ mod tests {
     fn run(scanner: &mut Scanner, body: &[u8], size: usize) -> (Vec<u8>, Findings) {
         let mut out = Vec::new();
         for chunk in body.chunks(size) {
-            out.extend_from_slice(&scanner.feed(Bytes::copy_from_slice(chunk)));
+            out.extend_from_slice(
+                &scanner
+                    .feed(Bytes::copy_from_slice(chunk))
+                    .expect("bounded"),
+            );
         }
         let (rest, findings) = scanner.finish();
         out.extend_from_slice(&rest);
@@ -488,7 +537,9 @@ mod tests {
         let half = &body[..body.len() / 2];
         let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", false);
         for chunk in half.chunks(64) {
-            scanner.feed(Bytes::copy_from_slice(chunk));
+            scanner
+                .feed(Bytes::copy_from_slice(chunk))
+                .expect("bounded");
         }
         let (_, findings) = scanner.finish();
         assert!(findings.usage.is_none());
@@ -504,6 +555,88 @@ mod tests {
             findings.error.expect("error").error_type.as_deref(),
             Some("server_error")
         );
+    }
+
+    /// Every recorded stream, with the endpoint it answers and whether
+    /// quotawatch asked for its usage (and so strips it).
+    fn fixture_streams() -> Vec<(&'static str, Endpoint, bool)> {
+        vec![
+            (
+                "chat_completion_stream.sse",
+                Endpoint::ChatCompletions,
+                false,
+            ),
+            (
+                "chat_completion_stream_include_usage.sse",
+                Endpoint::ChatCompletions,
+                false,
+            ),
+            (
+                "chat_completion_stream_include_usage.sse",
+                Endpoint::ChatCompletions,
+                true,
+            ),
+            ("responses_stream.sse", Endpoint::Responses, false),
+        ]
+    }
+
+    proptest::proptest! {
+        /// However the network cuts a stream into chunks, the scanner finds
+        /// the same usage and text, and passes on the same bytes, as when
+        /// the stream comes whole.
+        #[test]
+        fn any_chunking_of_a_stream_yields_what_the_whole_stream_does(
+            cuts in proptest::collection::vec(0usize..4096, 0..40),
+            crlf in proptest::bool::ANY,
+        ) {
+            for (name, endpoint, strip) in fixture_streams() {
+                let mut body = fixture(name);
+                if crlf {
+                    body = String::from_utf8(body).expect("text").replace('\n', "\r\n").into_bytes();
+                }
+                let mut whole = Scanner::new(endpoint, "text/event-stream", strip);
+                let (whole_out, whole_findings) = run(&mut whole, &body, body.len());
+                let mut points: Vec<usize> = cuts.iter().map(|cut| cut % (body.len() + 1)).collect();
+                points.sort_unstable();
+                let mut scanner = Scanner::new(endpoint, "text/event-stream", strip);
+                let mut out = Vec::new();
+                let mut from = 0;
+                for to in points.into_iter().chain([body.len()]) {
+                    let chunk = Bytes::copy_from_slice(&body[from..to]);
+                    out.extend_from_slice(&scanner.feed(chunk).expect("bounded"));
+                    from = to;
+                }
+                let (rest, findings) = scanner.finish();
+                out.extend_from_slice(&rest);
+                proptest::prop_assert_eq!(&out, &whole_out, "{}", name);
+                proptest::prop_assert_eq!(&findings, &whole_findings, "{}", name);
+                proptest::prop_assert!(findings.usage.is_some() || name == "chat_completion_stream.sse");
+            }
+        }
+    }
+
+    #[test]
+    fn an_event_past_the_bound_breaks_the_stream_and_is_never_searched_twice() {
+        for strip in [false, true] {
+            let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", strip);
+            let piece = Bytes::from(vec![b'x'; 64 << 10]);
+            let mut fed = 0;
+            let overflow = loop {
+                match scanner.feed(piece.clone()) {
+                    Ok(_) => fed += piece.len(),
+                    Err(error) => break error,
+                }
+                assert!(fed <= MAX_EVENT_BYTES, "fed {fed} bytes without an error");
+            };
+            assert_eq!(overflow, EventTooLong);
+            if let Scanner::Sse(sse) = &scanner {
+                assert_eq!(
+                    sse.searched,
+                    sse.pending.len(),
+                    "the search went on where it stopped"
+                );
+            }
+        }
     }
 
     #[test]

@@ -297,6 +297,64 @@ async fn a_client_that_leaves_mid_stream_cancels_upstream_and_is_charged_what_it
 }
 
 #[tokio::test]
+async fn a_client_that_leaves_a_reasoning_stream_is_charged_its_whole_estimate() {
+    let upstream = streaming_upstream(200).await;
+    let (server, key) = proxied(
+        &upstream,
+        &[("QUOTAWATCH_TOKENIZER", "bytes")],
+        roomy_workspace(),
+    )
+    .await;
+    for (round, model) in (0u64..).zip(["o3-mini", "gpt-5"]) {
+        let before = used_tokens(&server, &key).await;
+        let mut request = chat(true);
+        request["model"] = json!(model);
+        request["max_tokens"] = json!(5000);
+        let response = server.openai("/chat/completions", &key, request).await;
+        let reserved = used_tokens(&server, &key).await - before;
+        assert!(reserved > 5000, "{model}: the estimate is reserved");
+        let mut body = response.bytes_stream();
+        body.next().await.expect("a first chunk").expect("chunk");
+        let abandoned = upstream.stats().await["streams"]["abandoned"]
+            .as_u64()
+            .unwrap_or(0);
+        drop(body);
+        eventually(
+            "the upstream stream to be dropped",
+            Duration::from_secs(5),
+            || async {
+                let now = upstream.stats().await["streams"]["abandoned"].as_u64();
+                (now == Some(abandoned + 1)).then_some(())
+            },
+        )
+        .await;
+        // The hidden reasoning may have used the whole allowance: the
+        // estimate stays, where another model is charged what it streamed.
+        eventually("the settlement", Duration::from_secs(5), || async {
+            let settled: u64 = server
+                .metrics()
+                .await
+                .lines()
+                .filter(|line| {
+                    line.starts_with(
+                        r#"quotawatch_requests_total{workspace="acme",endpoint="chat.completions""#,
+                    )
+                })
+                .filter_map(|line| line.rsplit(' ').next()?.parse::<u64>().ok())
+                .sum();
+            (settled == round + 1).then_some(())
+        })
+        .await;
+        assert_eq!(
+            used_tokens(&server, &key).await - before,
+            reserved,
+            "{model}"
+        );
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn broken_and_stalled_streams_settle_with_the_estimate_and_count_as_errors() {
     let upstream = Upstream::start(MockOptions::default()).await;
     let (server, key) = proxied(
