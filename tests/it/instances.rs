@@ -581,6 +581,64 @@ async fn a_key_revoked_through_one_instance_is_refused_by_the_other_within_a_sec
     cluster.finish().await;
 }
 
+/// The ids of the workspace's notifications of `kind` that `server` lists,
+/// active ones or (with `history`) all.
+async fn notification_ids(
+    server: &TestServer,
+    key: &str,
+    kind: &str,
+    history: bool,
+) -> Vec<String> {
+    let path = if history {
+        "/api/quota/notifications?include=history"
+    } else {
+        "/api/quota/notifications"
+    };
+    let listed = server.get(path, key).await;
+    listed.body["notifications"]
+        .as_array()
+        .expect("notifications")
+        .iter()
+        .filter(|n| n["kind"] == kind)
+        .map(|n| n["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_billing_block_has_one_notification_id_on_every_instance_and_in_history() {
+    let Some(cluster) = Cluster::start("instances::one_id", false, &[]).await else {
+        return;
+    };
+    let key = cluster.workspace(json!({"id": "acme"})).await;
+    let admitted = cluster.a.check(&key, 10).await;
+    assert_eq!(admitted.status, StatusCode::OK);
+    let billing = json!({"reservation_id": admitted.body["reservation_id"], "status_code": 429,
+        "error": fixture_json("error_429_insufficient_quota.json")["error"]});
+    let reported = cluster.a.post("/api/quota/usage", &key, billing).await;
+    assert_eq!(reported.body["status"], "quota_exceeded");
+
+    let kind = "upstream_quota_exhausted";
+    let on_a = notification_ids(&cluster.a, &key, kind, false).await;
+    assert_eq!(on_a.len(), 1, "{on_a:?}");
+    eventually("B lists the block", Duration::from_secs(1), || async {
+        let on_b = notification_ids(&cluster.b, &key, kind, false).await;
+        (!on_b.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(notification_ids(&cluster.b, &key, kind, false).await, on_a);
+    eventually(
+        "history holds the one notification",
+        Duration::from_secs(5),
+        || async {
+            let a = notification_ids(&cluster.a, &key, kind, true).await;
+            let b = notification_ids(&cluster.b, &key, kind, true).await;
+            (a == on_a && b == on_a).then_some(())
+        },
+    )
+    .await;
+    cluster.finish().await;
+}
+
 /// How many keys `server` looked up in the database, from its metrics.
 async fn key_lookups(server: &TestServer) -> u64 {
     let metrics = server.metrics().await;
