@@ -41,6 +41,11 @@ const NEGATIVE_TTL: Duration = Duration::from_secs(5);
 /// someone guessing.
 const LOOKUPS_PER_SECOND: u32 = 20;
 
+/// How long a request with an unknown key waits for its lookup (the catalog
+/// lock, then the database) before it is refused; a key refused this way
+/// still arrives with the next reload.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// What this instance needs to find keys made elsewhere.
 pub(super) struct KeyLookup {
     store: Store,
@@ -177,6 +182,16 @@ impl Engine {
         if lock(&lookup.unknown).contains(&hash, Instant::now()) {
             return None;
         }
+        let looked_up = tokio::time::timeout(LOOKUP_TIMEOUT, self.look_up(lookup, hash)).await;
+        looked_up.unwrap_or_else(|_| {
+            tracing::warn!("looking up an unknown key took too long; refused");
+            None
+        })
+    }
+
+    /// The slow path of [`find_principal`](Self::find_principal): under the
+    /// catalog lock, within the budget, in the database.
+    async fn look_up(&self, lookup: &KeyLookup, hash: KeyHash) -> Option<Principal> {
         let _catalog = self.catalog_lock().await;
         // Another request may have found it, or its lookup found nothing,
         // while this one waited.
