@@ -129,6 +129,7 @@ pub async fn start(
         let counters = RedisCounters::new(&redis.url, &redis.prefix, redis.timeout)?;
         engine.share_counters(SharedCounting::new(counters, redis.on_store_error));
     }
+    engine.look_up_keys_in(store.clone());
     let engine = Arc::new(engine);
     let catalog = store.load_catalog().await?;
     let states = store.load_states().await?;
@@ -141,6 +142,7 @@ pub async fn start(
     let hub_handle = hub.clone();
     let ticker = tokio::spawn(tick(engine.clone()));
     let follower = tokio::spawn(engine.clone().follow_other_instances());
+    let catalog_follower = tokio::spawn(engine.clone().follow_catalog(store.clone()));
 
     let proxy = crate::proxy::Proxy::new(&config.upstream, env)
         .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
@@ -175,7 +177,7 @@ pub async fn start(
             addr,
             stop_serving,
             server,
-            background: vec![flush_task, hub_task, ticker, follower],
+            background: vec![flush_task, hub_task, ticker, follower, catalog_follower],
             hub: hub_handle,
             flush,
             store,

@@ -153,6 +153,7 @@ pub struct Metrics {
     upstream_latency: Histogram,
     shared_store_degraded: Gauge,
     shared_store_errors: Counter,
+    key_lookups: Counter,
     models: HashSet<String>,
     other: Arc<str>,
     /// Rendering clears and refills the state gauges; two scrapes at once
@@ -175,6 +176,7 @@ impl Metrics {
         let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 16));
         let shared_store_degraded = Gauge::default();
         let shared_store_errors = Counter::default();
+        let key_lookups = Counter::default();
         registry.register(
             "shared_store_degraded",
             "1 while this instance cannot reach the shared counters (Redis) and enforces limits on its own",
@@ -184,6 +186,11 @@ impl Metrics {
             "shared_store_errors",
             "Calls to the shared counters (Redis) that failed or timed out",
             shared_store_errors.clone(),
+        );
+        registry.register(
+            "key_lookups",
+            "Keys this instance did not know, looked up in the database (at most a few a second)",
+            key_lookups.clone(),
         );
         registry.register(
             "requests",
@@ -239,6 +246,7 @@ impl Metrics {
             upstream_latency,
             shared_store_degraded,
             shared_store_errors,
+            key_lookups,
             models: models.iter().cloned().collect(),
             other: Arc::from("other"),
             rendering: Mutex::new(()),
@@ -364,6 +372,9 @@ impl Metrics {
         let errors = engine.shared_store_errors();
         self.shared_store_errors
             .inc_by(errors.saturating_sub(self.shared_store_errors.get()));
+        let lookups = engine.key_lookups();
+        self.key_lookups
+            .inc_by(lookups.saturating_sub(self.key_lookups.get()));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -23,14 +23,16 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
 }
 
 /// Maps a presented key to a principal, or to the 401 that says what is wrong.
-pub fn authenticate(engine: &Engine, presented: Option<&str>) -> Result<Principal, ApiError> {
+/// A key made through another instance since this one last reloaded its
+/// catalog is found in the database (see `Engine::authenticate`).
+pub async fn authenticate(engine: &Engine, presented: Option<&str>) -> Result<Principal, ApiError> {
     let Some(presented) = presented.filter(|key| !key.is_empty()) else {
         return Err(ApiError::unauthorized(
             "missing_api_key",
             "no API key: send the header Authorization: Bearer <key>",
         ));
     };
-    engine.authenticate(presented).ok_or_else(|| {
+    engine.authenticate(presented).await.ok_or_else(|| {
         ApiError::unauthorized(
             "invalid_api_key",
             "the API key is not valid (it may have been revoked)",
@@ -45,7 +47,7 @@ impl FromRequestParts<AppState> for Auth {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let result = authenticate(&state.engine, bearer(&parts.headers));
+        let result = authenticate(&state.engine, bearer(&parts.headers)).await;
         if let Err(error) = &result {
             tracing::info!(path = %parts.uri.path(), code = error.code, "request refused: not authenticated");
         }

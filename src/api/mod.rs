@@ -182,7 +182,7 @@ async fn metrics(
     headers: axum::http::HeaderMap,
 ) -> Result<Response, ApiError> {
     if !state.metrics_public {
-        let principal = auth::authenticate(&state.engine, auth::bearer(&headers))?;
+        let principal = auth::authenticate(&state.engine, auth::bearer(&headers)).await?;
         if principal != crate::engine::Principal::Admin {
             return Err(ApiError::forbidden(
                 "metrics need the admin key (or QUOTAWATCH_METRICS_PUBLIC=true)",

@@ -557,7 +557,7 @@ pub async fn ws_ticket(
     // The ticket stands for the key itself, so that revoking the key also
     // ends what was opened with the ticket.
     let presented = super::auth::bearer(&headers);
-    super::auth::authenticate(&state.engine, presented)?;
+    super::auth::authenticate(&state.engine, presented).await?;
     let credential = crate::keys::KeyHash::of(presented.unwrap_or_default());
     let (ticket, expires_at) = state.tickets.issue(credential, state.engine.now()).await;
     Ok(Json(TicketDoc {

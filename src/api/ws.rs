@@ -320,14 +320,21 @@ pub async fn connect(
                     "the ticket is unknown, used or expired; get a new one from POST /api/quota/ws-ticket",
                 )
             })?;
-            let principal = state.engine.authenticate_hash(credential).ok_or_else(|| {
-                ApiError::unauthorized("invalid_api_key", "the key behind this ticket was revoked")
-            })?;
+            let principal = state
+                .engine
+                .find_principal(credential)
+                .await
+                .ok_or_else(|| {
+                    ApiError::unauthorized(
+                        "invalid_api_key",
+                        "the key behind this ticket was revoked",
+                    )
+                })?;
             (principal, credential)
         }
         None => {
             let presented = bearer(&headers);
-            let principal = authenticate(&state.engine, presented)?;
+            let principal = authenticate(&state.engine, presented).await?;
             (principal, KeyHash::of(presented.unwrap_or_default()))
         }
     };

@@ -4,7 +4,7 @@
 //! carry the numbers and the concrete next steps, because an alert that only
 //! says "quota exceeded" sends its reader searching.
 
-use super::limits::{LimitKind, OnStoreError, Span, WorkspaceConfig};
+use super::limits::{LimitKind, OnStoreError, Span, WorkspaceConfig, WorkspaceId};
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
@@ -85,6 +85,24 @@ impl Notification {
     pub fn is_active(&self) -> bool {
         self.resolved_at.is_none()
     }
+}
+
+/// The id of the notification of `cause` in `workspace` that started at
+/// `started`, the same wherever it is computed. Instances sharing counters
+/// each raise a notification for a cause they see in the shared state; when
+/// they agree on when it started, they give it this one id, so that a
+/// client behind a load balancer and the history see one notification.
+pub fn shared_id(workspace: &WorkspaceId, cause: Cause, started: Timestamp) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(format!(
+        "{}\n{}\n{}",
+        workspace.as_str(),
+        cause.key(),
+        started.millis()
+    ));
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    format!("ntf_{:016x}", u64::from_be_bytes(first))
 }
 
 /// Writes the notification for `cause` as things stand at `now`.

@@ -407,7 +407,9 @@ impl StatusTracker {
     }
 
     /// Switches to `causes`: resolves the notifications of causes that ended,
-    /// adds `raised` (one per appeared cause) and updates the level.
+    /// adds `raised` (one per appeared cause, or one that replaces the
+    /// notification of an active cause, which is then resolved) and updates
+    /// the level.
     pub fn transition(
         &mut self,
         causes: CauseSet,
@@ -425,9 +427,11 @@ impl StatusTracker {
             to: self.status,
         }];
         let (ended, kept): (Vec<Notification>, Vec<Notification>) =
-            std::mem::take(&mut self.active)
-                .into_iter()
-                .partition(|n| n.cause.is_some_and(|cause| !causes.contains(cause)));
+            std::mem::take(&mut self.active).into_iter().partition(|n| {
+                n.cause.is_some_and(|cause| {
+                    !causes.contains(cause) || raised.iter().any(|r| r.cause == Some(cause))
+                })
+            });
         self.active = kept;
         for mut notification in ended {
             notification.resolved_at = Some(now);

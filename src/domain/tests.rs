@@ -160,6 +160,19 @@ impl Script {
         changes
     }
 
+    /// Loads shared counters as an instance following a shared store does.
+    fn load(&mut self, counters: &SharedCounters) -> Vec<Change> {
+        let mut next_id = self.next_id;
+        let changes = self
+            .state
+            .refresh_shared(counters, self.now, &self.settings, &mut || {
+                next_id += 1;
+                next_id
+            });
+        self.next_id = next_id;
+        changes
+    }
+
     fn facts(&self, kind: LimitKind) -> LimitFacts {
         self.state
             .snapshot(self.now)
@@ -1174,4 +1187,76 @@ fn a_reservation_held_for_a_shared_store_is_taken_once_and_expires_as_the_store_
             tokens: 0,
         }]
     );
+}
+
+fn notification_ids(changes: &[Change]) -> (Vec<String>, Vec<String>) {
+    let mut raised = Vec::new();
+    let mut resolved = Vec::new();
+    for change in changes {
+        match change {
+            Change::Raised(n) => raised.push(n.id.clone()),
+            Change::Resolved(n) => resolved.push(n.id.clone()),
+            Change::Status { .. } => {}
+        }
+    }
+    (raised, resolved)
+}
+
+/// Two instances: `a` sees the upstream's answers, `b` draws other fresh
+/// ids, so that only an agreed id can be the same on both.
+fn two_instances() -> (Script, Script) {
+    let a = Script::new(&[(RequestsPerMinute, 100)]);
+    let mut b = Script::new(&[(RequestsPerMinute, 100)]);
+    b.next_id = 1_000_000;
+    (a, b)
+}
+
+#[test]
+fn a_billing_blocks_notification_has_one_id_wherever_the_block_is_seen() {
+    let (mut a, mut b) = two_instances();
+    a.upstream(429, "insufficient_quota", Some("insufficient_quota"), &[]);
+    let block = a.state.shared_blocks().1.expect("blocked");
+    let on_a = a.state.active_notifications()[0].id.clone();
+    b.after(300);
+    let shared = SharedCounters {
+        billing: Some(block),
+        ..shared_counters(1, b.now, None)
+    };
+    let (raised, _) = notification_ids(&b.load(&shared));
+    assert_eq!(raised, vec![on_a.clone()]);
+
+    // The block lifts; a later one is another notification.
+    a.after(1000);
+    a.state.reset(a.now);
+    a.upstream(429, "insufficient_quota", Some("insufficient_quota"), &[]);
+    let again = a.state.active_notifications()[0].id.clone();
+    assert_ne!(again, on_a);
+}
+
+#[test]
+fn an_instance_that_started_a_billing_block_later_takes_the_id_of_the_earlier_start() {
+    let (mut a, mut b) = two_instances();
+    a.upstream(429, "insufficient_quota", Some("insufficient_quota"), &[]);
+    let earlier = a.state.shared_blocks().1.expect("blocked");
+    let on_a = a.state.active_notifications()[0].id.clone();
+    // B saw a block of its own at the same moment, before loading A's.
+    b.after(5)
+        .upstream(429, "insufficient_quota", Some("insufficient_quota"), &[]);
+    let own = b.state.active_notifications()[0].id.clone();
+    assert_ne!(own, on_a);
+    // The store kept the earlier start; loaded, the notification follows.
+    let shared = SharedCounters {
+        billing: Some(earlier),
+        ..shared_counters(1, b.now, None)
+    };
+    let (raised, resolved) = notification_ids(&b.load(&shared));
+    assert_eq!((raised, resolved), (vec![on_a.clone()], vec![own]));
+    assert_eq!(b.state.active_notifications().len(), 1);
+    assert_eq!(b.status(), Status::QuotaExceeded);
+    // Loading the same block again changes nothing.
+    let same = SharedCounters {
+        billing: Some(earlier),
+        ..shared_counters(2, b.now, None)
+    };
+    assert!(notification_ids(&b.load(&same)).0.is_empty());
 }

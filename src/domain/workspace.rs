@@ -9,8 +9,8 @@ use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use super::limits::{LimitKind, PerLimit, Span, WorkspaceConfig};
-use super::notification::{Notification, describe};
-use super::status::{Change, Facts, LimitFacts, Observation, StatusTracker};
+use super::notification::{Notification, describe, shared_id};
+use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
 use super::time::Timestamp;
 use super::upstream::{
     BillingCode, ErrorFields, ErrorTally, LastError, Outcomes, RateLimitHeaders, UpstreamClass,
@@ -348,6 +348,10 @@ pub struct WorkspaceState {
     /// When the shared counters were last reset (microseconds of the
     /// store's clock), as last loaded.
     shared_reset_us: Option<i64>,
+    /// A loaded billing block started earlier than the one held: its
+    /// notification takes the id of the earlier start at the next
+    /// evaluation (see [`notification_id`](Self::notification_id)).
+    billing_start_moved: bool,
 }
 
 /// "Fits" means the limit still has room and the request's cost fits in it;
@@ -377,6 +381,7 @@ impl WorkspaceState {
             tracker: StatusTracker::new(now),
             shared_version: 0,
             shared_reset_us: None,
+            billing_start_moved: false,
         }
     }
 
@@ -648,19 +653,47 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
         let observation = self.observation(now);
-        let Some(causes) = self.tracker.observe(&observation, now) else {
-            return Vec::new();
+        let observed = self.tracker.observe(&observation, now);
+        // Two instances that saw a billing block at once each started it at
+        // their own time; the store keeps the earlier, and once it is
+        // loaded here the notification is raised again under its id.
+        let reissued = std::mem::take(&mut self.billing_start_moved)
+            .then_some(Cause::UpstreamQuotaExhausted)
+            .filter(|cause| self.tracker.causes().contains(*cause));
+        let causes = match (observed, reissued) {
+            (Some(causes), _) => causes,
+            (None, Some(_)) => self.tracker.causes(),
+            (None, None) => return Vec::new(),
         };
         let facts = self.facts(settings);
         let raised = self
             .tracker
             .appeared(causes)
+            .chain(reissued.filter(|cause| causes.contains(*cause)))
             .map(|cause| {
-                let id = format!("ntf_{:016x}", fresh_id());
+                let id = self.notification_id(cause, fresh_id);
                 describe(id, &self.config, cause, &facts, now)
             })
             .collect();
         self.tracker.transition(causes, raised, now)
+    }
+
+    /// The id of a new notification of `cause`. A billing block's is derived
+    /// from the workspace and the block's start: with shared counters, the
+    /// store keeps the earliest start any instance wrote and every instance
+    /// loads it, so all of them (and the history, which the lease holder
+    /// writes) name the block's notification alike; one that started the
+    /// block on its own at the same moment takes the stored start when it
+    /// loads it (`billing_start_moved`). Other causes are
+    /// observed by each instance at its own moment, with nothing shared that
+    /// marks their start, so theirs are fresh.
+    fn notification_id(&self, cause: Cause, fresh_id: &mut dyn FnMut() -> u64) -> String {
+        match (cause, self.billing_block) {
+            (Cause::UpstreamQuotaExhausted, Some(block)) => {
+                shared_id(&self.config.id, cause, block.since)
+            }
+            _ => format!("ntf_{:016x}", fresh_id()),
+        }
     }
 
     /// Admits the request if every limit has room and no block applies, and
@@ -771,6 +804,10 @@ impl WorkspaceState {
         }
         self.day = day;
         self.rate_block_until = counters.hold_until.filter(|until| *until > counters.at);
+        let start = |billing: Option<BillingBlock>| billing.map(|block| block.since);
+        if let (Some(held), Some(loaded)) = (start(self.billing_block), start(counters.billing)) {
+            self.billing_start_moved |= held != loaded;
+        }
         self.billing_block = counters.billing;
         self.shared_reset_us = counters.last_reset_us;
         true

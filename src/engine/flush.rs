@@ -1,6 +1,5 @@
 //! The background task that makes the engine durable: every flush interval
-//! it writes what changed in one transaction, picks up catalog changes made by
-//! other writers, and prunes old history.
+//! it writes what changed in one transaction and prunes old history.
 //!
 //! Failure mode: when a write fails, the batch is kept and merged with the
 //! next one, the engine raises a service-wide notification and `/readyz`
@@ -90,7 +89,6 @@ impl Flusher {
             }
             // A failure is reported by `flush` itself and retried next time.
             let _ = self.flush().await;
-            self.follow_catalog().await;
             if Instant::now() >= next_prune {
                 next_prune = Instant::now() + PRUNE_EVERY;
                 match self.store.prune(self.engine.now()).await {
@@ -152,25 +150,6 @@ impl Flusher {
             self.unwritten
                 .notifications
                 .insert(notification.id.clone(), notification);
-        }
-    }
-
-    /// Reloads workspaces and keys when someone else changed them.
-    async fn follow_catalog(&self) {
-        let _catalog = self.engine.catalog_lock().await;
-        let generation = match self.store.catalog_generation().await {
-            Ok(generation) => generation,
-            Err(error) => {
-                tracing::debug!(%error, "could not read the catalog generation");
-                return;
-            }
-        };
-        if generation == self.engine.known_generation() {
-            return;
-        }
-        match self.store.load_catalog().await {
-            Ok(catalog) => self.engine.apply_catalog(catalog),
-            Err(error) => tracing::warn!(%error, "could not reload workspaces and keys"),
         }
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Request path, as it runs through here:
 //! 1. `authenticate` maps a presented key to a principal (hash, then a
-//!    constant-time comparison);
+//!    constant-time comparison; a key made elsewhere is looked up, see
+//!    `catalog`);
 //! 2. `check` admits or refuses under the workspace's lock, atomically across
 //!    all its limits;
 //! 3. `report` settles the reservation and folds in the upstream's answer;
@@ -18,6 +19,7 @@
 //! stale events for slow listeners, who then resynchronise from a snapshot),
 //! which is what makes sending under the lock safe.
 
+mod catalog;
 pub mod flush;
 mod sharing;
 
@@ -282,6 +284,8 @@ pub struct Engine {
     catalog_lock: tokio::sync::Mutex<()>,
     /// Counters shared with other instances, when configured.
     shared: Option<Arc<SharedCounting>>,
+    /// Where keys this instance does not know are looked up, when it serves.
+    key_lookup: Option<catalog::KeyLookup>,
 }
 
 /// How many events a listener may fall behind before it is told to resync.
@@ -310,6 +314,7 @@ impl Engine {
             known_generation: AtomicI64::new(-1),
             catalog_lock: tokio::sync::Mutex::new(()),
             shared: None,
+            key_lookup: None,
         }
     }
 
@@ -503,12 +508,9 @@ impl Engine {
 
     // ----- the request path -------------------------------------------------
 
-    /// Maps a presented key to whom it speaks for.
-    pub fn authenticate(&self, presented: &str) -> Option<Principal> {
-        self.authenticate_hash(KeyHash::of(presented))
-    }
-
-    /// Like [`authenticate`](Self::authenticate), for a key already hashed.
+    /// Maps a key's hash to whom it speaks for, among the keys this
+    /// instance knows (see [`authenticate`](Self::authenticate) for keys
+    /// made elsewhere).
     pub fn authenticate_hash(&self, hash: KeyHash) -> Option<Principal> {
         let keyring = read(&self.keyring);
         if keyring.admin.is_some_and(|admin| admin.matches(&hash)) {

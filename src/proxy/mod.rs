@@ -318,7 +318,7 @@ async fn forward_admitted(
 ) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
     let (parts, body) = request.into_parts();
-    let workspace = match authenticate(&state.engine, bearer(&parts.headers))? {
+    let workspace = match authenticate(&state.engine, bearer(&parts.headers)).await? {
         Principal::Workspace(workspace) => workspace,
         Principal::Admin => {
             return Err(ApiError::new(

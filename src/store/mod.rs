@@ -642,6 +642,23 @@ impl Store {
         })?)
     }
 
+    /// The active key with this hash, if there is one: how an instance finds
+    /// a key that another instance created since its last catalog reload.
+    pub async fn active_key(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
+        let row: Option<(String, String, String, String, i64, Option<i64>)> = on_pool!(
+            self,
+            |pool| {
+                sqlx::query_as(
+                "SELECT id, workspace_id, key_hash, prefix, created_at, revoked_at FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
+            )
+            .bind(hash.to_hex())
+            .fetch_optional(pool)
+            .await
+            }
+        )?;
+        Ok(row.and_then(key_from_row))
+    }
+
     /// All keys of a workspace, revoked ones included, newest first.
     pub async fn list_keys(&self, workspace: &WorkspaceId) -> Result<Vec<KeyRecord>> {
         let rows: Vec<(String, String, String, String, i64, Option<i64>)> = on_pool!(

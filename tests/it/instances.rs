@@ -482,3 +482,209 @@ async fn restarting_both_instances_loses_nothing() {
     assert!(workspaces.body.to_string().contains("\"acme\""));
     cluster.finish().await;
 }
+
+/// Creates a workspace and a key through `server` alone, without waiting for
+/// any other instance to know them; answers the key and its id.
+async fn workspace_and_key(server: &TestServer, id: &str) -> (String, String) {
+    let created = server
+        .post("/api/workspaces", ADMIN_KEY, json!({"id": id}))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let key = server
+        .post(&format!("/api/workspaces/{id}/keys"), ADMIN_KEY, json!({}))
+        .await;
+    assert_eq!(key.status, StatusCode::CREATED, "{:?}", key.body);
+    let text = |field: &str| key.body[field].as_str().expect(field).to_owned();
+    (text("key"), text("id"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_made_through_one_instance_works_on_the_other_at_the_next_request() {
+    let upstream = Upstream::start(quotawatch::mock::MockOptions::default()).await;
+    let proxying = [
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+    ];
+    let Some(cluster) = Cluster::start("instances::next_request", false, &proxying).await else {
+        return;
+    };
+    let chat = json!({"model": "gpt-4o-mini", "max_tokens": 50,
+        "messages": [{"role": "user", "content": "Say hello"}]});
+
+    // Each workspace's very first request on B is the one under test.
+    let (status_first, _) = workspace_and_key(&cluster.a, "status-first").await;
+    let status = cluster.b.get("/api/quota/status", &status_first).await;
+    assert_eq!(status.status, StatusCode::OK, "{:?}", status.body);
+    assert_eq!(status.body["workspace"], "status-first");
+    let proxied = cluster
+        .b
+        .openai("/chat/completions", &status_first, chat.clone())
+        .await;
+    assert_eq!(proxied.status(), StatusCode::OK);
+
+    let (proxy_first, _) = workspace_and_key(&cluster.a, "proxy-first").await;
+    let proxied = cluster
+        .b
+        .openai("/chat/completions", &proxy_first, chat)
+        .await;
+    assert_eq!(proxied.status(), StatusCode::OK);
+    let status = cluster.b.status(&proxy_first).await;
+    assert_eq!(used(&status, "requests_per_day"), 1);
+    assert_eq!(
+        used(&cluster.a.status(&proxy_first).await, "requests_per_day"),
+        1
+    );
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_key_revoked_through_one_instance_is_refused_by_the_other_within_a_second() {
+    // Whatever the flush interval: catalog changes do not wait for writes.
+    let Some(cluster) = Cluster::start(
+        "instances::revoked",
+        false,
+        &[("QUOTAWATCH_FLUSH_INTERVAL", "4s")],
+    )
+    .await
+    else {
+        return;
+    };
+    // Three in a row, so that no lucky timing passes for a rule.
+    for n in 0..3 {
+        let (key, key_id) = workspace_and_key(&cluster.a, &format!("ws-{n}")).await;
+        // Known to B first, however B learns of keys: only the revocation is timed.
+        eventually("B knows the key", Duration::from_secs(5), || async {
+            (cluster.b.check(&key, 0).await.status == StatusCode::OK).then_some(())
+        })
+        .await;
+        let revoked = cluster
+            .a
+            .send(
+                reqwest::Method::DELETE,
+                &format!("/api/workspaces/ws-{n}/keys/{key_id}"),
+                ADMIN_KEY,
+                None,
+            )
+            .await;
+        assert_eq!(revoked.status, StatusCode::NO_CONTENT, "{:?}", revoked.body);
+        let refused_at = eventually(
+            "B refuses the revoked key",
+            Duration::from_secs(1),
+            || async {
+                let response = cluster.b.check(&key, 0).await;
+                (response.status == StatusCode::UNAUTHORIZED).then_some(response)
+            },
+        )
+        .await;
+        assert_eq!(refused_at.error_code(), "invalid_api_key");
+    }
+    cluster.finish().await;
+}
+
+/// The ids of the workspace's notifications of `kind` that `server` lists,
+/// active ones or (with `history`) all.
+async fn notification_ids(
+    server: &TestServer,
+    key: &str,
+    kind: &str,
+    history: bool,
+) -> Vec<String> {
+    let path = if history {
+        "/api/quota/notifications?include=history"
+    } else {
+        "/api/quota/notifications"
+    };
+    let listed = server.get(path, key).await;
+    listed.body["notifications"]
+        .as_array()
+        .expect("notifications")
+        .iter()
+        .filter(|n| n["kind"] == kind)
+        .map(|n| n["id"].as_str().expect("id").to_owned())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_billing_block_has_one_notification_id_on_every_instance_and_in_history() {
+    let Some(cluster) = Cluster::start("instances::one_id", false, &[]).await else {
+        return;
+    };
+    let key = cluster.workspace(json!({"id": "acme"})).await;
+    let admitted = cluster.a.check(&key, 10).await;
+    assert_eq!(admitted.status, StatusCode::OK);
+    let billing = json!({"reservation_id": admitted.body["reservation_id"], "status_code": 429,
+        "error": fixture_json("error_429_insufficient_quota.json")["error"]});
+    let reported = cluster.a.post("/api/quota/usage", &key, billing).await;
+    assert_eq!(reported.body["status"], "quota_exceeded");
+
+    let kind = "upstream_quota_exhausted";
+    let on_a = notification_ids(&cluster.a, &key, kind, false).await;
+    assert_eq!(on_a.len(), 1, "{on_a:?}");
+    eventually("B lists the block", Duration::from_secs(1), || async {
+        let on_b = notification_ids(&cluster.b, &key, kind, false).await;
+        (!on_b.is_empty()).then_some(())
+    })
+    .await;
+    assert_eq!(notification_ids(&cluster.b, &key, kind, false).await, on_a);
+    eventually(
+        "history holds the one notification",
+        Duration::from_secs(5),
+        || async {
+            let a = notification_ids(&cluster.a, &key, kind, true).await;
+            let b = notification_ids(&cluster.b, &key, kind, true).await;
+            (a == on_a && b == on_a).then_some(())
+        },
+    )
+    .await;
+    cluster.finish().await;
+}
+
+/// How many keys `server` looked up in the database, from its metrics.
+async fn key_lookups(server: &TestServer) -> u64 {
+    let metrics = server.metrics().await;
+    metrics
+        .lines()
+        .find_map(|line| line.strip_prefix("quotawatch_key_lookups_total "))
+        .and_then(|count| count.parse().ok())
+        .unwrap_or_else(|| panic!("no key lookup count in\n{metrics}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn made_up_keys_cause_a_bounded_number_of_database_lookups() {
+    let Some(cluster) = Cluster::start("instances::made_up_keys", false, &[]).await else {
+        return;
+    };
+    let server = &cluster.b;
+    let refused = |response: Response| {
+        assert_eq!(
+            response.status,
+            StatusCode::UNAUTHORIZED,
+            "{:?}",
+            response.body
+        );
+        assert_eq!(response.error_code(), "invalid_api_key");
+    };
+    let before = key_lookups(server).await;
+    // The same unknown key, again and again: looked up once.
+    for _ in 0..50 {
+        refused(server.check("qw_not-a-key-anyone-made", 0).await);
+    }
+    assert_eq!(key_lookups(server).await - before, 1);
+
+    // Different made-up keys, all at once: looked up at the budget's rate.
+    let keys: Vec<String> = (0..400).map(|n| format!("qw_made-up-{n}")).collect();
+    let started = Instant::now();
+    let attempts =
+        futures_util::future::join_all(keys.iter().map(|key| server.check(key, 0))).await;
+    let elapsed = started.elapsed();
+    attempts.into_iter().for_each(refused);
+    let looked_up = key_lookups(server).await - before - 1;
+    // 20 at once, then 20 a second.
+    let bound = 20 + (20.0 * elapsed.as_secs_f64()).ceil() as u64;
+    println!("400 made-up keys in {elapsed:?}: {looked_up} lookups (bound {bound})");
+    assert!(
+        looked_up >= 1 && looked_up <= bound,
+        "{looked_up} > {bound}"
+    );
+    cluster.finish().await;
+}

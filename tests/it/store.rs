@@ -144,6 +144,10 @@ async fn keys_are_stored_hashed_and_revocable(store: Store) {
     let catalog = store.load_catalog().await.expect("catalog");
     assert_eq!(catalog.keys, vec![record.clone()]);
     assert!(catalog.keys[0].hash.matches(&key.hash()));
+    let found = store.active_key(&key.hash()).await.expect("look up");
+    assert_eq!(found, Some(record.clone()));
+    let unknown = PlainKey::generate().hash();
+    assert_eq!(store.active_key(&unknown).await.expect("look up"), None);
     let later = Timestamp::from_millis(T0.millis() + 1000);
     assert!(
         store
@@ -160,6 +164,11 @@ async fn keys_are_stored_hashed_and_revocable(store: Store) {
             .is_none()
     );
     assert!(store.load_catalog().await.expect("catalog").keys.is_empty());
+    assert_eq!(
+        store.active_key(&key.hash()).await.expect("look up"),
+        None,
+        "a revoked key is not found"
+    );
     let listed = store.list_keys(&id("acme")).await.expect("list");
     assert_eq!(listed[0].revoked_at, Some(later));
     store.delete_workspace(&id("acme")).await.expect("delete");
