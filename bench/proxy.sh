@@ -11,7 +11,9 @@
 # the loadgen example in closed-loop mode. Latency at a fixed 1,000 requests/s:
 # the loadgen example in open-loop mode, plus quotawatch's own account of the
 # time it adds (x-quotawatch-overhead-ms). Resident memory of quotawatch is
-# sampled throughout.
+# sampled throughout. Last, the peak memory one 30 MiB request body costs
+# above idle (two shapes: one long text, and a list of 15 million token ids),
+# read from the kernel's high-water mark after resetting it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -112,8 +114,33 @@ direct_fixed=$(fixed_rate "$upstream/chat/completions" "")
 proxy_fixed=$(fixed_rate "$proxy/chat/completions" "$key")
 max_rss_kb=$(sort -n "$work/rss.kb" | tail -1)
 
+# Peak memory for one 30 MiB body above idle: the high-water mark is reset
+# (clear_refs 5), one body is sent, and the new mark is read.
+python3 - "$work" <<'PY'
+import json, sys
+work = sys.argv[1]
+size = 30 << 20
+text = json.dumps({"model": "gpt-4o-mini", "max_tokens": 5,
+                   "messages": [{"role": "user", "content": "word " * (size // 5)}]})
+open(f"{work}/text.json", "w").write(text)
+ids = json.dumps({"model": "text-embedding-3-small", "input": [1] * (size // 2)}, separators=(",", ":"))
+open(f"{work}/ids.json", "w").write(ids)
+PY
+large_body_peak() { # file, path -> "peak_above_idle_kib body_kib status"
+    local idle status peak
+    idle=$(awk '/^VmRSS/ {print $2}' "/proc/$qw_pid/status")
+    echo 5 >"/proc/$qw_pid/clear_refs"
+    status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" \
+        -H 'Content-Type: application/json' --data-binary "@$1" "$proxy$2")
+    peak=$(awk '/^VmHWM/ {print $2}' "/proc/$qw_pid/status")
+    echo "$((peak - idle)) $(($(stat -c %s "$1") / 1024)) $status"
+}
+read -r text_peak text_kib text_status < <(large_body_peak "$work/text.json" /chat/completions)
+read -r ids_peak ids_kib ids_status < <(large_body_peak "$work/ids.json" /embeddings)
+
 python3 - "$direct_rps" "$direct_p50" "$direct_p99" "$proxy_rps" "$proxy_p50" "$proxy_p99" \
-    "$direct_fixed" "$proxy_fixed" "${max_rss_kb:-0}" "$profile" <<'PY'
+    "$direct_fixed" "$proxy_fixed" "${max_rss_kb:-0}" "$profile" \
+    "$text_peak" "$text_kib" "$text_status" "$ids_peak" "$ids_kib" "$ids_status" <<'PY'
 import json, sys
 d_rps, d_p50, d_p99, p_rps, p_p50, p_p99 = map(float, sys.argv[1:7])
 direct, proxied = json.loads(sys.argv[7]), json.loads(sys.argv[8])
@@ -130,13 +157,19 @@ print(f"added latency at 1000 req/s: p99 {added_p99:.3f} ms (client view); "
       f"quotawatch's own overhead p50 {proxied['overhead_p50_ms']:.3f} ms, p99 {proxied['overhead_p99_ms']:.3f} ms")
 print(f"quotawatch resident memory, max: {rss_mib:.1f} MiB")
 failures = []
+for shape, peak, body, status in (("long text", *sys.argv[11:14]), ("token ids", *sys.argv[14:17])):
+    ratio = int(peak) / int(body)
+    print(f"one {int(body) / 1024:.0f} MiB body ({shape}): peak {int(peak) / 1024:.1f} MiB above idle "
+          f"({ratio:.2f}x the body), answered {status}")
+    if status != "200": failures.append(f"the {shape} body was answered {status}")
+    if ratio >= 2.0: failures.append(f"the {shape} body cost {ratio:.2f}x its size")
 if direct["errors"] or proxied["errors"] or not proxied["requests"]:
     failures.append(f"errors: direct {direct['errors']}, proxied {proxied['errors']}")
 if release:
     if p_rps / d_rps < 0.25: failures.append("throughput below 25% of direct")
     if proxied["overhead_p99_ms"] >= 1.0: failures.append("p99 overhead at 1000 req/s is 1 ms or more")
     if rss_mib >= 64: failures.append("resident memory reached 64 MiB")
-    print("targets (throughput >= 25% of direct, p99 overhead < 1 ms, RSS < 64 MiB):",
+    print("targets (throughput >= 25% of direct, p99 overhead < 1 ms, RSS < 64 MiB, a body < 2x its size):",
           "met" if not failures else "NOT met: " + "; ".join(failures))
 elif failures:
     print("run failed:", "; ".join(failures))

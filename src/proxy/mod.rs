@@ -96,6 +96,13 @@ impl Proxy {
             )
         };
         match variable {
+            // A name stored before the rule on upstream key variables was
+            // made is not looked up either.
+            Some(name) if crate::domain::limits::validate_env_name(name).is_err() => {
+                Err(missing(format!(
+                    "the workspace names the variable {name}, which cannot hold an upstream key; name one QUOTAWATCH_UPSTREAM_KEY_<NAME>"
+                )))
+            }
             Some(name) => (self.env)(name)
                 .filter(|key| !key.is_empty())
                 .ok_or_else(|| {
