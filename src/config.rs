@@ -21,6 +21,7 @@ use crate::domain::limits::{
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::WorkspaceDefaults;
+use crate::telemetry::mask_secrets;
 
 /// One setting: its key in the TOML file, its environment variable, its
 /// default and what it does.
@@ -368,7 +369,10 @@ fn build(
         return Err(fail(
             "database_url",
             database_source,
-            format!("{database_url:?} must start with sqlite:, postgres:// or postgresql://"),
+            format!(
+                "{:?} must start with sqlite:, postgres:// or postgresql://",
+                mask_secrets(database_url)
+            ),
         ));
     }
 
@@ -428,7 +432,10 @@ fn build(
         return Err(fail(
             "upstream_url",
             url_source,
-            format!("{url_text:?} is not an http:// or https:// URL"),
+            format!(
+                "{:?} is not an http:// or https:// URL",
+                mask_secrets(url_text)
+            ),
         ));
     }
     let (tokens_text, tokens_source) = required("default_max_tokens");
@@ -528,7 +535,7 @@ fn build(
                 return Err(fail(
                     "redis_url",
                     source,
-                    format!("{:?} is not a redis:// URL", mask_password(url)),
+                    format!("{:?} is not a redis:// URL", mask_secrets(url)),
                 ));
             }
             Some(RedisConfig {
@@ -556,8 +563,7 @@ fn build(
             let shown = match (setting.secret, value.is_empty()) {
                 (_, true) => "(unset)".to_owned(),
                 (true, false) => "******** (set)".to_owned(),
-                (false, false) if setting.key.ends_with("_url") => mask_password(&value),
-                (false, false) => value,
+                (false, false) => mask_secrets(&value).into_owned(),
             };
             Effective {
                 env: setting.env,
@@ -645,20 +651,6 @@ fn file_workspace(
     spec.apply_to(base)
         .map_err(|e| ConfigError::new(at(e.field), source, e.message))?;
     Ok((declared.id, spec))
-}
-
-/// `postgres://user:secret@host/db` -> `postgres://user:********@host/db`.
-fn mask_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((credentials, host)) => match credentials.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:********@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 impl Config {
