@@ -48,6 +48,7 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { key: "probe_interval", env: "QUOTAWATCH_PROBE_INTERVAL", default: Some("60s"), secret: false, help: "how often one request may probe the upstream during a billing block" },
     SettingDef { key: "flush_interval", env: "QUOTAWATCH_FLUSH_INTERVAL", default: Some("1s"), secret: false, help: "how often counted usage is written to the database (the most a kill -9 can lose)" },
     SettingDef { key: "max_body_bytes", env: "QUOTAWATCH_MAX_BODY_BYTES", default: Some("65536"), secret: false, help: "largest request body the /api routes accept" },
+    SettingDef { key: "ws_max_connections_per_key", env: "QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY", default: Some("16"), secret: false, help: "most WebSocket connections one key may hold open on one instance; more are refused with 429" },
     SettingDef { key: "ws_ping_interval", env: "QUOTAWATCH_WS_PING_INTERVAL", default: Some("30s"), secret: false, help: "how often the server pings WebSocket clients; silent peers are closed after two" },
     SettingDef { key: "log_format", env: "QUOTAWATCH_LOG_FORMAT", default: Some("pretty"), secret: false, help: "pretty or json" },
     SettingDef { key: "log_level", env: "QUOTAWATCH_LOG", default: Some("info"), secret: false, help: "a tracing filter such as info or quotawatch=debug" },
@@ -171,6 +172,7 @@ pub struct Config {
     pub flush_interval: Duration,
     pub max_body_bytes: usize,
     pub ws_ping_interval: Duration,
+    pub ws_max_connections_per_key: usize,
     pub log_format: LogFormat,
     pub log_level: String,
     pub upstream: UpstreamConfig,
@@ -503,6 +505,19 @@ fn build(
         )
     })?;
 
+    let (connections_text, connections_source) = required("ws_max_connections_per_key");
+    let ws_max_connections_per_key = connections_text
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| {
+            fail(
+                "ws_max_connections_per_key",
+                connections_source,
+                format!("{connections_text:?} is not a whole number of at least 1"),
+            )
+        })?;
+
     let (replicas_text, replicas_source) = required("replicas");
     let instances = replicas_text
         .parse::<u32>()
@@ -586,6 +601,7 @@ fn build(
         flush_interval: duration("flush_interval")?,
         max_body_bytes,
         ws_ping_interval: duration("ws_ping_interval")?,
+        ws_max_connections_per_key,
         log_format,
         log_level: level_text.to_owned(),
         upstream: UpstreamConfig {
@@ -854,6 +870,7 @@ mod tests {
             ("QUOTAWATCH_REDIS_URL", "http://cache:6379"),
             ("QUOTAWATCH_ON_STORE_ERROR", "sometimes"),
             ("QUOTAWATCH_REPLICAS", "0"),
+            ("QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY", "0"),
         ] {
             let error = load_with(None, None, &[(name, value)], vec![]).expect_err(name);
             assert_eq!(error.setting, name);

@@ -45,6 +45,7 @@ pub struct Shared {
     pub admin: Admin,
     pub tickets: ws::Tickets,
     pub hub: ws::Hub,
+    pub ws_connections: Arc<ws::Connections>,
     pub ws_ping_interval: Duration,
     pub openapi_json: String,
 }
