@@ -12,6 +12,7 @@ mod durability;
 mod held;
 mod instances;
 mod proxy;
+mod schema;
 mod sdk;
 mod shared;
 mod store;
