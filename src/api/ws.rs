@@ -49,7 +49,7 @@ pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
 /// How many tickets may be live at once on this instance. Beyond it the
 /// oldest go: a client redeems its ticket within moments of getting it, so
 /// only a flood of issues, not a real client, loses one.
-const MAX_LIVE_TICKETS: usize = 10_000;
+pub const MAX_LIVE_TICKETS: usize = 10_000;
 
 /// Single-use tickets that let a browser open the WebSocket without putting
 /// a key in the URL. With several instances behind a load balancer, the
@@ -57,10 +57,12 @@ const MAX_LIVE_TICKETS: usize = 10_000;
 /// kept in Redis, where redeeming one takes it for good (and which expires
 /// them by itself).
 ///
-/// At most [`MAX_LIVE_TICKETS`] are kept here. They all live for the same
-/// [`TICKET_TTL`], so the order of issue is the order of expiry: a queue in
-/// that order gives the expired and the oldest from its front, in constant
-/// time per ticket issued.
+/// At most [`MAX_LIVE_TICKETS`] are kept here, and of those this instance
+/// issued, in Redis. They all live for the same [`TICKET_TTL`], so the order
+/// of issue is the order of expiry: a queue in that order gives the expired
+/// and the oldest from its front, in constant time per ticket issued. The
+/// oldest dropped to make room leave Redis in the call that stores the new
+/// one.
 #[derive(Default)]
 pub struct Tickets {
     live: Mutex<LiveTickets>,
@@ -77,15 +79,24 @@ struct LiveTickets {
 
 impl LiveTickets {
     /// Drops the expired tickets, and the oldest while there is no room for
-    /// one more.
-    fn make_room(&mut self, now: Timestamp) {
-        while let Some((expires_at, ticket)) = self.by_age.front() {
-            if *expires_at > now && self.by_age.len() < MAX_LIVE_TICKETS {
+    /// one more. Answers the Redis names of those dropped before their time
+    /// that Redis also holds (Redis expires the others by itself).
+    fn make_room(&mut self, now: Timestamp) -> Vec<String> {
+        let mut evicted = Vec::new();
+        while let Some(&(expires_at, _)) = self.by_age.front() {
+            let expired = expires_at <= now;
+            if !expired && self.by_age.len() < MAX_LIVE_TICKETS {
                 break;
             }
-            self.by_ticket.remove(ticket);
-            self.by_age.pop_front();
+            let Some((_, ticket)) = self.by_age.pop_front() else {
+                break;
+            };
+            let dropped = self.by_ticket.remove(&ticket);
+            if !expired && dropped.is_some_and(|issued| issued.shared) {
+                evicted.push(ticket_name(&ticket));
+            }
         }
+        evicted
     }
 }
 
@@ -112,16 +123,23 @@ impl Tickets {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         );
         let expires_at = now.plus(TICKET_TTL);
+        // Room is made first, so that the tickets dropped here leave Redis
+        // in the same call that stores the new one.
+        let evicted = lock(&self.live).make_room(now);
         let shared = match &self.shared {
             Some(shared) => shared
                 .counters()
-                .put(&ticket_name(&ticket), &credential.to_hex(), TICKET_TTL)
+                .put(
+                    &ticket_name(&ticket),
+                    &credential.to_hex(),
+                    TICKET_TTL,
+                    &evicted,
+                )
                 .await
                 .is_ok(),
             None => false,
         };
         let mut live = lock(&self.live);
-        live.make_room(now);
         let entry = Issued {
             credential,
             expires_at,
