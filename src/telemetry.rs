@@ -33,6 +33,10 @@ const SECRET_NAME_PARTS: &[&str] = &[
     "signature",
 ];
 
+/// ...unless it ends with one of these: identifiers (`key_id`) and counts
+/// (`max_tokens`, `keys`), which log lines need and which give nothing away.
+const PUBLIC_NAME_ENDINGS: &[&str] = &["_id", "-id", "tokens", "keys"];
+
 /// Prefixes of the keys and tickets quotawatch issues and of OpenAI's keys.
 const KEY_PREFIXES: &[&str] = &["qw_", "wst_", "sk-"];
 
@@ -128,7 +132,11 @@ fn mask_parameters(text: &str) -> Cow<'_, str> {
             .rposition(|&b| !(b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.')))
             .map_or(0, |before| before + 1);
         let name = text[name_start..equals].to_ascii_lowercase();
-        if name.is_empty() || !SECRET_NAME_PARTS.iter().any(|part| name.contains(part)) {
+        let secret = SECRET_NAME_PARTS.iter().any(|part| name.contains(part))
+            && !PUBLIC_NAME_ENDINGS
+                .iter()
+                .any(|ending| name.ends_with(ending));
+        if !secret {
             continue;
         }
         let value_end = token_end(text, equals + 1, b"&#;,\\");
@@ -306,6 +314,11 @@ mod tests {
             ),
             ("key prefix qw_AbCd", "key prefix qw_AbCd"),
             ("status=200 latency_ms=12", "status=200 latency_ms=12"),
+            (
+                "key created workspace=acme key_id=key_0a1b2c3d4e5f",
+                "key created workspace=acme key_id=key_0a1b2c3d4e5f",
+            ),
+            ("max_tokens=100 keys=3", "max_tokens=100 keys=3"),
         ] {
             assert_eq!(mask_secrets(given), shown, "{given}");
         }
