@@ -503,11 +503,7 @@ impl Connection {
                     }
                     Some(Err(error)) => {
                         if is_too_big(error) {
-                            let close = axum::extract::ws::CloseFrame {
-                                code: axum::extract::ws::close_code::SIZE,
-                                reason: format!("messages are limited to {MAX_MESSAGE_BYTES} bytes").into(),
-                            };
-                            let _ = send(&mut sink, Message::Close(Some(close))).await;
+                            let _ = send(&mut sink, too_big()).await;
                         }
                         Err(Gone)
                     }
@@ -683,6 +679,15 @@ impl Connection {
         }
         Ok(())
     }
+}
+
+/// 1009, message too big: tells the client why, so that it does not retry
+/// the same message.
+fn too_big() -> Message {
+    Message::Close(Some(axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::SIZE,
+        reason: format!("messages are limited to {MAX_MESSAGE_BYTES} bytes").into(),
+    }))
 }
 
 /// Whether a read failed because the peer sent more than
