@@ -155,6 +155,7 @@ pub async fn start(
         admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults),
         tickets: api::ws::Tickets::new(engine.shared_counting().cloned()),
         hub,
+        ws_connections: api::ws::Connections::new(config.ws_max_connections_per_key),
         ws_ping_interval: config.ws_ping_interval,
         openapi_json: api::openapi_json(),
     });

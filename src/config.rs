@@ -21,6 +21,7 @@ use crate::domain::limits::{
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::WorkspaceDefaults;
+use crate::telemetry::mask_secrets;
 
 /// One setting: its key in the TOML file, its environment variable, its
 /// default and what it does.
@@ -47,6 +48,7 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { key: "probe_interval", env: "QUOTAWATCH_PROBE_INTERVAL", default: Some("60s"), secret: false, help: "how often one request may probe the upstream during a billing block" },
     SettingDef { key: "flush_interval", env: "QUOTAWATCH_FLUSH_INTERVAL", default: Some("1s"), secret: false, help: "how often counted usage is written to the database (the most a kill -9 can lose)" },
     SettingDef { key: "max_body_bytes", env: "QUOTAWATCH_MAX_BODY_BYTES", default: Some("65536"), secret: false, help: "largest request body the /api routes accept" },
+    SettingDef { key: "ws_max_connections_per_key", env: "QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY", default: Some("16"), secret: false, help: "most WebSocket connections one key may hold open on one instance; more are refused with 429" },
     SettingDef { key: "ws_ping_interval", env: "QUOTAWATCH_WS_PING_INTERVAL", default: Some("30s"), secret: false, help: "how often the server pings WebSocket clients; silent peers are closed after two" },
     SettingDef { key: "log_format", env: "QUOTAWATCH_LOG_FORMAT", default: Some("pretty"), secret: false, help: "pretty or json" },
     SettingDef { key: "log_level", env: "QUOTAWATCH_LOG", default: Some("info"), secret: false, help: "a tracing filter such as info or quotawatch=debug" },
@@ -170,6 +172,7 @@ pub struct Config {
     pub flush_interval: Duration,
     pub max_body_bytes: usize,
     pub ws_ping_interval: Duration,
+    pub ws_max_connections_per_key: usize,
     pub log_format: LogFormat,
     pub log_level: String,
     pub upstream: UpstreamConfig,
@@ -368,7 +371,10 @@ fn build(
         return Err(fail(
             "database_url",
             database_source,
-            format!("{database_url:?} must start with sqlite:, postgres:// or postgresql://"),
+            format!(
+                "{:?} must start with sqlite:, postgres:// or postgresql://",
+                mask_secrets(database_url)
+            ),
         ));
     }
 
@@ -428,7 +434,10 @@ fn build(
         return Err(fail(
             "upstream_url",
             url_source,
-            format!("{url_text:?} is not an http:// or https:// URL"),
+            format!(
+                "{:?} is not an http:// or https:// URL",
+                mask_secrets(url_text)
+            ),
         ));
     }
     let (tokens_text, tokens_source) = required("default_max_tokens");
@@ -496,6 +505,19 @@ fn build(
         )
     })?;
 
+    let (connections_text, connections_source) = required("ws_max_connections_per_key");
+    let ws_max_connections_per_key = connections_text
+        .parse::<usize>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| {
+            fail(
+                "ws_max_connections_per_key",
+                connections_source,
+                format!("{connections_text:?} is not a whole number of at least 1"),
+            )
+        })?;
+
     let (replicas_text, replicas_source) = required("replicas");
     let instances = replicas_text
         .parse::<u32>()
@@ -528,7 +550,7 @@ fn build(
                 return Err(fail(
                     "redis_url",
                     source,
-                    format!("{:?} is not a redis:// URL", mask_password(url)),
+                    format!("{:?} is not a redis:// URL", mask_secrets(url)),
                 ));
             }
             Some(RedisConfig {
@@ -556,8 +578,7 @@ fn build(
             let shown = match (setting.secret, value.is_empty()) {
                 (_, true) => "(unset)".to_owned(),
                 (true, false) => "******** (set)".to_owned(),
-                (false, false) if setting.key.ends_with("_url") => mask_password(&value),
-                (false, false) => value,
+                (false, false) => mask_secrets(&value).into_owned(),
             };
             Effective {
                 env: setting.env,
@@ -580,6 +601,7 @@ fn build(
         flush_interval: duration("flush_interval")?,
         max_body_bytes,
         ws_ping_interval: duration("ws_ping_interval")?,
+        ws_max_connections_per_key,
         log_format,
         log_level: level_text.to_owned(),
         upstream: UpstreamConfig {
@@ -645,20 +667,6 @@ fn file_workspace(
     spec.apply_to(base)
         .map_err(|e| ConfigError::new(at(e.field), source, e.message))?;
     Ok((declared.id, spec))
-}
-
-/// `postgres://user:secret@host/db` -> `postgres://user:********@host/db`.
-fn mask_password(url: &str) -> String {
-    let Some((scheme, rest)) = url.split_once("://") else {
-        return url.to_owned();
-    };
-    match rest.split_once('@') {
-        Some((credentials, host)) => match credentials.split_once(':') {
-            Some((user, _)) => format!("{scheme}://{user}:********@{host}"),
-            None => url.to_owned(),
-        },
-        None => url.to_owned(),
-    }
 }
 
 impl Config {
@@ -862,6 +870,7 @@ mod tests {
             ("QUOTAWATCH_REDIS_URL", "http://cache:6379"),
             ("QUOTAWATCH_ON_STORE_ERROR", "sometimes"),
             ("QUOTAWATCH_REPLICAS", "0"),
+            ("QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY", "0"),
         ] {
             let error = load_with(None, None, &[(name, value)], vec![]).expect_err(name);
             assert_eq!(error.setting, name);

@@ -9,7 +9,9 @@ async fn main() -> std::process::ExitCode {
     match quotawatch::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(error) => {
-            eprintln!("quotawatch: {error}");
+            // Errors of the database or Redis client may echo the URL given.
+            let message = quotawatch::telemetry::mask_secrets(&error.to_string()).into_owned();
+            eprintln!("quotawatch: {message}");
             std::process::ExitCode::FAILURE
         }
     }

@@ -190,4 +190,130 @@ mod tests {
         );
         assert!(ErrorEnvelope::parse(b"<html>Bad gateway</html>").is_none());
     }
+
+    mod properties {
+        use proptest::prelude::*;
+        use serde_json::{Map, Value, json};
+
+        use super::*;
+
+        /// Any JSON value, nested a little.
+        fn any_json() -> impl Strategy<Value = Value> {
+            let leaf = prop_oneof![
+                Just(Value::Null),
+                any::<bool>().prop_map(Value::Bool),
+                any::<i64>().prop_map(Value::from),
+                any::<u64>().prop_map(Value::from),
+                any::<f64>().prop_map(Value::from),
+                "\\PC{0,12}".prop_map(Value::String),
+            ];
+            leaf.prop_recursive(3, 24, 4, |inner| {
+                prop_oneof![
+                    prop::collection::vec(inner.clone(), 0..4).prop_map(Value::Array),
+                    prop::collection::btree_map("\\PC{0,12}", inner, 0..4)
+                        .prop_map(|map| Value::Object(map.into_iter().collect())),
+                ]
+            })
+        }
+
+        /// A usage object in one of OpenAI's shapes, its fields in any order
+        /// and mixed with fields quotawatch does not read, with the counts it
+        /// must read from it.
+        fn usage() -> impl Strategy<Value = (String, TokenUsage)> {
+            let count = prop_oneof![0..100_000u64, any::<u64>()];
+            let shape = prop::sample::select(vec!["chat", "responses", "embeddings"]);
+            let extra = prop::collection::vec(("[a-z_]{1,12}", any_json()), 0..4);
+            (
+                shape,
+                count.clone(),
+                count.clone(),
+                count.clone(),
+                count,
+                any::<bool>(),
+                extra,
+            )
+                .prop_flat_map(
+                    |(shape, prompt, completion, cached, reasoning, details, extra)| {
+                        let (input, output, input_details, output_details) = match shape {
+                            "responses" => (
+                                "input_tokens",
+                                "output_tokens",
+                                "input_tokens_details",
+                                "output_tokens_details",
+                            ),
+                            _ => (
+                                "prompt_tokens",
+                                "completion_tokens",
+                                "prompt_tokens_details",
+                                "completion_tokens_details",
+                            ),
+                        };
+                        let embeddings = shape == "embeddings";
+                        let mut fields = vec![
+                            (input.to_owned(), json!(prompt)),
+                            (
+                                "total_tokens".to_owned(),
+                                json!(prompt.saturating_add(if embeddings {
+                                    0
+                                } else {
+                                    completion
+                                })),
+                            ),
+                        ];
+                        if !embeddings {
+                            fields.push((output.to_owned(), json!(completion)));
+                        }
+                        if details && !embeddings {
+                            fields.push((
+                                input_details.to_owned(),
+                                json!({"cached_tokens": cached, "audio_tokens": 0}),
+                            ));
+                            fields.push((
+                                output_details.to_owned(),
+                                json!({"reasoning_tokens": reasoning}),
+                            ));
+                        }
+                        let known: Vec<String> =
+                            fields.iter().map(|(name, _)| name.clone()).collect();
+                        fields.extend(extra.into_iter().filter(|(name, _)| {
+                            !known.contains(name)
+                                && !name.ends_with("tokens")
+                                && !name.ends_with("details")
+                        }));
+                        let expected = TokenUsage {
+                            prompt,
+                            completion: if embeddings { 0 } else { completion },
+                            cached: if details && !embeddings { cached } else { 0 },
+                            reasoning: if details && !embeddings { reasoning } else { 0 },
+                        };
+                        Just(fields).prop_shuffle().prop_map(move |fields| {
+                            let object: Map<String, Value> = fields.into_iter().collect();
+                            (Value::Object(object).to_string(), expected)
+                        })
+                    },
+                )
+        }
+
+        proptest! {
+            #[test]
+            fn usage_in_any_shape_reads_as_its_counts((text, expected) in usage()) {
+                let parsed: Usage = serde_json::from_str(&text).expect("valid usage parses");
+                let tokens = parsed.tokens();
+                prop_assert_eq!(tokens, expected);
+                prop_assert_eq!(tokens.total(), expected.prompt.saturating_add(expected.completion));
+            }
+
+            #[test]
+            fn garbage_never_panics(bytes in prop::collection::vec(any::<u8>(), 0..200), value in any_json()) {
+                if let Ok(usage) = serde_json::from_slice::<Usage>(&bytes) {
+                    let _ = usage.tokens().total();
+                }
+                if let Ok(usage) = serde_json::from_value::<Usage>(value.clone()) {
+                    let _ = usage.tokens().total();
+                }
+                let _ = ErrorEnvelope::parse(&bytes);
+                let _ = ErrorEnvelope::parse(json!({"error": value}).to_string().as_bytes());
+            }
+        }
+    }
 }

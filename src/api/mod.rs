@@ -46,6 +46,7 @@ pub struct Shared {
     pub admin: Admin,
     pub tickets: ws::Tickets,
     pub hub: ws::Hub,
+    pub ws_connections: Arc<ws::Connections>,
     pub ws_ping_interval: Duration,
     pub openapi_json: String,
 }
@@ -121,8 +122,62 @@ fn documented_routes() -> OpenApiRouter<AppState> {
 
 /// The OpenAPI document of every `/api` route, as JSON.
 pub fn openapi_json() -> String {
-    let (_, api) = documented_routes().split_for_parts();
+    let (_, mut api) = documented_routes().split_for_parts();
+    document_rejections(&mut api);
     api.to_pretty_json().unwrap_or_default()
+}
+
+/// The answers of the extractors themselves (`error::Json`, `error::Query`,
+/// paths), which every operation that uses them can give whatever its handler
+/// does: documented here once, so that no operation's list can miss one.
+fn document_rejections(api: &mut utoipa::openapi::OpenApi) {
+    use utoipa::openapi::{ContentBuilder, Ref, ResponseBuilder};
+    const BODY_REJECTIONS: &[(&str, &str)] = &[
+        ("400", "The body is not valid JSON"),
+        ("413", "The body is larger than QUOTAWATCH_MAX_BODY_BYTES"),
+        (
+            "415",
+            "The body is not sent with Content-Type: application/json",
+        ),
+        ("422", "The body's fields are missing or of the wrong type"),
+    ];
+    const PARAMETER_REJECTIONS: &[(&str, &str)] =
+        &[("400", "A query or path parameter cannot be read")];
+    for item in api.paths.paths.values_mut() {
+        let operations = [
+            &mut item.get,
+            &mut item.put,
+            &mut item.post,
+            &mut item.delete,
+            &mut item.patch,
+        ];
+        for operation in operations.into_iter().flatten() {
+            let mut rejections = Vec::new();
+            if operation.request_body.is_some() {
+                rejections.extend_from_slice(BODY_REJECTIONS);
+            }
+            if operation.parameters.as_ref().is_some_and(|p| !p.is_empty()) {
+                rejections.extend_from_slice(PARAMETER_REJECTIONS);
+            }
+            for (status, description) in rejections {
+                operation
+                    .responses
+                    .responses
+                    .entry(status.to_owned())
+                    .or_insert_with(|| {
+                        ResponseBuilder::new()
+                            .description(description)
+                            .content(
+                                "application/json",
+                                ContentBuilder::new()
+                                    .schema(Some(Ref::from_schema_name("ErrorBody")))
+                                    .build(),
+                            )
+                            .into()
+                    });
+            }
+        }
+    }
 }
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {

@@ -175,6 +175,7 @@ async fn notifications_of(
         (status = 200, description = "Admitted; the estimate is reserved", body = CheckResponse),
         (status = 400, description = "Malformed JSON", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 404, description = "Unknown workspace", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Wrong field types", body = ErrorBody),
         (status = 429, description = "Refused; see retry-after and x-should-retry", body = ErrorBody),

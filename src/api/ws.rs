@@ -8,14 +8,14 @@
 //! for it. A peer that stops answering pings, or cannot take a message for
 //! [`SEND_TIMEOUT`], is disconnected.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use axum::extract::ws::{Message, Utf8Bytes, WebSocket, WebSocketUpgrade};
 use axum::extract::{FromRequestParts, State};
-use axum::http::HeaderMap;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 use axum::response::Response;
 use base64::Engine as _;
 use futures_util::{SinkExt, StreamExt};
@@ -42,15 +42,62 @@ const SEND_TIMEOUT: Duration = Duration::from_secs(10);
 const HUB_CAPACITY: usize = 4096;
 /// How often usage movements are sent: at most twice a second per workspace.
 const USAGE_INTERVAL: Duration = Duration::from_millis(500);
+/// The largest message (and frame) a client may send. Clients only send
+/// pings and subscriptions, a few hundred bytes; a larger message closes the
+/// connection with 1009 (message too big) before it is buffered whole.
+pub const MAX_MESSAGE_BYTES: usize = 64 * 1024;
+/// How many tickets may be live at once on this instance. Beyond it the
+/// oldest go: a client redeems its ticket within moments of getting it, so
+/// only a flood of issues, not a real client, loses one.
+pub const MAX_LIVE_TICKETS: usize = 10_000;
 
 /// Single-use tickets that let a browser open the WebSocket without putting
 /// a key in the URL. With several instances behind a load balancer, the
 /// ticket and the socket may reach different instances, so tickets are also
-/// kept in Redis, where redeeming one takes it for good.
+/// kept in Redis, where redeeming one takes it for good (and which expires
+/// them by itself).
+///
+/// At most [`MAX_LIVE_TICKETS`] are kept here, and of those this instance
+/// issued, in Redis. They all live for the same [`TICKET_TTL`], so the order
+/// of issue is the order of expiry: a queue in that order gives the expired
+/// and the oldest from its front, in constant time per ticket issued. The
+/// oldest dropped to make room leave Redis in the call that stores the new
+/// one.
 #[derive(Default)]
 pub struct Tickets {
-    issued: Mutex<HashMap<String, Issued>>,
+    live: Mutex<LiveTickets>,
     shared: Option<Arc<SharedCounting>>,
+}
+
+#[derive(Default)]
+struct LiveTickets {
+    by_ticket: HashMap<String, Issued>,
+    /// Every ticket in `by_ticket`, oldest first, with its expiry; also
+    /// those redeemed since, until they reach the front.
+    by_age: VecDeque<(Timestamp, String)>,
+}
+
+impl LiveTickets {
+    /// Drops the expired tickets, and the oldest while there is no room for
+    /// one more. Answers the Redis names of those dropped before their time
+    /// that Redis also holds (Redis expires the others by itself).
+    fn make_room(&mut self, now: Timestamp) -> Vec<String> {
+        let mut evicted = Vec::new();
+        while let Some(&(expires_at, _)) = self.by_age.front() {
+            let expired = expires_at <= now;
+            if !expired && self.by_age.len() < MAX_LIVE_TICKETS {
+                break;
+            }
+            let Some((_, ticket)) = self.by_age.pop_front() else {
+                break;
+            };
+            let dropped = self.by_ticket.remove(&ticket);
+            if !expired && dropped.is_some_and(|issued| issued.shared) {
+                evicted.push(ticket_name(&ticket));
+            }
+        }
+        evicted
+    }
 }
 
 struct Issued {
@@ -63,7 +110,7 @@ struct Issued {
 impl Tickets {
     pub fn new(shared: Option<Arc<SharedCounting>>) -> Self {
         Self {
-            issued: Mutex::default(),
+            live: Mutex::default(),
             shared,
         }
     }
@@ -76,29 +123,38 @@ impl Tickets {
             base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(bytes)
         );
         let expires_at = now.plus(TICKET_TTL);
+        // Room is made first, so that the tickets dropped here leave Redis
+        // in the same call that stores the new one.
+        let evicted = lock(&self.live).make_room(now);
         let shared = match &self.shared {
             Some(shared) => shared
                 .counters()
-                .put(&ticket_name(&ticket), &credential.to_hex(), TICKET_TTL)
+                .put(
+                    &ticket_name(&ticket),
+                    &credential.to_hex(),
+                    TICKET_TTL,
+                    &evicted,
+                )
                 .await
                 .is_ok(),
             None => false,
         };
-        let mut issued = lock(&self.issued);
-        issued.retain(|_, issued| issued.expires_at > now);
+        let mut live = lock(&self.live);
         let entry = Issued {
             credential,
             expires_at,
             shared,
         };
-        issued.insert(ticket.clone(), entry);
+        live.by_ticket.insert(ticket.clone(), entry);
+        live.by_age.push_back((expires_at, ticket.clone()));
         (ticket, expires_at)
     }
 
     /// Redeems a ticket for the credential it stands for; it cannot be used
     /// again, on this instance or another.
     pub async fn redeem(&self, ticket: &str, now: Timestamp) -> Option<KeyHash> {
-        let local = lock(&self.issued)
+        let local = lock(&self.live)
+            .by_ticket
             .remove(ticket)
             .filter(|issued| issued.expires_at > now);
         let Some(shared) = &self.shared else {
@@ -119,6 +175,64 @@ impl Tickets {
 
 fn ticket_name(ticket: &str) -> String {
     format!("ticket:{ticket}")
+}
+
+/// The open connections of each key on this instance, capped, so that one
+/// key cannot hold the server's sockets and tasks.
+pub struct Connections {
+    max_per_key: usize,
+    open: Mutex<HashMap<KeyHash, usize>>,
+}
+
+/// One connection's place under its key's cap, given back when dropped.
+pub struct ConnectionSlot {
+    connections: Arc<Connections>,
+    credential: KeyHash,
+}
+
+impl Connections {
+    pub fn new(max_per_key: usize) -> Arc<Self> {
+        Arc::new(Self {
+            max_per_key,
+            open: Mutex::default(),
+        })
+    }
+
+    /// A slot for one more connection of `credential`, unless it has all it
+    /// may have.
+    pub fn acquire(self: &Arc<Self>, credential: KeyHash) -> Result<ConnectionSlot, ApiError> {
+        let mut open = lock(&self.open);
+        let count = open.entry(credential).or_default();
+        if *count >= self.max_per_key {
+            return Err(ApiError::new(
+                StatusCode::TOO_MANY_REQUESTS,
+                "rate_limit_error",
+                "too_many_connections",
+                format!(
+                    "this key already has {} open WebSocket connections, the most allowed \
+                     (QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY); close one first",
+                    self.max_per_key
+                ),
+            ));
+        }
+        *count += 1;
+        Ok(ConnectionSlot {
+            connections: self.clone(),
+            credential,
+        })
+    }
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        let mut open = lock(&self.connections.open);
+        if let Some(count) = open.get_mut(&self.credential) {
+            *count -= 1;
+            if *count == 0 {
+                open.remove(&self.credential);
+            }
+        }
+    }
 }
 
 /// A message ready to send, and whom it concerns (`None`: everybody).
@@ -302,6 +416,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
         (status = 400, description = "Not a WebSocket request", body = super::dto::ErrorBody),
         (status = 401, description = "Missing or invalid key or ticket", body = super::dto::ErrorBody),
         (status = 404, description = "Unknown workspace", body = super::dto::ErrorBody),
+        (status = 429, description = "The key has as many open connections as allowed", body = super::dto::ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn connect(
@@ -344,6 +459,10 @@ pub async fn connect(
         Scope::All => Subscription::All,
     };
     let Upgrade(upgrade) = upgrade?;
+    let slot = state.ws_connections.acquire(credential)?;
+    let upgrade = upgrade
+        .max_message_size(MAX_MESSAGE_BYTES)
+        .max_frame_size(MAX_MESSAGE_BYTES);
     Ok(upgrade.on_upgrade(move |socket| async move {
         Connection {
             state,
@@ -352,7 +471,8 @@ pub async fn connect(
             subscription,
         }
         .run(socket)
-        .await
+        .await;
+        drop(slot);
     }))
 }
 
@@ -388,7 +508,13 @@ impl Connection {
                         last_heard = Instant::now();
                         self.handle(message, &mut sink).await
                     }
-                    Some(Err(_)) | None => Err(Gone),
+                    Some(Err(error)) => {
+                        if is_too_big(error) {
+                            let _ = send(&mut sink, too_big()).await;
+                        }
+                        Err(Gone)
+                    }
+                    None => Err(Gone),
                 },
                 outbound = wire.recv() => match outbound {
                     Ok(Wire::Message { workspace, text }) => {
@@ -562,6 +688,24 @@ impl Connection {
     }
 }
 
+/// 1009, message too big: tells the client why, so that it does not retry
+/// the same message.
+fn too_big() -> Message {
+    Message::Close(Some(axum::extract::ws::CloseFrame {
+        code: axum::extract::ws::close_code::SIZE,
+        reason: format!("messages are limited to {MAX_MESSAGE_BYTES} bytes").into(),
+    }))
+}
+
+/// Whether a read failed because the peer sent more than
+/// [`MAX_MESSAGE_BYTES`].
+fn is_too_big(error: axum::Error) -> bool {
+    matches!(
+        error.into_inner().downcast_ref::<tungstenite::Error>(),
+        Some(tungstenite::Error::Capacity(_))
+    )
+}
+
 async fn send(
     sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     message: Message,
@@ -593,5 +737,28 @@ mod tests {
             "expired"
         );
         assert_eq!(tickets.redeem("wst_made_up", now).await, None);
+    }
+
+    #[tokio::test]
+    async fn a_flood_of_tickets_keeps_the_store_bounded_and_the_newest_valid() {
+        let tickets = Tickets::default();
+        let now = Timestamp::from_millis(1_000_000);
+        let credential = KeyHash::of("qw_some_key");
+        let (first, _) = tickets.issue(credential, now).await;
+        let mut last = String::new();
+        for _ in 0..MAX_LIVE_TICKETS + 500 {
+            last = tickets.issue(credential, now).await.0;
+            let live = lock(&tickets.live);
+            assert!(live.by_age.len() <= MAX_LIVE_TICKETS);
+            assert!(live.by_ticket.len() <= live.by_age.len());
+        }
+        assert_eq!(tickets.redeem(&first, now).await, None, "the oldest went");
+        assert_eq!(tickets.redeem(&last, now).await, Some(credential));
+
+        // Once they expire, the next issue drops them all.
+        let later = now.plus(TICKET_TTL);
+        let (fresh, _) = tickets.issue(credential, later).await;
+        assert_eq!(lock(&tickets.live).by_ticket.len(), 1);
+        assert_eq!(tickets.redeem(&fresh, later).await, Some(credential));
     }
 }

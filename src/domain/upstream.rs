@@ -503,4 +503,124 @@ mod tests {
             failed: 5
         }));
     }
+
+    mod properties {
+        use proptest::prelude::*;
+
+        use super::*;
+        use crate::domain::time::format_duration;
+
+        const RELEVANT: &[&str] = &[
+            "x-ratelimit-limit-requests",
+            "x-ratelimit-remaining-requests",
+            "x-ratelimit-reset-requests",
+            "x-ratelimit-limit-tokens",
+            "x-ratelimit-remaining-tokens",
+            "x-ratelimit-reset-tokens",
+            "retry-after",
+            "retry-after-ms",
+        ];
+
+        /// A header name as an upstream might spell it: one of ours in any
+        /// case, or anything at all.
+        fn name() -> impl Strategy<Value = String> {
+            prop_oneof![
+                (prop::sample::select(RELEVANT), any::<u64>()).prop_map(|(name, case)| {
+                    name.chars()
+                        .enumerate()
+                        .map(|(i, c)| {
+                            if case >> (i % 64) & 1 == 1 {
+                                c.to_ascii_uppercase()
+                            } else {
+                                c
+                            }
+                        })
+                        .collect()
+                }),
+                "\\PC{0,20}",
+            ]
+        }
+
+        /// Values like OpenAI's, and values like nobody's.
+        fn value() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<i64>().prop_map(|n| n.to_string()),
+                any::<f64>().prop_map(|x| x.to_string()),
+                "[0-9]{1,3}(h|m|s|ms|us|µs|ns|d)([0-9]{1,3}(\\.[0-9]{1,3})?(h|m|s|ms))?",
+                "[0-9.hmsdnuµ -]{0,16}",
+                "\\PC{0,16}",
+            ]
+        }
+
+        fn reset_of(value: &str) -> Option<Duration> {
+            RateLimitHeaders::parse([("x-ratelimit-reset-tokens", value)])
+                .tokens
+                .reset
+        }
+
+        /// Durations as OpenAI writes them, to the millisecond, up to a year.
+        fn millis() -> impl Strategy<Value = u64> {
+            prop_oneof![0..2_000u64, 0..365 * 86_400_000u64]
+        }
+
+        proptest! {
+            #[test]
+            fn any_headers_parse_without_panicking_and_bound_the_backoff(
+                headers in prop::collection::vec((name(), value()), 0..12)
+            ) {
+                let parsed = RateLimitHeaders::parse(
+                    headers.iter().map(|(name, value)| (name.as_str(), value.as_str())),
+                );
+                prop_assert!(parsed.backoff() <= MAX_UPSTREAM_BACKOFF);
+                let mut view = UpstreamView::default();
+                view.observe(&parsed, Timestamp::from_millis(1_000_000));
+                prop_assert_eq!(view.is_known(), !(parsed.requests.is_empty() && parsed.tokens.is_empty()));
+            }
+
+            #[test]
+            fn counts_round_trip_and_negatives_are_ignored(count in any::<i64>(), padded in any::<bool>()) {
+                let text = if padded { format!(" {count} ") } else { count.to_string() };
+                let parsed = RateLimitHeaders::parse([
+                    ("x-ratelimit-limit-requests", text.as_str()),
+                    ("X-RateLimit-Remaining-Tokens", text.as_str()),
+                ]);
+                let expected = u64::try_from(count).ok();
+                prop_assert_eq!(parsed.requests.limit, expected);
+                prop_assert_eq!(parsed.tokens.remaining, expected);
+            }
+
+            #[test]
+            fn reset_durations_round_trip_through_openais_format(ms in millis()) {
+                let duration = Duration::from_millis(ms);
+                let text = format_duration(duration);
+                let parsed = reset_of(&text).expect("our own format parses");
+                // The format's seconds are decimal; parsing through f64 may
+                // land a hair off, never a whole millisecond.
+                let error = parsed.abs_diff(duration);
+                prop_assert!(error < Duration::from_micros(1), "{} read as {:?}", text, parsed);
+            }
+
+            #[test]
+            fn longer_resets_never_read_as_shorter(a in millis(), b in millis()) {
+                let (short, long) = (a.min(b), a.max(b));
+                let read = |ms: u64| reset_of(&format_duration(Duration::from_millis(ms)));
+                prop_assert!(read(short) <= read(long));
+                // Adding a unit never shortens a reset either.
+                let text = format_duration(Duration::from_millis(short));
+                let longer = format!("1h{text}");
+                prop_assert!(reset_of(&longer) > reset_of(&text));
+            }
+
+            #[test]
+            fn a_longer_retry_after_never_means_a_shorter_backoff(a in 0..200_000_000u64, b in 0..200_000_000u64) {
+                let backoff = |ms: u64| {
+                    let text = ms.to_string();
+                    RateLimitHeaders::parse([("retry-after-ms", text.as_str()), ("retry-after", "1")]).backoff()
+                };
+                let (short, long) = (a.min(b), a.max(b));
+                prop_assert!(backoff(short) <= backoff(long));
+                prop_assert_eq!(backoff(short), Duration::from_millis(short).min(MAX_UPSTREAM_BACKOFF));
+            }
+        }
+    }
 }

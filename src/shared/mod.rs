@@ -240,9 +240,17 @@ impl RedisCounters {
     }
 
     /// Stores `value` under `name` for `ttl`, for any instance to
-    /// [`take`](Self::take).
-    pub async fn put(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError> {
-        self.link.put(name, value, ttl).await
+    /// [`take`](Self::take), and deletes what was stored under `evicted`, in
+    /// one round trip: a store with a bounded size that evicts an entry to
+    /// make room for one evicts it here too.
+    pub async fn put(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        evicted: &[String],
+    ) -> Result<(), SharedError> {
+        self.link.put(name, value, ttl, evicted).await
     }
 
     /// Reads and deletes what [`put`](Self::put) stored under `name`, so
@@ -511,15 +519,30 @@ impl Link {
         Ok(held == 1)
     }
 
-    async fn put(&self, name: &str, value: &str, ttl: Duration) -> Result<(), SharedError> {
+    async fn put(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        evicted: &[String],
+    ) -> Result<(), SharedError> {
         let mut connection = self.manager.clone();
-        let mut command = redis::cmd("SET");
-        command
+        let mut pipeline = redis::pipe();
+        pipeline
+            .cmd("SET")
             .arg(format!("{}{name}", self.prefix))
             .arg(value)
             .arg("PX")
-            .arg(millis(ttl));
-        self.bounded(command.query_async(&mut connection)).await
+            .arg(millis(ttl))
+            .ignore();
+        if !evicted.is_empty() {
+            let names: Vec<String> = evicted
+                .iter()
+                .map(|name| format!("{}{name}", self.prefix))
+                .collect();
+            pipeline.cmd("DEL").arg(names).ignore();
+        }
+        self.bounded(pipeline.query_async(&mut connection)).await
     }
 
     async fn take(&self, name: &str) -> Result<Option<String>, SharedError> {

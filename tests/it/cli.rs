@@ -281,7 +281,11 @@ async fn check_config_prints_the_effective_settings_with_secrets_masked() {
         ("QUOTA_ADMIN_RESET_KEY", "a-very-secret-admin-key"),
         (
             "QUOTAWATCH_DATABASE_URL",
-            "postgres://app:hunter2@db.internal/quota",
+            "postgres://app:p@ssw0rd-hunter2@db.internal/quota?password=hunter3&sslmode=require",
+        ),
+        (
+            "QUOTAWATCH_REDIS_URL",
+            "redis://:to@ken-hunter4@cache:6379/0",
         ),
     ];
     let (ok, out, err) = run(
@@ -292,10 +296,9 @@ async fn check_config_prints_the_effective_settings_with_secrets_masked() {
     .await;
     assert!(ok, "{err}");
     assert!(out.contains("configuration is valid"));
-    assert!(
-        !out.contains("a-very-secret-admin-key") && !out.contains("hunter2"),
-        "{out}"
-    );
+    for secret in ["a-very-secret-admin-key", "ssw0rd", "hunter"] {
+        assert!(!out.contains(secret), "{secret:?} shown:\n{out}");
+    }
     let line = |name: &str| {
         out.lines()
             .find(|l| l.starts_with(name))
@@ -311,6 +314,16 @@ async fn check_config_prints_the_effective_settings_with_secrets_masked() {
             && line("OPENAI_RATE_LIMIT_PER_DAY").contains(".env")
     );
     assert!(line("QUOTA_ADMIN_RESET_KEY").contains("********"));
+    assert!(
+        line("QUOTAWATCH_DATABASE_URL").contains(
+            "postgres://app:********@db.internal/quota?password=********&sslmode=require"
+        ),
+        "{out}"
+    );
+    assert!(
+        line("QUOTAWATCH_REDIS_URL").contains("redis://:********@cache:6379/0"),
+        "{out}"
+    );
     assert!(out.contains("declared workspace acme"));
 
     let (ok, _, err) = run(
@@ -545,4 +558,68 @@ async fn the_status_command_prints_a_table_from_a_running_server() {
     assert!(!ok);
     assert!(err.contains("401"), "{err}");
     server.stop().await;
+}
+
+#[tokio::test]
+async fn logs_at_trace_level_hold_no_passwords_keys_or_tickets() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let db = format!("sqlite://{}", dir.path().join("trace.db").display());
+    // Nothing listens on port 1: the Redis client fails, and says so.
+    let redis = "redis://:p@ss-hunter5@127.0.0.1:1/0?password=hunter6";
+    let env = [
+        ("QUOTAWATCH_DATABASE_URL", db.as_str()),
+        ("QUOTA_ADMIN_RESET_KEY", ADMIN_KEY),
+        ("QUOTAWATCH_LOG", "trace"),
+        ("QUOTAWATCH_REDIS_URL", redis),
+    ];
+    let server = Server::start(dir.path(), &env).await;
+    let key = create_workspace(&server.base, serde_json::json!({"id": "acme"})).await;
+    let http = client();
+    let ticket: Value = http
+        .post(format!("{}/api/quota/ws-ticket", server.base))
+        .bearer_auth(&key)
+        .json(&serde_json::json!({}))
+        .send()
+        .await
+        .expect("ticket")
+        .json()
+        .await
+        .expect("JSON");
+    let ticket = ticket["ticket"].as_str().expect("a ticket").to_owned();
+    let ws_base = server.base.replacen("http", "ws", 1);
+    let (mut ws, _) =
+        tokio_tungstenite::connect_async(format!("{ws_base}/api/quota/ws?ticket={ticket}"))
+            .await
+            .expect("the ticket opens the WebSocket");
+    assert!(
+        futures_util::StreamExt::next(&mut ws).await.is_some(),
+        "a first message"
+    );
+    drop(ws);
+    // A key put in a query string by mistake, and a ticket nobody issued.
+    let _ = http
+        .get(format!(
+            "{}/api/quota/status?api_key={key}&ticket=wst_hunter7hunter7",
+            server.base
+        ))
+        .send()
+        .await
+        .expect("request");
+    let stderr_path = server.stderr_path.clone();
+    assert!(server.terminate().await.success());
+    let log = std::fs::read_to_string(stderr_path).expect("log");
+    assert!(
+        log.contains("/api/quota/ws?ticket=********"),
+        "the request URI is logged, masked:\n{log}"
+    );
+    for secret in [
+        ADMIN_KEY,
+        key.as_str(),
+        ticket.as_str(),
+        "hunter5",
+        "hunter6",
+        "hunter7",
+    ] {
+        assert!(!log.contains(secret), "{secret:?} reached the log");
+    }
 }

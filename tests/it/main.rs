@@ -13,6 +13,7 @@ mod held;
 mod hostile;
 mod instances;
 mod proxy;
+mod schema;
 mod sdk;
 mod shared;
 mod store;

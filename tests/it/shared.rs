@@ -4,8 +4,9 @@
 //! history of their own workspace whichever call finds them, a reset
 //! charges requests in flight only what they use from then on, each second
 //! of the minute keeps its own count, a reservation settled twice at once
-//! is settled once, and one the instance holds is never recorded and
-//! settles by what it charged. Needs `QUOTAWATCH_TEST_REDIS_URL`.
+//! is settled once, one the instance holds is never recorded and settles by
+//! what it charged, and a flood of WebSocket tickets leaves no more in Redis
+//! than the instance keeps. Needs `QUOTAWATCH_TEST_REDIS_URL`.
 
 use std::time::Duration;
 
@@ -405,4 +406,48 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         "kept, its estimate stays charged"
     );
     store.finish().await;
+}
+
+#[tokio::test]
+async fn a_flood_of_tickets_leaves_redis_bounded_too() {
+    use quotawatch::api::ws::{MAX_LIVE_TICKETS, Tickets};
+    let Some(store) = Store::open("a_flood_of_tickets_leaves_redis_bounded_too") else {
+        return;
+    };
+    let counters =
+        RedisCounters::new(&store.url, &store.prefix, Duration::from_secs(2)).expect("Redis URL");
+    let shared = quotawatch::engine::SharedCounting::new(
+        counters,
+        quotawatch::domain::limits::OnStoreError::Closed,
+    );
+    let tickets = Tickets::new(Some(std::sync::Arc::new(shared)));
+    let now = Store::now();
+    let credential = quotawatch::keys::KeyHash::of("qw_a_flooding_key");
+    let (first, _) = tickets.issue(credential, now).await;
+    let mut last = String::new();
+    for _ in 0..MAX_LIVE_TICKETS + 100 {
+        last = tickets.issue(credential, now).await.0;
+    }
+    let client = redis::Client::open(store.url.as_str()).expect("redis url");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let stored: Vec<String> = redis::cmd("KEYS")
+        .arg(format!("{}ticket:*", store.prefix))
+        .query_async(&mut connection)
+        .await
+        .expect("KEYS");
+    assert_eq!(
+        stored.len(),
+        MAX_LIVE_TICKETS,
+        "Redis holds no more tickets than the instance"
+    );
+    assert_eq!(
+        tickets.redeem(&first, now).await,
+        None,
+        "the oldest went from Redis too"
+    );
+    assert_eq!(tickets.redeem(&last, now).await, Some(credential));
+    clean(&store.url, &store.prefix).await;
 }

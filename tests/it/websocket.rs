@@ -11,7 +11,7 @@ use tokio_tungstenite::tungstenite::client::IntoClientRequest;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-use crate::support::{ADMIN_KEY, TestServer, fixture_json};
+use crate::support::{ADMIN_KEY, TestServer, eventually, fixture_json};
 
 pub(crate) type Ws = WebSocketStream<MaybeTlsStream<tokio::net::TcpStream>>;
 
@@ -565,5 +565,81 @@ async fn a_stuck_client_delays_nobody_and_resyncs_from_a_snapshot() {
     })
     .await;
     assert_eq!(current["data"]["status"], "normal");
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_message_over_64_kib_closes_the_connection_as_too_big() {
+    let server = TestServer::start(&[]).await;
+    let mut ws = connect(&server, ADMIN_KEY, "").await;
+    // Just under the limit: understood as a (bad) message, answered.
+    let under = json!({"type": "x".repeat(60 * 1024)}).to_string();
+    ws.send(Message::text(under)).await.expect("send");
+    let error = wait_for(&mut ws, Duration::from_secs(2), |m| m["type"] == "error").await;
+    assert!(
+        error["message"]
+            .as_str()
+            .expect("message")
+            .contains("unknown message")
+    );
+    let over = json!({"type": "x".repeat(65 * 1024)}).to_string();
+    ws.send(Message::text(over)).await.expect("send");
+    assert_eq!(close_code(&mut ws).await, Some(1009), "message too big");
+    server.stop().await;
+}
+
+/// Opens a WebSocket with `key`, or returns the HTTP refusal.
+async fn try_connect(server: &TestServer, key: &str) -> Result<Ws, (u16, Value)> {
+    let mut request = ws_url(server, "").into_client_request().expect("request");
+    request.headers_mut().insert(
+        "authorization",
+        format!("Bearer {key}").parse().expect("header"),
+    );
+    match tokio_tungstenite::connect_async(request).await {
+        Ok((ws, _)) => Ok(ws),
+        Err(WsError::Http(response)) => {
+            let body = response.body().clone().unwrap_or_default();
+            let body = serde_json::from_slice(&body).expect("a JSON error");
+            Err((response.status().as_u16(), body))
+        }
+        Err(other) => panic!("unexpected failure: {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn one_key_holds_at_most_the_configured_connections() {
+    let server = TestServer::start(&[("QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY", "2")]).await;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    let mut first = try_connect(&server, &key).await.expect("first");
+    let _second = try_connect(&server, &key).await.expect("second");
+    let (status, body) = try_connect(&server, &key)
+        .await
+        .expect_err("the third is refused");
+    assert_eq!(status, 429);
+    assert_eq!(body["error"]["code"], "too_many_connections");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY")
+    );
+    // A ticket stands for its key, and counts under the same cap.
+    let ticket = server.post("/api/quota/ws-ticket", &key, json!({})).await;
+    let ticket = ticket.body["ticket"].as_str().expect("ticket");
+    match tokio_tungstenite::connect_async(ws_url(&server, &format!("?ticket={ticket}"))).await {
+        Err(WsError::Http(response)) => assert_eq!(response.status(), 429),
+        other => panic!("a ticket of a key at its cap must be refused, got {other:?}"),
+    }
+    // Other keys are not affected.
+    let _admin = try_connect(&server, ADMIN_KEY).await.expect("admin");
+    // Closing one frees its slot.
+    first.close(None).await.expect("close");
+    drop(first);
+    eventually(
+        "a slot to free when a connection closes",
+        Duration::from_secs(5),
+        || async { try_connect(&server, &key).await.ok() },
+    )
+    .await;
     server.stop().await;
 }
