@@ -6,6 +6,8 @@
 #   bench/proxy.sh --quick    short run (2 s per measurement)
 #   bench/proxy.sh --debug    use the debug build (numbers meaningless; for CI,
 #                             which only checks that the script works)
+#   bench/proxy.sh --bin PATH measure another quotawatch binary (an earlier
+#                             build, to compare) with this script's load
 #
 # Throughput: wrk (Debian's package) with 64 connections when installed, else
 # the loadgen example in closed-loop mode. Latency at a fixed 1,000 requests/s:
@@ -19,17 +21,20 @@ cd "$(dirname "$0")/.."
 
 duration=10s
 profile=release
-for arg in "$@"; do
-    case "$arg" in
+other_bin=
+while [ $# -gt 0 ]; do
+    case "$1" in
         --quick) duration=2s ;;
         --debug) profile=dev ;;
-        *) echo "usage: bench/proxy.sh [--quick] [--debug]" >&2; exit 2 ;;
+        --bin) other_bin=$2; shift ;;
+        *) echo "usage: bench/proxy.sh [--quick] [--debug] [--bin PATH]" >&2; exit 2 ;;
     esac
+    shift
 done
 target_dir=$([ "$profile" = release ] && echo release || echo debug)
 
 cargo build --quiet --profile "$profile" --bin quotawatch --example loadgen
-bin="target/$target_dir/quotawatch"
+bin=${other_bin:-"target/$target_dir/quotawatch"}
 loadgen="target/$target_dir/examples/loadgen"
 
 work=$(mktemp -d)
