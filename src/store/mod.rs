@@ -96,6 +96,27 @@ macro_rules! change_catalog {
     };
 }
 
+/// `column = stored + new` for a rollup upsert, stopping at the largest
+/// BIGINT: a count stuck at its maximum is wrong, but an overflow would fail
+/// the write, and with it every later flush. Counts are never negative (the
+/// schema checks), so the subtraction cannot overflow.
+macro_rules! saturating_add {
+    ($column:literal) => {
+        concat!(
+            $column,
+            " = CASE WHEN excluded.",
+            $column,
+            " > 9223372036854775807 - rollups.",
+            $column,
+            " THEN 9223372036854775807 ELSE rollups.",
+            $column,
+            " + excluded.",
+            $column,
+            " END"
+        )
+    };
+}
+
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
 /// An API key as stored: never the key itself.
@@ -768,7 +789,21 @@ impl Store {
                     (Resolution::Day, key.day),
                 ] {
                     sqlx::query(
-                        "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET requests = rollups.requests + excluded.requests, tokens = rollups.tokens + excluded.tokens, prompt_tokens = rollups.prompt_tokens + excluded.prompt_tokens, completion_tokens = rollups.completion_tokens + excluded.completion_tokens, cached_tokens = rollups.cached_tokens + excluded.cached_tokens, reasoning_tokens = rollups.reasoning_tokens + excluded.reasoning_tokens, errors = rollups.errors + excluded.errors, client_errors = rollups.client_errors + excluded.client_errors, server_errors = rollups.server_errors + excluded.server_errors, refused = rollups.refused + excluded.refused, latency_ms_sum = rollups.latency_ms_sum + excluded.latency_ms_sum",
+                        concat!(
+                            "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET ",
+                            saturating_add!("requests"), ", ",
+                            saturating_add!("tokens"), ", ",
+                            saturating_add!("prompt_tokens"), ", ",
+                            saturating_add!("completion_tokens"), ", ",
+                            saturating_add!("cached_tokens"), ", ",
+                            saturating_add!("reasoning_tokens"), ", ",
+                            saturating_add!("errors"), ", ",
+                            saturating_add!("client_errors"), ", ",
+                            saturating_add!("server_errors"), ", ",
+                            saturating_add!("refused"), ", ",
+                            saturating_add!("latency_ms_sum"),
+                        ),
+
                     )
                     .bind(key.workspace.as_str())
                     .bind(resolution.code())
@@ -797,6 +832,8 @@ impl Store {
     }
 
     /// History buckets of one resolution in `[from, to)`, summed over models.
+    /// The sum is taken here, saturating, rather than by the database, whose
+    /// `SUM` fails the whole query when one bucket's total overflows.
     pub async fn history(
         &self,
         workspace: &WorkspaceId,
@@ -807,7 +844,7 @@ impl Store {
         type Row = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
         let rows: Vec<Row> = on_pool!(self, |pool| {
             sqlx::query_as(
-            "SELECT bucket, CAST(SUM(requests) AS BIGINT), CAST(SUM(tokens) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(errors) AS BIGINT), CAST(SUM(client_errors) AS BIGINT), CAST(SUM(server_errors) AS BIGINT), CAST(SUM(refused) AS BIGINT), CAST(SUM(latency_ms_sum) AS BIGINT) FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 GROUP BY bucket ORDER BY bucket"
+            "SELECT bucket, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 ORDER BY bucket"
         )
         .bind(workspace.as_str())
         .bind(resolution.code())
@@ -816,25 +853,30 @@ impl Store {
         .fetch_all(pool)
         .await
         })?;
-        Ok(rows
-            .into_iter()
-            .map(|r| HistoryRow {
-                bucket: r.0,
-                totals: RollupDelta {
-                    requests: r.1,
-                    tokens: r.2,
-                    prompt_tokens: r.3,
-                    completion_tokens: r.4,
-                    cached_tokens: r.5,
-                    reasoning_tokens: r.6,
-                    errors: r.7,
-                    client_errors: r.8,
-                    server_errors: r.9,
-                    refused: r.10,
-                    latency_ms_sum: r.11,
-                },
-            })
-            .collect())
+        let mut history: Vec<HistoryRow> = Vec::new();
+        for r in rows {
+            let totals = RollupDelta {
+                requests: r.1,
+                tokens: r.2,
+                prompt_tokens: r.3,
+                completion_tokens: r.4,
+                cached_tokens: r.5,
+                reasoning_tokens: r.6,
+                errors: r.7,
+                client_errors: r.8,
+                server_errors: r.9,
+                refused: r.10,
+                latency_ms_sum: r.11,
+            };
+            match history.last_mut() {
+                Some(last) if last.bucket == r.0 => last.totals += totals,
+                _ => history.push(HistoryRow {
+                    bucket: r.0,
+                    totals,
+                }),
+            }
+        }
+        Ok(history)
     }
 
     /// Deletes rollups older than their resolution's retention and resolved

@@ -389,6 +389,57 @@ async fn rollups_add_up_per_resolution(store: Store) {
 }
 conformance!(rollups_add_up_per_resolution);
 
+/// Counts at the largest BIGINT stay there: a write that adds to them, and
+/// history summing them over models, neither overflow nor fail.
+async fn rollups_saturate_instead_of_overflowing(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let minute = T0.millis() - T0.millis().rem_euclid(60_000);
+    let huge = RollupDelta {
+        requests: 1,
+        tokens: i64::MAX,
+        latency_ms_sum: i64::MAX,
+        ..Default::default()
+    };
+    for model in ["gpt-4o", "gpt-4o", "gpt-4o-mini"] {
+        let mut batch = Batch::default();
+        batch.rollups.insert(
+            RollupKey {
+                workspace: id("acme"),
+                minute,
+                day: minute,
+                model: model.into(),
+            },
+            huge,
+        );
+        store
+            .write_batch(&batch, T0)
+            .await
+            .expect("adding to a count at its maximum is written");
+    }
+    for resolution in [Resolution::Minute, Resolution::Hour, Resolution::Day] {
+        let history = store
+            .history(
+                &id("acme"),
+                resolution,
+                minute - 86_400_000,
+                minute + 60_000,
+            )
+            .await
+            .expect("history sums without overflowing");
+        assert_eq!(history.len(), 1, "{resolution:?}");
+        let totals = history[0].totals;
+        assert_eq!(
+            (totals.requests, totals.tokens, totals.latency_ms_sum),
+            (3, i64::MAX, i64::MAX),
+            "{resolution:?}"
+        );
+    }
+}
+conformance!(rollups_saturate_instead_of_overflowing);
+
 async fn meta_values_upsert(store: Store) {
     assert_eq!(store.meta("admin_key_sha256").await.expect("read"), None);
     store
