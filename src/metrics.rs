@@ -153,6 +153,7 @@ pub struct Metrics {
     upstream_latency: Histogram,
     shared_store_degraded: Gauge,
     shared_store_errors: Counter,
+    store_rows_dropped: Counter,
     models: HashSet<String>,
     other: Arc<str>,
     /// Rendering clears and refills the state gauges; two scrapes at once
@@ -175,6 +176,12 @@ impl Metrics {
         let upstream_latency = Histogram::new(exponential_buckets(0.005, 2.0, 16));
         let shared_store_degraded = Gauge::default();
         let shared_store_errors = Counter::default();
+        let store_rows_dropped = Counter::default();
+        registry.register(
+            "store_rows_dropped",
+            "Rows the database refused while it accepted the rest of their batch, dropped so that the rest could be written (each is logged with its workspace)",
+            store_rows_dropped.clone(),
+        );
         registry.register(
             "shared_store_degraded",
             "1 while this instance cannot reach the shared counters (Redis) and enforces limits on its own",
@@ -239,6 +246,7 @@ impl Metrics {
             upstream_latency,
             shared_store_degraded,
             shared_store_errors,
+            store_rows_dropped,
             models: models.iter().cloned().collect(),
             other: Arc::from("other"),
             rendering: Mutex::new(()),
@@ -364,6 +372,11 @@ impl Metrics {
         let errors = engine.shared_store_errors();
         self.shared_store_errors
             .inc_by(errors.saturating_sub(self.shared_store_errors.get()));
+        self.store_rows_dropped.inc_by(
+            engine
+                .dropped_rows()
+                .saturating_sub(self.store_rows_dropped.get()),
+        );
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

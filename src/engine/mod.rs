@@ -24,7 +24,7 @@ mod sharing;
 pub use sharing::SharedCounting;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustc_hash::FxHashMap;
@@ -282,6 +282,8 @@ pub struct Engine {
     catalog_lock: tokio::sync::Mutex<()>,
     /// Counters shared with other instances, when configured.
     shared: Option<Arc<SharedCounting>>,
+    /// Rows the database refused and the flush dropped, since start-up.
+    rows_dropped: AtomicU64,
 }
 
 /// How many events a listener may fall behind before it is told to resync.
@@ -310,6 +312,7 @@ impl Engine {
             known_generation: AtomicI64::new(-1),
             catalog_lock: tokio::sync::Mutex::new(()),
             shared: None,
+            rows_dropped: AtomicU64::new(0),
         }
     }
 
@@ -927,6 +930,16 @@ impl Engine {
         let _ = self
             .events
             .send(Event::Notification(Arc::new(notification)));
+    }
+
+    /// The flush dropped rows the database refused.
+    pub fn rows_dropped(&self, count: u64) {
+        self.rows_dropped.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Rows the database refused and the flush dropped, since start-up.
+    pub fn dropped_rows(&self) -> u64 {
+        self.rows_dropped.load(Ordering::Relaxed)
     }
 
     /// Why the database is not usable, if it is not.

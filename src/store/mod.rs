@@ -12,6 +12,7 @@
 //! through the batched flush; handlers that change the catalog (admin
 //! operations) write through directly because they are rare.
 
+mod salvage;
 mod saved;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use crate::domain::time::Timestamp;
 use crate::domain::workspace::Saved;
 use crate::keys::KeyHash;
 
+pub use salvage::{Refused, Row, Salvage};
 pub use saved::{from_json as saved_from_json, to_json as saved_to_json};
 
 #[derive(Debug, thiserror::Error)]
