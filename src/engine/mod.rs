@@ -31,6 +31,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
 use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
+use crate::domain::model::DailyModels;
 use crate::domain::notification::{Notification, describe_storage_unavailable};
 use crate::domain::notification::{NotificationKind, Severity};
 use crate::domain::status::{Change, Status};
@@ -211,6 +212,10 @@ struct Cell {
     state: WorkspaceState,
     /// Finished requests not yet flushed, by (minute start, model).
     rollups: FxHashMap<(i64, Option<Model>), RollupDelta>,
+    /// The model names history keeps for the workspace's days, so that
+    /// neither `rollups` nor the database grows with every name a client
+    /// makes up.
+    models: DailyModels,
     /// Usage admitted here while the shared counters were unreachable, to
     /// be added to them when they return.
     offline: Usage,
@@ -238,6 +243,7 @@ impl Slot {
             cell: Mutex::new(Cell {
                 state,
                 rollups: FxHashMap::default(),
+                models: DailyModels::default(),
                 offline: Usage::default(),
                 outage_blocks: None,
                 offline_blocks: None,
@@ -250,6 +256,15 @@ impl Slot {
 
     fn lock(&self) -> MutexGuard<'_, Cell> {
         lock(&self.cell)
+    }
+}
+
+impl Cell {
+    /// The history entry for a call of `model` finished (or refused) at
+    /// `at`: its minute, and the name its day keeps for the model.
+    fn history(&mut self, at: Timestamp, model: Option<Model>) -> &mut RollupDelta {
+        let model = self.models.name(model, at, self.state.config().timezone);
+        self.rollups.entry((minute_of(at), model)).or_default()
     }
 }
 
@@ -559,8 +574,8 @@ impl Engine {
         admission: Admission,
     ) -> Decision {
         if admission.result.is_err() {
-            let key = (minute_of(now), model);
-            cell.rollups.entry(key).or_default().refused += 1;
+            let refused = &mut cell.history(now, model).refused;
+            *refused = refused.saturating_add(1);
         } else {
             slot.usage_dirty.store(true, Ordering::Release);
         }
@@ -638,10 +653,7 @@ impl Engine {
                 latency_ms_sum: count(report.latency_ms.unwrap_or(0)),
             };
             let model = report.model.clone().or(reserved_model);
-            *cell
-                .rollups
-                .entry((minute_of(charged_at), model))
-                .or_default() += delta;
+            *cell.history(charged_at, model) += delta;
         }
         let published = self.publish(&cell.state, now, recorded.changes, false);
         drop(cell);
@@ -991,9 +1003,10 @@ fn count(value: u64) -> i64 {
 /// Expired reservations are finished requests whose estimate became final.
 fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
     for finished in expired {
-        let key = (minute_of(finished.charged_at), finished.model);
-        let delta = cell.rollups.entry(key).or_default();
-        delta.requests += 1;
-        delta.tokens = delta.tokens.saturating_add(count(finished.tokens));
+        *cell.history(finished.charged_at, finished.model) += RollupDelta {
+            requests: 1,
+            tokens: count(finished.tokens),
+            ..RollupDelta::default()
+        };
     }
 }
