@@ -23,8 +23,22 @@ CREATE TABLE rollups_bounded (
     PRIMARY KEY (workspace_id, resolution, bucket, model)
 );
 
+-- SQLite turned a sum that overflowed into a floating-point value beyond
+-- the largest BIGINT; it is stored as that largest BIGINT, where counts now
+-- stop.
 INSERT INTO rollups_bounded (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum)
-SELECT workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum
+SELECT workspace_id, resolution, bucket, model,
+    CASE WHEN requests > 9223372036854775807 THEN 9223372036854775807 ELSE requests END,
+    CASE WHEN tokens > 9223372036854775807 THEN 9223372036854775807 ELSE tokens END,
+    CASE WHEN prompt_tokens > 9223372036854775807 THEN 9223372036854775807 ELSE prompt_tokens END,
+    CASE WHEN completion_tokens > 9223372036854775807 THEN 9223372036854775807 ELSE completion_tokens END,
+    CASE WHEN cached_tokens > 9223372036854775807 THEN 9223372036854775807 ELSE cached_tokens END,
+    CASE WHEN reasoning_tokens > 9223372036854775807 THEN 9223372036854775807 ELSE reasoning_tokens END,
+    CASE WHEN errors > 9223372036854775807 THEN 9223372036854775807 ELSE errors END,
+    CASE WHEN client_errors > 9223372036854775807 THEN 9223372036854775807 ELSE client_errors END,
+    CASE WHEN server_errors > 9223372036854775807 THEN 9223372036854775807 ELSE server_errors END,
+    CASE WHEN refused > 9223372036854775807 THEN 9223372036854775807 ELSE refused END,
+    CASE WHEN latency_ms_sum > 9223372036854775807 THEN 9223372036854775807 ELSE latency_ms_sum END
 FROM rollups
 WHERE length(model) <= 100;
 

@@ -390,6 +390,24 @@ async fn rollups_add_up_per_resolution(store: Store) {
 }
 conformance!(rollups_add_up_per_resolution);
 
+async fn write_rollup(store: &Store, model: &str, delta: RollupDelta) {
+    let minute = T0.millis() - T0.millis().rem_euclid(60_000);
+    let mut batch = Batch::default();
+    batch.rollups.insert(
+        RollupKey {
+            workspace: id("acme"),
+            minute,
+            day: minute,
+            model: model.into(),
+        },
+        delta,
+    );
+    store
+        .write_batch(&batch, T0)
+        .await
+        .expect("adding to a count at its maximum is written");
+}
+
 /// Counts at the largest BIGINT stay there: a write that adds to them, and
 /// history summing them over models, neither overflow nor fail.
 async fn rollups_saturate_instead_of_overflowing(store: Store) {
@@ -404,40 +422,37 @@ async fn rollups_saturate_instead_of_overflowing(store: Store) {
         latency_ms_sum: i64::MAX,
         ..Default::default()
     };
-    for model in ["gpt-4o", "gpt-4o", "gpt-4o-mini"] {
-        let mut batch = Batch::default();
-        batch.rollups.insert(
-            RollupKey {
-                workspace: id("acme"),
-                minute,
-                day: minute,
-                model: model.into(),
-            },
-            huge,
-        );
-        store
-            .write_batch(&batch, T0)
-            .await
-            .expect("adding to a count at its maximum is written");
+    let history = |models: i64| {
+        let store = store.clone();
+        async move {
+            for resolution in [Resolution::Minute, Resolution::Hour, Resolution::Day] {
+                let history = store
+                    .history(
+                        &id("acme"),
+                        resolution,
+                        minute - 86_400_000,
+                        minute + 60_000,
+                    )
+                    .await
+                    .expect("history sums without overflowing");
+                assert_eq!(history.len(), 1, "{resolution:?}");
+                let totals = history[0].totals;
+                assert_eq!(
+                    (totals.requests, totals.tokens, totals.latency_ms_sum),
+                    (models, i64::MAX, i64::MAX),
+                    "{resolution:?}"
+                );
+            }
+        }
+    };
+    // Two models at the maximum: their sum overflows.
+    for model in ["gpt-4o", "gpt-4o-mini"] {
+        write_rollup(&store, model, huge).await;
     }
-    for resolution in [Resolution::Minute, Resolution::Hour, Resolution::Day] {
-        let history = store
-            .history(
-                &id("acme"),
-                resolution,
-                minute - 86_400_000,
-                minute + 60_000,
-            )
-            .await
-            .expect("history sums without overflowing");
-        assert_eq!(history.len(), 1, "{resolution:?}");
-        let totals = history[0].totals;
-        assert_eq!(
-            (totals.requests, totals.tokens, totals.latency_ms_sum),
-            (3, i64::MAX, i64::MAX),
-            "{resolution:?}"
-        );
-    }
+    history(2).await;
+    // Adding to a stored maximum overflows.
+    write_rollup(&store, "gpt-4o", huge).await;
+    history(3).await;
 }
 conformance!(rollups_saturate_instead_of_overflowing);
 
