@@ -410,6 +410,22 @@ impl Engine {
             .store(catalog.generation, Ordering::SeqCst);
     }
 
+    /// Counts the model names the database already keeps for recent days
+    /// (`(workspace, day start, model)`, oldest day first) against each
+    /// day's cap, so that a restart does not open a day to new names.
+    pub fn remember_models(&self, models: Vec<(WorkspaceId, i64, String)>) {
+        for (workspace, day, model) in models {
+            let Ok(slot) = self.slot(&workspace) else {
+                continue;
+            };
+            let mut cell = slot.lock();
+            let tz = cell.state.config().timezone;
+            // Stored without a model means the call named none.
+            let model = (!model.is_empty()).then(|| Model::from(model));
+            cell.models.name(model, Timestamp::from_millis(day), tz);
+        }
+    }
+
     pub fn set_admin_key(&self, hash: KeyHash) {
         write(&self.keyring).admin = Some(hash);
     }

@@ -881,6 +881,24 @@ impl Store {
         Ok(history)
     }
 
+    /// The model names of the daily history buckets starting at or after
+    /// `since`, oldest day first, so that a starting engine goes on capping
+    /// the names of the days it did not see begin.
+    pub async fn models_by_day(&self, since: i64) -> Result<Vec<(WorkspaceId, i64, String)>> {
+        let rows: Vec<(String, i64, String)> = on_pool!(self, |pool| {
+            sqlx::query_as(
+            "SELECT workspace_id, bucket, model FROM rollups WHERE resolution = 'd' AND bucket >= $1 ORDER BY bucket"
+        )
+        .bind(since)
+        .fetch_all(pool)
+        .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, day, model)| Some((id.parse().ok()?, day, model)))
+            .collect())
+    }
+
     /// Deletes rollups older than their resolution's retention and resolved
     /// notifications older than the longest one.
     pub async fn prune(&self, now: Timestamp) -> Result<u64> {

@@ -559,6 +559,48 @@ async fn nothing_is_dropped_while_the_database_is_unusable(store: Store) {
 }
 conformance!(nothing_is_dropped_while_the_database_is_unusable);
 
+async fn recent_model_names_are_read_per_day(store: Store) {
+    for name in ["acme", "beta"] {
+        store
+            .insert_workspace(&workspace(name), T0)
+            .await
+            .expect("insert");
+    }
+    let day_ms = 86_400_000;
+    let mut batch = Batch::default();
+    for (name, day, model) in [
+        ("acme", T0.millis() - 3 * day_ms, "too-old"),
+        ("acme", T0.millis(), "gpt-4o"),
+        ("beta", T0.millis() - day_ms, "o3"),
+    ] {
+        batch.rollups.insert(
+            RollupKey {
+                workspace: id(name),
+                minute: day,
+                day,
+                model: model.into(),
+            },
+            RollupDelta {
+                requests: 1,
+                ..Default::default()
+            },
+        );
+    }
+    store.write_batch(&batch, T0).await.expect("write");
+    assert_eq!(
+        store
+            .models_by_day(T0.millis() - 2 * day_ms)
+            .await
+            .expect("read"),
+        vec![
+            (id("beta"), T0.millis() - day_ms, "o3".to_owned()),
+            (id("acme"), T0.millis(), "gpt-4o".to_owned()),
+        ],
+        "oldest day first"
+    );
+}
+conformance!(recent_model_names_are_read_per_day);
+
 async fn meta_values_upsert(store: Store) {
     assert_eq!(store.meta("admin_key_sha256").await.expect("read"), None);
     store
