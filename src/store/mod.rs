@@ -375,6 +375,17 @@ fn notification_from_row(row: NotificationRow) -> Option<Notification> {
     })
 }
 
+/// Text as both databases can store it: PostgreSQL's text cannot hold a NUL
+/// character, which a message quoted from a client or the upstream may
+/// carry, so it becomes U+FFFD (on SQLite too, so that both read the same).
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
+}
+
 fn is_unique_violation(error: &sqlx::Error) -> bool {
     matches!(error, sqlx::Error::Database(db) if db.is_unique_violation())
 }
@@ -773,8 +784,8 @@ impl Store {
                 .bind(n.cause.map(Cause::key))
                 .bind(n.severity.name())
                 .bind(n.kind.name())
-                .bind(&n.title)
-                .bind(&n.message)
+                .bind(storable(&n.title))
+                .bind(storable(&n.message))
                 .bind(serde_json::to_string(&n.suggested_actions).unwrap_or_default())
                 .bind(n.limit.map(LimitKind::name))
                 .bind(n.created_at.millis())

@@ -601,6 +601,31 @@ async fn recent_model_names_are_read_per_day(store: Store) {
 }
 conformance!(recent_model_names_are_read_per_day);
 
+/// Text that came from a client or the upstream (an error message quoted in
+/// a notification) may hold a NUL character, which PostgreSQL's text cannot
+/// store: it is written as U+FFFD on both backends rather than failing.
+async fn notification_text_with_nul_is_stored(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let mut raised = notification(Some("acme"), T0.millis(), None);
+    raised.title = "title\0".into();
+    raised.message = "OpenAI answered: \"bad\0text\"".into();
+    let mut batch = Batch::default();
+    batch
+        .notifications
+        .insert(raised.id.clone(), raised.clone());
+    store.write_batch(&batch, T0).await.expect("write");
+    let stored = store
+        .notifications(Some(&id("acme")), false, 10)
+        .await
+        .expect("read");
+    assert_eq!(stored[0].title, "title\u{fffd}");
+    assert_eq!(stored[0].message, "OpenAI answered: \"bad\u{fffd}text\"");
+}
+conformance!(notification_text_with_nul_is_stored);
+
 async fn meta_values_upsert(store: Store) {
     assert_eq!(store.meta("admin_key_sha256").await.expect("read"), None);
     store
