@@ -174,7 +174,7 @@ async fn notifications_of(
     request_body = CheckRequest,
     responses(
         (status = 200, description = "Admitted; the estimate is reserved", body = CheckResponse),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 400, description = "Malformed JSON or a value out of bounds (`param` names it)", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Wrong field types", body = ErrorBody),
@@ -280,7 +280,7 @@ fn parse_reservation(id: &str) -> Result<u64, ApiError> {
     request_body = UsageRequest,
     responses(
         (status = 202, description = "Recorded; the new status", body = StatusDoc),
-        (status = 400, description = "Malformed JSON or invalid value", body = ErrorBody),
+        (status = 400, description = "Malformed JSON or a value out of bounds (`param` names it)", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
         (status = 404, description = "Unknown or expired reservation", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),

@@ -121,7 +121,7 @@ impl Flusher {
                 "the database refused a row; it is dropped so that the rest can be written"
             );
         }
-        self.engine.rows_dropped(salvage.refused.len() as u64);
+        self.engine.count_dropped_rows(salvage.refused.len() as u64);
         self.unwritten = salvage.unwritten;
         match salvage.error {
             None => {

@@ -961,7 +961,7 @@ impl Engine {
     }
 
     /// The flush dropped rows the database refused.
-    pub fn rows_dropped(&self, count: u64) {
+    pub fn count_dropped_rows(&self, count: u64) {
         self.rows_dropped.fetch_add(count, Ordering::Relaxed);
     }
 
