@@ -135,6 +135,10 @@ pub async fn start(
     let states = store.load_states().await?;
     let active = store.notifications(None, false, i64::MAX).await?;
     engine.load(catalog, states, active);
+    // Two days back covers the current and the previous local day of every
+    // timezone, the days whose model names the engine caps.
+    let recent = engine.now().millis() - 2 * 86_400_000;
+    engine.remember_models(store.models_by_day(recent).await?);
     engine.set_admin_key(admin_hash);
 
     let (flush, flush_task) = flush::spawn(engine.clone(), store.clone(), config.flush_interval);

@@ -154,6 +154,7 @@ pub struct Metrics {
     shared_store_degraded: Gauge,
     shared_store_errors: Counter,
     key_lookups: Counter,
+    store_rows_dropped: Counter,
     models: HashSet<String>,
     other: Arc<str>,
     /// Rendering clears and refills the state gauges; two scrapes at once
@@ -177,6 +178,12 @@ impl Metrics {
         let shared_store_degraded = Gauge::default();
         let shared_store_errors = Counter::default();
         let key_lookups = Counter::default();
+        let store_rows_dropped = Counter::default();
+        registry.register(
+            "store_rows_dropped",
+            "Rows the database refused while it accepted the rest of their batch, dropped so that the rest could be written (each is logged with its workspace)",
+            store_rows_dropped.clone(),
+        );
         registry.register(
             "shared_store_degraded",
             "1 while this instance cannot reach the shared counters (Redis) and enforces limits on its own",
@@ -247,6 +254,7 @@ impl Metrics {
             shared_store_degraded,
             shared_store_errors,
             key_lookups,
+            store_rows_dropped,
             models: models.iter().cloned().collect(),
             other: Arc::from("other"),
             rendering: Mutex::new(()),
@@ -375,6 +383,11 @@ impl Metrics {
         let lookups = engine.key_lookups();
         self.key_lookups
             .inc_by(lookups.saturating_sub(self.key_lookups.get()));
+        self.store_rows_dropped.inc_by(
+            engine
+                .dropped_rows()
+                .saturating_sub(self.store_rows_dropped.get()),
+        );
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &self.registry);

@@ -296,8 +296,10 @@ pub struct NotificationsListDoc {
 #[serde(deny_unknown_fields)]
 pub struct CheckRequest {
     /// Tokens the call will use at most (prompt plus maximum completion);
-    /// charged now and settled when usage is reported.
+    /// charged now and settled when usage is reported. At most
+    /// 1,000,000,000, as is each token count of a usage report.
     pub estimated_tokens: Option<u64>,
+    /// 1 to 100 characters among ASCII letters, digits and `. _ - : / @`.
     pub model: Option<String>,
 }
 
@@ -321,6 +323,7 @@ pub struct UsageRequest {
     /// From `POST /api/quota/check`; without it the call counts as one
     /// request plus its tokens.
     pub reservation_id: Option<String>,
+    /// 1 to 100 characters among ASCII letters, digits and `. _ - : / @`.
     pub model: Option<String>,
     pub usage: Option<crate::openai::Usage>,
     /// The upstream's HTTP status (default 200, or 429 when `error` is given).
@@ -330,7 +333,7 @@ pub struct UsageRequest {
     /// `retry-after-ms` are read.
     #[schema(value_type = Option<Object>)]
     pub headers: Option<BTreeMap<String, String>>,
-    /// How long the call took, for history.
+    /// How long the call took, for history; at most a day (86,400,000).
     pub latency_ms: Option<u64>,
 }
 

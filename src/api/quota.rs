@@ -17,11 +17,12 @@ use super::dto::*;
 use super::error::{ApiError, Json, Query};
 use super::refusal::{ratelimit_headers, refusal_error};
 use crate::domain::limits::{LimitKind, WorkspaceId};
+use crate::domain::model::parse_model;
 use crate::domain::time::{
     Timestamp, day_bounds, duration_millis, format_duration, parse_duration,
 };
 use crate::domain::upstream::RateLimitHeaders;
-use crate::domain::workspace::Request;
+use crate::domain::workspace::{Model, Request};
 use crate::engine::{EngineError, Principal, UpstreamAnswer, UsageReport};
 use crate::store::{Resolution, RollupDelta};
 
@@ -173,7 +174,7 @@ async fn notifications_of(
     request_body = CheckRequest,
     responses(
         (status = 200, description = "Admitted; the estimate is reserved", body = CheckResponse),
-        (status = 400, description = "Malformed JSON", body = ErrorBody),
+        (status = 400, description = "Malformed JSON or a value out of bounds (`param` names it)", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
         (status = 404, description = "Unknown workspace", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
@@ -191,6 +192,7 @@ pub async fn check(
     let request = body.map(|Json(body)| body).unwrap_or_default();
     let estimated_tokens =
         plausible_tokens(request.estimated_tokens.unwrap_or(0), "estimated_tokens")?;
+    let model = request.model.as_deref().map(valid_model).transpose()?;
     let now = state.engine.now();
     let decision = state
         .engine
@@ -198,7 +200,7 @@ pub async fn check(
             &workspace,
             Request {
                 estimated_tokens,
-                model: request.model.map(Into::into),
+                model,
                 // The app may report the call to another instance.
                 settled_anywhere: true,
             },
@@ -235,7 +237,17 @@ pub async fn check(
 
 /// More tokens than any single call can use: a client bug, refused before
 /// it can distort counters and history.
-const MAX_TOKENS_PER_CALL: u64 = 10_000_000_000;
+const MAX_TOKENS_PER_CALL: u64 = 1_000_000_000;
+
+/// Longer than any call may take (a day, in milliseconds): a client bug,
+/// refused before it can distort history.
+const MAX_LATENCY_MS: u64 = 86_400_000;
+
+fn valid_model(name: &str) -> Result<Model, ApiError> {
+    parse_model(name).map_err(|invalid| {
+        ApiError::bad_request("invalid_value", invalid.to_string()).with_param("model")
+    })
+}
 
 fn plausible_tokens(tokens: u64, param: &'static str) -> Result<u64, ApiError> {
     if tokens <= MAX_TOKENS_PER_CALL {
@@ -269,7 +281,7 @@ fn parse_reservation(id: &str) -> Result<u64, ApiError> {
     request_body = UsageRequest,
     responses(
         (status = 202, description = "Recorded; the new status", body = StatusDoc),
-        (status = 400, description = "Malformed JSON or invalid value", body = ErrorBody),
+        (status = 400, description = "Malformed JSON or a value out of bounds (`param` names it)", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
         (status = 404, description = "Unknown or expired reservation", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
@@ -296,6 +308,16 @@ pub async fn usage(
         ] {
             plausible_tokens(count, param)?;
         }
+    }
+    let model = body.model.as_deref().map(valid_model).transpose()?;
+    if let Some(latency) = body.latency_ms
+        && latency > MAX_LATENCY_MS
+    {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            format!("latency_ms of {latency} is longer than any call takes (at most {MAX_LATENCY_MS}, a day)"),
+        )
+        .with_param("latency_ms"));
     }
     let reservation = body
         .reservation_id
@@ -324,7 +346,7 @@ pub async fn usage(
     let error = body.error.unwrap_or_default();
     let report = UsageReport {
         reservation,
-        model: body.model.map(Into::into),
+        model,
         tokens,
         answer: Some(UpstreamAnswer {
             status,

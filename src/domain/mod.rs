@@ -7,6 +7,7 @@
 //! here can be tested by table with exact instants.
 
 pub mod limits;
+pub mod model;
 pub mod notification;
 pub mod status;
 pub mod time;

@@ -1,11 +1,15 @@
 //! The background task that makes the engine durable: every flush interval
 //! it writes what changed in one transaction and prunes old history.
 //!
-//! Failure mode: when a write fails, the batch is kept and merged with the
-//! next one, the engine raises a service-wide notification and `/readyz`
-//! reports the problem; enforcement goes on from memory. Nothing counted is
-//! dropped until the process ends, so a `kill -9` loses at most one interval
-//! (or the whole outage, if the database never came back).
+//! Failure mode: when the database does not accept writes, the batch is
+//! kept and merged with the next one, the engine raises a service-wide
+//! notification and `/readyz` reports the problem; enforcement goes on from
+//! memory. Nothing counted is dropped until the process ends, so a `kill -9`
+//! loses at most one interval (or the whole outage, if the database never
+//! came back). The one exception is a row the database refuses while it
+//! accepts the others (`Store::write_or_salvage`): it would fail every later
+//! flush, so it is logged, counted in `quotawatch_store_rows_dropped_total`
+//! and dropped, and the rest is written.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -104,17 +108,25 @@ impl Flusher {
         if self.unwritten.is_empty() {
             return Ok(());
         }
-        match self
-            .store
-            .write_batch(&self.unwritten, self.engine.now())
-            .await
-        {
-            Ok(()) => {
-                self.unwritten = Batch::default();
+        let batch = std::mem::take(&mut self.unwritten);
+        let salvage = self.store.write_or_salvage(batch, self.engine.now()).await;
+        for refused in &salvage.refused {
+            tracing::error!(
+                workspace = %refused.row.workspace().map(ToString::to_string).unwrap_or_default(),
+                row = refused.row.kind(),
+                what = %refused.row.describe(),
+                error = %refused.error,
+                "the database refused a row; it is dropped so that the rest can be written"
+            );
+        }
+        self.engine.count_dropped_rows(salvage.refused.len() as u64);
+        self.unwritten = salvage.unwritten;
+        match salvage.error {
+            None => {
                 self.engine.storage_recovered();
                 Ok(())
             }
-            Err(error) => {
+            Some(error) => {
                 let error = error.to_string();
                 tracing::warn!(%error, pending = self.unwritten.len(), "flush failed; will retry");
                 self.engine.storage_failed(&error);

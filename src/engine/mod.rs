@@ -26,13 +26,14 @@ mod sharing;
 pub use sharing::SharedCounting;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
 use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
+use crate::domain::model::DailyModels;
 use crate::domain::notification::{Notification, describe_storage_unavailable};
 use crate::domain::notification::{NotificationKind, Severity};
 use crate::domain::status::{Change, Status};
@@ -213,6 +214,10 @@ struct Cell {
     state: WorkspaceState,
     /// Finished requests not yet flushed, by (minute start, model).
     rollups: FxHashMap<(i64, Option<Model>), RollupDelta>,
+    /// The model names history keeps for the workspace's days, so that
+    /// neither `rollups` nor the database grows with every name a client
+    /// makes up.
+    models: DailyModels,
     /// Usage admitted here while the shared counters were unreachable, to
     /// be added to them when they return.
     offline: Usage,
@@ -240,6 +245,7 @@ impl Slot {
             cell: Mutex::new(Cell {
                 state,
                 rollups: FxHashMap::default(),
+                models: DailyModels::default(),
                 offline: Usage::default(),
                 outage_blocks: None,
                 offline_blocks: None,
@@ -252,6 +258,15 @@ impl Slot {
 
     fn lock(&self) -> MutexGuard<'_, Cell> {
         lock(&self.cell)
+    }
+}
+
+impl Cell {
+    /// The history entry for a call of `model` finished (or refused) at
+    /// `at`: its minute, and the name its day keeps for the model.
+    fn history(&mut self, at: Timestamp, model: Option<Model>) -> &mut RollupDelta {
+        let model = self.models.name(model, at, self.state.config().timezone);
+        self.rollups.entry((minute_of(at), model)).or_default()
     }
 }
 
@@ -286,6 +301,8 @@ pub struct Engine {
     shared: Option<Arc<SharedCounting>>,
     /// Where keys this instance does not know are looked up, when it serves.
     key_lookup: Option<catalog::KeyLookup>,
+    /// Rows the database refused and the flush dropped, since start-up.
+    rows_dropped: AtomicU64,
 }
 
 /// How many events a listener may fall behind before it is told to resync.
@@ -315,6 +332,7 @@ impl Engine {
             catalog_lock: tokio::sync::Mutex::new(()),
             shared: None,
             key_lookup: None,
+            rows_dropped: AtomicU64::new(0),
         }
     }
 
@@ -395,6 +413,22 @@ impl Engine {
         self.replace_keys(&catalog.keys);
         self.known_generation
             .store(catalog.generation, Ordering::SeqCst);
+    }
+
+    /// Counts the model names the database already keeps for recent days
+    /// (`(workspace, day start, model)`, oldest day first) against each
+    /// day's cap, so that a restart does not open a day to new names.
+    pub fn remember_models(&self, models: Vec<(WorkspaceId, i64, String)>) {
+        for (workspace, day, model) in models {
+            let Ok(slot) = self.slot(&workspace) else {
+                continue;
+            };
+            let mut cell = slot.lock();
+            let tz = cell.state.config().timezone;
+            // Stored without a model means the call named none.
+            let model = (!model.is_empty()).then(|| Model::from(model));
+            cell.models.name(model, Timestamp::from_millis(day), tz);
+        }
     }
 
     pub fn set_admin_key(&self, hash: KeyHash) {
@@ -581,8 +615,8 @@ impl Engine {
         admission: Admission,
     ) -> Decision {
         if admission.result.is_err() {
-            let key = (minute_of(now), model);
-            cell.rollups.entry(key).or_default().refused += 1;
+            let refused = &mut cell.history(now, model).refused;
+            *refused = refused.saturating_add(1);
         } else {
             slot.usage_dirty.store(true, Ordering::Release);
         }
@@ -660,10 +694,7 @@ impl Engine {
                 latency_ms_sum: count(report.latency_ms.unwrap_or(0)),
             };
             let model = report.model.clone().or(reserved_model);
-            *cell
-                .rollups
-                .entry((minute_of(charged_at), model))
-                .or_default() += delta;
+            *cell.history(charged_at, model) += delta;
         }
         let published = self.publish(&cell.state, now, recorded.changes, false);
         drop(cell);
@@ -954,6 +985,16 @@ impl Engine {
             .send(Event::Notification(Arc::new(notification)));
     }
 
+    /// The flush dropped rows the database refused.
+    pub fn count_dropped_rows(&self, count: u64) {
+        self.rows_dropped.fetch_add(count, Ordering::Relaxed);
+    }
+
+    /// Rows the database refused and the flush dropped, since start-up.
+    pub fn dropped_rows(&self) -> u64 {
+        self.rows_dropped.load(Ordering::Relaxed)
+    }
+
     /// Why the database is not usable, if it is not.
     pub fn storage_problem(&self) -> Option<String> {
         lock(&self.service)
@@ -1003,9 +1044,10 @@ fn count(value: u64) -> i64 {
 /// Expired reservations are finished requests whose estimate became final.
 fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
     for finished in expired {
-        let key = (minute_of(finished.charged_at), finished.model);
-        let delta = cell.rollups.entry(key).or_default();
-        delta.requests += 1;
-        delta.tokens = delta.tokens.saturating_add(count(finished.tokens));
+        *cell.history(finished.charged_at, finished.model) += RollupDelta {
+            requests: 1,
+            tokens: count(finished.tokens),
+            ..RollupDelta::default()
+        };
     }
 }

@@ -12,6 +12,7 @@
 //! through the batched flush; handlers that change the catalog (admin
 //! operations) write through directly because they are rare.
 
+mod salvage;
 mod saved;
 
 use std::collections::HashMap;
@@ -30,6 +31,7 @@ use crate::domain::time::Timestamp;
 use crate::domain::workspace::Saved;
 use crate::keys::KeyHash;
 
+pub use salvage::{Refused, Row, Salvage};
 pub use saved::{from_json as saved_from_json, to_json as saved_to_json};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +95,27 @@ macro_rules! change_catalog {
             Ok(Some(generation))
         }
         .await)
+    };
+}
+
+/// `column = stored + new` for a rollup upsert, stopping at the largest
+/// BIGINT: a count stuck at its maximum is wrong, but an overflow would fail
+/// the write, and with it every later flush. Counts are never negative (the
+/// schema checks), so the subtraction cannot overflow.
+macro_rules! saturating_add {
+    ($column:literal) => {
+        concat!(
+            $column,
+            " = CASE WHEN excluded.",
+            $column,
+            " > 9223372036854775807 - rollups.",
+            $column,
+            " THEN 9223372036854775807 ELSE rollups.",
+            $column,
+            " + excluded.",
+            $column,
+            " END"
+        )
     };
 }
 
@@ -350,6 +373,17 @@ fn notification_from_row(row: NotificationRow) -> Option<Notification> {
         resolves_at: resolves_at.map(Timestamp::from_millis),
         resolved_at: resolved_at.map(Timestamp::from_millis),
     })
+}
+
+/// Text as both databases can store it: PostgreSQL's text cannot hold a NUL
+/// character, which a message quoted from a client or the upstream may
+/// carry, so it becomes U+FFFD (on SQLite too, so that both read the same).
+fn storable(text: &str) -> std::borrow::Cow<'_, str> {
+    if text.contains('\0') {
+        std::borrow::Cow::Owned(text.replace('\0', "\u{fffd}"))
+    } else {
+        std::borrow::Cow::Borrowed(text)
+    }
 }
 
 fn is_unique_violation(error: &sqlx::Error) -> bool {
@@ -767,8 +801,8 @@ impl Store {
                 .bind(n.cause.map(Cause::key))
                 .bind(n.severity.name())
                 .bind(n.kind.name())
-                .bind(&n.title)
-                .bind(&n.message)
+                .bind(storable(&n.title))
+                .bind(storable(&n.message))
                 .bind(serde_json::to_string(&n.suggested_actions).unwrap_or_default())
                 .bind(n.limit.map(LimitKind::name))
                 .bind(n.created_at.millis())
@@ -785,7 +819,21 @@ impl Store {
                     (Resolution::Day, key.day),
                 ] {
                     sqlx::query(
-                        "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET requests = rollups.requests + excluded.requests, tokens = rollups.tokens + excluded.tokens, prompt_tokens = rollups.prompt_tokens + excluded.prompt_tokens, completion_tokens = rollups.completion_tokens + excluded.completion_tokens, cached_tokens = rollups.cached_tokens + excluded.cached_tokens, reasoning_tokens = rollups.reasoning_tokens + excluded.reasoning_tokens, errors = rollups.errors + excluded.errors, client_errors = rollups.client_errors + excluded.client_errors, server_errors = rollups.server_errors + excluded.server_errors, refused = rollups.refused + excluded.refused, latency_ms_sum = rollups.latency_ms_sum + excluded.latency_ms_sum",
+                        concat!(
+                            "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET ",
+                            saturating_add!("requests"), ", ",
+                            saturating_add!("tokens"), ", ",
+                            saturating_add!("prompt_tokens"), ", ",
+                            saturating_add!("completion_tokens"), ", ",
+                            saturating_add!("cached_tokens"), ", ",
+                            saturating_add!("reasoning_tokens"), ", ",
+                            saturating_add!("errors"), ", ",
+                            saturating_add!("client_errors"), ", ",
+                            saturating_add!("server_errors"), ", ",
+                            saturating_add!("refused"), ", ",
+                            saturating_add!("latency_ms_sum"),
+                        ),
+
                     )
                     .bind(key.workspace.as_str())
                     .bind(resolution.code())
@@ -814,6 +862,8 @@ impl Store {
     }
 
     /// History buckets of one resolution in `[from, to)`, summed over models.
+    /// The sum is taken here, saturating, rather than by the database, whose
+    /// `SUM` fails the whole query when one bucket's total overflows.
     pub async fn history(
         &self,
         workspace: &WorkspaceId,
@@ -824,7 +874,7 @@ impl Store {
         type Row = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
         let rows: Vec<Row> = on_pool!(self, |pool| {
             sqlx::query_as(
-            "SELECT bucket, CAST(SUM(requests) AS BIGINT), CAST(SUM(tokens) AS BIGINT), CAST(SUM(prompt_tokens) AS BIGINT), CAST(SUM(completion_tokens) AS BIGINT), CAST(SUM(cached_tokens) AS BIGINT), CAST(SUM(reasoning_tokens) AS BIGINT), CAST(SUM(errors) AS BIGINT), CAST(SUM(client_errors) AS BIGINT), CAST(SUM(server_errors) AS BIGINT), CAST(SUM(refused) AS BIGINT), CAST(SUM(latency_ms_sum) AS BIGINT) FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 GROUP BY bucket ORDER BY bucket"
+            "SELECT bucket, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 ORDER BY bucket"
         )
         .bind(workspace.as_str())
         .bind(resolution.code())
@@ -833,24 +883,47 @@ impl Store {
         .fetch_all(pool)
         .await
         })?;
+        let mut history: Vec<HistoryRow> = Vec::new();
+        for r in rows {
+            let totals = RollupDelta {
+                requests: r.1,
+                tokens: r.2,
+                prompt_tokens: r.3,
+                completion_tokens: r.4,
+                cached_tokens: r.5,
+                reasoning_tokens: r.6,
+                errors: r.7,
+                client_errors: r.8,
+                server_errors: r.9,
+                refused: r.10,
+                latency_ms_sum: r.11,
+            };
+            match history.last_mut() {
+                Some(last) if last.bucket == r.0 => last.totals += totals,
+                _ => history.push(HistoryRow {
+                    bucket: r.0,
+                    totals,
+                }),
+            }
+        }
+        Ok(history)
+    }
+
+    /// The model names of the daily history buckets starting at or after
+    /// `since`, oldest day first, so that a starting engine goes on capping
+    /// the names of the days it did not see begin.
+    pub async fn models_by_day(&self, since: i64) -> Result<Vec<(WorkspaceId, i64, String)>> {
+        let rows: Vec<(String, i64, String)> = on_pool!(self, |pool| {
+            sqlx::query_as(
+            "SELECT workspace_id, bucket, model FROM rollups WHERE resolution = 'd' AND bucket >= $1 ORDER BY bucket"
+        )
+        .bind(since)
+        .fetch_all(pool)
+        .await
+        })?;
         Ok(rows
             .into_iter()
-            .map(|r| HistoryRow {
-                bucket: r.0,
-                totals: RollupDelta {
-                    requests: r.1,
-                    tokens: r.2,
-                    prompt_tokens: r.3,
-                    completion_tokens: r.4,
-                    cached_tokens: r.5,
-                    reasoning_tokens: r.6,
-                    errors: r.7,
-                    client_errors: r.8,
-                    server_errors: r.9,
-                    refused: r.10,
-                    latency_ms_sum: r.11,
-                },
-            })
+            .filter_map(|(id, day, model)| Some((id.parse().ok()?, day, model)))
             .collect())
     }
 

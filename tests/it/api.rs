@@ -537,6 +537,64 @@ async fn history_counts_requests_tokens_and_errors_per_step() {
     server.stop().await;
 }
 
+/// A workspace keeps at most 50 model names per day in history; calls of
+/// further models count under `other`, so made-up names cannot grow the
+/// database, and nothing is lost from the totals.
+#[tokio::test]
+async fn history_keeps_a_bounded_number_of_models_per_day() {
+    use sqlx::Connection;
+    const MODELS: i64 = 90;
+    const CAP: i64 = 50;
+    let mut server = TestServer::start(&[]).await;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    for i in 0..MODELS {
+        if i == 80 {
+            // A restart does not open the day to new names.
+            server.restart().await;
+        }
+        let answer = server
+            .post(
+                "/api/quota/usage",
+                &key,
+                json!({"model": format!("made-up-{i}"),
+                       "usage": {"prompt_tokens": 2, "completion_tokens": 1}}),
+            )
+            .await;
+        assert_eq!(answer.status, StatusCode::ACCEPTED);
+    }
+    let url = server.database_url.clone();
+    // Per stored day: (its model rows, its requests, rows named `other`).
+    let days: Vec<(i64, i64, i64)> = eventually(
+        "every call in daily history",
+        Duration::from_secs(10),
+        || async {
+            let mut db = sqlx::SqliteConnection::connect(&url).await.ok()?;
+            let days: Vec<(i64, i64, i64)> = sqlx::query_as(
+                "SELECT COUNT(*), CAST(SUM(requests) AS BIGINT), CAST(SUM(model = 'other') AS BIGINT) FROM rollups WHERE workspace_id = 'acme' AND resolution = 'd' GROUP BY bucket",
+            )
+            .fetch_all(&mut db)
+            .await
+            .ok()?;
+            (days.iter().map(|day| day.1).sum::<i64>() == MODELS).then_some(days)
+        },
+    )
+    .await;
+    for (rows, _, other) in &days {
+        assert!(*rows <= CAP + 1, "{rows} model rows in one day");
+        assert!(*other <= 1);
+    }
+    if let [(rows, _, other)] = days[..] {
+        assert_eq!((rows, other), (CAP + 1, 1), "50 names and other");
+    }
+    let history = server
+        .get("/api/quota/history?window=2d&step=1d", &key)
+        .await;
+    let points = history.body["points"].as_array().expect("points");
+    let sum = |field: &str| -> i64 { points.iter().map(|p| p[field].as_i64().unwrap_or(0)).sum() };
+    assert_eq!((sum("requests"), sum("tokens")), (MODELS, 3 * MODELS));
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn the_openapi_document_lists_every_api_route() {
     let server = TestServer::start(&[]).await;

@@ -141,6 +141,67 @@ async fn malformed_bodies_are_answered_with_json_naming_the_problem() {
     server.stop().await;
 }
 
+/// Model names, token counts and latencies out of bounds are refused with a
+/// 400 naming the field, and nothing of the call is counted.
+#[tokio::test]
+async fn reports_out_of_bounds_are_refused_naming_the_field() {
+    let server = TestServer::start(&[]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"requests_per_day": 100}}))
+        .await;
+    let too_long = "m".repeat(101);
+    let cases = [
+        ("/api/quota/check", json!({"model": too_long}), "model"),
+        ("/api/quota/check", json!({"model": "gpt 4o"}), "model"),
+        ("/api/quota/check", json!({"model": ""}), "model"),
+        (
+            "/api/quota/check",
+            json!({"estimated_tokens": 1_000_000_001u64}),
+            "estimated_tokens",
+        ),
+        ("/api/quota/usage", json!({"model": too_long}), "model"),
+        ("/api/quota/usage", json!({"model": "gpt-4o\u{0}"}), "model"),
+        ("/api/quota/usage", json!({"model": "modèle"}), "model"),
+        (
+            "/api/quota/usage",
+            json!({"latency_ms": 18_446_744_073_709_551_615u64}),
+            "latency_ms",
+        ),
+        (
+            "/api/quota/usage",
+            json!({"latency_ms": 86_400_001u64}),
+            "latency_ms",
+        ),
+        (
+            "/api/quota/usage",
+            json!({"usage": {"prompt_tokens": 1_000_000_001u64, "completion_tokens": 1}}),
+            "usage.prompt_tokens",
+        ),
+    ];
+    for (path, body, param) in cases {
+        let shown = body.to_string();
+        let answer = server.post(path, &key, body).await;
+        assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{path} {shown}");
+        assert_eq!(answer.error_code(), "invalid_value", "{path} {shown}");
+        assert_eq!(answer.body["error"]["param"], param, "{path} {shown}");
+    }
+    let status = server.status(&key).await;
+    assert_eq!(status["limits"]["requests_per_day"]["used"], 0);
+
+    // The bounds themselves are accepted.
+    let longest = "m".repeat(100);
+    let answer = server
+        .post(
+            "/api/quota/usage",
+            &key,
+            json!({"model": longest, "latency_ms": 86_400_000u64,
+                   "usage": {"prompt_tokens": 1_000_000_000u64, "completion_tokens": 0}}),
+        )
+        .await;
+    assert_eq!(answer.status, StatusCode::ACCEPTED, "{:?}", answer.body);
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn unknown_workspaces_and_routes_answer_404_in_json() {
     let server = TestServer::start(&[]).await;

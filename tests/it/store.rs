@@ -3,6 +3,7 @@
 //! `QUOTAWATCH_TEST_DATABASE_URL`; each gets a fresh database.
 
 use std::future::Future;
+use std::time::Duration;
 
 use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::notification::{Notification, NotificationKind, Severity};
@@ -15,7 +16,7 @@ use quotawatch::store::{Batch, KeyRecord, Resolution, RollupDelta, RollupKey, St
 use serde_json::json;
 
 use crate::support::postgres::TestDatabase;
-use crate::support::{ADMIN_KEY, TestServer};
+use crate::support::{ADMIN_KEY, TestServer, eventually};
 
 async fn on_sqlite<F, Fut>(check: F)
 where
@@ -398,6 +399,242 @@ async fn rollups_add_up_per_resolution(store: Store) {
 }
 conformance!(rollups_add_up_per_resolution);
 
+async fn write_rollup(store: &Store, model: &str, delta: RollupDelta) {
+    let minute = T0.millis() - T0.millis().rem_euclid(60_000);
+    let mut batch = Batch::default();
+    batch.rollups.insert(
+        RollupKey {
+            workspace: id("acme"),
+            minute,
+            day: minute,
+            model: model.into(),
+        },
+        delta,
+    );
+    store
+        .write_batch(&batch, T0)
+        .await
+        .expect("adding to a count at its maximum is written");
+}
+
+/// Counts at the largest BIGINT stay there: a write that adds to them, and
+/// history summing them over models, neither overflow nor fail.
+async fn rollups_saturate_instead_of_overflowing(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let minute = T0.millis() - T0.millis().rem_euclid(60_000);
+    let huge = RollupDelta {
+        requests: 1,
+        tokens: i64::MAX,
+        latency_ms_sum: i64::MAX,
+        ..Default::default()
+    };
+    let history = |models: i64| {
+        let store = store.clone();
+        async move {
+            for resolution in [Resolution::Minute, Resolution::Hour, Resolution::Day] {
+                let history = store
+                    .history(
+                        &id("acme"),
+                        resolution,
+                        minute - 86_400_000,
+                        minute + 60_000,
+                    )
+                    .await
+                    .expect("history sums without overflowing");
+                assert_eq!(history.len(), 1, "{resolution:?}");
+                let totals = history[0].totals;
+                assert_eq!(
+                    (totals.requests, totals.tokens, totals.latency_ms_sum),
+                    (models, i64::MAX, i64::MAX),
+                    "{resolution:?}"
+                );
+            }
+        }
+    };
+    // Two models at the maximum: their sum overflows.
+    for model in ["gpt-4o", "gpt-4o-mini"] {
+        write_rollup(&store, model, huge).await;
+    }
+    history(2).await;
+    // Adding to a stored maximum overflows.
+    write_rollup(&store, "gpt-4o", huge).await;
+    history(3).await;
+}
+conformance!(rollups_saturate_instead_of_overflowing);
+
+fn rollup(workspace: &str, model: &str, requests: i64) -> (RollupKey, RollupDelta) {
+    let minute = T0.millis() - T0.millis().rem_euclid(60_000);
+    (
+        RollupKey {
+            workspace: id(workspace),
+            minute,
+            day: minute,
+            model: model.into(),
+        },
+        RollupDelta {
+            requests,
+            tokens: 10,
+            ..Default::default()
+        },
+    )
+}
+
+/// Rows the database refuses (built below the API, which no longer lets
+/// them through) are dropped alone and reported; the rest of their batch
+/// is written.
+async fn a_refused_row_is_dropped_alone(store: Store) {
+    for name in ["acme", "beta"] {
+        store
+            .insert_workspace(&workspace(name), T0)
+            .await
+            .expect("insert");
+    }
+    let mut batch = Batch::default();
+    for name in ["acme", "beta"] {
+        batch
+            .states
+            .insert(id(name), quotawatch::store::saved_to_json(&saved()));
+    }
+    let raised = notification(Some("acme"), T0.millis(), None);
+    batch
+        .notifications
+        .insert(raised.id.clone(), raised.clone());
+    for (key, delta) in [
+        rollup("acme", "gpt-4o", 1),
+        rollup("beta", "gpt-4o", 2),
+        rollup("beta", "gpt-4o-mini", 3),
+        // Longer than any model name the database accepts.
+        rollup("acme", &"x".repeat(3000), 4),
+        // A negative count.
+        rollup("beta", "o3", -5),
+    ] {
+        batch.rollups.insert(key, delta);
+    }
+    let salvage = store.write_or_salvage(batch, T0).await;
+    assert!(salvage.error.is_none(), "{:?}", salvage.error);
+    assert!(salvage.unwritten.is_empty());
+    let mut refused: Vec<(String, &str)> = salvage
+        .refused
+        .iter()
+        .map(|refused| {
+            let workspace = refused.row.workspace().map(ToString::to_string);
+            (workspace.unwrap_or_default(), refused.row.kind())
+        })
+        .collect();
+    refused.sort();
+    assert_eq!(
+        refused,
+        vec![("acme".into(), "rollup"), ("beta".into(), "rollup")]
+    );
+
+    assert_eq!(store.load_states().await.expect("states").len(), 2);
+    assert_eq!(
+        store
+            .notifications(Some(&id("acme")), false, 10)
+            .await
+            .expect("read"),
+        vec![raised]
+    );
+    let minute = T0.millis() - T0.millis().rem_euclid(60_000);
+    for (name, requests) in [("acme", 1), ("beta", 5)] {
+        let history = store
+            .history(&id(name), Resolution::Minute, minute, minute + 60_000)
+            .await
+            .expect("history");
+        assert_eq!(history[0].totals.requests, requests, "{name}");
+    }
+}
+conformance!(a_refused_row_is_dropped_alone);
+
+/// When the database accepts no write at all, nothing is dropped: the whole
+/// batch comes back, to be retried.
+async fn nothing_is_dropped_while_the_database_is_unusable(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let mut batch = Batch::default();
+    for (key, delta) in [rollup("acme", "gpt-4o", 1), rollup("acme", "o3", 2)] {
+        batch.rollups.insert(key, delta);
+    }
+    store.close().await;
+    let salvage = store.write_or_salvage(batch, T0).await;
+    assert!(salvage.error.is_some());
+    assert!(salvage.refused.is_empty());
+    assert_eq!(salvage.unwritten.rollups.len(), 2);
+}
+conformance!(nothing_is_dropped_while_the_database_is_unusable);
+
+async fn recent_model_names_are_read_per_day(store: Store) {
+    for name in ["acme", "beta"] {
+        store
+            .insert_workspace(&workspace(name), T0)
+            .await
+            .expect("insert");
+    }
+    let day_ms = 86_400_000;
+    let mut batch = Batch::default();
+    for (name, day, model) in [
+        ("acme", T0.millis() - 3 * day_ms, "too-old"),
+        ("acme", T0.millis(), "gpt-4o"),
+        ("beta", T0.millis() - day_ms, "o3"),
+    ] {
+        batch.rollups.insert(
+            RollupKey {
+                workspace: id(name),
+                minute: day,
+                day,
+                model: model.into(),
+            },
+            RollupDelta {
+                requests: 1,
+                ..Default::default()
+            },
+        );
+    }
+    store.write_batch(&batch, T0).await.expect("write");
+    assert_eq!(
+        store
+            .models_by_day(T0.millis() - 2 * day_ms)
+            .await
+            .expect("read"),
+        vec![
+            (id("beta"), T0.millis() - day_ms, "o3".to_owned()),
+            (id("acme"), T0.millis(), "gpt-4o".to_owned()),
+        ],
+        "oldest day first"
+    );
+}
+conformance!(recent_model_names_are_read_per_day);
+
+/// Text that came from a client or the upstream (an error message quoted in
+/// a notification) may hold a NUL character, which PostgreSQL's text cannot
+/// store: it is written as U+FFFD on both backends rather than failing.
+async fn notification_text_with_nul_is_stored(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let mut raised = notification(Some("acme"), T0.millis(), None);
+    raised.title = "title\0".into();
+    raised.message = "OpenAI answered: \"bad\0text\"".into();
+    let mut batch = Batch::default();
+    batch
+        .notifications
+        .insert(raised.id.clone(), raised.clone());
+    store.write_batch(&batch, T0).await.expect("write");
+    let stored = store
+        .notifications(Some(&id("acme")), false, 10)
+        .await
+        .expect("read");
+    assert_eq!(stored[0].title, "title\u{fffd}");
+    assert_eq!(stored[0].message, "OpenAI answered: \"bad\u{fffd}text\"");
+}
+conformance!(notification_text_with_nul_is_stored);
+
 async fn meta_values_upsert(store: Store) {
     assert_eq!(store.meta("admin_key_sha256").await.expect("read"), None);
     store
@@ -443,5 +680,132 @@ async fn the_server_runs_on_postgres() {
         .await;
     assert!(history.status.is_success());
     server.stop().await;
+    database.drop_database().await;
+}
+
+/// Runs `sql` on the server's database over a connection of its own.
+async fn execute_on(database_url: &str, sql: &'static str) {
+    use sqlx::Connection;
+    if database_url.starts_with("sqlite:") {
+        let mut connection = sqlx::SqliteConnection::connect(database_url)
+            .await
+            .expect("connect to SQLite");
+        sqlx::raw_sql(sql)
+            .execute(&mut connection)
+            .await
+            .expect("SQL runs");
+    } else {
+        let mut connection = sqlx::PgConnection::connect(database_url)
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::raw_sql(sql)
+            .execute(&mut connection)
+            .await
+            .expect("SQL runs");
+    }
+}
+
+/// How many rollup rows of `model` the database holds.
+async fn stored_rollups(database_url: &str, model: &str) -> i64 {
+    use sqlx::Connection;
+    let query = "SELECT COUNT(*) FROM rollups WHERE model = $1";
+    if database_url.starts_with("sqlite:") {
+        let mut connection = sqlx::SqliteConnection::connect(database_url)
+            .await
+            .expect("connect to SQLite");
+        sqlx::query_scalar(query)
+            .bind(model)
+            .fetch_one(&mut connection)
+            .await
+            .expect("count")
+    } else {
+        let mut connection = sqlx::PgConnection::connect(database_url)
+            .await
+            .expect("connect to PostgreSQL");
+        sqlx::query_scalar(query)
+            .bind(model)
+            .fetch_one(&mut connection)
+            .await
+            .expect("count")
+    }
+}
+
+/// A row the database refuses no longer stops every later flush: the server
+/// drops it, counts it in a metric, writes the rest, and stays ready. The
+/// database is made to refuse the rows of one model by a trigger, the way a
+/// constraint would.
+async fn a_refused_row_stops_nothing_else(server: TestServer, refuse: &'static str) {
+    let acme = server.workspace(json!({"id": "acme"})).await;
+    let beta = server.workspace(json!({"id": "beta"})).await;
+    execute_on(&server.database_url, refuse).await;
+    for (key, model) in [
+        (&acme, "refused-model"),
+        (&acme, "gpt-4o"),
+        (&beta, "gpt-4o"),
+    ] {
+        let answer = server
+            .post("/api/quota/usage", key, json!({"model": model}))
+            .await;
+        assert_eq!(answer.status.as_u16(), 202, "{:?}", answer.body);
+    }
+    // The rest is committed while the batch is still being split, and the
+    // dropped row is counted once the split is over.
+    eventually(
+        "the other rows to be written and the dropped one counted",
+        Duration::from_secs(10),
+        || async {
+            // Minute, hour and day of each workspace.
+            let written = stored_rollups(&server.database_url, "gpt-4o").await == 6;
+            let metrics = server.metrics().await;
+            let counted = metrics.contains("quotawatch_store_rows_dropped_total 1\n");
+            (written && counted).then_some(())
+        },
+    )
+    .await;
+    assert_eq!(
+        stored_rollups(&server.database_url, "refused-model").await,
+        0
+    );
+    eventually("readyz to answer 200", Duration::from_secs(10), || async {
+        (server.get("/readyz", "").await.status.as_u16() == 200).then_some(())
+    })
+    .await;
+
+    // Later flushes write as before.
+    server
+        .post("/api/quota/usage", &beta, json!({"model": "o3"}))
+        .await;
+    eventually(
+        "a later row to be written",
+        Duration::from_secs(10),
+        || async { (stored_rollups(&server.database_url, "o3").await == 3).then_some(()) },
+    )
+    .await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_refused_row_stops_nothing_else_on_sqlite() {
+    let server = TestServer::start(&[]).await;
+    a_refused_row_stops_nothing_else(
+        server,
+        "CREATE TRIGGER refuse_model BEFORE INSERT ON rollups WHEN NEW.model = 'refused-model' BEGIN SELECT RAISE(ABORT, 'this model is refused'); END",
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_refused_row_stops_nothing_else_on_postgres() {
+    let Some(database) =
+        TestDatabase::create("store::a_refused_row_stops_nothing_else_on_postgres").await
+    else {
+        return;
+    };
+    let server = TestServer::start_on(database.url.clone(), None, &[]).await;
+    a_refused_row_stops_nothing_else(
+        server,
+        "CREATE FUNCTION refuse_model() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN IF NEW.model = 'refused-model' THEN RAISE EXCEPTION 'this model is refused'; END IF; RETURN NEW; END $$; CREATE TRIGGER refuse_model BEFORE INSERT ON rollups FOR EACH ROW EXECUTE FUNCTION refuse_model()",
+    )
+    .await;
     database.drop_database().await;
 }
