@@ -7,7 +7,7 @@ use std::sync::Arc;
 
 use crate::domain::limits::{
     LimitKind, PerLimit, ValidationError, WorkspaceConfig, WorkspaceId, parse_timezone,
-    validate_env_name, validate_limit, validate_name, validate_warn_at,
+    validate_env_name, validate_limit, validate_name, validate_upstream_id, validate_warn_at,
 };
 use crate::engine::{Engine, WorkspaceDefaults};
 use crate::keys::{PlainKey, new_id};
@@ -50,6 +50,9 @@ pub struct WorkspaceSpec {
     pub warn_at: Option<f64>,
     /// `Some(None)` returns the workspace to the server's upstream key.
     pub upstream_key_env: Option<Option<String>>,
+    /// `Some(None)` returns the workspace to the upstream key's default.
+    pub upstream_organization: Option<Option<String>>,
+    pub upstream_project: Option<Option<String>>,
 }
 
 impl WorkspaceSpec {
@@ -71,6 +74,18 @@ impl WorkspaceSpec {
         }
         if let Some(env) = &self.upstream_key_env {
             base.upstream_key_env = env.as_deref().map(validate_env_name).transpose()?;
+        }
+        if let Some(organization) = &self.upstream_organization {
+            base.upstream_organization = organization
+                .as_deref()
+                .map(|id| validate_upstream_id("upstream_organization", id))
+                .transpose()?;
+        }
+        if let Some(project) = &self.upstream_project {
+            base.upstream_project = project
+                .as_deref()
+                .map(|id| validate_upstream_id("upstream_project", id))
+                .transpose()?;
         }
         Ok(base)
     }

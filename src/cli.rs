@@ -141,6 +141,19 @@ struct WorkspaceArgs {
     /// "none" for the server's OPENAI_API_KEY.
     #[arg(long, value_name = "NAME")]
     upstream_key_env: Option<String>,
+    /// The OpenAI organization billed for this workspace's calls (org-...),
+    /// or "none" for the upstream key's default.
+    #[arg(long, value_name = "ID")]
+    upstream_organization: Option<String>,
+    /// The OpenAI project billed for this workspace's calls (proj_...), or
+    /// "none" for the upstream key's default.
+    #[arg(long, value_name = "ID")]
+    upstream_project: Option<String>,
+}
+
+/// A setting given on the command line, where "none" clears it.
+fn unless_none(value: String) -> Option<String> {
+    (value != "none").then_some(value)
 }
 
 /// A limit given on the command line: a number, or `None` for "unlimited".
@@ -172,9 +185,9 @@ impl WorkspaceArgs {
                 .map(|limit| limit.map(|LimitArg(value)| value)),
             ),
             warn_at: self.warn_at,
-            upstream_key_env: self
-                .upstream_key_env
-                .map(|name| (name != "none").then_some(name)),
+            upstream_key_env: self.upstream_key_env.map(unless_none),
+            upstream_organization: self.upstream_organization.map(unless_none),
+            upstream_project: self.upstream_project.map(unless_none),
         }
     }
 }

@@ -218,6 +218,8 @@ struct FileWorkspace {
     timezone: Option<String>,
     warn_at: Option<f64>,
     upstream_key_env: Option<String>,
+    upstream_organization: Option<String>,
+    upstream_project: Option<String>,
     #[serde(default)]
     limits: HashMap<String, FileLimit>,
 }
@@ -654,6 +656,8 @@ fn file_workspace(
         limits,
         warn_at: declared.warn_at,
         upstream_key_env: declared.upstream_key_env.map(Some),
+        upstream_organization: declared.upstream_organization.map(Some),
+        upstream_project: declared.upstream_project.map(Some),
     };
     // Validate now, so that check-config and start-up fail before serving.
     let id = declared
@@ -719,8 +723,14 @@ fn describe_spec(spec: &WorkspaceSpec) -> String {
     if let Some(warn_at) = spec.warn_at {
         parts.push(format!("warn_at={warn_at}"));
     }
-    if let Some(Some(env)) = &spec.upstream_key_env {
-        parts.push(format!("upstream_key_env={env}"));
+    for (name, value) in [
+        ("upstream_key_env", &spec.upstream_key_env),
+        ("upstream_organization", &spec.upstream_organization),
+        ("upstream_project", &spec.upstream_project),
+    ] {
+        if let Some(Some(value)) = value {
+            parts.push(format!("{name}={value}"));
+        }
     }
     if parts.is_empty() {
         "defaults".to_owned()

@@ -416,6 +416,12 @@ pub struct WorkspaceDoc {
     /// The environment variable holding this workspace's own OpenAI key, or
     /// null for the server's `OPENAI_API_KEY`. The key itself is never shown.
     pub upstream_key_env: Option<String>,
+    /// The OpenAI organization billed for this workspace's calls, or null
+    /// for the upstream key's default. Clients cannot choose it.
+    pub upstream_organization: Option<String>,
+    /// The OpenAI project billed for this workspace's calls, or null for the
+    /// upstream key's default. Clients cannot choose it.
+    pub upstream_project: Option<String>,
 }
 
 impl From<&WorkspaceConfig> for WorkspaceDoc {
@@ -433,6 +439,8 @@ impl From<&WorkspaceConfig> for WorkspaceDoc {
             },
             warn_at: config.warn_at,
             upstream_key_env: config.upstream_key_env.clone(),
+            upstream_organization: config.upstream_organization.clone(),
+            upstream_project: config.upstream_project.clone(),
         }
     }
 }
@@ -488,6 +496,16 @@ pub struct WorkspaceInput {
     #[serde(default, deserialize_with = "tri_state")]
     #[schema(value_type = Option<String>)]
     pub upstream_key_env: Option<Option<String>>,
+    /// The OpenAI organization (`org-…`) billed for this workspace's calls;
+    /// null for the upstream key's default.
+    #[serde(default, deserialize_with = "tri_state")]
+    #[schema(value_type = Option<String>)]
+    pub upstream_organization: Option<Option<String>>,
+    /// The OpenAI project (`proj_…`) billed for this workspace's calls; null
+    /// for the upstream key's default.
+    #[serde(default, deserialize_with = "tri_state")]
+    #[schema(value_type = Option<String>)]
+    pub upstream_project: Option<Option<String>>,
 }
 
 impl WorkspaceInput {
@@ -502,6 +520,8 @@ impl WorkspaceInput {
                 .unwrap_or_default(),
             warn_at: self.warn_at,
             upstream_key_env: self.upstream_key_env.clone(),
+            upstream_organization: self.upstream_organization.clone(),
+            upstream_project: self.upstream_project.clone(),
         }
     }
 }

@@ -245,6 +245,11 @@ pub struct WorkspaceConfig {
     /// The environment variable holding this workspace's own upstream key;
     /// `None` for the server's. Only the proxy reads it.
     pub upstream_key_env: Option<String>,
+    /// The OpenAI organization and project billed for this workspace's
+    /// calls (sent as `OpenAI-Organization` / `OpenAI-Project`); `None`
+    /// for the upstream key's default. Clients cannot choose them.
+    pub upstream_organization: Option<String>,
+    pub upstream_project: Option<String>,
 }
 
 impl WorkspaceConfig {
@@ -256,6 +261,8 @@ impl WorkspaceConfig {
             limits,
             warn_at: DEFAULT_WARN_AT,
             upstream_key_env: None,
+            upstream_organization: None,
+            upstream_project: None,
         }
     }
 }
@@ -284,6 +291,26 @@ pub fn validate_env_name(name: &str) -> Result<String, ValidationError> {
             "upstream_key_env",
             format!(
                 "{name:?} cannot hold an upstream key: name OPENAI_API_KEY or a variable {UPSTREAM_KEY_PREFIX}<NAME> (letters, digits and _)"
+            ),
+        ))
+    }
+}
+
+/// An OpenAI organization or project id (`org-…`, `proj_…`): letters,
+/// digits, `-` and `_`, at most 64, so that it is safe in a header.
+pub fn validate_upstream_id(field: &'static str, id: &str) -> Result<String, ValidationError> {
+    let valid = !id.is_empty()
+        && id.len() <= 64
+        && id
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_');
+    if valid {
+        Ok(id.to_owned())
+    } else {
+        Err(ValidationError::new(
+            field,
+            format!(
+                "{id:?} is not an OpenAI id such as \"org-abc123\" or \"proj_abc123\" (letters, digits, - and _, at most 64)"
             ),
         ))
     }

@@ -108,6 +108,16 @@ pub struct Decision {
     pub remaining: PerLimit<Option<u64>>,
 }
 
+/// The upstream account a workspace's calls are billed to: the variable
+/// holding its key (`None` for the server's), and the organization and
+/// project to name (`None` for the key's defaults).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct UpstreamAccount {
+    pub key_env: Option<String>,
+    pub organization: Option<String>,
+    pub project: Option<String>,
+}
+
 /// Token counts of a finished request, as the upstream reported them.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct TokenUsage {
@@ -716,11 +726,19 @@ impl Engine {
         }
     }
 
-    /// The environment variable holding the workspace's own upstream key.
-    pub fn upstream_key_env(&self, workspace: &WorkspaceId) -> Result<Option<String>, EngineError> {
+    /// Whose upstream account the workspace's calls go to.
+    pub fn upstream_account(
+        &self,
+        workspace: &WorkspaceId,
+    ) -> Result<UpstreamAccount, EngineError> {
         let slot = self.slot(workspace)?;
-        let variable = slot.lock().state.config().upstream_key_env.clone();
-        Ok(variable)
+        let cell = slot.lock();
+        let config = cell.state.config();
+        Ok(UpstreamAccount {
+            key_env: config.upstream_key_env.clone(),
+            organization: config.upstream_organization.clone(),
+            project: config.upstream_project.clone(),
+        })
     }
 
     pub fn snapshot(&self, workspace: &WorkspaceId) -> Result<Snapshot, EngineError> {

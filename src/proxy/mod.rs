@@ -36,6 +36,7 @@ use crate::api::auth::{authenticate, bearer};
 use crate::api::error::ApiError;
 use crate::api::refusal::{ratelimit_headers, refusal_error};
 use crate::config::UpstreamConfig;
+use crate::domain::model::parse_model;
 use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{Model, Request as Admission};
 use crate::engine::{Principal, TokenUsage, UpstreamAnswer};
@@ -243,25 +244,23 @@ fn understand(
             None => refused,
         }
     })?;
+    // Model names become history rows and metrics labels: the one rule for
+    // them applies here as on the REST API.
+    let model = read
+        .model
+        .as_deref()
+        .map(parse_model)
+        .transpose()
+        .map_err(|error| {
+            ApiError::bad_request("invalid_body", error.to_string()).with_param("model")
+        })?;
     Ok(Call {
         endpoint,
-        model: read.model.as_deref().map(clip_model),
+        model,
         estimate: read.estimate,
         inject_usage: read.inject_usage,
         body: read.forwarded(body),
     })
-}
-
-/// Model names as clients send them become history rows and metrics
-/// labels; longer ones are cut, so a client cannot grow either at will.
-const MAX_MODEL_NAME: usize = 100;
-
-fn clip_model(model: &str) -> Model {
-    let end = model
-        .char_indices()
-        .nth(MAX_MODEL_NAME)
-        .map_or(model.len(), |(at, _)| at);
-    Model::from(&model[..end])
 }
 
 /// Reads a request body up to `limit` bytes into one buffer, sized from
@@ -346,7 +345,8 @@ async fn forward_admitted(
     {
         return Err(refused(state, &workspace, endpoint, &decision, refusal));
     }
-    let key = proxy.upstream_key(state.engine.upstream_key_env(&workspace)?.as_deref())?;
+    let account = state.engine.upstream_account(&workspace)?;
+    let key = proxy.upstream_key(account.key_env.as_deref())?;
 
     let declared_length = parts
         .headers
@@ -412,6 +412,15 @@ async fn forward_admitted(
     })?;
     authorization.set_sensitive(true);
     headers.insert(header::AUTHORIZATION, authorization);
+    // The workspace's own organization and project, never the client's.
+    for (name, id) in [
+        ("openai-organization", &account.organization),
+        ("openai-project", &account.project),
+    ] {
+        if let Some(id) = id.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
+            headers.insert(name, id);
+        }
+    }
     let length: usize = call.body.iter().map(Bytes::len).sum();
     let body = match <[Bytes; 1]>::try_from(call.body) {
         Ok([whole]) => reqwest::Body::from(whole),

@@ -259,6 +259,8 @@ type WorkspaceRow = (
     Option<i64>,
     f64,
     Option<String>,
+    Option<String>,
+    Option<String>,
 );
 
 /// The columns of `workspaces` that make a [`WorkspaceConfig`], in the order
@@ -279,13 +281,15 @@ macro_rules! bind_workspace {
             .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
             .bind(ws.warn_at)
             .bind(ws.upstream_key_env.as_deref())
+            .bind(ws.upstream_organization.as_deref())
+            .bind(ws.upstream_project.as_deref())
             .bind($now.millis())
     }};
 }
 
 macro_rules! workspace_columns {
     () => {
-        "id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, upstream_key_env"
+        "id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, upstream_key_env, upstream_organization, upstream_project"
     };
 }
 
@@ -317,7 +321,8 @@ fn limit_value(value: Option<u64>) -> Option<i64> {
 }
 
 fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
-    let (id, name, timezone, rpm, rpd, tpm, tpd, warn_at, upstream_key_env) = row;
+    let (id, name, timezone, rpm, rpd, tpm, tpd, warn_at, upstream_key_env, organization, project) =
+        row;
     let mut limits = Limits::default();
     let values = [rpm, rpd, tpm, tpd];
     for (kind, value) in LimitKind::ALL.into_iter().zip(values) {
@@ -330,6 +335,8 @@ fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
         limits,
         warn_at,
         upstream_key_env,
+        upstream_organization: organization,
+        upstream_project: project,
     })
 }
 
@@ -581,7 +588,7 @@ impl Store {
             let insert = sqlx::query(concat!(
                 "INSERT INTO workspaces (",
                 workspace_columns!(),
-                ", created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $10)"
+                ", created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)"
             ));
             bind_workspace!(insert, ws, now)
                 .execute(&mut *tx)
@@ -606,7 +613,7 @@ impl Store {
     ) -> Result<Option<i64>> {
         Ok(change_catalog!(self, |tx| {
             let update = sqlx::query(
-                "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, upstream_key_env = $9, updated_at = $10 WHERE id = $1",
+                "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, upstream_key_env = $9, upstream_organization = $10, upstream_project = $11, updated_at = $12 WHERE id = $1",
             );
             bind_workspace!(update, ws, now)
                 .execute(&mut *tx)

@@ -678,6 +678,7 @@ async fn workspaces_and_keys_are_managed_by_the_admin() {
     assert_eq!(
         created.body,
         json!({"id": "acme", "name": "Acme Inc", "timezone": "UTC", "warn_at": 0.8, "upstream_key_env": null,
+            "upstream_organization": null, "upstream_project": null,
             "limits": {"requests_per_minute": 60, "requests_per_day": null, "tokens_per_minute": null, "tokens_per_day": 5000}})
     );
     let duplicate = server

@@ -57,7 +57,10 @@ impl Raw {
             request = request.header(*name, *value);
         }
         let request = request.body(Full::new(body.into())).expect("a request");
-        let response = self.client.request(request).await.expect("an answer");
+        let response = tokio::time::timeout(Duration::from_secs(10), self.client.request(request))
+            .await
+            .expect("an answer within 10 s")
+            .expect("an answer");
         let status = StatusCode::from_u16(response.status().as_u16()).expect("status");
         let body = response
             .into_body()
@@ -186,7 +189,13 @@ async fn a_body_is_read_as_json_whatever_its_type_and_refused_when_it_is_not() {
         "[".repeat(300),
         "]".repeat(300)
     );
+    let long_model = format!(r#"{{"model":"{}","messages":[]}}"#, "m".repeat(3000));
     let refused = [
+        (long_model.as_str(), "a model name of 3,000 characters"),
+        (
+            r#"{"model":"gpt-4o\u0000","messages":[]}"#,
+            "a model name with a NUL",
+        ),
         (
             r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"\ud800"}]}"#,
             "a lone surrogate",
@@ -457,15 +466,69 @@ async fn a_connection_answered_before_its_body_arrived_serves_the_next_request()
             Some(writer)
         });
         let mut stream = reader;
-        let first = read_first(&mut stream).await;
+        let within = Duration::from_secs(10);
+        let first = tokio::time::timeout(within, read_first(&mut stream))
+            .await
+            .expect("an answer within 10 s");
         assert_eq!(first.map(|(status, _)| status), Some(401), "round {round}");
         let writer = sending.await.expect("the sender");
-        let second = read_first(&mut stream).await;
+        let second = tokio::time::timeout(within, read_first(&mut stream))
+            .await
+            .expect("an answer within 10 s");
         let closed = first.is_some_and(|(_, close)| close);
         assert!(
             closed || (writer.is_some() && second.map(|(status, _)| status) == Some(200)),
             "round {round}: the connection neither closed cleanly nor served the next request ({second:?})"
         );
     }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_workspace_not_the_client_chooses_the_organization_and_project_billed() {
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let (server, key) = proxied(
+        &upstream,
+        &[],
+        json!({"id": "acme", "upstream_organization": "org-acme", "upstream_project": "proj_acme"}),
+    )
+    .await;
+    let other = server.workspace(json!({"id": "plain"})).await;
+    for (key, expected) in [(&key, Some(("org-acme", "proj_acme"))), (&other, None)] {
+        let response = server
+            .client
+            .post(server.url("/v1/chat/completions"))
+            .bearer_auth(key)
+            .header("OpenAI-Organization", "org-operator-main")
+            .header("OpenAI-Project", "proj_operator_main")
+            .json(&json!({"model": "gpt-4o-mini", "messages": []}))
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(response.status(), StatusCode::OK);
+        assert!(
+            response.headers().get("openai-organization").is_none(),
+            "the operator's organization is not shown to tenants"
+        );
+        let headers = &upstream.last().await["headers"];
+        let sent = (
+            headers["openai-organization"].as_str(),
+            headers["openai-project"].as_str(),
+        );
+        assert_eq!(
+            sent,
+            expected.map_or((None, None), |(o, p)| (Some(o), Some(p)))
+        );
+    }
+    let response = server
+        .send(
+            reqwest::Method::PATCH,
+            "/api/workspaces/acme",
+            ADMIN_KEY,
+            Some(json!({"upstream_organization": "org acme\r\nx-evil: 1"})),
+        )
+        .await;
+    assert_eq!(response.status, StatusCode::BAD_REQUEST);
+    assert_eq!(response.body["error"]["param"], "upstream_organization");
     server.stop().await;
 }
