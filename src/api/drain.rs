@@ -87,17 +87,21 @@ pub async fn keep_connection_usable(request: Request, next: Next) -> Response {
     if body.is_end_stream() {
         return next.run(Request::from_parts(parts, body)).await;
     }
-    let (leftover, mut unread) = oneshot::channel();
+    let (leftover, unread) = oneshot::channel();
     let tracked = Body::new(Tracked {
         inner: body,
         leftover: Some(leftover),
     });
     let mut response = next.run(Request::from_parts(parts, tracked)).await;
-    // Only a body already dropped is drained: one a handler still holds
-    // (none does while answering) is its to finish.
-    if let Ok(rest) = unread.try_recv()
-        && !drain(rest).await
-    {
+    // The body is handed over when the handler drops it unread; a body read
+    // to its end is not (the channel closes empty). Waiting is bounded, in
+    // case something still holds the body.
+    let drained = match tokio::time::timeout(DRAIN_TIME, unread).await {
+        Ok(Ok(rest)) => drain(rest).await,
+        Ok(Err(_)) => true,
+        Err(_) => false,
+    };
+    if !drained {
         response
             .headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));

@@ -472,13 +472,16 @@ async fn a_connection_answered_before_its_body_arrived_serves_the_next_request()
             .expect("an answer within 10 s");
         assert_eq!(first.map(|(status, _)| status), Some(401), "round {round}");
         let writer = sending.await.expect("the sender");
+        if first.is_some_and(|(_, close)| close) {
+            // Announced: the client opens a new connection, nothing is lost.
+            continue;
+        }
         let second = tokio::time::timeout(within, read_first(&mut stream))
             .await
             .expect("an answer within 10 s");
-        let closed = first.is_some_and(|(_, close)| close);
         assert!(
-            closed || (writer.is_some() && second.map(|(status, _)| status) == Some(200)),
-            "round {round}: the connection neither closed cleanly nor served the next request ({second:?})"
+            writer.is_some() && second.map(|(status, _)| status) == Some(200),
+            "round {round}: the connection kept open did not serve the next request ({second:?})"
         );
     }
     server.stop().await;
