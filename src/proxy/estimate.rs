@@ -317,6 +317,28 @@ impl Counting<'_> {
 // None of them keeps a value: strings are counted where they lie, and what
 // does not count is still walked through, so that every string is decoded.
 
+/// The visitor methods for the scalar values (booleans, numbers, `null`)
+/// a walker reads through without counting them: each answers `$value`.
+macro_rules! answer_scalars {
+    ($value:expr) => {
+        fn visit_bool<E>(self, _: bool) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_i64<E>(self, _: i64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_u64<E>(self, _: u64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_f64<E>(self, _: f64) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+        fn visit_unit<E>(self) -> Result<Self::Value, E> {
+            Ok($value)
+        }
+    };
+}
+
 /// Any JSON value, walked and dropped.
 pub struct Valid;
 
@@ -332,22 +354,8 @@ impl<'de> Visitor<'de> for Valid {
     fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
         f.write_str("any JSON value")
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<Valid, E> {
-        Ok(Valid)
-    }
-    fn visit_unit<E>(self) -> Result<Valid, E> {
+    answer_scalars!(Valid);
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
         Ok(Valid)
     }
     fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Valid, A::Error> {
@@ -467,22 +475,8 @@ impl<'de> Visitor<'de> for Messages<'_, '_> {
     fn visit_map<A: MapAccess<'de>>(self, map: A) -> Result<u64, A::Error> {
         Valid.visit_map(map).map(|_| 0)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_unit<E>(self) -> Result<u64, E> {
+    answer_scalars!(0);
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
         Ok(0)
     }
 }
@@ -527,21 +521,7 @@ impl<'de> Visitor<'de> for Text<'_, '_> {
         }
         Ok(tokens)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
-        Ok(0)
-    }
-    fn visit_unit<E>(self) -> Result<u64, E> {
-        Ok(0)
-    }
+    answer_scalars!(0);
 }
 
 /// An image: a fixed amount by its detail, its data never read as text.
@@ -577,22 +557,8 @@ impl<'de> Visitor<'de> for Image {
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<u64, A::Error> {
         Valid.visit_seq(seq).map(|_| IMAGE_TOKENS)
     }
-    fn visit_bool<E>(self, _: bool) -> Result<u64, E> {
-        Ok(IMAGE_TOKENS)
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<u64, E> {
-        Ok(IMAGE_TOKENS)
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<u64, E> {
-        Ok(IMAGE_TOKENS)
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<u64, E> {
-        Ok(IMAGE_TOKENS)
-    }
-    fn visit_str<E>(self, _: &str) -> Result<u64, E> {
-        Ok(IMAGE_TOKENS)
-    }
-    fn visit_unit<E>(self) -> Result<u64, E> {
+    answer_scalars!(IMAGE_TOKENS);
+    fn visit_str<E>(self, _: &str) -> Result<Self::Value, E> {
         Ok(IMAGE_TOKENS)
     }
 }
@@ -616,21 +582,7 @@ impl<'de> Visitor<'de> for DetailVisitor {
     fn visit_str<E>(self, detail: &str) -> Result<Detail, E> {
         Ok(Detail(detail == "low"))
     }
-    fn visit_bool<E>(self, _: bool) -> Result<Detail, E> {
-        Ok(Detail(false))
-    }
-    fn visit_i64<E>(self, _: i64) -> Result<Detail, E> {
-        Ok(Detail(false))
-    }
-    fn visit_u64<E>(self, _: u64) -> Result<Detail, E> {
-        Ok(Detail(false))
-    }
-    fn visit_f64<E>(self, _: f64) -> Result<Detail, E> {
-        Ok(Detail(false))
-    }
-    fn visit_unit<E>(self) -> Result<Detail, E> {
-        Ok(Detail(false))
-    }
+    answer_scalars!(Detail(false));
     fn visit_seq<A: SeqAccess<'de>>(self, seq: A) -> Result<Detail, A::Error> {
         Valid.visit_seq(seq).map(|_| Detail(false))
     }

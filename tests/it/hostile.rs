@@ -13,7 +13,8 @@ use quotawatch::mock::MockOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{ADMIN_KEY, TestServer, Upstream, eventually, fixture, proxied};
+use crate::proxy::{tokens_settle_at, used_tokens};
+use crate::support::{ADMIN_KEY, TestServer, Upstream, fixture, proxied};
 
 /// A request sent exactly as written: no URL library between the test and
 /// the server to resolve dot segments or decode escapes first.
@@ -79,21 +80,6 @@ fn streamed_chat() -> String {
     json!({"model": "gpt-4o-mini", "stream": true, "max_tokens": 50,
         "messages": [{"role": "user", "content": "Say hello"}]})
     .to_string()
-}
-
-async fn tokens_today(server: &TestServer, key: &str) -> u64 {
-    server.status(key).await["limits"]["tokens_per_day"]["used"]
-        .as_u64()
-        .expect("a tokens_per_day limit")
-}
-
-async fn tokens_settle_at(server: &TestServer, key: &str, expected: u64) {
-    eventually(
-        &format!("{expected} tokens to be counted"),
-        Duration::from_secs(5),
-        || async { (tokens_today(server, key).await == expected).then_some(()) },
-    )
-    .await;
 }
 
 #[tokio::test]
@@ -238,7 +224,7 @@ async fn a_body_is_read_as_json_whatever_its_type_and_refused_when_it_is_not() {
         }
     }
     assert_eq!(upstream.stats().await["total"], 0, "nothing was forwarded");
-    assert_eq!(tokens_today(&server, &key).await, 0, "nothing was charged");
+    assert_eq!(used_tokens(&server, &key).await, 0, "nothing was charged");
 
     // A JSON body declared as multipart is priced as JSON and forwarded as
     // JSON: the non-streamed chat fixture's usage is charged.
@@ -402,38 +388,46 @@ async fn refusals_before_the_body_is_read_leave_a_pooled_connection_usable() {
     server.stop().await;
 }
 
-/// Reads one HTTP/1.1 answer with a `content-length` from `stream`: its
-/// status and whether it asks to close the connection; `None` when the
-/// connection ends first.
-async fn read_first(stream: &mut tokio::net::tcp::OwnedReadHalf) -> Option<(u16, bool)> {
-    use tokio::io::AsyncReadExt;
-    let mut buffer = Vec::new();
-    let mut chunk = [0u8; 4096];
-    let head_end = loop {
-        if let Some(at) = buffer.windows(4).position(|w| w == b"\r\n\r\n") {
-            break at + 4;
-        }
-        let read = stream.read(&mut chunk).await.ok()?;
-        if read == 0 {
-            return None;
-        }
-        buffer.extend_from_slice(&chunk[..read]);
-    };
-    let head = String::from_utf8_lossy(&buffer[..head_end]).to_ascii_lowercase();
-    let status = head.get(9..12)?.parse().ok()?;
-    let length: usize = head
-        .lines()
-        .find_map(|line| line.strip_prefix("content-length:"))
-        .and_then(|value| value.trim().parse().ok())
-        .unwrap_or(0);
-    while buffer.len() < head_end + length {
-        let read = stream.read(&mut chunk).await.ok()?;
-        if read == 0 {
-            return None;
-        }
-        buffer.extend_from_slice(&chunk[..read]);
+/// HTTP/1.1 answers with a `content-length`, read one by one from a
+/// connection; bytes of a later answer that arrived with an earlier one
+/// wait for their turn.
+struct Answers {
+    stream: tokio::net::tcp::OwnedReadHalf,
+    buffer: Vec<u8>,
+}
+
+impl Answers {
+    /// Reads more of the connection; `None` when it ended.
+    async fn fill(&mut self) -> Option<()> {
+        use tokio::io::AsyncReadExt;
+        let mut chunk = [0u8; 4096];
+        let read = self.stream.read(&mut chunk).await.ok()?;
+        self.buffer.extend_from_slice(&chunk[..read]);
+        (read > 0).then_some(())
     }
-    Some((status, head.contains("connection: close")))
+
+    /// The next answer's status and whether it asks to close the
+    /// connection; `None` when the connection ends first.
+    async fn next(&mut self) -> Option<(u16, bool)> {
+        let head_end = loop {
+            if let Some(at) = self.buffer.windows(4).position(|w| w == b"\r\n\r\n") {
+                break at + 4;
+            }
+            self.fill().await?;
+        };
+        let head = String::from_utf8_lossy(&self.buffer[..head_end]).to_ascii_lowercase();
+        let status = head.get(9..12)?.parse().ok()?;
+        let length: usize = head
+            .lines()
+            .find_map(|line| line.strip_prefix("content-length:"))
+            .and_then(|value| value.trim().parse().ok())
+            .unwrap_or(0);
+        while self.buffer.len() < head_end + length {
+            self.fill().await?;
+        }
+        self.buffer.drain(..head_end + length);
+        Some((status, head.contains("connection: close")))
+    }
 }
 
 #[tokio::test]
@@ -465,9 +459,12 @@ async fn a_connection_answered_before_its_body_arrived_serves_the_next_request()
                 .ok()?;
             Some(writer)
         });
-        let mut stream = reader;
+        let mut answers = Answers {
+            stream: reader,
+            buffer: Vec::new(),
+        };
         let within = Duration::from_secs(10);
-        let first = tokio::time::timeout(within, read_first(&mut stream))
+        let first = tokio::time::timeout(within, answers.next())
             .await
             .expect("an answer within 10 s");
         assert_eq!(first.map(|(status, _)| status), Some(401), "round {round}");
@@ -476,7 +473,7 @@ async fn a_connection_answered_before_its_body_arrived_serves_the_next_request()
             // Announced: the client opens a new connection, nothing is lost.
             continue;
         }
-        let second = tokio::time::timeout(within, read_first(&mut stream))
+        let second = tokio::time::timeout(within, answers.next())
             .await
             .expect("an answer within 10 s");
         assert!(

@@ -31,14 +31,14 @@ fn chat(stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 50, "stream": stream})
 }
 
-async fn used_tokens(server: &TestServer, key: &str) -> u64 {
+pub(crate) async fn used_tokens(server: &TestServer, key: &str) -> u64 {
     server.status(key).await["limits"]["tokens_per_day"]["used"]
         .as_u64()
         .expect("a tokens_per_day limit")
 }
 
 /// Waits until the workspace's day count of tokens settles at `expected`.
-async fn tokens_settle_at(server: &TestServer, key: &str, expected: u64) {
+pub(crate) async fn tokens_settle_at(server: &TestServer, key: &str, expected: u64) {
     eventually(
         &format!("{expected} tokens to be counted"),
         Duration::from_secs(5),
