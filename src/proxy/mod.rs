@@ -1,11 +1,15 @@
 //! The OpenAI-compatible reverse proxy at `/v1/*`.
 //!
 //! Request path:
-//! 1. authenticate the workspace key and find the upstream key to use;
-//! 2. read the body (bounded) and estimate its token charge;
+//! 1. authenticate the workspace key, normalise the path once (`path`),
+//!    refuse a workspace that cannot be admitted whatever the request costs,
+//!    and find the upstream account to use;
+//! 2. read the body (bounded) and, for a priced endpoint, read it as one
+//!    JSON object and estimate its token charge (`request`, `estimate`);
 //! 3. admit through the engine, or answer the 429 of `api::refusal`;
-//! 4. forward with the upstream key (asking chat streams for usage when the
-//!    client did not), timing out on connect and on response headers;
+//! 4. forward the normalised path with the listed headers (`headers`) and
+//!    the upstream key (asking chat streams for usage when the client did
+//!    not), timing out on connect and on response headers;
 //! 5. pass the answer back as it arrives, with the workspace's own
 //!    `x-ratelimit-*` headers; the body is scanned on the way for usage;
 //! 6. settle when the body ends, breaks, stalls or the client leaves (see
