@@ -288,11 +288,13 @@ pub async fn readyz(State(state): State<AppState>) -> (StatusCode, Json<Health>)
                 reason: None,
             }),
         ),
+        // The reason is public and may quote a database or Redis error,
+        // which can carry a URL with its password.
         Some(reason) => (
             StatusCode::SERVICE_UNAVAILABLE,
             Json(Health {
                 status: "not_ready",
-                reason: Some(reason),
+                reason: Some(crate::telemetry::mask_secrets(&reason).into_owned()),
             }),
         ),
     }
