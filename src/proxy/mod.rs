@@ -92,13 +92,15 @@ impl Proxy {
     /// The key sent upstream for a workspace: its own variable's value, or
     /// the server's `OPENAI_API_KEY`.
     fn upstream_key(&self, variable: Option<&str>) -> Result<String, ApiError> {
+        // The operator's configuration is at fault, which no retry mends.
         let missing = |what: String| {
             ApiError::new(
-                StatusCode::INTERNAL_SERVER_ERROR,
+                StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
                 "upstream_key_missing",
                 format!("quotawatch has no upstream key for this workspace: {what}"),
             )
+            .with_header("x-should-retry", "false")
         };
         match variable {
             // A name stored before the rule on upstream key variables was
@@ -518,6 +520,9 @@ async fn forward_admitted(
             )
             .await;
         client_headers.remove(header::CONTENT_LENGTH);
+        if class == Some(UpstreamClass::KeyRejected) {
+            return Ok(upstream_key_rejected(&client_headers));
+        }
         let mut reply = Response::new(Body::from(error_body));
         *reply.status_mut() = status;
         *reply.headers_mut() = client_headers;
@@ -533,6 +538,32 @@ async fn forward_admitted(
         .metrics
         .overhead(Phase::Response, own_time.so_far() - request_phase);
     Ok(reply)
+}
+
+/// OpenAI refused the key quotawatch sent: passed on as it came (a 401
+/// "Incorrect API key provided"), it would send the app's developers to
+/// check their own key, which is fine. So the app gets a 502 that says
+/// whose configuration is at fault, with the workspace's headroom and the
+/// upstream's request id, and no retry.
+fn upstream_key_rejected(upstream_headers: &HeaderMap) -> Response {
+    let mut reply = ApiError::new(
+        StatusCode::BAD_GATEWAY,
+        "server_error",
+        "upstream_authentication_failed",
+        "OpenAI rejected the key quotawatch sends for this workspace: the quotawatch server's configuration (OPENAI_API_KEY, or the workspace's upstream_key_env) needs fixing, not the key this request was sent with",
+    )
+    .with_header("x-should-retry", "false")
+    .into_response();
+    for (name, value) in upstream_headers {
+        let name_str = name.as_str();
+        if name_str.starts_with("x-ratelimit-")
+            || name_str.starts_with("x-upstream-ratelimit-")
+            || name_str == "x-request-id"
+        {
+            reply.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    reply
 }
 
 /// Reads an upstream error body, which is small; a body that does not come

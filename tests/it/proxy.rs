@@ -9,9 +9,7 @@ use quotawatch::mock::MockOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{
-    ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, eventually, fixture, fixture_json, proxied,
-};
+use crate::support::{ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, eventually, fixture, proxied};
 
 /// Workspace `acme` with room for every test's tokens.
 fn roomy_workspace() -> Value {
@@ -559,7 +557,12 @@ async fn bad_requests_are_answered_in_openai_shape() {
     let server = TestServer::start(&[("QUOTAWATCH_UPSTREAM_URL", &upstream.url)]).await;
     let key = server.workspace(json!({"id": "acme"})).await;
     let response = server.openai("/chat/completions", &key, chat(false)).await;
-    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        response.headers()["x-should-retry"],
+        "false",
+        "no retry mends a missing key"
+    );
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "upstream_key_missing");
     assert!(
@@ -592,7 +595,7 @@ async fn a_workspace_can_use_its_own_upstream_key() {
     let response = server
         .openai("/chat/completions", &other, chat(false))
         .await;
-    assert_eq!(response.status(), StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     let body: Value = response.json().await.expect("JSON");
     assert!(
         body["error"]["message"]
@@ -875,11 +878,20 @@ async fn a_rejected_upstream_key_raises_a_critical_notification() {
     let upstream = Upstream::start(MockOptions::default()).await;
     let (server, key) = proxied(&upstream, &[], json!({"id": "acme"})).await;
     let answer = with_scenario(&server, &key, "invalid_api_key").await;
-    assert_eq!(answer.status(), StatusCode::UNAUTHORIZED);
-    assert_eq!(
-        answer.json::<Value>().await.expect("JSON"),
-        fixture_json("error_401_invalid_api_key.json")
+    // Not OpenAI's 401, which would send the app's developers to check
+    // their own key: a 502 that names the server's configuration.
+    assert_eq!(answer.status(), StatusCode::BAD_GATEWAY);
+    assert_eq!(answer.headers()["x-should-retry"], "false");
+    assert!(
+        answer
+            .headers()
+            .contains_key("x-ratelimit-remaining-requests")
     );
+    let body = answer.json::<Value>().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "upstream_authentication_failed");
+    assert_eq!(body["error"]["type"], "server_error");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("OPENAI_API_KEY") && !message.contains("Incorrect API key"));
     let notifications = server.get("/api/quota/notifications", &key).await.body;
     let notification = &notifications["notifications"][0];
     assert_eq!(
