@@ -148,6 +148,11 @@ pub async fn start(
     let follower = tokio::spawn(engine.clone().follow_other_instances());
     let catalog_follower = tokio::spawn(engine.clone().follow_catalog(store.clone()));
 
+    if config.upstream.api_key.is_none() {
+        tracing::warn!(
+            "OPENAI_API_KEY is not set: /v1 calls of workspaces without their own upstream_key_env answer 503 upstream_key_missing"
+        );
+    }
     let proxy = crate::proxy::Proxy::new(&config.upstream, env)
         .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
     let state = AppState::new(Shared {
