@@ -95,6 +95,10 @@ pub struct Admin {
     store: Store,
     engine: Option<Arc<Engine>>,
     defaults: WorkspaceDefaults,
+    /// The server's environment, where the variables workspaces name for
+    /// their upstream keys must be set; `None` where it is not known (the
+    /// CLI runs in a process of its own).
+    upstream_keys: Option<crate::proxy::EnvLookup>,
 }
 
 impl Admin {
@@ -106,7 +110,35 @@ impl Admin {
             store,
             engine,
             defaults,
+            upstream_keys: None,
         }
+    }
+
+    /// Refuses workspaces that name an upstream key variable not set in
+    /// `env`: such a workspace could only fail each call it proxies.
+    pub fn with_upstream_keys(mut self, env: crate::proxy::EnvLookup) -> Self {
+        self.upstream_keys = Some(env);
+        self
+    }
+
+    /// `spec` applied to `base`, with an upstream key variable it names
+    /// checked against the server's environment.
+    fn apply(
+        &self,
+        spec: &WorkspaceSpec,
+        base: WorkspaceConfig,
+    ) -> Result<WorkspaceConfig, AdminError> {
+        let config = spec.apply_to(base)?;
+        if let (Some(env), Some(Some(name))) = (&self.upstream_keys, &spec.upstream_key_env)
+            && env(name).is_none_or(|key| key.is_empty())
+        {
+            return Err(ValidationError::new(
+                "upstream_key_env",
+                format!("{name} is not set in quotawatch's environment: set it (and restart quotawatch) before naming it"),
+            )
+            .into());
+        }
+        Ok(config)
     }
 
     fn now(&self) -> crate::domain::time::Timestamp {
@@ -149,7 +181,7 @@ impl Admin {
         let id: WorkspaceId = id.parse()?;
         let mut base = WorkspaceConfig::new(id, self.defaults.limits);
         base.warn_at = self.defaults.warn_at;
-        let config = spec.apply_to(base)?;
+        let config = self.apply(spec, base)?;
         let _catalog = self.lock().await;
         let generation = self.store.insert_workspace(&config, self.now()).await?;
         self.note(generation);
@@ -166,7 +198,7 @@ impl Admin {
         spec: &WorkspaceSpec,
     ) -> Result<WorkspaceConfig, AdminError> {
         let _catalog = self.lock().await;
-        let config = spec.apply_to(self.workspace(id).await?)?;
+        let config = self.apply(spec, self.workspace(id).await?)?;
         let generation = self
             .store
             .update_workspace(&config, self.now())

@@ -121,7 +121,8 @@ pub async fn start(
 ) -> Result<(Running, Bootstrap), StartError> {
     let store = Store::open(&config.database_url).await?;
     let (admin_hash, generated_admin_key) = admin_key(&config, &store).await?;
-    let offline_admin = Admin::new(store.clone(), None, config.defaults);
+    let offline_admin =
+        Admin::new(store.clone(), None, config.defaults).with_upstream_keys(env.clone());
     let default_workspace_key = bootstrap_workspaces(&config, &offline_admin, &store).await?;
 
     let mut engine = Engine::new(config.engine, config.defaults, Arc::new(SystemClock));
@@ -153,7 +154,7 @@ pub async fn start(
             "OPENAI_API_KEY is not set: /v1 calls of workspaces without their own upstream_key_env answer 503 upstream_key_missing"
         );
     }
-    let proxy = crate::proxy::Proxy::new(&config.upstream, env)
+    let proxy = crate::proxy::Proxy::new(&config.upstream, env.clone())
         .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
     let state = AppState::new(Shared {
         engine: engine.clone(),
@@ -161,7 +162,8 @@ pub async fn start(
         metrics: crate::metrics::Metrics::new(&config.metrics_models),
         metrics_public: config.metrics_public,
         store: store.clone(),
-        admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults),
+        admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults)
+            .with_upstream_keys(env.clone()),
         tickets: api::ws::Tickets::new(engine.shared_counting().cloned()),
         hub,
         ws_connections: api::ws::Connections::new(config.ws_max_connections_per_key),
@@ -206,7 +208,7 @@ pub fn process_env() -> crate::proxy::EnvLookup {
     let dotenv: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
         .map(|entries| entries.filter_map(Result::ok).collect())
         .unwrap_or_default();
-    Box::new(move |name| {
+    std::sync::Arc::new(move |name: &str| {
         std::env::var(name)
             .ok()
             .or_else(|| dotenv.get(name).cloned())

@@ -53,7 +53,9 @@ use estimate::{Endpoint, Estimate, Estimator};
 const MAX_ERROR_BODY: usize = 1 << 20;
 
 /// Where environment variables named by workspaces are looked up.
-pub type EnvLookup = Box<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// Shared by the proxy, which reads keys, and the admin service, which
+/// refuses to let a workspace name a variable that is not set.
+pub type EnvLookup = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
 pub struct Proxy {
     client: reqwest::Client,

@@ -250,9 +250,10 @@ async fn a_body_is_read_as_json_whatever_its_type_and_refused_when_it_is_not() {
 
 #[tokio::test]
 async fn a_workspace_cannot_name_any_variable_as_its_upstream_key() {
-    let server = TestServer::start(&[]).await;
+    let server = TestServer::start(&[("QUOTAWATCH_UPSTREAM_KEY_ACME", "sk-acme")]).await;
     server.workspace(json!({"id": "acme"})).await;
     for variable in [
+        "QUOTAWATCH_UPSTREAM_KEY_UNSET",
         "QUOTA_ADMIN_RESET_KEY",
         "QUOTAWATCH_DATABASE_URL",
         "PATH",

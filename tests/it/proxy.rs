@@ -589,19 +589,21 @@ async fn a_workspace_can_use_its_own_upstream_key() {
     .await;
     let response = server.openai("/chat/completions", &key, chat(false)).await;
     assert_eq!(response.status(), StatusCode::OK);
+    // A variable that is not set could only fail every call: refused.
     let other = server
-        .workspace(json!({"id": "other", "upstream_key_env": "QUOTAWATCH_UPSTREAM_KEY_NOT_SET"}))
+        .post(
+            "/api/workspaces",
+            ADMIN_KEY,
+            json!({"id": "other", "upstream_key_env": "QUOTAWATCH_UPSTREAM_KEY_NOT_SET"}),
+        )
         .await;
-    let response = server
-        .openai("/chat/completions", &other, chat(false))
-        .await;
-    assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
-    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(other.status, StatusCode::BAD_REQUEST);
+    assert_eq!(other.body["error"]["param"], "upstream_key_env");
     assert!(
-        body["error"]["message"]
+        other.body["error"]["message"]
             .as_str()
             .expect("message")
-            .contains("QUOTAWATCH_UPSTREAM_KEY_NOT_SET")
+            .contains("QUOTAWATCH_UPSTREAM_KEY_NOT_SET is not set")
     );
     server.stop().await;
 }

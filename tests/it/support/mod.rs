@@ -127,7 +127,7 @@ impl TestServer {
         let address = self.base.strip_prefix("http://").unwrap_or("127.0.0.1:0");
         let listener = tokio::net::TcpListener::bind(address).await.expect("bind");
         let env: quotawatch::proxy::EnvLookup =
-            Box::new(move |name| upstream_vars.get(name).cloned());
+            std::sync::Arc::new(move |name: &str| upstream_vars.get(name).cloned());
         let (running, bootstrap) = app::start(config, listener, env)
             .await
             .expect("server starts");
