@@ -99,6 +99,9 @@ pub struct Admin {
     /// their upstream keys must be set; `None` where it is not known (the
     /// CLI runs in a process of its own).
     upstream_keys: Option<crate::proxy::EnvLookup>,
+    /// Workspaces declared in the configuration file, and the file: changed
+    /// anywhere else, they would be set back at the next start.
+    declared: Option<(std::collections::HashSet<WorkspaceId>, std::path::PathBuf)>,
 }
 
 impl Admin {
@@ -111,6 +114,31 @@ impl Admin {
             engine,
             defaults,
             upstream_keys: None,
+            declared: None,
+        }
+    }
+
+    /// Refuses changes to the workspaces the configuration declares, naming
+    /// its file, instead of accepting what the next start would revert.
+    pub fn with_declared(mut self, config: &crate::config::Config) -> Self {
+        if let Some(file) = &config.workspaces_file {
+            let ids = config
+                .workspaces
+                .iter()
+                .filter_map(|(id, _)| id.parse().ok())
+                .collect();
+            self.declared = Some((ids, file.clone()));
+        }
+        self
+    }
+
+    fn not_declared(&self, id: &WorkspaceId) -> Result<(), AdminError> {
+        match &self.declared {
+            Some((ids, file)) if ids.contains(id) => Err(AdminError::Conflict(format!(
+                "workspace {id} is declared in {}: change it there and restart quotawatch (a change made here would be reverted at the next start)",
+                file.display()
+            ))),
+            _ => Ok(()),
         }
     }
 
@@ -197,6 +225,7 @@ impl Admin {
         id: &WorkspaceId,
         spec: &WorkspaceSpec,
     ) -> Result<WorkspaceConfig, AdminError> {
+        self.not_declared(id)?;
         let _catalog = self.lock().await;
         let config = self.apply(spec, self.workspace(id).await?)?;
         let generation = self
@@ -228,6 +257,7 @@ impl Admin {
     }
 
     pub async fn delete_workspace(&self, id: &WorkspaceId) -> Result<(), AdminError> {
+        self.not_declared(id)?;
         let _catalog = self.lock().await;
         let generation = self
             .store

@@ -163,7 +163,8 @@ pub async fn start(
         metrics_public: config.metrics_public,
         store: store.clone(),
         admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults)
-            .with_upstream_keys(env.clone()),
+            .with_upstream_keys(env.clone())
+            .with_declared(&config),
         tickets: api::ws::Tickets::new(engine.shared_counting().cloned()),
         hub,
         ws_connections: api::ws::Connections::new(config.ws_max_connections_per_key),

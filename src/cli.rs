@@ -331,7 +331,7 @@ async fn shutdown_signal() {
 
 async fn offline_admin(config: &Config) -> Result<Admin, Failure> {
     let store = Store::open(&config.database_url).await?;
-    Ok(Admin::new(store, None, config.defaults))
+    Ok(Admin::new(store, None, config.defaults).with_declared(config))
 }
 
 fn limit_cell(value: Option<u64>) -> String {

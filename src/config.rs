@@ -183,6 +183,8 @@ pub struct Config {
     pub redis: Option<RedisConfig>,
     /// Workspaces declared in the TOML file, applied at start-up.
     pub workspaces: Vec<(String, WorkspaceSpec)>,
+    /// The file that declares `workspaces`, which manages them from then on.
+    pub workspaces_file: Option<PathBuf>,
     pub effective: Vec<Effective>,
 }
 
@@ -227,7 +229,9 @@ struct FileWorkspace {
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum FileLimit {
-    Count(u64),
+    /// Signed, so that a negative limit gets a plain message rather than
+    /// serde's "did not match any variant".
+    Count(i64),
     Word(String),
 }
 
@@ -308,6 +312,25 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
             values.insert(setting.key, (value, Source::Environment));
         }
     }
+    // A variable set to nothing is most often a template left unfilled
+    // (`OPENAI_RATE_LIMIT_PER_MINUTE=`); read as "unlimited" or as the
+    // default, it would change limits silently.
+    for setting in SETTINGS {
+        if let Some((value, source)) = values.get(setting.key)
+            && value.trim().is_empty()
+        {
+            let default = setting
+                .default
+                .map_or("none".to_owned(), |default| format!("{default:?}"));
+            return Err(ConfigError::new(
+                setting.env,
+                source,
+                format!(
+                    "is set but empty: unset it for the default ({default}) or give it a value"
+                ),
+            ));
+        }
+    }
     for (key, value) in sources.cli {
         values.insert(key, (value, Source::CommandLine));
     }
@@ -331,6 +354,14 @@ fn build(
 
     let duration = |key: &str| -> Result<Duration, ConfigError> {
         let (text, source) = required(key);
+        if text.parse::<f64>().is_ok() {
+            // Seconds for one reader, milliseconds for another: a unit it is.
+            return Err(fail(
+                key,
+                source,
+                format!("{text:?} has no unit: write it as 500ms, {text}s, 10m or 1h"),
+            ));
+        }
         parse_duration(text)
             .filter(|d| !d.is_zero())
             .ok_or_else(|| {
@@ -357,11 +388,11 @@ fn build(
     };
 
     let (listen_text, listen_source) = required("listen");
-    let listen = listen_text.parse::<SocketAddr>().map_err(|_| {
+    let listen = listen_address(listen_text).ok_or_else(|| {
         fail(
             "listen",
             listen_source,
-            format!("{listen_text:?} is not an address such as 127.0.0.1:8000"),
+            format!("{listen_text:?} is not an address such as 127.0.0.1:8000 or localhost:8000"),
         )
     })?;
 
@@ -499,13 +530,7 @@ fn build(
         }
     };
     let (level_text, level_source) = required("log_level");
-    tracing_subscriber::EnvFilter::try_new(level_text).map_err(|e| {
-        fail(
-            "log_level",
-            level_source,
-            format!("{level_text:?} is not a log filter: {e}"),
-        )
-    })?;
+    validate_log_filter(level_text).map_err(|message| fail("log_level", level_source, message))?;
 
     let (connections_text, connections_source) = required("ws_max_connections_per_key");
     let ws_max_connections_per_key = connections_text
@@ -569,6 +594,18 @@ fn build(
         .enumerate()
         .map(|(index, declared)| file_workspace(index, declared, &declared_in, limits, warn_at))
         .collect::<Result<Vec<_>, _>>()?;
+    // Two declarations of one workspace would each be applied in turn, the
+    // last silently winning.
+    let mut seen = std::collections::HashSet::new();
+    for (index, (id, _)) in workspaces.iter().enumerate() {
+        if !seen.insert(id.as_str()) {
+            return Err(ConfigError::new(
+                format!("workspaces[{index}].id"),
+                &declared_in,
+                format!("workspace {id:?} is declared twice"),
+            ));
+        }
+    }
 
     let effective = SETTINGS
         .iter()
@@ -620,8 +657,43 @@ fn build(
         metrics_public,
         redis,
         workspaces,
+        workspaces_file: match &declared_in {
+            Source::File(path) => Some(path.clone()),
+            _ => None,
+        },
         effective,
     })
+}
+
+/// `host:port` as an address to listen on: an IP address, or a name such as
+/// `localhost` that resolves to one (the first it resolves to).
+fn listen_address(text: &str) -> Option<SocketAddr> {
+    use std::net::ToSocketAddrs;
+    text.parse::<SocketAddr>()
+        .ok()
+        .or_else(|| text.to_socket_addrs().ok()?.next())
+}
+
+/// A log filter as `tracing` reads it, but stricter: a directive that is
+/// not a level (`debug`) or `target=level` (`quotawatch=debug`) is an
+/// error, where `tracing` would read `verbose` as a target and log nothing.
+fn validate_log_filter(text: &str) -> Result<(), String> {
+    const LEVELS: [&str; 6] = ["trace", "debug", "info", "warn", "error", "off"];
+    let is_level = |word: &str| LEVELS.contains(&word.to_ascii_lowercase().as_str());
+    for directive in text.split(',').map(str::trim) {
+        let level = directive
+            .rsplit_once('=')
+            .map_or(directive, |(_, level)| level);
+        if !is_level(level) {
+            return Err(format!(
+                "{directive:?} is not a log level ({}) or a target=level directive such as quotawatch=debug",
+                LEVELS.join(", ")
+            ));
+        }
+    }
+    tracing_subscriber::EnvFilter::try_new(text)
+        .map(drop)
+        .map_err(|e| format!("{text:?} is not a log filter: {e}"))
 }
 
 fn file_workspace(
@@ -638,7 +710,16 @@ fn file_workspace(
             ConfigError::new(at(&format!("limits.{name}")), source, "unknown limit; use requests_per_minute, requests_per_day, tokens_per_minute or tokens_per_day")
         })?;
         let value = match value {
-            FileLimit::Count(n) => Some(n),
+            FileLimit::Count(n) if n < 0 => {
+                return Err(ConfigError::new(
+                    at(&format!("limits.{name}")),
+                    source,
+                    format!(
+                        "{n} is negative: a limit is a whole number of at least 1, or \"unlimited\""
+                    ),
+                ));
+            }
+            FileLimit::Count(n) => Some(n.unsigned_abs()),
             FileLimit::Word(word) if word == "unlimited" => None,
             FileLimit::Word(word) => {
                 return Err(ConfigError::new(
@@ -769,6 +850,86 @@ mod tests {
             env: &lookup,
             cli,
         })
+    }
+
+    /// The message of the error loading `env` (and `file`) gives.
+    fn refusal(file: Option<&str>, env: &[(&str, &str)]) -> ConfigError {
+        match load_with(file, None, env, vec![]) {
+            Ok(_) => panic!("{env:?} {file:?} should be refused"),
+            Err(error) => error,
+        }
+    }
+
+    #[test]
+    fn a_variable_set_to_nothing_is_an_error_naming_it() {
+        for name in [
+            "OPENAI_RATE_LIMIT_PER_MINUTE",
+            "QUOTAWATCH_LISTEN",
+            "QUOTA_ADMIN_RESET_KEY",
+        ] {
+            let error = refusal(None, &[(name, "")]);
+            assert_eq!(error.setting, name);
+            assert!(error.message.contains("empty"), "{}", error.message);
+            let error = refusal(None, &[(name, "  ")]);
+            assert_eq!(error.setting, name);
+        }
+    }
+
+    #[test]
+    fn durations_need_a_unit() {
+        let error = refusal(None, &[("QUOTAWATCH_RESERVATION_TTL", "10")]);
+        assert_eq!(error.setting, "QUOTAWATCH_RESERVATION_TTL");
+        assert!(error.message.contains("no unit"), "{}", error.message);
+        let config = load_with(None, None, &[("QUOTAWATCH_RESERVATION_TTL", "10s")], vec![])
+            .expect("with a unit");
+        assert_eq!(config.engine.reservation_ttl, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn localhost_is_an_address_to_listen_on() {
+        let config = load_with(
+            None,
+            None,
+            &[("QUOTAWATCH_LISTEN", "localhost:8123")],
+            vec![],
+        )
+        .expect("localhost resolves");
+        assert!(config.listen.ip().is_loopback());
+        assert_eq!(config.listen.port(), 8123);
+        let error = refusal(None, &[("QUOTAWATCH_LISTEN", "8000")]);
+        assert_eq!(error.setting, "QUOTAWATCH_LISTEN");
+    }
+
+    #[test]
+    fn a_log_filter_that_would_log_nothing_is_refused() {
+        for filter in ["verbose", "quotawatch=loud", "info,chatty"] {
+            let error = refusal(None, &[("QUOTAWATCH_LOG", filter)]);
+            assert_eq!(error.setting, "QUOTAWATCH_LOG", "{filter}");
+        }
+        for filter in ["debug", "WARN", "info,quotawatch=trace,sqlx=off"] {
+            load_with(None, None, &[("QUOTAWATCH_LOG", filter)], vec![]).expect(filter);
+        }
+    }
+
+    #[test]
+    fn declared_workspaces_are_checked_plainly() {
+        let negative =
+            "[[workspaces]]\nid = \"acme\"\n[workspaces.limits]\nrequests_per_minute = -5\n";
+        let error = refusal(Some(negative), &[]);
+        assert_eq!(error.setting, "workspaces[0].limits.requests_per_minute");
+        assert!(
+            error.message.contains("-5 is negative"),
+            "{}",
+            error.message
+        );
+        let twice = "[[workspaces]]\nid = \"acme\"\n[[workspaces]]\nid = \"acme\"\n";
+        let error = refusal(Some(twice), &[]);
+        assert_eq!(error.setting, "workspaces[1].id");
+        assert!(
+            error.message.contains("declared twice"),
+            "{}",
+            error.message
+        );
     }
 
     #[test]

@@ -395,6 +395,21 @@ async fn workspaces_declared_in_the_config_file_are_applied_at_start() {
         Some(1),
         "no default workspace when one is declared"
     );
+    // The file manages what it declares: a change through the API, which
+    // the next start would revert, is refused, naming the file.
+    let changed = crate::support::client()
+        .patch(format!("{base}/api/workspaces/acme"))
+        .bearer_auth(ADMIN_KEY)
+        .json(&serde_json::json!({"limits": {"requests_per_minute": 100}}))
+        .send()
+        .await
+        .expect("request");
+    assert_eq!(changed.status(), StatusCode::CONFLICT);
+    let body: Value = changed.json().await.expect("JSON");
+    let message = body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("qw.toml"), "{message}");
+    let (_, acme) = get(&base, "/api/workspaces/acme", ADMIN_KEY).await;
+    assert_eq!(acme["limits"]["requests_per_minute"], 7, "unchanged");
 }
 
 #[tokio::test]
