@@ -70,7 +70,8 @@ export interface Notification {
     | "upstream_quota_exhausted"
     | "upstream_errors"
     | "storage_unavailable"
-    | "shared_store_unavailable";
+    | "shared_store_unavailable"
+    | "upstream_key_missing";
   title: string;
   message: string;
   suggested_actions: string[];

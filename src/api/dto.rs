@@ -245,7 +245,8 @@ pub struct NotificationDoc {
     pub severity: String,
     /// `approaching_limit`, `rate_limited`, `daily_quota_exhausted`,
     /// `upstream_rate_limited`, `upstream_quota_exhausted`, `upstream_errors`,
-    /// `storage_unavailable` or `shared_store_unavailable`.
+    /// `storage_unavailable`, `shared_store_unavailable` or
+    /// `upstream_key_missing`.
     pub kind: String,
     pub title: String,
     pub message: String,

@@ -44,6 +44,9 @@ pub enum NotificationKind {
     StorageUnavailable,
     /// Service-wide: the counters shared by all instances are unreachable.
     SharedStoreUnavailable,
+    /// Service-wide: quotawatch has no upstream key of its own
+    /// (`OPENAI_API_KEY`), and a `/v1` call needed it.
+    UpstreamKeyMissing,
 }
 
 impl NotificationKind {
@@ -57,6 +60,7 @@ impl NotificationKind {
             NotificationKind::UpstreamErrors => "upstream_errors",
             NotificationKind::StorageUnavailable => "storage_unavailable",
             NotificationKind::SharedStoreUnavailable => "shared_store_unavailable",
+            NotificationKind::UpstreamKeyMissing => "upstream_key_missing",
         }
     }
 }
@@ -146,7 +150,29 @@ pub fn describe_storage_unavailable(id: String, error: &str, now: Timestamp) -> 
     service_problem(
         id,
         NotificationKind::StorageUnavailable,
+        Severity::Critical,
         storage_unavailable(error, now),
+        now,
+    )
+}
+
+/// The service-wide notification raised when a `/v1` call needs the
+/// upstream key quotawatch was started without.
+pub fn describe_upstream_key_missing(id: String, now: Timestamp) -> Notification {
+    let text = Text {
+        title: "quotawatch has no OpenAI key of its own".to_owned(),
+        message: "quotawatch was started without OPENAI_API_KEY, so /v1 calls of workspaces that do not name their own key (upstream_key_env) answer 503 upstream_key_missing. Usage reported through the REST API is not affected.".to_owned(),
+        actions: vec![
+            "Set OPENAI_API_KEY and restart quotawatch.".to_owned(),
+            "Or give each workspace that calls /v1 its own key: upstream_key_env = QUOTAWATCH_UPSTREAM_KEY_<NAME>.".to_owned(),
+        ],
+        resolves_at: None,
+    };
+    service_problem(
+        id,
+        NotificationKind::UpstreamKeyMissing,
+        Severity::Critical,
+        text,
         now,
     )
 }
@@ -162,17 +188,24 @@ pub fn describe_shared_store_unavailable(
     service_problem(
         id,
         NotificationKind::SharedStoreUnavailable,
+        Severity::Critical,
         shared_store_unavailable(error, fallback, now),
         now,
     )
 }
 
-fn service_problem(id: String, kind: NotificationKind, text: Text, now: Timestamp) -> Notification {
+fn service_problem(
+    id: String,
+    kind: NotificationKind,
+    severity: Severity,
+    text: Text,
+    now: Timestamp,
+) -> Notification {
     Notification {
         id,
         workspace: None,
         cause: None,
-        severity: Severity::Critical,
+        severity,
         kind,
         title: text.title,
         message: text.message,

@@ -34,7 +34,9 @@ use tokio::sync::broadcast;
 
 use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
 use crate::domain::model::DailyModels;
-use crate::domain::notification::{Notification, describe_storage_unavailable};
+use crate::domain::notification::{
+    Notification, describe_storage_unavailable, describe_upstream_key_missing,
+};
 use crate::domain::notification::{NotificationKind, Severity};
 use crate::domain::status::{Change, Status};
 use crate::domain::time::{Timestamp, day_bounds};
@@ -290,6 +292,7 @@ struct Keyring {
 struct ServiceHealth {
     storage: Option<Notification>,
     shared_store: Option<Notification>,
+    upstream_key: Option<Notification>,
 }
 
 pub struct Engine {
@@ -786,6 +789,7 @@ impl Engine {
             .storage
             .iter()
             .chain(service.shared_store.iter())
+            .chain(service.upstream_key.iter())
             .cloned()
             .collect()
     }
@@ -969,6 +973,25 @@ impl Engine {
                 .insert(notification.id.clone(), notification);
         }
         batch
+    }
+
+    /// A `/v1` call needed the upstream key quotawatch was started without:
+    /// raise the service-wide notification once (it lasts until a restart
+    /// with a key). Raised at the first such call rather than at start-up,
+    /// so that an installation that only takes reports over the REST API
+    /// carries no standing alarm.
+    pub fn upstream_key_missing(&self) {
+        let mut service = lock(&self.service);
+        if service.upstream_key.is_some() {
+            return;
+        }
+        let notification =
+            describe_upstream_key_missing(format!("ntf_{:016x}", fresh_id()), self.now());
+        service.upstream_key = Some(notification.clone());
+        drop(service);
+        let _ = self
+            .events
+            .send(Event::Notification(Arc::new(notification)));
     }
 
     /// The database refuses writes: raise the service-wide notification once.

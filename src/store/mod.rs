@@ -340,7 +340,7 @@ fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
     })
 }
 
-const KIND_NAMES: [NotificationKind; 8] = [
+const KIND_NAMES: [NotificationKind; 9] = [
     NotificationKind::ApproachingLimit,
     NotificationKind::RateLimited,
     NotificationKind::DailyQuotaExhausted,
@@ -349,6 +349,7 @@ const KIND_NAMES: [NotificationKind; 8] = [
     NotificationKind::UpstreamErrors,
     NotificationKind::StorageUnavailable,
     NotificationKind::SharedStoreUnavailable,
+    NotificationKind::UpstreamKeyMissing,
 ];
 
 fn notification_from_row(row: NotificationRow) -> Option<Notification> {
