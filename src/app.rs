@@ -168,6 +168,7 @@ pub async fn start(
         tickets: api::ws::Tickets::new(engine.shared_counting().cloned()),
         hub,
         ws_connections: api::ws::Connections::new(config.ws_max_connections_per_key),
+        cors_origins: config.cors_origins.clone(),
         ws_ping_interval: config.ws_ping_interval,
         openapi_json: api::openapi_json(),
     });

@@ -48,6 +48,7 @@ pub const SETTINGS: &[SettingDef] = &[
     SettingDef { key: "probe_interval", env: "QUOTAWATCH_PROBE_INTERVAL", default: Some("60s"), secret: false, help: "how often one request may probe the upstream during a billing block" },
     SettingDef { key: "flush_interval", env: "QUOTAWATCH_FLUSH_INTERVAL", default: Some("1s"), secret: false, help: "how often counted usage is written to the database (the most a kill -9 can lose)" },
     SettingDef { key: "max_body_bytes", env: "QUOTAWATCH_MAX_BODY_BYTES", default: Some("65536"), secret: false, help: "largest request body the /api routes accept" },
+    SettingDef { key: "cors_origins", env: "QUOTAWATCH_CORS_ORIGINS", default: None, secret: false, help: "origins (scheme://host:port, comma-separated) whose pages may call the API and open the WebSocket from a browser" },
     SettingDef { key: "ws_max_connections_per_key", env: "QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY", default: Some("16"), secret: false, help: "most WebSocket connections one key may hold open on one instance; more are refused with 429" },
     SettingDef { key: "ws_ping_interval", env: "QUOTAWATCH_WS_PING_INTERVAL", default: Some("30s"), secret: false, help: "how often the server pings WebSocket clients; silent peers are closed after two" },
     SettingDef { key: "log_format", env: "QUOTAWATCH_LOG_FORMAT", default: Some("pretty"), secret: false, help: "pretty or json" },
@@ -173,6 +174,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     pub ws_ping_interval: Duration,
     pub ws_max_connections_per_key: usize,
+    /// Origins whose pages may call the API and open the WebSocket.
+    pub cors_origins: Vec<String>,
     pub log_format: LogFormat,
     pub log_level: String,
     pub upstream: UpstreamConfig,
@@ -545,6 +548,23 @@ fn build(
             )
         })?;
 
+    let cors_origins = match get("cors_origins") {
+        None => Vec::new(),
+        Some((text, source)) => text
+            .split(',')
+            .map(str::trim)
+            .map(|origin| {
+                parse_origin(origin).ok_or_else(|| {
+                    fail(
+                        "cors_origins",
+                        source,
+                        format!("{origin:?} is not an origin such as http://localhost:3000 (a scheme, a host and a port if not the default; no path)"),
+                    )
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?,
+    };
+
     let (replicas_text, replicas_source) = required("replicas");
     let instances = replicas_text
         .parse::<u32>()
@@ -641,6 +661,7 @@ fn build(
         max_body_bytes,
         ws_ping_interval: duration("ws_ping_interval")?,
         ws_max_connections_per_key,
+        cors_origins,
         log_format,
         log_level: level_text.to_owned(),
         upstream: UpstreamConfig {
@@ -663,6 +684,16 @@ fn build(
         },
         effective,
     })
+}
+
+/// An origin as browsers send it: `http` or `https`, a host and a port
+/// unless it is the scheme's default, nothing after; answered in the form
+/// browsers compare (lowercase).
+fn parse_origin(text: &str) -> Option<String> {
+    let url = reqwest::Url::parse(text).ok()?;
+    let origin = url.origin().ascii_serialization();
+    (matches!(url.scheme(), "http" | "https") && origin.eq_ignore_ascii_case(text))
+        .then_some(origin)
 }
 
 /// `host:port` as an address to listen on: an IP address, or a name such as

@@ -47,6 +47,9 @@ pub struct Shared {
     pub tickets: ws::Tickets,
     pub hub: ws::Hub,
     pub ws_connections: Arc<ws::Connections>,
+    /// Origins whose pages may use the API from a browser (CORS), and open
+    /// the WebSocket; the server's own origin always may.
+    pub cors_origins: Vec<String>,
     pub ws_ping_interval: Duration,
     pub openapi_json: String,
 }
@@ -182,6 +185,7 @@ fn document_rejections(api: &mut utoipa::openapi::OpenApi) {
 
 pub fn router(state: AppState, max_body_bytes: usize) -> Router {
     let (routes, _) = documented_routes().split_for_parts();
+    let cors = cors_layer(&state.cors_origins);
     routes
         .route("/v1/{*path}", axum::routing::any(crate::proxy::forward))
         .route("/metrics", axum::routing::get(metrics))
@@ -193,7 +197,53 @@ pub fn router(state: AppState, max_body_bytes: usize) -> Router {
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(axum::middleware::from_fn(drain::keep_connection_usable))
+        .layer(tower::util::option_layer(cors))
         .with_state(state)
+}
+
+/// Headers a page on another origin may read from answers: the headroom,
+/// and what says whether and when to retry.
+const EXPOSED_HEADERS: [&str; 10] = [
+    "x-ratelimit-limit-requests",
+    "x-ratelimit-limit-tokens",
+    "x-ratelimit-remaining-requests",
+    "x-ratelimit-remaining-tokens",
+    "x-ratelimit-reset-requests",
+    "x-ratelimit-reset-tokens",
+    "retry-after",
+    "x-should-retry",
+    "x-request-id",
+    "x-quotawatch-overhead-ms",
+];
+
+/// CORS for the listed origins (exact matches); none when none are listed,
+/// so that browsers keep pages of other origins out as they do by default.
+fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
+    use axum::http::{HeaderName, HeaderValue, Method};
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    if origins.is_empty() {
+        return None;
+    }
+    let origins: Vec<HeaderValue> = origins
+        .iter()
+        .filter_map(|origin| HeaderValue::from_str(origin).ok())
+        .collect();
+    Some(
+        CorsLayer::new()
+            .allow_origin(AllowOrigin::list(origins))
+            .allow_methods([
+                Method::GET,
+                Method::POST,
+                Method::PUT,
+                Method::PATCH,
+                Method::DELETE,
+            ])
+            // Keys travel in `Authorization`, which a wildcard does not
+            // cover: the headers a preflight asks for are allowed by name.
+            .allow_headers(AllowHeaders::mirror_request())
+            .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
+            .max_age(std::time::Duration::from_secs(600)),
+    )
 }
 
 async fn not_found(uri: axum::http::Uri) -> ApiError {

@@ -409,6 +409,31 @@ impl<S: Send + Sync> FromRequestParts<S> for Upgrade {
     }
 }
 
+/// Browsers send `Origin` with every WebSocket handshake and, unlike for
+/// `fetch`, apply no CORS rule to it: the server must. A page may connect
+/// from the server's own origin (the dashboard) or a listed one; clients
+/// that are not browsers send no `Origin` and are not concerned.
+fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError> {
+    let Some(origin) = headers.get(axum::http::header::ORIGIN) else {
+        return Ok(());
+    };
+    let origin = origin.to_str().unwrap_or("").to_ascii_lowercase();
+    let own = headers
+        .get(axum::http::header::HOST)
+        .and_then(|host| host.to_str().ok())
+        .is_some_and(|host| {
+            let host = host.to_ascii_lowercase();
+            origin == format!("http://{host}") || origin == format!("https://{host}")
+        });
+    if own || allowed.contains(&origin) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(format!(
+            "pages of the origin {origin:?} may not open quotawatch's WebSocket; an operator can list it in QUOTAWATCH_CORS_ORIGINS"
+        )))
+    }
+}
+
 #[utoipa::path(get, path = "/api/quota/ws", tag = "quota",
     params(WsQuery),
     responses(
@@ -425,6 +450,9 @@ pub async fn connect(
     headers: HeaderMap,
     upgrade: Result<Upgrade, ApiError>,
 ) -> Result<Response, ApiError> {
+    // A page of another origin is kept out as the browser keeps it out of
+    // the REST API (before a ticket is spent).
+    check_origin(&headers, &state.cors_origins)?;
     // Authentication first: an unauthenticated caller learns nothing else.
     let (principal, credential) = match query.ticket.as_deref() {
         Some(ticket) => {

@@ -7,6 +7,7 @@ mod auth;
 mod bad_input;
 mod cli;
 mod conformance;
+mod cors;
 mod dashboard;
 mod durability;
 mod held;
