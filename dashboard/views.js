@@ -29,6 +29,18 @@ export function badge(status) {
   );
 }
 
+/** What was used today and over the last minute, limits or not. */
+export function usageLine(usage) {
+  if (!usage) return null;
+  const counts = ({ requests, tokens }) =>
+    `${number(requests)} requests · ${number(tokens)} tokens`;
+  return h(
+    "p",
+    { class: "usage" },
+    `Today: ${counts(usage.today)}; last minute: ${counts(usage.last_minute)}`,
+  );
+}
+
 /** Used / limit for each configured limit, as labelled bars. */
 export function gauges(limits) {
   const names = LIMIT_NAMES.filter((name) => limits[name]);
@@ -207,6 +219,7 @@ export class Overview {
         ? h("p", { class: "reasons" }, doc.reasons.map(reasonText).join("; "))
         : null,
       gauges(doc.limits),
+      usageLine(doc.usage),
       h(
         "dl",
         { class: "facts" },
@@ -523,6 +536,7 @@ export class Detail {
       this.limitsPanel,
       h("h2", { id: "limits-title" }, "Usage and limits"),
       gauges(doc.limits),
+      usageLine(doc.usage),
       h(
         "details",
         {},

@@ -457,7 +457,20 @@ fn status_rows(docs: &[serde_json::Value], now: Timestamp) -> Vec<Vec<String>> {
                         .unwrap_or_default();
                     format!("{used}/{max}{resets}")
                 }
-                _ => "-".to_owned(),
+                // No limit: what was used all the same.
+                _ => {
+                    let span = match kind.span() {
+                        crate::domain::limits::Span::Minute => "last_minute",
+                        crate::domain::limits::Span::Day => "today",
+                    };
+                    let unit = match kind.unit() {
+                        crate::domain::limits::Unit::Requests => "requests",
+                        crate::domain::limits::Unit::Tokens => "tokens",
+                    };
+                    doc["usage"][span][unit]
+                        .as_u64()
+                        .map_or_else(|| "-".to_owned(), |used| format!("{used} (no limit)"))
+                }
             };
             row.push(cell);
         }

@@ -42,6 +42,11 @@ export interface StatusDocument {
   blocked: boolean;
   retry_after_seconds: number | null;
   limits: Partial<Record<LimitName, LimitState>>;
+  /** What was used, whether or not limits are set. */
+  usage: {
+    last_minute: { requests: number; tokens: number };
+    today: { requests: number; tokens: number };
+  };
   upstream: { requests: UpstreamBucket | null; tokens: UpstreamBucket | null } | null;
   billing_block: { code: string; since: string; next_probe_at: string } | null;
   errors: {

@@ -174,10 +174,36 @@ pub struct StatusDoc {
     /// Seconds until a request can succeed, when blocked and known.
     pub retry_after_seconds: Option<f64>,
     pub limits: LimitsDoc,
+    /// What was used, whether or not limits are set.
+    pub usage: UsageDoc,
     pub upstream: Option<UpstreamDoc>,
     pub billing_block: Option<BillingBlockDoc>,
     pub errors: ErrorsDoc,
     pub updated_at: String,
+}
+
+/// Requests and tokens counted (reservations of calls in flight included).
+#[derive(Serialize, ToSchema, Clone, Copy, Debug)]
+pub struct CountsDoc {
+    pub requests: u64,
+    pub tokens: u64,
+}
+
+#[derive(Serialize, ToSchema, Clone, Copy, Debug)]
+pub struct UsageDoc {
+    /// Over the sliding minute.
+    pub last_minute: CountsDoc,
+    /// Since midnight in the workspace's timezone.
+    pub today: CountsDoc,
+}
+
+impl From<crate::domain::window::Usage> for CountsDoc {
+    fn from(usage: crate::domain::window::Usage) -> Self {
+        Self {
+            requests: usage.requests,
+            tokens: usage.tokens,
+        }
+    }
 }
 
 impl From<&Snapshot> for StatusDoc {
@@ -199,6 +225,10 @@ impl From<&Snapshot> for StatusDoc {
                 .retry_at
                 .map(|at| snapshot.at.until(at).as_millis() as f64 / 1000.0),
             limits,
+            usage: UsageDoc {
+                last_minute: snapshot.usage.last_minute.into(),
+                today: snapshot.usage.today.into(),
+            },
             upstream: snapshot.upstream.map(|view| UpstreamDoc {
                 requests: view.requests.map(Into::into),
                 tokens: view.tokens.map(Into::into),

@@ -193,11 +193,21 @@ pub struct Snapshot {
     pub blocked: bool,
     pub retry_at: Option<Timestamp>,
     pub limits: Vec<(LimitKind, LimitFacts)>,
+    /// What was used, whether or not a limit is set.
+    pub usage: RecentUsage,
     pub upstream: Option<UpstreamView>,
     pub billing: Option<BillingBlock>,
     pub errors: ErrorTally,
     pub last_error: Option<LastError>,
     pub at: Timestamp,
+}
+
+/// Requests and tokens counted over the sliding minute and the current day
+/// (in the workspace's timezone).
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecentUsage {
+    pub last_minute: Usage,
+    pub today: Usage,
 }
 
 /// The persisted form of a workspace's live state; notifications are stored
@@ -1272,6 +1282,14 @@ impl WorkspaceState {
             blocked: verdict.is_err(),
             retry_at: verdict.err().and_then(|refusal| refusal.retry_at),
             limits,
+            usage: RecentUsage {
+                last_minute: self.minute.total(),
+                today: if self.day.contains(now) {
+                    self.day.used
+                } else {
+                    Usage::default()
+                },
+            },
             upstream: self.upstream_view.is_known().then_some(self.upstream_view),
             billing: self.billing_block,
             errors: self.errors.total(),

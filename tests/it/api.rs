@@ -54,6 +54,29 @@ async fn the_status_document_has_every_documented_field() {
     );
     assert_eq!(doc["errors"]["rate_limited"], 0);
     assert_eq!(doc["errors"]["last"], Value::Null);
+    assert_eq!(
+        doc["usage"],
+        json!({"last_minute": {"requests": 1, "tokens": 100}, "today": {"requests": 1, "tokens": 100}})
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn usage_is_counted_and_shown_without_any_limit() {
+    let server = TestServer::start(&[]).await;
+    let key = server
+        .workspace(json!({"id": "free", "limits": {"requests_per_minute": null, "requests_per_day": null, "tokens_per_minute": null, "tokens_per_day": null}}))
+        .await;
+    for _ in 0..3 {
+        assert_eq!(server.check(&key, 40).await.status, StatusCode::OK);
+    }
+    let doc = server.status(&key).await;
+    assert_eq!(doc["limits"], json!({}), "no limits: {doc}");
+    assert_eq!(doc["usage"]["today"], json!({"requests": 3, "tokens": 120}));
+    assert_eq!(
+        doc["usage"]["last_minute"],
+        json!({"requests": 3, "tokens": 120})
+    );
     server.stop().await;
 }
 

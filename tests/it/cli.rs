@@ -528,8 +528,8 @@ async fn cli_changes_reach_a_running_server() {
 #[tokio::test]
 async fn the_status_command_prints_a_table_from_a_running_server() {
     let server = TestServer::start(&[]).await;
-    let key = server.workspace(serde_json::json!({"id": "acme", "limits": {"requests_per_minute": 10, "requests_per_day": 100}})).await;
-    server.check(&key, 0).await;
+    let key = server.workspace(serde_json::json!({"id": "acme", "limits": {"requests_per_minute": 10, "requests_per_day": 100, "tokens_per_minute": null, "tokens_per_day": null}})).await;
+    server.check(&key, 25).await;
     let dir = tempfile::tempdir().expect("tempdir");
     let (ok, out, err) = run(
         dir.path(),
@@ -551,6 +551,8 @@ async fn the_status_command_prints_a_table_from_a_running_server() {
         acme.contains("normal") && acme.contains("1/10") && acme.contains("1/100 resets in"),
         "{acme}"
     );
+    // Tokens have no limit here, and are shown all the same.
+    assert_eq!(acme.matches("25 (no limit)").count(), 2, "{acme}");
     assert!(out.lines().any(|l| l.starts_with("default")));
     let (ok, out, _) = run(
         dir.path(),

@@ -116,6 +116,18 @@ async fn the_dashboard_follows_usage_blocks_and_resets_live() {
         })
         .await;
     println!("the gauge moved {took:?} after the call ended");
+    // Usage is shown whether or not a limit is set: beta has no token
+    // limit, acme's tokens show all the same.
+    browser
+        .wait_text(&format!("{} .usage", card("acme")), PATIENCE, |text| {
+            text.starts_with("Today: 1 requests")
+        })
+        .await;
+    browser
+        .wait_text(&format!("{} .usage", card("beta")), PATIENCE, |text| {
+            text.starts_with("Today: 0 requests · 0 tokens")
+        })
+        .await;
 
     // OpenAI's billing 429 blocks the workspace: badge, toast, worst first.
     assert_eq!(
