@@ -242,8 +242,11 @@ impl<'a> MakeWriter<'a> for MaskedStderr {
 /// Installs the global subscriber; later calls (in tests) are ignored.
 pub fn init(format: LogFormat, filter: &str) {
     let filter = EnvFilter::try_new(filter).unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colour codes only for a person at a terminal: in a file, a pipe or a
+    // log collector they are noise in every line.
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::IsTerminal::is_terminal(&io::stderr()))
         .with_writer(MaskedStderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),

@@ -266,6 +266,10 @@ async fn proxy_logs_at_debug_level_hold_no_keys_and_no_prompts() {
     for secret in [ADMIN_KEY, key.as_str(), UPSTREAM_KEY, prompt] {
         assert!(!log.contains(secret), "{secret:?} reached the log");
     }
+    assert!(
+        !log.contains('\u{1b}'),
+        "no colour codes in a log that goes to a file"
+    );
 }
 
 #[tokio::test]
