@@ -111,6 +111,14 @@ export class QuotaMonitor extends EventTarget {
    * `{type, ...detail}`. Opens the connection on first use. Returns a
    * function that stops this listener (the connection stays until close()). */
   subscribe(listener) {
+    if (typeof this.#WebSocket !== "function") {
+      // Node.js before 22 has no WebSocket of its own.
+      throw new TypeError(
+        "QuotaMonitor needs a WebSocket implementation to follow live updates: " +
+          "this runtime has none, so pass one, e.g. " +
+          'new QuotaMonitor({ baseUrl, token, WebSocket: (await import("ws")).WebSocket })',
+      );
+    }
     if (listener) this.#listeners.add(listener);
     if (!this.#wanted) {
       this.#wanted = true;

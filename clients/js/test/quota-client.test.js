@@ -129,6 +129,12 @@ describe("REST calls", () => {
 });
 
 describe("live updates", () => {
+  it("say plainly that a runtime without WebSocket needs one passed in", () => {
+    const { fetch } = fakeFetch();
+    const quota = new QuotaMonitor({ baseUrl: "http://qw", token: TOKEN, fetch, WebSocket: null });
+    expect(() => quota.subscribe()).toThrow(/needs a WebSocket implementation/);
+  });
+
   it("connect with a ticket, never the key, and pass events on", async () => {
     const { fetch } = fakeFetch();
     const quota = monitor(fetch);

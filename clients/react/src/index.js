@@ -1,3 +1,5 @@
+"use client";
+
 // React pieces for showing quotawatch state inside an app:
 //
 //   const quota = useQuotaMonitor({ baseUrl, token });
@@ -32,7 +34,7 @@ export function applyNotificationEvent(active, event) {
  * Pass `{baseUrl, token}` (a workspace key; with the admin key, also
  * `workspace`), or `{monitor}` to share a QuotaMonitor you manage.
  */
-export function useQuotaMonitor({ baseUrl, token, workspace, monitor: shared } = {}) {
+export function useQuotaMonitor({ baseUrl, token, workspace, WebSocket, monitor: shared } = {}) {
   const [state, setState] = useState({
     status: null,
     notifications: [],
@@ -41,7 +43,7 @@ export function useQuotaMonitor({ baseUrl, token, workspace, monitor: shared } =
   });
   useEffect(() => {
     if (!shared && (!baseUrl || !token)) return undefined;
-    const monitor = shared ?? new QuotaMonitor({ baseUrl, token, workspace });
+    const monitor = shared ?? new QuotaMonitor({ baseUrl, token, workspace, WebSocket });
     let mounted = true;
     const update = (change) => {
       if (mounted) setState((current) => ({ ...current, ...change(current) }));
@@ -68,7 +70,7 @@ export function useQuotaMonitor({ baseUrl, token, workspace, monitor: shared } =
       for (const stop of stops) stop();
       if (!shared) monitor.close();
     };
-  }, [baseUrl, token, workspace, shared]);
+  }, [baseUrl, token, workspace, WebSocket, shared]);
   return state;
 }
 
