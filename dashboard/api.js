@@ -70,8 +70,10 @@ export class Api {
     );
   }
 
-  reset(id) {
-    return this.request("POST", "/api/quota/reset", { workspace: id });
+  /** `what`: "block" (lift the upstream's blocks, keep the counts), "usage"
+   * or "all". */
+  reset(id, what = "all") {
+    return this.request("POST", "/api/quota/reset", { workspace: id, what });
   }
 
   history(id, window, step) {

@@ -477,6 +477,18 @@ export class Detail {
           ? h(
               "div",
               { class: "actions" },
+              doc.billing_block
+                ? h(
+                    "button",
+                    {
+                      type: "button",
+                      class: "button",
+                      dataset: { action: "lift" },
+                      onclick: () => this.liftBlock(),
+                    },
+                    "Lift block",
+                  )
+                : null,
               h(
                 "button",
                 {
@@ -841,17 +853,29 @@ export class Detail {
     );
   }
 
-  async reset() {
-    const doc = this.doc;
-    const confirmed = await confirmDialog({
-      title: `Reset ${doc.name}?`,
+  reset() {
+    return this.resetAfterConfirming("all", {
+      title: `Reset ${this.doc.name}?`,
       text: "This clears the workspace's counters, any block (including an upstream billing block) and its active notifications.",
       confirmLabel: "Reset usage",
       danger: true,
     });
+  }
+
+  liftBlock() {
+    return this.resetAfterConfirming("block", {
+      title: `Lift the block of ${this.doc.name}?`,
+      text: "Requests go upstream again at once; the counters stay as they are. Do this once billing is fixed.",
+      confirmLabel: "Lift block",
+      danger: false,
+    });
+  }
+
+  async resetAfterConfirming(what, dialog) {
+    const confirmed = await confirmDialog(dialog);
     if (!confirmed) return;
     try {
-      await this.app.api.reset(this.id);
+      await this.app.api.reset(this.id, what);
     } catch (error) {
       this.app.toasts.show({
         workspace: this.id,

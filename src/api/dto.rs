@@ -375,11 +375,37 @@ pub struct UsageRequest {
 pub struct ResetRequest {
     pub workspace: Option<String>,
     pub all: Option<bool>,
+    /// What to set back: `block` lifts the upstream's blocks (billing,
+    /// rate, rejected key) and keeps the counts; `usage` sets the counts
+    /// to zero and keeps the blocks; `all` (the default) does both and
+    /// clears the notifications.
+    #[serde(default)]
+    pub what: ResetWhat,
+}
+
+#[derive(Deserialize, Serialize, ToSchema, Debug, Default, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum ResetWhat {
+    Block,
+    Usage,
+    #[default]
+    All,
+}
+
+impl From<ResetWhat> for crate::domain::workspace::ResetScope {
+    fn from(what: ResetWhat) -> Self {
+        match what {
+            ResetWhat::Block => Self::Blocks,
+            ResetWhat::Usage => Self::Usage,
+            ResetWhat::All => Self::All,
+        }
+    }
 }
 
 #[derive(Serialize, ToSchema, Debug)]
 pub struct ResetResponse {
     pub reset: Vec<String>,
+    pub what: ResetWhat,
 }
 
 // ----- history -----------------------------------------------------------------------

@@ -406,10 +406,14 @@ pub async fn reset(
             ));
         }
     };
-    let reset = state.engine.reset_everywhere(target.as_ref()).await?;
-    tracing::info!(workspaces = ?reset.iter().map(ToString::to_string).collect::<Vec<_>>(), "usage reset by admin");
+    let reset = state
+        .engine
+        .reset_everywhere(target.as_ref(), body.what.into())
+        .await?;
+    tracing::info!(workspaces = ?reset.iter().map(ToString::to_string).collect::<Vec<_>>(), what = ?body.what, "reset by admin");
     Ok(Json(ResetResponse {
         reset: reset.iter().map(ToString::to_string).collect(),
+        what: body.what,
     }))
 }
 

@@ -439,7 +439,7 @@ fn upstream_quota_exhausted(ws: &str, facts: &Facts) -> Text {
     let code = facts.billing_code.unwrap_or(BillingCode::InsufficientQuota);
     let mut actions = billing_actions(code);
     actions.push(format!(
-        "After fixing billing, an admin can resume at once with POST /api/quota/reset {{\"workspace\":\"{ws}\"}}; otherwise the next probe resumes the workspace by itself."
+        "After fixing billing, an admin can resume at once with POST /api/quota/reset {{\"workspace\":\"{ws}\",\"what\":\"block\"}}, which lifts the block and keeps the counts; otherwise the next probe resumes the workspace by itself."
     ));
     Text {
         title: format!("OpenAI billing quota exhausted for workspace {ws}"),

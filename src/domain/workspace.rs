@@ -116,6 +116,18 @@ pub enum Returned {
     Expired(Expired),
 }
 
+/// What an admin's reset sets back.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum ResetScope {
+    /// Counters, blocks and notifications: a fresh start.
+    #[default]
+    All,
+    /// The counters only; blocks stay.
+    Usage,
+    /// The upstream's blocks only (billing, rate, rejected key); counts stay.
+    Blocks,
+}
+
 /// The upstream reported a billing problem.
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct BillingBlock {
@@ -1188,6 +1200,38 @@ impl WorkspaceState {
     /// reached the store just after its reset keeps its estimate, or its
     /// settlement would charge it there twice.
     pub fn reset(&mut self, now: Timestamp) -> Vec<Change> {
+        self.clear_usage(now);
+        self.clear_blocks();
+        self.tracker.clear(now)
+    }
+
+    /// Sets the counters to zero and keeps the blocks: the status follows
+    /// from what is left.
+    pub fn reset_usage(
+        &mut self,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Vec<Change> {
+        self.clear_usage(now);
+        self.evaluate(now, settings, fresh_id)
+    }
+
+    /// Lifts the upstream's blocks (billing, rate, rejected key) and keeps
+    /// the counters: what an admin does once billing is fixed.
+    pub fn lift_blocks(
+        &mut self,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Vec<Change> {
+        self.clear_blocks();
+        self.evaluate(now, settings, fresh_id)
+    }
+
+    /// Counters back to zero; requests in flight keep their reservations,
+    /// charged nothing from now on.
+    fn clear_usage(&mut self, now: Timestamp) {
         self.minute = MinuteWindow::new(SECOND_MS);
         self.day = DayCounter::new(now, self.config.timezone);
         let charged_here = self
@@ -1198,12 +1242,14 @@ impl WorkspaceState {
             reservation.charged_at = now;
             reservation.estimated_tokens = 0;
         }
+    }
+
+    fn clear_blocks(&mut self) {
         self.rate_block_until = None;
         self.billing_block = None;
         self.key_rejected = false;
         self.outcomes = OutcomeWindow::new(SECOND_MS);
         self.upstream_error_rate = false;
-        self.tracker.clear(now)
     }
 
     /// Applies new settings; the status follows at once.

@@ -44,7 +44,7 @@ use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
     Admission, Admitted, Answer, BillingBlock, Expired, Headroom, Model, Outcome, Recorded,
-    Refusal, Request, Settings, Settled, Snapshot, WorkspaceState,
+    Refusal, Request, ResetScope, Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
@@ -796,7 +796,11 @@ impl Engine {
 
     /// Clears counters, blocks and active notifications of one workspace (or
     /// all), and pushes the new status.
-    pub fn reset(&self, workspace: Option<&WorkspaceId>) -> Result<Vec<WorkspaceId>, EngineError> {
+    pub fn reset(
+        &self,
+        workspace: Option<&WorkspaceId>,
+        scope: ResetScope,
+    ) -> Result<Vec<WorkspaceId>, EngineError> {
         let targets = match workspace {
             Some(id) => vec![(id.clone(), self.slot(id)?)],
             None => self.all_slots(),
@@ -805,7 +809,11 @@ impl Engine {
         let mut done = Vec::with_capacity(targets.len());
         for (id, slot) in targets {
             let mut cell = slot.lock();
-            let changes = cell.state.reset(now);
+            let changes = match scope {
+                ResetScope::All => cell.state.reset(now),
+                ResetScope::Usage => cell.state.reset_usage(now, &self.settings, &mut fresh_id),
+                ResetScope::Blocks => cell.state.lift_blocks(now, &self.settings, &mut fresh_id),
+            };
             let published = self.publish(&cell.state, now, changes, true);
             drop(cell);
             slot.dirty.store(true, Ordering::Release);

@@ -26,7 +26,9 @@ use super::{Decision, Engine, EngineError, Reported, Slot, UsageReport, fresh_id
 use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
-use crate::domain::workspace::{Enforcement, Expired, Request, Reservation, Returned, Settled};
+use crate::domain::workspace::{
+    Enforcement, Expired, Request, Reservation, ResetScope, Returned, Settled,
+};
 use crate::shared::{
     AdmitArgs, BlockChange, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
 };
@@ -455,6 +457,7 @@ impl Engine {
     pub async fn reset_everywhere(
         &self,
         workspace: Option<&WorkspaceId>,
+        scope: ResetScope,
     ) -> Result<Vec<WorkspaceId>, EngineError> {
         if let Some(shared) = &self.shared {
             let targets = match workspace {
@@ -465,7 +468,7 @@ impl Engine {
                 let timezone = slot.lock().state.config().timezone;
                 let reply = shared
                     .counters
-                    .reset(&id, timezone, self.now())
+                    .reset(&id, timezone, self.now(), scope)
                     .await
                     .map_err(|error| {
                         self.store_failed(&error);
@@ -476,7 +479,7 @@ impl Engine {
                 self.load_reply(&slot, &reply);
             }
         }
-        self.reset(workspace)
+        self.reset(workspace, scope)
     }
 
     /// Called by the ticker: while cut off, tries the store, so that shared

@@ -527,15 +527,25 @@ if op == 'count' then
 elseif op == 'peek' then
   return reply(1)
 
-elseif op == 'reset' then
+elseif op == 'reset' or op == 'reset_usage' then
   -- Requests in flight keep their reservations, charged nothing from the
-  -- reset on (see `settle`).
+  -- reset on (see `settle`). `reset_usage` keeps the blocks (5, 9-11).
   local h = w.h
   local fresh = { struct.unpack(HEADER, string.rep('\0', HEADER_BYTES)) }
   fresh[1], fresh[2], fresh[6], fresh[12], fresh[13] = h[1], h[2], w.second, now_us, h[13]
+  if op == 'reset_usage' then
+    fresh[5], fresh[9], fresh[10], fresh[11] = h[5], h[9], h[10], h[11]
+  end
   w.h = fresh
   w.blob, w.new = string.rep('\0', STATE_BYTES), true
   w.slots = {}
+  save()
+  return reply(1)
+
+elseif op == 'lift' then
+  -- An admin lifts the upstream's blocks; the counts stay.
+  local h = w.h
+  h[5], h[9], h[10], h[11] = 0, 0, 0, 0
   save()
   return reply(1)
 

@@ -31,7 +31,7 @@ use crate::domain::limits::{LimitKind, Limits, WorkspaceId};
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
-    Admitted, BillingBlock, Expired, Model, Reservation, SharedCounters,
+    Admitted, BillingBlock, Expired, Model, Reservation, ResetScope, SharedCounters,
 };
 use crate::sync::lock;
 use state::{StateCache, billing_number, counters_from};
@@ -381,8 +381,14 @@ impl RedisCounters {
         workspace: &WorkspaceId,
         timezone: chrono_tz::Tz,
         now: Timestamp,
+        scope: ResetScope,
     ) -> Result<Reply, SharedError> {
-        self.link.run_plain(workspace, "reset", timezone, now).await
+        let op = match scope {
+            ResetScope::All => "reset",
+            ResetScope::Usage => "reset_usage",
+            ResetScope::Blocks => "lift",
+        };
+        self.link.run_plain(workspace, op, timezone, now).await
     }
 
     /// Stores how this instance's rules moved the upstream blocks.

@@ -311,6 +311,88 @@ async fn a_reset_clears_counters_and_blocks(backend: Backend, test: &str) {
     setup.finish().await;
 }
 
+conformance!(a_reset_sets_back_what_it_is_told);
+async fn a_reset_sets_back_what_it_is_told(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 100, "requests_per_day": null}}),
+        )
+        .await;
+    let block = || async {
+        let billing = json!({"status_code": 429,
+            "error": fixture_json("error_429_insufficient_quota.json")["error"]});
+        server.post("/api/quota/usage", &key, billing).await;
+    };
+    let reset = |what: &'static str| async move {
+        let reset = server
+            .post(
+                "/api/quota/reset",
+                ADMIN_KEY,
+                json!({"workspace": "acme", "what": what}),
+            )
+            .await;
+        assert_eq!(reset.status, StatusCode::OK, "{:?}", reset.body);
+        assert_eq!(reset.body["what"], what);
+    };
+    for _ in 0..3 {
+        assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    }
+    block().await;
+    // The usage alone: counts back to zero, the billing block stays.
+    reset("usage").await;
+    let status = server.status(&key).await;
+    assert_eq!(used(&status, "requests_per_minute"), 0, "{status}");
+    assert_eq!(
+        status["billing_block"]["code"], "insufficient_quota",
+        "{status}"
+    );
+    assert_eq!(
+        server.check(&key, 0).await.status,
+        StatusCode::TOO_MANY_REQUESTS
+    );
+    // The block alone: requests pass again, the counts stay (the report
+    // and the refusal above counted as requests, the check below too).
+    reset("block").await;
+    let status = server.status(&key).await;
+    assert!(status["billing_block"].is_null(), "{status}");
+    assert_eq!(status["status"], "normal", "{status}");
+    let counted = used(&status, "requests_per_minute");
+    assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    assert_eq!(
+        used(&server.status(&key).await, "requests_per_minute"),
+        counted + 1,
+        "lifting the block keeps the counts"
+    );
+    let notifications = server
+        .get("/api/quota/notifications?include=history", &key)
+        .await
+        .body;
+    let billing = notifications["notifications"]
+        .as_array()
+        .expect("notifications")
+        .iter()
+        .find(|n| n["kind"] == "upstream_quota_exhausted")
+        .expect("the billing notification")
+        .clone();
+    assert!(
+        !billing["resolved_at"].is_null(),
+        "resolved when the block is lifted: {billing}"
+    );
+    let unknown = server
+        .post(
+            "/api/quota/reset",
+            ADMIN_KEY,
+            json!({"workspace": "acme", "what": "everything"}),
+        )
+        .await;
+    assert_eq!(unknown.status, StatusCode::UNPROCESSABLE_ENTITY);
+    setup.finish().await;
+}
+
 conformance!(an_exhausted_billing_quota_blocks_without_retry);
 async fn an_exhausted_billing_quota_blocks_without_retry(backend: Backend, test: &str) {
     let Some(setup) = Setup::start(backend, test, &[]).await else {

@@ -193,8 +193,10 @@ async fn the_dashboard_follows_usage_blocks_and_resets_live() {
     browser.find(".chart-figure svg").await;
     browser.screenshot("detail-desktop").await;
 
-    // Reset from the UI, after a confirmation, returns it to normal.
-    browser.click("button.danger").await;
+    // Lifting the block from the UI, after a confirmation, returns it to
+    // normal and keeps the counts.
+    let before = server.status(&acme).await["limits"]["requests_per_minute"]["used"].clone();
+    browser.click("button[data-action=lift]").await;
     browser.click("dialog[open] button[value=confirm]").await;
     browser
         .wait_text("[data-role=status] .badge", PATIENCE, |text| {
@@ -208,6 +210,10 @@ async fn the_dashboard_follows_usage_blocks_and_resets_live() {
         .await;
     let status: Value = server.status(&acme).await;
     assert_eq!(status["status"], "normal");
+    assert_eq!(
+        status["limits"]["requests_per_minute"]["used"], before,
+        "lifting the block keeps the counts"
+    );
     // Good news dismisses itself.
     browser.wait_gone(".toast[data-workspace=acme]").await;
     assert_eq!(
@@ -215,6 +221,16 @@ async fn the_dashboard_follows_usage_blocks_and_resets_live() {
         StatusCode::OK,
         "requests flow again"
     );
+    // Resetting the usage sets the counters back to zero.
+    browser.click("button.danger").await;
+    browser.click("dialog[open] button[value=confirm]").await;
+    browser
+        .wait_text(
+            "[data-limit=requests_per_minute] [data-role=usage]",
+            PATIENCE,
+            |text| text.starts_with("0 / 100"),
+        )
+        .await;
 
     // The phone layout: one column, nothing wider than the screen.
     browser

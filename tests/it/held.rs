@@ -10,7 +10,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use quotawatch::domain::limits::{LimitKind, Limits, OnStoreError, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::time::Timestamp;
-use quotawatch::domain::workspace::{Admitted, Request, Settings};
+use quotawatch::domain::workspace::{Admitted, Request, ResetScope, Settings};
 use quotawatch::engine::{
     Clock, Engine, SharedCounting, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults,
 };
@@ -223,7 +223,12 @@ async fn a_held_call_settled_without_a_count_after_a_reset_elsewhere_counts_noth
     };
     let admitted = instance.admit_proxied(100).await;
     Instance::counters(&instance.url, &instance.prefix)
-        .reset(&instance.workspace, chrono_tz::UTC, SystemClock.now())
+        .reset(
+            &instance.workspace,
+            chrono_tz::UTC,
+            SystemClock.now(),
+            ResetScope::All,
+        )
         .await
         .expect("reset by another instance");
     instance
@@ -274,13 +279,18 @@ async fn a_held_call_admitted_just_after_a_reset_in_redis_is_charged_once() {
     // A reset made here resets Redis, then this instance. An admission in
     // between is charged after the first: the second must leave it be.
     Instance::counters(&instance.url, &instance.prefix)
-        .reset(&instance.workspace, chrono_tz::UTC, SystemClock.now())
+        .reset(
+            &instance.workspace,
+            chrono_tz::UTC,
+            SystemClock.now(),
+            ResetScope::All,
+        )
         .await
         .expect("reset in Redis");
     let admitted = instance.admit_proxied(100).await;
     instance
         .engine
-        .reset(Some(&instance.workspace))
+        .reset(Some(&instance.workspace), ResetScope::All)
         .expect("known workspace");
     instance
         .engine
@@ -305,7 +315,7 @@ async fn a_reset_everywhere_clears_the_estimates_held_here() {
     let settled = instance.admit_proxied(100).await;
     instance
         .engine
-        .reset_everywhere(Some(&instance.workspace))
+        .reset_everywhere(Some(&instance.workspace), ResetScope::All)
         .await
         .expect("reset");
     // Dropped on its way, a settlement counts its estimate as it stands

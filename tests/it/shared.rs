@@ -13,7 +13,7 @@ use std::time::Duration;
 use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceId};
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::upstream::BillingCode;
-use quotawatch::domain::workspace::BillingBlock;
+use quotawatch::domain::workspace::{BillingBlock, ResetScope};
 use quotawatch::shared::{AdmitArgs, BillingChange, BlockChange, Held, RedisCounters, Reply};
 
 use crate::support::eventually;
@@ -251,7 +251,12 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
     }
     let reset = store
         .counters
-        .reset(&store.workspace, chrono_tz::UTC, Store::now())
+        .reset(
+            &store.workspace,
+            chrono_tz::UTC,
+            Store::now(),
+            ResetScope::All,
+        )
         .await
         .expect("reset");
     assert_eq!(reset.counters.day_used.tokens, 0);
@@ -395,7 +400,12 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
     let in_flight = held(2).await;
     store
         .counters
-        .reset(&store.workspace, chrono_tz::UTC, Store::now())
+        .reset(
+            &store.workspace,
+            chrono_tz::UTC,
+            Store::now(),
+            ResetScope::All,
+        )
         .await
         .expect("reset");
     assert_eq!(settle(in_flight, Some(30)).await.day_used.tokens, 30);
