@@ -343,7 +343,7 @@ fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: T
             actions: vec![
                 format!("If this volume is expected, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws})."),
                 "Reduce volume: cache repeated answers, batch calls, or route simple tasks to a smaller model.".to_owned(),
-                format!("To unblock now, an admin can reset the workspace's usage (POST /api/quota/reset with {{\"workspace\":\"{ws}\"}})."),
+                format!("To unblock now, an admin can reset the workspace's usage (POST /api/quota/reset with {{\"workspace\":\"{ws}\",\"what\":\"usage\"}})."),
             ],
             resolves_at: limit.resets_at,
         },

@@ -201,7 +201,9 @@ async fn logs_record_transitions_and_resets_as_json_without_keys() {
             .any(|line| line["from"] == "rate_limited" && line["to"] == "normal"),
         "the reset's transition"
     );
-    assert_eq!(find("usage reset by admin").len(), 1);
+    let resets = find("reset by admin");
+    assert_eq!(resets.len(), 1);
+    assert_eq!(resets[0]["what"], "All", "the log says what was reset");
     assert_eq!(
         find("reset refused").len(),
         1,
