@@ -77,9 +77,12 @@ export interface Notification {
     | "storage_unavailable"
     | "shared_store_unavailable"
     | "upstream_key_missing";
+  /** The operator's text: what happened in full, and what to change where. */
   title: string;
   message: string;
   suggested_actions: string[];
+  /** What a tenant's own users may be shown: no internal endpoints or operator URLs. */
+  tenant: { title: string; message: string; suggested_actions: string[] };
   limit: LimitName | null;
   created_at: string;
   resolves_at: string | null;

@@ -258,6 +258,13 @@ impl From<&Snapshot> for StatusDoc {
     }
 }
 
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct TenantTextDoc {
+    pub title: String,
+    pub message: String,
+    pub suggested_actions: Vec<String>,
+}
+
 /// The admin's view without `?workspace`: every workspace, worst first.
 #[derive(Serialize, ToSchema, Debug)]
 pub struct StatusListDoc {
@@ -278,9 +285,14 @@ pub struct NotificationDoc {
     /// `storage_unavailable`, `shared_store_unavailable` or
     /// `upstream_key_missing`.
     pub kind: String,
+    /// `title`, `message` and `suggested_actions` are the operator's: what
+    /// happened in full, and what to change where.
     pub title: String,
     pub message: String,
     pub suggested_actions: Vec<String>,
+    /// What a tenant's own users may be shown instead: no internal
+    /// endpoints, operator URLs or upstream error texts.
+    pub tenant: TenantTextDoc,
     pub limit: Option<String>,
     pub created_at: String,
     /// When the cause is expected to end by itself, if known.
@@ -299,6 +311,11 @@ impl From<&Notification> for NotificationDoc {
             title: n.title.clone(),
             message: n.message.clone(),
             suggested_actions: n.suggested_actions.clone(),
+            tenant: TenantTextDoc {
+                title: n.tenant.title.clone(),
+                message: n.tenant.message.clone(),
+                suggested_actions: n.tenant.suggested_actions.clone(),
+            },
             limit: n.limit.map(|kind| kind.name().to_owned()),
             created_at: rfc3339(n.created_at),
             resolves_at: n.resolves_at.map(rfc3339),

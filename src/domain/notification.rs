@@ -77,7 +77,10 @@ pub struct Notification {
     pub kind: NotificationKind,
     pub title: String,
     pub message: String,
+    /// The operator's: what happened in full, and what to change where.
     pub suggested_actions: Vec<String>,
+    /// What a tenant's own users may be shown instead.
+    pub tenant: TenantText,
     pub limit: Option<LimitKind>,
     pub created_at: Timestamp,
     /// When the cause is expected to end by itself, if that is known.
@@ -109,6 +112,99 @@ pub fn shared_id(workspace: &WorkspaceId, cause: Cause, started: Timestamp) -> S
     format!("ntf_{:016x}", u64::from_be_bytes(first))
 }
 
+/// A notification as a tenant's own users may read it: what it means for
+/// them and what they can do, without internal endpoints, operator URLs,
+/// upstream error texts or the names of settings.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct TenantText {
+    pub title: String,
+    pub message: String,
+    pub suggested_actions: Vec<String>,
+}
+
+fn tenant_text(title: &str, message: String, actions: &[&str]) -> TenantText {
+    TenantText {
+        title: title.to_owned(),
+        message,
+        suggested_actions: actions.iter().map(|action| (*action).to_owned()).collect(),
+    }
+}
+
+/// When something frees up, for a tenant's users: `in 12m`, or `soon`.
+fn when_for_tenant(at: Option<Timestamp>, now: Timestamp) -> String {
+    at.map_or_else(
+        || "soon".to_owned(),
+        |at| format!("in {}", humanize_duration(now.until(at))),
+    )
+}
+
+/// The tenant's text for `cause`.
+fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
+    const WAIT: &str = "Wait a moment and try again.";
+    const ADMIN: &str = "If this lasts, contact your administrator.";
+    match cause {
+        Cause::Approaching(kind) => {
+            let limit = facts.limit(kind);
+            tenant_text(
+                "Nearing a usage limit",
+                format!(
+                    "{} of the {} allowed {} {} are used. Requests may be paused for a while when the limit is reached.",
+                    group_digits(limit.used),
+                    group_digits(limit.max),
+                    kind.unit().noun(),
+                    period(kind),
+                ),
+                &["Spread requests out over time where you can."],
+            )
+        }
+        Cause::LimitExhausted(kind) => {
+            let limit = facts.limit(kind);
+            match kind.span() {
+                Span::Minute => tenant_text(
+                    "Too many requests right now",
+                    format!(
+                        "The per-minute limit is reached; requests resume {}.",
+                        when_for_tenant(limit.frees_at, now)
+                    ),
+                    &[WAIT],
+                ),
+                Span::Day => tenant_text(
+                    "Daily limit reached",
+                    format!(
+                        "Today's {} are used up; requests resume {}.",
+                        kind.unit().noun(),
+                        when_for_tenant(limit.resets_at, now)
+                    ),
+                    &["Try again after the limit resets.", "If you need more, contact your administrator."],
+                ),
+            }
+        }
+        Cause::UpstreamRateLimited => tenant_text(
+            "The AI service is busy",
+            format!(
+                "The AI provider asked to slow down; requests resume {}.",
+                when_for_tenant(facts.upstream_blocked_until, now)
+            ),
+            &[WAIT],
+        ),
+        Cause::UpstreamQuotaExhausted => tenant_text(
+            "AI requests are paused",
+            "The AI provider's quota for this service is used up. Requests are paused until it is restored.".to_owned(),
+            &["Nothing to do on your side: requests resume once it is fixed.", ADMIN],
+        ),
+        Cause::UpstreamErrorRate => tenant_text(
+            "The AI service is having problems",
+            "Many recent requests to the AI provider failed.".to_owned(),
+            &["Try again in a few minutes.", ADMIN],
+        ),
+        Cause::UpstreamKeyRejected => tenant_text(
+            "AI requests are failing",
+            "The service cannot reach the AI provider with its current settings.".to_owned(),
+            &[ADMIN],
+        ),
+    }
+}
+
 /// Writes the notification for `cause` as things stand at `now`.
 pub fn describe(
     id: String,
@@ -135,6 +231,7 @@ pub fn describe(
         title: text.title,
         message: text.message,
         suggested_actions: text.actions,
+        tenant: tenant_text_of(cause, facts, now),
         limit: match cause {
             Cause::Approaching(kind) | Cause::LimitExhausted(kind) => Some(kind),
             _ => None,
@@ -210,10 +307,33 @@ fn service_problem(
         title: text.title,
         message: text.message,
         suggested_actions: text.actions,
+        tenant: service_tenant_text(kind),
         limit: None,
         created_at: now,
         resolves_at: None,
         resolved_at: None,
+    }
+}
+
+/// The tenant's text of a service-wide problem.
+fn service_tenant_text(kind: NotificationKind) -> TenantText {
+    const NOTHING: &str = "Nothing to do on your side.";
+    match kind {
+        NotificationKind::UpstreamKeyMissing => tenant_text(
+            "AI requests are unavailable",
+            "The service is not connected to the AI provider right now.".to_owned(),
+            &["If this lasts, contact your administrator."],
+        ),
+        NotificationKind::SharedStoreUnavailable => tenant_text(
+            "The service is running in a reduced mode",
+            "Part of the service is unavailable; some requests may be refused sooner than usual until it recovers.".to_owned(),
+            &[NOTHING],
+        ),
+        _ => tenant_text(
+            "The service is having trouble saving its records",
+            "Your requests still work; the service is recovering by itself.".to_owned(),
+            &[NOTHING],
+        ),
     }
 }
 

@@ -25,7 +25,7 @@ use sqlx::sqlite::{
 };
 
 use crate::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId, parse_timezone};
-use crate::domain::notification::{Notification, NotificationKind, Severity};
+use crate::domain::notification::{Notification, NotificationKind, Severity, TenantText};
 use crate::domain::status::Cause;
 use crate::domain::time::Timestamp;
 use crate::domain::workspace::Saved;
@@ -306,13 +306,14 @@ type NotificationRow = (
     i64,
     Option<i64>,
     Option<i64>,
+    Option<String>,
 );
 
 /// The columns of `notifications`, as a literal so that queries stay
 /// `&'static str` (sqlx refuses SQL assembled at run time).
 macro_rules! notification_columns {
     () => {
-        "id, workspace_id, cause, severity, kind, title, message, suggested_actions, limit_name, created_at, resolves_at, resolved_at"
+        "id, workspace_id, cause, severity, kind, title, message, suggested_actions, limit_name, created_at, resolves_at, resolved_at, tenant"
     };
 }
 
@@ -366,6 +367,7 @@ fn notification_from_row(row: NotificationRow) -> Option<Notification> {
         created_at,
         resolves_at,
         resolved_at,
+        tenant,
     ) = row;
     Some(Notification {
         id,
@@ -376,11 +378,37 @@ fn notification_from_row(row: NotificationRow) -> Option<Notification> {
         title,
         message,
         suggested_actions: serde_json::from_str(&actions).unwrap_or_default(),
+        tenant: tenant.as_deref().map(tenant_from_json).unwrap_or_default(),
         limit: limit.as_deref().and_then(LimitKind::from_name),
         created_at: Timestamp::from_millis(created_at),
         resolves_at: resolves_at.map(Timestamp::from_millis),
         resolved_at: resolved_at.map(Timestamp::from_millis),
     })
+}
+
+/// The tenant's text of a notification as stored: a JSON object.
+fn tenant_to_json(tenant: &TenantText) -> String {
+    serde_json::json!({
+        "title": storable(&tenant.title),
+        "message": storable(&tenant.message),
+        "suggested_actions": tenant.suggested_actions,
+    })
+    .to_string()
+}
+
+fn tenant_from_json(json: &str) -> TenantText {
+    let value: serde_json::Value = serde_json::from_str(json).unwrap_or_default();
+    let text = |field: &str| value[field].as_str().unwrap_or_default().to_owned();
+    TenantText {
+        title: text("title"),
+        message: text("message"),
+        suggested_actions: value["suggested_actions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|action| action.as_str().map(str::to_owned))
+            .collect(),
+    }
 }
 
 /// Text as both databases can store it: PostgreSQL's text cannot hold a NUL
@@ -802,7 +830,7 @@ impl Store {
                 sqlx::query(concat!(
                     "INSERT INTO notifications (",
                     notification_columns!(),
-                    ") SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 WHERE $2 IS NULL OR EXISTS (SELECT 1 FROM workspaces WHERE id = $2) ON CONFLICT (id) DO UPDATE SET resolves_at = excluded.resolves_at, resolved_at = excluded.resolved_at, message = excluded.message"
+                    ") SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 WHERE $2 IS NULL OR EXISTS (SELECT 1 FROM workspaces WHERE id = $2) ON CONFLICT (id) DO UPDATE SET resolves_at = excluded.resolves_at, resolved_at = excluded.resolved_at, message = excluded.message"
                 ))
                 .bind(&n.id)
                 .bind(n.workspace.as_ref().map(WorkspaceId::as_str))
@@ -816,6 +844,7 @@ impl Store {
                 .bind(n.created_at.millis())
                 .bind(n.resolves_at.map(Timestamp::millis))
                 .bind(n.resolved_at.map(Timestamp::millis))
+                .bind(tenant_to_json(&n.tenant))
                 .execute(&mut *tx)
                 .await?;
             }

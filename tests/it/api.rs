@@ -967,3 +967,69 @@ async fn wrong_methods_get_json_errors() {
     assert_eq!(response.error_code(), "method_not_allowed");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn notifications_carry_a_text_for_tenants_without_operator_details() {
+    let server = TestServer::start(&[]).await;
+    let key = server
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_day": 2, "requests_per_minute": null}}),
+        )
+        .await;
+    for _ in 0..2 {
+        assert_eq!(server.check(&key, 0).await.status, StatusCode::OK);
+    }
+    let billing = json!({"status_code": 429,
+        "error": crate::support::fixture_json("error_429_credit_balance_exhausted.json")["error"]});
+    server.post("/api/quota/usage", &key, billing).await;
+    let doc = server.get("/api/quota/notifications", &key).await.body;
+    let notifications = doc["notifications"].as_array().expect("notifications");
+    let kinds: Vec<&str> = notifications
+        .iter()
+        .filter_map(|n| n["kind"].as_str())
+        .collect();
+    assert!(
+        kinds.contains(&"upstream_quota_exhausted") && kinds.contains(&"daily_quota_exhausted"),
+        "{kinds:?}"
+    );
+    for notification in notifications {
+        let tenant = &notification["tenant"];
+        let title = tenant["title"].as_str().expect("a tenant title");
+        let message = tenant["message"].as_str().expect("a tenant message");
+        let actions = tenant["suggested_actions"]
+            .as_array()
+            .expect("tenant actions");
+        assert!(
+            !title.is_empty() && !message.is_empty() && !actions.is_empty(),
+            "{tenant}"
+        );
+        let text = tenant.to_string();
+        for operator_only in [
+            "/api/",
+            "http",
+            "POST",
+            "PATCH",
+            "OPENAI_",
+            "QUOTAWATCH_",
+            "credit",
+            "acme",
+        ] {
+            assert!(
+                !text.contains(operator_only),
+                "{operator_only:?} shown to tenants: {text}"
+            );
+        }
+        // The operator's text keeps the details.
+        assert_ne!(notification["message"], tenant["message"]);
+    }
+    let billing = notifications
+        .iter()
+        .find(|n| n["kind"] == "upstream_quota_exhausted")
+        .expect("billing");
+    assert!(
+        billing["suggested_actions"]
+            .to_string()
+            .contains("/api/quota/reset")
+    );
+    server.stop().await;
+}

@@ -6,7 +6,7 @@ use std::future::Future;
 use std::time::Duration;
 
 use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId};
-use quotawatch::domain::notification::{Notification, NotificationKind, Severity};
+use quotawatch::domain::notification::{Notification, NotificationKind, Severity, TenantText};
 use quotawatch::domain::status::{Cause, Status};
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::window::{DayCounter, Usage};
@@ -227,6 +227,11 @@ fn notification(workspace: Option<&str>, at: i64, resolved: Option<i64>) -> Noti
         title: "title".into(),
         message: "message with numbers: 10 of 10".into(),
         suggested_actions: vec!["raise requests_per_day".into(), "reduce volume".into()],
+        tenant: TenantText {
+            title: "Daily limit reached".into(),
+            message: "Today's requests are used up \"for now\".".into(),
+            suggested_actions: vec!["Try again after the limit resets.".into()],
+        },
         limit: Some(LimitKind::RequestsPerDay),
         created_at: Timestamp::from_millis(at),
         resolves_at: Some(Timestamp::from_millis(at + 1000)),

@@ -29,10 +29,32 @@ export function applyNotificationEvent(active: Notification[], event: Notificati
 
 export function pressingNotification(notifications: Notification[]): Notification | undefined;
 
+/** Which of a notification's texts to show: the tenant's (default) or the operator's. */
+export type Audience = "tenant" | "operator";
+
+/** Words to show instead of a notification's own, by kind or by a function. */
+export type NotificationTexts =
+  | Partial<Record<Notification["kind"], Partial<NotificationText>>>
+  | ((notification: Notification, audience: Audience) => Partial<NotificationText> | undefined);
+
+export interface NotificationText {
+  title: string;
+  message: string;
+  suggestedActions: string[];
+}
+
+export function notificationText(
+  notification: Notification,
+  options?: { audience?: Audience; texts?: NotificationTexts },
+): NotificationText;
+
 export function QuotaNotification(props: {
   status: StatusDocument | null;
   notifications?: Notification[];
   className?: string;
+  /** Default `"tenant"`: the text an app's users may read. */
+  audience?: Audience;
+  texts?: NotificationTexts;
 }): ReactElement | null;
 
 export function QuotaToast(props: {
@@ -40,4 +62,8 @@ export function QuotaToast(props: {
   /** How long a toast stays (not for `quota_exceeded`, which waits). Default 6000. */
   timeoutMs?: number;
   className?: string;
+  /** Default `"tenant"`; `"operator"` also shows the machine-readable reasons. */
+  audience?: Audience;
+  /** Words for each status (`normal`, `warning`, `rate_limited`, `quota_exceeded`) and `dismiss`. */
+  labels?: Partial<Record<StatusDocument["status"] | "dismiss", string>>;
 }): ReactElement;

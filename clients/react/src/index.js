@@ -84,12 +84,39 @@ export function pressingNotification(notifications) {
 }
 
 /**
- * A banner for the most pressing active notification, with its suggested
- * actions; renders nothing while the workspace is normal.
+ * The words to show of a notification: the tenant's text by default (what
+ * an app's users may read), the operator's with `audience: "operator"`, and
+ * over either, what `texts` gives for its kind (a map of kind to
+ * `{title, message, suggestedActions}`, or a function of the notification
+ * and the audience), for other wording or another language.
  */
-export function QuotaNotification({ status, notifications = [], className }) {
+export function notificationText(notification, { audience = "tenant", texts } = {}) {
+  const base =
+    audience === "operator" || !notification.tenant
+      ? {
+          title: notification.title,
+          message: notification.message,
+          suggestedActions: notification.suggested_actions ?? [],
+        }
+      : {
+          title: notification.tenant.title,
+          message: notification.tenant.message,
+          suggestedActions: notification.tenant.suggested_actions ?? [],
+        };
+  const override = typeof texts === "function" ? texts(notification, audience) : texts?.[notification.kind];
+  return { ...base, ...(override ?? {}) };
+}
+
+/**
+ * A banner for the most pressing active notification, with its suggested
+ * actions; renders nothing while the workspace is normal. Shows the
+ * tenant's text unless `audience` is `"operator"`; `texts` overrides the
+ * wording (see `notificationText`).
+ */
+export function QuotaNotification({ status, notifications = [], className, audience, texts }) {
   const notification = pressingNotification(notifications);
   if (!notification || !status || status.status === "normal") return null;
+  const text = notificationText(notification, { audience, texts });
   return h(
     "div",
     {
@@ -98,13 +125,13 @@ export function QuotaNotification({ status, notifications = [], className }) {
       "data-severity": notification.severity,
       "data-kind": notification.kind,
     },
-    h("strong", { className: "quota-notification-title" }, notification.title),
-    h("p", { className: "quota-notification-message" }, notification.message),
-    notification.suggested_actions.length > 0
+    h("strong", { className: "quota-notification-title" }, text.title),
+    h("p", { className: "quota-notification-message" }, text.message),
+    text.suggestedActions.length > 0
       ? h(
           "ul",
           { className: "quota-notification-actions" },
-          notification.suggested_actions.map((action) => h("li", { key: action }, action)),
+          text.suggestedActions.map((action) => h("li", { key: action }, action)),
         )
       : null,
   );
@@ -115,8 +142,13 @@ let nextToastId = 0;
 /**
  * Toasts on status transitions. They dismiss themselves after `timeoutMs`,
  * except `quota_exceeded`, which waits for the user: someone has to act.
+ * `labels` replaces the words for each status (and `dismiss`), for other
+ * wording or another language; the machine-readable reasons are shown only
+ * with `audience: "operator"`.
  */
-export function QuotaToast({ status, timeoutMs = 6000, className }) {
+export function QuotaToast({ status, timeoutMs = 6000, className, audience = "tenant", labels = {} }) {
+  const label = (name) => labels[name] ?? STATUS_LABELS[name] ?? name;
+  const dismissLabel = labels.dismiss ?? "Dismiss";
   const [toasts, setToasts] = useState([]);
   const previous = useRef(null);
   const timers = useRef(new Map());
@@ -136,8 +168,8 @@ export function QuotaToast({ status, timeoutMs = 6000, className }) {
     const toast = {
       id: nextToastId,
       status: status.status,
-      title: `${status.name}: ${STATUS_LABELS[status.status] ?? status.status}`,
-      reasons: status.reasons,
+      title: `${status.name}: ${label(status.status)}`,
+      reasons: audience === "operator" ? status.reasons : [],
     };
     setToasts((current) => [...current, toast]);
     if (status.status !== "quota_exceeded") {
@@ -177,9 +209,9 @@ export function QuotaToast({ status, timeoutMs = 6000, className }) {
             type: "button",
             className: "quota-toast-dismiss",
             onClick: () => dismiss(toast.id),
-            "aria-label": `Dismiss: ${toast.title}`,
+            "aria-label": `${dismissLabel}: ${toast.title}`,
           },
-          "Dismiss",
+          dismissLabel,
         ),
       ),
     ),

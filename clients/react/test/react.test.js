@@ -28,6 +28,11 @@ const notification = (id, severity, overrides = {}) => ({
   title: `${severity} ${id}`,
   message: `message ${id}`,
   suggested_actions: [`act on ${id}`],
+  tenant: {
+    title: `tenant ${id}`,
+    message: `tenant message ${id}`,
+    suggested_actions: [`tenant act on ${id}`],
+  },
   created_at: "2026-11-27T10:00:00.000Z",
   ...overrides,
 });
@@ -182,7 +187,7 @@ describe("notification helpers", () => {
 });
 
 describe("QuotaNotification", () => {
-  it("shows the most pressing notification with its suggested actions", () => {
+  it("shows the most pressing notification with its suggested actions, for the operator when asked", () => {
     render(
       h(QuotaNotification, {
         status: status("quota_exceeded"),
@@ -190,12 +195,40 @@ describe("QuotaNotification", () => {
           notification("n1", "warning"),
           notification("n2", "critical", { suggested_actions: ["Add credits", "Reset"] }),
         ],
+        audience: "operator",
       }),
     );
     const banner = screen.getByRole("alert");
     expect(banner.dataset.severity).toBe("critical");
     expect(banner.textContent).toContain("critical n2");
     expect(screen.getAllByRole("listitem").map((item) => item.textContent)).toEqual(["Add credits", "Reset"]);
+  });
+
+  it("shows the tenant's text by default, and other wording where the app gives it", () => {
+    const notifications = [notification("n1", "critical", { kind: "upstream_quota_exhausted" })];
+    const { rerender } = render(h(QuotaNotification, { status: status("quota_exceeded"), notifications }));
+    const banner = screen.getByRole("alert");
+    expect(banner.textContent).toContain("tenant n1");
+    expect(banner.textContent).not.toContain("critical n1");
+    expect(screen.getAllByRole("listitem").map((item) => item.textContent)).toEqual(["tenant act on n1"]);
+    rerender(
+      h(QuotaNotification, {
+        status: status("quota_exceeded"),
+        notifications,
+        texts: { upstream_quota_exhausted: { title: "KI-Anfragen pausiert", suggestedActions: [] } },
+      }),
+    );
+    expect(screen.getByRole("alert").textContent).toContain("KI-Anfragen pausiert");
+    expect(screen.getByRole("alert").textContent).toContain("tenant message n1");
+    expect(screen.queryAllByRole("listitem")).toEqual([]);
+    rerender(
+      h(QuotaNotification, {
+        status: status("quota_exceeded"),
+        notifications,
+        texts: (n, audience) => ({ title: `${audience}: ${n.kind}` }),
+      }),
+    );
+    expect(screen.getByRole("alert").textContent).toContain("tenant: upstream_quota_exhausted");
   });
 
   it("is hidden while the workspace is normal or nothing is active", () => {
@@ -218,6 +251,7 @@ describe("QuotaToast", () => {
       h(QuotaToast, {
         status: status("rate_limited", { reasons: ["requests_per_minute_exhausted"] }),
         timeoutMs: 1000,
+        audience: "operator",
       }),
     );
     const toast = screen.getByRole("status");
@@ -235,6 +269,21 @@ describe("QuotaToast", () => {
 
     rerender(h(QuotaToast, { status: status("normal"), timeoutMs: 1000 }));
     expect(screen.getByRole("status").textContent).toContain("back to normal");
+  });
+
+  it("speaks to tenants without machine reasons, in the app's words", () => {
+    const labels = { rate_limited: "bitte kurz warten", dismiss: "Schließen" };
+    const { rerender } = render(h(QuotaToast, { status: status("normal"), labels }));
+    rerender(
+      h(QuotaToast, {
+        status: status("rate_limited", { reasons: ["requests_per_minute_exhausted"] }),
+        labels,
+      }),
+    );
+    const toast = screen.getByRole("status");
+    expect(toast.textContent).toContain("Acme: bitte kurz warten");
+    expect(toast.textContent).not.toContain("requests_per_minute_exhausted");
+    expect(screen.getByRole("button", { name: /Schließen/ })).toBeTruthy();
   });
 
   it("does not toast the first status it sees, or usage updates without a transition", () => {
