@@ -883,6 +883,11 @@ mod tests {
         })
     }
 
+    /// The configuration from `env` alone.
+    fn accepted(env: &[(&str, &str)]) -> Config {
+        load_with(None, None, env, vec![]).unwrap_or_else(|error| panic!("{env:?}: {error:?}"))
+    }
+
     /// The message of the error loading `env` (and `file`) gives.
     fn refusal(file: Option<&str>, env: &[(&str, &str)]) -> ConfigError {
         match load_with(file, None, env, vec![]) {
@@ -911,20 +916,13 @@ mod tests {
         let error = refusal(None, &[("QUOTAWATCH_RESERVATION_TTL", "10")]);
         assert_eq!(error.setting, "QUOTAWATCH_RESERVATION_TTL");
         assert!(error.message.contains("no unit"), "{}", error.message);
-        let config = load_with(None, None, &[("QUOTAWATCH_RESERVATION_TTL", "10s")], vec![])
-            .expect("with a unit");
+        let config = accepted(&[("QUOTAWATCH_RESERVATION_TTL", "10s")]);
         assert_eq!(config.engine.reservation_ttl, Duration::from_secs(10));
     }
 
     #[test]
     fn localhost_is_an_address_to_listen_on() {
-        let config = load_with(
-            None,
-            None,
-            &[("QUOTAWATCH_LISTEN", "localhost:8123")],
-            vec![],
-        )
-        .expect("localhost resolves");
+        let config = accepted(&[("QUOTAWATCH_LISTEN", "localhost:8123")]);
         assert!(config.listen.ip().is_loopback());
         assert_eq!(config.listen.port(), 8123);
         let error = refusal(None, &[("QUOTAWATCH_LISTEN", "8000")]);
@@ -938,7 +936,7 @@ mod tests {
             assert_eq!(error.setting, "QUOTAWATCH_LOG", "{filter}");
         }
         for filter in ["debug", "WARN", "info,quotawatch=trace,sqlx=off"] {
-            load_with(None, None, &[("QUOTAWATCH_LOG", filter)], vec![]).expect(filter);
+            accepted(&[("QUOTAWATCH_LOG", filter)]);
         }
     }
 

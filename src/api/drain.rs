@@ -21,7 +21,7 @@ use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
-use tokio::sync::oneshot;
+use tokio::sync::oneshot::{self, error::TryRecvError};
 
 /// The most of an unread body that is read to keep its connection.
 const DRAIN_LIMIT: usize = 1 << 20;
@@ -65,18 +65,20 @@ impl Drop for Tracked {
     }
 }
 
-/// Reads and drops `body`; whether it ended within the bounds.
-async fn drain(body: Body) -> bool {
+/// Reads and drops `body`; whether it ended within [`DRAIN_LIMIT`].
+async fn read_to_end(body: Body) -> bool {
     let mut limited = http_body_util::Limited::new(body, DRAIN_LIMIT);
-    let to_the_end = async {
-        while let Some(frame) = limited.frame().await {
-            if frame.is_err() {
-                return false;
-            }
+    while let Some(frame) = limited.frame().await {
+        if frame.is_err() {
+            return false;
         }
-        true
-    };
-    tokio::time::timeout(DRAIN_TIME, to_the_end)
+    }
+    true
+}
+
+/// Whether `draining` finished within [`DRAIN_TIME`] and said it did.
+async fn within_drain_time(draining: impl Future<Output = bool>) -> bool {
+    tokio::time::timeout(DRAIN_TIME, draining)
         .await
         .unwrap_or(false)
 }
@@ -87,19 +89,28 @@ pub async fn keep_connection_usable(request: Request, next: Next) -> Response {
     if body.is_end_stream() {
         return next.run(Request::from_parts(parts, body)).await;
     }
-    let (leftover, unread) = oneshot::channel();
+    let (leftover, mut unread) = oneshot::channel();
     let tracked = Body::new(Tracked {
         inner: body,
         leftover: Some(leftover),
     });
     let mut response = next.run(Request::from_parts(parts, tracked)).await;
     // The body is handed over when the handler drops it unread; a body read
-    // to its end is not (the channel closes empty). Waiting is bounded, in
-    // case something still holds the body.
-    let drained = match tokio::time::timeout(DRAIN_TIME, unread).await {
-        Ok(Ok(rest)) => drain(rest).await,
-        Ok(Err(_)) => true,
-        Err(_) => false,
+    // to its end is not (the channel closes empty), which is the usual case
+    // and costs no timer. Otherwise waiting for the handover and reading the
+    // rest share one bound, in case something still holds the body.
+    let drained = match unread.try_recv() {
+        Err(TryRecvError::Closed) => true,
+        Ok(rest) => within_drain_time(read_to_end(rest)).await,
+        Err(TryRecvError::Empty) => {
+            within_drain_time(async move {
+                match unread.await {
+                    Ok(rest) => read_to_end(rest).await,
+                    Err(_) => true,
+                }
+            })
+            .await
+        }
     };
     if !drained {
         response

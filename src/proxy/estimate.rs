@@ -398,7 +398,7 @@ impl<'de> Visitor<'de> for Prompt<'_, '_> {
         };
         while let Some(key) = map.next_key::<Key>()? {
             let key = key.0.as_deref().unwrap_or("");
-            tokens += match (self.endpoint, key) {
+            let counted = match (self.endpoint, key) {
                 (Endpoint::ChatCompletions, "messages") => {
                     map.next_value_seed(Messages(counting))?
                 }
@@ -421,6 +421,7 @@ impl<'de> Visitor<'de> for Prompt<'_, '_> {
                     0
                 }
             };
+            tokens = tokens.saturating_add(counted);
         }
         Ok(tokens)
     }

@@ -54,38 +54,36 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// The client's headers that go upstream (see [`FROM_CLIENT`]).
-pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
-    let named = connection_tokens(client);
-    let mut kept = HeaderMap::with_capacity(client.len());
-    for (name, value) in client {
+/// The headers of `headers` that `wanted` keeps, less those of one
+/// connection ([`HOP_BY_HOP`] and those its `Connection` header names).
+fn end_to_end(headers: &HeaderMap, wanted: impl Fn(&str) -> bool) -> HeaderMap {
+    let named = connection_tokens(headers);
+    let mut kept = HeaderMap::with_capacity(headers.len());
+    for (name, value) in headers {
         let name_str = name.as_str();
-        let listed = FROM_CLIENT.contains(&name_str)
-            || FROM_CLIENT_PREFIXES
-                .iter()
-                .any(|prefix| name_str.starts_with(prefix));
-        if listed && !named.iter().any(|token| token == name_str) {
+        let of_the_connection =
+            HOP_BY_HOP.contains(&name_str) || named.iter().any(|token| token == name_str);
+        if wanted(name_str) && !of_the_connection {
             kept.append(name.clone(), value.clone());
         }
     }
     kept
 }
 
-/// The upstream's headers that go to the client (all but [`HOP_BY_HOP`],
-/// those the `Connection` header names, and [`NOT_TO_CLIENT`]).
+/// The client's headers that go upstream (see [`FROM_CLIENT`]).
+pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
+    end_to_end(client, |name| {
+        FROM_CLIENT.contains(&name)
+            || FROM_CLIENT_PREFIXES
+                .iter()
+                .any(|prefix| name.starts_with(prefix))
+    })
+}
+
+/// The upstream's headers that go to the client: all of the message but
+/// [`NOT_TO_CLIENT`].
 pub fn to_client(upstream: &HeaderMap) -> HeaderMap {
-    let named = connection_tokens(upstream);
-    let mut kept = HeaderMap::with_capacity(upstream.len());
-    for (name, value) in upstream {
-        let name_str = name.as_str();
-        let dropped = HOP_BY_HOP.contains(&name_str)
-            || NOT_TO_CLIENT.contains(&name_str)
-            || named.iter().any(|token| token == name_str);
-        if !dropped {
-            kept.append(name.clone(), value.clone());
-        }
-    }
-    kept
+    end_to_end(upstream, |name| !NOT_TO_CLIENT.contains(&name))
 }
 
 #[cfg(test)]

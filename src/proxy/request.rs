@@ -346,6 +346,49 @@ mod tests {
     }
 
     #[test]
+    fn a_disguised_or_repeated_prompt_is_charged_no_less() {
+        let plain = read_chat(r#"{"messages":[{"role":"user","content":"12345678"}]}"#)
+            .expect("valid")
+            .estimate;
+        // An escaped key is the same key to every JSON reader.
+        let escaped = read_chat(r#"{"mess\u0061ges":[{"role":"user","content":"12345678"}]}"#)
+            .expect("valid")
+            .estimate;
+        assert_eq!(escaped, plain);
+        // Given twice, an upstream takes one of the two: both are charged.
+        let twice =
+            read_chat(r#"{"messages":[{"role":"user","content":"12345678"}],"messages":[]}"#)
+                .expect("valid")
+                .estimate;
+        assert!(twice.prompt >= plain.prompt, "{twice:?} < {plain:?}");
+    }
+
+    #[test]
+    fn oversized_stream_options_are_refused() {
+        let body = format!(
+            r#"{{"stream":true,"stream_options":{{"pad":"{}"}}}}"#,
+            "x".repeat(MAX_STREAM_OPTIONS)
+        );
+        let error = read_chat(&body).expect_err("too large");
+        assert_eq!(error.field(), Some("stream_options"));
+    }
+
+    #[test]
+    fn the_largest_numbers_make_the_largest_estimate() {
+        let body = format!(r#"{{"max_tokens":{0},"n":{0},"messages":[]}}"#, u64::MAX);
+        let estimate = read_chat(&body).expect("valid").estimate;
+        assert_eq!(
+            estimate.total(),
+            u64::MAX,
+            "saturated, never wrapped to little"
+        );
+        for field in ["max_tokens", "n"] {
+            let error = read_chat(&format!(r#"{{"{field}":1e30}}"#)).expect_err(field);
+            assert_eq!(error.field(), Some(field));
+        }
+    }
+
+    #[test]
     fn the_estimate_counts_texts_and_the_completion_allowance() {
         let request = read_chat(
             r#"{"model":"gpt-4o","n":2,"max_tokens":10,"messages":[{"role":"user","content":"12345678"}]}"#,

@@ -13,6 +13,9 @@ use serde_json::{Value, json};
 use crate::support::browser::{Browser, PATIENCE};
 use crate::support::{ADMIN_KEY, TestServer, Upstream};
 
+/// The requests-per-minute gauge's figures on a workspace's own page.
+const RPM_GAUGE: &str = "[data-limit=requests_per_minute] [data-role=usage]";
+
 fn chat() -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 20})
 }
@@ -225,11 +228,7 @@ async fn the_dashboard_follows_usage_blocks_and_resets_live() {
     browser.click("button.danger").await;
     browser.click("dialog[open] button[value=confirm]").await;
     browser
-        .wait_text(
-            "[data-limit=requests_per_minute] [data-role=usage]",
-            PATIENCE,
-            |text| text.starts_with("0 / 100"),
-        )
+        .wait_text(RPM_GAUGE, PATIENCE, |text| text.starts_with("0 / 100"))
         .await;
 
     // The phone layout: one column, nothing wider than the screen.
@@ -318,11 +317,7 @@ async fn admins_create_workspaces_change_limits_and_manage_keys_from_the_ui() {
     browser.click("dialog[open] button[type=submit]").await;
     browser.wait_gone("dialog[open]").await;
     browser
-        .wait_text(
-            "[data-limit=requests_per_minute] [data-role=usage]",
-            PATIENCE,
-            |text| text.contains("/ 7 "),
-        )
+        .wait_text(RPM_GAUGE, PATIENCE, |text| text.contains("/ 7 "))
         .await;
     let config = server.get("/api/workspaces/gamma", ADMIN_KEY).await;
     assert_eq!(config.body["limits"]["requests_per_minute"], 7);

@@ -533,3 +533,65 @@ async fn the_workspace_not_the_client_chooses_the_organization_and_project_bille
     assert_eq!(response.body["error"]["param"], "upstream_organization");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn methods_without_a_body_carry_none_and_are_not_priced_as_completions() {
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let (server, key) = proxied(
+        &upstream,
+        &[],
+        json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}),
+    )
+    .await;
+    let raw = Raw::new(&server);
+    // A completion hidden in a GET: refused before the upstream.
+    let answer = raw
+        .send("GET", "/v1/chat/completions", &key, &[], streamed_chat())
+        .await;
+    assert_eq!(answer.status, StatusCode::BAD_REQUEST, "{}", answer.body);
+    assert_eq!(answer.json()["error"]["code"], "unexpected_body");
+    assert_eq!(upstream.stats().await["total"], 0);
+    // Listing stored completions is a GET without a body: forwarded, no tokens.
+    let answer = raw.send("GET", "/v1/models", &key, &[], "").await;
+    assert_eq!(answer.status, StatusCode::OK, "{}", answer.body);
+    assert_eq!(used_tokens(&server, &key).await, 0);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_largest_numbers_are_refused_as_too_large_not_wrapped() {
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let (server, key) = proxied(
+        &upstream,
+        &[],
+        json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}),
+    )
+    .await;
+    let raw = Raw::new(&server);
+    let body = format!(
+        r#"{{"model":"gpt-4o-mini","max_tokens":{0},"n":{0},"messages":[]}}"#,
+        u64::MAX
+    );
+    let answer = raw
+        .send("POST", "/v1/chat/completions", &key, &[], body)
+        .await;
+    assert_eq!(
+        answer.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{}",
+        answer.body
+    );
+    let declared = raw
+        .send(
+            "POST",
+            "/v1/chat/completions",
+            &key,
+            &[("content-length", "18446744073709551615")],
+            "{}",
+        )
+        .await;
+    assert!(declared.status.is_client_error(), "{}", declared.status);
+    assert_eq!(upstream.stats().await["total"], 0);
+    assert_eq!(used_tokens(&server, &key).await, 0);
+    server.stop().await;
+}
