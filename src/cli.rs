@@ -242,16 +242,16 @@ impl Cli {
     fn overrides(&self) -> CliOverrides {
         let mut overrides = Vec::new();
         if let Some(url) = &self.database_url {
-            overrides.push(("database_url", url.clone()));
+            overrides.push((config::DATABASE_URL.def.key, url.clone()));
         }
         if let Some(format) = &self.log_format {
-            overrides.push(("log_format", format.clone()));
+            overrides.push((config::LOG_FORMAT.def.key, format.clone()));
         }
         if let Command::Serve {
             listen: Some(listen),
         } = &self.command
         {
-            overrides.push(("listen", listen.clone()));
+            overrides.push((config::LISTEN.def.key, listen.clone()));
         }
         overrides
     }

@@ -21,10 +21,11 @@ use crate::domain::limits::{
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::WorkspaceDefaults;
+use crate::proxy::estimate::Tokenizer;
 use crate::telemetry::mask_secrets;
 
-/// One setting: its key in the TOML file, its environment variable, its
-/// default and what it does.
+/// What every setting has, whatever its type: its key in the TOML file, its
+/// environment variable, its default and what it does.
 pub struct SettingDef {
     pub key: &'static str,
     pub env: &'static str,
@@ -33,42 +34,98 @@ pub struct SettingDef {
     pub help: &'static str,
 }
 
-/// Every setting quotawatch reads. README.md documents the same table.
-#[rustfmt::skip]
-pub const SETTINGS: &[SettingDef] = &[
-    SettingDef { key: "listen", env: "QUOTAWATCH_LISTEN", default: Some("127.0.0.1:8000"), secret: false, help: "address and port to listen on" },
-    SettingDef { key: "database_url", env: "QUOTAWATCH_DATABASE_URL", default: Some("sqlite://quotawatch.db"), secret: false, help: "sqlite://PATH (created if missing) or postgres://..." },
-    SettingDef { key: "default_requests_per_minute", env: "OPENAI_RATE_LIMIT_PER_MINUTE", default: Some("500"), secret: false, help: "requests-per-minute limit of new workspaces (\"unlimited\" for none)" },
-    SettingDef { key: "default_requests_per_day", env: "OPENAI_RATE_LIMIT_PER_DAY", default: Some("10000"), secret: false, help: "requests-per-day limit of new workspaces" },
-    SettingDef { key: "default_tokens_per_minute", env: "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE", default: Some("unlimited"), secret: false, help: "tokens-per-minute limit of new workspaces" },
-    SettingDef { key: "default_tokens_per_day", env: "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY", default: Some("unlimited"), secret: false, help: "tokens-per-day limit of new workspaces" },
-    SettingDef { key: "default_warn_at", env: "QUOTAWATCH_DEFAULT_WARN_AT", default: Some("0.8"), secret: false, help: "utilisation at which new workspaces start warning" },
-    SettingDef { key: "admin_key", env: "QUOTA_ADMIN_RESET_KEY", default: None, secret: true, help: "the admin key; when unset, one is generated on first start and printed once" },
-    SettingDef { key: "reservation_ttl", env: "QUOTAWATCH_RESERVATION_TTL", default: Some("10m"), secret: false, help: "how long an unsettled token reservation lives" },
-    SettingDef { key: "probe_interval", env: "QUOTAWATCH_PROBE_INTERVAL", default: Some("60s"), secret: false, help: "how often one request may probe the upstream during a billing block" },
-    SettingDef { key: "flush_interval", env: "QUOTAWATCH_FLUSH_INTERVAL", default: Some("1s"), secret: false, help: "how often counted usage is written to the database (the most a kill -9 can lose)" },
-    SettingDef { key: "max_body_bytes", env: "QUOTAWATCH_MAX_BODY_BYTES", default: Some("65536"), secret: false, help: "largest request body the /api routes accept" },
-    SettingDef { key: "cors_origins", env: "QUOTAWATCH_CORS_ORIGINS", default: None, secret: false, help: "origins (scheme://host:port, comma-separated) whose pages may call the API and open the WebSocket from a browser" },
-    SettingDef { key: "ws_max_connections_per_key", env: "QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY", default: Some("16"), secret: false, help: "most WebSocket connections one key may hold open on one instance; more are refused with 429" },
-    SettingDef { key: "ws_ping_interval", env: "QUOTAWATCH_WS_PING_INTERVAL", default: Some("30s"), secret: false, help: "how often the server pings WebSocket clients; silent peers are closed after two" },
-    SettingDef { key: "log_format", env: "QUOTAWATCH_LOG_FORMAT", default: Some("pretty"), secret: false, help: "pretty or json" },
-    SettingDef { key: "log_level", env: "QUOTAWATCH_LOG", default: Some("info"), secret: false, help: "a tracing filter such as info or quotawatch=debug" },
-    SettingDef { key: "upstream_url", env: "QUOTAWATCH_UPSTREAM_URL", default: Some("https://api.openai.com/v1"), secret: false, help: "where /v1/* is forwarded (deliberately not OPENAI_BASE_URL, which apps point at quotawatch)" },
-    SettingDef { key: "upstream_api_key", env: "OPENAI_API_KEY", default: None, secret: true, help: "the key sent upstream, unless a workspace names its own variable" },
-    SettingDef { key: "upstream_connect_timeout", env: "QUOTAWATCH_UPSTREAM_CONNECT_TIMEOUT", default: Some("10s"), secret: false, help: "time to connect to the upstream" },
-    SettingDef { key: "upstream_headers_timeout", env: "QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", default: Some("600s"), secret: false, help: "time until the upstream's response headers" },
-    SettingDef { key: "upstream_idle_timeout", env: "QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", default: Some("300s"), secret: false, help: "longest gap between chunks of a streamed response (there is no total timeout)" },
-    SettingDef { key: "proxy_max_body_bytes", env: "QUOTAWATCH_PROXY_MAX_BODY_BYTES", default: Some("33554432"), secret: false, help: "largest request body /v1/* accepts" },
-    SettingDef { key: "default_max_tokens", env: "QUOTAWATCH_DEFAULT_MAX_TOKENS", default: Some("1024"), secret: false, help: "completion tokens reserved when a request sets no max_tokens" },
-    SettingDef { key: "tokenizer", env: "QUOTAWATCH_TOKENIZER", default: Some("tiktoken"), secret: false, help: "how prompts are counted at admission: tiktoken (exact, ~4 MiB per encoding) or bytes (4 bytes per token)" },
-    SettingDef { key: "metrics_models", env: "QUOTAWATCH_METRICS_MODELS", default: Some("gpt-5,gpt-5-mini,gpt-5-nano,gpt-4.1,gpt-4.1-mini,gpt-4.1-nano,gpt-4o,gpt-4o-mini,o3,o4-mini,text-embedding-3-small,text-embedding-3-large"), secret: false, help: "models that get their own metrics label; others are counted as other" },
-    SettingDef { key: "metrics_public", env: "QUOTAWATCH_METRICS_PUBLIC", default: Some("false"), secret: false, help: "serve /metrics without the admin key" },
-    SettingDef { key: "redis_url", env: "QUOTAWATCH_REDIS_URL", default: None, secret: false, help: "redis://HOST:PORT/DB: share counters, blocks and live events with other instances (unset: this instance counts alone)" },
-    SettingDef { key: "redis_prefix", env: "QUOTAWATCH_REDIS_PREFIX", default: Some("quotawatch:"), secret: false, help: "prefix of every Redis key and channel; instances that share limits use the same one" },
-    SettingDef { key: "redis_timeout", env: "QUOTAWATCH_REDIS_TIMEOUT", default: Some("50ms"), secret: false, help: "longest wait for any Redis call before the on_store_error fallback applies" },
-    SettingDef { key: "on_store_error", env: "QUOTAWATCH_ON_STORE_ERROR", default: Some("local"), secret: false, help: "while Redis is unreachable: local (each instance enforces limit/replicas), closed (refuse with 503) or open (admit, count locally)" },
-    SettingDef { key: "replicas", env: "QUOTAWATCH_REPLICAS", default: Some("1"), secret: false, help: "how many instances share the limits; each enforces 1/replicas of them while Redis is unreachable" },
-];
+/// One setting with the parser that turns its text into a `T`. Settings are
+/// read by these constants (`read(&LISTEN)`), so a misspelt setting does not
+/// compile.
+pub struct Setting<T> {
+    pub def: SettingDef,
+    parse: fn(&str) -> Result<T, String>,
+}
+
+/// Declares each setting once, as a typed constant, and the table of all of
+/// them (`SETTINGS`) from the same lines.
+macro_rules! settings {
+    ($(
+        $name:ident: $ty:ty = ($key:literal, $env:literal, $default:expr, $secret:literal, $parse:expr,
+            $help:literal);
+    )*) => {
+        $(
+            pub const $name: Setting<$ty> = Setting {
+                def: SettingDef { key: $key, env: $env, default: $default, secret: $secret, help: $help },
+                parse: $parse,
+            };
+        )*
+        /// Every setting quotawatch reads. README.md documents the same table.
+        pub const SETTINGS: &[SettingDef] = &[$($name.def),*];
+    };
+}
+
+settings! {
+    LISTEN: SocketAddr = ("listen", "QUOTAWATCH_LISTEN", Some("127.0.0.1:8000"), false, parse_listen,
+        "address and port to listen on");
+    DATABASE_URL: String = ("database_url", "QUOTAWATCH_DATABASE_URL", Some("sqlite://quotawatch.db"), false, parse_database_url,
+        "sqlite://PATH (created if missing) or postgres://...");
+    DEFAULT_REQUESTS_PER_MINUTE: Option<u64> = ("default_requests_per_minute", "OPENAI_RATE_LIMIT_PER_MINUTE", Some("500"), false, |text| parse_limit(text, LimitKind::RequestsPerMinute),
+        "requests-per-minute limit of new workspaces (\"unlimited\" for none)");
+    DEFAULT_REQUESTS_PER_DAY: Option<u64> = ("default_requests_per_day", "OPENAI_RATE_LIMIT_PER_DAY", Some("10000"), false, |text| parse_limit(text, LimitKind::RequestsPerDay),
+        "requests-per-day limit of new workspaces");
+    DEFAULT_TOKENS_PER_MINUTE: Option<u64> = ("default_tokens_per_minute", "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE", Some("unlimited"), false, |text| parse_limit(text, LimitKind::TokensPerMinute),
+        "tokens-per-minute limit of new workspaces");
+    DEFAULT_TOKENS_PER_DAY: Option<u64> = ("default_tokens_per_day", "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY", Some("unlimited"), false, |text| parse_limit(text, LimitKind::TokensPerDay),
+        "tokens-per-day limit of new workspaces");
+    DEFAULT_WARN_AT: f64 = ("default_warn_at", "QUOTAWATCH_DEFAULT_WARN_AT", Some("0.8"), false, parse_warn_at,
+        "utilisation at which new workspaces start warning");
+    ADMIN_KEY: Secret = ("admin_key", "QUOTA_ADMIN_RESET_KEY", None, true, parse_admin_key,
+        "the admin key; when unset, one is generated on first start and printed once");
+    RESERVATION_TTL: Duration = ("reservation_ttl", "QUOTAWATCH_RESERVATION_TTL", Some("10m"), false, parse_positive_duration,
+        "how long an unsettled token reservation lives");
+    PROBE_INTERVAL: Duration = ("probe_interval", "QUOTAWATCH_PROBE_INTERVAL", Some("60s"), false, parse_positive_duration,
+        "how often one request may probe the upstream during a billing block");
+    FLUSH_INTERVAL: Duration = ("flush_interval", "QUOTAWATCH_FLUSH_INTERVAL", Some("1s"), false, parse_positive_duration,
+        "how often counted usage is written to the database (the most a kill -9 can lose)");
+    MAX_BODY_BYTES: usize = ("max_body_bytes", "QUOTAWATCH_MAX_BODY_BYTES", Some("65536"), false, parse_byte_count,
+        "largest request body the /api routes accept");
+    CORS_ORIGINS: Vec<String> = ("cors_origins", "QUOTAWATCH_CORS_ORIGINS", None, false, parse_origins,
+        "origins (scheme://host:port, comma-separated) whose pages may call the API and open the WebSocket from a browser");
+    WS_MAX_CONNECTIONS_PER_KEY: usize = ("ws_max_connections_per_key", "QUOTAWATCH_WS_MAX_CONNECTIONS_PER_KEY", Some("16"), false, parse_at_least_one,
+        "most WebSocket connections one key may hold open on one instance; more are refused with 429");
+    WS_PING_INTERVAL: Duration = ("ws_ping_interval", "QUOTAWATCH_WS_PING_INTERVAL", Some("30s"), false, parse_positive_duration,
+        "how often the server pings WebSocket clients; silent peers are closed after two");
+    LOG_FORMAT: LogFormat = ("log_format", "QUOTAWATCH_LOG_FORMAT", Some("pretty"), false, parse_log_format,
+        "pretty or json");
+    LOG_LEVEL: String = ("log_level", "QUOTAWATCH_LOG", Some("info"), false, parse_log_filter,
+        "a tracing filter such as info or quotawatch=debug");
+    UPSTREAM_URL: String = ("upstream_url", "QUOTAWATCH_UPSTREAM_URL", Some("https://api.openai.com/v1"), false, parse_upstream_url,
+        "where /v1/* is forwarded (deliberately not OPENAI_BASE_URL, which apps point at quotawatch)");
+    UPSTREAM_API_KEY: Secret = ("upstream_api_key", "OPENAI_API_KEY", None, true, |text| Ok(Secret(text.to_owned())),
+        "the key sent upstream, unless a workspace names its own variable");
+    UPSTREAM_CONNECT_TIMEOUT: Duration = ("upstream_connect_timeout", "QUOTAWATCH_UPSTREAM_CONNECT_TIMEOUT", Some("10s"), false, parse_positive_duration,
+        "time to connect to the upstream");
+    UPSTREAM_HEADERS_TIMEOUT: Duration = ("upstream_headers_timeout", "QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", Some("600s"), false, parse_positive_duration,
+        "time until the upstream's response headers");
+    UPSTREAM_IDLE_TIMEOUT: Duration = ("upstream_idle_timeout", "QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", Some("300s"), false, parse_positive_duration,
+        "longest gap between chunks of a streamed response (there is no total timeout)");
+    PROXY_MAX_BODY_BYTES: usize = ("proxy_max_body_bytes", "QUOTAWATCH_PROXY_MAX_BODY_BYTES", Some("33554432"), false, parse_byte_count,
+        "largest request body /v1/* accepts");
+    DEFAULT_MAX_TOKENS: u64 = ("default_max_tokens", "QUOTAWATCH_DEFAULT_MAX_TOKENS", Some("1024"), false, parse_whole_number,
+        "completion tokens reserved when a request sets no max_tokens");
+    TOKENIZER: Tokenizer = ("tokenizer", "QUOTAWATCH_TOKENIZER", Some("tiktoken"), false, parse_tokenizer,
+        "how prompts are counted at admission: tiktoken (exact, ~4 MiB per encoding) or bytes (4 bytes per token)");
+    METRICS_MODELS: Vec<String> = ("metrics_models", "QUOTAWATCH_METRICS_MODELS", Some("gpt-5,gpt-5-mini,gpt-5-nano,gpt-4.1,gpt-4.1-mini,gpt-4.1-nano,gpt-4o,gpt-4o-mini,o3,o4-mini,text-embedding-3-small,text-embedding-3-large"), false, parse_list,
+        "models that get their own metrics label; others are counted as other");
+    METRICS_PUBLIC: bool = ("metrics_public", "QUOTAWATCH_METRICS_PUBLIC", Some("false"), false, parse_bool,
+        "serve /metrics without the admin key");
+    REDIS_URL: String = ("redis_url", "QUOTAWATCH_REDIS_URL", None, false, parse_redis_url,
+        "redis://HOST:PORT/DB: share counters, blocks and live events with other instances (unset: this instance counts alone)");
+    REDIS_PREFIX: String = ("redis_prefix", "QUOTAWATCH_REDIS_PREFIX", Some("quotawatch:"), false, |text| Ok(text.to_owned()),
+        "prefix of every Redis key and channel; instances that share limits use the same one");
+    REDIS_TIMEOUT: Duration = ("redis_timeout", "QUOTAWATCH_REDIS_TIMEOUT", Some("50ms"), false, parse_positive_duration,
+        "longest wait for any Redis call before the on_store_error fallback applies");
+    ON_STORE_ERROR: StoreErrorMode = ("on_store_error", "QUOTAWATCH_ON_STORE_ERROR", Some("local"), false, parse_store_error_mode,
+        "while Redis is unreachable: local (each instance enforces limit/replicas), closed (refuse with 503) or open (admit, count locally)");
+    REPLICAS: u32 = ("replicas", "QUOTAWATCH_REPLICAS", Some("1"), false, parse_replicas,
+        "how many instances share the limits; each enforces 1/replicas of them while Redis is unreachable");
+}
 
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Source {
@@ -152,7 +209,7 @@ pub struct UpstreamConfig {
     pub idle_timeout: Duration,
     pub max_body_bytes: usize,
     pub default_max_tokens: u64,
-    pub tokenizer: crate::proxy::estimate::Tokenizer,
+    pub tokenizer: Tokenizer,
 }
 
 #[derive(Clone, Debug)]
@@ -236,14 +293,6 @@ enum FileLimit {
     /// serde's "did not match any variant".
     Count(i64),
     Word(String),
-}
-
-/// The environment variable of a setting, by which errors name it.
-fn env_name(key: &str) -> &str {
-    SETTINGS
-        .iter()
-        .find(|setting| setting.key == key)
-        .map_or(key, |setting| setting.env)
 }
 
 pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
@@ -341,272 +390,64 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
     build(values, declared)
 }
 
+/// The collected text of every setting, with where it came from.
+struct Values(HashMap<&'static str, (String, Source)>);
+
+impl Values {
+    fn text(&self, def: &SettingDef) -> (&str, &Source) {
+        self.0
+            .get(def.key)
+            .map_or(("", &Source::Default), |(value, source)| {
+                (value.trim(), source)
+            })
+    }
+
+    /// A setting that has a default, parsed.
+    fn read<T>(&self, setting: &Setting<T>) -> Result<T, ConfigError> {
+        let (text, source) = self.text(&setting.def);
+        (setting.parse)(text).map_err(|message| ConfigError::new(setting.def.env, source, message))
+    }
+
+    /// A setting without a default: `None` when it is unset.
+    fn read_optional<T>(&self, setting: &Setting<T>) -> Result<Option<T>, ConfigError> {
+        match self.text(&setting.def) {
+            ("", _) => Ok(None),
+            _ => self.read(setting).map(Some),
+        }
+    }
+}
+
 fn build(
     values: HashMap<&'static str, (String, Source)>,
     (declared, declared_in): (Vec<FileWorkspace>, Source),
 ) -> Result<Config, ConfigError> {
-    let get = |key: &str| {
-        values
-            .get(key)
-            .map(|(value, source)| (value.trim(), source))
-    };
-    let required = |key: &str| -> (&str, &Source) { get(key).unwrap_or(("", &Source::Default)) };
-    let fail = |key: &str, source: &Source, message: String| {
-        ConfigError::new(env_name(key), source, message)
-    };
-
-    let duration = |key: &str| -> Result<Duration, ConfigError> {
-        let (text, source) = required(key);
-        if text.parse::<f64>().is_ok() {
-            // Seconds for one reader, milliseconds for another: a unit it is.
-            return Err(fail(
-                key,
-                source,
-                format!("{text:?} has no unit: write it as 500ms, {text}s, 10m or 1h"),
-            ));
-        }
-        parse_duration(text)
-            .filter(|d| !d.is_zero())
-            .ok_or_else(|| {
-                fail(
-                    key,
-                    source,
-                    format!("{text:?} is not a positive duration such as 500ms, 10s, 10m or 1h"),
-                )
-            })
-    };
-    let limit = |key: &str, kind: LimitKind| -> Result<Option<u64>, ConfigError> {
-        let (text, source) = required(key);
-        let value = match text {
-            "" | "unlimited" | "none" => None,
-            number => Some(number.parse::<u64>().map_err(|_| {
-                fail(
-                    key,
-                    source,
-                    format!("{number:?} is not a whole number (or \"unlimited\")"),
-                )
-            })?),
-        };
-        validate_limit(kind, value).map_err(|e| fail(key, source, e.message))
-    };
-
-    let (listen_text, listen_source) = required("listen");
-    let listen = listen_address(listen_text).ok_or_else(|| {
-        fail(
-            "listen",
-            listen_source,
-            format!("{listen_text:?} is not an address such as 127.0.0.1:8000 or localhost:8000"),
-        )
-    })?;
-
-    let (database_url, database_source) = required("database_url");
-    if !(database_url.starts_with("sqlite:")
-        || database_url.starts_with("postgres://")
-        || database_url.starts_with("postgresql://"))
-    {
-        return Err(fail(
-            "database_url",
-            database_source,
-            format!(
-                "{:?} must start with sqlite:, postgres:// or postgresql://",
-                mask_secrets(database_url)
-            ),
-        ));
-    }
-
+    let values = Values(values);
     let mut limits = Limits::default();
-    for (key, kind) in [
-        ("default_requests_per_minute", LimitKind::RequestsPerMinute),
-        ("default_requests_per_day", LimitKind::RequestsPerDay),
-        ("default_tokens_per_minute", LimitKind::TokensPerMinute),
-        ("default_tokens_per_day", LimitKind::TokensPerDay),
+    for (setting, kind) in [
+        (&DEFAULT_REQUESTS_PER_MINUTE, LimitKind::RequestsPerMinute),
+        (&DEFAULT_REQUESTS_PER_DAY, LimitKind::RequestsPerDay),
+        (&DEFAULT_TOKENS_PER_MINUTE, LimitKind::TokensPerMinute),
+        (&DEFAULT_TOKENS_PER_DAY, LimitKind::TokensPerDay),
     ] {
-        limits.set(kind, limit(key, kind)?);
+        limits.set(kind, values.read(setting)?);
     }
-    let (warn_text, warn_source) = required("default_warn_at");
-    let warn_at = warn_text
-        .parse::<f64>()
-        .map_err(|_| {
-            fail(
-                "default_warn_at",
-                warn_source,
-                format!("{warn_text:?} is not a number"),
-            )
-        })
-        .and_then(|w| {
-            validate_warn_at(w).map_err(|e| fail("default_warn_at", warn_source, e.message))
-        })?;
-
-    let admin_key = match get("admin_key") {
-        None | Some(("", _)) => None,
-        Some((key, source)) if key.len() < 16 => {
-            return Err(fail(
-                "admin_key",
-                source,
-                "the admin key must be at least 16 characters".to_owned(),
-            ));
-        }
-        Some((key, _)) => Some(Secret(key.to_owned())),
+    let warn_at = values.read(&DEFAULT_WARN_AT)?;
+    let replicas = values.read(&REPLICAS)?;
+    let on_store_error = match values.read(&ON_STORE_ERROR)? {
+        StoreErrorMode::Local => OnStoreError::Local {
+            instances: replicas,
+        },
+        StoreErrorMode::Closed => OnStoreError::Closed,
+        StoreErrorMode::Open => OnStoreError::Open,
     };
-
-    let byte_count = |key: &str| -> Result<usize, ConfigError> {
-        let (text, source) = required(key);
-        text.parse::<usize>()
-            .ok()
-            .filter(|n| *n >= 1024)
-            .ok_or_else(|| {
-                fail(
-                    key,
-                    source,
-                    format!("{text:?} is not a byte count of at least 1024"),
-                )
-            })
-    };
-    let max_body_bytes = byte_count("max_body_bytes")?;
-
-    let (url_text, url_source) = required("upstream_url");
-    let upstream_url = url_text.trim_end_matches('/');
-    if !(upstream_url.starts_with("http://") || upstream_url.starts_with("https://")) {
-        return Err(fail(
-            "upstream_url",
-            url_source,
-            format!(
-                "{:?} is not an http:// or https:// URL",
-                mask_secrets(url_text)
-            ),
-        ));
-    }
-    let (tokens_text, tokens_source) = required("default_max_tokens");
-    let default_max_tokens = tokens_text.parse::<u64>().map_err(|_| {
-        fail(
-            "default_max_tokens",
-            tokens_source,
-            format!("{tokens_text:?} is not a whole number"),
-        )
-    })?;
-    let (tokenizer_text, tokenizer_source) = required("tokenizer");
-    let tokenizer = match tokenizer_text {
-        "tiktoken" => crate::proxy::estimate::Tokenizer::Tiktoken,
-        "bytes" => crate::proxy::estimate::Tokenizer::Bytes,
-        other => {
-            return Err(fail(
-                "tokenizer",
-                tokenizer_source,
-                format!("{other:?} is neither tiktoken nor bytes"),
-            ));
-        }
-    };
-    let (public_text, public_source) = required("metrics_public");
-    let metrics_public = match public_text {
-        "true" | "1" | "yes" => true,
-        "false" | "0" | "no" => false,
-        other => {
-            return Err(fail(
-                "metrics_public",
-                public_source,
-                format!("{other:?} is neither true nor false"),
-            ));
-        }
-    };
-    let metrics_models = required("metrics_models")
-        .0
-        .split(',')
-        .map(str::trim)
-        .filter(|model| !model.is_empty())
-        .map(str::to_owned)
-        .collect();
-    let upstream_api_key = match get("upstream_api_key") {
-        None | Some(("", _)) => None,
-        Some((key, _)) => Some(Secret(key.to_owned())),
-    };
-
-    let (format_text, format_source) = required("log_format");
-    let log_format = match format_text {
-        "pretty" => LogFormat::Pretty,
-        "json" => LogFormat::Json,
-        other => {
-            return Err(fail(
-                "log_format",
-                format_source,
-                format!("{other:?} is neither pretty nor json"),
-            ));
-        }
-    };
-    let (level_text, level_source) = required("log_level");
-    validate_log_filter(level_text).map_err(|message| fail("log_level", level_source, message))?;
-
-    let (connections_text, connections_source) = required("ws_max_connections_per_key");
-    let ws_max_connections_per_key = connections_text
-        .parse::<usize>()
-        .ok()
-        .filter(|n| *n >= 1)
-        .ok_or_else(|| {
-            fail(
-                "ws_max_connections_per_key",
-                connections_source,
-                format!("{connections_text:?} is not a whole number of at least 1"),
-            )
-        })?;
-
-    let cors_origins = match get("cors_origins") {
-        None => Vec::new(),
-        Some((text, source)) => text
-            .split(',')
-            .map(str::trim)
-            .map(|origin| {
-                parse_origin(origin).ok_or_else(|| {
-                    fail(
-                        "cors_origins",
-                        source,
-                        format!("{origin:?} is not an origin such as http://localhost:3000 (a scheme, a host and a port if not the default; no path)"),
-                    )
-                })
-            })
-            .collect::<Result<Vec<_>, _>>()?,
-    };
-
-    let (replicas_text, replicas_source) = required("replicas");
-    let instances = replicas_text
-        .parse::<u32>()
-        .ok()
-        .filter(|n| *n >= 1)
-        .ok_or_else(|| {
-            fail(
-                "replicas",
-                replicas_source,
-                format!("{replicas_text:?} is not a whole number of at least 1"),
-            )
-        })?;
-    let (on_error_text, on_error_source) = required("on_store_error");
-    let on_store_error = match on_error_text {
-        "local" => OnStoreError::Local { instances },
-        "closed" => OnStoreError::Closed,
-        "open" => OnStoreError::Open,
-        other => {
-            return Err(fail(
-                "on_store_error",
-                on_error_source,
-                format!("{other:?} is none of local, closed and open"),
-            ));
-        }
-    };
-    let redis = match get("redis_url") {
-        None | Some(("", _)) => None,
-        Some((url, source)) => {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err(fail(
-                    "redis_url",
-                    source,
-                    format!("{:?} is not a redis:// URL", mask_secrets(url)),
-                ));
-            }
-            Some(RedisConfig {
-                url: url.to_owned(),
-                prefix: required("redis_prefix").0.to_owned(),
-                timeout: duration("redis_timeout")?,
-                on_store_error,
-            })
-        }
+    let redis = match values.read_optional(&REDIS_URL)? {
+        None => None,
+        Some(url) => Some(RedisConfig {
+            url,
+            prefix: values.read(&REDIS_PREFIX)?,
+            timeout: values.read(&REDIS_TIMEOUT)?,
+            on_store_error,
+        }),
     };
 
     let workspaces = declared
@@ -630,52 +471,49 @@ fn build(
     let effective = SETTINGS
         .iter()
         .map(|setting| {
-            let (value, source) = values
-                .get(setting.key)
-                .cloned()
-                .unwrap_or_else(|| (String::new(), Source::Default));
+            let (value, source) = values.text(setting);
             let shown = match (setting.secret, value.is_empty()) {
                 (_, true) => "(unset)".to_owned(),
                 (true, false) => "******** (set)".to_owned(),
-                (false, false) => mask_secrets(&value).into_owned(),
+                (false, false) => mask_secrets(value).into_owned(),
             };
             Effective {
                 env: setting.env,
                 key: setting.key,
                 shown,
-                source,
+                source: source.clone(),
             }
         })
         .collect();
 
     Ok(Config {
-        listen,
-        database_url: database_url.to_owned(),
+        listen: values.read(&LISTEN)?,
+        database_url: values.read(&DATABASE_URL)?,
         defaults: WorkspaceDefaults { limits, warn_at },
-        admin_key,
+        admin_key: values.read_optional(&ADMIN_KEY)?,
         engine: Settings {
-            reservation_ttl: duration("reservation_ttl")?,
-            probe_interval: duration("probe_interval")?,
+            reservation_ttl: values.read(&RESERVATION_TTL)?,
+            probe_interval: values.read(&PROBE_INTERVAL)?,
         },
-        flush_interval: duration("flush_interval")?,
-        max_body_bytes,
-        ws_ping_interval: duration("ws_ping_interval")?,
-        ws_max_connections_per_key,
-        cors_origins,
-        log_format,
-        log_level: level_text.to_owned(),
+        flush_interval: values.read(&FLUSH_INTERVAL)?,
+        max_body_bytes: values.read(&MAX_BODY_BYTES)?,
+        ws_ping_interval: values.read(&WS_PING_INTERVAL)?,
+        ws_max_connections_per_key: values.read(&WS_MAX_CONNECTIONS_PER_KEY)?,
+        cors_origins: values.read_optional(&CORS_ORIGINS)?.unwrap_or_default(),
+        log_format: values.read(&LOG_FORMAT)?,
+        log_level: values.read(&LOG_LEVEL)?,
         upstream: UpstreamConfig {
-            url: upstream_url.to_owned(),
-            api_key: upstream_api_key,
-            connect_timeout: duration("upstream_connect_timeout")?,
-            headers_timeout: duration("upstream_headers_timeout")?,
-            idle_timeout: duration("upstream_idle_timeout")?,
-            max_body_bytes: byte_count("proxy_max_body_bytes")?,
-            default_max_tokens,
-            tokenizer,
+            url: values.read(&UPSTREAM_URL)?,
+            api_key: values.read_optional(&UPSTREAM_API_KEY)?,
+            connect_timeout: values.read(&UPSTREAM_CONNECT_TIMEOUT)?,
+            headers_timeout: values.read(&UPSTREAM_HEADERS_TIMEOUT)?,
+            idle_timeout: values.read(&UPSTREAM_IDLE_TIMEOUT)?,
+            max_body_bytes: values.read(&PROXY_MAX_BODY_BYTES)?,
+            default_max_tokens: values.read(&DEFAULT_MAX_TOKENS)?,
+            tokenizer: values.read(&TOKENIZER)?,
         },
-        metrics_models,
-        metrics_public,
+        metrics_models: values.read(&METRICS_MODELS)?,
+        metrics_public: values.read(&METRICS_PUBLIC)?,
         redis,
         workspaces,
         workspaces_file: match &declared_in {
@@ -684,6 +522,179 @@ fn build(
         },
         effective,
     })
+}
+
+// ----- the parsers of settings ----------------------------------------------------------
+
+fn parse_listen(text: &str) -> Result<SocketAddr, String> {
+    listen_address(text).ok_or_else(|| {
+        format!("{text:?} is not an address such as 127.0.0.1:8000 or localhost:8000")
+    })
+}
+
+fn parse_database_url(text: &str) -> Result<String, String> {
+    if text.starts_with("sqlite:")
+        || text.starts_with("postgres://")
+        || text.starts_with("postgresql://")
+    {
+        Ok(text.to_owned())
+    } else {
+        Err(format!(
+            "{:?} must start with sqlite:, postgres:// or postgresql://",
+            mask_secrets(text)
+        ))
+    }
+}
+
+fn parse_limit(text: &str, kind: LimitKind) -> Result<Option<u64>, String> {
+    let value = match text {
+        "" | "unlimited" | "none" => None,
+        number => Some(
+            number
+                .parse::<u64>()
+                .map_err(|_| format!("{number:?} is not a whole number (or \"unlimited\")"))?,
+        ),
+    };
+    validate_limit(kind, value).map_err(|e| e.message)
+}
+
+fn parse_warn_at(text: &str) -> Result<f64, String> {
+    let warn_at = text
+        .parse::<f64>()
+        .map_err(|_| format!("{text:?} is not a number"))?;
+    validate_warn_at(warn_at).map_err(|e| e.message)
+}
+
+fn parse_admin_key(text: &str) -> Result<Secret, String> {
+    if text.len() < 16 {
+        Err("the admin key must be at least 16 characters".to_owned())
+    } else {
+        Ok(Secret(text.to_owned()))
+    }
+}
+
+fn parse_positive_duration(text: &str) -> Result<Duration, String> {
+    if text.parse::<f64>().is_ok() {
+        // Seconds for one reader, milliseconds for another: a unit it is.
+        return Err(format!(
+            "{text:?} has no unit: write it as 500ms, {text}s, 10m or 1h"
+        ));
+    }
+    parse_duration(text)
+        .filter(|d| !d.is_zero())
+        .ok_or_else(|| format!("{text:?} is not a positive duration such as 500ms, 10s, 10m or 1h"))
+}
+
+fn parse_byte_count(text: &str) -> Result<usize, String> {
+    text.parse::<usize>()
+        .ok()
+        .filter(|n| *n >= 1024)
+        .ok_or_else(|| format!("{text:?} is not a byte count of at least 1024"))
+}
+
+fn parse_at_least_one(text: &str) -> Result<usize, String> {
+    text.parse::<usize>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| format!("{text:?} is not a whole number of at least 1"))
+}
+
+fn parse_replicas(text: &str) -> Result<u32, String> {
+    text.parse::<u32>()
+        .ok()
+        .filter(|n| *n >= 1)
+        .ok_or_else(|| format!("{text:?} is not a whole number of at least 1"))
+}
+
+fn parse_whole_number(text: &str) -> Result<u64, String> {
+    text.parse::<u64>()
+        .map_err(|_| format!("{text:?} is not a whole number"))
+}
+
+fn parse_origins(text: &str) -> Result<Vec<String>, String> {
+    text.split(',')
+        .map(str::trim)
+        .map(|origin| {
+            parse_origin(origin).ok_or_else(|| {
+                format!("{origin:?} is not an origin such as http://localhost:3000 (a scheme, a host and a port if not the default; no path)")
+            })
+        })
+        .collect()
+}
+
+fn parse_log_format(text: &str) -> Result<LogFormat, String> {
+    match text {
+        "pretty" => Ok(LogFormat::Pretty),
+        "json" => Ok(LogFormat::Json),
+        other => Err(format!("{other:?} is neither pretty nor json")),
+    }
+}
+
+fn parse_log_filter(text: &str) -> Result<String, String> {
+    validate_log_filter(text).map(|()| text.to_owned())
+}
+
+fn parse_upstream_url(text: &str) -> Result<String, String> {
+    let url = text.trim_end_matches('/');
+    if url.starts_with("http://") || url.starts_with("https://") {
+        Ok(url.to_owned())
+    } else {
+        Err(format!(
+            "{:?} is not an http:// or https:// URL",
+            mask_secrets(text)
+        ))
+    }
+}
+
+fn parse_tokenizer(text: &str) -> Result<Tokenizer, String> {
+    match text {
+        "tiktoken" => Ok(Tokenizer::Tiktoken),
+        "bytes" => Ok(Tokenizer::Bytes),
+        other => Err(format!("{other:?} is neither tiktoken nor bytes")),
+    }
+}
+
+fn parse_list(text: &str) -> Result<Vec<String>, String> {
+    Ok(text
+        .split(',')
+        .map(str::trim)
+        .filter(|item| !item.is_empty())
+        .map(str::to_owned)
+        .collect())
+}
+
+fn parse_bool(text: &str) -> Result<bool, String> {
+    match text {
+        "true" | "1" | "yes" => Ok(true),
+        "false" | "0" | "no" => Ok(false),
+        other => Err(format!("{other:?} is neither true nor false")),
+    }
+}
+
+fn parse_redis_url(text: &str) -> Result<String, String> {
+    if text.starts_with("redis://") || text.starts_with("rediss://") {
+        Ok(text.to_owned())
+    } else {
+        Err(format!("{:?} is not a redis:// URL", mask_secrets(text)))
+    }
+}
+
+/// What to do while Redis is unreachable, before the number of replicas is
+/// known.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum StoreErrorMode {
+    Local,
+    Closed,
+    Open,
+}
+
+fn parse_store_error_mode(text: &str) -> Result<StoreErrorMode, String> {
+    match text {
+        "local" => Ok(StoreErrorMode::Local),
+        "closed" => Ok(StoreErrorMode::Closed),
+        "open" => Ok(StoreErrorMode::Open),
+        other => Err(format!("{other:?} is none of local, closed and open")),
+    }
 }
 
 /// An origin as browsers send it: `http` or `https`, a host and a port
@@ -959,6 +970,23 @@ mod tests {
             "{}",
             error.message
         );
+    }
+
+    #[test]
+    fn every_setting_has_one_key_and_one_variable_and_is_in_the_readme() {
+        let readme = include_str!("../README.md");
+        let mut keys = std::collections::HashSet::new();
+        let mut envs = std::collections::HashSet::new();
+        for setting in SETTINGS {
+            assert!(keys.insert(setting.key), "{} twice", setting.key);
+            assert!(envs.insert(setting.env), "{} twice", setting.env);
+            assert!(
+                readme.contains(&format!("| `{}` | `{}` |", setting.env, setting.key)),
+                "README.md's table lacks {} ({})",
+                setting.env,
+                setting.key
+            );
+        }
     }
 
     #[test]
