@@ -15,6 +15,7 @@ mod hostile;
 mod instances;
 mod packages;
 mod proxy;
+mod python_client;
 mod schema;
 mod sdk;
 mod shared;
