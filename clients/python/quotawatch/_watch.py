@@ -115,14 +115,18 @@ class Follower:
         return now >= max(self.last_heard, self.pinged_at) + self.heartbeat
 
 
-def _url(base: str, ticket: str) -> str:
-    return f"{base}?{urlencode({'ticket': ticket})}"
+def _url(settings: Any, ticket: str) -> str:
+    # The ticket stands for the key; a service key's connection names its
+    # workspace in the query, as the JavaScript client does.
+    query = {"ticket": ticket}
+    if settings.workspace is not None:
+        query["workspace"] = settings.workspace
+    return f"{settings.websocket_url()}?{urlencode(query)}"
 
 
-def _headers(client_settings: Any) -> Dict[str, str]:
-    # A service key's ticket acts for the workspace this header names; the
-    # key itself stays out of the handshake.
-    headers = client_settings.headers()
+def _headers(settings: Any) -> Dict[str, str]:
+    # The key itself stays out of the handshake: the ticket stands for it.
+    headers = settings.headers()
     headers.pop("Authorization", None)
     headers.pop("Accept", None)
     return headers
@@ -217,7 +221,7 @@ class Watch:
         try:
             ticket = self._client.ticket()
             self._socket = WebSocket.connect(
-                _url(settings.websocket_url(), ticket),
+                _url(settings, ticket),
                 headers=_headers(settings),
                 timeout=settings.timeout,
                 ssl_context=self._ssl_context,
@@ -338,7 +342,7 @@ class AsyncWatch:
         try:
             ticket = await self._client.ticket()
             self._socket = await AsyncWebSocket.connect(
-                _url(settings.websocket_url(), ticket),
+                _url(settings, ticket),
                 headers=_headers(settings),
                 timeout=settings.timeout,
                 ssl_context=self._ssl_context,
