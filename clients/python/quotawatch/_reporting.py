@@ -12,8 +12,9 @@ from ._models import Check
 
 #: The status reported for a call that ended without an answer from OpenAI
 #: for a reason of the caller's own (its code raised, or it was cancelled):
-#: "client closed request", as the proxy's access logs call it. It counts as
-#: a failed call, and unlike a success it never lifts a billing block.
+#: 499, "client closed request", as reverse proxies such as nginx log it. It
+#: counts as a failed call, and unlike a success it never lifts a billing
+#: block.
 ABANDONED_STATUS = 499
 #: The statuses the proxy gives calls OpenAI never answered: they count as
 #: server errors.
