@@ -3,12 +3,18 @@
 from __future__ import annotations
 
 import asyncio
+import json
+import socket
+import struct
+import threading
 import time
 
+import httpx
 import pytest
 
 from quotawatch import APIConnectionError, AsyncClient, AuthenticationError, Client, WebSocketClosed
 from quotawatch._watch import Follower, backoff_delay
+from quotawatch._websocket import CLOSE, TEXT, Handshake, encode_frame
 
 #: How long a test waits for an event before it fails.
 DEADLINE = 15.0
@@ -160,3 +166,99 @@ def test_only_failures_that_retrying_can_fix_are_retried():
         with pytest.raises(type(final)):
             follower.lost(final, now=0.0)
         assert follower.closed
+
+
+class DroppingServer:
+    """A WebSocket server on the loopback for two connections: each gets one
+    ``removed`` message naming the connection's number; the first then
+    ends without a close frame, as a dropped connection does."""
+
+    def __init__(self):
+        self.requests = []
+        self._listener = socket.create_server(("127.0.0.1", 0))
+        self.base_url = f"http://127.0.0.1:{self._listener.getsockname()[1]}"
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self):
+        with self._listener:
+            for number in (1, 2):
+                connection, _ = self._listener.accept()
+                with connection:
+                    connection.settimeout(10)
+                    request = b""
+                    while b"\r\n\r\n" not in request:
+                        request += connection.recv(4096)
+                    self.requests.append(request.split(b"\r\n")[0].decode())
+                    key = next(
+                        line.split(":", 1)[1].strip()
+                        for line in request.decode().split("\r\n")
+                        if line.lower().startswith("sec-websocket-key:")
+                    )
+                    accept = Handshake("ws://unused/")
+                    accept.key = key
+                    head = (
+                        "HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+                        f"Sec-WebSocket-Accept: {accept.expected_accept()}\r\n\r\n"
+                    )
+                    message = json.dumps({"type": "removed", "workspace": f"connection-{number}"}).encode()
+                    connection.sendall(head.encode() + encode_frame(TEXT, message))
+                    if number == 2:
+                        # Open until the client's close frame, then the answer to it.
+                        while (connection.recv(65536) or bytes([CLOSE]))[0] & 0x0F != CLOSE:
+                            pass
+                        connection.sendall(encode_frame(CLOSE, struct.pack("!H", 1000)))
+
+    def join(self):
+        self._thread.join(timeout=10)
+        assert not self._thread.is_alive(), "the server saw both connections end"
+
+
+def http_for(tickets):
+    """Answers tickets (counting them in ``tickets``) and an empty list of
+    notifications, as quotawatch would."""
+
+    def answer(request):
+        if request.url.path == "/api/quota/ws-ticket":
+            tickets.append(f"wst_{len(tickets) + 1}")
+            return httpx.Response(200, json={"ticket": tickets[-1], "expires_at": "2026-12-02T09:30:00.000Z"})
+        return httpx.Response(200, json={"workspace": "w", "status": "normal", "notifications": []})
+
+    return httpx.MockTransport(answer)
+
+
+EXPECTED_AFTER_A_DROP = [
+    ("notification", None),
+    ("removed", "connection-1"),
+    ("notification", None),
+    ("removed", "connection-2"),
+]
+
+
+def test_a_dropped_connection_is_reopened_with_a_fresh_ticket():
+    server = DroppingServer()
+    tickets = []
+    with httpx.Client(transport=http_for(tickets)) as http:
+        quota = Client(server.base_url, "qw_key", http_client=http)
+        with quota.watch(backoff_initial=0.01) as events:
+            seen = [events.next(timeout=DEADLINE) for _ in EXPECTED_AFTER_A_DROP]
+    server.join()
+    assert [(e.type, e.workspace if e.type == "removed" else None) for e in seen] == EXPECTED_AFTER_A_DROP
+    assert tickets == ["wst_1", "wst_2"]
+    assert server.requests == ["GET /api/quota/ws?ticket=wst_1 HTTP/1.1", "GET /api/quota/ws?ticket=wst_2 HTTP/1.1"]
+
+
+def test_an_async_watch_reopens_a_dropped_connection():
+    server = DroppingServer()
+    tickets = []
+
+    async def scenario():
+        async with httpx.AsyncClient(transport=http_for(tickets)) as http:
+            quota = AsyncClient(server.base_url, "qw_key", http_client=http)
+            async with quota.watch(backoff_initial=0.01) as events:
+                return [await events.next(timeout=DEADLINE) for _ in EXPECTED_AFTER_A_DROP]
+
+    seen = asyncio.run(scenario())
+    server.join()
+    assert [(e.type, e.workspace if e.type == "removed" else None) for e in seen] == EXPECTED_AFTER_A_DROP
+    assert tickets == ["wst_1", "wst_2"]

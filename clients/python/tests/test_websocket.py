@@ -8,8 +8,8 @@ import base64
 import hashlib
 import socket
 import ssl
-import subprocess
 import struct
+import subprocess
 import threading
 from typing import List, Optional, Tuple
 
