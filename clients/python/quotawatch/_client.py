@@ -72,20 +72,17 @@ class _Settings:
         self.base_url = base_url.rstrip("/")
         self.workspace = workspace
         self.timeout = timeout
-        self._api_key = api_key
+        self.api_key = api_key
 
     def headers(self) -> Dict[str, str]:
         headers = {
-            "Authorization": f"Bearer {self._api_key}",
+            "Authorization": f"Bearer {self.api_key}",
             "Accept": "application/json",
             "User-Agent": f"quotawatch-python/{__version__}",
         }
         if self.workspace is not None:
             headers[WORKSPACE_HEADER] = self.workspace
         return headers
-
-    def for_workspace(self, workspace: str) -> "_Settings":
-        return _Settings(self.base_url, self._api_key, workspace, self.timeout)
 
     def websocket_url(self) -> str:
         if self.base_url.startswith("https://"):
@@ -167,11 +164,10 @@ class Client:
     def for_workspace(self, workspace: str) -> "Client":
         """The same key acting for ``workspace`` (a service key), sharing
         this client's connections."""
-        client = Client.__new__(Client)
-        client._settings = self._settings.for_workspace(workspace)
-        client._owns_http = False
-        client._http = self._http
-        return client
+        settings = self._settings
+        return Client(
+            settings.base_url, settings.api_key, workspace=workspace, timeout=settings.timeout, http_client=self._http
+        )
 
     def status(self) -> Status:
         """The workspace's status document."""
@@ -298,11 +294,10 @@ class AsyncClient:
     def for_workspace(self, workspace: str) -> "AsyncClient":
         """The same key acting for ``workspace`` (a service key), sharing
         this client's connections."""
-        client = AsyncClient.__new__(AsyncClient)
-        client._settings = self._settings.for_workspace(workspace)
-        client._owns_http = False
-        client._http = self._http
-        return client
+        settings = self._settings
+        return AsyncClient(
+            settings.base_url, settings.api_key, workspace=workspace, timeout=settings.timeout, http_client=self._http
+        )
 
     async def status(self) -> Status:
         """The workspace's status document."""
