@@ -16,6 +16,7 @@ mod instances;
 mod keys;
 mod packages;
 mod proxy;
+mod python_client;
 mod schema;
 mod sdk;
 mod shared;
