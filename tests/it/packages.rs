@@ -8,23 +8,16 @@ use std::path::{Path, PathBuf};
 
 use serde_json::{Value, json};
 
-use crate::support::TestServer;
+use crate::support::{TestServer, output_of};
 
 /// Runs `program` in `dir`, failing the test with its output when it fails.
 async fn run(program: &str, args: &[&str], dir: &Path) -> String {
-    let output = tokio::process::Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .await
-        .unwrap_or_else(|error| panic!("cannot run {program}: {error}"));
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    output_of(
+        tokio::process::Command::new(program)
+            .args(args)
+            .current_dir(dir),
+    )
+    .await
 }
 
 /// `npm pack` of one package of `clients/`, into `into`; the tarball's path.
