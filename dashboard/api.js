@@ -55,11 +55,12 @@ export class Api {
     );
   }
 
-  createKey(id) {
+  /** `options`: `{name, scopes, expires_in}` (seconds), all optional. */
+  createKey(id, options = {}) {
     return this.request(
       "POST",
       `/api/workspaces/${encodeURIComponent(id)}/keys`,
-      {},
+      options,
     );
   }
 

@@ -57,8 +57,10 @@ export function confirmDialog({ title, text, confirmLabel, danger = false }) {
 
 /**
  * A form in a dialog. `fields` are `{name, label, type, value, hint,
- * required, pattern, min, max, step, placeholder}`. `onSubmit(values)` may
- * throw: its message is shown and the dialog stays open with the input kept.
+ * required, pattern, min, max, step, placeholder}`; a checkbox's `value` is
+ * whether it starts checked, and it submits `true` or `false`.
+ * `onSubmit(values)` may throw: its message is shown and the dialog stays
+ * open with the input kept.
  */
 export function formDialog({ title, fields, submitLabel, onSubmit }) {
   const titleId = uniqueId("dialog");
@@ -66,11 +68,13 @@ export function formDialog({ title, fields, submitLabel, onSubmit }) {
   const inputs = fields.map((field) => {
     const id = uniqueId(`field-${field.name}`);
     const hintId = field.hint ? `${id}-hint` : null;
+    const checkbox = field.type === "checkbox";
     const input = h("input", {
       id,
       name: field.name,
       type: field.type ?? "text",
-      value: field.value ?? "",
+      value: checkbox ? null : (field.value ?? ""),
+      checked: checkbox && Boolean(field.value),
       required: field.required ?? false,
       pattern: field.pattern ?? null,
       min: field.min ?? null,
@@ -83,13 +87,25 @@ export function formDialog({ title, fields, submitLabel, onSubmit }) {
     return {
       field,
       input,
-      element: h(
-        "div",
-        { class: "field" },
-        h("label", { for: id }, field.label),
-        input,
-        field.hint ? h("p", { class: "hint", id: hintId }, field.hint) : null,
-      ),
+      element: checkbox
+        ? h(
+            "div",
+            { class: "field checkbox" },
+            input,
+            h("label", { for: id }, field.label),
+            field.hint
+              ? h("p", { class: "hint", id: hintId }, field.hint)
+              : null,
+          )
+        : h(
+            "div",
+            { class: "field" },
+            h("label", { for: id }, field.label),
+            input,
+            field.hint
+              ? h("p", { class: "hint", id: hintId }, field.hint)
+              : null,
+          ),
     };
   });
   const submit = h("button", { type: "submit", class: "button" }, submitLabel);
@@ -122,7 +138,10 @@ export function formDialog({ title, fields, submitLabel, onSubmit }) {
   form.addEventListener("submit", async (event) => {
     event.preventDefault();
     const values = Object.fromEntries(
-      inputs.map(({ field, input }) => [field.name, input.value.trim()]),
+      inputs.map(({ field, input }) => [
+        field.name,
+        input.type === "checkbox" ? input.checked : input.value.trim(),
+      ]),
     );
     submit.disabled = true;
     error.hidden = true;

@@ -361,6 +361,22 @@ function quotaFields(
 
 // ----- detail ---------------------------------------------------------------------------------
 
+/** What a workspace key may be allowed to do, as the key form offers it. */
+const KEY_SCOPES = [
+  { scope: "proxy", label: "proxy: call OpenAI through /v1" },
+  { scope: "report", label: "report: checks and usage reports" },
+  { scope: "read", label: "read: status, notifications, live updates" },
+];
+
+function keyState(key) {
+  if (key.revoked_at) return `revoked ${dateTime(key.revoked_at)}`;
+  if (key.expires_at && Date.parse(key.expires_at) <= Date.now()) {
+    return `expired ${dateTime(key.expires_at)}`;
+  }
+  if (key.expires_at) return `active until ${dateTime(key.expires_at)}`;
+  return "active";
+}
+
 const MINUTE = 60_000;
 const minuteTick = (t) =>
   new Date(t).toLocaleTimeString("en", { hour: "2-digit", minute: "2-digit" });
@@ -799,7 +815,9 @@ export class Detail {
               "tr",
               {},
               h("th", {}, "Key"),
+              h("th", {}, "May"),
               h("th", {}, "Created"),
+              h("th", {}, "Last used"),
               h("th", {}, "State"),
               h("th", {}, h("span", { class: "visually-hidden" }, "Actions")),
             ),
@@ -811,15 +829,20 @@ export class Detail {
               h(
                 "tr",
                 { dataset: { key: key.id } },
-                h("td", {}, h("code", {}, `${key.prefix}…`)),
+                h(
+                  "td",
+                  {},
+                  h("code", {}, `${key.prefix}…`),
+                  key.name ? ` ${key.name}` : null,
+                ),
+                h("td", { class: "scopes" }, key.scopes.join(", ")),
                 h("td", {}, dateTime(key.created_at)),
                 h(
                   "td",
                   {},
-                  key.revoked_at
-                    ? `revoked ${dateTime(key.revoked_at)}`
-                    : "active",
+                  key.last_used_at ? dateTime(key.last_used_at) : "never",
                 ),
+                h("td", {}, keyState(key)),
                 h(
                   "td",
                   {},
@@ -928,24 +951,55 @@ export class Detail {
     });
   }
 
-  async createKey() {
-    try {
-      const key = await this.app.api.createKey(this.id);
-      secretDialog({
-        title: "New API key",
-        text: `A key for ${this.id}, shown once. Store it now; only its hash is kept.`,
-        secret: key.key,
-      });
-    } catch (error) {
-      this.app.toasts.show({
-        workspace: this.id,
-        status: "error",
-        title: "Key not created",
-        text: error.message,
-        sticky: true,
-      });
-    }
-    await this.loadKeys();
+  createKey() {
+    formDialog({
+      title: `New key for ${this.doc.name}`,
+      submitLabel: "Create key",
+      fields: [
+        {
+          name: "name",
+          label: "Name",
+          hint: "What the key is for, e.g. “tenant page”. Optional.",
+        },
+        ...KEY_SCOPES.map(({ scope, label }) => ({
+          name: scope,
+          label,
+          type: "checkbox",
+          value: true,
+        })),
+        {
+          name: "days",
+          label: "Expires after (days)",
+          type: "number",
+          min: 1,
+          max: 3650,
+          step: 1,
+          hint: "Empty: never.",
+        },
+      ],
+      onSubmit: async (values) => {
+        const scopes = KEY_SCOPES.map(({ scope }) => scope).filter(
+          (scope) => values[scope],
+        );
+        if (scopes.length === 0) {
+          throw new Error("Choose at least one thing the key may do.");
+        }
+        const key = await this.app.api.createKey(this.id, {
+          name: values.name || undefined,
+          scopes,
+          expires_in: values.days ? Number(values.days) * 86400 : undefined,
+        });
+        await this.loadKeys();
+        // Shown once the form has closed.
+        setTimeout(() =>
+          secretDialog({
+            title: "New API key",
+            text: `A key for ${this.id} that may ${scopes.join(", ")}, shown once. Store it now; only its hash is kept.`,
+            secret: key.key,
+          }),
+        );
+      },
+    });
   }
 
   async revoke(key) {

@@ -10,7 +10,7 @@ use crate::domain::limits::{
     validate_env_name, validate_limit, validate_name, validate_upstream_id, validate_warn_at,
 };
 use crate::engine::{Engine, WorkspaceDefaults};
-use crate::keys::{PlainKey, new_id};
+use crate::keys::{KeyGrant, PlainKey, Scopes, new_id};
 use crate::store::{KeyRecord, Store, StoreError};
 
 #[derive(Debug, thiserror::Error)]
@@ -19,9 +19,11 @@ pub enum AdminError {
     Invalid(#[from] ValidationError),
     #[error("workspace {0} does not exist")]
     WorkspaceNotFound(WorkspaceId),
-    #[error("workspace {workspace} has no active key {key_id}")]
+    #[error("no active key {key_id}{}", workspace.as_ref().map_or(String::new(), |id| format!(" in workspace {id}")))]
     KeyNotFound {
-        workspace: WorkspaceId,
+        /// The workspace it was looked for in; `None` among service keys or
+        /// all keys.
+        workspace: Option<WorkspaceId>,
         key_id: String,
     },
     #[error("{0}")]
@@ -272,63 +274,183 @@ impl Admin {
         Ok(())
     }
 
-    /// Creates a key. The plaintext is returned once and never stored.
+    /// Creates a key for a workspace. The plaintext is returned once and
+    /// never stored.
     pub async fn create_key(
         &self,
         workspace: &WorkspaceId,
+        spec: &KeySpec,
     ) -> Result<(KeyRecord, PlainKey), AdminError> {
         self.workspace(workspace).await?;
+        let scopes = spec.scopes.unwrap_or(Scopes::ALL);
+        if scopes.is_empty() {
+            return Err(ValidationError::new(
+                "scopes",
+                "a key needs at least one scope of proxy, report and read",
+            )
+            .into());
+        }
+        let grant = KeyGrant::Workspace {
+            workspace: workspace.clone(),
+            scopes,
+        };
+        self.insert_key(grant, spec).await
+    }
+
+    /// Creates a service key, which acts for the workspaces in `workspaces`
+    /// (any, if `None`) when a request names one.
+    pub async fn create_service_key(
+        &self,
+        workspaces: Option<Vec<WorkspaceId>>,
+        spec: &KeySpec,
+    ) -> Result<(KeyRecord, PlainKey), AdminError> {
+        if spec.scopes.is_some() {
+            return Err(ValidationError::new(
+                "scopes",
+                "a service key has every scope for the workspaces it serves; restrict it with workspaces",
+            )
+            .into());
+        }
+        if let Some(list) = &workspaces {
+            if list.is_empty() {
+                return Err(ValidationError::new(
+                    "workspaces",
+                    "list at least one workspace, or leave workspaces out for any",
+                )
+                .into());
+            }
+            for workspace in list {
+                self.workspace(workspace).await?;
+            }
+        }
+        self.insert_key(KeyGrant::Service { workspaces }, spec)
+            .await
+    }
+
+    async fn insert_key(
+        &self,
+        grant: KeyGrant,
+        spec: &KeySpec,
+    ) -> Result<(KeyRecord, PlainKey), AdminError> {
+        let name = match &spec.name {
+            Some(name) => validate_key_name(name)?,
+            None => String::new(),
+        };
+        let now = self.now();
+        let expires_at = match spec.expires_in_seconds {
+            Some(seconds) if !(MIN_KEY_LIFETIME_S..=MAX_KEY_LIFETIME_S).contains(&seconds) => {
+                return Err(ValidationError::new(
+                    "expires_in",
+                    format!(
+                        "a key's lifetime is {MIN_KEY_LIFETIME_S} seconds to {MAX_KEY_LIFETIME_S} seconds (ten years); leave it out for a key that does not expire"
+                    ),
+                )
+                .into());
+            }
+            Some(seconds) => Some(now.plus(std::time::Duration::from_secs(seconds))),
+            None => None,
+        };
         let key = PlainKey::generate();
         let record = KeyRecord {
             id: new_id("key"),
-            workspace: workspace.clone(),
+            grant,
             hash: key.hash(),
             prefix: key.display_prefix(),
-            created_at: self.now(),
+            name,
+            created_at: now,
+            expires_at,
+            last_used_at: None,
             revoked_at: None,
         };
         let _catalog = self.lock().await;
         let generation = self.store.insert_key(&record).await?;
         self.note(generation);
         if let Some(engine) = &self.engine {
-            engine.add_key(record.hash, workspace.clone());
+            engine.add_key(&record);
         }
-        tracing::info!(workspace = %workspace, key_id = %record.id, "key created");
+        tracing::info!(key_id = %record.id, workspace = %record.grant.workspace().map(ToString::to_string).unwrap_or_else(|| "(service)".into()), "key created");
         Ok((record, key))
     }
 
+    /// Revokes a key: of `workspace`, or a service key when `None`.
     pub async fn revoke_key(
         &self,
-        workspace: &WorkspaceId,
+        workspace: Option<&WorkspaceId>,
         key_id: &str,
     ) -> Result<(), AdminError> {
+        let not_found = || AdminError::KeyNotFound {
+            workspace: workspace.cloned(),
+            key_id: key_id.to_owned(),
+        };
         let _catalog = self.lock().await;
         let keys = self.store.list_keys(workspace).await?;
         let record = keys
             .iter()
             .find(|key| key.id == key_id && key.revoked_at.is_none())
-            .ok_or_else(|| AdminError::KeyNotFound {
-                workspace: workspace.clone(),
-                key_id: key_id.to_owned(),
-            })?;
+            .ok_or_else(not_found)?;
         let generation = self
             .store
-            .revoke_key(workspace, key_id, self.now())
+            .revoke_key(key_id, self.now())
             .await?
-            .ok_or_else(|| AdminError::KeyNotFound {
-                workspace: workspace.clone(),
-                key_id: key_id.to_owned(),
-            })?;
+            .ok_or_else(not_found)?;
         self.note(generation);
         if let Some(engine) = &self.engine {
             engine.remove_key(&record.hash);
         }
-        tracing::info!(workspace = %workspace, key_id, "key revoked");
+        tracing::info!(key_id, "key revoked");
         Ok(())
     }
 
-    pub async fn list_keys(&self, workspace: &WorkspaceId) -> Result<Vec<KeyRecord>, AdminError> {
-        self.workspace(workspace).await?;
+    /// Revokes a key of any kind by its id (for the command line, where a
+    /// key is named by its id alone).
+    pub async fn revoke_any_key(&self, key_id: &str) -> Result<(), AdminError> {
+        let record =
+            self.store
+                .active_key_by_id(key_id)
+                .await?
+                .ok_or_else(|| AdminError::KeyNotFound {
+                    workspace: None,
+                    key_id: key_id.to_owned(),
+                })?;
+        self.revoke_key(record.grant.workspace(), key_id).await
+    }
+
+    /// The keys of a workspace, or the service keys when `None`, revoked
+    /// ones included, newest first.
+    pub async fn list_keys(
+        &self,
+        workspace: Option<&WorkspaceId>,
+    ) -> Result<Vec<KeyRecord>, AdminError> {
+        if let Some(workspace) = workspace {
+            self.workspace(workspace).await?;
+        }
         Ok(self.store.list_keys(workspace).await?)
+    }
+}
+
+/// The shortest and longest lifetime a key may be given.
+const MIN_KEY_LIFETIME_S: u64 = 60;
+const MAX_KEY_LIFETIME_S: u64 = 10 * 365 * 24 * 3600;
+
+/// What can be chosen when a key is made; every field is optional.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct KeySpec {
+    /// What the key is for, shown in lists (up to 100 characters).
+    pub name: Option<String>,
+    /// For a workspace key; all three when not given.
+    pub scopes: Option<Scopes>,
+    /// The key stops working this long after it is made.
+    pub expires_in_seconds: Option<u64>,
+}
+
+fn validate_key_name(name: &str) -> Result<String, ValidationError> {
+    let trimmed = name.trim();
+    if trimmed.chars().count() > 100 || trimmed.chars().any(char::is_control) {
+        Err(ValidationError::new(
+            "name",
+            "a key's name is up to 100 characters, without control characters",
+        ))
+    } else {
+        Ok(trimmed.to_owned())
     }
 }

@@ -11,7 +11,7 @@ use tokio::net::TcpListener;
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
-use crate::admin::{Admin, AdminError, WorkspaceSpec};
+use crate::admin::{Admin, AdminError, KeySpec, WorkspaceSpec};
 use crate::api::{self, AppState, Shared};
 use crate::config::Config;
 use crate::engine::flush::{self, FlushHandle};
@@ -19,12 +19,14 @@ use crate::engine::{Engine, SharedCounting, SystemClock};
 use crate::keys::{KeyHash, PlainKey};
 use crate::shared::{RedisCounters, SharedError};
 use crate::store::{Store, StoreError};
+use crate::tokens::TokenSecret;
 
 /// How often time-driven changes (windows sliding, blocks expiring) are
 /// evaluated.
 const TICK: Duration = Duration::from_millis(250);
 
 const ADMIN_KEY_META: &str = "admin_key_sha256";
+const TOKEN_SECRET_META: &str = "token_secret";
 const BOOTSTRAPPED_META: &str = "bootstrapped";
 const DEFAULT_WORKSPACE: &str = "default";
 
@@ -82,6 +84,20 @@ async fn admin_key(
     Ok((key.hash(), Some(key)))
 }
 
+/// The secret browser tokens are signed with: made by the first instance
+/// to start and read by every other, so that a token minted through one
+/// works on all. Kept in the database beside the hashes of keys, which
+/// protects it as it protects them.
+async fn token_secret(store: &Store) -> Result<TokenSecret, StoreError> {
+    let fresh = TokenSecret::generate().to_hex();
+    let stored = store.meta_or_insert(TOKEN_SECRET_META, &fresh).await?;
+    TokenSecret::from_hex(&stored).ok_or_else(|| {
+        StoreError::Conflict(format!(
+            "the database's {TOKEN_SECRET_META:?} entry in table meta is not 64 hex digits; delete it to have a new one made (browser tokens minted before then stop working)"
+        ))
+    })
+}
+
 /// Applies the configuration file's workspaces, and on the very first start
 /// with no workspace at all creates `default` with one key. A database that
 /// had workspaces once is not bootstrapped again, even if they were all
@@ -101,7 +117,7 @@ async fn bootstrap_workspaces(
             .create_workspace(DEFAULT_WORKSPACE, &WorkspaceSpec::default())
             .await?;
         let id = DEFAULT_WORKSPACE.parse().map_err(AdminError::from)?;
-        Some(admin.create_key(&id).await?.1)
+        Some(admin.create_key(&id, &KeySpec::default()).await?.1)
     } else {
         None
     };
@@ -141,6 +157,7 @@ pub async fn start(
     let recent = engine.now().millis() - 2 * 86_400_000;
     engine.remember_models(store.models_by_day(recent).await?);
     engine.set_admin_key(admin_hash);
+    engine.set_token_secret(token_secret(&store).await?);
 
     let (flush, flush_task) = flush::spawn(engine.clone(), store.clone(), config.flush_interval);
     let (hub, hub_task) = api::ws::Hub::spawn(engine.clone());

@@ -7,11 +7,12 @@ use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use crate::admin::{Admin, WorkspaceSpec};
+use crate::admin::{Admin, KeySpec, WorkspaceSpec};
 use crate::config::{self, CliOverrides, Config, Sources};
 use crate::domain::limits::{LimitKind, PerLimit, WorkspaceId};
 use crate::domain::time::{Timestamp, humanize_duration};
-use crate::store::Store;
+use crate::keys::{KeyGrant, Scope, UnknownScope};
+use crate::store::{KeyRecord, Store};
 
 #[derive(Parser, Debug)]
 #[command(
@@ -113,10 +114,53 @@ enum WorkspaceCommand {
 
 #[derive(Subcommand, Debug)]
 enum KeyCommand {
-    /// Create a key for a workspace and print it once.
-    Create { workspace: String },
-    /// Revoke a key.
-    Revoke { workspace: String, key_id: String },
+    /// Create a key for a workspace (or, with --service, a service key) and
+    /// print it once.
+    Create {
+        /// The key's workspace; leave out with --service.
+        #[arg(required_unless_present = "service", conflicts_with = "service")]
+        workspace: Option<String>,
+        /// What the key may do: proxy, report, read (repeat, or separate
+        /// with commas); all three when not given.
+        #[arg(long = "scope", value_delimiter = ',', value_parser = parse_scope_arg)]
+        scopes: Vec<Scope>,
+        /// What the key is for, shown in lists.
+        #[arg(long)]
+        name: Option<String>,
+        /// How long the key works, e.g. 30d or 12h; forever when not given.
+        #[arg(long, value_parser = parse_lifetime_arg)]
+        expires: Option<Duration>,
+        /// A service key: acts for any workspace a request names (or only
+        /// those given with --for), with every scope there.
+        #[arg(long)]
+        service: bool,
+        /// With --service: a workspace the key may act for (repeat, or
+        /// separate with commas).
+        #[arg(long = "for", value_delimiter = ',', requires = "service")]
+        serves: Vec<String>,
+    },
+    /// List a workspace's keys, or the service keys with --service.
+    List {
+        #[arg(required_unless_present = "service", conflicts_with = "service")]
+        workspace: Option<String>,
+        #[arg(long)]
+        service: bool,
+    },
+    /// Revoke a key (a workspace key or a service key) by its id.
+    Revoke { key_id: String },
+}
+
+fn parse_scope_arg(text: &str) -> Result<Scope, String> {
+    text.parse()
+        .map_err(|error: UnknownScope| error.to_string())
+}
+
+/// A key's lifetime needs a unit: a bare number could mean seconds or days.
+fn parse_lifetime_arg(text: &str) -> Result<Duration, String> {
+    if text.trim().parse::<f64>().is_ok() {
+        return Err(format!("{text:?} needs a unit, such as 30d or 12h"));
+    }
+    parse_duration_arg(text)
 }
 
 #[derive(Args, Debug, Default)]
@@ -388,20 +432,99 @@ async fn workspace(config: Config, command: WorkspaceCommand) -> Result<(), Fail
 async fn key(config: Config, command: KeyCommand) -> Result<(), Failure> {
     let admin = offline_admin(&config).await?;
     match command {
-        KeyCommand::Create { workspace } => {
-            let (record, key) = admin.create_key(&workspace.parse()?).await?;
+        KeyCommand::Create {
+            workspace,
+            scopes,
+            name,
+            expires,
+            service,
+            serves,
+        } => {
+            let spec = KeySpec {
+                name,
+                scopes: (!scopes.is_empty()).then(|| scopes.into_iter().collect()),
+                expires_in_seconds: expires.map(|lifetime| lifetime.as_secs()),
+            };
+            let (record, key) = match workspace {
+                Some(workspace) if !service => admin.create_key(&workspace.parse()?, &spec).await?,
+                _ => {
+                    let serves = (!serves.is_empty())
+                        .then(|| serves.iter().map(|id| id.parse()).collect::<Result<_, _>>())
+                        .transpose()?;
+                    admin.create_service_key(serves, &spec).await?
+                }
+            };
+            let holder = match record.grant.workspace() {
+                Some(workspace) => format!("for workspace {workspace}"),
+                None => "(a service key)".to_owned(),
+            };
             println!(
-                "created key {} for workspace {workspace} (shown once; store it now):",
+                "created key {} {holder} (shown once; store it now):",
                 record.id
             );
             println!("  {}", key.expose());
         }
-        KeyCommand::Revoke { workspace, key_id } => {
-            admin.revoke_key(&workspace.parse()?, &key_id).await?;
+        KeyCommand::List { workspace, service } => {
+            let workspace = match workspace {
+                Some(id) if !service => Some(id.parse()?),
+                _ => None,
+            };
+            let keys = admin.list_keys(workspace.as_ref()).await?;
+            print!("{}", key_table(&keys));
+        }
+        KeyCommand::Revoke { key_id } => {
+            admin.revoke_any_key(&key_id).await?;
             println!("revoked key {key_id}");
         }
     }
     Ok(())
+}
+
+/// Keys as a table: what each may do, until when, and its last use.
+fn key_table(keys: &[KeyRecord]) -> String {
+    let time = |at: Option<Timestamp>| at.map_or_else(|| "-".to_owned(), |at| at.to_rfc3339());
+    let mut rows = vec![
+        [
+            "ID",
+            "PREFIX",
+            "NAME",
+            "SCOPES",
+            "EXPIRES",
+            "LAST USED",
+            "REVOKED",
+        ]
+        .map(str::to_owned)
+        .to_vec(),
+    ];
+    for key in keys {
+        let scopes = match &key.grant {
+            KeyGrant::Workspace { scopes, .. } => scopes.to_list(),
+            KeyGrant::Service { workspaces: None } => "service (any workspace)".to_owned(),
+            KeyGrant::Service {
+                workspaces: Some(list),
+            } => format!(
+                "service ({})",
+                list.iter()
+                    .map(WorkspaceId::as_str)
+                    .collect::<Vec<_>>()
+                    .join(",")
+            ),
+        };
+        rows.push(vec![
+            key.id.clone(),
+            key.prefix.clone(),
+            if key.name.is_empty() {
+                "-".to_owned()
+            } else {
+                key.name.clone()
+            },
+            scopes,
+            time(key.expires_at),
+            time(key.last_used_at),
+            time(key.revoked_at),
+        ]);
+    }
+    table(&rows)
 }
 
 /// Lays out rows as left-aligned columns.

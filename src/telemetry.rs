@@ -38,7 +38,10 @@ const SECRET_NAME_PARTS: &[&str] = &[
 const PUBLIC_NAME_ENDINGS: &[&str] = &["_id", "-id", "tokens", "keys"];
 
 /// Prefixes of the keys and tickets quotawatch issues and of OpenAI's keys.
-const KEY_PREFIXES: &[&str] = &["qw_", "wst_", "sk-"];
+const KEY_PREFIXES: &[&str] = &["qwt_", "qw_", "wst_", "sk-"];
+
+/// Browser tokens are two parts joined by a dot.
+const TOKEN_PREFIX: &str = "qwt_";
 
 /// The shortest run after a prefix that counts as a key: shorter ones (such
 /// as `qw_AbCd`, the prefix lists show to tell keys apart) are not secrets.
@@ -52,7 +55,8 @@ const KEY_MIN_CHARS: usize = 8;
 /// - the value of any `name=value` parameter whose name says it is secret
 ///   (`?password=`, `&token=`, `?ticket=`, `api_key=` in a connection string);
 /// - `Bearer` credentials;
-/// - keys and tickets by their shape (`qw_...`, `wst_...`, `sk-...`).
+/// - keys, tokens and tickets by their shape (`qw_...`, `qwt_...`, `wst_...`,
+///   `sk-...`).
 ///
 /// Values end at whitespace, quotes and control characters, and parameters
 /// also at `&`, `#`, `;`, `,` and a backslash (which starts an escape in JSON
@@ -189,9 +193,10 @@ fn mask_keys(text: &str) -> Cow<'_, str> {
             continue;
         };
         let body_start = at + prefix.len();
+        let in_body = |b: u8| is_key_char(b) || (*prefix == TOKEN_PREFIX && b == b'.');
         let body_len = bytes[body_start..]
             .iter()
-            .take_while(|&&b| is_key_char(b))
+            .take_while(|&&b| in_body(b))
             .count();
         if body_len >= KEY_MIN_CHARS {
             out.push_str(&text[copied..body_start]);
@@ -314,6 +319,10 @@ mod tests {
             (
                 "presented qw_8K00UcImc-MroIoKLHhpND-Bv8o-LP5N and sk-proj-abcdefghijkl",
                 "presented qw_******** and sk-********",
+            ),
+            (
+                "token qwt_djEKYWNtZQprZXk6a2V5XzEKMTc2NDY3.VGhlIHNpZ25hdHVyZQ end",
+                "token qwt_******** end",
             ),
             ("key prefix qw_AbCd", "key prefix qw_AbCd"),
             ("status=200 latency_ms=12", "status=200 latency_ms=12"),

@@ -1,19 +1,30 @@
-//! Authentication at the edge: `Authorization: Bearer <key>` becomes a
-//! [`Principal`], and a principal plus an optional `?workspace=` becomes the
-//! workspace(s) a request may act on. Keys are never logged.
+//! Authentication at the edge: `Authorization: Bearer <key or token>`
+//! becomes a [`Principal`], and a principal plus the workspace a request
+//! names (`?workspace=` or the `X-Quotawatch-Workspace` header) and the
+//! scope it needs becomes the workspace(s) it may act on. Keys are never
+//! logged.
 
 use axum::extract::FromRequestParts;
-use axum::http::HeaderMap;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode};
 
 use super::AppState;
 use super::error::ApiError;
 use crate::domain::limits::WorkspaceId;
-use crate::engine::{Engine, Principal};
+use crate::engine::{AuthError, Denied, Engine, Principal};
+use crate::keys::Scope;
 
-/// The authenticated caller.
-pub struct Auth(pub Principal);
+/// The header with which a service key (or any key) names the workspace
+/// a request is for; the same as `?workspace=`.
+pub const WORKSPACE_HEADER: &str = "x-quotawatch-workspace";
+
+/// The authenticated caller, with the workspace its request named in the
+/// header, if any.
+pub struct Auth {
+    pub principal: Principal,
+    named: Option<String>,
+}
 
 /// Reads the bearer token of a request, if it sent one.
 pub fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -22,9 +33,10 @@ pub fn bearer(headers: &HeaderMap) -> Option<&str> {
     scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
 }
 
-/// Maps a presented key to a principal, or to the 401 that says what is wrong.
-/// A key made through another instance since this one last reloaded its
-/// catalog is found in the database (see `Engine::authenticate`).
+/// Maps a presented key or token to a principal, or to the 401 that says
+/// what is wrong. A key made through another instance since this one last
+/// reloaded its catalog is found in the database (see
+/// `Engine::authenticate`).
 pub async fn authenticate(engine: &Engine, presented: Option<&str>) -> Result<Principal, ApiError> {
     let Some(presented) = presented.filter(|key| !key.is_empty()) else {
         return Err(ApiError::unauthorized(
@@ -32,12 +44,24 @@ pub async fn authenticate(engine: &Engine, presented: Option<&str>) -> Result<Pr
             "no API key: send the header Authorization: Bearer <key>",
         ));
     };
-    engine.authenticate(presented).await.ok_or_else(|| {
-        ApiError::unauthorized(
+    engine
+        .authenticate(presented)
+        .await
+        .map_err(credential_refused)
+}
+
+/// The 401 for a key or token that does not authenticate.
+pub fn credential_refused(error: AuthError) -> ApiError {
+    match error {
+        AuthError::Unknown => ApiError::unauthorized(
             "invalid_api_key",
             "the API key is not valid (it may have been revoked)",
-        )
-    })
+        ),
+        AuthError::Expired => ApiError::unauthorized(
+            "expired_api_key",
+            "the API key or token has expired; use a new one",
+        ),
+    }
 }
 
 impl FromRequestParts<AppState> for Auth {
@@ -47,54 +71,106 @@ impl FromRequestParts<AppState> for Auth {
         parts: &mut Parts,
         state: &AppState,
     ) -> Result<Self, Self::Rejection> {
-        let result = authenticate(&state.engine, bearer(&parts.headers)).await;
-        if let Err(error) = &result {
-            tracing::info!(path = %parts.uri.path(), code = error.code, "request refused: not authenticated");
-        }
-        result.map(Auth)
+        Auth::of(&parts.headers, &state.engine)
+            .await
+            .inspect_err(|error| {
+                tracing::info!(path = %parts.uri.path(), code = error.code, "request refused: not authenticated");
+            })
     }
 }
 
 /// Which workspaces a request addresses.
-pub enum Scope {
+pub enum Target {
     One(WorkspaceId),
     All,
 }
 
 impl Auth {
-    /// Resolves `?workspace=`: a workspace key may only name its own
-    /// workspace (any other name answers 404, exactly like a workspace that
-    /// does not exist); the admin key may name any, or none for all.
-    pub fn scope(&self, engine: &Engine, requested: Option<&str>) -> Result<Scope, ApiError> {
-        match (&self.0, requested) {
-            (Principal::Workspace(own), None) => Ok(Scope::One(own.clone())),
-            (Principal::Workspace(own), Some(name)) if name == own.as_str() => {
-                Ok(Scope::One(own.clone()))
-            }
-            (Principal::Workspace(_), Some(name)) => Err(ApiError::workspace_not_found(name)),
-            (Principal::Admin, None) => Ok(Scope::All),
-            (Principal::Admin, Some(name)) => {
-                let id: WorkspaceId = name
-                    .parse()
-                    .map_err(|_| ApiError::workspace_not_found(name))?;
-                if engine.contains(&id) {
-                    Ok(Scope::One(id))
-                } else {
-                    Err(ApiError::workspace_not_found(name))
-                }
-            }
+    /// Authenticates the request's bearer credential and reads the header
+    /// naming its workspace.
+    pub async fn of(headers: &HeaderMap, engine: &Engine) -> Result<Self, ApiError> {
+        let named = match headers.get(WORKSPACE_HEADER) {
+            None => None,
+            Some(value) => Some(
+                value
+                    .to_str()
+                    .map_err(|_| {
+                        ApiError::bad_request(
+                            "invalid_value",
+                            "the X-Quotawatch-Workspace header is not a workspace id",
+                        )
+                        .with_param("X-Quotawatch-Workspace")
+                    })?
+                    .to_owned(),
+            ),
+        };
+        let principal = authenticate(engine, bearer(headers)).await?;
+        Ok(Self { principal, named })
+    }
+
+    pub fn new(principal: Principal) -> Self {
+        Self {
+            principal,
+            named: None,
         }
     }
 
-    /// Like [`scope`](Self::scope) for operations on exactly one workspace.
-    pub fn workspace(
+    /// Resolves the workspace the request names (`?workspace=`, passed as
+    /// `requested`, or the header) for an operation that needs `scope`:
+    /// a workspace key acts on its own workspace only (naming any other
+    /// answers 404, exactly like a workspace that does not exist) and only
+    /// with its scopes (403 naming the missing one); a service key on a
+    /// workspace it serves, which it must name; the admin key on any, or
+    /// with none named on all.
+    pub async fn target(
         &self,
         engine: &Engine,
         requested: Option<&str>,
+        scope: Scope,
+    ) -> Result<Target, ApiError> {
+        let named = match (requested, self.named.as_deref()) {
+            (Some(query), Some(header)) if query != header => {
+                return Err(ApiError::bad_request(
+                    "conflicting_workspace",
+                    format!(
+                        "?workspace={query} and the X-Quotawatch-Workspace header ({header}) name different workspaces"
+                    ),
+                )
+                .with_param("workspace"));
+            }
+            (query, header) => query.or(header),
+        };
+        let id = match (named, &self.principal) {
+            (None, Principal::Admin) => return Ok(Target::All),
+            (None, Principal::Workspace { workspace, .. }) => workspace.clone(),
+            (None, Principal::Service { .. }) => {
+                return Err(ApiError::bad_request(
+                    "workspace_required",
+                    "a service key acts for a workspace the request names: send the header X-Quotawatch-Workspace: ID",
+                )
+                .with_param("X-Quotawatch-Workspace"));
+            }
+            (Some(name), _) => name
+                .parse()
+                .map_err(|_| ApiError::workspace_not_found(name))?,
+        };
+        match self.principal.may(scope, &id) {
+            Ok(()) if engine.knows_workspace(&id).await => Ok(Target::One(id)),
+            Ok(()) | Err(Denied::OtherWorkspace) => Err(ApiError::workspace_not_found(id.as_str())),
+            Err(Denied::MissingScope(scope)) => Err(missing_scope(scope)),
+        }
+    }
+
+    /// Like [`target`](Self::target) for operations on exactly one workspace.
+    pub async fn workspace(
+        &self,
+        engine: &Engine,
+        requested: Option<&str>,
+        scope: Scope,
     ) -> Result<WorkspaceId, ApiError> {
-        match self.scope(engine, requested)? {
-            Scope::One(id) => Ok(id),
-            Scope::All => Err(ApiError::bad_request(
+        match self.target(engine, requested, scope).await? {
+            Target::One(id) => Ok(id),
+            Target::All => Err(ApiError::bad_request(
                 "workspace_required",
                 "the admin key acts on one workspace here: pass ?workspace=ID",
             )
@@ -102,12 +178,36 @@ impl Auth {
         }
     }
 
+    /// Refuses a workspace key (or token) without `scope`; other
+    /// principals are checked when they name a workspace.
+    pub fn require_scope(&self, scope: Scope) -> Result<(), ApiError> {
+        match &self.principal {
+            Principal::Workspace { scopes, .. } if !scopes.contains(scope) => {
+                Err(missing_scope(scope))
+            }
+            _ => Ok(()),
+        }
+    }
+
     pub fn require_admin(&self, action: &str) -> Result<(), ApiError> {
-        match &self.0 {
+        match &self.principal {
             Principal::Admin => Ok(()),
-            Principal::Workspace(_) => {
+            Principal::Workspace { .. } | Principal::Service { .. } => {
                 Err(ApiError::forbidden(format!("{action} needs the admin key")))
             }
         }
     }
+}
+
+/// The 403 for a key without the scope an operation needs.
+fn missing_scope(scope: Scope) -> ApiError {
+    ApiError::new(
+        StatusCode::FORBIDDEN,
+        "permission_error",
+        "missing_scope",
+        format!(
+            "this key lacks the scope `{}` that this operation needs; create a key with it",
+            scope.as_str()
+        ),
+    )
 }

@@ -12,6 +12,7 @@ use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
 use crate::domain::workspace::Snapshot;
+use crate::keys::KeyGrant;
 use crate::store::KeyRecord;
 
 /// Reads a field that may be absent (`None`), null (`Some(None)`) or set.
@@ -600,38 +601,117 @@ impl WorkspaceInput {
     }
 }
 
-#[derive(Serialize, ToSchema, Debug)]
-pub struct CreatedKeyDoc {
-    pub id: String,
-    /// The key itself. It is shown this once and cannot be retrieved again.
-    pub key: String,
-    pub workspace: String,
-    pub prefix: String,
-    pub created_at: String,
+/// What can be chosen when a workspace key is made; every field is optional.
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct KeyInput {
+    /// What the key is for, shown in lists (up to 100 characters).
+    pub name: Option<String>,
+    /// Of `proxy` (`/v1`), `report` (`/api/quota/check` and `usage`) and
+    /// `read` (status, notifications, history, the WebSocket); all three
+    /// when left out.
+    pub scopes: Option<Vec<String>>,
+    /// Seconds until the key stops working (60 to ten years); never when
+    /// left out.
+    pub expires_in: Option<u64>,
+}
+
+/// What can be chosen when a service key is made; every field is optional.
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ServiceKeyInput {
+    pub name: Option<String>,
+    /// The workspaces the key may act for; any when left out.
+    pub workspaces: Option<Vec<String>>,
+    pub expires_in: Option<u64>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
 pub struct KeyDoc {
     pub id: String,
+    /// The workspace of a workspace key; `null` for a service key.
+    pub workspace: Option<String>,
+    /// The first characters of the key, to recognise it.
     pub prefix: String,
+    pub name: String,
+    /// `proxy`, `report`, `read`; or `service` for a service key.
+    pub scopes: Vec<String>,
+    /// The workspaces a service key may act for; `null` for any (and for a
+    /// workspace key).
+    pub workspaces: Option<Vec<String>>,
     pub created_at: String,
+    pub expires_at: Option<String>,
+    /// To the minute, and up to a second late.
+    pub last_used_at: Option<String>,
     pub revoked_at: Option<String>,
 }
 
 impl From<&KeyRecord> for KeyDoc {
     fn from(key: &KeyRecord) -> Self {
+        let (workspace, scopes, workspaces) = match &key.grant {
+            KeyGrant::Workspace { workspace, scopes } => (
+                Some(workspace.to_string()),
+                scopes
+                    .iter()
+                    .map(|scope| scope.as_str().to_owned())
+                    .collect(),
+                None,
+            ),
+            KeyGrant::Service { workspaces } => (
+                None,
+                vec!["service".to_owned()],
+                workspaces
+                    .as_ref()
+                    .map(|list| list.iter().map(ToString::to_string).collect()),
+            ),
+        };
         Self {
             id: key.id.clone(),
+            workspace,
             prefix: key.prefix.clone(),
+            name: key.name.clone(),
+            scopes,
+            workspaces,
             created_at: rfc3339(key.created_at),
+            expires_at: key.expires_at.map(rfc3339),
+            last_used_at: key.last_used_at.map(rfc3339),
             revoked_at: key.revoked_at.map(rfc3339),
         }
     }
 }
 
 #[derive(Serialize, ToSchema, Debug)]
+pub struct CreatedKeyDoc {
+    /// The key itself. It is shown this once and cannot be retrieved again.
+    pub key: String,
+    #[serde(flatten)]
+    pub doc: KeyDoc,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
 pub struct KeyListDoc {
     pub keys: Vec<KeyDoc>,
+}
+
+/// A browser token to mint.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TokenInput {
+    /// The workspace whose status the token may read.
+    pub workspace: String,
+    /// Seconds the token lasts: 60 to 86400, 900 when left out.
+    pub expires_in: Option<u64>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct TokenDoc {
+    /// Send as `Authorization: Bearer <token>`; read-only, for one workspace.
+    pub token: String,
+    pub workspace: String,
+    /// Always `["read"]`.
+    pub scopes: Vec<String>,
+    pub expires_at: String,
+    pub expires_in: u64,
 }
 
 // ----- WebSocket ----------------------------------------------------------------------

@@ -165,11 +165,11 @@ impl From<AdminError> for ApiError {
                 ApiError::bad_request("invalid_value", invalid.message).with_param(invalid.field)
             }
             AdminError::WorkspaceNotFound(id) => ApiError::workspace_not_found(id.as_str()),
-            AdminError::KeyNotFound { workspace, key_id } => ApiError::new(
+            not_found @ AdminError::KeyNotFound { .. } => ApiError::new(
                 StatusCode::NOT_FOUND,
                 "invalid_request_error",
                 "key_not_found",
-                format!("workspace {workspace} has no active key {key_id}"),
+                not_found.to_string(),
             )
             .with_param("key_id"),
             AdminError::Conflict(message) => ApiError::new(

@@ -10,6 +10,7 @@ pub mod auth;
 mod drain;
 pub mod dto;
 pub mod error;
+pub mod keys;
 pub mod quota;
 pub mod refusal;
 pub mod workspaces;
@@ -76,7 +77,8 @@ impl AppState {
     modifiers(&BearerAuth),
     tags(
         (name = "quota", description = "Status, checks, usage reports and live updates"),
-        (name = "workspaces", description = "Admin: workspaces and keys"),
+        (name = "workspaces", description = "Admin: workspaces"),
+        (name = "keys", description = "Workspace keys and service keys (admin), and browser tokens (service key or admin)"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]
@@ -92,7 +94,7 @@ impl Modify for BearerAuth {
             SecurityScheme::Http(
                 HttpBuilder::new()
                     .scheme(HttpAuthScheme::Bearer)
-                    .description(Some("A workspace key (qw_...) or the admin key"))
+                    .description(Some("A workspace key or service key (qw_...), a browser token (qwt_...), or the admin key. A service key names its workspace with the header X-Quotawatch-Workspace."))
                     .build(),
             ),
         );
@@ -116,8 +118,11 @@ fn documented_routes() -> OpenApiRouter<AppState> {
             workspaces::update,
             workspaces::delete
         ))
-        .routes(routes!(workspaces::create_key, workspaces::list_keys))
-        .routes(routes!(workspaces::revoke_key))
+        .routes(routes!(keys::create_key, keys::list_keys))
+        .routes(routes!(keys::revoke_key))
+        .routes(routes!(keys::create_service_key, keys::list_service_keys))
+        .routes(routes!(keys::revoke_service_key))
+        .routes(routes!(keys::mint_token))
         .routes(routes!(openapi))
         .routes(routes!(healthz))
         .routes(routes!(readyz))

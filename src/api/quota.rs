@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::auth::{Auth, Scope};
+use super::auth::{Auth, Target};
 use super::dto::*;
 use super::error::{ApiError, Json, Query};
 use super::refusal::{ratelimit_headers, refusal_error};
@@ -23,7 +23,8 @@ use crate::domain::time::{
 };
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::workspace::{Model, Request};
-use crate::engine::{EngineError, Principal, UpstreamAnswer, UsageReport};
+use crate::engine::{Credential, EngineError, Principal, UpstreamAnswer, UsageReport};
+use crate::keys::Scope;
 use crate::store::{Resolution, RollupDelta};
 
 #[derive(Deserialize, IntoParams, Debug)]
@@ -55,6 +56,7 @@ pub enum StatusAnswer {
     responses(
         (status = 200, description = "The status document", body = StatusAnswer),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "The key lacks the scope this needs (`missing_scope`)", body = ErrorBody),
         (status = 404, description = "Unknown workspace", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -63,12 +65,15 @@ pub async fn status(
     auth: Auth,
     Query(query): Query<WorkspaceQuery>,
 ) -> Result<Json<StatusAnswer>, ApiError> {
-    let answer = match auth.scope(&state.engine, query.workspace.as_deref())? {
-        Scope::One(id) => {
+    let answer = match auth
+        .target(&state.engine, query.workspace.as_deref(), Scope::Read)
+        .await?
+    {
+        Target::One(id) => {
             state.engine.refresh(&id).await?;
             StatusAnswer::One(Box::new(StatusDoc::from(&state.engine.snapshot(&id)?)))
         }
-        Scope::All => StatusAnswer::All(StatusListDoc {
+        Target::All => StatusAnswer::All(StatusListDoc {
             workspaces: state
                 .engine
                 .snapshots()
@@ -93,6 +98,7 @@ pub enum NotificationsAnswer {
         (status = 200, description = "Active notifications (and history on request)", body = NotificationsAnswer),
         (status = 400, description = "Invalid `include`", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "The key lacks the scope this needs (`missing_scope`)", body = ErrorBody),
         (status = 404, description = "Unknown workspace", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -112,11 +118,14 @@ pub async fn notifications(
             .with_param("include"));
         }
     };
-    let answer = match auth.scope(&state.engine, query.workspace.as_deref())? {
-        Scope::One(id) => {
+    let answer = match auth
+        .target(&state.engine, query.workspace.as_deref(), Scope::Read)
+        .await?
+    {
+        Target::One(id) => {
             NotificationsAnswer::One(notifications_of(&state, &id, with_history).await?)
         }
-        Scope::All => {
+        Target::All => {
             let mut workspaces = Vec::new();
             for id in state.engine.workspace_ids() {
                 workspaces.push(notifications_of(&state, &id, with_history).await?);
@@ -176,6 +185,7 @@ async fn notifications_of(
         (status = 200, description = "Admitted; the estimate is reserved", body = CheckResponse),
         (status = 400, description = "Malformed JSON or a value out of bounds (`param` names it)", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "The key lacks the scope this needs (`missing_scope`)", body = ErrorBody),
         (status = 404, description = "Unknown workspace", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Wrong field types", body = ErrorBody),
@@ -188,7 +198,9 @@ pub async fn check(
     Query(query): Query<WorkspaceQuery>,
     body: Option<Json<CheckRequest>>,
 ) -> Result<Response, ApiError> {
-    let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
+    let workspace = auth
+        .workspace(&state.engine, query.workspace.as_deref(), Scope::Report)
+        .await?;
     let request = body.map(|Json(body)| body).unwrap_or_default();
     let estimated_tokens =
         plausible_tokens(request.estimated_tokens.unwrap_or(0), "estimated_tokens")?;
@@ -283,6 +295,7 @@ fn parse_reservation(id: &str) -> Result<u64, ApiError> {
         (status = 202, description = "Recorded; the new status", body = StatusDoc),
         (status = 400, description = "Malformed JSON or a value out of bounds (`param` names it)", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "The key lacks the scope this needs (`missing_scope`)", body = ErrorBody),
         (status = 404, description = "Unknown or expired reservation", body = ErrorBody),
         (status = 413, description = "Body too large", body = ErrorBody),
         (status = 422, description = "Wrong field types", body = ErrorBody),
@@ -294,7 +307,9 @@ pub async fn usage(
     Query(query): Query<WorkspaceQuery>,
     Json(body): Json<UsageRequest>,
 ) -> Result<(StatusCode, Json<StatusDoc>), ApiError> {
-    let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
+    let workspace = auth
+        .workspace(&state.engine, query.workspace.as_deref(), Scope::Report)
+        .await?;
     let tokens = body.usage.as_ref().map(crate::openai::Usage::tokens);
     if let Some(tokens) = tokens {
         for (count, param) in [
@@ -387,7 +402,7 @@ pub async fn reset(
     auth: Auth,
     Json(body): Json<ResetRequest>,
 ) -> Result<Json<ResetResponse>, ApiError> {
-    if let Principal::Workspace(workspace) = &auth.0 {
+    if let Principal::Workspace { workspace, .. } = &auth.principal {
         tracing::warn!(caller = %workspace, "reset refused: a workspace key cannot reset");
     }
     auth.require_admin("resetting usage")?;
@@ -481,6 +496,7 @@ fn bucket_starts(step: Step, count: u64, now: Timestamp, tz: chrono_tz::Tz) -> V
         (status = 200, description = "Requests, tokens and errors per step", body = HistoryDoc),
         (status = 400, description = "Unsupported window or step", body = ErrorBody),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "The key lacks the scope this needs (`missing_scope`)", body = ErrorBody),
         (status = 404, description = "Unknown workspace", body = ErrorBody),
     ),
     security(("bearer" = [])))]
@@ -489,7 +505,9 @@ pub async fn history(
     auth: Auth,
     Query(query): Query<HistoryQuery>,
 ) -> Result<Json<HistoryDoc>, ApiError> {
-    let workspace = auth.workspace(&state.engine, query.workspace.as_deref())?;
+    let workspace = auth
+        .workspace(&state.engine, query.workspace.as_deref(), Scope::Read)
+        .await?;
     let window_text = query.window.as_deref().unwrap_or("24h");
     let step_text = query.step.as_deref().unwrap_or("1m");
     let step = Step::parse(step_text).ok_or_else(|| {
@@ -575,17 +593,19 @@ pub async fn history(
     responses(
         (status = 200, description = "A single-use ticket for the WebSocket, valid 60 s", body = TicketDoc),
         (status = 401, description = "Missing or invalid key", body = ErrorBody),
+        (status = 403, description = "The key lacks the scope this needs (`missing_scope`)", body = ErrorBody),
     ),
     security(("bearer" = [])))]
 pub async fn ws_ticket(
     State(state): State<AppState>,
     headers: axum::http::HeaderMap,
 ) -> Result<Json<TicketDoc>, ApiError> {
-    // The ticket stands for the key itself, so that revoking the key also
-    // ends what was opened with the ticket.
-    let presented = super::auth::bearer(&headers);
-    super::auth::authenticate(&state.engine, presented).await?;
-    let credential = crate::keys::KeyHash::of(presented.unwrap_or_default());
+    // The ticket stands for the key (or token) itself, so that revoking
+    // the key also ends what was opened with the ticket.
+    Auth::of(&headers, &state.engine)
+        .await?
+        .require_scope(Scope::Read)?;
+    let credential = Credential::of(super::auth::bearer(&headers).unwrap_or_default());
     let (ticket, expires_at) = state.tickets.issue(credential, state.engine.now()).await;
     Ok(Json(TicketDoc {
         ticket,

@@ -1,4 +1,5 @@
-//! `/api/workspaces`: the admin API for workspaces and their keys.
+//! `/api/workspaces`: the admin API for workspaces (their keys are in
+//! `keys`).
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -8,8 +9,9 @@ use super::auth::Auth;
 use super::dto::*;
 use super::error::{ApiError, Json, Path};
 use crate::domain::limits::WorkspaceId;
+use crate::keys::Scope;
 
-fn parse_id(id: &str) -> Result<WorkspaceId, ApiError> {
+pub(super) fn parse_id(id: &str) -> Result<WorkspaceId, ApiError> {
     id.parse().map_err(|_| ApiError::workspace_not_found(id))
 }
 
@@ -71,7 +73,9 @@ pub async fn get(
     Path(id): Path<String>,
 ) -> Result<Json<WorkspaceDoc>, ApiError> {
     // A workspace key may read its own workspace's settings.
-    let id = auth.workspace(&state.engine, Some(&id))?;
+    let id = auth
+        .workspace(&state.engine, Some(&id), Scope::Read)
+        .await?;
     let config = state.admin.workspace(&id).await?;
     Ok(Json(WorkspaceDoc::from(&config)))
 }
@@ -127,76 +131,5 @@ pub async fn delete(
 ) -> Result<StatusCode, ApiError> {
     auth.require_admin("deleting a workspace")?;
     state.admin.delete_workspace(&parse_id(&id)?).await?;
-    Ok(StatusCode::NO_CONTENT)
-}
-
-#[utoipa::path(post, path = "/api/workspaces/{id}/keys", tag = "workspaces",
-    params(("id" = String, Path, description = "Workspace id")),
-    responses(
-        (status = 201, description = "Created; the key is shown this once", body = CreatedKeyDoc),
-        (status = 401, description = "Missing or invalid key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
-        (status = 404, description = "Unknown workspace", body = ErrorBody),
-    ),
-    security(("bearer" = [])))]
-pub async fn create_key(
-    State(state): State<AppState>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> Result<(StatusCode, Json<CreatedKeyDoc>), ApiError> {
-    auth.require_admin("creating a key")?;
-    let (record, key) = state.admin.create_key(&parse_id(&id)?).await?;
-    Ok((
-        StatusCode::CREATED,
-        Json(CreatedKeyDoc {
-            id: record.id,
-            key: key.expose().to_owned(),
-            workspace: record.workspace.to_string(),
-            prefix: record.prefix,
-            created_at: record.created_at.to_rfc3339(),
-        }),
-    ))
-}
-
-#[utoipa::path(get, path = "/api/workspaces/{id}/keys", tag = "workspaces",
-    params(("id" = String, Path, description = "Workspace id")),
-    responses(
-        (status = 200, description = "The workspace's keys (never the keys themselves)", body = KeyListDoc),
-        (status = 401, description = "Missing or invalid key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
-        (status = 404, description = "Unknown workspace", body = ErrorBody),
-    ),
-    security(("bearer" = [])))]
-pub async fn list_keys(
-    State(state): State<AppState>,
-    auth: Auth,
-    Path(id): Path<String>,
-) -> Result<Json<KeyListDoc>, ApiError> {
-    auth.require_admin("listing keys")?;
-    let keys = state.admin.list_keys(&parse_id(&id)?).await?;
-    Ok(Json(KeyListDoc {
-        keys: keys.iter().map(KeyDoc::from).collect(),
-    }))
-}
-
-#[utoipa::path(delete, path = "/api/workspaces/{id}/keys/{key_id}", tag = "workspaces",
-    params(
-        ("id" = String, Path, description = "Workspace id"),
-        ("key_id" = String, Path, description = "Key id, as returned at creation"),
-    ),
-    responses(
-        (status = 204, description = "Revoked; the key stops working at once"),
-        (status = 401, description = "Missing or invalid key", body = ErrorBody),
-        (status = 403, description = "Not the admin key", body = ErrorBody),
-        (status = 404, description = "Unknown workspace or key", body = ErrorBody),
-    ),
-    security(("bearer" = [])))]
-pub async fn revoke_key(
-    State(state): State<AppState>,
-    auth: Auth,
-    Path((id, key_id)): Path<(String, String)>,
-) -> Result<StatusCode, ApiError> {
-    auth.require_admin("revoking a key")?;
-    state.admin.revoke_key(&parse_id(&id)?, &key_id).await?;
     Ok(StatusCode::NO_CONTENT)
 }

@@ -25,13 +25,13 @@ use tokio::time::Instant;
 use utoipa::IntoParams;
 
 use super::AppState;
-use super::auth::{Auth, Scope, authenticate, bearer};
+use super::auth::{Auth, Target, credential_refused};
 use super::dto::{ClientMessage, NotificationDoc, ServerMessage, StatusDoc, SubscribeTarget};
 use super::error::{ApiError, Query};
 use crate::domain::limits::WorkspaceId;
 use crate::domain::time::Timestamp;
-use crate::engine::{Engine, Event, Principal, SharedCounting};
-use crate::keys::KeyHash;
+use crate::engine::{AuthError, Credential, Engine, Event, Principal, SharedCounting};
+use crate::keys::{KeyHash, Scope};
 use crate::sync::lock;
 
 /// How long a ticket stays valid.
@@ -101,7 +101,7 @@ impl LiveTickets {
 }
 
 struct Issued {
-    credential: KeyHash,
+    credential: Credential,
     expires_at: Timestamp,
     /// Also stored in Redis: redeeming it there decides single use.
     shared: bool,
@@ -115,8 +115,8 @@ impl Tickets {
         }
     }
 
-    /// Issues a ticket standing for the key whose hash is `credential`.
-    pub async fn issue(&self, credential: KeyHash, now: Timestamp) -> (String, Timestamp) {
+    /// Issues a ticket standing for `credential`.
+    pub async fn issue(&self, credential: Credential, now: Timestamp) -> (String, Timestamp) {
         let bytes: [u8; 24] = rand::random();
         let ticket = format!(
             "wst_{}",
@@ -131,7 +131,7 @@ impl Tickets {
                 .counters()
                 .put(
                     &ticket_name(&ticket),
-                    &credential.to_hex(),
+                    &credential.to_stored(),
                     TICKET_TTL,
                     &evicted,
                 )
@@ -152,7 +152,7 @@ impl Tickets {
 
     /// Redeems a ticket for the credential it stands for; it cannot be used
     /// again, on this instance or another.
-    pub async fn redeem(&self, ticket: &str, now: Timestamp) -> Option<KeyHash> {
+    pub async fn redeem(&self, ticket: &str, now: Timestamp) -> Option<Credential> {
         let local = lock(&self.live)
             .by_ticket
             .remove(ticket)
@@ -162,7 +162,7 @@ impl Tickets {
         };
         match shared.counters().take(&ticket_name(ticket)).await {
             // Redis expires tickets by itself.
-            Ok(Some(hex)) => KeyHash::from_hex(&hex),
+            Ok(Some(stored)) => Credential::from_stored(&stored),
             // Used elsewhere, or never stored there.
             Ok(None) => local
                 .filter(|issued| !issued.shared)
@@ -440,6 +440,7 @@ fn check_origin(headers: &HeaderMap, allowed: &[String]) -> Result<(), ApiError>
         (status = 101, description = "Switching to the WebSocket protocol (see README for messages)"),
         (status = 400, description = "Not a WebSocket request", body = super::dto::ErrorBody),
         (status = 401, description = "Missing or invalid key or ticket", body = super::dto::ErrorBody),
+        (status = 403, description = "The key lacks the `read` scope", body = super::dto::ErrorBody),
         (status = 404, description = "Unknown workspace", body = super::dto::ErrorBody),
         (status = 429, description = "The key has as many open connections as allowed", body = super::dto::ErrorBody),
     ),
@@ -454,7 +455,7 @@ pub async fn connect(
     // the REST API (before a ticket is spent).
     check_origin(&headers, &state.cors_origins)?;
     // Authentication first: an unauthenticated caller learns nothing else.
-    let (principal, credential) = match query.ticket.as_deref() {
+    let (auth, credential) = match query.ticket.as_deref() {
         Some(ticket) => {
             let redeemed = state.tickets.redeem(ticket, state.engine.now()).await;
             let credential = redeemed.ok_or_else(|| {
@@ -465,36 +466,33 @@ pub async fn connect(
             })?;
             let principal = state
                 .engine
-                .find_principal(credential)
+                .find_principal(&credential)
                 .await
-                .ok_or_else(|| {
-                    ApiError::unauthorized(
-                        "invalid_api_key",
-                        "the key behind this ticket was revoked",
-                    )
-                })?;
-            (principal, credential)
+                .map_err(credential_refused)?;
+            (Auth::new(principal), credential)
         }
         None => {
-            let presented = bearer(&headers);
-            let principal = authenticate(&state.engine, presented).await?;
-            (principal, KeyHash::of(presented.unwrap_or_default()))
+            let auth = Auth::of(&headers, &state.engine).await?;
+            let presented = super::auth::bearer(&headers).unwrap_or_default();
+            (auth, Credential::of(presented))
         }
     };
-    let auth = Auth(principal);
-    let subscription = match auth.scope(&state.engine, query.workspace.as_deref())? {
-        Scope::One(id) => Subscription::Some(HashSet::from([id])),
-        Scope::All => Subscription::All,
+    let subscription = match auth
+        .target(&state.engine, query.workspace.as_deref(), Scope::Read)
+        .await?
+    {
+        Target::One(id) => Subscription::Some(HashSet::from([id])),
+        Target::All => Subscription::All,
     };
     let Upgrade(upgrade) = upgrade?;
-    let slot = state.ws_connections.acquire(credential)?;
+    let slot = state.ws_connections.acquire(credential.hash())?;
     let upgrade = upgrade
         .max_message_size(MAX_MESSAGE_BYTES)
         .max_frame_size(MAX_MESSAGE_BYTES);
     Ok(upgrade.on_upgrade(move |socket| async move {
         Connection {
             state,
-            principal: auth.0,
+            principal: auth.principal,
             credential,
             subscription,
         }
@@ -507,9 +505,9 @@ pub async fn connect(
 struct Connection {
     state: AppState,
     principal: Principal,
-    /// The key the connection was opened with, checked again whenever keys
-    /// change.
-    credential: KeyHash,
+    /// The key or token the connection was opened with, checked again
+    /// whenever keys change and at every ping (a token expires).
+    credential: Credential,
     subscription: Subscription,
 }
 
@@ -575,7 +573,10 @@ impl Connection {
                         let _ = send(&mut sink, Message::Close(None)).await;
                         Err(Gone)
                     } else {
-                        send(&mut sink, Message::Ping(Default::default())).await
+                        match self.recheck(&mut sink).await {
+                            Ok(()) => send(&mut sink, Message::Ping(Default::default())).await,
+                            gone => gone,
+                        }
                     }
                 }
             };
@@ -669,16 +670,17 @@ impl Connection {
         &mut self,
         sink: &mut futures_util::stream::SplitSink<WebSocket, Message>,
     ) -> Result<(), Gone> {
-        if self
-            .state
-            .engine
-            .authenticate_hash(self.credential)
-            .as_ref()
-            == Some(&self.principal)
-        {
-            return Ok(());
-        }
-        let message = "this connection's key was revoked or its workspace deleted";
+        let message = match self.state.engine.authenticate_known(&self.credential) {
+            Ok(principal) if principal == self.principal && self.workspace_exists() => {
+                return Ok(());
+            }
+            Err(AuthError::Expired) => {
+                "this connection's key or token expired; reconnect with a new one"
+            }
+            Ok(_) | Err(AuthError::Unknown) => {
+                "this connection's key was revoked or its workspace deleted"
+            }
+        };
         let _ = send(
             sink,
             Message::Text(to_text(&ServerMessage::Error { message })),
@@ -688,10 +690,19 @@ impl Connection {
         // same key is pointless.
         let close = axum::extract::ws::CloseFrame {
             code: axum::extract::ws::close_code::POLICY,
-            reason: "key revoked or workspace deleted".into(),
+            reason: "credential no longer valid".into(),
         };
         let _ = send(sink, Message::Close(Some(close))).await;
         Err(Gone)
+    }
+
+    /// Whether the workspace of a workspace principal still exists (a
+    /// browser token outlives its workspace's deletion).
+    fn workspace_exists(&self) -> bool {
+        match &self.principal {
+            Principal::Workspace { workspace, .. } => self.state.engine.contains(workspace),
+            Principal::Admin | Principal::Service { .. } => true,
+        }
     }
 
     /// Sends the current status of every followed workspace.
@@ -752,13 +763,13 @@ mod tests {
     async fn tickets_are_single_use_and_expire() {
         let tickets = Tickets::default();
         let now = Timestamp::from_millis(1_000_000);
-        let credential = KeyHash::of("qw_some_key");
-        let (ticket, expires_at) = tickets.issue(credential, now).await;
+        let credential = Credential::Key(KeyHash::of("qw_some_key"));
+        let (ticket, expires_at) = tickets.issue(credential.clone(), now).await;
         assert_eq!(expires_at, now.plus(TICKET_TTL));
-        assert_eq!(tickets.redeem(&ticket, now).await, Some(credential));
+        assert_eq!(tickets.redeem(&ticket, now).await, Some(credential.clone()));
         assert_eq!(tickets.redeem(&ticket, now).await, None, "single use");
 
-        let (ticket, _) = tickets.issue(credential, now).await;
+        let (ticket, _) = tickets.issue(credential.clone(), now).await;
         assert_eq!(
             tickets.redeem(&ticket, now.plus(TICKET_TTL)).await,
             None,
@@ -771,22 +782,25 @@ mod tests {
     async fn a_flood_of_tickets_keeps_the_store_bounded_and_the_newest_valid() {
         let tickets = Tickets::default();
         let now = Timestamp::from_millis(1_000_000);
-        let credential = KeyHash::of("qw_some_key");
-        let (first, _) = tickets.issue(credential, now).await;
+        let credential = Credential::Key(KeyHash::of("qw_some_key"));
+        let (first, _) = tickets.issue(credential.clone(), now).await;
         let mut last = String::new();
         for _ in 0..MAX_LIVE_TICKETS + 500 {
-            last = tickets.issue(credential, now).await.0;
+            last = tickets.issue(credential.clone(), now).await.0;
             let live = lock(&tickets.live);
             assert!(live.by_age.len() <= MAX_LIVE_TICKETS);
             assert!(live.by_ticket.len() <= live.by_age.len());
         }
         assert_eq!(tickets.redeem(&first, now).await, None, "the oldest went");
-        assert_eq!(tickets.redeem(&last, now).await, Some(credential));
+        assert_eq!(tickets.redeem(&last, now).await, Some(credential.clone()));
 
         // Once they expire, the next issue drops them all.
         let later = now.plus(TICKET_TTL);
-        let (fresh, _) = tickets.issue(credential, later).await;
+        let (fresh, _) = tickets.issue(credential.clone(), later).await;
         assert_eq!(lock(&tickets.live).by_ticket.len(), 1);
-        assert_eq!(tickets.redeem(&fresh, later).await, Some(credential));
+        assert_eq!(
+            tickets.redeem(&fresh, later).await,
+            Some(credential.clone())
+        );
     }
 }

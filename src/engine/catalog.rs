@@ -22,7 +22,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use super::{Engine, Principal};
+use super::keyring::Verdict;
+use super::{AuthError, Credential, Engine, Principal};
+use crate::domain::limits::WorkspaceId;
 use crate::keys::KeyHash;
 use crate::store::Store;
 use crate::sync::lock;
@@ -46,6 +48,15 @@ const LOOKUPS_PER_SECOND: u32 = 20;
 /// still arrives with the next reload.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// What a lookup looks for: a key by its hash, a token's minting key by its
+/// id, or a workspace a service key names.
+#[derive(Clone, PartialEq, Eq, Hash)]
+enum Wanted {
+    Key(KeyHash),
+    Minter(String),
+    Workspace(WorkspaceId),
+}
+
 /// What this instance needs to find keys made elsewhere.
 pub(super) struct KeyLookup {
     store: Store,
@@ -66,15 +77,15 @@ impl KeyLookup {
     }
 }
 
-/// Hashes of keys the database did not know, each for a limited time, at
+/// Keys the database did not know, each for a limited time, at
 /// most a fixed number of them: the oldest go first, in O(1).
 struct NegativeCache {
     capacity: usize,
     ttl: Duration,
-    until: HashMap<KeyHash, Instant>,
+    until: HashMap<Wanted, Instant>,
     /// Insertion order, which is also expiry order since every entry lives
     /// the same time.
-    order: VecDeque<(Instant, KeyHash)>,
+    order: VecDeque<(Instant, Wanted)>,
 }
 
 impl NegativeCache {
@@ -87,14 +98,14 @@ impl NegativeCache {
         }
     }
 
-    fn contains(&mut self, hash: &KeyHash, now: Instant) -> bool {
+    fn contains(&mut self, wanted: &Wanted, now: Instant) -> bool {
         self.expire(now);
-        self.until.contains_key(hash)
+        self.until.contains_key(wanted)
     }
 
-    fn insert(&mut self, hash: KeyHash, now: Instant) {
+    fn insert(&mut self, wanted: Wanted, now: Instant) {
         self.expire(now);
-        if self.until.contains_key(&hash) {
+        if self.until.contains_key(&wanted) {
             return;
         }
         while self.until.len() >= self.capacity {
@@ -104,17 +115,18 @@ impl NegativeCache {
             self.until.remove(&oldest);
         }
         let until = now + self.ttl;
-        self.until.insert(hash, until);
-        self.order.push_back((until, hash));
+        self.until.insert(wanted.clone(), until);
+        self.order.push_back((until, wanted));
     }
 
     fn expire(&mut self, now: Instant) {
-        while let Some((until, hash)) = self.order.front().copied() {
-            if until > now {
+        while let Some((until, _)) = self.order.front() {
+            if *until > now {
                 break;
             }
-            self.order.pop_front();
-            self.until.remove(&hash);
+            if let Some((_, wanted)) = self.order.pop_front() {
+                self.until.remove(&wanted);
+            }
         }
     }
 }
@@ -167,74 +179,112 @@ impl Engine {
             .map_or(0, |lookup| lookup.lookups.load(Ordering::Relaxed))
     }
 
-    /// Maps a presented key to whom it speaks for, looking in the database
-    /// for a key this instance does not know yet.
-    pub async fn authenticate(&self, presented: &str) -> Option<Principal> {
-        self.find_principal(KeyHash::of(presented)).await
+    /// Maps a presented key or token to whom it speaks for, looking in the
+    /// database for a key this instance does not know yet.
+    pub async fn authenticate(&self, presented: &str) -> Result<Principal, AuthError> {
+        self.find_principal(&Credential::of(presented)).await
     }
 
-    /// Like [`authenticate`](Self::authenticate), for a key already hashed.
-    pub async fn find_principal(&self, hash: KeyHash) -> Option<Principal> {
-        if let Some(principal) = self.authenticate_hash(hash) {
-            return Some(principal);
+    /// Like [`authenticate`](Self::authenticate), for a credential kept
+    /// from earlier (a WebSocket ticket's).
+    pub async fn find_principal(&self, credential: &Credential) -> Result<Principal, AuthError> {
+        let wanted = match self.verdict(credential) {
+            Verdict::Known(result) => return result,
+            Verdict::LookUpKey(hash) => Wanted::Key(hash),
+            Verdict::LookUpMinter(id) => Wanted::Minter(id),
+        };
+        let known_meanwhile = || matches!(self.verdict(credential), Verdict::Known(_));
+        if self.look_up(wanted, known_meanwhile).await {
+            self.authenticate_known(credential)
+        } else {
+            Err(AuthError::Unknown)
         }
-        let lookup = self.key_lookup.as_ref()?;
-        if lock(&lookup.unknown).contains(&hash, Instant::now()) {
-            return None;
-        }
-        let looked_up = tokio::time::timeout(LOOKUP_TIMEOUT, self.look_up(lookup, hash)).await;
-        looked_up.unwrap_or_else(|_| {
-            tracing::warn!("looking up an unknown key took too long; refused");
-            None
-        })
     }
 
-    /// The slow path of [`find_principal`](Self::find_principal): under the
-    /// catalog lock, within the budget, in the database.
-    async fn look_up(&self, lookup: &KeyLookup, hash: KeyHash) -> Option<Principal> {
-        let _catalog = self.catalog_lock().await;
-        // Another request may have found it, or its lookup found nothing,
-        // while this one waited.
-        if let Some(principal) = self.authenticate_hash(hash) {
-            return Some(principal);
+    /// Whether the workspace exists, looking in the database for one made
+    /// through another instance since this one last reloaded its catalog
+    /// (a service key may name it at once), within the same bounds as keys.
+    pub async fn knows_workspace(&self, id: &WorkspaceId) -> bool {
+        self.contains(id)
+            || self
+                .look_up(Wanted::Workspace(id.clone()), || self.contains(id))
+                .await
+    }
+
+    /// The slow path of authentication: looks `wanted` up in the database
+    /// under the catalog lock, within the budget, and loads it; whether it
+    /// was found. `known_meanwhile` tells whether another request loaded it
+    /// while this one waited for the lock.
+    async fn look_up(&self, wanted: Wanted, known_meanwhile: impl Fn() -> bool) -> bool {
+        let Some(lookup) = self.key_lookup.as_ref() else {
+            return false;
+        };
+        if lock(&lookup.unknown).contains(&wanted, Instant::now()) {
+            return false;
         }
-        let now = Instant::now();
-        if lock(&lookup.unknown).contains(&hash, now) || !lock(&lookup.budget).take(now) {
-            return None;
-        }
-        lookup.lookups.fetch_add(1, Ordering::Relaxed);
-        match self.load_key(&lookup.store, hash).await {
-            Ok(Some(principal)) => Some(principal),
-            Ok(None) => {
-                lock(&lookup.unknown).insert(hash, Instant::now());
-                None
+        let attempt = async {
+            let _catalog = self.catalog_lock().await;
+            if known_meanwhile() {
+                return true;
             }
-            Err(error) => {
-                tracing::warn!(%error, "could not look up an unknown key");
-                None
+            let now = Instant::now();
+            if lock(&lookup.unknown).contains(&wanted, now) || !lock(&lookup.budget).take(now) {
+                return false;
             }
-        }
+            lookup.lookups.fetch_add(1, Ordering::Relaxed);
+            match self.load_from(&lookup.store, &wanted).await {
+                Ok(true) => true,
+                Ok(false) => {
+                    lock(&lookup.unknown).insert(wanted, Instant::now());
+                    false
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "could not look up an unknown key or workspace");
+                    false
+                }
+            }
+        };
+        tokio::time::timeout(LOOKUP_TIMEOUT, attempt)
+            .await
+            .unwrap_or_else(|_| {
+                tracing::warn!("looking up an unknown key or workspace took too long; refused");
+                false
+            })
     }
 
     /// Loads an active key from the database, with its workspace if this
-    /// instance does not have it yet; under the catalog lock.
-    async fn load_key(
+    /// instance does not have it yet (or a workspace alone); under the
+    /// catalog lock. Whether it was found.
+    async fn load_from(
         &self,
         store: &Store,
-        hash: KeyHash,
-    ) -> Result<Option<Principal>, crate::store::StoreError> {
-        let Some(record) = store.active_key(&hash).await? else {
-            return Ok(None);
+        wanted: &Wanted,
+    ) -> Result<bool, crate::store::StoreError> {
+        let record = match wanted {
+            Wanted::Key(hash) => store.active_key(hash).await?,
+            Wanted::Minter(id) => store.active_key_by_id(id).await?,
+            Wanted::Workspace(id) => {
+                let Some(config) = store.workspace(id).await? else {
+                    return Ok(false);
+                };
+                self.upsert_workspace(config);
+                return Ok(true);
+            }
         };
-        if !self.contains(&record.workspace) {
-            let Some(config) = store.workspace(&record.workspace).await? else {
-                return Ok(None);
+        let Some(record) = record else {
+            return Ok(false);
+        };
+        if let Some(workspace) = record.grant.workspace()
+            && !self.contains(workspace)
+        {
+            let Some(config) = store.workspace(workspace).await? else {
+                return Ok(false);
             };
             self.upsert_workspace(config);
         }
-        tracing::debug!(workspace = %record.workspace, key_id = %record.id, "key made elsewhere loaded");
-        self.add_key(record.hash, record.workspace.clone());
-        Ok(Some(Principal::Workspace(record.workspace)))
+        tracing::debug!(key_id = %record.id, "key made elsewhere loaded");
+        self.add_key(&record);
+        Ok(true)
     }
 
     /// Reloads workspaces and keys whenever someone else changed them, for
@@ -272,8 +322,8 @@ impl Engine {
 mod tests {
     use super::*;
 
-    fn hash(n: u8) -> KeyHash {
-        KeyHash::of(&format!("qw_unknown_{n}"))
+    fn hash(n: u8) -> Wanted {
+        Wanted::Key(KeyHash::of(&format!("qw_unknown_{n}")))
     }
 
     #[test]

@@ -11,6 +11,7 @@
 //! flush, so it is logged, counted in `quotawatch_store_rows_dropped_total`
 //! and dropped, and the rest is written.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -19,6 +20,7 @@ use tokio::task::JoinHandle;
 use tokio::time::{Instant, MissedTickBehavior};
 
 use super::Engine;
+use crate::domain::time::Timestamp;
 use crate::store::{Batch, Store};
 
 /// How often old rollups and notifications are pruned.
@@ -49,6 +51,8 @@ struct Flusher {
     store: Store,
     /// Writes that failed, kept until they succeed.
     unwritten: Batch,
+    /// Keys' last uses not written yet, by key id.
+    key_uses: HashMap<String, Timestamp>,
 }
 
 pub fn spawn(
@@ -61,6 +65,7 @@ pub fn spawn(
         engine,
         store,
         unwritten: Batch::default(),
+        key_uses: HashMap::new(),
     };
     let task = tokio::spawn(flusher.run(receiver, interval));
     (FlushHandle { commands }, task)
@@ -104,6 +109,7 @@ impl Flusher {
     }
 
     async fn flush(&mut self) -> Result<(), String> {
+        self.record_key_uses().await;
         self.unwritten.absorb(self.engine.take_batch());
         if self.unwritten.is_empty() {
             return Ok(());
@@ -132,6 +138,24 @@ impl Flusher {
                 self.engine.storage_failed(&error);
                 Err(error)
             }
+        }
+    }
+
+    /// Writes when keys were last used. Apart from the batch: a failure here
+    /// only delays these times (they are kept and retried), and never holds
+    /// up counters and notifications.
+    async fn record_key_uses(&mut self) {
+        for (id, at) in self.engine.take_key_uses() {
+            let latest = self.key_uses.entry(id).or_insert(at);
+            *latest = (*latest).max(at);
+        }
+        if self.key_uses.is_empty() {
+            return;
+        }
+        let uses: Vec<(String, Timestamp)> = self.key_uses.drain().collect();
+        if let Err(error) = self.store.touch_keys(&uses).await {
+            tracing::debug!(%error, "could not record when keys were last used; will retry");
+            self.key_uses.extend(uses);
         }
     }
 

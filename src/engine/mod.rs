@@ -21,8 +21,10 @@
 
 mod catalog;
 pub mod flush;
+mod keyring;
 mod sharing;
 
+pub use keyring::{AuthError, Credential, Denied, Principal};
 pub use sharing::SharedCounting;
 
 use std::collections::HashMap;
@@ -49,6 +51,8 @@ use crate::domain::workspace::{
 use crate::keys::KeyHash;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
 use crate::sync::{lock, read, write};
+use crate::tokens::{Minter, TokenClaims, TokenSecret};
+use keyring::{Keyring, Verdict};
 
 /// Where "now" comes from; tests substitute their own.
 pub trait Clock: Send + Sync {
@@ -64,13 +68,6 @@ impl Clock for SystemClock {
             .unwrap_or_default();
         Timestamp::from_millis(i64::try_from(since_epoch.as_millis()).unwrap_or(i64::MAX))
     }
-}
-
-/// Who a request speaks for.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum Principal {
-    Admin,
-    Workspace(WorkspaceId),
 }
 
 /// What listeners are told. Snapshots are taken when the change happens.
@@ -283,12 +280,6 @@ impl Cell {
 }
 
 #[derive(Default)]
-struct Keyring {
-    admin: Option<KeyHash>,
-    keys: HashMap<KeyHash, WorkspaceId>,
-}
-
-#[derive(Default)]
 struct ServiceHealth {
     storage: Option<Notification>,
     shared_store: Option<Notification>,
@@ -303,6 +294,8 @@ pub struct Engine {
     /// non-randomised hasher is safe here.
     slots: RwLock<FxHashMap<WorkspaceId, Arc<Slot>>>,
     keyring: RwLock<Keyring>,
+    /// Keys used since the flush last took them, by id, with the time.
+    key_uses: Mutex<HashMap<String, Timestamp>>,
     events: broadcast::Sender<Event>,
     pending_notifications: Mutex<Vec<Notification>>,
     service: Mutex<ServiceHealth>,
@@ -338,6 +331,7 @@ impl Engine {
             clock,
             slots: RwLock::new(FxHashMap::default()),
             keyring: RwLock::new(Keyring::default()),
+            key_uses: Mutex::new(HashMap::new()),
             events,
             pending_notifications: Mutex::new(Vec::new()),
             service: Mutex::new(ServiceHealth::default()),
@@ -445,16 +439,17 @@ impl Engine {
     }
 
     pub fn set_admin_key(&self, hash: KeyHash) {
-        write(&self.keyring).admin = Some(hash);
+        write(&self.keyring).set_admin(hash);
+    }
+
+    /// The secret browser tokens are signed with, the same on every
+    /// instance.
+    pub fn set_token_secret(&self, secret: TokenSecret) {
+        write(&self.keyring).set_token_secret(secret);
     }
 
     fn replace_keys(&self, keys: &[crate::store::KeyRecord]) {
-        let map = keys
-            .iter()
-            .filter(|key| key.revoked_at.is_none())
-            .map(|key| (key.hash, key.workspace.clone()))
-            .collect();
-        write(&self.keyring).keys = map;
+        write(&self.keyring).replace(keys);
         let _ = self.events.send(Event::CredentialsChanged);
     }
 
@@ -536,40 +531,69 @@ impl Engine {
     pub fn remove_workspace(&self, id: &WorkspaceId) {
         let removed = write(&self.slots).remove(id);
         if removed.is_some() {
-            write(&self.keyring)
-                .keys
-                .retain(|_, workspace| workspace != id);
+            write(&self.keyring).remove_workspace(id);
             let _ = self.events.send(Event::Removed(id.clone()));
             let _ = self.events.send(Event::CredentialsChanged);
         }
     }
 
-    pub fn add_key(&self, hash: KeyHash, workspace: WorkspaceId) {
-        write(&self.keyring).keys.insert(hash, workspace);
+    pub fn add_key(&self, record: &crate::store::KeyRecord) {
+        write(&self.keyring).insert(record);
     }
 
     pub fn remove_key(&self, hash: &KeyHash) {
-        write(&self.keyring).keys.remove(hash);
+        write(&self.keyring).remove(hash);
         let _ = self.events.send(Event::CredentialsChanged);
+    }
+
+    /// Keys used since the last call, with when, for the flush to record.
+    pub fn take_key_uses(&self) -> HashMap<String, Timestamp> {
+        std::mem::take(&mut *lock(&self.key_uses))
+    }
+
+    /// Mints a browser token: read-only, for `workspace`, until
+    /// `expires_at`, naming the key that mints it (`None` for the admin key).
+    /// `None` before start-up set the signing secret.
+    pub fn mint_token(
+        &self,
+        workspace: &WorkspaceId,
+        minting_key: Option<&str>,
+        expires_at: Timestamp,
+    ) -> Option<String> {
+        let keyring = read(&self.keyring);
+        let minter = match minting_key {
+            Some(id) => Minter::Key(id.to_owned()),
+            None => keyring.admin_minter()?,
+        };
+        let claims = TokenClaims {
+            workspace: workspace.clone(),
+            minter,
+            expires_at,
+        };
+        Some(keyring.token_secret()?.mint(&claims))
     }
 
     // ----- the request path -------------------------------------------------
 
-    /// Maps a key's hash to whom it speaks for, among the keys this
-    /// instance knows (see [`authenticate`](Self::authenticate) for keys
-    /// made elsewhere).
-    pub fn authenticate_hash(&self, hash: KeyHash) -> Option<Principal> {
-        let keyring = read(&self.keyring);
-        if keyring.admin.is_some_and(|admin| admin.matches(&hash)) {
-            return Some(Principal::Admin);
+    /// Authenticates a credential among the keys this instance knows (see
+    /// [`authenticate`](Self::authenticate) for keys made elsewhere).
+    pub fn authenticate_known(&self, credential: &Credential) -> Result<Principal, AuthError> {
+        match self.verdict(credential) {
+            Verdict::Known(result) => result,
+            Verdict::LookUpKey(_) | Verdict::LookUpMinter(_) => Err(AuthError::Unknown),
         }
-        // The map finds the entry by hash; the stored hash is then compared
-        // again in constant time, so no timing reveals a near miss.
-        keyring
-            .keys
-            .get_key_value(&hash)
-            .filter(|(stored, _)| stored.matches(&hash))
-            .map(|(_, workspace)| Principal::Workspace(workspace.clone()))
+    }
+
+    fn verdict(&self, credential: &Credential) -> Verdict {
+        let now = self.now();
+        let mut used = None;
+        let verdict = read(&self.keyring).verdict(credential, now, &mut |id, at| {
+            used = Some((id.to_owned(), at));
+        });
+        if let Some((id, at)) = used {
+            lock(&self.key_uses).insert(id, at);
+        }
+        verdict
     }
 
     /// Admission: reserves one request and `request.estimated_tokens` against

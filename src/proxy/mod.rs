@@ -36,7 +36,7 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::api::AppState;
-use crate::api::auth::{authenticate, bearer};
+use crate::api::auth::Auth;
 use crate::api::error::ApiError;
 use crate::api::refusal::{ratelimit_headers, refusal_error};
 use crate::config::UpstreamConfig;
@@ -44,6 +44,7 @@ use crate::domain::model::parse_model;
 use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{Model, Request as Admission};
 use crate::engine::{Principal, TokenUsage, UpstreamAnswer};
+use crate::keys::Scope;
 use crate::metrics::{Phase, RequestOutcome};
 use crate::openai::ErrorEnvelope;
 use body::{MeteredBody, SettleGuard, Settlement};
@@ -332,17 +333,16 @@ async fn forward_admitted(
 ) -> Result<Response, ApiError> {
     let proxy = &state.proxy;
     let (parts, body) = request.into_parts();
-    let workspace = match authenticate(&state.engine, bearer(&parts.headers)).await? {
-        Principal::Workspace(workspace) => workspace,
-        Principal::Admin => {
-            return Err(ApiError::new(
-                StatusCode::FORBIDDEN,
-                "permission_error",
-                "workspace_key_required",
-                "OpenAI calls through quotawatch are made with a workspace key, which decides whose limits apply; the admin key has none",
-            ));
-        }
-    };
+    let auth = Auth::of(&parts.headers, &state.engine).await?;
+    if auth.principal == Principal::Admin {
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "workspace_key_required",
+            "OpenAI calls through quotawatch are made with a workspace key (or a service key naming the workspace), which decides whose limits apply; the admin key has none",
+        ));
+    }
+    let workspace = auth.workspace(&state.engine, None, Scope::Proxy).await?;
     // The one reading of the path: classified, priced and forwarded alike.
     let path = path::normalise(parts.uri.path()).map_err(invalid_path)?;
     let endpoint = Endpoint::of(&parts.method, &path);

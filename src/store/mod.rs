@@ -29,7 +29,7 @@ use crate::domain::notification::{Notification, NotificationKind, Severity, Tena
 use crate::domain::status::Cause;
 use crate::domain::time::Timestamp;
 use crate::domain::workspace::Saved;
-use crate::keys::KeyHash;
+use crate::keys::{KeyGrant, KeyHash, Scopes};
 
 pub use salvage::{Refused, Row, Salvage};
 pub use saved::{from_json as saved_from_json, to_json as saved_to_json};
@@ -125,12 +125,37 @@ static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 #[derive(Clone, Debug, PartialEq)]
 pub struct KeyRecord {
     pub id: String,
-    pub workspace: WorkspaceId,
+    pub grant: KeyGrant,
     pub hash: KeyHash,
     pub prefix: String,
+    pub name: String,
     pub created_at: Timestamp,
+    pub expires_at: Option<Timestamp>,
+    /// To the minute: uses are written by the flush, at most once a minute.
+    pub last_used_at: Option<Timestamp>,
     pub revoked_at: Option<Timestamp>,
 }
+
+/// The columns of `api_keys`, in the order [`key_from_row`] reads them.
+macro_rules! key_columns {
+    () => {
+        "id, workspace_id, key_hash, prefix, name, scopes, service_workspaces, created_at, expires_at, last_used_at, revoked_at"
+    };
+}
+
+type KeyRow = (
+    String,
+    Option<String>,
+    String,
+    String,
+    String,
+    String,
+    Option<String>,
+    i64,
+    Option<i64>,
+    Option<i64>,
+    Option<i64>,
+);
 
 /// Everything needed to authenticate and to know the workspaces.
 #[derive(Clone, Debug, Default)]
@@ -576,16 +601,15 @@ impl Store {
             .fetch_all(pool)
             .await
         })?;
-        let key_rows: Vec<(String, String, String, String, i64, Option<i64>)> = on_pool!(
-            self,
-            |pool| {
-                sqlx::query_as(
-                "SELECT id, workspace_id, key_hash, prefix, created_at, revoked_at FROM api_keys WHERE revoked_at IS NULL"
-            )
+        let key_rows: Vec<KeyRow> = on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE revoked_at IS NULL"
+            ))
             .fetch_all(pool)
             .await
-            }
-        )?;
+        })?;
         Ok(Catalog {
             generation,
             workspaces: workspace_rows
@@ -676,73 +700,126 @@ impl Store {
     }
 
     pub async fn insert_key(&self, key: &KeyRecord) -> Result<i64> {
+        let (workspace, scopes, service_workspaces) = match &key.grant {
+            KeyGrant::Workspace { workspace, scopes } => {
+                (Some(workspace.as_str()), scopes.to_list(), None)
+            }
+            KeyGrant::Service { workspaces } => (
+                None,
+                SERVICE_SCOPE.to_owned(),
+                workspaces.as_ref().map(|list| {
+                    list.iter()
+                        .map(WorkspaceId::as_str)
+                        .collect::<Vec<_>>()
+                        .join(",")
+                }),
+            ),
+        };
         let generation = change_catalog!(self, |tx| {
-            sqlx::query(
-            "INSERT INTO api_keys (id, workspace_id, key_hash, prefix, created_at, revoked_at) VALUES ($1, $2, $3, $4, $5, NULL)",
-        )
-        .bind(&key.id)
-        .bind(key.workspace.as_str())
-        .bind(key.hash.to_hex())
-        .bind(&key.prefix)
-        .bind(key.created_at.millis())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+            sqlx::query(concat!(
+                "INSERT INTO api_keys (",
+                key_columns!(),
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, NULL, NULL)"
+            ))
+            .bind(&key.id)
+            .bind(workspace)
+            .bind(key.hash.to_hex())
+            .bind(&key.prefix)
+            .bind(&key.name)
+            .bind(&scopes)
+            .bind(&service_workspaces)
+            .bind(key.created_at.millis())
+            .bind(key.expires_at.map(Timestamp::millis))
+            .execute(&mut *tx)
+            .await?
+            .rows_affected()
         })?;
         Ok(generation.unwrap_or_default())
     }
 
-    /// Revokes a key of a workspace; `None` if there is no such active key.
-    pub async fn revoke_key(
-        &self,
-        workspace: &WorkspaceId,
-        key_id: &str,
-        now: Timestamp,
-    ) -> Result<Option<i64>> {
+    /// Revokes a key; `None` if there is no such active key.
+    pub async fn revoke_key(&self, key_id: &str, now: Timestamp) -> Result<Option<i64>> {
         Ok(change_catalog!(self, |tx| {
-            sqlx::query(
-            "UPDATE api_keys SET revoked_at = $3 WHERE id = $1 AND workspace_id = $2 AND revoked_at IS NULL",
-        )
-        .bind(key_id)
-        .bind(workspace.as_str())
-        .bind(now.millis())
-        .execute(&mut *tx)
-        .await?
-        .rows_affected()
+            sqlx::query("UPDATE api_keys SET revoked_at = $2 WHERE id = $1 AND revoked_at IS NULL")
+                .bind(key_id)
+                .bind(now.millis())
+                .execute(&mut *tx)
+                .await?
+                .rows_affected()
         })?)
     }
 
     /// The active key with this hash, if there is one: how an instance finds
     /// a key that another instance created since its last catalog reload.
     pub async fn active_key(&self, hash: &KeyHash) -> Result<Option<KeyRecord>> {
-        let row: Option<(String, String, String, String, i64, Option<i64>)> = on_pool!(
-            self,
-            |pool| {
-                sqlx::query_as(
-                "SELECT id, workspace_id, key_hash, prefix, created_at, revoked_at FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
-            )
-            .bind(hash.to_hex())
-            .fetch_optional(pool)
-            .await
-            }
-        )?;
+        self.find_key(KeyColumn::Hash, &hash.to_hex()).await
+    }
+
+    /// The active key with this id, if there is one: how an instance checks
+    /// the minter of a browser token made through another instance.
+    pub async fn active_key_by_id(&self, id: &str) -> Result<Option<KeyRecord>> {
+        self.find_key(KeyColumn::Id, id).await
+    }
+
+    async fn find_key(&self, column: KeyColumn, value: &str) -> Result<Option<KeyRecord>> {
+        let query = match column {
+            KeyColumn::Hash => concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE key_hash = $1 AND revoked_at IS NULL"
+            ),
+            KeyColumn::Id => concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE id = $1 AND revoked_at IS NULL"
+            ),
+        };
+        let row: Option<KeyRow> = on_pool!(self, |pool| {
+            sqlx::query_as(query).bind(value).fetch_optional(pool).await
+        })?;
         Ok(row.and_then(key_from_row))
     }
 
-    /// All keys of a workspace, revoked ones included, newest first.
-    pub async fn list_keys(&self, workspace: &WorkspaceId) -> Result<Vec<KeyRecord>> {
-        let rows: Vec<(String, String, String, String, i64, Option<i64>)> = on_pool!(
-            self,
-            |pool| {
-                sqlx::query_as(
-                "SELECT id, workspace_id, key_hash, prefix, created_at, revoked_at FROM api_keys WHERE workspace_id = $1 ORDER BY created_at DESC, id"
-            )
-            .bind(workspace.as_str())
+    /// All keys of a workspace, or (with `None`) all service keys, revoked
+    /// ones included, newest first.
+    pub async fn list_keys(&self, workspace: Option<&WorkspaceId>) -> Result<Vec<KeyRecord>> {
+        let rows: Vec<KeyRow> = on_pool!(self, |pool| {
+            sqlx::query_as(concat!(
+                "SELECT ",
+                key_columns!(),
+                " FROM api_keys WHERE workspace_id = $1 OR ($1 IS NULL AND workspace_id IS NULL)",
+                " ORDER BY created_at DESC, id"
+            ))
+            .bind(workspace.map(WorkspaceId::as_str))
             .fetch_all(pool)
             .await
-            }
-        )?;
+        })?;
         Ok(rows.into_iter().filter_map(key_from_row).collect())
+    }
+
+    /// Records when keys were last used; a time never moves back, whichever
+    /// instance writes last. Not a catalog change: nothing reloads for it.
+    pub async fn touch_keys(&self, uses: &[(String, Timestamp)]) -> Result<()> {
+        if uses.is_empty() {
+            return Ok(());
+        }
+        on_pool!(self, |pool| {
+            async {
+            let mut tx = pool.begin().await?;
+            for (id, at) in uses {
+                sqlx::query(
+                    "UPDATE api_keys SET last_used_at = $2 WHERE id = $1 AND (last_used_at IS NULL OR last_used_at < $2)",
+                )
+                .bind(id)
+                .bind(at.millis())
+                .execute(&mut *tx)
+                .await?;
+            }
+            tx.commit().await
+        }
+        .await
+        })?;
+        Ok(())
     }
 
     pub async fn meta(&self, key: &str) -> Result<Option<String>> {
@@ -767,6 +844,22 @@ impl Store {
         .map(|_| ())
         })?;
         Ok(())
+    }
+
+    /// The value of `key`, which is set to `value` first if it has none: every
+    /// instance that calls this at once gets the same value.
+    pub async fn meta_or_insert(&self, key: &str, value: &str) -> Result<String> {
+        on_pool!(self, |pool| {
+            sqlx::query(
+                "INSERT INTO meta (key, value) VALUES ($1, $2) ON CONFLICT (key) DO NOTHING",
+            )
+            .bind(key)
+            .bind(value)
+            .execute(pool)
+            .await
+            .map(|_| ())
+        })?;
+        Ok(self.meta(key).await?.unwrap_or_else(|| value.to_owned()))
     }
 
     /// The saved live state of every workspace that has one.
@@ -993,14 +1086,56 @@ impl Store {
     }
 }
 
-fn key_from_row(row: (String, String, String, String, i64, Option<i64>)) -> Option<KeyRecord> {
-    let (id, workspace, hash, prefix, created_at, revoked_at) = row;
+/// The columns a single active key is found by.
+enum KeyColumn {
+    Hash,
+    Id,
+}
+
+/// How a service key's scopes are stored.
+const SERVICE_SCOPE: &str = "service";
+
+fn key_from_row(row: KeyRow) -> Option<KeyRecord> {
+    let (
+        id,
+        workspace,
+        hash,
+        prefix,
+        name,
+        scopes,
+        service_workspaces,
+        created_at,
+        expires_at,
+        last_used_at,
+        revoked_at,
+    ) = row;
+    let grant = match workspace {
+        Some(workspace) => KeyGrant::Workspace {
+            workspace: workspace.parse().ok()?,
+            scopes: Scopes::parse_list(&scopes).ok()?,
+        },
+        None if scopes == SERVICE_SCOPE => KeyGrant::Service {
+            workspaces: match service_workspaces {
+                Some(list) => Some(
+                    list.split(',')
+                        .map(str::parse)
+                        .collect::<std::result::Result<_, _>>()
+                        .ok()?,
+                ),
+                None => None,
+            },
+        },
+        None => return None,
+    };
     Some(KeyRecord {
         id,
-        workspace: workspace.parse().ok()?,
+        grant,
         hash: KeyHash::from_hex(&hash)?,
         prefix,
+        name,
         created_at: Timestamp::from_millis(created_at),
+        expires_at: expires_at.map(Timestamp::from_millis),
+        last_used_at: last_used_at.map(Timestamp::from_millis),
         revoked_at: revoked_at.map(Timestamp::from_millis),
     })
 }

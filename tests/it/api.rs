@@ -647,6 +647,10 @@ async fn the_openapi_document_lists_every_api_route() {
         ("/api/workspaces/{id}/keys", "post"),
         ("/api/workspaces/{id}/keys", "get"),
         ("/api/workspaces/{id}/keys/{key_id}", "delete"),
+        ("/api/service-keys", "post"),
+        ("/api/service-keys", "get"),
+        ("/api/service-keys/{key_id}", "delete"),
+        ("/api/tokens", "post"),
         ("/api/openapi.json", "get"),
     ];
     for (path, method) in expected {

@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use reqwest::StatusCode;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::support::binary::{Server, run};
 use crate::support::{ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, client, eventually};
@@ -445,7 +445,20 @@ async fn cli_changes_reach_a_running_server() {
         "unlimited",
     ])
     .await;
-    let created = cli(vec!["key", "create", "team"]).await;
+    let created = cli(vec![
+        "key",
+        "create",
+        "team",
+        "--scope",
+        "read",
+        "--scope",
+        "report",
+        "--name",
+        "team UI",
+        "--expires",
+        "30d",
+    ])
+    .await;
     let key = created
         .lines()
         .map(str::trim)
@@ -492,7 +505,80 @@ async fn cli_changes_reach_a_running_server() {
         "{row}"
     );
 
-    cli(vec!["key", "revoke", "team", &key_id]).await;
+    // The key does what its scopes allow, and the list says so.
+    let check = server.check(&key, 1).await;
+    assert_eq!(check.status, StatusCode::OK, "{:?}", check.body);
+    let proxy = server
+        .openai(
+            "/chat/completions",
+            &key,
+            json!({"model": "gpt-4o-mini", "messages": []}),
+        )
+        .await;
+    assert_eq!(proxy.status(), StatusCode::FORBIDDEN);
+    let listed = cli(vec!["key", "list", "team"]).await;
+    let row = listed
+        .lines()
+        .find(|l| l.starts_with(&key_id))
+        .expect("key listed");
+    let in_30_days = (chrono::Utc::now() + chrono::Duration::days(30))
+        .format("%Y-%m-%d")
+        .to_string();
+    assert!(
+        row.contains("team UI") && row.contains("report,read") && row.contains(&in_30_days),
+        "{listed}"
+    );
+    let (ok, _, err) = run(
+        dir.path(),
+        &env,
+        &["key", "create", "team", "--expires", "30"],
+    )
+    .await;
+    assert!(!ok && err.contains("needs a unit"), "{err}");
+
+    // A service key made on the command line acts for the workspace a
+    // request names, on the running server.
+    let created = cli(vec![
+        "key",
+        "create",
+        "--service",
+        "--for",
+        "team",
+        "--name",
+        "backend",
+    ])
+    .await;
+    let service_key = created
+        .lines()
+        .map(str::trim)
+        .find(|l| l.starts_with("qw_"))
+        .expect("key printed")
+        .to_owned();
+    let doc = eventually(
+        "the service key to work",
+        Duration::from_secs(10),
+        || async {
+            let response = server
+                .client
+                .get(server.url("/api/quota/status"))
+                .bearer_auth(&service_key)
+                .header("X-Quotawatch-Workspace", "team")
+                .send()
+                .await
+                .expect("request");
+            (response.status() == StatusCode::OK).then_some(response)
+        },
+    )
+    .await;
+    let doc: Value = doc.json().await.expect("JSON");
+    assert_eq!(doc["workspace"], "team");
+    let services = cli(vec!["key", "list", "--service"]).await;
+    assert!(
+        services.contains("backend") && services.contains("service (team)"),
+        "{services}"
+    );
+
+    cli(vec!["key", "revoke", &key_id]).await;
     eventually(
         "the revoked key to stop working",
         Duration::from_secs(10),

@@ -344,7 +344,17 @@ async fn admins_create_workspaces_change_limits_and_manage_keys_from_the_ui() {
         StatusCode::UNAUTHORIZED,
         "the revoked key is refused"
     );
+    // A read-only key for a tenant's page, named, expiring in 30 days.
     browser.click(".panel .actions button").await;
+    browser
+        .type_into("dialog[open] input[name=name]", "tenant page")
+        .await;
+    browser.click("dialog[open] input[name=proxy]").await;
+    browser.click("dialog[open] input[name=report]").await;
+    browser
+        .type_into("dialog[open] input[name=days]", "30")
+        .await;
+    browser.click("dialog[open] button[type=submit]").await;
     let (second_key, _) = browser
         .wait_text("dialog[open] code.secret-value", PATIENCE, |text| {
             text.starts_with("qw_")
@@ -355,7 +365,19 @@ async fn admins_create_workspaces_change_limits_and_manage_keys_from_the_ui() {
         server.get("/api/quota/status", &second_key).await.status,
         StatusCode::OK
     );
+    let check = server.check(&second_key, 1).await;
+    assert_eq!(check.status, StatusCode::FORBIDDEN, "a read-only key");
     browser.click("dialog[open] .actions button").await;
+    let (row, _) = browser
+        .wait_text("table.keys tbody", PATIENCE, |text| {
+            text.contains("tenant page")
+        })
+        .await;
+    assert!(
+        row.contains("read") && row.contains("active until"),
+        "{row}"
+    );
+    browser.screenshot("keys").await;
     browser.close().await;
     server.stop().await;
 }

@@ -581,6 +581,60 @@ async fn a_key_revoked_through_one_instance_is_refused_by_the_other_within_a_sec
     cluster.finish().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_service_key_and_its_tokens_work_on_every_instance_and_end_together() {
+    let Some(cluster) = Cluster::start("instances::tokens", false, &[]).await else {
+        return;
+    };
+    workspace_and_key(&cluster.a, "acme").await;
+    let created = cluster
+        .a
+        .post("/api/service-keys", ADMIN_KEY, json!({"name": "backend"}))
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    let service = created.body["key"].as_str().expect("key").to_owned();
+    let service_id = created.body["id"].as_str().expect("id").to_owned();
+    // Made through A, the key mints on B at once, and B's token reads on A
+    // (and A's on B): both instances sign with the one stored secret.
+    let minted = cluster
+        .b
+        .post("/api/tokens", &service, json!({"workspace": "acme"}))
+        .await;
+    assert_eq!(minted.status, StatusCode::CREATED, "{:?}", minted.body);
+    let token_from_b = minted.body["token"].as_str().expect("token").to_owned();
+    let minted = cluster
+        .a
+        .post("/api/tokens", &service, json!({"workspace": "acme"}))
+        .await;
+    let token_from_a = minted.body["token"].as_str().expect("token").to_owned();
+    for (server, token) in [(&cluster.a, &token_from_b), (&cluster.b, &token_from_a)] {
+        assert_eq!(server.status(token).await["workspace"], "acme");
+    }
+    let revoked = cluster
+        .a
+        .send(
+            reqwest::Method::DELETE,
+            &format!("/api/service-keys/{service_id}"),
+            ADMIN_KEY,
+            None,
+        )
+        .await;
+    assert_eq!(revoked.status, StatusCode::NO_CONTENT);
+    for token in [&token_from_a, &token_from_b] {
+        let refused = eventually(
+            "B refuses the tokens of the revoked key",
+            Duration::from_secs(1),
+            || async {
+                let response = cluster.b.get("/api/quota/status", token).await;
+                (response.status == StatusCode::UNAUTHORIZED).then_some(response)
+            },
+        )
+        .await;
+        assert_eq!(refused.error_code(), "invalid_api_key");
+    }
+    cluster.finish().await;
+}
+
 /// The ids of the workspace's notifications of `kind` that `server` lists,
 /// active ones or (with `history`) all.
 async fn notification_ids(

@@ -13,6 +13,7 @@ mod durability;
 mod held;
 mod hostile;
 mod instances;
+mod keys;
 mod nextjs;
 mod packages;
 mod proxy;

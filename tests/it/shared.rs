@@ -432,11 +432,11 @@ async fn a_flood_of_tickets_leaves_redis_bounded_too() {
     );
     let tickets = Tickets::new(Some(std::sync::Arc::new(shared)));
     let now = Store::now();
-    let credential = quotawatch::keys::KeyHash::of("qw_a_flooding_key");
-    let (first, _) = tickets.issue(credential, now).await;
+    let credential = quotawatch::engine::Credential::of("qw_a_flooding_key");
+    let (first, _) = tickets.issue(credential.clone(), now).await;
     let mut last = String::new();
     for _ in 0..MAX_LIVE_TICKETS + 100 {
-        last = tickets.issue(credential, now).await.0;
+        last = tickets.issue(credential.clone(), now).await.0;
     }
     let client = redis::Client::open(store.url.as_str()).expect("redis url");
     let mut connection = client

@@ -11,7 +11,7 @@ use quotawatch::domain::status::{Cause, Status};
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::window::{DayCounter, Usage};
 use quotawatch::domain::workspace::{Reservation, Saved};
-use quotawatch::keys::PlainKey;
+use quotawatch::keys::{KeyGrant, PlainKey, Scopes};
 use quotawatch::store::{Batch, KeyRecord, Resolution, RollupDelta, RollupKey, Store, StoreError};
 use serde_json::json;
 
@@ -135,47 +135,111 @@ async fn keys_are_stored_hashed_and_revocable(store: Store) {
     let key = PlainKey::generate();
     let record = KeyRecord {
         id: "key_1".into(),
-        workspace: id("acme"),
+        grant: KeyGrant::Workspace {
+            workspace: id("acme"),
+            scopes: Scopes::parse_list("read,report").expect("scopes"),
+        },
         hash: key.hash(),
         prefix: key.display_prefix(),
+        name: "dashboard of acme".into(),
         created_at: T0,
+        expires_at: Some(Timestamp::from_millis(T0.millis() + 86_400_000)),
+        last_used_at: None,
         revoked_at: None,
     };
     store.insert_key(&record).await.expect("insert key");
-    let catalog = store.load_catalog().await.expect("catalog");
-    assert_eq!(catalog.keys, vec![record.clone()]);
-    assert!(catalog.keys[0].hash.matches(&key.hash()));
+    let service_key = PlainKey::generate();
+    let service = KeyRecord {
+        id: "key_2".into(),
+        grant: KeyGrant::Service {
+            workspaces: Some(vec![id("acme"), id("globex")]),
+        },
+        hash: service_key.hash(),
+        prefix: service_key.display_prefix(),
+        name: "backend".into(),
+        created_at: T0,
+        expires_at: None,
+        last_used_at: None,
+        revoked_at: None,
+    };
+    store
+        .insert_key(&service)
+        .await
+        .expect("insert service key");
+    let mut catalog = store.load_catalog().await.expect("catalog").keys;
+    catalog.sort_by(|a, b| a.id.cmp(&b.id));
+    assert_eq!(catalog, vec![record.clone(), service.clone()]);
+    assert!(catalog[0].hash.matches(&key.hash()));
     let found = store.active_key(&key.hash()).await.expect("look up");
     assert_eq!(found, Some(record.clone()));
+    let by_id = store.active_key_by_id("key_2").await.expect("look up");
+    assert_eq!(by_id, Some(service.clone()));
     let unknown = PlainKey::generate().hash();
     assert_eq!(store.active_key(&unknown).await.expect("look up"), None);
+    assert_eq!(
+        store.list_keys(None).await.expect("list"),
+        vec![service.clone()],
+        "service keys are listed apart"
+    );
+    // Last uses only move forward, whichever instance writes last.
+    let used = Timestamp::from_millis(T0.millis() + 120_000);
+    let earlier = Timestamp::from_millis(T0.millis() + 60_000);
+    store
+        .touch_keys(&[("key_1".into(), used)])
+        .await
+        .expect("touch");
+    store
+        .touch_keys(&[("key_1".into(), earlier)])
+        .await
+        .expect("touch");
+    let listed = store.list_keys(Some(&id("acme"))).await.expect("list");
+    assert_eq!(listed[0].last_used_at, Some(used));
     let later = Timestamp::from_millis(T0.millis() + 1000);
     assert!(
         store
-            .revoke_key(&id("acme"), "key_1", later)
+            .revoke_key("key_1", later)
             .await
             .expect("revoke")
             .is_some()
     );
     assert!(
         store
-            .revoke_key(&id("acme"), "key_1", later)
+            .revoke_key("key_1", later)
             .await
             .expect("revoke")
             .is_none()
     );
-    assert!(store.load_catalog().await.expect("catalog").keys.is_empty());
+    assert_eq!(
+        store.load_catalog().await.expect("catalog").keys,
+        vec![service.clone()]
+    );
     assert_eq!(
         store.active_key(&key.hash()).await.expect("look up"),
         None,
         "a revoked key is not found"
     );
-    let listed = store.list_keys(&id("acme")).await.expect("list");
+    let listed = store.list_keys(Some(&id("acme"))).await.expect("list");
     assert_eq!(listed[0].revoked_at, Some(later));
     store.delete_workspace(&id("acme")).await.expect("delete");
     assert!(
-        store.list_keys(&id("acme")).await.expect("list").is_empty(),
+        store
+            .list_keys(Some(&id("acme")))
+            .await
+            .expect("list")
+            .is_empty(),
         "keys go with the workspace"
+    );
+    // The first value stored wins: instances starting at once agree.
+    assert_eq!(
+        store.meta_or_insert("secret", "first").await.expect("meta"),
+        "first"
+    );
+    assert_eq!(
+        store
+            .meta_or_insert("secret", "second")
+            .await
+            .expect("meta"),
+        "first"
     );
 }
 conformance!(keys_are_stored_hashed_and_revocable);

@@ -395,7 +395,7 @@ async fn revoking_a_key_closes_its_connections() {
 }
 
 /// Waits for the server to close `ws`; returns the close frame's code.
-async fn close_code(ws: &mut Ws) -> Option<u16> {
+pub(crate) async fn close_code(ws: &mut Ws) -> Option<u16> {
     tokio::time::timeout(Duration::from_secs(5), async {
         loop {
             match ws.next().await {
