@@ -129,11 +129,29 @@ export type AnyQuotaEvent = {
   [K in keyof QuotaEventMap]: { type: K } & QuotaEventMap[K];
 }[keyof QuotaEventMap];
 
+/** What `getToken` resolves to: a token, or a token with its expiry (an
+ * RFC 3339 string such as quotawatch's `expires_at`, milliseconds since
+ * the epoch, or a Date). */
+export type TokenGrant = string | { token: string; expiresAt?: string | number | Date | null };
+
 export interface QuotaMonitorOptions {
   /** Where quotawatch listens, e.g. `https://quota.example.com`. */
   baseUrl: string;
-  /** A workspace key, or the admin key. Sent only in the Authorization header. */
-  token: string;
+  /** Where its WebSocket listens, when not at `baseUrl` (e.g. `wss://quota-ws.example.com`);
+   * `/api/quota/ws` is appended, and `http(s)` means `ws(s)`. */
+  wsUrl?: string;
+  /** A workspace key, a browser token, or the admin key. Sent only in the
+   * Authorization header. Needed unless `getToken` is given. */
+  token?: string;
+  /** Fetches a fresh token from your backend (which mints it with
+   * `POST /api/tokens`). Called for the first token when `token` is not
+   * given, before a token with a known expiry runs out (within 30 s of
+   * `expiresAt`), and when quotawatch answers 401 `expired_api_key` or
+   * `invalid_api_key`, after which the request is sent once more. Calls
+   * that need a token at the same time share one call. A WebSocket closed
+   * for an expired or revoked token is reopened with a fresh ticket from a
+   * fresh token. */
+  getToken?: () => Promise<TokenGrant>;
   /** With the admin key: the one workspace to follow (default: all). */
   workspace?: string;
   /** How often to ping; a connection silent for two intervals is re-opened. Default 15000. */
@@ -160,6 +178,8 @@ export function backoffDelay(
 export class QuotaMonitor extends EventTarget {
   constructor(options: QuotaMonitorOptions);
   readonly baseUrl: string;
+  /** The WebSocket's base URL (`ws:` or `wss:`). */
+  readonly wsUrl: string;
   readonly workspace: string | null;
   /** Whether the WebSocket is open right now. */
   readonly connected: boolean;

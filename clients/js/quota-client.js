@@ -8,7 +8,11 @@
 //   monitor.subscribe();
 //
 // The key is sent only in the Authorization header: the WebSocket is opened
-// with a single-use ticket, so the key never appears in a URL. The
+// with a single-use ticket, so the key never appears in a URL. Instead of a
+// fixed key, the app may pass `getToken`, a function that fetches a
+// short-lived browser token from its own backend: it is called for the
+// first token, before the token expires, and when the server answers 401
+// (the request is then sent once more with the new token). The
 // connection is kept alive with pings, re-opened with exponential back-off
 // and jitter when it drops, and resynchronised from fresh snapshots after
 // every reconnect, since messages may have been missed while it was down.
@@ -26,6 +30,12 @@
 
 const DEFAULT_HEARTBEAT_MS = 15_000;
 const DEFAULT_BACKOFF = { initialMs: 500, maxMs: 30_000 };
+// A token that expires within this time is renewed before it is used, so
+// that a request does not set out with a token that lapses on its way.
+const RENEW_BEFORE_EXPIRY_MS = 30_000;
+// The 401 codes a new token can cure: an expired token, or one revoked
+// with the service key that minted it.
+const RENEWABLE_CODES = new Set(["expired_api_key", "invalid_api_key"]);
 
 /** An error answer of the quotawatch API, with its status and error code. */
 export class QuotaApiError extends Error {
@@ -46,16 +56,30 @@ export function backoffDelay(attempt, { initialMs, maxMs }, random = Math.random
   return Math.round(ceiling / 2 + (random() * ceiling) / 2);
 }
 
+/** `url` (http, https, ws or wss) as the base of a WebSocket URL, without a
+ * trailing slash. */
+function webSocketBase(url) {
+  const parsed = new URL(url);
+  if (parsed.protocol === "https:") parsed.protocol = "wss:";
+  if (parsed.protocol === "http:") parsed.protocol = "ws:";
+  return parsed.toString().replace(/\/+$/, "");
+}
+
 export class QuotaMonitor extends EventTarget {
   /**
    * @param {object} options
    * @param {string} options.baseUrl where quotawatch listens, e.g. `https://quota.example.com`
-   * @param {string} options.token a workspace key, or the admin key
+   * @param {string} [options.wsUrl] where its WebSocket listens, when not at `baseUrl`
+   * @param {string} [options.token] a workspace key, a browser token, or the admin key
+   * @param {() => Promise<string | {token: string, expiresAt?: string | number | Date}>} [options.getToken]
+   *   fetches a fresh token from the app's backend, with its expiry when known
    * @param {string} [options.workspace] with the admin key: the one workspace to follow
    */
   constructor({
     baseUrl,
+    wsUrl,
     token,
+    getToken,
     workspace,
     heartbeatMs = DEFAULT_HEARTBEAT_MS,
     backoff = DEFAULT_BACKOFF,
@@ -64,19 +88,26 @@ export class QuotaMonitor extends EventTarget {
   }) {
     super();
     if (!baseUrl) throw new TypeError("QuotaMonitor needs a baseUrl");
-    if (!token) throw new TypeError("QuotaMonitor needs a token");
+    if (!token && typeof getToken !== "function") {
+      throw new TypeError("QuotaMonitor needs a token or a getToken function");
+    }
     this.baseUrl = baseUrl.replace(/\/+$/, "");
+    this.wsUrl = webSocketBase(wsUrl || this.baseUrl);
     this.workspace = workspace || null;
     this.heartbeatMs = heartbeatMs;
     this.backoff = { ...DEFAULT_BACKOFF, ...backoff };
     this.connected = false;
     // The key stays in a private field, out of reach of serialisation and logging.
-    this.#token = token;
+    this.#token = token || null;
+    this.#getToken = getToken || null;
     this.#fetch = fetchImpl;
     this.#WebSocket = WebSocketImpl;
   }
 
   #token;
+  #tokenExpiresAt = null;
+  #getToken;
+  #renewal = null;
   #fetch;
   #WebSocket;
   #socket = null;
@@ -147,13 +178,60 @@ export class QuotaMonitor extends EventTarget {
   }
 
   async #request(method, path) {
+    const token = await this.#usableToken();
+    try {
+      return await this.#send(method, path, token);
+    } catch (error) {
+      if (!this.#getToken || !(error instanceof QuotaApiError) || error.status !== 401) throw error;
+      if (!RENEWABLE_CODES.has(error.code)) throw error;
+      // Once: a token refused right after it was fetched will not get better.
+      return this.#send(method, path, await this.#renew(token));
+    }
+  }
+
+  async #send(method, path, token) {
     const response = await this.#fetch(`${this.baseUrl}${path}`, {
       method,
-      headers: { Authorization: `Bearer ${this.#token}`, Accept: "application/json" },
+      headers: { Authorization: `Bearer ${token}`, Accept: "application/json" },
     });
     const body = await response.json().catch(() => null);
     if (!response.ok) throw new QuotaApiError(response.status, body);
     return body;
+  }
+
+  /** The token to send now: the current one, unless there is none yet or
+   * it is about to expire and can be renewed. */
+  async #usableToken() {
+    if (this.#renewal) return this.#renewal;
+    const expiring =
+      this.#tokenExpiresAt !== null && this.#tokenExpiresAt - Date.now() < RENEW_BEFORE_EXPIRY_MS;
+    if (this.#token && !(expiring && this.#getToken)) return this.#token;
+    return this.#renew(this.#token);
+  }
+
+  /** A token other than `stale`: the one a renewal in progress brings, the
+   * one another caller already brought, or a fresh one from `getToken`.
+   * Requests refused at the same time thus share one call to the backend. */
+  #renew(stale) {
+    if (this.#renewal) return this.#renewal;
+    if (this.#token && this.#token !== stale) return Promise.resolve(this.#token);
+    this.#renewal = this.#fetchToken().finally(() => {
+      this.#renewal = null;
+    });
+    return this.#renewal;
+  }
+
+  async #fetchToken() {
+    const answer = await this.#getToken();
+    const token = typeof answer === "string" ? answer : answer?.token;
+    if (typeof token !== "string" || token === "") {
+      throw new TypeError("getToken must resolve to a token, or to {token, expiresAt}");
+    }
+    const expiresAt = typeof answer === "object" ? new Date(answer.expiresAt ?? NaN).getTime() : NaN;
+    this.#token = token;
+    // Without a readable expiry the token is used until it is refused.
+    this.#tokenExpiresAt = Number.isFinite(expiresAt) ? expiresAt : null;
+    return token;
   }
 
   #emit(type, detail) {
@@ -187,8 +265,7 @@ export class QuotaMonitor extends EventTarget {
       return;
     }
     if (!this.#wanted) return;
-    const url = new URL(`${this.baseUrl}/api/quota/ws`);
-    url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+    const url = new URL(`${this.wsUrl}/api/quota/ws`);
     url.searchParams.set("ticket", ticket);
     if (this.workspace) url.searchParams.set("workspace", this.workspace);
     const socket = new this.#WebSocket(url.toString());
@@ -271,7 +348,15 @@ export class QuotaMonitor extends EventTarget {
     this.#socket = null;
     this.#stopHeartbeat();
     this.connected = false;
-    // 1008 (policy violation): the key was revoked or the workspace deleted.
+    // 1008 (policy violation): the key was revoked or expired, or the
+    // workspace deleted. A fixed key will not get better; a renewable one
+    // is renewed before the next ticket is asked for.
+    if (event && event.code === 1008 && this.#getToken) {
+      // Counted as expired, the token is renewed before its next use.
+      this.#tokenExpiresAt = 0;
+      this.#scheduleReconnect(new Error(event.reason || "refused"));
+      return;
+    }
     if (event && event.code === 1008) {
       this.#wanted = false;
       this.#emit("connection", { state: "closed", error: new Error(event.reason || "refused") });

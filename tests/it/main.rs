@@ -14,6 +14,7 @@ mod held;
 mod hostile;
 mod instances;
 mod keys;
+mod nextjs;
 mod packages;
 mod proxy;
 mod python_client;

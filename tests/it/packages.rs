@@ -1,30 +1,25 @@
 //! The JavaScript packages as a user installs them: `npm pack` of
 //! `clients/js` and `clients/react`, installed together into a fresh
-//! project, used from Node.js against a running quotawatch. Needs
+//! project, used from Node.js against a running quotawatch, with a key and
+//! with browser tokens from `getToken`. Needs
 //! `QUOTAWATCH_TEST_NPM` (the `npm` executable; `node` beside it) and the
 //! npm registry for React and `ws`.
 
 use std::path::{Path, PathBuf};
 
+use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::TestServer;
+use crate::support::{ADMIN_KEY, TestServer, output_of};
 
 /// Runs `program` in `dir`, failing the test with its output when it fails.
 async fn run(program: &str, args: &[&str], dir: &Path) -> String {
-    let output = tokio::process::Command::new(program)
-        .args(args)
-        .current_dir(dir)
-        .output()
-        .await
-        .unwrap_or_else(|error| panic!("cannot run {program}: {error}"));
-    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
-    assert!(
-        output.status.success(),
-        "{program} {args:?} failed:\n{stdout}\n{}",
-        String::from_utf8_lossy(&output.stderr)
-    );
-    stdout
+    output_of(
+        tokio::process::Command::new(program)
+            .args(args)
+            .current_dir(dir),
+    )
+    .await
 }
 
 /// `npm pack` of one package of `clients/`, into `into`; the tarball's path.
@@ -45,7 +40,7 @@ import { QuotaMonitor } from "@quotawatch/client";
 import { useQuotaMonitor, QuotaNotification, QuotaToast } from "@quotawatch/react";
 import { WebSocket } from "ws";
 
-const [baseUrl, token] = process.argv.slice(2);
+const [baseUrl, token, browserToken, browserTokenExpiresAt] = process.argv.slice(2);
 const reactEntry = createRequire(import.meta.url).resolve("@quotawatch/react");
 const firstLine = readFileSync(reactEntry, "utf8").split("\n")[0];
 
@@ -68,6 +63,22 @@ const live = await new Promise((resolve, reject) => {
   });
 });
 monitor.close();
+
+// A browser token whose first answer from the backend quotawatch refuses:
+// the library asks getToken again and sends the request once more.
+let tokenCalls = 0;
+const renewing = new QuotaMonitor({
+  baseUrl,
+  WebSocket,
+  getToken: async () => {
+    tokenCalls += 1;
+    return tokenCalls === 1
+      ? "qwt_refused"
+      : { token: browserToken, expiresAt: browserTokenExpiresAt };
+  },
+});
+const renewed = await renewing.getStatus();
+
 console.log(JSON.stringify({
   status: status.status,
   live: live.workspace,
@@ -75,6 +86,8 @@ console.log(JSON.stringify({
   firstLine,
   node: process.versions.node,
   plainError,
+  renewed: renewed.status,
+  tokenCalls,
 }));
 "#;
 
@@ -115,12 +128,25 @@ async fn the_packed_clients_install_together_and_work_on_node() {
 
     let server = TestServer::start(&[]).await;
     let key = server.workspace(json!({"id": "acme"})).await;
-    let printed = run("node", &["smoke.mjs", &server.base, &key], &app).await;
+    let minted = server
+        .post("/api/tokens", ADMIN_KEY, json!({"workspace": "acme"}))
+        .await;
+    assert_eq!(minted.status, StatusCode::CREATED, "{}", minted.body);
+    let browser_token = minted.body["token"].as_str().expect("a token");
+    let expires_at = minted.body["expires_at"].as_str().expect("an expiry");
+    let printed = run(
+        "node",
+        &["smoke.mjs", &server.base, &key, browser_token, expires_at],
+        &app,
+    )
+    .await;
     let result: Value = serde_json::from_str(printed.trim()).expect("the smoke test's JSON");
     assert_eq!(result["status"], "normal", "{result}");
     assert_eq!(result["live"], "acme", "{result}");
     assert_eq!(result["react"], true, "{result}");
     assert_eq!(result["firstLine"], "\"use client\";", "{result}");
+    assert_eq!(result["renewed"], "normal", "{result}");
+    assert_eq!(result["tokenCalls"], 2, "{result}");
     // Node.js 20 has no WebSocket of its own: the library says what to do.
     let node_major: u32 = result["node"]
         .as_str()

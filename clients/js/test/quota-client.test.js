@@ -62,7 +62,9 @@ function fakeFetch(overrides = {}) {
     const parsed = new URL(url);
     calls.push({ method: init.method, path: parsed.pathname, query: parsed.search, headers: init.headers });
     const answer = answers[`${init.method} ${parsed.pathname}`];
-    const [code, body] = answer ? answer() : [404, { error: { message: "no route", code: "unknown_route" } }];
+    const [code, body] = answer
+      ? answer(init.headers.Authorization.replace(/^Bearer /, ""))
+      : [404, { error: { message: "no route", code: "unknown_route" } }];
     return { ok: code < 400, status: code, json: async () => body };
   });
   return { fetch, calls };
@@ -258,6 +260,149 @@ describe("live updates", () => {
     socket.drop();
     await vi.advanceTimersByTimeAsync(5000);
     expect(FakeWebSocket.instances.length).toBe(1);
+  });
+});
+
+/** Answers like quotawatch to a token that has expired. */
+const expired = () => [401, { error: { message: "the token expired", code: "expired_api_key" } }];
+
+/** A getToken double handing out `qwt_1`, `qwt_2`, ... with the expiry `expiresAt(n)` gives. */
+function tokenSource(expiresAt = () => undefined) {
+  let issued = 0;
+  return vi.fn(async () => {
+    issued += 1;
+    const expiry = expiresAt(issued);
+    return expiry === undefined ? `qwt_${issued}` : { token: `qwt_${issued}`, expiresAt: expiry };
+  });
+}
+
+/** The token each call was sent with. */
+const tokensSent = (calls) => calls.map((call) => call.headers.Authorization.replace(/^Bearer /, ""));
+
+describe("token renewal", () => {
+  it("needs a token or a getToken function", () => {
+    expect(() => new QuotaMonitor({ baseUrl: "http://qw" })).toThrow(/token or a getToken/);
+  });
+
+  it("fetches the first token from getToken and keeps using it", async () => {
+    const { fetch, calls } = fakeFetch();
+    const getToken = tokenSource();
+    const quota = monitor(fetch, { token: undefined, getToken });
+    await quota.getStatus();
+    await quota.getNotifications();
+    expect(tokensSent(calls)).toEqual(["qwt_1", "qwt_1"]);
+    expect(getToken).toHaveBeenCalledTimes(1);
+  });
+
+  it("renews on a 401 for an expired token and sends the request once more", async () => {
+    const { fetch, calls } = fakeFetch({
+      "GET /api/quota/status": (token) => (token === TOKEN ? expired() : [200, status()]),
+    });
+    const getToken = tokenSource();
+    const doc = await monitor(fetch, { getToken }).getStatus();
+    expect(doc.workspace).toBe("acme");
+    expect(tokensSent(calls)).toEqual([TOKEN, "qwt_1"]);
+    expect(getToken).toHaveBeenCalledTimes(1);
+  });
+
+  it("shares one renewal among requests refused at the same time", async () => {
+    const refusedUnlessFresh = (answer) => (token) => (token === "qwt_1" ? [200, answer] : expired());
+    const { fetch, calls } = fakeFetch({
+      "GET /api/quota/status": refusedUnlessFresh(status()),
+      "GET /api/quota/notifications": refusedUnlessFresh({ workspace: "acme", notifications: [] }),
+    });
+    let release;
+    const getToken = vi.fn(() => new Promise((resolve) => (release = resolve)));
+    const quota = monitor(fetch, { getToken });
+    const answers = Promise.all([quota.getStatus(), quota.getNotifications(), quota.getStatus()]);
+    await settle();
+    expect(getToken).toHaveBeenCalledTimes(1);
+    release({ token: "qwt_1" });
+    const [first, notifications, second] = await answers;
+    expect([first.workspace, notifications.workspace, second.workspace]).toEqual(["acme", "acme", "acme"]);
+    expect(getToken).toHaveBeenCalledTimes(1);
+    expect(tokensSent(calls)).toEqual([TOKEN, TOKEN, TOKEN, "qwt_1", "qwt_1", "qwt_1"]);
+  });
+
+  it("sends a request at most twice, and renews only for an expired or unknown token", async () => {
+    let refusal = [401, { error: { message: "revoked", code: "invalid_api_key" } }];
+    const { fetch, calls } = fakeFetch({ "GET /api/quota/status": () => refusal });
+    const getToken = tokenSource();
+    const quota = monitor(fetch, { getToken });
+    const refused = await quota.getStatus().catch((error) => error);
+    expect(refused.code).toBe("invalid_api_key");
+    expect(tokensSent(calls)).toEqual([TOKEN, "qwt_1"]);
+    for (const [code, status] of [
+      ["missing_api_key", 401],
+      ["missing_scope", 403],
+    ]) {
+      refusal = [status, { error: { message: "no", code } }];
+      const error = await quota.getStatus().catch((problem) => problem);
+      expect(error.code).toBe(code);
+    }
+    expect(getToken).toHaveBeenCalledTimes(1);
+    expect(calls.length).toBe(4);
+  });
+
+  it("renews shortly before the expiry that came with the token", async () => {
+    const { fetch, calls } = fakeFetch();
+    // The first expiry as quotawatch writes it, the second as milliseconds.
+    const getToken = tokenSource((n) =>
+      n === 1 ? new Date(Date.now() + 60_000).toISOString() : Date.now() + 60_000,
+    );
+    const quota = monitor(fetch, { token: undefined, getToken });
+    await quota.getStatus();
+    await vi.advanceTimersByTimeAsync(20_000);
+    await quota.getStatus();
+    await vi.advanceTimersByTimeAsync(15_000);
+    await quota.getStatus();
+    expect(tokensSent(calls)).toEqual(["qwt_1", "qwt_1", "qwt_2"]);
+  });
+
+  it("says what getToken must give when it gives something else", async () => {
+    const { fetch } = fakeFetch();
+    const quota = monitor(fetch, { token: undefined, getToken: async () => ({ key: "qwt_1" }) });
+    const error = await quota.getStatus().catch((problem) => problem);
+    expect(error.message).toMatch(/getToken must resolve to a token/);
+    expect(fetch).not.toHaveBeenCalled();
+  });
+
+  it("reopens a WebSocket closed for an expired token with a ticket from a fresh token", async () => {
+    const { fetch, calls } = fakeFetch();
+    const getToken = tokenSource();
+    const quota = monitor(fetch, { token: undefined, getToken });
+    const states = [];
+    quota.on("connection", (event) => states.push(event.state));
+    quota.subscribe();
+    await settle();
+    FakeWebSocket.instances[0].open();
+    await settle();
+    FakeWebSocket.instances[0].drop(1008, "key expired");
+    await vi.advanceTimersByTimeAsync(1000);
+    expect(FakeWebSocket.instances.length).toBe(2);
+    const tickets = calls.filter((call) => call.path === "/api/quota/ws-ticket");
+    expect(tokensSent(tickets)).toEqual(["qwt_1", "qwt_2"]);
+    expect(states).not.toContain("closed");
+    quota.close();
+  });
+});
+
+describe("wsUrl", () => {
+  it("opens the WebSocket at its own base URL, and REST calls at baseUrl", async () => {
+    for (const [wsUrl, expected] of [
+      ["wss://live.quota.test/prefix/", "wss://live.quota.test/prefix/api/quota/ws?ticket=wst_"],
+      ["http://127.0.0.1:8001", "ws://127.0.0.1:8001/api/quota/ws?ticket=wst_"],
+    ]) {
+      FakeWebSocket.instances = [];
+      const { fetch, calls } = fakeFetch();
+      const quota = monitor(fetch, { wsUrl });
+      quota.subscribe();
+      await settle();
+      expect(FakeWebSocket.instances[0].url.startsWith(expected)).toBe(true);
+      expect(calls[0].path).toBe("/api/quota/ws-ticket");
+      expect(fetch.mock.calls[0][0]).toMatch(/^http:\/\/quota\.test\//);
+      quota.close();
+    }
   });
 });
 

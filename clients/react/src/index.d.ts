@@ -1,11 +1,23 @@
 import type { ReactElement } from "react";
-import type { Notification, NotificationEvent, QuotaMonitor, StatusDocument } from "@quotawatch/client";
+import type {
+  Notification,
+  NotificationEvent,
+  QuotaMonitor,
+  StatusDocument,
+  TokenGrant,
+} from "@quotawatch/client";
 
 export interface QuotaMonitorOptions {
   /** Where quotawatch listens, e.g. `https://quota.example.com`. */
   baseUrl?: string;
+  /** Where its WebSocket listens, when not at `baseUrl`. */
+  wsUrl?: string;
   /** A workspace key (or the admin key with `workspace`). */
   token?: string;
+  /** Fetches a short-lived browser token from your backend, instead of or beside `token`;
+   * called again when the token expires or is refused (see `@quotawatch/client`). A new
+   * function on every render is fine: the latest one is called. */
+  getToken?: () => Promise<TokenGrant>;
   /** With the admin key: the workspace to follow. */
   workspace?: string;
   /** A QuotaMonitor to share instead of opening a connection of its own. */

@@ -2,7 +2,7 @@
 
 // React pieces for showing quotawatch state inside an app:
 //
-//   const quota = useQuotaMonitor({ baseUrl, token });
+//   const quota = useQuotaMonitor({ baseUrl, getToken });
 //   <QuotaNotification {...quota} />
 //   <QuotaToast {...quota} />
 //
@@ -32,18 +32,43 @@ export function applyNotificationEvent(active, event) {
 /**
  * Follows one workspace live: `{status, notifications, connected, error}`.
  * Pass `{baseUrl, token}` (a workspace key; with the admin key, also
- * `workspace`), or `{monitor}` to share a QuotaMonitor you manage.
+ * `workspace`), or `{baseUrl, getToken}` to fetch short-lived browser
+ * tokens from your backend (renewed when they expire), with `wsUrl` when
+ * the WebSocket is at another base URL; or `{monitor}` to share a
+ * QuotaMonitor you manage.
  */
-export function useQuotaMonitor({ baseUrl, token, workspace, WebSocket, monitor: shared } = {}) {
+export function useQuotaMonitor({
+  baseUrl,
+  wsUrl,
+  token,
+  getToken,
+  workspace,
+  WebSocket,
+  monitor: shared,
+} = {}) {
   const [state, setState] = useState({
     status: null,
     notifications: [],
     connected: false,
     error: null,
   });
+  // The latest getToken, read when a token is needed: an app that passes a
+  // new function on every render must not reconnect on every render.
+  const latestGetToken = useRef(getToken);
+  latestGetToken.current = getToken;
+  const renewable = typeof getToken === "function";
   useEffect(() => {
-    if (!shared && (!baseUrl || !token)) return undefined;
-    const monitor = shared ?? new QuotaMonitor({ baseUrl, token, workspace, WebSocket });
+    if (!shared && (!baseUrl || (!token && !renewable))) return undefined;
+    const monitor =
+      shared ??
+      new QuotaMonitor({
+        baseUrl,
+        wsUrl,
+        token,
+        getToken: renewable ? () => latestGetToken.current() : undefined,
+        workspace,
+        WebSocket,
+      });
     let mounted = true;
     const update = (change) => {
       if (mounted) setState((current) => ({ ...current, ...change(current) }));
@@ -70,7 +95,7 @@ export function useQuotaMonitor({ baseUrl, token, workspace, WebSocket, monitor:
       for (const stop of stops) stop();
       if (!shared) monitor.close();
     };
-  }, [baseUrl, token, workspace, WebSocket, shared]);
+  }, [baseUrl, wsUrl, token, renewable, workspace, WebSocket, shared]);
   return state;
 }
 

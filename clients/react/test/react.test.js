@@ -161,6 +161,58 @@ describe("useQuotaMonitor", () => {
     }
   });
 
+  it("takes tokens from getToken, opens the WebSocket at wsUrl, and keeps the connection across renders", async () => {
+    const sockets = [];
+    vi.stubGlobal(
+      "WebSocket",
+      class {
+        constructor(url) {
+          this.url = url;
+          sockets.push(this);
+        }
+        close() {}
+      },
+    );
+    const fetch = vi.fn(async (url) => ({
+      ok: true,
+      status: 200,
+      json: async () =>
+        url.endsWith("/ws-ticket") ? { ticket: `wst_${sockets.length + 1}` } : status("normal"),
+    }));
+    vi.stubGlobal("fetch", fetch);
+    const sentTokens = () => fetch.mock.calls.map(([, init]) => init.headers.Authorization);
+    try {
+      // A new function on every render, as an inline arrow function is.
+      const { result, rerender, unmount } = renderHook(
+        ({ token }) =>
+          useQuotaMonitor({
+            baseUrl: "https://quota.example.com",
+            wsUrl: "wss://live.example.com",
+            getToken: async () => ({ token, expiresAt: "2999-01-01T00:00:00Z" }),
+          }),
+        { initialProps: { token: "qwt_first" } },
+      );
+      await act(async () => {});
+      expect(result.current.status.status).toBe("normal");
+      expect(sentTokens()).toEqual(["Bearer qwt_first", "Bearer qwt_first"]);
+      expect(sockets[0].url).toBe("wss://live.example.com/api/quota/ws?ticket=wst_1");
+
+      rerender({ token: "qwt_second" });
+      await act(async () => {});
+      expect(sockets.length).toBe(1);
+
+      // The server closes the connection as the token expires: the next
+      // ticket is asked for with a token from the latest getToken.
+      act(() => sockets[0].onclose({ code: 1008, reason: "key expired" }));
+      await vi.waitFor(() => expect(sockets.length).toBe(2));
+      expect(sentTokens().at(-1)).toBe("Bearer qwt_second");
+      expect(sockets[1].url).toBe("wss://live.example.com/api/quota/ws?ticket=wst_2");
+      unmount();
+    } finally {
+      vi.unstubAllGlobals();
+    }
+  });
+
   it("does nothing without a base URL and token", () => {
     const { result } = renderHook(() => useQuotaMonitor({}));
     expect(result.current).toEqual({ status: null, notifications: [], connected: false, error: null });

@@ -41,6 +41,22 @@ where
     }
 }
 
+/// Runs `command` to its end and answers its standard output, failing the
+/// test with everything it printed when it fails.
+pub async fn output_of(command: &mut tokio::process::Command) -> String {
+    let output = command
+        .output()
+        .await
+        .unwrap_or_else(|error| panic!("cannot run {command:?}: {error}"));
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(
+        output.status.success(),
+        "{command:?} failed:\n{stdout}\n{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    stdout
+}
+
 pub struct Response {
     pub status: StatusCode,
     pub headers: HeaderMap,
