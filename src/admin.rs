@@ -100,7 +100,7 @@ pub struct Admin {
     /// The server's environment, where the variables workspaces name for
     /// their upstream keys must be set; `None` where it is not known (the
     /// CLI runs in a process of its own).
-    upstream_keys: Option<crate::proxy::EnvLookup>,
+    upstream_keys: Option<crate::keys::EnvLookup>,
     /// Workspaces declared in the configuration file, and the file: changed
     /// anywhere else, they would be set back at the next start.
     declared: Option<(std::collections::HashSet<WorkspaceId>, std::path::PathBuf)>,
@@ -146,7 +146,7 @@ impl Admin {
 
     /// Refuses workspaces that name an upstream key variable not set in
     /// `env`: such a workspace could only fail each call it proxies.
-    pub fn with_upstream_keys(mut self, env: crate::proxy::EnvLookup) -> Self {
+    pub fn with_upstream_keys(mut self, env: crate::keys::EnvLookup) -> Self {
         self.upstream_keys = Some(env);
         self
     }

@@ -133,7 +133,7 @@ async fn bootstrap_workspaces(
 pub async fn start(
     config: Config,
     listener: TcpListener,
-    env: crate::proxy::EnvLookup,
+    env: crate::keys::EnvLookup,
 ) -> Result<(Running, Bootstrap), StartError> {
     let store = Store::open(&config.database_url).await?;
     let (admin_hash, generated_admin_key) = admin_key(&config, &store).await?;
@@ -173,10 +173,15 @@ pub async fn start(
     }
     let proxy = crate::proxy::Proxy::new(&config.upstream, env.clone())
         .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
+    let metrics = Arc::new(crate::metrics::Metrics::new(&config.metrics_models));
+    let proxy_state = crate::proxy::ProxyState::new(crate::proxy::ProxyParts {
+        engine: engine.clone(),
+        metrics: metrics.clone(),
+        proxy,
+    });
     let state = AppState::new(Shared {
         engine: engine.clone(),
-        proxy,
-        metrics: crate::metrics::Metrics::new(&config.metrics_models),
+        metrics,
         metrics_public: config.metrics_public,
         store: store.clone(),
         admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults)
@@ -189,7 +194,12 @@ pub async fn start(
         ws_ping_interval: config.ws_ping_interval,
         openapi_json: api::openapi_json(),
     });
-    let router = api::router(state, config.max_body_bytes);
+    let router = crate::edge::serve(
+        api::router(state),
+        crate::proxy::router(proxy_state),
+        &config.cors_origins,
+        config.max_body_bytes,
+    );
     if let Some(key) = &generated_admin_key {
         store.set_meta(ADMIN_KEY_META, &key.hash().to_hex()).await?;
     }
@@ -223,7 +233,7 @@ pub async fn start(
 
 /// Looks up the environment variables that workspaces name for their
 /// upstream keys: the process environment first, then `./.env`.
-pub fn process_env() -> crate::proxy::EnvLookup {
+pub fn process_env() -> crate::keys::EnvLookup {
     let dotenv: std::collections::HashMap<String, String> = dotenvy::from_path_iter(".env")
         .map(|entries| entries.filter_map(Result::ok).collect())
         .unwrap_or_default();

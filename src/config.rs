@@ -21,6 +21,8 @@ use crate::domain::limits::{
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::WorkspaceDefaults;
+use crate::keys::Secret;
+use crate::proxy::UpstreamConfig;
 use crate::proxy::estimate::Tokenizer;
 use crate::telemetry::mask_secrets;
 
@@ -97,7 +99,7 @@ settings! {
         "a tracing filter such as info or quotawatch=debug");
     UPSTREAM_URL: String = ("upstream_url", "QUOTAWATCH_UPSTREAM_URL", Some("https://api.openai.com/v1"), false, parse_upstream_url,
         "where /v1/* is forwarded (deliberately not OPENAI_BASE_URL, which apps point at quotawatch)");
-    UPSTREAM_API_KEY: Secret = ("upstream_api_key", "OPENAI_API_KEY", None, true, |text| Ok(Secret(text.to_owned())),
+    UPSTREAM_API_KEY: Secret = ("upstream_api_key", "OPENAI_API_KEY", None, true, |text| Ok(Secret::new(text)),
         "the key sent upstream, unless a workspace names its own variable");
     UPSTREAM_CONNECT_TIMEOUT: Duration = ("upstream_connect_timeout", "QUOTAWATCH_UPSTREAM_CONNECT_TIMEOUT", Some("10s"), false, parse_positive_duration,
         "time to connect to the upstream");
@@ -173,22 +175,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// A secret that never prints.
-#[derive(Clone, PartialEq, Eq)]
-pub struct Secret(String);
-
-impl Secret {
-    pub fn expose(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Debug for Secret {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str("Secret(********)")
-    }
-}
-
 /// A setting as it ended up, for `check-config`.
 #[derive(Clone, Debug)]
 pub struct Effective {
@@ -196,20 +182,6 @@ pub struct Effective {
     pub key: &'static str,
     pub shown: String,
     pub source: Source,
-}
-
-/// How `/v1/*` reaches the upstream.
-#[derive(Clone, Debug)]
-pub struct UpstreamConfig {
-    /// The base URL, without a trailing slash (e.g. `https://api.openai.com/v1`).
-    pub url: String,
-    pub api_key: Option<Secret>,
-    pub connect_timeout: Duration,
-    pub headers_timeout: Duration,
-    pub idle_timeout: Duration,
-    pub max_body_bytes: usize,
-    pub default_max_tokens: u64,
-    pub tokenizer: Tokenizer,
 }
 
 #[derive(Clone, Debug)]
@@ -569,7 +541,7 @@ fn parse_admin_key(text: &str) -> Result<Secret, String> {
     if text.len() < 16 {
         Err("the admin key must be at least 16 characters".to_owned())
     } else {
-        Ok(Secret(text.to_owned()))
+        Ok(Secret::new(text))
     }
 }
 

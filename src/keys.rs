@@ -207,6 +207,32 @@ impl KeyGrant {
     }
 }
 
+/// A secret that never prints.
+#[derive(Clone, PartialEq, Eq)]
+pub struct Secret(String);
+
+impl Secret {
+    pub fn new(text: &str) -> Self {
+        Self(text.to_owned())
+    }
+
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("Secret(********)")
+    }
+}
+
+/// Where the environment variables that hold upstream keys are looked up
+/// (workspaces name them in `upstream_key_env`). Shared by the proxy, which
+/// reads keys, and the admin service, which refuses to let a workspace name
+/// a variable that is not set; tests pass their own.
+pub type EnvLookup = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+
 /// A fresh identifier with a readable prefix, e.g. `key_3f9a…`.
 pub fn new_id(prefix: &str) -> String {
     let bytes: [u8; 8] = rand::random();

@@ -8,6 +8,7 @@ pub mod app;
 pub mod cli;
 pub mod config;
 pub mod domain;
+pub mod edge;
 pub mod engine;
 pub mod keys;
 pub mod metrics;

@@ -12,6 +12,7 @@ use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
 use crate::domain::workspace::Snapshot;
+pub use crate::edge::error::{ErrorBody, ErrorDetail};
 use crate::keys::KeyGrant;
 use crate::store::KeyRecord;
 
@@ -26,27 +27,6 @@ where
 
 fn rfc3339(at: Timestamp) -> String {
     at.to_rfc3339()
-}
-
-// ----- errors -----------------------------------------------------------------
-
-/// The error shape of every non-2xx answer, the same as OpenAI's.
-#[derive(Serialize, Deserialize, ToSchema, Debug)]
-pub struct ErrorBody {
-    pub error: ErrorDetail,
-}
-
-#[derive(Serialize, Deserialize, ToSchema, Debug)]
-pub struct ErrorDetail {
-    /// What went wrong, for people.
-    pub message: String,
-    /// The error class, e.g. `invalid_request_error` or `requests`.
-    #[serde(rename = "type")]
-    pub error_type: String,
-    /// The request field at fault, if one is.
-    pub param: Option<String>,
-    /// A machine-readable code, e.g. `invalid_json` or `rate_limit_exceeded`.
-    pub code: Option<String>,
 }
 
 // ----- status -------------------------------------------------------------------

@@ -7,12 +7,12 @@ use axum::extract::State;
 use axum::http::StatusCode;
 
 use super::AppState;
-use super::auth::Auth;
 use super::dto::*;
-use super::error::{ApiError, Json, Path};
 use super::workspaces::parse_id;
 use crate::admin::KeySpec;
 use crate::domain::limits::WorkspaceId;
+use crate::edge::auth::Auth;
+use crate::edge::error::{ApiError, Json, Path};
 use crate::engine::Principal;
 use crate::keys::{PlainKey, Scope, Scopes};
 use crate::store::KeyRecord;

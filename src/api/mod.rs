@@ -1,18 +1,15 @@
-//! The HTTP edge: routes, authentication, JSON shapes and error mapping for
-//! `/api/*`, the WebSocket, and the health endpoints.
+//! The REST API: routes and JSON shapes for `/api/*`, the WebSocket, the
+//! dashboard's files, metrics and the health endpoints. Authentication,
+//! errors and refusals are `edge`'s, shared with the proxy.
 //!
 //! Architecture invariant: handlers stay thin. They authenticate, convert
 //! JSON to engine types and back, and call the engine or the admin service;
 //! rules about quotas live in `domain`, never here.
 
 mod assets;
-pub mod auth;
-mod drain;
 pub mod dto;
-pub mod error;
 pub mod keys;
 pub mod quota;
-pub mod refusal;
 pub mod workspaces;
 pub mod ws;
 
@@ -20,7 +17,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
-use axum::extract::{DefaultBodyLimit, State};
+use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -30,9 +27,10 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use crate::admin::Admin;
+use crate::edge::auth;
+use crate::edge::error::{ApiError, Json};
 use crate::engine::Engine;
 use crate::store::Store;
-use error::{ApiError, Json};
 
 /// Everything handlers need, cheap to clone.
 #[derive(Clone)]
@@ -40,8 +38,7 @@ pub struct AppState(Arc<Shared>);
 
 pub struct Shared {
     pub engine: Arc<Engine>,
-    pub proxy: crate::proxy::Proxy,
-    pub metrics: crate::metrics::Metrics,
+    pub metrics: Arc<crate::metrics::Metrics>,
     pub metrics_public: bool,
     pub store: Store,
     pub admin: Admin,
@@ -65,6 +62,13 @@ impl std::ops::Deref for AppState {
 impl AppState {
     pub fn new(shared: Shared) -> Self {
         Self(Arc::new(shared))
+    }
+}
+
+/// What `edge::auth::Auth` authenticates with.
+impl axum::extract::FromRef<AppState> for Arc<Engine> {
+    fn from_ref(state: &AppState) -> Self {
+        state.engine.clone()
     }
 }
 
@@ -188,91 +192,16 @@ fn document_rejections(api: &mut utoipa::openapi::OpenApi) {
     }
 }
 
-pub fn router(state: AppState, max_body_bytes: usize) -> Router {
+/// The API's routes with their state; `edge::serve` adds the proxy's and
+/// what every route shares.
+pub fn router(state: AppState) -> Router {
     let (routes, _) = documented_routes().split_for_parts();
-    let cors = cors_layer(&state.cors_origins);
     routes
-        .route("/v1/{*path}", axum::routing::any(crate::proxy::forward))
         .route("/metrics", axum::routing::get(metrics))
         .route("/", axum::routing::get(assets::serve))
         .route("/dashboard/{file}", axum::routing::get(assets::serve))
         .route("/sdk/{file}", axum::routing::get(assets::serve))
-        .fallback(not_found)
-        .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
-        .layer(axum::middleware::from_fn(drain::keep_connection_usable))
-        .layer(tower::util::option_layer(cors))
         .with_state(state)
-}
-
-/// Headers a page on another origin may read from answers: the headroom,
-/// and what says whether and when to retry.
-const EXPOSED_HEADERS: [&str; 10] = [
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens",
-    "retry-after",
-    "x-should-retry",
-    "x-request-id",
-    "x-quotawatch-overhead-ms",
-];
-
-/// CORS for the listed origins (exact matches); none when none are listed,
-/// so that browsers keep pages of other origins out as they do by default.
-fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
-    use axum::http::{HeaderName, HeaderValue, Method};
-    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
-    if origins.is_empty() {
-        return None;
-    }
-    let origins: Vec<HeaderValue> = origins
-        .iter()
-        .filter_map(|origin| HeaderValue::from_str(origin).ok())
-        .collect();
-    Some(
-        CorsLayer::new()
-            .allow_origin(AllowOrigin::list(origins))
-            .allow_methods([
-                Method::GET,
-                Method::POST,
-                Method::PUT,
-                Method::PATCH,
-                Method::DELETE,
-            ])
-            // Keys travel in `Authorization`, which a wildcard does not
-            // cover: the headers a preflight asks for are allowed by name.
-            .allow_headers(AllowHeaders::mirror_request())
-            .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
-            .max_age(std::time::Duration::from_secs(600)),
-    )
-}
-
-async fn not_found(uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        "unknown_route",
-        format!(
-            "no route {}; see GET /api/openapi.json for the API",
-            uri.path()
-        ),
-    )
-}
-
-async fn method_not_allowed(method: axum::http::Method, uri: axum::http::Uri) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "invalid_request_error",
-        "method_not_allowed",
-        format!(
-            "{method} is not allowed on {}; see GET /api/openapi.json for the API",
-            uri.path()
-        ),
-    )
 }
 
 #[utoipa::path(get, path = "/api/openapi.json", tag = "health",

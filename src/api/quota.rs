@@ -12,10 +12,7 @@ use serde::{Deserialize, Serialize};
 use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
-use super::auth::{Auth, Target};
 use super::dto::*;
-use super::error::{ApiError, Json, Query};
-use super::refusal::{ratelimit_headers, refusal_error};
 use crate::domain::limits::{LimitKind, WorkspaceId};
 use crate::domain::model::parse_model;
 use crate::domain::time::{
@@ -23,6 +20,9 @@ use crate::domain::time::{
 };
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::workspace::{Model, Request};
+use crate::edge::auth::{Auth, Target};
+use crate::edge::error::{ApiError, Json, Query};
+use crate::edge::refusal::{ratelimit_headers, refusal_error};
 use crate::engine::{Credential, EngineError, Principal, UpstreamAnswer, UsageReport};
 use crate::keys::Scope;
 use crate::store::{Resolution, RollupDelta};
@@ -605,7 +605,7 @@ pub async fn ws_ticket(
     Auth::of(&headers, &state.engine)
         .await?
         .require_scope(Scope::Read)?;
-    let credential = Credential::of(super::auth::bearer(&headers).unwrap_or_default());
+    let credential = Credential::of(crate::edge::auth::bearer(&headers).unwrap_or_default());
     let (ticket, expires_at) = state.tickets.issue(credential, state.engine.now()).await;
     Ok(Json(TicketDoc {
         ticket,

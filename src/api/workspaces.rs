@@ -5,10 +5,10 @@ use axum::extract::State;
 use axum::http::StatusCode;
 
 use super::AppState;
-use super::auth::Auth;
 use super::dto::*;
-use super::error::{ApiError, Json, Path};
 use crate::domain::limits::WorkspaceId;
+use crate::edge::auth::Auth;
+use crate::edge::error::{ApiError, Json, Path};
 use crate::keys::Scope;
 
 pub(super) fn parse_id(id: &str) -> Result<WorkspaceId, ApiError> {

@@ -25,11 +25,11 @@ use tokio::time::Instant;
 use utoipa::IntoParams;
 
 use super::AppState;
-use super::auth::{Auth, Target, credential_refused};
 use super::dto::{ClientMessage, NotificationDoc, ServerMessage, StatusDoc, SubscribeTarget};
-use super::error::{ApiError, Query};
 use crate::domain::limits::WorkspaceId;
 use crate::domain::time::Timestamp;
+use crate::edge::auth::{Auth, Target, credential_refused};
+use crate::edge::error::{ApiError, Query};
 use crate::engine::{AuthError, Credential, Engine, Event, Principal, SharedCounting};
 use crate::keys::{KeyHash, Scope};
 use crate::sync::lock;
@@ -473,7 +473,7 @@ pub async fn connect(
         }
         None => {
             let auth = Auth::of(&headers, &state.engine).await?;
-            let presented = super::auth::bearer(&headers).unwrap_or_default();
+            let presented = crate::edge::auth::bearer(&headers).unwrap_or_default();
             (auth, Credential::of(presented))
         }
     };

@@ -15,9 +15,9 @@ use bytes::Bytes;
 use futures_util::Stream;
 use tokio::time::Sleep;
 
+use super::ProxyState;
 use super::estimate::{Endpoint, Estimate};
 use super::scan::{Findings, Scanner};
-use crate::api::AppState;
 use crate::domain::limits::WorkspaceId;
 use crate::domain::upstream::UpstreamClass;
 use crate::domain::workspace::Model;
@@ -26,7 +26,7 @@ use crate::metrics::RequestOutcome;
 
 /// Everything needed to settle one admitted call.
 pub struct Settlement {
-    pub state: AppState,
+    pub state: ProxyState,
     pub workspace: WorkspaceId,
     pub reservation: u64,
     pub model: Option<Model>,

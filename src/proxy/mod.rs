@@ -6,7 +6,7 @@
 //!    and find the upstream account to use;
 //! 2. read the body (bounded) and, for a priced endpoint, read it as one
 //!    JSON object and estimate its token charge (`request`, `estimate`);
-//! 3. admit through the engine, or answer the 429 of `api::refusal`;
+//! 3. admit through the engine, or answer the 429 of `edge::refusal`;
 //! 4. forward the normalised path with the listed headers (`headers`) and
 //!    the upstream key (asking chat streams for usage when the client did
 //!    not), timing out on connect and on response headers;
@@ -26,6 +26,7 @@ pub mod request;
 pub mod scan;
 pub mod vocabulary;
 
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
@@ -35,17 +36,15 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
-use crate::api::AppState;
-use crate::api::auth::Auth;
-use crate::api::error::ApiError;
-use crate::api::refusal::{ratelimit_headers, refusal_error};
-use crate::config::UpstreamConfig;
 use crate::domain::model::parse_model;
 use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{Model, Request as Admission};
-use crate::engine::{Principal, TokenUsage, UpstreamAnswer};
+use crate::edge::auth::Auth;
+use crate::edge::error::ApiError;
+use crate::edge::refusal::{ratelimit_headers, refusal_error};
+use crate::engine::{Engine, Principal, TokenUsage, UpstreamAnswer};
 use crate::keys::Scope;
-use crate::metrics::{Phase, RequestOutcome};
+use crate::metrics::{Metrics, Phase, RequestOutcome};
 use crate::openai::ErrorEnvelope;
 use body::{MeteredBody, SettleGuard, Settlement};
 use estimate::{Endpoint, Estimate, Estimator};
@@ -53,16 +52,25 @@ use estimate::{Endpoint, Estimate, Estimator};
 /// Largest error body read from the upstream; error bodies are small.
 const MAX_ERROR_BODY: usize = 1 << 20;
 
-/// Where environment variables named by workspaces are looked up.
-/// Shared by the proxy, which reads keys, and the admin service, which
-/// refuses to let a workspace name a variable that is not set.
-pub type EnvLookup = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
+/// How `/v1/*` reaches the upstream.
+#[derive(Clone, Debug)]
+pub struct UpstreamConfig {
+    /// The base URL, without a trailing slash (e.g. `https://api.openai.com/v1`).
+    pub url: String,
+    pub api_key: Option<crate::keys::Secret>,
+    pub connect_timeout: Duration,
+    pub headers_timeout: Duration,
+    pub idle_timeout: Duration,
+    pub max_body_bytes: usize,
+    pub default_max_tokens: u64,
+    pub tokenizer: estimate::Tokenizer,
+}
 
 pub struct Proxy {
     client: reqwest::Client,
     base: String,
     default_key: Option<String>,
-    env: EnvLookup,
+    env: crate::keys::EnvLookup,
     headers_timeout: Duration,
     idle_timeout: Duration,
     max_body_bytes: usize,
@@ -70,7 +78,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(config: &UpstreamConfig, env: EnvLookup) -> Result<Self, reqwest::Error> {
+    pub fn new(
+        config: &UpstreamConfig,
+        env: crate::keys::EnvLookup,
+    ) -> Result<Self, reqwest::Error> {
         crate::telemetry::install_crypto_provider();
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
@@ -203,7 +214,38 @@ impl OwnTime {
 }
 
 /// `ANY /v1/*`: forwards to the upstream, enforcing and accounting.
-pub async fn forward(State(state): State<AppState>, request: Request) -> Response {
+/// What the proxy needs, cheap to clone: the engine, the metrics and the
+/// upstream.
+#[derive(Clone)]
+pub struct ProxyState(Arc<ProxyParts>);
+
+pub struct ProxyParts {
+    pub engine: Arc<Engine>,
+    pub metrics: Arc<Metrics>,
+    pub proxy: Proxy,
+}
+
+impl std::ops::Deref for ProxyState {
+    type Target = ProxyParts;
+    fn deref(&self) -> &ProxyParts {
+        &self.0
+    }
+}
+
+impl ProxyState {
+    pub fn new(parts: ProxyParts) -> Self {
+        Self(Arc::new(parts))
+    }
+}
+
+/// The `/v1` routes with their state; `edge::serve` adds the API's.
+pub fn router(state: ProxyState) -> axum::Router {
+    axum::Router::new()
+        .route("/v1/{*path}", axum::routing::any(forward))
+        .with_state(state)
+}
+
+pub async fn forward(State(state): State<ProxyState>, request: Request) -> Response {
     let mut own_time = OwnTime::start();
     let mut response = forward_admitted(&state, request, &mut own_time)
         .await
@@ -307,7 +349,7 @@ fn invalid_path(error: path::PathError) -> ApiError {
 
 /// A refusal by the engine, counted and answered as a 429.
 fn refused(
-    state: &AppState,
+    state: &ProxyState,
     workspace: &crate::domain::limits::WorkspaceId,
     endpoint: Endpoint,
     decision: &crate::engine::Decision,
@@ -327,7 +369,7 @@ fn refused(
 }
 
 async fn forward_admitted(
-    state: &AppState,
+    state: &ProxyState,
     request: Request,
     own_time: &mut OwnTime,
 ) -> Result<Response, ApiError> {

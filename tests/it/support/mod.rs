@@ -142,7 +142,7 @@ impl TestServer {
         // A restart keeps the address, so that clients can reconnect.
         let address = self.base.strip_prefix("http://").unwrap_or("127.0.0.1:0");
         let listener = tokio::net::TcpListener::bind(address).await.expect("bind");
-        let env: quotawatch::proxy::EnvLookup =
+        let env: quotawatch::keys::EnvLookup =
             std::sync::Arc::new(move |name: &str| upstream_vars.get(name).cloned());
         let (running, bootstrap) = app::start(config, listener, env)
             .await

@@ -8,7 +8,9 @@ use axum::extract::{FromRequest, FromRequestParts};
 use axum::http::{HeaderMap, HeaderValue, StatusCode};
 use axum::response::{IntoResponse, Response};
 
-use super::dto::{ErrorBody, ErrorDetail};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
 use crate::admin::AdminError;
 use crate::engine::EngineError;
 
@@ -285,4 +287,23 @@ where
             .await
             .map(Some)
     }
+}
+
+/// The error shape of every non-2xx answer, the same as OpenAI's.
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ErrorBody {
+    pub error: ErrorDetail,
+}
+
+#[derive(Serialize, Deserialize, ToSchema, Debug)]
+pub struct ErrorDetail {
+    /// What went wrong, for people.
+    pub message: String,
+    /// The error class, e.g. `invalid_request_error` or `requests`.
+    #[serde(rename = "type")]
+    pub error_type: String,
+    /// The request field at fault, if one is.
+    pub param: Option<String>,
+    /// A machine-readable code, e.g. `invalid_json` or `rate_limit_exceeded`.
+    pub code: Option<String>,
 }

@@ -4,12 +4,13 @@
 //! scope it needs becomes the workspace(s) it may act on. Keys are never
 //! logged.
 
-use axum::extract::FromRequestParts;
+use std::sync::Arc;
+
+use axum::extract::{FromRef, FromRequestParts};
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode};
 
-use super::AppState;
 use super::error::ApiError;
 use crate::domain::limits::WorkspaceId;
 use crate::engine::{AuthError, Denied, Engine, Principal};
@@ -64,14 +65,16 @@ pub fn credential_refused(error: AuthError) -> ApiError {
     }
 }
 
-impl FromRequestParts<AppState> for Auth {
+impl<S> FromRequestParts<S> for Auth
+where
+    Arc<Engine>: FromRef<S>,
+    S: Send + Sync,
+{
     type Rejection = ApiError;
 
-    async fn from_request_parts(
-        parts: &mut Parts,
-        state: &AppState,
-    ) -> Result<Self, Self::Rejection> {
-        Auth::of(&parts.headers, &state.engine)
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let engine = Arc::<Engine>::from_ref(state);
+        Auth::of(&parts.headers, &engine)
             .await
             .inspect_err(|error| {
                 tracing::info!(path = %parts.uri.path(), code = error.code, "request refused: not authenticated");
