@@ -10,6 +10,7 @@ pub mod config;
 pub mod domain;
 pub mod edge;
 pub mod engine;
+pub mod history;
 pub mod keys;
 pub mod metrics;
 pub mod mock;

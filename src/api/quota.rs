@@ -3,7 +3,6 @@
 //! engine's types, and nothing more.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::StatusCode;
@@ -15,17 +14,15 @@ use super::AppState;
 use super::dto::*;
 use crate::domain::limits::{LimitKind, WorkspaceId};
 use crate::domain::model::parse_model;
-use crate::domain::time::{
-    Timestamp, day_bounds, duration_millis, format_duration, parse_duration,
-};
+use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::workspace::{Model, Request};
 use crate::edge::auth::{Auth, Target};
 use crate::edge::error::{ApiError, Json, Query};
 use crate::edge::refusal::{ratelimit_headers, refusal_error};
 use crate::engine::{Credential, EngineError, Principal, UpstreamAnswer, UsageReport};
+use crate::history::{self, Step};
 use crate::keys::Scope;
-use crate::store::{Resolution, RollupDelta};
 
 #[derive(Deserialize, IntoParams, Debug)]
 #[into_params(parameter_in = Query)]
@@ -136,41 +133,17 @@ pub async fn notifications(
     Ok(Json(answer))
 }
 
-/// How many resolved notifications `?include=history` returns at most.
-const HISTORY_LIMIT: i64 = 200;
-
 async fn notifications_of(
     state: &AppState,
     id: &WorkspaceId,
     with_history: bool,
 ) -> Result<NotificationsDoc, ApiError> {
     let status = state.engine.snapshot(id)?.status;
-    let mut notifications: Vec<NotificationDoc> = state
-        .engine
-        .active_notifications(id)?
+    let notifications = history::notifications(&state.engine, &state.store, id, with_history)
+        .await?
         .iter()
         .map(NotificationDoc::from)
         .collect();
-    if with_history {
-        let stored = state
-            .store
-            .notifications(Some(id), true, HISTORY_LIMIT)
-            .await
-            .map_err(|error| {
-                ApiError::internal(format!("could not read notification history: {error}"))
-            })?;
-        // Notifications resolved since the last flush are only in memory.
-        let mut resolved = state.engine.unflushed_notifications(id);
-        resolved.retain(|n| !n.is_active());
-        for notification in stored {
-            if !notification.is_active() && resolved.iter().all(|n| n.id != notification.id) {
-                resolved.push(notification);
-            }
-        }
-        resolved.sort_by_key(|n| std::cmp::Reverse(n.created_at));
-        resolved.truncate(HISTORY_LIMIT as usize);
-        notifications.extend(resolved.iter().map(NotificationDoc::from));
-    }
     Ok(NotificationsDoc {
         workspace: id.to_string(),
         status: status.name().to_owned(),
@@ -432,64 +405,6 @@ pub async fn reset(
     }))
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum Step {
-    Minute,
-    Hour,
-    Day,
-}
-
-impl Step {
-    fn parse(text: &str) -> Option<Self> {
-        match text {
-            "1m" => Some(Step::Minute),
-            "1h" => Some(Step::Hour),
-            "1d" => Some(Step::Day),
-            _ => None,
-        }
-    }
-
-    fn resolution(self) -> Resolution {
-        match self {
-            Step::Minute => Resolution::Minute,
-            Step::Hour => Resolution::Hour,
-            Step::Day => Resolution::Day,
-        }
-    }
-
-    fn length(self) -> Duration {
-        Duration::from_secs(match self {
-            Step::Minute => 60,
-            Step::Hour => 3600,
-            Step::Day => 86_400,
-        })
-    }
-}
-
-/// Bucket starts for `count` steps ending with the one containing `now`.
-fn bucket_starts(step: Step, count: u64, now: Timestamp, tz: chrono_tz::Tz) -> Vec<i64> {
-    match step {
-        Step::Minute | Step::Hour => {
-            let length = duration_millis(step.length());
-            let current = now.millis() - now.millis().rem_euclid(length);
-            (0..count as i64)
-                .rev()
-                .map(|i| current - i * length)
-                .collect()
-        }
-        Step::Day => {
-            // Local days vary in length around DST changes; walk them back.
-            let mut starts = vec![day_bounds(now, tz).0.millis()];
-            while (starts.len() as u64) < count {
-                let earlier = Timestamp::from_millis(starts[starts.len() - 1] - 1);
-                starts.push(day_bounds(earlier, tz).0.millis());
-            }
-            starts.reverse();
-            starts
-        }
-    }
-}
-
 #[utoipa::path(get, path = "/api/quota/history", tag = "quota",
     params(HistoryQuery),
     responses(
@@ -526,45 +441,19 @@ pub async fn history(
             )
             .with_param("window")
         })?;
-    let step_ms = step.length().as_millis();
-    if window.as_millis() % step_ms != 0 || window > step.resolution().retention() {
-        return Err(ApiError::bad_request(
+    let count = step.count_in(window).ok_or_else(|| {
+        ApiError::bad_request(
             "invalid_value",
             format!(
                 "window={window_text} must be a whole number of {step_text} steps and at most {} for that step",
-                format_duration(step.resolution().retention())
+                format_duration(step.retention())
             ),
         )
-        .with_param("window"));
-    }
-    let count = (window.as_millis() / step_ms) as u64;
-    let now = state.engine.now();
-    let tz = state.engine.snapshot(&workspace)?.config.timezone;
-    let starts = bucket_starts(step, count, now, tz);
-    let from = starts.first().copied().unwrap_or(now.millis());
-    let to = now.millis() + duration_millis(step.length()) + 1;
-    let stored = state
-        .store
-        .history(&workspace, step.resolution(), from, to)
-        .await
-        .map_err(|error| ApiError::internal(format!("could not read history: {error}")))?;
-    // Requests finished since the last flush are still in memory; rows are
-    // binned into the step that holds them (after a timezone change, stored
-    // days no longer start where today's days do).
-    let unflushed = state.engine.unflushed_rollups(&workspace)?;
-    let mut totals = vec![RollupDelta::default(); starts.len()];
-    let rows = stored
+        .with_param("window")
+    })?;
+    let usage = history::usage(&state.engine, &state.store, &workspace, step, count).await?;
+    let points = usage
         .into_iter()
-        .map(|row| (row.bucket, row.totals))
-        .chain(unflushed);
-    for (at, delta) in rows {
-        if let Some(index) = starts.partition_point(|start| *start <= at).checked_sub(1) {
-            totals[index] += delta;
-        }
-    }
-    let points = starts
-        .into_iter()
-        .zip(totals)
         .map(|(t, totals)| HistoryPoint {
             t,
             requests: totals.requests,

@@ -13,6 +13,7 @@ use utoipa::ToSchema;
 
 use crate::admin::AdminError;
 use crate::engine::EngineError;
+use crate::history::HistoryError;
 
 /// An error answer: status, OpenAI-shaped body fields and extra headers.
 /// Boxed, so that the `Result`s carrying it stay small.
@@ -134,6 +135,15 @@ impl IntoResponse for ApiError {
         let mut response = (parts.status, axum::Json(body)).into_response();
         response.headers_mut().extend(parts.headers);
         response
+    }
+}
+
+impl From<HistoryError> for ApiError {
+    fn from(error: HistoryError) -> Self {
+        match error {
+            HistoryError::Engine(engine) => engine.into(),
+            HistoryError::Store(_) => ApiError::internal(error.to_string()),
+        }
     }
 }
 
