@@ -312,3 +312,235 @@ fn read_only(claims: &TokenClaims) -> Principal {
         scopes: Scopes::READ,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::keys::Scope;
+
+    const NOW: Timestamp = Timestamp::from_millis(1_800_000_000_000);
+
+    fn at(offset_ms: i64) -> Timestamp {
+        Timestamp::from_millis(NOW.millis() + offset_ms)
+    }
+
+    fn id(name: &str) -> WorkspaceId {
+        name.parse().expect("valid id")
+    }
+
+    fn record(key_id: &str, presented: &str, grant: KeyGrant) -> KeyRecord {
+        KeyRecord {
+            id: key_id.to_owned(),
+            grant,
+            hash: KeyHash::of(presented),
+            prefix: presented.chars().take(7).collect(),
+            name: String::new(),
+            created_at: at(-3_600_000),
+            expires_at: None,
+            last_used_at: None,
+            revoked_at: None,
+        }
+    }
+
+    fn keyring() -> Keyring {
+        let mut keyring = Keyring::default();
+        keyring.set_admin(KeyHash::of("admin-key-0123456789"));
+        keyring.set_token_secret(TokenSecret::generate());
+        keyring.insert(&record(
+            "key_read",
+            "qw_read",
+            KeyGrant::Workspace {
+                workspace: id("acme"),
+                scopes: Scopes::READ,
+            },
+        ));
+        keyring.insert(&record(
+            "key_service",
+            "qw_service",
+            KeyGrant::Service {
+                workspaces: Some(vec![id("acme")]),
+            },
+        ));
+        keyring
+    }
+
+    fn check(keyring: &Keyring, presented: &str, now: Timestamp) -> Result<Principal, AuthError> {
+        match keyring.verdict(&Credential::of(presented), now, &mut |_, _| {}) {
+            Verdict::Known(result) => result,
+            Verdict::LookUpKey(_) | Verdict::LookUpMinter(_) => Err(AuthError::Unknown),
+        }
+    }
+
+    fn mint(keyring: &Keyring, workspace: &str, minter: Minter, expires_at: Timestamp) -> String {
+        keyring.token_secret().expect("secret").mint(&TokenClaims {
+            workspace: id(workspace),
+            minter,
+            expires_at,
+        })
+    }
+
+    #[test]
+    fn a_principal_acts_only_on_its_workspaces_with_its_scopes() {
+        let read = Principal::Workspace {
+            workspace: id("acme"),
+            scopes: Scopes::READ,
+        };
+        assert_eq!(read.may(Scope::Read, &id("acme")), Ok(()));
+        assert_eq!(
+            read.may(Scope::Report, &id("acme")),
+            Err(Denied::MissingScope(Scope::Report))
+        );
+        assert_eq!(
+            read.may(Scope::Read, &id("beta")),
+            Err(Denied::OtherWorkspace)
+        );
+        let service = Principal::Service {
+            key_id: "key_service".into(),
+            workspaces: Some(Arc::from(vec![id("acme")])),
+        };
+        assert_eq!(service.may(Scope::Proxy, &id("acme")), Ok(()));
+        assert_eq!(
+            service.may(Scope::Read, &id("beta")),
+            Err(Denied::OtherWorkspace)
+        );
+        let any = Principal::Service {
+            key_id: "key_any".into(),
+            workspaces: None,
+        };
+        assert_eq!(any.may(Scope::Report, &id("beta")), Ok(()));
+        assert_eq!(Principal::Admin.may(Scope::Proxy, &id("beta")), Ok(()));
+    }
+
+    #[test]
+    fn keys_authenticate_until_they_expire_and_unknown_ones_are_looked_up() {
+        let mut keyring = keyring();
+        assert_eq!(
+            check(&keyring, "qw_read", NOW),
+            Ok(Principal::Workspace {
+                workspace: id("acme"),
+                scopes: Scopes::READ
+            })
+        );
+        assert_eq!(
+            check(&keyring, "admin-key-0123456789", NOW),
+            Ok(Principal::Admin)
+        );
+        assert!(matches!(
+            keyring.verdict(&Credential::of("qw_unknown"), NOW, &mut |_, _| {}),
+            Verdict::LookUpKey(_)
+        ));
+        let mut expiring = record(
+            "key_expiring",
+            "qw_expiring",
+            KeyGrant::Workspace {
+                workspace: id("acme"),
+                scopes: Scopes::ALL,
+            },
+        );
+        expiring.expires_at = Some(at(1000));
+        keyring.insert(&expiring);
+        assert!(check(&keyring, "qw_expiring", at(999)).is_ok());
+        assert_eq!(
+            check(&keyring, "qw_expiring", at(1000)),
+            Err(AuthError::Expired)
+        );
+        keyring.remove_workspace(&id("acme"));
+        assert!(matches!(
+            keyring.verdict(&Credential::of("qw_read"), NOW, &mut |_, _| {}),
+            Verdict::LookUpKey(_)
+        ));
+    }
+
+    #[test]
+    fn a_key_s_use_is_noted_at_most_once_a_minute() {
+        let keyring = keyring();
+        let mut uses = Vec::new();
+        for offset in [0, 1_000, 59_999, 60_000, 61_000, 130_000] {
+            keyring.verdict(&Credential::of("qw_read"), at(offset), &mut |key, when| {
+                uses.push((key.to_owned(), when));
+            });
+        }
+        assert_eq!(
+            uses,
+            vec![
+                ("key_read".to_owned(), at(0)),
+                ("key_read".to_owned(), at(60_000)),
+                ("key_read".to_owned(), at(130_000)),
+            ]
+        );
+    }
+
+    #[test]
+    fn a_token_reads_its_workspace_while_its_minter_is_valid() {
+        let mut keyring = keyring();
+        let token = mint(
+            &keyring,
+            "acme",
+            Minter::Key("key_service".into()),
+            at(900_000),
+        );
+        assert_eq!(
+            check(&keyring, &token, NOW),
+            Ok(Principal::Workspace {
+                workspace: id("acme"),
+                scopes: Scopes::READ
+            })
+        );
+        assert_eq!(
+            check(&keyring, &token, at(900_000)),
+            Err(AuthError::Expired)
+        );
+        // A workspace the minter does not serve (a list changed since).
+        let elsewhere = mint(
+            &keyring,
+            "beta",
+            Minter::Key("key_service".into()),
+            at(900_000),
+        );
+        assert_eq!(check(&keyring, &elsewhere, NOW), Err(AuthError::Unknown));
+        // A workspace key mints nothing.
+        let by_workspace_key = mint(
+            &keyring,
+            "acme",
+            Minter::Key("key_read".into()),
+            at(900_000),
+        );
+        assert_eq!(
+            check(&keyring, &by_workspace_key, NOW),
+            Err(AuthError::Unknown)
+        );
+        // A minter this instance has not seen is looked up; a revoked one ends its tokens.
+        let unseen = mint(&keyring, "acme", Minter::Key("key_new".into()), at(900_000));
+        assert!(matches!(
+            keyring.verdict(&Credential::of(&unseen), NOW, &mut |_, _| {}),
+            Verdict::LookUpMinter(id) if id == "key_new"
+        ));
+        keyring.remove(&KeyHash::of("qw_service"));
+        assert!(matches!(
+            keyring.verdict(&Credential::of(&token), NOW, &mut |_, _| {}),
+            Verdict::LookUpMinter(_)
+        ));
+    }
+
+    #[test]
+    fn an_admin_token_ends_when_the_admin_key_changes() {
+        let mut keyring = keyring();
+        let minter = keyring.admin_minter().expect("admin");
+        let token = mint(&keyring, "acme", minter, at(60_000));
+        assert!(check(&keyring, &token, NOW).is_ok());
+        keyring.set_admin(KeyHash::of("another-admin-key-000"));
+        assert_eq!(check(&keyring, &token, NOW), Err(AuthError::Unknown));
+    }
+
+    #[test]
+    fn credentials_round_trip_through_their_stored_form() {
+        for presented in ["qw_some_key", "qwt_abc.def"] {
+            let credential = Credential::of(presented);
+            assert_eq!(
+                Credential::from_stored(&credential.to_stored()),
+                Some(credential)
+            );
+        }
+        assert_eq!(Credential::from_stored("not hex"), None);
+    }
+}
