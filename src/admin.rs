@@ -41,20 +41,38 @@ impl From<StoreError> for AdminError {
     }
 }
 
+/// A change to one setting of a workspace: keep it as it is (on creation:
+/// take the default), or set it. For a setting that may be absent, setting
+/// it to `None` clears it: a limit becomes unlimited, an upstream key,
+/// organization or project returns to the server's.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Change<T> {
+    #[default]
+    Keep,
+    Set(T),
+}
+
+/// A value given, or not (`None`: keep).
+impl<T> From<Option<T>> for Change<T> {
+    fn from(given: Option<T>) -> Self {
+        given.map_or(Change::Keep, Change::Set)
+    }
+}
+
 /// The settable parts of a workspace. Every field is optional: on creation
-/// an absent field takes its default, on update it stays as it is. For
-/// limits, `Some(None)` means "unlimited" and `None` means "not given".
+/// an absent field takes its default, on update it stays as it is.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct WorkspaceSpec {
     pub name: Option<String>,
     pub timezone: Option<String>,
-    pub limits: PerLimit<Option<Option<u64>>>,
+    /// `Set(None)`: unlimited.
+    pub limits: PerLimit<Change<Option<u64>>>,
     pub warn_at: Option<f64>,
-    /// `Some(None)` returns the workspace to the server's upstream key.
-    pub upstream_key_env: Option<Option<String>>,
-    /// `Some(None)` returns the workspace to the upstream key's default.
-    pub upstream_organization: Option<Option<String>>,
-    pub upstream_project: Option<Option<String>>,
+    /// `Set(None)` returns the workspace to the server's upstream key.
+    pub upstream_key_env: Change<Option<String>>,
+    /// `Set(None)` returns the workspace to the upstream key's default.
+    pub upstream_organization: Change<Option<String>>,
+    pub upstream_project: Change<Option<String>>,
 }
 
 impl WorkspaceSpec {
@@ -67,23 +85,23 @@ impl WorkspaceSpec {
             base.timezone = parse_timezone(timezone)?;
         }
         for kind in LimitKind::ALL {
-            if let Some(value) = self.limits.get(kind) {
+            if let Change::Set(value) = self.limits.get(kind) {
                 base.limits.set(kind, validate_limit(kind, value)?);
             }
         }
         if let Some(warn_at) = self.warn_at {
             base.warn_at = validate_warn_at(warn_at)?;
         }
-        if let Some(env) = &self.upstream_key_env {
+        if let Change::Set(env) = &self.upstream_key_env {
             base.upstream_key_env = env.as_deref().map(validate_env_name).transpose()?;
         }
-        if let Some(organization) = &self.upstream_organization {
+        if let Change::Set(organization) = &self.upstream_organization {
             base.upstream_organization = organization
                 .as_deref()
                 .map(|id| validate_upstream_id("upstream_organization", id))
                 .transpose()?;
         }
-        if let Some(project) = &self.upstream_project {
+        if let Change::Set(project) = &self.upstream_project {
             base.upstream_project = project
                 .as_deref()
                 .map(|id| validate_upstream_id("upstream_project", id))
@@ -159,7 +177,7 @@ impl Admin {
         base: WorkspaceConfig,
     ) -> Result<WorkspaceConfig, AdminError> {
         let config = spec.apply_to(base)?;
-        if let (Some(env), Some(Some(name))) = (&self.upstream_keys, &spec.upstream_key_env)
+        if let (Some(env), Change::Set(Some(name))) = (&self.upstream_keys, &spec.upstream_key_env)
             && env(name).is_none_or(|key| key.is_empty())
         {
             return Err(ValidationError::new(

@@ -226,12 +226,12 @@ impl WorkspaceArgs {
                     self.tokens_per_minute,
                     self.tokens_per_day,
                 ]
-                .map(|limit| limit.map(|LimitArg(value)| value)),
+                .map(|limit| limit.map(|LimitArg(value)| value).into()),
             ),
             warn_at: self.warn_at,
-            upstream_key_env: self.upstream_key_env.map(unless_none),
-            upstream_organization: self.upstream_organization.map(unless_none),
-            upstream_project: self.upstream_project.map(unless_none),
+            upstream_key_env: self.upstream_key_env.map(unless_none).into(),
+            upstream_organization: self.upstream_organization.map(unless_none).into(),
+            upstream_project: self.upstream_project.map(unless_none).into(),
         }
     }
 }

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 
-use crate::admin::WorkspaceSpec;
+use crate::admin::{Change, WorkspaceSpec};
 use crate::domain::limits::{
     LimitKind, Limits, OnStoreError, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
 };
@@ -718,7 +718,7 @@ fn file_workspace(
     default_warn_at: f64,
 ) -> Result<(String, WorkspaceSpec), ConfigError> {
     let at = |field: &str| format!("workspaces[{index}].{field}");
-    let mut limits: PerLimit<Option<Option<u64>>> = PerLimit::default();
+    let mut limits: PerLimit<Change<Option<u64>>> = PerLimit::default();
     for (name, value) in declared.limits {
         let kind = LimitKind::from_name(&name).ok_or_else(|| {
             ConfigError::new(at(&format!("limits.{name}")), source, "unknown limit; use requests_per_minute, requests_per_day, tokens_per_minute or tokens_per_day")
@@ -743,16 +743,16 @@ fn file_workspace(
                 ));
             }
         };
-        limits.set(kind, Some(value));
+        limits.set(kind, Change::Set(value));
     }
     let spec = WorkspaceSpec {
         name: declared.name,
         timezone: declared.timezone,
         limits,
         warn_at: declared.warn_at,
-        upstream_key_env: declared.upstream_key_env.map(Some),
-        upstream_organization: declared.upstream_organization.map(Some),
-        upstream_project: declared.upstream_project.map(Some),
+        upstream_key_env: declared.upstream_key_env.map(Some).into(),
+        upstream_organization: declared.upstream_organization.map(Some).into(),
+        upstream_project: declared.upstream_project.map(Some).into(),
     };
     // Validate now, so that check-config and start-up fail before serving.
     let id = declared
@@ -810,9 +810,9 @@ fn describe_spec(spec: &WorkspaceSpec) -> String {
     }
     for kind in LimitKind::ALL {
         match spec.limits.get(kind) {
-            Some(Some(n)) => parts.push(format!("{kind}={n}")),
-            Some(None) => parts.push(format!("{kind}=unlimited")),
-            None => {}
+            Change::Set(Some(n)) => parts.push(format!("{kind}={n}")),
+            Change::Set(None) => parts.push(format!("{kind}=unlimited")),
+            Change::Keep => {}
         }
     }
     if let Some(warn_at) = spec.warn_at {
@@ -823,7 +823,7 @@ fn describe_spec(spec: &WorkspaceSpec) -> String {
         ("upstream_organization", &spec.upstream_organization),
         ("upstream_project", &spec.upstream_project),
     ] {
-        if let Some(Some(value)) = value {
+        if let Change::Set(Some(value)) = value {
             parts.push(format!("{name}={value}"));
         }
     }
@@ -1113,9 +1113,9 @@ tokens_per_day = "unlimited"
         assert_eq!(id, "acme");
         assert_eq!(
             spec.limits.get(LimitKind::RequestsPerMinute),
-            Some(Some(60))
+            Change::Set(Some(60))
         );
-        assert_eq!(spec.limits.get(LimitKind::TokensPerDay), Some(None));
+        assert_eq!(spec.limits.get(LimitKind::TokensPerDay), Change::Set(None));
 
         let bad = "[[workspaces]]\nid = \"acme\"\ntimezone = \"Nowhere/Special\"\n";
         let error = load_with(Some(bad), None, &[], vec![]).expect_err("bad zone");

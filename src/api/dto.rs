@@ -6,6 +6,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
+use crate::admin::Change;
 use crate::domain::limits::{LimitKind, PerLimit, WorkspaceConfig};
 use crate::domain::notification::Notification;
 use crate::domain::status::LimitFacts;
@@ -16,13 +17,14 @@ pub use crate::edge::error::{ErrorBody, ErrorDetail};
 use crate::keys::KeyGrant;
 use crate::store::KeyRecord;
 
-/// Reads a field that may be absent (`None`), null (`Some(None)`) or set.
-fn tri_state<'de, D, T>(deserializer: D) -> Result<Option<Option<T>>, D::Error>
+/// Reads a field that may be absent (`Keep`, by `#[serde(default)]`), null
+/// (`Set(None)`) or set.
+fn change<'de, D, T>(deserializer: D) -> Result<Change<Option<T>>, D::Error>
 where
     D: Deserializer<'de>,
     T: Deserialize<'de>,
 {
-    Option::<T>::deserialize(deserializer).map(Some)
+    Option::<T>::deserialize(deserializer).map(Change::Set)
 }
 
 fn rfc3339(at: Timestamp) -> String {
@@ -510,22 +512,22 @@ pub struct WorkspaceListDoc {
 #[derive(Deserialize, ToSchema, Debug, Default)]
 #[serde(deny_unknown_fields)]
 pub struct LimitsInput {
-    #[serde(default, deserialize_with = "tri_state")]
+    #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<u64>)]
-    pub requests_per_minute: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "tri_state")]
+    pub requests_per_minute: Change<Option<u64>>,
+    #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<u64>)]
-    pub requests_per_day: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "tri_state")]
+    pub requests_per_day: Change<Option<u64>>,
+    #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<u64>)]
-    pub tokens_per_minute: Option<Option<u64>>,
-    #[serde(default, deserialize_with = "tri_state")]
+    pub tokens_per_minute: Change<Option<u64>>,
+    #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<u64>)]
-    pub tokens_per_day: Option<Option<u64>>,
+    pub tokens_per_day: Change<Option<u64>>,
 }
 
 impl LimitsInput {
-    pub fn to_per_limit(&self) -> PerLimit<Option<Option<u64>>> {
+    pub fn to_per_limit(&self) -> PerLimit<Change<Option<u64>>> {
         PerLimit([
             self.requests_per_minute,
             self.requests_per_day,
@@ -548,19 +550,19 @@ pub struct WorkspaceInput {
     pub warn_at: Option<f64>,
     /// The environment variable holding this workspace's own OpenAI key;
     /// null for the server's `OPENAI_API_KEY`.
-    #[serde(default, deserialize_with = "tri_state")]
+    #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<String>)]
-    pub upstream_key_env: Option<Option<String>>,
+    pub upstream_key_env: Change<Option<String>>,
     /// The OpenAI organization (`org-…`) billed for this workspace's calls;
     /// null for the upstream key's default.
-    #[serde(default, deserialize_with = "tri_state")]
+    #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<String>)]
-    pub upstream_organization: Option<Option<String>>,
+    pub upstream_organization: Change<Option<String>>,
     /// The OpenAI project (`proj_…`) billed for this workspace's calls; null
     /// for the upstream key's default.
-    #[serde(default, deserialize_with = "tri_state")]
+    #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<String>)]
-    pub upstream_project: Option<Option<String>>,
+    pub upstream_project: Change<Option<String>>,
 }
 
 impl WorkspaceInput {
