@@ -170,6 +170,7 @@ pub async fn start(
         tracing::warn!(
             "OPENAI_API_KEY is not set: /v1 calls of workspaces without their own upstream_key_env answer 503 upstream_key_missing"
         );
+        engine.upstream_key_missing();
     }
     let proxy = crate::proxy::Proxy::new(&config.upstream, env.clone())
         .map_err(|error| StartError::Io(std::io::Error::other(error)))?;

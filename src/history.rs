@@ -135,14 +135,16 @@ fn bin(
     starts.into_iter().zip(totals).collect()
 }
 
-/// The active notifications of `workspace` (service-wide ones included),
-/// most severe first; with `with_history`, followed by resolved ones, newest
-/// first, at most [`NOTIFICATION_HISTORY_LIMIT`].
+/// The active notifications of `workspace` (service-wide ones included,
+/// those for operators only when `operator` reads), most severe first; with
+/// `with_history`, followed by resolved ones, newest first, at most
+/// [`NOTIFICATION_HISTORY_LIMIT`].
 pub async fn notifications(
     engine: &Engine,
     store: &Store,
     workspace: &WorkspaceId,
     with_history: bool,
+    operator: bool,
 ) -> Result<Vec<Notification>, HistoryError> {
     let mut notifications = engine.active_notifications(workspace)?;
     if with_history {
@@ -152,6 +154,7 @@ pub async fn notifications(
         let unflushed = engine.unflushed_notifications(workspace);
         notifications.extend(resolved(unflushed, stored));
     }
+    notifications.retain(|n| operator || !n.kind.for_operators_only());
     Ok(notifications)
 }
 

@@ -120,12 +120,12 @@ pub async fn notifications(
         .await?
     {
         Target::One(id) => {
-            NotificationsAnswer::One(notifications_of(&state, &id, with_history).await?)
+            NotificationsAnswer::One(notifications_of(&state, &auth, &id, with_history).await?)
         }
         Target::All => {
             let mut workspaces = Vec::new();
             for id in state.engine.workspace_ids() {
-                workspaces.push(notifications_of(&state, &id, with_history).await?);
+                workspaces.push(notifications_of(&state, &auth, &id, with_history).await?);
             }
             NotificationsAnswer::All(NotificationsListDoc { workspaces })
         }
@@ -135,15 +135,18 @@ pub async fn notifications(
 
 async fn notifications_of(
     state: &AppState,
+    auth: &Auth,
     id: &WorkspaceId,
     with_history: bool,
 ) -> Result<NotificationsDoc, ApiError> {
     let status = state.engine.snapshot(id)?.status;
-    let notifications = history::notifications(&state.engine, &state.store, id, with_history)
-        .await?
-        .iter()
-        .map(NotificationDoc::from)
-        .collect();
+    let operator = auth.principal == Principal::Admin;
+    let notifications =
+        history::notifications(&state.engine, &state.store, id, with_history, operator)
+            .await?
+            .iter()
+            .map(NotificationDoc::from)
+            .collect();
     Ok(NotificationsDoc {
         workspace: id.to_string(),
         status: status.name().to_owned(),

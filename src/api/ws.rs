@@ -240,6 +240,8 @@ impl Drop for ConnectionSlot {
 pub enum Wire {
     Message {
         workspace: Option<WorkspaceId>,
+        /// Only for connections of the admin key.
+        operators_only: bool,
         text: Utf8Bytes,
     },
     /// The hub itself fell behind: every connection resynchronises.
@@ -279,6 +281,7 @@ fn event_wire(event: &Event) -> Wire {
             };
             Wire::Message {
                 workspace: Some(snapshot.config.id.clone()),
+                operators_only: false,
                 text: to_text(&message),
             }
         }
@@ -295,11 +298,13 @@ fn event_wire(event: &Event) -> Wire {
             };
             Wire::Message {
                 workspace: notification.workspace.clone(),
+                operators_only: notification.kind.for_operators_only(),
                 text: to_text(&message),
             }
         }
         Event::Removed(id) => Wire::Message {
             workspace: Some(id.clone()),
+            operators_only: false,
             text: to_text(&ServerMessage::Removed {
                 workspace: id.as_str(),
             }),
@@ -543,8 +548,9 @@ impl Connection {
                     None => Err(Gone),
                 },
                 outbound = wire.recv() => match outbound {
-                    Ok(Wire::Message { workspace, text }) => {
-                        if self.subscription.wants(workspace.as_ref()) {
+                    Ok(Wire::Message { workspace, operators_only, text }) => {
+                        let reader_may = !operators_only || self.principal == Principal::Admin;
+                        if reader_may && self.subscription.wants(workspace.as_ref()) {
                             send(&mut sink, Message::Text(text)).await
                         } else {
                             Ok(())

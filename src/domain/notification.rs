@@ -44,12 +44,19 @@ pub enum NotificationKind {
     StorageUnavailable,
     /// Service-wide: the counters shared by all instances are unreachable.
     SharedStoreUnavailable,
-    /// Service-wide: quotawatch has no upstream key of its own
-    /// (`OPENAI_API_KEY`), and a `/v1` call needed it.
+    /// Service-wide, for operators: quotawatch was started without an
+    /// upstream key of its own (`OPENAI_API_KEY`).
     UpstreamKeyMissing,
 }
 
 impl NotificationKind {
+    /// Whether only operators (the admin key) are shown notifications of
+    /// this kind. A server's configuration is theirs to fix; a tenant whose
+    /// call it affects learns it from that call's error.
+    pub const fn for_operators_only(self) -> bool {
+        matches!(self, NotificationKind::UpstreamKeyMissing)
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             NotificationKind::ApproachingLimit => "approaching_limit",

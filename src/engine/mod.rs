@@ -1007,11 +1007,11 @@ impl Engine {
         batch
     }
 
-    /// A `/v1` call needed the upstream key quotawatch was started without:
-    /// raise the service-wide notification once (it lasts until a restart
-    /// with a key). Raised at the first such call rather than at start-up,
-    /// so that an installation that only takes reports over the REST API
-    /// carries no standing alarm.
+    /// quotawatch was started without an upstream key of its own: raise the
+    /// service-wide notification for operators (it lasts until a restart
+    /// with a key). Tenants are not shown it: an installation that only
+    /// takes reports over the REST API needs no key, and a `/v1` call that
+    /// does gets a 503 that says so.
     pub fn upstream_key_missing(&self) {
         let mut service = lock(&self.service);
         if service.upstream_key.is_some() {

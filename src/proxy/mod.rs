@@ -396,13 +396,7 @@ async fn forward_admitted(
         return Err(refused(state, &workspace, endpoint, &decision, refusal));
     }
     let account = state.engine.upstream_account(&workspace)?;
-    let key = proxy
-        .upstream_key(account.key_env.as_deref())
-        .inspect_err(|_| {
-            if account.key_env.is_none() {
-                state.engine.upstream_key_missing();
-            }
-        })?;
+    let key = proxy.upstream_key(account.key_env.as_deref())?;
 
     let declared_length = parts
         .headers

@@ -556,17 +556,28 @@ async fn bad_requests_are_answered_in_openai_shape() {
 
     let server = TestServer::start(&[("QUOTAWATCH_UPSTREAM_URL", &upstream.url)]).await;
     let key = server.workspace(json!({"id": "acme"})).await;
-    let upstream_key_missing = || async {
-        server.get("/api/quota/notifications", &key).await.body["notifications"]
-            .as_array()
-            .expect("notifications")
-            .iter()
-            .find(|n| n["kind"] == "upstream_key_missing")
-            .cloned()
+    let upstream_key_missing = |reader: String| {
+        let server = &server;
+        async move {
+            server
+                .get("/api/quota/notifications?workspace=acme", &reader)
+                .await
+                .body["notifications"]
+                .as_array()
+                .expect("notifications")
+                .iter()
+                .find(|n| n["kind"] == "upstream_key_missing")
+                .cloned()
+        }
     };
+    let notification = upstream_key_missing(ADMIN_KEY.to_owned())
+        .await
+        .expect("operators are told at start-up");
+    assert!(notification["workspace"].is_null(), "service-wide");
+    assert_eq!(notification["severity"], "critical");
     assert!(
-        upstream_key_missing().await.is_none(),
-        "no alarm while nothing needs the key (reports over the REST API do not)"
+        upstream_key_missing(key.clone()).await.is_none(),
+        "a tenant is not shown the server's configuration"
     );
     let response = server.openai("/chat/completions", &key, chat(false)).await;
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
@@ -577,11 +588,6 @@ async fn bad_requests_are_answered_in_openai_shape() {
     );
     let body: Value = response.json().await.expect("JSON");
     assert_eq!(body["error"]["code"], "upstream_key_missing");
-    let notification = upstream_key_missing()
-        .await
-        .expect("the operator is told once a call needed the key");
-    assert!(notification["workspace"].is_null(), "service-wide");
-    assert_eq!(notification["severity"], "critical");
     assert!(
         body["error"]["message"]
             .as_str()
