@@ -214,3 +214,144 @@ fn missing_scope(scope: Scope) -> ApiError {
         ),
     )
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use axum::http::HeaderValue;
+
+    use super::*;
+    use crate::domain::limits::{Limits, WorkspaceConfig};
+    use crate::domain::workspace::Settings;
+    use crate::engine::{SystemClock, WorkspaceDefaults};
+    use crate::keys::Scopes;
+
+    fn engine() -> Engine {
+        let engine = Engine::new(
+            Settings::default(),
+            WorkspaceDefaults {
+                limits: Limits::default(),
+                warn_at: 0.8,
+            },
+            Arc::new(SystemClock),
+        );
+        for id in ["acme", "beta"] {
+            engine.upsert_workspace(WorkspaceConfig::new(
+                id.parse().expect("id"),
+                Limits::default(),
+            ));
+        }
+        engine
+    }
+
+    fn auth(principal: Principal, header: Option<&str>) -> Auth {
+        Auth {
+            principal,
+            named: header.map(str::to_owned),
+        }
+    }
+
+    fn reader(workspace: &str) -> Principal {
+        Principal::Workspace {
+            workspace: workspace.parse().expect("id"),
+            scopes: Scopes::READ,
+        }
+    }
+
+    fn service(workspaces: Option<&[&str]>) -> Principal {
+        Principal::Service {
+            key_id: "key_service".into(),
+            workspaces: workspaces
+                .map(|list| list.iter().map(|id| id.parse().expect("id")).collect()),
+        }
+    }
+
+    async fn target(auth: &Auth, requested: Option<&str>, scope: Scope) -> Result<String, String> {
+        match auth.target(&engine(), requested, scope).await {
+            Ok(Target::One(id)) => Ok(id.to_string()),
+            Ok(Target::All) => Ok("*".to_owned()),
+            Err(error) => Err(error.code.to_owned()),
+        }
+    }
+
+    #[tokio::test]
+    async fn a_workspace_key_acts_on_its_own_workspace_within_its_scopes() {
+        let key = auth(reader("acme"), None);
+        assert_eq!(target(&key, None, Scope::Read).await, Ok("acme".into()));
+        assert_eq!(
+            target(&key, Some("acme"), Scope::Read).await,
+            Ok("acme".into())
+        );
+        assert_eq!(
+            target(&key, Some("beta"), Scope::Read).await,
+            Err("workspace_not_found".into()),
+            "another workspace is answered like one that does not exist"
+        );
+        assert_eq!(
+            target(&key, None, Scope::Report).await,
+            Err("missing_scope".into())
+        );
+        let header = auth(reader("acme"), Some("beta"));
+        assert_eq!(
+            target(&header, None, Scope::Read).await,
+            Err("workspace_not_found".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn a_service_key_must_name_a_workspace_it_serves() {
+        let any = auth(service(None), None);
+        assert_eq!(
+            target(&any, None, Scope::Proxy).await,
+            Err("workspace_required".into())
+        );
+        assert_eq!(
+            target(&any, Some("beta"), Scope::Proxy).await,
+            Ok("beta".into())
+        );
+        let named = auth(service(Some(&["acme"])), Some("acme"));
+        assert_eq!(target(&named, None, Scope::Report).await, Ok("acme".into()));
+        let elsewhere = auth(service(Some(&["acme"])), Some("beta"));
+        assert_eq!(
+            target(&elsewhere, None, Scope::Read).await,
+            Err("workspace_not_found".into())
+        );
+        let missing = auth(service(None), Some("gone"));
+        assert_eq!(
+            target(&missing, None, Scope::Read).await,
+            Err("workspace_not_found".into())
+        );
+        assert_eq!(
+            target(&named, Some("beta"), Scope::Read).await,
+            Err("conflicting_workspace".into()),
+            "the query and the header must agree"
+        );
+    }
+
+    #[tokio::test]
+    async fn the_admin_key_acts_on_all_or_on_the_one_it_names() {
+        let admin = auth(Principal::Admin, None);
+        assert_eq!(target(&admin, None, Scope::Read).await, Ok("*".into()));
+        assert_eq!(
+            target(&admin, Some("beta"), Scope::Read).await,
+            Ok("beta".into())
+        );
+        assert_eq!(
+            target(&admin, Some("Not An Id"), Scope::Read).await,
+            Err("workspace_not_found".into())
+        );
+    }
+
+    #[tokio::test]
+    async fn the_header_must_be_readable_text() {
+        let mut headers = HeaderMap::new();
+        headers.insert(
+            WORKSPACE_HEADER,
+            HeaderValue::from_bytes(b"acme\xff").expect("bytes"),
+        );
+        let error = Auth::of(&headers, &engine()).await.err().expect("refused");
+        assert_eq!(error.code, "invalid_value");
+        assert_eq!(error.param.as_deref(), Some("X-Quotawatch-Workspace"));
+    }
+}
