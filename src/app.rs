@@ -12,7 +12,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::{Admin, AdminError, KeySpec, WorkspaceSpec};
-use crate::api::{self, AppState, Shared};
+use crate::api::{self, AppParts, AppState};
 use crate::config::Config;
 use crate::engine::flush::{self, FlushHandle};
 use crate::engine::{Engine, SharedCounting, SystemClock};
@@ -37,7 +37,7 @@ pub enum StartError {
     #[error("cannot apply a workspace declared in the configuration: {0}")]
     Declared(#[from] AdminError),
     #[error("cannot use Redis: {0}")]
-    Shared(#[from] SharedError),
+    Redis(#[from] SharedError),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
 }
@@ -180,7 +180,7 @@ pub async fn start(
         metrics: metrics.clone(),
         proxy,
     });
-    let state = AppState::new(Shared {
+    let state = AppState::new(AppParts {
         engine: engine.clone(),
         metrics,
         metrics_public: config.metrics_public,

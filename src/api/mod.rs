@@ -34,9 +34,9 @@ use crate::store::Store;
 
 /// Everything handlers need, cheap to clone.
 #[derive(Clone)]
-pub struct AppState(Arc<Shared>);
+pub struct AppState(Arc<AppParts>);
 
-pub struct Shared {
+pub struct AppParts {
     pub engine: Arc<Engine>,
     pub metrics: Arc<crate::metrics::Metrics>,
     pub metrics_public: bool,
@@ -53,15 +53,15 @@ pub struct Shared {
 }
 
 impl std::ops::Deref for AppState {
-    type Target = Shared;
-    fn deref(&self) -> &Shared {
+    type Target = AppParts;
+    fn deref(&self) -> &AppParts {
         &self.0
     }
 }
 
 impl AppState {
-    pub fn new(shared: Shared) -> Self {
-        Self(Arc::new(shared))
+    pub fn new(parts: AppParts) -> Self {
+        Self(Arc::new(parts))
     }
 }
 

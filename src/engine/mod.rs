@@ -1,5 +1,5 @@
 //! The engine: every workspace's live state in memory, the keyring, and the
-//! event stream that the WebSocket and (later) other instances listen to.
+//! event stream that the WebSocket and other instances listen to.
 //!
 //! Request path, as it runs through here:
 //! 1. `authenticate` maps a presented key to a principal (hash, then a
