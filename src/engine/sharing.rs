@@ -519,7 +519,15 @@ impl Engine {
                 self.load_reply(&id, &slot, &reply).await;
             }
         }
-        self.reset(workspace, scope)
+        let done = self.reset(workspace, scope)?;
+        // The episodes the reset ended end in the store before it answers,
+        // so that a cause raised again after it is a new notification.
+        for id in &done {
+            if let Ok(slot) = self.slot(id) {
+                self.agree_when_due(id, &slot).await;
+            }
+        }
+        Ok(done)
     }
 
     /// Called by the ticker: while cut off, tries the store, so that shared
