@@ -327,6 +327,27 @@ impl Cell {
         }
     }
 
+    /// The episode steps to take in the shared store: those taken since
+    /// the last agreement, in order, and with `renew`, a hold on the
+    /// episode of every active notification whose id is agreed on.
+    fn episode_steps(&mut self, renew: bool) -> Vec<EpisodeStep> {
+        let mut steps = std::mem::take(&mut self.episodes);
+        if renew {
+            let held: Vec<EpisodeStep> = self
+                .agreed_notifications()
+                .filter_map(|notification| {
+                    let cause = notification.cause?;
+                    (!WorkspaceState::derives_notification_id(cause)).then(|| EpisodeStep::Hold {
+                        cause,
+                        candidate: notification.id.clone(),
+                    })
+                })
+                .collect();
+            steps.extend(held);
+        }
+        steps
+    }
+
     /// Counts `id` as agreed on; answers whether it was waiting for that
     /// (and so was seen by nobody yet).
     fn take_unagreed(&mut self, id: &str) -> bool {

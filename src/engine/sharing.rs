@@ -33,7 +33,7 @@ use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
-    Enforcement, Expired, Request, Reservation, ResetScope, Returned, Settled, WorkspaceState,
+    Enforcement, Expired, Request, Reservation, ResetScope, Returned, Settled,
 };
 use crate::shared::{
     AdmitArgs, BlockChange, EpisodeStep, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
@@ -84,6 +84,9 @@ const RELOAD_CONCURRENCY: usize = 16;
 /// its episodes within that time.
 const EPISODE_HOLD: Duration = Duration::from_secs(5);
 const EPISODE_RENEWAL: Duration = Duration::from_secs(1);
+
+/// How many workspaces one call to the store agrees on at most.
+const AGREEMENTS_PER_CALL: usize = 64;
 
 impl SharedCounting {
     pub fn new(counters: RedisCounters, on_error: OnStoreError) -> Self {
@@ -607,83 +610,88 @@ impl Engine {
     /// after its notifications are out under their agreed ids.
     async fn agree_when_due(&self, workspace: &WorkspaceId, slot: &Slot) {
         if slot.agreement_due.load(Ordering::Acquire) {
-            self.agree(workspace, slot, false).await;
+            self.agree(&[(workspace, slot)], false).await;
         }
     }
 
     /// Agrees on notification ids wherever something waits for it, and
     /// with `renew`, renews this instance's holds on every workspace's
-    /// episodes.
+    /// episodes: many workspaces to a call, as a renewal concerns every
+    /// workspace with an active notification, every second.
     async fn agree_everywhere(&self, renew: bool) {
         let due: Vec<(WorkspaceId, Arc<Slot>)> = self
             .all_slots()
             .into_iter()
             .filter(|(_, slot)| renew || slot.agreement_due.load(Ordering::Acquire))
             .collect();
-        futures_util::stream::iter(due)
-            .for_each_concurrent(RELOAD_CONCURRENCY, |(id, slot)| async move {
-                self.agree(&id, &slot, renew).await;
-            })
-            .await;
+        for batch in due.chunks(AGREEMENTS_PER_CALL) {
+            let workspaces: Vec<(&WorkspaceId, &Slot)> =
+                batch.iter().map(|(id, slot)| (id, slot.as_ref())).collect();
+            self.agree(&workspaces, renew).await;
+        }
     }
 
-    /// Takes the workspace's episode steps to the shared store, in the
-    /// order its causes took them, and gives each notification raised here
-    /// the id that names its cause's episode there: the first instance to
-    /// raise a cause names the episode, the others adopt its id, so every
+    /// Takes the workspaces' episode steps to the shared store, in the
+    /// order their causes took them, and gives each notification raised
+    /// here the id that names its cause's episode there: the first instance
+    /// to raise a cause names the episode, the others adopt its id, so every
     /// instance's listeners and the history (written by the lease holder)
     /// see one notification. A notification nobody has seen yet is renamed;
     /// it and all that was published after it wait in the outbox until
-    /// then. With `renew`, the step also renews this instance's hold on the
+    /// then. With `renew`, the call also renews this instance's hold on the
     /// episodes of its active notifications; one held under another id than
     /// the episode's (raised while the store was out of reach) is reissued
     /// under the episode's. Should the store not answer, the ids drawn here
     /// stand, until a renewal finds the store again.
-    async fn agree(&self, workspace: &WorkspaceId, slot: &Slot, renew: bool) {
+    async fn agree(&self, workspaces: &[(&WorkspaceId, &Slot)], renew: bool) {
         let Some(shared) = &self.shared else {
             return;
         };
         // One agreement per workspace at a time, so that its steps reach
-        // the store in order; never the workspace's lock across the call.
-        let _turn = slot.agreeing.lock().await;
-        let steps = {
-            let mut cell = slot.lock();
-            let mut steps = std::mem::take(&mut cell.episodes);
-            if renew {
-                let held: Vec<EpisodeStep> = cell
-                    .agreed_notifications()
-                    .filter_map(|notification| {
-                        let cause = notification.cause?;
-                        (!WorkspaceState::derives_notification_id(cause)).then(|| {
-                            EpisodeStep::Hold {
-                                cause,
-                                candidate: notification.id.clone(),
-                            }
-                        })
-                    })
-                    .collect();
-                steps.extend(held);
-            }
-            steps
-        };
-        let agreed = if steps.is_empty() {
-            Vec::new()
+        // the store in order; never a workspace's lock across the call.
+        // Only this holds several turns at once, so none waits for another
+        // while holding one.
+        let mut turns = Vec::with_capacity(workspaces.len());
+        for (_, slot) in workspaces {
+            turns.push(slot.agreeing.lock().await);
+        }
+        let steps: Vec<Vec<EpisodeStep>> = workspaces
+            .iter()
+            .map(|(_, slot)| slot.lock().episode_steps(renew))
+            .collect();
+        let sent: Vec<(&WorkspaceId, &EpisodeStep)> = workspaces
+            .iter()
+            .zip(&steps)
+            .flat_map(|((id, _), steps)| steps.iter().map(move |step| (*id, step)))
+            .collect();
+        let answer = if sent.is_empty() {
+            Ok(Vec::new())
         } else {
-            let answer = shared
+            shared
                 .counters
-                .agree_episodes(workspace, &shared.instance, EPISODE_HOLD, &steps)
-                .await;
-            match answer {
-                Ok(agreed) => {
-                    self.store_answered();
-                    agreed
-                }
-                Err(error) => {
-                    self.store_failed(&error);
-                    vec![None; steps.len()]
-                }
+                .agree_episodes(&shared.instance, EPISODE_HOLD, &sent)
+                .await
+        };
+        let agreed = match answer {
+            Ok(agreed) => {
+                self.store_answered();
+                agreed
+            }
+            Err(error) => {
+                self.store_failed(&error);
+                vec![None; sent.len()]
             }
         };
+        let mut agreed = agreed.into_iter();
+        for ((_, slot), steps) in workspaces.iter().zip(&steps) {
+            let answers: Vec<Option<String>> = agreed.by_ref().take(steps.len()).collect();
+            self.conclude_agreement(slot, steps, answers);
+        }
+    }
+
+    /// Applies what the store answered to a workspace's episode steps, and
+    /// sends what no longer waits.
+    fn conclude_agreement(&self, slot: &Slot, steps: &[EpisodeStep], agreed: Vec<Option<String>>) {
         let now = self.now();
         let mut cell = slot.lock();
         let mut reissued = Vec::new();

@@ -12,6 +12,10 @@
 //! call (as a database groups commits), because the script's fixed costs,
 //! not the network, bound how many requests one Redis can take.
 //!
+//! Besides the counters, Redis names the episodes of workspace causes
+//! (`episodes.lua`), so that every instance gives a cause's notification
+//! the id the first instance to raise it drew.
+//!
 //! Every call is bounded by a short timeout, and after a failure calls fail
 //! at once for a moment (`RETRY_AFTER_FAILURE`) instead of each waiting out
 //! the timeout again: a dead Redis must never make requests hang. The engine
@@ -253,20 +257,17 @@ impl RedisCounters {
         self.link.hold_lease(instance, ttl).await
     }
 
-    /// Takes `steps` for `instance` on the episodes of `workspace`'s
-    /// causes, in order, in one call; a hold lasts `hold` unless renewed.
-    /// Answers, per step, the id that names the episode for a hold, and
-    /// `None` for a release.
+    /// Takes `steps` for `instance` on the episodes of workspace causes,
+    /// each workspace's in order, in one call; a hold lasts `hold` unless
+    /// renewed. Answers, per step, the id that names the episode for a
+    /// hold, and `None` for a release.
     pub async fn agree_episodes(
         &self,
-        workspace: &WorkspaceId,
         instance: &str,
         hold: Duration,
-        steps: &[EpisodeStep],
+        steps: &[(&WorkspaceId, &EpisodeStep)],
     ) -> Result<Vec<Option<String>>, SharedError> {
-        self.link
-            .agree_episodes(workspace, instance, hold, steps)
-            .await
+        self.link.agree_episodes(instance, hold, steps).await
     }
 
     /// Stores `value` under `name` for `ttl`, for any instance to
@@ -558,10 +559,9 @@ impl Link {
 
     async fn agree_episodes(
         &self,
-        workspace: &WorkspaceId,
         instance: &str,
         hold: Duration,
-        steps: &[EpisodeStep],
+        steps: &[(&WorkspaceId, &EpisodeStep)],
     ) -> Result<Vec<Option<String>>, SharedError> {
         if steps.is_empty() {
             return Ok(Vec::new());
@@ -569,7 +569,7 @@ impl Link {
         self.breaker()?;
         let mut invocation = self.episodes.prepare_invoke();
         invocation.arg(instance).arg(millis(hold));
-        for step in steps {
+        for (workspace, step) in steps {
             let (cause, argument) = match step {
                 EpisodeStep::Hold { cause, candidate } => (cause, format!("hold {candidate}")),
                 EpisodeStep::Release { cause } => (cause, "release".to_owned()),

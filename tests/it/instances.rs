@@ -906,7 +906,7 @@ async fn held_elsewhere(cluster: &Cluster, cause: Cause, id: &str) {
     };
     let workspace = "acme".parse().expect("id");
     let named = counters
-        .agree_episodes(&workspace, "elsewhere", Duration::from_secs(60), &[step])
+        .agree_episodes("elsewhere", Duration::from_secs(60), &[(&workspace, &step)])
         .await
         .expect("the episode is held");
     assert_eq!(named, vec![Some(id.to_owned())]);

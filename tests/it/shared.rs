@@ -468,9 +468,20 @@ async fn a_flood_of_tickets_leaves_redis_bounded_too() {
 
 /// Takes `steps` on the episodes of the store's workspace as `instance`.
 async fn episodes(store: &Store, instance: &str, steps: &[EpisodeStep]) -> Vec<Option<String>> {
+    episodes_held_for(store, instance, Duration::from_secs(5), steps).await
+}
+
+async fn episodes_held_for(
+    store: &Store,
+    instance: &str,
+    hold: Duration,
+    steps: &[EpisodeStep],
+) -> Vec<Option<String>> {
+    let steps: Vec<(&WorkspaceId, &EpisodeStep)> =
+        steps.iter().map(|step| (&store.workspace, step)).collect();
     store
         .counters
-        .agree_episodes(&store.workspace, instance, Duration::from_secs(5), steps)
+        .agree_episodes(instance, hold, &steps)
         .await
         .expect("the episodes answer")
 }
@@ -518,11 +529,7 @@ async fn the_first_instance_to_raise_a_cause_names_it_until_the_last_one_lets_go
     // An instance that stops without letting go holds the episode until
     // its hold runs out; then the cause is a new episode.
     let brief = Duration::from_millis(200);
-    store
-        .counters
-        .agree_episodes(&store.workspace, "b", brief, &[hold("ntf_b2")])
-        .await
-        .expect("a brief hold");
+    episodes_held_for(&store, "b", brief, &[hold("ntf_b2")]).await;
     eventually("B's hold to run out", Duration::from_secs(5), || async {
         // Asked by a new instance each time, which lets go at once.
         let instance = format!("probe{}", rand::random::<u32>());
