@@ -444,6 +444,32 @@ impl StatusTracker {
         changes
     }
 
+    /// Gives the active notification `from` the id `to`, telling no one:
+    /// for a notification nobody has seen yet. Answers whether it was
+    /// active.
+    pub fn rename(&mut self, from: &str, to: &str) -> bool {
+        let Some(notification) = self.active.iter_mut().find(|n| n.id == from) else {
+            return false;
+        };
+        to.clone_into(&mut notification.id);
+        true
+    }
+
+    /// Replaces the active notification `from` by the same notification
+    /// under the id `to`: the one resolved, the other raised. For a
+    /// notification already seen under an id that turned out not to be the
+    /// one agreed on; nothing changes when `from` is no longer active.
+    pub fn reissue(&mut self, from: &str, to: &str, now: Timestamp) -> Vec<Change> {
+        let Some(notification) = self.active.iter().find(|n| n.id == from) else {
+            return Vec::new();
+        };
+        let renamed = Notification {
+            id: to.to_owned(),
+            ..notification.clone()
+        };
+        self.transition(self.causes, vec![renamed], now)
+    }
+
     /// Forgets every cause (an admin reset), resolving their notifications.
     pub fn clear(&mut self, now: Timestamp) -> Vec<Change> {
         self.approaching = PerLimit::default();

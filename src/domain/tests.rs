@@ -1260,3 +1260,45 @@ fn an_instance_that_started_a_billing_block_later_takes_the_id_of_the_earlier_st
     };
     assert!(notification_ids(&b.load(&same)).0.is_empty());
 }
+
+#[test]
+fn an_agreed_id_renames_an_unseen_notification_and_reissues_a_seen_one() {
+    let mut script = Script::new(&[(RequestsPerMinute, 10)]);
+    for _ in 0..8 {
+        assert!(script.admit(0).result.is_ok());
+    }
+    let active_ids = |script: &Script| -> Vec<String> {
+        script
+            .state
+            .active_notifications()
+            .iter()
+            .map(|n| n.id.clone())
+            .collect()
+    };
+    let drawn = active_ids(&script);
+    assert_eq!(drawn.len(), 1, "approaching");
+    // Nobody saw it yet: it only changes its name.
+    assert!(script.state.rename_notification(&drawn[0], "ntf_agreed"));
+    assert_eq!(active_ids(&script), vec!["ntf_agreed".to_owned()]);
+    // Seen under one id, agreed under another: that one replaces it.
+    let changes = script
+        .state
+        .reissue_notification("ntf_agreed", "ntf_elsewhere", script.now);
+    assert_eq!(
+        notification_ids(&changes),
+        (
+            vec!["ntf_elsewhere".to_owned()],
+            vec!["ntf_agreed".to_owned()]
+        )
+    );
+    assert_eq!(active_ids(&script), vec!["ntf_elsewhere".to_owned()]);
+    assert_eq!(script.status(), Status::Warning);
+    // A notification no longer active is left alone.
+    assert!(!script.state.rename_notification("ntf_agreed", "ntf_late"));
+    assert!(
+        script
+            .state
+            .reissue_notification("ntf_agreed", "ntf_late", script.now)
+            .is_empty()
+    );
+}

@@ -706,9 +706,12 @@ impl WorkspaceState {
     /// loads it, so all of them (and the history, which the lease holder
     /// writes) name the block's notification alike; one that started the
     /// block on its own at the same moment takes the stored start when it
-    /// loads it (`billing_start_moved`). Other causes are
-    /// observed by each instance at its own moment, with nothing shared that
-    /// marks their start, so theirs are fresh.
+    /// loads it (`billing_start_moved`). Every other cause is observed by
+    /// each instance at its own moment, with nothing in the counters that
+    /// marks its start: its notification gets a fresh id here, which the
+    /// engine agrees on with the other instances before anyone sees it (the
+    /// first instance to raise the cause names its episode, the others
+    /// adopt that name, see [`rename_notification`](Self::rename_notification)).
     fn notification_id(&self, cause: Cause, fresh_id: &mut dyn FnMut() -> u64) -> String {
         match (cause, self.billing_block) {
             (Cause::UpstreamQuotaExhausted, Some(block)) => {
@@ -716,6 +719,29 @@ impl WorkspaceState {
             }
             _ => format!("ntf_{:016x}", fresh_id()),
         }
+    }
+
+    /// Whether instances sharing counters derive the id of `cause`'s
+    /// notification from what they share (see
+    /// [`notification_id`](Self::notification_id)); the others' ids must be
+    /// agreed on.
+    pub fn derives_notification_id(cause: Cause) -> bool {
+        cause == Cause::UpstreamQuotaExhausted
+    }
+
+    /// Gives the active notification `from`, which nobody has seen yet, the
+    /// id agreed on with other instances. Answers whether it was still
+    /// active.
+    pub fn rename_notification(&mut self, from: &str, to: &str) -> bool {
+        self.tracker.rename(from, to)
+    }
+
+    /// Replaces the active notification `from`, already seen under that id,
+    /// by the same one under the id agreed on with other instances: `from`
+    /// is resolved and `to` raised (as a billing block's notification is
+    /// when its start moves).
+    pub fn reissue_notification(&mut self, from: &str, to: &str, now: Timestamp) -> Vec<Change> {
+        self.tracker.reissue(from, to, now)
     }
 
     /// Admits the request if every limit has room and no block applies, and

@@ -11,7 +11,9 @@
 //! 4. changes are published as events while the workspace's lock is still
 //!    held (so listeners see them in the order they happened), logged after
 //!    it is released, and the workspace is marked dirty for the next batched
-//!    flush (see `flush`).
+//!    flush (see `flush`). With counters shared by several instances, a
+//!    raised notification and what follows it wait in the workspace's
+//!    outbox until its id is agreed on with the others (see `sharing`).
 //!
 //! Architecture invariants: a workspace's lock is a plain mutex held only for
 //! in-memory work, never across an await or IO; the request path never waits
@@ -27,7 +29,7 @@ mod sharing;
 pub use keyring::{AuthError, Credential, Denied, Principal};
 pub use sharing::SharedCounting;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
@@ -49,6 +51,7 @@ use crate::domain::workspace::{
     Refusal, Request, ResetScope, Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
+use crate::shared::EpisodeStep;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
 use crate::sync::{lock, read, write};
 use crate::tokens::{Minter, TokenClaims, TokenSecret};
@@ -235,6 +238,16 @@ struct Cell {
     outage_blocks: Option<(Option<Timestamp>, Option<BillingBlock>)>,
     /// Blocks seen alone during an outage, to be written with the merge.
     offline_blocks: Option<crate::shared::BlockChange>,
+    /// What was published, in order, waiting to be sent until the
+    /// notifications it names carry the ids agreed on with the other
+    /// instances (see `sharing::Engine::agree`); empty otherwise.
+    outbox: VecDeque<Event>,
+    /// The steps the workspace's causes took since the last agreement,
+    /// in order, for the shared store (see [`EpisodeStep`]).
+    episodes: Vec<EpisodeStep>,
+    /// Ids drawn here for raised notifications whose agreed ids are not
+    /// known yet: nobody sees these notifications before they are.
+    unagreed: Vec<String>,
 }
 
 struct Slot {
@@ -246,6 +259,12 @@ struct Slot {
     /// Another instance changed the shared counters since they were last
     /// loaded here.
     shared_stale: AtomicBool,
+    /// Held while agreeing on notification ids with the other instances,
+    /// so that a workspace's episode steps reach the store in order.
+    agreeing: tokio::sync::Mutex<()>,
+    /// Episode steps or unagreed ids are waiting (set and cleared under the
+    /// cell's lock), so that the request path asks only when they are.
+    agreement_due: AtomicBool,
 }
 
 impl Slot {
@@ -258,10 +277,15 @@ impl Slot {
                 offline: Usage::default(),
                 outage_blocks: None,
                 offline_blocks: None,
+                outbox: VecDeque::new(),
+                episodes: Vec::new(),
+                unagreed: Vec::new(),
             }),
             dirty: AtomicBool::new(true),
             usage_dirty: AtomicBool::new(false),
             shared_stale: AtomicBool::new(false),
+            agreeing: tokio::sync::Mutex::new(()),
+            agreement_due: AtomicBool::new(false),
         })
     }
 
@@ -271,6 +295,77 @@ impl Slot {
 }
 
 impl Cell {
+    /// The active notifications listeners may see: those whose ids are
+    /// agreed on.
+    fn agreed_notifications(&self) -> impl Iterator<Item = &Notification> {
+        self.state
+            .active_notifications()
+            .iter()
+            .filter(|notification| !self.unagreed.contains(&notification.id))
+    }
+
+    /// Queues the step a raised or resolved notification takes in its
+    /// cause's episode, unless its id is derived from shared facts.
+    fn note_episode(&mut self, notification: &Notification) {
+        let Some(cause) = notification
+            .cause
+            .filter(|cause| !WorkspaceState::derives_notification_id(*cause))
+        else {
+            return;
+        };
+        if notification.is_active() {
+            self.unagreed.push(notification.id.clone());
+            self.episodes.push(EpisodeStep::Hold {
+                cause,
+                candidate: notification.id.clone(),
+            });
+        } else {
+            self.episodes.push(EpisodeStep::Release { cause });
+        }
+    }
+
+    /// The episode steps to take in the shared store: those taken since
+    /// the last agreement, in order, and with `renew`, a hold on the
+    /// episode of every active notification whose id is agreed on.
+    fn episode_steps(&mut self, renew: bool) -> Vec<EpisodeStep> {
+        let mut steps = std::mem::take(&mut self.episodes);
+        if renew {
+            let held: Vec<EpisodeStep> = self
+                .agreed_notifications()
+                .filter_map(|notification| {
+                    let cause = notification.cause?;
+                    (!WorkspaceState::derives_notification_id(cause)).then(|| EpisodeStep::Hold {
+                        cause,
+                        candidate: notification.id.clone(),
+                    })
+                })
+                .collect();
+            steps.extend(held);
+        }
+        steps
+    }
+
+    /// Counts `id` as agreed on; answers whether it was waiting for that
+    /// (and so was seen by nobody yet).
+    fn take_unagreed(&mut self, id: &str) -> bool {
+        let waiting = self.unagreed.len();
+        self.unagreed.retain(|unagreed| unagreed != id);
+        self.unagreed.len() != waiting
+    }
+
+    /// Gives a notification nobody saw yet its agreed id, in the state and
+    /// in what waits to be published about it.
+    fn rename(&mut self, from: &str, to: &str) {
+        self.state.rename_notification(from, to);
+        for event in &mut self.outbox {
+            if let Event::Notification(notification) = event
+                && notification.id == from
+            {
+                to.clone_into(&mut Arc::make_mut(notification).id);
+            }
+        }
+    }
+
     /// The history entry for a call of `model` finished (or refused) at
     /// `at`: its minute, and the name its day keeps for the model.
     fn history(&mut self, at: Timestamp, model: Option<Model>) -> &mut RollupDelta {
@@ -513,7 +608,7 @@ impl Engine {
                 let changes = cell
                     .state
                     .reconfigure(config, now, &self.settings, &mut fresh_id);
-                let published = self.publish(&cell.state, now, changes, true);
+                let published = self.publish(&slot, &mut cell, now, changes, true);
                 drop(cell);
                 slot.dirty.store(true, Ordering::Release);
                 published.log();
@@ -663,7 +758,7 @@ impl Engine {
             remaining: cell.state.remaining(),
             result: admission.result,
         };
-        let published = self.publish(&cell.state, now, admission.changes, false);
+        let published = self.publish(slot, &mut cell, now, admission.changes, false);
         drop(cell);
         slot.dirty.store(true, Ordering::Release);
         published.log();
@@ -733,7 +828,7 @@ impl Engine {
             let model = report.model.clone().or(reserved_model);
             *cell.history(charged_at, model) += delta;
         }
-        let published = self.publish(&cell.state, now, recorded.changes, false);
+        let published = self.publish(slot, &mut cell, now, recorded.changes, false);
         drop(cell);
         slot.dirty.store(true, Ordering::Release);
         slot.usage_dirty.store(true, Ordering::Release);
@@ -798,7 +893,7 @@ impl Engine {
     ) -> Result<Vec<Notification>, EngineError> {
         let slot = self.slot(workspace)?;
         let mut notifications = self.service_notifications();
-        notifications.extend(slot.lock().state.active_notifications().iter().cloned());
+        notifications.extend(slot.lock().agreed_notifications().cloned());
         notifications.sort_by(|a, b| {
             b.severity
                 .cmp(&a.severity)
@@ -838,7 +933,7 @@ impl Engine {
                 ResetScope::Usage => cell.state.reset_usage(now, &self.settings, &mut fresh_id),
                 ResetScope::Blocks => cell.state.lift_blocks(now, &self.settings, &mut fresh_id),
             };
-            let published = self.publish(&cell.state, now, changes, true);
+            let published = self.publish(&slot, &mut cell, now, changes, true);
             drop(cell);
             slot.dirty.store(true, Ordering::Release);
             slot.usage_dirty.store(true, Ordering::Release);
@@ -860,7 +955,7 @@ impl Engine {
                 cell.state.tick(now, &self.settings, &mut fresh_id);
             let touched = usage_changed || !expired.is_empty() || !changes.is_empty();
             record_expired(&mut cell, expired);
-            let published = self.publish(&cell.state, now, changes, false);
+            let published = self.publish(&slot, &mut cell, now, changes, false);
             drop(cell);
             if touched {
                 slot.dirty.store(true, Ordering::Release);
@@ -879,8 +974,11 @@ impl Engine {
         let now = self.now();
         for (_, slot) in self.all_slots() {
             if slot.usage_dirty.swap(false, Ordering::AcqRel) {
-                let snapshot = slot.lock().state.snapshot(now);
-                let _ = self.events.send(Event::Usage(Arc::new(snapshot)));
+                let mut cell = slot.lock();
+                let usage = Event::Usage(Arc::new(cell.state.snapshot(now)));
+                // Behind what waits for agreed ids, to keep the order.
+                cell.outbox.push_back(usage);
+                self.send_agreed(&mut cell);
             }
         }
     }
@@ -889,17 +987,45 @@ impl Engine {
     /// versions for the flush, and events for listeners (a status event when
     /// the status changed, or always with `always_status`). Called while the
     /// workspace's lock is held, so that events and stored versions keep the
-    /// order in which the changes happened; sending never blocks. What to log
-    /// is returned, to be logged once the lock is released.
+    /// order in which the changes happened; sending never blocks. With
+    /// counters shared with other instances, a raised notification and what
+    /// follows it wait in the workspace's outbox until its id is agreed on
+    /// (see `sharing::Engine::agree`). What to log is returned, to be logged
+    /// once the lock is released.
     fn publish(
         &self,
-        state: &WorkspaceState,
+        slot: &Slot,
+        cell: &mut Cell,
         now: Timestamp,
         changes: Vec<Change>,
         always_status: bool,
     ) -> Published {
+        let published = self.queue(cell, now, changes, always_status, self.agrees_on_ids());
+        if !cell.episodes.is_empty() {
+            slot.agreement_due.store(true, Ordering::Release);
+        }
+        self.send_agreed(cell);
+        published
+    }
+
+    /// Whether notification ids are agreed on with other instances: while
+    /// counters are shared with them.
+    fn agrees_on_ids(&self) -> bool {
+        self.shared.is_some() && !self.degraded()
+    }
+
+    /// Queues what `changes` publish in the workspace's outbox, with the
+    /// episode steps of their notifications when `agreeing`.
+    fn queue(
+        &self,
+        cell: &mut Cell,
+        now: Timestamp,
+        changes: Vec<Change>,
+        always_status: bool,
+        agreeing: bool,
+    ) -> Published {
         let mut published = Published {
-            workspace: state.config().id.clone(),
+            workspace: cell.state.config().id.clone(),
             transition: None,
             notifications: Vec::new(),
         };
@@ -918,21 +1044,39 @@ impl Engine {
                         notification.severity,
                         notification.resolved_at.is_some(),
                     ));
-                    lock(&self.pending_notifications).push(notification.clone());
-                    let _ = self
-                        .events
-                        .send(Event::Notification(Arc::new(notification)));
+                    if agreeing {
+                        cell.note_episode(&notification);
+                    }
+                    cell.outbox
+                        .push_back(Event::Notification(Arc::new(notification)));
                 }
             }
         }
         if status_changed {
-            let snapshot = Arc::new(state.snapshot(now));
+            let snapshot = Arc::new(cell.state.snapshot(now));
             if let Some((_, _, reasons)) = &mut published.transition {
                 reasons.clone_from(&snapshot.reasons);
             }
-            let _ = self.events.send(Event::Status(snapshot));
+            cell.outbox.push_back(Event::Status(snapshot));
         }
         published
+    }
+
+    /// Sends what the workspace's outbox holds, in order, up to the first
+    /// notification whose id is not agreed on yet; notifications go to the
+    /// database too.
+    fn send_agreed(&self, cell: &mut Cell) {
+        while let Some(event) = cell.outbox.front() {
+            if let Event::Notification(notification) = event {
+                if cell.unagreed.contains(&notification.id) {
+                    return;
+                }
+                lock(&self.pending_notifications).push(notification.as_ref().clone());
+            }
+            if let Some(event) = cell.outbox.pop_front() {
+                let _ = self.events.send(event);
+            }
+        }
     }
 
     // ----- persistence -------------------------------------------------------

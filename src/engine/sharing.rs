@@ -15,6 +15,12 @@
 //! (`local`) or without enforcing limits (`open`). The first success after
 //! an outage switches back; the ticker then adds what was counted meanwhile
 //! to the shared counters, off the request path.
+//!
+//! Each instance raises notifications for the causes it sees, at its own
+//! moment. So that a notification has one id on every instance and in
+//! history, the instances agree on it in the store (`agree`): the first to
+//! raise a cause names its episode, the others take that name before they
+//! publish theirs.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -30,7 +36,7 @@ use crate::domain::workspace::{
     Enforcement, Expired, Request, Reservation, ResetScope, Returned, Settled,
 };
 use crate::shared::{
-    AdmitArgs, BlockChange, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
+    AdmitArgs, BlockChange, EpisodeStep, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
 };
 use crate::sync::lock;
 
@@ -56,6 +62,10 @@ pub struct SharedCounting {
     /// Wakes the follower to subscribe again, after an outage that may have
     /// left its connection silently dead.
     resubscribe: tokio::sync::Notify,
+    /// This instance's name, for the lease and the episodes it holds.
+    instance: String,
+    /// When this instance last renewed its holds on episodes.
+    episodes_renewed: Mutex<Instant>,
 }
 
 /// How often workspaces changed by other instances are reloaded: well
@@ -67,6 +77,16 @@ const LEASE: Duration = Duration::from_secs(3);
 
 /// How many workspaces are reloaded at once.
 const RELOAD_CONCURRENCY: usize = 16;
+
+/// How long this instance's hold on the episode of an active cause lasts
+/// in the shared store (see `shared::EpisodeStep`), renewed every
+/// `EPISODE_RENEWAL`: an instance that stops, or loses Redis, lets go of
+/// its episodes within that time.
+const EPISODE_HOLD: Duration = Duration::from_secs(5);
+const EPISODE_RENEWAL: Duration = Duration::from_secs(1);
+
+/// How many workspaces one call to the store agrees on at most.
+const AGREEMENTS_PER_CALL: usize = 64;
 
 impl SharedCounting {
     pub fn new(counters: RedisCounters, on_error: OnStoreError) -> Self {
@@ -80,6 +100,8 @@ impl SharedCounting {
             leader_until: Mutex::new(None),
             took_over: AtomicBool::new(false),
             resubscribe: tokio::sync::Notify::new(),
+            instance: format!("{:016x}", fresh_id()),
+            episodes_renewed: Mutex::new(Instant::now()),
         }
     }
 
@@ -99,6 +121,17 @@ impl SharedCounting {
 
     fn leads(&self) -> bool {
         lock(&self.leader_until).is_some_and(|until| Instant::now() < until)
+    }
+
+    /// Whether the holds on episodes are due for renewal; if so, they count
+    /// as renewed from now.
+    fn renewal_due(&self) -> bool {
+        let mut renewed = lock(&self.episodes_renewed);
+        if renewed.elapsed() < EPISODE_RENEWAL {
+            return false;
+        }
+        *renewed = Instant::now();
+        true
     }
 }
 
@@ -149,7 +182,12 @@ impl Engine {
     pub fn active_workspace_notifications(&self) -> Vec<Notification> {
         self.all_slots()
             .into_iter()
-            .flat_map(|(_, slot)| slot.lock().state.active_notifications().to_vec())
+            .flat_map(|(_, slot)| {
+                slot.lock()
+                    .agreed_notifications()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
             .collect()
     }
 
@@ -186,17 +224,21 @@ impl Engine {
                 self.store_answered();
                 self.record_shared_expired(reply.expired);
                 let now = reply.counters.at;
-                let mut cell = slot.lock();
-                cell.state.load_shared(&reply.counters);
-                let admission = cell.state.conclude_shared_admission(
-                    decided,
-                    &request,
-                    reply.at_us,
-                    now,
-                    &self.settings,
-                    &mut fresh_id,
-                );
-                Ok(self.conclude_check(&slot, cell, now, request.model, admission))
+                let decision = {
+                    let mut cell = slot.lock();
+                    cell.state.load_shared(&reply.counters);
+                    let admission = cell.state.conclude_shared_admission(
+                        decided,
+                        &request,
+                        reply.at_us,
+                        now,
+                        &self.settings,
+                        &mut fresh_id,
+                    );
+                    self.conclude_check(&slot, cell, now, request.model, admission)
+                };
+                self.agree_when_due(workspace, &slot).await;
+                Ok(decision)
             }
             Err(error) => {
                 self.store_failed(&error);
@@ -350,6 +392,7 @@ impl Engine {
         if let Some(change) = change {
             self.write_blocks(&slot, workspace, change).await;
         }
+        self.agree_when_due(workspace, &slot).await;
         Ok(reported)
     }
 
@@ -421,7 +464,7 @@ impl Engine {
             .block(workspace, timezone, self.now(), change)
             .await
         {
-            Ok(reply) => self.load_reply(slot, &reply),
+            Ok(reply) => self.load_reply(workspace, slot, &reply).await,
             Err(error) => self.store_failed(&error),
         }
     }
@@ -443,7 +486,7 @@ impl Engine {
         match shared.counters.peek(workspace, timezone, self.now()).await {
             Ok(reply) => {
                 self.store_answered();
-                self.load_reply(slot, &reply);
+                self.load_reply(workspace, slot, &reply).await;
                 true
             }
             Err(error) => {
@@ -476,10 +519,18 @@ impl Engine {
                     })?;
                 // The reset's time, loaded, tells the reservations held here
                 // that it cleared from those charged after it.
-                self.load_reply(&slot, &reply);
+                self.load_reply(&id, &slot, &reply).await;
             }
         }
-        self.reset(workspace, scope)
+        let done = self.reset(workspace, scope)?;
+        // The episodes the reset ended end in the store before it answers,
+        // so that a cause raised again after it is a new notification.
+        for id in &done {
+            if let Ok(slot) = self.slot(id) {
+                self.agree_when_due(id, &slot).await;
+            }
+        }
+        Ok(done)
     }
 
     /// Called by the ticker: while cut off, tries the store, so that shared
@@ -489,6 +540,8 @@ impl Engine {
         let Some(shared) = &self.shared else {
             return;
         };
+        let renew = !shared.degraded.load(Ordering::Acquire) && shared.renewal_due();
+        self.agree_everywhere(renew).await;
         if shared.degraded.load(Ordering::Acquire) {
             if let Some((id, slot)) = self.all_slots().into_iter().next() {
                 self.reload(&id, &slot).await;
@@ -516,7 +569,7 @@ impl Engine {
                     .count(&id, timezone, self.now(), offline)
                     .await
                 {
-                    Ok(reply) => self.load_reply(&slot, &reply),
+                    Ok(reply) => self.load_reply(&id, &slot, &reply).await,
                     Err(error) => {
                         let mut cell = slot.lock();
                         cell.offline += offline;
@@ -536,17 +589,133 @@ impl Engine {
 
     /// Loads a store's answer and lets the status follow it; its clock is
     /// the one every instance uses.
-    fn load_reply(&self, slot: &Slot, reply: &Reply) {
+    async fn load_reply(&self, workspace: &WorkspaceId, slot: &Slot, reply: &Reply) {
         self.record_shared_expired(reply.expired.clone());
         let now = reply.counters.at;
-        let mut cell = slot.lock();
-        let changes =
-            cell.state
-                .refresh_shared(&reply.counters, now, &self.settings, &mut fresh_id);
-        let published = self.publish(&cell.state, now, changes, false);
-        drop(cell);
+        let published = {
+            let mut cell = slot.lock();
+            let changes =
+                cell.state
+                    .refresh_shared(&reply.counters, now, &self.settings, &mut fresh_id);
+            self.publish(slot, &mut cell, now, changes, false)
+        };
         slot.usage_dirty.store(true, Ordering::Release);
         slot.dirty.store(true, Ordering::Release);
+        published.log();
+        self.agree_when_due(workspace, slot).await;
+    }
+
+    /// Agrees on notification ids for the workspace if anything waits for
+    /// it (see [`agree`](Self::agree)), so that the caller's answer comes
+    /// after its notifications are out under their agreed ids.
+    async fn agree_when_due(&self, workspace: &WorkspaceId, slot: &Slot) {
+        if slot.agreement_due.load(Ordering::Acquire) {
+            self.agree(&[(workspace, slot)], false).await;
+        }
+    }
+
+    /// Agrees on notification ids wherever something waits for it, and
+    /// with `renew`, renews this instance's holds on every workspace's
+    /// episodes: many workspaces to a call, as a renewal concerns every
+    /// workspace with an active notification, every second.
+    async fn agree_everywhere(&self, renew: bool) {
+        let due: Vec<(WorkspaceId, Arc<Slot>)> = self
+            .all_slots()
+            .into_iter()
+            .filter(|(_, slot)| renew || slot.agreement_due.load(Ordering::Acquire))
+            .collect();
+        for batch in due.chunks(AGREEMENTS_PER_CALL) {
+            let workspaces: Vec<(&WorkspaceId, &Slot)> =
+                batch.iter().map(|(id, slot)| (id, slot.as_ref())).collect();
+            self.agree(&workspaces, renew).await;
+        }
+    }
+
+    /// Takes the workspaces' episode steps to the shared store, in the
+    /// order their causes took them, and gives each notification raised
+    /// here the id that names its cause's episode there: the first instance
+    /// to raise a cause names the episode, the others adopt its id, so every
+    /// instance's listeners and the history (written by the lease holder)
+    /// see one notification. A notification nobody has seen yet is renamed;
+    /// it and all that was published after it wait in the outbox until
+    /// then. With `renew`, the call also renews this instance's hold on the
+    /// episodes of its active notifications; one held under another id than
+    /// the episode's (raised while the store was out of reach) is reissued
+    /// under the episode's. Should the store not answer, the ids drawn here
+    /// stand, until a renewal finds the store again.
+    async fn agree(&self, workspaces: &[(&WorkspaceId, &Slot)], renew: bool) {
+        let Some(shared) = &self.shared else {
+            return;
+        };
+        // One agreement per workspace at a time, so that its steps reach
+        // the store in order; never a workspace's lock across the call.
+        // Only this holds several turns at once, so none waits for another
+        // while holding one.
+        let mut turns = Vec::with_capacity(workspaces.len());
+        for (_, slot) in workspaces {
+            turns.push(slot.agreeing.lock().await);
+        }
+        let steps: Vec<Vec<EpisodeStep>> = workspaces
+            .iter()
+            .map(|(_, slot)| slot.lock().episode_steps(renew))
+            .collect();
+        let sent: Vec<(&WorkspaceId, &EpisodeStep)> = workspaces
+            .iter()
+            .zip(&steps)
+            .flat_map(|((id, _), steps)| steps.iter().map(move |step| (*id, step)))
+            .collect();
+        let answer = if sent.is_empty() {
+            Ok(Vec::new())
+        } else {
+            shared
+                .counters
+                .agree_episodes(&shared.instance, EPISODE_HOLD, &sent)
+                .await
+        };
+        let agreed = match answer {
+            Ok(agreed) => {
+                self.store_answered();
+                agreed
+            }
+            Err(error) => {
+                self.store_failed(&error);
+                vec![None; sent.len()]
+            }
+        };
+        let mut agreed = agreed.into_iter();
+        for ((_, slot), steps) in workspaces.iter().zip(&steps) {
+            let answers: Vec<Option<String>> = agreed.by_ref().take(steps.len()).collect();
+            self.conclude_agreement(slot, steps, answers);
+        }
+    }
+
+    /// Applies what the store answered to a workspace's episode steps, and
+    /// sends what no longer waits.
+    fn conclude_agreement(&self, slot: &Slot, steps: &[EpisodeStep], agreed: Vec<Option<String>>) {
+        let now = self.now();
+        let mut cell = slot.lock();
+        let mut reissued = Vec::new();
+        for (step, agreed) in steps.iter().zip(agreed) {
+            let EpisodeStep::Hold { candidate, .. } = step else {
+                continue;
+            };
+            let unseen = cell.take_unagreed(candidate);
+            let Some(agreed) = agreed.filter(|agreed| agreed != candidate) else {
+                continue;
+            };
+            if unseen {
+                cell.rename(candidate, &agreed);
+            } else {
+                reissued.extend(cell.state.reissue_notification(candidate, &agreed, now));
+            }
+        }
+        // A reissued notification keeps its cause's episode: no steps.
+        let published = self.queue(&mut cell, now, reissued, false, false);
+        self.send_agreed(&mut cell);
+        if cell.episodes.is_empty() && cell.unagreed.is_empty() {
+            slot.agreement_due.store(false, Ordering::Release);
+        }
+        drop(cell);
         published.log();
     }
 
@@ -643,7 +812,7 @@ impl Engine {
                 cell.outage_blocks = Some(blocks_before);
             }
             // Always a status event: `degraded` changed.
-            let published = self.publish(&cell.state, now, changes, true);
+            let published = self.publish(&slot, &mut cell, now, changes, true);
             drop(cell);
             slot.dirty.store(true, Ordering::Release);
             published.log();
@@ -658,7 +827,6 @@ impl Engine {
         let Some(shared) = self.shared.clone() else {
             return;
         };
-        let instance = format!("{:016x}", fresh_id());
         let mut reload = tokio::time::interval(FOLLOW_INTERVAL);
         let mut lease = tokio::time::interval(Duration::from_secs(1));
         reload.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -684,7 +852,7 @@ impl Engine {
                         None => break,
                     },
                     _ = reload.tick() => self.reload_stale().await,
-                    _ = lease.tick() => self.renew_lease(&shared, &instance).await,
+                    _ = lease.tick() => self.renew_lease(&shared).await,
                     () = shared.resubscribe.notified() => break,
                 }
             }
@@ -720,11 +888,11 @@ impl Engine {
             .await;
     }
 
-    async fn renew_lease(&self, shared: &SharedCounting, instance: &str) {
+    async fn renew_lease(&self, shared: &SharedCounting) {
         let asked = Instant::now();
         let held = shared
             .counters
-            .hold_lease(instance, LEASE)
+            .hold_lease(&shared.instance, LEASE)
             .await
             .unwrap_or(false);
         // The lease runs from when it was asked for, by this clock.

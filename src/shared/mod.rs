@@ -12,6 +12,10 @@
 //! call (as a database groups commits), because the script's fixed costs,
 //! not the network, bound how many requests one Redis can take.
 //!
+//! Besides the counters, Redis names the episodes of workspace causes
+//! (`episodes.lua`), so that every instance gives a cause's notification
+//! the id the first instance to raise it drew.
+//!
 //! Every call is bounded by a short timeout, and after a failure calls fail
 //! at once for a moment (`RETRY_AFTER_FAILURE`) instead of each waiting out
 //! the timeout again: a dead Redis must never make requests hang. The engine
@@ -28,6 +32,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
 use crate::domain::limits::{LimitKind, Limits, WorkspaceId};
+use crate::domain::status::Cause;
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
@@ -115,6 +120,18 @@ impl BlockChange {
     }
 }
 
+/// What one instance does about the episode of a cause of a workspace:
+/// the stretch of time the cause lasts on any instance, named by one
+/// notification id everywhere (see `episodes.lua`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum EpisodeStep {
+    /// The cause is active here under `candidate`: the episode goes on, or
+    /// starts under that id if no instance holds one.
+    Hold { cause: Cause, candidate: String },
+    /// The cause ended here.
+    Release { cause: Cause },
+}
+
 /// What an admission needs to know besides the workspace.
 pub struct AdmitArgs<'a> {
     pub limits: &'a Limits,
@@ -196,6 +213,7 @@ struct Link {
     manager: ConnectionManager,
     script: Script,
     lease: Script,
+    episodes: Script,
     prefix: String,
     /// Where changes to any workspace are announced.
     channel: String,
@@ -237,6 +255,19 @@ impl RedisCounters {
     /// `instance` holds it for `ttl` from now.
     pub async fn hold_lease(&self, instance: &str, ttl: Duration) -> Result<bool, SharedError> {
         self.link.hold_lease(instance, ttl).await
+    }
+
+    /// Takes `steps` for `instance` on the episodes of workspace causes,
+    /// each workspace's in order, in one call; a hold lasts `hold` unless
+    /// renewed. Answers, per step, the id that names the episode for a
+    /// hold, and `None` for a release.
+    pub async fn agree_episodes(
+        &self,
+        instance: &str,
+        hold: Duration,
+        steps: &[(&WorkspaceId, &EpisodeStep)],
+    ) -> Result<Vec<Option<String>>, SharedError> {
+        self.link.agree_episodes(instance, hold, steps).await
     }
 
     /// Stores `value` under `name` for `ttl`, for any instance to
@@ -477,6 +508,7 @@ impl Link {
                 if redis.call('SET', KEYS[1], ARGV[1], 'NX', 'PX', ARGV[2]) then return 1 end
                 return 0",
             ),
+            episodes: Script::new(include_str!("episodes.lua")),
             prefix: prefix.to_owned(),
             channel: format!("{prefix}changes"),
             timeout,
@@ -523,6 +555,50 @@ impl Link {
             .bounded(invocation.invoke_async(&mut connection))
             .await?;
         Ok(held == 1)
+    }
+
+    async fn agree_episodes(
+        &self,
+        instance: &str,
+        hold: Duration,
+        steps: &[(&WorkspaceId, &EpisodeStep)],
+    ) -> Result<Vec<Option<String>>, SharedError> {
+        if steps.is_empty() {
+            return Ok(Vec::new());
+        }
+        self.breaker()?;
+        let mut invocation = self.episodes.prepare_invoke();
+        invocation.arg(instance).arg(millis(hold));
+        for (workspace, step) in steps {
+            let (cause, argument) = match step {
+                EpisodeStep::Hold { cause, candidate } => (cause, format!("hold {candidate}")),
+                EpisodeStep::Release { cause } => (cause, "release".to_owned()),
+            };
+            invocation
+                .key(format!(
+                    "{}episode:{}:{}",
+                    self.prefix,
+                    workspace.as_str(),
+                    cause.key()
+                ))
+                .arg(argument);
+        }
+        let mut connection = self.manager.clone();
+        let answer: Result<Vec<String>, SharedError> =
+            self.bounded(invocation.invoke_async(&mut connection)).await;
+        self.note(&answer);
+        let ids = answer?;
+        if ids.len() != steps.len() {
+            return Err(SharedError::Protocol(format!(
+                "{} answers to {} episode steps",
+                ids.len(),
+                steps.len()
+            )));
+        }
+        Ok(ids
+            .into_iter()
+            .map(|id| (!id.is_empty()).then_some(id))
+            .collect())
     }
 
     async fn put(

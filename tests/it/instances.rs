@@ -1,11 +1,15 @@
 //! Several instances sharing Redis and PostgreSQL: limits hold across them,
 //! live events reach every instance's clients, a Redis outage behaves as
 //! `QUOTAWATCH_ON_STORE_ERROR` says (a proxied call in flight still counts),
-//! and a restart of all loses nothing.
+//! a restart of all loses nothing, and a notification has one id on every
+//! instance and in history, whichever instance raised its cause first.
 //! Needs `QUOTAWATCH_TEST_REDIS_URL` and `QUOTAWATCH_TEST_DATABASE_URL`.
 
 use std::time::{Duration, Instant};
 
+use quotawatch::domain::limits::LimitKind;
+use quotawatch::domain::status::Cause;
+use quotawatch::shared::{EpisodeStep, RedisCounters};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
@@ -15,7 +19,7 @@ use crate::support::{
     ADMIN_KEY, Response, TestServer, UPSTREAM_KEY, Upstream, concurrent_checks, eventually,
     fixture_json,
 };
-use crate::websocket::{connect, wait_for, wait_for_all, ws_url};
+use crate::websocket::{Ws, connect, wait_for, wait_for_all, ws_url};
 
 /// Two instances on one fresh PostgreSQL database and one Redis key prefix.
 struct Cluster {
@@ -739,6 +743,305 @@ async fn made_up_keys_cause_a_bounded_number_of_database_lookups() {
     assert!(
         looked_up >= 1 && looked_up <= bound,
         "{looked_up} > {bound}"
+    );
+    cluster.finish().await;
+}
+
+/// A notification event seen on a WebSocket: kind, `raised` or `resolved`,
+/// and id.
+type Seen = (String, String, String);
+
+/// Reads `ws` until it has seen every `(kind, event)` of `wanted`; answers
+/// every notification event of those kinds it saw on the way, so that an
+/// event under another id cannot pass unnoticed.
+async fn notification_events(ws: &mut Ws, wanted: &[(&str, &str)]) -> Vec<Seen> {
+    let seen = std::cell::RefCell::new(Vec::<Seen>::new());
+    wait_for(ws, Duration::from_secs(10), |message| {
+        let data = &message["data"];
+        let kind = data["kind"].as_str().unwrap_or_default();
+        if message["type"] == "notification" && wanted.iter().any(|(k, _)| *k == kind) {
+            let event = message["event"].as_str().expect("event").to_owned();
+            let id = data["id"].as_str().expect("id").to_owned();
+            seen.borrow_mut().push((kind.to_owned(), event, id));
+        }
+        let seen = seen.borrow();
+        wanted
+            .iter()
+            .all(|(kind, event)| seen.iter().any(|(k, e, _)| k == kind && e == event))
+    })
+    .await;
+    seen.into_inner()
+}
+
+/// The one id each of `kinds` has among `seen`, in the order of `kinds`.
+fn one_id_each(seen: &[Seen], kinds: &[&str]) -> Vec<String> {
+    kinds
+        .iter()
+        .map(|kind| {
+            let mut ids: Vec<&str> = seen
+                .iter()
+                .filter(|(k, _, _)| k == kind)
+                .map(|(_, _, id)| id.as_str())
+                .collect();
+            ids.dedup();
+            assert_eq!(ids.len(), 1, "one id for {kind} in {seen:?}");
+            ids[0].to_owned()
+        })
+        .collect()
+}
+
+/// The workspace's notifications as the database stores them: kind, id and
+/// whether they are resolved, by kind.
+async fn stored_notifications(cluster: &Cluster, workspace: &str) -> Vec<(String, String, bool)> {
+    use sqlx::Connection;
+    let mut db = sqlx::PgConnection::connect(&cluster.database.url)
+        .await
+        .expect("connect to the test database");
+    sqlx::query_as(
+        "SELECT kind, id, resolved_at IS NOT NULL FROM notifications WHERE workspace_id = $1 ORDER BY kind, id",
+    )
+    .bind(workspace)
+    .fetch_all(&mut db)
+    .await
+    .expect("the stored notifications")
+}
+
+/// Raises the causes of `kinds` through both instances at once with
+/// `cause`, then ends them with `end`, and checks that every view of each
+/// notification has one id: both instances' WebSocket events (raised and
+/// resolved), both instances' REST lists, and the history in the database.
+async fn one_id_per_episode(
+    test: &str,
+    limits: Value,
+    kinds: &[&str],
+    cause: impl AsyncFnOnce(&Cluster, &str),
+    end: impl AsyncFnOnce(&Cluster, &str),
+) {
+    let Some(cluster) = Cluster::start(test, false, &[]).await else {
+        return;
+    };
+    let key = cluster
+        .workspace(json!({"id": "acme", "limits": limits}))
+        .await;
+    let mut sockets = Vec::new();
+    for server in [&cluster.a, &cluster.b] {
+        let mut ws = connect(server, &key, "").await;
+        wait_for(&mut ws, Duration::from_secs(2), |m| m["type"] == "status").await;
+        sockets.push(ws);
+    }
+    let raised: Vec<(&str, &str)> = kinds.iter().map(|kind| (*kind, "raised")).collect();
+    let resolved: Vec<(&str, &str)> = kinds.iter().map(|kind| (*kind, "resolved")).collect();
+
+    cause(&cluster, &key).await;
+    let mut ids = Vec::new();
+    for ws in &mut sockets {
+        ids.push(one_id_each(&notification_events(ws, &raised).await, kinds));
+    }
+    assert_eq!(ids[0], ids[1], "instance A's events name what B's name");
+    let ids = ids.swap_remove(0);
+    for server in [&cluster.a, &cluster.b] {
+        for (kind, id) in kinds.iter().zip(&ids) {
+            let listed = notification_ids(server, &key, kind, false).await;
+            assert_eq!(listed, vec![id.clone()], "{kind} through REST");
+        }
+    }
+    let mut expected: Vec<(String, String, bool)> = kinds
+        .iter()
+        .zip(&ids)
+        .map(|(kind, id)| ((*kind).to_owned(), id.clone(), false))
+        .collect();
+    expected.sort();
+    eventually("history holds them", Duration::from_secs(5), || async {
+        (stored_notifications(&cluster, "acme").await == expected).then_some(())
+    })
+    .await;
+
+    end(&cluster, &key).await;
+    for ws in &mut sockets {
+        let seen = notification_events(ws, &resolved).await;
+        assert_eq!(one_id_each(&seen, kinds), ids, "resolved under their ids");
+    }
+    for server in [&cluster.a, &cluster.b] {
+        for kind in kinds {
+            assert!(notification_ids(server, &key, kind, false).await.is_empty());
+        }
+    }
+    for stored in &mut expected {
+        stored.2 = true;
+    }
+    eventually("history resolves them", Duration::from_secs(5), || async {
+        (stored_notifications(&cluster, "acme").await == expected).then_some(())
+    })
+    .await;
+    cluster.finish().await;
+}
+
+/// Requests through both instances at once, past the limit: each instance
+/// sees the limit approach and run out in its own answers, at about the
+/// same moment.
+async fn past_the_limit_through_both(cluster: &Cluster, key: &str) {
+    let (admitted, refused) = concurrent_checks(&[&cluster.a, &cluster.b], key, 20).await;
+    assert_eq!((admitted, refused), (10, 10));
+}
+
+async fn usage_reset(cluster: &Cluster, _key: &str) {
+    let reset = cluster
+        .a
+        .post(
+            "/api/quota/reset",
+            ADMIN_KEY,
+            json!({"workspace": "acme", "what": "usage"}),
+        )
+        .await;
+    assert_eq!(reset.status, StatusCode::OK, "{:?}", reset.body);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_minute_limit_has_one_notification_id_on_every_instance_and_in_history() {
+    one_id_per_episode(
+        "instances::minute_episode",
+        json!({"requests_per_minute": 10, "requests_per_day": null}),
+        &["approaching_limit", "rate_limited"],
+        past_the_limit_through_both,
+        usage_reset,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_day_limit_has_one_notification_id_on_every_instance_and_in_history() {
+    one_id_per_episode(
+        "instances::day_episode",
+        json!({"requests_per_minute": null, "requests_per_day": 10}),
+        &["approaching_limit", "daily_quota_exhausted"],
+        past_the_limit_through_both,
+        usage_reset,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn an_upstream_rate_limit_has_one_notification_id_on_every_instance_and_in_history() {
+    one_id_per_episode(
+        "instances::rate_limit_episode",
+        json!({}),
+        &["upstream_rate_limited"],
+        // Both instances hear the upstream's 429 at once, each from a call
+        // of its own; the hold they store ends two seconds later.
+        async |cluster, key| {
+            let report = json!({"status_code": 429,
+                "error": fixture_json("error_429_rate_limit_requests.json")["error"],
+                "headers": {"retry-after": "2"}});
+            let (a, b) = tokio::join!(
+                cluster.a.post("/api/quota/usage", key, report.clone()),
+                cluster.b.post("/api/quota/usage", key, report.clone())
+            );
+            for reported in [a, b] {
+                assert_eq!(
+                    reported.body["status"], "rate_limited",
+                    "{:?}",
+                    reported.body
+                );
+            }
+        },
+        async |_, _| {},
+    )
+    .await;
+}
+
+/// Makes `cause` of workspace acme an episode named `id` that another
+/// instance holds for a minute, as if it had raised the cause first.
+async fn held_elsewhere(cluster: &Cluster, cause: Cause, id: &str) {
+    let counters = RedisCounters::new(&cluster.redis_url, &cluster.prefix, Duration::from_secs(2))
+        .expect("Redis URL");
+    let step = EpisodeStep::Hold {
+        cause,
+        candidate: id.to_owned(),
+    };
+    let workspace = "acme".parse().expect("id");
+    let named = counters
+        .agree_episodes("elsewhere", Duration::from_secs(60), &[(&workspace, &step)])
+        .await
+        .expect("the episode is held");
+    assert_eq!(named, vec![Some(id.to_owned())]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_cause_another_instance_raised_first_is_only_ever_seen_under_its_name() {
+    let Some(cluster) = Cluster::start("instances::named_elsewhere", false, &[]).await else {
+        return;
+    };
+    let key = cluster
+        .workspace(
+            json!({"id": "acme", "limits": {"requests_per_minute": 10, "requests_per_day": null}}),
+        )
+        .await;
+    let elsewhere = "ntf_00000000e15e3e7e";
+    held_elsewhere(
+        &cluster,
+        Cause::Approaching(LimitKind::RequestsPerMinute),
+        elsewhere,
+    )
+    .await;
+    let mut ws = connect(&cluster.a, &key, "").await;
+    wait_for(&mut ws, Duration::from_secs(2), |m| m["type"] == "status").await;
+    for _ in 0..8 {
+        assert_eq!(cluster.a.check(&key, 0).await.status, StatusCode::OK);
+    }
+    // A drew an id of its own, and lost: nobody ever sees it.
+    let kind = "approaching_limit";
+    assert_eq!(
+        notification_ids(&cluster.a, &key, kind, false).await,
+        vec![elsewhere.to_owned()],
+        "listed as soon as the request that raised it is answered"
+    );
+    let seen = notification_events(&mut ws, &[(kind, "raised")]).await;
+    assert_eq!(one_id_each(&seen, &[kind]), vec![elsewhere.to_owned()]);
+    eventually("B names it alike", Duration::from_secs(2), || async {
+        (notification_ids(&cluster.b, &key, kind, false).await == [elsewhere]).then_some(())
+    })
+    .await;
+    cluster.finish().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_notification_raised_while_redis_was_away_takes_the_agreed_id_when_it_returns() {
+    let Some(cluster) = Cluster::start("instances::raised_apart", true, &[]).await else {
+        return;
+    };
+    let key = cluster.workspace(json!({"id": "acme"})).await;
+    // Another instance holds the episode of the rejected key already.
+    let agreed = "ntf_00000000a9eed0e1";
+    held_elsewhere(&cluster, Cause::UpstreamKeyRejected, agreed).await;
+    let mut ws = connect(&cluster.a, &key, "").await;
+    wait_for(&mut ws, Duration::from_secs(2), |m| m["type"] == "status").await;
+
+    let relay = cluster.relay.as_ref().expect("relay");
+    relay.cut();
+    let rejected = json!({"status_code": 401,
+        "error": fixture_json("error_401_invalid_api_key.json")["error"]});
+    let reported = cluster.a.post("/api/quota/usage", &key, rejected).await;
+    assert_eq!(reported.status, StatusCode::ACCEPTED, "{:?}", reported.body);
+    // Cut off, A names it on its own.
+    let kind = "upstream_errors";
+    let seen = notification_events(&mut ws, &[(kind, "raised")]).await;
+    let own = one_id_each(&seen, &[kind]).swap_remove(0);
+    assert_ne!(own, agreed);
+
+    // Back in touch, Redis decides: A's own is resolved and the agreed
+    // one raised in its place.
+    relay.restore();
+    let seen = notification_events(&mut ws, &[(kind, "resolved"), (kind, "raised")]).await;
+    assert_eq!(
+        seen,
+        vec![
+            (kind.to_owned(), "resolved".to_owned(), own),
+            (kind.to_owned(), "raised".to_owned(), agreed.to_owned())
+        ]
+    );
+    assert_eq!(
+        notification_ids(&cluster.a, &key, kind, false).await,
+        vec![agreed.to_owned()]
     );
     cluster.finish().await;
 }

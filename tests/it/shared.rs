@@ -5,16 +5,20 @@
 //! charges requests in flight only what they use from then on, each second
 //! of the minute keeps its own count, a reservation settled twice at once
 //! is settled once, one the instance holds is never recorded and settles by
-//! what it charged, and a flood of WebSocket tickets leaves no more in Redis
-//! than the instance keeps. Needs `QUOTAWATCH_TEST_REDIS_URL`.
+//! what it charged, a flood of WebSocket tickets leaves no more in Redis
+//! than the instance keeps, and the first instance to raise a cause names
+//! its episode for all until the last lets go. Needs `QUOTAWATCH_TEST_REDIS_URL`.
 
 use std::time::Duration;
 
 use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceId};
+use quotawatch::domain::status::Cause;
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::upstream::BillingCode;
 use quotawatch::domain::workspace::{BillingBlock, ResetScope};
-use quotawatch::shared::{AdmitArgs, BillingChange, BlockChange, Held, RedisCounters, Reply};
+use quotawatch::shared::{
+    AdmitArgs, BillingChange, BlockChange, EpisodeStep, Held, RedisCounters, Reply,
+};
 
 use crate::support::eventually;
 use crate::support::redis::{clean, fresh_prefix, server_url};
@@ -460,4 +464,78 @@ async fn a_flood_of_tickets_leaves_redis_bounded_too() {
     );
     assert_eq!(tickets.redeem(&last, now).await, Some(credential));
     clean(&store.url, &store.prefix).await;
+}
+
+/// Takes `steps` on the episodes of the store's workspace as `instance`.
+async fn episodes(store: &Store, instance: &str, steps: &[EpisodeStep]) -> Vec<Option<String>> {
+    episodes_held_for(store, instance, Duration::from_secs(5), steps).await
+}
+
+async fn episodes_held_for(
+    store: &Store,
+    instance: &str,
+    hold: Duration,
+    steps: &[EpisodeStep],
+) -> Vec<Option<String>> {
+    let steps: Vec<(&WorkspaceId, &EpisodeStep)> =
+        steps.iter().map(|step| (&store.workspace, step)).collect();
+    store
+        .counters
+        .agree_episodes(instance, hold, &steps)
+        .await
+        .expect("the episodes answer")
+}
+
+#[tokio::test]
+async fn the_first_instance_to_raise_a_cause_names_it_until_the_last_one_lets_go() {
+    let Some(store) = Store::open("the_first_instance_to_raise_a_cause_names_it") else {
+        return;
+    };
+    let cause = Cause::Approaching(LimitKind::RequestsPerMinute);
+    let hold = |candidate: &str| EpisodeStep::Hold {
+        cause,
+        candidate: candidate.to_owned(),
+    };
+    let release = EpisodeStep::Release { cause };
+    let named = |id: &str| vec![Some(id.to_owned())];
+
+    // Both instances raise the cause at once: whichever reaches Redis
+    // first names the episode, and the other is told that name.
+    let (on_a, on_b) = ([hold("ntf_a")], [hold("ntf_b")]);
+    let (a, b) = tokio::join!(episodes(&store, "a", &on_a), episodes(&store, "b", &on_b));
+    assert_eq!(a, b);
+    assert!(a == named("ntf_a") || a == named("ntf_b"), "{a:?}");
+    let episode = a[0].clone().expect("named");
+    // Another cause is another episode.
+    let exhausted = EpisodeStep::Hold {
+        cause: Cause::LimitExhausted(LimitKind::RequestsPerMinute),
+        candidate: "ntf_c".to_owned(),
+    };
+    assert_eq!(episodes(&store, "b", &[exhausted]).await, named("ntf_c"));
+    // A sees the cause end and come back while B still holds it: the
+    // episode goes on, under its name.
+    assert_eq!(
+        episodes(&store, "a", &[release.clone(), hold("ntf_a2")]).await,
+        vec![None, Some(episode.clone())]
+    );
+    // Once both saw it end, it comes back as a new episode.
+    episodes(&store, "a", std::slice::from_ref(&release)).await;
+    episodes(&store, "b", std::slice::from_ref(&release)).await;
+    assert_eq!(
+        episodes(&store, "b", &[hold("ntf_b2")]).await,
+        named("ntf_b2")
+    );
+
+    // An instance that stops without letting go holds the episode until
+    // its hold runs out; then the cause is a new episode.
+    let brief = Duration::from_millis(200);
+    episodes_held_for(&store, "b", brief, &[hold("ntf_b2")]).await;
+    eventually("B's hold to run out", Duration::from_secs(5), || async {
+        // Asked by a new instance each time, which lets go at once.
+        let instance = format!("probe{}", rand::random::<u32>());
+        let steps = [hold("ntf_new"), release.clone()];
+        (episodes(&store, &instance, &steps).await[0] == Some("ntf_new".to_owned())).then_some(())
+    })
+    .await;
+    store.finish().await;
 }
