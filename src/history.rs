@@ -110,6 +110,7 @@ pub async fn usage(
     let starts = step.starts(count, now, tz);
     let from = starts.first().copied().unwrap_or(now.millis());
     let to = now.millis() + duration_millis(step.length()) + 1;
+    let _reading = engine.reading_history().await;
     let stored = store
         .history(workspace, step.resolution(), from, to)
         .await?
@@ -146,6 +147,7 @@ pub async fn notifications(
     with_history: bool,
     operator: bool,
 ) -> Result<Vec<Notification>, HistoryError> {
+    let _reading = engine.reading_history().await;
     let mut notifications = engine.active_notifications(workspace)?;
     if with_history {
         let stored = store

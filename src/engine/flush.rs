@@ -110,12 +110,15 @@ impl Flusher {
 
     async fn flush(&mut self) -> Result<(), String> {
         self.record_key_uses().await;
+        let engine = self.engine.clone();
+        let flushing = engine.flushing().await;
         self.unwritten.absorb(self.engine.take_batch());
         if self.unwritten.is_empty() {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.unwritten);
         let salvage = self.store.write_or_salvage(batch, self.engine.now()).await;
+        drop(flushing);
         for refused in &salvage.refused {
             tracing::error!(
                 workspace = %refused.row.workspace().map(ToString::to_string).unwrap_or_default(),

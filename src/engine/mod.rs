@@ -398,6 +398,11 @@ pub struct Engine {
     /// Serialises catalog changes made here with reloads of the catalog, so
     /// that a reload never applies a state older than a change already made.
     catalog_lock: tokio::sync::Mutex<()>,
+    /// Held by the flush from taking a batch until it is written, and by
+    /// history reads, so that a read never falls between the two: rows the
+    /// flush took out of memory but has not committed yet would be in
+    /// neither place.
+    history_gate: tokio::sync::RwLock<()>,
     /// Counters shared with other instances, when configured.
     shared: Option<Arc<SharedCounting>>,
     /// Where keys this instance does not know are looked up, when it serves.
@@ -432,6 +437,7 @@ impl Engine {
             service: Mutex::new(ServiceHealth::default()),
             known_generation: AtomicI64::new(-1),
             catalog_lock: tokio::sync::Mutex::new(()),
+            history_gate: tokio::sync::RwLock::new(()),
             shared: None,
             key_lookup: None,
             rows_dropped: AtomicU64::new(0),
@@ -1110,6 +1116,16 @@ impl Engine {
             }
         }
         latest
+    }
+
+    /// Held while a batch is taken and written (see `history_gate`).
+    pub async fn flushing(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
+        self.history_gate.write().await
+    }
+
+    /// Held while history is read from the database and from memory.
+    pub async fn reading_history(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
+        self.history_gate.read().await
     }
 
     /// Takes everything changed since the last call, for the flush to write.
