@@ -34,7 +34,7 @@ use quotawatch::domain::workspace::{Request, Settings};
 use quotawatch::engine::{
     Engine, SharedCounting, SystemClock, TokenUsage, UpstreamAnswer, UsageReport, WorkspaceDefaults,
 };
-use quotawatch::shared::RedisCounters;
+use quotawatch::redis::RedisCounters;
 use quotawatch::store::Catalog;
 
 struct Args {

@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::engine::flush::{self, FlushHandle};
 use crate::engine::{Engine, SharedCounting, SystemClock};
 use crate::keys::{KeyHash, PlainKey};
-use crate::shared::{RedisCounters, SharedError};
+use crate::redis::{RedisCounters, SharedError};
 use crate::store::{Store, StoreError};
 use crate::tokens::TokenSecret;
 

@@ -16,7 +16,7 @@ pub mod metrics;
 pub mod mock;
 pub mod openai;
 pub mod proxy;
-pub mod shared;
+pub mod redis;
 pub mod store;
 pub mod sync;
 pub mod telemetry;

@@ -51,7 +51,7 @@ use crate::domain::workspace::{
     Refusal, Request, ResetScope, Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
-use crate::shared::EpisodeStep;
+use crate::redis::EpisodeStep;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
 use crate::sync::{lock, read, write};
 use crate::tokens::{Minter, TokenClaims, TokenSecret};
@@ -237,7 +237,7 @@ struct Cell {
     /// tell at their return what this instance saw alone.
     outage_blocks: Option<(Option<Timestamp>, Option<BillingBlock>)>,
     /// Blocks seen alone during an outage, to be written with the merge.
-    offline_blocks: Option<crate::shared::BlockChange>,
+    offline_blocks: Option<crate::redis::BlockChange>,
     /// What was published, in order, waiting to be sent until the
     /// notifications it names carry the ids agreed on with the other
     /// instances (see `sharing::Engine::agree`); empty otherwise.

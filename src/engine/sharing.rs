@@ -35,7 +35,7 @@ use crate::domain::window::Usage;
 use crate::domain::workspace::{
     Enforcement, Expired, Request, Reservation, ResetScope, Returned, Settled,
 };
-use crate::shared::{
+use crate::redis::{
     AdmitArgs, BlockChange, EpisodeStep, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
 };
 use crate::sync::lock;
@@ -79,7 +79,7 @@ const LEASE: Duration = Duration::from_secs(3);
 const RELOAD_CONCURRENCY: usize = 16;
 
 /// How long this instance's hold on the episode of an active cause lasts
-/// in the shared store (see `shared::EpisodeStep`), renewed every
+/// in the shared store (see `redis::EpisodeStep`), renewed every
 /// `EPISODE_RENEWAL`: an instance that stops, or loses Redis, lets go of
 /// its episodes within that time.
 const EPISODE_HOLD: Duration = Duration::from_secs(5);

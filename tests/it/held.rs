@@ -14,7 +14,7 @@ use quotawatch::domain::workspace::{Admitted, Request, ResetScope, Settings};
 use quotawatch::engine::{
     Clock, Engine, SharedCounting, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults,
 };
-use quotawatch::shared::RedisCounters;
+use quotawatch::redis::RedisCounters;
 
 use crate::support::eventually;
 use crate::support::redis::{Relay, clean, fresh_prefix, server_url};

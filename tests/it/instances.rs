@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use quotawatch::domain::limits::LimitKind;
 use quotawatch::domain::status::Cause;
-use quotawatch::shared::{EpisodeStep, RedisCounters};
+use quotawatch::redis::{EpisodeStep, RedisCounters};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 

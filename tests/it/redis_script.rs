@@ -16,7 +16,7 @@ use quotawatch::domain::status::Cause;
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::upstream::BillingCode;
 use quotawatch::domain::workspace::{BillingBlock, ResetScope};
-use quotawatch::shared::{
+use quotawatch::redis::{
     AdmitArgs, BillingChange, BlockChange, EpisodeStep, Held, RedisCounters, Reply,
 };
 
@@ -137,7 +137,7 @@ fn billing(since: Timestamp) -> BillingBlock {
 
 #[tokio::test]
 async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
-    let Some(store) = Store::open("shared::expiry") else {
+    let Some(store) = Store::open("redis_script::expiry") else {
         return;
     };
     let mut limits = Limits::default();
@@ -181,7 +181,7 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
 
 #[tokio::test]
 async fn a_late_lift_does_not_undo_a_newer_billing_block() {
-    let Some(store) = Store::open("shared::late_lift") else {
+    let Some(store) = Store::open("redis_script::late_lift") else {
         return;
     };
     let first = Store::now();
@@ -206,7 +206,7 @@ async fn a_late_lift_does_not_undo_a_newer_billing_block() {
 
 #[tokio::test]
 async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_it() {
-    let Some(store) = Store::open("shared::reservation_expiry") else {
+    let Some(store) = Store::open("redis_script::reservation_expiry") else {
         return;
     };
     let other: WorkspaceId = "other".parse().expect("id");
@@ -245,7 +245,7 @@ async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_i
 
 #[tokio::test]
 async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
-    let Some(store) = Store::open("shared::settle_after_reset") else {
+    let Some(store) = Store::open("redis_script::settle_after_reset") else {
         return;
     };
     for id in [7, 8] {
@@ -297,7 +297,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
 
 #[tokio::test]
 async fn each_second_keeps_its_own_count_in_the_minute() {
-    let Some(store) = Store::open("shared::seconds") else {
+    let Some(store) = Store::open("redis_script::seconds") else {
         return;
     };
     let second = |reply: &Reply| reply.counters.at.millis().div_euclid(1000);
@@ -336,7 +336,7 @@ async fn each_second_keeps_its_own_count_in_the_minute() {
 
 #[tokio::test]
 async fn a_reservation_settled_twice_at_once_is_settled_once() {
-    let Some(store) = Store::open("shared::settled_twice") else {
+    let Some(store) = Store::open("redis_script::settled_twice") else {
         return;
     };
     store
@@ -365,7 +365,7 @@ async fn a_reservation_settled_twice_at_once_is_settled_once() {
 
 #[tokio::test]
 async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
-    let Some(store) = Store::open("shared::held") else {
+    let Some(store) = Store::open("redis_script::held") else {
         return;
     };
     let held = async |id| {
