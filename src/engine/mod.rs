@@ -614,10 +614,7 @@ impl Engine {
                 let changes = cell
                     .state
                     .reconfigure(config, now, &self.settings, &mut fresh_id);
-                let published = self.publish(&slot, &mut cell, now, changes, true);
-                drop(cell);
-                slot.dirty.store(true, Ordering::Release);
-                published.log();
+                self.conclude(&slot, cell, now, changes, Touched::STATE.with_status());
             }
             None => {
                 let id = config.id.clone();
@@ -752,22 +749,20 @@ impl Engine {
         model: Option<Model>,
         admission: Admission,
     ) -> Decision {
-        if admission.result.is_err() {
+        let touched = if admission.result.is_err() {
             let refused = &mut cell.history(now, model).refused;
             *refused = refused.saturating_add(1);
+            Touched::STATE
         } else {
-            slot.usage_dirty.store(true, Ordering::Release);
-        }
+            Touched::USAGE
+        };
         record_expired(&mut cell, admission.expired);
         let decision = Decision {
             headroom: cell.state.headroom(),
             remaining: cell.state.remaining(),
             result: admission.result,
         };
-        let published = self.publish(slot, &mut cell, now, admission.changes, false);
-        drop(cell);
-        slot.dirty.store(true, Ordering::Release);
-        published.log();
+        self.conclude(slot, cell, now, admission.changes, touched);
         decision
     }
 
@@ -834,11 +829,7 @@ impl Engine {
             let model = report.model.clone().or(reserved_model);
             *cell.history(charged_at, model) += delta;
         }
-        let published = self.publish(slot, &mut cell, now, recorded.changes, false);
-        drop(cell);
-        slot.dirty.store(true, Ordering::Release);
-        slot.usage_dirty.store(true, Ordering::Release);
-        published.log();
+        self.conclude(slot, cell, now, recorded.changes, Touched::USAGE);
         if let (true, Some(answer)) = (failed, &report.answer) {
             tracing::warn!(
                 workspace = %workspace,
@@ -939,11 +930,7 @@ impl Engine {
                 ResetScope::Usage => cell.state.reset_usage(now, &self.settings, &mut fresh_id),
                 ResetScope::Blocks => cell.state.lift_blocks(now, &self.settings, &mut fresh_id),
             };
-            let published = self.publish(&slot, &mut cell, now, changes, true);
-            drop(cell);
-            slot.dirty.store(true, Ordering::Release);
-            slot.usage_dirty.store(true, Ordering::Release);
-            published.log();
+            self.conclude(&slot, cell, now, changes, Touched::USAGE.with_status());
             done.push(id);
         }
         Ok(done)
@@ -959,17 +946,13 @@ impl Engine {
             let mut cell = slot.lock();
             let (usage_changed, expired, changes) =
                 cell.state.tick(now, &self.settings, &mut fresh_id);
-            let touched = usage_changed || !expired.is_empty() || !changes.is_empty();
+            let touched = Touched {
+                status: false,
+                state: usage_changed || !expired.is_empty() || !changes.is_empty(),
+                usage: usage_changed,
+            };
             record_expired(&mut cell, expired);
-            let published = self.publish(&slot, &mut cell, now, changes, false);
-            drop(cell);
-            if touched {
-                slot.dirty.store(true, Ordering::Release);
-            }
-            if usage_changed {
-                slot.usage_dirty.store(true, Ordering::Release);
-            }
-            published.log();
+            self.conclude(&slot, cell, now, changes, touched);
         }
     }
 
@@ -989,29 +972,43 @@ impl Engine {
         }
     }
 
-    /// Publishes what an operation on a workspace changed: notification
-    /// versions for the flush, and events for listeners (a status event when
-    /// the status changed, or always with `always_status`). Called while the
-    /// workspace's lock is held, so that events and stored versions keep the
-    /// order in which the changes happened; sending never blocks. With
-    /// counters shared with other instances, a raised notification and what
-    /// follows it wait in the workspace's outbox until its id is agreed on
-    /// (see `sharing::Engine::agree`). What to log is returned, to be logged
-    /// once the lock is released.
-    fn publish(
+    /// The end of every operation on a workspace's state. Publishes what it
+    /// changed while the lock is still held, so that events and stored
+    /// notification versions keep the order in which the changes happened
+    /// (sending never blocks): notification versions for the flush, and
+    /// events for listeners (a status event when the status changed, or
+    /// always when `touched.status`). With counters shared with other
+    /// instances, a raised notification and what follows it wait in the
+    /// workspace's outbox until its id is agreed on (see
+    /// `sharing::Engine::agree`). Then releases the lock, marks the workspace
+    /// for the flush and the usage publisher as `touched` says, and logs.
+    fn conclude(
         &self,
         slot: &Slot,
-        cell: &mut Cell,
+        mut cell: MutexGuard<'_, Cell>,
         now: Timestamp,
         changes: Vec<Change>,
-        always_status: bool,
-    ) -> Published {
-        let published = self.queue(cell, now, changes, always_status, self.agrees_on_ids());
+        touched: Touched,
+    ) {
+        let published = self.queue(
+            &mut cell,
+            now,
+            changes,
+            touched.status,
+            self.agrees_on_ids(),
+        );
         if !cell.episodes.is_empty() {
             slot.agreement_due.store(true, Ordering::Release);
         }
-        self.send_agreed(cell);
-        published
+        self.send_agreed(&mut cell);
+        drop(cell);
+        if touched.state {
+            slot.dirty.store(true, Ordering::Release);
+        }
+        if touched.usage {
+            slot.usage_dirty.store(true, Ordering::Release);
+        }
+        published.log();
     }
 
     /// Whether notification ids are agreed on with other instances: while
@@ -1239,6 +1236,41 @@ impl Engine {
 
 /// What an operation changed, to be logged outside the workspace's lock.
 #[must_use]
+/// What an operation touched besides its changes (see `Engine::conclude`).
+#[derive(Clone, Copy)]
+struct Touched {
+    /// A status event goes out even if the status did not change (a reset,
+    /// new settings, a change of mode).
+    status: bool,
+    /// The saved state changed: the flush writes it.
+    state: bool,
+    /// Usage moved: listeners get a usage event.
+    usage: bool,
+}
+
+impl Touched {
+    /// The state changed, and usage with it.
+    const USAGE: Touched = Touched {
+        status: false,
+        state: true,
+        usage: true,
+    };
+    /// The state changed.
+    const STATE: Touched = Touched {
+        status: false,
+        state: true,
+        usage: false,
+    };
+
+    /// And a status event goes out whatever changed.
+    const fn with_status(self) -> Touched {
+        Touched {
+            status: true,
+            ..self
+        }
+    }
+}
+
 struct Published {
     workspace: WorkspaceId,
     transition: Option<(Status, Status, Vec<String>)>,

@@ -28,7 +28,9 @@ use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 
-use super::{Decision, Engine, EngineError, Reported, Slot, UsageReport, fresh_id, record_expired};
+use super::{
+    Decision, Engine, EngineError, Reported, Slot, Touched, UsageReport, fresh_id, record_expired,
+};
 use crate::domain::limits::{OnStoreError, WorkspaceId};
 use crate::domain::notification::{Notification, describe_shared_store_unavailable};
 use crate::domain::window::Usage;
@@ -592,16 +594,14 @@ impl Engine {
     async fn load_reply(&self, workspace: &WorkspaceId, slot: &Slot, reply: &Reply) {
         self.record_shared_expired(reply.expired.clone());
         let now = reply.counters.at;
-        let published = {
+        // A block, so that the lock is known to be gone before the await.
+        {
             let mut cell = slot.lock();
             let changes =
                 cell.state
                     .refresh_shared(&reply.counters, now, &self.settings, &mut fresh_id);
-            self.publish(slot, &mut cell, now, changes, false)
-        };
-        slot.usage_dirty.store(true, Ordering::Release);
-        slot.dirty.store(true, Ordering::Release);
-        published.log();
+            self.conclude(slot, cell, now, changes, Touched::USAGE);
+        }
         self.agree_when_due(workspace, slot).await;
     }
 
@@ -812,10 +812,7 @@ impl Engine {
                 cell.outage_blocks = Some(blocks_before);
             }
             // Always a status event: `degraded` changed.
-            let published = self.publish(&slot, &mut cell, now, changes, true);
-            drop(cell);
-            slot.dirty.store(true, Ordering::Release);
-            published.log();
+            self.conclude(&slot, cell, now, changes, Touched::STATE.with_status());
         }
     }
 
