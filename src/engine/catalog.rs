@@ -48,6 +48,30 @@ const LOOKUPS_PER_SECOND: u32 = 20;
 /// still arrives with the next reload.
 const LOOKUP_TIMEOUT: Duration = Duration::from_secs(2);
 
+/// The catalog (workspaces and keys) as this instance follows it.
+pub(super) struct CatalogSync {
+    pub(super) keyring: std::sync::RwLock<super::keyring::Keyring>,
+    /// The catalog generation this instance reflects (-1 before the first
+    /// load).
+    pub(super) generation: std::sync::atomic::AtomicI64,
+    /// Serialises catalog changes made here with reloads of the catalog, so
+    /// that a reload never applies a state older than a change already made.
+    pub(super) lock: tokio::sync::Mutex<()>,
+    /// Where keys this instance does not know are looked up, when it serves.
+    pub(super) lookup: Option<KeyLookup>,
+}
+
+impl CatalogSync {
+    pub(super) fn new() -> Self {
+        Self {
+            keyring: std::sync::RwLock::new(super::keyring::Keyring::default()),
+            generation: std::sync::atomic::AtomicI64::new(-1),
+            lock: tokio::sync::Mutex::new(()),
+            lookup: None,
+        }
+    }
+}
+
 /// What a lookup looks for: a key by its hash, a token's minting key by its
 /// id, or a workspace a service key names.
 #[derive(Clone, PartialEq, Eq, Hash)]
@@ -169,12 +193,13 @@ impl Engine {
     /// Finds keys this instance does not know in `store` before refusing
     /// them. Called once, before the engine serves.
     pub fn look_up_keys_in(&mut self, store: Store) {
-        self.key_lookup = Some(KeyLookup::new(store));
+        self.catalog.lookup = Some(KeyLookup::new(store));
     }
 
     /// Database lookups of unknown keys since start-up.
     pub fn key_lookups(&self) -> u64 {
-        self.key_lookup
+        self.catalog
+            .lookup
             .as_ref()
             .map_or(0, |lookup| lookup.lookups.load(Ordering::Relaxed))
     }
@@ -216,7 +241,7 @@ impl Engine {
     /// was found. `known_meanwhile` tells whether another request loaded it
     /// while this one waited for the lock.
     async fn look_up(&self, wanted: Wanted, known_meanwhile: impl Fn() -> bool) -> bool {
-        let Some(lookup) = self.key_lookup.as_ref() else {
+        let Some(lookup) = self.catalog.lookup.as_ref() else {
             return false;
         };
         if lock(&lookup.unknown).contains(&wanted, Instant::now()) {

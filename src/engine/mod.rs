@@ -30,7 +30,7 @@ pub use keyring::{AuthError, Credential, Denied, Principal};
 pub use sharing::SharedCounting;
 
 use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustc_hash::FxHashMap;
@@ -55,7 +55,7 @@ use crate::redis::EpisodeStep;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
 use crate::sync::{lock, read, write};
 use crate::tokens::{Minter, TokenClaims, TokenSecret};
-use keyring::{Keyring, Verdict};
+use keyring::Verdict;
 
 /// Where "now" comes from; tests substitute their own.
 pub trait Clock: Send + Sync {
@@ -388,27 +388,43 @@ pub struct Engine {
     /// Workspace ids are chosen by admins, not by callers, so the fast
     /// non-randomised hasher is safe here.
     slots: RwLock<FxHashMap<WorkspaceId, Arc<Slot>>>,
-    keyring: RwLock<Keyring>,
+    /// Keys and the catalog as this instance knows them.
+    catalog: catalog::CatalogSync,
+    /// What happened: events for listeners, writes for the flush.
+    journal: Journal,
+    service: Mutex<ServiceHealth>,
+    /// Counters shared with other instances, when configured.
+    shared: Option<Arc<SharedCounting>>,
+}
+
+/// What the engine tells others: events for listeners (the WebSocket hub,
+/// the metrics), and what the flush writes besides workspace states.
+struct Journal {
+    events: broadcast::Sender<Event>,
+    /// Notification versions to write, in the order they happened.
+    pending_notifications: Mutex<Vec<Notification>>,
     /// Keys used since the flush last took them, by id, with the time.
     key_uses: Mutex<HashMap<String, Timestamp>>,
-    events: broadcast::Sender<Event>,
-    pending_notifications: Mutex<Vec<Notification>>,
-    service: Mutex<ServiceHealth>,
-    known_generation: AtomicI64,
-    /// Serialises catalog changes made here with reloads of the catalog, so
-    /// that a reload never applies a state older than a change already made.
-    catalog_lock: tokio::sync::Mutex<()>,
     /// Held by the flush from taking a batch until it is written, and by
     /// history reads, so that a read never falls between the two: rows the
     /// flush took out of memory but has not committed yet would be in
     /// neither place.
     history_gate: tokio::sync::RwLock<()>,
-    /// Counters shared with other instances, when configured.
-    shared: Option<Arc<SharedCounting>>,
-    /// Where keys this instance does not know are looked up, when it serves.
-    key_lookup: Option<catalog::KeyLookup>,
     /// Rows the database refused and the flush dropped, since start-up.
     rows_dropped: AtomicU64,
+}
+
+impl Journal {
+    fn new() -> Self {
+        let (events, _) = broadcast::channel(EVENT_CAPACITY);
+        Self {
+            events,
+            pending_notifications: Mutex::new(Vec::new()),
+            key_uses: Mutex::new(HashMap::new()),
+            history_gate: tokio::sync::RwLock::new(()),
+            rows_dropped: AtomicU64::new(0),
+        }
+    }
 }
 
 /// How many events a listener may fall behind before it is told to resync.
@@ -424,23 +440,15 @@ fn minute_of(at: Timestamp) -> i64 {
 
 impl Engine {
     pub fn new(settings: Settings, defaults: WorkspaceDefaults, clock: Arc<dyn Clock>) -> Self {
-        let (events, _) = broadcast::channel(EVENT_CAPACITY);
         Self {
             settings,
             defaults,
             clock,
             slots: RwLock::new(FxHashMap::default()),
-            keyring: RwLock::new(Keyring::default()),
-            key_uses: Mutex::new(HashMap::new()),
-            events,
-            pending_notifications: Mutex::new(Vec::new()),
+            catalog: catalog::CatalogSync::new(),
+            journal: Journal::new(),
             service: Mutex::new(ServiceHealth::default()),
-            known_generation: AtomicI64::new(-1),
-            catalog_lock: tokio::sync::Mutex::new(()),
-            history_gate: tokio::sync::RwLock::new(()),
             shared: None,
-            key_lookup: None,
-            rows_dropped: AtomicU64::new(0),
         }
     }
 
@@ -457,7 +465,7 @@ impl Engine {
     }
 
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
-        self.events.subscribe()
+        self.journal.events.subscribe()
     }
 
     fn slot(&self, workspace: &WorkspaceId) -> Result<Arc<Slot>, EngineError> {
@@ -504,7 +512,7 @@ impl Engine {
                 // resolved: this run wrote to the database, so it is over.
                 let mut resolved = notification;
                 resolved.resolved_at = Some(now);
-                lock(&self.pending_notifications).push(resolved);
+                lock(&self.journal.pending_notifications).push(resolved);
             }
         }
         let mut slots = FxHashMap::default();
@@ -519,7 +527,8 @@ impl Engine {
         }
         *write(&self.slots) = slots;
         self.replace_keys(&catalog.keys);
-        self.known_generation
+        self.catalog
+            .generation
             .store(catalog.generation, Ordering::SeqCst);
     }
 
@@ -540,36 +549,36 @@ impl Engine {
     }
 
     pub fn set_admin_key(&self, hash: KeyHash) {
-        write(&self.keyring).set_admin(hash);
+        write(&self.catalog.keyring).set_admin(hash);
     }
 
     /// The secret browser tokens are signed with, the same on every
     /// instance.
     pub fn set_token_secret(&self, secret: TokenSecret) {
-        write(&self.keyring).set_token_secret(secret);
+        write(&self.catalog.keyring).set_token_secret(secret);
     }
 
     fn replace_keys(&self, keys: &[crate::store::KeyRecord]) {
-        write(&self.keyring).replace(keys);
-        let _ = self.events.send(Event::CredentialsChanged);
+        write(&self.catalog.keyring).replace(keys);
+        let _ = self.journal.events.send(Event::CredentialsChanged);
     }
 
     /// Held while changing the catalog (database and engine together) or
     /// reloading it.
     pub async fn catalog_lock(&self) -> tokio::sync::MutexGuard<'_, ()> {
-        self.catalog_lock.lock().await
+        self.catalog.lock.lock().await
     }
 
     /// The catalog generation this engine reflects.
     pub fn known_generation(&self) -> i64 {
-        self.known_generation.load(Ordering::SeqCst)
+        self.catalog.generation.load(Ordering::SeqCst)
     }
 
     /// Records that a change this engine made itself moved the catalog to
     /// `generation`. If another writer changed it in between, the generation
     /// is left behind so that the next poll reloads everything.
     pub fn note_own_change(&self, generation: i64) {
-        let _ = self.known_generation.compare_exchange(
+        let _ = self.catalog.generation.compare_exchange(
             generation - 1,
             generation,
             Ordering::SeqCst,
@@ -596,7 +605,8 @@ impl Engine {
             self.upsert_workspace(config);
         }
         self.replace_keys(&catalog.keys);
-        self.known_generation
+        self.catalog
+            .generation
             .store(catalog.generation, Ordering::SeqCst);
         tracing::debug!(generation = catalog.generation, at = %now, "catalog reloaded");
     }
@@ -621,7 +631,7 @@ impl Engine {
                 let state = WorkspaceState::new(config, now);
                 let snapshot = Arc::new(state.snapshot(now));
                 write(&self.slots).insert(id, Slot::new(state));
-                let _ = self.events.send(Event::Status(snapshot));
+                let _ = self.journal.events.send(Event::Status(snapshot));
             }
         }
     }
@@ -629,24 +639,24 @@ impl Engine {
     pub fn remove_workspace(&self, id: &WorkspaceId) {
         let removed = write(&self.slots).remove(id);
         if removed.is_some() {
-            write(&self.keyring).remove_workspace(id);
-            let _ = self.events.send(Event::Removed(id.clone()));
-            let _ = self.events.send(Event::CredentialsChanged);
+            write(&self.catalog.keyring).remove_workspace(id);
+            let _ = self.journal.events.send(Event::Removed(id.clone()));
+            let _ = self.journal.events.send(Event::CredentialsChanged);
         }
     }
 
     pub fn add_key(&self, record: &crate::store::KeyRecord) {
-        write(&self.keyring).insert(record);
+        write(&self.catalog.keyring).insert(record);
     }
 
     pub fn remove_key(&self, hash: &KeyHash) {
-        write(&self.keyring).remove(hash);
-        let _ = self.events.send(Event::CredentialsChanged);
+        write(&self.catalog.keyring).remove(hash);
+        let _ = self.journal.events.send(Event::CredentialsChanged);
     }
 
     /// Keys used since the last call, with when, for the flush to record.
     pub fn take_key_uses(&self) -> HashMap<String, Timestamp> {
-        std::mem::take(&mut *lock(&self.key_uses))
+        std::mem::take(&mut *lock(&self.journal.key_uses))
     }
 
     /// Mints a browser token: read-only, for `workspace`, until
@@ -658,7 +668,7 @@ impl Engine {
         minting_key: Option<&str>,
         expires_at: Timestamp,
     ) -> Option<String> {
-        let keyring = read(&self.keyring);
+        let keyring = read(&self.catalog.keyring);
         let minter = match minting_key {
             Some(id) => Minter::Key(id.to_owned()),
             None => keyring.admin_minter()?,
@@ -685,11 +695,11 @@ impl Engine {
     fn verdict(&self, credential: &Credential) -> Verdict {
         let now = self.now();
         let mut used = None;
-        let verdict = read(&self.keyring).verdict(credential, now, &mut |id, at| {
+        let verdict = read(&self.catalog.keyring).verdict(credential, now, &mut |id, at| {
             used = Some((id.to_owned(), at));
         });
         if let Some((id, at)) = used {
-            lock(&self.key_uses).insert(id, at);
+            lock(&self.journal.key_uses).insert(id, at);
         }
         verdict
     }
@@ -1074,10 +1084,10 @@ impl Engine {
                 if cell.unagreed.contains(&notification.id) {
                     return;
                 }
-                lock(&self.pending_notifications).push(notification.as_ref().clone());
+                lock(&self.journal.pending_notifications).push(notification.as_ref().clone());
             }
             if let Some(event) = cell.outbox.pop_front() {
-                let _ = self.events.send(event);
+                let _ = self.journal.events.send(event);
             }
         }
     }
@@ -1101,7 +1111,7 @@ impl Engine {
     /// Notification versions of a workspace (and service-wide ones) not yet
     /// written, newest version of each.
     pub fn unflushed_notifications(&self, workspace: &WorkspaceId) -> Vec<Notification> {
-        let pending = lock(&self.pending_notifications);
+        let pending = lock(&self.journal.pending_notifications);
         let mut latest: Vec<Notification> = Vec::new();
         for notification in pending.iter().rev() {
             let concerns = notification
@@ -1117,12 +1127,12 @@ impl Engine {
 
     /// Held while a batch is taken and written (see `history_gate`).
     pub async fn flushing(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
-        self.history_gate.write().await
+        self.journal.history_gate.write().await
     }
 
     /// Held while history is read from the database and from memory.
     pub async fn reading_history(&self) -> tokio::sync::RwLockReadGuard<'_, ()> {
-        self.history_gate.read().await
+        self.journal.history_gate.read().await
     }
 
     /// Takes everything changed since the last call, for the flush to write.
@@ -1153,7 +1163,7 @@ impl Engine {
             batch.states.insert(id, saved_to_json(&saved));
         }
         let writes_workspace_notifications = self.writes_workspace_notifications();
-        for notification in std::mem::take(&mut *lock(&self.pending_notifications)) {
+        for notification in std::mem::take(&mut *lock(&self.journal.pending_notifications)) {
             if notification.workspace.is_some() && !writes_workspace_notifications {
                 continue;
             }
@@ -1179,6 +1189,7 @@ impl Engine {
         service.upstream_key = Some(notification.clone());
         drop(service);
         let _ = self
+            .journal
             .events
             .send(Event::Notification(Arc::new(notification)));
     }
@@ -1198,6 +1209,7 @@ impl Engine {
         service.storage = Some(notification.clone());
         drop(service);
         let _ = self
+            .journal
             .events
             .send(Event::Notification(Arc::new(notification)));
     }
@@ -1209,20 +1221,23 @@ impl Engine {
         };
         tracing::info!("database writes succeed again");
         notification.resolved_at = Some(self.now());
-        lock(&self.pending_notifications).push(notification.clone());
+        lock(&self.journal.pending_notifications).push(notification.clone());
         let _ = self
+            .journal
             .events
             .send(Event::Notification(Arc::new(notification)));
     }
 
     /// The flush dropped rows the database refused.
     pub fn count_dropped_rows(&self, count: u64) {
-        self.rows_dropped.fetch_add(count, Ordering::Relaxed);
+        self.journal
+            .rows_dropped
+            .fetch_add(count, Ordering::Relaxed);
     }
 
     /// Rows the database refused and the flush dropped, since start-up.
     pub fn dropped_rows(&self) -> u64 {
-        self.rows_dropped.load(Ordering::Relaxed)
+        self.journal.rows_dropped.load(Ordering::Relaxed)
     }
 
     /// Why the database is not usable, if it is not.

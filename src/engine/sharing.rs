@@ -756,8 +756,9 @@ impl Engine {
             "shared counters unreachable; enforcing on this instance alone"
         );
         lock(&self.service).shared_store = Some(notification.clone());
-        lock(&self.pending_notifications).push(notification.clone());
+        lock(&self.journal.pending_notifications).push(notification.clone());
         let _ = self
+            .journal
             .events
             .send(super::Event::Notification(Arc::new(notification)));
         self.set_enforcement(shared.fallback());
@@ -781,8 +782,9 @@ impl Engine {
         self.set_enforcement(Enforcement::Whole);
         if let Some(mut notification) = lock(&self.service).shared_store.take() {
             notification.resolved_at = Some(self.now());
-            lock(&self.pending_notifications).push(notification.clone());
+            lock(&self.journal.pending_notifications).push(notification.clone());
             let _ = self
+                .journal
                 .events
                 .send(super::Event::Notification(Arc::new(notification)));
         }
