@@ -398,6 +398,26 @@ impl Engine {
         Ok(reported)
     }
 
+    /// Settles a call whose end is noticed outside async code (a response
+    /// body dropped): at once with in-process counters, or in a task of its
+    /// own with shared ones (at once and locally when no runtime is left to
+    /// run one, at shutdown). `then` gets the result either way, so that the
+    /// caller need not know where the counters live.
+    pub fn settle_detached(
+        self: &Arc<Self>,
+        workspace: WorkspaceId,
+        report: UsageReport,
+        then: impl FnOnce(Result<Reported, EngineError>) + Send + 'static,
+    ) {
+        match (&self.shared, tokio::runtime::Handle::try_current()) {
+            (Some(_), Ok(runtime)) => {
+                let engine = Arc::clone(self);
+                runtime.spawn(async move { then(engine.settle(&workspace, report).await) });
+            }
+            _ => then(self.report(&workspace, report)),
+        }
+    }
+
     /// [`settle`](Self::settle), carried to its end even if its caller
     /// stops waiting (see [`to_the_end`](Self::to_the_end)).
     pub async fn settle_to_the_end(

@@ -38,20 +38,15 @@ pub struct Settlement {
 impl Settlement {
     /// Reports the call to the engine and the metrics. `tokens: None` keeps
     /// the estimate; `answer: None` means the upstream never answered.
-    /// Bodies end (and are dropped) outside async code, so where the
-    /// settlement must travel to shared counters it goes in a task of its
-    /// own.
+    /// Bodies end (and are dropped) outside async code: the engine settles
+    /// at once or in a task of its own (`Engine::settle_detached`).
     fn finish(self, tokens: Option<TokenUsage>, answer: Option<UpstreamAnswer>) {
-        match tokio::runtime::Handle::try_current() {
-            Ok(runtime) if self.state.engine.shared_counting().is_some() => {
-                runtime.spawn(self.finish_now(tokens, answer));
-            }
-            _ => {
-                let report = self.report(tokens, answer);
-                let reported = self.state.engine.report(&self.workspace, report.clone());
-                self.account(reported, &report);
-            }
-        }
+        let report = self.report(tokens, answer);
+        let engine = self.state.engine.clone();
+        let workspace = self.workspace.clone();
+        engine.settle_detached(workspace, report.clone(), move |reported| {
+            self.account(reported, &report);
+        });
     }
 
     /// Like [`finish`](Self::finish), waiting for the settlement; answers
