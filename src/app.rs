@@ -142,8 +142,11 @@ pub async fn start(
     let default_workspace_key = bootstrap_workspaces(&config, &offline_admin, &store).await?;
 
     let mut engine = Engine::new(config.engine, config.defaults, Arc::new(SystemClock));
+    // WebSocket tickets live beside the counters, in the same Redis.
+    let mut single_use = None;
     if let Some(redis) = &config.redis {
         let counters = RedisCounters::new(&redis.url, &redis.prefix, redis.timeout)?;
+        single_use = Some(counters.single_use());
         engine.share_counters(SharedCounting::new(counters, redis.on_store_error));
     }
     engine.look_up_keys_in(store.clone());
@@ -188,7 +191,7 @@ pub async fn start(
         admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults)
             .with_upstream_keys(env.clone())
             .with_declared(&config),
-        tickets: api::ws::Tickets::new(engine.shared_counting().cloned()),
+        tickets: api::ws::Tickets::new(single_use),
         hub,
         ws_connections: api::ws::Connections::new(config.ws_max_connections_per_key),
         cors_origins: config.cors_origins.clone(),

@@ -30,8 +30,9 @@ use crate::domain::limits::WorkspaceId;
 use crate::domain::time::Timestamp;
 use crate::edge::auth::{Auth, Target, credential_refused};
 use crate::edge::error::{ApiError, Query};
-use crate::engine::{AuthError, Credential, Engine, Event, Principal, SharedCounting};
+use crate::engine::{AuthError, Credential, Engine, Event, Principal};
 use crate::keys::{KeyHash, Scope};
+use crate::redis::SingleUse;
 use crate::sync::lock;
 
 /// How long a ticket stays valid.
@@ -66,7 +67,7 @@ pub const MAX_LIVE_TICKETS: usize = 10_000;
 #[derive(Default)]
 pub struct Tickets {
     live: Mutex<LiveTickets>,
-    shared: Option<Arc<SharedCounting>>,
+    shared: Option<SingleUse>,
 }
 
 #[derive(Default)]
@@ -108,7 +109,7 @@ struct Issued {
 }
 
 impl Tickets {
-    pub fn new(shared: Option<Arc<SharedCounting>>) -> Self {
+    pub fn new(shared: Option<SingleUse>) -> Self {
         Self {
             live: Mutex::default(),
             shared,
@@ -128,7 +129,6 @@ impl Tickets {
         let evicted = lock(&self.live).make_room(now);
         let shared = match &self.shared {
             Some(shared) => shared
-                .counters()
                 .put(
                     &ticket_name(&ticket),
                     &credential.to_stored(),
@@ -160,7 +160,7 @@ impl Tickets {
         let Some(shared) = &self.shared else {
             return local.map(|issued| issued.credential);
         };
-        match shared.counters().take(&ticket_name(ticket)).await {
+        match shared.take(&ticket_name(ticket)).await {
             // Redis expires tickets by itself.
             Ok(Some(stored)) => Credential::from_stored(&stored),
             // Used elsewhere, or never stored there.

@@ -107,10 +107,6 @@ impl SharedCounting {
         }
     }
 
-    pub fn counters(&self) -> &RedisCounters {
-        &self.counters
-    }
-
     /// How limits are enforced here while the store is unreachable.
     fn fallback(&self) -> Enforcement {
         match self.on_error {
@@ -142,10 +138,6 @@ impl Engine {
     /// the engine serves.
     pub fn share_counters(&mut self, shared: SharedCounting) {
         self.shared = Some(Arc::new(shared));
-    }
-
-    pub fn shared_counting(&self) -> Option<&Arc<SharedCounting>> {
-        self.shared.as_ref()
     }
 
     /// Whether this instance is cut off from the counters it shares.

@@ -168,6 +168,35 @@ pub struct RedisCounters {
     queue: mpsc::UnboundedSender<Pending>,
 }
 
+/// Values any instance may take once (WebSocket tickets), in the Redis the
+/// counters use.
+#[derive(Clone)]
+pub struct SingleUse {
+    link: Arc<Link>,
+}
+
+impl SingleUse {
+    /// Stores `value` under `name` for `ttl`, for any instance to
+    /// [`take`](Self::take), and deletes what was stored under `evicted`, in
+    /// one round trip: a store with a bounded size that evicts an entry to
+    /// make room for one evicts it here too.
+    pub async fn put(
+        &self,
+        name: &str,
+        value: &str,
+        ttl: Duration,
+        evicted: &[String],
+    ) -> Result<(), SharedError> {
+        self.link.put(name, value, ttl, evicted).await
+    }
+
+    /// Reads and deletes what [`put`](Self::put) stored under `name`, so
+    /// that only one caller ever gets it.
+    pub async fn take(&self, name: &str) -> Result<Option<String>, SharedError> {
+        self.link.take(name).await
+    }
+}
+
 /// An admission or a settlement waiting for the next call.
 struct Pending {
     workspace: WorkspaceId,
@@ -270,24 +299,12 @@ impl RedisCounters {
         self.link.agree_episodes(instance, hold, steps).await
     }
 
-    /// Stores `value` under `name` for `ttl`, for any instance to
-    /// [`take`](Self::take), and deletes what was stored under `evicted`, in
-    /// one round trip: a store with a bounded size that evicts an entry to
-    /// make room for one evicts it here too.
-    pub async fn put(
-        &self,
-        name: &str,
-        value: &str,
-        ttl: Duration,
-        evicted: &[String],
-    ) -> Result<(), SharedError> {
-        self.link.put(name, value, ttl, evicted).await
-    }
-
-    /// Reads and deletes what [`put`](Self::put) stored under `name`, so
-    /// that only one caller ever gets it.
-    pub async fn take(&self, name: &str) -> Result<Option<String>, SharedError> {
-        self.link.take(name).await
+    /// A handle on single-use values in the same Redis (WebSocket
+    /// tickets), which need none of the counters.
+    pub fn single_use(&self) -> SingleUse {
+        SingleUse {
+            link: Arc::clone(&self.link),
+        }
     }
 
     /// Admits or refuses one request, in the next call to Redis.

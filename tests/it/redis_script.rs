@@ -430,11 +430,7 @@ async fn a_flood_of_tickets_leaves_redis_bounded_too() {
     };
     let counters =
         RedisCounters::new(&store.url, &store.prefix, Duration::from_secs(2)).expect("Redis URL");
-    let shared = quotawatch::engine::SharedCounting::new(
-        counters,
-        quotawatch::domain::limits::OnStoreError::Closed,
-    );
-    let tickets = Tickets::new(Some(std::sync::Arc::new(shared)));
+    let tickets = Tickets::new(Some(counters.single_use()));
     let now = Store::now();
     let credential = quotawatch::engine::Credential::of("qw_a_flooding_key");
     let (first, _) = tickets.issue(credential.clone(), now).await;
