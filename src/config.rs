@@ -125,7 +125,7 @@ settings! {
         "longest wait for any Redis call before the on_store_error fallback applies");
     ON_STORE_ERROR: StoreErrorMode = ("on_store_error", "QUOTAWATCH_ON_STORE_ERROR", Some("local"), false, parse_store_error_mode,
         "while Redis is unreachable: local (each instance enforces limit/replicas), closed (refuse with 503) or open (admit, count locally)");
-    REPLICAS: u32 = ("replicas", "QUOTAWATCH_REPLICAS", Some("1"), false, parse_replicas,
+    REPLICAS: u32 = ("replicas", "QUOTAWATCH_REPLICAS", Some("1"), false, parse_at_least_one,
         "how many instances share the limits; each enforces 1/replicas of them while Redis is unreachable");
 }
 
@@ -564,17 +564,12 @@ fn parse_byte_count(text: &str) -> Result<usize, String> {
         .ok_or_else(|| format!("{text:?} is not a byte count of at least 1024"))
 }
 
-fn parse_at_least_one(text: &str) -> Result<usize, String> {
-    text.parse::<usize>()
+fn parse_at_least_one<T: std::str::FromStr + PartialOrd + From<u8>>(
+    text: &str,
+) -> Result<T, String> {
+    text.parse::<T>()
         .ok()
-        .filter(|n| *n >= 1)
-        .ok_or_else(|| format!("{text:?} is not a whole number of at least 1"))
-}
-
-fn parse_replicas(text: &str) -> Result<u32, String> {
-    text.parse::<u32>()
-        .ok()
-        .filter(|n| *n >= 1)
+        .filter(|n| *n >= T::from(1))
         .ok_or_else(|| format!("{text:?} is not a whole number of at least 1"))
 }
 
