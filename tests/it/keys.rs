@@ -9,6 +9,7 @@ use quotawatch::mock::MockOptions;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::support::postgres::TestDatabase;
 use crate::support::{ADMIN_KEY, Response, TestServer, Upstream, eventually};
 use crate::websocket::{close_code, connect, wait_for};
 
@@ -657,4 +658,104 @@ async fn an_expired_token_is_refused_as_expired_and_ends_its_socket() {
     );
     assert_eq!(close_code(&mut ws).await, Some(1008));
     server.stop().await;
+}
+
+/// The migrations of the release before scoped keys, in a directory of
+/// their own.
+fn migrations_before_scopes() -> tempfile::TempDir {
+    let earlier = tempfile::tempdir().expect("tempdir");
+    let migrations = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("migrations");
+    for entry in std::fs::read_dir(&migrations).expect("migrations") {
+        let path = entry.expect("entry").path();
+        let name = path
+            .file_name()
+            .expect("name")
+            .to_string_lossy()
+            .into_owned();
+        if name.as_str() < "20261202000004" {
+            std::fs::copy(&path, earlier.path().join(&name)).expect("copy");
+        }
+    }
+    earlier
+}
+
+/// Leaves the database of `pool` as the release before scoped keys left it: its schema, one
+/// workspace and one key, which is returned.
+async fn database_before_scopes<DB: sqlx::Database>(
+    pool: &sqlx::Pool<DB>,
+) -> quotawatch::keys::PlainKey
+where
+    for<'c> &'c sqlx::Pool<DB>: sqlx::Executor<'c, Database = DB>,
+    <DB as sqlx::Database>::Arguments: sqlx::IntoArguments<DB>,
+    String: for<'q> sqlx::Encode<'q, DB> + sqlx::Type<DB>,
+    <DB as sqlx::Database>::Connection: sqlx::migrate::Migrate,
+{
+    let earlier = migrations_before_scopes();
+    sqlx::migrate::Migrator::new(earlier.path())
+        .await
+        .expect("migrations")
+        .run(pool)
+        .await
+        .expect("the earlier schema");
+    let key = quotawatch::keys::PlainKey::generate();
+    sqlx::query("INSERT INTO workspaces (id, name, timezone, requests_per_day, warn_at, created_at, updated_at) VALUES ('acme', 'Acme', 'UTC', 100, 0.8, 0, 0)")
+        .execute(pool)
+        .await
+        .expect("workspace");
+    sqlx::query("INSERT INTO api_keys (id, workspace_id, key_hash, prefix, created_at, revoked_at) VALUES ('key_old', 'acme', $1, $2, 0, NULL)")
+        .bind(key.hash().to_hex())
+        .bind(key.display_prefix())
+        .execute(pool)
+        .await
+        .expect("key");
+    key
+}
+
+/// A server on the upgraded database: the old key works with every scope.
+async fn the_old_key_keeps_every_scope(server: TestServer, old_key: &str) {
+    assert_eq!(server.status(old_key).await["workspace"], "acme");
+    let check = server.check(old_key, 1).await;
+    assert_eq!(check.status, StatusCode::OK, "{:?}", check.body);
+    let listed = server.get("/api/workspaces/acme/keys", ADMIN_KEY).await;
+    let old = &listed.body["keys"][0];
+    assert_eq!(old["id"], "key_old");
+    assert_eq!(old["scopes"], json!(["proxy", "report", "read"]));
+    assert_eq!(old["name"], "");
+    assert!(old["expires_at"].is_null());
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn keys_made_before_scopes_keep_all_three_after_the_upgrade_on_sqlite() {
+    use sqlx::sqlite::{SqliteConnectOptions, SqlitePoolOptions};
+    let dir = tempfile::tempdir().expect("tempdir");
+    let url = format!("sqlite://{}", dir.path().join("quotawatch.db").display());
+    let options = url
+        .parse::<SqliteConnectOptions>()
+        .expect("url")
+        .create_if_missing(true);
+    let pool = SqlitePoolOptions::new()
+        .connect_with(options)
+        .await
+        .expect("open");
+    let key = database_before_scopes(&pool).await;
+    pool.close().await;
+    let server = TestServer::start_on(url, Some(dir), &[]).await;
+    the_old_key_keeps_every_scope(server, key.expose()).await;
+}
+
+#[tokio::test]
+async fn keys_made_before_scopes_keep_all_three_after_the_upgrade_on_postgres() {
+    let Some(database) = TestDatabase::create("keys::upgrade").await else {
+        return;
+    };
+    let pool = sqlx::postgres::PgPoolOptions::new()
+        .connect(&database.url)
+        .await
+        .expect("open");
+    let key = database_before_scopes(&pool).await;
+    pool.close().await;
+    let server = TestServer::start_on(database.url.clone(), None, &[]).await;
+    the_old_key_keeps_every_scope(server, key.expose()).await;
+    database.drop_database().await;
 }
