@@ -70,7 +70,7 @@ fn loaded_engine() -> (Arc<Engine>, Vec<WorkspaceId>) {
 
 fn one_round(engine: &Engine, id: &WorkspaceId, model: &Model) {
     let decision = engine
-        .check(
+        .admit_here(
             id,
             Request {
                 estimated_tokens: 1200,
@@ -81,7 +81,7 @@ fn one_round(engine: &Engine, id: &WorkspaceId, model: &Model) {
         .expect("known workspace");
     let reservation = decision.result.expect("admitted");
     engine
-        .report(
+        .settle_here(
             id,
             UsageReport {
                 reservation: Some(reservation.id),
@@ -161,7 +161,7 @@ fn engine_check(bencher: divan::Bencher) {
     bencher.bench_local(|| {
         i = (i + 7919) % ids.len();
         engine
-            .check(
+            .admit_here(
                 &ids[i],
                 Request {
                     estimated_tokens: 1200,

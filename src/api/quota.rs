@@ -399,7 +399,7 @@ pub async fn reset(
     };
     let reset = state
         .engine
-        .reset_everywhere(target.as_ref(), body.what.into())
+        .reset(target.as_ref(), body.what.into())
         .await?;
     tracing::info!(workspaces = ?reset.iter().map(ToString::to_string).collect::<Vec<_>>(), what = ?body.what, "reset by admin");
     Ok(Json(ResetResponse {

@@ -5,9 +5,10 @@
 //! 1. `authenticate` maps a presented key to a principal (hash, then a
 //!    constant-time comparison; a key made elsewhere is looked up, see
 //!    `catalog`);
-//! 2. `check` admits or refuses under the workspace's lock, atomically across
-//!    all its limits;
-//! 3. `report` settles the reservation and folds in the upstream's answer;
+//! 2. `admit` admits or refuses under the workspace's lock, atomically
+//!    across all its limits (on this instance's counters: `admit_here`);
+//! 3. `settle` settles the reservation and folds in the upstream's answer
+//!    (here: `settle_here`);
 //! 4. changes are published as events while the workspace's lock is still
 //!    held (so listeners see them in the order they happened), logged after
 //!    it is released, and the workspace is marked dirty for the next batched
@@ -205,7 +206,7 @@ impl UpstreamAnswer {
     }
 }
 
-/// What [`Engine::report`] did.
+/// What [`Engine::settle`] did.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Reported {
     /// What the upstream's answer meant, if there was one.
@@ -706,7 +707,7 @@ impl Engine {
 
     /// Admission: reserves one request and `request.estimated_tokens` against
     /// every limit of the workspace, or refuses without charging anything.
-    pub fn check(
+    pub fn admit_here(
         &self,
         workspace: &WorkspaceId,
         request: Request,
@@ -723,7 +724,7 @@ impl Engine {
                 tokens: request.estimated_tokens,
             };
         }
-        Ok(self.conclude_check(&slot, cell, now, request.model, admission))
+        Ok(self.conclude_admission(&slot, cell, now, request.model, admission))
     }
 
     /// Refuses now what would be refused whatever it costs (see
@@ -746,12 +747,14 @@ impl Engine {
             .state
             .admit(&cheapest, now, &self.settings, &mut fresh_id);
         debug_assert!(admission.result.is_err(), "refused whatever it costs");
-        Ok(Some(self.conclude_check(&slot, cell, now, None, admission)))
+        Ok(Some(
+            self.conclude_admission(&slot, cell, now, None, admission),
+        ))
     }
 
     /// What every admission does after the decision, wherever it was made:
     /// history, the answer's headroom, events.
-    fn conclude_check(
+    fn conclude_admission(
         &self,
         slot: &Slot,
         mut cell: MutexGuard<'_, Cell>,
@@ -779,7 +782,7 @@ impl Engine {
     /// Records a finished call: settles its reservation (or counts it as an
     /// unreserved request) and folds in the upstream's answer. It fails only
     /// for an unknown workspace; a missing reservation is part of the result.
-    pub fn report(
+    pub fn settle_here(
         &self,
         workspace: &WorkspaceId,
         report: UsageReport,
@@ -796,12 +799,12 @@ impl Engine {
                 tokens: recorded.tokens,
             };
         }
-        Ok(self.conclude_report(&slot, cell, now, workspace, &report, recorded))
+        Ok(self.conclude_settlement(&slot, cell, now, workspace, &report, recorded))
     }
 
     /// What every report does after settling, wherever that happened:
     /// history, events, logs.
-    fn conclude_report(
+    fn conclude_settlement(
         &self,
         slot: &Slot,
         mut cell: MutexGuard<'_, Cell>,
@@ -922,7 +925,7 @@ impl Engine {
 
     /// Clears counters, blocks and active notifications of one workspace (or
     /// all), and pushes the new status.
-    pub fn reset(
+    pub fn reset_here(
         &self,
         workspace: Option<&WorkspaceId>,
         scope: ResetScope,

@@ -185,15 +185,15 @@ impl Engine {
             .collect()
     }
 
-    /// Admission, wherever the counters live: the local engine's
-    /// [`check`](Self::check), or one call of the shared store.
+    /// Admission, wherever the counters live: this instance's
+    /// [`admit_here`](Self::admit_here), or one call of the shared store.
     pub async fn admit(
         &self,
         workspace: &WorkspaceId,
         request: Request,
     ) -> Result<Decision, EngineError> {
         let Some(shared) = &self.shared else {
-            return self.check(workspace, request);
+            return self.admit_here(workspace, request);
         };
         let slot = self.slot(workspace)?;
         let (limits, timezone) = {
@@ -229,7 +229,7 @@ impl Engine {
                         &self.settings,
                         &mut fresh_id,
                     );
-                    self.conclude_check(&slot, cell, now, request.model, admission)
+                    self.conclude_admission(&slot, cell, now, request.model, admission)
                 };
                 self.agree_when_due(workspace, &slot).await;
                 Ok(decision)
@@ -239,7 +239,7 @@ impl Engine {
                 match shared.on_error {
                     OnStoreError::Closed => Err(EngineError::SharedStore(error.to_string())),
                     OnStoreError::Local { .. } | OnStoreError::Open => {
-                        self.check(workspace, request)
+                        self.admit_here(workspace, request)
                     }
                 }
             }
@@ -257,7 +257,7 @@ impl Engine {
         report: UsageReport,
     ) -> Result<Reported, EngineError> {
         let Some(shared) = &self.shared else {
-            return self.report(workspace, report);
+            return self.settle_here(workspace, report);
         };
         let slot = self.slot(workspace)?;
         let now = self.now();
@@ -272,7 +272,7 @@ impl Engine {
             (cell.state.config().timezone, estimate, held)
         };
         if let Some(estimate) = charged_here {
-            return self.settle_here(&slot, workspace, report, estimate);
+            return self.settle_made_offline(&slot, workspace, report, estimate);
         }
         let tokens = report.tokens.map(|tokens| tokens.total());
         // When the store charged a held reservation, to take a reset there
@@ -309,14 +309,14 @@ impl Engine {
                         return match returned {
                             Returned::Held { estimate } => {
                                 drop(cell);
-                                self.settle_here(&slot, workspace, report, estimate)
+                                self.settle_made_offline(&slot, workspace, report, estimate)
                             }
                             Returned::Expired(expired) => {
                                 // Counted as it ended; the report then
                                 // finds it gone and counts nothing more.
                                 record_expired(&mut cell, vec![expired]);
                                 drop(cell);
-                                self.report(workspace, report)
+                                self.settle_here(workspace, report)
                             }
                         };
                     }
@@ -348,7 +348,7 @@ impl Engine {
             Ok(answered) => answered,
             Err(error) => {
                 self.store_failed(&error);
-                return self.report(workspace, report);
+                return self.settle_here(workspace, report);
             }
         };
         self.store_answered();
@@ -380,7 +380,7 @@ impl Engine {
             );
             let change = BlockChange::between(blocks_before, cell.state.shared_blocks());
             let reported =
-                self.conclude_report(&slot, cell, answered_at, workspace, &report, recorded);
+                self.conclude_settlement(&slot, cell, answered_at, workspace, &report, recorded);
             (reported, change)
         };
         if let Some(change) = change {
@@ -406,7 +406,7 @@ impl Engine {
                 let engine = Arc::clone(self);
                 runtime.spawn(async move { then(engine.settle(&workspace, report).await) });
             }
-            _ => then(self.report(&workspace, report)),
+            _ => then(self.settle_here(&workspace, report)),
         }
     }
 
@@ -445,7 +445,7 @@ impl Engine {
     /// Settles a reservation made here during an outage. What the store
     /// must learn (tokens beyond the estimate, blocks) waits with the
     /// usage counted alone, for the merge.
-    fn settle_here(
+    fn settle_made_offline(
         &self,
         slot: &Slot,
         workspace: &WorkspaceId,
@@ -455,7 +455,7 @@ impl Engine {
         let beyond_estimate = report
             .tokens
             .map_or(0, |tokens| tokens.total().saturating_sub(estimate));
-        let reported = self.report(workspace, report)?;
+        let reported = self.settle_here(workspace, report)?;
         // One that expired first kept its estimate, and no more.
         if !reported.missing_reservation {
             slot.lock().offline.tokens += beyond_estimate;
@@ -511,7 +511,7 @@ impl Engine {
     }
 
     /// Resets one workspace (or all) here and in the shared counters.
-    pub async fn reset_everywhere(
+    pub async fn reset(
         &self,
         workspace: Option<&WorkspaceId>,
         scope: ResetScope,
@@ -536,7 +536,7 @@ impl Engine {
                 self.load_reply(&id, &slot, &reply).await;
             }
         }
-        let done = self.reset(workspace, scope)?;
+        let done = self.reset_here(workspace, scope)?;
         // The episodes the reset ended end in the store before it answers,
         // so that a cause raised again after it is a new notification.
         for id in &done {

@@ -290,7 +290,7 @@ async fn a_held_call_admitted_just_after_a_reset_in_redis_is_charged_once() {
     let admitted = instance.admit_proxied(100).await;
     instance
         .engine
-        .reset(Some(&instance.workspace), ResetScope::All)
+        .reset_here(Some(&instance.workspace), ResetScope::All)
         .expect("known workspace");
     instance
         .engine
@@ -315,7 +315,7 @@ async fn a_reset_everywhere_clears_the_estimates_held_here() {
     let settled = instance.admit_proxied(100).await;
     instance
         .engine
-        .reset_everywhere(Some(&instance.workspace), ResetScope::All)
+        .reset(Some(&instance.workspace), ResetScope::All)
         .await
         .expect("reset");
     // Dropped on its way, a settlement counts its estimate as it stands
