@@ -507,6 +507,18 @@ pub async fn connect(
     }))
 }
 
+/// Whether a message about `workspace` (`None`: service-wide) goes to a
+/// connection of `principal` following `subscription`: one it follows, and
+/// a message for operators only to the admin key.
+fn delivers(
+    principal: &Principal,
+    subscription: &Subscription,
+    workspace: Option<&WorkspaceId>,
+    operators_only: bool,
+) -> bool {
+    (!operators_only || *principal == Principal::Admin) && subscription.wants(workspace)
+}
+
 struct Connection {
     state: AppState,
     principal: Principal,
@@ -549,8 +561,7 @@ impl Connection {
                 },
                 outbound = wire.recv() => match outbound {
                     Ok(Wire::Message { workspace, operators_only, text }) => {
-                        let reader_may = !operators_only || self.principal == Principal::Admin;
-                        if reader_may && self.subscription.wants(workspace.as_ref()) {
+                        if delivers(&self.principal, &self.subscription, workspace.as_ref(), operators_only) {
                             send(&mut sink, Message::Text(text)).await
                         } else {
                             Ok(())
@@ -764,6 +775,22 @@ async fn send(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn operators_messages_reach_the_admin_key_alone() {
+        let acme: WorkspaceId = "acme".parse().expect("id");
+        let tenant = Principal::Workspace {
+            workspace: acme.clone(),
+            scopes: crate::keys::Scopes::READ,
+        };
+        let own = Subscription::Some(HashSet::from([acme.clone()]));
+        assert!(delivers(&tenant, &own, Some(&acme), false));
+        assert!(delivers(&tenant, &own, None, false), "service-wide news");
+        assert!(!delivers(&tenant, &own, None, true), "operators' news");
+        assert!(delivers(&Principal::Admin, &Subscription::All, None, true));
+        let beta: WorkspaceId = "beta".parse().expect("id");
+        assert!(!delivers(&tenant, &own, Some(&beta), false));
+    }
 
     #[tokio::test]
     async fn tickets_are_single_use_and_expire() {
