@@ -1334,3 +1334,159 @@ fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
         };
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::limits::{LimitKind, Limits};
+
+    /// A clock that stands still.
+    struct StillClock(Timestamp);
+
+    impl Clock for StillClock {
+        fn now(&self) -> Timestamp {
+            self.0
+        }
+    }
+
+    fn engine_with(id: &str, requests_per_minute: u64) -> (Engine, WorkspaceId) {
+        let clock = Arc::new(StillClock(Timestamp::from_millis(1_800_000_000_000)));
+        let engine = Engine::new(
+            Settings::default(),
+            WorkspaceDefaults {
+                limits: Limits::default(),
+                warn_at: 0.8,
+            },
+            clock,
+        );
+        let id: WorkspaceId = id.parse().expect("id");
+        let mut limits = Limits::default();
+        limits.set(LimitKind::RequestsPerMinute, Some(requests_per_minute));
+        engine.upsert_workspace(WorkspaceConfig::new(id.clone(), limits));
+        (engine, id)
+    }
+
+    fn request() -> Request {
+        Request {
+            estimated_tokens: 100,
+            model: Some("gpt-4o-mini".into()),
+            settled_anywhere: false,
+        }
+    }
+
+    /// The events sent so far, without waiting.
+    fn sent(events: &mut broadcast::Receiver<Event>) -> Vec<Event> {
+        std::iter::from_fn(|| events.try_recv().ok()).collect()
+    }
+
+    #[test]
+    fn an_admission_and_its_settlement_reach_the_flush_and_listeners() {
+        let (engine, id) = engine_with("acme", 10);
+        let _ = engine.take_batch();
+        let mut events = engine.subscribe();
+        let admitted = engine
+            .admit_here(&id, request())
+            .expect("known")
+            .result
+            .expect("admitted");
+        let batch = engine.take_batch();
+        assert!(batch.states.contains_key(&id), "the state is written");
+        engine.publish_usage();
+        assert!(
+            sent(&mut events)
+                .iter()
+                .any(|event| matches!(event, Event::Usage(_))),
+            "listeners hear that usage moved"
+        );
+        engine
+            .settle_here(
+                &id,
+                UsageReport {
+                    reservation: Some(admitted.id),
+                    model: None,
+                    tokens: Some(TokenUsage {
+                        prompt: 30,
+                        completion: 12,
+                        cached: 0,
+                        reasoning: 0,
+                    }),
+                    answer: None,
+                    latency_ms: Some(5),
+                },
+            )
+            .expect("known");
+        let history: i64 = engine
+            .take_batch()
+            .rollups
+            .values()
+            .map(|delta| delta.tokens)
+            .sum();
+        assert_eq!(history, 42, "the call's tokens go to history");
+        assert!(engine.take_batch().is_empty(), "and only once");
+    }
+
+    #[test]
+    fn a_refusal_raises_one_notification_and_the_status_follows() {
+        let (engine, id) = engine_with("acme", 1);
+        let mut events = engine.subscribe();
+        assert!(
+            engine
+                .admit_here(&id, request())
+                .expect("known")
+                .result
+                .is_ok()
+        );
+        assert!(
+            engine
+                .admit_here(&id, request())
+                .expect("known")
+                .result
+                .is_err()
+        );
+        assert!(
+            engine
+                .admit_here(&id, request())
+                .expect("known")
+                .result
+                .is_err()
+        );
+        let kinds: Vec<&'static str> = sent(&mut events)
+            .iter()
+            .filter_map(|event| match event {
+                Event::Status(_) => Some("status"),
+                Event::Notification(notification) => Some(notification.kind.name()),
+                _ => None,
+            })
+            .collect();
+        let raised = kinds.iter().filter(|kind| **kind == "rate_limited").count();
+        assert_eq!(raised, 1, "one notification per cause: {kinds:?}");
+        // The status event comes with the change set that raised it, after
+        // its notifications, so a page that redraws on it has them all.
+        let notification = kinds.iter().position(|kind| *kind == "rate_limited");
+        let status_after = kinds.iter().rposition(|kind| *kind == "status");
+        assert!(notification < status_after, "{kinds:?}");
+        let written = engine
+            .take_batch()
+            .notifications
+            .values()
+            .filter(|n| n.kind == NotificationKind::RateLimited)
+            .count();
+        assert_eq!(written, 1, "written once");
+    }
+
+    #[test]
+    fn a_reset_tells_listeners_even_when_nothing_changed() {
+        let (engine, id) = engine_with("acme", 10);
+        let mut events = engine.subscribe();
+        engine
+            .reset_here(Some(&id), ResetScope::All)
+            .expect("known");
+        assert!(
+            sent(&mut events)
+                .iter()
+                .any(|event| matches!(event, Event::Status(_))),
+            "a status event, so that every page shows the reset"
+        );
+        assert!(engine.take_batch().states.contains_key(&id));
+    }
+}
