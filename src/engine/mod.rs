@@ -26,19 +26,19 @@ mod catalog;
 pub mod flush;
 mod keyring;
 mod sharing;
+mod slot;
 
 pub use keyring::{AuthError, Credential, Denied, Principal};
 pub use sharing::SharedCounting;
 
-use std::collections::{HashMap, VecDeque};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
 use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
-use crate::domain::model::DailyModels;
 use crate::domain::notification::{
     Notification, describe_storage_unavailable, describe_upstream_key_missing,
 };
@@ -48,15 +48,15 @@ use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
-    Admission, Admitted, Answer, BillingBlock, Expired, Headroom, Model, Outcome, Recorded,
-    Refusal, Request, ResetScope, Settings, Settled, Snapshot, WorkspaceState,
+    Admission, Admitted, Answer, Headroom, Model, Outcome, Recorded, Refusal, Request, ResetScope,
+    Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
-use crate::redis::EpisodeStep;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
 use crate::sync::{lock, read, write};
 use crate::tokens::{Minter, TokenClaims, TokenSecret};
 use keyring::Verdict;
+use slot::{Cell, Slot, count, record_expired};
 
 /// Where "now" comes from; tests substitute their own.
 pub trait Clock: Send + Sync {
@@ -223,158 +223,6 @@ pub struct WorkspaceDefaults {
     pub warn_at: f64,
 }
 
-struct Cell {
-    state: WorkspaceState,
-    /// Finished requests not yet flushed, by (minute start, model).
-    rollups: FxHashMap<(i64, Option<Model>), RollupDelta>,
-    /// The model names history keeps for the workspace's days, so that
-    /// neither `rollups` nor the database grows with every name a client
-    /// makes up.
-    models: DailyModels,
-    /// Usage admitted here while the shared counters were unreachable, to
-    /// be added to them when they return.
-    offline: Usage,
-    /// The upstream blocks when the shared counters became unreachable, to
-    /// tell at their return what this instance saw alone.
-    outage_blocks: Option<(Option<Timestamp>, Option<BillingBlock>)>,
-    /// Blocks seen alone during an outage, to be written with the merge.
-    offline_blocks: Option<crate::redis::BlockChange>,
-    /// What was published, in order, waiting to be sent until the
-    /// notifications it names carry the ids agreed on with the other
-    /// instances (see `sharing::Engine::agree`); empty otherwise.
-    outbox: VecDeque<Event>,
-    /// The steps the workspace's causes took since the last agreement,
-    /// in order, for the shared store (see [`EpisodeStep`]).
-    episodes: Vec<EpisodeStep>,
-    /// Ids drawn here for raised notifications whose agreed ids are not
-    /// known yet: nobody sees these notifications before they are.
-    unagreed: Vec<String>,
-}
-
-struct Slot {
-    cell: Mutex<Cell>,
-    /// The state changed since the last flush.
-    dirty: AtomicBool,
-    /// Usage changed since the last usage event.
-    usage_dirty: AtomicBool,
-    /// Another instance changed the shared counters since they were last
-    /// loaded here.
-    shared_stale: AtomicBool,
-    /// Held while agreeing on notification ids with the other instances,
-    /// so that a workspace's episode steps reach the store in order.
-    agreeing: tokio::sync::Mutex<()>,
-    /// Episode steps or unagreed ids are waiting (set and cleared under the
-    /// cell's lock), so that the request path asks only when they are.
-    agreement_due: AtomicBool,
-}
-
-impl Slot {
-    fn new(state: WorkspaceState) -> Arc<Self> {
-        Arc::new(Self {
-            cell: Mutex::new(Cell {
-                state,
-                rollups: FxHashMap::default(),
-                models: DailyModels::default(),
-                offline: Usage::default(),
-                outage_blocks: None,
-                offline_blocks: None,
-                outbox: VecDeque::new(),
-                episodes: Vec::new(),
-                unagreed: Vec::new(),
-            }),
-            dirty: AtomicBool::new(true),
-            usage_dirty: AtomicBool::new(false),
-            shared_stale: AtomicBool::new(false),
-            agreeing: tokio::sync::Mutex::new(()),
-            agreement_due: AtomicBool::new(false),
-        })
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Cell> {
-        lock(&self.cell)
-    }
-}
-
-impl Cell {
-    /// The active notifications listeners may see: those whose ids are
-    /// agreed on.
-    fn agreed_notifications(&self) -> impl Iterator<Item = &Notification> {
-        self.state
-            .active_notifications()
-            .iter()
-            .filter(|notification| !self.unagreed.contains(&notification.id))
-    }
-
-    /// Queues the step a raised or resolved notification takes in its
-    /// cause's episode, unless its id is derived from shared facts.
-    fn note_episode(&mut self, notification: &Notification) {
-        let Some(cause) = notification
-            .cause
-            .filter(|cause| !WorkspaceState::derives_notification_id(*cause))
-        else {
-            return;
-        };
-        if notification.is_active() {
-            self.unagreed.push(notification.id.clone());
-            self.episodes.push(EpisodeStep::Hold {
-                cause,
-                candidate: notification.id.clone(),
-            });
-        } else {
-            self.episodes.push(EpisodeStep::Release { cause });
-        }
-    }
-
-    /// The episode steps to take in the shared store: those taken since
-    /// the last agreement, in order, and with `renew`, a hold on the
-    /// episode of every active notification whose id is agreed on.
-    fn episode_steps(&mut self, renew: bool) -> Vec<EpisodeStep> {
-        let mut steps = std::mem::take(&mut self.episodes);
-        if renew {
-            let held: Vec<EpisodeStep> = self
-                .agreed_notifications()
-                .filter_map(|notification| {
-                    let cause = notification.cause?;
-                    (!WorkspaceState::derives_notification_id(cause)).then(|| EpisodeStep::Hold {
-                        cause,
-                        candidate: notification.id.clone(),
-                    })
-                })
-                .collect();
-            steps.extend(held);
-        }
-        steps
-    }
-
-    /// Counts `id` as agreed on; answers whether it was waiting for that
-    /// (and so was seen by nobody yet).
-    fn take_unagreed(&mut self, id: &str) -> bool {
-        let waiting = self.unagreed.len();
-        self.unagreed.retain(|unagreed| unagreed != id);
-        self.unagreed.len() != waiting
-    }
-
-    /// Gives a notification nobody saw yet its agreed id, in the state and
-    /// in what waits to be published about it.
-    fn rename(&mut self, from: &str, to: &str) {
-        self.state.rename_notification(from, to);
-        for event in &mut self.outbox {
-            if let Event::Notification(notification) = event
-                && notification.id == from
-            {
-                to.clone_into(&mut Arc::make_mut(notification).id);
-            }
-        }
-    }
-
-    /// The history entry for a call of `model` finished (or refused) at
-    /// `at`: its minute, and the name its day keeps for the model.
-    fn history(&mut self, at: Timestamp, model: Option<Model>) -> &mut RollupDelta {
-        let model = self.models.name(model, at, self.state.config().timezone);
-        self.rollups.entry((minute_of(at), model)).or_default()
-    }
-}
-
 #[derive(Default)]
 struct ServiceHealth {
     storage: Option<Notification>,
@@ -433,10 +281,6 @@ const EVENT_CAPACITY: usize = 1024;
 
 fn fresh_id() -> u64 {
     rand::random()
-}
-
-fn minute_of(at: Timestamp) -> i64 {
-    at.millis() - at.millis().rem_euclid(60_000)
 }
 
 impl Engine {
@@ -1316,22 +1160,6 @@ impl Published {
                 if resolved { "resolved" } else { "raised" }
             );
         }
-    }
-}
-
-/// A count as stored, where counts are signed.
-fn count(value: u64) -> i64 {
-    i64::try_from(value).unwrap_or(i64::MAX)
-}
-
-/// Expired reservations are finished requests whose estimate became final.
-fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
-    for finished in expired {
-        *cell.history(finished.charged_at, finished.model) += RollupDelta {
-            requests: 1,
-            tokens: count(finished.tokens),
-            ..RollupDelta::default()
-        };
     }
 }
 

@@ -1,0 +1,194 @@
+//! One workspace in memory: its state behind a lock (`Cell`) and the flags
+//! read without it (`Slot`): whether the flush must write it, whether usage
+//! moved, whether another instance changed it, and the agreement on its
+//! notification ids.
+
+use std::collections::VecDeque;
+use std::sync::atomic::AtomicBool;
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use rustc_hash::FxHashMap;
+
+use super::Event;
+use crate::domain::model::DailyModels;
+use crate::domain::notification::Notification;
+use crate::domain::time::Timestamp;
+use crate::domain::window::Usage;
+use crate::domain::workspace::{BillingBlock, Expired, Model, WorkspaceState};
+use crate::redis::EpisodeStep;
+use crate::store::RollupDelta;
+use crate::sync::lock;
+
+/// A workspace's state and what goes with it, behind the slot's lock.
+pub(super) struct Cell {
+    pub(super) state: WorkspaceState,
+    /// Finished requests not yet flushed, by (minute start, model).
+    pub(super) rollups: FxHashMap<(i64, Option<Model>), RollupDelta>,
+    /// The model names history keeps for the workspace's days, so that
+    /// neither `rollups` nor the database grows with every name a client
+    /// makes up.
+    pub(super) models: DailyModels,
+    /// Usage admitted here while the shared counters were unreachable, to
+    /// be added to them when they return.
+    pub(super) offline: Usage,
+    /// The upstream blocks when the shared counters became unreachable, to
+    /// tell at their return what this instance saw alone.
+    pub(super) outage_blocks: Option<(Option<Timestamp>, Option<BillingBlock>)>,
+    /// Blocks seen alone during an outage, to be written with the merge.
+    pub(super) offline_blocks: Option<crate::redis::BlockChange>,
+    /// What was published, in order, waiting to be sent until the
+    /// notifications it names carry the ids agreed on with the other
+    /// instances (see `sharing::Engine::agree`); empty otherwise.
+    pub(super) outbox: VecDeque<Event>,
+    /// The steps the workspace's causes took since the last agreement,
+    /// in order, for the shared store (see [`EpisodeStep`]).
+    pub(super) episodes: Vec<EpisodeStep>,
+    /// Ids drawn here for raised notifications whose agreed ids are not
+    /// known yet: nobody sees these notifications before they are.
+    pub(super) unagreed: Vec<String>,
+}
+
+/// A workspace as the engine holds it.
+pub(super) struct Slot {
+    pub(super) cell: Mutex<Cell>,
+    /// The state changed since the last flush.
+    pub(super) dirty: AtomicBool,
+    /// Usage changed since the last usage event.
+    pub(super) usage_dirty: AtomicBool,
+    /// Another instance changed the shared counters since they were last
+    /// loaded here.
+    pub(super) shared_stale: AtomicBool,
+    /// Held while agreeing on notification ids with the other instances,
+    /// so that a workspace's episode steps reach the store in order.
+    pub(super) agreeing: tokio::sync::Mutex<()>,
+    /// Episode steps or unagreed ids are waiting (set and cleared under the
+    /// cell's lock), so that the request path asks only when they are.
+    pub(super) agreement_due: AtomicBool,
+}
+
+impl Slot {
+    pub(super) fn new(state: WorkspaceState) -> Arc<Self> {
+        Arc::new(Self {
+            cell: Mutex::new(Cell {
+                state,
+                rollups: FxHashMap::default(),
+                models: DailyModels::default(),
+                offline: Usage::default(),
+                outage_blocks: None,
+                offline_blocks: None,
+                outbox: VecDeque::new(),
+                episodes: Vec::new(),
+                unagreed: Vec::new(),
+            }),
+            dirty: AtomicBool::new(true),
+            usage_dirty: AtomicBool::new(false),
+            shared_stale: AtomicBool::new(false),
+            agreeing: tokio::sync::Mutex::new(()),
+            agreement_due: AtomicBool::new(false),
+        })
+    }
+
+    pub(super) fn lock(&self) -> MutexGuard<'_, Cell> {
+        lock(&self.cell)
+    }
+}
+
+impl Cell {
+    /// The active notifications listeners may see: those whose ids are
+    /// agreed on.
+    pub(super) fn agreed_notifications(&self) -> impl Iterator<Item = &Notification> {
+        self.state
+            .active_notifications()
+            .iter()
+            .filter(|notification| !self.unagreed.contains(&notification.id))
+    }
+
+    /// Queues the step a raised or resolved notification takes in its
+    /// cause's episode, unless its id is derived from shared facts.
+    pub(super) fn note_episode(&mut self, notification: &Notification) {
+        let Some(cause) = notification
+            .cause
+            .filter(|cause| !WorkspaceState::derives_notification_id(*cause))
+        else {
+            return;
+        };
+        if notification.is_active() {
+            self.unagreed.push(notification.id.clone());
+            self.episodes.push(EpisodeStep::Hold {
+                cause,
+                candidate: notification.id.clone(),
+            });
+        } else {
+            self.episodes.push(EpisodeStep::Release { cause });
+        }
+    }
+
+    /// The episode steps to take in the shared store: those taken since
+    /// the last agreement, in order, and with `renew`, a hold on the
+    /// episode of every active notification whose id is agreed on.
+    pub(super) fn episode_steps(&mut self, renew: bool) -> Vec<EpisodeStep> {
+        let mut steps = std::mem::take(&mut self.episodes);
+        if renew {
+            let held: Vec<EpisodeStep> = self
+                .agreed_notifications()
+                .filter_map(|notification| {
+                    let cause = notification.cause?;
+                    (!WorkspaceState::derives_notification_id(cause)).then(|| EpisodeStep::Hold {
+                        cause,
+                        candidate: notification.id.clone(),
+                    })
+                })
+                .collect();
+            steps.extend(held);
+        }
+        steps
+    }
+
+    /// Counts `id` as agreed on; answers whether it was waiting for that
+    /// (and so was seen by nobody yet).
+    pub(super) fn take_unagreed(&mut self, id: &str) -> bool {
+        let waiting = self.unagreed.len();
+        self.unagreed.retain(|unagreed| unagreed != id);
+        self.unagreed.len() != waiting
+    }
+
+    /// Gives a notification nobody saw yet its agreed id, in the state and
+    /// in what waits to be published about it.
+    pub(super) fn rename(&mut self, from: &str, to: &str) {
+        self.state.rename_notification(from, to);
+        for event in &mut self.outbox {
+            if let Event::Notification(notification) = event
+                && notification.id == from
+            {
+                to.clone_into(&mut Arc::make_mut(notification).id);
+            }
+        }
+    }
+
+    /// The history entry for a call of `model` finished (or refused) at
+    /// `at`: its minute, and the name its day keeps for the model.
+    pub(super) fn history(&mut self, at: Timestamp, model: Option<Model>) -> &mut RollupDelta {
+        let model = self.models.name(model, at, self.state.config().timezone);
+        self.rollups.entry((minute_of(at), model)).or_default()
+    }
+}
+
+fn minute_of(at: Timestamp) -> i64 {
+    at.millis() - at.millis().rem_euclid(60_000)
+}
+
+/// A count as stored, where counts are signed.
+pub(super) fn count(value: u64) -> i64 {
+    i64::try_from(value).unwrap_or(i64::MAX)
+}
+
+/// Expired reservations are finished requests whose estimate became final.
+pub(super) fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
+    for finished in expired {
+        *cell.history(finished.charged_at, finished.model) += RollupDelta {
+            requests: 1,
+            tokens: count(finished.tokens),
+            ..RollupDelta::default()
+        };
+    }
+}
