@@ -13,6 +13,7 @@ use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
 use crate::domain::workspace::Snapshot;
+use crate::edge::error::optional_object;
 pub use crate::edge::error::{ErrorBody, ErrorDetail};
 use crate::keys::KeyGrant;
 use crate::store::KeyRecord;
@@ -356,9 +357,11 @@ pub struct UsageRequest {
     pub reservation_id: Option<String>,
     /// 1 to 100 characters among ASCII letters, digits and `. _ - : / @`.
     pub model: Option<String>,
+    #[serde(default, deserialize_with = "optional_object")]
     pub usage: Option<crate::openai::Usage>,
     /// The upstream's HTTP status (default 200, or 429 when `error` is given).
     pub status_code: Option<u16>,
+    #[serde(default, deserialize_with = "optional_object")]
     pub error: Option<crate::openai::ErrorObject>,
     /// The upstream's response headers; `x-ratelimit-*`, `retry-after` and
     /// `retry-after-ms` are read.
@@ -546,6 +549,7 @@ pub struct WorkspaceInput {
     pub name: Option<String>,
     /// An IANA timezone name; the day limits reset at its midnight. Default UTC.
     pub timezone: Option<String>,
+    #[serde(default, deserialize_with = "optional_object")]
     pub limits: Option<LimitsInput>,
     pub warn_at: Option<f64>,
     /// The environment variable holding this workspace's own OpenAI key;

@@ -247,10 +247,61 @@ impl From<QueryRejection> for ApiError {
     }
 }
 
-/// `axum::Json` with this API's error shape for bad input.
-#[derive(FromRequest)]
-#[from_request(via(axum::Json), rejection(ApiError))]
+/// `axum::Json` with this API's error shape for bad input, taking only a
+/// JSON object (see [`Object`]).
 pub struct Json<T>(pub T);
+
+impl<T, S> FromRequest<S> for Json<T>
+where
+    T: serde::de::DeserializeOwned,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request(req: axum::extract::Request, state: &S) -> Result<Self, ApiError> {
+        let axum::Json(Object(value)) =
+            <axum::Json<Object<T>> as FromRequest<S>>::from_request(req, state).await?;
+        Ok(Json(value))
+    }
+}
+
+/// A `T` read from a JSON object and nothing else. serde would also fill a
+/// struct from an array, in the order of its fields (`"limits": [null]`
+/// setting the first limit), which no client means and a hostile one could
+/// use to slip past what a reader of the request sees.
+pub struct Object<T>(pub T);
+
+impl<'de, T: Deserialize<'de>> Deserialize<'de> for Object<T> {
+    fn deserialize<D: serde::Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct ObjectOnly<T>(std::marker::PhantomData<T>);
+
+        impl<'de, T: Deserialize<'de>> serde::de::Visitor<'de> for ObjectOnly<T> {
+            type Value = T;
+
+            fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.write_str("a JSON object")
+            }
+
+            fn visit_map<A: serde::de::MapAccess<'de>>(self, map: A) -> Result<T, A::Error> {
+                T::deserialize(serde::de::value::MapAccessDeserializer::new(map))
+            }
+        }
+
+        deserializer
+            .deserialize_map(ObjectOnly(std::marker::PhantomData))
+            .map(Object)
+    }
+}
+
+/// For a field holding an optional struct: an object, `null` or nothing;
+/// never an array (see [`Object`]).
+pub fn optional_object<'de, D, T>(deserializer: D) -> Result<Option<T>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+    T: Deserialize<'de>,
+{
+    Option::<Object<T>>::deserialize(deserializer).map(|object| object.map(|Object(value)| value))
+}
 
 impl<T: serde::Serialize> IntoResponse for Json<T> {
     fn into_response(self) -> Response {

@@ -220,3 +220,66 @@ async fn unknown_workspaces_and_routes_answer_404_in_json() {
     assert_eq!(ws_over_http.error_code(), "websocket_required");
     server.stop().await;
 }
+
+#[tokio::test]
+async fn an_array_is_never_read_as_an_object() {
+    let server = TestServer::start(&[]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"requests_per_minute": 5}}))
+        .await;
+    // serde fills a struct from an array in field order; each of these
+    // would have set something nobody reading the request sees.
+    for (method, path, credential, body) in [
+        (
+            reqwest::Method::POST,
+            "/api/workspaces",
+            ADMIN_KEY,
+            json!(["beta", "Beta"]),
+        ),
+        (
+            reqwest::Method::PATCH,
+            "/api/workspaces/acme",
+            ADMIN_KEY,
+            json!({"limits": [null]}),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/quota/check",
+            key.as_str(),
+            json!([1000]),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/quota/usage",
+            key.as_str(),
+            json!({"usage": [1, 2, 3]}),
+        ),
+        (
+            reqwest::Method::POST,
+            "/api/quota/usage",
+            key.as_str(),
+            json!({"status_code": 429, "error": ["insufficient_quota"]}),
+        ),
+    ] {
+        let answer = server
+            .send(method.clone(), path, credential, Some(body.clone()))
+            .await;
+        assert_eq!(
+            answer.status,
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "{method} {path} {body}: {:?}",
+            answer.body
+        );
+        assert_eq!(answer.error_code(), "invalid_field", "{body}");
+    }
+    let acme = server.get("/api/workspaces/acme", ADMIN_KEY).await;
+    assert_eq!(acme.body["limits"]["requests_per_minute"], 5, "unchanged");
+    assert_eq!(
+        server.get("/api/workspaces/beta", ADMIN_KEY).await.status,
+        StatusCode::NOT_FOUND
+    );
+    let status = server.status(&key).await;
+    assert_eq!(status["limits"]["requests_per_minute"]["used"], 0);
+    assert!(status["billing_block"].is_null());
+    server.stop().await;
+}
