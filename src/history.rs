@@ -147,9 +147,9 @@ pub async fn notifications(
     with_history: bool,
     operator: bool,
 ) -> Result<Vec<Notification>, HistoryError> {
-    let _reading = engine.reading_history().await;
     let mut notifications = engine.active_notifications(workspace)?;
     if with_history {
+        let _reading = engine.reading_history().await;
         let stored = store
             .notifications(Some(workspace), true, NOTIFICATION_HISTORY_LIMIT as i64)
             .await?;

@@ -233,6 +233,12 @@ impl std::fmt::Debug for Secret {
 /// a variable that is not set; tests pass their own.
 pub type EnvLookup = std::sync::Arc<dyn Fn(&str) -> Option<String> + Send + Sync>;
 
+/// Whether a service key serving `workspaces` (`None`: any) may act for
+/// `workspace`.
+pub fn serves(workspaces: Option<&[WorkspaceId]>, workspace: &WorkspaceId) -> bool {
+    workspaces.is_none_or(|list| list.contains(workspace))
+}
+
 /// A fresh identifier with a readable prefix, e.g. `key_3f9a…`.
 pub fn new_id(prefix: &str) -> String {
     let bytes: [u8; 8] = rand::random();

@@ -288,27 +288,33 @@ impl Engine {
         let record = match wanted {
             Wanted::Key(hash) => store.active_key(hash).await?,
             Wanted::Minter(id) => store.active_key_by_id(id).await?,
-            Wanted::Workspace(id) => {
-                let Some(config) = store.workspace(id).await? else {
-                    return Ok(false);
-                };
-                self.upsert_workspace(config);
-                return Ok(true);
-            }
+            Wanted::Workspace(id) => return self.load_workspace(store, id).await,
         };
         let Some(record) = record else {
             return Ok(false);
         };
         if let Some(workspace) = record.grant.workspace()
             && !self.contains(workspace)
+            && !self.load_workspace(store, workspace).await?
         {
-            let Some(config) = store.workspace(workspace).await? else {
-                return Ok(false);
-            };
-            self.upsert_workspace(config);
+            return Ok(false);
         }
         tracing::debug!(key_id = %record.id, "key made elsewhere loaded");
         self.add_key(&record);
+        Ok(true)
+    }
+
+    /// Loads a workspace from the database, as a reload would; whether it
+    /// exists.
+    async fn load_workspace(
+        &self,
+        store: &Store,
+        id: &WorkspaceId,
+    ) -> Result<bool, crate::store::StoreError> {
+        let Some(config) = store.workspace(id).await? else {
+            return Ok(false);
+        };
+        self.upsert_workspace(config);
         Ok(true)
     }
 

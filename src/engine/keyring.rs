@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicI64, Ordering};
 
 use crate::domain::limits::WorkspaceId;
 use crate::domain::time::Timestamp;
-use crate::keys::{KeyGrant, KeyHash, Scope, Scopes};
+use crate::keys::{KeyGrant, KeyHash, Scope, Scopes, serves};
 use crate::store::KeyRecord;
 use crate::tokens::{Minter, TOKEN_PREFIX, TokenClaims, TokenSecret};
 
@@ -62,10 +62,13 @@ impl Principal {
                     Err(Denied::MissingScope(scope))
                 }
             }
-            Principal::Service { workspaces, .. } => match workspaces {
-                Some(list) if !list.contains(workspace) => Err(Denied::OtherWorkspace),
-                _ => Ok(()),
-            },
+            Principal::Service { workspaces, .. } => {
+                if serves(workspaces.as_deref(), workspace) {
+                    Ok(())
+                } else {
+                    Err(Denied::OtherWorkspace)
+                }
+            }
         }
     }
 }
@@ -295,9 +298,9 @@ impl Keyring {
                 };
                 let valid = minter.expires_at.is_none_or(|at| at > now)
                     && match &minter.grant {
-                        KeyGrant::Service { workspaces } => workspaces
-                            .as_ref()
-                            .is_none_or(|list| list.contains(&claims.workspace)),
+                        KeyGrant::Service { workspaces } => {
+                            serves(workspaces.as_deref(), &claims.workspace)
+                        }
                         KeyGrant::Workspace { .. } => false,
                     };
                 Verdict::Known(valid.then(|| read_only(&claims)).ok_or(AuthError::Unknown))

@@ -1081,26 +1081,16 @@ mod tests {
     fn a_refusal_raises_one_notification_and_the_status_follows() {
         let (engine, id) = engine_with("acme", 1);
         let mut events = engine.subscribe();
-        assert!(
+        let admitted = |engine: &Engine| {
             engine
                 .admit_here(&id, request())
                 .expect("known")
                 .result
                 .is_ok()
-        );
-        assert!(
-            engine
-                .admit_here(&id, request())
-                .expect("known")
-                .result
-                .is_err()
-        );
-        assert!(
-            engine
-                .admit_here(&id, request())
-                .expect("known")
-                .result
-                .is_err()
+        };
+        assert_eq!(
+            [admitted(&engine), admitted(&engine), admitted(&engine)],
+            [true, false, false]
         );
         let kinds: Vec<&'static str> = sent(&mut events)
             .iter()

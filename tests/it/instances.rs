@@ -698,7 +698,7 @@ async fn a_billing_block_has_one_notification_id_on_every_instance_and_in_histor
 }
 
 /// How many keys `server` looked up in the database, from its metrics.
-async fn key_lookups(server: &TestServer) -> u64 {
+pub(crate) async fn key_lookups(server: &TestServer) -> u64 {
     let metrics = server.metrics().await;
     metrics
         .lines()

@@ -9,6 +9,7 @@ use quotawatch::mock::MockOptions;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::instances::key_lookups;
 use crate::support::postgres::TestDatabase;
 use crate::support::{ADMIN_KEY, Response, TestServer, Upstream, eventually};
 use crate::websocket::{close_code, connect, wait_for};
@@ -28,25 +29,13 @@ async fn call(
     workspace: Option<&str>,
     body: Option<Value>,
 ) -> Response {
-    let mut request = server
-        .client
-        .request(method, server.url(path))
-        .bearer_auth(key);
-    if let Some(workspace) = workspace {
-        request = request.header(WORKSPACE_HEADER, workspace);
-    }
-    if let Some(body) = body {
-        request = request.json(&body);
-    }
-    let response = request.send().await.expect("request");
-    let status = response.status();
-    let headers = response.headers().clone();
-    let text = response.text().await.expect("body");
-    Response {
-        status,
-        headers,
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
-    }
+    let headers: Vec<(&str, &str)> = workspace
+        .map(|workspace| (WORKSPACE_HEADER, workspace))
+        .into_iter()
+        .collect();
+    server
+        .send_with_headers(method, path, key, &headers, body)
+        .await
 }
 
 async fn create_key(server: &TestServer, workspace: &str, body: Value) -> (String, String) {
@@ -758,4 +747,60 @@ async fn keys_made_before_scopes_keep_all_three_after_the_upgrade_on_postgres() 
     let server = TestServer::start_on(database.url.clone(), None, &[]).await;
     the_old_key_keeps_every_scope(server, key.expose()).await;
     database.drop_database().await;
+}
+
+#[tokio::test]
+async fn naming_made_up_workspaces_costs_a_bounded_number_of_database_lookups() {
+    let server = TestServer::start(&[]).await;
+    let acme = server.workspace(json!({"id": "acme"})).await;
+    let (service, _) = service_key(&server, json!({})).await;
+    let before = key_lookups(&server).await;
+    // A workspace key naming others is refused without looking anything up.
+    for n in 0..50 {
+        let answer = call(
+            &server,
+            Method::GET,
+            "/api/quota/status",
+            &acme,
+            Some(&format!("other-{n}")),
+            None,
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND);
+    }
+    assert_eq!(key_lookups(&server).await, before);
+    // A service key for any workspace may name one made through another
+    // instance a moment ago, so an unknown name is looked up: within the
+    // budget, each name once.
+    let started = std::time::Instant::now();
+    for n in 0..300 {
+        let answer = call(
+            &server,
+            Method::GET,
+            "/api/quota/status",
+            &service,
+            Some(&format!("made-up-{n}")),
+            None,
+        )
+        .await;
+        assert_eq!(answer.status, StatusCode::NOT_FOUND);
+        assert_eq!(answer.error_code(), "workspace_not_found");
+    }
+    let again = call(
+        &server,
+        Method::GET,
+        "/api/quota/status",
+        &service,
+        Some("made-up-0"),
+        None,
+    )
+    .await;
+    assert_eq!(again.status, StatusCode::NOT_FOUND);
+    let looked_up = key_lookups(&server).await - before;
+    let bound = 20 + (20.0 * started.elapsed().as_secs_f64()).ceil() as u64;
+    assert!(
+        looked_up <= bound && looked_up < 300,
+        "{looked_up} lookups for 301 requests (bound {bound})"
+    );
+    server.stop().await;
 }

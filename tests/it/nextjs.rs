@@ -14,7 +14,7 @@ use serde_json::{Value, json};
 use tokio::process::{Child, Command};
 
 use crate::support::browser::{Browser, PATIENCE};
-use crate::support::{ADMIN_KEY, TestServer, client, output_of};
+use crate::support::{ADMIN_KEY, TestServer, client, output_of, test_tool};
 
 const TEST: &str = "the_nextjs_example_follows_its_workspace_live_in_chromium";
 
@@ -127,13 +127,13 @@ fn free_port() -> u16 {
 
 #[tokio::test]
 async fn the_nextjs_example_follows_its_workspace_live_in_chromium() {
-    let (Ok(npm), Ok(_)) = (
-        std::env::var("QUOTAWATCH_TEST_NPM"),
-        std::env::var("QUOTAWATCH_TEST_CHROMEDRIVER"),
+    let (Some(npm), Some(_)) = (
+        test_tool(
+            "QUOTAWATCH_TEST_NPM",
+            "the npm executable, and the npm registry",
+        ),
+        test_tool("QUOTAWATCH_TEST_CHROMEDRIVER", "the path to chromedriver"),
     ) else {
-        println!(
-            "skipped: {TEST} needs QUOTAWATCH_TEST_NPM (the npm executable, and the npm registry) and QUOTAWATCH_TEST_CHROMEDRIVER (path to chromedriver)"
-        );
         return;
     };
     let origin = format!("http://127.0.0.1:{}", free_port());

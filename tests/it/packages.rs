@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
-use crate::support::{ADMIN_KEY, TestServer, output_of};
+use crate::support::{ADMIN_KEY, TestServer, output_of, test_tool};
 
 /// Runs `program` in `dir`, failing the test with its output when it fails.
 async fn run(program: &str, args: &[&str], dir: &Path) -> String {
@@ -93,10 +93,10 @@ console.log(JSON.stringify({
 
 #[tokio::test]
 async fn the_packed_clients_install_together_and_work_on_node() {
-    let Ok(npm) = std::env::var("QUOTAWATCH_TEST_NPM") else {
-        println!(
-            "skipped: the_packed_clients_install_together_and_work_on_node needs QUOTAWATCH_TEST_NPM (the npm executable) and the npm registry"
-        );
+    let Some(npm) = test_tool(
+        "QUOTAWATCH_TEST_NPM",
+        "the npm executable, and the npm registry",
+    ) else {
         return;
     };
     let dir = tempfile::tempdir().expect("tempdir");

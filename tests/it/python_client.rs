@@ -8,17 +8,14 @@ use std::time::Duration;
 
 use quotawatch::mock::MockOptions;
 
-use crate::support::{ADMIN_KEY, TestServer, Upstream};
+use crate::support::{ADMIN_KEY, TestServer, Upstream, test_tool};
 
 #[tokio::test]
 async fn the_python_client_passes_its_suite_against_a_real_server() {
-    let Some(python) = std::env::var("QUOTAWATCH_TEST_PYTHON")
-        .ok()
-        .filter(|p| !p.is_empty())
-    else {
-        println!(
-            "skipped: the Python client's tests need QUOTAWATCH_TEST_PYTHON=python3 with pytest, httpx, fastapi and openai installed"
-        );
+    let Some(python) = test_tool(
+        "QUOTAWATCH_TEST_PYTHON",
+        "a Python with pytest, httpx, fastapi and openai, e.g. python3",
+    ) else {
         return;
     };
     let upstream = Upstream::start(MockOptions::default()).await;

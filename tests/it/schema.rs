@@ -7,7 +7,7 @@
 
 use std::time::Duration;
 
-use crate::support::{ADMIN_KEY, TestServer};
+use crate::support::{ADMIN_KEY, TestServer, test_tool};
 
 /// Test cases per operation and phase: enough to reach every status an
 /// operation documents, few enough for both runs to finish in about a
@@ -29,13 +29,10 @@ const EXCLUDED_CHECKS: &str = "positive_data_acceptance";
 
 #[tokio::test]
 async fn the_api_answers_as_its_openapi_document_says() {
-    let Some(schemathesis) = std::env::var("QUOTAWATCH_TEST_SCHEMATHESIS")
-        .ok()
-        .filter(|path| !path.is_empty())
-    else {
-        println!(
-            "skipped: the schema test needs QUOTAWATCH_TEST_SCHEMATHESIS=schemathesis (pip install 'schemathesis>=4,<5')"
-        );
+    let Some(schemathesis) = test_tool(
+        "QUOTAWATCH_TEST_SCHEMATHESIS",
+        "the schemathesis executable (pip install 'schemathesis>=4,<5')",
+    ) else {
         return;
     };
     let server = TestServer::start(&[]).await;

@@ -7,17 +7,14 @@ use std::time::Duration;
 use quotawatch::mock::MockOptions;
 use serde_json::{Value, json};
 
-use crate::support::{Upstream, proxied};
+use crate::support::{Upstream, proxied, test_tool};
 
 #[tokio::test]
 async fn the_official_python_sdk_works_through_the_proxy() {
-    let Some(python) = std::env::var("QUOTAWATCH_TEST_PYTHON")
-        .ok()
-        .filter(|p| !p.is_empty())
-    else {
-        println!(
-            "skipped: the Python SDK test needs QUOTAWATCH_TEST_PYTHON=python3 with the openai package installed"
-        );
+    let Some(python) = test_tool(
+        "QUOTAWATCH_TEST_PYTHON",
+        "a Python with the openai package, e.g. python3",
+    ) else {
         return;
     };
     let upstream = Upstream::start(MockOptions::default()).await;

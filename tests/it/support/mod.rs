@@ -21,6 +21,16 @@ pub mod redis;
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
 
+/// The external tool a test needs, named by the variable `var`; when it is
+/// unset (or empty) the test is skipped with a line saying what it needs.
+pub fn test_tool(var: &str, needs: &str) -> Option<String> {
+    let tool = std::env::var(var).ok().filter(|value| !value.is_empty());
+    if tool.is_none() {
+        println!("skipped: this test needs {var}: {needs}");
+    }
+    tool
+}
+
 /// Waits until `check` returns `Some`, polling, and fails the test when
 /// `deadline` passes first.
 pub async fn eventually<T, F, Fut>(what: &str, deadline: Duration, mut check: F) -> T
@@ -216,7 +226,22 @@ impl TestServer {
         key: &str,
         body: Option<Value>,
     ) -> Response {
+        self.send_with_headers(method, path, key, &[], body).await
+    }
+
+    /// Like [`send`](Self::send), with extra request headers.
+    pub async fn send_with_headers(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        key: &str,
+        headers: &[(&str, &str)],
+        body: Option<Value>,
+    ) -> Response {
         let mut request = self.client.request(method, self.url(path)).bearer_auth(key);
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
         if let Some(body) = body {
             request = request.json(&body);
         }
