@@ -32,10 +32,9 @@ fn main() {
 /// admitted path, which is the common one.
 fn limits() -> Limits {
     let mut limits = Limits::default();
-    limits.set(LimitKind::RequestsPerMinute, Some(u64::MAX / 4));
-    limits.set(LimitKind::RequestsPerDay, Some(u64::MAX / 4));
-    limits.set(LimitKind::TokensPerMinute, Some(u64::MAX / 4));
-    limits.set(LimitKind::TokensPerDay, Some(u64::MAX / 4));
+    for kind in LimitKind::ALL {
+        limits.set(kind, Some(u64::MAX / 4));
+    }
     limits
 }
 

@@ -8,6 +8,7 @@ use std::time::Duration;
 use clap::{Args, Parser, Subcommand};
 
 use crate::admin::{Admin, KeySpec, WorkspaceSpec};
+use crate::api::dto::usage_name;
 use crate::config::{self, CliOverrides, Config, Sources};
 use crate::domain::limits::{LimitKind, PerLimit, WorkspaceId};
 use crate::domain::time::{Timestamp, humanize_duration};
@@ -170,15 +171,8 @@ struct WorkspaceArgs {
     /// An IANA timezone, e.g. Europe/Berlin.
     #[arg(long)]
     timezone: Option<String>,
-    /// A number, or "unlimited".
-    #[arg(long, value_parser = parse_limit)]
-    requests_per_minute: Option<LimitArg>,
-    #[arg(long, value_parser = parse_limit)]
-    requests_per_day: Option<LimitArg>,
-    #[arg(long, value_parser = parse_limit)]
-    tokens_per_minute: Option<LimitArg>,
-    #[arg(long, value_parser = parse_limit)]
-    tokens_per_day: Option<LimitArg>,
+    #[command(flatten)]
+    limits: LimitArgs,
     #[arg(long)]
     warn_at: Option<f64>,
     /// The environment variable holding this workspace's own OpenAI key, or
@@ -204,6 +198,50 @@ fn unless_none(value: String) -> Option<String> {
 #[derive(Clone, Copy, Debug)]
 struct LimitArg(Option<u64>);
 
+/// One option per limit kind (`--tokens-per-month`), built from
+/// [`LimitKind::ALL`] so that every kind has one.
+#[derive(Debug, Default)]
+struct LimitArgs(PerLimit<Option<LimitArg>>);
+
+impl clap::FromArgMatches for LimitArgs {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let mut limits = PerLimit::default();
+        for kind in LimitKind::ALL {
+            limits.set(kind, matches.get_one::<LimitArg>(kind.name()).copied());
+        }
+        Ok(Self(limits))
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl Args for LimitArgs {
+    fn augment_args(command: clap::Command) -> clap::Command {
+        static FLAGS: std::sync::LazyLock<Vec<String>> = std::sync::LazyLock::new(|| {
+            LimitKind::ALL
+                .iter()
+                .map(|kind| kind.name().replace('_', "-"))
+                .collect()
+        });
+        LimitKind::ALL.into_iter().fold(command, |command, kind| {
+            command.arg(
+                clap::Arg::new(kind.name())
+                    .long(FLAGS[kind.index()].as_str())
+                    .value_name("N")
+                    .value_parser(parse_limit)
+                    .help(format!("The {kind} limit: a number, or \"unlimited\"")),
+            )
+        })
+    }
+
+    fn augment_args_for_update(command: clap::Command) -> clap::Command {
+        Self::augment_args(command)
+    }
+}
+
 fn parse_limit(text: &str) -> Result<LimitArg, String> {
     match text {
         "unlimited" | "none" => Ok(LimitArg(None)),
@@ -220,13 +258,10 @@ impl WorkspaceArgs {
             name: self.name,
             timezone: self.timezone,
             limits: PerLimit(
-                [
-                    self.requests_per_minute,
-                    self.requests_per_day,
-                    self.tokens_per_minute,
-                    self.tokens_per_day,
-                ]
-                .map(|limit| limit.map(|LimitArg(value)| value).into()),
+                self.limits
+                    .0
+                    .0
+                    .map(|limit| limit.map(|LimitArg(value)| value).into()),
             ),
             warn_at: self.warn_at,
             upstream_key_env: self.upstream_key_env.map(unless_none).into(),
@@ -403,12 +438,9 @@ async fn workspace(config: Config, command: WorkspaceCommand) -> Result<(), Fail
                 "ID".to_owned(),
                 "NAME".to_owned(),
                 "TIMEZONE".to_owned(),
-                "REQ/MIN".to_owned(),
-                "REQ/DAY".to_owned(),
-                "TOK/MIN".to_owned(),
-                "TOK/DAY".to_owned(),
-                "WARN_AT".to_owned(),
             ]];
+            rows[0].extend(LimitKind::ALL.map(limit_heading));
+            rows[0].push("WARN_AT".to_owned());
             for ws in admin.list_workspaces().await? {
                 let mut row = vec![
                     ws.id.to_string(),
@@ -552,15 +584,19 @@ fn table(rows: &[Vec<String>]) -> String {
     out
 }
 
+/// A limit's column heading: `REQ/MIN`, `TOK/MON`.
+fn limit_heading(kind: LimitKind) -> String {
+    let short = |name: &str| name[..3].to_uppercase();
+    format!(
+        "{}/{}",
+        short(kind.metric.name()),
+        short(kind.window.name())
+    )
+}
+
 fn status_rows(docs: &[serde_json::Value], now: Timestamp) -> Vec<Vec<String>> {
-    let mut rows = vec![vec![
-        "WORKSPACE".to_owned(),
-        "STATUS".to_owned(),
-        "REQ/MIN".to_owned(),
-        "REQ/DAY".to_owned(),
-        "TOK/MIN".to_owned(),
-        "TOK/DAY".to_owned(),
-    ]];
+    let mut rows = vec![vec!["WORKSPACE".to_owned(), "STATUS".to_owned()]];
+    rows[0].extend(LimitKind::ALL.map(limit_heading));
     for doc in docs {
         let mut row = vec![
             doc["workspace"].as_str().unwrap_or("?").to_owned(),
@@ -581,19 +617,9 @@ fn status_rows(docs: &[serde_json::Value], now: Timestamp) -> Vec<Vec<String>> {
                     format!("{used}/{max}{resets}")
                 }
                 // No limit: what was used all the same.
-                _ => {
-                    let span = match kind.span() {
-                        crate::domain::limits::Span::Minute => "last_minute",
-                        crate::domain::limits::Span::Day => "today",
-                    };
-                    let unit = match kind.unit() {
-                        crate::domain::limits::Unit::Requests => "requests",
-                        crate::domain::limits::Unit::Tokens => "tokens",
-                    };
-                    doc["usage"][span][unit]
-                        .as_u64()
-                        .map_or_else(|| "-".to_owned(), |used| format!("{used} (no limit)"))
-                }
+                _ => doc["usage"][usage_name(kind.window)][kind.metric.name()]
+                    .as_u64()
+                    .map_or_else(|| "-".to_owned(), |used| format!("{used} (no limit)")),
             };
             row.push(cell);
         }

@@ -16,7 +16,8 @@ use serde::Deserialize;
 
 use crate::admin::{Change, WorkspaceSpec};
 use crate::domain::limits::{
-    LimitKind, Limits, OnStoreError, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
+    LimitKind, Limits, Metric, OnStoreError, PerLimit, Window, WorkspaceConfig, validate_limit,
+    validate_warn_at,
 };
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
@@ -62,19 +63,30 @@ macro_rules! settings {
     };
 }
 
+const REQUESTS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Requests, Window::Minute);
+const REQUESTS_PER_DAY: LimitKind = LimitKind::new(Metric::Requests, Window::Day);
+const REQUESTS_PER_MONTH: LimitKind = LimitKind::new(Metric::Requests, Window::Month);
+const TOKENS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Tokens, Window::Minute);
+const TOKENS_PER_DAY: LimitKind = LimitKind::new(Metric::Tokens, Window::Day);
+const TOKENS_PER_MONTH: LimitKind = LimitKind::new(Metric::Tokens, Window::Month);
+
 settings! {
     LISTEN: SocketAddr = ("listen", "QUOTAWATCH_LISTEN", Some("127.0.0.1:8000"), false, parse_listen,
         "address and port to listen on");
     DATABASE_URL: String = ("database_url", "QUOTAWATCH_DATABASE_URL", Some("sqlite://quotawatch.db"), false, parse_database_url,
         "sqlite://PATH (created if missing) or postgres://...");
-    DEFAULT_REQUESTS_PER_MINUTE: Option<u64> = ("default_requests_per_minute", "OPENAI_RATE_LIMIT_PER_MINUTE", Some("500"), false, |text| parse_limit(text, LimitKind::RequestsPerMinute),
+    DEFAULT_REQUESTS_PER_MINUTE: Option<u64> = ("default_requests_per_minute", "OPENAI_RATE_LIMIT_PER_MINUTE", Some("500"), false, |text| parse_limit(text, REQUESTS_PER_MINUTE),
         "requests-per-minute limit of new workspaces (\"unlimited\" for none)");
-    DEFAULT_REQUESTS_PER_DAY: Option<u64> = ("default_requests_per_day", "OPENAI_RATE_LIMIT_PER_DAY", Some("10000"), false, |text| parse_limit(text, LimitKind::RequestsPerDay),
+    DEFAULT_REQUESTS_PER_DAY: Option<u64> = ("default_requests_per_day", "OPENAI_RATE_LIMIT_PER_DAY", Some("10000"), false, |text| parse_limit(text, REQUESTS_PER_DAY),
         "requests-per-day limit of new workspaces");
-    DEFAULT_TOKENS_PER_MINUTE: Option<u64> = ("default_tokens_per_minute", "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE", Some("unlimited"), false, |text| parse_limit(text, LimitKind::TokensPerMinute),
+    DEFAULT_TOKENS_PER_MINUTE: Option<u64> = ("default_tokens_per_minute", "QUOTAWATCH_DEFAULT_TOKENS_PER_MINUTE", Some("unlimited"), false, |text| parse_limit(text, TOKENS_PER_MINUTE),
         "tokens-per-minute limit of new workspaces");
-    DEFAULT_TOKENS_PER_DAY: Option<u64> = ("default_tokens_per_day", "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY", Some("unlimited"), false, |text| parse_limit(text, LimitKind::TokensPerDay),
+    DEFAULT_TOKENS_PER_DAY: Option<u64> = ("default_tokens_per_day", "QUOTAWATCH_DEFAULT_TOKENS_PER_DAY", Some("unlimited"), false, |text| parse_limit(text, TOKENS_PER_DAY),
         "tokens-per-day limit of new workspaces");
+    DEFAULT_REQUESTS_PER_MONTH: Option<u64> = ("default_requests_per_month", "QUOTAWATCH_DEFAULT_REQUESTS_PER_MONTH", Some("unlimited"), false, |text| parse_limit(text, REQUESTS_PER_MONTH),
+        "requests-per-month limit of new workspaces (the calendar month in the workspace's timezone)");
+    DEFAULT_TOKENS_PER_MONTH: Option<u64> = ("default_tokens_per_month", "QUOTAWATCH_DEFAULT_TOKENS_PER_MONTH", Some("unlimited"), false, |text| parse_limit(text, TOKENS_PER_MONTH),
+        "tokens-per-month limit of new workspaces");
     DEFAULT_WARN_AT: f64 = ("default_warn_at", "QUOTAWATCH_DEFAULT_WARN_AT", Some("0.8"), false, parse_warn_at,
         "utilisation at which new workspaces start warning");
     ADMIN_KEY: Secret = ("admin_key", "QUOTA_ADMIN_RESET_KEY", None, true, parse_admin_key,
@@ -396,10 +408,12 @@ fn build(
     let values = Values(values);
     let mut limits = Limits::default();
     for (setting, kind) in [
-        (&DEFAULT_REQUESTS_PER_MINUTE, LimitKind::RequestsPerMinute),
-        (&DEFAULT_REQUESTS_PER_DAY, LimitKind::RequestsPerDay),
-        (&DEFAULT_TOKENS_PER_MINUTE, LimitKind::TokensPerMinute),
-        (&DEFAULT_TOKENS_PER_DAY, LimitKind::TokensPerDay),
+        (&DEFAULT_REQUESTS_PER_MINUTE, REQUESTS_PER_MINUTE),
+        (&DEFAULT_REQUESTS_PER_DAY, REQUESTS_PER_DAY),
+        (&DEFAULT_TOKENS_PER_MINUTE, TOKENS_PER_MINUTE),
+        (&DEFAULT_TOKENS_PER_DAY, TOKENS_PER_DAY),
+        (&DEFAULT_REQUESTS_PER_MONTH, REQUESTS_PER_MONTH),
+        (&DEFAULT_TOKENS_PER_MONTH, TOKENS_PER_MONTH),
     ] {
         limits.set(kind, values.read(setting)?);
     }
@@ -716,7 +730,12 @@ fn file_workspace(
     let mut limits: PerLimit<Change<Option<u64>>> = PerLimit::default();
     for (name, value) in declared.limits {
         let kind = LimitKind::from_name(&name).ok_or_else(|| {
-            ConfigError::new(at(&format!("limits.{name}")), source, "unknown limit; use requests_per_minute, requests_per_day, tokens_per_minute or tokens_per_day")
+            let known: Vec<&str> = LimitKind::ALL.iter().map(|kind| kind.name()).collect();
+            ConfigError::new(
+                at(&format!("limits.{name}")),
+                source,
+                format!("unknown limit; use one of {}", known.join(", ")),
+            )
         })?;
         let value = match value {
             FileLimit::Count(n) if n < 0 => {
@@ -961,15 +980,9 @@ mod tests {
         let config = load_with(None, None, &[], vec![]).expect("defaults are valid");
         assert_eq!(config.listen.to_string(), "127.0.0.1:8000");
         assert_eq!(config.database_url, "sqlite://quotawatch.db");
-        assert_eq!(
-            config.defaults.limits.get(LimitKind::RequestsPerMinute),
-            Some(500)
-        );
-        assert_eq!(
-            config.defaults.limits.get(LimitKind::RequestsPerDay),
-            Some(10_000)
-        );
-        assert_eq!(config.defaults.limits.get(LimitKind::TokensPerDay), None);
+        assert_eq!(config.defaults.limits.get(REQUESTS_PER_MINUTE), Some(500));
+        assert_eq!(config.defaults.limits.get(REQUESTS_PER_DAY), Some(10_000));
+        assert_eq!(config.defaults.limits.get(TOKENS_PER_DAY), None);
         assert_eq!(config.defaults.warn_at, 0.8);
         assert_eq!(config.engine.reservation_ttl, Duration::from_secs(600));
         assert_eq!(config.engine.probe_interval, Duration::from_secs(60));
@@ -1005,12 +1018,12 @@ mod tests {
         let cli = vec![("listen", "127.0.0.1:9004".to_owned())];
         let config = load_with(Some(file), Some(dotenv), &env, cli).expect("valid");
         assert_eq!(
-            config.defaults.limits.get(LimitKind::RequestsPerMinute),
+            config.defaults.limits.get(REQUESTS_PER_MINUTE),
             Some(100),
             "file over default"
         );
         assert_eq!(
-            config.defaults.limits.get(LimitKind::RequestsPerDay),
+            config.defaults.limits.get(REQUESTS_PER_DAY),
             Some(300),
             ".env over file"
         );
@@ -1106,11 +1119,8 @@ tokens_per_day = "unlimited"
         let config = load_with(Some(file), None, &[], vec![]).expect("valid");
         let (id, spec) = &config.workspaces[0];
         assert_eq!(id, "acme");
-        assert_eq!(
-            spec.limits.get(LimitKind::RequestsPerMinute),
-            Change::Set(Some(60))
-        );
-        assert_eq!(spec.limits.get(LimitKind::TokensPerDay), Change::Set(None));
+        assert_eq!(spec.limits.get(REQUESTS_PER_MINUTE), Change::Set(Some(60)));
+        assert_eq!(spec.limits.get(TOKENS_PER_DAY), Change::Set(None));
 
         let bad = "[[workspaces]]\nid = \"acme\"\ntimezone = \"Nowhere/Special\"\n";
         let error = load_with(Some(bad), None, &[], vec![]).expect_err("bad zone");

@@ -7,7 +7,7 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use crate::admin::Change;
-use crate::domain::limits::{LimitKind, PerLimit, WorkspaceConfig};
+use crate::domain::limits::{LimitKind, Limits, PerLimit, Window, WorkspaceConfig};
 use crate::domain::notification::Notification;
 use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
@@ -43,7 +43,7 @@ pub struct LimitDoc {
     /// fact overshot the limit).
     pub utilization: f64,
     /// When the window is clear again (minute limits, null when empty) or
-    /// the day ends (day limits).
+    /// the day or month ends (day and month limits).
     pub resets_at: Option<String>,
 }
 
@@ -59,29 +59,68 @@ impl From<LimitFacts> for LimitDoc {
     }
 }
 
-/// One entry per configured limit; unlimited kinds are left out.
-#[derive(Serialize, ToSchema, Clone, Debug, Default)]
-pub struct LimitsDoc {
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub requests_per_minute: Option<LimitDoc>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub requests_per_day: Option<LimitDoc>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tokens_per_minute: Option<LimitDoc>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub tokens_per_day: Option<LimitDoc>,
+/// The shapes with one field per limit kind, each field named after its
+/// kind. The fields are listed once, in [`LimitKind::ALL`]'s order, so that
+/// the conversions below go by position.
+macro_rules! limit_shapes {
+    ($($field:ident),* $(,)?) => {
+        /// One entry per configured limit; unlimited kinds are left out.
+        #[derive(Serialize, ToSchema, Clone, Debug, Default)]
+        pub struct LimitsDoc {
+            $(
+                #[serde(skip_serializing_if = "Option::is_none")]
+                pub $field: Option<LimitDoc>,
+            )*
+        }
+
+        impl LimitsDoc {
+            fn slot(&mut self, kind: LimitKind) -> &mut Option<LimitDoc> {
+                let slots = [$(&mut self.$field),*];
+                slots.into_iter().nth(kind.index()).expect("a field per kind")
+            }
+        }
+
+        /// Limits as configured; null means unlimited.
+        #[derive(Serialize, ToSchema, Debug, Clone)]
+        pub struct LimitSettingsDoc {
+            $(pub $field: Option<u64>,)*
+        }
+
+        impl From<Limits> for LimitSettingsDoc {
+            fn from(limits: Limits) -> Self {
+                let [$($field),*] = limits.0;
+                Self { $($field),* }
+            }
+        }
+
+        /// Limits to set: a number, null for unlimited, or left out (on
+        /// creation: the server default; on update: unchanged).
+        #[derive(Deserialize, ToSchema, Debug, Default)]
+        #[serde(deny_unknown_fields)]
+        pub struct LimitsInput {
+            $(
+                #[serde(default, deserialize_with = "change")]
+                #[schema(value_type = Option<u64>)]
+                pub $field: Change<Option<u64>>,
+            )*
+        }
+
+        impl LimitsInput {
+            pub fn to_per_limit(&self) -> PerLimit<Change<Option<u64>>> {
+                PerLimit([$(self.$field),*])
+            }
+        }
+    };
 }
 
-impl LimitsDoc {
-    fn slot(&mut self, kind: LimitKind) -> &mut Option<LimitDoc> {
-        match kind {
-            LimitKind::RequestsPerMinute => &mut self.requests_per_minute,
-            LimitKind::RequestsPerDay => &mut self.requests_per_day,
-            LimitKind::TokensPerMinute => &mut self.tokens_per_minute,
-            LimitKind::TokensPerDay => &mut self.tokens_per_day,
-        }
-    }
-}
+limit_shapes!(
+    requests_per_minute,
+    requests_per_day,
+    requests_per_month,
+    tokens_per_minute,
+    tokens_per_day,
+    tokens_per_month,
+);
 
 #[derive(Serialize, ToSchema, Clone, Debug)]
 pub struct UpstreamBucketDoc {
@@ -179,6 +218,17 @@ pub struct UsageDoc {
     pub last_minute: CountsDoc,
     /// Since midnight in the workspace's timezone.
     pub today: CountsDoc,
+    /// Since midnight on the first of the month in the workspace's timezone.
+    pub this_month: CountsDoc,
+}
+
+/// The field of [`UsageDoc`] that counts over `window`.
+pub fn usage_name(window: Window) -> &'static str {
+    match window {
+        Window::Minute => "last_minute",
+        Window::Day => "today",
+        Window::Month => "this_month",
+    }
 }
 
 impl From<crate::domain::window::Usage> for CountsDoc {
@@ -212,6 +262,7 @@ impl From<&Snapshot> for StatusDoc {
             usage: UsageDoc {
                 last_minute: snapshot.usage.last_minute.into(),
                 today: snapshot.usage.today.into(),
+                this_month: snapshot.usage.this_month.into(),
             },
             upstream: snapshot.upstream.map(|view| UpstreamDoc {
                 requests: view.requests.map(Into::into),
@@ -265,7 +316,7 @@ pub struct NotificationDoc {
     /// `info`, `warning` or `critical`.
     pub severity: String,
     /// `approaching_limit`, `rate_limited`, `daily_quota_exhausted`,
-    /// `upstream_rate_limited`, `upstream_quota_exhausted`, `upstream_errors`,
+    /// `monthly_quota_exhausted`, `upstream_rate_limited`, `upstream_quota_exhausted`, `upstream_errors`,
     /// `storage_unavailable`, `shared_store_unavailable` or
     /// `upstream_key_missing`.
     pub kind: String,
@@ -457,15 +508,6 @@ pub struct HistoryDoc {
 
 // ----- workspaces and keys -------------------------------------------------------------
 
-/// Limits as configured; null means unlimited.
-#[derive(Serialize, ToSchema, Debug, Clone)]
-pub struct LimitSettingsDoc {
-    pub requests_per_minute: Option<u64>,
-    pub requests_per_day: Option<u64>,
-    pub tokens_per_minute: Option<u64>,
-    pub tokens_per_day: Option<u64>,
-}
-
 #[derive(Serialize, ToSchema, Debug, Clone)]
 pub struct WorkspaceDoc {
     pub id: String,
@@ -486,17 +528,11 @@ pub struct WorkspaceDoc {
 
 impl From<&WorkspaceConfig> for WorkspaceDoc {
     fn from(config: &WorkspaceConfig) -> Self {
-        let l = config.limits;
         Self {
             id: config.id.to_string(),
             name: config.name.clone(),
             timezone: config.timezone.name().to_owned(),
-            limits: LimitSettingsDoc {
-                requests_per_minute: l.get(LimitKind::RequestsPerMinute),
-                requests_per_day: l.get(LimitKind::RequestsPerDay),
-                tokens_per_minute: l.get(LimitKind::TokensPerMinute),
-                tokens_per_day: l.get(LimitKind::TokensPerDay),
-            },
+            limits: config.limits.into(),
             warn_at: config.warn_at,
             upstream_key_env: config.upstream_key_env.clone(),
             upstream_organization: config.upstream_organization.clone(),
@@ -510,36 +546,6 @@ pub struct WorkspaceListDoc {
     pub workspaces: Vec<WorkspaceDoc>,
 }
 
-/// Limits to set: a number, null for unlimited, or left out (on creation:
-/// the server default; on update: unchanged).
-#[derive(Deserialize, ToSchema, Debug, Default)]
-#[serde(deny_unknown_fields)]
-pub struct LimitsInput {
-    #[serde(default, deserialize_with = "change")]
-    #[schema(value_type = Option<u64>)]
-    pub requests_per_minute: Change<Option<u64>>,
-    #[serde(default, deserialize_with = "change")]
-    #[schema(value_type = Option<u64>)]
-    pub requests_per_day: Change<Option<u64>>,
-    #[serde(default, deserialize_with = "change")]
-    #[schema(value_type = Option<u64>)]
-    pub tokens_per_minute: Change<Option<u64>>,
-    #[serde(default, deserialize_with = "change")]
-    #[schema(value_type = Option<u64>)]
-    pub tokens_per_day: Change<Option<u64>>,
-}
-
-impl LimitsInput {
-    pub fn to_per_limit(&self) -> PerLimit<Change<Option<u64>>> {
-        PerLimit([
-            self.requests_per_minute,
-            self.requests_per_day,
-            self.tokens_per_minute,
-            self.tokens_per_day,
-        ])
-    }
-}
-
 /// A workspace's settings, for `POST` (where `id` is required) and `PATCH`
 /// (where every field is optional, and `id`, if given, must match the path).
 #[derive(Deserialize, ToSchema, Debug, Default)]
@@ -547,7 +553,8 @@ impl LimitsInput {
 pub struct WorkspaceInput {
     pub id: Option<String>,
     pub name: Option<String>,
-    /// An IANA timezone name; the day limits reset at its midnight. Default UTC.
+    /// An IANA timezone name; the day and month limits reset at its
+    /// midnight. Default UTC.
     pub timezone: Option<String>,
     #[serde(default, deserialize_with = "optional_object")]
     pub limits: Option<LimitsInput>,
@@ -763,4 +770,38 @@ pub enum ClientMessage {
 pub enum SubscribeTarget {
     All(String),
     Some(Vec<String>),
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_limit_kind_has_its_own_field_by_name() {
+        let mut limits = Limits::default();
+        for kind in LimitKind::ALL {
+            limits.set(kind, Some(kind.index() as u64 + 1));
+        }
+        let settings = serde_json::to_value(LimitSettingsDoc::from(limits)).expect("json");
+        let mut status = LimitsDoc::default();
+        for kind in LimitKind::ALL {
+            *status.slot(kind) = Some(LimitDoc::from(LimitFacts {
+                max: kind.index() as u64 + 1,
+                ..LimitFacts::default()
+            }));
+        }
+        let status = serde_json::to_value(status).expect("json");
+        let input: LimitsInput = serde_json::from_value(settings.clone()).expect("input");
+        let input = input.to_per_limit();
+        for kind in LimitKind::ALL {
+            let expected = kind.index() as u64 + 1;
+            assert_eq!(settings[kind.name()], expected, "{kind}");
+            assert_eq!(status[kind.name()]["limit"], expected, "{kind}");
+            assert_eq!(input.get(kind), Change::Set(Some(expected)), "{kind}");
+        }
+        assert_eq!(
+            settings.as_object().map(|o| o.len()),
+            Some(LimitKind::COUNT)
+        );
+    }
 }

@@ -1,67 +1,116 @@
-//! What a workspace is allowed: its identity, its four optional limits and the
-//! fraction at which it starts warning. Validation lives here so that every
+//! What a workspace is allowed: its identity, its optional limits (a metric
+//! over a window each) and the fraction at which it starts warning. Validation lives here so that every
 //! entry point (REST, CLI, TOML) rejects the same things with the same words.
 
 use std::fmt;
 use std::str::FromStr;
+use std::sync::LazyLock;
 
 use chrono_tz::Tz;
 
-/// The four limits a workspace can have. A limit counts either requests or
-/// tokens, over either a sliding minute or the workspace's calendar day.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub enum LimitKind {
-    RequestsPerMinute,
-    RequestsPerDay,
-    TokensPerMinute,
-    TokensPerDay,
-}
+pub use super::time::Period;
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Unit {
+/// What a limit counts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Metric {
     Requests,
     Tokens,
 }
 
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Span {
-    Minute,
-    Day,
-}
-
-impl LimitKind {
-    pub const ALL: [LimitKind; 4] = [
-        LimitKind::RequestsPerMinute,
-        LimitKind::RequestsPerDay,
-        LimitKind::TokensPerMinute,
-        LimitKind::TokensPerDay,
-    ];
+impl Metric {
+    /// Every metric, in the order limits are listed.
+    pub const ALL: [Metric; 2] = [Metric::Requests, Metric::Tokens];
 
     pub const fn name(self) -> &'static str {
         match self {
-            LimitKind::RequestsPerMinute => "requests_per_minute",
-            LimitKind::RequestsPerDay => "requests_per_day",
-            LimitKind::TokensPerMinute => "tokens_per_minute",
-            LimitKind::TokensPerDay => "tokens_per_day",
-        }
-    }
-
-    pub const fn unit(self) -> Unit {
-        match self {
-            LimitKind::RequestsPerMinute | LimitKind::RequestsPerDay => Unit::Requests,
-            LimitKind::TokensPerMinute | LimitKind::TokensPerDay => Unit::Tokens,
-        }
-    }
-
-    pub const fn span(self) -> Span {
-        match self {
-            LimitKind::RequestsPerMinute | LimitKind::TokensPerMinute => Span::Minute,
-            LimitKind::RequestsPerDay | LimitKind::TokensPerDay => Span::Day,
+            Metric::Requests => "requests",
+            Metric::Tokens => "tokens",
         }
     }
 
     pub const fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// The span a limit counts over: the sliding minute, or a calendar period
+/// in the workspace's timezone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Window {
+    Minute,
+    Day,
+    Month,
+}
+
+impl Window {
+    /// Every window, shortest first.
+    pub const ALL: [Window; 3] = [Window::Minute, Window::Day, Window::Month];
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Window::Minute => "minute",
+            Window::Day => "day",
+            Window::Month => "month",
+        }
+    }
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    /// The calendar period this window counts, or `None` for the sliding
+    /// minute. A calendar window ends for everyone at once, so using it up
+    /// is a quota no short wait helps; the minute frees a little every second.
+    pub const fn period(self) -> Option<Period> {
+        match self {
+            Window::Minute => None,
+            Window::Day => Some(Period::Day),
+            Window::Month => Some(Period::Month),
+        }
+    }
+}
+
+/// One limit a workspace can have: a metric over a window, named
+/// `"{metric}_per_{window}"` (`tokens_per_month`).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct LimitKind {
+    pub metric: Metric,
+    pub window: Window,
+}
+
+impl LimitKind {
+    /// How many limits a workspace can have: one per metric and window.
+    pub const COUNT: usize = Metric::ALL.len() * Window::ALL.len();
+
+    /// Every limit, metric by metric, shortest window first.
+    pub const ALL: [LimitKind; LimitKind::COUNT] = {
+        let mut all = [LimitKind::new(Metric::Requests, Window::Minute); LimitKind::COUNT];
+        let mut i = 0;
+        while i < LimitKind::COUNT {
+            let metric = Metric::ALL[i / Window::ALL.len()];
+            all[i] = LimitKind::new(metric, Window::ALL[i % Window::ALL.len()]);
+            i += 1;
+        }
+        all
+    };
+
+    pub const fn new(metric: Metric, window: Window) -> Self {
+        Self { metric, window }
+    }
+
+    pub fn name(self) -> &'static str {
+        static NAMES: LazyLock<Vec<String>> = LazyLock::new(|| {
+            LimitKind::ALL
+                .iter()
+                .map(|kind| format!("{}_per_{}", kind.metric.name(), kind.window.name()))
+                .collect()
+        });
+        &NAMES[self.index()]
+    }
+
+    /// The limit's place in [`LimitKind::ALL`].
+    pub const fn index(self) -> usize {
+        self.metric.index() * Window::ALL.len() + self.window.index()
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -75,18 +124,11 @@ impl fmt::Display for LimitKind {
     }
 }
 
-impl Unit {
-    pub const fn noun(self) -> &'static str {
-        match self {
-            Unit::Requests => "requests",
-            Unit::Tokens => "tokens",
-        }
-    }
-}
-
-/// A value per limit kind, indexed by [`LimitKind::index`].
+/// A value per limit kind, indexed by [`LimitKind::index`]. A table rather
+/// than a list: it holds at most one value per kind by construction, is
+/// `Copy`, and finding a kind's value costs no search on the admission path.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct PerLimit<T>(pub [T; 4]);
+pub struct PerLimit<T>(pub [T; LimitKind::COUNT]);
 
 impl<T: Copy> PerLimit<T> {
     pub fn get(&self, kind: LimitKind) -> T {
@@ -96,6 +138,13 @@ impl<T: Copy> PerLimit<T> {
     pub fn set(&mut self, kind: LimitKind, value: T) {
         self.0[kind.index()] = value;
     }
+
+    /// Every kind with its value.
+    pub fn iter(&self) -> impl Iterator<Item = (LimitKind, T)> + '_ {
+        LimitKind::ALL
+            .into_iter()
+            .map(|kind| (kind, self.get(kind)))
+    }
 }
 
 /// The configured maximum per limit kind; `None` means unlimited.
@@ -104,9 +153,8 @@ pub type Limits = PerLimit<Option<u64>>;
 impl Limits {
     /// The limits that are set, with their maximum.
     pub fn configured(&self) -> impl Iterator<Item = (LimitKind, u64)> + '_ {
-        LimitKind::ALL
-            .into_iter()
-            .filter_map(|kind| self.get(kind).map(|max| (kind, max)))
+        self.iter()
+            .filter_map(|(kind, max)| max.map(|max| (kind, max)))
     }
 }
 
@@ -389,6 +437,9 @@ mod tests {
             assert_eq!(LimitKind::from_name(kind.name()), Some(kind));
         }
         assert_eq!(LimitKind::from_name("requests_per_hour"), None);
+        let month = LimitKind::new(Metric::Tokens, Window::Month);
+        assert_eq!(month.name(), "tokens_per_month");
+        assert_eq!(LimitKind::ALL[month.index()], month);
     }
 
     #[test]
@@ -404,7 +455,7 @@ mod tests {
             "timezone"
         );
         assert_eq!(
-            validate_limit(LimitKind::TokensPerDay, Some(0))
+            validate_limit(LimitKind::new(Metric::Tokens, Window::Day), Some(0))
                 .expect_err("zero")
                 .field,
             "tokens_per_day"

@@ -4,7 +4,7 @@
 //! carry the numbers and the concrete next steps, because an alert that only
 //! says "quota exceeded" sends its reader searching.
 
-use super::limits::{LimitKind, OnStoreError, Span, WorkspaceConfig, WorkspaceId};
+use super::limits::{LimitKind, OnStoreError, Period, Window, WorkspaceConfig, WorkspaceId};
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
@@ -37,6 +37,7 @@ pub enum NotificationKind {
     ApproachingLimit,
     RateLimited,
     DailyQuotaExhausted,
+    MonthlyQuotaExhausted,
     UpstreamRateLimited,
     UpstreamQuotaExhausted,
     UpstreamErrors,
@@ -62,6 +63,7 @@ impl NotificationKind {
             NotificationKind::ApproachingLimit => "approaching_limit",
             NotificationKind::RateLimited => "rate_limited",
             NotificationKind::DailyQuotaExhausted => "daily_quota_exhausted",
+            NotificationKind::MonthlyQuotaExhausted => "monthly_quota_exhausted",
             NotificationKind::UpstreamRateLimited => "upstream_rate_limited",
             NotificationKind::UpstreamQuotaExhausted => "upstream_quota_exhausted",
             NotificationKind::UpstreamErrors => "upstream_errors",
@@ -158,7 +160,7 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
                     "{} of the {} allowed {} {} are used. Requests may be paused for a while when the limit is reached.",
                     group_digits(limit.used),
                     group_digits(limit.max),
-                    kind.unit().noun(),
+                    kind.metric.name(),
                     period(kind),
                 ),
                 &["Spread requests out over time where you can."],
@@ -166,8 +168,8 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
         }
         Cause::LimitExhausted(kind) => {
             let limit = facts.limit(kind);
-            match kind.span() {
-                Span::Minute => tenant_text(
+            match kind.window.period() {
+                None => tenant_text(
                     "Too many requests right now",
                     format!(
                         "The per-minute limit is reached; requests resume {}.",
@@ -175,11 +177,12 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
                     ),
                     &[WAIT],
                 ),
-                Span::Day => tenant_text(
-                    "Daily limit reached",
+                Some(period) => tenant_text(
+                    &format!("{} limit reached", capitalised(period.adjective())),
                     format!(
-                        "Today's {} are used up; requests resume {}.",
-                        kind.unit().noun(),
+                        "{}'s {} are used up; requests resume {}.",
+                        capitalised(period.this()),
+                        kind.metric.name(),
                         when_for_tenant(limit.resets_at, now)
                     ),
                     &["Try again after the limit resets.", "If you need more, contact your administrator."],
@@ -346,9 +349,9 @@ fn service_tenant_text(kind: NotificationKind) -> TenantText {
 
 fn severity_of(cause: Cause) -> Severity {
     match cause {
-        Cause::Approaching(kind) if kind.span() == Span::Minute => Severity::Info,
+        Cause::Approaching(kind) if kind.window == Window::Minute => Severity::Info,
         Cause::Approaching(_) => Severity::Warning,
-        Cause::LimitExhausted(kind) if kind.span() == Span::Minute => Severity::Warning,
+        Cause::LimitExhausted(kind) if kind.window == Window::Minute => Severity::Warning,
         Cause::LimitExhausted(_) => Severity::Critical,
         Cause::UpstreamRateLimited | Cause::UpstreamErrorRate => Severity::Warning,
         Cause::UpstreamQuotaExhausted | Cause::UpstreamKeyRejected => Severity::Critical,
@@ -358,8 +361,11 @@ fn severity_of(cause: Cause) -> Severity {
 fn kind_of(cause: Cause) -> NotificationKind {
     match cause {
         Cause::Approaching(_) => NotificationKind::ApproachingLimit,
-        Cause::LimitExhausted(kind) if kind.span() == Span::Minute => NotificationKind::RateLimited,
-        Cause::LimitExhausted(_) => NotificationKind::DailyQuotaExhausted,
+        Cause::LimitExhausted(kind) => match kind.window.period() {
+            None => NotificationKind::RateLimited,
+            Some(Period::Day) => NotificationKind::DailyQuotaExhausted,
+            Some(Period::Month) => NotificationKind::MonthlyQuotaExhausted,
+        },
         Cause::UpstreamRateLimited => NotificationKind::UpstreamRateLimited,
         Cause::UpstreamQuotaExhausted => NotificationKind::UpstreamQuotaExhausted,
         Cause::UpstreamErrorRate | Cause::UpstreamKeyRejected => NotificationKind::UpstreamErrors,
@@ -387,10 +393,18 @@ pub fn group_digits(n: u64) -> String {
 }
 
 fn period(kind: LimitKind) -> &'static str {
-    match kind.span() {
-        Span::Minute => "in the last 60 seconds",
-        Span::Day => "today",
-    }
+    kind.window
+        .period()
+        .map_or("in the last 60 seconds", Period::this)
+}
+
+/// "Daily", "Monthly": for the start of a sentence.
+fn capitalised(word: &str) -> String {
+    let mut chars = word.chars();
+    chars
+        .next()
+        .map(|first| first.to_uppercase().chain(chars).collect())
+        .unwrap_or_default()
 }
 
 fn approaching(
@@ -401,23 +415,25 @@ fn approaching(
 ) -> Text {
     let ws = workspace.id.as_str();
     let limit = facts.limit(kind);
-    let unit = kind.unit().noun();
+    let unit = kind.metric.name();
     let percent = (limit.utilization() * 100.0).floor();
-    let resets = match (kind.span(), limit.resets_at) {
-        (Span::Day, Some(at)) => format!(
-            " The daily count resets at midnight {} {}.",
+    let resets = match (kind.window.period(), limit.resets_at) {
+        (Some(period), Some(at)) => format!(
+            " The {} count resets {} {} {}.",
+            period.adjective(),
+            period.next_starts(),
             workspace.timezone.name(),
             in_time(at, now)
         ),
         (_, Some(at)) => format!(" The window is fully clear again {}.", in_time(at, now)),
         (_, None) => String::new(),
     };
-    let actions = match kind.span() {
-        Span::Day => vec![
+    let actions = match kind.window.period() {
+        Some(_) => vec![
             format!("If this volume is expected, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws})."),
             "Otherwise reduce volume: cache repeated answers, batch calls, or route simple tasks to a smaller model.".to_owned(),
         ],
-        Span::Minute => vec![
+        None => vec![
             "Spread requests more evenly: lower client concurrency or pace calls through a queue.".to_owned(),
             format!("If the upstream allows more, raise {kind} for workspace {ws}."),
         ],
@@ -439,15 +455,15 @@ fn approaching(
 fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: Timestamp) -> Text {
     let ws = workspace.id.as_str();
     let limit = facts.limit(kind);
-    let unit = kind.unit().noun();
+    let unit = kind.metric.name();
     let used = format!(
         "Workspace {ws} has used {} of {} {unit} {}",
         group_digits(limit.used),
         group_digits(limit.max),
         period(kind)
     );
-    match kind.span() {
-        Span::Minute => Text {
+    match kind.window.period() {
+        None => Text {
             title: format!("Workspace {ws} hit its {kind} limit"),
             message: format!(
                 "{used}. Requests are refused with HTTP 429 until room frees up{}.",
@@ -460,10 +476,11 @@ fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: T
             ],
             resolves_at: limit.frees_at,
         },
-        Span::Day => Text {
-            title: format!("Workspace {ws} used up its daily {unit} quota"),
+        Some(period) => Text {
+            title: format!("Workspace {ws} used up its {} {unit} quota", period.adjective()),
             message: format!(
-                "{used}. Requests are refused with HTTP 429 (x-should-retry: false) until the quota resets at midnight {}{}.",
+                "{used}. Requests are refused with HTTP 429 (x-should-retry: false) until the quota resets {} {}{}.",
+                period.next_starts(),
                 workspace.timezone.name(),
                 limit.resets_at.map(|at| format!(", {}", in_time(at, now))).unwrap_or_default()
             ),

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use super::limits::{LimitKind, PerLimit, Span, WARNING_HYSTERESIS};
+use super::limits::{LimitKind, Metric, PerLimit, WARNING_HYSTERESIS, Window};
 use super::notification::Notification;
 use super::time::Timestamp;
 use super::upstream::{BillingCode, LastError, Outcomes, UpstreamView};
@@ -51,8 +51,8 @@ pub enum Cause {
     /// Utilisation of the limit reached `warn_at` (and has not yet fallen
     /// below `warn_at - 0.05`).
     Approaching(LimitKind),
-    /// The limit is used up: a minute limit rate-limits, a day limit exhausts
-    /// the quota.
+    /// The limit is used up: a minute limit rate-limits, a calendar limit (a
+    /// day's, a month's) exhausts the quota.
     LimitExhausted(LimitKind),
     /// The upstream answered a transient 429; requests are held until it frees.
     UpstreamRateLimited,
@@ -65,26 +65,36 @@ pub enum Cause {
     UpstreamKeyRejected,
 }
 
+/// How many causes there are: two per limit, and four from the upstream.
+const CAUSES: usize = 2 * LimitKind::COUNT + 4;
+
+/// Limits whose windows are calendar periods: used up, they exhaust the quota.
+const CALENDAR_LIMITS: usize = LimitKind::COUNT - Metric::ALL.len();
+
 impl Cause {
-    /// Every cause, in the order reasons are listed within one level.
-    const ALL: [Cause; 12] = [
-        Cause::LimitExhausted(LimitKind::RequestsPerDay),
-        Cause::LimitExhausted(LimitKind::TokensPerDay),
-        Cause::UpstreamQuotaExhausted,
-        Cause::LimitExhausted(LimitKind::RequestsPerMinute),
-        Cause::LimitExhausted(LimitKind::TokensPerMinute),
-        Cause::UpstreamRateLimited,
-        Cause::Approaching(LimitKind::RequestsPerMinute),
-        Cause::Approaching(LimitKind::RequestsPerDay),
-        Cause::Approaching(LimitKind::TokensPerMinute),
-        Cause::Approaching(LimitKind::TokensPerDay),
-        Cause::UpstreamKeyRejected,
-        Cause::UpstreamErrorRate,
-    ];
+    /// Every cause, in the order reasons are listed within one level: used-up
+    /// calendar limits (day by day, then month by month, metric by metric),
+    /// the upstream's quota, used-up minute limits, the upstream's rate
+    /// limit, every limit approaching, then the upstream's key and errors.
+    const ALL: [Cause; CAUSES] = {
+        let mut all = [Cause::UpstreamErrorRate; CAUSES];
+        let mut i = 0;
+        while i < LimitKind::COUNT {
+            let kind = LimitKind::ALL[i];
+            all[Cause::LimitExhausted(kind).position()] = Cause::LimitExhausted(kind);
+            all[Cause::Approaching(kind).position()] = Cause::Approaching(kind);
+            i += 1;
+        }
+        all[Cause::UpstreamQuotaExhausted.position()] = Cause::UpstreamQuotaExhausted;
+        all[Cause::UpstreamRateLimited.position()] = Cause::UpstreamRateLimited;
+        all[Cause::UpstreamKeyRejected.position()] = Cause::UpstreamKeyRejected;
+        all[Cause::UpstreamErrorRate.position()] = Cause::UpstreamErrorRate;
+        all
+    };
 
     pub fn level(self) -> Status {
         match self {
-            Cause::LimitExhausted(kind) if kind.span() == Span::Day => Status::QuotaExceeded,
+            Cause::LimitExhausted(kind) if kind.window.period().is_some() => Status::QuotaExceeded,
             Cause::UpstreamQuotaExhausted => Status::QuotaExceeded,
             Cause::LimitExhausted(_) | Cause::UpstreamRateLimited => Status::RateLimited,
             Cause::Approaching(_) | Cause::UpstreamErrorRate | Cause::UpstreamKeyRejected => {
@@ -93,23 +103,31 @@ impl Cause {
         }
     }
 
-    /// The cause's bit in a [`CauseSet`]: its position in [`Cause::ALL`].
-    const fn bit(self) -> u16 {
-        let position = match self {
-            Cause::LimitExhausted(LimitKind::RequestsPerDay) => 0,
-            Cause::LimitExhausted(LimitKind::TokensPerDay) => 1,
-            Cause::UpstreamQuotaExhausted => 2,
-            Cause::LimitExhausted(LimitKind::RequestsPerMinute) => 3,
-            Cause::LimitExhausted(LimitKind::TokensPerMinute) => 4,
-            Cause::UpstreamRateLimited => 5,
-            Cause::Approaching(LimitKind::RequestsPerMinute) => 6,
-            Cause::Approaching(LimitKind::RequestsPerDay) => 7,
-            Cause::Approaching(LimitKind::TokensPerMinute) => 8,
-            Cause::Approaching(LimitKind::TokensPerDay) => 9,
-            Cause::UpstreamKeyRejected => 10,
-            Cause::UpstreamErrorRate => 11,
-        };
-        1 << position
+    /// The cause's place in [`Cause::ALL`].
+    const fn position(self) -> usize {
+        let metrics = Metric::ALL.len();
+        let minute_exhausted = CALENDAR_LIMITS + 1;
+        let approaching = minute_exhausted + metrics + 1;
+        match self {
+            Cause::LimitExhausted(LimitKind {
+                metric,
+                window: Window::Minute,
+            }) => minute_exhausted + metric.index(),
+            // The calendar windows follow the minute in `Window::ALL`.
+            Cause::LimitExhausted(LimitKind { metric, window }) => {
+                (window.index() - 1) * metrics + metric.index()
+            }
+            Cause::UpstreamQuotaExhausted => CALENDAR_LIMITS,
+            Cause::UpstreamRateLimited => minute_exhausted + metrics,
+            Cause::Approaching(kind) => approaching + kind.index(),
+            Cause::UpstreamKeyRejected => approaching + LimitKind::COUNT,
+            Cause::UpstreamErrorRate => approaching + LimitKind::COUNT + 1,
+        }
+    }
+
+    /// The cause's bit in a [`CauseSet`].
+    const fn bit(self) -> u32 {
+        1 << self.position()
     }
 
     /// The machine-readable reason listed in the status document.
@@ -161,7 +179,7 @@ enum Exhaustion {
 
 /// A set of causes as a bit mask over [`Cause::ALL`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CauseSet(u16);
+pub struct CauseSet(u32);
 
 impl CauseSet {
     pub fn insert(&mut self, cause: Cause) {
@@ -214,8 +232,9 @@ pub struct Observation {
 pub struct LimitFacts {
     pub max: u64,
     pub used: u64,
-    /// When all current usage has left the window (minute limits) or the day
-    /// ends (day limits); `None` for a minute window with nothing in it.
+    /// When all current usage has left the window (minute limits) or the
+    /// calendar period ends (day and month limits); `None` for a minute
+    /// window with nothing in it.
     pub resets_at: Option<Timestamp>,
     /// The earliest time a one-request, zero-token call fits again; `None`
     /// when it fits now.
@@ -382,7 +401,7 @@ impl StatusTracker {
     fn exhausted(&mut self, kind: LimitKind, used_up: bool, now: Timestamp) -> bool {
         let next = match (used_up, self.exhaustion.get(kind)) {
             (true, _) => Exhaustion::UsedUp,
-            (false, Exhaustion::UsedUp) if kind.span() == Span::Minute => {
+            (false, Exhaustion::UsedUp) if kind.window == Window::Minute => {
                 Exhaustion::HeldUntil(now.plus(RATE_LIMIT_HOLD))
             }
             (false, Exhaustion::HeldUntil(until)) if now < until => Exhaustion::HeldUntil(until),
@@ -492,5 +511,31 @@ mod tests {
             assert_eq!(cause.bit(), 1 << position, "{cause:?}");
             assert_eq!(Cause::from_key(&cause.key()), Some(*cause));
         }
+        let keys: std::collections::HashSet<String> =
+            Cause::ALL.iter().map(|cause| cause.key()).collect();
+        assert_eq!(keys.len(), CAUSES, "no cause is listed twice");
+        assert!(CAUSES <= u32::BITS as usize, "every cause fits in a set");
+    }
+
+    #[test]
+    fn a_used_up_month_exceeds_the_quota_like_a_day() {
+        let month = LimitKind::new(Metric::Tokens, Window::Month);
+        assert_eq!(Cause::LimitExhausted(month).level(), Status::QuotaExceeded);
+        assert_eq!(Cause::Approaching(month).level(), Status::Warning);
+        let listed: Vec<String> = Cause::ALL
+            .iter()
+            .filter(|cause| cause.level() == Status::QuotaExceeded)
+            .map(|cause| cause.reason(None))
+            .collect();
+        assert_eq!(
+            listed,
+            [
+                "requests_per_day_exhausted",
+                "tokens_per_day_exhausted",
+                "requests_per_month_exhausted",
+                "tokens_per_month_exhausted",
+                "upstream_insufficient_quota",
+            ]
+        );
     }
 }

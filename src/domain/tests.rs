@@ -7,10 +7,10 @@ use std::time::Duration;
 use chrono::DateTime;
 use chrono_tz::Tz;
 
-use super::limits::{LimitKind, Limits, WorkspaceConfig};
+use super::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig};
 use super::notification::{NotificationKind, Severity};
 use super::status::{Change, LimitFacts, Status};
-use super::time::Timestamp;
+use super::time::{Period, Timestamp};
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::window::Usage;
 use super::workspace::{
@@ -18,7 +18,12 @@ use super::workspace::{
     Reservation, Returned, Settings, Settled, SharedCounters, WorkspaceState,
 };
 
-use LimitKind::*;
+const REQUESTS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Requests, Window::Minute);
+const REQUESTS_PER_DAY: LimitKind = LimitKind::new(Metric::Requests, Window::Day);
+const REQUESTS_PER_MONTH: LimitKind = LimitKind::new(Metric::Requests, Window::Month);
+const TOKENS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Tokens, Window::Minute);
+const TOKENS_PER_DAY: LimitKind = LimitKind::new(Metric::Tokens, Window::Day);
+const TOKENS_PER_MONTH: LimitKind = LimitKind::new(Metric::Tokens, Window::Month);
 
 fn ts(rfc3339: &str) -> Timestamp {
     Timestamp::from_millis(
@@ -223,7 +228,7 @@ fn resolved(changes: &[Change]) -> Vec<NotificationKind> {
 #[test]
 fn a_minute_limit_holds_over_every_sixty_second_span() {
     // Table: (seconds after 10:00:00, expected admitted?) for a limit of 3.
-    let mut script = Script::new(&[(RequestsPerMinute, 3)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 3)]);
     let steps = [
         (59.0, true),
         (59.5, true),
@@ -249,11 +254,11 @@ fn a_minute_limit_holds_over_every_sixty_second_span() {
 
 #[test]
 fn a_refusal_names_the_limit_and_when_it_frees() {
-    let mut script = Script::new(&[(RequestsPerMinute, 2)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 2)]);
     script.at("2026-05-04T10:00:10Z").admitted(0);
     script.at("2026-05-04T10:00:20Z").admitted(0);
     let refusal = script.at("2026-05-04T10:00:30Z").refused(0);
-    assert_eq!(refusal.cause, RefusalCause::Limit(RequestsPerMinute));
+    assert_eq!(refusal.cause, RefusalCause::Limit(REQUESTS_PER_MINUTE));
     assert_eq!((refusal.used, refusal.max), (2, 2));
     assert_eq!(refusal.retry_at, Some(ts("2026-05-04T10:01:10Z")));
     assert!(refusal.retryable);
@@ -263,14 +268,14 @@ fn a_refusal_names_the_limit_and_when_it_frees() {
 fn a_day_limit_resets_at_local_midnight_in_a_non_utc_timezone() {
     // Tokyo is UTC+9: local midnight of 5 May is 15:00 UTC on 4 May.
     let mut script = Script::with_config(
-        &[(RequestsPerDay, 2)],
+        &[(REQUESTS_PER_DAY, 2)],
         "Asia/Tokyo",
         ts("2026-05-04T14:58:00Z"),
     );
     script.admitted(0);
     script.after(1000).admitted(0);
     let refusal = script.at("2026-05-04T14:59:59.999Z").refused(0);
-    assert_eq!(refusal.cause, RefusalCause::Limit(RequestsPerDay));
+    assert_eq!(refusal.cause, RefusalCause::Limit(REQUESTS_PER_DAY));
     assert_eq!(refusal.retry_at, Some(ts("2026-05-04T15:00:00Z")));
     assert!(
         !refusal.retryable,
@@ -283,7 +288,7 @@ fn a_day_limit_resets_at_local_midnight_in_a_non_utc_timezone() {
     assert_eq!(script.status(), Status::Normal);
     assert!(resolved(&changes).contains(&NotificationKind::DailyQuotaExhausted));
     script.admitted(0);
-    assert_eq!(script.used(RequestsPerDay), 1);
+    assert_eq!(script.used(REQUESTS_PER_DAY), 1);
     assert_eq!(script.status(), Status::Normal);
     let snapshot = script.state.snapshot(script.now);
     let (_, day) = snapshot.limits[0];
@@ -293,32 +298,32 @@ fn a_day_limit_resets_at_local_midnight_in_a_non_utc_timezone() {
 #[test]
 fn admission_is_atomic_across_all_limits() {
     let mut script = Script::new(&[
-        (RequestsPerMinute, 10),
-        (RequestsPerDay, 100),
-        (TokensPerMinute, 1000),
-        (TokensPerDay, 5000),
+        (REQUESTS_PER_MINUTE, 10),
+        (REQUESTS_PER_DAY, 100),
+        (TOKENS_PER_MINUTE, 1000),
+        (TOKENS_PER_DAY, 5000),
     ]);
     script.admitted(900);
     // The token limit has no room for 200 more: nothing may be charged.
     let refusal = script.refused(200);
-    assert_eq!(refusal.cause, RefusalCause::Limit(TokensPerMinute));
-    assert_eq!(script.used(RequestsPerMinute), 1);
-    assert_eq!(script.used(RequestsPerDay), 1);
-    assert_eq!(script.used(TokensPerMinute), 900);
-    assert_eq!(script.used(TokensPerDay), 900);
+    assert_eq!(refusal.cause, RefusalCause::Limit(TOKENS_PER_MINUTE));
+    assert_eq!(script.used(REQUESTS_PER_MINUTE), 1);
+    assert_eq!(script.used(REQUESTS_PER_DAY), 1);
+    assert_eq!(script.used(TOKENS_PER_MINUTE), 900);
+    assert_eq!(script.used(TOKENS_PER_DAY), 900);
     // A request that fits everywhere is charged everywhere.
     script.admitted(100);
-    assert_eq!(script.used(RequestsPerMinute), 2);
-    assert_eq!(script.used(RequestsPerDay), 2);
-    assert_eq!(script.used(TokensPerMinute), 1000);
-    assert_eq!(script.used(TokensPerDay), 1000);
+    assert_eq!(script.used(REQUESTS_PER_MINUTE), 2);
+    assert_eq!(script.used(REQUESTS_PER_DAY), 2);
+    assert_eq!(script.used(TOKENS_PER_MINUTE), 1000);
+    assert_eq!(script.used(TOKENS_PER_DAY), 1000);
 }
 
 #[test]
 fn a_request_larger_than_a_whole_limit_is_refused_without_retry() {
-    let mut script = Script::new(&[(TokensPerMinute, 1000)]);
+    let mut script = Script::new(&[(TOKENS_PER_MINUTE, 1000)]);
     let refusal = script.refused(1001);
-    assert_eq!(refusal.cause, RefusalCause::TooLarge(TokensPerMinute));
+    assert_eq!(refusal.cause, RefusalCause::TooLarge(TOKENS_PER_MINUTE));
     assert!(!refusal.retryable);
     assert_eq!(refusal.retry_at, None);
     assert_eq!(
@@ -330,33 +335,33 @@ fn a_request_larger_than_a_whole_limit_is_refused_without_retry() {
 
 #[test]
 fn settlement_replaces_the_estimate_with_the_actual_count() {
-    let mut script = Script::new(&[(TokensPerMinute, 10_000), (TokensPerDay, 100_000)]);
+    let mut script = Script::new(&[(TOKENS_PER_MINUTE, 10_000), (TOKENS_PER_DAY, 100_000)]);
     let id = script.admitted(1000);
-    assert_eq!(script.used(TokensPerMinute), 1000);
+    assert_eq!(script.used(TOKENS_PER_MINUTE), 1000);
     assert!(script.after(2000).settle(id, 250));
-    assert_eq!(script.used(TokensPerMinute), 250);
-    assert_eq!(script.used(TokensPerDay), 250);
+    assert_eq!(script.used(TOKENS_PER_MINUTE), 250);
+    assert_eq!(script.used(TOKENS_PER_DAY), 250);
     assert!(!script.settle(id, 250), "a reservation settles once");
 
     let id = script.admitted(100);
     assert!(script.after(500).settle(id, 400));
-    assert_eq!(script.used(TokensPerMinute), 650);
-    assert_eq!(script.used(TokensPerDay), 650);
+    assert_eq!(script.used(TOKENS_PER_MINUTE), 650);
+    assert_eq!(script.used(TOKENS_PER_DAY), 650);
 }
 
 #[test]
 fn settlement_after_the_window_moved_on_charges_only_extra_tokens_now() {
-    let mut script = Script::new(&[(TokensPerMinute, 10_000), (TokensPerDay, 100_000)]);
+    let mut script = Script::new(&[(TOKENS_PER_MINUTE, 10_000), (TOKENS_PER_DAY, 100_000)]);
     let id = script.admitted(1000);
     // A long stream: settled 90 s later, when its second has left the window.
     assert!(script.after(90_000).settle(id, 1500));
-    assert_eq!(script.used(TokensPerMinute), 500);
-    assert_eq!(script.used(TokensPerDay), 1500);
+    assert_eq!(script.used(TOKENS_PER_MINUTE), 500);
+    assert_eq!(script.used(TOKENS_PER_DAY), 1500);
 }
 
 #[test]
 fn an_unsettled_reservation_expires_and_keeps_its_estimate() {
-    let mut script = Script::new(&[(TokensPerDay, 100_000)]);
+    let mut script = Script::new(&[(TOKENS_PER_DAY, 100_000)]);
     let id = script.admitted(700);
     script.after(Duration::from_secs(599).as_millis() as i64);
     assert!(script.state.snapshot(script.now).limits[0].1.used == 700);
@@ -374,13 +379,13 @@ fn an_unsettled_reservation_expires_and_keeps_its_estimate() {
         !script.settle(id, 10),
         "expired reservations cannot be settled"
     );
-    assert_eq!(script.used(TokensPerDay), 700);
+    assert_eq!(script.used(TOKENS_PER_DAY), 700);
 }
 
 #[test]
 fn warning_has_hysteresis() {
     // warn_at 0.8, clears below 0.75.
-    let mut script = Script::new(&[(RequestsPerDay, 100)]);
+    let mut script = Script::new(&[(REQUESTS_PER_DAY, 100)]);
     for _ in 0..79 {
         script.admitted(0);
     }
@@ -390,7 +395,7 @@ fn warning_has_hysteresis() {
     assert_eq!(raised(&changes), vec![NotificationKind::ApproachingLimit]);
     let notification = &script.state.active_notifications()[0];
     assert_eq!(notification.severity, Severity::Warning);
-    assert_eq!(notification.limit, Some(RequestsPerDay));
+    assert_eq!(notification.limit, Some(REQUESTS_PER_DAY));
     assert!(
         notification.message.contains("80 of 100 requests today"),
         "{}",
@@ -411,7 +416,7 @@ fn warning_has_hysteresis() {
 
     // Usage reported lower (settling never lowers requests, so use a fresh
     // script on minutes): utilisation between 0.75 and 0.8 keeps the warning.
-    let mut script = Script::new(&[(RequestsPerMinute, 100)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 100)]);
     for _ in 0..40 {
         script.admitted(0);
     }
@@ -427,7 +432,7 @@ fn warning_has_hysteresis() {
     assert_eq!(resolved(&changes), vec![NotificationKind::ApproachingLimit]);
 
     // Now hover: 80 in the window, then 77 (above 0.75): stays in warning.
-    let mut script = Script::new(&[(RequestsPerMinute, 100)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 100)]);
     for _ in 0..3 {
         script.admitted(0);
     }
@@ -446,7 +451,7 @@ fn warning_has_hysteresis() {
 
 #[test]
 fn minute_exhaustion_rate_limits_and_clears_when_the_window_frees() {
-    let mut script = Script::new(&[(RequestsPerMinute, 5)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 5)]);
     for _ in 0..4 {
         script.admitted(0);
     }
@@ -505,7 +510,7 @@ fn minute_exhaustion_rate_limits_and_clears_when_the_window_frees() {
 fn a_workspace_running_at_its_minute_limit_does_not_flap() {
     // 60 per minute, and a client sending one request every half second:
     // each second a slot frees up and is taken again at once.
-    let mut script = Script::new(&[(RequestsPerMinute, 60)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 60)]);
     let mut raised_total = Vec::new();
     let mut resolved_total = Vec::new();
     let mut statuses = std::collections::BTreeSet::new();
@@ -538,13 +543,16 @@ fn a_workspace_running_at_its_minute_limit_does_not_flap() {
 
 #[test]
 fn daily_exhaustion_is_critical_and_tells_how_to_unblock() {
-    let mut script = Script::new(&[(RequestsPerDay, 3)]);
+    let mut script = Script::new(&[(REQUESTS_PER_DAY, 3)]);
     for _ in 0..3 {
         script.admitted(0);
     }
     assert_eq!(script.status(), Status::QuotaExceeded);
     let kinds = script.active_kinds();
-    assert!(kinds.contains(&(NotificationKind::DailyQuotaExhausted, Some(RequestsPerDay))));
+    assert!(kinds.contains(&(
+        NotificationKind::DailyQuotaExhausted,
+        Some(REQUESTS_PER_DAY)
+    )));
     let exhausted = script
         .state
         .active_notifications()
@@ -570,7 +578,7 @@ fn daily_exhaustion_is_critical_and_tells_how_to_unblock() {
 
 #[test]
 fn an_upstream_rate_limit_holds_requests_until_retry_after() {
-    let mut script = Script::new(&[(RequestsPerMinute, 100)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 100)]);
     let changes = script.upstream(
         429,
         "requests",
@@ -610,7 +618,7 @@ fn an_upstream_rate_limit_holds_requests_until_retry_after() {
 #[test]
 fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval() {
     for code in BillingCode::ALL {
-        let mut script = Script::new(&[(RequestsPerMinute, 100)]);
+        let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 100)]);
         let changes = script.upstream(429, "insufficient_quota", Some(code.code()), &[]);
         assert_eq!(script.status(), Status::QuotaExceeded, "{code:?}");
         assert_eq!(
@@ -661,7 +669,7 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
 
 #[test]
 fn a_call_without_an_answer_settles_but_says_nothing_about_the_upstream() {
-    let mut script = Script::new(&[(TokensPerMinute, 10_000)]);
+    let mut script = Script::new(&[(TOKENS_PER_MINUTE, 10_000)]);
     script.upstream(429, "insufficient_quota", None, &[]);
     script.at("2026-05-04T10:01:00Z");
     let probe = script.admitted(500);
@@ -680,7 +688,7 @@ fn a_call_without_an_answer_settles_but_says_nothing_about_the_upstream() {
 
 #[test]
 fn an_answer_for_a_missing_reservation_still_counts() {
-    let mut script = Script::new(&[(TokensPerDay, 10_000)]);
+    let mut script = Script::new(&[(TOKENS_PER_DAY, 10_000)]);
     let id = script.admitted(300);
     script.after(601_000);
     script.tick();
@@ -701,7 +709,7 @@ fn an_answer_for_a_missing_reservation_still_counts() {
     });
     assert_eq!(recorded.settled, Settled::Missing);
     assert_eq!(script.status(), Status::QuotaExceeded);
-    assert_eq!(script.used(TokensPerDay), 300);
+    assert_eq!(script.used(TOKENS_PER_DAY), 300);
 }
 
 #[test]
@@ -814,7 +822,7 @@ fn a_rejected_upstream_key_is_critical_until_a_success() {
 
 #[test]
 fn the_highest_cause_wins_and_since_moves_only_with_the_level() {
-    let mut script = Script::new(&[(RequestsPerMinute, 2), (RequestsPerDay, 3)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 2), (REQUESTS_PER_DAY, 3)]);
     script.admitted(0);
     script.admitted(0);
     assert_eq!(script.status(), Status::RateLimited);
@@ -827,14 +835,14 @@ fn the_highest_cause_wins_and_since_moves_only_with_the_level() {
 
 #[test]
 fn a_timezone_change_keeps_todays_count() {
-    let mut script = Script::new(&[(RequestsPerDay, 10)]);
+    let mut script = Script::new(&[(REQUESTS_PER_DAY, 10)]);
     script.admitted(0);
     let mut config = script.state.config().clone();
     config.timezone = "Europe/Berlin".parse().expect("zone");
     script
         .state
         .reconfigure(config, script.now, &script.settings, &mut || 1);
-    assert_eq!(script.used(RequestsPerDay), 1);
+    assert_eq!(script.used(REQUESTS_PER_DAY), 1);
     let snapshot = script.state.snapshot(script.now);
     assert_eq!(
         snapshot.limits[0].1.resets_at,
@@ -844,12 +852,12 @@ fn a_timezone_change_keeps_todays_count() {
 
 #[test]
 fn lowering_a_limit_changes_the_status_at_once() {
-    let mut script = Script::new(&[(RequestsPerDay, 10)]);
+    let mut script = Script::new(&[(REQUESTS_PER_DAY, 10)]);
     for _ in 0..5 {
         script.admitted(0);
     }
     let mut config = script.state.config().clone();
-    config.limits.set(RequestsPerDay, Some(5));
+    config.limits.set(REQUESTS_PER_DAY, Some(5));
     let changes = script
         .state
         .reconfigure(config, script.now, &script.settings, &mut || 7);
@@ -859,7 +867,7 @@ fn lowering_a_limit_changes_the_status_at_once() {
 
 #[test]
 fn saved_state_restores_counters_blocks_and_status() {
-    let mut script = Script::new(&[(RequestsPerDay, 10), (TokensPerMinute, 1000)]);
+    let mut script = Script::new(&[(REQUESTS_PER_DAY, 10), (TOKENS_PER_MINUTE, 1000)]);
     let id = script.admitted(300);
     script.upstream(
         429,
@@ -934,7 +942,7 @@ impl Script {
 
 #[test]
 fn a_share_of_the_limits_starts_from_a_share_of_the_usage_rounded_up() {
-    let mut script = Script::new(&[(RequestsPerMinute, 10), (RequestsPerDay, 1000)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 10), (REQUESTS_PER_DAY, 1000)]);
     // Three requests in three different seconds: 3 / 2 rounds up to 2, not
     // down to nothing second by second.
     for _ in 0..3 {
@@ -949,13 +957,13 @@ fn a_share_of_the_limits_starts_from_a_share_of_the_usage_rounded_up() {
             .reasons
             .contains(&"shared_store_unreachable".to_owned())
     );
-    let minute = script.facts(RequestsPerMinute);
+    let minute = script.facts(REQUESTS_PER_MINUTE);
     assert_eq!((minute.used, minute.max), (2, 5));
     for _ in 0..3 {
         script.admitted(0);
     }
     let refusal = script.refused(0);
-    assert_eq!(refusal.cause, RefusalCause::Limit(RequestsPerMinute));
+    assert_eq!(refusal.cause, RefusalCause::Limit(REQUESTS_PER_MINUTE));
     assert_eq!(refusal.max, 5);
 
     script.enforce(Enforcement::Whole);
@@ -965,7 +973,7 @@ fn a_share_of_the_limits_starts_from_a_share_of_the_usage_rounded_up() {
 
 #[test]
 fn counting_only_admits_beyond_the_limits_but_not_through_a_billing_block() {
-    let mut script = Script::new(&[(RequestsPerMinute, 2)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 2)]);
     script.enforce(Enforcement::CountOnly);
     for _ in 0..4 {
         script.admitted(0);
@@ -984,7 +992,7 @@ fn counting_only_admits_beyond_the_limits_but_not_through_a_billing_block() {
 
 #[test]
 fn shared_counters_load_unless_older_than_what_is_loaded() {
-    let mut script = Script::new(&[(RequestsPerMinute, 10), (RequestsPerDay, 100)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 10), (REQUESTS_PER_DAY, 100)]);
     let second = script.now.millis() / 1000;
     let counters = |version, requests| SharedCounters {
         version,
@@ -992,6 +1000,8 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
         minute: vec![(second, Usage::requests(requests))],
         day_start: ts("2026-05-04T00:00:00Z"),
         day_used: Usage::requests(requests),
+        month_start: ts("2026-05-01T00:00:00Z"),
+        month_used: Usage::requests(requests),
         hold_until: None,
         billing: None,
         last_reset_us: None,
@@ -1002,7 +1012,10 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
         "an older answer"
     );
     assert_eq!(
-        (script.used(RequestsPerMinute), script.used(RequestsPerDay)),
+        (
+            script.used(REQUESTS_PER_MINUTE),
+            script.used(REQUESTS_PER_DAY)
+        ),
         (7, 7)
     );
     // A day that is over counts nothing today.
@@ -1010,7 +1023,10 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
     yesterday.day_start = ts("2026-05-03T00:00:00Z");
     assert!(script.state.load_shared(&yesterday));
     assert_eq!(
-        (script.used(RequestsPerMinute), script.used(RequestsPerDay)),
+        (
+            script.used(REQUESTS_PER_MINUTE),
+            script.used(REQUESTS_PER_DAY)
+        ),
         (9, 0)
     );
 }
@@ -1024,6 +1040,8 @@ fn shared_counters(version: u64, at: Timestamp, last_reset_us: Option<i64>) -> S
         minute: Vec::new(),
         day_start: ts("2026-05-04T00:00:00Z"),
         day_used: Usage::default(),
+        month_start: ts("2026-05-01T00:00:00Z"),
+        month_used: Usage::default(),
         hold_until: None,
         billing: None,
         last_reset_us,
@@ -1032,7 +1050,7 @@ fn shared_counters(version: u64, at: Timestamp, last_reset_us: Option<i64>) -> S
 
 #[test]
 fn a_shared_reservation_charged_before_a_reset_ends_counting_nothing() {
-    let mut script = Script::new(&[(RequestsPerMinute, 10)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 10)]);
     let reset = script.now;
     // Microseconds tell the reset from charges in the same millisecond.
     let reset_us = reset.millis() * 1000 + 500;
@@ -1088,7 +1106,7 @@ fn a_shared_reservation_charged_before_a_reset_ends_counting_nothing() {
 
 #[test]
 fn a_reset_leaves_the_reservations_a_shared_store_charged_to_its_own_reset() {
-    let mut script = Script::new(&[(TokensPerMinute, 10_000)]);
+    let mut script = Script::new(&[(TOKENS_PER_MINUTE, 10_000)]);
     script
         .state
         .load_shared(&shared_counters(1, script.now, None));
@@ -1132,7 +1150,7 @@ fn a_reset_leaves_the_reservations_a_shared_store_charged_to_its_own_reset() {
 
 #[test]
 fn a_reservation_held_for_a_shared_store_is_taken_once_and_expires_as_the_store_counts() {
-    let mut script = Script::new(&[(TokensPerMinute, 10_000)]);
+    let mut script = Script::new(&[(TOKENS_PER_MINUTE, 10_000)]);
     script
         .state
         .load_shared(&shared_counters(1, script.now, None));
@@ -1205,8 +1223,8 @@ fn notification_ids(changes: &[Change]) -> (Vec<String>, Vec<String>) {
 /// Two instances: `a` sees the upstream's answers, `b` draws other fresh
 /// ids, so that only an agreed id can be the same on both.
 fn two_instances() -> (Script, Script) {
-    let a = Script::new(&[(RequestsPerMinute, 100)]);
-    let mut b = Script::new(&[(RequestsPerMinute, 100)]);
+    let a = Script::new(&[(REQUESTS_PER_MINUTE, 100)]);
+    let mut b = Script::new(&[(REQUESTS_PER_MINUTE, 100)]);
     b.next_id = 1_000_000;
     (a, b)
 }
@@ -1263,7 +1281,7 @@ fn an_instance_that_started_a_billing_block_later_takes_the_id_of_the_earlier_st
 
 #[test]
 fn an_agreed_id_renames_an_unseen_notification_and_reissues_a_seen_one() {
-    let mut script = Script::new(&[(RequestsPerMinute, 10)]);
+    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 10)]);
     for _ in 0..8 {
         assert!(script.admit(0).result.is_ok());
     }
@@ -1301,4 +1319,254 @@ fn an_agreed_id_renames_an_unseen_notification_and_reissues_a_seen_one() {
             .reissue_notification("ntf_agreed", "ntf_late", script.now)
             .is_empty()
     );
+}
+
+#[test]
+fn a_month_limit_refuses_until_the_local_start_of_the_next_month() {
+    // Berlin switches to summer time on 29 March 2026: March starts at UTC+1
+    // and ends at UTC+2, so April begins at 22:00 UTC on 31 March.
+    let mut script = Script::with_config(
+        &[(REQUESTS_PER_MONTH, 2), (REQUESTS_PER_DAY, 100)],
+        "Europe/Berlin",
+        ts("2026-03-02T12:00:00Z"),
+    );
+    script.admitted(0);
+    script.at("2026-03-31T21:59:00Z").admitted(0);
+    assert_eq!(
+        script.used(REQUESTS_PER_DAY),
+        1,
+        "a new day, the same month"
+    );
+    let refusal = script.at("2026-03-31T21:59:59.999Z").refused(0);
+    assert_eq!(refusal.cause, RefusalCause::Limit(REQUESTS_PER_MONTH));
+    assert_eq!((refusal.used, refusal.max), (2, 2));
+    assert_eq!(refusal.retry_at, Some(ts("2026-03-31T22:00:00Z")));
+    assert!(!refusal.retryable, "the month's end is no short wait");
+    assert!(script.state.refuses_any_request(script.now));
+    assert_eq!(script.status(), Status::QuotaExceeded);
+    assert!(script.active_kinds().contains(&(
+        NotificationKind::MonthlyQuotaExhausted,
+        Some(REQUESTS_PER_MONTH)
+    )));
+    script.at("2026-03-31T22:00:00Z");
+    assert!(!script.state.refuses_any_request(script.now));
+    let changes = script.tick();
+    assert_eq!(script.status(), Status::Normal);
+    assert!(resolved(&changes).contains(&NotificationKind::MonthlyQuotaExhausted));
+    script.admitted(0);
+    assert_eq!(script.used(REQUESTS_PER_MONTH), 1);
+    assert_eq!(
+        script.facts(REQUESTS_PER_MONTH).resets_at,
+        Some(ts("2026-04-30T22:00:00Z"))
+    );
+    assert_eq!(
+        script.state.snapshot(script.now).usage.this_month.requests,
+        1
+    );
+}
+
+#[test]
+fn a_month_rolls_over_at_local_midnight_in_every_timezone() {
+    // (zone, the month's last millisecond, the next month's first) in UTC.
+    let cases = [
+        ("UTC", "2026-12-31T23:59:59.999Z", "2027-01-01T00:00:00Z"),
+        (
+            "Asia/Tokyo",
+            "2026-04-30T14:59:59.999Z",
+            "2026-04-30T15:00:00Z",
+        ),
+        // October ends in summer time in New York (UTC-4)...
+        (
+            "America/New_York",
+            "2026-11-01T03:59:59.999Z",
+            "2026-11-01T04:00:00Z",
+        ),
+        // ...and in winter time in Berlin (UTC+1), since 25 October.
+        (
+            "Europe/Berlin",
+            "2026-10-31T22:59:59.999Z",
+            "2026-10-31T23:00:00Z",
+        ),
+        // A leap February.
+        (
+            "America/Sao_Paulo",
+            "2028-03-01T02:59:59.999Z",
+            "2028-03-01T03:00:00Z",
+        ),
+    ];
+    for (zone, last, first) in cases {
+        let mut script = Script::with_config(&[(TOKENS_PER_MONTH, 1000)], zone, ts(last));
+        script.admitted(1000);
+        let refusal = script.refused(0);
+        assert_eq!(refusal.retry_at, Some(ts(first)), "{zone}");
+        script.at(first).admitted(1000);
+        assert_eq!(script.used(TOKENS_PER_MONTH), 1000, "{zone}");
+    }
+}
+
+#[test]
+fn a_settlement_corrects_the_month_only_when_charged_in_it() {
+    // (admitted at, settled at, actual tokens, this month's count after):
+    // unused tokens come off the month they were charged in, extra ones
+    // count in the month they are reported.
+    let cases = [
+        ("2026-05-15T10:00:00Z", "2026-05-15T10:00:30Z", 400, 400),
+        ("2026-05-15T10:00:00Z", "2026-05-15T10:00:30Z", 1500, 1500),
+        ("2026-05-31T23:59:50Z", "2026-06-01T00:00:10Z", 400, 0),
+        ("2026-05-31T23:59:50Z", "2026-06-01T00:00:10Z", 1500, 500),
+    ];
+    for (admitted, settled, actual, month) in cases {
+        let mut script = Script::with_config(&[(TOKENS_PER_MONTH, 100_000)], "UTC", ts(admitted));
+        let id = script.admitted(1000);
+        assert!(script.at(settled).settle(id, actual));
+        assert_eq!(
+            script.used(TOKENS_PER_MONTH),
+            month,
+            "{admitted} settled at {settled} with {actual}"
+        );
+    }
+}
+
+#[test]
+fn month_texts_say_when_the_month_resets() {
+    let mut script = Script::with_config(
+        &[(TOKENS_PER_MONTH, 1000)],
+        "Europe/Berlin",
+        ts("2026-05-20T10:00:00Z"),
+    );
+    script.admitted(850);
+    let approaching = script
+        .state
+        .active_notifications()
+        .iter()
+        .find(|n| n.kind == NotificationKind::ApproachingLimit)
+        .expect("approaching")
+        .clone();
+    assert_eq!(approaching.severity, Severity::Warning);
+    assert!(
+        approaching
+            .message
+            .contains("850 of 1,000 tokens this month")
+            && approaching
+                .message
+                .contains("resets at the start of next month, midnight Europe/Berlin"),
+        "{}",
+        approaching.message
+    );
+    assert!(
+        approaching
+            .suggested_actions
+            .iter()
+            .any(|a| a.contains("raise tokens_per_month")),
+        "{:?}",
+        approaching.suggested_actions
+    );
+    script.admitted(150);
+    let exhausted = script
+        .state
+        .active_notifications()
+        .iter()
+        .find(|n| n.kind == NotificationKind::MonthlyQuotaExhausted)
+        .expect("exhausted")
+        .clone();
+    assert_eq!(exhausted.severity, Severity::Critical);
+    assert_eq!(exhausted.resolves_at, Some(ts("2026-05-31T22:00:00Z")));
+    assert!(
+        exhausted.title.contains("monthly tokens quota"),
+        "{}",
+        exhausted.title
+    );
+    assert!(
+        exhausted
+            .message
+            .contains("1,000 of 1,000 tokens this month"),
+        "{}",
+        exhausted.message
+    );
+    assert_eq!(exhausted.tenant.title, "Monthly limit reached");
+    assert!(
+        exhausted
+            .tenant
+            .message
+            .starts_with("This month's tokens are used up")
+    );
+    assert!(
+        exhausted
+            .suggested_actions
+            .iter()
+            .any(|a| a.contains("\"what\":\"usage\"")),
+        "an admin can unblock it now"
+    );
+}
+
+#[test]
+fn the_month_survives_a_new_timezone_and_goes_with_a_reset() {
+    let mut script = Script::with_config(
+        &[(REQUESTS_PER_MONTH, 100)],
+        "UTC",
+        ts("2026-05-20T10:00:00Z"),
+    );
+    script.admitted(0);
+    let mut config = script.state.config().clone();
+    config.timezone = "Pacific/Auckland".parse().expect("zone");
+    script
+        .state
+        .reconfigure(config, script.now, &script.settings, &mut || 1);
+    assert_eq!(script.used(REQUESTS_PER_MONTH), 1);
+    // Auckland is UTC+12 in May: June starts at 12:00 UTC on 31 May.
+    assert_eq!(
+        script.facts(REQUESTS_PER_MONTH).resets_at,
+        Some(ts("2026-05-31T12:00:00Z"))
+    );
+    script.state.reset(script.now);
+    assert_eq!(script.used(REQUESTS_PER_MONTH), 0);
+}
+
+#[test]
+fn the_month_is_saved_and_an_older_save_starts_it_from_today() {
+    let mut script = Script::with_config(
+        &[(TOKENS_PER_MONTH, 100_000), (TOKENS_PER_DAY, 100_000)],
+        "Asia/Tokyo",
+        ts("2026-05-20T10:00:00Z"),
+    );
+    script.admitted(300);
+    let config = script.state.config().clone();
+    let restore = |saved, at: &str| {
+        let state = WorkspaceState::restore(config.clone(), saved, Vec::new(), ts(at));
+        state.snapshot(ts(at)).usage
+    };
+    let mut saved = script.state.save();
+    saved.calendars[Period::Month.index()].used.tokens = 5000;
+    assert_eq!(
+        restore(saved.clone(), "2026-05-20T11:00:00Z")
+            .this_month
+            .tokens,
+        5000
+    );
+    // A state saved before months were counted has the day alone: the month
+    // starts from the saved day's count, if that day is in this month.
+    saved
+        .calendars
+        .retain(|counter| counter.period == Period::Day);
+    let usage = restore(saved.clone(), "2026-05-20T11:00:00Z");
+    assert_eq!((usage.today.tokens, usage.this_month.tokens), (300, 300));
+    let usage = restore(saved.clone(), "2026-05-21T11:00:00Z");
+    assert_eq!((usage.today.tokens, usage.this_month.tokens), (0, 300));
+    let usage = restore(saved, "2026-06-01T11:00:00Z");
+    assert_eq!((usage.today.tokens, usage.this_month.tokens), (0, 0));
+}
+
+#[test]
+fn shared_counters_load_the_month_they_count() {
+    let mut script = Script::new(&[(REQUESTS_PER_MONTH, 100)]);
+    let mut counters = shared_counters(1, script.now, None);
+    counters.month_used = Usage::requests(40);
+    script.load(&counters);
+    assert_eq!(script.used(REQUESTS_PER_MONTH), 40);
+    // A month that is over counts nothing this month.
+    let mut last_month = shared_counters(2, script.now, None);
+    last_month.month_start = ts("2026-04-01T00:00:00Z");
+    last_month.month_used = Usage::requests(90);
+    script.load(&last_month);
+    assert_eq!(script.used(REQUESTS_PER_MONTH), 0);
 }

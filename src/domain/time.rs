@@ -7,7 +7,7 @@
 use std::fmt;
 use std::time::Duration;
 
-use chrono::{DateTime, NaiveDate, NaiveTime, SecondsFormat, TimeZone, Utc};
+use chrono::{DateTime, Datelike, Months, NaiveDate, NaiveTime, SecondsFormat, TimeZone, Utc};
 use chrono_tz::Tz;
 
 /// Milliseconds since the Unix epoch (UTC).
@@ -53,14 +53,75 @@ pub fn duration_millis(duration: Duration) -> i64 {
     i64::try_from(duration.as_millis()).unwrap_or(i64::MAX)
 }
 
-/// The calendar day containing `now` in `tz`, as `[start, end)`.
-///
-/// A day is usually 24 hours, but 23 or 25 around daylight-saving changes; both
-/// ends are computed from the local calendar, never by adding 86 400 seconds.
+/// A calendar period in a workspace's timezone, which calendar limits count
+/// over and which ends at the local start of the next one.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Period {
+    Day,
+    Month,
+}
+
+impl Period {
+    pub const ALL: [Period; 2] = [Period::Day, Period::Month];
+
+    pub const fn index(self) -> usize {
+        self as usize
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Period::Day => "day",
+            Period::Month => "month",
+        }
+    }
+
+    /// How texts speak of the period: "daily", "monthly".
+    pub const fn adjective(self) -> &'static str {
+        match self {
+            Period::Day => "daily",
+            Period::Month => "monthly",
+        }
+    }
+
+    /// The current one: "today", "this month".
+    pub const fn this(self) -> &'static str {
+        match self {
+            Period::Day => "today",
+            Period::Month => "this month",
+        }
+    }
+
+    /// When the next one starts, before a timezone's name.
+    pub const fn next_starts(self) -> &'static str {
+        match self {
+            Period::Day => "at midnight",
+            Period::Month => "at the start of next month, midnight",
+        }
+    }
+
+    /// The period containing `now` in `tz`, as `[start, end)`.
+    ///
+    /// A day is usually 24 hours, but 23 or 25 around daylight-saving
+    /// changes, and months differ in length: both ends are computed from the
+    /// local calendar, never by adding a fixed number of seconds.
+    pub fn bounds(self, now: Timestamp, tz: Tz) -> (Timestamp, Timestamp) {
+        let today = now.to_utc().with_timezone(&tz).date_naive();
+        let (first, next) = match self {
+            Period::Day => (today, today.succ_opt().unwrap_or(today)),
+            Period::Month => {
+                let first = today.with_day(1).unwrap_or(today);
+                let next = first.checked_add_months(Months::new(1)).unwrap_or(first);
+                (first, next)
+            }
+        };
+        (local_day_start(first, tz), local_day_start(next, tz))
+    }
+}
+
+/// The calendar day containing `now` in `tz`, as `[start, end)` (see
+/// [`Period::bounds`]).
 pub fn day_bounds(now: Timestamp, tz: Tz) -> (Timestamp, Timestamp) {
-    let today = now.to_utc().with_timezone(&tz).date_naive();
-    let tomorrow = today.succ_opt().unwrap_or(today);
-    (local_day_start(today, tz), local_day_start(tomorrow, tz))
+    Period::Day.bounds(now, tz)
 }
 
 /// The first instant of `date` in `tz`. A few zones skip midnight itself when
@@ -242,6 +303,62 @@ mod tests {
         let (start, end) = day_bounds(ts("2026-03-08T12:00:00Z"), tz);
         assert_eq!(start, ts("2026-03-08T05:00:00Z"));
         assert_eq!(end.millis() - start.millis(), 23 * 3_600_000);
+    }
+
+    #[test]
+    fn month_bounds_follow_the_local_calendar() {
+        // (zone, an instant, the local month's start and end in UTC)
+        let cases = [
+            // 23:30 UTC on 31 January is already 1 February in Berlin (UTC+1).
+            (
+                "Europe/Berlin",
+                "2026-01-31T23:30:00Z",
+                "2026-01-31T23:00:00Z",
+                "2026-02-28T23:00:00Z",
+            ),
+            // March holds the switch to summer time: it starts at UTC+1 and
+            // ends at UTC+2, an hour shorter than 31 days.
+            (
+                "Europe/Berlin",
+                "2026-03-15T12:00:00Z",
+                "2026-02-28T23:00:00Z",
+                "2026-03-31T22:00:00Z",
+            ),
+            // 03:00 UTC on 1 November is still 31 October in New York.
+            (
+                "America/New_York",
+                "2026-11-01T03:00:00Z",
+                "2026-10-01T04:00:00Z",
+                "2026-11-01T04:00:00Z",
+            ),
+            // December rolls over into the next year.
+            (
+                "UTC",
+                "2026-12-31T23:59:59Z",
+                "2026-12-01T00:00:00Z",
+                "2027-01-01T00:00:00Z",
+            ),
+            // A leap February.
+            (
+                "Asia/Tokyo",
+                "2028-02-29T14:00:00Z",
+                "2028-01-31T15:00:00Z",
+                "2028-02-29T15:00:00Z",
+            ),
+        ];
+        for (zone, now, start, end) in cases {
+            let tz: Tz = zone.parse().expect("zone");
+            assert_eq!(
+                Period::Month.bounds(ts(now), tz),
+                (ts(start), ts(end)),
+                "{zone} {now}"
+            );
+        }
+        // Santiago skipped midnight on 7 September 2025, not on the 1st; a
+        // month starts at its first existing time all the same.
+        let tz: Tz = "America/Santiago".parse().expect("zone");
+        let (start, _) = Period::Month.bounds(ts("2025-09-10T12:00:00Z"), tz);
+        assert_eq!(start, ts("2025-09-01T04:00:00Z"));
     }
 
     #[test]

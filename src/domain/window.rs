@@ -1,12 +1,15 @@
 //! Counting over time: a sliding window of fixed-width buckets (the per-minute
 //! limits use 60 one-second buckets, the error history 60 one-minute buckets)
-//! and a calendar-day counter that resets at local midnight.
+//! and calendar counters (a day, a month) that reset when their local period
+//! ends.
 
 use std::ops::{Add, AddAssign};
 
 use chrono_tz::Tz;
 
-use super::time::{Timestamp, day_bounds};
+use super::limits::Metric;
+
+use super::time::{Period, Timestamp};
 
 /// A count that can be summed into buckets and taken out again when a bucket
 /// leaves the window.
@@ -37,10 +40,10 @@ impl Usage {
         }
     }
 
-    pub fn of(self, unit: super::limits::Unit) -> u64 {
-        match unit {
-            super::limits::Unit::Requests => self.requests,
-            super::limits::Unit::Tokens => self.tokens,
+    pub fn of(self, metric: Metric) -> u64 {
+        match metric {
+            Metric::Requests => self.requests,
+            Metric::Tokens => self.tokens,
         }
     }
 }
@@ -204,34 +207,96 @@ impl<T: Tally, const N: usize> SlidingWindow<T, N> {
     }
 }
 
-/// Counts for one calendar day in a timezone, reset when the day ends.
+/// Counts for one calendar period (a day, a month) in a timezone, reset when
+/// the period ends.
 #[derive(Clone, Debug, PartialEq)]
-pub struct DayCounter {
+pub struct CalendarCounter {
+    pub period: Period,
     pub start: Timestamp,
     pub end: Timestamp,
     pub used: Usage,
 }
 
-impl DayCounter {
-    pub fn new(now: Timestamp, tz: Tz) -> Self {
-        let (start, end) = day_bounds(now, tz);
+impl CalendarCounter {
+    pub fn new(period: Period, now: Timestamp, tz: Tz) -> Self {
+        let (start, end) = period.bounds(now, tz);
         Self {
+            period,
             start,
             end,
             used: Usage::default(),
         }
     }
 
-    /// Starts a new day when `now` has passed the end of the current one (or,
-    /// after a timezone change or clock step, lies before its start).
+    /// Starts a new period when `now` has passed the end of the current one
+    /// (or, after a timezone change or clock step, lies before its start).
     pub fn roll(&mut self, now: Timestamp, tz: Tz) {
         if now >= self.end || now < self.start {
-            *self = Self::new(now, tz);
+            *self = Self::new(self.period, now, tz);
         }
     }
 
     pub fn contains(&self, at: Timestamp) -> bool {
         self.start <= at && at < self.end
+    }
+
+    /// What was used in the period holding `now`: nothing once it is over.
+    pub fn used_at(&self, now: Timestamp) -> Usage {
+        if self.contains(now) {
+            self.used
+        } else {
+            Usage::default()
+        }
+    }
+}
+
+/// One counter per calendar period, indexed by [`Period::index`].
+#[derive(Clone, Debug, PartialEq)]
+pub struct Calendars(pub [CalendarCounter; Period::ALL.len()]);
+
+impl Calendars {
+    pub fn new(now: Timestamp, tz: Tz) -> Self {
+        Self(Period::ALL.map(|period| CalendarCounter::new(period, now, tz)))
+    }
+
+    pub fn get(&self, period: Period) -> &CalendarCounter {
+        &self.0[period.index()]
+    }
+
+    pub fn get_mut(&mut self, period: Period) -> &mut CalendarCounter {
+        &mut self.0[period.index()]
+    }
+
+    pub fn iter_mut(&mut self) -> impl Iterator<Item = &mut CalendarCounter> {
+        self.0.iter_mut()
+    }
+
+    pub fn roll(&mut self, now: Timestamp, tz: Tz) {
+        for counter in self.iter_mut() {
+            counter.roll(now, tz);
+        }
+    }
+
+    /// Charges every period.
+    pub fn add(&mut self, usage: Usage) {
+        for counter in self.iter_mut() {
+            counter.used += usage;
+        }
+    }
+
+    /// Every period's count, to compare before and after an operation.
+    pub fn used(&self) -> [Usage; Period::ALL.len()] {
+        self.0.each_ref().map(|counter| counter.used)
+    }
+
+    /// Moves every period to `tz`, keeping the counts: a new timezone moves
+    /// the bounds of today and this month, not what they used.
+    pub fn move_to(&mut self, now: Timestamp, tz: Tz) {
+        for counter in self.iter_mut() {
+            let used = counter.used;
+            *counter = CalendarCounter::new(counter.period, now, tz);
+            counter.used = used;
+        }
     }
 }
 
@@ -339,12 +404,29 @@ mod tests {
         let tz: Tz = "Asia/Tokyo".parse().expect("zone");
         // 2026-01-01T14:59:59Z is 23:59:59 in Tokyo (UTC+9).
         let before = Timestamp::from_millis(1_767_279_599_000);
-        let mut day = DayCounter::new(before, tz);
+        let mut day = CalendarCounter::new(Period::Day, before, tz);
         day.used += Usage::requests(7);
         day.roll(before, tz);
         assert_eq!(day.used.requests, 7);
         day.roll(Timestamp::from_millis(before.millis() + 1000), tz);
         assert_eq!(day.used.requests, 0);
         assert_eq!(day.start.millis(), 1_767_279_600_000);
+    }
+
+    #[test]
+    fn month_counter_rolls_at_the_local_start_of_the_next_month() {
+        let tz: Tz = "America/Sao_Paulo".parse().expect("zone");
+        // 2026-07-01T02:59:59Z is 23:59:59 on 30 June in São Paulo (UTC-3).
+        let before = Timestamp::from_millis(1_782_874_799_000);
+        let mut calendars = Calendars::new(before, tz);
+        calendars.add(Usage::tokens(40));
+        calendars.roll(Timestamp::from_millis(before.millis() + 999), tz);
+        assert_eq!(calendars.get(Period::Month).used.tokens, 40);
+        let next = Timestamp::from_millis(before.millis() + 1000);
+        calendars.roll(next, tz);
+        let month = calendars.get(Period::Month);
+        assert_eq!((month.used, month.start), (Usage::default(), next));
+        assert_eq!(month.end.millis(), 1_785_553_200_000, "1 August, 03:00 UTC");
+        assert_eq!(calendars.get(Period::Day).start, next);
     }
 }

@@ -8,7 +8,7 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use std::time::Duration;
 
-use super::limits::{LimitKind, PerLimit, Span, WorkspaceConfig};
+use super::limits::{LimitKind, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{Notification, describe, shared_id};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
 use super::time::Timestamp;
@@ -16,7 +16,7 @@ use super::upstream::{
     BillingCode, ErrorFields, ErrorTally, LastError, Outcomes, RateLimitHeaders, UpstreamClass,
     UpstreamView, classify, error_rate_alarming,
 };
-use super::window::{DayCounter, SlidingWindow, Tally, Usage};
+use super::window::{CalendarCounter, Calendars, SlidingWindow, Tally, Usage};
 
 /// Requests and tokens over the last 60 seconds, in one-second buckets.
 pub type MinuteWindow = SlidingWindow<Usage, 60>;
@@ -155,7 +155,7 @@ pub struct Refusal {
     pub max: u64,
     /// When a retry can succeed, if that is known.
     pub retry_at: Option<Timestamp>,
-    /// False when no short wait helps (a day limit, billing, a request larger
+    /// False when no short wait helps (a calendar limit, billing, a request larger
     /// than a limit): clients must not retry automatically.
     pub retryable: bool,
 }
@@ -215,11 +215,12 @@ pub struct Snapshot {
 }
 
 /// Requests and tokens counted over the sliding minute and the current day
-/// (in the workspace's timezone).
+/// and month (in the workspace's timezone).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecentUsage {
     pub last_minute: Usage,
     pub today: Usage,
+    pub this_month: Usage,
 }
 
 /// The persisted form of a workspace's live state; notifications are stored
@@ -227,7 +228,10 @@ pub struct RecentUsage {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Saved {
     pub minute: Vec<(i64, Usage)>,
-    pub day: DayCounter,
+    /// The calendar counters saved; a period missing (saved by a version
+    /// that did not count it) starts again on restore (see
+    /// [`WorkspaceState::restore`]).
+    pub calendars: Vec<CalendarCounter>,
     pub reservations: Vec<Reservation>,
     pub rate_block_until: Option<Timestamp>,
     pub billing_block: Option<BillingBlock>,
@@ -256,6 +260,9 @@ pub struct SharedCounters {
     /// The start of the day that `day_used` counts.
     pub day_start: Timestamp,
     pub day_used: Usage,
+    /// The start of the month that `month_used` counts.
+    pub month_start: Timestamp,
+    pub month_used: Usage,
     pub hold_until: Option<Timestamp>,
     pub billing: Option<BillingBlock>,
     /// The last admin reset, in microseconds of the store's clock (which
@@ -263,6 +270,16 @@ pub struct SharedCounters {
     /// reservations charged before it count nothing (see
     /// [`WorkspaceState::reset`]).
     pub last_reset_us: Option<i64>,
+}
+
+impl SharedCounters {
+    /// The start of the store's `period` and what it counted.
+    pub fn calendar(&self, period: Period) -> (Timestamp, Usage) {
+        match period {
+            Period::Day => (self.day_start, self.day_used),
+            Period::Month => (self.month_start, self.month_used),
+        }
+    }
 }
 
 /// The reason a degraded workspace's status gives.
@@ -347,7 +364,7 @@ pub struct Recorded {
 #[repr(C)]
 pub struct WorkspaceState {
     config: WorkspaceConfig,
-    day: DayCounter,
+    calendars: Calendars,
     rate_block_until: Option<Timestamp>,
     billing_block: Option<BillingBlock>,
     key_rejected: bool,
@@ -384,11 +401,11 @@ fn fits(used: u64, cost: u64, max: u64) -> bool {
 
 impl WorkspaceState {
     pub fn new(config: WorkspaceConfig, now: Timestamp) -> Self {
-        let day = DayCounter::new(now, config.timezone);
+        let calendars = Calendars::new(now, config.timezone);
         Self {
             config,
             minute: MinuteWindow::new(SECOND_MS),
-            day,
+            calendars,
             reservations: FxHashMap::default(),
             expiry: VecDeque::new(),
             rate_block_until: None,
@@ -415,8 +432,7 @@ impl WorkspaceState {
     ) -> Self {
         let mut state = Self::new(config, now);
         state.minute = MinuteWindow::from_entries(SECOND_MS, &saved.minute, now);
-        state.day = saved.day;
-        state.day.roll(now, state.config.timezone);
+        state.restore_calendars(saved.calendars, now);
         for reservation in saved.reservations {
             state
                 .expiry
@@ -437,7 +453,7 @@ impl WorkspaceState {
     pub fn save(&self) -> Saved {
         Saved {
             minute: self.minute.to_entries(),
-            day: self.day.clone(),
+            calendars: self.calendars.0.to_vec(),
             // Not those held for a shared store: instances share the saved
             // state, and one that restored another's would count them in
             // history again when they expire. Their calls end with this
@@ -471,6 +487,29 @@ impl WorkspaceState {
         self.tracker.active()
     }
 
+    /// Takes the saved calendar counters, rolled to `now`. A period saved
+    /// by a version that did not count it starts from the count of a saved
+    /// period inside it (this month from today's): what it surely used,
+    /// rather than nothing.
+    fn restore_calendars(&mut self, saved: Vec<CalendarCounter>, now: Timestamp) {
+        let tz = self.config.timezone;
+        for period in Period::ALL {
+            let fresh = CalendarCounter::new(period, now, tz);
+            let counter = match saved.iter().find(|counter| counter.period == period) {
+                Some(counter) => counter.clone(),
+                None => CalendarCounter {
+                    used: saved
+                        .iter()
+                        .find(|inner| fresh.start <= inner.start && inner.end <= fresh.end)
+                        .map_or_else(Usage::default, |inner| inner.used),
+                    ..fresh
+                },
+            };
+            *self.calendars.get_mut(period) = counter;
+        }
+        self.calendars.roll(now, tz);
+    }
+
     /// Brings everything up to `now`. Returns the reservations that expired:
     /// their estimates are now final.
     fn advance(&mut self, now: Timestamp) -> Vec<Expired> {
@@ -490,7 +529,7 @@ impl WorkspaceState {
     /// Brings limit windows, blocks and reservations up to `now`.
     fn advance_limits(&mut self, now: Timestamp) -> Vec<Expired> {
         self.minute.advance(now);
-        self.day.roll(now, self.config.timezone);
+        self.calendars.roll(now, self.config.timezone);
         if self.rate_block_until.is_some_and(|until| until <= now) {
             self.rate_block_until = None;
         }
@@ -526,24 +565,24 @@ impl WorkspaceState {
     }
 
     fn used(&self, kind: LimitKind) -> u64 {
-        match kind.span() {
-            Span::Minute => self.minute.total().of(kind.unit()),
-            Span::Day => self.day.used.of(kind.unit()),
+        match kind.window.period() {
+            None => self.minute.total().of(kind.metric),
+            Some(period) => self.calendars.get(period).used.of(kind.metric),
         }
     }
 
-    /// When a request costing `cost` of the limit's unit fits again.
+    /// When a request costing `cost` of the limit's metric fits again.
     fn frees_at(&self, kind: LimitKind, cost: u64, max: u64) -> Option<Timestamp> {
         let mut used = self.used(kind);
         if fits(used, cost, max) {
             return None;
         }
-        match kind.span() {
-            Span::Day => Some(self.day.end),
-            Span::Minute => {
+        match kind.window.period() {
+            Some(period) => Some(self.calendars.get(period).end),
+            None => {
                 let mut last = None;
                 for (expires_at, bucket) in self.minute.expiring() {
-                    used = used.saturating_sub(bucket.of(kind.unit()));
+                    used = used.saturating_sub(bucket.of(kind.metric));
                     last = Some(expires_at);
                     if fits(used, cost, max) {
                         break;
@@ -555,9 +594,9 @@ impl WorkspaceState {
     }
 
     fn limit_facts(&self, kind: LimitKind, max: u64) -> LimitFacts {
-        let minimal_cost = match kind.unit() {
-            super::limits::Unit::Requests => 1,
-            super::limits::Unit::Tokens => 0,
+        let minimal_cost = match kind.metric {
+            Metric::Requests => 1,
+            Metric::Tokens => 0,
         };
         LimitFacts {
             max,
@@ -567,12 +606,12 @@ impl WorkspaceState {
         }
     }
 
-    /// When the limit's count is back to zero: the day's end, or when the
-    /// newest counted second leaves the minute window.
+    /// When the limit's count is back to zero: the calendar period's end,
+    /// or when the newest counted second leaves the minute window.
     fn resets_at(&self, kind: LimitKind) -> Option<Timestamp> {
-        match kind.span() {
-            Span::Day => Some(self.day.end),
-            Span::Minute => self.minute.clear_at(|bucket| bucket.of(kind.unit()) > 0),
+        match kind.window.period() {
+            Some(period) => Some(self.calendars.get(period).end),
+            None => self.minute.clear_at(|bucket| bucket.of(kind.metric) > 0),
         }
     }
 
@@ -596,7 +635,7 @@ impl WorkspaceState {
         let enforced = self.enforcement != Enforcement::CountOnly;
         for (kind, max) in self.limits().filter(|_| enforced) {
             let used = self.used(kind);
-            let cost = cost.of(kind.unit());
+            let cost = cost.of(kind.metric);
             let refusal = |cause, retry_at, retryable| Refusal {
                 cause,
                 used,
@@ -611,9 +650,9 @@ impl WorkspaceState {
                 continue;
             }
             let retry_at = self.frees_at(kind, cost, max);
-            match kind.span() {
-                Span::Day => return Err(refusal(RefusalCause::Limit(kind), retry_at, false)),
-                Span::Minute => keep_latest(refusal(RefusalCause::Limit(kind), retry_at, true)),
+            match kind.window.period() {
+                Some(_) => return Err(refusal(RefusalCause::Limit(kind), retry_at, false)),
+                None => keep_latest(refusal(RefusalCause::Limit(kind), retry_at, true)),
             }
         }
         if let Some(block) = self.billing_block
@@ -758,7 +797,7 @@ impl WorkspaceState {
         let result = match verdict {
             Ok(()) => {
                 self.minute.add(now, cost);
-                self.day.used += cost;
+                self.calendars.add(cost);
                 let probe = self.billing_block.is_some();
                 if let Some(block) = &mut self.billing_block {
                     block.next_probe_at = now.plus(settings.probe_interval);
@@ -782,8 +821,8 @@ impl WorkspaceState {
     }
 
     /// Whether [`admit`](Self::admit) refuses any request now, whatever it
-    /// costs: a billing block whose probe is not due, or a day limit used
-    /// up. The proxy asks this before it reads a request's body, so that a
+    /// costs: a billing block whose probe is not due, or a calendar limit
+    /// (a day's, a month's) used up. The proxy asks this before it reads a request's body, so that a
     /// workspace that cannot be admitted costs no more than authenticating.
     pub fn refuses_any_request(&self, now: Timestamp) -> bool {
         if self
@@ -792,11 +831,12 @@ impl WorkspaceState {
         {
             return true;
         }
-        self.enforcement != Enforcement::CountOnly
-            && self.day.contains(now)
-            && self
-                .limits()
-                .any(|(kind, max)| kind.span() == Span::Day && max > 0 && self.used(kind) >= max)
+        let used_up = |(kind, max): (LimitKind, u64)| {
+            kind.window.period().is_some_and(|period| {
+                self.calendars.get(period).contains(now) && max > 0 && self.used(kind) >= max
+            })
+        };
+        self.enforcement != Enforcement::CountOnly && self.limits().any(used_up)
     }
 
     /// Keeps the reservation of an admitted request until it is settled or
@@ -846,11 +886,14 @@ impl WorkspaceState {
         }
         self.shared_version = counters.version;
         self.minute = MinuteWindow::from_entries(SECOND_MS, &counters.minute, counters.at);
-        let mut day = DayCounter::new(counters.at, self.config.timezone);
-        if day.start == counters.day_start {
-            day.used = counters.day_used;
+        let mut calendars = Calendars::new(counters.at, self.config.timezone);
+        for counter in calendars.iter_mut() {
+            let (start, used) = counters.calendar(counter.period);
+            if counter.start == start {
+                counter.used = used;
+            }
         }
-        self.day = day;
+        self.calendars = calendars;
         self.rate_block_until = counters.hold_until.filter(|until| *until > counters.at);
         let start = |billing: Option<BillingBlock>| billing.map(|block| block.since);
         if let (Some(held), Some(loaded)) = (start(self.billing_block), start(counters.billing)) {
@@ -965,7 +1008,9 @@ impl WorkspaceState {
                 })
                 .collect();
             self.minute = MinuteWindow::from_entries(SECOND_MS, &entries, now);
-            self.day.used = share(self.day.used);
+            for counter in self.calendars.iter_mut() {
+                counter.used = share(counter.used);
+            }
         }
         self.enforcement = enforcement;
         self.evaluate(now, settings, fresh_id)
@@ -1080,7 +1125,7 @@ impl WorkspaceState {
                     tokens,
                 };
                 self.minute.add(now, usage);
-                self.day.used += usage;
+                self.calendars.add(usage);
                 (Settled::Unreserved, tokens)
             }
         };
@@ -1133,9 +1178,13 @@ impl WorkspaceState {
         if !corrected && extra > 0 {
             self.minute.add(now, Usage::tokens(extra));
         }
-        self.day.used.tokens = self.day.used.tokens.saturating_add(extra);
-        if self.day.contains(reservation.charged_at) {
-            self.day.used.tokens = self.day.used.tokens.saturating_sub(unused);
+        // Each calendar period gains the extra tokens, and loses the unused
+        // ones only if the request was charged in it.
+        for counter in self.calendars.iter_mut() {
+            counter.used.tokens = counter.used.tokens.saturating_add(extra);
+            if counter.contains(reservation.charged_at) {
+                counter.used.tokens = counter.used.tokens.saturating_sub(unused);
+            }
         }
     }
 
@@ -1207,9 +1256,9 @@ impl WorkspaceState {
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> (bool, Vec<Expired>, Vec<Change>) {
-        let before = (self.minute.total(), self.day.used);
+        let before = (self.minute.total(), self.calendars.used());
         let expired = self.advance(now);
-        let usage_changed = before != (self.minute.total(), self.day.used);
+        let usage_changed = before != (self.minute.total(), self.calendars.used());
         (
             usage_changed,
             expired,
@@ -1259,7 +1308,7 @@ impl WorkspaceState {
     /// charged nothing from now on.
     fn clear_usage(&mut self, now: Timestamp) {
         self.minute = MinuteWindow::new(SECOND_MS);
-        self.day = DayCounter::new(now, self.config.timezone);
+        self.calendars = Calendars::new(now, self.config.timezone);
         let charged_here = self
             .reservations
             .values_mut()
@@ -1287,10 +1336,9 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
         if config.timezone != self.config.timezone {
-            // Today's count carries over; only the day's bounds move.
-            let used = self.day.used;
-            self.day = DayCounter::new(now, config.timezone);
-            self.day.used = used;
+            // Today's and this month's counts carry over; only their bounds
+            // move.
+            self.calendars.move_to(now, config.timezone);
         }
         self.config = config;
         self.advance(now);
@@ -1300,9 +1348,9 @@ impl WorkspaceState {
     /// The tightest request limit and the tightest token limit (least
     /// remaining), for `x-ratelimit-*` headers.
     pub fn headroom(&self) -> Headroom {
-        let tightest = |unit| {
+        let tightest = |metric| {
             self.limits()
-                .filter(|(kind, _)| kind.unit() == unit)
+                .filter(|(kind, _)| kind.metric == metric)
                 .map(|(kind, max)| (kind, max, max.saturating_sub(self.used(kind))))
                 .min_by_key(|&(_, _, remaining)| remaining)
                 .map(|(kind, max, remaining)| LimitHeadroom {
@@ -1313,8 +1361,8 @@ impl WorkspaceState {
                 })
         };
         Headroom {
-            requests: tightest(super::limits::Unit::Requests),
-            tokens: tightest(super::limits::Unit::Tokens),
+            requests: tightest(Metric::Requests),
+            tokens: tightest(Metric::Tokens),
         }
     }
 
@@ -1356,11 +1404,8 @@ impl WorkspaceState {
             limits,
             usage: RecentUsage {
                 last_minute: self.minute.total(),
-                today: if self.day.contains(now) {
-                    self.day.used
-                } else {
-                    Usage::default()
-                },
+                today: self.calendars.get(Period::Day).used_at(now),
+                this_month: self.calendars.get(Period::Month).used_at(now),
             },
             upstream: self.upstream_view.is_known().then_some(self.upstream_view),
             billing: self.billing_block,

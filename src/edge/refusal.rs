@@ -6,7 +6,7 @@
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::error::ApiError;
-use crate::domain::limits::{Span, WorkspaceId};
+use crate::domain::limits::{Period, WorkspaceId};
 use crate::domain::notification::group_digits;
 use crate::domain::time::{Timestamp, format_duration, humanize_duration, in_time};
 use crate::domain::workspace::{Headroom, LimitHeadroom, Refusal, RefusalCause};
@@ -54,6 +54,14 @@ fn when(at: Option<Timestamp>, now: Timestamp) -> String {
     at.map_or_else(|| "at an unknown time".to_owned(), |at| in_time(at, now))
 }
 
+/// The error code of a used-up calendar limit.
+fn limit_exceeded_code(period: Period) -> &'static str {
+    match period {
+        Period::Day => "daily_limit_exceeded",
+        Period::Month => "monthly_limit_exceeded",
+    }
+}
+
 /// The 429 for a refused request, naming the workspace, the limit and when it
 /// frees.
 pub fn refusal_error(
@@ -66,30 +74,33 @@ pub fn refusal_error(
     let used = group_digits(refusal.used);
     let max = group_digits(refusal.max);
     let (error_type, code, message) = match refusal.cause {
-        RefusalCause::Limit(kind) if kind.span() == Span::Minute => (
-            kind.unit().noun(),
-            "rate_limit_exceeded",
-            format!(
-                "Workspace {workspace} reached its {kind} limit ({used} of {max} {} in the last 60 seconds, enforced by quotawatch). Room frees up {}; retry then.",
-                kind.unit().noun(),
-                when(refusal.retry_at, now)
+        RefusalCause::Limit(kind) => match kind.window.period() {
+            None => (
+                kind.metric.name(),
+                "rate_limit_exceeded",
+                format!(
+                    "Workspace {workspace} reached its {kind} limit ({used} of {max} {} in the last 60 seconds, enforced by quotawatch). Room frees up {}; retry then.",
+                    kind.metric.name(),
+                    when(refusal.retry_at, now)
+                ),
             ),
-        ),
-        RefusalCause::Limit(kind) => (
-            kind.unit().noun(),
-            "daily_limit_exceeded",
-            format!(
-                "Workspace {workspace} used up its {kind} quota ({used} of {max} {} today, enforced by quotawatch). It resets {}; retrying earlier cannot succeed.",
-                kind.unit().noun(),
-                when(refusal.retry_at, now)
+            Some(period) => (
+                kind.metric.name(),
+                limit_exceeded_code(period),
+                format!(
+                    "Workspace {workspace} used up its {kind} quota ({used} of {max} {} {}, enforced by quotawatch). It resets {}; retrying earlier cannot succeed.",
+                    kind.metric.name(),
+                    period.this(),
+                    when(refusal.retry_at, now)
+                ),
             ),
-        ),
+        },
         RefusalCause::TooLarge(kind) => (
-            kind.unit().noun(),
+            kind.metric.name(),
             "request_too_large",
             format!(
                 "This request needs more {} than workspace {workspace}'s whole {kind} limit of {max}, so it can never be admitted; reduce the prompt or max_tokens.",
-                kind.unit().noun()
+                kind.metric.name()
             ),
         ),
         RefusalCause::UpstreamRateLimited => (

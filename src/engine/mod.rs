@@ -989,7 +989,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::limits::{LimitKind, Limits};
+    use crate::domain::limits::{LimitKind, Limits, Metric, Window};
     use crate::domain::notification::NotificationKind;
 
     /// A clock that stands still.
@@ -1013,7 +1013,10 @@ mod tests {
         );
         let id: WorkspaceId = id.parse().expect("id");
         let mut limits = Limits::default();
-        limits.set(LimitKind::RequestsPerMinute, Some(requests_per_minute));
+        limits.set(
+            LimitKind::new(Metric::Requests, Window::Minute),
+            Some(requests_per_minute),
+        );
         engine.upsert_workspace(WorkspaceConfig::new(id.clone(), limits));
         (engine, id)
     }

@@ -16,18 +16,25 @@
 --   3.. state       STRING a workspace's counters as little-endian doubles:
 --                a header of
 --                1 version (raised by every change, never going back),
---                2 day start (ms), 3 day requests, 4 day tokens,
---                5 hold until (ms; the upstream said to wait),
---                6 newest second counted, 7 minute requests, 8 minute tokens,
---                9 billing block (0: none, else the caller's code number),
---                10 its start (ms), 11 its next probe (ms),
---                12 last reset (microseconds, to tell it from an admission in
---                the same millisecond), 13 day end (ms),
---                14 when the key expires (ms),
---                15 requests and 16 tokens of the newest second (6), which
---                go to its slot only when a newer second comes,
---                17 the version at which a slot last changed,
---              then 60 slots (second % 60) of: second, requests, tokens.
+--                2 hold until (ms; the upstream said to wait),
+--                3 billing block (0: none, else the caller's code number),
+--                4 its start (ms), 5 its next probe (ms),
+--                6 last reset (microseconds, to tell it from an admission in
+--                the same millisecond), 7 when the key expires (ms),
+--                8 the version at which a slot last changed,
+--                9 the newest second counted,
+--                then the newest second's count of each metric, which go
+--                to its slot only when a newer second comes,
+--                then the total of each window and metric, window by window
+--                (the minute, then each calendar period: day, month), metric
+--                by metric (requests, tokens),
+--                then each calendar period's start and end (ms);
+--              then 60 slots (second % 60) of: second, the count of each
+--              metric.
+--              The layout follows METRICS and WINDOWS below, which match
+--              `Metric::ALL` and `Window::ALL` (`state.rs` reads it
+--              likewise), so a limit is data: a metric and a window indexing
+--              the totals, never a field of its own.
 --              An operation reads the header alone (GETRANGE), the whole
 --              state only when it needs a slot, and overwrites only what
 --              it changed with SETRANGE: rebuilding the whole string,
@@ -37,10 +44,10 @@
 --              the slots change about once a second.
 --              A call answers a workspace's state as {base, changes}: the
 --              changes are the new header followed by each slot written
---              (its index, second, requests, tokens), for the caller to
+--              (its index, then the slot), for the caller to
 --              apply to the base, which is the state as read, or nothing
 --              when the caller said it holds the slots of the version they
---              last changed at (17): then it applies them to its own copy.
+--              last changed at (8): then it applies them to its own copy.
 --              A new state, written whole, is answered as {state, nothing}.
 -- The reservations are kept together, not per workspace, so that a batch
 -- of admissions writes them in one HSET and one ZADD, and one look for
@@ -49,19 +56,22 @@
 --
 -- ARGV[1] is the operation and ARGV[2] the channel that changes are
 -- announced on, as "id version" per changed workspace, comma-separated.
--- A workspace is described by its id and its day bounds (ms), one string
--- of the starts of yesterday, today, tomorrow and the day after in its
--- timezone around the caller's now: the day holding Redis's now applies,
--- so a caller whose clock is off by a little still counts into the right
--- day. The bounds are parsed only when the stored day is over.
+-- A workspace is described by its id and its calendar bounds (ms): for
+-- each calendar period (day, month) the starts of the one before, the
+-- current one, the next and the one after in its timezone around the
+-- caller's now, periods separated by '|': the period holding Redis's now
+-- applies, so a caller whose clock is off by a little still counts into the
+-- right day and month. The bounds are parsed only when a stored period is
+-- over.
 --
 -- `batch` admits and settles: ARGV[3] is how many workspaces it concerns,
 -- ARGV[4] how many admissions, ARGV[5] how many settlements of recorded
 -- reservations and ARGV[6] how many of held ones. Then come
 -- WORKSPACE_ARGS arguments per workspace (the n-th one's state is
--- KEYS[2 + n]): its id, day bounds, requests/minute, requests/day,
--- tokens/minute, tokens/day (-1: no limit) and the version of the slots
--- the caller holds (-1: none). Then ADMISSION_ARGS per
+-- KEYS[2 + n]): its id, calendar bounds, limits and the version of the
+-- slots the caller holds (-1: none). Its limits are data, one string of
+-- "window metric max" triples (`Window::index`, `Metric::index`; a kind
+-- left out has no limit). Then ADMISSION_ARGS per
 -- admission: its workspace's number, estimated tokens, reservation id,
 -- reservation TTL (ms), probe interval (ms), model, and whether to record
 -- the reservation ('1') or leave it to the caller to hold ('0'). Then
@@ -88,7 +98,7 @@
 -- probe, its model.
 --
 -- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
--- and ARGV[4] its day bounds; arg(1) onwards depends on the operation.
+-- and ARGV[4] its calendar bounds; arg(1) onwards depends on the operation.
 -- They answer {outcome, now (microseconds), base, changes, expired}, the
 -- base always there.
 --
@@ -98,14 +108,27 @@
 -- tokens|probe|model".
 
 local MINUTE_S = 60
-local HEADER_FIELDS = 17
+-- The metrics and windows, in the order of `Metric::ALL` and `Window::ALL`:
+-- the minute first, then the calendar periods.
+local METRICS, WINDOWS = 2, 3
+local CALENDARS = WINDOWS - 1
+-- What an admission costs of each metric: a request, and its tokens.
+local REQUESTS, TOKENS = 1, 2
+-- Header fields by index (see the top).
+local VERSION, HOLD, BILLING, BILLING_SINCE, NEXT_PROBE, LAST_RESET = 1, 2, 3, 4, 5, 6
+local KEY_EXPIRY, SLOTS_VERSION, NEWEST_SECOND = 7, 8, 9
+local NEWEST = NEWEST_SECOND + 1
+local TOTALS = NEWEST + METRICS
+local BOUNDS = TOTALS + WINDOWS * METRICS
+local HEADER_FIELDS = BOUNDS + 2 * CALENDARS - 1
 local HEADER = '<' .. string.rep('d', HEADER_FIELDS)
 local HEADER_BYTES = 8 * HEADER_FIELDS
-local SLOT = '<ddd'
-local SLOT_CHANGE = '<dddd'
-local SLOT_BYTES = 24
+local SLOT_FIELDS = 1 + METRICS
+local SLOT = '<' .. string.rep('d', SLOT_FIELDS)
+local SLOT_CHANGE = '<' .. string.rep('d', 1 + SLOT_FIELDS)
+local SLOT_BYTES = 8 * SLOT_FIELDS
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
-local WORKSPACE_ARGS = 7
+local WORKSPACE_ARGS = 4
 local ADMISSION_ARGS = 7
 local SETTLEMENT_ARGS = 3
 local HELD_SETTLEMENT_ARGS = 4
@@ -122,6 +145,18 @@ local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
 local now_second = math.floor(now / 1000)
 local now_text, now_us_text = string.format('%d', now), string.format('%d', now_us)
 
+-- The header index of the total of `window` (0: the minute, then the
+-- calendar periods) and `metric` (1-based).
+local function total(window, metric)
+  return TOTALS + window * METRICS + metric - 1
+end
+
+-- The header index of calendar period `c`'s start (1: the day); its end
+-- follows.
+local function period_start(c)
+  return BOUNDS + 2 * (c - 1)
+end
+
 local function slot_at(at_second)
   return HEADER_BYTES + (at_second % MINUTE_S) * SLOT_BYTES + 1
 end
@@ -132,53 +167,67 @@ local function whole(w)
   return w.blob
 end
 
--- Slots written during this call stay in `w.slots` until `save`, so that
--- many admissions in one call rebuild the stored string once.
+-- A slot as {second, count of each metric}. Slots written during this call
+-- stay in `w.slots` until `save`, so that many admissions in one call
+-- rebuild the stored string once; the newest second lives in the header.
 local function read_slot(w, at_second)
-  if at_second == w.h[6] then return at_second, w.h[15], w.h[16] end
+  local h = w.h
+  if at_second == h[NEWEST_SECOND] then
+    local slot = { at_second }
+    for m = 1, METRICS do slot[1 + m] = h[NEWEST + m - 1] end
+    return slot
+  end
   local slot = w.slots[at_second % MINUTE_S]
-  if slot then return slot[1], slot[2], slot[3] end
-  local sec, requests, tokens = struct.unpack(SLOT, whole(w), slot_at(at_second))
-  return sec, requests, tokens
+  if slot then return slot end
+  slot = { struct.unpack(SLOT, whole(w), slot_at(at_second)) }
+  -- struct.unpack answers the next position last.
+  slot[SLOT_FIELDS + 1] = nil
+  return slot
 end
 
-local function write_slot(w, at_second, requests, tokens)
-  if at_second == w.h[6] then
-    w.h[15], w.h[16] = requests, tokens
+local function write_slot(w, slot)
+  local h = w.h
+  if slot[1] == h[NEWEST_SECOND] then
+    for m = 1, METRICS do h[NEWEST + m - 1] = slot[1 + m] end
     return
   end
-  local index = at_second % MINUTE_S
-  local slot = w.slots[index]
-  if slot then
-    slot[1], slot[2], slot[3] = at_second, requests, tokens
-  else
-    w.slots[index] = { at_second, requests, tokens }
+  w.slots[slot[1] % MINUTE_S] = slot
+end
+
+-- Moves each stored calendar period to the one holding now, from the
+-- caller's bounds, when it is over; a new period counts nothing yet. Only
+-- forward: should Redis's clock step back past a period's start, its count
+-- stays, as zeroing it twice (now, and again when the clock returns) would
+-- let its usage through twice.
+local function roll_calendars(h, calendars)
+  local periods
+  for c = 1, CALENDARS do
+    local at = period_start(c)
+    if now >= h[at + 1] then
+      if not periods then
+        periods = {}
+        for period in string.gmatch(calendars, '[^|]+') do periods[#periods + 1] = period end
+      end
+      local bounds = {}
+      for bound in string.gmatch(periods[c] or '', '%-?%d+') do bounds[#bounds + 1] = tonumber(bound) end
+      -- Should none hold now, the caller's current period applies.
+      local start, finish = bounds[2], bounds[3]
+      for i = 1, #bounds - 1 do
+        if bounds[i] <= now and now < bounds[i + 1] then start, finish = bounds[i], bounds[i + 1] end
+      end
+      if h[at] ~= start then
+        for m = 1, METRICS do h[total(c, m)] = 0 end
+      end
+      h[at], h[at + 1] = start, finish
+    end
   end
 end
 
--- Moves the stored day to the one holding now, from the caller's bounds,
--- when it is over; a new day counts nothing yet. Only forward: should
--- Redis's clock step back past the day's start, today's count stays, as
--- zeroing it twice (now, and again when the clock returns) would let the
--- day's usage through twice.
-local function roll_day(h, days)
-  if now < h[13] then return end
-  local bounds = {}
-  for bound in string.gmatch(days, '%-?%d+') do bounds[#bounds + 1] = tonumber(bound) end
-  -- Should none hold now, the caller's today applies.
-  local start, finish = bounds[2], bounds[3]
-  for i = 1, #bounds - 1 do
-    if bounds[i] <= now and now < bounds[i + 1] then start, finish = bounds[i], bounds[i + 1] end
-  end
-  if h[2] ~= start then h[3], h[4] = 0, 0 end
-  h[2], h[13] = start, finish
-end
-
--- Opens a workspace: its state from KEYS[k], its id and day bounds. The
--- window slides to now: a slot holds the second it was last written for,
--- so a slot whose second is a whole minute behind is one that leaves the
--- totals.
-local function open(k, id, days)
+-- Opens a workspace: its state from KEYS[k], its id and calendar bounds.
+-- The window slides to now: a slot holds the second it was last written
+-- for, so a slot whose second is a whole minute behind is one that leaves
+-- the totals.
+local function open(k, id, calendars)
   local header = redis.call('GETRANGE', KEYS[k], 0, HEADER_BYTES - 1)
   -- A key that does not exist reads as nothing; all zero bytes are all
   -- zero doubles: an empty state, written whole.
@@ -191,67 +240,85 @@ local function open(k, id, days)
   local h = { struct.unpack(HEADER, header) }
   -- Every field is named here, so that the table is allocated once: each
   -- field added later would grow it. Until it is stored, the changes are
-  -- the header as read.
+  -- the header as read. `limits` holds the workspace's limits flat, as
+  -- {total's index, metric, max} each; `kept` is the longest calendar
+  -- period a limit counts over (see `stored`).
   local w = { state = KEYS[k], id = id, slots = {}, blob = blob, new = new, changes = changes,
-    h = h, slots_version = h[17], known = -1, second = 0, changed = false, requests_per_minute = -1,
-    requests_per_day = -1, tokens_per_minute = -1, tokens_per_day = -1 }
-  roll_day(h, days)
+    h = h, slots_version = h[SLOTS_VERSION], known = -1, second = 0, changed = false,
+    limits = {}, kept = 1 }
+  roll_calendars(h, calendars)
   -- Should Redis's clock step back, counting goes on in the newest second.
-  w.second = math.max(now_second, h[6])
-  if w.second - h[6] >= MINUTE_S then
-    h[7], h[8] = 0, 0
-  elseif w.second > h[6] then
+  local newest = h[NEWEST_SECOND]
+  w.second = math.max(now_second, newest)
+  if w.second - newest >= MINUTE_S then
+    for m = 1, METRICS do h[total(0, m)] = 0 end
+  elseif w.second > newest then
     -- The newest second is no longer the newest: it moves to its slot.
-    w.slots[h[6] % MINUTE_S] = { h[6], h[15], h[16] }
-    for s = h[6] + 1, w.second do
-      local sec, requests, tokens = read_slot(w, s)
-      if sec == s - MINUTE_S then
-        h[7] = math.max(h[7] - requests, 0)
-        h[8] = math.max(h[8] - tokens, 0)
+    w.slots[newest % MINUTE_S] = read_slot(w, newest)
+    for s = newest + 1, w.second do
+      local slot = read_slot(w, s)
+      if slot[1] == s - MINUTE_S then
+        for m = 1, METRICS do
+          h[total(0, m)] = math.max(h[total(0, m)] - slot[1 + m], 0)
+        end
       end
     end
   end
-  if w.second > h[6] then h[6], h[15], h[16] = w.second, 0, 0 end
+  if w.second > newest then
+    h[NEWEST_SECOND] = w.second
+    for m = 1, METRICS do h[NEWEST + m - 1] = 0 end
+  end
   return w
 end
 
--- Adds to the bucket of `at_second`, unless that second left the window.
-local function add_minute(w, at_second, requests, tokens)
+-- Adds `counts` (one per metric) to the bucket of `at_second`, unless that
+-- second left the window.
+local function add_minute(w, at_second, counts)
   if at_second <= w.second - MINUTE_S then return end
-  local sec, old_requests, old_tokens = read_slot(w, at_second)
-  if sec ~= at_second then
-    if sec > at_second then return end
-    old_requests, old_tokens = 0, 0
+  local old = read_slot(w, at_second)
+  if old[1] ~= at_second and old[1] > at_second then return end
+  local slot = { at_second }
+  for m = 1, METRICS do
+    local before = old[1] == at_second and old[1 + m] or 0
+    slot[1 + m] = math.max(before + counts[m], 0)
+    w.h[total(0, m)] = w.h[total(0, m)] + slot[1 + m] - before
   end
-  local new_requests = math.max(old_requests + requests, 0)
-  local new_tokens = math.max(old_tokens + tokens, 0)
-  w.h[7] = w.h[7] + new_requests - old_requests
-  w.h[8] = w.h[8] + new_tokens - old_tokens
-  write_slot(w, at_second, new_requests, new_tokens)
+  write_slot(w, slot)
 end
 
-local function add_day(w, requests, tokens)
+-- Adds `counts` to every calendar period; `charged`, when given, is when
+-- the usage was charged: a period that started since gains what is added
+-- but loses nothing.
+local function add_calendars(w, counts, charged)
   local h = w.h
-  h[3] = math.max(h[3] + requests, 0)
-  h[4] = math.max(h[4] + tokens, 0)
+  for c = 1, CALENDARS do
+    local since = charged and charged < h[period_start(c)]
+    for m = 1, METRICS do
+      local count = counts[m]
+      if since then count = math.max(count, 0) end
+      h[total(c, m)] = math.max(h[total(c, m)] + count, 0)
+    end
+  end
 end
 
 -- Stores the state with a new version and keeps it for as long as any of
--- it counts: the day, or a hold beyond it. Answers the announcement of the
--- change, "id version"; other instances reload the workspace when they hear
--- of a version newer than theirs. Published from here, it costs no extra
--- round trip.
+-- it counts: the longest calendar period a limit counts over (at least the
+-- day), or a hold beyond it. Answers the announcement of the change, "id
+-- version"; other instances reload the workspace when they hear of a
+-- version newer than theirs. Published from here, it costs no extra round
+-- trip.
 local function stored(w)
   local h = w.h
-  h[1] = math.max(h[1] + 1, now_us)
-  if w.new or next(w.slots) then h[17] = h[1] end
-  local keep_until = math.max(h[13], h[5], now) + 60000
+  h[VERSION] = math.max(h[VERSION] + 1, now_us)
+  if w.new or next(w.slots) then h[SLOTS_VERSION] = h[VERSION] end
+  local keep_until = math.max(h[period_start(w.kept) + 1], h[HOLD], now) + 60000
   -- A billing block lasts until a probe succeeds or an admin resets it,
   -- however many days that takes; each probe admitted stores it again.
-  if h[9] > 0 then keep_until = math.max(keep_until, now + 30 * 86400000) end
-  -- The expiry moves about once a day: with the day, a hold or a block.
-  local expiry_moved = keep_until > h[14] or w.new
-  if expiry_moved then h[14] = keep_until end
+  if h[BILLING] > 0 then keep_until = math.max(keep_until, now + 30 * 86400000) end
+  -- The expiry moves about once a period: with the day or month, a hold or
+  -- a block.
+  local expiry_moved = keep_until > h[KEY_EXPIRY] or w.new
+  if expiry_moved then h[KEY_EXPIRY] = keep_until end
   local header = struct.pack(HEADER, unpack(h, 1, HEADER_FIELDS))
   if w.new then
     -- Written whole, once: SETRANGE would leave it short.
@@ -261,26 +328,28 @@ local function stored(w)
       if slot then
         local start = HEADER_BYTES + index * SLOT_BYTES + 1
         parts[#parts + 1] = string.sub(w.blob, at, start - 1)
-        parts[#parts + 1] = struct.pack(SLOT, slot[1], slot[2], slot[3])
+        parts[#parts + 1] = struct.pack(SLOT, unpack(slot, 1, SLOT_FIELDS))
         at = start + SLOT_BYTES
       end
     end
     parts[#parts + 1] = string.sub(w.blob, at)
     w.blob, w.changes = table.concat(parts), ''
-    redis.call('SET', w.state, w.blob, 'PXAT', string.format('%d', h[14]))
+    redis.call('SET', w.state, w.blob, 'PXAT', string.format('%d', h[KEY_EXPIRY]))
   else
     redis.call('SETRANGE', w.state, 0, header)
     local changes = { header }
     for index, slot in pairs(w.slots) do
       redis.call('SETRANGE', w.state, HEADER_BYTES + index * SLOT_BYTES,
-        struct.pack(SLOT, slot[1], slot[2], slot[3]))
-      changes[#changes + 1] = struct.pack(SLOT_CHANGE, index, slot[1], slot[2], slot[3])
+        struct.pack(SLOT, unpack(slot, 1, SLOT_FIELDS)))
+      changes[#changes + 1] = struct.pack(SLOT_CHANGE, index, unpack(slot, 1, SLOT_FIELDS))
     end
     w.changes = table.concat(changes)
-    if expiry_moved then redis.call('PEXPIREAT', w.state, string.format('%d', h[14])) end
+    if expiry_moved then
+      redis.call('PEXPIREAT', w.state, string.format('%d', h[KEY_EXPIRY]))
+    end
   end
   w.slots = {}
-  return w.id .. ' ' .. string.format('%d', h[1])
+  return w.id .. ' ' .. string.format('%d', h[VERSION])
 end
 
 -- A workspace's state as answered, {base, changes} (see the top): the base
@@ -336,19 +405,26 @@ end
 
 local expired = expire_reservations()
 
--- Whether `cost` more stays within `max` (-1: no limit) after `used`.
--- A request that alone exceeds a limit never fits.
+-- Whether `cost` more stays within `max` after `used`. A request that
+-- alone exceeds a limit never fits.
 local function fits(max, used, cost)
-  return max < 0 or (cost <= max and used + (cost > 1 and cost or 1) <= max)
+  return cost <= max and used + (cost > 1 and cost or 1) <= max
 end
 
 -- Opens the n-th workspace of a batch, from ARGV[b..]. Its limits are
 -- parsed once, for all its admissions.
 local function open_in_batch(n, b)
   local w = open(2 + n, ARGV[b], ARGV[b + 1])
-  w.known = tonumber(ARGV[b + 6])
-  w.requests_per_minute, w.requests_per_day = tonumber(ARGV[b + 2]), tonumber(ARGV[b + 3])
-  w.tokens_per_minute, w.tokens_per_day = tonumber(ARGV[b + 4]), tonumber(ARGV[b + 5])
+  w.known = tonumber(ARGV[b + 3])
+  local limits, values = w.limits, {}
+  for value in string.gmatch(ARGV[b + 2], '%d+') do values[#values + 1] = tonumber(value) end
+  for i = 1, #values - 2, 3 do
+    local window, metric, max = values[i], values[i + 1] + 1, values[i + 2]
+    limits[#limits + 1] = total(window, metric)
+    limits[#limits + 1] = metric
+    limits[#limits + 1] = max
+    w.kept = math.max(w.kept, window)
+  end
   return w
 end
 
@@ -361,20 +437,20 @@ local expiry_at = {}
 local function admit_one(w, a)
   local h = w.h
   local tokens_text = ARGV[a + 1]
-  local tokens = tonumber(tokens_text)
-  if not (fits(w.requests_per_minute, h[7], 1) and fits(w.requests_per_day, h[3], 1)
-      and fits(w.tokens_per_minute, h[8], tokens) and fits(w.tokens_per_day, h[4], tokens)) then
-    return '0'
+  local costs = { [REQUESTS] = 1, [TOKENS] = tonumber(tokens_text) }
+  local limits = w.limits
+  for i = 1, #limits, 3 do
+    if not fits(limits[i + 2], h[limits[i]], costs[limits[i + 1]]) then return '0' end
   end
-  if h[5] > now then return '0' end
+  if h[HOLD] > now then return '0' end
   local probe = '0'
-  if h[9] > 0 then
-    if now < h[11] then return '0' end
+  if h[BILLING] > 0 then
+    if now < h[NEXT_PROBE] then return '0' end
     probe = '1'
-    h[11] = now + tonumber(ARGV[a + 4])
+    h[NEXT_PROBE] = now + tonumber(ARGV[a + 4])
   end
-  add_minute(w, w.second, 1, tokens)
-  add_day(w, 1, tokens)
+  add_minute(w, w.second, costs)
+  add_calendars(w, costs)
   w.changed = true
   local outcome = probe == '1' and '2' or '1'
   -- A reservation the caller holds is not recorded (see `batch`).
@@ -403,23 +479,23 @@ end
 local function settle_one(w, charged_us, estimate, actual)
   -- A reset since the admission charged nothing of it from then on, so
   -- the estimate it keeps is nothing too.
-  local since_reset = charged_us < w.h[12]
-  local charged = math.floor(math.max(charged_us, w.h[12]) / 1000)
+  local last_reset = w.h[LAST_RESET]
+  local since_reset = charged_us < last_reset
+  local charged = math.floor(math.max(charged_us, last_reset) / 1000)
   local charged_estimate = since_reset and 0 or estimate
   if actual < 0 then actual = charged_estimate end
   -- The correction lands in the second the request was charged while that
   -- second is in the window; extra tokens beyond it are charged now.
-  local correction = actual - charged_estimate
+  local correction = { [REQUESTS] = 0, [TOKENS] = actual - charged_estimate }
   local charged_second = math.floor(charged / 1000)
-  if charged_second > w.second - MINUTE_S and read_slot(w, charged_second) == charged_second then
-    add_minute(w, charged_second, 0, correction)
-  elseif correction > 0 then
-    add_minute(w, w.second, 0, correction)
+  if charged_second > w.second - MINUTE_S and read_slot(w, charged_second)[1] == charged_second then
+    add_minute(w, charged_second, correction)
+  elseif correction[TOKENS] > 0 then
+    add_minute(w, w.second, correction)
   end
-  -- Today's count gains the extra tokens, and loses the unused ones if the
-  -- request was charged today.
-  if charged < w.h[2] then correction = math.max(correction, 0) end
-  if correction ~= 0 then add_day(w, 0, correction) end
+  -- Each calendar period gains the extra tokens, and loses the unused ones
+  -- if the request was charged in it.
+  add_calendars(w, correction, charged)
   w.changed = true
   return charged, charged_estimate
 end
@@ -518,9 +594,9 @@ end
 if op == 'count' then
   -- Calls that happened without a reservation: arg(1) requests and
   -- arg(2) tokens now, whatever the limits.
-  local requests, tokens = tonumber(arg(1)), tonumber(arg(2))
-  add_minute(w, w.second, requests, tokens)
-  add_day(w, requests, tokens)
+  local counts = { [REQUESTS] = tonumber(arg(1)), [TOKENS] = tonumber(arg(2)) }
+  add_minute(w, w.second, counts)
+  add_calendars(w, counts)
   save()
   return reply(1)
 
@@ -529,12 +605,14 @@ elseif op == 'peek' then
 
 elseif op == 'reset' or op == 'reset_usage' then
   -- Requests in flight keep their reservations, charged nothing from the
-  -- reset on (see `settle`). `reset_usage` keeps the blocks (5, 9-11).
+  -- reset on (see `settle`). The version and the calendar bounds stay;
+  -- `reset_usage` keeps the blocks too.
   local h = w.h
   local fresh = { struct.unpack(HEADER, string.rep('\0', HEADER_BYTES)) }
-  fresh[1], fresh[2], fresh[6], fresh[12], fresh[13] = h[1], h[2], w.second, now_us, h[13]
+  fresh[VERSION], fresh[NEWEST_SECOND], fresh[LAST_RESET] = h[VERSION], w.second, now_us
+  for at = BOUNDS, HEADER_FIELDS do fresh[at] = h[at] end
   if op == 'reset_usage' then
-    fresh[5], fresh[9], fresh[10], fresh[11] = h[5], h[9], h[10], h[11]
+    for _, at in ipairs({ HOLD, BILLING, BILLING_SINCE, NEXT_PROBE }) do fresh[at] = h[at] end
   end
   w.h = fresh
   w.blob, w.new = string.rep('\0', STATE_BYTES), true
@@ -545,7 +623,7 @@ elseif op == 'reset' or op == 'reset_usage' then
 elseif op == 'lift' then
   -- An admin lifts the upstream's blocks; the counts stay.
   local h = w.h
-  h[5], h[9], h[10], h[11] = 0, 0, 0, 0
+  h[HOLD], h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = 0, 0, 0, 0
   save()
   return reply(1)
 
@@ -557,13 +635,13 @@ elseif op == 'block' then
   -- decided; 0 to lift it, only if it is still the block that started at
   -- arg(3), so that a late lift cannot undo a newer block.
   local h = w.h
-  h[5] = math.max(h[5], tonumber(arg(1)))
+  h[HOLD] = math.max(h[HOLD], tonumber(arg(1)))
   local code, since = tonumber(arg(2)), tonumber(arg(3))
   if code == 0 then
-    if h[10] == since then h[9], h[10], h[11] = 0, 0, 0 end
+    if h[BILLING_SINCE] == since then h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = 0, 0, 0 end
   elseif code > 0 then
-    if h[9] > 0 then since = math.min(since, h[10]) end
-    h[9], h[10], h[11] = code, since, tonumber(arg(4))
+    if h[BILLING] > 0 then since = math.min(since, h[BILLING_SINCE]) end
+    h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = code, since, tonumber(arg(4))
   end
   save()
   return reply(1)

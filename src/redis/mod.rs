@@ -31,9 +31,9 @@ use tokio::sync::{mpsc, oneshot};
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 
-use crate::domain::limits::{LimitKind, Limits, WorkspaceId};
+use crate::domain::limits::{Limits, WorkspaceId};
 use crate::domain::status::Cause;
-use crate::domain::time::{Timestamp, day_bounds};
+use crate::domain::time::{Period, Timestamp};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
     Admitted, BillingBlock, Expired, Model, Reservation, ResetScope, SharedCounters,
@@ -748,14 +748,10 @@ impl Link {
             invocation.key(self.state_key(&pending.workspace));
             let slots_version = self.states.slots_version(&pending.workspace);
             held.push((&pending.workspace, slots_version));
-            let limit = |kind| limits.and_then(|limits| limits.get(kind)).map_or(-1, clamp);
             invocation
                 .arg(pending.workspace.as_str())
-                .arg(day_bounds_arg(pending.timezone, pending.now))
-                .arg(limit(LimitKind::RequestsPerMinute))
-                .arg(limit(LimitKind::RequestsPerDay))
-                .arg(limit(LimitKind::TokensPerMinute))
-                .arg(limit(LimitKind::TokensPerDay))
+                .arg(calendar_bounds_arg(pending.timezone, pending.now))
+                .arg(limits.map(limits_arg).unwrap_or_default())
                 .arg(slots_version);
         }
         for (pending, number) in batch.iter().zip(&numbers) {
@@ -809,7 +805,7 @@ impl Link {
     }
 
     /// An invocation of a one-workspace operation: the keys, the channel,
-    /// its id and the day bounds around `now`.
+    /// its id and the calendar bounds around `now`.
     fn invocation(
         &self,
         workspace: &WorkspaceId,
@@ -824,7 +820,7 @@ impl Link {
             .arg(op)
             .arg(&self.channel)
             .arg(workspace.as_str())
-            .arg(day_bounds_arg(timezone, now));
+            .arg(calendar_bounds_arg(timezone, now));
         invocation
     }
 
@@ -840,7 +836,7 @@ impl Link {
     fn state_key(&self, workspace: &WorkspaceId) -> String {
         // The name says the layout, so that instances of an older one,
         // during an upgrade, never read this one.
-        format!("{}state2:{}", self.prefix, workspace.as_str())
+        format!("{}state3:{}", self.prefix, workspace.as_str())
     }
 
     /// Fails at once while an earlier call failed moments ago.
@@ -895,21 +891,45 @@ impl Link {
     }
 }
 
-/// The starts (ms) of yesterday, today, tomorrow and the day after around
-/// `now` in `timezone`, in one argument. Redis picks the day holding its
-/// own time, so a caller whose clock is off by a little still counts into
-/// the right day.
-fn day_bounds_arg(timezone: chrono_tz::Tz, now: Timestamp) -> String {
-    let (today, tomorrow) = day_bounds(now, timezone);
-    let (yesterday, _) = day_bounds(Timestamp::from_millis(today.millis() - 1), timezone);
-    let (_, after_tomorrow) = day_bounds(tomorrow, timezone);
-    format!(
-        "{} {} {} {}",
-        yesterday.millis(),
-        today.millis(),
-        tomorrow.millis(),
-        after_tomorrow.millis()
-    )
+/// For each calendar period (day, month), the starts (ms) of the one
+/// before, the current one, the next and the one after around `now` in
+/// `timezone`, periods separated by `|`, in one argument. Redis picks the
+/// period holding its own time, so a caller whose clock is off by a little
+/// still counts into the right day and month.
+fn calendar_bounds_arg(timezone: chrono_tz::Tz, now: Timestamp) -> String {
+    let periods: Vec<String> = Period::ALL
+        .into_iter()
+        .map(|period| {
+            let (current, next) = period.bounds(now, timezone);
+            let (before, _) = period.bounds(Timestamp::from_millis(current.millis() - 1), timezone);
+            let (_, after) = period.bounds(next, timezone);
+            format!(
+                "{} {} {} {}",
+                before.millis(),
+                current.millis(),
+                next.millis(),
+                after.millis()
+            )
+        })
+        .collect();
+    periods.join("|")
+}
+
+/// A workspace's limits as the script reads them: "window metric max" for
+/// each limit set (see `counters.lua`).
+fn limits_arg(limits: &Limits) -> String {
+    let triples: Vec<String> = limits
+        .configured()
+        .map(|(kind, max)| {
+            format!(
+                "{} {} {}",
+                kind.window.index(),
+                kind.metric.index(),
+                clamp(max)
+            )
+        })
+        .collect();
+    triples.join(" ")
 }
 
 /// Reads the answer to a one-workspace operation: {outcome, now, base,

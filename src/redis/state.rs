@@ -1,5 +1,6 @@
 //! A workspace's state as the script stores and answers it (see
-//! `counters.lua`): little-endian doubles, a header and the minute's
+//! `counters.lua`): little-endian doubles, a header (with a total per window
+//! and metric, and the bounds of each calendar period) and the minute's
 //! one-second slots. Each instance holds the last state it read of each
 //! workspace, so that an answer need not carry the slots again while they
 //! have not changed: they change about once a second, the header with every
@@ -10,17 +11,42 @@ use std::sync::Mutex;
 use rustc_hash::FxHashMap;
 
 use super::SharedError;
-use crate::domain::limits::WorkspaceId;
+use crate::domain::limits::{Metric, Window, WorkspaceId};
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::BillingCode;
 use crate::domain::window::Usage;
 use crate::domain::workspace::{BillingBlock, SharedCounters};
 use crate::sync::lock;
 
-/// The header's fields this side reads, by index (see `counters.lua`).
+/// The header's fields, by index (see `counters.lua`, whose indices count
+/// from one).
 const VERSION: usize = 0;
-const NEWEST_SECOND: usize = 5;
-const SLOTS_VERSION: usize = 16;
+const HOLD: usize = 1;
+const BILLING: usize = 2;
+const BILLING_SINCE: usize = 3;
+const NEXT_PROBE: usize = 4;
+const LAST_RESET: usize = 5;
+const SLOTS_VERSION: usize = 7;
+const NEWEST_SECOND: usize = 8;
+/// The newest second's count of each metric.
+const NEWEST: usize = NEWEST_SECOND + 1;
+/// The total of each window and metric, window by window.
+const TOTALS: usize = NEWEST + METRICS;
+/// Each calendar period's start and end.
+const BOUNDS: usize = TOTALS + Window::ALL.len() * METRICS;
+
+const METRICS: usize = Metric::ALL.len();
+
+/// The header's index of the total of `metric` over `window`.
+const fn total(window: Window, metric: Metric) -> usize {
+    TOTALS + window.index() * METRICS + metric.index()
+}
+
+/// The header's index of the start of the calendar period `window` counts;
+/// its end follows. The calendar windows follow the minute.
+const fn period_start(window: Window) -> usize {
+    BOUNDS + 2 * (window.index() - 1)
+}
 
 /// The last state read of each workspace.
 #[derive(Default)]
@@ -74,6 +100,14 @@ impl StateCache {
     }
 }
 
+/// Requests and tokens from a count per metric, in `Metric::ALL`'s order.
+fn usage_of(counts: &[f64]) -> Usage {
+    Usage {
+        requests: counts[Metric::Requests.index()] as u64,
+        tokens: counts[Metric::Tokens.index()] as u64,
+    }
+}
+
 /// A workspace's counters from its state, as of the store's clock `at`.
 pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> SharedCounters {
     // The header holds the newest second's counts; its slot may be older.
@@ -81,42 +115,38 @@ pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> SharedCounters {
     let newest_slot = newest as usize % MINUTE_SLOTS;
     let now_second = at.millis().div_euclid(1000);
     let minute = state[STATE_HEADER..]
-        .chunks_exact(3)
+        .chunks_exact(SLOT_FIELDS)
         .enumerate()
         .map(|(index, slot)| {
             if index == newest_slot {
-                [newest, state[14], state[15]]
+                (newest, &state[NEWEST..NEWEST + METRICS])
             } else {
-                [slot[0], slot[1], slot[2]]
+                (slot[0], &slot[1..])
             }
         })
-        .filter(|slot| slot[0] as i64 > now_second - 60 && (slot[1] > 0.0 || slot[2] > 0.0))
-        .map(|slot| {
-            let usage = Usage {
-                requests: slot[1] as u64,
-                tokens: slot[2] as u64,
-            };
-            (slot[0] as i64, usage)
+        .filter(|(second, counts)| {
+            *second as i64 > now_second - 60 && counts.iter().any(|count| *count > 0.0)
         })
+        .map(|(second, counts)| (second as i64, usage_of(counts)))
         .collect();
     let millis = |index: usize| Timestamp::from_millis(state[index] as i64);
-    let billing = billing_code(state[8]).map(|code| BillingBlock {
+    let used = |window: Window| usage_of(&state[total(window, Metric::ALL[0])..][..METRICS]);
+    let billing = billing_code(state[BILLING]).map(|code| BillingBlock {
         code,
-        since: millis(9),
-        next_probe_at: millis(10),
+        since: millis(BILLING_SINCE),
+        next_probe_at: millis(NEXT_PROBE),
     });
     SharedCounters {
         version: state[VERSION] as u64,
         at,
         minute,
-        day_start: millis(1),
-        day_used: Usage {
-            requests: state[2] as u64,
-            tokens: state[3] as u64,
-        },
-        hold_until: Some(millis(4)).filter(|until| *until > at),
+        day_start: millis(period_start(Window::Day)),
+        day_used: used(Window::Day),
+        month_start: millis(period_start(Window::Month)),
+        month_used: used(Window::Month),
+        hold_until: Some(millis(HOLD)).filter(|until| *until > at),
         billing,
-        last_reset_us: (state[11] > 0.0).then_some(state[11] as i64),
+        last_reset_us: (state[LAST_RESET] > 0.0).then_some(state[LAST_RESET] as i64),
     }
 }
 
@@ -135,10 +165,13 @@ fn billing_code(number: f64) -> Option<BillingCode> {
 
 /// The numbers before the minute's slots in a workspace's state (see
 /// `counters.lua` for each).
-const STATE_HEADER: usize = 17;
+const STATE_HEADER: usize = BOUNDS + 2 * (Window::ALL.len() - 1);
+
+/// A slot's numbers: its second and a count per metric.
+const SLOT_FIELDS: usize = 1 + METRICS;
 
 /// How many numbers the script packs into a workspace's state.
-const STATE_FIELDS: usize = STATE_HEADER + 3 * MINUTE_SLOTS;
+const STATE_FIELDS: usize = STATE_HEADER + SLOT_FIELDS * MINUTE_SLOTS;
 
 /// The minute's one-second slots.
 const MINUTE_SLOTS: usize = 60;
@@ -157,8 +190,8 @@ fn unpack_state(packed: &[u8]) -> Result<Vec<f64>, SharedError> {
 }
 
 /// Applies what a call changed to the state it read: nothing, or the new
-/// header followed by each slot written as {index, second, requests,
-/// tokens}.
+/// header followed by each slot written as {index, second, a count per
+/// metric}.
 fn apply_changes(state: &mut [f64], changes: &[u8]) -> Result<(), SharedError> {
     if changes.is_empty() {
         return Ok(());
@@ -169,17 +202,17 @@ fn apply_changes(state: &mut [f64], changes: &[u8]) -> Result<(), SharedError> {
         return Err(malformed());
     }
     let (header, slots) = numbers.split_at(STATE_HEADER);
-    if !slots.len().is_multiple_of(4) {
+    if !slots.len().is_multiple_of(1 + SLOT_FIELDS) {
         return Err(malformed());
     }
     state[..STATE_HEADER].copy_from_slice(header);
-    for slot in slots.chunks_exact(4) {
+    for slot in slots.chunks_exact(1 + SLOT_FIELDS) {
         let index = slot[0] as usize;
         if index >= MINUTE_SLOTS {
             return Err(malformed());
         }
-        let at = STATE_HEADER + 3 * index;
-        state[at..at + 3].copy_from_slice(&slot[1..]);
+        let at = STATE_HEADER + SLOT_FIELDS * index;
+        state[at..at + SLOT_FIELDS].copy_from_slice(&slot[1..]);
     }
     Ok(())
 }
@@ -295,11 +328,11 @@ mod tests {
         state[..STATE_HEADER].copy_from_slice(&header(1.0, 1.0));
         // Second 1_000 is the newest: its slot holds an older second, 940.
         state[NEWEST_SECOND] = 1_000.0;
-        state[14] = 3.0;
-        state[15] = 30.0;
-        let slot = STATE_HEADER + 3 * (1_000 % MINUTE_SLOTS);
+        state[NEWEST] = 3.0;
+        state[NEWEST + 1] = 30.0;
+        let slot = STATE_HEADER + SLOT_FIELDS * (1_000 % MINUTE_SLOTS);
         state[slot..slot + 3].copy_from_slice(&[940.0, 9.0, 90.0]);
-        let before = STATE_HEADER + 3 * (999 % MINUTE_SLOTS);
+        let before = STATE_HEADER + SLOT_FIELDS * (999 % MINUTE_SLOTS);
         state[before..before + 3].copy_from_slice(&[999.0, 1.0, 10.0]);
         let counters = counters_from(Timestamp::from_millis(1_000_500), &state);
         assert_eq!(
@@ -320,6 +353,59 @@ mod tests {
                     }
                 )
             ]
+        );
+    }
+
+    #[test]
+    fn the_script_lays_out_the_same_metrics_and_windows() {
+        let script = include_str!("counters.lua");
+        let declared = format!(
+            "local METRICS, WINDOWS = {}, {}",
+            Metric::ALL.len(),
+            Window::ALL.len()
+        );
+        assert!(script.contains(&declared), "{declared}");
+        assert!(script.contains("local REQUESTS, TOKENS = 1, 2"));
+        assert_eq!(
+            (Metric::Requests.index(), Metric::Tokens.index()),
+            (0, 1),
+            "the script's metric numbers count from one"
+        );
+        assert_eq!(STATE_HEADER, 21);
+    }
+
+    #[test]
+    fn each_calendar_period_counts_from_its_own_total_and_bounds() {
+        let mut state = vec![0.0; STATE_FIELDS];
+        state[..STATE_HEADER].copy_from_slice(&header(3.0, 3.0));
+        let day = Timestamp::from_millis(1_780_000_000_000);
+        let month = Timestamp::from_millis(1_779_000_000_000);
+        state[period_start(Window::Day)] = day.millis() as f64;
+        state[period_start(Window::Month)] = month.millis() as f64;
+        state[total(Window::Day, Metric::Requests)] = 2.0;
+        state[total(Window::Day, Metric::Tokens)] = 20.0;
+        state[total(Window::Month, Metric::Requests)] = 9.0;
+        state[total(Window::Month, Metric::Tokens)] = 90.0;
+        let counters = counters_from(Timestamp::from_millis(1_780_000_500_000), &state);
+        assert_eq!(
+            (counters.day_start, counters.day_used),
+            (
+                day,
+                Usage {
+                    requests: 2,
+                    tokens: 20
+                }
+            )
+        );
+        assert_eq!(
+            (counters.month_start, counters.month_used),
+            (
+                month,
+                Usage {
+                    requests: 9,
+                    tokens: 90
+                }
+            )
         );
     }
 }

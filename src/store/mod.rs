@@ -24,7 +24,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
 };
 
-use crate::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId, parse_timezone};
+use crate::domain::limits::{LimitKind, PerLimit, WorkspaceConfig, WorkspaceId, parse_timezone};
 use crate::domain::notification::{Notification, NotificationKind, Severity, TenantText};
 use crate::domain::status::Cause;
 use crate::domain::time::Timestamp;
@@ -274,48 +274,113 @@ impl Batch {
     }
 }
 
-type WorkspaceRow = (
-    String,
-    String,
-    String,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    Option<i64>,
-    f64,
-    Option<String>,
-    Option<String>,
-    Option<String>,
-);
+/// A row of `workspaces` as read: the columns that make a
+/// [`WorkspaceConfig`], with a column per limit kind named after it.
+struct WorkspaceRow {
+    id: String,
+    name: String,
+    timezone: String,
+    limits: [Option<i64>; LimitKind::COUNT],
+    warn_at: f64,
+    upstream_key_env: Option<String>,
+    upstream_organization: Option<String>,
+    upstream_project: Option<String>,
+}
 
-/// The columns of `workspaces` that make a [`WorkspaceConfig`], in the order
-/// of [`WorkspaceRow`].
-/// Binds a workspace's columns, in `workspace_columns!` order, then `now`:
-/// parameters $1 to $10 of the queries that write a workspace.
+impl<'r, R> sqlx::FromRow<'r, R> for WorkspaceRow
+where
+    R: sqlx::Row,
+    &'r str: sqlx::ColumnIndex<R>,
+    String: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    i64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+    f64: sqlx::Decode<'r, R::Database> + sqlx::Type<R::Database>,
+{
+    fn from_row(row: &'r R) -> std::result::Result<Self, sqlx::Error> {
+        let mut limits = [None; LimitKind::COUNT];
+        for kind in LimitKind::ALL {
+            limits[kind.index()] = row.try_get(kind.name())?;
+        }
+        Ok(Self {
+            id: row.try_get("id")?,
+            name: row.try_get("name")?,
+            timezone: row.try_get("timezone")?,
+            limits,
+            warn_at: row.try_get("warn_at")?,
+            upstream_key_env: row.try_get("upstream_key_env")?,
+            upstream_organization: row.try_get("upstream_organization")?,
+            upstream_project: row.try_get("upstream_project")?,
+        })
+    }
+}
+
+/// The queries that read and write a workspace's settings. They name a
+/// column per limit kind, so they are written once at start-up from
+/// [`LimitKind::ALL`]: a new kind needs its columns (a migration) and
+/// nothing here.
+struct WorkspaceQueries {
+    select_all: String,
+    select_one: String,
+    insert: String,
+    update: String,
+}
+
+static WORKSPACE_QUERIES: std::sync::LazyLock<WorkspaceQueries> = std::sync::LazyLock::new(|| {
+    // In the order `bind_workspace!` binds them, as $1, $2, ...
+    let columns: Vec<&str> = ["id", "name", "timezone"]
+        .into_iter()
+        .chain(LimitKind::ALL.iter().map(|kind| kind.name()))
+        .chain([
+            "warn_at",
+            "upstream_key_env",
+            "upstream_organization",
+            "upstream_project",
+        ])
+        .collect();
+    let now = columns.len() + 1;
+    let placeholders: Vec<String> = (1..=columns.len()).map(|n| format!("${n}")).collect();
+    let assignments: Vec<String> = columns
+        .iter()
+        .enumerate()
+        .skip(1)
+        .map(|(index, column)| format!("{column} = ${}", index + 1))
+        .collect();
+    WorkspaceQueries {
+        select_all: format!("SELECT {} FROM workspaces ORDER BY id", columns.join(", ")),
+        select_one: format!(
+            "SELECT {} FROM workspaces WHERE id = $1",
+            columns.join(", ")
+        ),
+        insert: format!(
+            "INSERT INTO workspaces ({}, created_at, updated_at) VALUES ({}, ${now}, ${now})",
+            columns.join(", "),
+            placeholders.join(", ")
+        ),
+        update: format!(
+            "UPDATE workspaces SET {}, updated_at = ${now} WHERE id = $1",
+            assignments.join(", ")
+        ),
+    }
+});
+
+/// Binds a workspace's columns, in the order of [`WORKSPACE_QUERIES`], then
+/// `now`.
 macro_rules! bind_workspace {
     ($query:expr, $ws:expr, $now:expr) => {{
         let ws: &WorkspaceConfig = $ws;
-        let limits = ws.limits;
-        $query
+        let mut query = $query
             .bind(ws.id.as_str())
             .bind(&ws.name)
-            .bind(ws.timezone.name())
-            .bind(limit_value(limits.get(LimitKind::RequestsPerMinute)))
-            .bind(limit_value(limits.get(LimitKind::RequestsPerDay)))
-            .bind(limit_value(limits.get(LimitKind::TokensPerMinute)))
-            .bind(limit_value(limits.get(LimitKind::TokensPerDay)))
+            .bind(ws.timezone.name());
+        for (_, max) in ws.limits.iter() {
+            query = query.bind(limit_value(max));
+        }
+        query
             .bind(ws.warn_at)
             .bind(ws.upstream_key_env.as_deref())
             .bind(ws.upstream_organization.as_deref())
             .bind(ws.upstream_project.as_deref())
             .bind($now.millis())
     }};
-}
-
-macro_rules! workspace_columns {
-    () => {
-        "id, name, timezone, requests_per_minute, requests_per_day, tokens_per_minute, tokens_per_day, warn_at, upstream_key_env, upstream_organization, upstream_project"
-    };
 }
 
 type NotificationRow = (
@@ -347,29 +412,26 @@ fn limit_value(value: Option<u64>) -> Option<i64> {
 }
 
 fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
-    let (id, name, timezone, rpm, rpd, tpm, tpd, warn_at, upstream_key_env, organization, project) =
-        row;
-    let mut limits = Limits::default();
-    let values = [rpm, rpd, tpm, tpd];
-    for (kind, value) in LimitKind::ALL.into_iter().zip(values) {
-        limits.set(kind, value.and_then(|v| u64::try_from(v).ok()));
-    }
     Some(WorkspaceConfig {
-        id: id.parse().ok()?,
-        name,
-        timezone: parse_timezone(&timezone).ok()?,
-        limits,
-        warn_at,
-        upstream_key_env,
-        upstream_organization: organization,
-        upstream_project: project,
+        id: row.id.parse().ok()?,
+        name: row.name,
+        timezone: parse_timezone(&row.timezone).ok()?,
+        limits: PerLimit(
+            row.limits
+                .map(|max| max.and_then(|max| u64::try_from(max).ok())),
+        ),
+        warn_at: row.warn_at,
+        upstream_key_env: row.upstream_key_env,
+        upstream_organization: row.upstream_organization,
+        upstream_project: row.upstream_project,
     })
 }
 
-const KIND_NAMES: [NotificationKind; 9] = [
+const KIND_NAMES: [NotificationKind; 10] = [
     NotificationKind::ApproachingLimit,
     NotificationKind::RateLimited,
     NotificationKind::DailyQuotaExhausted,
+    NotificationKind::MonthlyQuotaExhausted,
     NotificationKind::UpstreamRateLimited,
     NotificationKind::UpstreamQuotaExhausted,
     NotificationKind::UpstreamErrors,
@@ -593,13 +655,9 @@ impl Store {
 
     async fn read_catalog(&self, generation: i64) -> Result<Catalog> {
         let workspace_rows: Vec<WorkspaceRow> = on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                workspace_columns!(),
-                " FROM workspaces ORDER BY id"
-            ))
-            .fetch_all(pool)
-            .await
+            sqlx::query_as(WORKSPACE_QUERIES.select_all.as_str())
+                .fetch_all(pool)
+                .await
         })?;
         let key_rows: Vec<KeyRow> = on_pool!(self, |pool| {
             sqlx::query_as(concat!(
@@ -622,14 +680,10 @@ impl Store {
 
     pub async fn workspace(&self, id: &WorkspaceId) -> Result<Option<WorkspaceConfig>> {
         let row: Option<WorkspaceRow> = on_pool!(self, |pool| {
-            sqlx::query_as(concat!(
-                "SELECT ",
-                workspace_columns!(),
-                " FROM workspaces WHERE id = $1"
-            ))
-            .bind(id.as_str())
-            .fetch_optional(pool)
-            .await
+            sqlx::query_as(WORKSPACE_QUERIES.select_one.as_str())
+                .bind(id.as_str())
+                .fetch_optional(pool)
+                .await
         })?;
         Ok(row.and_then(workspace_from_row))
     }
@@ -638,11 +692,7 @@ impl Store {
     /// taken. Returns the new catalog generation.
     pub async fn insert_workspace(&self, ws: &WorkspaceConfig, now: Timestamp) -> Result<i64> {
         let inserted = change_catalog!(self, |tx| {
-            let insert = sqlx::query(concat!(
-                "INSERT INTO workspaces (",
-                workspace_columns!(),
-                ", created_at, updated_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $12)"
-            ));
+            let insert = sqlx::query(WORKSPACE_QUERIES.insert.as_str());
             bind_workspace!(insert, ws, now)
                 .execute(&mut *tx)
                 .await?
@@ -665,9 +715,7 @@ impl Store {
         now: Timestamp,
     ) -> Result<Option<i64>> {
         Ok(change_catalog!(self, |tx| {
-            let update = sqlx::query(
-                "UPDATE workspaces SET name = $2, timezone = $3, requests_per_minute = $4, requests_per_day = $5, tokens_per_minute = $6, tokens_per_day = $7, warn_at = $8, upstream_key_env = $9, upstream_organization = $10, upstream_project = $11, updated_at = $12 WHERE id = $1",
-            );
+            let update = sqlx::query(WORKSPACE_QUERIES.update.as_str());
             bind_workspace!(update, ws, now)
                 .execute(&mut *tx)
                 .await?

@@ -4,9 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use crate::domain::status::Status;
+use crate::domain::time::Period;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::{BillingCode, ErrorTally, LastError, UpstreamBucket, UpstreamView};
-use crate::domain::window::{DayCounter, Usage};
+use crate::domain::window::{CalendarCounter, Usage};
 use crate::domain::workspace::{BillingBlock, Reservation, Saved};
 
 /// Bumped when the shape changes incompatibly; older documents are then
@@ -22,6 +23,11 @@ struct SavedJson {
     day_end: i64,
     day_requests: u64,
     day_tokens: u64,
+    /// The calendar periods beyond the day (the month), which the day's
+    /// fields above keep readable by versions that count only the day;
+    /// absent from documents those versions saved.
+    #[serde(default)]
+    calendars: Vec<CalendarJson>,
     reservations: Vec<ReservationJson>,
     rate_block_until: Option<i64>,
     billing: Option<BillingJson>,
@@ -33,6 +39,16 @@ struct SavedJson {
     key_rejected: bool,
     status: String,
     since: i64,
+}
+
+#[derive(Serialize, Deserialize)]
+struct CalendarJson {
+    /// `Period::name`: "month".
+    period: String,
+    start: i64,
+    end: i64,
+    requests: u64,
+    tokens: u64,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -80,6 +96,10 @@ pub fn to_json(saved: &Saved) -> String {
         resets_at: b.resets_at.map(Timestamp::millis),
         observed_at: b.observed_at.millis(),
     };
+    let day = saved
+        .calendars
+        .iter()
+        .find(|counter| counter.period == Period::Day);
     let json = SavedJson {
         version: VERSION,
         minute: saved
@@ -87,10 +107,22 @@ pub fn to_json(saved: &Saved) -> String {
             .iter()
             .map(|(second, usage)| (*second, usage.requests, usage.tokens))
             .collect(),
-        day_start: saved.day.start.millis(),
-        day_end: saved.day.end.millis(),
-        day_requests: saved.day.used.requests,
-        day_tokens: saved.day.used.tokens,
+        day_start: day.map_or(0, |day| day.start.millis()),
+        day_end: day.map_or(0, |day| day.end.millis()),
+        day_requests: day.map_or(0, |day| day.used.requests),
+        day_tokens: day.map_or(0, |day| day.used.tokens),
+        calendars: saved
+            .calendars
+            .iter()
+            .filter(|counter| counter.period != Period::Day)
+            .map(|counter| CalendarJson {
+                period: counter.period.name().to_owned(),
+                start: counter.start.millis(),
+                end: counter.end.millis(),
+                requests: counter.used.requests,
+                tokens: counter.used.tokens,
+            })
+            .collect(),
         reservations: saved
             .reservations
             .iter()
@@ -161,14 +193,29 @@ pub fn from_json(text: &str) -> Option<Saved> {
             .into_iter()
             .map(|(second, requests, tokens)| (second, Usage { requests, tokens }))
             .collect(),
-        day: DayCounter {
+        calendars: std::iter::once(CalendarCounter {
+            period: Period::Day,
             start: ts(json.day_start),
             end: ts(json.day_end),
             used: Usage {
                 requests: json.day_requests,
                 tokens: json.day_tokens,
             },
-        },
+        })
+        .chain(json.calendars.into_iter().filter_map(|counter| {
+            Some(CalendarCounter {
+                period: Period::ALL
+                    .into_iter()
+                    .find(|period| period.name() == counter.period)?,
+                start: ts(counter.start),
+                end: ts(counter.end),
+                used: Usage {
+                    requests: counter.requests,
+                    tokens: counter.tokens,
+                },
+            })
+        }))
+        .collect(),
         reservations: json
             .reservations
             .into_iter()

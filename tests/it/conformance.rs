@@ -193,6 +193,55 @@ async fn a_day_limit_refuses_without_retry_until_local_midnight(backend: Backend
     setup.finish().await;
 }
 
+conformance!(a_month_limit_refuses_without_retry_until_the_local_month_ends);
+async fn a_month_limit_refuses_without_retry_until_the_local_month_ends(
+    backend: Backend,
+    test: &str,
+) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "timezone": "Asia/Kolkata",
+            "limits": {"requests_per_minute": null, "requests_per_day": null,
+                "tokens_per_day": 5000, "tokens_per_month": 1000}}))
+        .await;
+    let admitted = server.check(&key, 600).await;
+    assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    assert_eq!(admitted.body["remaining"]["tokens_per_month"], 400);
+    // The month is the tightest token limit, so the headers report it.
+    assert_eq!(admitted.header("x-ratelimit-limit-tokens"), Some("1000"));
+    assert_eq!(admitted.header("x-ratelimit-remaining-tokens"), Some("400"));
+    let refused = server.check(&key, 500).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.body["error"]["type"], "tokens");
+    assert_eq!(refused.error_code(), "monthly_limit_exceeded");
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+    let status = server.status(&key).await;
+    assert_eq!(used(&status, "tokens_per_month"), 600);
+    assert_eq!(status["usage"]["this_month"]["tokens"], 600);
+    // The month ends at midnight in Kolkata (UTC+05:30) on the first of the
+    // next month: 18:30 UTC on the last day of this one.
+    let resets_at = status["limits"]["tokens_per_month"]["resets_at"]
+        .as_str()
+        .expect("resets_at");
+    let kolkata: chrono_tz::Tz = "Asia/Kolkata".parse().expect("zone");
+    let now =
+        quotawatch::domain::time::Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
+    let (_, month_end) = quotawatch::domain::time::Period::Month.bounds(now, kolkata);
+    assert_eq!(resets_at, month_end.to_rfc3339());
+    assert!(resets_at.contains("T18:30:00"), "{resets_at}");
+    // Settled for less, the month has room again.
+    let report = json!({"reservation_id": admitted.body["reservation_id"],
+        "usage": {"prompt_tokens": 60, "completion_tokens": 40}});
+    let settled = server.post("/api/quota/usage", &key, report).await;
+    assert_eq!(settled.status, StatusCode::ACCEPTED, "{:?}", settled.body);
+    assert_eq!(used(&settled.body, "tokens_per_month"), 100);
+    assert_eq!(server.check(&key, 500).await.status, StatusCode::OK);
+    setup.finish().await;
+}
+
 conformance!(settlement_replaces_the_estimate_once);
 async fn settlement_replaces_the_estimate_once(backend: Backend, test: &str) {
     let Some(setup) = Setup::start(backend, test, &[]).await else {

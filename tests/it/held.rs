@@ -8,7 +8,9 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use quotawatch::domain::limits::{LimitKind, Limits, OnStoreError, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::limits::{
+    LimitKind, Limits, Metric, OnStoreError, Window, WorkspaceConfig, WorkspaceId,
+};
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::workspace::{Admitted, Request, ResetScope, Settings};
 use quotawatch::engine::{
@@ -59,8 +61,11 @@ impl Instance {
         let prefix = fresh_prefix();
         let clock = Arc::new(MovableClock::default());
         let mut limits = Limits::default();
-        limits.set(LimitKind::TokensPerMinute, Some(100_000));
-        limits.set(LimitKind::TokensPerDay, Some(1_000_000));
+        limits.set(
+            LimitKind::new(Metric::Tokens, Window::Minute),
+            Some(100_000),
+        );
+        limits.set(LimitKind::new(Metric::Tokens, Window::Day), Some(1_000_000));
         let defaults = WorkspaceDefaults {
             limits,
             warn_at: 0.8,

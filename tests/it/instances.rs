@@ -7,7 +7,7 @@
 
 use std::time::{Duration, Instant};
 
-use quotawatch::domain::limits::LimitKind;
+use quotawatch::domain::limits::{LimitKind, Metric, Window};
 use quotawatch::domain::status::Cause;
 use quotawatch::redis::{EpisodeStep, RedisCounters};
 use reqwest::StatusCode;
@@ -979,7 +979,7 @@ async fn a_cause_another_instance_raised_first_is_only_ever_seen_under_its_name(
     let elsewhere = "ntf_00000000e15e3e7e";
     held_elsewhere(
         &cluster,
-        Cause::Approaching(LimitKind::RequestsPerMinute),
+        Cause::Approaching(LimitKind::new(Metric::Requests, Window::Minute)),
         elsewhere,
     )
     .await;

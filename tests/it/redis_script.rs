@@ -11,10 +11,11 @@
 
 use std::time::Duration;
 
-use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceId};
+use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceId};
 use quotawatch::domain::status::Cause;
-use quotawatch::domain::time::Timestamp;
+use quotawatch::domain::time::{Period, Timestamp};
 use quotawatch::domain::upstream::BillingCode;
+use quotawatch::domain::window::Usage;
 use quotawatch::domain::workspace::{BillingBlock, ResetScope};
 use quotawatch::redis::{
     AdmitArgs, BillingChange, BlockChange, EpisodeStep, Held, RedisCounters, Reply,
@@ -141,7 +142,7 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
         return;
     };
     let mut limits = Limits::default();
-    limits.set(LimitKind::RequestsPerMinute, Some(10));
+    limits.set(LimitKind::new(Metric::Requests, Window::Minute), Some(10));
     let args = AdmitArgs {
         limits: &limits,
         tokens: 5,
@@ -173,7 +174,7 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
         .lifetimes()
         .await
         .into_iter()
-        .find(|(key, _)| key.contains("state2:"))
+        .find(|(key, _)| key.contains("state3:"))
         .expect("state key");
     assert!(state.1 > 29 * day, "a billing block lives {} ms", state.1);
     store.finish().await;
@@ -487,7 +488,7 @@ async fn the_first_instance_to_raise_a_cause_names_it_until_the_last_one_lets_go
     let Some(store) = Store::open("the_first_instance_to_raise_a_cause_names_it") else {
         return;
     };
-    let cause = Cause::Approaching(LimitKind::RequestsPerMinute);
+    let cause = Cause::Approaching(LimitKind::new(Metric::Requests, Window::Minute));
     let hold = |candidate: &str| EpisodeStep::Hold {
         cause,
         candidate: candidate.to_owned(),
@@ -504,7 +505,7 @@ async fn the_first_instance_to_raise_a_cause_names_it_until_the_last_one_lets_go
     let episode = a[0].clone().expect("named");
     // Another cause is another episode.
     let exhausted = EpisodeStep::Hold {
-        cause: Cause::LimitExhausted(LimitKind::RequestsPerMinute),
+        cause: Cause::LimitExhausted(LimitKind::new(Metric::Requests, Window::Minute)),
         candidate: "ntf_c".to_owned(),
     };
     assert_eq!(episodes(&store, "b", &[exhausted]).await, named("ntf_c"));
@@ -533,5 +534,79 @@ async fn the_first_instance_to_raise_a_cause_names_it_until_the_last_one_lets_go
         (episodes(&store, &instance, &steps).await[0] == Some("ntf_new".to_owned())).then_some(())
     })
     .await;
+    store.finish().await;
+}
+
+#[tokio::test]
+async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
+    let Some(store) = Store::open("redis_script::month") else {
+        return;
+    };
+    let timezone: chrono_tz::Tz = "Pacific/Auckland".parse().expect("zone");
+    let mut limits = Limits::default();
+    limits.set(LimitKind::new(Metric::Tokens, Window::Month), Some(1000));
+    let admit = |reservation, tokens| AdmitArgs {
+        limits: &limits,
+        tokens,
+        reservation,
+        reservation_ttl: Duration::from_secs(600),
+        probe_interval: Duration::from_secs(60),
+        model: None,
+        record: true,
+    };
+    let (admitted, reply) = store
+        .counters
+        .admit(&store.workspace, timezone, Store::now(), admit(1, 600))
+        .await
+        .expect("admit");
+    assert!(admitted.is_some());
+    let (month_start, month_end) = Period::Month.bounds(Store::now(), timezone);
+    assert_eq!(reply.counters.month_start, month_start);
+    assert_eq!(reply.counters.month_used.tokens, 600);
+    assert_eq!(reply.counters.day_used.tokens, 600);
+    // The month limit has room for 400 more, the estimate of 500 does not fit.
+    let (refused, reply) = store
+        .counters
+        .admit(&store.workspace, timezone, Store::now(), admit(2, 500))
+        .await
+        .expect("admit");
+    assert!(refused.is_none(), "the month limit refuses");
+    assert_eq!(
+        reply.counters.month_used.tokens, 600,
+        "a refusal charges nothing"
+    );
+    // Settled for less, the month gets the unused tokens back.
+    let (_, reply) = store
+        .counters
+        .settle(&store.workspace, timezone, Store::now(), 1, Some(100))
+        .await
+        .expect("settle");
+    assert_eq!(reply.counters.month_used.tokens, 100);
+    let (admitted, _) = store
+        .counters
+        .admit(&store.workspace, timezone, Store::now(), admit(3, 500))
+        .await
+        .expect("admit");
+    assert!(admitted.is_some(), "room again");
+    // A workspace with a month limit keeps its counters until the month ends.
+    let state = store
+        .lifetimes()
+        .await
+        .into_iter()
+        .find(|(key, _)| key.contains("state3:"))
+        .expect("state key");
+    let month_left = month_end.millis() - Store::now().millis();
+    assert!(
+        state.1 >= month_left,
+        "lives {} ms, the month {month_left} ms",
+        state.1
+    );
+    let reset = store
+        .counters
+        .reset(&store.workspace, timezone, Store::now(), ResetScope::Usage)
+        .await
+        .expect("reset");
+    assert_eq!(reset.counters.month_used, Usage::default());
+    assert_eq!(reset.counters.month_start, month_start, "the month stays");
     store.finish().await;
 }

@@ -5,11 +5,12 @@
 use std::future::Future;
 use std::time::Duration;
 
-use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::notification::{Notification, NotificationKind, Severity, TenantText};
 use quotawatch::domain::status::{Cause, Status};
+use quotawatch::domain::time::Period;
 use quotawatch::domain::time::Timestamp;
-use quotawatch::domain::window::{DayCounter, Usage};
+use quotawatch::domain::window::{CalendarCounter, Usage};
 use quotawatch::domain::workspace::{Reservation, Saved};
 use quotawatch::keys::{KeyGrant, PlainKey, Scopes};
 use quotawatch::store::{Batch, KeyRecord, Resolution, RollupDelta, RollupKey, Store, StoreError};
@@ -67,8 +68,11 @@ fn id(name: &str) -> WorkspaceId {
 
 fn workspace(name: &str) -> WorkspaceConfig {
     let mut limits = Limits::default();
-    limits.set(LimitKind::RequestsPerMinute, Some(60));
-    limits.set(LimitKind::TokensPerDay, Some(u64::from(u32::MAX) * 4));
+    limits.set(LimitKind::new(Metric::Requests, Window::Minute), Some(60));
+    limits.set(
+        LimitKind::new(Metric::Tokens, Window::Day),
+        Some(u64::from(u32::MAX) * 4),
+    );
     let mut config = WorkspaceConfig::new(id(name), limits);
     config.name = format!("Workspace {name}");
     config.timezone = "America/Sao_Paulo".parse().expect("zone");
@@ -90,7 +94,9 @@ async fn workspaces_round_trip(store: Store) {
         Some(acme.clone())
     );
     let mut changed = acme.clone();
-    changed.limits.set(LimitKind::RequestsPerMinute, None);
+    changed
+        .limits
+        .set(LimitKind::new(Metric::Requests, Window::Minute), None);
     changed.name = "Renamed".into();
     let g2 = store
         .update_workspace(&changed, T0)
@@ -126,6 +132,36 @@ async fn workspaces_round_trip(store: Store) {
     );
 }
 conformance!(workspaces_round_trip);
+
+/// Every limit kind, the month's included, is stored in its own column and
+/// read back as written, set or cleared.
+async fn every_limit_kind_round_trips(store: Store) {
+    let mut acme = workspace("acme");
+    for kind in LimitKind::ALL {
+        acme.limits.set(kind, Some(1_000 + kind.index() as u64));
+    }
+    acme.limits.set(
+        LimitKind::new(Metric::Tokens, Window::Month),
+        Some(u64::from(u32::MAX) * 40),
+    );
+    store.insert_workspace(&acme, T0).await.expect("insert");
+    assert_eq!(
+        store.load_catalog().await.expect("catalog").workspaces,
+        vec![acme.clone()]
+    );
+    acme.limits
+        .set(LimitKind::new(Metric::Requests, Window::Month), None);
+    store
+        .update_workspace(&acme, T0)
+        .await
+        .expect("update")
+        .expect("exists");
+    assert_eq!(
+        store.workspace(&id("acme")).await.expect("read"),
+        Some(acme)
+    );
+}
+conformance!(every_limit_kind_round_trips);
 
 async fn keys_are_stored_hashed_and_revocable(store: Store) {
     store
@@ -253,14 +289,26 @@ fn saved() -> Saved {
                 tokens: 300,
             },
         )],
-        day: DayCounter {
-            start: Timestamp::from_millis(T0.millis() - 3_600_000),
-            end: Timestamp::from_millis(T0.millis() + 3_600_000),
-            used: Usage {
-                requests: 42,
-                tokens: 4200,
+        calendars: vec![
+            CalendarCounter {
+                period: Period::Day,
+                start: Timestamp::from_millis(T0.millis() - 3_600_000),
+                end: Timestamp::from_millis(T0.millis() + 3_600_000),
+                used: Usage {
+                    requests: 42,
+                    tokens: 4200,
+                },
             },
-        },
+            CalendarCounter {
+                period: Period::Month,
+                start: Timestamp::from_millis(T0.millis() - 86_400_000),
+                end: Timestamp::from_millis(T0.millis() + 30 * 86_400_000),
+                used: Usage {
+                    requests: 420,
+                    tokens: 42_000,
+                },
+            },
+        ],
         reservations: vec![Reservation {
             id: u64::MAX - 1,
             charged_at: T0,
@@ -285,7 +333,8 @@ fn notification(workspace: Option<&str>, at: i64, resolved: Option<i64>) -> Noti
     Notification {
         id: format!("ntf_{at}"),
         workspace: workspace.map(id),
-        cause: workspace.map(|_| Cause::LimitExhausted(LimitKind::RequestsPerDay)),
+        cause: workspace
+            .map(|_| Cause::LimitExhausted(LimitKind::new(Metric::Requests, Window::Day))),
         severity: Severity::Critical,
         kind: NotificationKind::DailyQuotaExhausted,
         title: "title".into(),
@@ -296,7 +345,7 @@ fn notification(workspace: Option<&str>, at: i64, resolved: Option<i64>) -> Noti
             message: "Today's requests are used up \"for now\".".into(),
             suggested_actions: vec!["Try again after the limit resets.".into()],
         },
-        limit: Some(LimitKind::RequestsPerDay),
+        limit: Some(LimitKind::new(Metric::Requests, Window::Day)),
         created_at: Timestamp::from_millis(at),
         resolves_at: Some(Timestamp::from_millis(at + 1000)),
         resolved_at: resolved.map(Timestamp::from_millis),
