@@ -23,11 +23,15 @@ export const STATUS_RANK = {
   normal: 3,
 };
 
+// Every limit the server knows, in the order it lists them: a metric over
+// a window. A new limit needs its label here and nothing else on screen.
 export const LIMIT_LABELS = {
   requests_per_minute: "Requests / minute",
   requests_per_day: "Requests / day",
+  requests_per_month: "Requests / month",
   tokens_per_minute: "Tokens / minute",
   tokens_per_day: "Tokens / day",
+  tokens_per_month: "Tokens / month",
 };
 
 export const LIMIT_NAMES = Object.keys(LIMIT_LABELS);

@@ -29,7 +29,7 @@ export function badge(status) {
   );
 }
 
-/** What was used today and over the last minute, limits or not. */
+/** What was used today, this month and over the last minute, limits or not. */
 export function usageLine(usage) {
   if (!usage) return null;
   const counts = ({ requests, tokens }) =>
@@ -37,7 +37,7 @@ export function usageLine(usage) {
   return h(
     "p",
     { class: "usage" },
-    `Today: ${counts(usage.today)}; last minute: ${counts(usage.last_minute)}`,
+    `Today: ${counts(usage.today)}; this month: ${counts(usage.this_month)}; last minute: ${counts(usage.last_minute)}`,
   );
 }
 
@@ -334,7 +334,7 @@ function quotaFields(
       label: "Timezone",
       value: timezone,
       required: timezoneRequired,
-      hint: "IANA name; days are counted in it.",
+      hint: "IANA name; days and months are counted in it.",
     },
     ...LIMIT_NAMES.map((name) => ({
       name,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use crate::domain::limits::WorkspaceId;
 use crate::domain::notification::Notification;
-use crate::domain::time::{Timestamp, day_bounds, duration_millis};
+use crate::domain::time::{Period, Timestamp, duration_millis};
 use crate::engine::{Engine, EngineError};
 use crate::store::{Resolution, RollupDelta, Store, StoreError};
 
@@ -29,6 +29,9 @@ pub enum Step {
     Hour,
     /// A local day of the workspace's timezone (23 to 25 hours around DST).
     Day,
+    /// A local calendar month of the workspace's timezone, as month limits
+    /// count it; made of the days that lie in it.
+    Month,
 }
 
 impl Step {
@@ -37,6 +40,7 @@ impl Step {
             "1m" => Some(Step::Minute),
             "1h" => Some(Step::Hour),
             "1d" => Some(Step::Day),
+            "1mo" => Some(Step::Month),
             _ => None,
         }
     }
@@ -45,16 +49,28 @@ impl Step {
         match self {
             Step::Minute => Resolution::Minute,
             Step::Hour => Resolution::Hour,
-            Step::Day => Resolution::Day,
+            Step::Day | Step::Month => Resolution::Day,
         }
     }
 
+    /// A step's length; a month's counts as 30 days, so that a window of
+    /// month steps is written in days (`90d`: three months).
     pub fn length(self) -> Duration {
         Duration::from_secs(match self {
             Step::Minute => 60,
             Step::Hour => 3600,
             Step::Day => 86_400,
+            Step::Month => 30 * 86_400,
         })
+    }
+
+    /// The calendar period a step is, if it is one.
+    fn period(self) -> Option<Period> {
+        match self {
+            Step::Minute | Step::Hour => None,
+            Step::Day => Some(Period::Day),
+            Step::Month => Some(Period::Month),
+        }
     }
 
     /// How far back history of this step is kept.
@@ -73,8 +89,8 @@ impl Step {
 
     /// Starts of the `count` steps ending with the one that holds `now`.
     fn starts(self, count: u64, now: Timestamp, tz: chrono_tz::Tz) -> Vec<i64> {
-        match self {
-            Step::Minute | Step::Hour => {
+        match self.period() {
+            None => {
                 let length = duration_millis(self.length());
                 let current = now.millis() - now.millis().rem_euclid(length);
                 (0..count as i64)
@@ -82,12 +98,13 @@ impl Step {
                     .map(|i| current - i * length)
                     .collect()
             }
-            Step::Day => {
-                // Local days vary in length around DST changes; walk them back.
-                let mut starts = vec![day_bounds(now, tz).0.millis()];
+            Some(period) => {
+                // Local days and months vary in length (around DST changes,
+                // by the calendar); walk them back.
+                let mut starts = vec![period.bounds(now, tz).0.millis()];
                 while (starts.len() as u64) < count {
                     let earlier = Timestamp::from_millis(starts[starts.len() - 1] - 1);
-                    starts.push(day_bounds(earlier, tz).0.millis());
+                    starts.push(period.bounds(earlier, tz).0.millis());
                 }
                 starts.reverse();
                 starts
@@ -241,6 +258,29 @@ mod tests {
             ]
         );
         assert_eq!(starts[2] - starts[1], 23 * 60 * MINUTE);
+    }
+
+    #[test]
+    fn local_months_are_calendar_months_across_daylight_saving_time() {
+        // March holds Berlin's change to summer time, February a leap day.
+        let now = at("2028-04-10T12:00:00+02:00");
+        let starts = Step::Month.starts(3, now, chrono_tz::Europe::Berlin);
+        assert_eq!(
+            starts,
+            vec![
+                at("2028-02-01T00:00:00+01:00").millis(),
+                at("2028-03-01T00:00:00+01:00").millis(),
+                at("2028-04-01T00:00:00+02:00").millis(),
+            ]
+        );
+        assert_eq!(starts[1] - starts[0], 29 * 24 * 60 * MINUTE);
+        assert_eq!(starts[2] - starts[1], (31 * 24 - 1) * 60 * MINUTE);
+        assert_eq!(Step::parse("1mo"), Some(Step::Month));
+        assert_eq!(
+            Step::Month.count_in(Duration::from_secs(90 * 86_400)),
+            Some(3)
+        );
+        assert_eq!(Step::Month.count_in(Duration::from_secs(45 * 86_400)), None);
     }
 
     #[test]

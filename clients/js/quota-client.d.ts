@@ -2,7 +2,14 @@
 // and the QuotaMonitor that follows them live.
 
 export type Status = "normal" | "warning" | "rate_limited" | "quota_exceeded";
-export type LimitName = "requests_per_minute" | "requests_per_day" | "tokens_per_minute" | "tokens_per_day";
+/** A limit: a metric (requests, tokens) over a window (minute, day, month). */
+export type LimitName =
+  | "requests_per_minute"
+  | "requests_per_day"
+  | "requests_per_month"
+  | "tokens_per_minute"
+  | "tokens_per_day"
+  | "tokens_per_month";
 
 export interface LimitState {
   limit: number;
@@ -46,6 +53,8 @@ export interface StatusDocument {
   usage: {
     last_minute: { requests: number; tokens: number };
     today: { requests: number; tokens: number };
+    /** Since the first of the month, midnight in the workspace's timezone. */
+    this_month: { requests: number; tokens: number };
   };
   upstream: { requests: UpstreamBucket | null; tokens: UpstreamBucket | null } | null;
   billing_block: { code: string; since: string; next_probe_at: string } | null;
@@ -71,6 +80,7 @@ export interface Notification {
     | "approaching_limit"
     | "rate_limited"
     | "daily_quota_exhausted"
+    | "monthly_quota_exhausted"
     | "upstream_rate_limited"
     | "upstream_quota_exhausted"
     | "upstream_errors"

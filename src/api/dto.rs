@@ -469,8 +469,10 @@ pub struct ResetResponse {
 pub struct HistoryQuery {
     /// `1h`, `24h`, `7d`, `30d`, ... (default `24h`).
     pub window: Option<String>,
-    /// `1m` (windows up to 48h), `1h` (up to 35d) or `1d` (up to 400d; days
-    /// in the workspace's timezone). Default `1m`.
+    /// `1m` (windows up to 48h), `1h` (up to 35d), `1d` (up to 400d; days
+    /// in the workspace's timezone) or `1mo` (calendar months in the
+    /// workspace's timezone, as month limits count them; the window in
+    /// 30-day months, e.g. `90d` for three, up to 390d). Default `1m`.
     pub step: Option<String>,
     /// Admin only: the workspace to show.
     pub workspace: Option<String>,

@@ -431,7 +431,7 @@ pub async fn history(
     let step = Step::parse(step_text).ok_or_else(|| {
         ApiError::bad_request(
             "invalid_value",
-            format!("step={step_text:?} is not supported; use 1m, 1h or 1d"),
+            format!("step={step_text:?} is not supported; use 1m, 1h, 1d or 1mo"),
         )
         .with_param("step")
     })?;

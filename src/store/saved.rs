@@ -281,3 +281,55 @@ pub fn from_json(text: &str) -> Option<Saved> {
         since: ts(json.since),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn counter(period: Period, start: i64, used: u64) -> CalendarCounter {
+        CalendarCounter {
+            period,
+            start: ts(start),
+            end: ts(start + 1000),
+            used: Usage {
+                requests: used,
+                tokens: 10 * used,
+            },
+        }
+    }
+
+    fn saved(calendars: Vec<CalendarCounter>) -> Saved {
+        Saved {
+            minute: Vec::new(),
+            calendars,
+            reservations: Vec::new(),
+            rate_block_until: None,
+            billing_block: None,
+            upstream_view: UpstreamView::default(),
+            errors: Vec::new(),
+            last_error: None,
+            key_rejected: false,
+            status: Status::Normal,
+            since: ts(0),
+        }
+    }
+
+    #[test]
+    fn every_calendar_period_round_trips() {
+        let state = saved(vec![
+            counter(Period::Day, 5_000, 3),
+            counter(Period::Month, 1_000, 7),
+        ]);
+        assert_eq!(from_json(&to_json(&state)), Some(state));
+    }
+
+    #[test]
+    fn a_document_saved_before_months_has_the_day_alone() {
+        let mut json: serde_json::Value =
+            serde_json::from_str(&to_json(&saved(vec![counter(Period::Day, 5_000, 3)])))
+                .expect("json");
+        json.as_object_mut().expect("object").remove("calendars");
+        let restored = from_json(&json.to_string()).expect("still read");
+        assert_eq!(restored.calendars, vec![counter(Period::Day, 5_000, 3)]);
+    }
+}

@@ -560,6 +560,94 @@ async fn history_counts_requests_tokens_and_errors_per_step() {
     server.stop().await;
 }
 
+/// Month limits are set, shown and charted like the day's: in the
+/// workspace's body, its status (limits and `usage.this_month`) and its
+/// history by calendar month; a month limit of 0 is refused naming it.
+#[tokio::test]
+async fn month_limits_are_set_shown_and_charted_like_the_days() {
+    let server = TestServer::start(&[]).await;
+    let created = server
+        .post(
+            "/api/workspaces",
+            ADMIN_KEY,
+            json!({"id": "acme", "timezone": "Asia/Tokyo",
+                "limits": {"requests_per_month": 300, "tokens_per_month": 50_000}}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    assert_eq!(created.body["limits"]["requests_per_month"], 300);
+    assert_eq!(created.body["limits"]["tokens_per_month"], 50_000);
+    for limit in ["requests_per_month", "tokens_per_month"] {
+        let zero = server
+            .send(
+                Method::PATCH,
+                "/api/workspaces/acme",
+                ADMIN_KEY,
+                Some(json!({"limits": {limit: 0}})),
+            )
+            .await;
+        assert_eq!(zero.status, StatusCode::BAD_REQUEST, "{limit}");
+        assert_eq!(zero.body["error"]["param"], limit);
+    }
+    let patched = server
+        .send(
+            Method::PATCH,
+            "/api/workspaces/acme",
+            ADMIN_KEY,
+            Some(json!({"limits": {"requests_per_month": null}})),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{:?}", patched.body);
+    assert_eq!(patched.body["limits"]["requests_per_month"], Value::Null);
+    assert_eq!(patched.body["limits"]["tokens_per_month"], 50_000, "kept");
+    let key = server
+        .post("/api/workspaces/acme/keys", ADMIN_KEY, json!({}))
+        .await
+        .body["key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    for _ in 0..2 {
+        server
+            .post(
+                "/api/quota/usage",
+                &key,
+                json!({"usage": {"prompt_tokens": 20, "completion_tokens": 5}}),
+            )
+            .await;
+    }
+    let status = server.status(&key).await;
+    assert_eq!(
+        status["usage"]["this_month"],
+        json!({"requests": 2, "tokens": 50})
+    );
+    assert_eq!(status["limits"]["tokens_per_month"]["used"], 50);
+    let months = eventually(
+        "both calls in monthly history",
+        Duration::from_secs(5),
+        || async {
+            let months = server
+                .get("/api/quota/history?window=90d&step=1mo", &key)
+                .await;
+            let points = months.body["points"].as_array()?.clone();
+            (points.last()?["requests"] == 2).then_some(points)
+        },
+    )
+    .await;
+    assert_eq!(months.len(), 3);
+    // Months start at midnight in Tokyo (15:00 UTC) on the first.
+    let start = months[2]["t"].as_i64().expect("t");
+    let start = chrono::DateTime::from_timestamp_millis(start).expect("instant");
+    assert_eq!(
+        start
+            .with_timezone(&chrono_tz::Asia::Tokyo)
+            .format("%d %H:%M")
+            .to_string(),
+        "01 00:00"
+    );
+    server.stop().await;
+}
+
 /// A workspace keeps at most 50 model names per day in history; calls of
 /// further models count under `other`, so made-up names cannot grow the
 /// database, and nothing is lost from the totals.
@@ -706,7 +794,8 @@ async fn workspaces_and_keys_are_managed_by_the_admin() {
         created.body,
         json!({"id": "acme", "name": "Acme Inc", "timezone": "UTC", "warn_at": 0.8, "upstream_key_env": null,
             "upstream_organization": null, "upstream_project": null,
-            "limits": {"requests_per_minute": 60, "requests_per_day": null, "tokens_per_minute": null, "tokens_per_day": 5000}})
+            "limits": {"requests_per_minute": 60, "requests_per_day": null, "requests_per_month": null,
+                "tokens_per_minute": null, "tokens_per_day": 5000, "tokens_per_month": null}})
     );
     let duplicate = server
         .post("/api/workspaces", ADMIN_KEY, json!({"id": "acme"}))

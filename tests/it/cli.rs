@@ -495,6 +495,24 @@ async fn cli_changes_reach_a_running_server() {
         (server.status(&key).await["limits"]["requests_per_minute"]["limit"] == 5).then_some(())
     })
     .await;
+    // Every limit kind has its option, the month's included.
+    cli(vec![
+        "workspace",
+        "set",
+        "team",
+        "--tokens-per-month",
+        "9000",
+    ])
+    .await;
+    eventually("the month limit", Duration::from_secs(10), || async {
+        (server.status(&key).await["limits"]["tokens_per_month"]["limit"] == 9000).then_some(())
+    })
+    .await;
+    let header = cli(vec!["workspace", "list"]).await;
+    assert!(
+        header.contains("REQ/MON") && header.contains("TOK/MON"),
+        "{header}"
+    );
     let list = cli(vec!["workspace", "list"]).await;
     let row = list
         .lines()

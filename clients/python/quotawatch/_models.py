@@ -52,16 +52,21 @@ class Counts:
 
 @dataclass(frozen=True)
 class UsageCounts:
-    """What was used over the sliding minute and today, limits or not."""
+    """What was used over the sliding minute, today and this month (in the
+    workspace's timezone), limits or not."""
 
     last_minute: Counts
     today: Counts
+    #: None from a server older than month limits, which does not count it.
+    this_month: Optional[Counts]
 
     @classmethod
     def from_json(cls, doc: Dict[str, Any]) -> "UsageCounts":
+        this_month = doc.get("this_month")
         return cls(
             last_minute=Counts.from_json(doc["last_minute"]),
             today=Counts.from_json(doc["today"]),
+            this_month=None if this_month is None else Counts.from_json(this_month),
         )
 
 
@@ -144,7 +149,8 @@ class Status:
     degraded: bool
     blocked: bool
     retry_after_seconds: Optional[float]
-    #: One entry per configured limit, e.g. ``requests_per_day``.
+    #: One entry per configured limit, named ``{metric}_per_{window}``, e.g.
+    #: ``requests_per_day`` or ``tokens_per_month``.
     limits: Dict[str, LimitState]
     usage: UsageCounts
     upstream_requests: Optional[UpstreamBucket]

@@ -88,6 +88,24 @@ def test_a_used_up_day_is_refused_without_retrying(server):
     assert refused.value.retry_after is not None and refused.value.retry_after > 0
 
 
+def test_a_used_up_month_is_refused_without_retrying(server):
+    month = server.workspace(
+        limits={"requests_per_minute": None, "requests_per_day": None, "tokens_per_month": 1_000}
+    )
+    with Client(server.url, month.key) as quota:
+        check = quota.check(estimated_tokens=600)
+        assert check.remaining == {"tokens_per_month": 400}
+        status = quota.status()
+        assert status.limits["tokens_per_month"].used == 600
+        assert status.limits["tokens_per_month"].resets_at is not None
+        assert status.usage.this_month is not None and status.usage.this_month.tokens == 600
+        with pytest.raises(RefusedError) as refused:
+            quota.check(estimated_tokens=500)
+    assert refused.value.code == "monthly_limit_exceeded"
+    assert refused.value.should_retry is False
+    assert refused.value.retry_after is not None and refused.value.retry_after > 0
+
+
 def test_a_billing_block_is_told_apart(server, workspace):
     with Client(server.url, workspace.key) as quota:
         quota.usage(
