@@ -56,7 +56,8 @@ async fn the_status_document_has_every_documented_field() {
     assert_eq!(doc["errors"]["last"], Value::Null);
     assert_eq!(
         doc["usage"],
-        json!({"last_minute": {"requests": 1, "tokens": 100}, "today": {"requests": 1, "tokens": 100}})
+        json!({"last_minute": {"requests": 1, "tokens": 100}, "today": {"requests": 1, "tokens": 100},
+            "this_month": {"requests": 1, "tokens": 100}})
     );
     server.stop().await;
 }
