@@ -232,6 +232,13 @@ async fn a_month_limit_refuses_without_retry_until_the_local_month_ends(
     let (_, month_end) = quotawatch::domain::time::Period::Month.bounds(now, kolkata);
     assert_eq!(resets_at, month_end.to_rfc3339());
     assert!(resets_at.contains("T18:30:00"), "{resets_at}");
+    let metrics = server.metrics().await;
+    for line in [
+        r#"quotawatch_refusals_total{workspace="acme",limit="tokens_per_month"} 1"#,
+        r#"quotawatch_limit_utilization{workspace="acme",limit="tokens_per_month"} 0.6"#,
+    ] {
+        assert!(metrics.contains(line), "{line} in {metrics}");
+    }
     // Settled for less, the month has room again.
     let report = json!({"reservation_id": admitted.body["reservation_id"],
         "usage": {"prompt_tokens": 60, "completion_tokens": 40}});

@@ -15,8 +15,10 @@ const WS_URL = process.env.NEXT_PUBLIC_WS_URL;
 const LIMIT_LABELS: Record<LimitName, string> = {
   requests_per_minute: "Requests this minute",
   requests_per_day: "Requests today",
+  requests_per_month: "Requests this month",
   tokens_per_minute: "Tokens this minute",
   tokens_per_day: "Tokens today",
+  tokens_per_month: "Tokens this month",
 };
 
 /** A browser token from this app's own route, which holds the service key. */
