@@ -1133,4 +1133,44 @@ tokens_per_day = "unlimited"
             "workspaces[0].id"
         );
     }
+
+    #[test]
+    fn month_limits_are_read_from_every_source() {
+        let file = r#"
+default_tokens_per_month = 2000000
+[[workspaces]]
+id = "acme"
+[workspaces.limits]
+requests_per_month = 30000
+tokens_per_month = "unlimited"
+"#;
+        let config = load_with(
+            Some(file),
+            None,
+            &[("QUOTAWATCH_DEFAULT_REQUESTS_PER_MONTH", "90000")],
+            vec![],
+        )
+        .expect("valid");
+        assert_eq!(config.defaults.limits.get(REQUESTS_PER_MONTH), Some(90_000));
+        assert_eq!(
+            config.defaults.limits.get(TOKENS_PER_MONTH),
+            Some(2_000_000)
+        );
+        let (_, spec) = &config.workspaces[0];
+        assert_eq!(
+            spec.limits.get(REQUESTS_PER_MONTH),
+            Change::Set(Some(30_000))
+        );
+        assert_eq!(spec.limits.get(TOKENS_PER_MONTH), Change::Set(None));
+        let zero = "[[workspaces]]\nid = \"acme\"\n[workspaces.limits]\ntokens_per_month = 0\n";
+        let error = load_with(Some(zero), None, &[], vec![]).expect_err("zero");
+        assert!(
+            error.setting.contains("tokens_per_month"),
+            "{}",
+            error.setting
+        );
+        let unknown = "[[workspaces]]\nid = \"acme\"\n[workspaces.limits]\ntokens_per_week = 1\n";
+        let error = load_with(Some(unknown), None, &[], vec![]).expect_err("unknown");
+        assert!(error.to_string().contains("tokens_per_month"), "{error}");
+    }
 }
