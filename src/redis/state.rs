@@ -14,13 +14,33 @@ use crate::domain::limits::WorkspaceId;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::BillingCode;
 use crate::domain::window::Usage;
-use crate::domain::workspace::{BillingBlock, SharedCounters};
+use crate::domain::workspace::{BillingBlock, Blocks, Counts};
 use crate::sync::lock;
 
 /// The header's fields this side reads, by index (see `counters.lua`).
 const VERSION: usize = 0;
 const NEWEST_SECOND: usize = 5;
 const SLOTS_VERSION: usize = 16;
+
+/// One workspace's counters and upstream blocks as the script stores them,
+/// as of Redis's clock. Redis decides admissions and applies settlements;
+/// each instance loads these into its `WorkspaceState`, to derive the
+/// status, the notifications and the headers from the same rules it would
+/// use alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredCounters {
+    /// Raised by every change in Redis; a loaded state never goes back to
+    /// an older version, since answers can arrive out of order.
+    pub version: u64,
+    /// Redis's clock when it answered.
+    pub at: Timestamp,
+    pub counts: Counts,
+    pub blocks: Blocks,
+    /// The last admin reset, in microseconds of Redis's clock (which tells
+    /// it from an admission in the same millisecond), if any: reservations
+    /// charged before it count nothing.
+    pub last_reset_us: Option<i64>,
+}
 
 /// The last state read of each workspace.
 #[derive(Default)]
@@ -75,7 +95,7 @@ impl StateCache {
 }
 
 /// A workspace's counters from its state, as of the store's clock `at`.
-pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> SharedCounters {
+pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> StoredCounters {
     // The header holds the newest second's counts; its slot may be older.
     let newest = state[NEWEST_SECOND];
     let newest_slot = newest as usize % MINUTE_SLOTS;
@@ -105,17 +125,21 @@ pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> SharedCounters {
         since: millis(9),
         next_probe_at: millis(10),
     });
-    SharedCounters {
+    StoredCounters {
         version: state[VERSION] as u64,
         at,
-        minute,
-        day_start: millis(1),
-        day_used: Usage {
-            requests: state[2] as u64,
-            tokens: state[3] as u64,
+        counts: Counts {
+            minute,
+            day_start: millis(1),
+            day_used: Usage {
+                requests: state[2] as u64,
+                tokens: state[3] as u64,
+            },
         },
-        hold_until: Some(millis(4)).filter(|until| *until > at),
-        billing,
+        blocks: Blocks {
+            rate_until: Some(millis(4)).filter(|until| *until > at),
+            billing,
+        },
         last_reset_us: (state[11] > 0.0).then_some(state[11] as i64),
     }
 }
@@ -303,7 +327,7 @@ mod tests {
         state[before..before + 3].copy_from_slice(&[999.0, 1.0, 10.0]);
         let counters = counters_from(Timestamp::from_millis(1_000_500), &state);
         assert_eq!(
-            counters.minute,
+            counters.counts.minute,
             vec![
                 (
                     999,

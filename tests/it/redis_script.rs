@@ -94,7 +94,7 @@ impl Store {
             .block(&self.workspace, chrono_tz::UTC, Self::now(), change)
             .await
             .expect("block");
-        reply.counters.billing
+        reply.counters.blocks.billing
     }
 
     /// Milliseconds until each of the workspace's keys expires.
@@ -237,7 +237,7 @@ async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_i
     assert!(settled.is_none(), "an expired reservation is not settled");
     assert!(reply.expired.is_empty(), "{:?}", reply.expired);
     assert_eq!(
-        reply.counters.day_used.tokens, 120,
+        reply.counters.counts.day_used.tokens, 120,
         "its estimate stays charged"
     );
     store.finish().await;
@@ -263,7 +263,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         )
         .await
         .expect("reset");
-    assert_eq!(reset.counters.day_used.tokens, 0);
+    assert_eq!(reset.counters.counts.day_used.tokens, 0);
     let (settled, reply) = store
         .counters
         .settle(&store.workspace, chrono_tz::UTC, Store::now(), 7, Some(30))
@@ -274,9 +274,10 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         settled.estimated_tokens, 0,
         "nothing of it counts since the reset"
     );
-    assert_eq!(reply.counters.day_used.tokens, 30);
+    assert_eq!(reply.counters.counts.day_used.tokens, 30);
     let minute: u64 = reply
         .counters
+        .counts
         .minute
         .iter()
         .map(|(_, usage)| usage.tokens)
@@ -290,7 +291,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         .await
         .expect("settle");
     assert_eq!(settled.map(|settled| settled.estimated_tokens), Some(0));
-    assert_eq!(reply.counters.day_used.tokens, 30);
+    assert_eq!(reply.counters.counts.day_used.tokens, 30);
     assert!(reply.counters.last_reset_us.is_some(), "the reset is known");
     store.finish().await;
 }
@@ -320,7 +321,7 @@ async fn each_second_keeps_its_own_count_in_the_minute() {
     let next = store
         .admit(&store.workspace, 2, 5, Duration::from_secs(600))
         .await;
-    let mut minute = next.counters.minute.clone();
+    let mut minute = next.counters.counts.minute.clone();
     minute.sort_by_key(|(at, _)| *at);
     let counts: Vec<(i64, u64, u64)> = minute
         .iter()
@@ -355,10 +356,13 @@ async fn a_reservation_settled_twice_at_once_is_settled_once() {
         .filter(|(reservation, _)| reservation.is_some())
         .count();
     assert_eq!(settled, 1, "{first:?} {second:?}");
-    let day = [first.1.counters.day_used, second.1.counters.day_used]
-        .into_iter()
-        .map(|used| used.tokens)
-        .min();
+    let day = [
+        first.1.counters.counts.day_used,
+        second.1.counters.counts.day_used,
+    ]
+    .into_iter()
+    .map(|used| used.tokens)
+    .min();
     assert_eq!(day, Some(40), "the estimate is replaced once");
     store.finish().await;
 }
@@ -397,8 +401,16 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         "nothing recorded: {keys:?}"
     );
     let counters = settle(first, Some(40)).await;
-    assert_eq!(counters.day_used.tokens, 40, "the estimate is replaced");
-    let minute: u64 = counters.minute.iter().map(|(_, usage)| usage.tokens).sum();
+    assert_eq!(
+        counters.counts.day_used.tokens, 40,
+        "the estimate is replaced"
+    );
+    let minute: u64 = counters
+        .counts
+        .minute
+        .iter()
+        .map(|(_, usage)| usage.tokens)
+        .sum();
     assert_eq!(minute, 40);
     // Over a reset it counts what it used since, as a recorded one does.
     let in_flight = held(2).await;
@@ -412,10 +424,10 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         )
         .await
         .expect("reset");
-    assert_eq!(settle(in_flight, Some(30)).await.day_used.tokens, 30);
+    assert_eq!(settle(in_flight, Some(30)).await.counts.day_used.tokens, 30);
     let after_reset = held(3).await;
     assert_eq!(
-        settle(after_reset, None).await.day_used.tokens,
+        settle(after_reset, None).await.counts.day_used.tokens,
         130,
         "kept, its estimate stays charged"
     );
