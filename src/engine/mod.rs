@@ -321,6 +321,17 @@ impl Engine {
             .ok_or_else(|| EngineError::UnknownWorkspace(workspace.clone()))
     }
 
+    /// The slot of `workspace`, or every slot when it is `None`.
+    fn one_or_all(
+        &self,
+        workspace: Option<&WorkspaceId>,
+    ) -> Result<Vec<(WorkspaceId, Arc<Slot>)>, EngineError> {
+        match workspace {
+            Some(id) => Ok(vec![(id.clone(), self.slot(id)?)]),
+            None => Ok(self.all_slots()),
+        }
+    }
+
     fn all_slots(&self) -> Vec<(WorkspaceId, Arc<Slot>)> {
         read(&self.slots)
             .iter()
@@ -776,10 +787,7 @@ impl Engine {
         workspace: Option<&WorkspaceId>,
         scope: ResetScope,
     ) -> Result<Vec<WorkspaceId>, EngineError> {
-        let targets = match workspace {
-            Some(id) => vec![(id.clone(), self.slot(id)?)],
-            None => self.all_slots(),
-        };
+        let targets = self.one_or_all(workspace)?;
         let now = self.now();
         let mut done = Vec::with_capacity(targets.len());
         for (id, slot) in targets {

@@ -16,11 +16,13 @@ use quotawatch::engine::{
 };
 use quotawatch::redis::RedisCounters;
 
+use crate::conformance::conformance;
 use crate::support::redis::{clean, fresh_prefix, server_url};
 
 #[derive(Clone, Copy, Debug)]
 enum Backend {
-    InProcess,
+    /// In this process.
+    Local,
     Redis,
 }
 
@@ -43,7 +45,7 @@ impl Setup {
         };
         let mut engine = Engine::new(Settings::default(), defaults, Arc::new(SystemClock));
         let redis = match backend {
-            Backend::InProcess => None,
+            Backend::Local => None,
             Backend::Redis => {
                 let url = server_url(test)?;
                 let prefix = fresh_prefix();
@@ -112,31 +114,6 @@ impl Setup {
             clean(&url, &prefix).await;
         }
     }
-}
-
-/// Runs one rule against each backend.
-macro_rules! conformance {
-    ($name:ident) => {
-        mod $name {
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn in_process() {
-                super::$name(
-                    super::Backend::InProcess,
-                    concat!("counters::", stringify!($name)),
-                )
-                .await;
-            }
-
-            #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-            async fn redis() {
-                super::$name(
-                    super::Backend::Redis,
-                    concat!("counters::", stringify!($name)),
-                )
-                .await;
-            }
-        }
-    };
 }
 
 conformance!(an_admission_charges_every_limit_or_none);

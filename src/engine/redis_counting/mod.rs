@@ -460,11 +460,7 @@ impl Engine {
         workspace: Option<&WorkspaceId>,
         scope: ResetScope,
     ) -> Result<Vec<WorkspaceId>, EngineError> {
-        let targets = match workspace {
-            Some(id) => vec![(id.clone(), self.slot(id)?)],
-            None => self.all_slots(),
-        };
-        for (id, slot) in targets {
+        for (id, slot) in self.one_or_all(workspace)? {
             let timezone = slot.lock().state.config().timezone;
             let reply = redis
                 .counters
