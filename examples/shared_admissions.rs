@@ -29,10 +29,11 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quotawatch::domain::limits::{LimitKind, Limits, OnStoreError, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::workspace::{Request, Settings};
 use quotawatch::engine::{
-    Engine, SharedCounting, SystemClock, TokenUsage, UpstreamAnswer, UsageReport, WorkspaceDefaults,
+    Counters, Engine, OnStoreError, SystemClock, TokenUsage, UpstreamAnswer, UsageReport,
+    WorkspaceDefaults,
 };
 use quotawatch::redis::RedisCounters;
 use quotawatch::store::Catalog;
@@ -154,7 +155,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         },
         Arc::new(SystemClock),
     );
-    engine.share_counters(SharedCounting::new(counters, OnStoreError::Closed));
+    engine.count_in(Counters::redis(counters, OnStoreError::Closed));
     let ids: Vec<WorkspaceId> = (0..args.workspaces)
         .map(|i| format!("bench{i:05}").parse().expect("valid id"))
         .collect();

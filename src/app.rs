@@ -15,7 +15,7 @@ use crate::admin::{Admin, AdminError, KeySpec, WorkspaceSpec};
 use crate::api::{self, AppParts, AppState};
 use crate::config::Config;
 use crate::engine::flush::{self, FlushHandle};
-use crate::engine::{Engine, SharedCounting, SystemClock};
+use crate::engine::{Counters, Engine, SystemClock};
 use crate::keys::{KeyHash, PlainKey};
 use crate::redis::{RedisCounters, SharedError};
 use crate::store::{Store, StoreError};
@@ -147,7 +147,7 @@ pub async fn start(
     if let Some(redis) = &config.redis {
         let counters = RedisCounters::new(&redis.url, &redis.prefix, redis.timeout)?;
         single_use = Some(counters.single_use());
-        engine.share_counters(SharedCounting::new(counters, redis.on_store_error));
+        engine.count_in(Counters::redis(counters, redis.on_store_error));
     }
     engine.look_up_keys_in(store.clone());
     let engine = Arc::new(engine);
@@ -254,7 +254,7 @@ async fn tick(engine: Arc<Engine>) {
     loop {
         interval.tick().await;
         engine.tick();
-        engine.tend_shared_store().await;
+        engine.tend_counters().await;
     }
 }
 

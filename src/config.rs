@@ -16,12 +16,11 @@ use serde::Deserialize;
 
 use crate::admin::{Change, WorkspaceSpec};
 use crate::domain::limits::{
-    LimitKind, Limits, Metric, OnStoreError, PerLimit, Window, WorkspaceConfig, validate_limit,
-    validate_warn_at,
+    LimitKind, Limits, Metric, PerLimit, Window, WorkspaceConfig, validate_limit, validate_warn_at,
 };
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
-use crate::engine::WorkspaceDefaults;
+use crate::engine::{OnStoreError, WorkspaceDefaults};
 use crate::keys::Secret;
 use crate::proxy::UpstreamConfig;
 use crate::proxy::estimate::Tokenizer;

@@ -28,6 +28,20 @@ where
     Option::<T>::deserialize(deserializer).map(Change::Set)
 }
 
+/// The reason a status gives while limits are enforced only in part: this
+/// instance is cut off from the counters it shares with others.
+const SHARED_STORE_UNREACHABLE: &str = "shared_store_unreachable";
+
+/// A status's reasons, as the document lists them: the causes, highest
+/// first, then whether this instance enforces limits alone.
+fn reasons(snapshot: &Snapshot) -> Vec<String> {
+    let mut reasons = snapshot.reasons.clone();
+    if snapshot.degraded {
+        reasons.push(SHARED_STORE_UNREACHABLE.to_owned());
+    }
+    reasons
+}
+
 fn rfc3339(at: Timestamp) -> String {
     at.to_rfc3339()
 }
@@ -252,7 +266,7 @@ impl From<&Snapshot> for StatusDoc {
             name: snapshot.config.name.clone(),
             status: snapshot.status.name().to_owned(),
             since: rfc3339(snapshot.since),
-            reasons: snapshot.reasons.clone(),
+            reasons: reasons(snapshot),
             degraded: snapshot.degraded,
             blocked: snapshot.blocked,
             retry_after_seconds: snapshot

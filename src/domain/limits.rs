@@ -158,28 +158,6 @@ impl Limits {
     }
 }
 
-/// What instances sharing counters do while the shared store is
-/// unreachable (`QUOTAWATCH_ON_STORE_ERROR`).
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum OnStoreError {
-    /// Each of `instances` enforces its share of every limit on its own.
-    Local { instances: u32 },
-    /// Refuse every request until the store returns.
-    Closed,
-    /// Admit every request, counting without enforcing.
-    Open,
-}
-
-impl OnStoreError {
-    pub const fn name(self) -> &'static str {
-        match self {
-            OnStoreError::Local { .. } => "local",
-            OnStoreError::Closed => "closed",
-            OnStoreError::Open => "open",
-        }
-    }
-}
-
 /// The longest workspace id.
 const MAX_ID_LEN: usize = 63;
 

@@ -4,7 +4,7 @@
 //! carry the numbers and the concrete next steps, because an alert that only
 //! says "quota exceeded" sends its reader searching.
 
-use super::limits::{LimitKind, OnStoreError, Period, Window, WorkspaceConfig, WorkspaceId};
+use super::limits::{LimitKind, Period, Window, WorkspaceConfig, WorkspaceId};
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
@@ -285,18 +285,19 @@ pub fn describe_upstream_key_missing(id: String, now: Timestamp) -> Notification
 }
 
 /// The service-wide notification raised while the shared counters (Redis)
-/// cannot be reached, saying what this instance does meanwhile.
+/// cannot be reached, saying what this instance does `meanwhile` (which
+/// the configured fallback words).
 pub fn describe_shared_store_unavailable(
     id: String,
     error: &str,
-    fallback: OnStoreError,
+    meanwhile: &str,
     now: Timestamp,
 ) -> Notification {
     service_problem(
         id,
         NotificationKind::SharedStoreUnavailable,
         Severity::Critical,
-        shared_store_unavailable(error, fallback, now),
+        shared_store_unavailable(error, meanwhile, now),
         now,
     )
 }
@@ -646,14 +647,7 @@ fn storage_unavailable(error: &str, now: Timestamp) -> Text {
     }
 }
 
-fn shared_store_unavailable(error: &str, fallback: OnStoreError, now: Timestamp) -> Text {
-    let meanwhile = match fallback {
-        OnStoreError::Local { instances } => format!(
-            "Each instance now enforces 1/{instances} of every limit on its own (QUOTAWATCH_ON_STORE_ERROR=local), so together they stay within the limits; usage counted meanwhile is added to the shared counters when they return."
-        ),
-        OnStoreError::Closed => "Requests are refused with 503 until it returns (QUOTAWATCH_ON_STORE_ERROR=closed).".to_owned(),
-        OnStoreError::Open => "Requests are admitted without enforcing limits and counted by each instance alone (QUOTAWATCH_ON_STORE_ERROR=open), so workspaces may exceed their limits.".to_owned(),
-    };
+fn shared_store_unavailable(error: &str, meanwhile: &str, now: Timestamp) -> Text {
     Text {
         title: "quotawatch cannot reach its shared counters".to_owned(),
         message: format!("Redis has not answered since {now}: {error}. {meanwhile}"),

@@ -14,8 +14,8 @@ use super::time::{Period, Timestamp};
 use super::upstream::{BillingCode, ErrorFields, RateLimitHeaders};
 use super::window::Usage;
 use super::workspace::{
-    Admission, Admitted, Answer, Enforcement, Expired, Outcome, Recorded, RefusalCause, Request,
-    Reservation, Returned, Settings, Settled, SharedCounters, WorkspaceState,
+    Admission, Admitted, Answer, Blocks, Counts, Enforcement, Expired, Outcome, Recorded,
+    RefusalCause, Request, Reservation, Returned, Settings, Settled, WorkspaceState,
 };
 
 const REQUESTS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Requests, Window::Minute);
@@ -165,15 +165,14 @@ impl Script {
         changes
     }
 
-    /// Loads shared counters as an instance following a shared store does.
-    fn load(&mut self, counters: &SharedCounters) -> Vec<Change> {
+    /// Loads blocks as an instance following counters kept elsewhere does.
+    fn load(&mut self, blocks: Blocks) -> Vec<Change> {
+        self.state.load_blocks(blocks, self.now);
         let mut next_id = self.next_id;
-        let changes = self
-            .state
-            .refresh_shared(counters, self.now, &self.settings, &mut || {
-                next_id += 1;
-                next_id
-            });
+        let changes = self.state.reevaluate(self.now, &self.settings, &mut || {
+            next_id += 1;
+            next_id
+        });
         self.next_id = next_id;
         changes
     }
@@ -913,55 +912,20 @@ impl Script {
         self.next_id = next_id;
         changes
     }
-
-    /// Concludes reservation `id` of 40 tokens, admitted now by a shared
-    /// store at `charged_us` of its clock.
-    fn admit_in_shared_store(&mut self, id: u64, settled_anywhere: bool, charged_us: i64) {
-        let admitted = Admitted {
-            id,
-            charged_at: self.now,
-            expires_at: self.now.plus(self.settings.reservation_ttl),
-            probe: false,
-        };
-        let request = Request {
-            estimated_tokens: 40,
-            model: None,
-            settled_anywhere,
-        };
-        let admission = self.state.conclude_shared_admission(
-            Some(admitted),
-            &request,
-            charged_us,
-            self.now,
-            &self.settings,
-            &mut || 99,
-        );
-        assert!(admission.result.is_ok());
-    }
 }
 
 #[test]
-fn a_share_of_the_limits_starts_from_a_share_of_the_usage_rounded_up() {
+fn a_share_of_the_limits_is_enforced_as_the_whole_would_be() {
     let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 10), (REQUESTS_PER_DAY, 1000)]);
-    // Three requests in three different seconds: 3 / 2 rounds up to 2, not
-    // down to nothing second by second.
     for _ in 0..3 {
         script.admitted(0);
-        script.after(1000);
     }
     script.enforce(Enforcement::Share(2));
-    let snapshot = script.state.snapshot(script.now);
-    assert!(snapshot.degraded);
-    assert!(
-        snapshot
-            .reasons
-            .contains(&"shared_store_unreachable".to_owned())
-    );
+    assert!(script.state.snapshot(script.now).degraded);
     let minute = script.facts(REQUESTS_PER_MINUTE);
-    assert_eq!((minute.used, minute.max), (2, 5));
-    for _ in 0..3 {
-        script.admitted(0);
-    }
+    assert_eq!((minute.used, minute.max), (3, 5));
+    script.admitted(0);
+    script.admitted(0);
     let refusal = script.refused(0);
     assert_eq!(refusal.cause, RefusalCause::Limit(REQUESTS_PER_MINUTE));
     assert_eq!(refusal.max, 5);
@@ -991,26 +955,19 @@ fn counting_only_admits_beyond_the_limits_but_not_through_a_billing_block() {
 }
 
 #[test]
-fn shared_counters_load_unless_older_than_what_is_loaded() {
+fn loaded_counts_replace_the_counts_and_a_day_that_is_over_counts_nothing() {
     let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 10), (REQUESTS_PER_DAY, 100)]);
     let second = script.now.millis() / 1000;
-    let counters = |version, requests| SharedCounters {
-        version,
-        at: script.now,
+    let counts = |requests, day_start| Counts {
         minute: vec![(second, Usage::requests(requests))],
-        day_start: ts("2026-05-04T00:00:00Z"),
+        day_start: ts(day_start),
         day_used: Usage::requests(requests),
         month_start: ts("2026-05-01T00:00:00Z"),
         month_used: Usage::requests(requests),
-        hold_until: None,
-        billing: None,
-        last_reset_us: None,
     };
-    assert!(script.state.load_shared(&counters(5, 7)));
-    assert!(
-        !script.state.load_shared(&counters(4, 1)),
-        "an older answer"
-    );
+    script
+        .state
+        .load_counts(&counts(7, "2026-05-04T00:00:00Z"), script.now);
     assert_eq!(
         (
             script.used(REQUESTS_PER_MINUTE),
@@ -1018,10 +975,9 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
         ),
         (7, 7)
     );
-    // A day that is over counts nothing today.
-    let mut yesterday = counters(6, 9);
-    yesterday.day_start = ts("2026-05-03T00:00:00Z");
-    assert!(script.state.load_shared(&yesterday));
+    script
+        .state
+        .load_counts(&counts(9, "2026-05-03T00:00:00Z"), script.now);
     assert_eq!(
         (
             script.used(REQUESTS_PER_MINUTE),
@@ -1031,180 +987,118 @@ fn shared_counters_load_unless_older_than_what_is_loaded() {
     );
 }
 
-/// Shared counters of version `version` at `at`, empty but for the last
-/// reset (microseconds).
-fn shared_counters(version: u64, at: Timestamp, last_reset_us: Option<i64>) -> SharedCounters {
-    SharedCounters {
-        version,
-        at,
-        minute: Vec::new(),
-        day_start: ts("2026-05-04T00:00:00Z"),
-        day_used: Usage::default(),
-        month_start: ts("2026-05-01T00:00:00Z"),
-        month_used: Usage::default(),
-        hold_until: None,
-        billing: None,
-        last_reset_us,
-    }
-}
-
 #[test]
-fn a_shared_reservation_charged_before_a_reset_ends_counting_nothing() {
-    let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 10)]);
-    let reset = script.now;
-    // Microseconds tell the reset from charges in the same millisecond.
-    let reset_us = reset.millis() * 1000 + 500;
-    script
-        .state
-        .load_shared(&shared_counters(1, script.now, Some(reset_us)));
-    let expired = Expired {
-        charged_at: reset,
-        model: None,
-        tokens: 40,
-    };
-    let before = script
-        .state
-        .expired_in_shared_store(expired.clone(), reset_us - 100);
-    assert_eq!((before.charged_at, before.tokens), (reset, 0));
-    assert_eq!(
-        script
-            .state
-            .expired_in_shared_store(expired.clone(), reset_us + 100),
-        expired
-    );
-    // Settled, it is charged as the store settles it: from the reset on,
-    // with nothing of its estimate left to keep. The reset is the one the
-    // store's answer knows, not a later one loaded first.
-    let reservation = Reservation {
-        id: 1,
-        charged_at: Timestamp::from_millis(reset.millis() - 1000),
-        estimated_tokens: 40,
-        expires_at: reset.plus(Duration::from_secs(600)),
-        model: None,
-        probe: false,
-        shared_charge_us: None,
-    };
-    let charged_before_us = (reset.millis() - 1000) * 1000;
-    let settled = reservation
-        .clone()
-        .as_in_shared_store(charged_before_us, Some(reset_us));
-    assert_eq!((settled.charged_at, settled.estimated_tokens), (reset, 0));
-    assert_eq!(
-        reservation
-            .clone()
-            .as_in_shared_store(reset_us + 1, Some(reset_us)),
-        reservation
-    );
-    assert_eq!(
-        reservation
-            .clone()
-            .as_in_shared_store(charged_before_us, None),
-        reservation,
-        "settled before any reset"
-    );
-}
-
-#[test]
-fn a_reset_leaves_the_reservations_a_shared_store_charged_to_its_own_reset() {
+fn a_reservation_charged_elsewhere_is_taken_once_and_never_saved() {
     let mut script = Script::new(&[(TOKENS_PER_MINUTE, 10_000)]);
-    script
-        .state
-        .load_shared(&shared_counters(1, script.now, None));
     let now = script.now;
     let charged_us = now.millis() * 1000 + 250;
-    script.admit_in_shared_store(1, false, charged_us);
-    script.admit_in_shared_store(2, false, charged_us);
-    // The store's reset came just before this admission reached it: the
-    // local reset that follows must not clear what the store charged.
-    let reset_us = charged_us - 1;
-    script
-        .state
-        .load_shared(&shared_counters(2, now, Some(reset_us)));
-    script.state.reset(now);
-    let (held, taken_us) = script.state.take_shared_reservation(1, now).expect("held");
-    assert_eq!(held.estimated_tokens, 40, "charged after the store's reset");
-    // Put back, unsettled there, it keeps its estimate to settle here;
-    // one whose time ran out while it was out ends, keeping it.
-    assert_eq!(
-        script.state.return_reservation(held, taken_us, now),
-        Returned::Held { estimate: 40 }
-    );
-    let (held, taken_us) = script.state.take_shared_reservation(2, now).expect("held");
-    let later = now.plus(script.settings.reservation_ttl);
-    match script.state.return_reservation(held, taken_us, later) {
-        Returned::Expired(expired) => assert_eq!(expired.tokens, 40),
-        held => panic!("expected it to expire, got {held:?}"),
-    }
-    assert!(script.state.take_shared_reservation(2, now).is_none());
-    // A later reset in the store clears the one put back, as it was
-    // charged before it.
-    let (held, taken_us) = script.state.take_shared_reservation(1, now).expect("back");
-    script
-        .state
-        .load_shared(&shared_counters(3, now, Some(charged_us + 1)));
-    assert_eq!(
-        script.state.return_reservation(held, taken_us, now),
-        Returned::Held { estimate: 0 }
-    );
-}
-
-#[test]
-fn a_reservation_held_for_a_shared_store_is_taken_once_and_expires_as_the_store_counts() {
-    let mut script = Script::new(&[(TOKENS_PER_MINUTE, 10_000)]);
-    script
-        .state
-        .load_shared(&shared_counters(1, script.now, None));
-    let now = script.now;
-    let settings = script.settings;
-    let charged_us = now.millis() * 1000 + 250;
-    // The proxy's reservation is held here, to be settled in the store.
-    script.admit_in_shared_store(1, false, charged_us);
+    // The proxy's reservation is held here, to be settled where it was
+    // charged.
+    script.admit_elsewhere(1, false, charged_us);
     assert_eq!(
         script.state.reservation_estimate(1),
         None,
         "not charged here"
     );
-    let (held, charged_us) = script.state.take_shared_reservation(1, now).expect("held");
-    assert_eq!(
-        (held.estimated_tokens, charged_us),
-        (40, now.millis() * 1000 + 250)
-    );
-    assert!(
-        script.state.take_shared_reservation(1, now).is_none(),
-        "taken once"
-    );
-    // The REST API's is left to the store, which any instance asks.
-    script.admit_in_shared_store(2, true, charged_us);
-    assert!(script.state.take_shared_reservation(2, now).is_none());
-    // One held over a reset made elsewhere expires counting nothing. It is
-    // not saved, as other instances may restore what this one saves.
-    script.admit_in_shared_store(3, false, charged_us);
-    assert!(script.state.save().reservations.is_empty());
-    let reset = script.now.plus(Duration::from_secs(1));
-    script
+    let held = script
         .state
-        .load_shared(&shared_counters(2, reset, Some(reset.millis() * 1000)));
-    script.after(settings.reservation_ttl.as_millis() as i64 + 1);
-    // Its time is up: it is not taken to be settled, but left to expire.
+        .take_reservation_charged_elsewhere(1, now)
+        .expect("held");
+    assert_eq!(
+        (held.estimated_tokens, held.charged_elsewhere_us),
+        (40, Some(charged_us))
+    );
     assert!(
         script
             .state
-            .take_shared_reservation(3, script.now)
+            .take_reservation_charged_elsewhere(1, now)
+            .is_none(),
+        "taken once"
+    );
+    // Put back, it is settled here; one whose time ran out meanwhile ends,
+    // keeping its estimate.
+    assert_eq!(
+        script.state.return_reservation(held.clone(), now),
+        Returned::Held { estimate: 40 }
+    );
+    assert_eq!(script.state.reservation_estimate(1), Some(40));
+    let later = now.plus(script.settings.reservation_ttl);
+    match script.state.return_reservation(held, later) {
+        Returned::Expired(expired) => assert_eq!(expired.tokens, 40),
+        held => panic!("expected it to expire, got {held:?}"),
+    }
+    // The REST API's is left where it was charged, which any instance asks.
+    script.admit_elsewhere(2, true, charged_us);
+    assert!(
+        script
+            .state
+            .take_reservation_charged_elsewhere(2, now)
             .is_none()
     );
-    let mut next_id = 100;
-    let (_, expired, _) = script.state.tick(script.now, &settings, &mut || {
-        next_id += 1;
-        next_id
-    });
-    assert_eq!(
-        expired,
-        vec![Expired {
-            charged_at: reset,
-            model: None,
-            tokens: 0,
-        }]
+    // Instances share what they save: one held here is not saved, and a
+    // reset here leaves its estimate to the counters that charged it.
+    script.admit_elsewhere(3, false, charged_us);
+    assert!(
+        script
+            .state
+            .save()
+            .reservations
+            .iter()
+            .all(|reservation| reservation.id == 1)
     );
+    script.state.reset(now);
+    let held = script
+        .state
+        .take_reservation_charged_elsewhere(3, now)
+        .expect("held");
+    assert_eq!(held.estimated_tokens, 40);
+    script.state.return_reservation(held, now);
+    // Its time up, it is not taken to be settled, but expires, naming
+    // when it was charged there.
+    script.after(script.settings.reservation_ttl.as_millis() as i64 + 1);
+    let ran_out = Reservation {
+        id: 4,
+        charged_at: script.now,
+        estimated_tokens: 5,
+        expires_at: script.now,
+        model: None,
+        probe: false,
+        charged_elsewhere_us: Some(charged_us),
+    };
+    assert!(matches!(
+        script.state.return_reservation(ran_out, script.now),
+        Returned::Expired(Expired {
+            charged_elsewhere_us: Some(_),
+            ..
+        })
+    ));
+}
+
+impl Script {
+    /// Concludes reservation `id` of 40 tokens, admitted now by counters
+    /// kept elsewhere at `charged_us` of their clock.
+    fn admit_elsewhere(&mut self, id: u64, settled_anywhere: bool, charged_us: i64) {
+        let admitted = Admitted {
+            id,
+            charged_at: self.now,
+            expires_at: self.now.plus(self.settings.reservation_ttl),
+            probe: false,
+        };
+        let request = Request {
+            estimated_tokens: 40,
+            model: None,
+            settled_anywhere,
+        };
+        let admission = self.state.conclude_admission_made_elsewhere(
+            Some(admitted),
+            &request,
+            charged_us,
+            self.now,
+            &self.settings,
+            &mut || 99,
+        );
+        assert!(admission.result.is_ok());
+    }
 }
 
 fn notification_ids(changes: &[Change]) -> (Vec<String>, Vec<String>) {
@@ -1233,14 +1127,13 @@ fn two_instances() -> (Script, Script) {
 fn a_billing_blocks_notification_has_one_id_wherever_the_block_is_seen() {
     let (mut a, mut b) = two_instances();
     a.upstream(429, "insufficient_quota", Some("insufficient_quota"), &[]);
-    let block = a.state.shared_blocks().1.expect("blocked");
+    let block = a.state.blocks().billing.expect("blocked");
     let on_a = a.state.active_notifications()[0].id.clone();
     b.after(300);
-    let shared = SharedCounters {
+    let (raised, _) = notification_ids(&b.load(Blocks {
+        rate_until: None,
         billing: Some(block),
-        ..shared_counters(1, b.now, None)
-    };
-    let (raised, _) = notification_ids(&b.load(&shared));
+    }));
     assert_eq!(raised, vec![on_a.clone()]);
 
     // The block lifts; a later one is another notification.
@@ -1255,7 +1148,7 @@ fn a_billing_blocks_notification_has_one_id_wherever_the_block_is_seen() {
 fn an_instance_that_started_a_billing_block_later_takes_the_id_of_the_earlier_start() {
     let (mut a, mut b) = two_instances();
     a.upstream(429, "insufficient_quota", Some("insufficient_quota"), &[]);
-    let earlier = a.state.shared_blocks().1.expect("blocked");
+    let earlier = a.state.blocks().billing.expect("blocked");
     let on_a = a.state.active_notifications()[0].id.clone();
     // B saw a block of its own at the same moment, before loading A's.
     b.after(5)
@@ -1263,20 +1156,16 @@ fn an_instance_that_started_a_billing_block_later_takes_the_id_of_the_earlier_st
     let own = b.state.active_notifications()[0].id.clone();
     assert_ne!(own, on_a);
     // The store kept the earlier start; loaded, the notification follows.
-    let shared = SharedCounters {
+    let earlier_block = Blocks {
+        rate_until: None,
         billing: Some(earlier),
-        ..shared_counters(1, b.now, None)
     };
-    let (raised, resolved) = notification_ids(&b.load(&shared));
+    let (raised, resolved) = notification_ids(&b.load(earlier_block));
     assert_eq!((raised, resolved), (vec![on_a.clone()], vec![own]));
     assert_eq!(b.state.active_notifications().len(), 1);
     assert_eq!(b.status(), Status::QuotaExceeded);
     // Loading the same block again changes nothing.
-    let same = SharedCounters {
-        billing: Some(earlier),
-        ..shared_counters(2, b.now, None)
-    };
-    assert!(notification_ids(&b.load(&same)).0.is_empty());
+    assert!(notification_ids(&b.load(earlier_block)).0.is_empty());
 }
 
 #[test]
@@ -1557,16 +1446,23 @@ fn the_month_is_saved_and_an_older_save_starts_it_from_today() {
 }
 
 #[test]
-fn shared_counters_load_the_month_they_count() {
+fn loaded_counts_carry_the_month_they_count() {
     let mut script = Script::new(&[(REQUESTS_PER_MONTH, 100)]);
-    let mut counters = shared_counters(1, script.now, None);
-    counters.month_used = Usage::requests(40);
-    script.load(&counters);
+    let counts = |month_start, requests| Counts {
+        minute: Vec::new(),
+        day_start: ts("2026-05-04T00:00:00Z"),
+        day_used: Usage::default(),
+        month_start: ts(month_start),
+        month_used: Usage::requests(requests),
+    };
+    script
+        .state
+        .load_counts(&counts("2026-05-01T00:00:00Z", 40), script.now);
     assert_eq!(script.used(REQUESTS_PER_MONTH), 40);
+    assert_eq!(script.state.counts().month_used, Usage::requests(40));
     // A month that is over counts nothing this month.
-    let mut last_month = shared_counters(2, script.now, None);
-    last_month.month_start = ts("2026-04-01T00:00:00Z");
-    last_month.month_used = Usage::requests(90);
-    script.load(&last_month);
+    script
+        .state
+        .load_counts(&counts("2026-04-01T00:00:00Z", 90), script.now);
     assert_eq!(script.used(REQUESTS_PER_MONTH), 0);
 }

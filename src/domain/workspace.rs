@@ -16,7 +16,7 @@ use super::upstream::{
     BillingCode, ErrorFields, ErrorTally, LastError, Outcomes, RateLimitHeaders, UpstreamClass,
     UpstreamView, classify, error_rate_alarming,
 };
-use super::window::{CalendarCounter, Calendars, SlidingWindow, Tally, Usage};
+use super::window::{CalendarCounter, Calendars, SlidingWindow, Usage};
 
 /// Requests and tokens over the last 60 seconds, in one-second buckets.
 pub type MinuteWindow = SlidingWindow<Usage, 60>;
@@ -63,11 +63,11 @@ pub struct Reservation {
     pub model: Option<Model>,
     /// Admitted as the one probe allowed through a billing block.
     pub probe: bool,
-    /// Charged by a store shared with other instances, at this instant of
-    /// its clock in microseconds (which tells it from a reset in the same
-    /// millisecond), and held here, to be settled there; `None` when it was
-    /// charged here alone.
-    pub shared_charge_us: Option<i64>,
+    /// Charged by counters kept elsewhere (shared with other instances), at
+    /// this instant of their clock in microseconds, and held here to be
+    /// settled there; `None` when it was charged here. The domain keeps the
+    /// instant for whoever settles it there, which alone knows what it means.
+    pub charged_elsewhere_us: Option<i64>,
 }
 
 impl Reservation {
@@ -77,33 +77,9 @@ impl Reservation {
             charged_at: self.charged_at,
             model: self.model,
             tokens: self.estimated_tokens,
+            charged_elsewhere_us: self.charged_elsewhere_us,
         }
     }
-
-    /// This reservation, charged in a shared store at `charged_us`, as the
-    /// store settles it when its last reset is `last_reset_us`: one charged
-    /// before that reset had its estimate cleared then, as the reservations
-    /// held here have (see [`WorkspaceState::reset`]), and counts from the
-    /// reset on.
-    pub fn as_in_shared_store(self, charged_us: i64, last_reset_us: Option<i64>) -> Reservation {
-        match reset_since(charged_us, last_reset_us) {
-            Some(reset) => Reservation {
-                charged_at: reset,
-                estimated_tokens: 0,
-                ..self
-            },
-            None => self,
-        }
-    }
-}
-
-/// When a shared store was last reset (`last_reset_us`), if that came after
-/// a charge at `charged_us`. Both are its clock's microseconds, which tell
-/// a reset from a charge in the same millisecond.
-fn reset_since(charged_us: i64, last_reset_us: Option<i64>) -> Option<Timestamp> {
-    last_reset_us
-        .filter(|reset_us| charged_us < *reset_us)
-        .map(|reset_us| Timestamp::from_millis(reset_us.div_euclid(1000)))
 }
 
 /// What became of a reservation put back to be settled here (see
@@ -166,8 +142,8 @@ pub struct Request {
     pub estimated_tokens: u64,
     pub model: Option<Model>,
     /// The caller may settle it through any instance (the REST API, behind
-    /// a load balancer), so a shared store keeps its reservation where every
-    /// instance finds it. Otherwise the instance that admits it holds the
+    /// a load balancer), so counters kept elsewhere keep its reservation
+    /// where every instance finds it. Otherwise the instance that admits it holds the
     /// reservation: the proxy settles every call it admits itself.
     pub settled_anywhere: bool,
 }
@@ -190,6 +166,9 @@ pub struct Expired {
     pub charged_at: Timestamp,
     pub model: Option<Model>,
     pub tokens: u64,
+    /// As in [`Reservation`]: the counters kept elsewhere that charged it
+    /// decide how much of it counts.
+    pub charged_elsewhere_us: Option<i64>,
 }
 
 /// Everything the status document shows for one workspace.
@@ -199,8 +178,7 @@ pub struct Snapshot {
     pub status: super::status::Status,
     pub since: Timestamp,
     pub reasons: Vec<String>,
-    /// Cut off from the shared counters: limits are enforced by this
-    /// instance alone (see [`Enforcement`]).
+    /// Limits are enforced only in part (see [`Enforcement`]).
     pub degraded: bool,
     pub blocked: bool,
     pub retry_at: Option<Timestamp>,
@@ -243,18 +221,11 @@ pub struct Saved {
     pub since: Timestamp,
 }
 
-/// One workspace's counters and upstream blocks as a store shared by several
-/// instances holds them (see `engine::shared`). That store decides
-/// admissions and applies settlements; each instance loads its answers to
-/// derive the status, the notifications and the headers from the same rules
-/// it would use alone.
+/// A workspace's counts of requests and tokens, as of an instant: what
+/// counters kept elsewhere (shared by several instances) answer, and what
+/// a share of the usage is taken from.
 #[derive(Clone, Debug, PartialEq)]
-pub struct SharedCounters {
-    /// Raised by every change in the store; a state never goes back to an
-    /// older version, since answers can arrive out of order.
-    pub version: u64,
-    /// The store's clock when it answered.
-    pub at: Timestamp,
+pub struct Counts {
     /// Requests and tokens by absolute second, as `MinuteWindow` counts them.
     pub minute: Vec<(i64, Usage)>,
     /// The start of the day that `day_used` counts.
@@ -263,17 +234,10 @@ pub struct SharedCounters {
     /// The start of the month that `month_used` counts.
     pub month_start: Timestamp,
     pub month_used: Usage,
-    pub hold_until: Option<Timestamp>,
-    pub billing: Option<BillingBlock>,
-    /// The last admin reset, in microseconds of the store's clock (which
-    /// tells it from an admission in the same millisecond), if any:
-    /// reservations charged before it count nothing (see
-    /// [`WorkspaceState::reset`]).
-    pub last_reset_us: Option<i64>,
 }
 
-impl SharedCounters {
-    /// The start of the store's `period` and what it counted.
+impl Counts {
+    /// The start of the counted `period` and what it counted.
     pub fn calendar(&self, period: Period) -> (Timestamp, Usage) {
         match period {
             Period::Day => (self.day_start, self.day_used),
@@ -282,22 +246,25 @@ impl SharedCounters {
     }
 }
 
-/// The reason a degraded workspace's status gives.
-pub const SHARED_STORE_UNREACHABLE: &str = "shared_store_unreachable";
+/// What the upstream blocks: requests until a time (a rate limit), and
+/// everything but a probe (a billing block).
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct Blocks {
+    pub rate_until: Option<Timestamp>,
+    pub billing: Option<BillingBlock>,
+}
 
-/// How this instance enforces a workspace's limits on its own.
+/// How much of a workspace's limits this state enforces.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum Enforcement {
-    /// The whole limits: alone, or with counters shared with every other
-    /// instance.
+    /// The whole limits.
     #[default]
     Whole,
-    /// Cut off from the shared counters while `n` instances serve: each
-    /// enforces `1/n` of every limit, starting from `1/n` of the usage last
-    /// seen, so that together they stay within the whole.
+    /// `1/n` of every limit, when `n` instances each enforce their own
+    /// share (while the counters they share are out of reach).
     Share(u32),
-    /// Cut off from the shared counters, and told to admit: usage is counted
-    /// and shown, but no limit refuses (upstream blocks still do).
+    /// None: usage is counted and shown, but no limit refuses (upstream
+    /// blocks still do).
     CountOnly,
 }
 
@@ -382,11 +349,6 @@ pub struct WorkspaceState {
     errors: ErrorHistory,
     upstream_view: UpstreamView,
     last_error: Option<LastError>,
-    /// The version of the shared counters last loaded (0: none).
-    shared_version: u64,
-    /// When the shared counters were last reset (microseconds of the
-    /// store's clock), as last loaded.
-    shared_reset_us: Option<i64>,
     /// A loaded billing block started earlier than the one held: its
     /// notification takes the id of the earlier start at the next
     /// evaluation (see [`notification_id`](Self::notification_id)).
@@ -418,8 +380,6 @@ impl WorkspaceState {
             upstream_error_rate: false,
             enforcement: Enforcement::Whole,
             tracker: StatusTracker::new(now),
-            shared_version: 0,
-            shared_reset_us: None,
             billing_start_moved: false,
         }
     }
@@ -454,14 +414,14 @@ impl WorkspaceState {
         Saved {
             minute: self.minute.to_entries(),
             calendars: self.calendars.0.to_vec(),
-            // Not those held for a shared store: instances share the saved
-            // state, and one that restored another's would count them in
-            // history again when they expire. Their calls end with this
-            // process, and the store keeps their estimates.
+            // Not those charged elsewhere: instances share the saved state,
+            // and one that restored another's would count them in history
+            // again when they expire. Their calls end with this process,
+            // and the counters that charged them keep their estimates.
             reservations: self
                 .reservations
                 .values()
-                .filter(|reservation| reservation.shared_charge_us.is_none())
+                .filter(|reservation| reservation.charged_elsewhere_us.is_none())
                 .cloned()
                 .collect(),
             rate_block_until: self.rate_block_until,
@@ -540,12 +500,7 @@ impl WorkspaceState {
             }
             self.expiry.pop_front();
             if let Some(reservation) = self.reservations.remove(&id) {
-                let charged_us = reservation.shared_charge_us;
-                let finished = reservation.expired();
-                expired.push(match charged_us {
-                    Some(charged_us) => self.expired_in_shared_store(finished, charged_us),
-                    None => finished,
-                });
+                expired.push(reservation.expired());
             }
         }
         expired
@@ -840,8 +795,8 @@ impl WorkspaceState {
     }
 
     /// Keeps the reservation of an admitted request until it is settled or
-    /// expires; `shared_charge_us` as in [`Reservation`].
-    fn hold(&mut self, admitted: &Admitted, request: &Request, shared_charge_us: Option<i64>) {
+    /// expires; `charged_elsewhere_us` as in [`Reservation`].
+    fn hold(&mut self, admitted: &Admitted, request: &Request, charged_elsewhere_us: Option<i64>) {
         self.expiry.push_back((admitted.expires_at, admitted.id));
         self.reservations.insert(
             admitted.id,
@@ -852,7 +807,7 @@ impl WorkspaceState {
                 expires_at: admitted.expires_at,
                 model: request.model.clone(),
                 probe: admitted.probe,
-                shared_charge_us,
+                charged_elsewhere_us,
             },
         );
     }
@@ -876,106 +831,101 @@ impl WorkspaceState {
         refusal
     }
 
-    /// Takes a shared store's counters and blocks, unless a newer version
-    /// was loaded already. Returns whether it did.
-    pub fn load_shared(&mut self, counters: &SharedCounters) -> bool {
-        // Cut off from the store, this instance counts on its own: a late
-        // answer must not replace its share with the whole.
-        if counters.version < self.shared_version || self.enforcement != Enforcement::Whole {
-            return false;
+    /// The counts as of `now`: what a share of the usage is taken from.
+    pub fn counts(&self) -> Counts {
+        Counts {
+            minute: self.minute.to_entries(),
+            day_start: self.calendars.get(Period::Day).start,
+            day_used: self.calendars.get(Period::Day).used,
+            month_start: self.calendars.get(Period::Month).start,
+            month_used: self.calendars.get(Period::Month).used,
         }
-        self.shared_version = counters.version;
-        self.minute = MinuteWindow::from_entries(SECOND_MS, &counters.minute, counters.at);
-        let mut calendars = Calendars::new(counters.at, self.config.timezone);
+    }
+
+    /// Replaces the counts with `counts`, as of `at`: those of counters kept
+    /// elsewhere, or a share of this state's own. A day or month other than
+    /// the one holding `at` counts nothing.
+    pub fn load_counts(&mut self, counts: &Counts, at: Timestamp) {
+        self.minute = MinuteWindow::from_entries(SECOND_MS, &counts.minute, at);
+        let mut calendars = Calendars::new(at, self.config.timezone);
         for counter in calendars.iter_mut() {
-            let (start, used) = counters.calendar(counter.period);
+            let (start, used) = counts.calendar(counter.period);
             if counter.start == start {
                 counter.used = used;
             }
         }
         self.calendars = calendars;
-        self.rate_block_until = counters.hold_until.filter(|until| *until > counters.at);
+    }
+
+    /// The upstream's blocks.
+    pub fn blocks(&self) -> Blocks {
+        Blocks {
+            rate_until: self.rate_block_until,
+            billing: self.billing_block,
+        }
+    }
+
+    /// Replaces the upstream's blocks with `blocks`, as of `at`: those of
+    /// counters kept elsewhere, where every instance writes what it sees.
+    pub fn load_blocks(&mut self, blocks: Blocks, at: Timestamp) {
+        self.rate_block_until = blocks.rate_until.filter(|until| *until > at);
         let start = |billing: Option<BillingBlock>| billing.map(|block| block.since);
-        if let (Some(held), Some(loaded)) = (start(self.billing_block), start(counters.billing)) {
+        if let (Some(held), Some(loaded)) = (start(self.billing_block), start(blocks.billing)) {
             self.billing_start_moved |= held != loaded;
         }
-        self.billing_block = counters.billing;
-        self.shared_reset_us = counters.last_reset_us;
-        true
+        self.billing_block = blocks.billing;
     }
 
-    /// A reservation the shared store charged at `charged_us` that expired,
-    /// as this workspace's history counts it: one charged before the last
-    /// reset counts nothing from the reset on, as a reservation held here
-    /// would (see `reset`).
-    pub fn expired_in_shared_store(&self, expired: Expired, charged_us: i64) -> Expired {
-        match reset_since(charged_us, self.shared_reset_us) {
-            Some(reset) => Expired {
-                charged_at: reset,
-                tokens: 0,
-                ..expired
-            },
-            None => expired,
-        }
-    }
-
-    /// The version of the shared counters last loaded (0: none).
-    pub fn shared_version(&self) -> u64 {
-        self.shared_version
+    /// How much of the limits is enforced.
+    pub fn enforcement(&self) -> Enforcement {
+        self.enforcement
     }
 
     /// The estimate of reservation `id`, if it was charged here rather than
-    /// in a shared store.
+    /// elsewhere.
     pub fn reservation_estimate(&self, id: u64) -> Option<u64> {
         self.reservations
             .get(&id)
-            .filter(|reservation| reservation.shared_charge_us.is_none())
+            .filter(|reservation| reservation.charged_elsewhere_us.is_none())
             .map(|reservation| reservation.estimated_tokens)
     }
 
-    /// Takes out reservation `id` if it is held here and charged in a shared
-    /// store, with when the store charged it (see [`Reservation`]), to be
-    /// settled there: once, as it is no longer here. One whose time is up
-    /// at `now` stays, to expire: the store keeps its estimate, as a
-    /// reservation charged here keeps it once expired (see `record`).
-    pub fn take_shared_reservation(
+    /// Takes out reservation `id` if it is held here and was charged
+    /// elsewhere, to be settled there: once, as it is no longer here. One
+    /// whose time is up at `now` stays, to expire: the counters that
+    /// charged it keep its estimate, as a reservation charged here keeps it
+    /// once expired (see `record`).
+    pub fn take_reservation_charged_elsewhere(
         &mut self,
         id: u64,
         now: Timestamp,
-    ) -> Option<(Reservation, i64)> {
+    ) -> Option<Reservation> {
         let reservation = self.reservations.get(&id)?;
-        let charged_us = reservation.shared_charge_us?;
-        if reservation.expires_at <= now {
+        if reservation.charged_elsewhere_us.is_none() || reservation.expires_at <= now {
             return None;
         }
-        let reservation = self.reservations.remove(&id)?;
-        Some((reservation, charged_us))
+        self.reservations.remove(&id)
     }
 
-    /// Puts back a reservation [taken](Self::take_shared_reservation) that
-    /// could not be settled in the shared store, to be settled here as the
-    /// store left it (a reset there cleared what it charged before). One
-    /// whose time ran out at `now`, while the store was tried, is not put
-    /// back but ends unsettled, keeping its estimate: the expiry it was due
-    /// may have passed it by while it was out.
-    pub fn return_reservation(
-        &mut self,
-        reservation: Reservation,
-        charged_us: i64,
-        now: Timestamp,
-    ) -> Returned {
-        let reservation = reservation.as_in_shared_store(charged_us, self.shared_reset_us);
+    /// Puts back a reservation [taken](Self::take_reservation_charged_elsewhere)
+    /// that could not be settled where it was charged, to be settled here
+    /// instead. One whose time ran out at `now`, meanwhile, is not put back
+    /// but ends unsettled, keeping its estimate: the expiry it was due may
+    /// have passed it by while it was out.
+    pub fn return_reservation(&mut self, reservation: Reservation, now: Timestamp) -> Returned {
         if reservation.expires_at <= now {
             return Returned::Expired(reservation.expired());
         }
         let estimate = reservation.estimated_tokens;
-        self.reservations.insert(reservation.id, reservation);
+        let here = Reservation {
+            charged_elsewhere_us: None,
+            ..reservation
+        };
+        self.reservations.insert(here.id, here);
         Returned::Held { estimate }
     }
 
-    /// Switches how limits are enforced. Entering [`Enforcement::Share`]
-    /// keeps this instance's share of the usage counted so far; returning to
-    /// [`Enforcement::Whole`] keeps the counts until shared ones are loaded.
+    /// Switches how much of the limits is enforced; the status follows.
     pub fn set_enforcement(
         &mut self,
         enforcement: Enforcement,
@@ -983,65 +933,29 @@ impl WorkspaceState {
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
-        if let (Enforcement::Whole, Enforcement::Share(instances)) = (self.enforcement, enforcement)
-        {
-            // Shares round up, so that together they never exceed the whole;
-            // the minute's buckets are scaled on their running sum, so that
-            // many small buckets do not round away to nothing.
-            let instances = u64::from(instances.max(1));
-            let share = |usage: Usage| Usage {
-                requests: usage.requests.div_ceil(instances),
-                tokens: usage.tokens.div_ceil(instances),
-            };
-            let mut running = Usage::default();
-            let mut scaled_so_far = Usage::default();
-            let entries: Vec<(i64, Usage)> = self
-                .minute
-                .to_entries()
-                .into_iter()
-                .map(|(second, usage)| {
-                    running += usage;
-                    let scaled = share(running);
-                    let bucket = scaled.saturating_sub(scaled_so_far);
-                    scaled_so_far = scaled;
-                    (second, bucket)
-                })
-                .collect();
-            self.minute = MinuteWindow::from_entries(SECOND_MS, &entries, now);
-            for counter in self.calendars.iter_mut() {
-                counter.used = share(counter.used);
-            }
-        }
         self.enforcement = enforcement;
         self.evaluate(now, settings, fresh_id)
     }
 
-    /// The upstream blocks, which a shared store holds for every instance.
-    pub fn shared_blocks(&self) -> (Option<Timestamp>, Option<BillingBlock>) {
-        (self.rate_block_until, self.billing_block)
-    }
-
-    /// Loads a shared store's counters and lets the status follow them.
-    pub fn refresh_shared(
+    /// Lets the status follow counts and blocks loaded meanwhile.
+    pub fn reevaluate(
         &mut self,
-        counters: &SharedCounters,
         now: Timestamp,
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
-        self.load_shared(counters);
         self.advance_upstream(now);
         self.evaluate(now, settings, fresh_id)
     }
 
-    /// Concludes an admission a shared store decided, once its answer is
-    /// loaded: `decided` is the admission it charged, or `None` for a
-    /// refusal, which the loaded counters explain.
+    /// Concludes an admission that counters kept elsewhere decided, once
+    /// their counts are loaded: `decided` is the admission they charged, or
+    /// `None` for a refusal, which the loaded counts explain.
     ///
     /// The reservation of an admitted request is held here, charged at
-    /// `charged_us` of the store's clock, unless the request may be settled
-    /// through any instance: then the store keeps it.
-    pub fn conclude_shared_admission(
+    /// `charged_us` of their clock, unless the request may be settled
+    /// through any instance: then they keep it.
+    pub fn conclude_admission_made_elsewhere(
         &mut self,
         decided: Option<Admitted>,
         request: &Request,
@@ -1069,8 +983,8 @@ impl WorkspaceState {
         }
     }
 
-    /// Why the shared store refused `request`, from the counters it answered
-    /// with: the same verdict it reached. Should a newer state loaded
+    /// Why counters kept elsewhere refused `request`, from the counts they
+    /// answered with: the same verdict they reached. Should a newer state loaded
     /// meanwhile have room after all, the refusal names the fullest limit
     /// and asks for a retry in a second.
     fn explain_refusal(&self, request: &Request, now: Timestamp) -> Refusal {
@@ -1134,9 +1048,9 @@ impl WorkspaceState {
         recorded
     }
 
-    /// Concludes a call once it is settled (here, or by a shared store as it
-    /// reported, counting `tokens`, with its answer loaded): folds in the
-    /// upstream's answer and re-evaluates.
+    /// Concludes a call once it is settled (here, or by counters kept
+    /// elsewhere as they reported, counting `tokens`, with their counts
+    /// loaded): folds in the upstream's answer and re-evaluates.
     pub fn conclude_record(
         &mut self,
         outcome: &Outcome<'_>,
@@ -1269,11 +1183,10 @@ impl WorkspaceState {
     /// An admin reset: clears counters, upstream blocks and active
     /// notifications. Requests in flight keep their reservations, now charged
     /// nothing, so that their settlement counts their actual usage afresh.
-    /// Those a shared store charged are left as they are: the store's own
-    /// reset cleared them there, and its time, loaded with its answer, tells
-    /// which (see [`Reservation::as_in_shared_store`]); one whose admission
-    /// reached the store just after its reset keeps its estimate, or its
-    /// settlement would charge it there twice.
+    /// Those charged elsewhere are left as they are: the reset of the
+    /// counters that charged them decides, by their clock, which it cleared
+    /// (one whose admission reached them just after their reset keeps its
+    /// estimate, or its settlement would charge it there twice).
     pub fn reset(&mut self, now: Timestamp) -> Vec<Change> {
         self.clear_usage(now);
         self.clear_blocks();
@@ -1312,7 +1225,7 @@ impl WorkspaceState {
         let charged_here = self
             .reservations
             .values_mut()
-            .filter(|reservation| reservation.shared_charge_us.is_none());
+            .filter(|reservation| reservation.charged_elsewhere_us.is_none());
         for reservation in charged_here {
             reservation.charged_at = now;
             reservation.estimated_tokens = 0;
@@ -1386,13 +1299,10 @@ impl WorkspaceState {
         };
         let verdict = self.verdict(minimal, now, false);
         let degraded = self.enforcement != Enforcement::Whole;
-        let mut reasons = self
+        let reasons = self
             .tracker
             .causes()
             .reasons(self.billing_block.map(|block| block.code));
-        if degraded {
-            reasons.push(SHARED_STORE_UNREACHABLE.to_owned());
-        }
         Snapshot {
             config: self.config.clone(),
             status: self.tracker.status(),

@@ -14,7 +14,7 @@
 //!    it is released, and the workspace is marked dirty for the next batched
 //!    flush (see `flush`). With counters shared by several instances, a
 //!    raised notification and what follows it wait in the workspace's
-//!    outbox until its id is agreed on with the others (see `sharing`).
+//!    outbox until its id is agreed on with the others (see `redis_counting`).
 //!
 //! Architecture invariants: a workspace's lock is a plain mutex held only for
 //! in-memory work, never across an await or IO; the request path never waits
@@ -23,14 +23,16 @@
 //! which is what makes sending under the lock safe.
 
 mod catalog;
+mod counters;
 pub mod flush;
 mod keyring;
 mod publish;
-mod sharing;
+mod redis_counting;
 mod slot;
 
+pub use counters::Counters;
 pub use keyring::{AuthError, Credential, Denied, Principal};
-pub use sharing::SharedCounting;
+pub use redis_counting::OnStoreError;
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -45,7 +47,6 @@ use crate::domain::notification::{
 };
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
-use crate::domain::window::Usage;
 use crate::domain::workspace::{
     Admission, Admitted, Answer, Headroom, Model, Outcome, Recorded, Refusal, Request, ResetScope,
     Settings, Settled, Snapshot, WorkspaceState,
@@ -242,8 +243,8 @@ pub struct Engine {
     /// What happened: events for listeners, writes for the flush.
     journal: Journal,
     service: Mutex<ServiceHealth>,
-    /// Counters shared with other instances, when configured.
-    shared: Option<Arc<SharedCounting>>,
+    /// Where the counters live, chosen once at start-up.
+    counters: counters::Counters,
 }
 
 /// What the engine tells others: events for listeners (the WebSocket hub,
@@ -293,7 +294,7 @@ impl Engine {
             catalog: catalog::CatalogSync::new(),
             journal: Journal::new(),
             service: Mutex::new(ServiceHealth::default()),
-            shared: None,
+            counters: counters::Counters::InProcess,
         }
     }
 
@@ -318,6 +319,17 @@ impl Engine {
             .get(workspace)
             .cloned()
             .ok_or_else(|| EngineError::UnknownWorkspace(workspace.clone()))
+    }
+
+    /// The slot of `workspace`, or every slot when it is `None`.
+    fn one_or_all(
+        &self,
+        workspace: Option<&WorkspaceId>,
+    ) -> Result<Vec<(WorkspaceId, Arc<Slot>)>, EngineError> {
+        match workspace {
+            Some(id) => Ok(vec![(id.clone(), self.slot(id)?)]),
+            None => Ok(self.all_slots()),
+        }
     }
 
     fn all_slots(&self) -> Vec<(WorkspaceId, Arc<Slot>)> {
@@ -549,8 +561,8 @@ impl Engine {
         verdict
     }
 
-    /// Admission: reserves one request and `request.estimated_tokens` against
-    /// every limit of the workspace, or refuses without charging anything.
+    /// [`admit`](Self::admit) on this process's counters: under the
+    /// workspace's lock.
     pub fn admit_here(
         &self,
         workspace: &WorkspaceId,
@@ -562,12 +574,6 @@ impl Engine {
         let admission = cell
             .state
             .admit(&request, now, &self.settings, &mut fresh_id);
-        if admission.result.is_ok() && self.degraded() {
-            cell.offline += Usage {
-                requests: 1,
-                tokens: request.estimated_tokens,
-            };
-        }
         Ok(self.conclude_admission(&slot, cell, now, request.model, admission))
     }
 
@@ -637,12 +643,6 @@ impl Engine {
         let recorded = cell
             .state
             .record(&report.outcome(), now, &self.settings, &mut fresh_id);
-        if matches!(recorded.settled, Settled::Unreserved) && self.degraded() {
-            cell.offline += Usage {
-                requests: 1,
-                tokens: recorded.tokens,
-            };
-        }
         Ok(self.conclude_settlement(&slot, cell, now, workspace, &report, recorded))
     }
 
@@ -756,6 +756,19 @@ impl Engine {
         Ok(notifications)
     }
 
+    /// Every workspace notification active here.
+    pub fn active_workspace_notifications(&self) -> Vec<Notification> {
+        self.all_slots()
+            .into_iter()
+            .flat_map(|(_, slot)| {
+                slot.lock()
+                    .agreed_notifications()
+                    .cloned()
+                    .collect::<Vec<_>>()
+            })
+            .collect()
+    }
+
     pub fn service_notifications(&self) -> Vec<Notification> {
         let service = lock(&self.service);
         service
@@ -774,10 +787,7 @@ impl Engine {
         workspace: Option<&WorkspaceId>,
         scope: ResetScope,
     ) -> Result<Vec<WorkspaceId>, EngineError> {
-        let targets = match workspace {
-            Some(id) => vec![(id.clone(), self.slot(id)?)],
-            None => self.all_slots(),
-        };
+        let targets = self.one_or_all(workspace)?;
         let now = self.now();
         let mut done = Vec::with_capacity(targets.len());
         for (id, slot) in targets {

@@ -23,7 +23,7 @@ impl Engine {
     /// always when `touched.status`). With counters shared with other
     /// instances, a raised notification and what follows it wait in the
     /// workspace's outbox until its id is agreed on (see
-    /// `sharing::Engine::agree`). Then releases the lock, marks the workspace
+    /// `redis_counting::agree`). Then releases the lock, marks the workspace
     /// for the flush and the usage publisher as `touched` says, and logs.
     pub(super) fn conclude(
         &self,
@@ -52,12 +52,6 @@ impl Engine {
             slot.usage_dirty.store(true, Ordering::Release);
         }
         published.log();
-    }
-
-    /// Whether notification ids are agreed on with other instances: while
-    /// counters are shared with them.
-    pub(super) fn agrees_on_ids(&self) -> bool {
-        self.shared.is_some() && !self.degraded()
     }
 
     /// Queues what `changes` publish in the workspace's outbox, with the

@@ -10,11 +10,11 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use rustc_hash::FxHashMap;
 
 use super::Event;
+use super::redis_counting::Mirror;
 use crate::domain::model::DailyModels;
 use crate::domain::notification::Notification;
 use crate::domain::time::Timestamp;
-use crate::domain::window::Usage;
-use crate::domain::workspace::{BillingBlock, Expired, Model, WorkspaceState};
+use crate::domain::workspace::{Expired, Model, WorkspaceState};
 use crate::redis::EpisodeStep;
 use crate::store::RollupDelta;
 use crate::sync::lock;
@@ -28,17 +28,11 @@ pub(super) struct Cell {
     /// neither `rollups` nor the database grows with every name a client
     /// makes up.
     pub(super) models: DailyModels,
-    /// Usage admitted here while the shared counters were unreachable, to
-    /// be added to them when they return.
-    pub(super) offline: Usage,
-    /// The upstream blocks when the shared counters became unreachable, to
-    /// tell at their return what this instance saw alone.
-    pub(super) outage_blocks: Option<(Option<Timestamp>, Option<BillingBlock>)>,
-    /// Blocks seen alone during an outage, to be written with the merge.
-    pub(super) offline_blocks: Option<crate::redis::BlockChange>,
+    /// What is kept beside the state when the counters live in Redis.
+    pub(super) mirror: Mirror,
     /// What was published, in order, waiting to be sent until the
     /// notifications it names carry the ids agreed on with the other
-    /// instances (see `sharing::Engine::agree`); empty otherwise.
+    /// instances (see `redis_counting::agree`); empty otherwise.
     pub(super) outbox: VecDeque<Event>,
     /// The steps the workspace's causes took since the last agreement,
     /// in order, for the shared store (see [`EpisodeStep`]).
@@ -73,9 +67,7 @@ impl Slot {
                 state,
                 rollups: FxHashMap::default(),
                 models: DailyModels::default(),
-                offline: Usage::default(),
-                outage_blocks: None,
-                offline_blocks: None,
+                mirror: Mirror::default(),
                 outbox: VecDeque::new(),
                 episodes: Vec::new(),
                 unagreed: Vec::new(),
@@ -101,6 +93,11 @@ impl Cell {
             .active_notifications()
             .iter()
             .filter(|notification| !self.unagreed.contains(&notification.id))
+    }
+
+    /// Loads counters stored in Redis (see [`Mirror::load`]).
+    pub(super) fn load_stored(&mut self, stored: &crate::redis::StoredCounters) -> bool {
+        self.mirror.load(&mut self.state, stored)
     }
 
     /// Queues the step a raised or resolved notification takes in its
@@ -182,9 +179,11 @@ pub(super) fn count(value: u64) -> i64 {
     i64::try_from(value).unwrap_or(i64::MAX)
 }
 
-/// Expired reservations are finished requests whose estimate became final.
+/// Expired reservations are finished requests whose estimate became final
+/// (as far as the counters that charged them count it).
 pub(super) fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
     for finished in expired {
+        let finished = cell.mirror.as_counted(finished);
         *cell.history(finished.charged_at, finished.model) += RollupDelta {
             requests: 1,
             tokens: count(finished.tokens),

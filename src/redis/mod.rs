@@ -36,9 +36,10 @@ use crate::domain::status::Cause;
 use crate::domain::time::{Period, Timestamp};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
-    Admitted, BillingBlock, Expired, Model, Reservation, ResetScope, SharedCounters,
+    Admitted, BillingBlock, Blocks, Expired, Model, Reservation, ResetScope,
 };
 use crate::sync::lock;
+pub use state::StoredCounters;
 use state::{StateCache, billing_number, counters_from};
 
 /// After a failed call, how long calls fail at once before one tries again.
@@ -59,7 +60,7 @@ pub enum SharedError {
 pub struct Reply {
     /// Whether the operation did what it was asked (admitted, settled).
     pub done: bool,
-    pub counters: SharedCounters,
+    pub counters: StoredCounters,
     /// Redis's clock when it answered, in microseconds: what a reservation
     /// this instance holds was charged at, to tell it from a reset in the
     /// same millisecond.
@@ -69,14 +70,12 @@ pub struct Reply {
     pub expired: Vec<ExpiredInStore>,
 }
 
-/// A reservation recorded in the store that expired unsettled.
+/// A reservation recorded in the store that expired unsettled; its
+/// `charged_elsewhere_us` is when the store charged it.
 #[derive(Clone, Debug, PartialEq)]
 pub struct ExpiredInStore {
     pub workspace: WorkspaceId,
     pub expired: Expired,
-    /// When the store charged it, in microseconds (see
-    /// [`Reservation::shared_charge_us`]).
-    pub charged_us: i64,
 }
 
 /// How one instance's rules moved a workspace's upstream blocks: only the
@@ -100,14 +99,13 @@ pub enum BillingChange {
 }
 
 impl BlockChange {
-    /// The change from `before` to `after` (hold, billing block), if any.
-    pub fn between(
-        before: (Option<Timestamp>, Option<BillingBlock>),
-        after: (Option<Timestamp>, Option<BillingBlock>),
-    ) -> Option<Self> {
+    /// The change from `before` to `after`, if any.
+    pub fn between(before: Blocks, after: Blocks) -> Option<Self> {
         // A hold that ended needs no write: it expires by itself.
-        let hold_until = after.0.filter(|_| after.0 != before.0);
-        let billing = match (before.1, after.1) {
+        let hold_until = after
+            .rate_until
+            .filter(|_| after.rate_until != before.rate_until);
+        let billing = match (before.billing, after.billing) {
             (None, Some(block)) => BillingChange::Set(block),
             (Some(old), Some(new)) if old != new => BillingChange::Set(new),
             (Some(old), None) => BillingChange::Lift { since: old.since },
@@ -1046,7 +1044,7 @@ fn parse_batch(
                         model: model(&text(&record[4])),
                         probe: as_int(&record[3]) == 1,
                         // Settled, it is held nowhere any more.
-                        shared_charge_us: None,
+                        charged_elsewhere_us: None,
                     }
                 });
                 let done = reservation.is_some();
@@ -1118,12 +1116,9 @@ fn expired_member(member: &str) -> Option<ExpiredInStore> {
         charged_at: millis_of(charged_us),
         tokens,
         model: model(parts.next()?),
+        charged_elsewhere_us: Some(charged_us),
     };
-    Some(ExpiredInStore {
-        workspace,
-        expired,
-        charged_us,
-    })
+    Some(ExpiredInStore { workspace, expired })
 }
 
 fn bytes(value: &Value) -> Result<&[u8], SharedError> {
@@ -1188,8 +1183,8 @@ mod tests {
         let member =
             expired_member("acme|7|1700000000123456|120|0|gpt-4o-mini").expect("well formed");
         assert_eq!(member.workspace.as_str(), "acme");
-        assert_eq!(member.charged_us, 1_700_000_000_123_456);
         let expired = member.expired;
+        assert_eq!(expired.charged_elsewhere_us, Some(1_700_000_000_123_456));
         assert_eq!(
             expired.charged_at,
             Timestamp::from_millis(1_700_000_000_123)
@@ -1210,10 +1205,23 @@ mod tests {
             since: t(since),
             next_probe_at: t(since + 60_000),
         };
-        assert_eq!(BlockChange::between((None, None), (None, None)), None);
+        let blocks = |rate_until, billing| Blocks {
+            rate_until,
+            billing,
+        };
+        assert_eq!(
+            BlockChange::between(blocks(None, None), blocks(None, None)),
+            None
+        );
         // A hold that ended expires by itself; one that moved is written.
-        assert_eq!(BlockChange::between((Some(t(5)), None), (None, None)), None);
-        let held = BlockChange::between((None, Some(block(1))), (Some(t(9)), Some(block(1))));
+        assert_eq!(
+            BlockChange::between(blocks(Some(t(5)), None), blocks(None, None)),
+            None
+        );
+        let held = BlockChange::between(
+            blocks(None, Some(block(1))),
+            blocks(Some(t(9)), Some(block(1))),
+        );
         assert_eq!(
             held,
             Some(BlockChange {
@@ -1222,12 +1230,12 @@ mod tests {
             })
         );
         // A lift names the block it lifts, so it cannot undo a newer one.
-        let lifted = BlockChange::between((None, Some(block(1))), (None, None));
+        let lifted = BlockChange::between(blocks(None, Some(block(1))), blocks(None, None));
         assert_eq!(
             lifted.map(|change| change.billing),
             Some(BillingChange::Lift { since: t(1) })
         );
-        let set = BlockChange::between((None, None), (None, Some(block(2))));
+        let set = BlockChange::between(blocks(None, None), blocks(None, Some(block(2))));
         assert_eq!(
             set.map(|change| change.billing),
             Some(BillingChange::Set(block(2)))

@@ -15,7 +15,7 @@ use crate::domain::limits::{Metric, Window, WorkspaceId};
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::BillingCode;
 use crate::domain::window::Usage;
-use crate::domain::workspace::{BillingBlock, SharedCounters};
+use crate::domain::workspace::{BillingBlock, Blocks, Counts};
 use crate::sync::lock;
 
 /// The header's fields, by index (see `counters.lua`, whose indices count
@@ -46,6 +46,26 @@ const fn total(window: Window, metric: Metric) -> usize {
 /// its end follows. The calendar windows follow the minute.
 const fn period_start(window: Window) -> usize {
     BOUNDS + 2 * (window.index() - 1)
+}
+
+/// One workspace's counters and upstream blocks as the script stores them,
+/// as of Redis's clock. Redis decides admissions and applies settlements;
+/// each instance loads these into its `WorkspaceState`, to derive the
+/// status, the notifications and the headers from the same rules it would
+/// use alone.
+#[derive(Clone, Debug, PartialEq)]
+pub struct StoredCounters {
+    /// Raised by every change in Redis; a loaded state never goes back to
+    /// an older version, since answers can arrive out of order.
+    pub version: u64,
+    /// Redis's clock when it answered.
+    pub at: Timestamp,
+    pub counts: Counts,
+    pub blocks: Blocks,
+    /// The last admin reset, in microseconds of Redis's clock (which tells
+    /// it from an admission in the same millisecond), if any: reservations
+    /// charged before it count nothing.
+    pub last_reset_us: Option<i64>,
 }
 
 /// The last state read of each workspace.
@@ -109,7 +129,7 @@ fn usage_of(counts: &[f64]) -> Usage {
 }
 
 /// A workspace's counters from its state, as of the store's clock `at`.
-pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> SharedCounters {
+pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> StoredCounters {
     // The header holds the newest second's counts; its slot may be older.
     let newest = state[NEWEST_SECOND];
     let newest_slot = newest as usize % MINUTE_SLOTS;
@@ -136,16 +156,20 @@ pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> SharedCounters {
         since: millis(BILLING_SINCE),
         next_probe_at: millis(NEXT_PROBE),
     });
-    SharedCounters {
+    StoredCounters {
         version: state[VERSION] as u64,
         at,
-        minute,
-        day_start: millis(period_start(Window::Day)),
-        day_used: used(Window::Day),
-        month_start: millis(period_start(Window::Month)),
-        month_used: used(Window::Month),
-        hold_until: Some(millis(HOLD)).filter(|until| *until > at),
-        billing,
+        counts: Counts {
+            minute,
+            day_start: millis(period_start(Window::Day)),
+            day_used: used(Window::Day),
+            month_start: millis(period_start(Window::Month)),
+            month_used: used(Window::Month),
+        },
+        blocks: Blocks {
+            rate_until: Some(millis(HOLD)).filter(|until| *until > at),
+            billing,
+        },
         last_reset_us: (state[LAST_RESET] > 0.0).then_some(state[LAST_RESET] as i64),
     }
 }
@@ -336,7 +360,7 @@ mod tests {
         state[before..before + 3].copy_from_slice(&[999.0, 1.0, 10.0]);
         let counters = counters_from(Timestamp::from_millis(1_000_500), &state);
         assert_eq!(
-            counters.minute,
+            counters.counts.minute,
             vec![
                 (
                     999,
@@ -388,7 +412,7 @@ mod tests {
         state[total(Window::Month, Metric::Tokens)] = 90.0;
         let counters = counters_from(Timestamp::from_millis(1_780_000_500_000), &state);
         assert_eq!(
-            (counters.day_start, counters.day_used),
+            (counters.counts.day_start, counters.counts.day_used),
             (
                 day,
                 Usage {
@@ -398,7 +422,7 @@ mod tests {
             )
         );
         assert_eq!(
-            (counters.month_start, counters.month_used),
+            (counters.counts.month_start, counters.counts.month_used),
             (
                 month,
                 Usage {

@@ -227,7 +227,7 @@ pub fn from_json(text: &str) -> Option<Saved> {
                 model: r.model.map(Into::into),
                 probe: r.probe,
                 // Held for a shared store, it is never saved.
-                shared_charge_us: None,
+                charged_elsewhere_us: None,
             })
             .collect(),
         rate_block_until: json.rate_block_until.map(ts),

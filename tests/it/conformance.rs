@@ -51,30 +51,25 @@ impl Setup {
     }
 }
 
-/// Runs one conformance check against each backend.
+/// Runs one check against each backend: the calling module's `Backend`
+/// (`Local`, `Redis`), with the check's module path naming it in skip
+/// messages. `tests/it/counters.rs` uses it too.
 macro_rules! conformance {
     ($name:ident) => {
         mod $name {
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn local() {
-                super::$name(
-                    super::Backend::Local,
-                    concat!("conformance::", stringify!($name)),
-                )
-                .await;
+                super::$name(super::Backend::Local, module_path!()).await;
             }
 
             #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
             async fn redis() {
-                super::$name(
-                    super::Backend::Redis,
-                    concat!("conformance::", stringify!($name)),
-                )
-                .await;
+                super::$name(super::Backend::Redis, module_path!()).await;
             }
         }
     };
 }
+pub(crate) use conformance;
 
 fn used(status: &Value, limit: &str) -> u64 {
     status["limits"][limit]["used"]

@@ -8,13 +8,11 @@ use std::sync::atomic::{AtomicI64, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
-use quotawatch::domain::limits::{
-    LimitKind, Limits, Metric, OnStoreError, Window, WorkspaceConfig, WorkspaceId,
-};
+use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::workspace::{Admitted, Request, ResetScope, Settings};
 use quotawatch::engine::{
-    Clock, Engine, SharedCounting, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults,
+    Clock, Counters, Engine, OnStoreError, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults,
 };
 use quotawatch::redis::RedisCounters;
 
@@ -71,7 +69,7 @@ impl Instance {
             warn_at: 0.8,
         };
         let mut engine = Engine::new(Settings::default(), defaults, clock.clone());
-        engine.share_counters(SharedCounting::new(
+        engine.count_in(Counters::redis(
             Self::counters(reached_at, &prefix),
             OnStoreError::Local { instances: 2 },
         ));
@@ -149,7 +147,7 @@ impl Instance {
             .peek(&self.workspace, chrono_tz::UTC, SystemClock.now())
             .await
             .expect("peek");
-        reply.counters.day_used.tokens
+        reply.counters.counts.day_used.tokens
     }
 
     async fn finish(self) {
@@ -369,11 +367,11 @@ async fn a_held_call_whose_time_runs_out_while_redis_is_cut_off_keeps_its_estima
     // Back in touch, the merge adds nothing beyond the estimate Redis kept.
     relay.restore();
     eventually("Redis back", Duration::from_secs(10), || async {
-        instance.engine.tend_shared_store().await;
+        instance.engine.tend_counters().await;
         (!instance.engine.degraded()).then_some(())
     })
     .await;
-    instance.engine.tend_shared_store().await;
+    instance.engine.tend_counters().await;
     assert_eq!(instance.tokens_today_in_redis().await, 100);
     instance.finish().await;
 }

@@ -8,6 +8,7 @@ mod bad_input;
 mod cli;
 mod conformance;
 mod cors;
+mod counters;
 mod dashboard;
 mod durability;
 mod held;

@@ -95,7 +95,7 @@ impl Store {
             .block(&self.workspace, chrono_tz::UTC, Self::now(), change)
             .await
             .expect("block");
-        reply.counters.billing
+        reply.counters.blocks.billing
     }
 
     /// Milliseconds until each of the workspace's keys expires.
@@ -238,7 +238,7 @@ async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_i
     assert!(settled.is_none(), "an expired reservation is not settled");
     assert!(reply.expired.is_empty(), "{:?}", reply.expired);
     assert_eq!(
-        reply.counters.day_used.tokens, 120,
+        reply.counters.counts.day_used.tokens, 120,
         "its estimate stays charged"
     );
     store.finish().await;
@@ -264,7 +264,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         )
         .await
         .expect("reset");
-    assert_eq!(reset.counters.day_used.tokens, 0);
+    assert_eq!(reset.counters.counts.day_used.tokens, 0);
     let (settled, reply) = store
         .counters
         .settle(&store.workspace, chrono_tz::UTC, Store::now(), 7, Some(30))
@@ -275,9 +275,10 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         settled.estimated_tokens, 0,
         "nothing of it counts since the reset"
     );
-    assert_eq!(reply.counters.day_used.tokens, 30);
+    assert_eq!(reply.counters.counts.day_used.tokens, 30);
     let minute: u64 = reply
         .counters
+        .counts
         .minute
         .iter()
         .map(|(_, usage)| usage.tokens)
@@ -291,7 +292,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         .await
         .expect("settle");
     assert_eq!(settled.map(|settled| settled.estimated_tokens), Some(0));
-    assert_eq!(reply.counters.day_used.tokens, 30);
+    assert_eq!(reply.counters.counts.day_used.tokens, 30);
     assert!(reply.counters.last_reset_us.is_some(), "the reset is known");
     store.finish().await;
 }
@@ -321,7 +322,7 @@ async fn each_second_keeps_its_own_count_in_the_minute() {
     let next = store
         .admit(&store.workspace, 2, 5, Duration::from_secs(600))
         .await;
-    let mut minute = next.counters.minute.clone();
+    let mut minute = next.counters.counts.minute.clone();
     minute.sort_by_key(|(at, _)| *at);
     let counts: Vec<(i64, u64, u64)> = minute
         .iter()
@@ -356,10 +357,13 @@ async fn a_reservation_settled_twice_at_once_is_settled_once() {
         .filter(|(reservation, _)| reservation.is_some())
         .count();
     assert_eq!(settled, 1, "{first:?} {second:?}");
-    let day = [first.1.counters.day_used, second.1.counters.day_used]
-        .into_iter()
-        .map(|used| used.tokens)
-        .min();
+    let day = [
+        first.1.counters.counts.day_used,
+        second.1.counters.counts.day_used,
+    ]
+    .into_iter()
+    .map(|used| used.tokens)
+    .min();
     assert_eq!(day, Some(40), "the estimate is replaced once");
     store.finish().await;
 }
@@ -398,8 +402,16 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         "nothing recorded: {keys:?}"
     );
     let counters = settle(first, Some(40)).await;
-    assert_eq!(counters.day_used.tokens, 40, "the estimate is replaced");
-    let minute: u64 = counters.minute.iter().map(|(_, usage)| usage.tokens).sum();
+    assert_eq!(
+        counters.counts.day_used.tokens, 40,
+        "the estimate is replaced"
+    );
+    let minute: u64 = counters
+        .counts
+        .minute
+        .iter()
+        .map(|(_, usage)| usage.tokens)
+        .sum();
     assert_eq!(minute, 40);
     // Over a reset it counts what it used since, as a recorded one does.
     let in_flight = held(2).await;
@@ -413,10 +425,10 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         )
         .await
         .expect("reset");
-    assert_eq!(settle(in_flight, Some(30)).await.day_used.tokens, 30);
+    assert_eq!(settle(in_flight, Some(30)).await.counts.day_used.tokens, 30);
     let after_reset = held(3).await;
     assert_eq!(
-        settle(after_reset, None).await.day_used.tokens,
+        settle(after_reset, None).await.counts.day_used.tokens,
         130,
         "kept, its estimate stays charged"
     );
@@ -561,9 +573,9 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         .expect("admit");
     assert!(admitted.is_some());
     let (month_start, month_end) = Period::Month.bounds(Store::now(), timezone);
-    assert_eq!(reply.counters.month_start, month_start);
-    assert_eq!(reply.counters.month_used.tokens, 600);
-    assert_eq!(reply.counters.day_used.tokens, 600);
+    assert_eq!(reply.counters.counts.month_start, month_start);
+    assert_eq!(reply.counters.counts.month_used.tokens, 600);
+    assert_eq!(reply.counters.counts.day_used.tokens, 600);
     // The month limit has room for 400 more, the estimate of 500 does not fit.
     let (refused, reply) = store
         .counters
@@ -572,7 +584,7 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         .expect("admit");
     assert!(refused.is_none(), "the month limit refuses");
     assert_eq!(
-        reply.counters.month_used.tokens, 600,
+        reply.counters.counts.month_used.tokens, 600,
         "a refusal charges nothing"
     );
     // Settled for less, the month gets the unused tokens back.
@@ -581,7 +593,7 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         .settle(&store.workspace, timezone, Store::now(), 1, Some(100))
         .await
         .expect("settle");
-    assert_eq!(reply.counters.month_used.tokens, 100);
+    assert_eq!(reply.counters.counts.month_used.tokens, 100);
     let (admitted, _) = store
         .counters
         .admit(&store.workspace, timezone, Store::now(), admit(3, 500))
@@ -606,7 +618,10 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         .reset(&store.workspace, timezone, Store::now(), ResetScope::Usage)
         .await
         .expect("reset");
-    assert_eq!(reset.counters.month_used, Usage::default());
-    assert_eq!(reset.counters.month_start, month_start, "the month stays");
+    assert_eq!(reset.counters.counts.month_used, Usage::default());
+    assert_eq!(
+        reset.counters.counts.month_start, month_start,
+        "the month stays"
+    );
     store.finish().await;
 }

@@ -316,7 +316,7 @@ fn saved() -> Saved {
             expires_at: Timestamp::from_millis(T0.millis() + 600_000),
             model: Some("gpt-4o".into()),
             probe: false,
-            shared_charge_us: None,
+            charged_elsewhere_us: None,
         }],
         rate_block_until: Some(Timestamp::from_millis(T0.millis() + 20_000)),
         billing_block: None,

@@ -1,0 +1,239 @@
+//! The counters' conformance: each rule runs against the engine with its
+//! counters in this process and with its counters in Redis, chosen as the
+//! assembly chooses them (`Engine::count_in`), and through the one path of
+//! each operation (`admit`, `settle`, `reset`). `tests/it/conformance.rs`
+//! runs the same kind of rules through the REST API and the proxy. Redis
+//! needs `QUOTAWATCH_TEST_REDIS_URL`; each check uses a key prefix of its
+//! own.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::workspace::{Refusal, RefusalCause, Request, ResetScope, Settings};
+use quotawatch::engine::{
+    Counters, Engine, OnStoreError, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults,
+};
+use quotawatch::redis::RedisCounters;
+
+use crate::conformance::conformance;
+use crate::support::redis::{clean, fresh_prefix, server_url};
+
+#[derive(Clone, Copy, Debug)]
+enum Backend {
+    /// In this process.
+    Local,
+    Redis,
+}
+
+/// An engine counting on one backend, with one workspace of `limits`.
+struct Setup {
+    engine: Arc<Engine>,
+    workspace: WorkspaceId,
+    redis: Option<(String, String)>,
+}
+
+impl Setup {
+    fn start(backend: Backend, test: &str, limits: &[(LimitKind, u64)]) -> Option<Self> {
+        let mut all = Limits::default();
+        for &(kind, max) in limits {
+            all.set(kind, Some(max));
+        }
+        let defaults = WorkspaceDefaults {
+            limits: all,
+            warn_at: 0.8,
+        };
+        let mut engine = Engine::new(Settings::default(), defaults, Arc::new(SystemClock));
+        let redis = match backend {
+            Backend::Local => None,
+            Backend::Redis => {
+                let url = server_url(test)?;
+                let prefix = fresh_prefix();
+                let client =
+                    RedisCounters::new(&url, &prefix, Duration::from_secs(2)).expect("Redis URL");
+                engine.count_in(Counters::redis(client, OnStoreError::Closed));
+                Some((url, prefix))
+            }
+        };
+        let workspace: WorkspaceId = "acme".parse().expect("id");
+        engine.upsert_workspace(WorkspaceConfig::new(workspace.clone(), all));
+        Some(Self {
+            engine: Arc::new(engine),
+            workspace,
+            redis,
+        })
+    }
+
+    async fn admit(&self, tokens: u64) -> Result<u64, Refusal> {
+        let request = Request {
+            estimated_tokens: tokens,
+            model: Some("gpt-4o-mini".into()),
+            settled_anywhere: true,
+        };
+        let decision = self
+            .engine
+            .admit(&self.workspace, request)
+            .await
+            .expect("known workspace");
+        decision.result.map(|admitted| admitted.id)
+    }
+
+    async fn settle(&self, reservation: Option<u64>, tokens: u64) -> bool {
+        let report = UsageReport {
+            reservation,
+            model: Some("gpt-4o-mini".into()),
+            tokens: Some(TokenUsage {
+                completion: tokens,
+                ..TokenUsage::default()
+            }),
+            answer: None,
+            latency_ms: None,
+        };
+        let reported = self
+            .engine
+            .settle(&self.workspace, report)
+            .await
+            .expect("known workspace");
+        !reported.missing_reservation
+    }
+
+    /// What `kind` counts now, as the status shows it.
+    async fn used(&self, kind: LimitKind) -> u64 {
+        self.engine.refresh(&self.workspace).await.expect("known");
+        let snapshot = self.engine.snapshot(&self.workspace).expect("known");
+        snapshot
+            .limits
+            .iter()
+            .find(|(limit, _)| *limit == kind)
+            .map(|(_, facts)| facts.used)
+            .expect("the limit is set")
+    }
+
+    async fn finish(self) {
+        if let Some((url, prefix)) = self.redis {
+            clean(&url, &prefix).await;
+        }
+    }
+}
+
+conformance!(an_admission_charges_every_limit_or_none);
+async fn an_admission_charges_every_limit_or_none(backend: Backend, test: &str) {
+    let limits = [
+        (LimitKind::new(Metric::Requests, Window::Minute), 10),
+        (LimitKind::new(Metric::Tokens, Window::Minute), 100),
+    ];
+    let Some(setup) = Setup::start(backend, test, &limits) else {
+        return;
+    };
+    setup.admit(60).await.expect("room for 60 tokens");
+    let refusal = setup.admit(60).await.expect_err("no room for 60 more");
+    assert_eq!(
+        refusal.cause,
+        RefusalCause::Limit(LimitKind::new(Metric::Tokens, Window::Minute))
+    );
+    assert!(refusal.retryable);
+    assert_eq!(
+        (
+            setup
+                .used(LimitKind::new(Metric::Requests, Window::Minute))
+                .await,
+            setup
+                .used(LimitKind::new(Metric::Tokens, Window::Minute))
+                .await
+        ),
+        (1, 60),
+        "the refused request charged nothing"
+    );
+    let too_large = setup.admit(101).await.expect_err("larger than the limit");
+    assert_eq!(
+        (too_large.cause, too_large.retryable),
+        (
+            RefusalCause::TooLarge(LimitKind::new(Metric::Tokens, Window::Minute)),
+            false
+        )
+    );
+    setup.finish().await;
+}
+
+conformance!(a_settlement_replaces_the_estimate_once);
+async fn a_settlement_replaces_the_estimate_once(backend: Backend, test: &str) {
+    let limits = [(LimitKind::new(Metric::Tokens, Window::Day), 1000)];
+    let Some(setup) = Setup::start(backend, test, &limits) else {
+        return;
+    };
+    let reservation = setup.admit(100).await.expect("admitted");
+    assert_eq!(
+        setup
+            .used(LimitKind::new(Metric::Tokens, Window::Day))
+            .await,
+        100
+    );
+    assert!(setup.settle(Some(reservation), 30).await, "settled");
+    assert_eq!(
+        setup
+            .used(LimitKind::new(Metric::Tokens, Window::Day))
+            .await,
+        30
+    );
+    assert!(
+        !setup.settle(Some(reservation), 500).await,
+        "a second settlement finds nothing"
+    );
+    assert_eq!(
+        setup
+            .used(LimitKind::new(Metric::Tokens, Window::Day))
+            .await,
+        30
+    );
+    setup.finish().await;
+}
+
+conformance!(a_call_without_reservation_counts_even_beyond_the_limits);
+async fn a_call_without_reservation_counts_even_beyond_the_limits(backend: Backend, test: &str) {
+    let limits = [(LimitKind::new(Metric::Requests, Window::Day), 1)];
+    let Some(setup) = Setup::start(backend, test, &limits) else {
+        return;
+    };
+    setup.admit(0).await.expect("the one request");
+    assert!(setup.settle(None, 5).await);
+    assert_eq!(
+        setup
+            .used(LimitKind::new(Metric::Requests, Window::Day))
+            .await,
+        2
+    );
+    let refusal = setup.admit(0).await.expect_err("the day is used up");
+    assert_eq!(
+        (refusal.cause, refusal.retryable),
+        (
+            RefusalCause::Limit(LimitKind::new(Metric::Requests, Window::Day)),
+            false
+        )
+    );
+    setup.finish().await;
+}
+
+conformance!(a_reset_clears_the_counts_and_admits_again);
+async fn a_reset_clears_the_counts_and_admits_again(backend: Backend, test: &str) {
+    let limits = [(LimitKind::new(Metric::Requests, Window::Minute), 2)];
+    let Some(setup) = Setup::start(backend, test, &limits) else {
+        return;
+    };
+    setup.admit(0).await.expect("first");
+    setup.admit(0).await.expect("second");
+    setup.admit(0).await.expect_err("the minute is used up");
+    let reset = setup
+        .engine
+        .reset(Some(&setup.workspace), ResetScope::Usage)
+        .await
+        .expect("reset");
+    assert_eq!(reset, vec![setup.workspace.clone()]);
+    assert_eq!(
+        setup
+            .used(LimitKind::new(Metric::Requests, Window::Minute))
+            .await,
+        0
+    );
+    setup.admit(0).await.expect("admitted after the reset");
+    setup.finish().await;
+}
