@@ -10,6 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::time::Period;
 use quotawatch::domain::workspace::{Refusal, RefusalCause, Request, ResetScope, Settings};
 use quotawatch::engine::{
     Counters, Engine, OnStoreError, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults,
@@ -17,6 +18,12 @@ use quotawatch::engine::{
 use quotawatch::redis::RedisCounters;
 
 use crate::conformance::conformance;
+
+const REQUESTS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Requests, Window::Minute);
+const REQUESTS_PER_DAY: LimitKind = LimitKind::new(Metric::Requests, Window::Day);
+const TOKENS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Tokens, Window::Minute);
+const TOKENS_PER_DAY: LimitKind = LimitKind::new(Metric::Tokens, Window::Day);
+const TOKENS_PER_MONTH: LimitKind = LimitKind::new(Metric::Tokens, Window::Month);
 use crate::support::redis::{clean, fresh_prefix, server_url};
 
 #[derive(Clone, Copy, Debug)]
@@ -118,28 +125,18 @@ impl Setup {
 
 conformance!(an_admission_charges_every_limit_or_none);
 async fn an_admission_charges_every_limit_or_none(backend: Backend, test: &str) {
-    let limits = [
-        (LimitKind::new(Metric::Requests, Window::Minute), 10),
-        (LimitKind::new(Metric::Tokens, Window::Minute), 100),
-    ];
+    let limits = [(REQUESTS_PER_MINUTE, 10), (TOKENS_PER_MINUTE, 100)];
     let Some(setup) = Setup::start(backend, test, &limits) else {
         return;
     };
     setup.admit(60).await.expect("room for 60 tokens");
     let refusal = setup.admit(60).await.expect_err("no room for 60 more");
-    assert_eq!(
-        refusal.cause,
-        RefusalCause::Limit(LimitKind::new(Metric::Tokens, Window::Minute))
-    );
+    assert_eq!(refusal.cause, RefusalCause::Limit(TOKENS_PER_MINUTE));
     assert!(refusal.retryable);
     assert_eq!(
         (
-            setup
-                .used(LimitKind::new(Metric::Requests, Window::Minute))
-                .await,
-            setup
-                .used(LimitKind::new(Metric::Tokens, Window::Minute))
-                .await
+            setup.used(REQUESTS_PER_MINUTE).await,
+            setup.used(TOKENS_PER_MINUTE).await
         ),
         (1, 60),
         "the refused request charged nothing"
@@ -147,75 +144,49 @@ async fn an_admission_charges_every_limit_or_none(backend: Backend, test: &str) 
     let too_large = setup.admit(101).await.expect_err("larger than the limit");
     assert_eq!(
         (too_large.cause, too_large.retryable),
-        (
-            RefusalCause::TooLarge(LimitKind::new(Metric::Tokens, Window::Minute)),
-            false
-        )
+        (RefusalCause::TooLarge(TOKENS_PER_MINUTE), false)
     );
     setup.finish().await;
 }
 
 conformance!(a_settlement_replaces_the_estimate_once);
 async fn a_settlement_replaces_the_estimate_once(backend: Backend, test: &str) {
-    let limits = [(LimitKind::new(Metric::Tokens, Window::Day), 1000)];
+    let limits = [(TOKENS_PER_DAY, 1000)];
     let Some(setup) = Setup::start(backend, test, &limits) else {
         return;
     };
     let reservation = setup.admit(100).await.expect("admitted");
-    assert_eq!(
-        setup
-            .used(LimitKind::new(Metric::Tokens, Window::Day))
-            .await,
-        100
-    );
+    assert_eq!(setup.used(TOKENS_PER_DAY).await, 100);
     assert!(setup.settle(Some(reservation), 30).await, "settled");
-    assert_eq!(
-        setup
-            .used(LimitKind::new(Metric::Tokens, Window::Day))
-            .await,
-        30
-    );
+    assert_eq!(setup.used(TOKENS_PER_DAY).await, 30);
     assert!(
         !setup.settle(Some(reservation), 500).await,
         "a second settlement finds nothing"
     );
-    assert_eq!(
-        setup
-            .used(LimitKind::new(Metric::Tokens, Window::Day))
-            .await,
-        30
-    );
+    assert_eq!(setup.used(TOKENS_PER_DAY).await, 30);
     setup.finish().await;
 }
 
 conformance!(a_call_without_reservation_counts_even_beyond_the_limits);
 async fn a_call_without_reservation_counts_even_beyond_the_limits(backend: Backend, test: &str) {
-    let limits = [(LimitKind::new(Metric::Requests, Window::Day), 1)];
+    let limits = [(REQUESTS_PER_DAY, 1)];
     let Some(setup) = Setup::start(backend, test, &limits) else {
         return;
     };
     setup.admit(0).await.expect("the one request");
     assert!(setup.settle(None, 5).await);
-    assert_eq!(
-        setup
-            .used(LimitKind::new(Metric::Requests, Window::Day))
-            .await,
-        2
-    );
+    assert_eq!(setup.used(REQUESTS_PER_DAY).await, 2);
     let refusal = setup.admit(0).await.expect_err("the day is used up");
     assert_eq!(
         (refusal.cause, refusal.retryable),
-        (
-            RefusalCause::Limit(LimitKind::new(Metric::Requests, Window::Day)),
-            false
-        )
+        (RefusalCause::Limit(REQUESTS_PER_DAY), false)
     );
     setup.finish().await;
 }
 
 conformance!(a_reset_clears_the_counts_and_admits_again);
 async fn a_reset_clears_the_counts_and_admits_again(backend: Backend, test: &str) {
-    let limits = [(LimitKind::new(Metric::Requests, Window::Minute), 2)];
+    let limits = [(REQUESTS_PER_MINUTE, 2)];
     let Some(setup) = Setup::start(backend, test, &limits) else {
         return;
     };
@@ -228,12 +199,46 @@ async fn a_reset_clears_the_counts_and_admits_again(backend: Backend, test: &str
         .await
         .expect("reset");
     assert_eq!(reset, vec![setup.workspace.clone()]);
-    assert_eq!(
-        setup
-            .used(LimitKind::new(Metric::Requests, Window::Minute))
-            .await,
-        0
-    );
+    assert_eq!(setup.used(REQUESTS_PER_MINUTE).await, 0);
     setup.admit(0).await.expect("admitted after the reset");
+    setup.finish().await;
+}
+
+conformance!(a_month_limit_refuses_until_the_month_ends_and_settles_in_it);
+async fn a_month_limit_refuses_until_the_month_ends_and_settles_in_it(
+    backend: Backend,
+    test: &str,
+) {
+    let limits = [(TOKENS_PER_MONTH, 100), (TOKENS_PER_DAY, 1000)];
+    let Some(setup) = Setup::start(backend, test, &limits) else {
+        return;
+    };
+    let reservation = setup.admit(60).await.expect("room for 60 tokens");
+    let refusal = setup.admit(60).await.expect_err("no room for 60 more");
+    let (_, month_end) = Period::Month.bounds(setup.engine.now(), chrono_tz::UTC);
+    assert_eq!(
+        (refusal.cause, refusal.retryable, refusal.retry_at),
+        (
+            RefusalCause::Limit(TOKENS_PER_MONTH),
+            false,
+            Some(month_end)
+        )
+    );
+    assert!(setup.settle(Some(reservation), 10).await, "settled");
+    assert_eq!(setup.used(TOKENS_PER_MONTH).await, 10);
+    setup.admit(60).await.expect("room again");
+    assert_eq!(
+        (
+            setup.used(TOKENS_PER_MONTH).await,
+            setup.used(TOKENS_PER_DAY).await
+        ),
+        (70, 70)
+    );
+    setup
+        .engine
+        .reset(Some(&setup.workspace), ResetScope::Usage)
+        .await
+        .expect("reset");
+    assert_eq!(setup.used(TOKENS_PER_MONTH).await, 0);
     setup.finish().await;
 }
