@@ -75,7 +75,8 @@ impl From<LimitFacts> for LimitDoc {
 
 /// The shapes with one field per limit kind, each field named after its
 /// kind. The fields are listed once, in [`LimitKind::ALL`]'s order, so that
-/// the conversions below go by position.
+/// the conversions below go by position (an array of `LimitKind::COUNT`
+/// destructured into them: a kind without its field does not compile).
 macro_rules! limit_shapes {
     ($($field:ident),* $(,)?) => {
         /// One entry per configured limit; unlimited kinds are left out.
@@ -88,9 +89,14 @@ macro_rules! limit_shapes {
         }
 
         impl LimitsDoc {
-            fn slot(&mut self, kind: LimitKind) -> &mut Option<LimitDoc> {
-                let slots = [$(&mut self.$field),*];
-                slots.into_iter().nth(kind.index()).expect("a field per kind")
+            /// The document of the limits `facts` names; the others stay out.
+            fn of<'a>(facts: impl IntoIterator<Item = &'a (LimitKind, LimitFacts)>) -> Self {
+                let mut docs: [Option<LimitDoc>; LimitKind::COUNT] = Default::default();
+                for (kind, facts) in facts {
+                    docs[kind.index()] = Some(LimitDoc::from(*facts));
+                }
+                let [$($field),*] = docs;
+                Self { $($field),* }
             }
         }
 
@@ -256,10 +262,7 @@ impl From<crate::domain::window::Usage> for CountsDoc {
 
 impl From<&Snapshot> for StatusDoc {
     fn from(snapshot: &Snapshot) -> Self {
-        let mut limits = LimitsDoc::default();
-        for (kind, facts) in &snapshot.limits {
-            *limits.slot(*kind) = Some(LimitDoc::from(*facts));
-        }
+        let limits = LimitsDoc::of(&snapshot.limits);
         let errors = snapshot.errors;
         Self {
             workspace: snapshot.config.id.to_string(),
@@ -799,14 +802,20 @@ mod tests {
             limits.set(kind, Some(kind.index() as u64 + 1));
         }
         let settings = serde_json::to_value(LimitSettingsDoc::from(limits)).expect("json");
-        let mut status = LimitsDoc::default();
-        for kind in LimitKind::ALL {
-            *status.slot(kind) = Some(LimitDoc::from(LimitFacts {
-                max: kind.index() as u64 + 1,
-                ..LimitFacts::default()
-            }));
-        }
-        let status = serde_json::to_value(status).expect("json");
+        let facts: Vec<(LimitKind, LimitFacts)> = LimitKind::ALL
+            .into_iter()
+            .map(|kind| {
+                let max = kind.index() as u64 + 1;
+                (
+                    kind,
+                    LimitFacts {
+                        max,
+                        ..LimitFacts::default()
+                    },
+                )
+            })
+            .collect();
+        let status = serde_json::to_value(LimitsDoc::of(&facts)).expect("json");
         let input: LimitsInput = serde_json::from_value(settings.clone()).expect("input");
         let input = input.to_per_limit();
         for kind in LimitKind::ALL {

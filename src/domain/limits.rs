@@ -1,6 +1,7 @@
 //! What a workspace is allowed: its identity, its optional limits (a metric
-//! over a window each) and the fraction at which it starts warning. Validation lives here so that every
-//! entry point (REST, CLI, TOML) rejects the same things with the same words.
+//! over a window each) and the fraction at which it starts warning.
+//! Validation lives here so that every entry point (REST, CLI, TOML) rejects
+//! the same things with the same words.
 
 use std::fmt;
 use std::str::FromStr;
@@ -8,6 +9,7 @@ use std::sync::LazyLock;
 
 use chrono_tz::Tz;
 
+// A window's calendar period, named here beside the windows it serves.
 pub use super::time::Period;
 
 /// What a limit counts.

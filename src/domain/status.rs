@@ -73,7 +73,7 @@ const CALENDAR_LIMITS: usize = LimitKind::COUNT - Metric::ALL.len();
 
 impl Cause {
     /// Every cause, in the order reasons are listed within one level: used-up
-    /// calendar limits (day by day, then month by month, metric by metric),
+    /// calendar limits (the day's, then the month's, metric by metric),
     /// the upstream's quota, used-up minute limits, the upstream's rate
     /// limit, every limit approaching, then the upstream's key and errors.
     const ALL: [Cause; CAUSES] = {

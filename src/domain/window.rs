@@ -8,7 +8,6 @@ use std::ops::{Add, AddAssign};
 use chrono_tz::Tz;
 
 use super::limits::Metric;
-
 use super::time::{Period, Timestamp};
 
 /// A count that can be summed into buckets and taken out again when a bucket
