@@ -17,6 +17,7 @@ mod instances;
 mod keys;
 mod nextjs;
 mod packages;
+mod prices;
 mod proxy;
 mod python_client;
 mod redis_script;
