@@ -10,6 +10,7 @@ mod conformance;
 mod cors;
 mod counters;
 mod dashboard;
+mod deploy;
 mod durability;
 mod held;
 mod hostile;
