@@ -5,10 +5,12 @@
 
 use std::collections::BTreeSet;
 use std::path::PathBuf;
+use std::time::Duration;
 
+use quotawatch::mock::MockOptions;
 use serde_json::json;
 
-use crate::support::{TestServer, output_of, test_tool};
+use crate::support::{Upstream, eventually, output_of, proxied, test_tool};
 
 fn deployed(path: &str) -> (PathBuf, String) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -59,13 +61,35 @@ fn exported(exposition: &str) -> BTreeSet<String> {
 
 #[tokio::test]
 async fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
-    let server = TestServer::start(&[]).await;
-    server.workspace(json!({"id": "acme"})).await;
-    let exports = exported(&server.metrics().await);
-    assert!(
-        exports.contains("quotawatch_requests_total"),
-        "the exposition declares its families: {exports:?}"
-    );
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let (server, key) = proxied(
+        &upstream,
+        &[("QUOTAWATCH_METRICS_MODELS", "gpt-4o-mini")],
+        json!({"id": "acme", "limits": {"requests_per_minute": 2}}),
+    )
+    .await;
+    // A family appears in the exposition once it has a sample: a success,
+    // an upstream error and a refusal give every one of them one.
+    let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
+    for path in [
+        "/chat/completions",
+        "/chat/completions?mock_scenario=server_error",
+        "/chat/completions",
+    ] {
+        server
+            .openai(path, &key, chat.clone())
+            .await
+            .text()
+            .await
+            .expect("body");
+    }
+    let exposition = eventually("every family", Duration::from_secs(5), || async {
+        let text = server.metrics().await;
+        (text.contains("quotawatch_refusals_total") && text.contains("quotawatch_tokens_total"))
+            .then_some(text)
+    })
+    .await;
+    let exports = exported(&exposition);
     for file in [
         "prometheus/alerts.yml",
         "prometheus/alerts_test.yml",
