@@ -17,6 +17,7 @@ use crate::config::Config;
 use crate::engine::flush::{self, FlushHandle};
 use crate::engine::{Counters, Engine, SystemClock};
 use crate::keys::{KeyHash, PlainKey};
+use crate::prices::PriceBook;
 use crate::redis::{RedisCounters, SharedError};
 use crate::store::{Store, StoreError};
 use crate::tokens::TokenSecret;
@@ -40,6 +41,8 @@ pub enum StartError {
     Redis(#[from] SharedError),
     #[error("cannot serve: {0}")]
     Io(#[from] std::io::Error),
+    #[error("{0}")]
+    Prices(#[from] crate::prices::PriceFileError),
 }
 
 /// Keys created during start-up. They exist only here, to be shown once.
@@ -135,6 +138,9 @@ pub async fn start(
     listener: TcpListener,
     env: crate::keys::EnvLookup,
 ) -> Result<(Running, Bootstrap), StartError> {
+    // A price file that cannot be used stops the start before anything
+    // else is opened.
+    let prices = Arc::new(PriceBook::open(config.prices_file.clone())?);
     let store = Store::open(&config.database_url).await?;
     let (admin_hash, generated_admin_key) = admin_key(&config, &store).await?;
     let offline_admin =
@@ -178,6 +184,7 @@ pub async fn start(
     let proxy = crate::proxy::Proxy::new(&config.upstream, env.clone())
         .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
     let metrics = Arc::new(crate::metrics::Metrics::new(&config.metrics_models));
+    let price_reloader = tokio::spawn(reload_prices_on_hangup(prices.clone()));
     let proxy_state = crate::proxy::ProxyState::new(crate::proxy::ProxyParts {
         engine: engine.clone(),
         metrics: metrics.clone(),
@@ -197,6 +204,7 @@ pub async fn start(
         cors_origins: config.cors_origins.clone(),
         ws_ping_interval: config.ws_ping_interval,
         openapi_json: api::openapi_json(),
+        prices,
     });
     let router = crate::edge::serve(
         api::router(state),
@@ -222,7 +230,14 @@ pub async fn start(
             addr,
             stop_serving,
             server,
-            background: vec![flush_task, hub_task, ticker, follower, catalog_follower],
+            background: vec![
+                flush_task,
+                hub_task,
+                ticker,
+                follower,
+                catalog_follower,
+                price_reloader,
+            ],
             hub: hub_handle,
             flush,
             store,
@@ -246,6 +261,33 @@ pub fn process_env() -> crate::keys::EnvLookup {
             .ok()
             .or_else(|| dotenv.get(name).cloned())
     })
+}
+
+/// Reads the operator's price file again on every SIGHUP, as daemons
+/// re-read their configuration.
+async fn reload_prices_on_hangup(prices: Arc<PriceBook>) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        let Ok(mut hangups) = signal(SignalKind::hangup()) else {
+            tracing::warn!(
+                "cannot listen for SIGHUP; prices reload only on POST /api/prices/reload"
+            );
+            return;
+        };
+        while hangups.recv().await.is_some() {
+            match prices.reload() {
+                Ok(table) => {
+                    tracing::info!(models = table.len(), taken = %table.taken, "prices read again")
+                }
+                Err(error) => {
+                    tracing::error!(%error, "prices not read again; the ones in force stay")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(prices);
 }
 
 async fn tick(engine: Arc<Engine>) {

@@ -128,6 +128,8 @@ settings! {
         "models that get their own metrics label; others are counted as other");
     METRICS_PUBLIC: bool = ("metrics_public", "QUOTAWATCH_METRICS_PUBLIC", Some("false"), false, parse_bool,
         "serve /metrics without the admin key");
+    PRICES_FILE: PathBuf = ("prices_file", "QUOTAWATCH_PRICES_FILE", None, false, |text| Ok(PathBuf::from(text)),
+        "a price file (the model_prices_and_context_window.json format) laid over the built-in prices; read again on SIGHUP and POST /api/prices/reload");
     REDIS_URL: String = ("redis_url", "QUOTAWATCH_REDIS_URL", None, false, parse_redis_url,
         "redis://HOST:PORT/DB: share counters, blocks and live events with other instances (unset: this instance counts alone)");
     REDIS_PREFIX: String = ("redis_prefix", "QUOTAWATCH_REDIS_PREFIX", Some("quotawatch:"), false, |text| Ok(text.to_owned()),
@@ -222,6 +224,8 @@ pub struct Config {
     /// Models that get their own metrics label.
     pub metrics_models: Vec<String>,
     pub metrics_public: bool,
+    /// The operator's prices, laid over the built-in ones.
+    pub prices_file: Option<PathBuf>,
     /// Counters shared with other instances, when configured.
     pub redis: Option<RedisConfig>,
     /// Workspaces declared in the TOML file, applied at start-up.
@@ -499,6 +503,7 @@ fn build(
         },
         metrics_models: values.read(&METRICS_MODELS)?,
         metrics_public: values.read(&METRICS_PUBLIC)?,
+        prices_file: values.read_optional(&PRICES_FILE)?,
         redis,
         workspaces,
         workspaces_file: match &declared_in {

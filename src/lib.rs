@@ -15,6 +15,7 @@ pub mod keys;
 pub mod metrics;
 pub mod mock;
 pub mod openai;
+pub mod prices;
 pub mod proxy;
 pub mod redis;
 pub mod store;

@@ -9,6 +9,7 @@ use utoipa::ToSchema;
 use crate::admin::Change;
 use crate::domain::limits::{LimitKind, Limits, PerLimit, Window, WorkspaceConfig};
 use crate::domain::notification::Notification;
+use crate::domain::price::{PicoUsd, PriceTable, Rates};
 use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
@@ -790,6 +791,77 @@ pub enum SubscribeTarget {
     All(String),
     Some(Vec<String>),
 }
+
+/// The prices in force (`GET /api/prices`).
+#[derive(Serialize, ToSchema)]
+pub struct PricesDoc {
+    /// When the built-in prices were taken, and which file lies over them.
+    pub taken: String,
+    /// Every priced model, by the name a request's model resolves to: the
+    /// exact name, else a dated snapshot's base name, else a fine-tuned
+    /// model's base.
+    pub models: BTreeMap<String, ModelPriceDoc>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct ModelPriceDoc {
+    /// What the model is for: `chat`, `responses`, `embedding`, ...
+    pub mode: String,
+    /// The standard tier's prices.
+    pub standard: RatesDoc,
+    /// Prices the table gives apart: `flex`, `priority`, and with
+    /// `_long_prompt` those of prompts over 272,000 tokens.
+    pub other: BTreeMap<String, RatesDoc>,
+}
+
+/// Prices in USD per million tokens.
+#[derive(Serialize, ToSchema)]
+pub struct RatesDoc {
+    /// Prompt tokens not served from the prompt cache.
+    pub input: f64,
+    /// Prompt tokens served from the prompt cache.
+    pub cached_input: f64,
+    /// Completion tokens, reasoning tokens included.
+    pub output: f64,
+}
+
+/// What `POST /api/prices/reload` read.
+#[derive(Serialize, ToSchema)]
+pub struct ReloadedDoc {
+    pub models: usize,
+    pub taken: String,
+}
+
+impl From<&PriceTable> for PricesDoc {
+    fn from(table: &PriceTable) -> Self {
+        let per_million = |pico: PicoUsd| pico as f64 / 1_000_000.0;
+        let rates = |rates: Rates| RatesDoc {
+            input: per_million(rates.input),
+            cached_input: per_million(rates.cached_input),
+            output: per_million(rates.output),
+        };
+        let models = table
+            .models()
+            .map(|(name, price)| {
+                let other = price
+                    .special()
+                    .map(|((tier, long), special)| {
+                        let suffix = if long { "_long_prompt" } else { "" };
+                        (format!("{}{suffix}", tier.name()), rates(special))
+                    })
+                    .collect();
+                let doc = ModelPriceDoc {
+                    mode: price.mode.clone(),
+                    standard: rates(price.standard()),
+                    other,
+                };
+                (name.to_owned(), doc)
+            })
+            .collect();
+        Self {
+            taken: table.taken.clone(),
+            models,
+        }
 
 #[cfg(test)]
 mod tests {

@@ -9,6 +9,7 @@
 mod assets;
 pub mod dto;
 pub mod keys;
+pub mod prices;
 pub mod quota;
 pub mod workspaces;
 pub mod ws;
@@ -50,6 +51,8 @@ pub struct AppParts {
     pub cors_origins: Vec<String>,
     pub ws_ping_interval: Duration,
     pub openapi_json: String,
+    /// The prices in force.
+    pub prices: Arc<crate::prices::PriceBook>,
 }
 
 impl std::ops::Deref for AppState {
@@ -83,6 +86,7 @@ impl axum::extract::FromRef<AppState> for Arc<Engine> {
         (name = "quota", description = "Status, checks, usage reports and live updates"),
         (name = "workspaces", description = "Admin: workspaces"),
         (name = "keys", description = "Workspace keys and service keys (admin), and browser tokens (service key or admin)"),
+        (name = "prices", description = "Model prices (any key) and reading the price file again (admin)"),
         (name = "health", description = "Liveness and readiness"),
     )
 )]
@@ -127,6 +131,8 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(keys::create_service_key, keys::list_service_keys))
         .routes(routes!(keys::revoke_service_key))
         .routes(routes!(keys::mint_token))
+        .routes(routes!(prices::list))
+        .routes(routes!(prices::reload))
         .routes(routes!(openapi))
         .routes(routes!(healthz))
         .routes(routes!(readyz))

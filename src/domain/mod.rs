@@ -9,6 +9,7 @@
 pub mod limits;
 pub mod model;
 pub mod notification;
+pub mod price;
 pub mod status;
 pub mod time;
 pub mod upstream;

@@ -14,6 +14,7 @@ use utoipa::ToSchema;
 use crate::admin::AdminError;
 use crate::engine::EngineError;
 use crate::history::HistoryError;
+use crate::prices::PriceFileError;
 
 /// An error answer: status, OpenAI-shaped body fields and extra headers.
 /// Boxed, so that the `Result`s carrying it stay small.
@@ -201,6 +202,17 @@ impl From<AdminError> for ApiError {
                 .with_header("retry-after", "1")
             }
         }
+    }
+}
+
+impl From<PriceFileError> for ApiError {
+    fn from(error: PriceFileError) -> Self {
+        ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "invalid_request_error",
+            "invalid_price_file",
+            error.to_string(),
+        )
     }
 }
 

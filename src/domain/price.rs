@@ -1,0 +1,384 @@
+//! What a call costs: a table of model prices, how the model name a client
+//! sends finds its price, and the exact cost of a call's usage.
+//!
+//! Money is counted in whole pico-dollars (10^-12 USD). Every per-token
+//! price OpenAI publishes is a whole number of them (a few are half a
+//! nano-dollar, such as $0.0625 per million cached tokens), so a cost is an
+//! exact product and sums never drift.
+
+use std::collections::BTreeMap;
+
+/// An amount of money in pico-dollars (10^-12 USD).
+pub type PicoUsd = u64;
+
+/// Pico-dollars in one US dollar.
+pub const PICO_PER_USD: u64 = 1_000_000_000_000;
+
+/// The prompt length above which some models charge their long-prompt
+/// rates (`*_above_272k_tokens` in the table).
+pub const LONG_PROMPT_TOKENS: u64 = 272_000;
+
+/// The processing tier a request asks for (`service_tier`), which some
+/// models price apart.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum Tier {
+    #[default]
+    Standard,
+    Flex,
+    Priority,
+}
+
+impl Tier {
+    pub const ALL: [Tier; 3] = [Tier::Standard, Tier::Flex, Tier::Priority];
+
+    /// The tier a `service_tier` value names; `auto`, `default` and
+    /// anything unknown are billed at the standard rates.
+    pub fn from_service_tier(name: &str) -> Self {
+        match name {
+            "flex" => Tier::Flex,
+            "priority" => Tier::Priority,
+            _ => Tier::Standard,
+        }
+    }
+
+    pub const fn name(self) -> &'static str {
+        match self {
+            Tier::Standard => "standard",
+            Tier::Flex => "flex",
+            Tier::Priority => "priority",
+        }
+    }
+}
+
+/// What one token costs, by kind.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Rates {
+    /// A prompt (input) token not served from the prompt cache.
+    pub input: PicoUsd,
+    /// A prompt token served from the prompt cache.
+    pub cached_input: PicoUsd,
+    /// A completion (output) token, reasoning tokens included.
+    pub output: PicoUsd,
+}
+
+/// What a model's tokens cost, per tier, for ordinary and for long prompts.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Price {
+    /// What the model is for (`chat`, `responses`, `embedding`, ...).
+    pub mode: String,
+    standard: Rates,
+    /// Other tiers and long prompts, where the table prices them apart.
+    special: BTreeMap<(Tier, bool), Rates>,
+}
+
+impl Price {
+    /// A model's price at its standard rates.
+    pub fn new(mode: impl Into<String>, standard: Rates) -> Self {
+        Self {
+            mode: mode.into(),
+            standard,
+            special: BTreeMap::new(),
+        }
+    }
+
+    /// Prices `tier` apart, for ordinary prompts or, with `long`, for
+    /// prompts over [`LONG_PROMPT_TOKENS`].
+    pub fn with(mut self, tier: Tier, long: bool, rates: Rates) -> Self {
+        if (tier, long) == (Tier::Standard, false) {
+            self.standard = rates;
+        } else {
+            self.special.insert((tier, long), rates);
+        }
+        self
+    }
+
+    /// The rates a request of `tier` with a prompt of `prompt_tokens` pays:
+    /// the tier's own rates where the table has them, else the standard
+    /// ones; the long-prompt rates of either when the prompt is long.
+    pub fn rates(&self, tier: Tier, prompt_tokens: u64) -> Rates {
+        let long = prompt_tokens > LONG_PROMPT_TOKENS;
+        let tiers = [tier, Tier::Standard];
+        let lengths = if long { vec![true, false] } else { vec![false] };
+        lengths
+            .iter()
+            .flat_map(|long| tiers.iter().map(move |tier| (*tier, *long)))
+            .find_map(|key| match key {
+                (Tier::Standard, false) => Some(self.standard),
+                key => self.special.get(&key).copied(),
+            })
+            .unwrap_or(self.standard)
+    }
+
+    /// The standard tier's rates for ordinary prompts.
+    pub fn standard(&self) -> Rates {
+        self.standard
+    }
+
+    /// The rates the table gives apart from the standard ones.
+    pub fn special(&self) -> impl Iterator<Item = ((Tier, bool), Rates)> + '_ {
+        self.special.iter().map(|(key, rates)| (*key, *rates))
+    }
+
+    /// The exact cost of a call that used `tokens` at `tier`: uncached
+    /// prompt tokens at the input rate, cached ones at the cached rate,
+    /// completion tokens (reasoning included) at the output rate.
+    pub fn cost(&self, tokens: TokenCounts, tier: Tier) -> PicoUsd {
+        let rates = self.rates(tier, tokens.prompt);
+        let cached = tokens.cached.min(tokens.prompt);
+        let uncached = tokens.prompt - cached;
+        uncached
+            .saturating_mul(rates.input)
+            .saturating_add(cached.saturating_mul(rates.cached_input))
+            .saturating_add(tokens.completion.saturating_mul(rates.output))
+    }
+}
+
+/// The tokens a call was billed for.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TokenCounts {
+    /// Prompt (input) tokens, cached ones included.
+    pub prompt: u64,
+    /// Of the prompt tokens, those served from the prompt cache.
+    pub cached: u64,
+    /// Completion (output) tokens, reasoning tokens included.
+    pub completion: u64,
+}
+
+/// Model prices, as of the day they were taken.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PriceTable {
+    /// When the prices were taken (`YYYY-MM-DD`), or where from.
+    pub taken: String,
+    models: BTreeMap<String, Price>,
+}
+
+impl PriceTable {
+    pub fn new(taken: impl Into<String>, models: BTreeMap<String, Price>) -> Self {
+        Self {
+            taken: taken.into(),
+            models,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.models.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.models.is_empty()
+    }
+
+    pub fn models(&self) -> impl Iterator<Item = (&str, &Price)> {
+        self.models
+            .iter()
+            .map(|(name, price)| (name.as_str(), price))
+    }
+
+    /// The price of `model` as a client names it, with the name it was
+    /// found under: the exact name; else a dated snapshot as its base name
+    /// (`gpt-4o-mini-2024-07-18`, `gpt-4-0613`); else a fine-tuned model
+    /// (`ft:gpt-4o-mini-2024-07-18:org::id`) at its base model's fine-tuned
+    /// price, then at its base model's price.
+    pub fn resolve(&self, model: &str) -> Option<(&str, &Price)> {
+        let candidates = match model.strip_prefix("ft:") {
+            Some(rest) => {
+                let base = rest.split(':').next().unwrap_or_default();
+                vec![
+                    model.to_owned(),
+                    format!("ft:{base}"),
+                    format!("ft:{}", undated(base)),
+                    base.to_owned(),
+                    undated(base).to_owned(),
+                ]
+            }
+            None => vec![model.to_owned(), undated(model).to_owned()],
+        };
+        candidates.iter().find_map(|name| {
+            self.models
+                .get_key_value(name.as_str())
+                .map(|(name, price)| (name.as_str(), price))
+        })
+    }
+}
+
+/// A model name without the date of its snapshot: `-YYYY-MM-DD` or `-MMDD`
+/// at its end.
+fn undated(model: &str) -> &str {
+    let digits = |text: &str| !text.is_empty() && text.bytes().all(|b| b.is_ascii_digit());
+    let bytes = model.as_bytes();
+    if bytes.len() > 11 && bytes[bytes.len() - 11] == b'-' {
+        let date = &model[model.len() - 10..];
+        let parts: Vec<&str> = date.split('-').collect();
+        if let [year, month, day] = parts[..]
+            && year.len() == 4
+            && month.len() == 2
+            && day.len() == 2
+            && [year, month, day].into_iter().all(digits)
+        {
+            return &model[..model.len() - 11];
+        }
+    }
+    if bytes.len() > 5 && bytes[bytes.len() - 5] == b'-' && digits(&model[model.len() - 4..]) {
+        return &model[..model.len() - 5];
+    }
+    model
+}
+
+/// Dollars for people: `$0.000123` for what is under a cent, `$12.34`
+/// otherwise (cut, never rounded up).
+pub fn format_usd(amount: PicoUsd) -> String {
+    let dollars = amount / PICO_PER_USD;
+    let rest = amount % PICO_PER_USD;
+    if dollars == 0 && rest < PICO_PER_USD / 100 {
+        let micro = rest / 1_000_000;
+        format!("${dollars}.{micro:06}")
+    } else {
+        format!("${dollars}.{:02}", rest / (PICO_PER_USD / 100))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Dollars per million tokens, in pico-dollars per token.
+    fn per_million(dollars: f64) -> PicoUsd {
+        (dollars * 1_000_000.0).round() as PicoUsd
+    }
+
+    fn rates(input: f64, cached: f64, output: f64) -> Rates {
+        Rates {
+            input: per_million(input),
+            cached_input: per_million(cached),
+            output: per_million(output),
+        }
+    }
+
+    fn table() -> PriceTable {
+        let mut models = BTreeMap::new();
+        models.insert(
+            "gpt-4o-mini".to_owned(),
+            Price::new("chat", rates(0.15, 0.075, 0.6)).with(
+                Tier::Priority,
+                false,
+                rates(0.25, 0.125, 1.0),
+            ),
+        );
+        models.insert(
+            "gpt-4o-mini-2024-07-18".to_owned(),
+            Price::new("chat", rates(0.15, 0.075, 0.6)),
+        );
+        models.insert(
+            "ft:gpt-4o-mini-2024-07-18".to_owned(),
+            Price::new("chat", rates(0.3, 0.15, 1.2)),
+        );
+        models.insert(
+            "gpt-4-0613".to_owned(),
+            Price::new("chat", rates(30.0, 30.0, 60.0)),
+        );
+        models.insert(
+            "gpt-5.4".to_owned(),
+            Price::new("chat", rates(2.5, 0.25, 15.0))
+                .with(Tier::Flex, false, rates(1.25, 0.13, 7.5))
+                .with(Tier::Standard, true, rates(5.0, 0.5, 22.5)),
+        );
+        PriceTable::new("2026-12-02", models)
+    }
+
+    #[test]
+    fn a_model_resolves_by_name_then_snapshot_then_fine_tuned_base() {
+        let table = table();
+        let found = |model| table.resolve(model).map(|(name, _)| name);
+        assert_eq!(found("gpt-4o-mini"), Some("gpt-4o-mini"));
+        assert_eq!(
+            found("gpt-4o-mini-2024-07-18"),
+            Some("gpt-4o-mini-2024-07-18")
+        );
+        assert_eq!(
+            found("gpt-4o-mini-2025-01-01"),
+            Some("gpt-4o-mini"),
+            "a new snapshot"
+        );
+        assert_eq!(found("gpt-4-0613"), Some("gpt-4-0613"));
+        assert_eq!(
+            found("ft:gpt-4o-mini-2024-07-18:acme::9xYz"),
+            Some("ft:gpt-4o-mini-2024-07-18"),
+            "fine-tuned models have prices of their own"
+        );
+        assert_eq!(
+            found("ft:gpt-5.4:acme::9xYz"),
+            Some("gpt-5.4"),
+            "else their base model's"
+        );
+        assert_eq!(found("gpt-4o-mini-tts"), None);
+        assert_eq!(found("nonsense-1234"), None);
+        assert_eq!(undated("o1-2024-12-17"), "o1");
+        assert_eq!(undated("gpt-3.5-turbo-0125"), "gpt-3.5-turbo");
+        assert_eq!(undated("gpt-4o"), "gpt-4o");
+        assert_eq!(undated("gpt-4o-2024-1-01"), "gpt-4o-2024-1-01");
+    }
+
+    #[test]
+    fn cost_is_exact_by_kind_of_token() {
+        let table = table();
+        let (_, mini) = table.resolve("gpt-4o-mini").expect("priced");
+        // 1,000 prompt tokens of which 400 cached, 500 completion tokens:
+        // 600 × $0.15/M + 400 × $0.075/M + 500 × $0.60/M = $0.00042.
+        let tokens = TokenCounts {
+            prompt: 1000,
+            cached: 400,
+            completion: 500,
+        };
+        assert_eq!(mini.cost(tokens, Tier::Standard), 420_000_000);
+        // Priority: 600 × 0.25 + 400 × 0.125 + 500 × 1.0 = $0.0007.
+        assert_eq!(mini.cost(tokens, Tier::Priority), 700_000_000);
+        // Flex is not priced apart for this model: the standard rates.
+        assert_eq!(mini.cost(tokens, Tier::Flex), 420_000_000);
+        // Cached tokens never exceed the prompt they are part of.
+        let odd = TokenCounts {
+            prompt: 10,
+            cached: 50,
+            completion: 0,
+        };
+        assert_eq!(mini.cost(odd, Tier::Standard), 10 * per_million(0.075));
+    }
+
+    #[test]
+    fn a_long_prompt_pays_the_long_rates_of_its_tier_or_the_standard_tier() {
+        let table = table();
+        let (_, model) = table.resolve("gpt-5.4").expect("priced");
+        let long = TokenCounts {
+            prompt: LONG_PROMPT_TOKENS + 1,
+            cached: 0,
+            completion: 0,
+        };
+        assert_eq!(
+            model.rates(Tier::Standard, long.prompt),
+            rates(5.0, 0.5, 22.5)
+        );
+        // Flex has no long-prompt rates of its own: the standard tier's.
+        assert_eq!(model.rates(Tier::Flex, long.prompt), rates(5.0, 0.5, 22.5));
+        assert_eq!(
+            model.rates(Tier::Flex, LONG_PROMPT_TOKENS),
+            rates(1.25, 0.13, 7.5)
+        );
+        // Half a nano-dollar is a whole number of pico-dollars.
+        assert_eq!(per_million(0.0625), 62_500);
+    }
+
+    #[test]
+    fn dollars_read_as_people_write_them() {
+        assert_eq!(format_usd(0), "$0.000000");
+        assert_eq!(format_usd(420_000_000), "$0.000420");
+        assert_eq!(format_usd(49_987 * PICO_PER_USD / 1000), "$49.98");
+        assert_eq!(format_usd(50 * PICO_PER_USD), "$50.00");
+    }
+
+    #[test]
+    fn service_tiers_name_their_prices() {
+        assert_eq!(Tier::from_service_tier("flex"), Tier::Flex);
+        assert_eq!(Tier::from_service_tier("priority"), Tier::Priority);
+        assert_eq!(Tier::from_service_tier("auto"), Tier::Standard);
+        assert_eq!(Tier::from_service_tier("default"), Tier::Standard);
+    }
+}
