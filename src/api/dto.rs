@@ -862,6 +862,8 @@ impl From<&PriceTable> for PricesDoc {
             taken: table.taken.clone(),
             models,
         }
+    }
+}
 
 #[cfg(test)]
 mod tests {
