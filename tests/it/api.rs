@@ -740,6 +740,8 @@ async fn the_openapi_document_lists_every_api_route() {
         ("/api/service-keys", "get"),
         ("/api/service-keys/{key_id}", "delete"),
         ("/api/tokens", "post"),
+        ("/api/prices", "get"),
+        ("/api/prices/reload", "post"),
         ("/api/openapi.json", "get"),
     ];
     for (path, method) in expected {
