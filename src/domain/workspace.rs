@@ -847,14 +847,19 @@ impl WorkspaceState {
     /// the one holding `at` counts nothing.
     pub fn load_counts(&mut self, counts: &Counts, at: Timestamp) {
         self.minute = MinuteWindow::from_entries(SECOND_MS, &counts.minute, at);
-        let mut calendars = Calendars::new(at, self.config.timezone);
-        for counter in calendars.iter_mut() {
+        let timezone = self.config.timezone;
+        for counter in self.calendars.iter_mut() {
+            // Rolled to `at` rather than made anew: its bounds hold until
+            // the period is over, and working them out takes timezone
+            // conversions, on every load.
+            counter.roll(at, timezone);
             let (start, used) = counts.calendar(counter.period);
-            if counter.start == start {
-                counter.used = used;
-            }
+            counter.used = if counter.start == start {
+                used
+            } else {
+                Usage::default()
+            };
         }
-        self.calendars = calendars;
     }
 
     /// The upstream's blocks.

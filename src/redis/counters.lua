@@ -275,6 +275,18 @@ end
 -- second left the window.
 local function add_minute(w, at_second, counts)
   if at_second <= w.second - MINUTE_S then return end
+  local h = w.h
+  -- Most admissions count into the newest second, which the header holds:
+  -- added there in place, without building a slot.
+  if at_second == h[NEWEST_SECOND] then
+    for m = 1, METRICS do
+      local newest, minute = NEWEST + m - 1, TOTALS + m - 1
+      local after = math.max(h[newest] + counts[m], 0)
+      h[minute] = h[minute] + after - h[newest]
+      h[newest] = after
+    end
+    return
+  end
   local old = read_slot(w, at_second)
   if old[1] ~= at_second and old[1] > at_second then return end
   local slot = { at_second }
@@ -434,10 +446,14 @@ local expiry_at = {}
 
 -- One admission, from ARGV[a..]: charges every limit or none. Answers its
 -- outcome byte.
+-- What one admission costs of each metric; one table for every admission
+-- of the call, as each is done with it before the next.
+local costs = { [REQUESTS] = 1, [TOKENS] = 0 }
+
 local function admit_one(w, a)
   local h = w.h
   local tokens_text = ARGV[a + 1]
-  local costs = { [REQUESTS] = 1, [TOKENS] = tonumber(tokens_text) }
+  costs[TOKENS] = tonumber(tokens_text)
   local limits = w.limits
   for i = 1, #limits, 3 do
     if not fits(limits[i + 2], h[limits[i]], costs[limits[i + 1]]) then return '0' end

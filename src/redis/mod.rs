@@ -30,6 +30,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
+use rustc_hash::FxHashMap;
 
 use crate::domain::limits::{Limits, WorkspaceId};
 use crate::domain::status::Cause;
@@ -250,6 +251,7 @@ struct Link {
     /// waiting: Redis removed them already, so the next answer carries them.
     unclaimed: Mutex<Vec<ExpiredInStore>>,
     states: StateCache,
+    calendars: CalendarBounds,
 }
 
 impl RedisCounters {
@@ -530,6 +532,7 @@ impl Link {
             failing_since: Mutex::new(None),
             unclaimed: Mutex::new(Vec::new()),
             states: StateCache::default(),
+            calendars: CalendarBounds::default(),
         })
     }
 
@@ -748,7 +751,7 @@ impl Link {
             held.push((&pending.workspace, slots_version));
             invocation
                 .arg(pending.workspace.as_str())
-                .arg(calendar_bounds_arg(pending.timezone, pending.now))
+                .arg(&*self.calendars.arg(pending.timezone, pending.now))
                 .arg(limits.map(limits_arg).unwrap_or_default())
                 .arg(slots_version);
         }
@@ -818,7 +821,7 @@ impl Link {
             .arg(op)
             .arg(&self.channel)
             .arg(workspace.as_str())
-            .arg(calendar_bounds_arg(timezone, now));
+            .arg(&*self.calendars.arg(timezone, now));
         invocation
     }
 
@@ -889,6 +892,34 @@ impl Link {
     }
 }
 
+/// The calendar bounds argument of each timezone, kept for the day it was
+/// made in: it names only day and month starts, so it holds all day, and
+/// making it takes six timezone conversions, for every workspace of every
+/// call.
+#[derive(Default)]
+struct CalendarBounds {
+    by_zone: Mutex<FxHashMap<chrono_tz::Tz, DayBounds>>,
+}
+
+/// A day's start and end, and the calendar bounds argument made in it.
+type DayBounds = (Timestamp, Timestamp, Arc<str>);
+
+impl CalendarBounds {
+    fn arg(&self, timezone: chrono_tz::Tz, now: Timestamp) -> Arc<str> {
+        let mut by_zone = lock(&self.by_zone);
+        if let Some((start, end, text)) = by_zone.get(&timezone)
+            && *start <= now
+            && now < *end
+        {
+            return text.clone();
+        }
+        let text: Arc<str> = calendar_bounds_arg(timezone, now).into();
+        let (start, end) = Period::Day.bounds(now, timezone);
+        by_zone.insert(timezone, (start, end, text.clone()));
+        text
+    }
+}
+
 /// For each calendar period (day, month), the starts (ms) of the one
 /// before, the current one, the next and the one after around `now` in
 /// `timezone`, periods separated by `|`, in one argument. Redis picks the
@@ -916,18 +947,19 @@ fn calendar_bounds_arg(timezone: chrono_tz::Tz, now: Timestamp) -> String {
 /// A workspace's limits as the script reads them: "window metric max" for
 /// each limit set (see `counters.lua`).
 fn limits_arg(limits: &Limits) -> String {
-    let triples: Vec<String> = limits
-        .configured()
-        .map(|(kind, max)| {
-            format!(
-                "{} {} {}",
-                kind.window.index(),
-                kind.metric.index(),
-                clamp(max)
-            )
-        })
-        .collect();
-    triples.join(" ")
+    use std::fmt::Write;
+    let mut text = String::with_capacity(64);
+    for (kind, max) in limits.configured() {
+        let separator = if text.is_empty() { "" } else { " " };
+        let _ = write!(
+            text,
+            "{separator}{} {} {}",
+            kind.window.index(),
+            kind.metric.index(),
+            clamp(max)
+        );
+    }
+    text
 }
 
 /// Reads the answer to a one-workspace operation: {outcome, now, base,
