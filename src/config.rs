@@ -16,7 +16,11 @@ use serde::Deserialize;
 
 use crate::admin::{Change, WorkspaceSpec};
 use crate::domain::limits::{
-    LimitKind, Limits, Metric, PerLimit, Window, WorkspaceConfig, validate_limit, validate_warn_at,
+    LimitKind, Limits, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
+};
+use crate::domain::limits::{
+    REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, REQUESTS_PER_MONTH, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
+    TOKENS_PER_MONTH,
 };
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
@@ -61,13 +65,6 @@ macro_rules! settings {
         pub const SETTINGS: &[SettingDef] = &[$($name.def),*];
     };
 }
-
-const REQUESTS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Requests, Window::Minute);
-const REQUESTS_PER_DAY: LimitKind = LimitKind::new(Metric::Requests, Window::Day);
-const REQUESTS_PER_MONTH: LimitKind = LimitKind::new(Metric::Requests, Window::Month);
-const TOKENS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Tokens, Window::Minute);
-const TOKENS_PER_DAY: LimitKind = LimitKind::new(Metric::Tokens, Window::Day);
-const TOKENS_PER_MONTH: LimitKind = LimitKind::new(Metric::Tokens, Window::Month);
 
 settings! {
     LISTEN: SocketAddr = ("listen", "QUOTAWATCH_LISTEN", Some("127.0.0.1:8000"), false, parse_listen,

@@ -80,6 +80,14 @@ pub struct LimitKind {
     pub window: Window,
 }
 
+/// Each limit kind by its name, for code that names one.
+pub const REQUESTS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Requests, Window::Minute);
+pub const REQUESTS_PER_DAY: LimitKind = LimitKind::new(Metric::Requests, Window::Day);
+pub const REQUESTS_PER_MONTH: LimitKind = LimitKind::new(Metric::Requests, Window::Month);
+pub const TOKENS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Tokens, Window::Minute);
+pub const TOKENS_PER_DAY: LimitKind = LimitKind::new(Metric::Tokens, Window::Day);
+pub const TOKENS_PER_MONTH: LimitKind = LimitKind::new(Metric::Tokens, Window::Month);
+
 impl LimitKind {
     /// How many limits a workspace can have: one per metric and window.
     pub const COUNT: usize = Metric::ALL.len() * Window::ALL.len();

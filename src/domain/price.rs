@@ -11,9 +11,6 @@ use std::collections::BTreeMap;
 /// An amount of money in pico-dollars (10^-12 USD).
 pub type PicoUsd = u64;
 
-/// Pico-dollars in one US dollar.
-pub const PICO_PER_USD: u64 = 1_000_000_000_000;
-
 /// The prompt length above which some models charge their long-prompt
 /// rates (`*_above_272k_tokens` in the table).
 pub const LONG_PROMPT_TOKENS: u64 = 272_000;
@@ -29,18 +26,6 @@ pub enum Tier {
 }
 
 impl Tier {
-    pub const ALL: [Tier; 3] = [Tier::Standard, Tier::Flex, Tier::Priority];
-
-    /// The tier a `service_tier` value names; `auto`, `default` and
-    /// anything unknown are billed at the standard rates.
-    pub fn from_service_tier(name: &str) -> Self {
-        match name {
-            "flex" => Tier::Flex,
-            "priority" => Tier::Priority,
-            _ => Tier::Standard,
-        }
-    }
-
     pub const fn name(self) -> &'static str {
         match self {
             Tier::Standard => "standard",
@@ -224,19 +209,6 @@ fn undated(model: &str) -> &str {
     model
 }
 
-/// Dollars for people: `$0.000123` for what is under a cent, `$12.34`
-/// otherwise (cut, never rounded up).
-pub fn format_usd(amount: PicoUsd) -> String {
-    let dollars = amount / PICO_PER_USD;
-    let rest = amount % PICO_PER_USD;
-    if dollars == 0 && rest < PICO_PER_USD / 100 {
-        let micro = rest / 1_000_000;
-        format!("${dollars}.{micro:06}")
-    } else {
-        format!("${dollars}.{:02}", rest / (PICO_PER_USD / 100))
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -364,21 +336,5 @@ mod tests {
         );
         // Half a nano-dollar is a whole number of pico-dollars.
         assert_eq!(per_million(0.0625), 62_500);
-    }
-
-    #[test]
-    fn dollars_read_as_people_write_them() {
-        assert_eq!(format_usd(0), "$0.000000");
-        assert_eq!(format_usd(420_000_000), "$0.000420");
-        assert_eq!(format_usd(49_987 * PICO_PER_USD / 1000), "$49.98");
-        assert_eq!(format_usd(50 * PICO_PER_USD), "$50.00");
-    }
-
-    #[test]
-    fn service_tiers_name_their_prices() {
-        assert_eq!(Tier::from_service_tier("flex"), Tier::Flex);
-        assert_eq!(Tier::from_service_tier("priority"), Tier::Priority);
-        assert_eq!(Tier::from_service_tier("auto"), Tier::Standard);
-        assert_eq!(Tier::from_service_tier("default"), Tier::Standard);
     }
 }

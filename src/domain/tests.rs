@@ -7,7 +7,11 @@ use std::time::Duration;
 use chrono::DateTime;
 use chrono_tz::Tz;
 
-use super::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig};
+use super::limits::{LimitKind, Limits, WorkspaceConfig};
+use super::limits::{
+    REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, REQUESTS_PER_MONTH, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
+    TOKENS_PER_MONTH,
+};
 use super::notification::{NotificationKind, Severity};
 use super::status::{Change, LimitFacts, Status};
 use super::time::{Period, Timestamp};
@@ -17,13 +21,6 @@ use super::workspace::{
     Admission, Admitted, Answer, Blocks, Counts, Enforcement, Expired, Outcome, Recorded,
     RefusalCause, Request, Reservation, Returned, Settings, Settled, WorkspaceState,
 };
-
-const REQUESTS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Requests, Window::Minute);
-const REQUESTS_PER_DAY: LimitKind = LimitKind::new(Metric::Requests, Window::Day);
-const REQUESTS_PER_MONTH: LimitKind = LimitKind::new(Metric::Requests, Window::Month);
-const TOKENS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Tokens, Window::Minute);
-const TOKENS_PER_DAY: LimitKind = LimitKind::new(Metric::Tokens, Window::Day);
-const TOKENS_PER_MONTH: LimitKind = LimitKind::new(Metric::Tokens, Window::Month);
 
 fn ts(rfc3339: &str) -> Timestamp {
     Timestamp::from_millis(

@@ -9,7 +9,10 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::limits::{
+    REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, TOKENS_PER_DAY, TOKENS_PER_MINUTE, TOKENS_PER_MONTH,
+};
 use quotawatch::domain::time::Period;
 use quotawatch::domain::workspace::{Refusal, RefusalCause, Request, ResetScope, Settings};
 use quotawatch::engine::{
@@ -19,11 +22,6 @@ use quotawatch::redis::RedisCounters;
 
 use crate::conformance::conformance;
 
-const REQUESTS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Requests, Window::Minute);
-const REQUESTS_PER_DAY: LimitKind = LimitKind::new(Metric::Requests, Window::Day);
-const TOKENS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Tokens, Window::Minute);
-const TOKENS_PER_DAY: LimitKind = LimitKind::new(Metric::Tokens, Window::Day);
-const TOKENS_PER_MONTH: LimitKind = LimitKind::new(Metric::Tokens, Window::Month);
 use crate::support::redis::{clean, fresh_prefix, server_url};
 
 #[derive(Clone, Copy, Debug)]

@@ -22,7 +22,7 @@ use quotawatch::redis::{
 };
 
 use crate::support::eventually;
-use crate::support::redis::{clean, fresh_prefix, server_url};
+use crate::support::redis::{clean, fresh_prefix, keys, server_url};
 
 struct Store {
     counters: RedisCounters,
@@ -100,16 +100,7 @@ impl Store {
 
     /// Milliseconds until each of the workspace's keys expires.
     async fn lifetimes(&self) -> Vec<(String, i64)> {
-        let client = redis::Client::open(self.url.as_str()).expect("url");
-        let mut connection = client
-            .get_multiplexed_async_connection()
-            .await
-            .expect("connect");
-        let keys: Vec<String> = redis::cmd("KEYS")
-            .arg(format!("{}*", self.prefix))
-            .query_async(&mut connection)
-            .await
-            .expect("KEYS");
+        let (mut connection, keys) = keys(&self.url, &format!("{}*", self.prefix)).await;
         let mut lifetimes = Vec::new();
         for key in keys {
             let ttl: i64 = redis::cmd("PTTL")
@@ -451,16 +442,7 @@ async fn a_flood_of_tickets_leaves_redis_bounded_too() {
     for _ in 0..MAX_LIVE_TICKETS + 100 {
         last = tickets.issue(credential.clone(), now).await.0;
     }
-    let client = redis::Client::open(store.url.as_str()).expect("redis url");
-    let mut connection = client
-        .get_multiplexed_async_connection()
-        .await
-        .expect("connect to Redis");
-    let stored: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{}ticket:*", store.prefix))
-        .query_async(&mut connection)
-        .await
-        .expect("KEYS");
+    let (_, stored) = keys(&store.url, &format!("{}ticket:*", store.prefix)).await;
     assert_eq!(
         stored.len(),
         MAX_LIVE_TICKETS,

@@ -6,6 +6,7 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
+use redis::aio::MultiplexedConnection;
 use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::watch;
 
@@ -34,18 +35,24 @@ fn address(url: &str) -> String {
     rest.split('/').next().unwrap_or(rest).to_owned()
 }
 
-/// Deletes every key under `prefix`, so tests leave nothing behind.
-pub async fn clean(url: &str, prefix: &str) {
+/// A connection to the Redis at `url`, and the keys matching `pattern`.
+pub async fn keys(url: &str, pattern: &str) -> (MultiplexedConnection, Vec<String>) {
     let client = redis::Client::open(url).expect("redis url");
     let mut connection = client
         .get_multiplexed_async_connection()
         .await
         .expect("connect to Redis");
     let keys: Vec<String> = redis::cmd("KEYS")
-        .arg(format!("{prefix}*"))
+        .arg(pattern)
         .query_async(&mut connection)
         .await
         .expect("KEYS");
+    (connection, keys)
+}
+
+/// Deletes every key under `prefix`, so tests leave nothing behind.
+pub async fn clean(url: &str, prefix: &str) {
+    let (mut connection, keys) = keys(url, &format!("{prefix}*")).await;
     if !keys.is_empty() {
         let _: () = redis::cmd("DEL")
             .arg(keys)
