@@ -16,6 +16,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 
 use quotawatch::domain::limits::{LimitKind, Limits, Window, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::time::Timestamp;
+use quotawatch::domain::window::Usage;
 use quotawatch::domain::workspace::{Answer, Model, Outcome, Request, Settings, WorkspaceState};
 use quotawatch::engine::{
     Engine, SystemClock, TokenUsage, UpstreamAnswer, UsageReport, WorkspaceDefaults,
@@ -77,7 +78,7 @@ fn one_round(engine: &Engine, id: &WorkspaceId, model: &Model) {
         .admit_here(
             id,
             Request {
-                estimated_tokens: 1200,
+                estimate: Usage::call(1200),
                 model: Some(model.clone()),
                 ..Request::default()
             },
@@ -121,14 +122,14 @@ fn domain_admit_settle(bencher: divan::Bencher) {
             next
         };
         let request = Request {
-            estimated_tokens: 1200,
+            estimate: Usage::call(1200),
             model: None,
             ..Request::default()
         };
         let admission = state.admit(&request, at, &settings, &mut fresh);
         let outcome = Outcome {
             reservation: Some(admission.result.expect("admitted").id),
-            tokens: Some(950),
+            usage: Some(Usage::call(950)),
             answer: Some(Answer::success()),
         };
         state.record(&outcome, at, &settings, &mut fresh)
@@ -168,7 +169,7 @@ fn engine_check(bencher: divan::Bencher) {
             .admit_here(
                 &ids[i],
                 Request {
-                    estimated_tokens: 1200,
+                    estimate: Usage::call(1200),
                     model: Some(model.clone()),
                     ..Request::default()
                 },

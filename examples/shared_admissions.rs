@@ -30,6 +30,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use quotawatch::domain::limits::{LimitKind, Limits, Window, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::window::Usage;
 use quotawatch::domain::workspace::{Request, Settings};
 use quotawatch::engine::{
     Counters, Engine, OnStoreError, SystemClock, TokenUsage, UpstreamAnswer, UsageReport,
@@ -211,7 +212,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .admit(
                             id,
                             Request {
-                                estimated_tokens: 100,
+                                estimate: Usage::call(100),
                                 model: None,
                                 settled_anywhere: args.settled_anywhere,
                             },

@@ -16,6 +16,7 @@ use crate::domain::limits::{LimitKind, WorkspaceId};
 use crate::domain::model::parse_model;
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::upstream::RateLimitHeaders;
+use crate::domain::window::Usage;
 use crate::domain::workspace::{Model, Request};
 use crate::edge::auth::{Auth, Target};
 use crate::edge::error::{ApiError, Json, Query};
@@ -187,7 +188,7 @@ pub async fn check(
         .admit(
             &workspace,
             Request {
-                estimated_tokens,
+                estimate: Usage::call(estimated_tokens),
                 model,
                 // The app may report the call to another instance.
                 settled_anywhere: true,

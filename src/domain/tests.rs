@@ -72,7 +72,7 @@ impl Script {
         let mut next_id = self.next_id;
         let admission = self.state.admit(
             &Request {
-                estimated_tokens: tokens,
+                estimate: Usage::call(tokens),
                 model: None,
                 ..Request::default()
             },
@@ -118,7 +118,7 @@ impl Script {
     fn settle(&mut self, id: u64, actual: u64) -> bool {
         self.record(&Outcome {
             reservation: Some(id),
-            tokens: Some(actual),
+            usage: Some(Usage::call(actual)),
             answer: Some(Answer::success()),
         })
         .settled
@@ -370,7 +370,7 @@ fn an_unsettled_reservation_expires_and_keeps_its_estimate() {
         })
     };
     assert_eq!(expired.len(), 1);
-    assert_eq!(expired[0].tokens, 700);
+    assert_eq!(expired[0].usage.tokens, 700);
     assert!(
         !script.settle(id, 10),
         "expired reservations cannot be settled"
@@ -650,7 +650,7 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
         let changes = script
             .record(&Outcome {
                 reservation: Some(probe),
-                tokens: Some(5),
+                usage: Some(Usage::call(5)),
                 answer: Some(Answer::success()),
             })
             .changes;
@@ -673,11 +673,11 @@ fn a_call_without_an_answer_settles_but_says_nothing_about_the_upstream() {
     // charged, and the billing block neither lifts nor counts an error.
     let recorded = script.record(&Outcome {
         reservation: Some(probe),
-        tokens: None,
+        usage: None,
         answer: None,
     });
     assert!(matches!(recorded.settled, Settled::Reservation(_)));
-    assert_eq!((recorded.tokens, recorded.class), (500, None));
+    assert_eq!((recorded.usage.tokens, recorded.class), (500, None));
     assert_eq!(script.status(), Status::QuotaExceeded);
     assert_eq!(script.state.snapshot(script.now).errors.server_error, 0);
 }
@@ -692,7 +692,7 @@ fn an_answer_for_a_missing_reservation_still_counts() {
     // comes late still blocks the workspace, and nothing is charged again.
     let recorded = script.record(&Outcome {
         reservation: Some(id),
-        tokens: Some(10),
+        usage: Some(Usage::call(10)),
         answer: Some(Answer {
             status: 429,
             error: ErrorFields {
@@ -886,7 +886,7 @@ fn saved_state_restores_counters_blocks_and_status() {
     assert!(snapshot.blocked);
     let outcome = Outcome {
         reservation: Some(id),
-        tokens: Some(100),
+        usage: Some(Usage::call(100)),
         answer: Some(Answer::success()),
     };
     let recorded = restored.record(&outcome, script.now, &script.settings, &mut || 9);
@@ -1002,7 +1002,7 @@ fn a_reservation_charged_elsewhere_is_taken_once_and_never_saved() {
         .take_reservation_charged_elsewhere(1, now)
         .expect("held");
     assert_eq!(
-        (held.estimated_tokens, held.charged_elsewhere_us),
+        (held.estimate.tokens, held.charged_elsewhere_us),
         (40, Some(charged_us))
     );
     assert!(
@@ -1016,12 +1016,14 @@ fn a_reservation_charged_elsewhere_is_taken_once_and_never_saved() {
     // keeping its estimate.
     assert_eq!(
         script.state.return_reservation(held.clone(), now),
-        Returned::Held { estimate: 40 }
+        Returned::Held {
+            estimate: Usage::call(40)
+        }
     );
-    assert_eq!(script.state.reservation_estimate(1), Some(40));
+    assert_eq!(script.state.reservation_estimate(1), Some(Usage::call(40)));
     let later = now.plus(script.settings.reservation_ttl);
     match script.state.return_reservation(held, later) {
-        Returned::Expired(expired) => assert_eq!(expired.tokens, 40),
+        Returned::Expired(expired) => assert_eq!(expired.usage.tokens, 40),
         held => panic!("expected it to expire, got {held:?}"),
     }
     // The REST API's is left where it was charged, which any instance asks.
@@ -1048,7 +1050,7 @@ fn a_reservation_charged_elsewhere_is_taken_once_and_never_saved() {
         .state
         .take_reservation_charged_elsewhere(3, now)
         .expect("held");
-    assert_eq!(held.estimated_tokens, 40);
+    assert_eq!(held.estimate.tokens, 40);
     script.state.return_reservation(held, now);
     // Its time up, it is not taken to be settled, but expires, naming
     // when it was charged there.
@@ -1056,7 +1058,7 @@ fn a_reservation_charged_elsewhere_is_taken_once_and_never_saved() {
     let ran_out = Reservation {
         id: 4,
         charged_at: script.now,
-        estimated_tokens: 5,
+        estimate: Usage::call(5),
         expires_at: script.now,
         model: None,
         probe: false,
@@ -1082,7 +1084,7 @@ impl Script {
             probe: false,
         };
         let request = Request {
-            estimated_tokens: 40,
+            estimate: Usage::call(40),
             model: None,
             settled_anywhere,
         };

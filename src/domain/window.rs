@@ -17,7 +17,9 @@ pub trait Tally: Copy + Default + PartialEq + AddAssign {
     fn saturating_sub(self, other: Self) -> Self;
 }
 
-/// Requests and tokens, the two units every limit is expressed in.
+/// What was used of each metric. A new metric is a field here, named in
+/// [`Usage::of`] and [`Usage::set`]: everything else that counts, charges,
+/// stores or sends usage goes over [`Metric::ALL`] through those two.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Usage {
     pub requests: u64,
@@ -26,17 +28,17 @@ pub struct Usage {
 
 impl Usage {
     pub fn requests(n: u64) -> Self {
-        Self {
-            requests: n,
-            tokens: 0,
-        }
+        Self::default().with(Metric::Requests, n)
     }
 
     pub fn tokens(n: u64) -> Self {
-        Self {
-            requests: 0,
-            tokens: n,
-        }
+        Self::default().with(Metric::Tokens, n)
+    }
+
+    /// What one call costs: a request, and what it used of every other
+    /// metric (`tokens`).
+    pub fn call(tokens: u64) -> Self {
+        Self::requests(1).with(Metric::Tokens, tokens)
     }
 
     pub fn of(self, metric: Metric) -> u64 {
@@ -45,15 +47,44 @@ impl Usage {
             Metric::Tokens => self.tokens,
         }
     }
+
+    pub fn set(&mut self, metric: Metric, value: u64) {
+        match metric {
+            Metric::Requests => self.requests = value,
+            Metric::Tokens => self.tokens = value,
+        }
+    }
+
+    /// This usage with `metric` at `value`.
+    pub fn with(mut self, metric: Metric, value: u64) -> Self {
+        self.set(metric, value);
+        self
+    }
+
+    /// The usage whose every metric is `value(metric)`.
+    pub fn from_fn(value: impl Fn(Metric) -> u64) -> Self {
+        Metric::ALL
+            .into_iter()
+            .fold(Self::default(), |usage, metric| {
+                usage.with(metric, value(metric))
+            })
+    }
+
+    /// `self` and `other` combined metric by metric.
+    fn zip(self, other: Self, combine: impl Fn(u64, u64) -> u64) -> Self {
+        Self::from_fn(|metric| combine(self.of(metric), other.of(metric)))
+    }
+
+    /// Whether any metric is above zero.
+    pub fn any(self) -> bool {
+        Metric::ALL.into_iter().any(|metric| self.of(metric) > 0)
+    }
 }
 
 impl Add for Usage {
     type Output = Usage;
     fn add(self, other: Usage) -> Usage {
-        Usage {
-            requests: self.requests.saturating_add(other.requests),
-            tokens: self.tokens.saturating_add(other.tokens),
-        }
+        self.zip(other, u64::saturating_add)
     }
 }
 
@@ -65,10 +96,7 @@ impl AddAssign for Usage {
 
 impl Tally for Usage {
     fn saturating_sub(self, other: Self) -> Self {
-        Usage {
-            requests: self.requests.saturating_sub(other.requests),
-            tokens: self.tokens.saturating_sub(other.tokens),
-        }
+        self.zip(other, u64::saturating_sub)
     }
 }
 

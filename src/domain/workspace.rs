@@ -16,7 +16,7 @@ use super::upstream::{
     BillingCode, ErrorFields, ErrorTally, LastError, Outcomes, RateLimitHeaders, UpstreamClass,
     UpstreamView, classify, error_rate_alarming,
 };
-use super::window::{CalendarCounter, Calendars, SlidingWindow, Usage};
+use super::window::{CalendarCounter, Calendars, SlidingWindow, Tally, Usage};
 
 /// Requests and tokens over the last 60 seconds, in one-second buckets.
 pub type MinuteWindow = SlidingWindow<Usage, 60>;
@@ -53,12 +53,14 @@ impl Default for Settings {
     }
 }
 
-/// Tokens charged at admission, to be settled with the actual count.
+/// What an admission charged, to be settled with what the call used.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Reservation {
     pub id: u64,
     pub charged_at: Timestamp,
-    pub estimated_tokens: u64,
+    /// What was charged of each metric: one request and an estimate of
+    /// the rest.
+    pub estimate: Usage,
     pub expires_at: Timestamp,
     pub model: Option<Model>,
     /// Admitted as the one probe allowed through a billing block.
@@ -76,7 +78,7 @@ impl Reservation {
         Expired {
             charged_at: self.charged_at,
             model: self.model,
-            tokens: self.estimated_tokens,
+            usage: self.estimate,
             charged_elsewhere_us: self.charged_elsewhere_us,
         }
     }
@@ -87,7 +89,7 @@ impl Reservation {
 #[derive(Clone, Debug, PartialEq)]
 pub enum Returned {
     /// Held here again, with this estimate left to settle.
-    Held { estimate: u64 },
+    Held { estimate: Usage },
     /// Its time ran out meanwhile: it ended unsettled.
     Expired(Expired),
 }
@@ -139,7 +141,9 @@ pub struct Refusal {
 /// What a request asks for at admission.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Request {
-    pub estimated_tokens: u64,
+    /// What the request is charged at admission: one request and an
+    /// estimate of each other metric.
+    pub estimate: Usage,
     pub model: Option<Model>,
     /// The caller may settle it through any instance (the REST API, behind
     /// a load balancer), so counters kept elsewhere keep its reservation
@@ -165,7 +169,7 @@ pub struct Admitted {
 pub struct Expired {
     pub charged_at: Timestamp,
     pub model: Option<Model>,
-    pub tokens: u64,
+    pub usage: Usage,
     /// As in [`Reservation`]: the counters kept elsewhere that charged it
     /// decide how much of it counts.
     pub charged_elsewhere_us: Option<i64>,
@@ -274,9 +278,9 @@ pub struct Outcome<'a> {
     /// The reservation made at admission; `None` for a call that did not go
     /// through admission, which then counts as one request now.
     pub reservation: Option<u64>,
-    /// The actual token count; `None` keeps the reservation's estimate (or
-    /// counts no tokens for a call without reservation).
-    pub tokens: Option<u64>,
+    /// What the call used; `None` keeps the reservation's estimate (or
+    /// counts one request and nothing else for a call without reservation).
+    pub usage: Option<Usage>,
     /// What the upstream answered; `None` when the call ended before the
     /// upstream said anything (the client went away first).
     pub answer: Option<Answer<'a>>,
@@ -317,8 +321,8 @@ pub enum Settled {
 #[derive(Debug)]
 pub struct Recorded {
     pub settled: Settled,
-    /// The tokens the call finally counts for.
-    pub tokens: u64,
+    /// What the call finally counts for.
+    pub usage: Usage,
     /// What the upstream's answer meant, if there was one.
     pub class: Option<UpstreamClass>,
     pub expired: Vec<Expired>,
@@ -803,7 +807,7 @@ impl WorkspaceState {
             Reservation {
                 id: admitted.id,
                 charged_at: admitted.charged_at,
-                estimated_tokens: request.estimated_tokens,
+                estimate: request.estimate,
                 expires_at: admitted.expires_at,
                 model: request.model.clone(),
                 probe: admitted.probe,
@@ -815,10 +819,7 @@ impl WorkspaceState {
     /// What `request` costs, and whether it may go ahead now (a billing
     /// block lets it through when its probe is due).
     fn judge(&self, request: &Request, now: Timestamp) -> (Usage, Result<(), Refusal>) {
-        let cost = Usage {
-            requests: 1,
-            tokens: request.estimated_tokens,
-        };
+        let cost = request.estimate;
         let probe_due = self
             .billing_block
             .is_some_and(|block| now >= block.next_probe_at);
@@ -888,11 +889,11 @@ impl WorkspaceState {
 
     /// The estimate of reservation `id`, if it was charged here rather than
     /// elsewhere.
-    pub fn reservation_estimate(&self, id: u64) -> Option<u64> {
+    pub fn reservation_estimate(&self, id: u64) -> Option<Usage> {
         self.reservations
             .get(&id)
             .filter(|reservation| reservation.charged_elsewhere_us.is_none())
-            .map(|reservation| reservation.estimated_tokens)
+            .map(|reservation| reservation.estimate)
     }
 
     /// Takes out reservation `id` if it is held here and was charged
@@ -921,7 +922,7 @@ impl WorkspaceState {
         if reservation.expires_at <= now {
             return Returned::Expired(reservation.expired());
         }
-        let estimate = reservation.estimated_tokens;
+        let estimate = reservation.estimate;
         let here = Reservation {
             charged_elsewhere_us: None,
             ..reservation
@@ -1027,40 +1028,36 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Recorded {
         let expired = self.advance(now);
-        let (settled, tokens) = match outcome.reservation {
+        let used = outcome.usage.unwrap_or(Usage::call(0));
+        let (settled, usage) = match outcome.reservation {
             Some(id) => match self.reservations.remove(&id) {
                 Some(reservation) => {
-                    let tokens = outcome.tokens.unwrap_or(reservation.estimated_tokens);
-                    self.settle(&reservation, tokens, now);
-                    (Settled::Reservation(reservation), tokens)
+                    let usage = outcome.usage.unwrap_or(reservation.estimate);
+                    self.settle(&reservation, usage, now);
+                    (Settled::Reservation(reservation), usage)
                 }
-                None => (Settled::Missing, outcome.tokens.unwrap_or(0)),
+                None => (Settled::Missing, used),
             },
             None => {
                 // It happened, so it is charged even beyond the limits.
-                let tokens = outcome.tokens.unwrap_or(0);
-                let usage = Usage {
-                    requests: 1,
-                    tokens,
-                };
-                self.minute.add(now, usage);
-                self.calendars.add(usage);
-                (Settled::Unreserved, tokens)
+                self.minute.add(now, used);
+                self.calendars.add(used);
+                (Settled::Unreserved, used)
             }
         };
-        let mut recorded = self.conclude_record(outcome, settled, tokens, now, settings, fresh_id);
+        let mut recorded = self.conclude_record(outcome, settled, usage, now, settings, fresh_id);
         recorded.expired = expired;
         recorded
     }
 
     /// Concludes a call once it is settled (here, or by counters kept
-    /// elsewhere as they reported, counting `tokens`, with their counts
+    /// elsewhere as they reported, counting `usage`, with their counts
     /// loaded): folds in the upstream's answer and re-evaluates.
     pub fn conclude_record(
         &mut self,
         outcome: &Outcome<'_>,
         settled: Settled,
-        tokens: u64,
+        usage: Usage,
         now: Timestamp,
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
@@ -1075,34 +1072,30 @@ impl WorkspaceState {
             .map(|answer| self.observe_upstream(&answer, admitted_at, now, settings));
         Recorded {
             settled,
-            tokens,
+            usage,
             class,
             expired: Vec::new(),
             changes: self.evaluate(now, settings, fresh_id),
         }
     }
 
-    /// Replaces a reservation's estimate with the actual token count. The
-    /// correction lands in the second the request was charged, as long as
-    /// that second is still in the window; extra tokens beyond it are charged
-    /// now.
-    fn settle(&mut self, reservation: &Reservation, actual_tokens: u64, now: Timestamp) {
-        let extra = actual_tokens.saturating_sub(reservation.estimated_tokens);
-        let unused = reservation.estimated_tokens.saturating_sub(actual_tokens);
-        let corrected = self.minute.correct(
-            reservation.charged_at,
-            Usage::tokens(extra),
-            Usage::tokens(unused),
-        );
-        if !corrected && extra > 0 {
-            self.minute.add(now, Usage::tokens(extra));
+    /// Replaces a reservation's estimate with what the call used, metric by
+    /// metric. The correction lands in the second the request was charged,
+    /// as long as that second is still in the window; usage beyond the
+    /// estimate is charged now.
+    fn settle(&mut self, reservation: &Reservation, actual: Usage, now: Timestamp) {
+        let extra = actual.saturating_sub(reservation.estimate);
+        let unused = reservation.estimate.saturating_sub(actual);
+        let corrected = self.minute.correct(reservation.charged_at, extra, unused);
+        if !corrected && extra.any() {
+            self.minute.add(now, extra);
         }
-        // Each calendar period gains the extra tokens, and loses the unused
-        // ones only if the request was charged in it.
+        // Each calendar period gains the extra usage, and loses the unused
+        // estimate only if the request was charged in it.
         for counter in self.calendars.iter_mut() {
-            counter.used.tokens = counter.used.tokens.saturating_add(extra);
+            counter.used += extra;
             if counter.contains(reservation.charged_at) {
-                counter.used.tokens = counter.used.tokens.saturating_sub(unused);
+                counter.used = counter.used.saturating_sub(unused);
             }
         }
     }
@@ -1233,7 +1226,7 @@ impl WorkspaceState {
             .filter(|reservation| reservation.charged_elsewhere_us.is_none());
         for reservation in charged_here {
             reservation.charged_at = now;
-            reservation.estimated_tokens = 0;
+            reservation.estimate = Usage::default();
         }
     }
 
@@ -1298,10 +1291,7 @@ impl WorkspaceState {
             .limits()
             .map(|(kind, max)| (kind, self.limit_facts(kind, max)))
             .collect();
-        let minimal = Usage {
-            requests: 1,
-            tokens: 0,
-        };
+        let minimal = Usage::call(0);
         let verdict = self.verdict(minimal, now, false);
         let degraded = self.enforcement != Enforcement::Whole;
         let reasons = self

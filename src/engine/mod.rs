@@ -47,6 +47,7 @@ use crate::domain::notification::{
 };
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
+use crate::domain::window::Usage;
 use crate::domain::workspace::{
     Admission, Admitted, Answer, Headroom, Model, Outcome, Recorded, Refusal, Request, ResetScope,
     Settings, Settled, Snapshot, WorkspaceState,
@@ -153,10 +154,15 @@ pub struct UsageReport {
 }
 
 impl UsageReport {
+    /// What the call used of each metric, if its usage is known.
+    fn used(&self) -> Option<Usage> {
+        self.tokens.map(|tokens| Usage::call(tokens.total()))
+    }
+
     fn outcome(&self) -> Outcome<'_> {
         Outcome {
             reservation: self.reservation,
-            tokens: self.tokens.map(|tokens| tokens.total()),
+            usage: self.used(),
             answer: self.answer.as_ref().map(UpstreamAnswer::as_answer),
         }
     }
@@ -589,7 +595,7 @@ impl Engine {
         }
         // The cheapest request there is, refused for the same reason as any.
         let cheapest = Request {
-            estimated_tokens: 1,
+            estimate: Usage::call(1),
             model: None,
             settled_anywhere: false,
         };
@@ -672,7 +678,7 @@ impl Engine {
             let status = report.answer.as_ref().map_or(200, |answer| answer.status);
             let delta = RollupDelta {
                 requests: 1,
-                tokens: count(recorded.tokens),
+                tokens: count(recorded.usage.tokens),
                 prompt_tokens: count(breakdown.prompt),
                 completion_tokens: count(breakdown.completion),
                 cached_tokens: count(breakdown.cached),
@@ -1033,7 +1039,7 @@ mod tests {
 
     fn request() -> Request {
         Request {
-            estimated_tokens: 100,
+            estimate: Usage::call(100),
             model: Some("gpt-4o-mini".into()),
             settled_anywhere: false,
         }

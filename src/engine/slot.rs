@@ -186,7 +186,7 @@ pub(super) fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
         let finished = cell.mirror.as_counted(finished);
         *cell.history(finished.charged_at, finished.model) += RollupDelta {
             requests: 1,
-            tokens: count(finished.tokens),
+            tokens: count(finished.usage.tokens),
             ..RollupDelta::default()
         };
     }

@@ -38,6 +38,7 @@ use bytes::Bytes;
 
 use crate::domain::model::parse_model;
 use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
+use crate::domain::window::Usage;
 use crate::domain::workspace::{Model, Request as Admission};
 use crate::edge::auth::Auth;
 use crate::edge::error::ApiError;
@@ -415,7 +416,7 @@ async fn forward_admitted(
         .admit(
             &workspace,
             Admission {
-                estimated_tokens: call.estimate.total(),
+                estimate: Usage::call(call.estimate.total()),
                 model: call.model.clone(),
                 // The guard below settles the call here, however it ends.
                 settled_anywhere: false,

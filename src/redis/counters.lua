@@ -6,7 +6,7 @@
 --
 -- KEYS: 1 and 2 are shared by every workspace, the rest are one per
 -- workspace:
---   1 reservations  HASH "workspace|reservation id" -> "charged_us|tokens|probe|model",
+--   1 reservations  HASH "workspace|reservation id" -> "charged_us|estimate|probe|model",
 --                   those any instance may settle (the REST API's); the
 --                   proxy's are held by the instance that admits them,
 --                   which settles them itself, saying what they charged
@@ -71,15 +71,18 @@
 -- KEYS[2 + n]): its id, calendar bounds, limits and the version of the
 -- slots the caller holds (-1: none). Its limits are data, one string of
 -- "window metric max" triples (`Window::index`, `Metric::index`; a kind
--- left out has no limit). Then ADMISSION_ARGS per
--- admission: its workspace's number, estimated tokens, reservation id,
+-- left out has no limit). Usage, an estimate or what a call used, is one
+-- string too: the count of each metric in order, separated by spaces
+-- ("1 250": a request and 250 tokens), so that no argument belongs to a
+-- metric. Then ADMISSION_ARGS per
+-- admission: its workspace's number, its estimate, reservation id,
 -- reservation TTL (ms), probe interval (ms), model, and whether to record
 -- the reservation ('1') or leave it to the caller to hold ('0'). Then
 -- SETTLEMENT_ARGS per settlement of a recorded reservation: its
--- workspace's number, reservation id and actual tokens (-1: keep the
+-- workspace's number, reservation id and what the call used ('-': keep the
 -- estimate). Then HELD_SETTLEMENT_ARGS per settlement of a held one: its
 -- workspace's number, when it was charged (Redis's microseconds, as
--- answered), its estimate and actual tokens (-1: keep the estimate).
+-- answered), its estimate and what the call used ('-': keep the estimate).
 -- Recording a reservation, and finding, removing or expiring it later,
 -- costs the script more than all else an admission does, so what the
 -- caller can hold it holds. Instances send what arrives
@@ -94,8 +97,8 @@
 -- (as read, changes, as read, changes, ...), and settled five values per
 -- settlement of a recorded reservation: 1 if it was still open (else 0 and
 -- the rest 0),
--- when it was charged (ms), the estimate charged for it, whether it was a
--- probe, its model.
+-- when it was charged (ms), the estimate charged for it (as usage is
+-- passed), whether it was a probe, its model.
 --
 -- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
 -- and ARGV[4] its calendar bounds; arg(1) onwards depends on the operation.
@@ -105,15 +108,13 @@
 -- Every call first removes reservations past their expiry (their
 -- estimates stay charged), some at a time, and answers them as `expired`:
 -- their expiry members, "workspace|reservation id|charged (microseconds)|
--- tokens|probe|model".
+-- estimate|probe|model".
 
 local MINUTE_S = 60
 -- The metrics and windows, in the order of `Metric::ALL` and `Window::ALL`:
 -- the minute first, then the calendar periods.
 local METRICS, WINDOWS = 2, 3
 local CALENDARS = WINDOWS - 1
--- What an admission costs of each metric: a request, and its tokens.
-local REQUESTS, TOKENS = 1, 2
 -- Header fields by index (see the top).
 local VERSION, HOLD, BILLING, BILLING_SINCE, NEXT_PROBE, LAST_RESET = 1, 2, 3, 4, 5, 6
 local KEY_EXPIRY, SLOTS_VERSION, NEWEST_SECOND = 7, 8, 9
@@ -395,9 +396,20 @@ local function expiry_member(field, record)
   return field .. '|' .. record
 end
 
+-- Usage as passed (see the top) into `counts`, one number per metric;
+-- answers `counts`.
+local function read_usage(text, counts)
+  local m = 0
+  for count in string.gmatch(text, '%d+') do
+    m = m + 1
+    counts[m] = tonumber(count)
+  end
+  return counts
+end
+
 local function parse_reservation(record)
-  local charged, tokens, probe, model = string.match(record, '^(%d+)|(%d+)|(%d)|(.*)$')
-  return tonumber(charged), tonumber(tokens), probe, model
+  local charged, estimate, probe, model = string.match(record, '^(%d+)|([%d ]+)|(%d)|(.*)$')
+  return tonumber(charged), read_usage(estimate, {}), probe, model
 end
 
 -- Removes reservations past their expiry; answers their expiry members
@@ -448,12 +460,12 @@ local expiry_at = {}
 -- outcome byte.
 -- What one admission costs of each metric; one table for every admission
 -- of the call, as each is done with it before the next.
-local costs = { [REQUESTS] = 1, [TOKENS] = 0 }
+local costs = {}
 
 local function admit_one(w, a)
   local h = w.h
-  local tokens_text = ARGV[a + 1]
-  costs[TOKENS] = tonumber(tokens_text)
+  local estimate = ARGV[a + 1]
+  read_usage(estimate, costs)
   local limits = w.limits
   for i = 1, #limits, 3 do
     if not fits(limits[i + 2], h[limits[i]], costs[limits[i + 1]]) then return '0' end
@@ -472,7 +484,7 @@ local function admit_one(w, a)
   -- A reservation the caller holds is not recorded (see `batch`).
   if ARGV[a + 6] ~= '1' then return outcome end
   local field = w.id .. '|' .. ARGV[a + 2]
-  local record = now_us_text .. '|' .. tokens_text .. '|' .. probe .. '|' .. ARGV[a + 5]
+  local record = now_us_text .. '|' .. estimate .. '|' .. probe .. '|' .. ARGV[a + 5]
   new_reservations[#new_reservations + 1] = field
   new_reservations[#new_reservations + 1] = record
   local ttl = ARGV[a + 3]
@@ -488,32 +500,38 @@ local function admit_one(w, a)
   return outcome
 end
 
--- Settles a reservation charged at `charged_us` for `estimate` tokens:
--- the correction of its estimate by the `actual` tokens (-1: keep the
--- estimate). Answers when it was charged (ms) and the estimate charged
--- for it.
-local function settle_one(w, charged_us, estimate, actual)
+-- Settles a reservation charged at `charged_us` for `estimate` (a count
+-- per metric): the correction of its estimate by what the call used, as
+-- passed (see the top; '-': keep the estimate). Answers when it was charged
+-- (ms) and the estimate charged for it, as usage is passed.
+local function settle_one(w, charged_us, estimate, used)
   -- A reset since the admission charged nothing of it from then on, so
   -- the estimate it keeps is nothing too.
   local last_reset = w.h[LAST_RESET]
   local since_reset = charged_us < last_reset
   local charged = math.floor(math.max(charged_us, last_reset) / 1000)
-  local charged_estimate = since_reset and 0 or estimate
-  if actual < 0 then actual = charged_estimate end
+  local actual = used ~= '-' and read_usage(used, {}) or nil
   -- The correction lands in the second the request was charged while that
-  -- second is in the window; extra tokens beyond it are charged now.
-  local correction = { [REQUESTS] = 0, [TOKENS] = actual - charged_estimate }
+  -- second is in the window; usage beyond the estimate is charged now.
+  local correction, extra, charged_estimate = {}, {}, {}
+  local any_extra = false
+  for m = 1, METRICS do
+    charged_estimate[m] = since_reset and 0 or estimate[m]
+    correction[m] = actual and actual[m] - charged_estimate[m] or 0
+    extra[m] = math.max(correction[m], 0)
+    any_extra = any_extra or extra[m] > 0
+  end
   local charged_second = math.floor(charged / 1000)
   if charged_second > w.second - MINUTE_S and read_slot(w, charged_second)[1] == charged_second then
     add_minute(w, charged_second, correction)
-  elseif correction[TOKENS] > 0 then
-    add_minute(w, w.second, correction)
+  elseif any_extra then
+    add_minute(w, w.second, extra)
   end
-  -- Each calendar period gains the extra tokens, and loses the unused ones
-  -- if the request was charged in it.
+  -- Each calendar period gains the extra usage, and loses the unused
+  -- estimate if the request was charged in it.
   add_calendars(w, correction, charged)
   w.changed = true
-  return charged, charged_estimate
+  return charged, table.concat(charged_estimate, ' ')
 end
 
 -- Settles the batch's settlements, from ARGV[s..]; answers them flat (see
@@ -538,7 +556,7 @@ local function settle_all(workspaces, s, count)
       members[#members + 1] = expiry_member(field, record)
       local charged_us, estimate, probe, model = parse_reservation(record)
       local charged, charged_estimate =
-        settle_one(workspaces[tonumber(ARGV[b])], charged_us, estimate, tonumber(ARGV[b + 2]))
+        settle_one(workspaces[tonumber(ARGV[b])], charged_us, estimate, ARGV[b + 2])
       for _, value in ipairs({ 1, charged, charged_estimate, tonumber(probe), model }) do
         settled[#settled + 1] = value
       end
@@ -558,8 +576,8 @@ end
 local function settle_held(workspaces, s, count)
   for j = 1, count do
     local b = s + (j - 1) * HELD_SETTLEMENT_ARGS
-    settle_one(workspaces[tonumber(ARGV[b])], tonumber(ARGV[b + 1]), tonumber(ARGV[b + 2]),
-      tonumber(ARGV[b + 3]))
+    settle_one(workspaces[tonumber(ARGV[b])], tonumber(ARGV[b + 1]), read_usage(ARGV[b + 2], {}),
+      ARGV[b + 3])
   end
 end
 
@@ -608,9 +626,9 @@ local function reply(outcome)
 end
 
 if op == 'count' then
-  -- Calls that happened without a reservation: arg(1) requests and
-  -- arg(2) tokens now, whatever the limits.
-  local counts = { [REQUESTS] = tonumber(arg(1)), [TOKENS] = tonumber(arg(2)) }
+  -- Calls that happened without a reservation: arg(1) their usage, as
+  -- passed (see the top), counted now whatever the limits.
+  local counts = read_usage(arg(1), {})
   add_minute(w, w.second, counts)
   add_calendars(w, counts)
   save()

@@ -32,7 +32,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use rustc_hash::FxHashMap;
 
-use crate::domain::limits::{Limits, WorkspaceId};
+use crate::domain::limits::{Limits, Metric, WorkspaceId};
 use crate::domain::status::Cause;
 use crate::domain::time::{Period, Timestamp};
 use crate::domain::window::Usage;
@@ -134,7 +134,8 @@ pub enum EpisodeStep {
 /// What an admission needs to know besides the workspace.
 pub struct AdmitArgs<'a> {
     pub limits: &'a Limits,
-    pub tokens: u64,
+    /// What the admission charges of each metric.
+    pub estimate: Usage,
     pub reservation: u64,
     pub reservation_ttl: Duration,
     pub probe_interval: Duration,
@@ -152,7 +153,7 @@ pub struct AdmitArgs<'a> {
 pub struct Held {
     /// Redis's clock at the charge, in microseconds ([`Reply::at_us`]).
     pub charged_us: i64,
-    pub estimate: u64,
+    pub estimate: Usage,
 }
 
 /// Batch calls on their way to Redis at once; admissions and settlements
@@ -208,7 +209,7 @@ struct Pending {
 enum Work {
     Admit {
         limits: Limits,
-        tokens: u64,
+        estimate: Usage,
         reservation: u64,
         reservation_ttl: Duration,
         probe_interval: Duration,
@@ -217,13 +218,13 @@ enum Work {
     },
     Settle {
         reservation: u64,
-        /// `None` keeps the estimate.
-        tokens: Option<u64>,
+        /// What the call used; `None` keeps the estimate.
+        used: Option<Usage>,
     },
     SettleHeld {
         held: Held,
-        /// `None` keeps the estimate.
-        tokens: Option<u64>,
+        /// What the call used; `None` keeps the estimate.
+        used: Option<Usage>,
     },
 }
 
@@ -317,7 +318,7 @@ impl RedisCounters {
     ) -> Result<(Option<Admitted>, Reply), SharedError> {
         let work = Work::Admit {
             limits: *args.limits,
-            tokens: args.tokens,
+            estimate: args.estimate,
             reservation: args.reservation,
             reservation_ttl: args.reservation_ttl,
             probe_interval: args.probe_interval,
@@ -330,7 +331,7 @@ impl RedisCounters {
         }
     }
 
-    /// Settles a reservation with the actual token count (`None`: keep the
+    /// Settles a reservation with what the call used (`None`: keep the
     /// estimate), in the next call to Redis. Answers the reservation as it
     /// was, if it was still open.
     pub async fn settle(
@@ -339,19 +340,16 @@ impl RedisCounters {
         timezone: chrono_tz::Tz,
         now: Timestamp,
         reservation: u64,
-        tokens: Option<u64>,
+        used: Option<Usage>,
     ) -> Result<(Option<Reservation>, Reply), SharedError> {
-        let work = Work::Settle {
-            reservation,
-            tokens,
-        };
+        let work = Work::Settle { reservation, used };
         match self.queued(workspace, timezone, now, work).await? {
             (Outcome::Settled(settled), reply) => Ok((settled, reply)),
             _ => Err(mismatched()),
         }
     }
 
-    /// Settles a reservation this instance holds with the actual token count
+    /// Settles a reservation this instance holds with what the call used
     /// (`None`: keep the estimate), in the next call to Redis. The caller
     /// answers for settling it once: it took the reservation out of its
     /// own keeping first.
@@ -361,9 +359,9 @@ impl RedisCounters {
         timezone: chrono_tz::Tz,
         now: Timestamp,
         held: Held,
-        tokens: Option<u64>,
+        used: Option<Usage>,
     ) -> Result<Reply, SharedError> {
-        let work = Work::SettleHeld { held, tokens };
+        let work = Work::SettleHeld { held, used };
         match self.queued(workspace, timezone, now, work).await? {
             (Outcome::SettledHeld, reply) => Ok(reply),
             _ => Err(mismatched()),
@@ -407,9 +405,7 @@ impl RedisCounters {
         usage: Usage,
     ) -> Result<Reply, SharedError> {
         let mut invocation = self.link.invocation(workspace, "count", timezone, now);
-        invocation
-            .arg(clamp(usage.requests))
-            .arg(clamp(usage.tokens));
+        invocation.arg(usage_arg(usage));
         self.link.run(workspace, invocation).await
     }
 
@@ -757,7 +753,7 @@ impl Link {
         }
         for (pending, number) in batch.iter().zip(&numbers) {
             if let Work::Admit {
-                tokens,
+                estimate,
                 reservation,
                 reservation_ttl,
                 probe_interval,
@@ -768,7 +764,7 @@ impl Link {
             {
                 invocation
                     .arg(number)
-                    .arg(clamp(*tokens))
+                    .arg(usage_arg(*estimate))
                     .arg(reservation)
                     .arg(millis(*reservation_ttl))
                     .arg(millis(*probe_interval))
@@ -777,24 +773,17 @@ impl Link {
             }
         }
         for (pending, number) in batch.iter().zip(&numbers) {
-            if let Work::Settle {
-                reservation,
-                tokens,
-            } = &pending.work
-            {
-                invocation
-                    .arg(number)
-                    .arg(reservation)
-                    .arg(tokens.map_or(-1, clamp));
+            if let Work::Settle { reservation, used } = &pending.work {
+                invocation.arg(number).arg(reservation).arg(used_arg(*used));
             }
         }
         for (pending, number) in batch.iter().zip(&numbers) {
-            if let Work::SettleHeld { held, tokens } = &pending.work {
+            if let Work::SettleHeld { held, used } = &pending.work {
                 invocation
                     .arg(number)
                     .arg(held.charged_us)
-                    .arg(clamp(held.estimate))
-                    .arg(tokens.map_or(-1, clamp));
+                    .arg(usage_arg(held.estimate))
+                    .arg(used_arg(*used));
             }
         }
         let mut connection = self.manager.clone();
@@ -1071,7 +1060,7 @@ fn parse_batch(
                     Reservation {
                         id: *reservation,
                         charged_at,
-                        estimated_tokens: count(as_int(&record[2])),
+                        estimate: parse_usage(&text(&record[2])).unwrap_or_default(),
                         expires_at: charged_at,
                         model: model(&text(&record[4])),
                         probe: as_int(&record[3]) == 1,
@@ -1128,7 +1117,8 @@ fn millis_of(micros: i64) -> Timestamp {
 }
 
 /// Expired reservations, as the script stores them: "workspace|reservation
-/// id|charged (microseconds)|tokens|probe|model". One that does not parse,
+/// id|charged (microseconds)|estimate|probe|model", the estimate as
+/// [`usage_arg`] writes it. One that does not parse,
 /// or whose workspace id no longer does, is dropped.
 fn expired_from(value: &Value) -> Vec<ExpiredInStore> {
     flat(value)
@@ -1142,11 +1132,11 @@ fn expired_member(member: &str) -> Option<ExpiredInStore> {
     let workspace = parts.next()?.parse().ok()?;
     let _reservation = parts.next()?;
     let charged_us: i64 = parts.next()?.parse().ok()?;
-    let tokens = parts.next()?.parse().ok()?;
+    let usage = parse_usage(parts.next()?)?;
     let _probe = parts.next()?;
     let expired = Expired {
         charged_at: millis_of(charged_us),
-        tokens,
+        usage,
         model: model(parts.next()?),
         charged_elsewhere_us: Some(charged_us),
     };
@@ -1197,8 +1187,30 @@ fn clamp(value: u64) -> i64 {
     i64::try_from(value.min(1 << 53)).unwrap_or(i64::MAX)
 }
 
-fn count(value: i64) -> u64 {
-    u64::try_from(value).unwrap_or(0)
+/// Usage as the script takes and keeps it: each metric's count, in the
+/// order of `Metric::ALL`, separated by spaces ("1 250"). One argument
+/// whatever the metrics, so that the script's arguments follow no metric.
+fn usage_arg(usage: Usage) -> String {
+    let counts: Vec<String> = Metric::ALL
+        .into_iter()
+        .map(|metric| clamp(usage.of(metric)).to_string())
+        .collect();
+    counts.join(" ")
+}
+
+/// What a call used, as a settlement's argument: "-" keeps the estimate.
+fn used_arg(used: Option<Usage>) -> String {
+    used.map_or_else(|| "-".to_owned(), usage_arg)
+}
+
+/// Usage as [`usage_arg`] writes it; `None` unless it names every metric.
+fn parse_usage(text: &str) -> Option<Usage> {
+    let mut counts = text.split(' ');
+    let mut usage = Usage::default();
+    for metric in Metric::ALL {
+        usage.set(metric, counts.next()?.parse().ok()?);
+    }
+    counts.next().is_none().then_some(usage)
 }
 
 fn millis(duration: Duration) -> i64 {
@@ -1213,7 +1225,7 @@ mod tests {
     #[test]
     fn an_expiry_member_names_its_workspace_and_what_it_charged() {
         let member =
-            expired_member("acme|7|1700000000123456|120|0|gpt-4o-mini").expect("well formed");
+            expired_member("acme|7|1700000000123456|1 120|0|gpt-4o-mini").expect("well formed");
         assert_eq!(member.workspace.as_str(), "acme");
         let expired = member.expired;
         assert_eq!(expired.charged_elsewhere_us, Some(1_700_000_000_123_456));
@@ -1221,12 +1233,26 @@ mod tests {
             expired.charged_at,
             Timestamp::from_millis(1_700_000_000_123)
         );
-        assert_eq!(expired.tokens, 120);
+        assert_eq!(expired.usage.tokens, 120);
         assert_eq!(expired.model.as_deref(), Some("gpt-4o-mini"));
-        let unnamed = expired_member("acme|8|1000|5|1|").expect("no model");
+        let unnamed = expired_member("acme|8|1000|1 5|1|").expect("no model");
         assert_eq!(unnamed.expired.model, None);
-        assert!(expired_member("Not An Id|7|1000|5|0|").is_none());
-        assert!(expired_member("acme|7|soon|5|0|").is_none());
+        assert!(expired_member("Not An Id|7|1000|1 5|0|").is_none());
+        assert!(expired_member("acme|7|soon|1 5|0|").is_none());
+        assert!(
+            expired_member("acme|7|1000|5|0|").is_none(),
+            "an estimate must name every metric"
+        );
+    }
+
+    #[test]
+    fn usage_is_passed_as_one_count_per_metric() {
+        let usage = Usage::call(250);
+        assert_eq!(usage_arg(usage), "1 250");
+        assert_eq!(parse_usage("1 250"), Some(usage));
+        assert_eq!(used_arg(None), "-", "keeps the estimate");
+        assert_eq!(parse_usage("1"), None);
+        assert_eq!(parse_usage("1 2 3"), None);
     }
 
     #[test]

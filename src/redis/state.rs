@@ -389,12 +389,6 @@ mod tests {
             Window::ALL.len()
         );
         assert!(script.contains(&declared), "{declared}");
-        assert!(script.contains("local REQUESTS, TOKENS = 1, 2"));
-        assert_eq!(
-            (Metric::Requests.index(), Metric::Tokens.index()),
-            (0, 1),
-            "the script's metric numbers count from one"
-        );
         assert_eq!(STATE_HEADER, 21);
     }
 

@@ -1,8 +1,11 @@
 //! The JSON form of a workspace's live state, as kept in `workspace_state`.
 //! These serde types exist only at this boundary; the domain never sees them.
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
+use crate::domain::limits::Metric;
 use crate::domain::status::Status;
 use crate::domain::time::Period;
 use crate::domain::time::Timestamp;
@@ -17,12 +20,14 @@ const VERSION: u32 = 1;
 #[derive(Serialize, Deserialize)]
 struct SavedJson {
     version: u32,
-    /// `(second, requests, tokens)` buckets of the minute window.
-    minute: Vec<(i64, u64, u64)>,
+    /// The minute window's buckets, `[second, count of each metric]` in
+    /// the order of `Metric::ALL` (`[second, requests, tokens]`).
+    minute: Vec<Vec<u64>>,
     day_start: i64,
     day_end: i64,
-    day_requests: u64,
-    day_tokens: u64,
+    /// What the day used, `day_{metric}` (`day_requests`, `day_tokens`).
+    #[serde(flatten)]
+    day_used: UsageFields,
     /// The calendar periods beyond the day (the month), which the day's
     /// fields above keep readable by versions that count only the day;
     /// absent from documents those versions saved.
@@ -47,19 +52,55 @@ struct CalendarJson {
     period: String,
     start: i64,
     end: i64,
-    requests: u64,
-    tokens: u64,
+    /// What the period used, `{metric}` (`requests`, `tokens`).
+    #[serde(flatten)]
+    used: UsageFields,
 }
 
 #[derive(Serialize, Deserialize)]
 struct ReservationJson {
     id: u64,
     charged_at: i64,
-    estimated_tokens: u64,
     expires_at: i64,
     model: Option<String>,
     probe: bool,
+    /// What admission charged, `estimated_{metric}`; documents of versions
+    /// that settled tokens alone have `estimated_tokens` only.
+    #[serde(flatten)]
+    estimate: UsageFields,
 }
+
+/// Usage as one field per metric, each named by a prefix and the metric
+/// (`day_tokens`): the documents of every version read alike, and a metric
+/// added later is one field more, absent (zero) from older documents.
+#[derive(Serialize, Deserialize, Default)]
+#[serde(transparent)]
+struct UsageFields(BTreeMap<String, u64>);
+
+impl UsageFields {
+    fn of(prefix: &str, usage: Usage) -> Self {
+        Self(
+            Metric::ALL
+                .into_iter()
+                .map(|metric| (format!("{prefix}{}", metric.name()), usage.of(metric)))
+                .collect(),
+        )
+    }
+
+    /// The usage these fields name; a metric they leave out keeps its count
+    /// in `absent`.
+    fn usage(&self, prefix: &str, absent: Usage) -> Usage {
+        Usage::from_fn(|metric| {
+            self.0
+                .get(&format!("{prefix}{}", metric.name()))
+                .copied()
+                .unwrap_or(absent.of(metric))
+        })
+    }
+}
+
+const DAY: &str = "day_";
+const ESTIMATED: &str = "estimated_";
 
 #[derive(Serialize, Deserialize)]
 struct BillingJson {
@@ -105,12 +146,16 @@ pub fn to_json(saved: &Saved) -> String {
         minute: saved
             .minute
             .iter()
-            .map(|(second, usage)| (*second, usage.requests, usage.tokens))
+            .map(|&(second, usage)| {
+                let counts = Metric::ALL.into_iter().map(|metric| usage.of(metric));
+                std::iter::once(u64::try_from(second).unwrap_or(0))
+                    .chain(counts)
+                    .collect()
+            })
             .collect(),
         day_start: day.map_or(0, |day| day.start.millis()),
         day_end: day.map_or(0, |day| day.end.millis()),
-        day_requests: day.map_or(0, |day| day.used.requests),
-        day_tokens: day.map_or(0, |day| day.used.tokens),
+        day_used: UsageFields::of(DAY, day.map_or(Usage::default(), |day| day.used)),
         calendars: saved
             .calendars
             .iter()
@@ -119,8 +164,7 @@ pub fn to_json(saved: &Saved) -> String {
                 period: counter.period.name().to_owned(),
                 start: counter.start.millis(),
                 end: counter.end.millis(),
-                requests: counter.used.requests,
-                tokens: counter.used.tokens,
+                used: UsageFields::of("", counter.used),
             })
             .collect(),
         reservations: saved
@@ -129,10 +173,10 @@ pub fn to_json(saved: &Saved) -> String {
             .map(|r| ReservationJson {
                 id: r.id,
                 charged_at: r.charged_at.millis(),
-                estimated_tokens: r.estimated_tokens,
                 expires_at: r.expires_at.millis(),
                 model: r.model.as_deref().map(str::to_owned),
                 probe: r.probe,
+                estimate: UsageFields::of(ESTIMATED, r.estimate),
             })
             .collect(),
         rate_block_until: saved.rate_block_until.map(Timestamp::millis),
@@ -191,16 +235,19 @@ pub fn from_json(text: &str) -> Option<Saved> {
         minute: json
             .minute
             .into_iter()
-            .map(|(second, requests, tokens)| (second, Usage { requests, tokens }))
+            .filter_map(|bucket| {
+                let (second, counts) = bucket.split_first()?;
+                let usage = Usage::from_fn(|metric| {
+                    counts.get(metric.index()).copied().unwrap_or_default()
+                });
+                Some((i64::try_from(*second).ok()?, usage))
+            })
             .collect(),
         calendars: std::iter::once(CalendarCounter {
             period: Period::Day,
             start: ts(json.day_start),
             end: ts(json.day_end),
-            used: Usage {
-                requests: json.day_requests,
-                tokens: json.day_tokens,
-            },
+            used: json.day_used.usage(DAY, Usage::default()),
         })
         .chain(json.calendars.into_iter().filter_map(|counter| {
             Some(CalendarCounter {
@@ -209,10 +256,7 @@ pub fn from_json(text: &str) -> Option<Saved> {
                     .find(|period| period.name() == counter.period)?,
                 start: ts(counter.start),
                 end: ts(counter.end),
-                used: Usage {
-                    requests: counter.requests,
-                    tokens: counter.tokens,
-                },
+                used: counter.used.usage("", Usage::default()),
             })
         }))
         .collect(),
@@ -222,7 +266,8 @@ pub fn from_json(text: &str) -> Option<Saved> {
             .map(|r| Reservation {
                 id: r.id,
                 charged_at: ts(r.charged_at),
-                estimated_tokens: r.estimated_tokens,
+                // Older documents charged one request and estimated tokens.
+                estimate: r.estimate.usage(ESTIMATED, Usage::requests(1)),
                 expires_at: ts(r.expires_at),
                 model: r.model.map(Into::into),
                 probe: r.probe,
@@ -331,5 +376,47 @@ mod tests {
         json.as_object_mut().expect("object").remove("calendars");
         let restored = from_json(&json.to_string()).expect("still read");
         assert_eq!(restored.calendars, vec![counter(Period::Day, 5_000, 3)]);
+    }
+
+    fn held(estimate: Usage) -> Reservation {
+        Reservation {
+            id: 7,
+            charged_at: ts(5_000),
+            estimate,
+            expires_at: ts(65_000),
+            model: Some("gpt-4o".into()),
+            probe: false,
+            charged_elsewhere_us: None,
+        }
+    }
+
+    #[test]
+    fn usage_is_saved_as_one_field_or_count_per_metric() {
+        let mut state = saved(vec![counter(Period::Day, 5_000, 3)]);
+        state.minute = vec![(5, Usage::call(40)), (6, Usage::tokens(2))];
+        state.reservations = vec![held(Usage::call(250))];
+        let json: serde_json::Value = serde_json::from_str(&to_json(&state)).expect("json");
+        assert_eq!(json["minute"], serde_json::json!([[5, 1, 40], [6, 0, 2]]));
+        assert_eq!(
+            (&json["day_requests"], &json["day_tokens"]),
+            (&3.into(), &30.into())
+        );
+        let reservation = &json["reservations"][0];
+        assert_eq!(reservation["estimated_requests"], 1);
+        assert_eq!(reservation["estimated_tokens"], 250);
+        assert_eq!(from_json(&json.to_string()), Some(state));
+    }
+
+    #[test]
+    fn a_reservation_saved_with_tokens_alone_was_charged_one_request() {
+        let mut state = saved(vec![counter(Period::Day, 5_000, 3)]);
+        state.reservations = vec![held(Usage::call(250))];
+        let mut json: serde_json::Value = serde_json::from_str(&to_json(&state)).expect("json");
+        json["reservations"][0]
+            .as_object_mut()
+            .expect("object")
+            .remove("estimated_requests");
+        let restored = from_json(&json.to_string()).expect("still read");
+        assert_eq!(restored.reservations[0].estimate, Usage::call(250));
     }
 }

@@ -14,6 +14,7 @@ use quotawatch::domain::limits::{
     REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, TOKENS_PER_DAY, TOKENS_PER_MINUTE, TOKENS_PER_MONTH,
 };
 use quotawatch::domain::time::Period;
+use quotawatch::domain::window::Usage;
 use quotawatch::domain::workspace::{Refusal, RefusalCause, Request, ResetScope, Settings};
 use quotawatch::engine::{
     Counters, Engine, OnStoreError, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults,
@@ -71,7 +72,7 @@ impl Setup {
 
     async fn admit(&self, tokens: u64) -> Result<u64, Refusal> {
         let request = Request {
-            estimated_tokens: tokens,
+            estimate: Usage::call(tokens),
             model: Some("gpt-4o-mini".into()),
             settled_anywhere: true,
         };

@@ -10,6 +10,7 @@ use std::time::Duration;
 use futures_util::FutureExt;
 use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::time::Timestamp;
+use quotawatch::domain::window::Usage;
 use quotawatch::domain::workspace::{Admitted, Request, ResetScope, Settings};
 use quotawatch::engine::{
     Clock, Counters, Engine, OnStoreError, SystemClock, TokenUsage, UsageReport, WorkspaceDefaults,
@@ -103,7 +104,7 @@ impl Instance {
 
     async fn admit(&self, tokens: u64, settled_anywhere: bool) -> Admitted {
         let request = Request {
-            estimated_tokens: tokens,
+            estimate: Usage::call(tokens),
             model: Some("gpt-4o-mini".into()),
             settled_anywhere,
         };

@@ -69,7 +69,7 @@ impl Store {
         let limits = Limits::default();
         let args = AdmitArgs {
             limits: &limits,
-            tokens,
+            estimate: Usage::call(tokens),
             reservation: id,
             reservation_ttl: ttl,
             probe_interval: Duration::from_secs(60),
@@ -136,7 +136,7 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
     limits.set(LimitKind::new(Metric::Requests, Window::Minute), Some(10));
     let args = AdmitArgs {
         limits: &limits,
-        tokens: 5,
+        estimate: Usage::call(5),
         reservation: 7,
         reservation_ttl: Duration::from_secs(600),
         probe_interval: Duration::from_secs(60),
@@ -218,12 +218,18 @@ async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_i
     assert_eq!(expired.len(), 1, "{expired:?}");
     assert_eq!(expired[0].workspace, store.workspace);
     let finished = &expired[0].expired;
-    assert_eq!(finished.tokens, 120, "the estimate is final");
+    assert_eq!(finished.usage.tokens, 120, "the estimate is final");
     assert_eq!(finished.model.as_deref(), Some("gpt-4o-mini"));
     // It is found once, and can no longer be settled.
     let (settled, reply) = store
         .counters
-        .settle(&store.workspace, chrono_tz::UTC, Store::now(), 7, Some(10))
+        .settle(
+            &store.workspace,
+            chrono_tz::UTC,
+            Store::now(),
+            7,
+            Some(Usage::call(10)),
+        )
         .await
         .expect("settle");
     assert!(settled.is_none(), "an expired reservation is not settled");
@@ -258,12 +264,18 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
     assert_eq!(reset.counters.counts.day_used.tokens, 0);
     let (settled, reply) = store
         .counters
-        .settle(&store.workspace, chrono_tz::UTC, Store::now(), 7, Some(30))
+        .settle(
+            &store.workspace,
+            chrono_tz::UTC,
+            Store::now(),
+            7,
+            Some(Usage::call(30)),
+        )
         .await
         .expect("settle");
     let settled = settled.expect("the reservation outlives the reset");
     assert_eq!(
-        settled.estimated_tokens, 0,
+        settled.estimate.tokens, 0,
         "nothing of it counts since the reset"
     );
     assert_eq!(reply.counters.counts.day_used.tokens, 30);
@@ -282,7 +294,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         .settle(&store.workspace, chrono_tz::UTC, Store::now(), 8, None)
         .await
         .expect("settle");
-    assert_eq!(settled.map(|settled| settled.estimated_tokens), Some(0));
+    assert_eq!(settled.map(|settled| settled.estimate.tokens), Some(0));
     assert_eq!(reply.counters.counts.day_used.tokens, 30);
     assert!(reply.counters.last_reset_us.is_some(), "the reset is known");
     store.finish().await;
@@ -336,9 +348,13 @@ async fn a_reservation_settled_twice_at_once_is_settled_once() {
         .admit(&store.workspace, 7, 100, Duration::from_secs(600))
         .await;
     let settle = || {
-        store
-            .counters
-            .settle(&store.workspace, chrono_tz::UTC, Store::now(), 7, Some(40))
+        store.counters.settle(
+            &store.workspace,
+            chrono_tz::UTC,
+            Store::now(),
+            7,
+            Some(Usage::call(40)),
+        )
     };
     // Sent together, they share one call or follow each other.
     let (first, second) = tokio::join!(settle(), settle());
@@ -370,7 +386,7 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
             .await;
         Held {
             charged_us: reply.at_us,
-            estimate: 100,
+            estimate: Usage::call(100),
         }
     };
     let settle = async |held, tokens| {
@@ -392,7 +408,7 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         keys.iter().all(|key| !key.contains("reservations")),
         "nothing recorded: {keys:?}"
     );
-    let counters = settle(first, Some(40)).await;
+    let counters = settle(first, Some(Usage::call(40))).await;
     assert_eq!(
         counters.counts.day_used.tokens, 40,
         "the estimate is replaced"
@@ -416,7 +432,14 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         )
         .await
         .expect("reset");
-    assert_eq!(settle(in_flight, Some(30)).await.counts.day_used.tokens, 30);
+    assert_eq!(
+        settle(in_flight, Some(Usage::call(30)))
+            .await
+            .counts
+            .day_used
+            .tokens,
+        30
+    );
     let after_reset = held(3).await;
     assert_eq!(
         settle(after_reset, None).await.counts.day_used.tokens,
@@ -541,7 +564,7 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
     limits.set(LimitKind::new(Metric::Tokens, Window::Month), Some(1000));
     let admit = |reservation, tokens| AdmitArgs {
         limits: &limits,
-        tokens,
+        estimate: Usage::call(tokens),
         reservation,
         reservation_ttl: Duration::from_secs(600),
         probe_interval: Duration::from_secs(60),
@@ -572,7 +595,13 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
     // Settled for less, the month gets the unused tokens back.
     let (_, reply) = store
         .counters
-        .settle(&store.workspace, timezone, Store::now(), 1, Some(100))
+        .settle(
+            &store.workspace,
+            timezone,
+            Store::now(),
+            1,
+            Some(Usage::call(100)),
+        )
         .await
         .expect("settle");
     assert_eq!(reply.counters.counts.month_used.tokens, 100);

@@ -312,7 +312,7 @@ fn saved() -> Saved {
         reservations: vec![Reservation {
             id: u64::MAX - 1,
             charged_at: T0,
-            estimated_tokens: 100,
+            estimate: Usage::call(100),
             expires_at: Timestamp::from_millis(T0.millis() + 600_000),
             model: Some("gpt-4o".into()),
             probe: false,

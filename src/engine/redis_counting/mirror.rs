@@ -69,7 +69,7 @@ impl Mirror {
         match reset {
             Some(reset) => Expired {
                 charged_at: reset,
-                tokens: 0,
+                usage: Usage::default(),
                 ..expired
             },
             None => expired,
@@ -97,7 +97,7 @@ pub(in crate::engine) fn as_in_store(
     match reset {
         Some(reset) => Reservation {
             charged_at: reset,
-            estimated_tokens: 0,
+            estimate: Usage::default(),
             ..reservation
         },
         None => reservation,
@@ -136,10 +136,7 @@ pub(in crate::engine) fn enforce(
 /// running sum, so that many small buckets do not round away to nothing.
 fn share_of(counts: &Counts, instances: u32) -> Counts {
     let instances = u64::from(instances.max(1));
-    let share = |usage: Usage| Usage {
-        requests: usage.requests.div_ceil(instances),
-        tokens: usage.tokens.div_ceil(instances),
-    };
+    let share = |usage: Usage| Usage::from_fn(|metric| usage.of(metric).div_ceil(instances));
     let mut running = Usage::default();
     let mut scaled_so_far = Usage::default();
     let minute = counts
@@ -220,7 +217,7 @@ mod tests {
             probe: false,
         };
         let request = Request {
-            estimated_tokens: 40,
+            estimate: Usage::call(40),
             model: None,
             settled_anywhere: false,
         };
@@ -291,11 +288,11 @@ mod tests {
         let expired = |charged_us| Expired {
             charged_at: reset,
             model: None,
-            tokens: 40,
+            usage: Usage::call(40),
             charged_elsewhere_us: Some(charged_us),
         };
         let before = mirror.as_counted(expired(reset_us - 100));
-        assert_eq!((before.charged_at, before.tokens), (reset, 0));
+        assert_eq!((before.charged_at, before.usage.tokens), (reset, 0));
         assert_eq!(
             mirror.as_counted(expired(reset_us + 100)),
             expired(reset_us + 100)
@@ -307,14 +304,14 @@ mod tests {
         let reservation = |charged_us| Reservation {
             id: 1,
             charged_at: Timestamp::from_millis(reset.millis() - 1000),
-            estimated_tokens: 40,
+            estimate: Usage::call(40),
             expires_at: reset.plus(Duration::from_secs(600)),
             model: None,
             probe: false,
             charged_elsewhere_us: Some(charged_us),
         };
         let settled = as_in_store(reservation(charged_before_us), Some(reset_us));
-        assert_eq!((settled.charged_at, settled.estimated_tokens), (reset, 0));
+        assert_eq!((settled.charged_at, settled.estimate.tokens), (reset, 0));
         assert_eq!(
             as_in_store(reservation(reset_us + 1), Some(reset_us)),
             reservation(reset_us + 1)
@@ -340,10 +337,15 @@ mod tests {
         let held = state
             .take_reservation_charged_elsewhere(1, NOW)
             .expect("held");
-        assert_eq!(mirror.as_in_store(held.clone()).estimated_tokens, 40);
+        assert_eq!(mirror.as_in_store(held.clone()).estimate.tokens, 40);
         // A later reset in Redis clears it, as it was charged before.
         mirror.load(&mut state, &stored(3, NOW, 0, Some(charged_us + 1)));
         let returned = state.return_reservation(mirror.as_in_store(held), NOW);
-        assert_eq!(returned, Returned::Held { estimate: 0 });
+        assert_eq!(
+            returned,
+            Returned::Held {
+                estimate: Usage::default()
+            }
+        );
     }
 }

@@ -38,7 +38,7 @@ use super::slot::{Slot, record_expired};
 use super::{Decision, Engine, EngineError, Reported, Touched, UsageReport, fresh_id};
 use crate::domain::limits::WorkspaceId;
 use crate::domain::notification::describe_shared_store_unavailable;
-use crate::domain::window::Usage;
+use crate::domain::window::{Tally, Usage};
 use crate::domain::workspace::{Enforcement, Request, Reservation, ResetScope, Returned, Settled};
 use crate::redis::{
     AdmitArgs, BlockChange, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
@@ -177,7 +177,7 @@ impl Engine {
         };
         let args = AdmitArgs {
             limits: &limits,
-            tokens: request.estimated_tokens,
+            estimate: request.estimate,
             reservation: fresh_id(),
             reservation_ttl: self.settings.reservation_ttl,
             probe_interval: self.settings.probe_interval,
@@ -214,10 +214,7 @@ impl Engine {
                 if redis.on_error == OnStoreError::Closed {
                     return Err(EngineError::SharedStore(error.to_string()));
                 }
-                let usage = Usage {
-                    requests: 1,
-                    tokens: request.estimated_tokens,
-                };
+                let usage = request.estimate;
                 let decision = self.admit_here(workspace, request)?;
                 if decision.result.is_ok() {
                     self.count_alone(redis, &slot, usage);
@@ -259,7 +256,7 @@ impl Engine {
         if let Some(estimate) = charged_here {
             return self.settle_made_offline(redis, &slot, workspace, report, estimate);
         }
-        let tokens = report.tokens.map(|tokens| tokens.total());
+        let used = report.used();
         // Whether Redis charged a held reservation, to take a reset there
         // into account with its answer.
         let mut settled_held = false;
@@ -267,12 +264,12 @@ impl Engine {
             (_, Some(reservation)) => {
                 let held = Held {
                     charged_us: reservation.charged_elsewhere_us.unwrap_or_default(),
-                    estimate: reservation.estimated_tokens,
+                    estimate: reservation.estimate,
                 };
                 let in_settlement = HeldInSettlement::new(&slot, reservation);
                 match redis
                     .counters
-                    .settle_held(workspace, timezone, now, held, tokens)
+                    .settle_held(workspace, timezone, now, held, used)
                     .await
                 {
                     Ok(reply) => {
@@ -306,7 +303,7 @@ impl Engine {
             }
             (Some(id), None) => redis
                 .counters
-                .settle(workspace, timezone, now, id, tokens)
+                .settle(workspace, timezone, now, id, used)
                 .await
                 .map(|(reservation, reply)| {
                     (
@@ -315,10 +312,7 @@ impl Engine {
                     )
                 }),
             (None, None) => {
-                let usage = Usage {
-                    requests: 1,
-                    tokens: tokens.unwrap_or(0),
-                };
+                let usage = used.unwrap_or(Usage::call(0));
                 redis
                     .counters
                     .count(workspace, timezone, now, usage)
@@ -330,10 +324,10 @@ impl Engine {
             Ok(answered) => answered,
             Err(error) => {
                 self.store_failed(redis, &error);
-                let unreserved = report.reservation.is_none().then(|| Usage {
-                    requests: 1,
-                    tokens: tokens.unwrap_or(0),
-                });
+                let unreserved = report
+                    .reservation
+                    .is_none()
+                    .then(|| used.unwrap_or(Usage::call(0)));
                 let reported = self.settle_here(workspace, report)?;
                 if let Some(usage) = unreserved {
                     self.count_alone(redis, &slot, usage);
@@ -357,8 +351,8 @@ impl Engine {
             cell.load_stored(&reply.counters);
             let blocks_before = cell.state.blocks();
             let counted = match &settled {
-                Settled::Reservation(reservation) => tokens.unwrap_or(reservation.estimated_tokens),
-                Settled::Unreserved | Settled::Missing => tokens.unwrap_or(0),
+                Settled::Reservation(reservation) => used.unwrap_or(reservation.estimate),
+                Settled::Unreserved | Settled::Missing => used.unwrap_or(Usage::call(0)),
             };
             let recorded = cell.state.conclude_record(
                 &report.outcome(),
@@ -381,7 +375,7 @@ impl Engine {
     }
 
     /// Settles a reservation made here during an outage. What Redis must
-    /// learn (tokens beyond the estimate, blocks) waits with the usage
+    /// learn (usage beyond the estimate, blocks) waits with the usage
     /// counted alone, for the merge.
     fn settle_made_offline(
         &self,
@@ -389,19 +383,19 @@ impl Engine {
         slot: &Slot,
         workspace: &WorkspaceId,
         report: UsageReport,
-        estimate: u64,
+        estimate: Usage,
     ) -> Result<Reported, EngineError> {
         let beyond_estimate = report
-            .tokens
-            .map_or(0, |tokens| tokens.total().saturating_sub(estimate));
+            .used()
+            .map_or(Usage::default(), |used| used.saturating_sub(estimate));
         let reported = self.settle_here(workspace, report)?;
         // One that expired first kept its estimate, and no more.
         let counted = if reported.missing_reservation {
-            0
+            Usage::default()
         } else {
             beyond_estimate
         };
-        self.count_alone(redis, slot, Usage::tokens(counted));
+        self.count_alone(redis, slot, counted);
         Ok(reported)
     }
 
