@@ -23,18 +23,23 @@ export const STATUS_RANK = {
   normal: 3,
 };
 
-// Every limit the server knows, in the order it lists them: a metric over
-// a window. A new limit needs its label here and nothing else on screen.
-export const LIMIT_LABELS = {
-  requests_per_minute: "Requests / minute",
-  requests_per_day: "Requests / day",
-  requests_per_month: "Requests / month",
-  tokens_per_minute: "Tokens / minute",
-  tokens_per_day: "Tokens / day",
-  tokens_per_month: "Tokens / month",
-};
+// The words limits are named with: a limit is a metric over a window,
+// "{metric}_per_{window}". A new metric or window needs its word here and
+// nothing else on screen.
+const METRICS = ["requests", "tokens"];
+const WINDOWS = ["minute", "day", "month"];
 
-export const LIMIT_NAMES = Object.keys(LIMIT_LABELS);
+// Every limit the server knows, in the order it lists them: metric by
+// metric, shortest window first.
+export const LIMIT_NAMES = METRICS.flatMap((metric) =>
+  WINDOWS.map((window) => `${metric}_per_${window}`),
+);
+
+/** A limit's name in words: "tokens_per_month" reads "Tokens / month". */
+export function limitLabel(name) {
+  const [metric, window] = name.split("_per_");
+  return `${metric[0].toUpperCase()}${metric.slice(1)} / ${window}`;
+}
 
 export function statusLabel(status) {
   return STATUS_LABELS[status] ?? status;
@@ -116,11 +121,10 @@ const REASONS = {
 /** A machine reason (`requests_per_day_exhausted`) in words. */
 export function reasonText(reason) {
   if (REASONS[reason]) return REASONS[reason];
-  for (const [name, label] of Object.entries(LIMIT_LABELS)) {
-    if (reason === `${name}_exhausted`)
-      return `${label.toLowerCase()} exhausted`;
-    if (reason === `${name}_approaching`)
-      return `${label.toLowerCase()} nearly used`;
+  for (const name of LIMIT_NAMES) {
+    const label = limitLabel(name).toLowerCase();
+    if (reason === `${name}_exhausted`) return `${label} exhausted`;
+    if (reason === `${name}_approaching`) return `${label} nearly used`;
   }
   // The remaining upstream reasons name OpenAI's billing code.
   if (reason.startsWith("upstream_")) {

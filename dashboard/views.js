@@ -6,11 +6,11 @@ import { usageChart } from "/dashboard/chart.js";
 import { confirmDialog, formDialog, secretDialog } from "/dashboard/dialogs.js";
 import { fill, h } from "/dashboard/dom.js";
 import {
-  LIMIT_LABELS,
   LIMIT_NAMES,
   STATUS_RANK,
   compact,
   dateTime,
+  limitLabel,
   number,
   percent,
   reasonText,
@@ -29,16 +29,19 @@ export function badge(status) {
   );
 }
 
-/** What was used today, this month and over the last minute, limits or not. */
+/** What was used in each current calendar period (today, this month) and
+ * over the last minute, limits or not. */
 export function usageLine(usage) {
   if (!usage) return null;
   const counts = ({ requests, tokens }) =>
     `${number(requests)} requests · ${number(tokens)} tokens`;
-  return h(
-    "p",
-    { class: "usage" },
-    `Today: ${counts(usage.today)}; this month: ${counts(usage.this_month)}; last minute: ${counts(usage.last_minute)}`,
-  );
+  // The periods are named by their fields ("this_month" reads "this
+  // month"), in the server's order, so that a new one shows by itself.
+  const { last_minute, ...calendars } = usage;
+  const line = [...Object.entries(calendars), ["last_minute", last_minute]]
+    .map(([name, used]) => `${name.replaceAll("_", " ")}: ${counts(used)}`)
+    .join("; ");
+  return h("p", { class: "usage" }, line[0].toUpperCase() + line.slice(1));
 }
 
 /** Used / limit for each configured limit, as labelled bars. */
@@ -60,14 +63,14 @@ export function gauges(limits) {
             : "ok";
       const fill = h("span");
       fill.style.width = `${(share * 100).toFixed(1)}%`;
-      const label = `${LIMIT_LABELS[name]}: ${number(limit.used)} of ${number(limit.limit)} used`;
+      const label = `${limitLabel(name)}: ${number(limit.used)} of ${number(limit.limit)} used`;
       return h(
         "li",
         { dataset: { limit: name } },
         h(
           "div",
           { class: "gauge-label" },
-          h("span", { class: "name" }, LIMIT_LABELS[name]),
+          h("span", { class: "name" }, limitLabel(name)),
           h(
             "span",
             { class: "numbers", dataset: { role: "usage" } },
@@ -338,7 +341,7 @@ function quotaFields(
     },
     ...LIMIT_NAMES.map((name) => ({
       name,
-      label: LIMIT_LABELS[name],
+      label: limitLabel(name),
       type: "number",
       min: 1,
       step: 1,
@@ -551,7 +554,7 @@ export class Detail {
       h(
         "tr",
         {},
-        h("th", { scope: "row" }, LIMIT_LABELS[name]),
+        h("th", { scope: "row" }, limitLabel(name)),
         h(
           "td",
           { class: "num" },

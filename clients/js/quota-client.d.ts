@@ -2,14 +2,21 @@
 // and the QuotaMonitor that follows them live.
 
 export type Status = "normal" | "warning" | "rate_limited" | "quota_exceeded";
-/** A limit: a metric (requests, tokens) over a window (minute, day, month). */
-export type LimitName =
-  | "requests_per_minute"
-  | "requests_per_day"
-  | "requests_per_month"
-  | "tokens_per_minute"
-  | "tokens_per_day"
-  | "tokens_per_month";
+/** What a limit counts. */
+export type LimitMetric = "requests" | "tokens";
+/**
+ * The words of each calendar period, by the window that counts it: how
+ * texts and names speak of it, and its field in a status's `usage`. The
+ * names below are made from these, so that a new period is one line here.
+ */
+export interface CalendarPeriods {
+  day: { adjective: "daily"; usage: "today" };
+  month: { adjective: "monthly"; usage: "this_month" };
+}
+/** What a limit counts over: the sliding minute or a calendar period. */
+export type LimitWindow = "minute" | keyof CalendarPeriods;
+/** A limit: a metric over a window, e.g. `tokens_per_month`. */
+export type LimitName = `${LimitMetric}_per_${LimitWindow}`;
 
 export interface LimitState {
   limit: number;
@@ -52,9 +59,13 @@ export interface StatusDocument {
   /** What was used, whether or not limits are set. */
   usage: {
     last_minute: { requests: number; tokens: number };
-    today: { requests: number; tokens: number };
-    /** Since the first of the month, midnight in the workspace's timezone. */
-    this_month: { requests: number; tokens: number };
+  } & {
+    /** Since the period's start, midnight in the workspace's timezone:
+     * `today`, `this_month`. */
+    [Period in keyof CalendarPeriods as CalendarPeriods[Period]["usage"]]: {
+      requests: number;
+      tokens: number;
+    };
   };
   upstream: { requests: UpstreamBucket | null; tokens: UpstreamBucket | null } | null;
   billing_block: { code: string; since: string; next_probe_at: string } | null;
@@ -79,8 +90,7 @@ export interface Notification {
   kind:
     | "approaching_limit"
     | "rate_limited"
-    | "daily_quota_exhausted"
-    | "monthly_quota_exhausted"
+    | `${CalendarPeriods[keyof CalendarPeriods]["adjective"]}_quota_exhausted`
     | "upstream_rate_limited"
     | "upstream_quota_exhausted"
     | "upstream_errors"

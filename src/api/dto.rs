@@ -7,13 +7,13 @@ use serde::{Deserialize, Deserializer, Serialize};
 use utoipa::ToSchema;
 
 use crate::admin::Change;
-use crate::domain::limits::{LimitKind, Limits, PerLimit, Window, WorkspaceConfig};
+use crate::domain::limits::{LimitKind, Limits, PerLimit, Period, Window, WorkspaceConfig};
 use crate::domain::notification::Notification;
 use crate::domain::price::{PicoUsd, PriceTable, Rates};
 use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
-use crate::domain::workspace::Snapshot;
+use crate::domain::workspace::{RecentUsage, Snapshot};
 use crate::edge::error::optional_object;
 pub use crate::edge::error::{ErrorBody, ErrorDetail};
 use crate::keys::KeyGrant;
@@ -233,24 +233,48 @@ pub struct CountsDoc {
     pub tokens: u64,
 }
 
-#[derive(Serialize, ToSchema, Clone, Copy, Debug)]
-pub struct UsageDoc {
-    /// Over the sliding minute.
-    pub last_minute: CountsDoc,
-    /// Since midnight in the workspace's timezone.
-    pub today: CountsDoc,
-    /// Since midnight on the first of the month in the workspace's timezone.
-    pub this_month: CountsDoc,
+/// [`UsageDoc`], with a field per calendar period after the minute's. The
+/// periods' fields are listed once, in [`Period::ALL`]'s order, so that the
+/// conversion and [`usage_name`] go by position (a period without its field
+/// does not compile).
+macro_rules! usage_shape {
+    ($($(#[doc = $doc:literal])* $field:ident),* $(,)?) => {
+        #[derive(Serialize, ToSchema, Clone, Copy, Debug)]
+        pub struct UsageDoc {
+            /// Over the sliding minute.
+            pub last_minute: CountsDoc,
+            $(
+                $(#[doc = $doc])*
+                pub $field: CountsDoc,
+            )*
+        }
+
+        impl From<RecentUsage> for UsageDoc {
+            fn from(usage: RecentUsage) -> Self {
+                let [$($field),*] = usage.calendars.map(CountsDoc::from);
+                Self {
+                    last_minute: usage.last_minute.into(),
+                    $($field),*
+                }
+            }
+        }
+
+        /// The field of [`UsageDoc`] that counts over `window`.
+        pub fn usage_name(window: Window) -> &'static str {
+            const CALENDARS: [&str; Period::ALL.len()] = [$(stringify!($field)),*];
+            window
+                .period()
+                .map_or("last_minute", |period| CALENDARS[period.index()])
+        }
+    };
 }
 
-/// The field of [`UsageDoc`] that counts over `window`.
-pub fn usage_name(window: Window) -> &'static str {
-    match window {
-        Window::Minute => "last_minute",
-        Window::Day => "today",
-        Window::Month => "this_month",
-    }
-}
+usage_shape!(
+    /// Since midnight in the workspace's timezone.
+    today,
+    /// Since midnight on the first of the month in the workspace's timezone.
+    this_month,
+);
 
 impl From<crate::domain::window::Usage> for CountsDoc {
     fn from(usage: crate::domain::window::Usage) -> Self {
@@ -277,11 +301,7 @@ impl From<&Snapshot> for StatusDoc {
                 .retry_at
                 .map(|at| snapshot.at.until(at).as_millis() as f64 / 1000.0),
             limits,
-            usage: UsageDoc {
-                last_minute: snapshot.usage.last_minute.into(),
-                today: snapshot.usage.today.into(),
-                this_month: snapshot.usage.this_month.into(),
-            },
+            usage: snapshot.usage.into(),
             upstream: snapshot.upstream.map(|view| UpstreamDoc {
                 requests: view.requests.map(Into::into),
                 tokens: view.tokens.map(Into::into),
@@ -868,6 +888,7 @@ impl From<&PriceTable> for PricesDoc {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::window::Usage;
 
     #[test]
     fn every_limit_kind_has_its_own_field_by_name() {
@@ -901,6 +922,27 @@ mod tests {
         assert_eq!(
             settings.as_object().map(|o| o.len()),
             Some(LimitKind::COUNT)
+        );
+    }
+
+    #[test]
+    fn every_window_has_its_usage_field_by_name() {
+        let mut usage = RecentUsage {
+            last_minute: Usage::requests(100),
+            ..RecentUsage::default()
+        };
+        for period in Period::ALL {
+            usage.calendars[period.index()] = Usage::requests(period.index() as u64);
+        }
+        let doc = serde_json::to_value(UsageDoc::from(usage)).expect("json");
+        for window in Window::ALL {
+            let expected = window.period().map_or(100, |period| period.index());
+            assert_eq!(doc[usage_name(window)]["requests"], expected, "{window:?}");
+        }
+        assert_eq!(doc.as_object().map(|o| o.len()), Some(Window::ALL.len()));
+        assert_eq!(
+            (usage_name(Window::Day), usage_name(Window::Month)),
+            ("today", "this_month")
         );
     }
 }

@@ -70,6 +70,13 @@ impl Window {
             Window::Month => Some(Period::Month),
         }
     }
+
+    /// The window that counts `period`. The calendar windows follow the
+    /// minute in [`Window::ALL`] in [`Period::ALL`]'s order, which is also
+    /// the order the Redis script lays their totals and bounds out in.
+    pub const fn counting(period: Period) -> Window {
+        Window::ALL[period.index() + 1]
+    }
 }
 
 /// One limit a workspace can have: a metric over a window, named
@@ -428,6 +435,18 @@ mod tests {
         let month = LimitKind::new(Metric::Tokens, Window::Month);
         assert_eq!(month.name(), "tokens_per_month");
         assert_eq!(LimitKind::ALL[month.index()], month);
+    }
+
+    #[test]
+    fn each_period_has_the_window_that_counts_it() {
+        for period in Period::ALL {
+            assert_eq!(Window::counting(period).period(), Some(period));
+        }
+        let calendar_windows = Window::ALL
+            .into_iter()
+            .filter(|window| window.period().is_some())
+            .count();
+        assert_eq!(calendar_windows, Period::ALL.len());
     }
 
     #[test]

@@ -4,6 +4,8 @@
 //! carry the numbers and the concrete next steps, because an alert that only
 //! says "quota exceeded" sends its reader searching.
 
+use std::sync::LazyLock;
+
 use super::limits::{LimitKind, Period, Window, WorkspaceConfig, WorkspaceId};
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
@@ -36,8 +38,8 @@ impl Severity {
 pub enum NotificationKind {
     ApproachingLimit,
     RateLimited,
-    DailyQuotaExhausted,
-    MonthlyQuotaExhausted,
+    /// A calendar limit used up: one kind per period, named after it.
+    QuotaExhausted(Period),
     UpstreamRateLimited,
     UpstreamQuotaExhausted,
     UpstreamErrors,
@@ -58,12 +60,16 @@ impl NotificationKind {
         matches!(self, NotificationKind::UpstreamKeyMissing)
     }
 
-    pub const fn name(self) -> &'static str {
+    pub fn name(self) -> &'static str {
+        // A period's kind is named from its adjective, so that a new period
+        // brings its kind's name ("daily_quota_exhausted") with it.
+        static QUOTA_EXHAUSTED: LazyLock<[String; Period::ALL.len()]> = LazyLock::new(|| {
+            Period::ALL.map(|period| format!("{}_quota_exhausted", period.adjective()))
+        });
         match self {
             NotificationKind::ApproachingLimit => "approaching_limit",
             NotificationKind::RateLimited => "rate_limited",
-            NotificationKind::DailyQuotaExhausted => "daily_quota_exhausted",
-            NotificationKind::MonthlyQuotaExhausted => "monthly_quota_exhausted",
+            NotificationKind::QuotaExhausted(period) => &QUOTA_EXHAUSTED[period.index()],
             NotificationKind::UpstreamRateLimited => "upstream_rate_limited",
             NotificationKind::UpstreamQuotaExhausted => "upstream_quota_exhausted",
             NotificationKind::UpstreamErrors => "upstream_errors",
@@ -71,6 +77,23 @@ impl NotificationKind {
             NotificationKind::SharedStoreUnavailable => "shared_store_unavailable",
             NotificationKind::UpstreamKeyMissing => "upstream_key_missing",
         }
+    }
+
+    /// The kind named `name`, as [`NotificationKind::name`] names it.
+    pub fn from_name(name: &str) -> Option<Self> {
+        [
+            NotificationKind::ApproachingLimit,
+            NotificationKind::RateLimited,
+            NotificationKind::UpstreamRateLimited,
+            NotificationKind::UpstreamQuotaExhausted,
+            NotificationKind::UpstreamErrors,
+            NotificationKind::StorageUnavailable,
+            NotificationKind::SharedStoreUnavailable,
+            NotificationKind::UpstreamKeyMissing,
+        ]
+        .into_iter()
+        .chain(Period::ALL.map(NotificationKind::QuotaExhausted))
+        .find(|kind| kind.name() == name)
     }
 }
 
@@ -364,8 +387,7 @@ fn kind_of(cause: Cause) -> NotificationKind {
         Cause::Approaching(_) => NotificationKind::ApproachingLimit,
         Cause::LimitExhausted(kind) => match kind.window.period() {
             None => NotificationKind::RateLimited,
-            Some(Period::Day) => NotificationKind::DailyQuotaExhausted,
-            Some(Period::Month) => NotificationKind::MonthlyQuotaExhausted,
+            Some(period) => NotificationKind::QuotaExhausted(period),
         },
         Cause::UpstreamRateLimited => NotificationKind::UpstreamRateLimited,
         Cause::UpstreamQuotaExhausted => NotificationKind::UpstreamQuotaExhausted,
@@ -681,5 +703,26 @@ mod tests {
             assert!(actions.iter().all(|a| a.ends_with('.')), "{code:?}");
         }
         assert!(billing_actions(BillingCode::CreditBalanceExhausted)[0].contains("Add credits"));
+    }
+
+    #[test]
+    fn a_calendar_quota_kind_is_named_after_its_period_and_read_back() {
+        assert_eq!(
+            NotificationKind::QuotaExhausted(Period::Day).name(),
+            "daily_quota_exhausted"
+        );
+        assert_eq!(
+            NotificationKind::QuotaExhausted(Period::Month).name(),
+            "monthly_quota_exhausted"
+        );
+        for period in Period::ALL {
+            let kind = NotificationKind::QuotaExhausted(period);
+            assert_eq!(NotificationKind::from_name(kind.name()), Some(kind));
+        }
+        assert_eq!(
+            NotificationKind::from_name("rate_limited"),
+            Some(NotificationKind::RateLimited)
+        );
+        assert_eq!(NotificationKind::from_name("weekly_quota"), None);
     }
 }

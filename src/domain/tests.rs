@@ -282,7 +282,7 @@ fn a_day_limit_resets_at_local_midnight_in_a_non_utc_timezone() {
     script.at("2026-05-04T15:00:00Z");
     let changes = script.tick();
     assert_eq!(script.status(), Status::Normal);
-    assert!(resolved(&changes).contains(&NotificationKind::DailyQuotaExhausted));
+    assert!(resolved(&changes).contains(&NotificationKind::QuotaExhausted(Period::Day)));
     script.admitted(0);
     assert_eq!(script.used(REQUESTS_PER_DAY), 1);
     assert_eq!(script.status(), Status::Normal);
@@ -546,14 +546,14 @@ fn daily_exhaustion_is_critical_and_tells_how_to_unblock() {
     assert_eq!(script.status(), Status::QuotaExceeded);
     let kinds = script.active_kinds();
     assert!(kinds.contains(&(
-        NotificationKind::DailyQuotaExhausted,
+        NotificationKind::QuotaExhausted(Period::Day),
         Some(REQUESTS_PER_DAY)
     )));
     let exhausted = script
         .state
         .active_notifications()
         .iter()
-        .find(|n| n.kind == NotificationKind::DailyQuotaExhausted)
+        .find(|n| n.kind == NotificationKind::QuotaExhausted(Period::Day))
         .expect("raised");
     assert_eq!(exhausted.severity, Severity::Critical);
     assert_eq!(exhausted.resolves_at, Some(ts("2026-05-05T00:00:00Z")));
@@ -858,7 +858,7 @@ fn lowering_a_limit_changes_the_status_at_once() {
         .state
         .reconfigure(config, script.now, &script.settings, &mut || 7);
     assert_eq!(script.status(), Status::QuotaExceeded);
-    assert!(raised(&changes).contains(&NotificationKind::DailyQuotaExhausted));
+    assert!(raised(&changes).contains(&NotificationKind::QuotaExhausted(Period::Day)));
 }
 
 #[test]
@@ -955,12 +955,13 @@ fn counting_only_admits_beyond_the_limits_but_not_through_a_billing_block() {
 fn loaded_counts_replace_the_counts_and_a_day_that_is_over_counts_nothing() {
     let mut script = Script::new(&[(REQUESTS_PER_MINUTE, 10), (REQUESTS_PER_DAY, 100)]);
     let second = script.now.millis() / 1000;
-    let counts = |requests, day_start| Counts {
-        minute: vec![(second, Usage::requests(requests))],
-        day_start: ts(day_start),
-        day_used: Usage::requests(requests),
-        month_start: ts("2026-05-01T00:00:00Z"),
-        month_used: Usage::requests(requests),
+    let counts = |requests, day_start| {
+        let mut counts = Counts {
+            minute: vec![(second, Usage::requests(requests))],
+            calendars: [(ts("2026-05-01T00:00:00Z"), Usage::requests(requests)); Period::ALL.len()],
+        };
+        counts.calendars[Period::Day.index()].0 = ts(day_start);
+        counts
     };
     script
         .state
@@ -1233,14 +1234,14 @@ fn a_month_limit_refuses_until_the_local_start_of_the_next_month() {
     assert!(script.state.refuses_any_request(script.now));
     assert_eq!(script.status(), Status::QuotaExceeded);
     assert!(script.active_kinds().contains(&(
-        NotificationKind::MonthlyQuotaExhausted,
+        NotificationKind::QuotaExhausted(Period::Month),
         Some(REQUESTS_PER_MONTH)
     )));
     script.at("2026-03-31T22:00:00Z");
     assert!(!script.state.refuses_any_request(script.now));
     let changes = script.tick();
     assert_eq!(script.status(), Status::Normal);
-    assert!(resolved(&changes).contains(&NotificationKind::MonthlyQuotaExhausted));
+    assert!(resolved(&changes).contains(&NotificationKind::QuotaExhausted(Period::Month)));
     script.admitted(0);
     assert_eq!(script.used(REQUESTS_PER_MONTH), 1);
     assert_eq!(
@@ -1248,7 +1249,12 @@ fn a_month_limit_refuses_until_the_local_start_of_the_next_month() {
         Some(ts("2026-04-30T22:00:00Z"))
     );
     assert_eq!(
-        script.state.snapshot(script.now).usage.this_month.requests,
+        script
+            .state
+            .snapshot(script.now)
+            .usage
+            .calendar(Period::Month)
+            .requests,
         1
     );
 }
@@ -1354,7 +1360,7 @@ fn month_texts_say_when_the_month_resets() {
         .state
         .active_notifications()
         .iter()
-        .find(|n| n.kind == NotificationKind::MonthlyQuotaExhausted)
+        .find(|n| n.kind == NotificationKind::QuotaExhausted(Period::Month))
         .expect("exhausted")
         .clone();
     assert_eq!(exhausted.severity, Severity::Critical);
@@ -1427,7 +1433,7 @@ fn the_month_is_saved_and_an_older_save_starts_it_from_today() {
     saved.calendars[Period::Month.index()].used.tokens = 5000;
     assert_eq!(
         restore(saved.clone(), "2026-05-20T11:00:00Z")
-            .this_month
+            .calendar(Period::Month)
             .tokens,
         5000
     );
@@ -1437,28 +1443,50 @@ fn the_month_is_saved_and_an_older_save_starts_it_from_today() {
         .calendars
         .retain(|counter| counter.period == Period::Day);
     let usage = restore(saved.clone(), "2026-05-20T11:00:00Z");
-    assert_eq!((usage.today.tokens, usage.this_month.tokens), (300, 300));
+    assert_eq!(
+        (
+            usage.calendar(Period::Day).tokens,
+            usage.calendar(Period::Month).tokens
+        ),
+        (300, 300)
+    );
     let usage = restore(saved.clone(), "2026-05-21T11:00:00Z");
-    assert_eq!((usage.today.tokens, usage.this_month.tokens), (0, 300));
+    assert_eq!(
+        (
+            usage.calendar(Period::Day).tokens,
+            usage.calendar(Period::Month).tokens
+        ),
+        (0, 300)
+    );
     let usage = restore(saved, "2026-06-01T11:00:00Z");
-    assert_eq!((usage.today.tokens, usage.this_month.tokens), (0, 0));
+    assert_eq!(
+        (
+            usage.calendar(Period::Day).tokens,
+            usage.calendar(Period::Month).tokens
+        ),
+        (0, 0)
+    );
 }
 
 #[test]
 fn loaded_counts_carry_the_month_they_count() {
     let mut script = Script::new(&[(REQUESTS_PER_MONTH, 100)]);
-    let counts = |month_start, requests| Counts {
-        minute: Vec::new(),
-        day_start: ts("2026-05-04T00:00:00Z"),
-        day_used: Usage::default(),
-        month_start: ts(month_start),
-        month_used: Usage::requests(requests),
+    let counts = |month_start, requests| {
+        let mut counts = Counts {
+            minute: Vec::new(),
+            calendars: [(ts("2026-05-04T00:00:00Z"), Usage::default()); Period::ALL.len()],
+        };
+        counts.calendars[Period::Month.index()] = (ts(month_start), Usage::requests(requests));
+        counts
     };
     script
         .state
         .load_counts(&counts("2026-05-01T00:00:00Z", 40), script.now);
     assert_eq!(script.used(REQUESTS_PER_MONTH), 40);
-    assert_eq!(script.state.counts().month_used, Usage::requests(40));
+    assert_eq!(
+        script.state.counts().calendar(Period::Month).1,
+        Usage::requests(40)
+    );
     // A month that is over counts nothing this month.
     script
         .state

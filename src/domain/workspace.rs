@@ -196,13 +196,21 @@ pub struct Snapshot {
     pub at: Timestamp,
 }
 
-/// Requests and tokens counted over the sliding minute and the current day
-/// and month (in the workspace's timezone).
+/// Requests and tokens counted over the sliding minute and each current
+/// calendar period (in the workspace's timezone).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct RecentUsage {
     pub last_minute: Usage,
-    pub today: Usage,
-    pub this_month: Usage,
+    /// What each current calendar period used, by [`Period::index`]: one
+    /// entry per period, so that a new period needs no field of its own.
+    pub calendars: [Usage; Period::ALL.len()],
+}
+
+impl RecentUsage {
+    /// What the current `period` used.
+    pub fn calendar(&self, period: Period) -> Usage {
+        self.calendars[period.index()]
+    }
 }
 
 /// The persisted form of a workspace's live state; notifications are stored
@@ -232,21 +240,16 @@ pub struct Saved {
 pub struct Counts {
     /// Requests and tokens by absolute second, as `MinuteWindow` counts them.
     pub minute: Vec<(i64, Usage)>,
-    /// The start of the day that `day_used` counts.
-    pub day_start: Timestamp,
-    pub day_used: Usage,
-    /// The start of the month that `month_used` counts.
-    pub month_start: Timestamp,
-    pub month_used: Usage,
+    /// The start of each counted calendar period and what it counted, by
+    /// [`Period::index`]: one entry per period, so that a new period needs
+    /// no field of its own here or where counts are read and shared.
+    pub calendars: [(Timestamp, Usage); Period::ALL.len()],
 }
 
 impl Counts {
     /// The start of the counted `period` and what it counted.
     pub fn calendar(&self, period: Period) -> (Timestamp, Usage) {
-        match period {
-            Period::Day => (self.day_start, self.day_used),
-            Period::Month => (self.month_start, self.month_used),
-        }
+        self.calendars[period.index()]
     }
 }
 
@@ -836,10 +839,10 @@ impl WorkspaceState {
     pub fn counts(&self) -> Counts {
         Counts {
             minute: self.minute.to_entries(),
-            day_start: self.calendars.get(Period::Day).start,
-            day_used: self.calendars.get(Period::Day).used,
-            month_start: self.calendars.get(Period::Month).start,
-            month_used: self.calendars.get(Period::Month).used,
+            calendars: Period::ALL.map(|period| {
+                let counter = self.calendars.get(period);
+                (counter.start, counter.used)
+            }),
         }
     }
 
@@ -1309,8 +1312,7 @@ impl WorkspaceState {
             limits,
             usage: RecentUsage {
                 last_minute: self.minute.total(),
-                today: self.calendars.get(Period::Day).used_at(now),
-                this_month: self.calendars.get(Period::Month).used_at(now),
+                calendars: Period::ALL.map(|period| self.calendars.get(period).used_at(now)),
             },
             upstream: self.upstream_view.is_known().then_some(self.upstream_view),
             billing: self.billing_block,

@@ -3,6 +3,8 @@
 //! when to come back; `x-should-retry: false` stops the SDKs from retrying
 //! what no short wait can fix. The proxy answers with the same responses.
 
+use std::sync::LazyLock;
+
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::error::ApiError;
@@ -54,12 +56,14 @@ fn when(at: Option<Timestamp>, now: Timestamp) -> String {
     at.map_or_else(|| "at an unknown time".to_owned(), |at| in_time(at, now))
 }
 
-/// The error code of a used-up calendar limit.
+/// The error code of a used-up calendar limit, named from the period's
+/// adjective ("daily_limit_exceeded"), so that a new period brings its code
+/// with it.
 fn limit_exceeded_code(period: Period) -> &'static str {
-    match period {
-        Period::Day => "daily_limit_exceeded",
-        Period::Month => "monthly_limit_exceeded",
-    }
+    static CODES: LazyLock<[String; Period::ALL.len()]> = LazyLock::new(|| {
+        Period::ALL.map(|period| format!("{}_limit_exceeded", period.adjective()))
+    });
+    &CODES[period.index()]
 }
 
 /// The 429 for a refused request, naming the workspace, the limit and when it
@@ -137,4 +141,15 @@ pub fn refusal_error(
         insert(&mut error.headers, "x-should-retry", "false".to_owned());
     }
     error
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_calendar_limit_code_is_named_after_its_period() {
+        assert_eq!(limit_exceeded_code(Period::Day), "daily_limit_exceeded");
+        assert_eq!(limit_exceeded_code(Period::Month), "monthly_limit_exceeded");
+    }
 }

@@ -112,8 +112,10 @@
 
 local MINUTE_S = 60
 -- The metrics and windows, in the order of `Metric::ALL` and `Window::ALL`:
--- the minute first, then the calendar periods.
-local METRICS, WINDOWS = 2, 3
+-- the minute first, then the calendar periods. Their numbers are written
+-- in from those lists when the script is loaded (`state.rs`), so that the
+-- layout follows them by construction.
+local METRICS, WINDOWS = @METRICS@, @WINDOWS@
 local CALENDARS = WINDOWS - 1
 -- Header fields by index (see the top).
 local VERSION, HOLD, BILLING, BILLING_SINCE, NEXT_PROBE, LAST_RESET = 1, 2, 3, 4, 5, 6

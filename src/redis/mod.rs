@@ -41,7 +41,7 @@ use crate::domain::workspace::{
 };
 use crate::sync::lock;
 pub use state::StoredCounters;
-use state::{StateCache, billing_number, counters_from};
+use state::{StateCache, billing_number, counters_from, counters_script};
 
 /// After a failed call, how long calls fail at once before one tries again.
 const RETRY_AFTER_FAILURE: Duration = Duration::from_millis(500);
@@ -511,7 +511,7 @@ impl Link {
         Ok(Self {
             client,
             manager,
-            script: Script::new(include_str!("counters.lua")),
+            script: Script::new(&counters_script()),
             lease: Script::new(
                 r"
                 if redis.call('GET', KEYS[1]) == ARGV[1] then

@@ -12,7 +12,7 @@ use rustc_hash::FxHashMap;
 
 use super::SharedError;
 use crate::domain::limits::{Metric, Window, WorkspaceId};
-use crate::domain::time::Timestamp;
+use crate::domain::time::{Period, Timestamp};
 use crate::domain::upstream::BillingCode;
 use crate::domain::window::Usage;
 use crate::domain::workspace::{BillingBlock, Blocks, Counts};
@@ -42,10 +42,10 @@ const fn total(window: Window, metric: Metric) -> usize {
     TOTALS + window.index() * METRICS + metric.index()
 }
 
-/// The header's index of the start of the calendar period `window` counts;
-/// its end follows. The calendar windows follow the minute.
-const fn period_start(window: Window) -> usize {
-    BOUNDS + 2 * (window.index() - 1)
+/// The header's index of the start of the calendar period `period`; its
+/// end follows.
+const fn period_start(period: Period) -> usize {
+    BOUNDS + 2 * period.index()
 }
 
 /// One workspace's counters and upstream blocks as the script stores them,
@@ -120,12 +120,28 @@ impl StateCache {
     }
 }
 
-/// Requests and tokens from a count per metric, in `Metric::ALL`'s order.
+/// Usage from a count per metric, in `Metric::ALL`'s order.
 fn usage_of(counts: &[f64]) -> Usage {
-    Usage {
-        requests: counts[Metric::Requests.index()] as u64,
-        tokens: counts[Metric::Tokens.index()] as u64,
-    }
+    Usage::from_fn(|metric| counts[metric.index()] as u64)
+}
+
+/// The line of `counters.lua` that the numbers of metrics and windows are
+/// written into.
+const COUNTS_MARKER: &str = "local METRICS, WINDOWS = @METRICS@, @WINDOWS@";
+
+/// The counters script as Redis runs it: with the numbers of metrics and
+/// windows, which lay its state out, taken from `Metric::ALL` and
+/// `Window::ALL`, so that the script and this module read the same layout.
+pub(super) fn counters_script() -> String {
+    include_str!("counters.lua").replacen(
+        COUNTS_MARKER,
+        &format!(
+            "local METRICS, WINDOWS = {}, {}",
+            Metric::ALL.len(),
+            Window::ALL.len()
+        ),
+        1,
+    )
 }
 
 /// A workspace's counters from its state, as of the store's clock `at`.
@@ -150,7 +166,9 @@ pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> StoredCounters {
         .map(|(second, counts)| (second as i64, usage_of(counts)))
         .collect();
     let millis = |index: usize| Timestamp::from_millis(state[index] as i64);
-    let used = |window: Window| usage_of(&state[total(window, Metric::ALL[0])..][..METRICS]);
+    let used = |period: Period| {
+        usage_of(&state[total(Window::counting(period), Metric::ALL[0])..][..METRICS])
+    };
     let billing = billing_code(state[BILLING]).map(|code| BillingBlock {
         code,
         since: millis(BILLING_SINCE),
@@ -161,10 +179,7 @@ pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> StoredCounters {
         at,
         counts: Counts {
             minute,
-            day_start: millis(period_start(Window::Day)),
-            day_used: used(Window::Day),
-            month_start: millis(period_start(Window::Month)),
-            month_used: used(Window::Month),
+            calendars: Period::ALL.map(|period| (millis(period_start(period)), used(period))),
         },
         blocks: Blocks {
             rate_until: Some(millis(HOLD)).filter(|until| *until > at),
@@ -189,7 +204,7 @@ fn billing_code(number: f64) -> Option<BillingCode> {
 
 /// The numbers before the minute's slots in a workspace's state (see
 /// `counters.lua` for each).
-const STATE_HEADER: usize = BOUNDS + 2 * (Window::ALL.len() - 1);
+const STATE_HEADER: usize = BOUNDS + 2 * Period::ALL.len();
 
 /// A slot's numbers: its second and a count per metric.
 const SLOT_FIELDS: usize = 1 + METRICS;
@@ -382,14 +397,15 @@ mod tests {
 
     #[test]
     fn the_script_lays_out_the_same_metrics_and_windows() {
-        let script = include_str!("counters.lua");
+        let script = counters_script();
+        assert!(include_str!("counters.lua").contains(COUNTS_MARKER));
         let declared = format!(
             "local METRICS, WINDOWS = {}, {}",
             Metric::ALL.len(),
             Window::ALL.len()
         );
         assert!(script.contains(&declared), "{declared}");
-        assert_eq!(STATE_HEADER, 21);
+        assert!(!script.contains('@'), "every number written in");
     }
 
     #[test]
@@ -398,15 +414,15 @@ mod tests {
         state[..STATE_HEADER].copy_from_slice(&header(3.0, 3.0));
         let day = Timestamp::from_millis(1_780_000_000_000);
         let month = Timestamp::from_millis(1_779_000_000_000);
-        state[period_start(Window::Day)] = day.millis() as f64;
-        state[period_start(Window::Month)] = month.millis() as f64;
+        state[period_start(Period::Day)] = day.millis() as f64;
+        state[period_start(Period::Month)] = month.millis() as f64;
         state[total(Window::Day, Metric::Requests)] = 2.0;
         state[total(Window::Day, Metric::Tokens)] = 20.0;
         state[total(Window::Month, Metric::Requests)] = 9.0;
         state[total(Window::Month, Metric::Tokens)] = 90.0;
         let counters = counters_from(Timestamp::from_millis(1_780_000_500_000), &state);
         assert_eq!(
-            (counters.counts.day_start, counters.counts.day_used),
+            counters.counts.calendar(Period::Day),
             (
                 day,
                 Usage {
@@ -416,7 +432,7 @@ mod tests {
             )
         );
         assert_eq!(
-            (counters.counts.month_start, counters.counts.month_used),
+            counters.counts.calendar(Period::Month),
             (
                 month,
                 Usage {

@@ -427,19 +427,6 @@ fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
     })
 }
 
-const KIND_NAMES: [NotificationKind; 10] = [
-    NotificationKind::ApproachingLimit,
-    NotificationKind::RateLimited,
-    NotificationKind::DailyQuotaExhausted,
-    NotificationKind::MonthlyQuotaExhausted,
-    NotificationKind::UpstreamRateLimited,
-    NotificationKind::UpstreamQuotaExhausted,
-    NotificationKind::UpstreamErrors,
-    NotificationKind::StorageUnavailable,
-    NotificationKind::SharedStoreUnavailable,
-    NotificationKind::UpstreamKeyMissing,
-];
-
 fn notification_from_row(row: NotificationRow) -> Option<Notification> {
     let (
         id,
@@ -461,7 +448,7 @@ fn notification_from_row(row: NotificationRow) -> Option<Notification> {
         workspace: workspace.and_then(|w| w.parse().ok()),
         cause: cause.as_deref().and_then(Cause::from_key),
         severity: Severity::from_name(&severity)?,
-        kind: KIND_NAMES.into_iter().find(|k| k.name() == kind)?,
+        kind: NotificationKind::from_name(&kind)?,
         title,
         message,
         suggested_actions: serde_json::from_str(&actions).unwrap_or_default(),

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use futures_util::FutureExt;
 use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig, WorkspaceId};
-use quotawatch::domain::time::Timestamp;
+use quotawatch::domain::time::{Period, Timestamp};
 use quotawatch::domain::window::Usage;
 use quotawatch::domain::workspace::{Admitted, Request, ResetScope, Settings};
 use quotawatch::engine::{
@@ -148,7 +148,7 @@ impl Instance {
             .peek(&self.workspace, chrono_tz::UTC, SystemClock.now())
             .await
             .expect("peek");
-        reply.counters.counts.day_used.tokens
+        reply.counters.counts.calendar(Period::Day).1.tokens
     }
 
     async fn finish(self) {

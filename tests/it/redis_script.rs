@@ -235,7 +235,8 @@ async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_i
     assert!(settled.is_none(), "an expired reservation is not settled");
     assert!(reply.expired.is_empty(), "{:?}", reply.expired);
     assert_eq!(
-        reply.counters.counts.day_used.tokens, 120,
+        reply.counters.counts.calendar(Period::Day).1.tokens,
+        120,
         "its estimate stays charged"
     );
     store.finish().await;
@@ -261,7 +262,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         )
         .await
         .expect("reset");
-    assert_eq!(reset.counters.counts.day_used.tokens, 0);
+    assert_eq!(reset.counters.counts.calendar(Period::Day).1.tokens, 0);
     let (settled, reply) = store
         .counters
         .settle(
@@ -278,7 +279,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         settled.estimate.tokens, 0,
         "nothing of it counts since the reset"
     );
-    assert_eq!(reply.counters.counts.day_used.tokens, 30);
+    assert_eq!(reply.counters.counts.calendar(Period::Day).1.tokens, 30);
     let minute: u64 = reply
         .counters
         .counts
@@ -295,7 +296,7 @@ async fn a_request_in_flight_over_a_reset_is_charged_what_it_used_since() {
         .await
         .expect("settle");
     assert_eq!(settled.map(|settled| settled.estimate.tokens), Some(0));
-    assert_eq!(reply.counters.counts.day_used.tokens, 30);
+    assert_eq!(reply.counters.counts.calendar(Period::Day).1.tokens, 30);
     assert!(reply.counters.last_reset_us.is_some(), "the reset is known");
     store.finish().await;
 }
@@ -365,8 +366,8 @@ async fn a_reservation_settled_twice_at_once_is_settled_once() {
         .count();
     assert_eq!(settled, 1, "{first:?} {second:?}");
     let day = [
-        first.1.counters.counts.day_used,
-        second.1.counters.counts.day_used,
+        first.1.counters.counts.calendar(Period::Day).1,
+        second.1.counters.counts.calendar(Period::Day).1,
     ]
     .into_iter()
     .map(|used| used.tokens)
@@ -410,7 +411,8 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
     );
     let counters = settle(first, Some(Usage::call(40))).await;
     assert_eq!(
-        counters.counts.day_used.tokens, 40,
+        counters.counts.calendar(Period::Day).1.tokens,
+        40,
         "the estimate is replaced"
     );
     let minute: u64 = counters
@@ -436,13 +438,19 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         settle(in_flight, Some(Usage::call(30)))
             .await
             .counts
-            .day_used
+            .calendar(Period::Day)
+            .1
             .tokens,
         30
     );
     let after_reset = held(3).await;
     assert_eq!(
-        settle(after_reset, None).await.counts.day_used.tokens,
+        settle(after_reset, None)
+            .await
+            .counts
+            .calendar(Period::Day)
+            .1
+            .tokens,
         130,
         "kept, its estimate stays charged"
     );
@@ -578,9 +586,9 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         .expect("admit");
     assert!(admitted.is_some());
     let (month_start, month_end) = Period::Month.bounds(Store::now(), timezone);
-    assert_eq!(reply.counters.counts.month_start, month_start);
-    assert_eq!(reply.counters.counts.month_used.tokens, 600);
-    assert_eq!(reply.counters.counts.day_used.tokens, 600);
+    assert_eq!(reply.counters.counts.calendar(Period::Month).0, month_start);
+    assert_eq!(reply.counters.counts.calendar(Period::Month).1.tokens, 600);
+    assert_eq!(reply.counters.counts.calendar(Period::Day).1.tokens, 600);
     // The month limit has room for 400 more, the estimate of 500 does not fit.
     let (refused, reply) = store
         .counters
@@ -589,7 +597,8 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         .expect("admit");
     assert!(refused.is_none(), "the month limit refuses");
     assert_eq!(
-        reply.counters.counts.month_used.tokens, 600,
+        reply.counters.counts.calendar(Period::Month).1.tokens,
+        600,
         "a refusal charges nothing"
     );
     // Settled for less, the month gets the unused tokens back.
@@ -604,7 +613,7 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         )
         .await
         .expect("settle");
-    assert_eq!(reply.counters.counts.month_used.tokens, 100);
+    assert_eq!(reply.counters.counts.calendar(Period::Month).1.tokens, 100);
     let (admitted, _) = store
         .counters
         .admit(&store.workspace, timezone, Store::now(), admit(3, 500))
@@ -629,9 +638,13 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         .reset(&store.workspace, timezone, Store::now(), ResetScope::Usage)
         .await
         .expect("reset");
-    assert_eq!(reset.counters.counts.month_used, Usage::default());
     assert_eq!(
-        reset.counters.counts.month_start, month_start,
+        reset.counters.counts.calendar(Period::Month).1,
+        Usage::default()
+    );
+    assert_eq!(
+        reset.counters.counts.calendar(Period::Month).0,
+        month_start,
         "the month stays"
     );
     store.finish().await;

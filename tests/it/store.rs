@@ -336,7 +336,7 @@ fn notification(workspace: Option<&str>, at: i64, resolved: Option<i64>) -> Noti
         cause: workspace
             .map(|_| Cause::LimitExhausted(LimitKind::new(Metric::Requests, Window::Day))),
         severity: Severity::Critical,
-        kind: NotificationKind::DailyQuotaExhausted,
+        kind: NotificationKind::QuotaExhausted(Period::Day),
         title: "title".into(),
         message: "message with numbers: 10 of 10".into(),
         suggested_actions: vec!["raise requests_per_day".into(), "reduce volume".into()],

@@ -152,10 +152,7 @@ fn share_of(counts: &Counts, instances: u32) -> Counts {
         .collect();
     Counts {
         minute,
-        day_start: counts.day_start,
-        day_used: share(counts.day_used),
-        month_start: counts.month_start,
-        month_used: share(counts.month_used),
+        calendars: counts.calendars.map(|(start, used)| (start, share(used))),
     }
 }
 
@@ -187,17 +184,15 @@ mod tests {
         requests: u64,
         last_reset_us: Option<i64>,
     ) -> StoredCounters {
-        let (day_start, _) = Period::Day.bounds(at, chrono_tz::UTC);
-        let (month_start, _) = Period::Month.bounds(at, chrono_tz::UTC);
         StoredCounters {
             version,
             at,
             counts: Counts {
                 minute: vec![(at.millis() / 1000, Usage::requests(requests))],
-                day_start,
-                day_used: Usage::requests(requests),
-                month_start,
-                month_used: Usage::requests(requests),
+                calendars: Period::ALL.map(|period| {
+                    let (start, _) = period.bounds(at, chrono_tz::UTC);
+                    (start, Usage::requests(requests))
+                }),
             },
             blocks: Blocks::default(),
             last_reset_us,
@@ -258,21 +253,23 @@ mod tests {
     fn a_share_starts_from_a_share_of_the_usage_rounded_up() {
         // Three requests in three different seconds: 3 / 2 rounds up to 2,
         // not down to nothing second by second.
-        let counts = Counts {
+        let mut counts = Counts {
             minute: vec![
                 (100, Usage::requests(1)),
                 (101, Usage::requests(1)),
                 (102, Usage::requests(1)),
             ],
-            day_start: NOW,
-            day_used: Usage::requests(3),
-            month_start: NOW,
-            month_used: Usage::requests(5),
+            calendars: [(NOW, Usage::requests(3)); Period::ALL.len()],
         };
+        counts.calendars[Period::Month.index()] = (NOW, Usage::requests(5));
         let share = share_of(&counts, 2);
         let minute: u64 = share.minute.iter().map(|(_, usage)| usage.requests).sum();
         assert_eq!(
-            (minute, share.day_used.requests, share.month_used.requests),
+            (
+                minute,
+                share.calendar(Period::Day).1.requests,
+                share.calendar(Period::Month).1.requests
+            ),
             (2, 2, 3)
         );
     }
