@@ -75,7 +75,8 @@
 -- string too: the count of each metric in order, separated by spaces
 -- ("1 250": a request and 250 tokens), so that no argument belongs to a
 -- metric. Then ADMISSION_ARGS per
--- admission: its workspace's number, its estimate, reservation id,
+-- admission: its workspace's number, its estimate as one argument per
+-- metric (the hottest path then parses no string), reservation id,
 -- reservation TTL (ms), probe interval (ms), model, and whether to record
 -- the reservation ('1') or leave it to the caller to hold ('0'). Then
 -- SETTLEMENT_ARGS per settlement of a recorded reservation: its
@@ -132,7 +133,7 @@ local SLOT_CHANGE = '<' .. string.rep('d', 1 + SLOT_FIELDS)
 local SLOT_BYTES = 8 * SLOT_FIELDS
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
 local WORKSPACE_ARGS = 4
-local ADMISSION_ARGS = 7
+local ADMISSION_ARGS = 6 + METRICS
 local SETTLEMENT_ARGS = 3
 local HELD_SETTLEMENT_ARGS = 4
 -- The most expired reservations one call removes; the rest wait for the
@@ -248,7 +249,7 @@ local function open(k, id, calendars)
   -- period a limit counts over (see `stored`).
   local w = { state = KEYS[k], id = id, slots = {}, blob = blob, new = new, changes = changes,
     h = h, slots_version = h[SLOTS_VERSION], known = -1, second = 0, changed = false,
-    limits = {}, kept = 1 }
+    limits = false, kept = 1 }
   roll_calendars(h, calendars)
   -- Should Redis's clock step back, counting goes on in the newest second.
   local newest = h[NEWEST_SECOND]
@@ -284,8 +285,10 @@ local function add_minute(w, at_second, counts)
   if at_second == h[NEWEST_SECOND] then
     for m = 1, METRICS do
       local newest, minute = NEWEST + m - 1, TOTALS + m - 1
-      local after = math.max(h[newest] + counts[m], 0)
-      h[minute] = h[minute] + after - h[newest]
+      local before = h[newest]
+      local after = before + counts[m]
+      if after < 0 then after = 0 end
+      h[minute] = h[minute] + after - before
       h[newest] = after
     end
     return
@@ -307,11 +310,13 @@ end
 local function add_calendars(w, counts, charged)
   local h = w.h
   for c = 1, CALENDARS do
-    local since = charged and charged < h[period_start(c)]
+    local since = charged and charged < h[BOUNDS + 2 * (c - 1)]
+    local at = TOTALS + c * METRICS - 1
     for m = 1, METRICS do
       local count = counts[m]
-      if since then count = math.max(count, 0) end
-      h[total(c, m)] = math.max(h[total(c, m)] + count, 0)
+      if since and count < 0 then count = 0 end
+      local after = h[at + m] + count
+      h[at + m] = after > 0 and after or 0
     end
   end
 end
@@ -399,13 +404,12 @@ local function expiry_member(field, record)
 end
 
 -- Usage as passed (see the top) into `counts`, one number per metric;
--- answers `counts`.
+-- answers `counts`. A pattern rather than a loop over matches, which
+-- costs more.
+local USAGE = '^(%d+)' .. string.rep(' (%d+)', METRICS - 1)
 local function read_usage(text, counts)
-  local m = 0
-  for count in string.gmatch(text, '%d+') do
-    m = m + 1
-    counts[m] = tonumber(count)
-  end
+  local parsed = { string.match(text, USAGE) }
+  for m = 1, METRICS do counts[m] = tonumber(parsed[m]) end
   return counts
 end
 
@@ -431,26 +435,31 @@ end
 
 local expired = expire_reservations()
 
--- Whether `cost` more stays within `max` after `used`. A request that
--- alone exceeds a limit never fits.
-local function fits(max, used, cost)
-  return cost <= max and used + (cost > 1 and cost or 1) <= max
-end
-
 -- Opens the n-th workspace of a batch, from ARGV[b..]. Its limits are
 -- parsed once, for all its admissions.
+-- Limits parsed in this call, by their argument: workspaces mostly share
+-- the server's default limits, which are then parsed once.
+local parsed_limits = {}
+
 local function open_in_batch(n, b)
   local w = open(2 + n, ARGV[b], ARGV[b + 1])
   w.known = tonumber(ARGV[b + 3])
-  local limits, values = w.limits, {}
-  for value in string.gmatch(ARGV[b + 2], '%d+') do values[#values + 1] = tonumber(value) end
-  for i = 1, #values - 2, 3 do
-    local window, metric, max = values[i], values[i + 1] + 1, values[i + 2]
-    limits[#limits + 1] = total(window, metric)
-    limits[#limits + 1] = metric
-    limits[#limits + 1] = max
-    w.kept = math.max(w.kept, window)
+  local text = ARGV[b + 2]
+  local parsed = parsed_limits[text]
+  if not parsed then
+    local limits, values, kept = {}, {}, 1
+    for value in string.gmatch(text, '%d+') do values[#values + 1] = tonumber(value) end
+    for i = 1, #values - 2, 3 do
+      local window, metric, max = values[i], values[i + 1] + 1, values[i + 2]
+      limits[#limits + 1] = total(window, metric)
+      limits[#limits + 1] = metric
+      limits[#limits + 1] = max
+      if window > kept then kept = window end
+    end
+    parsed = { limits = limits, kept = kept }
+    parsed_limits[text] = parsed
   end
+  w.limits, w.kept = parsed.limits, parsed.kept
   return w
 end
 
@@ -466,11 +475,17 @@ local costs = {}
 
 local function admit_one(w, a)
   local h = w.h
-  local estimate = ARGV[a + 1]
-  read_usage(estimate, costs)
+  for m = 1, METRICS do costs[m] = tonumber(ARGV[a + m]) end
+  -- The arguments after the estimate, as if it were one: ARGV[a + 2] is
+  -- the reservation id.
+  a = a + METRICS - 1
   local limits = w.limits
   for i = 1, #limits, 3 do
-    if not fits(limits[i + 2], h[limits[i]], costs[limits[i + 1]]) then return '0' end
+    -- It fits if `cost` more stays within the limit; one that alone
+    -- exceeds the limit never fits. Written out here, as a function call
+    -- per limit would cost more than the test.
+    local max, cost = limits[i + 2], costs[limits[i + 1]]
+    if cost > max or h[limits[i]] + (cost > 1 and cost or 1) > max then return '0' end
   end
   if h[HOLD] > now then return '0' end
   local probe = '0'
@@ -486,7 +501,7 @@ local function admit_one(w, a)
   -- A reservation the caller holds is not recorded (see `batch`).
   if ARGV[a + 6] ~= '1' then return outcome end
   local field = w.id .. '|' .. ARGV[a + 2]
-  local record = now_us_text .. '|' .. estimate .. '|' .. probe .. '|' .. ARGV[a + 5]
+  local record = now_us_text .. '|' .. table.concat(costs, ' ') .. '|' .. probe .. '|' .. ARGV[a + 5]
   new_reservations[#new_reservations + 1] = field
   new_reservations[#new_reservations + 1] = record
   local ttl = ARGV[a + 3]

@@ -762,9 +762,13 @@ impl Link {
                 ..
             } = &pending.work
             {
+                invocation.arg(number);
+                // One argument per metric: the script's hottest path then
+                // parses no string.
+                for metric in Metric::ALL {
+                    invocation.arg(clamp(estimate.of(metric)));
+                }
                 invocation
-                    .arg(number)
-                    .arg(usage_arg(*estimate))
                     .arg(reservation)
                     .arg(millis(*reservation_ttl))
                     .arg(millis(*probe_interval))
