@@ -26,7 +26,7 @@ export const STATUS_RANK = {
 // The words limits are named with: a limit is a metric over a window,
 // "{metric}_per_{window}". A new metric or window needs its word here and
 // nothing else on screen.
-const METRICS = ["requests", "tokens"];
+const METRICS = ["requests", "tokens", "usd"];
 const WINDOWS = ["minute", "day", "month"];
 
 // Every limit the server knows, in the order it lists them: metric by
@@ -35,10 +35,20 @@ export const LIMIT_NAMES = METRICS.flatMap((metric) =>
   WINDOWS.map((window) => `${metric}_per_${window}`),
 );
 
+// How a metric reads where its name would be lowercase-capitalised.
+const METRIC_LABELS = { usd: "USD" };
+
 /** A limit's name in words: "tokens_per_month" reads "Tokens / month". */
 export function limitLabel(name) {
   const [metric, window] = name.split("_per_");
-  return `${metric[0].toUpperCase()}${metric.slice(1)} / ${window}`;
+  const label =
+    METRIC_LABELS[metric] ?? `${metric[0].toUpperCase()}${metric.slice(1)}`;
+  return `${label} / ${window}`;
+}
+
+/** Whether a limit counts money, which the server gives in dollars. */
+export function isBudget(name) {
+  return name.startsWith("usd_per_");
 }
 
 export function statusLabel(status) {
@@ -59,6 +69,24 @@ export function number(value) {
   return value === null || value === undefined
     ? "—"
     : numberFormat.format(value);
+}
+
+const dollarFormat = new Intl.NumberFormat("en", {
+  style: "currency",
+  currency: "USD",
+  maximumFractionDigits: 6,
+});
+
+/** Dollars as money: "$49.98", "$0.00042". */
+export function dollars(value) {
+  return value === null || value === undefined
+    ? "—"
+    : dollarFormat.format(value);
+}
+
+/** An amount of a limit: dollars for a budget, else a count. */
+export function amount(name, value) {
+  return isBudget(name) ? dollars(value) : number(value);
 }
 
 export function compact(value) {

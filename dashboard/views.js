@@ -8,8 +8,11 @@ import { fill, h } from "/dashboard/dom.js";
 import {
   LIMIT_NAMES,
   STATUS_RANK,
+  amount,
   compact,
   dateTime,
+  dollars,
+  isBudget,
   limitLabel,
   number,
   percent,
@@ -33,8 +36,8 @@ export function badge(status) {
  * over the last minute, limits or not. */
 export function usageLine(usage) {
   if (!usage) return null;
-  const counts = ({ requests, tokens }) =>
-    `${number(requests)} requests · ${number(tokens)} tokens`;
+  const counts = ({ requests, tokens, usd }) =>
+    `${number(requests)} requests · ${number(tokens)} tokens · ${dollars(usd)}`;
   // The periods are named by their fields ("this_month" reads "this
   // month"), in the server's order, so that a new one shows by itself.
   const { last_minute, ...calendars } = usage;
@@ -63,7 +66,7 @@ export function gauges(limits) {
             : "ok";
       const fill = h("span");
       fill.style.width = `${(share * 100).toFixed(1)}%`;
-      const label = `${limitLabel(name)}: ${number(limit.used)} of ${number(limit.limit)} used`;
+      const label = `${limitLabel(name)}: ${amount(name, limit.used)} of ${amount(name, limit.limit)} used`;
       return h(
         "li",
         { dataset: { limit: name } },
@@ -74,7 +77,7 @@ export function gauges(limits) {
           h(
             "span",
             { class: "numbers", dataset: { role: "usage" } },
-            `${number(limit.used)} / ${number(limit.limit)} (${percent(limit.utilization)})`,
+            `${amount(name, limit.used)} / ${amount(name, limit.limit)} (${percent(limit.utilization)})`,
           ),
         ),
         h(
@@ -343,8 +346,9 @@ function quotaFields(
       name,
       label: limitLabel(name),
       type: "number",
-      min: 1,
-      step: 1,
+      // Budgets are dollars, with cents and smaller fractions.
+      min: isBudget(name) ? 0 : 1,
+      step: isBudget(name) ? "any" : 1,
       value: limits[name] ?? "",
       placeholder: "unlimited",
       hint: emptyMeans,
@@ -558,7 +562,7 @@ export class Detail {
         h(
           "td",
           { class: "num" },
-          doc.limits[name] ? number(doc.limits[name].limit) : "unlimited",
+          doc.limits[name] ? amount(name, doc.limits[name].limit) : "unlimited",
         ),
       ),
     );

@@ -239,6 +239,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 headers: Default::default(),
                             }),
                             latency_ms: None,
+                            ..UsageReport::default()
                         };
                         engine.settle(id, report).await.expect("settled");
                     }

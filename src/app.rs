@@ -17,7 +17,7 @@ use crate::config::Config;
 use crate::engine::flush::{self, FlushHandle};
 use crate::engine::{Counters, Engine, SystemClock};
 use crate::keys::{KeyHash, PlainKey};
-use crate::prices::PriceBook;
+use crate::prices::{PriceBook, Pricing};
 use crate::redis::{RedisCounters, SharedError};
 use crate::store::{Store, StoreError};
 use crate::tokens::TokenSecret;
@@ -148,6 +148,10 @@ pub async fn start(
     let default_workspace_key = bootstrap_workspaces(&config, &offline_admin, &store).await?;
 
     let mut engine = Engine::new(config.engine, config.defaults, Arc::new(SystemClock));
+    engine.price_with(Pricing {
+        book: prices.clone(),
+        unpriced: config.unpriced_model_rate,
+    });
     // WebSocket tickets live beside the counters, in the same Redis.
     let mut single_use = None;
     if let Some(redis) = &config.redis {

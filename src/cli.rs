@@ -10,7 +10,8 @@ use clap::{Args, Parser, Subcommand};
 use crate::admin::{Admin, KeySpec, WorkspaceSpec};
 use crate::api::dto::usage_name;
 use crate::config::{self, CliOverrides, Config, Sources};
-use crate::domain::limits::{LimitKind, PerLimit, WorkspaceId};
+use crate::domain::limits::{LimitKind, Metric, PerLimit, WorkspaceId};
+use crate::domain::price::{format_dollars, nano_usd};
 use crate::domain::time::{Timestamp, humanize_duration};
 use crate::keys::{KeyGrant, Scope, UnknownScope};
 use crate::store::{KeyRecord, Store};
@@ -231,8 +232,15 @@ impl Args for LimitArgs {
                 clap::Arg::new(kind.name())
                     .long(FLAGS[kind.index()].as_str())
                     .value_name("N")
-                    .value_parser(parse_limit)
-                    .help(format!("The {kind} limit: a number, or \"unlimited\"")),
+                    .value_parser(move |text: &str| parse_limit(text, kind))
+                    .help(match kind.metric {
+                        Metric::Usd => {
+                            format!("The {kind} limit in dollars (such as 12.5), or \"unlimited\"")
+                        }
+                        Metric::Requests | Metric::Tokens => {
+                            format!("The {kind} limit: a number, or \"unlimited\"")
+                        }
+                    }),
             )
         })
     }
@@ -242,14 +250,22 @@ impl Args for LimitArgs {
     }
 }
 
-fn parse_limit(text: &str) -> Result<LimitArg, String> {
-    match text {
-        "unlimited" | "none" => Ok(LimitArg(None)),
-        number => number
-            .parse()
-            .map(|n| LimitArg(Some(n)))
-            .map_err(|_| format!("{number:?} is neither a whole number nor \"unlimited\"")),
-    }
+/// A limit in its public unit: a whole number of requests or tokens, or
+/// dollars for a usd limit, which counts nano-dollars.
+fn parse_limit(text: &str, kind: LimitKind) -> Result<LimitArg, String> {
+    let value = match (text, kind.metric) {
+        ("unlimited" | "none", _) => return Ok(LimitArg(None)),
+        (number, Metric::Usd) => number.parse().ok().and_then(nano_usd),
+        (number, Metric::Requests | Metric::Tokens) => number.parse().ok(),
+    };
+    value
+        .map(|value| LimitArg(Some(value)))
+        .ok_or_else(|| match kind.metric {
+            Metric::Usd => format!("{text:?} is neither an amount of dollars nor \"unlimited\""),
+            Metric::Requests | Metric::Tokens => {
+                format!("{text:?} is neither a whole number nor \"unlimited\"")
+            }
+        })
 }
 
 impl WorkspaceArgs {
@@ -413,8 +429,13 @@ async fn offline_admin(config: &Config) -> Result<Admin, Failure> {
     Ok(Admin::new(store, None, config.defaults).with_declared(config))
 }
 
-fn limit_cell(value: Option<u64>) -> String {
-    value.map_or_else(|| "unlimited".to_owned(), |n| n.to_string())
+/// A limit as configured, in its public unit: a count, or dollars.
+fn limit_cell(kind: LimitKind, value: Option<u64>) -> String {
+    match (value, kind.metric) {
+        (None, _) => "unlimited".to_owned(),
+        (Some(dollars), Metric::Usd) => format_dollars(dollars),
+        (Some(count), Metric::Requests | Metric::Tokens) => count.to_string(),
+    }
 }
 
 async fn workspace(config: Config, command: WorkspaceCommand) -> Result<(), Failure> {
@@ -450,7 +471,7 @@ async fn workspace(config: Config, command: WorkspaceCommand) -> Result<(), Fail
                 row.extend(
                     LimitKind::ALL
                         .iter()
-                        .map(|kind| limit_cell(ws.limits.get(*kind))),
+                        .map(|kind| limit_cell(*kind, ws.limits.get(*kind))),
                 );
                 row.push(ws.warn_at.to_string());
                 rows.push(row);
@@ -604,7 +625,8 @@ fn status_rows(docs: &[serde_json::Value], now: Timestamp) -> Vec<Vec<String>> {
         ];
         for kind in LimitKind::ALL {
             let limit = &doc["limits"][kind.name()];
-            let cell = match (limit["used"].as_u64(), limit["limit"].as_u64()) {
+            // Counts, or dollars for usd limits, as the server wrote them.
+            let cell = match (limit["used"].as_number(), limit["limit"].as_number()) {
                 (Some(used), Some(max)) => {
                     let resets = limit["resets_at"]
                         .as_str()
@@ -618,7 +640,7 @@ fn status_rows(docs: &[serde_json::Value], now: Timestamp) -> Vec<Vec<String>> {
                 }
                 // No limit: what was used all the same.
                 _ => doc["usage"][usage_name(kind.window)][kind.metric.name()]
-                    .as_u64()
+                    .as_number()
                     .map_or_else(|| "-".to_owned(), |used| format!("{used} (no limit)")),
             };
             row.push(cell);

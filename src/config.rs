@@ -16,12 +16,13 @@ use serde::Deserialize;
 
 use crate::admin::{Change, WorkspaceSpec};
 use crate::domain::limits::{
-    LimitKind, Limits, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
+    LimitKind, Limits, Metric, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
 };
 use crate::domain::limits::{
     REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, REQUESTS_PER_MONTH, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
     TOKENS_PER_MONTH,
 };
+use crate::domain::price::{PicoUsd, Rates, UnpricedRates, nano_usd};
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::{OnStoreError, WorkspaceDefaults};
@@ -127,6 +128,8 @@ settings! {
         "serve /metrics without the admin key");
     PRICES_FILE: PathBuf = ("prices_file", "QUOTAWATCH_PRICES_FILE", None, false, |text| Ok(PathBuf::from(text)),
         "a price file (the model_prices_and_context_window.json format) laid over the built-in prices; read again on SIGHUP and POST /api/prices/reload");
+    UNPRICED_MODEL_RATE: UnpricedRates = ("unpriced_model_rate", "QUOTAWATCH_UNPRICED_MODEL_RATE", Some("highest"), false, parse_unpriced_rate,
+        "what a model missing from the prices is charged: highest (the table's highest input and output rates, so budgets err toward refusing) or INPUT,OUTPUT in USD per million tokens, such as 2.5,10");
     REDIS_URL: String = ("redis_url", "QUOTAWATCH_REDIS_URL", None, false, parse_redis_url,
         "redis://HOST:PORT/DB: share counters, blocks and live events with other instances (unset: this instance counts alone)");
     REDIS_PREFIX: String = ("redis_prefix", "QUOTAWATCH_REDIS_PREFIX", Some("quotawatch:"), false, |text| Ok(text.to_owned()),
@@ -223,6 +226,8 @@ pub struct Config {
     pub metrics_public: bool,
     /// The operator's prices, laid over the built-in ones.
     pub prices_file: Option<PathBuf>,
+    /// What a model missing from the prices is charged.
+    pub unpriced_model_rate: UnpricedRates,
     /// Counters shared with other instances, when configured.
     pub redis: Option<RedisConfig>,
     /// Workspaces declared in the TOML file, applied at start-up.
@@ -276,6 +281,8 @@ enum FileLimit {
     /// Signed, so that a negative limit gets a plain message rather than
     /// serde's "did not match any variant".
     Count(i64),
+    /// Dollars with a fraction, for usd limits.
+    Amount(f64),
     Word(String),
 }
 
@@ -501,6 +508,7 @@ fn build(
         metrics_models: values.read(&METRICS_MODELS)?,
         metrics_public: values.read(&METRICS_PUBLIC)?,
         prices_file: values.read_optional(&PRICES_FILE)?,
+        unpriced_model_rate: values.read(&UNPRICED_MODEL_RATE)?,
         redis,
         workspaces,
         workspaces_file: match &declared_in {
@@ -636,6 +644,35 @@ fn parse_tokenizer(text: &str) -> Result<Tokenizer, String> {
     }
 }
 
+/// `highest`, or an input and an output rate in USD per million tokens
+/// (cached prompt tokens cost the input rate), each rounded to a whole
+/// pico-dollar per token.
+fn parse_unpriced_rate(text: &str) -> Result<UnpricedRates, String> {
+    if text == "highest" {
+        return Ok(UnpricedRates::Highest);
+    }
+    let refused = || {
+        format!(
+            "{text:?} is neither highest nor INPUT,OUTPUT in USD per million tokens, such as 2.5,10"
+        )
+    };
+    let per_token = |rate: &str| -> Result<PicoUsd, String> {
+        let per_million: f64 = rate.trim().parse().map_err(|_| refused())?;
+        // A thousand dollars per million tokens is beyond any model's price.
+        if !(0.0..=1000.0).contains(&per_million) {
+            return Err(refused());
+        }
+        Ok((per_million * 1_000_000.0).round() as PicoUsd)
+    };
+    let (input, output) = text.split_once(',').ok_or_else(refused)?;
+    let input = per_token(input)?;
+    Ok(UnpricedRates::Fixed(Rates {
+        input,
+        cached_input: input,
+        output: per_token(output)?,
+    }))
+}
+
 fn parse_list(text: &str) -> Result<Vec<String>, String> {
     Ok(text
         .split(',')
@@ -745,6 +782,27 @@ fn file_workspace(
                     source,
                     format!(
                         "{n} is negative: a limit is a whole number of at least 1, or \"unlimited\""
+                    ),
+                ));
+            }
+            // A usd limit is written in dollars and counts nano-dollars.
+            FileLimit::Count(n) if kind.metric == Metric::Usd => nano_usd(n as f64),
+            FileLimit::Amount(dollars) if kind.metric == Metric::Usd => {
+                Some(nano_usd(dollars).ok_or_else(|| {
+                    ConfigError::new(
+                        at(&format!("limits.{name}")),
+                        source,
+                        format!("{dollars} is not an amount of dollars of at least 0"),
+                    )
+                })?)
+            }
+            FileLimit::Amount(n) => {
+                return Err(ConfigError::new(
+                    at(&format!("limits.{name}")),
+                    source,
+                    format!(
+                        "{n} is not a whole number: {kind} counts whole {}",
+                        kind.metric.name()
                     ),
                 ));
             }
@@ -1173,5 +1231,48 @@ tokens_per_month = "unlimited"
         let unknown = "[[workspaces]]\nid = \"acme\"\n[workspaces.limits]\ntokens_per_week = 1\n";
         let error = load_with(Some(unknown), None, &[], vec![]).expect_err("unknown");
         assert!(error.to_string().contains("tokens_per_month"), "{error}");
+    }
+
+    #[test]
+    fn unpriced_models_are_charged_the_highest_rates_or_the_operators() {
+        assert_eq!(accepted(&[]).unpriced_model_rate, UnpricedRates::Highest);
+        let own = accepted(&[("QUOTAWATCH_UNPRICED_MODEL_RATE", "2.5, 10")]);
+        assert_eq!(
+            own.unpriced_model_rate,
+            UnpricedRates::Fixed(Rates {
+                input: 2_500_000,
+                cached_input: 2_500_000,
+                output: 10_000_000,
+            })
+        );
+        for bad in ["2.5", "cheap,1", "-1,2", "1,2000", "lowest"] {
+            let error = refusal(None, &[("QUOTAWATCH_UNPRICED_MODEL_RATE", bad)]);
+            assert_eq!(error.setting, "QUOTAWATCH_UNPRICED_MODEL_RATE", "{bad}");
+        }
+    }
+
+    #[test]
+    fn declared_budgets_are_in_dollars() {
+        use crate::domain::limits::{USD_PER_DAY, USD_PER_MONTH};
+        let file = r#"
+[[workspaces]]
+id = "acme"
+[workspaces.limits]
+usd_per_day = 50
+usd_per_month = 1200.5
+"#;
+        let config = load_with(Some(file), None, &[], vec![]).expect("valid");
+        let (_, spec) = &config.workspaces[0];
+        assert_eq!(
+            spec.limits.get(USD_PER_DAY),
+            Change::Set(Some(50_000_000_000))
+        );
+        assert_eq!(
+            spec.limits.get(USD_PER_MONTH),
+            Change::Set(Some(1_200_500_000_000))
+        );
+        let fraction = "[[workspaces]]\nid = \"acme\"\n[workspaces.limits]\ntokens_per_day = 1.5\n";
+        let error = load_with(Some(fraction), None, &[], vec![]).expect_err("a fraction");
+        assert_eq!(error.setting, "workspaces[0].limits.tokens_per_day");
     }
 }

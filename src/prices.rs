@@ -12,7 +12,9 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::{Map, Value};
 
-use crate::domain::price::{PicoUsd, Price, PriceTable, Rates, Tier};
+use crate::domain::price::{
+    NanoUsd, PicoUsd, Price, PriceTable, Rates, Tier, TokenCounts, UnpricedRates, charged,
+};
 use crate::sync::{read, write};
 
 /// OpenAI's entries of the table, as compiled in.
@@ -66,6 +68,48 @@ impl PriceBook {
         let table = Arc::new(read_table(self.file.as_ref())?);
         *write(&self.table) = table.clone();
         Ok(table)
+    }
+}
+
+/// The prices calls are charged at: the book in force, and what a model it
+/// does not know is charged (`QUOTAWATCH_UNPRICED_MODEL_RATE`).
+pub struct Pricing {
+    pub book: Arc<PriceBook>,
+    pub unpriced: UnpricedRates,
+}
+
+impl Pricing {
+    /// The built-in prices, with the default for unpriced models.
+    pub fn built_in() -> Self {
+        Self {
+            book: Arc::new(PriceBook {
+                file: None,
+                table: RwLock::new(Arc::new(built_in())),
+            }),
+            unpriced: UnpricedRates::default(),
+        }
+    }
+
+    /// Whether the prices in force know `model`.
+    pub fn knows(&self, model: &str) -> bool {
+        self.book.current().resolve(model).is_some()
+    }
+
+    /// What `tokens` of `model` cost at `tier`, as a usd counter charges
+    /// it (whole nano-dollars, rounded up): uncached prompt tokens at
+    /// the input rate, cached ones at the cached rate, completion tokens
+    /// at the output rate. An estimate passes its prompt and its
+    /// completion allowance; a settlement what the call used. A call that
+    /// names no model costs nothing: there is no price to apply, and
+    /// OpenAI answers such a call with an error, unbilled. (Apps that
+    /// report through the REST API name the model for their budget to
+    /// count; what they report is theirs to say in any case.)
+    pub fn charge(&self, model: Option<&str>, tokens: TokenCounts, tier: Tier) -> NanoUsd {
+        let Some(model) = model else {
+            return 0;
+        };
+        let table = self.book.current();
+        charged(table.price_or(model, self.unpriced).cost(tokens, tier))
     }
 }
 

@@ -2,8 +2,8 @@
 // and the QuotaMonitor that follows them live.
 
 export type Status = "normal" | "warning" | "rate_limited" | "quota_exceeded";
-/** What a limit counts. */
-export type LimitMetric = "requests" | "tokens";
+/** What a limit counts; `usd` limits (budgets) are in dollars. */
+export type LimitMetric = "requests" | "tokens" | "usd";
 /**
  * The words of each calendar period, by the window that counts it: how
  * texts and names speak of it, and its field in a status's `usage`. The
@@ -18,6 +18,7 @@ export type LimitWindow = "minute" | keyof CalendarPeriods;
 /** A limit: a metric over a window, e.g. `tokens_per_month`. */
 export type LimitName = `${LimitMetric}_per_${LimitWindow}`;
 
+/** Counts of requests or tokens; dollars for a `usd` limit. */
 export interface LimitState {
   limit: number;
   used: number;
@@ -43,6 +44,13 @@ export interface UpstreamError {
   message: string | null;
 }
 
+/** What was used over a span; `usd` is dollars spent. */
+export interface UsageCounts {
+  requests: number;
+  tokens: number;
+  usd: number;
+}
+
 export interface StatusDocument {
   workspace: string;
   name: string;
@@ -58,14 +66,11 @@ export interface StatusDocument {
   limits: Partial<Record<LimitName, LimitState>>;
   /** What was used, whether or not limits are set. */
   usage: {
-    last_minute: { requests: number; tokens: number };
+    last_minute: UsageCounts;
   } & {
     /** Since the period's start, midnight in the workspace's timezone:
      * `today`, `this_month`. */
-    [Period in keyof CalendarPeriods as CalendarPeriods[Period]["usage"]]: {
-      requests: number;
-      tokens: number;
-    };
+    [Period in keyof CalendarPeriods as CalendarPeriods[Period]["usage"]]: UsageCounts;
   };
   upstream: { requests: UpstreamBucket | null; tokens: UpstreamBucket | null } | null;
   billing_block: { code: string; since: string; next_probe_at: string } | null;
@@ -78,6 +83,8 @@ export interface StatusDocument {
     refused: number;
     last: UpstreamError | null;
   };
+  /** Models called that the prices do not know, charged at the unpriced rates. */
+  unpriced_models: string[];
   updated_at: string;
 }
 

@@ -4,12 +4,15 @@
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Deserializer, Serialize};
+use serde_json::Number;
 use utoipa::ToSchema;
 
 use crate::admin::Change;
-use crate::domain::limits::{LimitKind, Limits, PerLimit, Period, Window, WorkspaceConfig};
+use crate::domain::limits::{
+    LimitKind, Limits, Metric, PerLimit, Period, ValidationError, Window, WorkspaceConfig,
+};
 use crate::domain::notification::Notification;
-use crate::domain::price::{PicoUsd, PriceTable, Rates};
+use crate::domain::price::{PicoUsd, PriceTable, Rates, dollars, nano_usd};
 use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
@@ -49,11 +52,46 @@ fn rfc3339(at: Timestamp) -> String {
 
 // ----- status -------------------------------------------------------------------
 
+/// An amount of a limit's metric as the API writes it: a count of requests
+/// or tokens, or dollars for a usd limit (whose counters hold nano-dollars).
+pub fn amount(metric: Metric, value: u64) -> Number {
+    match metric {
+        Metric::Requests | Metric::Tokens => value.into(),
+        // A count of nano-dollars in dollars is finite, so always a number.
+        Metric::Usd => Number::from_f64(dollars(value)).unwrap_or_else(|| value.into()),
+    }
+}
+
+/// A limit of `kind` as a client writes it (see [`amount`]), in the unit
+/// its counters count. Dollars are rounded to the nearest nano-dollar,
+/// which is exact for any amount of at most 9 decimal places up to
+/// [`MAX_USD_LIMIT`](crate::domain::price::MAX_USD_LIMIT).
+fn limit_of(kind: LimitKind, written: &Number) -> Result<u64, ValidationError> {
+    let value = match kind.metric {
+        Metric::Requests | Metric::Tokens => written.as_u64(),
+        Metric::Usd => written.as_f64().and_then(nano_usd),
+    };
+    value.ok_or_else(|| {
+        let what = match kind.metric {
+            Metric::Requests | Metric::Tokens => "a whole number",
+            Metric::Usd => "an amount of dollars such as 50 or 12.5",
+        };
+        ValidationError::new(
+            kind.name(),
+            format!("{kind} must be {what}, or null for unlimited; got {written}"),
+        )
+    })
+}
+
 #[derive(Serialize, ToSchema, Clone, Debug)]
 pub struct LimitDoc {
-    pub limit: u64,
-    pub used: u64,
-    pub remaining: u64,
+    /// A count of requests or tokens; dollars for a usd limit.
+    #[schema(value_type = f64)]
+    pub limit: Number,
+    #[schema(value_type = f64)]
+    pub used: Number,
+    #[schema(value_type = f64)]
+    pub remaining: Number,
     /// `used / limit`, between 0 and 1 (above 1 when usage reported after the
     /// fact overshot the limit).
     pub utilization: f64,
@@ -62,12 +100,12 @@ pub struct LimitDoc {
     pub resets_at: Option<String>,
 }
 
-impl From<LimitFacts> for LimitDoc {
-    fn from(facts: LimitFacts) -> Self {
+impl LimitDoc {
+    fn of(kind: LimitKind, facts: LimitFacts) -> Self {
         Self {
-            limit: facts.max,
-            used: facts.used,
-            remaining: facts.remaining(),
+            limit: amount(kind.metric, facts.max),
+            used: amount(kind.metric, facts.used),
+            remaining: amount(kind.metric, facts.remaining()),
             utilization: (facts.utilization() * 10_000.0).round() / 10_000.0,
             resets_at: facts.resets_at.map(rfc3339),
         }
@@ -94,41 +132,56 @@ macro_rules! limit_shapes {
             fn of<'a>(facts: impl IntoIterator<Item = &'a (LimitKind, LimitFacts)>) -> Self {
                 let mut docs: [Option<LimitDoc>; LimitKind::COUNT] = Default::default();
                 for (kind, facts) in facts {
-                    docs[kind.index()] = Some(LimitDoc::from(*facts));
+                    docs[kind.index()] = Some(LimitDoc::of(*kind, *facts));
                 }
                 let [$($field),*] = docs;
                 Self { $($field),* }
             }
         }
 
-        /// Limits as configured; null means unlimited.
+        /// Limits as configured (usd limits in dollars); null means
+        /// unlimited.
         #[derive(Serialize, ToSchema, Debug, Clone)]
         pub struct LimitSettingsDoc {
-            $(pub $field: Option<u64>,)*
+            $(
+                #[schema(value_type = Option<f64>)]
+                pub $field: Option<Number>,
+            )*
         }
 
         impl From<Limits> for LimitSettingsDoc {
             fn from(limits: Limits) -> Self {
-                let [$($field),*] = limits.0;
+                let [$($field),*] = LimitKind::ALL
+                    .map(|kind| limits.get(kind).map(|max| amount(kind.metric, max)));
                 Self { $($field),* }
             }
         }
 
-        /// Limits to set: a number, null for unlimited, or left out (on
-        /// creation: the server default; on update: unchanged).
+        /// Limits to set: a number (usd limits in dollars), null for
+        /// unlimited, or left out (on creation: the server default; on
+        /// update: unchanged).
         #[derive(Deserialize, ToSchema, Debug, Default)]
         #[serde(deny_unknown_fields)]
         pub struct LimitsInput {
             $(
                 #[serde(default, deserialize_with = "change")]
-                #[schema(value_type = Option<u64>)]
-                pub $field: Change<Option<u64>>,
+                #[schema(value_type = Option<f64>)]
+                pub $field: Change<Option<Number>>,
             )*
         }
 
         impl LimitsInput {
-            pub fn to_per_limit(&self) -> PerLimit<Change<Option<u64>>> {
-                PerLimit([$(self.$field),*])
+            /// The limits in the units their counters count.
+            pub fn to_per_limit(&self) -> Result<PerLimit<Change<Option<u64>>>, ValidationError> {
+                let written = [$(&self.$field),*];
+                let mut limits = PerLimit::default();
+                for (kind, change) in LimitKind::ALL.into_iter().zip(written) {
+                    if let Change::Set(value) = change {
+                        let value = value.as_ref().map(|value| limit_of(kind, value)).transpose()?;
+                        limits.set(kind, Change::Set(value));
+                    }
+                }
+                Ok(limits)
             }
         }
     };
@@ -141,6 +194,9 @@ limit_shapes!(
     tokens_per_minute,
     tokens_per_day,
     tokens_per_month,
+    usd_per_minute,
+    usd_per_day,
+    usd_per_month,
 );
 
 #[derive(Serialize, ToSchema, Clone, Debug)]
@@ -223,14 +279,21 @@ pub struct StatusDoc {
     pub upstream: Option<UpstreamDoc>,
     pub billing_block: Option<BillingBlockDoc>,
     pub errors: ErrorsDoc,
+    /// Models called that the prices do not know, charged at the unpriced
+    /// rates (each raised an `unpriced_model` notification), first called
+    /// first.
+    pub unpriced_models: Vec<String>,
     pub updated_at: String,
 }
 
-/// Requests and tokens counted (reservations of calls in flight included).
+/// Requests, tokens and money counted (reservations of calls in flight
+/// included, at their estimates).
 #[derive(Serialize, ToSchema, Clone, Copy, Debug)]
 pub struct CountsDoc {
     pub requests: u64,
     pub tokens: u64,
+    /// Dollars spent, as the price table in force prices each call.
+    pub usd: f64,
 }
 
 /// [`UsageDoc`], with a field per calendar period after the minute's. The
@@ -281,6 +344,7 @@ impl From<crate::domain::window::Usage> for CountsDoc {
         Self {
             requests: usage.requests,
             tokens: usage.tokens,
+            usd: dollars(usage.usd),
         }
     }
 }
@@ -326,6 +390,11 @@ impl From<&Snapshot> for StatusDoc {
                     message: e.message.clone(),
                 }),
             },
+            unpriced_models: snapshot
+                .unpriced_models
+                .iter()
+                .map(ToString::to_string)
+                .collect(),
             updated_at: rfc3339(snapshot.at),
         }
     }
@@ -355,8 +424,8 @@ pub struct NotificationDoc {
     pub severity: String,
     /// `approaching_limit`, `rate_limited`, `daily_quota_exhausted`,
     /// `monthly_quota_exhausted`, `upstream_rate_limited`, `upstream_quota_exhausted`, `upstream_errors`,
-    /// `storage_unavailable`, `shared_store_unavailable` or
-    /// `upstream_key_missing`.
+    /// `storage_unavailable`, `shared_store_unavailable`,
+    /// `upstream_key_missing` or `unpriced_model`.
     pub kind: String,
     /// `title`, `message` and `suggested_actions` are the operator's: what
     /// happened in full, and what to change where.
@@ -420,8 +489,20 @@ pub struct CheckRequest {
     /// charged now and settled when usage is reported. At most
     /// 1,000,000,000, as is each token count of a usage report.
     pub estimated_tokens: Option<u64>,
+    /// Of `estimated_tokens`, those of the prompt, which the cost estimate
+    /// charges at the model's input rate; the rest (the completion
+    /// allowance) at its output rate. Without it, every estimated token is
+    /// charged at the output rate, the higher, so that a budget errs toward
+    /// refusing.
+    pub estimated_prompt_tokens: Option<u64>,
     /// 1 to 100 characters among ASCII letters, digits and `. _ - : / @`.
+    /// The cost estimate is at its price (see `GET /api/prices`); a model
+    /// the prices do not know at the unpriced rates; without a model, the
+    /// call costs nothing.
     pub model: Option<String>,
+    /// The processing tier the call asks for (`flex`, `priority`; others
+    /// are the standard tier), where the prices have its rates.
+    pub service_tier: Option<String>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -434,8 +515,10 @@ pub struct CheckResponse {
     /// True when this call is the one probe let through a billing block:
     /// report its outcome so the block can lift.
     pub probe: bool,
-    /// What is left of each configured limit after this call.
-    pub remaining: BTreeMap<String, u64>,
+    /// What is left of each configured limit after this call (of usd
+    /// limits, in dollars).
+    #[schema(value_type = BTreeMap<String, f64>)]
+    pub remaining: BTreeMap<String, Number>,
 }
 
 #[derive(Deserialize, ToSchema, Debug, Default)]
@@ -445,7 +528,11 @@ pub struct UsageRequest {
     /// request plus its tokens.
     pub reservation_id: Option<String>,
     /// 1 to 100 characters among ASCII letters, digits and `. _ - : / @`.
+    /// The call's exact cost is at its price.
     pub model: Option<String>,
+    /// The processing tier the call used (`flex`, `priority`; others are
+    /// the standard tier).
+    pub service_tier: Option<String>,
     #[serde(default, deserialize_with = "optional_object")]
     pub usage: Option<crate::openai::Usage>,
     /// The upstream's HTTP status (default 200, or 429 when `error` is given).
@@ -617,20 +704,21 @@ pub struct WorkspaceInput {
 }
 
 impl WorkspaceInput {
-    pub fn to_spec(&self) -> crate::admin::WorkspaceSpec {
-        crate::admin::WorkspaceSpec {
+    pub fn to_spec(&self) -> Result<crate::admin::WorkspaceSpec, ValidationError> {
+        Ok(crate::admin::WorkspaceSpec {
             name: self.name.clone(),
             timezone: self.timezone.clone(),
             limits: self
                 .limits
                 .as_ref()
                 .map(LimitsInput::to_per_limit)
+                .transpose()?
                 .unwrap_or_default(),
             warn_at: self.warn_at,
             upstream_key_env: self.upstream_key_env.clone(),
             upstream_organization: self.upstream_organization.clone(),
             upstream_project: self.upstream_project.clone(),
-        }
+        })
     }
 }
 
@@ -912,11 +1000,13 @@ mod tests {
             .collect();
         let status = serde_json::to_value(LimitsDoc::of(&facts)).expect("json");
         let input: LimitsInput = serde_json::from_value(settings.clone()).expect("input");
-        let input = input.to_per_limit();
+        let input = input.to_per_limit().expect("valid");
         for kind in LimitKind::ALL {
             let expected = kind.index() as u64 + 1;
-            assert_eq!(settings[kind.name()], expected, "{kind}");
-            assert_eq!(status[kind.name()]["limit"], expected, "{kind}");
+            // Each in its public unit: a count, or dollars for usd limits.
+            let shown = serde_json::Value::Number(amount(kind.metric, expected));
+            assert_eq!(settings[kind.name()], shown, "{kind}");
+            assert_eq!(status[kind.name()]["limit"], shown, "{kind}");
             assert_eq!(input.get(kind), Change::Set(Some(expected)), "{kind}");
         }
         assert_eq!(

@@ -12,8 +12,9 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::dto::*;
-use crate::domain::limits::{LimitKind, WorkspaceId};
+use crate::domain::limits::{LimitKind, Metric, WorkspaceId};
 use crate::domain::model::parse_model;
+use crate::domain::price::{Tier, TokenCounts};
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::window::Usage;
@@ -181,14 +182,33 @@ pub async fn check(
     let request = body.map(|Json(body)| body).unwrap_or_default();
     let estimated_tokens =
         plausible_tokens(request.estimated_tokens.unwrap_or(0), "estimated_tokens")?;
+    let prompt_tokens = request.estimated_prompt_tokens.unwrap_or(0);
+    if prompt_tokens > estimated_tokens {
+        return Err(ApiError::bad_request(
+            "invalid_value",
+            format!(
+                "estimated_prompt_tokens of {prompt_tokens} is more than estimated_tokens of {estimated_tokens}, which counts the prompt and the completion"
+            ),
+        )
+        .with_param("estimated_prompt_tokens"));
+    }
     let model = request.model.as_deref().map(valid_model).transpose()?;
+    let cost = state.engine.pricing().charge(
+        model.as_deref(),
+        TokenCounts {
+            prompt: prompt_tokens,
+            cached: 0,
+            completion: estimated_tokens - prompt_tokens,
+        },
+        tier_of(request.service_tier.as_deref()),
+    );
     let now = state.engine.now();
     let decision = state
         .engine
         .admit(
             &workspace,
             Request {
-                estimate: Usage::call(estimated_tokens),
+                estimate: Usage::call(estimated_tokens).with(Metric::Usd, cost),
                 model,
                 // The app may report the call to another instance.
                 settled_anywhere: true,
@@ -205,7 +225,8 @@ pub async fn check(
                 remaining: LimitKind::ALL
                     .into_iter()
                     .filter_map(|kind| {
-                        Some((kind.name().to_owned(), decision.remaining.get(kind)?))
+                        let remaining = decision.remaining.get(kind)?;
+                        Some((kind.name().to_owned(), amount(kind.metric, remaining)))
                     })
                     .collect::<BTreeMap<_, _>>(),
             };
@@ -231,6 +252,10 @@ const MAX_TOKENS_PER_CALL: u64 = 1_000_000_000;
 /// Longer than any call may take (a day, in milliseconds): a client bug,
 /// refused before it can distort history.
 const MAX_LATENCY_MS: u64 = 86_400_000;
+
+fn tier_of(service_tier: Option<&str>) -> Tier {
+    service_tier.map_or_else(Tier::default, Tier::requested)
+}
 
 fn valid_model(name: &str) -> Result<Model, ApiError> {
     parse_model(name).map_err(|invalid| {
@@ -348,6 +373,7 @@ pub async fn usage(
             headers,
         }),
         latency_ms: body.latency_ms,
+        tier: tier_of(body.service_tier.as_deref()),
     };
     let reported = state
         .engine

@@ -6,6 +6,7 @@ use axum::http::StatusCode;
 
 use super::AppState;
 use super::dto::*;
+use crate::admin::AdminError;
 use crate::domain::limits::WorkspaceId;
 use crate::edge::auth::Auth;
 use crate::edge::error::{ApiError, Json, Path};
@@ -37,7 +38,10 @@ pub async fn create(
             ApiError::bad_request("invalid_value", "a new workspace needs an id").with_param("id"),
         );
     };
-    let config = state.admin.create_workspace(id, &body.to_spec()).await?;
+    let config = state
+        .admin
+        .create_workspace(id, &body.to_spec().map_err(AdminError::Invalid)?)
+        .await?;
     Ok((StatusCode::CREATED, Json(WorkspaceDoc::from(&config))))
 }
 
@@ -111,7 +115,10 @@ pub async fn update(
         )
         .with_param("id"));
     }
-    let config = state.admin.update_workspace(&id, &body.to_spec()).await?;
+    let config = state
+        .admin
+        .update_workspace(&id, &body.to_spec().map_err(AdminError::Invalid)?)
+        .await?;
     Ok(Json(WorkspaceDoc::from(&config)))
 }
 

@@ -9,6 +9,9 @@ use std::sync::LazyLock;
 
 use chrono_tz::Tz;
 
+use super::notification::group_digits;
+use super::price::{MAX_USD_LIMIT, format_dollars};
+
 // A window's calendar period, named here beside the windows it serves.
 pub use super::time::Period;
 
@@ -17,16 +20,38 @@ pub use super::time::Period;
 pub enum Metric {
     Requests,
     Tokens,
+    /// Money spent, in whole nano-dollars (`price::NanoUsd`).
+    Usd,
 }
 
 impl Metric {
     /// Every metric, in the order limits are listed.
-    pub const ALL: [Metric; 2] = [Metric::Requests, Metric::Tokens];
+    pub const ALL: [Metric; 3] = [Metric::Requests, Metric::Tokens, Metric::Usd];
 
     pub const fn name(self) -> &'static str {
         match self {
             Metric::Requests => "requests",
             Metric::Tokens => "tokens",
+            Metric::Usd => "usd",
+        }
+    }
+
+    /// An amount of this metric as texts write it: a count with its digits
+    /// grouped ("1,234"), or dollars ("$49.98").
+    pub fn figure(self, amount: u64) -> String {
+        match self {
+            Metric::Requests | Metric::Tokens => group_digits(amount),
+            Metric::Usd => format_dollars(amount),
+        }
+    }
+
+    /// What follows a figure of this metric in a text (" tokens"); dollars
+    /// carry their unit in the figure.
+    pub const fn unit_suffix(self) -> &'static str {
+        match self {
+            Metric::Requests => " requests",
+            Metric::Tokens => " tokens",
+            Metric::Usd => "",
         }
     }
 
@@ -94,6 +119,9 @@ pub const REQUESTS_PER_MONTH: LimitKind = LimitKind::new(Metric::Requests, Windo
 pub const TOKENS_PER_MINUTE: LimitKind = LimitKind::new(Metric::Tokens, Window::Minute);
 pub const TOKENS_PER_DAY: LimitKind = LimitKind::new(Metric::Tokens, Window::Day);
 pub const TOKENS_PER_MONTH: LimitKind = LimitKind::new(Metric::Tokens, Window::Month);
+pub const USD_PER_MINUTE: LimitKind = LimitKind::new(Metric::Usd, Window::Minute);
+pub const USD_PER_DAY: LimitKind = LimitKind::new(Metric::Usd, Window::Day);
+pub const USD_PER_MONTH: LimitKind = LimitKind::new(Metric::Usd, Window::Month);
 
 impl LimitKind {
     /// How many limits a workspace can have: one per metric and window.
@@ -394,13 +422,24 @@ pub fn validate_name(name: &str) -> Result<String, ValidationError> {
 }
 
 /// A limit of zero would refuse everything forever; an operator who wants
-/// that deletes the workspace or revokes its keys instead.
+/// that deletes the workspace or revokes its keys instead. A usd limit is
+/// at most [`MAX_USD_LIMIT`], so that what it counts stays exact where
+/// counters are doubles (Redis).
 pub fn validate_limit(kind: LimitKind, max: Option<u64>) -> Result<Option<u64>, ValidationError> {
     match max {
         Some(0) => Err(ValidationError::new(
             kind.name(),
             format!("{kind} must be a positive number, or null for unlimited"),
         )),
+        Some(max) if kind.metric == Metric::Usd && max > MAX_USD_LIMIT => {
+            Err(ValidationError::new(
+                kind.name(),
+                format!(
+                    "{kind} must be at most {} (a higher budget is no budget), or null for unlimited",
+                    format_dollars(MAX_USD_LIMIT)
+                ),
+            ))
+        }
         other => Ok(other),
     }
 }
@@ -468,5 +507,29 @@ mod tests {
             "tokens_per_day"
         );
         assert_eq!(validate_name("  ").expect_err("blank").field, "name");
+    }
+
+    #[test]
+    fn a_budget_is_bounded_and_written_in_dollars() {
+        let max = crate::domain::price::MAX_USD_LIMIT;
+        assert_eq!(validate_limit(USD_PER_DAY, Some(max)), Ok(Some(max)));
+        let refused = validate_limit(USD_PER_DAY, Some(max + 1)).expect_err("too large");
+        assert_eq!(refused.field, "usd_per_day");
+        assert!(refused.message.contains("$1,000,000.00"), "{refused}");
+        assert_eq!(
+            validate_limit(TOKENS_PER_DAY, Some(max + 1)),
+            Ok(Some(max + 1)),
+            "only money is bounded so"
+        );
+        assert_eq!(
+            Metric::Usd.figure(49_980_000_000) + Metric::Usd.unit_suffix(),
+            "$49.98"
+        );
+        assert_eq!(
+            Metric::Tokens.figure(12_345) + Metric::Tokens.unit_suffix(),
+            "12,345 tokens"
+        );
+        assert_eq!(USD_PER_MONTH.name(), "usd_per_month");
+        assert_eq!(USD_PER_MINUTE.name(), "usd_per_minute");
     }
 }

@@ -6,7 +6,7 @@
 
 use std::sync::LazyLock;
 
-use super::limits::{LimitKind, Period, Window, WorkspaceConfig, WorkspaceId};
+use super::limits::{LimitKind, Metric, Period, Window, WorkspaceConfig, WorkspaceId};
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
@@ -50,6 +50,9 @@ pub enum NotificationKind {
     /// Service-wide, for operators: quotawatch was started without an
     /// upstream key of its own (`OPENAI_API_KEY`).
     UpstreamKeyMissing,
+    /// A workspace called a model the price table does not know, which is
+    /// charged at the unpriced rates: one per model.
+    UnpricedModel,
 }
 
 impl NotificationKind {
@@ -76,6 +79,7 @@ impl NotificationKind {
             NotificationKind::StorageUnavailable => "storage_unavailable",
             NotificationKind::SharedStoreUnavailable => "shared_store_unavailable",
             NotificationKind::UpstreamKeyMissing => "upstream_key_missing",
+            NotificationKind::UnpricedModel => "unpriced_model",
         }
     }
 
@@ -90,6 +94,7 @@ impl NotificationKind {
             NotificationKind::StorageUnavailable,
             NotificationKind::SharedStoreUnavailable,
             NotificationKind::UpstreamKeyMissing,
+            NotificationKind::UnpricedModel,
         ]
         .into_iter()
         .chain(Period::ALL.map(NotificationKind::QuotaExhausted))
@@ -180,10 +185,10 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
             tenant_text(
                 "Nearing a usage limit",
                 format!(
-                    "{} of the {} allowed {} {} are used. Requests may be paused for a while when the limit is reached.",
-                    group_digits(limit.used),
-                    group_digits(limit.max),
-                    kind.metric.name(),
+                    "{} of the {} allowed{} {} are used. Requests may be paused for a while when the limit is reached.",
+                    kind.metric.figure(limit.used),
+                    kind.metric.figure(limit.max),
+                    kind.metric.unit_suffix(),
                     period(kind),
                 ),
                 &["Spread requests out over time where you can."],
@@ -203,9 +208,13 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
                 Some(period) => tenant_text(
                     &format!("{} limit reached", capitalised(period.adjective())),
                     format!(
-                        "{}'s {} are used up; requests resume {}.",
+                        "{}'s {} used up; requests resume {}.",
                         capitalised(period.this()),
-                        kind.metric.name(),
+                        match kind.metric {
+                            Metric::Usd => "budget is",
+                            Metric::Requests => "requests are",
+                            Metric::Tokens => "tokens are",
+                        },
                         when_for_tenant(limit.resets_at, now)
                     ),
                     &["Try again after the limit resets.", "If you need more, contact your administrator."],
@@ -274,6 +283,49 @@ pub fn describe(
         resolved_at: None,
     }
 }
+
+/// The notification of `workspace`'s first call of `model`, which the
+/// price table does not know. Its id derives from the two, so that every
+/// instance names it alike.
+pub fn describe_unpriced(workspace: &WorkspaceConfig, model: &str, now: Timestamp) -> Notification {
+    use sha2::{Digest, Sha256};
+    let ws = workspace.id.as_str();
+    let digest = Sha256::digest(format!("{ws}\nunpriced_model\n{model}"));
+    let mut first = [0u8; 8];
+    first.copy_from_slice(&digest[..8]);
+    Notification {
+        id: format!("ntf_{:016x}", u64::from_be_bytes(first)),
+        workspace: Some(workspace.id.clone()),
+        cause: None,
+        severity: Severity::Warning,
+        kind: NotificationKind::UnpricedModel,
+        title: format!("Workspace {ws} calls {model}, which has no price"),
+        message: format!(
+            "quotawatch's price table has no entry for {model}, so its calls are charged at the unpriced rates (QUOTAWATCH_UNPRICED_MODEL_RATE; by default the table's highest), and the spend and usd limits of workspace {ws} count them at those rates."
+        ),
+        suggested_actions: vec![
+            format!(
+                "Add {model} to the price file named by QUOTAWATCH_PRICES_FILE (the model_prices_and_context_window.json format, USD per token), then reload it with SIGHUP or POST /api/prices/reload."
+            ),
+            "Or set QUOTAWATCH_UNPRICED_MODEL_RATE to the rates such models should be charged."
+                .to_owned(),
+        ],
+        tenant: tenant_text(
+            "A model without a price",
+            format!(
+                "Calls of {model} are counted at a high estimated price, so budgets may run out sooner than expected."
+            ),
+            &[ADMIN_FOR_PRICES],
+        ),
+        limit: None,
+        created_at: now,
+        resolves_at: None,
+        resolved_at: None,
+    }
+}
+
+/// What a tenant is told to do about a price only the operator can set.
+const ADMIN_FOR_PRICES: &str = "Ask your administrator to add the model's price.";
 
 /// The service-wide notification raised while the database refuses writes.
 pub fn describe_storage_unavailable(id: String, error: &str, now: Timestamp) -> Notification {
@@ -438,7 +490,7 @@ fn approaching(
 ) -> Text {
     let ws = workspace.id.as_str();
     let limit = facts.limit(kind);
-    let unit = kind.metric.name();
+    let unit = kind.metric.unit_suffix();
     let percent = (limit.utilization() * 100.0).floor();
     let resets = match (kind.window.period(), limit.resets_at) {
         (Some(period), Some(at)) => format!(
@@ -464,9 +516,9 @@ fn approaching(
     Text {
         title: format!("Workspace {ws} is approaching its {kind} limit"),
         message: format!(
-            "Workspace {ws} has used {} of {} {unit} {} ({percent}%), above its warning threshold of {}%.{resets}",
-            group_digits(limit.used),
-            group_digits(limit.max),
+            "Workspace {ws} has used {} of {}{unit} {} ({percent}%), above its warning threshold of {}%.{resets}",
+            kind.metric.figure(limit.used),
+            kind.metric.figure(limit.max),
             period(kind),
             (workspace.warn_at * 100.0).round(),
         ),
@@ -478,11 +530,11 @@ fn approaching(
 fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: Timestamp) -> Text {
     let ws = workspace.id.as_str();
     let limit = facts.limit(kind);
-    let unit = kind.metric.name();
     let used = format!(
-        "Workspace {ws} has used {} of {} {unit} {}",
-        group_digits(limit.used),
-        group_digits(limit.max),
+        "Workspace {ws} has used {} of {}{} {}",
+        kind.metric.figure(limit.used),
+        kind.metric.figure(limit.max),
+        kind.metric.unit_suffix(),
         period(kind)
     );
     match kind.window.period() {
@@ -500,7 +552,11 @@ fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: T
             resolves_at: limit.frees_at,
         },
         Some(period) => Text {
-            title: format!("Workspace {ws} used up its {} {unit} quota", period.adjective()),
+            title: format!(
+                "Workspace {ws} used up its {} {} quota",
+                period.adjective(),
+                kind.metric.name()
+            ),
             message: format!(
                 "{used}. Requests are refused with HTTP 429 (x-should-retry: false) until the quota resets {} {}{}.",
                 period.next_starts(),

@@ -6,10 +6,54 @@
 //! nano-dollar, such as $0.0625 per million cached tokens), so a cost is an
 //! exact product and sums never drift.
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 /// An amount of money in pico-dollars (10^-12 USD).
 pub type PicoUsd = u64;
+
+/// An amount of money in nano-dollars (10^-9 USD): what usd limits and
+/// their counters hold. Counters in Redis are doubles, exact up to 2^53:
+/// in nano-dollars that is about $9 million, in pico-dollars only $9,007.
+pub type NanoUsd = u64;
+
+pub const NANO_USD_PER_DOLLAR: NanoUsd = 1_000_000_000;
+
+const PICO_USD_PER_NANO_USD: PicoUsd = 1_000;
+
+/// The largest usd limit: a million dollars. Counts stay exact well past
+/// it (a settlement may overshoot a limit), and a limit in dollars read as
+/// a JSON number (a double) converts to the exact nano-dollar below it.
+pub const MAX_USD_LIMIT: NanoUsd = 1_000_000 * NANO_USD_PER_DOLLAR;
+
+/// A cost as a usd counter charges it: rounded up to whole nano-dollars,
+/// so that a budget errs toward refusing, by under a nano-dollar a call.
+pub fn charged(cost: PicoUsd) -> NanoUsd {
+    cost.div_ceil(PICO_USD_PER_NANO_USD)
+}
+
+/// `dollars` in nano-dollars, rounded to the nearest one; `None` unless
+/// it is a finite amount of at least zero. Amounts too large for a
+/// nano-dollar count come out as `u64::MAX`, which no limit allows.
+pub fn nano_usd(dollars: f64) -> Option<NanoUsd> {
+    (dollars.is_finite() && dollars >= 0.0)
+        .then(|| (dollars * NANO_USD_PER_DOLLAR as f64).round() as NanoUsd)
+}
+
+/// `amount` in dollars, as the nearest double.
+pub fn dollars(amount: NanoUsd) -> f64 {
+    amount as f64 / NANO_USD_PER_DOLLAR as f64
+}
+
+/// `amount` as texts write it: a dollar sign, the dollars with their
+/// digits grouped, and the cents, with smaller fractions where there are
+/// any ("$1,234.50", "$0.00042").
+pub fn format_dollars(amount: NanoUsd) -> String {
+    let whole = super::notification::group_digits(amount / NANO_USD_PER_DOLLAR);
+    let fraction = format!("{:09}", amount % NANO_USD_PER_DOLLAR);
+    let fraction = fraction.trim_end_matches('0');
+    format!("${whole}.{fraction:0<2}")
+}
 
 /// The prompt length above which some models charge their long-prompt
 /// rates (`*_above_272k_tokens` in the table).
@@ -26,6 +70,16 @@ pub enum Tier {
 }
 
 impl Tier {
+    /// The tier a request's `service_tier` asks for: `flex` and `priority`
+    /// are priced apart; `auto`, `default` and any other at the standard
+    /// rates.
+    pub fn requested(service_tier: &str) -> Tier {
+        [Tier::Flex, Tier::Priority]
+            .into_iter()
+            .find(|tier| tier.name() == service_tier)
+            .unwrap_or_default()
+    }
+
     pub const fn name(self) -> &'static str {
         match self {
             Tier::Standard => "standard",
@@ -129,6 +183,17 @@ pub struct TokenCounts {
     pub completion: u64,
 }
 
+/// What a model the price table does not know is charged.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum UnpricedRates {
+    /// The table's highest rate of each kind of token
+    /// ([`PriceTable::highest_rates`]).
+    #[default]
+    Highest,
+    /// The operator's rates.
+    Fixed(Rates),
+}
+
 /// Model prices, as of the day they were taken.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct PriceTable {
@@ -151,6 +216,37 @@ impl PriceTable {
 
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()
+    }
+
+    /// The highest rate of each kind of token among the table's standard
+    /// rates: what a model the table does not know is charged by default,
+    /// so that a budget errs toward refusing rather than overspending.
+    pub fn highest_rates(&self) -> Rates {
+        self.models
+            .values()
+            .fold(Rates::default(), |highest, price| {
+                let rates = price.standard;
+                Rates {
+                    input: highest.input.max(rates.input),
+                    cached_input: highest.cached_input.max(rates.cached_input),
+                    output: highest.output.max(rates.output),
+                }
+            })
+    }
+
+    /// The price `model` is charged at: its own (see
+    /// [`resolve`](Self::resolve)), else the `unpriced` rates.
+    pub fn price_or(&self, model: &str, unpriced: UnpricedRates) -> Cow<'_, Price> {
+        match self.resolve(model) {
+            Some((_, price)) => Cow::Borrowed(price),
+            None => {
+                let rates = match unpriced {
+                    UnpricedRates::Highest => self.highest_rates(),
+                    UnpricedRates::Fixed(rates) => rates,
+                };
+                Cow::Owned(Price::new("unpriced", rates))
+            }
+        }
     }
 
     pub fn models(&self) -> impl Iterator<Item = (&str, &Price)> {
@@ -336,5 +432,60 @@ mod tests {
         );
         // Half a nano-dollar is a whole number of pico-dollars.
         assert_eq!(per_million(0.0625), 62_500);
+    }
+
+    #[test]
+    fn a_cost_is_charged_in_whole_nano_dollars_rounded_up() {
+        assert_eq!(charged(0), 0);
+        assert_eq!(charged(1), 1, "a fraction of a nano-dollar costs one");
+        assert_eq!(charged(1_000), 1);
+        assert_eq!(charged(1_001), 2);
+        // Half a nano-dollar per cached token, as some models charge.
+        assert_eq!(charged(per_million(0.0625)), 63);
+        assert_eq!(charged(420_000_000), 420_000);
+    }
+
+    #[test]
+    fn dollars_convert_to_nano_dollars_and_read_as_money() {
+        assert_eq!(nano_usd(12.5), Some(12_500_000_000));
+        assert_eq!(nano_usd(0.000_000_001), Some(1));
+        assert_eq!(nano_usd(0.0), Some(0));
+        assert_eq!(
+            nano_usd(999_999.999_999_999),
+            Some(999_999_999_999_999),
+            "nine places exact below the largest limit"
+        );
+        for refused in [-0.01, f64::NAN, f64::INFINITY] {
+            assert_eq!(nano_usd(refused), None, "{refused}");
+        }
+        assert_eq!(dollars(12_500_000_000), 12.5);
+        assert_eq!(dollars(MAX_USD_LIMIT), 1_000_000.0);
+        assert_eq!(format_dollars(49_980_000_000), "$49.98");
+        assert_eq!(format_dollars(50 * NANO_USD_PER_DOLLAR), "$50.00");
+        assert_eq!(format_dollars(420_000), "$0.00042");
+        assert_eq!(format_dollars(1_234_500_000_000), "$1,234.50");
+        assert_eq!(format_dollars(0), "$0.00");
+    }
+
+    #[test]
+    fn a_model_without_a_price_pays_the_unpriced_rates() {
+        let table = table();
+        let price = table.price_or("gpt-4o-mini", UnpricedRates::Highest);
+        assert_eq!(price.standard(), rates(0.15, 0.075, 0.6));
+        // The test table's highest rates are gpt-4-0613's.
+        let price = table.price_or("acme-llm", UnpricedRates::Highest);
+        assert_eq!(price.standard(), rates(30.0, 30.0, 60.0));
+        let own = rates(1.0, 1.0, 2.0);
+        let price = table.price_or("acme-llm", UnpricedRates::Fixed(own));
+        assert_eq!(price.standard(), own);
+    }
+
+    #[test]
+    fn a_requested_service_tier_names_its_rates() {
+        assert_eq!(Tier::requested("flex"), Tier::Flex);
+        assert_eq!(Tier::requested("priority"), Tier::Priority);
+        for standard in ["auto", "default", "scale", "FLEX"] {
+            assert_eq!(Tier::requested(standard), Tier::Standard, "{standard}");
+        }
     }
 }

@@ -463,6 +463,13 @@ impl StatusTracker {
         changes
     }
 
+    /// Raises `notification`, which reports no cause: it stays active until
+    /// the workspace is reset (see [`clear`](Self::clear)).
+    pub fn raise(&mut self, notification: Notification) -> Change {
+        self.active.push(notification.clone());
+        Change::Raised(notification)
+    }
+
     /// Gives the active notification `from` the id `to`, telling no one:
     /// for a notification nobody has seen yet. Answers whether it was
     /// active.
@@ -494,10 +501,22 @@ impl StatusTracker {
         self.approaching = PerLimit::default();
         // A reset frees the limits at once: no hold against flapping.
         self.exhaustion = PerLimit::default();
-        if self.causes == CauseSet::default() {
-            return Vec::new();
+        // Notifications without a cause end with the reset too.
+        let (ended, kept) = std::mem::take(&mut self.active)
+            .into_iter()
+            .partition(|n| n.cause.is_none());
+        self.active = kept;
+        let mut changes: Vec<Change> = ended
+            .into_iter()
+            .map(|mut notification: Notification| {
+                notification.resolved_at = Some(now);
+                Change::Resolved(notification)
+            })
+            .collect();
+        if self.causes != CauseSet::default() {
+            changes.extend(self.transition(CauseSet::default(), Vec::new(), now));
         }
-        self.transition(CauseSet::default(), Vec::new(), now)
+        changes
     }
 }
 
@@ -532,8 +551,10 @@ mod tests {
             [
                 "requests_per_day_exhausted",
                 "tokens_per_day_exhausted",
+                "usd_per_day_exhausted",
                 "requests_per_month_exhausted",
                 "tokens_per_month_exhausted",
+                "usd_per_month_exhausted",
                 "upstream_insufficient_quota",
             ]
         );

@@ -1493,3 +1493,69 @@ fn loaded_counts_carry_the_month_they_count() {
         .load_counts(&counts("2026-04-01T00:00:00Z", 90), script.now);
     assert_eq!(script.used(REQUESTS_PER_MONTH), 0);
 }
+
+#[test]
+fn an_unpriced_model_is_noticed_once_and_forgotten_at_a_reset() {
+    let mut script = Script::new(&[]);
+    let model: super::workspace::Model = "acme-llm".into();
+    let raised = script.state.note_unpriced(&model, script.now);
+    let [Change::Raised(notification)] = &raised[..] else {
+        panic!("one notification: {raised:?}");
+    };
+    assert_eq!(notification.kind, NotificationKind::UnpricedModel);
+    assert_eq!(notification.severity, Severity::Warning);
+    assert!(
+        notification.suggested_actions[0].contains("QUOTAWATCH_PRICES_FILE"),
+        "{notification:?}"
+    );
+    assert!(
+        script.state.note_unpriced(&model, script.now).is_empty(),
+        "once per model"
+    );
+    assert_eq!(
+        script.state.snapshot(script.now).unpriced_models,
+        vec![model.clone()]
+    );
+    // A restored state keeps its models and their notifications, so the
+    // next call of one raises nothing again.
+    let restored = WorkspaceState::restore(
+        script.state.config().clone(),
+        script.state.save(),
+        script.state.active_notifications().to_vec(),
+        script.now,
+    );
+    assert_eq!(
+        restored.snapshot(script.now).unpriced_models,
+        vec![model.clone()]
+    );
+    let changes = script.state.reset(script.now);
+    assert!(
+        changes
+            .iter()
+            .any(|change| matches!(change, Change::Resolved(n) if n.id == notification.id)),
+        "{changes:?}"
+    );
+    assert!(script.state.snapshot(script.now).unpriced_models.is_empty());
+    assert_eq!(
+        script.state.note_unpriced(&model, script.now).len(),
+        1,
+        "noticed again after the reset"
+    );
+}
+
+#[test]
+fn unpriced_models_are_bounded() {
+    let mut script = Script::new(&[]);
+    for i in 0..super::workspace::MAX_UNPRICED_MODELS + 5 {
+        let model: super::workspace::Model = format!("made-up-{i}").into();
+        script.state.note_unpriced(&model, script.now);
+    }
+    assert_eq!(
+        script.state.snapshot(script.now).unpriced_models.len(),
+        super::workspace::MAX_UNPRICED_MODELS
+    );
+    assert_eq!(
+        script.state.active_notifications().len(),
+        super::workspace::MAX_UNPRICED_MODELS
+    );
+}

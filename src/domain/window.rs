@@ -24,6 +24,8 @@ pub trait Tally: Copy + Default + PartialEq + AddAssign {
 pub struct Usage {
     pub requests: u64,
     pub tokens: u64,
+    /// Money, in nano-dollars (`domain::price::NanoUsd`).
+    pub usd: u64,
 }
 
 impl Usage {
@@ -35,8 +37,8 @@ impl Usage {
         Self::default().with(Metric::Tokens, n)
     }
 
-    /// What one call costs: a request, and what it used of every other
-    /// metric (`tokens`).
+    /// What one call costs: a request, and its tokens (with its cost to
+    /// add where it is known, `.with(Metric::Usd, ...)`).
     pub fn call(tokens: u64) -> Self {
         Self::requests(1).with(Metric::Tokens, tokens)
     }
@@ -45,6 +47,7 @@ impl Usage {
         match metric {
             Metric::Requests => self.requests,
             Metric::Tokens => self.tokens,
+            Metric::Usd => self.usd,
         }
     }
 
@@ -52,6 +55,7 @@ impl Usage {
         match metric {
             Metric::Requests => self.requests = value,
             Metric::Tokens => self.tokens = value,
+            Metric::Usd => self.usd = value,
         }
     }
 

@@ -9,7 +9,7 @@ use rustc_hash::FxHashMap;
 use std::time::Duration;
 
 use super::limits::{LimitKind, Metric, PerLimit, Period, WorkspaceConfig};
-use super::notification::{Notification, describe, shared_id};
+use super::notification::{Notification, describe, describe_unpriced, shared_id};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
 use super::time::Timestamp;
 use super::upstream::{
@@ -193,6 +193,9 @@ pub struct Snapshot {
     pub billing: Option<BillingBlock>,
     pub errors: ErrorTally,
     pub last_error: Option<LastError>,
+    /// Models called that the price table does not know, first called
+    /// first (see [`WorkspaceState::note_unpriced`]).
+    pub unpriced_models: Vec<Model>,
     pub at: Timestamp,
 }
 
@@ -231,6 +234,8 @@ pub struct Saved {
     pub key_rejected: bool,
     pub status: super::status::Status,
     pub since: Timestamp,
+    /// As in [`Snapshot::unpriced_models`].
+    pub unpriced_models: Vec<Model>,
 }
 
 /// A workspace's counts of requests and tokens, as of an instant: what
@@ -360,7 +365,15 @@ pub struct WorkspaceState {
     /// notification takes the id of the earlier start at the next
     /// evaluation (see [`notification_id`](Self::notification_id)).
     billing_start_moved: bool,
+    /// Models called that the price table does not know, each noticed
+    /// once (see [`note_unpriced`](Self::note_unpriced)).
+    unpriced_models: Vec<Model>,
 }
+
+/// The most unpriced models a workspace keeps and notifies about: a tenant
+/// sending made-up model names must not make notifications without end.
+/// Models beyond them are still charged at the unpriced rates.
+pub const MAX_UNPRICED_MODELS: usize = 20;
 
 /// "Fits" means the limit still has room and the request's cost fits in it;
 /// a zero-token request still needs one token of room.
@@ -388,6 +401,7 @@ impl WorkspaceState {
             enforcement: Enforcement::Whole,
             tracker: StatusTracker::new(now),
             billing_start_moved: false,
+            unpriced_models: Vec::new(),
         }
     }
 
@@ -414,6 +428,7 @@ impl WorkspaceState {
         state.last_error = saved.last_error;
         state.key_rejected = saved.key_rejected;
         state.tracker = StatusTracker::restore(saved.status, saved.since, active);
+        state.unpriced_models = saved.unpriced_models;
         state
     }
 
@@ -439,6 +454,7 @@ impl WorkspaceState {
             key_rejected: self.key_rejected,
             status: self.tracker.status(),
             since: self.tracker.since(),
+            unpriced_models: self.unpriced_models.clone(),
         }
     }
 
@@ -558,7 +574,7 @@ impl WorkspaceState {
     fn limit_facts(&self, kind: LimitKind, max: u64) -> LimitFacts {
         let minimal_cost = match kind.metric {
             Metric::Requests => 1,
-            Metric::Tokens => 0,
+            Metric::Tokens | Metric::Usd => 0,
         };
         LimitFacts {
             max,
@@ -1191,7 +1207,33 @@ impl WorkspaceState {
     pub fn reset(&mut self, now: Timestamp) -> Vec<Change> {
         self.clear_usage(now);
         self.clear_blocks();
+        // Their notifications are resolved with every other: a model still
+        // unpriced is noticed again at its next call.
+        self.unpriced_models.clear();
         self.tracker.clear(now)
+    }
+
+    /// Notes a call of `model`, which the price table does not know and
+    /// which was charged at the unpriced rates. The first call of each
+    /// model raises its `unpriced_model` notification, whose id every
+    /// instance derives alike, so that one restored or raised elsewhere is
+    /// not raised twice.
+    pub fn note_unpriced(&mut self, model: &Model, now: Timestamp) -> Vec<Change> {
+        if self.unpriced_models.len() >= MAX_UNPRICED_MODELS || self.unpriced_models.contains(model)
+        {
+            return Vec::new();
+        }
+        self.unpriced_models.push(model.clone());
+        let notification = describe_unpriced(&self.config, model, now);
+        if self
+            .tracker
+            .active()
+            .iter()
+            .any(|active| active.id == notification.id)
+        {
+            return Vec::new();
+        }
+        vec![self.tracker.raise(notification)]
     }
 
     /// Sets the counters to zero and keeps the blocks: the status follows
@@ -1318,6 +1360,7 @@ impl WorkspaceState {
             billing: self.billing_block,
             errors: self.errors.total(),
             last_error: self.last_error.clone(),
+            unpriced_models: self.unpriced_models.clone(),
             at: now,
         }
     }

@@ -8,8 +8,7 @@ use std::sync::LazyLock;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::error::ApiError;
-use crate::domain::limits::{Period, WorkspaceId};
-use crate::domain::notification::group_digits;
+use crate::domain::limits::{LimitKind, Metric, Period, WorkspaceId};
 use crate::domain::time::{Timestamp, format_duration, humanize_duration, in_time};
 use crate::domain::workspace::{Headroom, LimitHeadroom, Refusal, RefusalCause};
 
@@ -66,6 +65,9 @@ fn limit_exceeded_code(period: Period) -> &'static str {
     &CODES[period.index()]
 }
 
+/// The error code of a used-up calendar usd limit: a budget.
+const BUDGET_EXCEEDED: &str = "workspace_budget_exceeded";
+
 /// The 429 for a refused request, naming the workspace, the limit and when it
 /// frees.
 pub fn refusal_error(
@@ -75,38 +77,58 @@ pub fn refusal_error(
     now: Timestamp,
     probe_interval: std::time::Duration,
 ) -> ApiError {
-    let used = group_digits(refusal.used);
-    let max = group_digits(refusal.max);
+    let figures = |kind: LimitKind| {
+        (
+            kind.metric.figure(refusal.used),
+            kind.metric.figure(refusal.max),
+            kind.metric.unit_suffix(),
+        )
+    };
     let (error_type, code, message) = match refusal.cause {
-        RefusalCause::Limit(kind) => match kind.window.period() {
-            None => (
-                kind.metric.name(),
-                "rate_limit_exceeded",
-                format!(
-                    "Workspace {workspace} reached its {kind} limit ({used} of {max} {} in the last 60 seconds, enforced by quotawatch). Room frees up {}; retry then.",
+        RefusalCause::Limit(kind) => {
+            let (used, max, unit) = figures(kind);
+            match kind.window.period() {
+                None => (
                     kind.metric.name(),
-                    when(refusal.retry_at, now)
+                    "rate_limit_exceeded",
+                    format!(
+                        "Workspace {workspace} reached its {kind} limit ({used} of {max}{unit} in the last 60 seconds, enforced by quotawatch). Room frees up {}; retry then.",
+                        when(refusal.retry_at, now)
+                    ),
                 ),
-            ),
-            Some(period) => (
-                kind.metric.name(),
-                limit_exceeded_code(period),
-                format!(
-                    "Workspace {workspace} used up its {kind} quota ({used} of {max} {} {}, enforced by quotawatch). It resets {}; retrying earlier cannot succeed.",
+                // A budget is refused in its own words: what was spent of
+                // it, and when it starts again.
+                Some(period) if kind.metric == Metric::Usd => (
                     kind.metric.name(),
-                    period.this(),
-                    when(refusal.retry_at, now)
+                    BUDGET_EXCEEDED,
+                    format!(
+                        "Workspace {workspace} used up its {kind} budget: {used} of {max} used {}, enforced by quotawatch. It resets {}; retrying earlier cannot succeed.",
+                        period.this(),
+                        when(refusal.retry_at, now)
+                    ),
                 ),
-            ),
-        },
-        RefusalCause::TooLarge(kind) => (
-            kind.metric.name(),
-            "request_too_large",
-            format!(
-                "This request needs more {} than workspace {workspace}'s whole {kind} limit of {max}, so it can never be admitted; reduce the prompt or max_tokens.",
-                kind.metric.name()
-            ),
-        ),
+                Some(period) => (
+                    kind.metric.name(),
+                    limit_exceeded_code(period),
+                    format!(
+                        "Workspace {workspace} used up its {kind} quota ({used} of {max}{unit} {}, enforced by quotawatch). It resets {}; retrying earlier cannot succeed.",
+                        period.this(),
+                        when(refusal.retry_at, now)
+                    ),
+                ),
+            }
+        }
+        RefusalCause::TooLarge(kind) => {
+            let (_, max, unit) = figures(kind);
+            (
+                kind.metric.name(),
+                "request_too_large",
+                format!(
+                    "This request needs more {} than workspace {workspace}'s whole {kind} limit of {max}{unit}, so it can never be admitted; reduce the prompt or max_tokens.",
+                    kind.metric.name()
+                ),
+            )
+        }
         RefusalCause::UpstreamRateLimited => (
             "requests",
             "upstream_rate_limited",

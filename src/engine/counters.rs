@@ -50,14 +50,15 @@ impl Engine {
         self.counters = counters;
     }
 
-    /// Admission: reserves one request and `request.estimated_tokens`
-    /// against every limit of the workspace, or refuses without charging
-    /// anything.
+    /// Admission: reserves one request and the estimate of every other
+    /// metric against every limit of the workspace, or refuses without
+    /// charging anything.
     pub async fn admit(
         &self,
         workspace: &WorkspaceId,
         request: Request,
     ) -> Result<Decision, EngineError> {
+        self.note_unpriced(workspace, request.model.as_ref());
         match &self.counters {
             Counters::InProcess => self.admit_here(workspace, request),
             Counters::Redis(redis) => self.admit_in_redis(redis, workspace, request).await,
@@ -73,6 +74,7 @@ impl Engine {
         workspace: &WorkspaceId,
         report: UsageReport,
     ) -> Result<Reported, EngineError> {
+        self.note_unpriced(workspace, report.model.as_ref());
         match &self.counters {
             Counters::InProcess => self.settle_here(workspace, report),
             Counters::Redis(redis) => self.settle_in_redis(redis, workspace, report).await,

@@ -41,10 +41,11 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
-use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
+use crate::domain::limits::{Metric, PerLimit, WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::{
     Notification, describe_storage_unavailable, describe_upstream_key_missing,
 };
+use crate::domain::price::{Tier, TokenCounts};
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
@@ -53,6 +54,7 @@ use crate::domain::workspace::{
     Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
+use crate::prices::Pricing;
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
 use crate::sync::{lock, read, write};
 use crate::tokens::{Minter, TokenClaims, TokenSecret};
@@ -136,6 +138,16 @@ impl TokenUsage {
     pub fn total(&self) -> u64 {
         self.prompt.saturating_add(self.completion)
     }
+
+    /// The tokens a call is billed for (completion tokens count their
+    /// reasoning tokens already).
+    pub fn counts(&self) -> TokenCounts {
+        TokenCounts {
+            prompt: self.prompt,
+            cached: self.cached,
+            completion: self.completion,
+        }
+    }
 }
 
 /// A finished call, reported by the app (`POST /api/quota/usage`) or by the
@@ -151,18 +163,25 @@ pub struct UsageReport {
     /// anything (the client went away).
     pub answer: Option<UpstreamAnswer>,
     pub latency_ms: Option<u64>,
+    /// The processing tier the call asked for, which prices its tokens.
+    pub tier: Tier,
 }
 
 impl UsageReport {
-    /// What the call used of each metric, if its usage is known.
-    fn used(&self) -> Option<Usage> {
-        self.tokens.map(|tokens| Usage::call(tokens.total()))
+    /// What the call used of each metric, if its usage is known: its
+    /// tokens, and their exact cost at `pricing`'s rates, rounded up to
+    /// whole nano-dollars.
+    fn used(&self, pricing: &Pricing) -> Option<Usage> {
+        self.tokens.map(|tokens| {
+            let cost = pricing.charge(self.model.as_deref(), tokens.counts(), self.tier);
+            Usage::call(tokens.total()).with(Metric::Usd, cost)
+        })
     }
 
-    fn outcome(&self) -> Outcome<'_> {
+    fn outcome(&self, pricing: &Pricing) -> Outcome<'_> {
         Outcome {
             reservation: self.reservation,
-            usage: self.used(),
+            usage: self.used(pricing),
             answer: self.answer.as_ref().map(UpstreamAnswer::as_answer),
         }
     }
@@ -251,6 +270,8 @@ pub struct Engine {
     service: Mutex<ServiceHealth>,
     /// Where the counters live, chosen once at start-up.
     counters: counters::Counters,
+    /// What calls cost, for their usd counts.
+    pricing: Pricing,
 }
 
 /// What the engine tells others: events for listeners (the WebSocket hub,
@@ -301,6 +322,38 @@ impl Engine {
             journal: Journal::new(),
             service: Mutex::new(ServiceHealth::default()),
             counters: counters::Counters::InProcess,
+            pricing: Pricing::built_in(),
+        }
+    }
+
+    /// Prices calls at `pricing` from now on (the built-in prices until
+    /// then). Called once, by the assembly, before the engine serves.
+    pub fn price_with(&mut self, pricing: Pricing) {
+        self.pricing = pricing;
+    }
+
+    /// What calls cost: the REST API and the proxy estimate a call's cost
+    /// at admission with it, and settlements count its exact cost.
+    pub fn pricing(&self) -> &Pricing {
+        &self.pricing
+    }
+
+    /// Notes that `workspace` called `model`, if the prices do not know it
+    /// (see `WorkspaceState::note_unpriced`): whether or not the workspace
+    /// has a usd limit, its spend counts the call at the unpriced rates,
+    /// and the operator is told once what to add to the price file.
+    fn note_unpriced(&self, workspace: &WorkspaceId, model: Option<&Model>) {
+        let Some(model) = model.filter(|model| !self.pricing.knows(model)) else {
+            return;
+        };
+        let Ok(slot) = self.slot(workspace) else {
+            return;
+        };
+        let now = self.now();
+        let mut cell = slot.lock();
+        let changes = cell.state.note_unpriced(model, now);
+        if !changes.is_empty() {
+            self.conclude(&slot, cell, now, changes, Touched::STATE.with_status());
         }
     }
 
@@ -646,9 +699,12 @@ impl Engine {
         let slot = self.slot(workspace)?;
         let now = self.now();
         let mut cell = slot.lock();
-        let recorded = cell
-            .state
-            .record(&report.outcome(), now, &self.settings, &mut fresh_id);
+        let recorded = cell.state.record(
+            &report.outcome(&self.pricing),
+            now,
+            &self.settings,
+            &mut fresh_id,
+        );
         Ok(self.conclude_settlement(&slot, cell, now, workspace, &report, recorded))
     }
 
@@ -1083,6 +1139,7 @@ mod tests {
                     }),
                     answer: None,
                     latency_ms: Some(5),
+                    tier: Tier::Standard,
                 },
             )
             .expect("known");

@@ -19,6 +19,7 @@ use super::ProxyState;
 use super::estimate::{Endpoint, Estimate};
 use super::scan::{Findings, Scanner};
 use crate::domain::limits::WorkspaceId;
+use crate::domain::price::Tier;
 use crate::domain::upstream::UpstreamClass;
 use crate::domain::workspace::Model;
 use crate::engine::{EngineError, Reported, TokenUsage, UpstreamAnswer, UsageReport};
@@ -30,6 +31,7 @@ pub struct Settlement {
     pub workspace: WorkspaceId,
     pub reservation: u64,
     pub model: Option<Model>,
+    pub tier: Tier,
     pub endpoint: Endpoint,
     pub estimate: Estimate,
     pub arrived: Instant,
@@ -72,6 +74,7 @@ impl Settlement {
             tokens,
             answer,
             latency_ms: Some(self.arrived.elapsed().as_millis() as u64),
+            tier: self.tier,
         }
     }
 

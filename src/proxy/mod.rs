@@ -36,7 +36,9 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use crate::domain::limits::Metric;
 use crate::domain::model::parse_model;
+use crate::domain::price::{Tier, TokenCounts};
 use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{Model, Request as Admission};
@@ -260,6 +262,7 @@ struct Call {
     endpoint: Endpoint,
     model: Option<Model>,
     estimate: Estimate,
+    tier: Tier,
     inject_usage: bool,
     /// The body to forward, in pieces of the one received.
     body: Vec<Bytes>,
@@ -285,6 +288,7 @@ fn understand(
             endpoint,
             model: None,
             estimate: Estimate::default(),
+            tier: Tier::default(),
             inject_usage: false,
             body: vec![body],
         });
@@ -310,6 +314,7 @@ fn understand(
         endpoint,
         model,
         estimate: read.estimate,
+        tier: read.tier,
         inject_usage: read.inject_usage,
         body: read.forwarded(body),
     })
@@ -410,13 +415,25 @@ async fn forward_admitted(
         .excluding(read_body(body, declared_length, proxy.max_body_bytes))
         .await?;
     let call = understand(proxy, &parts.method, endpoint, body)?;
+    // The cost estimate: the prompt at the input rate, and the completion
+    // allowance of every choice (`n` × max_tokens, or the default) at the
+    // output rate; nothing is assumed cached.
+    let cost = state.engine.pricing().charge(
+        call.model.as_deref(),
+        TokenCounts {
+            prompt: call.estimate.prompt,
+            cached: 0,
+            completion: call.estimate.completion,
+        },
+        call.tier,
+    );
 
     let decision = state
         .engine
         .admit(
             &workspace,
             Admission {
-                estimate: Usage::call(call.estimate.total()),
+                estimate: Usage::call(call.estimate.total()).with(Metric::Usd, cost),
                 model: call.model.clone(),
                 // The guard below settles the call here, however it ends.
                 settled_anywhere: false,
@@ -433,6 +450,7 @@ async fn forward_admitted(
         workspace: workspace.clone(),
         reservation: admitted.id,
         model: call.model.clone(),
+        tier: call.tier,
         endpoint: call.endpoint,
         estimate: call.estimate,
         arrived: own_time.arrived,

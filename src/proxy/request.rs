@@ -19,6 +19,7 @@ use serde::{Deserialize, Deserializer};
 use serde_json::value::RawValue;
 
 use super::estimate::{Endpoint, Estimate, Estimator, Sizing};
+use crate::domain::price::Tier;
 
 /// `stream_options` larger than this are refused: quotawatch rewrites the
 /// object to ask for usage, and OpenAI's has two small fields.
@@ -69,6 +70,8 @@ struct Head<'a> {
     max_output_tokens: Option<&'a RawValue>,
     #[serde(borrow, default)]
     n: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    service_tier: Option<&'a RawValue>,
 }
 
 fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -108,6 +111,8 @@ enum StreamOptions {
 pub struct JsonRequest {
     pub model: Option<String>,
     pub estimate: Estimate,
+    /// The processing tier `service_tier` asks for, which prices the call.
+    pub tier: Tier,
     /// A chat stream that did not ask for usage: quotawatch asks instead and
     /// hides the answer.
     pub inject_usage: bool,
@@ -145,6 +150,8 @@ pub fn read(
     .flatten()
     .next();
     let n = optional::<u64>(head.n, "n", "a whole number")?;
+    let tier = optional::<String>(head.service_tier, "service_tier", "a string")?
+        .map_or_else(Tier::default, |tier| Tier::requested(&tier));
     let stream_options = match head.stream_options {
         None => StreamOptions::Absent,
         Some(raw) => {
@@ -184,6 +191,7 @@ pub fn read(
     Ok(JsonRequest {
         model,
         estimate,
+        tier,
         inject_usage: endpoint == Endpoint::ChatCompletions && stream == Some(true) && !asks_usage,
         stream_options,
     })

@@ -1228,8 +1228,8 @@ mod tests {
 
     #[test]
     fn an_expiry_member_names_its_workspace_and_what_it_charged() {
-        let member =
-            expired_member("acme|7|1700000000123456|1 120|0|gpt-4o-mini").expect("well formed");
+        let member = expired_member("acme|7|1700000000123456|1 120 9000|0|gpt-4o-mini")
+            .expect("well formed");
         assert_eq!(member.workspace.as_str(), "acme");
         let expired = member.expired;
         assert_eq!(expired.charged_elsewhere_us, Some(1_700_000_000_123_456));
@@ -1238,11 +1238,12 @@ mod tests {
             Timestamp::from_millis(1_700_000_000_123)
         );
         assert_eq!(expired.usage.tokens, 120);
+        assert_eq!(expired.usage.usd, 9000);
         assert_eq!(expired.model.as_deref(), Some("gpt-4o-mini"));
-        let unnamed = expired_member("acme|8|1000|1 5|1|").expect("no model");
+        let unnamed = expired_member("acme|8|1000|1 5 0|1|").expect("no model");
         assert_eq!(unnamed.expired.model, None);
-        assert!(expired_member("Not An Id|7|1000|1 5|0|").is_none());
-        assert!(expired_member("acme|7|soon|1 5|0|").is_none());
+        assert!(expired_member("Not An Id|7|1000|1 5 0|0|").is_none());
+        assert!(expired_member("acme|7|soon|1 5 0|0|").is_none());
         assert!(
             expired_member("acme|7|1000|5|0|").is_none(),
             "an estimate must name every metric"
@@ -1251,12 +1252,12 @@ mod tests {
 
     #[test]
     fn usage_is_passed_as_one_count_per_metric() {
-        let usage = Usage::call(250);
-        assert_eq!(usage_arg(usage), "1 250");
-        assert_eq!(parse_usage("1 250"), Some(usage));
+        let usage = Usage::call(250).with(Metric::Usd, 8_850);
+        assert_eq!(usage_arg(usage), "1 250 8850");
+        assert_eq!(parse_usage("1 250 8850"), Some(usage));
         assert_eq!(used_arg(None), "-", "keeps the estimate");
-        assert_eq!(parse_usage("1"), None);
-        assert_eq!(parse_usage("1 2 3"), None);
+        assert_eq!(parse_usage("1 250"), None);
+        assert_eq!(parse_usage("1 2 3 4"), None);
     }
 
     #[test]

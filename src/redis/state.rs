@@ -281,12 +281,12 @@ mod tests {
         let mut state = vec![0.0; STATE_FIELDS];
         let header: Vec<f64> = (1..=STATE_HEADER).map(|n| n as f64).collect();
         let mut changes: Vec<f64> = header.clone();
-        changes.extend([59.0, 1_000.0, 2.0, 300.0]);
+        changes.extend([59.0, 1_000.0, 2.0, 300.0, 4_000.0]);
         let bytes: Vec<u8> = changes.iter().flat_map(|n| n.to_le_bytes()).collect();
         apply_changes(&mut state, &bytes).expect("well formed");
         assert_eq!(state[..STATE_HEADER], header[..]);
-        assert_eq!(state[STATE_FIELDS - 3..], [1_000.0, 2.0, 300.0]);
-        let untouched = &state[STATE_HEADER..STATE_FIELDS - 3];
+        assert_eq!(state[STATE_FIELDS - 4..], [1_000.0, 2.0, 300.0, 4_000.0]);
+        let untouched = &state[STATE_HEADER..STATE_FIELDS - 4];
         assert!(untouched.iter().all(|n| *n == 0.0));
         // No changes leave the state as read; torn or out-of-range ones fail.
         apply_changes(&mut state, &[]).expect("nothing changed");
@@ -326,20 +326,20 @@ mod tests {
         assert_eq!(cache.slots_version(&workspace), -1, "nothing held");
         let mut base = vec![0.0; STATE_FIELDS];
         base[..STATE_HEADER].copy_from_slice(&header(10.0, 10.0));
-        base[STATE_HEADER + 3..STATE_HEADER + 6].copy_from_slice(&[61.0, 1.0, 5.0]);
+        base[STATE_HEADER + 4..STATE_HEADER + 8].copy_from_slice(&[61.0, 1.0, 5.0, 50.0]);
         cache
             .load(&workspace, -1, &packed(&base), &[])
             .expect("a whole state");
         assert_eq!(cache.slots_version(&workspace), 10);
         // The next answer carries the header and one slot written.
         let mut changes = header(12.0, 12.0);
-        changes.extend([2.0, 62.0, 1.0, 7.0]);
+        changes.extend([2.0, 62.0, 1.0, 7.0, 70.0]);
         let state = cache
             .load(&workspace, 10, &[], &packed(&changes))
             .expect("changes to the state held");
         assert_eq!(
-            state[STATE_HEADER + 3..STATE_HEADER + 9],
-            [61.0, 1.0, 5.0, 62.0, 1.0, 7.0]
+            state[STATE_HEADER + 4..STATE_HEADER + 12],
+            [61.0, 1.0, 5.0, 50.0, 62.0, 1.0, 7.0, 70.0]
         );
         assert_eq!(cache.slots_version(&workspace), 12);
         // An answer to a call sent before that one, which came back later,
@@ -381,14 +381,16 @@ mod tests {
                     999,
                     Usage {
                         requests: 1,
-                        tokens: 10
+                        tokens: 10,
+                        ..Usage::default()
                     }
                 ),
                 (
                     1_000,
                     Usage {
                         requests: 3,
-                        tokens: 30
+                        tokens: 30,
+                        ..Usage::default()
                     }
                 )
             ]
@@ -427,7 +429,8 @@ mod tests {
                 day,
                 Usage {
                     requests: 2,
-                    tokens: 20
+                    tokens: 20,
+                    ..Usage::default()
                 }
             )
         );
@@ -437,7 +440,8 @@ mod tests {
                 month,
                 Usage {
                     requests: 9,
-                    tokens: 90
+                    tokens: 90,
+                    ..Usage::default()
                 }
             )
         );

@@ -11,7 +11,7 @@ use crate::domain::time::Period;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::{BillingCode, ErrorTally, LastError, UpstreamBucket, UpstreamView};
 use crate::domain::window::{CalendarCounter, Usage};
-use crate::domain::workspace::{BillingBlock, Reservation, Saved};
+use crate::domain::workspace::{BillingBlock, MAX_UNPRICED_MODELS, Reservation, Saved};
 
 /// Bumped when the shape changes incompatibly; older documents are then
 /// ignored (the workspace starts with empty windows) rather than misread.
@@ -44,6 +44,10 @@ struct SavedJson {
     key_rejected: bool,
     status: String,
     since: i64,
+    /// Models called that the prices do not know; absent from documents
+    /// of versions that did not price calls.
+    #[serde(default)]
+    unpriced_models: Vec<String>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -213,6 +217,11 @@ pub fn to_json(saved: &Saved) -> String {
         key_rejected: saved.key_rejected,
         status: saved.status.name().to_owned(),
         since: saved.since.millis(),
+        unpriced_models: saved
+            .unpriced_models
+            .iter()
+            .map(ToString::to_string)
+            .collect(),
     };
     // Serialising plain data with string keys cannot fail.
     serde_json::to_string(&json).unwrap_or_default()
@@ -324,6 +333,12 @@ pub fn from_json(text: &str) -> Option<Saved> {
         key_rejected: json.key_rejected,
         status: Status::from_name(&json.status)?,
         since: ts(json.since),
+        unpriced_models: json
+            .unpriced_models
+            .into_iter()
+            .take(MAX_UNPRICED_MODELS)
+            .map(Into::into)
+            .collect(),
     })
 }
 
@@ -339,6 +354,7 @@ mod tests {
             used: Usage {
                 requests: used,
                 tokens: 10 * used,
+                ..Usage::default()
             },
         }
     }
@@ -356,6 +372,7 @@ mod tests {
             key_rejected: false,
             status: Status::Normal,
             since: ts(0),
+            unpriced_models: Vec::new(),
         }
     }
 
@@ -396,7 +413,10 @@ mod tests {
         state.minute = vec![(5, Usage::call(40)), (6, Usage::tokens(2))];
         state.reservations = vec![held(Usage::call(250))];
         let json: serde_json::Value = serde_json::from_str(&to_json(&state)).expect("json");
-        assert_eq!(json["minute"], serde_json::json!([[5, 1, 40], [6, 0, 2]]));
+        assert_eq!(
+            json["minute"],
+            serde_json::json!([[5, 1, 40, 0], [6, 0, 2, 0]])
+        );
         assert_eq!(
             (&json["day_requests"], &json["day_tokens"]),
             (&3.into(), &30.into())

@@ -56,8 +56,9 @@ async fn the_status_document_has_every_documented_field() {
     assert_eq!(doc["errors"]["last"], Value::Null);
     assert_eq!(
         doc["usage"],
-        json!({"last_minute": {"requests": 1, "tokens": 100}, "today": {"requests": 1, "tokens": 100},
-            "this_month": {"requests": 1, "tokens": 100}})
+        json!({"last_minute": {"requests": 1, "tokens": 100, "usd": 0.0},
+            "today": {"requests": 1, "tokens": 100, "usd": 0.0},
+            "this_month": {"requests": 1, "tokens": 100, "usd": 0.0}})
     );
     server.stop().await;
 }
@@ -73,10 +74,13 @@ async fn usage_is_counted_and_shown_without_any_limit() {
     }
     let doc = server.status(&key).await;
     assert_eq!(doc["limits"], json!({}), "no limits: {doc}");
-    assert_eq!(doc["usage"]["today"], json!({"requests": 3, "tokens": 120}));
+    assert_eq!(
+        doc["usage"]["today"],
+        json!({"requests": 3, "tokens": 120, "usd": 0.0})
+    );
     assert_eq!(
         doc["usage"]["last_minute"],
-        json!({"requests": 3, "tokens": 120})
+        json!({"requests": 3, "tokens": 120, "usd": 0.0})
     );
     server.stop().await;
 }
@@ -620,7 +624,7 @@ async fn month_limits_are_set_shown_and_charted_like_the_days() {
     let status = server.status(&key).await;
     assert_eq!(
         status["usage"]["this_month"],
-        json!({"requests": 2, "tokens": 50})
+        json!({"requests": 2, "tokens": 50, "usd": 0.0})
     );
     assert_eq!(status["limits"]["tokens_per_month"]["used"], 50);
     let months = eventually(
@@ -798,7 +802,8 @@ async fn workspaces_and_keys_are_managed_by_the_admin() {
         json!({"id": "acme", "name": "Acme Inc", "timezone": "UTC", "warn_at": 0.8, "upstream_key_env": null,
             "upstream_organization": null, "upstream_project": null,
             "limits": {"requests_per_minute": 60, "requests_per_day": null, "requests_per_month": null,
-                "tokens_per_minute": null, "tokens_per_day": 5000, "tokens_per_month": null}})
+                "tokens_per_minute": null, "tokens_per_day": 5000, "tokens_per_month": null,
+                "usd_per_minute": null, "usd_per_day": null, "usd_per_month": null}})
     );
     let duplicate = server
         .post("/api/workspaces", ADMIN_KEY, json!({"id": "acme"}))
@@ -1127,5 +1132,80 @@ async fn notifications_carry_a_text_for_tenants_without_operator_details() {
             .to_string()
             .contains("/api/quota/reset")
     );
+    server.stop().await;
+}
+
+/// Budgets are set and shown in dollars, as JSON numbers, and what is not
+/// an amount of dollars within bounds is refused naming the limit.
+#[tokio::test]
+async fn budgets_are_set_and_shown_in_dollars() {
+    let server = TestServer::start(&[]).await;
+    let created = server
+        .post(
+            "/api/workspaces",
+            ADMIN_KEY,
+            json!({"id": "acme", "limits": {"usd_per_day": 12.5, "usd_per_month": 300}}),
+        )
+        .await;
+    assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
+    assert_eq!(created.body["limits"]["usd_per_day"], json!(12.5));
+    assert_eq!(created.body["limits"]["usd_per_month"], json!(300.0));
+    assert_eq!(created.body["limits"]["usd_per_minute"], Value::Null);
+    for (limit, value, status) in [
+        ("usd_per_day", json!(-1), StatusCode::BAD_REQUEST),
+        ("usd_per_day", json!(0), StatusCode::BAD_REQUEST),
+        (
+            "usd_per_month",
+            json!(1_000_000.01),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("tokens_per_day", json!(1.5), StatusCode::BAD_REQUEST),
+        (
+            "usd_per_day",
+            json!("12.5"),
+            StatusCode::UNPROCESSABLE_ENTITY,
+        ),
+    ] {
+        let refused = server
+            .send(
+                Method::PATCH,
+                "/api/workspaces/acme",
+                ADMIN_KEY,
+                Some(json!({"limits": {limit: value}})),
+            )
+            .await;
+        assert_eq!(
+            refused.status, status,
+            "{limit}={value}: {:?}",
+            refused.body
+        );
+        if status == StatusCode::BAD_REQUEST {
+            assert_eq!(refused.body["error"]["param"], limit, "{:?}", refused.body);
+        }
+    }
+    let key = server
+        .post("/api/workspaces/acme/keys", ADMIN_KEY, json!({}))
+        .await
+        .body["key"]
+        .as_str()
+        .expect("key")
+        .to_owned();
+    // 1,000,000 completion tokens of gpt-4o-mini at $0.60/M.
+    let check = json!({"model": "gpt-4o-mini", "estimated_tokens": 1_000_000});
+    let admitted = server.post("/api/quota/check", &key, check).await;
+    assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    assert_eq!(admitted.body["remaining"]["usd_per_day"], json!(11.9));
+    let status = server.status(&key).await;
+    let day = &status["limits"]["usd_per_day"];
+    assert_eq!(
+        (&day["limit"], &day["used"], &day["remaining"]),
+        (&json!(12.5), &json!(0.6), &json!(11.9))
+    );
+    assert_eq!(status["unpriced_models"], json!([]));
+    let odd =
+        json!({"model": "gpt-4o-mini", "estimated_tokens": 10, "estimated_prompt_tokens": 11});
+    let refused = server.post("/api/quota/check", &key, odd).await;
+    assert_eq!(refused.status, StatusCode::BAD_REQUEST);
+    assert_eq!(refused.body["error"]["param"], "estimated_prompt_tokens");
     server.stop().await;
 }

@@ -508,9 +508,19 @@ async fn cli_changes_reach_a_running_server() {
         (server.status(&key).await["limits"]["tokens_per_month"]["limit"] == 9000).then_some(())
     })
     .await;
+    // A budget is given and listed in dollars.
+    cli(vec!["workspace", "set", "team", "--usd-per-day", "12.5"]).await;
+    eventually("the budget", Duration::from_secs(10), || async {
+        (server.status(&key).await["limits"]["usd_per_day"]["limit"] == 12.5).then_some(())
+    })
+    .await;
     let header = cli(vec!["workspace", "list"]).await;
     assert!(
         header.contains("REQ/MON") && header.contains("TOK/MON"),
+        "{header}"
+    );
+    assert!(
+        header.contains("USD/DAY") && header.contains("$12.50"),
         "{header}"
     );
     let list = cli(vec!["workspace", "list"]).await;

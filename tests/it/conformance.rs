@@ -514,3 +514,208 @@ async fn concurrent_checks_never_exceed_the_limit(backend: Backend, test: &str) 
     assert_eq!(status["errors"]["refused"], 150);
     setup.finish().await;
 }
+
+/// What `limit` counts, in dollars: usd limits are shown in dollars.
+fn dollars_used(status: &Value, limit: &str) -> f64 {
+    status["limits"][limit]["used"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("{limit} in {status}"))
+}
+
+/// A check whose cost estimate is `prompt` prompt tokens at the model's
+/// input rate and `completion` tokens at its output rate.
+async fn priced_check(
+    server: &TestServer,
+    key: &str,
+    model: &str,
+    prompt: u64,
+    completion: u64,
+) -> crate::support::Response {
+    let check = json!({"model": model, "estimated_tokens": prompt + completion,
+        "estimated_prompt_tokens": prompt});
+    server.post("/api/quota/check", key, check).await
+}
+
+conformance!(a_budget_refuses_when_the_estimated_cost_would_cross_it);
+async fn a_budget_refuses_when_the_estimated_cost_would_cross_it(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"usd_per_day": 0.01}}))
+        .await;
+    // 10,000 prompt tokens of gpt-4o-mini at $0.15/M: $0.0015 each.
+    for _ in 0..6 {
+        let admitted = priced_check(server, &key, "gpt-4o-mini", 10_000, 0).await;
+        assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    }
+    let last = priced_check(server, &key, "gpt-4o-mini", 0, 0).await;
+    assert_eq!(last.status, StatusCode::OK, "{:?}", last.body);
+    assert_eq!(last.body["remaining"]["usd_per_day"], json!(0.001));
+    let refused = priced_check(server, &key, "gpt-4o-mini", 10_000, 0).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "workspace_budget_exceeded");
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+    let message = refused.body["error"]["message"].as_str().expect("message");
+    assert!(message.contains("$0.009 of $0.01 used today"), "{message}");
+    let status = server.status(&key).await;
+    assert_eq!(dollars_used(&status, "usd_per_day"), 0.009);
+    assert_eq!(status["limits"]["usd_per_day"]["limit"], json!(0.01));
+    assert_eq!(status["usage"]["today"]["usd"], json!(0.009));
+    assert_eq!(
+        used(&status, "requests_per_day"),
+        7,
+        "the refusal charged nothing"
+    );
+    setup.finish().await;
+}
+
+conformance!(a_budget_is_charged_with_every_other_limit_or_not_at_all);
+async fn a_budget_is_charged_with_every_other_limit_or_not_at_all(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 5000, "usd_per_day": 0.001}}))
+        .await;
+    // 4,000 prompt tokens at $0.15/M: $0.0006.
+    let first = priced_check(server, &key, "gpt-4o-mini", 4_000, 0).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    // 1,000 completion tokens at $0.60/M fit the tokens, not the budget.
+    let over_budget = priced_check(server, &key, "gpt-4o-mini", 0, 1_000).await;
+    assert_eq!(over_budget.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(over_budget.error_code(), "workspace_budget_exceeded");
+    // 1,500 prompt tokens fit the budget, not the tokens.
+    let over_tokens = priced_check(server, &key, "gpt-4o-mini", 1_500, 0).await;
+    assert_eq!(over_tokens.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(over_tokens.error_code(), "daily_limit_exceeded");
+    let status = server.status(&key).await;
+    assert_eq!(used(&status, "tokens_per_day"), 4_000);
+    assert_eq!(dollars_used(&status, "usd_per_day"), 0.0006);
+    assert_eq!(used(&status, "requests_per_day"), 1);
+    setup.finish().await;
+}
+
+conformance!(a_settlement_replaces_the_estimated_cost_with_the_exact_cost);
+async fn a_settlement_replaces_the_estimated_cost_with_the_exact_cost(
+    backend: Backend,
+    test: &str,
+) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"usd_per_day": 1}}))
+        .await;
+    // 1,000 prompt tokens at $0.15/M and 500 at $0.60/M: $0.00045.
+    let admitted = priced_check(server, &key, "gpt-4o-mini", 1_000, 500).await;
+    assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    assert_eq!(
+        dollars_used(&server.status(&key).await, "usd_per_day"),
+        0.00045
+    );
+    // 600 uncached prompt tokens, 400 cached at $0.075/M, 500 completion
+    // tokens: $0.00042.
+    let report = json!({"reservation_id": admitted.body["reservation_id"], "model": "gpt-4o-mini",
+        "usage": {"prompt_tokens": 1000, "completion_tokens": 500,
+            "prompt_tokens_details": {"cached_tokens": 400}}});
+    let settled = server.post("/api/quota/usage", &key, report).await;
+    assert_eq!(settled.status, StatusCode::ACCEPTED, "{:?}", settled.body);
+    assert_eq!(dollars_used(&settled.body, "usd_per_day"), 0.00042);
+    assert_eq!(settled.body["usage"]["this_month"]["usd"], json!(0.00042));
+    setup.finish().await;
+}
+
+conformance!(a_proxied_call_is_charged_its_estimated_then_its_exact_cost);
+async fn a_proxied_call_is_charged_its_estimated_then_its_exact_cost(backend: Backend, test: &str) {
+    let upstream = Upstream::strict().await;
+    let proxying = [
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+    ];
+    let Some(setup) = Setup::start(backend, test, &proxying).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"usd_per_day": 0.0005}}))
+        .await;
+    // Two choices of 500 completion tokens at $0.60/M: $0.0006, more than
+    // the whole budget.
+    let chat = |n: u64| {
+        json!({"model": "gpt-4o-mini", "max_tokens": 500, "n": n,
+            "messages": [{"role": "user", "content": "Say hello"}]})
+    };
+    let refused = server.openai("/chat/completions", &key, chat(2)).await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-should-retry")
+            .map(|value| value.as_bytes()),
+        Some(b"false".as_slice())
+    );
+    let response = server.openai("/chat/completions", &key, chat(1)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let answer: Value = response.json().await.expect("JSON");
+    // The fixture's 19 prompt tokens at $0.15/M and 10 completion tokens
+    // at $0.60/M: $0.00000885.
+    assert_eq!(
+        (
+            &answer["usage"]["prompt_tokens"],
+            &answer["usage"]["completion_tokens"]
+        ),
+        (&json!(19), &json!(10))
+    );
+    eventually("the call to settle", Duration::from_secs(10), || async {
+        let status = server.status(&key).await;
+        (dollars_used(&status, "usd_per_day") == 0.00000885).then_some(())
+    })
+    .await;
+    setup.finish().await;
+}
+
+conformance!(an_unpriced_model_is_charged_the_fallback_and_notified_once);
+async fn an_unpriced_model_is_charged_the_fallback_and_notified_once(backend: Backend, test: &str) {
+    let fallback = [("QUOTAWATCH_UNPRICED_MODEL_RATE", "1,2")];
+    let Some(setup) = Setup::start(backend, test, &fallback).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    // 1,000 prompt tokens at the fallback's $1/M, twice, without a budget.
+    for _ in 0..2 {
+        let admitted = priced_check(server, &key, "acme-llm-7", 1_000, 0).await;
+        assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    }
+    let priced = priced_check(server, &key, "gpt-4o-mini", 0, 0).await;
+    assert_eq!(priced.status, StatusCode::OK, "{:?}", priced.body);
+    let status = server.status(&key).await;
+    assert_eq!(status["usage"]["today"]["usd"], json!(0.002));
+    assert_eq!(status["unpriced_models"], json!(["acme-llm-7"]));
+    let notifications = server.get("/api/quota/notifications", &key).await;
+    let unpriced: Vec<&Value> = notifications.body["notifications"]
+        .as_array()
+        .expect("notifications")
+        .iter()
+        .filter(|notification| notification["kind"] == "unpriced_model")
+        .collect();
+    assert_eq!(unpriced.len(), 1, "one per model: {unpriced:?}");
+    assert_eq!(unpriced[0]["severity"], "warning");
+    assert!(
+        unpriced[0]["title"]
+            .as_str()
+            .is_some_and(|title| title.contains("acme-llm-7")),
+        "{unpriced:?}"
+    );
+    assert!(
+        unpriced[0]["suggested_actions"][0]
+            .as_str()
+            .is_some_and(|action| action.contains("QUOTAWATCH_PRICES_FILE")),
+        "{unpriced:?}"
+    );
+    setup.finish().await;
+}

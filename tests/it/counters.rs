@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use quotawatch::domain::limits::{LimitKind, Limits, WorkspaceConfig, WorkspaceId};
 use quotawatch::domain::limits::{
-    REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, TOKENS_PER_DAY, TOKENS_PER_MINUTE, TOKENS_PER_MONTH,
+    Metric, REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
+    TOKENS_PER_MONTH, USD_PER_DAY,
 };
 use quotawatch::domain::time::Period;
 use quotawatch::domain::window::Usage;
@@ -71,8 +72,12 @@ impl Setup {
     }
 
     async fn admit(&self, tokens: u64) -> Result<u64, Refusal> {
+        self.admit_usage(Usage::call(tokens)).await
+    }
+
+    async fn admit_usage(&self, estimate: Usage) -> Result<u64, Refusal> {
         let request = Request {
-            estimate: Usage::call(tokens),
+            estimate,
             model: Some("gpt-4o-mini".into()),
             settled_anywhere: true,
         };
@@ -85,15 +90,21 @@ impl Setup {
     }
 
     async fn settle(&self, reservation: Option<u64>, tokens: u64) -> bool {
+        let completion = TokenUsage {
+            completion: tokens,
+            ..TokenUsage::default()
+        };
+        self.settle_tokens(reservation, completion).await
+    }
+
+    async fn settle_tokens(&self, reservation: Option<u64>, tokens: TokenUsage) -> bool {
         let report = UsageReport {
             reservation,
             model: Some("gpt-4o-mini".into()),
-            tokens: Some(TokenUsage {
-                completion: tokens,
-                ..TokenUsage::default()
-            }),
+            tokens: Some(tokens),
             answer: None,
             latency_ms: None,
+            ..UsageReport::default()
         };
         let reported = self
             .engine
@@ -239,5 +250,90 @@ async fn a_month_limit_refuses_until_the_month_ends_and_settles_in_it(
         .await
         .expect("reset");
     assert_eq!(setup.used(TOKENS_PER_MONTH).await, 0);
+    setup.finish().await;
+}
+
+/// A call's estimate with its cost in nano-dollars.
+fn costing(tokens: u64, nano_usd: u64) -> Usage {
+    Usage::call(tokens).with(Metric::Usd, nano_usd)
+}
+
+conformance!(a_usd_limit_is_charged_with_the_others_or_not_at_all);
+async fn a_usd_limit_is_charged_with_the_others_or_not_at_all(backend: Backend, test: &str) {
+    // A budget of a tenth of a cent, in nano-dollars.
+    let limits = [(USD_PER_DAY, 1_000_000), (TOKENS_PER_DAY, 5_000)];
+    let Some(setup) = Setup::start(backend, test, &limits) else {
+        return;
+    };
+    setup
+        .admit_usage(costing(4_000, 600_000))
+        .await
+        .expect("room in both");
+    let over_budget = setup
+        .admit_usage(costing(1_000, 600_000))
+        .await
+        .expect_err("the tokens fit, the cost does not");
+    let (_, day_end) = Period::Day.bounds(setup.engine.now(), chrono_tz::UTC);
+    assert_eq!(
+        (
+            over_budget.cause,
+            over_budget.retryable,
+            over_budget.retry_at
+        ),
+        (RefusalCause::Limit(USD_PER_DAY), false, Some(day_end))
+    );
+    let over_tokens = setup
+        .admit_usage(costing(1_500, 100_000))
+        .await
+        .expect_err("the cost fits, the tokens do not");
+    assert_eq!(over_tokens.cause, RefusalCause::Limit(TOKENS_PER_DAY));
+    assert_eq!(
+        (
+            setup.used(USD_PER_DAY).await,
+            setup.used(TOKENS_PER_DAY).await
+        ),
+        (600_000, 4_000),
+        "neither refusal charged anything"
+    );
+    setup
+        .admit_usage(costing(1_000, 400_000))
+        .await
+        .expect("exactly the rest of both");
+    assert_eq!(setup.used(USD_PER_DAY).await, 1_000_000);
+    setup.finish().await;
+}
+
+conformance!(a_settlement_replaces_the_estimated_cost_with_the_exact_cost);
+async fn a_settlement_replaces_the_estimated_cost_with_the_exact_cost(
+    backend: Backend,
+    test: &str,
+) {
+    let limits = [(USD_PER_DAY, 1_000_000_000)];
+    let Some(setup) = Setup::start(backend, test, &limits) else {
+        return;
+    };
+    let reservation = setup
+        .admit_usage(costing(1_500, 1_500_000))
+        .await
+        .expect("admitted");
+    assert_eq!(setup.used(USD_PER_DAY).await, 1_500_000);
+    // gpt-4o-mini: 600 uncached prompt tokens at $0.15/M, 400 cached at
+    // $0.075/M and 500 completion tokens at $0.60/M: $0.00042.
+    let used = TokenUsage {
+        prompt: 1_000,
+        cached: 400,
+        completion: 500,
+        reasoning: 0,
+    };
+    assert!(
+        setup.settle_tokens(Some(reservation), used).await,
+        "settled"
+    );
+    assert_eq!(setup.used(USD_PER_DAY).await, 420_000);
+    assert!(
+        !setup.settle_tokens(Some(reservation), used).await,
+        "a second settlement finds nothing"
+    );
+    assert_eq!(setup.used(USD_PER_DAY).await, 420_000);
     setup.finish().await;
 }

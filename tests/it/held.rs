@@ -126,6 +126,7 @@ impl Instance {
             }),
             answer: None,
             latency_ms: None,
+            ..UsageReport::default()
         }
     }
 

@@ -287,6 +287,7 @@ fn saved() -> Saved {
             Usage {
                 requests: 3,
                 tokens: 300,
+                ..Usage::default()
             },
         )],
         calendars: vec![
@@ -297,6 +298,7 @@ fn saved() -> Saved {
                 used: Usage {
                     requests: 42,
                     tokens: 4200,
+                    ..Usage::default()
                 },
             },
             CalendarCounter {
@@ -306,6 +308,7 @@ fn saved() -> Saved {
                 used: Usage {
                     requests: 420,
                     tokens: 42_000,
+                    ..Usage::default()
                 },
             },
         ],
@@ -326,6 +329,7 @@ fn saved() -> Saved {
         key_rejected: false,
         status: Status::RateLimited,
         since: T0,
+        unpriced_models: Vec::new(),
     }
 }
 

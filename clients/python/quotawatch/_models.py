@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Union
 
 
 def parse_time(text: Optional[str]) -> Optional[datetime]:
@@ -21,11 +21,12 @@ def parse_time(text: Optional[str]) -> Optional[datetime]:
 
 @dataclass(frozen=True)
 class LimitState:
-    """One configured limit of a workspace."""
+    """One configured limit of a workspace: counts of requests or tokens,
+    or dollars for a ``usd`` limit (a budget)."""
 
-    limit: int
-    used: int
-    remaining: int
+    limit: Union[int, float]
+    used: Union[int, float]
+    remaining: Union[int, float]
     utilization: float
     resets_at: Optional[datetime]
 
@@ -44,10 +45,12 @@ class LimitState:
 class Counts:
     requests: int
     tokens: int
+    #: Dollars spent; 0 from a server older than budgets, which does not count it.
+    usd: float = 0.0
 
     @classmethod
     def from_json(cls, doc: Dict[str, Any]) -> "Counts":
-        return cls(requests=doc["requests"], tokens=doc["tokens"])
+        return cls(requests=doc["requests"], tokens=doc["tokens"], usd=doc.get("usd", 0.0))
 
 
 @dataclass(frozen=True)
@@ -158,6 +161,8 @@ class Status:
     billing_block: Optional[BillingBlock]
     errors: ErrorSummary
     updated_at: Optional[datetime]
+    #: Models called that the prices do not know, charged at the unpriced rates.
+    unpriced_models: List[str]
     raw: Dict[str, Any] = field(repr=False, compare=False)
 
     @classmethod
@@ -179,6 +184,7 @@ class Status:
             billing_block=BillingBlock.from_json(doc.get("billing_block")),
             errors=ErrorSummary.from_json(doc["errors"]),
             updated_at=parse_time(doc.get("updated_at")),
+            unpriced_models=list(doc.get("unpriced_models", [])),
             raw=doc,
         )
 

@@ -256,7 +256,7 @@ impl Engine {
         if let Some(estimate) = charged_here {
             return self.settle_made_offline(redis, &slot, workspace, report, estimate);
         }
-        let used = report.used();
+        let used = report.used(&self.pricing);
         // Whether Redis charged a held reservation, to take a reset there
         // into account with its answer.
         let mut settled_held = false;
@@ -355,7 +355,7 @@ impl Engine {
                 Settled::Unreserved | Settled::Missing => used.unwrap_or(Usage::call(0)),
             };
             let recorded = cell.state.conclude_record(
-                &report.outcome(),
+                &report.outcome(&self.pricing),
                 settled,
                 counted,
                 answered_at,
@@ -386,7 +386,7 @@ impl Engine {
         estimate: Usage,
     ) -> Result<Reported, EngineError> {
         let beyond_estimate = report
-            .used()
+            .used(&self.pricing)
             .map_or(Usage::default(), |used| used.saturating_sub(estimate));
         let reported = self.settle_here(workspace, report)?;
         // One that expired first kept its estimate, and no more.
