@@ -10,8 +10,7 @@ use clap::{Args, Parser, Subcommand};
 use crate::admin::{Admin, KeySpec, WorkspaceSpec};
 use crate::api::dto::usage_name;
 use crate::config::{self, CliOverrides, Config, Sources};
-use crate::domain::limits::{LimitKind, Metric, PerLimit, WorkspaceId};
-use crate::domain::price::{format_dollars, nano_usd};
+use crate::domain::limits::{LimitKind, PerLimit, Unit, WorkspaceId};
 use crate::domain::time::{Timestamp, humanize_duration};
 use crate::keys::{KeyGrant, Scope, UnknownScope};
 use crate::store::{KeyRecord, Store};
@@ -233,14 +232,10 @@ impl Args for LimitArgs {
                     .long(FLAGS[kind.index()].as_str())
                     .value_name("N")
                     .value_parser(move |text: &str| parse_limit(text, kind))
-                    .help(match kind.metric {
-                        Metric::Usd => {
-                            format!("The {kind} limit in dollars (such as 12.5), or \"unlimited\"")
-                        }
-                        Metric::Requests | Metric::Tokens => {
-                            format!("The {kind} limit: a number, or \"unlimited\"")
-                        }
-                    }),
+                    .help(format!(
+                        "The {kind} limit: {}, or \"unlimited\"",
+                        kind.metric.unit().expected()
+                    )),
             )
         })
     }
@@ -253,19 +248,13 @@ impl Args for LimitArgs {
 /// A limit in its public unit: a whole number of requests or tokens, or
 /// dollars for a usd limit, which counts nano-dollars.
 fn parse_limit(text: &str, kind: LimitKind) -> Result<LimitArg, String> {
-    let value = match (text, kind.metric) {
-        ("unlimited" | "none", _) => return Ok(LimitArg(None)),
-        (number, Metric::Usd) => number.parse().ok().and_then(nano_usd),
-        (number, Metric::Requests | Metric::Tokens) => number.parse().ok(),
-    };
-    value
+    if matches!(text, "unlimited" | "none") {
+        return Ok(LimitArg(None));
+    }
+    let unit = kind.metric.unit();
+    unit.parse(text)
         .map(|value| LimitArg(Some(value)))
-        .ok_or_else(|| match kind.metric {
-            Metric::Usd => format!("{text:?} is neither an amount of dollars nor \"unlimited\""),
-            Metric::Requests | Metric::Tokens => {
-                format!("{text:?} is neither a whole number nor \"unlimited\"")
-            }
-        })
+        .ok_or_else(|| format!("{text:?} is neither {} nor \"unlimited\"", unit.expected()))
 }
 
 impl WorkspaceArgs {
@@ -431,10 +420,10 @@ async fn offline_admin(config: &Config) -> Result<Admin, Failure> {
 
 /// A limit as configured, in its public unit: a count, or dollars.
 fn limit_cell(kind: LimitKind, value: Option<u64>) -> String {
-    match (value, kind.metric) {
+    match (value, kind.metric.unit()) {
         (None, _) => "unlimited".to_owned(),
-        (Some(dollars), Metric::Usd) => format_dollars(dollars),
-        (Some(count), Metric::Requests | Metric::Tokens) => count.to_string(),
+        (Some(count), Unit::Count) => count.to_string(),
+        (Some(count), unit) => unit.figure(count),
     }
 }
 

@@ -16,13 +16,13 @@ use serde::Deserialize;
 
 use crate::admin::{Change, WorkspaceSpec};
 use crate::domain::limits::{
-    LimitKind, Limits, Metric, PerLimit, WorkspaceConfig, validate_limit, validate_warn_at,
+    LimitKind, Limits, PerLimit, Unit, WorkspaceConfig, validate_limit, validate_warn_at,
 };
 use crate::domain::limits::{
     REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, REQUESTS_PER_MONTH, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
     TOKENS_PER_MONTH,
 };
-use crate::domain::price::{PicoUsd, Rates, UnpricedRates, nano_usd};
+use crate::domain::price::{PicoUsd, Rates, UnpricedRates};
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::{OnStoreError, WorkspaceDefaults};
@@ -785,28 +785,26 @@ fn file_workspace(
                     ),
                 ));
             }
-            // A usd limit is written in dollars and counts nano-dollars.
-            FileLimit::Count(n) if kind.metric == Metric::Usd => nano_usd(n as f64),
-            FileLimit::Amount(dollars) if kind.metric == Metric::Usd => {
-                Some(nano_usd(dollars).ok_or_else(|| {
+            // A whole number is taken as it is where the unit counts whole
+            // things, without a float that could lose digits.
+            FileLimit::Count(n) if kind.metric.unit() == Unit::Count => Some(n.unsigned_abs()),
+            // Otherwise a figure is in the unit people write (a budget in
+            // dollars), which the counters count finer (nano-dollars).
+            FileLimit::Count(n) => kind.metric.unit().from_figure(n as f64),
+            FileLimit::Amount(figure) => {
+                let unit = kind.metric.unit();
+                Some(unit.from_figure(figure).ok_or_else(|| {
                     ConfigError::new(
                         at(&format!("limits.{name}")),
                         source,
-                        format!("{dollars} is not an amount of dollars of at least 0"),
+                        format!(
+                            "{figure} is not {}: {kind} is {}",
+                            unit.expected(),
+                            unit.expected()
+                        ),
                     )
                 })?)
             }
-            FileLimit::Amount(n) => {
-                return Err(ConfigError::new(
-                    at(&format!("limits.{name}")),
-                    source,
-                    format!(
-                        "{n} is not a whole number: {kind} counts whole {}",
-                        kind.metric.name()
-                    ),
-                ));
-            }
-            FileLimit::Count(n) => Some(n.unsigned_abs()),
             FileLimit::Word(word) if word == "unlimited" => None,
             FileLimit::Word(word) => {
                 return Err(ConfigError::new(

@@ -9,10 +9,10 @@ use utoipa::ToSchema;
 
 use crate::admin::Change;
 use crate::domain::limits::{
-    LimitKind, Limits, Metric, PerLimit, Period, ValidationError, Window, WorkspaceConfig,
+    LimitKind, Limits, Metric, PerLimit, Period, Unit, ValidationError, Window, WorkspaceConfig,
 };
 use crate::domain::notification::Notification;
-use crate::domain::price::{PicoUsd, PriceTable, Rates, dollars, nano_usd};
+use crate::domain::price::{PicoUsd, PriceTable, Rates, dollars};
 use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
@@ -55,10 +55,10 @@ fn rfc3339(at: Timestamp) -> String {
 /// An amount of a limit's metric as the API writes it: a count of requests
 /// or tokens, or dollars for a usd limit (whose counters hold nano-dollars).
 pub fn amount(metric: Metric, value: u64) -> Number {
-    match metric {
-        Metric::Requests | Metric::Tokens => value.into(),
+    match metric.unit() {
+        Unit::Count => value.into(),
         // A count of nano-dollars in dollars is finite, so always a number.
-        Metric::Usd => Number::from_f64(dollars(value)).unwrap_or_else(|| value.into()),
+        unit => Number::from_f64(unit.decimal(value)).unwrap_or_else(|| value.into()),
     }
 }
 
@@ -67,18 +67,20 @@ pub fn amount(metric: Metric, value: u64) -> Number {
 /// which is exact for any amount of at most 9 decimal places up to
 /// [`MAX_USD_LIMIT`](crate::domain::price::MAX_USD_LIMIT).
 fn limit_of(kind: LimitKind, written: &Number) -> Result<u64, ValidationError> {
-    let value = match kind.metric {
-        Metric::Requests | Metric::Tokens => written.as_u64(),
-        Metric::Usd => written.as_f64().and_then(nano_usd),
+    let unit = kind.metric.unit();
+    // A whole number is read as such, so that none loses a digit on its
+    // way through a float.
+    let value = match (unit, written.as_u64()) {
+        (Unit::Count, whole) => whole,
+        (_, _) => written.as_f64().and_then(|figure| unit.from_figure(figure)),
     };
     value.ok_or_else(|| {
-        let what = match kind.metric {
-            Metric::Requests | Metric::Tokens => "a whole number",
-            Metric::Usd => "an amount of dollars such as 50 or 12.5",
-        };
         ValidationError::new(
             kind.name(),
-            format!("{kind} must be {what}, or null for unlimited; got {written}"),
+            format!(
+                "{kind} must be {}, or null for unlimited; got {written}",
+                unit.expected()
+            ),
         )
     })
 }

@@ -10,7 +10,7 @@ use std::sync::LazyLock;
 use chrono_tz::Tz;
 
 use super::notification::group_digits;
-use super::price::{MAX_USD_LIMIT, format_dollars};
+use super::price::{MAX_USD_LIMIT, dollars, format_dollars, nano_usd};
 
 // A window's calendar period, named here beside the windows it serves.
 pub use super::time::Period;
@@ -36,12 +36,35 @@ impl Metric {
         }
     }
 
-    /// An amount of this metric as texts write it: a count with its digits
-    /// grouped ("1,234"), or dollars ("$49.98").
-    pub fn figure(self, amount: u64) -> String {
+    /// How its counts are written where people read and write them.
+    pub const fn unit(self) -> Unit {
         match self {
-            Metric::Requests | Metric::Tokens => group_digits(amount),
-            Metric::Usd => format_dollars(amount),
+            Metric::Requests | Metric::Tokens => Unit::Count,
+            Metric::Usd => Unit::Dollars,
+        }
+    }
+
+    /// An amount of this metric as texts write it (see [`Unit::figure`]).
+    pub fn figure(self, amount: u64) -> String {
+        self.unit().figure(amount)
+    }
+
+    /// The least one call costs of this metric: a request is one, and a
+    /// call may use no tokens and cost nothing.
+    pub const fn least_a_call_costs(self) -> u64 {
+        match self {
+            Metric::Requests => 1,
+            Metric::Tokens | Metric::Usd => 0,
+        }
+    }
+
+    /// How a text says that all of this metric's limit is used ("the
+    /// budget is used up").
+    pub const fn all_of_it(self) -> &'static str {
+        match self {
+            Metric::Requests => "requests are",
+            Metric::Tokens => "tokens are",
+            Metric::Usd => "budget is",
         }
     }
 
@@ -57,6 +80,78 @@ impl Metric {
 
     pub const fn index(self) -> usize {
         self as usize
+    }
+}
+
+/// How a metric's counts are written where people read and write them
+/// (the API, the CLI, the TOML file, texts). Whatever converts between a
+/// limit's counters and its public figures asks the unit, not the metric,
+/// so that a new metric of a known unit converts with no code of its own.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Unit {
+    /// Whole things (requests, tokens), written as counted.
+    Count,
+    /// Money: counted in whole nano-dollars, written in dollars.
+    Dollars,
+}
+
+impl Unit {
+    /// A count from a figure as people write it: a whole number, or an
+    /// amount of dollars rounded to the nearest nano-dollar (exact for up
+    /// to 9 decimal places). `None` for anything else, negative included.
+    pub fn from_figure(self, figure: f64) -> Option<u64> {
+        match self {
+            Unit::Count => (figure >= 0.0 && figure.fract() == 0.0 && figure < u64::MAX as f64)
+                .then_some(figure as u64),
+            Unit::Dollars => nano_usd(figure),
+        }
+    }
+
+    /// A count from text as people write it (see [`Unit::from_figure`]).
+    pub fn parse(self, text: &str) -> Option<u64> {
+        match self {
+            // Whole numbers are read as such, so that none beyond 2^53
+            // loses a digit on its way through a float.
+            Unit::Count => text.parse().ok(),
+            Unit::Dollars => text
+                .parse()
+                .ok()
+                .and_then(|figure| self.from_figure(figure)),
+        }
+    }
+
+    /// A count as a decimal figure: the count itself, or dollars.
+    pub fn decimal(self, count: u64) -> f64 {
+        match self {
+            Unit::Count => count as f64,
+            Unit::Dollars => dollars(count),
+        }
+    }
+
+    /// A count as texts write it: digits grouped ("1,234"), or dollars
+    /// ("$49.98").
+    pub fn figure(self, count: u64) -> String {
+        match self {
+            Unit::Count => group_digits(count),
+            Unit::Dollars => format_dollars(count),
+        }
+    }
+
+    /// What a figure of this unit must be, for error messages.
+    pub const fn expected(self) -> &'static str {
+        match self {
+            Unit::Count => "a whole number",
+            Unit::Dollars => "an amount of dollars such as 50 or 12.5",
+        }
+    }
+
+    /// The highest limit in this unit, where counters kept as doubles
+    /// (Redis) bound it: a higher budget would count inexactly.
+    pub const fn max_limit(self) -> Option<u64> {
+        match self {
+            Unit::Count => None,
+            Unit::Dollars => Some(MAX_USD_LIMIT),
+        }
     }
 }
 
@@ -422,31 +517,49 @@ pub fn validate_name(name: &str) -> Result<String, ValidationError> {
 }
 
 /// A limit of zero would refuse everything forever; an operator who wants
-/// that deletes the workspace or revokes its keys instead. A usd limit is
-/// at most [`MAX_USD_LIMIT`], so that what it counts stays exact where
-/// counters are doubles (Redis).
+/// that deletes the workspace or revokes its keys instead. A limit is at
+/// most its unit's [`Unit::max_limit`] (a budget at most
+/// [`MAX_USD_LIMIT`]), so that what it counts stays exact where counters
+/// are doubles (Redis).
 pub fn validate_limit(kind: LimitKind, max: Option<u64>) -> Result<Option<u64>, ValidationError> {
-    match max {
-        Some(0) => Err(ValidationError::new(
+    let unit = kind.metric.unit();
+    match (max, unit.max_limit()) {
+        (Some(0), _) => Err(ValidationError::new(
             kind.name(),
             format!("{kind} must be a positive number, or null for unlimited"),
         )),
-        Some(max) if kind.metric == Metric::Usd && max > MAX_USD_LIMIT => {
-            Err(ValidationError::new(
-                kind.name(),
-                format!(
-                    "{kind} must be at most {} (a higher budget is no budget), or null for unlimited",
-                    format_dollars(MAX_USD_LIMIT)
-                ),
-            ))
-        }
-        other => Ok(other),
+        (Some(max), Some(highest)) if max > highest => Err(ValidationError::new(
+            kind.name(),
+            format!(
+                "{kind} must be at most {} (a higher limit is no limit), or null for unlimited",
+                unit.figure(highest)
+            ),
+        )),
+        (other, _) => Ok(other),
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_unit_reads_and_writes_figures_as_people_do() {
+        assert_eq!(Unit::Count.parse("1200"), Some(1200));
+        assert_eq!(Unit::Count.parse("12.5"), None, "counts are whole");
+        assert_eq!(Unit::Count.from_figure(-1.0), None);
+        assert_eq!(Unit::Dollars.parse("12.5"), Some(12_500_000_000));
+        assert_eq!(Unit::Dollars.from_figure(0.000000001), Some(1), "one nano-dollar");
+        assert_eq!(Unit::Dollars.parse("-3"), None);
+        assert_eq!(Unit::Dollars.decimal(49_980_000_000), 49.98);
+        assert_eq!(Unit::Count.figure(1234), "1,234");
+        assert!(Unit::Dollars.figure(49_980_000_000).starts_with("$49.98"));
+        assert_eq!(Unit::Count.max_limit(), None);
+        assert_eq!(Unit::Dollars.max_limit(), Some(MAX_USD_LIMIT));
+        let too_much = validate_limit(USD_PER_DAY, Some(MAX_USD_LIMIT + 1)).expect_err("capped");
+        assert!(too_much.message.contains("at most $1"), "{}", too_much.message);
+        assert_eq!(validate_limit(TOKENS_PER_DAY, Some(u64::MAX >> 1)), Ok(Some(u64::MAX >> 1)));
+    }
 
     #[test]
     fn workspace_ids_follow_the_documented_pattern() {

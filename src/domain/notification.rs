@@ -6,7 +6,7 @@
 
 use std::sync::LazyLock;
 
-use super::limits::{LimitKind, Metric, Period, Window, WorkspaceConfig, WorkspaceId};
+use super::limits::{LimitKind, Period, Window, WorkspaceConfig, WorkspaceId};
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
@@ -210,11 +210,7 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
                     format!(
                         "{}'s {} used up; requests resume {}.",
                         capitalised(period.this()),
-                        match kind.metric {
-                            Metric::Usd => "budget is",
-                            Metric::Requests => "requests are",
-                            Metric::Tokens => "tokens are",
-                        },
+                        kind.metric.all_of_it(),
                         when_for_tenant(limit.resets_at, now)
                     ),
                     &["Try again after the limit resets.", "If you need more, contact your administrator."],

@@ -572,10 +572,7 @@ impl WorkspaceState {
     }
 
     fn limit_facts(&self, kind: LimitKind, max: u64) -> LimitFacts {
-        let minimal_cost = match kind.metric {
-            Metric::Requests => 1,
-            Metric::Tokens | Metric::Usd => 0,
-        };
+        let minimal_cost = kind.metric.least_a_call_costs();
         LimitFacts {
             max,
             used: self.used(kind),

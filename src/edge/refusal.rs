@@ -8,7 +8,7 @@ use std::sync::LazyLock;
 use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::error::ApiError;
-use crate::domain::limits::{LimitKind, Metric, Period, WorkspaceId};
+use crate::domain::limits::{LimitKind, Period, Unit, WorkspaceId};
 use crate::domain::time::{Timestamp, format_duration, humanize_duration, in_time};
 use crate::domain::workspace::{Headroom, LimitHeadroom, Refusal, RefusalCause};
 
@@ -98,7 +98,7 @@ pub fn refusal_error(
                 ),
                 // A budget is refused in its own words: what was spent of
                 // it, and when it starts again.
-                Some(period) if kind.metric == Metric::Usd => (
+                Some(period) if kind.metric.unit() == Unit::Dollars => (
                     kind.metric.name(),
                     BUDGET_EXCEEDED,
                     format!(
