@@ -549,7 +549,11 @@ mod tests {
         assert_eq!(Unit::Count.parse("12.5"), None, "counts are whole");
         assert_eq!(Unit::Count.from_figure(-1.0), None);
         assert_eq!(Unit::Dollars.parse("12.5"), Some(12_500_000_000));
-        assert_eq!(Unit::Dollars.from_figure(0.000000001), Some(1), "one nano-dollar");
+        assert_eq!(
+            Unit::Dollars.from_figure(0.000000001),
+            Some(1),
+            "one nano-dollar"
+        );
         assert_eq!(Unit::Dollars.parse("-3"), None);
         assert_eq!(Unit::Dollars.decimal(49_980_000_000), 49.98);
         assert_eq!(Unit::Count.figure(1234), "1,234");
@@ -557,8 +561,15 @@ mod tests {
         assert_eq!(Unit::Count.max_limit(), None);
         assert_eq!(Unit::Dollars.max_limit(), Some(MAX_USD_LIMIT));
         let too_much = validate_limit(USD_PER_DAY, Some(MAX_USD_LIMIT + 1)).expect_err("capped");
-        assert!(too_much.message.contains("at most $1"), "{}", too_much.message);
-        assert_eq!(validate_limit(TOKENS_PER_DAY, Some(u64::MAX >> 1)), Ok(Some(u64::MAX >> 1)));
+        assert!(
+            too_much.message.contains("at most $1"),
+            "{}",
+            too_much.message
+        );
+        assert_eq!(
+            validate_limit(TOKENS_PER_DAY, Some(u64::MAX >> 1)),
+            Ok(Some(u64::MAX >> 1))
+        );
     }
 
     #[test]

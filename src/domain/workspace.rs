@@ -8,6 +8,8 @@ use std::collections::VecDeque;
 use rustc_hash::FxHashMap;
 use std::time::Duration;
 
+use chrono_tz::Tz;
+
 use super::limits::{LimitKind, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{Notification, describe, describe_unpriced, shared_id};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
@@ -136,6 +138,8 @@ pub struct Refusal {
     /// False when no short wait helps (a calendar limit, billing, a request larger
     /// than a limit): clients must not retry automatically.
     pub retryable: bool,
+    /// The workspace's timezone, in which a calendar limit's reset is said.
+    pub timezone: Tz,
 }
 
 /// What a request asks for at admission.
@@ -594,12 +598,14 @@ impl WorkspaceState {
     /// changing anything. `probe_due` says whether a billing block would let
     /// this request through as its probe.
     fn verdict(&self, cost: Usage, now: Timestamp, probe_due: bool) -> Result<(), Refusal> {
+        let timezone = self.config.timezone;
         let upstream = |cause, retry_at, retryable| Refusal {
             cause,
             used: 0,
             max: 0,
             retry_at,
             retryable,
+            timezone,
         };
         let mut retryable: Option<Refusal> = None;
         let mut keep_latest = |refusal: Refusal| {
@@ -617,6 +623,7 @@ impl WorkspaceState {
                 max,
                 retry_at,
                 retryable,
+                timezone,
             };
             if cost > max {
                 return Err(refusal(RefusalCause::TooLarge(kind), None, false));
@@ -1022,6 +1029,7 @@ impl WorkspaceState {
                     max,
                     retry_at,
                     retryable: true,
+                    timezone: self.config.timezone,
                 },
                 None => Refusal {
                     cause: RefusalCause::UpstreamRateLimited,
@@ -1029,6 +1037,7 @@ impl WorkspaceState {
                     max: 0,
                     retry_at,
                     retryable: true,
+                    timezone: self.config.timezone,
                 },
             }
         })

@@ -55,6 +55,27 @@ fn when(at: Option<Timestamp>, now: Timestamp) -> String {
     at.map_or_else(|| "at an unknown time".to_owned(), |at| in_time(at, now))
 }
 
+/// When a calendar limit resets, as the workspace's people read a clock: "at
+/// 00:00 Europe/Berlin (in 5h 12m)", with the date when that is not within
+/// a day.
+fn local_reset(refusal: &Refusal, now: Timestamp) -> String {
+    let Some(at) = refusal.retry_at else {
+        return when(None, now);
+    };
+    let local = at.to_utc().with_timezone(&refusal.timezone);
+    let date = if now.until(at) < RETRY_AFTER_AT_MOST {
+        String::new()
+    } else {
+        local.format(" on %-d %B %Y").to_string()
+    };
+    format!(
+        "at {} {}{date} (in {})",
+        local.format("%H:%M"),
+        refusal.timezone.name(),
+        humanize_duration(now.until(at))
+    )
+}
+
 /// The error code of a used-up calendar limit, named from the period's
 /// adjective ("daily_limit_exceeded"), so that a new period brings its code
 /// with it.
@@ -104,7 +125,7 @@ pub fn refusal_error(
                     format!(
                         "Workspace {workspace} used up its {kind} budget: {used} of {max} used {}, enforced by quotawatch. It resets {}; retrying earlier cannot succeed.",
                         period.this(),
-                        when(refusal.retry_at, now)
+                        local_reset(refusal, now)
                     ),
                 ),
                 Some(period) => (
@@ -113,7 +134,7 @@ pub fn refusal_error(
                     format!(
                         "Workspace {workspace} used up its {kind} quota ({used} of {max}{unit} {}, enforced by quotawatch). It resets {}; retrying earlier cannot succeed.",
                         period.this(),
-                        when(refusal.retry_at, now)
+                        local_reset(refusal, now)
                     ),
                 ),
             }
@@ -149,7 +170,13 @@ pub fn refusal_error(
     };
     let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, error_type, code, message);
     error.headers = ratelimit_headers(headroom, now);
-    if let Some(retry_at) = refusal.retry_at {
+    // A wait of a day or more is no retry a client should schedule: the
+    // message says when the period resets, and `x-should-retry` stops the
+    // SDKs from trying before.
+    if let Some(retry_at) = refusal
+        .retry_at
+        .filter(|at| now.until(*at) < RETRY_AFTER_AT_MOST)
+    {
         let wait = now.until(retry_at);
         let seconds = wait.as_millis().div_ceil(1000).max(1);
         insert(&mut error.headers, "retry-after", seconds.to_string());
@@ -165,9 +192,61 @@ pub fn refusal_error(
     error
 }
 
+/// The longest wait a refusal's `retry-after` states.
+const RETRY_AFTER_AT_MOST: std::time::Duration = std::time::Duration::from_secs(86_400);
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn used_up(kind: LimitKind, resets_in_hours: u64, now: Timestamp) -> ApiError {
+        let refusal = Refusal {
+            cause: RefusalCause::Limit(kind),
+            used: 49_980_000_000,
+            max: 50_000_000_000,
+            retry_at: Some(now.plus(std::time::Duration::from_secs(3600 * resets_in_hours))),
+            retryable: false,
+            timezone: chrono_tz::Europe::Berlin,
+        };
+        let workspace: WorkspaceId = "acme".parse().expect("id");
+        let probe = std::time::Duration::from_secs(60);
+        refusal_error(&workspace, &refusal, &Headroom::default(), now, probe)
+    }
+
+    #[test]
+    fn a_budget_refusal_says_what_was_spent_and_when_it_resets_in_local_time() {
+        use crate::domain::limits::{USD_PER_DAY, USD_PER_MONTH};
+        // 2026-12-02 19:00 UTC is 20:00 in Berlin; the day resets in 4 hours.
+        let now = Timestamp::from_millis(1_796_238_000_000);
+        let day = used_up(USD_PER_DAY, 4, now);
+        assert_eq!(day.code, BUDGET_EXCEEDED);
+        let message = &day.message;
+        assert!(
+            message.contains("$49.98 of $50.00 used today")
+                && message.contains("resets at 00:00 Europe/Berlin (in 4h 0m)"),
+            "{message}"
+        );
+        assert_eq!(
+            day.headers.get("retry-after").map(|v| v.to_str().ok()),
+            Some(Some("14400"))
+        );
+        assert_eq!(
+            day.headers.get("x-should-retry").map(|v| v.to_str().ok()),
+            Some(Some("false"))
+        );
+        // A month that resets in 29 days says its date, and no retry-after:
+        // nobody should schedule a retry a month away.
+        let month = used_up(USD_PER_MONTH, 29 * 24 + 4, now);
+        assert!(
+            month
+                .message
+                .contains("resets at 00:00 Europe/Berlin on 1 January 2027"),
+            "{}",
+            month.message
+        );
+        assert!(month.headers.get("retry-after").is_none());
+        assert!(month.headers.get("x-should-retry").is_some());
+    }
 
     #[test]
     fn a_calendar_limit_code_is_named_after_its_period() {
