@@ -32,6 +32,12 @@ struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ModelLabels {
+    workspace: Arc<str>,
+    model: Arc<str>,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct TokenLabels {
     workspace: Arc<str>,
     model: Arc<str>,
@@ -144,6 +150,7 @@ pub struct Metrics {
     registry: Registry,
     requests: Family<RequestLabels, Counter>,
     tokens: Family<TokenLabels, Counter>,
+    cost: Family<ModelLabels, Counter<f64, std::sync::atomic::AtomicU64>>,
     refusals: Family<RefusalLabels, Counter>,
     upstream_errors: Family<ClassLabels, Counter>,
     status: Family<WorkspaceLabels, Gauge>,
@@ -167,6 +174,7 @@ impl Metrics {
         let mut registry = Registry::with_prefix("quotawatch");
         let requests = Family::default();
         let tokens = Family::default();
+        let cost = Family::default();
         let refusals = Family::default();
         let upstream_errors = Family::default();
         let status = Family::default();
@@ -210,6 +218,11 @@ impl Metrics {
             tokens.clone(),
         );
         registry.register(
+            "cost_usd",
+            "What calls cost in dollars, by workspace and model, as budgets count it (each call rounded up to a whole nano-dollar)",
+            cost.clone(),
+        );
+        registry.register(
             "refusals",
             "Requests refused locally, by workspace and limit",
             refusals.clone(),
@@ -244,6 +257,7 @@ impl Metrics {
             registry,
             requests,
             tokens,
+            cost,
             refusals,
             upstream_errors,
             status,
@@ -317,6 +331,18 @@ impl Metrics {
                     })
                     .inc_by(count);
             }
+        }
+    }
+
+    /// Counts what a call cost, `nano_usd` nano-dollars, under its model.
+    pub fn cost(&self, workspace: &WorkspaceId, model: Option<&str>, nano_usd: u64) {
+        if nano_usd > 0 {
+            self.cost
+                .get_or_create(&ModelLabels {
+                    workspace: Arc::from(workspace.as_str()),
+                    model: self.model_label(model),
+                })
+                .inc_by(crate::domain::price::dollars(nano_usd));
         }
     }
 

@@ -623,6 +623,9 @@ pub struct HistoryPoint {
     pub server_errors: i64,
     /// Calls quotawatch refused before they reached the upstream.
     pub refused: i64,
+    /// What the step's calls cost, in dollars, as budgets count it (each
+    /// call rounded up to a whole nano-dollar).
+    pub usd: f64,
     /// Mean latency of the step's reported calls, in milliseconds.
     pub avg_latency_ms: Option<f64>,
 }

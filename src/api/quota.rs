@@ -14,7 +14,7 @@ use super::AppState;
 use super::dto::*;
 use crate::domain::limits::{LimitKind, Metric, WorkspaceId};
 use crate::domain::model::parse_model;
-use crate::domain::price::{Tier, TokenCounts};
+use crate::domain::price::{Tier, TokenCounts, dollars};
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::window::Usage;
@@ -375,10 +375,14 @@ pub async fn usage(
         latency_ms: body.latency_ms,
         tier: tier_of(body.service_tier.as_deref()),
     };
+    let model = report.model.clone();
     let reported = state
         .engine
         .settle_to_the_end(workspace.clone(), report)
         .await?;
+    state
+        .metrics
+        .cost(&workspace, model.as_deref(), reported.cost);
     if reported.missing_reservation {
         // The upstream's answer counted all the same; only the settlement
         // could not happen.
@@ -496,6 +500,7 @@ pub async fn history(
             client_errors: totals.client_errors,
             server_errors: totals.server_errors,
             refused: totals.refused,
+            usd: dollars(u64::try_from(totals.usd_nano).unwrap_or(0)),
             avg_latency_ms: (totals.requests > 0 && totals.latency_ms_sum > 0)
                 .then(|| totals.latency_ms_sum as f64 / totals.requests as f64),
         })

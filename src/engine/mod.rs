@@ -240,6 +240,8 @@ pub struct Reported {
     /// The call named a reservation that was unknown, settled or expired:
     /// nothing was charged, though the upstream's answer still counted.
     pub missing_reservation: bool,
+    /// What the call finally cost, in nano-dollars, as budgets count it.
+    pub cost: u64,
 }
 
 /// Defaults for workspaces created without explicit limits.
@@ -729,6 +731,11 @@ impl Engine {
             Settled::Missing => None,
         };
         let missing_reservation = settled.is_none();
+        let cost = if missing_reservation {
+            0
+        } else {
+            recorded.usage.usd
+        };
         if let Some((charged_at, reserved_model)) = settled {
             let breakdown = report.tokens.unwrap_or_default();
             let status = report.answer.as_ref().map_or(200, |answer| answer.status);
@@ -744,6 +751,7 @@ impl Engine {
                 server_errors: i64::from(status == UpstreamAnswer::MISSING || status >= 500),
                 refused: 0,
                 latency_ms_sum: count(report.latency_ms.unwrap_or(0)),
+                usd_nano: count(recorded.usage.usd),
             };
             let model = report.model.clone().or(reserved_model);
             *cell.history(charged_at, model) += delta;
@@ -761,6 +769,7 @@ impl Engine {
         Reported {
             class,
             missing_reservation,
+            cost,
         }
     }
 

@@ -187,6 +187,7 @@ pub(super) fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
         *cell.history(finished.charged_at, finished.model) += RollupDelta {
             requests: 1,
             tokens: count(finished.usage.tokens),
+            usd_nano: count(finished.usage.usd),
             ..RollupDelta::default()
         };
     }

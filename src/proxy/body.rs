@@ -88,6 +88,7 @@ impl Settlement {
             .as_ref()
             .is_some_and(UpstreamAnswer::is_missing);
         let tokens = report.tokens;
+        let metrics = &self.state.metrics;
         let class = match reported {
             Ok(reported) => {
                 if reported.missing_reservation {
@@ -95,6 +96,7 @@ impl Settlement {
                     // cleared it); its estimate stays charged.
                     tracing::debug!(workspace = %self.workspace, "reservation gone before settling");
                 }
+                metrics.cost(&self.workspace, self.model.as_deref(), reported.cost);
                 reported.class
             }
             Err(error) => {
@@ -109,7 +111,6 @@ impl Settlement {
             Some(_) if no_answer => RequestOutcome::UpstreamFailed,
             Some(class) => RequestOutcome::Upstream(class),
         };
-        let metrics = &self.state.metrics;
         metrics.request(&self.workspace, self.endpoint.label(), outcome);
         if let Some(tokens) = tokens {
             metrics.tokens(&self.workspace, self.model.as_deref(), tokens);

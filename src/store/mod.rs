@@ -182,6 +182,8 @@ pub struct RollupDelta {
     pub server_errors: i64,
     pub refused: i64,
     pub latency_ms_sum: i64,
+    /// What the calls cost, as budgets count it: whole nano-dollars.
+    pub usd_nano: i64,
 }
 
 impl std::ops::AddAssign for RollupDelta {
@@ -199,6 +201,7 @@ impl std::ops::AddAssign for RollupDelta {
         self.server_errors = self.server_errors.saturating_add(o.server_errors);
         self.refused = self.refused.saturating_add(o.refused);
         self.latency_ms_sum = self.latency_ms_sum.saturating_add(o.latency_ms_sum);
+        self.usd_nano = self.usd_nano.saturating_add(o.usd_nano);
     }
 }
 
@@ -985,7 +988,7 @@ impl Store {
                 ] {
                     sqlx::query(
                         concat!(
-                            "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET ",
+                            "INSERT INTO rollups (workspace_id, resolution, bucket, model, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum, usd_nano) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16 WHERE EXISTS (SELECT 1 FROM workspaces WHERE id = $1) ON CONFLICT (workspace_id, resolution, bucket, model) DO UPDATE SET ",
                             saturating_add!("requests"), ", ",
                             saturating_add!("tokens"), ", ",
                             saturating_add!("prompt_tokens"), ", ",
@@ -996,7 +999,8 @@ impl Store {
                             saturating_add!("client_errors"), ", ",
                             saturating_add!("server_errors"), ", ",
                             saturating_add!("refused"), ", ",
-                            saturating_add!("latency_ms_sum"),
+                            saturating_add!("latency_ms_sum"), ", ",
+                            saturating_add!("usd_nano"),
                         ),
 
                     )
@@ -1015,6 +1019,7 @@ impl Store {
                     .bind(delta.server_errors)
                     .bind(delta.refused)
                     .bind(delta.latency_ms_sum)
+                    .bind(delta.usd_nano)
                     .execute(&mut *tx)
                     .await?;
                 }
@@ -1036,10 +1041,24 @@ impl Store {
         from: i64,
         to: i64,
     ) -> Result<Vec<HistoryRow>> {
-        type Row = (i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64, i64);
+        type Row = (
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+            i64,
+        );
         let rows: Vec<Row> = on_pool!(self, |pool| {
             sqlx::query_as(
-            "SELECT bucket, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 ORDER BY bucket"
+            "SELECT bucket, requests, tokens, prompt_tokens, completion_tokens, cached_tokens, reasoning_tokens, errors, client_errors, server_errors, refused, latency_ms_sum, usd_nano FROM rollups WHERE workspace_id = $1 AND resolution = $2 AND bucket >= $3 AND bucket < $4 ORDER BY bucket"
         )
         .bind(workspace.as_str())
         .bind(resolution.code())
@@ -1062,6 +1081,7 @@ impl Store {
                 server_errors: r.9,
                 refused: r.10,
                 latency_ms_sum: r.11,
+                usd_nano: r.12,
             };
             match history.last_mut() {
                 Some(last) if last.bucket == r.0 => last.totals += totals,

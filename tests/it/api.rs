@@ -657,6 +657,66 @@ async fn month_limits_are_set_shown_and_charted_like_the_days() {
 /// further models count under `other`, so made-up names cannot grow the
 /// database, and nothing is lost from the totals.
 #[tokio::test]
+async fn spend_is_charted_in_history_and_counted_in_metrics_per_model() {
+    let server = TestServer::start(&[]).await;
+    let key = server.workspace(json!({"id": "acme"})).await;
+    // The chat fixture's usage for gpt-4o-mini: 19 prompt tokens at $0.15/M
+    // and 10 completion tokens at $0.60/M, $0.00000885; twice.
+    let usage = fixture_json("chat_completion.json")["usage"].clone();
+    for _ in 0..2 {
+        let reported = server
+            .post(
+                "/api/quota/usage",
+                &key,
+                json!({"model": "gpt-4o-mini", "usage": usage}),
+            )
+            .await;
+        assert_eq!(reported.status, StatusCode::ACCEPTED, "{:?}", reported.body);
+    }
+    let spent = |points: &Value| -> f64 {
+        points.as_array().map_or(0.0, |points| {
+            points
+                .iter()
+                .map(|p| p["usd"].as_f64().unwrap_or(0.0))
+                .sum()
+        })
+    };
+    let days = eventually("both calls in history", Duration::from_secs(5), || async {
+        let days = server
+            .get("/api/quota/history?window=30d&step=1d", &key)
+            .await;
+        let requests: i64 = days.body["points"]
+            .as_array()?
+            .iter()
+            .map(|p| p["requests"].as_i64().unwrap_or(0))
+            .sum();
+        (requests == 2).then_some(days)
+    })
+    .await;
+    assert!(
+        (spent(&days.body["points"]) - 0.0000177).abs() < 1e-12,
+        "{:?}",
+        days.body
+    );
+    let metrics = server.metrics().await;
+    let line = metrics
+        .lines()
+        .find(|line| {
+            line.starts_with("quotawatch_cost_usd_total{")
+                && line.contains("workspace=\"acme\"")
+                && line.contains("model=\"gpt-4o-mini\"")
+        })
+        .unwrap_or_else(|| panic!("no cost line in {metrics}"));
+    let value: f64 = line
+        .rsplit(' ')
+        .next()
+        .and_then(|v| v.parse().ok())
+        .expect("value");
+    assert!((value - 0.0000177).abs() < 1e-12, "{line}");
+    server.stop().await;
+}
+
+#[tokio::test]
 async fn history_keeps_a_bounded_number_of_models_per_day() {
     use sqlx::Connection;
     const MODELS: i64 = 90;
