@@ -170,12 +170,17 @@ pub fn refusal_error(
     };
     let mut error = ApiError::new(StatusCode::TOO_MANY_REQUESTS, error_type, code, message);
     error.headers = ratelimit_headers(headroom, now);
-    // A wait of a day or more is no retry a client should schedule: the
-    // message says when the period resets, and `x-should-retry` stops the
-    // SDKs from trying before.
+    // A budget's wait of a day or more is no retry a client should
+    // schedule: the message says when the budget resets, and
+    // `x-should-retry` stops the SDKs from trying before. Other limits keep
+    // stating theirs, which clients already read.
+    let budget = matches!(
+        refusal.cause,
+        RefusalCause::Limit(kind) if kind.metric.unit() == Unit::Dollars
+    );
     if let Some(retry_at) = refusal
         .retry_at
-        .filter(|at| now.until(*at) < RETRY_AFTER_AT_MOST)
+        .filter(|at| !budget || now.until(*at) < RETRY_AFTER_AT_MOST)
     {
         let wait = now.until(retry_at);
         let seconds = wait.as_millis().div_ceil(1000).max(1);
@@ -192,7 +197,7 @@ pub fn refusal_error(
     error
 }
 
-/// The longest wait a refusal's `retry-after` states.
+/// The longest wait a budget refusal's `retry-after` states.
 const RETRY_AFTER_AT_MOST: std::time::Duration = std::time::Duration::from_secs(86_400);
 
 #[cfg(test)]
