@@ -8,6 +8,7 @@ use serde_json::Number;
 use utoipa::ToSchema;
 
 use crate::admin::Change;
+use crate::domain::credential::CredentialId;
 use crate::domain::limits::{
     LimitKind, Limits, Metric, PerLimit, Period, Unit, ValidationError, Window, WorkspaceConfig,
 };
@@ -256,14 +257,19 @@ pub struct BillingBlockDoc {
     pub code: String,
     pub since: String,
     pub next_probe_at: String,
+    /// The upstream credential blocked (a fingerprint, never the key), for
+    /// every workspace billed to it; null for a block of this workspace's
+    /// own, from a billing error its app reported.
+    pub credential: Option<String>,
 }
 
-impl From<BillingBlock> for BillingBlockDoc {
-    fn from(block: BillingBlock) -> Self {
+impl BillingBlockDoc {
+    fn of(block: BillingBlock, credential: Option<&CredentialId>) -> Self {
         Self {
             code: block.code.code().to_owned(),
             since: rfc3339(block.since),
             next_probe_at: rfc3339(block.next_probe_at),
+            credential: credential.map(ToString::to_string),
         }
     }
 }
@@ -383,7 +389,15 @@ impl From<&Snapshot> for StatusDoc {
                 requests: view.requests.map(Into::into),
                 tokens: view.tokens.map(Into::into),
             }),
-            billing_block: snapshot.billing.map(BillingBlockDoc::from),
+            // The workspace's own block, which an admin lifts with the
+            // workspace, first.
+            billing_block: match (&snapshot.billing, &snapshot.credential_block) {
+                (Some(own), _) => Some(BillingBlockDoc::of(*own, None)),
+                (None, Some(shown)) => {
+                    Some(BillingBlockDoc::of(shown.block, Some(&shown.credential)))
+                }
+                (None, None) => None,
+            },
             errors: ErrorsDoc {
                 window_seconds: crate::domain::workspace::ERROR_HISTORY.as_secs(),
                 rate_limited: errors.rate_limited,
@@ -441,7 +455,7 @@ impl From<&BlockedCredential> for CredentialDoc {
     fn from(blocked: &BlockedCredential) -> Self {
         Self {
             credential: blocked.credential.to_string(),
-            billing_block: BillingBlockDoc::from(blocked.block),
+            billing_block: BillingBlockDoc::of(blocked.block, Some(&blocked.credential)),
             notification: NotificationDoc::from(&blocked.notification),
             workspaces: blocked.workspaces.iter().map(ToString::to_string).collect(),
         }

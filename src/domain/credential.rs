@@ -58,6 +58,13 @@ impl std::fmt::Display for CredentialId {
     }
 }
 
+/// A credential's billing block, as each workspace billed to it shows it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct CredentialBlock {
+    pub credential: CredentialId,
+    pub block: BillingBlock,
+}
+
 /// What a credential's block does with a call about to be admitted.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Pass {

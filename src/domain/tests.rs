@@ -1563,6 +1563,7 @@ fn unpriced_models_are_bounded() {
 
 #[test]
 fn a_proxied_billing_answer_is_left_to_the_credential_whose_block_the_workspace_shows() {
+    use super::credential::{CredentialBlock, CredentialId};
     use super::upstream::UpstreamClass;
     use super::workspace::{BillingBlock, BillingScope};
 
@@ -1594,14 +1595,20 @@ fn a_proxied_billing_answer_is_left_to_the_credential_whose_block_the_workspace_
 
     // Told of the credential's block, the workspace shows it as its own
     // would be shown, still without a notification of its own.
-    let block = BillingBlock::answered(
-        None,
-        BillingCode::ProjectSpendLimitExceeded,
-        script.now,
-        Settings::default().probe_interval,
+    let block = CredentialBlock {
+        credential: CredentialId::of("sk-test", None, None),
+        block: BillingBlock::answered(
+            None,
+            BillingCode::ProjectSpendLimitExceeded,
+            script.now,
+            Settings::default().probe_interval,
+        ),
+    };
+    assert!(script.state.set_credential_block(Some(block.clone())));
+    assert!(
+        !script.state.set_credential_block(Some(block.clone())),
+        "no change"
     );
-    assert!(script.state.set_credential_block(Some(block)));
-    assert!(!script.state.set_credential_block(Some(block)), "no change");
     let snapshot = script.state.snapshot(script.now);
     assert_eq!(snapshot.status, Status::QuotaExceeded);
     assert_eq!(
@@ -1609,7 +1616,8 @@ fn a_proxied_billing_answer_is_left_to_the_credential_whose_block_the_workspace_
         vec!["upstream_project_spend_limit_exceeded"]
     );
     assert!(snapshot.blocked);
-    assert_eq!(snapshot.billing, Some(block));
+    assert_eq!(snapshot.billing, None, "not the workspace's own");
+    assert_eq!(snapshot.credential_block, Some(block));
     assert!(script.state.active_notifications().is_empty());
     assert!(script.state.set_credential_block(None));
     assert_eq!(script.state.snapshot(script.now).status, Status::Normal);

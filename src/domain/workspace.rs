@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono_tz::Tz;
 
+use super::credential::CredentialBlock;
 use super::limits::{LimitKind, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{Notification, describe, describe_unpriced, shared_id};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
@@ -233,7 +234,12 @@ pub struct Snapshot {
     /// What was used, whether or not a limit is set.
     pub usage: RecentUsage,
     pub upstream: Option<UpstreamView>,
+    /// The workspace's own billing block (a billing error its app
+    /// reported).
     pub billing: Option<BillingBlock>,
+    /// The billing block of the upstream credential its proxied calls are
+    /// billed to.
+    pub credential_block: Option<CredentialBlock>,
     pub errors: ErrorTally,
     pub last_error: Option<LastError>,
     /// Models called that the price table does not know, first called
@@ -429,7 +435,7 @@ pub struct WorkspaceState {
     /// are billed to, as the engine (which keeps it per credential) last
     /// told: shown in the status, never saved, and raising no notification
     /// here, since the credential has the one notification of it.
-    credential_block: Option<BillingBlock>,
+    credential_block: Option<CredentialBlock>,
 }
 
 /// The most unpriced models a workspace keeps and notifies about: a tenant
@@ -889,7 +895,7 @@ impl WorkspaceState {
 
     /// Tells the workspace the block of the credential it is billed to
     /// (`None` once lifted); answers whether that changed anything.
-    pub fn set_credential_block(&mut self, block: Option<BillingBlock>) -> bool {
+    pub fn set_credential_block(&mut self, block: Option<CredentialBlock>) -> bool {
         let changed = self.credential_block != block;
         self.credential_block = block;
         changed
@@ -1441,11 +1447,11 @@ impl WorkspaceState {
             .causes()
             .reasons(self.billing_block.map(|block| block.code));
         let mut status = self.tracker.status();
-        if let Some(block) = self.credential_block {
+        if let Some(shown) = &self.credential_block {
             // The credential's block weighs as the workspace's own would,
             // and is listed once even when both hold.
             let cause = Cause::UpstreamQuotaExhausted;
-            let reason = cause.reason(Some(block.code));
+            let reason = cause.reason(Some(shown.block.code));
             if !reasons.contains(&reason) {
                 reasons.push(reason);
             }
@@ -1465,7 +1471,8 @@ impl WorkspaceState {
                 calendars: Period::ALL.map(|period| self.calendars.get(period).used_at(now)),
             },
             upstream: self.upstream_view.is_known().then_some(self.upstream_view),
-            billing: self.billing_block.or(self.credential_block),
+            billing: self.billing_block,
+            credential_block: self.credential_block.clone(),
             errors: self.errors.total(),
             last_error: self.last_error.clone(),
             unpriced_models: self.unpriced_models.clone(),

@@ -17,7 +17,7 @@ use super::counters::Counters;
 use super::publish::Touched;
 use super::slot::Slot;
 use super::{Decision, Engine, EngineError, Event, UpstreamAccount, fresh_id};
-use crate::domain::credential::{self, CredentialId, Pass, Step};
+use crate::domain::credential::{self, CredentialBlock, CredentialId, Pass, Step};
 use crate::domain::limits::{WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::{Notification, describe_credential_quota_exhausted};
 use crate::domain::time::Timestamp;
@@ -293,13 +293,14 @@ impl Engine {
     /// Shows a workspace that is new, or billed to another account now,
     /// the block of its credential, or none.
     pub(super) fn show_credential_block(&self, workspace: &WorkspaceId) {
-        let block = self.workspace_credential(workspace).and_then(|credential| {
-            lock(&self.credentials.blocked)
+        let shown = self.workspace_credential(workspace).and_then(|credential| {
+            let block = lock(&self.credentials.blocked)
                 .get(&credential)
-                .map(|blocked| blocked.block)
+                .map(|blocked| blocked.block)?;
+            Some(CredentialBlock { credential, block })
         });
         if let Ok(slot) = self.slot(workspace) {
-            self.show(&slot, block);
+            self.show(&slot, shown);
         }
     }
 
@@ -400,8 +401,12 @@ impl Engine {
                 }
             }
         }
+        let shown = shown.map(|block| CredentialBlock {
+            credential: credential.clone(),
+            block,
+        });
         for (_, slot) in &billed {
-            self.show(slot, shown);
+            self.show(slot, shown.clone());
         }
     }
 
@@ -423,9 +428,9 @@ impl Engine {
 
     /// Tells a workspace the block of its credential, publishing its status
     /// if that changes it.
-    fn show(&self, slot: &Slot, block: Option<BillingBlock>) {
+    fn show(&self, slot: &Slot, shown: Option<CredentialBlock>) {
         let mut cell = slot.lock();
-        if cell.state.set_credential_block(block) {
+        if cell.state.set_credential_block(shown) {
             let touched = Touched {
                 status: true,
                 state: false,

@@ -106,6 +106,13 @@ async fn one_billing_answer_blocks_every_workspace_on_the_credential_with_one_no
     assert_eq!(credential["billing_block"]["code"], "insufficient_quota");
     let name = credential["credential"].as_str().expect("a name");
     assert!(name.starts_with("cred_"), "{name}");
+    // Each workspace's status names the credential its block belongs to.
+    for key in [&acme, &beta] {
+        assert_eq!(
+            server.status(key).await["billing_block"]["credential"],
+            name
+        );
+    }
     assert!(
         !listed.to_string().contains(UPSTREAM_KEY),
         "the key itself is never shown: {listed}"
