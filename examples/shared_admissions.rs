@@ -237,6 +237,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                                 error_code: None,
                                 error_message: None,
                                 headers: Default::default(),
+                                billing: Default::default(),
                             }),
                             latency_ms: None,
                             ..UsageReport::default()

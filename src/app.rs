@@ -160,6 +160,11 @@ pub async fn start(
         engine.count_in(Counters::redis(counters, redis.on_store_error));
     }
     engine.look_up_keys_in(store.clone());
+    let proxy = crate::proxy::Proxy::new(&config.upstream, env.clone())
+        .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
+    // Billing blocks are kept per upstream credential, which the keys the
+    // proxy sends name.
+    engine.resolve_credentials_with(proxy.credentials());
     let engine = Arc::new(engine);
     let catalog = store.load_catalog().await?;
     let states = store.load_states().await?;
@@ -185,8 +190,6 @@ pub async fn start(
         );
         engine.upstream_key_missing();
     }
-    let proxy = crate::proxy::Proxy::new(&config.upstream, env.clone())
-        .map_err(|error| StartError::Io(std::io::Error::other(error)))?;
     let metrics = Arc::new(crate::metrics::Metrics::new(&config.metrics_models));
     let price_reloader = tokio::spawn(reload_prices_on_hangup(prices.clone()));
     let proxy_state = crate::proxy::ProxyState::new(crate::proxy::ProxyParts {

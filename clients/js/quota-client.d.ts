@@ -73,7 +73,8 @@ export interface StatusDocument {
     [Period in keyof CalendarPeriods as CalendarPeriods[Period]["usage"]]: UsageCounts;
   };
   upstream: { requests: UpstreamBucket | null; tokens: UpstreamBucket | null } | null;
-  billing_block: { code: string; since: string; next_probe_at: string } | null;
+  /** `credential` names the upstream credential blocked for every workspace billed to it; null for the workspace's own block. */
+  billing_block: { code: string; since: string; next_probe_at: string; credential: string | null } | null;
   errors: {
     window_seconds: number;
     rate_limited: number;

@@ -8,6 +8,7 @@ use serde_json::Number;
 use utoipa::ToSchema;
 
 use crate::admin::Change;
+use crate::domain::credential::CredentialId;
 use crate::domain::limits::{
     LimitKind, Limits, Metric, PerLimit, Period, Unit, ValidationError, Window, WorkspaceConfig,
 };
@@ -16,9 +17,10 @@ use crate::domain::price::{PicoUsd, PriceTable, Rates, dollars};
 use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
-use crate::domain::workspace::{RecentUsage, Snapshot};
+use crate::domain::workspace::{BillingBlock, RecentUsage, Snapshot};
 use crate::edge::error::optional_object;
 pub use crate::edge::error::{ErrorBody, ErrorDetail};
+use crate::engine::BlockedCredential;
 use crate::keys::KeyGrant;
 use crate::store::KeyRecord;
 
@@ -255,6 +257,21 @@ pub struct BillingBlockDoc {
     pub code: String,
     pub since: String,
     pub next_probe_at: String,
+    /// The upstream credential blocked (a fingerprint, never the key), for
+    /// every workspace billed to it; null for a block of this workspace's
+    /// own, from a billing error its app reported.
+    pub credential: Option<String>,
+}
+
+impl BillingBlockDoc {
+    fn of(block: BillingBlock, credential: Option<&CredentialId>) -> Self {
+        Self {
+            code: block.code.code().to_owned(),
+            since: rfc3339(block.since),
+            next_probe_at: rfc3339(block.next_probe_at),
+            credential: credential.map(ToString::to_string),
+        }
+    }
 }
 
 /// Where a workspace stands.
@@ -372,11 +389,15 @@ impl From<&Snapshot> for StatusDoc {
                 requests: view.requests.map(Into::into),
                 tokens: view.tokens.map(Into::into),
             }),
-            billing_block: snapshot.billing.map(|block| BillingBlockDoc {
-                code: block.code.code().to_owned(),
-                since: rfc3339(block.since),
-                next_probe_at: rfc3339(block.next_probe_at),
-            }),
+            // The workspace's own block, which an admin lifts with the
+            // workspace, first.
+            billing_block: match (&snapshot.billing, &snapshot.credential_block) {
+                (Some(own), _) => Some(BillingBlockDoc::of(*own, None)),
+                (None, Some(shown)) => {
+                    Some(BillingBlockDoc::of(shown.block, Some(&shown.credential)))
+                }
+                (None, None) => None,
+            },
             errors: ErrorsDoc {
                 window_seconds: crate::domain::workspace::ERROR_HISTORY.as_secs(),
                 rate_limited: errors.rate_limited,
@@ -413,6 +434,44 @@ pub struct TenantTextDoc {
 #[derive(Serialize, ToSchema, Debug)]
 pub struct StatusListDoc {
     pub workspaces: Vec<StatusDoc>,
+}
+
+// ----- upstream credentials ---------------------------------------------------------
+
+/// An upstream credential blocked by billing.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct CredentialDoc {
+    /// A fingerprint of the upstream key with its organization and project;
+    /// never the key itself.
+    pub credential: String,
+    pub billing_block: BillingBlockDoc,
+    /// The block's one notification.
+    pub notification: NotificationDoc,
+    /// The workspaces billed to the credential, all refused while it lasts.
+    pub workspaces: Vec<String>,
+}
+
+impl From<&BlockedCredential> for CredentialDoc {
+    fn from(blocked: &BlockedCredential) -> Self {
+        Self {
+            credential: blocked.credential.to_string(),
+            billing_block: BillingBlockDoc::of(blocked.block, Some(&blocked.credential)),
+            notification: NotificationDoc::from(&blocked.notification),
+            workspaces: blocked.workspaces.iter().map(ToString::to_string).collect(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct CredentialListDoc {
+    pub credentials: Vec<CredentialDoc>,
+}
+
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct LiftedDoc {
+    pub credential: String,
+    /// Whether the credential was blocked on this instance.
+    pub lifted: bool,
 }
 
 // ----- notifications -------------------------------------------------------------

@@ -7,6 +7,7 @@
 //! rules about quotas live in `domain`, never here.
 
 mod assets;
+pub mod credentials;
 pub mod dto;
 pub mod keys;
 pub mod prices;
@@ -86,6 +87,7 @@ impl axum::extract::FromRef<AppState> for Arc<Engine> {
         (name = "quota", description = "Status, checks, usage reports and live updates"),
         (name = "workspaces", description = "Admin: workspaces"),
         (name = "keys", description = "Workspace keys and service keys (admin), and browser tokens (service key or admin)"),
+        (name = "credentials", description = "Admin: upstream credentials blocked by billing"),
         (name = "prices", description = "Model prices (any key) and reading the price file again (admin)"),
         (name = "health", description = "Liveness and readiness"),
     )
@@ -131,6 +133,8 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(keys::create_service_key, keys::list_service_keys))
         .routes(routes!(keys::revoke_service_key))
         .routes(routes!(keys::mint_token))
+        .routes(routes!(credentials::list))
+        .routes(routes!(credentials::lift))
         .routes(routes!(prices::list))
         .routes(routes!(prices::reload))
         .routes(routes!(openapi))

@@ -18,7 +18,7 @@ use crate::domain::price::{Tier, TokenCounts, dollars};
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::window::Usage;
-use crate::domain::workspace::{Model, Request};
+use crate::domain::workspace::{BillingScope, Model, Request};
 use crate::edge::auth::{Auth, Target};
 use crate::edge::error::{ApiError, Json, Query};
 use crate::edge::refusal::{ratelimit_headers, refusal_error};
@@ -371,6 +371,8 @@ pub async fn usage(
             error_code: error.code,
             error_message: error.message,
             headers,
+            // The app called OpenAI with a key quotawatch does not know.
+            billing: BillingScope::Workspace,
         }),
         latency_ms: body.latency_ms,
         tier: tier_of(body.service_tier.as_deref()),

@@ -27,6 +27,7 @@ use utoipa::IntoParams;
 use super::AppState;
 use super::dto::{ClientMessage, NotificationDoc, ServerMessage, StatusDoc, SubscribeTarget};
 use crate::domain::limits::WorkspaceId;
+use crate::domain::notification::Notification;
 use crate::domain::time::Timestamp;
 use crate::edge::auth::{Auth, Target, credential_refused};
 use crate::edge::error::{ApiError, Query};
@@ -263,7 +264,9 @@ fn to_text(message: &ServerMessage<'_>) -> Utf8Bytes {
     serde_json::to_string(message).unwrap_or_default().into()
 }
 
-fn event_wire(event: &Event) -> Wire {
+/// What listeners are sent of `event`: one message, or, for a credential's
+/// notification, one for the listeners of each workspace billed to it.
+fn event_wires(event: &Event) -> Vec<Wire> {
     match event {
         Event::Status(snapshot) | Event::Usage(snapshot) => {
             let doc = StatusDoc::from(snapshot.as_ref());
@@ -279,37 +282,50 @@ fn event_wire(event: &Event) -> Wire {
                     resync: false,
                 },
             };
-            Wire::Message {
+            vec![Wire::Message {
                 workspace: Some(snapshot.config.id.clone()),
                 operators_only: false,
                 text: to_text(&message),
-            }
+            }]
         }
         Event::Notification(notification) => {
-            let doc = NotificationDoc::from(notification.as_ref());
-            let message = ServerMessage::Notification {
-                workspace: doc.workspace.as_deref(),
-                event: if notification.is_active() {
-                    "raised"
-                } else {
-                    "resolved"
-                },
-                data: &doc,
-            };
-            Wire::Message {
-                workspace: notification.workspace.clone(),
-                operators_only: notification.kind.for_operators_only(),
-                text: to_text(&message),
-            }
+            vec![notification_wire(
+                notification,
+                notification.workspace.as_ref(),
+            )]
         }
-        Event::Removed(id) => Wire::Message {
+        Event::CredentialNotification(notification, workspaces) => workspaces
+            .iter()
+            .map(|workspace| notification_wire(notification, Some(workspace)))
+            .collect(),
+        Event::Removed(id) => vec![Wire::Message {
             workspace: Some(id.clone()),
             operators_only: false,
             text: to_text(&ServerMessage::Removed {
                 workspace: id.as_str(),
             }),
+        }],
+        Event::CredentialsChanged => vec![Wire::Recheck],
+    }
+}
+
+/// A notification's message, for the listeners of `workspace` (`None`:
+/// everybody).
+fn notification_wire(notification: &Notification, workspace: Option<&WorkspaceId>) -> Wire {
+    let doc = NotificationDoc::from(notification);
+    let message = ServerMessage::Notification {
+        workspace: workspace.map(WorkspaceId::as_str),
+        event: if notification.is_active() {
+            "raised"
+        } else {
+            "resolved"
         },
-        Event::CredentialsChanged => Wire::Recheck,
+        data: &doc,
+    };
+    Wire::Message {
+        workspace: workspace.cloned(),
+        operators_only: notification.kind.for_operators_only(),
+        text: to_text(&message),
     }
 }
 
@@ -328,10 +344,10 @@ impl Hub {
             let mut usage = tokio::time::interval(USAGE_INTERVAL);
             usage.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
-                let wire = tokio::select! {
+                let wires = tokio::select! {
                     event = events.recv() => match event {
-                        Ok(event) => event_wire(&event),
-                        Err(broadcast::error::RecvError::Lagged(_)) => Wire::Resync,
+                        Ok(event) => event_wires(&event),
+                        Err(broadcast::error::RecvError::Lagged(_)) => vec![Wire::Resync],
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
                     _ = usage.tick() => {
@@ -341,7 +357,9 @@ impl Hub {
                         continue;
                     }
                 };
-                let _ = out.send(wire);
+                for wire in wires {
+                    let _ = out.send(wire);
+                }
             }
         });
         (hub, task)

@@ -6,10 +6,12 @@
 
 use std::sync::LazyLock;
 
+use super::credential::CredentialId;
 use super::limits::{LimitKind, Period, Window, WorkspaceConfig, WorkspaceId};
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
+use super::workspace::BillingBlock;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub enum Severity {
@@ -137,13 +139,25 @@ impl Notification {
 /// they agree on when it started, they give it this one id, so that a
 /// client behind a load balancer and the history see one notification.
 pub fn shared_id(workspace: &WorkspaceId, cause: Cause, started: Timestamp) -> String {
-    use sha2::{Digest, Sha256};
-    let digest = Sha256::digest(format!(
+    digest_id(&format!(
         "{}\n{}\n{}",
         workspace.as_str(),
         cause.key(),
         started.millis()
-    ));
+    ))
+}
+
+/// The id of the notification of `credential`'s billing block that started
+/// at `started`: every instance that loads the block derives the same one,
+/// as [`shared_id`] does for a workspace's.
+pub fn credential_block_id(credential: &CredentialId, started: Timestamp) -> String {
+    digest_id(&format!("{credential}\n{}", started.millis()))
+}
+
+/// A notification id drawn from `text`, the same wherever it is computed.
+fn digest_id(text: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(text);
     let mut first = [0u8; 8];
     first.copy_from_slice(&digest[..8]);
     format!("ntf_{:016x}", u64::from_be_bytes(first))
@@ -172,6 +186,15 @@ fn when_for_tenant(at: Option<Timestamp>, now: Timestamp) -> String {
     at.map_or_else(
         || "soon".to_owned(),
         |at| format!("in {}", humanize_duration(now.until(at))),
+    )
+}
+
+/// The tenant's text of a billing block, the workspace's or its credential's.
+fn upstream_quota_tenant_text() -> TenantText {
+    tenant_text(
+        "AI requests are paused",
+        "The AI provider's quota for this service is used up. Requests are paused until it is restored.".to_owned(),
+        &["Nothing to do on your side: requests resume once it is fixed.", "If this lasts, contact your administrator."],
     )
 }
 
@@ -213,7 +236,10 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
                         kind.metric.all_of_it(),
                         when_for_tenant(limit.resets_at, now)
                     ),
-                    &["Try again after the limit resets.", "If you need more, contact your administrator."],
+                    &[
+                        "Try again after the limit resets.",
+                        "If you need more, contact your administrator.",
+                    ],
                 ),
             }
         }
@@ -225,11 +251,7 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
             ),
             &[WAIT],
         ),
-        Cause::UpstreamQuotaExhausted => tenant_text(
-            "AI requests are paused",
-            "The AI provider's quota for this service is used up. Requests are paused until it is restored.".to_owned(),
-            &["Nothing to do on your side: requests resume once it is fixed.", ADMIN],
-        ),
+        Cause::UpstreamQuotaExhausted => upstream_quota_tenant_text(),
         Cause::UpstreamErrorRate => tenant_text(
             "The AI service is having problems",
             "Many recent requests to the AI provider failed.".to_owned(),
@@ -313,6 +335,41 @@ pub fn describe_unpriced(workspace: &WorkspaceConfig, model: &str, now: Timestam
             ),
             &[ADMIN_FOR_PRICES],
         ),
+        limit: None,
+        created_at: now,
+        resolves_at: None,
+        resolved_at: None,
+    }
+}
+
+/// The one notification of a credential's billing block (see
+/// `domain::credential`): service-wide, shown with every workspace billed to
+/// the credential, and named by the block's start.
+pub fn describe_credential_quota_exhausted(
+    credential: &CredentialId,
+    block: BillingBlock,
+    probe_interval: std::time::Duration,
+    now: Timestamp,
+) -> Notification {
+    let code = block.code;
+    let mut actions = billing_actions(code);
+    actions.push(format!(
+        "After fixing billing, an admin can resume every workspace billed to it at once with POST /api/credentials/{credential}/lift (or by lifting the block of any one of them), which keeps the counts; otherwise the next probe resumes them by itself."
+    ));
+    Notification {
+        id: credential_block_id(credential, block.since),
+        workspace: None,
+        cause: None,
+        severity: Severity::Critical,
+        kind: NotificationKind::UpstreamQuotaExhausted,
+        title: format!("OpenAI billing quota exhausted for upstream credential {credential}"),
+        message: format!(
+            "OpenAI refused a proxied request with {}. This is a fact about the upstream account the request was billed to (its key, organization and project, fingerprinted as {credential}), so quotawatch refuses the requests of every workspace billed to it locally with HTTP 429 and x-should-retry: false, and lets one probe request from any of them through every {} to notice when billing is fixed.",
+            code.code(),
+            humanize_duration(probe_interval),
+        ),
+        suggested_actions: actions,
+        tenant: upstream_quota_tenant_text(),
         limit: None,
         created_at: now,
         resolves_at: None,

@@ -142,6 +142,7 @@ impl Script {
                     message: Some("upstream says no"),
                 },
                 headers: RateLimitHeaders::parse(headers.iter().copied()),
+                ..Answer::default()
             }),
             ..Outcome::default()
         };
@@ -1558,4 +1559,66 @@ fn unpriced_models_are_bounded() {
         script.state.active_notifications().len(),
         super::workspace::MAX_UNPRICED_MODELS
     );
+}
+
+#[test]
+fn a_proxied_billing_answer_is_left_to_the_credential_whose_block_the_workspace_shows() {
+    use super::credential::{CredentialBlock, CredentialId};
+    use super::upstream::UpstreamClass;
+    use super::workspace::{BillingBlock, BillingScope};
+
+    let mut script = Script::new(&[]);
+    let recorded = script.record(&Outcome {
+        answer: Some(Answer {
+            status: 429,
+            error: ErrorFields {
+                error_type: Some("insufficient_quota"),
+                code: Some("insufficient_quota"),
+                message: None,
+            },
+            billing: BillingScope::Credential,
+            ..Answer::default()
+        }),
+        ..Outcome::default()
+    });
+    // Classified as billing, but the engine blocks the credential for all
+    // its workspaces: no block or notification of this workspace's own.
+    assert_eq!(
+        recorded.class,
+        Some(UpstreamClass::QuotaExhausted(
+            BillingCode::InsufficientQuota
+        ))
+    );
+    assert_eq!(script.status(), Status::Normal);
+    assert!(script.state.active_notifications().is_empty());
+    assert_eq!(script.state.blocks().billing, None);
+
+    // Told of the credential's block, the workspace shows it as its own
+    // would be shown, still without a notification of its own.
+    let block = CredentialBlock {
+        credential: CredentialId::of("sk-test", None, None),
+        block: BillingBlock::answered(
+            None,
+            BillingCode::ProjectSpendLimitExceeded,
+            script.now,
+            Settings::default().probe_interval,
+        ),
+    };
+    assert!(script.state.set_credential_block(Some(block.clone())));
+    assert!(
+        !script.state.set_credential_block(Some(block.clone())),
+        "no change"
+    );
+    let snapshot = script.state.snapshot(script.now);
+    assert_eq!(snapshot.status, Status::QuotaExceeded);
+    assert_eq!(
+        snapshot.reasons,
+        vec!["upstream_project_spend_limit_exceeded"]
+    );
+    assert!(snapshot.blocked);
+    assert_eq!(snapshot.billing, None, "not the workspace's own");
+    assert_eq!(snapshot.credential_block, Some(block));
+    assert!(script.state.active_notifications().is_empty());
+    assert!(script.state.set_credential_block(None));
+    assert_eq!(script.state.snapshot(script.now).status, Status::Normal);
 }

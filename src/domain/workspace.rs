@@ -10,6 +10,7 @@ use std::time::Duration;
 
 use chrono_tz::Tz;
 
+use super::credential::CredentialBlock;
 use super::limits::{LimitKind, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{Notification, describe, describe_unpriced, shared_id};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
@@ -116,6 +117,45 @@ pub struct BillingBlock {
     pub next_probe_at: Timestamp,
 }
 
+impl BillingBlock {
+    /// The block after the upstream answered `code` at `now`, `held` being
+    /// the block in place if any: a block already in place keeps its start
+    /// (which names its notification), and the next probe is a whole
+    /// interval away, since the last call (a failed probe) just found
+    /// billing still broken.
+    pub fn answered(
+        held: Option<BillingBlock>,
+        code: BillingCode,
+        now: Timestamp,
+        probe_interval: Duration,
+    ) -> BillingBlock {
+        BillingBlock {
+            code,
+            since: held.map_or(now, |block| block.since),
+            next_probe_at: now.plus(probe_interval),
+        }
+    }
+
+    /// Whether a successful call admitted at `admitted_at` ends the block.
+    /// Only a call admitted during the block (its probe) tells whether
+    /// billing has been fixed since; one admitted earlier, or reported
+    /// without a reservation (`None`), does not.
+    pub fn lifted_by(self, admitted_at: Option<Timestamp>) -> bool {
+        admitted_at.is_some_and(|admitted| admitted >= self.since)
+    }
+
+    /// Whether the block lets one request through as its probe at `now`.
+    pub fn probe_due(self, now: Timestamp) -> bool {
+        now >= self.next_probe_at
+    }
+
+    /// Lets a request through as the probe: the next one is due an
+    /// interval from now.
+    pub fn take_probe(&mut self, now: Timestamp, probe_interval: Duration) {
+        self.next_probe_at = now.plus(probe_interval);
+    }
+}
+
 /// Why a request was refused.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum RefusalCause {
@@ -194,7 +234,12 @@ pub struct Snapshot {
     /// What was used, whether or not a limit is set.
     pub usage: RecentUsage,
     pub upstream: Option<UpstreamView>,
+    /// The workspace's own billing block (a billing error its app
+    /// reported).
     pub billing: Option<BillingBlock>,
+    /// The billing block of the upstream credential its proxied calls are
+    /// billed to.
+    pub credential_block: Option<CredentialBlock>,
     pub errors: ErrorTally,
     pub last_error: Option<LastError>,
     /// Models called that the price table does not know, first called
@@ -305,6 +350,20 @@ pub struct Answer<'a> {
     pub status: u16,
     pub error: ErrorFields<'a>,
     pub headers: RateLimitHeaders,
+    /// What a billing answer blocks.
+    pub billing: BillingScope,
+}
+
+/// What a billing answer (`insufficient_quota`, a spend limit) blocks.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum BillingScope {
+    /// The workspace: a call its app made and reported, with a key
+    /// quotawatch does not know.
+    #[default]
+    Workspace,
+    /// The upstream credential the call was made with (a proxied call),
+    /// which the engine blocks for every workspace billed to it.
+    Credential,
 }
 
 impl Answer<'_> {
@@ -372,6 +431,11 @@ pub struct WorkspaceState {
     /// Models called that the price table does not know, each noticed
     /// once (see [`note_unpriced`](Self::note_unpriced)).
     unpriced_models: Vec<Model>,
+    /// The block of the upstream credential this workspace's proxied calls
+    /// are billed to, as the engine (which keeps it per credential) last
+    /// told: shown in the status, never saved, and raising no notification
+    /// here, since the credential has the one notification of it.
+    credential_block: Option<CredentialBlock>,
 }
 
 /// The most unpriced models a workspace keeps and notifies about: a tenant
@@ -406,6 +470,7 @@ impl WorkspaceState {
             tracker: StatusTracker::new(now),
             billing_start_moved: false,
             unpriced_models: Vec::new(),
+            credential_block: None,
         }
     }
 
@@ -782,7 +847,7 @@ impl WorkspaceState {
                 self.calendars.add(cost);
                 let probe = self.billing_block.is_some();
                 if let Some(block) = &mut self.billing_block {
-                    block.next_probe_at = now.plus(settings.probe_interval);
+                    block.take_probe(now, settings.probe_interval);
                 }
                 let admitted = Admitted {
                     id: fresh_id(),
@@ -802,6 +867,40 @@ impl WorkspaceState {
         }
     }
 
+    /// Refuses a request because the upstream credential it would be billed
+    /// to is blocked and its probe is not due (the engine decides that, per
+    /// credential): the refusal a billing block of this workspace's own
+    /// would give, counted alike.
+    pub fn refuse_for_credential(
+        &mut self,
+        code: BillingCode,
+        now: Timestamp,
+        settings: &Settings,
+        fresh_id: &mut dyn FnMut() -> u64,
+    ) -> Admission {
+        let refusal = Refusal {
+            cause: RefusalCause::UpstreamQuota(code),
+            used: 0,
+            max: 0,
+            retry_at: None,
+            retryable: false,
+            timezone: self.config.timezone,
+        };
+        Admission {
+            result: Err(self.refused(refusal, now)),
+            expired: self.advance_limits(now),
+            changes: self.evaluate(now, settings, fresh_id),
+        }
+    }
+
+    /// Tells the workspace the block of the credential it is billed to
+    /// (`None` once lifted); answers whether that changed anything.
+    pub fn set_credential_block(&mut self, block: Option<CredentialBlock>) -> bool {
+        let changed = self.credential_block != block;
+        self.credential_block = block;
+        changed
+    }
+
     /// Whether [`admit`](Self::admit) refuses any request now, whatever it
     /// costs: a billing block whose probe is not due, or a calendar limit
     /// (a day's, a month's) used up. The proxy asks this before it reads a request's body, so that a
@@ -809,7 +908,7 @@ impl WorkspaceState {
     pub fn refuses_any_request(&self, now: Timestamp) -> bool {
         if self
             .billing_block
-            .is_some_and(|block| now < block.next_probe_at)
+            .is_some_and(|block| !block.probe_due(now))
         {
             return true;
         }
@@ -843,9 +942,7 @@ impl WorkspaceState {
     /// block lets it through when its probe is due).
     fn judge(&self, request: &Request, now: Timestamp) -> (Usage, Result<(), Refusal>) {
         let cost = request.estimate;
-        let probe_due = self
-            .billing_block
-            .is_some_and(|block| now >= block.next_probe_at);
+        let probe_due = self.billing_block.is_some_and(|block| block.probe_due(now));
         (cost, self.verdict(cost, now, probe_due))
     }
 
@@ -1154,13 +1251,10 @@ impl WorkspaceState {
         match class {
             UpstreamClass::Success => {
                 self.key_rejected = false;
-                // Only a request admitted during the block (its probe) tells
-                // whether billing has been fixed since; one admitted earlier,
-                // or reported without a reservation, does not.
-                let admitted_during_block = |block: BillingBlock| {
-                    admitted_at.is_some_and(|admitted| admitted >= block.since)
-                };
-                if self.billing_block.is_some_and(admitted_during_block) {
+                if self
+                    .billing_block
+                    .is_some_and(|block| block.lifted_by(admitted_at))
+                {
                     self.billing_block = None;
                 }
             }
@@ -1168,13 +1262,16 @@ impl WorkspaceState {
                 let until = now.plus(report.headers.backoff());
                 self.rate_block_until = self.rate_block_until.max(Some(until));
             }
+            // A proxied call's billing answer blocks its credential, which
+            // the engine keeps (see `domain::credential`), not this workspace.
+            UpstreamClass::QuotaExhausted(_) if report.billing == BillingScope::Credential => {}
             UpstreamClass::QuotaExhausted(code) => {
-                let since = self.billing_block.map_or(now, |block| block.since);
-                self.billing_block = Some(BillingBlock {
+                self.billing_block = Some(BillingBlock::answered(
+                    self.billing_block,
                     code,
-                    since,
-                    next_probe_at: now.plus(settings.probe_interval),
-                });
+                    now,
+                    settings.probe_interval,
+                ));
             }
             UpstreamClass::KeyRejected => self.key_rejected = true,
             UpstreamClass::RequestTooLarge
@@ -1345,17 +1442,28 @@ impl WorkspaceState {
         let minimal = Usage::call(0);
         let verdict = self.verdict(minimal, now, false);
         let degraded = self.enforcement != Enforcement::Whole;
-        let reasons = self
+        let mut reasons = self
             .tracker
             .causes()
             .reasons(self.billing_block.map(|block| block.code));
+        let mut status = self.tracker.status();
+        if let Some(shown) = &self.credential_block {
+            // The credential's block weighs as the workspace's own would,
+            // and is listed once even when both hold.
+            let cause = Cause::UpstreamQuotaExhausted;
+            let reason = cause.reason(Some(shown.block.code));
+            if !reasons.contains(&reason) {
+                reasons.push(reason);
+            }
+            status = status.max(cause.level());
+        }
         Snapshot {
             config: self.config.clone(),
-            status: self.tracker.status(),
+            status,
             since: self.tracker.since(),
             reasons,
             degraded,
-            blocked: verdict.is_err(),
+            blocked: verdict.is_err() || self.credential_block.is_some(),
             retry_at: verdict.err().and_then(|refusal| refusal.retry_at),
             limits,
             usage: RecentUsage {
@@ -1364,6 +1472,7 @@ impl WorkspaceState {
             },
             upstream: self.upstream_view.is_known().then_some(self.upstream_view),
             billing: self.billing_block,
+            credential_block: self.credential_block.clone(),
             errors: self.errors.total(),
             last_error: self.last_error.clone(),
             unpriced_models: self.unpriced_models.clone(),

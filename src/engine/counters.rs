@@ -81,16 +81,24 @@ impl Engine {
         }
     }
 
-    /// Resets one workspace (or all) wherever its counters live.
+    /// Resets one workspace (or all) wherever its counters live. Lifting
+    /// its blocks (or all it has) lifts the block of the credential it is
+    /// billed to as well, for every workspace billed to it: an admin lifts
+    /// a billing block once billing is fixed, which concerns the account.
     pub async fn reset(
         &self,
         workspace: Option<&WorkspaceId>,
         scope: ResetScope,
     ) -> Result<Vec<WorkspaceId>, EngineError> {
-        match &self.counters {
+        let done = match &self.counters {
             Counters::InProcess => self.reset_here(workspace, scope),
             Counters::Redis(redis) => self.reset_in_redis(redis, workspace, scope).await,
+        }?;
+        if scope != ResetScope::Usage {
+            self.lift_credentials_of(workspace.map(std::slice::from_ref))
+                .await;
         }
+        Ok(done)
     }
 
     /// Brings a workspace's state up to its counters, so that what it shows

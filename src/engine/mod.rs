@@ -24,6 +24,7 @@
 
 mod catalog;
 mod counters;
+mod credentials;
 pub mod flush;
 mod keyring;
 mod publish;
@@ -31,6 +32,7 @@ mod redis_counting;
 mod slot;
 
 pub use counters::Counters;
+pub use credentials::{BlockedCredential, CredentialCall, CredentialResolver};
 pub use keyring::{AuthError, Credential, Denied, Principal};
 pub use redis_counting::OnStoreError;
 
@@ -41,6 +43,7 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
+use crate::domain::credential::CredentialId;
 use crate::domain::limits::{Metric, PerLimit, WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::{
     Notification, describe_storage_unavailable, describe_upstream_key_missing,
@@ -50,8 +53,8 @@ use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{
-    Admission, Admitted, Answer, Headroom, Model, Outcome, Recorded, Refusal, Request, ResetScope,
-    Settings, Settled, Snapshot, WorkspaceState,
+    Admission, Admitted, Answer, BillingScope, Headroom, Model, Outcome, Recorded, Refusal,
+    Request, ResetScope, Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
 use crate::prices::Pricing;
@@ -88,6 +91,10 @@ pub enum Event {
     Usage(Arc<Snapshot>),
     /// A notification was raised, or resolved (then `resolved_at` is set).
     Notification(Arc<Notification>),
+    /// The notification of an upstream credential's billing block was
+    /// raised or resolved: one, service-wide, told to the listeners of each
+    /// workspace billed to the credential.
+    CredentialNotification(Arc<Notification>, Vec<WorkspaceId>),
     Removed(WorkspaceId),
     /// Keys were revoked or reloaded: holders of long-lived sessions
     /// (WebSockets) must check that their key still counts.
@@ -123,6 +130,9 @@ pub struct UpstreamAccount {
     pub key_env: Option<String>,
     pub organization: Option<String>,
     pub project: Option<String>,
+    /// The credential this makes, whose billing block its calls share
+    /// with every workspace billed to it; `None` without a key.
+    pub credential: Option<CredentialId>,
 }
 
 /// Token counts of a finished request, as the upstream reported them.
@@ -196,6 +206,9 @@ pub struct UpstreamAnswer {
     pub error_code: Option<String>,
     pub error_message: Option<String>,
     pub headers: RateLimitHeaders,
+    /// What a billing answer blocks: the workspace (a call reported through
+    /// the REST API) or the credential it was made with (a proxied call).
+    pub billing: BillingScope,
 }
 
 impl UpstreamAnswer {
@@ -228,6 +241,7 @@ impl UpstreamAnswer {
                 message: self.error_message.as_deref(),
             },
             headers: self.headers,
+            billing: self.billing,
         }
     }
 }
@@ -274,6 +288,8 @@ pub struct Engine {
     counters: counters::Counters,
     /// What calls cost, for their usd counts.
     pricing: Pricing,
+    /// Billing blocks per upstream credential.
+    credentials: credentials::Credentials,
 }
 
 /// What the engine tells others: events for listeners (the WebSocket hub,
@@ -325,6 +341,7 @@ impl Engine {
             service: Mutex::new(ServiceHealth::default()),
             counters: counters::Counters::InProcess,
             pricing: Pricing::built_in(),
+            credentials: credentials::Credentials::default(),
         }
     }
 
@@ -539,17 +556,21 @@ impl Engine {
                 if *cell.state.config() == config {
                     return;
                 }
+                let id = config.id.clone();
                 let changes = cell
                     .state
                     .reconfigure(config, now, &self.settings, &mut fresh_id);
                 self.conclude(&slot, cell, now, changes, Touched::STATE.with_status());
+                // Its upstream account may have changed with its settings.
+                self.show_credential_block(&id);
             }
             None => {
                 let id = config.id.clone();
                 let state = WorkspaceState::new(config, now);
                 let snapshot = Arc::new(state.snapshot(now));
-                write(&self.slots).insert(id, Slot::new(state));
+                write(&self.slots).insert(id.clone(), Slot::new(state));
                 let _ = self.journal.events.send(Event::Status(snapshot));
+                self.show_credential_block(&id);
             }
         }
     }
@@ -779,13 +800,9 @@ impl Engine {
         workspace: &WorkspaceId,
     ) -> Result<UpstreamAccount, EngineError> {
         let slot = self.slot(workspace)?;
-        let cell = slot.lock();
-        let config = cell.state.config();
-        Ok(UpstreamAccount {
-            key_env: config.upstream_key_env.clone(),
-            organization: config.upstream_organization.clone(),
-            project: config.upstream_project.clone(),
-        })
+        let mut account = credentials::account_of(slot.lock().state.config());
+        account.credential = self.credential_of(&account);
+        Ok(account)
     }
 
     pub fn snapshot(&self, workspace: &WorkspaceId) -> Result<Snapshot, EngineError> {
@@ -818,6 +835,7 @@ impl Engine {
     ) -> Result<Vec<Notification>, EngineError> {
         let slot = self.slot(workspace)?;
         let mut notifications = self.service_notifications();
+        notifications.extend(self.credential_notification(workspace));
         notifications.extend(slot.lock().agreed_notifications().cloned());
         notifications.sort_by(|a, b| {
             b.severity
@@ -1215,5 +1233,118 @@ mod tests {
             "a status event, so that every page shows the reset"
         );
         assert!(engine.take_batch().states.contains_key(&id));
+    }
+
+    #[test]
+    fn a_billing_answer_blocks_every_workspace_on_its_credential_with_one_notification() {
+        use crate::domain::upstream::BillingCode;
+        use crate::domain::workspace::RefusalCause;
+        use futures_util::FutureExt;
+
+        let (engine, acme) = engine_with("acme", 10);
+        let engine = Arc::new(engine);
+        engine.resolve_credentials_with(Box::new(|account: &UpstreamAccount| {
+            Some(CredentialId::of(
+                "sk-test",
+                account.organization.as_deref(),
+                account.project.as_deref(),
+            ))
+        }));
+        let beta: WorkspaceId = "beta".parse().expect("id");
+        let other: WorkspaceId = "other".parse().expect("id");
+        engine.upsert_workspace(WorkspaceConfig::new(beta.clone(), Limits::default()));
+        let mut elsewhere = WorkspaceConfig::new(other.clone(), Limits::default());
+        elsewhere.upstream_organization = Some("org-elsewhere".to_owned());
+        engine.upsert_workspace(elsewhere);
+        let credential_of =
+            |id: &WorkspaceId| engine.upstream_account(id).expect("known").credential;
+        let credential = credential_of(&acme).expect("a credential");
+        assert_eq!(credential_of(&beta), Some(credential.clone()));
+        assert_ne!(credential_of(&other), Some(credential.clone()));
+        let _ = engine.take_batch();
+
+        let mut events = engine.subscribe();
+        let call = CredentialCall {
+            credential: credential.clone(),
+            admitted_at: engine.now(),
+        };
+        let billing = Some(UpstreamClass::QuotaExhausted(
+            BillingCode::InsufficientQuota,
+        ));
+        engine.observe_credential(&call, billing);
+        // Another workspace's call meeting the same answer adds nothing.
+        engine.observe_credential(&call, billing);
+        let told: Vec<(Arc<Notification>, Vec<WorkspaceId>)> = sent(&mut events)
+            .into_iter()
+            .filter_map(|event| match event {
+                Event::CredentialNotification(notification, workspaces) => {
+                    Some((notification, workspaces))
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(told.len(), 1, "one notification for the credential");
+        let (notification, workspaces) = &told[0];
+        assert_eq!(workspaces, &vec![acme.clone(), beta.clone()]);
+        assert_eq!(notification.workspace, None);
+        assert_eq!(notification.kind, NotificationKind::UpstreamQuotaExhausted);
+        assert_eq!(
+            notification.severity,
+            crate::domain::notification::Severity::Critical
+        );
+        let batch = engine.take_batch();
+        assert_eq!(batch.notifications.len(), 1, "written once");
+
+        let pass = |id: &WorkspaceId, credential: &CredentialId| {
+            engine
+                .pass_credential(id, credential)
+                .now_or_never()
+                .expect("in process, nothing waits")
+                .expect("known workspace")
+        };
+        for id in [&acme, &beta] {
+            let refused = pass(id, &credential).expect("refused");
+            let refusal = refused.result.expect_err("refused");
+            assert_eq!(
+                refusal.cause,
+                RefusalCause::UpstreamQuota(BillingCode::InsufficientQuota)
+            );
+            assert!(!refusal.retryable);
+            let snapshot = engine.snapshot(id).expect("known");
+            assert_eq!(
+                snapshot.status,
+                crate::domain::status::Status::QuotaExceeded
+            );
+            assert_eq!(snapshot.reasons, vec!["upstream_insufficient_quota"]);
+            let active = engine.active_notifications(id).expect("known");
+            assert_eq!(active.len(), 1);
+            assert_eq!(active[0].id, notification.id);
+        }
+        let own = credential_of(&other).expect("a credential");
+        assert!(pass(&other, &own).is_none(), "another credential is open");
+        assert!(
+            engine
+                .active_notifications(&other)
+                .expect("known")
+                .is_empty()
+        );
+
+        // An admin's lift resumes both and resolves the one notification.
+        let lifted = engine
+            .lift_credential(&credential)
+            .now_or_never()
+            .expect("in process, nothing waits");
+        assert_eq!(lifted, Ok(true));
+        for id in [&acme, &beta] {
+            assert!(pass(id, &credential).is_none());
+            assert_eq!(
+                engine.snapshot(id).expect("known").status,
+                crate::domain::status::Status::Normal
+            );
+        }
+        let resolved: Vec<Notification> = engine.take_batch().notifications.into_values().collect();
+        assert_eq!(resolved.len(), 1);
+        assert_eq!(resolved[0].id, notification.id);
+        assert!(resolved[0].resolved_at.is_some());
     }
 }

@@ -22,7 +22,9 @@ use crate::domain::limits::WorkspaceId;
 use crate::domain::price::Tier;
 use crate::domain::upstream::UpstreamClass;
 use crate::domain::workspace::Model;
-use crate::engine::{EngineError, Reported, TokenUsage, UpstreamAnswer, UsageReport};
+use crate::engine::{
+    CredentialCall, EngineError, Reported, TokenUsage, UpstreamAnswer, UsageReport,
+};
 use crate::metrics::RequestOutcome;
 
 /// Everything needed to settle one admitted call.
@@ -35,6 +37,9 @@ pub struct Settlement {
     pub endpoint: Endpoint,
     pub estimate: Estimate,
     pub arrived: Instant,
+    /// The upstream credential the call is billed to, whose billing block
+    /// its answer may start or lift.
+    pub credential: Option<CredentialCall>,
 }
 
 impl Settlement {
@@ -106,6 +111,9 @@ impl Settlement {
                 None
             }
         };
+        if let Some(call) = &self.credential {
+            self.state.engine.observe_credential(call, class);
+        }
         let outcome = match class {
             None => RequestOutcome::Abandoned,
             Some(_) if no_answer => RequestOutcome::UpstreamFailed,

@@ -36,16 +36,20 @@ use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
+use crate::domain::credential::CredentialId;
 use crate::domain::limits::Metric;
 use crate::domain::model::parse_model;
 use crate::domain::price::{Tier, TokenCounts};
 use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
-use crate::domain::workspace::{Model, Request as Admission};
+use crate::domain::workspace::{BillingScope, Model, Request as Admission};
 use crate::edge::auth::Auth;
 use crate::edge::error::ApiError;
 use crate::edge::refusal::{ratelimit_headers, refusal_error};
-use crate::engine::{Engine, Principal, TokenUsage, UpstreamAnswer};
+use crate::engine::{
+    CredentialCall, CredentialResolver, Engine, Principal, TokenUsage, UpstreamAccount,
+    UpstreamAnswer,
+};
 use crate::keys::Scope;
 use crate::metrics::{Metrics, Phase, RequestOutcome};
 use crate::openai::ErrorEnvelope;
@@ -72,8 +76,7 @@ pub struct UpstreamConfig {
 pub struct Proxy {
     client: reqwest::Client,
     base: String,
-    default_key: Option<String>,
-    env: crate::keys::EnvLookup,
+    keys: Arc<UpstreamKeys>,
     headers_timeout: Duration,
     idle_timeout: Duration,
     max_body_bytes: usize,
@@ -97,8 +100,10 @@ impl Proxy {
         Ok(Self {
             client,
             base: config.url.clone(),
-            default_key: config.api_key.as_ref().map(|key| key.expose().to_owned()),
-            env,
+            keys: Arc::new(UpstreamKeys {
+                default_key: config.api_key.as_ref().map(|key| key.expose().to_owned()),
+                env,
+            }),
             headers_timeout: config.headers_timeout,
             idle_timeout: config.idle_timeout,
             max_body_bytes: config.max_body_bytes,
@@ -109,8 +114,8 @@ impl Proxy {
     /// The key sent upstream for a workspace: its own variable's value, or
     /// the server's `OPENAI_API_KEY`.
     fn upstream_key(&self, variable: Option<&str>) -> Result<String, ApiError> {
-        // The operator's configuration is at fault, which no retry mends.
-        let missing = |what: String| {
+        self.keys.key(variable).map_err(|what| {
+            // The operator's configuration is at fault, which no retry mends.
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
                 "server_error",
@@ -118,26 +123,50 @@ impl Proxy {
                 format!("quotawatch has no upstream key for this workspace: {what}"),
             )
             .with_header("x-should-retry", "false")
-        };
+        })
+    }
+
+    /// How the engine names the credential of an upstream account: by the
+    /// key this proxy sends for it, with its organization and project.
+    pub fn credentials(&self) -> CredentialResolver {
+        let keys = Arc::clone(&self.keys);
+        Box::new(move |account: &UpstreamAccount| {
+            let key = keys.key(account.key_env.as_deref()).ok()?;
+            Some(CredentialId::of(
+                &key,
+                account.organization.as_deref(),
+                account.project.as_deref(),
+            ))
+        })
+    }
+}
+
+/// Where the upstream keys are: the server's own, and the environment that
+/// holds the workspaces' own.
+struct UpstreamKeys {
+    default_key: Option<String>,
+    env: crate::keys::EnvLookup,
+}
+
+impl UpstreamKeys {
+    /// The value of `variable` (the server's key for `None`), or what is
+    /// missing.
+    fn key(&self, variable: Option<&str>) -> Result<String, String> {
         match variable {
             // A name stored before the rule on upstream key variables was
             // made is not looked up either.
-            Some(name) if crate::domain::limits::validate_env_name(name).is_err() => {
-                Err(missing(format!(
-                    "the workspace names the variable {name}, which cannot hold an upstream key; name one QUOTAWATCH_UPSTREAM_KEY_<NAME>"
-                )))
-            }
+            Some(name) if crate::domain::limits::validate_env_name(name).is_err() => Err(format!(
+                "the workspace names the variable {name}, which cannot hold an upstream key; name one QUOTAWATCH_UPSTREAM_KEY_<NAME>"
+            )),
             Some(name) => (self.env)(name)
                 .filter(|key| !key.is_empty())
                 .ok_or_else(|| {
-                    missing(format!(
-                        "the environment variable {name} named by the workspace is not set"
-                    ))
+                    format!("the environment variable {name} named by the workspace is not set")
                 }),
             None => self
                 .default_key
                 .clone()
-                .ok_or_else(|| missing("set OPENAI_API_KEY".to_owned())),
+                .ok_or_else(|| "set OPENAI_API_KEY".to_owned()),
         }
     }
 }
@@ -403,6 +432,14 @@ async fn forward_admitted(
     }
     let account = state.engine.upstream_account(&workspace)?;
     let key = proxy.upstream_key(account.key_env.as_deref())?;
+    // A credential blocked by billing refuses as early, for every workspace
+    // billed to it, or lets this call through as its probe.
+    if let Some(credential) = &account.credential
+        && let Some(decision) = state.engine.pass_credential(&workspace, credential).await?
+        && let Err(refusal) = &decision.result
+    {
+        return Err(refused(state, &workspace, endpoint, &decision, refusal));
+    }
 
     let declared_length = parts
         .headers
@@ -454,6 +491,10 @@ async fn forward_admitted(
         endpoint: call.endpoint,
         estimate: call.estimate,
         arrived: own_time.arrived,
+        credential: account.credential.clone().map(|credential| CredentialCall {
+            credential,
+            admitted_at: admitted.charged_at,
+        }),
     });
 
     let query = parts
@@ -557,6 +598,7 @@ async fn forward_admitted(
             UpstreamAnswer {
                 status: status.as_u16(),
                 headers: rate,
+                billing: BillingScope::Credential,
                 ..UpstreamAnswer::default()
             },
             proxy.idle_timeout,
@@ -579,6 +621,7 @@ async fn forward_admitted(
                     error_code: error.code,
                     error_message: error.message,
                     headers: rate,
+                    billing: BillingScope::Credential,
                 }),
             )
             .await;

@@ -21,6 +21,7 @@
 //! the timeout again: a dead Redis must never make requests hang. The engine
 //! decides what a failure means (`QUOTAWATCH_ON_STORE_ERROR`).
 
+mod credentials;
 mod state;
 
 use std::sync::{Arc, Mutex};
@@ -32,6 +33,7 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{Script, Value};
 use rustc_hash::FxHashMap;
 
+use crate::domain::credential::CredentialId;
 use crate::domain::limits::{Limits, Metric, WorkspaceId};
 use crate::domain::status::Cause;
 use crate::domain::time::{Period, Timestamp};
@@ -40,6 +42,7 @@ use crate::domain::workspace::{
     Admitted, BillingBlock, Blocks, Expired, Model, Reservation, ResetScope,
 };
 use crate::sync::lock;
+pub use credentials::StoredBlock;
 pub use state::StoredCounters;
 use state::{StateCache, billing_number, counters_from, counters_script};
 
@@ -146,6 +149,15 @@ pub struct AdmitArgs<'a> {
     /// and finding, removing or expiring it later, would cost the script
     /// more than the admission itself.
     pub record: bool,
+}
+
+/// What another instance changed, as announced on the change channel.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Announcement {
+    /// A workspace's counters, and the version they reached.
+    Workspace(String, u64),
+    /// A credential's billing block was set or lifted.
+    Credential(CredentialId),
 }
 
 /// A reservation this instance holds, as the shared counters charged it.
@@ -270,13 +282,14 @@ impl RedisCounters {
         &self.link.prefix
     }
 
-    /// Follows the announcements of changes: each is a workspace id and the
-    /// version its counters reached (one message may carry several). The stream ends when the connection
+    /// Follows the announcements of changes: a workspace id and the version
+    /// its counters reached (one message may carry several), or a
+    /// credential whose block changed. The stream ends when the connection
     /// drops; announcements made meanwhile are lost, so the caller reloads
     /// everything after subscribing again.
     pub async fn changes(
         &self,
-    ) -> Result<impl futures_util::Stream<Item = (String, u64)> + use<>, SharedError> {
+    ) -> Result<impl futures_util::Stream<Item = Announcement> + use<>, SharedError> {
         self.link.changes().await
     }
 
@@ -534,7 +547,7 @@ impl Link {
 
     async fn changes(
         &self,
-    ) -> Result<impl futures_util::Stream<Item = (String, u64)> + use<>, SharedError> {
+    ) -> Result<impl futures_util::Stream<Item = Announcement> + use<>, SharedError> {
         use futures_util::StreamExt;
         let connect = async {
             let mut pubsub = self.client.get_async_pubsub().await?;
@@ -547,13 +560,22 @@ impl Link {
             .map_err(|error| SharedError::Unreachable(error.to_string()))?;
         Ok(pubsub.into_on_message().flat_map(|message| {
             let payload: String = message.get_payload().unwrap_or_default();
-            let changes: Vec<(String, u64)> = payload
-                .split(',')
-                .filter_map(|change| {
-                    let (workspace, version) = change.rsplit_once(' ')?;
-                    Some((workspace.to_owned(), version.parse().ok()?))
-                })
-                .collect();
+            let changes: Vec<Announcement> = match payload.strip_prefix(credentials::ANNOUNCED) {
+                Some(credential) => CredentialId::parse(credential)
+                    .map(Announcement::Credential)
+                    .into_iter()
+                    .collect(),
+                None => payload
+                    .split(',')
+                    .filter_map(|change| {
+                        let (workspace, version) = change.rsplit_once(' ')?;
+                        Some(Announcement::Workspace(
+                            workspace.to_owned(),
+                            version.parse().ok()?,
+                        ))
+                    })
+                    .collect(),
+            };
             futures_util::stream::iter(changes)
         }))
     }

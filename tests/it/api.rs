@@ -804,6 +804,8 @@ async fn the_openapi_document_lists_every_api_route() {
         ("/api/service-keys", "get"),
         ("/api/service-keys/{key_id}", "delete"),
         ("/api/tokens", "post"),
+        ("/api/credentials", "get"),
+        ("/api/credentials/{credential}/lift", "post"),
         ("/api/prices", "get"),
         ("/api/prices/reload", "post"),
         ("/api/openapi.json", "get"),

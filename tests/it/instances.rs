@@ -1045,3 +1045,94 @@ async fn a_notification_raised_while_redis_was_away_takes_the_agreed_id_when_it_
     );
     cluster.finish().await;
 }
+
+/// The id of the active `upstream_quota_exhausted` notification the
+/// workspace of `key` sees on `server`, if there is one.
+async fn billing_notification_id(server: &TestServer, key: &str) -> Option<Value> {
+    let listed = server.get("/api/quota/notifications", key).await.body;
+    listed["notifications"]
+        .as_array()?
+        .iter()
+        .find(|n| n["kind"] == "upstream_quota_exhausted")
+        .map(|n| n["id"].clone())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_credential_blocked_through_one_instance_is_refused_by_the_other_until_one_probe_lifts_it()
+ {
+    let upstream = Upstream::start(quotawatch::mock::MockOptions::default()).await;
+    let settings = [
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+        ("QUOTAWATCH_PROBE_INTERVAL", "1s"),
+    ];
+    let Some(cluster) = Cluster::start("instances::credential", false, &settings).await else {
+        return;
+    };
+    let chat = json!({"model": "gpt-4o-mini", "max_tokens": 20,
+        "messages": [{"role": "user", "content": "Say hello"}]});
+    let acme = cluster.workspace(json!({"id": "acme"})).await;
+    let beta = cluster.workspace(json!({"id": "beta"})).await;
+
+    // Acme's call through A meets the billing answer...
+    upstream.set_scenario("insufficient_quota").await;
+    let answer = cluster
+        .a
+        .openai("/chat/completions", &acme, chat.clone())
+        .await;
+    assert_eq!(answer.status(), StatusCode::TOO_MANY_REQUESTS);
+    upstream.set_scenario("ok").await;
+
+    // ...and B, told through Redis, refuses beta (same key) locally.
+    eventually("B to show beta blocked", Duration::from_secs(5), || async {
+        (cluster.b.status(&beta).await["status"] == "quota_exceeded").then_some(())
+    })
+    .await;
+    let refused = cluster
+        .b
+        .openai("/chat/completions", &beta, chat.clone())
+        .await;
+    assert_eq!(refused.status(), StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(
+        refused
+            .headers()
+            .get("x-should-retry")
+            .and_then(|v| v.to_str().ok()),
+        Some("false")
+    );
+    assert_eq!(upstream.hits("/chat/completions").await, 1);
+    // One notification, under one id on both instances.
+    let on_a = billing_notification_id(&cluster.a, &acme).await;
+    assert!(on_a.is_some());
+    assert_eq!(billing_notification_id(&cluster.b, &beta).await, on_a);
+
+    // The probe goes from B once the interval ends; its success lifts the
+    // block on A too.
+    eventually(
+        "B's probe to lift the block",
+        Duration::from_secs(5),
+        || async {
+            (cluster
+                .b
+                .openai("/chat/completions", &beta, chat.clone())
+                .await
+                .status()
+                == StatusCode::OK)
+                .then_some(())
+        },
+    )
+    .await;
+    eventually("A to lift the block", Duration::from_secs(5), || async {
+        (cluster.a.status(&acme).await["status"] == "normal").then_some(())
+    })
+    .await;
+    assert_eq!(
+        upstream.hits("/chat/completions").await,
+        2,
+        "exactly one probe went upstream"
+    );
+    let answer = cluster.a.openai("/chat/completions", &acme, chat).await;
+    assert_eq!(answer.status(), StatusCode::OK);
+    assert_eq!(billing_notification_id(&cluster.a, &acme).await, None);
+    cluster.finish().await;
+}

@@ -9,6 +9,7 @@ mod cli;
 mod conformance;
 mod cors;
 mod counters;
+mod credentials;
 mod dashboard;
 mod deploy;
 mod durability;

@@ -6,8 +6,10 @@
 //! of the minute keeps its own count, a reservation settled twice at once
 //! is settled once, one the instance holds is never recorded and settles by
 //! what it charged, a flood of WebSocket tickets leaves no more in Redis
-//! than the instance keeps, and the first instance to raise a cause names
-//! its episode for all until the last lets go. Needs `QUOTAWATCH_TEST_REDIS_URL`.
+//! than the instance keeps, the first instance to raise a cause names its
+//! episode for all until the last lets go, and a credential's billing block
+//! keeps the first start any instance wrote and lets one instance probe per
+//! interval. Needs `QUOTAWATCH_TEST_REDIS_URL`.
 
 use std::time::Duration;
 
@@ -647,5 +649,96 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         month_start,
         "the month stays"
     );
+    store.finish().await;
+}
+
+#[tokio::test]
+async fn a_credentials_block_keeps_its_first_start_and_one_probe_per_interval() {
+    use quotawatch::domain::credential::CredentialId;
+
+    let Some(store) = Store::open("redis_script::credential") else {
+        return;
+    };
+    // A second instance's client on the same Redis.
+    let other =
+        RedisCounters::new(&store.url, &store.prefix, Duration::from_secs(2)).expect("Redis URL");
+    let credential = CredentialId::of("sk-test", None, None);
+    let interval = Duration::from_secs(60);
+    assert_eq!(
+        store.counters.credential_block(&credential, interval).await,
+        Ok(None)
+    );
+
+    let first = Timestamp::from_millis(1_800_000_000_000);
+    let stored = store
+        .counters
+        .block_credential(&credential, BillingCode::InsufficientQuota, first, interval)
+        .await
+        .expect("blocked");
+    assert_eq!(
+        (stored.code, stored.since),
+        (BillingCode::InsufficientQuota, first)
+    );
+    // The other instance met the answer a moment later: the first start
+    // stays, which names the block's one notification everywhere.
+    let later = other
+        .block_credential(
+            &credential,
+            BillingCode::ProjectSpendLimitExceeded,
+            first.plus(Duration::from_millis(5)),
+            interval,
+        )
+        .await
+        .expect("blocked");
+    assert_eq!(later.since, first);
+    let loaded = store
+        .counters
+        .credential_block(&credential, interval)
+        .await
+        .expect("read")
+        .expect("blocked");
+    assert_eq!(loaded.since, first);
+    assert!(loaded.probe_in > Duration::ZERO && loaded.probe_in <= interval);
+
+    // Within the interval nobody probes; after it, one instance only.
+    let short = Duration::from_millis(200);
+    let waiting = store
+        .counters
+        .take_credential_probe(&credential, short)
+        .await
+        .expect("asked");
+    assert!(waiting.is_some_and(|wait| wait > short), "{waiting:?}");
+    store
+        .counters
+        .lift_credential(&credential)
+        .await
+        .expect("lifted");
+    assert_eq!(
+        store.counters.credential_block(&credential, interval).await,
+        Ok(None)
+    );
+    assert_eq!(
+        store
+            .counters
+            .take_credential_probe(&credential, short)
+            .await,
+        Ok(None),
+        "the first to ask probes"
+    );
+    let second = other
+        .take_credential_probe(&credential, short)
+        .await
+        .expect("asked");
+    assert!(second.is_some(), "one probe per interval across instances");
+    eventually("the interval to end", Duration::from_secs(5), || async {
+        other
+            .take_credential_probe(&credential, short)
+            .await
+            .ok()
+            .flatten()
+            .is_none()
+            .then_some(())
+    })
+    .await;
     store.finish().await;
 }

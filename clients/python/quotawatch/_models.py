@@ -102,6 +102,9 @@ class BillingBlock:
     code: str
     since: Optional[datetime]
     next_probe_at: Optional[datetime]
+    #: The upstream credential blocked for every workspace billed to it (a
+    #: fingerprint, never the key); ``None`` for the workspace's own block.
+    credential: Optional[str] = None
 
     @classmethod
     def from_json(cls, doc: Optional[Dict[str, Any]]) -> Optional["BillingBlock"]:
@@ -111,6 +114,7 @@ class BillingBlock:
             code=doc["code"],
             since=parse_time(doc.get("since")),
             next_probe_at=parse_time(doc.get("next_probe_at")),
+            credential=doc.get("credential"),
         )
 
 

@@ -1,6 +1,7 @@
 //! Following what other instances change in Redis: announcements on its
-//! change channel mark workspaces stale, and stale ones are reloaded; and
-//! the lease that names the one instance writing notifications.
+//! change channel mark workspaces stale, and stale ones are reloaded, or
+//! name a credential whose billing block is loaded at once; and the lease
+//! that names the one instance writing notifications.
 
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -9,9 +10,11 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 
 use super::RedisCounting;
+use crate::domain::credential::CredentialId;
 use crate::domain::limits::WorkspaceId;
 use crate::engine::Engine;
 use crate::engine::slot::Slot;
+use crate::redis::Announcement;
 use crate::sync::lock;
 
 /// How often workspaces changed by other instances are reloaded: well
@@ -47,11 +50,19 @@ impl Engine {
             for (_, slot) in self.all_slots() {
                 slot.shared_stale.store(true, Ordering::Release);
             }
+            for credential in self.known_credentials() {
+                self.reload_credential(redis, &credential).await;
+            }
             let mut changes = std::pin::pin!(changes);
             loop {
                 tokio::select! {
                     change = changes.next() => match change {
-                        Some((workspace, version)) => self.note_change(&workspace, version),
+                        Some(Announcement::Workspace(workspace, version)) => {
+                            self.note_change(&workspace, version);
+                        }
+                        Some(Announcement::Credential(credential)) => {
+                            self.reload_credential(redis, &credential).await;
+                        }
                         None => break,
                     },
                     _ = reload.tick() => self.reload_stale(redis).await,
@@ -73,6 +84,15 @@ impl Engine {
         };
         if slot.lock().mirror.version() < version {
             slot.shared_stale.store(true, Ordering::Release);
+        }
+    }
+
+    /// Loads the billing block of `credential` as Redis keeps it.
+    async fn reload_credential(&self, redis: &RedisCounting, credential: &CredentialId) {
+        let interval = self.settings().probe_interval;
+        match redis.counters.credential_block(credential, interval).await {
+            Ok(stored) => self.load_credential_block(credential, stored),
+            Err(error) => tracing::debug!(%credential, %error, "cannot load a credential's block"),
         }
     }
 

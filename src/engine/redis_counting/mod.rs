@@ -117,6 +117,12 @@ pub struct RedisCounting {
 }
 
 impl RedisCounting {
+    /// The client, for what lives in Redis beside the counters (credential
+    /// blocks).
+    pub(in crate::engine) fn counters(&self) -> &RedisCounters {
+        &self.counters
+    }
+
     pub fn new(counters: RedisCounters, on_error: OnStoreError) -> Self {
         Self {
             counters,
