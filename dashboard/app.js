@@ -197,6 +197,12 @@ class App {
   }
 
   onConnection(event) {
+    if (event.state === "open") {
+      // How many times the live connection opened, for whoever watches the
+      // page: a state shown for a moment is easily missed, a count is not.
+      const opened = Number(this.connection.dataset.opened ?? 0) + 1;
+      this.connection.dataset.opened = String(opened);
+    }
     if (event.state === "open" && this.wasDisconnected) {
       // Settings may have changed while the connection was down.
       this.refreshCatalog().catch(() => {});

@@ -19,6 +19,9 @@ const LIMIT_LABELS: Record<LimitName, string> = {
   tokens_per_minute: "Tokens this minute",
   tokens_per_day: "Tokens today",
   tokens_per_month: "Tokens this month",
+  usd_per_minute: "Spend this minute",
+  usd_per_day: "Spend today",
+  usd_per_month: "Spend this month",
 };
 
 /** A browser token from this app's own route, which holds the service key. */
