@@ -835,7 +835,7 @@ fn file_workspace(
     let mut base = WorkspaceConfig::new(id, default_limits);
     base.warn_at = default_warn_at;
     spec.apply_to(base)
-        .map_err(|e| ConfigError::new(at(e.field), source, e.message))?;
+        .map_err(|e| ConfigError::new(at(&e.field), source, e.message))?;
     Ok((declared.id, spec))
 }
 

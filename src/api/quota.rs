@@ -212,6 +212,7 @@ pub async fn check(
                 model,
                 // The app may report the call to another instance.
                 settled_anywhere: true,
+                scoped: Default::default(),
             },
         )
         .await?;
@@ -374,6 +375,7 @@ pub async fn usage(
         }),
         latency_ms: body.latency_ms,
         tier: tier_of(body.service_tier.as_deref()),
+        scoped: Default::default(),
     };
     let reported = state
         .engine

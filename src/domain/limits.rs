@@ -381,14 +381,19 @@ impl FromStr for WorkspaceId {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ValidationError {
-    pub field: &'static str,
+    /// The field at fault: a name, or a path into a list
+    /// (`scoped_limits[1].models[0]`).
+    pub field: std::borrow::Cow<'static, str>,
     pub message: String,
 }
 
 impl ValidationError {
-    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        field: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
-            field,
+            field: field.into(),
             message: message.into(),
         }
     }
@@ -416,6 +421,9 @@ pub struct WorkspaceConfig {
     /// for the upstream key's default. Clients cannot choose them.
     pub upstream_organization: Option<String>,
     pub upstream_project: Option<String>,
+    /// Limits on part of the workspace's traffic (a model's, each end
+    /// user's), on top of its own.
+    pub scoped_limits: super::scope::ScopedLimits,
 }
 
 impl WorkspaceConfig {
@@ -429,6 +437,7 @@ impl WorkspaceConfig {
             upstream_key_env: None,
             upstream_organization: None,
             upstream_project: None,
+            scoped_limits: super::scope::ScopedLimits::default(),
         }
     }
 }
@@ -549,7 +558,11 @@ mod tests {
         assert_eq!(Unit::Count.parse("12.5"), None, "counts are whole");
         assert_eq!(Unit::Count.from_figure(-1.0), None);
         assert_eq!(Unit::Dollars.parse("12.5"), Some(12_500_000_000));
-        assert_eq!(Unit::Dollars.from_figure(0.000000001), Some(1), "one nano-dollar");
+        assert_eq!(
+            Unit::Dollars.from_figure(0.000000001),
+            Some(1),
+            "one nano-dollar"
+        );
         assert_eq!(Unit::Dollars.parse("-3"), None);
         assert_eq!(Unit::Dollars.decimal(49_980_000_000), 49.98);
         assert_eq!(Unit::Count.figure(1234), "1,234");
@@ -557,8 +570,15 @@ mod tests {
         assert_eq!(Unit::Count.max_limit(), None);
         assert_eq!(Unit::Dollars.max_limit(), Some(MAX_USD_LIMIT));
         let too_much = validate_limit(USD_PER_DAY, Some(MAX_USD_LIMIT + 1)).expect_err("capped");
-        assert!(too_much.message.contains("at most $1"), "{}", too_much.message);
-        assert_eq!(validate_limit(TOKENS_PER_DAY, Some(u64::MAX >> 1)), Ok(Some(u64::MAX >> 1)));
+        assert!(
+            too_much.message.contains("at most $1"),
+            "{}",
+            too_much.message
+        );
+        assert_eq!(
+            validate_limit(TOKENS_PER_DAY, Some(u64::MAX >> 1)),
+            Ok(Some(u64::MAX >> 1))
+        );
     }
 
     #[test]

@@ -46,6 +46,7 @@ use crate::domain::notification::{
     Notification, describe_storage_unavailable, describe_upstream_key_missing,
 };
 use crate::domain::price::{Tier, TokenCounts};
+use crate::domain::scope::ScopeValues;
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
@@ -156,6 +157,9 @@ impl TokenUsage {
 pub struct UsageReport {
     pub reservation: Option<u64>,
     pub model: Option<Model>,
+    /// Its values for scoped limits, which a call without reservation is
+    /// charged to.
+    pub scoped: ScopeValues,
     /// `None` when the call's usage is unknown (a reservation then keeps its
     /// estimate).
     pub tokens: Option<TokenUsage>,
@@ -183,6 +187,7 @@ impl UsageReport {
             reservation: self.reservation,
             usage: self.used(pricing),
             answer: self.answer.as_ref().map(UpstreamAnswer::as_answer),
+            scoped: Some((self.model.as_deref(), &self.scoped)),
         }
     }
 }
@@ -651,6 +656,7 @@ impl Engine {
             estimate: Usage::call(1),
             model: None,
             settled_anywhere: false,
+            scoped: ScopeValues::default(),
         };
         let admission = cell
             .state
@@ -1095,6 +1101,7 @@ mod tests {
 
     fn request() -> Request {
         Request {
+            scoped: Default::default(),
             estimate: Usage::call(100),
             model: Some("gpt-4o-mini".into()),
             settled_anywhere: false,
@@ -1129,6 +1136,7 @@ mod tests {
             .settle_here(
                 &id,
                 UsageReport {
+                    scoped: Default::default(),
                     reservation: Some(admitted.id),
                     model: None,
                     tokens: Some(TokenUsage {

@@ -437,6 +437,7 @@ async fn forward_admitted(
                 model: call.model.clone(),
                 // The guard below settles the call here, however it ends.
                 settled_anywhere: false,
+                scoped: Default::default(),
             },
         )
         .await?;

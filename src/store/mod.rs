@@ -424,6 +424,7 @@ fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
         upstream_key_env: row.upstream_key_env,
         upstream_organization: row.upstream_organization,
         upstream_project: row.upstream_project,
+        scoped_limits: Default::default(),
     })
 }
 
