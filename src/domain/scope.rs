@@ -35,11 +35,12 @@ pub enum Source {
     /// The model the request names.
     Model,
     /// A header the tenant's backend sets, else the first of some body
-    /// fields; `param` names it in errors.
+    /// fields; `param` names it in errors, whose code is `code`.
     Named {
         header: &'static str,
         body: &'static [&'static str],
         param: &'static str,
+        code: &'static str,
     },
 }
 
@@ -52,6 +53,14 @@ impl ScopeKind {
         match self {
             ScopeKind::Model => "model",
             ScopeKind::User => "user",
+        }
+    }
+
+    /// How texts name a value of this kind.
+    pub const fn title(self) -> &'static str {
+        match self {
+            ScopeKind::Model => "model",
+            ScopeKind::User => "end user",
         }
     }
 
@@ -70,6 +79,7 @@ impl ScopeKind {
                 header: "x-quotawatch-user",
                 body: &["safety_identifier", "user"],
                 param: "user",
+                code: "invalid_user",
             },
         }
     }
@@ -88,10 +98,6 @@ impl ScopeKind {
 
     pub const fn index(self) -> usize {
         self as usize
-    }
-
-    pub fn from_field(field: &str) -> Option<Self> {
-        Self::ALL.into_iter().find(|kind| kind.field() == field)
     }
 }
 
@@ -283,6 +289,19 @@ impl ScopedLimits {
         Ok(Self(rules.into()))
     }
 
+    /// How a refusal names the counter that refused: the patterns of a
+    /// listed rule (`models gpt-4o, o3*`), or the value of an each-rule as
+    /// its caller sent it (`end user "alice"`).
+    pub fn describe(&self, refused: RefusedScope, values: &ScopeValues) -> String {
+        let Some(rule) = self.0.get(refused.rule) else {
+            return refused.kind.title().to_owned();
+        };
+        match rule.selector {
+            Selector::Listed(_) => rule.describe(),
+            Selector::Each => format!("{} {:?}", rule.kind.title(), values.shown(rule.kind)),
+        }
+    }
+
     /// The rules `values` fall under, with the counter each charges, in
     /// rule order.
     pub fn matching(&self, model: Option<&str>, values: &ScopeValues) -> Vec<ScopeRef> {
@@ -396,6 +415,11 @@ impl ScopeValue {
         Ok(Self::of(text))
     }
 
+    /// The value of a model name, valid already (`parse_model`).
+    pub fn model(name: &str) -> Self {
+        Self::of(name)
+    }
+
     fn of(text: &str) -> Self {
         let digest = Sha256::digest(text.as_bytes());
         Self {
@@ -422,11 +446,6 @@ impl ScopeValue {
     /// caller's own refusal, never for logs.
     pub fn shown(&self) -> &str {
         &self.shown
-    }
-
-    /// A short fingerprint that names the value in logs without revealing it.
-    pub fn fingerprint(&self) -> String {
-        self.key[..4].iter().map(|b| format!("{b:02x}")).collect()
     }
 }
 
@@ -485,6 +504,9 @@ pub struct ScopeRef {
 pub struct ScopeCounts {
     /// Absent while nothing was counted in the last minute, or the rule
     /// has no minute limit.
+    /// Boxed so that a counter without one costs a pointer, not a
+    /// queue's 32 bytes: there may be a million counters.
+    #[allow(clippy::box_collection)]
     minute: Option<Box<VecDeque<(i64, Usage)>>>,
     calendars: [(Timestamp, Usage); Period::ALL.len()],
     /// When everything this counter limits is back to zero.
@@ -849,14 +871,6 @@ impl ScopeBook {
             _ => EachSummary::default(),
         }
     }
-
-    /// The counter of the listed rule `id`.
-    pub fn listed(&self, id: RuleId) -> Option<&ScopeCounts> {
-        match self.rules.iter().find(|(rule, _)| *rule == id) {
-            Some((_, RuleCounters::Listed(counts))) => Some(counts),
-            _ => None,
-        }
-    }
 }
 
 /// Which limit of a scope refused a request.
@@ -990,7 +1004,6 @@ mod tests {
             ScopeValue::parse(user, "alice").expect("valid").key()
         );
         assert_ne!(alice.key(), ScopeValue::unnamed().key());
-        assert_eq!(alice.fingerprint().len(), 8);
     }
 
     #[test]

@@ -1782,7 +1782,7 @@ mod scoped {
             Some(&["gpt-4o"]),
             &[(REQUESTS_PER_DAY, 2)],
         );
-        let mut script = script(&[], &[gpt.clone()]);
+        let mut script = script(&[], std::slice::from_ref(&gpt));
         script.admit_as("gpt-4o", "a", 1).result.expect("one");
         // A higher maximum keeps the count: the rule selects the same.
         let mut config = script.state.config().clone();

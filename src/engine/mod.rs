@@ -114,6 +114,9 @@ pub struct Decision {
     pub headroom: Headroom,
     /// What is left of each configured limit after this decision.
     pub remaining: PerLimit<Option<u64>>,
+    /// How the refusal names the scoped limit that refused (`end user
+    /// "alice"`, `models gpt-4o, o3*`); `None` for the workspace's own.
+    pub refused_scope: Option<String>,
 }
 
 /// The upstream account a workspace's calls are billed to: the variable
@@ -638,7 +641,15 @@ impl Engine {
         let admission = cell
             .state
             .admit(&request, now, &self.settings, &mut fresh_id);
-        Ok(self.conclude_admission(&slot, cell, now, request.model, admission))
+        let refused_scope = admission.result.as_ref().err().and_then(|refusal| {
+            let scoped = &cell.state.config().scoped_limits;
+            Some(scoped.describe(refusal.scope?, &request.scoped))
+        });
+        let decision = self.conclude_admission(&slot, cell, now, request.model, admission);
+        Ok(Decision {
+            refused_scope,
+            ..decision
+        })
     }
 
     /// Refuses now what would be refused whatever it costs (see
@@ -689,6 +700,7 @@ impl Engine {
             headroom: cell.state.headroom(),
             remaining: cell.state.remaining(),
             result: admission.result,
+            refused_scope: None,
         };
         self.conclude(slot, cell, now, admission.changes, touched);
         decision

@@ -23,6 +23,7 @@ mod proxy;
 mod python_client;
 mod redis_script;
 mod schema;
+mod scopes;
 mod sdk;
 mod store;
 mod support;
