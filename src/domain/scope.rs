@@ -610,7 +610,11 @@ impl ScopeCounts {
             .configured()
             .any(|(kind, _)| kind.window.period().is_none())
         {
-            let seconds = self.minute.get_or_insert_with(Default::default);
+            // Room for one second at first: most users call less than once
+            // a second, and a queue grows by four at its first push.
+            let seconds = self
+                .minute
+                .get_or_insert_with(|| Box::new(VecDeque::with_capacity(1)));
             seconds.retain(|(s, _)| in_minute(*s, now));
             match seconds.back_mut() {
                 Some((second, counted)) if *second == second_of(now) => *counted += usage,
