@@ -105,6 +105,10 @@ pub enum EngineError {
     UnknownReservation(String),
     #[error("the shared counters are unreachable: {0}")]
     SharedStore(String),
+    #[error(
+        "workspace {0} has scoped limits, which counters in Redis do not enforce yet: its calls are refused until they are removed"
+    )]
+    ScopedLimitsInRedis(WorkspaceId),
 }
 
 /// The answer to an admission check.

@@ -4,11 +4,14 @@
 //! workspace. Counters in Redis do not count scoped limits yet, so a
 //! server using them refuses to configure any.
 
+use std::time::Duration;
+
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::support::postgres::TestDatabase;
 use crate::support::redis::{clean, fresh_prefix, server_url};
-use crate::support::{ADMIN_KEY, TestServer, Upstream, proxied};
+use crate::support::{ADMIN_KEY, TestServer, Upstream, eventually, proxied};
 
 /// How a test request carries a value of each scope kind, by kind name.
 const KINDS: &[(&str, &str)] = &[("model", "models"), ("user", "users")];
@@ -349,4 +352,68 @@ async fn counters_in_redis_refuse_scoped_limits_rather_than_ignore_them() {
     );
     server.stop().await;
     clean(&url, &prefix).await;
+}
+
+/// A workspace given scoped limits by an instance counting on its own
+/// reaches an instance counting in Redis through the shared database: its
+/// calls there are refused, never admitted without the scoped limits.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_instance_counting_in_redis_refuses_calls_of_a_workspace_with_scoped_limits() {
+    let test =
+        "scopes::an_instance_counting_in_redis_refuses_calls_of_a_workspace_with_scoped_limits";
+    let Some(url) = server_url(test) else {
+        return;
+    };
+    let Some(database) = TestDatabase::create(test).await else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let shared = TestServer::start_on(
+        database.url.clone(),
+        None,
+        &[
+            ("QUOTAWATCH_REDIS_URL", &url),
+            ("QUOTAWATCH_REDIS_PREFIX", &prefix),
+        ],
+    )
+    .await;
+    let alone = TestServer::start_on(database.url.clone(), None, &[]).await;
+    let key = workspace_with(
+        &alone,
+        json!([{"users": "each", "limits": {"requests_per_minute": 1}}]),
+    )
+    .await;
+    let refused = eventually("the catalog reload", Duration::from_secs(10), || async {
+        let answer = check_as(&shared, &key, "gpt-4o", "alice").await;
+        (answer.status == StatusCode::SERVICE_UNAVAILABLE).then_some(answer)
+    })
+    .await;
+    assert_eq!(refused.error_code(), "scoped_limits_not_enforced");
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+    // Nor does such an instance start while a workspace has them.
+    let starting = tokio::spawn({
+        let database = database.url.clone();
+        let (url, prefix) = (url.clone(), prefix.clone());
+        async move {
+            TestServer::start_on(
+                database,
+                None,
+                &[
+                    ("QUOTAWATCH_REDIS_URL", &url),
+                    ("QUOTAWATCH_REDIS_PREFIX", &prefix),
+                ],
+            )
+            .await
+        }
+    });
+    let Err(failed) = starting.await else {
+        panic!("an instance counting in Redis started with scoped limits configured");
+    };
+    let failed = failed.into_panic();
+    let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
+    assert!(message.contains("ScopedLimitsInRedis"), "{message}");
+    alone.stop().await;
+    shared.stop().await;
+    clean(&url, &prefix).await;
+    database.drop_database().await;
 }
