@@ -390,6 +390,20 @@ mod tests {
     }
 
     #[test]
+    fn the_end_user_is_the_first_of_its_fields_and_named_once() {
+        let user = ScopeKind::User.index();
+        let both = read_chat(r#"{"user":"bob","safety_identifier":"alice"}"#).expect("valid");
+        assert_eq!(both.named[user].as_deref(), Some("alice"));
+        let plain = read_chat(r#"{"user":"bob"}"#).expect("valid");
+        assert_eq!(plain.named[user].as_deref(), Some("bob"));
+        assert_eq!(read_chat("{}").expect("valid").named[user], None);
+        let twice = read_chat(r#"{"user":"bob","user":"alice"}"#).expect_err("twice");
+        assert!(matches!(twice, BodyError::NotJson(_)), "{twice}");
+        let number = read_chat(r#"{"safety_identifier":7}"#).expect_err("a number");
+        assert_eq!(number.field(), Some("safety_identifier"));
+    }
+
+    #[test]
     fn a_disguised_or_repeated_prompt_is_charged_no_less() {
         let plain = read_chat(r#"{"messages":[{"role":"user","content":"12345678"}]}"#)
             .expect("valid")
