@@ -128,6 +128,7 @@ fn domain_admit_settle(bencher: divan::Bencher) {
         };
         let admission = state.admit(&request, at, &settings, &mut fresh);
         let outcome = Outcome {
+            scoped: Default::default(),
             reservation: Some(admission.result.expect("admitted").id),
             usage: Some(Usage::call(950)),
             answer: Some(Answer::success()),

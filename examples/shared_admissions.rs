@@ -212,6 +212,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .admit(
                             id,
                             Request {
+                                scoped: Default::default(),
                                 estimate: Usage::call(100),
                                 model: None,
                                 settled_anywhere: args.settled_anywhere,

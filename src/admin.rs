@@ -9,6 +9,7 @@ use crate::domain::limits::{
     LimitKind, PerLimit, ValidationError, WorkspaceConfig, WorkspaceId, parse_timezone,
     validate_env_name, validate_limit, validate_name, validate_upstream_id, validate_warn_at,
 };
+use crate::domain::scope::{RuleInput, ScopedLimits};
 use crate::engine::{Engine, WorkspaceDefaults};
 use crate::keys::{KeyGrant, PlainKey, Scopes, new_id};
 use crate::store::{KeyRecord, Store, StoreError};
@@ -73,6 +74,8 @@ pub struct WorkspaceSpec {
     /// `Set(None)` returns the workspace to the upstream key's default.
     pub upstream_organization: Change<Option<String>>,
     pub upstream_project: Change<Option<String>>,
+    /// `Set` replaces the scoped limits whole (an empty list removes them).
+    pub scoped_limits: Change<Vec<RuleInput>>,
 }
 
 impl WorkspaceSpec {
@@ -106,6 +109,9 @@ impl WorkspaceSpec {
                 .as_deref()
                 .map(|id| validate_upstream_id("upstream_project", id))
                 .transpose()?;
+        }
+        if let Change::Set(rules) = &self.scoped_limits {
+            base.scoped_limits = ScopedLimits::validate(rules)?;
         }
         Ok(base)
     }
@@ -177,6 +183,15 @@ impl Admin {
         base: WorkspaceConfig,
     ) -> Result<WorkspaceConfig, AdminError> {
         let config = spec.apply_to(base)?;
+        if let Some(engine) = &self.engine
+            && !engine.counts_scoped_limits(&config)
+        {
+            return Err(ValidationError::new(
+                "scoped_limits",
+                "scoped limits are not enforced with counters in Redis yet (QUOTAWATCH_REDIS_URL is set): they were not saved",
+            )
+            .into());
+        }
         if let (Some(env), Change::Set(Some(name))) = (&self.upstream_keys, &spec.upstream_key_env)
             && env(name).is_none_or(|key| key.is_empty())
         {

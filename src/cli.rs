@@ -272,6 +272,8 @@ impl WorkspaceArgs {
             upstream_key_env: self.upstream_key_env.map(unless_none).into(),
             upstream_organization: self.upstream_organization.map(unless_none).into(),
             upstream_project: self.upstream_project.map(unless_none).into(),
+            // Scoped limits are set through the REST API; the CLI keeps them.
+            scoped_limits: crate::admin::Change::Keep,
         }
     }
 }

@@ -824,6 +824,9 @@ fn file_workspace(
         upstream_key_env: declared.upstream_key_env.map(Some).into(),
         upstream_organization: declared.upstream_organization.map(Some).into(),
         upstream_project: declared.upstream_project.map(Some).into(),
+        // Scoped limits are set through the REST API; a declared workspace
+        // keeps what it has.
+        scoped_limits: Change::Keep,
     };
     // Validate now, so that check-config and start-up fail before serving.
     let id = declared
@@ -835,7 +838,7 @@ fn file_workspace(
     let mut base = WorkspaceConfig::new(id, default_limits);
     base.warn_at = default_warn_at;
     spec.apply_to(base)
-        .map_err(|e| ConfigError::new(at(e.field), source, e.message))?;
+        .map_err(|e| ConfigError::new(at(&e.field), source, e.message))?;
     Ok((declared.id, spec))
 }
 

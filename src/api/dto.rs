@@ -14,10 +14,11 @@ use crate::domain::limits::{
 };
 use crate::domain::notification::Notification;
 use crate::domain::price::{PicoUsd, PriceTable, Rates, dollars};
+use crate::domain::scope::{RuleInput, ScopeKind, ScopeRule, Selector};
 use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
-use crate::domain::workspace::{BillingBlock, RecentUsage, Snapshot};
+use crate::domain::workspace::{BillingBlock, RecentUsage, ScopedFacts, Snapshot};
 use crate::edge::error::optional_object;
 pub use crate::edge::error::{ErrorBody, ErrorDetail};
 use crate::engine::BlockedCredential;
@@ -302,7 +303,52 @@ pub struct StatusDoc {
     /// rates (each raised an `unpriced_model` notification), first called
     /// first.
     pub unpriced_models: Vec<String>,
+    /// Each scoped limit: a model rule's usage of its limits; of the
+    /// per-user rule only how many users it tracks (never which).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scoped_limits: Vec<ScopedLimitStatusDoc>,
     pub updated_at: String,
+}
+
+/// Where one scoped limit stands.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct ScopedLimitStatusDoc {
+    #[serde(flatten)]
+    pub rule: ScopedLimitDoc,
+    /// A listed rule's use of each of its limits.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub usage: Option<LimitsDoc>,
+    /// Of a rule counting each value apart: how many it tracks now.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub tracked: Option<usize>,
+    /// Whether values beyond the most it tracks share one counter.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub overflow: Option<bool>,
+    /// Requests it refused since it was configured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub refused: Option<u64>,
+}
+
+impl ScopedLimitStatusDoc {
+    fn of(rule: &ScopeRule, facts: &ScopedFacts) -> Self {
+        let rule = ScopedLimitDoc::from(rule);
+        match facts {
+            ScopedFacts::Listed(facts) => Self {
+                rule,
+                usage: Some(LimitsDoc::of(facts)),
+                tracked: None,
+                overflow: None,
+                refused: None,
+            },
+            ScopedFacts::Each(summary) => Self {
+                rule,
+                usage: None,
+                tracked: Some(summary.tracked),
+                overflow: Some(summary.overflow),
+                refused: Some(summary.refused),
+            },
+        }
+    }
 }
 
 /// Requests, tokens and money counted (reservations of calls in flight
@@ -417,6 +463,14 @@ impl From<&Snapshot> for StatusDoc {
                 .unpriced_models
                 .iter()
                 .map(ToString::to_string)
+                .collect(),
+            scoped_limits: snapshot
+                .config
+                .scoped_limits
+                .rules()
+                .iter()
+                .zip(&snapshot.scoped)
+                .map(|(rule, facts)| ScopedLimitStatusDoc::of(rule, facts))
                 .collect(),
             updated_at: rfc3339(snapshot.at),
         }
@@ -564,6 +618,10 @@ pub struct CheckRequest {
     /// The processing tier the call asks for (`flex`, `priority`; others
     /// are the standard tier), where the prices have its rates.
     pub service_tier: Option<String>,
+    /// The end user the call is for (1 to 256 bytes, no control
+    /// characters), whom per-user scoped limits count apart; the
+    /// `X-Quotawatch-User` header takes precedence.
+    pub user: Option<String>,
 }
 
 #[derive(Serialize, ToSchema, Debug)]
@@ -594,6 +652,9 @@ pub struct UsageRequest {
     /// The processing tier the call used (`flex`, `priority`; others are
     /// the standard tier).
     pub service_tier: Option<String>,
+    /// As in `POST /api/quota/check`: a call reported without reservation
+    /// is charged to its end user's scoped limits.
+    pub user: Option<String>,
     #[serde(default, deserialize_with = "optional_object")]
     pub usage: Option<crate::openai::Usage>,
     /// The upstream's HTTP status (default 200, or 429 when `error` is given).
@@ -715,6 +776,10 @@ pub struct WorkspaceDoc {
     /// The OpenAI project billed for this workspace's calls, or null for the
     /// upstream key's default. Clients cannot choose it.
     pub upstream_project: Option<String>,
+    /// Limits on the calls of some models, or of each end user; left out
+    /// when there are none.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub scoped_limits: Vec<ScopedLimitDoc>,
 }
 
 impl From<&WorkspaceConfig> for WorkspaceDoc {
@@ -728,6 +793,12 @@ impl From<&WorkspaceConfig> for WorkspaceDoc {
             upstream_key_env: config.upstream_key_env.clone(),
             upstream_organization: config.upstream_organization.clone(),
             upstream_project: config.upstream_project.clone(),
+            scoped_limits: config
+                .scoped_limits
+                .rules()
+                .iter()
+                .map(ScopedLimitDoc::from)
+                .collect(),
         }
     }
 }
@@ -765,6 +836,11 @@ pub struct WorkspaceInput {
     #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<String>)]
     pub upstream_project: Change<Option<String>>,
+    /// Limits on the calls of some models, or of each end user, on top of
+    /// the workspace's own: a list replaces them, null or [] removes them.
+    #[serde(default, deserialize_with = "change")]
+    #[schema(value_type = Option<Vec<ScopedLimitInput>>)]
+    pub scoped_limits: Change<Option<Vec<ScopedLimitInput>>>,
 }
 
 impl WorkspaceInput {
@@ -782,7 +858,117 @@ impl WorkspaceInput {
             upstream_key_env: self.upstream_key_env.clone(),
             upstream_organization: self.upstream_organization.clone(),
             upstream_project: self.upstream_project.clone(),
+            scoped_limits: match &self.scoped_limits {
+                Change::Keep => Change::Keep,
+                Change::Set(None) => Change::Set(Vec::new()),
+                Change::Set(Some(rules)) => Change::Set(
+                    rules
+                        .iter()
+                        .enumerate()
+                        .map(|(index, rule)| rule.to_rule(index))
+                        .collect::<Result<_, _>>()?,
+                ),
+            },
         })
+    }
+}
+
+/// What a scoped limit selects: `"each"` value apart, or listed patterns
+/// counted together.
+#[derive(Deserialize, Serialize, ToSchema, Clone, Debug, PartialEq)]
+#[serde(untagged)]
+pub enum SelectionDoc {
+    /// `"each"`: every value counted apart (the only choice for users).
+    Each(String),
+    /// Model names, or prefixes ending in `*`, sharing one counter.
+    Listed(Vec<String>),
+}
+
+/// The field of each scope kind, by `ScopeKind::index`, so that a kind
+/// without its field here does not compile.
+fn selections<T>(models: T, users: T) -> crate::domain::scope::PerScope<T> {
+    [models, users]
+}
+
+/// A scoped limit as the API takes it: exactly one of `models` and
+/// `users`, and its limits (as a workspace's, with no defaults).
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ScopedLimitInput {
+    pub models: Option<SelectionDoc>,
+    pub users: Option<SelectionDoc>,
+    #[serde(default)]
+    pub limits: LimitsInput,
+}
+
+impl ScopedLimitInput {
+    fn to_rule(&self, index: usize) -> Result<RuleInput, ValidationError> {
+        let at = format!("scoped_limits[{index}]");
+        let given: Vec<(ScopeKind, &SelectionDoc)> = ScopeKind::ALL
+            .into_iter()
+            .zip(selections(&self.models, &self.users))
+            .filter_map(|(kind, selection)| Some((kind, selection.as_ref()?)))
+            .collect();
+        let (kind, listed) = match given.as_slice() {
+            [] => (None, None),
+            [(kind, SelectionDoc::Each(each))] if each == "each" => (Some(*kind), None),
+            [(kind, SelectionDoc::Listed(listed))] => (Some(*kind), Some(listed.clone())),
+            [(kind, SelectionDoc::Each(other))] => {
+                return Err(ValidationError::new(
+                    format!("{at}.{}", kind.field()),
+                    format!("{other:?} is neither \"each\" nor a list of patterns"),
+                ));
+            }
+            [_, ..] => {
+                return Err(ValidationError::new(
+                    at,
+                    "a scoped limit names exactly one of models and users",
+                ));
+            }
+        };
+        let mut limits = Limits::default();
+        let written = self.limits.to_per_limit().map_err(|error| {
+            ValidationError::new(format!("{at}.limits.{}", error.field), error.message)
+        })?;
+        for (limit, change) in written.iter() {
+            if let Change::Set(max) = change {
+                limits.set(limit, max);
+            }
+        }
+        Ok(RuleInput {
+            kind,
+            listed,
+            limits,
+        })
+    }
+}
+
+/// A scoped limit as configured, in the shape the API takes.
+#[derive(Serialize, ToSchema, Debug, Clone)]
+pub struct ScopedLimitDoc {
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub models: Option<SelectionDoc>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub users: Option<SelectionDoc>,
+    pub limits: LimitSettingsDoc,
+}
+
+impl From<&ScopeRule> for ScopedLimitDoc {
+    fn from(rule: &ScopeRule) -> Self {
+        let selection = match &rule.selector {
+            Selector::Each => SelectionDoc::Each("each".to_owned()),
+            Selector::Listed(patterns) => {
+                SelectionDoc::Listed(patterns.iter().map(ToString::to_string).collect())
+            }
+        };
+        let mut by_kind: crate::domain::scope::PerScope<Option<SelectionDoc>> = Default::default();
+        by_kind[rule.kind.index()] = Some(selection);
+        let [models, users] = by_kind;
+        Self {
+            models,
+            users,
+            limits: rule.limits.into(),
+        }
     }
 }
 

@@ -15,6 +15,7 @@ use super::dto::*;
 use crate::domain::limits::{LimitKind, Metric, WorkspaceId};
 use crate::domain::model::parse_model;
 use crate::domain::price::{Tier, TokenCounts, dollars};
+use crate::domain::scope::{PerScope, ScopeKind, ScopeValues};
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::upstream::RateLimitHeaders;
 use crate::domain::window::Usage;
@@ -174,6 +175,7 @@ pub async fn check(
     State(state): State<AppState>,
     auth: Auth,
     Query(query): Query<WorkspaceQuery>,
+    headers: axum::http::HeaderMap,
     body: Option<Json<CheckRequest>>,
 ) -> Result<Response, ApiError> {
     let workspace = auth
@@ -193,6 +195,7 @@ pub async fn check(
         .with_param("estimated_prompt_tokens"));
     }
     let model = request.model.as_deref().map(valid_model).transpose()?;
+    let scoped = scope_values(&headers, model.as_deref(), request.user.clone())?;
     let cost = state.engine.pricing().charge(
         model.as_deref(),
         TokenCounts {
@@ -212,6 +215,7 @@ pub async fn check(
                 model,
                 // The app may report the call to another instance.
                 settled_anywhere: true,
+                scoped,
             },
         )
         .await?;
@@ -237,6 +241,7 @@ pub async fn check(
             Err(refusal_error(
                 &workspace,
                 &refusal,
+                decision.refused_scope.as_deref(),
                 &decision.headroom,
                 now,
                 state.engine.settings().probe_interval,
@@ -252,6 +257,18 @@ const MAX_TOKENS_PER_CALL: u64 = 1_000_000_000;
 /// Longer than any call may take (a day, in milliseconds): a client bug,
 /// refused before it can distort history.
 const MAX_LATENCY_MS: u64 = 86_400_000;
+
+/// A REST call's values for scoped limits: its model, and its end user from
+/// the header or the body's `user`.
+fn scope_values(
+    headers: &axum::http::HeaderMap,
+    model: Option<&str>,
+    user: Option<String>,
+) -> Result<ScopeValues, ApiError> {
+    let mut named: PerScope<Option<String>> = Default::default();
+    named[ScopeKind::User.index()] = user;
+    crate::edge::scope::values(headers, model, &named)
+}
 
 fn tier_of(service_tier: Option<&str>) -> Tier {
     service_tier.map_or_else(Tier::default, Tier::requested)
@@ -307,6 +324,7 @@ pub async fn usage(
     State(state): State<AppState>,
     auth: Auth,
     Query(query): Query<WorkspaceQuery>,
+    request_headers: axum::http::HeaderMap,
     Json(body): Json<UsageRequest>,
 ) -> Result<(StatusCode, Json<StatusDoc>), ApiError> {
     let workspace = auth
@@ -327,6 +345,7 @@ pub async fn usage(
         }
     }
     let model = body.model.as_deref().map(valid_model).transpose()?;
+    let scoped = scope_values(&request_headers, model.as_deref(), body.user.clone())?;
     if let Some(latency) = body.latency_ms
         && latency > MAX_LATENCY_MS
     {
@@ -376,6 +395,7 @@ pub async fn usage(
         }),
         latency_ms: body.latency_ms,
         tier: tier_of(body.service_tier.as_deref()),
+        scoped,
     };
     let model = report.model.clone();
     let reported = state

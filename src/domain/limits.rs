@@ -381,14 +381,19 @@ impl FromStr for WorkspaceId {
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
 #[error("{message}")]
 pub struct ValidationError {
-    pub field: &'static str,
+    /// The field at fault: a name, or a path into a list
+    /// (`scoped_limits[1].models[0]`).
+    pub field: std::borrow::Cow<'static, str>,
     pub message: String,
 }
 
 impl ValidationError {
-    pub fn new(field: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        field: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self {
-            field,
+            field: field.into(),
             message: message.into(),
         }
     }
@@ -416,6 +421,9 @@ pub struct WorkspaceConfig {
     /// for the upstream key's default. Clients cannot choose them.
     pub upstream_organization: Option<String>,
     pub upstream_project: Option<String>,
+    /// Limits on part of the workspace's traffic (a model's, each end
+    /// user's), on top of its own.
+    pub scoped_limits: super::scope::ScopedLimits,
 }
 
 impl WorkspaceConfig {
@@ -429,6 +437,7 @@ impl WorkspaceConfig {
             upstream_key_env: None,
             upstream_organization: None,
             upstream_project: None,
+            scoped_limits: super::scope::ScopedLimits::default(),
         }
     }
 }

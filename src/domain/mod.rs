@@ -11,6 +11,7 @@ pub mod limits;
 pub mod model;
 pub mod notification;
 pub mod price;
+pub mod scope;
 pub mod status;
 pub mod time;
 pub mod upstream;

@@ -117,6 +117,7 @@ impl Script {
     /// reservation was unknown.
     fn settle(&mut self, id: u64, actual: u64) -> bool {
         self.record(&Outcome {
+            scoped: Default::default(),
             reservation: Some(id),
             usage: Some(Usage::call(actual)),
             answer: Some(Answer::success()),
@@ -650,6 +651,7 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
         assert_eq!(script.status(), Status::QuotaExceeded);
         let changes = script
             .record(&Outcome {
+                scoped: Default::default(),
                 reservation: Some(probe),
                 usage: Some(Usage::call(5)),
                 answer: Some(Answer::success()),
@@ -673,6 +675,7 @@ fn a_call_without_an_answer_settles_but_says_nothing_about_the_upstream() {
     // The client went away before the upstream answered: the estimate stays
     // charged, and the billing block neither lifts nor counts an error.
     let recorded = script.record(&Outcome {
+        scoped: Default::default(),
         reservation: Some(probe),
         usage: None,
         answer: None,
@@ -692,6 +695,7 @@ fn an_answer_for_a_missing_reservation_still_counts() {
     // The reservation expired with its estimate; the billing answer that
     // comes late still blocks the workspace, and nothing is charged again.
     let recorded = script.record(&Outcome {
+        scoped: Default::default(),
         reservation: Some(id),
         usage: Some(Usage::call(10)),
         answer: Some(Answer {
@@ -886,6 +890,7 @@ fn saved_state_restores_counters_blocks_and_status() {
     assert_eq!(snapshot.limits[1].1.used, 300);
     assert!(snapshot.blocked);
     let outcome = Outcome {
+        scoped: Default::default(),
         reservation: Some(id),
         usage: Some(Usage::call(100)),
         answer: Some(Answer::success()),
@@ -1086,6 +1091,7 @@ impl Script {
             probe: false,
         };
         let request = Request {
+            scoped: Default::default(),
             estimate: Usage::call(40),
             model: None,
             settled_anywhere,
@@ -1621,4 +1627,294 @@ fn a_proxied_billing_answer_is_left_to_the_credential_whose_block_the_workspace_
     assert!(script.state.active_notifications().is_empty());
     assert!(script.state.set_credential_block(None));
     assert_eq!(script.state.snapshot(script.now).status, Status::Normal);
+}
+
+/// A workspace with scoped limits, admitting calls of a model by a user.
+mod scoped {
+    use super::*;
+    use crate::domain::scope::{RuleInput, ScopeKind, ScopeValue, ScopeValues, ScopedLimits};
+    use crate::domain::workspace::ScopedFacts;
+
+    fn rule(kind: ScopeKind, listed: Option<&[&str]>, limits: &[(LimitKind, u64)]) -> RuleInput {
+        let mut all = Limits::default();
+        for &(kind, max) in limits {
+            all.set(kind, Some(max));
+        }
+        RuleInput {
+            kind: Some(kind),
+            listed: listed.map(|listed| listed.iter().map(|p| p.to_string()).collect()),
+            limits: all,
+        }
+    }
+
+    fn script(workspace: &[(LimitKind, u64)], rules: &[RuleInput]) -> Script {
+        let mut script = Script::new(workspace);
+        let mut config = script.state.config().clone();
+        config.scoped_limits = ScopedLimits::validate(rules).expect("valid rules");
+        let now = script.now;
+        script
+            .state
+            .reconfigure(config, now, &Settings::default(), &mut || 0);
+        script
+    }
+
+    fn request(model: &str, user: &str, tokens: u64) -> Request {
+        let user = ScopeValue::parse(ScopeKind::User, user).expect("valid");
+        Request {
+            estimate: Usage::call(tokens),
+            model: Some(model.into()),
+            scoped: ScopeValues::of(Some(model), Some(user)),
+            ..Request::default()
+        }
+    }
+
+    impl Script {
+        fn admit_as(&mut self, model: &str, user: &str, tokens: u64) -> Admission {
+            let mut next_id = self.next_id;
+            let admission = self.state.admit(
+                &request(model, user, tokens),
+                self.now,
+                &self.settings,
+                &mut || {
+                    next_id += 1;
+                    next_id
+                },
+            );
+            self.next_id = next_id;
+            admission
+        }
+
+        fn refusal_as(&mut self, model: &str, user: &str) -> super::super::workspace::Refusal {
+            self.admit_as(model, user, 1).result.expect_err("refused")
+        }
+
+        fn listed_used(&self, rule: usize, kind: LimitKind) -> u64 {
+            match &self.state.snapshot(self.now).scoped[rule] {
+                ScopedFacts::Listed(facts) => {
+                    facts
+                        .iter()
+                        .find(|(k, _)| *k == kind)
+                        .expect("limit")
+                        .1
+                        .used
+                }
+                ScopedFacts::Each(_) => panic!("an each-rule"),
+            }
+        }
+    }
+
+    #[test]
+    fn a_model_rule_refuses_its_models_and_lets_others_pass() {
+        let mut script = script(
+            &[(REQUESTS_PER_MINUTE, 100)],
+            &[rule(
+                ScopeKind::Model,
+                Some(&["gpt-4o", "o3*"]),
+                &[(REQUESTS_PER_MINUTE, 2)],
+            )],
+        );
+        script.admit_as("gpt-4o", "a", 1).result.expect("first");
+        script
+            .admit_as("o3-mini", "a", 1)
+            .result
+            .expect("second, same counter");
+        let refusal = script.refusal_as("o3", "b");
+        assert_eq!(refusal.cause, RefusalCause::Limit(REQUESTS_PER_MINUTE));
+        let scope = refusal.scope.expect("scoped");
+        assert_eq!((scope.kind, scope.rule), (ScopeKind::Model, 0));
+        assert!(refusal.retryable);
+        assert_eq!(
+            refusal.retry_at,
+            Some(script.now.plus(Duration::from_secs(60)))
+        );
+        script
+            .admit_as("gpt-4o-mini", "a", 1)
+            .result
+            .expect("another model");
+    }
+
+    #[test]
+    fn a_user_rule_counts_each_user_apart() {
+        let mut script = script(
+            &[(REQUESTS_PER_MINUTE, 100)],
+            &[rule(ScopeKind::User, None, &[(REQUESTS_PER_MINUTE, 1)])],
+        );
+        script.admit_as("gpt-4o", "alice", 1).result.expect("alice");
+        let refusal = script.refusal_as("gpt-4o", "alice");
+        assert_eq!(refusal.scope.map(|s| s.kind), Some(ScopeKind::User));
+        script
+            .admit_as("gpt-4o", "bob", 1)
+            .result
+            .expect("bob has his own");
+        match &script.state.snapshot(script.now).scoped[0] {
+            ScopedFacts::Each(summary) => assert_eq!((summary.tracked, summary.refused), (2, 1)),
+            ScopedFacts::Listed(_) => panic!("an each-rule"),
+        }
+    }
+
+    #[test]
+    fn a_refusal_anywhere_charges_nothing_anywhere() {
+        let mut script = script(
+            &[(REQUESTS_PER_MINUTE, 3)],
+            &[
+                rule(
+                    ScopeKind::Model,
+                    Some(&["gpt-4o"]),
+                    &[(REQUESTS_PER_MINUTE, 10)],
+                ),
+                rule(ScopeKind::User, None, &[(REQUESTS_PER_MINUTE, 1)]),
+            ],
+        );
+        script.admit_as("gpt-4o", "alice", 1).result.expect("alice");
+        // Alice's own limit refuses: the workspace and the model rule are
+        // not charged.
+        script.refusal_as("gpt-4o", "alice");
+        assert_eq!(script.state.remaining().get(REQUESTS_PER_MINUTE), Some(2));
+        assert_eq!(script.listed_used(0, REQUESTS_PER_MINUTE), 1);
+        // The workspace refuses: Bob's counter is not charged.
+        script.admit_as("gpt-4o", "bob", 1).result.expect("bob");
+        script.admit_as("gpt-4o", "carol", 1).result.expect("carol");
+        let refusal = script.refusal_as("gpt-4o", "dave");
+        assert_eq!(refusal.scope, None, "the workspace's own limit");
+        script.after(60_000);
+        script
+            .admit_as("gpt-4o", "dave", 1)
+            .result
+            .expect("dave charged nothing before");
+        script.refusal_as("gpt-4o", "dave");
+    }
+
+    #[test]
+    fn a_used_up_day_of_a_user_refuses_until_midnight() {
+        let mut script = script(
+            &[],
+            &[rule(ScopeKind::User, None, &[(TOKENS_PER_DAY, 100)])],
+        );
+        script.admit_as("gpt-4o", "alice", 99).result.expect("fits");
+        let refusal = script
+            .admit_as("gpt-4o", "alice", 2)
+            .result
+            .expect_err("over the day");
+        assert_eq!(refusal.cause, RefusalCause::Limit(TOKENS_PER_DAY));
+        assert!(!refusal.retryable);
+        assert_eq!(refusal.retry_at, Some(ts("2026-05-05T00:00:00Z")));
+        let too_large = script
+            .admit_as("gpt-4o", "bob", 101)
+            .result
+            .expect_err("too large");
+        assert_eq!(too_large.cause, RefusalCause::TooLarge(TOKENS_PER_DAY));
+        script.at("2026-05-05T00:00:00Z");
+        script
+            .admit_as("gpt-4o", "alice", 99)
+            .result
+            .expect("a new day");
+    }
+
+    #[test]
+    fn a_settlement_corrects_each_counter_charged_once() {
+        let mut script = script(
+            &[],
+            &[
+                rule(
+                    ScopeKind::Model,
+                    Some(&["gpt-4o"]),
+                    &[(TOKENS_PER_DAY, 1000)],
+                ),
+                rule(ScopeKind::User, None, &[(TOKENS_PER_DAY, 100)]),
+            ],
+        );
+        let id = script
+            .admit_as("gpt-4o", "alice", 90)
+            .result
+            .expect("fits")
+            .id;
+        script.after(1000);
+        assert!(script.settle(id, 10));
+        assert!(!script.settle(id, 10), "settled once");
+        assert_eq!(script.listed_used(0, TOKENS_PER_DAY), 10);
+        script
+            .admit_as("gpt-4o", "alice", 90)
+            .result
+            .expect("alice got 80 back");
+    }
+
+    #[test]
+    fn a_reset_clears_scopes_and_a_reconfiguration_keeps_surviving_rules() {
+        let gpt = rule(
+            ScopeKind::Model,
+            Some(&["gpt-4o"]),
+            &[(REQUESTS_PER_DAY, 2)],
+        );
+        let mut script = script(&[], std::slice::from_ref(&gpt));
+        script.admit_as("gpt-4o", "a", 1).result.expect("one");
+        // A higher maximum keeps the count: the rule selects the same.
+        let mut config = script.state.config().clone();
+        let mut raised = gpt.clone();
+        raised.limits.set(REQUESTS_PER_DAY, Some(3));
+        config.scoped_limits = ScopedLimits::validate(&[raised]).expect("valid");
+        let now = script.now;
+        script
+            .state
+            .reconfigure(config, now, &Settings::default(), &mut || 0);
+        assert_eq!(script.listed_used(0, REQUESTS_PER_DAY), 1);
+        script.state.reset(now);
+        assert_eq!(script.listed_used(0, REQUESTS_PER_DAY), 0);
+    }
+
+    #[test]
+    fn a_call_without_reservation_is_charged_to_its_scopes() {
+        let mut script = script(
+            &[],
+            &[rule(ScopeKind::User, None, &[(REQUESTS_PER_MINUTE, 1)])],
+        );
+        let request = request("gpt-4o", "alice", 0);
+        script.record(&Outcome {
+            reservation: None,
+            usage: Some(Usage::call(5)),
+            answer: Some(Answer::success()),
+            scoped: Some((request.model.as_deref(), &request.scoped)),
+        });
+        script.refusal_as("gpt-4o", "alice");
+        script.admit_as("gpt-4o", "bob", 1).result.expect("bob");
+    }
+
+    #[test]
+    fn a_share_divides_scoped_limits_too() {
+        let mut script = script(
+            &[],
+            &[rule(ScopeKind::User, None, &[(REQUESTS_PER_MINUTE, 4)])],
+        );
+        let now = script.now;
+        script
+            .state
+            .set_enforcement(Enforcement::Share(2), now, &Settings::default(), &mut || 0);
+        script.admit_as("gpt-4o", "alice", 1).result.expect("one");
+        script.admit_as("gpt-4o", "alice", 1).result.expect("two");
+        script.refusal_as("gpt-4o", "alice");
+    }
+
+    #[test]
+    fn per_user_state_goes_once_its_windows_are_clear() {
+        let mut script = script(
+            &[],
+            &[rule(ScopeKind::User, None, &[(REQUESTS_PER_MINUTE, 5)])],
+        );
+        for user in 0..1000 {
+            script
+                .admit_as("gpt-4o", &format!("user-{user}"), 1)
+                .result
+                .expect("own budget");
+        }
+        let tracked = |script: &Script| match &script.state.snapshot(script.now).scoped[0] {
+            ScopedFacts::Each(summary) => summary.tracked,
+            ScopedFacts::Listed(_) => panic!("an each-rule"),
+        };
+        assert_eq!(tracked(&script), 1000);
+        script.after(59_999);
+        script.tick();
+        assert_eq!(tracked(&script), 1000, "still in the minute");
+        script.after(1);
+        script.tick();
+        assert_eq!(tracked(&script), 0);
+    }
 }

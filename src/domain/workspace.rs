@@ -11,8 +11,11 @@ use std::time::Duration;
 use chrono_tz::Tz;
 
 use super::credential::CredentialBlock;
-use super::limits::{LimitKind, Metric, PerLimit, Period, WorkspaceConfig};
+use super::limits::{LimitKind, Limits, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{Notification, describe, describe_unpriced, shared_id};
+use super::scope::{
+    EachSummary, RefusedScope, ScopeBook, ScopeCounts, ScopeRef, ScopeValues, Selector,
+};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
 use super::time::Timestamp;
 use super::upstream::{
@@ -175,6 +178,8 @@ pub struct Refusal {
     pub max: u64,
     /// When a retry can succeed, if that is known.
     pub retry_at: Option<Timestamp>,
+    /// The scoped limit that refused, if not the workspace's own.
+    pub scope: Option<RefusedScope>,
     /// False when no short wait helps (a calendar limit, billing, a request larger
     /// than a limit): clients must not retry automatically.
     pub retryable: bool,
@@ -194,6 +199,8 @@ pub struct Request {
     /// where every instance finds it. Otherwise the instance that admits it holds the
     /// reservation: the proxy settles every call it admits itself.
     pub settled_anywhere: bool,
+    /// Its values for scoped limits (its model's, its end user's).
+    pub scoped: ScopeValues,
 }
 
 /// A request admitted: what the caller needs to settle it later.
@@ -245,7 +252,17 @@ pub struct Snapshot {
     /// Models called that the price table does not know, first called
     /// first (see [`WorkspaceState::note_unpriced`]).
     pub unpriced_models: Vec<Model>,
+    /// Each scoped limit, in configuration order.
+    pub scoped: Vec<ScopedFacts>,
     pub at: Timestamp,
+}
+
+/// What the status shows of one scoped limit: a listed rule's counts, or
+/// only how many values an each-rule tracks (never which).
+#[derive(Clone, Debug, PartialEq)]
+pub enum ScopedFacts {
+    Listed(Vec<(LimitKind, LimitFacts)>),
+    Each(EachSummary),
 }
 
 /// Requests and tokens counted over the sliding minute and each current
@@ -341,6 +358,9 @@ pub struct Outcome<'a> {
     /// What the upstream answered; `None` when the call ended before the
     /// upstream said anything (the client went away first).
     pub answer: Option<Answer<'a>>,
+    /// For a call without reservation, its model and its values for
+    /// scoped limits, which choose the scoped limits it is charged to.
+    pub scoped: Option<(Option<&'a str>, &'a ScopeValues)>,
 }
 
 /// The upstream's answer to one call.
@@ -436,12 +456,170 @@ pub struct WorkspaceState {
     /// told: shown in the status, never saved, and raising no notification
     /// here, since the credential has the one notification of it.
     credential_block: Option<CredentialBlock>,
+    /// The counters of the scoped limits.
+    scopes: ScopeBook,
+    /// The scope counters each reservation charged, to settle them; only
+    /// reservations that matched a scoped limit have an entry.
+    scope_charges: FxHashMap<u64, Vec<ScopeRef>>,
 }
 
 /// The most unpriced models a workspace keeps and notifies about: a tenant
 /// sending made-up model names must not make notifications without end.
 /// Models beyond them are still charged at the unpriced rates.
 pub const MAX_UNPRICED_MODELS: usize = 20;
+
+/// What a limit reads: the counts of the workspace, or of one scope
+/// counter over the workspace's calendar periods. The rules of admission
+/// are written once, over this.
+trait Counted {
+    fn minute_total(&self) -> Usage;
+    fn calendar_used(&self, period: Period) -> Usage;
+    /// Seconds of the minute with usage, oldest first, with the instant
+    /// each leaves it.
+    fn expiring(&self) -> Box<dyn Iterator<Item = (Timestamp, Usage)> + '_>;
+    fn calendars(&self) -> &Calendars;
+
+    fn used(&self, kind: LimitKind) -> u64 {
+        match kind.window.period() {
+            None => self.minute_total().of(kind.metric),
+            Some(period) => self.calendar_used(period).of(kind.metric),
+        }
+    }
+
+    /// When a request costing `cost` of the limit's metric fits again.
+    fn frees_at(&self, kind: LimitKind, cost: u64, max: u64) -> Option<Timestamp> {
+        let mut used = self.used(kind);
+        if fits(used, cost, max) {
+            return None;
+        }
+        match kind.window.period() {
+            Some(period) => Some(self.calendars().get(period).end),
+            None => {
+                let mut last = None;
+                for (expires_at, bucket) in self.expiring() {
+                    used = used.saturating_sub(bucket.of(kind.metric));
+                    last = Some(expires_at);
+                    if fits(used, cost, max) {
+                        break;
+                    }
+                }
+                last
+            }
+        }
+    }
+
+    /// When the limit's count is back to zero: the calendar period's end,
+    /// or when the newest counted second leaves the minute window.
+    fn resets_at(&self, kind: LimitKind) -> Option<Timestamp> {
+        match kind.window.period() {
+            Some(period) => Some(self.calendars().get(period).end),
+            None => self
+                .expiring()
+                .filter(|(_, bucket)| bucket.of(kind.metric) > 0)
+                .last()
+                .map(|(expires_at, _)| expires_at),
+        }
+    }
+
+    fn limit_facts(&self, kind: LimitKind, max: u64) -> LimitFacts {
+        let minimal_cost = kind.metric.least_a_call_costs();
+        LimitFacts {
+            max,
+            used: self.used(kind),
+            resets_at: self.resets_at(kind),
+            frees_at: self.frees_at(kind, minimal_cost, max),
+        }
+    }
+
+    /// Checks `limits` against a request costing `cost`: a request larger
+    /// than a limit, or a used-up calendar limit, refuses at once (no wait
+    /// helps); a full minute is handed to `keep_latest`, which keeps the
+    /// refusal whose retry is latest.
+    fn check(
+        &self,
+        limits: impl Iterator<Item = (LimitKind, u64)>,
+        cost: Usage,
+        scope: Option<RefusedScope>,
+        timezone: Tz,
+        keep_latest: &mut dyn FnMut(Refusal),
+    ) -> Result<(), Refusal> {
+        for (kind, max) in limits {
+            let used = self.used(kind);
+            let cost = cost.of(kind.metric);
+            let refusal = |cause, retry_at, retryable| Refusal {
+                cause,
+                used,
+                max,
+                retry_at,
+                retryable,
+                timezone,
+                scope,
+            };
+            if cost > max {
+                return Err(refusal(RefusalCause::TooLarge(kind), None, false));
+            }
+            if fits(used, cost, max) {
+                continue;
+            }
+            let retry_at = self.frees_at(kind, cost, max);
+            match kind.window.period() {
+                Some(_) => return Err(refusal(RefusalCause::Limit(kind), retry_at, false)),
+                None => keep_latest(refusal(RefusalCause::Limit(kind), retry_at, true)),
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Counted for WorkspaceState {
+    fn minute_total(&self) -> Usage {
+        self.minute.total()
+    }
+
+    fn calendar_used(&self, period: Period) -> Usage {
+        self.calendars.get(period).used
+    }
+
+    fn expiring(&self) -> Box<dyn Iterator<Item = (Timestamp, Usage)> + '_> {
+        Box::new(self.minute.expiring())
+    }
+
+    fn calendars(&self) -> &Calendars {
+        &self.calendars
+    }
+}
+
+/// One scope counter as its limits read it at `now` (none yet counts
+/// nothing).
+struct ScopeView<'a> {
+    counts: Option<&'a ScopeCounts>,
+    calendars: &'a Calendars,
+    now: Timestamp,
+}
+
+impl Counted for ScopeView<'_> {
+    fn minute_total(&self) -> Usage {
+        self.counts
+            .map_or_else(Usage::default, |counts| counts.minute_total(self.now))
+    }
+
+    fn calendar_used(&self, period: Period) -> Usage {
+        self.counts.map_or_else(Usage::default, |counts| {
+            counts.calendar(period, self.calendars)
+        })
+    }
+
+    fn expiring(&self) -> Box<dyn Iterator<Item = (Timestamp, Usage)> + '_> {
+        match self.counts {
+            Some(counts) => Box::new(counts.expiring(self.now)),
+            None => Box::new(std::iter::empty()),
+        }
+    }
+
+    fn calendars(&self) -> &Calendars {
+        self.calendars
+    }
+}
 
 /// "Fits" means the limit still has room and the request's cost fits in it;
 /// a zero-token request still needs one token of room.
@@ -471,7 +649,16 @@ impl WorkspaceState {
             billing_start_moved: false,
             unpriced_models: Vec::new(),
             credential_block: None,
+            scopes: ScopeBook::default(),
+            scope_charges: FxHashMap::default(),
         }
+        .following_scopes()
+    }
+
+    /// Makes the scope counters follow the configured rules.
+    fn following_scopes(mut self) -> Self {
+        self.scopes.follow(&self.config.scoped_limits);
+        self
     }
 
     pub fn restore(
@@ -592,6 +779,7 @@ impl WorkspaceState {
             }
             self.expiry.pop_front();
             if let Some(reservation) = self.reservations.remove(&id) {
+                self.scope_charges.remove(&id);
                 expired.push(reservation.expired());
             }
         }
@@ -601,68 +789,40 @@ impl WorkspaceState {
     /// The configured limits as this instance enforces them (see
     /// [`Enforcement::Share`]).
     fn limits(&self) -> impl Iterator<Item = (LimitKind, u64)> + '_ {
+        self.enforced(&self.config.limits)
+    }
+
+    /// `limits` (the workspace's, or a scoped limit's) as this instance
+    /// enforces them (see [`Enforcement::Share`]).
+    fn enforced<'a>(&self, limits: &'a Limits) -> impl Iterator<Item = (LimitKind, u64)> + 'a {
         let share = match self.enforcement {
             Enforcement::Share(instances) => u64::from(instances.max(1)),
             Enforcement::Whole | Enforcement::CountOnly => 1,
         };
-        self.config
-            .limits
+        limits
             .configured()
             .map(move |(kind, max)| (kind, max / share))
     }
 
-    fn used(&self, kind: LimitKind) -> u64 {
-        match kind.window.period() {
-            None => self.minute.total().of(kind.metric),
-            Some(period) => self.calendars.get(period).used.of(kind.metric),
-        }
-    }
-
-    /// When a request costing `cost` of the limit's metric fits again.
-    fn frees_at(&self, kind: LimitKind, cost: u64, max: u64) -> Option<Timestamp> {
-        let mut used = self.used(kind);
-        if fits(used, cost, max) {
-            return None;
-        }
-        match kind.window.period() {
-            Some(period) => Some(self.calendars.get(period).end),
-            None => {
-                let mut last = None;
-                for (expires_at, bucket) in self.minute.expiring() {
-                    used = used.saturating_sub(bucket.of(kind.metric));
-                    last = Some(expires_at);
-                    if fits(used, cost, max) {
-                        break;
-                    }
-                }
-                last
-            }
-        }
-    }
-
-    fn limit_facts(&self, kind: LimitKind, max: u64) -> LimitFacts {
-        let minimal_cost = kind.metric.least_a_call_costs();
-        LimitFacts {
-            max,
-            used: self.used(kind),
-            resets_at: self.resets_at(kind),
-            frees_at: self.frees_at(kind, minimal_cost, max),
-        }
-    }
-
-    /// When the limit's count is back to zero: the calendar period's end,
-    /// or when the newest counted second leaves the minute window.
-    fn resets_at(&self, kind: LimitKind) -> Option<Timestamp> {
-        match kind.window.period() {
-            Some(period) => Some(self.calendars.get(period).end),
-            None => self.minute.clear_at(|bucket| bucket.of(kind.metric) > 0),
+    /// The counter `scope` reads, as of `now`.
+    fn scope_view(&self, scope: &ScopeRef, now: Timestamp) -> ScopeView<'_> {
+        ScopeView {
+            counts: self.scopes.get(scope),
+            calendars: &self.calendars,
+            now,
         }
     }
 
     /// Decides whether a request costing `cost` may go ahead now, without
     /// changing anything. `probe_due` says whether a billing block would let
     /// this request through as its probe.
-    fn verdict(&self, cost: Usage, now: Timestamp, probe_due: bool) -> Result<(), Refusal> {
+    fn verdict(
+        &self,
+        cost: Usage,
+        scopes: &[ScopeRef],
+        now: Timestamp,
+        probe_due: bool,
+    ) -> Result<(), Refusal> {
         let timezone = self.config.timezone;
         let upstream = |cause, retry_at, retryable| Refusal {
             cause,
@@ -671,6 +831,7 @@ impl WorkspaceState {
             retry_at,
             retryable,
             timezone,
+            scope: None,
         };
         let mut retryable: Option<Refusal> = None;
         let mut keep_latest = |refusal: Refusal| {
@@ -678,28 +839,22 @@ impl WorkspaceState {
                 retryable = Some(refusal);
             }
         };
-        let enforced = self.enforcement != Enforcement::CountOnly;
-        for (kind, max) in self.limits().filter(|_| enforced) {
-            let used = self.used(kind);
-            let cost = cost.of(kind.metric);
-            let refusal = |cause, retry_at, retryable| Refusal {
-                cause,
-                used,
-                max,
-                retry_at,
-                retryable,
-                timezone,
-            };
-            if cost > max {
-                return Err(refusal(RefusalCause::TooLarge(kind), None, false));
-            }
-            if fits(used, cost, max) {
-                continue;
-            }
-            let retry_at = self.frees_at(kind, cost, max);
-            match kind.window.period() {
-                Some(_) => return Err(refusal(RefusalCause::Limit(kind), retry_at, false)),
-                None => keep_latest(refusal(RefusalCause::Limit(kind), retry_at, true)),
+        if self.enforcement != Enforcement::CountOnly {
+            self.check(self.limits(), cost, None, timezone, &mut keep_latest)?;
+            let rules = self.config.scoped_limits.rules();
+            for scope in scopes {
+                let rule = &rules[scope.rule];
+                let refused = RefusedScope {
+                    kind: rule.kind,
+                    rule: scope.rule,
+                };
+                self.scope_view(scope, now).check(
+                    self.enforced(&rule.limits),
+                    cost,
+                    Some(refused),
+                    timezone,
+                    &mut keep_latest,
+                )?;
             }
         }
         if let Some(block) = self.billing_block
@@ -840,11 +995,13 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Admission {
         let expired = self.advance_limits(now);
-        let (cost, verdict) = self.judge(request, now);
+        let scopes = self.matching(request);
+        let (cost, verdict) = self.judge(request, &scopes, now);
         let result = match verdict {
             Ok(()) => {
                 self.minute.add(now, cost);
                 self.calendars.add(cost);
+                self.charge_scopes(&scopes, cost, now);
                 let probe = self.billing_block.is_some();
                 if let Some(block) = &mut self.billing_block {
                     block.take_probe(now, settings.probe_interval);
@@ -856,9 +1013,15 @@ impl WorkspaceState {
                     probe,
                 };
                 self.hold(&admitted, request, None);
+                if !scopes.is_empty() {
+                    self.scope_charges.insert(admitted.id, scopes);
+                }
                 Ok(admitted)
             }
-            Err(refusal) => Err(self.refused(refusal, now)),
+            Err(refusal) => {
+                self.note_scope_refusal(&refusal, &scopes);
+                Err(self.refused(refusal, now))
+            }
         };
         Admission {
             result,
@@ -885,6 +1048,7 @@ impl WorkspaceState {
             retry_at: None,
             retryable: false,
             timezone: self.config.timezone,
+            scope: None,
         };
         Admission {
             result: Err(self.refused(refusal, now)),
@@ -938,12 +1102,44 @@ impl WorkspaceState {
         );
     }
 
-    /// What `request` costs, and whether it may go ahead now (a billing
-    /// block lets it through when its probe is due).
-    fn judge(&self, request: &Request, now: Timestamp) -> (Usage, Result<(), Refusal>) {
+    /// What `request` costs, and whether it may go ahead now with the
+    /// scope counters it charges (a billing block lets it through when its
+    /// probe is due).
+    fn judge(
+        &self,
+        request: &Request,
+        scopes: &[ScopeRef],
+        now: Timestamp,
+    ) -> (Usage, Result<(), Refusal>) {
         let cost = request.estimate;
         let probe_due = self.billing_block.is_some_and(|block| block.probe_due(now));
-        (cost, self.verdict(cost, now, probe_due))
+        (cost, self.verdict(cost, scopes, now, probe_due))
+    }
+
+    /// The scope counters `request` charges.
+    fn matching(&self, request: &Request) -> Vec<ScopeRef> {
+        self.config
+            .scoped_limits
+            .matching(request.model.as_deref(), &request.scoped)
+    }
+
+    /// Charges `usage` at `now` to each of `scopes`.
+    fn charge_scopes(&mut self, scopes: &[ScopeRef], usage: Usage, now: Timestamp) {
+        let rules = self.config.scoped_limits.rules();
+        for scope in scopes {
+            let limits = &rules[scope.rule].limits;
+            self.scopes
+                .charge(scope, usage, now, limits, &self.calendars);
+        }
+    }
+
+    /// Counts a refusal by an each-rule against that rule, for the status.
+    fn note_scope_refusal(&mut self, refusal: &Refusal, scopes: &[ScopeRef]) {
+        if let Some(refused) = refusal.scope
+            && let Some(scope) = scopes.iter().find(|scope| scope.rule == refused.rule)
+        {
+            self.scopes.note_refusal(scope);
+        }
     }
 
     /// Counts a refusal in the error history.
@@ -1114,30 +1310,35 @@ impl WorkspaceState {
     /// meanwhile have room after all, the refusal names the fullest limit
     /// and asks for a retry in a second.
     fn explain_refusal(&self, request: &Request, now: Timestamp) -> Refusal {
-        self.judge(request, now).1.err().unwrap_or_else(|| {
-            let retry_at = Some(now.plus(Duration::from_secs(1)));
-            let fullest = self
-                .limits()
-                .min_by_key(|&(kind, max)| max.saturating_sub(self.used(kind)));
-            match fullest {
-                Some((kind, max)) => Refusal {
-                    cause: RefusalCause::Limit(kind),
-                    used: self.used(kind),
-                    max,
-                    retry_at,
-                    retryable: true,
-                    timezone: self.config.timezone,
-                },
-                None => Refusal {
-                    cause: RefusalCause::UpstreamRateLimited,
-                    used: 0,
-                    max: 0,
-                    retry_at,
-                    retryable: true,
-                    timezone: self.config.timezone,
-                },
-            }
-        })
+        self.judge(request, &self.matching(request), now)
+            .1
+            .err()
+            .unwrap_or_else(|| {
+                let retry_at = Some(now.plus(Duration::from_secs(1)));
+                let fullest = self
+                    .limits()
+                    .min_by_key(|&(kind, max)| max.saturating_sub(self.used(kind)));
+                match fullest {
+                    Some((kind, max)) => Refusal {
+                        cause: RefusalCause::Limit(kind),
+                        used: self.used(kind),
+                        max,
+                        retry_at,
+                        retryable: true,
+                        timezone: self.config.timezone,
+                        scope: None,
+                    },
+                    None => Refusal {
+                        cause: RefusalCause::UpstreamRateLimited,
+                        used: 0,
+                        max: 0,
+                        retry_at,
+                        retryable: true,
+                        timezone: self.config.timezone,
+                        scope: None,
+                    },
+                }
+            })
     }
 
     /// Records how a call ended: settles its reservation (or counts it as
@@ -1156,14 +1357,21 @@ impl WorkspaceState {
                 Some(reservation) => {
                     let usage = outcome.usage.unwrap_or(reservation.estimate);
                     self.settle(&reservation, usage, now);
+                    self.settle_scopes(&reservation, usage, now);
                     (Settled::Reservation(reservation), usage)
                 }
                 None => (Settled::Missing, used),
             },
             None => {
-                // It happened, so it is charged even beyond the limits.
+                // It happened, so it is charged even beyond the limits, to
+                // the scopes it falls under too.
                 self.minute.add(now, used);
                 self.calendars.add(used);
+                let scopes = outcome
+                    .scoped
+                    .map(|(model, values)| self.config.scoped_limits.matching(model, values))
+                    .unwrap_or_default();
+                self.charge_scopes(&scopes, used, now);
                 (Settled::Unreserved, used)
             }
         };
@@ -1219,6 +1427,32 @@ impl WorkspaceState {
             if counter.contains(reservation.charged_at) {
                 counter.used = counter.used.saturating_sub(unused);
             }
+        }
+    }
+
+    /// Corrects the scope counters `reservation` charged, as
+    /// [`settle`](Self::settle) corrects the workspace's.
+    fn settle_scopes(&mut self, reservation: &Reservation, actual: Usage, now: Timestamp) {
+        let Some(scopes) = self.scope_charges.remove(&reservation.id) else {
+            return;
+        };
+        let extra = actual.saturating_sub(reservation.estimate);
+        let unused = reservation.estimate.saturating_sub(actual);
+        let rules = self.config.scoped_limits.rules();
+        for scope in &scopes {
+            // A rule reconfigured away since is no longer counted.
+            let Some(rule) = rules.iter().find(|rule| rule.id == scope.id) else {
+                continue;
+            };
+            self.scopes.correct(
+                scope,
+                reservation.charged_at,
+                extra,
+                unused,
+                now,
+                &rule.limits,
+                &self.calendars,
+            );
         }
     }
 
@@ -1292,6 +1526,7 @@ impl WorkspaceState {
     ) -> (bool, Vec<Expired>, Vec<Change>) {
         let before = (self.minute.total(), self.calendars.used());
         let expired = self.advance(now);
+        self.scopes.evict(now);
         let usage_changed = before != (self.minute.total(), self.calendars.used());
         (
             usage_changed,
@@ -1368,6 +1603,8 @@ impl WorkspaceState {
     fn clear_usage(&mut self, now: Timestamp) {
         self.minute = MinuteWindow::new(SECOND_MS);
         self.calendars = Calendars::new(now, self.config.timezone);
+        self.scopes.clear();
+        self.scope_charges.clear();
         let charged_here = self
             .reservations
             .values_mut()
@@ -1400,6 +1637,7 @@ impl WorkspaceState {
             self.calendars.move_to(now, config.timezone);
         }
         self.config = config;
+        self.scopes.follow(&self.config.scoped_limits);
         self.advance(now);
         self.evaluate(now, settings, fresh_id)
     }
@@ -1434,13 +1672,38 @@ impl WorkspaceState {
         remaining
     }
 
+    /// What the status shows of each scoped limit.
+    fn scoped_facts(&self, now: Timestamp) -> Vec<ScopedFacts> {
+        let rules = self.config.scoped_limits.rules();
+        rules
+            .iter()
+            .enumerate()
+            .map(|(index, rule)| match rule.selector {
+                Selector::Listed(_) => {
+                    let scope = ScopeRef {
+                        rule: index,
+                        id: rule.id,
+                        key: None,
+                    };
+                    let view = self.scope_view(&scope, now);
+                    ScopedFacts::Listed(
+                        self.enforced(&rule.limits)
+                            .map(|(kind, max)| (kind, view.limit_facts(kind, max)))
+                            .collect(),
+                    )
+                }
+                Selector::Each => ScopedFacts::Each(self.scopes.summary(rule.id)),
+            })
+            .collect()
+    }
+
     pub fn snapshot(&self, now: Timestamp) -> Snapshot {
         let limits = self
             .limits()
             .map(|(kind, max)| (kind, self.limit_facts(kind, max)))
             .collect();
         let minimal = Usage::call(0);
-        let verdict = self.verdict(minimal, now, false);
+        let verdict = self.verdict(minimal, &[], now, false);
         let degraded = self.enforcement != Enforcement::Whole;
         let mut reasons = self
             .tracker
@@ -1476,6 +1739,7 @@ impl WorkspaceState {
             errors: self.errors.total(),
             last_error: self.last_error.clone(),
             unpriced_models: self.unpriced_models.clone(),
+            scoped: self.scoped_facts(now),
             at: now,
         }
     }

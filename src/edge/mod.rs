@@ -8,6 +8,7 @@ pub mod auth;
 mod drain;
 pub mod error;
 pub mod refusal;
+pub mod scope;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;

@@ -9,6 +9,7 @@ use axum::http::{HeaderMap, HeaderName, HeaderValue, StatusCode};
 
 use super::error::ApiError;
 use crate::domain::limits::{LimitKind, Period, Unit, WorkspaceId};
+use crate::domain::scope::ScopeKind;
 use crate::domain::time::{Timestamp, format_duration, humanize_duration, in_time};
 use crate::domain::workspace::{Headroom, LimitHeadroom, Refusal, RefusalCause};
 
@@ -86,6 +87,14 @@ fn limit_exceeded_code(period: Period) -> &'static str {
     &CODES[period.index()]
 }
 
+/// The error code of a refusal by a scoped limit of `kind`
+/// (`user_limit_exceeded`), named from the kind, whatever its window.
+fn scope_codes(kind: ScopeKind) -> &'static str {
+    static CODES: LazyLock<[String; ScopeKind::COUNT]> =
+        LazyLock::new(|| ScopeKind::ALL.map(ScopeKind::code));
+    &CODES[kind.index()]
+}
+
 /// The error code of a used-up calendar usd limit: a budget.
 const BUDGET_EXCEEDED: &str = "workspace_budget_exceeded";
 
@@ -94,6 +103,7 @@ const BUDGET_EXCEEDED: &str = "workspace_budget_exceeded";
 pub fn refusal_error(
     workspace: &WorkspaceId,
     refusal: &Refusal,
+    refused_scope: Option<&str>,
     headroom: &Headroom,
     now: Timestamp,
     probe_interval: std::time::Duration,
@@ -105,8 +115,43 @@ pub fn refusal_error(
             kind.metric.unit_suffix(),
         )
     };
-    let (error_type, code, message) = match refusal.cause {
-        RefusalCause::Limit(kind) => {
+    let (error_type, code, message) = match (refusal.cause, refusal.scope.zip(refused_scope)) {
+        // A scoped limit is refused in its kind's code, naming what it
+        // limits, with the same figures and retry as a workspace's.
+        (RefusalCause::Limit(kind), Some((scope, described))) => {
+            let (used, max, unit) = figures(kind);
+            let counted = match kind.window.period() {
+                None => "in the last 60 seconds".to_owned(),
+                Some(period) => period.this().to_owned(),
+            };
+            let retry = if refusal.retryable {
+                format!("Room frees up {}; retry then.", when(refusal.retry_at, now))
+            } else {
+                format!(
+                    "It resets {}; retrying earlier cannot succeed.",
+                    when(refusal.retry_at, now)
+                )
+            };
+            (
+                kind.metric.name(),
+                scope_codes(scope.kind),
+                format!(
+                    "The {kind} limit for {described} in workspace {workspace} is used up ({used} of {max}{unit} {counted}, enforced by quotawatch). {retry}"
+                ),
+            )
+        }
+        (RefusalCause::TooLarge(kind), Some((_, described))) => {
+            let (_, max, unit) = figures(kind);
+            (
+                kind.metric.name(),
+                "request_too_large",
+                format!(
+                    "This request needs more {} than the whole {kind} limit of {max}{unit} for {described} in workspace {workspace}, so it can never be admitted; reduce the prompt or max_tokens.",
+                    kind.metric.name()
+                ),
+            )
+        }
+        (RefusalCause::Limit(kind), None) => {
             let (used, max, unit) = figures(kind);
             match kind.window.period() {
                 None => (
@@ -139,7 +184,7 @@ pub fn refusal_error(
                 ),
             }
         }
-        RefusalCause::TooLarge(kind) => {
+        (RefusalCause::TooLarge(kind), None) => {
             let (_, max, unit) = figures(kind);
             (
                 kind.metric.name(),
@@ -150,7 +195,7 @@ pub fn refusal_error(
                 ),
             )
         }
-        RefusalCause::UpstreamRateLimited => (
+        (RefusalCause::UpstreamRateLimited, _) => (
             "requests",
             "upstream_rate_limited",
             format!(
@@ -158,7 +203,7 @@ pub fn refusal_error(
                 when(refusal.retry_at, now)
             ),
         ),
-        RefusalCause::UpstreamQuota(billing) => (
+        (RefusalCause::UpstreamQuota(billing), _) => (
             "insufficient_quota",
             billing.code(),
             format!(
@@ -212,10 +257,11 @@ mod tests {
             retry_at: Some(now.plus(std::time::Duration::from_secs(3600 * resets_in_hours))),
             retryable: false,
             timezone: chrono_tz::Europe::Berlin,
+            scope: None,
         };
         let workspace: WorkspaceId = "acme".parse().expect("id");
         let probe = std::time::Duration::from_secs(60);
-        refusal_error(&workspace, &refusal, &Headroom::default(), now, probe)
+        refusal_error(&workspace, &refusal, None, &Headroom::default(), now, probe)
     }
 
     #[test]

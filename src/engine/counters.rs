@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::redis_counting::{OnStoreError, RedisCounting};
 use super::{Decision, Engine, EngineError, Reported, UsageReport};
-use crate::domain::limits::WorkspaceId;
+use crate::domain::limits::{WorkspaceConfig, WorkspaceId};
 use crate::domain::workspace::{Request, ResetScope};
 use crate::redis::RedisCounters;
 
@@ -44,6 +44,14 @@ impl Counters {
 }
 
 impl Engine {
+    /// Whether these counters enforce `workspace`'s scoped limits. Those in
+    /// Redis do not yet, so a workspace with scoped limits is refused
+    /// there (by the admin API and at start-up) rather than counted
+    /// without them.
+    pub fn counts_scoped_limits(&self, workspace: &WorkspaceConfig) -> bool {
+        matches!(self.counters, Counters::InProcess) || workspace.scoped_limits.is_empty()
+    }
+
     /// Keeps the counters in `counters` from now on. Called once, by the
     /// assembly, before the engine serves.
     pub fn count_in(&mut self, counters: Counters) {

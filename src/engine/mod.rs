@@ -49,6 +49,7 @@ use crate::domain::notification::{
     Notification, describe_storage_unavailable, describe_upstream_key_missing,
 };
 use crate::domain::price::{Tier, TokenCounts};
+use crate::domain::scope::ScopeValues;
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
@@ -111,6 +112,10 @@ pub enum EngineError {
     UnknownReservation(String),
     #[error("the shared counters are unreachable: {0}")]
     SharedStore(String),
+    #[error(
+        "workspace {0} has scoped limits, which counters in Redis do not enforce yet: its calls are refused until they are removed"
+    )]
+    ScopedLimitsInRedis(WorkspaceId),
 }
 
 /// The answer to an admission check.
@@ -120,6 +125,9 @@ pub struct Decision {
     pub headroom: Headroom,
     /// What is left of each configured limit after this decision.
     pub remaining: PerLimit<Option<u64>>,
+    /// How the refusal names the scoped limit that refused (`end user
+    /// "alice"`, `models gpt-4o, o3*`); `None` for the workspace's own.
+    pub refused_scope: Option<String>,
 }
 
 /// The upstream account a workspace's calls are billed to: the variable
@@ -166,6 +174,9 @@ impl TokenUsage {
 pub struct UsageReport {
     pub reservation: Option<u64>,
     pub model: Option<Model>,
+    /// Its values for scoped limits, which a call without reservation is
+    /// charged to.
+    pub scoped: ScopeValues,
     /// `None` when the call's usage is unknown (a reservation then keeps its
     /// estimate).
     pub tokens: Option<TokenUsage>,
@@ -193,6 +204,7 @@ impl UsageReport {
             reservation: self.reservation,
             usage: self.used(pricing),
             answer: self.answer.as_ref().map(UpstreamAnswer::as_answer),
+            scoped: Some((self.model.as_deref(), &self.scoped)),
         }
     }
 }
@@ -656,7 +668,15 @@ impl Engine {
         let admission = cell
             .state
             .admit(&request, now, &self.settings, &mut fresh_id);
-        Ok(self.conclude_admission(&slot, cell, now, request.model, admission))
+        let refused_scope = admission.result.as_ref().err().and_then(|refusal| {
+            let scoped = &cell.state.config().scoped_limits;
+            Some(scoped.describe(refusal.scope?, &request.scoped))
+        });
+        let decision = self.conclude_admission(&slot, cell, now, request.model, admission);
+        Ok(Decision {
+            refused_scope,
+            ..decision
+        })
     }
 
     /// Refuses now what would be refused whatever it costs (see
@@ -674,6 +694,7 @@ impl Engine {
             estimate: Usage::call(1),
             model: None,
             settled_anywhere: false,
+            scoped: ScopeValues::default(),
         };
         let admission = cell
             .state
@@ -706,6 +727,7 @@ impl Engine {
             headroom: cell.state.headroom(),
             remaining: cell.state.remaining(),
             result: admission.result,
+            refused_scope: None,
         };
         self.conclude(slot, cell, now, admission.changes, touched);
         decision
@@ -1122,6 +1144,7 @@ mod tests {
 
     fn request() -> Request {
         Request {
+            scoped: Default::default(),
             estimate: Usage::call(100),
             model: Some("gpt-4o-mini".into()),
             settled_anywhere: false,
@@ -1156,6 +1179,7 @@ mod tests {
             .settle_here(
                 &id,
                 UsageReport {
+                    scoped: Default::default(),
                     reservation: Some(admitted.id),
                     model: None,
                     tokens: Some(TokenUsage {

@@ -80,6 +80,9 @@ impl Settlement {
             answer,
             latency_ms: Some(self.arrived.elapsed().as_millis() as u64),
             tier: self.tier,
+            // Every call the proxy reports had a reservation, which knows
+            // the scope counters it charged.
+            scoped: Default::default(),
         }
     }
 

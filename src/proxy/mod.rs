@@ -40,6 +40,7 @@ use crate::domain::credential::CredentialId;
 use crate::domain::limits::Metric;
 use crate::domain::model::parse_model;
 use crate::domain::price::{Tier, TokenCounts};
+use crate::domain::scope::PerScope;
 use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
 use crate::domain::workspace::{BillingScope, Model, Request as Admission};
@@ -293,6 +294,8 @@ struct Call {
     estimate: Estimate,
     tier: Tier,
     inject_usage: bool,
+    /// The body's values for scoped limits (see `request::JsonRequest`).
+    named: PerScope<Option<String>>,
     /// The body to forward, in pieces of the one received.
     body: Vec<Bytes>,
 }
@@ -319,6 +322,7 @@ fn understand(
             estimate: Estimate::default(),
             tier: Tier::default(),
             inject_usage: false,
+            named: Default::default(),
             body: vec![body],
         });
     }
@@ -345,6 +349,7 @@ fn understand(
         estimate: read.estimate,
         tier: read.tier,
         inject_usage: read.inject_usage,
+        named: read.named.clone(),
         body: read.forwarded(body),
     })
 }
@@ -397,6 +402,7 @@ fn refused(
     refusal_error(
         workspace,
         refusal,
+        decision.refused_scope.as_deref(),
         &decision.headroom,
         state.engine.now(),
         state.engine.settings().probe_interval,
@@ -452,6 +458,7 @@ async fn forward_admitted(
         .excluding(read_body(body, declared_length, proxy.max_body_bytes))
         .await?;
     let call = understand(proxy, &parts.method, endpoint, body)?;
+    let scoped = crate::edge::scope::values(&parts.headers, call.model.as_deref(), &call.named)?;
     // The cost estimate: the prompt at the input rate, and the completion
     // allowance of every choice (`n` × max_tokens, or the default) at the
     // output rate; nothing is assumed cached.
@@ -474,6 +481,7 @@ async fn forward_admitted(
                 model: call.model.clone(),
                 // The guard below settles the call here, however it ends.
                 settled_anywhere: false,
+                scoped,
             },
         )
         .await?;

@@ -20,6 +20,7 @@ use serde_json::value::RawValue;
 
 use super::estimate::{Endpoint, Estimate, Estimator, Sizing};
 use crate::domain::price::Tier;
+use crate::domain::scope::{PerScope, ScopeKind, Source};
 
 /// `stream_options` larger than this are refused: quotawatch rewrites the
 /// object to ask for usage, and OpenAI's has two small fields.
@@ -72,6 +73,22 @@ struct Head<'a> {
     n: Option<&'a RawValue>,
     #[serde(borrow, default)]
     service_tier: Option<&'a RawValue>,
+    /// OpenAI's fields naming the end user, which scoped limits read (see
+    /// `ScopeKind::source`).
+    #[serde(borrow, default)]
+    safety_identifier: Option<&'a RawValue>,
+    #[serde(borrow, default)]
+    user: Option<&'a RawValue>,
+}
+
+impl<'a> Head<'a> {
+    /// The body fields that name a scope's value, by name.
+    fn named_fields(&self) -> [(&'static str, Option<&'a RawValue>); 2] {
+        [
+            ("safety_identifier", self.safety_identifier),
+            ("user", self.user),
+        ]
+    }
 }
 
 fn present<'de, D: Deserializer<'de>>(deserializer: D) -> Result<Option<&'de RawValue>, D::Error> {
@@ -116,6 +133,9 @@ pub struct JsonRequest {
     /// A chat stream that did not ask for usage: quotawatch asks instead and
     /// hides the answer.
     pub inject_usage: bool,
+    /// The values the body gives for scoped limits read from named fields
+    /// (the end user), by `ScopeKind::index`.
+    pub named: PerScope<Option<String>>,
     stream_options: StreamOptions,
 }
 
@@ -173,6 +193,21 @@ pub fn read(
             }
         }
     };
+    let mut named: PerScope<Option<String>> = Default::default();
+    for kind in ScopeKind::ALL {
+        if let Source::Named { body: fields, .. } = kind.source() {
+            let given = head.named_fields();
+            for field in fields {
+                let raw = given
+                    .iter()
+                    .find(|(name, _)| name == field)
+                    .and_then(|(_, raw)| *raw);
+                if named[kind.index()].is_none() {
+                    named[kind.index()] = optional(raw, field, "a string")?;
+                }
+            }
+        }
+    }
     let sizing = Sizing {
         model: model.as_deref(),
         completion_limit,
@@ -193,6 +228,7 @@ pub fn read(
         estimate,
         tier,
         inject_usage: endpoint == Endpoint::ChatCompletions && stream == Some(true) && !asks_usage,
+        named,
         stream_options,
     })
 }
@@ -351,6 +387,20 @@ mod tests {
             let error = read_chat(body).expect_err(body);
             assert_eq!(error.field(), Some(field), "{body}: {error}");
         }
+    }
+
+    #[test]
+    fn the_end_user_is_the_first_of_its_fields_and_named_once() {
+        let user = ScopeKind::User.index();
+        let both = read_chat(r#"{"user":"bob","safety_identifier":"alice"}"#).expect("valid");
+        assert_eq!(both.named[user].as_deref(), Some("alice"));
+        let plain = read_chat(r#"{"user":"bob"}"#).expect("valid");
+        assert_eq!(plain.named[user].as_deref(), Some("bob"));
+        assert_eq!(read_chat("{}").expect("valid").named[user], None);
+        let twice = read_chat(r#"{"user":"bob","user":"alice"}"#).expect_err("twice");
+        assert!(matches!(twice, BodyError::NotJson(_)), "{twice}");
+        let number = read_chat(r#"{"safety_identifier":7}"#).expect_err("a number");
+        assert_eq!(number.field(), Some("safety_identifier"));
     }
 
     #[test]

@@ -26,6 +26,7 @@ use sqlx::sqlite::{
 
 use crate::domain::limits::{LimitKind, PerLimit, WorkspaceConfig, WorkspaceId, parse_timezone};
 use crate::domain::notification::{Notification, NotificationKind, Severity, TenantText};
+use crate::domain::scope::{RuleInput, ScopeKind, ScopedLimits, Selector};
 use crate::domain::status::Cause;
 use crate::domain::time::Timestamp;
 use crate::domain::workspace::Saved;
@@ -288,6 +289,7 @@ struct WorkspaceRow {
     upstream_key_env: Option<String>,
     upstream_organization: Option<String>,
     upstream_project: Option<String>,
+    scoped_limits: Option<String>,
 }
 
 impl<'r, R> sqlx::FromRow<'r, R> for WorkspaceRow
@@ -312,6 +314,7 @@ where
             upstream_key_env: row.try_get("upstream_key_env")?,
             upstream_organization: row.try_get("upstream_organization")?,
             upstream_project: row.try_get("upstream_project")?,
+            scoped_limits: row.try_get("scoped_limits")?,
         })
     }
 }
@@ -337,6 +340,7 @@ static WORKSPACE_QUERIES: std::sync::LazyLock<WorkspaceQueries> = std::sync::Laz
             "upstream_key_env",
             "upstream_organization",
             "upstream_project",
+            "scoped_limits",
         ])
         .collect();
     let now = columns.len() + 1;
@@ -382,6 +386,7 @@ macro_rules! bind_workspace {
             .bind(ws.upstream_key_env.as_deref())
             .bind(ws.upstream_organization.as_deref())
             .bind(ws.upstream_project.as_deref())
+            .bind(scoped_limits_json(&ws.scoped_limits))
             .bind($now.millis())
     }};
 }
@@ -414,6 +419,75 @@ fn limit_value(value: Option<u64>) -> Option<i64> {
     value.map(|v| i64::try_from(v).unwrap_or(i64::MAX))
 }
 
+/// A workspace's scoped limits as stored: a list of rules in the shape the
+/// API takes (`{"models": [...] | "each", "limits": {...}}`, keyed by
+/// `ScopeKind::field`), with maxima in the units their counters count.
+/// `None` when there are none.
+fn scoped_limits_json(scoped: &ScopedLimits) -> Option<String> {
+    if scoped.is_empty() {
+        return None;
+    }
+    let rules: Vec<serde_json::Value> = scoped
+        .rules()
+        .iter()
+        .map(|rule| {
+            let selected = match &rule.selector {
+                Selector::Each => serde_json::Value::from("each"),
+                Selector::Listed(patterns) => patterns.iter().map(ToString::to_string).collect(),
+            };
+            let limits: serde_json::Map<String, serde_json::Value> = rule
+                .limits
+                .configured()
+                .map(|(kind, max)| (kind.name().to_owned(), max.into()))
+                .collect();
+            serde_json::json!({ rule.kind.field(): selected, "limits": limits })
+        })
+        .collect();
+    Some(serde_json::Value::from(rules).to_string())
+}
+
+/// Reads what [`scoped_limits_json`] wrote, validated again; a document
+/// that does not read as valid rules is logged and loads as none, so that
+/// one bad row cannot stop the workspace.
+fn scoped_limits_from_json(workspace: &str, json: &str) -> ScopedLimits {
+    let read = || -> Option<Vec<RuleInput>> {
+        let rules: Vec<serde_json::Map<String, serde_json::Value>> =
+            serde_json::from_str(json).ok()?;
+        rules
+            .iter()
+            .map(|rule| {
+                let kind = ScopeKind::ALL
+                    .into_iter()
+                    .find(|kind| rule.contains_key(kind.field()))?;
+                let listed = match &rule[kind.field()] {
+                    serde_json::Value::String(each) if each == "each" => None,
+                    other => Some(serde_json::from_value(other.clone()).ok()?),
+                };
+                let mut limits = crate::domain::limits::Limits::default();
+                for (name, max) in rule.get("limits")?.as_object()? {
+                    limits.set(LimitKind::from_name(name)?, Some(max.as_u64()?));
+                }
+                Some(RuleInput {
+                    kind: Some(kind),
+                    listed,
+                    limits,
+                })
+            })
+            .collect()
+    };
+    match read().map(|rules| ScopedLimits::validate(&rules)) {
+        Some(Ok(scoped)) => scoped,
+        other => {
+            tracing::error!(
+                workspace,
+                error = ?other.map(|result| result.err()),
+                "stored scoped limits do not read as valid rules; loading the workspace without them"
+            );
+            ScopedLimits::default()
+        }
+    }
+}
+
 fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
     Some(WorkspaceConfig {
         id: row.id.parse().ok()?,
@@ -427,6 +501,12 @@ fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
         upstream_key_env: row.upstream_key_env,
         upstream_organization: row.upstream_organization,
         upstream_project: row.upstream_project,
+        scoped_limits: row
+            .scoped_limits
+            .as_deref()
+            .map_or_else(Default::default, |json| {
+                scoped_limits_from_json(&row.id, json)
+            }),
     })
 }
 

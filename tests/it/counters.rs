@@ -77,6 +77,7 @@ impl Setup {
 
     async fn admit_usage(&self, estimate: Usage) -> Result<u64, Refusal> {
         let request = Request {
+            scoped: Default::default(),
             estimate,
             model: Some("gpt-4o-mini".into()),
             settled_anywhere: true,

@@ -104,6 +104,7 @@ impl Instance {
 
     async fn admit(&self, tokens: u64, settled_anywhere: bool) -> Admitted {
         let request = Request {
+            scoped: Default::default(),
             estimate: Usage::call(tokens),
             model: Some("gpt-4o-mini".into()),
             settled_anywhere,

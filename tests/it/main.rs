@@ -24,6 +24,7 @@ mod proxy;
 mod python_client;
 mod redis_script;
 mod schema;
+mod scopes;
 mod sdk;
 mod store;
 mod support;

@@ -212,6 +212,7 @@ mod tests {
             probe: false,
         };
         let request = Request {
+            scoped: Default::default(),
             estimate: Usage::call(40),
             model: None,
             settled_anywhere: false,

@@ -179,6 +179,12 @@ impl Engine {
         let slot = self.slot(workspace)?;
         let (limits, timezone) = {
             let cell = slot.lock();
+            // Scoped limits reach an instance counting in Redis only from
+            // a database another kind of instance wrote: its calls are
+            // refused rather than admitted without them.
+            if !self.counts_scoped_limits(cell.state.config()) {
+                return Err(EngineError::ScopedLimitsInRedis(workspace.clone()));
+            }
             (cell.state.config().limits, cell.state.config().timezone)
         };
         let args = AdmitArgs {

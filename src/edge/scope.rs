@@ -1,0 +1,47 @@
+//! A request's values for scoped limits, read the same way by the proxy and
+//! the REST API: its model, and the end user a tenant names for a call, from
+//! its header first and then from the body's fields, in
+//! [`ScopeKind::source`]'s order. A value is checked and hashed here, before
+//! it reaches the engine (and its lock); only its fingerprint is counted,
+//! and it is never logged.
+
+use axum::http::HeaderMap;
+
+use super::error::ApiError;
+use crate::domain::scope::{PerScope, ScopeKind, ScopeValue, ScopeValues, Source};
+
+/// The values of a request naming `model` (valid already), whose body gave
+/// `named` for the kinds read from named fields (by [`ScopeKind::index`]:
+/// the first of the kind's body fields that the body has).
+pub fn values(
+    headers: &HeaderMap,
+    model: Option<&str>,
+    named: &PerScope<Option<String>>,
+) -> Result<ScopeValues, ApiError> {
+    let mut values = ScopeValues::default();
+    for kind in ScopeKind::ALL {
+        let value = match kind.source() {
+            Source::Model => model.map(ScopeValue::model),
+            Source::Named {
+                header,
+                param,
+                code,
+                ..
+            } => {
+                let invalid = |message| ApiError::bad_request(code, message).with_param(param);
+                let sent = match headers.get(header) {
+                    Some(value) => Some(
+                        std::str::from_utf8(value.as_bytes())
+                            .map_err(|_| invalid(format!("the {header} header must be UTF-8")))?,
+                    ),
+                    None => named[kind.index()].as_deref(),
+                };
+                sent.map(|text| ScopeValue::parse(kind, text))
+                    .transpose()
+                    .map_err(invalid)?
+            }
+        };
+        values.set(kind, value);
+    }
+    Ok(values)
+}
