@@ -29,6 +29,13 @@ pub fn values(
                 ..
             } => {
                 let invalid = |message| ApiError::bad_request(code, message).with_param(param);
+                // Two values would leave which one counts to whoever reads
+                // first: refused, as a body field given twice is.
+                if headers.get_all(header).iter().nth(1).is_some() {
+                    return Err(invalid(format!(
+                        "the {header} header is sent more than once"
+                    )));
+                }
                 let sent = match headers.get(header) {
                     Some(value) => Some(
                         std::str::from_utf8(value.as_bytes())

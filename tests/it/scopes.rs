@@ -162,6 +162,27 @@ async fn a_bad_user_id_is_refused_naming_the_field() {
         assert_eq!(refused.error_code(), "invalid_user");
         assert_eq!(refused.body["error"]["param"], "user");
     }
+    // The header twice: which user counts would be anyone's guess.
+    let twice = server
+        .client
+        .post(server.url("/api/quota/check"))
+        .bearer_auth(&key)
+        .header("x-quotawatch-user", "alice")
+        .header("x-quotawatch-user", "bob")
+        .json(&json!({"model": "gpt-4o", "estimated_tokens": 1}))
+        .send()
+        .await
+        .expect("check");
+    assert_eq!(twice.status(), StatusCode::BAD_REQUEST);
+    let body: serde_json::Value = twice.json().await.expect("json");
+    assert_eq!(body["error"]["code"], "invalid_user", "{body}");
+    assert!(
+        body["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("more than once"),
+        "{body}"
+    );
     server.stop().await;
 }
 
