@@ -12,9 +12,11 @@ use std::sync::{Arc, RwLock};
 
 use serde_json::{Map, Value};
 
+use crate::domain::limits::Metric;
 use crate::domain::price::{
     NanoUsd, PicoUsd, Price, PriceTable, Rates, Tier, TokenCounts, UnpricedRates, charged,
 };
+use crate::domain::window::Usage;
 use crate::sync::{read, write};
 
 /// OpenAI's entries of the table, as compiled in.
@@ -110,6 +112,15 @@ impl Pricing {
         };
         let table = self.book.current();
         charged(table.price_or(model, self.unpriced).cost(tokens, tier))
+    }
+
+    /// What one call of `tokens` uses of each metric: a request, its
+    /// tokens, and their cost ([`charge`](Self::charge)). The one place a
+    /// call's tokens become usage, for an estimate and for what was used
+    /// alike.
+    pub fn usage(&self, model: Option<&str>, tokens: TokenCounts, tier: Tier) -> Usage {
+        let total = tokens.prompt.saturating_add(tokens.completion);
+        Usage::call(total).with(Metric::Usd, self.charge(model, tokens, tier))
     }
 }
 

@@ -12,13 +12,12 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::AppState;
 use super::dto::*;
-use crate::domain::limits::{LimitKind, Metric, WorkspaceId};
+use crate::domain::limits::{LimitKind, WorkspaceId};
 use crate::domain::model::parse_model;
 use crate::domain::price::{Tier, TokenCounts, dollars};
 use crate::domain::scope::{PerScope, ScopeKind, ScopeValues};
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::upstream::RateLimitHeaders;
-use crate::domain::window::Usage;
 use crate::domain::workspace::{BillingScope, Model, Request};
 use crate::edge::auth::{Auth, Target};
 use crate::edge::error::{ApiError, Json, Query};
@@ -196,7 +195,7 @@ pub async fn check(
     }
     let model = request.model.as_deref().map(valid_model).transpose()?;
     let scoped = scope_values(&headers, model.as_deref(), request.user.clone())?;
-    let cost = state.engine.pricing().charge(
+    let estimate = state.engine.pricing().usage(
         model.as_deref(),
         TokenCounts {
             prompt: prompt_tokens,
@@ -211,7 +210,7 @@ pub async fn check(
         .admit(
             &workspace,
             Request {
-                estimate: Usage::call(estimated_tokens).with(Metric::Usd, cost),
+                estimate,
                 model,
                 // The app may report the call to another instance.
                 settled_anywhere: true,

@@ -44,7 +44,7 @@ use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
 use crate::domain::credential::CredentialId;
-use crate::domain::limits::{Metric, PerLimit, WorkspaceConfig, WorkspaceId};
+use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::{
     Notification, describe_storage_unavailable, describe_upstream_key_missing,
 };
@@ -193,10 +193,8 @@ impl UsageReport {
     /// tokens, and their exact cost at `pricing`'s rates, rounded up to
     /// whole nano-dollars.
     fn used(&self, pricing: &Pricing) -> Option<Usage> {
-        self.tokens.map(|tokens| {
-            let cost = pricing.charge(self.model.as_deref(), tokens.counts(), self.tier);
-            Usage::call(tokens.total()).with(Metric::Usd, cost)
-        })
+        self.tokens
+            .map(|tokens| pricing.usage(self.model.as_deref(), tokens.counts(), self.tier))
     }
 
     fn outcome(&self, pricing: &Pricing) -> Outcome<'_> {

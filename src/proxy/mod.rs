@@ -37,12 +37,10 @@ use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
 use crate::domain::credential::CredentialId;
-use crate::domain::limits::Metric;
 use crate::domain::model::parse_model;
 use crate::domain::price::{Tier, TokenCounts};
 use crate::domain::scope::PerScope;
 use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
-use crate::domain::window::Usage;
 use crate::domain::workspace::{BillingScope, Model, Request as Admission};
 use crate::edge::auth::Auth;
 use crate::edge::error::ApiError;
@@ -462,7 +460,7 @@ async fn forward_admitted(
     // The cost estimate: the prompt at the input rate, and the completion
     // allowance of every choice (`n` × max_tokens, or the default) at the
     // output rate; nothing is assumed cached.
-    let cost = state.engine.pricing().charge(
+    let estimate = state.engine.pricing().usage(
         call.model.as_deref(),
         TokenCounts {
             prompt: call.estimate.prompt,
@@ -477,7 +475,7 @@ async fn forward_admitted(
         .admit(
             &workspace,
             Admission {
-                estimate: Usage::call(call.estimate.total()).with(Metric::Usd, cost),
+                estimate,
                 model: call.model.clone(),
                 // The guard below settles the call here, however it ends.
                 settled_anywhere: false,
