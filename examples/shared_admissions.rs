@@ -29,7 +29,10 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quotawatch::domain::limits::{LimitKind, Limits, Window, WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::limits::{
+    Limits, REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
+    WorkspaceConfig, WorkspaceId,
+};
 use quotawatch::domain::window::Usage;
 use quotawatch::domain::workspace::{Request, Settings};
 use quotawatch::engine::{
@@ -99,12 +102,15 @@ fn parse_args() -> Result<Args, String> {
 
 fn limits() -> Limits {
     let mut limits = Limits::default();
-    // The sliding minute's and the day's, as every earlier measurement had,
-    // so that figures compare across versions.
-    for kind in LimitKind::ALL
-        .into_iter()
-        .filter(|kind| kind.window != Window::Month)
-    {
+    // Today's four (requests and tokens over the sliding minute and the
+    // day), as every earlier measurement had, so that figures compare
+    // across versions.
+    for kind in [
+        REQUESTS_PER_MINUTE,
+        REQUESTS_PER_DAY,
+        TOKENS_PER_MINUTE,
+        TOKENS_PER_DAY,
+    ] {
         limits.set(kind, Some(1 << 50));
     }
     limits

@@ -513,12 +513,18 @@ trait Counted {
     fn resets_at(&self, kind: LimitKind) -> Option<Timestamp> {
         match kind.window.period() {
             Some(period) => Some(self.calendars().get(period).end),
-            None => self
-                .expiring()
-                .filter(|(_, bucket)| bucket.of(kind.metric) > 0)
-                .last()
-                .map(|(expires_at, _)| expires_at),
+            None => self.minute_resets_at(kind.metric),
         }
+    }
+
+    /// When the newest second of the minute that counted `metric` leaves
+    /// it. This default reads every second; a sliding window answers from
+    /// its newest bucket back, which is quick while the window is in use.
+    fn minute_resets_at(&self, metric: Metric) -> Option<Timestamp> {
+        self.expiring()
+            .filter(|(_, bucket)| bucket.of(metric) > 0)
+            .last()
+            .map(|(expires_at, _)| expires_at)
     }
 
     fn limit_facts(&self, kind: LimitKind, max: u64) -> LimitFacts {
@@ -586,6 +592,11 @@ impl Counted for WorkspaceState {
 
     fn calendars(&self) -> &Calendars {
         &self.calendars
+    }
+
+    fn minute_resets_at(&self, metric: Metric) -> Option<Timestamp> {
+        // Asked on every admission (for the `x-ratelimit-reset-*` headers).
+        self.minute.clear_at(|bucket| bucket.of(metric) > 0)
     }
 }
 
@@ -884,11 +895,30 @@ impl WorkspaceState {
         Observation {
             usage,
             warn_at: self.config.warn_at,
-            upstream_rate_limited: self.rate_block_until.is_some_and(|until| until > now),
+            upstream_rate_limited: self.upstream_rate_limited(now),
             upstream_quota_exhausted: self.billing_block.is_some(),
             upstream_error_rate: self.upstream_error_rate,
             upstream_key_rejected: self.key_rejected,
         }
+    }
+
+    fn upstream_rate_limited(&self, now: Timestamp) -> bool {
+        self.rate_block_until.is_some_and(|until| until > now)
+    }
+
+    /// Whether an [`evaluate`](Self::evaluate) now would find the status
+    /// clear and leave it so (see [`StatusTracker::stays_clear`]): nothing
+    /// the upstream said stands against the workspace, and no limit is near.
+    fn stays_clear(&self, now: Timestamp) -> bool {
+        !self.billing_start_moved
+            && !self.upstream_rate_limited(now)
+            && self.billing_block.is_none()
+            && !self.upstream_error_rate
+            && !self.key_rejected
+            && self.tracker.stays_clear(
+                self.limits().map(|(kind, max)| (self.used(kind), max)),
+                self.config.warn_at,
+            )
     }
 
     fn facts(&self, settings: &Settings) -> Facts<'_> {
@@ -915,6 +945,9 @@ impl WorkspaceState {
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
+        if self.stays_clear(now) {
+            return Vec::new();
+        }
         let observation = self.observation(now);
         let observed = self.tracker.observe(&observation, now);
         // Two instances that saw a billing block at once each started it at
