@@ -185,9 +185,8 @@ pub async fn start(
     // timezone, the days whose model names the engine caps.
     let recent = engine.now().millis() - 2 * 86_400_000;
     engine.remember_models(store.models_by_day(recent).await?);
-    // A month and a day back covers this month of every timezone.
-    let month = engine.now().millis() - 32 * 86_400_000;
-    engine.remember_spend(store.spend_by_day(month).await?);
+    let month = engine.now().millis() - flush::SPEND_HISTORY.as_millis() as i64;
+    engine.load_spend(store.spend_by_day(month).await?);
     engine.set_admin_key(admin_hash);
     engine.set_token_secret(token_secret(&store).await?);
 

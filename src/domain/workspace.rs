@@ -1625,6 +1625,12 @@ impl WorkspaceState {
         self.note_spend(at, &model, spend);
     }
 
+    /// Forgets the spend by model, to note it again from history (see
+    /// [`note_spend`](Self::note_spend)).
+    pub fn forget_spend(&mut self) {
+        self.spend.clear();
+    }
+
     /// Prices budget notifications' suggestions at `prices` from now on,
     /// and names their day in the status.
     pub fn use_prices(&mut self, prices: Arc<PriceTable>) {

@@ -378,21 +378,39 @@ impl Engine {
         }
     }
 
-    /// Adds spend by model the database holds (`(workspace, local day
-    /// start, model, spend)`, from daily history) to each workspace's
-    /// current periods, at start-up, so that a restart keeps today's and
-    /// this month's spend by model.
-    pub fn remember_spend(&self, rows: Vec<(WorkspaceId, i64, String, ModelSpend)>) {
-        for (workspace, day, model, spend) in rows {
-            let Ok(slot) = self.slot(&workspace) else {
-                continue;
-            };
-            // Calls that named no model cost nothing and are left out.
-            if !model.is_empty() {
-                let day = Timestamp::from_millis(day);
-                slot.lock()
-                    .state
-                    .note_spend(day, &Model::from(model), spend);
+    /// Sets each workspace's spend by model of its current periods to what
+    /// history holds (`(workspace, time, model, spend)`: the database's
+    /// daily rows and writes the flush still holds) and what it has not
+    /// taken yet: at start-up, so that a restart keeps today's and this
+    /// month's spend by model, and then now and again when other instances
+    /// record calls too. The caller holds the flush back meanwhile (see
+    /// [`flushing`](Self::flushing)), so that no row is in neither place.
+    pub fn load_spend(&self, rows: Vec<(WorkspaceId, i64, String, ModelSpend)>) {
+        let mut by_workspace: HashMap<WorkspaceId, Vec<(i64, String, ModelSpend)>> = HashMap::new();
+        for (workspace, at, model, spend) in rows {
+            by_workspace
+                .entry(workspace)
+                .or_default()
+                .push((at, model, spend));
+        }
+        for (id, slot) in self.all_slots() {
+            let mut cell = slot.lock();
+            let cell = &mut *cell;
+            cell.state.forget_spend();
+            let stored = by_workspace.remove(&id).unwrap_or_default();
+            let unflushed = cell.rollups.iter().filter_map(|((minute, model), delta)| {
+                Some((*minute, model.clone()?, delta.spend()))
+            });
+            let stored = stored
+                .into_iter()
+                // Calls that named no model cost nothing and are left out.
+                .filter(|(_, model, _)| !model.is_empty())
+                .map(|(at, model, spend)| (at, Model::from(model), spend));
+            for (at, model, spend) in stored.chain(unflushed) {
+                if spend.usd > 0 || spend.prompt > 0 || spend.completion > 0 {
+                    cell.state
+                        .note_spend(Timestamp::from_millis(at), &model, spend);
+                }
             }
         }
     }
