@@ -197,13 +197,6 @@ pub fn cheaper_model(
     })
 }
 
-/// What `by_model` spent in all, in nano-dollars.
-pub fn total(by_model: &BTreeMap<Model, ModelSpend>) -> NanoUsd {
-    by_model
-        .values()
-        .fold(0, |sum, spend| sum.saturating_add(spend.usd))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -237,6 +230,11 @@ mod tests {
         add("text-embedding-3", "embedding", rates(0.1, 0.1, 0.0));
         add("text-embedding-3-mini", "chat", rates(0.01, 0.01, 0.0));
         PriceTable::new("2026-12-02", models)
+    }
+
+    /// What `by_model` spent in all.
+    fn total(by_model: &BTreeMap<Model, ModelSpend>) -> NanoUsd {
+        by_model.values().map(|spend| spend.usd).sum()
     }
 
     fn spend(prompt: u64, cached: u64, completion: u64, usd: NanoUsd) -> ModelSpend {
