@@ -390,8 +390,8 @@ macro_rules! usage_shape {
             }
         }
 
-        /// [`SpendDoc`], with a field per calendar period, as
-        /// [`UsageDoc`] has.
+        /// What each current calendar period spent (a field per period,
+        /// as `usage` has), in all and by model, and the day of the prices.
         #[derive(Serialize, ToSchema, Clone, Debug)]
         pub struct SpendDoc {
             $(
