@@ -137,6 +137,7 @@ fn domain_admit_settle(bencher: divan::Bencher) {
             reservation: Some(admission.result.expect("admitted").id),
             usage: Some(Usage::call(950)),
             answer: Some(Answer::success()),
+            tokens: None,
         };
         state.record(&outcome, at, &settings, &mut fresh)
     });

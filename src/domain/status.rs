@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use super::limits::{LimitKind, Metric, PerLimit, WARNING_HYSTERESIS, Window};
 use super::notification::Notification;
+use super::price::PriceTable;
+use super::spend::SpendBook;
 use super::time::Timestamp;
 use super::upstream::{BillingCode, LastError, Outcomes, UpstreamView};
+use super::window::Calendars;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Status {
@@ -271,6 +274,13 @@ pub struct Facts<'a> {
     pub last_error: Option<&'a LastError>,
     pub upstream: &'a UpstreamView,
     pub probe_interval: Duration,
+    /// The current calendar periods, whose bounds budget texts project
+    /// spend over.
+    pub calendars: &'a Calendars,
+    /// Spend by model in those periods, and the prices in force: what a
+    /// budget notification prices a cheaper model with.
+    pub spend: &'a SpendBook,
+    pub prices: &'a PriceTable,
 }
 
 impl Facts<'_> {

@@ -4,6 +4,7 @@
 //! the state, re-evaluates the status and returns what changed.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 use std::time::Duration;
@@ -13,9 +14,11 @@ use chrono_tz::Tz;
 use super::credential::CredentialBlock;
 use super::limits::{LimitKind, Limits, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{Notification, describe, describe_unpriced, shared_id};
+use super::price::{PriceTable, TokenCounts};
 use super::scope::{
     EachSummary, RefusedScope, ScopeBook, ScopeCounts, ScopeRef, ScopeValues, Selector,
 };
+use super::spend::{ModelSpend, SpendBook};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
 use super::time::Timestamp;
 use super::upstream::{
@@ -254,7 +257,17 @@ pub struct Snapshot {
     pub unpriced_models: Vec<Model>,
     /// Each scoped limit, in configuration order.
     pub scoped: Vec<ScopedFacts>,
+    /// What each current calendar period spent, by model.
+    pub spend: SpendFacts,
     pub at: Timestamp,
+}
+
+/// Spend by model in each current calendar period, by [`Period::index`],
+/// and the day the prices in force were taken.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpendFacts {
+    pub calendars: [std::collections::BTreeMap<Model, ModelSpend>; Period::ALL.len()],
+    pub prices_taken: String,
 }
 
 /// What the status shows of one scoped limit: a listed rule's counts, or
@@ -359,8 +372,13 @@ pub struct Outcome<'a> {
     /// upstream said anything (the client went away first).
     pub answer: Option<Answer<'a>>,
     /// For a call without reservation, its model and its values for
-    /// scoped limits, which choose the scoped limits it is charged to.
+    /// scoped limits, which choose the scoped limits it is charged to. (A
+    /// model named here is also the one a reserved call's spend counts
+    /// under, before the reservation's.)
     pub scoped: Option<(Option<&'a str>, &'a ScopeValues)>,
+    /// What the call used by kind of token, when known: its token mix in
+    /// the spend by model.
+    pub tokens: Option<TokenCounts>,
 }
 
 /// The upstream's answer to one call.
@@ -456,6 +474,12 @@ pub struct WorkspaceState {
     /// told: shown in the status, never saved, and raising no notification
     /// here, since the credential has the one notification of it.
     credential_block: Option<CredentialBlock>,
+    /// Spend by model over the current calendar periods, as history
+    /// records calls (see [`note_spend`](Self::note_spend)).
+    spend: SpendBook,
+    /// The prices in force, which budget notifications price a cheaper
+    /// model at (see [`use_prices`](Self::use_prices)).
+    prices: Arc<PriceTable>,
     /// The counters of the scoped limits.
     scopes: ScopeBook,
     /// The scope counters each reservation charged, to settle them; only
@@ -660,6 +684,8 @@ impl WorkspaceState {
             billing_start_moved: false,
             unpriced_models: Vec::new(),
             credential_block: None,
+            spend: SpendBook::default(),
+            prices: Arc::default(),
             scopes: ScopeBook::default(),
             scope_charges: FxHashMap::default(),
         }
@@ -934,6 +960,9 @@ impl WorkspaceState {
             last_error: self.last_error.as_ref(),
             upstream: &self.upstream_view,
             probe_interval: settings.probe_interval,
+            calendars: &self.calendars,
+            spend: &self.spend,
+            prices: &self.prices,
         }
     }
 
@@ -1433,6 +1462,9 @@ impl WorkspaceState {
         let class = outcome
             .answer
             .map(|answer| self.observe_upstream(&answer, admitted_at, now, settings));
+        // Before the status is evaluated, so that a budget notification
+        // this call raises counts the call in its figures.
+        self.note_settled_spend(outcome, &settled, usage, now);
         Recorded {
             settled,
             usage,
@@ -1582,6 +1614,60 @@ impl WorkspaceState {
         // unpriced is noticed again at its next call.
         self.unpriced_models.clear();
         self.tracker.clear(now)
+    }
+
+    /// Notes what a finished call of `model`, charged at `at`, used and
+    /// cost, in the spend of the calendar periods that hold `at`: a settled
+    /// call as it settles, an expired reservation's estimate and the
+    /// spend history held at start-up as the engine passes them, so that
+    /// the status and budget notifications see spend by model without
+    /// reading the database.
+    pub fn note_spend(&mut self, at: Timestamp, model: &Model, spend: ModelSpend) {
+        self.spend.add(&self.calendars, at, model, spend);
+    }
+
+    /// Notes a settled call's spend (see [`note_spend`](Self::note_spend)):
+    /// what it counts for, under the model it named, at the time it was
+    /// charged. A reservation that was missing counted when it expired.
+    fn note_settled_spend(
+        &mut self,
+        outcome: &Outcome<'_>,
+        settled: &Settled,
+        usage: Usage,
+        now: Timestamp,
+    ) {
+        let named = outcome.scoped.and_then(|(model, _)| model).map(Model::from);
+        let (at, model) = match settled {
+            Settled::Reservation(reservation) => (
+                reservation.charged_at,
+                named.or_else(|| reservation.model.clone()),
+            ),
+            Settled::Unreserved => (now, named),
+            Settled::Missing => return,
+        };
+        let Some(model) = model.filter(|_| usage.usd > 0 || usage.tokens > 0) else {
+            return;
+        };
+        let tokens = outcome.tokens.unwrap_or_default();
+        let spend = ModelSpend {
+            prompt: tokens.prompt,
+            cached: tokens.cached,
+            completion: tokens.completion,
+            usd: usage.usd,
+        };
+        self.note_spend(at, &model, spend);
+    }
+
+    /// Forgets the spend by model, to note it again from history (see
+    /// [`note_spend`](Self::note_spend)).
+    pub fn forget_spend(&mut self) {
+        self.spend.clear();
+    }
+
+    /// Prices budget notifications' suggestions at `prices` from now on,
+    /// and names their day in the status.
+    pub fn use_prices(&mut self, prices: Arc<PriceTable>) {
+        self.prices = prices;
     }
 
     /// Notes a call of `model`, which the price table does not know and
@@ -1773,6 +1859,11 @@ impl WorkspaceState {
             last_error: self.last_error.clone(),
             unpriced_models: self.unpriced_models.clone(),
             scoped: self.scoped_facts(now),
+            spend: SpendFacts {
+                calendars: Period::ALL
+                    .map(|period| self.spend.period(&self.calendars, period).clone()),
+                prices_taken: self.prices.taken.clone(),
+            },
             at: now,
         }
     }
