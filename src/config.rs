@@ -23,6 +23,7 @@ use crate::domain::limits::{
     TOKENS_PER_MONTH,
 };
 use crate::domain::price::{PicoUsd, Rates, UnpricedRates};
+use crate::domain::threshold::ThresholdsInput;
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::{OnStoreError, WorkspaceDefaults};
@@ -92,6 +93,8 @@ settings! {
         "how long an unsettled token reservation lives");
     PROBE_INTERVAL: Duration = ("probe_interval", "QUOTAWATCH_PROBE_INTERVAL", Some("60s"), false, parse_positive_duration,
         "how often one request may probe the upstream during a billing block");
+    FORECAST_LEAD_TIME: Duration = ("forecast_lead_time", "QUOTAWATCH_FORECAST_LEAD_TIME", Some("2h"), false, parse_positive_duration,
+        "how long before a day or month limit is forecast to run out its forecast_exhaustion notification is raised");
     FLUSH_INTERVAL: Duration = ("flush_interval", "QUOTAWATCH_FLUSH_INTERVAL", Some("1s"), false, parse_positive_duration,
         "how often counted usage is written to the database (the most a kill -9 can lose)");
     MAX_BODY_BYTES: usize = ("max_body_bytes", "QUOTAWATCH_MAX_BODY_BYTES", Some("65536"), false, parse_byte_count,
@@ -273,6 +276,17 @@ struct FileWorkspace {
     upstream_project: Option<String>,
     #[serde(default)]
     limits: HashMap<String, FileLimit>,
+    alert_thresholds: Option<FileThresholds>,
+}
+
+/// A declared workspace's alert thresholds, as the API takes them (a
+/// limit's list replaces the default for it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileThresholds {
+    default: Option<Vec<f64>>,
+    #[serde(default)]
+    limits: std::collections::BTreeMap<String, Vec<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -487,6 +501,7 @@ fn build(
         engine: Settings {
             reservation_ttl: values.read(&RESERVATION_TTL)?,
             probe_interval: values.read(&PROBE_INTERVAL)?,
+            forecast_lead_time: values.read(&FORECAST_LEAD_TIME)?,
         },
         flush_interval: values.read(&FLUSH_INTERVAL)?,
         max_body_bytes: values.read(&MAX_BODY_BYTES)?,
@@ -827,6 +842,14 @@ fn file_workspace(
         // Scoped limits are set through the REST API; a declared workspace
         // keeps what it has.
         scoped_limits: Change::Keep,
+        alert_thresholds: declared.alert_thresholds.map(|file| ThresholdsInput {
+            default: file.default,
+            limits: file
+                .limits
+                .into_iter()
+                .map(|(name, percents)| (name, Some(percents)))
+                .collect(),
+        }),
     };
     // Validate now, so that check-config and start-up fail before serving.
     let id = declared

@@ -7,12 +7,14 @@
 //! here can be tested by table with exact instants.
 
 pub mod credential;
+pub mod forecast;
 pub mod limits;
 pub mod model;
 pub mod notification;
 pub mod price;
 pub mod scope;
 pub mod status;
+pub mod threshold;
 pub mod time;
 pub mod upstream;
 pub mod window;
