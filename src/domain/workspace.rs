@@ -479,6 +479,9 @@ pub struct WorkspaceState {
     forecasts: PerLimit<Option<(Forecast, Timestamp)>>,
     /// The alert thresholds that fired in each limit's current period.
     thresholds_fired: PerLimit<Option<Fired>>,
+    /// The counters kept elsewhere were reset since the last
+    /// reevaluation (see [`note_counts_reset`](Self::note_counts_reset)).
+    counts_reset: bool,
 }
 
 /// The most unpriced models a workspace keeps and notifies about: a tenant
@@ -673,6 +676,7 @@ impl WorkspaceState {
             rates: Rates::default(),
             forecasts: PerLimit::default(),
             thresholds_fired: PerLimit::default(),
+            counts_reset: false,
         }
         .following_scopes()
     }
@@ -1412,6 +1416,14 @@ impl WorkspaceState {
         self.evaluate(now, settings, fresh_id)
     }
 
+    /// Tells that the counters kept elsewhere, loaded into this state,
+    /// were reset (by another instance, or by this one through them): at
+    /// the next reevaluation, the pace measured before and the thresholds
+    /// crossed are forgotten, as this instance's own reset forgets them.
+    pub fn note_counts_reset(&mut self) {
+        self.counts_reset = true;
+    }
+
     /// Lets the status follow counts and blocks loaded meanwhile.
     pub fn reevaluate(
         &mut self,
@@ -1420,7 +1432,14 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
         self.advance_upstream(now);
-        self.evaluate(now, settings, fresh_id)
+        let mut changes = Vec::new();
+        if std::mem::take(&mut self.counts_reset) {
+            self.rates.forget();
+            self.forecasts = PerLimit::default();
+            changes = self.forget_thresholds(now);
+        }
+        changes.extend(self.evaluate(now, settings, fresh_id));
+        changes
     }
 
     /// Concludes an admission that counters kept elsewhere decided, once
