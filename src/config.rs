@@ -1218,6 +1218,55 @@ tokens_per_day = "unlimited"
     }
 
     #[test]
+    fn declared_alert_thresholds_and_the_forecast_lead_time_are_read_and_checked() {
+        let file = r#"
+forecast_lead_time = "90m"
+[[workspaces]]
+id = "acme"
+[workspaces.alert_thresholds]
+default = [50, 90]
+limits = { usd_per_month = [25, 100], requests_per_day = [] }
+"#;
+        let config = load_with(Some(file), None, &[], vec![]).expect("valid");
+        assert_eq!(
+            config.engine.forecast_lead_time,
+            Duration::from_secs(90 * 60)
+        );
+        let (_, spec) = &config.workspaces[0];
+        let thresholds = spec.alert_thresholds.as_ref().expect("declared");
+        assert_eq!(thresholds.default, Some(vec![50.0, 90.0]));
+        assert_eq!(
+            thresholds.limits,
+            vec![
+                ("requests_per_day".to_owned(), Some(vec![])),
+                ("usd_per_month".to_owned(), Some(vec![25.0, 100.0])),
+            ]
+        );
+        assert_eq!(
+            accepted(&[]).engine.forecast_lead_time,
+            Duration::from_secs(2 * 3600),
+            "two hours by default"
+        );
+        let bad = "[[workspaces]]\nid = \"acme\"\n[workspaces.alert_thresholds]\nlimits = { tokens_per_minute = [50] }\n";
+        let error = load_with(Some(bad), None, &[], vec![]).expect_err("the minute");
+        assert_eq!(
+            error.setting,
+            "workspaces[0].alert_thresholds.limits.tokens_per_minute"
+        );
+        let bad = "[[workspaces]]\nid = \"acme\"\n[workspaces.alert_thresholds]\ndefault = [0]\n";
+        let error = load_with(Some(bad), None, &[], vec![]).expect_err("zero");
+        assert_eq!(error.setting, "workspaces[0].alert_thresholds.default[0]");
+        let error = load_with(
+            None,
+            None,
+            &[("QUOTAWATCH_FORECAST_LEAD_TIME", "soon")],
+            vec![],
+        )
+        .expect_err("not a duration");
+        assert_eq!(error.setting, "QUOTAWATCH_FORECAST_LEAD_TIME");
+    }
+
+    #[test]
     fn month_limits_are_read_from_every_source() {
         let file = r#"
 default_tokens_per_month = 2000000
