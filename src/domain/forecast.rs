@@ -235,8 +235,9 @@ pub fn forecast(
 
 /// Whether a calendar limit's forecast alert holds: it is raised when the
 /// limit runs out before its reset and within `lead` of `now`, and ends only
-/// once the projection moves [`FORECAST_HYSTERESIS`] past the reset (or the
-/// limit is used up, which its own notification reports).
+/// once the projection moves [`FORECAST_HYSTERESIS`] past the reset. A used-up
+/// limit raises none (its own notification reports it), but keeps one raised
+/// before: a settlement giving back a few tokens must not raise it again.
 pub fn alerting(
     forecast: Forecast,
     resets_at: Timestamp,
@@ -245,7 +246,7 @@ pub fn alerting(
     now: Timestamp,
 ) -> bool {
     if forecast.basis == Basis::UsedUp {
-        return false;
+        return active;
     }
     let Some(out) = forecast.runs_out_at else {
         return false;
@@ -444,8 +445,12 @@ mod tests {
         assert_eq!(used_up.exhausts_at, Some(now));
         assert_eq!(used_up.basis, Basis::UsedUp);
         assert!(
-            !alerting(used_up, end, DEFAULT_LEAD_TIME, true, now),
-            "its exhaustion notification takes over"
+            !alerting(used_up, end, DEFAULT_LEAD_TIME, false, now),
+            "its exhaustion notification says it"
+        );
+        assert!(
+            alerting(used_up, end, DEFAULT_LEAD_TIME, true, now),
+            "one raised before stays until the reset"
         );
     }
 
