@@ -10,6 +10,7 @@ use crate::domain::limits::{
     validate_env_name, validate_limit, validate_name, validate_upstream_id, validate_warn_at,
 };
 use crate::domain::scope::{RuleInput, ScopedLimits};
+use crate::domain::threshold::{AlertThresholds, ThresholdsInput};
 use crate::engine::{Engine, WorkspaceDefaults};
 use crate::keys::{KeyGrant, PlainKey, Scopes, new_id};
 use crate::store::{KeyRecord, Store, StoreError};
@@ -76,6 +77,9 @@ pub struct WorkspaceSpec {
     pub upstream_project: Change<Option<String>>,
     /// `Set` replaces the scoped limits whole (an empty list removes them).
     pub scoped_limits: Change<Vec<RuleInput>>,
+    /// Replaces the alert thresholds whole (what it leaves out takes the
+    /// defaults).
+    pub alert_thresholds: Option<ThresholdsInput>,
 }
 
 impl WorkspaceSpec {
@@ -112,6 +116,9 @@ impl WorkspaceSpec {
         }
         if let Change::Set(rules) = &self.scoped_limits {
             base.scoped_limits = ScopedLimits::validate(rules)?;
+        }
+        if let Some(thresholds) = &self.alert_thresholds {
+            base.alert_thresholds = AlertThresholds::validate(thresholds)?;
         }
         Ok(base)
     }

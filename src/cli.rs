@@ -275,6 +275,7 @@ impl WorkspaceArgs {
             upstream_project: self.upstream_project.map(unless_none).into(),
             // Scoped limits are set through the REST API; the CLI keeps them.
             scoped_limits: crate::admin::Change::Keep,
+            alert_thresholds: None,
         }
     }
 }

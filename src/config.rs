@@ -23,6 +23,7 @@ use crate::domain::limits::{
     TOKENS_PER_MONTH,
 };
 use crate::domain::price::{PicoUsd, Rates, UnpricedRates};
+use crate::domain::threshold::ThresholdsInput;
 use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::{OnStoreError, WorkspaceDefaults};
@@ -92,6 +93,8 @@ settings! {
         "how long an unsettled token reservation lives");
     PROBE_INTERVAL: Duration = ("probe_interval", "QUOTAWATCH_PROBE_INTERVAL", Some("60s"), false, parse_positive_duration,
         "how often one request may probe the upstream during a billing block");
+    FORECAST_LEAD_TIME: Duration = ("forecast_lead_time", "QUOTAWATCH_FORECAST_LEAD_TIME", Some("2h"), false, parse_positive_duration,
+        "how long before a day or month limit is forecast to run out its forecast_exhaustion notification is raised");
     FLUSH_INTERVAL: Duration = ("flush_interval", "QUOTAWATCH_FLUSH_INTERVAL", Some("1s"), false, parse_positive_duration,
         "how often counted usage is written to the database (the most a kill -9 can lose)");
     MAX_BODY_BYTES: usize = ("max_body_bytes", "QUOTAWATCH_MAX_BODY_BYTES", Some("65536"), false, parse_byte_count,
@@ -273,6 +276,17 @@ struct FileWorkspace {
     upstream_project: Option<String>,
     #[serde(default)]
     limits: HashMap<String, FileLimit>,
+    alert_thresholds: Option<FileThresholds>,
+}
+
+/// A declared workspace's alert thresholds, as the API takes them (a
+/// limit's list replaces the default for it).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileThresholds {
+    default: Option<Vec<f64>>,
+    #[serde(default)]
+    limits: std::collections::BTreeMap<String, Vec<f64>>,
 }
 
 #[derive(Deserialize)]
@@ -487,6 +501,7 @@ fn build(
         engine: Settings {
             reservation_ttl: values.read(&RESERVATION_TTL)?,
             probe_interval: values.read(&PROBE_INTERVAL)?,
+            forecast_lead_time: values.read(&FORECAST_LEAD_TIME)?,
         },
         flush_interval: values.read(&FLUSH_INTERVAL)?,
         max_body_bytes: values.read(&MAX_BODY_BYTES)?,
@@ -827,6 +842,14 @@ fn file_workspace(
         // Scoped limits are set through the REST API; a declared workspace
         // keeps what it has.
         scoped_limits: Change::Keep,
+        alert_thresholds: declared.alert_thresholds.map(|file| ThresholdsInput {
+            default: file.default,
+            limits: file
+                .limits
+                .into_iter()
+                .map(|(name, percents)| (name, Some(percents)))
+                .collect(),
+        }),
     };
     // Validate now, so that check-config and start-up fail before serving.
     let id = declared
@@ -1192,6 +1215,55 @@ tokens_per_day = "unlimited"
                 .setting,
             "workspaces[0].id"
         );
+    }
+
+    #[test]
+    fn declared_alert_thresholds_and_the_forecast_lead_time_are_read_and_checked() {
+        let file = r#"
+forecast_lead_time = "90m"
+[[workspaces]]
+id = "acme"
+[workspaces.alert_thresholds]
+default = [50, 90]
+limits = { usd_per_month = [25, 100], requests_per_day = [] }
+"#;
+        let config = load_with(Some(file), None, &[], vec![]).expect("valid");
+        assert_eq!(
+            config.engine.forecast_lead_time,
+            Duration::from_secs(90 * 60)
+        );
+        let (_, spec) = &config.workspaces[0];
+        let thresholds = spec.alert_thresholds.as_ref().expect("declared");
+        assert_eq!(thresholds.default, Some(vec![50.0, 90.0]));
+        assert_eq!(
+            thresholds.limits,
+            vec![
+                ("requests_per_day".to_owned(), Some(vec![])),
+                ("usd_per_month".to_owned(), Some(vec![25.0, 100.0])),
+            ]
+        );
+        assert_eq!(
+            accepted(&[]).engine.forecast_lead_time,
+            Duration::from_secs(2 * 3600),
+            "two hours by default"
+        );
+        let bad = "[[workspaces]]\nid = \"acme\"\n[workspaces.alert_thresholds]\nlimits = { tokens_per_minute = [50] }\n";
+        let error = load_with(Some(bad), None, &[], vec![]).expect_err("the minute");
+        assert_eq!(
+            error.setting,
+            "workspaces[0].alert_thresholds.limits.tokens_per_minute"
+        );
+        let bad = "[[workspaces]]\nid = \"acme\"\n[workspaces.alert_thresholds]\ndefault = [0]\n";
+        let error = load_with(Some(bad), None, &[], vec![]).expect_err("zero");
+        assert_eq!(error.setting, "workspaces[0].alert_thresholds.default[0]");
+        let error = load_with(
+            None,
+            None,
+            &[("QUOTAWATCH_FORECAST_LEAD_TIME", "soon")],
+            vec![],
+        )
+        .expect_err("not a duration");
+        assert_eq!(error.setting, "QUOTAWATCH_FORECAST_LEAD_TIME");
     }
 
     #[test]

@@ -309,6 +309,7 @@ mod tests {
             message: message.to_owned(),
             suggested_actions: Vec::new(),
             limit: None,
+            crossing: None,
             created_at: Timestamp::from_millis(created),
             resolves_at: None,
             resolved_at: resolved.map(Timestamp::from_millis),

@@ -27,6 +27,24 @@ export interface LimitState {
   utilization: number;
   /** When the window frees up (RFC 3339), or null when nothing is used. */
   resets_at: string | null;
+  /** When it runs out at the recent rate; on the workspace's own limits
+   * (scoped limits have none). */
+  forecast?: LimitForecast;
+}
+
+/** When a limit runs out at the rate it is being used now. */
+export interface LimitForecast {
+  /** When the limit is used up at the recent rate (RFC 3339); null when it
+   * does not run out before it resets (for a minute limit: when that rate,
+   * held for a minute, stays within it); the present once it is used up. */
+  exhausts_at: string | null;
+  /** The recent rate, in the limit's unit (requests, tokens, dollars) per hour. */
+  rate_per_hour: number;
+  /** What the rate rests on: the minute's last 10 seconds (`recent_seconds`),
+   * the day's or month's smoothed growth (`smoothed`; still mostly the
+   * period's average within a horizon of a start or reset:
+   * `period_average`), or a limit used up (`used_up`). */
+  basis: "recent_seconds" | "smoothed" | "period_average" | "used_up";
 }
 
 export interface UpstreamBucket {
@@ -137,7 +155,9 @@ export interface Notification {
     /** A budget (a usd limit) at its warning threshold, or used up: their
      * suggested actions name the budget to set and a cheaper model. */
     | "budget_approaching"
-    | "budget_exhausted";
+    | "budget_exhausted"
+    | "forecast_exhaustion"
+    | "threshold_crossed";
   /** The operator's text: what happened in full, and what to change where. */
   title: string;
   message: string;
@@ -145,9 +165,25 @@ export interface Notification {
   /** What a tenant's own users may be shown: no internal endpoints or operator URLs. */
   tenant: { title: string; message: string; suggested_actions: string[] };
   limit: LimitName | null;
+  /** Of a `threshold_crossed` notification: which threshold, the numbers,
+   * and the period it is announced once in. */
+  threshold?: ThresholdCrossing;
   created_at: string;
   resolves_at: string | null;
   resolved_at: string | null;
+}
+
+/** A day or month limit's usage crossing one of its alert thresholds. */
+export interface ThresholdCrossing {
+  /** The threshold, a percentage of the limit. */
+  percent: number;
+  /** What the period had used when it was crossed, and the limit then
+   * (dollars for a `usd` limit). */
+  used: number;
+  limit: number;
+  window: keyof CalendarPeriods;
+  period_start: string;
+  period_end: string;
 }
 
 export interface NotificationsDocument {

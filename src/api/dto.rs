@@ -9,14 +9,16 @@ use utoipa::ToSchema;
 
 use crate::admin::Change;
 use crate::domain::credential::CredentialId;
+use crate::domain::forecast::Forecast;
 use crate::domain::limits::{
     LimitKind, Limits, Metric, PerLimit, Period, Unit, ValidationError, Window, WorkspaceConfig,
 };
-use crate::domain::notification::Notification;
+use crate::domain::notification::{Crossing, Notification};
 use crate::domain::price::{PicoUsd, PriceTable, Rates, dollars};
 use crate::domain::scope::{RuleInput, ScopeKind, ScopeRule, Selector};
 use crate::domain::spend::ModelSpend;
 use crate::domain::status::LimitFacts;
+use crate::domain::threshold::{AlertThresholds, Percents, ThresholdsInput};
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
 use crate::domain::workspace::{BillingBlock, RecentUsage, ScopedFacts, Snapshot, SpendFacts};
@@ -104,6 +106,10 @@ pub struct LimitDoc {
     /// When the window is clear again (minute limits, null when empty) or
     /// the day or month ends (day and month limits).
     pub resets_at: Option<String>,
+    /// When the limit runs out at the recent rate (the workspace's own
+    /// limits; scoped limits have none).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub forecast: Option<ForecastDoc>,
 }
 
 impl LimitDoc {
@@ -114,6 +120,47 @@ impl LimitDoc {
             remaining: amount(kind.metric, facts.remaining()),
             utilization: (facts.utilization() * 10_000.0).round() / 10_000.0,
             resets_at: facts.resets_at.map(rfc3339),
+            forecast: facts
+                .forecast
+                .map(|forecast| ForecastDoc::of(kind, forecast)),
+        }
+    }
+}
+
+/// When a limit runs out at the rate it is being used now.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct ForecastDoc {
+    /// When the limit is used up at the recent rate; null when it does not
+    /// run out before it resets (the end of the day or month; for the
+    /// minute: when that rate, held for a minute, stays within the limit).
+    /// The present instant when it is used up already.
+    pub exhausts_at: Option<String>,
+    /// The recent rate, in the limit's unit (requests, tokens, dollars) per
+    /// hour.
+    pub rate_per_hour: f64,
+    /// What the rate rests on: `recent_seconds` (the minute: the average
+    /// of its last 10 seconds), `smoothed` (day and month: an exponentially
+    /// weighted average with a horizon of an hour for the day and six for
+    /// the month), `period_average` (day and month, within a horizon of a
+    /// start or reset: still mostly the period's average so far) or
+    /// `used_up` (the limit is used up).
+    pub basis: String,
+}
+
+impl ForecastDoc {
+    fn of(kind: LimitKind, forecast: Forecast) -> Self {
+        // Counts to a thousandth, dollars to a millionth: finer says nothing.
+        let (rate, places) = match kind.metric.unit() {
+            Unit::Count => (forecast.rate_per_hour, 1e3),
+            Unit::Dollars => (
+                forecast.rate_per_hour / crate::domain::price::NANO_USD_PER_DOLLAR as f64,
+                1e6,
+            ),
+        };
+        Self {
+            exhausts_at: forecast.exhausts_at.map(rfc3339),
+            rate_per_hour: (rate * places).round() / places,
+            basis: forecast.basis.name().to_owned(),
         }
     }
 }
@@ -632,6 +679,10 @@ pub struct NotificationDoc {
     /// endpoints, operator URLs or upstream error texts.
     pub tenant: TenantTextDoc,
     pub limit: Option<String>,
+    /// Of a `threshold_crossed` notification: the threshold, the numbers it
+    /// was crossed at and the period it belongs to; left out of others.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub threshold: Option<ThresholdDoc>,
     pub created_at: String,
     /// When the cause is expected to end by itself, if known.
     pub resolves_at: Option<String>,
@@ -655,9 +706,44 @@ impl From<&Notification> for NotificationDoc {
                 suggested_actions: n.tenant.suggested_actions.clone(),
             },
             limit: n.limit.map(|kind| kind.name().to_owned()),
+            threshold: n
+                .limit
+                .zip(n.crossing)
+                .map(|(kind, crossing)| ThresholdDoc::of(kind, crossing)),
             created_at: rfc3339(n.created_at),
             resolves_at: n.resolves_at.map(rfc3339),
             resolved_at: n.resolved_at.map(rfc3339),
+        }
+    }
+}
+
+/// A limit's usage crossing one of its alert thresholds.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct ThresholdDoc {
+    /// The threshold, a percentage of the limit.
+    pub percent: u8,
+    /// What the period had used when the crossing was seen, and the limit
+    /// then (dollars for a usd limit).
+    #[schema(value_type = f64)]
+    pub used: Number,
+    #[schema(value_type = f64)]
+    pub limit: Number,
+    /// `day` or `month`.
+    pub window: String,
+    /// The period the crossing belongs to: it is announced once in it.
+    pub period_start: String,
+    pub period_end: String,
+}
+
+impl ThresholdDoc {
+    fn of(kind: LimitKind, crossing: Crossing) -> Self {
+        Self {
+            percent: crossing.percent,
+            used: amount(kind.metric, crossing.used),
+            limit: amount(kind.metric, crossing.max),
+            window: kind.window.name().to_owned(),
+            period_start: rfc3339(crossing.period_start),
+            period_end: rfc3339(crossing.period_end),
         }
     }
 }
@@ -861,6 +947,59 @@ pub struct WorkspaceDoc {
     /// when there are none.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub scoped_limits: Vec<ScopedLimitDoc>,
+    pub alert_thresholds: AlertThresholdsDoc,
+}
+
+/// The shares of the day and month limits whose crossing raises a
+/// `threshold_crossed` notification, once per limit and period.
+#[derive(Serialize, ToSchema, Debug, Clone)]
+pub struct AlertThresholdsDoc {
+    /// Percentages of every day and month limit without a list of its own.
+    pub default: Vec<u8>,
+    /// Lists of their own, by limit name (`tokens_per_day`); an empty list
+    /// announces nothing for that limit.
+    pub limits: BTreeMap<String, Vec<u8>>,
+}
+
+impl From<&AlertThresholds> for AlertThresholdsDoc {
+    fn from(thresholds: &AlertThresholds) -> Self {
+        let listed = |percents: Percents| percents.iter().collect();
+        Self {
+            default: listed(thresholds.default),
+            limits: thresholds
+                .per_limit
+                .iter()
+                .filter_map(|(kind, percents)| Some((kind.name().to_owned(), listed(percents?))))
+                .collect(),
+        }
+    }
+}
+
+/// Alert thresholds to set; they replace the workspace's whole (`{}` sets
+/// the defaults back).
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct AlertThresholdsInput {
+    /// Whole percentages from 1 to 100 for every day and month limit;
+    /// default 50, 80, 95 and 100.
+    pub default: Option<Vec<f64>>,
+    /// Lists of their own by day or month limit name; null returns a limit
+    /// to the default list, an empty list turns its alerts off.
+    #[serde(default)]
+    pub limits: BTreeMap<String, Option<Vec<f64>>>,
+}
+
+impl From<&AlertThresholdsInput> for ThresholdsInput {
+    fn from(input: &AlertThresholdsInput) -> Self {
+        Self {
+            default: input.default.clone(),
+            limits: input
+                .limits
+                .iter()
+                .map(|(name, percents)| (name.clone(), percents.clone()))
+                .collect(),
+        }
+    }
 }
 
 impl From<&WorkspaceConfig> for WorkspaceDoc {
@@ -880,6 +1019,7 @@ impl From<&WorkspaceConfig> for WorkspaceDoc {
                 .iter()
                 .map(ScopedLimitDoc::from)
                 .collect(),
+            alert_thresholds: (&config.alert_thresholds).into(),
         }
     }
 }
@@ -922,6 +1062,10 @@ pub struct WorkspaceInput {
     #[serde(default, deserialize_with = "change")]
     #[schema(value_type = Option<Vec<ScopedLimitInput>>)]
     pub scoped_limits: Change<Option<Vec<ScopedLimitInput>>>,
+    /// The alert thresholds, replaced whole; left out (or null), they stay
+    /// as they are.
+    #[serde(default, deserialize_with = "optional_object")]
+    pub alert_thresholds: Option<AlertThresholdsInput>,
 }
 
 impl WorkspaceInput {
@@ -950,6 +1094,7 @@ impl WorkspaceInput {
                         .collect::<Result<_, _>>()?,
                 ),
             },
+            alert_thresholds: self.alert_thresholds.as_ref().map(Into::into),
         })
     }
 }

@@ -424,6 +424,8 @@ pub struct WorkspaceConfig {
     /// Limits on part of the workspace's traffic (a model's, each end
     /// user's), on top of its own.
     pub scoped_limits: super::scope::ScopedLimits,
+    /// The shares of its day and month limits whose crossing is announced.
+    pub alert_thresholds: super::threshold::AlertThresholds,
 }
 
 impl WorkspaceConfig {
@@ -438,6 +440,7 @@ impl WorkspaceConfig {
             upstream_organization: None,
             upstream_project: None,
             scoped_limits: super::scope::ScopedLimits::default(),
+            alert_thresholds: super::threshold::AlertThresholds::default(),
         }
     }
 }

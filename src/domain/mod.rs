@@ -7,6 +7,7 @@
 //! here can be tested by table with exact instants.
 
 pub mod credential;
+pub mod forecast;
 pub mod limits;
 pub mod model;
 pub mod notification;
@@ -14,6 +15,7 @@ pub mod price;
 pub mod scope;
 pub mod spend;
 pub mod status;
+pub mod threshold;
 pub mod time;
 pub mod upstream;
 pub mod window;

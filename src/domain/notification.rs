@@ -64,6 +64,11 @@ pub enum NotificationKind {
     /// [`RateLimited`](Self::RateLimited) or
     /// [`QuotaExhausted`](Self::QuotaExhausted) for it.
     BudgetExhausted,
+    /// A day or month limit is forecast to run out before it resets.
+    ForecastExhaustion,
+    /// A day or month limit's usage crossed one of its alert thresholds:
+    /// one per threshold, limit and period.
+    ThresholdCrossed,
 }
 
 impl NotificationKind {
@@ -93,6 +98,8 @@ impl NotificationKind {
             NotificationKind::UnpricedModel => "unpriced_model",
             NotificationKind::BudgetApproaching => "budget_approaching",
             NotificationKind::BudgetExhausted => "budget_exhausted",
+            NotificationKind::ForecastExhaustion => "forecast_exhaustion",
+            NotificationKind::ThresholdCrossed => "threshold_crossed",
         }
     }
 
@@ -110,6 +117,8 @@ impl NotificationKind {
             NotificationKind::UnpricedModel,
             NotificationKind::BudgetApproaching,
             NotificationKind::BudgetExhausted,
+            NotificationKind::ForecastExhaustion,
+            NotificationKind::ThresholdCrossed,
         ]
         .into_iter()
         .chain(Period::ALL.map(NotificationKind::QuotaExhausted))
@@ -134,10 +143,25 @@ pub struct Notification {
     /// What a tenant's own users may be shown instead.
     pub tenant: TenantText,
     pub limit: Option<LimitKind>,
+    /// Of a `threshold_crossed` notification: the threshold and the numbers.
+    pub crossing: Option<Crossing>,
     pub created_at: Timestamp,
     /// When the cause is expected to end by itself, if that is known.
     pub resolves_at: Option<Timestamp>,
     pub resolved_at: Option<Timestamp>,
+}
+
+/// A limit's usage crossing one of its alert thresholds in one period.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Crossing {
+    /// The threshold, a percentage of the limit.
+    pub percent: u8,
+    /// What the period had counted when the crossing was seen.
+    pub used: u64,
+    pub max: u64,
+    /// The period the crossing belongs to (its start and end).
+    pub period_start: Timestamp,
+    pub period_end: Timestamp,
 }
 
 impl Notification {
@@ -256,6 +280,24 @@ fn tenant_text_of(cause: Cause, facts: &Facts, now: Timestamp) -> TenantText {
                 ),
             }
         }
+        Cause::ForecastExhaustion(kind) => {
+            let limit = facts.limit(kind);
+            let period = kind
+                .window
+                .period()
+                .map_or("minute", |period| period.adjective());
+            tenant_text(
+                &format!("The {period} limit may run out soon"),
+                format!(
+                    "At the current pace, the {period} limit is reached {}, before it resets.",
+                    when_for_tenant(
+                        limit.forecast.and_then(|forecast| forecast.runs_out_at),
+                        now
+                    )
+                ),
+                &["Spread requests out over time where you can.", ADMIN],
+            )
+        }
         Cause::UpstreamRateLimited => tenant_text(
             "The AI service is busy",
             format!(
@@ -296,6 +338,7 @@ pub fn describe(
         }
         Cause::Approaching(kind) => approaching(workspace, kind, facts, now),
         Cause::LimitExhausted(kind) => exhausted(workspace, kind, facts, now),
+        Cause::ForecastExhaustion(kind) => forecast_exhaustion(workspace, kind, facts, now),
         Cause::UpstreamRateLimited => upstream_rate_limited(ws, facts, now),
         Cause::UpstreamQuotaExhausted => upstream_quota_exhausted(ws, facts),
         Cause::UpstreamErrorRate => upstream_error_rate(ws, facts),
@@ -312,9 +355,12 @@ pub fn describe(
         suggested_actions: text.actions,
         tenant: tenant_text_of(cause, facts, now),
         limit: match cause {
-            Cause::Approaching(kind) | Cause::LimitExhausted(kind) => Some(kind),
+            Cause::Approaching(kind)
+            | Cause::LimitExhausted(kind)
+            | Cause::ForecastExhaustion(kind) => Some(kind),
             _ => None,
         },
+        crossing: None,
         created_at: now,
         resolves_at: text.resolves_at,
         resolved_at: None,
@@ -355,6 +401,7 @@ pub fn describe_unpriced(workspace: &WorkspaceConfig, model: &str, now: Timestam
             &[ADMIN_FOR_PRICES],
         ),
         limit: None,
+        crossing: None,
         created_at: now,
         resolves_at: None,
         resolved_at: None,
@@ -390,6 +437,7 @@ pub fn describe_credential_quota_exhausted(
         suggested_actions: actions,
         tenant: upstream_quota_tenant_text(),
         limit: None,
+        crossing: None,
         created_at: now,
         resolves_at: None,
         resolved_at: None,
@@ -467,6 +515,7 @@ fn service_problem(
         suggested_actions: text.actions,
         tenant: service_tenant_text(kind),
         limit: None,
+        crossing: None,
         created_at: now,
         resolves_at: None,
         resolved_at: None,
@@ -501,7 +550,9 @@ fn severity_of(cause: Cause) -> Severity {
         Cause::Approaching(_) => Severity::Warning,
         Cause::LimitExhausted(kind) if kind.window == Window::Minute => Severity::Warning,
         Cause::LimitExhausted(_) => Severity::Critical,
-        Cause::UpstreamRateLimited | Cause::UpstreamErrorRate => Severity::Warning,
+        Cause::ForecastExhaustion(_) | Cause::UpstreamRateLimited | Cause::UpstreamErrorRate => {
+            Severity::Warning
+        }
         Cause::UpstreamQuotaExhausted | Cause::UpstreamKeyRejected => Severity::Critical,
     }
 }
@@ -519,6 +570,7 @@ fn kind_of(cause: Cause) -> NotificationKind {
             None => NotificationKind::RateLimited,
             Some(period) => NotificationKind::QuotaExhausted(period),
         },
+        Cause::ForecastExhaustion(_) => NotificationKind::ForecastExhaustion,
         Cause::UpstreamRateLimited => NotificationKind::UpstreamRateLimited,
         Cause::UpstreamQuotaExhausted => NotificationKind::UpstreamQuotaExhausted,
         Cause::UpstreamErrorRate | Cause::UpstreamKeyRejected => NotificationKind::UpstreamErrors,
@@ -776,6 +828,53 @@ fn budget_approaching(
     }
 }
 
+/// The text of a calendar limit forecast to run out before it resets.
+fn forecast_exhaustion(
+    workspace: &WorkspaceConfig,
+    kind: LimitKind,
+    facts: &Facts,
+    now: Timestamp,
+) -> Text {
+    let ws = workspace.id.as_str();
+    let limit = facts.limit(kind);
+    let forecast = limit.forecast;
+    let pace = forecast.map_or_else(String::new, |forecast| {
+        format!(
+            " at the recent pace of {}{} an hour",
+            kind.metric.figure(forecast.rate_per_hour.round() as u64),
+            kind.metric.unit_suffix()
+        )
+    });
+    let when = forecast
+        .and_then(|forecast| forecast.runs_out_at)
+        .map_or_else(String::new, |at| format!(" {}", in_time(at, now)));
+    let resets = match (kind.window.period(), limit.resets_at) {
+        (Some(period), Some(at)) => format!(
+            ", before the {} count resets {} {} {}",
+            period.adjective(),
+            period.next_starts(),
+            workspace.timezone.name(),
+            in_time(at, now)
+        ),
+        _ => String::new(),
+    };
+    Text {
+        title: format!("Workspace {ws} is forecast to use up its {kind} limit"),
+        message: format!(
+            "Workspace {ws} has used {} of {}{} {}. It runs out{when}{pace}{resets}; requests are then refused until it resets.",
+            kind.metric.figure(limit.used),
+            kind.metric.figure(limit.max),
+            kind.metric.unit_suffix(),
+            period(kind),
+        ),
+        actions: vec![
+            format!("If this volume is expected, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws})."),
+            "Otherwise slow down now: cache repeated answers, batch calls, or route simple tasks to a smaller model.".to_owned(),
+        ],
+        resolves_at: limit.resets_at,
+    }
+}
+
 fn budget_exhausted(
     workspace: &WorkspaceConfig,
     kind: LimitKind,
@@ -818,6 +917,74 @@ fn budget_exhausted(
         message: format!("{}. {refused}.", budget_spent(workspace, kind, facts),),
         actions,
         resolves_at,
+    }
+}
+
+/// The notification of `kind`'s usage crossing `crossing.percent` of its
+/// limit. Its id derives from the workspace, the limit, its maximum, the
+/// threshold and the period's start, so that every instance, and one
+/// restarted, names the crossing alike.
+pub fn describe_threshold(
+    workspace: &WorkspaceConfig,
+    kind: LimitKind,
+    crossing: Crossing,
+    now: Timestamp,
+) -> Notification {
+    let ws = workspace.id.as_str();
+    let percent = crossing.percent;
+    let adjective = kind.window.period().map_or("minute", Period::adjective);
+    let used = format!(
+        "{} of {}{}",
+        kind.metric.figure(crossing.used),
+        kind.metric.figure(crossing.max),
+        kind.metric.unit_suffix()
+    );
+    let resets = kind.window.period().map_or_else(String::new, |period| {
+        format!(
+            " The {adjective} count resets {} {} {}.",
+            period.next_starts(),
+            workspace.timezone.name(),
+            in_time(crossing.period_end, now)
+        )
+    });
+    Notification {
+        id: digest_id(&format!(
+            "{ws}\nthreshold:{kind}:{percent}\n{}\n{}",
+            crossing.period_start.millis(),
+            crossing.max
+        )),
+        workspace: Some(workspace.id.clone()),
+        cause: None,
+        severity: match percent {
+            100.. => Severity::Critical,
+            80.. => Severity::Warning,
+            _ => Severity::Info,
+        },
+        kind: NotificationKind::ThresholdCrossed,
+        title: format!("Workspace {ws} crossed {percent}% of its {kind} limit"),
+        message: format!(
+            "Workspace {ws} has used {used} {}, crossing its alert threshold of {percent}%. Each threshold is announced once per {}.{resets}",
+            period(kind),
+            kind.window.name()
+        ),
+        suggested_actions: vec![
+            format!(
+                "If this volume is expected, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws})."
+            ),
+            format!(
+                "To be told at other shares of the limit, set alert_thresholds for workspace {ws} (PATCH /api/workspaces/{ws})."
+            ),
+        ],
+        tenant: tenant_text(
+            &format!("{percent}% of the {adjective} limit used"),
+            format!("{used} {} are used.", period(kind)),
+            &["Spread requests out over time where you can."],
+        ),
+        limit: Some(kind),
+        crossing: Some(crossing),
+        created_at: now,
+        resolves_at: Some(crossing.period_end),
+        resolved_at: None,
     }
 }
 

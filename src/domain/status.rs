@@ -9,6 +9,7 @@
 
 use std::time::Duration;
 
+use super::forecast::{Forecast, alerting};
 use super::limits::{LimitKind, Metric, PerLimit, WARNING_HYSTERESIS, Window};
 use super::notification::Notification;
 use super::price::PriceTable;
@@ -66,19 +67,25 @@ pub enum Cause {
     UpstreamErrorRate,
     /// The upstream rejected quotawatch's key for this workspace.
     UpstreamKeyRejected,
+    /// A calendar limit (a day's, a month's; never the minute's) is
+    /// projected to run out before its period ends, within the lead time
+    /// (see `domain::forecast`).
+    ForecastExhaustion(LimitKind),
 }
-
-/// How many causes there are: two per limit, and four from the upstream.
-const CAUSES: usize = 2 * LimitKind::COUNT + 4;
 
 /// Limits whose windows are calendar periods: used up, they exhaust the quota.
 const CALENDAR_LIMITS: usize = LimitKind::COUNT - Metric::ALL.len();
+
+/// How many causes there are: two per limit, a forecast per calendar limit,
+/// and four from the upstream.
+const CAUSES: usize = 2 * LimitKind::COUNT + CALENDAR_LIMITS + 4;
 
 impl Cause {
     /// Every cause, in the order reasons are listed within one level: used-up
     /// calendar limits (the day's, then the month's, metric by metric),
     /// the upstream's quota, used-up minute limits, the upstream's rate
-    /// limit, every limit approaching, then the upstream's key and errors.
+    /// limit, every limit approaching, the upstream's key and errors, then
+    /// the calendar limits forecast to run out.
     const ALL: [Cause; CAUSES] = {
         let mut all = [Cause::UpstreamErrorRate; CAUSES];
         let mut i = 0;
@@ -86,6 +93,9 @@ impl Cause {
             let kind = LimitKind::ALL[i];
             all[Cause::LimitExhausted(kind).position()] = Cause::LimitExhausted(kind);
             all[Cause::Approaching(kind).position()] = Cause::Approaching(kind);
+            if kind.window.period().is_some() {
+                all[Cause::ForecastExhaustion(kind).position()] = Cause::ForecastExhaustion(kind);
+            }
             i += 1;
         }
         all[Cause::UpstreamQuotaExhausted.position()] = Cause::UpstreamQuotaExhausted;
@@ -100,9 +110,10 @@ impl Cause {
             Cause::LimitExhausted(kind) if kind.window.period().is_some() => Status::QuotaExceeded,
             Cause::UpstreamQuotaExhausted => Status::QuotaExceeded,
             Cause::LimitExhausted(_) | Cause::UpstreamRateLimited => Status::RateLimited,
-            Cause::Approaching(_) | Cause::UpstreamErrorRate | Cause::UpstreamKeyRejected => {
-                Status::Warning
-            }
+            Cause::Approaching(_)
+            | Cause::ForecastExhaustion(_)
+            | Cause::UpstreamErrorRate
+            | Cause::UpstreamKeyRejected => Status::Warning,
         }
     }
 
@@ -111,6 +122,7 @@ impl Cause {
         let metrics = Metric::ALL.len();
         let minute_exhausted = CALENDAR_LIMITS + 1;
         let approaching = minute_exhausted + metrics + 1;
+        let forecast = approaching + LimitKind::COUNT + 2;
         match self {
             Cause::LimitExhausted(LimitKind {
                 metric,
@@ -125,6 +137,10 @@ impl Cause {
             Cause::Approaching(kind) => approaching + kind.index(),
             Cause::UpstreamKeyRejected => approaching + LimitKind::COUNT,
             Cause::UpstreamErrorRate => approaching + LimitKind::COUNT + 1,
+            // Only calendar limits have one, laid out as their exhaustion.
+            Cause::ForecastExhaustion(LimitKind { metric, window }) => {
+                forecast + (window.index().saturating_sub(1)) * metrics + metric.index()
+            }
         }
     }
 
@@ -138,6 +154,7 @@ impl Cause {
         match self {
             Cause::Approaching(kind) => format!("{kind}_approaching"),
             Cause::LimitExhausted(kind) => format!("{kind}_exhausted"),
+            Cause::ForecastExhaustion(kind) => format!("{kind}_forecast_exhaustion"),
             Cause::UpstreamRateLimited => "upstream_rate_limited".to_owned(),
             Cause::UpstreamQuotaExhausted => format!(
                 "upstream_{}",
@@ -153,6 +170,7 @@ impl Cause {
         match self {
             Cause::Approaching(kind) => format!("approaching:{kind}"),
             Cause::LimitExhausted(kind) => format!("exhausted:{kind}"),
+            Cause::ForecastExhaustion(kind) => format!("forecast:{kind}"),
             Cause::UpstreamRateLimited => "upstream_rate_limited".to_owned(),
             Cause::UpstreamQuotaExhausted => "upstream_quota_exhausted".to_owned(),
             Cause::UpstreamErrorRate => "upstream_error_rate".to_owned(),
@@ -228,6 +246,11 @@ impl CauseSet {
 pub struct Observation {
     /// `(used, max)` per configured limit.
     pub usage: PerLimit<Option<(u64, u64)>>,
+    /// Per configured calendar limit, its forecast (as of the last tick)
+    /// and when its period ends.
+    pub forecasts: PerLimit<Option<(Forecast, Timestamp)>>,
+    /// How long before a calendar limit runs out its forecast alerts.
+    pub forecast_lead: Duration,
     pub warn_at: f64,
     pub upstream_rate_limited: bool,
     pub upstream_quota_exhausted: bool,
@@ -247,6 +270,9 @@ pub struct LimitFacts {
     /// The earliest time a one-request, zero-token call fits again; `None`
     /// when it fits now.
     pub frees_at: Option<Timestamp>,
+    /// When the limit runs out at the recent rate; `None` where no rate is
+    /// followed (scoped limits).
+    pub forecast: Option<Forecast>,
 }
 
 impl LimitFacts {
@@ -310,6 +336,10 @@ pub struct StatusTracker {
     /// Which limits are in warning, kept separately because leaving a warning
     /// takes a lower threshold than entering it.
     approaching: PerLimit<bool>,
+    /// Which calendar limits are forecast to run out, kept separately
+    /// because ending the alert takes a projection well past the reset
+    /// (see `forecast::alerting`).
+    forecast: PerLimit<bool>,
     /// Whether each limit is used up, or held as such for a moment after
     /// (see [`RATE_LIMIT_HOLD`]).
     exhaustion: PerLimit<Exhaustion>,
@@ -323,6 +353,7 @@ impl StatusTracker {
             since: now,
             causes: CauseSet::default(),
             approaching: PerLimit::default(),
+            forecast: PerLimit::default(),
             exhaustion: PerLimit::default(),
             active: Vec::new(),
         }
@@ -333,10 +364,13 @@ impl StatusTracker {
     pub fn restore(status: Status, since: Timestamp, active: Vec<Notification>) -> Self {
         let mut causes = CauseSet::default();
         let mut approaching = PerLimit::default();
+        let mut forecast = PerLimit::default();
         for cause in active.iter().filter_map(|n| n.cause) {
             causes.insert(cause);
-            if let Cause::Approaching(kind) = cause {
-                approaching.set(kind, true);
+            match cause {
+                Cause::Approaching(kind) => approaching.set(kind, true),
+                Cause::ForecastExhaustion(kind) => forecast.set(kind, true),
+                _ => {}
             }
         }
         Self {
@@ -344,6 +378,7 @@ impl StatusTracker {
             since,
             causes,
             approaching,
+            forecast,
             exhaustion: PerLimit::default(),
             active,
         }
@@ -370,9 +405,26 @@ impl StatusTracker {
         for kind in LimitKind::ALL {
             let Some((used, max)) = observation.usage.get(kind) else {
                 self.approaching.set(kind, false);
+                self.forecast.set(kind, false);
                 self.exhaustion.set(kind, Exhaustion::Free);
                 continue;
             };
+            let forecast = observation
+                .forecasts
+                .get(kind)
+                .is_some_and(|(forecast, resets_at)| {
+                    alerting(
+                        forecast,
+                        resets_at,
+                        observation.forecast_lead,
+                        self.forecast.get(kind),
+                        now,
+                    )
+                });
+            self.forecast.set(kind, forecast);
+            if forecast {
+                causes.insert(Cause::ForecastExhaustion(kind));
+            }
             if self.exhausted(kind, used >= max, now) {
                 causes.insert(Cause::LimitExhausted(kind));
             }
@@ -425,17 +477,33 @@ impl StatusTracker {
         next != Exhaustion::Free
     }
 
-    /// Whether observing limits at these `(used, max)`, with no upstream
-    /// cause, would change nothing: no cause is active, none would appear,
-    /// and no limit's warning or exhaustion is still being remembered. It
-    /// answers what [`observe`](Self::observe) would, for the one case that
-    /// is nearly every call of a workspace far from its limits, without the
-    /// cost of building an [`Observation`] of every limit kind.
-    pub fn stays_clear(&self, mut usage: impl Iterator<Item = (u64, u64)>, warn_at: f64) -> bool {
+    /// Whether observing the configured limits at these `(kind, used,
+    /// max)`, with no upstream cause, would change nothing: no cause is
+    /// active, none would appear (no limit near its warning, none forecast
+    /// to run out), and no limit's warning, forecast or exhaustion is still
+    /// being remembered. It answers what [`observe`](Self::observe) would,
+    /// for the one case that is nearly every call of a workspace far from
+    /// its limits, without the cost of building an [`Observation`] of every
+    /// limit kind.
+    pub fn stays_clear(
+        &self,
+        mut usage: impl Iterator<Item = (LimitKind, u64, u64)>,
+        warn_at: f64,
+        forecasts: &PerLimit<Option<(Forecast, Timestamp)>>,
+        forecast_lead: Duration,
+        now: Timestamp,
+    ) -> bool {
         self.causes == CauseSet::default()
             && self.approaching == PerLimit::default()
+            && self.forecast == PerLimit::default()
             && self.exhaustion == PerLimit::default()
-            && usage.all(|(used, max)| used < max && !reaches(used, max, warn_at))
+            && usage.all(|(kind, used, max)| {
+                used < max
+                    && !reaches(used, max, warn_at)
+                    && forecasts.get(kind).is_none_or(|(forecast, resets_at)| {
+                        !alerting(forecast, resets_at, forecast_lead, false, now)
+                    })
+            })
     }
 
     /// Re-derives the causes from `observation`. Returns the new set when
@@ -523,9 +591,31 @@ impl StatusTracker {
         self.transition(self.causes, vec![renamed], now)
     }
 
+    /// Resolves the active notifications without a cause that `ends`
+    /// picks (threshold crossings that ended).
+    pub fn resolve_where(
+        &mut self,
+        ends: impl Fn(&Notification) -> bool,
+        now: Timestamp,
+    ) -> Vec<Change> {
+        let (ended, kept): (Vec<Notification>, Vec<Notification>) =
+            std::mem::take(&mut self.active)
+                .into_iter()
+                .partition(|n| n.cause.is_none() && ends(n));
+        self.active = kept;
+        ended
+            .into_iter()
+            .map(|mut notification| {
+                notification.resolved_at = Some(now);
+                Change::Resolved(notification)
+            })
+            .collect()
+    }
+
     /// Forgets every cause (an admin reset), resolving their notifications.
     pub fn clear(&mut self, now: Timestamp) -> Vec<Change> {
         self.approaching = PerLimit::default();
+        self.forecast = PerLimit::default();
         // A reset frees the limits at once: no hold against flapping.
         self.exhaustion = PerLimit::default();
         // Notifications without a cause end with the reset too.

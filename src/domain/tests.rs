@@ -2085,3 +2085,149 @@ fn a_budget_late_in_its_period_is_not_told_to_grow_and_a_minute_cap_names_its_sp
         capped.suggested_actions
     );
 }
+
+impl Script {
+    /// Applies `limits` (the rest as configured) as an admin's edit does.
+    fn set_limit(&mut self, kind: LimitKind, max: u64) -> Vec<Change> {
+        let mut config = self.state.config().clone();
+        config.limits.set(kind, Some(max));
+        let mut next_id = self.next_id;
+        let changes = self
+            .state
+            .reconfigure(config, self.now, &self.settings, &mut || {
+                next_id += 1;
+                next_id
+            });
+        self.next_id = next_id;
+        changes
+    }
+
+    /// Uses `tokens` in one settled call, then lets the ticker run.
+    fn use_then_tick(&mut self, tokens: u64) -> Vec<Change> {
+        if tokens > 0 {
+            let id = self.admitted(tokens);
+            assert!(self.settle(id, tokens));
+        }
+        self.tick()
+    }
+}
+
+#[test]
+fn a_pace_that_runs_the_day_out_raises_one_forecast_until_the_limit_is_raised() {
+    let mut script = Script::with_config(
+        &[(TOKENS_PER_DAY, 100_000)],
+        "UTC",
+        ts("2026-05-04T00:00:00Z"),
+    );
+    let mut forecasts = Vec::new();
+    for _ in 0..20 {
+        script.after(60_000);
+        let changes = script.use_then_tick(1_000);
+        forecasts.extend(
+            raised(&changes)
+                .into_iter()
+                .filter(|kind| *kind == NotificationKind::ForecastExhaustion),
+        );
+    }
+    assert_eq!(forecasts.len(), 1, "raised once, not at every tick");
+    let snapshot = script.state.snapshot(script.now);
+    assert_eq!(snapshot.status, Status::Warning);
+    assert!(
+        snapshot
+            .reasons
+            .contains(&"tokens_per_day_forecast_exhaustion".to_owned()),
+        "{:?}",
+        snapshot.reasons
+    );
+    // 20,000 used at 60,000 an hour: the 80,000 left last until 01:40.
+    let forecast = script.facts(TOKENS_PER_DAY).forecast.expect("a forecast");
+    assert_eq!(forecast.exhausts_at, Some(ts("2026-05-04T01:40:00Z")));
+    let active = &script.state.active_notifications()[0];
+    assert_eq!(active.kind, NotificationKind::ForecastExhaustion);
+    assert_eq!(active.severity, Severity::Warning);
+    assert!(
+        active.message.contains("60,000 tokens an hour"),
+        "{}",
+        active.message
+    );
+    // Raised far enough, the day no longer runs out: resolved at once.
+    let changes = script.set_limit(TOKENS_PER_DAY, 10_000_000);
+    assert_eq!(resolved(&changes), [NotificationKind::ForecastExhaustion]);
+    assert_eq!(
+        script
+            .facts(TOKENS_PER_DAY)
+            .forecast
+            .and_then(|f| f.exhausts_at),
+        None
+    );
+}
+
+#[test]
+fn each_threshold_is_announced_once_per_day_across_a_restart() {
+    let mut script = Script::with_config(
+        &[(TOKENS_PER_DAY, 1_000)],
+        "UTC",
+        ts("2026-05-04T10:00:00Z"),
+    );
+    let threshold = |changes: &[Change]| -> Vec<u8> {
+        changes
+            .iter()
+            .filter_map(|change| match change {
+                Change::Raised(n) if n.kind == NotificationKind::ThresholdCrossed => {
+                    n.crossing.map(|crossing| crossing.percent)
+                }
+                _ => None,
+            })
+            .collect()
+    };
+    script.after(1_000);
+    assert_eq!(threshold(&script.use_then_tick(600)), [50]);
+    script.after(1_000);
+    assert!(threshold(&script.use_then_tick(10)).is_empty(), "once");
+    // A restart from the saved state and the stored notifications.
+    let saved = script.state.save();
+    let active = script.state.active_notifications().to_vec();
+    let config = script.state.config().clone();
+    script.state = WorkspaceState::restore(config, saved, active, script.now);
+    script.after(1_000);
+    assert!(
+        threshold(&script.tick()).is_empty(),
+        "not again after a restart"
+    );
+    script.after(1_000);
+    let changes = script.use_then_tick(200);
+    assert_eq!(threshold(&changes), [80]);
+    let crossed = script
+        .state
+        .active_notifications()
+        .iter()
+        .find(|n| n.crossing.is_some_and(|c| c.percent == 80))
+        .expect("active")
+        .clone();
+    assert_eq!(crossed.limit, Some(TOKENS_PER_DAY));
+    assert_eq!(crossed.severity, Severity::Warning);
+    let crossing = crossed.crossing.expect("its numbers");
+    assert_eq!((crossing.used, crossing.max), (810, 1_000));
+    assert_eq!(crossing.period_end, ts("2026-05-05T00:00:00Z"));
+    // Raising the limit to 1,500 puts 810 below 80 % (54 %), not below 50 %.
+    let thresholds_resolved = |changes: &[Change]| {
+        resolved(changes)
+            .into_iter()
+            .filter(|kind| *kind == NotificationKind::ThresholdCrossed)
+            .count()
+    };
+    let changes = script.set_limit(TOKENS_PER_DAY, 1_500);
+    assert_eq!(thresholds_resolved(&changes), 1);
+    // The next day ends the other crossing and starts afresh.
+    script.at("2026-05-05T00:00:01Z");
+    let changes = script.tick();
+    assert_eq!(thresholds_resolved(&changes), 1);
+    assert!(
+        script
+            .state
+            .active_notifications()
+            .iter()
+            .all(|n| n.kind != NotificationKind::ThresholdCrossed)
+    );
+    assert_eq!(threshold(&script.use_then_tick(750)), [50]);
+}

@@ -12,14 +12,18 @@ use std::time::Duration;
 use chrono_tz::Tz;
 
 use super::credential::CredentialBlock;
+use super::forecast::{DEFAULT_LEAD_TIME, Forecast, MINUTE_HORIZON, Rates, forecast, rate_of};
 use super::limits::{LimitKind, Limits, Metric, PerLimit, Period, WorkspaceConfig};
-use super::notification::{Notification, describe, describe_unpriced, shared_id};
+use super::notification::{
+    Crossing, Notification, describe, describe_threshold, describe_unpriced, shared_id,
+};
 use super::price::{PriceTable, TokenCounts};
 use super::scope::{
     EachSummary, RefusedScope, ScopeBook, ScopeCounts, ScopeRef, ScopeValues, Selector,
 };
 use super::spend::{ModelSpend, SpendBook};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
+use super::threshold::{Fired, Reading};
 use super::time::Timestamp;
 use super::upstream::{
     BillingCode, ErrorFields, ErrorTally, LastError, Outcomes, RateLimitHeaders, UpstreamClass,
@@ -51,6 +55,9 @@ pub struct Settings {
     pub reservation_ttl: Duration,
     /// How often one request may probe the upstream while billing blocks it.
     pub probe_interval: Duration,
+    /// How long before a day or month limit is forecast to run out its
+    /// `forecast_exhaustion` notification is raised.
+    pub forecast_lead_time: Duration,
 }
 
 impl Default for Settings {
@@ -58,6 +65,7 @@ impl Default for Settings {
         Self {
             reservation_ttl: Duration::from_secs(600),
             probe_interval: Duration::from_secs(60),
+            forecast_lead_time: DEFAULT_LEAD_TIME,
         }
     }
 }
@@ -315,6 +323,8 @@ pub struct Saved {
     pub since: Timestamp,
     /// As in [`Snapshot::unpriced_models`].
     pub unpriced_models: Vec<Model>,
+    /// The alert thresholds that fired in each limit's current period.
+    pub thresholds_fired: Vec<(LimitKind, Fired)>,
 }
 
 /// A workspace's counts of requests and tokens, as of an instant: what
@@ -485,6 +495,17 @@ pub struct WorkspaceState {
     /// The scope counters each reservation charged, to settle them; only
     /// reservations that matched a scoped limit have an entry.
     scope_charges: FxHashMap<u64, Vec<ScopeRef>>,
+    /// The smoothed rates of the calendar counters, sampled at each tick.
+    rates: Rates,
+    /// Each calendar limit's forecast as of the last tick, with when its
+    /// period ends: what admissions evaluate the forecast alerts with, so
+    /// that they compute none themselves.
+    forecasts: PerLimit<Option<(Forecast, Timestamp)>>,
+    /// The alert thresholds that fired in each limit's current period.
+    thresholds_fired: PerLimit<Option<Fired>>,
+    /// The counters kept elsewhere were reset since the last
+    /// reevaluation (see [`note_counts_reset`](Self::note_counts_reset)).
+    counts_reset: bool,
 }
 
 /// The most unpriced models a workspace keeps and notifies about: a tenant
@@ -558,6 +579,7 @@ trait Counted {
             used: self.used(kind),
             resets_at: self.resets_at(kind),
             frees_at: self.frees_at(kind, minimal_cost, max),
+            forecast: None,
         }
     }
 
@@ -688,6 +710,10 @@ impl WorkspaceState {
             prices: Arc::default(),
             scopes: ScopeBook::default(),
             scope_charges: FxHashMap::default(),
+            rates: Rates::default(),
+            forecasts: PerLimit::default(),
+            thresholds_fired: PerLimit::default(),
+            counts_reset: false,
         }
         .following_scopes()
     }
@@ -722,6 +748,9 @@ impl WorkspaceState {
         state.key_rejected = saved.key_rejected;
         state.tracker = StatusTracker::restore(saved.status, saved.since, active);
         state.unpriced_models = saved.unpriced_models;
+        for (kind, fired) in saved.thresholds_fired {
+            state.thresholds_fired.set(kind, Some(fired));
+        }
         state
     }
 
@@ -748,6 +777,11 @@ impl WorkspaceState {
             status: self.tracker.status(),
             since: self.tracker.since(),
             unpriced_models: self.unpriced_models.clone(),
+            thresholds_fired: self
+                .thresholds_fired
+                .iter()
+                .filter_map(|(kind, fired)| Some((kind, fired?)))
+                .collect(),
         }
     }
 
@@ -913,13 +947,15 @@ impl WorkspaceState {
         retryable.map_or(Ok(()), Err)
     }
 
-    fn observation(&self, now: Timestamp) -> Observation {
+    fn observation(&self, now: Timestamp, settings: &Settings) -> Observation {
         let mut usage = PerLimit::default();
         for (kind, max) in self.limits() {
             usage.set(kind, Some((self.used(kind), max)));
         }
         Observation {
             usage,
+            forecasts: self.forecasts,
+            forecast_lead: settings.forecast_lead_time,
             warn_at: self.config.warn_at,
             upstream_rate_limited: self.upstream_rate_limited(now),
             upstream_quota_exhausted: self.billing_block.is_some(),
@@ -935,22 +971,26 @@ impl WorkspaceState {
     /// Whether an [`evaluate`](Self::evaluate) now would find the status
     /// clear and leave it so (see [`StatusTracker::stays_clear`]): nothing
     /// the upstream said stands against the workspace, and no limit is near.
-    fn stays_clear(&self, now: Timestamp) -> bool {
+    fn stays_clear(&self, now: Timestamp, settings: &Settings) -> bool {
         !self.billing_start_moved
             && !self.upstream_rate_limited(now)
             && self.billing_block.is_none()
             && !self.upstream_error_rate
             && !self.key_rejected
             && self.tracker.stays_clear(
-                self.limits().map(|(kind, max)| (self.used(kind), max)),
+                self.limits()
+                    .map(|(kind, max)| (kind, self.used(kind), max)),
                 self.config.warn_at,
+                &self.forecasts,
+                settings.forecast_lead_time,
+                now,
             )
     }
 
-    fn facts(&self, settings: &Settings) -> Facts<'_> {
+    fn facts(&self, now: Timestamp, settings: &Settings) -> Facts<'_> {
         let mut limits = PerLimit::default();
         for (kind, max) in self.limits() {
-            limits.set(kind, Some(self.limit_facts(kind, max)));
+            limits.set(kind, Some(self.limit_facts_now(kind, max, now)));
         }
         Facts {
             limits,
@@ -974,10 +1014,10 @@ impl WorkspaceState {
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
-        if self.stays_clear(now) {
+        if self.stays_clear(now, settings) {
             return Vec::new();
         }
-        let observation = self.observation(now);
+        let observation = self.observation(now, settings);
         let observed = self.tracker.observe(&observation, now);
         // Two instances that saw a billing block at once each started it at
         // their own time; the store keeps the earlier, and once it is
@@ -990,7 +1030,7 @@ impl WorkspaceState {
             (None, Some(_)) => self.tracker.causes(),
             (None, None) => return Vec::new(),
         };
-        let facts = self.facts(settings);
+        let facts = self.facts(now, settings);
         let raised = self
             .tracker
             .appeared(causes)
@@ -1001,6 +1041,127 @@ impl WorkspaceState {
             })
             .collect();
         self.tracker.transition(causes, raised, now)
+    }
+
+    /// What the minute counted over its last [`MINUTE_HORIZON`], from its
+    /// one-second buckets: the seconds still in the window for longer than
+    /// the rest of the minute.
+    fn recent_seconds(&self, now: Timestamp) -> Usage {
+        let recent_from = now.plus(Duration::from_secs(60) - MINUTE_HORIZON);
+        self.minute
+            .expiring()
+            .filter(|(leaves_at, _)| *leaves_at > recent_from)
+            .fold(Usage::default(), |sum, (_, usage)| sum + usage)
+    }
+
+    /// When the limit `kind` of `max` runs out at its recent rate.
+    fn forecast_of(&self, kind: LimitKind, max: u64, now: Timestamp) -> Forecast {
+        let recent = match kind.window.period() {
+            None => self.recent_seconds(now),
+            Some(_) => Usage::default(),
+        };
+        forecast(
+            kind,
+            self.used(kind),
+            max,
+            rate_of(kind, &self.rates, recent),
+            self.resets_at(kind),
+            now,
+        )
+    }
+
+    /// The limit's facts with its forecast, as the status and notification
+    /// texts show them.
+    fn limit_facts_now(&self, kind: LimitKind, max: u64, now: Timestamp) -> LimitFacts {
+        LimitFacts {
+            forecast: Some(self.forecast_of(kind, max, now)),
+            ..self.limit_facts(kind, max)
+        }
+    }
+
+    /// Samples the calendar counters' rates and works out each calendar
+    /// limit's forecast, for the evaluations until the next tick.
+    fn refresh_forecasts(&mut self, now: Timestamp) {
+        self.rates.sample(&self.calendars, now);
+        let mut forecasts = PerLimit::default();
+        for (kind, max) in self.limits() {
+            if let Some(period) = kind.window.period() {
+                let ends = self.calendars.get(period).end;
+                forecasts.set(kind, Some((self.forecast_of(kind, max, now), ends)));
+            }
+        }
+        self.forecasts = forecasts;
+    }
+
+    /// Checks every calendar limit against its alert thresholds: raises a
+    /// notification for each threshold crossed for the first time in the
+    /// limit's period, and resolves those of crossings that ended (a new
+    /// period, a raised or removed limit). Against the whole limits, also
+    /// while only a share is enforced: a share's count is no measure of
+    /// the whole.
+    fn check_thresholds(&mut self, now: Timestamp) -> Vec<Change> {
+        let mut changes = Vec::new();
+        for kind in LimitKind::ALL {
+            let Some(period) = kind.window.period() else {
+                continue;
+            };
+            let counter = self.calendars.get(period);
+            let reading = self.config.limits.get(kind).map(|max| Reading {
+                max,
+                used: self.used(kind),
+                period_start: counter.start,
+            });
+            let fired = self.thresholds_fired.get(kind);
+            if reading.is_none() && fired.is_none() {
+                continue;
+            }
+            let step =
+                super::threshold::check(fired, reading, self.config.alert_thresholds.of(kind));
+            self.thresholds_fired.set(kind, step.fired);
+            if !step.ended.is_empty() {
+                changes.extend(self.tracker.resolve_where(
+                    |notification| {
+                        notification.limit == Some(kind)
+                            && notification
+                                .crossing
+                                .is_some_and(|crossing| step.ended.contains(crossing.percent))
+                    },
+                    now,
+                ));
+            }
+            let Some(reading) = reading else {
+                continue;
+            };
+            for percent in step.crossed.iter() {
+                let crossing = Crossing {
+                    percent,
+                    used: reading.used,
+                    max: reading.max,
+                    period_start: counter.start,
+                    period_end: counter.end,
+                };
+                let notification = describe_threshold(&self.config, kind, crossing, now);
+                // Restored with the notifications, or raised by another
+                // instance under the same id: not raised twice.
+                let known = self
+                    .tracker
+                    .active()
+                    .iter()
+                    .any(|active| active.id == notification.id);
+                if !known {
+                    changes.push(self.tracker.raise(notification));
+                }
+            }
+        }
+        changes
+    }
+
+    /// Forgets which thresholds fired and resolves their notifications:
+    /// the counts they measured are gone.
+    fn forget_thresholds(&mut self, now: Timestamp) -> Vec<Change> {
+        self.thresholds_fired = PerLimit::default();
+        self.tracker
+            .resolve_where(|notification| notification.crossing.is_some(), now)
     }
 
     /// The id of a new notification of `cause`. A billing block's is derived
@@ -1321,6 +1482,14 @@ impl WorkspaceState {
         self.evaluate(now, settings, fresh_id)
     }
 
+    /// Tells that the counters kept elsewhere, loaded into this state,
+    /// were reset (by another instance, or by this one through them): at
+    /// the next reevaluation, the pace measured before and the thresholds
+    /// crossed are forgotten, as this instance's own reset forgets them.
+    pub fn note_counts_reset(&mut self) {
+        self.counts_reset = true;
+    }
+
     /// Lets the status follow counts and blocks loaded meanwhile.
     pub fn reevaluate(
         &mut self,
@@ -1329,7 +1498,14 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
         self.advance_upstream(now);
-        self.evaluate(now, settings, fresh_id)
+        let mut changes = Vec::new();
+        if std::mem::take(&mut self.counts_reset) {
+            self.rates.forget();
+            self.forecasts = PerLimit::default();
+            changes = self.forget_thresholds(now);
+        }
+        changes.extend(self.evaluate(now, settings, fresh_id));
+        changes
     }
 
     /// Concludes an admission that counters kept elsewhere decided, once
@@ -1593,11 +1769,10 @@ impl WorkspaceState {
         let expired = self.advance(now);
         self.scopes.evict(now);
         let usage_changed = before != (self.minute.total(), self.calendars.used());
-        (
-            usage_changed,
-            expired,
-            self.evaluate(now, settings, fresh_id),
-        )
+        self.refresh_forecasts(now);
+        let mut changes = self.evaluate(now, settings, fresh_id);
+        changes.extend(self.check_thresholds(now));
+        (usage_changed, expired, changes)
     }
 
     /// An admin reset: clears counters, upstream blocks and active
@@ -1611,8 +1786,10 @@ impl WorkspaceState {
         self.clear_usage(now);
         self.clear_blocks();
         // Their notifications are resolved with every other: a model still
-        // unpriced is noticed again at its next call.
+        // unpriced is noticed again at its next call; so are the
+        // thresholds' crossings, which start again from zero.
         self.unpriced_models.clear();
+        self.thresholds_fired = PerLimit::default();
         self.tracker.clear(now)
     }
 
@@ -1702,7 +1879,9 @@ impl WorkspaceState {
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
         self.clear_usage(now);
-        self.evaluate(now, settings, fresh_id)
+        let mut changes = self.forget_thresholds(now);
+        changes.extend(self.evaluate(now, settings, fresh_id));
+        changes
     }
 
     /// Lifts the upstream's blocks (billing, rate, rejected key) and keeps
@@ -1724,6 +1903,9 @@ impl WorkspaceState {
         self.calendars = Calendars::new(now, self.config.timezone);
         self.scopes.clear();
         self.scope_charges.clear();
+        // The pace before a reset says nothing of the pace after it.
+        self.rates.forget();
+        self.forecasts = PerLimit::default();
         let charged_here = self
             .reservations
             .values_mut()
@@ -1758,7 +1940,10 @@ impl WorkspaceState {
         self.config = config;
         self.scopes.follow(&self.config.scoped_limits);
         self.advance(now);
-        self.evaluate(now, settings, fresh_id)
+        self.refresh_forecasts(now);
+        let mut changes = self.evaluate(now, settings, fresh_id);
+        changes.extend(self.check_thresholds(now));
+        changes
     }
 
     /// The tightest request limit and the tightest token limit (least
@@ -1819,7 +2004,7 @@ impl WorkspaceState {
     pub fn snapshot(&self, now: Timestamp) -> Snapshot {
         let limits = self
             .limits()
-            .map(|(kind, max)| (kind, self.limit_facts(kind, max)))
+            .map(|(kind, max)| (kind, self.limit_facts_now(kind, max, now)))
             .collect();
         let minimal = Usage::call(0);
         let verdict = self.verdict(minimal, &[], now, false);

@@ -25,10 +25,11 @@ use sqlx::sqlite::{
 };
 
 use crate::domain::limits::{LimitKind, PerLimit, WorkspaceConfig, WorkspaceId, parse_timezone};
-use crate::domain::notification::{Notification, NotificationKind, Severity, TenantText};
+use crate::domain::notification::{Crossing, Notification, NotificationKind, Severity, TenantText};
 use crate::domain::scope::{RuleInput, ScopeKind, ScopedLimits, Selector};
 use crate::domain::spend::ModelSpend;
 use crate::domain::status::Cause;
+use crate::domain::threshold::{AlertThresholds, Percents, ThresholdsInput};
 use crate::domain::time::Timestamp;
 use crate::domain::workspace::Saved;
 use crate::keys::{KeyGrant, KeyHash, Scopes};
@@ -304,6 +305,7 @@ struct WorkspaceRow {
     upstream_organization: Option<String>,
     upstream_project: Option<String>,
     scoped_limits: Option<String>,
+    alert_thresholds: Option<String>,
 }
 
 impl<'r, R> sqlx::FromRow<'r, R> for WorkspaceRow
@@ -329,6 +331,7 @@ where
             upstream_organization: row.try_get("upstream_organization")?,
             upstream_project: row.try_get("upstream_project")?,
             scoped_limits: row.try_get("scoped_limits")?,
+            alert_thresholds: row.try_get("alert_thresholds")?,
         })
     }
 }
@@ -355,6 +358,7 @@ static WORKSPACE_QUERIES: std::sync::LazyLock<WorkspaceQueries> = std::sync::Laz
             "upstream_organization",
             "upstream_project",
             "scoped_limits",
+            "alert_thresholds",
         ])
         .collect();
     let now = columns.len() + 1;
@@ -401,6 +405,7 @@ macro_rules! bind_workspace {
             .bind(ws.upstream_organization.as_deref())
             .bind(ws.upstream_project.as_deref())
             .bind(scoped_limits_json(&ws.scoped_limits))
+            .bind(thresholds_json(&ws.alert_thresholds))
             .bind($now.millis())
     }};
 }
@@ -419,13 +424,14 @@ type NotificationRow = (
     Option<i64>,
     Option<i64>,
     Option<String>,
+    Option<String>,
 );
 
 /// The columns of `notifications`, as a literal so that queries stay
 /// `&'static str` (sqlx refuses SQL assembled at run time).
 macro_rules! notification_columns {
     () => {
-        "id, workspace_id, cause, severity, kind, title, message, suggested_actions, limit_name, created_at, resolves_at, resolved_at, tenant"
+        "id, workspace_id, cause, severity, kind, title, message, suggested_actions, limit_name, created_at, resolves_at, resolved_at, tenant, threshold"
     };
 }
 
@@ -502,6 +508,80 @@ fn scoped_limits_from_json(workspace: &str, json: &str) -> ScopedLimits {
     }
 }
 
+/// A workspace's alert thresholds as stored: the shape the API takes
+/// (`{"default": [...], "limits": {"tokens_per_day": [...]}}`), `None` for
+/// the defaults.
+fn thresholds_json(thresholds: &AlertThresholds) -> Option<String> {
+    if thresholds.is_default() {
+        return None;
+    }
+    let listed = |percents: Percents| percents.iter().collect::<Vec<u8>>();
+    let limits: serde_json::Map<String, serde_json::Value> = thresholds
+        .per_limit
+        .iter()
+        .filter_map(|(kind, percents)| Some((kind.name().to_owned(), listed(percents?).into())))
+        .collect();
+    Some(serde_json::json!({ "default": listed(thresholds.default), "limits": limits }).to_string())
+}
+
+/// Reads what [`thresholds_json`] wrote, validated again; a document that
+/// does not read as valid thresholds is logged and loads as the defaults,
+/// so that one bad row cannot stop the workspace.
+fn thresholds_from_json(workspace: &str, json: &str) -> AlertThresholds {
+    let read = || -> Option<ThresholdsInput> {
+        let value: serde_json::Value = serde_json::from_str(json).ok()?;
+        let listed = |value: &serde_json::Value| -> Option<Vec<f64>> {
+            value
+                .as_array()?
+                .iter()
+                .map(serde_json::Value::as_f64)
+                .collect()
+        };
+        Some(ThresholdsInput {
+            default: Some(listed(&value["default"])?),
+            limits: value["limits"]
+                .as_object()?
+                .iter()
+                .map(|(name, percents)| Some((name.clone(), Some(listed(percents)?))))
+                .collect::<Option<_>>()?,
+        })
+    };
+    match read().map(|input| AlertThresholds::validate(&input)) {
+        Some(Ok(thresholds)) => thresholds,
+        other => {
+            tracing::error!(
+                workspace,
+                error = ?other.map(|result| result.err()),
+                "stored alert thresholds do not read as valid; loading the workspace with the defaults"
+            );
+            AlertThresholds::default()
+        }
+    }
+}
+
+/// A threshold crossing as stored beside its notification: a JSON object.
+fn crossing_json(crossing: &Crossing) -> String {
+    serde_json::json!({
+        "percent": crossing.percent,
+        "used": crossing.used,
+        "max": crossing.max,
+        "period_start": crossing.period_start.millis(),
+        "period_end": crossing.period_end.millis(),
+    })
+    .to_string()
+}
+
+fn crossing_from_json(json: &str) -> Option<Crossing> {
+    let value: serde_json::Value = serde_json::from_str(json).ok()?;
+    Some(Crossing {
+        percent: u8::try_from(value["percent"].as_u64()?).ok()?,
+        used: value["used"].as_u64()?,
+        max: value["max"].as_u64()?,
+        period_start: Timestamp::from_millis(value["period_start"].as_i64()?),
+        period_end: Timestamp::from_millis(value["period_end"].as_i64()?),
+    })
+}
+
 fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
     Some(WorkspaceConfig {
         id: row.id.parse().ok()?,
@@ -521,6 +601,10 @@ fn workspace_from_row(row: WorkspaceRow) -> Option<WorkspaceConfig> {
             .map_or_else(Default::default, |json| {
                 scoped_limits_from_json(&row.id, json)
             }),
+        alert_thresholds: row
+            .alert_thresholds
+            .as_deref()
+            .map_or_else(Default::default, |json| thresholds_from_json(&row.id, json)),
     })
 }
 
@@ -539,6 +623,7 @@ fn notification_from_row(row: NotificationRow) -> Option<Notification> {
         resolves_at,
         resolved_at,
         tenant,
+        threshold,
     ) = row;
     Some(Notification {
         id,
@@ -551,6 +636,7 @@ fn notification_from_row(row: NotificationRow) -> Option<Notification> {
         suggested_actions: serde_json::from_str(&actions).unwrap_or_default(),
         tenant: tenant.as_deref().map(tenant_from_json).unwrap_or_default(),
         limit: limit.as_deref().and_then(LimitKind::from_name),
+        crossing: threshold.as_deref().and_then(crossing_from_json),
         created_at: Timestamp::from_millis(created_at),
         resolves_at: resolves_at.map(Timestamp::from_millis),
         resolved_at: resolved_at.map(Timestamp::from_millis),
@@ -1055,7 +1141,7 @@ impl Store {
                 sqlx::query(concat!(
                     "INSERT INTO notifications (",
                     notification_columns!(),
-                    ") SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13 WHERE $2 IS NULL OR EXISTS (SELECT 1 FROM workspaces WHERE id = $2) ON CONFLICT (id) DO UPDATE SET resolves_at = excluded.resolves_at, resolved_at = excluded.resolved_at, message = excluded.message"
+                    ") SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14 WHERE $2 IS NULL OR EXISTS (SELECT 1 FROM workspaces WHERE id = $2) ON CONFLICT (id) DO UPDATE SET resolves_at = excluded.resolves_at, resolved_at = excluded.resolved_at, message = excluded.message"
                 ))
                 .bind(&n.id)
                 .bind(n.workspace.as_ref().map(WorkspaceId::as_str))
@@ -1070,6 +1156,7 @@ impl Store {
                 .bind(n.resolves_at.map(Timestamp::millis))
                 .bind(n.resolved_at.map(Timestamp::millis))
                 .bind(tenant_to_json(&n.tenant))
+                .bind(n.crossing.as_ref().map(crossing_json))
                 .execute(&mut *tx)
                 .await?;
             }

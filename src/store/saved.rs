@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::domain::limits::Metric;
+use crate::domain::limits::{LimitKind, Metric};
 use crate::domain::status::Status;
+use crate::domain::threshold::{Fired, Percents};
 use crate::domain::time::Period;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::{BillingCode, ErrorTally, LastError, UpstreamBucket, UpstreamView};
@@ -48,6 +49,20 @@ struct SavedJson {
     /// of versions that did not price calls.
     #[serde(default)]
     unpriced_models: Vec<String>,
+    /// The alert thresholds that fired in each limit's current period;
+    /// absent from documents of versions without thresholds.
+    #[serde(default)]
+    thresholds_fired: Vec<FiredJson>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct FiredJson {
+    /// `LimitKind::name`: "tokens_per_day".
+    limit: String,
+    period_start: i64,
+    max: u64,
+    /// The thresholds that fired, in percent.
+    percents: Vec<u8>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -222,6 +237,16 @@ pub fn to_json(saved: &Saved) -> String {
             .iter()
             .map(ToString::to_string)
             .collect(),
+        thresholds_fired: saved
+            .thresholds_fired
+            .iter()
+            .map(|(kind, fired)| FiredJson {
+                limit: kind.name().to_owned(),
+                period_start: fired.period_start.millis(),
+                max: fired.max,
+                percents: fired.percents.iter().collect(),
+            })
+            .collect(),
     };
     // Serialising plain data with string keys cannot fail.
     serde_json::to_string(&json).unwrap_or_default()
@@ -339,6 +364,27 @@ pub fn from_json(text: &str) -> Option<Saved> {
             .take(MAX_UNPRICED_MODELS)
             .map(Into::into)
             .collect(),
+        // A limit this version does not know is left out: its thresholds
+        // would fire afresh, which is better than never.
+        thresholds_fired: json
+            .thresholds_fired
+            .into_iter()
+            .filter_map(|fired| {
+                let kind = LimitKind::from_name(&fired.limit)?;
+                let mut percents = Percents::default();
+                for percent in fired.percents {
+                    percents.insert(percent);
+                }
+                Some((
+                    kind,
+                    Fired {
+                        period_start: ts(fired.period_start),
+                        max: fired.max,
+                        percents,
+                    },
+                ))
+            })
+            .collect(),
     })
 }
 
@@ -373,6 +419,7 @@ mod tests {
             status: Status::Normal,
             since: ts(0),
             unpriced_models: Vec::new(),
+            thresholds_fired: Vec::new(),
         }
     }
 
@@ -383,6 +430,30 @@ mod tests {
             counter(Period::Month, 1_000, 7),
         ]);
         assert_eq!(from_json(&to_json(&state)), Some(state));
+    }
+
+    #[test]
+    fn fired_thresholds_round_trip_and_older_documents_have_none() {
+        let mut state = saved(vec![counter(Period::Day, 5_000, 3)]);
+        state.thresholds_fired = vec![(
+            crate::domain::limits::TOKENS_PER_DAY,
+            Fired {
+                period_start: ts(5_000),
+                max: 40,
+                percents: Percents::of(&[50, 80]),
+            },
+        )];
+        let mut json: serde_json::Value = serde_json::from_str(&to_json(&state)).expect("json");
+        assert_eq!(
+            json["thresholds_fired"],
+            serde_json::json!([{"limit": "tokens_per_day", "period_start": 5000, "max": 40, "percents": [50, 80]}])
+        );
+        assert_eq!(from_json(&json.to_string()), Some(state));
+        json.as_object_mut()
+            .expect("object")
+            .remove("thresholds_fired");
+        let older = from_json(&json.to_string()).expect("still read");
+        assert!(older.thresholds_fired.is_empty());
     }
 
     #[test]

@@ -865,7 +865,8 @@ async fn workspaces_and_keys_are_managed_by_the_admin() {
             "upstream_organization": null, "upstream_project": null,
             "limits": {"requests_per_minute": 60, "requests_per_day": null, "requests_per_month": null,
                 "tokens_per_minute": null, "tokens_per_day": 5000, "tokens_per_month": null,
-                "usd_per_minute": null, "usd_per_day": null, "usd_per_month": null}})
+                "usd_per_minute": null, "usd_per_day": null, "usd_per_month": null},
+            "alert_thresholds": {"default": [50, 80, 95, 100], "limits": {}}})
     );
     let duplicate = server
         .post("/api/workspaces", ADMIN_KEY, json!({"id": "acme"}))

@@ -790,9 +790,13 @@ fn one_id_each(seen: &[Seen], kinds: &[&str]) -> Vec<String> {
         .collect()
 }
 
-/// The workspace's notifications as the database stores them: kind, id and
-/// whether they are resolved, by kind.
-async fn stored_notifications(cluster: &Cluster, workspace: &str) -> Vec<(String, String, bool)> {
+/// The workspace's notifications of `kinds` as the database stores them:
+/// kind, id and whether they are resolved, by kind.
+async fn stored_notifications(
+    cluster: &Cluster,
+    workspace: &str,
+    kinds: &[&str],
+) -> Vec<(String, String, bool)> {
     use sqlx::Connection;
     let mut db = sqlx::PgConnection::connect(&cluster.database.url)
         .await
@@ -804,15 +808,19 @@ async fn stored_notifications(cluster: &Cluster, workspace: &str) -> Vec<(String
     .fetch_all(&mut db)
     .await
     .expect("the stored notifications")
+    .into_iter()
+    .filter(|(kind, _, _): &(String, String, bool)| kinds.contains(&kind.as_str()))
+    .collect()
 }
 
 /// Raises the causes of `kinds` through both instances at once with
 /// `cause`, then ends them with `end`, and checks that every view of each
 /// notification has one id: both instances' WebSocket events (raised and
 /// resolved), both instances' REST lists, and the history in the database.
+/// The workspace `acme` has `settings` (its limits, ...).
 async fn one_id_per_episode(
     test: &str,
-    limits: Value,
+    settings: Value,
     kinds: &[&str],
     cause: impl AsyncFnOnce(&Cluster, &str),
     end: impl AsyncFnOnce(&Cluster, &str),
@@ -820,9 +828,9 @@ async fn one_id_per_episode(
     let Some(cluster) = Cluster::start(test, false, &[]).await else {
         return;
     };
-    let key = cluster
-        .workspace(json!({"id": "acme", "limits": limits}))
-        .await;
+    let mut workspace = settings;
+    workspace["id"] = json!("acme");
+    let key = cluster.workspace(workspace).await;
     let mut sockets = Vec::new();
     for server in [&cluster.a, &cluster.b] {
         let mut ws = connect(server, &key, "").await;
@@ -852,7 +860,7 @@ async fn one_id_per_episode(
         .collect();
     expected.sort();
     eventually("history holds them", Duration::from_secs(5), || async {
-        (stored_notifications(&cluster, "acme").await == expected).then_some(())
+        (stored_notifications(&cluster, "acme", kinds).await == expected).then_some(())
     })
     .await;
 
@@ -870,7 +878,7 @@ async fn one_id_per_episode(
         stored.2 = true;
     }
     eventually("history resolves them", Duration::from_secs(5), || async {
-        (stored_notifications(&cluster, "acme").await == expected).then_some(())
+        (stored_notifications(&cluster, "acme", kinds).await == expected).then_some(())
     })
     .await;
     cluster.finish().await;
@@ -900,7 +908,7 @@ async fn usage_reset(cluster: &Cluster, _key: &str) {
 async fn a_minute_limit_has_one_notification_id_on_every_instance_and_in_history() {
     one_id_per_episode(
         "instances::minute_episode",
-        json!({"requests_per_minute": 10, "requests_per_day": null}),
+        json!({"limits": {"requests_per_minute": 10, "requests_per_day": null}}),
         &["approaching_limit", "rate_limited"],
         past_the_limit_through_both,
         usage_reset,
@@ -912,8 +920,24 @@ async fn a_minute_limit_has_one_notification_id_on_every_instance_and_in_history
 async fn a_day_limit_has_one_notification_id_on_every_instance_and_in_history() {
     one_id_per_episode(
         "instances::day_episode",
-        json!({"requests_per_minute": null, "requests_per_day": 10}),
+        json!({"limits": {"requests_per_minute": null, "requests_per_day": 10}}),
         &["approaching_limit", "daily_quota_exhausted"],
+        past_the_limit_through_both,
+        usage_reset,
+    )
+    .await;
+}
+
+/// A threshold crossed through both instances at once is one
+/// notification (its id derives from the crossing), and a usage reset
+/// through one resolves it on both.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_threshold_crossing_has_one_notification_id_on_every_instance_and_in_history() {
+    one_id_per_episode(
+        "instances::threshold_episode",
+        json!({"limits": {"requests_per_minute": null, "requests_per_day": 10},
+               "alert_thresholds": {"default": [50]}}),
+        &["threshold_crossed"],
         past_the_limit_through_both,
         usage_reset,
     )
@@ -924,7 +948,7 @@ async fn a_day_limit_has_one_notification_id_on_every_instance_and_in_history() 
 async fn an_upstream_rate_limit_has_one_notification_id_on_every_instance_and_in_history() {
     one_id_per_episode(
         "instances::rate_limit_episode",
-        json!({}),
+        json!({"limits": {}}),
         &["upstream_rate_limited"],
         // Both instances hear the upstream's 429 at once, each from a call
         // of its own; the hold they store ends two seconds later.

@@ -6,8 +6,11 @@ use std::future::Future;
 use std::time::Duration;
 
 use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window, WorkspaceConfig, WorkspaceId};
-use quotawatch::domain::notification::{Notification, NotificationKind, Severity, TenantText};
+use quotawatch::domain::notification::{
+    Crossing, Notification, NotificationKind, Severity, TenantText,
+};
 use quotawatch::domain::status::{Cause, Status};
+use quotawatch::domain::threshold::{AlertThresholds, Fired, Percents};
 use quotawatch::domain::time::Period;
 use quotawatch::domain::time::Timestamp;
 use quotawatch::domain::window::{CalendarCounter, Usage};
@@ -162,6 +165,66 @@ async fn every_limit_kind_round_trips(store: Store) {
     );
 }
 conformance!(every_limit_kind_round_trips);
+
+/// A workspace's alert thresholds are stored with it (the defaults as
+/// none), and a threshold notification keeps its crossing.
+async fn alert_thresholds_and_crossings_round_trip(store: Store) {
+    let mut acme = workspace("acme");
+    store.insert_workspace(&acme, T0).await.expect("insert");
+    assert_eq!(
+        store.workspace(&id("acme")).await.expect("read"),
+        Some(acme.clone()),
+        "the defaults"
+    );
+    let tokens_per_day = LimitKind::new(Metric::Tokens, Window::Day);
+    acme.alert_thresholds = AlertThresholds {
+        default: Percents::of(&[60, 90]),
+        ..AlertThresholds::default()
+    };
+    acme.alert_thresholds
+        .per_limit
+        .set(tokens_per_day, Some(Percents::default()));
+    acme.alert_thresholds.per_limit.set(
+        LimitKind::new(Metric::Usd, Window::Month),
+        Some(Percents::of(&[25, 100])),
+    );
+    store
+        .update_workspace(&acme, T0)
+        .await
+        .expect("update")
+        .expect("exists");
+    assert_eq!(
+        store.load_catalog().await.expect("catalog").workspaces,
+        vec![acme]
+    );
+    let crossed = Notification {
+        id: "ntf_threshold".into(),
+        kind: NotificationKind::ThresholdCrossed,
+        cause: None,
+        limit: Some(tokens_per_day),
+        crossing: Some(Crossing {
+            percent: 80,
+            used: 4_100,
+            max: 5_000,
+            period_start: Timestamp::from_millis(T0.millis() - 3_600_000),
+            period_end: Timestamp::from_millis(T0.millis() + 3_600_000),
+        }),
+        ..notification(Some("acme"), T0.millis(), None)
+    };
+    let mut batch = Batch::default();
+    batch
+        .notifications
+        .insert(crossed.id.clone(), crossed.clone());
+    store.write_batch(&batch, T0).await.expect("write");
+    assert_eq!(
+        store
+            .notifications(Some(&id("acme")), false, 10)
+            .await
+            .expect("read"),
+        vec![crossed]
+    );
+}
+conformance!(alert_thresholds_and_crossings_round_trip);
 
 async fn keys_are_stored_hashed_and_revocable(store: Store) {
     store
@@ -330,6 +393,14 @@ fn saved() -> Saved {
         status: Status::RateLimited,
         since: T0,
         unpriced_models: Vec::new(),
+        thresholds_fired: vec![(
+            LimitKind::new(Metric::Tokens, Window::Day),
+            Fired {
+                period_start: Timestamp::from_millis(T0.millis() - 3_600_000),
+                max: 5_000,
+                percents: Percents::of(&[50, 80]),
+            },
+        )],
     }
 }
 
@@ -350,6 +421,7 @@ fn notification(workspace: Option<&str>, at: i64, resolved: Option<i64>) -> Noti
             suggested_actions: vec!["Try again after the limit resets.".into()],
         },
         limit: Some(LimitKind::new(Metric::Requests, Window::Day)),
+        crossing: None,
         created_at: Timestamp::from_millis(at),
         resolves_at: Some(Timestamp::from_millis(at + 1000)),
         resolved_at: resolved.map(Timestamp::from_millis),

@@ -46,6 +46,11 @@ impl Mirror {
         if stored.version < self.version || state.enforcement() != Enforcement::Whole {
             return false;
         }
+        // A reset seen since the last load (not the one found at the
+        // first, which the saved state already reflects).
+        if self.version > 0 && stored.last_reset_us != self.last_reset_us {
+            state.note_counts_reset();
+        }
         self.version = stored.version;
         self.last_reset_us = stored.last_reset_us;
         state.load_counts(&stored.counts, stored.at);
