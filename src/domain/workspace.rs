@@ -14,7 +14,7 @@ use super::credential::CredentialBlock;
 use super::limits::{LimitKind, Limits, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{Notification, describe, describe_unpriced, shared_id};
 use super::scope::{
-    EachSummary, RefusedScope, ScopeBook, ScopeCounts, ScopeRef, ScopeValues, Selector,
+    EachSummary, LoadedScope, RefusedScope, ScopeBook, ScopeCounts, ScopeRef, ScopeValues, Selector,
 };
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
 use super::time::Timestamp;
@@ -302,6 +302,9 @@ pub struct Saved {
     pub since: Timestamp,
     /// As in [`Snapshot::unpriced_models`].
     pub unpriced_models: Vec<Model>,
+    /// The scope counters that still count anything; an end user's whose
+    /// windows are clear is left out.
+    pub scopes: Vec<LoadedScope>,
 }
 
 /// A workspace's counts of requests and tokens, as of an instant: what
@@ -685,10 +688,18 @@ impl WorkspaceState {
         state.key_rejected = saved.key_rejected;
         state.tracker = StatusTracker::restore(saved.status, saved.since, active);
         state.unpriced_models = saved.unpriced_models;
+        // Against the calendar counters restored above, whose periods they
+        // share. The reservations restored no longer know the scope
+        // counters they charged: their estimates stay charged there, which
+        // errs on the strict side.
+        state.load_scopes(saved.scopes, now);
         state
     }
 
-    pub fn save(&self) -> Saved {
+    /// The state to save. `scopes_at`, when given, saves the scope
+    /// counters that still count then; counters kept elsewhere keep their
+    /// own, and the ones here only mirror them.
+    pub fn save(&self, scopes_at: Option<Timestamp>) -> Saved {
         Saved {
             minute: self.minute.to_entries(),
             calendars: self.calendars.0.to_vec(),
@@ -711,6 +722,7 @@ impl WorkspaceState {
             status: self.tracker.status(),
             since: self.tracker.since(),
             unpriced_models: self.unpriced_models.clone(),
+            scopes: scopes_at.map_or_else(Vec::new, |now| self.scopes.counted(now)),
         }
     }
 
@@ -1179,6 +1191,24 @@ impl WorkspaceState {
         }
     }
 
+    /// Replaces scope counters by `loaded`, counted elsewhere or saved, as
+    /// of `at`; those of rules no longer configured are dropped.
+    pub fn load_scopes(&mut self, loaded: impl IntoIterator<Item = LoadedScope>, at: Timestamp) {
+        let rules = self.config.scoped_limits.rules();
+        for scope in loaded {
+            if let Some(rule) = rules.iter().find(|rule| rule.id == scope.rule) {
+                self.scopes.load(
+                    scope.rule,
+                    scope.target,
+                    scope.counts,
+                    &rule.limits,
+                    &self.calendars,
+                    at,
+                );
+            }
+        }
+    }
+
     /// The upstream's blocks.
     pub fn blocks(&self) -> Blocks {
         Blocks {
@@ -1201,6 +1231,11 @@ impl WorkspaceState {
     /// How much of the limits is enforced.
     pub fn enforcement(&self) -> Enforcement {
         self.enforcement
+    }
+
+    /// Whether reservation `id` is held here, unsettled and unexpired.
+    pub fn holds_reservation(&self, id: u64) -> bool {
+        self.reservations.contains_key(&id)
     }
 
     /// The estimate of reservation `id`, if it was charged here rather than
@@ -1295,6 +1330,7 @@ impl WorkspaceState {
             }
             None => {
                 let refusal = self.explain_refusal(request, now);
+                self.note_scope_refusal(&refusal, &self.matching(request));
                 Err(self.refused(refusal, now))
             }
         };

@@ -15,19 +15,24 @@ use crate::support::{
 };
 
 #[derive(Clone, Copy, Debug)]
-enum Backend {
+pub(crate) enum Backend {
     Local,
     Redis,
 }
 
-/// A server on one backend, and what to clean up after it.
-struct Setup {
-    server: TestServer,
-    redis: Option<(String, String)>,
+/// A server on one backend, and what to clean up after it (`scopes.rs`
+/// uses it too).
+pub(crate) struct Setup {
+    pub(crate) server: TestServer,
+    pub(crate) redis: Option<(String, String)>,
 }
 
 impl Setup {
-    async fn start(backend: Backend, test: &str, settings: &[(&str, &str)]) -> Option<Self> {
+    pub(crate) async fn start(
+        backend: Backend,
+        test: &str,
+        settings: &[(&str, &str)],
+    ) -> Option<Self> {
         let redis = match backend {
             Backend::Local => None,
             Backend::Redis => Some((server_url(test)?, fresh_prefix())),
@@ -43,7 +48,7 @@ impl Setup {
         Some(Self { server, redis })
     }
 
-    async fn finish(self) {
+    pub(crate) async fn finish(self) {
         self.server.stop().await;
         if let Some((url, prefix)) = self.redis {
             clean(&url, &prefix).await;

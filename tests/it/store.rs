@@ -330,6 +330,7 @@ fn saved() -> Saved {
         status: Status::RateLimited,
         since: T0,
         unpriced_models: Vec::new(),
+        scopes: Vec::new(),
     }
 }
 
