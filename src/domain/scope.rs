@@ -1283,6 +1283,86 @@ mod tests {
     }
 
     #[test]
+    fn counters_loaded_replace_their_own_and_only_those_counting_are_kept() {
+        let (scoped, mut book) = book_with(each_user(), 1);
+        let calendars = Calendars::new(at(0), chrono_tz::Tz::UTC);
+        let rule = &scoped.rules()[0];
+        let alice = user(&scoped, "alice");
+        let key = alice.key.expect("a user's key");
+        let day = calendars.get(Period::Day).start;
+        let counted = |requests| {
+            ScopeCounts::from_parts(
+                [(day, Usage::call(requests)); Period::ALL.len()],
+                vec![(at(0).millis() / 1000, Usage::call(requests))],
+            )
+        };
+        book.load(
+            rule.id,
+            ScopeTarget::Own(key),
+            counted(3),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        let loaded = book.get(&alice).expect("loaded");
+        assert_eq!(loaded.calendar(Period::Day, &calendars), Usage::call(3));
+        // Past the cap (1), another user's counter is not made, and the
+        // overflow one is loaded as such.
+        let bob = user(&scoped, "bob");
+        let bob_key = bob.key.expect("key");
+        book.load(
+            rule.id,
+            ScopeTarget::Own(bob_key),
+            counted(1),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        assert_eq!(book.summary(rule.id).tracked, 1);
+        book.load(
+            rule.id,
+            ScopeTarget::Overflow,
+            counted(5),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        assert_eq!(
+            book.get(&bob)
+                .expect("overflow")
+                .calendar(Period::Day, &calendars),
+            Usage::call(5)
+        );
+        // A clear counter loaded removes the user's.
+        book.load(
+            rule.id,
+            ScopeTarget::Own(key),
+            ScopeCounts::default(),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        assert!(book.get(&alice).is_none());
+        assert_eq!(book.summary(rule.id).tracked, 0);
+        // What counts is listed for saving; once the day is over, nothing.
+        book.load(
+            rule.id,
+            ScopeTarget::Own(key),
+            counted(2),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        let targets: Vec<ScopeTarget> = book
+            .counted(at(2))
+            .iter()
+            .map(|scope| scope.target)
+            .collect();
+        assert_eq!(targets, vec![ScopeTarget::Overflow, ScopeTarget::Own(key)]);
+        assert!(book.counted(calendars.get(Period::Day).end).is_empty());
+    }
+
+    #[test]
     fn a_correction_lands_in_the_second_charged_or_now() {
         let (scoped, mut book) = book_with(each_user(), 10);
         let calendars = Calendars::new(at(0), chrono_tz::Tz::UTC);
