@@ -657,3 +657,35 @@ async fn end_users_counters_in_redis_expire_with_their_windows() {
     server.stop().await;
     clean(&url, &prefix).await;
 }
+
+conformance!(a_refusal_by_the_workspace_charges_no_scoped_limit);
+async fn a_refusal_by_the_workspace_charges_no_scoped_limit(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({
+            "id": "acme",
+            "limits": {"requests_per_minute": 2, "requests_per_day": null},
+            "scoped_limits": [{"models": ["gpt-4o"], "limits": {"requests_per_minute": 5}}],
+        }))
+        .await;
+    for user in ["a", "b"] {
+        let admitted = check_as(server, &key, "gpt-4o", user).await;
+        assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    }
+    let refused = check_as(server, &key, "gpt-4o", "c").await;
+    assert_eq!(
+        refused.error_code(),
+        "rate_limit_exceeded",
+        "{:?}",
+        refused.body
+    );
+    let status = server.status(&key).await;
+    assert_eq!(
+        status["scoped_limits"][0]["usage"]["requests_per_minute"]["used"], 2,
+        "{status}"
+    );
+    setup.finish().await;
+}
