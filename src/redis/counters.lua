@@ -6,7 +6,9 @@
 --
 -- KEYS: 1 and 2 are shared by every workspace, the rest are one per
 -- workspace:
---   1 reservations  HASH "workspace|reservation id" -> "charged_us|estimate|probe|model",
+--   1 reservations  HASH "workspace|reservation id" -> "charged_us|estimate|probe|model"
+--                   (then "|" and the scope counters it charged, if any: see
+--                   `open_scope`),
 --                   those any instance may settle (the REST API's); the
 --                   proxy's are held by the instance that admits them,
 --                   which settles them itself, saying what they charged

@@ -1250,7 +1250,7 @@ fn millis_of(micros: i64) -> Timestamp {
 }
 
 /// Expired reservations, as the script stores them: "workspace|reservation
-/// id|charged (microseconds)|estimate|probe|model", the estimate as
+/// id|charged (microseconds)|estimate|probe|model[|scope counters]", the estimate as
 /// [`usage_arg`] writes it. One that does not parse,
 /// or whose workspace id no longer does, is dropped.
 fn expired_from(value: &Value) -> Vec<ExpiredInStore> {
@@ -1270,7 +1270,8 @@ fn expired_member(member: &str) -> Option<ExpiredInStore> {
     let expired = Expired {
         charged_at: millis_of(charged_us),
         usage,
-        model: model(parts.next()?),
+        // The scope counters a scoped admission charged follow the model.
+        model: model(parts.next()?.split('|').next().unwrap_or_default()),
         charged_elsewhere_us: Some(charged_us),
     };
     Some(ExpiredInStore { workspace, expired })
@@ -1371,6 +1372,9 @@ mod tests {
         assert_eq!(expired.model.as_deref(), Some("gpt-4o-mini"));
         let unnamed = expired_member("acme|8|1000|1 5 0|1|").expect("no model");
         assert_eq!(unnamed.expired.model, None);
+        let scoped =
+            expired_member("acme|9|1000|1 5 0|0|gpt-4o|qw:scope1:acme:01 0 1").expect("scoped");
+        assert_eq!(scoped.expired.model.as_deref(), Some("gpt-4o"));
         assert!(expired_member("Not An Id|7|1000|1 5 0|0|").is_none());
         assert!(expired_member("acme|7|soon|1 5 0|0|").is_none());
         assert!(
