@@ -9,7 +9,13 @@
 //! holds while its call runs, scoped or not) are left out: they are the
 //! same with or without scoped limits.
 //!
-//! `cargo run --release --example end_users -- [--users 1000000]`
+//! With `--redis URL`, the same rule is counted in that Redis instead,
+//! each user admitted once through the script as an instance admits them
+//! (in batches, keys under a prefix of their own, deleted afterwards): it
+//! prints the growth of Redis's `used_memory` per user, and the keys and
+//! time to live a user's counter has.
+//!
+//! `cargo run --release --example end_users -- [--users 1000000] [--redis redis://127.0.0.1:6379]`
 
 use quotawatch::domain::limits::{Limits, REQUESTS_PER_MINUTE, TOKENS_PER_DAY};
 use quotawatch::domain::scope::{
@@ -32,9 +38,11 @@ fn resident_bytes() -> u64 {
 fn main() {
     let mut args = std::env::args().skip(1);
     let mut users: u64 = 1_000_000;
+    let mut redis_url = None;
     while let Some(arg) = args.next() {
         match arg.as_str() {
             "--users" => users = args.next().and_then(|n| n.parse().ok()).expect("--users N"),
+            "--redis" => redis_url = Some(args.next().expect("--redis URL")),
             other => panic!("unknown argument {other}"),
         }
     }
@@ -48,6 +56,11 @@ fn main() {
     }])
     .expect("valid rule");
     let rule = scoped.rules()[0].id;
+    if let Some(url) = redis_url {
+        let runtime = tokio::runtime::Runtime::new().expect("runtime");
+        runtime.block_on(in_redis(&url, users, &scoped));
+        return;
+    }
     // Noon UTC, so that the day does not end while users are charged.
     let start = Timestamp::from_millis(1_777_896_000_000);
     let calendars = Calendars::new(start, chrono_tz::Tz::UTC);
@@ -86,4 +99,122 @@ fn main() {
         per_user(evicted),
     );
     drop(scopes);
+}
+
+/// Redis's `used_memory`, in bytes.
+async fn used_memory(connection: &mut redis::aio::MultiplexedConnection) -> u64 {
+    let info: String = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(connection)
+        .await
+        .expect("INFO");
+    info.lines()
+        .find_map(|line| line.strip_prefix("used_memory:"))
+        .and_then(|bytes| bytes.trim().parse().ok())
+        .expect("used_memory")
+}
+
+/// Admits each of `users` once under the per-user rule of `scoped`, with
+/// the counters in the Redis at `url`, and prints what Redis holds per
+/// user.
+async fn in_redis(url: &str, users: u64, scoped: &ScopedLimits) {
+    use futures_util::StreamExt;
+    use quotawatch::domain::limits::WorkspaceId;
+    use quotawatch::redis::{AdmitArgs, RedisCounters, ScopeCharge};
+    let prefix = format!("qw-end-users-{}:", std::process::id());
+    let counters =
+        RedisCounters::new(url, &prefix, std::time::Duration::from_secs(5)).expect("Redis URL");
+    let client = redis::Client::open(url).expect("Redis URL");
+    let mut connection = client
+        .get_multiplexed_async_connection()
+        .await
+        .expect("connect to Redis");
+    let workspace: WorkspaceId = "acme".parse().expect("id");
+    let rule = &scoped.rules()[0];
+    let workspace_limits = Limits::default();
+    let admit = |user: u64| {
+        let (counters, workspace) = (&counters, &workspace);
+        let value = ScopeValue::parse(ScopeKind::User, &format!("user-{user}")).expect("id");
+        let charge = ScopeCharge {
+            rule: rule.id,
+            value: scoped.matching(None, &ScopeValues::of(None, Some(value)))[0].key,
+            limits: rule.limits,
+        };
+        let workspace_limits = &workspace_limits;
+        async move {
+            let scopes = [charge];
+            let args = AdmitArgs {
+                limits: workspace_limits,
+                estimate: Usage::call(10),
+                reservation: user,
+                reservation_ttl: std::time::Duration::from_secs(600),
+                probe_interval: std::time::Duration::from_secs(60),
+                model: None,
+                scopes: &scopes,
+                record: false,
+            };
+            let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
+            let (admitted, _) = counters
+                .admit(workspace, chrono_tz::Tz::UTC, now, args)
+                .await
+                .expect("admitted in Redis");
+            assert!(admitted.is_some(), "every user has room");
+        }
+    };
+    // One admission first, so that the workspace's own state is there
+    // before measuring.
+    admit(users).await;
+    let before = used_memory(&mut connection).await;
+    futures_util::stream::iter(0..users)
+        .map(admit)
+        .buffer_unordered(512)
+        .collect::<Vec<()>>()
+        .await;
+    let after = used_memory(&mut connection).await;
+    // SCAN rather than KEYS, which blocks a shared Redis.
+    let mut keys: Vec<String> = Vec::new();
+    let mut cursor: u64 = 0;
+    loop {
+        let (next, found): (u64, Vec<String>) = redis::cmd("SCAN")
+            .arg(cursor)
+            .arg("MATCH")
+            .arg(format!("{prefix}scope1:*"))
+            .arg("COUNT")
+            .arg(10_000)
+            .query_async(&mut connection)
+            .await
+            .expect("SCAN");
+        keys.extend(found);
+        cursor = next;
+        if cursor == 0 {
+            break;
+        }
+    }
+    let user_key = keys
+        .iter()
+        .find(|key| key.rsplit(':').next().is_some_and(|last| last.len() == 32))
+        .expect("a user's counter");
+    let ttl_ms: i64 = redis::cmd("PTTL")
+        .arg(user_key)
+        .query_async(&mut connection)
+        .await
+        .expect("PTTL");
+    println!(
+        "{{\"users\":{users},\"redis_bytes_per_user\":{:.0},\"keys\":{},\"user_key_bytes\":{},\"user_key_ttl_ms\":{ttl_ms}}}",
+        after.saturating_sub(before) as f64 / users as f64,
+        keys.len(),
+        user_key.len(),
+    );
+    for chunk in keys.chunks(10_000) {
+        let _: () = redis::cmd("DEL")
+            .arg(chunk)
+            .query_async(&mut connection)
+            .await
+            .expect("DEL");
+    }
+    let _: () = redis::cmd("DEL")
+        .arg(format!("{prefix}state3:acme"))
+        .query_async(&mut connection)
+        .await
+        .expect("DEL");
 }

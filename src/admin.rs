@@ -190,15 +190,6 @@ impl Admin {
         base: WorkspaceConfig,
     ) -> Result<WorkspaceConfig, AdminError> {
         let config = spec.apply_to(base)?;
-        if let Some(engine) = &self.engine
-            && !engine.counts_scoped_limits(&config)
-        {
-            return Err(ValidationError::new(
-                "scoped_limits",
-                "scoped limits are not enforced with counters in Redis yet (QUOTAWATCH_REDIS_URL is set): they were not saved",
-            )
-            .into());
-        }
         if let (Some(env), Change::Set(Some(name))) = (&self.upstream_keys, &spec.upstream_key_env)
             && env(name).is_none_or(|key| key.is_empty())
         {

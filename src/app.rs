@@ -43,10 +43,6 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Prices(#[from] crate::prices::PriceFileError),
-    #[error(
-        "workspace {0} has scoped limits, which counters in Redis do not enforce yet: remove them (PATCH the workspace with \"scoped_limits\": null) on a server without QUOTAWATCH_REDIS_URL, or run one instance without Redis"
-    )]
-    ScopedLimitsInRedis(crate::domain::limits::WorkspaceId),
 }
 
 /// Keys created during start-up. They exist only here, to be shown once.
@@ -171,13 +167,6 @@ pub async fn start(
     engine.resolve_credentials_with(proxy.credentials());
     let engine = Arc::new(engine);
     let catalog = store.load_catalog().await?;
-    if let Some(scoped) = catalog
-        .workspaces
-        .iter()
-        .find(|workspace| !engine.counts_scoped_limits(workspace))
-    {
-        return Err(StartError::ScopedLimitsInRedis(scoped.id.clone()));
-    }
     let states = store.load_states().await?;
     let active = store.notifications(None, false, i64::MAX).await?;
     engine.load(catalog, states, active);

@@ -96,6 +96,13 @@ impl ScopeKind {
         format!("{}_limit_exceeded", self.name())
     }
 
+    /// The error code of a refusal by a used-up calendar limit in dollars
+    /// (a budget) of a rule of this kind, as a workspace's is
+    /// `workspace_budget_exceeded`.
+    pub fn budget_code(self) -> String {
+        format!("{}_budget_exceeded", self.name())
+    }
+
     pub const fn index(self) -> usize {
         self as usize
     }
@@ -182,6 +189,57 @@ pub enum Selector {
 /// it counted, and changing what it selects starts afresh.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub struct RuleId(u64);
+
+impl RuleId {
+    /// The id as a number, for counters kept elsewhere and saved states
+    /// to name the rule by.
+    pub fn to_bits(self) -> u64 {
+        self.0
+    }
+
+    pub fn from_bits(bits: u64) -> Self {
+        Self(bits)
+    }
+}
+
+/// A value's fingerprint as text (32 hex digits), for the names of
+/// counters kept or saved elsewhere.
+pub fn fingerprint_text(fingerprint: &[u8; 16]) -> String {
+    fingerprint
+        .iter()
+        .map(|byte| format!("{byte:02x}"))
+        .collect()
+}
+
+/// Reads a fingerprint written by [`fingerprint_text`].
+pub fn parse_fingerprint(text: &str) -> Option<[u8; 16]> {
+    if text.len() != 32 {
+        return None;
+    }
+    let mut fingerprint = [0u8; 16];
+    for (at, byte) in fingerprint.iter_mut().enumerate() {
+        *byte = u8::from_str_radix(text.get(2 * at..2 * at + 2)?, 16).ok()?;
+    }
+    Some(fingerprint)
+}
+
+/// Which counter of a rule: a listed rule's one, a value's own, or the
+/// one values beyond the cap share.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum ScopeTarget {
+    Listed,
+    Own([u8; 16]),
+    Overflow,
+}
+
+/// One scope counter as counted elsewhere (by counters shared between
+/// instances) or saved: which it is, and its counts.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LoadedScope {
+    pub rule: RuleId,
+    pub target: ScopeTarget,
+    pub counts: ScopeCounts,
+}
 
 #[derive(Clone, Debug, PartialEq)]
 pub struct ScopeRule {
@@ -524,6 +582,38 @@ fn in_minute(second: i64, now: Timestamp) -> bool {
 }
 
 impl ScopeCounts {
+    /// Counts from their parts: each calendar period's start and count
+    /// (by [`Period::index`]) and the seconds of the minute with usage,
+    /// oldest first. When the counter may go is worked out when it is
+    /// loaded, from its rule's limits.
+    pub fn from_parts(
+        calendars: [(Timestamp, Usage); Period::ALL.len()],
+        minute: Vec<(i64, Usage)>,
+    ) -> Self {
+        Self {
+            minute: (!minute.is_empty()).then(|| Box::new(minute.into())),
+            calendars,
+            keep_until: Timestamp::from_millis(0),
+        }
+    }
+
+    /// Each calendar period's start and count, by [`Period::index`].
+    pub fn calendar_parts(&self) -> &[(Timestamp, Usage); Period::ALL.len()] {
+        &self.calendars
+    }
+
+    /// The seconds of the minute with usage, oldest first.
+    pub fn minute_parts(&self) -> impl Iterator<Item = (i64, Usage)> + '_ {
+        self.minute
+            .iter()
+            .flat_map(|seconds| seconds.iter().copied())
+    }
+
+    /// Whether the counts are clear at `now` for `limits`.
+    fn clear(&self, limits: &Limits, calendars: &Calendars, now: Timestamp) -> bool {
+        self.clear_at(limits, calendars) <= now
+    }
+
     /// What the minute ending at `now` counted.
     pub fn minute_total(&self, now: Timestamp) -> Usage {
         self.minute
@@ -821,6 +911,74 @@ impl ScopeBook {
             }
             (RuleCounters::Each(_), None) => {}
         }
+    }
+
+    /// Replaces the counter `target` of rule `rule` by `counts`, counted
+    /// elsewhere or saved, with `limits` (the rule's) deciding how long it
+    /// is kept. A value's counter that is clear at `now` is not made.
+    pub fn load(
+        &mut self,
+        rule: RuleId,
+        target: ScopeTarget,
+        counts: ScopeCounts,
+        limits: &Limits,
+        calendars: &Calendars,
+        now: Timestamp,
+    ) {
+        let Some((_, counters)) = self.rules.iter_mut().find(|(id, _)| *id == rule) else {
+            return;
+        };
+        let keep_until = counts.clear_at(limits, calendars);
+        let loaded = ScopeCounts {
+            keep_until,
+            ..counts
+        };
+        match (counters, target) {
+            (RuleCounters::Listed(kept), ScopeTarget::Listed) => *kept = loaded,
+            (RuleCounters::Each(each), ScopeTarget::Overflow) => each.overflow = loaded,
+            (RuleCounters::Each(each), ScopeTarget::Own(key)) => {
+                if loaded.clear(limits, calendars, now) {
+                    each.map.remove(&key);
+                    return;
+                }
+                let before = each.map.get(&key).map(|counts| counts.keep_until);
+                if before.is_none() && each.map.len() >= self.cap {
+                    return;
+                }
+                each.map.insert(key, loaded);
+                if before.is_none_or(|before| keep_until > before) {
+                    each.expiry.push_back((keep_until, key));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// Every counter that counts anything at `now`, as [`load`](Self::load)
+    /// takes them back.
+    pub fn counted(&self, now: Timestamp) -> Vec<LoadedScope> {
+        let mut counted = Vec::new();
+        for (rule, counters) in &self.rules {
+            let mut keep = |target, counts: &ScopeCounts| {
+                if counts.keep_until > now {
+                    counted.push(LoadedScope {
+                        rule: *rule,
+                        target,
+                        counts: counts.clone(),
+                    });
+                }
+            };
+            match counters {
+                RuleCounters::Listed(counts) => keep(ScopeTarget::Listed, counts),
+                RuleCounters::Each(each) => {
+                    keep(ScopeTarget::Overflow, &each.overflow);
+                    for (key, counts) in &each.map {
+                        keep(ScopeTarget::Own(*key), counts);
+                    }
+                }
+            }
+        }
+        counted
     }
 
     /// Counts a refusal by an each-rule, for the status.
@@ -1122,6 +1280,86 @@ mod tests {
                 .minute_total(at(0)),
             Usage::call(1)
         );
+    }
+
+    #[test]
+    fn counters_loaded_replace_their_own_and_only_those_counting_are_kept() {
+        let (scoped, mut book) = book_with(each_user(), 1);
+        let calendars = Calendars::new(at(0), chrono_tz::Tz::UTC);
+        let rule = &scoped.rules()[0];
+        let alice = user(&scoped, "alice");
+        let key = alice.key.expect("a user's key");
+        let day = calendars.get(Period::Day).start;
+        let counted = |requests| {
+            ScopeCounts::from_parts(
+                [(day, Usage::call(requests)); Period::ALL.len()],
+                vec![(at(0).millis() / 1000, Usage::call(requests))],
+            )
+        };
+        book.load(
+            rule.id,
+            ScopeTarget::Own(key),
+            counted(3),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        let loaded = book.get(&alice).expect("loaded");
+        assert_eq!(loaded.calendar(Period::Day, &calendars), Usage::call(3));
+        // Past the cap (1), another user's counter is not made, and the
+        // overflow one is loaded as such.
+        let bob = user(&scoped, "bob");
+        let bob_key = bob.key.expect("key");
+        book.load(
+            rule.id,
+            ScopeTarget::Own(bob_key),
+            counted(1),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        assert_eq!(book.summary(rule.id).tracked, 1);
+        book.load(
+            rule.id,
+            ScopeTarget::Overflow,
+            counted(5),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        assert_eq!(
+            book.get(&bob)
+                .expect("overflow")
+                .calendar(Period::Day, &calendars),
+            Usage::call(5)
+        );
+        // A clear counter loaded removes the user's.
+        book.load(
+            rule.id,
+            ScopeTarget::Own(key),
+            ScopeCounts::default(),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        assert!(book.get(&alice).is_none());
+        assert_eq!(book.summary(rule.id).tracked, 0);
+        // What counts is listed for saving; once the day is over, nothing.
+        book.load(
+            rule.id,
+            ScopeTarget::Own(key),
+            counted(2),
+            &rule.limits,
+            &calendars,
+            at(1),
+        );
+        let targets: Vec<ScopeTarget> = book
+            .counted(at(2))
+            .iter()
+            .map(|scope| scope.target)
+            .collect();
+        assert_eq!(targets, vec![ScopeTarget::Overflow, ScopeTarget::Own(key)]);
+        assert!(book.counted(calendars.get(Period::Day).end).is_empty());
     }
 
     #[test]

@@ -880,7 +880,7 @@ fn saved_state_restores_counters_blocks_and_status() {
         Some("credit_balance_exhausted"),
         &[],
     );
-    let saved = script.state.save();
+    let saved = script.state.save(None);
     let notifications = script.state.active_notifications().to_vec();
     let config = script.state.config().clone();
     script.after(5000);
@@ -1052,7 +1052,7 @@ fn a_reservation_charged_elsewhere_is_taken_once_and_never_saved() {
     assert!(
         script
             .state
-            .save()
+            .save(None)
             .reservations
             .iter()
             .all(|reservation| reservation.id == 1)
@@ -1441,7 +1441,7 @@ fn the_month_is_saved_and_an_older_save_starts_it_from_today() {
         let state = WorkspaceState::restore(config.clone(), saved, Vec::new(), ts(at));
         state.snapshot(ts(at)).usage
     };
-    let mut saved = script.state.save();
+    let mut saved = script.state.save(None);
     saved.calendars[Period::Month.index()].used.tokens = 5000;
     assert_eq!(
         restore(saved.clone(), "2026-05-20T11:00:00Z")
@@ -1532,7 +1532,7 @@ fn an_unpriced_model_is_noticed_once_and_forgotten_at_a_reset() {
     // next call of one raises nothing again.
     let restored = WorkspaceState::restore(
         script.state.config().clone(),
-        script.state.save(),
+        script.state.save(None),
         script.state.active_notifications().to_vec(),
         script.now,
     );
@@ -2185,7 +2185,7 @@ fn each_threshold_is_announced_once_per_day_across_a_restart() {
     script.after(1_000);
     assert!(threshold(&script.use_then_tick(10)).is_empty(), "once");
     // A restart from the saved state and the stored notifications.
-    let saved = script.state.save();
+    let saved = script.state.save(Some(script.now));
     let active = script.state.active_notifications().to_vec();
     let config = script.state.config().clone();
     script.state = WorkspaceState::restore(config, saved, active, script.now);

@@ -19,7 +19,7 @@ use super::notification::{
 };
 use super::price::{PriceTable, TokenCounts};
 use super::scope::{
-    EachSummary, RefusedScope, ScopeBook, ScopeCounts, ScopeRef, ScopeValues, Selector,
+    EachSummary, LoadedScope, RefusedScope, ScopeBook, ScopeCounts, ScopeRef, ScopeValues, Selector,
 };
 use super::spend::{ModelSpend, SpendBook};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
@@ -325,6 +325,9 @@ pub struct Saved {
     pub unpriced_models: Vec<Model>,
     /// The alert thresholds that fired in each limit's current period.
     pub thresholds_fired: Vec<(LimitKind, Fired)>,
+    /// The scope counters that still count anything; an end user's whose
+    /// windows are clear is left out.
+    pub scopes: Vec<LoadedScope>,
 }
 
 /// A workspace's counts of requests and tokens, as of an instant: what
@@ -751,10 +754,18 @@ impl WorkspaceState {
         for (kind, fired) in saved.thresholds_fired {
             state.thresholds_fired.set(kind, Some(fired));
         }
+        // Against the calendar counters restored above, whose periods they
+        // share. The reservations restored no longer know the scope
+        // counters they charged: their estimates stay charged there, which
+        // errs on the strict side.
+        state.load_scopes(saved.scopes, now);
         state
     }
 
-    pub fn save(&self) -> Saved {
+    /// The state to save. `scopes_at`, when given, saves the scope
+    /// counters that still count then; counters kept elsewhere keep their
+    /// own, and the ones here only mirror them.
+    pub fn save(&self, scopes_at: Option<Timestamp>) -> Saved {
         Saved {
             minute: self.minute.to_entries(),
             calendars: self.calendars.0.to_vec(),
@@ -782,6 +793,7 @@ impl WorkspaceState {
                 .iter()
                 .filter_map(|(kind, fired)| Some((kind, fired?)))
                 .collect(),
+            scopes: scopes_at.map_or_else(Vec::new, |now| self.scopes.counted(now)),
         }
     }
 
@@ -1402,6 +1414,24 @@ impl WorkspaceState {
         }
     }
 
+    /// Replaces scope counters by `loaded`, counted elsewhere or saved, as
+    /// of `at`; those of rules no longer configured are dropped.
+    pub fn load_scopes(&mut self, loaded: impl IntoIterator<Item = LoadedScope>, at: Timestamp) {
+        let rules = self.config.scoped_limits.rules();
+        for scope in loaded {
+            if let Some(rule) = rules.iter().find(|rule| rule.id == scope.rule) {
+                self.scopes.load(
+                    scope.rule,
+                    scope.target,
+                    scope.counts,
+                    &rule.limits,
+                    &self.calendars,
+                    at,
+                );
+            }
+        }
+    }
+
     /// The upstream's blocks.
     pub fn blocks(&self) -> Blocks {
         Blocks {
@@ -1424,6 +1454,11 @@ impl WorkspaceState {
     /// How much of the limits is enforced.
     pub fn enforcement(&self) -> Enforcement {
         self.enforcement
+    }
+
+    /// Whether reservation `id` is held here, unsettled and unexpired.
+    pub fn holds_reservation(&self, id: u64) -> bool {
+        self.reservations.contains_key(&id)
     }
 
     /// The estimate of reservation `id`, if it was charged here rather than
@@ -1533,6 +1568,7 @@ impl WorkspaceState {
             }
             None => {
                 let refusal = self.explain_refusal(request, now);
+                self.note_scope_refusal(&refusal, &self.matching(request));
                 Err(self.refused(refusal, now))
             }
         };

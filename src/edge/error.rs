@@ -167,15 +167,6 @@ impl From<EngineError> for ApiError {
                 error.to_string(),
             )
             .with_header("x-should-retry", "true"),
-            // A configuration these counters cannot enforce: no retry
-            // helps until an operator changes it.
-            EngineError::ScopedLimitsInRedis(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "scoped_limits_not_enforced",
-                error.to_string(),
-            )
-            .with_header("x-should-retry", "false"),
         }
     }
 }

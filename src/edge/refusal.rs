@@ -95,6 +95,14 @@ fn scope_codes(kind: ScopeKind) -> &'static str {
     &CODES[kind.index()]
 }
 
+/// The error code of a used-up scoped budget of `kind`
+/// (`model_budget_exceeded`).
+fn scope_budget_codes(kind: ScopeKind) -> &'static str {
+    static CODES: LazyLock<[String; ScopeKind::COUNT]> =
+        LazyLock::new(|| ScopeKind::ALL.map(ScopeKind::budget_code));
+    &CODES[kind.index()]
+}
+
 /// The error code of a used-up calendar usd limit: a budget.
 const BUDGET_EXCEEDED: &str = "workspace_budget_exceeded";
 
@@ -116,6 +124,22 @@ pub fn refusal_error(
         )
     };
     let (error_type, code, message) = match (refusal.cause, refusal.scope.zip(refused_scope)) {
+        // A scoped budget, as a workspace's, in its own words and its
+        // kind's budget code.
+        (RefusalCause::Limit(kind), Some((scope, described)))
+            if kind.metric.unit() == Unit::Dollars && kind.window.period().is_some() =>
+        {
+            let (used, max, _) = figures(kind);
+            let period = kind.window.period().map_or("", Period::this);
+            (
+                kind.metric.name(),
+                scope_budget_codes(scope.kind),
+                format!(
+                    "{used} of {max} used {period} for {described} ({kind} in workspace {workspace}, enforced by quotawatch); resets {}. Retrying earlier cannot succeed.",
+                    local_reset(refusal, now)
+                ),
+            )
+        }
         // A scoped limit is refused in its kind's code, naming what it
         // limits, with the same figures and retry as a workspace's.
         (RefusalCause::Limit(kind), Some((scope, described))) => {
@@ -250,6 +274,17 @@ mod tests {
     use super::*;
 
     fn used_up(kind: LimitKind, resets_in_hours: u64, now: Timestamp) -> ApiError {
+        used_up_in(kind, None, resets_in_hours, now)
+    }
+
+    /// A refusal by `kind`, of the scoped limit `scope` described so when
+    /// given, else the workspace's.
+    fn used_up_in(
+        kind: LimitKind,
+        scope: Option<(ScopeKind, &str)>,
+        resets_in_hours: u64,
+        now: Timestamp,
+    ) -> ApiError {
         let refusal = Refusal {
             cause: RefusalCause::Limit(kind),
             used: 49_980_000_000,
@@ -257,11 +292,62 @@ mod tests {
             retry_at: Some(now.plus(std::time::Duration::from_secs(3600 * resets_in_hours))),
             retryable: false,
             timezone: chrono_tz::Europe::Berlin,
-            scope: None,
+            scope: scope.map(|(kind, _)| crate::domain::scope::RefusedScope { kind, rule: 0 }),
         };
         let workspace: WorkspaceId = "acme".parse().expect("id");
         let probe = std::time::Duration::from_secs(60);
-        refusal_error(&workspace, &refusal, None, &Headroom::default(), now, probe)
+        let described = scope.map(|(_, described)| described);
+        refusal_error(
+            &workspace,
+            &refusal,
+            described,
+            &Headroom::default(),
+            now,
+            probe,
+        )
+    }
+
+    #[test]
+    fn a_scoped_budget_refusal_names_its_scope_and_the_numbers() {
+        use crate::domain::limits::{USD_PER_DAY, USD_PER_MINUTE};
+        let now = Timestamp::from_millis(1_796_238_000_000);
+        let model = used_up_in(
+            USD_PER_DAY,
+            Some((ScopeKind::Model, "models gpt-4o")),
+            4,
+            now,
+        );
+        assert_eq!(model.code, "model_budget_exceeded");
+        assert!(
+            model.message.starts_with(
+                "$49.98 of $50.00 used today for models gpt-4o (usd_per_day in workspace acme"
+            ) && model
+                .message
+                .contains("resets at 00:00 Europe/Berlin (in 4h 0m)"),
+            "{}",
+            model.message
+        );
+        assert_eq!(
+            model.headers.get("x-should-retry").map(|v| v.to_str().ok()),
+            Some(Some("false"))
+        );
+        assert!(model.headers.get("retry-after").is_some());
+        let user = used_up_in(
+            USD_PER_DAY,
+            Some((ScopeKind::User, "end user \"alice\"")),
+            4,
+            now,
+        );
+        assert_eq!(user.code, "user_budget_exceeded");
+        assert!(user.message.contains("for end user \"alice\""));
+        // Dollars over the minute are a rate, not a budget.
+        let rate = used_up_in(
+            USD_PER_MINUTE,
+            Some((ScopeKind::Model, "models o3*")),
+            0,
+            now,
+        );
+        assert_eq!(rate.code, "model_limit_exceeded");
     }
 
     #[test]

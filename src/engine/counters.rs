@@ -14,7 +14,7 @@ use std::sync::Arc;
 
 use super::redis_counting::{OnStoreError, RedisCounting};
 use super::{Decision, Engine, EngineError, Reported, UsageReport};
-use crate::domain::limits::{WorkspaceConfig, WorkspaceId};
+use crate::domain::limits::WorkspaceId;
 use crate::domain::workspace::{Request, ResetScope};
 use crate::redis::RedisCounters;
 
@@ -44,12 +44,11 @@ impl Counters {
 }
 
 impl Engine {
-    /// Whether these counters enforce `workspace`'s scoped limits. Those in
-    /// Redis do not yet, so a workspace with scoped limits is refused
-    /// there (by the admin API and at start-up) rather than counted
-    /// without them.
-    pub fn counts_scoped_limits(&self, workspace: &WorkspaceConfig) -> bool {
-        matches!(self.counters, Counters::InProcess) || workspace.scoped_limits.is_empty()
+    /// Whether the saved state keeps the scope counters: only those
+    /// counted in this process, which a restart would otherwise forget
+    /// (Redis keeps its own).
+    pub(super) fn saves_scopes(&self) -> bool {
+        matches!(self.counters, Counters::InProcess)
     }
 
     /// Whether other instances count this instance's workspaces too (the

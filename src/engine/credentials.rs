@@ -149,9 +149,13 @@ impl Engine {
         let admission = cell
             .state
             .refuse_for_credential(code, now, &self.settings, &mut fresh_id);
-        Ok(Some(
-            self.conclude_admission(&slot, cell, now, None, admission),
-        ))
+        Ok(Some(self.conclude_admission(
+            &slot,
+            cell,
+            now,
+            (None, &Default::default()),
+            admission,
+        )))
     }
 
     /// Folds the upstream's answer to a proxied `call` (its class, if it

@@ -113,10 +113,6 @@ pub enum EngineError {
     UnknownReservation(String),
     #[error("the shared counters are unreachable: {0}")]
     SharedStore(String),
-    #[error(
-        "workspace {0} has scoped limits, which counters in Redis do not enforce yet: its calls are refused until they are removed"
-    )]
-    ScopedLimitsInRedis(WorkspaceId),
 }
 
 /// The answer to an admission check.
@@ -722,15 +718,13 @@ impl Engine {
         let admission = cell
             .state
             .admit(&request, now, &self.settings, &mut fresh_id);
-        let refused_scope = admission.result.as_ref().err().and_then(|refusal| {
-            let scoped = &cell.state.config().scoped_limits;
-            Some(scoped.describe(refusal.scope?, &request.scoped))
-        });
-        let decision = self.conclude_admission(&slot, cell, now, request.model, admission);
-        Ok(Decision {
-            refused_scope,
-            ..decision
-        })
+        Ok(self.conclude_admission(
+            &slot,
+            cell,
+            now,
+            (request.model, &request.scoped),
+            admission,
+        ))
     }
 
     /// Refuses now what would be refused whatever it costs (see
@@ -754,21 +748,31 @@ impl Engine {
             .state
             .admit(&cheapest, now, &self.settings, &mut fresh_id);
         debug_assert!(admission.result.is_err(), "refused whatever it costs");
-        Ok(Some(
-            self.conclude_admission(&slot, cell, now, None, admission),
-        ))
+        Ok(Some(self.conclude_admission(
+            &slot,
+            cell,
+            now,
+            (None, &ScopeValues::default()),
+            admission,
+        )))
     }
 
     /// What every admission does after the decision, wherever it was made:
-    /// history, the answer's headroom, events.
+    /// history, the answer's headroom, how a refusal names the scoped limit
+    /// that refused (from the request's `model` and `scoped` values),
+    /// events.
     fn conclude_admission(
         &self,
         slot: &Slot,
         mut cell: MutexGuard<'_, Cell>,
         now: Timestamp,
-        model: Option<Model>,
+        (model, scoped): (Option<Model>, &ScopeValues),
         admission: Admission,
     ) -> Decision {
+        let refused_scope = admission.result.as_ref().err().and_then(|refusal| {
+            let rules = &cell.state.config().scoped_limits;
+            Some(rules.describe(refusal.scope?, scoped))
+        });
         let touched = if admission.result.is_err() {
             let refused = RollupDelta {
                 refused: 1,
@@ -784,7 +788,7 @@ impl Engine {
             headroom: cell.state.headroom(),
             remaining: cell.state.remaining(),
             result: admission.result,
-            refused_scope: None,
+            refused_scope,
         };
         self.conclude(slot, cell, now, admission.changes, touched);
         decision
@@ -1060,7 +1064,7 @@ impl Engine {
             let (saved, rollups, tz) = {
                 let mut cell = slot.lock();
                 (
-                    cell.state.save(),
+                    cell.state.save(self.saves_scopes().then(|| self.now())),
                     std::mem::take(&mut cell.rollups),
                     cell.state.config().timezone,
                 )

@@ -6,7 +6,9 @@
 --
 -- KEYS: 1 and 2 are shared by every workspace, the rest are one per
 -- workspace:
---   1 reservations  HASH "workspace|reservation id" -> "charged_us|estimate|probe|model",
+--   1 reservations  HASH "workspace|reservation id" -> "charged_us|estimate|probe|model"
+--                   (then "|" and the scope counters it charged, if any: see
+--                   `open_scope`),
 --                   those any instance may settle (the REST API's); the
 --                   proxy's are held by the instance that admits them,
 --                   which settles them itself, saying what they charged
@@ -100,6 +102,10 @@
 -- the rest 0),
 -- when it was charged (ms), the estimate charged for it (as usage is
 -- passed), whether it was a probe, its model.
+-- A batch whose work carries scoped limits has a scoped part after the
+-- settlements (see `read_scoped_part`), and its answer a sixth field
+-- (see `scoped_answer`); the scope counters are described with
+-- `open_scope`.
 --
 -- The other operations concern one workspace (KEYS[3]): ARGV[3] is its id
 -- and ARGV[4] its calendar bounds; arg(1) onwards depends on the operation.
@@ -413,9 +419,13 @@ local function read_usage(text, counts)
   return counts
 end
 
+-- A reservation's record: when it was charged, its estimate, whether it
+-- was a probe, its model and, if it charged scoped limits, their counters
+-- (`resolved`, see `open_scope`).
 local function parse_reservation(record)
-  local charged, estimate, probe, model = string.match(record, '^(%d+)|([%d ]+)|(%d)|(.*)$')
-  return tonumber(charged), read_usage(estimate, {}), probe, model
+  local charged, estimate, probe, model, scoped =
+    string.match(record, '^(%d+)|([%d ]+)|(%d)|([^|]*)|?(.*)$')
+  return tonumber(charged), read_usage(estimate, {}), probe, model, scoped
 end
 
 -- Removes reservations past their expiry; answers their expiry members
@@ -434,6 +444,309 @@ local function expire_reservations()
 end
 
 local expired = expire_reservations()
+
+-- Scoped limits (per model, per end user, `domain::scope`): a counter per
+-- listed rule and per value of an each-rule, each a key of its own that
+-- expires once its windows are clear, so that a million end users cost
+-- memory only while they count. Everything here is entered only when a
+-- call carries scoped limits: an admission without them pays one table
+-- look-up.
+--
+-- A counter's key is its rule's, "<prefix>scope1:<workspace>:<rule id>",
+-- for a listed rule; for an each-rule, the rule's key followed by
+-- ":<the value's fingerprint>", or by ":overflow" for the counter that
+-- values beyond the cap share (stricter, never looser), and the rule's
+-- key followed by ":tracked" is a ZSET of the values counted apart,
+-- scored by when their counters expire, to count them against the cap.
+-- Counters are named by the caller (or by a reservation's record) rather
+-- than in KEYS, as there may be any number of them; quotawatch's keys all
+-- live in one Redis, never a cluster.
+-- A counter's value is little-endian doubles: the workspace's last reset
+-- (microseconds) when it was written, as a counter older than the
+-- workspace's reset counts nothing, which makes a reset one write
+-- whatever the counters; when it expires (ms); then, for each calendar
+-- period, its start and a count per metric; then each second of the
+-- minute that counted, oldest first: the second and a count per metric.
+-- Its periods are the workspace's, rolled with it.
+--
+-- A call names the counters an admission checks and charges as one
+-- string of ';'-separated refs: "L <key> <limits>" for a listed rule's,
+-- "E <rule key> <fingerprint> <limits>" for an each-rule's, limits as a
+-- workspace's. An admission charged the counters it answers as
+-- `resolved`, ';'-separated "<key> <kept> <minute>": the counter's key,
+-- the last calendar period (1: the day) any of its limits counts over
+-- (0: none) and 1 if it has a minute limit, which is all a settlement
+-- needs to correct the counter and keep it as long as it counts.
+local SCOPE_HEAD = 2 + CALENDARS * (1 + METRICS)
+local SCOPE_SECOND = 1 + METRICS
+local FINGERPRINT = '^(.+):(' .. string.rep('%x', 32) .. ')$'
+-- The scope counters this call opened, by key, each written once at its
+-- end; and how many values an each-rule counts apart at most (`batch`
+-- passes it).
+local scope_counters, scope_cap = {}, 0
+-- A batch's admissions that carry refs, by the index of their first
+-- argument; nil when none does.
+local scoped_admissions = nil
+
+-- Opens the scope counter at `key` for workspace `w`: its counts as of
+-- now, those of an earlier reset or period dropped.
+local function open_scope(w, key)
+  local sc = scope_counters[key]
+  if sc then return sc end
+  local h = w.h
+  local blob = redis.call('GET', key)
+  local values = {}
+  if blob then
+    values = { struct.unpack('<' .. string.rep('d', #blob / 8), blob) }
+    values[#values] = nil
+  end
+  local fresh = not blob or values[1] < h[LAST_RESET]
+  sc = { key = key, w = w, exists = blob and true or false, changed = false, kept = 0,
+    keeps_minute = false, expires = fresh and 0 or values[2], cal = {}, minute = {},
+    tracked = false, value = false }
+  for c = 1, CALENDARS do
+    local at = 3 + (c - 1) * (1 + METRICS)
+    local current = not fresh and values[at] == h[period_start(c)]
+    local counts = {}
+    for m = 1, METRICS do counts[m] = current and values[at + m] or 0 end
+    sc.cal[c] = counts
+  end
+  if not fresh then
+    for at = SCOPE_HEAD + 1, #values, SCOPE_SECOND do
+      if values[at] > w.second - MINUTE_S then
+        sc.minute[#sc.minute + 1] = { unpack(values, at, at + METRICS) }
+      end
+    end
+  end
+  scope_counters[key] = sc
+  return sc
+end
+
+-- A scoped limit's text (as a workspace's) as {window, metric, max}
+-- triples, flat, with the last calendar period it counts over (`kept`)
+-- and whether it has a minute limit; each text parsed once per call.
+local parsed_scope_limits = {}
+local function scope_limits(text)
+  local parsed = parsed_scope_limits[text]
+  if parsed then return parsed end
+  parsed = { kept = 0, minute = false }
+  local values = {}
+  for value in string.gmatch(text, '%d+') do values[#values + 1] = tonumber(value) end
+  for i = 1, #values - 2, 3 do
+    local window = values[i]
+    parsed[#parsed + 1], parsed[#parsed + 2], parsed[#parsed + 3] = window, values[i + 1] + 1,
+      values[i + 2]
+    if window == 0 then parsed.minute = true elseif window > parsed.kept then parsed.kept = window end
+  end
+  parsed_scope_limits[text] = parsed
+  return parsed
+end
+
+-- Notes how long `sc` counts: the longest its limits keep it.
+local function keeps(sc, kept, minute)
+  if kept > sc.kept then sc.kept = kept end
+  sc.keeps_minute = sc.keeps_minute or minute
+end
+
+-- The counter of value `fingerprint` of the each-rule at `rule_key`: its
+-- own, or past the cap, for a value not counted yet, the shared overflow
+-- counter.
+local function each_counter(w, rule_key, fingerprint)
+  local own = open_scope(w, rule_key .. ':' .. fingerprint)
+  if own.tracked then return own end
+  local tracked = rule_key .. ':tracked'
+  if not own.exists then
+    redis.call('ZREMRANGEBYSCORE', tracked, '-inf', now_text)
+    if redis.call('ZCARD', tracked) >= scope_cap then
+      return open_scope(w, rule_key .. ':overflow')
+    end
+    -- Counted against the cap at once, so that a batch of new values
+    -- cannot pass it; scored by its expiry when it is written.
+    redis.call('ZADD', tracked, now + MINUTE_S * 1000, fingerprint)
+  end
+  own.tracked, own.value = tracked, fingerprint
+  return own
+end
+
+-- The counters an admission's refs name, each {sc, limits}.
+local function scope_charges(w, refs)
+  local charges = {}
+  for ref in string.gmatch(refs, '[^;]+') do
+    local kind, key, rest = string.match(ref, '^(%a) (%S+) (.*)$')
+    local sc
+    if kind == 'E' then
+      local fingerprint
+      fingerprint, rest = string.match(rest, '^(%S+) ?(.*)$')
+      sc = each_counter(w, key, fingerprint)
+    else
+      sc = open_scope(w, key)
+    end
+    local limits = scope_limits(rest)
+    keeps(sc, limits.kept, limits.minute)
+    -- The workspace's state outlives its scope counters: their counts
+    -- are valid only against its last reset.
+    if limits.kept > w.kept then w.kept = limits.kept end
+    charges[#charges + 1] = { sc = sc, limits = limits }
+  end
+  return charges
+end
+
+-- Whether a request costing `costs` fits every limit of `charges`, by the
+-- rules of `admit_one`.
+local function scopes_fit(charges, costs)
+  for _, charge in ipairs(charges) do
+    local sc, limits = charge.sc, charge.limits
+    for i = 1, #limits, 3 do
+      local window, metric, max = limits[i], limits[i + 1], limits[i + 2]
+      local cost, used = costs[metric], 0
+      if window == 0 then
+        for _, second in ipairs(sc.minute) do used = used + second[1 + metric] end
+      else
+        used = sc.cal[window][metric]
+      end
+      if cost > max or used + (cost > 1 and cost or 1) > max then return false end
+    end
+  end
+  return true
+end
+
+-- Adds `counts` to the second `at_second` of `sc`'s minute, if it keeps
+-- one and that second is still in it (see `add_minute`).
+local function add_scope_minute(sc, at_second, counts)
+  if not sc.keeps_minute or at_second <= sc.w.second - MINUTE_S then return end
+  local second
+  for _, counted in ipairs(sc.minute) do
+    if counted[1] == at_second then second = counted end
+  end
+  if not second then
+    -- Only the newest second is ever added: the others are corrected.
+    second = { at_second }
+    for m = 1, METRICS do second[1 + m] = 0 end
+    sc.minute[#sc.minute + 1] = second
+  end
+  for m = 1, METRICS do second[1 + m] = math.max(second[1 + m] + counts[m], 0) end
+end
+
+-- Adds `counts` to each of `sc`'s calendar periods, as `add_calendars`
+-- does to the workspace's.
+local function add_scope_calendars(sc, counts, charged)
+  local h = sc.w.h
+  for c = 1, CALENDARS do
+    local since = charged and charged < h[period_start(c)]
+    local counted = sc.cal[c]
+    for m = 1, METRICS do
+      local count = counts[m]
+      if since and count < 0 then count = 0 end
+      counted[m] = math.max(counted[m] + count, 0)
+    end
+  end
+end
+
+-- Charges `costs` now to every counter of `charges`; answers them as
+-- `resolved`.
+local function charge_scopes(w, charges, costs)
+  local resolved = {}
+  for i, charge in ipairs(charges) do
+    local sc = charge.sc
+    add_scope_minute(sc, w.second, costs)
+    add_scope_calendars(sc, costs)
+    sc.changed = true
+    resolved[i] = sc.key .. ' ' .. charge.limits.kept .. ' ' .. (charge.limits.minute and 1 or 0)
+  end
+  return table.concat(resolved, ';')
+end
+
+-- Corrects the counters a settlement names (`resolved`) as `settle_one`
+-- corrects the workspace's. A counter that expired meanwhile is made anew
+-- with the usage beyond the estimate.
+local function correct_scopes(w, resolved, charged, correction, extra, any_extra)
+  local charged_second = math.floor(charged / 1000)
+  for ref in string.gmatch(resolved, '[^;]+') do
+    local key, kept, minute = string.match(ref, '^(%S+) (%d+) (%d)$')
+    if key then
+      local sc = open_scope(w, key)
+      keeps(sc, tonumber(kept), minute == '1')
+      local rule_key, fingerprint = string.match(key, FINGERPRINT)
+      if rule_key then sc.tracked, sc.value = rule_key .. ':tracked', fingerprint end
+      local in_minute = false
+      for _, second in ipairs(sc.minute) do
+        if second[1] == charged_second then in_minute = true end
+      end
+      if in_minute then
+        add_scope_minute(sc, charged_second, correction)
+      elseif any_extra then
+        add_scope_minute(sc, w.second, extra)
+      end
+      add_scope_calendars(sc, correction, charged)
+      sc.changed = true
+    end
+  end
+end
+
+-- `sc` as stored, and when it expires: at the end of the last calendar
+-- period it keeps that counted anything, or when its newest second with
+-- usage leaves the minute; 0 once nothing counts.
+local function pack_scope(sc)
+  local h = sc.w.h
+  local expires = 0
+  for c = sc.kept, 1, -1 do
+    local counted = false
+    for m = 1, METRICS do counted = counted or sc.cal[c][m] > 0 end
+    if counted then
+      expires = h[period_start(c) + 1]
+      break
+    end
+  end
+  local values = { h[LAST_RESET], 0 }
+  for c = 1, CALENDARS do
+    values[#values + 1] = h[period_start(c)]
+    for m = 1, METRICS do values[#values + 1] = sc.cal[c][m] end
+  end
+  if sc.keeps_minute then
+    for _, second in ipairs(sc.minute) do
+      local counted = false
+      for m = 1, METRICS do counted = counted or second[1 + m] > 0 end
+      if counted then
+        for f = 1, SCOPE_SECOND do values[#values + 1] = second[f] end
+        expires = math.max(expires, (second[1] + MINUTE_S) * 1000)
+      end
+    end
+  end
+  values[2] = expires
+  return struct.pack('<' .. string.rep('d', #values), unpack(values)), expires
+end
+
+-- Writes the counters this call changed, each with its expiry (its value's
+-- score in the rule's tracked set moves with it), and answers every
+-- counter that exists as {key, state, key, state, ...}: an empty state is
+-- one that expired.
+local function save_scopes()
+  local answered = {}
+  for key, sc in pairs(scope_counters) do
+    local blob, expires = pack_scope(sc)
+    if sc.changed then
+      if expires <= now then
+        redis.call('DEL', key)
+        blob = ''
+      else
+        redis.call('SET', key, blob, 'PXAT', string.format('%d', expires))
+        if sc.tracked and expires ~= sc.expires then
+          local at = string.format('%d', expires)
+          redis.call('ZADD', sc.tracked, at, sc.value)
+          -- Kept as long as its latest member: the first sets an expiry
+          -- where there was none, the second moves it only later.
+          redis.call('PEXPIREAT', sc.tracked, at, 'NX')
+          redis.call('PEXPIREAT', sc.tracked, at, 'GT')
+        end
+      end
+    end
+    if sc.exists or sc.changed then
+      answered[#answered + 1] = key
+      answered[#answered + 1] = blob
+    end
+  end
+  return answered
+end
 
 -- Opens the n-th workspace of a batch, from ARGV[b..]. Its limits are
 -- parsed once, for all its admissions.
@@ -475,6 +788,7 @@ local costs = {}
 
 local function admit_one(w, a)
   local h = w.h
+  local scoped = scoped_admissions and scoped_admissions[a]
   for m = 1, METRICS do costs[m] = tonumber(ARGV[a + m]) end
   -- The arguments after the estimate, as if it were one: ARGV[a + 2] is
   -- the reservation id.
@@ -488,6 +802,10 @@ local function admit_one(w, a)
     if cost > max or h[limits[i]] + (cost > 1 and cost or 1) > max then return '0' end
   end
   if h[HOLD] > now then return '0' end
+  if scoped then
+    scoped.charges = scoped.charges or scope_charges(w, scoped.refs)
+    if not scopes_fit(scoped.charges, costs) then return '0' end
+  end
   local probe = '0'
   if h[BILLING] > 0 then
     if now < h[NEXT_PROBE] then return '0' end
@@ -497,11 +815,13 @@ local function admit_one(w, a)
   add_minute(w, w.second, costs)
   add_calendars(w, costs)
   w.changed = true
+  if scoped then scoped.resolved = charge_scopes(w, scoped.charges, costs) end
   local outcome = probe == '1' and '2' or '1'
   -- A reservation the caller holds is not recorded (see `batch`).
   if ARGV[a + 6] ~= '1' then return outcome end
   local field = w.id .. '|' .. ARGV[a + 2]
   local record = now_us_text .. '|' .. table.concat(costs, ' ') .. '|' .. probe .. '|' .. ARGV[a + 5]
+  if scoped then record = record .. '|' .. scoped.resolved end
   new_reservations[#new_reservations + 1] = field
   new_reservations[#new_reservations + 1] = record
   local ttl = ARGV[a + 3]
@@ -519,9 +839,11 @@ end
 
 -- Settles a reservation charged at `charged_us` for `estimate` (a count
 -- per metric): the correction of its estimate by what the call used, as
--- passed (see the top; '-': keep the estimate). Answers when it was charged
--- (ms) and the estimate charged for it, as usage is passed.
-local function settle_one(w, charged_us, estimate, used)
+-- passed (see the top; '-': keep the estimate), in the workspace's
+-- counters and in the scope counters it charged (`scoped`, as
+-- `resolved`, or nil). Answers when it was charged (ms) and the estimate
+-- charged for it, as usage is passed.
+local function settle_one(w, charged_us, estimate, used, scoped)
   -- A reset since the admission charged nothing of it from then on, so
   -- the estimate it keeps is nothing too.
   local last_reset = w.h[LAST_RESET]
@@ -548,6 +870,9 @@ local function settle_one(w, charged_us, estimate, used)
   -- estimate if the request was charged in it.
   add_calendars(w, correction, charged)
   w.changed = true
+  if scoped and scoped ~= '' then
+    correct_scopes(w, scoped, charged, correction, extra, any_extra)
+  end
   return charged, table.concat(charged_estimate, ' ')
 end
 
@@ -571,9 +896,9 @@ local function settle_all(workspaces, s, count)
       done[field] = true
       done[#done + 1] = field
       members[#members + 1] = expiry_member(field, record)
-      local charged_us, estimate, probe, model = parse_reservation(record)
+      local charged_us, estimate, probe, model, scoped = parse_reservation(record)
       local charged, charged_estimate =
-        settle_one(workspaces[tonumber(ARGV[b])], charged_us, estimate, ARGV[b + 2])
+        settle_one(workspaces[tonumber(ARGV[b])], charged_us, estimate, ARGV[b + 2], scoped)
       for _, value in ipairs({ 1, charged, charged_estimate, tonumber(probe), model }) do
         settled[#settled + 1] = value
       end
@@ -589,13 +914,53 @@ local function settle_all(workspaces, s, count)
 end
 
 -- Settles the batch's held reservations, from ARGV[s..]: the caller says
--- what each charged, and answers for itself that it settles once.
-local function settle_held(workspaces, s, count)
+-- what each charged (its scope counters in `held_scopes`, by its number),
+-- and answers for itself that it settles once.
+local function settle_held(workspaces, s, count, held_scopes)
   for j = 1, count do
     local b = s + (j - 1) * HELD_SETTLEMENT_ARGS
     settle_one(workspaces[tonumber(ARGV[b])], tonumber(ARGV[b + 1]), read_usage(ARGV[b + 2], {}),
-      ARGV[b + 3])
+      ARGV[b + 3], held_scopes[j])
   end
+end
+
+-- Reads a batch's scoped part, from ARGV[e..], present only when some of
+-- its work carries scoped limits: the cap of values an each-rule counts
+-- apart, the number of admissions with refs, then each one's number and
+-- refs; the number of held settlements with scope counters, then each
+-- one's number and counters (as `resolved`). Admissions' refs are kept by
+-- their first argument's index (admissions start at ARGV[a]); answers
+-- the held settlements' counters by number.
+local function read_scoped_part(e, a)
+  scope_cap = tonumber(ARGV[e])
+  scoped_admissions = {}
+  local admissions = tonumber(ARGV[e + 1])
+  e = e + 2
+  for _ = 1, admissions do
+    local number = tonumber(ARGV[e])
+    scoped_admissions[a + (number - 1) * ADMISSION_ARGS] = { number = number, refs = ARGV[e + 1] }
+    e = e + 2
+  end
+  local held_scopes = {}
+  for _ = 1, tonumber(ARGV[e]) do
+    held_scopes[tonumber(ARGV[e + 1])] = ARGV[e + 2]
+    e = e + 2
+  end
+  return held_scopes
+end
+
+-- What a call answers of scoped limits: each admission's counters charged
+-- ({number, resolved, ...}, for the caller to settle with) and the
+-- counters' states ({key, state, ...}, see `save_scopes`).
+local function scoped_answer()
+  local resolved = {}
+  for _, scoped in pairs(scoped_admissions or {}) do
+    if scoped.resolved then
+      resolved[#resolved + 1] = scoped.number
+      resolved[#resolved + 1] = scoped.resolved
+    end
+  end
+  return { resolved, save_scopes() }
 end
 
 if op == 'batch' then
@@ -608,8 +973,10 @@ if op == 'batch' then
   local a = 7 + count * WORKSPACE_ARGS
   -- Settlements first: what they give back is there for the admissions.
   local s = a + admissions * ADMISSION_ARGS
+  local e = s + settlements * SETTLEMENT_ARGS + held_settlements * HELD_SETTLEMENT_ARGS
+  local held_scopes = ARGV[e] and read_scoped_part(e, a) or {}
   local settled = settle_all(workspaces, s, settlements)
-  settle_held(workspaces, s + settlements * SETTLEMENT_ARGS, held_settlements)
+  settle_held(workspaces, s + settlements * SETTLEMENT_ARGS, held_settlements, held_scopes)
   local outcomes = {}
   for j = 1, admissions do
     outcomes[j] = admit_one(workspaces[tonumber(ARGV[a])], a)
@@ -626,7 +993,9 @@ if op == 'batch' then
   if #announcements > 0 then
     redis.call('PUBLISH', channel, table.concat(announcements, ','))
   end
-  return { now_us, table.concat(outcomes), states, expired, settled }
+  local answer = { now_us, table.concat(outcomes), states, expired, settled }
+  if next(scope_counters) then answer[6] = scoped_answer() end
+  return answer
 end
 
 -- The operations on one workspace.
@@ -639,19 +1008,30 @@ end
 
 local function reply(outcome)
   local base, changes = answer_state(w, -1)
-  return { outcome, now_us, base, changes, expired }
+  local answer = { outcome, now_us, base, changes, expired }
+  if next(scope_counters) then answer[6] = scoped_answer() end
+  return answer
 end
 
 if op == 'count' then
   -- Calls that happened without a reservation: arg(1) their usage, as
   -- passed (see the top), counted now whatever the limits.
+  -- arg(2), when given, is the scoped limits they fall under, as an
+  -- admission's refs, with the cap of arg(3): charged as the workspace is.
   local counts = read_usage(arg(1), {})
   add_minute(w, w.second, counts)
   add_calendars(w, counts)
+  if arg(2) then
+    scope_cap = tonumber(arg(3))
+    charge_scopes(w, scope_charges(w, arg(2)), counts)
+  end
   save()
   return reply(1)
 
 elseif op == 'peek' then
+  -- arg(1), when given, names listed rules' counters (as an admission's
+  -- refs) to answer too, changing nothing.
+  if arg(1) then scope_charges(w, arg(1)) end
   return reply(1)
 
 elseif op == 'reset' or op == 'reset_usage' then

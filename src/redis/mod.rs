@@ -22,6 +22,7 @@
 //! decides what a failure means (`QUOTAWATCH_ON_STORE_ERROR`).
 
 mod credentials;
+mod scopes;
 mod state;
 
 use std::sync::{Arc, Mutex};
@@ -35,6 +36,7 @@ use rustc_hash::FxHashMap;
 
 use crate::domain::credential::CredentialId;
 use crate::domain::limits::{Limits, Metric, WorkspaceId};
+use crate::domain::scope::{LoadedScope, MAX_TRACKED_PER_RULE};
 use crate::domain::status::Cause;
 use crate::domain::time::{Period, Timestamp};
 use crate::domain::window::Usage;
@@ -43,6 +45,7 @@ use crate::domain::workspace::{
 };
 use crate::sync::lock;
 pub use credentials::StoredBlock;
+pub use scopes::ScopeCharge;
 pub use state::StoredCounters;
 use state::{StateCache, billing_number, counters_from, counters_script};
 
@@ -72,6 +75,10 @@ pub struct Reply {
     /// Reservations that expired unsettled, of any workspace; their
     /// estimates are final.
     pub expired: Vec<ExpiredInStore>,
+    /// The scope counters an admission charged, as the script names them:
+    /// what the settlement of a reservation this instance holds passes
+    /// back ([`Held::scopes`]).
+    pub charged_scopes: Option<String>,
 }
 
 /// A reservation recorded in the store that expired unsettled; its
@@ -143,6 +150,9 @@ pub struct AdmitArgs<'a> {
     pub reservation_ttl: Duration,
     pub probe_interval: Duration,
     pub model: Option<&'a str>,
+    /// The scope counters the request falls under, checked and charged
+    /// with the workspace's limits, all or none.
+    pub scopes: &'a [ScopeCharge],
     /// Records the reservation in Redis, for any instance to settle (the
     /// REST API's, behind a load balancer). Otherwise the caller holds it,
     /// and settles it with [`RedisCounters::settle_held`]: recording it,
@@ -161,11 +171,13 @@ pub enum Announcement {
 }
 
 /// A reservation this instance holds, as the shared counters charged it.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 pub struct Held {
     /// Redis's clock at the charge, in microseconds ([`Reply::at_us`]).
     pub charged_us: i64,
     pub estimate: Usage,
+    /// The scope counters its admission charged ([`Reply::charged_scopes`]).
+    pub scopes: Option<String>,
 }
 
 /// Batch calls on their way to Redis at once; admissions and settlements
@@ -226,6 +238,8 @@ enum Work {
         reservation_ttl: Duration,
         probe_interval: Duration,
         model: Option<String>,
+        /// The scope counters it falls under, as the script takes them.
+        scopes: Option<String>,
         record: bool,
     },
     Settle {
@@ -336,6 +350,8 @@ impl RedisCounters {
             reservation_ttl: args.reservation_ttl,
             probe_interval: args.probe_interval,
             model: args.model.map(str::to_owned),
+            scopes: (!args.scopes.is_empty())
+                .then(|| scopes::refs_arg(&self.link.prefix, workspace, args.scopes)),
             record: args.record,
         };
         match self.queued(workspace, timezone, now, work).await? {
@@ -409,27 +425,41 @@ impl RedisCounters {
     }
 
     /// Counts calls that had no reservation: they happened, so they are
-    /// charged whatever the limits say.
+    /// charged whatever the limits say, to the workspace and to the scope
+    /// counters they fall under.
     pub async fn count(
         &self,
         workspace: &WorkspaceId,
         timezone: chrono_tz::Tz,
         now: Timestamp,
         usage: Usage,
+        scopes: &[ScopeCharge],
     ) -> Result<Reply, SharedError> {
         let mut invocation = self.link.invocation(workspace, "count", timezone, now);
         invocation.arg(usage_arg(usage));
+        if !scopes.is_empty() {
+            invocation
+                .arg(scopes::refs_arg(&self.link.prefix, workspace, scopes))
+                .arg(MAX_TRACKED_PER_RULE);
+        }
         self.link.run(workspace, invocation).await
     }
 
-    /// The current state, changing nothing but expiring what is due.
+    /// The current state, changing nothing but expiring what is due, with
+    /// the scope counters of `listed` (listed rules', which the status
+    /// shows).
     pub async fn peek(
         &self,
         workspace: &WorkspaceId,
         timezone: chrono_tz::Tz,
         now: Timestamp,
+        listed: &[ScopeCharge],
     ) -> Result<Reply, SharedError> {
-        self.link.run_plain(workspace, "peek", timezone, now).await
+        let mut invocation = self.link.invocation(workspace, "peek", timezone, now);
+        if !listed.is_empty() {
+            invocation.arg(scopes::refs_arg(&self.link.prefix, workspace, listed));
+        }
+        self.link.run(workspace, invocation).await
     }
 
     /// Clears counters and blocks; open reservations stay, charged nothing.
@@ -812,12 +842,13 @@ impl Link {
                     .arg(used_arg(*used));
             }
         }
+        scoped_part(&mut invocation, batch);
         let mut connection = self.manager.clone();
         let answer = self
             .bounded(invocation.invoke_async::<Value>(&mut connection))
             .await;
         self.note(&answer);
-        parse_batch(answer?, batch, &numbers, &held, &self.states)
+        parse_batch(answer?, batch, &numbers, &held, &self.states, &self.prefix)
     }
 
     /// An invocation of a one-workspace operation: the keys, the channel,
@@ -898,7 +929,7 @@ impl Link {
         let result = self
             .bounded(invocation.invoke_async::<Value>(&mut connection))
             .await
-            .and_then(|answer| parse_reply(answer, workspace, &self.states));
+            .and_then(|answer| parse_reply(answer, workspace, &self.states, &self.prefix));
         self.note(&result);
         result.map(|mut reply| {
             reply.expired = self.with_unclaimed(std::mem::take(&mut reply.expired));
@@ -983,25 +1014,33 @@ fn parse_reply(
     value: Value,
     workspace: &WorkspaceId,
     states: &StateCache,
+    prefix: &str,
 ) -> Result<Reply, SharedError> {
     let Value::Array(fields) = value else {
         return Err(SharedError::Protocol(format!("not an array: {value:?}")));
     };
-    if fields.len() != 5 {
+    if !(5..=6).contains(&fields.len()) {
         return Err(SharedError::Protocol(format!(
-            "{} fields instead of 5",
+            "{} fields instead of 5 or 6",
             fields.len()
         )));
     }
     let expired = expired_from(&fields[4]);
     let at_us = as_int(&fields[1]);
     let state = states.load(workspace, -1, bytes(&fields[2])?, bytes(&fields[3])?)?;
-    let counters = counters_from(millis_of(at_us), &state);
+    let mut counters = counters_from(millis_of(at_us), &state);
+    let scoped = scopes::scoped_answer(fields.get(5), prefix, &[workspace])?;
+    counters.scopes = scoped
+        .counters
+        .into_iter()
+        .map(|(_, scope)| scope)
+        .collect();
     Ok(Reply {
         done: as_int(&fields[0]) == 1,
         counters,
         at_us,
         expired,
+        charged_scopes: None,
     })
 }
 
@@ -1019,23 +1058,29 @@ fn parse_batch(
     numbers: &[usize],
     held: &[(&WorkspaceId, i64)],
     states: &StateCache,
+    prefix: &str,
 ) -> Result<BatchAnswer, SharedError> {
     let protocol = |what: &str| SharedError::Protocol(what.to_owned());
     let Value::Array(fields) = value else {
         return Err(protocol("the batch's answer is not an array"));
     };
-    let [
-        now,
-        Value::BulkString(outcomes),
-        Value::Array(answered),
-        expired,
-        settled,
-    ] = fields.as_slice()
+    let (
+        [
+            now,
+            Value::BulkString(outcomes),
+            Value::Array(answered),
+            expired,
+            settled,
+        ],
+        scoped,
+    ) = (fields.get(..5).unwrap_or_default(), fields.get(5))
     else {
         return Err(protocol(
             "the batch's answer is not {now, outcomes, states, expired, settled}",
         ));
     };
+    let workspace_ids: Vec<&WorkspaceId> = held.iter().map(|(workspace, _)| *workspace).collect();
+    let mut scoped = scopes::scoped_answer(scoped, prefix, &workspace_ids)?;
     let settled = flat(settled);
     let kinds = Kinds::of(batch);
     if outcomes.len() != kinds.admissions || settled.len() != 5 * kinds.settlements {
@@ -1059,7 +1104,15 @@ fn parse_batch(
     let mut outcomes = outcomes.iter();
     let mut settled = settled.chunks_exact(5);
     let mut answers = Vec::with_capacity(batch.len());
+    let mut admission = 0;
     for (pending, number) in batch.iter().zip(numbers) {
+        let scopes: Vec<LoadedScope> = scoped
+            .counters
+            .iter()
+            .filter(|(index, _)| index + 1 == *number)
+            .map(|(_, scope)| scope.clone())
+            .collect();
+        let mut charged_scopes = None;
         let Some(counters) = workspaces.get(number - 1) else {
             return Err(protocol("an answer without its workspace's state"));
         };
@@ -1070,6 +1123,8 @@ fn parse_batch(
                 ..
             } => {
                 let outcome = outcomes.next().copied().unwrap_or(b'0');
+                admission += 1;
+                charged_scopes = scoped.charged.remove(&admission);
                 let admitted = (outcome != b'0').then(|| Admitted {
                     id: *reservation,
                     charged_at: at,
@@ -1101,13 +1156,65 @@ fn parse_batch(
         };
         let reply = Reply {
             done,
-            counters: counters.clone(),
+            counters: StoredCounters {
+                scopes,
+                ..counters.clone()
+            },
             at_us,
             expired: Vec::new(),
+            charged_scopes,
         };
         answers.push((outcome, reply));
     }
     Ok((answers, expired_from(expired)))
+}
+
+/// Adds a batch's scoped part (see `read_scoped_part` in the script) when
+/// some of its work carries scoped limits: admissions with their refs and
+/// held settlements with the counters their admission charged, each by
+/// its number among the batch's work of its kind. Without them, the call
+/// is as it was before scoped limits.
+fn scoped_part(invocation: &mut redis::ScriptInvocation<'_>, batch: &[Pending]) {
+    let admissions = batch
+        .iter()
+        .filter(|pending| matches!(pending.work, Work::Admit { .. }));
+    let admitted: Vec<(usize, &str)> = admissions
+        .enumerate()
+        .filter_map(|(number, pending)| match &pending.work {
+            Work::Admit {
+                scopes: Some(refs), ..
+            } => Some((number + 1, refs.as_str())),
+            _ => None,
+        })
+        .collect();
+    let settlements = batch
+        .iter()
+        .filter(|pending| matches!(pending.work, Work::SettleHeld { .. }));
+    let settled: Vec<(usize, &str)> = settlements
+        .enumerate()
+        .filter_map(|(number, pending)| match &pending.work {
+            Work::SettleHeld {
+                held:
+                    Held {
+                        scopes: Some(scopes),
+                        ..
+                    },
+                ..
+            } => Some((number + 1, scopes.as_str())),
+            _ => None,
+        })
+        .collect();
+    if admitted.is_empty() && settled.is_empty() {
+        return;
+    }
+    invocation.arg(MAX_TRACKED_PER_RULE).arg(admitted.len());
+    for (number, refs) in admitted {
+        invocation.arg(number).arg(refs);
+    }
+    invocation.arg(settled.len());
+    for (number, scopes) in settled {
+        invocation.arg(number).arg(scopes);
+    }
 }
 
 /// How many of each kind of work a batch holds, as the script takes them.
@@ -1143,7 +1250,7 @@ fn millis_of(micros: i64) -> Timestamp {
 }
 
 /// Expired reservations, as the script stores them: "workspace|reservation
-/// id|charged (microseconds)|estimate|probe|model", the estimate as
+/// id|charged (microseconds)|estimate|probe|model[|scope counters]", the estimate as
 /// [`usage_arg`] writes it. One that does not parse,
 /// or whose workspace id no longer does, is dropped.
 fn expired_from(value: &Value) -> Vec<ExpiredInStore> {
@@ -1163,7 +1270,8 @@ fn expired_member(member: &str) -> Option<ExpiredInStore> {
     let expired = Expired {
         charged_at: millis_of(charged_us),
         usage,
-        model: model(parts.next()?),
+        // The scope counters a scoped admission charged follow the model.
+        model: model(parts.next()?.split('|').next().unwrap_or_default()),
         charged_elsewhere_us: Some(charged_us),
     };
     Some(ExpiredInStore { workspace, expired })
@@ -1264,6 +1372,9 @@ mod tests {
         assert_eq!(expired.model.as_deref(), Some("gpt-4o-mini"));
         let unnamed = expired_member("acme|8|1000|1 5 0|1|").expect("no model");
         assert_eq!(unnamed.expired.model, None);
+        let scoped =
+            expired_member("acme|9|1000|1 5 0|0|gpt-4o|qw:scope1:acme:01 0 1").expect("scoped");
+        assert_eq!(scoped.expired.model.as_deref(), Some("gpt-4o"));
         assert!(expired_member("Not An Id|7|1000|1 5 0|0|").is_none());
         assert!(expired_member("acme|7|soon|1 5 0|0|").is_none());
         assert!(

@@ -66,6 +66,8 @@ pub struct StoredCounters {
     /// it from an admission in the same millisecond), if any: reservations
     /// charged before it count nothing.
     pub last_reset_us: Option<i64>,
+    /// The workspace's scope counters the call read or changed.
+    pub scopes: Vec<crate::domain::scope::LoadedScope>,
 }
 
 /// The last state read of each workspace.
@@ -186,6 +188,7 @@ pub(super) fn counters_from(at: Timestamp, state: &[f64]) -> StoredCounters {
             billing,
         },
         last_reset_us: (state[LAST_RESET] > 0.0).then_some(state[LAST_RESET] as i64),
+        scopes: Vec::new(),
     }
 }
 

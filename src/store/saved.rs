@@ -6,6 +6,9 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::domain::limits::{LimitKind, Metric};
+use crate::domain::scope::{
+    LoadedScope, RuleId, ScopeCounts, ScopeTarget, fingerprint_text, parse_fingerprint,
+};
 use crate::domain::status::Status;
 use crate::domain::threshold::{Fired, Percents};
 use crate::domain::time::Period;
@@ -53,6 +56,10 @@ struct SavedJson {
     /// absent from documents of versions without thresholds.
     #[serde(default)]
     thresholds_fired: Vec<FiredJson>,
+    /// The scoped limits' counters that still count; absent from
+    /// documents of versions that did not save them.
+    #[serde(default)]
+    scopes: Vec<ScopeJson>,
 }
 
 #[derive(Serialize, Deserialize)]
@@ -63,6 +70,101 @@ struct FiredJson {
     max: u64,
     /// The thresholds that fired, in percent.
     percents: Vec<u8>,
+}
+
+/// One scope counter (see `domain::scope::LoadedScope`).
+#[derive(Serialize, Deserialize)]
+struct ScopeJson {
+    /// The rule's id (`RuleId`), 16 hex digits.
+    rule: String,
+    /// Which of its counters: "listed", "overflow", or an end user's
+    /// fingerprint (32 hex digits; never the id itself).
+    counter: String,
+    /// The seconds of the minute with usage, as `minute` above.
+    minute: Vec<Vec<u64>>,
+    /// Each calendar period's start and count (`{metric}`).
+    calendars: Vec<ScopeCalendarJson>,
+}
+
+#[derive(Serialize, Deserialize)]
+struct ScopeCalendarJson {
+    period: String,
+    start: i64,
+    #[serde(flatten)]
+    used: UsageFields,
+}
+
+const LISTED: &str = "listed";
+const OVERFLOW: &str = "overflow";
+
+/// Seconds of a minute as saved: `[second, count of each metric]`.
+fn minute_json(minute: impl Iterator<Item = (i64, Usage)>) -> Vec<Vec<u64>> {
+    minute
+        .map(|(second, usage)| {
+            let counts = Metric::ALL.into_iter().map(|metric| usage.of(metric));
+            std::iter::once(u64::try_from(second).unwrap_or(0))
+                .chain(counts)
+                .collect()
+        })
+        .collect()
+}
+
+/// Seconds of a minute as [`minute_json`] writes them; a count it leaves
+/// out is zero.
+fn minute_from_json(minute: Vec<Vec<u64>>) -> Vec<(i64, Usage)> {
+    minute
+        .into_iter()
+        .filter_map(|bucket| {
+            let (second, counts) = bucket.split_first()?;
+            let usage =
+                Usage::from_fn(|metric| counts.get(metric.index()).copied().unwrap_or_default());
+            Some((i64::try_from(*second).ok()?, usage))
+        })
+        .collect()
+}
+
+fn scope_json(scope: &LoadedScope) -> ScopeJson {
+    ScopeJson {
+        rule: format!("{:016x}", scope.rule.to_bits()),
+        counter: match scope.target {
+            ScopeTarget::Listed => LISTED.to_owned(),
+            ScopeTarget::Overflow => OVERFLOW.to_owned(),
+            ScopeTarget::Own(fingerprint) => fingerprint_text(&fingerprint),
+        },
+        minute: minute_json(scope.counts.minute_parts()),
+        calendars: Period::ALL
+            .into_iter()
+            .zip(scope.counts.calendar_parts())
+            .map(|(period, (start, used))| ScopeCalendarJson {
+                period: period.name().to_owned(),
+                start: start.millis(),
+                used: UsageFields::of("", *used),
+            })
+            .collect(),
+    }
+}
+
+/// A saved scope counter; `None` if it does not read (it is then
+/// dropped, as a counter of a rule no longer configured is).
+fn scope_from_json(json: ScopeJson) -> Option<LoadedScope> {
+    let target = match json.counter.as_str() {
+        LISTED => ScopeTarget::Listed,
+        OVERFLOW => ScopeTarget::Overflow,
+        fingerprint => ScopeTarget::Own(parse_fingerprint(fingerprint)?),
+    };
+    let calendars = Period::ALL.map(|period| {
+        json.calendars
+            .iter()
+            .find(|saved| saved.period == period.name())
+            .map_or((ts(0), Usage::default()), |saved| {
+                (ts(saved.start), saved.used.usage("", Usage::default()))
+            })
+    });
+    Some(LoadedScope {
+        rule: RuleId::from_bits(u64::from_str_radix(&json.rule, 16).ok()?),
+        target,
+        counts: ScopeCounts::from_parts(calendars, minute_from_json(json.minute)),
+    })
 }
 
 #[derive(Serialize, Deserialize)]
@@ -162,16 +264,7 @@ pub fn to_json(saved: &Saved) -> String {
         .find(|counter| counter.period == Period::Day);
     let json = SavedJson {
         version: VERSION,
-        minute: saved
-            .minute
-            .iter()
-            .map(|&(second, usage)| {
-                let counts = Metric::ALL.into_iter().map(|metric| usage.of(metric));
-                std::iter::once(u64::try_from(second).unwrap_or(0))
-                    .chain(counts)
-                    .collect()
-            })
-            .collect(),
+        minute: minute_json(saved.minute.iter().copied()),
         day_start: day.map_or(0, |day| day.start.millis()),
         day_end: day.map_or(0, |day| day.end.millis()),
         day_used: UsageFields::of(DAY, day.map_or(Usage::default(), |day| day.used)),
@@ -247,6 +340,7 @@ pub fn to_json(saved: &Saved) -> String {
                 percents: fired.percents.iter().collect(),
             })
             .collect(),
+        scopes: saved.scopes.iter().map(scope_json).collect(),
     };
     // Serialising plain data with string keys cannot fail.
     serde_json::to_string(&json).unwrap_or_default()
@@ -266,17 +360,7 @@ pub fn from_json(text: &str) -> Option<Saved> {
         observed_at: ts(b.observed_at),
     };
     Some(Saved {
-        minute: json
-            .minute
-            .into_iter()
-            .filter_map(|bucket| {
-                let (second, counts) = bucket.split_first()?;
-                let usage = Usage::from_fn(|metric| {
-                    counts.get(metric.index()).copied().unwrap_or_default()
-                });
-                Some((i64::try_from(*second).ok()?, usage))
-            })
-            .collect(),
+        minute: minute_from_json(json.minute),
         calendars: std::iter::once(CalendarCounter {
             period: Period::Day,
             start: ts(json.day_start),
@@ -385,6 +469,11 @@ pub fn from_json(text: &str) -> Option<Saved> {
                 ))
             })
             .collect(),
+        scopes: json
+            .scopes
+            .into_iter()
+            .filter_map(scope_from_json)
+            .collect(),
     })
 }
 
@@ -420,6 +509,7 @@ mod tests {
             since: ts(0),
             unpriced_models: Vec::new(),
             thresholds_fired: Vec::new(),
+            scopes: Vec::new(),
         }
     }
 
@@ -454,6 +544,43 @@ mod tests {
             .remove("thresholds_fired");
         let older = from_json(&json.to_string()).expect("still read");
         assert!(older.thresholds_fired.is_empty());
+    }
+
+    #[test]
+    fn scope_counters_round_trip_and_a_document_without_them_reads() {
+        let counts = |requests| {
+            ScopeCounts::from_parts(
+                [
+                    (ts(5_000), Usage::requests(requests)),
+                    (ts(1_000), Usage::requests(requests)),
+                ],
+                vec![(5, Usage::requests(requests))],
+            )
+        };
+        let mut state = saved(vec![counter(Period::Day, 5_000, 3)]);
+        state.scopes = vec![
+            LoadedScope {
+                rule: RuleId::from_bits(u64::MAX),
+                target: ScopeTarget::Listed,
+                counts: counts(2),
+            },
+            LoadedScope {
+                rule: RuleId::from_bits(7),
+                target: ScopeTarget::Own([0xa5; 16]),
+                counts: counts(1),
+            },
+            LoadedScope {
+                rule: RuleId::from_bits(7),
+                target: ScopeTarget::Overflow,
+                counts: counts(4),
+            },
+        ];
+        let text = to_json(&state);
+        assert_eq!(from_json(&text), Some(state));
+        let mut json: serde_json::Value = serde_json::from_str(&text).expect("json");
+        json.as_object_mut().expect("object").remove("scopes");
+        let restored = from_json(&json.to_string()).expect("still read");
+        assert!(restored.scopes.is_empty());
     }
 
     #[test]

@@ -20,10 +20,11 @@ pub(crate) enum Backend {
     Redis,
 }
 
-/// A server on one backend, and what to clean up after it.
+/// A server on one backend, and what to clean up after it (`scopes.rs`
+/// uses it too).
 pub(crate) struct Setup {
     pub(crate) server: TestServer,
-    redis: Option<(String, String)>,
+    pub(crate) redis: Option<(String, String)>,
 }
 
 impl Setup {

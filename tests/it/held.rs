@@ -147,7 +147,7 @@ impl Instance {
     /// Today's tokens as Redis counts them.
     async fn tokens_today_in_redis(&self) -> u64 {
         let reply = Self::counters(&self.url, &self.prefix)
-            .peek(&self.workspace, chrono_tz::UTC, SystemClock.now())
+            .peek(&self.workspace, chrono_tz::UTC, SystemClock.now(), &[])
             .await
             .expect("peek");
         reply.counters.counts.calendar(Period::Day).1.tokens

@@ -76,6 +76,7 @@ impl Store {
             reservation_ttl: ttl,
             probe_interval: Duration::from_secs(60),
             model: Some("gpt-4o-mini"),
+            scopes: &[],
             record,
         };
         let (admitted, reply) = self
@@ -143,6 +144,7 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
         reservation_ttl: Duration::from_secs(600),
         probe_interval: Duration::from_secs(60),
         model: Some("gpt-4o-mini"),
+        scopes: &[],
         record: true,
     };
     let (admitted, _) = store
@@ -318,7 +320,7 @@ async fn each_second_keeps_its_own_count_in_the_minute() {
         || async {
             let reply = store
                 .counters
-                .peek(&store.workspace, chrono_tz::UTC, Store::now())
+                .peek(&store.workspace, chrono_tz::UTC, Store::now(), &[])
                 .await
                 .expect("peek");
             (second(&reply) > second(&first)).then_some(())
@@ -390,6 +392,7 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
         Held {
             charged_us: reply.at_us,
             estimate: Usage::call(100),
+            scopes: None,
         }
     };
     let settle = async |held, tokens| {
@@ -579,6 +582,7 @@ async fn a_month_limit_is_data_the_script_counts_in_the_workspaces_month() {
         reservation_ttl: Duration::from_secs(600),
         probe_interval: Duration::from_secs(60),
         model: None,
+        scopes: &[],
         record: true,
     };
     let (admitted, reply) = store

@@ -1,17 +1,20 @@
 //! Scoped limits through the REST API and the proxy: limits per model and
 //! per end user, on top of the workspace's, refused with the scope's code
 //! and named in the message; configured, shown and stored with the
-//! workspace. Counters in Redis do not count scoped limits yet, so a
-//! server using them refuses to configure any.
+//! workspace. What depends on where the counters live runs on both
+//! backends (`conformance!`): in this process, where the counts are saved
+//! across a restart, and in Redis, where instances share them and each
+//! end user's counter is a key that expires with its windows.
 
 use std::time::Duration;
 
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
 
+use crate::conformance::{Backend, Setup, conformance};
 use crate::support::postgres::TestDatabase;
-use crate::support::redis::{clean, fresh_prefix, server_url};
-use crate::support::{ADMIN_KEY, TestServer, Upstream, eventually, proxied};
+use crate::support::redis::{clean, fresh_prefix, keys, server_url};
+use crate::support::{ADMIN_KEY, TestServer, UPSTREAM_KEY, Upstream, eventually};
 
 /// How a test request carries a value of each scope kind, by kind name.
 const KINDS: &[(&str, &str)] = &[("model", "models"), ("user", "users")];
@@ -53,23 +56,26 @@ async fn workspace_with(server: &TestServer, scoped: Value) -> String {
         .await
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_model_limit_refuses_its_models_while_others_pass() {
-    let server = TestServer::start(&[]).await;
+conformance!(a_model_limit_refuses_its_models_while_others_pass);
+async fn a_model_limit_refuses_its_models_while_others_pass(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
     let key = workspace_with(
-        &server,
+        server,
         json!([{"models": ["gpt-4o", "o3*"], "limits": {"requests_per_minute": 2}}]),
     )
     .await;
     assert_eq!(
-        check_as(&server, &key, "gpt-4o", "a").await.status,
+        check_as(server, &key, "gpt-4o", "a").await.status,
         StatusCode::OK
     );
     assert_eq!(
-        check_as(&server, &key, "o3-mini", "b").await.status,
+        check_as(server, &key, "o3-mini", "b").await.status,
         StatusCode::OK
     );
-    let refused = check_as(&server, &key, "o3", "c").await;
+    let refused = check_as(server, &key, "o3", "c").await;
     assert_eq!(
         refused.status,
         StatusCode::TOO_MANY_REQUESTS,
@@ -82,7 +88,7 @@ async fn a_model_limit_refuses_its_models_while_others_pass() {
     assert!(message.contains("requests_per_minute"), "{message}");
     assert!(refused.header("retry-after").is_some());
     assert_eq!(
-        check_as(&server, &key, "gpt-4o-mini", "a").await.status,
+        check_as(server, &key, "gpt-4o-mini", "a").await.status,
         StatusCode::OK
     );
     let status = server.status(&key).await;
@@ -93,22 +99,25 @@ async fn a_model_limit_refuses_its_models_while_others_pass() {
         status["limits"]["requests_per_minute"]["used"], 3,
         "the refusal charged nothing"
     );
-    server.stop().await;
+    setup.finish().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_per_user_limit_refuses_one_user_while_others_pass() {
-    let server = TestServer::start(&[]).await;
+conformance!(a_per_user_limit_refuses_one_user_while_others_pass);
+async fn a_per_user_limit_refuses_one_user_while_others_pass(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
     let key = workspace_with(
-        &server,
+        server,
         json!([{"users": "each", "limits": {"requests_per_minute": 1}}]),
     )
     .await;
     assert_eq!(
-        check_as(&server, &key, "gpt-4o", "alice").await.status,
+        check_as(server, &key, "gpt-4o", "alice").await.status,
         StatusCode::OK
     );
-    let refused = check_as(&server, &key, "gpt-4o", "alice").await;
+    let refused = check_as(server, &key, "gpt-4o", "alice").await;
     assert_eq!(
         refused.status,
         StatusCode::TOO_MANY_REQUESTS,
@@ -140,7 +149,7 @@ async fn a_per_user_limit_refuses_one_user_while_others_pass() {
         !status.to_string().contains("alice"),
         "users are never listed: {status}"
     );
-    server.stop().await;
+    setup.finish().await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -287,19 +296,24 @@ async fn scoped_limits_survive_a_restart() {
     server.stop().await;
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_proxy_reads_the_end_user_and_never_forwards_its_header() {
+conformance!(the_proxy_reads_the_end_user_and_never_forwards_its_header);
+async fn the_proxy_reads_the_end_user_and_never_forwards_its_header(backend: Backend, test: &str) {
     let upstream = Upstream::strict().await;
-    let (server, key) = proxied(
-        &upstream,
-        &[],
-        json!({
+    let proxying = [
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+    ];
+    let Some(setup) = Setup::start(backend, test, &proxying).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({
             "id": "acme",
             "limits": {"requests_per_minute": 100, "requests_per_day": null},
             "scoped_limits": [{"users": "each", "limits": {"requests_per_minute": 1}}],
-        }),
-    )
-    .await;
+        }))
+        .await;
     let chat = |user: Value| json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}], "user": user});
     let send = |header: Option<&'static str>, body: Value| {
         let mut request = crate::support::client()
@@ -335,14 +349,239 @@ async fn the_proxy_reads_the_end_user_and_never_forwards_its_header() {
     assert_eq!(frank.status(), StatusCode::OK, "frank was not charged");
     let bad = send(None, chat(json!(42))).await.expect("sent");
     assert_eq!(bad.status(), StatusCode::BAD_REQUEST);
-    server.stop().await;
+    setup.finish().await;
 }
 
+/// A check of `model` for `user` estimated at `prompt` prompt tokens,
+/// which prices it at the model's input rate.
+async fn priced_as(
+    server: &TestServer,
+    key: &str,
+    model: &str,
+    user: &str,
+    prompt: u64,
+) -> crate::support::Response {
+    let check = json!({"model": model, "user": user, "estimated_tokens": prompt,
+        "estimated_prompt_tokens": prompt});
+    server.post("/api/quota/check", key, check).await
+}
+
+/// What the listed rule at `index` used of `limit`, in its unit.
+fn scoped_used(status: &Value, index: usize, limit: &str) -> f64 {
+    status["scoped_limits"][index]["usage"][limit]["used"]
+        .as_f64()
+        .unwrap_or_else(|| panic!("scoped_limits[{index}] {limit} in {status}"))
+}
+
+conformance!(a_model_budget_is_refused_in_its_own_words_and_settled_in_its_counter);
+async fn a_model_budget_is_refused_in_its_own_words_and_settled_in_its_counter(
+    backend: Backend,
+    test: &str,
+) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = workspace_with(
+        server,
+        json!([{"models": ["gpt-4o-mini"], "limits": {"usd_per_day": 0.01}}]),
+    )
+    .await;
+    // 10,000 prompt tokens of gpt-4o-mini at $0.15/M: $0.0015 each.
+    let first = priced_as(server, &key, "gpt-4o-mini", "a", 10_000).await;
+    assert_eq!(first.status, StatusCode::OK, "{:?}", first.body);
+    for _ in 0..5 {
+        let admitted = priced_as(server, &key, "gpt-4o-mini", "a", 10_000).await;
+        assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    }
+    let refused = priced_as(server, &key, "gpt-4o-mini", "a", 10_000).await;
+    assert_eq!(refused.status, StatusCode::TOO_MANY_REQUESTS);
+    assert_eq!(refused.error_code(), "model_budget_exceeded");
+    assert_eq!(refused.header("x-should-retry"), Some("false"));
+    let message = refused.body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("$0.009 of $0.01 used today for models gpt-4o-mini"),
+        "{message}"
+    );
+    assert!(message.contains("resets at 00:00 UTC"), "{message}");
+    // Another model is not in the rule.
+    let other = priced_as(server, &key, "gpt-4o", "a", 10_000).await;
+    assert_eq!(other.status, StatusCode::OK, "{:?}", other.body);
+    // Settled for nothing used, the first call gives its estimate back to
+    // the model's budget, wherever it was admitted.
+    let report = json!({"reservation_id": first.body["reservation_id"], "model": "gpt-4o-mini",
+        "usage": {"prompt_tokens": 0, "completion_tokens": 0}});
+    let settled = server.post("/api/quota/usage", &key, report).await;
+    assert_eq!(settled.status, StatusCode::ACCEPTED, "{:?}", settled.body);
+    let status = server.status(&key).await;
+    assert!(
+        (scoped_used(&status, 0, "usd_per_day") - 0.0075).abs() < 1e-9,
+        "{status}"
+    );
+    let again = priced_as(server, &key, "gpt-4o-mini", "a", 10_000).await;
+    assert_eq!(again.status, StatusCode::OK, "{:?}", again.body);
+    // A call reported without reservation counts in the model's budget,
+    // even beyond it: it happened.
+    let report = json!({"model": "gpt-4o-mini",
+        "usage": {"prompt_tokens": 20_000, "completion_tokens": 0}});
+    let counted = server.post("/api/quota/usage", &key, report).await;
+    assert_eq!(counted.status, StatusCode::ACCEPTED, "{:?}", counted.body);
+    let status = server.status(&key).await;
+    assert!(
+        (scoped_used(&status, 0, "usd_per_day") - 0.012).abs() < 1e-9,
+        "{status}"
+    );
+    setup.finish().await;
+}
+
+conformance!(a_reset_clears_what_scoped_limits_counted);
+async fn a_reset_clears_what_scoped_limits_counted(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let server = &setup.server;
+    let key = workspace_with(
+        server,
+        json!([
+            {"models": ["gpt-4o"], "limits": {"requests_per_day": 1}},
+            {"users": "each", "limits": {"requests_per_day": 1}},
+        ]),
+    )
+    .await;
+    let ok = |answer: crate::support::Response| {
+        assert_eq!(answer.status, StatusCode::OK, "{:?}", answer.body);
+    };
+    ok(check_as(server, &key, "gpt-4o", "alice").await);
+    ok(check_as(server, &key, "gpt-4o-mini", "bob").await);
+    let model = check_as(server, &key, "gpt-4o", "carol").await;
+    assert_eq!(model.error_code(), "model_limit_exceeded");
+    let user = check_as(server, &key, "gpt-4o-mini", "bob").await;
+    assert_eq!(user.error_code(), "user_limit_exceeded");
+    let reset = server
+        .post("/api/quota/reset", ADMIN_KEY, json!({"workspace": "acme"}))
+        .await;
+    assert_eq!(reset.status, StatusCode::OK, "{:?}", reset.body);
+    ok(check_as(server, &key, "gpt-4o", "carol").await);
+    ok(check_as(server, &key, "gpt-4o-mini", "bob").await);
+    setup.finish().await;
+}
+
+conformance!(a_restart_keeps_what_scoped_limits_counted);
+async fn a_restart_keeps_what_scoped_limits_counted(backend: Backend, test: &str) {
+    let Some(mut setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let key = workspace_with(
+        &setup.server,
+        json!([
+            {"models": ["gpt-4o"], "limits": {"requests_per_day": 1}},
+            {"users": "each", "limits": {"requests_per_day": 1}},
+        ]),
+    )
+    .await;
+    let admitted = check_as(&setup.server, &key, "gpt-4o", "alice").await;
+    assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    let admitted = check_as(&setup.server, &key, "gpt-4o-mini", "bob").await;
+    assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    setup.server.restart().await;
+    let server = &setup.server;
+    let model = check_as(server, &key, "gpt-4o", "carol").await;
+    assert_eq!(
+        model.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{:?}",
+        model.body
+    );
+    assert_eq!(model.error_code(), "model_limit_exceeded");
+    let user = check_as(server, &key, "gpt-4o-mini", "bob").await;
+    assert_eq!(
+        user.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{:?}",
+        user.body
+    );
+    assert_eq!(user.error_code(), "user_limit_exceeded");
+    let fresh = check_as(server, &key, "gpt-4o-mini", "dave").await;
+    assert_eq!(fresh.status, StatusCode::OK, "{:?}", fresh.body);
+    setup.finish().await;
+}
+
+/// Two instances on one Redis share a model's budget and each end user's
+/// limit: what one admits, the other counts.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn counters_in_redis_refuse_scoped_limits_rather_than_ignore_them() {
-    let Some(url) =
-        server_url("scopes::counters_in_redis_refuse_scoped_limits_rather_than_ignore_them")
-    else {
+async fn two_instances_share_a_model_limit_and_each_users_limit() {
+    let test = "scopes::two_instances_share_a_model_limit_and_each_users_limit";
+    let Some(url) = server_url(test) else {
+        return;
+    };
+    let Some(database) = TestDatabase::create(test).await else {
+        return;
+    };
+    let prefix = fresh_prefix();
+    let redis = [
+        ("QUOTAWATCH_REDIS_URL", url.as_str()),
+        ("QUOTAWATCH_REDIS_PREFIX", prefix.as_str()),
+        ("QUOTAWATCH_REDIS_TIMEOUT", "2s"),
+    ];
+    let one = TestServer::start_on(database.url.clone(), None, &redis).await;
+    let two = TestServer::start_on(database.url.clone(), None, &redis).await;
+    let key = workspace_with(
+        &one,
+        json!([
+            {"models": ["gpt-4o"], "limits": {"requests_per_day": 2}},
+            {"users": "each", "limits": {"requests_per_minute": 1}},
+        ]),
+    )
+    .await;
+    // The other instance learns of the workspace and its scoped limits
+    // from the catalog.
+    let first = eventually("the catalog reload", Duration::from_secs(10), || async {
+        let answer = check_as(&two, &key, "gpt-4o", "alice").await;
+        (answer.status == StatusCode::OK).then_some(answer)
+    })
+    .await;
+    assert_eq!(first.status, StatusCode::OK);
+    let alice = check_as(&one, &key, "gpt-4o-mini", "alice").await;
+    assert_eq!(
+        alice.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{:?}",
+        alice.body
+    );
+    assert_eq!(alice.error_code(), "user_limit_exceeded");
+    let bob = check_as(&one, &key, "gpt-4o", "bob").await;
+    assert_eq!(bob.status, StatusCode::OK, "{:?}", bob.body);
+    let carol = check_as(&two, &key, "gpt-4o", "carol").await;
+    assert_eq!(
+        carol.status,
+        StatusCode::TOO_MANY_REQUESTS,
+        "{:?}",
+        carol.body
+    );
+    assert_eq!(carol.error_code(), "model_limit_exceeded");
+    let message = carol.body["error"]["message"].as_str().expect("message");
+    assert!(
+        message.contains("for models gpt-4o") && message.contains("(2 of 2 requests today"),
+        "{message}"
+    );
+    let status = two.status(&key).await;
+    assert_eq!(
+        status["scoped_limits"][0]["usage"]["requests_per_day"]["used"],
+        2
+    );
+    one.stop().await;
+    two.stop().await;
+    clean(&url, &prefix).await;
+    database.drop_database().await;
+}
+
+/// In Redis each end user's counter is a key that lives as long as its
+/// windows count, as does the rule's set of users it counts against the
+/// cap; a listed rule's lives to the end of its longest period.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn end_users_counters_in_redis_expire_with_their_windows() {
+    let test = "scopes::end_users_counters_in_redis_expire_with_their_windows";
+    let Some(url) = server_url(test) else {
         return;
     };
     let prefix = fresh_prefix();
@@ -351,90 +590,102 @@ async fn counters_in_redis_refuse_scoped_limits_rather_than_ignore_them() {
         ("QUOTAWATCH_REDIS_PREFIX", &prefix),
     ])
     .await;
-    let refused = server
-        .post(
-            "/api/workspaces",
-            ADMIN_KEY,
-            json!({"id": "acme", "scoped_limits": [{"users": "each", "limits": {"requests_per_minute": 1}}]}),
-        )
-        .await;
-    assert_eq!(
-        refused.status,
-        StatusCode::BAD_REQUEST,
-        "{:?}",
-        refused.body
-    );
-    assert_eq!(refused.body["error"]["param"], "scoped_limits");
-    let listed = server.get("/api/workspaces", ADMIN_KEY).await;
+    let key = workspace_with(
+        &server,
+        json!([
+            {"users": "each", "limits": {"requests_per_minute": 5}},
+            {"models": ["gpt-4o"], "limits": {"requests_per_day": 100}},
+        ]),
+    )
+    .await;
+    for user in ["alice", "bob"] {
+        let admitted = check_as(&server, &key, "gpt-4o", user).await;
+        assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    }
+    let (connection, mut found) = keys(&url, &format!("{prefix}scope1:acme:*")).await;
+    found.sort();
+    let users: Vec<&String> = found
+        .iter()
+        .filter(|key| key.rsplit(':').next().is_some_and(|last| last.len() == 32))
+        .collect();
+    assert_eq!(users.len(), 2, "one counter per user: {found:?}");
+    let tracked: Vec<&String> = found
+        .iter()
+        .filter(|key| key.ends_with(":tracked"))
+        .collect();
+    assert_eq!(tracked.len(), 1, "{found:?}");
+    let listed: Vec<&String> = found
+        .iter()
+        .filter(|key| key.rsplit(':').next().is_some_and(|last| last.len() == 16))
+        .collect();
+    assert_eq!(listed.len(), 1, "{found:?}");
+    let ttl = |key: String| {
+        let mut connection = connection.clone();
+        async move {
+            let ttl: i64 = redis::cmd("PTTL")
+                .arg(&key)
+                .query_async(&mut connection)
+                .await
+                .expect("PTTL");
+            ttl
+        }
+    };
+    for key in users.iter().chain(&tracked) {
+        let left = ttl((*key).clone()).await;
+        assert!(
+            0 < left && left <= 60_000,
+            "{key} lives {left} ms, not until its minute clears"
+        );
+    }
+    let count: u64 = redis::cmd("ZCARD")
+        .arg(tracked[0])
+        .query_async(&mut connection.clone())
+        .await
+        .expect("ZCARD");
+    assert_eq!(count, 2, "both users count against the cap");
+    let now = chrono::Utc::now();
+    let day_end = (now.date_naive() + chrono::Days::new(1))
+        .and_hms_opt(0, 0, 0)
+        .expect("midnight")
+        .and_utc();
+    let until_day_end = (day_end - now).num_milliseconds();
+    let left = ttl(listed[0].clone()).await;
     assert!(
-        !listed.body.to_string().contains("\"acme\""),
-        "not saved: {:?}",
-        listed.body
+        (until_day_end - 5_000..=until_day_end + 1_000).contains(&left),
+        "the model's counter lives {left} ms, not until the day ends in {until_day_end} ms"
     );
     server.stop().await;
     clean(&url, &prefix).await;
 }
 
-/// A workspace given scoped limits by an instance counting on its own
-/// reaches an instance counting in Redis through the shared database: its
-/// calls there are refused, never admitted without the scoped limits.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn an_instance_counting_in_redis_refuses_calls_of_a_workspace_with_scoped_limits() {
-    let test =
-        "scopes::an_instance_counting_in_redis_refuses_calls_of_a_workspace_with_scoped_limits";
-    let Some(url) = server_url(test) else {
+conformance!(a_refusal_by_the_workspace_charges_no_scoped_limit);
+async fn a_refusal_by_the_workspace_charges_no_scoped_limit(backend: Backend, test: &str) {
+    let Some(setup) = Setup::start(backend, test, &[]).await else {
         return;
     };
-    let Some(database) = TestDatabase::create(test).await else {
-        return;
-    };
-    let prefix = fresh_prefix();
-    let shared = TestServer::start_on(
-        database.url.clone(),
-        None,
-        &[
-            ("QUOTAWATCH_REDIS_URL", &url),
-            ("QUOTAWATCH_REDIS_PREFIX", &prefix),
-        ],
-    )
-    .await;
-    let alone = TestServer::start_on(database.url.clone(), None, &[]).await;
-    let key = workspace_with(
-        &alone,
-        json!([{"users": "each", "limits": {"requests_per_minute": 1}}]),
-    )
-    .await;
-    let refused = eventually("the catalog reload", Duration::from_secs(10), || async {
-        let answer = check_as(&shared, &key, "gpt-4o", "alice").await;
-        (answer.status == StatusCode::SERVICE_UNAVAILABLE).then_some(answer)
-    })
-    .await;
-    assert_eq!(refused.error_code(), "scoped_limits_not_enforced");
-    assert_eq!(refused.header("x-should-retry"), Some("false"));
-    // Nor does such an instance start while a workspace has them.
-    let starting = tokio::spawn({
-        let database = database.url.clone();
-        let (url, prefix) = (url.clone(), prefix.clone());
-        async move {
-            TestServer::start_on(
-                database,
-                None,
-                &[
-                    ("QUOTAWATCH_REDIS_URL", &url),
-                    ("QUOTAWATCH_REDIS_PREFIX", &prefix),
-                ],
-            )
-            .await
-        }
-    });
-    let Err(failed) = starting.await else {
-        panic!("an instance counting in Redis started with scoped limits configured");
-    };
-    let failed = failed.into_panic();
-    let message = failed.downcast_ref::<String>().cloned().unwrap_or_default();
-    assert!(message.contains("ScopedLimitsInRedis"), "{message}");
-    alone.stop().await;
-    shared.stop().await;
-    clean(&url, &prefix).await;
-    database.drop_database().await;
+    let server = &setup.server;
+    let key = server
+        .workspace(json!({
+            "id": "acme",
+            "limits": {"requests_per_minute": 2, "requests_per_day": null},
+            "scoped_limits": [{"models": ["gpt-4o"], "limits": {"requests_per_minute": 5}}],
+        }))
+        .await;
+    for user in ["a", "b"] {
+        let admitted = check_as(server, &key, "gpt-4o", user).await;
+        assert_eq!(admitted.status, StatusCode::OK, "{:?}", admitted.body);
+    }
+    let refused = check_as(server, &key, "gpt-4o", "c").await;
+    assert_eq!(
+        refused.error_code(),
+        "rate_limit_exceeded",
+        "{:?}",
+        refused.body
+    );
+    let status = server.status(&key).await;
+    assert_eq!(
+        status["scoped_limits"][0]["usage"]["requests_per_minute"]["used"], 2,
+        "{status}"
+    );
+    setup.finish().await;
 }

@@ -401,6 +401,7 @@ fn saved() -> Saved {
                 percents: Percents::of(&[50, 80]),
             },
         )],
+        scopes: Vec::new(),
     }
 }
 

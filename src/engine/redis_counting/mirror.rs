@@ -8,6 +8,8 @@
 //! reservations charged elsewhere, and enforces a share of its limits when
 //! told to.
 
+use rustc_hash::FxHashMap;
+
 use crate::domain::status::Change;
 use crate::domain::time::Timestamp;
 use crate::domain::window::{Tally, Usage};
@@ -31,6 +33,11 @@ pub(in crate::engine) struct Mirror {
     pub(in crate::engine) outage_blocks: Option<Blocks>,
     /// Blocks seen alone during an outage, to be written with the merge.
     pub(in crate::engine) offline_blocks: Option<BlockChange>,
+    /// The scope counters Redis charged for each reservation held here
+    /// that charged any, as its settlement names them back.
+    held_scopes: FxHashMap<u64, String>,
+    /// How many entries `held_scopes` kept at its last pruning.
+    held_scopes_kept: usize,
 }
 
 impl Mirror {
@@ -43,7 +50,14 @@ impl Mirror {
         state: &mut WorkspaceState,
         stored: &StoredCounters,
     ) -> bool {
-        if stored.version < self.version || state.enforcement() != Enforcement::Whole {
+        if state.enforcement() != Enforcement::Whole {
+            return false;
+        }
+        // Scope counters carry no version: each answer holds those its call
+        // read or changed, as of that call, and an older one replaces a
+        // newer only until the next call that names them.
+        state.load_scopes(stored.scopes.iter().cloned(), stored.at);
+        if stored.version < self.version {
             return false;
         }
         // A reset seen since the last load (not the one found at the
@@ -56,6 +70,30 @@ impl Mirror {
         state.load_counts(&stored.counts, stored.at);
         state.load_blocks(stored.blocks, stored.at);
         true
+    }
+
+    /// Keeps the scope counters Redis charged for reservation `id`, held
+    /// here, for its settlement; forgets those of reservations `state`
+    /// no longer holds (expired meanwhile) once they could be half the
+    /// entries, so that the look costs each admission a constant.
+    pub(in crate::engine) fn hold_scopes(
+        &mut self,
+        state: &WorkspaceState,
+        id: u64,
+        scopes: String,
+    ) {
+        if self.held_scopes.len() >= 2 * self.held_scopes_kept.max(8) {
+            self.held_scopes
+                .retain(|held, _| state.holds_reservation(*held));
+            self.held_scopes_kept = self.held_scopes.len();
+        }
+        self.held_scopes.insert(id, scopes);
+    }
+
+    /// The scope counters reservation `id` charged, taken for its
+    /// settlement.
+    pub(in crate::engine) fn take_scopes(&mut self, id: u64) -> Option<String> {
+        self.held_scopes.remove(&id)
     }
 
     /// The version of the stored counters last loaded (0: none).
@@ -201,6 +239,7 @@ mod tests {
             },
             blocks: Blocks::default(),
             last_reset_us,
+            scopes: Vec::new(),
         }
     }
 

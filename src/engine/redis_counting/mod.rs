@@ -36,12 +36,13 @@ use std::time::Instant;
 
 use super::slot::{Slot, record_expired};
 use super::{Decision, Engine, EngineError, Reported, Touched, UsageReport, fresh_id};
-use crate::domain::limits::WorkspaceId;
+use crate::domain::limits::{WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::describe_shared_store_unavailable;
+use crate::domain::scope::{ScopeValues, Selector};
 use crate::domain::window::{Tally, Usage};
 use crate::domain::workspace::{Enforcement, Request, Reservation, ResetScope, Returned, Settled};
 use crate::redis::{
-    AdmitArgs, BlockChange, ExpiredInStore, Held, RedisCounters, Reply, SharedError,
+    AdmitArgs, BlockChange, ExpiredInStore, Held, RedisCounters, Reply, ScopeCharge, SharedError,
 };
 use crate::sync::lock;
 
@@ -177,15 +178,11 @@ impl Engine {
         request: Request,
     ) -> Result<Decision, EngineError> {
         let slot = self.slot(workspace)?;
-        let (limits, timezone) = {
+        let (limits, timezone, scopes) = {
             let cell = slot.lock();
-            // Scoped limits reach an instance counting in Redis only from
-            // a database another kind of instance wrote: its calls are
-            // refused rather than admitted without them.
-            if !self.counts_scoped_limits(cell.state.config()) {
-                return Err(EngineError::ScopedLimitsInRedis(workspace.clone()));
-            }
-            (cell.state.config().limits, cell.state.config().timezone)
+            let config = cell.state.config();
+            let scopes = scope_charges(config, request.model.as_deref(), &request.scoped);
+            (config.limits, config.timezone, scopes)
         };
         let args = AdmitArgs {
             limits: &limits,
@@ -194,6 +191,7 @@ impl Engine {
             reservation_ttl: self.settings.reservation_ttl,
             probe_interval: self.settings.probe_interval,
             model: request.model.as_deref(),
+            scopes: &scopes,
             record: request.settled_anywhere,
         };
         let answer = redis
@@ -216,7 +214,21 @@ impl Engine {
                         &self.settings,
                         &mut fresh_id,
                     );
-                    self.conclude_admission(&slot, cell, now, request.model, admission)
+                    if let (Ok(admitted), Some(charged), false) = (
+                        &admission.result,
+                        reply.charged_scopes,
+                        request.settled_anywhere,
+                    ) {
+                        let cell = &mut *cell;
+                        cell.mirror.hold_scopes(&cell.state, admitted.id, charged);
+                    }
+                    self.conclude_admission(
+                        &slot,
+                        cell,
+                        now,
+                        (request.model, &request.scoped),
+                        admission,
+                    )
                 };
                 self.agree_when_due(redis, workspace, &slot).await;
                 Ok(decision)
@@ -255,7 +267,7 @@ impl Engine {
     ) -> Result<Reported, EngineError> {
         let slot = self.slot(workspace)?;
         let now = self.now();
-        let (timezone, charged_here, held) = {
+        let (timezone, charged_here, held, scopes) = {
             let mut cell = slot.lock();
             let estimate = report
                 .reservation
@@ -263,7 +275,21 @@ impl Engine {
             let held = report
                 .reservation
                 .and_then(|id| cell.state.take_reservation_charged_elsewhere(id, now));
-            (cell.state.config().timezone, estimate, held)
+            let held_scopes = held
+                .as_ref()
+                .and_then(|reservation| cell.mirror.take_scopes(reservation.id));
+            // A call without reservation is charged to the scoped limits it
+            // falls under, as the workspace is.
+            let unreserved = match report.reservation {
+                None => scope_charges(cell.state.config(), report.model.as_deref(), &report.scoped),
+                Some(_) => Vec::new(),
+            };
+            (
+                cell.state.config().timezone,
+                estimate,
+                held.map(|held| (held, held_scopes)),
+                unreserved,
+            )
         };
         if let Some(estimate) = charged_here {
             return self.settle_made_offline(redis, &slot, workspace, report, estimate);
@@ -273,10 +299,11 @@ impl Engine {
         // into account with its answer.
         let mut settled_held = false;
         let answer = match (report.reservation, held) {
-            (_, Some(reservation)) => {
+            (_, Some((reservation, held_scopes))) => {
                 let held = Held {
                     charged_us: reservation.charged_elsewhere_us.unwrap_or_default(),
                     estimate: reservation.estimate,
+                    scopes: held_scopes,
                 };
                 let in_settlement = HeldInSettlement::new(&slot, reservation);
                 match redis
@@ -327,7 +354,7 @@ impl Engine {
                 let usage = used.unwrap_or(Usage::call(0));
                 redis
                     .counters
-                    .count(workspace, timezone, now, usage)
+                    .count(workspace, timezone, now, usage, &scopes)
                     .await
                     .map(|reply| (Settled::Unreserved, reply))
             }
@@ -445,8 +472,16 @@ impl Engine {
 
     /// Loads a workspace from Redis; answers whether it could.
     async fn reload(&self, redis: &RedisCounting, workspace: &WorkspaceId, slot: &Slot) -> bool {
-        let timezone = slot.lock().state.config().timezone;
-        match redis.counters.peek(workspace, timezone, self.now()).await {
+        let (timezone, listed) = {
+            let cell = slot.lock();
+            let config = cell.state.config();
+            (config.timezone, listed_scope_charges(config))
+        };
+        match redis
+            .counters
+            .peek(workspace, timezone, self.now(), &listed)
+            .await
+        {
             Ok(reply) => {
                 self.store_answered(redis);
                 self.load_reply(redis, workspace, slot, &reply).await;
@@ -520,7 +555,7 @@ impl Engine {
             if offline != Usage::default() {
                 match redis
                     .counters
-                    .count(&id, timezone, self.now(), offline)
+                    .count(&id, timezone, self.now(), offline, &[])
                     .await
                 {
                     Ok(reply) => self.load_reply(redis, &id, &slot, &reply).await,
@@ -659,6 +694,41 @@ impl Engine {
             self.conclude(&slot, cell, now, changes, Touched::STATE.with_status());
         }
     }
+}
+
+/// The scope counters a request with `model` and `values` falls under in
+/// `config`, as Redis counts them.
+fn scope_charges(
+    config: &WorkspaceConfig,
+    model: Option<&str>,
+    values: &ScopeValues,
+) -> Vec<ScopeCharge> {
+    let rules = config.scoped_limits.rules();
+    config
+        .scoped_limits
+        .matching(model, values)
+        .into_iter()
+        .map(|scope| ScopeCharge {
+            rule: scope.id,
+            value: scope.key,
+            limits: rules[scope.rule].limits,
+        })
+        .collect()
+}
+
+/// The counters of `config`'s listed rules, which the status shows.
+fn listed_scope_charges(config: &WorkspaceConfig) -> Vec<ScopeCharge> {
+    config
+        .scoped_limits
+        .rules()
+        .iter()
+        .filter(|rule| matches!(rule.selector, Selector::Listed(_)))
+        .map(|rule| ScopeCharge {
+            rule: rule.id,
+            value: None,
+            limits: rule.limits,
+        })
+        .collect()
 }
 
 /// A reservation held here, taken out to be settled in Redis. Should the
