@@ -18,7 +18,9 @@
 //! An answer follows its request where OpenAI's would: a request for the
 //! `flex` or `priority` tier is answered as served at that tier, and the
 //! `usage_details` scenario puts cached prompt tokens and reasoning tokens
-//! into the usage of every chat and Responses answer, streamed or not.
+//! into the usage of every chat and Responses answer, streamed or not;
+//! `standard_tier` answers as served at the standard tier whatever the
+//! request asked.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -212,6 +214,7 @@ const BEHAVIOURS: &[&str] = &[
     "stream_stall",
     "stream_error",
     "usage_details",
+    "standard_tier",
     "hop_headers",
 ];
 
@@ -665,12 +668,18 @@ async fn answer(State(mock): State<Mock>, request: Request) -> Response {
         "stream_error" => Some((2, Ending::Error)),
         _ => None,
     };
+    let asked = json
+        .get("service_tier")
+        .and_then(Value::as_str)
+        .filter(|tier| matches!(*tier, "flex" | "priority"));
     let shape = Shape {
-        tier: json
-            .get("service_tier")
-            .and_then(Value::as_str)
-            .filter(|tier| matches!(*tier, "flex" | "priority"))
-            .map(str::to_owned),
+        // OpenAI serves a priority request past its ramp limit at the
+        // standard tier, and says so.
+        tier: if scenario == "standard_tier" {
+            Some("default".to_owned())
+        } else {
+            asked.map(str::to_owned)
+        },
         details: scenario == "usage_details",
     };
     let ledger = Ledger {

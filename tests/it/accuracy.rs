@@ -2,7 +2,8 @@
 //! Redis (chat answers and streams with and without `include_usage`, the
 //! Responses API plain and streamed, embeddings, legacy completions,
 //! answers with cached prompt tokens, a dated snapshot, the `flex` and
-//! `priority` tiers, a model of an operator's price file) costs, in
+//! `priority` tiers and a priority request served at the standard tier, a
+//! model of an operator's price file) costs, in
 //! quotawatch's status, history and metrics, exactly what an independent
 //! pricing of the usage the upstream sent says: equal to the nano-dollar,
 //! per model and in total. The independent pricing reads the same price
@@ -196,6 +197,26 @@ fn workload() -> Vec<Call> {
             ),
             "ok",
         ),
+        // Priority asked for, the standard tier served (past the priority
+        // ramp limit): billed at the standard rates.
+        call(
+            "/chat/completions",
+            chat("gpt-4.1-mini", json!({"service_tier": "priority"})),
+            "standard_tier",
+        ),
+        call(
+            "/chat/completions",
+            chat(
+                "gpt-4.1-mini",
+                json!({"service_tier": "priority", "stream": true}),
+            ),
+            "standard_tier",
+        ),
+        call(
+            "/responses",
+            json!({"model": "gpt-4.1-mini", "input": "Say hi", "stream": true, "service_tier": "priority"}),
+            "standard_tier",
+        ),
         // Streams that did not ask for usage: quotawatch asks for it.
         call(
             "/chat/completions",
@@ -275,6 +296,7 @@ async fn a_mixed_workload_on_two_instances_costs_what_the_upstream_billed_to_the
         "gpt-5",
         "gpt-5-nano",
         "gpt-4.1",
+        "gpt-4.1-mini",
         "gpt-4o",
         "o4-mini-2026-09-30",
         "gpt-4.1-2025-04-14",
