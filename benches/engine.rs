@@ -155,15 +155,12 @@ fn domain_admit_settle(bencher: divan::Bencher, limited: Limited) {
         Arc::new(SystemClock),
     );
     let admission = request(&engine, &model);
-    let used = engine.pricing().usage(
-        Some(&model),
-        TokenCounts {
-            prompt: 800,
-            cached: 0,
-            completion: 150,
-        },
-        Tier::Standard,
-    );
+    let counts = TokenCounts {
+        prompt: 800,
+        cached: 0,
+        completion: 150,
+    };
+    let used = engine.pricing().usage(Some(&model), counts, Tier::Standard);
     let mut next = 0u64;
     let mut now = start;
     bencher.bench_local(|| {
@@ -179,6 +176,7 @@ fn domain_admit_settle(bencher: divan::Bencher, limited: Limited) {
             reservation: Some(admitted.result.expect("admitted").id),
             usage: Some(used),
             answer: Some(Answer::success()),
+            tokens: Some(counts),
         };
         state.record(&outcome, at, &settings, &mut fresh)
     });

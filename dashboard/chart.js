@@ -184,3 +184,42 @@ export function usageChart({ title, points, tick }) {
     table,
   );
 }
+
+/**
+ * What each model cost, as horizontal bars, most first, with the figures
+ * beside them (a bar chart of money needs no scale to be read).
+ * @param {object} options
+ * @param {string} options.title what the chart shows, e.g. "Cost by model, this month"
+ * @param {Array<{model:string, usd:number, share:number}>} options.rows as `spendByModel` gives them
+ * @param {(usd:number) => string} options.money how an amount reads
+ */
+export function costChart({ title, rows, money }) {
+  const most = Math.max(0, ...rows.map((row) => row.usd));
+  return h(
+    "figure",
+    { class: "chart-figure cost-chart" },
+    h("figcaption", {}, title),
+    h(
+      "ul",
+      { class: "cost-bars" },
+      rows.map((row) => {
+        const bar = h("span", { class: "cost-bar" });
+        bar.style.width = `${most > 0 ? ((row.usd / most) * 100).toFixed(1) : 0}%`;
+        return h(
+          "li",
+          {
+            dataset: { model: row.model },
+            "aria-label": `${row.model}: ${money(row.usd)}, ${Math.round(row.share * 100)}% of the spend`,
+          },
+          h("span", { class: "cost-model" }, row.model),
+          h("span", { class: "cost-track", "aria-hidden": "true" }, bar),
+          h(
+            "span",
+            { class: "cost-amount", dataset: { role: "cost" } },
+            money(row.usd),
+          ),
+        );
+      }),
+    ),
+  );
+}

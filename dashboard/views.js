@@ -2,7 +2,8 @@
 // one. Both render from the app's state and update in place when a status
 // document arrives, so that focus and scroll stay where they were.
 
-import { usageChart } from "/dashboard/chart.js";
+import { spendByModel } from "/sdk/quota-client.js";
+import { costChart, usageChart } from "/dashboard/chart.js";
 import { confirmDialog, formDialog, secretDialog } from "/dashboard/dialogs.js";
 import { fill, h } from "/dashboard/dom.js";
 import {
@@ -69,7 +70,8 @@ export function gauges(limits) {
       const label = `${limitLabel(name)}: ${amount(name, limit.used)} of ${amount(name, limit.limit)} used`;
       return h(
         "li",
-        { dataset: { limit: name } },
+        // Budgets are money: their figures read in dollars.
+        { dataset: { limit: name, unit: isBudget(name) ? "usd" : "count" } },
         h(
           "div",
           { class: "gauge-label" },
@@ -407,6 +409,10 @@ export class Detail {
       class: "panel",
       "aria-labelledby": "upstream-title",
     });
+    this.spendPanel = h("section", {
+      class: "panel",
+      "aria-labelledby": "spend-title",
+    });
     this.hourChart = h("div", {}, h("p", { class: "empty" }, "Loading…"));
     this.dayChart = h("div", {}, h("p", { class: "empty" }, "Loading…"));
     this.keysPanel = app.isAdmin
@@ -423,6 +429,7 @@ export class Detail {
         { class: "detail-grid" },
         this.notificationsPanel,
         this.limitsPanel,
+        this.spendPanel,
         h(
           "section",
           { class: "panel", "aria-labelledby": "hour-title" },
@@ -468,11 +475,13 @@ export class Detail {
       this.limitsPanel.hidden = true;
       this.notificationsPanel.hidden = true;
       this.upstreamPanel.hidden = true;
+      this.spendPanel.hidden = true;
       if (this.keysPanel) this.keysPanel.hidden = true;
       return;
     }
     this.renderHead(doc);
     this.renderLimits(doc);
+    this.renderSpend(doc);
     this.renderUpstream(doc);
     this.scheduleHistory();
   }
@@ -602,6 +611,30 @@ export class Detail {
           ),
         ),
       ),
+    );
+  }
+
+  /** What today and this month spent, and this month's cost by model. */
+  renderSpend(doc) {
+    const spend = doc.spend;
+    this.spendPanel.hidden = !spend;
+    if (!spend) return;
+    const rows = spendByModel(doc, "this_month");
+    fill(
+      this.spendPanel,
+      h("h2", { id: "spend-title" }, "Spend"),
+      h(
+        "p",
+        { class: "spend-totals", dataset: { role: "spend" } },
+        `Today ${dollars(spend.today.usd)} · this month ${dollars(spend.this_month.usd)} · prices of ${spend.prices_taken}`,
+      ),
+      rows.length > 0
+        ? costChart({
+            title: "Cost by model, this month",
+            rows,
+            money: dollars,
+          })
+        : h("p", { class: "empty" }, "No priced calls this month yet."),
     );
   }
 

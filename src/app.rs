@@ -185,6 +185,8 @@ pub async fn start(
     // timezone, the days whose model names the engine caps.
     let recent = engine.now().millis() - 2 * 86_400_000;
     engine.remember_models(store.models_by_day(recent).await?);
+    let month = engine.now().millis() - flush::SPEND_HISTORY.as_millis() as i64;
+    engine.load_spend(store.spend_by_day(month).await?);
     engine.set_admin_key(admin_hash);
     engine.set_token_secret(token_secret(&store).await?);
 
@@ -202,7 +204,7 @@ pub async fn start(
         engine.upstream_key_missing();
     }
     let metrics = Arc::new(crate::metrics::Metrics::new(&config.metrics_models));
-    let price_reloader = tokio::spawn(reload_prices_on_hangup(prices.clone()));
+    let price_reloader = tokio::spawn(reload_prices_on_hangup(engine.clone()));
     let proxy_state = crate::proxy::ProxyState::new(crate::proxy::ProxyParts {
         engine: engine.clone(),
         metrics: metrics.clone(),
@@ -283,7 +285,7 @@ pub fn process_env() -> crate::keys::EnvLookup {
 
 /// Reads the operator's price file again on every SIGHUP, as daemons
 /// re-read their configuration.
-async fn reload_prices_on_hangup(prices: Arc<PriceBook>) {
+async fn reload_prices_on_hangup(engine: Arc<Engine>) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
@@ -294,7 +296,7 @@ async fn reload_prices_on_hangup(prices: Arc<PriceBook>) {
             return;
         };
         while hangups.recv().await.is_some() {
-            match prices.reload() {
+            match engine.reload_prices() {
                 Ok(table) => {
                     tracing::info!(models = table.len(), taken = %table.taken, "prices read again")
                 }
@@ -305,7 +307,7 @@ async fn reload_prices_on_hangup(prices: Arc<PriceBook>) {
         }
     }
     #[cfg(not(unix))]
-    drop(prices);
+    drop(engine);
 }
 
 async fn tick(engine: Arc<Engine>) {

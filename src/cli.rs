@@ -11,6 +11,7 @@ use crate::admin::{Admin, KeySpec, WorkspaceSpec};
 use crate::api::dto::usage_name;
 use crate::config::{self, CliOverrides, Config, Sources};
 use crate::domain::limits::{LimitKind, PerLimit, Unit, WorkspaceId};
+use crate::domain::price::{format_dollars, nano_usd};
 use crate::domain::time::{Timestamp, humanize_duration};
 use crate::keys::{KeyGrant, Scope, UnknownScope};
 use crate::store::{KeyRecord, Store};
@@ -641,6 +642,50 @@ fn status_rows(docs: &[serde_json::Value], now: Timestamp) -> Vec<Vec<String>> {
     rows
 }
 
+/// An amount of dollars as the server wrote it, as texts write money.
+fn money(value: &serde_json::Value) -> String {
+    value
+        .as_f64()
+        .and_then(nano_usd)
+        .map_or_else(|| "-".to_owned(), format_dollars)
+}
+
+/// What each workspace spent today and this month, and on which models
+/// this month (most first), from the status documents' `spend`.
+fn spend_rows(docs: &[serde_json::Value]) -> Vec<Vec<String>> {
+    let mut rows = vec![vec![
+        "WORKSPACE".to_owned(),
+        "SPENT TODAY".to_owned(),
+        "SPENT THIS MONTH".to_owned(),
+        "BY MODEL THIS MONTH".to_owned(),
+    ]];
+    for doc in docs {
+        let spend = &doc["spend"];
+        let mut by_model: Vec<(&String, f64)> = spend["this_month"]["by_model"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .map(|(model, spent)| (model, spent["usd"].as_f64().unwrap_or(0.0)))
+            .collect();
+        by_model.sort_by(|a, b| b.1.total_cmp(&a.1).then_with(|| a.0.cmp(b.0)));
+        let models: Vec<String> = by_model
+            .into_iter()
+            .map(|(model, usd)| format!("{model} {}", money(&usd.into())))
+            .collect();
+        rows.push(vec![
+            doc["workspace"].as_str().unwrap_or("?").to_owned(),
+            money(&spend["today"]["usd"]),
+            money(&spend["this_month"]["usd"]),
+            if models.is_empty() {
+                "-".to_owned()
+            } else {
+                models.join(", ")
+            },
+        ]);
+    }
+    rows
+}
+
 async fn status(config: &Config, url: Option<String>) -> Result<(), Failure> {
     let key = match std::env::var("QUOTAWATCH_KEY") {
         Ok(key) if !key.is_empty() => key,
@@ -675,5 +720,13 @@ async fn status(config: &Config, url: Option<String>) -> Result<(), Failure> {
     };
     let now = Timestamp::from_millis(chrono::Utc::now().timestamp_millis());
     print!("{}", table(&status_rows(&docs, now)));
+    println!();
+    print!("{}", table(&spend_rows(&docs)));
+    if let Some(taken) = docs
+        .first()
+        .and_then(|doc| doc["spend"]["prices_taken"].as_str())
+    {
+        println!("Prices as of {taken}.");
+    }
     Ok(())
 }

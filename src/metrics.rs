@@ -18,7 +18,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::Registry;
 
-use crate::domain::limits::WorkspaceId;
+use crate::domain::limits::{Metric, WorkspaceId};
+use crate::domain::price::dollars;
 use crate::domain::status::Status;
 use crate::domain::upstream::UpstreamClass;
 use crate::domain::workspace::RefusalCause;
@@ -155,6 +156,8 @@ pub struct Metrics {
     upstream_errors: Family<ClassLabels, Counter>,
     status: Family<WorkspaceLabels, Gauge>,
     utilization: Family<LimitLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    budget: Family<LimitLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
+    budget_spent: Family<LimitLabels, Gauge<f64, std::sync::atomic::AtomicU64>>,
     upstream_remaining: Family<UpstreamLabels, Gauge>,
     overhead: Family<PhaseLabels, Histogram>,
     upstream_latency: Histogram,
@@ -179,6 +182,8 @@ impl Metrics {
         let upstream_errors = Family::default();
         let status = Family::default();
         let utilization = Family::default();
+        let budget = Family::default();
+        let budget_spent = Family::default();
         let upstream_remaining = Family::default();
         let overhead: Family<PhaseLabels, Histogram> =
             Family::new_with_constructor(overhead_histogram);
@@ -239,8 +244,18 @@ impl Metrics {
         );
         registry.register(
             "limit_utilization",
-            "Used share of each configured limit",
+            "Used share of each configured limit, budgets (usd limits) included",
             utilization.clone(),
+        );
+        registry.register(
+            "budget_usd",
+            "Each budget (usd limit) in dollars, by workspace and limit",
+            budget.clone(),
+        );
+        registry.register(
+            "budget_spent_usd",
+            "What each budget's window (the sliding minute, today, this month) has spent in dollars, as the budget counts it",
+            budget_spent.clone(),
         );
         registry.register(
             "upstream_remaining",
@@ -262,6 +277,8 @@ impl Metrics {
             upstream_errors,
             status,
             utilization,
+            budget,
+            budget_spent,
             upstream_remaining,
             overhead,
             upstream_latency,
@@ -342,7 +359,7 @@ impl Metrics {
                     workspace: Arc::from(workspace.as_str()),
                     model: self.model_label(model),
                 })
-                .inc_by(crate::domain::price::dollars(nano_usd));
+                .inc_by(dollars(nano_usd));
         }
     }
 
@@ -366,6 +383,8 @@ impl Metrics {
         let _rendering = crate::sync::lock(&self.rendering);
         self.status.clear();
         self.utilization.clear();
+        self.budget.clear();
+        self.budget_spent.clear();
         self.upstream_remaining.clear();
         for snapshot in engine.snapshots() {
             let workspace: Arc<str> = Arc::from(snapshot.config.id.as_str());
@@ -381,12 +400,19 @@ impl Metrics {
                 })
                 .set(level);
             for (kind, facts) in &snapshot.limits {
+                let labels = LimitLabels {
+                    workspace: workspace.clone(),
+                    limit: kind.name(),
+                };
                 self.utilization
-                    .get_or_create(&LimitLabels {
-                        workspace: workspace.clone(),
-                        limit: kind.name(),
-                    })
+                    .get_or_create(&labels)
                     .set(facts.utilization());
+                if kind.metric == Metric::Usd {
+                    self.budget.get_or_create(&labels).set(dollars(facts.max));
+                    self.budget_spent
+                        .get_or_create(&labels)
+                        .set(dollars(facts.used));
+                }
             }
             let buckets = snapshot
                 .upstream

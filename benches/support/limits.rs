@@ -3,7 +3,10 @@
 //! both measure the same workspaces. Every limit is high enough that
 //! nothing is refused: they measure the admitted path, the common one.
 
-use quotawatch::domain::limits::{LimitKind, Limits, Metric, Window};
+use quotawatch::domain::limits::{
+    LimitKind, Limits, Metric, REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, TOKENS_PER_DAY,
+    TOKENS_PER_MINUTE, USD_PER_DAY, USD_PER_MONTH,
+};
 use quotawatch::domain::price::NANO_USD_PER_DOLLAR;
 use quotawatch::domain::scope::{RuleInput, ScopeKind, ScopedLimits};
 
@@ -30,18 +33,18 @@ fn limits_of(kinds: impl IntoIterator<Item = LimitKind>) -> Limits {
 /// Requests and tokens per minute and per day: the four limits every
 /// earlier measurement had, so that figures compare across versions.
 pub fn four() -> Limits {
-    limits_of(
-        LimitKind::ALL
-            .into_iter()
-            .filter(|kind| kind.metric != Metric::Usd && kind.window != Window::Month),
-    )
+    limits_of([
+        REQUESTS_PER_MINUTE,
+        REQUESTS_PER_DAY,
+        TOKENS_PER_MINUTE,
+        TOKENS_PER_DAY,
+    ])
 }
 
 /// The four, with budgets per day and per month.
 pub fn with_budgets() -> Limits {
     let mut limits = four();
-    for window in [Window::Day, Window::Month] {
-        let budget = LimitKind::new(Metric::Usd, window);
+    for budget in [USD_PER_DAY, USD_PER_MONTH] {
         limits.set(budget, unreachable(budget));
     }
     limits
@@ -58,18 +61,9 @@ pub fn model_rules() -> ScopedLimits {
         limits: limits_of(kinds.iter().copied()),
     };
     ScopedLimits::validate(&[
-        rule(
-            Some(&[MODEL]),
-            &[
-                LimitKind::new(Metric::Requests, Window::Minute),
-                LimitKind::new(Metric::Tokens, Window::Minute),
-            ],
-        ),
-        rule(
-            Some(&["gpt-4o*", "o3*"]),
-            &[LimitKind::new(Metric::Usd, Window::Day)],
-        ),
-        rule(None, &[LimitKind::new(Metric::Tokens, Window::Day)]),
+        rule(Some(&[MODEL]), &[REQUESTS_PER_MINUTE, TOKENS_PER_MINUTE]),
+        rule(Some(&["gpt-4o*", "o3*"]), &[USD_PER_DAY]),
+        rule(None, &[TOKENS_PER_DAY]),
     ])
     .expect("valid rules")
 }

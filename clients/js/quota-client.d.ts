@@ -51,6 +51,32 @@ export interface UsageCounts {
   usd: number;
 }
 
+/** What one model's calls cost in a period, with the tokens that cost it. */
+export interface ModelSpend {
+  usd: number;
+  /** Prompt tokens, cached ones included. */
+  prompt_tokens: number;
+  cached_tokens: number;
+  /** Completion tokens, reasoning included. */
+  completion_tokens: number;
+}
+
+/** What a calendar period spent. */
+export interface PeriodSpend {
+  /** Dollars, as the period's budget counts it (calls in flight at their estimates). */
+  usd: number;
+  /** Finished calls by model (calls that named no model cost nothing and are left out). */
+  by_model: Record<string, ModelSpend>;
+}
+
+/** What today and this month spent, in all and by model. */
+export type SpendDocument = {
+  [Period in keyof CalendarPeriods as CalendarPeriods[Period]["usage"]]: PeriodSpend;
+} & {
+  /** The day the prices in force were taken. */
+  prices_taken: string;
+};
+
 export interface StatusDocument {
   workspace: string;
   name: string;
@@ -86,6 +112,8 @@ export interface StatusDocument {
   };
   /** Models called that the prices do not know, charged at the unpriced rates. */
   unpriced_models: string[];
+  /** What today and this month spent, in all and by model. */
+  spend: SpendDocument;
   updated_at: string;
 }
 
@@ -104,7 +132,12 @@ export interface Notification {
     | "upstream_errors"
     | "storage_unavailable"
     | "shared_store_unavailable"
-    | "upstream_key_missing";
+    | "upstream_key_missing"
+    | "unpriced_model"
+    /** A budget (a usd limit) at its warning threshold, or used up: their
+     * suggested actions name the budget to set and a cheaper model. */
+    | "budget_approaching"
+    | "budget_exhausted";
   /** The operator's text: what happened in full, and what to change where. */
   title: string;
   message: string;
@@ -202,6 +235,13 @@ export function backoffDelay(
   backoff: { initialMs: number; maxMs: number },
   random?: () => number,
 ): number;
+
+/** What `status`'s calendar `period` spent on each model, most first; `share`
+ * is the model's part of what the listed models spent (0 to 1). */
+export function spendByModel(
+  status: StatusDocument | null | undefined,
+  period?: CalendarPeriods[keyof CalendarPeriods]["usage"],
+): Array<{ model: string; usd: number; share: number }>;
 
 export class QuotaMonitor extends EventTarget {
   constructor(options: QuotaMonitorOptions);

@@ -56,6 +56,19 @@ export function backoffDelay(attempt, { initialMs, maxMs }, random = Math.random
   return Math.round(ceiling / 2 + (random() * ceiling) / 2);
 }
 
+/** What a status document's calendar `period` (`"today"`, `"this_month"`)
+ * spent on each model, most first: `[{model, usd, share}]`, `share` being
+ * the model's part of what the models listed spent (0 to 1). Empty when
+ * nothing was spent or the document has no `spend`. */
+export function spendByModel(status, period = "this_month") {
+  const byModel = status?.spend?.[period]?.by_model ?? {};
+  const rows = Object.entries(byModel).map(([model, spent]) => ({ model, usd: spent.usd }));
+  const total = rows.reduce((sum, row) => sum + row.usd, 0);
+  return rows
+    .map((row) => ({ ...row, share: total > 0 ? row.usd / total : 0 }))
+    .sort((a, b) => b.usd - a.usd || a.model.localeCompare(b.model));
+}
+
 /** `url` (http, https, ws or wss) as the base of a WebSocket URL, without a
  * trailing slash. */
 function webSocketBase(url) {

@@ -15,10 +15,11 @@ use crate::domain::limits::{
 use crate::domain::notification::Notification;
 use crate::domain::price::{PicoUsd, PriceTable, Rates, dollars};
 use crate::domain::scope::{RuleInput, ScopeKind, ScopeRule, Selector};
+use crate::domain::spend::ModelSpend;
 use crate::domain::status::LimitFacts;
 use crate::domain::time::Timestamp;
 use crate::domain::upstream::UpstreamBucket;
-use crate::domain::workspace::{BillingBlock, RecentUsage, ScopedFacts, Snapshot};
+use crate::domain::workspace::{BillingBlock, RecentUsage, ScopedFacts, Snapshot, SpendFacts};
 use crate::edge::error::optional_object;
 pub use crate::edge::error::{ErrorBody, ErrorDetail};
 use crate::engine::BlockedCredential;
@@ -307,6 +308,8 @@ pub struct StatusDoc {
     /// per-user rule only how many users it tracks (never which).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub scoped_limits: Vec<ScopedLimitStatusDoc>,
+    /// What today and this month spent, in all and by model.
+    pub spend: SpendDoc,
     pub updated_at: String,
 }
 
@@ -387,6 +390,31 @@ macro_rules! usage_shape {
             }
         }
 
+        /// What each current calendar period spent (a field per period,
+        /// as `usage` has), in all and by model, and the day of the prices.
+        #[derive(Serialize, ToSchema, Clone, Debug)]
+        pub struct SpendDoc {
+            $(
+                $(#[doc = $doc])*
+                pub $field: PeriodSpendDoc,
+            )*
+            /// The day the prices in force were taken (the price table's
+            /// `taken`, as `GET /api/prices` shows it).
+            pub prices_taken: String,
+        }
+
+        impl SpendDoc {
+            fn of(usage: &RecentUsage, spend: &SpendFacts) -> Self {
+                let [$($field),*] = Period::ALL.map(|period| {
+                    PeriodSpendDoc::of(usage.calendar(period), &spend.calendars[period.index()])
+                });
+                Self {
+                    $($field,)*
+                    prices_taken: spend.prices_taken.clone(),
+                }
+            }
+        }
+
         /// The field of [`UsageDoc`] that counts over `window`.
         pub fn usage_name(window: Window) -> &'static str {
             const CALENDARS: [&str; Period::ALL.len()] = [$(stringify!($field)),*];
@@ -403,6 +431,58 @@ usage_shape!(
     /// Since midnight on the first of the month in the workspace's timezone.
     this_month,
 );
+
+/// What a calendar period spent.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct PeriodSpendDoc {
+    /// Dollars spent, as the period's usd counters count it (and its
+    /// budgets, `usd_per_day` or `usd_per_month`, enforce): calls in
+    /// flight included, at their estimates.
+    pub usd: f64,
+    /// Finished calls by model, as history records them (up to 100 models;
+    /// further ones count as `other`); calls that named no model cost
+    /// nothing and are left out.
+    pub by_model: BTreeMap<String, ModelSpendDoc>,
+}
+
+impl PeriodSpendDoc {
+    fn of(
+        usage: crate::domain::window::Usage,
+        by_model: &BTreeMap<crate::domain::workspace::Model, ModelSpend>,
+    ) -> Self {
+        Self {
+            usd: dollars(usage.usd),
+            by_model: by_model
+                .iter()
+                .map(|(model, spend)| (model.to_string(), ModelSpendDoc::from(*spend)))
+                .collect(),
+        }
+    }
+}
+
+/// What one model's calls cost, with the tokens that cost it.
+#[derive(Serialize, ToSchema, Clone, Copy, Debug)]
+pub struct ModelSpendDoc {
+    /// Dollars.
+    pub usd: f64,
+    /// Prompt tokens, cached ones included.
+    pub prompt_tokens: u64,
+    /// Prompt tokens served from the prompt cache.
+    pub cached_tokens: u64,
+    /// Completion tokens, reasoning included.
+    pub completion_tokens: u64,
+}
+
+impl From<ModelSpend> for ModelSpendDoc {
+    fn from(spend: ModelSpend) -> Self {
+        Self {
+            usd: dollars(spend.usd),
+            prompt_tokens: spend.prompt,
+            cached_tokens: spend.cached,
+            completion_tokens: spend.completion,
+        }
+    }
+}
 
 impl From<crate::domain::window::Usage> for CountsDoc {
     fn from(usage: crate::domain::window::Usage) -> Self {
@@ -472,6 +552,7 @@ impl From<&Snapshot> for StatusDoc {
                 .zip(&snapshot.scoped)
                 .map(|(rule, facts)| ScopedLimitStatusDoc::of(rule, facts))
                 .collect(),
+            spend: SpendDoc::of(&snapshot.usage, &snapshot.spend),
             updated_at: rfc3339(snapshot.at),
         }
     }

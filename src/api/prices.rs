@@ -31,7 +31,7 @@ pub async fn reload(
     auth: Auth,
 ) -> Result<Json<ReloadedDoc>, ApiError> {
     auth.require_admin("reading the price file again")?;
-    let table = state.prices.reload()?;
+    let table = state.engine.reload_prices()?;
     Ok(Json(ReloadedDoc {
         models: table.len(),
         taken: table.taken.clone(),

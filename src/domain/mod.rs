@@ -12,6 +12,7 @@ pub mod model;
 pub mod notification;
 pub mod price;
 pub mod scope;
+pub mod spend;
 pub mod status;
 pub mod time;
 pub mod upstream;

@@ -7,7 +7,9 @@
 use std::sync::LazyLock;
 
 use super::credential::CredentialId;
-use super::limits::{LimitKind, Period, Window, WorkspaceConfig, WorkspaceId};
+use super::limits::{LimitKind, Metric, Period, Window, WorkspaceConfig, WorkspaceId};
+use super::price::{NANO_USD_PER_DOLLAR, NanoUsd, dollars, format_dollars};
+use super::spend::cheaper_model;
 use super::status::{Cause, Facts};
 use super::time::{Timestamp, humanize_duration, in_time};
 use super::upstream::BillingCode;
@@ -55,6 +57,13 @@ pub enum NotificationKind {
     /// A workspace called a model the price table does not know, which is
     /// charged at the unpriced rates: one per model.
     UnpricedModel,
+    /// A usd limit (a budget) reached the warning threshold: raised instead
+    /// of [`ApproachingLimit`](Self::ApproachingLimit) for it.
+    BudgetApproaching,
+    /// A usd limit is used up: raised instead of
+    /// [`RateLimited`](Self::RateLimited) or
+    /// [`QuotaExhausted`](Self::QuotaExhausted) for it.
+    BudgetExhausted,
 }
 
 impl NotificationKind {
@@ -82,6 +91,8 @@ impl NotificationKind {
             NotificationKind::SharedStoreUnavailable => "shared_store_unavailable",
             NotificationKind::UpstreamKeyMissing => "upstream_key_missing",
             NotificationKind::UnpricedModel => "unpriced_model",
+            NotificationKind::BudgetApproaching => "budget_approaching",
+            NotificationKind::BudgetExhausted => "budget_exhausted",
         }
     }
 
@@ -97,6 +108,8 @@ impl NotificationKind {
             NotificationKind::SharedStoreUnavailable,
             NotificationKind::UpstreamKeyMissing,
             NotificationKind::UnpricedModel,
+            NotificationKind::BudgetApproaching,
+            NotificationKind::BudgetExhausted,
         ]
         .into_iter()
         .chain(Period::ALL.map(NotificationKind::QuotaExhausted))
@@ -275,6 +288,12 @@ pub fn describe(
 ) -> Notification {
     let ws = workspace.id.as_str();
     let text = match cause {
+        Cause::Approaching(kind) if kind.metric == Metric::Usd => {
+            budget_approaching(workspace, kind, facts, now)
+        }
+        Cause::LimitExhausted(kind) if kind.metric == Metric::Usd => {
+            budget_exhausted(workspace, kind, facts, now)
+        }
         Cause::Approaching(kind) => approaching(workspace, kind, facts, now),
         Cause::LimitExhausted(kind) => exhausted(workspace, kind, facts, now),
         Cause::UpstreamRateLimited => upstream_rate_limited(ws, facts, now),
@@ -489,6 +508,12 @@ fn severity_of(cause: Cause) -> Severity {
 
 fn kind_of(cause: Cause) -> NotificationKind {
     match cause {
+        Cause::Approaching(kind) if kind.metric == Metric::Usd => {
+            NotificationKind::BudgetApproaching
+        }
+        Cause::LimitExhausted(kind) if kind.metric == Metric::Usd => {
+            NotificationKind::BudgetExhausted
+        }
         Cause::Approaching(_) => NotificationKind::ApproachingLimit,
         Cause::LimitExhausted(kind) => match kind.window.period() {
             None => NotificationKind::RateLimited,
@@ -623,6 +648,176 @@ fn exhausted(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts, now: T
             ],
             resolves_at: limit.resets_at,
         },
+    }
+}
+
+/// What a budget's period has spent, for the start of a sentence:
+/// "today", "this month", or "in the last 60 seconds" for a minute's.
+fn budget_spent(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts) -> String {
+    let limit = facts.limit(kind);
+    format!(
+        "Workspace {} has spent {} of its {} budget ({kind}) {}",
+        workspace.id,
+        format_dollars(limit.used),
+        format_dollars(limit.max),
+        period(kind)
+    )
+}
+
+/// A budget proposed to an operator: rounded up to a whole cent below a
+/// dollar, to a whole dollar above, so that it reads as a figure someone
+/// would choose.
+fn round_up_budget(amount: NanoUsd) -> NanoUsd {
+    const CENT: NanoUsd = NANO_USD_PER_DOLLAR / 100;
+    let step = if amount < NANO_USD_PER_DOLLAR {
+        CENT
+    } else {
+        NANO_USD_PER_DOLLAR
+    };
+    amount.div_ceil(step).saturating_mul(step)
+}
+
+/// What a period that spent `used` from `start` to `now` spends by `end`
+/// at the same pace. The first minute counts as a minute, so that a call
+/// just after midnight does not project a fortune.
+fn projected(used: NanoUsd, start: Timestamp, end: Timestamp, now: Timestamp) -> NanoUsd {
+    let elapsed = (now.millis() - start.millis()).max(60_000) as u128;
+    let length = (end.millis() - start.millis()).max(0) as u128;
+    NanoUsd::try_from(u128::from(used) * length / elapsed)
+        .unwrap_or(NanoUsd::MAX)
+        .max(used)
+}
+
+/// The suggestion to raise a budget, with the figure: for a day's or a
+/// month's, what the period spends at the pace so far; for a minute's, what
+/// the last 60 seconds spent.
+fn raise_budget(
+    workspace: &WorkspaceConfig,
+    kind: LimitKind,
+    facts: &Facts,
+    now: Timestamp,
+) -> String {
+    let ws = workspace.id.as_str();
+    let limit = facts.limit(kind);
+    let Some(period) = kind.window.period() else {
+        return format!(
+            "If this rate of spend is expected, raise {kind} for workspace {ws} above the {} the last 60 seconds spent (PATCH /api/workspaces/{ws}).",
+            format_dollars(limit.used)
+        );
+    };
+    let counter = facts.calendars.get(period);
+    let pace = projected(limit.used, counter.start, counter.end, now);
+    let spend = format!("{}'s spend", period.this());
+    if pace > limit.max {
+        let proposal = round_up_budget(pace);
+        format!(
+            "Raise the budget: at the pace so far {spend} reaches {} by its end; set {kind} for workspace {ws} to {} (PATCH /api/workspaces/{ws} with {{\"limits\":{{\"{kind}\":{}}}}}).",
+            format_dollars(pace),
+            format_dollars(proposal),
+            dollars(proposal)
+        )
+    } else {
+        format!(
+            "At the pace so far {spend} reaches {} by its end, within the budget; if more traffic is coming, raise {kind} for workspace {ws} (PATCH /api/workspaces/{ws}).",
+            format_dollars(pace)
+        )
+    }
+}
+
+/// The suggestion to move traffic to a cheaper model, with the figure
+/// priced on the workspace's own token mix over the budget's period (a
+/// minute's budget: today's), if the prices name one (see
+/// [`cheaper_model`] for which).
+fn cheaper_model_action(kind: LimitKind, facts: &Facts) -> Option<String> {
+    let period = kind.window.period().unwrap_or(Period::Day);
+    let cheaper = cheaper_model(facts.prices, facts.spend.period(facts.calendars, period))?;
+    let (from, to) = (&cheaper.from, &cheaper.to);
+    Some(format!(
+        "Or move traffic to a cheaper model: {to} costs {} of {from} for this workload's token mix ({from}'s calls {} cost {}; at {to}'s rates they would have cost about {}).",
+        cheaper.share(),
+        period.this(),
+        format_dollars(cheaper.spent),
+        format_dollars(cheaper.would_have_spent()),
+    ))
+}
+
+fn budget_approaching(
+    workspace: &WorkspaceConfig,
+    kind: LimitKind,
+    facts: &Facts,
+    now: Timestamp,
+) -> Text {
+    let limit = facts.limit(kind);
+    let percent = (limit.utilization() * 100.0).floor();
+    let resets = match (kind.window.period(), limit.resets_at) {
+        (Some(period), Some(at)) => format!(
+            " The {} budget resets {} {} {}.",
+            period.adjective(),
+            period.next_starts(),
+            workspace.timezone.name(),
+            in_time(at, now)
+        ),
+        _ => String::new(),
+    };
+    let mut actions = vec![raise_budget(workspace, kind, facts, now)];
+    actions.extend(cheaper_model_action(kind, facts));
+    Text {
+        title: format!(
+            "Workspace {} is approaching its {kind} budget",
+            workspace.id
+        ),
+        message: format!(
+            "{} ({percent}%), above its warning threshold of {}%.{resets}",
+            budget_spent(workspace, kind, facts),
+            (workspace.warn_at * 100.0).round(),
+        ),
+        actions,
+        resolves_at: limit.resets_at,
+    }
+}
+
+fn budget_exhausted(
+    workspace: &WorkspaceConfig,
+    kind: LimitKind,
+    facts: &Facts,
+    now: Timestamp,
+) -> Text {
+    let ws = workspace.id.as_str();
+    let limit = facts.limit(kind);
+    let mut actions = vec![raise_budget(workspace, kind, facts, now)];
+    actions.extend(cheaper_model_action(kind, facts));
+    let (refused, resolves_at) = match kind.window.period() {
+        None => (
+            format!(
+                "Requests are refused with HTTP 429 until room frees up{}",
+                limit
+                    .frees_at
+                    .map(|at| format!(" {}", in_time(at, now)))
+                    .unwrap_or_default()
+            ),
+            limit.frees_at,
+        ),
+        Some(period) => {
+            actions.push(format!("To unblock now, an admin can reset the workspace's usage (POST /api/quota/reset with {{\"workspace\":\"{ws}\",\"what\":\"usage\"}})."));
+            (
+                format!(
+                    "Requests are refused with HTTP 429 workspace_budget_exceeded (x-should-retry: false) until the budget resets {} {}{}",
+                    period.next_starts(),
+                    workspace.timezone.name(),
+                    limit
+                        .resets_at
+                        .map(|at| format!(", {}", in_time(at, now)))
+                        .unwrap_or_default()
+                ),
+                limit.resets_at,
+            )
+        }
+    };
+    Text {
+        title: format!("Workspace {ws} used up its {kind} budget"),
+        message: format!("{}. {refused}.", budget_spent(workspace, kind, facts),),
+        actions,
+        resolves_at,
     }
 }
 

@@ -11,8 +11,11 @@ use std::time::Duration;
 
 use super::limits::{LimitKind, Metric, PerLimit, WARNING_HYSTERESIS, Window};
 use super::notification::Notification;
+use super::price::PriceTable;
+use super::spend::SpendBook;
 use super::time::Timestamp;
 use super::upstream::{BillingCode, LastError, Outcomes, UpstreamView};
+use super::window::Calendars;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum Status {
@@ -177,6 +180,11 @@ enum Exhaustion {
     HeldUntil(Timestamp),
 }
 
+/// Whether `used` of `max` is at least the fraction `threshold` of it.
+fn reaches(used: u64, max: u64, threshold: f64) -> bool {
+    used as f64 / max as f64 >= threshold
+}
+
 /// A set of causes as a bit mask over [`Cause::ALL`].
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct CauseSet(u32);
@@ -266,6 +274,13 @@ pub struct Facts<'a> {
     pub last_error: Option<&'a LastError>,
     pub upstream: &'a UpstreamView,
     pub probe_interval: Duration,
+    /// The current calendar periods, whose bounds budget texts project
+    /// spend over.
+    pub calendars: &'a Calendars,
+    /// Spend by model in those periods, and the prices in force: what a
+    /// budget notification prices a cheaper model with.
+    pub spend: &'a SpendBook,
+    pub prices: &'a PriceTable,
 }
 
 impl Facts<'_> {
@@ -361,13 +376,12 @@ impl StatusTracker {
             if self.exhausted(kind, used >= max, now) {
                 causes.insert(Cause::LimitExhausted(kind));
             }
-            let utilization = used as f64 / max as f64;
             let threshold = if self.approaching.get(kind) {
                 observation.warn_at - WARNING_HYSTERESIS
             } else {
                 observation.warn_at
             };
-            let approaching = utilization >= threshold;
+            let approaching = reaches(used, max, threshold);
             self.approaching.set(kind, approaching);
             if approaching {
                 causes.insert(Cause::Approaching(kind));
@@ -409,6 +423,19 @@ impl StatusTracker {
         };
         self.exhaustion.set(kind, next);
         next != Exhaustion::Free
+    }
+
+    /// Whether observing limits at these `(used, max)`, with no upstream
+    /// cause, would change nothing: no cause is active, none would appear,
+    /// and no limit's warning or exhaustion is still being remembered. It
+    /// answers what [`observe`](Self::observe) would, for the one case that
+    /// is nearly every call of a workspace far from its limits, without the
+    /// cost of building an [`Observation`] of every limit kind.
+    pub fn stays_clear(&self, mut usage: impl Iterator<Item = (u64, u64)>, warn_at: f64) -> bool {
+        self.causes == CauseSet::default()
+            && self.approaching == PerLimit::default()
+            && self.exhaustion == PerLimit::default()
+            && usage.all(|(used, max)| used < max && !reaches(used, max, warn_at))
     }
 
     /// Re-derives the causes from `observation`. Returns the new set when

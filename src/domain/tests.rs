@@ -121,6 +121,7 @@ impl Script {
             reservation: Some(id),
             usage: Some(Usage::call(actual)),
             answer: Some(Answer::success()),
+            tokens: None,
         })
         .settled
             != Settled::Missing
@@ -655,6 +656,7 @@ fn a_billing_block_refuses_without_retry_and_lets_one_probe_through_per_interval
                 reservation: Some(probe),
                 usage: Some(Usage::call(5)),
                 answer: Some(Answer::success()),
+                tokens: None,
             })
             .changes;
         assert_eq!(script.status(), Status::Normal);
@@ -676,6 +678,7 @@ fn a_call_without_an_answer_settles_but_says_nothing_about_the_upstream() {
     // charged, and the billing block neither lifts nor counts an error.
     let recorded = script.record(&Outcome {
         scoped: Default::default(),
+        tokens: None,
         reservation: Some(probe),
         usage: None,
         answer: None,
@@ -696,6 +699,7 @@ fn an_answer_for_a_missing_reservation_still_counts() {
     // comes late still blocks the workspace, and nothing is charged again.
     let recorded = script.record(&Outcome {
         scoped: Default::default(),
+        tokens: None,
         reservation: Some(id),
         usage: Some(Usage::call(10)),
         answer: Some(Answer {
@@ -891,6 +895,7 @@ fn saved_state_restores_counters_blocks_and_status() {
     assert!(snapshot.blocked);
     let outcome = Outcome {
         scoped: Default::default(),
+        tokens: None,
         reservation: Some(id),
         usage: Some(Usage::call(100)),
         answer: Some(Answer::success()),
@@ -1873,6 +1878,7 @@ mod scoped {
             usage: Some(Usage::call(5)),
             answer: Some(Answer::success()),
             scoped: Some((request.model.as_deref(), &request.scoped)),
+            tokens: None,
         });
         script.refusal_as("gpt-4o", "alice");
         script.admit_as("gpt-4o", "bob", 1).result.expect("bob");
@@ -1917,4 +1923,165 @@ mod scoped {
         script.tick();
         assert_eq!(tracked(&script), 0);
     }
+}
+
+/// A workspace of `limits` whose prices hold gpt-4o and gpt-4o-mini, and
+/// which spent `usd` on gpt-4o today: 10M uncached prompt tokens at
+/// $2.50/M and 1.5M completion tokens at $10/M, $40 in all.
+fn spent_on_gpt_4o(limits: &[(LimitKind, u64)], now: &str) -> Script {
+    use super::price::{Price, PriceTable, Rates};
+    use super::spend::ModelSpend;
+    let mut script = Script::with_config(limits, "Europe/Berlin", ts(now));
+    let per_million = |dollars: u64| dollars * 1_000_000;
+    let mut models = std::collections::BTreeMap::new();
+    models.insert(
+        "gpt-4o".to_owned(),
+        Price::new(
+            "chat",
+            Rates {
+                input: per_million(2) + 500_000,
+                cached_input: per_million(1) + 250_000,
+                output: per_million(10),
+            },
+        ),
+    );
+    models.insert(
+        "gpt-4o-mini".to_owned(),
+        Price::new(
+            "chat",
+            Rates {
+                input: 150_000,
+                cached_input: 75_000,
+                output: 600_000,
+            },
+        ),
+    );
+    script
+        .state
+        .use_prices(std::sync::Arc::new(PriceTable::new("2026-12-02", models)));
+    let spend = ModelSpend {
+        prompt: 10_000_000,
+        cached: 0,
+        completion: 1_500_000,
+        usd: 40 * DOLLAR,
+    };
+    script.state.note_spend(script.now, &"gpt-4o".into(), spend);
+    script
+}
+
+const DOLLAR: u64 = super::price::NANO_USD_PER_DOLLAR;
+
+/// Charges `usd` nano-dollars as one admitted call.
+fn spend_now(script: &mut Script, usd: u64) {
+    let mut next_id = script.next_id;
+    let admission = script.state.admit(
+        &Request {
+            estimate: Usage::call(0).with(super::limits::Metric::Usd, usd),
+            ..Request::default()
+        },
+        script.now,
+        &script.settings,
+        &mut || {
+            next_id += 1;
+            next_id
+        },
+    );
+    script.next_id = next_id;
+    assert!(admission.result.is_ok(), "{admission:?}");
+}
+
+#[test]
+fn a_budget_notification_suggests_a_raise_and_a_cheaper_model_with_the_figures() {
+    use super::limits::USD_PER_DAY;
+    // Noon in Berlin: half of the local day is over.
+    let mut script = spent_on_gpt_4o(&[(USD_PER_DAY, 50 * DOLLAR)], "2026-05-04T10:00:00Z");
+    spend_now(&mut script, 40 * DOLLAR);
+    assert_eq!(
+        script.active_kinds(),
+        vec![(NotificationKind::BudgetApproaching, Some(USD_PER_DAY))],
+        "one notification, of the budget's own kind"
+    );
+    let approaching = script.state.active_notifications()[0].clone();
+    assert_eq!(approaching.severity, Severity::Warning);
+    assert_eq!(
+        approaching.title,
+        "Workspace acme is approaching its usd_per_day budget"
+    );
+    assert_eq!(
+        approaching.message,
+        "Workspace acme has spent $40.00 of its $50.00 budget (usd_per_day) today (80%), above its warning threshold of 80%. The daily budget resets at midnight Europe/Berlin in 12h 0m (at 2026-05-04T22:00:00.000Z)."
+    );
+    assert_eq!(
+        approaching.suggested_actions,
+        vec![
+            "Raise the budget: at the pace so far today's spend reaches $80.00 by its end; set usd_per_day for workspace acme to $80.00 (PATCH /api/workspaces/acme with {\"limits\":{\"usd_per_day\":80}}).".to_owned(),
+            "Or move traffic to a cheaper model: gpt-4o-mini costs 6% of gpt-4o for this workload's token mix (gpt-4o's calls today cost $40.00; at gpt-4o-mini's rates they would have cost about $2.40).".to_owned(),
+        ]
+    );
+
+    spend_now(&mut script, 10 * DOLLAR);
+    assert_eq!(
+        script.active_kinds(),
+        vec![
+            (NotificationKind::BudgetApproaching, Some(USD_PER_DAY)),
+            (NotificationKind::BudgetExhausted, Some(USD_PER_DAY)),
+        ],
+        "no daily_quota_exhausted beside it"
+    );
+    let exhausted = script.state.active_notifications()[1].clone();
+    assert_eq!(exhausted.kind.name(), "budget_exhausted");
+    assert_eq!(exhausted.severity, Severity::Critical);
+    assert_eq!(exhausted.resolves_at, Some(ts("2026-05-04T22:00:00Z")));
+    assert_eq!(
+        exhausted.message,
+        "Workspace acme has spent $50.00 of its $50.00 budget (usd_per_day) today. Requests are refused with HTTP 429 workspace_budget_exceeded (x-should-retry: false) until the budget resets at midnight Europe/Berlin, in 12h 0m (at 2026-05-04T22:00:00.000Z)."
+    );
+    assert_eq!(
+        exhausted.suggested_actions[0],
+        "Raise the budget: at the pace so far today's spend reaches $100.00 by its end; set usd_per_day for workspace acme to $100.00 (PATCH /api/workspaces/acme with {\"limits\":{\"usd_per_day\":100}})."
+    );
+    assert!(
+        exhausted.suggested_actions[1]
+            .starts_with("Or move traffic to a cheaper model: gpt-4o-mini costs 6% of gpt-4o")
+    );
+    assert!(exhausted.suggested_actions[2].contains("\"what\":\"usage\""));
+}
+
+#[test]
+fn a_budget_late_in_its_period_is_not_told_to_grow_and_a_minute_cap_names_its_spend() {
+    use super::limits::{USD_PER_DAY, USD_PER_MINUTE};
+    // 21:00 in Berlin: at the pace so far, $40 by 21:00 is $45.71 by midnight.
+    let mut script = spent_on_gpt_4o(&[(USD_PER_DAY, 50 * DOLLAR)], "2026-05-04T19:00:00Z");
+    spend_now(&mut script, 40 * DOLLAR);
+    assert_eq!(
+        script.state.active_notifications()[0].suggested_actions[0],
+        "At the pace so far today's spend reaches $45.714285714 by its end, within the budget; if more traffic is coming, raise usd_per_day for workspace acme (PATCH /api/workspaces/acme)."
+    );
+
+    let mut script = spent_on_gpt_4o(&[(USD_PER_MINUTE, DOLLAR)], "2026-05-04T10:00:00Z");
+    spend_now(&mut script, DOLLAR);
+    let kinds: Vec<NotificationKind> = script
+        .active_kinds()
+        .into_iter()
+        .map(|(kind, _)| kind)
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            NotificationKind::BudgetExhausted,
+            NotificationKind::BudgetApproaching
+        ],
+        "no rate_limited beside them"
+    );
+    let capped = script.state.active_notifications()[0].clone();
+    assert_eq!(capped.severity, Severity::Warning);
+    assert_eq!(
+        capped.suggested_actions[0],
+        "If this rate of spend is expected, raise usd_per_minute for workspace acme above the $1.00 the last 60 seconds spent (PATCH /api/workspaces/acme)."
+    );
+    assert!(
+        capped.suggested_actions[1].contains("gpt-4o-mini costs 6% of gpt-4o"),
+        "a minute's cap compares today's mix: {:?}",
+        capped.suggested_actions
+    );
 }

@@ -4,6 +4,7 @@
 //! the state, re-evaluates the status and returns what changed.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use rustc_hash::FxHashMap;
 use std::time::Duration;
@@ -13,9 +14,11 @@ use chrono_tz::Tz;
 use super::credential::CredentialBlock;
 use super::limits::{LimitKind, Limits, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{Notification, describe, describe_unpriced, shared_id};
+use super::price::{PriceTable, TokenCounts};
 use super::scope::{
     EachSummary, RefusedScope, ScopeBook, ScopeCounts, ScopeRef, ScopeValues, Selector,
 };
+use super::spend::{ModelSpend, SpendBook};
 use super::status::{Cause, Change, Facts, LimitFacts, Observation, StatusTracker};
 use super::time::Timestamp;
 use super::upstream::{
@@ -254,7 +257,17 @@ pub struct Snapshot {
     pub unpriced_models: Vec<Model>,
     /// Each scoped limit, in configuration order.
     pub scoped: Vec<ScopedFacts>,
+    /// What each current calendar period spent, by model.
+    pub spend: SpendFacts,
     pub at: Timestamp,
+}
+
+/// Spend by model in each current calendar period, by [`Period::index`],
+/// and the day the prices in force were taken.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SpendFacts {
+    pub calendars: [std::collections::BTreeMap<Model, ModelSpend>; Period::ALL.len()],
+    pub prices_taken: String,
 }
 
 /// What the status shows of one scoped limit: a listed rule's counts, or
@@ -359,8 +372,13 @@ pub struct Outcome<'a> {
     /// upstream said anything (the client went away first).
     pub answer: Option<Answer<'a>>,
     /// For a call without reservation, its model and its values for
-    /// scoped limits, which choose the scoped limits it is charged to.
+    /// scoped limits, which choose the scoped limits it is charged to. (A
+    /// model named here is also the one a reserved call's spend counts
+    /// under, before the reservation's.)
     pub scoped: Option<(Option<&'a str>, &'a ScopeValues)>,
+    /// What the call used by kind of token, when known: its token mix in
+    /// the spend by model.
+    pub tokens: Option<TokenCounts>,
 }
 
 /// The upstream's answer to one call.
@@ -456,6 +474,12 @@ pub struct WorkspaceState {
     /// told: shown in the status, never saved, and raising no notification
     /// here, since the credential has the one notification of it.
     credential_block: Option<CredentialBlock>,
+    /// Spend by model over the current calendar periods, as history
+    /// records calls (see [`note_spend`](Self::note_spend)).
+    spend: SpendBook,
+    /// The prices in force, which budget notifications price a cheaper
+    /// model at (see [`use_prices`](Self::use_prices)).
+    prices: Arc<PriceTable>,
     /// The counters of the scoped limits.
     scopes: ScopeBook,
     /// The scope counters each reservation charged, to settle them; only
@@ -513,12 +537,18 @@ trait Counted {
     fn resets_at(&self, kind: LimitKind) -> Option<Timestamp> {
         match kind.window.period() {
             Some(period) => Some(self.calendars().get(period).end),
-            None => self
-                .expiring()
-                .filter(|(_, bucket)| bucket.of(kind.metric) > 0)
-                .last()
-                .map(|(expires_at, _)| expires_at),
+            None => self.minute_resets_at(kind.metric),
         }
+    }
+
+    /// When the newest second of the minute that counted `metric` leaves
+    /// it. This default reads every second; a sliding window answers from
+    /// its newest bucket back, which is quick while the window is in use.
+    fn minute_resets_at(&self, metric: Metric) -> Option<Timestamp> {
+        self.expiring()
+            .filter(|(_, bucket)| bucket.of(metric) > 0)
+            .last()
+            .map(|(expires_at, _)| expires_at)
     }
 
     fn limit_facts(&self, kind: LimitKind, max: u64) -> LimitFacts {
@@ -587,6 +617,11 @@ impl Counted for WorkspaceState {
     fn calendars(&self) -> &Calendars {
         &self.calendars
     }
+
+    fn minute_resets_at(&self, metric: Metric) -> Option<Timestamp> {
+        // Asked on every admission (for the `x-ratelimit-reset-*` headers).
+        self.minute.clear_at(|bucket| bucket.of(metric) > 0)
+    }
 }
 
 /// One scope counter as its limits read it at `now` (none yet counts
@@ -649,6 +684,8 @@ impl WorkspaceState {
             billing_start_moved: false,
             unpriced_models: Vec::new(),
             credential_block: None,
+            spend: SpendBook::default(),
+            prices: Arc::default(),
             scopes: ScopeBook::default(),
             scope_charges: FxHashMap::default(),
         }
@@ -884,11 +921,30 @@ impl WorkspaceState {
         Observation {
             usage,
             warn_at: self.config.warn_at,
-            upstream_rate_limited: self.rate_block_until.is_some_and(|until| until > now),
+            upstream_rate_limited: self.upstream_rate_limited(now),
             upstream_quota_exhausted: self.billing_block.is_some(),
             upstream_error_rate: self.upstream_error_rate,
             upstream_key_rejected: self.key_rejected,
         }
+    }
+
+    fn upstream_rate_limited(&self, now: Timestamp) -> bool {
+        self.rate_block_until.is_some_and(|until| until > now)
+    }
+
+    /// Whether an [`evaluate`](Self::evaluate) now would find the status
+    /// clear and leave it so (see [`StatusTracker::stays_clear`]): nothing
+    /// the upstream said stands against the workspace, and no limit is near.
+    fn stays_clear(&self, now: Timestamp) -> bool {
+        !self.billing_start_moved
+            && !self.upstream_rate_limited(now)
+            && self.billing_block.is_none()
+            && !self.upstream_error_rate
+            && !self.key_rejected
+            && self.tracker.stays_clear(
+                self.limits().map(|(kind, max)| (self.used(kind), max)),
+                self.config.warn_at,
+            )
     }
 
     fn facts(&self, settings: &Settings) -> Facts<'_> {
@@ -904,6 +960,9 @@ impl WorkspaceState {
             last_error: self.last_error.as_ref(),
             upstream: &self.upstream_view,
             probe_interval: settings.probe_interval,
+            calendars: &self.calendars,
+            spend: &self.spend,
+            prices: &self.prices,
         }
     }
 
@@ -915,6 +974,9 @@ impl WorkspaceState {
         settings: &Settings,
         fresh_id: &mut dyn FnMut() -> u64,
     ) -> Vec<Change> {
+        if self.stays_clear(now) {
+            return Vec::new();
+        }
         let observation = self.observation(now);
         let observed = self.tracker.observe(&observation, now);
         // Two instances that saw a billing block at once each started it at
@@ -1400,6 +1462,9 @@ impl WorkspaceState {
         let class = outcome
             .answer
             .map(|answer| self.observe_upstream(&answer, admitted_at, now, settings));
+        // Before the status is evaluated, so that a budget notification
+        // this call raises counts the call in its figures.
+        self.note_settled_spend(outcome, &settled, usage, now);
         Recorded {
             settled,
             usage,
@@ -1549,6 +1614,60 @@ impl WorkspaceState {
         // unpriced is noticed again at its next call.
         self.unpriced_models.clear();
         self.tracker.clear(now)
+    }
+
+    /// Notes what a finished call of `model`, charged at `at`, used and
+    /// cost, in the spend of the calendar periods that hold `at`: a settled
+    /// call as it settles, an expired reservation's estimate and the
+    /// spend history held at start-up as the engine passes them, so that
+    /// the status and budget notifications see spend by model without
+    /// reading the database.
+    pub fn note_spend(&mut self, at: Timestamp, model: &Model, spend: ModelSpend) {
+        self.spend.add(&self.calendars, at, model, spend);
+    }
+
+    /// Notes a settled call's spend (see [`note_spend`](Self::note_spend)):
+    /// what it counts for, under the model it named, at the time it was
+    /// charged. A reservation that was missing counted when it expired.
+    fn note_settled_spend(
+        &mut self,
+        outcome: &Outcome<'_>,
+        settled: &Settled,
+        usage: Usage,
+        now: Timestamp,
+    ) {
+        let named = outcome.scoped.and_then(|(model, _)| model).map(Model::from);
+        let (at, model) = match settled {
+            Settled::Reservation(reservation) => (
+                reservation.charged_at,
+                named.or_else(|| reservation.model.clone()),
+            ),
+            Settled::Unreserved => (now, named),
+            Settled::Missing => return,
+        };
+        let Some(model) = model.filter(|_| usage.usd > 0 || usage.tokens > 0) else {
+            return;
+        };
+        let tokens = outcome.tokens.unwrap_or_default();
+        let spend = ModelSpend {
+            prompt: tokens.prompt,
+            cached: tokens.cached,
+            completion: tokens.completion,
+            usd: usage.usd,
+        };
+        self.note_spend(at, &model, spend);
+    }
+
+    /// Forgets the spend by model, to note it again from history (see
+    /// [`note_spend`](Self::note_spend)).
+    pub fn forget_spend(&mut self) {
+        self.spend.clear();
+    }
+
+    /// Prices budget notifications' suggestions at `prices` from now on,
+    /// and names their day in the status.
+    pub fn use_prices(&mut self, prices: Arc<PriceTable>) {
+        self.prices = prices;
     }
 
     /// Notes a call of `model`, which the price table does not know and
@@ -1740,6 +1859,11 @@ impl WorkspaceState {
             last_error: self.last_error.clone(),
             unpriced_models: self.unpriced_models.clone(),
             scoped: self.scoped_facts(now),
+            spend: SpendFacts {
+                calendars: Period::ALL
+                    .map(|period| self.spend.period(&self.calendars, period).clone()),
+                prices_taken: self.prices.taken.clone(),
+            },
             at: now,
         }
     }

@@ -52,6 +52,13 @@ impl Engine {
         matches!(self.counters, Counters::InProcess) || workspace.scoped_limits.is_empty()
     }
 
+    /// Whether other instances count this instance's workspaces too (the
+    /// counters live in Redis), so that what they record reaches this
+    /// instance only through the database.
+    pub fn shares_workspaces(&self) -> bool {
+        matches!(self.counters, Counters::Redis(_))
+    }
+
     /// Keeps the counters in `counters` from now on. Called once, by the
     /// assembly, before the engine serves.
     pub fn count_in(&mut self, counters: Counters) {

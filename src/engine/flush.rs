@@ -26,6 +26,17 @@ use crate::store::{Batch, Store};
 /// How often old rollups and notifications are pruned.
 const PRUNE_EVERY: Duration = Duration::from_secs(3600);
 
+/// After how many flushes, when other instances count the same
+/// workspaces, each workspace's spend by model is read again from history,
+/// so that it counts their calls too (every minute at the default flush
+/// interval): a status never reads the database, and a minute behind is
+/// close enough for a figure by model (the totals are shared and exact).
+const SPEND_REFRESH_FLUSHES: u32 = 60;
+
+/// How far back spend by model is read: a month and a day covers this
+/// month of every timezone.
+pub const SPEND_HISTORY: Duration = Duration::from_secs(32 * 86_400);
+
 enum Command {
     Stop(oneshot::Sender<()>),
 }
@@ -76,6 +87,8 @@ impl Flusher {
         let mut ticker = tokio::time::interval(interval);
         ticker.set_missed_tick_behavior(MissedTickBehavior::Delay);
         let mut next_prune = Instant::now() + Duration::from_secs(60);
+        let spend_refresh = interval * SPEND_REFRESH_FLUSHES;
+        let mut next_spend_refresh = Instant::now() + spend_refresh;
         loop {
             tokio::select! {
                 _ = ticker.tick() => {}
@@ -98,6 +111,10 @@ impl Flusher {
             }
             // A failure is reported by `flush` itself and retried next time.
             let _ = self.flush().await;
+            if self.engine.shares_workspaces() && Instant::now() >= next_spend_refresh {
+                next_spend_refresh = Instant::now() + spend_refresh;
+                self.refresh_spend().await;
+            }
             if Instant::now() >= next_prune {
                 next_prune = Instant::now() + PRUNE_EVERY;
                 match self.store.prune(self.engine.now()).await {
@@ -106,6 +123,31 @@ impl Flusher {
                 }
             }
         }
+    }
+
+    /// Reads spend by model again from history: the database's rows and
+    /// the writes this task still holds, with the flush held back so that
+    /// every recorded call is counted once (see `Engine::load_spend`).
+    async fn refresh_spend(&mut self) {
+        let engine = self.engine.clone();
+        let _flushing = engine.flushing().await;
+        let since = engine.now().millis() - SPEND_HISTORY.as_millis() as i64;
+        let mut rows = match self.store.spend_by_day(since).await {
+            Ok(rows) => rows,
+            Err(error) => {
+                tracing::warn!(%error, "reading spend by model failed; the figures kept stay");
+                return;
+            }
+        };
+        rows.extend(self.unwritten.rollups.iter().map(|(key, delta)| {
+            (
+                key.workspace.clone(),
+                key.minute,
+                key.model.clone(),
+                delta.spend(),
+            )
+        }));
+        engine.load_spend(rows);
     }
 
     async fn flush(&mut self) -> Result<(), String> {

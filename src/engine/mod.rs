@@ -48,8 +48,9 @@ use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::{
     Notification, describe_storage_unavailable, describe_upstream_key_missing,
 };
-use crate::domain::price::{Tier, TokenCounts};
+use crate::domain::price::{PriceTable, Tier, TokenCounts};
 use crate::domain::scope::ScopeValues;
+use crate::domain::spend::ModelSpend;
 use crate::domain::time::{Timestamp, day_bounds};
 use crate::domain::upstream::{ErrorFields, RateLimitHeaders, UpstreamClass};
 use crate::domain::window::Usage;
@@ -58,7 +59,7 @@ use crate::domain::workspace::{
     Request, ResetScope, Settings, Settled, Snapshot, WorkspaceState,
 };
 use crate::keys::KeyHash;
-use crate::prices::Pricing;
+use crate::prices::{PriceFileError, Pricing};
 use crate::store::{Batch, Catalog, RollupDelta, RollupKey, saved_to_json};
 use crate::sync::{lock, read, write};
 use crate::tokens::{Minter, TokenClaims, TokenSecret};
@@ -203,6 +204,7 @@ impl UsageReport {
             usage: self.used(pricing),
             answer: self.answer.as_ref().map(UpstreamAnswer::as_answer),
             scoped: Some((self.model.as_deref(), &self.scoped)),
+            tokens: self.tokens.map(|tokens| tokens.counts()),
         }
     }
 }
@@ -361,6 +363,58 @@ impl Engine {
         self.pricing = pricing;
     }
 
+    /// Reads the operator's price file again (see [`PriceBook::reload`]);
+    /// every workspace's budget notifications and status use the new
+    /// prices from now on, as every call's cost does.
+    pub fn reload_prices(&self) -> Result<Arc<PriceTable>, PriceFileError> {
+        let table = self.pricing.book.reload()?;
+        self.use_prices(table.clone());
+        Ok(table)
+    }
+
+    fn use_prices(&self, table: Arc<PriceTable>) {
+        for (_, slot) in self.all_slots() {
+            slot.lock().state.use_prices(table.clone());
+        }
+    }
+
+    /// Sets each workspace's spend by model of its current periods to what
+    /// history holds (`(workspace, time, model, spend)`: the database's
+    /// daily rows and writes the flush still holds) and what it has not
+    /// taken yet: at start-up, so that a restart keeps today's and this
+    /// month's spend by model, and then now and again when other instances
+    /// record calls too. The caller holds the flush back meanwhile (see
+    /// [`flushing`](Self::flushing)), so that no row is in neither place.
+    pub fn load_spend(&self, rows: Vec<(WorkspaceId, i64, String, ModelSpend)>) {
+        let mut by_workspace: HashMap<WorkspaceId, Vec<(i64, String, ModelSpend)>> = HashMap::new();
+        for (workspace, at, model, spend) in rows {
+            by_workspace
+                .entry(workspace)
+                .or_default()
+                .push((at, model, spend));
+        }
+        for (id, slot) in self.all_slots() {
+            let mut cell = slot.lock();
+            let cell = &mut *cell;
+            cell.state.forget_spend();
+            let stored = by_workspace.remove(&id).unwrap_or_default();
+            let unflushed = cell.rollups.iter().filter_map(|((minute, model), delta)| {
+                Some((*minute, model.clone()?, delta.spend()))
+            });
+            let stored = stored
+                .into_iter()
+                // Calls that named no model cost nothing and are left out.
+                .filter(|(_, model, _)| !model.is_empty())
+                .map(|(at, model, spend)| (at, Model::from(model), spend));
+            for (at, model, spend) in stored.chain(unflushed) {
+                if spend.usd > 0 || spend.prompt > 0 || spend.completion > 0 {
+                    cell.state
+                        .note_spend(Timestamp::from_millis(at), &model, spend);
+                }
+            }
+        }
+    }
+
     /// What calls cost: the REST API and the proxy estimate a call's cost
     /// at admission with it, and settlements count its exact cost.
     pub fn pricing(&self) -> &Pricing {
@@ -471,6 +525,7 @@ impl Engine {
             slots.insert(id, Slot::new(state));
         }
         *write(&self.slots) = slots;
+        self.use_prices(self.pricing.book.current());
         self.replace_keys(&catalog.keys);
         self.catalog
             .generation
@@ -576,7 +631,8 @@ impl Engine {
             }
             None => {
                 let id = config.id.clone();
-                let state = WorkspaceState::new(config, now);
+                let mut state = WorkspaceState::new(config, now);
+                state.use_prices(self.pricing.book.current());
                 let snapshot = Arc::new(state.snapshot(now));
                 write(&self.slots).insert(id.clone(), Slot::new(state));
                 let _ = self.journal.events.send(Event::Status(snapshot));
@@ -714,8 +770,11 @@ impl Engine {
         admission: Admission,
     ) -> Decision {
         let touched = if admission.result.is_err() {
-            let refused = &mut cell.history(now, model).refused;
-            *refused = refused.saturating_add(1);
+            let refused = RollupDelta {
+                refused: 1,
+                ..RollupDelta::default()
+            };
+            cell.record_history(now, model, refused);
             Touched::STATE
         } else {
             Touched::USAGE
@@ -795,7 +854,7 @@ impl Engine {
                 usd_nano: count(recorded.usage.usd),
             };
             let model = report.model.clone().or(reserved_model);
-            *cell.history(charged_at, model) += delta;
+            cell.record_history(charged_at, model, delta);
         }
         self.conclude(slot, cell, now, recorded.changes, Touched::USAGE);
         if let (true, Some(answer)) = (failed, &report.answer) {

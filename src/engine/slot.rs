@@ -162,11 +162,17 @@ impl Cell {
         }
     }
 
-    /// The history entry for a call of `model` finished (or refused) at
-    /// `at`: its minute, and the name its day keeps for the model.
-    pub(super) fn history(&mut self, at: Timestamp, model: Option<Model>) -> &mut RollupDelta {
+    /// Records `delta` for a call of `model` finished (or refused) at
+    /// `at` in history: in its minute, under the name its day keeps for
+    /// the model.
+    pub(super) fn record_history(
+        &mut self,
+        at: Timestamp,
+        model: Option<Model>,
+        delta: RollupDelta,
+    ) {
         let model = self.models.name(model, at, self.state.config().timezone);
-        self.rollups.entry((minute_of(at), model)).or_default()
+        *self.rollups.entry((minute_of(at), model)).or_default() += delta;
     }
 }
 
@@ -184,11 +190,20 @@ pub(super) fn count(value: u64) -> i64 {
 pub(super) fn record_expired(cell: &mut Cell, expired: Vec<Expired>) {
     for finished in expired {
         let finished = cell.mirror.as_counted(finished);
-        *cell.history(finished.charged_at, finished.model) += RollupDelta {
+        let delta = RollupDelta {
             requests: 1,
             tokens: count(finished.usage.tokens),
             usd_nano: count(finished.usage.usd),
             ..RollupDelta::default()
         };
+        // Its estimate is final: it counts in the spend by model as in
+        // history, without a token mix (what it would have used is unknown).
+        if let Some(model) = &finished.model
+            && finished.usage.usd > 0
+        {
+            cell.state
+                .note_spend(finished.charged_at, model, delta.spend());
+        }
+        cell.record_history(finished.charged_at, finished.model, delta);
     }
 }

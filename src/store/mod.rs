@@ -27,6 +27,7 @@ use sqlx::sqlite::{
 use crate::domain::limits::{LimitKind, PerLimit, WorkspaceConfig, WorkspaceId, parse_timezone};
 use crate::domain::notification::{Notification, NotificationKind, Severity, TenantText};
 use crate::domain::scope::{RuleInput, ScopeKind, ScopedLimits, Selector};
+use crate::domain::spend::ModelSpend;
 use crate::domain::status::Cause;
 use crate::domain::time::Timestamp;
 use crate::domain::workspace::Saved;
@@ -203,6 +204,19 @@ impl std::ops::AddAssign for RollupDelta {
         self.refused = self.refused.saturating_add(o.refused);
         self.latency_ms_sum = self.latency_ms_sum.saturating_add(o.latency_ms_sum);
         self.usd_nano = self.usd_nano.saturating_add(o.usd_nano);
+    }
+}
+
+impl RollupDelta {
+    /// What the calls used and cost, as spend by model counts it.
+    pub fn spend(&self) -> ModelSpend {
+        let unsigned = |count: i64| u64::try_from(count).unwrap_or(0);
+        ModelSpend {
+            prompt: unsigned(self.prompt_tokens),
+            cached: unsigned(self.cached_tokens),
+            completion: unsigned(self.completion_tokens),
+            usd: unsigned(self.usd_nano),
+        }
     }
 }
 
@@ -1189,6 +1203,36 @@ impl Store {
         Ok(rows
             .into_iter()
             .filter_map(|(id, day, model)| Some((id.parse().ok()?, day, model)))
+            .collect())
+    }
+
+    /// Spend by model of every workspace from the daily history buckets
+    /// starting at or after `since`: `(workspace, day start, model,
+    /// spend)`, for the engine's spend by model of the current periods.
+    pub async fn spend_by_day(
+        &self,
+        since: i64,
+    ) -> Result<Vec<(WorkspaceId, i64, String, ModelSpend)>> {
+        let rows: Vec<(String, i64, String, i64, i64, i64, i64)> = on_pool!(self, |pool| {
+            sqlx::query_as(
+            "SELECT workspace_id, bucket, model, prompt_tokens, cached_tokens, completion_tokens, usd_nano FROM rollups WHERE resolution = 'd' AND bucket >= $1 AND (usd_nano > 0 OR tokens > 0)"
+        )
+        .bind(since)
+        .fetch_all(pool)
+        .await
+        })?;
+        Ok(rows
+            .into_iter()
+            .filter_map(|(id, day, model, prompt, cached, completion, usd)| {
+                let delta = RollupDelta {
+                    prompt_tokens: prompt,
+                    cached_tokens: cached,
+                    completion_tokens: completion,
+                    usd_nano: usd,
+                    ..RollupDelta::default()
+                };
+                Some((id.parse().ok()?, day, model, delta.spend()))
+            })
             .collect())
     }
 

@@ -650,6 +650,20 @@ async fn the_status_command_prints_a_table_from_a_running_server() {
     let server = TestServer::start(&[]).await;
     let key = server.workspace(serde_json::json!({"id": "acme", "limits": {"requests_per_minute": 10, "requests_per_day": 100, "tokens_per_minute": null, "tokens_per_day": null}})).await;
     server.check(&key, 25).await;
+    // Another workspace spends: 1,000 prompt tokens of gpt-4o-mini at
+    // $0.15/M and of gpt-4o at $2.50/M.
+    let beta = server.workspace(serde_json::json!({"id": "beta"})).await;
+    for model in ["gpt-4o-mini", "gpt-4o"] {
+        let usage = serde_json::json!({"prompt_tokens": 1000, "completion_tokens": 0});
+        let reported = server
+            .post(
+                "/api/quota/usage",
+                &beta,
+                serde_json::json!({"model": model, "usage": usage}),
+            )
+            .await;
+        assert_eq!(reported.status, StatusCode::ACCEPTED, "{:?}", reported.body);
+    }
     let dir = tempfile::tempdir().expect("tempdir");
     let (ok, out, err) = run(
         dir.path(),
@@ -675,6 +689,41 @@ async fn the_status_command_prints_a_table_from_a_running_server() {
     // day and month).
     assert_eq!(acme.matches("25 (no limit)").count(), 3, "{acme}");
     assert!(out.lines().any(|l| l.starts_with("default")));
+    // Then what each spent, by model this month, most first.
+    let spend: Vec<&str> = out
+        .lines()
+        .skip_while(|line| !line.is_empty())
+        .skip(1)
+        .collect();
+    assert!(
+        spend[0].starts_with("WORKSPACE") && spend[0].contains("SPENT TODAY"),
+        "{out}"
+    );
+    let beta_spend = spend
+        .iter()
+        .find(|line| line.starts_with("beta"))
+        .expect("beta's spend");
+    let columns: Vec<&str> = beta_spend
+        .split("  ")
+        .map(str::trim)
+        .filter(|c| !c.is_empty())
+        .collect();
+    assert_eq!(
+        columns,
+        [
+            "beta",
+            "$0.00265",
+            "$0.00265",
+            "gpt-4o $0.0025, gpt-4o-mini $0.00015"
+        ],
+        "{out}"
+    );
+    assert!(
+        spend
+            .iter()
+            .any(|line| line.starts_with("acme") && line.contains("$0.00"))
+    );
+    assert_eq!(spend.last(), Some(&"Prices as of 2026-12-02."), "{out}");
     let (ok, out, _) = run(
         dir.path(),
         &[("QUOTAWATCH_KEY", &key)],
@@ -683,7 +732,7 @@ async fn the_status_command_prints_a_table_from_a_running_server() {
     .await;
     assert!(ok);
     assert_eq!(
-        out.lines().count(),
+        out.lines().take_while(|line| !line.is_empty()).count(),
         2,
         "a workspace key sees one row: {out}"
     );

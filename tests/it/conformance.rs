@@ -719,3 +719,135 @@ async fn an_unpriced_model_is_charged_the_fallback_and_notified_once(backend: Ba
     );
     setup.finish().await;
 }
+
+/// The active notifications of the workspace, by kind.
+async fn active_of_kind(server: &TestServer, key: &str, kind: &str) -> Option<Value> {
+    let active = server.get("/api/quota/notifications", key).await;
+    active.body["notifications"]
+        .as_array()?
+        .iter()
+        .find(|notification| notification["kind"] == kind)
+        .cloned()
+}
+
+/// A call of gpt-4o reported after the fact, with its usage.
+async fn report_gpt_4o(server: &TestServer, key: &str, prompt: u64, completion: u64) {
+    let usage = json!({"prompt_tokens": prompt, "completion_tokens": completion});
+    let reported = server
+        .post(
+            "/api/quota/usage",
+            key,
+            json!({"model": "gpt-4o", "usage": usage}),
+        )
+        .await;
+    assert_eq!(reported.status, StatusCode::ACCEPTED, "{:?}", reported.body);
+}
+
+conformance!(spend_by_model_shows_and_budget_notifications_name_a_cheaper_model);
+async fn spend_by_model_shows_and_budget_notifications_name_a_cheaper_model(
+    backend: Backend,
+    test: &str,
+) {
+    let Some(mut setup) = Setup::start(backend, test, &[]).await else {
+        return;
+    };
+    let key = setup
+        .server
+        .workspace(json!({"id": "acme", "limits": {"usd_per_day": 1}}))
+        .await;
+    // 240,000 prompt tokens at $2.50/M and 20,000 completion tokens at
+    // $10/M: $0.80, the warning threshold of a $1 budget.
+    report_gpt_4o(&setup.server, &key, 240_000, 20_000).await;
+    let server = &setup.server;
+    let approaching = eventually(
+        "the budget_approaching notification",
+        Duration::from_secs(10),
+        || active_of_kind(server, &key, "budget_approaching"),
+    )
+    .await;
+    assert_eq!(approaching["limit"], "usd_per_day");
+    assert!(
+        approaching["message"]
+            .as_str()
+            .expect("message")
+            .starts_with(
+                "Workspace acme has spent $0.80 of its $1.00 budget (usd_per_day) today (80%)"
+            ),
+        "{approaching}"
+    );
+    assert_eq!(
+        approaching["suggested_actions"][1],
+        "Or move traffic to a cheaper model: gpt-4o-mini costs 6% of gpt-4o for this workload's token mix (gpt-4o's calls today cost $0.80; at gpt-4o-mini's rates they would have cost about $0.048)."
+    );
+    assert!(
+        active_of_kind(server, &key, "approaching_limit")
+            .await
+            .is_none(),
+        "one notification for the condition, not two"
+    );
+
+    let status = server.status(&key).await;
+    let gpt_4o = json!({"usd": 0.8, "prompt_tokens": 240_000, "cached_tokens": 0, "completion_tokens": 20_000});
+    assert_eq!(status["spend"]["today"]["usd"], json!(0.8));
+    assert_eq!(
+        status["spend"]["today"]["by_model"],
+        json!({"gpt-4o": gpt_4o})
+    );
+    assert_eq!(status["spend"]["this_month"]["by_model"]["gpt-4o"], gpt_4o);
+    assert_eq!(status["spend"]["prices_taken"], "2026-12-02");
+    let metrics = server.metrics().await;
+    for line in [
+        "quotawatch_budget_usd{workspace=\"acme\",limit=\"usd_per_day\"} 1.0",
+        "quotawatch_budget_spent_usd{workspace=\"acme\",limit=\"usd_per_day\"} 0.8",
+        "quotawatch_limit_utilization{workspace=\"acme\",limit=\"usd_per_day\"} 0.8",
+    ] {
+        assert!(metrics.lines().any(|l| l == line), "{line} in {metrics}");
+    }
+
+    // 80,000 more prompt tokens: $0.20, the whole budget.
+    report_gpt_4o(server, &key, 80_000, 0).await;
+    let exhausted = eventually(
+        "the budget_exhausted notification",
+        Duration::from_secs(10),
+        || active_of_kind(server, &key, "budget_exhausted"),
+    )
+    .await;
+    assert_eq!(exhausted["severity"], "critical");
+    let message = exhausted["message"].as_str().expect("message");
+    assert!(
+        message.starts_with("Workspace acme has spent $1.00 of its $1.00 budget (usd_per_day) today. Requests are refused with HTTP 429 workspace_budget_exceeded"),
+        "{message}"
+    );
+    let raise = exhausted["suggested_actions"][0].as_str().expect("action");
+    assert!(
+        raise.starts_with("Raise the budget: at the pace so far today's spend reaches $")
+            && raise.contains("(PATCH /api/workspaces/acme with {\"limits\":{\"usd_per_day\":"),
+        "{raise}"
+    );
+    assert!(
+        exhausted["suggested_actions"][1]
+            .as_str()
+            .expect("action")
+            .contains("gpt-4o-mini costs 6% of gpt-4o"),
+        "{exhausted}"
+    );
+    assert!(
+        active_of_kind(server, &key, "daily_quota_exhausted")
+            .await
+            .is_none()
+    );
+
+    // Spend by model outlives a restart: it is read back from history.
+    setup.server.restart().await;
+    let server = &setup.server;
+    let status = server.status(&key).await;
+    assert_eq!(
+        status["spend"]["today"]["by_model"]["gpt-4o"]["usd"],
+        json!(1.0)
+    );
+    assert_eq!(
+        status["spend"]["this_month"]["by_model"]["gpt-4o"]["prompt_tokens"],
+        320_000
+    );
+    setup.finish().await;
+}

@@ -565,3 +565,72 @@ async fn the_dashboard_and_client_library_are_served_from_the_binary() {
     assert_eq!(missing.error_code(), "unknown_route");
     server.stop().await;
 }
+
+/// A call of `model` reported after the fact with `prompt` prompt tokens.
+async fn report(server: &TestServer, key: &str, model: &str, prompt: u64) {
+    let usage = json!({"prompt_tokens": prompt, "completion_tokens": 0});
+    let reported = server
+        .post(
+            "/api/quota/usage",
+            key,
+            json!({"model": model, "usage": usage}),
+        )
+        .await;
+    assert_eq!(reported.status, StatusCode::ACCEPTED, "{:?}", reported.body);
+}
+
+#[tokio::test]
+async fn budgets_read_in_dollars_and_cost_by_model_is_charted_live() {
+    let Some(browser) =
+        Browser::start("budgets_read_in_dollars_and_cost_by_model_is_charted_live").await
+    else {
+        return;
+    };
+    let server = TestServer::start(&[]).await;
+    let key = server
+        .workspace(json!({"id": "acme", "name": "Acme Corp", "limits": {"usd_per_day": 1}}))
+        .await;
+    // 100,000 prompt tokens of gpt-4o at $2.50/M: $0.25; of gpt-4o-mini at
+    // $0.15/M: $0.015.
+    report(&server, &key, "gpt-4o", 100_000).await;
+    report(&server, &key, "gpt-4o-mini", 100_000).await;
+    sign_in(&browser, &server, ADMIN_KEY).await;
+    browser
+        .client
+        .goto(&server.url("/#/w/acme"))
+        .await
+        .expect("navigate");
+    let budget = "[data-limit=usd_per_day][data-unit=usd] [data-role=usage]";
+    browser
+        .wait_text(budget, PATIENCE, |text| text == "$0.265 / $1.00 (27%)")
+        .await;
+    browser
+        .wait_text("[data-role=spend]", PATIENCE, |text| {
+            text == "Today $0.265 · this month $0.265 · prices of 2026-12-02"
+        })
+        .await;
+    let models = browser
+        .script("return [...document.querySelectorAll('.cost-bars li')].map(li => li.dataset.model + ' ' + li.querySelector('[data-role=cost]').textContent)")
+        .await;
+    assert_eq!(models, json!(["gpt-4o $0.25", "gpt-4o-mini $0.015"]));
+
+    // A new call moves the gauge and the chart without a reload.
+    report(&server, &key, "gpt-4o-mini", 2_000_000).await;
+    browser
+        .wait_text(budget, PATIENCE, |text| text == "$0.565 / $1.00 (56%)")
+        .await;
+    browser
+        .wait_text(
+            ".cost-bars li:first-child [data-role=cost]",
+            PATIENCE,
+            |text| text == "$0.315",
+        )
+        .await;
+    let first = browser
+        .script("return document.querySelector('.cost-bars li').dataset.model")
+        .await;
+    assert_eq!(first, json!("gpt-4o-mini"), "most spent first");
+    browser.screenshot("spend-desktop").await;
+    browser.close().await;
+    server.stop().await;
+}

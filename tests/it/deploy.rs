@@ -65,11 +65,12 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
     let (server, key) = proxied(
         &upstream,
         &[("QUOTAWATCH_METRICS_MODELS", "gpt-4o-mini")],
-        json!({"id": "acme", "limits": {"requests_per_minute": 2}}),
+        json!({"id": "acme", "limits": {"requests_per_minute": 2, "usd_per_day": 100}}),
     )
     .await;
     // A family appears in the exposition once it has a sample: a success,
-    // an upstream error and a refusal give every one of them one.
+    // an upstream error and a refusal give every one of them one, and the
+    // budget its gauges.
     let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
     for path in [
         "/chat/completions",

@@ -1140,3 +1140,52 @@ async fn a_credential_blocked_through_one_instance_is_refused_by_the_other_until
     assert_eq!(billing_notification_id(&cluster.a, &acme).await, None);
     cluster.finish().await;
 }
+
+/// Each instance notes the calls it settles at once, and reads the other's
+/// from history every 60 flushes (here every 6 seconds).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn spend_by_model_counts_the_calls_every_instance_recorded() {
+    let Some(cluster) = Cluster::start(
+        "instances::spend_by_model",
+        false,
+        &[("QUOTAWATCH_FLUSH_INTERVAL", "100ms")],
+    )
+    .await
+    else {
+        return;
+    };
+    let key = cluster.workspace(json!({"id": "acme"})).await;
+    // 100,000 prompt tokens at $2.50/M through A, at $0.15/M through B.
+    for (server, model) in [(&cluster.a, "gpt-4o"), (&cluster.b, "gpt-4o-mini")] {
+        let usage = json!({"prompt_tokens": 100_000, "completion_tokens": 0});
+        let reported = server
+            .post(
+                "/api/quota/usage",
+                &key,
+                json!({"model": model, "usage": usage}),
+            )
+            .await;
+        assert_eq!(reported.status, StatusCode::ACCEPTED, "{:?}", reported.body);
+    }
+    let by_model = json!({
+        "gpt-4o": {"usd": 0.25, "prompt_tokens": 100_000, "cached_tokens": 0, "completion_tokens": 0},
+        "gpt-4o-mini": {"usd": 0.015, "prompt_tokens": 100_000, "cached_tokens": 0, "completion_tokens": 0},
+    });
+    for server in [&cluster.a, &cluster.b] {
+        let status = eventually(
+            "both calls in the spend by model",
+            Duration::from_secs(20),
+            || async {
+                let status = server.status(&key).await;
+                (status["spend"]["today"]["by_model"] == by_model).then_some(status)
+            },
+        )
+        .await;
+        assert_eq!(
+            status["spend"]["today"]["usd"],
+            json!(0.265),
+            "shared totals"
+        );
+    }
+    cluster.finish().await;
+}

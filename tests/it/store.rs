@@ -732,6 +732,64 @@ async fn recent_model_names_are_read_per_day(store: Store) {
 }
 conformance!(recent_model_names_are_read_per_day);
 
+/// Spend by model is read from the daily buckets of the recent days: each
+/// model's tokens by kind and cost, leaving out rows that spent nothing.
+async fn recent_spend_is_read_per_day_and_model(store: Store) {
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let day_ms = 86_400_000;
+    let mut batch = Batch::default();
+    let spent = |prompt, cached, completion, usd_nano| RollupDelta {
+        requests: 1,
+        tokens: prompt + completion,
+        prompt_tokens: prompt,
+        cached_tokens: cached,
+        completion_tokens: completion,
+        usd_nano,
+        ..Default::default()
+    };
+    for (day, model, delta) in [
+        (T0.millis() - 40 * day_ms, "gpt-4o", spent(1, 0, 1, 1)),
+        (T0.millis(), "gpt-4o", spent(1000, 200, 50, 2_300_000)),
+        (
+            T0.millis(),
+            "",
+            RollupDelta {
+                refused: 1,
+                ..Default::default()
+            },
+        ),
+    ] {
+        batch.rollups.insert(
+            RollupKey {
+                workspace: id("acme"),
+                minute: day,
+                day,
+                model: model.into(),
+            },
+            delta,
+        );
+    }
+    store.write_batch(&batch, T0).await.expect("write");
+    let read = store
+        .spend_by_day(T0.millis() - 32 * day_ms)
+        .await
+        .expect("read");
+    assert_eq!(read.len(), 1, "{read:?}");
+    let (workspace, day, model, spend) = &read[0];
+    assert_eq!(
+        (workspace, *day, model.as_str()),
+        (&id("acme"), T0.millis(), "gpt-4o")
+    );
+    assert_eq!(
+        (spend.prompt, spend.cached, spend.completion, spend.usd),
+        (1000, 200, 50, 2_300_000)
+    );
+}
+conformance!(recent_spend_is_read_per_day_and_model);
+
 /// Text that came from a client or the upstream (an error message quoted in
 /// a notification) may hold a NUL character, which PostgreSQL's text cannot
 /// store: it is written as U+FFFD on both backends rather than failing.

@@ -1,5 +1,5 @@
 import { afterEach, beforeEach, describe, expect, it, vi } from "vitest";
-import { QuotaApiError, QuotaMonitor, backoffDelay } from "../quota-client.js";
+import { QuotaApiError, QuotaMonitor, backoffDelay, spendByModel } from "../quota-client.js";
 
 const TOKEN = "qw_workspace_key_for_tests_0000";
 
@@ -414,5 +414,51 @@ describe("backoffDelay", () => {
     expect(backoffDelay(4, backoff, () => 1)).toBe(4000);
     expect(backoffDelay(20, backoff, () => 1)).toBe(30_000);
     expect(backoffDelay(20, backoff, () => 0)).toBe(15_000);
+  });
+});
+
+describe("spendByModel", () => {
+  const spending = status({
+    spend: {
+      today: {
+        usd: 0.5,
+        by_model: {
+          "gpt-4o-mini": { usd: 0.1, prompt_tokens: 1000, cached_tokens: 0, completion_tokens: 100 },
+        },
+      },
+      this_month: {
+        usd: 4,
+        by_model: {
+          "gpt-4o-mini": { usd: 1, prompt_tokens: 9000, cached_tokens: 1000, completion_tokens: 900 },
+          "gpt-4o": { usd: 3, prompt_tokens: 5000, cached_tokens: 0, completion_tokens: 500 },
+        },
+      },
+      prices_taken: "2026-12-02",
+    },
+  });
+
+  it("lists what each model cost in the period, most first, with its share", () => {
+    expect(spendByModel(spending)).toEqual([
+      { model: "gpt-4o", usd: 3, share: 0.75 },
+      { model: "gpt-4o-mini", usd: 1, share: 0.25 },
+    ]);
+    expect(spendByModel(spending, "today")).toEqual([{ model: "gpt-4o-mini", usd: 0.1, share: 1 }]);
+  });
+
+  it("is empty without spend, and arrives with every live status", async () => {
+    expect(spendByModel(status())).toEqual([]);
+    expect(spendByModel(null)).toEqual([]);
+    const { fetch } = fakeFetch();
+    const quota = monitor(fetch);
+    const statuses = [];
+    quota.on("status", ({ data }) => statuses.push(data));
+    quota.subscribe();
+    await settle();
+    const socket = FakeWebSocket.instances[0];
+    socket.open();
+    await settle();
+    socket.message({ type: "usage", workspace: "acme", data: spending });
+    expect(spendByModel(statuses.at(-1), "today")[0].model).toBe("gpt-4o-mini");
+    expect(statuses.at(-1).spend.prices_taken).toBe("2026-12-02");
   });
 });

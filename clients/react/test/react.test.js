@@ -345,3 +345,49 @@ describe("QuotaToast", () => {
     expect(screen.queryByRole("alert")).toBeNull();
   });
 });
+
+describe("spend and budgets", () => {
+  const spend = (today) => ({
+    today: {
+      usd: today,
+      by_model: {
+        "gpt-4o": { usd: today, prompt_tokens: 10_000_000, cached_tokens: 0, completion_tokens: 1_500_000 },
+      },
+    },
+    this_month: { usd: 120, by_model: {} },
+    prices_taken: "2026-12-02",
+  });
+
+  it("follows spend with every status, and shows a budget notification's actions with their figures", async () => {
+    const monitor = new FakeMonitor(status("warning", { spend: spend(40) }));
+    const { result } = renderHook(() => useQuotaMonitor({ monitor }));
+    await act(async () => {});
+    expect(result.current.status.spend.today.usd).toBe(40);
+    act(() =>
+      monitor.emit("status", {
+        workspace: "acme",
+        data: status("quota_exceeded", { spend: spend(50) }),
+        reason: "usage",
+      }),
+    );
+    expect(result.current.status.spend.today.usd).toBe(50);
+    expect(result.current.status.spend.prices_taken).toBe("2026-12-02");
+
+    const actions = [
+      "Raise the budget: at the pace so far today's spend reaches $100.00 by its end; set usd_per_day for workspace acme to $100.00.",
+      "Or move traffic to a cheaper model: gpt-4o-mini costs 6% of gpt-4o for this workload's token mix.",
+    ];
+    render(
+      h(QuotaNotification, {
+        status: result.current.status,
+        notifications: [
+          notification("n1", "critical", { kind: "budget_exhausted", suggested_actions: actions }),
+        ],
+        audience: "operator",
+        texts: { budget_exhausted: { title: "Budget used up" } },
+      }),
+    );
+    expect(screen.getByRole("alert").textContent).toContain("Budget used up");
+    expect(screen.getAllByRole("listitem").map((item) => item.textContent)).toEqual(actions);
+  });
+});
