@@ -1,30 +1,42 @@
 //! The cost of admission plus settlement, with 10,000 workspaces loaded.
 //!
-//! `cargo bench --bench engine` prints nanoseconds per operation:
+//! `cargo bench --bench engine` prints nanoseconds per operation, each for
+//! two kinds of workspace ([`Limited`]): `Four`, the request and token
+//! limits per minute and per day that every earlier measurement had, and
+//! `BudgetsAndModels`, the same with budgets per day and per month and
+//! three limits on models, so that one run shows what money limits cost
+//! beside them:
 //! - `domain_admit_settle`: the pure core alone (one workspace's state);
 //! - `engine_check_report_hot`: the same on one busy workspace, whose state
 //!   stays in the CPU cache;
 //! - `engine_check`: admission alone through the engine, cycling over all
 //!   workspaces;
 //! - `engine_check_report`: the engine's request path (lookup, lock,
-//!   admission, headroom for headers, settlement with usage, rollup), cycling
-//!   over all workspaces so caches do not flatter it;
+//!   admission, headroom for headers, settlement with usage priced, rollup),
+//!   cycling over all workspaces so caches do not flatter it;
 //! - `engine_check_report_threads`: the same from several threads at once.
+//!
+//! Each admission's estimate is priced as the proxy prices it (a call is
+//! charged its cost whether or not its workspace has a budget), and each
+//! settlement names the model, so both kinds pay for pricing alike.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 
-use quotawatch::domain::limits::{
-    Limits, REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
-    WorkspaceConfig, WorkspaceId,
-};
+use quotawatch::domain::limits::{WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::price::{Tier, TokenCounts};
+use quotawatch::domain::scope::ScopeValues;
 use quotawatch::domain::time::Timestamp;
-use quotawatch::domain::window::Usage;
 use quotawatch::domain::workspace::{Answer, Model, Outcome, Request, Settings, WorkspaceState};
 use quotawatch::engine::{
     Engine, SystemClock, TokenUsage, UpstreamAnswer, UsageReport, WorkspaceDefaults,
 };
 use quotawatch::store::Catalog;
+
+#[path = "support/limits.rs"]
+mod limits;
+
+use limits::MODEL;
 
 const WORKSPACES: usize = 10_000;
 
@@ -32,26 +44,36 @@ fn main() {
     divan::main();
 }
 
-/// Limits high enough that nothing is refused: the benchmark measures the
-/// admitted path, which is the common one. Today's four (requests and tokens
-/// over the sliding minute and the day), as every earlier measurement had, so
-/// that figures compare across versions.
-fn limits() -> Limits {
-    let mut limits = Limits::default();
-    for kind in [
-        REQUESTS_PER_MINUTE,
-        REQUESTS_PER_DAY,
-        TOKENS_PER_MINUTE,
-        TOKENS_PER_DAY,
-    ] {
-        limits.set(kind, Some(u64::MAX / 4));
-    }
-    limits
+/// Which limits every workspace carries (see `support/limits.rs`).
+#[derive(Clone, Copy, Debug)]
+enum Limited {
+    /// Requests and tokens per minute and per day.
+    Four,
+    /// The four, `usd_per_day` and `usd_per_month`, and three limits on
+    /// models that the benchmark's model falls under.
+    BudgetsAndModels,
 }
 
-fn loaded_engine() -> (Arc<Engine>, Vec<WorkspaceId>) {
+const KINDS: [Limited; 2] = [Limited::Four, Limited::BudgetsAndModels];
+
+impl Limited {
+    fn config(self, id: WorkspaceId) -> WorkspaceConfig {
+        let mut config = match self {
+            Limited::Four => WorkspaceConfig::new(id, limits::four()),
+            Limited::BudgetsAndModels => {
+                let mut config = WorkspaceConfig::new(id, limits::with_budgets());
+                config.scoped_limits = limits::model_rules();
+                config
+            }
+        };
+        config.timezone = "Europe/Berlin".parse().expect("zone");
+        config
+    }
+}
+
+fn loaded_engine(limited: Limited) -> (Arc<Engine>, Vec<WorkspaceId>) {
     let defaults = WorkspaceDefaults {
-        limits: limits(),
+        limits: limits::four(),
         warn_at: 0.8,
     };
     let engine = Arc::new(Engine::new(
@@ -64,30 +86,35 @@ fn loaded_engine() -> (Arc<Engine>, Vec<WorkspaceId>) {
         .collect();
     let catalog = Catalog {
         generation: 1,
-        workspaces: ids
-            .iter()
-            .map(|id| {
-                let mut config = WorkspaceConfig::new(id.clone(), limits());
-                config.timezone = "Europe/Berlin".parse().expect("zone");
-                config
-            })
-            .collect(),
+        workspaces: ids.iter().map(|id| limited.config(id.clone())).collect(),
         keys: vec![],
     };
     engine.load(catalog, Default::default(), vec![]);
     (engine, ids)
 }
 
+/// An admission of the benchmark's model, its estimate priced as the
+/// proxy prices it: 1,000 prompt tokens and 200 of completion allowance.
+fn request(engine: &Engine, model: &Model) -> Request {
+    Request {
+        estimate: engine.pricing().usage(
+            Some(model),
+            TokenCounts {
+                prompt: 1000,
+                cached: 0,
+                completion: 200,
+            },
+            Tier::Standard,
+        ),
+        model: Some(model.clone()),
+        scoped: ScopeValues::of(Some(model), None),
+        ..Request::default()
+    }
+}
+
 fn one_round(engine: &Engine, id: &WorkspaceId, model: &Model) {
     let decision = engine
-        .admit_here(
-            id,
-            Request {
-                estimate: Usage::call(1200),
-                model: Some(model.clone()),
-                ..Request::default()
-            },
-        )
+        .admit_here(id, request(engine, model))
         .expect("known workspace");
     let reservation = decision.result.expect("admitted");
     engine
@@ -95,6 +122,7 @@ fn one_round(engine: &Engine, id: &WorkspaceId, model: &Model) {
             id,
             UsageReport {
                 reservation: Some(reservation.id),
+                model: Some(model.clone()),
                 tokens: Some(TokenUsage {
                     prompt: 800,
                     completion: 150,
@@ -111,12 +139,28 @@ fn one_round(engine: &Engine, id: &WorkspaceId, model: &Model) {
         .expect("settled");
 }
 
-#[divan::bench]
-fn domain_admit_settle(bencher: divan::Bencher) {
-    let config = WorkspaceConfig::new("acme".parse().expect("id"), limits());
+#[divan::bench(args = KINDS)]
+fn domain_admit_settle(bencher: divan::Bencher, limited: Limited) {
+    let config = limited.config("acme".parse().expect("id"));
     let settings = Settings::default();
     let start = 1_780_000_000_000i64;
     let mut state = WorkspaceState::new(config, Timestamp::from_millis(start));
+    let model: Model = MODEL.into();
+    let engine = Engine::new(
+        Settings::default(),
+        WorkspaceDefaults {
+            limits: limits::four(),
+            warn_at: 0.8,
+        },
+        Arc::new(SystemClock),
+    );
+    let admission = request(&engine, &model);
+    let counts = TokenCounts {
+        prompt: 800,
+        cached: 0,
+        completion: 150,
+    };
+    let used = engine.pricing().usage(Some(&model), counts, Tier::Standard);
     let mut next = 0u64;
     let mut now = start;
     bencher.bench_local(|| {
@@ -126,27 +170,22 @@ fn domain_admit_settle(bencher: divan::Bencher) {
             next += 1;
             next
         };
-        let request = Request {
-            estimate: Usage::call(1200),
-            model: None,
-            ..Request::default()
-        };
-        let admission = state.admit(&request, at, &settings, &mut fresh);
+        let admitted = state.admit(&admission, at, &settings, &mut fresh);
         let outcome = Outcome {
-            scoped: Default::default(),
-            reservation: Some(admission.result.expect("admitted").id),
-            usage: Some(Usage::call(950)),
+            scoped: None,
+            reservation: Some(admitted.result.expect("admitted").id),
+            usage: Some(used),
             answer: Some(Answer::success()),
-            tokens: None,
+            tokens: Some(counts),
         };
         state.record(&outcome, at, &settings, &mut fresh)
     });
 }
 
-#[divan::bench]
-fn engine_check_report(bencher: divan::Bencher) {
-    let (engine, ids) = loaded_engine();
-    let model: Model = "gpt-4o-mini".into();
+#[divan::bench(args = KINDS)]
+fn engine_check_report(bencher: divan::Bencher, limited: Limited) {
+    let (engine, ids) = loaded_engine(limited);
+    let model: Model = MODEL.into();
     let mut i = 0usize;
     bencher.bench_local(|| {
         i = (i + 7919) % ids.len();
@@ -156,39 +195,32 @@ fn engine_check_report(bencher: divan::Bencher) {
 
 /// Admission and settlement on one busy workspace among the 10,000: its
 /// state stays in the CPU cache, as a busy tenant's does.
-#[divan::bench]
-fn engine_check_report_hot(bencher: divan::Bencher) {
-    let (engine, ids) = loaded_engine();
-    let model: Model = "gpt-4o-mini".into();
+#[divan::bench(args = KINDS)]
+fn engine_check_report_hot(bencher: divan::Bencher, limited: Limited) {
+    let (engine, ids) = loaded_engine(limited);
+    let model: Model = MODEL.into();
     bencher.bench_local(|| one_round(&engine, &ids[4242], &model));
 }
 
 /// Admission alone, cycling over all workspaces (reservations are left to
 /// expire).
-#[divan::bench]
-fn engine_check(bencher: divan::Bencher) {
-    let (engine, ids) = loaded_engine();
-    let model: Model = "gpt-4o-mini".into();
+#[divan::bench(args = KINDS)]
+fn engine_check(bencher: divan::Bencher, limited: Limited) {
+    let (engine, ids) = loaded_engine(limited);
+    let model: Model = MODEL.into();
     let mut i = 0usize;
     bencher.bench_local(|| {
         i = (i + 7919) % ids.len();
         engine
-            .admit_here(
-                &ids[i],
-                Request {
-                    estimate: Usage::call(1200),
-                    model: Some(model.clone()),
-                    ..Request::default()
-                },
-            )
+            .admit_here(&ids[i], request(&engine, &model))
             .expect("known workspace")
     });
 }
 
-#[divan::bench(threads = [2, 4])]
-fn engine_check_report_threads(bencher: divan::Bencher) {
-    let (engine, ids) = loaded_engine();
-    let model: Model = "gpt-4o-mini".into();
+#[divan::bench(threads = [2, 4], args = KINDS)]
+fn engine_check_report_threads(bencher: divan::Bencher, limited: Limited) {
+    let (engine, ids) = loaded_engine(limited);
+    let model: Model = MODEL.into();
     let cursor = AtomicUsize::new(0);
     bencher.bench(|| {
         let i = cursor.fetch_add(7919, Ordering::Relaxed) % ids.len();

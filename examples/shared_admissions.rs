@@ -19,28 +19,38 @@
 //! the numbers are then whole requests (admission and settlement), which
 //! share calls too.
 //!
+//! Workspaces carry the four request and token limits per minute and per
+//! day (`benches/support/limits.rs`, as the engine's benchmark does). With
+//! `--budgets` they also carry `usd_per_day` and `usd_per_month`, and each
+//! admission's estimate is priced as the proxy prices it. With
+//! `--model-limits` they also carry three limits on the called model; a
+//! server counting in Redis refuses such workspaces until the script counts
+//! scoped limits, and so does this run (it stops with that error).
+//!
 //! Prints one JSON line: admissions, admissions/s, script calls per
 //! admission, p50/p99 latency in ms.
 //!
 //! `cargo run --release --example shared_admissions -- --redis URL
 //!  [--concurrency 64] [--workspaces 100] [--duration 5s] [--reservation-ttl 5s] [--settle]
-//!  [--settled-anywhere]`
+//!  [--settled-anywhere] [--budgets] [--model-limits]`
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use quotawatch::domain::limits::{
-    Limits, REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
-    WorkspaceConfig, WorkspaceId,
-};
+use quotawatch::domain::limits::{WorkspaceConfig, WorkspaceId};
+use quotawatch::domain::price::{Tier, TokenCounts};
+use quotawatch::domain::scope::ScopeValues;
 use quotawatch::domain::window::Usage;
-use quotawatch::domain::workspace::{Request, Settings};
+use quotawatch::domain::workspace::{Model, Request, Settings};
 use quotawatch::engine::{
     Counters, Engine, OnStoreError, SystemClock, TokenUsage, UpstreamAnswer, UsageReport,
     WorkspaceDefaults,
 };
 use quotawatch::redis::RedisCounters;
 use quotawatch::store::Catalog;
+
+#[path = "../benches/support/limits.rs"]
+mod limits;
 
 struct Args {
     redis: String,
@@ -50,6 +60,8 @@ struct Args {
     reservation_ttl: Duration,
     settle: bool,
     settled_anywhere: bool,
+    budgets: bool,
+    model_limits: bool,
 }
 
 fn parse_args() -> Result<Args, String> {
@@ -62,6 +74,8 @@ fn parse_args() -> Result<Args, String> {
         reservation_ttl: Duration::from_secs(5),
         settle: false,
         settled_anywhere: false,
+        budgets: false,
+        model_limits: false,
     };
     while let Some(flag) = args.next() {
         match flag.as_str() {
@@ -71,6 +85,14 @@ fn parse_args() -> Result<Args, String> {
             }
             "--settled-anywhere" => {
                 parsed.settled_anywhere = true;
+                continue;
+            }
+            "--budgets" => {
+                parsed.budgets = true;
+                continue;
+            }
+            "--model-limits" => {
+                parsed.model_limits = true;
                 continue;
             }
             _ => {}
@@ -100,20 +122,36 @@ fn parse_args() -> Result<Args, String> {
     Ok(parsed)
 }
 
-fn limits() -> Limits {
-    let mut limits = Limits::default();
-    // Today's four (requests and tokens over the sliding minute and the
-    // day), as every earlier measurement had, so that figures compare
-    // across versions.
-    for kind in [
-        REQUESTS_PER_MINUTE,
-        REQUESTS_PER_DAY,
-        TOKENS_PER_MINUTE,
-        TOKENS_PER_DAY,
-    ] {
-        limits.set(kind, Some(1 << 50));
+impl Args {
+    fn config(&self, id: WorkspaceId) -> WorkspaceConfig {
+        let limits = if self.budgets {
+            limits::with_budgets()
+        } else {
+            limits::four()
+        };
+        let mut config = WorkspaceConfig::new(id, limits);
+        if self.model_limits {
+            config.scoped_limits = limits::model_rules();
+        }
+        config
     }
-    limits
+
+    /// What an admission is charged: one request and 100 tokens, and with
+    /// `--budgets` their cost, priced as the proxy prices an estimate.
+    fn estimate(&self, engine: &Engine) -> Usage {
+        let tokens = TokenCounts {
+            prompt: 80,
+            cached: 0,
+            completion: 20,
+        };
+        if self.budgets {
+            engine
+                .pricing()
+                .usage(Some(limits::MODEL), tokens, Tier::Standard)
+        } else {
+            Usage::call(tokens.prompt + tokens.completion)
+        }
+    }
 }
 
 /// Redis's count of script calls (`EVALSHA` and `EVAL`) so far.
@@ -162,7 +200,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             ..Settings::default()
         },
         WorkspaceDefaults {
-            limits: limits(),
+            limits: limits::four(),
             warn_at: 0.8,
         },
         Arc::new(SystemClock),
@@ -174,10 +212,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     engine.load(
         Catalog {
             generation: 1,
-            workspaces: ids
-                .iter()
-                .map(|id| WorkspaceConfig::new(id.clone(), limits()))
-                .collect(),
+            workspaces: ids.iter().map(|id| args.config(id.clone())).collect(),
             keys: vec![],
         },
         Default::default(),
@@ -185,6 +220,10 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     );
     let engine = Arc::new(engine);
     let ids = Arc::new(ids);
+    let estimate = args.estimate(&engine);
+    // The model is named where a limit needs it: a budget to price the
+    // call, a limit on models to select it.
+    let model: Option<Model> = (args.budgets || args.model_limits).then(|| limits::MODEL.into());
     // Warm up: the script is loaded once and connections are open.
     engine.admit(&ids[0], Request::default()).await?;
 
@@ -207,6 +246,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
         .map(|worker| {
             let engine = engine.clone();
             let ids = ids.clone();
+            let model = model.clone();
             tokio::spawn(async move {
                 let mut latencies = Vec::new();
                 let mut next = worker;
@@ -218,9 +258,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .admit(
                             id,
                             Request {
-                                scoped: Default::default(),
-                                estimate: Usage::call(100),
-                                model: None,
+                                scoped: ScopeValues::of(model.as_deref(), None),
+                                estimate,
+                                model: model.clone(),
                                 settled_anywhere: args.settled_anywhere,
                             },
                         )
@@ -232,7 +272,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                     if args.settle {
                         let report = UsageReport {
                             reservation: Some(admitted.id),
-                            model: None,
+                            model: model.clone(),
                             tokens: Some(TokenUsage {
                                 prompt: 60,
                                 completion: 20,

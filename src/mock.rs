@@ -11,7 +11,16 @@
 //! latency before the headers, a delay between streamed events, and a share
 //! of requests that fail with a given scenario. `GET /mock/stats` counts
 //! requests per path; `GET /mock/last` shows the last request as received;
-//! `POST /mock/reset` clears both and the scenario.
+//! `GET /mock/usage` lists the usage the mock sent in its answers, so that a
+//! test can price what an upstream billed independently of quotawatch;
+//! `POST /mock/reset` clears them and the scenario.
+//!
+//! An answer follows its request where OpenAI's would: a request for the
+//! `flex` or `priority` tier is answered as served at that tier, and the
+//! `usage_details` scenario puts cached prompt tokens and reasoning tokens
+//! into the usage of every chat and Responses answer, streamed or not;
+//! `standard_tier` answers as served at the standard tier whatever the
+//! request asked.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -205,6 +214,7 @@ const BEHAVIOURS: &[&str] = &[
     "stream_stall",
     "stream_error",
     "usage_details",
+    "standard_tier",
     "hop_headers",
 ];
 
@@ -254,6 +264,100 @@ impl Default for MockOptions {
 struct Recorded {
     hits: BTreeMap<String, u64>,
     last: Option<Value>,
+    /// The usage sent, by answer: how many answers carried each usage for
+    /// each path, model and tier. Counted rather than listed, so that a
+    /// benchmark's millions of identical answers take no more memory than
+    /// one.
+    usage: BTreeMap<String, (Value, u64)>,
+}
+
+/// Where one answer's usage is counted when it is sent: its path, the
+/// model its request named and the tier it was served at.
+#[derive(Clone)]
+struct Ledger {
+    recorded: Arc<Mutex<Recorded>>,
+    answer: Value,
+}
+
+impl Ledger {
+    fn sent(&self, usage: &Value) {
+        let mut answer = self.answer.clone();
+        answer["usage"] = usage.clone();
+        let key = answer.to_string();
+        let mut recorded = lock(&self.recorded);
+        recorded.usage.entry(key).or_insert((answer, 0)).1 += 1;
+    }
+}
+
+/// How an answer departs from its fixture for one request: the tier it
+/// was served at, when the request asked for one priced apart, and whether
+/// its usage carries cached and reasoning tokens.
+#[derive(Clone, Default)]
+struct Shape {
+    tier: Option<String>,
+    details: bool,
+}
+
+impl Shape {
+    /// Shapes one answer object (a chat completion, a chat chunk, or a
+    /// Responses object) and answers the usage it carries, if any.
+    fn apply(&self, object: &mut Value) -> Option<Value> {
+        if let Some(tier) = &self.tier
+            && (object.get("service_tier").is_some() || object["object"] == "response")
+        {
+            object["service_tier"] = json!(tier);
+        }
+        let usage = object.get_mut("usage").filter(|usage| !usage.is_null())?;
+        if self.details {
+            *usage = detailed_usage(usage.get("input_tokens").is_some());
+        }
+        Some(usage.clone())
+    }
+
+    /// Shapes an SSE event: its data is a chat chunk, or a Responses event
+    /// whose `response` is the object. Events left as they are keep their
+    /// text; changed ones are written anew.
+    fn event(&self, event: &str) -> (String, Option<Value>) {
+        let Some((before, data)) = event
+            .split_once("data: ")
+            .filter(|(before, _)| before.is_empty() || before.ends_with('\n'))
+        else {
+            return (event.to_owned(), None);
+        };
+        let Ok(mut parsed) = serde_json::from_str::<Value>(data.trim_end()) else {
+            return (event.to_owned(), None);
+        };
+        let object = match parsed.get_mut("response") {
+            Some(response) if response.is_object() => response,
+            _ => &mut parsed,
+        };
+        let unchanged = object.clone();
+        let usage = self.apply(object);
+        if *object == unchanged {
+            return (event.to_owned(), usage);
+        }
+        (format!("{before}data: {parsed}\n\n"), usage)
+    }
+}
+
+/// Usage with cached prompt tokens and reasoning tokens, as a reasoning
+/// model with a cached prompt prefix reports it: in the Responses API's
+/// shape or in chat's.
+fn detailed_usage(responses: bool) -> Value {
+    if responses {
+        json!({
+            "input_tokens": 200, "input_tokens_details": {"cached_tokens": 64},
+            "output_tokens": 50, "output_tokens_details": {"reasoning_tokens": 30},
+            "total_tokens": 250
+        })
+    } else {
+        json!({
+            "prompt_tokens": 200, "completion_tokens": 50, "total_tokens": 250,
+            "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0},
+            "completion_tokens_details": {"reasoning_tokens": 30, "audio_tokens": 0,
+                "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
+        })
+    }
 }
 
 #[derive(Clone)]
@@ -274,6 +378,7 @@ pub fn router(options: MockOptions) -> Router {
         .route("/mock/scenario", post(set_scenario))
         .route("/mock/stats", get(stats))
         .route("/mock/last", get(last))
+        .route("/mock/usage", get(usage))
         .route("/mock/reset", post(reset))
         .route("/v1/{*path}", any(answer))
         .with_state(mock)
@@ -317,6 +422,23 @@ async fn stats(State(mock): State<Mock>) -> axum::Json<Value> {
 
 async fn last(State(mock): State<Mock>) -> axum::Json<Value> {
     axum::Json(lock(&mock.recorded).last.clone().unwrap_or(Value::Null))
+}
+
+/// The usage the mock sent: `{"answers": [{"path", "model",
+/// "service_tier", "usage", "count"}]}`, one entry per distinct usage of a
+/// path, requested model and tier, with how many answers carried it.
+async fn usage(State(mock): State<Mock>) -> axum::Json<Value> {
+    let recorded = lock(&mock.recorded);
+    let answers: Vec<Value> = recorded
+        .usage
+        .values()
+        .map(|(answer, count)| {
+            let mut answer = answer.clone();
+            answer["count"] = json!(count);
+            answer
+        })
+        .collect();
+    axum::Json(json!({ "answers": answers }))
 }
 
 async fn reset(State(mock): State<Mock>) -> StatusCode {
@@ -393,25 +515,32 @@ impl Drop for StreamGuard {
 }
 
 struct StreamState {
-    events: std::vec::IntoIter<String>,
+    /// Each event's text, with the usage it carries.
+    events: std::vec::IntoIter<(String, Option<Value>)>,
     sent: usize,
     ended: bool,
     guard: StreamGuard,
+    ledger: Ledger,
 }
 
-/// An SSE body sent event by event, with `delay` between events; `cut`
-/// decides what happens instead of the event at that position, if set.
+/// An SSE body of `text`'s events, shaped by `shape`, sent event by event
+/// with `delay` between events; `cut` decides what happens instead of the
+/// event at that position, if set. The usage an event carries is written
+/// to `ledger` when the event is sent, so a stream cut before it counts
+/// none.
 fn event_stream(
     text: &'static str,
+    shape: &Shape,
     delay: Duration,
     cut: Option<(usize, Ending)>,
     counts: Arc<StreamCounts>,
+    ledger: Ledger,
 ) -> Response {
     counts.started.fetch_add(1, Ordering::Relaxed);
     let state = StreamState {
         events: text
             .split_inclusive("\n\n")
-            .map(str::to_owned)
+            .map(|event| shape.event(event))
             .collect::<Vec<_>>()
             .into_iter(),
         sent: 0,
@@ -420,6 +549,7 @@ fn event_stream(
             counts,
             finished: false,
         },
+        ledger,
     };
     let stream = stream::unfold(state, move |mut state| async move {
         if state.ended {
@@ -447,8 +577,11 @@ fn event_stream(
             };
         }
         match state.events.next() {
-            Some(event) => {
+            Some((event, usage)) => {
                 state.sent += 1;
+                if let Some(usage) = &usage {
+                    state.ledger.sent(usage);
+                }
                 Some((Ok(Bytes::from(event)), state))
             }
             None => {
@@ -535,29 +668,72 @@ async fn answer(State(mock): State<Mock>, request: Request) -> Response {
         "stream_error" => Some((2, Ending::Error)),
         _ => None,
     };
+    let asked = json
+        .get("service_tier")
+        .and_then(Value::as_str)
+        .filter(|tier| matches!(*tier, "flex" | "priority"));
+    let shape = Shape {
+        // OpenAI serves a priority request past its ramp limit at the
+        // standard tier, and says so.
+        tier: if scenario == "standard_tier" {
+            Some("default".to_owned())
+        } else {
+            asked.map(str::to_owned)
+        },
+        details: scenario == "usage_details",
+    };
+    let ledger = Ledger {
+        recorded: mock.recorded.clone(),
+        answer: json!({
+            "path": path,
+            "model": json.get("model").cloned().unwrap_or(Value::Null),
+            "service_tier": shape.tier.as_deref().unwrap_or("default"),
+        }),
+    };
+    let stream = |text| {
+        event_stream(
+            text,
+            &shape,
+            options.chunk_delay,
+            cut,
+            mock.streams.clone(),
+            ledger.clone(),
+        )
+    };
+    // A JSON answer goes as its text when shaping leaves it as it was.
+    let answer_json = |text: String| {
+        let Ok(mut body) = serde_json::from_str::<Value>(&text) else {
+            return json_response(200, text);
+        };
+        let unchanged = body.clone();
+        if let Some(usage) = shape.apply(&mut body) {
+            ledger.sent(&usage);
+        }
+        json_response(
+            200,
+            if body == unchanged {
+                text
+            } else {
+                body.to_string()
+            },
+        )
+    };
     let response = match (path.as_str(), streaming) {
         ("/chat/completions", true) => {
             let with_usage = json.pointer("/stream_options/include_usage") == Some(&Value::Bool(true));
-            let text = if with_usage { CHAT_STREAM_USAGE } else { CHAT_STREAM };
-            event_stream(text, options.chunk_delay, cut, mock.streams.clone())
+            stream(if with_usage { CHAT_STREAM_USAGE } else { CHAT_STREAM })
         }
-        ("/chat/completions", false) if scenario == "usage_details" => {
-            json_response(200, chat_with_usage_details())
-        }
-        ("/chat/completions", false) => json_response(200, CHAT.to_owned()),
-        ("/completions", _) => json_response(
-            200,
+        ("/chat/completions", false) => answer_json(CHAT.to_owned()),
+        ("/completions", _) => answer_json(
             json!({"id": "cmpl-mock", "object": "text_completion", "created": 1761564674,
                 "model": json.get("model").cloned().unwrap_or(json!("gpt-3.5-turbo-instruct")),
                 "choices": [{"text": "Hello there!", "index": 0, "logprobs": null, "finish_reason": "stop"}],
                 "usage": {"prompt_tokens": 5, "completion_tokens": 3, "total_tokens": 8}})
             .to_string(),
         ),
-        ("/embeddings", _) => json_response(200, EMBEDDINGS.to_owned()),
-        ("/responses", true) => {
-            event_stream(RESPONSES_STREAM, options.chunk_delay, cut, mock.streams.clone())
-        }
-        ("/responses", false) => json_response(200, RESPONSES.to_owned()),
+        ("/embeddings", _) => answer_json(EMBEDDINGS.to_owned()),
+        ("/responses", true) => stream(RESPONSES_STREAM),
+        ("/responses", false) => answer_json(RESPONSES.to_owned()),
         ("/models", _) => json_response(
             200,
             json!({"object": "list", "data": [{"id": "gpt-4o-mini", "object": "model", "created": 1721172741, "owned_by": "system"}]}).to_string(),
@@ -589,19 +765,6 @@ async fn answer(State(mock): State<Mock>, request: Request) -> Response {
         );
     }
     response
-}
-
-/// The chat fixture with cached prompt tokens and reasoning tokens in its
-/// usage, as a reasoning model with a cached prompt prefix reports them.
-fn chat_with_usage_details() -> String {
-    let mut chat: Value = serde_json::from_str(CHAT).unwrap_or(Value::Null);
-    chat["usage"] = json!({
-        "prompt_tokens": 200, "completion_tokens": 50, "total_tokens": 250,
-        "prompt_tokens_details": {"cached_tokens": 64, "audio_tokens": 0},
-        "completion_tokens_details": {"reasoning_tokens": 30, "audio_tokens": 0,
-            "accepted_prediction_tokens": 0, "rejected_prediction_tokens": 0}
-    });
-    chat.to_string()
 }
 
 fn authorized(headers: &HeaderMap, expected: &str) -> bool {

@@ -186,6 +186,9 @@ pub fn parse(text: &str, taken: &str) -> Result<PriceTable, PriceFileError> {
     Ok(PriceTable::new(taken, models))
 }
 
+/// How the format names a rate for prompts over `LONG_PROMPT_TOKENS`.
+const LONG_SUFFIX: &str = "_above_272k_tokens";
+
 /// The tiers as the format names them: a suffix on each field.
 const TIER_SUFFIXES: [(Tier, &str); 3] = [
     (Tier::Standard, ""),
@@ -217,16 +220,29 @@ fn price_of(model: &str, fields: &Map<String, Value>) -> Result<Option<Price>, P
         },
     );
     for (tier, suffix) in TIER_SUFFIXES {
-        for (long, length) in [(false, ""), (true, "_above_272k_tokens")] {
-            let field = |base: &str| format!("{base}{length}{suffix}");
-            let Some(input) = rate(field("input_cost_per_token"))? else {
+        for (long, length) in [(false, ""), (true, LONG_SUFFIX)] {
+            let Some(input) = rate(format!("input_cost_per_token{length}{suffix}"))? else {
                 continue;
+            };
+            // A rate the entry leaves out for this tier or prompt length is
+            // the one the call would pay without them, in the order
+            // `Price::rates` falls back: the standard tier's at this length,
+            // then the tier's ordinary one, then the standard one. (An entry
+            // pricing only the input of a tier apart must not make its
+            // output free.)
+            let inherited = |base: &str| -> Result<Option<PicoUsd>, PriceFileError> {
+                for (length, suffix) in [(length, suffix), (length, ""), ("", suffix), ("", "")] {
+                    if let Some(rate) = rate(format!("{base}{length}{suffix}"))? {
+                        return Ok(Some(rate));
+                    }
+                }
+                Ok(None)
             };
             let rates = Rates {
                 input,
                 // Without a cached rate, cached tokens cost what others do.
-                cached_input: rate(field("cache_read_input_token_cost"))?.unwrap_or(input),
-                output: rate(field("output_cost_per_token"))?.unwrap_or(0),
+                cached_input: inherited("cache_read_input_token_cost")?.unwrap_or(input),
+                output: inherited("output_cost_per_token")?.unwrap_or(0),
             };
             price = price.with(tier, long, rates);
         }
@@ -256,7 +272,7 @@ fn pico_per_token(model: &str, field: &str, value: &Value) -> Result<PicoUsd, Pr
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::domain::price::TokenCounts;
+    use crate::domain::price::{LONG_PROMPT_TOKENS, TokenCounts};
     use crate::openai::Usage;
 
     fn table() -> PriceTable {
@@ -332,6 +348,50 @@ mod tests {
         let (_, gpt5) = table.resolve("gpt-5").expect("priced");
         assert_eq!(gpt5.rates(Tier::Flex, 1).cached_input, 62_500);
         assert_eq!(gpt5.rates(Tier::Priority, 1).input, 2_500_000);
+    }
+
+    #[test]
+    fn a_rate_an_entry_leaves_out_for_a_tier_or_a_long_prompt_is_the_standard_one() {
+        // The built-in gpt-5-nano prices only the input of the priority
+        // tier apart: its cached and output tokens cost the standard rates.
+        let table = table();
+        let (_, nano) = table.resolve("gpt-5-nano").expect("priced");
+        assert_eq!(
+            nano.rates(Tier::Priority, 1),
+            Rates {
+                input: 2_500_000,
+                cached_input: 5_000,
+                output: 400_000
+            }
+        );
+        let own = r#"{"acme-long": {
+            "input_cost_per_token": 1e-06, "output_cost_per_token": 4e-06,
+            "cache_read_input_token_cost": 1e-07,
+            "input_cost_per_token_flex": 5e-07, "output_cost_per_token_flex": 2e-06,
+            "input_cost_per_token_above_272k_tokens": 2e-06,
+            "input_cost_per_token_above_272k_tokens_flex": 1e-06
+        }}"#;
+        let table = with_file(own, "prices.json").expect("valid");
+        let (_, price) = table.resolve("acme-long").expect("priced");
+        let long = LONG_PROMPT_TOKENS + 1;
+        assert_eq!(
+            price.rates(Tier::Standard, long),
+            Rates {
+                input: 2_000_000,
+                cached_input: 100_000,
+                output: 4_000_000
+            },
+            "the standard rates where the long prompt's are left out"
+        );
+        assert_eq!(
+            price.rates(Tier::Flex, long),
+            Rates {
+                input: 1_000_000,
+                cached_input: 100_000,
+                output: 2_000_000
+            },
+            "the tier's ordinary output rate before the standard one"
+        );
     }
 
     #[test]

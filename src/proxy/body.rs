@@ -129,6 +129,16 @@ impl Settlement {
         class
     }
 
+    /// Prices the call at the tier its answer says it was served at, where
+    /// it says one: OpenAI bills a `priority` request it served at the
+    /// standard tier (past the priority ramp limit) at the standard rates,
+    /// and an `auto` one at the tier it chose.
+    fn served_as(&mut self, findings: &Findings) {
+        if let Some(tier) = &findings.service_tier {
+            self.tier = Tier::requested(tier);
+        }
+    }
+
     /// Tokens for a stream that stopped early without usage: the prompt as
     /// estimated, and the text generated so far at four bytes per token.
     fn seen_so_far(&self, findings: &Findings) -> TokenUsage {
@@ -211,7 +221,8 @@ impl MeteredBody {
     /// The body ended as the upstream meant it to.
     fn complete(&mut self) -> Bytes {
         let (rest, findings) = self.scanner.finish();
-        if let Some(settlement) = self.settlement.take() {
+        if let Some(mut settlement) = self.settlement.take() {
+            settlement.served_as(&findings);
             let mut answer = std::mem::take(&mut self.answer);
             if let Some(error) = findings.error {
                 // An error event inside a 200 stream: the SDKs raise it; it
@@ -300,8 +311,9 @@ impl Drop for MeteredBody {
     /// - a JSON answer keeps the estimate, since the upstream generated all
     ///   of it.
     fn drop(&mut self) {
-        if let Some(settlement) = self.settlement.take() {
+        if let Some(mut settlement) = self.settlement.take() {
             let (_, findings) = self.scanner.finish();
+            settlement.served_as(&findings);
             let reasoning = settlement
                 .model
                 .as_deref()

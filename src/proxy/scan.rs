@@ -41,6 +41,9 @@ pub struct Findings {
     pub error: Option<ErrorObject>,
     /// Bytes of generated text seen so far, for a stream cut short.
     pub output_bytes: u64,
+    /// The tier the answer says the call was served at (`service_tier`),
+    /// which may differ from the one asked for.
+    pub service_tier: Option<String>,
 }
 
 pub enum Scanner {
@@ -115,16 +118,21 @@ impl JsonScanner {
         #[derive(Deserialize)]
         struct WithUsage {
             usage: Option<Usage>,
+            service_tier: Option<String>,
         }
-        let usage = match &self.tail {
+        match &self.tail {
             None => serde_json::from_slice::<WithUsage>(&self.head)
-                .ok()
-                .and_then(|body| body.usage),
-            Some(tail) => usage_in_tail(tail),
-        };
-        Findings {
-            usage,
-            ..Findings::default()
+                .map(|body| Findings {
+                    usage: body.usage,
+                    service_tier: body.service_tier,
+                    ..Findings::default()
+                })
+                .unwrap_or_default(),
+            // A body this large is a batch of embeddings, which has no tier.
+            Some(tail) => Findings {
+                usage: usage_in_tail(tail),
+                ..Findings::default()
+            },
         }
     }
 }
@@ -176,6 +184,8 @@ struct ChatChunk {
     choices: Vec<ChatChoice>,
     #[serde(default)]
     usage: Option<Usage>,
+    #[serde(default)]
+    service_tier: Option<String>,
 }
 
 #[derive(Deserialize)]
@@ -304,6 +314,9 @@ impl SseScanner {
             .map(String::len)
             .sum();
         self.findings.output_bytes += text as u64;
+        if chunk.service_tier.is_some() {
+            self.findings.service_tier = chunk.service_tier;
+        }
         let had_usage = chunk.usage.is_some();
         if let Some(usage) = chunk.usage {
             self.findings.usage = Some(usage);
@@ -334,6 +347,12 @@ impl SseScanner {
                     .and_then(|usage| serde_json::from_value(usage.clone()).ok())
                 {
                     self.findings.usage = Some(usage);
+                }
+                if let Some(tier) = event
+                    .pointer("/response/service_tier")
+                    .and_then(Value::as_str)
+                {
+                    self.findings.service_tier = Some(tier.to_owned());
                 }
             }
             Some("error") => {
@@ -529,6 +548,38 @@ mod tests {
         let tokens = findings.usage.expect("usage").tokens();
         assert_eq!((tokens.prompt, tokens.completion), (9, 2));
         assert_eq!(findings.output_bytes, "Hi!".len() as u64);
+    }
+
+    #[test]
+    fn the_tier_an_answer_was_served_at_is_found_in_json_chunks_and_responses_events() {
+        let mut json = Scanner::new(Endpoint::ChatCompletions, "application/json", false);
+        let chat = fixture("chat_completion.json");
+        assert_eq!(
+            run(&mut json, &chat, 100).1.service_tier.as_deref(),
+            Some("default")
+        );
+        let stream = fixture("chat_completion_stream_include_usage.sse");
+        let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", true);
+        assert_eq!(
+            run(&mut scanner, &stream, 17).1.service_tier.as_deref(),
+            Some("default")
+        );
+        let served = concat!(
+            "event: response.completed\n",
+            "data: {\"type\":\"response.completed\",\"response\":{\"service_tier\":\"priority\",",
+            "\"usage\":{\"input_tokens\":9,\"output_tokens\":2,\"total_tokens\":11}}}\n\n",
+        );
+        let mut scanner = Scanner::new(Endpoint::Responses, "text/event-stream", false);
+        assert_eq!(
+            run(&mut scanner, served.as_bytes(), 5)
+                .1
+                .service_tier
+                .as_deref(),
+            Some("priority")
+        );
+        let embeddings = fixture("embeddings.json");
+        let mut scanner = Scanner::new(Endpoint::Embeddings, "application/json", false);
+        assert_eq!(run(&mut scanner, &embeddings, 100).1.service_tier, None);
     }
 
     #[test]

@@ -22,9 +22,9 @@ use crate::support::{
 use crate::websocket::{Ws, connect, wait_for, wait_for_all, ws_url};
 
 /// Two instances on one fresh PostgreSQL database and one Redis key prefix.
-struct Cluster {
-    a: TestServer,
-    b: TestServer,
+pub(crate) struct Cluster {
+    pub(crate) a: TestServer,
+    pub(crate) b: TestServer,
     redis_url: String,
     prefix: String,
     database: TestDatabase,
@@ -33,7 +33,11 @@ struct Cluster {
 }
 
 impl Cluster {
-    async fn start(test: &str, relayed: bool, settings: &[(&str, &str)]) -> Option<Self> {
+    pub(crate) async fn start(
+        test: &str,
+        relayed: bool,
+        settings: &[(&str, &str)],
+    ) -> Option<Self> {
         let redis_url = server_url(test)?;
         let database = TestDatabase::create(test).await?;
         let prefix = fresh_prefix();
@@ -70,7 +74,7 @@ impl Cluster {
     }
 
     /// Creates a workspace through A and waits until B knows it too.
-    async fn workspace(&self, body: Value) -> String {
+    pub(crate) async fn workspace(&self, body: Value) -> String {
         let key = self.a.workspace(body).await;
         eventually("B knows the new key", Duration::from_secs(5), || async {
             (self.b.get("/api/quota/status", &key).await.status == StatusCode::OK).then_some(())
@@ -79,7 +83,7 @@ impl Cluster {
         key
     }
 
-    async fn finish(self) {
+    pub(crate) async fn finish(self) {
         self.a.stop().await;
         self.b.stop().await;
         clean(&self.redis_url, &self.prefix).await;

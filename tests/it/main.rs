@@ -2,6 +2,7 @@
 //! (and PostgreSQL and Redis where `QUOTAWATCH_TEST_DATABASE_URL` and
 //! `QUOTAWATCH_TEST_REDIS_URL` are set).
 
+mod accuracy;
 mod alerts;
 mod api;
 mod auth;

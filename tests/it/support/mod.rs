@@ -429,6 +429,18 @@ impl Upstream {
             .expect("JSON")
     }
 
+    /// The usage the upstream sent in its answers (see `GET /mock/usage`).
+    pub async fn usage(&self) -> Value {
+        self.client
+            .get(format!("{}/mock/usage", self.base))
+            .send()
+            .await
+            .expect("usage")
+            .json()
+            .await
+            .expect("JSON")
+    }
+
     pub async fn set_scenario(&self, scenario: &str) {
         let response = self
             .client
