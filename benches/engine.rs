@@ -107,7 +107,7 @@ fn request(engine: &Engine, model: &Model) -> Request {
             Tier::Standard,
         ),
         model: Some(model.clone()),
-        scoped: ScopeValues::of(Some(model), None),
+        scoped: ScopeValues::default(),
         ..Request::default()
     }
 }

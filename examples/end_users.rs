@@ -71,7 +71,7 @@ fn main() {
     let scopes: Vec<_> = (0..users)
         .map(|user| {
             let value = ScopeValue::parse(ScopeKind::User, &format!("user-{user}")).expect("id");
-            scoped.matching(None, &ScopeValues::of(None, Some(value)))[0]
+            scoped.matching(None, &ScopeValues::of(Some(value)))[0]
         })
         .collect();
     let before = resident_bytes();
@@ -137,7 +137,7 @@ async fn in_redis(url: &str, users: u64, scoped: &ScopedLimits) {
         let value = ScopeValue::parse(ScopeKind::User, &format!("user-{user}")).expect("id");
         let charge = ScopeCharge {
             rule: rule.id,
-            value: scoped.matching(None, &ScopeValues::of(None, Some(value)))[0].key,
+            value: scoped.matching(None, &ScopeValues::of(Some(value)))[0].key,
             limits: rule.limits,
         };
         let workspace_limits = &workspace_limits;

@@ -258,7 +258,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
                         .admit(
                             id,
                             Request {
-                                scoped: ScopeValues::of(model.as_deref(), None),
+                                scoped: ScopeValues::default(),
                                 estimate,
                                 model: model.clone(),
                                 settled_anywhere: args.settled_anywhere,

@@ -194,7 +194,7 @@ pub async fn check(
         .with_param("estimated_prompt_tokens"));
     }
     let model = request.model.as_deref().map(valid_model).transpose()?;
-    let scoped = scope_values(&headers, model.as_deref(), request.user.clone())?;
+    let scoped = scope_values(&headers, request.user.clone())?;
     let estimate = state.engine.pricing().usage(
         model.as_deref(),
         TokenCounts {
@@ -257,16 +257,15 @@ const MAX_TOKENS_PER_CALL: u64 = 1_000_000_000;
 /// refused before it can distort history.
 const MAX_LATENCY_MS: u64 = 86_400_000;
 
-/// A REST call's values for scoped limits: its model, and its end user from
-/// the header or the body's `user`.
+/// A REST call's values for scoped limits: its end user from the header or
+/// the body's `user` (its model is the call's own).
 fn scope_values(
     headers: &axum::http::HeaderMap,
-    model: Option<&str>,
     user: Option<String>,
 ) -> Result<ScopeValues, ApiError> {
     let mut named: PerScope<Option<String>> = Default::default();
     named[ScopeKind::User.index()] = user;
-    crate::edge::scope::values(headers, model, &named)
+    crate::edge::scope::values(headers, &named)
 }
 
 fn tier_of(service_tier: Option<&str>) -> Tier {
@@ -344,7 +343,7 @@ pub async fn usage(
         }
     }
     let model = body.model.as_deref().map(valid_model).transpose()?;
-    let scoped = scope_values(&request_headers, model.as_deref(), body.user.clone())?;
+    let scoped = scope_values(&request_headers, body.user.clone())?;
     if let Some(latency) = body.latency_ms
         && latency > MAX_LATENCY_MS
     {

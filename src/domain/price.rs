@@ -261,24 +261,24 @@ impl PriceTable {
     /// (`ft:gpt-4o-mini-2024-07-18:org::id`) at its base model's fine-tuned
     /// price, then at its base model's price.
     pub fn resolve(&self, model: &str) -> Option<(&str, &Price)> {
-        let candidates = match model.strip_prefix("ft:") {
+        let find = |name: &str| {
+            self.models
+                .get_key_value(name)
+                .map(|(name, price)| (name.as_str(), price))
+        };
+        // Every priced call asks, twice: the exact name, the common case,
+        // and a dated snapshot cost no allocation.
+        match model.strip_prefix("ft:") {
             Some(rest) => {
                 let base = rest.split(':').next().unwrap_or_default();
-                vec![
-                    model.to_owned(),
-                    format!("ft:{base}"),
-                    format!("ft:{}", undated(base)),
-                    base.to_owned(),
-                    undated(base).to_owned(),
-                ]
+                find(model)
+                    .or_else(|| find(&format!("ft:{base}")))
+                    .or_else(|| find(&format!("ft:{}", undated(base))))
+                    .or_else(|| find(base))
+                    .or_else(|| find(undated(base)))
             }
-            None => vec![model.to_owned(), undated(model).to_owned()],
-        };
-        candidates.iter().find_map(|name| {
-            self.models
-                .get_key_value(name.as_str())
-                .map(|(name, price)| (name.as_str(), price))
-        })
+            None => find(model).or_else(|| find(undated(model))),
+        }
     }
 }
 

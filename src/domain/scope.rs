@@ -350,13 +350,18 @@ impl ScopedLimits {
     /// How a refusal names the counter that refused: the patterns of a
     /// listed rule (`models gpt-4o, o3*`), or the value of an each-rule as
     /// its caller sent it (`end user "alice"`).
-    pub fn describe(&self, refused: RefusedScope, values: &ScopeValues) -> String {
+    pub fn describe(
+        &self,
+        refused: RefusedScope,
+        model: Option<&str>,
+        values: &ScopeValues,
+    ) -> String {
         let Some(rule) = self.0.get(refused.rule) else {
             return refused.kind.title().to_owned();
         };
         match rule.selector {
             Selector::Listed(_) => rule.describe(),
-            Selector::Each => format!("{} {:?}", rule.kind.title(), values.shown(rule.kind)),
+            Selector::Each => format!("{} {:?}", rule.kind.title(), values.shown(rule.kind, model)),
         }
     }
 
@@ -372,7 +377,7 @@ impl ScopedLimits {
                         let model = model?;
                         patterns.iter().any(|p| p.matches(model)).then_some(None)?
                     }
-                    Selector::Each => Some(values.key(rule.kind)),
+                    Selector::Each => Some(values.key(rule.kind, model)),
                 };
                 Some(ScopeRef {
                     rule: index,
@@ -521,25 +526,33 @@ impl ScopeValues {
     }
 
     /// The key `kind`'s value is counted under; the shared unnamed one
-    /// when the request has none.
-    fn key(&self, kind: ScopeKind) -> [u8; 16] {
-        self.get(kind)
-            .map_or_else(|| ScopeValue::unnamed().key, ScopeValue::key)
+    /// when the request has none. A model's comes from the request's
+    /// `model`, fingerprinted here, only for the rules that count each model
+    /// apart: a request to a workspace without such a rule pays nothing for
+    /// it.
+    fn key(&self, kind: ScopeKind, model: Option<&str>) -> [u8; 16] {
+        let value = match kind.source() {
+            Source::Model => model.map(ScopeValue::model),
+            Source::Named { .. } => self.get(kind).cloned(),
+        };
+        value.map_or_else(|| ScopeValue::unnamed().key, |value| value.key)
     }
 
-    /// How a refusal names the value of `kind`.
-    pub fn shown(&self, kind: ScopeKind) -> String {
-        self.get(kind).map_or_else(
-            || ScopeValue::unnamed().shown.to_string(),
-            |v| v.shown.to_string(),
-        )
+    /// How a refusal names the value of `kind` (a model's from the
+    /// request's `model`).
+    pub fn shown(&self, kind: ScopeKind, model: Option<&str>) -> String {
+        let shown = match kind.source() {
+            Source::Model => model.map(|name| name.chars().take(SHOWN_CHARS).collect()),
+            Source::Named { .. } => self.get(kind).map(|value| value.shown.to_string()),
+        };
+        shown.unwrap_or_else(|| ScopeValue::unnamed().shown.to_string())
     }
 
-    /// The values of a model (from its name, validated already) and an
-    /// end user.
-    pub fn of(model: Option<&str>, user: Option<ScopeValue>) -> Self {
+    /// The values of a request naming `user`. A model's value is read from
+    /// the request's `model` where a rule needs it (see
+    /// [`key`](Self::key)).
+    pub fn of(user: Option<ScopeValue>) -> Self {
         let mut values = Self::default();
-        values.set(ScopeKind::Model, model.map(ScopeValue::of));
         values.set(ScopeKind::User, user);
         values
     }
@@ -1177,7 +1190,7 @@ mod tests {
         ])
         .expect("valid");
         let alice = ScopeValue::parse(ScopeKind::User, "alice").expect("valid");
-        let values = ScopeValues::of(Some("gpt-4o"), Some(alice.clone()));
+        let values = ScopeValues::of(Some(alice.clone()));
         let matched = scoped.matching(Some("gpt-4o"), &values);
         let rules: Vec<usize> = matched.iter().map(|scope| scope.rule).collect();
         assert_eq!(rules, vec![0, 1, 2]);
@@ -1202,7 +1215,7 @@ mod tests {
 
     fn user(scoped: &ScopedLimits, name: &str) -> ScopeRef {
         let value = ScopeValue::parse(ScopeKind::User, name).expect("valid");
-        scoped.matching(None, &ScopeValues::of(None, Some(value)))[0]
+        scoped.matching(None, &ScopeValues::of(Some(value)))[0]
     }
 
     #[test]

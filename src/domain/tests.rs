@@ -1668,7 +1668,7 @@ mod scoped {
         Request {
             estimate: Usage::call(tokens),
             model: Some(model.into()),
-            scoped: ScopeValues::of(Some(model), Some(user)),
+            scoped: ScopeValues::of(Some(user)),
             ..Request::default()
         }
     }

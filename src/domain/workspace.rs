@@ -1849,13 +1849,19 @@ impl WorkspaceState {
         usage: Usage,
         now: Timestamp,
     ) {
-        let named = outcome.scoped.and_then(|(model, _)| model).map(Model::from);
+        let named = outcome.scoped.and_then(|(model, _)| model);
         let (at, model) = match settled {
+            // The name the reservation holds already, when it is the one
+            // the settlement names (nearly always): settling allocates none.
             Settled::Reservation(reservation) => (
                 reservation.charged_at,
-                named.or_else(|| reservation.model.clone()),
+                match (named, &reservation.model) {
+                    (Some(name), Some(held)) if **held == *name => Some(held.clone()),
+                    (Some(name), _) => Some(Model::from(name)),
+                    (None, held) => held.clone(),
+                },
             ),
-            Settled::Unreserved => (now, named),
+            Settled::Unreserved => (now, named.map(Model::from)),
             Settled::Missing => return,
         };
         let Some(model) = model.filter(|_| usage.usd > 0 || usage.tokens > 0) else {

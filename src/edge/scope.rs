@@ -1,27 +1,29 @@
 //! A request's values for scoped limits, read the same way by the proxy and
-//! the REST API: its model, and the end user a tenant names for a call, from
-//! its header first and then from the body's fields, in
-//! [`ScopeKind::source`]'s order. A value is checked and hashed here, before
-//! it reaches the engine (and its lock); only its fingerprint is counted,
-//! and it is never logged.
+//! the REST API: the end user a tenant names for a call, from its header
+//! first and then from the body's fields, in [`ScopeKind::source`]'s order.
+//! A value is checked and hashed here, before it reaches the engine (and its
+//! lock); only its fingerprint is counted, and it is never logged. (A
+//! model's value is the request's model, which the engine reads where a
+//! rule needs it.)
 
 use axum::http::HeaderMap;
 
 use super::error::ApiError;
 use crate::domain::scope::{PerScope, ScopeKind, ScopeValue, ScopeValues, Source};
 
-/// The values of a request naming `model` (valid already), whose body gave
-/// `named` for the kinds read from named fields (by [`ScopeKind::index`]:
-/// the first of the kind's body fields that the body has).
+/// The values of a request whose body gave `named` for the kinds read from
+/// named fields (by [`ScopeKind::index`]: the first of the kind's body fields
+/// that the body has).
 pub fn values(
     headers: &HeaderMap,
-    model: Option<&str>,
     named: &PerScope<Option<String>>,
 ) -> Result<ScopeValues, ApiError> {
     let mut values = ScopeValues::default();
     for kind in ScopeKind::ALL {
         let value = match kind.source() {
-            Source::Model => model.map(ScopeValue::model),
+            // Read from the request's model where a rule needs it (see
+            // `ScopeValues::key`): nothing to check or fingerprint here.
+            Source::Model => None,
             Source::Named {
                 header,
                 param,

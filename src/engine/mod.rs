@@ -771,7 +771,7 @@ impl Engine {
     ) -> Decision {
         let refused_scope = admission.result.as_ref().err().and_then(|refusal| {
             let rules = &cell.state.config().scoped_limits;
-            Some(rules.describe(refusal.scope?, scoped))
+            Some(rules.describe(refusal.scope?, model.as_deref(), scoped))
         });
         let touched = if admission.result.is_err() {
             let refused = RollupDelta {

@@ -456,7 +456,7 @@ async fn forward_admitted(
         .excluding(read_body(body, declared_length, proxy.max_body_bytes))
         .await?;
     let call = understand(proxy, &parts.method, endpoint, body)?;
-    let scoped = crate::edge::scope::values(&parts.headers, call.model.as_deref(), &call.named)?;
+    let scoped = crate::edge::scope::values(&parts.headers, &call.named)?;
     // The cost estimate: the prompt at the input rate, and the completion
     // allowance of every choice (`n` × max_tokens, or the default) at the
     // output rate; nothing is assumed cached.
