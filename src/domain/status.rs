@@ -653,6 +653,76 @@ mod tests {
         assert!(CAUSES <= u32::BITS as usize, "every cause fits in a set");
     }
 
+    mod properties {
+        use super::*;
+        use crate::domain::forecast::Basis;
+        use proptest::prelude::*;
+
+        /// One step of a workspace's life: `(used, max)` of each limit kind
+        /// that is set, and when each calendar limit's forecast runs out
+        /// (minutes from now) if it has one.
+        fn step() -> impl Strategy<Value = Vec<Option<(u64, u64, Option<i64>)>>> {
+            let limit = (0u64..120, 1u64..100, prop::option::of(0i64..600));
+            prop::collection::vec(prop::option::of(limit), LimitKind::COUNT)
+        }
+
+        proptest! {
+            /// `stays_clear` is a shortcut of `observe`: whenever it says the
+            /// status stays clear, observing changes neither the causes nor
+            /// anything the tracker remembers.
+            #[test]
+            fn stays_clear_answers_what_observe_would(
+                steps in prop::collection::vec(step(), 1..40),
+                warn_percent in 20u32..=100,
+            ) {
+                let warn_at = f64::from(warn_percent) / 100.0;
+                let lead = Duration::from_secs(2 * 3600);
+                let mut tracker = StatusTracker::new(Timestamp::from_millis(0));
+                for (index, limits) in steps.into_iter().enumerate() {
+                    let now = Timestamp::from_millis(1_000_000 + index as i64 * 500);
+                    let mut observation = Observation {
+                        warn_at,
+                        forecast_lead: lead,
+                        ..Observation::default()
+                    };
+                    for (kind, limit) in LimitKind::ALL.into_iter().zip(limits) {
+                        let Some((used, max, runs_out)) = limit else { continue };
+                        observation.usage.set(kind, Some((used, max)));
+                        if kind.window.period().is_some() {
+                            let runs_out_at = runs_out.map(|minutes| now.plus(Duration::from_secs(minutes as u64 * 60)));
+                            let forecast = Forecast {
+                                exhausts_at: runs_out_at,
+                                rate_per_hour: 1.0,
+                                basis: Basis::Smoothed,
+                                runs_out_at,
+                            };
+                            observation.forecasts.set(kind, Some((forecast, now.plus(Duration::from_secs(3 * 3600)))));
+                        }
+                    }
+                    let configured = LimitKind::ALL.into_iter().filter_map(|kind| {
+                        observation.usage.get(kind).map(|(used, max)| (kind, used, max))
+                    });
+                    let clear = tracker.stays_clear(
+                        configured,
+                        warn_at,
+                        &observation.forecasts,
+                        lead,
+                        now,
+                    );
+                    let before = tracker.clone();
+                    let observed = tracker.observe(&observation, now);
+                    if clear {
+                        prop_assert_eq!(observed, None);
+                        prop_assert_eq!(&tracker, &before);
+                    }
+                    if let Some(causes) = observed {
+                        tracker.transition(causes, Vec::new(), now);
+                    }
+                }
+            }
+        }
+    }
+
     #[test]
     fn a_used_up_month_exceeds_the_quota_like_a_day() {
         let month = LimitKind::new(Metric::Tokens, Window::Month);
