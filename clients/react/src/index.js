@@ -101,9 +101,14 @@ export function useQuotaMonitor({
 
 /** The most pressing active notification: the most severe, then the newest. */
 export function pressingNotification(notifications) {
+  // A threshold crossing announces a moment (100% of the day's limit was
+  // reached); the notification of the state it led to (the day used up)
+  // says what holds now and until when, so it wins at the same severity.
+  const announcement = (n) => (n.kind === "threshold_crossed" ? 1 : 0);
   return [...notifications].sort(
     (a, b) =>
       (SEVERITY_RANK[a.severity] ?? 3) - (SEVERITY_RANK[b.severity] ?? 3) ||
+      announcement(a) - announcement(b) ||
       Date.parse(b.created_at) - Date.parse(a.created_at),
   )[0];
 }

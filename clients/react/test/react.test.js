@@ -236,6 +236,21 @@ describe("notification helpers", () => {
     ];
     expect(pressingNotification(list).id).toBe("c");
   });
+
+  it("a threshold crossing gives way to the state it led to at the same severity", () => {
+    const list = [
+      notification("exhausted", "critical", {
+        kind: "daily_quota_exhausted",
+        created_at: "2026-11-27T11:00:00Z",
+      }),
+      notification("crossed", "critical", {
+        kind: "threshold_crossed",
+        created_at: "2026-11-27T11:00:01Z",
+      }),
+    ];
+    expect(pressingNotification(list).id).toBe("exhausted");
+    expect(pressingNotification(list.slice(1)).id).toBe("crossed");
+  });
 });
 
 describe("QuotaNotification", () => {
