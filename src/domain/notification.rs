@@ -624,11 +624,9 @@ fn approaching(
     let percent = (limit.utilization() * 100.0).floor();
     let resets = match (kind.window.period(), limit.resets_at) {
         (Some(period), Some(at)) => format!(
-            " The {} count resets {} {} {}.",
+            " The {} count resets {}.",
             period.adjective(),
-            period.next_starts(),
-            workspace.timezone.name(),
-            in_time(at, now)
+            next_reset(period, workspace, at, now)
         ),
         (_, Some(at)) => format!(" The window is fully clear again {}.", in_time(at, now)),
         (_, None) => String::new(),
@@ -713,6 +711,22 @@ fn budget_spent(workspace: &WorkspaceConfig, kind: LimitKind, facts: &Facts) -> 
         format_dollars(limit.used),
         format_dollars(limit.max),
         period(kind)
+    )
+}
+
+/// When a calendar period that ends `at` resets, for the end of a
+/// sentence: "at midnight Europe/Berlin in 4h 0m (at ...)".
+fn next_reset(
+    period: Period,
+    workspace: &WorkspaceConfig,
+    at: Timestamp,
+    now: Timestamp,
+) -> String {
+    format!(
+        "{} {} {}",
+        period.next_starts(),
+        workspace.timezone.name(),
+        in_time(at, now)
     )
 }
 
@@ -803,11 +817,9 @@ fn budget_approaching(
     let percent = (limit.utilization() * 100.0).floor();
     let resets = match (kind.window.period(), limit.resets_at) {
         (Some(period), Some(at)) => format!(
-            " The {} budget resets {} {} {}.",
+            " The {} budget resets {}.",
             period.adjective(),
-            period.next_starts(),
-            workspace.timezone.name(),
-            in_time(at, now)
+            next_reset(period, workspace, at, now)
         ),
         _ => String::new(),
     };
@@ -850,11 +862,9 @@ fn forecast_exhaustion(
         .map_or_else(String::new, |at| format!(" {}", in_time(at, now)));
     let resets = match (kind.window.period(), limit.resets_at) {
         (Some(period), Some(at)) => format!(
-            ", before the {} count resets {} {} {}",
+            ", before the {} count resets {}",
             period.adjective(),
-            period.next_starts(),
-            workspace.timezone.name(),
-            in_time(at, now)
+            next_reset(period, workspace, at, now)
         ),
         _ => String::new(),
     };
@@ -941,10 +951,8 @@ pub fn describe_threshold(
     );
     let resets = kind.window.period().map_or_else(String::new, |period| {
         format!(
-            " The {adjective} count resets {} {} {}.",
-            period.next_starts(),
-            workspace.timezone.name(),
-            in_time(crossing.period_end, now)
+            " The {adjective} count resets {}.",
+            next_reset(period, workspace, crossing.period_end, now)
         )
     });
     Notification {

@@ -306,15 +306,16 @@ fn undated(model: &str) -> &str {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// Dollars per million tokens, in pico-dollars per token.
-    fn per_million(dollars: f64) -> PicoUsd {
+    pub(crate) fn per_million(dollars: f64) -> PicoUsd {
         (dollars * 1_000_000.0).round() as PicoUsd
     }
 
-    fn rates(input: f64, cached: f64, output: f64) -> Rates {
+    /// Rates in dollars per million tokens.
+    pub(crate) fn rates(input: f64, cached: f64, output: f64) -> Rates {
         Rates {
             input: per_million(input),
             cached_input: per_million(cached),

@@ -201,18 +201,7 @@ pub fn cheaper_model(
 mod tests {
     use super::*;
     use crate::domain::price::Price;
-
-    fn per_million(dollars: f64) -> PicoUsd {
-        (dollars * 1_000_000.0).round() as PicoUsd
-    }
-
-    fn rates(input: f64, cached: f64, output: f64) -> Rates {
-        Rates {
-            input: per_million(input),
-            cached_input: per_million(cached),
-            output: per_million(output),
-        }
-    }
+    use crate::domain::price::tests::rates;
 
     fn table() -> PriceTable {
         let mut models = BTreeMap::new();

@@ -495,15 +495,30 @@ fn scoped_limits_from_json(workspace: &str, json: &str) -> ScopedLimits {
             })
             .collect()
     };
-    match read().map(|rules| ScopedLimits::validate(&rules)) {
-        Some(Ok(scoped)) => scoped,
+    valid_or_default(
+        workspace,
+        "scoped limits",
+        read().map(|rules| ScopedLimits::validate(&rules)),
+    )
+}
+
+/// A stored setting read and validated again (`None` when it does not
+/// read at all): one that is not valid is logged and loads as the default,
+/// so that one bad row cannot stop the workspace.
+fn valid_or_default<T: Default>(
+    workspace: &str,
+    what: &str,
+    read: Option<std::result::Result<T, crate::domain::limits::ValidationError>>,
+) -> T {
+    match read {
+        Some(Ok(valid)) => valid,
         other => {
             tracing::error!(
                 workspace,
                 error = ?other.map(|result| result.err()),
-                "stored scoped limits do not read as valid rules; loading the workspace without them"
+                "stored {what} do not read as valid; loading the workspace with the defaults"
             );
-            ScopedLimits::default()
+            T::default()
         }
     }
 }
@@ -546,17 +561,11 @@ fn thresholds_from_json(workspace: &str, json: &str) -> AlertThresholds {
                 .collect::<Option<_>>()?,
         })
     };
-    match read().map(|input| AlertThresholds::validate(&input)) {
-        Some(Ok(thresholds)) => thresholds,
-        other => {
-            tracing::error!(
-                workspace,
-                error = ?other.map(|result| result.err()),
-                "stored alert thresholds do not read as valid; loading the workspace with the defaults"
-            );
-            AlertThresholds::default()
-        }
-    }
+    valid_or_default(
+        workspace,
+        "alert thresholds",
+        read().map(|input| AlertThresholds::validate(&input)),
+    )
 }
 
 /// A threshold crossing as stored beside its notification: a JSON object.
