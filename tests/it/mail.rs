@@ -70,11 +70,15 @@ impl Receiver {
 }
 
 fn mailer(url: &str, extra_root: Option<ExtraRoot>) -> Mailer {
+    mailer_within(url, extra_root, Duration::from_secs(10))
+}
+
+fn mailer_within(url: &str, extra_root: Option<ExtraRoot>, timeout: Duration) -> Mailer {
     Mailer::new(&SmtpConfig {
         server: SmtpServer::parse(url).expect("a valid URL"),
         from: parse_sender("quotawatch <alerts@example.com>").expect("sender"),
         extra_root,
-        timeout: Duration::from_secs(10),
+        timeout,
     })
     .expect("a mailer")
 }
@@ -249,6 +253,24 @@ fn private_root_and_server_certificate() -> (String, String, String) {
         .signed_by(&server_key, &root)
         .expect("a server certificate");
     (root.pem(), server.pem(), server_key.serialize_pem())
+}
+
+#[tokio::test]
+async fn a_server_that_never_greets_is_given_up_on_at_the_timeout_as_transient() {
+    // The connection is accepted (by the listener's backlog) and then
+    // nothing is ever said, as with a relay that hangs.
+    let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+    let port = silent.local_addr().expect("address").port();
+    let (email, _) = crossing_email(now());
+    let timeout = Duration::from_millis(300);
+    let started = std::time::Instant::now();
+    let error = mailer_within(&format!("smtp://127.0.0.1:{port}?tls=none"), None, timeout)
+        .send(&recipients(&["ops@example.com"]), &email)
+        .await
+        .expect_err("no greeting");
+    assert!(error.is_transient(), "{error:?}");
+    assert!(started.elapsed() >= timeout, "waited for the timeout");
+    drop(silent);
 }
 
 #[tokio::test]
