@@ -127,6 +127,38 @@ export function resetsIn(instant, now = Date.now()) {
   return `resets in ${duration(Date.parse(instant) - now)}`;
 }
 
+/** An instant in local time: "15:42" today, "Dec 4, 15:42" on another day. */
+export function clockTime(instant, now = Date.now()) {
+  const at = new Date(instant);
+  const time = at.toLocaleTimeString("en-GB", {
+    hour: "2-digit",
+    minute: "2-digit",
+  });
+  if (at.toDateString() === new Date(now).toDateString()) return time;
+  const day = at.toLocaleDateString("en", { month: "short", day: "numeric" });
+  return `${day}, ${time}`;
+}
+
+/** A limit's forecast in words, from the server's numbers, or null when it
+ * has none or does not run out before it resets. A minute "resets" only as
+ * its calls age out, so its sentence names no reset. */
+export function forecastText(name, limit, now = Date.now()) {
+  const forecast = limit.forecast;
+  if (!forecast) return null;
+  const calendar = !name.endsWith("_per_minute");
+  if (forecast.basis === "used_up") {
+    return calendar && limit.resets_at
+      ? `${name} is used up; it resets at ${clockTime(limit.resets_at, now)}`
+      : `${name} is used up`;
+  }
+  if (!forecast.exhausts_at) return null;
+  const before =
+    calendar && limit.resets_at
+      ? `, ${duration(Date.parse(limit.resets_at) - Date.parse(forecast.exhausts_at))} before it resets`
+      : "";
+  return `At this pace ${name} runs out at ${clockTime(forecast.exhausts_at, now)}${before}`;
+}
+
 export function dateTime(instant) {
   if (!instant) return "—";
   return new Date(instant).toLocaleString("en", {

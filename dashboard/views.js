@@ -13,6 +13,7 @@ import {
   compact,
   dateTime,
   dollars,
+  forecastText,
   isBudget,
   limitLabel,
   number,
@@ -48,8 +49,9 @@ export function usageLine(usage) {
   return h("p", { class: "usage" }, line[0].toUpperCase() + line.slice(1));
 }
 
-/** Used / limit for each configured limit, as labelled bars. */
-export function gauges(limits) {
+/** Used / limit for each configured limit, as labelled bars; with
+ * `forecasts`, each with the server's forecast of when it runs out. */
+export function gauges(limits, { forecasts = false } = {}) {
   const names = LIMIT_NAMES.filter((name) => limits[name]);
   if (names.length === 0)
     return h("p", { class: "empty" }, "No limits: everything is admitted.");
@@ -102,8 +104,28 @@ export function gauges(limits) {
               resetsIn(limit.resets_at),
             )
           : h("span", { class: "resets" }, "nothing used in this window"),
+        forecasts && forecastLine(name, limit),
       );
     }),
+  );
+}
+
+function forecastLine(name, limit) {
+  const text = forecastText(name, limit);
+  return (
+    text &&
+    h(
+      "p",
+      {
+        class: "forecast",
+        dataset: {
+          role: "forecast",
+          basis: limit.forecast.basis,
+          exhaustsAt: limit.forecast.exhausts_at,
+        },
+      },
+      text,
+    )
   );
 }
 
@@ -579,7 +601,7 @@ export class Detail {
     fill(
       this.limitsPanel,
       h("h2", { id: "limits-title" }, "Usage and limits"),
-      gauges(doc.limits),
+      gauges(doc.limits, { forecasts: true }),
       usageLine(doc.usage),
       h(
         "details",

@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use lettre::message::Mailbox;
 use serde::Deserialize;
 
 use crate::admin::{Change, WorkspaceSpec};
@@ -28,6 +29,7 @@ use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::{OnStoreError, WorkspaceDefaults};
 use crate::keys::Secret;
+use crate::mail::{ExtraRoot, SmtpConfig, SmtpServer, parse_sender, read_extra_root};
 use crate::proxy::UpstreamConfig;
 use crate::proxy::estimate::Tokenizer;
 use crate::telemetry::mask_secrets;
@@ -143,6 +145,14 @@ settings! {
         "while Redis is unreachable: local (each instance enforces limit/replicas), closed (refuse with 503) or open (admit, count locally)");
     REPLICAS: u32 = ("replicas", "QUOTAWATCH_REPLICAS", Some("1"), false, parse_at_least_one,
         "how many instances share the limits; each enforces 1/replicas of them while Redis is unreachable");
+    SMTP_URL: SmtpServer = ("smtp_url", "QUOTAWATCH_SMTP_URL", None, false, SmtpServer::parse,
+        "the SMTP server email alerts go through: smtps://USER:PASSWORD@HOST:465 (TLS), smtp://USER:PASSWORD@HOST:587 (STARTTLS, required) or smtp://HOST:25?tls=none (unencrypted, without a password)");
+    SMTP_FROM: Mailbox = ("smtp_from", "QUOTAWATCH_SMTP_FROM", None, false, parse_sender,
+        "the sender of email alerts, such as quotawatch <alerts@example.com>; needed with QUOTAWATCH_SMTP_URL");
+    SMTP_CA_FILE: ExtraRoot = ("smtp_ca_file", "QUOTAWATCH_SMTP_CA_FILE", None, false, read_extra_root,
+        "a PEM file of a root certificate to trust beside the system's for the SMTP server (a private relay)");
+    SMTP_TIMEOUT: Duration = ("smtp_timeout", "QUOTAWATCH_SMTP_TIMEOUT", Some("30s"), false, parse_positive_duration,
+        "longest one email delivery may take, from connecting to the server's last answer; it is then tried again later");
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -233,6 +243,8 @@ pub struct Config {
     pub unpriced_model_rate: UnpricedRates,
     /// Counters shared with other instances, when configured.
     pub redis: Option<RedisConfig>,
+    /// The SMTP server email alerts go through, when configured.
+    pub smtp: Option<SmtpConfig>,
     /// Workspaces declared in the TOML file, applied at start-up.
     pub workspaces: Vec<(String, WorkspaceSpec)>,
     /// The file that declares `workspaces`, which manages them from then on.
@@ -456,6 +468,7 @@ fn build(
             on_store_error,
         }),
     };
+    let smtp = smtp_config(&values)?;
 
     let workspaces = declared
         .into_iter()
@@ -525,6 +538,7 @@ fn build(
         prices_file: values.read_optional(&PRICES_FILE)?,
         unpriced_model_rate: values.read(&UNPRICED_MODEL_RATE)?,
         redis,
+        smtp,
         workspaces,
         workspaces_file: match &declared_in {
             Source::File(path) => Some(path.clone()),
@@ -532,6 +546,43 @@ fn build(
         },
         effective,
     })
+}
+
+/// The SMTP settings, all or none: a sender is needed to send, and a
+/// sender or a certificate without a server would be silently unused.
+fn smtp_config(values: &Values) -> Result<Option<SmtpConfig>, ConfigError> {
+    let from = values.read_optional(&SMTP_FROM)?;
+    let extra_root = values.read_optional(&SMTP_CA_FILE)?;
+    let Some(server) = values.read_optional(&SMTP_URL)? else {
+        for (def, set) in [
+            (&SMTP_FROM.def, from.is_some()),
+            (&SMTP_CA_FILE.def, extra_root.is_some()),
+        ] {
+            if set {
+                let (_, source) = values.text(def);
+                return Err(ConfigError::new(
+                    def.env,
+                    source,
+                    "is set without QUOTAWATCH_SMTP_URL, so no email would be sent: set both",
+                ));
+            }
+        }
+        return Ok(None);
+    };
+    let from = from.ok_or_else(|| {
+        let (_, source) = values.text(&SMTP_URL.def);
+        ConfigError::new(
+            SMTP_FROM.def.env,
+            source,
+            "is needed with QUOTAWATCH_SMTP_URL: the address email alerts are sent from",
+        )
+    })?;
+    Ok(Some(SmtpConfig {
+        server,
+        from,
+        extra_root,
+        timeout: values.read(&SMTP_TIMEOUT)?,
+    }))
 }
 
 // ----- the parsers of settings ----------------------------------------------------------
@@ -1186,6 +1237,73 @@ mod tests {
         assert!(described.contains("******** (set)"));
         assert!(described.contains("postgres://app:********@db/quota"));
         assert!(!format!("{config:?}").contains("super-secret-admin-key"));
+    }
+
+    #[test]
+    fn smtp_settings_are_read_together_and_mask_the_password() {
+        let config = accepted(&[
+            (
+                "QUOTAWATCH_SMTP_URL",
+                "smtps://alerts:hunter2@mail.example.com",
+            ),
+            ("QUOTAWATCH_SMTP_FROM", "quotawatch <alerts@example.com>"),
+        ]);
+        let smtp = config.smtp.as_ref().expect("smtp");
+        assert_eq!(smtp.server.port, 465);
+        assert_eq!(smtp.from.email.to_string(), "alerts@example.com");
+        assert_eq!(smtp.timeout, Duration::from_secs(30));
+        assert!(smtp.extra_root.is_none());
+        let described = config.describe();
+        assert!(described.contains("smtps://alerts:********@mail.example.com"));
+        assert!(!described.contains("hunter2"));
+        assert!(!format!("{config:?}").contains("hunter2"));
+        assert!(
+            accepted(&[]).smtp.is_none(),
+            "no email unless a server is named"
+        );
+    }
+
+    #[test]
+    fn smtp_settings_that_cannot_work_name_the_setting() {
+        let url = (
+            "QUOTAWATCH_SMTP_URL",
+            "smtp://alerts:hunter2@mail.example.com",
+        );
+        let from = ("QUOTAWATCH_SMTP_FROM", "alerts@example.com");
+        let error = refusal(None, &[url]);
+        assert_eq!(error.setting, "QUOTAWATCH_SMTP_FROM");
+        let error = refusal(None, &[from]);
+        assert_eq!(error.setting, "QUOTAWATCH_SMTP_FROM");
+        assert!(
+            error.message.contains("without QUOTAWATCH_SMTP_URL"),
+            "{}",
+            error.message
+        );
+        let error = refusal(None, &[url, ("QUOTAWATCH_SMTP_FROM", "alerts")]);
+        assert_eq!(error.setting, "QUOTAWATCH_SMTP_FROM");
+        let error = refusal(
+            None,
+            &[
+                (
+                    "QUOTAWATCH_SMTP_URL",
+                    "smtp://alerts:hunter2@mail.example.com?tls=none",
+                ),
+                from,
+            ],
+        );
+        assert_eq!(error.setting, "QUOTAWATCH_SMTP_URL");
+        assert!(!error.to_string().contains("hunter2"), "{error}");
+        let error = refusal(
+            None,
+            &[
+                url,
+                from,
+                ("QUOTAWATCH_SMTP_CA_FILE", "/nonexistent/ca.pem"),
+            ],
+        );
+        assert_eq!(error.setting, "QUOTAWATCH_SMTP_CA_FILE");
+        let error = refusal(None, &[url, from, ("QUOTAWATCH_SMTP_TIMEOUT", "30")]);
+        assert_eq!(error.setting, "QUOTAWATCH_SMTP_TIMEOUT");
     }
 
     #[test]

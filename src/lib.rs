@@ -12,6 +12,7 @@ pub mod edge;
 pub mod engine;
 pub mod history;
 pub mod keys;
+pub mod mail;
 pub mod metrics;
 pub mod mock;
 pub mod openai;

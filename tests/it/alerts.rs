@@ -115,7 +115,7 @@ async fn each_threshold_is_announced_once_per_crossing(backend: Backend, test: &
 
 /// A timezone whose local time is now between 06:00 and 18:00, so that a
 /// day limit used up at its average pace runs out well before midnight.
-fn a_timezone_at_midday() -> String {
+pub(crate) fn a_timezone_at_midday() -> String {
     use chrono::Timelike;
     let hour = i64::from(chrono::Utc::now().hour());
     // Etc/GMT-N is N hours ahead of UTC; offsets from -10 to +12 exist.

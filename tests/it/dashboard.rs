@@ -10,6 +10,7 @@ use quotawatch::mock::MockOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
 
+use crate::alerts::a_timezone_at_midday;
 use crate::support::browser::{Browser, PATIENCE};
 use crate::support::{ADMIN_KEY, TestServer, Upstream};
 
@@ -631,6 +632,81 @@ async fn budgets_read_in_dollars_and_cost_by_model_is_charted_live() {
         .await;
     assert_eq!(first, json!("gpt-4o-mini"), "most spent first");
     browser.screenshot("spend-desktop").await;
+    browser.close().await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_workspace_page_shows_when_a_limit_runs_out_at_its_pace() {
+    let Some(browser) =
+        Browser::start("a_workspace_page_shows_when_a_limit_runs_out_at_its_pace").await
+    else {
+        return;
+    };
+    let server = TestServer::start(&[]).await;
+    let key = server
+        .workspace(
+            json!({"id": "pace", "name": "Pace", "timezone": a_timezone_at_midday(),
+            "limits": {"requests_per_minute": 100, "requests_per_day": 1, "tokens_per_day": 1000},
+            "alert_thresholds": {"default": []}}),
+        )
+        .await;
+    // Half a day's average pace uses the last token in under a minute, and
+    // the day's one request is used.
+    assert_eq!(server.check(&key, 999).await.status, StatusCode::OK);
+    sign_in(&browser, &server, &key).await;
+    browser
+        .client
+        .goto(&server.url("/#/w/pace"))
+        .await
+        .expect("open the workspace's page");
+    let tokens = "[data-limit=tokens_per_day] [data-role=forecast]";
+    browser
+        .wait_text(tokens, PATIENCE, |text| {
+            text.starts_with("At this pace tokens_per_day runs out at ")
+        })
+        .await;
+    // The time is the browser's local time of the instant the server gave
+    // (read with the sentence at once, as the next update may move it).
+    let shown = browser
+        .script(&format!(
+            "const line = document.querySelector({tokens:?}); \
+             const at = new Date(line.dataset.exhaustsAt); \
+             return [line.textContent, \
+                     at.toLocaleTimeString('en-GB', {{hour: '2-digit', minute: '2-digit'}})]"
+        ))
+        .await;
+    let (sentence, time) = (
+        shown[0].as_str().expect("the sentence"),
+        shown[1].as_str().expect("the time"),
+    );
+    // (After the date, should the run-out fall on another local day.)
+    assert!(
+        sentence.starts_with("At this pace tokens_per_day runs out at ")
+            && sentence.contains(&format!("{time}, ")),
+        "{sentence} names {time}"
+    );
+    assert!(sentence.ends_with("before it resets"), "{sentence}");
+    browser
+        .wait_text(
+            "[data-limit=requests_per_day] [data-role=forecast]",
+            PATIENCE,
+            |text| text.starts_with("requests_per_day is used up; it resets at "),
+        )
+        .await;
+    // One request in the last 10 seconds does not run out a minute's 100.
+    assert!(
+        browser
+            .text("[data-limit=requests_per_minute] [data-role=forecast]")
+            .await
+            .is_none()
+    );
+    browser
+        .script(&format!(
+            "document.querySelector({tokens:?}).scrollIntoView({{block: 'center'}})"
+        ))
+        .await;
+    browser.screenshot("forecast").await;
     browser.close().await;
     server.stop().await;
 }

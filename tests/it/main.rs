@@ -19,6 +19,7 @@ mod held;
 mod hostile;
 mod instances;
 mod keys;
+mod mail;
 mod nextjs;
 mod packages;
 mod prices;

@@ -20,6 +20,30 @@ def parse_time(text: Optional[str]) -> Optional[datetime]:
 
 
 @dataclass(frozen=True)
+class LimitForecast:
+    """When a limit runs out at the rate it is being used now."""
+
+    #: When the limit is used up at the recent rate; None when it does not
+    #: run out before it resets; the present once it is used up.
+    exhausts_at: Optional[datetime]
+    #: The recent rate, in the limit's unit (requests, tokens, dollars) per hour.
+    rate_per_hour: float
+    #: What the rate rests on: ``recent_seconds``, ``smoothed``,
+    #: ``period_average`` or ``used_up``.
+    basis: str
+
+    @classmethod
+    def from_json(cls, doc: Optional[Dict[str, Any]]) -> Optional["LimitForecast"]:
+        if doc is None:
+            return None
+        return cls(
+            exhausts_at=parse_time(doc.get("exhausts_at")),
+            rate_per_hour=doc["rate_per_hour"],
+            basis=doc["basis"],
+        )
+
+
+@dataclass(frozen=True)
 class LimitState:
     """One configured limit of a workspace: counts of requests or tokens,
     or dollars for a ``usd`` limit (a budget)."""
@@ -29,6 +53,9 @@ class LimitState:
     remaining: Union[int, float]
     utilization: float
     resets_at: Optional[datetime]
+    #: When it runs out at the recent rate (the workspace's own limits;
+    #: scoped limits have none).
+    forecast: Optional[LimitForecast] = None
 
     @classmethod
     def from_json(cls, doc: Dict[str, Any]) -> "LimitState":
@@ -38,6 +65,7 @@ class LimitState:
             remaining=doc["remaining"],
             utilization=doc["utilization"],
             resets_at=parse_time(doc.get("resets_at")),
+            forecast=LimitForecast.from_json(doc.get("forecast")),
         )
 
 
@@ -211,6 +239,35 @@ class TenantText:
 
 
 @dataclass(frozen=True)
+class ThresholdCrossing:
+    """A day or month limit's usage crossing one of its alert thresholds."""
+
+    #: The threshold, a percentage of the limit.
+    percent: int
+    #: What the period had used when it was crossed, and the limit then
+    #: (dollars for a ``usd`` limit).
+    used: Union[int, float]
+    limit: Union[int, float]
+    #: ``day`` or ``month``: the period it is announced once in.
+    window: str
+    period_start: Optional[datetime]
+    period_end: Optional[datetime]
+
+    @classmethod
+    def from_json(cls, doc: Optional[Dict[str, Any]]) -> Optional["ThresholdCrossing"]:
+        if doc is None:
+            return None
+        return cls(
+            percent=doc["percent"],
+            used=doc["used"],
+            limit=doc["limit"],
+            window=doc["window"],
+            period_start=parse_time(doc.get("period_start")),
+            period_end=parse_time(doc.get("period_end")),
+        )
+
+
+@dataclass(frozen=True)
 class Notification:
     id: str
     #: None for service-wide notifications.
@@ -229,6 +286,8 @@ class Notification:
     #: None while the notification is active.
     resolved_at: Optional[datetime]
     raw: Dict[str, Any] = field(repr=False, compare=False)
+    #: Of a ``threshold_crossed`` notification: the threshold and the numbers.
+    threshold: Optional[ThresholdCrossing] = None
 
     @classmethod
     def from_json(cls, doc: Dict[str, Any]) -> "Notification":
@@ -246,6 +305,7 @@ class Notification:
             resolves_at=parse_time(doc.get("resolves_at")),
             resolved_at=parse_time(doc.get("resolved_at")),
             raw=doc,
+            threshold=ThresholdCrossing.from_json(doc.get("threshold")),
         )
 
 

@@ -4,6 +4,8 @@ quotawatch, with the blocking and the asyncio client."""
 from __future__ import annotations
 
 import asyncio
+import time
+from datetime import datetime
 
 import httpx
 import pytest
@@ -14,8 +16,10 @@ from quotawatch import (
     AuthenticationError,
     BadRequestError,
     Client,
+    LimitForecast,
     NotFoundError,
     RefusedError,
+    ThresholdCrossing,
 )
 
 
@@ -104,6 +108,38 @@ def test_a_used_up_month_is_refused_without_retrying(server):
     assert refused.value.code == "monthly_limit_exceeded"
     assert refused.value.should_retry is False
     assert refused.value.retry_after is not None and refused.value.retry_after > 0
+
+
+def test_a_forecast_and_a_threshold_crossing_are_typed(server):
+    day = server.workspace(limits={"requests_per_minute": 100, "requests_per_day": 1})
+    with Client(server.url, day.key) as quota:
+        quota.check()
+        # Forecasts and thresholds are evaluated at the server's next tick.
+        deadline = time.monotonic() + 10
+        while True:
+            status = quota.status()
+            forecast = status.limits["requests_per_day"].forecast
+            crossed = {
+                n.threshold.percent: n
+                for n in quota.notifications().notifications
+                if n.kind == "threshold_crossed"
+            }
+            if forecast is not None and forecast.basis == "used_up" and 100 in crossed:
+                break
+            assert time.monotonic() < deadline, f"no used-up forecast or crossing: {status.raw}"
+            time.sleep(0.05)
+    assert isinstance(forecast, LimitForecast)
+    assert isinstance(forecast.exhausts_at, datetime), "a used-up limit runs out now"
+    assert forecast.rate_per_hour >= 0
+    # One request in the last 10 seconds does not run out a minute's 100.
+    minute = status.limits["requests_per_minute"].forecast
+    assert minute is not None and minute.basis == "recent_seconds"
+    assert minute.exhausts_at is None
+    crossing = crossed[100].threshold
+    assert isinstance(crossing, ThresholdCrossing)
+    assert (crossing.percent, crossing.used, crossing.limit, crossing.window) == (100, 1, 1, "day")
+    assert crossing.period_end == status.limits["requests_per_day"].resets_at
+    assert crossing.period_start is not None and crossing.period_start < crossing.period_end
 
 
 def test_a_billing_block_is_told_apart(server, workspace):
