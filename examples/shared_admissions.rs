@@ -154,7 +154,8 @@ impl Args {
     }
 }
 
-/// Redis's count of script calls (`EVALSHA` and `EVAL`) so far.
+/// Redis's count of script and function calls (`EVALSHA`, `EVAL`, `FCALL`)
+/// so far.
 async fn script_calls(client: &redis::Client) -> Result<u64, redis::RedisError> {
     let mut connection = client.get_multiplexed_async_connection().await?;
     let stats: String = redis::cmd("INFO")
@@ -163,7 +164,11 @@ async fn script_calls(client: &redis::Client) -> Result<u64, redis::RedisError> 
         .await?;
     Ok(stats
         .lines()
-        .filter(|line| line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:"))
+        .filter(|line| {
+            ["cmdstat_evalsha:", "cmdstat_eval:", "cmdstat_fcall:"]
+                .iter()
+                .any(|command| line.starts_with(command))
+        })
         .filter_map(|line| {
             line.split(['=', ','])
                 .nth(1)

@@ -4,6 +4,15 @@
 -- holds across all of them, and every instance reads time from Redis
 -- (TIME), so skewed clocks agree.
 --
+-- This is a function library (Redis 7's FUNCTION): its top level runs once,
+-- when Redis loads it, and defines the helpers; Redis then calls
+-- `counters` (registered at the end under the name the instance gives it,
+-- @FUNCTION@) for each call, with KEYS and ARGV as below. Run as a script,
+-- the top level would run at every call, and making the helpers cost more
+-- than a small call's own work. What a call works on (its keys, arguments,
+-- Redis's time, what it gathers to write at its end) lives in the locals
+-- declared before the helpers, which `counters` sets as it starts.
+--
 -- KEYS: 1 and 2 are shared by every workspace, the rest are one per
 -- workspace:
 --   1 reservations  HASH "workspace|reservation id" -> "charged_us|estimate|probe|model"
@@ -123,6 +132,14 @@ local MINUTE_S = 60
 -- in from those lists when the script is loaded (`state.rs`), so that the
 -- layout follows them by construction.
 local METRICS, WINDOWS = @METRICS@, @WINDOWS@
+-- `text` `times` times over. The library's top level runs where Redis
+-- offers none of Lua's standard libraries (`string`, `math` and the rest
+-- are there only once a function is called), so it repeats by hand.
+local function repeated(text, times)
+  local out = ''
+  for _ = 1, times do out = out .. text end
+  return out
+end
 local CALENDARS = WINDOWS - 1
 -- Header fields by index (see the top).
 local VERSION, HOLD, BILLING, BILLING_SINCE, NEXT_PROBE, LAST_RESET = 1, 2, 3, 4, 5, 6
@@ -131,11 +148,11 @@ local NEWEST = NEWEST_SECOND + 1
 local TOTALS = NEWEST + METRICS
 local BOUNDS = TOTALS + WINDOWS * METRICS
 local HEADER_FIELDS = BOUNDS + 2 * CALENDARS - 1
-local HEADER = '<' .. string.rep('d', HEADER_FIELDS)
+local HEADER = '<' .. repeated('d', HEADER_FIELDS)
 local HEADER_BYTES = 8 * HEADER_FIELDS
 local SLOT_FIELDS = 1 + METRICS
-local SLOT = '<' .. string.rep('d', SLOT_FIELDS)
-local SLOT_CHANGE = '<' .. string.rep('d', 1 + SLOT_FIELDS)
+local SLOT = '<' .. repeated('d', SLOT_FIELDS)
+local SLOT_CHANGE = '<' .. repeated('d', 1 + SLOT_FIELDS)
 local SLOT_BYTES = 8 * SLOT_FIELDS
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
 local WORKSPACE_ARGS = 4
@@ -145,15 +162,10 @@ local HELD_SETTLEMENT_ARGS = 4
 -- The most expired reservations one call removes; the rest wait for the
 -- next calls, so that no call takes long.
 local EXPIRED_PER_CALL = 256
-local RESERVATIONS, EXPIRIES = KEYS[1], KEYS[2]
-local op = ARGV[1]
-local channel = ARGV[2]
-
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
-local now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local now_second = math.floor(now / 1000)
-local now_text, now_us_text = string.format('%d', now), string.format('%d', now_us)
+-- The call's keys and arguments, and Redis's time as it started (see
+-- `counters`).
+local KEYS, ARGV, RESERVATIONS, EXPIRIES, op, channel
+local now, now_us, now_second, now_text, now_us_text
 
 -- The header index of the total of `window` (0: the minute, then the
 -- calendar periods) and `metric` (1-based).
@@ -310,6 +322,24 @@ local function add_minute(w, at_second, counts)
   write_slot(w, slot)
 end
 
+-- Charges an admission's `costs` (or a call's counted without one) now:
+-- to the newest second, which the header holds (`open` made it now's), to
+-- the minute's totals and to every calendar period's. Costs are never
+-- negative, so nothing is clamped, and a metric the call costs nothing of
+-- is skipped: the admission path's own loop, as `add_minute` and
+-- `add_calendars` serve corrections too.
+local function charge_now(w, costs)
+  local h = w.h
+  for m = 1, METRICS do
+    local cost = costs[m]
+    if cost > 0 then
+      local newest = NEWEST + m - 1
+      h[newest] = h[newest] + cost
+      for at = TOTALS + m - 1, BOUNDS - 1, METRICS do h[at] = h[at] + cost end
+    end
+  end
+end
+
 -- Adds `counts` to every calendar period; `charged`, when given, is when
 -- the usage was charged: a period that started since gains what is added
 -- but loses nothing.
@@ -391,7 +421,7 @@ end
 -- keys they are kept in live at least a day past the newest, so that an
 -- instance with a shorter reservation TTL than another's cannot expire the
 -- other's reservations with them.
-local new_reservations, new_expiries, keep_reservations = {}, {}, 86400000
+local new_reservations, new_expiries, keep_reservations
 
 local function save_reservations()
   if #new_reservations == 0 then return end
@@ -412,7 +442,7 @@ end
 -- Usage as passed (see the top) into `counts`, one number per metric;
 -- answers `counts`. A pattern rather than a loop over matches, which
 -- costs more.
-local USAGE = '^(%d+)' .. string.rep(' (%d+)', METRICS - 1)
+local USAGE = '^(%d+)' .. repeated(' (%d+)', METRICS - 1)
 local function read_usage(text, counts)
   local parsed = { string.match(text, USAGE) }
   for m = 1, METRICS do counts[m] = tonumber(parsed[m]) end
@@ -443,7 +473,8 @@ local function expire_reservations()
   return due
 end
 
-local expired = expire_reservations()
+-- The expired reservations a call removed as it started.
+local expired
 
 -- Scoped limits (per model, per end user, `domain::scope`): a counter per
 -- listed rule and per value of an each-rule, each a key of its own that
@@ -479,14 +510,14 @@ local expired = expire_reservations()
 -- needs to correct the counter and keep it as long as it counts.
 local SCOPE_HEAD = 2 + CALENDARS * (1 + METRICS)
 local SCOPE_SECOND = 1 + METRICS
-local FINGERPRINT = '^(.+):(' .. string.rep('%x', 32) .. ')$'
+local FINGERPRINT = '^(.+):(' .. repeated('%x', 32) .. ')$'
 -- The scope counters this call opened, by key, each written once at its
 -- end; and how many values an each-rule counts apart at most (`batch`
 -- passes it).
-local scope_counters, scope_cap = {}, 0
+local scope_counters, scope_cap
 -- A batch's admissions that carry refs, by the index of their first
 -- argument; nil when none does.
-local scoped_admissions = nil
+local scoped_admissions
 
 -- Opens the scope counter at `key` for workspace `w`: its counts as of
 -- now, those of an earlier reset or period dropped.
@@ -525,7 +556,7 @@ end
 -- A scoped limit's text (as a workspace's) as {window, metric, max}
 -- triples, flat, with the last calendar period it counts over (`kept`)
 -- and whether it has a minute limit; each text parsed once per call.
-local parsed_scope_limits = {}
+local parsed_scope_limits
 local function scope_limits(text)
   local parsed = parsed_scope_limits[text]
   if parsed then return parsed end
@@ -752,7 +783,7 @@ end
 -- parsed once, for all its admissions.
 -- Limits parsed in this call, by their argument: workspaces mostly share
 -- the server's default limits, which are then parsed once.
-local parsed_limits = {}
+local parsed_limits
 
 local function open_in_batch(n, b)
   local w = open(2 + n, ARGV[b], ARGV[b + 1])
@@ -778,7 +809,7 @@ end
 
 -- Every admission's reservation expires after its TTL: the scores are
 -- formatted once per TTL.
-local expiry_at = {}
+local expiry_at
 
 -- One admission, from ARGV[a..]: charges every limit or none. Answers its
 -- outcome byte.
@@ -812,8 +843,7 @@ local function admit_one(w, a)
     probe = '1'
     h[NEXT_PROBE] = now + tonumber(ARGV[a + 4])
   end
-  add_minute(w, w.second, costs)
-  add_calendars(w, costs)
+  charge_now(w, costs)
   w.changed = true
   if scoped then scoped.resolved = charge_scopes(w, scoped.charges, costs) end
   local outcome = probe == '1' and '2' or '1'
@@ -963,7 +993,7 @@ local function scoped_answer()
   return { resolved, save_scopes() }
 end
 
-if op == 'batch' then
+local function batch()
   local count, admissions = tonumber(ARGV[3]), tonumber(ARGV[4])
   local settlements, held_settlements = tonumber(ARGV[5]), tonumber(ARGV[6])
   local workspaces = {}
@@ -999,83 +1029,104 @@ if op == 'batch' then
 end
 
 -- The operations on one workspace.
-local w = open(3, ARGV[3], ARGV[4])
-local function arg(i) return ARGV[4 + i] end
+local function one_workspace()
+  local w = open(3, ARGV[3], ARGV[4])
+  local function arg(i) return ARGV[4 + i] end
 
-local function save()
-  redis.call('PUBLISH', channel, stored(w))
+  local function save()
+    redis.call('PUBLISH', channel, stored(w))
+  end
+
+  local function reply(outcome)
+    local base, changes = answer_state(w, -1)
+    local answer = { outcome, now_us, base, changes, expired }
+    if next(scope_counters) then answer[6] = scoped_answer() end
+    return answer
+  end
+
+  if op == 'count' then
+    -- Calls that happened without a reservation: arg(1) their usage, as
+    -- passed (see the top), counted now whatever the limits.
+    -- arg(2), when given, is the scoped limits they fall under, as an
+    -- admission's refs, with the cap of arg(3): charged as the workspace is.
+    local counts = read_usage(arg(1), {})
+    charge_now(w, counts)
+    if arg(2) then
+      scope_cap = tonumber(arg(3))
+      charge_scopes(w, scope_charges(w, arg(2)), counts)
+    end
+    save()
+    return reply(1)
+
+  elseif op == 'peek' then
+    -- arg(1), when given, names listed rules' counters (as an admission's
+    -- refs) to answer too, changing nothing.
+    if arg(1) then scope_charges(w, arg(1)) end
+    return reply(1)
+
+  elseif op == 'reset' or op == 'reset_usage' then
+    -- Requests in flight keep their reservations, charged nothing from the
+    -- reset on (see `settle`). The version and the calendar bounds stay;
+    -- `reset_usage` keeps the blocks too.
+    local h = w.h
+    local fresh = { struct.unpack(HEADER, string.rep('\0', HEADER_BYTES)) }
+    fresh[VERSION], fresh[NEWEST_SECOND], fresh[LAST_RESET] = h[VERSION], w.second, now_us
+    for at = BOUNDS, HEADER_FIELDS do fresh[at] = h[at] end
+    if op == 'reset_usage' then
+      for _, at in ipairs({ HOLD, BILLING, BILLING_SINCE, NEXT_PROBE }) do fresh[at] = h[at] end
+    end
+    w.h = fresh
+    w.blob, w.new = string.rep('\0', STATE_BYTES), true
+    w.slots = {}
+    save()
+    return reply(1)
+
+  elseif op == 'lift' then
+    -- An admin lifts the upstream's blocks; the counts stay.
+    local h = w.h
+    h[HOLD], h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = 0, 0, 0, 0
+    save()
+    return reply(1)
+
+  elseif op == 'block' then
+    -- The upstream's answers moved the blocks. arg(1): hold until (ms; 0 for
+    -- no change); a hold only ever extends. arg(2): the billing block's
+    -- change: -1 none; a code number to set it (3 since, 4 next probe), which
+    -- keeps the first `since` and takes the next probe the caller's rules
+    -- decided; 0 to lift it, only if it is still the block that started at
+    -- arg(3), so that a late lift cannot undo a newer block.
+    local h = w.h
+    h[HOLD] = math.max(h[HOLD], tonumber(arg(1)))
+    local code, since = tonumber(arg(2)), tonumber(arg(3))
+    if code == 0 then
+      if h[BILLING_SINCE] == since then h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = 0, 0, 0 end
+    elseif code > 0 then
+      if h[BILLING] > 0 then since = math.min(since, h[BILLING_SINCE]) end
+      h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = code, since, tonumber(arg(4))
+    end
+    save()
+    return reply(1)
+  end
+
+  return redis.error_reply('unknown operation ' .. tostring(op))
 end
 
-local function reply(outcome)
-  local base, changes = answer_state(w, -1)
-  local answer = { outcome, now_us, base, changes, expired }
-  if next(scope_counters) then answer[6] = scoped_answer() end
-  return answer
+-- One call: sets what it works on, expires reservations due, and runs its
+-- operation.
+local function counters(keys, args)
+  KEYS, ARGV = keys, args
+  RESERVATIONS, EXPIRIES, op, channel = keys[1], keys[2], args[1], args[2]
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  now_us = tonumber(time[1]) * 1000000 + tonumber(time[2])
+  now_second = math.floor(now / 1000)
+  now_text, now_us_text = string.format('%d', now), string.format('%d', now_us)
+  new_reservations, new_expiries, keep_reservations = {}, {}, 86400000
+  scope_counters, scope_cap, scoped_admissions = {}, 0, nil
+  parsed_scope_limits, parsed_limits, expiry_at = {}, {}, {}
+  expired = expire_reservations()
+  if op == 'batch' then return batch() end
+  return one_workspace()
 end
 
-if op == 'count' then
-  -- Calls that happened without a reservation: arg(1) their usage, as
-  -- passed (see the top), counted now whatever the limits.
-  -- arg(2), when given, is the scoped limits they fall under, as an
-  -- admission's refs, with the cap of arg(3): charged as the workspace is.
-  local counts = read_usage(arg(1), {})
-  add_minute(w, w.second, counts)
-  add_calendars(w, counts)
-  if arg(2) then
-    scope_cap = tonumber(arg(3))
-    charge_scopes(w, scope_charges(w, arg(2)), counts)
-  end
-  save()
-  return reply(1)
-
-elseif op == 'peek' then
-  -- arg(1), when given, names listed rules' counters (as an admission's
-  -- refs) to answer too, changing nothing.
-  if arg(1) then scope_charges(w, arg(1)) end
-  return reply(1)
-
-elseif op == 'reset' or op == 'reset_usage' then
-  -- Requests in flight keep their reservations, charged nothing from the
-  -- reset on (see `settle`). The version and the calendar bounds stay;
-  -- `reset_usage` keeps the blocks too.
-  local h = w.h
-  local fresh = { struct.unpack(HEADER, string.rep('\0', HEADER_BYTES)) }
-  fresh[VERSION], fresh[NEWEST_SECOND], fresh[LAST_RESET] = h[VERSION], w.second, now_us
-  for at = BOUNDS, HEADER_FIELDS do fresh[at] = h[at] end
-  if op == 'reset_usage' then
-    for _, at in ipairs({ HOLD, BILLING, BILLING_SINCE, NEXT_PROBE }) do fresh[at] = h[at] end
-  end
-  w.h = fresh
-  w.blob, w.new = string.rep('\0', STATE_BYTES), true
-  w.slots = {}
-  save()
-  return reply(1)
-
-elseif op == 'lift' then
-  -- An admin lifts the upstream's blocks; the counts stay.
-  local h = w.h
-  h[HOLD], h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = 0, 0, 0, 0
-  save()
-  return reply(1)
-
-elseif op == 'block' then
-  -- The upstream's answers moved the blocks. arg(1): hold until (ms; 0 for
-  -- no change); a hold only ever extends. arg(2): the billing block's
-  -- change: -1 none; a code number to set it (3 since, 4 next probe), which
-  -- keeps the first `since` and takes the next probe the caller's rules
-  -- decided; 0 to lift it, only if it is still the block that started at
-  -- arg(3), so that a late lift cannot undo a newer block.
-  local h = w.h
-  h[HOLD] = math.max(h[HOLD], tonumber(arg(1)))
-  local code, since = tonumber(arg(2)), tonumber(arg(3))
-  if code == 0 then
-    if h[BILLING_SINCE] == since then h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = 0, 0, 0 end
-  elseif code > 0 then
-    if h[BILLING] > 0 then since = math.min(since, h[BILLING_SINCE]) end
-    h[BILLING], h[BILLING_SINCE], h[NEXT_PROBE] = code, since, tonumber(arg(4))
-  end
-  save()
-  return reply(1)
-end
-
-return redis.error_reply('unknown operation ' .. tostring(op))
+redis.register_function('@FUNCTION@', counters)

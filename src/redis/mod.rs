@@ -22,6 +22,7 @@
 //! decides what a failure means (`QUOTAWATCH_ON_STORE_ERROR`).
 
 mod credentials;
+mod function;
 mod scopes;
 mod state;
 
@@ -45,6 +46,7 @@ use crate::domain::workspace::{
 };
 use crate::sync::lock;
 pub use credentials::StoredBlock;
+use function::{Call, Library};
 pub use scopes::ScopeCharge;
 pub use state::StoredCounters;
 use state::{StateCache, billing_number, counters_from, counters_script};
@@ -261,12 +263,12 @@ enum Outcome {
     SettledHeld,
 }
 
-/// The connection and the script, shared with the task that sends
+/// The connection and the scripts, shared with the task that sends
 /// admissions.
 struct Link {
     client: redis::Client,
     manager: ConnectionManager,
-    script: Script,
+    counters: Library,
     lease: Script,
     episodes: Script,
     prefix: String,
@@ -554,7 +556,7 @@ impl Link {
         Ok(Self {
             client,
             manager,
-            script: Script::new(&counters_script()),
+            counters: Library::new(&counters_script()),
             lease: Script::new(
                 r"
                 if redis.call('GET', KEYS[1]) == ARGV[1] then
@@ -782,7 +784,7 @@ impl Link {
             numbers.push(index + 1);
         }
         let kinds = Kinds::of(batch);
-        let mut invocation = self.script.prepare_invoke();
+        let mut invocation = Call::default();
         self.shared_keys(&mut invocation);
         invocation
             .arg("batch")
@@ -845,7 +847,7 @@ impl Link {
         scoped_part(&mut invocation, batch);
         let mut connection = self.manager.clone();
         let answer = self
-            .bounded(invocation.invoke_async::<Value>(&mut connection))
+            .bounded(self.counters.invoke(&invocation, &mut connection))
             .await;
         self.note(&answer);
         parse_batch(answer?, batch, &numbers, &held, &self.states, &self.prefix)
@@ -859,8 +861,8 @@ impl Link {
         op: &str,
         timezone: chrono_tz::Tz,
         now: Timestamp,
-    ) -> redis::ScriptInvocation<'_> {
-        let mut invocation = self.script.prepare_invoke();
+    ) -> Call {
+        let mut invocation = Call::default();
         self.shared_keys(&mut invocation);
         invocation
             .key(self.state_key(workspace))
@@ -873,7 +875,7 @@ impl Link {
 
     /// The keys every call names first: the open reservations of every
     /// workspace, and their expiries.
-    fn shared_keys(&self, invocation: &mut redis::ScriptInvocation<'_>) {
+    fn shared_keys(&self, invocation: &mut Call) {
         invocation
             .key(format!("{}reservations", self.prefix))
             .key(format!("{}reservations:expiry", self.prefix));
@@ -919,15 +921,11 @@ impl Link {
             .await
     }
 
-    async fn run(
-        &self,
-        workspace: &WorkspaceId,
-        invocation: redis::ScriptInvocation<'_>,
-    ) -> Result<Reply, SharedError> {
+    async fn run(&self, workspace: &WorkspaceId, invocation: Call) -> Result<Reply, SharedError> {
         self.breaker()?;
         let mut connection = self.manager.clone();
         let result = self
-            .bounded(invocation.invoke_async::<Value>(&mut connection))
+            .bounded(self.counters.invoke(&invocation, &mut connection))
             .await
             .and_then(|answer| parse_reply(answer, workspace, &self.states, &self.prefix));
         self.note(&result);
@@ -1027,8 +1025,13 @@ fn parse_reply(
     }
     let expired = expired_from(&fields[4]);
     let at_us = as_int(&fields[1]);
-    let state = states.load(workspace, -1, bytes(&fields[2])?, bytes(&fields[3])?)?;
-    let mut counters = counters_from(millis_of(at_us), &state);
+    let mut counters = states.load(
+        workspace,
+        -1,
+        bytes(&fields[2])?,
+        bytes(&fields[3])?,
+        |state| counters_from(millis_of(at_us), state),
+    )?;
     let scoped = scopes::scoped_answer(fields.get(5), prefix, &[workspace])?;
     counters.scopes = scoped
         .counters
@@ -1093,13 +1096,13 @@ fn parse_batch(
     }
     let mut workspaces = Vec::with_capacity(held.len());
     for ((workspace, slots_version), answered) in held.iter().zip(answered.chunks_exact(2)) {
-        let state = states.load(
+        workspaces.push(states.load(
             workspace,
             *slots_version,
             bytes(&answered[0])?,
             bytes(&answered[1])?,
-        )?;
-        workspaces.push(counters_from(at, &state));
+            |state| counters_from(at, state),
+        )?);
     }
     let mut outcomes = outcomes.iter();
     let mut settled = settled.chunks_exact(5);
@@ -1174,7 +1177,7 @@ fn parse_batch(
 /// held settlements with the counters their admission charged, each by
 /// its number among the batch's work of its kind. Without them, the call
 /// is as it was before scoped limits.
-fn scoped_part(invocation: &mut redis::ScriptInvocation<'_>, batch: &[Pending]) {
+fn scoped_part(invocation: &mut Call, batch: &[Pending]) {
     let admissions = batch
         .iter()
         .filter(|pending| matches!(pending.work, Work::Admit { .. }));

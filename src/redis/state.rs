@@ -88,37 +88,52 @@ impl StateCache {
     /// A workspace's state from an answer to a call that said it held the
     /// slots of version `known`: the `base` the answer carries, or else the
     /// state held, with the answer's `changes` applied. Kept when it is newer
-    /// than the state held.
-    pub(super) fn load(
+    /// than the state held. Answers what `read` makes of it, read where it
+    /// lies: an answer is applied to the state held in place, as copying
+    /// the whole state (a few kilobytes) twice per admission cost more than
+    /// reading it.
+    pub(super) fn load<R>(
         &self,
         workspace: &WorkspaceId,
         known: i64,
         base: &[u8],
         changes: &[u8],
-    ) -> Result<Vec<f64>, SharedError> {
+        read: impl FnOnce(&[f64]) -> R,
+    ) -> Result<R, SharedError> {
         let mut states = lock(&self.states);
-        let held = states.get(workspace);
-        let mut state = if !base.is_empty() {
-            unpack_state(base)?
-        } else {
-            match held {
-                Some(held) if held[SLOTS_VERSION] as i64 == known => held.clone(),
-                // The slots held changed since the call left: an answer to
-                // a later call came back first, so the state held is newer
-                // than this answer's.
-                Some(held) => return Ok(held.clone()),
+        if !base.is_empty() {
+            let mut state = unpack_state(base)?;
+            apply_changes(&mut state, changes)?;
+            let answer = read(&state);
+            match states.get_mut(workspace) {
+                Some(held) if held[VERSION] >= state[VERSION] => {}
+                Some(held) => *held = state,
                 None => {
-                    return Err(SharedError::Protocol(
-                        "changes to a state this instance does not hold".to_owned(),
-                    ));
+                    states.insert(workspace.clone(), state);
                 }
             }
-        };
-        apply_changes(&mut state, changes)?;
-        if held.is_none_or(|held| held[VERSION] < state[VERSION]) {
-            states.insert(workspace.clone(), state.clone());
+            return Ok(answer);
         }
-        Ok(state)
+        let Some(held) = states.get_mut(workspace) else {
+            return Err(SharedError::Protocol(
+                "changes to a state this instance does not hold".to_owned(),
+            ));
+        };
+        // The slots held changed since the call left: an answer to a later
+        // call came back first, so the state held is newer than this
+        // answer's.
+        if held[SLOTS_VERSION] as i64 != known {
+            return Ok(read(held));
+        }
+        if changed_version(changes).is_some_and(|version| version > held[VERSION]) {
+            apply_changes(held, changes)?;
+            return Ok(read(held));
+        }
+        // An answer older than the state held, over the same slots: read
+        // as it was, the newer state kept.
+        let mut state = held.clone();
+        apply_changes(&mut state, changes)?;
+        Ok(read(&state))
     }
 }
 
@@ -131,7 +146,7 @@ fn usage_of(counts: &[f64]) -> Usage {
 /// written into.
 const COUNTS_MARKER: &str = "local METRICS, WINDOWS = @METRICS@, @WINDOWS@";
 
-/// The counters script as Redis runs it: with the numbers of metrics and
+/// The counters library as Redis runs it: with the numbers of metrics and
 /// windows, which lay its state out, taken from `Metric::ALL` and
 /// `Window::ALL`, so that the script and this module read the same layout.
 pub(super) fn counters_script() -> String {
@@ -233,30 +248,46 @@ fn unpack_state(packed: &[u8]) -> Result<Vec<f64>, SharedError> {
 
 /// Applies what a call changed to the state it read: nothing, or the new
 /// header followed by each slot written as {index, second, a count per
-/// metric}.
+/// metric}. Malformed changes are refused before anything is written, so
+/// that the state held stays whole.
 fn apply_changes(state: &mut [f64], changes: &[u8]) -> Result<(), SharedError> {
     if changes.is_empty() {
         return Ok(());
     }
-    let numbers: Vec<f64> = doubles(changes).collect();
+    const HEADER_BYTES: usize = 8 * STATE_HEADER;
+    const SLOT_CHANGE_BYTES: usize = 8 * (1 + SLOT_FIELDS);
     let malformed = || SharedError::Protocol(format!("changes of {} bytes", changes.len()));
-    if !changes.len().is_multiple_of(8) || numbers.len() < STATE_HEADER {
+    if changes.len() < HEADER_BYTES
+        || !(changes.len() - HEADER_BYTES).is_multiple_of(SLOT_CHANGE_BYTES)
+    {
         return Err(malformed());
     }
-    let (header, slots) = numbers.split_at(STATE_HEADER);
-    if !slots.len().is_multiple_of(1 + SLOT_FIELDS) {
+    let (header, slots) = changes.split_at(HEADER_BYTES);
+    let slot_index = |slot: &[u8]| doubles(slot).next().unwrap_or_default() as usize;
+    if slots
+        .chunks_exact(SLOT_CHANGE_BYTES)
+        .any(|slot| slot_index(slot) >= MINUTE_SLOTS)
+    {
         return Err(malformed());
     }
-    state[..STATE_HEADER].copy_from_slice(header);
-    for slot in slots.chunks_exact(1 + SLOT_FIELDS) {
-        let index = slot[0] as usize;
-        if index >= MINUTE_SLOTS {
-            return Err(malformed());
+    for (number, changed) in state[..STATE_HEADER].iter_mut().zip(doubles(header)) {
+        *number = changed;
+    }
+    for slot in slots.chunks_exact(SLOT_CHANGE_BYTES) {
+        let at = STATE_HEADER + SLOT_FIELDS * slot_index(slot);
+        for (number, changed) in state[at..at + SLOT_FIELDS]
+            .iter_mut()
+            .zip(doubles(slot).skip(1))
+        {
+            *number = changed;
         }
-        let at = STATE_HEADER + SLOT_FIELDS * index;
-        state[at..at + SLOT_FIELDS].copy_from_slice(&slot[1..]);
     }
     Ok(())
+}
+
+/// The version of the state that `changes` (see [`apply_changes`]) bring.
+fn changed_version(changes: &[u8]) -> Option<f64> {
+    doubles(changes).nth(VERSION)
 }
 
 fn doubles(bytes: &[u8]) -> impl Iterator<Item = f64> + '_ {
@@ -331,14 +362,14 @@ mod tests {
         base[..STATE_HEADER].copy_from_slice(&header(10.0, 10.0));
         base[STATE_HEADER + 4..STATE_HEADER + 8].copy_from_slice(&[61.0, 1.0, 5.0, 50.0]);
         cache
-            .load(&workspace, -1, &packed(&base), &[])
+            .load(&workspace, -1, &packed(&base), &[], <[f64]>::to_vec)
             .expect("a whole state");
         assert_eq!(cache.slots_version(&workspace), 10);
         // The next answer carries the header and one slot written.
         let mut changes = header(12.0, 12.0);
         changes.extend([2.0, 62.0, 1.0, 7.0, 70.0]);
         let state = cache
-            .load(&workspace, 10, &[], &packed(&changes))
+            .load(&workspace, 10, &[], &packed(&changes), <[f64]>::to_vec)
             .expect("changes to the state held");
         assert_eq!(
             state[STATE_HEADER + 4..STATE_HEADER + 12],
@@ -348,18 +379,24 @@ mod tests {
         // An answer to a call sent before that one, which came back later,
         // finds newer slots held: the newer state stands.
         let late = cache
-            .load(&workspace, 10, &[], &packed(&header(11.0, 10.0)))
+            .load(
+                &workspace,
+                10,
+                &[],
+                &packed(&header(11.0, 10.0)),
+                <[f64]>::to_vec,
+            )
             .expect("a late answer");
         assert_eq!(late[VERSION], 12.0);
         // An older whole state does not replace a newer one.
         cache
-            .load(&workspace, -1, &packed(&base), &[])
+            .load(&workspace, -1, &packed(&base), &[], <[f64]>::to_vec)
             .expect("an older state");
         assert_eq!(cache.slots_version(&workspace), 12);
         // Changes to a state never held cannot be applied.
         let stranger: WorkspaceId = "other".parse().expect("id");
         assert!(matches!(
-            cache.load(&stranger, 10, &[], &packed(&changes)),
+            cache.load(&stranger, 10, &[], &packed(&changes), <[f64]>::to_vec),
             Err(SharedError::Protocol(_))
         ));
     }
@@ -410,7 +447,9 @@ mod tests {
             Window::ALL.len()
         );
         assert!(script.contains(&declared), "{declared}");
-        assert!(!script.contains('@'), "every number written in");
+        // The function's name is the library's to write in.
+        let numbers = script.replace(super::super::function::FUNCTION_MARKER, "");
+        assert!(!numbers.contains('@'), "every number written in");
     }
 
     #[test]

@@ -175,6 +175,70 @@ async fn every_key_expires_by_itself_and_a_billing_block_outlives_the_day() {
     store.finish().await;
 }
 
+/// The counters are a function library in Redis, which a restarted Redis
+/// (or `FUNCTION FLUSH`) no longer holds: the next call loads it again and
+/// is answered, and the counts kept in keys are still there.
+#[tokio::test]
+async fn a_redis_that_lost_the_counters_library_is_given_it_again_by_the_next_call() {
+    let Some(store) = Store::open("redis_script::library_lost") else {
+        return;
+    };
+    let ttl = Duration::from_secs(60);
+    let first = store.admit(&store.workspace, 1, 100, ttl).await;
+    assert!(first.done, "admitted");
+    let (mut connection, _) = keys(&store.url, "none").await;
+    let libraries: redis::Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("quotawatch_*")
+        .query_async(&mut connection)
+        .await
+        .expect("FUNCTION LIST");
+    let names: Vec<String> = library_names(&libraries);
+    assert!(!names.is_empty(), "the first call loaded the library");
+    for name in &names {
+        // Another test's call may have loaded it again meanwhile: deleted
+        // or not, it is gone for a moment, which is what this test needs.
+        let _: redis::RedisResult<()> = redis::cmd("FUNCTION")
+            .arg("DELETE")
+            .arg(name)
+            .query_async(&mut connection)
+            .await;
+    }
+    let second = store.admit(&store.workspace, 2, 100, ttl).await;
+    assert!(second.done, "admitted once the library was loaded again");
+    assert_eq!(
+        second.counters.counts.calendars[Period::Day.index()].1,
+        Usage::call(100) + Usage::call(100),
+        "the counts outlived the library"
+    );
+    store.finish().await;
+}
+
+/// The names of the libraries a `FUNCTION LIST` answer describes.
+fn library_names(answer: &redis::Value) -> Vec<String> {
+    let redis::Value::Array(libraries) = answer else {
+        return Vec::new();
+    };
+    libraries
+        .iter()
+        .filter_map(|library| {
+            let fields: Vec<&redis::Value> = match library {
+                redis::Value::Array(fields) => fields.iter().collect(),
+                redis::Value::Map(pairs) => pairs.iter().flat_map(|(k, v)| [k, v]).collect(),
+                _ => return None,
+            };
+            fields.chunks_exact(2).find_map(|pair| match pair {
+                [
+                    redis::Value::BulkString(key),
+                    redis::Value::BulkString(name),
+                ] if key == b"library_name" => String::from_utf8(name.clone()).ok(),
+                _ => None,
+            })
+        })
+        .collect()
+}
+
 #[tokio::test]
 async fn a_late_lift_does_not_undo_a_newer_billing_block() {
     let Some(store) = Store::open("redis_script::late_lift") else {
