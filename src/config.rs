@@ -1490,6 +1490,93 @@ tokens_per_day = "unlimited"
     }
 
     #[test]
+    fn declared_alert_channels_read_their_variables_and_are_checked() {
+        let file = r#"
+[[alerts.channels]]
+name = "ops"
+type = "webhook"
+url = "https://hooks.example.com/ops"
+secret_env = "OPS_WEBHOOK_SECRET"
+events = ["threshold_crossed", "daily_quota_exhausted"]
+min_severity = "warning"
+
+[[alerts.channels]]
+name = "team chat"
+type = "slack"
+url_env = "SLACK_HOOK"
+resolutions = false
+"#;
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let env = [
+            ("OPS_WEBHOOK_SECRET", secret),
+            (
+                "SLACK_HOOK",
+                "https://hooks.slack.com/services/T0/B0/XXXXXXXX",
+            ),
+        ];
+        let config = load_with(Some(file), None, &env, vec![]).expect("valid");
+        let [ops, chat] = &config.alert_channels[..] else {
+            panic!("two channels: {:?}", config.alert_channels);
+        };
+        assert_eq!(ops.kind, ChannelKind::Webhook);
+        assert_eq!(ops.secret.as_ref().map(Secret::expose), Some(secret));
+        assert_eq!(ops.filter.min_severity, Severity::Warning);
+        assert_eq!(
+            ops.filter.events.as_deref(),
+            Some(
+                &[
+                    "threshold_crossed".to_owned(),
+                    "daily_quota_exhausted".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(
+            chat.url.expose(),
+            "https://hooks.slack.com/services/T0/B0/XXXXXXXX"
+        );
+        assert!(!chat.filter.resolutions);
+        assert_ne!(ops.id(), chat.id());
+        // The secret never prints.
+        assert!(!format!("{config:?}").contains(secret));
+
+        for (file, env, setting) in [
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"webhook\"\nurl = \"https://a.example\"\n",
+                &[][..],
+                "alerts.channels[0].secret_env",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"webhook\"\nurl = \"https://a.example\"\nsecret_env = \"UNSET\"\n",
+                &[][..],
+                "alerts.channels[0].secret_env",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"slack\"\nurl = \"ftp://a.example\"\n",
+                &[][..],
+                "alerts.channels[0].url",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"pager\"\nurl = \"https://a.example\"\n",
+                &[][..],
+                "alerts.channels[0].type",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"slack\"\nurl = \"https://a.example\"\nevents = [\"sunrise\"]\n",
+                &[][..],
+                "alerts.channels[0].events[0]",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"webhook\"\nurl = \"https://a.example\"\nsecret_env = \"WEAK\"\n",
+                &[("WEAK", "whsec_c2hvcnQ=")][..],
+                "alerts.channels[0].secret_env",
+            ),
+        ] {
+            let error = load_with(Some(file), None, env, vec![]).expect_err(file);
+            assert_eq!(error.setting, setting, "{file}: {error}");
+        }
+    }
+
+    #[test]
     fn declared_alert_thresholds_and_the_forecast_lead_time_are_read_and_checked() {
         let file = r#"
 forecast_lead_time = "90m"

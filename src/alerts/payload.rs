@@ -259,3 +259,81 @@ pub fn slack_digest(events: &[(&EventRecord, Context)], dashboard_url: Option<&s
     }
     json!({"text": title, "blocks": blocks})
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::domain::notification::{Crossing, Severity};
+
+    /// The field names of `value`, nested objects as `parent.child`.
+    fn shape(value: &Value, prefix: &str, into: &mut Vec<String>) {
+        if let Value::Object(map) = value {
+            for (key, child) in map {
+                let path = format!("{prefix}{key}");
+                shape(child, &format!("{path}."), into);
+                into.push(path);
+            }
+        }
+    }
+
+    /// The documented example has exactly the fields the payload has, so
+    /// that the documentation cannot drift from what receivers get.
+    #[test]
+    fn the_documented_example_has_the_payloads_fields() {
+        let event = EventRecord {
+            id: "ntf_1:raised".into(),
+            notification_id: "ntf_1".into(),
+            phase: Phase::Raised,
+            workspace: Some("acme".parse().expect("id")),
+            kind: "threshold_crossed".into(),
+            severity: Severity::Warning,
+            title: "t".into(),
+            message: "m".into(),
+            suggested_actions: vec!["a".into()],
+            limit: Some("tokens_per_day".into()),
+            crossing: Some(Crossing {
+                percent: 80,
+                used: 80,
+                max: 100,
+                period_start: Timestamp::from_millis(0),
+                period_end: Timestamp::from_millis(86_400_000),
+            }),
+            resolves_at: Some(Timestamp::from_millis(86_400_000)),
+            occurred_at: Timestamp::from_millis(1),
+        };
+        let forecast = crate::domain::forecast::Forecast {
+            exhausts_at: Some(Timestamp::from_millis(2)),
+            rate_per_hour: 1.0,
+            basis: crate::domain::forecast::Basis::Smoothed,
+            runs_out_at: Some(Timestamp::from_millis(2)),
+        };
+        let context = Context {
+            workspace_name: Some("Acme".into()),
+            limit: LimitKind::from_name("tokens_per_day").map(|kind| {
+                (
+                    kind,
+                    LimitFacts {
+                        max: 100,
+                        used: 80,
+                        resets_at: None,
+                        frees_at: None,
+                        forecast: Some(forecast),
+                    },
+                )
+            }),
+            dashboard_url: Some("https://quota.example.com/#/w/acme".into()),
+        };
+        let sent = webhook(&event, &context, Timestamp::from_millis(3));
+        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/docs/webhook-payload.json");
+        let documented: Value =
+            serde_json::from_str(&std::fs::read_to_string(path).expect("the example"))
+                .expect("JSON");
+        let (mut ours, mut theirs) = (Vec::new(), Vec::new());
+        shape(&sent, "", &mut ours);
+        shape(&documented, "", &mut theirs);
+        ours.sort();
+        theirs.sort();
+        assert_eq!(ours, theirs);
+        assert_eq!(sent["data"]["limit"]["percent"], 80.0);
+    }
+}

@@ -745,3 +745,99 @@ async fn the_channel_api_names_bad_fields_keeps_secrets_and_is_for_admins() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn more_events_than_the_digest_threshold_go_as_one_digest() {
+    let receiver = Receiver::start(&[]).await;
+    let server = TestServer::start(&[("QUOTAWATCH_ALERT_DIGEST_THRESHOLD", "2")]).await;
+    let key = server
+        .workspace(json!({"id": "acme",
+            "limits": {"requests_per_minute": null, "requests_per_day": null, "tokens_per_day": 1000},
+            "alert_thresholds": {"default": [10, 20, 30, 40]}}))
+        .await;
+    let id = channel(
+        &server,
+        json!({"name": "ops", "type": "webhook", "url": receiver.url,
+            "events": ["threshold_crossed"]}),
+    )
+    .await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // Four crossings at once, more than two: one message lists them all.
+    assert_eq!(server.check(&key, 500).await.status, StatusCode::OK);
+    let digest = receiver.wait_for(1).await.remove(0);
+    let body = digest.json();
+    assert_eq!(body["type"], "quotawatch.digest");
+    assert_eq!(body["data"]["count"], 4, "{body}");
+    let events = body["data"]["events"].as_array().expect("events");
+    assert!(
+        events
+            .iter()
+            .all(|event| event["type"] == "quotawatch.threshold_crossed.raised")
+    );
+    assert!(digest.header("webhook-id").starts_with("dig_"));
+    let delivered = eventually("four deliveries", Duration::from_secs(10), || async {
+        let delivered = deliveries(&server, &format!("?channel={id}&status=delivered")).await;
+        (delivered.len() == 4).then_some(delivered)
+    })
+    .await;
+    for delivery in &delivered {
+        assert_eq!(
+            delivery["attempts"][0]["digest_id"],
+            digest.header("webhook-id")
+        );
+    }
+    assert_eq!(receiver.received().len(), 1);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn channels_declared_in_the_configuration_are_read_only_through_the_api() {
+    let receiver = Receiver::start(&[]).await;
+    let mut server = TestServer::start(&[(
+        "OPS_WEBHOOK_SECRET",
+        "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+    )])
+    .await;
+    server
+        .restart_with_file(&format!(
+            "[[alerts.channels]]\nname = \"ops\"\ntype = \"webhook\"\nurl = \"{}\"\nsecret_env = \"OPS_WEBHOOK_SECRET\"\n",
+            receiver.url
+        ))
+        .await;
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    let channels = listed.body["channels"].as_array().expect("channels");
+    assert_eq!(channels.len(), 1, "{channels:?}");
+    assert_eq!(channels[0]["source"], "config");
+    assert_eq!(channels[0]["secret_set"], true);
+    let id = channels[0]["id"].as_str().expect("id").to_owned();
+    let path = format!("/api/alerts/channels/{id}");
+    for (method, body) in [
+        (Method::PATCH, Some(json!({"enabled": false}))),
+        (Method::DELETE, None),
+    ] {
+        let refused = server.send(method, &path, ADMIN_KEY, body).await;
+        assert_eq!(refused.status, StatusCode::CONFLICT);
+        assert_eq!(refused.error_code(), "channel_declared");
+    }
+    // It sends, signed with the secret its variable holds.
+    let tested = server
+        .post("/api/alerts/test", ADMIN_KEY, json!({"channel": id}))
+        .await;
+    assert_eq!(
+        tested.body["attempt"]["outcome"], "delivered",
+        "{:?}",
+        tested.body
+    );
+    assert!(
+        receiver.received()[0]
+            .header("webhook-signature")
+            .starts_with("v1,")
+    );
+    // A channel the configuration no longer declares goes at the next start.
+    server.restart_with_file("").await;
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    assert_eq!(listed.body["channels"], json!([]));
+    server.stop().await;
+}
