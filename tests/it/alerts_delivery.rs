@@ -743,6 +743,17 @@ async fn the_channel_api_names_bad_fields_keeps_secrets_and_is_for_admins() {
         server.get(&path, ADMIN_KEY).await.status,
         StatusCode::NOT_FOUND
     );
+    // A workspace's channels go with it.
+    let own = channel(&server, with("workspace", json!("acme"))).await;
+    let own_path = format!("/api/alerts/channels/{}", own["id"].as_str().expect("id"));
+    let removed = server
+        .send(Method::DELETE, "/api/workspaces/acme", ADMIN_KEY, None)
+        .await;
+    assert_eq!(removed.status, StatusCode::NO_CONTENT);
+    assert_eq!(
+        server.get(&own_path, ADMIN_KEY).await.status,
+        StatusCode::NOT_FOUND
+    );
     server.stop().await;
 }
 
