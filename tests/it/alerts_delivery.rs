@@ -22,7 +22,7 @@ use crate::support::{ADMIN_KEY, TestServer, eventually, output_of, test_tool};
 
 /// How a receiver answers one message.
 #[derive(Clone, Debug)]
-enum Reply {
+pub(crate) enum Reply {
     Status(u16),
     RetryAfter(&'static str),
     /// Never answers.
@@ -31,13 +31,13 @@ enum Reply {
 
 /// One message as a receiver got it.
 #[derive(Clone, Debug)]
-struct Received {
-    headers: Vec<(String, String)>,
-    body: String,
+pub(crate) struct Received {
+    pub(crate) headers: Vec<(String, String)>,
+    pub(crate) body: String,
 }
 
 impl Received {
-    fn header(&self, name: &str) -> &str {
+    pub(crate) fn header(&self, name: &str) -> &str {
         self.headers
             .iter()
             .find(|(key, _)| key == name)
@@ -58,8 +58,8 @@ struct Book {
 }
 
 /// An HTTP receiver on `127.0.0.1:0` that keeps what it gets.
-struct Receiver {
-    url: String,
+pub(crate) struct Receiver {
+    pub(crate) url: String,
     book: Book,
     server: tokio::task::JoinHandle<()>,
 }
@@ -97,7 +97,7 @@ async fn receive(State(book): State<Book>, headers: HeaderMap, body: String) -> 
 }
 
 impl Receiver {
-    async fn start(replies: &[Reply]) -> Self {
+    pub(crate) async fn start(replies: &[Reply]) -> Self {
         let book = Book::default();
         book.replies
             .lock()
@@ -116,12 +116,12 @@ impl Receiver {
         Self { url, book, server }
     }
 
-    fn received(&self) -> Vec<Received> {
+    pub(crate) fn received(&self) -> Vec<Received> {
         self.book.received.lock().expect("lock").clone()
     }
 
     /// Waits until it got `count` messages, and answers them.
-    async fn wait_for(&self, count: usize) -> Vec<Received> {
+    pub(crate) async fn wait_for(&self, count: usize) -> Vec<Received> {
         eventually(
             &format!("{count} messages at the receiver"),
             Duration::from_secs(15),
