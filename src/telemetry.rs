@@ -50,7 +50,7 @@ const KEY_PREFIXES: &[&str] = &[
 ];
 
 /// A webhook secret is standard base64, with `+`, `/` and `=` in it.
-const WEBHOOK_SECRET_PREFIX: &str = "whsec_";
+const WEBHOOK_SECRET_PREFIX: &str = crate::domain::alert::SECRET_PREFIX;
 
 /// A Slack incoming webhook's path names its workspace, channel and secret.
 const SLACK_HOOK_PREFIX: &str = "hooks.slack.com/services/";

@@ -167,10 +167,6 @@ impl Alerts {
         })
     }
 
-    pub fn settings(&self) -> &AlertSettings {
-        &self.settings
-    }
-
     /// The dashboard's page of `workspace` (its overview for service-wide
     /// events), when the public URL is set.
     fn dashboard_url(&self, event: &EventRecord) -> Option<String> {
