@@ -1,5 +1,5 @@
 // The REST calls the dashboard makes beyond what QuotaMonitor covers: the
-// workspace catalog, keys, history and reset. Errors carry the API's own
+// workspace catalog, keys, history, reset and alert channels. Errors carry the API's own
 // message, which names the problem.
 
 import { QuotaApiError } from "/sdk/quota-client.js";
@@ -85,5 +85,35 @@ export class Api {
   notifications(id) {
     const query = new URLSearchParams({ workspace: id, include: "history" });
     return this.request("GET", `/api/quota/notifications?${query}`);
+  }
+
+  /** A workspace's alert channels and the global ones. */
+  channels(workspace) {
+    const query = new URLSearchParams({ workspace });
+    return this.request("GET", `/api/alerts/channels?${query}`);
+  }
+
+  createChannel(channel) {
+    return this.request("POST", "/api/alerts/channels", channel);
+  }
+
+  updateChannel(id, changes) {
+    return this.request(
+      "PATCH",
+      `/api/alerts/channels/${encodeURIComponent(id)}`,
+      changes,
+    );
+  }
+
+  deleteChannel(id) {
+    return this.request(
+      "DELETE",
+      `/api/alerts/channels/${encodeURIComponent(id)}`,
+    );
+  }
+
+  /** Sends a test event; answers the attempt. */
+  testChannel(id) {
+    return this.request("POST", "/api/alerts/test", { channel: id });
   }
 }

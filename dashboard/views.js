@@ -440,6 +440,9 @@ export class Detail {
     this.keysPanel = app.isAdmin
       ? h("section", { class: "panel", "aria-labelledby": "keys-title" })
       : null;
+    this.channelsPanel = app.isAdmin
+      ? h("section", { class: "panel", "aria-labelledby": "channels-title" })
+      : null;
     this.timers = [];
     this.element = h(
       "section",
@@ -466,12 +469,14 @@ export class Detail {
         ),
         this.upstreamPanel,
         this.keysPanel,
+        this.channelsPanel,
       ),
     );
     this.update();
     this.renderNotifications();
     this.loadHistory();
     this.loadKeys();
+    this.loadChannels();
     // The minute chart moves on by itself even when nothing happens.
     this.timers.push(setInterval(() => this.loadHistory("hour"), MINUTE));
   }
@@ -499,6 +504,7 @@ export class Detail {
       this.upstreamPanel.hidden = true;
       this.spendPanel.hidden = true;
       if (this.keysPanel) this.keysPanel.hidden = true;
+      if (this.channelsPanel) this.channelsPanel.hidden = true;
       return;
     }
     this.renderHead(doc);
@@ -1084,5 +1090,257 @@ export class Detail {
       });
     }
     await this.loadKeys();
+  }
+
+  async loadChannels() {
+    if (!this.channelsPanel || !this.doc) return;
+    const title = h("h2", { id: "channels-title" }, "Alert channels");
+    let channels;
+    try {
+      channels = (await this.app.api.channels(this.id)).channels;
+    } catch (error) {
+      fill(
+        this.channelsPanel,
+        title,
+        h("p", { class: "form-error" }, error.message),
+      );
+      return;
+    }
+    fill(
+      this.channelsPanel,
+      title,
+      channels.length === 0
+        ? h(
+            "p",
+            { class: "empty" },
+            "No channel sends this workspace's alerts anywhere yet.",
+          )
+        : h(
+            "div",
+            { class: "table-wrap" },
+            h(
+              "table",
+              { class: "channels" },
+              h(
+                "thead",
+                {},
+                h(
+                  "tr",
+                  {},
+                  h("th", {}, "Channel"),
+                  h("th", {}, "Sends"),
+                  h("th", {}, "State"),
+                  h(
+                    "th",
+                    {},
+                    h("span", { class: "visually-hidden" }, "Actions"),
+                  ),
+                ),
+              ),
+              h(
+                "tbody",
+                {},
+                channels.map((channel) => this.channelRow(channel)),
+              ),
+            ),
+          ),
+      h(
+        "div",
+        { class: "actions" },
+        h(
+          "button",
+          {
+            type: "button",
+            class: "button",
+            onclick: () => this.createChannel(),
+          },
+          "Add channel",
+        ),
+      ),
+    );
+  }
+
+  channelRow(channel) {
+    const declared = channel.source === "config";
+    const action = (label, onclick) =>
+      h(
+        "button",
+        {
+          type: "button",
+          class: "button subtle",
+          "aria-label": `${label} ${channel.name}`,
+          dataset: { action: label.toLowerCase() },
+          onclick,
+        },
+        label,
+      );
+    return h(
+      "tr",
+      { dataset: { channel: channel.id } },
+      h(
+        "td",
+        {},
+        channel.name,
+        " ",
+        h("span", { class: "hint" }, channel.type),
+        h(
+          "p",
+          { class: "hint" },
+          channel.workspace === null ? "every workspace" : "this workspace",
+        ),
+      ),
+      h(
+        "td",
+        {},
+        channel.events === null ? "every event" : channel.events.join(", "),
+        h(
+          "p",
+          { class: "hint" },
+          `from ${channel.min_severity}${channel.resolutions ? ", with resolutions" : ""}`,
+        ),
+      ),
+      h(
+        "td",
+        {},
+        channel.enabled ? "enabled" : "disabled",
+        declared
+          ? h("p", { class: "hint" }, "set in the configuration file")
+          : null,
+      ),
+      h(
+        "td",
+        {},
+        action("Test", () => this.testChannel(channel)),
+        declared
+          ? null
+          : action(channel.enabled ? "Disable" : "Enable", () =>
+              this.changeChannel(channel, { enabled: !channel.enabled }),
+            ),
+        declared ? null : action("Delete", () => this.deleteChannel(channel)),
+      ),
+    );
+  }
+
+  createChannel() {
+    formDialog({
+      title: `New alert channel for ${this.doc.name}`,
+      submitLabel: "Add channel",
+      fields: [
+        { name: "name", label: "Name", required: true },
+        {
+          name: "type",
+          label: "Type",
+          value: "webhook",
+          required: true,
+          pattern: "webhook|slack",
+          hint: "webhook (signed, Standard Webhooks) or slack (an incoming webhook URL).",
+        },
+        { name: "url", label: "URL", type: "url", required: true },
+        {
+          name: "events",
+          label: "Events",
+          hint: "Notification kinds, comma-separated, such as threshold_crossed, forecast_exhaustion. Empty: every event.",
+        },
+        {
+          name: "min_severity",
+          label: "Least severity",
+          value: "info",
+          required: true,
+          pattern: "info|warning|critical",
+          hint: "info, warning or critical.",
+        },
+        {
+          name: "resolutions",
+          label: "Also send resolutions",
+          type: "checkbox",
+          value: true,
+        },
+      ],
+      onSubmit: async (values) => {
+        const events = values.events
+          .split(",")
+          .map((event) => event.trim())
+          .filter((event) => event !== "");
+        const created = await this.app.api.createChannel({
+          name: values.name,
+          workspace: this.id,
+          type: values.type,
+          url: values.url,
+          events: events.length === 0 ? undefined : events,
+          min_severity: values.min_severity,
+          resolutions: values.resolutions,
+        });
+        await this.loadChannels();
+        if (created.secret) {
+          // Shown once the form has closed.
+          setTimeout(() =>
+            secretDialog({
+              title: "Webhook signing secret",
+              text: "The receiver checks each message's signature with this secret (see README: verifying a webhook). It is shown once.",
+              secret: created.secret,
+            }),
+          );
+        }
+      },
+    });
+  }
+
+  async testChannel(channel) {
+    try {
+      const { attempt } = await this.app.api.testChannel(channel.id);
+      const delivered = attempt.outcome === "delivered";
+      this.app.toasts.show({
+        workspace: this.id,
+        status: delivered ? "normal" : "error",
+        title: delivered
+          ? `Test alert delivered to ${channel.name}`
+          : `Test alert to ${channel.name}: ${attempt.outcome.replace("_", " ")}`,
+        text: delivered
+          ? null
+          : (attempt.error ??
+            (attempt.http_status ? `HTTP ${attempt.http_status}` : null)),
+        sticky: !delivered,
+      });
+    } catch (error) {
+      this.app.toasts.show({
+        workspace: this.id,
+        status: "error",
+        title: "Test alert not sent",
+        text: error.message,
+        sticky: true,
+      });
+    }
+  }
+
+  changeChannel(channel, changes) {
+    return this.changeChannelBy(() =>
+      this.app.api.updateChannel(channel.id, changes),
+    );
+  }
+
+  async deleteChannel(channel) {
+    const confirmed = await confirmDialog({
+      title: `Delete the channel ${channel.name}?`,
+      text: "Alerts are no longer sent there, and its delivery log goes with it.",
+      confirmLabel: "Delete",
+      danger: true,
+    });
+    if (!confirmed) return;
+    await this.changeChannelBy(() => this.app.api.deleteChannel(channel.id));
+  }
+
+  async changeChannelBy(change) {
+    try {
+      await change();
+    } catch (error) {
+      this.app.toasts.show({
+        workspace: this.id,
+        status: "error",
+        title: "Channel not changed",
+        text: error.message,
+        sticky: true,
+      });
+    }
+    await this.loadChannels();
   }
 }

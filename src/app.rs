@@ -1,5 +1,6 @@
 //! Assembly: opens the database, bootstraps a fresh installation, builds the
-//! engine, starts the background tasks and serves HTTP. This is the only
+//! engine, starts the background tasks (among them the alert dispatcher)
+//! and serves HTTP. This is the only
 //! place that picks concrete backends and the only place tasks are spawned
 //! for the life of the server; `Running::shutdown` stops them all.
 
@@ -12,6 +13,7 @@ use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 
 use crate::admin::{Admin, AdminError, KeySpec, WorkspaceSpec};
+use crate::alerts::{self, Alerts, DispatcherHandle};
 use crate::api::{self, AppParts, AppState};
 use crate::config::Config;
 use crate::engine::flush::{self, FlushHandle};
@@ -59,6 +61,7 @@ pub struct Running {
     server: JoinHandle<std::io::Result<()>>,
     background: Vec<JoinHandle<()>>,
     flush: FlushHandle,
+    dispatcher: DispatcherHandle,
     store: Store,
     engine: Arc<Engine>,
     hub: api::ws::Hub,
@@ -193,6 +196,14 @@ pub async fn start(
         engine.upstream_key_missing();
     }
     let metrics = Arc::new(crate::metrics::Metrics::new(&config.metrics_models));
+    alerts::declare_channels(&store, &config.alert_channels, engine.now()).await?;
+    let alerts = Alerts::new(
+        store.clone(),
+        engine.clone(),
+        metrics.clone(),
+        config.alerts.clone(),
+    );
+    let (dispatcher, dispatcher_task) = alerts::spawn(alerts.clone());
     let price_reloader = tokio::spawn(reload_prices_on_hangup(engine.clone()));
     let proxy_state = crate::proxy::ProxyState::new(crate::proxy::ProxyParts {
         engine: engine.clone(),
@@ -202,6 +213,7 @@ pub async fn start(
     let state = AppState::new(AppParts {
         engine: engine.clone(),
         metrics,
+        alerts,
         metrics_public: config.metrics_public,
         store: store.clone(),
         admin: Admin::new(store.clone(), Some(engine.clone()), config.defaults)
@@ -246,9 +258,11 @@ pub async fn start(
                 follower,
                 catalog_follower,
                 price_reloader,
+                dispatcher_task,
             ],
             hub: hub_handle,
             flush,
+            dispatcher,
             store,
             engine,
         },
@@ -329,6 +343,7 @@ impl Running {
             Err(error) => tracing::error!(%error, "server task failed"),
         }
         self.flush.stop().await;
+        self.dispatcher.stop().await;
         for task in self.background {
             task.abort();
         }

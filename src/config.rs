@@ -16,6 +16,8 @@ use lettre::message::Mailbox;
 use serde::Deserialize;
 
 use crate::admin::{Change, WorkspaceSpec};
+use crate::alerts::{AlertSettings, DeclaredChannel};
+use crate::domain::alert::{ChannelKind, Filter, RetryPolicy};
 use crate::domain::limits::{
     LimitKind, Limits, PerLimit, Unit, WorkspaceConfig, validate_limit, validate_warn_at,
 };
@@ -23,6 +25,7 @@ use crate::domain::limits::{
     REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, REQUESTS_PER_MONTH, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
     TOKENS_PER_MONTH,
 };
+use crate::domain::notification::Severity;
 use crate::domain::price::{PicoUsd, Rates, UnpricedRates};
 use crate::domain::threshold::ThresholdsInput;
 use crate::domain::time::{format_duration, parse_duration};
@@ -153,6 +156,20 @@ settings! {
         "a PEM file of a root certificate to trust beside the system's for the SMTP server (a private relay)");
     SMTP_TIMEOUT: Duration = ("smtp_timeout", "QUOTAWATCH_SMTP_TIMEOUT", Some("30s"), false, parse_positive_duration,
         "longest one email delivery may take, from connecting to the server's last answer; it is then tried again later");
+    PUBLIC_URL: String = ("public_url", "QUOTAWATCH_PUBLIC_URL", None, false, parse_upstream_url,
+        "the dashboard's public address (https://quota.example.com), for the links alerts carry; unset: alerts carry none");
+    ALERT_DIGEST_THRESHOLD: usize = ("alert_digest_threshold", "QUOTAWATCH_ALERT_DIGEST_THRESHOLD", Some("10"), false, parse_at_least_one,
+        "more alert events than this due for one channel within a minute are sent as one digest message");
+    ALERT_CHANNEL_RATE: f64 = ("alert_channel_rate", "QUOTAWATCH_ALERT_CHANNEL_RATE", Some("1"), false, parse_rate,
+        "alert messages per second each channel is sent at most (a token bucket)");
+    ALERT_ATTEMPT_TIMEOUT: Duration = ("alert_attempt_timeout", "QUOTAWATCH_ALERT_ATTEMPT_TIMEOUT", Some("10s"), false, parse_positive_duration,
+        "how long one alert delivery attempt waits for its receiver");
+    ALERT_RETRY_BASE: Duration = ("alert_retry_base", "QUOTAWATCH_ALERT_RETRY_BASE", Some("30s"), false, parse_positive_duration,
+        "the backoff before an alert's first retry, doubled for each one after (with full jitter)");
+    ALERT_RETRY_CAP: Duration = ("alert_retry_cap", "QUOTAWATCH_ALERT_RETRY_CAP", Some("1h"), false, parse_positive_duration,
+        "the longest backoff between two attempts of an alert");
+    ALERT_RETRY_MAX_AGE: Duration = ("alert_retry_max_age", "QUOTAWATCH_ALERT_RETRY_MAX_AGE", Some("24h"), false, parse_positive_duration,
+        "how long after its first attempt an alert delivery is retried before it is given up");
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -249,6 +266,9 @@ pub struct Config {
     pub workspaces: Vec<(String, WorkspaceSpec)>,
     /// The file that declares `workspaces`, which manages them from then on.
     pub workspaces_file: Option<PathBuf>,
+    pub alerts: AlertSettings,
+    /// Global alert channels declared in the TOML file (`[[alerts.channels]]`).
+    pub alert_channels: Vec<DeclaredChannel>,
     pub effective: Vec<Effective>,
 }
 
@@ -301,6 +321,32 @@ struct FileThresholds {
     limits: std::collections::BTreeMap<String, Vec<f64>>,
 }
 
+/// The TOML file's `[alerts]` table.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileAlerts {
+    #[serde(default)]
+    channels: Vec<FileChannel>,
+}
+
+/// A global alert channel declared in the TOML file. Its URL (a Slack
+/// webhook's is a secret) and its signing secret may be read from
+/// environment variables it names.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct FileChannel {
+    name: String,
+    #[serde(rename = "type")]
+    kind: String,
+    url: Option<String>,
+    url_env: Option<String>,
+    secret_env: Option<String>,
+    events: Option<Vec<String>>,
+    min_severity: Option<String>,
+    resolutions: Option<bool>,
+    enabled: Option<bool>,
+}
+
 #[derive(Deserialize)]
 #[serde(untagged)]
 enum FileLimit {
@@ -318,6 +364,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
         .filter_map(|s| s.default.map(|d| (s.key, (d.to_owned(), Source::Default))))
         .collect();
     let mut declared = (Vec::new(), Source::Default);
+    let mut declared_channels = Vec::new();
 
     if let Some(path) = sources.file {
         let source = Source::File(path.to_owned());
@@ -333,6 +380,18 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
                     .try_into()
                     .map_err(|e| ConfigError::new("workspaces", &source, format!("{e}")))?;
                 declared = (list, source.clone());
+                continue;
+            }
+            if key == "alerts" {
+                let alerts: FileAlerts = value
+                    .try_into()
+                    .map_err(|e| ConfigError::new("alerts", &source, format!("{e}")))?;
+                declared_channels = alerts
+                    .channels
+                    .into_iter()
+                    .enumerate()
+                    .map(|(index, channel)| file_channel(index, channel, &source, sources.env))
+                    .collect::<Result<Vec<_>, _>>()?;
                 continue;
             }
             let setting = SETTINGS
@@ -404,7 +463,89 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
         values.insert(key, (value, Source::CommandLine));
     }
 
-    build(values, declared)
+    let mut config = build(values, declared)?;
+    config.alert_channels = declared_channels;
+    Ok(config)
+}
+
+/// A declared channel, validated, with the variables it names read.
+fn file_channel(
+    index: usize,
+    channel: FileChannel,
+    source: &Source,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<DeclaredChannel, ConfigError> {
+    let fail = |field: &str, message: String| {
+        ConfigError::new(format!("alerts.channels[{index}].{field}"), source, message)
+    };
+    let from_env = |field: &str, name: &str| {
+        env(name)
+            .filter(|value| !value.is_empty())
+            .ok_or_else(|| fail(field, format!("the environment variable {name} is not set")))
+    };
+    crate::domain::alert::validate_name(&channel.name).map_err(|e| fail("name", e.message))?;
+    let kind = ChannelKind::from_name(&channel.kind)
+        .ok_or_else(|| fail("type", "is webhook or slack".to_owned()))?;
+    let url = match (channel.url, &channel.url_env) {
+        (Some(url), None) => url,
+        (None, Some(name)) => from_env("url_env", name)?,
+        _ => return Err(fail("url", "give url or url_env (one of them)".to_owned())),
+    };
+    crate::domain::alert::validate_url(&url)
+        .map_err(|e| fail("url", mask_secrets(&e.message).into_owned()))?;
+    let secret = match (&channel.secret_env, kind.is_signed()) {
+        (Some(name), true) => {
+            let secret = from_env("secret_env", name)?;
+            crate::domain::alert::secret_bytes(&secret)
+                .map_err(|e| fail("secret_env", format!("{name}: {}", e.message)))?;
+            Some(Secret::new(&secret))
+        }
+        (None, true) => {
+            return Err(fail(
+                "secret_env",
+                "a webhook signs with a secret: name the variable that holds it (whsec_...)"
+                    .to_owned(),
+            ));
+        }
+        (Some(_), false) => {
+            return Err(fail("secret_env", "only webhooks are signed".to_owned()));
+        }
+        (None, false) => None,
+    };
+    let events = match channel.events {
+        Some(events) => Some(crate::domain::alert::validate_events(&events).map_err(|e| {
+            ConfigError::new(
+                format!("alerts.channels[{index}].{}", e.field),
+                source,
+                e.message,
+            )
+        })?),
+        None => None,
+    };
+    let min_severity = match channel.min_severity.as_deref() {
+        None => Severity::Info,
+        Some(name) => Severity::from_name(name)
+            .ok_or_else(|| fail("min_severity", "is info, warning or critical".to_owned()))?,
+    };
+    Ok(DeclaredChannel {
+        name: channel.name,
+        kind,
+        url: Secret::new(&url),
+        secret,
+        filter: Filter {
+            events,
+            min_severity,
+            resolutions: channel.resolutions.unwrap_or(true),
+        },
+        enabled: channel.enabled.unwrap_or(true),
+    })
+}
+
+fn parse_rate(text: &str) -> Result<f64, String> {
+    text.parse::<f64>()
+        .ok()
+        .filter(|rate| rate.is_finite() && *rate >= 0.01 && *rate <= 1000.0)
+        .ok_or_else(|| format!("{text:?} is not a rate between 0.01 and 1000 per second"))
 }
 
 /// The collected text of every setting, with where it came from.
@@ -517,6 +658,19 @@ fn build(
             forecast_lead_time: values.read(&FORECAST_LEAD_TIME)?,
         },
         flush_interval: values.read(&FLUSH_INTERVAL)?,
+        alerts: AlertSettings {
+            public_url: values.read_optional(&PUBLIC_URL)?,
+            digest_threshold: values.read(&ALERT_DIGEST_THRESHOLD)?,
+            channel_rate: values.read(&ALERT_CHANNEL_RATE)?,
+            attempt_timeout: values.read(&ALERT_ATTEMPT_TIMEOUT)?,
+            retry: RetryPolicy {
+                base: values.read(&ALERT_RETRY_BASE)?,
+                cap: values.read(&ALERT_RETRY_CAP)?,
+                max_age: values.read(&ALERT_RETRY_MAX_AGE)?,
+            },
+            poll_interval: values.read(&FLUSH_INTERVAL)?,
+        },
+        alert_channels: Vec::new(),
         max_body_bytes: values.read(&MAX_BODY_BYTES)?,
         ws_ping_interval: values.read(&WS_PING_INTERVAL)?,
         ws_max_connections_per_key: values.read(&WS_MAX_CONNECTIONS_PER_KEY)?,
@@ -1333,6 +1487,93 @@ tokens_per_day = "unlimited"
                 .setting,
             "workspaces[0].id"
         );
+    }
+
+    #[test]
+    fn declared_alert_channels_read_their_variables_and_are_checked() {
+        let file = r#"
+[[alerts.channels]]
+name = "ops"
+type = "webhook"
+url = "https://hooks.example.com/ops"
+secret_env = "OPS_WEBHOOK_SECRET"
+events = ["threshold_crossed", "daily_quota_exhausted"]
+min_severity = "warning"
+
+[[alerts.channels]]
+name = "team chat"
+type = "slack"
+url_env = "SLACK_HOOK"
+resolutions = false
+"#;
+        let secret = "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw";
+        let env = [
+            ("OPS_WEBHOOK_SECRET", secret),
+            (
+                "SLACK_HOOK",
+                "https://hooks.slack.com/services/T0/B0/XXXXXXXX",
+            ),
+        ];
+        let config = load_with(Some(file), None, &env, vec![]).expect("valid");
+        let [ops, chat] = &config.alert_channels[..] else {
+            panic!("two channels: {:?}", config.alert_channels);
+        };
+        assert_eq!(ops.kind, ChannelKind::Webhook);
+        assert_eq!(ops.secret.as_ref().map(Secret::expose), Some(secret));
+        assert_eq!(ops.filter.min_severity, Severity::Warning);
+        assert_eq!(
+            ops.filter.events.as_deref(),
+            Some(
+                &[
+                    "threshold_crossed".to_owned(),
+                    "daily_quota_exhausted".to_owned()
+                ][..]
+            )
+        );
+        assert_eq!(
+            chat.url.expose(),
+            "https://hooks.slack.com/services/T0/B0/XXXXXXXX"
+        );
+        assert!(!chat.filter.resolutions);
+        assert_ne!(ops.id(), chat.id());
+        // The secret never prints.
+        assert!(!format!("{config:?}").contains(secret));
+
+        for (file, env, setting) in [
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"webhook\"\nurl = \"https://a.example\"\n",
+                &[][..],
+                "alerts.channels[0].secret_env",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"webhook\"\nurl = \"https://a.example\"\nsecret_env = \"UNSET\"\n",
+                &[][..],
+                "alerts.channels[0].secret_env",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"slack\"\nurl = \"ftp://a.example\"\n",
+                &[][..],
+                "alerts.channels[0].url",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"pager\"\nurl = \"https://a.example\"\n",
+                &[][..],
+                "alerts.channels[0].type",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"slack\"\nurl = \"https://a.example\"\nevents = [\"sunrise\"]\n",
+                &[][..],
+                "alerts.channels[0].events[0]",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"webhook\"\nurl = \"https://a.example\"\nsecret_env = \"WEAK\"\n",
+                &[("WEAK", "whsec_c2hvcnQ=")][..],
+                "alerts.channels[0].secret_env",
+            ),
+        ] {
+            let error = load_with(Some(file), None, env, vec![]).expect_err(file);
+            assert_eq!(error.setting, setting, "{file}: {error}");
+        }
     }
 
     #[test]

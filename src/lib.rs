@@ -3,6 +3,7 @@
 //! `domain` <- `store` <- `engine` <- `admin` / `api` <- `app` <- `cli`.
 
 pub mod admin;
+pub mod alerts;
 pub mod api;
 pub mod app;
 pub mod cli;

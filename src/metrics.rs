@@ -74,6 +74,12 @@ struct UpstreamLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AlertLabels {
+    channel_type: &'static str,
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct PhaseLabels {
     phase: &'static str,
 }
@@ -165,6 +171,8 @@ pub struct Metrics {
     shared_store_errors: Counter,
     key_lookups: Counter,
     store_rows_dropped: Counter,
+    alert_attempts: Family<AlertLabels, Counter>,
+    alerts_pending: Gauge,
     models: HashSet<String>,
     other: Arc<str>,
     /// Rendering clears and refills the state gauges; two scrapes at once
@@ -192,6 +200,18 @@ impl Metrics {
         let shared_store_errors = Counter::default();
         let key_lookups = Counter::default();
         let store_rows_dropped = Counter::default();
+        let alert_attempts = Family::default();
+        let alerts_pending = Gauge::default();
+        registry.register(
+            "alert_delivery_attempts",
+            "Attempts to deliver alerts, by channel type (webhook, slack) and outcome (delivered, retry, gave_up)",
+            alert_attempts.clone(),
+        );
+        registry.register(
+            "alert_deliveries_pending",
+            "Alert deliveries waiting to be sent or retried, as the last dispatcher pass of this instance counted them",
+            alerts_pending.clone(),
+        );
         registry.register(
             "store_rows_dropped",
             "Rows the database refused while it accepted the rest of their batch, dropped so that the rest could be written (each is logged with its workspace)",
@@ -286,10 +306,27 @@ impl Metrics {
             shared_store_errors,
             key_lookups,
             store_rows_dropped,
+            alert_attempts,
+            alerts_pending,
             models: models.iter().cloned().collect(),
             other: Arc::from("other"),
             rendering: Mutex::new(()),
         }
+    }
+
+    /// Counts one attempt to deliver an alert.
+    pub fn count_alert_attempt(&self, channel_type: &'static str, outcome: &'static str) {
+        self.alert_attempts
+            .get_or_create(&AlertLabels {
+                channel_type,
+                outcome,
+            })
+            .inc();
+    }
+
+    /// Sets how many alert deliveries wait.
+    pub fn set_alerts_pending(&self, pending: i64) {
+        self.alerts_pending.set(pending);
     }
 
     fn model_label(&self, model: Option<&str>) -> Arc<str> {

@@ -37,8 +37,23 @@ const SECRET_NAME_PARTS: &[&str] = &[
 /// (`max_tokens`, `keys`), which log lines need and which give nothing away.
 const PUBLIC_NAME_ENDINGS: &[&str] = &["_id", "-id", "tokens", "keys"];
 
-/// Prefixes of the keys and tickets quotawatch issues and of OpenAI's keys.
-const KEY_PREFIXES: &[&str] = &["qwt_", "qw_", "wst_", "sk-"];
+/// Prefixes of the keys and tickets quotawatch issues, of OpenAI's keys,
+/// of webhook signing secrets (Standard Webhooks' `whsec_`) and of Slack
+/// incoming webhook URLs, whose path is their credential.
+const KEY_PREFIXES: &[&str] = &[
+    "qwt_",
+    "qw_",
+    "wst_",
+    "sk-",
+    WEBHOOK_SECRET_PREFIX,
+    SLACK_HOOK_PREFIX,
+];
+
+/// A webhook secret is standard base64, with `+`, `/` and `=` in it.
+const WEBHOOK_SECRET_PREFIX: &str = crate::domain::alert::SECRET_PREFIX;
+
+/// A Slack incoming webhook's path names its workspace, channel and secret.
+const SLACK_HOOK_PREFIX: &str = "hooks.slack.com/services/";
 
 /// Browser tokens are two parts joined by a dot.
 const TOKEN_PREFIX: &str = "qwt_";
@@ -193,7 +208,12 @@ fn mask_keys(text: &str) -> Cow<'_, str> {
             continue;
         };
         let body_start = at + prefix.len();
-        let in_body = |b: u8| is_key_char(b) || (*prefix == TOKEN_PREFIX && b == b'.');
+        let in_body = |b: u8| {
+            is_key_char(b)
+                || (*prefix == TOKEN_PREFIX && b == b'.')
+                || (*prefix == WEBHOOK_SECRET_PREFIX && matches!(b, b'+' | b'/' | b'='))
+                || (*prefix == SLACK_HOOK_PREFIX && b == b'/')
+        };
         let body_len = bytes[body_start..]
             .iter()
             .take_while(|&&b| in_body(b))
@@ -323,6 +343,14 @@ mod tests {
             (
                 "token qwt_djEKYWNtZQprZXk6a2V5XzEKMTc2NDY3.VGhlIHNpZ25hdHVyZQ end",
                 "token qwt_******** end",
+            ),
+            (
+                "secret whsec_MfKQ9r8GKYqrTwjU+D8ILPZIo2LaLaSw== channel",
+                "secret whsec_******** channel",
+            ),
+            (
+                "url=https://hooks.slack.com/services/T0000/B0000/XXXXXXXXXXXX failed",
+                "url=https://hooks.slack.com/services/******** failed",
             ),
             ("key prefix qw_AbCd", "key prefix qw_AbCd"),
             ("status=200 latency_ms=12", "status=200 latency_ms=12"),

@@ -1512,3 +1512,219 @@ mod tests {
         );
     }
 }
+
+// ----- alerts ----------------------------------------------------------------------
+
+/// A new alert channel.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelInput {
+    /// 1 to 100 characters, for people.
+    pub name: String,
+    /// The workspace whose events the channel receives; absent or null
+    /// for a global channel, which receives every workspace's events and
+    /// the service-wide ones.
+    pub workspace: Option<String>,
+    /// `webhook` (signed per Standard Webhooks) or `slack` (an incoming
+    /// webhook, sent Block Kit messages).
+    #[serde(rename = "type")]
+    pub kind: String,
+    /// The receiver: `http://` or `https://`, at most 2048 characters.
+    pub url: String,
+    /// A webhook's signing secret: `whsec_` and the base64 of 24 to 64
+    /// random bytes. Generated when absent, and answered once. Write-only.
+    pub secret: Option<String>,
+    /// The notification kinds sent (such as `threshold_crossed`,
+    /// `forecast_exhaustion`); absent or null for all.
+    pub events: Option<Vec<String>>,
+    /// `info` (default), `warning` or `critical`: less severe events are
+    /// not sent.
+    pub min_severity: Option<String>,
+    /// Whether resolutions are sent too (default true).
+    pub resolutions: Option<bool>,
+    /// Default true.
+    pub enabled: Option<bool>,
+}
+
+/// Changes to an alert channel; absent fields are kept.
+#[derive(Deserialize, ToSchema, Debug, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ChannelPatch {
+    pub name: Option<String>,
+    pub url: Option<String>,
+    /// A new signing secret (webhooks).
+    pub secret: Option<String>,
+    /// Null for all kinds.
+    #[serde(default, deserialize_with = "change")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub events: Change<Option<Vec<String>>>,
+    pub min_severity: Option<String>,
+    pub resolutions: Option<bool>,
+    pub enabled: Option<bool>,
+}
+
+/// An alert channel. Its secret is never shown (`secret_set` says whether
+/// it has one), except once in the answer that created it.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct ChannelDoc {
+    pub id: String,
+    pub name: String,
+    /// Null for a global channel.
+    pub workspace: Option<String>,
+    /// `webhook` or `slack`.
+    #[serde(rename = "type")]
+    pub kind: String,
+    pub url: String,
+    pub secret_set: bool,
+    /// Null: every kind.
+    pub events: Option<Vec<String>>,
+    pub min_severity: String,
+    pub resolutions: bool,
+    pub enabled: bool,
+    /// `api`, or `config` for a channel the TOML file declares (read-only
+    /// here).
+    pub source: String,
+    pub created_at: String,
+    pub updated_at: String,
+}
+
+impl From<&crate::store::ChannelRecord> for ChannelDoc {
+    fn from(channel: &crate::store::ChannelRecord) -> Self {
+        Self {
+            id: channel.id.clone(),
+            name: channel.name.clone(),
+            workspace: channel
+                .workspace
+                .as_ref()
+                .map(|workspace| workspace.as_str().to_owned()),
+            kind: channel.kind.name().to_owned(),
+            url: channel.url.clone(),
+            secret_set: channel.secret.is_some(),
+            events: channel.filter.events.clone(),
+            min_severity: channel.filter.min_severity.name().to_owned(),
+            resolutions: channel.filter.resolutions,
+            enabled: channel.enabled,
+            source: channel.source.name().to_owned(),
+            created_at: rfc3339(channel.created_at),
+            updated_at: rfc3339(channel.updated_at),
+        }
+    }
+}
+
+/// A channel just created.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct ChannelCreatedDoc {
+    #[serde(flatten)]
+    pub channel: ChannelDoc,
+    /// The signing secret generated for a webhook created without one:
+    /// shown here only, keep it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub secret: Option<String>,
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct ChannelListDoc {
+    pub channels: Vec<ChannelDoc>,
+}
+
+/// One attempt to deliver an alert.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct AttemptDoc {
+    /// 1 for the first.
+    pub number: u32,
+    pub attempted_at: String,
+    /// `delivered`, `retry` (another attempt is due at `next_attempt_at`)
+    /// or `gave_up`.
+    pub outcome: String,
+    /// The receiver's HTTP status, when it answered.
+    pub http_status: Option<u16>,
+    /// What went wrong (at most 500 characters).
+    pub error: Option<String>,
+    pub duration_ms: u64,
+    pub next_attempt_at: Option<String>,
+    /// The digest message the attempt sent the event in, if it went in one.
+    pub digest_id: Option<String>,
+}
+
+impl From<&crate::store::AttemptRecord> for AttemptDoc {
+    fn from(attempt: &crate::store::AttemptRecord) -> Self {
+        Self {
+            number: attempt.number,
+            attempted_at: rfc3339(attempt.attempted_at),
+            outcome: attempt.outcome.to_owned(),
+            http_status: attempt.http_status,
+            error: attempt.error.clone(),
+            duration_ms: attempt.duration_ms,
+            next_attempt_at: attempt.next_attempt_at.map(rfc3339),
+            digest_id: attempt.digest_id.clone(),
+        }
+    }
+}
+
+/// One event for one channel, with its attempts.
+#[derive(Serialize, ToSchema, Clone, Debug)]
+pub struct DeliveryDoc {
+    /// The `webhook-id` a receiver sees, the same on every attempt.
+    pub id: String,
+    pub event_id: String,
+    pub notification_id: String,
+    /// The notification kind (`test` for a test send).
+    pub event: String,
+    /// `raised` or `resolved`.
+    pub phase: String,
+    pub channel: String,
+    pub workspace: Option<String>,
+    /// `pending`, `delivered` or `gave_up`.
+    pub status: String,
+    /// When a pending delivery is tried next.
+    pub next_attempt_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    /// Every attempt, first first.
+    pub attempts: Vec<AttemptDoc>,
+}
+
+impl From<&crate::store::DeliveryView> for DeliveryDoc {
+    fn from(view: &crate::store::DeliveryView) -> Self {
+        let delivery = &view.delivery;
+        Self {
+            id: delivery.id.clone(),
+            event_id: delivery.event_id.clone(),
+            notification_id: view.notification_id.clone(),
+            event: view.kind.clone(),
+            phase: view.phase.name().to_owned(),
+            channel: delivery.channel_id.clone(),
+            workspace: delivery
+                .workspace
+                .as_ref()
+                .map(|workspace| workspace.as_str().to_owned()),
+            status: delivery.status.name().to_owned(),
+            next_attempt_at: (delivery.status == crate::store::DeliveryStatus::Pending)
+                .then(|| rfc3339(delivery.next_attempt_at)),
+            created_at: rfc3339(delivery.created_at),
+            updated_at: rfc3339(delivery.updated_at),
+            attempts: view.attempts.iter().map(AttemptDoc::from).collect(),
+        }
+    }
+}
+
+#[derive(Serialize, ToSchema, Debug)]
+pub struct DeliveryListDoc {
+    pub deliveries: Vec<DeliveryDoc>,
+}
+
+/// A test send.
+#[derive(Deserialize, ToSchema, Debug)]
+#[serde(deny_unknown_fields)]
+pub struct TestInput {
+    /// The channel's id.
+    pub channel: String,
+}
+
+/// What the test send's attempt came to.
+#[derive(Serialize, ToSchema, Debug)]
+pub struct TestDoc {
+    /// Listed by `GET /api/alerts/deliveries`.
+    pub delivery_id: String,
+    pub attempt: AttemptDoc,
+}

@@ -6,6 +6,7 @@
 //! JSON to engine types and back, and call the engine or the admin service;
 //! rules about quotas live in `domain`, never here.
 
+pub mod alerts;
 mod assets;
 pub mod credentials;
 pub mod dto;
@@ -41,6 +42,8 @@ pub struct AppState(Arc<AppParts>);
 pub struct AppParts {
     pub engine: Arc<Engine>,
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Sends alerts' test events through the dispatcher's path.
+    pub alerts: Arc<crate::alerts::Alerts>,
     pub metrics_public: bool,
     pub store: Store,
     pub admin: Admin,
@@ -88,6 +91,7 @@ impl axum::extract::FromRef<AppState> for Arc<Engine> {
         (name = "workspaces", description = "Admin: workspaces"),
         (name = "keys", description = "Workspace keys and service keys (admin), and browser tokens (service key or admin)"),
         (name = "credentials", description = "Admin: upstream credentials blocked by billing"),
+        (name = "alerts", description = "Admin: alert channels (webhooks, Slack), their deliveries and test sends"),
         (name = "prices", description = "Model prices (any key) and reading the price file again (admin)"),
         (name = "health", description = "Liveness and readiness"),
     )
@@ -135,6 +139,14 @@ fn documented_routes() -> OpenApiRouter<AppState> {
         .routes(routes!(keys::mint_token))
         .routes(routes!(credentials::list))
         .routes(routes!(credentials::lift))
+        .routes(routes!(alerts::create_channel, alerts::list_channels))
+        .routes(routes!(
+            alerts::get_channel,
+            alerts::update_channel,
+            alerts::delete_channel
+        ))
+        .routes(routes!(alerts::deliveries))
+        .routes(routes!(alerts::test))
         .routes(routes!(prices::list))
         .routes(routes!(prices::reload))
         .routes(routes!(openapi))

@@ -6,6 +6,7 @@
 //! argument and fresh ids through a caller-supplied function, so every rule
 //! here can be tested by table with exact instants.
 
+pub mod alert;
 pub mod credential;
 pub mod forecast;
 pub mod limits;

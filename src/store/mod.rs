@@ -1,6 +1,6 @@
 //! Durable state: workspaces, key hashes, each workspace's live state,
-//! notifications and usage rollups, in SQLite (the embedded default) or
-//! PostgreSQL.
+//! notifications and usage rollups, and alert delivery's channels, outbox
+//! and log (`alerts.rs`), in SQLite (the embedded default) or PostgreSQL.
 //!
 //! Both backends sit behind this one type. Every query is written once, in
 //! the SQL the two databases share (`$1` parameters, `ON CONFLICT` upserts,
@@ -121,6 +121,13 @@ macro_rules! saturating_add {
         )
     };
 }
+
+mod alerts;
+
+pub use alerts::{
+    AttemptRecord, ChannelRecord, ChannelSource, DeliveryQuery, DeliveryRecord, DeliveryStatus,
+    DeliveryView, EventRecord, MAX_ATTEMPT_ERROR,
+};
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -916,6 +923,9 @@ impl Store {
                 "DELETE FROM workspace_state WHERE workspace_id = $1",
                 "DELETE FROM notifications WHERE workspace_id = $1",
                 "DELETE FROM rollups WHERE workspace_id = $1",
+                "DELETE FROM alert_attempts WHERE delivery_id IN (SELECT id FROM alert_deliveries WHERE channel_id IN (SELECT id FROM alert_channels WHERE workspace_id = $1))",
+                "DELETE FROM alert_deliveries WHERE channel_id IN (SELECT id FROM alert_channels WHERE workspace_id = $1)",
+                "DELETE FROM alert_channels WHERE workspace_id = $1",
             ] {
                 sqlx::query(statement)
                     .bind(id.as_str())
@@ -1125,7 +1135,9 @@ impl Store {
         Ok(rows.into_iter().filter_map(notification_from_row).collect())
     }
 
-    /// Applies a flush in one transaction: all of it lands, or none.
+    /// Applies a flush in one transaction: all of it lands, or none. Each
+    /// notification's alert events are enqueued in the same transaction
+    /// (see `alerts::ENQUEUE_EVENT`).
     pub async fn write_batch(&self, batch: &Batch, now: Timestamp) -> Result<()> {
         if batch.is_empty() {
             return Ok(());
@@ -1147,6 +1159,24 @@ impl Store {
                 .await?;
             }
             for n in batch.notifications.values() {
+                for (event_id, phase, occurred_at) in alerts::event_phases(n) {
+                    sqlx::query(alerts::ENQUEUE_EVENT)
+                        .bind(event_id)
+                        .bind(&n.id)
+                        .bind(phase.name())
+                        .bind(n.workspace.as_ref().map(WorkspaceId::as_str))
+                        .bind(n.kind.name())
+                        .bind(n.severity.name())
+                        .bind(storable(&n.title))
+                        .bind(storable(&n.message))
+                        .bind(serde_json::to_string(&n.suggested_actions).unwrap_or_default())
+                        .bind(n.limit.map(LimitKind::name))
+                        .bind(n.crossing.as_ref().map(crossing_json))
+                        .bind(n.resolves_at.map(Timestamp::millis))
+                        .bind(occurred_at.millis())
+                        .execute(&mut *tx)
+                        .await?;
+                }
                 sqlx::query(concat!(
                     "INSERT INTO notifications (",
                     notification_columns!(),
@@ -1333,7 +1363,8 @@ impl Store {
     }
 
     /// Deletes rollups older than their resolution's retention and resolved
-    /// notifications older than the longest one.
+    /// notifications older than the longest one, and finished alert
+    /// deliveries older than theirs.
     pub async fn prune(&self, now: Timestamp) -> Result<u64> {
         let mut deleted = 0;
         for resolution in [Resolution::Minute, Resolution::Hour, Resolution::Day] {
@@ -1357,6 +1388,7 @@ impl Store {
         .execute(pool)
         .await
         .map(|done| done.rows_affected()))?;
+        deleted += self.prune_alerts(now).await?;
         Ok(deleted)
     }
 }

@@ -710,3 +710,85 @@ async fn a_workspace_page_shows_when_a_limit_runs_out_at_its_pace() {
     browser.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn admins_add_test_and_disable_alert_channels_from_the_ui() {
+    let Some(browser) =
+        Browser::start("admins_add_test_and_disable_alert_channels_from_the_ui").await
+    else {
+        return;
+    };
+    let receiver = crate::alerts_delivery::Receiver::start(&[]).await;
+    let (_upstream, server, _acme, _beta) = setup().await;
+    sign_in(&browser, &server, ADMIN_KEY).await;
+    browser.click(&format!("{} h2 a", card("acme"))).await;
+    browser
+        .wait_text("#channels-title", PATIENCE, |text| text == "Alert channels")
+        .await;
+    browser
+        .click("section[aria-labelledby=channels-title] .actions button")
+        .await;
+    browser
+        .type_into("dialog[open] input[name=name]", "acme on-call")
+        .await;
+    browser
+        .type_into("dialog[open] input[name=url]", &receiver.url)
+        .await;
+    browser
+        .type_into(
+            "dialog[open] input[name=events]",
+            "threshold_crossed, forecast_exhaustion",
+        )
+        .await;
+    browser.click("dialog[open] button[type=submit]").await;
+    let (secret, _) = browser
+        .wait_text("dialog[open] code.secret-value", PATIENCE, |text| {
+            text.starts_with("whsec_")
+        })
+        .await;
+    browser.click("dialog[open] .actions button").await;
+    browser.wait_gone("dialog[open]").await;
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    let channel = &listed.body["channels"][0];
+    assert_eq!(channel["workspace"], "acme");
+    assert_eq!(
+        channel["events"],
+        json!(["threshold_crossed", "forecast_exhaustion"])
+    );
+    assert!(!listed.body.to_string().contains(&secret));
+    let (row, _) = browser
+        .wait_text("table.channels tbody", PATIENCE, |text| {
+            text.contains("acme on-call")
+        })
+        .await;
+    assert!(
+        row.contains("this workspace") && row.contains("enabled"),
+        "{row}"
+    );
+
+    browser
+        .click("table.channels button[data-action=test]")
+        .await;
+    let message = receiver.wait_for(1).await.remove(0);
+    assert!(message.body.contains("quotawatch.test.raised"));
+    assert!(message.header("webhook-signature").starts_with("v1,"));
+    browser
+        .wait_text(".toast .title", PATIENCE, |text| {
+            text.contains("Test alert delivered to acme on-call")
+        })
+        .await;
+
+    browser
+        .click("table.channels button[data-action=disable]")
+        .await;
+    browser
+        .wait_text("table.channels tbody", PATIENCE, |text| {
+            text.contains("disabled")
+        })
+        .await;
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    assert_eq!(listed.body["channels"][0]["enabled"], false);
+    browser.screenshot("alert-channels").await;
+    browser.close().await;
+    server.stop().await;
+}

@@ -4,6 +4,7 @@
 
 mod accuracy;
 mod alerts;
+mod alerts_delivery;
 mod api;
 mod auth;
 mod bad_input;

@@ -1062,3 +1062,180 @@ async fn a_refused_row_stops_nothing_else_on_postgres() {
     .await;
     database.drop_database().await;
 }
+
+async fn the_alert_outbox_enqueues_each_event_once_and_one_dispatcher_claims_it(store: Store) {
+    use quotawatch::domain::alert::{ChannelKind, Filter, Phase};
+    use quotawatch::store::{
+        AttemptRecord, ChannelRecord, ChannelSource, DeliveryQuery, DeliveryStatus,
+    };
+    store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    let raised = notification(Some("acme"), T0.millis(), None);
+    let mut resolved = raised.clone();
+    resolved.resolved_at = Some(Timestamp::from_millis(T0.millis() + 10));
+    // Each written twice, as a second writer or a rewrite would.
+    for written in [&raised, &raised, &resolved, &resolved] {
+        let mut batch = Batch::default();
+        batch
+            .notifications
+            .insert(written.id.clone(), (*written).clone());
+        store.write_batch(&batch, T0).await.expect("write");
+    }
+    let events = store.unfanned_alert_events(10).await.expect("events");
+    let phases: Vec<Phase> = events.iter().map(|event| event.phase).collect();
+    assert_eq!(phases, vec![Phase::Raised, Phase::Resolved]);
+    assert_eq!(events[0].title, raised.title);
+    assert_eq!(events[0].suggested_actions, raised.suggested_actions);
+    assert_eq!(events[1].occurred_at.millis(), T0.millis() + 10);
+
+    let channel = ChannelRecord {
+        id: "ch_1".into(),
+        name: "ops".into(),
+        workspace: None,
+        kind: ChannelKind::Webhook,
+        url: "https://hooks.example.com/".into(),
+        secret: Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
+        filter: Filter::default(),
+        enabled: true,
+        source: ChannelSource::Api,
+        created_at: T0,
+        updated_at: T0,
+    };
+    store.save_alert_channel(&channel).await.expect("channel");
+    assert_eq!(
+        store.alert_channel("ch_1").await.expect("read"),
+        Some(channel.clone())
+    );
+    for event in &events {
+        // Twice, as two dispatchers would: one delivery each.
+        for _ in 0..2 {
+            store
+                .fan_out_alert_event(event, &[&channel], T0)
+                .await
+                .expect("fan out");
+        }
+    }
+    assert!(
+        store
+            .unfanned_alert_events(10)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+    let until = Timestamp::from_millis(T0.millis() + 60_000);
+    let first = store
+        .claim_alert_deliveries("ch_1", T0, "dsp_a", until, 20)
+        .await
+        .expect("claim");
+    let second = store
+        .claim_alert_deliveries("ch_1", T0, "dsp_b", until, 20)
+        .await
+        .expect("claim");
+    assert_eq!(first.len(), 2);
+    assert!(second.is_empty(), "claimed already: {second:?}");
+
+    let attempt = |delivery: &str, outcome, next: Option<i64>| AttemptRecord {
+        delivery_id: delivery.to_owned(),
+        number: 1,
+        attempted_at: T0,
+        outcome,
+        http_status: Some(if next.is_some() { 503 } else { 200 }),
+        error: next.map(|_| "x".repeat(2000)),
+        duration_ms: 12,
+        next_attempt_at: next.map(Timestamp::from_millis),
+        digest_id: None,
+    };
+    let (retried, delivered) = (&first[0].0, &first[1].0);
+    store
+        .record_alert_attempt(
+            &attempt(&retried.id, "retry", Some(T0.millis() + 1000)),
+            DeliveryStatus::Pending,
+        )
+        .await
+        .expect("record");
+    store
+        .record_alert_attempt(
+            &attempt(&delivered.id, "delivered", None),
+            DeliveryStatus::Delivered,
+        )
+        .await
+        .expect("record");
+    let early = Timestamp::from_millis(T0.millis() + 500);
+    assert!(
+        store
+            .claim_alert_deliveries("ch_1", early, "dsp_b", until, 20)
+            .await
+            .expect("claim")
+            .is_empty(),
+        "the retry is not due yet"
+    );
+    let due = Timestamp::from_millis(T0.millis() + 1000);
+    let again = store
+        .claim_alert_deliveries("ch_1", due, "dsp_b", until, 20)
+        .await
+        .expect("claim");
+    assert_eq!(again.len(), 1);
+    assert_eq!(again[0].0.id, retried.id);
+    assert_eq!(again[0].0.attempts, 1);
+    // Released claims are due again at once.
+    store.release_alert_claims("dsp_b").await.expect("release");
+    assert_eq!(
+        store.channels_with_due_deliveries(due).await.expect("due"),
+        vec!["ch_1".to_owned()]
+    );
+    let listed = store
+        .alert_deliveries(&DeliveryQuery {
+            status: Some(DeliveryStatus::Delivered),
+            limit: 10,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].attempts[0].http_status, Some(200));
+    let pending = store
+        .alert_deliveries(&DeliveryQuery {
+            status: Some(DeliveryStatus::Pending),
+            limit: 10,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(
+        pending[0].attempts[0].error.as_deref().map(str::len),
+        Some(quotawatch::store::MAX_ATTEMPT_ERROR),
+        "error texts are bounded"
+    );
+    assert_eq!(store.pending_alert_deliveries().await.expect("count"), 1);
+
+    // A month later the delivered one is pruned with its event; a rewrite
+    // of the notification enqueues nothing again.
+    let later = Timestamp::from_millis(T0.millis() + 31 * 86_400_000);
+    store.prune(later).await.expect("prune");
+    let left = store
+        .alert_deliveries(&DeliveryQuery {
+            limit: 10,
+            ..DeliveryQuery::default()
+        })
+        .await
+        .expect("list");
+    assert_eq!(left.len(), 1);
+    assert_eq!(left[0].delivery.status, DeliveryStatus::Pending);
+    let mut batch = Batch::default();
+    batch
+        .notifications
+        .insert(resolved.id.clone(), resolved.clone());
+    store.write_batch(&batch, later).await.expect("write");
+    assert!(
+        store
+            .unfanned_alert_events(10)
+            .await
+            .expect("events")
+            .is_empty()
+    );
+    assert!(store.delete_alert_channel("ch_1").await.expect("delete"));
+    assert_eq!(store.pending_alert_deliveries().await.expect("count"), 0);
+}
+conformance!(the_alert_outbox_enqueues_each_event_once_and_one_dispatcher_claims_it);

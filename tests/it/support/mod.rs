@@ -89,6 +89,8 @@ pub struct TestServer {
     pub database_url: String,
     pub default_key: Option<String>,
     env: Vec<(String, String)>,
+    /// A TOML configuration file read at each start, if the test gave one.
+    config_file: Option<PathBuf>,
     running: Option<Running>,
     dir: Option<tempfile::TempDir>,
 }
@@ -131,6 +133,7 @@ impl TestServer {
             database_url,
             default_key: None,
             env,
+            config_file: None,
             running: None,
             dir,
         };
@@ -143,7 +146,7 @@ impl TestServer {
         let upstream_vars = vars.clone();
         let lookup = move |name: &str| vars.get(name).cloned();
         let config = config::load(Sources {
-            file: None,
+            file: self.config_file.as_deref(),
             dotenv: None,
             env: &lookup,
             cli: vec![],
@@ -162,6 +165,15 @@ impl TestServer {
             self.default_key = Some(key.expose().to_owned());
         }
         self.running = Some(running);
+    }
+
+    /// Writes `toml` as the configuration file and starts again with it.
+    pub async fn restart_with_file(&mut self, toml: &str) {
+        let dir = self.dir.as_ref().expect("a server with its own directory");
+        let path = dir.path().join("quotawatch.toml");
+        std::fs::write(&path, toml).expect("write the configuration file");
+        self.config_file = Some(path);
+        self.restart().await;
     }
 
     pub fn database_path(&self) -> PathBuf {

@@ -1,0 +1,581 @@
+//! Alert delivery: notifications' events, enqueued in the database by the
+//! flush (`store::alerts`), fanned out to the channels that want them and
+//! sent from there, so that what is stored is delivered once however many
+//! instances raised it.
+//!
+//! The dispatcher runs on every instance; the database decides who sends
+//! what. Each pass it (1) fans new events out as deliveries, one per
+//! matching channel, keyed by event and channel; (2) claims a channel's due
+//! deliveries with a lease (`claimed_until`), which one UPDATE gives to one
+//! dispatcher only; (3) sends them on a task of their own per channel, under
+//! the channel's rate limit, as one digest when too many come at once, each
+//! attempt bounded by its timeout. A hanging receiver thus holds only its
+//! own channel's task, never the request path (which never waits on any of
+//! this) nor another channel. Every attempt is recorded with what follows
+//! it (`domain::alert::decide`).
+//!
+//! Failure mode: a dispatcher that dies with claims lets them lapse at the
+//! lease's end, and another (or it, restarted) sends them then; one
+//! stopped gracefully releases them at once. A message whose receiver
+//! answered but whose attempt was not recorded before a crash is sent again
+//! with the same `webhook-id`, which receivers deduplicate by: delivery is
+//! at least once, and exactly once for what was acknowledged.
+
+pub mod payload;
+pub mod send;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::{JoinHandle, JoinSet};
+
+use crate::domain::alert::{
+    ChannelKind, Decision, Phase, Plan, RecentEvents, RetryPolicy, TEST_EVENT, TokenBucket, decide,
+};
+use crate::domain::notification::Severity;
+use crate::domain::time::Timestamp;
+use crate::engine::Engine;
+use crate::keys::Secret;
+use crate::metrics::Metrics;
+use crate::store::{
+    AttemptRecord, ChannelRecord, ChannelSource, DeliveryRecord, DeliveryStatus, EventRecord,
+    Store, StoreError,
+};
+use payload::Context;
+use send::Message;
+
+/// How many events one pass fans out.
+const BATCH: i64 = 100;
+
+/// How many due deliveries one claim takes per channel (a digest carries
+/// at most this many).
+const CLAIM: i64 = 20;
+
+/// Margin added to a claim's lease beyond the time its sends may take.
+const LEASE_MARGIN: Duration = Duration::from_secs(10);
+
+/// A global channel declared in the configuration file, its variables read.
+#[derive(Clone, Debug)]
+pub struct DeclaredChannel {
+    pub name: String,
+    pub kind: ChannelKind,
+    /// A Slack webhook's URL is its credential.
+    pub url: Secret,
+    pub secret: Option<Secret>,
+    pub filter: crate::domain::alert::Filter,
+    pub enabled: bool,
+}
+
+impl DeclaredChannel {
+    /// Its id, the same at every start: `cfg_` and a digest of its name.
+    pub fn id(&self) -> String {
+        use sha2::{Digest, Sha256};
+        format!(
+            "cfg_{}",
+            hex::encode(&Sha256::digest(self.name.as_bytes())[..8])
+        )
+    }
+}
+
+/// Writes the configuration file's channels (read-only through the API)
+/// and deletes those it no longer declares.
+pub async fn declare_channels(
+    store: &Store,
+    declared: &[DeclaredChannel],
+    now: Timestamp,
+) -> Result<(), StoreError> {
+    let mut kept = Vec::with_capacity(declared.len());
+    for channel in declared {
+        let id = channel.id();
+        let created_at = store
+            .alert_channel(&id)
+            .await?
+            .map_or(now, |stored| stored.created_at);
+        store
+            .save_alert_channel(&ChannelRecord {
+                id: id.clone(),
+                name: channel.name.clone(),
+                workspace: None,
+                kind: channel.kind,
+                url: channel.url.expose().to_owned(),
+                secret: channel
+                    .secret
+                    .as_ref()
+                    .map(|secret| secret.expose().to_owned()),
+                filter: channel.filter.clone(),
+                enabled: channel.enabled,
+                source: ChannelSource::Config,
+                created_at,
+                updated_at: now,
+            })
+            .await?;
+        kept.push(id);
+    }
+    store.retire_declared_channels(&kept).await
+}
+
+/// How alerts are delivered.
+#[derive(Clone, Debug)]
+pub struct AlertSettings {
+    /// The dashboard's public address, for links; `None` leaves them out.
+    pub public_url: Option<String>,
+    /// More events than this to one channel within a minute go as one digest.
+    pub digest_threshold: usize,
+    /// Messages per second per channel.
+    pub channel_rate: f64,
+    /// The longest an attempt waits for its receiver.
+    pub attempt_timeout: Duration,
+    pub retry: RetryPolicy,
+    /// How often the dispatcher looks for work.
+    pub poll_interval: Duration,
+}
+
+/// What sends alerts: the dispatcher's and the test endpoint's one path to
+/// a receiver and to the delivery log.
+pub struct Alerts {
+    store: Store,
+    engine: Arc<Engine>,
+    metrics: Arc<Metrics>,
+    client: reqwest::Client,
+    settings: AlertSettings,
+    /// This process's name in claims.
+    claimant: String,
+}
+
+impl Alerts {
+    pub fn new(
+        store: Store,
+        engine: Arc<Engine>,
+        metrics: Arc<Metrics>,
+        settings: AlertSettings,
+    ) -> Arc<Self> {
+        let bytes: [u8; 8] = rand::random();
+        Arc::new(Self {
+            store,
+            engine,
+            metrics,
+            // Redirects are not followed: a receiver that moved answers 3xx,
+            // which gives up, and its channel's URL is corrected.
+            client: reqwest::Client::builder()
+                .redirect(reqwest::redirect::Policy::none())
+                .build()
+                .unwrap_or_default(),
+            settings,
+            claimant: format!("dsp_{}", hex::encode(bytes)),
+        })
+    }
+
+    /// The dashboard's page of `workspace` (its overview for service-wide
+    /// events), when the public URL is set.
+    fn dashboard_url(&self, event: &EventRecord) -> Option<String> {
+        let base = self.settings.public_url.as_deref()?.trim_end_matches('/');
+        Some(match &event.workspace {
+            Some(workspace) => format!("{base}/#/w/{}", workspace.as_str()),
+            None => format!("{base}/"),
+        })
+    }
+
+    /// What an event is sent with beside its stored text: the workspace's
+    /// name and its limit's figures now.
+    fn context(&self, event: &EventRecord) -> Context {
+        let snapshot = event
+            .workspace
+            .as_ref()
+            .and_then(|workspace| self.engine.snapshot(workspace).ok());
+        let limit = snapshot.as_ref().and_then(|snapshot| {
+            snapshot
+                .limits
+                .iter()
+                .find(|(kind, _)| Some(kind.name()) == event.limit.as_deref())
+                .copied()
+        });
+        Context {
+            workspace_name: snapshot.map(|snapshot| snapshot.config.name),
+            limit,
+            dashboard_url: self.dashboard_url(event),
+        }
+    }
+
+    /// The message that carries `claimed` to `channel`: one event, or a
+    /// digest of several, whose id derives from the deliveries it carries
+    /// (so that a retry of the same digest keeps it).
+    fn message(
+        &self,
+        channel: &ChannelRecord,
+        claimed: &[(DeliveryRecord, EventRecord)],
+    ) -> Message {
+        let now = self.engine.now();
+        let with_context: Vec<(&EventRecord, Context)> = claimed
+            .iter()
+            .map(|(_, event)| (event, self.context(event)))
+            .collect();
+        let (id, body) = match (&with_context[..], channel.kind) {
+            ([(event, context)], ChannelKind::Webhook) => (
+                claimed[0].0.id.clone(),
+                payload::webhook(event, context, now),
+            ),
+            ([(event, context)], ChannelKind::Slack) => {
+                (claimed[0].0.id.clone(), payload::slack(event, context))
+            }
+            (many, kind) => {
+                use sha2::{Digest, Sha256};
+                let mut hasher = Sha256::new();
+                for (delivery, _) in claimed {
+                    hasher.update(delivery.id.as_bytes());
+                    hasher.update(b"\n");
+                }
+                let id = format!("dig_{}", hex::encode(&hasher.finalize()[..12]));
+                let body = match kind {
+                    ChannelKind::Webhook => payload::webhook_digest(many, now),
+                    ChannelKind::Slack => {
+                        payload::slack_digest(many, self.settings.public_url.as_deref())
+                    }
+                };
+                (id, body)
+            }
+        };
+        Message {
+            id,
+            timestamp: now,
+            body: serde_json::to_vec(&body).unwrap_or_default(),
+        }
+    }
+
+    /// Sends `claimed` (claimed by this process) to `channel` in one
+    /// message, and records an attempt for each delivery it carried, with
+    /// what follows. Answers the attempts.
+    async fn deliver(
+        &self,
+        channel: &ChannelRecord,
+        claimed: &[(DeliveryRecord, EventRecord)],
+    ) -> Vec<AttemptRecord> {
+        if claimed.is_empty() {
+            return Vec::new();
+        }
+        let message = self.message(channel, claimed);
+        let sent = send::post(
+            &self.client,
+            channel,
+            &message,
+            self.settings.attempt_timeout,
+        )
+        .await;
+        let now = self.engine.now();
+        let digest_id = (claimed.len() > 1).then(|| message.id.clone());
+        let mut attempts = Vec::with_capacity(claimed.len());
+        for (delivery, event) in claimed {
+            let number = delivery.attempts.saturating_add(1);
+            let first = delivery.first_attempt_at.unwrap_or(now);
+            let decision = decide(
+                self.settings.retry,
+                &sent.answer,
+                number,
+                first,
+                now,
+                rand::random(),
+            );
+            let (status, next_attempt_at, error) = match decision {
+                Decision::Delivered => (DeliveryStatus::Delivered, None, None),
+                Decision::Retry { at } => (DeliveryStatus::Pending, Some(at), sent.error.clone()),
+                Decision::GiveUp { reason } => (
+                    DeliveryStatus::GaveUp,
+                    None,
+                    Some(match &sent.error {
+                        Some(error) => format!("{}: {error}", reason.describe()),
+                        None => reason.describe().to_owned(),
+                    }),
+                ),
+            };
+            let attempt = AttemptRecord {
+                delivery_id: delivery.id.clone(),
+                number,
+                attempted_at: now,
+                outcome: decision.outcome(),
+                http_status: sent.http_status,
+                error,
+                duration_ms: u64::try_from(sent.took.as_millis()).unwrap_or(u64::MAX),
+                next_attempt_at,
+                digest_id: digest_id.clone(),
+            };
+            self.metrics
+                .count_alert_attempt(channel.kind.name(), attempt.outcome);
+            tracing::info!(
+                channel = %channel.id,
+                delivery = %delivery.id,
+                event = %event.id,
+                attempt = number,
+                outcome = attempt.outcome,
+                http_status = ?sent.http_status,
+                error = attempt.error.as_deref().unwrap_or(""),
+                "alert delivery attempted"
+            );
+            if let Err(error) = self.store.record_alert_attempt(&attempt, status).await {
+                // The claim lapses and the delivery is tried again, with the
+                // same id, which receivers deduplicate by.
+                tracing::warn!(%error, delivery = %delivery.id, "could not record an alert attempt");
+            }
+            attempts.push(attempt);
+        }
+        attempts
+    }
+
+    /// Sends a test event to `channel` now, through the same message,
+    /// sender and delivery log as any event, and answers its attempt. A
+    /// test that is to be retried stays in the log for the dispatcher.
+    pub async fn send_test(&self, channel: &ChannelRecord) -> Result<AttemptRecord, StoreError> {
+        let now = self.engine.now();
+        let bytes: [u8; 8] = rand::random();
+        let notification_id = format!("test_{}", hex::encode(bytes));
+        let event = EventRecord {
+            id: EventRecord::id_of(&notification_id, Phase::Raised),
+            notification_id,
+            phase: Phase::Raised,
+            workspace: channel.workspace.clone(),
+            kind: TEST_EVENT.to_owned(),
+            severity: Severity::Info,
+            title: "Test alert from quotawatch".to_owned(),
+            message: format!(
+                "This is a test of the alert channel \"{}\": when it arrives, the channel works.",
+                channel.name
+            ),
+            suggested_actions: vec!["Nothing to do: this is a test.".to_owned()],
+            limit: None,
+            crossing: None,
+            resolves_at: None,
+            occurred_at: now,
+        };
+        let until = now.plus(self.settings.attempt_timeout + LEASE_MARGIN);
+        let delivery = self
+            .store
+            .insert_claimed_test_event(&event, channel, &self.claimant, until)
+            .await?;
+        let mut attempts = self.deliver(channel, &[(delivery, event)]).await;
+        Ok(attempts.remove(0))
+    }
+}
+
+/// A channel's pace: its rate limit and the events it was sent lately.
+struct Pace {
+    bucket: TokenBucket,
+    recent: RecentEvents,
+}
+
+impl Pace {
+    fn new(settings: &AlertSettings, now: Timestamp) -> Self {
+        Self {
+            bucket: TokenBucket::new(
+                settings.channel_rate,
+                settings.channel_rate.ceil() as u32,
+                now,
+            ),
+            recent: RecentEvents::default(),
+        }
+    }
+
+    /// Waits for the channel's next message token.
+    async fn wait_for_token(&mut self, engine: &Engine) {
+        loop {
+            let now = engine.now();
+            match self.bucket.take(now) {
+                Ok(()) => return,
+                Err(at) => tokio::time::sleep(now.until(at)).await,
+            }
+        }
+    }
+}
+
+/// Sends one channel's claimed deliveries: as one digest when too many come
+/// at once, else one by one, each when the rate limit allows.
+async fn send_to_channel(
+    alerts: Arc<Alerts>,
+    channel: ChannelRecord,
+    claimed: Vec<(DeliveryRecord, EventRecord)>,
+    mut pace: Pace,
+) -> Pace {
+    let now = alerts.engine.now();
+    match pace
+        .recent
+        .plan(now, claimed.len(), alerts.settings.digest_threshold)
+    {
+        Plan::Digest => {
+            pace.wait_for_token(&alerts.engine).await;
+            alerts.deliver(&channel, &claimed).await;
+            pace.recent.record(alerts.engine.now(), claimed.len());
+        }
+        Plan::Each => {
+            for one in claimed {
+                pace.wait_for_token(&alerts.engine).await;
+                alerts.deliver(&channel, std::slice::from_ref(&one)).await;
+                pace.recent.record(alerts.engine.now(), 1);
+            }
+        }
+    }
+    pace
+}
+
+enum Command {
+    Stop(oneshot::Sender<()>),
+}
+
+/// Stops the dispatcher.
+#[derive(Clone)]
+pub struct DispatcherHandle {
+    commands: mpsc::Sender<Command>,
+}
+
+impl DispatcherHandle {
+    /// Stops sending and releases this process's claims, so that what it
+    /// had not sent is sent at once by whoever runs next.
+    pub async fn stop(&self) {
+        let (done, finished) = oneshot::channel();
+        if self.commands.send(Command::Stop(done)).await.is_ok() {
+            let _ = finished.await;
+        }
+    }
+}
+
+struct Dispatcher {
+    alerts: Arc<Alerts>,
+    /// Each sending channel's task, which answers its id and pace. A set,
+    /// so that the tasks end with the dispatcher however it ends.
+    sending: JoinSet<Pace>,
+    /// The channel each task sends to.
+    busy: HashMap<tokio::task::Id, String>,
+    paces: HashMap<String, Pace>,
+}
+
+pub fn spawn(alerts: Arc<Alerts>) -> (DispatcherHandle, JoinHandle<()>) {
+    let (commands, receiver) = mpsc::channel(4);
+    let dispatcher = Dispatcher {
+        alerts,
+        sending: JoinSet::new(),
+        busy: HashMap::new(),
+        paces: HashMap::new(),
+    };
+    (
+        DispatcherHandle { commands },
+        tokio::spawn(dispatcher.run(receiver)),
+    )
+}
+
+impl Dispatcher {
+    async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
+        let mut ticker = tokio::time::interval(self.alerts.settings.poll_interval);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = ticker.tick() => {}
+                command = commands.recv() => {
+                    self.sending.shutdown().await;
+                    if let Err(error) = self.alerts.store.release_alert_claims(&self.alerts.claimant).await {
+                        tracing::warn!(%error, "could not release alert claims; they lapse by themselves");
+                    }
+                    if let Some(Command::Stop(done)) = command {
+                        let _ = done.send(());
+                    }
+                    return;
+                }
+            }
+            if let Err(error) = self.pass().await {
+                tracing::warn!(%error, "alert dispatch failed; will retry");
+            }
+        }
+    }
+
+    async fn pass(&mut self) -> Result<(), StoreError> {
+        let alerts = self.alerts.clone();
+        let store = &alerts.store;
+        let now = alerts.engine.now();
+        self.collect_finished();
+        let events = store.unfanned_alert_events(BATCH).await?;
+        let due = store.channels_with_due_deliveries(now).await?;
+        if !events.is_empty() || !due.is_empty() {
+            let channels = store.alert_channels(None).await?;
+            for event in &events {
+                let matching: Vec<&ChannelRecord> = channels
+                    .iter()
+                    .filter(|channel| {
+                        channel.enabled
+                            && (channel.workspace.is_none() || channel.workspace == event.workspace)
+                            && channel
+                                .filter
+                                .accepts(&event.kind, event.severity, event.phase)
+                    })
+                    .collect();
+                store.fan_out_alert_event(event, &matching, now).await?;
+            }
+            // Fanned-out deliveries are due now: claim them in this pass.
+            let due = if events.is_empty() {
+                due
+            } else {
+                store.channels_with_due_deliveries(now).await?
+            };
+            for channel_id in due {
+                let Some(channel) = channels.iter().find(|c| c.id == channel_id && c.enabled)
+                else {
+                    continue;
+                };
+                if self.busy.values().any(|busy| *busy == channel_id) {
+                    continue;
+                }
+                self.start_sending(channel.clone(), now).await?;
+            }
+        }
+        alerts
+            .metrics
+            .set_alerts_pending(store.pending_alert_deliveries().await?);
+        Ok(())
+    }
+
+    /// Claims `channel`'s due deliveries and sends them on a task of its
+    /// own.
+    async fn start_sending(
+        &mut self,
+        channel: ChannelRecord,
+        now: Timestamp,
+    ) -> Result<(), StoreError> {
+        let settings = &self.alerts.settings;
+        let per_message =
+            settings.attempt_timeout + Duration::from_secs_f64(1.0 / settings.channel_rate);
+        let until = now.plus(per_message * CLAIM as u32 + LEASE_MARGIN);
+        let claimed = self
+            .alerts
+            .store
+            .claim_alert_deliveries(&channel.id, now, &self.alerts.claimant, until, CLAIM)
+            .await?;
+        if claimed.is_empty() {
+            return Ok(());
+        }
+        let pace = self
+            .paces
+            .remove(&channel.id)
+            .unwrap_or_else(|| Pace::new(settings, now));
+        let id = channel.id.clone();
+        let task = self
+            .sending
+            .spawn(send_to_channel(self.alerts.clone(), channel, claimed, pace));
+        self.busy.insert(task.id(), id);
+        Ok(())
+    }
+
+    /// Takes back the pace of each channel whose task ended.
+    fn collect_finished(&mut self) {
+        while let Some(finished) = self.sending.try_join_next_with_id() {
+            match finished {
+                Ok((task, pace)) => {
+                    if let Some(channel) = self.busy.remove(&task) {
+                        self.paces.insert(channel, pace);
+                    }
+                }
+                Err(error) => {
+                    // The channel's pace is lost with its task; its claims
+                    // lapse and it starts afresh.
+                    tracing::error!(%error, "an alert channel's task failed");
+                    self.busy.remove(&error.id());
+                }
+            }
+        }
+    }
+}
