@@ -16,7 +16,8 @@
 //!
 //! Failure mode: a dispatcher that dies with claims lets them lapse at the
 //! lease's end, and another (or it, restarted) sends them then; one
-//! stopped gracefully releases them at once. A message whose receiver
+//! stopped gracefully records the attempts in flight (waiting up to 5 s for
+//! their answers) and releases its claims at once. A message whose receiver
 //! answered but whose attempt was not recorded before a crash is sent again
 //! with the same `webhook-id`, which receivers deduplicate by: delivery is
 //! at least once, and exactly once for what was acknowledged.
@@ -26,6 +27,7 @@ pub mod send;
 
 use std::collections::HashMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
@@ -55,6 +57,8 @@ const CLAIM: i64 = 20;
 
 /// Margin added to a claim's lease beyond the time its sends may take.
 const LEASE_MARGIN: Duration = Duration::from_secs(10);
+/// How long a graceful stop waits at most for the attempts in flight.
+const DRAIN: Duration = Duration::from_secs(5);
 
 /// A global channel declared in the configuration file, its variables read.
 #[derive(Clone, Debug)]
@@ -142,6 +146,9 @@ pub struct Alerts {
     settings: AlertSettings,
     /// This process's name in claims.
     claimant: String,
+    /// Set when the dispatcher stops: channels' tasks send nothing more
+    /// once the attempt in flight is recorded.
+    stopping: AtomicBool,
 }
 
 impl Alerts {
@@ -164,6 +171,7 @@ impl Alerts {
                 .unwrap_or_default(),
             settings,
             claimant: format!("dsp_{}", hex::encode(bytes)),
+            stopping: AtomicBool::new(false),
         })
     }
 
@@ -406,6 +414,9 @@ async fn send_to_channel(
         }
         Plan::Each => {
             for one in claimed {
+                if alerts.stopping.load(Ordering::Relaxed) {
+                    break;
+                }
                 pace.wait_for_token(&alerts.engine).await;
                 alerts.deliver(&channel, std::slice::from_ref(&one)).await;
                 pace.recent.record(alerts.engine.now(), 1);
@@ -468,7 +479,7 @@ impl Dispatcher {
             tokio::select! {
                 _ = ticker.tick() => {}
                 command = commands.recv() => {
-                    self.sending.shutdown().await;
+                    self.drain().await;
                     if let Err(error) = self.alerts.store.release_alert_claims(&self.alerts.claimant).await {
                         tracing::warn!(%error, "could not release alert claims; they lapse by themselves");
                     }
@@ -481,6 +492,19 @@ impl Dispatcher {
             if let Err(error) = self.pass().await {
                 tracing::warn!(%error, "alert dispatch failed; will retry");
             }
+        }
+    }
+
+    /// Lets the attempts in flight end and be recorded, for as long as one
+    /// may take (at most `DRAIN`), then ends whatever still waits on a
+    /// receiver: what a receiver answered before the stop is then not sent
+    /// again, and a receiver that hangs does not hold the stop for long.
+    async fn drain(&mut self) {
+        self.alerts.stopping.store(true, Ordering::Relaxed);
+        let wait = self.alerts.settings.attempt_timeout.min(DRAIN);
+        let finished = async { while self.sending.join_next().await.is_some() {} };
+        if tokio::time::timeout(wait, finished).await.is_err() {
+            self.sending.shutdown().await;
         }
     }
 
