@@ -1183,6 +1183,9 @@ export class Detail {
         channel.name,
         " ",
         h("span", { class: "hint" }, channel.type),
+        channel.to === null
+          ? null
+          : h("p", { class: "hint" }, `to ${channel.to.join(", ")}`),
         h(
           "p",
           { class: "hint" },
@@ -1232,10 +1235,20 @@ export class Detail {
           label: "Type",
           value: "webhook",
           required: true,
-          pattern: "webhook|slack",
-          hint: "webhook (signed, Standard Webhooks) or slack (an incoming webhook URL).",
+          pattern: "webhook|slack|email",
+          hint: "webhook (signed, Standard Webhooks), slack (an incoming webhook URL) or email.",
         },
-        { name: "url", label: "URL", type: "url", required: true },
+        {
+          name: "url",
+          label: "URL",
+          type: "url",
+          hint: "The receiver of a webhook or slack channel.",
+        },
+        {
+          name: "to",
+          label: "Recipients",
+          hint: "An email channel's addresses, comma-separated.",
+        },
         {
           name: "events",
           label: "Events",
@@ -1257,15 +1270,21 @@ export class Detail {
         },
       ],
       onSubmit: async (values) => {
-        const events = values.events
-          .split(",")
-          .map((event) => event.trim())
-          .filter((event) => event !== "");
+        const list = (text) =>
+          text
+            .split(",")
+            .map((item) => item.trim())
+            .filter((item) => item !== "");
+        const events = list(values.events);
+        // Each kind is sent only its own receiver, which the server
+        // requires and checks.
+        const email = values.type === "email";
         const created = await this.app.api.createChannel({
           name: values.name,
           workspace: this.id,
           type: values.type,
-          url: values.url,
+          url: email ? undefined : values.url,
+          to: email ? list(values.to) : undefined,
           events: events.length === 0 ? undefined : events,
           min_severity: values.min_severity,
           resolutions: values.resolutions,

@@ -45,6 +45,8 @@ pub enum StartError {
     Io(#[from] std::io::Error),
     #[error("{0}")]
     Prices(#[from] crate::prices::PriceFileError),
+    #[error("cannot use the SMTP server: {0}")]
+    Smtp(String),
 }
 
 /// Keys created during start-up. They exist only here, to be shown once.
@@ -197,10 +199,17 @@ pub async fn start(
     }
     let metrics = Arc::new(crate::metrics::Metrics::new(&config.metrics_models));
     alerts::declare_channels(&store, &config.alert_channels, engine.now()).await?;
+    let mailer = config
+        .smtp
+        .as_ref()
+        .map(crate::mail::Mailer::new)
+        .transpose()
+        .map_err(StartError::Smtp)?;
     let alerts = Alerts::new(
         store.clone(),
         engine.clone(),
         metrics.clone(),
+        mailer,
         config.alerts.clone(),
     );
     let (dispatcher, dispatcher_task) = alerts::spawn(alerts.clone());

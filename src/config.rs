@@ -32,7 +32,9 @@ use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::{OnStoreError, WorkspaceDefaults};
 use crate::keys::Secret;
-use crate::mail::{ExtraRoot, SmtpConfig, SmtpServer, parse_sender, read_extra_root};
+use crate::mail::{
+    ExtraRoot, SmtpConfig, SmtpServer, parse_recipients, parse_sender, read_extra_root,
+};
 use crate::proxy::UpstreamConfig;
 use crate::proxy::estimate::Tokenizer;
 use crate::telemetry::mask_secrets;
@@ -331,7 +333,8 @@ struct FileAlerts {
 
 /// A global alert channel declared in the TOML file. Its URL (a Slack
 /// webhook's is a secret) and its signing secret may be read from
-/// environment variables it names.
+/// environment variables it names; an email channel lists its recipients
+/// instead of a URL.
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct FileChannel {
@@ -340,6 +343,7 @@ struct FileChannel {
     kind: String,
     url: Option<String>,
     url_env: Option<String>,
+    to: Option<Vec<String>>,
     secret_env: Option<String>,
     events: Option<Vec<String>>,
     min_severity: Option<String>,
@@ -365,6 +369,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
         .collect();
     let mut declared = (Vec::new(), Source::Default);
     let mut declared_channels = Vec::new();
+    let mut channels_source = Source::Default;
 
     if let Some(path) = sources.file {
         let source = Source::File(path.to_owned());
@@ -392,6 +397,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
                     .enumerate()
                     .map(|(index, channel)| file_channel(index, channel, &source, sources.env))
                     .collect::<Result<Vec<_>, _>>()?;
+                channels_source = source.clone();
                 continue;
             }
             let setting = SETTINGS
@@ -464,6 +470,22 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
     }
 
     let mut config = build(values, declared)?;
+    // Refused here rather than at the first alert, which would give up on
+    // every email a channel was meant to send.
+    if config.smtp.is_none()
+        && let Some(index) = declared_channels
+            .iter()
+            .position(|channel| channel.kind == ChannelKind::Email)
+    {
+        return Err(ConfigError::new(
+            format!("alerts.channels[{index}].type"),
+            &channels_source,
+            format!(
+                "an email channel needs the SMTP server: set {} and {}, or remove the channel",
+                SMTP_URL.def.env, SMTP_FROM.def.env
+            ),
+        ));
+    }
     config.alert_channels = declared_channels;
     Ok(config)
 }
@@ -485,14 +507,52 @@ fn file_channel(
     };
     crate::domain::alert::validate_name(&channel.name).map_err(|e| fail("name", e.message))?;
     let kind = ChannelKind::from_name(&channel.kind)
-        .ok_or_else(|| fail("type", "is webhook or slack".to_owned()))?;
-    let url = match (channel.url, &channel.url_env) {
-        (Some(url), None) => url,
-        (None, Some(name)) => from_env("url_env", name)?,
-        _ => return Err(fail("url", "give url or url_env (one of them)".to_owned())),
+        .ok_or_else(|| fail("type", "is webhook, slack or email".to_owned()))?;
+    let (url, recipients) = if kind.has_url() {
+        if channel.to.is_some() {
+            return Err(fail(
+                "to",
+                format!(
+                    "only email channels have recipients; a {} channel sends to its url",
+                    kind.name()
+                ),
+            ));
+        }
+        let url = match (channel.url, &channel.url_env) {
+            (Some(url), None) => url,
+            (None, Some(name)) => from_env("url_env", name)?,
+            _ => return Err(fail("url", "give url or url_env (one of them)".to_owned())),
+        };
+        crate::domain::alert::validate_url(&url)
+            .map_err(|e| fail("url", mask_secrets(&e.message).into_owned()))?;
+        (Some(Secret::new(&url)), Vec::new())
+    } else {
+        if channel.url.is_some() || channel.url_env.is_some() {
+            let field = if channel.url.is_some() {
+                "url"
+            } else {
+                "url_env"
+            };
+            return Err(fail(
+                field,
+                "an email channel sends to its recipients (to), not to a url".to_owned(),
+            ));
+        }
+        let list = channel.to.ok_or_else(|| {
+            fail(
+                "to",
+                "an email channel needs its recipients: a list of addresses".to_owned(),
+            )
+        })?;
+        let addresses = parse_recipients(&list).map_err(|e| {
+            ConfigError::new(
+                format!("alerts.channels[{index}].{}", e.field("to")),
+                source,
+                e.message,
+            )
+        })?;
+        (None, addresses.iter().map(ToString::to_string).collect())
     };
-    crate::domain::alert::validate_url(&url)
-        .map_err(|e| fail("url", mask_secrets(&e.message).into_owned()))?;
     let secret = match (&channel.secret_env, kind.is_signed()) {
         (Some(name), true) => {
             let secret = from_env("secret_env", name)?;
@@ -530,7 +590,8 @@ fn file_channel(
     Ok(DeclaredChannel {
         name: channel.name,
         kind,
-        url: Secret::new(&url),
+        url,
+        recipients,
         secret,
         filter: Filter {
             events,
@@ -1531,8 +1592,8 @@ resolutions = false
             )
         );
         assert_eq!(
-            chat.url.expose(),
-            "https://hooks.slack.com/services/T0/B0/XXXXXXXX"
+            chat.url.as_ref().map(Secret::expose),
+            Some("https://hooks.slack.com/services/T0/B0/XXXXXXXX")
         );
         assert!(!chat.filter.resolutions);
         assert_ne!(ops.id(), chat.id());
@@ -1572,6 +1633,57 @@ resolutions = false
             ),
         ] {
             let error = load_with(Some(file), None, env, vec![]).expect_err(file);
+            assert_eq!(error.setting, setting, "{file}: {error}");
+        }
+    }
+
+    #[test]
+    fn declared_email_channels_need_the_smtp_server_and_name_a_bad_recipient() {
+        let file = "[[alerts.channels]]\nname = \"mail\"\ntype = \"email\"\nto = [\"ops@example.com\", \"Oncall@example.com\"]\n";
+        let smtp = [
+            ("QUOTAWATCH_SMTP_URL", "smtp://127.0.0.1:2525?tls=none"),
+            ("QUOTAWATCH_SMTP_FROM", "alerts@example.com"),
+        ];
+        let config = load_with(Some(file), None, &smtp, vec![]).expect("valid");
+        let [mail] = &config.alert_channels[..] else {
+            panic!("one channel: {:?}", config.alert_channels);
+        };
+        assert_eq!(mail.kind, ChannelKind::Email);
+        assert!(mail.url.is_none());
+        assert_eq!(mail.recipients, ["ops@example.com", "Oncall@example.com"]);
+
+        // Without the SMTP server it would never send: refused, naming it.
+        let error = load_with(Some(file), None, &[], vec![]).expect_err("no SMTP server");
+        assert_eq!(error.setting, "alerts.channels[0].type");
+        assert!(
+            error.message.contains("QUOTAWATCH_SMTP_URL"),
+            "{}",
+            error.message
+        );
+
+        for (file, setting) in [
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"email\"\nto = [\"ops@example.com\", \"nobody\"]\n",
+                "alerts.channels[0].to[1]",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"email\"\n",
+                "alerts.channels[0].to",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"email\"\nto = [\"ops@example.com\"]\nurl = \"https://a.example\"\n",
+                "alerts.channels[0].url",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"slack\"\nurl = \"https://a.example\"\nto = [\"ops@example.com\"]\n",
+                "alerts.channels[0].to",
+            ),
+            (
+                "[[alerts.channels]]\nname = \"x\"\ntype = \"email\"\nto = [\"ops@example.com\"]\nsecret_env = \"S\"\n",
+                "alerts.channels[0].secret_env",
+            ),
+        ] {
+            let error = load_with(Some(file), None, &smtp, vec![]).expect_err(file);
             assert_eq!(error.setting, setting, "{file}: {error}");
         }
     }

@@ -23,6 +23,7 @@ use lettre::transport::smtp::authentication::Credentials;
 use lettre::transport::smtp::client::{Certificate, Tls, TlsParameters};
 use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
+pub use crate::domain::alert::Phase;
 use crate::domain::forecast::Basis;
 use crate::domain::limits::LimitKind;
 use crate::domain::notification::{Notification, NotificationKind};
@@ -249,6 +250,17 @@ pub struct RecipientError {
     pub message: String,
 }
 
+impl RecipientError {
+    /// The field at fault in a list named `list`: `list[i]` for one entry,
+    /// `list` for the whole.
+    pub fn field(&self, list: &str) -> String {
+        match self.index {
+            Some(index) => format!("{list}[{index}]"),
+            None => list.to_owned(),
+        }
+    }
+}
+
 // ----- delivery ---------------------------------------------------------------------------
 
 /// Why a message was not delivered.
@@ -313,6 +325,11 @@ impl Mailer {
             from: config.from.clone(),
             timeout: config.timeout,
         })
+    }
+
+    /// The longest one delivery may take.
+    pub fn timeout(&self) -> Duration {
+        self.timeout
     }
 
     /// Delivers `email` to `to` (one to [`MAX_RECIPIENTS`] addresses), within
@@ -399,13 +416,6 @@ pub struct Email {
     pub html: String,
 }
 
-/// Whether an alert announces a notification or its end.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Phase {
-    Raised,
-    Resolved,
-}
-
 /// What an alert email reports.
 #[derive(Clone, Copy, Debug)]
 pub struct Alert<'a> {
@@ -461,8 +471,43 @@ pub fn compose(alert: &Alert<'_>, now: Timestamp) -> Email {
         &heading,
         &notification.message,
         &figures,
-        &notification.suggested_actions,
+        ("Suggested actions", &notification.suggested_actions),
         link.as_deref(),
+    )
+}
+
+/// The one email that carries several alerts at once (a digest, sent when
+/// more come within a minute than a channel is sent one by one): the count
+/// in the subject and a line per alert, each as its own email's subject
+/// says it. `tests` is how many test alerts it carries beside them.
+pub fn compose_digest(
+    alerts: &[Alert<'_>],
+    tests: usize,
+    dashboard: Option<&reqwest::Url>,
+    now: Timestamp,
+) -> Email {
+    let count = alerts.len() + tests;
+    let mut lines: Vec<String> = alerts
+        .iter()
+        .map(|alert| {
+            format!(
+                "{} ({}, {})",
+                summary(alert),
+                alert.notification.severity.name(),
+                alert.phase.name()
+            )
+        })
+        .collect();
+    lines.extend(std::iter::repeat_n("test alert".to_owned(), tests));
+    layout(
+        cut(format!("[quotawatch] {count} alerts")),
+        &format!("{count} alerts from quotawatch"),
+        &format!(
+            "These alerts came at once (as of {now}), so they are sent in one message. The dashboard has each one's figures and suggested actions."
+        ),
+        &[("Alerts", count.to_string())],
+        ("Alerts", &lines),
+        dashboard.map(reqwest::Url::as_str),
     )
 }
 
@@ -488,7 +533,10 @@ pub fn compose_test(
             "This message was sent at {now} to check that email alerts for {scope} reach you. Nothing needs to be done."
         ),
         &[("Status", "test".to_owned())],
-        &["If this reached the wrong people, change the channel's recipients.".to_owned()],
+        (
+            "Suggested actions",
+            &["If this reached the wrong people, change the channel's recipients.".to_owned()],
+        ),
         dashboard.map(reqwest::Url::as_str),
     )
 }
@@ -496,6 +544,12 @@ pub fn compose_test(
 /// The subject: short and specific, such as
 /// "[quotawatch] acme: 80% of tokens_per_day used".
 fn subject(alert: &Alert<'_>) -> String {
+    cut(format!("[quotawatch] {}", summary(alert)))
+}
+
+/// What the alert is about in one line, such as
+/// "acme: 80% of tokens_per_day used".
+fn summary(alert: &Alert<'_>) -> String {
     let notification = alert.notification;
     let what = match (notification.limit, numbers_of(alert)) {
         (Some(kind), numbers) => match (notification.kind, notification.crossing) {
@@ -522,10 +576,10 @@ fn subject(alert: &Alert<'_>) -> String {
         Phase::Raised => what,
         Phase::Resolved => format!("resolved: {what}"),
     };
-    cut(match notification.workspace {
-        Some(_) => format!("[quotawatch] {}: {what}", one_line(alert.workspace_name)),
-        None => format!("[quotawatch] {what}"),
-    })
+    match notification.workspace {
+        Some(_) => format!("{}: {what}", one_line(alert.workspace_name)),
+        None => what,
+    }
 }
 
 /// A subject cut to [`MAX_SUBJECT_CHARS`], with an ellipsis.
@@ -649,23 +703,25 @@ fn dashboard_link(dashboard: Option<&reqwest::Url>, notification: &Notification)
     })
 }
 
-/// The email laid out from its parts, once as text and once as HTML.
+/// The email laid out from its parts, once as text and once as HTML: a
+/// heading, a message, figures, a titled list (left out when empty) and a
+/// link.
 fn layout(
     subject: String,
     heading: &str,
     message: &str,
     figures: &[Figure],
-    actions: &[String],
+    (list_title, list): (&str, &[String]),
     link: Option<&str>,
 ) -> Email {
     let mut text = format!("{heading}\n\n{message}\n\n");
     for (label, value) in figures {
         let _ = writeln!(text, "{label}: {value}");
     }
-    if !actions.is_empty() {
-        text.push_str("\nSuggested actions:\n");
-        for action in actions {
-            let _ = writeln!(text, "- {action}");
+    if !list.is_empty() {
+        let _ = writeln!(text, "\n{list_title}:");
+        for item in list {
+            let _ = writeln!(text, "- {item}");
         }
     }
     if let Some(link) = link {
@@ -688,10 +744,10 @@ fn layout(
         );
     }
     html.push_str("</table>\n");
-    if !actions.is_empty() {
-        html.push_str("<h3>Suggested actions</h3>\n<ul>\n");
-        for action in actions {
-            let _ = writeln!(html, "<li>{}</li>", escape_html(action));
+    if !list.is_empty() {
+        let _ = writeln!(html, "<h3>{}</h3>\n<ul>", escape_html(list_title));
+        for item in list {
+            let _ = writeln!(html, "<li>{}</li>", escape_html(item));
         }
         html.push_str("</ul>\n");
     }

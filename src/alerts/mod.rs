@@ -20,8 +20,12 @@
 //! their answers) and releases its claims at once. A message whose receiver
 //! answered but whose attempt was not recorded before a crash is sent again
 //! with the same `webhook-id`, which receivers deduplicate by: delivery is
-//! at least once, and exactly once for what was acknowledged.
+//! at least once, and exactly once for what was acknowledged. An email
+//! channel's messages go through the SMTP server instead (`email.rs`), by
+//! the same path: the same claims, pace, digests and retry policy, an
+//! attempt bounded by the SMTP timeout.
 
+pub mod email;
 pub mod payload;
 pub mod send;
 
@@ -40,6 +44,7 @@ use crate::domain::notification::Severity;
 use crate::domain::time::Timestamp;
 use crate::engine::Engine;
 use crate::keys::Secret;
+use crate::mail::Mailer;
 use crate::metrics::Metrics;
 use crate::store::{
     AttemptRecord, ChannelRecord, ChannelSource, DeliveryRecord, DeliveryStatus, EventRecord,
@@ -65,8 +70,11 @@ const DRAIN: Duration = Duration::from_secs(5);
 pub struct DeclaredChannel {
     pub name: String,
     pub kind: ChannelKind,
-    /// A Slack webhook's URL is its credential.
-    pub url: Secret,
+    /// A webhook's or Slack's receiver (a Slack webhook's URL is its
+    /// credential); `None` for an email channel.
+    pub url: Option<Secret>,
+    /// An email channel's recipients, checked; empty for the other kinds.
+    pub recipients: Vec<String>,
     pub secret: Option<Secret>,
     pub filter: crate::domain::alert::Filter,
     pub enabled: bool,
@@ -103,7 +111,11 @@ pub async fn declare_channels(
                 name: channel.name.clone(),
                 workspace: None,
                 kind: channel.kind,
-                url: channel.url.expose().to_owned(),
+                url: channel
+                    .url
+                    .as_ref()
+                    .map_or_else(String::new, |url| url.expose().to_owned()),
+                recipients: channel.recipients.clone(),
                 secret: channel
                     .secret
                     .as_ref()
@@ -143,6 +155,10 @@ pub struct Alerts {
     engine: Arc<Engine>,
     metrics: Arc<Metrics>,
     client: reqwest::Client,
+    /// The SMTP server's client, when the settings name one.
+    mailer: Option<Mailer>,
+    /// The dashboard's public address, parsed, for the links in emails.
+    dashboard: Option<reqwest::Url>,
     settings: AlertSettings,
     /// This process's name in claims.
     claimant: String,
@@ -156,6 +172,7 @@ impl Alerts {
         store: Store,
         engine: Arc<Engine>,
         metrics: Arc<Metrics>,
+        mailer: Option<Mailer>,
         settings: AlertSettings,
     ) -> Arc<Self> {
         let bytes: [u8; 8] = rand::random();
@@ -163,6 +180,11 @@ impl Alerts {
             store,
             engine,
             metrics,
+            mailer,
+            dashboard: settings
+                .public_url
+                .as_deref()
+                .and_then(|url| url.parse().ok()),
             // Redirects are not followed: a receiver that moved answers 3xx,
             // which gives up, and its channel's URL is corrected.
             client: reqwest::Client::builder()
@@ -173,6 +195,20 @@ impl Alerts {
             claimant: format!("dsp_{}", hex::encode(bytes)),
             stopping: AtomicBool::new(false),
         })
+    }
+
+    /// Whether email channels can send (the SMTP server is configured).
+    pub fn sends_email(&self) -> bool {
+        self.mailer.is_some()
+    }
+
+    /// The longest one attempt to a channel of `kind` may take: the SMTP
+    /// timeout for email, the attempt timeout for the others.
+    fn attempt_timeout(&self, kind: ChannelKind) -> Duration {
+        match (kind, &self.mailer) {
+            (ChannelKind::Email, Some(mailer)) => mailer.timeout(),
+            _ => self.settings.attempt_timeout,
+        }
     }
 
     /// The dashboard's page of `workspace` (its overview for service-wide
@@ -206,9 +242,8 @@ impl Alerts {
         }
     }
 
-    /// The message that carries `claimed` to `channel`: one event, or a
-    /// digest of several, whose id derives from the deliveries it carries
-    /// (so that a retry of the same digest keeps it).
+    /// The message that carries `claimed` to a webhook or Slack `channel`:
+    /// one event, or a digest of several.
     fn message(
         &self,
         channel: &ChannelRecord,
@@ -219,33 +254,15 @@ impl Alerts {
             .iter()
             .map(|(_, event)| (event, self.context(event)))
             .collect();
-        let (id, body) = match (&with_context[..], channel.kind) {
-            ([(event, context)], ChannelKind::Webhook) => (
-                claimed[0].0.id.clone(),
-                payload::webhook(event, context, now),
-            ),
-            ([(event, context)], ChannelKind::Slack) => {
-                (claimed[0].0.id.clone(), payload::slack(event, context))
-            }
-            (many, kind) => {
-                use sha2::{Digest, Sha256};
-                let mut hasher = Sha256::new();
-                for (delivery, _) in claimed {
-                    hasher.update(delivery.id.as_bytes());
-                    hasher.update(b"\n");
-                }
-                let id = format!("dig_{}", hex::encode(&hasher.finalize()[..12]));
-                let body = match kind {
-                    ChannelKind::Webhook => payload::webhook_digest(many, now),
-                    ChannelKind::Slack => {
-                        payload::slack_digest(many, self.settings.public_url.as_deref())
-                    }
-                };
-                (id, body)
-            }
+        let slack = channel.kind == ChannelKind::Slack;
+        let body = match (&with_context[..], slack) {
+            ([(event, context)], false) => payload::webhook(event, context, now),
+            ([(event, context)], true) => payload::slack(event, context),
+            (many, false) => payload::webhook_digest(many, now),
+            (many, true) => payload::slack_digest(many, self.settings.public_url.as_deref()),
         };
         Message {
-            id,
+            id: message_id(claimed),
             timestamp: now,
             body: serde_json::to_vec(&body).unwrap_or_default(),
         }
@@ -262,16 +279,21 @@ impl Alerts {
         if claimed.is_empty() {
             return Vec::new();
         }
-        let message = self.message(channel, claimed);
-        let sent = send::post(
-            &self.client,
-            channel,
-            &message,
-            self.settings.attempt_timeout,
-        )
-        .await;
+        let sent = match channel.kind {
+            ChannelKind::Email => self.mail(channel, claimed).await,
+            ChannelKind::Webhook | ChannelKind::Slack => {
+                let message = self.message(channel, claimed);
+                send::post(
+                    &self.client,
+                    channel,
+                    &message,
+                    self.settings.attempt_timeout,
+                )
+                .await
+            }
+        };
         let now = self.engine.now();
-        let digest_id = (claimed.len() > 1).then(|| message.id.clone());
+        let digest_id = (claimed.len() > 1).then(|| message_id(claimed));
         let mut attempts = Vec::with_capacity(claimed.len());
         for (delivery, event) in claimed {
             let number = delivery.attempts.saturating_add(1);
@@ -329,6 +351,41 @@ impl Alerts {
         attempts
     }
 
+    /// Mails `claimed` to an email `channel` as one email.
+    async fn mail(
+        &self,
+        channel: &ChannelRecord,
+        claimed: &[(DeliveryRecord, EventRecord)],
+    ) -> send::Sent {
+        let Some(mailer) = &self.mailer else {
+            return send::unsendable(
+                "email channels need the SMTP server: set QUOTAWATCH_SMTP_URL and QUOTAWATCH_SMTP_FROM",
+            );
+        };
+        let mut mailed = Vec::with_capacity(claimed.len());
+        for (_, event) in claimed {
+            let raised_at = match event.phase {
+                Phase::Raised => event.occurred_at,
+                Phase::Resolved => self
+                    .store
+                    .notification_raised_at(&event.notification_id)
+                    .await
+                    .ok()
+                    .flatten()
+                    .unwrap_or(event.occurred_at),
+            };
+            mailed.push(email::Mailed {
+                event,
+                context: self.context(event),
+                raised_at,
+            });
+        }
+        match email::compose(&mailed, self.dashboard.as_ref(), self.engine.now()) {
+            Ok(email) => send::mail(mailer, &channel.recipients, &email).await,
+            Err(reason) => send::unsendable(&reason),
+        }
+    }
+
     /// Sends a test event to `channel` now, through the same message,
     /// sender and delivery log as any event, and answers its attempt. A
     /// test that is to be retried stays in the log for the dispatcher.
@@ -354,13 +411,31 @@ impl Alerts {
             resolves_at: None,
             occurred_at: now,
         };
-        let until = now.plus(self.settings.attempt_timeout + LEASE_MARGIN);
+        let until = now.plus(self.attempt_timeout(channel.kind) + LEASE_MARGIN);
         let delivery = self
             .store
             .insert_claimed_test_event(&event, channel, &self.claimant, until)
             .await?;
         let mut attempts = self.deliver(channel, &[(delivery, event)]).await;
         Ok(attempts.remove(0))
+    }
+}
+
+/// The id of the message that carries `claimed`: its delivery's for one,
+/// else a digest's, derived from the deliveries it carries (so that a retry
+/// of the same digest keeps it).
+fn message_id(claimed: &[(DeliveryRecord, EventRecord)]) -> String {
+    match claimed {
+        [(delivery, _)] => delivery.id.clone(),
+        many => {
+            use sha2::{Digest, Sha256};
+            let mut hasher = Sha256::new();
+            for (delivery, _) in many {
+                hasher.update(delivery.id.as_bytes());
+                hasher.update(b"\n");
+            }
+            format!("dig_{}", hex::encode(&hasher.finalize()[..12]))
+        }
     }
 }
 
@@ -561,8 +636,8 @@ impl Dispatcher {
         now: Timestamp,
     ) -> Result<(), StoreError> {
         let settings = &self.alerts.settings;
-        let per_message =
-            settings.attempt_timeout + Duration::from_secs_f64(1.0 / settings.channel_rate);
+        let per_message = self.alerts.attempt_timeout(channel.kind)
+            + Duration::from_secs_f64(1.0 / settings.channel_rate);
         let until = now.plus(per_message * CLAIM as u32 + LEASE_MARGIN);
         let claimed = self
             .alerts

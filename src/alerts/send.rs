@@ -1,6 +1,7 @@
 //! Sending one message to one channel: the body for its kind, the
 //! Standard Webhooks signature for a webhook, the POST with the attempt's
-//! timeout, and the receiver's answer as `domain::alert` reads it.
+//! timeout (or an email through the SMTP server, within its timeout), and
+//! the receiver's answer as `domain::alert` reads it.
 
 use std::time::{Duration, Instant};
 
@@ -11,6 +12,7 @@ use sha2::Sha256;
 
 use crate::domain::alert::{Answer, ChannelKind, secret_bytes};
 use crate::domain::time::Timestamp;
+use crate::mail::{Email, MailError, Mailer, parse_recipients};
 use crate::store::ChannelRecord;
 
 /// The most of a receiver's answer read, for the error text of a refusal.
@@ -92,7 +94,7 @@ pub async fn post(
             };
             request = request.header("webhook-signature", signature);
         }
-        ChannelKind::Slack => {}
+        ChannelKind::Slack | ChannelKind::Email => {}
     }
     let result = tokio::time::timeout(timeout, async {
         let response = request.body(message.body.clone()).send().await?;
@@ -129,6 +131,47 @@ pub async fn post(
             took,
         },
         Err(_) => timed_out(timeout, took),
+    }
+}
+
+/// Mails `email` to `recipients` (an email channel's, checked again here).
+/// A failure worth trying again (no connection, a timeout, a 4xx reply) is
+/// retried as a receiver that could not be reached; any other is a refusal.
+pub async fn mail(mailer: &Mailer, recipients: &[String], email: &Email) -> Sent {
+    let started = Instant::now();
+    let result = match parse_recipients(recipients) {
+        Ok(to) => mailer.send(&to, email).await,
+        Err(error) => Err(MailError::Permanent(format!(
+            "the channel's recipients cannot be used: {error}"
+        ))),
+    };
+    let (answer, error) = match result {
+        Ok(()) => (Answer::Accepted, None),
+        Err(error) => (
+            if error.is_transient() {
+                Answer::Failed
+            } else {
+                Answer::Refused
+            },
+            Some(crate::telemetry::mask_secrets(&error.to_string()).into_owned()),
+        ),
+    };
+    Sent {
+        answer,
+        http_status: None,
+        error,
+        took: started.elapsed(),
+    }
+}
+
+/// The attempt of a message that could not be sent at all, for `reason`:
+/// given up, as a refusal is.
+pub fn unsendable(reason: &str) -> Sent {
+    Sent {
+        answer: Answer::Refused,
+        http_status: None,
+        error: Some(reason.to_owned()),
+        took: Duration::ZERO,
     }
 }
 

@@ -18,6 +18,7 @@ use crate::domain::limits::{ValidationError, WorkspaceId};
 use crate::domain::notification::Severity;
 use crate::edge::auth::Auth;
 use crate::edge::error::{ApiError, ErrorBody, Json, Path, Query};
+use crate::mail::parse_recipients;
 use crate::store::{ChannelRecord, ChannelSource, DeliveryQuery, DeliveryStatus, StoreError};
 
 /// The most deliveries one listing answers, and how many it answers
@@ -78,11 +79,47 @@ fn given_secret(kind: ChannelKind, secret: &str) -> Result<String, ApiError> {
     if !kind.is_signed() {
         return Err(invalid(ValidationError::new(
             "secret",
-            "only webhook channels are signed; a slack channel takes no secret",
+            format!(
+                "only webhook channels are signed; a {} channel takes no secret",
+                kind.name()
+            ),
         )));
     }
     alert::secret_bytes(secret).map_err(invalid)?;
     Ok(secret.to_owned())
+}
+
+/// A URL given for a channel of `kind`: checked, and only for the kinds
+/// that send to one.
+fn given_url(kind: ChannelKind, url: String) -> Result<String, ApiError> {
+    if !kind.has_url() {
+        return Err(invalid(ValidationError::new(
+            "url",
+            format!(
+                "a {} channel sends to its recipients (to), not to a url",
+                kind.name()
+            ),
+        )));
+    }
+    alert::validate_url(&url).map_err(invalid)?;
+    Ok(url)
+}
+
+/// Recipients given for a channel of `kind`: checked (the entry at fault
+/// named `to[i]`), and only for email.
+fn given_recipients(kind: ChannelKind, list: &[String]) -> Result<Vec<String>, ApiError> {
+    if kind.has_url() {
+        return Err(invalid(ValidationError::new(
+            "to",
+            format!(
+                "only email channels have recipients; a {} channel sends to its url",
+                kind.name()
+            ),
+        )));
+    }
+    let addresses = parse_recipients(list)
+        .map_err(|error| invalid(ValidationError::new(error.field("to"), error.message)))?;
+    Ok(addresses.iter().map(ToString::to_string).collect())
 }
 
 async fn stored_channel(state: &AppState, id: &str) -> Result<ChannelRecord, ApiError> {
@@ -111,9 +148,39 @@ pub async fn create_channel(
 ) -> Result<(StatusCode, Json<ChannelCreatedDoc>), ApiError> {
     auth.require_admin("creating an alert channel")?;
     alert::validate_name(&body.name).map_err(invalid)?;
-    let kind = ChannelKind::from_name(&body.kind)
-        .ok_or_else(|| invalid(ValidationError::new("type", "type is webhook or slack")))?;
-    alert::validate_url(&body.url).map_err(invalid)?;
+    let kind = ChannelKind::from_name(&body.kind).ok_or_else(|| {
+        invalid(ValidationError::new(
+            "type",
+            "type is webhook, slack or email",
+        ))
+    })?;
+    if kind == ChannelKind::Email && !state.alerts.sends_email() {
+        return Err(invalid(ValidationError::new(
+            "type",
+            "email channels need an SMTP server: set QUOTAWATCH_SMTP_URL and QUOTAWATCH_SMTP_FROM, and restart",
+        )));
+    }
+    let url = body.url.map(|url| given_url(kind, url)).transpose()?;
+    let recipients = body
+        .to
+        .map(|list| given_recipients(kind, &list))
+        .transpose()?;
+    let (url, recipients) = match (kind.has_url(), url, recipients) {
+        (true, Some(url), _) => (url, Vec::new()),
+        (false, _, Some(recipients)) => (String::new(), recipients),
+        (true, None, _) => {
+            return Err(invalid(ValidationError::new(
+                "url",
+                format!("a {} channel needs the receiver's url", kind.name()),
+            )));
+        }
+        (false, _, None) => {
+            return Err(invalid(ValidationError::new(
+                "to",
+                "an email channel needs its recipients: a list of addresses",
+            )));
+        }
+    };
     let workspace = match body.workspace.as_deref() {
         None => None,
         Some(id) => {
@@ -137,7 +204,8 @@ pub async fn create_channel(
         name: body.name,
         workspace,
         kind,
-        url: body.url,
+        url,
+        recipients,
         secret,
         filter: Filter {
             events: events(body.events)?,
@@ -262,8 +330,10 @@ pub async fn update_channel(
         channel.name = name;
     }
     if let Some(url) = body.url {
-        alert::validate_url(&url).map_err(invalid)?;
-        channel.url = url;
+        channel.url = given_url(channel.kind, url)?;
+    }
+    if let Some(list) = body.to {
+        channel.recipients = given_recipients(channel.kind, &list)?;
     }
     if let Some(secret) = body.secret {
         channel.secret = Some(given_secret(channel.kind, &secret)?);

@@ -1525,12 +1525,17 @@ pub struct ChannelInput {
     /// for a global channel, which receives every workspace's events and
     /// the service-wide ones.
     pub workspace: Option<String>,
-    /// `webhook` (signed per Standard Webhooks) or `slack` (an incoming
-    /// webhook, sent Block Kit messages).
+    /// `webhook` (signed per Standard Webhooks), `slack` (an incoming
+    /// webhook, sent Block Kit messages) or `email` (through the SMTP
+    /// server the settings name).
     #[serde(rename = "type")]
     pub kind: String,
-    /// The receiver: `http://` or `https://`, at most 2048 characters.
-    pub url: String,
+    /// A webhook's or Slack's receiver: `http://` or `https://`, at most
+    /// 2048 characters. Not for email.
+    pub url: Option<String>,
+    /// An email channel's recipients: 1 to 20 addresses, each once. Only
+    /// for email.
+    pub to: Option<Vec<String>>,
     /// A webhook's signing secret: `whsec_` and the base64 of 24 to 64
     /// random bytes. Generated when absent, and answered once. Write-only.
     pub secret: Option<String>,
@@ -1551,7 +1556,10 @@ pub struct ChannelInput {
 #[serde(deny_unknown_fields)]
 pub struct ChannelPatch {
     pub name: Option<String>,
+    /// A new receiver (webhook and Slack).
     pub url: Option<String>,
+    /// New recipients (email), replacing the list.
+    pub to: Option<Vec<String>>,
     /// A new signing secret (webhooks).
     pub secret: Option<String>,
     /// Null for all kinds.
@@ -1571,10 +1579,13 @@ pub struct ChannelDoc {
     pub name: String,
     /// Null for a global channel.
     pub workspace: Option<String>,
-    /// `webhook` or `slack`.
+    /// `webhook`, `slack` or `email`.
     #[serde(rename = "type")]
     pub kind: String,
-    pub url: String,
+    /// The receiver of a webhook or Slack channel; null for email.
+    pub url: Option<String>,
+    /// An email channel's recipients; null for the other kinds.
+    pub to: Option<Vec<String>>,
     pub secret_set: bool,
     /// Null: every kind.
     pub events: Option<Vec<String>>,
@@ -1598,7 +1609,8 @@ impl From<&crate::store::ChannelRecord> for ChannelDoc {
                 .as_ref()
                 .map(|workspace| workspace.as_str().to_owned()),
             kind: channel.kind.name().to_owned(),
-            url: channel.url.clone(),
+            url: channel.kind.has_url().then(|| channel.url.clone()),
+            to: (!channel.kind.has_url()).then(|| channel.recipients.clone()),
             secret_set: channel.secret.is_some(),
             events: channel.filter.events.clone(),
             min_severity: channel.filter.min_severity.name().to_owned(),

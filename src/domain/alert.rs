@@ -40,7 +40,7 @@ impl Phase {
 pub const TEST_EVENT: &str = "test";
 
 /// How a channel's messages are sent. Each kind has its own message shape
-/// and sender; a new kind (email) adds its variant here and its sender in
+/// and sender; a new kind adds its variant here and its sender in
 /// `crate::alerts::send`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum ChannelKind {
@@ -48,16 +48,26 @@ pub enum ChannelKind {
     Webhook,
     /// A Slack incoming webhook, sent Block Kit messages.
     Slack,
+    /// Email to a list of recipients, through the SMTP server the settings
+    /// name.
+    Email,
 }
 
 impl ChannelKind {
-    pub const ALL: [ChannelKind; 2] = [ChannelKind::Webhook, ChannelKind::Slack];
+    pub const ALL: [ChannelKind; 3] =
+        [ChannelKind::Webhook, ChannelKind::Slack, ChannelKind::Email];
 
     pub const fn name(self) -> &'static str {
         match self {
             ChannelKind::Webhook => "webhook",
             ChannelKind::Slack => "slack",
+            ChannelKind::Email => "email",
         }
+    }
+
+    /// Whether the receiver is a URL (else a list of recipients).
+    pub const fn has_url(self) -> bool {
+        !matches!(self, ChannelKind::Email)
     }
 
     pub fn from_name(name: &str) -> Option<Self> {
@@ -224,6 +234,12 @@ pub enum Answer {
     Timeout,
     /// The receiver could not be reached, or broke off.
     Failed,
+    /// The receiver took the message, and has no HTTP status to say so
+    /// with (an SMTP server's 250).
+    Accepted,
+    /// The receiver refused the message for good, and has no HTTP status
+    /// to say so with (an SMTP server's 5xx, a certificate not trusted).
+    Refused,
 }
 
 /// What follows an attempt.
@@ -242,7 +258,7 @@ pub enum Decision {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum GiveUpReason {
     /// The receiver refused the message (a 4xx other than 429, or a
-    /// redirect, which is not followed).
+    /// redirect, which is not followed; an SMTP server's 5xx).
     Refused,
     /// The next attempt would fall past the longest retry age.
     Expired,
@@ -272,12 +288,13 @@ impl Decision {
 /// first tried at `first_attempt`, answered `answer` at `now`. `random` is
 /// a draw in `[0, 1)` for the jitter.
 ///
-/// 2xx is delivered. 429 retries at its `retry-after` (seconds or an HTTP
+/// 2xx (or a message accepted otherwise) is delivered. 429 retries at its `retry-after` (seconds or an HTTP
 /// date), or with backoff when it has none; 5xx, 408, timeouts and
 /// failures retry with backoff: `random × min(cap, base × 2^(attempt−1))`
 /// ("full jitter", so that receivers coming back are not hit by every
-/// sender at once). Any other answer gives up, as does a retry that would
-/// fall past `max_age` after the first attempt.
+/// sender at once). Any other answer, and a refusal without a status, gives
+/// up, as does a retry that would fall past `max_age` after the first
+/// attempt.
 pub fn decide(
     policy: RetryPolicy,
     answer: &Answer,
@@ -287,6 +304,7 @@ pub fn decide(
     random: f64,
 ) -> Decision {
     let retry_at = match answer {
+        Answer::Accepted => return Decision::Delivered,
         Answer::Status { status, .. } if (200..300).contains(status) => {
             return Decision::Delivered;
         }
@@ -300,7 +318,7 @@ pub fn decide(
         Answer::Status { status, .. } if *status == 408 || *status >= 500 => {
             now.plus(backoff(policy, attempt, random))
         }
-        Answer::Status { .. } => {
+        Answer::Status { .. } | Answer::Refused => {
             return Decision::GiveUp {
                 reason: GiveUpReason::Refused,
             };
@@ -459,6 +477,16 @@ mod tests {
                 "{refused}"
             );
         }
+        assert_eq!(
+            decide(POLICY, &Answer::Accepted, 1, T0, T0, 0.5),
+            Decision::Delivered
+        );
+        assert_eq!(
+            decide(POLICY, &Answer::Refused, 1, T0, T0, 0.5),
+            Decision::GiveUp {
+                reason: GiveUpReason::Refused
+            }
+        );
     }
 
     #[test]

@@ -34,7 +34,12 @@ pub struct ChannelRecord {
     /// `None` for a global channel.
     pub workspace: Option<WorkspaceId>,
     pub kind: ChannelKind,
+    /// The receiver of a webhook or Slack channel; empty for an email
+    /// channel, which has `recipients` instead.
     pub url: String,
+    /// An email channel's addresses, checked when the channel was written;
+    /// empty for the other kinds.
+    pub recipients: Vec<String>,
     pub secret: Option<String>,
     pub filter: Filter,
     pub enabled: bool,
@@ -177,11 +182,12 @@ type ChannelRow = (
     String,
     i64,
     i64,
+    Option<String>,
 );
 
 macro_rules! channel_columns {
     () => {
-        "id, name, workspace_id, kind, url, secret, events, min_severity, resolutions, enabled, source, created_at, updated_at"
+        "id, name, workspace_id, kind, url, secret, events, min_severity, resolutions, enabled, source, created_at, updated_at, recipients"
     };
 }
 
@@ -274,6 +280,7 @@ fn channel_from_row(row: ChannelRow) -> Option<ChannelRecord> {
         source,
         created_at,
         updated_at,
+        recipients,
     ) = row;
     Some(ChannelRecord {
         id,
@@ -284,6 +291,10 @@ fn channel_from_row(row: ChannelRow) -> Option<ChannelRecord> {
         },
         kind: ChannelKind::from_name(&kind)?,
         url,
+        recipients: match recipients {
+            Some(recipients) => serde_json::from_str(&recipients).ok()?,
+            None => Vec::new(),
+        },
         secret,
         filter: Filter {
             events: match events {
@@ -476,11 +487,13 @@ impl Store {
             .events
             .as_ref()
             .map(|events| serde_json::to_string(events).unwrap_or_default());
+        let recipients = (!channel.recipients.is_empty())
+            .then(|| serde_json::to_string(&channel.recipients).unwrap_or_default());
         on_pool!(self, |pool| {
             sqlx::query(concat!(
                 "INSERT INTO alert_channels (",
                 channel_columns!(),
-                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13) ON CONFLICT (id) DO UPDATE SET name = excluded.name, workspace_id = excluded.workspace_id, kind = excluded.kind, url = excluded.url, secret = excluded.secret, events = excluded.events, min_severity = excluded.min_severity, resolutions = excluded.resolutions, enabled = excluded.enabled, source = excluded.source, updated_at = excluded.updated_at"
+                ") VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14) ON CONFLICT (id) DO UPDATE SET name = excluded.name, workspace_id = excluded.workspace_id, kind = excluded.kind, url = excluded.url, secret = excluded.secret, events = excluded.events, min_severity = excluded.min_severity, resolutions = excluded.resolutions, enabled = excluded.enabled, source = excluded.source, updated_at = excluded.updated_at, recipients = excluded.recipients"
             ))
             .bind(&channel.id)
             .bind(&channel.name)
@@ -495,11 +508,24 @@ impl Store {
             .bind(channel.source.name())
             .bind(channel.created_at.millis())
             .bind(channel.updated_at.millis())
+            .bind(recipients.as_deref())
             .execute(pool)
             .await
             .map(|_| ())
         })?;
         Ok(())
+    }
+
+    /// When the notification `id` was raised, if it is stored: a
+    /// resolution's event carries only when it ended.
+    pub async fn notification_raised_at(&self, id: &str) -> Result<Option<Timestamp>> {
+        let row: Option<(i64,)> = on_pool!(self, |pool| {
+            sqlx::query_as("SELECT created_at FROM notifications WHERE id = $1")
+                .bind(id)
+                .fetch_optional(pool)
+                .await
+        })?;
+        Ok(row.map(|(at,)| Timestamp::from_millis(at)))
     }
 
     /// Deletes a channel with its deliveries and their attempts; `false`

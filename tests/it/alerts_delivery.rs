@@ -146,13 +146,13 @@ impl Drop for Receiver {
 }
 
 /// Creates a channel as admin and answers the creation's document.
-async fn channel(server: &TestServer, body: Value) -> Value {
+pub(crate) async fn channel(server: &TestServer, body: Value) -> Value {
     let created = server.post("/api/alerts/channels", ADMIN_KEY, body).await;
     assert_eq!(created.status, StatusCode::CREATED, "{:?}", created.body);
     created.body
 }
 
-async fn deliveries(server: &TestServer, query: &str) -> Vec<Value> {
+pub(crate) async fn deliveries(server: &TestServer, query: &str) -> Vec<Value> {
     let listed = server
         .get(&format!("/api/alerts/deliveries{query}"), ADMIN_KEY)
         .await;
@@ -164,7 +164,7 @@ async fn deliveries(server: &TestServer, query: &str) -> Vec<Value> {
 }
 
 /// Waits until the channel's newest delivery has `status`, and answers it.
-async fn delivery_becomes(server: &TestServer, channel: &str, status: &str) -> Value {
+pub(crate) async fn delivery_becomes(server: &TestServer, channel: &str, status: &str) -> Value {
     eventually(
         &format!("a {status} delivery to {channel}"),
         Duration::from_secs(15),
@@ -231,7 +231,7 @@ except Exception:
         .collect()
 }
 
-async fn patch_workspace(server: &TestServer, workspace: &str, body: Value) {
+pub(crate) async fn patch_workspace(server: &TestServer, workspace: &str, body: Value) {
     let patched = server
         .send(
             Method::PATCH,
@@ -244,7 +244,7 @@ async fn patch_workspace(server: &TestServer, workspace: &str, body: Value) {
 }
 
 /// A workspace whose day of 1,000 tokens announces its 50 % threshold.
-fn crossing_workspace(id: &str) -> Value {
+pub(crate) fn crossing_workspace(id: &str) -> Value {
     json!({"id": id,
         "limits": {"requests_per_minute": null, "requests_per_day": null, "tokens_per_day": 1000},
         "alert_thresholds": {"default": [50]}})

@@ -792,3 +792,60 @@ async fn admins_add_test_and_disable_alert_channels_from_the_ui() {
     browser.close().await;
     server.stop().await;
 }
+
+#[tokio::test]
+async fn admins_add_an_email_channel_with_its_recipients_from_the_ui() {
+    let Some(browser) =
+        Browser::start("admins_add_an_email_channel_with_its_recipients_from_the_ui").await
+    else {
+        return;
+    };
+    // The SMTP server is never reached: the channel is only added and shown.
+    let server = TestServer::start(&[
+        ("QUOTAWATCH_SMTP_URL", "smtp://127.0.0.1:9?tls=none"),
+        ("QUOTAWATCH_SMTP_FROM", "alerts@example.com"),
+    ])
+    .await;
+    server.workspace(json!({"id": "acme"})).await;
+    sign_in(&browser, &server, ADMIN_KEY).await;
+    browser.click(&format!("{} h2 a", card("acme"))).await;
+    browser
+        .wait_text("#channels-title", PATIENCE, |text| text == "Alert channels")
+        .await;
+    browser
+        .click("section[aria-labelledby=channels-title] .actions button")
+        .await;
+    browser
+        .type_into("dialog[open] input[name=name]", "acme mail")
+        .await;
+    browser
+        .type_into("dialog[open] input[name=type]", "email")
+        .await;
+    browser
+        .type_into(
+            "dialog[open] input[name=to]",
+            " ops@example.com,oncall@example.org ,",
+        )
+        .await;
+    browser.click("dialog[open] button[type=submit]").await;
+    browser.wait_gone("dialog[open]").await;
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    let channel = &listed.body["channels"][0];
+    assert_eq!(channel["type"], "email");
+    assert_eq!(
+        channel["to"],
+        json!(["ops@example.com", "oncall@example.org"])
+    );
+    assert!(channel["url"].is_null(), "{channel}");
+    let (row, _) = browser
+        .wait_text("table.channels tbody", PATIENCE, |text| {
+            text.contains("acme mail")
+        })
+        .await;
+    assert!(
+        row.contains("to ops@example.com, oncall@example.org"),
+        "{row}"
+    );
+    browser.close().await;
+    server.stop().await;
+}

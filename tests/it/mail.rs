@@ -1,7 +1,10 @@
 //! Email alerts delivered to a real SMTP receiver (Python's `aiosmtpd`,
 //! `tests/smtp/receiver.py`): the envelope and both parts of an alert, STARTTLS
 //! with a private root and a password, and which failures are worth trying
-//! again. Needs `QUOTAWATCH_TEST_PYTHON`, a Python with `aiosmtpd`.
+//! again; then email channels of a server whose SMTP settings point at the
+//! receiver: the test email, a threshold crossing and its resolution once
+//! each, 451 retried and 550 given up, and the channel API's validation.
+//! Needs `QUOTAWATCH_TEST_PYTHON`, a Python with `aiosmtpd`.
 
 use std::process::Stdio;
 use std::time::Duration;
@@ -13,11 +16,15 @@ use quotawatch::mail::{
     Address, Alert, Email, ExtraRoot, MailError, Mailer, Phase, SmtpConfig, SmtpServer, compose,
     parse_recipients, parse_sender,
 };
-use serde_json::Value;
+use reqwest::{Method, StatusCode};
+use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
-use crate::support::test_tool;
+use crate::alerts_delivery::{
+    channel, crossing_workspace, deliveries, delivery_becomes, patch_workspace,
+};
+use crate::support::{ADMIN_KEY, TestServer, test_tool};
 
 /// How long the receiver may take to start, and a message to arrive.
 const DEADLINE: Duration = Duration::from_secs(30);
@@ -62,7 +69,8 @@ impl Receiver {
             .unwrap_or_else(|| panic!("the receiver ended before {what}"))
     }
 
-    /// The next message received, as the receiver describes it.
+    /// The next line of the receiver's, as JSON: a message received, as
+    /// it describes it, or a refusal it answered.
     async fn message(&mut self) -> Value {
         let line = Self::line(&mut self.lines, "a message").await;
         serde_json::from_str(&line).unwrap_or_else(|error| panic!("{line:?}: {error}"))
@@ -305,4 +313,406 @@ async fn a_4xx_reply_or_no_server_is_transient_and_a_5xx_reply_permanent() {
         .await
         .expect_err("nothing listens");
     assert!(error.is_transient(), "{error:?}");
+}
+
+/// The settings of a server whose email goes to `receiver`, with fast
+/// retries.
+fn smtp_settings(receiver: &Receiver) -> Vec<(&'static str, String)> {
+    vec![
+        (
+            "QUOTAWATCH_SMTP_URL",
+            format!("smtp://127.0.0.1:{}?tls=none", receiver.port),
+        ),
+        (
+            "QUOTAWATCH_SMTP_FROM",
+            "quotawatch <alerts@example.com>".to_owned(),
+        ),
+        ("QUOTAWATCH_SMTP_TIMEOUT", "10s".to_owned()),
+        ("QUOTAWATCH_ALERT_RETRY_BASE", "100ms".to_owned()),
+        ("QUOTAWATCH_ALERT_RETRY_CAP", "200ms".to_owned()),
+        (
+            "QUOTAWATCH_PUBLIC_URL",
+            "https://quota.example.com/".to_owned(),
+        ),
+    ]
+}
+
+async fn server_mailing_to(receiver: &Receiver) -> TestServer {
+    let settings = smtp_settings(receiver);
+    let settings: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    TestServer::start(&settings).await
+}
+
+/// The text part, its lines ended as the code writes them (SMTP ends them
+/// with CRLF).
+fn text_part(message: &Value) -> String {
+    message["parts"]["text/plain"]
+        .as_str()
+        .unwrap_or_else(|| panic!("a text part: {message}"))
+        .replace("\r\n", "\n")
+}
+
+#[tokio::test]
+async fn an_email_channel_gets_the_test_email_then_a_crossing_and_its_resolution_once_each() {
+    let Some(python) = test_tool("QUOTAWATCH_TEST_PYTHON", "a Python with aiosmtpd") else {
+        return;
+    };
+    let mut receiver = Receiver::start(&python, &[]).await;
+    let server = server_mailing_to(&receiver).await;
+    let key = server.workspace(crossing_workspace("acme")).await;
+    let created = channel(
+        &server,
+        json!({"name": "acme mail", "workspace": "acme", "type": "email",
+            "to": ["ops@example.com", "oncall@example.org"], "events": ["threshold_crossed"]}),
+    )
+    .await;
+    assert_eq!(
+        created["to"],
+        json!(["ops@example.com", "oncall@example.org"])
+    );
+    assert!(created["url"].is_null(), "{created}");
+    assert_eq!(created["secret_set"], false);
+    let id = created["id"].as_str().expect("id").to_owned();
+
+    // The test email, sent at once through the same path as alerts.
+    let tested = server
+        .post("/api/alerts/test", ADMIN_KEY, json!({"channel": id}))
+        .await;
+    assert_eq!(tested.status, StatusCode::OK, "{:?}", tested.body);
+    assert_eq!(tested.body["attempt"]["outcome"], "delivered");
+    assert!(tested.body["attempt"]["http_status"].is_null());
+    let test = receiver.message().await;
+    assert_eq!(test["subject"], "[quotawatch] acme: test alert");
+    assert_eq!(
+        test["rcpt_tos"],
+        json!(["ops@example.com", "oncall@example.org"])
+    );
+    assert!(
+        text_part(&test).contains("email alerts for workspace acme reach you"),
+        "{test}"
+    );
+
+    // A crossing of 50% of the day's 1,000 tokens: one email, with the
+    // numbers, the suggested actions and the link.
+    assert_eq!(server.check(&key, 600).await.status, StatusCode::OK);
+    let raised = receiver.message().await;
+    assert_eq!(
+        raised["subject"], "[quotawatch] acme: 50% of tokens_per_day used",
+        "{raised}"
+    );
+    let text = text_part(&raised);
+    assert!(text.contains("600 of 1,000 tokens (60%)"), "{text}");
+    assert!(text.contains("Suggested actions:\n- "), "{text}");
+    assert!(
+        text.contains("https://quota.example.com/#/w/acme"),
+        "{text}"
+    );
+    assert!(raised["parts"]["text/html"].is_string(), "{raised}");
+
+    // Its resolution when the admin raises the limit.
+    patch_workspace(&server, "acme", json!({"limits": {"tokens_per_day": 2000}})).await;
+    let resolved = receiver.message().await;
+    assert_eq!(
+        resolved["subject"], "[quotawatch] acme: resolved: 50% of tokens_per_day used",
+        "{resolved}"
+    );
+    assert!(text_part(&resolved).starts_with("Resolved: "), "{resolved}");
+
+    // Three deliveries (the test among them), each delivered at its first
+    // attempt, and nothing sent twice.
+    let delivered = crate::support::eventually("three delivered emails", DEADLINE, || async {
+        let delivered = deliveries(&server, &format!("?channel={id}&status=delivered")).await;
+        (delivered.len() == 3).then_some(delivered)
+    })
+    .await;
+    for delivery in &delivered {
+        assert_eq!(delivery["attempts"].as_array().expect("attempts").len(), 1);
+    }
+    let metrics = server.metrics().await;
+    assert!(
+        metrics.contains(
+            r#"quotawatch_alert_delivery_attempts_total{channel_type="email",outcome="delivered"} 3"#
+        ),
+        "{metrics}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_smtp_server_answering_451_is_tried_again_and_550_is_given_up() {
+    let Some(python) = test_tool("QUOTAWATCH_TEST_PYTHON", "a Python with aiosmtpd") else {
+        return;
+    };
+    let mut busy =
+        Receiver::start(&python, &["--reply", "451 4.3.0 Try later", "--times", "1"]).await;
+    let refusing = Receiver::start(&python, &["--reply", "550 5.1.1 No such mailbox"]).await;
+    let mut ids = Vec::new();
+    let mut servers = Vec::new();
+    for receiver in [&busy, &refusing] {
+        let server = server_mailing_to(receiver).await;
+        let created = channel(
+            &server,
+            json!({"name": "mail", "type": "email", "to": ["ops@example.com"]}),
+        )
+        .await;
+        ids.push(created["id"].as_str().expect("id").to_owned());
+        servers.push(server);
+    }
+    let mut attempts = Vec::new();
+    for (server, id) in servers.iter().zip(&ids) {
+        let tested = server
+            .post("/api/alerts/test", ADMIN_KEY, json!({"channel": id}))
+            .await;
+        assert_eq!(tested.status, StatusCode::OK, "{:?}", tested.body);
+        attempts.push(tested.body["attempt"].clone());
+    }
+    assert_eq!(attempts[0]["outcome"], "retry", "{}", attempts[0]);
+    assert!(attempts[0]["http_status"].is_null());
+    assert!(
+        attempts[0]["error"]
+            .as_str()
+            .expect("error")
+            .contains("451"),
+        "{}",
+        attempts[0]
+    );
+    assert_eq!(attempts[1]["outcome"], "gave_up", "{}", attempts[1]);
+    assert!(attempts[1]["http_status"].is_null());
+    assert!(
+        attempts[1]["error"]
+            .as_str()
+            .expect("error")
+            .contains("550"),
+        "{}",
+        attempts[1]
+    );
+
+    // 451, then accepted: delivered at the second attempt.
+    assert_eq!(busy.message().await["refused"], "451 4.3.0 Try later");
+    let delivered = delivery_becomes(&servers[0], &ids[0], "delivered").await;
+    let outcomes: Vec<&Value> = delivered["attempts"]
+        .as_array()
+        .expect("attempts")
+        .iter()
+        .map(|attempt| &attempt["outcome"])
+        .collect();
+    assert_eq!(outcomes, [&json!("retry"), &json!("delivered")]);
+    assert_eq!(busy.message().await["subject"], "[quotawatch] test alert");
+
+    // 550: given up at once, with no attempt to come.
+    let given_up = delivery_becomes(&servers[1], &ids[1], "gave_up").await;
+    assert_eq!(given_up["attempts"].as_array().expect("attempts").len(), 1);
+    assert!(given_up["next_attempt_at"].is_null(), "{given_up}");
+    for server in servers {
+        server.stop().await;
+    }
+}
+
+#[tokio::test]
+async fn email_channels_name_their_bad_fields_and_need_the_smtp_server() {
+    // Without the SMTP server, an email channel could never send.
+    let plain = TestServer::start(&[]).await;
+    let refused = plain
+        .post(
+            "/api/alerts/channels",
+            ADMIN_KEY,
+            json!({"name": "mail", "type": "email", "to": ["ops@example.com"]}),
+        )
+        .await;
+    assert_eq!(
+        refused.status,
+        StatusCode::BAD_REQUEST,
+        "{:?}",
+        refused.body
+    );
+    assert_eq!(refused.body["error"]["param"], "type");
+    assert!(
+        refused.body["error"]["message"]
+            .as_str()
+            .expect("message")
+            .contains("QUOTAWATCH_SMTP_URL"),
+        "{:?}",
+        refused.body
+    );
+    plain.stop().await;
+
+    // A server whose SMTP server is never reached: only the API is tried.
+    let server = TestServer::start(&[
+        ("QUOTAWATCH_SMTP_URL", "smtp://127.0.0.1:9?tls=none"),
+        ("QUOTAWATCH_SMTP_FROM", "alerts@example.com"),
+    ])
+    .await;
+    let good = json!({"name": "mail", "type": "email", "to": ["ops@example.com"]});
+    let with = |field: &str, value: Value| {
+        let mut body = good.clone();
+        body[field] = value;
+        body
+    };
+    let without_to = {
+        let mut body = good.clone();
+        body.as_object_mut().expect("object").remove("to");
+        body
+    };
+    let many: Vec<String> = (0..21).map(|n| format!("ops{n}@example.com")).collect();
+    for (body, param) in [
+        (
+            with("to", json!(["ops@example.com", "not an address"])),
+            "to[1]",
+        ),
+        (
+            with("to", json!(["ops@example.com", "ops@example.com"])),
+            "to[1]",
+        ),
+        (with("to", json!([])), "to"),
+        (with("to", json!(many)), "to"),
+        (without_to, "to"),
+        (with("url", json!("https://hooks.example.com/q")), "url"),
+        (
+            with("secret", json!("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw")),
+            "secret",
+        ),
+        (
+            json!({"name": "hook", "type": "webhook", "url": "https://hooks.example.com/q",
+                "to": ["ops@example.com"]}),
+            "to",
+        ),
+        (json!({"name": "hook", "type": "slack"}), "url"),
+    ] {
+        let refused = server.post("/api/alerts/channels", ADMIN_KEY, body).await;
+        assert_eq!(
+            refused.status,
+            StatusCode::BAD_REQUEST,
+            "{param}: {:?}",
+            refused.body
+        );
+        assert_eq!(refused.body["error"]["param"], param, "{:?}", refused.body);
+    }
+
+    let created = channel(&server, good.clone()).await;
+    let path = format!(
+        "/api/alerts/channels/{}",
+        created["id"].as_str().expect("id")
+    );
+    for (body, param) in [
+        (json!({"to": ["nobody"]}), "to[0]"),
+        (json!({"url": "https://hooks.example.com/q"}), "url"),
+    ] {
+        let refused = server
+            .send(Method::PATCH, &path, ADMIN_KEY, Some(body))
+            .await;
+        assert_eq!(
+            refused.status,
+            StatusCode::BAD_REQUEST,
+            "{:?}",
+            refused.body
+        );
+        assert_eq!(refused.body["error"]["param"], param, "{:?}", refused.body);
+    }
+    let patched = server
+        .send(
+            Method::PATCH,
+            &path,
+            ADMIN_KEY,
+            Some(json!({"to": ["oncall@example.org", "ops@example.com"]})),
+        )
+        .await;
+    assert_eq!(patched.status, StatusCode::OK, "{:?}", patched.body);
+    assert_eq!(
+        patched.body["to"],
+        json!(["oncall@example.org", "ops@example.com"])
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn more_alerts_than_the_digest_threshold_go_as_one_email() {
+    let Some(python) = test_tool("QUOTAWATCH_TEST_PYTHON", "a Python with aiosmtpd") else {
+        return;
+    };
+    let mut receiver = Receiver::start(&python, &[]).await;
+    let mut settings = smtp_settings(&receiver);
+    settings.push(("QUOTAWATCH_ALERT_DIGEST_THRESHOLD", "2".to_owned()));
+    let settings: Vec<(&str, &str)> = settings
+        .iter()
+        .map(|(name, value)| (*name, value.as_str()))
+        .collect();
+    let server = TestServer::start(&settings).await;
+    let key = server
+        .workspace(json!({"id": "acme",
+            "limits": {"requests_per_minute": null, "requests_per_day": null, "tokens_per_day": 1000},
+            "alert_thresholds": {"default": [10, 20, 30, 40]}}))
+        .await;
+    let id = channel(
+        &server,
+        json!({"name": "mail", "type": "email", "to": ["ops@example.com"],
+            "events": ["threshold_crossed"]}),
+    )
+    .await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    // Four crossings at once, more than two: one email lists them all.
+    assert_eq!(server.check(&key, 500).await.status, StatusCode::OK);
+    let digest = receiver.message().await;
+    assert_eq!(digest["subject"], "[quotawatch] 4 alerts", "{digest}");
+    let text = text_part(&digest);
+    for percent in [10, 20, 30, 40] {
+        assert!(
+            text.contains(&format!(
+                "- acme: {percent}% of tokens_per_day used (info, raised)"
+            )),
+            "{text}"
+        );
+    }
+    let delivered = crate::support::eventually("four deliveries", DEADLINE, || async {
+        let delivered = deliveries(&server, &format!("?channel={id}&status=delivered")).await;
+        (delivered.len() == 4).then_some(delivered)
+    })
+    .await;
+    let digest_id = &delivered[0]["attempts"][0]["digest_id"];
+    assert!(
+        digest_id.as_str().is_some_and(|id| id.starts_with("dig_")),
+        "{digest_id}"
+    );
+    for delivery in &delivered {
+        assert_eq!(&delivery["attempts"][0]["digest_id"], digest_id);
+    }
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_email_channel_declared_in_the_configuration_sends_its_test_email() {
+    let Some(python) = test_tool("QUOTAWATCH_TEST_PYTHON", "a Python with aiosmtpd") else {
+        return;
+    };
+    let mut receiver = Receiver::start(&python, &[]).await;
+    let mut server = server_mailing_to(&receiver).await;
+    server
+        .restart_with_file(
+            "[[alerts.channels]]\nname = \"on-call mail\"\ntype = \"email\"\nto = [\"oncall@example.com\"]\n",
+        )
+        .await;
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    let declared = &listed.body["channels"][0];
+    assert_eq!(declared["source"], "config", "{declared}");
+    assert_eq!(declared["to"], json!(["oncall@example.com"]));
+    let tested = server
+        .post(
+            "/api/alerts/test",
+            ADMIN_KEY,
+            json!({"channel": declared["id"]}),
+        )
+        .await;
+    assert_eq!(
+        tested.body["attempt"]["outcome"], "delivered",
+        "{:?}",
+        tested.body
+    );
+    let message = receiver.message().await;
+    assert_eq!(message["rcpt_tos"], json!(["oncall@example.com"]));
+    assert_eq!(message["subject"], "[quotawatch] test alert");
+    server.stop().await;
 }

@@ -1096,6 +1096,7 @@ async fn the_alert_outbox_enqueues_each_event_once_and_one_dispatcher_claims_it(
         workspace: None,
         kind: ChannelKind::Webhook,
         url: "https://hooks.example.com/".into(),
+        recipients: Vec::new(),
         secret: Some("whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw".into()),
         filter: Filter::default(),
         enabled: true,
@@ -1107,6 +1108,31 @@ async fn the_alert_outbox_enqueues_each_event_once_and_one_dispatcher_claims_it(
     assert_eq!(
         store.alert_channel("ch_1").await.expect("read"),
         Some(channel.clone())
+    );
+    // An email channel keeps its recipients, in their order, and no URL.
+    let email = ChannelRecord {
+        id: "ch_2".into(),
+        kind: ChannelKind::Email,
+        url: String::new(),
+        recipients: vec!["ops@example.com".into(), "oncall@example.com".into()],
+        secret: None,
+        ..channel.clone()
+    };
+    store
+        .save_alert_channel(&email)
+        .await
+        .expect("email channel");
+    assert_eq!(
+        store.alert_channel("ch_2").await.expect("read"),
+        Some(email.clone())
+    );
+    assert!(store.delete_alert_channel("ch_2").await.expect("delete"));
+    assert_eq!(
+        store
+            .notification_raised_at(&raised.id)
+            .await
+            .expect("read"),
+        Some(raised.created_at)
     );
     for event in &events {
         // Twice, as two dispatchers would: one delivery each.

@@ -6,6 +6,7 @@ decoded parts by content type, the user
 that authenticated and whether the session was encrypted. Options:
 
   --reply "451 4.3.0 Try later"   answer every message's data with this reply
+  --times N                       ... only the first N messages, then accept
   --tls CERT KEY                  offer STARTTLS with this certificate, and
                                   refuse mail before it
   --login USER:PASSWORD           require authentication with these
@@ -24,11 +25,16 @@ from aiosmtpd.smtp import SMTP, AuthResult, LoginPassword
 
 
 class Recorder:
-    def __init__(self, reply):
+    def __init__(self, reply, times):
         self.reply = reply
+        self.times = times
 
     async def handle_DATA(self, server, session, envelope):
-        if self.reply:
+        if self.reply and (self.times is None or self.times > 0):
+            if self.times is not None:
+                self.times -= 1
+            # Announced, so that a test can count the refusals.
+            print(json.dumps({"refused": self.reply}), flush=True)
             return self.reply
         message = email.message_from_bytes(envelope.content, policy=email.policy.default)
         parts = {
@@ -74,6 +80,7 @@ async def main():
     logging.getLogger("mail.log").setLevel(logging.ERROR)
     parser = argparse.ArgumentParser()
     parser.add_argument("--reply")
+    parser.add_argument("--times", type=int)
     parser.add_argument("--tls", nargs=2, metavar=("CERT", "KEY"))
     parser.add_argument("--login")
     args = parser.parse_args()
@@ -87,7 +94,7 @@ async def main():
         user, password = args.login.split(":", 1)
         options.update(authenticator=authenticator(user, password), auth_required=True)
 
-    handler = Recorder(args.reply)
+    handler = Recorder(args.reply, args.times)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
         lambda: SMTP(handler, hostname="localhost", **options), "127.0.0.1", 0
