@@ -1,5 +1,5 @@
 // The REST calls the dashboard makes beyond what QuotaMonitor covers: the
-// workspace catalog, keys, history, reset and alert channels. Errors carry the API's own
+// workspace catalog, keys, history, reset, alert channels and deliveries. Errors carry the API's own
 // message, which names the problem.
 
 import { QuotaApiError } from "/sdk/quota-client.js";
@@ -110,6 +110,21 @@ export class Api {
       "DELETE",
       `/api/alerts/channels/${encodeURIComponent(id)}`,
     );
+  }
+
+  /** Every channel: the global ones and every workspace's. */
+  allChannels() {
+    return this.request("GET", "/api/alerts/channels");
+  }
+
+  /** The delivery log, newest first; `filters`: `{channel, status, limit}`,
+   * each optional. */
+  deliveries(filters = {}) {
+    const query = new URLSearchParams();
+    for (const [name, value] of Object.entries(filters)) {
+      if (value !== undefined && value !== "") query.set(name, value);
+    }
+    return this.request("GET", `/api/alerts/deliveries?${query}`);
   }
 
   /** Sends a test event; answers the attempt. */

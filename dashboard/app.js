@@ -6,6 +6,7 @@
 // from that state; nothing here decides about quotas.
 
 import { QuotaApiError, QuotaMonitor } from "/sdk/quota-client.js";
+import { AlertsPage } from "/dashboard/alerts.js";
 import { Api } from "/dashboard/api.js";
 import { fill, h } from "/dashboard/dom.js";
 import { duration, resetsIn } from "/dashboard/format.js";
@@ -20,6 +21,7 @@ class App {
     this.main = document.getElementById("main");
     this.connection = document.getElementById("connection");
     this.who = document.getElementById("who");
+    this.nav = document.getElementById("nav");
     this.signOutButton = document.getElementById("sign-out");
     this.toasts = new Toasts(document.getElementById("toasts"));
     this.statuses = new Map();
@@ -59,6 +61,7 @@ class App {
   showSignIn(problem) {
     this.closePage();
     this.who.hidden = true;
+    this.nav.hidden = true;
     this.signOutButton.hidden = true;
     this.setConnection({ state: "closed" }, "Signed out");
     const error = h(
@@ -135,6 +138,8 @@ class App {
       ? "Admin"
       : `Workspace ${status.workspace}`;
     this.who.hidden = false;
+    // The pages beyond the workspaces are the admin's.
+    this.nav.hidden = !this.isAdmin;
     this.signOutButton.hidden = false;
     monitor.on("status", (event) => this.onStatus(event));
     monitor.on("notification", (event) => this.onNotification(event));
@@ -251,6 +256,15 @@ class App {
         close: () => detail.close(),
       };
       document.title = `${id} · quotawatch`;
+    } else if (window.location.hash === "#/alerts" && this.isAdmin) {
+      const alerts = new AlertsPage(this);
+      this.page = {
+        element: alerts.element,
+        // Status documents change nothing on this page.
+        update: () => {},
+        close: () => alerts.close(),
+      };
+      document.title = "Alerts · quotawatch";
     } else {
       const overview = new Overview(this);
       this.page = {
@@ -258,6 +272,14 @@ class App {
         update: (workspace) => overview.update(workspace),
       };
       document.title = "quotawatch";
+    }
+    // The navigation marks the page shown: Alerts, or Workspaces for the rest.
+    const shown = this.page.element.matches("[data-page=alerts]")
+      ? "#/alerts"
+      : "#/";
+    for (const link of this.nav.querySelectorAll("a")) {
+      if (link.hash === shown) link.setAttribute("aria-current", "page");
+      else link.removeAttribute("aria-current");
     }
     fill(this.main, this.page.element);
     this.main.focus({ preventScroll: true });

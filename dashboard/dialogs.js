@@ -57,8 +57,9 @@ export function confirmDialog({ title, text, confirmLabel, danger = false }) {
 
 /**
  * A form in a dialog. `fields` are `{name, label, type, value, hint,
- * required, pattern, min, max, step, placeholder}`; a checkbox's `value` is
- * whether it starts checked, and it submits `true` or `false`.
+ * required, pattern, min, max, step, placeholder, options}`; a checkbox's
+ * `value` is whether it starts checked, and it submits `true` or `false`; a
+ * field with `options` (`[{value, label}]`) is a select of them.
  * `onSubmit(values)` may throw: its message is shown and the dialog stays
  * open with the input kept.
  */
@@ -69,21 +70,38 @@ export function formDialog({ title, fields, submitLabel, onSubmit }) {
     const id = uniqueId(`field-${field.name}`);
     const hintId = field.hint ? `${id}-hint` : null;
     const checkbox = field.type === "checkbox";
-    const input = h("input", {
-      id,
-      name: field.name,
-      type: field.type ?? "text",
-      value: checkbox ? null : (field.value ?? ""),
-      checked: checkbox && Boolean(field.value),
-      required: field.required ?? false,
-      pattern: field.pattern ?? null,
-      min: field.min ?? null,
-      max: field.max ?? null,
-      step: field.step ?? null,
-      placeholder: field.placeholder ?? null,
-      autocomplete: "off",
-      "aria-describedby": hintId,
-    });
+    const input = field.options
+      ? h(
+          "select",
+          {
+            id,
+            name: field.name,
+            required: field.required ?? false,
+            "aria-describedby": hintId,
+          },
+          field.options.map((option) =>
+            h(
+              "option",
+              { value: option.value, selected: option.value === field.value },
+              option.label,
+            ),
+          ),
+        )
+      : h("input", {
+          id,
+          name: field.name,
+          type: field.type ?? "text",
+          value: checkbox ? null : (field.value ?? ""),
+          checked: checkbox && Boolean(field.value),
+          required: field.required ?? false,
+          pattern: field.pattern ?? null,
+          min: field.min ?? null,
+          max: field.max ?? null,
+          step: field.step ?? null,
+          placeholder: field.placeholder ?? null,
+          autocomplete: "off",
+          "aria-describedby": hintId,
+        });
     return {
       field,
       input,

@@ -129,11 +129,22 @@ export function resetsIn(instant, now = Date.now()) {
 
 /** An instant in local time: "15:42" today, "Dec 4, 15:42" on another day. */
 export function clockTime(instant, now = Date.now()) {
-  const at = new Date(instant);
-  const time = at.toLocaleTimeString("en-GB", {
+  return localTime(instant, now, { hour: "2-digit", minute: "2-digit" });
+}
+
+/** An instant in local time to the second: "15:42:07" today, "Dec 4,
+ * 15:42:07" on another day, for logs whose entries come seconds apart. */
+export function preciseTime(instant, now = Date.now()) {
+  return localTime(instant, now, {
     hour: "2-digit",
     minute: "2-digit",
+    second: "2-digit",
   });
+}
+
+function localTime(instant, now, timeOptions) {
+  const at = new Date(instant);
+  const time = at.toLocaleTimeString("en-GB", timeOptions);
   if (at.toDateString() === new Date(now).toDateString()) return time;
   const day = at.toLocaleDateString("en", { month: "short", day: "numeric" });
   return `${day}, ${time}`;

@@ -3,6 +3,7 @@
 // document arrives, so that focus and scroll stay where they were.
 
 import { spendByModel } from "/sdk/quota-client.js";
+import { channelDialog } from "/dashboard/alerts.js";
 import { costChart, usageChart } from "/dashboard/chart.js";
 import { confirmDialog, formDialog, secretDialog } from "/dashboard/dialogs.js";
 import { fill, h } from "/dashboard/dom.js";
@@ -1225,82 +1226,10 @@ export class Detail {
   }
 
   createChannel() {
-    formDialog({
+    channelDialog(this.app, {
       title: `New alert channel for ${this.doc.name}`,
-      submitLabel: "Add channel",
-      fields: [
-        { name: "name", label: "Name", required: true },
-        {
-          name: "type",
-          label: "Type",
-          value: "webhook",
-          required: true,
-          pattern: "webhook|slack|email",
-          hint: "webhook (signed, Standard Webhooks), slack (an incoming webhook URL) or email.",
-        },
-        {
-          name: "url",
-          label: "URL",
-          type: "url",
-          hint: "The receiver of a webhook or slack channel.",
-        },
-        {
-          name: "to",
-          label: "Recipients",
-          hint: "An email channel's addresses, comma-separated.",
-        },
-        {
-          name: "events",
-          label: "Events",
-          hint: "Notification kinds, comma-separated, such as threshold_crossed, forecast_exhaustion. Empty: every event.",
-        },
-        {
-          name: "min_severity",
-          label: "Least severity",
-          value: "info",
-          required: true,
-          pattern: "info|warning|critical",
-          hint: "info, warning or critical.",
-        },
-        {
-          name: "resolutions",
-          label: "Also send resolutions",
-          type: "checkbox",
-          value: true,
-        },
-      ],
-      onSubmit: async (values) => {
-        const list = (text) =>
-          text
-            .split(",")
-            .map((item) => item.trim())
-            .filter((item) => item !== "");
-        const events = list(values.events);
-        // Each kind is sent only its own receiver, which the server
-        // requires and checks.
-        const email = values.type === "email";
-        const created = await this.app.api.createChannel({
-          name: values.name,
-          workspace: this.id,
-          type: values.type,
-          url: email ? undefined : values.url,
-          to: email ? list(values.to) : undefined,
-          events: events.length === 0 ? undefined : events,
-          min_severity: values.min_severity,
-          resolutions: values.resolutions,
-        });
-        await this.loadChannels();
-        if (created.secret) {
-          // Shown once the form has closed.
-          setTimeout(() =>
-            secretDialog({
-              title: "Webhook signing secret",
-              text: "The receiver checks each message's signature with this secret (see README: verifying a webhook). It is shown once.",
-              secret: created.secret,
-            }),
-          );
-        }
-      },
+      workspace: this.id,
+      onCreated: () => this.loadChannels(),
     });
   }
 

@@ -43,6 +43,7 @@ static ASSETS: &[Asset] = &[
         "text/css; charset=utf-8"
     ),
     asset!("/dashboard/app.js", "dashboard/app.js", JS),
+    asset!("/dashboard/alerts.js", "dashboard/alerts.js", JS),
     asset!("/dashboard/api.js", "dashboard/api.js", JS),
     asset!("/dashboard/chart.js", "dashboard/chart.js", JS),
     asset!("/dashboard/dialogs.js", "dashboard/dialogs.js", JS),

@@ -134,7 +134,7 @@ impl Receiver {
     }
 
     /// What it answers once its listed replies run out.
-    fn answer_from_now(&self, status: u16) {
+    pub(crate) fn answer_from_now(&self, status: u16) {
         *self.book.otherwise.lock().expect("lock") = Some(status);
     }
 }

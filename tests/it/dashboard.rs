@@ -1,8 +1,8 @@
 //! The dashboard in a real headless Chromium, against a real quotawatch
 //! proxying the mock upstream: sign-in, live gauges, a billing block with
 //! its toast and suggested actions, reset, admin actions, isolation between
-//! workspace keys, reconnecting, phone width and dark mode. Screenshots go
-//! to `target/screenshots/`.
+//! workspace keys, reconnecting, phone width and dark mode, and the Alerts
+//! page with its delivery log. Screenshots go to `target/screenshots/`.
 
 use std::time::{Duration, Instant};
 
@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 
 use crate::alerts::a_timezone_at_midday;
 use crate::support::browser::{Browser, PATIENCE};
-use crate::support::{ADMIN_KEY, TestServer, Upstream};
+use crate::support::{ADMIN_KEY, TestServer, Upstream, eventually};
 
 /// The requests-per-minute gauge's figures on a workspace's own page.
 const RPM_GAUGE: &str = "[data-limit=requests_per_minute] [data-role=usage]";
@@ -438,6 +438,22 @@ async fn a_workspace_key_sees_only_its_workspace() {
     );
     browser.screenshot("workspace-key-desktop").await;
 
+    // The Alerts page is the admin's: no navigation to it, and its address
+    // shows the workspaces instead.
+    let nav_hidden = browser
+        .script("return document.getElementById('nav').hidden")
+        .await;
+    assert_eq!(nav_hidden, json!(true), "no Alerts navigation");
+    browser
+        .client
+        .goto(&server.url("/#/alerts"))
+        .await
+        .expect("navigate");
+    browser
+        .wait_text("main h1", PATIENCE, |text| text == "Workspaces")
+        .await;
+    assert!(browser.text("[data-page=alerts]").await.is_none());
+
     // Every form control has a label, and the key never reaches the URL.
     let unlabelled = browser
         .script("return [...document.querySelectorAll('input, select, textarea')].filter(e => !e.labels || e.labels.length === 0).length")
@@ -819,8 +835,11 @@ async fn admins_add_an_email_channel_with_its_recipients_from_the_ui() {
         .type_into("dialog[open] input[name=name]", "acme mail")
         .await;
     browser
-        .type_into("dialog[open] input[name=type]", "email")
-        .await;
+        .find("dialog[open] select[name=type]")
+        .await
+        .select_by_value("email")
+        .await
+        .expect("choose email");
     browser
         .type_into(
             "dialog[open] input[name=to]",
@@ -845,6 +864,295 @@ async fn admins_add_an_email_channel_with_its_recipients_from_the_ui() {
     assert!(
         row.contains("to ops@example.com, oncall@example.org"),
         "{row}"
+    );
+    browser.close().await;
+    server.stop().await;
+}
+
+/// The channel named `name`, as the API lists it.
+async fn listed_channel(server: &TestServer, name: &str) -> Value {
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    listed.body["channels"]
+        .as_array()
+        .expect("channels")
+        .iter()
+        .find(|channel| channel["name"] == name)
+        .unwrap_or_else(|| panic!("no channel {name}: {}", listed.body))
+        .clone()
+}
+
+/// Adds a webhook channel from the Alerts page's form (`workspace` empty
+/// for a global one) and answers the secret the page showed once.
+async fn add_webhook(browser: &Browser, name: &str, workspace: &str, url: &str) -> String {
+    browser.click("#add-channel").await;
+    browser
+        .type_into("dialog[open] input[name=name]", name)
+        .await;
+    browser
+        .find("dialog[open] select[name=workspace]")
+        .await
+        .select_by_value(workspace)
+        .await
+        .expect("choose the scope");
+    browser.type_into("dialog[open] input[name=url]", url).await;
+    browser.screenshot("alerts-add-channel").await;
+    browser.click("dialog[open] button[type=submit]").await;
+    let (secret, _) = browser
+        .wait_text("dialog[open] code.secret-value", PATIENCE, |text| {
+            text.starts_with("whsec_")
+        })
+        .await;
+    // Copied to the clipboard, or selected for copying by hand where the
+    // browser allows no clipboard: either way the page says which.
+    browser.click("dialog[open] .secret button").await;
+    browser
+        .wait_text("dialog[open] p[role=status]", PATIENCE, |text| {
+            text.starts_with("Copied") || text.starts_with("Selected")
+        })
+        .await;
+    browser.click("dialog[open] .actions button").await;
+    browser.wait_gone("dialog[open]").await;
+    secret
+}
+
+/// The text of every delivery row whose status is `status`, once there are
+/// `count` of them.
+async fn delivery_rows(browser: &Browser, status: &str, count: usize) -> Vec<String> {
+    let code = format!(
+        "return [...document.querySelectorAll('table.deliveries tr[data-status={status}]')].map(row => row.innerText)"
+    );
+    eventually(
+        &format!("{count} {status} deliveries in the log"),
+        PATIENCE,
+        || async {
+            let rows: Vec<String> =
+                serde_json::from_value(browser.script(&code).await).expect("rows");
+            (rows.len() == count).then_some(rows)
+        },
+    )
+    .await
+}
+
+#[tokio::test]
+async fn admins_manage_every_alert_channel_and_follow_deliveries_on_the_alerts_page() {
+    let Some(browser) = Browser::start(
+        "admins_manage_every_alert_channel_and_follow_deliveries_on_the_alerts_page",
+    )
+    .await
+    else {
+        return;
+    };
+    let receiver = crate::alerts_delivery::Receiver::start(&[]).await;
+    let failing = crate::alerts_delivery::Receiver::start(&[]).await;
+    failing.answer_from_now(500);
+    // A long backoff keeps the failed delivery pending while the page shows it.
+    let mut server = TestServer::start(&[
+        ("QUOTAWATCH_ALERT_RETRY_BASE", "1h"),
+        (
+            "OPS_WEBHOOK_SECRET",
+            "whsec_MfKQ9r8GKYqrTwjUPD8ILPZIo2LaLaSw",
+        ),
+    ])
+    .await;
+    server
+        .restart_with_file(&format!(
+            "[[alerts.channels]]\nname = \"declared ops\"\ntype = \"webhook\"\nurl = \"{}\"\nsecret_env = \"OPS_WEBHOOK_SECRET\"\n",
+            receiver.url
+        ))
+        .await;
+    server
+        .workspace(json!({"id": "acme", "name": "Acme Corp"}))
+        .await;
+    sign_in(&browser, &server, ADMIN_KEY).await;
+    browser.click("#nav a[href=\"#/alerts\"]").await;
+    browser
+        .wait_text("main h1", PATIENCE, |text| text == "Alerts")
+        .await;
+    browser
+        .wait_text("[data-page=alerts]", PATIENCE, |text| {
+            text.contains("No alert has been sent yet.")
+        })
+        .await;
+    // The channel the configuration file declares can be tested, not changed.
+    let declared = listed_channel(&server, "declared ops").await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    let (row, _) = browser
+        .wait_text(&format!("tr[data-channel={declared}]"), PATIENCE, |text| {
+            text.contains("configuration file")
+        })
+        .await;
+    assert!(row.contains("read-only here"), "{row}");
+    let actions = browser
+        .script(&format!(
+            "return [...document.querySelectorAll('tr[data-channel={declared}] button')].map(b => b.dataset.action)"
+        ))
+        .await;
+    assert_eq!(actions, json!(["test"]));
+    let current = browser
+        .script("return document.querySelector('#nav [aria-current=page]').hash")
+        .await;
+    assert_eq!(current, json!("#/alerts"));
+
+    // A global webhook and one for acme whose receiver fails.
+    let secret = add_webhook(&browser, "ops hook", "", &receiver.url).await;
+    add_webhook(&browser, "acme failing", "acme", &failing.url).await;
+    let (table, _) = browser
+        .wait_text("table.alert-channels tbody", PATIENCE, |text| {
+            text.contains("acme failing")
+        })
+        .await;
+    assert!(
+        table.contains("ops hook webhook Global")
+            && table.contains("acme failing webhook Acme Corp (acme)"),
+        "{table}"
+    );
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    assert!(!listed.body.to_string().contains(&secret));
+    let ops = listed_channel(&server, "ops hook").await;
+    let acme_failing = listed_channel(&server, "acme failing").await;
+    assert_eq!(ops["workspace"], Value::Null);
+    assert_eq!(acme_failing["workspace"], "acme");
+    let ops = ops["id"].as_str().expect("id").to_owned();
+    let acme_failing = acme_failing["id"].as_str().expect("id").to_owned();
+
+    // A test shows its attempt, and the log its delivery with the attempt.
+    browser
+        .click(&format!("tr[data-channel={ops}] button[data-action=test]"))
+        .await;
+    browser
+        .wait_text("#test-outcome", PATIENCE, |text| {
+            text.starts_with("Test alert to ops hook: delivered · HTTP 200")
+        })
+        .await;
+    assert!(
+        receiver.wait_for(1).await[0]
+            .body
+            .contains("quotawatch.test.raised")
+    );
+    let delivered = delivery_rows(&browser, "delivered", 1).await;
+    assert!(
+        delivered[0].contains("test raised")
+            && delivered[0].contains("ops hook")
+            && delivered[0].contains("✓ delivered")
+            && delivered[0].contains("#1 at ")
+            && delivered[0].contains(": delivered · HTTP 200 · "),
+        "{delivered:?}"
+    );
+
+    // A receiver answering 500: the delivery stays pending with its next
+    // attempt, and its attempt shows the 500.
+    browser
+        .click(&format!(
+            "tr[data-channel={acme_failing}] button[data-action=test]"
+        ))
+        .await;
+    browser
+        .wait_text("#test-outcome", PATIENCE, |text| {
+            text.starts_with("Test alert to acme failing: failed, will retry · HTTP 500")
+        })
+        .await;
+    let pending = delivery_rows(&browser, "pending", 1).await;
+    assert!(
+        pending[0].contains("acme failing")
+            && pending[0].contains("↻ pending")
+            && pending[0].contains("failed, will retry · HTTP 500")
+            && !pending[0].contains("\t—\t"),
+        "a pending delivery shows its next attempt: {pending:?}"
+    );
+
+    // Filters: by status, then by channel.
+    browser
+        .find("#delivery-status-filter")
+        .await
+        .select_by_value("pending")
+        .await
+        .expect("filter by status");
+    delivery_rows(&browser, "delivered", 0).await;
+    delivery_rows(&browser, "pending", 1).await;
+    browser
+        .find("#delivery-status-filter")
+        .await
+        .select_by_value("")
+        .await
+        .expect("every status");
+    browser
+        .find("#delivery-channel-filter")
+        .await
+        .select_by_value(&ops)
+        .await
+        .expect("filter by channel");
+    delivery_rows(&browser, "pending", 0).await;
+    delivery_rows(&browser, "delivered", 1).await;
+
+    // The log follows deliveries made elsewhere by itself, newest first.
+    let sent = server
+        .post("/api/alerts/test", ADMIN_KEY, json!({"channel": ops}))
+        .await;
+    assert_eq!(sent.status, StatusCode::OK, "{:?}", sent.body);
+    let (_, took) = browser
+        .wait_text("table.deliveries tbody", PATIENCE, |text| {
+            text.matches("✓ delivered").count() == 2
+        })
+        .await;
+    println!("the log showed a delivery made elsewhere after {took:?}");
+    let newest = browser
+        .script("return document.querySelector('table.deliveries tbody tr').dataset.delivery")
+        .await;
+    assert_eq!(newest, sent.body["delivery_id"]);
+    browser
+        .find("#delivery-channel-filter")
+        .await
+        .select_by_value("")
+        .await
+        .expect("every channel");
+    delivery_rows(&browser, "pending", 1).await;
+
+    // Disable, then delete, from the keyboard's buttons.
+    browser
+        .click(&format!(
+            "tr[data-channel={acme_failing}] button[data-action=disable]"
+        ))
+        .await;
+    browser
+        .wait_text(
+            &format!("tr[data-channel={acme_failing}] [data-role=state]"),
+            PATIENCE,
+            |text| text.contains("disabled"),
+        )
+        .await;
+    assert_eq!(
+        listed_channel(&server, "acme failing").await["enabled"],
+        false
+    );
+    let unlabelled = browser
+        .script("return [...document.querySelectorAll('input, select, textarea')].filter(e => !e.labels || e.labels.length === 0).length")
+        .await;
+    assert_eq!(unlabelled, json!(0));
+    browser.screenshot("alerts-page").await;
+    browser.viewport(390, 844, true).await;
+    browser.screenshot("alerts-page-phone").await;
+    browser.viewport(1280, 900, false).await;
+
+    browser
+        .click(&format!(
+            "tr[data-channel={ops}] button[data-action=delete]"
+        ))
+        .await;
+    browser.click("dialog[open] button[value=confirm]").await;
+    browser
+        .wait_text("table.alert-channels tbody", PATIENCE, |text| {
+            !text.contains("ops hook")
+        })
+        .await;
+    delivery_rows(&browser, "delivered", 0).await;
+    let choices = browser
+        .script("return [...document.querySelectorAll('#delivery-channel-filter option')].map(o => o.textContent)")
+        .await;
+    assert_eq!(
+        choices,
+        json!(["Every channel", "declared ops", "acme failing"])
     );
     browser.close().await;
     server.stop().await;

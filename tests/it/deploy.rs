@@ -10,7 +10,8 @@ use std::time::Duration;
 use quotawatch::mock::MockOptions;
 use serde_json::json;
 
-use crate::support::{Upstream, eventually, output_of, proxied, test_tool};
+use crate::alerts_delivery::Receiver;
+use crate::support::{ADMIN_KEY, Upstream, eventually, output_of, proxied, test_tool};
 
 fn deployed(path: &str) -> (PathBuf, String) {
     let path = PathBuf::from(env!("CARGO_MANIFEST_DIR"))
@@ -69,8 +70,8 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
     )
     .await;
     // A family appears in the exposition once it has a sample: a success,
-    // an upstream error and a refusal give every one of them one, and the
-    // budget its gauges.
+    // an upstream error and a refusal give the request families one, and
+    // the budget its gauges.
     let chat = json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]});
     for path in [
         "/chat/completions",
@@ -84,10 +85,33 @@ async fn every_metric_the_rules_and_the_dashboard_name_is_exported() {
             .await
             .expect("body");
     }
+    // A test alert gives the delivery attempts theirs.
+    let receiver = Receiver::start(&[]).await;
+    let channel = server
+        .post(
+            "/api/alerts/channels",
+            ADMIN_KEY,
+            json!({"name": "ops", "type": "webhook", "url": receiver.url}),
+        )
+        .await;
+    let sent = server
+        .post(
+            "/api/alerts/test",
+            ADMIN_KEY,
+            json!({"channel": channel.body["id"]}),
+        )
+        .await;
+    assert_eq!(
+        sent.body["attempt"]["outcome"], "delivered",
+        "{:?}",
+        sent.body
+    );
     let exposition = eventually("every family", Duration::from_secs(5), || async {
         let text = server.metrics().await;
-        (text.contains("quotawatch_refusals_total") && text.contains("quotawatch_tokens_total"))
-            .then_some(text)
+        (text.contains("quotawatch_refusals_total")
+            && text.contains("quotawatch_tokens_total")
+            && text.contains("quotawatch_alert_delivery_attempts_total"))
+        .then_some(text)
     })
     .await;
     let exports = exported(&exposition);
@@ -130,7 +154,7 @@ async fn the_alerting_rules_are_valid_and_fire_as_their_tests_say() {
             .arg(&rules),
     )
     .await;
-    assert!(checked.contains("SUCCESS: 7 rules found"), "{checked}");
+    assert!(checked.contains("SUCCESS: 9 rules found"), "{checked}");
     let directory = rules.parent().expect("a directory");
     let tested = output_of(
         tokio::process::Command::new(&promtool)
