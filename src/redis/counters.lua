@@ -867,22 +867,28 @@ local function admit_one(w, a)
   return outcome
 end
 
+-- What one settlement works with, a count per metric each: its estimate
+-- as passed, what the call used, the estimate it keeps, the correction and
+-- the part of it beyond the estimate. Settlements are done one at a time,
+-- each with these before the next, so that settling allocates nothing.
+local settled_estimate, settled_actual, kept_estimate, correction, extra = {}, {}, {}, {}, {}
+
 -- Settles a reservation charged at `charged_us` for `estimate` (a count
 -- per metric): the correction of its estimate by what the call used, as
 -- passed (see the top; '-': keep the estimate), in the workspace's
 -- counters and in the scope counters it charged (`scoped`, as
 -- `resolved`, or nil). Answers when it was charged (ms) and the estimate
--- charged for it, as usage is passed.
+-- charged for it (`kept_estimate`, until the next settlement).
 local function settle_one(w, charged_us, estimate, used, scoped)
   -- A reset since the admission charged nothing of it from then on, so
   -- the estimate it keeps is nothing too.
   local last_reset = w.h[LAST_RESET]
   local since_reset = charged_us < last_reset
   local charged = math.floor(math.max(charged_us, last_reset) / 1000)
-  local actual = used ~= '-' and read_usage(used, {}) or nil
+  local actual = used ~= '-' and read_usage(used, settled_actual) or nil
   -- The correction lands in the second the request was charged while that
   -- second is in the window; usage beyond the estimate is charged now.
-  local correction, extra, charged_estimate = {}, {}, {}
+  local charged_estimate = kept_estimate
   local any_extra = false
   for m = 1, METRICS do
     charged_estimate[m] = since_reset and 0 or estimate[m]
@@ -891,7 +897,10 @@ local function settle_one(w, charged_us, estimate, used, scoped)
     any_extra = any_extra or extra[m] > 0
   end
   local charged_second = math.floor(charged / 1000)
-  if charged_second > w.second - MINUTE_S and read_slot(w, charged_second)[1] == charged_second then
+  -- Most calls settle within the second they were charged in, which the
+  -- header holds: known to be in the window without reading its slot.
+  if charged_second == w.h[NEWEST_SECOND]
+      or (charged_second > w.second - MINUTE_S and read_slot(w, charged_second)[1] == charged_second) then
     add_minute(w, charged_second, correction)
   elseif any_extra then
     add_minute(w, w.second, extra)
@@ -903,7 +912,7 @@ local function settle_one(w, charged_us, estimate, used, scoped)
   if scoped and scoped ~= '' then
     correct_scopes(w, scoped, charged, correction, extra, any_extra)
   end
-  return charged, table.concat(charged_estimate, ' ')
+  return charged, charged_estimate
 end
 
 -- Settles the batch's settlements, from ARGV[s..]; answers them flat (see
@@ -929,6 +938,7 @@ local function settle_all(workspaces, s, count)
       local charged_us, estimate, probe, model, scoped = parse_reservation(record)
       local charged, charged_estimate =
         settle_one(workspaces[tonumber(ARGV[b])], charged_us, estimate, ARGV[b + 2], scoped)
+      charged_estimate = table.concat(charged_estimate, ' ')
       for _, value in ipairs({ 1, charged, charged_estimate, tonumber(probe), model }) do
         settled[#settled + 1] = value
       end
@@ -949,7 +959,8 @@ end
 local function settle_held(workspaces, s, count, held_scopes)
   for j = 1, count do
     local b = s + (j - 1) * HELD_SETTLEMENT_ARGS
-    settle_one(workspaces[tonumber(ARGV[b])], tonumber(ARGV[b + 1]), read_usage(ARGV[b + 2], {}),
+    settle_one(workspaces[tonumber(ARGV[b])], tonumber(ARGV[b + 1]),
+      read_usage(ARGV[b + 2], settled_estimate),
       ARGV[b + 3], held_scopes[j])
   end
 end
