@@ -47,6 +47,8 @@ pub enum StartError {
     Prices(#[from] crate::prices::PriceFileError),
     #[error("cannot use the SMTP server: {0}")]
     Smtp(String),
+    #[error("cannot declare an alert channel: {0}")]
+    AlertChannel(String),
 }
 
 /// Keys created during start-up. They exist only here, to be shown once.
@@ -198,6 +200,26 @@ pub async fn start(
         engine.upstream_key_missing();
     }
     let metrics = Arc::new(crate::metrics::Metrics::new(&config.metrics_models));
+    // A declared workspace's channel needs its workspace, declared too or
+    // created through the API: named here rather than left to take no events.
+    if let Some((index, workspace)) =
+        config
+            .alert_channels
+            .iter()
+            .enumerate()
+            .find_map(|(index, channel)| {
+                channel
+                    .workspace
+                    .as_ref()
+                    .filter(|workspace| !engine.contains(workspace))
+                    .map(|workspace| (index, workspace))
+            })
+    {
+        return Err(StartError::AlertChannel(format!(
+            "alerts.channels[{index}].workspace: there is no workspace {}",
+            workspace.as_str()
+        )));
+    }
     alerts::declare_channels(&store, &config.alert_channels, engine.now()).await?;
     let mailer = config
         .smtp

@@ -19,7 +19,8 @@ use crate::admin::{Change, WorkspaceSpec};
 use crate::alerts::{AlertSettings, DeclaredChannel};
 use crate::domain::alert::{ChannelKind, Filter, RetryPolicy};
 use crate::domain::limits::{
-    LimitKind, Limits, PerLimit, Unit, WorkspaceConfig, validate_limit, validate_warn_at,
+    LimitKind, Limits, PerLimit, Unit, WorkspaceConfig, WorkspaceId, validate_limit,
+    validate_warn_at,
 };
 use crate::domain::limits::{
     REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, REQUESTS_PER_MONTH, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
@@ -339,6 +340,8 @@ struct FileAlerts {
 #[serde(deny_unknown_fields)]
 struct FileChannel {
     name: String,
+    /// The workspace whose events it takes; none: a global channel.
+    workspace: Option<String>,
     #[serde(rename = "type")]
     kind: String,
     url: Option<String>,
@@ -587,8 +590,18 @@ fn file_channel(
         Some(name) => Severity::from_name(name)
             .ok_or_else(|| fail("min_severity", "is info, warning or critical".to_owned()))?,
     };
+    let workspace = match channel.workspace.as_deref() {
+        None => None,
+        Some(id) => Some(id.parse::<WorkspaceId>().map_err(|_| {
+            fail(
+                "workspace",
+                format!("{id:?} is not a workspace id (1 to 64 of a-z, 0-9, - and _)"),
+            )
+        })?),
+    };
     Ok(DeclaredChannel {
         name: channel.name,
+        workspace,
         kind,
         url,
         recipients,
@@ -1548,6 +1561,38 @@ tokens_per_day = "unlimited"
                 .setting,
             "workspaces[0].id"
         );
+    }
+
+    #[test]
+    fn a_declared_alert_channel_may_belong_to_one_workspace() {
+        let file = |workspace: &str| {
+            format!(
+                "[[alerts.channels]]\nname = \"chat\"\n{workspace}type = \"slack\"\nurl = \"https://hooks.slack.com/services/T0/B0/X\"\n"
+            )
+        };
+        let own =
+            load_with(Some(&file("workspace = \"acme\"\n")), None, &[], vec![]).expect("valid");
+        let global = load_with(Some(&file("")), None, &[], vec![]).expect("valid");
+        let (own, global) = (&own.alert_channels[0], &global.alert_channels[0]);
+        assert_eq!(
+            own.workspace.as_ref().map(WorkspaceId::as_str),
+            Some("acme")
+        );
+        assert_eq!(global.workspace, None);
+        assert_ne!(
+            own.id(),
+            global.id(),
+            "one name in two scopes, two channels"
+        );
+        let Err(error) = load_with(
+            Some(&file("workspace = \"Not Valid!\"\n")),
+            None,
+            &[],
+            vec![],
+        ) else {
+            panic!("an invalid workspace id is refused");
+        };
+        assert_eq!(error.setting, "alerts.channels[0].workspace");
     }
 
     #[test]

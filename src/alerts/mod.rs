@@ -40,6 +40,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::domain::alert::{
     ChannelKind, Decision, Phase, Plan, RecentEvents, RetryPolicy, TEST_EVENT, TokenBucket, decide,
 };
+use crate::domain::limits::WorkspaceId;
 use crate::domain::notification::Severity;
 use crate::domain::time::Timestamp;
 use crate::engine::Engine;
@@ -69,6 +70,8 @@ const DRAIN: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 pub struct DeclaredChannel {
     pub name: String,
+    /// The workspace whose events it takes; `None`: a global channel.
+    pub workspace: Option<WorkspaceId>,
     pub kind: ChannelKind,
     /// A webhook's or Slack's receiver (a Slack webhook's URL is its
     /// credential); `None` for an email channel.
@@ -81,12 +84,18 @@ pub struct DeclaredChannel {
 }
 
 impl DeclaredChannel {
-    /// Its id, the same at every start: `cfg_` and a digest of its name.
+    /// Its id, the same at every start: `cfg_` and a digest of its name
+    /// (and of its workspace's, for a workspace's channel, so that two
+    /// workspaces may each have a channel of one name).
     pub fn id(&self) -> String {
         use sha2::{Digest, Sha256};
+        let named = match &self.workspace {
+            None => self.name.clone(),
+            Some(workspace) => format!("{}/{}", workspace.as_str(), self.name),
+        };
         format!(
             "cfg_{}",
-            hex::encode(&Sha256::digest(self.name.as_bytes())[..8])
+            hex::encode(&Sha256::digest(named.as_bytes())[..8])
         )
     }
 }
@@ -109,7 +118,7 @@ pub async fn declare_channels(
             .save_alert_channel(&ChannelRecord {
                 id: id.clone(),
                 name: channel.name.clone(),
-                workspace: None,
+                workspace: channel.workspace.clone(),
                 kind: channel.kind,
                 url: channel
                     .url

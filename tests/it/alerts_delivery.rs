@@ -852,3 +852,71 @@ async fn channels_declared_in_the_configuration_are_read_only_through_the_api() 
     assert_eq!(listed.body["channels"], json!([]));
     server.stop().await;
 }
+
+/// A channel the configuration file declares for one workspace takes that
+/// workspace's events alone; one naming a workspace that does not exist
+/// stops the start with the field named, rather than waiting for events
+/// that never come.
+#[tokio::test]
+async fn a_declared_channel_of_one_workspace_takes_its_events_alone() {
+    let receiver = Receiver::start(&[]).await;
+    let mut server = TestServer::start(&[]).await;
+    let acme = server.workspace(crossing_workspace("acme")).await;
+    let beta = server.workspace(crossing_workspace("beta")).await;
+    server
+        .restart_with_file(&format!(
+            "[[alerts.channels]]\nname = \"acme chat\"\nworkspace = \"acme\"\ntype = \"slack\"\nurl = \"{}\"\n",
+            receiver.url
+        ))
+        .await;
+    let listed = server.get("/api/alerts/channels", ADMIN_KEY).await;
+    assert_eq!(listed.body["channels"][0]["workspace"], "acme");
+    assert_eq!(listed.body["channels"][0]["source"], "config");
+    // Beta crosses its threshold first, then acme.
+    assert_eq!(server.check(&beta, 600).await.status, StatusCode::OK);
+    assert_eq!(server.check(&acme, 600).await.status, StatusCode::OK);
+    receiver.wait_for(1).await;
+    let message = receiver.received()[0].body.clone();
+    assert!(message.contains("acme"), "{message}");
+    assert!(!message.contains("beta"), "{message}");
+    assert!(
+        deliveries(&server, "?workspace=beta").await.is_empty(),
+        "beta's events go to no channel"
+    );
+    server.stop().await;
+
+    let dir = tempfile::tempdir().expect("tempdir");
+    let file = dir.path().join("quotawatch.toml");
+    std::fs::write(
+        &file,
+        "[[alerts.channels]]\nname = \"ghost chat\"\nworkspace = \"ghost\"\ntype = \"slack\"\nurl = \"https://hooks.slack.com/services/T0/B0/X\"\n",
+    )
+    .expect("write the file");
+    let database = format!("sqlite://{}", dir.path().join("q.db").display());
+    let vars = [("QUOTAWATCH_DATABASE_URL", database.as_str())];
+    let lookup = move |name: &str| {
+        vars.iter()
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| (*value).to_owned())
+    };
+    let config = quotawatch::config::load(quotawatch::config::Sources {
+        file: Some(&file),
+        dotenv: None,
+        env: &lookup,
+        cli: vec![],
+    })
+    .expect("the file itself is valid");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let env: quotawatch::keys::EnvLookup = Arc::new(|_: &str| None);
+    let Err(error) = quotawatch::app::start(config, listener, env).await else {
+        panic!("a channel of no workspace must stop the start");
+    };
+    assert!(
+        error
+            .to_string()
+            .contains("alerts.channels[0].workspace: there is no workspace ghost"),
+        "{error}"
+    );
+}
