@@ -270,7 +270,7 @@ pub struct Config {
     /// The file that declares `workspaces`, which manages them from then on.
     pub workspaces_file: Option<PathBuf>,
     pub alerts: AlertSettings,
-    /// Global alert channels declared in the TOML file (`[[alerts.channels]]`).
+    /// Alert channels declared in the TOML file (`[[alerts.channels]]`).
     pub alert_channels: Vec<DeclaredChannel>,
     pub effective: Vec<Effective>,
 }
@@ -332,7 +332,7 @@ struct FileAlerts {
     channels: Vec<FileChannel>,
 }
 
-/// A global alert channel declared in the TOML file. Its URL (a Slack
+/// An alert channel declared in the TOML file (global, or one workspace's). Its URL (a Slack
 /// webhook's is a secret) and its signing secret may be read from
 /// environment variables it names; an email channel lists its recipients
 /// instead of a URL.

@@ -66,7 +66,8 @@ const LEASE_MARGIN: Duration = Duration::from_secs(10);
 /// How long a graceful stop waits at most for the attempts in flight.
 const DRAIN: Duration = Duration::from_secs(5);
 
-/// A global channel declared in the configuration file, its variables read.
+/// A channel declared in the configuration file (global, or one
+/// workspace's), its variables read.
 #[derive(Clone, Debug)]
 pub struct DeclaredChannel {
     pub name: String,
@@ -89,9 +90,12 @@ impl DeclaredChannel {
     /// workspaces may each have a channel of one name).
     pub fn id(&self) -> String {
         use sha2::{Digest, Sha256};
+        // A line break joins them: names and ids hold no control
+        // characters, so no name makes one workspace's channel the same as
+        // another's or a global one.
         let named = match &self.workspace {
             None => self.name.clone(),
-            Some(workspace) => format!("{}/{}", workspace.as_str(), self.name),
+            Some(workspace) => format!("{}\n{}", workspace.as_str(), self.name),
         };
         format!(
             "cfg_{}",
@@ -533,7 +537,7 @@ impl DispatcherHandle {
 
 struct Dispatcher {
     alerts: Arc<Alerts>,
-    /// Each sending channel's task, which answers its id and pace. A set,
+    /// Each sending channel's task, which answers its pace. A set,
     /// so that the tasks end with the dispatcher however it ends.
     sending: JoinSet<Pace>,
     /// The channel each task sends to.
@@ -585,7 +589,12 @@ impl Dispatcher {
     /// again, and a receiver that hangs does not hold the stop for long.
     async fn drain(&mut self) {
         self.alerts.stopping.store(true, Ordering::Relaxed);
-        let wait = self.alerts.settings.attempt_timeout.min(DRAIN);
+        let longest = ChannelKind::ALL
+            .into_iter()
+            .map(|kind| self.alerts.attempt_timeout(kind))
+            .max()
+            .unwrap_or(DRAIN);
+        let wait = longest.min(DRAIN);
         let finished = async { while self.sending.join_next().await.is_some() {} };
         if tokio::time::timeout(wait, finished).await.is_err() {
             self.sending.shutdown().await;
@@ -647,7 +656,11 @@ impl Dispatcher {
         let settings = &self.alerts.settings;
         let per_message = self.alerts.attempt_timeout(channel.kind)
             + Duration::from_secs_f64(1.0 / settings.channel_rate);
-        let until = now.plus(per_message * CLAIM as u32 + LEASE_MARGIN);
+        let until = now.plus(
+            per_message
+                .saturating_mul(CLAIM as u32)
+                .saturating_add(LEASE_MARGIN),
+        );
         let claimed = self
             .alerts
             .store

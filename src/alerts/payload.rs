@@ -16,9 +16,6 @@ use crate::store::EventRecord;
 /// changes meaning or goes away (new fields do not raise it).
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// The most events a Slack digest lists one by one.
-const SLACK_DIGEST_LISTED: usize = 20;
-
 /// What an event is sent with beside its stored text: its workspace's
 /// name, its limit's figures now (or at the crossing), and the link.
 #[derive(Clone, Debug, Default)]
@@ -225,12 +222,12 @@ pub fn slack(event: &EventRecord, context: &Context) -> Value {
     })
 }
 
-/// The Block Kit message of a digest: one line per event.
+/// The Block Kit message of a digest: one line per event (a digest holds
+/// at most the events one claim takes, which one section holds).
 pub fn slack_digest(events: &[(&EventRecord, Context)], dashboard_url: Option<&str>) -> Value {
     let title = format!("{} quotawatch alerts", events.len());
-    let mut lines: Vec<String> = events
+    let lines: Vec<String> = events
         .iter()
-        .take(SLACK_DIGEST_LISTED)
         .map(|(event, _)| {
             let workspace = event
                 .workspace
@@ -243,9 +240,6 @@ pub fn slack_digest(events: &[(&EventRecord, Context)], dashboard_url: Option<&s
             )
         })
         .collect();
-    if events.len() > SLACK_DIGEST_LISTED {
-        lines.push(format!("… and {} more", events.len() - SLACK_DIGEST_LISTED));
-    }
     let mut blocks = vec![
         json!({"type": "header", "text": {"type": "plain_text", "text": title}}),
         json!({"type": "section", "text": {"type": "mrkdwn", "text": clip(&lines.join("\n"), 3000)}}),

@@ -127,7 +127,7 @@ pub async fn post(
         Ok(Err(error)) => Sent {
             answer: Answer::Failed,
             http_status: None,
-            error: Some(crate::telemetry::mask_secrets(&describe(&error)).into_owned()),
+            error: Some(crate::telemetry::mask_secrets(&describe(error)).into_owned()),
             took,
         },
         Err(_) => timed_out(timeout, took),
@@ -188,10 +188,12 @@ fn timed_out(timeout: Duration, took: Duration) -> Sent {
 }
 
 /// An error with its causes, which say what actually failed (refused,
-/// reset, DNS).
-fn describe(error: &reqwest::Error) -> String {
+/// reset, DNS), without the receiver's URL: a Slack (or Slack-like) URL is
+/// a credential, and what this says is stored, answered and logged.
+fn describe(error: reqwest::Error) -> String {
+    let error = error.without_url();
     let mut text = error.to_string();
-    let mut source = std::error::Error::source(error);
+    let mut source = std::error::Error::source(&error);
     while let Some(cause) = source {
         text.push_str(": ");
         text.push_str(&cause.to_string());

@@ -1582,7 +1582,10 @@ pub struct ChannelDoc {
     /// `webhook`, `slack` or `email`.
     #[serde(rename = "type")]
     pub kind: String,
-    /// The receiver of a webhook or Slack channel; null for email.
+    /// The receiver of a webhook or Slack channel; null for email. A Slack
+    /// URL is a credential (whoever has it may post): it is shown as its
+    /// scheme and host only (`https://hooks.slack.com/…`), as a secret is
+    /// never shown; PATCH replaces it.
     pub url: Option<String>,
     /// An email channel's recipients; null for the other kinds.
     pub to: Option<Vec<String>>,
@@ -1599,6 +1602,16 @@ pub struct ChannelDoc {
     pub updated_at: String,
 }
 
+/// A URL's scheme and host, the rest elided: what may be shown of a URL
+/// that is a credential.
+fn origin_only(url: &str) -> String {
+    let after_scheme = url.find("://").map_or(0, |at| at + 3);
+    match url[after_scheme..].find('/') {
+        Some(path) => format!("{}/…", &url[..after_scheme + path]),
+        None => url.to_owned(),
+    }
+}
+
 impl From<&crate::store::ChannelRecord> for ChannelDoc {
     fn from(channel: &crate::store::ChannelRecord) -> Self {
         Self {
@@ -1609,7 +1622,10 @@ impl From<&crate::store::ChannelRecord> for ChannelDoc {
                 .as_ref()
                 .map(|workspace| workspace.as_str().to_owned()),
             kind: channel.kind.name().to_owned(),
-            url: channel.kind.has_url().then(|| channel.url.clone()),
+            url: channel.kind.has_url().then(|| match channel.kind {
+                crate::domain::alert::ChannelKind::Slack => origin_only(&channel.url),
+                _ => channel.url.clone(),
+            }),
             to: (!channel.kind.has_url()).then(|| channel.recipients.clone()),
             secret_set: channel.secret.is_some(),
             events: channel.filter.events.clone(),

@@ -325,7 +325,11 @@ pub fn decide(
         }
         Answer::Timeout | Answer::Failed => now.plus(backoff(policy, attempt, random)),
     };
-    if retry_at.millis() > first_attempt.millis() + duration_millis(policy.max_age) {
+    if retry_at.millis()
+        > first_attempt
+            .millis()
+            .saturating_add(duration_millis(policy.max_age))
+    {
         Decision::GiveUp {
             reason: GiveUpReason::Expired,
         }

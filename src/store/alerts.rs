@@ -513,6 +513,22 @@ impl Store {
             .await
             .map(|_| ())
         })?;
+        if !channel.enabled {
+            // A disabled channel sends nothing: what waited for it is
+            // given up, so that it neither counts as pending for ever nor
+            // goes out stale once the channel is enabled again. A delivery
+            // claimed meanwhile ends with its attempt.
+            on_pool!(self, |pool| {
+                sqlx::query(
+                    "UPDATE alert_deliveries SET status = 'gave_up', updated_at = $2 WHERE channel_id = $1 AND status = 'pending' AND (claimed_until IS NULL OR claimed_until < $2)",
+                )
+                .bind(&channel.id)
+                .bind(channel.updated_at.millis())
+                .execute(pool)
+                .await
+                .map(|_| ())
+            })?;
+        }
         Ok(())
     }
 
@@ -881,7 +897,7 @@ impl Store {
     /// Deletes finished deliveries (and their attempts) older than their
     /// retention, and the events nothing refers to any more. An event
     /// pruned is not enqueued again by a later rewrite of its notification
-    /// (see `enqueue_events!`).
+    /// (see `ENQUEUE_EVENT`).
     pub(super) async fn prune_alerts(&self, now: Timestamp) -> Result<u64> {
         let cutoff = now.millis() - DELIVERY_RETENTION_MS;
         let mut deleted = 0;

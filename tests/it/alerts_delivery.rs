@@ -555,6 +555,12 @@ async fn slack_receives_block_kit_with_the_figures_and_a_link() {
         .as_str()
         .expect("id")
         .to_owned();
+    // A Slack URL is a credential: the API shows its scheme and host only.
+    let shown = server
+        .get(&format!("/api/alerts/channels/{slack_id}"), ADMIN_KEY)
+        .await;
+    let origin = receiver.url[..receiver.url[7..].find('/').expect("a path") + 7].to_owned();
+    assert_eq!(shown.body["url"], format!("{origin}/…"), "{:?}", shown.body);
     let witness = Receiver::start(&[]).await;
     channel(
         &server,
@@ -919,4 +925,53 @@ async fn a_declared_channel_of_one_workspace_takes_its_events_alone() {
             .contains("alerts.channels[0].workspace: there is no workspace ghost"),
         "{error}"
     );
+}
+
+/// Disabling a channel gives up what waited for it: nothing stays pending
+/// for ever, and enabling it again does not send stale alerts.
+#[tokio::test]
+async fn disabling_a_channel_gives_up_its_pending_deliveries() {
+    let failing = Receiver::start(&[]).await;
+    failing.answer_from_now(503);
+    let server = TestServer::start(&[("QUOTAWATCH_ALERT_RETRY_BASE", "1h")]).await;
+    let key = server.workspace(crossing_workspace("acme")).await;
+    let id = channel(
+        &server,
+        json!({"name": "down", "type": "webhook", "url": failing.url}),
+    )
+    .await["id"]
+        .as_str()
+        .expect("id")
+        .to_owned();
+    assert_eq!(server.check(&key, 600).await.status, StatusCode::OK);
+    failing.wait_for(1).await;
+    let query = format!("?channel={id}");
+    eventually(
+        "the failed attempt is recorded and retried later",
+        Duration::from_secs(15),
+        || async {
+            deliveries(&server, &query)
+                .await
+                .first()
+                .filter(|d| {
+                    d["status"] == "pending"
+                        && d["attempts"].as_array().is_some_and(|a| a.len() == 1)
+                })
+                .cloned()
+        },
+    )
+    .await;
+    let disabled = server
+        .send(
+            Method::PATCH,
+            &format!("/api/alerts/channels/{id}"),
+            ADMIN_KEY,
+            Some(json!({"enabled": false})),
+        )
+        .await;
+    assert_eq!(disabled.status, StatusCode::OK, "{:?}", disabled.body);
+    let after = deliveries(&server, &query).await;
+    assert!(!after.is_empty());
+    assert!(after.iter().all(|d| d["status"] == "gave_up"), "{after:?}");
+    server.stop().await;
 }
