@@ -768,7 +768,10 @@ impl Store {
     }
 
     /// Records an attempt and what follows it: the delivery's new status,
-    /// its next attempt, and the claim released.
+    /// its next attempt, and the claim released. Only a pending delivery
+    /// whose attempts are all older moves: should a claim have lapsed while
+    /// its attempt was under way and another dispatcher sent the message
+    /// too, the later record neither undoes a delivery nor counts twice.
     pub async fn record_alert_attempt(
         &self,
         attempt: &AttemptRecord,
@@ -796,7 +799,7 @@ impl Store {
                 .execute(&mut *tx)
                 .await?;
                 sqlx::query(
-                    "UPDATE alert_deliveries SET status = $2, attempts = $3, next_attempt_at = COALESCE($4, next_attempt_at), first_attempt_at = COALESCE(first_attempt_at, $5), claimed_until = NULL, claimed_by = NULL, updated_at = $5 WHERE id = $1",
+                    "UPDATE alert_deliveries SET status = $2, attempts = $3, next_attempt_at = COALESCE($4, next_attempt_at), first_attempt_at = COALESCE(first_attempt_at, $5), claimed_until = NULL, claimed_by = NULL, updated_at = $5 WHERE id = $1 AND status = 'pending' AND attempts < $3",
                 )
                 .bind(&attempt.delivery_id)
                 .bind(status.name())
