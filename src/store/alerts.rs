@@ -764,6 +764,16 @@ impl Store {
                 claimed.push((delivery, event));
             }
         }
+        // In the order things happened: deliveries fanned out in one pass
+        // share their creation time, and a cause raised and resolved
+        // within one flush must not reach its receiver resolved first.
+        claimed.sort_by_key(|(delivery, event)| {
+            (
+                event.occurred_at.millis(),
+                event.phase == Phase::Resolved,
+                delivery.created_at.millis(),
+            )
+        });
         Ok(claimed)
     }
 
