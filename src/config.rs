@@ -19,8 +19,8 @@ use crate::admin::{Change, WorkspaceSpec};
 use crate::alerts::{AlertSettings, DeclaredChannel};
 use crate::domain::alert::{ChannelKind, Filter, RetryPolicy};
 use crate::domain::limits::{
-    LimitKind, Limits, PerLimit, Unit, WorkspaceConfig, WorkspaceId, validate_limit,
-    validate_warn_at,
+    LimitKind, Limits, PerLimit, Unit, ValidationError, WorkspaceConfig, WorkspaceId,
+    validate_limit, validate_warn_at,
 };
 use crate::domain::limits::{
     REQUESTS_PER_DAY, REQUESTS_PER_MINUTE, REQUESTS_PER_MONTH, TOKENS_PER_DAY, TOKENS_PER_MINUTE,
@@ -33,9 +33,7 @@ use crate::domain::time::{format_duration, parse_duration};
 use crate::domain::workspace::Settings;
 use crate::engine::{OnStoreError, WorkspaceDefaults};
 use crate::keys::Secret;
-use crate::mail::{
-    ExtraRoot, SmtpConfig, SmtpServer, parse_recipients, parse_sender, read_extra_root,
-};
+use crate::mail::{ExtraRoot, SmtpConfig, SmtpServer, parse_sender, read_extra_root};
 use crate::proxy::UpstreamConfig;
 use crate::proxy::estimate::Tokenizer;
 use crate::telemetry::mask_secrets;
@@ -511,35 +509,30 @@ fn file_channel(
     crate::domain::alert::validate_name(&channel.name).map_err(|e| fail("name", e.message))?;
     let kind = ChannelKind::from_name(&channel.kind)
         .ok_or_else(|| fail("type", "is webhook, slack or email".to_owned()))?;
+    // The receiver, by the rules the admin API applies
+    // (`alerts::receiver_url`, `alerts::receiver_recipients`): each kind
+    // takes only its own, so giving the other kind's is refused there.
+    let rule =
+        |error: ValidationError| fail(&error.field, mask_secrets(&error.message).into_owned());
+    if let Some(list) = &channel.to
+        && kind.has_url()
+    {
+        crate::alerts::receiver_recipients(kind, list).map_err(rule)?;
+    }
     let (url, recipients) = if kind.has_url() {
-        if channel.to.is_some() {
-            return Err(fail(
-                "to",
-                format!(
-                    "only email channels have recipients; a {} channel sends to its url",
-                    kind.name()
-                ),
-            ));
-        }
         let url = match (channel.url, &channel.url_env) {
             (Some(url), None) => url,
             (None, Some(name)) => from_env("url_env", name)?,
             _ => return Err(fail("url", "give url or url_env (one of them)".to_owned())),
         };
-        crate::domain::alert::validate_url(&url)
-            .map_err(|e| fail("url", mask_secrets(&e.message).into_owned()))?;
+        crate::alerts::receiver_url(kind, &url).map_err(rule)?;
         (Some(Secret::new(&url)), Vec::new())
     } else {
-        if channel.url.is_some() || channel.url_env.is_some() {
-            let field = if channel.url.is_some() {
-                "url"
-            } else {
-                "url_env"
-            };
-            return Err(fail(
-                field,
-                "an email channel sends to its recipients (to), not to a url".to_owned(),
-            ));
+        if let Some(given) = channel.url.as_deref() {
+            crate::alerts::receiver_url(kind, given).map_err(rule)?;
+        }
+        if channel.url_env.is_some() {
+            crate::alerts::receiver_url(kind, "").map_err(|e| fail("url_env", e.message))?;
         }
         let list = channel.to.ok_or_else(|| {
             fail(
@@ -547,19 +540,13 @@ fn file_channel(
                 "an email channel needs its recipients: a list of addresses".to_owned(),
             )
         })?;
-        let addresses = parse_recipients(&list).map_err(|e| {
-            ConfigError::new(
-                format!("alerts.channels[{index}].{}", e.field("to")),
-                source,
-                e.message,
-            )
-        })?;
-        (None, addresses.iter().map(ToString::to_string).collect())
+        let addresses = crate::alerts::receiver_recipients(kind, &list).map_err(rule)?;
+        (None, addresses)
     };
     let secret = match (&channel.secret_env, kind.is_signed()) {
         (Some(name), true) => {
             let secret = from_env("secret_env", name)?;
-            crate::domain::alert::secret_bytes(&secret)
+            crate::alerts::signing_secret(kind, &secret)
                 .map_err(|e| fail("secret_env", format!("{name}: {}", e.message)))?;
             Some(Secret::new(&secret))
         }

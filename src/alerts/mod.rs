@@ -40,7 +40,7 @@ use tokio::task::{JoinHandle, JoinSet};
 use crate::domain::alert::{
     ChannelKind, Decision, Phase, Plan, RecentEvents, RetryPolicy, TEST_EVENT, TokenBucket, decide,
 };
-use crate::domain::limits::WorkspaceId;
+use crate::domain::limits::{ValidationError, WorkspaceId};
 use crate::domain::notification::Severity;
 use crate::domain::time::Timestamp;
 use crate::engine::Engine;
@@ -102,6 +102,56 @@ impl DeclaredChannel {
             hex::encode(&Sha256::digest(named.as_bytes())[..8])
         )
     }
+}
+
+/// A URL given for a channel of `kind`: checked, and only for the kinds
+/// that send to one. The admin API and the configuration file take a
+/// channel's receiver by these rules alike.
+pub fn receiver_url(kind: ChannelKind, url: &str) -> Result<(), ValidationError> {
+    if !kind.has_url() {
+        return Err(ValidationError::new(
+            "url",
+            format!(
+                "a {} channel sends to its recipients (to), not to a url",
+                kind.name()
+            ),
+        ));
+    }
+    crate::domain::alert::validate_url(url)
+}
+
+/// Recipients given for a channel of `kind`: checked (the entry at fault
+/// named `to[i]`), and only for email.
+pub fn receiver_recipients(
+    kind: ChannelKind,
+    list: &[String],
+) -> Result<Vec<String>, ValidationError> {
+    if kind.has_url() {
+        return Err(ValidationError::new(
+            "to",
+            format!(
+                "only email channels have recipients; a {} channel sends to its url",
+                kind.name()
+            ),
+        ));
+    }
+    let addresses = crate::mail::parse_recipients(list)
+        .map_err(|error| ValidationError::new(error.field("to"), error.message))?;
+    Ok(addresses.iter().map(ToString::to_string).collect())
+}
+
+/// A secret given for a channel of `kind`: checked, and only for webhooks.
+pub fn signing_secret(kind: ChannelKind, secret: &str) -> Result<(), ValidationError> {
+    if !kind.is_signed() {
+        return Err(ValidationError::new(
+            "secret",
+            format!(
+                "only webhook channels are signed; a {} channel takes no secret",
+                kind.name()
+            ),
+        ));
+    }
+    crate::domain::alert::secret_bytes(secret).map(drop)
 }
 
 /// Writes the configuration file's channels (read-only through the API)

@@ -18,7 +18,6 @@ use crate::domain::limits::{ValidationError, WorkspaceId};
 use crate::domain::notification::Severity;
 use crate::edge::auth::Auth;
 use crate::edge::error::{ApiError, ErrorBody, Json, Path, Query};
-use crate::mail::parse_recipients;
 use crate::store::{ChannelRecord, ChannelSource, DeliveryQuery, DeliveryStatus, StoreError};
 
 /// The most deliveries one listing answers, and how many it answers
@@ -74,52 +73,22 @@ fn events(events: Option<Vec<String>>) -> Result<Option<Vec<String>>, ApiError> 
         .map_err(invalid)
 }
 
-/// A secret given for a channel of `kind`: checked, and only for webhooks.
+/// A secret given for a channel of `kind` (see `alerts::signing_secret`).
 fn given_secret(kind: ChannelKind, secret: &str) -> Result<String, ApiError> {
-    if !kind.is_signed() {
-        return Err(invalid(ValidationError::new(
-            "secret",
-            format!(
-                "only webhook channels are signed; a {} channel takes no secret",
-                kind.name()
-            ),
-        )));
-    }
-    alert::secret_bytes(secret).map_err(invalid)?;
+    crate::alerts::signing_secret(kind, secret).map_err(invalid)?;
     Ok(secret.to_owned())
 }
 
-/// A URL given for a channel of `kind`: checked, and only for the kinds
-/// that send to one.
+/// A URL given for a channel of `kind` (see `alerts::receiver_url`).
 fn given_url(kind: ChannelKind, url: String) -> Result<String, ApiError> {
-    if !kind.has_url() {
-        return Err(invalid(ValidationError::new(
-            "url",
-            format!(
-                "a {} channel sends to its recipients (to), not to a url",
-                kind.name()
-            ),
-        )));
-    }
-    alert::validate_url(&url).map_err(invalid)?;
+    crate::alerts::receiver_url(kind, &url).map_err(invalid)?;
     Ok(url)
 }
 
-/// Recipients given for a channel of `kind`: checked (the entry at fault
-/// named `to[i]`), and only for email.
+/// Recipients given for a channel of `kind` (see
+/// `alerts::receiver_recipients`).
 fn given_recipients(kind: ChannelKind, list: &[String]) -> Result<Vec<String>, ApiError> {
-    if kind.has_url() {
-        return Err(invalid(ValidationError::new(
-            "to",
-            format!(
-                "only email channels have recipients; a {} channel sends to its url",
-                kind.name()
-            ),
-        )));
-    }
-    let addresses = parse_recipients(list)
-        .map_err(|error| invalid(ValidationError::new(error.field("to"), error.message)))?;
-    Ok(addresses.iter().map(ToString::to_string).collect())
+    crate::alerts::receiver_recipients(kind, list).map_err(invalid)
 }
 
 async fn stored_channel(state: &AppState, id: &str) -> Result<ChannelRecord, ApiError> {
