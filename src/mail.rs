@@ -25,7 +25,7 @@ use lettre::{AsyncSmtpTransport, AsyncTransport, Message, Tokio1Executor};
 
 pub use crate::domain::alert::Phase;
 use crate::domain::forecast::Basis;
-use crate::domain::limits::LimitKind;
+use crate::domain::limits::{LimitKind, WorkspaceId};
 use crate::domain::notification::{Notification, NotificationKind};
 use crate::domain::status::LimitFacts;
 use crate::domain::time::{Timestamp, humanize_duration, in_time};
@@ -687,8 +687,13 @@ fn forecast_line(kind: LimitKind, limit: &LimitFacts, now: Timestamp) -> Option<
 /// The dashboard's page of the notification's workspace (its overview for a
 /// service-wide notification).
 fn dashboard_link(dashboard: Option<&reqwest::Url>, notification: &Notification) -> Option<String> {
-    let base = dashboard?;
-    Some(match &notification.workspace {
+    dashboard.map(|base| dashboard_page(base, notification.workspace.as_ref()))
+}
+
+/// The dashboard's page of `workspace` under `base` (its overview for none),
+/// the one link every alert (email, webhook, Slack) carries.
+pub fn dashboard_page(base: &reqwest::Url, workspace: Option<&WorkspaceId>) -> String {
+    match workspace {
         Some(workspace) => {
             let mut page = base.clone();
             let id: String = percent_encoding::utf8_percent_encode(
@@ -700,7 +705,7 @@ fn dashboard_link(dashboard: Option<&reqwest::Url>, notification: &Notification)
             page.to_string()
         }
         None => base.to_string(),
-    })
+    }
 }
 
 /// The email laid out from its parts, once as text and once as HTML: a

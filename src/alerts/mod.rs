@@ -277,11 +277,9 @@ impl Alerts {
     /// The dashboard's page of `workspace` (its overview for service-wide
     /// events), when the public URL is set.
     fn dashboard_url(&self, event: &EventRecord) -> Option<String> {
-        let base = self.settings.public_url.as_deref()?.trim_end_matches('/');
-        Some(match &event.workspace {
-            Some(workspace) => format!("{base}/#/w/{}", workspace.as_str()),
-            None => format!("{base}/"),
-        })
+        self.dashboard
+            .as_ref()
+            .map(|base| crate::mail::dashboard_page(base, event.workspace.as_ref()))
     }
 
     /// What an event is sent with beside its stored text: the workspace's
@@ -322,7 +320,13 @@ impl Alerts {
             ([(event, context)], false) => payload::webhook(event, context, now),
             ([(event, context)], true) => payload::slack(event, context),
             (many, false) => payload::webhook_digest(many, now),
-            (many, true) => payload::slack_digest(many, self.settings.public_url.as_deref()),
+            (many, true) => {
+                let overview = self
+                    .dashboard
+                    .as_ref()
+                    .map(|base| crate::mail::dashboard_page(base, None));
+                payload::slack_digest(many, overview.as_deref())
+            }
         };
         Message {
             id: message_id(claimed),
