@@ -1,4 +1,4 @@
-# Shared by the proxy's benchmark scripts (sourced, not run): a
+# Shared by bench/proxy.sh and bench/profile.sh (sourced, not run): a
 # temporary directory cleaned up on exit with every process started in it,
 # the upstream (stock nginx when installed, else the built-in mock),
 # quotawatch in front of it with a hundred workspaces, and the processes'
