@@ -1,83 +1,127 @@
 #!/usr/bin/env bash
-# Measures what the /v1 proxy costs: the same load directly against the mock
+# Measures what the /v1 proxy costs: the same load directly against the
 # upstream and through quotawatch, in one run, on this machine.
 #
-#   bench/proxy.sh            full run (release build, 10 s per measurement)
-#   bench/proxy.sh --quick    short run (2 s per measurement)
-#   bench/proxy.sh --debug    use the debug build (numbers meaningless; for CI,
-#                             which only checks that the script works)
-#   bench/proxy.sh --bin PATH measure another quotawatch binary (an earlier
-#                             build, to compare) with this script's load
+#   bench/proxy.sh                 full run (release build, 10 s per measurement)
+#   bench/proxy.sh --quick         short run (2 s per measurement)
+#   bench/proxy.sh --debug         use the debug build (numbers meaningless; for CI,
+#                                  which only checks that the script works)
+#   bench/proxy.sh --bin PATH      measure another quotawatch binary (an earlier
+#                                  build, to compare) with this script's load
+#   bench/proxy.sh --check         fail when quotawatch's CPU per request, divided by
+#                                  nginx's in the same run, exceeds 1.5x the ratio in
+#                                  bench/proxy-baseline.json (JSON or streams)
+#   bench/proxy.sh --ratios FILE   also append this run's CPU ratios to FILE (a JSON line)
+#   bench/proxy.sh --save-baseline write bench/proxy-baseline.json from the median of
+#                                  three release runs with --quick, on this machine
 #
-# Throughput: wrk (Debian's package) with 64 connections when installed, else
-# the loadgen example in closed-loop mode. Latency at a fixed 1,000 requests/s:
-# the loadgen example in open-loop mode, plus quotawatch's own account of the
-# time it adds (x-quotawatch-overhead-ms). Resident memory of quotawatch is
-# sampled throughout. Last, the peak memory one 30 MiB request body costs
-# above idle (two shapes: one long text, and a list of 15 million token ids),
-# read from the kernel's high-water mark after resetting it.
+# The upstream is stock nginx when installed (bench/lib.sh), serving
+# OpenAI's recorded answers, else quotawatch's built-in mock. Each figure is
+# measured in this one run:
+# - throughput: wrk (Debian's package) when installed, else the loadgen
+#   example in closed-loop mode; JSON answers at 64 connections and streamed
+#   answers at 16;
+# - the server CPU per request of quotawatch and of the upstream (nginx's
+#   master and workers, or the mock) over those runs: the processes' CPU
+#   time before and after, over the requests served;
+# - latency at a fixed 1,000 requests/s (the loadgen example in open-loop
+#   mode), with quotawatch's own account of the time it adds
+#   (x-quotawatch-overhead-ms), and with one request at a time (closed loop,
+#   one connection);
+# - quotawatch's resident memory, sampled throughout, and its CPU while idle
+#   with a hundred workspaces;
+# - the peak memory one 30 MiB request body costs above idle (two shapes: one
+#   long text, and a list of 15 million token ids), read from the kernel's
+#   high-water mark after resetting it.
+# Issue 19's targets are printed as met or NOT met; they do not fail the
+# run. Errors do, and so does --check's regression guard.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-duration=10s
+duration=10
+idle_seconds=10
 profile=release
 other_bin=
+check=
+ratios_file=
+save_baseline=
+baseline_file=bench/proxy-baseline.json
+usage="usage: bench/proxy.sh [--quick] [--debug] [--bin PATH] [--check] [--ratios FILE] [--save-baseline]"
 while [ $# -gt 0 ]; do
     case "$1" in
-        --quick) duration=2s ;;
+        --quick) duration=2 idle_seconds=2 ;;
         --debug) profile=dev ;;
-        --bin) other_bin=$2; shift ;;
-        *) echo "usage: bench/proxy.sh [--quick] [--debug] [--bin PATH]" >&2; exit 2 ;;
+        --bin) other_bin=${2:?$usage}; shift ;;
+        --check) check=1 ;;
+        --ratios) ratios_file=$(realpath "${2:?$usage}"); shift ;;
+        --save-baseline) save_baseline=1 ;;
+        *) echo "$usage" >&2; exit 2 ;;
     esac
     shift
 done
+if [ -n "$check$save_baseline" ]; then
+    if ! command -v nginx >/dev/null; then
+        echo "bench/proxy.sh: --check and --save-baseline need nginx (Debian's package nginx):" \
+            "the baseline is quotawatch's CPU per request divided by nginx's" >&2
+        exit 1
+    fi
+    if [ "$profile" != release ]; then
+        echo "bench/proxy.sh: the baseline is of a release build; --check and --save-baseline" \
+            "do not take --debug" >&2
+        exit 2
+    fi
+fi
+
+if [ -n "$save_baseline" ]; then
+    runs=$(mktemp)
+    for _ in 1 2 3; do bench/proxy.sh --quick --ratios "$runs"; done
+    python3 - "$runs" "$baseline_file" "$(nproc)" "$(grep -m1 '^model name' /proc/cpuinfo | cut -d: -f2-)" <<'PY'
+import datetime, json, statistics, sys
+runs = [json.loads(line) for line in open(sys.argv[1])]
+baseline = {
+    "what": "quotawatch's CPU per proxied request divided by nginx's CPU per request served "
+            "directly, in the same run of bench/proxy.sh --quick (release build); the median of "
+            "three runs. bench/proxy.sh --check fails when a run's ratio exceeds 1.5 times this.",
+    "measured": datetime.date.today().isoformat(),
+    "machine": {"nproc": int(sys.argv[3]), "cpu": sys.argv[4].strip()},
+    "upstream": runs[0]["upstream"],
+    "runs": [{shape: round(run[shape], 3) for shape in ("json", "stream")} for run in runs],
+    "ratio": {shape: round(statistics.median(run[shape] for run in runs), 3) for shape in ("json", "stream")},
+}
+open(sys.argv[2], "w").write(json.dumps(baseline, indent=2) + "\n")
+print(f"wrote {sys.argv[2]}: ratios {baseline['ratio']}")
+PY
+    rm -f "$runs"
+    exit 0
+fi
+
 target_dir=$([ "$profile" = release ] && echo release || echo debug)
-
 cargo build --quiet --profile "$profile" --bin quotawatch --example loadgen
-bin=${other_bin:-"target/$target_dir/quotawatch"}
-loadgen="target/$target_dir/examples/loadgen"
+# Cargo builds where CARGO_TARGET_DIR says, if set.
+bin=${other_bin:-"${CARGO_TARGET_DIR:-target}/$target_dir/quotawatch"}
+loadgen="${CARGO_TARGET_DIR:-target}/$target_dir/examples/loadgen"
 
-work=$(mktemp -d)
-pids=()
-cleanup() {
-    for pid in "${pids[@]}"; do kill "$pid" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
+source bench/lib.sh
+start_upstream
+start_quotawatch
+
+# Both answers must be what a client expects before any is measured.
+proxied() { # body file, query
+    curl -sf -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
+        --data-binary "@$1" "$proxy/chat/completions$2"
 }
-trap cleanup EXIT
+json_answer=$(proxied "$work/body.json" "") || true
+stream_answer=$(proxied "$work/stream.json" "?answer=stream") || true
+if [[ $json_answer != *'"object":"chat.completion"'* || $stream_answer != *'data: [DONE]'* ]]; then
+    echo "bench: the proxied answers are not a chat completion and a stream; quotawatch said:" >&2
+    cat "$work/qw.err" >&2
+    exit 1
+fi
 
-# Waits for a line starting with $2 in file $1 and prints the rest of it.
-address_from() {
-    for _ in $(seq 1 200); do
-        if line=$(grep -m1 "^$2" "$1" 2>/dev/null); then
-            echo "${line#"$2"}"
-            return 0
-        fi
-        sleep 0.05
-    done
-    echo "bench: no '$2' in $1:" >&2
-    cat "$1" >&2
-    return 1
-}
-
-"$bin" mock-upstream --listen 127.0.0.1:0 >"$work/mock.out" 2>&1 &
-pids+=($!)
-upstream=$(address_from "$work/mock.out" "mock OpenAI upstream listening on ")
-
-db="sqlite://$work/bench.db"
-big=1000000000000
-"$bin" --database-url "$db" workspace add bench --requests-per-minute $big --requests-per-day $big \
-    --tokens-per-minute $big --tokens-per-day $big >/dev/null 2>&1
-key=$("$bin" --database-url "$db" key create bench 2>/dev/null | grep -m1 -o 'qw_[A-Za-z0-9_-]*')
-
-QUOTA_ADMIN_RESET_KEY=bench-admin-key-0123456789 OPENAI_API_KEY=sk-bench \
-QUOTAWATCH_UPSTREAM_URL="$upstream" QUOTAWATCH_LOG=warn \
-    "$bin" --database-url "$db" serve --listen 127.0.0.1:0 >"$work/qw.out" 2>"$work/qw.err" &
-qw_pid=$!
-pids+=($qw_pid)
-proxy=$(address_from "$work/qw.out" "quotawatch listening on ")/v1
-
-echo '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are terse."},{"role":"user","content":"Say hello to the benchmark."}],"max_tokens":20}' >"$work/body.json"
+# Idle: no traffic, a hundred workspaces.
+idle_before=$(cpu_ns "$qw_pid")
+sleep "$idle_seconds"
+idle_cpu_ns=$(($(cpu_ns "$qw_pid") - idle_before))
 
 # Resident memory of quotawatch, sampled until the end.
 (while kill -0 "$qw_pid" 2>/dev/null; do
@@ -86,37 +130,55 @@ echo '{"model":"gpt-4o-mini","messages":[{"role":"system","content":"You are ter
 done) >"$work/rss.kb" &
 pids+=($!)
 
-throughput() { # url, key (may be empty) -> "rps p50_ms p99_ms"
-    if command -v wrk >/dev/null; then
+tool=$(command -v wrk >/dev/null && echo wrk || echo loadgen)
+
+# Closed loop: prints one JSON line with the requests served, errors,
+# requests/s, p50 and p99, and the CPU time quotawatch and the upstream
+# used meanwhile.
+closed_loop() { # url, key (may be empty), body file, connections
+    local qw_before up_before qw_after up_after result
+    qw_before=$(cpu_ns "$qw_pid")
+    up_before=$(cpu_ns "$upstream_pid")
+    if [ "$tool" = wrk ]; then
         {
             echo 'wrk.method = "POST"'
-            echo "wrk.body = [[$(cat "$work/body.json")]]"
+            echo "wrk.body = [[$(cat "$3")]]"
             echo 'wrk.headers["Content-Type"] = "application/json"'
-            [ -n "$2" ] && echo "wrk.headers[\"Authorization\"] = \"Bearer $2\""
+            if [ -n "$2" ]; then echo "wrk.headers[\"Authorization\"] = \"Bearer $2\""; fi
         } >"$work/post.lua"
-        wrk -t2 -c64 -d"$duration" --latency -s "$work/post.lua" "$1" >"$work/wrk.out"
-        awk '
+        wrk -t2 -c"$4" -d"${duration}s" --latency -s "$work/post.lua" "$1" >"$work/wrk.out"
+        result=$(awk '
             function ms(v) { if (v ~ /us$/) return v/1000; if (v ~ /ms$/) return v+0; if (v ~ /s$/) return v*1000; return v }
+            / requests in / {requests=$1}
             /Requests\/sec/ {rps=$2}
             $1=="50%" {p50=ms($2)}
             $1=="99%" {p99=ms($2)}
-            END {printf "%s %.3f %.3f\n", rps, p50, p99}' "$work/wrk.out"
+            /Non-2xx/ {errors+=$NF}
+            /Socket errors/ {gsub(/,/, ""); errors+=$4+$6+$8+$10}
+            END {printf "{\"requests\":%d,\"errors\":%d,\"rps\":%s,\"p50_ms\":%.3f,\"p99_ms\":%.3f}\n", requests, errors, rps, p50, p99}
+        ' "$work/wrk.out")
     else
-        "$loadgen" --url "$1" --body "$work/body.json" ${2:+--key "$2"} --connections 64 --duration "$duration" |
-            python3 -c 'import json,sys; r=json.load(sys.stdin); print("%.0f %.3f %.3f" % (r["rps"], r["p50_ms"], r["p99_ms"]))'
+        result=$("$loadgen" --url "$1" --body "$3" ${2:+--key "$2"} --connections "$4" --duration "${duration}s")
     fi
+    qw_after=$(cpu_ns "$qw_pid")
+    up_after=$(cpu_ns "$upstream_pid")
+    echo "${result%\}},\"quotawatch_cpu_ns\":$((qw_after - qw_before)),\"upstream_cpu_ns\":$((up_after - up_before))}"
 }
 
-fixed_rate() { # url, key -> JSON line
-    "$loadgen" --url "$1" --body "$work/body.json" ${2:+--key "$2"} --rate 1000 --duration "$duration"
+loadgen_run() { # url, key (may be empty), loadgen's mode flag and its value
+    "$loadgen" --url "$1" --body "$work/body.json" ${2:+--key "$2"} "$3" "$4" --duration "${duration}s"
 }
 
-tool=$(command -v wrk >/dev/null && echo wrk || echo loadgen)
-echo "quotawatch proxy benchmark ($profile build, $duration per run, throughput by $tool, $(nproc) cores shared with the load generator)"
-read -r direct_rps direct_p50 direct_p99 < <(throughput "$upstream/chat/completions" "")
-read -r proxy_rps proxy_p50 proxy_p99 < <(throughput "$proxy/chat/completions" "$key")
-direct_fixed=$(fixed_rate "$upstream/chat/completions" "")
-proxy_fixed=$(fixed_rate "$proxy/chat/completions" "$key")
+echo "quotawatch proxy benchmark ($profile build, ${duration} s per run, upstream: $upstream_name," \
+    "throughput by $tool, $(nproc) cores shared by the servers and the load)"
+json_direct=$(closed_loop "$upstream/chat/completions" "" "$work/body.json" 64)
+json_proxied=$(closed_loop "$proxy/chat/completions" "$key" "$work/body.json" 64)
+stream_direct=$(closed_loop "$upstream/chat/completions?answer=stream" "" "$work/stream.json" 16)
+stream_proxied=$(closed_loop "$proxy/chat/completions?answer=stream" "$key" "$work/stream.json" 16)
+fixed_direct=$(loadgen_run "$upstream/chat/completions" "" --rate 1000)
+fixed_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --rate 1000)
+single_direct=$(loadgen_run "$upstream/chat/completions" "" --connections 1)
+single_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --connections 1)
 max_rss_kb=$(sort -n "$work/rss.kb" | tail -1)
 
 # Peak memory for one 30 MiB body above idle: the high-water mark is reset
@@ -143,40 +205,101 @@ large_body_peak() { # file, path -> "peak_above_idle_kib body_kib status"
 read -r text_peak text_kib text_status < <(large_body_peak "$work/text.json" /chat/completions)
 read -r ids_peak ids_kib ids_status < <(large_body_peak "$work/ids.json" /embeddings)
 
-python3 - "$direct_rps" "$direct_p50" "$direct_p99" "$proxy_rps" "$proxy_p50" "$proxy_p99" \
-    "$direct_fixed" "$proxy_fixed" "${max_rss_kb:-0}" "$profile" \
-    "$text_peak" "$text_kib" "$text_status" "$ids_peak" "$ids_kib" "$ids_status" <<'PY'
+python3 - "$profile" "$(command -v nginx >/dev/null && echo nginx || echo mock)" "${check:+$baseline_file}" \
+    "$ratios_file" "$json_direct" "$json_proxied" "$stream_direct" "$stream_proxied" \
+    "$fixed_direct" "$fixed_proxied" "$single_direct" "$single_proxied" "${max_rss_kb:-0}" \
+    "$idle_cpu_ns" "$idle_seconds" "$text_peak" "$text_kib" "$text_status" \
+    "$ids_peak" "$ids_kib" "$ids_status" <<'PY'
 import json, sys
-d_rps, d_p50, d_p99, p_rps, p_p50, p_p99 = map(float, sys.argv[1:7])
-direct, proxied = json.loads(sys.argv[7]), json.loads(sys.argv[8])
-rss_mib = int(sys.argv[9]) / 1024
-release = sys.argv[10] == "release"
-print(f"{'':28}{'direct':>12}{'through':>12}{'ratio':>8}")
-print(f"{'64 connections: req/s':28}{d_rps:12.0f}{p_rps:12.0f}{p_rps / d_rps:8.2f}")
-print(f"{'64 connections: p50 ms':28}{d_p50:12.3f}{p_p50:12.3f}")
-print(f"{'64 connections: p99 ms':28}{d_p99:12.3f}{p_p99:12.3f}")
-print(f"{'1000 req/s: p50 ms':28}{direct['p50_ms']:12.3f}{proxied['p50_ms']:12.3f}")
-print(f"{'1000 req/s: p99 ms':28}{direct['p99_ms']:12.3f}{proxied['p99_ms']:12.3f}")
-added_p99 = proxied["p99_ms"] - direct["p99_ms"]
-print(f"added latency at 1000 req/s: p99 {added_p99:.3f} ms (client view); "
-      f"quotawatch's own overhead p50 {proxied['overhead_p50_ms']:.3f} ms, p99 {proxied['overhead_p99_ms']:.3f} ms")
+profile, upstream, baseline_file, ratios_file = sys.argv[1:5]
+json_direct, json_proxied, stream_direct, stream_proxied, fixed_direct, fixed_proxied, \
+    single_direct, single_proxied = map(json.loads, sys.argv[5:13])
+rss_mib = int(sys.argv[13]) / 1024
+idle_share = int(sys.argv[14]) / 1e9 / int(sys.argv[15])
+bodies = (("long text", *sys.argv[16:19]), ("token ids", *sys.argv[19:22]))
+
+def cpu_us(run, process):
+    return run[f"{process}_cpu_ns"] / 1e3 / run["requests"]
+
+print(f"{'':36}{'direct':>10}{'through':>10}{'ratio':>8}")
+for name, direct, proxied in (("JSON, 64 connections", json_direct, json_proxied),
+                              ("streams, 16 connections", stream_direct, stream_proxied)):
+    print(f"{name + ': req/s':36}{direct['rps']:10.0f}{proxied['rps']:10.0f}{proxied['rps'] / direct['rps']:8.2f}")
+    print(f"{name + ': p50 ms':36}{direct['p50_ms']:10.3f}{proxied['p50_ms']:10.3f}")
+    print(f"{name + ': p99 ms':36}{direct['p99_ms']:10.3f}{proxied['p99_ms']:10.3f}")
+for percentile in ("p50", "p99"):
+    print(f"{'1000 req/s: ' + percentile + ' ms':36}"
+          f"{fixed_direct[percentile + '_ms']:10.3f}{fixed_proxied[percentile + '_ms']:10.3f}")
+print(f"{'one at a time: p50 ms':36}{single_direct['p50_ms']:10.3f}{single_proxied['p50_ms']:10.3f}")
+print(f"{'server CPU per request, µs':36}{'upstream':>10}{'quotawatch':>11}{'ratio':>7}")
+ratios = {}
+for shape, name, direct, proxied in (("json", "JSON, 64 connections", json_direct, json_proxied),
+                                     ("stream", "streams, 16 connections", stream_direct, stream_proxied)):
+    upstream_us, quotawatch_us = cpu_us(direct, "upstream"), cpu_us(proxied, "quotawatch")
+    ratios[shape] = quotawatch_us / upstream_us
+    print(f"{'  ' + name:36}{upstream_us:10.1f}{quotawatch_us:11.1f}{ratios[shape]:7.2f}"
+          f"   (upstream behind quotawatch: {cpu_us(proxied, 'upstream'):.1f})")
+added_p99 = fixed_proxied["p99_ms"] - fixed_direct["p99_ms"]
+added_single_p50 = single_proxied["p50_ms"] - single_direct["p50_ms"]
+print(f"added latency: p99 {added_p99:.3f} ms at 1000 req/s, p50 {added_single_p50:.3f} ms one at a time "
+      f"(client view); quotawatch's own overhead at 1000 req/s p50 {fixed_proxied['overhead_p50_ms']:.3f} ms, "
+      f"p99 {fixed_proxied['overhead_p99_ms']:.3f} ms")
 print(f"quotawatch resident memory, max: {rss_mib:.1f} MiB")
-failures = []
-for shape, peak, body, status in (("long text", *sys.argv[11:14]), ("token ids", *sys.argv[14:17])):
+print(f"quotawatch idle with 100 workspaces: {idle_share * 100:.2f}% of a core")
+
+errors = []
+body_ratios = []
+for shape, peak, body, status in bodies:
     ratio = int(peak) / int(body)
+    body_ratios.append(ratio)
     print(f"one {int(body) / 1024:.0f} MiB body ({shape}): peak {int(peak) / 1024:.1f} MiB above idle "
           f"({ratio:.2f}x the body), answered {status}")
-    if status != "200": failures.append(f"the {shape} body was answered {status}")
-    if ratio >= 2.0: failures.append(f"the {shape} body cost {ratio:.2f}x its size")
-if direct["errors"] or proxied["errors"] or not proxied["requests"]:
-    failures.append(f"errors: direct {direct['errors']}, proxied {proxied['errors']}")
-if release:
-    if p_rps / d_rps < 0.25: failures.append("throughput below 25% of direct")
-    if proxied["overhead_p99_ms"] >= 1.0: failures.append("p99 overhead at 1000 req/s is 1 ms or more")
-    if rss_mib >= 64: failures.append("resident memory reached 64 MiB")
-    print("targets (throughput >= 25% of direct, p99 overhead < 1 ms, RSS < 64 MiB, a body < 2x its size):",
-          "met" if not failures else "NOT met: " + "; ".join(failures))
-elif failures:
-    print("run failed:", "; ".join(failures))
-sys.exit(1 if failures and (release or direct["errors"] or proxied["errors"]) else 0)
+    if status != "200":
+        errors.append(f"the {shape} body was answered {status}")
+runs = {"JSON direct": json_direct, "JSON through": json_proxied, "streams direct": stream_direct,
+        "streams through": stream_proxied, "1000 req/s direct": fixed_direct,
+        "1000 req/s through": fixed_proxied, "one at a time direct": single_direct,
+        "one at a time through": single_proxied}
+for name, run in runs.items():
+    if run["errors"] or not run["requests"]:
+        errors.append(f"{name}: {run['errors']} errors in {run['requests']} requests")
+
+if profile == "release":
+    json_cpu, stream_cpu = cpu_us(json_proxied, "quotawatch"), cpu_us(stream_proxied, "quotawatch")
+    targets = (
+        (f"CPU per JSON request {json_cpu:.1f} µs", "at most 30 µs", json_cpu <= 30),
+        (f"CPU per stream {stream_cpu:.1f} µs", "at most 40 µs", stream_cpu <= 40),
+        (f"JSON throughput {json_proxied['rps'] / json_direct['rps']:.2f} of direct", "at least 0.35",
+         json_proxied["rps"] / json_direct["rps"] >= 0.35),
+        (f"streams' throughput {stream_proxied['rps'] / stream_direct['rps']:.2f} of direct", "at least 0.35",
+         stream_proxied["rps"] / stream_direct["rps"] >= 0.35),
+        (f"p99 added at 1000 req/s {added_p99:.3f} ms", "under 0.5 ms", added_p99 < 0.5),
+        (f"p50 added one at a time {added_single_p50:.3f} ms", "under 0.1 ms", added_single_p50 < 0.1),
+        (f"peak RSS {rss_mib:.1f} MiB", "under 64 MiB", rss_mib < 64),
+        (f"idle CPU {idle_share * 100:.2f}% of a core", "under 0.2%", idle_share < 0.002),
+        (f"a 30 MiB body's peak, at most {max(body_ratios):.2f}x its size", "under 2x", max(body_ratios) < 2),
+    )
+    # Issue 19's targets, set against nginx, and the large bodies' target.
+    print(f"targets{'' if upstream == 'nginx' else ' (set with nginx as the upstream, here the mock)'}:")
+    for figure, target, met in targets:
+        print(f"  {figure + ' (' + target + ')':60} {'met' if met else 'NOT met'}")
+
+if ratios_file:
+    with open(ratios_file, "a") as out:
+        out.write(json.dumps({"upstream": upstream, **ratios}) + "\n")
+
+if baseline_file:
+    baseline = json.load(open(baseline_file))
+    print(f"regression guard: quotawatch's CPU per request over nginx's, against {baseline_file} "
+          f"({baseline['measured']}, {baseline['machine']['cpu']}, {baseline['machine']['nproc']} cores)")
+    for shape, ratio in ratios.items():
+        limit = 1.5 * baseline["ratio"][shape]
+        print(f"  {shape:8} {ratio:7.2f}  baseline {baseline['ratio'][shape]:.2f}, limit {limit:.2f}: "
+              f"{'ok' if ratio <= limit else 'EXCEEDED'}")
+        if ratio > limit:
+            errors.append(f"the {shape} CPU ratio {ratio:.2f} exceeds 1.5x the baseline's {baseline['ratio'][shape]:.2f}")
+
+if errors:
+    print("run failed:", "; ".join(errors))
+sys.exit(1 if errors else 0)
 PY
