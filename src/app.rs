@@ -51,6 +51,20 @@ pub enum StartError {
     AlertChannel(String),
 }
 
+/// The listener whose every accepted connection sends each write at once
+/// (TCP_NODELAY): a streamed answer is many small writes, and with Nagle's
+/// algorithm each one after the first waited for the client's delayed ACK,
+/// up to 40 ms per event (a proxied stream took 44 ms instead of 2.5 ms).
+fn sending_at_once(
+    listener: tokio::net::TcpListener,
+) -> impl axum::serve::Listener<Io = tokio::net::TcpStream, Addr = SocketAddr> {
+    axum::serve::ListenerExt::tap_io(listener, |connection| {
+        if let Err(error) = connection.set_nodelay(true) {
+            tracing::debug!(%error, "could not set TCP_NODELAY on a connection");
+        }
+    })
+}
+
 /// Keys created during start-up. They exist only here, to be shown once.
 #[derive(Default)]
 pub struct Bootstrap {
@@ -269,6 +283,7 @@ pub async fn start(
     }
     let addr = listener.local_addr()?;
     let (stop_serving, stopped) = oneshot::channel::<()>();
+    let listener = sending_at_once(listener);
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async {
@@ -391,5 +406,24 @@ impl Running {
         }
         self.server.abort();
         self.store.close().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::serve::Listener;
+
+    #[tokio::test]
+    async fn accepted_connections_send_each_write_at_once() {
+        let bound = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address = bound.local_addr().expect("address");
+        let mut listener = sending_at_once(bound);
+        let ((accepted, _), client) =
+            tokio::join!(listener.accept(), tokio::net::TcpStream::connect(address));
+        client.expect("connect");
+        assert!(accepted.nodelay().expect("read TCP_NODELAY"));
     }
 }
