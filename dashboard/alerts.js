@@ -254,18 +254,7 @@ export class AlertsPage {
 
   channelRow(channel) {
     const declared = channel.source === "config";
-    const action = (label, onclick) =>
-      h(
-        "button",
-        {
-          type: "button",
-          class: "button subtle",
-          "aria-label": `${label} ${channel.name}`,
-          dataset: { action: label.toLowerCase() },
-          onclick,
-        },
-        label,
-      );
+    const action = (label, onclick) => channelAction(channel, label, onclick);
     return h(
       "tr",
       { dataset: { channel: channel.id } },
@@ -501,6 +490,25 @@ export class AlertsPage {
       ),
     );
   }
+}
+
+/**
+ * A button of a channel's row (test, enable, disable, delete), named for
+ * screen readers with the channel it acts on; the Alerts page and a
+ * workspace's page share it.
+ */
+export function channelAction(channel, label, onclick) {
+  return h(
+    "button",
+    {
+      type: "button",
+      class: "button subtle",
+      "aria-label": `${label} ${channel.name}`,
+      dataset: { action: label.toLowerCase() },
+      onclick,
+    },
+    label,
+  );
 }
 
 /**

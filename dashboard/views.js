@@ -3,7 +3,7 @@
 // document arrives, so that focus and scroll stay where they were.
 
 import { spendByModel } from "/sdk/quota-client.js";
-import { channelDialog } from "/dashboard/alerts.js";
+import { channelAction, channelDialog } from "/dashboard/alerts.js";
 import { costChart, usageChart } from "/dashboard/chart.js";
 import { confirmDialog, formDialog, secretDialog } from "/dashboard/dialogs.js";
 import { fill, h } from "/dashboard/dom.js";
@@ -1163,18 +1163,7 @@ export class Detail {
 
   channelRow(channel) {
     const declared = channel.source === "config";
-    const action = (label, onclick) =>
-      h(
-        "button",
-        {
-          type: "button",
-          class: "button subtle",
-          "aria-label": `${label} ${channel.name}`,
-          dataset: { action: label.toLowerCase() },
-          onclick,
-        },
-        label,
-      );
+    const action = (label, onclick) => channelAction(channel, label, onclick);
     return h(
       "tr",
       { dataset: { channel: channel.id } },
