@@ -192,15 +192,30 @@ pub fn format_duration(duration: Duration) -> String {
     if millis < 1000 {
         return format!("{millis}ms");
     }
+    use std::fmt::Write;
     let hours = millis / 3_600_000;
     let minutes = (millis / 60_000) % 60;
-    let seconds = (millis % 60_000) as f64 / 1000.0;
-    let seconds = format!("{seconds}s");
+    let (seconds, fraction) = ((millis / 1000) % 60, millis % 1000);
+    // Written into one string in integers: this is on every proxied
+    // answer's headers, where formatting a float cost more than the rest.
+    let mut text = String::with_capacity(16);
     match (hours, minutes) {
-        (0, 0) => seconds,
-        (0, m) => format!("{m}m{seconds}"),
-        (h, m) => format!("{h}h{m}m{seconds}"),
+        (0, 0) => {}
+        (0, m) => _ = write!(text, "{m}m"),
+        (h, m) => _ = write!(text, "{h}h{m}m"),
     }
+    _ = write!(text, "{seconds}");
+    if fraction > 0 {
+        // Milliseconds as a decimal fraction without trailing zeros: 1.5s.
+        let (mut digits, mut width) = (fraction, 3);
+        while digits % 10 == 0 {
+            digits /= 10;
+            width -= 1;
+        }
+        _ = write!(text, ".{digits:0width$}");
+    }
+    text.push('s');
+    text
 }
 
 /// "in 3h 12m (at 2026-…Z)": when `at` comes, as seen from `now`.
@@ -275,6 +290,22 @@ mod tests {
             let duration = Duration::from_millis(millis);
             assert_eq!(format_duration(duration), text);
             assert_eq!(parse_duration(text), Some(duration));
+        }
+    }
+
+    #[test]
+    fn durations_read_as_seconds_written_as_decimals() {
+        // The seconds were once formatted as a float; the integer writing
+        // must say the same for every millisecond of a few minutes.
+        for millis in 1000..=200_000u64 {
+            let seconds = (millis % 60_000) as f64 / 1000.0;
+            let (hours, minutes) = (millis / 3_600_000, (millis / 60_000) % 60);
+            let expected = match (hours, minutes) {
+                (0, 0) => format!("{seconds}s"),
+                (0, m) => format!("{m}m{seconds}s"),
+                (h, m) => format!("{h}h{m}m{seconds}s"),
+            };
+            assert_eq!(format_duration(Duration::from_millis(millis)), expected);
         }
     }
 

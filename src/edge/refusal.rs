@@ -19,36 +19,63 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
+/// The `x-ratelimit-*` headers quotawatch sets, for requests and for
+/// tokens (limit, remaining, reset), each with the name the upstream's own
+/// value of it is passed on under where the two differ.
+pub const RATELIMIT_HEADERS: [[(&str, &str); 3]; 2] = [
+    [
+        (
+            "x-ratelimit-limit-requests",
+            "x-upstream-ratelimit-limit-requests",
+        ),
+        (
+            "x-ratelimit-remaining-requests",
+            "x-upstream-ratelimit-remaining-requests",
+        ),
+        (
+            "x-ratelimit-reset-requests",
+            "x-upstream-ratelimit-reset-requests",
+        ),
+    ],
+    [
+        (
+            "x-ratelimit-limit-tokens",
+            "x-upstream-ratelimit-limit-tokens",
+        ),
+        (
+            "x-ratelimit-remaining-tokens",
+            "x-upstream-ratelimit-remaining-tokens",
+        ),
+        (
+            "x-ratelimit-reset-tokens",
+            "x-upstream-ratelimit-reset-tokens",
+        ),
+    ],
+];
+
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the
 /// workspace's tightest request and token limits, in OpenAI's format.
 pub fn ratelimit_headers(headroom: &Headroom, now: Timestamp) -> HeaderMap {
-    let mut headers = HeaderMap::new();
-    let mut add = |names: [&'static str; 3], limit: Option<LimitHeadroom>| {
+    let mut headers = HeaderMap::with_capacity(6);
+    let mut add = |names: [(&'static str, &str); 3], limit: Option<LimitHeadroom>| {
         if let Some(limit) = limit {
             let reset = limit
                 .resets_at
                 .map_or(std::time::Duration::ZERO, |at| now.until(at));
-            insert(&mut headers, names[0], limit.max.to_string());
-            insert(&mut headers, names[1], limit.remaining.to_string());
-            insert(&mut headers, names[2], format_duration(reset));
+            headers.insert(
+                HeaderName::from_static(names[0].0),
+                HeaderValue::from(limit.max),
+            );
+            headers.insert(
+                HeaderName::from_static(names[1].0),
+                HeaderValue::from(limit.remaining),
+            );
+            insert(&mut headers, names[2].0, format_duration(reset));
         }
     };
-    add(
-        [
-            "x-ratelimit-limit-requests",
-            "x-ratelimit-remaining-requests",
-            "x-ratelimit-reset-requests",
-        ],
-        headroom.requests,
-    );
-    add(
-        [
-            "x-ratelimit-limit-tokens",
-            "x-ratelimit-remaining-tokens",
-            "x-ratelimit-reset-tokens",
-        ],
-        headroom.tokens,
-    );
+    let [requests, tokens] = RATELIMIT_HEADERS;
+    add(requests, headroom.requests);
+    add(tokens, headroom.tokens);
     headers
 }
 

@@ -197,6 +197,12 @@ pub struct MeteredBody {
     settlement: Option<Settlement>,
     answer: UpstreamAnswer,
     idle: Duration,
+    /// When the upstream last sent data (or the body began).
+    last_data: tokio::time::Instant,
+    /// Fires no earlier than `idle` after `last_data`. It is moved only when
+    /// it fires, not at every chunk: moving a timer takes the runtime's
+    /// timer lock, and an answer that arrives in one piece never needs it
+    /// armed at all.
     deadline: Pin<Box<Sleep>>,
 }
 
@@ -214,6 +220,7 @@ impl MeteredBody {
             settlement,
             answer,
             idle,
+            last_data: tokio::time::Instant::now(),
             deadline: Box::pin(tokio::time::sleep(idle)),
         }
     }
@@ -261,8 +268,7 @@ impl Stream for MeteredBody {
             }
             match this.upstream.as_mut().poll_next(cx) {
                 Poll::Ready(Some(Ok(chunk))) => {
-                    let deadline = tokio::time::Instant::now() + this.idle;
-                    this.deadline.as_mut().reset(deadline);
+                    this.last_data = tokio::time::Instant::now();
                     match this.scanner.feed(chunk) {
                         Ok(out) if out.is_empty() => {}
                         Ok(out) => return Poll::Ready(Some(Ok(out))),
@@ -282,7 +288,15 @@ impl Stream for MeteredBody {
                     return Poll::Ready((!rest.is_empty()).then_some(Ok(rest)));
                 }
                 Poll::Pending => {
-                    if this.deadline.as_mut().poll(cx).is_ready() {
+                    // Fired, but data came since it was set: it moves to
+                    // `idle` after that data, and is polled again to wake
+                    // this task then.
+                    while this.deadline.as_mut().poll(cx).is_ready() {
+                        let due = this.last_data + this.idle;
+                        if due > tokio::time::Instant::now() {
+                            this.deadline.as_mut().reset(due);
+                            continue;
+                        }
                         let reason = format!("no data from the upstream for {:?}", this.idle);
                         this.broken(&reason);
                         return Poll::Ready(Some(Err(std::io::Error::new(

@@ -55,10 +55,12 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
 }
 
 /// The headers of `headers` that `wanted` keeps, less those of one
-/// connection ([`HOP_BY_HOP`] and those its `Connection` header names).
-fn end_to_end(headers: &HeaderMap, wanted: impl Fn(&str) -> bool) -> HeaderMap {
+/// connection ([`HOP_BY_HOP`] and those its `Connection` header names), in
+/// a map with room for `added` more, so that the proxy's own headers do not
+/// make it grow.
+fn end_to_end(headers: &HeaderMap, added: usize, wanted: impl Fn(&str) -> bool) -> HeaderMap {
     let named = connection_tokens(headers);
-    let mut kept = HeaderMap::with_capacity(headers.len());
+    let mut kept = HeaderMap::with_capacity(headers.len() + added);
     for (name, value) in headers {
         let name_str = name.as_str();
         let of_the_connection =
@@ -72,7 +74,8 @@ fn end_to_end(headers: &HeaderMap, wanted: impl Fn(&str) -> bool) -> HeaderMap {
 
 /// The client's headers that go upstream (see [`FROM_CLIENT`]).
 pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
-    end_to_end(client, |name| {
+    // The upstream's key, content type and encoding, account and length.
+    end_to_end(client, 6, |name| {
         FROM_CLIENT.contains(&name)
             || FROM_CLIENT_PREFIXES
                 .iter()
@@ -83,7 +86,9 @@ pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
 /// The upstream's headers that go to the client: all of the message but
 /// [`NOT_TO_CLIENT`].
 pub fn to_client(upstream: &HeaderMap) -> HeaderMap {
-    end_to_end(upstream, |name| !NOT_TO_CLIENT.contains(&name))
+    // The workspace's six x-ratelimit-* headers, the upstream's six renamed,
+    // and the overhead.
+    end_to_end(upstream, 13, |name| !NOT_TO_CLIENT.contains(&name))
 }
 
 #[cfg(test)]

@@ -44,7 +44,7 @@ use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{BillingScope, Model, Request as Admission};
 use crate::edge::auth::Auth;
 use crate::edge::error::ApiError;
-use crate::edge::refusal::{ratelimit_headers, refusal_error};
+use crate::edge::refusal::{RATELIMIT_HEADERS, ratelimit_headers, refusal_error};
 use crate::engine::{
     CredentialCall, CredentialResolver, Engine, Principal, TokenUsage, UpstreamAccount,
     UpstreamAnswer,
@@ -74,7 +74,10 @@ pub struct UpstreamConfig {
 
 pub struct Proxy {
     client: reqwest::Client,
-    base: String,
+    /// The upstream's base URL, parsed once: each call's URL is a copy with
+    /// its own path and query, so that the scheme and host are not parsed
+    /// again for every call.
+    base: reqwest::Url,
     keys: Arc<UpstreamKeys>,
     headers_timeout: Duration,
     idle_timeout: Duration,
@@ -83,11 +86,10 @@ pub struct Proxy {
 }
 
 impl Proxy {
-    pub fn new(
-        config: &UpstreamConfig,
-        env: crate::keys::EnvLookup,
-    ) -> Result<Self, reqwest::Error> {
+    pub fn new(config: &UpstreamConfig, env: crate::keys::EnvLookup) -> Result<Self, ProxyError> {
         crate::telemetry::install_crypto_provider();
+        let base = reqwest::Url::parse(&config.url)
+            .map_err(|error| ProxyError::UpstreamUrl(error.to_string()))?;
         let client = reqwest::Client::builder()
             .connect_timeout(config.connect_timeout)
             .pool_max_idle_per_host(1024)
@@ -95,10 +97,11 @@ impl Proxy {
             .tcp_nodelay(true)
             // Redirects would leak the upstream key to wherever they point.
             .redirect(reqwest::redirect::Policy::none())
-            .build()?;
+            .build()
+            .map_err(ProxyError::Client)?;
         Ok(Self {
             client,
-            base: config.url.clone(),
+            base,
             keys: Arc::new(UpstreamKeys {
                 default_key: config.api_key.as_ref().map(|key| key.expose().to_owned()),
                 env,
@@ -140,6 +143,15 @@ impl Proxy {
     }
 }
 
+/// Why the proxy could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum ProxyError {
+    #[error("the upstream URL cannot be used: {0}")]
+    UpstreamUrl(String),
+    #[error("the HTTP client could not be built: {0}")]
+    Client(reqwest::Error),
+}
+
 /// Where the upstream keys are: the server's own, and the environment that
 /// holds the workspaces' own.
 struct UpstreamKeys {
@@ -175,22 +187,25 @@ impl UpstreamKeys {
 fn apply_headroom(headers: &mut HeaderMap, ours: HeaderMap) {
     for (name, value) in ours {
         let Some(name) = name else { continue };
-        let renamed = name
-            .as_str()
-            .replacen("x-ratelimit-", "x-upstream-ratelimit-", 1);
         if let Some(upstream) = headers.get(&name)
             && *upstream != value
-            && let Ok(renamed) = HeaderName::try_from(renamed)
+            && let Some((_, renamed)) = RATELIMIT_HEADERS
+                .iter()
+                .flatten()
+                .find(|(ours, _)| *ours == name.as_str())
         {
             let upstream = upstream.clone();
-            headers.insert(renamed, upstream);
+            headers.insert(HeaderName::from_static(renamed), upstream);
         }
         headers.insert(name, value);
     }
 }
 
 fn overhead_header(response: &mut Response, overhead: Duration) {
-    let millis = format!("{:.3}", overhead.as_secs_f64() * 1000.0);
+    // Milliseconds with three decimals, written from whole microseconds
+    // (rounded): formatting a float cost more than the rest of the header.
+    let micros = (overhead.as_nanos() + 500) / 1000;
+    let millis = format!("{}.{:03}", micros / 1000, micros % 1000);
     if let Ok(value) = HeaderValue::from_str(&millis) {
         response
             .headers_mut()
@@ -278,7 +293,11 @@ pub fn router(state: ProxyState) -> axum::Router {
 
 pub async fn forward(State(state): State<ProxyState>, request: Request) -> Response {
     let mut own_time = OwnTime::start();
-    let mut response = forward_admitted(&state, request, &mut own_time)
+    // A call's state machine is large (the request's parts, the upstream
+    // call, the headers on the way): boxed once here, it is a pointer in
+    // the futures of the layers around this handler, each of which is
+    // boxed and moved in turn, rather than copied into each.
+    let mut response = Box::pin(forward_admitted(&state, request, &mut own_time))
         .await
         .unwrap_or_else(IntoResponse::into_response);
     overhead_header(&mut response, own_time.so_far());
@@ -503,13 +522,11 @@ async fn forward_admitted(
         }),
     });
 
-    let query = parts
-        .uri
-        .query()
-        .map(|q| format!("?{q}"))
-        .unwrap_or_default();
     let under_v1 = path.strip_prefix("/v1").unwrap_or(&path);
-    let url = format!("{}{under_v1}{query}", proxy.base);
+    let mut url = proxy.base.clone();
+    // A base without a path parses as "/", which would double the slash.
+    url.set_path(&[proxy.base.path().trim_end_matches('/'), under_v1].concat());
+    url.set_query(parts.uri.query());
     let mut headers = headers::to_upstream(&parts.headers);
     if endpoint.is_priced() {
         // The body was read as JSON whatever its declared type: it goes as JSON.
@@ -578,13 +595,16 @@ async fn forward_admitted(
     };
 
     let status = response.status();
-    let upstream_headers = response.headers().clone();
+    // The answer's headers are read where they are, before its body is
+    // taken: copying the whole map would cost every call an allocation per
+    // header.
+    let upstream_headers = response.headers();
     let rate = RateLimitHeaders::parse(
         upstream_headers
             .iter()
             .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
     );
-    let mut client_headers = headers::to_client(&upstream_headers);
+    let mut client_headers = headers::to_client(upstream_headers);
     apply_headroom(&mut client_headers, headroom);
 
     let reply = if status.is_success() {
