@@ -317,6 +317,9 @@ struct Journal {
     history_gate: tokio::sync::RwLock<()>,
     /// Rows the database refused and the flush dropped, since start-up.
     rows_dropped: AtomicU64,
+    /// Signalled when the flush wrote notifications, and with them the
+    /// alert events their first versions enqueue, for the dispatcher.
+    alert_events: tokio::sync::Notify,
 }
 
 impl Journal {
@@ -328,6 +331,7 @@ impl Journal {
             key_uses: Mutex::new(HashMap::new()),
             history_gate: tokio::sync::RwLock::new(()),
             rows_dropped: AtomicU64::new(0),
+            alert_events: tokio::sync::Notify::new(),
         }
     }
 }
@@ -1067,6 +1071,18 @@ impl Engine {
     /// Held while a batch is taken and written (see `history_gate`).
     pub async fn flushing(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
         self.journal.history_gate.write().await
+    }
+
+    /// Tells the alert dispatcher that the flush wrote notifications: they
+    /// may have enqueued alert events.
+    pub fn note_notifications_written(&self) {
+        self.journal.alert_events.notify_one();
+    }
+
+    /// Waits until the flush wrote notifications since the last wait
+    /// ended (at once if it did meanwhile).
+    pub async fn notifications_written(&self) {
+        self.journal.alert_events.notified().await;
     }
 
     /// Held while history is read from the database and from memory.
