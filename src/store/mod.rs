@@ -750,6 +750,10 @@ impl Store {
                 SqlitePoolOptions::new()
                     .max_connections(4)
                     .acquire_timeout(Duration::from_secs(5))
+                    // A connection to a file cannot go stale as one to a
+                    // server can: a ping before each use would only double
+                    // the round trips to its thread.
+                    .test_before_acquire(false)
                     .connect_with(options)
                     .await?,
             )
