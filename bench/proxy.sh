@@ -14,6 +14,8 @@
 #   bench/proxy.sh --ratios FILE   also append this run's CPU ratios to FILE (a JSON line)
 #   bench/proxy.sh --save-baseline write bench/proxy-baseline.json from the median of
 #                                  three release runs with --quick, on this machine
+#   bench/proxy.sh --idle-only N   measure only the idle CPU, over N seconds (to compare
+#                                  builds with --bin, run after run)
 #
 # The upstream is stock nginx when installed (bench/lib.sh), serving
 # OpenAI's recorded answers, else quotawatch's built-in mock. Each figure is
@@ -45,8 +47,9 @@ other_bin=
 check=
 ratios_file=
 save_baseline=
+idle_only=
 baseline_file=bench/proxy-baseline.json
-usage="usage: bench/proxy.sh [--quick] [--debug] [--bin PATH] [--check] [--ratios FILE] [--save-baseline]"
+usage="usage: bench/proxy.sh [--quick] [--debug] [--bin PATH] [--check] [--ratios FILE] [--save-baseline] [--idle-only SECONDS]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --quick) duration=2 idle_seconds=2 ;;
@@ -55,6 +58,7 @@ while [ $# -gt 0 ]; do
         --check) check=1 ;;
         --ratios) ratios_file=$(realpath "${2:?$usage}"); shift ;;
         --save-baseline) save_baseline=1 ;;
+        --idle-only) idle_only=1 idle_seconds=${2:?$usage}; shift ;;
         *) echo "$usage" >&2; exit 2 ;;
     esac
     shift
@@ -122,6 +126,12 @@ fi
 idle_before=$(cpu_ns "$qw_pid")
 sleep "$idle_seconds"
 idle_cpu_ns=$(($(cpu_ns "$qw_pid") - idle_before))
+idle_line=$(python3 -c 'import sys; print(f"quotawatch idle with 100 workspaces: {int(sys.argv[1]) / 1e9 / int(sys.argv[2]) * 100:.2f}% of a core")' \
+    "$idle_cpu_ns" "$idle_seconds")
+if [ -n "$idle_only" ]; then
+    echo "$idle_line"
+    exit 0
+fi
 
 # Resident memory of quotawatch, sampled until the end.
 (while kill -0 "$qw_pid" 2>/dev/null; do
@@ -205,12 +215,12 @@ large_body_peak() { # file, path -> "peak_above_idle_kib body_kib status"
 read -r text_peak text_kib text_status < <(large_body_peak "$work/text.json" /chat/completions)
 read -r ids_peak ids_kib ids_status < <(large_body_peak "$work/ids.json" /embeddings)
 
-python3 - "$profile" "$(command -v nginx >/dev/null && echo nginx || echo mock)" "${check:+$baseline_file}" \
+IDLE_LINE=$idle_line python3 - "$profile" "$(command -v nginx >/dev/null && echo nginx || echo mock)" "${check:+$baseline_file}" \
     "$ratios_file" "$json_direct" "$json_proxied" "$stream_direct" "$stream_proxied" \
     "$fixed_direct" "$fixed_proxied" "$single_direct" "$single_proxied" "${max_rss_kb:-0}" \
     "$idle_cpu_ns" "$idle_seconds" "$text_peak" "$text_kib" "$text_status" \
     "$ids_peak" "$ids_kib" "$ids_status" <<'PY'
-import json, sys
+import json, os, sys
 profile, upstream, baseline_file, ratios_file = sys.argv[1:5]
 json_direct, json_proxied, stream_direct, stream_proxied, fixed_direct, fixed_proxied, \
     single_direct, single_proxied = map(json.loads, sys.argv[5:13])
@@ -245,7 +255,7 @@ print(f"added latency: p99 {added_p99:.3f} ms at 1000 req/s, p50 {added_single_p
       f"(client view); quotawatch's own overhead at 1000 req/s p50 {fixed_proxied['overhead_p50_ms']:.3f} ms, "
       f"p99 {fixed_proxied['overhead_p99_ms']:.3f} ms")
 print(f"quotawatch resident memory, max: {rss_mib:.1f} MiB")
-print(f"quotawatch idle with 100 workspaces: {idle_share * 100:.2f}% of a core")
+print(os.environ["IDLE_LINE"])
 
 errors = []
 body_ratios = []

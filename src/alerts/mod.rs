@@ -12,7 +12,10 @@
 //! attempt bounded by its timeout. A hanging receiver thus holds only its
 //! own channel's task, never the request path (which never waits on any of
 //! this) nor another channel. Every attempt is recorded with what follows
-//! it (`domain::alert::decide`).
+//! it (`domain::alert::decide`). A pass runs when there may be work: this
+//! instance's flush wrote notifications, a channel's task ended, a waiting
+//! delivery is due; otherwise every [`IDLE_POLLS`] poll intervals, for
+//! events other instances wrote.
 //!
 //! Failure mode: a dispatcher that dies with claims lets them lapse at the
 //! lease's end, and another (or it, restarted) sends them then; one
@@ -65,6 +68,11 @@ const CLAIM: i64 = 20;
 const LEASE_MARGIN: Duration = Duration::from_secs(10);
 /// How long a graceful stop waits at most for the attempts in flight.
 const DRAIN: Duration = Duration::from_secs(5);
+
+/// How many poll intervals the dispatcher waits at most between two passes
+/// when nothing is due (10 s at the default interval of 1 s): events that
+/// another instance wrote, and did not send itself, wait at most that long.
+const IDLE_POLLS: u32 = 10;
 
 /// A channel declared in the configuration file (global, or one
 /// workspace's), its variables read.
@@ -207,7 +215,8 @@ pub struct AlertSettings {
     /// The longest an attempt waits for its receiver.
     pub attempt_timeout: Duration,
     pub retry: RetryPolicy,
-    /// How often the dispatcher looks for work.
+    /// The shortest time between two of the dispatcher's passes; the
+    /// longest is [`IDLE_POLLS`] of them.
     pub poll_interval: Duration,
 }
 
@@ -614,12 +623,20 @@ pub fn spawn(alerts: Arc<Alerts>) -> (DispatcherHandle, JoinHandle<()>) {
 }
 
 impl Dispatcher {
+    /// Passes at start-up, when this instance's flush wrote notifications,
+    /// when a channel's task ends (it may have more to send), and when the
+    /// first waiting delivery is due, no sooner than a poll interval after
+    /// the last pass; and at the latest [`IDLE_POLLS`] poll intervals after
+    /// it, which bounds how long events another instance wrote wait when
+    /// its own dispatcher does not send them.
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
-        let mut ticker = tokio::time::interval(self.alerts.settings.poll_interval);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let poll = self.alerts.settings.poll_interval;
+        let mut next_pass = tokio::time::Instant::now();
         loop {
-            tokio::select! {
-                _ = ticker.tick() => {}
+            let finished = tokio::select! {
+                () = tokio::time::sleep_until(next_pass) => None,
+                () = self.alerts.engine.notifications_written() => None,
+                finished = self.sending.join_next_with_id(), if !self.sending.is_empty() => finished,
                 command = commands.recv() => {
                     self.drain().await;
                     if let Err(error) = self.alerts.store.release_alert_claims(&self.alerts.claimant).await {
@@ -630,10 +647,22 @@ impl Dispatcher {
                     }
                     return;
                 }
+            };
+            if let Some(finished) = finished {
+                self.take_back(finished);
             }
-            if let Err(error) = self.pass().await {
-                tracing::warn!(%error, "alert dispatch failed; will retry");
-            }
+            let wait = match self.pass().await {
+                Ok(due) => {
+                    let now = self.alerts.engine.now();
+                    due.map_or(poll * IDLE_POLLS, |due| now.until(due))
+                        .clamp(poll, poll * IDLE_POLLS)
+                }
+                Err(error) => {
+                    tracing::warn!(%error, "alert dispatch failed; will retry");
+                    poll
+                }
+            };
+            next_pass = tokio::time::Instant::now() + wait;
         }
     }
 
@@ -655,7 +684,9 @@ impl Dispatcher {
         }
     }
 
-    async fn pass(&mut self) -> Result<(), StoreError> {
+    /// Fans out new events and starts sending what is due; answers when
+    /// the first delivery still waiting is due.
+    async fn pass(&mut self) -> Result<Option<Timestamp>, StoreError> {
         let alerts = self.alerts.clone();
         let store = &alerts.store;
         let now = alerts.engine.now();
@@ -697,7 +728,7 @@ impl Dispatcher {
         alerts
             .metrics
             .set_alerts_pending(store.pending_alert_deliveries().await?);
-        Ok(())
+        store.next_alert_delivery_due().await
     }
 
     /// Claims `channel`'s due deliveries and sends them on a task of its
@@ -738,18 +769,23 @@ impl Dispatcher {
     /// Takes back the pace of each channel whose task ended.
     fn collect_finished(&mut self) {
         while let Some(finished) = self.sending.try_join_next_with_id() {
-            match finished {
-                Ok((task, pace)) => {
-                    if let Some(channel) = self.busy.remove(&task) {
-                        self.paces.insert(channel, pace);
-                    }
+            self.take_back(finished);
+        }
+    }
+
+    /// Takes back the pace of a channel whose task ended.
+    fn take_back(&mut self, finished: Result<(tokio::task::Id, Pace), tokio::task::JoinError>) {
+        match finished {
+            Ok((task, pace)) => {
+                if let Some(channel) = self.busy.remove(&task) {
+                    self.paces.insert(channel, pace);
                 }
-                Err(error) => {
-                    // The channel's pace is lost with its task; its claims
-                    // lapse and it starts afresh.
-                    tracing::error!(%error, "an alert channel's task failed");
-                    self.busy.remove(&error.id());
-                }
+            }
+            Err(error) => {
+                // The channel's pace is lost with its task; its claims
+                // lapse and it starts afresh.
+                tracing::error!(%error, "an alert channel's task failed");
+                self.busy.remove(&error.id());
             }
         }
     }

@@ -258,6 +258,9 @@ pub struct Hub {
     /// Set when the server shuts down. A watch rather than a broadcast
     /// message, so that a client that fell behind cannot miss it.
     closing: tokio::sync::watch::Sender<bool>,
+    /// Signalled when someone subscribes, so that the usage updates, which
+    /// stop while nobody listens, start again.
+    subscribed: Arc<tokio::sync::Notify>,
 }
 
 fn to_text(message: &ServerMessage<'_>) -> Utf8Bytes {
@@ -337,25 +340,31 @@ impl Hub {
         let hub = Self {
             sender,
             closing: tokio::sync::watch::Sender::new(false),
+            subscribed: Arc::new(tokio::sync::Notify::new()),
         };
         let mut events = engine.subscribe();
         let out = hub.sender.clone();
+        let subscribed = hub.subscribed.clone();
         let task = tokio::spawn(async move {
             let mut usage = tokio::time::interval(USAGE_INTERVAL);
             usage.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
+                // The interval stops while nobody listens: an idle server
+                // is not woken twice a second for nothing.
+                let listened = out.receiver_count() > 0;
                 let wires = tokio::select! {
                     event = events.recv() => match event {
                         Ok(event) => event_wires(&event),
                         Err(broadcast::error::RecvError::Lagged(_)) => vec![Wire::Resync],
                         Err(broadcast::error::RecvError::Closed) => return,
                     },
-                    _ = usage.tick() => {
+                    _ = usage.tick(), if listened => {
                         if out.receiver_count() > 0 {
                             engine.publish_usage();
                         }
                         continue;
                     }
+                    () = subscribed.notified(), if !listened => continue,
                 };
                 for wire in wires {
                     let _ = out.send(wire);
@@ -366,7 +375,9 @@ impl Hub {
     }
 
     fn subscribe(&self) -> broadcast::Receiver<Wire> {
-        self.sender.subscribe()
+        let receiver = self.sender.subscribe();
+        self.subscribed.notify_one();
+        receiver
     }
 
     /// Closes every connection (1001, going away): the server is stopping,

@@ -135,6 +135,51 @@ impl Rates {
         *self = Self::default();
     }
 
+    /// While the counters do not grow, until when samples leave what the
+    /// rates answer as it is: `None` when the next sample changes it (none
+    /// was taken yet, or a rate above zero, which decays at every sample);
+    /// else the instant the first period that has been watched for less
+    /// than its horizon reaches it (its basis becomes smoothed), or the
+    /// end of time.
+    pub fn steady_until(&self) -> Option<Timestamp> {
+        let mut until = Timestamp::from_millis(i64::MAX);
+        for period in Period::ALL {
+            let rate = &self.0[period.index()];
+            let (at, _, _) = rate.last?;
+            if rate.per_ms.iter().any(|per_ms| *per_ms != 0.0) {
+                return None;
+            }
+            let horizon_ms = super::time::duration_millis(horizon(period));
+            if rate.watched_ms < horizon_ms {
+                until = until.min(Timestamp::from_millis(
+                    at.millis().saturating_add(horizon_ms - rate.watched_ms),
+                ));
+            }
+        }
+        Some(until)
+    }
+
+    /// Counts the time from the last sample until `at` as watched without
+    /// growth, exactly as samples taken meanwhile would have, when every
+    /// rate is zero (see [`steady_until`](Self::steady_until)): a state
+    /// that was not sampled while nothing changed then measures what it
+    /// grows by afterwards over the time since `at`, as if it had been.
+    /// With a rate above zero it does nothing: such rates are sampled at
+    /// every tick.
+    pub fn rested_until(&mut self, at: Timestamp) {
+        if self.steady_until().is_none() {
+            return;
+        }
+        for rate in &mut self.0 {
+            if let Some((last, counted_from, used)) = rate.last
+                && at > last
+            {
+                rate.watched_ms = rate.watched_ms.saturating_add(at.millis() - last.millis());
+                rate.last = Some((at, counted_from, used));
+            }
+        }
+    }
+
     /// The smoothed rate of `metric` over `period`, per millisecond, and
     /// whether it has been followed for a whole horizon.
     fn rate(&self, period: Period, metric: Metric) -> (f64, Basis) {

@@ -1035,6 +1035,18 @@ impl ScopeBook {
         }
     }
 
+    /// When [`evict`](Self::evict) has something to do next: the first
+    /// instant an end user's counter is due to leave, if any is tracked.
+    pub fn next_eviction_at(&self) -> Option<Timestamp> {
+        self.rules
+            .iter()
+            .filter_map(|(_, counters)| match counters {
+                RuleCounters::Each(each) => each.expiry.front().map(|&(due, _)| due),
+                RuleCounters::Listed(_) => None,
+            })
+            .min()
+    }
+
     /// What the each-rule `id` tracks.
     pub fn summary(&self, id: RuleId) -> EachSummary {
         match self.rules.iter().find(|(rule, _)| *rule == id) {

@@ -2231,3 +2231,129 @@ fn each_threshold_is_announced_once_per_day_across_a_restart() {
     );
     assert_eq!(threshold(&script.use_then_tick(750)), [50]);
 }
+
+/// What happens to a workspace between two ticks in
+/// [`ticking_only_when_due_changes_nothing`].
+#[derive(Clone, Copy, Debug)]
+enum Step {
+    Nothing,
+    /// A call admitted with this estimate, left in flight.
+    Admit(u64),
+    /// The oldest call in flight settled with what it used.
+    Settle(u64),
+    /// A call without reservation that the upstream failed.
+    UpstreamFailed,
+    /// A call without reservation that the upstream refused for a while.
+    UpstreamRateLimited,
+}
+
+impl Script {
+    /// Does `step` now, remembering the reservations it opens in
+    /// `in_flight`.
+    fn take(&mut self, step: Step, in_flight: &mut std::collections::VecDeque<u64>) {
+        match step {
+            Step::Nothing => {}
+            Step::Admit(tokens) => {
+                if let Ok(admitted) = self.admit(tokens).result {
+                    in_flight.push_back(admitted.id);
+                }
+            }
+            Step::Settle(tokens) => {
+                if let Some(id) = in_flight.pop_front() {
+                    self.settle(id, tokens);
+                }
+            }
+            Step::UpstreamFailed => {
+                self.upstream(500, "server_error", None, &[]);
+            }
+            Step::UpstreamRateLimited => {
+                self.upstream(429, "requests", None, &[("retry-after", "20")]);
+            }
+        }
+    }
+
+    fn tick_fully(&mut self) -> (bool, Vec<Expired>, Vec<Change>) {
+        let mut next_id = self.next_id;
+        let ticked = self.state.tick(self.now, &self.settings, &mut || {
+            next_id += 1;
+            next_id
+        });
+        self.next_id = next_id;
+        ticked
+    }
+}
+
+mod ticking_when_due {
+    use super::*;
+    use proptest::prelude::*;
+
+    const TICK_MS: i64 = 1_000;
+
+    fn step() -> impl Strategy<Value = Step> {
+        prop_oneof![
+            Just(Step::Nothing),
+            (1u64..400).prop_map(Step::Admit),
+            (0u64..400).prop_map(Step::Settle),
+            Just(Step::UpstreamFailed),
+            Just(Step::UpstreamRateLimited),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(24))]
+
+        /// The engine ticks a workspace only when `next_change_at` says a
+        /// tick can change something, or after something touched it, and
+        /// notes before each tick how long it rested: a workspace ticked so
+        /// answers exactly what one ticked every second does, at every
+        /// second, through a day's and a month's end and a rate's horizon.
+        #[test]
+        fn ticking_only_when_due_changes_nothing(
+            steps in prop::collection::vec((0i64..900, step()), 0..8),
+            idle_first in any::<bool>(),
+        ) {
+            let start = ts("2026-05-31T22:50:00Z");
+            let limits = [(REQUESTS_PER_MINUTE, 4), (TOKENS_PER_DAY, 2_000), (TOKENS_PER_MONTH, 50_000)];
+            let mut every_tick = Script::with_config(&limits, "UTC", start);
+            let mut when_due = Script::with_config(&limits, "UTC", start);
+            let (mut in_flight_every, mut in_flight_due) = Default::default();
+            // Steps at chosen seconds, after a quiet first hour if asked.
+            let mut at = if idle_first { 3_700 } else { 1 };
+            let mut planned = std::collections::BTreeMap::new();
+            for (gap, step) in steps {
+                at += gap;
+                planned.insert(at, step);
+            }
+            let mut due = start;
+            let mut touched = false;
+            let mut previous = None;
+            let mut skipped = 0;
+            for second in 1..=2 * 3_600 + 600 {
+                let now = Timestamp::from_millis(start.millis() + second * TICK_MS);
+                every_tick.now = now;
+                when_due.now = now;
+                let ticked = every_tick.tick_fully();
+                if touched || now >= due {
+                    if let Some(previous) = previous {
+                        when_due.state.rested_until(previous);
+                    }
+                    prop_assert_eq!(when_due.tick_fully(), ticked, "at {}", now);
+                    due = when_due.state.next_change_at(now, &when_due.settings);
+                    touched = false;
+                } else {
+                    skipped += 1;
+                    prop_assert_eq!(ticked, (false, Vec::new(), Vec::new()), "at {}", now);
+                }
+                previous = Some(now);
+                prop_assert_eq!(when_due.state.snapshot(now), every_tick.state.snapshot(now), "at {}", now);
+                prop_assert_eq!(when_due.state.save(Some(now)), every_tick.state.save(Some(now)), "at {}", now);
+                if let Some(step) = planned.get(&second) {
+                    every_tick.take(*step, &mut in_flight_every);
+                    when_due.take(*step, &mut in_flight_due);
+                    touched = true;
+                }
+            }
+            prop_assert!(skipped > 0 || !idle_first, "a quiet hour is not ticked");
+        }
+    }
+}

@@ -1811,6 +1811,57 @@ impl WorkspaceState {
         (usage_changed, expired, changes)
     }
 
+    /// The earliest instant at which a [`tick`](Self::tick) can change
+    /// anything, as of a tick at `now`: `now` itself while something
+    /// changes at every tick (a cause or a warning standing, a limit near
+    /// or reached, a rate above zero to smooth); else the first of a
+    /// reservation's expiry, a bucket leaving the minute or the upstream's
+    /// windows, an upstream block's end, a calendar period's end, a
+    /// forecast's basis turning smoothed and an end user's counter to
+    /// evict. Ticks before it change nothing but when the rates were last
+    /// sampled (see [`rested_until`](Self::rested_until)), so a state that
+    /// nothing touches need not be ticked until then.
+    pub fn next_change_at(&self, now: Timestamp, settings: &Settings) -> Timestamp {
+        if !self.stays_clear(now, settings) {
+            return now;
+        }
+        let Some(rates_steady_until) = self.rates.steady_until() else {
+            return now;
+        };
+        let calendars = self.calendars.0.iter().map(|counter| {
+            if counter.contains(now) {
+                counter.end
+            } else {
+                now
+            }
+        });
+        let first_leaving = [
+            self.minute.expiring().next().map(|(at, _)| at),
+            self.outcomes.expiring().next().map(|(at, _)| at),
+            self.errors.expiring().next().map(|(at, _)| at),
+        ];
+        first_leaving
+            .into_iter()
+            .chain([
+                self.expiry.front().map(|&(at, _)| at),
+                self.rate_block_until,
+                self.scopes.next_eviction_at(),
+            ])
+            .flatten()
+            .chain(calendars)
+            .fold(rates_steady_until, Timestamp::min)
+            .max(now)
+    }
+
+    /// Notes that nothing touched the state from its last tick until `at`,
+    /// while a tick had nothing to do (before
+    /// [`next_change_at`](Self::next_change_at)): the rates count that time
+    /// as the ticks skipped meanwhile would have, so that what the counters
+    /// grow by afterwards is measured over the time since `at`.
+    pub fn rested_until(&mut self, at: Timestamp) {
+        self.rates.rested_until(at);
+    }
+
     /// An admin reset: clears counters, upstream blocks and active
     /// notifications. Requests in flight keep their reservations, now charged
     /// nothing, so that their settlement counts their actual usage afresh.

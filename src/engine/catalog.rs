@@ -26,7 +26,7 @@ use super::keyring::Verdict;
 use super::{AuthError, Credential, Engine, Principal};
 use crate::domain::limits::WorkspaceId;
 use crate::keys::KeyHash;
-use crate::store::Store;
+use crate::store::{GenerationWatch, Store};
 use crate::sync::lock;
 
 /// How often the catalog generation is read: a revocation made through
@@ -323,16 +323,17 @@ impl Engine {
     pub async fn follow_catalog(self: Arc<Self>, store: Store) {
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut generations = store.generation_watch();
         loop {
             poll.tick().await;
-            self.reload_catalog(&store).await;
+            self.reload_catalog(&store, &mut generations).await;
         }
     }
 
     /// Reloads workspaces and keys if the catalog generation moved.
-    async fn reload_catalog(&self, store: &Store) {
+    async fn reload_catalog(&self, store: &Store, generations: &mut GenerationWatch) {
         let _catalog = self.catalog_lock().await;
-        let generation = match store.catalog_generation().await {
+        let generation = match generations.read().await {
             Ok(generation) => generation,
             Err(error) => {
                 tracing::debug!(%error, "could not read the catalog generation");

@@ -159,8 +159,12 @@ impl Flusher {
             return Ok(());
         }
         let batch = std::mem::take(&mut self.unwritten);
+        let notifications = !batch.notifications.is_empty();
         let salvage = self.store.write_or_salvage(batch, self.engine.now()).await;
         drop(flushing);
+        if notifications {
+            self.engine.note_notifications_written();
+        }
         for refused in &salvage.refused {
             tracing::error!(
                 workspace = %refused.row.workspace().map(ToString::to_string).unwrap_or_default(),

@@ -37,7 +37,7 @@ pub use keyring::{AuthError, Credential, Denied, Principal};
 pub use redis_counting::OnStoreError;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicI64, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 
 use rustc_hash::FxHashMap;
@@ -298,6 +298,8 @@ pub struct Engine {
     pricing: Pricing,
     /// Billing blocks per upstream credential.
     credentials: credentials::Credentials,
+    /// When the ticker last ran, in milliseconds (`i64::MIN`: never).
+    last_tick: AtomicI64,
 }
 
 /// What the engine tells others: events for listeners (the WebSocket hub,
@@ -315,6 +317,9 @@ struct Journal {
     history_gate: tokio::sync::RwLock<()>,
     /// Rows the database refused and the flush dropped, since start-up.
     rows_dropped: AtomicU64,
+    /// Signalled when the flush wrote notifications, and with them the
+    /// alert events their first versions enqueue, for the dispatcher.
+    alert_events: tokio::sync::Notify,
 }
 
 impl Journal {
@@ -326,6 +331,7 @@ impl Journal {
             key_uses: Mutex::new(HashMap::new()),
             history_gate: tokio::sync::RwLock::new(()),
             rows_dropped: AtomicU64::new(0),
+            alert_events: tokio::sync::Notify::new(),
         }
     }
 }
@@ -350,6 +356,7 @@ impl Engine {
             counters: counters::Counters::InProcess,
             pricing: Pricing::built_in(),
             credentials: credentials::Credentials::default(),
+            last_tick: AtomicI64::new(i64::MIN),
         }
     }
 
@@ -978,11 +985,26 @@ impl Engine {
     // ----- time and publishing ---------------------------------------------
 
     /// Lets time pass for every workspace: windows slide, blocks and
-    /// reservations expire, statuses follow.
+    /// reservations expire, statuses follow. Only workspaces that something
+    /// touched since their last tick, or whose state changes by itself by
+    /// now (`WorkspaceState::next_change_at`), are ticked: an idle
+    /// workspace costs a comparison.
     pub fn tick(&self) {
         let now = self.now();
-        for (_, slot) in self.all_slots() {
-            let mut cell = slot.lock();
+        let last_tick = self.last_tick.swap(now.millis(), Ordering::AcqRel);
+        let due: Vec<Arc<Slot>> = read(&self.slots)
+            .values()
+            .filter(|slot| slot.tick_due(now))
+            .cloned()
+            .collect();
+        for slot in due {
+            let mut cell = slot.lock_to_tick();
+            // A workspace skipped at the last tick rested until then (one
+            // ticked then is not moved).
+            if last_tick != i64::MIN {
+                let rested = Timestamp::from_millis(last_tick).min(now);
+                cell.state.rested_until(rested);
+            }
             let (usage_changed, expired, changes) =
                 cell.state.tick(now, &self.settings, &mut fresh_id);
             let touched = Touched {
@@ -991,6 +1013,8 @@ impl Engine {
                 usage: usage_changed,
             };
             record_expired(&mut cell, expired);
+            let next = cell.state.next_change_at(now, &self.settings);
+            slot.tick_next_at(&cell, next);
             self.conclude(&slot, cell, now, changes, touched);
         }
     }
@@ -1047,6 +1071,18 @@ impl Engine {
     /// Held while a batch is taken and written (see `history_gate`).
     pub async fn flushing(&self) -> tokio::sync::RwLockWriteGuard<'_, ()> {
         self.journal.history_gate.write().await
+    }
+
+    /// Tells the alert dispatcher that the flush wrote notifications: they
+    /// may have enqueued alert events.
+    pub fn note_notifications_written(&self) {
+        self.journal.alert_events.notify_one();
+    }
+
+    /// Waits until the flush wrote notifications since the last wait
+    /// ended (at once if it did meanwhile).
+    pub async fn notifications_written(&self) {
+        self.journal.alert_events.notified().await;
     }
 
     /// Held while history is read from the database and from memory.
@@ -1201,6 +1237,65 @@ mod tests {
         );
         engine.upsert_workspace(WorkspaceConfig::new(id.clone(), limits));
         (engine, id)
+    }
+
+    /// A clock that moves only when the test says.
+    struct SetClock(AtomicI64);
+
+    impl Clock for SetClock {
+        fn now(&self) -> Timestamp {
+            Timestamp::from_millis(self.0.load(Ordering::Relaxed))
+        }
+    }
+
+    #[test]
+    fn the_tick_skips_a_workspace_until_something_touches_it_or_its_next_change() {
+        // 2027-01-15T08:00:00Z: the day ends 16 hours later, after the
+        // day's rate has been watched for its horizon of an hour.
+        let start = 1_800_000_000_000;
+        let clock = Arc::new(SetClock(AtomicI64::new(start)));
+        let engine = Engine::new(
+            Settings::default(),
+            WorkspaceDefaults {
+                limits: Limits::default(),
+                warn_at: 0.8,
+            },
+            clock.clone(),
+        );
+        let id: WorkspaceId = "idle".parse().expect("id");
+        engine.upsert_workspace(WorkspaceConfig::new(id.clone(), Limits::default()));
+        let slot = engine.slot(&id).expect("slot");
+        let at = |millis: i64| Timestamp::from_millis(start + millis);
+        assert!(slot.tick_due(at(0)), "a new workspace is due");
+        engine.tick();
+        let horizon = 3_600_000;
+        assert!(!slot.tick_due(at(250)));
+        assert!(!slot.tick_due(at(horizon - 1)));
+        assert!(
+            slot.tick_due(at(horizon)),
+            "its forecasts' basis changes then"
+        );
+
+        // Anything that takes its lock makes it due at once.
+        clock.0.store(start + 250, Ordering::Relaxed);
+        engine.snapshot(&id).expect("snapshot");
+        assert!(slot.tick_due(at(250)));
+        engine.tick();
+        assert!(!slot.tick_due(at(500)));
+
+        clock.0.store(start + horizon, Ordering::Relaxed);
+        engine.tick();
+        let month_horizon = 6 * horizon;
+        assert!(!slot.tick_due(at(month_horizon - 1)));
+        assert!(
+            slot.tick_due(at(month_horizon)),
+            "the month's basis changes then"
+        );
+        clock.0.store(start + month_horizon, Ordering::Relaxed);
+        engine.tick();
+        let day_end = 16 * horizon;
+        assert!(!slot.tick_due(at(day_end - 1)));
+        assert!(slot.tick_due(at(day_end)), "a new day starts then");
     }
 
     fn request() -> Request {

@@ -4,7 +4,7 @@
 //! notification ids.
 
 use std::collections::VecDeque;
-use std::sync::atomic::AtomicBool;
+use std::sync::atomic::{AtomicBool, AtomicI64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use rustc_hash::FxHashMap;
@@ -58,6 +58,11 @@ pub(super) struct Slot {
     /// Episode steps or unagreed ids are waiting (set and cleared under the
     /// cell's lock), so that the request path asks only when they are.
     pub(super) agreement_due: AtomicBool,
+    /// When the ticker must tick the workspace next, in milliseconds: the
+    /// state's next change as of its last tick, or at once (`i64::MIN`)
+    /// once anything else took the lock. Written only under the lock, so
+    /// that the last writer is the last one to have seen the state.
+    tick_due_at: AtomicI64,
 }
 
 impl Slot {
@@ -77,11 +82,33 @@ impl Slot {
             shared_stale: AtomicBool::new(false),
             agreeing: tokio::sync::Mutex::new(()),
             agreement_due: AtomicBool::new(false),
+            tick_due_at: AtomicI64::new(i64::MIN),
         })
     }
 
+    /// The cell, for anything but the ticker: whatever it does may change
+    /// what a tick would, so the workspace is due for the next tick.
     pub(super) fn lock(&self) -> MutexGuard<'_, Cell> {
+        let cell = lock(&self.cell);
+        self.tick_due_at.store(i64::MIN, Ordering::Release);
+        cell
+    }
+
+    /// The cell, for the ticker, which says when the next tick is due with
+    /// [`tick_next_at`](Self::tick_next_at).
+    pub(super) fn lock_to_tick(&self) -> MutexGuard<'_, Cell> {
         lock(&self.cell)
+    }
+
+    /// Whether the ticker must tick the workspace at `now`.
+    pub(super) fn tick_due(&self, now: Timestamp) -> bool {
+        self.tick_due_at.load(Ordering::Acquire) <= now.millis()
+    }
+
+    /// Sets when the ticker must tick the workspace next; `cell`, the
+    /// ticker's guard, proves the lock is held.
+    pub(super) fn tick_next_at(&self, _cell: &MutexGuard<'_, Cell>, at: Timestamp) {
+        self.tick_due_at.store(at.millis(), Ordering::Release);
     }
 }
 

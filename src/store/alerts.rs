@@ -840,6 +840,20 @@ impl Store {
         Ok(())
     }
 
+    /// When the first delivery waiting to be sent can be claimed: its next
+    /// attempt, or the end of its claim if that is later (a dispatcher that
+    /// stopped without releasing it).
+    pub async fn next_alert_delivery_due(&self) -> Result<Option<Timestamp>> {
+        let (due,): (Option<i64>,) = on_pool!(self, |pool| {
+            sqlx::query_as(
+                "SELECT MIN(CASE WHEN claimed_until > next_attempt_at THEN claimed_until ELSE next_attempt_at END) FROM alert_deliveries WHERE status = 'pending'",
+            )
+            .fetch_one(pool)
+            .await
+        })?;
+        Ok(due.map(Timestamp::from_millis))
+    }
+
     /// How many deliveries wait to be sent.
     pub async fn pending_alert_deliveries(&self) -> Result<i64> {
         let (count,): (i64,) = on_pool!(self, |pool| {

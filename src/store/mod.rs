@@ -733,6 +733,53 @@ fn file_identity(path: &std::path::Path) -> Option<(u64, u64)> {
     std::fs::metadata(path).ok().map(|_| (0, 0))
 }
 
+const GENERATION_QUERY: &str = "SELECT generation FROM catalog WHERE id = 1";
+
+/// Reads the catalog generation over one connection kept from the pool, as
+/// the catalog follower does four times a second: a connection taken from
+/// the pool for each read costs two more round trips (the pool pings it on
+/// its way back) and a task. The connection is taken at the first read, and
+/// again after a read failed, when the failed one goes back to the pool,
+/// which tests it.
+pub struct GenerationWatch {
+    store: Store,
+    held: Option<HeldConnection>,
+}
+
+enum HeldConnection {
+    Sqlite(sqlx::pool::PoolConnection<sqlx::Sqlite>),
+    Postgres(sqlx::pool::PoolConnection<sqlx::Postgres>),
+}
+
+impl GenerationWatch {
+    /// The catalog generation, as [`Store::catalog_generation`] reads it.
+    pub async fn read(&mut self) -> Result<i64> {
+        let held = match &mut self.held {
+            Some(held) => held,
+            None => self.held.insert(match &self.store.pool {
+                Pool::Sqlite(pool) => HeldConnection::Sqlite(pool.acquire().await?),
+                Pool::Postgres(pool) => HeldConnection::Postgres(pool.acquire().await?),
+            }),
+        };
+        let read: sqlx::Result<(i64,)> = match held {
+            HeldConnection::Sqlite(connection) => {
+                sqlx::query_as(GENERATION_QUERY)
+                    .fetch_one(&mut **connection)
+                    .await
+            }
+            HeldConnection::Postgres(connection) => {
+                sqlx::query_as(GENERATION_QUERY)
+                    .fetch_one(&mut **connection)
+                    .await
+            }
+        };
+        if read.is_err() {
+            self.held = None;
+        }
+        Ok(read?.0)
+    }
+}
+
 impl Store {
     /// Opens (and for SQLite creates) the database at `url` and applies the
     /// embedded migrations.
@@ -748,15 +795,21 @@ impl Store {
                 .foreign_keys(true);
             Pool::Sqlite(
                 SqlitePoolOptions::new()
-                    .max_connections(4)
+                    // Four, and the one the catalog follower keeps.
+                    .max_connections(5)
                     .acquire_timeout(Duration::from_secs(5))
+                    // A connection to a file cannot go stale as one to a
+                    // server can: a ping before each use would only double
+                    // the round trips to its thread.
+                    .test_before_acquire(false)
                     .connect_with(options)
                     .await?,
             )
         } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
             Pool::Postgres(
                 PgPoolOptions::new()
-                    .max_connections(8)
+                    // Eight, and the one the catalog follower keeps.
+                    .max_connections(9)
                     .acquire_timeout(Duration::from_secs(5))
                     .connect(url)
                     .await?,
@@ -818,12 +871,19 @@ impl Store {
     }
 
     pub async fn catalog_generation(&self) -> Result<i64> {
-        let (generation,): (i64,) = on_pool!(self, |pool| sqlx::query_as(
-            "SELECT generation FROM catalog WHERE id = 1"
-        )
-        .fetch_one(pool)
-        .await)?;
+        let (generation,): (i64,) = on_pool!(self, |pool| sqlx::query_as(GENERATION_QUERY)
+            .fetch_one(pool)
+            .await)?;
         Ok(generation)
+    }
+
+    /// A reader of the catalog generation over a connection of its own,
+    /// for whoever reads it again and again (see [`GenerationWatch`]).
+    pub fn generation_watch(&self) -> GenerationWatch {
+        GenerationWatch {
+            store: self.clone(),
+            held: None,
+        }
     }
 
     /// Workspaces and active keys, with the generation they reflect. The

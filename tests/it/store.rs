@@ -136,6 +136,30 @@ async fn workspaces_round_trip(store: Store) {
 }
 conformance!(workspaces_round_trip);
 
+/// The generation watch reads what `catalog_generation` reads, change after
+/// change, over the one connection it keeps.
+async fn a_generation_watch_follows_every_change(store: Store) {
+    let mut watch = store.generation_watch();
+    let before = watch.read().await.expect("generation");
+    assert_eq!(
+        before,
+        store.catalog_generation().await.expect("generation")
+    );
+    let inserted = store
+        .insert_workspace(&workspace("acme"), T0)
+        .await
+        .expect("insert");
+    assert_eq!(watch.read().await.expect("generation"), inserted);
+    let deleted = store
+        .delete_workspace(&id("acme"))
+        .await
+        .expect("delete")
+        .expect("existed");
+    assert!(deleted > inserted);
+    assert_eq!(watch.read().await.expect("generation"), deleted);
+}
+conformance!(a_generation_watch_follows_every_change);
+
 /// Every limit kind, the month's included, is stored in its own column and
 /// read back as written, set or cleared.
 async fn every_limit_kind_round_trips(store: Store) {
