@@ -867,6 +867,7 @@ local function admit_one(w, a)
   local h = w.h
   local scoped = scoped_admissions and scoped_admissions[a]
   read_counts(a + 1, costs)
+  local estimate_at = a + 1
   -- The arguments after the estimate: ARGV[a + 1] is the probe interval,
   -- ARGV[a + 2] the reservation.
   a = a + METRICS
@@ -898,7 +899,10 @@ local function admit_one(w, a)
   if reservation == '' then return outcome end
   local id, ttl, model = string.match(reservation, '^(%d+) (%d+) (.*)$')
   local field = w.id .. '|' .. id
-  local record = now_us_text .. '|' .. table.concat(costs, ' ') .. '|' .. probe .. '|' .. model
+  -- The estimate is recorded as passed: writing the numbers out again
+  -- would cost more than the rest of the record.
+  local estimate = table.concat(ARGV, ' ', estimate_at, estimate_at + METRICS - 1)
+  local record = now_us_text .. '|' .. estimate .. '|' .. probe .. '|' .. model
   if scoped then record = record .. '|' .. scoped.resolved end
   new_reservations[#new_reservations + 1] = field
   new_reservations[#new_reservations + 1] = record
