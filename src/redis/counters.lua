@@ -87,14 +87,19 @@
 -- ("1 250": a request and 250 tokens), so that no argument belongs to a
 -- metric. Then ADMISSION_ARGS per
 -- admission: its workspace's number, its estimate as one argument per
--- metric (the hottest path then parses no string), reservation id,
--- reservation TTL (ms), probe interval (ms), model, and whether to record
--- the reservation ('1') or leave it to the caller to hold ('0'). Then
+-- metric (the hottest path then parses no string), the probe interval
+-- (ms), and its reservation: empty when the caller holds it, or "id TTL
+-- (ms) model" to record it. Each argument costs the call about a tenth of
+-- a microsecond before the script runs, and a reservation id, new at
+-- every admission, more than that: a held reservation, which the script
+-- never names, takes one empty argument. Then
 -- SETTLEMENT_ARGS per settlement of a recorded reservation: its
 -- workspace's number, reservation id and what the call used ('-': keep the
 -- estimate). Then HELD_SETTLEMENT_ARGS per settlement of a held one: its
 -- workspace's number, when it was charged (Redis's microseconds, as
--- answered), its estimate and what the call used ('-': keep the estimate).
+-- answered), its estimate and what the call used, as an admission's
+-- estimate, one argument per metric ('-' each: keep the estimate), as
+-- reading usage from one string costs the script several times as much.
 -- Recording a reservation, and finding, removing or expiring it later,
 -- costs the script more than all else an admission does, so what the
 -- caller can hold it holds. Instances send what arrives
@@ -156,12 +161,19 @@ local SLOT_CHANGE = '<' .. repeated('d', 1 + SLOT_FIELDS)
 local SLOT_BYTES = 8 * SLOT_FIELDS
 local STATE_BYTES = HEADER_BYTES + MINUTE_S * SLOT_BYTES
 local WORKSPACE_ARGS = 4
-local ADMISSION_ARGS = 6 + METRICS
+local ADMISSION_ARGS = 3 + METRICS
 local SETTLEMENT_ARGS = 3
-local HELD_SETTLEMENT_ARGS = 4
+local HELD_SETTLEMENT_ARGS = 2 + 2 * METRICS
 -- The most expired reservations one call removes; the rest wait for the
 -- next calls, so that no call takes long.
-local EXPIRED_PER_CALL = 256
+local EXPIRED_PER_CALL = '256'
+-- The offsets of the state's parts (its header's last byte, each slot's
+-- first), written out once: Redis writes out a number passed to
+-- redis.call at every call ("%.17g"), which costs more than reading the
+-- header itself.
+local HEADER_LAST = '' .. (HEADER_BYTES - 1)
+local SLOT_OFFSETS = {}
+for index = 0, MINUTE_S - 1 do SLOT_OFFSETS[index] = '' .. (HEADER_BYTES + index * SLOT_BYTES) end
 -- The call's keys and arguments, and Redis's time as it started (see
 -- `counters`).
 local KEYS, ARGV, RESERVATIONS, EXPIRIES, op, channel
@@ -250,7 +262,7 @@ end
 -- for, so a slot whose second is a whole minute behind is one that leaves
 -- the totals.
 local function open(k, id, calendars)
-  local header = redis.call('GETRANGE', KEYS[k], 0, HEADER_BYTES - 1)
+  local header = redis.call('GETRANGE', KEYS[k], '0', HEADER_LAST)
   -- A key that does not exist reads as nothing; all zero bytes are all
   -- zero doubles: an empty state, written whole.
   local new = header == ''
@@ -302,12 +314,15 @@ local function add_minute(w, at_second, counts)
   -- added there in place, without building a slot.
   if at_second == h[NEWEST_SECOND] then
     for m = 1, METRICS do
-      local newest, minute = NEWEST + m - 1, TOTALS + m - 1
-      local before = h[newest]
-      local after = before + counts[m]
-      if after < 0 then after = 0 end
-      h[minute] = h[minute] + after - before
-      h[newest] = after
+      local count = counts[m]
+      if count ~= 0 then
+        local newest, minute = NEWEST + m - 1, TOTALS + m - 1
+        local before = h[newest]
+        local after = before + count
+        if after < 0 then after = 0 end
+        h[minute] = h[minute] + after - before
+        h[newest] = after
+      end
     end
     return
   end
@@ -351,8 +366,11 @@ local function add_calendars(w, counts, charged)
     for m = 1, METRICS do
       local count = counts[m]
       if since and count < 0 then count = 0 end
-      local after = h[at + m] + count
-      h[at + m] = after > 0 and after or 0
+      -- Most settlements change some metrics only (a request stays one).
+      if count ~= 0 then
+        local after = h[at + m] + count
+        h[at + m] = after > 0 and after or 0
+      end
     end
   end
 end
@@ -392,14 +410,18 @@ local function stored(w)
     w.blob, w.changes = table.concat(parts), ''
     redis.call('SET', w.state, w.blob, 'PXAT', string.format('%d', h[KEY_EXPIRY]))
   else
-    redis.call('SETRANGE', w.state, 0, header)
-    local changes = { header }
-    for index, slot in pairs(w.slots) do
-      redis.call('SETRANGE', w.state, HEADER_BYTES + index * SLOT_BYTES,
-        struct.pack(SLOT, unpack(slot, 1, SLOT_FIELDS)))
-      changes[#changes + 1] = struct.pack(SLOT_CHANGE, index, unpack(slot, 1, SLOT_FIELDS))
+    redis.call('SETRANGE', w.state, '0', header)
+    -- Most calls write no slot: their changes are the header alone.
+    w.changes = header
+    if next(w.slots) then
+      local changes = { header }
+      for index, slot in pairs(w.slots) do
+        redis.call('SETRANGE', w.state, SLOT_OFFSETS[index],
+          struct.pack(SLOT, unpack(slot, 1, SLOT_FIELDS)))
+        changes[#changes + 1] = struct.pack(SLOT_CHANGE, index, unpack(slot, 1, SLOT_FIELDS))
+      end
+      w.changes = table.concat(changes)
     end
-    w.changes = table.concat(changes)
     if expiry_moved then
       redis.call('PEXPIREAT', w.state, string.format('%d', h[KEY_EXPIRY]))
     end
@@ -461,7 +483,7 @@ end
 -- Removes reservations past their expiry; answers their expiry members
 -- as they are, for the caller to read.
 local function expire_reservations()
-  local due = redis.call('ZRANGE', EXPIRIES, '-inf', now_text, 'BYSCORE', 'LIMIT', 0,
+  local due = redis.call('ZRANGE', EXPIRIES, '-inf', now_text, 'BYSCORE', 'LIMIT', '0',
     EXPIRED_PER_CALL)
   if #due == 0 then return due end
   local fields = {}
@@ -469,7 +491,7 @@ local function expire_reservations()
   redis.call('HDEL', RESERVATIONS, unpack(fields))
   -- The members due are the lowest ranks: removed together, not looked up
   -- one by one.
-  redis.call('ZREMRANGEBYRANK', EXPIRIES, 0, #due - 1)
+  redis.call('ZREMRANGEBYRANK', EXPIRIES, '0', string.format('%d', #due - 1))
   return due
 end
 
@@ -593,7 +615,7 @@ local function each_counter(w, rule_key, fingerprint)
     end
     -- Counted against the cap at once, so that a batch of new values
     -- cannot pass it; scored by its expiry when it is written.
-    redis.call('ZADD', tracked, now + MINUTE_S * 1000, fingerprint)
+    redis.call('ZADD', tracked, string.format('%d', now + MINUTE_S * 1000), fingerprint)
   end
   own.tracked, own.value = tracked, fingerprint
   return own
@@ -781,9 +803,13 @@ end
 
 -- Opens the n-th workspace of a batch, from ARGV[b..]. Its limits are
 -- parsed once, for all its admissions.
--- Limits parsed in this call, by their argument: workspaces mostly share
--- the server's default limits, which are then parsed once.
-local parsed_limits
+-- Limits parsed, by their argument, kept from one call to the next (the
+-- library's top level outlives its calls): workspaces mostly share the
+-- server's default limits, whose text then costs a look-up rather than
+-- parsing it at every call. Forgotten all at once when PARSED_LIMITS_KEPT
+-- are held, so that many workspaces' own limits cannot grow it for ever.
+local PARSED_LIMITS_KEPT = 1024
+local parsed_limits, parsed_limits_held = {}, 0
 
 local function open_in_batch(n, b)
   local w = open(2 + n, ARGV[b], ARGV[b + 1])
@@ -801,7 +827,8 @@ local function open_in_batch(n, b)
       if window > kept then kept = window end
     end
     parsed = { limits = limits, kept = kept }
-    parsed_limits[text] = parsed
+    if parsed_limits_held >= PARSED_LIMITS_KEPT then parsed_limits, parsed_limits_held = {}, 0 end
+    parsed_limits[text], parsed_limits_held = parsed, parsed_limits_held + 1
   end
   w.limits, w.kept = parsed.limits, parsed.kept
   return w
@@ -816,14 +843,34 @@ local expiry_at
 -- What one admission costs of each metric; one table for every admission
 -- of the call, as each is done with it before the next.
 local costs = {}
+-- The counts read in this call, by their argument: calls mostly count the
+-- same ("1" request, "0" dollars), and a look-up costs less than parsing
+-- the number again.
+local counts_read
+
+-- Reads a count per metric from ARGV[first..] into `counts`; answers
+-- `counts`.
+local function read_counts(first, counts)
+  for m = 1, METRICS do
+    local text = ARGV[first + m - 1]
+    local count = counts_read[text]
+    if not count then
+      count = tonumber(text)
+      counts_read[text] = count
+    end
+    counts[m] = count
+  end
+  return counts
+end
 
 local function admit_one(w, a)
   local h = w.h
   local scoped = scoped_admissions and scoped_admissions[a]
-  for m = 1, METRICS do costs[m] = tonumber(ARGV[a + m]) end
-  -- The arguments after the estimate, as if it were one: ARGV[a + 2] is
-  -- the reservation id.
-  a = a + METRICS - 1
+  read_counts(a + 1, costs)
+  local estimate_at = a + 1
+  -- The arguments after the estimate: ARGV[a + 1] is the probe interval,
+  -- ARGV[a + 2] the reservation.
+  a = a + METRICS
   local limits = w.limits
   for i = 1, #limits, 3 do
     -- It fits if `cost` more stays within the limit; one that alone
@@ -841,20 +888,24 @@ local function admit_one(w, a)
   if h[BILLING] > 0 then
     if now < h[NEXT_PROBE] then return '0' end
     probe = '1'
-    h[NEXT_PROBE] = now + tonumber(ARGV[a + 4])
+    h[NEXT_PROBE] = now + tonumber(ARGV[a + 1])
   end
   charge_now(w, costs)
   w.changed = true
   if scoped then scoped.resolved = charge_scopes(w, scoped.charges, costs) end
   local outcome = probe == '1' and '2' or '1'
   -- A reservation the caller holds is not recorded (see `batch`).
-  if ARGV[a + 6] ~= '1' then return outcome end
-  local field = w.id .. '|' .. ARGV[a + 2]
-  local record = now_us_text .. '|' .. table.concat(costs, ' ') .. '|' .. probe .. '|' .. ARGV[a + 5]
+  local reservation = ARGV[a + 2]
+  if reservation == '' then return outcome end
+  local id, ttl, model = string.match(reservation, '^(%d+) (%d+) (.*)$')
+  local field = w.id .. '|' .. id
+  -- The estimate is recorded as passed: writing the numbers out again
+  -- would cost more than the rest of the record.
+  local estimate = table.concat(ARGV, ' ', estimate_at, estimate_at + METRICS - 1)
+  local record = now_us_text .. '|' .. estimate .. '|' .. probe .. '|' .. model
   if scoped then record = record .. '|' .. scoped.resolved end
   new_reservations[#new_reservations + 1] = field
   new_reservations[#new_reservations + 1] = record
-  local ttl = ARGV[a + 3]
   local expires = expiry_at[ttl]
   if not expires then
     local ttl_ms = tonumber(ttl)
@@ -874,27 +925,30 @@ end
 local settled_estimate, settled_actual, kept_estimate, correction, extra = {}, {}, {}, {}, {}
 
 -- Settles a reservation charged at `charged_us` for `estimate` (a count
--- per metric): the correction of its estimate by what the call used, as
--- passed (see the top; '-': keep the estimate), in the workspace's
--- counters and in the scope counters it charged (`scoped`, as
+-- per metric): the correction of its estimate by what the call used
+-- (`actual`, a count per metric; nil keeps the estimate), in the
+-- workspace's counters and in the scope counters it charged (`scoped`, as
 -- `resolved`, or nil). Answers when it was charged (ms) and the estimate
 -- charged for it (`kept_estimate`, until the next settlement).
-local function settle_one(w, charged_us, estimate, used, scoped)
+local function settle_one(w, charged_us, estimate, actual, scoped)
   -- A reset since the admission charged nothing of it from then on, so
   -- the estimate it keeps is nothing too.
   local last_reset = w.h[LAST_RESET]
   local since_reset = charged_us < last_reset
   local charged = math.floor(math.max(charged_us, last_reset) / 1000)
-  local actual = used ~= '-' and read_usage(used, settled_actual) or nil
   -- The correction lands in the second the request was charged while that
   -- second is in the window; usage beyond the estimate is charged now.
   local charged_estimate = kept_estimate
   local any_extra = false
   for m = 1, METRICS do
-    charged_estimate[m] = since_reset and 0 or estimate[m]
-    correction[m] = actual and actual[m] - charged_estimate[m] or 0
-    extra[m] = math.max(correction[m], 0)
-    any_extra = any_extra or extra[m] > 0
+    local kept = since_reset and 0 or estimate[m]
+    local change = actual and actual[m] - kept or 0
+    charged_estimate[m], correction[m] = kept, change
+    if change > 0 then
+      extra[m], any_extra = change, true
+    else
+      extra[m] = 0
+    end
   end
   local charged_second = math.floor(charged / 1000)
   -- Most calls settle within the second they were charged in, which the
@@ -936,8 +990,10 @@ local function settle_all(workspaces, s, count)
       done[#done + 1] = field
       members[#members + 1] = expiry_member(field, record)
       local charged_us, estimate, probe, model, scoped = parse_reservation(record)
+      local used = ARGV[b + 2]
+      local actual = used ~= '-' and read_usage(used, settled_actual) or nil
       local charged, charged_estimate =
-        settle_one(workspaces[tonumber(ARGV[b])], charged_us, estimate, ARGV[b + 2], scoped)
+        settle_one(workspaces[tonumber(ARGV[b])], charged_us, estimate, actual, scoped)
       charged_estimate = table.concat(charged_estimate, ' ')
       for _, value in ipairs({ 1, charged, charged_estimate, tonumber(probe), model }) do
         settled[#settled + 1] = value
@@ -959,9 +1015,10 @@ end
 local function settle_held(workspaces, s, count, held_scopes)
   for j = 1, count do
     local b = s + (j - 1) * HELD_SETTLEMENT_ARGS
+    local used = b + 2 + METRICS
+    local actual = ARGV[used] ~= '-' and read_counts(used, settled_actual) or nil
     settle_one(workspaces[tonumber(ARGV[b])], tonumber(ARGV[b + 1]),
-      read_usage(ARGV[b + 2], settled_estimate),
-      ARGV[b + 3], held_scopes[j])
+      read_counts(b + 2, settled_estimate), actual, held_scopes[j])
   end
 end
 
@@ -1134,7 +1191,7 @@ local function counters(keys, args)
   now_text, now_us_text = string.format('%d', now), string.format('%d', now_us)
   new_reservations, new_expiries, keep_reservations = {}, {}, 86400000
   scope_counters, scope_cap, scoped_admissions = {}, 0, nil
-  parsed_scope_limits, parsed_limits, expiry_at = {}, {}, {}
+  parsed_scope_limits, expiry_at, counts_read = {}, {}, {}
   expired = expire_reservations()
   if op == 'batch' then return batch() end
   return one_workspace()

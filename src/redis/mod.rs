@@ -817,17 +817,19 @@ impl Link {
             } = &pending.work
             {
                 invocation.arg(number);
-                // One argument per metric: the script's hottest path then
-                // parses no string.
-                for metric in Metric::ALL {
-                    invocation.arg(clamp(estimate.of(metric)));
+                counts_args(&mut invocation, *estimate);
+                invocation.arg(millis(*probe_interval));
+                // A held reservation is one empty argument: the script never
+                // names it (see `counters.lua`).
+                if *record {
+                    invocation.arg(format!(
+                        "{reservation} {} {}",
+                        millis(*reservation_ttl),
+                        model.as_deref().unwrap_or_default()
+                    ));
+                } else {
+                    invocation.arg("");
                 }
-                invocation
-                    .arg(reservation)
-                    .arg(millis(*reservation_ttl))
-                    .arg(millis(*probe_interval))
-                    .arg(model.as_deref().unwrap_or_default())
-                    .arg(if *record { "1" } else { "0" });
             }
         }
         for (pending, number) in batch.iter().zip(&numbers) {
@@ -837,11 +839,16 @@ impl Link {
         }
         for (pending, number) in batch.iter().zip(&numbers) {
             if let Work::SettleHeld { held, used } = &pending.work {
-                invocation
-                    .arg(number)
-                    .arg(held.charged_us)
-                    .arg(usage_arg(held.estimate))
-                    .arg(used_arg(*used));
+                invocation.arg(number).arg(held.charged_us);
+                counts_args(&mut invocation, held.estimate);
+                match used {
+                    Some(used) => counts_args(&mut invocation, *used),
+                    None => {
+                        for _ in Metric::ALL {
+                            invocation.arg("-");
+                        }
+                    }
+                }
             }
         }
         scoped_part(&mut invocation, batch);
@@ -1333,6 +1340,15 @@ fn usage_arg(usage: Usage) -> String {
         .map(|metric| clamp(usage.of(metric)).to_string())
         .collect();
     counts.join(" ")
+}
+
+/// Usage as one argument per metric, in the order of `Metric::ALL`: the
+/// script's hottest paths (an admission's estimate, a held reservation's
+/// settlement) then parse no string.
+fn counts_args(invocation: &mut Call, usage: Usage) {
+    for metric in Metric::ALL {
+        invocation.arg(clamp(usage.of(metric)));
+    }
 }
 
 /// What a call used, as a settlement's argument: "-" keeps the estimate.

@@ -1,7 +1,8 @@
 //! The Redis script's own rules, called through `RedisCounters` directly:
 //! every key expires by itself, billing blocks last beyond the day, a late
 //! lift cannot undo a newer block, unsettled reservations expire into the
-//! history of their own workspace whichever call finds them, a reset
+//! history of their own workspace whichever call finds them (with their
+//! model, however it is named), a reset
 //! charges requests in flight only what they use from then on, each second
 //! of the minute keeps its own count, a reservation settled twice at once
 //! is settled once, one the instance holds is never recorded and settles by
@@ -306,6 +307,53 @@ async fn an_unsettled_reservation_expires_into_its_own_workspace_whoever_finds_i
         reply.counters.counts.calendar(Period::Day).1.tokens,
         120,
         "its estimate stays charged"
+    );
+    store.finish().await;
+}
+
+#[tokio::test]
+async fn a_recorded_reservation_keeps_a_model_named_with_spaces() {
+    let Some(store) = Store::open("redis_script::model_with_spaces") else {
+        return;
+    };
+    // The script takes a recorded reservation as one argument whose last
+    // part is the model: a name with spaces is read whole.
+    let limits = Limits::default();
+    let args = AdmitArgs {
+        limits: &limits,
+        estimate: Usage::call(30),
+        reservation: 7,
+        reservation_ttl: Duration::from_millis(1),
+        probe_interval: Duration::from_secs(60),
+        model: Some("a model  named with spaces "),
+        scopes: &[],
+        record: true,
+    };
+    let (admitted, _) = store
+        .counters
+        .admit(&store.workspace, chrono_tz::UTC, Store::now(), args)
+        .await
+        .expect("admit");
+    assert!(admitted.is_some());
+    let expired = eventually(
+        "the reservation to expire",
+        Duration::from_secs(5),
+        || async {
+            let reply = store
+                .counters
+                .peek(&store.workspace, chrono_tz::UTC, Store::now(), &[])
+                .await
+                .expect("peek");
+            (!reply.expired.is_empty()).then_some(reply.expired)
+        },
+    )
+    .await;
+    assert_eq!(expired.len(), 1, "{expired:?}");
+    let finished = &expired[0].expired;
+    assert_eq!(finished.usage.tokens, 30);
+    assert_eq!(
+        finished.model.as_deref(),
+        Some("a model  named with spaces ")
     );
     store.finish().await;
 }
