@@ -23,6 +23,13 @@
 //!   the whole run at the end of the text and all but its last character
 //!   elsewhere, which is what the trimming leaves.
 //!
+//! Most pieces of prose and code are an ASCII word or number, which each
+//! pattern's `ascii` function finds by hand when the byte after it settles
+//! where it ends (an ASCII byte that no alternative could take further); a
+//! DFA search costs several hundred instructions, mostly in the start and
+//! match states every piece passes through, and a short piece is that much.
+//! Anything else, and every piece the bytes leave open, goes to the DFA.
+//!
 //! Every character matches some alternative of each pattern (a letter the
 //! letter ones, a digit the digit one, whitespace the last one, anything
 //! else the punctuation one), so each search is anchored where the previous
@@ -37,6 +44,10 @@ pub struct Pattern {
     alternatives: &'static [&'static str],
     /// The alternative written `\s+\s` for tiktoken's `\s+(?!\S)`.
     lookahead: usize,
+    /// The length of the piece at the start of the bytes when it is an
+    /// ASCII word or number whose end is settled; `None` leaves it to the
+    /// DFA.
+    ascii: fn(&[u8]) -> Option<usize>,
 }
 
 /// o200k_base's pattern.
@@ -51,6 +62,7 @@ pub const O200K: Pattern = Pattern {
         r"\s+",
     ],
     lookahead: 5,
+    ascii: o200k_ascii,
 };
 
 /// cl100k_base's pattern.
@@ -66,6 +78,7 @@ pub const CL100K: Pattern = Pattern {
         r"\s",
     ],
     lookahead: 6,
+    ascii: cl100k_ascii,
 };
 
 /// GPT-2's pattern, which p50k_base and r50k_base split with.
@@ -80,11 +93,92 @@ pub const GPT2: Pattern = Pattern {
         r"\s",
     ],
     lookahead: 5,
+    ascii: gpt2_ascii,
 };
+
+/// o200k_base's first alternative on an ASCII word: one ASCII byte that is
+/// neither alphanumeric nor a line break, then lowercase letters, which
+/// uppercase ones never precede here (that takes the DFA). An apostrophe
+/// after may begin a contraction, and a byte beyond ASCII may be a letter
+/// or mark: both are left open. ASCII digits are its third alternative.
+fn o200k_ascii(bytes: &[u8]) -> Option<usize> {
+    let first = *bytes.first()?;
+    if first.is_ascii_digit() {
+        return digits(bytes, 0, 3);
+    }
+    let start = usize::from(
+        first.is_ascii() && !first.is_ascii_alphanumeric() && !matches!(first, b'\r' | b'\n'),
+    );
+    let end = start + ascii_run(&bytes[start..], u8::is_ascii_lowercase);
+    if end == start {
+        return None;
+    }
+    settled(bytes, end, |next| next == b'\'')
+}
+
+/// cl100k_base's second alternative on an ASCII word: one ASCII byte that is
+/// neither alphanumeric, a line break nor an apostrophe (which may begin the
+/// first alternative, a contraction), then letters. ASCII digits are its
+/// third alternative.
+fn cl100k_ascii(bytes: &[u8]) -> Option<usize> {
+    let first = *bytes.first()?;
+    if first.is_ascii_digit() {
+        return digits(bytes, 0, 3);
+    }
+    let start = usize::from(
+        first.is_ascii()
+            && !first.is_ascii_alphanumeric()
+            && !matches!(first, b'\r' | b'\n' | b'\''),
+    );
+    let end = start + ascii_run(&bytes[start..], u8::is_ascii_alphabetic);
+    if end == start {
+        return None;
+    }
+    settled(bytes, end, |_| false)
+}
+
+/// GPT-2's letters and digits alternatives: an optional space, then ASCII
+/// letters, or ASCII digits without a bound.
+fn gpt2_ascii(bytes: &[u8]) -> Option<usize> {
+    let start = usize::from(bytes.first() == Some(&b' '));
+    if bytes.get(start).is_some_and(u8::is_ascii_digit) {
+        return digits(bytes, start, usize::MAX);
+    }
+    let end = start + ascii_run(&bytes[start..], u8::is_ascii_alphabetic);
+    if end == start {
+        return None;
+    }
+    settled(bytes, end, |_| false)
+}
+
+/// Up to `most` digits from `start`: ASCII ones are settled by the byte
+/// after them, unless it is beyond ASCII (another script's digit).
+fn digits(bytes: &[u8], start: usize, most: usize) -> Option<usize> {
+    let count = ascii_run(&bytes[start..], u8::is_ascii_digit).min(most);
+    if count == most {
+        return Some(start + count);
+    }
+    settled(bytes, start + count, |_| false)
+}
+
+fn ascii_run(bytes: &[u8], member: fn(&u8) -> bool) -> usize {
+    bytes.iter().take_while(|byte| member(byte)).count()
+}
+
+/// `end`, when the text ends there or its byte is ASCII and cannot go on
+/// the piece; `None` when only the DFA can tell.
+fn settled(bytes: &[u8], end: usize, continues: fn(u8) -> bool) -> Option<usize> {
+    match bytes.get(end) {
+        None => Some(end),
+        Some(&next) if next.is_ascii() && !continues(next) => Some(end),
+        Some(_) => None,
+    }
+}
 
 pub struct Pretokenizer {
     regex: Regex,
     lookahead: PatternID,
+    ascii: fn(&[u8]) -> Option<usize>,
 }
 
 impl Pretokenizer {
@@ -92,6 +186,7 @@ impl Pretokenizer {
         Ok(Self {
             regex: Regex::new_many(pattern.alternatives).map_err(Box::new)?,
             lookahead: PatternID::new(pattern.lookahead).expect("a small pattern index"),
+            ascii: pattern.ascii,
         })
     }
 
@@ -99,6 +194,11 @@ impl Pretokenizer {
     pub fn pieces<'t>(&self, text: &'t str) -> impl Iterator<Item = &'t str> + use<'t, '_> {
         let mut start = 0;
         std::iter::from_fn(move || {
+            if let Some(length) = (self.ascii)(&text.as_bytes()[start..]) {
+                let piece = &text[start..start + length];
+                start += length;
+                return Some(piece);
+            }
             let input = Input::new(text)
                 .range(start..)
                 .anchored(Anchored::Yes)
@@ -139,6 +239,10 @@ mod tests {
         "q",
         "s",
         "S",
+        "hello",
+        "The",
+        "I",
+        "x_y",
         "0",
         "7",
         "123",
