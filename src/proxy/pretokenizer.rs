@@ -96,11 +96,12 @@ pub const GPT2: Pattern = Pattern {
     ascii: gpt2_ascii,
 };
 
-/// o200k_base's first alternative on an ASCII word: one ASCII byte that is
-/// neither alphanumeric nor a line break, then lowercase letters, which
-/// uppercase ones never precede here (that takes the DFA). An apostrophe
-/// after may begin a contraction, and a byte beyond ASCII may be a letter
-/// or mark: both are left open. ASCII digits are its third alternative.
+/// o200k_base's first two alternatives on an ASCII word: one ASCII byte
+/// that is neither alphanumeric nor a line break, then uppercase letters and
+/// lowercase ones (the first alternative, when there are lowercase ones) or
+/// uppercase letters alone (the second). An apostrophe after may begin a
+/// contraction, and a byte beyond ASCII may be a letter or mark: both are
+/// left open. ASCII digits are its third alternative.
 fn o200k_ascii(bytes: &[u8]) -> Option<usize> {
     let first = *bytes.first()?;
     if first.is_ascii_digit() {
@@ -109,7 +110,8 @@ fn o200k_ascii(bytes: &[u8]) -> Option<usize> {
     let start = usize::from(
         first.is_ascii() && !first.is_ascii_alphanumeric() && !matches!(first, b'\r' | b'\n'),
     );
-    let end = start + ascii_run(&bytes[start..], u8::is_ascii_lowercase);
+    let upper = start + ascii_run(&bytes[start..], u8::is_ascii_uppercase);
+    let end = upper + ascii_run(&bytes[upper..], u8::is_ascii_lowercase);
     if end == start {
         return None;
     }
