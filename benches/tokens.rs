@@ -23,7 +23,7 @@ static TEXTS: LazyLock<[(&str, String); 4]> = LazyLock::new(|| {
         .collect();
     let cjk = "日本語のテキストは、単語の間に空白を置かずに書かれます。中文文本同样没有空格，模型需要把每个字切分成若干字节再合并。한국어 텍스트는 띄어쓰기를 사용합니다. "
         .repeat(20);
-    let whitespace = (0..400)
+    let whitespace = (0..200)
         .map(|line| {
             format!(
                 "{}\"key_{line}\": [{line}, null],\r\n",
