@@ -22,6 +22,7 @@ mod body;
 pub mod estimate;
 mod headers;
 pub mod path;
+mod pretokenizer;
 pub mod request;
 pub mod scan;
 pub mod vocabulary;

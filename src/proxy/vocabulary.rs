@@ -9,7 +9,8 @@
 //! and a [`Vocabulary`] adds a hash index of ranks: about 4 MiB in all.
 //!
 //! Counting follows tiktoken's `encode_ordinary` step by step: the text is
-//! split with the encoding's own pattern, a piece that is a token counts
+//! split into the pieces the encoding's own pattern finds (by
+//! [`Pretokenizer`], without tiktoken's backtracking engine), a piece that is a token counts
 //! one, and any other piece is merged pair by pair, lowest rank first, until
 //! no pair is a token. The counts are the same (see the tests).
 
@@ -17,9 +18,11 @@ use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::hash::BuildHasher;
 
-use fancy_regex::Regex;
 use hashbrown::HashTable;
+use regex_automata::meta::BuildError;
 use rustc_hash::FxBuildHasher;
+
+use super::pretokenizer::{self, Pattern, Pretokenizer};
 
 type Rank = u32;
 
@@ -29,7 +32,7 @@ pub struct Table {
     bytes: &'static [u8],
     /// Little-endian u32 offsets into `bytes`, one per rank and one more.
     starts: &'static [u8],
-    pattern: &'static str,
+    pattern: &'static Pattern,
 }
 
 macro_rules! table {
@@ -43,16 +46,11 @@ macro_rules! table {
 }
 
 /// o200k_base, and o200k_harmony, which differs only in special tokens.
-pub const O200K_BASE: Table = table!("o200k_base", tiktoken_rs::O200K_BASE_PAT_STR);
-pub const CL100K_BASE: Table = table!(
-    "cl100k_base",
-    r"'(?i:[sdmt]|ll|ve|re)|[^\r\n\p{L}\p{N}]?+\p{L}++|\p{N}{1,3}+| ?[^\s\p{L}\p{N}]++[\r\n]*+|\s++$|\s*[\r\n]|\s+(?!\S)|\s"
-);
+pub const O200K_BASE: Table = table!("o200k_base", &pretokenizer::O200K);
+pub const CL100K_BASE: Table = table!("cl100k_base", &pretokenizer::CL100K);
 /// The pre-tokenizer of p50k_base and r50k_base is GPT-2's.
-const GPT2_PATTERN: &str =
-    r"'(?:[sdmt]|ll|ve|re)| ?\p{L}++| ?\p{N}++| ?[^\s\p{L}\p{N}]++|\s++$|\s+(?!\S)|\s";
-pub const P50K_BASE: Table = table!("p50k_base", GPT2_PATTERN);
-pub const R50K_BASE: Table = table!("r50k_base", GPT2_PATTERN);
+pub const P50K_BASE: Table = table!("p50k_base", &pretokenizer::GPT2);
+pub const R50K_BASE: Table = table!("r50k_base", &pretokenizer::GPT2);
 
 pub struct Vocabulary {
     bytes: &'static [u8],
@@ -62,12 +60,12 @@ pub struct Vocabulary {
     starts: Box<[u32]>,
     /// The ranks, found by the hash of their bytes.
     index: HashTable<Rank>,
-    pattern: Regex,
+    pretokenizer: Pretokenizer,
 }
 
 impl Vocabulary {
     /// Indexes `table`; this takes a few milliseconds.
-    pub fn new(table: &Table) -> Result<Self, Box<fancy_regex::Error>> {
+    pub fn new(table: &Table) -> Result<Self, Box<BuildError>> {
         let starts: Box<[u32]> = table
             .starts
             .chunks_exact(4)
@@ -77,7 +75,7 @@ impl Vocabulary {
             bytes: table.bytes,
             starts,
             index: HashTable::new(),
-            pattern: Regex::new(table.pattern).map_err(Box::new)?,
+            pretokenizer: Pretokenizer::new(table.pattern)?,
         };
         let ranks = vocabulary.starts.len().saturating_sub(1);
         let mut index = HashTable::with_capacity(ranks);
@@ -104,12 +102,9 @@ impl Vocabulary {
 
     /// The number of tokens in `text`, as `CoreBPE::encode_ordinary` counts.
     pub fn count(&self, text: &str) -> usize {
-        self.pattern
-            .find_iter(text)
-            // A match fails only when the backtracking limit is hit, on
-            // pathological input; its text is then not counted exactly.
-            .filter_map(Result::ok)
-            .map(|piece| self.count_piece(piece.as_str().as_bytes()))
+        self.pretokenizer
+            .pieces(text)
+            .map(|piece| self.count_piece(piece.as_bytes()))
             .sum()
     }
 
