@@ -2,12 +2,6 @@
 
 use clap::Parser;
 
-/// Requests allocate and free many small objects on every worker thread;
-/// mimalloc's per-thread free lists cost a fraction of the system
-/// allocator's arenas (see bench/proxy.sh).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 #[tokio::main]
 async fn main() -> std::process::ExitCode {
     quotawatch::telemetry::install_crypto_provider();
