@@ -58,16 +58,18 @@ impl Store {
     /// Admits `tokens` into `workspace` with reservation `id`, recorded
     /// for any instance to settle.
     async fn admit(&self, workspace: &WorkspaceId, id: u64, tokens: u64, ttl: Duration) -> Reply {
-        self.admit_as(workspace, id, tokens, ttl, true).await
+        self.admit_model(workspace, id, tokens, ttl, true, "gpt-4o-mini")
+            .await
     }
 
-    async fn admit_as(
+    async fn admit_model(
         &self,
         workspace: &WorkspaceId,
         id: u64,
         tokens: u64,
         ttl: Duration,
         record: bool,
+        model: &str,
     ) -> Reply {
         let limits = Limits::default();
         let args = AdmitArgs {
@@ -76,7 +78,7 @@ impl Store {
             reservation: id,
             reservation_ttl: ttl,
             probe_interval: Duration::from_secs(60),
-            model: Some("gpt-4o-mini"),
+            model: Some(model),
             scopes: &[],
             record,
         };
@@ -87,6 +89,14 @@ impl Store {
             .expect("admit");
         assert!(admitted.is_some(), "admitted");
         reply
+    }
+
+    /// The workspace's counters as they are, changing nothing.
+    async fn peek(&self) -> Reply {
+        self.counters
+            .peek(&self.workspace, chrono_tz::UTC, Self::now(), &[])
+            .await
+            .expect("peek")
     }
 
     async fn block(&self, billing: BillingChange) -> Option<BillingBlock> {
@@ -318,32 +328,22 @@ async fn a_recorded_reservation_keeps_a_model_named_with_spaces() {
     };
     // The script takes a recorded reservation as one argument whose last
     // part is the model: a name with spaces is read whole.
-    let limits = Limits::default();
-    let args = AdmitArgs {
-        limits: &limits,
-        estimate: Usage::call(30),
-        reservation: 7,
-        reservation_ttl: Duration::from_millis(1),
-        probe_interval: Duration::from_secs(60),
-        model: Some("a model  named with spaces "),
-        scopes: &[],
-        record: true,
-    };
-    let (admitted, _) = store
-        .counters
-        .admit(&store.workspace, chrono_tz::UTC, Store::now(), args)
-        .await
-        .expect("admit");
-    assert!(admitted.is_some());
+    let named = "a model  named with spaces ";
+    store
+        .admit_model(
+            &store.workspace,
+            7,
+            30,
+            Duration::from_millis(1),
+            true,
+            named,
+        )
+        .await;
     let expired = eventually(
         "the reservation to expire",
         Duration::from_secs(5),
         || async {
-            let reply = store
-                .counters
-                .peek(&store.workspace, chrono_tz::UTC, Store::now(), &[])
-                .await
-                .expect("peek");
+            let reply = store.peek().await;
             (!reply.expired.is_empty()).then_some(reply.expired)
         },
     )
@@ -351,10 +351,7 @@ async fn a_recorded_reservation_keeps_a_model_named_with_spaces() {
     assert_eq!(expired.len(), 1, "{expired:?}");
     let finished = &expired[0].expired;
     assert_eq!(finished.usage.tokens, 30);
-    assert_eq!(
-        finished.model.as_deref(),
-        Some("a model  named with spaces ")
-    );
+    assert_eq!(finished.model.as_deref(), Some(named));
     store.finish().await;
 }
 
@@ -429,14 +426,7 @@ async fn each_second_keeps_its_own_count_in_the_minute() {
     eventually(
         "Redis's clock to reach the next second",
         Duration::from_secs(3),
-        || async {
-            let reply = store
-                .counters
-                .peek(&store.workspace, chrono_tz::UTC, Store::now(), &[])
-                .await
-                .expect("peek");
-            (second(&reply) > second(&first)).then_some(())
-        },
+        || async { (second(&store.peek().await) > second(&first)).then_some(()) },
     )
     .await;
     let next = store
@@ -499,7 +489,14 @@ async fn a_held_reservation_is_never_recorded_and_settles_by_what_it_charged() {
     };
     let held = async |id| {
         let reply = store
-            .admit_as(&store.workspace, id, 100, Duration::from_secs(600), false)
+            .admit_model(
+                &store.workspace,
+                id,
+                100,
+                Duration::from_secs(600),
+                false,
+                "gpt-4o-mini",
+            )
             .await;
         Held {
             charged_us: reply.at_us,
