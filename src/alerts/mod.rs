@@ -14,7 +14,7 @@
 //! this) nor another channel. Every attempt is recorded with what follows
 //! it (`domain::alert::decide`). A pass runs when there may be work: this
 //! instance's flush wrote notifications, a channel's task ended, a waiting
-//! delivery is due; otherwise every [`IDLE_POLLS`] poll intervals, for
+//! delivery is due; otherwise after [`idle_wait`], for
 //! events other instances wrote.
 //!
 //! Failure mode: a dispatcher that dies with claims lets them lapse at the
@@ -73,6 +73,17 @@ const DRAIN: Duration = Duration::from_secs(5);
 /// when nothing is due (10 s at the default interval of 1 s): events that
 /// another instance wrote, and did not send itself, wait at most that long.
 const IDLE_POLLS: u32 = 10;
+
+/// The longest the dispatcher waits between two passes when nothing is due
+/// (`IDLE_POLLS` poll intervals) is at most this, unless the poll interval
+/// itself is longer: a long poll interval, set to pace the database, does
+/// not leave other instances' events waiting ten times as long.
+const IDLE_WAIT_AT_MOST: Duration = Duration::from_secs(10);
+
+/// How long the dispatcher waits at most between two passes.
+fn idle_wait(poll: Duration) -> Duration {
+    (poll * IDLE_POLLS).min(IDLE_WAIT_AT_MOST.max(poll))
+}
 
 /// A channel declared in the configuration file (global, or one
 /// workspace's), its variables read.
@@ -216,7 +227,7 @@ pub struct AlertSettings {
     pub attempt_timeout: Duration,
     pub retry: RetryPolicy,
     /// The shortest time between two of the dispatcher's passes; the
-    /// longest is [`IDLE_POLLS`] of them.
+    /// longest is [`idle_wait`] of it.
     pub poll_interval: Duration,
 }
 
@@ -626,7 +637,7 @@ impl Dispatcher {
     /// Passes at start-up, when this instance's flush wrote notifications,
     /// when a channel's task ends (it may have more to send), and when the
     /// first waiting delivery is due, no sooner than a poll interval after
-    /// the last pass; and at the latest [`IDLE_POLLS`] poll intervals after
+    /// the last pass; and at the latest [`idle_wait`] after
     /// it, which bounds how long events another instance wrote wait when
     /// its own dispatcher does not send them.
     async fn run(mut self, mut commands: mpsc::Receiver<Command>) {
@@ -654,8 +665,8 @@ impl Dispatcher {
             let wait = match self.pass().await {
                 Ok(due) => {
                     let now = self.alerts.engine.now();
-                    due.map_or(poll * IDLE_POLLS, |due| now.until(due))
-                        .clamp(poll, poll * IDLE_POLLS)
+                    due.map_or(idle_wait(poll), |due| now.until(due))
+                        .clamp(poll, idle_wait(poll))
                 }
                 Err(error) => {
                     tracing::warn!(%error, "alert dispatch failed; will retry");
@@ -788,5 +799,19 @@ impl Dispatcher {
                 self.busy.remove(&error.id());
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_idle_dispatcher_waits_ten_polls_up_to_ten_seconds_or_one_longer_poll() {
+        let seconds = Duration::from_secs;
+        assert_eq!(idle_wait(Duration::from_millis(100)), seconds(1));
+        assert_eq!(idle_wait(seconds(1)), seconds(10));
+        assert_eq!(idle_wait(seconds(5)), seconds(10));
+        assert_eq!(idle_wait(seconds(60)), seconds(60));
     }
 }

@@ -108,6 +108,9 @@ struct PeriodRate {
 pub struct Rates([PeriodRate; Period::ALL.len()]);
 
 /// The smoothing horizon of `period`.
+/// The smallest pace kept, in units of its metric over its horizon.
+const NEGLIGIBLE_PER_HORIZON: f64 = 1e-6;
+
 pub const fn horizon(period: Period) -> Duration {
     match period {
         Period::Day => DAY_HORIZON,
@@ -213,12 +216,22 @@ impl PeriodRate {
         } else {
             Usage::default()
         };
-        let weight = 1.0 - (-(elapsed as f64) / horizon.as_millis() as f64).exp();
+        let horizon_ms = horizon.as_millis() as f64;
+        let weight = 1.0 - (-(elapsed as f64) / horizon_ms).exp();
         for metric in Metric::ALL {
             let grown = used.of(metric) as f64 - before.of(metric) as f64;
             let instant = grown / elapsed as f64;
             let rate = &mut self.per_ms[metric.index()];
             *rate = (*rate + weight * (instant - *rate)).max(0.0);
+            // A pace that decays without growth only nears zero (it would
+            // stop among the smallest floats, never at zero); below a
+            // millionth of a unit over the horizon it forecasts nothing in
+            // any period and is zero, so that an idle workspace's rates
+            // become steady and its ticks can be skipped
+            // (`steady_until`).
+            if *rate * horizon_ms < NEGLIGIBLE_PER_HORIZON {
+                *rate = 0.0;
+            }
         }
         self.watched_ms = self.watched_ms.saturating_add(elapsed);
         self.last = Some((now, start, used));
@@ -404,6 +417,26 @@ mod tests {
                 .is_some_and(|at| at > utc("2026-03-11T00:00:00Z"))
         );
         assert!(!feed.alerts(TOKENS_PER_DAY, 1_000_000, false));
+    }
+
+    #[test]
+    fn a_pace_that_ends_decays_to_zero_and_the_rates_become_steady() {
+        let start = utc("2026-03-02T00:00:00Z");
+        let mut feed = Feed::at(start, Tz::UTC);
+        feed.run(60, |_| 1_000_000);
+        assert_eq!(feed.rates.steady_until(), None, "a pace is sampled");
+        // Silence: the day's pace (an hour's horizon) and the month's (six
+        // hours') decay towards zero, and reach it within days.
+        let mut minutes = 0;
+        while feed.rates.steady_until().is_none() {
+            feed.run(1, |_| 0);
+            minutes += 1;
+            assert!(minutes < 14 * 24 * 60, "still not steady after two weeks");
+        }
+        assert!(
+            minutes > 24 * 60,
+            "the month's pace lasts beyond a day: {minutes} minutes"
+        );
     }
 
     #[test]
