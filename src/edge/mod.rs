@@ -27,15 +27,10 @@ pub fn serve(api: Router, proxy: Router, cors_origins: &[String], max_body_bytes
         .layer(tower::util::option_layer(cors_layer(cors_origins)))
 }
 
-/// Headers a page on another origin may read from answers: the headroom,
-/// and what says whether and when to retry.
-const EXPOSED_HEADERS: [&str; 10] = [
-    "x-ratelimit-limit-requests",
-    "x-ratelimit-limit-tokens",
-    "x-ratelimit-remaining-requests",
-    "x-ratelimit-remaining-tokens",
-    "x-ratelimit-reset-requests",
-    "x-ratelimit-reset-tokens",
+/// Headers a page on another origin may read from answers beside the
+/// workspace's `x-ratelimit-*` headroom (`refusal::RATELIMIT_HEADERS`):
+/// what says whether and when to retry.
+const EXPOSED_HEADERS: [&str; 4] = [
     "retry-after",
     "x-should-retry",
     "x-request-id",
@@ -46,7 +41,7 @@ const EXPOSED_HEADERS: [&str; 10] = [
 /// so that browsers keep pages of other origins out as they do by default.
 fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
     use axum::http::{HeaderName, HeaderValue, Method};
-    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer};
+    use tower_http::cors::{AllowHeaders, AllowOrigin, CorsLayer, ExposeHeaders};
     if origins.is_empty() {
         return None;
     }
@@ -67,7 +62,14 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
             // Keys travel in `Authorization`, which a wildcard does not
             // cover: the headers a preflight asks for are allowed by name.
             .allow_headers(AllowHeaders::mirror_request())
-            .expose_headers(EXPOSED_HEADERS.map(HeaderName::from_static))
+            .expose_headers(ExposeHeaders::list(
+                refusal::RATELIMIT_HEADERS
+                    .iter()
+                    .flatten()
+                    .map(|(ours, _)| *ours)
+                    .chain(EXPOSED_HEADERS)
+                    .map(HeaderName::from_static),
+            ))
             .max_age(std::time::Duration::from_secs(600)),
     )
 }
