@@ -215,6 +215,49 @@ mod tests {
         }
     }
 
+    /// What a hostile tenant might send to be charged fewer tokens than
+    /// the upstream will bill: long runs of one class of character, and the
+    /// boundaries the pre-tokenizer decides by hand (contractions, other
+    /// scripts' digits and letters after ASCII, marks, line breaks).
+    #[test]
+    fn hostile_texts_count_as_tiktoken_counts_them() {
+        let texts = [
+            format!("{}x", " ".repeat(2_000)),
+            format!("{}\n", " \t".repeat(1_000)),
+            format!("e{}", "\u{301}".repeat(1_000)),
+            "'s'LL'Ve".repeat(300),
+            "ABCdef'S".repeat(300),
+            "aaaaaaaaaaaa's don't HELLO'LL ".repeat(200),
+            "123\u{663}".repeat(300),
+            "word\u{A0}Wörd\u{3000}字".repeat(300),
+            "\r\n \r\n".repeat(500),
+            "\u{1F468}\u{200D}\u{1F469}\0".repeat(300),
+            "a".repeat(3_000),
+        ];
+        for (core, table, name) in [
+            (
+                tiktoken_rs::o200k_base().expect("o200k"),
+                &O200K_BASE,
+                "o200k_base",
+            ),
+            (
+                tiktoken_rs::cl100k_base().expect("cl100k"),
+                &CL100K_BASE,
+                "cl100k_base",
+            ),
+        ] {
+            let vocabulary = Vocabulary::new(table).expect("vocabulary");
+            for text in &texts {
+                assert_eq!(
+                    vocabulary.count(text),
+                    core.encode_ordinary(text).len(),
+                    "{name}: {:?}…",
+                    &text.chars().take(20).collect::<String>()
+                );
+            }
+        }
+    }
+
     #[test]
     fn counts_match_tiktoken_for_every_encoding() {
         check(
