@@ -110,7 +110,9 @@ impl Pricing {
         let Some(model) = model else {
             return 0;
         };
-        let table = self.book.current();
+        // Read in place: every call is priced twice, and copying the `Arc`
+        // out would write its shared count each time.
+        let table = read(&self.book.table);
         charged(table.price_or(model, self.unpriced).cost(tokens, tier))
     }
 

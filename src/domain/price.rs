@@ -7,7 +7,9 @@
 //! exact product and sums never drift.
 
 use std::borrow::Cow;
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
+
+use rustc_hash::FxBuildHasher;
 
 /// An amount of money in pico-dollars (10^-12 USD).
 pub type PicoUsd = u64;
@@ -136,11 +138,17 @@ impl Price {
     /// ones; the long-prompt rates of either when the prompt is long.
     pub fn rates(&self, tier: Tier, prompt_tokens: u64) -> Rates {
         let long = prompt_tokens > LONG_PROMPT_TOKENS;
-        let tiers = [tier, Tier::Standard];
-        let lengths = if long { vec![true, false] } else { vec![false] };
+        // Most calls are standard-tier calls with ordinary prompts, whose
+        // rates need no search: every call is priced, twice.
+        if self.special.is_empty() || (tier, long) == (Tier::Standard, false) {
+            return self.standard;
+        }
+        // The tier asked for at this length, then the standard tier at this
+        // length, then (for a long prompt) the same at ordinary length.
+        let lengths: &[bool] = if long { &[true, false] } else { &[false] };
         lengths
             .iter()
-            .flat_map(|long| tiers.iter().map(move |tier| (*tier, *long)))
+            .flat_map(|long| [tier, Tier::Standard].map(|tier| (tier, *long)))
             .find_map(|key| match key {
                 (Tier::Standard, false) => Some(self.standard),
                 key => self.special.get(&key).copied(),
@@ -195,18 +203,54 @@ pub enum UnpricedRates {
 }
 
 /// Model prices, as of the day they were taken.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug)]
 pub struct PriceTable {
     /// When the prices were taken (`YYYY-MM-DD`), or where from.
     pub taken: String,
+    /// By name, in order, for listing.
     models: BTreeMap<String, Price>,
+    /// The names of `models`, hashed, for finding a call's model: every
+    /// call is priced, and a search of the ordered map compares the name
+    /// with some eight others. The names are the table's, so a client's
+    /// model name only probes it.
+    index: HashMap<String, usize, FxBuildHasher>,
+    /// `models`' prices in `index`'s numbering.
+    prices: Vec<Price>,
+    /// What a model the table does not know is charged by default
+    /// ([`highest_rates`](Self::highest_rates)), worked out once.
+    highest: Price,
+}
+
+impl PartialEq for PriceTable {
+    fn eq(&self, other: &Self) -> bool {
+        // The rest is derived from these two.
+        self.taken == other.taken && self.models == other.models
+    }
+}
+
+impl Eq for PriceTable {}
+
+impl Default for PriceTable {
+    fn default() -> Self {
+        Self::new(String::new(), BTreeMap::new())
+    }
 }
 
 impl PriceTable {
     pub fn new(taken: impl Into<String>, models: BTreeMap<String, Price>) -> Self {
+        let index = models
+            .keys()
+            .enumerate()
+            .map(|(number, name)| (name.clone(), number))
+            .collect();
+        let prices = models.values().cloned().collect();
+        let highest = Price::new(UNPRICED_MODE, highest_standard_rates(&models));
         Self {
             taken: taken.into(),
             models,
+            index,
+            prices,
+            highest,
         }
     }
 
@@ -222,30 +266,16 @@ impl PriceTable {
     /// rates: what a model the table does not know is charged by default,
     /// so that a budget errs toward refusing rather than overspending.
     pub fn highest_rates(&self) -> Rates {
-        self.models
-            .values()
-            .fold(Rates::default(), |highest, price| {
-                let rates = price.standard;
-                Rates {
-                    input: highest.input.max(rates.input),
-                    cached_input: highest.cached_input.max(rates.cached_input),
-                    output: highest.output.max(rates.output),
-                }
-            })
+        self.highest.standard
     }
 
     /// The price `model` is charged at: its own (see
     /// [`resolve`](Self::resolve)), else the `unpriced` rates.
     pub fn price_or(&self, model: &str, unpriced: UnpricedRates) -> Cow<'_, Price> {
-        match self.resolve(model) {
-            Some((_, price)) => Cow::Borrowed(price),
-            None => {
-                let rates = match unpriced {
-                    UnpricedRates::Highest => self.highest_rates(),
-                    UnpricedRates::Fixed(rates) => rates,
-                };
-                Cow::Owned(Price::new("unpriced", rates))
-            }
+        match (self.resolve(model), unpriced) {
+            (Some((_, price)), _) => Cow::Borrowed(price),
+            (None, UnpricedRates::Highest) => Cow::Borrowed(&self.highest),
+            (None, UnpricedRates::Fixed(rates)) => Cow::Owned(Price::new(UNPRICED_MODE, rates)),
         }
     }
 
@@ -262,9 +292,9 @@ impl PriceTable {
     /// price, then at its base model's price.
     pub fn resolve(&self, model: &str) -> Option<(&str, &Price)> {
         let find = |name: &str| {
-            self.models
+            self.index
                 .get_key_value(name)
-                .map(|(name, price)| (name.as_str(), price))
+                .map(|(name, number)| (name.as_str(), &self.prices[*number]))
         };
         // Every priced call asks, twice: the exact name, the common case,
         // and a dated snapshot cost no allocation.
@@ -280,6 +310,21 @@ impl PriceTable {
             None => find(model).or_else(|| find(undated(model))),
         }
     }
+}
+
+/// The `mode` of the price charged to a model the table does not know.
+const UNPRICED_MODE: &str = "unpriced";
+
+/// The highest rate of each kind of token among `models`' standard rates.
+fn highest_standard_rates(models: &BTreeMap<String, Price>) -> Rates {
+    models.values().fold(Rates::default(), |highest, price| {
+        let rates = price.standard;
+        Rates {
+            input: highest.input.max(rates.input),
+            cached_input: highest.cached_input.max(rates.cached_input),
+            output: highest.output.max(rates.output),
+        }
+    })
 }
 
 /// A model name without the date of its snapshot: `-YYYY-MM-DD` or `-MMDD`
