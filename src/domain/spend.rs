@@ -87,8 +87,13 @@ impl SpendBook {
             if !counter.contains(at) {
                 continue;
             }
-            let kept = book.models.contains_key(model) || book.models.len() < MAX_MODELS_PER_PERIOD;
-            let name = if kept {
+            // A model the period already keeps, the common case, is found
+            // once and its name not copied.
+            if let Some(kept) = book.models.get_mut(model) {
+                *kept += spend;
+                continue;
+            }
+            let name = if book.models.len() < MAX_MODELS_PER_PERIOD {
                 model.clone()
             } else {
                 Model::from(super::model::OTHER_MODELS)
