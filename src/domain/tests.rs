@@ -319,6 +319,42 @@ fn admission_is_atomic_across_all_limits() {
 }
 
 #[test]
+fn the_room_left_names_the_tightest_request_and_token_limits() {
+    use super::limits::USD_PER_DAY;
+    let mut script = Script::new(&[
+        (REQUESTS_PER_MINUTE, 10),
+        (REQUESTS_PER_DAY, 10),
+        (TOKENS_PER_MINUTE, 1000),
+        (TOKENS_PER_DAY, 600),
+        (USD_PER_DAY, 1),
+    ]);
+    script.admitted(100);
+    let (headroom, remaining) = script.state.room();
+    // Two request limits with as much left: the first listed is named.
+    let requests = headroom.requests.expect("request limits");
+    assert_eq!(
+        (requests.kind, requests.max, requests.remaining),
+        (REQUESTS_PER_MINUTE, 10, 9)
+    );
+    let tokens = headroom.tokens.expect("token limits");
+    assert_eq!(
+        (tokens.kind, tokens.max, tokens.remaining),
+        (TOKENS_PER_DAY, 600, 500)
+    );
+    assert_eq!(
+        tokens.resets_at,
+        Some(ts("2026-05-05T00:00:00Z")),
+        "a day's limit resets with the day"
+    );
+    // Every configured limit has its remainder, the budget too, which
+    // the rate-limit headers leave out; an unset one has none.
+    assert_eq!(remaining.get(REQUESTS_PER_DAY), Some(9));
+    assert_eq!(remaining.get(TOKENS_PER_MINUTE), Some(900));
+    assert_eq!(remaining.get(USD_PER_DAY), Some(1));
+    assert_eq!(remaining.get(REQUESTS_PER_MONTH), None);
+}
+
+#[test]
 fn a_request_larger_than_a_whole_limit_is_refused_without_retry() {
     let mut script = Script::new(&[(TOKENS_PER_MINUTE, 1000)]);
     let refusal = script.refused(1001);
@@ -1774,7 +1810,7 @@ mod scoped {
         // Alice's own limit refuses: the workspace and the model rule are
         // not charged.
         script.refusal_as("gpt-4o", "alice");
-        assert_eq!(script.state.remaining().get(REQUESTS_PER_MINUTE), Some(2));
+        assert_eq!(script.state.room().1.get(REQUESTS_PER_MINUTE), Some(2));
         assert_eq!(script.listed_used(0, REQUESTS_PER_MINUTE), 1);
         // The workspace refuses: Bob's counter is not charged.
         script.admit_as("gpt-4o", "bob", 1).result.expect("bob");

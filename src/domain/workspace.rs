@@ -882,9 +882,10 @@ impl WorkspaceState {
             Enforcement::Share(instances) => u64::from(instances.max(1)),
             Enforcement::Whole | Enforcement::CountOnly => 1,
         };
+        // A division per limit and call is worth skipping in the usual case.
         limits
             .configured()
-            .map(move |(kind, max)| (kind, max / share))
+            .map(move |(kind, max)| (kind, if share == 1 { max } else { max / share }))
     }
 
     /// The counter `scope` reads, as of `now`.
@@ -2040,33 +2041,34 @@ impl WorkspaceState {
     }
 
     /// The tightest request limit and the tightest token limit (least
-    /// remaining), for `x-ratelimit-*` headers.
-    pub fn headroom(&self) -> Headroom {
-        let tightest = |metric| {
-            self.limits()
-                .filter(|(kind, _)| kind.metric == metric)
-                .map(|(kind, max)| (kind, max, max.saturating_sub(self.used(kind))))
-                .min_by_key(|&(_, _, remaining)| remaining)
-                .map(|(kind, max, remaining)| LimitHeadroom {
-                    kind,
-                    max,
-                    remaining,
-                    resets_at: self.resets_at(kind),
-                })
-        };
-        Headroom {
-            requests: tightest(Metric::Requests),
-            tokens: tightest(Metric::Tokens),
-        }
-    }
-
-    /// What is left of each configured limit.
-    pub fn remaining(&self) -> PerLimit<Option<u64>> {
+    /// remaining), for `x-ratelimit-*` headers, and what is left of each
+    /// configured limit, in one pass over the limits: every admission
+    /// answers both.
+    pub fn room(&self) -> (Headroom, PerLimit<Option<u64>>) {
         let mut remaining = PerLimit::default();
+        let mut tightest: [Option<(LimitKind, u64, u64)>; 2] = [None; 2];
         for (kind, max) in self.limits() {
-            remaining.set(kind, Some(max.saturating_sub(self.used(kind))));
+            let left = max.saturating_sub(self.used(kind));
+            remaining.set(kind, Some(left));
+            let slot = match kind.metric {
+                Metric::Requests => &mut tightest[0],
+                Metric::Tokens => &mut tightest[1],
+                Metric::Usd => continue,
+            };
+            // The first of equals wins, as `min_by_key` picks it.
+            if slot.is_none_or(|(_, _, least)| left < least) {
+                *slot = Some((kind, max, left));
+            }
         }
-        remaining
+        let [requests, tokens] = tightest.map(|found| {
+            found.map(|(kind, max, remaining)| LimitHeadroom {
+                kind,
+                max,
+                remaining,
+                resets_at: self.resets_at(kind),
+            })
+        });
+        (Headroom { requests, tokens }, remaining)
     }
 
     /// What the status shows of each scoped limit.

@@ -791,9 +791,10 @@ impl Engine {
             Touched::USAGE
         };
         record_expired(&mut cell, admission.expired);
+        let (headroom, remaining) = cell.state.room();
         let decision = Decision {
-            headroom: cell.state.headroom(),
-            remaining: cell.state.remaining(),
+            headroom,
+            remaining,
             result: admission.result,
             refused_scope,
         };
