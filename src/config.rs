@@ -121,6 +121,8 @@ settings! {
         "the key sent upstream, unless a workspace names its own variable");
     UPSTREAM_CONNECT_TIMEOUT: Duration = ("upstream_connect_timeout", "QUOTAWATCH_UPSTREAM_CONNECT_TIMEOUT", Some("10s"), false, parse_positive_duration,
         "time to connect to the upstream");
+    UPSTREAM_CA_FILE: ExtraRoot = ("upstream_ca_file", "QUOTAWATCH_UPSTREAM_CA_FILE", None, false, read_extra_root,
+        "a PEM file of root certificates to trust beside the system's for the upstream (a private gateway)");
     UPSTREAM_HEADERS_TIMEOUT: Duration = ("upstream_headers_timeout", "QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", Some("600s"), false, parse_positive_duration,
         "time until the upstream's response headers");
     UPSTREAM_IDLE_TIMEOUT: Duration = ("upstream_idle_timeout", "QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", Some("300s"), false, parse_positive_duration,
@@ -742,6 +744,7 @@ fn build(
             url: values.read(&UPSTREAM_URL)?,
             api_key: values.read_optional(&UPSTREAM_API_KEY)?,
             connect_timeout: values.read(&UPSTREAM_CONNECT_TIMEOUT)?,
+            extra_root: values.read_optional(&UPSTREAM_CA_FILE)?,
             headers_timeout: values.read(&UPSTREAM_HEADERS_TIMEOUT)?,
             idle_timeout: values.read(&UPSTREAM_IDLE_TIMEOUT)?,
             max_body_bytes: values.read(&PROXY_MAX_BODY_BYTES)?,

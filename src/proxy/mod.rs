@@ -66,6 +66,8 @@ pub struct UpstreamConfig {
     pub url: String,
     pub api_key: Option<crate::keys::Secret>,
     pub connect_timeout: Duration,
+    /// Roots to trust beside the platform's, for a private upstream.
+    pub extra_root: Option<crate::mail::ExtraRoot>,
     pub headers_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_body_bytes: usize,
@@ -91,7 +93,13 @@ impl Proxy {
         crate::telemetry::install_crypto_provider();
         let base = reqwest::Url::parse(&config.url)
             .map_err(|error| ProxyError::UpstreamUrl(error.to_string()))?;
+        let extra_roots = match &config.extra_root {
+            Some(root) => reqwest::Certificate::from_pem_bundle(root.pem())
+                .map_err(|error| ProxyError::ExtraRoot(error.without_url().to_string()))?,
+            None => Vec::new(),
+        };
         let client = reqwest::Client::builder()
+            .tls_certs_merge(extra_roots)
             .connect_timeout(config.connect_timeout)
             .pool_max_idle_per_host(1024)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -149,6 +157,8 @@ impl Proxy {
 pub enum ProxyError {
     #[error("the upstream URL cannot be used: {0}")]
     UpstreamUrl(String),
+    #[error("QUOTAWATCH_UPSTREAM_CA_FILE cannot be used: {0}")]
+    ExtraRoot(String),
     #[error("the HTTP client could not be built: {0}")]
     Client(reqwest::Error),
 }
@@ -586,7 +596,7 @@ async fn forward_admitted(
         Ok(Ok(response)) => response,
         Ok(Err(error)) => {
             let timed_out = error.is_timeout();
-            let reason = error.without_url().to_string();
+            let reason = with_causes(&error.without_url());
             return Ok(upstream_failed(&mut guard, &reason, timed_out, headroom).await);
         }
         Err(_) => {
@@ -717,6 +727,20 @@ async fn read_error_body(response: reqwest::Response, within: Duration) -> Bytes
     tokio::time::timeout(within, collect)
         .await
         .unwrap_or_default()
+}
+
+/// An error with the causes under it: the client's own message says only
+/// that the request failed, and an operator needs the cause (a refused
+/// connection, a certificate not trusted) to mend it.
+fn with_causes(error: &dyn std::error::Error) -> String {
+    let mut text = error.to_string();
+    let mut cause = error.source();
+    while let Some(inner) = cause {
+        text.push_str(": ");
+        text.push_str(&inner.to_string());
+        cause = inner.source();
+    }
+    text
 }
 
 /// The upstream could not be reached or did not answer in time: counted as a

@@ -32,4 +32,5 @@ mod scopes;
 mod sdk;
 mod store;
 mod support;
+mod upstream_tls;
 mod websocket;

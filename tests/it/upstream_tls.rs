@@ -1,0 +1,134 @@
+//! The proxy in front of an HTTPS upstream: one whose certificate a root
+//! named by `QUOTAWATCH_UPSTREAM_CA_FILE` signed answers JSON and streams,
+//! over HTTP/2 or HTTP/1.1 as the handshake settles, with usage counted;
+//! one whose certificate nothing trusts is never sent the request.
+
+use quotawatch::mock::MockOptions;
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+
+use crate::proxy::tokens_settle_at;
+use crate::support::tls::TlsUpstream;
+use crate::support::{TestServer, UPSTREAM_KEY, fixture};
+
+fn chat(stream: bool) -> Value {
+    json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 50, "stream": stream})
+}
+
+/// A mock that demands the upstream key, over TLS offering `alpn`.
+async fn https_upstream(alpn: &[&[u8]]) -> TlsUpstream {
+    TlsUpstream::start(
+        MockOptions {
+            require_key: Some(UPSTREAM_KEY.to_owned()),
+            ..Default::default()
+        },
+        alpn,
+    )
+    .await
+}
+
+/// A server proxying to `upstream` and trusting `root_pem` beside the
+/// system's roots, with workspace `acme`; the directory holds the root's
+/// file for as long as the server runs.
+async fn trusting(
+    upstream: &TlsUpstream,
+    root_pem: &str,
+) -> (TestServer, String, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let root = dir.path().join("upstream-root.pem");
+    std::fs::write(&root, root_pem).expect("write the root");
+    let server = TestServer::start(&[
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.url.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+        ("QUOTAWATCH_UPSTREAM_CA_FILE", root.to_str().expect("utf-8")),
+    ])
+    .await;
+    let key = server
+        .workspace(json!({"id": "acme", "limits": {"tokens_per_day": 1000000}}))
+        .await;
+    (server, key, dir)
+}
+
+#[tokio::test]
+async fn an_https_upstream_signed_by_the_configured_root_answers_json_and_streams_over_http2() {
+    let upstream = https_upstream(&[b"h2", b"http/1.1"]).await;
+    let (server, key, _dir) = trusting(&upstream, &upstream.root_pem).await;
+
+    let response = server.openai("/chat/completions", &key, chat(false)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.expect("body"),
+        fixture("chat_completion.json")
+    );
+    tokens_settle_at(&server, &key, 29).await;
+
+    let response = server.openai("/chat/completions", &key, chat(true)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.expect("body"),
+        fixture("chat_completion_stream.sse")
+    );
+    tokens_settle_at(&server, &key, 29 + 15).await;
+
+    // Both calls went over connections that settled on HTTP/2, as the
+    // server preferred: the proxy offers it.
+    let protocols = upstream.protocols();
+    assert!(!protocols.is_empty());
+    assert!(
+        protocols
+            .iter()
+            .all(|protocol| protocol.as_deref() == Some(b"h2".as_slice())),
+        "{protocols:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_speaking_only_http1_is_reached_over_http1() {
+    let upstream = https_upstream(&[b"http/1.1"]).await;
+    let (server, key, _dir) = trusting(&upstream, &upstream.root_pem).await;
+
+    let response = server.openai("/chat/completions", &key, chat(true)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.expect("body"),
+        fixture("chat_completion_stream.sse")
+    );
+    tokens_settle_at(&server, &key, 15).await;
+    let protocols = upstream.protocols();
+    assert!(!protocols.is_empty());
+    assert!(
+        protocols
+            .iter()
+            .all(|protocol| protocol.as_deref() == Some(b"http/1.1".as_slice())),
+        "{protocols:?}"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_whose_certificate_is_not_trusted_gets_a_502_naming_the_certificate() {
+    // The server trusts another private root than the one that signed the
+    // upstream's certificate.
+    let upstream = https_upstream(&[b"h2", b"http/1.1"]).await;
+    let other = https_upstream(&[b"h2", b"http/1.1"]).await;
+    let (server, key, _dir) = trusting(&upstream, &other.root_pem).await;
+
+    let response = server.openai("/chat/completions", &key, chat(false)).await;
+    assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["type"], "server_error");
+    assert_eq!(body["error"]["code"], "upstream_unreachable");
+    let message = body["error"]["message"].as_str().expect("a message");
+    assert!(
+        message.starts_with("the upstream could not be reached: ")
+            && message.contains("certificate"),
+        "{message}"
+    );
+    assert!(
+        upstream.protocols().is_empty(),
+        "no handshake with the untrusted upstream succeeded"
+    );
+    assert_eq!(server.status(&key).await["errors"]["server_error"], 1);
+    server.stop().await;
+}
