@@ -25,6 +25,7 @@ pub mod path;
 mod pretokenizer;
 pub mod request;
 pub mod scan;
+mod upstream;
 pub mod vocabulary;
 
 use std::sync::Arc;
@@ -76,11 +77,7 @@ pub struct UpstreamConfig {
 }
 
 pub struct Proxy {
-    client: reqwest::Client,
-    /// The upstream's base URL, parsed once: each call's URL is a copy with
-    /// its own path and query, so that the scheme and host are not parsed
-    /// again for every call.
-    base: reqwest::Url,
+    upstream: upstream::Upstream,
     keys: Arc<UpstreamKeys>,
     headers_timeout: Duration,
     idle_timeout: Duration,
@@ -90,27 +87,8 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: &UpstreamConfig, env: crate::keys::EnvLookup) -> Result<Self, ProxyError> {
-        crate::telemetry::install_crypto_provider();
-        let base = reqwest::Url::parse(&config.url)
-            .map_err(|error| ProxyError::UpstreamUrl(error.to_string()))?;
-        let extra_roots = match &config.extra_root {
-            Some(root) => reqwest::Certificate::from_pem_bundle(root.pem())
-                .map_err(|error| ProxyError::ExtraRoot(error.without_url().to_string()))?,
-            None => Vec::new(),
-        };
-        let client = reqwest::Client::builder()
-            .tls_certs_merge(extra_roots)
-            .connect_timeout(config.connect_timeout)
-            .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            // Redirects would leak the upstream key to wherever they point.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(ProxyError::Client)?;
         Ok(Self {
-            client,
-            base,
+            upstream: upstream::Upstream::new(config)?,
             keys: Arc::new(UpstreamKeys {
                 default_key: config.api_key.as_ref().map(|key| key.expose().to_owned()),
                 env,
@@ -160,7 +138,7 @@ pub enum ProxyError {
     #[error("QUOTAWATCH_UPSTREAM_CA_FILE cannot be used: {0}")]
     ExtraRoot(String),
     #[error("the HTTP client could not be built: {0}")]
-    Client(reqwest::Error),
+    Client(String),
 }
 
 /// Where the upstream keys are: the server's own, and the environment that
@@ -534,11 +512,18 @@ async fn forward_admitted(
     });
 
     let under_v1 = path.strip_prefix("/v1").unwrap_or(&path);
-    let mut url = proxy.base.clone();
-    // A base without a path parses as "/", which would double the slash.
-    url.set_path(&[proxy.base.path().trim_end_matches('/'), under_v1].concat());
-    url.set_query(parts.uri.query());
+    let uri = proxy
+        .upstream
+        .uri(under_v1, parts.uri.query())
+        .map_err(|error| {
+            ApiError::internal(format!("the upstream URI cannot be built: {error}"))
+        })?;
     let mut headers = headers::to_upstream(&parts.headers);
+    // What HTTP clients send when the caller says nothing about it, as the
+    // upstream has always received it through quotawatch.
+    headers
+        .entry(header::ACCEPT)
+        .or_insert(HeaderValue::from_static("*/*"));
     if endpoint.is_priced() {
         // The body was read as JSON whatever its declared type: it goes as JSON.
         headers.insert(
@@ -565,22 +550,10 @@ async fn forward_admitted(
             headers.insert(name, id);
         }
     }
-    let length: usize = call.body.iter().map(Bytes::len).sum();
-    let body = match <[Bytes; 1]>::try_from(call.body) {
-        Ok([whole]) => reqwest::Body::from(whole),
-        Err(pieces) => {
-            // Pieces of one buffer go as they are, with their total length
-            // declared, rather than copied into a second buffer.
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-            let pieces = pieces.into_iter().map(Ok::<Bytes, std::io::Error>);
-            reqwest::Body::wrap_stream(futures_util::stream::iter(pieces))
-        }
-    };
-    let upstream_request = proxy
-        .client
-        .request(parts.method, url)
-        .headers(headers)
-        .body(body);
+    let mut upstream_request = axum::http::Request::new(upstream::RequestBody::new(call.body));
+    *upstream_request.method_mut() = parts.method;
+    *upstream_request.uri_mut() = uri;
+    *upstream_request.headers_mut() = headers;
 
     let request_phase = own_time.so_far();
     state.metrics.overhead(Phase::Request, request_phase);
@@ -588,16 +561,16 @@ async fn forward_admitted(
     let answer = own_time
         .excluding(tokio::time::timeout(
             proxy.headers_timeout,
-            upstream_request.send(),
+            proxy.upstream.send(upstream_request),
         ))
         .await;
     state.metrics.upstream_latency(sent.elapsed());
     let response = match answer {
         Ok(Ok(response)) => response,
-        Ok(Err(error)) => {
-            let timed_out = error.is_timeout();
-            let reason = with_causes(&error.without_url());
-            return Ok(upstream_failed(&mut guard, &reason, timed_out, headroom).await);
+        Ok(Err(failure)) => {
+            return Ok(
+                upstream_failed(&mut guard, &failure.reason, failure.timed_out, headroom).await,
+            );
         }
         Err(_) => {
             let reason = "no response headers in time";
@@ -629,7 +602,7 @@ async fn forward_admitted(
             client_headers.remove(header::CONTENT_LENGTH);
         }
         let body = MeteredBody::new(
-            Box::pin(response.bytes_stream()),
+            response.into_body(),
             scanner,
             guard.into_settlement(),
             UpstreamAnswer {
@@ -646,7 +619,7 @@ async fn forward_admitted(
         reply
     } else {
         let error_body = own_time
-            .excluding(read_error_body(response, proxy.idle_timeout))
+            .excluding(read_error_body(response.into_body(), proxy.idle_timeout))
             .await;
         let error = ErrorEnvelope::parse(&error_body).unwrap_or_default();
         let class = guard
@@ -711,13 +684,14 @@ fn upstream_key_rejected(upstream_headers: &HeaderMap) -> Response {
 
 /// Reads an upstream error body, which is small; a body that does not come
 /// in time counts as empty.
-async fn read_error_body(response: reqwest::Response, within: Duration) -> Bytes {
-    use futures_util::StreamExt;
+async fn read_error_body(mut answer: hyper::body::Incoming, within: Duration) -> Bytes {
+    use http_body_util::BodyExt;
     let collect = async {
         let mut body = Vec::new();
-        let mut stream = response.bytes_stream();
-        while let Some(Ok(chunk)) = stream.next().await {
-            body.extend_from_slice(&chunk);
+        while let Some(Ok(frame)) = answer.frame().await {
+            if let Ok(chunk) = frame.into_data() {
+                body.extend_from_slice(&chunk);
+            }
             if body.len() > MAX_ERROR_BODY {
                 break;
             }
@@ -727,20 +701,6 @@ async fn read_error_body(response: reqwest::Response, within: Duration) -> Bytes
     tokio::time::timeout(within, collect)
         .await
         .unwrap_or_default()
-}
-
-/// An error with the causes under it: the client's own message says only
-/// that the request failed, and an operator needs the cause (a refused
-/// connection, a certificate not trusted) to mend it.
-fn with_causes(error: &dyn std::error::Error) -> String {
-    let mut text = error.to_string();
-    let mut cause = error.source();
-    while let Some(inner) = cause {
-        text.push_str(": ");
-        text.push_str(&inner.to_string());
-        cause = inner.source();
-    }
-    text
 }
 
 /// The upstream could not be reached or did not answer in time: counted as a

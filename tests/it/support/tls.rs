@@ -26,6 +26,27 @@ pub fn private_root_and_server_certificate() -> (String, String, String) {
     (root.pem(), server.pem(), server_key.serialize_pem())
 }
 
+/// A TLS server's settings with a certificate for `localhost` of a new
+/// private root, offering `alpn` (such as `h2` and `http/1.1`, in the
+/// server's order of preference); and that root as PEM, which a client must
+/// trust to reach the server.
+pub fn server_config(alpn: &[&[u8]]) -> (rustls::ServerConfig, String) {
+    let (root_pem, chain, key) = private_root_and_server_certificate();
+    let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
+        .collect::<Result<Vec<_>, _>>()
+        .expect("the server's chain");
+    let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("the server's key");
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ServerConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .expect("TLS versions")
+        .with_no_client_auth()
+        .with_single_cert(chain, key)
+        .expect("a certificate and its key");
+    config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+    (config, root_pem)
+}
+
 /// The application protocol (ALPN) each handshake settled on, in order;
 /// `None` where the client offered none the server speaks.
 pub type Protocols = Arc<Mutex<Vec<Option<Vec<u8>>>>>;
@@ -45,22 +66,9 @@ pub struct TlsUpstream {
 }
 
 impl TlsUpstream {
-    /// Serves the mock with `options`, offering `alpn` (such as `h2` and
-    /// `http/1.1`, in the server's order of preference).
+    /// Serves the mock with `options`, offering `alpn` (see [`server_config`]).
     pub async fn start(options: quotawatch::mock::MockOptions, alpn: &[&[u8]]) -> Self {
-        let (root_pem, chain, key) = private_root_and_server_certificate();
-        let chain = CertificateDer::pem_slice_iter(chain.as_bytes())
-            .collect::<Result<Vec<_>, _>>()
-            .expect("the server's chain");
-        let key = PrivateKeyDer::from_pem_slice(key.as_bytes()).expect("the server's key");
-        let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = rustls::ServerConfig::builder_with_provider(provider)
-            .with_safe_default_protocol_versions()
-            .expect("TLS versions")
-            .with_no_client_auth()
-            .with_single_cert(chain, key)
-            .expect("a certificate and its key");
-        config.alpn_protocols = alpn.iter().map(|protocol| protocol.to_vec()).collect();
+        let (config, root_pem) = server_config(alpn);
         let tcp = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = tcp.local_addr().expect("address").port();
         let protocols = Protocols::default();
