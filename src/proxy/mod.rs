@@ -74,6 +74,10 @@ pub struct UpstreamConfig {
     pub max_body_bytes: usize,
     pub default_max_tokens: u64,
     pub tokenizer: estimate::Tokenizer,
+    /// The proxies the environment names (`HTTPS_PROXY` and the others),
+    /// read with the rest of the configuration so that a test can give its
+    /// own without changing its process's environment.
+    pub proxies: Arc<hyper_util::client::proxy::matcher::Matcher>,
 }
 
 pub struct Proxy {
@@ -139,6 +143,8 @@ pub enum ProxyError {
     ExtraRoot(String),
     #[error("the HTTP client could not be built: {0}")]
     Client(String),
+    #[error("the proxy the environment names for the upstream cannot be used: {0}")]
+    Proxy(String),
 }
 
 /// Where the upstream keys are: the server's own, and the environment that

@@ -11,6 +11,13 @@
 //! the handshake, HTTP/1.1 otherwise. Redirects are never followed: they
 //! would take the upstream key wherever they point, so a 3xx reaches the
 //! client as the upstream sent it.
+//!
+//! The proxy the environment names for the upstream (`HTTPS_PROXY`,
+//! `HTTP_PROXY`, `ALL_PROXY`, unless `NO_PROXY` names the upstream's host)
+//! is honoured as reqwest honoured it: an `https` upstream is reached
+//! through a CONNECT tunnel with TLS to the upstream inside it, and an
+//! `http` upstream by sending each call to the proxy in absolute form.
+//! The upstream is one URL, so the choice is made once, at start.
 
 use std::convert::Infallible;
 use std::future::Future;
@@ -19,15 +26,18 @@ use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
+use axum::http::header::PROXY_AUTHORIZATION;
 use axum::http::uri::{Authority, PathAndQuery, Scheme};
-use axum::http::{Request, Response, Uri};
+use axum::http::{HeaderValue, Request, Response, Uri};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
 use hyper_rustls::HttpsConnector;
 use hyper_util::client::legacy::Client;
-use hyper_util::client::legacy::connect::HttpConnector;
-use hyper_util::rt::{TokioExecutor, TokioTimer};
+use hyper_util::client::legacy::connect::proxy::Tunnel;
+use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
+use hyper_util::client::proxy::matcher::Intercept;
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
 use percent_encoding::{AsciiSet, CONTROLS};
 
 use super::{ProxyError, UpstreamConfig};
@@ -48,7 +58,7 @@ const QUERY: &AsciiSet = &CONTROLS
 
 /// The upstream and the connections kept to it.
 pub struct Upstream {
-    client: Client<Timed<HttpsConnector<HttpConnector>>, RequestBody>,
+    route: Route,
     scheme: Scheme,
     authority: Authority,
     /// The base URL's path without its trailing slash, which every call's
@@ -100,6 +110,8 @@ impl Upstream {
             .with_custom_certificate_verifier(Arc::new(verifier))
             .with_no_client_auth();
 
+        let proxy = upstream_proxy(config, &scheme, &authority)?;
+
         let mut http = HttpConnector::new();
         // The scheme is the URI's, with TLS added by the layer above.
         http.enforce_http(false);
@@ -110,23 +122,29 @@ impl Upstream {
         http.set_keepalive(Some(Duration::from_secs(15)));
         http.set_keepalive_interval(Some(Duration::from_secs(15)));
         http.set_keepalive_retries(Some(3));
-        let https = hyper_rustls::HttpsConnectorBuilder::new()
-            .with_tls_config(tls)
-            .https_or_http()
-            .enable_http1()
-            .enable_http2()
-            .wrap_connector(http);
-        let client = Client::builder(TokioExecutor::new())
-            .timer(TokioTimer::new())
-            .pool_timer(TokioTimer::new())
-            .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .build(Timed {
-                inner: https,
-                timeout: config.connect_timeout,
-            });
+        let timeout = config.connect_timeout;
+        let route = match proxy {
+            None => Route::Direct(client(https(tls, http), timeout)),
+            Some(proxy) if scheme == Scheme::HTTPS => {
+                let mut tunnel = Tunnel::new(proxy.uri().clone(), http);
+                if let Some(authorization) = proxy.basic_auth() {
+                    tunnel = tunnel.with_auth(authorization.clone());
+                }
+                Route::Tunnel(client(https(tls, tunnel), timeout))
+            }
+            Some(proxy) => Route::Forward {
+                client: client(
+                    Forward {
+                        http,
+                        proxy: proxy.uri().clone(),
+                    },
+                    timeout,
+                ),
+                authorization: proxy.basic_auth().cloned(),
+            },
+        };
         Ok(Self {
-            client,
+            route,
             scheme,
             authority,
             base_path,
@@ -166,7 +184,22 @@ impl Upstream {
             // only calls over TLS can be refused that way and need one.
             let copy =
                 (self.scheme == Scheme::HTTPS && retries < RETRIES).then(|| copy_of(&request));
-            let error = match self.client.request(request).await {
+            let sending = match &self.route {
+                Route::Direct(client) => client.request(request),
+                Route::Tunnel(client) => client.request(request),
+                Route::Forward {
+                    client,
+                    authorization,
+                } => {
+                    if let Some(authorization) = authorization {
+                        request
+                            .headers_mut()
+                            .insert(PROXY_AUTHORIZATION, authorization.clone());
+                    }
+                    client.request(request)
+                }
+            };
+            let error = match sending.await {
                 Ok(response) => return Ok(response),
                 Err(error) => error,
             };
@@ -183,6 +216,152 @@ impl Upstream {
                 }
             }
         }
+    }
+}
+
+/// How calls reach the upstream. Each way is a client of its own type, so
+/// that without a proxy a call goes through the same client as it did
+/// before proxies were honoured, with nothing added to it.
+enum Route {
+    Direct(Client<Timed<HttpsConnector<HttpConnector>>, RequestBody>),
+    /// An `https` upstream behind a proxy: each connection is a CONNECT
+    /// tunnel through the proxy, with TLS to the upstream inside it, so that
+    /// the proxy sees neither the calls nor the upstream key.
+    Tunnel(Client<Timed<HttpsConnector<Tunnel<HttpConnector>>>, RequestBody>),
+    /// An `http` upstream behind a proxy: each call goes to the proxy in
+    /// absolute form, as reqwest sent it, since proxies commonly allow
+    /// CONNECT only to port 443.
+    Forward {
+        client: Client<Timed<Forward>, RequestBody>,
+        /// The proxy's credentials, which every call carries.
+        authorization: Option<HeaderValue>,
+    },
+}
+
+/// TLS over the connections of `inner` where the scheme is `https`.
+fn https<C>(tls: rustls::ClientConfig, inner: C) -> HttpsConnector<C> {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .enable_http2()
+        .wrap_connector(inner)
+}
+
+fn client<C>(connector: C, timeout: Duration) -> Client<Timed<C>, RequestBody>
+where
+    Timed<C>: hyper_util::client::legacy::connect::Connect + Clone,
+{
+    Client::builder(TokioExecutor::new())
+        .timer(TokioTimer::new())
+        .pool_timer(TokioTimer::new())
+        .pool_max_idle_per_host(1024)
+        .pool_idle_timeout(Duration::from_secs(90))
+        .build(Timed {
+            inner: connector,
+            timeout,
+        })
+}
+
+/// The proxy the environment names for the upstream, if any. Only
+/// `http://` proxies are supported: a proxy reached over TLS or SOCKS
+/// stops the start with a message saying so, rather than every call
+/// failing later.
+fn upstream_proxy(
+    config: &UpstreamConfig,
+    scheme: &Scheme,
+    authority: &Authority,
+) -> Result<Option<Intercept>, ProxyError> {
+    let upstream = Uri::builder()
+        .scheme(scheme.clone())
+        .authority(authority.clone())
+        .path_and_query("/")
+        .build()
+        .map_err(|error| ProxyError::UpstreamUrl(error.to_string()))?;
+    let Some(proxy) = config.proxies.intercept(&upstream) else {
+        return Ok(None);
+    };
+    // The proxy's URI holds no credentials: the matcher keeps them apart.
+    if proxy.uri().scheme() != Some(&Scheme::HTTP) {
+        return Err(ProxyError::Proxy(format!(
+            "{} is not an http:// proxy, the only kind supported",
+            proxy.uri()
+        )));
+    }
+    tracing::info!(proxy = %proxy.uri(), "the upstream is reached through a proxy");
+    Ok(Some(proxy))
+}
+
+/// A connector to the proxy for calls in absolute form: whatever the
+/// destination, it connects to the proxy, and says so to the client,
+/// which then writes each call's whole URI.
+#[derive(Clone)]
+struct Forward {
+    http: HttpConnector,
+    proxy: Uri,
+}
+
+impl tower::Service<Uri> for Forward {
+    type Response = ToProxy;
+    type Error = BoxError;
+    type Future = Pin<Box<dyn Future<Output = Result<ToProxy, BoxError>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.http.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, _: Uri) -> Self::Future {
+        let connecting = self.http.call(self.proxy.clone());
+        Box::pin(async move { Ok(ToProxy(connecting.await?)) })
+    }
+}
+
+/// A connection to a proxy that forwards calls in absolute form.
+struct ToProxy(TokioIo<tokio::net::TcpStream>);
+
+impl Connection for ToProxy {
+    fn connected(&self) -> Connected {
+        self.0.connected().proxy(true)
+    }
+}
+
+impl hyper::rt::Read for ToProxy {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: hyper::rt::ReadBufCursor<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_read(cx, buf)
+    }
+}
+
+impl hyper::rt::Write for ToProxy {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_flush(cx)
+    }
+
+    fn poll_shutdown(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.0).poll_shutdown(cx)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.0.is_write_vectored()
+    }
+
+    fn poll_write_vectored(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        Pin::new(&mut self.0).poll_write_vectored(cx, bufs)
     }
 }
 
@@ -339,9 +518,15 @@ impl Body for RequestBody {
 
 #[cfg(test)]
 mod tests {
+    use hyper_util::client::proxy::matcher::Matcher;
+
     use super::*;
 
     fn upstream(url: &str) -> Upstream {
+        through(url, Matcher::builder().build()).unwrap_or_else(|_| panic!("an upstream"))
+    }
+
+    fn through(url: &str, proxies: Matcher) -> Result<Upstream, ProxyError> {
         Upstream::new(&UpstreamConfig {
             url: url.to_owned(),
             api_key: None,
@@ -352,8 +537,37 @@ mod tests {
             max_body_bytes: 1024,
             default_max_tokens: 16,
             tokenizer: super::super::estimate::Tokenizer::Bytes,
+            proxies: Arc::new(proxies),
         })
-        .expect("an upstream")
+    }
+
+    #[tokio::test]
+    async fn a_proxy_other_than_http_stops_the_start_naming_it_without_its_credentials() {
+        for proxy in [
+            "socks5://user:secret@gateway:1080",
+            "https://user:secret@gateway:3128",
+        ] {
+            let Err(error) = through(
+                "https://api.openai.com/v1",
+                Matcher::builder().all(proxy).build(),
+            ) else {
+                panic!("{proxy} was accepted");
+            };
+            let message = error.to_string();
+            assert!(
+                message.contains("gateway") && !message.contains("secret"),
+                "{message}"
+            );
+        }
+        // A proxy NO_PROXY sets aside is not used, whatever it is.
+        through(
+            "https://api.openai.com/v1",
+            Matcher::builder()
+                .all("socks5://gateway:1080")
+                .no("api.openai.com")
+                .build(),
+        )
+        .unwrap_or_else(|_| panic!("an upstream"));
     }
 
     #[tokio::test]
