@@ -16,7 +16,8 @@
 //! `HTTP_PROXY`, `ALL_PROXY`, unless `NO_PROXY` names the upstream's host)
 //! is honoured as reqwest honoured it: an `https` upstream is reached
 //! through a CONNECT tunnel with TLS to the upstream inside it, and an
-//! `http` upstream by sending each call to the proxy in absolute form.
+//! `http` upstream by sending each call to the proxy in absolute form;
+//! an `https://` proxy is spoken to over TLS, with the upstream's roots.
 //! The upstream is one URL, so the choice is made once, at start.
 
 use std::convert::Infallible;
@@ -32,7 +33,7 @@ use axum::http::{HeaderValue, Request, Response, Uri};
 use bytes::Bytes;
 use http_body::{Body, Frame, SizeHint};
 use hyper::body::Incoming;
-use hyper_rustls::HttpsConnector;
+use hyper_rustls::{HttpsConnector, MaybeHttpsStream};
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::proxy::Tunnel;
 use hyper_util::client::legacy::connect::{Connected, Connection, HttpConnector};
@@ -126,7 +127,7 @@ impl Upstream {
         let route = match proxy {
             None => Route::Direct(client(https(tls, http), timeout)),
             Some(proxy) if scheme == Scheme::HTTPS => {
-                let mut tunnel = Tunnel::new(proxy.uri().clone(), http);
+                let mut tunnel = Tunnel::new(proxy.uri().clone(), to_proxy(tls.clone(), http));
                 if let Some(authorization) = proxy.basic_auth() {
                     tunnel = tunnel.with_auth(authorization.clone());
                 }
@@ -135,7 +136,7 @@ impl Upstream {
             Some(proxy) => Route::Forward {
                 client: client(
                     Forward {
-                        http,
+                        connector: to_proxy(tls, http),
                         proxy: proxy.uri().clone(),
                     },
                     timeout,
@@ -227,7 +228,7 @@ enum Route {
     /// An `https` upstream behind a proxy: each connection is a CONNECT
     /// tunnel through the proxy, with TLS to the upstream inside it, so that
     /// the proxy sees neither the calls nor the upstream key.
-    Tunnel(Client<Timed<HttpsConnector<Tunnel<HttpConnector>>>, RequestBody>),
+    Tunnel(Client<Timed<HttpsConnector<Tunnel<ToProxyConnector>>>, RequestBody>),
     /// An `http` upstream behind a proxy: each call goes to the proxy in
     /// absolute form, as reqwest sent it, since proxies commonly allow
     /// CONNECT only to port 443.
@@ -248,6 +249,18 @@ fn https<C>(tls: rustls::ClientConfig, inner: C) -> HttpsConnector<C> {
         .wrap_connector(inner)
 }
 
+/// The connector to a proxy: TLS where the proxy is `https://`, and
+/// HTTP/1.1 only, which CONNECT and calls in absolute form are written in.
+type ToProxyConnector = HttpsConnector<HttpConnector>;
+
+fn to_proxy(tls: rustls::ClientConfig, http: HttpConnector) -> ToProxyConnector {
+    hyper_rustls::HttpsConnectorBuilder::new()
+        .with_tls_config(tls)
+        .https_or_http()
+        .enable_http1()
+        .wrap_connector(http)
+}
+
 fn client<C>(connector: C, timeout: Duration) -> Client<Timed<C>, RequestBody>
 where
     Timed<C>: hyper_util::client::legacy::connect::Connect + Clone,
@@ -264,9 +277,9 @@ where
 }
 
 /// The proxy the environment names for the upstream, if any. Only
-/// `http://` proxies are supported: a proxy reached over TLS or SOCKS
-/// stops the start with a message saying so, rather than every call
-/// failing later.
+/// `http://` and `https://` proxies are supported, as by reqwest built
+/// without SOCKS: a SOCKS proxy stops the start with a message saying so,
+/// rather than every call failing later.
 fn upstream_proxy(
     config: &UpstreamConfig,
     scheme: &Scheme,
@@ -282,9 +295,9 @@ fn upstream_proxy(
         return Ok(None);
     };
     // The proxy's URI holds no credentials: the matcher keeps them apart.
-    if proxy.uri().scheme() != Some(&Scheme::HTTP) {
+    if !matches!(proxy.uri().scheme_str(), Some("http" | "https")) {
         return Err(ProxyError::Proxy(format!(
-            "{} is not an http:// proxy, the only kind supported",
+            "{} is neither an http:// nor an https:// proxy, the only kinds supported",
             proxy.uri()
         )));
     }
@@ -297,7 +310,7 @@ fn upstream_proxy(
 /// which then writes each call's whole URI.
 #[derive(Clone)]
 struct Forward {
-    http: HttpConnector,
+    connector: ToProxyConnector,
     proxy: Uri,
 }
 
@@ -307,17 +320,17 @@ impl tower::Service<Uri> for Forward {
     type Future = Pin<Box<dyn Future<Output = Result<ToProxy, BoxError>> + Send>>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.http.poll_ready(cx).map_err(Into::into)
+        self.connector.poll_ready(cx)
     }
 
     fn call(&mut self, _: Uri) -> Self::Future {
-        let connecting = self.http.call(self.proxy.clone());
+        let connecting = self.connector.call(self.proxy.clone());
         Box::pin(async move { Ok(ToProxy(connecting.await?)) })
     }
 }
 
 /// A connection to a proxy that forwards calls in absolute form.
-struct ToProxy(TokioIo<tokio::net::TcpStream>);
+struct ToProxy(MaybeHttpsStream<TokioIo<tokio::net::TcpStream>>);
 
 impl Connection for ToProxy {
     fn connected(&self) -> Connected {
@@ -542,10 +555,10 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn a_proxy_other_than_http_stops_the_start_naming_it_without_its_credentials() {
+    async fn a_socks_proxy_stops_the_start_naming_it_without_its_credentials() {
         for proxy in [
             "socks5://user:secret@gateway:1080",
-            "https://user:secret@gateway:3128",
+            "socks5h://user:secret@gateway:1080",
         ] {
             let Err(error) = through(
                 "https://api.openai.com/v1",

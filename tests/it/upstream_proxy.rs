@@ -1,7 +1,7 @@
 //! The upstream behind the proxy the environment names: an HTTPS upstream
-//! is reached through a CONNECT tunnel carrying the proxy's credentials, an
-//! HTTP upstream by calls in absolute form, and `NO_PROXY` naming the
-//! upstream's host bypasses the proxy.
+//! is reached through a CONNECT tunnel carrying the proxy's credentials
+//! (to a proxy over TLS too), an HTTP upstream by calls in absolute form,
+//! and `NO_PROXY` naming the upstream's host bypasses the proxy.
 
 use std::sync::{Arc, Mutex};
 
@@ -9,11 +9,12 @@ use base64::Engine;
 use quotawatch::mock::MockOptions;
 use reqwest::StatusCode;
 use serde_json::{Value, json};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_rustls::TlsAcceptor;
 
 use crate::proxy::tokens_settle_at;
-use crate::support::tls::TlsUpstream;
+use crate::support::tls::{TlsUpstream, server_config};
 use crate::support::{TestServer, UPSTREAM_KEY, Upstream, fixture};
 
 fn chat() -> Value {
@@ -34,12 +35,28 @@ struct Seen {
 /// every connection accepted and the head of the first request on each.
 struct TestProxy {
     port: u16,
+    /// Where the proxy is spoken to over TLS, the root that signed its
+    /// certificate for `localhost`, as PEM.
+    root_pem: Option<String>,
     accepted: Arc<Mutex<usize>>,
     seen: Arc<Mutex<Vec<Seen>>>,
 }
 
 impl TestProxy {
     async fn start(user: &str, password: &str) -> Self {
+        Self::serving(user, password, None).await
+    }
+
+    /// A proxy spoken to over TLS, as an `https://` proxy is.
+    async fn over_tls(user: &str, password: &str) -> Self {
+        let (config, root_pem) = server_config(&[b"http/1.1"]);
+        let mut proxy =
+            Self::serving(user, password, Some(TlsAcceptor::from(Arc::new(config)))).await;
+        proxy.root_pem = Some(root_pem);
+        proxy
+    }
+
+    async fn serving(user: &str, password: &str, tls: Option<TlsAcceptor>) -> Self {
         let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
         let port = listener.local_addr().expect("address").port();
         let demanded = format!(
@@ -52,11 +69,23 @@ impl TestProxy {
         tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 *counted.lock().expect("lock") += 1;
-                tokio::spawn(serve(client, demanded.clone(), Arc::clone(&recorded)));
+                let (demanded, recorded) = (demanded.clone(), Arc::clone(&recorded));
+                match &tls {
+                    None => tokio::spawn(serve(client, demanded, recorded)),
+                    Some(tls) => {
+                        let accepting = tls.accept(client);
+                        tokio::spawn(async move {
+                            if let Ok(client) = accepting.await {
+                                serve(client, demanded, recorded).await;
+                            }
+                        })
+                    }
+                };
             }
         });
         Self {
             port,
+            root_pem: None,
             accepted,
             seen,
         }
@@ -64,7 +93,10 @@ impl TestProxy {
 
     /// The proxy's URL with `user` and `password` in it.
     fn url(&self, user: &str, password: &str) -> String {
-        format!("http://{user}:{password}@127.0.0.1:{}", self.port)
+        match self.root_pem {
+            None => format!("http://{user}:{password}@127.0.0.1:{}", self.port),
+            Some(_) => format!("https://{user}:{password}@localhost:{}", self.port),
+        }
     }
 
     fn accepted(&self) -> usize {
@@ -79,7 +111,10 @@ impl TestProxy {
 /// Serves one connection to the proxy: reads the head of its first
 /// request, records it, and then either refuses it or joins the client to
 /// the host it names.
-async fn serve(mut client: TcpStream, demanded: String, seen: Arc<Mutex<Vec<Seen>>>) {
+async fn serve<S>(mut client: S, demanded: String, seen: Arc<Mutex<Vec<Seen>>>)
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
     let mut head = Vec::new();
     let mut byte = [0u8; 1];
     while !head.ends_with(b"\r\n\r\n") {
@@ -199,6 +234,36 @@ async fn an_https_upstream_is_reached_through_one_connect_tunnel_carrying_the_pr
         }]
     );
     assert_eq!(proxy.accepted(), 1);
+    assert_eq!(upstream.protocols(), [Some(b"h2".to_vec())]);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_https_proxy_is_spoken_to_over_tls_with_the_tunnel_inside() {
+    let upstream = https_upstream().await;
+    let proxy = TestProxy::over_tls("user", "pass").await;
+    // The file of roots to trust holds the upstream's and the proxy's.
+    let roots = format!(
+        "{}{}",
+        upstream.root_pem,
+        proxy.root_pem.as_deref().expect("a root")
+    );
+    let (server, key, _dir) = server(
+        &upstream.url,
+        Some(&roots),
+        &[("HTTPS_PROXY", &proxy.url("user", "pass"))],
+    )
+    .await;
+
+    let response = server.openai("/chat/completions", &key, chat()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.expect("body"),
+        fixture("chat_completion.json")
+    );
+    let seen = proxy.seen();
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert!(seen[0].line.starts_with("CONNECT localhost:"), "{seen:?}");
     assert_eq!(upstream.protocols(), [Some(b"h2".to_vec())]);
     server.stop().await;
 }
