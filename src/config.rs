@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use hyper_util::client::proxy::matcher::Matcher;
 use lettre::message::Mailbox;
 use serde::Deserialize;
 
@@ -121,6 +122,8 @@ settings! {
         "the key sent upstream, unless a workspace names its own variable");
     UPSTREAM_CONNECT_TIMEOUT: Duration = ("upstream_connect_timeout", "QUOTAWATCH_UPSTREAM_CONNECT_TIMEOUT", Some("10s"), false, parse_positive_duration,
         "time to connect to the upstream");
+    UPSTREAM_CA_FILE: ExtraRoot = ("upstream_ca_file", "QUOTAWATCH_UPSTREAM_CA_FILE", None, false, read_extra_root,
+        "a PEM file of root certificates to trust beside the system's for the upstream (a private gateway)");
     UPSTREAM_HEADERS_TIMEOUT: Duration = ("upstream_headers_timeout", "QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", Some("600s"), false, parse_positive_duration,
         "time until the upstream's response headers");
     UPSTREAM_IDLE_TIMEOUT: Duration = ("upstream_idle_timeout", "QUOTAWATCH_UPSTREAM_IDLE_TIMEOUT", Some("300s"), false, parse_positive_duration,
@@ -470,7 +473,7 @@ pub fn load(sources: Sources<'_>) -> Result<Config, ConfigError> {
         values.insert(key, (value, Source::CommandLine));
     }
 
-    let mut config = build(values, declared)?;
+    let mut config = build(values, declared, sources.env)?;
     // Refused here rather than at the first alert, which would give up on
     // every email a channel was meant to send.
     if config.smtp.is_none()
@@ -639,6 +642,7 @@ impl Values {
 fn build(
     values: HashMap<&'static str, (String, Source)>,
     (declared, declared_in): (Vec<FileWorkspace>, Source),
+    env: &dyn Fn(&str) -> Option<String>,
 ) -> Result<Config, ConfigError> {
     let values = Values(values);
     let mut limits = Limits::default();
@@ -742,11 +746,13 @@ fn build(
             url: values.read(&UPSTREAM_URL)?,
             api_key: values.read_optional(&UPSTREAM_API_KEY)?,
             connect_timeout: values.read(&UPSTREAM_CONNECT_TIMEOUT)?,
+            extra_root: values.read_optional(&UPSTREAM_CA_FILE)?,
             headers_timeout: values.read(&UPSTREAM_HEADERS_TIMEOUT)?,
             idle_timeout: values.read(&UPSTREAM_IDLE_TIMEOUT)?,
             max_body_bytes: values.read(&PROXY_MAX_BODY_BYTES)?,
             default_max_tokens: values.read(&DEFAULT_MAX_TOKENS)?,
             tokenizer: values.read(&TOKENIZER)?,
+            proxies: std::sync::Arc::new(proxies(env)),
         },
         metrics_models: values.read(&METRICS_MODELS)?,
         metrics_public: values.read(&METRICS_PUBLIC)?,
@@ -761,6 +767,23 @@ fn build(
         },
         effective,
     })
+}
+
+/// The proxies the environment names, read as reqwest reads them: the
+/// upper-case name before the lower-case one, and none at all in a CGI
+/// script's environment, where `HTTP_PROXY` may come from a request's
+/// `Proxy` header.
+fn proxies(env: &dyn Fn(&str) -> Option<String>) -> Matcher {
+    if env("REQUEST_METHOD").is_some() {
+        return Matcher::builder().build();
+    }
+    let first = |names: [&str; 2]| names.into_iter().find_map(env).unwrap_or_default();
+    Matcher::builder()
+        .all(first(["ALL_PROXY", "all_proxy"]))
+        .http(first(["HTTP_PROXY", "http_proxy"]))
+        .https(first(["HTTPS_PROXY", "https_proxy"]))
+        .no(first(["NO_PROXY", "no_proxy"]))
+        .build()
 }
 
 /// The SMTP settings, all or none: a sender is needed to send, and a
@@ -1227,6 +1250,50 @@ mod tests {
             env: &lookup,
             cli,
         })
+    }
+
+    #[test]
+    fn the_upstream_proxy_is_read_from_the_environment_as_reqwest_reads_it() {
+        let openai: axum::http::Uri = "https://api.openai.com/".parse().expect("a URI");
+        let proxy = |env: &[(&str, &str)]| {
+            accepted(env)
+                .upstream
+                .proxies
+                .intercept(&openai)
+                .map(|proxy| proxy.uri().to_string())
+        };
+        assert_eq!(proxy(&[]), None);
+        assert_eq!(
+            proxy(&[("all_proxy", "http://all:3128")]).as_deref(),
+            Some("http://all:3128/")
+        );
+        // The upper-case name wins, and the scheme's own variable wins
+        // over ALL_PROXY.
+        assert_eq!(
+            proxy(&[
+                ("ALL_PROXY", "http://all:3128"),
+                ("https_proxy", "http://lower:3128"),
+                ("HTTPS_PROXY", "http://upper:3128"),
+            ])
+            .as_deref(),
+            Some("http://upper:3128/")
+        );
+        // HTTP_PROXY is for http upstreams only.
+        assert_eq!(proxy(&[("HTTP_PROXY", "http://plain:3128")]), None);
+        assert_eq!(
+            proxy(&[
+                ("HTTPS_PROXY", "http://upper:3128"),
+                ("no_proxy", ".openai.com")
+            ]),
+            None
+        );
+        assert_eq!(
+            proxy(&[
+                ("HTTPS_PROXY", "http://upper:3128"),
+                ("REQUEST_METHOD", "GET")
+            ]),
+            None
+        );
     }
 
     /// The configuration from `env` alone.

@@ -173,10 +173,18 @@ pub fn parse_sender(text: &str) -> Result<Mailbox, String> {
     })
 }
 
-/// A root certificate to trust beside the platform's, `QUOTAWATCH_SMTP_CA_FILE`:
+/// A root certificate to trust beside the platform's, `QUOTAWATCH_SMTP_CA_FILE`
+/// (and `QUOTAWATCH_UPSTREAM_CA_FILE`, which the proxy reads the same way):
 /// the PEM text of the file, checked when the settings are read.
 #[derive(Clone, PartialEq, Eq)]
 pub struct ExtraRoot(Vec<u8>);
+
+impl ExtraRoot {
+    /// The PEM text of the file.
+    pub fn pem(&self) -> &[u8] {
+        &self.0
+    }
+}
 
 impl std::fmt::Debug for ExtraRoot {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {

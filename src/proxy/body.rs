@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::Stream;
+use http_body::Body as _;
+use hyper::body::Incoming;
 use tokio::time::Sleep;
 
 use super::ProxyState;
@@ -192,7 +194,7 @@ impl Drop for SettleGuard {
 /// A response body on its way from the upstream to the client: scanned for
 /// usage, cut when the upstream stalls, and settled when it ends.
 pub struct MeteredBody {
-    upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+    upstream: Incoming,
     scanner: Scanner,
     settlement: Option<Settlement>,
     answer: UpstreamAnswer,
@@ -208,7 +210,7 @@ pub struct MeteredBody {
 
 impl MeteredBody {
     pub fn new(
-        upstream: Pin<Box<dyn Stream<Item = reqwest::Result<Bytes>> + Send>>,
+        upstream: Incoming,
         scanner: Scanner,
         settlement: Option<Settlement>,
         answer: UpstreamAnswer,
@@ -266,8 +268,12 @@ impl Stream for MeteredBody {
             if this.settlement.is_none() {
                 return Poll::Ready(None);
             }
-            match this.upstream.as_mut().poll_next(cx) {
-                Poll::Ready(Some(Ok(chunk))) => {
+            match Pin::new(&mut this.upstream).poll_frame(cx) {
+                Poll::Ready(Some(Ok(frame))) => {
+                    // Trailers carry no data and nothing the scanner reads.
+                    let Ok(chunk) = frame.into_data() else {
+                        continue;
+                    };
                     this.last_data = tokio::time::Instant::now();
                     match this.scanner.feed(chunk) {
                         Ok(out) if out.is_empty() => {}
@@ -280,7 +286,10 @@ impl Stream for MeteredBody {
                     }
                 }
                 Poll::Ready(Some(Err(error))) => {
-                    this.broken(&error.to_string());
+                    this.broken(&format!(
+                        "error decoding response body: {}",
+                        super::upstream::with_causes(&error)
+                    ));
                     return Poll::Ready(Some(Err(std::io::Error::other(error))));
                 }
                 Poll::Ready(None) => {

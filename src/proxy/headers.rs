@@ -74,8 +74,9 @@ fn end_to_end(headers: &HeaderMap, added: usize, wanted: impl Fn(&str) -> bool) 
 
 /// The client's headers that go upstream (see [`FROM_CLIENT`]).
 pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
-    // The upstream's key, content type and encoding, account and length.
-    end_to_end(client, 6, |name| {
+    // The upstream's key, content type, encoding and accepted types, the
+    // account, and the host and length the HTTP client adds.
+    end_to_end(client, 8, |name| {
         FROM_CLIENT.contains(&name)
             || FROM_CLIENT_PREFIXES
                 .iter()

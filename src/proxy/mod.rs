@@ -25,6 +25,7 @@ pub mod path;
 mod pretokenizer;
 pub mod request;
 pub mod scan;
+mod upstream;
 pub mod vocabulary;
 
 use std::sync::Arc;
@@ -66,19 +67,21 @@ pub struct UpstreamConfig {
     pub url: String,
     pub api_key: Option<crate::keys::Secret>,
     pub connect_timeout: Duration,
+    /// Roots to trust beside the platform's, for a private upstream.
+    pub extra_root: Option<crate::mail::ExtraRoot>,
     pub headers_timeout: Duration,
     pub idle_timeout: Duration,
     pub max_body_bytes: usize,
     pub default_max_tokens: u64,
     pub tokenizer: estimate::Tokenizer,
+    /// The proxies the environment names (`HTTPS_PROXY` and the others),
+    /// read with the rest of the configuration so that a test can give its
+    /// own without changing its process's environment.
+    pub proxies: Arc<hyper_util::client::proxy::matcher::Matcher>,
 }
 
 pub struct Proxy {
-    client: reqwest::Client,
-    /// The upstream's base URL, parsed once: each call's URL is a copy with
-    /// its own path and query, so that the scheme and host are not parsed
-    /// again for every call.
-    base: reqwest::Url,
+    upstream: upstream::Upstream,
     keys: Arc<UpstreamKeys>,
     headers_timeout: Duration,
     idle_timeout: Duration,
@@ -88,21 +91,8 @@ pub struct Proxy {
 
 impl Proxy {
     pub fn new(config: &UpstreamConfig, env: crate::keys::EnvLookup) -> Result<Self, ProxyError> {
-        crate::telemetry::install_crypto_provider();
-        let base = reqwest::Url::parse(&config.url)
-            .map_err(|error| ProxyError::UpstreamUrl(error.to_string()))?;
-        let client = reqwest::Client::builder()
-            .connect_timeout(config.connect_timeout)
-            .pool_max_idle_per_host(1024)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_nodelay(true)
-            // Redirects would leak the upstream key to wherever they point.
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .map_err(ProxyError::Client)?;
         Ok(Self {
-            client,
-            base,
+            upstream: upstream::Upstream::new(config)?,
             keys: Arc::new(UpstreamKeys {
                 default_key: config.api_key.as_ref().map(|key| key.expose().to_owned()),
                 env,
@@ -149,8 +139,12 @@ impl Proxy {
 pub enum ProxyError {
     #[error("the upstream URL cannot be used: {0}")]
     UpstreamUrl(String),
+    #[error("QUOTAWATCH_UPSTREAM_CA_FILE cannot be used: {0}")]
+    ExtraRoot(String),
     #[error("the HTTP client could not be built: {0}")]
-    Client(reqwest::Error),
+    Client(String),
+    #[error("the proxy the environment names for the upstream cannot be used: {0}")]
+    Proxy(String),
 }
 
 /// Where the upstream keys are: the server's own, and the environment that
@@ -524,11 +518,18 @@ async fn forward_admitted(
     });
 
     let under_v1 = path.strip_prefix("/v1").unwrap_or(&path);
-    let mut url = proxy.base.clone();
-    // A base without a path parses as "/", which would double the slash.
-    url.set_path(&[proxy.base.path().trim_end_matches('/'), under_v1].concat());
-    url.set_query(parts.uri.query());
+    let uri = proxy
+        .upstream
+        .uri(under_v1, parts.uri.query())
+        .map_err(|error| {
+            ApiError::internal(format!("the upstream URI cannot be built: {error}"))
+        })?;
     let mut headers = headers::to_upstream(&parts.headers);
+    // What HTTP clients send when the caller says nothing about it, as the
+    // upstream has always received it through quotawatch.
+    headers
+        .entry(header::ACCEPT)
+        .or_insert(HeaderValue::from_static("*/*"));
     if endpoint.is_priced() {
         // The body was read as JSON whatever its declared type: it goes as JSON.
         headers.insert(
@@ -555,22 +556,10 @@ async fn forward_admitted(
             headers.insert(name, id);
         }
     }
-    let length: usize = call.body.iter().map(Bytes::len).sum();
-    let body = match <[Bytes; 1]>::try_from(call.body) {
-        Ok([whole]) => reqwest::Body::from(whole),
-        Err(pieces) => {
-            // Pieces of one buffer go as they are, with their total length
-            // declared, rather than copied into a second buffer.
-            headers.insert(header::CONTENT_LENGTH, HeaderValue::from(length));
-            let pieces = pieces.into_iter().map(Ok::<Bytes, std::io::Error>);
-            reqwest::Body::wrap_stream(futures_util::stream::iter(pieces))
-        }
-    };
-    let upstream_request = proxy
-        .client
-        .request(parts.method, url)
-        .headers(headers)
-        .body(body);
+    let mut upstream_request = axum::http::Request::new(upstream::RequestBody::new(call.body));
+    *upstream_request.method_mut() = parts.method;
+    *upstream_request.uri_mut() = uri;
+    *upstream_request.headers_mut() = headers;
 
     let request_phase = own_time.so_far();
     state.metrics.overhead(Phase::Request, request_phase);
@@ -578,16 +567,16 @@ async fn forward_admitted(
     let answer = own_time
         .excluding(tokio::time::timeout(
             proxy.headers_timeout,
-            upstream_request.send(),
+            proxy.upstream.send(upstream_request),
         ))
         .await;
     state.metrics.upstream_latency(sent.elapsed());
     let response = match answer {
         Ok(Ok(response)) => response,
-        Ok(Err(error)) => {
-            let timed_out = error.is_timeout();
-            let reason = error.without_url().to_string();
-            return Ok(upstream_failed(&mut guard, &reason, timed_out, headroom).await);
+        Ok(Err(failure)) => {
+            return Ok(
+                upstream_failed(&mut guard, &failure.reason, failure.timed_out, headroom).await,
+            );
         }
         Err(_) => {
             let reason = "no response headers in time";
@@ -619,7 +608,7 @@ async fn forward_admitted(
             client_headers.remove(header::CONTENT_LENGTH);
         }
         let body = MeteredBody::new(
-            Box::pin(response.bytes_stream()),
+            response.into_body(),
             scanner,
             guard.into_settlement(),
             UpstreamAnswer {
@@ -636,7 +625,7 @@ async fn forward_admitted(
         reply
     } else {
         let error_body = own_time
-            .excluding(read_error_body(response, proxy.idle_timeout))
+            .excluding(read_error_body(response.into_body(), proxy.idle_timeout))
             .await;
         let error = ErrorEnvelope::parse(&error_body).unwrap_or_default();
         let class = guard
@@ -701,13 +690,14 @@ fn upstream_key_rejected(upstream_headers: &HeaderMap) -> Response {
 
 /// Reads an upstream error body, which is small; a body that does not come
 /// in time counts as empty.
-async fn read_error_body(response: reqwest::Response, within: Duration) -> Bytes {
-    use futures_util::StreamExt;
+async fn read_error_body(mut answer: hyper::body::Incoming, within: Duration) -> Bytes {
+    use http_body_util::BodyExt;
     let collect = async {
         let mut body = Vec::new();
-        let mut stream = response.bytes_stream();
-        while let Some(Ok(chunk)) = stream.next().await {
-            body.extend_from_slice(&chunk);
+        while let Some(Ok(frame)) = answer.frame().await {
+            if let Ok(chunk) = frame.into_data() {
+                body.extend_from_slice(&chunk);
+            }
             if body.len() > MAX_ERROR_BODY {
                 break;
             }

@@ -24,6 +24,7 @@ use tokio::process::{Child, ChildStdout};
 use crate::alerts_delivery::{
     channel, crossing_workspace, deliveries, delivery_becomes, patch_workspace,
 };
+use crate::support::tls::private_root_and_server_certificate;
 use crate::support::{ADMIN_KEY, TestServer, test_tool};
 
 /// How long the receiver may take to start, and a message to arrive.
@@ -245,22 +246,6 @@ async fn starttls_with_a_private_root_and_a_password() {
         matches!(untrusted, MailError::Permanent(_)),
         "{untrusted:?}"
     );
-}
-
-/// A private root, and the certificate chain and key of a server named
-/// `localhost` that it signed, all as PEM.
-fn private_root_and_server_certificate() -> (String, String, String) {
-    use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, IsCa, KeyPair};
-    let mut root_params = CertificateParams::new(Vec::new()).expect("params");
-    root_params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let root = CertifiedIssuer::self_signed(root_params, KeyPair::generate().expect("key"))
-        .expect("a root");
-    let server_key = KeyPair::generate().expect("key");
-    let server = CertificateParams::new(vec!["localhost".to_owned()])
-        .expect("params")
-        .signed_by(&server_key, &root)
-        .expect("a server certificate");
-    (root.pem(), server.pem(), server_key.serialize_pem())
 }
 
 #[tokio::test]

@@ -32,4 +32,6 @@ mod scopes;
 mod sdk;
 mod store;
 mod support;
+mod upstream_proxy;
+mod upstream_tls;
 mod websocket;

@@ -18,6 +18,7 @@ pub mod binary;
 pub mod browser;
 pub mod postgres;
 pub mod redis;
+pub mod tls;
 
 pub const ADMIN_KEY: &str = "test-admin-key-0123456789abcdef";
 
