@@ -286,9 +286,9 @@ pub async fn start(
     let listener = sending_at_once(listener);
     // axum serves a `Router` by copying its whole route table for every
     // connection (`with_state` per accepted stream), which at 64
-    // connections held over a MiB. Routes are made ready once here and
-    // each connection shares them.
-    let router = router.with_state(()).into_make_service();
+    // connections held over a MiB; `into_make_service` makes the routes
+    // ready once and each connection shares them.
+    let router = router.into_make_service();
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async {

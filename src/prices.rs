@@ -94,7 +94,7 @@ impl Pricing {
 
     /// Whether the prices in force know `model`.
     pub fn knows(&self, model: &str) -> bool {
-        self.book.current().resolve(model).is_some()
+        read(&self.book.table).resolve(model).is_some()
     }
 
     /// What `tokens` of `model` cost at `tier`, as a usd counter charges
@@ -111,7 +111,7 @@ impl Pricing {
             return 0;
         };
         // Read in place: every call is priced twice, and copying the `Arc`
-        // out would write its shared count each time.
+        // out would write its shared count as well as the lock's.
         let table = read(&self.book.table);
         charged(table.price_or(model, self.unpriced).cost(tokens, tier))
     }

@@ -194,8 +194,7 @@ pub struct TokenCounts {
 /// What a model the price table does not know is charged.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub enum UnpricedRates {
-    /// The table's highest rate of each kind of token
-    /// ([`PriceTable::highest_rates`]).
+    /// The table's highest standard rate of each kind of token.
     #[default]
     Highest,
     /// The operator's rates.
@@ -216,8 +215,10 @@ pub struct PriceTable {
     index: HashMap<String, usize, FxBuildHasher>,
     /// `models`' prices in `index`'s numbering.
     prices: Vec<Price>,
-    /// What a model the table does not know is charged by default
-    /// ([`highest_rates`](Self::highest_rates)), worked out once.
+    /// What a model the table does not know is charged by default: the
+    /// highest rate of each kind of token among the table's standard
+    /// rates, so that a budget errs toward refusing rather than
+    /// overspending; worked out once.
     highest: Price,
 }
 
@@ -260,13 +261,6 @@ impl PriceTable {
 
     pub fn is_empty(&self) -> bool {
         self.models.is_empty()
-    }
-
-    /// The highest rate of each kind of token among the table's standard
-    /// rates: what a model the table does not know is charged by default,
-    /// so that a budget errs toward refusing rather than overspending.
-    pub fn highest_rates(&self) -> Rates {
-        self.highest.standard
     }
 
     /// The price `model` is charged at: its own (see

@@ -574,6 +574,7 @@ async fn forward_admitted(
     let response = match answer {
         Ok(Ok(response)) => response,
         Ok(Err(failure)) => {
+            tracing::warn!(detail = %failure.detail, "upstream call failed");
             return Ok(
                 upstream_failed(&mut guard, &failure.reason, failure.timed_out, headroom).await,
             );

@@ -212,7 +212,8 @@ impl Upstream {
                 _ => {
                     return Err(Failure {
                         timed_out: timed_out(&error),
-                        reason: format!("error sending request: {}", with_causes(&error)),
+                        reason: public_reason(&error),
+                        detail: format!("error sending request: {}", with_causes(&error)),
                     });
                 }
             }
@@ -411,7 +412,46 @@ fn refused_unprocessed(error: &(dyn std::error::Error + 'static)) -> bool {
 pub struct Failure {
     /// The connection, or the TLS handshake on it, took too long.
     pub timed_out: bool,
+    /// What the tenant is told: the kind of failure, never an address.
     pub reason: String,
+    /// Every cause, for the operator's log: a TLS error names the hosts a
+    /// certificate is valid for and a connection error the address tried,
+    /// which are the operator's network, not the tenant's business.
+    pub detail: String,
+}
+
+/// The error inside any I/O errors wrapping `error`: a TLS error comes
+/// wrapped in two, and an I/O error's `source` skips the error it wraps.
+fn unwrapped<'a>(
+    mut error: &'a (dyn std::error::Error + 'static),
+) -> &'a (dyn std::error::Error + 'static) {
+    while let Some(inner) = error
+        .downcast_ref::<std::io::Error>()
+        .and_then(std::io::Error::get_ref)
+    {
+        error = inner;
+    }
+    error
+}
+
+/// What a tenant is told of a failed call: reqwest's "error sending
+/// request", with the kind of failure where it is a TLS handshake or a
+/// proxy's tunnel, whose own messages are fixed texts.
+fn public_reason(error: &(dyn std::error::Error + 'static)) -> String {
+    let mut cause = Some(error);
+    while let Some(inner) = cause {
+        if unwrapped(inner).is::<rustls::Error>() {
+            return "error sending request: the TLS handshake failed".to_owned();
+        }
+        // hyper-util does not export its tunnel's error type; its messages
+        // are the fixed texts after this prefix.
+        let text = inner.to_string();
+        if let Some(tunnel) = text.strip_prefix("tunnel error: ") {
+            return format!("error sending request: the proxy's tunnel failed: {tunnel}");
+        }
+        cause = inner.source();
+    }
+    "error sending request".to_owned()
 }
 
 /// Whether anything under `error` is a timeout.

@@ -1251,3 +1251,113 @@ async fn cached_and_reasoning_tokens_reach_history_and_metrics() {
     }
     server.stop().await;
 }
+
+/// An upstream that answers every call with a redirect to `location`.
+async fn redirecting_upstream(location: String) -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let url = format!("http://{}/v1", listener.local_addr().expect("address"));
+    let app = axum::Router::new().fallback(move || {
+        let location = location.clone();
+        async move {
+            (
+                StatusCode::TEMPORARY_REDIRECT,
+                [(reqwest::header::LOCATION, location)],
+                "",
+            )
+        }
+    });
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    url
+}
+
+/// A listener that counts the connections it is offered and says nothing
+/// on them (a TLS server that never answers the handshake, or where a
+/// redirect would lead).
+async fn silent_listener() -> (
+    std::net::SocketAddr,
+    std::sync::Arc<std::sync::atomic::AtomicUsize>,
+) {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
+    let address = listener.local_addr().expect("address");
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    (address, accepted)
+}
+
+#[tokio::test]
+async fn an_upstream_redirect_reaches_the_client_and_is_never_followed() {
+    // Following it would send the upstream key wherever it points.
+    let (elsewhere, offered) = silent_listener().await;
+    let upstream = redirecting_upstream(format!("http://{elsewhere}/v1/chat/completions")).await;
+    let server = TestServer::start(&[
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+    ])
+    .await;
+    let key = server.workspace(roomy_workspace()).await;
+
+    // A client that does not follow redirects either, to see the answer.
+    let client = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .timeout(Duration::from_secs(30))
+        .build()
+        .expect("client");
+    let response = client
+        .post(server.url("/v1/chat/completions"))
+        .bearer_auth(&key)
+        .json(&chat(false))
+        .send()
+        .await
+        .expect("answer");
+    assert_eq!(response.status(), StatusCode::TEMPORARY_REDIRECT);
+    assert_eq!(
+        response.headers()[reqwest::header::LOCATION],
+        format!("http://{elsewhere}/v1/chat/completions").as_str()
+    );
+    assert_eq!(
+        offered.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "nothing went where the redirect points"
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_https_upstream_that_never_answers_the_handshake_times_out_at_the_connect_timeout() {
+    // The TCP connection succeeds; the TLS handshake never completes. The
+    // connect timeout covers the handshake, so the call fails after it
+    // rather than after the (here much longer) headers timeout.
+    let (silent, offered) = silent_listener().await;
+    let upstream = format!("https://{silent}/v1");
+    let server = TestServer::start(&[
+        ("QUOTAWATCH_UPSTREAM_URL", upstream.as_str()),
+        ("OPENAI_API_KEY", UPSTREAM_KEY),
+        ("QUOTAWATCH_UPSTREAM_CONNECT_TIMEOUT", "1s"),
+        ("QUOTAWATCH_UPSTREAM_HEADERS_TIMEOUT", "600s"),
+    ])
+    .await;
+    let key = server.workspace(roomy_workspace()).await;
+
+    let response = tokio::time::timeout(
+        Duration::from_secs(60),
+        server.openai("/chat/completions", &key, chat(false)),
+    )
+    .await
+    .expect("answered well before the headers timeout");
+    assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    let body: Value = response.json().await.expect("JSON");
+    assert_eq!(body["error"]["code"], "upstream_timeout");
+    assert!(offered.load(std::sync::atomic::Ordering::SeqCst) >= 1);
+    server.stop().await;
+}

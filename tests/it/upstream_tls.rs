@@ -108,7 +108,8 @@ async fn an_https_upstream_speaking_only_http1_is_reached_over_http1() {
 }
 
 #[tokio::test]
-async fn an_https_upstream_whose_certificate_is_not_trusted_gets_a_502_naming_the_certificate() {
+async fn an_https_upstream_whose_certificate_is_not_trusted_gets_a_502_saying_the_handshake_failed()
+{
     // The server trusts another private root than the one that signed the
     // upstream's certificate.
     let upstream = https_upstream(&[b"h2", b"http/1.1"]).await;
@@ -121,10 +122,11 @@ async fn an_https_upstream_whose_certificate_is_not_trusted_gets_a_502_naming_th
     assert_eq!(body["error"]["type"], "server_error");
     assert_eq!(body["error"]["code"], "upstream_unreachable");
     let message = body["error"]["message"].as_str().expect("a message");
-    assert!(
-        message.starts_with("the upstream could not be reached: ")
-            && message.contains("certificate"),
-        "{message}"
+    // The kind of failure, but not the names rustls reads off the
+    // certificate: those belong to the operator's network.
+    assert_eq!(
+        message,
+        "the upstream could not be reached: error sending request: the TLS handshake failed"
     );
     assert!(
         upstream.protocols().is_empty(),
