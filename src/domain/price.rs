@@ -208,13 +208,11 @@ pub struct PriceTable {
     pub taken: String,
     /// By name, in order, for listing.
     models: BTreeMap<String, Price>,
-    /// The names of `models`, hashed, for finding a call's model: every
-    /// call is priced, and a search of the ordered map compares the name
-    /// with some eight others. The names are the table's, so a client's
-    /// model name only probes it.
-    index: HashMap<String, usize, FxBuildHasher>,
-    /// `models`' prices in `index`'s numbering.
-    prices: Vec<Price>,
+    /// `models` again, hashed, for finding a call's model: every call is
+    /// priced, and a search of the ordered map compares the name with
+    /// some eight others. The names are the table's, so a client's model
+    /// name only probes it.
+    by_name: HashMap<String, Price, FxBuildHasher>,
     /// What a model the table does not know is charged by default: the
     /// highest rate of each kind of token among the table's standard
     /// rates, so that a budget errs toward refusing rather than
@@ -239,18 +237,15 @@ impl Default for PriceTable {
 
 impl PriceTable {
     pub fn new(taken: impl Into<String>, models: BTreeMap<String, Price>) -> Self {
-        let index = models
-            .keys()
-            .enumerate()
-            .map(|(number, name)| (name.clone(), number))
+        let by_name = models
+            .iter()
+            .map(|(name, price)| (name.clone(), price.clone()))
             .collect();
-        let prices = models.values().cloned().collect();
         let highest = Price::new(UNPRICED_MODE, highest_standard_rates(&models));
         Self {
             taken: taken.into(),
             models,
-            index,
-            prices,
+            by_name,
             highest,
         }
     }
@@ -286,9 +281,9 @@ impl PriceTable {
     /// price, then at its base model's price.
     pub fn resolve(&self, model: &str) -> Option<(&str, &Price)> {
         let find = |name: &str| {
-            self.index
+            self.by_name
                 .get_key_value(name)
-                .map(|(name, number)| (name.as_str(), &self.prices[*number]))
+                .map(|(name, price)| (name.as_str(), price))
         };
         // Every priced call asks, twice: the exact name, the common case,
         // and a dated snapshot cost no allocation.

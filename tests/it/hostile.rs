@@ -160,6 +160,33 @@ async fn paths_that_leave_v1_or_cannot_be_read_never_reach_the_upstream() {
     server.stop().await;
 }
 
+/// Every query a client's request line can carry reaches the upstream as
+/// the URL standard encodes it, on the path it named: no character
+/// makes building the upstream's URI fail (a 500) or ends the path early.
+#[tokio::test]
+async fn any_query_a_request_line_carries_reaches_the_upstream_encoded() {
+    let upstream = Upstream::start(MockOptions::default()).await;
+    let (server, key) = proxied(&upstream, &[], json!({"id": "acme"})).await;
+    let raw = Raw::new(&server);
+    for (sent, forwarded) in [
+        (
+            "a={b}|c^d`e\\f[g]h&i=~!$()*,;:@/?j",
+            "a={b}|c^d`e\\f[g]h&i=~!$()*,;:@/?j",
+        ),
+        ("q='x'&r=%22y%22&s=%ZZ&t=%", "q=%27x%27&r=%22y%22&s=%ZZ&t=%"),
+        ("", ""),
+    ] {
+        let answer = raw
+            .send("GET", &format!("/v1/models?{sent}"), &key, &[], "")
+            .await;
+        assert_eq!(answer.status, StatusCode::OK, "{sent}: {}", answer.body);
+        let last = upstream.last().await;
+        assert_eq!(last["path"], "/v1/models", "{sent}");
+        assert_eq!(last["query"], forwarded, "{sent}");
+    }
+    server.stop().await;
+}
+
 #[tokio::test]
 async fn a_body_is_read_as_json_whatever_its_type_and_refused_when_it_is_not() {
     let upstream = Upstream::start(MockOptions::default()).await;

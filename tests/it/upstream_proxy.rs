@@ -202,6 +202,16 @@ async fn https_upstream() -> TlsUpstream {
     .await
 }
 
+/// A chat completion through `server` answers 200 with the upstream's body.
+async fn answers_the_chat(server: &TestServer, key: &str) {
+    let response = server.openai("/chat/completions", key, chat()).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(
+        response.text().await.expect("body"),
+        fixture("chat_completion.json")
+    );
+}
+
 #[tokio::test]
 async fn an_https_upstream_is_reached_through_one_connect_tunnel_carrying_the_proxy_credentials() {
     let upstream = https_upstream().await;
@@ -216,12 +226,7 @@ async fn an_https_upstream_is_reached_through_one_connect_tunnel_carrying_the_pr
     .await;
 
     for calls in 1..=2 {
-        let response = server.openai("/chat/completions", &key, chat()).await;
-        assert_eq!(response.status(), StatusCode::OK);
-        assert_eq!(
-            response.text().await.expect("body"),
-            fixture("chat_completion.json")
-        );
+        answers_the_chat(&server, &key).await;
         tokens_settle_at(&server, &key, 29 * calls).await;
     }
     // One tunnel carried both calls, with the credentials of the proxy's
@@ -255,12 +260,7 @@ async fn an_https_proxy_is_spoken_to_over_tls_with_the_tunnel_inside() {
     )
     .await;
 
-    let response = server.openai("/chat/completions", &key, chat()).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.expect("body"),
-        fixture("chat_completion.json")
-    );
+    answers_the_chat(&server, &key).await;
     let seen = proxy.seen();
     assert_eq!(seen.len(), 1, "{seen:?}");
     assert!(seen[0].line.starts_with("CONNECT localhost:"), "{seen:?}");
@@ -310,12 +310,7 @@ async fn no_proxy_naming_the_upstream_host_bypasses_the_proxy() {
     )
     .await;
 
-    let response = server.openai("/chat/completions", &key, chat()).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.expect("body"),
-        fixture("chat_completion.json")
-    );
+    answers_the_chat(&server, &key).await;
     assert_eq!(upstream.protocols().len(), 1);
     assert_eq!(proxy.accepted(), 0);
     server.stop().await;
@@ -332,12 +327,7 @@ async fn an_http_upstream_gets_calls_through_the_proxy_in_absolute_form_with_the
     )
     .await;
 
-    let response = server.openai("/chat/completions", &key, chat()).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.expect("body"),
-        fixture("chat_completion.json")
-    );
+    answers_the_chat(&server, &key).await;
     assert_eq!(
         proxy.seen(),
         vec![Seen {

@@ -19,6 +19,19 @@ fn chat(stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 50, "stream": stream})
 }
 
+/// Every connection `upstream` served settled on `protocol` (by ALPN), and
+/// there was at least one.
+fn every_connection_spoke(upstream: &TlsUpstream, protocol: &[u8]) {
+    let protocols = upstream.protocols();
+    assert!(!protocols.is_empty());
+    assert!(
+        protocols
+            .iter()
+            .all(|spoken| spoken.as_deref() == Some(protocol)),
+        "{protocols:?}"
+    );
+}
+
 /// A mock that demands the upstream key, over TLS offering `alpn`.
 async fn https_upstream(alpn: &[&[u8]]) -> TlsUpstream {
     TlsUpstream::start(
@@ -73,14 +86,7 @@ async fn an_https_upstream_signed_by_the_configured_root_answers_json_and_stream
 
     // Both calls went over connections that settled on HTTP/2, as the
     // server preferred: the proxy offers it.
-    let protocols = upstream.protocols();
-    assert!(!protocols.is_empty());
-    assert!(
-        protocols
-            .iter()
-            .all(|protocol| protocol.as_deref() == Some(b"h2".as_slice())),
-        "{protocols:?}"
-    );
+    every_connection_spoke(&upstream, b"h2");
     server.stop().await;
 }
 
@@ -96,14 +102,7 @@ async fn an_https_upstream_speaking_only_http1_is_reached_over_http1() {
         fixture("chat_completion_stream.sse")
     );
     tokens_settle_at(&server, &key, 15).await;
-    let protocols = upstream.protocols();
-    assert!(!protocols.is_empty());
-    assert!(
-        protocols
-            .iter()
-            .all(|protocol| protocol.as_deref() == Some(b"http/1.1".as_slice())),
-        "{protocols:?}"
-    );
+    every_connection_spoke(&upstream, b"http/1.1");
     server.stop().await;
 }
 
