@@ -27,7 +27,7 @@
 
 use std::time::Duration;
 
-use super::limits::{LimitKind, Metric, Window};
+use super::limits::{LimitKind, Metric, PerLimit, Window};
 use super::time::{Period, Timestamp};
 use super::window::{Calendars, Usage};
 
@@ -313,6 +313,48 @@ pub fn alerting(
         out < resets_at.plus(FORECAST_HYSTERESIS)
     } else {
         out < resets_at && out <= now.plus(lead)
+    }
+}
+
+/// Each calendar limit's forecast as of the last tick, with when its period
+/// ends, and the earliest instant at which one of them runs out before its
+/// reset. Every admission asks whether a forecast alert would be raised;
+/// while the workspace is far from its limits that one instant answers it,
+/// so a cold admission reads one field instead of a forecast per limit:
+/// laid out in declaration order (`repr(C)`), that field comes last, next to
+/// the workspace state's fields that admission reads.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+#[repr(C)]
+pub struct Forecasts {
+    by_limit: PerLimit<Option<(Forecast, Timestamp)>>,
+    /// The earliest `runs_out_at` of a forecast that [`alerting`] could
+    /// raise: not used up, and running out before its reset.
+    earliest_run_out: Option<Timestamp>,
+}
+
+impl Forecasts {
+    pub fn new(by_limit: PerLimit<Option<(Forecast, Timestamp)>>) -> Self {
+        let earliest_run_out = by_limit
+            .0
+            .iter()
+            .flatten()
+            .filter(|(forecast, _)| forecast.basis != Basis::UsedUp)
+            .filter_map(|(forecast, resets_at)| forecast.runs_out_at.filter(|out| out < resets_at))
+            .min();
+        Self {
+            by_limit,
+            earliest_run_out,
+        }
+    }
+
+    pub fn get(&self, kind: LimitKind) -> Option<(Forecast, Timestamp)> {
+        self.by_limit.get(kind)
+    }
+
+    /// Whether no forecast would raise an alert at `now` (what [`alerting`]
+    /// answers for an alert not raised yet), whatever the limit.
+    pub fn none_alerting(&self, lead: Duration, now: Timestamp) -> bool {
+        self.earliest_run_out.is_none_or(|out| out > now.plus(lead))
     }
 }
 
@@ -616,5 +658,46 @@ mod tests {
             "the new month's count is growth, not a fall: {before:?} then {after:?}"
         );
         assert!(after.exhausts_at.is_some());
+    }
+
+    proptest::proptest! {
+        /// `Forecasts::none_alerting` answers from one instant what asking
+        /// `alerting` of every limit's forecast (none raised yet) answers.
+        #[test]
+        fn none_alerting_answers_what_each_forecast_would(
+            limits in proptest::collection::vec(
+                proptest::option::of((
+                    proptest::option::of(0i64..600),
+                    0i64..600,
+                    proptest::bool::ANY,
+                )),
+                LimitKind::COUNT,
+            ),
+            lead_minutes in 0u64..300,
+        ) {
+            let now = Timestamp::from_millis(1_000_000_000);
+            let minutes = |n: i64| now.plus(Duration::from_secs(n as u64 * 60));
+            let lead = Duration::from_secs(lead_minutes * 60);
+            let mut by_limit = PerLimit::default();
+            for (kind, limit) in LimitKind::ALL.into_iter().zip(limits) {
+                let forecast = limit.map(|(runs_out, resets, used_up)| {
+                    let runs_out_at = runs_out.map(minutes);
+                    let forecast = Forecast {
+                        exhausts_at: runs_out_at,
+                        rate_per_hour: 1.0,
+                        basis: if used_up { Basis::UsedUp } else { Basis::Smoothed },
+                        runs_out_at,
+                    };
+                    (forecast, minutes(resets))
+                });
+                by_limit.set(kind, forecast);
+            }
+            let each = LimitKind::ALL.into_iter().all(|kind| {
+                by_limit.get(kind).is_none_or(|(forecast, resets_at)| {
+                    !alerting(forecast, resets_at, lead, false, now)
+                })
+            });
+            proptest::prop_assert_eq!(Forecasts::new(by_limit).none_alerting(lead, now), each);
+        }
     }
 }

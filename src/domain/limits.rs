@@ -406,13 +406,15 @@ pub const DEFAULT_WARN_AT: f64 = 0.8;
 pub const WARNING_HYSTERESIS: f64 = 0.05;
 
 /// Everything that defines a workspace, as configured by an operator.
+///
+/// Laid out in declaration order (`repr(C)`), with what every admission
+/// reads last, next to the workspace state's own fields that admission
+/// reads (see [`WorkspaceState`](super::workspace::WorkspaceState)).
 #[derive(Clone, Debug, PartialEq)]
+#[repr(C)]
 pub struct WorkspaceConfig {
     pub id: WorkspaceId,
     pub name: String,
-    pub timezone: Tz,
-    pub limits: Limits,
-    pub warn_at: f64,
     /// The environment variable holding this workspace's own upstream key;
     /// `None` for the server's. Only the proxy reads it.
     pub upstream_key_env: Option<String>,
@@ -421,11 +423,14 @@ pub struct WorkspaceConfig {
     /// for the upstream key's default. Clients cannot choose them.
     pub upstream_organization: Option<String>,
     pub upstream_project: Option<String>,
+    /// The shares of its day and month limits whose crossing is announced.
+    pub alert_thresholds: super::threshold::AlertThresholds,
     /// Limits on part of the workspace's traffic (a model's, each end
     /// user's), on top of its own.
     pub scoped_limits: super::scope::ScopedLimits,
-    /// The shares of its day and month limits whose crossing is announced.
-    pub alert_thresholds: super::threshold::AlertThresholds,
+    pub timezone: Tz,
+    pub warn_at: f64,
+    pub limits: Limits,
 }
 
 impl WorkspaceConfig {

@@ -9,7 +9,7 @@
 
 use std::time::Duration;
 
-use super::forecast::{Forecast, alerting};
+use super::forecast::{Forecast, Forecasts, alerting};
 use super::limits::{LimitKind, Metric, PerLimit, WARNING_HYSTERESIS, Window};
 use super::notification::Notification;
 use super::price::PriceTable;
@@ -248,7 +248,7 @@ pub struct Observation {
     pub usage: PerLimit<Option<(u64, u64)>>,
     /// Per configured calendar limit, its forecast (as of the last tick)
     /// and when its period ends.
-    pub forecasts: PerLimit<Option<(Forecast, Timestamp)>>,
+    pub forecasts: Forecasts,
     /// How long before a calendar limit runs out its forecast alerts.
     pub forecast_lead: Duration,
     pub warn_at: f64,
@@ -328,11 +328,14 @@ pub enum Change {
 }
 
 /// The status of one workspace and its active notifications.
+///
+/// Laid out in declaration order (`repr(C)`), with what every admission
+/// reads (the causes, and whether anything is remembered) last, next to the
+/// workspace state's own fields that admission reads.
 #[derive(Clone, Debug, PartialEq)]
+#[repr(C)]
 pub struct StatusTracker {
-    status: Status,
-    since: Timestamp,
-    causes: CauseSet,
+    active: Vec<Notification>,
     /// Which limits are in warning, kept separately because leaving a warning
     /// takes a lower threshold than entering it.
     approaching: PerLimit<bool>,
@@ -343,7 +346,14 @@ pub struct StatusTracker {
     /// Whether each limit is used up, or held as such for a moment after
     /// (see [`RATE_LIMIT_HOLD`]).
     exhaustion: PerLimit<Exhaustion>,
-    active: Vec<Notification>,
+    since: Timestamp,
+    status: Status,
+    causes: CauseSet,
+    /// None of the three above remembers anything: what
+    /// [`stays_clear`](Self::stays_clear) reads on every admission instead
+    /// of the three, kept by [`settle_memory`](Self::settle_memory) after
+    /// each change to them.
+    quiet: bool,
 }
 
 impl StatusTracker {
@@ -355,6 +365,7 @@ impl StatusTracker {
             approaching: PerLimit::default(),
             forecast: PerLimit::default(),
             exhaustion: PerLimit::default(),
+            quiet: true,
             active: Vec::new(),
         }
     }
@@ -373,15 +384,30 @@ impl StatusTracker {
                 _ => {}
             }
         }
-        Self {
+        let mut tracker = Self {
             status,
             since,
             causes,
             approaching,
             forecast,
             exhaustion: PerLimit::default(),
+            quiet: true,
             active,
-        }
+        };
+        tracker.settle_memory();
+        tracker
+    }
+
+    /// Records whether any limit's warning, forecast or exhaustion is
+    /// remembered, after a change to them.
+    fn settle_memory(&mut self) {
+        self.quiet = self.remembers_nothing();
+    }
+
+    fn remembers_nothing(&self) -> bool {
+        self.approaching == PerLimit::default()
+            && self.forecast == PerLimit::default()
+            && self.exhaustion == PerLimit::default()
     }
 
     pub fn status(&self) -> Status {
@@ -439,6 +465,7 @@ impl StatusTracker {
                 causes.insert(Cause::Approaching(kind));
             }
         }
+        self.settle_memory();
         let flags = [
             (
                 observation.upstream_rate_limited,
@@ -477,8 +504,8 @@ impl StatusTracker {
         next != Exhaustion::Free
     }
 
-    /// Whether observing the configured limits at these `(kind, used,
-    /// max)`, with no upstream cause, would change nothing: no cause is
+    /// Whether observing the configured limits at these `(used, max)`,
+    /// with no upstream cause, would change nothing: no cause is
     /// active, none would appear (no limit near its warning, none forecast
     /// to run out), and no limit's warning, forecast or exhaustion is still
     /// being remembered. It answers what [`observe`](Self::observe) would,
@@ -487,23 +514,21 @@ impl StatusTracker {
     /// limit kind.
     pub fn stays_clear(
         &self,
-        mut usage: impl Iterator<Item = (LimitKind, u64, u64)>,
+        mut usage: impl Iterator<Item = (u64, u64)>,
         warn_at: f64,
-        forecasts: &PerLimit<Option<(Forecast, Timestamp)>>,
+        forecasts: &Forecasts,
         forecast_lead: Duration,
         now: Timestamp,
     ) -> bool {
+        debug_assert_eq!(
+            self.quiet,
+            self.remembers_nothing(),
+            "the tracker's memory changed without settle_memory"
+        );
         self.causes == CauseSet::default()
-            && self.approaching == PerLimit::default()
-            && self.forecast == PerLimit::default()
-            && self.exhaustion == PerLimit::default()
-            && usage.all(|(kind, used, max)| {
-                used < max
-                    && !reaches(used, max, warn_at)
-                    && forecasts.get(kind).is_none_or(|(forecast, resets_at)| {
-                        !alerting(forecast, resets_at, forecast_lead, false, now)
-                    })
-            })
+            && self.quiet
+            && forecasts.none_alerting(forecast_lead, now)
+            && usage.all(|(used, max)| used < max && !reaches(used, max, warn_at))
     }
 
     /// Re-derives the causes from `observation`. Returns the new set when
@@ -618,6 +643,7 @@ impl StatusTracker {
         self.forecast = PerLimit::default();
         // A reset frees the limits at once: no hold against flapping.
         self.exhaustion = PerLimit::default();
+        self.settle_memory();
         // Notifications without a cause end with the reset too.
         let (ended, kept) = std::mem::take(&mut self.active)
             .into_iter()
@@ -658,11 +684,19 @@ mod tests {
         use crate::domain::forecast::Basis;
         use proptest::prelude::*;
 
-        /// One step of a workspace's life: `(used, max)` of each limit kind
-        /// that is set, and when each calendar limit's forecast runs out
-        /// (minutes from now) if it has one.
-        fn step() -> impl Strategy<Value = Vec<Option<(u64, u64, Option<i64>)>>> {
-            let limit = (0u64..120, 1u64..100, prop::option::of(0i64..600));
+        /// One limit in a step: `(used, max)`, when its forecast runs out
+        /// (minutes from now) if it has one (calendar limits only), and
+        /// whether that forecast is of a limit used up.
+        type Limit = (u64, u64, Option<i64>, bool);
+
+        /// One step of a workspace's life: each limit kind, set or not.
+        fn step() -> impl Strategy<Value = Vec<Option<Limit>>> {
+            let limit = (
+                0u64..120,
+                1u64..100,
+                prop::option::of(0i64..600),
+                any::<bool>(),
+            );
             prop::collection::vec(prop::option::of(limit), LimitKind::COUNT)
         }
 
@@ -685,23 +719,23 @@ mod tests {
                         forecast_lead: lead,
                         ..Observation::default()
                     };
+                    let mut forecasts = PerLimit::default();
                     for (kind, limit) in LimitKind::ALL.into_iter().zip(limits) {
-                        let Some((used, max, runs_out)) = limit else { continue };
+                        let Some((used, max, runs_out, used_up)) = limit else { continue };
                         observation.usage.set(kind, Some((used, max)));
                         if kind.window.period().is_some() {
                             let runs_out_at = runs_out.map(|minutes| now.plus(Duration::from_secs(minutes as u64 * 60)));
                             let forecast = Forecast {
                                 exhausts_at: runs_out_at,
                                 rate_per_hour: 1.0,
-                                basis: Basis::Smoothed,
+                                basis: if used_up { Basis::UsedUp } else { Basis::Smoothed },
                                 runs_out_at,
                             };
-                            observation.forecasts.set(kind, Some((forecast, now.plus(Duration::from_secs(3 * 3600)))));
+                            forecasts.set(kind, Some((forecast, now.plus(Duration::from_secs(3 * 3600)))));
                         }
                     }
-                    let configured = LimitKind::ALL.into_iter().filter_map(|kind| {
-                        observation.usage.get(kind).map(|(used, max)| (kind, used, max))
-                    });
+                    observation.forecasts = Forecasts::new(forecasts);
+                    let configured = LimitKind::ALL.into_iter().filter_map(|kind| observation.usage.get(kind));
                     let clear = tracker.stays_clear(
                         configured,
                         warn_at,

@@ -12,7 +12,9 @@ use std::time::Duration;
 use chrono_tz::Tz;
 
 use super::credential::CredentialBlock;
-use super::forecast::{DEFAULT_LEAD_TIME, Forecast, MINUTE_HORIZON, Rates, forecast, rate_of};
+use super::forecast::{
+    DEFAULT_LEAD_TIME, Forecast, Forecasts, MINUTE_HORIZON, Rates, forecast, rate_of,
+};
 use super::limits::{LimitKind, Limits, Metric, PerLimit, Period, WorkspaceConfig};
 use super::notification::{
     Crossing, Notification, describe, describe_threshold, describe_unpriced, shared_id,
@@ -451,34 +453,53 @@ pub struct Recorded {
     pub changes: Vec<Change>,
 }
 
-/// Fields are laid out in declaration order (`repr(C)`), those every
-/// admission touches first, so that an admission reads few cache lines even
-/// when thousands of workspaces compete for the cache.
+/// Fields are laid out in declaration order (`repr(C)`), so that what every
+/// call reads shares as few cache lines as it can: with thousands of
+/// workspaces, a workspace's state is rarely in the CPU's cache, and a call
+/// costs mostly the lines it touches. The configuration, the status tracker
+/// and the forecasts each keep what admission reads at their end, just
+/// before the fields admission and settlement use; the rest follows them.
 #[repr(C)]
 pub struct WorkspaceState {
     config: WorkspaceConfig,
-    calendars: Calendars,
+    tracker: StatusTracker,
+    /// Each calendar limit's forecast as of the last tick, with when its
+    /// period ends: what admissions evaluate the forecast alerts with, so
+    /// that they compute none themselves.
+    forecasts: Forecasts,
     rate_block_until: Option<Timestamp>,
     billing_block: Option<BillingBlock>,
+    enforcement: Enforcement,
     key_rejected: bool,
     /// Whether the last minute's upstream answers are failing too often;
     /// follows `outcomes`, kept here so that admission need not read it.
     upstream_error_rate: bool,
-    enforcement: Enforcement,
-    tracker: StatusTracker,
+    /// A loaded billing block started earlier than the one held: its
+    /// notification takes the id of the earlier start at the next
+    /// evaluation (see [`notification_id`](Self::notification_id)).
+    billing_start_moved: bool,
+    /// The counters kept elsewhere were reset since the last
+    /// reevaluation (see [`note_counts_reset`](Self::note_counts_reset)).
+    counts_reset: bool,
+    calendars: Calendars,
     /// Reservation ids come from a CSPRNG, so the fast hasher is safe.
     reservations: FxHashMap<u64, Reservation>,
     /// Reservation ids in order of expiry (the TTL is the same for all).
     expiry: VecDeque<(Timestamp, u64)>,
+    /// The scope counters each reservation charged, to settle them; only
+    /// reservations that matched a scoped limit have an entry.
+    scope_charges: FxHashMap<u64, Vec<ScopeRef>>,
+    /// Spend by model over the current calendar periods, as history
+    /// records calls (see [`note_spend`](Self::note_spend)).
+    spend: SpendBook,
+    /// The prices in force, which budget notifications price a cheaper
+    /// model at (see [`use_prices`](Self::use_prices)).
+    prices: Arc<PriceTable>,
     minute: MinuteWindow,
     outcomes: OutcomeWindow,
     errors: ErrorHistory,
     upstream_view: UpstreamView,
     last_error: Option<LastError>,
-    /// A loaded billing block started earlier than the one held: its
-    /// notification takes the id of the earlier start at the next
-    /// evaluation (see [`notification_id`](Self::notification_id)).
-    billing_start_moved: bool,
     /// Models called that the price table does not know, each noticed
     /// once (see [`note_unpriced`](Self::note_unpriced)).
     unpriced_models: Vec<Model>,
@@ -487,28 +508,12 @@ pub struct WorkspaceState {
     /// told: shown in the status, never saved, and raising no notification
     /// here, since the credential has the one notification of it.
     credential_block: Option<CredentialBlock>,
-    /// Spend by model over the current calendar periods, as history
-    /// records calls (see [`note_spend`](Self::note_spend)).
-    spend: SpendBook,
-    /// The prices in force, which budget notifications price a cheaper
-    /// model at (see [`use_prices`](Self::use_prices)).
-    prices: Arc<PriceTable>,
     /// The counters of the scoped limits.
     scopes: ScopeBook,
-    /// The scope counters each reservation charged, to settle them; only
-    /// reservations that matched a scoped limit have an entry.
-    scope_charges: FxHashMap<u64, Vec<ScopeRef>>,
     /// The smoothed rates of the calendar counters, sampled at each tick.
     rates: Rates,
-    /// Each calendar limit's forecast as of the last tick, with when its
-    /// period ends: what admissions evaluate the forecast alerts with, so
-    /// that they compute none themselves.
-    forecasts: PerLimit<Option<(Forecast, Timestamp)>>,
     /// The alert thresholds that fired in each limit's current period.
     thresholds_fired: PerLimit<Option<Fired>>,
-    /// The counters kept elsewhere were reset since the last
-    /// reevaluation (see [`note_counts_reset`](Self::note_counts_reset)).
-    counts_reset: bool,
 }
 
 /// The most unpriced models a workspace keeps and notifies about: a tenant
@@ -714,7 +719,7 @@ impl WorkspaceState {
             scopes: ScopeBook::default(),
             scope_charges: FxHashMap::default(),
             rates: Rates::default(),
-            forecasts: PerLimit::default(),
+            forecasts: Forecasts::default(),
             thresholds_fired: PerLimit::default(),
             counts_reset: false,
         }
@@ -991,8 +996,7 @@ impl WorkspaceState {
             && !self.upstream_error_rate
             && !self.key_rejected
             && self.tracker.stays_clear(
-                self.limits()
-                    .map(|(kind, max)| (kind, self.used(kind), max)),
+                self.limits().map(|(kind, max)| (self.used(kind), max)),
                 self.config.warn_at,
                 &self.forecasts,
                 settings.forecast_lead_time,
@@ -1103,7 +1107,7 @@ impl WorkspaceState {
                 forecasts.set(kind, Some((self.forecast_of(kind, max, now), ends)));
             }
         }
-        self.forecasts = forecasts;
+        self.forecasts = Forecasts::new(forecasts);
     }
 
     /// Checks every calendar limit against its alert thresholds: raises a
@@ -1537,7 +1541,7 @@ impl WorkspaceState {
         let mut changes = Vec::new();
         if std::mem::take(&mut self.counts_reset) {
             self.rates.forget();
-            self.forecasts = PerLimit::default();
+            self.forecasts = Forecasts::default();
             changes = self.forget_thresholds(now);
         }
         changes.extend(self.evaluate(now, settings, fresh_id));
@@ -1999,7 +2003,7 @@ impl WorkspaceState {
         self.scope_charges.clear();
         // The pace before a reset says nothing of the pace after it.
         self.rates.forget();
-        self.forecasts = PerLimit::default();
+        self.forecasts = Forecasts::default();
         let charged_here = self
             .reservations
             .values_mut()

@@ -65,7 +65,7 @@ impl Engine {
         agreeing: bool,
     ) -> Published {
         let mut published = Published {
-            workspace: cell.state.config().id.clone(),
+            workspace: None,
             transition: None,
             notifications: Vec::new(),
         };
@@ -98,6 +98,9 @@ impl Engine {
                 reasons.clone_from(&snapshot.reasons);
             }
             cell.outbox.push_back(Event::Status(snapshot));
+        }
+        if published.transition.is_some() || !published.notifications.is_empty() {
+            published.workspace = Some(cell.state.config().id.clone());
         }
         published
     }
@@ -158,14 +161,19 @@ impl Touched {
 /// What an operation changed, to be logged outside the workspace's lock.
 #[must_use]
 pub(super) struct Published {
-    workspace: WorkspaceId,
+    /// Named only when there is something to log: the id is read from a
+    /// part of the state that an admission far from every limit does not
+    /// otherwise touch.
+    workspace: Option<WorkspaceId>,
     transition: Option<(Status, Status, Vec<String>)>,
     notifications: Vec<(NotificationKind, Severity, bool)>,
 }
 
 impl Published {
     pub(super) fn log(self) {
-        let workspace = &self.workspace;
+        let Some(workspace) = &self.workspace else {
+            return;
+        };
         if let Some((from, to, reasons)) = &self.transition {
             tracing::info!(
                 workspace = %workspace,

@@ -20,31 +20,40 @@ use crate::store::RollupDelta;
 use crate::sync::lock;
 
 /// A workspace's state and what goes with it, behind the slot's lock.
+///
+/// Laid out in declaration order (`repr(C)`), like [`Slot`]: what every
+/// call reads comes first, on the cache lines of the lock itself.
+#[repr(C)]
 pub(super) struct Cell {
-    pub(super) state: WorkspaceState,
+    /// The steps the workspace's causes took since the last agreement,
+    /// in order, for the shared store (see [`EpisodeStep`]).
+    pub(super) episodes: Vec<EpisodeStep>,
+    /// What was published, in order, waiting to be sent until the
+    /// notifications it names carry the ids agreed on with the other
+    /// instances (see `redis_counting::agree`); empty otherwise.
+    pub(super) outbox: VecDeque<Event>,
     /// Finished requests not yet flushed, by (minute start, model).
     pub(super) rollups: FxHashMap<(i64, Option<Model>), RollupDelta>,
     /// The model names history keeps for the workspace's days, so that
     /// neither `rollups` nor the database grows with every name a client
     /// makes up.
     pub(super) models: DailyModels,
+    pub(super) state: WorkspaceState,
     /// What is kept beside the state when the counters live in Redis.
     pub(super) mirror: Mirror,
-    /// What was published, in order, waiting to be sent until the
-    /// notifications it names carry the ids agreed on with the other
-    /// instances (see `redis_counting::agree`); empty otherwise.
-    pub(super) outbox: VecDeque<Event>,
-    /// The steps the workspace's causes took since the last agreement,
-    /// in order, for the shared store (see [`EpisodeStep`]).
-    pub(super) episodes: Vec<EpisodeStep>,
     /// Ids drawn here for raised notifications whose agreed ids are not
     /// known yet: nobody sees these notifications before they are.
     pub(super) unagreed: Vec<String>,
 }
 
 /// A workspace as the engine holds it.
+///
+/// Laid out in declaration order (`repr(C)`): the flags every call writes
+/// come first, beside the reference count and the lock, so that a call on a
+/// workspace whose state is not in the CPU's cache touches one cache line
+/// for all three.
+#[repr(C)]
 pub(super) struct Slot {
-    pub(super) cell: Mutex<Cell>,
     /// The state changed since the last flush.
     pub(super) dirty: AtomicBool,
     /// Usage changed since the last usage event.
@@ -52,9 +61,6 @@ pub(super) struct Slot {
     /// Another instance changed the shared counters since they were last
     /// loaded here.
     pub(super) shared_stale: AtomicBool,
-    /// Held while agreeing on notification ids with the other instances,
-    /// so that a workspace's episode steps reach the store in order.
-    pub(super) agreeing: tokio::sync::Mutex<()>,
     /// Episode steps or unagreed ids are waiting (set and cleared under the
     /// cell's lock), so that the request path asks only when they are.
     pub(super) agreement_due: AtomicBool,
@@ -63,6 +69,10 @@ pub(super) struct Slot {
     /// once anything else took the lock. Written only under the lock, so
     /// that the last writer is the last one to have seen the state.
     tick_due_at: AtomicI64,
+    pub(super) cell: Mutex<Cell>,
+    /// Held while agreeing on notification ids with the other instances,
+    /// so that a workspace's episode steps reach the store in order.
+    pub(super) agreeing: tokio::sync::Mutex<()>,
 }
 
 impl Slot {
