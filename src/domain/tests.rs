@@ -417,6 +417,40 @@ fn an_unsettled_reservation_expires_and_keeps_its_estimate() {
     assert_eq!(script.used(TOKENS_PER_DAY), 700);
 }
 
+/// Reservations expire in the order they were admitted, each when its
+/// time-to-live is over and not before, also once restored from a save that
+/// lists them in another order.
+#[test]
+fn reservations_expire_in_order_each_at_its_time_also_once_restored() {
+    let mut script = Script::new(&[(TOKENS_PER_DAY, 100_000)]);
+    let admitted_at = script.now;
+    script.admitted(100);
+    script.after(1000);
+    script.admitted(200);
+    let mut saved = script.state.save(None);
+    saved.reservations.reverse();
+    let config = script.state.config().clone();
+    script.state = WorkspaceState::restore(config, saved, Vec::new(), script.now);
+    let ttl = script.settings.reservation_ttl.as_millis() as i64;
+    let mut expired_at = |millis: i64| {
+        script.now = Timestamp::from_millis(admitted_at.millis() + millis);
+        let mut counter = 100;
+        let (_, expired, _) = script.state.tick(script.now, &script.settings, &mut || {
+            counter += 1;
+            counter
+        });
+        expired
+            .iter()
+            .map(|expired| expired.usage.tokens)
+            .collect::<Vec<_>>()
+    };
+    assert_eq!(expired_at(ttl - 1), Vec::<u64>::new());
+    assert_eq!(expired_at(ttl), vec![100]);
+    assert_eq!(expired_at(ttl + 999), Vec::<u64>::new());
+    assert_eq!(expired_at(ttl + 1000), vec![200]);
+    assert_eq!(expired_at(ttl + 5000), Vec::<u64>::new());
+}
+
 #[test]
 fn warning_has_hysteresis() {
     // warn_at 0.8, clears below 0.75.

@@ -484,8 +484,7 @@ pub struct WorkspaceState {
     calendars: Calendars,
     /// Reservation ids come from a CSPRNG, so the fast hasher is safe.
     reservations: FxHashMap<u64, Reservation>,
-    /// Reservation ids in order of expiry (the TTL is the same for all).
-    expiry: VecDeque<(Timestamp, u64)>,
+    expiry: ExpiryQueue,
     /// The scope counters each reservation charged, to settle them; only
     /// reservations that matched a scoped limit have an entry.
     scope_charges: FxHashMap<u64, Vec<ScopeRef>>,
@@ -514,6 +513,48 @@ pub struct WorkspaceState {
     rates: Rates,
     /// The alert thresholds that fired in each limit's current period.
     thresholds_fired: PerLimit<Option<Fired>>,
+}
+
+/// Reservation ids in order of expiry (the TTL is the same for all), with
+/// when the first one expires kept beside the queue: every call asks
+/// whether a reservation is due, and the queue's buffer lies elsewhere in
+/// memory, a cache line a cold call would otherwise read to hear "no".
+#[derive(Debug, Default)]
+struct ExpiryQueue {
+    first_at: Option<Timestamp>,
+    queue: VecDeque<(Timestamp, u64)>,
+}
+
+impl ExpiryQueue {
+    fn from_unordered(mut entries: Vec<(Timestamp, u64)>) -> Self {
+        entries.sort_unstable();
+        Self {
+            first_at: entries.first().map(|&(at, _)| at),
+            queue: entries.into(),
+        }
+    }
+
+    /// Queues a reservation that expires no earlier than those queued.
+    fn push(&mut self, expires_at: Timestamp, id: u64) {
+        if self.queue.is_empty() {
+            self.first_at = Some(expires_at);
+        }
+        self.queue.push_back((expires_at, id));
+    }
+
+    /// The next reservation due by `now`, taken off the queue.
+    fn pop_due(&mut self, now: Timestamp) -> Option<u64> {
+        if self.first_at.is_none_or(|at| at > now) {
+            return None;
+        }
+        let (_, id) = self.queue.pop_front()?;
+        self.first_at = self.queue.front().map(|&(at, _)| at);
+        Some(id)
+    }
+
+    fn first_at(&self) -> Option<Timestamp> {
+        self.first_at
+    }
 }
 
 /// The most unpriced models a workspace keeps and notifies about: a tenant
@@ -700,7 +741,7 @@ impl WorkspaceState {
             minute: MinuteWindow::new(SECOND_MS),
             calendars,
             reservations: FxHashMap::default(),
-            expiry: VecDeque::new(),
+            expiry: ExpiryQueue::default(),
             rate_block_until: None,
             billing_block: None,
             upstream_view: UpstreamView::default(),
@@ -741,13 +782,16 @@ impl WorkspaceState {
         let mut state = Self::new(config, now);
         state.minute = MinuteWindow::from_entries(SECOND_MS, &saved.minute, now);
         state.restore_calendars(saved.calendars, now);
+        state.expiry = ExpiryQueue::from_unordered(
+            saved
+                .reservations
+                .iter()
+                .map(|reservation| (reservation.expires_at, reservation.id))
+                .collect(),
+        );
         for reservation in saved.reservations {
-            state
-                .expiry
-                .push_back((reservation.expires_at, reservation.id));
             state.reservations.insert(reservation.id, reservation);
         }
-        state.expiry.make_contiguous().sort();
         state.rate_block_until = saved.rate_block_until;
         state.billing_block = saved.billing_block;
         state.upstream_view = saved.upstream_view;
@@ -861,11 +905,7 @@ impl WorkspaceState {
             self.rate_block_until = None;
         }
         let mut expired = Vec::new();
-        while let Some(&(expires_at, id)) = self.expiry.front() {
-            if expires_at > now {
-                break;
-            }
-            self.expiry.pop_front();
+        while let Some(id) = self.expiry.pop_due(now) {
             if let Some(reservation) = self.reservations.remove(&id) {
                 self.scope_charges.remove(&id);
                 expired.push(reservation.expired());
@@ -1327,7 +1367,7 @@ impl WorkspaceState {
     /// Keeps the reservation of an admitted request until it is settled or
     /// expires; `charged_elsewhere_us` as in [`Reservation`].
     fn hold(&mut self, admitted: &Admitted, request: &Request, charged_elsewhere_us: Option<i64>) {
-        self.expiry.push_back((admitted.expires_at, admitted.id));
+        self.expiry.push(admitted.expires_at, admitted.id);
         self.reservations.insert(
             admitted.id,
             Reservation {
@@ -1848,7 +1888,7 @@ impl WorkspaceState {
         first_leaving
             .into_iter()
             .chain([
-                self.expiry.front().map(|&(at, _)| at),
+                self.expiry.first_at(),
                 self.rate_block_until,
                 self.scopes.next_eviction_at(),
             ])
