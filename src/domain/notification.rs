@@ -796,7 +796,7 @@ fn raise_budget(
 /// [`cheaper_model`] for which).
 fn cheaper_model_action(kind: LimitKind, facts: &Facts) -> Option<String> {
     let period = kind.window.period().unwrap_or(Period::Day);
-    let cheaper = cheaper_model(facts.prices, facts.spend.period(facts.calendars, period))?;
+    let cheaper = cheaper_model(facts.prices, &facts.spend.period(facts.calendars, period))?;
     let (from, to) = (&cheaper.from, &cheaper.to);
     Some(format!(
         "Or move traffic to a cheaper model: {to} costs {} of {from} for this workload's token mix ({from}'s calls {} cost {}; at {to}'s rates they would have cost about {}).",

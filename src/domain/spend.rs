@@ -55,63 +55,92 @@ impl ModelSpend {
     }
 }
 
-/// Spend by model over one calendar period, from its start.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-struct PeriodSpend {
-    start: Timestamp,
-    models: BTreeMap<Model, ModelSpend>,
-}
-
 /// Spend by model over each current calendar period of a workspace
 /// (today, this month), following its calendar counters: a period the
-/// counters moved past starts empty.
+/// counters moved past starts empty. A model has one entry with a column per
+/// period (`None` where it was not called), so that a call finds its model
+/// once for all periods: every settlement adds to the book, and each search
+/// reads the model names it passes, cache lines a cold call pays for.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct SpendBook {
-    periods: [PeriodSpend; Period::ALL.len()],
+    /// The start of the period each column counts from.
+    starts: [Timestamp; Period::ALL.len()],
+    /// How many models each column keeps apart (see
+    /// [`MAX_MODELS_PER_PERIOD`]).
+    kept: [usize; Period::ALL.len()],
+    models: BTreeMap<Model, PerPeriod>,
 }
+
+/// A model's spend in each period, indexed by [`Period::index`].
+type PerPeriod = [Option<ModelSpend>; Period::ALL.len()];
 
 impl SpendBook {
     /// Adds a call of `model` finished (or charged) at `at` to every
     /// current period that holds `at`. A call that named no model cost
     /// nothing and has no price to compare: it is left out.
     pub fn add(&mut self, calendars: &Calendars, at: Timestamp, model: &Model, spend: ModelSpend) {
+        let mut charged = [false; Period::ALL.len()];
         for period in Period::ALL {
             let counter = calendars.get(period);
-            let book = &mut self.periods[period.index()];
-            if book.start != counter.start {
-                *book = PeriodSpend {
-                    start: counter.start,
-                    models: BTreeMap::new(),
-                };
+            if self.starts[period.index()] != counter.start {
+                self.start_afresh(period, counter.start);
             }
-            if !counter.contains(at) {
-                continue;
+            charged[period.index()] = counter.contains(at);
+        }
+        // A model every charged period keeps already, the common case, is
+        // found once and its name not copied.
+        if let Some(columns) = self.models.get_mut(model)
+            && charged
+                .iter()
+                .zip(columns.iter())
+                .all(|(charged, column)| !charged || column.is_some())
+        {
+            for (column, _) in columns.iter_mut().zip(charged).filter(|(_, c)| *c) {
+                *column.get_or_insert_default() += spend;
             }
-            // A model the period already keeps, the common case, is found
-            // once and its name not copied.
-            if let Some(kept) = book.models.get_mut(model) {
-                *kept += spend;
-                continue;
-            }
-            let name = if book.models.len() < MAX_MODELS_PER_PERIOD {
+            return;
+        }
+        for period in Period::ALL.into_iter().filter(|p| charged[p.index()]) {
+            let index = period.index();
+            let kept_already = self
+                .models
+                .get(model)
+                .is_some_and(|columns| columns[index].is_some());
+            let name = if kept_already || self.kept[index] < MAX_MODELS_PER_PERIOD {
                 model.clone()
             } else {
                 Model::from(super::model::OTHER_MODELS)
             };
-            *book.models.entry(name).or_default() += spend;
+            let column = &mut self.models.entry(name).or_default()[index];
+            if column.is_none() {
+                self.kept[index] += 1;
+            }
+            *column.get_or_insert_default() += spend;
         }
+    }
+
+    /// Empties `period`'s column for the period starting at `start`.
+    fn start_afresh(&mut self, period: Period, start: Timestamp) {
+        let index = period.index();
+        self.starts[index] = start;
+        self.kept[index] = 0;
+        self.models.retain(|_, columns| {
+            columns[index] = None;
+            columns.iter().any(Option::is_some)
+        });
     }
 
     /// Spend by model in the current `period` (as `calendars` bound it),
     /// by model name.
-    pub fn period(&self, calendars: &Calendars, period: Period) -> &BTreeMap<Model, ModelSpend> {
-        static EMPTY: BTreeMap<Model, ModelSpend> = BTreeMap::new();
-        let book = &self.periods[period.index()];
-        if book.start == calendars.get(period).start {
-            &book.models
-        } else {
-            &EMPTY
+    pub fn period(&self, calendars: &Calendars, period: Period) -> BTreeMap<Model, ModelSpend> {
+        let index = period.index();
+        if self.starts[index] != calendars.get(period).start {
+            return BTreeMap::new();
         }
+        self.models
+            .iter()
+            .filter_map(|(model, columns)| Some((model.clone(), columns[index]?)))
+            .collect()
     }
 
     /// Forgets everything (a reset of the workspace's usage).
@@ -363,15 +392,15 @@ mod tests {
         assert_eq!(book.period(&calendars, Period::Month)[&mini].usd, 207);
         calendars.roll(at("2026-12-03T00:00:01Z"), tz);
         assert!(book.period(&calendars, Period::Day).is_empty(), "a new day");
-        assert_eq!(total(book.period(&calendars, Period::Month)), 207);
+        assert_eq!(total(&book.period(&calendars, Period::Month)), 207);
         book.add(
             &calendars,
             at("2026-12-03T00:00:01Z"),
             &mini,
             spend(1, 0, 0, 1),
         );
-        assert_eq!(total(book.period(&calendars, Period::Day)), 1);
-        assert_eq!(total(book.period(&calendars, Period::Month)), 208);
+        assert_eq!(total(&book.period(&calendars, Period::Day)), 1);
+        assert_eq!(total(&book.period(&calendars, Period::Month)), 208);
     }
 
     #[test]
@@ -390,6 +419,37 @@ mod tests {
         let day = book.period(&calendars, Period::Day);
         assert_eq!(day.len(), MAX_MODELS_PER_PERIOD + 1);
         assert_eq!(day[&Model::from(super::super::model::OTHER_MODELS)].usd, 5);
-        assert_eq!(total(day), MAX_MODELS_PER_PERIOD as u64 + 5);
+        assert_eq!(total(&day), MAX_MODELS_PER_PERIOD as u64 + 5);
+    }
+
+    #[test]
+    fn each_period_bounds_its_models_on_its_own() {
+        let tz = chrono_tz::UTC;
+        // 2 December 2026, 10:00 UTC, and the day before.
+        let now = Timestamp::from_millis(1_796_205_600_000);
+        let yesterday = Timestamp::from_millis(now.millis() - 86_400_000);
+        let calendars = Calendars::new(now, tz);
+        let mut book = SpendBook::default();
+        for i in 0..MAX_MODELS_PER_PERIOD {
+            book.add(
+                &calendars,
+                yesterday,
+                &Model::from(format!("m{i}")),
+                spend(0, 0, 0, 1),
+            );
+        }
+        let late = Model::from("late");
+        book.add(&calendars, now, &late, spend(0, 0, 0, 10));
+        book.add(&calendars, now, &late, spend(0, 0, 0, 10));
+        let day = book.period(&calendars, Period::Day);
+        assert_eq!(day.len(), 1, "today has room: {day:?}");
+        assert_eq!(day[&late].usd, 20);
+        let month = book.period(&calendars, Period::Month);
+        assert_eq!(month.len(), MAX_MODELS_PER_PERIOD + 1);
+        assert!(!month.contains_key(&late), "the month is full");
+        assert_eq!(
+            month[&Model::from(super::super::model::OTHER_MODELS)].usd,
+            20
+        );
     }
 }

@@ -2184,8 +2184,7 @@ impl WorkspaceState {
             unpriced_models: self.unpriced_models.clone(),
             scoped: self.scoped_facts(now),
             spend: SpendFacts {
-                calendars: Period::ALL
-                    .map(|period| self.spend.period(&self.calendars, period).clone()),
+                calendars: Period::ALL.map(|period| self.spend.period(&self.calendars, period)),
                 prices_taken: self.prices.taken.clone(),
             },
             at: now,
