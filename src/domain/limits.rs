@@ -306,10 +306,20 @@ const MAX_ID_LEN: usize = 63;
 /// Stored inline rather than on the heap: ids are short by definition, and
 /// finding a workspace by id happens on every request, where following a
 /// pointer to compare the text would cost a cache miss.
-#[derive(Clone, PartialEq, Eq)]
+#[derive(Clone, Eq)]
 pub struct WorkspaceId {
     len: u8,
     bytes: [u8; MAX_ID_LEN],
+}
+
+/// Compares the id's own bytes only: the unused rest of the array is always
+/// zero, and a map lookup that read it would touch a second cache line of
+/// the stored key for nothing.
+impl PartialEq for WorkspaceId {
+    fn eq(&self, other: &Self) -> bool {
+        self.len == other.len
+            && self.bytes[..usize::from(self.len)] == other.bytes[..usize::from(other.len)]
+    }
 }
 
 impl WorkspaceId {
