@@ -19,6 +19,19 @@ fn chat(stream: bool) -> Value {
     json!({"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "Say hello"}], "max_tokens": 50, "stream": stream})
 }
 
+/// Sends a chat (streamed or not) through the proxy and checks that it is
+/// answered with OpenAI's recorded answer, byte for byte.
+async fn answers_as_recorded(server: &TestServer, key: &str, stream: bool) {
+    let response = server.openai("/chat/completions", key, chat(stream)).await;
+    assert_eq!(response.status(), StatusCode::OK);
+    let recorded = if stream {
+        "chat_completion_stream.sse"
+    } else {
+        "chat_completion.json"
+    };
+    assert_eq!(response.text().await.expect("body"), fixture(recorded));
+}
+
 /// Every connection `upstream` served settled on `protocol` (by ALPN), and
 /// there was at least one.
 fn every_connection_spoke(upstream: &TlsUpstream, protocol: &[u8]) {
@@ -68,20 +81,10 @@ async fn an_https_upstream_signed_by_the_configured_root_answers_json_and_stream
     let upstream = https_upstream(&[b"h2", b"http/1.1"]).await;
     let (server, key, _dir) = trusting(&upstream.url, &upstream.root_pem).await;
 
-    let response = server.openai("/chat/completions", &key, chat(false)).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.expect("body"),
-        fixture("chat_completion.json")
-    );
+    answers_as_recorded(&server, &key, false).await;
     tokens_settle_at(&server, &key, 29).await;
 
-    let response = server.openai("/chat/completions", &key, chat(true)).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.expect("body"),
-        fixture("chat_completion_stream.sse")
-    );
+    answers_as_recorded(&server, &key, true).await;
     tokens_settle_at(&server, &key, 29 + 15).await;
 
     // Both calls went over connections that settled on HTTP/2, as the
@@ -95,12 +98,7 @@ async fn an_https_upstream_speaking_only_http1_is_reached_over_http1() {
     let upstream = https_upstream(&[b"http/1.1"]).await;
     let (server, key, _dir) = trusting(&upstream.url, &upstream.root_pem).await;
 
-    let response = server.openai("/chat/completions", &key, chat(true)).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.expect("body"),
-        fixture("chat_completion_stream.sse")
-    );
+    answers_as_recorded(&server, &key, true).await;
     tokens_settle_at(&server, &key, 15).await;
     every_connection_spoke(&upstream, b"http/1.1");
     server.stop().await;
@@ -175,12 +173,7 @@ async fn a_call_an_http2_upstream_refuses_unprocessed_is_sent_again() {
     let url = format!("https://localhost:{port}/v1");
     let (server, key, _dir) = trusting(&url, &root_pem).await;
 
-    let response = server.openai("/chat/completions", &key, chat(false)).await;
-    assert_eq!(response.status(), StatusCode::OK);
-    assert_eq!(
-        response.text().await.expect("body"),
-        fixture("chat_completion.json")
-    );
+    answers_as_recorded(&server, &key, false).await;
     assert_eq!(
         streams.load(Ordering::SeqCst),
         2,
