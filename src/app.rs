@@ -284,11 +284,9 @@ pub async fn start(
     let addr = listener.local_addr()?;
     let (stop_serving, stopped) = oneshot::channel::<()>();
     let listener = sending_at_once(listener);
-    // axum serves a `Router` by copying its whole route table for every
-    // connection (`with_state` per accepted stream), which at 64
-    // connections held over a MiB; `into_make_service` makes the routes
-    // ready once and each connection shares them.
-    let router = router.into_make_service();
+    // Each connection gets a copy of the service, whose routes it shares
+    // with the others.
+    let router = axum::ServiceExt::<axum::extract::Request>::into_make_service(router);
     let server = tokio::spawn(async move {
         axum::serve(listener, router)
             .with_graceful_shutdown(async {

@@ -15,9 +15,10 @@ use super::workspace::BillingBlock;
 /// A credential's name: a fingerprint of its key, organization and
 /// project. The key itself is never kept or shown; the fingerprint names
 /// the same account on every instance and across restarts, and tells
-/// nothing about the key.
+/// nothing about the key. Shared rather than copied: every proxied call
+/// carries the name of its credential.
 #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct CredentialId(String);
+pub struct CredentialId(std::sync::Arc<str>);
 
 /// What names a credential: this prefix and 16 lowercase hex digits.
 const PREFIX: &str = "cred_";
@@ -37,14 +38,14 @@ impl CredentialId {
         let digest = hasher.finalize();
         let mut first = [0u8; 8];
         first.copy_from_slice(&digest[..8]);
-        Self(format!("{PREFIX}{:016x}", u64::from_be_bytes(first)))
+        Self(format!("{PREFIX}{:016x}", u64::from_be_bytes(first)).into())
     }
 
     /// The credential named `text`, as [`as_str`](Self::as_str) writes it.
     pub fn parse(text: &str) -> Option<Self> {
         let digits = text.strip_prefix(PREFIX)?;
         let hex = |c: char| c.is_ascii_digit() || ('a'..='f').contains(&c);
-        (digits.len() == 16 && digits.chars().all(hex)).then(|| Self(text.to_owned()))
+        (digits.len() == 16 && digits.chars().all(hex)).then(|| Self(text.into()))
     }
 
     pub fn as_str(&self) -> &str {

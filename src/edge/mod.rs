@@ -10,21 +10,40 @@ pub mod error;
 pub mod refusal;
 pub mod scope;
 
+use std::convert::Infallible;
+
 use axum::Router;
-use axum::extract::DefaultBodyLimit;
+use axum::extract::{DefaultBodyLimit, Request};
 use axum::http::StatusCode;
+use axum::response::Response;
+use tower::Service;
 
 use error::ApiError;
 
 /// The API's and the proxy's routes as one service.
-pub fn serve(api: Router, proxy: Router, cors_origins: &[String], max_body_bytes: usize) -> Router {
-    api.merge(proxy)
+pub fn serve(
+    api: Router,
+    proxy: Router,
+    cors_origins: &[String],
+    max_body_bytes: usize,
+) -> impl Service<Request, Response = Response, Error = Infallible, Future: Send> + Clone + Send + 'static
+{
+    // `with_state` makes every route's service once, here, rather than on
+    // each request.
+    let routes: Router = api
+        .merge(proxy)
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(DefaultBodyLimit::max(max_body_bytes))
-        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .with_state(());
+    // The layers wrap the routes once, from the outside, as one concrete
+    // service. Added with `Router::layer`, each would wrap every route in a
+    // boxed service of its own, and every request would copy each box.
+    tower::ServiceBuilder::new()
+        .option_layer(cors_layer(cors_origins))
         .layer(axum::middleware::from_fn(drain::keep_connection_usable))
-        .layer(tower::util::option_layer(cors_layer(cors_origins)))
+        .layer(tower_http::trace::TraceLayer::new_for_http())
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .service(routes)
 }
 
 /// Headers a page on another origin may read from answers beside the
@@ -66,9 +85,8 @@ fn cors_layer(origins: &[String]) -> Option<tower_http::cors::CorsLayer> {
                 refusal::RATELIMIT_HEADERS
                     .iter()
                     .flatten()
-                    .map(|(ours, _)| *ours)
-                    .chain(EXPOSED_HEADERS)
-                    .map(HeaderName::from_static),
+                    .map(|header| header.ours.clone())
+                    .chain(EXPOSED_HEADERS.map(HeaderName::from_static)),
             ))
             .max_age(std::time::Duration::from_secs(600)),
     )

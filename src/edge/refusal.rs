@@ -19,63 +19,93 @@ fn insert(headers: &mut HeaderMap, name: &'static str, value: String) {
     }
 }
 
+/// One of the `x-ratelimit-*` headers quotawatch sets, with the name the
+/// upstream's own value of it is passed on under where the two differ.
+pub struct RateLimitHeader {
+    pub ours: HeaderName,
+    pub upstreams: HeaderName,
+}
+
+const fn ratelimit_header(ours: &'static str, upstreams: &'static str) -> RateLimitHeader {
+    RateLimitHeader {
+        ours: HeaderName::from_static(ours),
+        upstreams: HeaderName::from_static(upstreams),
+    }
+}
+
 /// The `x-ratelimit-*` headers quotawatch sets, for requests and for
-/// tokens (limit, remaining, reset), each with the name the upstream's own
-/// value of it is passed on under where the two differ.
-pub const RATELIMIT_HEADERS: [[(&str, &str); 3]; 2] = [
+/// tokens (limit, remaining, reset). Their names are made once, here: a
+/// name made on each call was checked against the standard ones each time,
+/// on every proxied answer.
+pub static RATELIMIT_HEADERS: [[RateLimitHeader; 3]; 2] = [
     [
-        (
+        ratelimit_header(
             "x-ratelimit-limit-requests",
             "x-upstream-ratelimit-limit-requests",
         ),
-        (
+        ratelimit_header(
             "x-ratelimit-remaining-requests",
             "x-upstream-ratelimit-remaining-requests",
         ),
-        (
+        ratelimit_header(
             "x-ratelimit-reset-requests",
             "x-upstream-ratelimit-reset-requests",
         ),
     ],
     [
-        (
+        ratelimit_header(
             "x-ratelimit-limit-tokens",
             "x-upstream-ratelimit-limit-tokens",
         ),
-        (
+        ratelimit_header(
             "x-ratelimit-remaining-tokens",
             "x-upstream-ratelimit-remaining-tokens",
         ),
-        (
+        ratelimit_header(
             "x-ratelimit-reset-tokens",
             "x-upstream-ratelimit-reset-tokens",
         ),
     ],
 ];
 
+/// The values of [`RATELIMIT_HEADERS`] for a workspace's tightest request
+/// and token limits, in OpenAI's format: none for a bucket without a limit.
+pub struct RateLimitValues([Option<[HeaderValue; 3]>; 2]);
+
+impl RateLimitValues {
+    pub fn of(headroom: &Headroom, now: Timestamp) -> Self {
+        let values = |limit: Option<LimitHeadroom>| {
+            let limit = limit?;
+            let reset = limit
+                .resets_at
+                .map_or(std::time::Duration::ZERO, |at| now.until(at));
+            Some([
+                HeaderValue::from(limit.max),
+                HeaderValue::from(limit.remaining),
+                // The text of a duration is always a valid header value.
+                HeaderValue::try_from(format_duration(reset)).ok()?,
+            ])
+        };
+        Self([values(headroom.requests), values(headroom.tokens)])
+    }
+
+    /// Each header with its value.
+    pub fn into_headers(self) -> impl Iterator<Item = (&'static RateLimitHeader, HeaderValue)> {
+        RATELIMIT_HEADERS
+            .iter()
+            .zip(self.0)
+            .filter_map(|(headers, values)| Some(headers.iter().zip(values?)))
+            .flatten()
+    }
+}
+
 /// `x-ratelimit-{limit,remaining,reset}-{requests,tokens}` for the
 /// workspace's tightest request and token limits, in OpenAI's format.
 pub fn ratelimit_headers(headroom: &Headroom, now: Timestamp) -> HeaderMap {
     let mut headers = HeaderMap::with_capacity(6);
-    let mut add = |names: [(&'static str, &str); 3], limit: Option<LimitHeadroom>| {
-        if let Some(limit) = limit {
-            let reset = limit
-                .resets_at
-                .map_or(std::time::Duration::ZERO, |at| now.until(at));
-            headers.insert(
-                HeaderName::from_static(names[0].0),
-                HeaderValue::from(limit.max),
-            );
-            headers.insert(
-                HeaderName::from_static(names[1].0),
-                HeaderValue::from(limit.remaining),
-            );
-            insert(&mut headers, names[2].0, format_duration(reset));
-        }
-    };
-    let [requests, tokens] = RATELIMIT_HEADERS;
-    add(requests, headroom.requests);
-    add(tokens, headroom.tokens);
+    for (header, value) in RateLimitValues::of(headroom, now).into_headers() {
+        headers.insert(header.ours.clone(), value);
+    }
     headers
 }
 

@@ -44,6 +44,27 @@ pub struct Settlement {
     pub credential: Option<CredentialCall>,
 }
 
+/// What the metrics count of a call's report, kept while the report itself
+/// goes to the engine.
+#[derive(Clone, Copy)]
+struct Answered {
+    /// The upstream never answered in full.
+    no_answer: bool,
+    tokens: Option<TokenUsage>,
+}
+
+impl Answered {
+    fn of(report: &UsageReport) -> Self {
+        Self {
+            no_answer: report
+                .answer
+                .as_ref()
+                .is_some_and(UpstreamAnswer::is_missing),
+            tokens: report.tokens,
+        }
+    }
+}
+
 impl Settlement {
     /// Reports the call to the engine and the metrics. `tokens: None` keeps
     /// the estimate; `answer: None` means the upstream never answered.
@@ -53,8 +74,9 @@ impl Settlement {
         let report = self.report(tokens, answer);
         let engine = self.state.engine.clone();
         let workspace = self.workspace.clone();
-        engine.settle_detached(workspace, report.clone(), move |reported| {
-            self.account(reported, &report);
+        let answered = Answered::of(&report);
+        engine.settle_detached(workspace, report, move |reported| {
+            self.account(reported, answered);
         });
     }
 
@@ -66,12 +88,9 @@ impl Settlement {
         answer: Option<UpstreamAnswer>,
     ) -> Option<UpstreamClass> {
         let report = self.report(tokens, answer);
-        let reported = self
-            .state
-            .engine
-            .settle(&self.workspace, report.clone())
-            .await;
-        self.account(reported, &report)
+        let answered = Answered::of(&report);
+        let reported = self.state.engine.settle(&self.workspace, report).await;
+        self.account(reported, answered)
     }
 
     fn report(&self, tokens: Option<TokenUsage>, answer: Option<UpstreamAnswer>) -> UsageReport {
@@ -91,13 +110,8 @@ impl Settlement {
     fn account(
         &self,
         reported: Result<Reported, EngineError>,
-        report: &UsageReport,
+        Answered { no_answer, tokens }: Answered,
     ) -> Option<UpstreamClass> {
-        let no_answer = report
-            .answer
-            .as_ref()
-            .is_some_and(UpstreamAnswer::is_missing);
-        let tokens = report.tokens;
         let metrics = &self.state.metrics;
         let class = match reported {
             Ok(reported) => {

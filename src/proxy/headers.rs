@@ -44,13 +44,18 @@ const FROM_CLIENT_PREFIXES: &[&str] = &["x-stainless-"];
 /// Response headers the client never receives.
 const NOT_TO_CLIENT: &[&str] = &["set-cookie", "openai-organization", "openai-project"];
 
+/// The names the `Connection` headers of `headers` list beyond
+/// [`HOP_BY_HOP`], which never passes anyway: usually none, so that the
+/// common `Connection: keep-alive` costs no allocation.
 fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
     headers
         .get_all(header::CONNECTION)
         .iter()
         .filter_map(|value| value.to_str().ok())
         .flat_map(|value| value.split(','))
-        .map(|token| token.trim().to_ascii_lowercase())
+        .map(str::trim)
+        .filter(|token| !HOP_BY_HOP.iter().any(|hop| hop.eq_ignore_ascii_case(token)))
+        .map(str::to_ascii_lowercase)
         .collect()
 }
 
@@ -85,11 +90,20 @@ pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
 }
 
 /// The upstream's headers that go to the client: all of the message but
-/// [`NOT_TO_CLIENT`].
-pub fn to_client(upstream: &HeaderMap) -> HeaderMap {
+/// [`NOT_TO_CLIENT`], in the upstream's own map with room for the proxy's
+/// headers. The few that do not pass are taken out of it, which costs far
+/// less than copying the many that do into a new map, one by one.
+pub fn to_client(mut upstream: HeaderMap) -> HeaderMap {
+    for name in connection_tokens(&upstream) {
+        upstream.remove(name);
+    }
+    for name in HOP_BY_HOP.iter().chain(NOT_TO_CLIENT) {
+        upstream.remove(*name);
+    }
     // The workspace's six x-ratelimit-* headers, the upstream's six renamed,
     // and the overhead.
-    end_to_end(upstream, 13, |name| !NOT_TO_CLIENT.contains(&name))
+    upstream.reserve(13);
+    upstream
 }
 
 #[cfg(test)]
@@ -145,7 +159,7 @@ mod tests {
 
     #[test]
     fn the_upstreams_account_and_cookies_do_not_reach_the_client() {
-        let back = to_client(&headers(&[
+        let back = to_client(headers(&[
             ("content-type", "application/json"),
             ("x-request-id", "req_1"),
             ("openai-processing-ms", "12"),

@@ -28,13 +28,13 @@ pub mod scan;
 mod upstream;
 pub mod vocabulary;
 
-use std::sync::Arc;
+use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::extract::{Request, State};
 use axum::http::StatusCode;
-use axum::http::header::{self, HeaderMap, HeaderName, HeaderValue};
+use axum::http::header::{self, HeaderMap, HeaderValue};
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 
@@ -46,7 +46,7 @@ use crate::domain::upstream::{RateLimitHeaders, UpstreamClass};
 use crate::domain::workspace::{BillingScope, Model, Request as Admission};
 use crate::edge::auth::Auth;
 use crate::edge::error::ApiError;
-use crate::edge::refusal::{RATELIMIT_HEADERS, ratelimit_headers, refusal_error};
+use crate::edge::refusal::{RateLimitValues, refusal_error};
 use crate::engine::{
     CredentialCall, CredentialResolver, Engine, Principal, TokenUsage, UpstreamAccount,
     UpstreamAnswer,
@@ -93,10 +93,10 @@ impl Proxy {
     pub fn new(config: &UpstreamConfig, env: crate::keys::EnvLookup) -> Result<Self, ProxyError> {
         Ok(Self {
             upstream: upstream::Upstream::new(config)?,
-            keys: Arc::new(UpstreamKeys {
-                default_key: config.api_key.as_ref().map(|key| key.expose().to_owned()),
+            keys: Arc::new(UpstreamKeys::new(
+                config.api_key.as_ref().map(|key| key.expose().to_owned()),
                 env,
-            }),
+            )),
             headers_timeout: config.headers_timeout,
             idle_timeout: config.idle_timeout,
             max_body_bytes: config.max_body_bytes,
@@ -104,10 +104,10 @@ impl Proxy {
         })
     }
 
-    /// The key sent upstream for a workspace: its own variable's value, or
-    /// the server's `OPENAI_API_KEY`.
-    fn upstream_key(&self, variable: Option<&str>) -> Result<String, ApiError> {
-        self.keys.key(variable).map_err(|what| {
+    /// How a workspace's calls go upstream: with its own variable's key, or
+    /// the server's `OPENAI_API_KEY`, as its credential.
+    fn sent_as(&self, account: &UpstreamAccount) -> Result<Arc<SentAs>, ApiError> {
+        self.keys.sent_as(account).map_err(|what| {
             // The operator's configuration is at fault, which no retry mends.
             ApiError::new(
                 StatusCode::SERVICE_UNAVAILABLE,
@@ -124,12 +124,7 @@ impl Proxy {
     pub fn credentials(&self) -> CredentialResolver {
         let keys = Arc::clone(&self.keys);
         Box::new(move |account: &UpstreamAccount| {
-            let key = keys.key(account.key_env.as_deref()).ok()?;
-            Some(CredentialId::of(
-                &key,
-                account.organization.as_deref(),
-                account.project.as_deref(),
-            ))
+            Some(keys.sent_as(account).ok()?.credential.clone())
         })
     }
 }
@@ -148,13 +143,113 @@ pub enum ProxyError {
 }
 
 /// Where the upstream keys are: the server's own, and the environment that
-/// holds the workspaces' own.
+/// holds the workspaces' own; with what each upstream account was found to
+/// be.
 struct UpstreamKeys {
     default_key: Option<String>,
     env: crate::keys::EnvLookup,
+    /// Each account as it is sent, worked out on its first call: its
+    /// credential's fingerprint (a SHA-256) and its headers cost more than
+    /// the rest of what the proxy does with a small call. The environment
+    /// does not change while the server runs, so neither do these.
+    sent: RwLock<hashbrown::HashMap<AccountNames, Arc<SentAs>, rustc_hash::FxBuildHasher>>,
+}
+
+/// The most accounts [`UpstreamKeys`] remembers. Accounts are made by the
+/// operator, so this is only reached by one who edits workspaces for a
+/// long time; the accounts of the edits before are then forgotten at once,
+/// and the ones in use worked out again.
+const ACCOUNTS_REMEMBERED: usize = 1024;
+
+/// An upstream account as a workspace names it, the key of
+/// [`UpstreamKeys::sent`].
+#[derive(Hash, PartialEq, Eq)]
+struct AccountNames {
+    key_env: Option<String>,
+    organization: Option<String>,
+    project: Option<String>,
+}
+
+/// [`AccountNames`] borrowed from an account, to look it up without a copy;
+/// it hashes as the owned names do, field by field.
+#[derive(Hash)]
+struct AccountNamesRef<'a> {
+    key_env: Option<&'a str>,
+    organization: Option<&'a str>,
+    project: Option<&'a str>,
+}
+
+impl<'a> AccountNamesRef<'a> {
+    fn of(account: &'a UpstreamAccount) -> Self {
+        Self {
+            key_env: account.key_env.as_deref(),
+            organization: account.organization.as_deref(),
+            project: account.project.as_deref(),
+        }
+    }
+
+    fn to_owned(&self) -> AccountNames {
+        AccountNames {
+            key_env: self.key_env.map(str::to_owned),
+            organization: self.organization.map(str::to_owned),
+            project: self.project.map(str::to_owned),
+        }
+    }
+}
+
+impl hashbrown::Equivalent<AccountNames> for AccountNamesRef<'_> {
+    fn equivalent(&self, names: &AccountNames) -> bool {
+        self.key_env == names.key_env.as_deref()
+            && self.organization == names.organization.as_deref()
+            && self.project == names.project.as_deref()
+    }
+}
+
+/// How an upstream account's calls go upstream.
+struct SentAs {
+    /// The credential they are billed to.
+    credential: CredentialId,
+    /// `Bearer` and the key, marked sensitive so that it is never logged.
+    authorization: HeaderValue,
+    /// The account's own organization and project, never the client's.
+    organization: Option<HeaderValue>,
+    project: Option<HeaderValue>,
 }
 
 impl UpstreamKeys {
+    fn new(default_key: Option<String>, env: crate::keys::EnvLookup) -> Self {
+        Self {
+            default_key,
+            env,
+            sent: RwLock::default(),
+        }
+    }
+
+    /// How `account`'s calls go upstream, or what is missing for them to.
+    fn sent_as(&self, account: &UpstreamAccount) -> Result<Arc<SentAs>, String> {
+        let names = AccountNamesRef::of(account);
+        if let Some(sent) = crate::sync::read(&self.sent).get(&names) {
+            return Ok(Arc::clone(sent));
+        }
+        let key = self.key(names.key_env)?;
+        let mut authorization = HeaderValue::try_from(format!("Bearer {key}"))
+            .map_err(|_| "the key contains characters not allowed in a header".to_owned())?;
+        authorization.set_sensitive(true);
+        let header = |id: Option<&str>| id.and_then(|id| HeaderValue::from_str(id).ok());
+        let sent = Arc::new(SentAs {
+            credential: CredentialId::of(&key, names.organization, names.project),
+            authorization,
+            organization: header(names.organization),
+            project: header(names.project),
+        });
+        let mut remembered = crate::sync::write(&self.sent);
+        if remembered.len() >= ACCOUNTS_REMEMBERED {
+            remembered.clear();
+        }
+        remembered.insert(names.to_owned(), Arc::clone(&sent));
+        Ok(sent)
+    }
+
     /// The value of `variable` (the server's key for `None`), or what is
     /// missing.
     fn key(&self, variable: Option<&str>) -> Result<String, String> {
@@ -179,20 +274,20 @@ impl UpstreamKeys {
 
 /// Puts the workspace's own `x-ratelimit-*` values on a response; where the
 /// upstream's differ, the upstream's stay available as `x-upstream-ratelimit-*`.
-fn apply_headroom(headers: &mut HeaderMap, ours: HeaderMap) {
-    for (name, value) in ours {
-        let Some(name) = name else { continue };
-        if let Some(upstream) = headers.get(&name)
-            && *upstream != value
-            && let Some((_, renamed)) = RATELIMIT_HEADERS
-                .iter()
-                .flatten()
-                .find(|(ours, _)| *ours == name.as_str())
-        {
-            let upstream = upstream.clone();
-            headers.insert(HeaderName::from_static(renamed), upstream);
+fn apply_headroom(headers: &mut HeaderMap, ours: RateLimitValues) {
+    for (header, value) in ours.into_headers() {
+        match headers.entry(&header.ours) {
+            header::Entry::Occupied(mut upstreams) => {
+                let differs = *upstreams.get() != value;
+                let theirs = upstreams.insert(value);
+                if differs {
+                    headers.insert(&header.upstreams, theirs);
+                }
+            }
+            header::Entry::Vacant(slot) => {
+                slot.insert(value);
+            }
         }
-        headers.insert(name, value);
     }
 }
 
@@ -449,7 +544,7 @@ async fn forward_admitted(
         return Err(refused(state, &workspace, endpoint, &decision, refusal));
     }
     let account = state.engine.upstream_account(&workspace)?;
-    let key = proxy.upstream_key(account.key_env.as_deref())?;
+    let sent_as = proxy.sent_as(&account)?;
     // A credential blocked by billing refuses as early, for every workspace
     // billed to it, or lets this call through as its probe.
     if let Some(credential) = &account.credential
@@ -501,7 +596,7 @@ async fn forward_admitted(
         Ok(admitted) => admitted,
         Err(refusal) => return Err(refused(state, &workspace, endpoint, &decision, refusal)),
     };
-    let headroom = ratelimit_headers(&decision.headroom, state.engine.now());
+    let headroom = RateLimitValues::of(&decision.headroom, state.engine.now());
     let mut guard = SettleGuard::new(Settlement {
         state: state.clone(),
         workspace: workspace.clone(),
@@ -542,18 +637,14 @@ async fn forward_admitted(
         header::ACCEPT_ENCODING,
         HeaderValue::from_static("identity"),
     );
-    let mut authorization = HeaderValue::try_from(format!("Bearer {key}")).map_err(|_| {
-        ApiError::internal("the upstream key contains characters not allowed in a header")
-    })?;
-    authorization.set_sensitive(true);
-    headers.insert(header::AUTHORIZATION, authorization);
+    headers.insert(header::AUTHORIZATION, sent_as.authorization.clone());
     // The workspace's own organization and project, never the client's.
     for (name, id) in [
-        ("openai-organization", &account.organization),
-        ("openai-project", &account.project),
+        ("openai-organization", &sent_as.organization),
+        ("openai-project", &sent_as.project),
     ] {
-        if let Some(id) = id.as_deref().and_then(|id| HeaderValue::from_str(id).ok()) {
-            headers.insert(name, id);
+        if let Some(id) = id {
+            headers.insert(name, id.clone());
         }
     }
     let mut upstream_request = axum::http::Request::new(upstream::RequestBody::new(call.body));
@@ -573,43 +664,48 @@ async fn forward_admitted(
     state.metrics.upstream_latency(sent.elapsed());
     let response = match answer {
         Ok(Ok(response)) => response,
+        // The settlements of failed calls wait boxed: inline, their futures
+        // would be part of every call's, which is moved whole into its box
+        // as each call begins.
         Ok(Err(failure)) => {
             tracing::warn!(detail = %failure.detail, "upstream call failed");
-            return Ok(
-                upstream_failed(&mut guard, &failure.reason, failure.timed_out, headroom).await,
-            );
+            let failed = upstream_failed(&mut guard, &failure.reason, failure.timed_out, headroom);
+            return Ok(Box::pin(failed).await);
         }
         Err(_) => {
             let reason = "no response headers in time";
-            return Ok(upstream_failed(&mut guard, reason, true, headroom).await);
+            return Ok(Box::pin(upstream_failed(&mut guard, reason, true, headroom)).await);
         }
     };
 
-    let status = response.status();
-    // The answer's headers are read where they are, before its body is
-    // taken: copying the whole map would cost every call an allocation per
-    // header.
-    let upstream_headers = response.headers();
+    // The answer's own header map becomes the client's: read first, then
+    // trimmed and added to in place.
+    let (answer, answer_body) = response.into_parts();
+    let status = answer.status;
     let rate = RateLimitHeaders::parse(
-        upstream_headers
+        answer
+            .headers
             .iter()
             .filter_map(|(name, value)| Some((name.as_str(), value.to_str().ok()?))),
     );
-    let mut client_headers = headers::to_client(upstream_headers);
-    apply_headroom(&mut client_headers, headroom);
-
-    let reply = if status.is_success() {
-        let content_type = upstream_headers
+    let scanner = status.is_success().then(|| {
+        let content_type = answer
+            .headers
             .get(header::CONTENT_TYPE)
             .and_then(|value| value.to_str().ok())
             .unwrap_or("");
-        let scanner = scan::Scanner::new(call.endpoint, content_type, call.inject_usage);
+        scan::Scanner::new(call.endpoint, content_type, call.inject_usage)
+    });
+    let mut client_headers = headers::to_client(answer.headers);
+    apply_headroom(&mut client_headers, headroom);
+
+    let reply = if let Some(scanner) = scanner {
         if call.inject_usage {
             // The body changes length when the added usage is removed.
             client_headers.remove(header::CONTENT_LENGTH);
         }
         let body = MeteredBody::new(
-            response.into_body(),
+            answer_body,
             scanner,
             guard.into_settlement(),
             UpstreamAnswer {
@@ -626,22 +722,21 @@ async fn forward_admitted(
         reply
     } else {
         let error_body = own_time
-            .excluding(read_error_body(response.into_body(), proxy.idle_timeout))
+            .excluding(read_error_body(answer_body, proxy.idle_timeout))
             .await;
         let error = ErrorEnvelope::parse(&error_body).unwrap_or_default();
-        let class = guard
-            .settle(
-                Some(TokenUsage::default()),
-                Some(UpstreamAnswer {
-                    status: status.as_u16(),
-                    error_type: error.error_type,
-                    error_code: error.code,
-                    error_message: error.message,
-                    headers: rate,
-                    billing: BillingScope::Credential,
-                }),
-            )
-            .await;
+        let settled = guard.settle(
+            Some(TokenUsage::default()),
+            Some(UpstreamAnswer {
+                status: status.as_u16(),
+                error_type: error.error_type,
+                error_code: error.code,
+                error_message: error.message,
+                headers: rate,
+                billing: BillingScope::Credential,
+            }),
+        );
+        let class = Box::pin(settled).await;
         client_headers.remove(header::CONTENT_LENGTH);
         if class == Some(UpstreamClass::KeyRejected) {
             return Ok(upstream_key_rejected(&client_headers));
@@ -717,7 +812,7 @@ async fn upstream_failed(
     guard: &mut SettleGuard,
     reason: &str,
     timed_out: bool,
-    headroom: HeaderMap,
+    headroom: RateLimitValues,
 ) -> Response {
     let (status, code, what) = if timed_out {
         (
@@ -745,4 +840,73 @@ async fn upstream_failed(
     .into_response();
     apply_headroom(response.headers_mut(), headroom);
     response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn keys() -> UpstreamKeys {
+        let env: crate::keys::EnvLookup = Arc::new(|name: &str| {
+            (name == "QUOTAWATCH_UPSTREAM_KEY_TEAM").then(|| "sk-team".to_owned())
+        });
+        UpstreamKeys::new(Some("sk-server".to_owned()), env)
+    }
+
+    fn account(key_env: Option<&str>, project: Option<&str>) -> UpstreamAccount {
+        UpstreamAccount {
+            key_env: key_env.map(str::to_owned),
+            organization: Some("org-ops".to_owned()),
+            project: project.map(str::to_owned),
+            credential: None,
+        }
+    }
+
+    #[test]
+    fn an_account_is_worked_out_once_and_sent_with_its_own_key_and_ids() {
+        let keys = keys();
+        let team = account(Some("QUOTAWATCH_UPSTREAM_KEY_TEAM"), Some("proj_a"));
+        let sent = keys.sent_as(&team).expect("the team's key is set");
+        assert_eq!(sent.authorization, "Bearer sk-team");
+        assert!(sent.authorization.is_sensitive(), "never logged");
+        assert_eq!(sent.organization.as_ref().expect("set"), "org-ops");
+        assert_eq!(sent.project.as_ref().expect("set"), "proj_a");
+        assert_eq!(
+            sent.credential,
+            CredentialId::of("sk-team", Some("org-ops"), Some("proj_a"))
+        );
+        assert!(Arc::ptr_eq(&sent, &keys.sent_as(&team).expect("again")));
+
+        let server = keys
+            .sent_as(&account(None, None))
+            .expect("the server's key");
+        assert_eq!(server.authorization, "Bearer sk-server");
+        assert!(server.project.is_none());
+        assert_eq!(
+            server.credential,
+            CredentialId::of("sk-server", Some("org-ops"), None)
+        );
+    }
+
+    #[test]
+    fn an_account_without_its_key_is_refused_and_not_remembered() {
+        let keys = keys();
+        let missing = account(Some("QUOTAWATCH_UPSTREAM_KEY_GONE"), None);
+        let error = keys.sent_as(&missing).err().expect("no such variable");
+        assert!(error.contains("QUOTAWATCH_UPSTREAM_KEY_GONE"), "{error}");
+        assert!(crate::sync::read(&keys.sent).is_empty());
+    }
+
+    #[test]
+    fn the_accounts_remembered_stay_bounded() {
+        let keys = keys();
+        for n in 0..ACCOUNTS_REMEMBERED + 10 {
+            let project = format!("proj_{n}");
+            let sent = keys
+                .sent_as(&account(None, Some(&project)))
+                .expect("the server's key");
+            assert_eq!(sent.project.as_ref().expect("set"), project.as_str());
+            assert!(crate::sync::read(&keys.sent).len() <= ACCOUNTS_REMEMBERED);
+        }
+    }
 }
