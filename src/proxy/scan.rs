@@ -11,7 +11,10 @@
 //! `"usage":null` field of every other chunk — so that the client receives
 //! exactly the stream it asked for. Chunks pass through untouched otherwise.
 
+use std::borrow::Cow;
+
 use bytes::{Bytes, BytesMut};
+use memchr::memmem;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -179,23 +182,26 @@ pub struct SseScanner {
 /// The parts of a chat chunk the scanner needs: the generated text, for
 /// counting what a cut-short stream produced, and the usage.
 #[derive(Deserialize)]
-struct ChatChunk {
-    #[serde(default)]
-    choices: Vec<ChatChoice>,
+struct ChatChunk<'a> {
+    #[serde(default, borrow)]
+    choices: Vec<ChatChoice<'a>>,
     #[serde(default)]
     usage: Option<Usage>,
-    #[serde(default)]
-    service_tier: Option<String>,
+    #[serde(default, borrow)]
+    service_tier: Option<Cow<'a, str>>,
 }
 
 #[derive(Deserialize)]
-struct ChatChoice {
-    delta: Option<ChatDelta>,
+struct ChatChoice<'a> {
+    #[serde(borrow)]
+    delta: Option<ChatDelta<'a>>,
 }
 
+/// Read in place where the text has no escapes: only its length counts.
 #[derive(Deserialize)]
-struct ChatDelta {
-    content: Option<String>,
+struct ChatDelta<'a> {
+    #[serde(borrow)]
+    content: Option<Cow<'a, str>>,
 }
 
 /// What stripping does with one line of an event.
@@ -222,8 +228,9 @@ impl SseScanner {
     fn feed(&mut self, chunk: Bytes) -> Result<Bytes, EventTooLong> {
         self.pending.extend_from_slice(&chunk);
         let out = if self.strip {
-            // Stripping may drop a whole event, so output waits for complete ones.
-            let mut out = BytesMut::new();
+            // Stripping may drop a whole event, so output waits for complete
+            // ones. It only takes away, so what is pending is room enough.
+            let mut out = BytesMut::with_capacity(self.pending.len());
             while let Some(event) =
                 take_event(&mut self.pending, &mut self.line_start, &mut self.searched)
             {
@@ -310,12 +317,15 @@ impl SseScanner {
         let text: usize = chunk
             .choices
             .iter()
-            .filter_map(|choice| choice.delta.as_ref()?.content.as_ref())
-            .map(String::len)
+            .filter_map(|choice| choice.delta.as_ref()?.content.as_deref())
+            .map(str::len)
             .sum();
         self.findings.output_bytes += text as u64;
-        if chunk.service_tier.is_some() {
-            self.findings.service_tier = chunk.service_tier;
+        // Every chunk names the tier, usually the same one.
+        if let Some(tier) = chunk.service_tier
+            && self.findings.service_tier.as_deref() != Some(&*tier)
+        {
+            self.findings.service_tier = Some(tier.into_owned());
         }
         let had_usage = chunk.usage.is_some();
         if let Some(usage) = chunk.usage {
@@ -370,11 +380,9 @@ impl SseScanner {
 /// keeps the order of the other fields.
 fn without_usage_field(data: &[u8]) -> Option<Vec<u8>> {
     const KEY: &[u8] = b"\"usage\"";
-    if !contains(data, KEY) {
-        return None;
-    }
+    memmem::find(data, KEY)?;
     let compact = remove_all(data, b",\"usage\":null");
-    if !contains(&compact, KEY) {
+    if memmem::find(&compact, KEY).is_none() {
         return Some(compact);
     }
     let mut chunk: Value = serde_json::from_slice(data).ok()?;
@@ -382,24 +390,15 @@ fn without_usage_field(data: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&chunk).ok()
 }
 
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack
-        .windows(needle.len())
-        .any(|window| window == needle)
-}
-
 /// `text` without any occurrence of `needle`.
 fn remove_all(text: &[u8], needle: &[u8]) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
-    let mut rest = text;
-    while let Some(at) = rest
-        .windows(needle.len())
-        .position(|window| window == needle)
-    {
-        out.extend_from_slice(&rest[..at]);
-        rest = &rest[at + needle.len()..];
+    let mut kept = 0;
+    for at in memmem::find_iter(text, needle) {
+        out.extend_from_slice(&text[kept..at]);
+        kept = at + needle.len();
     }
-    out.extend_from_slice(rest);
+    out.extend_from_slice(&text[kept..]);
     out
 }
 
@@ -595,6 +594,22 @@ mod tests {
         let (_, findings) = scanner.finish();
         assert!(findings.usage.is_none());
         assert!(findings.output_bytes > 0);
+    }
+
+    #[test]
+    fn escaped_text_counts_as_sent_and_the_last_tier_named_is_the_one_served() {
+        // The first chunk's text reads in place; the second has escapes,
+        // which the count takes as the text they stand for ("a\"b\n": 4 bytes).
+        let stream = concat!(
+            "data: {\"service_tier\":\"priority\",\"choices\":[{\"delta\":{\"content\":\"Hi\"}}]}\n\n",
+            "data: {\"service_tier\":\"default\",\"choices\":[{\"delta\":{\"content\":\"a\\\"b\\n\"}}]}\n\n",
+            "data: [DONE]\n\n",
+        );
+        let mut scanner = Scanner::new(Endpoint::ChatCompletions, "text/event-stream", false);
+        let (out, findings) = run(&mut scanner, stream.as_bytes(), 7);
+        assert_eq!(out, stream.as_bytes(), "passed as it came");
+        assert_eq!(findings.output_bytes, 2 + 4);
+        assert_eq!(findings.service_tier.as_deref(), Some("default"));
     }
 
     #[test]
