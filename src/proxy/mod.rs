@@ -847,8 +847,10 @@ mod tests {
     use super::*;
 
     fn keys() -> UpstreamKeys {
-        let env: crate::keys::EnvLookup = Arc::new(|name: &str| {
-            (name == "QUOTAWATCH_UPSTREAM_KEY_TEAM").then(|| "sk-team".to_owned())
+        let env: crate::keys::EnvLookup = Arc::new(|name: &str| match name {
+            "QUOTAWATCH_UPSTREAM_KEY_TEAM" => Some("sk-team".to_owned()),
+            "QUOTAWATCH_UPSTREAM_KEY_BROKEN" => Some("sk-broken\nkey".to_owned()),
+            _ => None,
         });
         UpstreamKeys::new(Some("sk-server".to_owned()), env)
     }
@@ -889,11 +891,17 @@ mod tests {
     }
 
     #[test]
-    fn an_account_without_its_key_is_refused_and_not_remembered() {
+    fn an_account_without_a_usable_key_is_refused_and_not_remembered() {
         let keys = keys();
         let missing = account(Some("QUOTAWATCH_UPSTREAM_KEY_GONE"), None);
         let error = keys.sent_as(&missing).err().expect("no such variable");
         assert!(error.contains("QUOTAWATCH_UPSTREAM_KEY_GONE"), "{error}");
+        let broken = account(Some("QUOTAWATCH_UPSTREAM_KEY_BROKEN"), None);
+        let error = keys.sent_as(&broken).err().expect("not a header value");
+        assert!(
+            error.contains("characters not allowed in a header"),
+            "{error}"
+        );
         assert!(crate::sync::read(&keys.sent).is_empty());
     }
 
