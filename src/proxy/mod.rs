@@ -155,11 +155,11 @@ struct UpstreamKeys {
     sent: RwLock<hashbrown::HashMap<AccountNames, Arc<SentAs>, rustc_hash::FxBuildHasher>>,
 }
 
-/// The most accounts [`UpstreamKeys`] remembers. Accounts are made by the
-/// operator, so this is only reached by one who edits workspaces for a
-/// long time; the accounts of the edits before are then forgotten at once,
-/// and the ones in use worked out again.
-const ACCOUNTS_REMEMBERED: usize = 1024;
+/// The most accounts [`UpstreamKeys`] remembers. Each account is named by a
+/// workspace, so this is far more than most installations have; one with
+/// more in use still works: the map is emptied when full, and the accounts
+/// in use are worked out again, one call each.
+const ACCOUNTS_REMEMBERED: usize = 16_384;
 
 /// An upstream account as a workspace names it, the key of
 /// [`UpstreamKeys::sent`].

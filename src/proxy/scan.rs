@@ -188,7 +188,7 @@ struct ChatChunk<'a> {
     #[serde(default)]
     usage: Option<Usage>,
     #[serde(default, borrow)]
-    service_tier: Option<Cow<'a, str>>,
+    service_tier: Option<Text<'a>>,
 }
 
 #[derive(Deserialize)]
@@ -197,12 +197,17 @@ struct ChatChoice<'a> {
     delta: Option<ChatDelta<'a>>,
 }
 
-/// Read in place where the text has no escapes: only its length counts.
 #[derive(Deserialize)]
 struct ChatDelta<'a> {
     #[serde(borrow)]
-    content: Option<Cow<'a, str>>,
+    content: Option<Text<'a>>,
 }
+
+/// A string read in place where it has no escapes, and copied only where
+/// it has. serde borrows only a `Cow` field itself, not one inside an
+/// `Option`, hence this wrapper.
+#[derive(Deserialize)]
+struct Text<'a>(#[serde(borrow)] Cow<'a, str>);
 
 /// What stripping does with one line of an event.
 enum LineFate {
@@ -317,12 +322,11 @@ impl SseScanner {
         let text: usize = chunk
             .choices
             .iter()
-            .filter_map(|choice| choice.delta.as_ref()?.content.as_deref())
-            .map(str::len)
+            .filter_map(|choice| Some(choice.delta.as_ref()?.content.as_ref()?.0.len()))
             .sum();
         self.findings.output_bytes += text as u64;
         // Every chunk names the tier, usually the same one.
-        if let Some(tier) = chunk.service_tier
+        if let Some(Text(tier)) = chunk.service_tier
             && self.findings.service_tier.as_deref() != Some(&*tier)
         {
             self.findings.service_tier = Some(tier.into_owned());
