@@ -68,7 +68,6 @@ pub(super) fn account_of(config: &WorkspaceConfig) -> UpstreamAccount {
         key_env: config.upstream_key_env.clone(),
         organization: config.upstream_organization.clone(),
         project: config.upstream_project.clone(),
-        credential: None,
     }
 }
 

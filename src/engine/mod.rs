@@ -43,7 +43,6 @@ use std::sync::{Arc, Mutex, MutexGuard, RwLock};
 use rustc_hash::FxHashMap;
 use tokio::sync::broadcast;
 
-use crate::domain::credential::CredentialId;
 use crate::domain::limits::{PerLimit, WorkspaceConfig, WorkspaceId};
 use crate::domain::notification::{
     Notification, describe_storage_unavailable, describe_upstream_key_missing,
@@ -129,15 +128,14 @@ pub struct Decision {
 
 /// The upstream account a workspace's calls are billed to: the variable
 /// holding its key (`None` for the server's), and the organization and
-/// project to name (`None` for the key's defaults).
+/// project to name (`None` for the key's defaults). The credential it
+/// makes, whose billing block its calls share with every workspace billed
+/// to it, is named by the resolver (`Engine::resolve_credentials_with`).
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct UpstreamAccount {
     pub key_env: Option<String>,
     pub organization: Option<String>,
     pub project: Option<String>,
-    /// The credential this makes, whose billing block its calls share
-    /// with every workspace billed to it; `None` without a key.
-    pub credential: Option<CredentialId>,
 }
 
 /// Token counts of a finished request, as the upstream reported them.
@@ -891,8 +889,7 @@ impl Engine {
         workspace: &WorkspaceId,
     ) -> Result<UpstreamAccount, EngineError> {
         let slot = self.slot(workspace)?;
-        let mut account = credentials::account_of(slot.lock().state.config());
-        account.credential = self.credential_of(&account);
+        let account = credentials::account_of(slot.lock().state.config());
         Ok(account)
     }
 
@@ -1208,6 +1205,7 @@ impl Engine {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::domain::credential::CredentialId;
     use crate::domain::limits::{LimitKind, Limits, Metric, Window};
     use crate::domain::notification::NotificationKind;
 
@@ -1438,7 +1436,7 @@ mod tests {
         elsewhere.upstream_organization = Some("org-elsewhere".to_owned());
         engine.upsert_workspace(elsewhere);
         let credential_of =
-            |id: &WorkspaceId| engine.upstream_account(id).expect("known").credential;
+            |id: &WorkspaceId| engine.credential_of(&engine.upstream_account(id).expect("known"));
         let credential = credential_of(&acme).expect("a credential");
         assert_eq!(credential_of(&beta), Some(credential.clone()));
         assert_ne!(credential_of(&other), Some(credential.clone()));

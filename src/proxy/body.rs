@@ -41,7 +41,7 @@ pub struct Settlement {
     pub arrived: Instant,
     /// The upstream credential the call is billed to, whose billing block
     /// its answer may start or lift.
-    pub credential: Option<CredentialCall>,
+    pub credential: CredentialCall,
 }
 
 /// What the metrics count of a call's report, kept while the report itself
@@ -130,9 +130,9 @@ impl Settlement {
                 None
             }
         };
-        if let Some(call) = &self.credential {
-            self.state.engine.observe_credential(call, class);
-        }
+        self.state
+            .engine
+            .observe_credential(&self.credential, class);
         let outcome = match class {
             None => RequestOutcome::Abandoned,
             Some(_) if no_answer => RequestOutcome::UpstreamFailed,

@@ -59,34 +59,27 @@ fn connection_tokens(headers: &HeaderMap) -> Vec<String> {
         .collect()
 }
 
-/// The headers of `headers` that `wanted` keeps, less those of one
-/// connection ([`HOP_BY_HOP`] and those its `Connection` header names), in
-/// a map with room for `added` more, so that the proxy's own headers do not
-/// make it grow.
-fn end_to_end(headers: &HeaderMap, added: usize, wanted: impl Fn(&str) -> bool) -> HeaderMap {
-    let named = connection_tokens(headers);
-    let mut kept = HeaderMap::with_capacity(headers.len() + added);
-    for (name, value) in headers {
+/// The client's headers that go upstream (see [`FROM_CLIENT`]), less those
+/// of one connection ([`HOP_BY_HOP`] and those its `Connection` header
+/// names), in a map with room for the proxy's own: the upstream's key,
+/// content type, encoding and accepted types, the account, and the host and
+/// length the HTTP client adds.
+pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
+    let named = connection_tokens(client);
+    let mut kept = HeaderMap::with_capacity(client.len() + 8);
+    for (name, value) in client {
         let name_str = name.as_str();
+        let wanted = FROM_CLIENT.contains(&name_str)
+            || FROM_CLIENT_PREFIXES
+                .iter()
+                .any(|prefix| name_str.starts_with(prefix));
         let of_the_connection =
             HOP_BY_HOP.contains(&name_str) || named.iter().any(|token| token == name_str);
-        if wanted(name_str) && !of_the_connection {
+        if wanted && !of_the_connection {
             kept.append(name.clone(), value.clone());
         }
     }
     kept
-}
-
-/// The client's headers that go upstream (see [`FROM_CLIENT`]).
-pub fn to_upstream(client: &HeaderMap) -> HeaderMap {
-    // The upstream's key, content type, encoding and accepted types, the
-    // account, and the host and length the HTTP client adds.
-    end_to_end(client, 8, |name| {
-        FROM_CLIENT.contains(&name)
-            || FROM_CLIENT_PREFIXES
-                .iter()
-                .any(|prefix| name.starts_with(prefix))
-    })
 }
 
 /// The upstream's headers that go to the client: all of the message but

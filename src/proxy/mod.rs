@@ -547,8 +547,10 @@ async fn forward_admitted(
     let sent_as = proxy.sent_as(&account)?;
     // A credential blocked by billing refuses as early, for every workspace
     // billed to it, or lets this call through as its probe.
-    if let Some(credential) = &account.credential
-        && let Some(decision) = state.engine.pass_credential(&workspace, credential).await?
+    if let Some(decision) = state
+        .engine
+        .pass_credential(&workspace, &sent_as.credential)
+        .await?
         && let Err(refusal) = &decision.result
     {
         return Err(refused(state, &workspace, endpoint, &decision, refusal));
@@ -606,10 +608,10 @@ async fn forward_admitted(
         endpoint: call.endpoint,
         estimate: call.estimate,
         arrived: own_time.arrived,
-        credential: account.credential.clone().map(|credential| CredentialCall {
-            credential,
+        credential: CredentialCall {
+            credential: sent_as.credential.clone(),
             admitted_at: admitted.charged_at,
-        }),
+        },
     });
 
     let under_v1 = path.strip_prefix("/v1").unwrap_or(&path);
@@ -860,7 +862,6 @@ mod tests {
             key_env: key_env.map(str::to_owned),
             organization: Some("org-ops".to_owned()),
             project: project.map(str::to_owned),
-            credential: None,
         }
     }
 
