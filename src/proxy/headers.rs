@@ -151,6 +151,22 @@ mod tests {
     }
 
     #[test]
+    fn a_header_the_clients_connection_header_names_does_not_go_upstream() {
+        // Names in any case and spacing, beside hop-by-hop ones, which are
+        // dropped anyway.
+        let sent = to_upstream(&headers(&[
+            ("connection", "Keep-Alive,  User-Agent ,x-stainless-os"),
+            ("user-agent", "OpenAI/Python 1.50.0"),
+            ("x-stainless-os", "Linux"),
+            ("x-stainless-lang", "python"),
+            ("accept", "*/*"),
+        ]));
+        let mut names: Vec<&str> = sent.keys().map(HeaderName::as_str).collect();
+        names.sort_unstable();
+        assert_eq!(names, ["accept", "x-stainless-lang"]);
+    }
+
+    #[test]
     fn the_upstreams_account_and_cookies_do_not_reach_the_client() {
         let back = to_client(headers(&[
             ("content-type", "application/json"),
