@@ -83,7 +83,7 @@ SYSTEM_CALLS = (
 # the sampled instruction that belongs to one (inlined frames carry short
 # names, so a part is recognised where its crate's name appears).
 PARTS = (
-    ("allocation (malloc, free)", r"malloc|free|realloc|calloc|tcache|unlink_chunk|__rust_alloc|__rust_dealloc"),
+    ("allocation (malloc, free)", r"malloc|free|realloc|calloc|tcache|unlink_chunk|__rust_alloc|__rust_dealloc|^_?mi_"),
     ("copying memory (memcpy, memmove)", r"memcpy|memmove|memset"),
     ("token estimate (tiktoken)", r"tiktoken"),
     ("JSON (serde_json)", r"serde_json"),

@@ -200,7 +200,10 @@ single_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --connections 1)
 max_rss_kb=$(sort -n "$work/rss.kb" | tail -1)
 
 # Peak memory for one 30 MiB body above idle: the high-water mark is reset
-# (clear_refs 5), one body is sent, and the new mark is read.
+# (clear_refs 5), one body is sent, and the new mark is read. Idle is read
+# once, before the first body: an allocator may keep the first body's
+# memory for later use, and the second body's peak is then counted above
+# the same idle, memory kept included, not above the memory kept.
 python3 - "$work" <<'PY'
 import json, sys
 work = sys.argv[1]
@@ -211,14 +214,14 @@ open(f"{work}/text.json", "w").write(text)
 ids = json.dumps({"model": "text-embedding-3-small", "input": [1] * (size // 2)}, separators=(",", ":"))
 open(f"{work}/ids.json", "w").write(ids)
 PY
+idle_kb=$(awk '/^VmRSS/ {print $2}' "/proc/$qw_pid/status")
 large_body_peak() { # file, path -> "peak_above_idle_kib body_kib status"
-    local idle status peak
-    idle=$(awk '/^VmRSS/ {print $2}' "/proc/$qw_pid/status")
+    local status peak
     echo 5 >"/proc/$qw_pid/clear_refs"
     status=$(curl -s -o /dev/null -w '%{http_code}' -H "Authorization: Bearer $key" \
         -H 'Content-Type: application/json' --data-binary "@$1" "$proxy$2")
     peak=$(awk '/^VmHWM/ {print $2}' "/proc/$qw_pid/status")
-    echo "$((peak - idle)) $(($(stat -c %s "$1") / 1024)) $status"
+    echo "$((peak - idle_kb)) $(($(stat -c %s "$1") / 1024)) $status"
 }
 read -r text_peak text_kib text_status < <(large_body_peak "$work/text.json" /chat/completions)
 read -r ids_peak ids_kib ids_status < <(large_body_peak "$work/ids.json" /embeddings)

@@ -98,7 +98,16 @@ pub fn normalise(raw: &str) -> Result<String, PathError> {
         }
     }
     match segments.split_first() {
-        Some((&"v1", rest)) if !rest.is_empty() => Ok(format!("/v1/{}", rest.join("/"))),
+        Some((&"v1", rest)) if !rest.is_empty() => {
+            // Written into one string: every proxied call comes through here.
+            let mut path = String::with_capacity(decoded.len() + 1);
+            path.push_str("/v1");
+            for segment in rest {
+                path.push('/');
+                path.push_str(segment);
+            }
+            Ok(path)
+        }
         _ => Err(PathError::OutsideV1),
     }
 }
