@@ -752,7 +752,7 @@ fn build(
             max_body_bytes: values.read(&PROXY_MAX_BODY_BYTES)?,
             default_max_tokens: values.read(&DEFAULT_MAX_TOKENS)?,
             tokenizer: values.read(&TOKENIZER)?,
-            proxies: std::sync::Arc::new(proxies(env)),
+            proxies: std::sync::Arc::new(proxies(env)?),
         },
         metrics_models: values.read(&METRICS_MODELS)?,
         metrics_public: values.read(&METRICS_PUBLIC)?,
@@ -772,18 +772,48 @@ fn build(
 /// The proxies the environment names, read as reqwest reads them: the
 /// upper-case name before the lower-case one, and none at all in a CGI
 /// script's environment, where `HTTP_PROXY` may come from a request's
-/// `Proxy` header.
-fn proxies(env: &dyn Fn(&str) -> Option<String>) -> Matcher {
+/// `Proxy` header. Unlike reqwest, a proxy variable whose value is not a
+/// proxy URL stops the start: the matcher would skip it, and calls would
+/// go straight to the upstream, past the proxy meant to carry them.
+fn proxies(env: &dyn Fn(&str) -> Option<String>) -> Result<Matcher, ConfigError> {
     if env("REQUEST_METHOD").is_some() {
-        return Matcher::builder().build();
+        return Ok(Matcher::builder().build());
     }
-    let first = |names: [&str; 2]| names.into_iter().find_map(env).unwrap_or_default();
+    let first = |names: [&'static str; 2]| {
+        names
+            .into_iter()
+            .find_map(|name| env(name).map(|value| (name, value)))
+    };
+    let proxy = |names| match first(names) {
+        Some((name, value)) if !value.trim().is_empty() && !usable_proxy(&value) => {
+            Err(ConfigError::new(
+                name,
+                &Source::Environment,
+                "not a proxy URL such as http://proxy.example:3128 (the value is not shown: \
+                 a proxy URL may hold a password)",
+            ))
+        }
+        named => Ok(named.map(|(_, value)| value).unwrap_or_default()),
+    };
+    Ok(Matcher::builder()
+        .all(proxy(["ALL_PROXY", "all_proxy"])?)
+        .http(proxy(["HTTP_PROXY", "http_proxy"])?)
+        .https(proxy(["HTTPS_PROXY", "https_proxy"])?)
+        .no(first(["NO_PROXY", "no_proxy"])
+            .map(|(_, value)| value)
+            .unwrap_or_default())
+        .build())
+}
+
+/// Whether the matcher reads `value` as a proxy: asked of the matcher
+/// itself, so that this check and the calls read a value alike.
+fn usable_proxy(value: &str) -> bool {
+    let anywhere = axum::http::Uri::from_static("http://upstream.invalid/");
     Matcher::builder()
-        .all(first(["ALL_PROXY", "all_proxy"]))
-        .http(first(["HTTP_PROXY", "http_proxy"]))
-        .https(first(["HTTPS_PROXY", "https_proxy"]))
-        .no(first(["NO_PROXY", "no_proxy"]))
+        .all(value.to_owned())
         .build()
+        .intercept(&anywhere)
+        .is_some()
 }
 
 /// The SMTP settings, all or none: a sender is needed to send, and a
@@ -1293,6 +1323,33 @@ mod tests {
                 ("REQUEST_METHOD", "GET")
             ]),
             None
+        );
+    }
+
+    #[test]
+    fn a_proxy_variable_that_is_not_a_proxy_url_stops_the_start_without_showing_it() {
+        for (name, value) in [
+            ("HTTPS_PROXY", "http://user:s3cret@[proxy"),
+            ("https_proxy", "ftp://proxy.example:21"),
+            ("ALL_PROXY", "http:// proxy.example"),
+            ("http_proxy", "not a url"),
+        ] {
+            let error = refusal(None, &[(name, value)]);
+            assert_eq!(error.setting, name);
+            assert!(error.message.contains("not a proxy URL"), "{error}");
+            assert!(!error.to_string().contains(value), "{error}");
+        }
+        // A proxy without a scheme is an http:// one, as reqwest reads it,
+        // and a variable set to nothing names no proxy.
+        let openai: axum::http::Uri = "https://api.openai.com/".parse().expect("a URI");
+        let proxies = accepted(&[("HTTPS_PROXY", "proxy.example:3128"), ("ALL_PROXY", " ")])
+            .upstream
+            .proxies;
+        assert_eq!(
+            proxies
+                .intercept(&openai)
+                .map(|proxy| proxy.uri().to_string()),
+            Some("http://proxy.example:3128/".to_owned())
         );
     }
 
