@@ -1,7 +1,9 @@
 //! The proxy in front of an HTTPS upstream: one whose certificate a root
 //! named by `QUOTAWATCH_UPSTREAM_CA_FILE` signed answers JSON and streams,
 //! over HTTP/2 or HTTP/1.1 as the handshake settles, with usage counted;
-//! one whose certificate nothing trusts is never sent the request.
+//! one whose certificate nothing trusts is never sent the request; a call
+//! an HTTP/2 upstream left unprocessed (refused, or gone away from) is sent
+//! again.
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -133,43 +135,69 @@ async fn an_https_upstream_whose_certificate_is_not_trusted_gets_a_502_saying_th
     server.stop().await;
 }
 
-#[tokio::test]
-async fn a_call_an_http2_upstream_refuses_unprocessed_is_sent_again() {
-    // A bare HTTP/2 server over TLS that refuses the first stream it is
-    // sent (REFUSED_STREAM: it did not process it, RFC 9113 section 8.7)
-    // and answers every other.
+/// A bare HTTP/2 server over TLS on 127.0.0.1, serving each connection
+/// with `serve` (given the TLS stream and the connection's number, from 0);
+/// its port and the root that signed its certificate.
+async fn http2_upstream<F, Served>(serve: F) -> (u16, String)
+where
+    F: Fn(tokio_rustls::server::TlsStream<tokio::net::TcpStream>, usize) -> Served
+        + Send
+        + Sync
+        + 'static,
+    Served: Future<Output = ()> + Send + 'static,
+{
     let (config, root_pem) = server_config(&[b"h2"]);
     let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
         .await
         .expect("bind");
     let port = listener.local_addr().expect("address").port();
-    let streams = Arc::new(AtomicUsize::new(0));
-    let seen = Arc::clone(&streams);
     tokio::spawn(async move {
+        let mut connections = 0;
         while let Ok((tcp, _)) = listener.accept().await {
             let Ok(tls) = acceptor.accept(tcp).await else {
                 continue;
             };
-            let seen = Arc::clone(&seen);
-            tokio::spawn(async move {
-                let mut connection = h2::server::handshake(tls).await.expect("HTTP/2");
-                while let Some(Ok((_, mut respond))) = connection.accept().await {
-                    if seen.fetch_add(1, Ordering::SeqCst) == 0 {
-                        respond.send_reset(h2::Reason::REFUSED_STREAM);
-                        continue;
-                    }
-                    let head = axum::http::Response::builder()
-                        .header("content-type", "application/json")
-                        .body(())
-                        .expect("a response");
-                    let mut body = respond.send_response(head, false).expect("headers");
-                    body.send_data(Bytes::from(fixture("chat_completion.json")), true)
-                        .expect("the body");
-                }
-            });
+            tokio::spawn(serve(tls, connections));
+            connections += 1;
         }
     });
+    (port, root_pem)
+}
+
+/// Answers every stream on `tls` with OpenAI's recorded chat completion,
+/// but those `refuse` says to refuse (REFUSED_STREAM: not processed, RFC
+/// 9113 section 8.7).
+async fn answer_http2<Io>(tls: Io, refuse: impl Fn() -> bool)
+where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin,
+{
+    let mut connection = h2::server::handshake(tls).await.expect("HTTP/2");
+    while let Some(Ok((_, mut respond))) = connection.accept().await {
+        if refuse() {
+            respond.send_reset(h2::Reason::REFUSED_STREAM);
+            continue;
+        }
+        let head = axum::http::Response::builder()
+            .header("content-type", "application/json")
+            .body(())
+            .expect("a response");
+        let mut body = respond.send_response(head, false).expect("headers");
+        body.send_data(Bytes::from(fixture("chat_completion.json")), true)
+            .expect("the body");
+    }
+}
+
+#[tokio::test]
+async fn a_call_an_http2_upstream_refuses_unprocessed_is_sent_again() {
+    // The first stream is refused, every other answered.
+    let streams = Arc::new(AtomicUsize::new(0));
+    let seen = Arc::clone(&streams);
+    let (port, root_pem) = http2_upstream(move |tls, _| {
+        let seen = Arc::clone(&seen);
+        answer_http2(tls, move || seen.fetch_add(1, Ordering::SeqCst) == 0)
+    })
+    .await;
     let url = format!("https://localhost:{port}/v1");
     let (server, key, _dir) = trusting(&url, &root_pem).await;
 
@@ -178,6 +206,74 @@ async fn a_call_an_http2_upstream_refuses_unprocessed_is_sent_again() {
         streams.load(Ordering::SeqCst),
         2,
         "refused once, then answered"
+    );
+    tokens_settle_at(&server, &key, 29).await;
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn a_call_an_http2_upstream_going_away_left_unprocessed_is_sent_again() {
+    // The first connection is shut down gracefully as the call arrives on
+    // it: a GOAWAY frame without error whose last stream is none, so that
+    // the call's stream is one the upstream says it did not process (RFC
+    // 9113 section 6.8). Written frame by frame: an HTTP/2 library counts
+    // a stream as processed once its headers arrive. Later connections
+    // answer.
+    let requests_dropped = Arc::new(AtomicUsize::new(0));
+    let dropped = Arc::clone(&requests_dropped);
+    let (port, root_pem) = http2_upstream(move |mut tls, connection| {
+        let dropped = Arc::clone(&dropped);
+        async move {
+            if connection > 0 {
+                return answer_http2(tls, || false).await;
+            }
+            use tokio::io::{AsyncReadExt, AsyncWriteExt};
+            let mut preface = [0; 24];
+            tls.read_exact(&mut preface).await.expect("the preface");
+            assert_eq!(&preface, b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n");
+            // An empty SETTINGS frame: the server's defaults.
+            tls.write_all(&[0, 0, 0, 4, 0, 0, 0, 0, 0])
+                .await
+                .expect("SETTINGS");
+            loop {
+                let mut head = [0; 9];
+                if tls.read_exact(&mut head).await.is_err() {
+                    return;
+                }
+                let length =
+                    usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+                let mut payload = vec![0; length];
+                tls.read_exact(&mut payload)
+                    .await
+                    .expect("a frame's payload");
+                match (head[3], head[4]) {
+                    // The client's SETTINGS, acknowledged.
+                    (4, 0) => {
+                        tls.write_all(&[0, 0, 0, 4, 1, 0, 0, 0, 0])
+                            .await
+                            .expect("the ACK");
+                    }
+                    // HEADERS: a call. GOAWAY, last stream 0, NO_ERROR.
+                    (1, _) => {
+                        dropped.fetch_add(1, Ordering::SeqCst);
+                        let go_away = [0, 0, 8, 7, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0];
+                        tls.write_all(&go_away).await.expect("GOAWAY");
+                        tls.flush().await.expect("flushed");
+                    }
+                    _ => {}
+                }
+            }
+        }
+    })
+    .await;
+    let url = format!("https://localhost:{port}/v1");
+    let (server, key, _dir) = trusting(&url, &root_pem).await;
+
+    answers_as_recorded(&server, &key, false).await;
+    assert_eq!(
+        requests_dropped.load(Ordering::SeqCst),
+        1,
+        "the call reached the first connection, which went away"
     );
     tokens_settle_at(&server, &key, 29).await;
     server.stop().await;
