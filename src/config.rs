@@ -712,8 +712,6 @@ fn build(
         })
         .collect();
 
-    let upstream_url = values.read(&UPSTREAM_URL)?;
-    let proxies = proxies(env)?;
     Ok(Config {
         listen: values.read(&LISTEN)?,
         database_url: values.read(&DATABASE_URL)?,
@@ -745,16 +743,16 @@ fn build(
         log_format: values.read(&LOG_FORMAT)?,
         log_level: values.read(&LOG_LEVEL)?,
         upstream: UpstreamConfig {
-            extra_root: upstream_extra_root(&values, &upstream_url, &proxies)?,
-            url: upstream_url,
+            url: values.read(&UPSTREAM_URL)?,
             api_key: values.read_optional(&UPSTREAM_API_KEY)?,
             connect_timeout: values.read(&UPSTREAM_CONNECT_TIMEOUT)?,
+            extra_root: values.read_optional(&UPSTREAM_CA_FILE)?,
             headers_timeout: values.read(&UPSTREAM_HEADERS_TIMEOUT)?,
             idle_timeout: values.read(&UPSTREAM_IDLE_TIMEOUT)?,
             max_body_bytes: values.read(&PROXY_MAX_BODY_BYTES)?,
             default_max_tokens: values.read(&DEFAULT_MAX_TOKENS)?,
             tokenizer: values.read(&TOKENIZER)?,
-            proxies: std::sync::Arc::new(proxies),
+            proxies: std::sync::Arc::new(proxies(env)?),
         },
         metrics_models: values.read(&METRICS_MODELS)?,
         metrics_public: values.read(&METRICS_PUBLIC)?,
@@ -776,7 +774,8 @@ fn build(
 /// script's environment, where `HTTP_PROXY` may come from a request's
 /// `Proxy` header. Unlike reqwest, a proxy variable whose value is not a
 /// proxy URL stops the start: the matcher would skip it, and calls would
-/// go straight to the upstream, past the proxy meant to carry them.
+/// go past the proxy meant to carry them (straight to the upstream, or
+/// through `ALL_PROXY`'s).
 fn proxies(env: &dyn Fn(&str) -> Option<String>) -> Result<Matcher, ConfigError> {
     if env("REQUEST_METHOD").is_some() {
         return Ok(Matcher::builder().build());
@@ -791,8 +790,8 @@ fn proxies(env: &dyn Fn(&str) -> Option<String>) -> Result<Matcher, ConfigError>
             Err(ConfigError::new(
                 name,
                 &Source::Environment,
-                "not a proxy URL such as http://proxy.example:3128 (the value is not shown: \
-                 a proxy URL may hold a password)",
+                "not a proxy URL such as http://proxy.example:3128, with nothing around it, \
+                 not even spaces (the value is not shown: a proxy URL may hold a password)",
             ))
         }
         named => Ok(named.map(|(_, value)| value).unwrap_or_default()),
@@ -816,38 +815,6 @@ fn usable_proxy(value: &str) -> bool {
         .build()
         .intercept(&anywhere)
         .is_some()
-}
-
-/// The root certificate the upstream's TLS connections trust beside the
-/// system's, which is an error where no connection would be over TLS: an
-/// `http://` upstream reached directly or through an `http://` proxy. Set
-/// there, it most often means the URL lost its `s`.
-fn upstream_extra_root(
-    values: &Values,
-    url: &str,
-    proxies: &Matcher,
-) -> Result<Option<ExtraRoot>, ConfigError> {
-    let extra_root = values.read_optional(&UPSTREAM_CA_FILE)?;
-    let tls_somewhere = || {
-        let Ok(upstream) = url.parse::<axum::http::Uri>() else {
-            // The upstream itself will say what is wrong with its URL.
-            return true;
-        };
-        upstream.scheme() == Some(&axum::http::uri::Scheme::HTTPS)
-            || proxies
-                .intercept(&upstream)
-                .is_some_and(|proxy| proxy.uri().scheme() == Some(&axum::http::uri::Scheme::HTTPS))
-    };
-    if extra_root.is_some() && !tls_somewhere() {
-        let (_, source) = values.text(&UPSTREAM_CA_FILE.def);
-        return Err(ConfigError::new(
-            UPSTREAM_CA_FILE.def.env,
-            source,
-            "is set, but no connection would use it: the upstream URL is http:// and is \
-             reached directly or through an http:// proxy",
-        ));
-    }
-    Ok(extra_root)
 }
 
 /// The SMTP settings, all or none: a sender is needed to send, and a
@@ -1385,45 +1352,6 @@ mod tests {
                 .map(|proxy| proxy.uri().to_string()),
             Some("http://proxy.example:3128/".to_owned())
         );
-    }
-
-    #[test]
-    fn an_upstream_root_no_tls_connection_would_use_is_an_error() {
-        let dir = tempfile::tempdir().expect("tempdir");
-        let root = dir.path().join("root.pem");
-        let certified = rcgen::generate_simple_self_signed(vec!["upstream.internal".to_owned()])
-            .expect("a certificate");
-        std::fs::write(&root, certified.cert.pem()).expect("write the root");
-        let root = root.to_str().expect("utf-8");
-        let with_root = |more: &[(&'static str, &'static str)]| {
-            let mut env = vec![("QUOTAWATCH_UPSTREAM_CA_FILE", root)];
-            env.extend_from_slice(more);
-            load_with(None, None, &env, vec![])
-        };
-        for unused in [
-            vec![("QUOTAWATCH_UPSTREAM_URL", "http://upstream.internal/v1")],
-            vec![
-                ("QUOTAWATCH_UPSTREAM_URL", "http://upstream.internal/v1"),
-                ("HTTP_PROXY", "http://proxy.internal:3128"),
-            ],
-        ] {
-            let error = with_root(&unused).expect_err("an unused root");
-            assert_eq!(error.setting, "QUOTAWATCH_UPSTREAM_CA_FILE");
-            assert!(
-                error.message.contains("no connection would use it"),
-                "{error}"
-            );
-        }
-        for used in [
-            vec![("QUOTAWATCH_UPSTREAM_URL", "https://upstream.internal/v1")],
-            vec![
-                ("QUOTAWATCH_UPSTREAM_URL", "http://upstream.internal/v1"),
-                ("HTTP_PROXY", "https://proxy.internal:3128"),
-            ],
-        ] {
-            let config = with_root(&used).unwrap_or_else(|error| panic!("{used:?}: {error}"));
-            assert!(config.upstream.extra_root.is_some());
-        }
     }
 
     /// The configuration from `env` alone.

@@ -112,6 +112,20 @@ impl Upstream {
             .with_no_client_auth();
 
         let proxy = upstream_proxy(config, &scheme, &authority)?;
+        // A root no TLS connection would use most often means the URL lost
+        // its `s`: said at the start rather than left unused.
+        let over_tls = |scheme: Option<&Scheme>| scheme == Some(&Scheme::HTTPS);
+        let tls_somewhere = over_tls(Some(&scheme))
+            || proxy
+                .as_ref()
+                .is_some_and(|proxy| over_tls(proxy.uri().scheme()));
+        if config.extra_root.is_some() && !tls_somewhere {
+            return Err(ProxyError::ExtraRoot(
+                "it is set, but no connection would use it: the upstream URL is http:// and is \
+                 reached directly or through an http:// proxy"
+                    .to_owned(),
+            ));
+        }
 
         let mut http = HttpConnector::new();
         // The scheme is the URI's, with TLS added by the layer above.
@@ -580,11 +594,19 @@ mod tests {
     }
 
     fn through(url: &str, proxies: Matcher) -> Result<Upstream, ProxyError> {
+        trusting(url, proxies, None)
+    }
+
+    fn trusting(
+        url: &str,
+        proxies: Matcher,
+        extra_root: Option<crate::mail::ExtraRoot>,
+    ) -> Result<Upstream, ProxyError> {
         Upstream::new(&UpstreamConfig {
             url: url.to_owned(),
             api_key: None,
             connect_timeout: Duration::from_secs(1),
-            extra_root: None,
+            extra_root,
             headers_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(1),
             max_body_bytes: 1024,
@@ -621,6 +643,50 @@ mod tests {
                 .build(),
         )
         .unwrap_or_else(|_| panic!("an upstream"));
+    }
+
+    #[tokio::test]
+    async fn a_root_no_tls_connection_would_use_stops_the_start() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("root.pem");
+        let certified = rcgen::generate_simple_self_signed(vec!["upstream.internal".to_owned()])
+            .expect("a certificate");
+        std::fs::write(&path, certified.cert.pem()).expect("write the root");
+        let root =
+            || Some(crate::mail::read_extra_root(path.to_str().expect("utf-8")).expect("a root"));
+        let plain = "http://upstream.internal/v1";
+        for proxies in [
+            Matcher::builder().build(),
+            Matcher::builder()
+                .http("http://proxy.internal:3128")
+                .build(),
+            // A proxy the upstream's host is set aside from is not used.
+            Matcher::builder()
+                .http("https://proxy.internal:3128")
+                .no("upstream.internal")
+                .build(),
+        ] {
+            let Err(error) = trusting(plain, proxies, root()) else {
+                panic!("a root no connection uses was accepted");
+            };
+            let message = error.to_string();
+            assert!(
+                message.starts_with("QUOTAWATCH_UPSTREAM_CA_FILE cannot be used")
+                    && message.contains("no connection would use it"),
+                "{message}"
+            );
+        }
+        // Over TLS to the upstream, or to the proxy, the root is used.
+        trusting(
+            "https://upstream.internal/v1",
+            Matcher::builder().build(),
+            root(),
+        )
+        .unwrap_or_else(|_| panic!("an https upstream"));
+        let behind_https = Matcher::builder()
+            .http("https://proxy.internal:3128")
+            .build();
+        trusting(plain, behind_https, root()).unwrap_or_else(|_| panic!("an https proxy"));
     }
 
     #[tokio::test]
