@@ -10,6 +10,7 @@
 //! bytes within [`DRAIN_TIME`]; a body that goes on longer ends the
 //! connection cleanly instead, announced with `Connection: close`.
 
+use std::convert::Infallible;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
@@ -17,7 +18,6 @@ use std::time::Duration;
 use axum::body::{Body, Bytes};
 use axum::extract::Request;
 use axum::http::{HeaderValue, header};
-use axum::middleware::Next;
 use axum::response::Response;
 use http_body::{Body as HttpBody, Frame, SizeHint};
 use http_body_util::BodyExt;
@@ -29,7 +29,7 @@ const DRAIN_LIMIT: usize = 1 << 20;
 const DRAIN_TIME: Duration = Duration::from_secs(1);
 
 /// A request body that, when dropped before its end, hands what is left to
-/// [`keep_connection_usable`].
+/// [`KeepConnectionUsable`].
 struct Tracked {
     inner: Body,
     leftover: Option<oneshot::Sender<Body>>,
@@ -83,23 +83,71 @@ async fn within_drain_time(draining: impl Future<Output = bool>) -> bool {
         .unwrap_or(false)
 }
 
-/// Middleware: see the module's documentation.
-pub async fn keep_connection_usable(request: Request, next: Next) -> Response {
-    let (parts, body) = request.into_parts();
-    if body.is_end_stream() {
-        return next.run(Request::from_parts(parts, body)).await;
+/// The middleware around `inner`: see the module's documentation. Written
+/// as a service of its own, rather than with axum's `from_fn`, which boxes
+/// and clones the service inside on every request.
+#[derive(Clone)]
+pub struct KeepConnectionUsable<S> {
+    inner: S,
+}
+
+impl<S> KeepConnectionUsable<S> {
+    pub fn layer() -> impl tower::Layer<S, Service = Self> + Clone {
+        tower::layer::layer_fn(|inner| Self { inner })
     }
-    let (leftover, mut unread) = oneshot::channel();
-    let tracked = Body::new(Tracked {
-        inner: body,
-        leftover: Some(leftover),
-    });
-    let mut response = next.run(Request::from_parts(parts, tracked)).await;
+}
+
+impl<S, B> tower::Service<Request> for KeepConnectionUsable<S>
+where
+    S: tower::Service<Request, Response = axum::http::Response<B>, Error = Infallible>,
+    S::Future: Send + 'static,
+    B: HttpBody<Data = Bytes> + Send + 'static,
+    B::Error: Into<axum::BoxError>,
+{
+    type Response = Response;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response, Infallible>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Infallible>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        let (parts, body) = request.into_parts();
+        if body.is_end_stream() {
+            let answering = self.inner.call(Request::from_parts(parts, body));
+            return Box::pin(async move {
+                let Ok(response) = answering.await;
+                Ok(response.map(Body::new))
+            });
+        }
+        let (leftover, unread) = oneshot::channel();
+        let tracked = Body::new(Tracked {
+            inner: body,
+            leftover: Some(leftover),
+        });
+        let answering = self.inner.call(Request::from_parts(parts, tracked));
+        Box::pin(async move {
+            let Ok(response) = answering.await;
+            let mut response = response.map(Body::new);
+            if !drained(unread).await {
+                response
+                    .headers_mut()
+                    .insert(header::CONNECTION, HeaderValue::from_static("close"));
+            }
+            Ok(response)
+        })
+    }
+}
+
+/// Whether the body `unread` may hand over was read to its end, by the
+/// handler or here, within the bounds.
+async fn drained(mut unread: oneshot::Receiver<Body>) -> bool {
     // The body is handed over when the handler drops it unread; a body read
     // to its end is not (the channel closes empty), which is the usual case
     // and costs no timer. Otherwise waiting for the handover and reading the
     // rest share one bound, in case something still holds the body.
-    let drained = match unread.try_recv() {
+    match unread.try_recv() {
         Err(TryRecvError::Closed) => true,
         Ok(rest) => within_drain_time(read_to_end(rest)).await,
         Err(TryRecvError::Empty) => {
@@ -111,11 +159,42 @@ pub async fn keep_connection_usable(request: Request, next: Next) -> Response {
             })
             .await
         }
-    };
-    if !drained {
-        response
-            .headers_mut()
-            .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
-    response
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tower::{Layer, ServiceExt};
+
+    /// Whether the answer around a handler given a body of `size` bytes,
+    /// which it reads to the end or drops unread, asks to close the
+    /// connection.
+    async fn closes(size: usize, handler_reads: bool) -> bool {
+        let handler = tower::service_fn(move |request: Request| async move {
+            if handler_reads {
+                axum::body::to_bytes(request.into_body(), usize::MAX)
+                    .await
+                    .expect("the body");
+            }
+            Ok::<_, Infallible>(Response::new(Body::empty()))
+        });
+        let service = KeepConnectionUsable::layer().layer(handler);
+        let Ok(response) = service
+            .oneshot(Request::new(Body::from(vec![b'x'; size])))
+            .await;
+        response
+            .headers()
+            .get(header::CONNECTION)
+            .is_some_and(|value| value == "close")
+    }
+
+    #[tokio::test]
+    async fn a_body_left_unread_is_read_here_and_one_too_long_closes_the_connection() {
+        assert!(!closes(0, false).await, "no body");
+        assert!(!closes(4096, true).await, "read by the handler");
+        assert!(!closes(4096, false).await, "read here");
+        assert!(!closes(DRAIN_LIMIT, false).await, "read here, to the limit");
+        assert!(closes(DRAIN_LIMIT + 1, false).await, "too long to read");
+    }
 }

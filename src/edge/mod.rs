@@ -40,7 +40,7 @@ pub fn serve(
     // boxed service of its own, and every request would copy each box.
     tower::ServiceBuilder::new()
         .option_layer(cors_layer(cors_origins))
-        .layer(axum::middleware::from_fn(drain::keep_connection_usable))
+        .layer(drain::KeepConnectionUsable::layer())
         .layer(tower_http::trace::TraceLayer::new_for_http())
         .layer(DefaultBodyLimit::max(max_body_bytes))
         .service(routes)
