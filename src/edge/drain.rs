@@ -114,23 +114,24 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         let (parts, body) = request.into_parts();
-        if body.is_end_stream() {
-            let answering = self.inner.call(Request::from_parts(parts, body));
-            return Box::pin(async move {
-                let Ok(response) = answering.await;
-                Ok(response.map(Body::new))
+        // An empty body has nothing to leave unread, and is not tracked.
+        let (body, unread) = if body.is_end_stream() {
+            (body, None)
+        } else {
+            let (leftover, unread) = oneshot::channel();
+            let tracked = Body::new(Tracked {
+                inner: body,
+                leftover: Some(leftover),
             });
-        }
-        let (leftover, unread) = oneshot::channel();
-        let tracked = Body::new(Tracked {
-            inner: body,
-            leftover: Some(leftover),
-        });
-        let answering = self.inner.call(Request::from_parts(parts, tracked));
+            (tracked, Some(unread))
+        };
+        let answering = self.inner.call(Request::from_parts(parts, body));
         Box::pin(async move {
             let Ok(response) = answering.await;
             let mut response = response.map(Body::new);
-            if !drained(unread).await {
+            if let Some(unread) = unread
+                && !drained(unread).await
+            {
                 response
                     .headers_mut()
                     .insert(header::CONNECTION, HeaderValue::from_static("close"));
@@ -167,10 +168,9 @@ mod tests {
     use super::*;
     use tower::{Layer, ServiceExt};
 
-    /// Whether the answer around a handler given a body of `size` bytes,
-    /// which it reads to the end or drops unread, asks to close the
-    /// connection.
-    async fn closes(size: usize, handler_reads: bool) -> bool {
+    /// Whether the answer around a handler given `body`, which it reads to
+    /// the end or drops unread, asks to close the connection.
+    async fn closes(body: Body, handler_reads: bool) -> bool {
         let handler = tower::service_fn(move |request: Request| async move {
             if handler_reads {
                 axum::body::to_bytes(request.into_body(), usize::MAX)
@@ -180,21 +180,40 @@ mod tests {
             Ok::<_, Infallible>(Response::new(Body::empty()))
         });
         let service = KeepConnectionUsable::layer().layer(handler);
-        let Ok(response) = service
-            .oneshot(Request::new(Body::from(vec![b'x'; size])))
-            .await;
+        let Ok(response) = service.oneshot(Request::new(body)).await;
         response
             .headers()
             .get(header::CONNECTION)
             .is_some_and(|value| value == "close")
     }
 
+    fn bytes(size: usize) -> Body {
+        Body::from(vec![b'x'; size])
+    }
+
     #[tokio::test]
     async fn a_body_left_unread_is_read_here_and_one_too_long_closes_the_connection() {
-        assert!(!closes(0, false).await, "no body");
-        assert!(!closes(4096, true).await, "read by the handler");
-        assert!(!closes(4096, false).await, "read here");
-        assert!(!closes(DRAIN_LIMIT, false).await, "read here, to the limit");
-        assert!(closes(DRAIN_LIMIT + 1, false).await, "too long to read");
+        assert!(!closes(bytes(0), false).await, "no body");
+        assert!(!closes(bytes(4096), true).await, "read by the handler");
+        assert!(!closes(bytes(4096), false).await, "read here");
+        assert!(
+            !closes(bytes(DRAIN_LIMIT), false).await,
+            "read here, to the limit"
+        );
+        assert!(
+            closes(bytes(DRAIN_LIMIT + 1), false).await,
+            "too long to read"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_body_that_stops_coming_closes_the_connection_after_the_drain_time() {
+        // One byte, then nothing, as a client that stalls mid-upload: the
+        // answer waits for it no longer than the drain time.
+        use futures_util::StreamExt;
+        let first = futures_util::stream::once(async { Ok::<_, Infallible>(Bytes::from("x")) });
+        let stalled = Body::from_stream(first.chain(futures_util::stream::pending()));
+        let answered = tokio::time::timeout(DRAIN_TIME * 10, closes(stalled, false)).await;
+        assert_eq!(answered.ok(), Some(true), "answered, asking to close");
     }
 }
