@@ -8,7 +8,10 @@
 # makes small changes visible where CPU time is not; they leave out the
 # kernel's work (about a third of the CPU time, bench/profile.sh).
 #
-#   bench/instructions.sh [--stream] [--bin PATH] [N]   default N: 1000
+#   bench/instructions.sh [--stream] [--bin PATH] [--bare] [N]   default N: 1000
+#
+# --bare counts the bare_proxy example instead: the same HTTP stack doing
+# nothing but forwarding, the floor under quotawatch's count.
 #
 # Needs valgrind (Debian's package). Prints one line: the instructions
 # per call, JSON answers (or streamed ones with --stream).
@@ -19,11 +22,13 @@ calls=1000
 query=
 body=body
 other_bin=
-usage="usage: bench/instructions.sh [--stream] [--bin PATH] [N]"
+bare=
+usage="usage: bench/instructions.sh [--stream] [--bin PATH] [--bare] [N]"
 while [ $# -gt 0 ]; do
     case "$1" in
         --stream) query="?answer=stream" body=stream ;;
         --bin) other_bin=$(realpath "${2:?$usage}"); shift ;;
+        --bare) bare=1 ;;
         [0-9]*) calls=$1 ;;
         *) echo "$usage" >&2; exit 2 ;;
     esac
@@ -33,7 +38,9 @@ if ! command -v valgrind >/dev/null; then
     echo "bench/instructions.sh: needs valgrind (Debian's package valgrind)" >&2
     exit 1
 fi
-if [ -z "$other_bin" ]; then
+if [ -n "$bare" ]; then
+    cargo build --quiet --release --example bare_proxy
+elif [ -z "$other_bin" ]; then
     cargo build --quiet --release --bin quotawatch
 fi
 # Cargo builds where CARGO_TARGET_DIR says, if set.
@@ -41,12 +48,25 @@ real_bin=${other_bin:-$(realpath "${CARGO_TARGET_DIR:-target}/release/quotawatch
 
 source bench/lib.sh
 start_upstream
-# start_quotawatch runs "$bin": here a wrapper that runs it under callgrind.
-bin=$work/under-callgrind.sh
-printf '#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file=%s/callgrind.out "%s" "$@"\n' \
-    "$work" "$real_bin" >"$bin"
-chmod +x "$bin"
-start_quotawatch
+if [ -n "$bare" ]; then
+    name="the bare proxy"
+    valgrind --tool=callgrind --callgrind-out-file="$work/callgrind.out" \
+        "${CARGO_TARGET_DIR:-target}/release/examples/bare_proxy" "${upstream%/v1}" \
+        >"$work/bare.out" 2>"$work/bare.err" &
+    qw_pid=$!
+    pids+=("$qw_pid")
+    proxy=$(address_from "$work/bare.out" "bare proxy listening on ")/v1
+    # It forwards whatever it is sent; the key only makes the calls alike.
+    key=sk-bare
+else
+    name=quotawatch
+    # start_quotawatch runs "$bin": here a wrapper that runs it under callgrind.
+    bin=$work/under-callgrind.sh
+    printf '#!/bin/sh\nexec valgrind --tool=callgrind --callgrind-out-file=%s/callgrind.out "%s" "$@"\n' \
+        "$work" "$real_bin" >"$bin"
+    chmod +x "$bin"
+    start_quotawatch
+fi
 
 send() { # calls
     python3 - "$proxy/chat/completions$query" "$key" "$work/$body.json" "$1" <<'PY'
@@ -72,4 +92,4 @@ wait_until "callgrind's dump" compgen -G "$work/callgrind.out.*"
 dump=$(compgen -G "$work/callgrind.out.*" | head -1)
 wait_until "callgrind's totals" grep -q '^totals:' "$dump"
 instructions=$(awk '/^totals:/ {print $2}' "$dump")
-echo "quotawatch: $((instructions / calls)) user-space instructions per ${body/body/JSON} call ($instructions over $calls calls)"
+echo "$name: $((instructions / calls)) user-space instructions per ${body/body/JSON} call ($instructions over $calls calls)"

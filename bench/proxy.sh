@@ -22,14 +22,16 @@
 # measured in this one run:
 # - throughput: wrk (Debian's package) when installed, else the loadgen
 #   example in closed-loop mode; JSON answers at 64 connections and streamed
-#   answers at 16;
-# - the server CPU per request of quotawatch and of the upstream (nginx's
-#   master and workers, or the mock) over those runs: the processes' CPU
-#   time before and after, over the requests served;
+#   answers at 16; straight at the upstream, through quotawatch, and through
+#   the bare_proxy example: the same HTTP stack forwarding and doing nothing
+#   else, the floor under quotawatch's figures;
+# - the server CPU per request of quotawatch, of the bare proxy and of the
+#   upstream (nginx's master and workers, or the mock) over those runs: the
+#   processes' CPU time before and after, over the requests served;
 # - latency at a fixed 1,000 requests/s (the loadgen example in open-loop
 #   mode), with quotawatch's own account of the time it adds
 #   (x-quotawatch-overhead-ms), and with one request at a time (closed loop,
-#   one connection);
+#   one connection), direct, through quotawatch and through the bare proxy;
 # - quotawatch's resident memory, sampled throughout, and its CPU while idle
 #   with a hundred workspaces;
 # - the peak memory one 30 MiB request body costs above idle (two shapes: one
@@ -108,14 +110,19 @@ PY
 fi
 
 target_dir=$([ "$profile" = release ] && echo release || echo debug)
-cargo build --quiet --profile "$profile" --bin quotawatch --example loadgen
+cargo build --quiet --profile "$profile" --bin quotawatch --example loadgen --example bare_proxy
 # Cargo builds where CARGO_TARGET_DIR says, if set.
 bin=${other_bin:-"${CARGO_TARGET_DIR:-target}/$target_dir/quotawatch"}
 loadgen="${CARGO_TARGET_DIR:-target}/$target_dir/examples/loadgen"
+bare_proxy_bin="${CARGO_TARGET_DIR:-target}/$target_dir/examples/bare_proxy"
 
 source bench/lib.sh
 start_upstream
 start_quotawatch
+"$bare_proxy_bin" "${upstream%/v1}" >"$work/bare.out" 2>&1 &
+bare_pid=$!
+pids+=("$bare_pid")
+bare=$(address_from "$work/bare.out" "bare proxy listening on ")/v1
 
 # Both answers must be what a client expects before any is measured.
 proxied() { # body file, query
@@ -151,11 +158,11 @@ pids+=($!)
 tool=$(command -v wrk >/dev/null && echo wrk || echo loadgen)
 
 # Closed loop: prints one JSON line with the requests served, errors,
-# requests/s, p50 and p99, and the CPU time quotawatch and the upstream
-# used meanwhile.
-closed_loop() { # url, key (may be empty), body file, connections
-    local qw_before up_before qw_after up_after result
-    qw_before=$(cpu_ns "$qw_pid")
+# requests/s, p50 and p99, and the CPU time the proxy (quotawatch, or the
+# bare proxy) and the upstream used meanwhile.
+closed_loop() { # url, key (may be empty), body file, connections, proxy's pid
+    local proxy_pid=${5:-$qw_pid} qw_before up_before qw_after up_after result
+    qw_before=$(cpu_ns "$proxy_pid")
     up_before=$(cpu_ns "$upstream_pid")
     if [ "$tool" = wrk ]; then
         {
@@ -178,9 +185,9 @@ closed_loop() { # url, key (may be empty), body file, connections
     else
         result=$("$loadgen" --url "$1" --body "$3" ${2:+--key "$2"} --connections "$4" --duration "${duration}s")
     fi
-    qw_after=$(cpu_ns "$qw_pid")
+    qw_after=$(cpu_ns "$proxy_pid")
     up_after=$(cpu_ns "$upstream_pid")
-    echo "${result%\}},\"quotawatch_cpu_ns\":$((qw_after - qw_before)),\"upstream_cpu_ns\":$((up_after - up_before))}"
+    echo "${result%\}},\"proxy_cpu_ns\":$((qw_after - qw_before)),\"upstream_cpu_ns\":$((up_after - up_before))}"
 }
 
 loadgen_run() { # url, key (may be empty), loadgen's mode flag and its value
@@ -191,12 +198,16 @@ echo "quotawatch proxy benchmark ($profile build, ${duration} s per run, upstrea
     "throughput by $tool, $(nproc) cores shared by the servers and the load)"
 json_direct=$(closed_loop "$upstream/chat/completions" "" "$work/body.json" 64)
 json_proxied=$(closed_loop "$proxy/chat/completions" "$key" "$work/body.json" 64)
+json_bare=$(closed_loop "$bare/chat/completions" "$key" "$work/body.json" 64 "$bare_pid")
 stream_direct=$(closed_loop "$upstream/chat/completions?answer=stream" "" "$work/stream.json" 16)
 stream_proxied=$(closed_loop "$proxy/chat/completions?answer=stream" "$key" "$work/stream.json" 16)
+stream_bare=$(closed_loop "$bare/chat/completions?answer=stream" "$key" "$work/stream.json" 16 "$bare_pid")
 fixed_direct=$(loadgen_run "$upstream/chat/completions" "" --rate 1000)
 fixed_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --rate 1000)
+fixed_bare=$(loadgen_run "$bare/chat/completions" "$key" --rate 1000)
 single_direct=$(loadgen_run "$upstream/chat/completions" "" --connections 1)
 single_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --connections 1)
+single_bare=$(loadgen_run "$bare/chat/completions" "$key" --connections 1)
 max_rss_kb=$(sort -n "$work/rss.kb" | tail -1)
 
 # Peak memory for one 30 MiB body above idle: the high-water mark is reset
@@ -227,44 +238,51 @@ read -r text_peak text_kib text_status < <(large_body_peak "$work/text.json" /ch
 read -r ids_peak ids_kib ids_status < <(large_body_peak "$work/ids.json" /embeddings)
 
 CPU_MODEL=$(cpu_model) IDLE_LINE=$idle_line python3 - "$profile" "$(command -v nginx >/dev/null && echo nginx || echo mock)" "${check:+$baseline_file}" \
-    "$ratios_file" "$json_direct" "$json_proxied" "$stream_direct" "$stream_proxied" \
-    "$fixed_direct" "$fixed_proxied" "$single_direct" "$single_proxied" "${max_rss_kb:-0}" \
+    "$ratios_file" "$json_direct" "$json_proxied" "$json_bare" "$stream_direct" "$stream_proxied" \
+    "$stream_bare" "$fixed_direct" "$fixed_proxied" "$fixed_bare" "$single_direct" "$single_proxied" \
+    "$single_bare" "${max_rss_kb:-0}" \
     "$idle_cpu_ns" "$idle_seconds" "$text_peak" "$text_kib" "$text_status" \
     "$ids_peak" "$ids_kib" "$ids_status" <<'PY'
 import json, os, sys
 profile, upstream, baseline_file, ratios_file = sys.argv[1:5]
-json_direct, json_proxied, stream_direct, stream_proxied, fixed_direct, fixed_proxied, \
-    single_direct, single_proxied = map(json.loads, sys.argv[5:13])
-rss_mib = int(sys.argv[13]) / 1024
-idle_share = int(sys.argv[14]) / 1e9 / int(sys.argv[15])
-bodies = (("long text", *sys.argv[16:19]), ("token ids", *sys.argv[19:22]))
+json_direct, json_proxied, json_bare, stream_direct, stream_proxied, stream_bare, fixed_direct, \
+    fixed_proxied, fixed_bare, single_direct, single_proxied, single_bare = map(json.loads, sys.argv[5:17])
+rss_mib = int(sys.argv[17]) / 1024
+idle_share = int(sys.argv[18]) / 1e9 / int(sys.argv[19])
+bodies = (("long text", *sys.argv[20:23]), ("token ids", *sys.argv[23:26]))
 
 def cpu_us(run, process):
     return run[f"{process}_cpu_ns"] / 1e3 / run["requests"]
 
-print(f"{'':36}{'direct':>10}{'through':>10}{'ratio':>8}")
-for name, direct, proxied in (("JSON, 64 connections", json_direct, json_proxied),
-                              ("streams, 16 connections", stream_direct, stream_proxied)):
-    print(f"{name + ': req/s':36}{direct['rps']:10.0f}{proxied['rps']:10.0f}{proxied['rps'] / direct['rps']:8.2f}")
-    print(f"{name + ': p50 ms':36}{direct['p50_ms']:10.3f}{proxied['p50_ms']:10.3f}")
-    print(f"{name + ': p99 ms':36}{direct['p99_ms']:10.3f}{proxied['p99_ms']:10.3f}")
+# "bare" is the bare_proxy example: the same HTTP stack doing nothing but
+# forwarding, the floor no change to quotawatch's own work can go below.
+print(f"{'':36}{'direct':>10}{'through':>10}{'ratio':>8}{'bare':>10}{'ratio':>8}")
+for name, direct, proxied, bare in (("JSON, 64 connections", json_direct, json_proxied, json_bare),
+                                    ("streams, 16 connections", stream_direct, stream_proxied, stream_bare)):
+    print(f"{name + ': req/s':36}{direct['rps']:10.0f}{proxied['rps']:10.0f}{proxied['rps'] / direct['rps']:8.2f}"
+          f"{bare['rps']:10.0f}{bare['rps'] / direct['rps']:8.2f}")
+    print(f"{name + ': p50 ms':36}{direct['p50_ms']:10.3f}{proxied['p50_ms']:10.3f}{'':8}{bare['p50_ms']:10.3f}")
+    print(f"{name + ': p99 ms':36}{direct['p99_ms']:10.3f}{proxied['p99_ms']:10.3f}{'':8}{bare['p99_ms']:10.3f}")
 for percentile in ("p50", "p99"):
-    print(f"{'1000 req/s: ' + percentile + ' ms':36}"
-          f"{fixed_direct[percentile + '_ms']:10.3f}{fixed_proxied[percentile + '_ms']:10.3f}")
-print(f"{'one at a time: p50 ms':36}{single_direct['p50_ms']:10.3f}{single_proxied['p50_ms']:10.3f}")
-print(f"{'server CPU per request, µs':36}{'upstream':>10}{'quotawatch':>11}{'ratio':>7}")
+    print(f"{'1000 req/s: ' + percentile + ' ms':36}{fixed_direct[percentile + '_ms']:10.3f}"
+          f"{fixed_proxied[percentile + '_ms']:10.3f}{'':8}{fixed_bare[percentile + '_ms']:10.3f}")
+print(f"{'one at a time: p50 ms':36}{single_direct['p50_ms']:10.3f}{single_proxied['p50_ms']:10.3f}"
+      f"{'':8}{single_bare['p50_ms']:10.3f}")
+print(f"{'server CPU per request, µs':36}{'upstream':>10}{'quotawatch':>11}{'ratio':>7}{'bare':>8}")
 ratios = {}
-for shape, name, direct, proxied in (("json", "JSON, 64 connections", json_direct, json_proxied),
-                                     ("stream", "streams, 16 connections", stream_direct, stream_proxied)):
-    upstream_us, quotawatch_us = cpu_us(direct, "upstream"), cpu_us(proxied, "quotawatch")
+for shape, name, direct, proxied, bare in (
+        ("json", "JSON, 64 connections", json_direct, json_proxied, json_bare),
+        ("stream", "streams, 16 connections", stream_direct, stream_proxied, stream_bare)):
+    upstream_us, quotawatch_us = cpu_us(direct, "upstream"), cpu_us(proxied, "proxy")
     ratios[shape] = quotawatch_us / upstream_us
-    print(f"{'  ' + name:36}{upstream_us:10.1f}{quotawatch_us:11.1f}{ratios[shape]:7.2f}"
-          f"   (upstream behind quotawatch: {cpu_us(proxied, 'upstream'):.1f})")
+    print(f"{'  ' + name:36}{upstream_us:10.1f}{quotawatch_us:11.1f}{ratios[shape]:7.2f}{cpu_us(bare, 'proxy'):8.1f}"
+          f"   (upstream behind quotawatch: {cpu_us(proxied, 'upstream'):.1f}, behind bare: {cpu_us(bare, 'upstream'):.1f})")
 added_p99 = fixed_proxied["p99_ms"] - fixed_direct["p99_ms"]
 added_single_p50 = single_proxied["p50_ms"] - single_direct["p50_ms"]
 print(f"added latency: p99 {added_p99:.3f} ms at 1000 req/s, p50 {added_single_p50:.3f} ms one at a time "
       f"(client view); quotawatch's own overhead at 1000 req/s p50 {fixed_proxied['overhead_p50_ms']:.3f} ms, "
-      f"p99 {fixed_proxied['overhead_p99_ms']:.3f} ms")
+      f"p99 {fixed_proxied['overhead_p99_ms']:.3f} ms; the bare proxy adds p99 "
+      f"{fixed_bare['p99_ms'] - fixed_direct['p99_ms']:.3f} ms and p50 {single_bare['p50_ms'] - single_direct['p50_ms']:.3f} ms")
 print(f"quotawatch resident memory, max: {rss_mib:.1f} MiB")
 print(os.environ["IDLE_LINE"])
 
@@ -277,16 +295,17 @@ for shape, peak, body, status in bodies:
           f"({ratio:.2f}x the body), answered {status}")
     if status != "200":
         errors.append(f"the {shape} body was answered {status}")
-runs = {"JSON direct": json_direct, "JSON through": json_proxied, "streams direct": stream_direct,
-        "streams through": stream_proxied, "1000 req/s direct": fixed_direct,
-        "1000 req/s through": fixed_proxied, "one at a time direct": single_direct,
-        "one at a time through": single_proxied}
+runs = {"JSON direct": json_direct, "JSON through": json_proxied, "JSON bare": json_bare,
+        "streams direct": stream_direct, "streams through": stream_proxied, "streams bare": stream_bare, "1000 req/s direct": fixed_direct,
+        "1000 req/s through": fixed_proxied, "1000 req/s bare": fixed_bare,
+        "one at a time direct": single_direct, "one at a time through": single_proxied,
+        "one at a time bare": single_bare}
 for name, run in runs.items():
     if run["errors"] or not run["requests"]:
         errors.append(f"{name}: {run['errors']} errors in {run['requests']} requests")
 
 if profile == "release":
-    json_cpu, stream_cpu = cpu_us(json_proxied, "quotawatch"), cpu_us(stream_proxied, "quotawatch")
+    json_cpu, stream_cpu = cpu_us(json_proxied, "proxy"), cpu_us(stream_proxied, "proxy")
     targets = (
         (f"CPU per JSON request {json_cpu:.1f} µs", "at most 30 µs", json_cpu <= 30),
         (f"CPU per stream {stream_cpu:.1f} µs", "at most 40 µs", stream_cpu <= 40),
