@@ -12,6 +12,7 @@
 //! exactly the stream it asked for. Chunks pass through untouched otherwise.
 
 use std::borrow::Cow;
+use std::sync::LazyLock;
 
 use bytes::{Bytes, BytesMut};
 use memchr::memmem;
@@ -383,10 +384,16 @@ impl SseScanner {
 /// directly, and any other spelling goes through a re-serialisation that
 /// keeps the order of the other fields.
 fn without_usage_field(data: &[u8]) -> Option<Vec<u8>> {
-    const KEY: &[u8] = b"\"usage\"";
-    memmem::find(data, KEY)?;
-    let compact = remove_all(data, b",\"usage\":null");
-    if memmem::find(&compact, KEY).is_none() {
+    // Searchers are built once: building one for each search (as
+    // `memmem::find` does) cost more than the searches, three times in
+    // every chunk of a stream.
+    static KEY: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+    static COMPACT: LazyLock<memmem::Finder<'static>> =
+        LazyLock::new(|| memmem::Finder::new(b",\"usage\":null"));
+    KEY.find(data)?;
+    let compact = remove_all(data, &COMPACT);
+    if KEY.find(&compact).is_none() {
         return Some(compact);
     }
     let mut chunk: Value = serde_json::from_slice(data).ok()?;
@@ -394,13 +401,13 @@ fn without_usage_field(data: &[u8]) -> Option<Vec<u8>> {
     serde_json::to_vec(&chunk).ok()
 }
 
-/// `text` without any occurrence of `needle`.
-fn remove_all(text: &[u8], needle: &[u8]) -> Vec<u8> {
+/// `text` without any occurrence of what `needle` finds.
+fn remove_all(text: &[u8], needle: &memmem::Finder) -> Vec<u8> {
     let mut out = Vec::with_capacity(text.len());
     let mut kept = 0;
-    for at in memmem::find_iter(text, needle) {
+    for at in needle.find_iter(text) {
         out.extend_from_slice(&text[kept..at]);
-        kept = at + needle.len();
+        kept = at + needle.needle().len();
     }
     out.extend_from_slice(&text[kept..]);
     out
