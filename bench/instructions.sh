@@ -38,15 +38,23 @@ if ! command -v valgrind >/dev/null; then
     echo "bench/instructions.sh: needs valgrind (Debian's package valgrind)" >&2
     exit 1
 fi
+if [ -n "$bare" ] && [ -n "$other_bin" ]; then
+    echo "bench/instructions.sh: --bare counts the bare proxy, not a quotawatch binary: drop --bin" >&2
+    exit 2
+fi
 if [ -n "$bare" ]; then
     cargo build --quiet --release --example bare_proxy
-elif [ -z "$other_bin" ]; then
+fi
+if [ -z "$other_bin" ]; then
+    # quotawatch is also the upstream when nginx is not installed.
     cargo build --quiet --release --bin quotawatch
 fi
 # Cargo builds where CARGO_TARGET_DIR says, if set.
 real_bin=${other_bin:-$(realpath "${CARGO_TARGET_DIR:-target}/release/quotawatch")}
 
 source bench/lib.sh
+# The mock upstream, when nginx is not installed, runs as "$bin".
+bin=$real_bin
 start_upstream
 if [ -n "$bare" ]; then
     name="the bare proxy"

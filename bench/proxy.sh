@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Measures what the /v1 proxy costs: the same load directly against the
-# upstream and through quotawatch, in one run, on this machine.
+# upstream, through quotawatch, and through the bare proxy (the same HTTP
+# stack doing nothing else), in one run, on this machine.
 #
 #   bench/proxy.sh                 full run (release build, 10 s per measurement)
 #   bench/proxy.sh --quick         short run (2 s per measurement)
@@ -119,19 +120,19 @@ bare_proxy_bin="${CARGO_TARGET_DIR:-target}/$target_dir/examples/bare_proxy"
 source bench/lib.sh
 start_upstream
 start_quotawatch
-"$bare_proxy_bin" "${upstream%/v1}" >"$work/bare.out" 2>&1 &
-bare_pid=$!
-pids+=("$bare_pid")
-bare=$(address_from "$work/bare.out" "bare proxy listening on ")/v1
 
 # Both answers must be what a client expects before any is measured.
-proxied() { # body file, query
+proxied() { # base URL, body file, query
     curl -sf -H "Authorization: Bearer $key" -H 'Content-Type: application/json' \
-        --data-binary "@$1" "$proxy/chat/completions$2"
+        --data-binary "@$2" "$1/chat/completions$3"
 }
-json_answer=$(proxied "$work/body.json" "") || true
-stream_answer=$(proxied "$work/stream.json" "?answer=stream") || true
-if [[ $json_answer != *'"object":"chat.completion"'* || $stream_answer != *'data: [DONE]'* ]]; then
+answers_are_right() { # base URL
+    local json_answer stream_answer
+    json_answer=$(proxied "$1" "$work/body.json" "") || true
+    stream_answer=$(proxied "$1" "$work/stream.json" "?answer=stream") || true
+    [[ $json_answer == *'"object":"chat.completion"'* && $stream_answer == *'data: [DONE]'* ]]
+}
+if ! answers_are_right "$proxy"; then
     echo "bench: the proxied answers are not a chat completion and a stream; quotawatch said:" >&2
     cat "$work/qw.err" >&2
     exit 1
@@ -148,6 +149,16 @@ if [ -n "$idle_only" ]; then
     exit 0
 fi
 
+"$bare_proxy_bin" "${upstream%/v1}" >"$work/bare.out" 2>&1 &
+bare_pid=$!
+pids+=("$bare_pid")
+bare=$(address_from "$work/bare.out" "bare proxy listening on ")/v1
+if ! answers_are_right "$bare"; then
+    echo "bench: the bare proxy's answers are not a chat completion and a stream; it said:" >&2
+    cat "$work/bare.out" >&2
+    exit 1
+fi
+
 # Resident memory of quotawatch, sampled until the end.
 (while kill -0 "$qw_pid" 2>/dev/null; do
     awk '/^VmRSS/ {print $2}' "/proc/$qw_pid/status" 2>/dev/null || true
@@ -161,8 +172,8 @@ tool=$(command -v wrk >/dev/null && echo wrk || echo loadgen)
 # requests/s, p50 and p99, and the CPU time the proxy (quotawatch, or the
 # bare proxy) and the upstream used meanwhile.
 closed_loop() { # url, key (may be empty), body file, connections, proxy's pid
-    local proxy_pid=${5:-$qw_pid} qw_before up_before qw_after up_after result
-    qw_before=$(cpu_ns "$proxy_pid")
+    local proxy_pid=${5:-$qw_pid} proxy_before up_before proxy_after up_after result
+    proxy_before=$(cpu_ns "$proxy_pid")
     up_before=$(cpu_ns "$upstream_pid")
     if [ "$tool" = wrk ]; then
         {
@@ -185,9 +196,9 @@ closed_loop() { # url, key (may be empty), body file, connections, proxy's pid
     else
         result=$("$loadgen" --url "$1" --body "$3" ${2:+--key "$2"} --connections "$4" --duration "${duration}s")
     fi
-    qw_after=$(cpu_ns "$proxy_pid")
+    proxy_after=$(cpu_ns "$proxy_pid")
     up_after=$(cpu_ns "$upstream_pid")
-    echo "${result%\}},\"proxy_cpu_ns\":$((qw_after - qw_before)),\"upstream_cpu_ns\":$((up_after - up_before))}"
+    echo "${result%\}},\"proxy_cpu_ns\":$((proxy_after - proxy_before)),\"upstream_cpu_ns\":$((up_after - up_before))}"
 }
 
 loadgen_run() { # url, key (may be empty), loadgen's mode flag and its value
@@ -196,18 +207,21 @@ loadgen_run() { # url, key (may be empty), loadgen's mode flag and its value
 
 echo "quotawatch proxy benchmark ($profile build, ${duration} s per run, upstream: $upstream_name," \
     "throughput by $tool, $(nproc) cores shared by the servers and the load)"
+# The bare proxy runs before quotawatch each time, so that what quotawatch
+# does after a run (its writes to the store each second) does not fall in
+# the bare proxy's measurement.
 json_direct=$(closed_loop "$upstream/chat/completions" "" "$work/body.json" 64)
-json_proxied=$(closed_loop "$proxy/chat/completions" "$key" "$work/body.json" 64)
 json_bare=$(closed_loop "$bare/chat/completions" "$key" "$work/body.json" 64 "$bare_pid")
+json_proxied=$(closed_loop "$proxy/chat/completions" "$key" "$work/body.json" 64)
 stream_direct=$(closed_loop "$upstream/chat/completions?answer=stream" "" "$work/stream.json" 16)
-stream_proxied=$(closed_loop "$proxy/chat/completions?answer=stream" "$key" "$work/stream.json" 16)
 stream_bare=$(closed_loop "$bare/chat/completions?answer=stream" "$key" "$work/stream.json" 16 "$bare_pid")
+stream_proxied=$(closed_loop "$proxy/chat/completions?answer=stream" "$key" "$work/stream.json" 16)
 fixed_direct=$(loadgen_run "$upstream/chat/completions" "" --rate 1000)
-fixed_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --rate 1000)
 fixed_bare=$(loadgen_run "$bare/chat/completions" "$key" --rate 1000)
+fixed_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --rate 1000)
 single_direct=$(loadgen_run "$upstream/chat/completions" "" --connections 1)
-single_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --connections 1)
 single_bare=$(loadgen_run "$bare/chat/completions" "$key" --connections 1)
+single_proxied=$(loadgen_run "$proxy/chat/completions" "$key" --connections 1)
 max_rss_kb=$(sort -n "$work/rss.kb" | tail -1)
 
 # Peak memory for one 30 MiB body above idle: the high-water mark is reset
@@ -268,14 +282,16 @@ for percentile in ("p50", "p99"):
           f"{fixed_proxied[percentile + '_ms']:10.3f}{'':8}{fixed_bare[percentile + '_ms']:10.3f}")
 print(f"{'one at a time: p50 ms':36}{single_direct['p50_ms']:10.3f}{single_proxied['p50_ms']:10.3f}"
       f"{'':8}{single_bare['p50_ms']:10.3f}")
-print(f"{'server CPU per request, µs':36}{'upstream':>10}{'quotawatch':>11}{'ratio':>7}{'bare':>8}")
+print(f"{'server CPU per request, µs':36}{'upstream':>10}{'quotawatch':>11}{'ratio':>7}{'bare':>8}{'qw/bare':>8}")
 ratios = {}
 for shape, name, direct, proxied, bare in (
         ("json", "JSON, 64 connections", json_direct, json_proxied, json_bare),
         ("stream", "streams, 16 connections", stream_direct, stream_proxied, stream_bare)):
     upstream_us, quotawatch_us = cpu_us(direct, "upstream"), cpu_us(proxied, "proxy")
     ratios[shape] = quotawatch_us / upstream_us
-    print(f"{'  ' + name:36}{upstream_us:10.1f}{quotawatch_us:11.1f}{ratios[shape]:7.2f}{cpu_us(bare, 'proxy'):8.1f}"
+    bare_us = cpu_us(bare, "proxy")
+    print(f"{'  ' + name:36}{upstream_us:10.1f}{quotawatch_us:11.1f}{ratios[shape]:7.2f}{bare_us:8.1f}"
+          f"{quotawatch_us / bare_us:8.2f}"
           f"   (upstream behind quotawatch: {cpu_us(proxied, 'upstream'):.1f}, behind bare: {cpu_us(bare, 'upstream'):.1f})")
 added_p99 = fixed_proxied["p99_ms"] - fixed_direct["p99_ms"]
 added_single_p50 = single_proxied["p50_ms"] - single_direct["p50_ms"]

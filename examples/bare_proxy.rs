@@ -1,14 +1,14 @@
 //! The floor under the /v1 proxy's cost, for `bench/proxy.sh`: a reverse
 //! proxy built from the same HTTP stack as quotawatch (axum's server over
 //! hyper, hyper-util's pooled HTTP/1 client, tokio with one worker per
-//! core, mimalloc, TCP_NODELAY on both sides), doing nothing else. It reads
-//! the whole request body and the whole JSON answer, as quotawatch does, and
-//! passes a streamed answer through as it comes. No key, no limits, no
-//! tokens, no settlement, no metrics, no logs.
+//! core, mimalloc, TCP_NODELAY on both sides), doing nothing else. Like
+//! quotawatch, it reads the whole request body before forwarding it and
+//! passes the answer on as it comes. No key, no limits, no tokens, no
+//! settlement, no metrics, no logs.
 //!
-//! What quotawatch costs above this, in the same run, is what its own work
-//! costs; what this costs above the upstream served directly is the price
-//! of the stack, which no change to quotawatch's own code can lower.
+//! What quotawatch costs above this, in the same run, is its own work per
+//! call; what this costs above the upstream served directly is the price of
+//! the stack as configured here, which that work does not include.
 //!
 //! `cargo run --release --example bare_proxy -- UPSTREAM_BASE_URL`
 //! (e.g. `http://127.0.0.1:8080`); prints `bare proxy listening on
@@ -88,15 +88,5 @@ async fn forward_to_upstream(
         .client
         .request(hyper::Request::from_parts(parts, Full::new(body)))
         .await?;
-    let streamed = answer
-        .headers()
-        .get(header::CONTENT_TYPE)
-        .is_some_and(|kind| kind.as_bytes().starts_with(b"text/event-stream"));
-    let (parts, body) = answer.into_parts();
-    let body = if streamed {
-        Body::new(body)
-    } else {
-        Body::from(to_bytes(Body::new(body), usize::MAX).await?)
-    };
-    Ok(Response::from_parts(parts, body))
+    Ok(answer.map(Body::new))
 }

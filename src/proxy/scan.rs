@@ -151,7 +151,7 @@ fn keep_end(mut buffer: BytesMut) -> BytesMut {
 /// Finds the last `"usage": {...}` object in a piece of JSON.
 fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
     let key = b"\"usage\"";
-    let at = tail.windows(key.len()).rposition(|window| window == key)?;
+    let at = memmem::rfind(tail, key)?;
     let rest = &tail[at + key.len()..];
     let start = rest.iter().position(|b| *b == b'{')?;
     let between = &rest[..start];
@@ -172,8 +172,8 @@ pub struct SseScanner {
     strip: bool,
     /// An incomplete line (or, when stripping, an incomplete event).
     pending: BytesMut,
-    /// How far `pending` was searched for line ends: no byte is searched
-    /// twice, however the stream is cut.
+    /// How far `pending` was searched for line ends: however the stream is
+    /// cut, no byte is searched twice while its line or event arrives.
     searched: usize,
     /// Where the incomplete line of an incomplete event starts in `pending`.
     line_start: usize,
