@@ -31,6 +31,8 @@ const TAIL: usize = 64 << 10;
 /// stays far below; a stream that goes past it is treated as broken, so
 /// that no upstream can make quotawatch hold an unbounded event.
 pub const MAX_EVENT_BYTES: usize = 4 << 20;
+/// The key whose object the scanner reads, and removes where it added it.
+const USAGE_KEY: &[u8] = b"\"usage\"";
 
 /// A stream's event outgrew [`MAX_EVENT_BYTES`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
@@ -150,9 +152,8 @@ fn keep_end(mut buffer: BytesMut) -> BytesMut {
 
 /// Finds the last `"usage": {...}` object in a piece of JSON.
 fn usage_in_tail(tail: &[u8]) -> Option<Usage> {
-    let key = b"\"usage\"";
-    let at = memmem::rfind(tail, key)?;
-    let rest = &tail[at + key.len()..];
+    let at = memmem::rfind(tail, USAGE_KEY)?;
+    let rest = &tail[at + USAGE_KEY.len()..];
     let start = rest.iter().position(|b| *b == b'{')?;
     let between = &rest[..start];
     if !between
@@ -388,7 +389,7 @@ fn without_usage_field(data: &[u8]) -> Option<Vec<u8>> {
     // `memmem::find` does) cost more than the searches, three times in
     // every chunk of a stream.
     static KEY: LazyLock<memmem::Finder<'static>> =
-        LazyLock::new(|| memmem::Finder::new(b"\"usage\""));
+        LazyLock::new(|| memmem::Finder::new(USAGE_KEY));
     static COMPACT: LazyLock<memmem::Finder<'static>> =
         LazyLock::new(|| memmem::Finder::new(b",\"usage\":null"));
     KEY.find(data)?;
